@@ -1,0 +1,1 @@
+"""Message content: header scanning, trace headers, DSN construction.  Never does I/O."""
