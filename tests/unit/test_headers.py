@@ -205,6 +205,12 @@ CASES: list[tuple[str, bytes, int, tuple[Any, ...]]] = [
         expect(18, [(0, 4, 5, 7), (9, 11, 12, 14)], from_=(5, 7), to=(12, 14)),
     ),
     (
+        "limit one short of the data",
+        b"From: a\r\n\r\n",
+        10,
+        expect(9, [(0, 4, 5, 7)], from_=(5, 7), malformed=True),
+    ),
+    (
         "limit beyond the data is no limit",
         b"From: a\r\n\r\n",
         1000,
