@@ -238,6 +238,7 @@ cdef class LineReader:
         return self._buf.len - self._pos
 
     def push(self, data):
+        """Append bytes received from the peer."""
         cdef bytes b = as_bytes(data)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
         cdef Py_ssize_t pos = self._pos
@@ -253,6 +254,7 @@ cdef class LineReader:
         buf_append(&self._buf, <cbytes>PyBytes_AS_STRING(b), n)
 
     def pop_line(self):
+        """The next line without its CRLF, None if none is complete; LineTooLong if over."""
         cdef unsigned char* d = self._buf.data
         cdef Py_ssize_t end = self._buf.len
         cdef Py_ssize_t pos = self._pos
@@ -290,6 +292,7 @@ cdef class LineReader:
         return PyBytes_FromStringAndSize(<char*>d + pos, idx - pos)
 
     def take_rest(self):
+        """Every byte not yet returned as a line (the start of a body); empties the reader."""
         cdef bytes rest
         if self._buf.len > self._pos:
             rest = PyBytes_FromStringAndSize(<char*>self._buf.data + self._pos,
@@ -394,6 +397,7 @@ cdef class DataDecoder:
         return self._normalize or not (self._bare_cr or self._bare_lf)
 
     def body(self):
+        """The decoded body in canonical CRLF, without the terminator; b"" unless ``ok``."""
         if not self._ok():
             return b""
         return out_bytes(&self._out)
@@ -461,6 +465,7 @@ cdef class DataDecoder:
     # --- input -----------------------------------------------------------------------
 
     def feed(self, data):
+        """Decode ``data``; return how many of its bytes belong to the body (to the end)."""
         cdef bytes b
         cdef cbytes d
         cdef Py_ssize_t n, i = 0, ncr = -1, nlf = -1, q, start, clen
@@ -663,6 +668,7 @@ cdef class BdatReader:
         return self._normalize or not (self._bare_cr or self._bare_lf)
 
     def body(self):
+        """The message received so far (no unstuffing); b"" unless ``ok``."""
         if not self._ok():
             return b""
         return out_bytes(&self._out)
@@ -674,6 +680,7 @@ cdef class BdatReader:
         )
 
     def start_chunk(self, count, last):
+        """Expect ``count`` more octets (``BDAT count [LAST]``); ValueError mid-chunk or done."""
         cdef Py_ssize_t n
         if self._done:
             raise ValueError("the message is already complete")
@@ -692,6 +699,7 @@ cdef class BdatReader:
         out_free(&self._out)
 
     def feed(self, data):
+        """Take at most the rest of the current chunk from ``data``; return how many."""
         cdef bytes b = as_bytes(data)
         cdef Py_ssize_t k = PyBytes_GET_SIZE(b)
         if k > self._remaining:

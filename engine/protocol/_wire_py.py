@@ -105,6 +105,7 @@ class LineReader:
         return len(self._buf) - self._pos
 
     def push(self, data: bytes) -> None:
+        """Append bytes received from the peer."""
         data = _as_bytes(data)
         if not data:
             return
@@ -119,6 +120,7 @@ class LineReader:
         buf += data
 
     def pop_line(self) -> bytes | None:
+        """The next line without its CRLF, None if none is complete; LineTooLong if over."""
         buf = self._buf
         pos = self._pos
         idx = buf.find(b"\r\n", self._scan)
@@ -145,6 +147,7 @@ class LineReader:
         return bytes(buf[pos:idx])
 
     def take_rest(self) -> bytes:
+        """Every byte not yet returned as a line (the start of a body); empties the reader."""
         rest = bytes(self._buf[self._pos :])
         self._buf = bytearray()
         self._pos = 0
@@ -234,6 +237,7 @@ class DataDecoder:
         return self._normalize or not (self._bare_cr or self._bare_lf)
 
     def body(self) -> bytes:
+        """The decoded body in canonical CRLF, without the terminator; b"" unless ``ok``."""
         return bytes(self._out) if self.ok else b""
 
     def __repr__(self) -> str:
@@ -275,6 +279,7 @@ class DataDecoder:
     # --- input -----------------------------------------------------------------------
 
     def feed(self, data: bytes) -> int:
+        """Decode ``data``; return how many of its bytes belong to the body (to the end)."""
         if self._done:
             return 0
         data = _as_bytes(data)
@@ -500,6 +505,7 @@ class BdatReader:
         return self._normalize or not (self._bare_cr or self._bare_lf)
 
     def body(self) -> bytes:
+        """The message received so far (no unstuffing); b"" unless ``ok``."""
         return bytes(self._out) if self.ok else b""
 
     def __repr__(self) -> str:
@@ -509,6 +515,7 @@ class BdatReader:
         )
 
     def start_chunk(self, count: int, last: bool) -> None:
+        """Expect ``count`` more octets (``BDAT count [LAST]``); ValueError mid-chunk or done."""
         if self._done:
             raise ValueError("the message is already complete")
         if self._remaining:
@@ -526,6 +533,7 @@ class BdatReader:
         self._out = bytearray()
 
     def feed(self, data: bytes) -> int:
+        """Take at most the rest of the current chunk from ``data``; return how many."""
         data = _as_bytes(data)
         k = min(len(data), self._remaining)
         if k == 0:

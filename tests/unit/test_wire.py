@@ -8,6 +8,7 @@ bytes in random cuts through the model, the twin and the compiled module.
 
 from __future__ import annotations
 
+import random
 import re
 import timeit
 from types import ModuleType
@@ -41,6 +42,9 @@ wire_bytes = st.lists(
     st.sampled_from([b"\r", b"\n", b".", b"\r\n", b"a", b"\x00", b"\r\n.", b".\r\n"]),
     max_size=40,
 ).map(b"".join)
+
+# ... and any bytes at all, for the twin comparisons.
+any_bytes = st.one_of(wire_bytes, st.binary(max_size=64))
 
 
 @st.composite
@@ -391,7 +395,7 @@ def test_line_reader_repr(impl: ModuleType) -> None:
 
 
 @each_impl
-@given(data=st.data(), stream=wire_bytes, limit=st.integers(0, 12))
+@given(data=st.data(), stream=any_bytes, limit=st.integers(0, 12))
 def test_line_reader_matches_model(
     impl: ModuleType, data: st.DataObject, stream: bytes, limit: int
 ) -> None:
@@ -408,7 +412,7 @@ def test_line_reader_matches_model(
 
 line_ops = st.lists(
     st.one_of(
-        st.tuples(st.just("push"), wire_bytes),
+        st.tuples(st.just("push"), any_bytes),
         st.tuples(st.just("pop"), st.integers(1, 3)),
         st.tuples(st.just("limit"), st.integers(0, 12)),
         st.tuples(st.just("rest"), st.none()),
@@ -600,6 +604,65 @@ def test_data_body_before_done_and_repr(impl: ModuleType) -> None:
     assert d.feed(b"") == 0
 
 
+def test_data_body_is_stable_while_decoding(impl: ModuleType) -> None:
+    d = impl.DataDecoder()
+    assert d.feed(b"abc\r\n") == 5
+    first = d.body()
+    assert d.feed(b"def\r\n.\r\nQUIT\r\n") == 8
+    assert first == b"abc\r\n"  # a body handed out is never written again
+    assert d.body() == b"abc\r\ndef\r\n"
+    assert d.body() == d.body()
+
+
+def test_keyword_arguments(impl: ModuleType) -> None:
+    r = impl.LineReader(limit=20)
+    r.push(data=b"x\r\n")
+    assert r.pop_line() == b"x"
+    d = impl.DataDecoder(max_size=10, bare_eol=impl.BARE_NORMALIZE, max_line=5)
+    assert d.feed(data=b"\n.\r\n") == 4
+    assert d.bare_lf == 1 and not d.done
+    b = impl.BdatReader(max_size=10, bare_eol=impl.BARE_REJECT)
+    b.start_chunk(count=1, last=True)
+    assert b.feed(data=b"z") == 1
+    assert b.body() == b"z"
+    assert impl.dot_stuff(body=b"a") == b"a\r\n.\r\n"
+
+
+def mixed_body(seed: int, size: int) -> bytes:
+    """A long body of ordinary lines with every kind of awkward line mixed in."""
+    rnd = random.Random(seed)
+    pieces = [
+        b"x" * 70 + b"\r\n",
+        b".leading dot\r\n",
+        b"..\r\n",
+        b"\r\n",
+        b"bare lf\n",
+        b"bare cr\rx",
+        b"\r\r\n",
+        b".\n",
+        b"\n.\r\n",
+        b"a\x00b\r\n",
+        b"." + b"y" * 30,
+    ]
+    out = bytearray()
+    while len(out) < size:
+        out += rnd.choice(pieces)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("policy", ["reject", "normalize"])
+def test_data_long_mixed_body_matches_model(impl: ModuleType, policy: str) -> None:
+    stream = mixed_body(7, 20000) + b"\r\n.\r\n" + NEXT
+    want = model_data(stream, policy == "normalize", 0, 40)
+    assert want.pop("consumed") == len(stream) - len(NEXT)
+    assert want["done"] and want["bare_cr"] and want["bare_lf"] and want["long_lines"]
+    for size in (1, 7, 76, 1000, 4096, 65536):
+        d = impl.DataDecoder(0, policy, 40)
+        used = feed_all(d, [stream[i : i + size] for i in range(0, len(stream), size)])
+        assert used == len(stream) - len(NEXT)
+        assert data_state(d) == want
+
+
 @each_impl
 @given(
     data=st.data(),
@@ -630,7 +693,7 @@ def test_data_matches_model(
 @needs_both
 @given(
     data=st.data(),
-    stream=wire_bytes,
+    stream=any_bytes,
     normalize=st.booleans(),
     max_size=st.integers(0, 30),
     max_line=st.integers(0, 8),
@@ -708,7 +771,7 @@ def test_dot_stuff_table(impl: ModuleType, body: bytes, out: bytes) -> None:
 
 
 @needs_both
-@given(body=wire_bytes)
+@given(body=any_bytes)
 def test_dot_stuff_twins_agree(body: bytes) -> None:
     assert PY.dot_stuff(body) == C.dot_stuff(body)
 
@@ -826,7 +889,7 @@ def test_bdat_byte_at_a_time(impl: ModuleType) -> None:
     assert repr(b).startswith("<BdatReader done=True remaining=0 size=15 ok=True")
 
 
-bdat_plan = st.lists(st.tuples(wire_bytes, st.lists(st.integers(0, 40), max_size=3)), max_size=4)
+bdat_plan = st.lists(st.tuples(any_bytes, st.lists(st.integers(0, 40), max_size=3)), max_size=4)
 
 
 @each_impl
