@@ -5,7 +5,7 @@ Each ``ext/<name>.pyx`` builds to ``engine._ext.<name>``.  Switches (environment
 - ``FERRY_BUILD_ONLY=wire,command``: build only these modules (work on one module while
   another is broken);
 - ``FERRY_DEBUG_BUILD=1``: keep bounds and wraparound checks, emit annotated HTML, build
-  with ``-O0 -g``;
+  with ``-O0 -g`` (generated C goes to build/cython-debug/, release C to build/cython/);
 - ``FERRY_CYTHON_ALWAYS=1``: re-cythonize even when the .c file looks fresh.
 """
 
@@ -37,6 +37,9 @@ setup(
         extensions,
         language_level=3,
         annotate=DEBUG,
+        # Separate generated C per mode: a release build must never reuse debug C (with its
+        # bounds checks) just because the .c file is newer than the .pyx.
+        build_dir="build/cython-debug" if DEBUG else "build/cython",
         force=os.environ.get("FERRY_CYTHON_ALWAYS", "") not in ("", "0"),
         compiler_directives={
             "boundscheck": DEBUG,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.protocol import server as sm
 from engine.protocol.server import NEED_DATA, ServerConnection, ServerSettings
@@ -254,7 +256,7 @@ def test_size_parameter_over_limit_at_mail() -> None:
 def test_bdat_chunks_and_last() -> None:
     s = ehlo_session()
     s.feed(b"MAIL FROM:<a@b.test>\r\n", b"RCPT TO:<c@d.test>\r\n")
-    out = s.feed(b"BDAT 5\r\nHello", b"BDAT 7 LAST\r\n world\r\n")
+    out = s.feed(b"BDAT 5\r\nHello", b"BDAT 8 LAST\r\n world\r\n")
     assert s.codes(out) == [250, 250]
     (msg,) = s.of(sm.MessageReceived)
     assert isinstance(msg, sm.MessageReceived) and msg.body == b"Hello world\r\n"
@@ -385,3 +387,28 @@ def test_data_body_in_every_chunking_gives_the_same_replies() -> None:
         assert t.codes(out) == [250, 250], chunks
         msg = t.of(sm.MessageReceived)[0]
         assert isinstance(msg, sm.MessageReceived) and msg.body == b"a\r\n.b\r\n"
+
+
+TOKENS = [b"EHLO x\r\n", b"HELO x\r\n", b"MAIL FROM:<a@b.test>\r\n", b"RCPT TO:<c@d.test>\r\n",
+          b"RCPT TO:<bad@d.test>\r\n", b"DATA\r\n", b"BDAT 3\r\n", b"BDAT 2 LAST\r\n",
+          b"RSET\r\n", b"NOOP\r\n", b"STARTTLS\r\n", b"AUTH PLAIN\r\n", b"*\r\n", b".\r\n",
+          b"\r\n", b"\n", b"\r", b".", b"x" * 600, b"MAIL FROM:<\xff@b>\r\n", b"QUIT\r\n"]
+
+
+@given(st.lists(st.one_of(st.sampled_from(TOKENS), st.binary(max_size=20)), max_size=30),
+       st.data())
+def test_any_input_gives_events_and_well_formed_replies(parts: list[bytes], data: st.DataObject) -> None:
+    """The h11 fuzz invariant: any bytes, any chunking → events, never an exception."""
+    stream = b"".join(parts)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    settings = ServerSettings(starttls=True, auth_mechanisms=("PLAIN",), auth_requires_tls=False,
+                              max_errors=1000, strict_pipelining=data.draw(st.booleans()))
+    s = Session(settings)
+    out = b""
+    for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        if s.conn.state is sm.State.S_TLS:
+            s.conn.tls_started()
+        out += s.feed(stream[a:b])
+    for line in out.split(b"\r\n")[:-1]:
+        assert line[:3].isdigit() and line[3:4] in (b" ", b"-"), line
+        assert b"\r" not in line and b"\n" not in line and b"\x00" not in line
