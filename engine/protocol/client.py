@@ -204,8 +204,7 @@ class ClientConnection:
             last = self._waiting[-1][0]
             ext = self.extensions
             if last in _GROUP_ENDERS or ext is None or "PIPELINING" not in ext:
-                if not (last == "BDAT" and verb == "BDAT" and ext is not None):
-                    raise ClientProtocolError(f"{verb} while the reply to {last} is due")
+                raise ClientProtocolError(f"{verb} while the reply to {last} is due")
 
     @staticmethod
     def _check_offered(command: Command, ext: Extensions) -> None:

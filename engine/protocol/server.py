@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from engine.protocol.command import Command, parse_command
+from engine.protocol.errors import CommandError, LineTooLong
 from engine.protocol.events import NEED_DATA, NeedData
-from engine.protocol.errors import CommandError, LineTooLong, ProtocolError
 from engine.protocol.reply import format_reply
 from engine.protocol.wire import BARE_REJECT, BdatReader, DataDecoder, LineReader
 
@@ -465,7 +465,7 @@ class ServerConnection:
             return False
         return verb in _GROUP_ENDERS or not (self.esmtp and self.settings.pipelining)
 
-    def _command(self, line: bytes) -> Event:
+    def _command(self, line: bytes) -> Event | NeedData:
         utf8 = self.transaction.utf8 if self.transaction is not None else False
         try:
             cmd = parse_command(line, utf8)
@@ -501,10 +501,12 @@ class ServerConnection:
         params = cmd.params
         if not self.esmtp and params:
             return S555_NOT_OFFERED
-        if "SIZE" in params and s.max_message_size and int(params["SIZE"] or 0) > s.max_message_size:
+        size = int(params.get("SIZE") or 0)
+        if s.max_message_size and size > s.max_message_size:
             return S552_SIZE  # RFC 1870 §6
         body = params.get("BODY")
-        if body is not None and (body == "BINARYMIME" or (body == "8BITMIME" and not s.eightbitmime)):
+        # BINARYMIME is not offered: the stored body must be canonical CRLF text.
+        if body == "BINARYMIME" or (body == "8BITMIME" and not s.eightbitmime):
             return S555_NOT_OFFERED
         if "SMTPUTF8" in params and not s.smtputf8:
             return S555_NOT_OFFERED
@@ -583,19 +585,17 @@ class ServerConnection:
             return event
         return MessageRefused(reply[2], reply[0], body.size)
 
-    def _on_bdat(self, cmd: Command) -> Event:
+    def _on_bdat(self, cmd: Command) -> Event | NeedData:
         # RFC 3030 §4: the chunk is read whatever the verdict, so its octets never reach
-        # the command parser; a refused chunk is consumed into a reader that keeps nothing.
+        # the command parser; a refused chunk goes to a reader that keeps nothing.
         t = self.transaction
-        error = None if self.settings.chunking else S502_NOT_OFFERED
-        if error is None:
-            error = self._no_recipients()
-        reader = t.bdat if t is not None and error is None else None
-        if reader is None:
-            reader = BdatReader(self.settings.max_message_size, self.settings.bare_eol)
-            if t is not None and error is None:
-                t.bdat = reader
-        if error is not None:
+        error = self._no_recipients() if self.settings.chunking else S502_NOT_OFFERED
+        if error is None and t is not None:
+            if t.bdat is None:
+                t.bdat = BdatReader(self.settings.max_message_size, self.settings.bare_eol)
+            reader = t.bdat
+        else:
+            reader = BdatReader()
             reader.discard()
         reader.start_chunk(cmd.size, cmd.last)
         self._chunk_error = error
@@ -689,7 +689,7 @@ class ServerConnection:
         return self._await(AuthResponse(text))
 
 
-_Handler = Callable[[ServerConnection, Command], Event]
+_Handler = Callable[[ServerConnection, Command], Event | NeedData]
 
 #: The command table: one handler per verb the parser can return.
 _HANDLERS: Final[dict[str, _Handler]] = {

@@ -8,13 +8,13 @@ points for short inputs, and fixed sizes down to one byte at a time.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from itertools import combinations
+from itertools import combinations, pairwise
 
 
 def split_at(data: bytes, points: tuple[int, ...]) -> list[bytes]:
     """Cut ``data`` at the given increasing offsets."""
     bounds = (0, *points, len(data))
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [data[a:b] for a, b in pairwise(bounds)]
 
 
 def chunkings(data: bytes, pair_limit: int = 40) -> Iterator[list[bytes]]:

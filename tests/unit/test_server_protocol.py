@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.protocol import server as sm
-from engine.protocol.server import NEED_DATA, ServerConnection, ServerSettings
+from engine.protocol.events import NEED_DATA
+from engine.protocol.server import ServerConnection, ServerSettings
 from engine.testing.chunkings import chunkings
 
 Policy = Callable[[sm.Event], tuple[int, str, str]]
@@ -397,7 +398,9 @@ TOKENS = [b"EHLO x\r\n", b"HELO x\r\n", b"MAIL FROM:<a@b.test>\r\n", b"RCPT TO:<
 
 @given(st.lists(st.one_of(st.sampled_from(TOKENS), st.binary(max_size=20)), max_size=30),
        st.data())
-def test_any_input_gives_events_and_well_formed_replies(parts: list[bytes], data: st.DataObject) -> None:
+def test_any_input_gives_events_and_well_formed_replies(
+    parts: list[bytes], data: st.DataObject
+) -> None:
     """The h11 fuzz invariant: any bytes, any chunking → events, never an exception."""
     stream = b"".join(parts)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
