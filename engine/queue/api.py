@@ -1,0 +1,99 @@
+"""The queue database's interface: what the server, the scheduler and the viewer may ask.
+
+``QueueStore`` is a typing Protocol so the scheduler and the receive service depend on the
+contract, not on LMDB.  The one implementation is ``engine.queue.lmdb_store.LmdbQueue``.
+
+The promise (RFC 5321 §6.1): ``enqueue`` returns only after the commit that holds the
+message has returned, so a 250 sent after it is never a lie.  When the database cannot
+make that promise quickly (map full, disk low, writer behind) it raises
+:class:`BackPressure`, which the server turns into a 4xx, never a 250.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from engine.queue.records import Envelope, RcptState
+
+
+class BackPressure(Exception):
+    """The queue cannot take new mail right now; it clears by itself when the cause goes."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class QueueClosed(RuntimeError):
+    """The store is closed (shutdown); nothing more is accepted."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one delivery attempt did to one recipient.
+
+    ``state`` DELIVERED or FAILED is final; DEFERRED needs ``due`` (when to try again);
+    SUSPENDED parks the recipient (no due entry) until an Outcome sets it PENDING again.
+    ``attempted`` False records a state change that was not a delivery attempt.
+    """
+
+    queue_id: bytes
+    recipient: int
+    state: RcptState
+    reply: str = ""
+    due: float = 0.0
+    attempted: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class DueEntry:
+    """One (message, next hop) group that is due; ``key`` orders entries for paging."""
+
+    due: float
+    queue_id: bytes
+    next_hop: str
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    envelope: Envelope
+    body: bytes
+
+
+class QueueStore(Protocol):
+    async def enqueue(self, envelope: Envelope, body: bytes) -> bytes:
+        """Store durably, return the queue id; raise BackPressure or QueueClosed."""
+        ...
+
+    async def record(
+        self, outcomes: Sequence[Outcome], new_messages: Sequence[NewMessage] = ()
+    ) -> list[Envelope]:
+        """Apply outcomes (and enqueue e.g. DSNs) in one commit; the updated envelopes."""
+        ...
+
+    async def quarantine(self, queue_id: bytes, reason: str, due_key: bytes = b"") -> None:
+        """Move a record that failed to decode to the corrupt state."""
+        ...
+
+    def pressure(self) -> BackPressure | None: ...
+
+    def get(self, queue_id: bytes) -> Envelope: ...
+
+    def body(self, queue_id: bytes) -> bytes: ...
+
+    def due(self, until: float, limit: int, after: bytes = b"") -> list[DueEntry]: ...
+
+    def ids_for_hop(self, next_hop: str, limit: int, after: bytes = b"") -> list[bytes]: ...
+
+    def ids_in_state(self, state: str, limit: int, after: bytes = b"") -> list[bytes]: ...
+
+    def corrupt(self) -> list[tuple[bytes, str]]: ...
+
+    def count(self) -> int: ...
+
+    def describe(self) -> str: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,187 @@
+"""Queue records: ids, the envelope record and its recipients, their encoding.
+
+An envelope record is orjson with the format version as its first field, so a reader can
+refuse a record from a newer Ferry before looking at anything else.  Bodies are stored
+apart, once per message.  Queue ids are time-ordered (milliseconds, then a per-process
+counter, then random bits), so LMDB keeps them in arrival order and ids from two processes
+never collide.
+
+This module must never do I/O or know SMTP: it only shapes data.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+
+#: Version of the envelope record; the first key of every record.
+RECORD_VERSION: Final = 1
+
+ID_LEN: Final = 12  # 6 bytes ms timestamp, 2 bytes counter, 4 random bytes
+
+
+class RcptState(enum.StrEnum):
+    """Per-recipient state.  The first three are not final: the message stays queued."""
+
+    PENDING = "pending"
+    DEFERRED = "deferred"
+    SUSPENDED = "suspended"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+FINAL_STATES: Final = frozenset({RcptState.DELIVERED, RcptState.FAILED})
+
+#: A state of a whole message that is not a recipient state: its record did not decode.
+CORRUPT: Final = "corrupt"
+
+_counter = itertools.count(int.from_bytes(os.urandom(2), "big"))
+
+
+def new_id(now: float | None = None) -> bytes:
+    """A new time-ordered queue id (12 bytes)."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return struct.pack(">QH", ms, next(_counter) & 0xFFFF)[2:] + os.urandom(4)
+
+
+def id_text(queue_id: bytes) -> str:
+    """The printable form used in logs, replies and the queue viewer."""
+    return queue_id.hex().upper()
+
+
+def id_bytes(text: str) -> bytes:
+    raw = bytes.fromhex(text)
+    if len(raw) != ID_LEN:
+        raise ValueError(f"not a queue id: {text!r}")
+    return raw
+
+
+def id_time(queue_id: bytes) -> float:
+    """Arrival time encoded in an id (seconds since the epoch)."""
+    return int.from_bytes(queue_id[:6], "big") / 1000
+
+
+@dataclass(slots=True)
+class Recipient:
+    """One recipient and where it stands.  ``due`` is when it is next tried (epoch s)."""
+
+    address: str
+    next_hop: str
+    state: RcptState = RcptState.PENDING
+    attempts: int = 0
+    due: float = 0.0
+    last_reply: str = ""
+    #: RFC 3461 §4.1 NOTIFY values, empty when the client gave none.
+    notify: tuple[str, ...] = ()
+    #: RFC 3461 §4.2 ORCPT ("rfc822;user@example.com"), "" when none.
+    orcpt: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+@dataclass(slots=True)
+class Envelope:
+    """Everything the queue knows about one message except its body."""
+
+    sender: str
+    recipients: list[Recipient]
+    arrival: float = field(default_factory=time.time)
+    size: int = 0
+    #: RFC 3461 §4.3 RET and §4.4 ENVID.
+    ret: str = ""
+    envid: str = ""
+    smtputf8: bool = False
+    body_type: str = ""
+    receive_connector: str = ""
+    client_address: str = ""
+    auth_user: str = ""
+    message_id: str = ""
+    #: When the message expires whatever its state (epoch s); 0 = never.
+    expires: float = 0.0
+    queue_id: bytes = b""
+
+    @property
+    def final(self) -> bool:
+        return all(r.final for r in self.recipients)
+
+    def hops(self) -> dict[str, list[int]]:
+        """Next hop → indexes of its recipients that are not final."""
+        out: dict[str, list[int]] = {}
+        for i, r in enumerate(self.recipients):
+            if not r.final:
+                out.setdefault(r.next_hop, []).append(i)
+        return out
+
+
+class RecordError(ValueError):
+    """An envelope record that cannot be decoded (it goes to the corrupt state)."""
+
+
+def encode(env: Envelope) -> bytes:
+    doc: dict[str, Any] = {
+        "v": RECORD_VERSION,
+        "sender": env.sender,
+        "arrival": env.arrival,
+        "size": env.size,
+        "expires": env.expires,
+        "rcpts": [
+            [r.address, r.next_hop, r.state.value, r.attempts, r.due, r.last_reply,
+             list(r.notify), r.orcpt]
+            for r in env.recipients
+        ],
+    }
+    # Optional fields only when set: most mail has none, and records stay small.
+    for key in ("ret", "envid", "body_type", "receive_connector", "client_address",
+                "auth_user", "message_id"):
+        value = getattr(env, key)
+        if value:
+            doc[key] = value
+    if env.smtputf8:
+        doc["smtputf8"] = True
+    return orjson.dumps(doc)
+
+
+def decode(queue_id: bytes, raw: bytes) -> Envelope:
+    """Decode a record; any flaw raises RecordError with a reason worth listing."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RecordError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise RecordError("not a JSON object")
+    version = doc.get("v")
+    if version != RECORD_VERSION:
+        raise RecordError(f"unknown record version {version!r}")
+    try:
+        recipients = [
+            Recipient(str(a), str(h), RcptState(s), int(n), float(d), str(rep),
+                      tuple(str(x) for x in notify), str(orcpt))
+            for a, h, s, n, d, rep, notify, orcpt in doc["rcpts"]
+        ]
+        return Envelope(
+            sender=str(doc["sender"]),
+            recipients=recipients,
+            arrival=float(doc["arrival"]),
+            size=int(doc["size"]),
+            expires=float(doc["expires"]),
+            ret=str(doc.get("ret", "")),
+            envid=str(doc.get("envid", "")),
+            smtputf8=bool(doc.get("smtputf8", False)),
+            body_type=str(doc.get("body_type", "")),
+            receive_connector=str(doc.get("receive_connector", "")),
+            client_address=str(doc.get("client_address", "")),
+            auth_user=str(doc.get("auth_user", "")),
+            message_id=str(doc.get("message_id", "")),
+            queue_id=queue_id,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecordError(f"bad field: {exc!r}") from None
