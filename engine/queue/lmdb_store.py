@@ -396,6 +396,9 @@ class LmdbQueue:
                 results = [(op, None, exc) for op in batch]
         except lmdb.Error as exc:
             results = [(op, None, exc) for op in batch]
+        if self._map_full:
+            # Delivered mail frees pages: look again, so "full" clears without a restart.
+            self._make_room(0)
         self.stats.commits += 1
         self.stats.last_commit_seconds = time.monotonic() - started
         with self._pending_lock:
