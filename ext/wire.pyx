@@ -331,16 +331,16 @@ cdef class DataDecoder:
     cdef cbytes _re
     cdef Py_ssize_t _max_size
     cdef Py_ssize_t _max_line
-    cdef Py_ssize_t _size
+    cdef readonly Py_ssize_t size
     cdef Py_ssize_t _linelen
-    cdef Py_ssize_t _long_lines
-    cdef Py_ssize_t _bare_cr
-    cdef Py_ssize_t _bare_lf
+    cdef readonly Py_ssize_t long_lines
+    cdef readonly Py_ssize_t bare_cr
+    cdef readonly Py_ssize_t bare_lf
     cdef int _state
     cdef bint _real
     cdef bint _normalize
     cdef bint _keep
-    cdef bint _done
+    cdef readonly bint done
 
     def __init__(self, max_size=0, bare_eol=BARE_REJECT, max_line=0):
         self._max_size = check_size(max_size, "max_size")
@@ -351,12 +351,12 @@ cdef class DataDecoder:
         self._state = S_BOL
         self._real = True
         self._keep = True
-        self._done = False
-        self._size = 0
+        self.done = False
+        self.size = 0
         self._linelen = 0
-        self._long_lines = 0
-        self._bare_cr = 0
-        self._bare_lf = 0
+        self.long_lines = 0
+        self.bare_cr = 0
+        self.bare_lf = 0
 
     def __dealloc__(self):
         out_free(&self._out)
@@ -364,37 +364,17 @@ cdef class DataDecoder:
     # --- results ---------------------------------------------------------------------
 
     @property
-    def done(self):
-        return self._done
-
-    @property
-    def size(self):
-        return self._size
-
-    @property
     def oversize(self):
-        return self._max_size > 0 and self._size > self._max_size
-
-    @property
-    def long_lines(self):
-        return self._long_lines
-
-    @property
-    def bare_cr(self):
-        return self._bare_cr
-
-    @property
-    def bare_lf(self):
-        return self._bare_lf
+        return self._max_size > 0 and self.size > self._max_size
 
     @property
     def ok(self):
         return self._ok()
 
     cdef inline bint _ok(self) noexcept:
-        if self._max_size > 0 and self._size > self._max_size:
+        if self._max_size > 0 and self.size > self._max_size:
             return False
-        return self._normalize or not (self._bare_cr or self._bare_lf)
+        return self._normalize or not (self.bare_cr or self.bare_lf)
 
     def body(self):
         """The decoded body in canonical CRLF, without the terminator; b"" unless ``ok``."""
@@ -404,16 +384,16 @@ cdef class DataDecoder:
 
     def __repr__(self):
         return (
-            f"<DataDecoder done={self._done} size={self._size} ok={self.ok} "
-            f"bare_cr={self._bare_cr} bare_lf={self._bare_lf} long_lines={self._long_lines}>"
+            f"<DataDecoder done={self.done} size={self.size} ok={self.ok} "
+            f"bare_cr={self.bare_cr} bare_lf={self.bare_lf} long_lines={self.long_lines}>"
         )
 
     # --- output ----------------------------------------------------------------------
 
     cdef inline int _put(self, cbytes p, Py_ssize_t n) except -1:
-        self._size += n
+        self.size += n
         if self._keep:
-            if self._max_size and self._size > self._max_size:
+            if self._max_size and self.size > self._max_size:
                 # Over the limit: stop keeping, but go on reading to the terminator.
                 self._keep = False
                 out_free(&self._out)
@@ -444,13 +424,13 @@ cdef class DataDecoder:
     cdef int _bare(self, int c) except -1:
         self._flush()
         if c == C_CR:
-            self._bare_cr += 1
+            self.bare_cr += 1
         else:
-            self._bare_lf += 1
+            self.bare_lf += 1
         if self._normalize:
             self._put(<cbytes>CRLF, 2)
         else:
-            self._size += 1
+            self.size += 1
             if self._keep:
                 self._keep = False
                 out_free(&self._out)
@@ -459,7 +439,7 @@ cdef class DataDecoder:
     cdef inline void _line_end(self) noexcept:
         # RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets including CRLF.
         if self._max_line and self._linelen + 2 > self._max_line:
-            self._long_lines += 1
+            self.long_lines += 1
         self._linelen = 0
 
     # --- input -----------------------------------------------------------------------
@@ -473,7 +453,7 @@ cdef class DataDecoder:
         cdef int state = self._state
         cdef bint real = self._real
         cdef unsigned char c
-        if self._done:
+        if self.done:
             return 0
         b = as_bytes(data)
         d = <cbytes>PyBytes_AS_STRING(b)
@@ -492,14 +472,14 @@ cdef class DataDecoder:
                         if clen == 1:
                             if real:
                                 i = nlf + 1  # "." CRLF after CRLF: end of data
-                                self._done = True
+                                self.done = True
                                 break
                         else:
                             start = i + 1  # RFC 5321 §4.5.2: drop the stuffed dot
                             clen -= 1
                     self._take(d + start, nlf + 1 - start)
                     if max_line and clen + 2 > max_line:
-                        self._long_lines += 1
+                        self.long_lines += 1
                     real = True
                     i = nlf + 1
                     continue
@@ -563,7 +543,7 @@ cdef class DataDecoder:
                     if c == C_LF:
                         i += 1
                         if real:
-                            self._done = True
+                            self.done = True
                             break
                         # "." CRLF after a bare line ending: kept, never a terminator.
                         self._const(b".\r\n", 3)
@@ -606,14 +586,14 @@ cdef class BdatReader:
 
     cdef Out _out
     cdef Py_ssize_t _max_size
-    cdef Py_ssize_t _size
+    cdef readonly Py_ssize_t size
     cdef Py_ssize_t _remaining
-    cdef Py_ssize_t _bare_cr
-    cdef Py_ssize_t _bare_lf
+    cdef readonly Py_ssize_t bare_cr
+    cdef readonly Py_ssize_t bare_lf
     cdef bint _normalize
     cdef bint _keep
     cdef bint _discarded
-    cdef bint _done
+    cdef readonly bint done
     cdef bint _last
     cdef bint _cr  # a CR ended the octets seen so far; the next octet decides
 
@@ -623,13 +603,13 @@ cdef class BdatReader:
         out_free(&self._out)
         self._keep = True
         self._discarded = False
-        self._done = False
+        self.done = False
         self._last = False
         self._cr = False
         self._remaining = 0
-        self._size = 0
-        self._bare_cr = 0
-        self._bare_lf = 0
+        self.size = 0
+        self.bare_cr = 0
+        self.bare_lf = 0
 
     def __dealloc__(self):
         out_free(&self._out)
@@ -639,33 +619,17 @@ cdef class BdatReader:
         return self._remaining == 0
 
     @property
-    def done(self):
-        return self._done
-
-    @property
-    def size(self):
-        return self._size
-
-    @property
     def oversize(self):
-        return self._max_size > 0 and self._size > self._max_size
-
-    @property
-    def bare_cr(self):
-        return self._bare_cr
-
-    @property
-    def bare_lf(self):
-        return self._bare_lf
+        return self._max_size > 0 and self.size > self._max_size
 
     @property
     def ok(self):
         return self._ok()
 
     cdef inline bint _ok(self) noexcept:
-        if self._discarded or (self._max_size > 0 and self._size > self._max_size):
+        if self._discarded or (self._max_size > 0 and self.size > self._max_size):
             return False
-        return self._normalize or not (self._bare_cr or self._bare_lf)
+        return self._normalize or not (self.bare_cr or self.bare_lf)
 
     def body(self):
         """The message received so far (no unstuffing); b"" unless ``ok``."""
@@ -675,14 +639,14 @@ cdef class BdatReader:
 
     def __repr__(self):
         return (
-            f"<BdatReader done={self._done} remaining={self._remaining} size={self._size} "
-            f"ok={self.ok} bare_cr={self._bare_cr} bare_lf={self._bare_lf}>"
+            f"<BdatReader done={self.done} remaining={self._remaining} size={self.size} "
+            f"ok={self.ok} bare_cr={self.bare_cr} bare_lf={self.bare_lf}>"
         )
 
     def start_chunk(self, count, last):
         """Expect ``count`` more octets (``BDAT count [LAST]``); ValueError mid-chunk or done."""
         cdef Py_ssize_t n
-        if self._done:
+        if self.done:
             raise ValueError("the message is already complete")
         if self._remaining:
             raise ValueError("the previous chunk is not finished")
@@ -716,13 +680,13 @@ cdef class BdatReader:
         if self._cr:
             self._cr = False
             self._bare(C_CR)
-        self._done = True
+        self.done = True
         return 0
 
     cdef inline int _put(self, cbytes p, Py_ssize_t n) except -1:
-        self._size += n
+        self.size += n
         if self._keep:
-            if self._max_size and self._size > self._max_size:
+            if self._max_size and self.size > self._max_size:
                 self._keep = False
                 out_free(&self._out)
             else:
@@ -731,13 +695,13 @@ cdef class BdatReader:
 
     cdef int _bare(self, int c) except -1:
         if c == C_CR:
-            self._bare_cr += 1
+            self.bare_cr += 1
         else:
-            self._bare_lf += 1
+            self.bare_lf += 1
         if self._normalize:
             self._put(<cbytes>CRLF, 2)
         else:
-            self._size += 1
+            self.size += 1
             if self._keep:
                 self._keep = False
                 out_free(&self._out)
