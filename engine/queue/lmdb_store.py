@@ -177,6 +177,7 @@ class LmdbQueue:
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._map_full = False
+        self._refused_size = 0
         self._disk_checked = 0.0
         self._disk_low = False
         self._closed = False
@@ -396,9 +397,12 @@ class LmdbQueue:
                 results = [(op, None, exc) for op in batch]
         except lmdb.Error as exc:
             results = [(op, None, exc) for op in batch]
-        if self._map_full:
-            # Delivered mail frees pages: look again, so "full" clears without a restart.
-            self._make_room(0)
+        if refused is not None:
+            self._refused_size = max(size, 1)
+        elif self._map_full:
+            # Delivered mail frees pages: look again, so "full" clears without a restart
+            # once a batch like the refused one would fit (no flapping at the edge).
+            self._make_room(self._refused_size)
         self.stats.commits += 1
         self.stats.last_commit_seconds = time.monotonic() - started
         with self._pending_lock:
