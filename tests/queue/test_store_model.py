@@ -83,7 +83,8 @@ class QueueModel(RuleBasedStateMachine):
             for hop, state, due in rs:
                 if state in (RcptState.PENDING, RcptState.DEFERRED):
                     key = (q, str(hop))
-                    expected_due[key] = min(expected_due.get(key, float("inf")), float(due))
+                    when = due if isinstance(due, float) else 0.0
+                    expected_due[key] = min(expected_due.get(key, float("inf")), when)
         got = {(e.queue_id, e.next_hop): e.due for e in store.due(FAR, 10_000)}
         assert got == expected_due
         entries = store.due(FAR, 10_000)

@@ -1,0 +1,67 @@
+"""The active window: bounded, earliest first, never hands a group out twice."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.queue.api import Outcome
+from engine.queue.lmdb_store import LmdbQueue
+from engine.queue.records import Envelope, RcptState, Recipient
+from engine.queue.window import DueWindow
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[LmdbQueue]:
+    q = LmdbQueue(tmp_path, min_free_disk=0)
+    yield q
+    q.close_sync()
+
+
+def fill(store: LmdbQueue, n: int) -> list[bytes]:
+    return [store.enqueue_sync(Envelope("a@b.test", [Recipient("c@d.test", "d.test"),
+                                                      Recipient("e@f.test", "f.test")]), b"x")
+            for _ in range(n)]
+
+
+def test_window_is_bounded_and_ordered(store: LmdbQueue) -> None:
+    ids = fill(store, 10)
+    window = DueWindow(store, capacity=5)
+    assert window.refill() == 5 and len(window) == 5
+    taken = [window.take() for _ in range(5)]
+    assert window.take() is None
+    assert [(e.queue_id, e.next_hop) for e in taken if e] == [
+        (ids[0], "d.test"), (ids[0], "f.test"), (ids[1], "d.test"), (ids[1], "f.test"),
+        (ids[2], "d.test")]
+    assert window.refill() == 0  # everything held is in flight
+
+
+def test_released_groups_make_room_and_are_not_handed_out_twice(store: LmdbQueue) -> None:
+    ids = fill(store, 3)
+    window = DueWindow(store, capacity=2)
+    window.refill()
+    first, second = window.take(), window.take()
+    assert first is not None and second is not None
+    store.record_sync([Outcome(first.queue_id, 0, RcptState.DELIVERED)])
+    window.release(first)
+    assert window.refill() == 1
+    nxt = window.take()
+    assert nxt is not None and (nxt.queue_id, nxt.next_hop) == (ids[1], "d.test")
+    # a deferred group comes back only when it is due
+    store.record_sync([Outcome(second.queue_id, 1, RcptState.DEFERRED, due=time.time() + 60)])
+    window.release(second)
+    window.refill()
+    assert all(e.queue_id != second.queue_id or e.next_hop != "f.test"
+               for e in iter(window.take, None))
+    window2 = DueWindow(store, capacity=100)
+    window2.refill(now=time.time() + 120)
+    assert (second.queue_id, "f.test") in {(e.queue_id, e.next_hop)
+                                          for e in iter(window2.take, None)}
+
+
+def test_capacity_must_be_positive(store: LmdbQueue) -> None:
+    with pytest.raises(ValueError, match="capacity"):
+        DueWindow(store, capacity=0)
