@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -25,6 +26,13 @@ FAR = time.time() + 10 * 365 * 86400
 NOT_FINAL = {RcptState.PENDING, RcptState.DEFERRED, RcptState.SUSPENDED}
 
 
+@dataclass
+class R:
+    hop: str
+    state: RcptState = RcptState.PENDING
+    due: float = 0.0
+
+
 class QueueModel(RuleBasedStateMachine):
     messages = Bundle("messages")
 
@@ -32,7 +40,7 @@ class QueueModel(RuleBasedStateMachine):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="ferry-model-")
         self.store = LmdbQueue(self.dir, min_free_disk=0, map_size=8 << 20)
-        self.model: dict[bytes, list[list[object]]] = {}
+        self.model: dict[bytes, list[R]] = {}
         self.bodies: dict[bytes, bytes] = {}
 
     def teardown(self) -> None:
@@ -44,7 +52,7 @@ class QueueModel(RuleBasedStateMachine):
     def enqueue(self, hops: list[str], body: bytes) -> bytes:
         env = Envelope("s@x.test", [Recipient(f"r{i}@{h}", h) for i, h in enumerate(hops)])
         qid = self.store.enqueue_sync(env, body)
-        self.model[qid] = [[h, RcptState.PENDING, 0.0] for h in hops]
+        self.model[qid] = [R(h) for h in hops]
         self.bodies[qid] = body
         return qid
 
@@ -54,12 +62,12 @@ class QueueModel(RuleBasedStateMachine):
         due = 1_000_000.0 + delay
         self.store.record_sync([Outcome(qid, index, state, "reply", due=due)])
         rcpts = self.model.get(qid)
-        if rcpts is None or index >= len(rcpts) or rcpts[index][1] not in NOT_FINAL:
+        if rcpts is None or index >= len(rcpts) or rcpts[index].state not in NOT_FINAL:
             return
-        rcpts[index][1] = state
+        rcpts[index].state = state
         if state is RcptState.DEFERRED:
-            rcpts[index][2] = due
-        if all(r[1] not in NOT_FINAL for r in rcpts):
+            rcpts[index].due = due
+        if all(r.state not in NOT_FINAL for r in rcpts):
             del self.model[qid]
 
     @rule()
@@ -72,19 +80,18 @@ class QueueModel(RuleBasedStateMachine):
         store, model = self.store, self.model
         assert store.count() == len(model)
         for hop in HOPS:
-            expected = {q for q, rs in model.items() if any(r[0] == hop and r[1] in NOT_FINAL
-                                                           for r in rs)}
+            expected = {q for q, rs in model.items()
+                        if any(r.hop == hop and r.state in NOT_FINAL for r in rs)}
             assert set(store.ids_for_hop(hop, 10_000)) == expected, hop
         for state in RcptState:
-            expected = {q for q, rs in model.items() if any(r[1] is state for r in rs)}
+            expected = {q for q, rs in model.items() if any(r.state is state for r in rs)}
             assert set(store.ids_in_state(state.value, 10_000)) == expected, state
         expected_due: dict[tuple[bytes, str], float] = {}
         for q, rs in model.items():
-            for hop, state, due in rs:
-                if state in (RcptState.PENDING, RcptState.DEFERRED):
-                    key = (q, str(hop))
-                    when = due if isinstance(due, float) else 0.0
-                    expected_due[key] = min(expected_due.get(key, float("inf")), when)
+            for r in rs:
+                if r.state in (RcptState.PENDING, RcptState.DEFERRED):
+                    key = (q, r.hop)
+                    expected_due[key] = min(expected_due.get(key, float("inf")), r.due)
         got = {(e.queue_id, e.next_hop): e.due for e in store.due(FAR, 10_000)}
         assert got == expected_due
         entries = store.due(FAR, 10_000)
