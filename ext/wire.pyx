@@ -312,56 +312,42 @@ cdef class LineReader:
         return f"<LineReader limit={self._limit} buffered={self.buffered}{skip}>"
 
 
-# --- DataDecoder -----------------------------------------------------------------------
+# --- what DataDecoder and BdatReader share ---------------------------------------------
 
 
-@cython.final
-cdef class DataDecoder:
-    """Incremental decoder of a DATA body up to ``<CRLF>.<CRLF>`` (RFC 5321 §4.1.1.4).
+cdef class _BodyReader:
+    """The kept body, its size and the bare CR / bare LF counts of a message being received.
 
-    Unstuffs (§4.5.2), counts bare CR / bare LF (§2.3.8), octets and over-long lines, and
-    keeps the canonical body while it is acceptable.  A bare CR or LF never takes part in
-    the end-of-data sequence, whatever the policy.
+    Accounting (see the twin): under "normalize" a bare CR or LF is written and counted as
+    the two octets of the CRLF it becomes; under "reject" it counts as one octet and the
+    body is no longer kept.  Past ``max_size`` the body is dropped but counting goes on.
     """
 
     cdef Out _out
-    # The run of input bytes to emit verbatim; flushed before anything else is emitted
-    # and at the end of every feed, so it never outlives the caller's bytes.
-    cdef cbytes _rs
-    cdef cbytes _re
     cdef Py_ssize_t _max_size
-    cdef Py_ssize_t _max_line
-    cdef readonly Py_ssize_t size
-    cdef Py_ssize_t _linelen
-    cdef readonly Py_ssize_t long_lines
-    cdef readonly Py_ssize_t bare_cr
-    cdef readonly Py_ssize_t bare_lf
-    cdef int _state
-    cdef bint _real
     cdef bint _normalize
     cdef bint _keep
+    cdef bint _discarded  # BdatReader.discard(): keep nothing more, never ``ok``
     cdef readonly bint done
+    cdef readonly Py_ssize_t size
+    cdef readonly Py_ssize_t bare_cr
+    cdef readonly Py_ssize_t bare_lf
 
-    def __init__(self, max_size=0, bare_eol=BARE_REJECT, max_line=0):
+    @cython.final
+    cdef int _setup(self, object max_size, object bare_eol) except -1:
         self._max_size = check_size(max_size, "max_size")
         self._normalize = check_policy(bare_eol)
-        self._max_line = check_size(max_line, "max_line")
         out_free(&self._out)
-        self._rs = self._re = NULL
-        self._state = S_BOL
-        self._real = True
         self._keep = True
+        self._discarded = False
         self.done = False
         self.size = 0
-        self._linelen = 0
-        self.long_lines = 0
         self.bare_cr = 0
         self.bare_lf = 0
+        return 0
 
     def __dealloc__(self):
         out_free(&self._out)
-
-    # --- results ---------------------------------------------------------------------
 
     @property
     def oversize(self):
@@ -371,16 +357,81 @@ cdef class DataDecoder:
     def ok(self):
         return self._ok()
 
+    @cython.final
     cdef inline bint _ok(self) noexcept:
-        if self._max_size > 0 and self.size > self._max_size:
+        if self._discarded or (self._max_size > 0 and self.size > self._max_size):
             return False
         return self._normalize or not (self.bare_cr or self.bare_lf)
 
+    @cython.final
+    cdef inline object _body(self):
+        return out_bytes(&self._out) if self._ok() else b""
+
+    @cython.final
+    cdef inline int _put(self, cbytes p, Py_ssize_t n) except -1:
+        self.size += n
+        if self._keep:
+            if self._max_size and self.size > self._max_size:
+                # Over the limit: stop keeping, but go on reading to the end.
+                self._keep = False
+                out_free(&self._out)
+            else:
+                out_append(&self._out, p, n)
+        return 0
+
+    @cython.final
+    cdef int _bare(self, int c) except -1:
+        # DataDecoder flushes its verbatim run first (its output comes before this).
+        if c == C_CR:
+            self.bare_cr += 1
+        else:
+            self.bare_lf += 1
+        if self._normalize:
+            self._put(<cbytes>CRLF, 2)
+        else:
+            self.size += 1
+            if self._keep:
+                self._keep = False
+                out_free(&self._out)
+        return 0
+
+
+# --- DataDecoder -----------------------------------------------------------------------
+
+
+@cython.final
+cdef class DataDecoder(_BodyReader):
+    """Incremental decoder of a DATA body up to ``<CRLF>.<CRLF>`` (RFC 5321 §4.1.1.4).
+
+    Unstuffs (§4.5.2), counts bare CR / bare LF (§2.3.8), octets and over-long lines, and
+    keeps the canonical body while it is acceptable.  A bare CR or LF never takes part in
+    the end-of-data sequence, whatever the policy.
+    """
+
+    # The run of input bytes to emit verbatim; flushed before anything else is emitted
+    # and at the end of every feed, so it never outlives the caller's bytes.
+    cdef cbytes _rs
+    cdef cbytes _re
+    cdef Py_ssize_t _max_line
+    cdef Py_ssize_t _linelen
+    cdef readonly Py_ssize_t long_lines
+    cdef int _state
+    cdef bint _real
+
+    def __init__(self, max_size=0, bare_eol=BARE_REJECT, max_line=0):
+        self._setup(max_size, bare_eol)
+        self._max_line = check_size(max_line, "max_line")
+        self._rs = self._re = NULL
+        self._state = S_BOL
+        self._real = True
+        self._linelen = 0
+        self.long_lines = 0
+
+    # --- results ---------------------------------------------------------------------
+
     def body(self):
         """The decoded body in canonical CRLF, without the terminator; b"" unless ``ok``."""
-        if not self._ok():
-            return b""
-        return out_bytes(&self._out)
+        return self._body()
 
     def __repr__(self):
         return (
@@ -389,17 +440,6 @@ cdef class DataDecoder:
         )
 
     # --- output ----------------------------------------------------------------------
-
-    cdef inline int _put(self, cbytes p, Py_ssize_t n) except -1:
-        self.size += n
-        if self._keep:
-            if self._max_size and self.size > self._max_size:
-                # Over the limit: stop keeping, but go on reading to the terminator.
-                self._keep = False
-                out_free(&self._out)
-            else:
-                out_append(&self._out, p, n)
-        return 0
 
     cdef inline int _flush(self) except -1:
         if self._re != self._rs:
@@ -419,21 +459,6 @@ cdef class DataDecoder:
     cdef int _const(self, const char* s, Py_ssize_t n) except -1:
         self._flush()
         self._put(<cbytes>s, n)
-        return 0
-
-    cdef int _bare(self, int c) except -1:
-        self._flush()
-        if c == C_CR:
-            self.bare_cr += 1
-        else:
-            self.bare_lf += 1
-        if self._normalize:
-            self._put(<cbytes>CRLF, 2)
-        else:
-            self.size += 1
-            if self._keep:
-                self._keep = False
-                out_free(&self._out)
         return 0
 
     cdef inline void _line_end(self) noexcept:
@@ -491,6 +516,7 @@ cdef class DataDecoder:
                     state = S_CR
                     i += 1
                 elif c == C_LF:
+                    self._flush()
                     self._line_end()
                     self._bare(C_LF)
                     real = False
@@ -515,13 +541,14 @@ cdef class DataDecoder:
                             state = S_CR
                             i += 1
                     else:
+                        self._flush()
                         self._line_end()
                         self._bare(C_LF)
                         state = S_BOL
                         real = False
                         i += 1
             else:
-                # Pending states: the next byte decides.
+                # Pending states: flush the run first, the next byte decides.
                 self._flush()
                 c = d[i]
                 if state == S_DOT:
@@ -578,64 +605,29 @@ cdef class DataDecoder:
 
 
 @cython.final
-cdef class BdatReader:
+cdef class BdatReader(_BodyReader):
     """Reader of a CHUNKING body (RFC 3030 §2-§4): exact octet counts, no unstuffing.
 
     Bare CR / bare LF are detected across chunk and feed boundaries as in DataDecoder.
     """
 
-    cdef Out _out
-    cdef Py_ssize_t _max_size
-    cdef readonly Py_ssize_t size
     cdef Py_ssize_t _remaining
-    cdef readonly Py_ssize_t bare_cr
-    cdef readonly Py_ssize_t bare_lf
-    cdef bint _normalize
-    cdef bint _keep
-    cdef bint _discarded
-    cdef readonly bint done
     cdef bint _last
     cdef bint _cr  # a CR ended the octets seen so far; the next octet decides
 
     def __init__(self, max_size=0, bare_eol=BARE_REJECT):
-        self._max_size = check_size(max_size, "max_size")
-        self._normalize = check_policy(bare_eol)
-        out_free(&self._out)
-        self._keep = True
-        self._discarded = False
-        self.done = False
+        self._setup(max_size, bare_eol)
         self._last = False
         self._cr = False
         self._remaining = 0
-        self.size = 0
-        self.bare_cr = 0
-        self.bare_lf = 0
-
-    def __dealloc__(self):
-        out_free(&self._out)
 
     @property
     def chunk_done(self):
         return self._remaining == 0
 
-    @property
-    def oversize(self):
-        return self._max_size > 0 and self.size > self._max_size
-
-    @property
-    def ok(self):
-        return self._ok()
-
-    cdef inline bint _ok(self) noexcept:
-        if self._discarded or (self._max_size > 0 and self.size > self._max_size):
-            return False
-        return self._normalize or not (self.bare_cr or self.bare_lf)
-
     def body(self):
         """The message received so far (no unstuffing); b"" unless ``ok``."""
-        if not self._ok():
-            return b""
-        return out_bytes(&self._out)
+        return self._body()
 
     def __repr__(self):
         return (
@@ -681,30 +673,6 @@ cdef class BdatReader:
             self._cr = False
             self._bare(C_CR)
         self.done = True
-        return 0
-
-    cdef inline int _put(self, cbytes p, Py_ssize_t n) except -1:
-        self.size += n
-        if self._keep:
-            if self._max_size and self.size > self._max_size:
-                self._keep = False
-                out_free(&self._out)
-            else:
-                out_append(&self._out, p, n)
-        return 0
-
-    cdef int _bare(self, int c) except -1:
-        if c == C_CR:
-            self.bare_cr += 1
-        else:
-            self.bare_lf += 1
-        if self._normalize:
-            self._put(<cbytes>CRLF, 2)
-        else:
-            self.size += 1
-            if self._keep:
-                self._keep = False
-                out_free(&self._out)
         return 0
 
     cdef int _scan(self, cbytes d, Py_ssize_t e) except -1:
