@@ -269,6 +269,10 @@ class ServerConnection:
         self.authenticated = False
         self.errors = 0
         self.transaction: _Transaction | None = None
+        #: The command line behind the latest event, for the protocol log; secret when it
+        #: was a SASL response (never logged as sent).
+        self.last_line = b""
+        self.last_line_secret = False
         # the BDAT chunk being read, and the reply it gets when refused (RFC 3030 §4)
         self._chunk: BdatReader | None = None
         self._chunk_error: tuple[int, str, str] | None = None
@@ -337,6 +341,9 @@ class ServerConnection:
         self.state = State.S_COMMAND
         if isinstance(event, Hello) and code == 250:
             self._accept_hello(event.command)
+            # The HELO/EHLO reply carries no enhanced code: its lines are keywords that
+            # clients parse (RFC 5321 §4.1.1.1; RFC 2034 §3 covers only later replies).
+            enhanced = ""
             if event.command.verb == "EHLO":
                 lines += self.extensions()
         elif isinstance(event, MailFrom) and positive:
@@ -466,6 +473,7 @@ class ServerConnection:
         return verb in _GROUP_ENDERS or not (self.esmtp and self.settings.pipelining)
 
     def _command(self, line: bytes) -> Event | NeedData:
+        self.last_line, self.last_line_secret = line, False
         utf8 = self.transaction.utf8 if self.transaction is not None else False
         try:
             cmd = parse_command(line, utf8)
@@ -675,6 +683,7 @@ class ServerConnection:
         return self._await(AuthStart(cmd.arg, cmd.initial))
 
     def _auth_line(self, line: bytes) -> Event:
+        self.last_line, self.last_line_secret = line, True
         self._reader.limit = self.settings.max_command_line
         self.state = State.S_COMMAND
         if line == b"*":
