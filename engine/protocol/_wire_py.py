@@ -160,51 +160,36 @@ class LineReader:
         return f"<LineReader limit={self._limit} buffered={self.buffered}{skip}>"
 
 
-class DataDecoder:
-    """Incremental decoder of a DATA body up to ``<CRLF>.<CRLF>`` (RFC 5321 §4.1.1.4).
+class _BodyReader:
+    """The kept body, its size and the bare CR / bare LF counts of a message being received.
 
-    Unstuffs (§4.5.2), counts bare CR / bare LF (§2.3.8), octets and over-long lines, and
-    keeps the canonical body while it is acceptable.  A bare CR or LF never takes part in
-    the end-of-data sequence, whatever the policy.
-
-    Accounting: ``size`` counts the decoded octets; under "normalize" a bare CR or LF
-    counts as the two octets of the CRLF it becomes, under "reject" as one octet.  Bytes
-    whose meaning depends on what comes next (a CR, a "." at a line start) are counted
-    when it arrives.  A line's length for ``long_lines`` is its decoded content plus 2.
+    Accounting: under "normalize" a bare CR or LF is written and counted as the two octets
+    of the CRLF it becomes; under "reject" it counts as one octet and the body is no longer
+    kept.  Past ``max_size`` the body is dropped but counting goes on.
     """
 
     __slots__ = (
         "_bare_cr",
         "_bare_lf",
+        "_discarded",
         "_done",
         "_keep",
-        "_linelen",
-        "_long_lines",
-        "_max_line",
         "_max_size",
         "_normalize",
         "_out",
-        "_real",
         "_size",
-        "_state",
     )
 
-    def __init__(self, max_size: int = 0, bare_eol: str = BARE_REJECT, max_line: int = 0) -> None:
+    def __init__(self, max_size: int, bare_eol: str) -> None:
         self._max_size = _check_size(max_size, "max_size")
         self._normalize = _check_policy(bare_eol)
-        self._max_line = _check_size(max_line, "max_line")
         self._out = bytearray()
-        self._state = _BOL
-        self._real = True  # the body starts at a line start that may hold the terminator
         self._keep = True
+        self._discarded = False  # BdatReader.discard(): keep nothing more, never ``ok``
         self._done = False
         self._size = 0
-        self._linelen = 0
-        self._long_lines = 0
         self._bare_cr = 0
         self._bare_lf = 0
-
-    # --- results ---------------------------------------------------------------------
 
     @property
     def done(self) -> bool:
@@ -219,10 +204,6 @@ class DataDecoder:
         return self._max_size > 0 and self._size > self._max_size
 
     @property
-    def long_lines(self) -> int:
-        return self._long_lines
-
-    @property
     def bare_cr(self) -> int:
         return self._bare_cr
 
@@ -232,27 +213,15 @@ class DataDecoder:
 
     @property
     def ok(self) -> bool:
-        if self._max_size > 0 and self._size > self._max_size:
+        if self._discarded or (self._max_size > 0 and self._size > self._max_size):
             return False
         return self._normalize or not (self._bare_cr or self._bare_lf)
-
-    def body(self) -> bytes:
-        """The decoded body in canonical CRLF, without the terminator; b"" unless ``ok``."""
-        return bytes(self._out) if self.ok else b""
-
-    def __repr__(self) -> str:
-        return (
-            f"<DataDecoder done={self._done} size={self._size} ok={self.ok} "
-            f"bare_cr={self._bare_cr} bare_lf={self._bare_lf} long_lines={self._long_lines}>"
-        )
-
-    # --- output ----------------------------------------------------------------------
 
     def _put(self, piece: bytes) -> None:
         self._size += len(piece)
         if self._keep:
             if self._max_size and self._size > self._max_size:
-                # Over the limit: stop keeping, but go on reading to the terminator.
+                # Over the limit: stop keeping, but go on reading to the end.
                 self._keep = False
                 self._out = bytearray()
             else:
@@ -270,6 +239,48 @@ class DataDecoder:
             if self._keep:
                 self._keep = False
                 self._out = bytearray()
+
+
+class DataDecoder(_BodyReader):
+    """Incremental decoder of a DATA body up to ``<CRLF>.<CRLF>`` (RFC 5321 §4.1.1.4).
+
+    Unstuffs (§4.5.2), counts bare CR / bare LF (§2.3.8), octets and over-long lines, and
+    keeps the canonical body while it is acceptable.  A bare CR or LF never takes part in
+    the end-of-data sequence, whatever the policy.
+
+    Accounting: ``size`` counts the decoded octets; under "normalize" a bare CR or LF
+    counts as the two octets of the CRLF it becomes, under "reject" as one octet.  Bytes
+    whose meaning depends on what comes next (a CR, a "." at a line start) are counted
+    when it arrives.  A line's length for ``long_lines`` is its decoded content plus 2.
+    """
+
+    __slots__ = ("_linelen", "_long_lines", "_max_line", "_real", "_state")
+
+    def __init__(self, max_size: int = 0, bare_eol: str = BARE_REJECT, max_line: int = 0) -> None:
+        super().__init__(max_size, bare_eol)
+        self._max_line = _check_size(max_line, "max_line")
+        self._state = _BOL
+        self._real = True  # the body starts at a line start that may hold the terminator
+        self._linelen = 0
+        self._long_lines = 0
+
+    # --- results ---------------------------------------------------------------------
+
+    @property
+    def long_lines(self) -> int:
+        return self._long_lines
+
+    def body(self) -> bytes:
+        """The decoded body in canonical CRLF, without the terminator; b"" unless ``ok``."""
+        return bytes(self._out) if self.ok else b""
+
+    def __repr__(self) -> str:
+        return (
+            f"<DataDecoder done={self._done} size={self._size} ok={self.ok} "
+            f"bare_cr={self._bare_cr} bare_lf={self._bare_lf} long_lines={self._long_lines}>"
+        )
+
+    # --- output ----------------------------------------------------------------------
 
     def _line_end(self, linelen: int) -> None:
         # RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets including CRLF.
@@ -437,7 +448,7 @@ class DataDecoder:
         return i
 
 
-class BdatReader:
+class BdatReader(_BodyReader):
     """Reader of a CHUNKING body (RFC 3030 §2-§4): exact octet counts, no unstuffing.
 
     Bare CR / bare LF are detected across chunk and feed boundaries exactly as in
@@ -445,64 +456,17 @@ class BdatReader:
     the very end of the LAST chunk is bare) and the same policies and ``size`` rules apply.
     """
 
-    __slots__ = (
-        "_bare_cr",
-        "_bare_lf",
-        "_cr",
-        "_discarded",
-        "_done",
-        "_keep",
-        "_last",
-        "_max_size",
-        "_normalize",
-        "_out",
-        "_remaining",
-        "_size",
-    )
+    __slots__ = ("_cr", "_last", "_remaining")
 
     def __init__(self, max_size: int = 0, bare_eol: str = BARE_REJECT) -> None:
-        self._max_size = _check_size(max_size, "max_size")
-        self._normalize = _check_policy(bare_eol)
-        self._out = bytearray()
-        self._keep = True
-        self._discarded = False
-        self._done = False
+        super().__init__(max_size, bare_eol)
         self._last = False
         self._cr = False  # a CR ended the octets seen so far; the next octet decides
         self._remaining = 0
-        self._size = 0
-        self._bare_cr = 0
-        self._bare_lf = 0
 
     @property
     def chunk_done(self) -> bool:
         return self._remaining == 0
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def oversize(self) -> bool:
-        return self._max_size > 0 and self._size > self._max_size
-
-    @property
-    def bare_cr(self) -> int:
-        return self._bare_cr
-
-    @property
-    def bare_lf(self) -> int:
-        return self._bare_lf
-
-    @property
-    def ok(self) -> bool:
-        if self._discarded or (self._max_size > 0 and self._size > self._max_size):
-            return False
-        return self._normalize or not (self._bare_cr or self._bare_lf)
 
     def body(self) -> bytes:
         """The message received so far (no unstuffing); b"" unless ``ok``."""
@@ -547,29 +511,8 @@ class BdatReader:
     def _finish(self) -> None:
         if self._cr:
             self._cr = False
-            self._bare(_CR, 1)
+            self._bare(_CR)
         self._done = True
-
-    def _put(self, piece: bytes) -> None:
-        self._size += len(piece)
-        if self._keep:
-            if self._max_size and self._size > self._max_size:
-                self._keep = False
-                self._out = bytearray()
-            else:
-                self._out += piece
-
-    def _bare(self, c: int, count: int) -> None:
-        if c == _CR:
-            self._bare_cr += count
-        else:
-            self._bare_lf += count
-        if self._normalize:
-            self._put(b"\r\n" * count)
-        else:
-            self._size += count
-            self._keep = False
-            self._out = bytearray()
 
     def _scan(self, piece: bytes) -> None:
         if self._cr:
@@ -578,7 +521,7 @@ class BdatReader:
                 self._put(b"\r\n")
                 piece = piece[1:]
             else:
-                self._bare(_CR, 1)
+                self._bare(_CR)
         if piece.endswith(b"\r"):
             self._cr = True
             piece = piece[:-1]
