@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from engine.protocol.command import Command, parse_command
@@ -120,6 +120,9 @@ class MessageReceived(Event):
     needs_reply = True
     body: bytes
     size: int
+    #: The transaction: its MAIL command and the RCPT commands that got a 2xx.
+    mail: Command
+    recipients: tuple[Command, ...]
     #: Lines longer than ``max_text_line`` (DATA only; RFC 5322 §2.1.1).
     long_lines: int = 0
 
@@ -248,7 +251,12 @@ class _Transaction:
     mail: Command
     utf8: bool
     rcpts_tried: int = 0
-    rcpts_accepted: int = 0
+    #: the RCPT commands that got a 2xx reply
+    accepted: list[Command] = field(default_factory=list)
+
+    @property
+    def rcpts_accepted(self) -> int:
+        return len(self.accepted)
     bdat: BdatReader | None = None
 
 
@@ -351,7 +359,7 @@ class ServerConnection:
             self.transaction = _Transaction(mail, "SMTPUTF8" in mail.params)
         elif isinstance(event, RcptTo):
             if positive and self.transaction is not None:
-                self.transaction.rcpts_accepted += 1
+                self.transaction.accepted.append(event.command)
         elif isinstance(event, DataCommand) and code == 354:
             self._data = DataDecoder(
                 self.settings.max_message_size, self.settings.bare_eol, self.settings.max_text_line
@@ -575,7 +583,7 @@ class ServerConnection:
         refused = self._refusal(decoder)
         if refused is not None:
             return refused
-        return self._await(MessageReceived(decoder.body(), decoder.size, decoder.long_lines))
+        return self._message(decoder.body(), decoder.size, decoder.long_lines)
 
     def _refusal(self, body: DataDecoder | BdatReader) -> Event | None:
         """Reply for a message read to its end but unacceptable as received."""
@@ -632,7 +640,12 @@ class ServerConnection:
         refused = self._refusal(reader)
         if refused is not None:
             return refused
-        return self._await(MessageReceived(reader.body(), reader.size))
+        return self._message(reader.body(), reader.size, 0)
+
+    def _message(self, body: bytes, size: int, long_lines: int) -> Event:
+        t = self.transaction
+        assert t is not None
+        return self._await(MessageReceived(body, size, t.mail, tuple(t.accepted), long_lines))
 
     def _on_rset(self, cmd: Command) -> Event:
         self.transaction = None

@@ -107,6 +107,8 @@ def test_whole_transaction() -> None:
     (msg,) = s.of(sm.MessageReceived)
     assert isinstance(msg, sm.MessageReceived)
     assert msg.body == b"Subject: hi\r\n\r\n.dot\r\n"
+    assert msg.mail.mailbox == "a@b.test" and msg.mail.params == {"SIZE": "20"}
+    assert [r.mailbox for r in msg.recipients] == ["c@d.test"]
     assert s.conn.transaction is None
     assert s.codes(s.feed(b"QUIT\r\n")) == [221] and s.conn.closed
 
@@ -388,6 +390,7 @@ def test_data_body_in_every_chunking_gives_the_same_replies() -> None:
         assert t.codes(out) == [250, 250], chunks
         msg = t.of(sm.MessageReceived)[0]
         assert isinstance(msg, sm.MessageReceived) and msg.body == b"a\r\n.b\r\n"
+        assert [r.mailbox for r in msg.recipients] == ["c@d.test"]
 
 
 TOKENS = [b"EHLO x\r\n", b"HELO x\r\n", b"MAIL FROM:<a@b.test>\r\n", b"RCPT TO:<c@d.test>\r\n",
