@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from engine.protocol._twin import Result as _Result
+
 __all__ = ["HeaderScan", "scan_headers"]
 
 # A field name is 1*ftext, ftext = %d33-57 / %d59-126 (RFC 5322 §3.6.8).
@@ -42,7 +44,7 @@ Span = tuple[int, int]
 FieldSpan = tuple[int, int, int, int]
 
 
-class HeaderScan:
+class HeaderScan(_Result):
     """Where the header section ends and where its fields lie (offsets into the data).
 
     ``astuple()`` order: (end, fields as a tuple, received, message_id, from_, to,
@@ -87,14 +89,6 @@ class HeaderScan:
             self.dkim_signature,
             self.malformed,
         )
-
-    def __eq__(self, other: object) -> bool:
-        astuple = getattr(other, "astuple", None)
-        if astuple is None:
-            return NotImplemented
-        return bool(self.astuple() == astuple())
-
-    __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __repr__(self) -> str:
         return (

@@ -18,6 +18,7 @@ import re
 from operator import index
 from typing import Any, Final
 
+from engine.protocol._twin import Result as _Result
 from engine.protocol.errors import CommandError
 
 __all__ = ["Command", "format_command", "parse_command", "xtext_decode", "xtext_encode"]
@@ -104,7 +105,7 @@ def _err(kind: int) -> CommandError:
     return CommandError(text, code, enhanced)
 
 
-class Command:
+class Command(_Result):
     """One parsed SMTP command (or one to format).
 
     ``astuple()`` order: (verb, arg, local, domain, sorted params items, size, last, initial).
@@ -165,14 +166,6 @@ class Command:
             self.last,
             self.initial,
         )
-
-    def __eq__(self, other: object) -> bool:
-        astuple = getattr(other, "astuple", None)
-        if astuple is None:
-            return NotImplemented
-        return bool(self.astuple() == astuple())
-
-    __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __repr__(self) -> str:
         parts = [repr(self.verb)]

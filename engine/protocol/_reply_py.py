@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections import deque
 
+from engine.protocol._twin import Result as _Result
 from engine.protocol.errors import ReplyError
 
 __all__ = ["Reply", "ReplyParser", "format_reply"]
@@ -35,7 +36,7 @@ TOO_LONG = "Reply line too long"
 TOO_MANY = "Too many reply lines"
 
 
-class Reply:
+class Reply(_Result):
     """One complete SMTP reply: code, RFC 3463 status ("" if none) and the text lines.
 
     ``astuple()`` order: (code, enhanced, tuple(lines)).
@@ -55,14 +56,6 @@ class Reply:
 
     def astuple(self) -> tuple[int, str, tuple[str, ...]]:
         return (self.code, self.enhanced, tuple(self.lines))
-
-    def __eq__(self, other: object) -> bool:
-        astuple = getattr(other, "astuple", None)
-        if astuple is None:
-            return NotImplemented
-        return bool(self.astuple() == astuple())
-
-    __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __repr__(self) -> str:
         return f"Reply({self.code!r}, {self.enhanced!r}, {self.lines!r})"
