@@ -99,8 +99,12 @@ class HeaderScan(_Result):
         )
 
 
-def _remember(scan: HeaderScan, kind: int, span: Span) -> None:
-    """Record a finished field of a kind we track (only the first of each is kept)."""
+def _finish(scan: HeaderScan, kind: int, ns: int, ne: int, vs: int, ve: int) -> None:
+    """Record a finished field; the tracked kinds keep only their first value span."""
+    scan.fields.append((ns, ne, vs, ve))
+    if not kind:
+        return
+    span = (vs, ve)
     if kind == _RECEIVED:
         scan.received += 1
     elif kind == _MESSAGE_ID:
@@ -134,7 +138,6 @@ def scan_headers(data: bytes, limit: int = 0) -> HeaderScan:
     if limit > 0 and limit < n:
         n = limit
     scan = HeaderScan()
-    fields = scan.fields
     find = data.find
     # The field being read: its spans stay open until a line that is not a continuation.
     open_field = False
@@ -154,9 +157,7 @@ def scan_headers(data: bytes, limit: int = 0) -> HeaderScan:
         if content_end == pos and lf >= 0:
             # The empty line that separates header from body (RFC 5322 §2.1).
             if open_field:
-                fields.append((name_start, name_end, value_start, value_end))
-                if kind:
-                    _remember(scan, kind, (value_start, value_end))
+                _finish(scan, kind, name_start, name_end, value_start, value_end)
             scan.end = nxt
             return scan
         if first == 32 or first == 9:
@@ -177,9 +178,7 @@ def scan_headers(data: bytes, limit: int = 0) -> HeaderScan:
             # Neither a field nor a continuation: the section ends here, malformed.
             break
         if open_field:
-            fields.append((name_start, name_end, value_start, value_end))
-            if kind:
-                _remember(scan, kind, (value_start, value_end))
+            _finish(scan, kind, name_start, name_end, value_start, value_end)
         open_field = True
         name_start, name_end = pos, stop
         value_start, value_end = colon + 1, content_end
@@ -190,9 +189,7 @@ def scan_headers(data: bytes, limit: int = 0) -> HeaderScan:
         pos = nxt
     # Out of data (or limit) inside the header section, or stopped at a non-field line.
     if open_field:
-        fields.append((name_start, name_end, value_start, value_end))
-        if kind:
-            _remember(scan, kind, (value_start, value_end))
+        _finish(scan, kind, name_start, name_end, value_start, value_end)
     scan.end = pos
     scan.malformed = True
     return scan
