@@ -13,9 +13,15 @@ command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 "$PY" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || missing+=(python3-dev)
 "$PY" -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+# Real peers for the interop tests: swaks, and Postfix for smtp-source / smtp-sink.
+command -v swaks >/dev/null 2>&1 || missing+=(swaks)
+[ -x /usr/sbin/smtp-source ] || missing+=(postfix)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]}" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  # Postfix is installed for its tools only: no configuration, no daemon started.
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
