@@ -1,0 +1,4 @@
+"""Operations: tracking log, protocol log, metrics, admin/injection HTTP API.
+
+Observes; never changes delivery decisions.
+"""

@@ -1,0 +1,483 @@
+"""The protocol log: one line per SMTP command, reply line and session event, per connector.
+
+This is the Exchange "protocol log" idea (Postfix calls it verbose smtpd logging): an
+operator switches it on for one receive connector and sees the conversation of every
+session.  A :class:`ProtocolLog` owns one file, ``<directory>/protocol-<connector>.log``;
+each session writes through the :class:`SessionLog` handle that :meth:`ProtocolLog.session`
+returns.
+
+Line format (UTF-8, fields separated by one TAB, ended by LF)::
+
+    2024-05-01T12:34:56.789Z  <session id>  <client>  <direction>  <text>
+
+``<`` is a line received from the client, ``>`` a reply line sent to it, ``*`` an event
+(connect, TLS established, disconnect, ...).  Every field is sanitised
+(:func:`sanitise`): C0 controls (TAB, CR, LF, NUL included), DEL, C1 controls, the Unicode
+line and paragraph separators, bidirectional overrides, the backslash itself and bytes
+that are not UTF-8 are written as backslash escapes, and the text is cut at
+:data:`MAX_TEXT` characters ending in ``…``.  Nothing a client sends can therefore split a
+log line, forge a field or a line, or disguise itself in a terminal (DESIGN.md "Wire
+rules": nothing from the wire reaches a log line with a raw CR, LF or NUL).  The escaping
+is lossless and unambiguous: ``\\xNN`` is the raw byte NN, ``\\uNNNN`` the code point,
+``\\\\`` a backslash, and a literal ``…`` is escaped so the marker means truncation.
+
+AUTH payloads are never written.  The caller marks them (``recv(line, secret=True)`` or
+:meth:`SessionLog.redact_next`): an ``AUTH`` command keeps its verb and a known SASL
+mechanism name and shows ``****`` for the rest; any other secret line is ``****``.
+
+Writes are buffered in memory and reach the file as one ``write`` of the joined buffer
+when :meth:`ProtocolLog.flush` runs (from a periodic task such as
+:meth:`ProtocolLog.run_flusher`), when the buffer passes :data:`FLUSH_BYTES`, or when a
+line is logged ``flush_interval`` seconds after the last flush.  The file is rotated to
+``.1`` .. ``.5`` when the next write would take it past ``max_bytes``.
+
+This module observes; it must never change what the server does.  It never raises into
+its caller on a full disk, a removed or unwritable directory or a failed rotation: lines
+that cannot be written are counted in :attr:`ProtocolLog.dropped` and logging carries on
+(reopening the file when the path comes back).  It must never write an AUTH secret, nor
+a raw control character from the wire.  It is not thread-safe: one event loop owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import math
+import os
+import re
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+__all__ = [
+    "FLUSH_BYTES",
+    "GENERATIONS",
+    "MAX_TEXT",
+    "ProtocolLog",
+    "SessionLog",
+    "format_timestamp",
+    "sanitise",
+]
+
+#: Longest text field, in characters, "…" marker included.
+MAX_TEXT: Final = 1000
+#: The buffer is flushed as soon as it holds this many bytes.
+FLUSH_BYTES: Final = 64 << 10
+#: Rotated generations kept: ``.1`` (newest) .. ``.5`` (oldest).
+GENERATIONS: Final = 5
+#: What a hidden secret is written as.
+REDACTED: Final = "****"
+
+RECEIVED: Final = "<"
+SENT: Final = ">"
+EVENT: Final = "*"
+
+_ELLIPSIS: Final = "\u2026"
+
+# SASL mechanism names that may be shown after a redacted AUTH verb (IANA "SASL Mechanisms"
+# registry, the ones seen on submission ports).  A name not listed here is hidden too: a
+# broken client may put its credentials where the mechanism belongs ("AUTH dGVzdA").
+KNOWN_MECHANISMS: Final = frozenset(
+    {
+        "ANONYMOUS",
+        "CRAM-MD5",
+        "DIGEST-MD5",
+        "EXTERNAL",
+        "GS2-KRB5",
+        "GS2-KRB5-PLUS",
+        "GSSAPI",
+        "LOGIN",
+        "NTLM",
+        "OAUTHBEARER",
+        "PLAIN",
+        "SCRAM-SHA-1",
+        "SCRAM-SHA-1-PLUS",
+        "SCRAM-SHA-256",
+        "SCRAM-SHA-256-PLUS",
+        "SCRAM-SHA-512",
+        "SCRAM-SHA-512-PLUS",
+        "XOAUTH2",
+    }
+)
+
+
+def _escape_tables() -> tuple[dict[int, str], dict[int, str]]:
+    """The escapes for text from bytes and for text given as str."""
+    table: dict[int, str] = {c: f"\\x{c:02x}" for c in range(0x20)}
+    table.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x7F: "\\x7f", 0x5C: "\\\\"})
+    # C1 controls (NEL among them) and the separators str.splitlines() and some viewers
+    # break lines at; bidi controls that can make a line display as something else.
+    specials = [*range(0x80, 0xA0), 0x061C, 0x200E, 0x200F, 0x2028, 0x2029]
+    specials += [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2026]
+    table.update({c: f"\\u{c:04x}" for c in specials})
+    # A str may hold lone surrogates, which UTF-8 cannot encode: show their code point.
+    for_str = table | {c: f"\\u{c:04x}" for c in range(0xD800, 0xE000)}
+    # Bytes that are not UTF-8, smuggled through decode(errors="surrogateescape") as
+    # U+DC80..U+DCFF, come back as the raw byte they were.
+    for_bytes = table | {0xDC00 + b: f"\\x{b:02x}" for b in range(0x80, 0x100)}
+    return for_bytes, for_str
+
+
+_TABLE_B, _TABLE_S = _escape_tables()
+# Printable ASCII without the backslash needs no work (the common case: SMTP commands).
+_NEEDS_ESCAPE_B: Final = re.compile(rb"[^\x20-\x5b\x5d-\x7e]")
+_NEEDS_ESCAPE_S: Final = re.compile(r"[^\x20-\x5b\x5d-\x7e]")
+
+
+def sanitise(text: bytes | str) -> str:
+    """Return ``text`` as one safe log field: escaped (see the module docstring), and cut
+    to at most :data:`MAX_TEXT` characters ending in "…" when it was longer.  Bytes are
+    read as UTF-8; bytes that are not UTF-8 become ``\\xNN``.  Never raises."""
+    if isinstance(text, bytes):
+        # A character takes at most 4 bytes and yields at least 1 output character, so
+        # this prefix is always enough to fill MAX_TEXT (and to know the text was longer).
+        raw = text[: 4 * MAX_TEXT + 4]
+        if _NEEDS_ESCAPE_B.search(raw) is None:
+            s = raw.decode("ascii")
+            return s if len(s) <= MAX_TEXT else s[: MAX_TEXT - 1] + _ELLIPSIS
+        s = raw.decode("utf-8", "surrogateescape")
+        table = _TABLE_B
+    else:
+        s = text[: MAX_TEXT + 1]
+        if _NEEDS_ESCAPE_S.search(s) is None:
+            return s if len(s) <= MAX_TEXT else s[: MAX_TEXT - 1] + _ELLIPSIS
+        table = _TABLE_S
+    out = s.translate(table)
+    if len(out) <= MAX_TEXT:
+        return out
+    # Too long: keep the longest prefix of whole escapes that leaves room for the marker.
+    room = MAX_TEXT - 1
+    used = 0
+    cut = 0
+    for ch in s:
+        piece = table.get(ord(ch))
+        width = 1 if piece is None else len(piece)
+        if used + width > room:
+            break
+        used += width
+        cut += 1
+    return s[:cut].translate(table) + _ELLIPSIS
+
+
+def format_timestamp(t: float) -> str:
+    """``t`` (seconds since the epoch) as ISO 8601 UTC with milliseconds:
+    ``2024-05-01T12:34:56.789Z``.  Milliseconds are truncated, never rounded up into the
+    next second."""
+    sec = math.floor(t)
+    ms = min(999, int((t - sec) * 1000))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ms:03d}Z"
+
+
+def _redact(line: bytes) -> str:
+    """The loggable form of a secret line: "AUTH <MECH> ****" or "****"."""
+    parts = line.split(None, 2)
+    if not parts or parts[0].upper() != b"AUTH":
+        return REDACTED
+    if len(parts) == 1:
+        return "AUTH"
+    mech = parts[1].upper().decode("ascii", "replace")
+    if mech not in KNOWN_MECHANISMS:
+        return "AUTH " + REDACTED
+    # RFC 4954 §4: anything after the mechanism is the initial response ("=" for empty).
+    return f"AUTH {mech} {REDACTED}" if len(parts) == 3 else f"AUTH {mech}"
+
+
+_CONNECTOR_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class ProtocolLog:
+    """The protocol log of one receive connector (``directory=None``: switched off).
+
+    Switched off, every call is a cheap no-op and no file is created.  Switched on, the
+    file is opened (created with mode 0o640, less what the umask removes) at once; if
+    that fails the error is kept in :attr:`last_error`, lines are counted in
+    :attr:`dropped`, and each flush tries again.
+    """
+
+    def __init__(
+        self,
+        directory: Path | None,
+        connector: str,
+        *,
+        max_bytes: int = 100 << 20,
+        flush_interval: float = 1.0,
+    ) -> None:
+        # The name becomes part of a path: no separators, no "..", no hidden files.
+        if _CONNECTOR_NAME.fullmatch(connector) is None:
+            raise ValueError(f"connector name not usable in a file name: {connector!r}")
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        if not flush_interval > 0:
+            raise ValueError("flush_interval must be positive")
+        self.connector: Final = connector
+        self.max_bytes: Final = max_bytes
+        self.flush_interval: Final = flush_interval
+        self.path: Final = (
+            None if directory is None else Path(directory) / f"protocol-{connector}.log"
+        )
+        #: Lines that could not be written (disk full, directory gone, log closed).
+        self.dropped = 0
+        #: The last OS error met while opening, writing or rotating, for the operator.
+        self.last_error: str | None = None
+        self._buf: list[bytes] = []
+        self._buf_bytes = 0
+        self._fd: int | None = None
+        self._ino: tuple[int, int] | None = None
+        self._size = 0
+        # The file does not end in LF (a write cut short): start the next write with one,
+        # so half a line can never be glued to the next.
+        self._torn = False
+        self._closed = self.path is None
+        self._last_flush = time.time()
+        self._sec = -1
+        self._sec_text = ""
+        if self.path is not None:
+            self._open()
+
+    # --- public ---------------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        """True when this log is switched on and not closed."""
+        return not self._closed
+
+    def session(self, session_id: str, client: str) -> SessionLog:
+        """A handle for one SMTP session; ``client`` is the peer address as shown."""
+        if self.path is None:
+            return SessionLog(None, session_id, client)
+        return SessionLog(self, session_id, client)
+
+    def flush(self) -> None:
+        """Write the buffered lines with one append; never raises ``OSError``."""
+        self._last_flush = time.time()
+        if not self._buf:
+            return
+        chunk = b"".join(self._buf)
+        self._buf.clear()
+        self._buf_bytes = 0
+        self._write(chunk)
+
+    async def run_flusher(self) -> None:
+        """Flush every ``flush_interval`` seconds until cancelled, and once on the way out."""
+        if self.path is None:
+            return
+        try:
+            while not self._closed:
+                await asyncio.sleep(self.flush_interval)
+                self.flush()
+        finally:
+            self.flush()
+
+    def close(self) -> None:
+        """Flush and close the file.  Lines logged afterwards are counted as dropped."""
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        self._close_fd()
+
+    def __enter__(self) -> ProtocolLog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- lines ----------------------------------------------------------------------------
+
+    def _append(self, rest: str) -> None:
+        """Buffer one line; ``rest`` is everything after the timestamp, LF included."""
+        if self._closed:
+            self.dropped += 1
+            return
+        now = time.time()
+        sec = int(now)
+        if sec != self._sec:
+            self._sec = sec
+            self._sec_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        ms = min(999, int((now - sec) * 1000))
+        # sanitise() removed lone surrogates; backslashreplace is a last guard so encode()
+        # can never raise into the caller.
+        data = f"{self._sec_text}.{ms:03d}Z{rest}".encode("utf-8", "backslashreplace")
+        self._buf.append(data)
+        self._buf_bytes += len(data)
+        if self._buf_bytes >= FLUSH_BYTES or now - self._last_flush >= self.flush_interval:
+            self.flush()
+
+    # --- the file -------------------------------------------------------------------------
+
+    def _note(self, err: OSError) -> None:
+        self.last_error = f"{self.path}: {err.strerror or err}"
+
+    def _open(self) -> None:
+        assert self.path is not None
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o640)
+        except OSError as err:
+            self._note(err)
+            return
+        try:
+            st = os.fstat(fd)
+            # A previous run cut short by a full disk may have left half a line.
+            self._torn = st.st_size > 0 and os.pread(fd, 1, st.st_size - 1) != b"\n"
+        except OSError as err:
+            self._note(err)
+            os.close(fd)
+            return
+        self._fd = fd
+        self._ino = (st.st_dev, st.st_ino)
+        self._size = st.st_size
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            fd, self._fd, self._ino = self._fd, None, None
+            try:
+                os.close(fd)
+            except OSError as err:
+                self._note(err)
+
+    def _current(self) -> bool:
+        """Make sure ``_fd`` is the file at ``path`` (it may have been removed, renamed
+        away by an outside rotation, or never opened); True when there is one."""
+        assert self.path is not None
+        if self._fd is not None:
+            try:
+                st = os.stat(self.path)
+            except OSError:
+                pass
+            else:
+                if (st.st_dev, st.st_ino) == self._ino:
+                    self._size = st.st_size
+                    return True
+            self._close_fd()
+        self._open()
+        return self._fd is not None
+
+    def _rotate(self) -> None:
+        assert self.path is not None
+        self._close_fd()
+        name = self.path.name
+        try:
+            for i in range(GENERATIONS - 1, 0, -1):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(
+                        self.path.with_name(f"{name}.{i}"), self.path.with_name(f"{name}.{i + 1}")
+                    )
+            os.replace(self.path, self.path.with_name(f"{name}.1"))
+        except OSError as err:
+            # Rotation failed: keep appending to the big file rather than lose lines.
+            self._note(err)
+        self._open()
+
+    def _write(self, chunk: bytes) -> None:
+        lines = chunk.count(b"\n")
+        if self.path is None or not self._current():
+            self.dropped += lines
+            return
+        if self._size > 0 and self._size + len(chunk) > self.max_bytes:
+            self._rotate()
+            if self._fd is None:
+                self.dropped += lines
+                return
+        assert self._fd is not None
+        # The LF that ends a torn line is ours, not one of the chunk's lines.
+        prefix = 1 if self._torn else 0
+        if prefix:
+            chunk = b"\n" + chunk
+        start = self._size
+        view = memoryview(chunk)
+        done = 0
+        try:
+            while done < len(chunk):
+                n = os.write(self._fd, view[done:])
+                if n <= 0:  # pragma: no cover - regular files report ENOSPC instead
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
+        except OSError as err:
+            self._note(err)
+            if done:
+                try:
+                    # Take back the partial write so no half line stays in the file.
+                    os.ftruncate(self._fd, start)
+                    done = 0
+                except OSError:
+                    pass
+            if done:
+                written = chunk[:done]
+                self.dropped += lines - (written.count(b"\n") - prefix)
+                self._torn = not written.endswith(b"\n")
+            else:
+                self.dropped += lines
+            self._size = start + done
+            return
+        self._torn = False
+        self._size = start + done
+
+
+class SessionLog:
+    """One session's view of a :class:`ProtocolLog`; every method is a no-op when the log
+    is switched off, and none raises on I/O trouble."""
+
+    __slots__ = ("_event", "_log", "_recv", "_redact", "_send", "client", "session_id")
+
+    def __init__(self, log: ProtocolLog | None, session_id: str, client: str) -> None:
+        self.session_id = session_id
+        self.client = client
+        self._log = log
+        self._redact = False
+        if log is None:
+            self._recv = self._send = self._event = ""
+            return
+        head = f"\t{sanitise(session_id)}\t{sanitise(client)}\t"
+        self._recv = f"{head}{RECEIVED}\t"
+        self._send = f"{head}{SENT}\t"
+        self._event = f"{head}{EVENT}\t"
+
+    def recv(self, line: bytes, *, secret: bool = False) -> None:
+        """Log one line received from the client (its CRLF, if present, is not shown).
+
+        ``secret=True`` (or a preceding :meth:`redact_next`) hides it: ``AUTH PLAIN xyz``
+        is written as ``AUTH PLAIN ****``, any other line as ``****``.
+        """
+        log = self._log
+        if log is None:
+            return
+        if line.endswith(b"\r\n"):
+            line = line[:-2]
+        if secret or self._redact:
+            self._redact = False
+            text = _redact(line)
+        else:
+            text = sanitise(line)
+        log._append(f"{self._recv}{text}\n")
+
+    def redact_next(self) -> None:
+        """Hide the next received line (e.g. after a 334, the next line is a SASL response)."""
+        if self._log is not None:
+            self._redact = True
+
+    def send(self, data: bytes) -> None:
+        """Log what was sent to the client: one log line per CRLF-ended reply line."""
+        log = self._log
+        if log is None:
+            return
+        lines = data.split(b"\r\n")
+        if lines and not lines[-1]:
+            lines.pop()
+        for line in lines:
+            log._append(f"{self._send}{sanitise(line)}\n")
+
+    def event(self, text: str) -> None:
+        """Log a session event: "connect", "TLS TLSv1.3 TLS_AES_256_GCM_SHA384",
+        "disconnect: timeout", ..."""
+        log = self._log
+        if log is None:
+            return
+        log._append(f"{self._event}{sanitise(text)}\n")

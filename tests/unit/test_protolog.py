@@ -1,0 +1,492 @@
+"""The protocol log on a real file system: line format, sanitising (Hypothesis on arbitrary
+bytes, checked lossless by an independent unescaper), AUTH redaction, buffering, rotation,
+the switched-off log, and I/O trouble (missing, removed or full disk) that never raises."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine.ops.protolog import (
+    FLUSH_BYTES,
+    GENERATIONS,
+    MAX_TEXT,
+    ProtocolLog,
+    format_timestamp,
+    sanitise,
+)
+
+LINE = re.compile(
+    r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)\t([^\t]*)\t([^\t]*)\t([<>*])\t([^\t]*)"
+)
+ESCAPE = re.compile(r"\\(?:x([0-9a-f]{2})|u([0-9a-f]{4})|(.))", re.S)
+SIMPLE = {"t": b"\t", "n": b"\n", "r": b"\r", "\\": b"\\"}
+# Characters that must never reach a log line raw.
+FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def unescape(text: str) -> bytes:
+    """Independent inverse of the documented escaping: \\xNN raw byte, \\uNNNN code point."""
+    out = bytearray()
+    pos = 0
+    for m in ESCAPE.finditer(text):
+        out += text[pos : m.start()].encode()
+        if m.group(1):
+            out.append(int(m.group(1), 16))
+        elif m.group(2):
+            out += chr(int(m.group(2), 16)).encode("utf-8", "surrogatepass")
+        else:
+            out += SIMPLE[m.group(3)]  # KeyError: an escape the docs do not define
+        pos = m.end()
+    out += text[pos:].encode()
+    return bytes(out)
+
+
+def lines_of(path: Path) -> list[tuple[str, ...]]:
+    data = path.read_bytes()
+    assert data == b"" or data.endswith(b"\n")
+    rows = []
+    for raw in data.decode("utf-8").split("\n")[:-1]:
+        m = LINE.fullmatch(raw)
+        assert m is not None, raw
+        rows.append(m.groups())
+    return rows
+
+
+def texts(path: Path) -> list[str]:
+    return [row[4] for row in lines_of(path)]
+
+
+# --- format ------------------------------------------------------------------------------
+
+
+def test_line_format_directions_and_reply_lines(tmp_path: Path) -> None:
+    before = time.time()
+    with ProtocolLog(tmp_path, "default") as log:
+        assert log.enabled and log.path == tmp_path / "protocol-default.log"
+        s = log.session("S1", "192.0.2.7:41000")
+        s.event("connect")
+        s.send(b"220 mx.test ESMTP\r\n")
+        s.recv(b"EHLO client.test\r\n")
+        s.send(b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 1000\r\n")
+        s.recv(b"QUIT")
+        s.event("disconnect: quit")
+    after = time.time()
+    rows = lines_of(tmp_path / "protocol-default.log")
+    assert [(r[1], r[2], r[3], r[4]) for r in rows] == [
+        ("S1", "192.0.2.7:41000", "*", "connect"),
+        ("S1", "192.0.2.7:41000", ">", "220 mx.test ESMTP"),
+        ("S1", "192.0.2.7:41000", "<", "EHLO client.test"),
+        ("S1", "192.0.2.7:41000", ">", "250-mx.test"),
+        ("S1", "192.0.2.7:41000", ">", "250-PIPELINING"),
+        ("S1", "192.0.2.7:41000", ">", "250 SIZE 1000"),
+        ("S1", "192.0.2.7:41000", "<", "QUIT"),
+        ("S1", "192.0.2.7:41000", "*", "disconnect: quit"),
+    ]
+    for row in rows:
+        stamp = datetime.strptime(row[0], "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+        assert math.floor(before * 1000) / 1000 <= stamp <= after
+    assert log.dropped == 0 and not log.enabled
+
+
+def test_file_mode_is_0640(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        ProtocolLog(tmp_path, "m").close()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "protocol-m.log").stat().st_mode & 0o777 == 0o640
+
+
+def test_format_timestamp() -> None:
+    assert format_timestamp(0) == "1970-01-01T00:00:00.000Z"
+    assert format_timestamp(1714566896.789) == "2024-05-01T12:34:56.789Z"
+    # Truncated, never rounded into the next second.
+    assert format_timestamp(math.nextafter(2.0, 0.0)) == "1970-01-01T00:00:01.999Z"
+    assert format_timestamp(1.0005) == "1970-01-01T00:00:01.000Z"
+
+
+def test_session_id_and_client_cannot_forge_fields(tmp_path: Path) -> None:
+    with ProtocolLog(tmp_path, "c") as log:
+        log.session("S\t2\n", "a\tb").recv(b"NOOP")
+    (row,) = lines_of(tmp_path / "protocol-c.log")
+    assert row[1:] == ("S\\t2\\n", "a\\tb", "<", "NOOP")
+
+
+def test_connector_name_must_be_a_plain_file_name(tmp_path: Path) -> None:
+    for bad in ("../x", "a/b", "", ".hidden", "a\x00b"):
+        with pytest.raises(ValueError):
+            ProtocolLog(tmp_path, bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- sanitising --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        (b"MAIL FROM:<a@b.test>", "MAIL FROM:<a@b.test>"),
+        (b"a\r\nb", "a\\r\\nb"),
+        (b"nul\x00", "nul\\x00"),
+        (b"t\tab", "t\\tab"),
+        (b"esc\x1b[2J", "esc\\x1b[2J"),
+        (b"del\x7f", "del\\x7f"),
+        (b"back\\slash", "back\\\\slash"),
+        (b"\xff\xfe", "\\xff\\xfe"),
+        ("caf\u00e9".encode(), "caf\u00e9"),
+        (b"nel\xc2\x85", "nel\\u0085"),
+        ("ls\u2028ps\u2029".encode(), "ls\\u2028ps\\u2029"),
+        ("rlo\u202e".encode(), "rlo\\u202e"),
+        ("dots\u2026".encode(), "dots\\u2026"),
+        (b"\xe2\x80", "\\xe2\\x80"),  # a cut UTF-8 sequence is raw bytes
+    ],
+)
+def test_sanitise_table(raw: bytes, shown: str) -> None:
+    assert sanitise(raw) == shown
+    assert unescape(shown) == raw
+
+
+def test_truncation_keeps_whole_escapes() -> None:
+    assert sanitise(b"a" * MAX_TEXT) == "a" * MAX_TEXT
+    cut = sanitise(b"a" * (MAX_TEXT + 1))
+    assert len(cut) == MAX_TEXT and cut == "a" * (MAX_TEXT - 1) + "\u2026"
+    cut = sanitise(b"\x00" * MAX_TEXT)
+    assert cut == "\\x00" * ((MAX_TEXT - 1) // 4) + "\u2026"
+    cut = sanitise(b"ab" + "\u2028".encode() * 500)
+    assert cut.endswith("\u2026") and len(cut) <= MAX_TEXT
+    assert unescape(cut[:-1]) == b"ab" + "\u2028".encode() * ((MAX_TEXT - 3) // 6)
+    assert sanitise("e" * 5000) == "e" * (MAX_TEXT - 1) + "\u2026"
+    assert sanitise(b"x" * 100_000) == "x" * (MAX_TEXT - 1) + "\u2026"
+
+
+def check_field(raw: bytes, text: str) -> None:
+    assert FORBIDDEN.search(text) is None
+    assert len(text) <= MAX_TEXT
+    if text.endswith("\u2026"):
+        # Truncated: what is shown is an exact prefix of what was sent.
+        assert raw.startswith(unescape(text[:-1]))
+        assert len(unescape(text[:-1])) < len(raw)
+    else:
+        assert unescape(text) == raw
+
+
+@given(st.binary(max_size=3000))
+def test_sanitise_is_lossless_and_safe_on_any_bytes(raw: bytes) -> None:
+    check_field(raw, sanitise(raw))
+
+
+@given(st.lists(st.binary(max_size=1200), min_size=1, max_size=5))
+def test_any_received_bytes_make_exactly_one_line_each(chunks: list[bytes]) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        log = ProtocolLog(Path(d), "h")
+        session = log.session("S", "c")
+        for raw in chunks:
+            session.recv(raw)
+        log.close()
+        data = (Path(d) / "protocol-h.log").read_bytes()
+    text = data.decode("utf-8")
+    # splitlines() knows more line breaks than LF; none of them may appear inside a line.
+    assert len(text.splitlines()) == len(chunks) == data.count(b"\n")
+    for raw, line in zip(chunks, text.split("\n"), strict=False):
+        m = LINE.fullmatch(line)
+        assert m is not None
+        check_field(raw.removesuffix(b"\r\n"), m.group(5))
+
+
+@given(st.text(max_size=1500))
+def test_any_event_text_makes_one_line(text: str) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        log = ProtocolLog(Path(d), "e")
+        log.session("S", "c").event(text)  # lone surrogates included: must not raise
+        log.close()
+        data = (Path(d) / "protocol-e.log").read_bytes()
+    assert data.count(b"\n") == 1 and len(data.decode().splitlines()) == 1
+    m = LINE.fullmatch(data.decode()[:-1])
+    assert m is not None
+    shown = m.group(5)
+    assert FORBIDDEN.search(shown) is None and len(shown) <= MAX_TEXT
+    if not shown.endswith("\u2026"):
+        assert unescape(shown) == text.encode("utf-8", "surrogatepass")
+
+
+# --- secrets -----------------------------------------------------------------------------
+
+
+def test_auth_payloads_are_never_written(tmp_path: Path) -> None:
+    with ProtocolLog(tmp_path, "auth") as log:
+        s = log.session("S", "c")
+        s.recv(b"AUTH PLAIN dGVzdABzZWNyZXQ=\r\n", secret=True)
+        s.recv(b"auth login\r\n", secret=True)
+        s.send(b"334 VXNlcm5hbWU6\r\n")
+        s.recv(b"c2VjcmV0dXNlcg==\r\n", secret=True)
+        s.redact_next()
+        s.recv(b"c2VjcmV0cGFzcw==\r\n")
+        s.recv(b"AUTH PLAIN =", secret=True)
+        s.recv(b"AUTH c2VjcmV0bWVjaA", secret=True)  # credentials where the mechanism goes
+        s.recv(b"AUTH SCRAM-SHA-256 biwsbj11c2VyLHI9", secret=True)
+        s.recv(b"NOOP")  # redact_next covered one line only
+    path = tmp_path / "protocol-auth.log"
+    assert texts(path) == [
+        "AUTH PLAIN ****",
+        "AUTH LOGIN",
+        "334 VXNlcm5hbWU6",
+        "****",
+        "****",
+        "AUTH PLAIN ****",
+        "AUTH ****",
+        "AUTH SCRAM-SHA-256 ****",
+        "NOOP",
+    ]
+    for secret in (b"dGVzdABzZWNyZXQ", b"c2VjcmV0", b"biwsbj11"):
+        assert secret not in path.read_bytes()
+
+
+@given(st.binary(max_size=300))
+def test_any_secret_line_shows_at_most_verb_and_known_mechanism(raw: bytes) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        log = ProtocolLog(Path(d), "s")
+        log.session("S", "c").recv(raw, secret=True)
+        log.close()
+        (text,) = texts(Path(d) / "protocol-s.log")
+    m = re.fullmatch(r"\*\*\*\*|AUTH( \*\*\*\*|( [A-Z0-9-]+)( \*\*\*\*)?)?", text)
+    assert m is not None, text
+    if m.group(2):
+        assert m.group(2)[1:].encode() == raw.split()[1].upper()
+
+
+# --- buffering and rotation --------------------------------------------------------------
+
+
+def test_buffered_until_flush_or_64k(tmp_path: Path) -> None:
+    path = tmp_path / "protocol-b.log"
+    log = ProtocolLog(tmp_path, "b", flush_interval=3600)
+    s = log.session("S", "c")
+    s.recv(b"NOOP")
+    assert path.read_bytes() == b""
+    log.flush()
+    assert texts(path) == ["NOOP"]
+    line = b"X" * 900
+    n = 0
+    while path.stat().st_size < FLUSH_BYTES:
+        s.recv(line)
+        n += 1
+        assert n < 2 * FLUSH_BYTES // len(line)
+    assert len(texts(path)) == n + 1  # flushed by size, one write, nothing lost
+    log.close()
+
+
+def test_flushes_when_interval_has_passed(tmp_path: Path) -> None:
+    path = tmp_path / "protocol-i.log"
+    log = ProtocolLog(tmp_path, "i", flush_interval=0.05)
+    s = log.session("S", "c")
+    s.recv(b"ONE")
+    time.sleep(0.1)
+    s.recv(b"TWO")
+    assert texts(path) == ["ONE", "TWO"]
+    log.close()
+
+
+def test_run_flusher(tmp_path: Path) -> None:
+    path = tmp_path / "protocol-r.log"
+    log = ProtocolLog(tmp_path, "r", flush_interval=0.02)
+
+    async def go() -> list[str]:
+        task = asyncio.create_task(log.run_flusher())
+        log.session("S", "c").recv(b"HELO x")
+        await asyncio.sleep(0.2)
+        seen = texts(path)
+        log.session("S", "c").recv(b"QUIT")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return seen
+
+    assert asyncio.run(go()) == ["HELO x"]
+    assert texts(path) == ["HELO x", "QUIT"]  # flushed on the way out
+    log.close()
+
+
+def test_rotation_keeps_five_generations_in_order(tmp_path: Path) -> None:
+    max_bytes = 2000
+    log = ProtocolLog(tmp_path, "rot", max_bytes=max_bytes)
+    s = log.session("S", "c")
+    total = 400
+    for i in range(total):
+        s.event(f"line {i:05d}")
+        log.flush()
+    log.close()
+    base = tmp_path / "protocol-rot.log"
+    files = [base.with_name(f"{base.name}.{g}") for g in range(GENERATIONS, 0, -1)] + [base]
+    assert all(f.exists() for f in files)
+    assert not base.with_name(f"{base.name}.{GENERATIONS + 1}").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in files)
+    kept: list[str] = []
+    for f in files:
+        assert 0 < f.stat().st_size <= max_bytes
+        kept += texts(f)
+    # The newest lines, contiguous and in order, across the generations.
+    assert kept == [f"line {i:05d}" for i in range(total - len(kept), total)]
+    assert len(kept) < total and log.dropped == 0
+
+
+def test_a_torn_last_line_is_ended_before_appending(tmp_path: Path) -> None:
+    path = tmp_path / "protocol-t.log"
+    path.write_bytes(b"half a li")
+    with ProtocolLog(tmp_path, "t") as log:
+        log.session("S", "c").recv(b"RSET")
+    first, second, end = path.read_bytes().split(b"\n")
+    assert first == b"half a li" and second.endswith(b"\t<\tRSET") and end == b""
+
+
+def test_outside_rotation_is_followed(tmp_path: Path) -> None:
+    path = tmp_path / "protocol-o.log"
+    with ProtocolLog(tmp_path, "o") as log:
+        s = log.session("S", "c")
+        s.recv(b"ONE")
+        log.flush()
+        path.rename(tmp_path / "moved.log")
+        path.touch()  # logrotate's "create" mode: a new file at the old name
+        s.recv(b"TWO")
+        log.flush()
+        path.rename(tmp_path / "moved2.log")  # and without a new file
+        s.recv(b"THREE")
+    assert texts(tmp_path / "moved.log") == ["ONE"]
+    assert texts(tmp_path / "moved2.log") == ["TWO"]
+    assert texts(path) == ["THREE"]
+
+
+# --- switched off, closed, and I/O trouble -------------------------------------------------
+
+
+def test_disabled_does_nothing_and_creates_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    log = ProtocolLog(None, "off")
+    assert not log.enabled and log.path is None
+    s = log.session("S1", "c")
+    assert (s.session_id, s.client) == ("S1", "c")
+    for _ in range(10):
+        s.recv(b"EHLO x")
+        s.recv(b"AUTH PLAIN x", secret=True)
+        s.redact_next()
+        s.send(b"250 ok\r\n")
+        s.event("connect")
+    log.flush()
+    asyncio.run(log.run_flusher())  # returns at once
+    log.close()
+    assert list(tmp_path.iterdir()) == []
+    assert log.dropped == 0 and log.last_error is None
+
+
+def test_closed_log_counts_late_lines(tmp_path: Path) -> None:
+    log = ProtocolLog(tmp_path, "late")
+    s = log.session("S", "c")
+    s.recv(b"QUIT")
+    log.close()
+    log.close()
+    s.event("disconnect")
+    s.send(b"221 bye\r\n")
+    assert log.dropped == 2
+    assert texts(tmp_path / "protocol-late.log") == ["QUIT"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "is-a-file"])
+def test_unusable_directory_does_not_raise(tmp_path: Path, kind: str) -> None:
+    directory = tmp_path / "nope"
+    if kind == "is-a-file":
+        directory.write_bytes(b"")
+    log = ProtocolLog(directory, "u")
+    assert log.enabled and log.last_error is not None
+    s = log.session("S", "c")
+    for _ in range(3):
+        s.recv(b"NOOP")
+    log.flush()
+    s.send(b"250 a\r\n250 b\r\n")
+    log.close()
+    assert log.dropped == 5
+
+
+def test_removed_directory_drops_then_recovers(tmp_path: Path) -> None:
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    log = ProtocolLog(directory, "gone")
+    s = log.session("S", "c")
+    s.recv(b"ONE")
+    log.flush()
+    shutil.rmtree(directory)
+    s.recv(b"TWO")
+    s.recv(b"THREE")
+    log.flush()
+    assert log.dropped == 2 and log.last_error is not None
+    directory.mkdir()
+    s.recv(b"FOUR")
+    log.close()
+    assert log.dropped == 2
+    assert texts(directory / "protocol-gone.log") == ["FOUR"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_full_disk_does_not_raise(tmp_path: Path) -> None:
+    # /dev/full answers every write with ENOSPC: a real full disk, no mocks.
+    (tmp_path / "protocol-full.log").symlink_to("/dev/full")
+    log = ProtocolLog(tmp_path, "full", flush_interval=3600)
+    assert log.last_error is None
+    s = log.session("S", "c")
+    s.send(b"220 hi\r\n250 ok\r\n")
+    s.recv(b"NOOP")
+    log.flush()
+    assert log.dropped == 3 and log.last_error is not None
+    for _ in range(FLUSH_BYTES // 100 + 1):
+        s.recv(b"X" * 100)  # flushes by size inside recv: still no exception
+    log.close()
+    assert log.dropped == 3 + FLUSH_BYTES // 100 + 1
+
+
+PARTIAL_WRITE = r"""
+import resource, sys
+from pathlib import Path
+from engine.ops.protolog import ProtocolLog
+
+# Python ignores SIGXFSZ, so a write past RLIMIT_FSIZE is cut short and the next one
+# fails with EFBIG: a real partial write, like a disk filling up mid-write.
+log = ProtocolLog(Path(sys.argv[1]), "p", flush_interval=3600)
+s = log.session("S", "c")
+s.recv(b"FIRST")
+log.flush()
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (250, hard))
+for i in range(5):
+    s.recv(b"LOST %d" % i + b"x" * 40)
+log.flush()
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+s.recv(b"LAST")
+log.close()
+print(log.dropped)
+"""
+
+
+def test_partial_write_is_taken_back(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", PARTIAL_WRITE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert done.stdout.split() == ["5"]
+    assert texts(tmp_path / "protocol-p.log") == ["FIRST", "LAST"]
