@@ -1,0 +1,205 @@
+"""Trace fields: the Received field this server prepends to every message it accepts
+(RFC 5321 §4.4), and the WITH protocol name that goes in it (RFC 3848, RFC 6531 §3.7.3).
+
+Owns the field's wording, its folding (RFC 5322 §2.2.3: CRLF + TAB, lines kept to 78
+characters where a fold point allows) and the sanitising of every value that came from the
+wire or from DNS: no CR, LF, NUL or other control character ever reaches the header (each
+becomes "?"), comments hold only quoted-pairs for "(", ")" and "\\" (RFC 5322 §3.2.2), a
+value outside a comment can never open a comment, a quoted string or end the stamp early,
+and non-ASCII text appears only when the session is SMTPUTF8.
+
+It must never do I/O, never read the clock (the caller passes ``when``) and never raise
+for anything a client can send.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import unicodedata
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Final
+
+__all__ = ["received_field", "with_protocol"]
+
+#: RFC 5322 §2.1.1: lines SHOULD be at most 78 characters, excluding the CRLF.
+MAX_LINE: Final = 78
+#: RFC 5321 §4.5.3.1.2: a domain name is at most 255 octets; a longer HELO is cut there.
+MAX_HELO: Final = 255
+#: RFC 5321 §4.5.3.1.3: a path is at most 256 octets with its angle brackets.
+MAX_RECIPIENT: Final = 254
+#: Our own bound for an authentication identity or a TLS description, so that even fully
+#: escaped (twice the length) a line stays far below the 998-character limit (§2.1.1).
+MAX_COMMENT_VALUE: Final = 255
+
+# Outside a comment a single token must not change how the field parses: whitespace would
+# split it, "(" open a comment, '"' a quoted string, ";" end the stamp before the date.
+_TOKEN_SPECIALS: Final = frozenset(' ()\\";')
+# A host name from DNS never holds brackets: replacing them stops "x [203.0.113.9]" from
+# posing as the address literal beside it.
+_NAME_SPECIALS: Final = frozenset(' ()\\";[]')
+
+# RFC 5321 §4.1.2 Mailbox with RFC 6531 §3.3 (non-ASCII allowed when SMTPUTF8 is used):
+# Dot-string or Quoted-string, "@", a domain or an address literal.  "Postmaster" alone is
+# the RCPT TO:<Postmaster> form (§4.1.1.3).  A recipient that matches is written as is.
+_ATEXT: Final = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\x80-\U0010ffff"
+_MAILBOX: Final = re.compile(
+    rf"(?:[{_ATEXT}]+(?:\.[{_ATEXT}]+)*"
+    r'|"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*")'
+    r"@(?:[A-Za-z0-9\x80-\U0010ffff](?:[A-Za-z0-9\-\x80-\U0010ffff]*[A-Za-z0-9\x80-\U0010ffff])?"
+    r"(?:\.[A-Za-z0-9\x80-\U0010ffff](?:[A-Za-z0-9\-\x80-\U0010ffff]*[A-Za-z0-9\x80-\U0010ffff])?)*"
+    r"|\[[\x21-\x5a\x5e-\x7e]+\])"
+    r"|[Pp][Oo][Ss][Tt][Mm][Aa][Ss][Tt][Ee][Rr]"
+)
+# What else may stay in a recipient that did not match: atext and the address punctuation;
+# every other character (space, quotes, parentheses, "<", ">", ";", "\\") becomes "?".
+_RECIPIENT_OTHER: Final = re.compile(rf"[^{_ATEXT}.@\[\]:]")
+
+
+def with_protocol(esmtp: bool, tls: bool, auth: bool, utf8: bool) -> str:
+    """The Received WITH keyword for a session (RFC 3848 §2, RFC 6531 §3.7.3).
+
+    SMTP for a HELO session (TLS, AUTH and SMTPUTF8 are ESMTP extensions, and the registry
+    has no name for HELO over TLS); otherwise ESMTP or UTF8SMTP, then "S" for TLS, then
+    "A" for an authenticated client: ESMTPSA, UTF8SMTPS, ...
+    """
+    if not esmtp:
+        return "SMTP"
+    return ("UTF8SMTP" if utf8 else "ESMTP") + ("S" if tls else "") + ("A" if auth else "")
+
+
+def _clean(value: str, utf8: bool, specials: frozenset[str] = frozenset()) -> str:
+    """``value`` with every control character (C0, DEL, C1 and the other Unicode control,
+    format, separator and unassigned classes) and every character of ``specials`` replaced
+    by "?"; non-ASCII characters too unless ``utf8``."""
+    if value.isascii():
+        if value.isprintable() and not any(c in specials for c in value):
+            return value
+        return "".join("?" if c < " " or c == "\x7f" or c in specials else c for c in value)
+    out: list[str] = []
+    for c in value:
+        if c < " " or c == "\x7f" or c in specials:
+            out.append("?")
+        elif c <= "\x7f":
+            out.append(c)
+        elif not utf8:
+            out.append("?")
+        else:
+            # Cc/Cf/Cs/Co/Cn and Zs/Zl/Zp: controls, invisible format characters, lone
+            # surrogates (which UTF-8 cannot encode), line/paragraph separators and
+            # non-ASCII spaces have no place in a trace field.
+            category = unicodedata.category(c)
+            out.append("?" if category[0] in "CZ" else c)
+    return "".join(out)
+
+
+def _comment_text(value: str, utf8: bool) -> str:
+    """``value`` made safe inside a comment: cleaned, then "\\", "(" and ")" written as
+    quoted-pairs (RFC 5322 §3.2.2) so the comment can neither close early nor nest."""
+    value = _clean(value[:MAX_COMMENT_VALUE], utf8)
+    if "\\" in value or "(" in value or ")" in value:
+        value = value.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+    return value
+
+
+def _comment(prefix: str, value: str, utf8: bool) -> list[str]:
+    """A comment "(prefix value)" as fold-able words; the value's own spaces are fold points."""
+    words = (prefix + _comment_text(value, utf8)).split(" ")
+    words[0] = "(" + words[0]
+    words[-1] += ")"
+    return words
+
+
+def _address_literal(client_ip: str) -> str:
+    """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` (RFC 5321 §4.1.3); an IPv4-mapped IPv6
+    address is shown as the IPv4 client it is, and a zone index is dropped."""
+    try:
+        ip = ipaddress.ip_address(client_ip)
+    except ValueError:
+        raise ValueError(f"client_ip {client_ip!r} is not an IP address") from None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return f"[{ip.ipv4_mapped}]"
+        return f"[IPv6:{ipaddress.IPv6Address(int(ip)).compressed}]"
+    return f"[{ip}]"
+
+
+def _recipient(recipient: str, utf8: bool) -> str:
+    """The recipient for "for <...>": as written when it is a well-formed mailbox, else
+    with every character that could end the path, the stamp or a quoted string as "?"."""
+    value = _clean(recipient[:MAX_RECIPIENT], utf8)
+    if _MAILBOX.fullmatch(value) is not None:
+        return value
+    return _RECIPIENT_OTHER.sub("?", value)
+
+
+def _fold(clauses: list[list[str]]) -> str:
+    """Lay out ``clauses`` (lists of words), each starting on its own line, words joined by
+    a space or, where the line would pass :data:`MAX_LINE`, by CRLF + TAB.  A word is never
+    split, so only a word longer than a line makes a longer line."""
+    lines: list[str] = []
+    for clause in clauses:
+        current = ("Received: " if not lines else "\t") + clause[0]
+        for word in clause[1:]:
+            # Never leave a line that is only the indent (RFC 5322 §3.2.2 forbids a folded
+            # line of white space alone).
+            if len(current) + 1 + len(word) > MAX_LINE and current != "\t":
+                lines.append(current)
+                current = "\t" + word
+            else:
+                current += " " + word
+        lines.append(current)
+    return "\r\n".join(lines) + "\r\n"
+
+
+def received_field(
+    *,
+    helo: str,
+    client_ip: str,
+    client_name: str | None,
+    hostname: str,
+    protocol: str,
+    queue_id: str,
+    tls: str | None,
+    auth_user: str | None,
+    recipient: str | None,
+    when: float,
+) -> bytes:
+    """The Received field for one accepted message, folded, ending in CRLF (RFC 5321 §4.4).
+
+    ``helo``: the EHLO/HELO argument; ``client_ip``: the peer address as text (raises
+    ValueError if it is not one); ``client_name``: its verified reverse-DNS name or None;
+    ``hostname``: ours; ``protocol``: from :func:`with_protocol` (a UTF8SMTP* protocol
+    lets non-ASCII text through); ``queue_id``: the queue id as text; ``tls``: e.g.
+    "version=TLSv1.3 cipher=TLS_AES_256_GCM_SHA384" or None; ``auth_user``: the
+    authenticated identity or None; ``recipient``: the mailbox (no angle brackets) for a
+    single-recipient message, else None; ``when``: a POSIX timestamp, written in UTC.
+    Wire values are cut before sanitising: helo and client_name at 255 characters, tls
+    and auth_user at 255, recipient at 254; an empty tls or auth_user is left out.
+    """
+    utf8 = protocol.upper().startswith("UTF8")
+    literal = _address_literal(client_ip)
+    helo_token = _clean(helo[:MAX_HELO], utf8, _TOKEN_SPECIALS) or "?"
+    if client_name:
+        name = _clean(client_name[:MAX_HELO], utf8, _NAME_SPECIALS)
+        from_clause = ["from", helo_token, f"({name}", f"{literal})"]
+    else:
+        from_clause = ["from", helo_token, f"({literal})"]
+    by_clause = ["by", _clean(hostname, utf8, _TOKEN_SPECIALS) or "?", "(Ferry)"]
+    if protocol:
+        by_clause += ["with", _clean(protocol, False, _TOKEN_SPECIALS)]
+    if queue_id:
+        by_clause += ["id", _clean(queue_id, False, _TOKEN_SPECIALS)]
+    clauses = [from_clause, by_clause]
+    if tls:
+        clauses.append(_comment("", tls, utf8))
+    if auth_user:
+        clauses.append(_comment("authenticated user ", auth_user, utf8))
+    if recipient:
+        clauses.append(["for", f"<{_recipient(recipient, utf8)}>"])
+    # RFC 5321 §4.4: Stamp = ... Opt-info [CFWS] ";" FWS date-time; the date (RFC 5322
+    # §3.3) is one word so a fold never lands inside it.
+    clauses[-1][-1] += ";"
+    clauses[-1].append(format_datetime(datetime.fromtimestamp(when, UTC)))
+    return _fold(clauses).encode("utf-8")
