@@ -43,7 +43,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -79,7 +79,11 @@ def due_key(due: float, queue_id: bytes, hop: str) -> bytes:
     return _DUE.pack(max(0, int(due * 1000))) + queue_id + hop.encode()
 
 
-def index_keys(env: Envelope) -> tuple[set[bytes], set[bytes], set[bytes]]:
+IndexKeys = tuple[set[bytes], set[bytes], set[bytes]]
+_NO_KEYS: Final[IndexKeys] = (set(), set(), set())
+
+
+def index_keys(env: Envelope) -> IndexKeys:
     """The due, hop and state index entries an envelope needs."""
     qid = env.queue_id
     due: set[bytes] = set()
@@ -118,7 +122,6 @@ class _Stats:
     outcomes: int = 0
     last_commit_seconds: float = 0.0
     map_grown: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
 
 
 class LmdbQueue:
@@ -379,16 +382,16 @@ class LmdbQueue:
 
     def _commit_batch(self, batch: list[_Op], size: int) -> None:
         started = time.monotonic()
-        enqueues = [op for op in batch if op.kind == "enqueue"]
         refused: BackPressure | None = None
-        if enqueues and (self._check_disk(force=True) or not self._make_room(size)):
+        # New bytes (mail, or DSNs riding on outcomes) need room; outcomes alone free it.
+        if size and (self._check_disk(force=True) or not self._make_room(size)):
             refused = BackPressure("disk space low" if self._disk_low
                                    else "queue database is full")
         results: list[tuple[_Op, Any, BaseException | None]] = []
         try:
             results = self._apply(batch, refused)
         except lmdb.MapFullError:
-            # The estimate missed: refuse the new mail, keep the outcomes (they free space).
+            # The estimate missed: refuse what adds bytes, keep what frees space.
             self._map_full = True
             refused = BackPressure("queue database is full")
             try:
@@ -412,27 +415,27 @@ class LmdbQueue:
     def _apply(
         self, batch: list[_Op], refused: BackPressure | None
     ) -> list[tuple[_Op, Any, BaseException | None]]:
+        """Run the batch in one write transaction; ``refused`` fails every op that adds
+        bytes (enqueues, and outcomes that carry new messages) and nothing else."""
         results: list[tuple[_Op, Any, BaseException | None]] = []
         with self._env.begin(write=True) as txn:
             for op in batch:
-                try:
-                    if op.kind == "enqueue":
-                        if refused is not None:
-                            raise refused
-                        env, body = op.args
-                        results.append((op, self._put_new(txn, env, body), None))
-                    elif op.kind == "record":
-                        results.append((op, self._apply_outcomes(txn, *op.args), None))
-                    else:
-                        self._quarantine(txn, *op.args)
-                        results.append((op, None, None))
-                except BackPressure as exc:
-                    results.append((op, None, exc))
+                if refused is not None and op.size:
+                    results.append((op, None, refused))
+                elif op.kind == "enqueue":
+                    env, body = op.args
+                    results.append((op, self._put_new(txn, env, body), None))
+                elif op.kind == "record":
+                    results.append((op, self._apply_outcomes(txn, *op.args), None))
+                else:
+                    self._quarantine(txn, *op.args)
+                    results.append((op, None, None))
         # Leaving the with-block committed the transaction (and synced, in fsync mode).
         return results
 
     def _put_new(self, txn: Any, env: Envelope, body: bytes) -> bytes:
-        qid = new_id()
+        # The receive service may pick the id first (it goes into the Received field).
+        qid = env.queue_id or new_id()
         env.queue_id = qid
         if not env.size:
             env.size = len(body)
@@ -441,7 +444,7 @@ class LmdbQueue:
         if not txn.put(qid, body, db=db["bodies"], append=True, overwrite=False):
             txn.put(qid, body, db=db["bodies"], overwrite=False)
         txn.put(qid, encode(env), db=db["envelopes"])
-        self._write_indexes(txn, None, env)
+        self._write_indexes(txn, _NO_KEYS, env)
         self.stats.enqueued += 1
         return qid
 
@@ -459,11 +462,11 @@ class LmdbQueue:
             if raw is None:
                 continue  # already final and gone (a duplicate report after a retry)
             try:
-                old = decode(qid, raw)
+                new = decode(qid, raw)
             except RecordError as exc:
                 self._quarantine(txn, qid, str(exc), b"")
                 continue
-            new = decode(qid, raw)
+            before = index_keys(new)
             for o in items:
                 if not 0 <= o.recipient < len(new.recipients):
                     continue  # not a recipient of this message: nothing to record
@@ -476,24 +479,21 @@ class LmdbQueue:
                 if o.attempted:
                     r.attempts += 1
             if new.final:
-                self._write_indexes(txn, old, None)
+                self._write_indexes(txn, before, None)
                 txn.delete(qid, db=db["envelopes"])
                 txn.delete(qid, db=db["bodies"])
             else:
                 txn.put(qid, encode(new), db=db["envelopes"])
-                self._write_indexes(txn, old, new)
+                self._write_indexes(txn, before, new)
             updated.append(new)
             self.stats.outcomes += len(items)
         for message in new_messages:
             self._put_new(txn, message.envelope, message.body)
         return updated
 
-    def _write_indexes(
-        self, txn: Any, old: Envelope | None, new: Envelope | None
-    ) -> None:
-        empty: tuple[set[bytes], set[bytes], set[bytes]] = (set(), set(), set())
-        before = index_keys(old) if old is not None else empty
-        after = index_keys(new) if new is not None else empty
+    def _write_indexes(self, txn: Any, before: IndexKeys, new: Envelope | None) -> None:
+        """Replace a message's index entries (``before``) with those ``new`` needs."""
+        after = index_keys(new) if new is not None else _NO_KEYS
         for name, was, now in zip(("due", "hops", "states"), before, after, strict=True):
             db = self._db[name]
             for key in was - now:

@@ -283,3 +283,32 @@ def test_durability_os_mode_is_reported(tmp_path: Path) -> None:
         q.close_sync()
     with pytest.raises(ValueError, match="durability"):
         LmdbQueue(tmp_path, durability="never")
+
+
+def test_outcomes_carrying_new_messages_grow_the_map(tmp_path: Path) -> None:
+    """DSNs ride on outcomes: they add bytes and must grow the map like enqueues do."""
+    q = LmdbQueue(tmp_path, map_size=1 << 20, max_map_size=64 << 20, min_free_disk=0)
+    try:
+        for _ in range(100):
+            bounce = NewMessage(Envelope("", [Recipient("a@b.test", "b.test")]), b"x" * 20_000)
+            q.record_sync([], [bounce])
+        assert q.count() == 100 and q.stats.map_grown > 0
+    finally:
+        q.close_sync()
+
+
+def test_full_map_refuses_new_bytes_but_keeps_outcomes(tmp_path: Path) -> None:
+    q = LmdbQueue(tmp_path, map_size=4 << 20, max_map_size=4 << 20, min_free_disk=0)
+    try:
+        ids: list[bytes] = []
+        with pytest.raises(BackPressure):
+            for _ in range(200):
+                ids.append(q.enqueue_sync(envelope(("c@d.test", "d.test")), b"x" * 50_000))
+        bounce = NewMessage(Envelope("", [Recipient("a@b.test", "b.test")]), b"x" * 50_000)
+        with pytest.raises(BackPressure):
+            q.record_sync([Outcome(ids[0], 0, F, "550 no")], [bounce])
+        assert q.get(ids[0]).recipients[0].state is RcptState.PENDING  # all or nothing
+        q.record_sync([Outcome(i, 0, D) for i in ids[1:]])  # plain outcomes still commit
+        assert q.count() == 1
+    finally:
+        q.close_sync()
