@@ -297,7 +297,7 @@ def test_any_wire_text_gives_one_clean_field(
         protocol=protocol,
         when=when,
     )
-    assert out.startswith(b"Received: from ")
+    assert out.startswith(b"Received: from")
     # CR and LF appear only as the folds (CRLF TAB) and the final CRLF; never NUL.
     body = out[:-2]
     assert b"\x00" not in out
