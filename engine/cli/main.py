@@ -7,6 +7,7 @@ compiled modules directly (``engine._speedups`` reports which implementation is 
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
 import sys
 from collections.abc import Sequence
@@ -37,17 +38,80 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", action=_VersionAction, nargs=0, help="print the version and which "
         "wire implementation (compiled or pure Python) is active, then exit"
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve", help="run the MTA (an embedded default when no --config is given)",
+        description="Run Ferry. Flags override the configuration file.")
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    serve.add_argument("--listen", metavar="HOST:PORT", action="append", default=[],
+                       help="listen address of the first receive connector (repeatable)")
+    serve.add_argument("--spool", metavar="DIR", help="spool directory (queue, logs)")
+    serve.add_argument("--relay-from", metavar="CIDR", action="append", default=[],
+                       help="clients allowed to relay without AUTH (repeatable)")
+    serve.add_argument("--accept-domain", metavar="DOMAIN", action="append", default=[],
+                       help="accept mail for this domain from anyone (repeatable)")
+    serve.add_argument("--smarthost", metavar="HOST:PORT", help="route all outbound mail here")
+    serve.add_argument("--hostname", metavar="NAME", help="this server's name (greeting, "
+                       "Received fields)")
+    serve.add_argument("--dns", metavar="HOST:PORT", help="resolve with this nameserver")
+    serve.add_argument("--mx-port", metavar="PORT", type=int,
+                       help="connect to MX hosts on this port instead of 25")
+    serve.add_argument("--max-per-domain", metavar="N", type=int,
+                       help="default concurrent connections per destination")
+    serve.add_argument("--retry-interval", metavar="SECONDS", type=float,
+                       help="first retry delay; the backoff grows from it")
+    serve.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+    commands.add_parser("passwd", help="print a password hash for the [users] table",
+                        add_help=False)
     return parser
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from engine.config import ConfigError, Overrides, load_config, parse_hostport
+
+    try:
+        overrides = Overrides(
+            listen=tuple(parse_hostport(v) for v in args.listen),
+            spool=args.spool,
+            relay_from=tuple(args.relay_from),
+            accept_domains=tuple(args.accept_domain),
+            smarthost=parse_hostport(args.smarthost, 25) if args.smarthost else None,
+            hostname=args.hostname,
+            dns=parse_hostport(args.dns, 53) if args.dns else None,
+            mx_port=args.mx_port,
+            max_per_domain=args.max_per_domain,
+            retry_interval=args.retry_interval,
+        )
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"ferry: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvloop
+
+    from engine.app import serve
+
+    try:
+        return uvloop.run(serve(config))
+    except OSError as exc:  # e.g. the listen address is taken
+        print(f"ferry: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["passwd"]:
+        from engine.server.auth import passwd_main
+
+        return passwd_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    return 0
+    if args.command == "serve":
+        return run_serve(args)
+    parser.print_help()
+    return 2
 
 
 if __name__ == "__main__":

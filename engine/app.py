@@ -1,0 +1,105 @@
+"""The composition root: builds every part from the configuration, starts and stops them.
+
+Order at start: the queue database (recovery happens as it opens), then the receive
+connectors.  Order at stop (SIGTERM/SIGINT): stop listening and send 421 to open
+sessions, let pending commits finish, then close the queue (its writer drains first).
+Nothing else in the code constructs these parts; this module holds no protocol logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from engine import __version__, _speedups
+from engine.agents.relay import RelayPolicy
+from engine.config import Config
+from engine.ops.protolog import ProtocolLog
+from engine.queue.lmdb_store import LmdbQueue
+from engine.server.auth import Authenticator
+from engine.server.ingest import Ingest
+from engine.server.service import Connector
+
+log = logging.getLogger("ferry")
+
+
+def make_route(config: Config) -> Callable[[str], str]:
+    """Recipient domain → next hop name, until the router of the routing issue exists:
+    every recipient goes to the smarthost when one is set, else to its own domain."""
+    smarthost = config.delivery.smarthost
+    if smarthost is not None:
+        label = f"smarthost:{smarthost[0]}:{smarthost[1]}"
+        return lambda domain: label
+    hostname = config.hostname.lower()
+    return lambda domain: domain.lower().rstrip(".") or hostname
+
+
+class App:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store: LmdbQueue | None = None
+        self.connectors: list[Connector] = []
+        self.addresses: list[str] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        q = cfg.queue
+        self.store = store = LmdbQueue(
+            Path(cfg.spool) / "queue", durability=q.durability, map_size=q.map_size,
+            max_map_size=q.max_map_size, min_free_disk=q.min_free_disk,
+            max_pending=q.max_pending, batch_limit=q.batch_limit,
+        )
+        log.info("ferry %s starting; %s", __version__, _speedups.status())
+        log.info("%s", store.describe())
+        ingest = Ingest(store, cfg.hostname, make_route(cfg))
+        authenticator = Authenticator(cfg.users)
+        log_dir = cfg.log.protocol_log_dir or Path(cfg.spool) / "log"
+        if any(rc.protocol_log for rc in cfg.receive):
+            log_dir.mkdir(parents=True, exist_ok=True)
+        for rc in cfg.receive:
+            connector = Connector(
+                rc, hostname=cfg.hostname, store=store,
+                relay=RelayPolicy(cfg.accepted_domains, rc.relay_networks,
+                                  rc.relay_authenticated),
+                authenticator=authenticator, ingest=ingest,
+                protolog=ProtocolLog(log_dir if rc.protocol_log else None, rc.name),
+                auth_enabled=bool(cfg.users),
+            )
+            self.connectors.append(connector)
+            bound = await connector.start()
+            self.addresses += bound
+            log.info("receive connector %s listening on %s (tls=%s)", rc.name,
+                     ", ".join(bound), rc.tls)
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_logs())
+
+    async def _flush_logs(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            for connector in self.connectors:
+                connector.protolog.flush()
+
+    async def stop(self) -> None:
+        log.info("stopping: 421 to open sessions, finishing pending commits")
+        await asyncio.gather(*(c.stop() for c in self.connectors))
+        if self._flusher is not None:
+            self._flusher.cancel()
+        if self.store is not None:
+            await self.store.close()
+        log.info("stopped")
+
+
+async def serve(config: Config) -> int:
+    """Run until SIGTERM or SIGINT; exit status 0 after a clean stop."""
+    app = App(config)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await app.stop()
+    return 0

@@ -1,0 +1,148 @@
+"""Receive connectors: listening sockets, who may connect, how many, and with what.
+
+A :class:`Connector` is one configured receive connector at run time: its listeners, the
+sans-I/O settings derived from its configuration, its TLS context, its connection
+counters (in total and per client address) and its protocol log.  Sessions ask it to be
+admitted and tell it when they end; at shutdown it stops listening and asks every session
+to finish with 421.  It must never parse SMTP or decide relay policy itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import ssl
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from engine.agents.relay import RelayPolicy
+from engine.ops.protolog import ProtocolLog
+from engine.protocol.server import ServerSettings
+from engine.queue.api import QueueStore
+from engine.server.auth import Authenticator
+from engine.server.ingest import Ingest
+from engine.server.session import SmtpSession
+
+if TYPE_CHECKING:
+    from engine.config import ReceiveConfig
+
+Reply = tuple[int, str, str]
+
+S554_ACCESS = (554, "5.7.1", "Access denied")
+S421_TOO_MANY = (421, "4.7.0", "Too many connections, try again later")
+S421_TOO_MANY_FROM_YOU = (421, "4.7.0", "Too many connections from your address")
+
+
+def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def server_settings(cfg: ReceiveConfig, hostname: str, tls: bool, auth: bool) -> ServerSettings:
+    """The sans-I/O settings of one connector (every limit comes from the configuration)."""
+    return ServerSettings(
+        hostname=hostname,
+        max_command_line=cfg.max_command_line,
+        max_text_line=cfg.max_text_line,
+        max_message_size=cfg.max_message_size,
+        max_recipients=cfg.max_recipients,
+        max_errors=cfg.max_errors,
+        bare_eol=cfg.bare_eol,
+        starttls=tls and cfg.tls in ("starttls", "required"),
+        require_tls=cfg.tls == "required",
+        auth_mechanisms=tuple(cfg.auth_mechanisms) if auth else (),
+        auth_requires_tls=not cfg.allow_plaintext_auth,
+        implicit_tls=cfg.tls == "implicit",
+        strict_pipelining=cfg.strict_pipelining,
+    )
+
+
+class Connector:
+    def __init__(
+        self,
+        config: ReceiveConfig,
+        *,
+        hostname: str,
+        store: QueueStore,
+        relay: RelayPolicy,
+        authenticator: Authenticator,
+        ingest: Ingest,
+        protolog: ProtocolLog,
+        auth_enabled: bool,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.hostname = hostname
+        self.store = store
+        self.relay = relay
+        self.authenticator = authenticator
+        self.ingest = ingest
+        self.protolog = protolog
+        self.tls_context: ssl.SSLContext | None = None
+        if config.tls != "off" and config.cert_file and config.key_file:
+            self.tls_context = tls_context(str(config.cert_file), str(config.key_file))
+        self.settings = server_settings(config, hostname, self.tls_context is not None,
+                                        auth_enabled)
+        self.sessions: set[SmtpSession] = set()
+        self.per_ip: Counter[str] = Counter()
+        self.servers: list[asyncio.AbstractServer] = []
+        #: set when stopping and the last session is gone
+        self._drained: asyncio.Event | None = None
+
+    def admit(self, session: SmtpSession) -> Reply | None:
+        """None to serve the session; else the reply that refuses it."""
+        ip = session.client_ip
+        assert ip is not None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if not any(ip in net for net in self.config.remote_ranges):
+            return S554_ACCESS
+        if len(self.sessions) >= self.config.max_connections:
+            return S421_TOO_MANY
+        if self.per_ip[session.client] >= self.config.max_connections_per_ip:
+            return S421_TOO_MANY_FROM_YOU
+        self.sessions.add(session)
+        self.per_ip[session.client] += 1
+        return None
+
+    def release(self, session: SmtpSession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.per_ip[session.client] -= 1
+            if self.per_ip[session.client] <= 0:
+                del self.per_ip[session.client]
+        if not self.sessions and self._drained is not None:
+            self._drained.set()
+
+    async def start(self) -> list[str]:
+        """Listen on every configured address; the addresses actually bound."""
+        loop = asyncio.get_running_loop()
+        implicit = self.tls_context if self.config.tls == "implicit" else None
+        bound: list[str] = []
+        for host, port in self.config.listen:
+            server = await loop.create_server(
+                lambda: SmtpSession(self), host, port, ssl=implicit, reuse_address=True,
+                backlog=1024, ssl_handshake_timeout=self.config.idle_timeout if implicit else None,
+            )
+            self.servers.append(server)
+            for sock in server.sockets:
+                name = sock.getsockname()
+                bound.append(f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}")
+        return bound
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop listening, 421 to every session, wait for pending commits to finish."""
+        for server in self.servers:
+            server.close()
+        self._drained = asyncio.Event()
+        for session in list(self.sessions):
+            session.shutdown()
+        if self.sessions:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), grace)
+        for server in self.servers:
+            await server.wait_closed()
+        self.protolog.close()

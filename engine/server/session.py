@@ -1,0 +1,394 @@
+"""One inbound SMTP connection: the asyncio glue around ``engine.protocol.server``.
+
+The protocol object pumps bytes into the sans-I/O ``ServerConnection``, answers the events
+that need a decision (relay control, AUTH, storing the message), writes the replies, and
+keeps the clocks (idle timeout, whole-message timeout, minimum data rate).  Decisions that
+take time (storing a message, checking a password) run as tasks while reading is paused,
+so a pipelining client cannot make input pile up, and replies stay in order.
+
+It must never block the event loop (scrypt runs in a thread, LMDB commits in the queue's
+writer thread) and never parse SMTP itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, cast
+
+from engine.protocol import server as sm
+from engine.protocol.events import NEED_DATA
+from engine.protocol.sasl import (
+    Challenge,
+    Credentials,
+    SaslFailure,
+    ServerMechanism,
+    mechanism,
+)
+
+if TYPE_CHECKING:
+    from engine.ops.protolog import SessionLog
+    from engine.server.service import Connector
+
+Reply = tuple[int, str, str]
+
+S421_SHUTDOWN = (421, "4.3.2", "Service shutting down, closing connection")
+S421_IDLE = (421, "4.4.2", "Idle timeout, closing connection")
+S421_SLOW = (421, "4.4.2", "Data rate too low, closing connection")
+S421_TOO_MANY_MESSAGES = (421, "4.7.0", "Too many messages in one connection, reconnect")
+S421_AUTH_FAILURES = (421, "4.7.0", "Too many authentication failures, closing connection")
+S452_STORAGE = (452, "4.3.1", "Insufficient system storage, try again later")
+S451_STORAGE = (451, "4.3.1", "Insufficient system storage, try again later")
+S451_LOCAL_ERROR = (451, "4.3.0", "Local error in processing, try again later")
+S235_AUTH_OK = (235, "2.7.0", "Authentication successful")
+S535_AUTH_FAILED = (535, "5.7.8", "Authentication credentials invalid")
+S250_SENDER = (250, "2.1.0", "Sender OK")
+S250_RECIPIENT = (250, "2.1.5", "Recipient OK")
+S252_VRFY = (252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
+S354_DATA = (354, "", "End data with <CR><LF>.<CR><LF>")
+S220_TLS = (220, "2.0.0", "Ready to start TLS")
+S454_TLS = (454, "4.7.0", "TLS not available due to temporary reason")
+
+#: Seconds of DATA before the minimum data rate applies (slow starts are normal).
+DATA_RATE_GRACE = 10.0
+
+_session_ids = itertools.count(1)
+
+
+class SmtpSession(asyncio.Protocol):
+    """Serves one client connection for one receive connector."""
+
+    def __init__(self, connector: Connector) -> None:
+        self.connector = connector
+        self.config = connector.config
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.conn = sm.ServerConnection(connector.settings)
+        self.session_id = f"{connector.name}-{next(_session_ids):x}"
+        self.client_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        self.client = "?"
+        self.log: SessionLog | None = None
+        self.auth_user = ""
+        self.auth_failures = 0
+        self.messages = 0
+        self._mechanism: ServerMechanism | None = None
+        self._busy: asyncio.Task[None] | None = None
+        self._last_activity = self.loop.time()
+        self._data_started = 0.0
+        self._data_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._paused_by_writer = False
+        self._closing = False
+        self.tls_info = ""
+
+    # --- asyncio callbacks -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        host = peer[0] if peer else "0.0.0.0"
+        self.client_ip = ipaddress.ip_address(host.split("%")[0])
+        self.client = str(self.client_ip)
+        self.log = self.connector.protolog.session(self.session_id, self.client)
+        refusal = self.connector.admit(self)
+        if self.conn.tls:
+            self._note_tls()
+        self.log.event("connect" + (f" refused: {refusal[2]}" if refusal else ""))
+        if refusal is not None:
+            # Not admitted: say why once (RFC 5321 §3.1 allows 554 as the greeting).
+            self._write_reply(refusal)
+            self._close()
+            return
+        self.conn.send_greeting(self.config.greeting or f"{self.connector.hostname} ESMTP Ferry")
+        self._flush()
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = self.loop.time()
+        if self.conn.state is sm.State.S_DATA or self.conn.state is sm.State.S_BDAT:
+            self._data_bytes += len(data)
+        self.conn.receive_data(data)
+        if self._busy is None:
+            self._pump()
+
+    def eof_received(self) -> bool | None:
+        self.conn.receive_data(b"")
+        if self._busy is None:
+            self._pump()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.log is not None:
+            self.log.event("disconnect" + (f": {exc}" if exc else ""))
+        self.connector.release(self)
+        # A commit in flight finishes in the queue's writer (at-least-once): the client
+        # saw no 250 and will send again; nothing is lost.
+
+    def pause_writing(self) -> None:
+        # The client does not read our replies: stop reading its commands until it does.
+        self._paused_by_writer = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_by_writer = False
+        if self.transport is not None and self._busy is None:
+            self.transport.resume_reading()
+
+    # --- the pump --------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        conn = self.conn
+        while not conn.closed:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                break
+            assert isinstance(event, sm.Event)
+            self._log_event(event)
+            if event.needs_reply:
+                answer = self._decide(event)
+                if isinstance(answer, tuple):
+                    self._reply(event, answer)
+                else:
+                    self._run(event, answer)
+                    break
+            elif isinstance(event, sm.Closed):
+                break
+        self._flush()
+        if conn.closed:
+            self._close()
+
+    def _run(self, event: sm.Event, work: Awaitable[Reply]) -> None:
+        """Answer ``event`` when ``work`` is done; read nothing from the client meanwhile."""
+        assert self.transport is not None
+        self.transport.pause_reading()
+
+        async def finish() -> None:
+            try:
+                answer = await work
+            except Exception:
+                answer = S451_LOCAL_ERROR
+            self._busy = None
+            if self.transport is None or self.transport.is_closing():
+                return
+            self._reply(event, answer)
+            if not self._paused_by_writer:
+                self.transport.resume_reading()
+            self._pump()
+
+        self._busy = self.loop.create_task(finish())
+
+    def _reply(self, event: sm.Event, answer: Reply) -> None:
+        code = answer[0]
+        self.conn.reply(*answer)
+        if isinstance(event, sm.StartTLS) and code == 220:
+            self._flush()
+            self._run_tls()
+        elif code == 421:
+            self._flush()
+
+    # --- decisions -------------------------------------------------------------------
+
+    def _decide(self, event: sm.Event) -> Reply | Awaitable[Reply]:
+        if self._closing:
+            return S421_SHUTDOWN
+        handler = _DECISIONS.get(type(event))
+        if handler is None:
+            raise RuntimeError(f"no decision for {type(event).__name__}")
+        return handler(self, event)
+
+    def _on_hello(self, event: sm.Event) -> Reply:
+        assert isinstance(event, sm.Hello)
+        return (250, "", f"{self.connector.hostname} Hello {event.command.arg} [{self.client}]")
+
+    def _on_mail(self, event: sm.Event) -> Reply:
+        if self.messages >= self.config.max_messages_per_connection:
+            return S421_TOO_MANY_MESSAGES
+        # Refuse early (RFC 5321 §4.5.3.1.10 style) rather than take a body we cannot store.
+        if self.connector.store.pressure() is not None:
+            return S452_STORAGE
+        return S250_SENDER
+
+    def _on_rcpt(self, event: sm.Event) -> Reply:
+        assert isinstance(event, sm.RcptTo) and self.client_ip is not None
+        cmd = event.command
+        refusal = self.connector.relay.check_rcpt(cmd.local, cmd.domain, self.client_ip,
+                                                  bool(self.auth_user))
+        return refusal if refusal is not None else S250_RECIPIENT
+
+    def _on_data(self, event: sm.Event) -> Reply:
+        self._data_started = self.loop.time()
+        self._data_bytes = 0
+        return S354_DATA
+
+    def _on_message(self, event: sm.Event) -> Awaitable[Reply]:
+        assert isinstance(event, sm.MessageReceived)
+        self.messages += 1
+        self._data_started = 0.0
+        return self.connector.ingest.accept(self, event)
+
+    def _on_verify(self, event: sm.Event) -> Reply:
+        return S252_VRFY
+
+    def _on_starttls(self, event: sm.Event) -> Reply:
+        return S220_TLS if self.connector.tls_context is not None else S454_TLS
+
+    def _on_auth_start(self, event: sm.Event) -> Reply | Awaitable[Reply]:
+        assert isinstance(event, sm.AuthStart)
+        self._mechanism = mechanism(event.mechanism)
+        return self._sasl(self._mechanism.start(event.initial))
+
+    def _on_auth_response(self, event: sm.Event) -> Reply | Awaitable[Reply]:
+        assert isinstance(event, sm.AuthResponse) and self._mechanism is not None
+        return self._sasl(self._mechanism.step(event.data))
+
+    def _sasl(self, step: object) -> Reply | Awaitable[Reply]:
+        if isinstance(step, Challenge):
+            return (334, "", step.text)
+        self._mechanism = None
+        if isinstance(step, Credentials):
+            return self._check_credentials(step)
+        assert isinstance(step, SaslFailure)
+        return self._auth_failed((step.code, step.enhanced, step.text))
+
+    async def _check_credentials(self, creds: Credentials) -> Reply:
+        ok = await self.connector.authenticator.check(creds.username, creds.password)
+        if ok and creds.authzid in ("", creds.username):
+            self.auth_user = creds.username
+            return S235_AUTH_OK
+        return self._auth_failed(S535_AUTH_FAILED)
+
+    def _auth_failed(self, reply: Reply) -> Reply:
+        self.auth_failures += 1
+        if self.auth_failures >= self.config.max_auth_failures:
+            return S421_AUTH_FAILURES
+        return reply
+
+    # --- TLS -------------------------------------------------------------------------
+
+    def _run_tls(self) -> None:
+        assert self.transport is not None
+        context = self.connector.tls_context
+        assert context is not None
+        self.transport.pause_reading()
+
+        async def handshake() -> None:
+            assert self.transport is not None
+            try:
+                transport = await self.loop.start_tls(
+                    self.transport, self, context, server_side=True,
+                    ssl_handshake_timeout=self.config.idle_timeout)
+            except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+                if self.log is not None:
+                    self.log.event(f"TLS handshake failed: {exc}")
+                self._busy = None
+                self._close()
+                return
+            self._busy = None
+            if transport is None:
+                self._close()
+                return
+            self.transport = transport
+            self.conn.tls_started()
+            self._note_tls()
+            self._last_activity = self.loop.time()
+            transport.resume_reading()
+
+        self._busy = self.loop.create_task(handshake())
+
+    def _note_tls(self) -> None:
+        assert self.transport is not None
+        obj = self.transport.get_extra_info("ssl_object")
+        if obj is not None:
+            cipher = obj.cipher()
+            self.tls_info = f"version={obj.version()} cipher={cipher[0] if cipher else '?'}"
+            if self.log is not None:
+                self.log.event("TLS established: " + self.tls_info)
+
+    # --- output, clocks, closing -----------------------------------------------------
+
+    def _write_reply(self, reply: Reply) -> None:
+        assert self.transport is not None
+        code, enhanced, text = reply
+        data = f"{code} {enhanced + ' ' if enhanced else ''}{text}\r\n".encode()
+        if self.log is not None:
+            self.log.send(data)
+        self.transport.write(data)
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            if self.log is not None:
+                self.log.send(data)
+            self.transport.write(data)
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _log_event(self, event: sm.Event) -> None:
+        if self.log is None or not self.connector.protolog.enabled:
+            return
+        if isinstance(event, sm.MessageReceived | sm.MessageRefused):
+            self.log.event(f"message {event.size} octets")
+            return
+        line = self.conn.last_line
+        if line:
+            secret = self.conn.last_line_secret or line[:5].upper() == b"AUTH "
+            self.log.recv(line, secret=secret)
+            self.conn.last_line = b""
+
+    def _arm_timer(self) -> None:
+        self._timer = self.loop.call_later(1.0, self._tick)
+
+    def _tick(self) -> None:
+        """Once a second: idle timeout, whole-DATA timeout, minimum data rate."""
+        now = self.loop.time()
+        cfg = self.config
+        reply: Reply | None = None
+        in_body = self.conn.state in (sm.State.S_DATA, sm.State.S_BDAT)
+        if self._busy is None and now - self._last_activity >= cfg.idle_timeout:
+            reply = S421_IDLE
+        elif in_body and self._data_started:
+            elapsed = now - self._data_started
+            if elapsed >= cfg.data_timeout:
+                reply = S421_IDLE
+            elif (cfg.min_data_rate and elapsed >= DATA_RATE_GRACE
+                  and self._data_bytes / elapsed < cfg.min_data_rate):
+                reply = S421_SLOW
+        if reply is not None:
+            if self.log is not None:
+                self.log.event(f"closing: {reply[2]}")
+            self._write_reply(reply)
+            self._close()
+            return
+        self._arm_timer()
+
+    def shutdown(self) -> None:
+        """SIGTERM: an idle session gets 421 now; a busy one after its pending reply."""
+        self._closing = True
+        if self._busy is None and self.transport is not None:
+            self._write_reply(S421_SHUTDOWN)
+            self._close()
+
+
+_Decision = Callable[[SmtpSession, sm.Event], "Reply | Awaitable[Reply]"]
+
+#: The decision table: one method per event type that needs a reply.
+_DECISIONS: dict[type[sm.Event], _Decision] = {
+    sm.Hello: SmtpSession._on_hello,
+    sm.MailFrom: SmtpSession._on_mail,
+    sm.RcptTo: SmtpSession._on_rcpt,
+    sm.DataCommand: SmtpSession._on_data,
+    sm.MessageReceived: SmtpSession._on_message,
+    sm.Verify: SmtpSession._on_verify,
+    sm.StartTLS: SmtpSession._on_starttls,
+    sm.AuthStart: SmtpSession._on_auth_start,
+    sm.AuthResponse: SmtpSession._on_auth_response,
+}

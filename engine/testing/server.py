@@ -1,0 +1,78 @@
+"""Run a whole Ferry (the composition root) in a background thread, for tests and benchmarks.
+
+``RunningFerry(config)`` starts ``engine.app.App`` on its own uvloop loop in a thread and
+exposes the bound address and the queue, so blocking clients (smtplib, swaks, Postfix's
+smtp-source) can talk to it over real sockets from the test's thread.  ``stop()`` runs the
+real shutdown path.  Never used by the running server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import uvloop
+
+from engine.app import App
+from engine.config import Config, Overrides, load_config
+from engine.queue.lmdb_store import LmdbQueue
+
+T = TypeVar("T")
+
+
+def ferry_config(spool: Path, **receive: Any) -> Config:
+    """The embedded default on an ephemeral loopback port, with receive-connector changes."""
+    config = load_config(None, Overrides(listen=(("127.0.0.1", 0),), spool=str(spool),
+                                         hostname="ferry.test"))
+    first = dataclasses.replace(config.receive[0], **receive)
+    queue = dataclasses.replace(config.queue, min_free_disk=0)
+    return dataclasses.replace(config, receive=(first, *config.receive[1:]), queue=queue)
+
+
+class RunningFerry:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.app = App(config)
+        self.loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="ferry-app",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            self.call(self.app.start())
+        except BaseException:
+            self._halt()
+            raise
+        host, _, port = self.app.addresses[0].rpartition(":")
+        self.host = host.strip("[]")
+        self.port = int(port)
+
+    @property
+    def store(self) -> LmdbQueue:
+        assert self.app.store is not None
+        return self.app.store
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            self.call(self.app.stop())
+        finally:
+            self._halt()
+
+    def _halt(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+    def __enter__(self) -> RunningFerry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,51 @@
+"""Fixtures for tests over real sockets on 127.0.0.1: a running Ferry, test certificates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from engine.testing.server import RunningFerry, ferry_config
+
+StartFerry = Callable[..., RunningFerry]
+
+
+@pytest.fixture
+def start_ferry(tmp_path: Path) -> Iterator[StartFerry]:
+    """``start_ferry(**receive_settings, users=..., accepted_domains=...)`` → RunningFerry."""
+    running: list[RunningFerry] = []
+
+    def start(users: dict[str, str] | None = None, accepted_domains: tuple[str, ...] = (),
+              **receive: Any) -> RunningFerry:
+        import dataclasses
+
+        config = ferry_config(tmp_path / f"spool{len(running)}", **receive)
+        config = dataclasses.replace(config, users=users or {},
+                                     accepted_domains=accepted_domains)
+        ferry = RunningFerry(config)
+        running.append(ferry)
+        return ferry
+
+    yield start
+    for ferry in running:
+        ferry.stop()
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def cert_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A server certificate for ferry.test / 127.0.0.1 signed by the test CA."""
+    d = tmp_path_factory.mktemp("certs")
+    cert = ca.issue_cert("ferry.test", "127.0.0.1")
+    cert_path, key_path = d / "cert.pem", d / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    return cert_path, key_path
