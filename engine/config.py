@@ -154,8 +154,12 @@ class ReceiveConfig:
     idle_timeout: float = 300.0
     #: Seconds allowed for a whole message body.
     data_timeout: float = 600.0
-    #: Bytes per second during DATA after a 10 s grace; 0 = off.
+    #: Bytes per second during DATA after ``data_rate_grace`` seconds; 0 = off.
     min_data_rate: int = 1024
+    data_rate_grace: float = 10.0
+    #: Seconds to wait before the 220; a client that talks first gets 554 (an early
+    #: talker is a spam engine that does not wait for the greeting).  0 = greet at once.
+    greet_delay: float = 0.0
     max_auth_failures: int = 3
     #: RFC 5321 §6.3: a message with more Received headers than this is looping.
     max_received_headers: int = 100
@@ -308,6 +312,13 @@ def _seconds(value: object) -> float:
     number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
     if number is None or not math.isfinite(number) or number <= 0:
         raise _Invalid(f"must be a positive number of seconds (got {_show(value)})")
+    return float(number)
+
+
+def _seconds_or_off(value: object) -> float:
+    number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if number is None or not math.isfinite(number) or number < 0:
+        raise _Invalid(f"must be a number of seconds, 0 or more (got {_show(value)})")
     return float(number)
 
 
@@ -682,6 +693,7 @@ def _v(check: Callable[..., Any]) -> PlainValidator:
 
 _PosInt = Annotated[int, _v(_positive_int)]
 _Seconds = Annotated[float, _v(_seconds)]
+_SecondsOrOff = Annotated[float, _v(_seconds_or_off)]
 _Bool = Annotated[bool, _v(_bool)]
 _Networks = Annotated[tuple[Network, ...], _v(_networks)]
 
@@ -736,6 +748,8 @@ class _ReceiveModel(_Model):
     idle_timeout: _Seconds | None = None
     data_timeout: _Seconds | None = None
     min_data_rate: Annotated[int, _v(_int_or_off)] | None = None
+    data_rate_grace: _SecondsOrOff | None = None
+    greet_delay: _SecondsOrOff | None = None
     max_auth_failures: _PosInt | None = None
     max_received_headers: _PosInt | None = None
     bare_eol: Annotated[str, _v(_choice("reject", "normalize"))] | None = None

@@ -52,9 +52,6 @@ S354_DATA = (354, "", "End data with <CR><LF>.<CR><LF>")
 S220_TLS = (220, "2.0.0", "Ready to start TLS")
 S454_TLS = (454, "4.7.0", "TLS not available due to temporary reason")
 
-#: Seconds of DATA before the minimum data rate applies (slow starts are normal).
-DATA_RATE_GRACE = 10.0
-
 _session_ids = itertools.count(1)
 
 
@@ -103,8 +100,20 @@ class SmtpSession(asyncio.Protocol):
             self._write_reply(refusal)
             self._close()
             return
-        self.conn.send_greeting(self.config.greeting or f"{self.connector.hostname} ESMTP Ferry")
+        if self.config.greet_delay > 0:
+            self._timer = self.loop.call_later(self.config.greet_delay, self._greet)
+        else:
+            self._greet()
+
+    def _greet(self) -> None:
+        # Input that arrived during greet_delay makes send_greeting answer 554 and close.
+        self.conn.send_greeting(self.config.banner(self.connector.hostname))
+        if self.conn.closed and self.log is not None:
+            self.log.event("early talker refused")
         self._flush()
+        if self.conn.closed:
+            self._close()
+            return
         self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -359,7 +368,7 @@ class SmtpSession(asyncio.Protocol):
             elapsed = now - self._data_started
             if elapsed >= cfg.data_timeout:
                 reply = S421_IDLE
-            elif (cfg.min_data_rate and elapsed >= DATA_RATE_GRACE
+            elif (cfg.min_data_rate and elapsed >= cfg.data_rate_grace
                   and self._data_bytes / elapsed < cfg.min_data_rate):
                 reply = S421_SLOW
         if reply is not None:

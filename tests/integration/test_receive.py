@@ -322,3 +322,60 @@ def test_thousand_idle_connections_do_not_slow_a_transaction(start_ferry: StartF
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_early_talker_is_refused(start_ferry: StartFerry) -> None:
+    ferry = start_ferry(greet_delay=0.5)
+    with RawClient(ferry.host, ferry.port) as c:
+        c.send(b"EHLO spam.test\r\n")  # before the greeting
+        reply = c.reply()
+        assert (reply.code, reply.enhanced) == (554, "5.5.1")
+        assert c.closed_by_server()
+    with RawClient(ferry.host, ferry.port) as c:  # a patient client is served
+        assert c.reply().code == 220
+
+
+def test_minimum_data_rate(start_ferry: StartFerry) -> None:
+    ferry = start_ferry(min_data_rate=1_000_000, data_rate_grace=0.5)
+    with RawClient(ferry.host, ferry.port) as c:
+        c.reply()
+        c.command(b"EHLO client.test")
+        c.command(b"MAIL FROM:<a@client.test>")
+        c.command(b"RCPT TO:<b@example.net>")
+        assert c.command(b"DATA").code == 354
+        for _ in range(30):  # a trickle, far under a megabyte a second
+            try:
+                c.send(b"slow line\r\n")
+            except OSError:
+                break
+            time.sleep(0.1)
+        reply = c.reply()
+        assert (reply.code, reply.enhanced, reply.text) == (421, "4.4.2", "Data rate too low, "
+                                                           "closing connection")
+    assert ferry.store.count() == 0
+
+
+def test_errors_before_421(start_ferry: StartFerry) -> None:
+    ferry = start_ferry(max_errors=3)
+    with RawClient(ferry.host, ferry.port) as c:
+        c.reply()
+        codes = [c.command(b"FROB").code for _ in range(2)]
+        reply = c.command(b"FROB")
+        assert codes == [500, 500]
+        assert reply.code == 500 and c.reply().code == 421
+        assert c.closed_by_server()
+
+
+def test_auth_failures_before_421(start_ferry: StartFerry) -> None:
+    import base64
+
+    ferry = start_ferry(users={"app": hash_password("s3cret")}, allow_plaintext_auth=True,
+                        max_auth_failures=2)
+    wrong = base64.b64encode(b"\0app\0wrong")
+    with RawClient(ferry.host, ferry.port) as c:
+        c.reply()
+        c.command(b"EHLO client.test")
+        assert c.command(b"AUTH PLAIN " + wrong).code == 535
+        reply = c.command(b"AUTH PLAIN " + wrong)
+        assert (reply.code, reply.enhanced) == (421, "4.7.0")
+        assert c.closed_by_server()
