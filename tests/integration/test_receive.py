@@ -379,3 +379,34 @@ def test_auth_failures_before_421(start_ferry: StartFerry) -> None:
         reply = c.command(b"AUTH PLAIN " + wrong)
         assert (reply.code, reply.enhanced) == (421, "4.7.0")
         assert c.closed_by_server()
+
+
+def test_implicit_tls(start_ferry: StartFerry, cert_files: tuple[object, object],
+                      ca: trustme.CA) -> None:
+    cert, key = cert_files
+    ferry = start_ferry(tls="implicit", cert_file=cert, key_file=key)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with smtplib.SMTP_SSL(ferry.host, ferry.port, context=context,
+                          local_hostname="client.test") as client:
+        client.ehlo()
+        assert not client.has_extn("starttls")
+        client.sendmail("a@client.test", ["b@example.net"], b"Subject: x\r\n\r\nx\r\n")
+    (entry,) = ferry.store.due(time.time() + 10, 10)
+    assert b"with ESMTPS" in ferry.store.body(entry.queue_id)
+
+
+def test_required_tls_refuses_mail_in_plaintext(
+    start_ferry: StartFerry, cert_files: tuple[object, object], ca: trustme.CA
+) -> None:
+    cert, key = cert_files
+    ferry = start_ferry(tls="required", cert_file=cert, key_file=key)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with smtplib.SMTP(ferry.host, ferry.port) as client:
+        client.ehlo()
+        code, _ = client.mail("a@client.test")
+        assert code == 530
+        client.starttls(context=context)
+        client.ehlo()
+        assert client.mail("a@client.test")[0] == 250
