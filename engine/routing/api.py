@@ -1,0 +1,64 @@
+"""The routing contract shared by the router, the scheduler and the delivery agents."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+TlsMode = Literal["off", "opportunistic", "required", "verify"]
+Protocol_ = Literal["smtp", "lmtp", "maildir"]
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """One server to try: ``name`` as found in MX/smarthost, ``address`` the IP to dial."""
+
+    name: str
+    address: str
+    port: int
+    preference: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one destination's mail goes now.
+
+    ``site`` names the set of servers behind the destination (KumoMTA's site: the sorted
+    MX host names, or "smarthost:host:port"); domains hosted at one provider share a site,
+    and with it one queue, one connection pool and one set of limits.
+    """
+
+    destination: str
+    site: str
+    hosts: tuple[Host, ...]
+    protocol: Protocol_ = "smtp"
+    tls: TlsMode = "opportunistic"
+    #: (user, password) for AUTH at a smarthost; None for no AUTH.
+    auth: tuple[str, str] | None = None
+    #: Maildir root for protocol "maildir" (a template with {domain} and {local}).
+    maildir: str = ""
+    #: The send connector that produced this route ("" for plain MX delivery).
+    connector: str = ""
+
+
+class RouteError(Exception):
+    """No route now.  ``permanent`` failures (null MX, no such domain) fail the recipients;
+    temporary ones (DNS timeout, SERVFAIL) defer them."""
+
+    def __init__(self, text: str, *, permanent: bool, code: int, enhanced: str) -> None:
+        super().__init__(text)
+        self.text = text
+        self.permanent = permanent
+        self.code = code
+        self.enhanced = enhanced
+
+
+class Router(Protocol):
+    def destination(self, domain: str) -> str:
+        """The destination recorded for a recipient domain at ingest (no DNS lookups)."""
+        ...
+
+    async def resolve(self, destination: str, exclude: frozenset[str] = frozenset()) -> Route:
+        """The route for a destination; ``exclude`` names send connectors that just failed
+        (fail over to the next cheapest).  Raises RouteError."""
+        ...
