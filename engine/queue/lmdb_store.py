@@ -89,18 +89,18 @@ def index_keys(env: Envelope) -> IndexKeys:
     due: set[bytes] = set()
     hops: set[bytes] = set()
     states = {r.state.value.encode() + _SEP + qid for r in env.recipients}
-    groups: dict[str, float | None] = {}
+    groups: dict[str, float] = {}
     for r in env.recipients:
         if r.final:
             continue
         hops.add(r.next_hop.encode() + _SEP + qid)
-        # Suspended recipients wait for a resume, not for a time.
-        if r.state is not RcptState.SUSPENDED:
-            current = groups.get(r.next_hop)
-            groups[r.next_hop] = r.due if current is None else min(current, r.due)
+        # Suspended recipients wait for a resume, not for a time, except the expiry that
+        # holds in every state: they come due when the message expires.
+        when = r.due if r.state is not RcptState.SUSPENDED else env.expires
+        if when or r.state is not RcptState.SUSPENDED:
+            groups[r.next_hop] = min(groups.get(r.next_hop, when), when)
     for hop, when in groups.items():
-        if when is not None:
-            due.add(due_key(when, qid, hop))
+        due.add(due_key(when, qid, hop))
     return due, hops, states
 
 

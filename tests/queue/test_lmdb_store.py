@@ -312,3 +312,14 @@ def test_full_map_refuses_new_bytes_but_keeps_outcomes(tmp_path: Path) -> None:
         assert q.count() == 1
     finally:
         q.close_sync()
+
+
+def test_suspended_recipients_come_due_at_expiry(store: LmdbQueue) -> None:
+    """The maximum queue lifetime holds in every state, suspended included."""
+    env = envelope(("c@d.test", "d.test"))
+    env.expires = time.time() + 3600
+    qid = store.enqueue_sync(env, b"x")
+    store.record_sync([Outcome(qid, 0, RcptState.SUSPENDED, attempted=False)])
+    assert store.due(time.time() + 60, 10) == []
+    (entry,) = store.due(time.time() + 7200, 10)
+    assert entry.queue_id == qid and entry.due == pytest.approx(env.expires, abs=0.01)
