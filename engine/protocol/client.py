@@ -41,8 +41,8 @@ class ClientProtocolError(Exception):
 
 
 #: RFC 2920 §3.1: after these the client waits for the reply before sending more.
-_GROUP_ENDERS: Final = frozenset({"EHLO", "HELO", "DATA", "VRFY", "EXPN", "NOOP", "STARTTLS",
-                                  "AUTH", "QUIT", "MESSAGE", "AUTH-RESPONSE"})
+_GROUP_ENDERS: Final = frozenset({"EHLO", "HELO", "LHLO", "DATA", "VRFY", "EXPN", "NOOP",
+                                  "STARTTLS", "AUTH", "QUIT", "MESSAGE", "AUTH-RESPONSE"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +135,7 @@ class ClientConnection:
         if not self._waiting:
             raise ReplyError("Reply without a command")
         verb, command = self._waiting.popleft()
-        if verb == "EHLO" and reply.code == 250:
+        if verb in ("EHLO", "LHLO") and reply.code == 250:
             self.extensions = Extensions.from_reply(reply)
         elif verb == "HELO" and reply.code == 250:
             self.extensions = Extensions()
@@ -163,17 +163,26 @@ class ClientConnection:
             raise ClientProtocolError(f"{verb} before a successful EHLO/HELO")
         if ext is not None:
             self._check_offered(command, ext)
-        if verb in ("EHLO", "HELO"):
+        if verb in ("EHLO", "HELO", "LHLO"):
             self.extensions = None
         self._waiting.append((verb, command))
+        if verb == "LHLO":
+            # RFC 2033 §4.1: LHLO takes EHLO's place and syntax in LMTP.
+            return b"LHLO" + format_command(Command("EHLO", arg=command.arg))[4:]
         return format_command(command)
 
-    def send_message(self, body: bytes) -> bytes:
-        """The message after a 354: dot-stuffed, canonical CRLF, with its terminator."""
+    def send_message(self, body: bytes, replies: int = 1) -> bytes:
+        """The message after a 354: dot-stuffed, canonical CRLF, with its terminator.
+
+        ``replies`` is how many replies answer it: 1 in SMTP, one per accepted recipient
+        in LMTP (RFC 2033 §4.2).
+        """
         if not self._data_ok:
             raise ClientProtocolError("message body without a 354 reply to DATA")
+        if replies < 1:
+            raise ClientProtocolError("a message is answered by at least one reply")
         self._data_ok = False
-        self._waiting.append(("MESSAGE", None))
+        self._waiting.extend(("MESSAGE", None) for _ in range(replies))
         return dot_stuff(body)
 
     def send_bdat(self, chunk: bytes, last: bool) -> bytes:
