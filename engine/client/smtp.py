@@ -1,0 +1,747 @@
+"""Outbound SMTP and LMTP delivery: connections to the next hop, pooled per site.
+
+Owns the asyncio side of the client: dialling the route's hosts in order, the greeting,
+EHLO (HELO fallback) or LHLO, STARTTLS per the route's TLS mode, AUTH at smarthosts, one
+transaction per message (pipelined when the server offers PIPELINING, RFC 2920), the
+per-phase timeouts of RFC 5321 §4.5.3.2, and a pool of idle connections per site so
+several messages share one connection.  The protocol itself (command formatting, reply
+parsing and matching, reply caps, the STARTTLS boundary) is ``engine.protocol.client``;
+this module only pumps bytes and decides what each reply means for each recipient.
+
+Outcomes: RCPT 2xx plus a 2xx after the body → DELIVERED; a 4xx → DEFERRED; a 5xx →
+FAILED; anything that breaks the connection (loss, timeout, malformed or oversized
+replies) → DEFERRED for every recipient without a final answer, and the connection is
+dropped, never pooled.  Hosts that refuse, time out or greet with anything but 220 are
+skipped; when all fail, every recipient is DEFERRED (RFC 5321 §3.8: try again later).
+A 535 to AUTH is DEFERRED too: it is a configuration problem an operator can fix.
+
+It must never write the queue, never raise for a delivery problem (problems are
+results), never block the event loop, and never put a raw CR, LF or NUL from the wire
+into a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from engine.client.api import RcptResult
+from engine.protocol.client import (
+    ClientConnection,
+    ClientProtocolError,
+    ClientSettings,
+    Extensions,
+    Greeting,
+    Response,
+)
+from engine.protocol.command import Command
+from engine.protocol.errors import ReplyError
+from engine.protocol.events import NEED_DATA
+from engine.protocol.reply import Reply
+from engine.queue.records import Envelope, RcptState
+from engine.routing.api import Host, Route, TlsMode
+
+#: Reply texts in results are capped (they go to logs, DSNs and the queue record).
+MAX_RESULT_TEXT: Final = 512
+
+# RFC 5321 §4.5.3.2 minimum timeouts (seconds), per phase of a transaction.
+T_MAIL: Final = 300.0  # §4.5.3.2.2
+T_RCPT: Final = 300.0  # §4.5.3.2.3
+T_DATA_INIT: Final = 120.0  # §4.5.3.2.4, the 354
+T_DATA_BLOCK: Final = 180.0  # §4.5.3.2.5, each write of the body
+T_DATA_END: Final = 600.0  # §4.5.3.2.6, the reply after the final dot
+T_QUIT: Final = 10.0  # a polite QUIT is not worth waiting long for
+
+#: Read no more from a server than this while nobody consumes it (an idle pooled
+#: connection, a server that floods): reading pauses until the next read.
+_READ_HIGH_WATER: Final = 256 * 1024
+
+PoolKey = tuple[str, bool, str, tuple[str, str] | None]
+TlsContextFactory = Callable[[TlsMode], ssl.SSLContext]
+
+
+def _reply_text(reply: Reply) -> str:
+    """One line: "550 5.1.1 text text", controls already "?" (the parser), TAB a space."""
+    head = f"{reply.code} {reply.enhanced}" if reply.enhanced else str(reply.code)
+    text = " ".join(line.strip() for line in reply.lines if line.strip())
+    return _cap(f"{head} {text}" if text else head)
+
+
+def _cap(text: str) -> str:
+    text = "".join(c if c >= " " and c != "\x7f" else " " if c == "\t" else "?" for c in text)
+    return text if len(text) <= MAX_RESULT_TEXT else text[: MAX_RESULT_TEXT - 3] + "..."
+
+
+def _state(code: int) -> RcptState:
+    if 200 <= code < 300:
+        return RcptState.DELIVERED
+    return RcptState.FAILED if 500 <= code < 600 else RcptState.DEFERRED
+
+
+def _split(address: str) -> tuple[str, str]:
+    local, at, domain = address.rpartition("@")
+    return (local, domain) if at else (address, "")
+
+
+class _Failure(Exception):
+    """The session cannot go on; ``text`` is the reason for the recipients left.
+
+    ``stale``: a pooled connection failed before its first reply of this delivery (the
+    server closed it while idle): try a fresh one.  ``final``: do not try further hosts.
+    ``broken``: the connection is in no state for a polite QUIT (timeout, bad replies).
+    """
+
+    def __init__(
+        self, text: str, *, stale: bool = False, final: bool = False, broken: bool = False
+    ) -> None:
+        super().__init__(text)
+        self.text = _cap(text)
+        self.stale = stale
+        self.final = final
+        self.broken = broken
+
+
+class _Pipe(asyncio.Protocol):
+    """Bytes in, with flow control both ways; the transport may be replaced by TLS."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._eof = False
+        self._read_paused = False
+        self._write_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.lost = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) > _READ_HIGH_WATER and not self._read_paused:
+            self._read_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        self._wake()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self.lost.set()
+        self._wake()
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    @property
+    def closed(self) -> bool:
+        return self._eof or self.transport is None or self.transport.is_closing()
+
+    async def read(self) -> bytes:
+        """What arrived since the last read; b"" once the server closed."""
+        while not self._buffer and not self._eof:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        if self._read_paused and self.transport is not None and not self.transport.is_closing():
+            self._read_paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def drain(self) -> None:
+        while self._write_paused:
+            if self.closed:
+                raise ConnectionError("connection lost while sending")
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+        if self.closed:
+            raise ConnectionError("connection lost while sending")
+
+
+class _Session:
+    """One connection to one host: the transport, the sans-I/O client and pool state."""
+
+    def __init__(
+        self, host: Host, pipe: _Pipe, settings: ClientSettings, timeouts: dict[str, float]
+    ) -> None:
+        self.host = host
+        self.remote = f"{host.name}[{host.address}]"
+        self.pipe = pipe
+        self.conn = ClientConnection(settings)
+        self.timeouts = timeouts
+        self.messages = 0
+        self.needs_rset = False
+        #: Taken from the pool and not yet answered in this delivery (see _Failure.stale).
+        self.pristine = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        assert self.pipe.transport is not None
+        return self.pipe.transport
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    async def drain(self, phase: str) -> None:
+        try:
+            async with asyncio.timeout(self.timeouts[phase]):
+                await self.pipe.drain()
+        except TimeoutError:
+            raise _Failure(f"451 4.4.2 Timeout sending to {self.remote}", broken=True) from None
+        except OSError as exc:
+            raise _Failure(
+                f"451 4.4.2 Connection to {self.remote} lost: {exc}", broken=True
+            ) from None
+
+    async def event(self, phase: str) -> Greeting | Reply:
+        """The next reply (the greeting first), within the phase's timeout."""
+        conn = self.conn
+        try:
+            async with asyncio.timeout(self.timeouts[phase]):
+                while True:
+                    event = conn.next_event()
+                    if event is not NEED_DATA:
+                        break
+                    conn.receive_data(await self.pipe.read())
+        except TimeoutError:
+            raise _Failure(
+                f"451 4.4.2 Timeout waiting for the {phase} reply from {self.remote}",
+                broken=True,
+            ) from None
+        except ReplyError as exc:
+            raise _Failure(
+                f"451 4.4.2 {exc.text} ({self.remote}, waiting for {phase})",
+                stale=self.pristine and exc.text == "Connection closed by the server",
+                broken=True,
+            ) from None
+        if isinstance(event, Greeting):
+            return event
+        assert isinstance(event, Response)
+        reply = event.reply
+        if self.pristine:
+            self.pristine = False
+            if reply.code == 421:
+                raise _Failure(_reply_text(reply), stale=True)
+        return reply
+
+    async def reply(self, phase: str) -> Reply:
+        event = await self.event(phase)
+        if isinstance(event, Greeting):  # pragma: no cover - the greeting is read first
+            raise _Failure("451 4.5.0 Unexpected greeting")
+        return event
+
+    async def command(self, command: Command, phase: str = "command") -> Reply:
+        self.write(self.conn.send(command))
+        return await self.reply(phase)
+
+    async def hello(self, helo_name: str, lmtp: bool) -> Extensions:
+        """EHLO, or HELO when EHLO gets a 5xx (RFC 5321 §3.2); LHLO in LMTP."""
+        verb = "LHLO" if lmtp else "EHLO"
+        reply = await self.command(Command(verb, arg=helo_name))
+        if reply.code // 100 == 5 and not lmtp and reply.code != 554:
+            reply = await self.command(Command("HELO", arg=helo_name))
+        if reply.code != 250 or self.conn.extensions is None:
+            raise _Failure(_reply_text(reply))
+        return self.conn.extensions
+
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+        # RFC 3207 §4.2: nothing the server sent after its 220 may be read as TLS data;
+        # the state machine checked its own buffer, this is the transport's.
+        if self.pipe.buffered:
+            raise _Failure(f"451 4.5.0 Data after the STARTTLS 220 from {self.remote}", broken=True)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeouts["command"]):
+                transport = await loop.start_tls(
+                    self.transport, self.pipe, context, server_hostname=server_hostname
+                )
+        except TimeoutError:
+            raise _Failure(
+                f"451 4.7.5 TLS handshake with {self.remote} timed out", broken=True
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise _Failure(
+                f"451 4.7.5 TLS handshake with {self.remote} failed: {exc}", broken=True
+            ) from None
+        if transport is None:
+            raise _Failure(f"451 4.7.5 TLS handshake with {self.remote} failed", broken=True)
+        self.pipe.transport = transport
+        self.conn.tls_started()
+
+    async def quit(self) -> None:
+        """QUIT politely, wait briefly for the 221, close; never raises."""
+        try:
+            if not self.pipe.closed and not self.conn.waiting:
+                self.write(self.conn.send(Command("QUIT")))
+                async with asyncio.timeout(T_QUIT):
+                    while not self.pipe.closed:
+                        if self.conn.next_event() is not NEED_DATA:
+                            break
+                        self.conn.receive_data(await self.pipe.read())
+        except Exception:
+            pass
+        # A TLS close_notify exchange takes a round trip: wait for it, but not for long.
+        self.abort(graceful=True)
+        try:
+            async with asyncio.timeout(T_QUIT):
+                await self.pipe.lost.wait()
+        except TimeoutError:
+            self.abort()
+
+    def abort(self, graceful: bool = False) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        transport = self.pipe.transport
+        if transport is not None and not transport.is_closing():
+            if graceful:
+                transport.close()
+            else:
+                transport.abort()
+
+
+class SmtpAgent:
+    """Delivers over SMTP (or LMTP) with a connection pool per site; a DeliveryAgent.
+
+    Timeouts are RFC 5321 §4.5.3.2's per phase times ``timeout_scale``; ``command_timeout``
+    (times the scale) covers the greeting, EHLO, STARTTLS, AUTH, RSET and QUIT.
+    """
+
+    def __init__(
+        self,
+        helo_name: str,
+        *,
+        lmtp: bool = False,
+        connect_timeout: float = 30,
+        command_timeout: float = 300,
+        timeout_scale: float = 1.0,
+        max_messages_per_connection: int = 100,
+        idle_timeout: float = 30,
+        max_idle_per_site: int = 10,
+        max_reply_line: int = 2048,
+        max_reply_lines: int = 100,
+        tls_context_factory: TlsContextFactory | None = None,
+        ca_file: str | None = None,
+        allow_plaintext_auth: bool = False,
+    ) -> None:
+        self.helo_name = helo_name
+        self.lmtp = lmtp
+        self.connect_timeout = connect_timeout * timeout_scale
+        self.timeouts: dict[str, float] = {
+            "command": command_timeout * timeout_scale,
+            "greeting": command_timeout * timeout_scale,
+            "MAIL": T_MAIL * timeout_scale,
+            "RCPT": T_RCPT * timeout_scale,
+            "DATA": T_DATA_INIT * timeout_scale,
+            "body": T_DATA_BLOCK * timeout_scale,
+            "end of data": T_DATA_END * timeout_scale,
+        }
+        self.max_messages_per_connection = max(1, max_messages_per_connection)
+        self.idle_timeout = idle_timeout
+        self.max_idle_per_site = max_idle_per_site
+        self.settings = ClientSettings(
+            max_reply_line=max_reply_line, max_reply_lines=max_reply_lines
+        )
+        self.allow_plaintext_auth = allow_plaintext_auth
+        self._tls_context_factory = tls_context_factory
+        self._ca_file = ca_file
+        self._contexts: dict[TlsMode, ssl.SSLContext] = {}
+        self._pool: dict[PoolKey, list[_Session]] = {}
+        self._quitting: set[asyncio.Task[None]] = set()
+        self._closed = False
+        #: Connections opened so far (for metrics and tests).
+        self.connections_opened = 0
+
+    # --- the DeliveryAgent API -------------------------------------------------------
+
+    async def deliver(
+        self, route: Route, envelope: Envelope, recipients: Sequence[int], body: bytes
+    ) -> list[RcptResult]:
+        indexes = list(recipients)
+        if not indexes:
+            return []
+        lmtp = self.lmtp or route.protocol == "lmtp"
+        key: PoolKey = (route.site, lmtp, route.tls, route.auth)
+        while True:
+            session = self._take(key)
+            if session is None:
+                session, reason = await self._open(route, lmtp)
+                if session is None:
+                    return [RcptResult(i, RcptState.DEFERRED, reason) for i in indexes]
+            keep = False
+            try:
+                results, keep = await self._transaction(session, envelope, indexes, body, lmtp)
+            except _Failure as failure:
+                if failure.stale:
+                    continue  # the pooled connection had died while idle: a fresh one
+                raise  # pragma: no cover - _transaction turns other failures into results
+            finally:
+                if keep:
+                    self._release(key, session)
+                else:
+                    session.abort()
+            return results
+
+    async def close(self) -> None:
+        """QUIT and close every pooled connection; later deliveries open none to pool."""
+        self._closed = True
+        sessions = [s for idle in self._pool.values() for s in idle]
+        self._pool.clear()
+        for s in sessions:
+            self._spawn_quit(s)
+        if self._quitting:
+            await asyncio.gather(*self._quitting, return_exceptions=True)
+
+    # --- the pool --------------------------------------------------------------------
+
+    def _take(self, key: PoolKey) -> _Session | None:
+        idle = self._pool.get(key)
+        while idle:
+            session = idle.pop()
+            if session.idle_timer is not None:
+                session.idle_timer.cancel()
+                session.idle_timer = None
+            # Closed, or the server spoke while idle (a 421 before closing, or junk).
+            if session.pipe.closed or session.pipe.buffered:
+                session.abort()
+                continue
+            session.pristine = True
+            return session
+        return None
+
+    def _release(self, key: PoolKey, session: _Session) -> None:
+        session.pristine = False
+        idle = self._pool.setdefault(key, [])
+        if (
+            self._closed
+            or session.messages >= self.max_messages_per_connection
+            or len(idle) >= self.max_idle_per_site
+            or session.pipe.closed
+        ):
+            self._spawn_quit(session)
+            return
+        idle.append(session)
+        loop = asyncio.get_running_loop()
+        session.idle_timer = loop.call_later(self.idle_timeout, self._expire, key, session)
+
+    def _expire(self, key: PoolKey, session: _Session) -> None:
+        session.idle_timer = None
+        idle = self._pool.get(key)
+        if idle is not None and session in idle:
+            idle.remove(session)
+            if not idle:
+                del self._pool[key]
+            self._spawn_quit(session)
+
+    def _spawn_quit(self, session: _Session) -> None:
+        task = asyncio.get_running_loop().create_task(session.quit())
+        self._quitting.add(task)
+        task.add_done_callback(self._quitting.discard)
+
+    # --- opening a session -----------------------------------------------------------
+
+    async def _open(self, route: Route, lmtp: bool) -> tuple[_Session | None, str]:
+        """A ready session with the first host that works, or None and the last reason."""
+        reason = "451 4.4.4 No host to deliver to"
+        loop = asyncio.get_running_loop()
+        for host in route.hosts:
+            remote = f"{host.name}[{host.address}]:{host.port}"
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    if host.address.startswith("/"):
+                        _, pipe = await loop.create_unix_connection(_Pipe, host.address)
+                    else:
+                        _, pipe = await loop.create_connection(_Pipe, host.address, host.port)
+            except TimeoutError:
+                reason = f"451 4.4.1 Connection to {remote} timed out"
+                continue
+            except OSError as exc:
+                reason = f"451 4.4.1 Connection to {remote} failed: {exc.strerror or exc}"
+                continue
+            self.connections_opened += 1
+            session = _Session(host, pipe, self.settings, self.timeouts)
+            try:
+                await self._setup(session, route, lmtp)
+            except _Failure as failure:
+                reason = failure.text
+                if failure.broken:
+                    session.abort()
+                else:
+                    self._spawn_quit(session)
+                if failure.final:
+                    break
+                continue
+            except (ClientProtocolError, OSError) as exc:
+                reason = _cap(f"451 4.5.0 {session.remote}: {exc}")
+                session.abort()
+                continue
+            except BaseException:
+                session.abort()
+                raise
+            return session, ""
+        return None, _cap(reason)
+
+    async def _setup(self, s: _Session, route: Route, lmtp: bool) -> None:
+        greeting = await s.event("greeting")
+        if not isinstance(greeting, Greeting):  # pragma: no cover - the first event
+            raise _Failure("451 4.5.0 No greeting")
+        if greeting.reply.code != 220:
+            # RFC 5321 §3.1 and §3.8: a 554 (or 4xx) greeting means "not now": next host.
+            raise _Failure(_reply_text(greeting.reply))
+        ext = await s.hello(self.helo_name, lmtp)
+        if route.tls != "off":
+            if "STARTTLS" in ext:
+                reply = await s.command(Command("STARTTLS"))
+                if reply.code == 220:
+                    await s.start_tls(self._context(route.tls), self._sni(s.host, route.tls))
+                    ext = await s.hello(self.helo_name, lmtp)
+                elif route.tls != "opportunistic" or reply.code == 421:
+                    raise _Failure(_reply_text(reply))
+                # opportunistic and refused (454): go on in plaintext, as RFC 3207 §4.1
+                # leaves the choice to the client.
+            elif route.tls != "opportunistic":
+                raise _Failure(f"451 4.7.10 {s.remote} does not offer STARTTLS (TLS required)")
+        if route.auth is not None:
+            await self._auth(s, ext, route.auth)
+
+    def _sni(self, host: Host, mode: TlsMode) -> str | None:
+        name = host.name.rstrip(".")
+        if not name or name.startswith("["):
+            return None if mode != "verify" else host.address
+        return name
+
+    def _context(self, mode: TlsMode) -> ssl.SSLContext:
+        context = self._contexts.get(mode)
+        if context is None:
+            if self._tls_context_factory is not None:
+                context = self._tls_context_factory(mode)
+            elif mode == "verify":
+                context = ssl.create_default_context(cafile=self._ca_file)
+            else:
+                # Opportunistic and "required" TLS protect against passive listening only
+                # (RFC 7435): the certificate is not checked.
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._contexts[mode] = context
+        return context
+
+    async def _auth(self, s: _Session, ext: Extensions, auth: tuple[str, str]) -> None:
+        user, password = auth
+        if not s.conn.tls and not self.allow_plaintext_auth:
+            raise _Failure(f"451 4.7.11 Not sending credentials to {s.remote} without TLS")
+        mechanisms = ext.auth
+        if "PLAIN" in mechanisms:
+            # RFC 4616: authzid NUL authcid NUL passwd, as the initial response (RFC 4954).
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+            reply = await s.command(Command("AUTH", arg="PLAIN", initial=token))
+            if reply.code == 334:
+                s.write(s.conn.send_auth_response(token))
+                reply = await s.reply("command")
+        elif "LOGIN" in mechanisms:
+            reply = await s.command(Command("AUTH", arg="LOGIN"))
+            for secret in (user, password):
+                if reply.code != 334:
+                    break
+                s.write(s.conn.send_auth_response(base64.b64encode(secret.encode()).decode()))
+                reply = await s.reply("command")
+        else:
+            raise _Failure(f"451 4.7.0 {s.remote} offers no AUTH mechanism we support")
+        if reply.code != 235:
+            # A 5xx here is wrong credentials: the other hosts would say the same, and
+            # each try could count towards a lockout.
+            raise _Failure(_reply_text(reply), final=reply.code // 100 == 5)
+
+    # --- one transaction -------------------------------------------------------------
+
+    async def _transaction(
+        self, s: _Session, envelope: Envelope, indexes: list[int], body: bytes, lmtp: bool
+    ) -> tuple[list[RcptResult], bool]:
+        """Results for ``indexes`` and whether the session may be pooled again."""
+        results: dict[int, RcptResult] = {}
+        try:
+            keep = await self._exchange(s, envelope, indexes, body, lmtp, results)
+        except _Failure as failure:
+            if failure.stale:
+                raise
+            reason = failure.text
+            keep = False
+        except (ClientProtocolError, OSError) as exc:
+            reason = _cap(f"451 4.5.0 {s.remote}: {exc}")
+            keep = False
+        else:
+            reason = "451 4.5.0 No reply"  # every recipient has a result by now
+        out = [
+            results.get(i) or RcptResult(i, RcptState.DEFERRED, reason, s.remote) for i in indexes
+        ]
+        return out, keep and not s.pipe.closed
+
+    async def _exchange(
+        self,
+        s: _Session,
+        envelope: Envelope,
+        indexes: list[int],
+        body: bytes,
+        lmtp: bool,
+        results: dict[int, RcptResult],
+    ) -> bool:
+        conn = s.conn
+        ext = conn.extensions
+        assert ext is not None
+
+        def all_get(state: RcptState, text: str, remote: str = "") -> bool:
+            for i in indexes:
+                results[i] = RcptResult(i, state, text, remote)
+            return True  # the connection is untouched: it may be pooled
+
+        # What the next hop can take (RFC 1870, RFC 6152, RFC 6531); decided before any
+        # command, so the connection stays clean for the next message.
+        limit = ext.size
+        if limit and len(body) > limit:
+            return all_get(
+                RcptState.FAILED,
+                _cap(f"552 5.3.4 Message size {len(body)} exceeds the limit {limit} of {s.remote}"),
+            )
+        eight_bit = envelope.body_type.upper() in ("8BITMIME", "BINARYMIME") or (not body.isascii())
+        if envelope.body_type.upper() == "BINARYMIME" or (eight_bit and "8BITMIME" not in ext):
+            return all_get(
+                RcptState.FAILED,
+                _cap(
+                    f"554 5.6.3 Conversion to 7bit required but not supported ({s.remote} "
+                    "does not offer 8BITMIME)"
+                ),
+            )
+        if envelope.smtputf8 and "SMTPUTF8" not in ext:
+            return all_get(
+                RcptState.FAILED, _cap(f"553 5.6.7 {s.remote} does not support SMTPUTF8 (RFC 6531)")
+            )
+        for address in [envelope.sender] + [envelope.recipients[i].address for i in indexes]:
+            if any(c in address for c in "\r\n\0"):
+                return all_get(RcptState.FAILED, "553 5.1.3 Address cannot be sent")
+
+        if s.needs_rset:
+            reply = await s.command(Command("RSET"))
+            if reply.code != 250:
+                raise _Failure(_reply_text(reply), stale=s.pristine)
+            s.needs_rset = False
+
+        dsn = "DSN" in ext
+        params: dict[str, str | None] = {}
+        if "SIZE" in ext:
+            params["SIZE"] = str(len(body))
+        if eight_bit:
+            params["BODY"] = "8BITMIME"
+        if envelope.smtputf8:
+            params["SMTPUTF8"] = None
+        if dsn and envelope.ret:
+            params["RET"] = envelope.ret
+        if dsn and envelope.envid:
+            params["ENVID"] = envelope.envid
+        local, domain = _split(envelope.sender)
+        mail = Command("MAIL", local=local, domain=domain, params=params)
+        rcpts: list[Command] = []
+        for i in indexes:
+            r = envelope.recipients[i]
+            rparams: dict[str, str | None] = {}
+            if dsn and r.notify:
+                rparams["NOTIFY"] = ",".join(r.notify)
+            if dsn and r.orcpt:
+                rparams["ORCPT"] = r.orcpt
+            local, domain = _split(r.address)
+            rcpts.append(Command("RCPT", local=local, domain=domain, params=rparams))
+
+        s.messages += 1
+        s.needs_rset = True  # until the transaction ends well
+        keep = True
+        accepted: list[int] = []
+        data_reply: Reply | None = None
+        if "PIPELINING" in ext:
+            # RFC 2920 §3.1: MAIL, the RCPTs and DATA in one write; replies in order.
+            s.write(
+                conn.send(mail) + b"".join(conn.send(c) for c in rcpts) + conn.send(Command("DATA"))
+            )
+            mail_reply = await s.reply("MAIL")
+            rcpt_replies = [await s.reply("RCPT") for _ in rcpts]
+            data_reply = await s.reply("DATA")
+        else:
+            mail_reply = await s.command(mail, "MAIL")
+            rcpt_replies = []
+            if mail_reply.code // 100 == 2:
+                for c in rcpts:
+                    rcpt_replies.append(await s.command(c, "RCPT"))
+                if any(r.code // 100 == 2 for r in rcpt_replies):
+                    data_reply = await s.command(Command("DATA"), "DATA")
+        codes = [mail_reply.code, *(r.code for r in rcpt_replies)]
+        if 421 in codes or (data_reply is not None and data_reply.code == 421):
+            keep = False  # RFC 5321 §3.8: the server is closing the connection
+        if any(code // 100 not in (2, 4, 5) for code in codes):
+            keep = False  # a 1xx or 3xx to MAIL or RCPT: the session is out of step
+
+        if mail_reply.code // 100 != 2:
+            all_get(_state(mail_reply.code), _reply_text(mail_reply), s.remote)
+        else:
+            for i, reply in zip(indexes, rcpt_replies, strict=False):
+                if reply.code // 100 == 2:
+                    accepted.append(i)
+                else:
+                    results[i] = RcptResult(i, _state(reply.code), _reply_text(reply), s.remote)
+
+        if data_reply is None:
+            return keep
+        if data_reply.code != 354:
+            for i in accepted:
+                results[i] = RcptResult(
+                    i, _state(data_reply.code), _reply_text(data_reply), s.remote
+                )
+            return keep and data_reply.code // 100 in (4, 5)
+        if not accepted:
+            # RFC 2920 §3.1: DATA got a 354 though no recipient was accepted: send an
+            # empty message and let the server refuse it.
+            s.write(conn.send_message(b""))
+            await s.drain("body")
+            await s.reply("end of data")
+            return keep
+
+        s.write(conn.send_message(body, len(accepted) if lmtp else 1))
+        await s.drain("body")
+        if lmtp:
+            # RFC 2033 §4.2: one reply per accepted recipient, in RCPT order.
+            for i in accepted:
+                reply = await s.reply("end of data")
+                results[i] = RcptResult(i, _state(reply.code), _reply_text(reply), s.remote)
+                keep = keep and reply.code != 421
+        else:
+            reply = await s.reply("end of data")
+            for i in accepted:
+                results[i] = RcptResult(i, _state(reply.code), _reply_text(reply), s.remote)
+            keep = keep and reply.code != 421
+        s.needs_rset = any(results[i].state is not RcptState.DELIVERED for i in accepted)
+        return keep

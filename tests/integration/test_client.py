@@ -1,0 +1,916 @@
+"""The outbound SMTP/LMTP agent over real sockets on 127.0.0.1.
+
+Well-behaved peers are aiosmtpd servers (in their own thread); pipelining checks, LMTP and
+the malicious servers are small raw asyncio servers in the test's uvloop loop, so every
+byte the agent sends and every way a reply can be broken is under the test's control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import uvloop
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+from engine.client.smtp import SmtpAgent
+from engine.queue.records import Envelope, RcptState, Recipient
+from engine.routing.api import Host, Route
+
+BODY = (
+    b"Subject: test\r\nFrom: a@client.test\r\n\r\n.leading dot\r\n..two dots\r\n.\r\n"
+    b"middle\r\n. space\r\nlast line\r\n"
+)
+DELIVERED, DEFERRED, FAILED = RcptState.DELIVERED, RcptState.DEFERRED, RcptState.FAILED
+
+
+def run(coro: Awaitable[Any], limit: float = 30) -> Any:
+    async def bounded() -> Any:
+        async with asyncio.timeout(limit):  # no test may hang
+            return await coro
+
+    return uvloop.run(bounded())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def route(*ports: int, tls: str = "off", name: str = "mx.test", **kw: Any) -> Route:
+    hosts = tuple(Host(name, "127.0.0.1", p) for p in ports)
+    return Route("example.net", "site:example.net", hosts, tls=tls, **kw)  # type: ignore[arg-type]
+
+
+def envelope(*rcpts: str, sender: str = "a@client.test", **kw: Any) -> Envelope:
+    return Envelope(sender, [Recipient(r, "example.net") for r in rcpts], **kw)
+
+
+def agent(**kw: Any) -> SmtpAgent:
+    kw.setdefault("timeout_scale", 0.01)  # RFC minutes become seconds
+    kw.setdefault("connect_timeout", 200)  # times 0.01 = 2 s
+    return SmtpAgent("client.test", **kw)
+
+
+# --- aiosmtpd peers --------------------------------------------------------------------
+
+
+class Handler:
+    """Records what arrives; answers RCPT and DATA as the test says."""
+
+    def __init__(
+        self,
+        rcpt: Callable[[str], str] | None = None,
+        data: str = "250 2.0.0 Ok",
+        pipelining: bool = False,
+    ) -> None:
+        self.rcpt = rcpt
+        self.data = data
+        self.pipelining = pipelining
+        self.messages: list[tuple[str, list[str], bytes, list[str], bool]] = []
+        self.mail_options: list[list[str]] = []
+        self.logins: list[bytes] = []
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(1, "250-PIPELINING")
+        return responses
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        self.mail_options.append(list(options))
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        answer = self.rcpt(address) if self.rcpt else "250 OK"
+        if answer.startswith("2"):
+            envelope.rcpt_tos.append(address)
+        return answer
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append(
+            (
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                envelope.original_content,
+                list(envelope.mail_options),
+                session.ssl is not None,
+            )
+        )
+        return self.data
+
+
+class CountingController(Controller):
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.connections = 0
+
+    def factory(self) -> SMTP:
+        self.connections += 1
+        return SMTP(self.handler, **self.SMTP_kwargs)
+
+
+@pytest.fixture
+def aiosmtpd_server() -> Iterator[Callable[..., CountingController]]:
+    started: list[CountingController] = []
+
+    def start(handler: Handler, **kw: Any) -> CountingController:
+        kw.setdefault("enable_SMTPUTF8", True)
+        controller = CountingController(
+            handler, hostname="127.0.0.1", port=free_port(), server_hostname="mx.test", **kw
+        )
+        controller.start()
+        controller.connections = 0  # start() made one connection of its own
+        started.append(controller)
+        return controller
+
+    yield start
+    for controller in started:
+        controller.stop()
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, Path]:
+    """A server context for mx.test signed by a test CA, and the CA file."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("mx.test").configure_cert(context)
+    ca_file = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return context, ca_file
+
+
+def states(results: list[Any]) -> list[RcptState]:
+    return [r.state for r in results]
+
+
+# --- raw asyncio peers -----------------------------------------------------------------
+
+
+class Peer:
+    """One connection to a raw server: what arrived, chunk by chunk and line by line."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.buf = b""
+        self.chunks: list[bytes] = []
+        self.lines: list[bytes] = []
+        self.messages: list[bytes] = []
+        self.eof = asyncio.Event()
+
+    async def _fill(self) -> None:
+        data = await self.reader.read(65536)
+        if not data:
+            self.eof.set()
+            raise EOFError
+        self.chunks.append(data)
+        self.buf += data
+
+    async def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            await self._fill()
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        self.lines.append(line)
+        return line
+
+    async def message(self) -> bytes:
+        while b"\r\n.\r\n" not in b"\r\n" + self.buf:
+            await self._fill()
+        raw, self.buf = (b"\r\n" + self.buf).split(b"\r\n.\r\n", 1)
+        lines = raw[2:].split(b"\r\n") if raw else []
+        body = b"".join((ln[1:] if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
+        self.messages.append(body)
+        return body
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def until_eof(self) -> None:
+        """Read until the client closes (the test checks that it does)."""
+        try:
+            while True:
+                await self._fill()
+        except (EOFError, ConnectionError):
+            self.eof.set()
+
+
+Script = Callable[[Peer], Awaitable[None]]
+
+
+class RawServer:
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.peers: list[Peer] = []
+        self.port = 0
+
+    async def __aenter__(self) -> RawServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        for peer in self.peers:
+            peer.writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = Peer(reader, writer)
+        self.peers.append(peer)
+        try:
+            await self.script(peer)
+        except (EOFError, ConnectionError):
+            peer.eof.set()
+
+    async def dropped(self, index: int = 0, within: float = 5) -> bool:
+        """The client closed connection ``index`` within ``within`` seconds."""
+        try:
+            async with asyncio.timeout(within):
+                await self.peers[index].eof.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+def smtp_script(
+    ehlo: tuple[str, ...] = ("PIPELINING", "8BITMIME"),
+    *,
+    lmtp: bool = False,
+    rcpt: Callable[[bytes], bytes] = lambda a: b"250 2.1.5 Ok",
+    final: Callable[[bytes], bytes] = lambda a: b"250 2.0.0 Ok",
+    close_after: int = 0,
+) -> Script:
+    """A small well-behaved SMTP (or LMTP) server; replies per recipient as told."""
+
+    async def script(peer: Peer) -> None:
+        peer.send(b"220 raw.test ESMTP\r\n")
+        accepted: list[bytes] = []
+        while True:
+            line = await peer.line()
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"LHLO"):
+                peer.send(
+                    b"".join(b"250-" + k.encode() + b"\r\n" for k in ("raw.test", *ehlo))
+                    + b"250 HELP\r\n"
+                )
+            elif verb == b"MAIL" or verb == b"RSET":
+                accepted = []
+                peer.send(b"250 2.1.0 Ok\r\n")
+            elif verb == b"RCPT":
+                answer = rcpt(line)
+                if answer.startswith(b"2"):
+                    accepted.append(line)
+                peer.send(answer + b"\r\n")
+            elif verb == b"DATA":
+                peer.send(b"354 go ahead\r\n")
+                await peer.message()
+                for who in accepted if lmtp else [b""]:
+                    peer.send(final(who) + b"\r\n")
+                if close_after and len(peer.messages) >= close_after:
+                    peer.writer.close()
+                    peer.eof.set()
+                    return
+            elif verb == b"QUIT":
+                peer.send(b"221 2.0.0 Bye\r\n")
+                await peer.until_eof()
+                return
+            else:
+                peer.send(b"502 5.5.1 No\r\n")
+
+    return script
+
+
+# --- well-behaved peers ----------------------------------------------------------------
+
+
+def test_plain_delivery_is_byte_exact(aiosmtpd_server: Callable[..., CountingController]) -> None:
+    handler = Handler()
+    server = aiosmtpd_server(handler)
+
+    async def go() -> list[Any]:
+        a = agent()
+        try:
+            return await a.deliver(
+                route(server.port), envelope("u1@example.net", "u2@example.net"), [0, 1], BODY
+            )
+        finally:
+            await a.close()
+
+    results = run(go())
+    assert states(results) == [DELIVERED, DELIVERED]
+    assert [r.index for r in results] == [0, 1]
+    assert results[0].remote == "mx.test[127.0.0.1]" and results[0].reply.startswith("250")
+    ((sender, rcpts, content, options, over_tls),) = handler.messages
+    assert sender == "a@client.test" and rcpts == ["u1@example.net", "u2@example.net"]
+    assert content == BODY  # dot-stuffed on the way, unstuffed identical on arrival
+    assert f"SIZE={len(BODY)}" in options and not any(o.startswith("BODY") for o in options)
+    assert not over_tls
+
+
+def test_subset_of_recipients_and_empty_list(
+    aiosmtpd_server: Callable[..., CountingController],
+) -> None:
+    handler = Handler()
+    server = aiosmtpd_server(handler)
+
+    async def go() -> tuple[list[Any], list[Any]]:
+        a = agent()
+        env = envelope("u1@example.net", "u2@example.net", "u3@example.net")
+        try:
+            return (
+                await a.deliver(route(server.port), env, [2, 0], BODY),
+                await a.deliver(route(server.port), env, [], BODY),
+            )
+        finally:
+            await a.close()
+
+    some, none = run(go())
+    assert [(r.index, r.state) for r in some] == [(2, DELIVERED), (0, DELIVERED)]
+    assert none == [] and handler.messages[0][1] == ["u3@example.net", "u1@example.net"]
+
+
+@pytest.mark.parametrize("offered", [True, False], ids=["pipelining", "lockstep"])
+def test_pipelining_on_and_off(offered: bool) -> None:
+    ehlo = ("PIPELINING", "8BITMIME") if offered else ("8BITMIME",)
+
+    async def go() -> tuple[list[Any], list[bytes]]:
+        async with RawServer(smtp_script(ehlo)) as server:
+            a = agent()
+            results = await a.deliver(
+                route(server.port), envelope("u1@example.net", "u2@example.net"), [0, 1], BODY
+            )
+            await a.close()
+            return results, server.peers[0].chunks
+
+    results, chunks = run(go())
+    assert states(results) == [DELIVERED, DELIVERED]
+    mail_chunk = next(c for c in chunks if c.startswith(b"MAIL"))
+    if offered:
+        # RFC 2920: MAIL, both RCPTs and DATA in one write
+        assert mail_chunk == (
+            b"MAIL FROM:<a@client.test>\r\nRCPT TO:<u1@example.net>\r\n"
+            b"RCPT TO:<u2@example.net>\r\nDATA\r\n"
+        )
+    else:
+        # each command waits for its reply, so each arrives alone
+        assert mail_chunk == b"MAIL FROM:<a@client.test>\r\n"
+        assert b"RCPT TO:<u1@example.net>\r\n" in chunks and b"DATA\r\n" in chunks
+
+
+@pytest.mark.parametrize("mode", ["opportunistic", "required", "verify"])
+def test_starttls_modes(
+    aiosmtpd_server: Callable[..., CountingController], tls: tuple[ssl.SSLContext, Path], mode: str
+) -> None:
+    context, ca_file = tls
+    handler = Handler()
+    server = aiosmtpd_server(handler, tls_context=context)
+
+    async def go() -> list[Any]:
+        a = agent(ca_file=str(ca_file))
+        try:
+            return await a.deliver(
+                route(server.port, tls=mode), envelope("u@example.net"), [0], BODY
+            )
+        finally:
+            await a.close()
+
+    assert states(run(go())) == [DELIVERED]
+    assert handler.messages[0][4] is True  # the message went over TLS
+    assert handler.messages[0][2] == BODY
+
+
+def test_verify_refuses_a_certificate_for_another_name(
+    aiosmtpd_server: Callable[..., CountingController], tls: tuple[ssl.SSLContext, Path]
+) -> None:
+    context, ca_file = tls
+    handler = Handler()
+    server = aiosmtpd_server(handler, tls_context=context)
+
+    async def go(mode: str) -> list[Any]:
+        a = agent(ca_file=str(ca_file))
+        try:
+            return await a.deliver(
+                route(server.port, tls=mode, name="other.test"),
+                envelope("u@example.net"),
+                [0],
+                BODY,
+            )
+        finally:
+            await a.close()
+
+    (refused,) = run(go("verify"))
+    assert refused.state is DEFERRED and "4.7.5" in refused.reply and not handler.messages
+    assert states(run(go("required"))) == [DELIVERED]  # no verification there
+
+
+def test_tls_required_but_not_offered_is_deferred_opportunistic_goes_plain(
+    aiosmtpd_server: Callable[..., CountingController],
+) -> None:
+    handler = Handler()
+    server = aiosmtpd_server(handler)
+
+    async def go(mode: str) -> list[Any]:
+        a = agent()
+        try:
+            return await a.deliver(
+                route(server.port, tls=mode), envelope("u@example.net"), [0], BODY
+            )
+        finally:
+            await a.close()
+
+    (required,) = run(go("required"))
+    assert required.state is DEFERRED and required.reply.startswith("451 4.7.10")
+    assert not handler.messages
+    assert states(run(go("opportunistic"))) == [DELIVERED]
+    assert handler.messages[0][4] is False
+
+
+def _authenticator(handler: Handler) -> Callable[..., AuthResult]:
+    def check(
+        server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        assert isinstance(auth_data, LoginPassword)
+        handler.logins.append(auth_data.login)
+        # handled=False: aiosmtpd then sends its own 535 for a failure
+        return AuthResult(success=auth_data == LoginPassword(b"app", b"s3cret"), handled=False)
+
+    return check
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_auth_to_a_smarthost(
+    aiosmtpd_server: Callable[..., CountingController],
+    tls: tuple[ssl.SSLContext, Path],
+    mechanism: str,
+) -> None:
+    context, _ = tls
+    handler = Handler()
+    excluded = ["PLAIN"] if mechanism == "LOGIN" else ["LOGIN"]
+    server = aiosmtpd_server(
+        handler,
+        tls_context=context,
+        authenticator=_authenticator(handler),
+        auth_required=True,
+        auth_exclude_mechanism=excluded,
+    )
+
+    async def go(password: str) -> list[Any]:
+        a = agent()
+        try:
+            return await a.deliver(
+                route(server.port, tls="required", auth=("app", password)),
+                envelope("u@example.net"),
+                [0],
+                BODY,
+            )
+        finally:
+            await a.close()
+
+    assert states(run(go("s3cret"))) == [DELIVERED]
+    assert handler.logins == [b"app"] and handler.messages[0][2] == BODY
+    (bad,) = run(go("wrong"))
+    # RFC 4954 535: a configuration problem, kept for the operator to fix
+    assert bad.state is DEFERRED and bad.reply.startswith("535")
+    assert len(handler.messages) == 1
+
+
+def test_auth_is_never_sent_in_plaintext_by_default(
+    aiosmtpd_server: Callable[..., CountingController],
+) -> None:
+    handler = Handler()
+    server = aiosmtpd_server(handler, authenticator=_authenticator(handler), auth_require_tls=False)
+
+    async def go(allow: bool) -> list[Any]:
+        a = agent(allow_plaintext_auth=allow)
+        try:
+            return await a.deliver(
+                route(server.port, auth=("app", "s3cret")), envelope("u@example.net"), [0], BODY
+            )
+        finally:
+            await a.close()
+
+    (refused,) = run(go(False))
+    assert refused.state is DEFERRED and "4.7.11" in refused.reply and handler.logins == []
+    assert states(run(go(True))) == [DELIVERED] and handler.logins == [b"app"]
+
+
+def test_8bitmime_and_smtputf8_missing_at_the_next_hop(
+    aiosmtpd_server: Callable[..., CountingController],
+) -> None:
+    handler = Handler()
+    # decode_data=True makes aiosmtpd drop 8BITMIME; enable_SMTPUTF8=False drops SMTPUTF8
+    server = aiosmtpd_server(handler, decode_data=True, enable_SMTPUTF8=False)
+    body8 = "Subject: caf\u00e9\r\n\r\ncaf\u00e9\r\n".encode()
+
+    async def go() -> list[list[Any]]:
+        a = agent()
+        try:
+            return [
+                await a.deliver(route(server.port), envelope("u@example.net"), [0], body8),
+                await a.deliver(
+                    route(server.port), envelope("u@example.net", body_type="8BITMIME"), [0], BODY
+                ),
+                await a.deliver(
+                    route(server.port), envelope("u@example.net", smtputf8=True), [0], BODY
+                ),
+                await a.deliver(route(server.port), envelope("u@example.net"), [0], BODY),
+            ]
+        finally:
+            await a.close()
+
+    eight, declared, utf8, plain = run(go())
+    assert eight[0].state is FAILED and eight[0].reply.startswith("554 5.6.3")
+    assert declared[0].state is FAILED and declared[0].reply.startswith("554 5.6.3")
+    assert utf8[0].state is FAILED and utf8[0].reply.startswith("553 5.6.7")
+    assert plain[0].state is DELIVERED and len(handler.messages) == 1
+    assert server.connections == 1  # the refusals left the connection clean for reuse
+
+
+def test_8bit_body_and_smtputf8_when_offered(
+    aiosmtpd_server: Callable[..., CountingController],
+) -> None:
+    handler = Handler()
+    server = aiosmtpd_server(handler)
+    body8 = "Subject: caf\u00e9\r\n\r\ncaf\u00e9\r\n".encode()
+
+    async def go() -> list[Any]:
+        a = agent()
+        try:
+            return await a.deliver(
+                route(server.port),
+                envelope("j\u00f6rg@example.net", sender="s\u00e9@client.test", smtputf8=True),
+                [0],
+                body8,
+            )
+        finally:
+            await a.close()
+
+    assert states(run(go())) == [DELIVERED]
+    sender, rcpts, content, options, _ = handler.messages[0]
+    assert (sender, rcpts, content) == ("s\u00e9@client.test", ["j\u00f6rg@example.net"], body8)
+    assert "BODY=8BITMIME" in options and "SMTPUTF8" in options
+
+
+def test_size_limit_of_the_next_hop(aiosmtpd_server: Callable[..., CountingController]) -> None:
+    handler = Handler()
+    server = aiosmtpd_server(handler, data_size_limit=len(BODY) - 1)
+
+    async def go() -> list[Any]:
+        a = agent()
+        try:
+            return await a.deliver(route(server.port), envelope("u@example.net"), [0], BODY)
+        finally:
+            await a.close()
+
+    (result,) = run(go())
+    assert result.state is FAILED and result.reply.startswith("552 5.3.4")
+    assert handler.mail_options == []  # refused before MAIL
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_one_recipient_refused(
+    aiosmtpd_server: Callable[..., CountingController], pipelining: bool
+) -> None:
+    handler = Handler(
+        rcpt=lambda a: "550 5.1.1 No such user" if a.startswith("bad") else "250 OK",
+        pipelining=pipelining,
+    )
+    server = aiosmtpd_server(handler)
+
+    async def go() -> list[Any]:
+        a = agent()
+        try:
+            return await a.deliver(
+                route(server.port), envelope("bad@example.net", "good@example.net"), [0, 1], BODY
+            )
+        finally:
+            await a.close()
+
+    bad, good = run(go())
+    assert bad.state is FAILED and bad.reply == "550 5.1.1 No such user"
+    assert good.state is DELIVERED and handler.messages[0][1] == ["good@example.net"]
+
+
+def test_temporary_refusal_at_the_end_of_data(
+    aiosmtpd_server: Callable[..., CountingController],
+) -> None:
+    handler = Handler(
+        data="451 4.3.0 Try again later",
+        rcpt=lambda a: "450 4.2.1 Busy" if a.startswith("busy") else "250 OK",
+    )
+    server = aiosmtpd_server(handler)
+
+    async def go() -> list[Any]:
+        a = agent()
+        try:
+            return await a.deliver(
+                route(server.port), envelope("u@example.net", "busy@example.net"), [0, 1], BODY
+            )
+        finally:
+            await a.close()
+
+    u, busy = run(go())
+    assert (u.state, u.reply) == (DEFERRED, "451 4.3.0 Try again later")
+    assert (busy.state, busy.reply) == (DEFERRED, "450 4.2.1 Busy")
+
+
+def test_permanent_refusal_at_the_end_of_data(
+    aiosmtpd_server: Callable[..., CountingController],
+) -> None:
+    server = aiosmtpd_server(Handler(data="554 5.7.1 Rejected as spam"))
+
+    async def go() -> list[Any]:
+        a = agent()
+        try:
+            return await a.deliver(route(server.port), envelope("u@example.net"), [0], BODY)
+        finally:
+            await a.close()
+
+    (result,) = run(go())
+    assert (result.state, result.reply) == (FAILED, "554 5.7.1 Rejected as spam")
+
+
+def test_fallback_to_the_second_host(aiosmtpd_server: Callable[..., CountingController]) -> None:
+    handler = Handler()
+    server = aiosmtpd_server(handler)
+    dead = free_port()  # nothing listens there: connection refused
+
+    async def go() -> tuple[list[Any], list[Any]]:
+        a = agent()
+        hosts = (Host("dead.test", "127.0.0.1", dead), Host("mx.test", "127.0.0.1", server.port))
+        try:
+            good = await a.deliver(
+                Route("example.net", "s1", hosts), envelope("u@example.net"), [0], BODY
+            )
+            bad = await a.deliver(
+                Route("example.net", "s2", hosts[:1]), envelope("u@example.net"), [0], BODY
+            )
+            return good, bad
+        finally:
+            await a.close()
+
+    good, bad = run(go())
+    assert good[0].state is DELIVERED and good[0].remote == "mx.test[127.0.0.1]"
+    assert bad[0].state is DEFERRED and bad[0].reply.startswith("451 4.4.1")
+    assert "dead.test" in bad[0].reply
+
+
+def test_bad_greetings_skip_the_host_and_defer() -> None:
+    async def greet_554(peer: Peer) -> None:
+        peer.send(b"554 5.3.2 Not now\r\n")
+        await peer.until_eof()
+
+    async def go() -> tuple[list[Any], list[Any], bool]:
+        async with RawServer(greet_554) as b1, RawServer(smtp_script()) as good:
+            a = agent()
+            hosts = (Host("b1", "127.0.0.1", b1.port), Host("good", "127.0.0.1", good.port))
+            fallback = await a.deliver(
+                Route("example.net", "s", hosts), envelope("u@x.test"), [0], BODY
+            )
+            only_bad = await a.deliver(
+                Route("example.net", "s2", hosts[:1]), envelope("u@x.test"), [0], BODY
+            )
+            await a.close()
+            return fallback, only_bad, await b1.dropped(1)
+
+    fallback, only_bad, closed = run(go())
+    assert fallback[0].state is DELIVERED and fallback[0].remote == "good[127.0.0.1]"
+    # RFC 5321 §3.8: a 554 greeting from every host still means "try later"
+    assert only_bad[0].state is DEFERRED and only_bad[0].reply == "554 5.3.2 Not now"
+    assert closed
+
+
+# --- the pool --------------------------------------------------------------------------
+
+
+def test_connection_reuse_and_max_messages(
+    aiosmtpd_server: Callable[..., CountingController],
+) -> None:
+    handler = Handler()
+    server = aiosmtpd_server(handler)
+
+    async def go(per_connection: int, messages: int) -> None:
+        a = agent(max_messages_per_connection=per_connection)
+        try:
+            for n in range(messages):
+                result = await a.deliver(
+                    route(server.port), envelope(f"u{n}@example.net"), [0], BODY
+                )
+                assert states(result) == [DELIVERED]
+        finally:
+            await a.close()
+
+    run(go(100, 3))
+    assert server.connections == 1 and len(handler.messages) == 3
+    server.connections = 0
+    run(go(2, 5))
+    assert server.connections == 3 and len(handler.messages) == 8
+
+
+def test_rset_only_after_a_failed_transaction_and_quit_on_close() -> None:
+    def rcpt(line: bytes) -> bytes:
+        return b"550 5.1.1 No" if b"<bad@" in line else b"250 2.1.5 Ok"
+
+    async def go() -> tuple[list[bytes], bool]:
+        async with RawServer(smtp_script(rcpt=rcpt)) as server:
+            a = agent()
+            r = route(server.port)
+            assert states(await a.deliver(r, envelope("u@x.test"), [0], BODY)) == [DELIVERED]
+            assert states(await a.deliver(r, envelope("u@x.test"), [0], BODY)) == [DELIVERED]
+            assert states(await a.deliver(r, envelope("bad@x.test"), [0], BODY)) == [FAILED]
+            assert states(await a.deliver(r, envelope("u@x.test"), [0], BODY)) == [DELIVERED]
+            await a.close()
+            return server.peers[0].lines, await server.dropped()
+
+    lines, closed = run(go())
+    verbs = [ln.split(b" ")[0] for ln in lines if not ln.startswith((b"Subject", b"From"))]
+    verbs = [v for v in verbs if v in (b"EHLO", b"MAIL", b"RSET", b"QUIT")]
+    assert verbs == [b"EHLO", b"MAIL", b"MAIL", b"MAIL", b"RSET", b"MAIL", b"QUIT"]
+    assert closed
+
+
+def test_idle_connections_are_closed_after_idle_timeout() -> None:
+    async def go() -> tuple[bool, list[bytes]]:
+        async with RawServer(smtp_script()) as server:
+            a = agent(idle_timeout=0.2)
+            await a.deliver(route(server.port), envelope("u@x.test"), [0], BODY)
+            closed = await server.dropped(within=3)
+            await a.close()
+            return closed, server.peers[0].lines
+
+    closed, lines = run(go())
+    assert closed and lines[-1] == b"QUIT"
+
+
+def test_a_pooled_connection_closed_by_the_server_is_replaced() -> None:
+    async def go() -> tuple[list[Any], int]:
+        async with RawServer(smtp_script(close_after=1)) as server:
+            a = agent()
+            r = route(server.port)
+            await a.deliver(r, envelope("u@x.test"), [0], BODY)
+            await server.dropped()
+            second = await a.deliver(r, envelope("v@x.test"), [0], BODY)
+            await a.close()
+            return second, len(server.peers)
+
+    second, connections = run(go())
+    assert states(second) == [DELIVERED] and connections == 2
+
+
+# --- LMTP ------------------------------------------------------------------------------
+
+
+def test_lmtp_replies_per_recipient() -> None:
+    finals = {
+        b"<a@": b"250 2.0.0 Ok",
+        b"<b@": b"452 4.2.2 Mailbox full",
+        b"<c@": b"550 5.1.1 No such mailbox",
+    }
+
+    def final(who: bytes) -> bytes:
+        return next(v for k, v in finals.items() if k in who)
+
+    async def go() -> tuple[list[Any], Peer]:
+        async with RawServer(
+            smtp_script(("PIPELINING", "8BITMIME"), lmtp=True, final=final)
+        ) as server:
+            a = agent(lmtp=True)
+            results = await a.deliver(
+                route(server.port), envelope("a@x.test", "b@x.test", "c@x.test"), [0, 1, 2], BODY
+            )
+            await a.close()
+            return results, server.peers[0]
+
+    results, peer = run(go())
+    assert [(r.state, r.reply) for r in results] == [
+        (DELIVERED, "250 2.0.0 Ok"),
+        (DEFERRED, "452 4.2.2 Mailbox full"),
+        (FAILED, "550 5.1.1 No such mailbox"),
+    ]
+    assert peer.lines[0] == b"LHLO client.test" and peer.messages == [BODY]
+
+
+# --- malicious and broken servers ------------------------------------------------------
+
+
+def _after_ehlo(junk: bytes, *, then_wait: bool = True) -> Script:
+    """A server that greets, answers EHLO, then sends ``junk`` in reply to MAIL."""
+
+    async def script(peer: Peer) -> None:
+        peer.send(b"220 evil.test\r\n")
+        await peer.line()
+        peer.send(b"250-evil.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+        await peer.line()
+        peer.send(junk)
+        await peer.until_eof()
+
+    return script
+
+
+async def _endless(peer: Peer) -> None:
+    peer.send(b"220 evil.test\r\n")
+    await peer.line()
+    try:
+        while not peer.eof.is_set():
+            peer.send(b"250-more and more\r\n" * 100)
+            await peer.writer.drain()
+            await asyncio.sleep(0)
+    except ConnectionError:
+        peer.eof.set()
+
+
+async def _huge_line(peer: Peer) -> None:
+    peer.send(b"220 " + b"x" * (1 << 20) + b"\r\n")
+    await peer.until_eof()
+
+
+async def _mismatched(peer: Peer) -> None:
+    peer.send(b"220 evil.test\r\n")
+    await peer.line()
+    peer.send(b"250-evil.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+    await peer.line()  # MAIL
+    peer.send(b"250 2.1.0 Ok\r\n250-2.1.5 Ok\r\n550 5.1.1 but no\r\n")
+    await peer.until_eof()
+
+
+async def _injected_after_starttls(peer: Peer) -> None:
+    peer.send(b"220 evil.test\r\n")
+    await peer.line()
+    peer.send(b"250-evil.test\r\n250 STARTTLS\r\n")
+    await peer.line()  # STARTTLS
+    # RFC 3207 §4.2 / CVE-2011-0411: bytes after the 220, before the handshake
+    peer.send(b"220 2.0.0 Go ahead\r\n250-evil.test\r\n250 AUTH PLAIN\r\n")
+    await peer.until_eof()
+
+
+async def _silent(peer: Peer) -> None:
+    peer.send(b"220 evil.test\r\n")
+    await peer.until_eof()  # never answers EHLO
+
+
+async def _silent_after_data(peer: Peer) -> None:
+    peer.send(b"220 evil.test\r\n")
+    await peer.line()
+    peer.send(b"250-evil.test\r\n250 PIPELINING\r\n")
+    for _ in range(3):
+        await peer.line()
+    peer.send(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
+    await peer.message()
+    await peer.until_eof()  # never gives the final reply
+
+
+MALICIOUS: dict[str, tuple[Script, str]] = {
+    "mismatched-multiline": (_mismatched, "mismatch"),
+    "mail-reply-mismatch": (_after_ehlo(b"250-a\r\n251 b\r\n"), "mismatch"),
+    "endless-continuation": (_endless, "Too many reply lines"),
+    "1MB-reply-line": (_huge_line, "too long"),
+    "bytes-after-starttls-220": (_injected_after_starttls, "STARTTLS"),
+    "never-answers": (_silent, "Timeout"),
+    "no-final-reply": (_silent_after_data, "Timeout"),
+    "not-smtp": (_after_ehlo(b"HTTP/1.1 400 Bad Request\r\n"), "Malformed"),
+}
+
+
+@pytest.mark.parametrize("name", list(MALICIOUS))
+def test_malicious_servers_defer_and_drop(name: str) -> None:
+    script, reason = MALICIOUS[name]
+
+    async def go() -> tuple[list[Any], bool, int]:
+        async with RawServer(script) as server:
+            a = agent(
+                tls_context_factory=lambda mode: ssl.create_default_context(),
+                timeout_scale=0.002,
+                max_reply_lines=50,
+            )
+            results = await a.deliver(
+                route(server.port, tls="opportunistic"),
+                envelope("u@x.test", "v@x.test"),
+                [0, 1],
+                BODY,
+            )
+            dropped = await server.dropped(within=3)
+            pooled = sum(len(v) for v in a._pool.values())
+            await a.close()
+            return results, dropped, pooled
+
+    results, dropped, pooled = run(go(), limit=20)
+    assert states(results) == [DEFERRED, DEFERRED]
+    assert all(reason.lower() in r.reply.lower() for r in results), results
+    assert all(len(r.reply) <= 512 and "\r" not in r.reply and "\n" not in r.reply for r in results)
+    assert dropped and pooled == 0
