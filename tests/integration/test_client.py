@@ -914,3 +914,31 @@ def test_malicious_servers_defer_and_drop(name: str) -> None:
     assert all(reason.lower() in r.reply.lower() for r in results), results
     assert all(len(r.reply) <= 512 and "\r" not in r.reply and "\n" not in r.reply for r in results)
     assert dropped and pooled == 0
+
+
+@pytest.mark.parametrize("offered", [True, False], ids=["dsn", "no-dsn"])
+def test_dsn_parameters_only_when_offered(offered: bool) -> None:
+    ehlo = ("PIPELINING", "DSN") if offered else ("PIPELINING",)
+    env = Envelope(
+        "a@client.test",
+        [Recipient("u@x.test", "x.test", notify=("FAILURE", "DELAY"), orcpt="rfc822;u+1@x.test")],
+        ret="HDRS",
+        envid="id+1",
+    )
+
+    async def go() -> tuple[list[Any], list[bytes]]:
+        async with RawServer(smtp_script(ehlo)) as server:
+            a = agent()
+            results = await a.deliver(route(server.port), env, [0], BODY)
+            await a.close()
+            return results, server.peers[0].lines
+
+    results, lines = run(go())
+    assert states(results) == [DELIVERED]
+    mail = next(ln for ln in lines if ln.startswith(b"MAIL"))
+    rcpt = next(ln for ln in lines if ln.startswith(b"RCPT"))
+    if offered:  # RFC 3461: ENVID and ORCPT in xtext
+        assert mail == b"MAIL FROM:<a@client.test> RET=HDRS ENVID=id+2B1"
+        assert rcpt == b"RCPT TO:<u@x.test> NOTIFY=FAILURE,DELAY ORCPT=rfc822;u+2B1@x.test"
+    else:
+        assert (mail, rcpt) == (b"MAIL FROM:<a@client.test>", b"RCPT TO:<u@x.test>")
