@@ -48,7 +48,7 @@ class SchedulerSettings:
 
 def retry_delay(attempts: int, settings: SchedulerSettings, rnd: random.Random) -> float:
     """Seconds until the next try after ``attempts`` failed ones (1 = the first failure)."""
-    base = settings.retry_interval * (2 ** max(0, attempts - 1))
+    base: float = settings.retry_interval * (2 ** max(0, attempts - 1))
     base = min(base, settings.max_retry_interval)
     spread = base * settings.retry_jitter
     return max(0.0, base + rnd.uniform(-spread, spread))

@@ -1,0 +1,367 @@
+"""The delivery scheduler: from the due index to delivery agents and back to the queue.
+
+Theory of operation (Postfix's qmgr, KumoMTA's two-level queues):
+
+1. The active window (``engine.queue.window``) holds at most ``window`` due (message,
+   destination) groups.  Each taken group joins its destination.
+2. A destination resolves its route once at a time (``Router.resolve``); its groups then
+   join the route's *site* (the server set: domains at one provider share it).  A
+   permanent routing failure (null MX, no such domain) fails the recipients; a temporary
+   one defers them.
+3. A site runs at most ``max_connections`` workers, paced by its message-rate throttle.
+   A worker delivers one group (recipients in transactions of at most
+   ``max_recipients_per_transaction``), records the outcomes (with any DSN) in one queue
+   commit, frees the group's window place, and takes the next group of its site.  A site
+   where no host took a connection is marked down for ``down_period``; its groups are
+   deferred without trying.
+4. Deferred recipients come back through the due index at ``retry_delay``; a recipient
+   older than ``max_queue_lifetime`` fails whatever its state, with a DSN.
+
+Tasks are bounded by the window and the site limits (resolvers ≤ destinations in the
+window, workers ≤ the sum of site limits), never one per queued message.  The scheduler
+never writes sockets: delivery agents do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.client.api import DeliveryAgent, RcptResult
+from engine.message.dsn import Failure, build_dsn
+from engine.queue.api import DueEntry, NewMessage, Outcome
+from engine.queue.lmdb_store import LmdbQueue
+from engine.queue.records import Envelope, RcptState, Recipient, RecordError
+from engine.queue.window import DueWindow
+from engine.routing.api import Route, RouteError, Router
+from engine.scheduler.policy import SchedulerSettings, SiteLimits, Throttle, retry_delay
+
+log = logging.getLogger("ferry.scheduler")
+
+_WAITING = (RcptState.PENDING, RcptState.DEFERRED)
+
+
+@dataclass(slots=True)
+class _Destination:
+    name: str
+    pending: list[DueEntry] = field(default_factory=list)
+    resolving: bool = False
+
+
+@dataclass(slots=True)
+class _Site:
+    name: str
+    limits: SiteLimits
+    throttle: Throttle
+    jobs: deque[tuple[DueEntry, Route]] = field(default_factory=deque)
+    workers: int = 0
+    peak_workers: int = 0
+    down_until: float = 0.0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: LmdbQueue,
+        router: Router,
+        agents: Mapping[str, DeliveryAgent],
+        *,
+        hostname: str,
+        settings: SchedulerSettings | None = None,
+    ) -> None:
+        self.store = store
+        self.router = router
+        self.agents = agents
+        self.hostname = hostname
+        self.settings = s = settings or SchedulerSettings()
+        self.window = DueWindow(store, s.window)
+        self.destinations: dict[str, _Destination] = {}
+        self.sites: dict[str, _Site] = {}
+        self.suspended: set[str] = set()
+        self.delivered = 0
+        self._rnd = random.Random()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._runner: asyncio.Task[None] | None = None
+
+    # --- control ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._runner = asyncio.get_running_loop().create_task(self._run())
+
+    def wake(self) -> None:
+        """New mail was queued: look at the due index now rather than at the next poll."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop taking work; let deliveries in flight finish and record their outcomes."""
+        self._stopping = True
+        self._wake.set()
+        if self._runner is not None:
+            await self._runner
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def suspend(self, destination: str) -> int:
+        """Park every waiting recipient of ``destination``; returns how many."""
+        self.suspended.add(destination)
+        return await self._set_state(destination, _WAITING, RcptState.SUSPENDED)
+
+    async def resume(self, destination: str) -> int:
+        self.suspended.discard(destination)
+        count = await self._set_state(destination, (RcptState.SUSPENDED,), RcptState.PENDING)
+        self.wake()
+        return count
+
+    async def _set_state(
+        self, destination: str, states: Sequence[RcptState], new: RcptState
+    ) -> int:
+        count, after = 0, b""
+        while True:
+            ids = self.store.ids_for_hop(destination, 1000, after)
+            if not ids:
+                return count
+            outcomes = []
+            for qid in ids:
+                try:
+                    env = self.store.get(qid)
+                except (KeyError, RecordError):
+                    continue
+                outcomes += [Outcome(qid, i, new, attempted=False, due=time.time())
+                             for i, r in enumerate(env.recipients)
+                             if r.next_hop == destination and r.state in states]
+            if outcomes:
+                await self.store.record(outcomes)
+            count += len(outcomes)
+            after = ids[-1]
+
+    # --- the loop --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        s = self.settings
+        while not self._stopping:
+            if not s.paused:
+                self.window.refill()
+                while (entry := self.window.take()) is not None:
+                    self._take(entry)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), s.poll_interval)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _take(self, entry: DueEntry) -> None:
+        name = entry.next_hop
+        dest = self.destinations.get(name)
+        if dest is None:
+            dest = self.destinations[name] = _Destination(name)
+        dest.pending.append(entry)
+        if not dest.resolving:
+            dest.resolving = True
+            self._spawn(self._resolve(dest))
+
+    async def _resolve(self, dest: _Destination) -> None:
+        try:
+            while dest.pending:
+                entries, dest.pending = dest.pending, []
+                try:
+                    route = await self.router.resolve(dest.name)
+                except RouteError as exc:
+                    for entry in entries:
+                        self._spawn(self._fail_unrouted(entry, exc))
+                    continue
+                site = self._site(route, dest.name)
+                for entry in entries:
+                    site.jobs.append((entry, route))
+                self._staff(site)
+        finally:
+            dest.resolving = False
+            if not dest.pending:
+                self.destinations.pop(dest.name, None)
+
+    def _site(self, route: Route, destination: str) -> _Site:
+        site = self.sites.get(route.site)
+        if site is None:
+            s = self.settings
+            limits = (s.site_limits.get(route.site) or s.domain_limits.get(destination)
+                      or s.default_limits)
+            site = self.sites[route.site] = _Site(route.site, limits, Throttle(limits.max_rate))
+        return site
+
+    def _staff(self, site: _Site) -> None:
+        while site.workers < site.limits.max_connections and site.workers < len(site.jobs):
+            site.workers += 1
+            site.peak_workers = max(site.peak_workers, site.workers)
+            self._spawn(self._work(site))
+
+    async def _work(self, site: _Site) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while site.jobs:
+                entry, route = site.jobs.popleft()
+                now = time.time()
+                if site.down_until > now:
+                    await self._defer_group(entry, f"451 4.4.1 {site.name} is down, not tried",
+                                            site.down_until)
+                    continue
+                wait = site.throttle.wait(loop.time())
+                if wait:
+                    await asyncio.sleep(wait)
+                answered = await self._deliver(entry, route)
+                if not answered:
+                    site.down_until = time.time() + self.settings.down_period
+        finally:
+            site.workers -= 1
+            if not site.jobs and not site.workers:
+                self.sites.pop(site.name, None)
+
+    # --- one group -------------------------------------------------------------------
+
+    def _load(self, entry: DueEntry) -> Envelope | None:
+        try:
+            return self.store.get(entry.queue_id)
+        except KeyError:
+            return None  # already final (a duplicate due entry after a crash)
+        except RecordError as exc:
+            self._spawn(self.store.quarantine(entry.queue_id, str(exc), entry.key))
+            return None
+
+    def _waiting(self, env: Envelope, destination: str) -> list[int]:
+        return [i for i, r in enumerate(env.recipients)
+                if r.next_hop == destination and r.state in _WAITING]
+
+    async def _deliver(self, entry: DueEntry, route: Route) -> bool:
+        """Deliver one group; False when no server answered at all (the site is down)."""
+        try:
+            env = self._load(entry)
+            if env is None:
+                return True
+            now = time.time()
+            if entry.next_hop in self.suspended:
+                await self.store.record([Outcome(entry.queue_id, i, RcptState.SUSPENDED,
+                                                 attempted=False)
+                                         for i in self._waiting(env, entry.next_hop)])
+                return True
+            expired = self._expired(env, now)
+            pending = self._waiting(env, entry.next_hop)
+            if expired or not pending:
+                if expired:
+                    await self._finish(env, [], [(i, "expired") for i in
+                                                 self._all_open(env, entry.next_hop)])
+                return True
+            body = self.store.body(entry.queue_id)
+            agent = self.agents[route.protocol]
+            results: list[RcptResult] = []
+            size = self.settings.max_recipients_per_transaction
+            for start in range(0, len(pending), size):
+                results += await agent.deliver(route, env, pending[start:start + size], body)
+            self.delivered += sum(r.state is RcptState.DELIVERED for r in results)
+            await self._finish(env, results, [])
+            return any(r.remote for r in results) or any(
+                r.state is not RcptState.DEFERRED for r in results)
+        except Exception:
+            # A bug, not a delivery problem: park the group for a retry interval rather
+            # than take it again at once from the due index.
+            log.exception("delivery of %s to %s failed", entry.queue_id.hex(), entry.next_hop)
+            await self._defer_group(entry, "451 4.3.0 local error in delivery",
+                                    time.time() + self.settings.retry_interval)
+            return True
+        finally:
+            self.window.release(entry)
+            self._wake.set()
+
+    def _all_open(self, env: Envelope, destination: str) -> list[int]:
+        return [i for i, r in enumerate(env.recipients)
+                if r.next_hop == destination and not r.final]
+
+    def _expired(self, env: Envelope, now: float) -> bool:
+        lifetime = self.settings.max_queue_lifetime
+        limit = env.expires or (env.arrival + lifetime if lifetime else 0.0)
+        return bool(limit) and now >= limit
+
+    async def _finish(
+        self, env: Envelope, results: Sequence[RcptResult], expired: Sequence[tuple[int, str]]
+    ) -> None:
+        """Turn results into outcomes, DSNs for the failures, and record them at once."""
+        now = time.time()
+        outcomes: list[Outcome] = []
+        failures: list[Failure] = []
+        lifetime_end = env.expires or env.arrival + self.settings.max_queue_lifetime
+        for r in results:
+            state, reply = r.state, r.reply
+            due = 0.0
+            if state is RcptState.DEFERRED:
+                attempts = env.recipients[r.index].attempts + 1
+                due = now + retry_delay(attempts, self.settings, self._rnd)
+                if due >= lifetime_end:
+                    due = lifetime_end  # come back exactly at expiry, then fail
+            outcomes.append(Outcome(env.queue_id, r.index, state, reply, due))
+            if state is RcptState.FAILED:
+                failures.append(_failure(r.index, reply, r.remote))
+        for index, _why in expired:
+            last = env.recipients[index].last_reply
+            reply = f"message expired in the queue; last reply: {last}" if last else (
+                "message expired in the queue")
+            outcomes.append(Outcome(env.queue_id, index, RcptState.FAILED, reply,
+                                    attempted=False))
+            failures.append(Failure(index, "failed", "4.4.7", last, "", None))
+        new_messages = self._dsn(env, failures, now) if failures else []
+        await self.store.record(outcomes, new_messages)
+
+    def _dsn(self, env: Envelope, failures: list[Failure], now: float) -> list[NewMessage]:
+        if not env.sender:
+            return []  # never a DSN to the null sender (RFC 5321 §6.1)
+        body = build_dsn(reporting_mta=self.hostname, envelope=env, items=failures,
+                         original=self.store.body(env.queue_id), now=now)
+        if body is None:
+            return []
+        domain = env.sender.rpartition("@")[2]
+        bounce = Envelope(sender="", recipients=[Recipient(env.sender,
+                                                           self.router.destination(domain))],
+                          size=len(body), smtputf8=not env.sender.isascii(),
+                          body_type="" if body.isascii() else "8BITMIME")
+        return [NewMessage(bounce, body)]
+
+    async def _fail_unrouted(self, entry: DueEntry, exc: RouteError) -> None:
+        try:
+            env = self._load(entry)
+            if env is None:
+                return
+            reply = f"{exc.code} {exc.enhanced} {exc.text}"
+            state = RcptState.FAILED if exc.permanent else RcptState.DEFERRED
+            await self._finish(env, [RcptResult(i, state, reply)
+                                     for i in self._waiting(env, entry.next_hop)], [])
+        finally:
+            self.window.release(entry)
+
+    async def _defer_group(self, entry: DueEntry, reply: str, until: float) -> None:
+        try:
+            env = self._load(entry)
+            if env is not None:
+                await self.store.record([
+                    Outcome(entry.queue_id, i, RcptState.DEFERRED, reply,
+                            due=until + self._rnd.uniform(0, 5), attempted=False)
+                    for i in self._waiting(env, entry.next_hop)])
+        finally:
+            self.window.release(entry)
+
+
+def _failure(index: int, reply: str, remote: str) -> Failure:
+    """The DSN item for a failed recipient; the status comes from the reply's enhanced
+    code when it has one (RFC 3463), else from its basic code."""
+    parts = reply.split(" ", 2)
+    status = "5.0.0"
+    if len(parts) > 1 and parts[1][:1] in "245" and parts[1].count(".") == 2:
+        status = parts[1]
+    return Failure(index, "failed", status, reply, remote, None)
