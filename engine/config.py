@@ -30,6 +30,7 @@ import math
 import os
 import re
 import socket
+import string
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,14 +50,17 @@ from pydantic import (
 
 __all__ = [
     "DEFAULT_TOML",
+    "IMPLICIT_SMARTHOST",
     "Config",
     "ConfigError",
     "DeliveryConfig",
+    "LocalConfig",
     "LogConfig",
     "Network",
     "Overrides",
     "QueueConfig",
     "ReceiveConfig",
+    "SendConfig",
     "load_config",
     "parse_hostport",
     "parse_size",
@@ -194,6 +198,47 @@ class DeliveryConfig:
     paused: bool = False
 
 
+SendTls: TypeAlias = Literal["off", "opportunistic", "required", "verify"]
+
+
+@dataclass(frozen=True)
+class SendConfig:
+    """One send connector: which recipient domains it serves, at what cost, and how.
+
+    An address space is "example.com" (that domain only), "*.example.com" (the domain and
+    every subdomain) or "*" (everything); the most specific match wins, then the lowest
+    cost (engine.routing.router).  No smarthosts means delivery by DNS MX.
+    """
+
+    name: str
+    address_spaces: tuple[str, ...]
+    cost: int = 1
+    #: (host, port) pairs tried in this order; empty = look up the MX hosts.
+    smarthosts: tuple[tuple[str, int], ...] = ()
+    #: "verify" is "required" plus certificate and host name verification.
+    tls: SendTls = "opportunistic"
+    #: AUTH (RFC 4954) to the smarthosts; "" for none.  Both or neither.
+    auth_user: str = ""
+    auth_password: str = field(default="", repr=False)
+    #: AUTH over a connection without TLS sends the password in clear.
+    allow_plaintext_auth: bool = False
+    protocol: Literal["smtp", "lmtp"] = "smtp"
+    #: Port of the MX hosts; None = delivery.mx_port (25 unless a test lab changes it).
+    port: int | None = None
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """Authoritative domains delivered here: into a Maildir, or handed to an LMTP server.
+
+    Exactly one of ``maildir`` (a path template with {domain} and {local}) and ``lmtp``.
+    """
+
+    domains: tuple[str, ...]
+    maildir: str = ""
+    lmtp: tuple[str, int] | None = None
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -215,6 +260,10 @@ class Config:
     receive: tuple[ReceiveConfig, ...] = field(default_factory=lambda: (ReceiveConfig(),))
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    #: Send connectors, [[send]]; none (and no delivery.smarthost) = everything by DNS MX.
+    send: tuple[SendConfig, ...] = ()
+    #: Local (authoritative) domains, [[local]]; mail for them is accepted from anyone.
+    local: tuple[LocalConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -680,6 +729,66 @@ def _existing_file(value: object, info: ValidationInfo) -> Path:
     return path
 
 
+# --- send connectors and local domains
+
+
+def _address_space(value: str) -> str:
+    return "*" if value == "*" else _domain_pattern(value)
+
+
+def _address_spaces(value: object) -> tuple[str, ...]:
+    spaces = tuple(dict.fromkeys(_each(value, "address spaces", _address_space)))
+    if not spaces:
+        raise _Invalid('must list at least one address space ("example.com", "*.example.com", "*")')
+    return spaces
+
+
+def _smarthosts(value: object) -> tuple[tuple[str, int], ...]:
+    return tuple(dict.fromkeys(_each(value, '"HOST:PORT" strings', _destination(25))))
+
+
+def _auth_user(value: object) -> str:
+    if not isinstance(value, str) or not value or not all(" " <= c != "\x7f" for c in value):
+        raise _Invalid(
+            f"must be a non-empty string without control characters (got {_show(value)})"
+        )
+    return value
+
+
+def _secret(value: object) -> str:
+    # Never echo the value: it is a password.
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise _Invalid("must be a non-empty string without NUL (the value is not shown)")
+    return value
+
+
+def _template(value: object, info: ValidationInfo) -> str:
+    """A Maildir path template: {domain} and {local} only; relative to the file's directory."""
+    path = _path(value, info)
+    text = str(path)
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as err:
+        raise _Invalid(f"is not a valid template: {err} (got {_show(value)})") from None
+    unknown = [f for f in fields if f not in ("domain", "local")]
+    if unknown:
+        raise _Invalid(
+            f"may only use {{domain}} and {{local}}, not {{{unknown[0]}}} (got {_show(value)})"
+        )
+    return text
+
+
+def _lmtp_server(value: object) -> tuple[str, int]:
+    # RFC 2033 §5: LMTP must not be offered on port 25 and has no port of its own, so the
+    # port is always written out.
+    if not isinstance(value, str):
+        raise _Invalid(f'must be a "HOST:PORT" string (got {_show(value)})')
+    host, port = _split_hostport(value, None)
+    if port == 0:
+        raise _Invalid(f"port must be from 1 to 65535 (got {_show(value)})")
+    return host, port
+
+
 # --- the models (private: pydantic stays inside this module) --------------------------------
 #
 # Every field is optional and None by default: TOML has no null, so None means "not in the
@@ -787,6 +896,79 @@ class _DeliveryModel(_Model):
     paused: _Bool | None = None
 
 
+_SEND_TLS: Final = ("off", "opportunistic", "required", "verify")
+
+
+class _SendModel(_Model):
+    name: Annotated[str, _v(_connector_name)] | None = None
+    address_spaces: Annotated[tuple[str, ...], _v(_address_spaces)] | None = None
+    cost: _PosInt | None = None
+    smarthosts: Annotated[tuple[tuple[str, int], ...], _v(_smarthosts)] | None = None
+    tls: Annotated[str, _v(_choice(*_SEND_TLS))] | None = None
+    auth_user: Annotated[str, _v(_auth_user)] | None = None
+    auth_password: Annotated[str, _v(_secret)] | None = None
+    allow_plaintext_auth: _Bool | None = None
+    protocol: Annotated[str, _v(_choice("smtp", "lmtp"))] | None = None
+    port: Annotated[int, _v(_port)] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _SendModel:
+        bad: list[tuple[_Loc, str]] = [
+            ((key,), "is required in a [[send]] connector")
+            for key in ("name", "address_spaces")
+            if getattr(self, key) is None
+        ]
+        if (self.auth_user is None) != (self.auth_password is None):
+            have, need = (
+                ("auth_user", "auth_password")
+                if self.auth_password is None
+                else ("auth_password", "auth_user")
+            )
+            bad.append(((need,), f"is required when {have} is set (both or neither)"))
+        if self.auth_user is not None and not self.smarthosts:
+            bad.append(
+                (("auth_user",), "AUTH is only sent to smarthosts, and this connector has none")
+            )
+        if self.auth_user is not None and self.tls == "off" and not self.allow_plaintext_auth:
+            # RFC 4954 §4: a password over a connection without TLS is readable by anyone
+            # on the path; the operator has to ask for that explicitly.
+            bad.append(
+                (
+                    ("tls",),
+                    'is "off" but AUTH is configured: the password would be sent in clear '
+                    "(set allow_plaintext_auth = true to allow it)",
+                )
+            )
+        if self.port is not None and self.smarthosts:
+            bad.append((("port",), "applies to MX hosts only; give smarthost ports in smarthosts"))
+        if bad:
+            raise _Invalid.many(bad)
+        return self
+
+
+class _LocalModel(_Model):
+    domains: Annotated[tuple[str, ...], _v(_domains)] | None = None
+    maildir: Annotated[str, _v(_template)] | None = None
+    lmtp: Annotated[tuple[str, int], _v(_lmtp_server)] | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> _LocalModel:
+        bad: list[tuple[_Loc, str]] = []
+        if not self.domains:
+            bad.append((("domains",), "must list at least one domain"))
+        if (self.maildir is None) == (self.lmtp is None):
+            bad.append(
+                (
+                    ("maildir",),
+                    'needs exactly one of maildir = "/path/{domain}/{local}" and '
+                    'lmtp = "HOST:PORT"',
+                )
+            )
+        if bad:
+            raise _Invalid.many(bad)
+        return self
+
+
 class _LogModel(_Model):
     level: Annotated[str, _v(_choice("debug", "info", "warning", "error"))] | None = None
     protocol_log_dir: Annotated[Path, _v(_path)] | None = None
@@ -801,6 +983,8 @@ class _ConfigModel(_Model):
     receive: list[_ReceiveModel] | None = None
     delivery: _DeliveryModel | None = None
     log: _LogModel | None = None
+    send: list[_SendModel] | None = None
+    local: list[_LocalModel] | None = None
 
     @model_validator(mode="after")
     def _has_connector(self) -> _ConfigModel:
@@ -819,12 +1003,16 @@ class _ConfigModel(_Model):
                 given[key] = model(**given[key].given())
         if "receive" in given:
             given["receive"] = tuple(ReceiveConfig(**r.given()) for r in given["receive"])
+        if "send" in given:
+            given["send"] = tuple(SendConfig(**m.given()) for m in given["send"])
+        if "local" in given:
+            given["local"] = tuple(LocalConfig(**m.given()) for m in given["local"])
         return Config(**given)
 
 
 _TABLES: Final[dict[str, type[_Model]]] = {
     "": _ConfigModel, "queue": _QueueModel, "receive": _ReceiveModel,
-    "delivery": _DeliveryModel, "log": _LogModel,
+    "delivery": _DeliveryModel, "log": _LogModel, "send": _SendModel, "local": _LocalModel,
 }  # fmt: skip
 
 # --- error messages ------------------------------------------------------------------------
@@ -852,6 +1040,9 @@ def _unknown_key(loc: _Loc) -> str:
     return f"unknown key '{_dotted(loc)}'{hint}"
 
 
+_ARRAYS_OF_TABLES: Final = (("receive",), ("send",), ("local",))
+
+
 def _messages(error: ValidationError) -> list[str]:
     lines: list[str] = []
     for err in error.errors():
@@ -864,9 +1055,10 @@ def _messages(error: ValidationError) -> list[str]:
         got = _show(err.get("input"))
         if kind == "extra_forbidden":
             lines.append(_unknown_key(loc))
-        elif kind in ("list_type", "tuple_type") and loc == ("receive",):
+        elif kind in ("list_type", "tuple_type") and loc in _ARRAYS_OF_TABLES:
+            table = loc[0]
             lines.append(
-                f"receive: must be an array of tables: write [[receive]], not [receive] (got {got})"
+                f"{table}: must be an array of tables: write [[{table}]], not [{table}] (got {got})"
             )
         elif kind in ("list_type", "tuple_type"):
             lines.append(f"{_dotted(loc)}: must be an array (got {got})")
@@ -1033,6 +1225,37 @@ def _cross_checks(config: Config) -> list[str]:
                     problems.append(f"{here}: {shown} collides with {where}")
                     break
             bound.append((address, here))
+    return problems + _routing_checks(config)
+
+
+#: Names of the send connectors that engine.routing makes up: for delivery.smarthost, and
+#: the DNS MX connector used when there is no [[send]] at all ("" for plain MX delivery).
+IMPLICIT_SMARTHOST: Final = "delivery.smarthost"
+
+
+def _routing_checks(config: Config) -> list[str]:
+    """Send connector names are unique and not reserved; a local domain is listed once."""
+    problems: list[str] = []
+    names: dict[str, int] = {}
+    for i, sc in enumerate(config.send):
+        if sc.name == IMPLICIT_SMARTHOST:
+            problems.append(
+                f"send[{i}].name: {_show(sc.name)} is reserved for the connector that "
+                "delivery.smarthost makes"
+            )
+        elif sc.name in names:
+            problems.append(
+                f"send[{i}].name: {_show(sc.name)} is already the name of "
+                f"send[{names[sc.name]}] (names must be unique)"
+            )
+        names.setdefault(sc.name, i)
+    seen: dict[str, str] = {}
+    for i, lc in enumerate(config.local):
+        for j, domain in enumerate(lc.domains):
+            here = f"local[{i}].domains[{j}]"
+            if domain in seen:
+                problems.append(f"{here}: {_show(domain)} is already listed at {seen[domain]}")
+            seen.setdefault(domain, here)
     return problems
 
 

@@ -15,10 +15,12 @@ from engine.config import (
     Config,
     ConfigError,
     DeliveryConfig,
+    LocalConfig,
     LogConfig,
     Overrides,
     QueueConfig,
     ReceiveConfig,
+    SendConfig,
     load_config,
     parse_hostport,
     parse_size,
@@ -257,11 +259,14 @@ def test_docs_example_loads(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, example))
     assert len(config.receive) >= 2
     assert config.users
+    assert [sc.name for sc in config.send] == ["partner", "internet"]
+    assert len(config.local) == 2
 
 
 def test_docs_name_every_key() -> None:
     text = DOCS.read_text(encoding="utf-8")
-    for cls in (Config, QueueConfig, ReceiveConfig, DeliveryConfig, LogConfig):
+    for cls in (Config, QueueConfig, ReceiveConfig, DeliveryConfig, LogConfig, SendConfig,
+                LocalConfig):  # fmt: skip
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in text, f"{cls.__name__}.{f.name} is not documented"
 
@@ -718,3 +723,182 @@ def test_destinations_take_default_ports(tmp_path: Path) -> None:
     delivery = load_config(write(tmp_path, text)).delivery
     assert delivery.smarthost == ("relay.example", 25)
     assert delivery.dns == ("127.0.0.53", 53)
+
+
+# --- send connectors and local domains ----------------------------------------------------
+
+
+def test_no_send_or_local_by_default() -> None:
+    config = load_config(None)
+    assert config.send == () and config.local == ()
+
+
+ROUTING = """
+[[send]]
+name = "partner"
+address_spaces = ["Partner.Example.", "*.partner.example", "partner.example"]
+cost = 5
+smarthosts = ["relay.partner.example", "[2001:db8::25]:587"]
+tls = "verify"
+auth_user = "ferry"
+auth_password = "pa ss"
+protocol = "lmtp"
+
+[[send]]
+name = "mx"
+address_spaces = ["*"]
+port = 2525
+tls = "off"
+
+[[local]]
+domains = ["Example.COM", "*.corp.example"]
+maildir = "mail/{domain}/{local}"
+
+[[local]]
+domains = ["lists.example"]
+lmtp = "[::1]:24"
+"""
+
+
+def test_send_and_local(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, ROUTING))
+    partner, mx = config.send
+    assert partner == SendConfig(
+        name="partner", address_spaces=("partner.example", "*.partner.example"), cost=5,
+        smarthosts=(("relay.partner.example", 25), ("2001:db8::25", 587)), tls="verify",
+        auth_user="ferry", auth_password="pa ss", protocol="lmtp",
+    )  # fmt: skip
+    assert partner.allow_plaintext_auth is False and partner.port is None
+    assert mx == SendConfig("mx", ("*",), port=2525, tls="off")
+    assert (mx.cost, mx.smarthosts, mx.protocol) == (1, (), "smtp")
+    assert "pa ss" not in repr(partner)
+    maildir, lmtp = config.local
+    assert maildir == LocalConfig(
+        ("example.com", "*.corp.example"), maildir=str(tmp_path / "mail/{domain}/{local}")
+    )
+    assert lmtp == LocalConfig(("lists.example",), lmtp=("::1", 24))
+
+
+def test_every_routing_key_is_accepted_in_the_file(tmp_path: Path) -> None:
+    required = {
+        "send": 'name = "n"\naddress_spaces = ["*"]\n',
+        "local": 'domains = ["a.example"]\n',
+    }
+    for table, cls in (("send", SendConfig), ("local", LocalConfig)):
+        for f in dataclasses.fields(cls):
+            base = "".join(
+                line + "\n"
+                for line in required[table].splitlines()
+                if not line.startswith(f"{f.name} ")
+            )
+            found = problems(tmp_path, f"[[{table}]]\n{base}{f.name} = {{ x = 1 }}\n")
+            assert found and all(p.startswith(f"{table}[0].{f.name}: ") for p in found), found
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        ('[[send]]\naddress_spaces = ["*"]', "send[0].name", "is required"),
+        ('[[send]]\nname = "x"', "send[0].address_spaces", "is required"),
+        ('[[send]]\nname = "x"\naddress_spaces = []', "send[0].address_spaces", "at least one"),
+        ('[[send]]\nname = "x"\naddress_spaces = ["**"]', "send[0].address_spaces[0]", "label"),
+        ('[[send]]\nname = "x"\naddress_spaces = ["a.*"]', "send[0].address_spaces[0]", "label"),
+        ('[[send]]\nname = "x"\naddress_spaces = "*"', "send[0].address_spaces", "an array"),
+        ('[[send]]\nname = "a b"\naddress_spaces = ["*"]', "send[0].name", "letter or digit"),
+        ('[[send]]\nname = "x"\naddress_spaces = ["*"]\ncost = 0', "send[0].cost",
+         "positive integer"),
+        ('[[send]]\nname = "x"\naddress_spaces = ["*"]\ncost = 1.5', "send[0].cost", "(got 1.5)"),
+        ('[[send]]\nname = "x"\naddress_spaces = ["*"]\nsmarthosts = ["r.example:0"]',
+         "send[0].smarthosts[0]", "1 to 65535"),
+        ('[[send]]\nname = "x"\naddress_spaces = ["*"]\nsmarthosts = "r.example"',
+         "send[0].smarthosts", "an array"),
+        ('[[send]]\nname = "x"\naddress_spaces = ["*"]\ntls = "on"', "send[0].tls",
+         '"opportunistic"'),
+        ('[[send]]\nname = "x"\naddress_spaces = ["*"]\ntls = "Verify"', "send[0].tls",
+         'did you mean "verify"?'),
+        ('[[send]]\nname = "x"\naddress_spaces = ["*"]\nprotocol = "smtps"', "send[0].protocol",
+         '"smtp", "lmtp"'),
+        ('[[send]]\nname = "x"\naddress_spaces = ["*"]\nport = 0', "send[0].port", "1 to 65535"),
+        ('[[send]]\nname = "x"\naddress_spaces = ["*"]\nallow_plaintext_auth = 1',
+         "send[0].allow_plaintext_auth", "true or false"),
+        ('[[send]]\nname = "x"\naddress_spaces = ["*"]\nsmarthosts = ["r.example"]\n'
+         'auth_user = "u"', "send[0].auth_password", "is required when auth_user is set"),
+        ('[[send]]\nname = "x"\naddress_spaces = ["*"]\nsmarthosts = ["r.example"]\n'
+         'auth_password = "p"', "send[0].auth_user", "is required when auth_password is set"),
+        ('[[send]]\nname = "x"\naddress_spaces = ["*"]\nauth_user = "u"\nauth_password = "p"',
+         "send[0].auth_user", "only sent to smarthosts"),
+        ('[[send]]\nname = "x"\naddress_spaces = ["*"]\nsmarthosts = ["r.example"]\n'
+         'auth_user = "u"\nauth_password = "p"\ntls = "off"', "send[0].tls",
+         "allow_plaintext_auth"),
+        ('[[send]]\nname = "x"\naddress_spaces = ["*"]\nsmarthosts = ["r.example"]\nport = 25',
+         "send[0].port", "MX hosts only"),
+        ('[[send]]\nname = "x"\naddress_spaces = ["*"]\nauth_user = "a\\nb"',
+         "send[0].auth_user", "control characters"),
+        ('[send]\nname = "x"', "send", "write [[send]], not [send]"),
+        ('[[local]]\nmaildir = "/m/{local}"', "local[0].domains", "at least one domain"),
+        ('[[local]]\ndomains = []\nmaildir = "/m/{local}"', "local[0].domains",
+         "at least one domain"),
+        ('[[local]]\ndomains = ["a.example"]', "local[0].maildir", "exactly one of"),
+        ('[[local]]\ndomains = ["a.example"]\nmaildir = "/m/{local}"\nlmtp = "127.0.0.1:24"',
+         "local[0].maildir", "exactly one of"),
+        ('[[local]]\ndomains = ["a.example"]\nmaildir = "/m/{user}"', "local[0].maildir",
+         "not {user}"),
+        ('[[local]]\ndomains = ["a.example"]\nmaildir = "/m/{local"', "local[0].maildir",
+         "not a valid template"),
+        ('[[local]]\ndomains = ["a.example"]\nlmtp = "127.0.0.1"', "local[0].lmtp", "needs a port"),
+        ('[[local]]\ndomains = ["a_b.example"]\nlmtp = "127.0.0.1:24"', "local[0].domains[0]",
+         "label"),
+        ('[local]\ndomains = ["a.example"]', "local", "write [[local]], not [local]"),
+    ],
+)  # fmt: skip
+def test_routing_errors_name_their_key(tmp_path: Path, text: str, key: str, words: str) -> None:
+    found = one_problem(tmp_path, text + "\n")
+    assert found.startswith(f"{key}: "), found
+    assert words in found, found
+
+
+def test_auth_password_is_never_echoed(tmp_path: Path) -> None:
+    text = '[[send]]\nname = "x"\naddress_spaces = ["*"]\nauth_password = ["hunter2"]\n'
+    found = one_problem(tmp_path, text)
+    assert found.startswith("send[0].auth_password: ") and "hunter2" not in found
+
+
+def test_plaintext_auth_when_allowed(tmp_path: Path) -> None:
+    text = (
+        '[[send]]\nname = "x"\naddress_spaces = ["*"]\nsmarthosts = ["r.example"]\n'
+        'auth_user = "u"\nauth_password = "p"\ntls = "off"\nallow_plaintext_auth = true\n'
+    )
+    (sc,) = load_config(write(tmp_path, text)).send
+    assert (sc.tls, sc.allow_plaintext_auth, sc.auth_user) == ("off", True, "u")
+
+
+def test_send_names_unique_and_not_reserved(tmp_path: Path) -> None:
+    text = (
+        '[[send]]\nname = "a"\naddress_spaces = ["*"]\n'
+        '[[send]]\nname = "a"\naddress_spaces = ["x.example"]\n'
+        '[[send]]\nname = "delivery.smarthost"\naddress_spaces = ["*"]\n'
+    )
+    assert problems(tmp_path, text) == [
+        'send[1].name: "a" is already the name of send[0] (names must be unique)',
+        'send[2].name: "delivery.smarthost" is reserved for the connector that '
+        "delivery.smarthost makes",
+    ]
+
+
+def test_local_domain_listed_once(tmp_path: Path) -> None:
+    text = ('[[local]]\ndomains = ["a.example", "b.example"]\nmaildir = "/m/{local}"\n'
+            '[[local]]\ndomains = ["B.example."]\nlmtp = "127.0.0.1:24"\n')  # fmt: skip
+    assert one_problem(tmp_path, text) == (
+        'local[1].domains[0]: "b.example" is already listed at local[0].domains[1]'
+    )
+
+
+def test_unknown_routing_keys(tmp_path: Path) -> None:
+    text = '[[send]]\nname = "x"\naddress_spaces = ["*"]\nsmarthost = ["r.example"]\n'
+    assert one_problem(tmp_path, text) == (
+        "unknown key 'send[0].smarthost' (did you mean 'send[0].smarthosts'?)"
+    )
+    text = '[[local]]\ndomain = ["a.example"]\nmaildir = "/m"\n'
+    assert one_problem(tmp_path, text) == (
+        "unknown key 'local[0].domain' (did you mean 'local[0].domains'?)"
+    )
