@@ -1,0 +1,405 @@
+"""MX resolution: a domain → the hosts to try, in order, with their addresses, cached.
+
+Owns the DNS side of routing (RFC 5321 §5.1): the MX lookup, preference order with random
+shuffling among equal preferences, the implicit MX (a domain without MX records is its
+own mail host), the null MX (RFC 7505), the A/AAAA lookups of the MX hosts (IPv4 first),
+and the translation of DNS outcomes into :class:`~engine.routing.api.RouteError`:
+
+==============================================  =========  =====  ========
+outcome                                         permanent  code   enhanced
+==============================================  =========  =====  ========
+NXDOMAIN for the domain                         yes        550    5.1.2
+null MX ("0 .", RFC 7505 §3)                    yes        556    5.1.10
+no MX and no A/AAAA for the domain              yes        550    5.1.2
+MX hosts exist, none of them has an address     yes        550    5.4.4
+an invalid domain name                          yes        550    5.1.2
+timeout, SERVFAIL, REFUSED, anything else       no         451    4.4.3
+==============================================  =========  =====  ========
+
+"No addresses anywhere" is permanent because the DNS answered definitively (NODATA or
+NXDOMAIN for every name asked); Postfix bounces the same case.  A temporary failure of
+any one lookup that leaves no address makes the whole answer temporary instead.
+
+Answers are cached per record set: an MX set per domain and an address set per host name,
+each for its TTL (for an address set, the smaller of the A and AAAA TTLs), so many domains
+hosted at one provider share the provider's address lookups, and a combined answer is
+never older than the smallest TTL it was built from.  Negative answers (NXDOMAIN, NODATA)
+are cached for the SOA minimum of RFC 2308 §5, capped at ``max_negative_ttl``; temporary
+failures are never cached.  The cache holds at most ``max_entries`` record sets and drops
+the least recently used.  Concurrent lookups of one record set share one query.
+
+It must never hold delivery state, choose send connectors or open SMTP connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, TypeVar, cast
+
+import dns.asyncresolver
+import dns.exception
+import dns.message
+import dns.name
+import dns.rdatatype
+import dns.rdtypes.ANY.MX
+import dns.resolver
+
+from engine.config import Config
+from engine.routing.api import Host, RouteError
+
+__all__ = ["MxAnswer", "MxResolver"]
+
+_T = TypeVar("_T")
+
+#: RFC 2308 §5 allows negative caching up to the SOA minimum; a long one would keep a
+#: freshly created domain unreachable, so it is capped.
+MAX_NEGATIVE_TTL: Final = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class MxAnswer:
+    """The hosts of a domain and the site they form ("mx:" + sorted MX names)."""
+
+    site: str
+    hosts: tuple[Host, ...]
+    #: True when the domain had no MX records and is its own mail host (RFC 5321 §5.1).
+    implicit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """A cached permanent failure; a fresh RouteError is raised from it on each hit."""
+
+    text: str
+    code: int
+    enhanced: str
+
+    def error(self) -> RouteError:
+        return RouteError(self.text, permanent=True, code=self.code, enhanced=self.enhanced)
+
+
+@dataclass(slots=True)
+class _Entry:
+    value: object
+    expires: float
+
+
+# What the MX lookup of a domain found: the (preference, host name) pairs; () for no MX
+# records (implicit MX); None for a null MX.
+_MxSet = tuple[tuple[int, str], ...] | None
+# The addresses of one host name: (IPv4, IPv6).
+_Addresses = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+def _temporary(domain: str, why: str) -> RouteError:
+    return RouteError(
+        f"DNS lookup for {domain} failed temporarily ({why})",
+        permanent=False,
+        code=451,
+        enhanced="4.4.3",
+    )
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, dns.exception.Timeout):
+        return "timeout"
+    if isinstance(err, dns.resolver.NoNameservers):
+        return "no nameserver answered: SERVFAIL or REFUSED"
+    return type(err).__name__
+
+
+def _plain(name: dns.name.Name) -> str:
+    """A DNS name as Ferry writes host names: lower-case, no trailing dot."""
+    return name.to_text(omit_final_dot=True).lower()
+
+
+class MxResolver:
+    """MX and address lookups on dnspython's asyncio resolver, with a TTL cache.
+
+    ``nameserver`` (host, port) asks that server only (``--dns``, test labs); None uses
+    the system's configuration (/etc/resolv.conf).  ``timeout`` bounds one query to one
+    server, ``lifetime`` a whole lookup with its retries.  ``clock`` (monotonic seconds)
+    decides cache expiry.
+    """
+
+    def __init__(
+        self,
+        nameserver: tuple[str, int] | None = None,
+        *,
+        timeout: float = 3.0,
+        lifetime: float = 10.0,
+        max_entries: int = 100_000,
+        max_negative_ttl: float = MAX_NEGATIVE_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if nameserver is None:
+            self._resolver = dns.asyncresolver.Resolver()
+        else:
+            self._resolver = dns.asyncresolver.Resolver(configure=False)
+            self._resolver.nameservers = [nameserver[0]]
+            self._resolver.port = nameserver[1]
+        self._resolver.timeout = timeout
+        self._resolver.lifetime = lifetime
+        # RFC 6891 §6.2.5: 1232 octets avoids fragmentation on any path (DNS flag day 2020).
+        self._resolver.use_edns(0, 0, 1232)
+        self.max_entries = max_entries
+        self.max_negative_ttl = max_negative_ttl
+        self._clock = clock
+        self._cache: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        self._inflight: dict[tuple[str, str], asyncio.Future[object]] = {}
+
+    @classmethod
+    def from_config(
+        cls, config: Config, *, timeout: float = 3.0, lifetime: float = 10.0
+    ) -> MxResolver:
+        """The resolver for ``config.delivery.dns`` (the ``--dns`` flag)."""
+        return cls(config.delivery.dns, timeout=timeout, lifetime=lifetime)
+
+    # --- public lookups ------------------------------------------------------------------
+
+    async def mx_hosts(self, domain: str, port: int) -> tuple[Host, ...]:
+        """The hosts to try for ``domain``, best first: MX preference order, equal
+        preferences shuffled per call, each MX name's IPv4 addresses before its IPv6 ones.
+        Raises RouteError (see the module's table)."""
+        return (await self.mx(domain, port)).hosts
+
+    async def mx(self, domain: str, port: int) -> MxAnswer:
+        """:meth:`mx_hosts` with the site the hosts form."""
+        domain = domain.lower().rstrip(".")
+        mx_set = await self._cached(("MX", domain), lambda: self._lookup_mx(domain))
+        if mx_set is None:
+            raise RouteError(
+                f"{domain} does not accept mail: it has a null MX (RFC 7505)",
+                permanent=True,
+                code=556,
+                enhanced="5.1.10",
+            )
+        if not mx_set:
+            # RFC 5321 §5.1: no MX records → the domain itself, preference 0.
+            v4, v6 = await self._addresses(domain, domain)
+            if not v4 and not v6:
+                raise RouteError(
+                    f"{domain} has no MX and no address records",
+                    permanent=True,
+                    code=550,
+                    enhanced="5.1.2",
+                )
+            own = tuple(Host(domain, a, port, 0) for a in (*v4, *v6))
+            return MxAnswer(f"mx:{domain}", own, implicit=True)
+        names = [name for _, name in mx_set]
+        found = await asyncio.gather(
+            *(self._addresses(domain, name) for name in dict.fromkeys(names)),
+            return_exceptions=True,
+        )
+        by_name: dict[str, _Addresses] = {}
+        temporary: RouteError | None = None
+        for name, result in zip(dict.fromkeys(names), found, strict=True):
+            if isinstance(result, RouteError) and not result.permanent:
+                temporary = temporary or result
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                by_name[name] = result
+        hosts: list[Host] = []
+        seen: set[str] = set()
+        for preference, name in self._ordered(mx_set):
+            v4, v6 = by_name.get(name, ((), ()))
+            for address in (*v4, *v6):
+                if address not in seen:
+                    seen.add(address)
+                    hosts.append(Host(name, address, port, preference))
+        if not hosts:
+            if temporary is not None:
+                raise temporary
+            raise RouteError(
+                f"no MX host of {domain} has an address ({', '.join(sorted(set(names)))})",
+                permanent=True,
+                code=550,
+                enhanced="5.4.4",
+            )
+        return MxAnswer("mx:" + ",".join(sorted(set(names))), tuple(hosts))
+
+    async def addresses(self, name: str, port: int, preference: int = 0) -> tuple[Host, ...]:
+        """The A then AAAA addresses of a host name (an IP address is returned as it is),
+        as Hosts.  Raises RouteError when there are none."""
+        name = name.lower().rstrip(".")
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            pass
+        else:
+            return (Host(name, name, port, preference),)
+        v4, v6 = await self._addresses(name, name)
+        if not v4 and not v6:
+            raise RouteError(
+                f"host {name} has no address records",
+                permanent=True,
+                code=550,
+                enhanced="5.4.4",
+            )
+        return tuple(Host(name, a, port, preference) for a in (*v4, *v6))
+
+    def clear(self) -> None:
+        """Forget every cached answer."""
+        self._cache.clear()
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    # --- ordering ------------------------------------------------------------------------
+
+    @staticmethod
+    def _ordered(mx_set: tuple[tuple[int, str], ...]) -> list[tuple[int, str]]:
+        """Preference order; RFC 5321 §5.1: equal preferences in random order, so that the
+        load spreads over the hosts of one preference."""
+        groups: dict[int, list[str]] = {}
+        for preference, name in mx_set:
+            groups.setdefault(preference, []).append(name)
+        out: list[tuple[int, str]] = []
+        for preference in sorted(groups):
+            names = list(dict.fromkeys(groups[preference]))
+            random.shuffle(names)
+            out += [(preference, n) for n in names]
+        return out
+
+    # --- the cache -----------------------------------------------------------------------
+
+    async def _cached(self, key: tuple[str, str], fetch: Callable[[], Awaitable[_T]]) -> _T:
+        entry = self._cache.get(key)
+        if entry is not None:
+            if entry.expires > self._clock():
+                self._cache.move_to_end(key)
+                if isinstance(entry.value, _Failure):
+                    raise entry.value.error()
+                return cast(_T, entry.value)
+            del self._cache[key]
+        future = self._inflight.get(key)
+        if future is None:
+            started: asyncio.Future[object] = asyncio.ensure_future(fetch())
+            self._inflight[key] = future = started
+            started.add_done_callback(lambda f: self._settle(key, f))
+        # shield: one caller giving up (a cancelled delivery) must not cancel the query
+        # that other callers wait for.
+        return cast(_T, await asyncio.shield(future))
+
+    def _settle(self, key: tuple[str, str], future: asyncio.Future[object]) -> None:
+        if self._inflight.get(key) is future:
+            del self._inflight[key]
+        if not future.cancelled():
+            future.exception()  # retrieved: nobody may be waiting any more
+
+    def _store(self, key: tuple[str, str], value: object, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        self._cache[key] = _Entry(value, self._clock() + ttl)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+
+    def _negative_ttl(self, ttl: float) -> float:
+        return min(ttl, self.max_negative_ttl)
+
+    # --- the lookups ---------------------------------------------------------------------
+
+    def _qname(self, domain: str) -> dns.name.Name:
+        try:
+            return dns.name.from_text(domain)
+        except dns.exception.DNSException as err:
+            raise RouteError(
+                f"{domain} is not a valid domain name ({type(err).__name__})",
+                permanent=True,
+                code=550,
+                enhanced="5.1.2",
+            ) from None
+
+    async def _query(
+        self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType
+    ) -> dns.resolver.Answer | float:
+        """The answer, or the negative TTL for NXDOMAIN (as a float)."""
+        try:
+            return await self._resolver.resolve(
+                qname, rdtype, search=False, raise_on_no_answer=False
+            )
+        except dns.resolver.NXDOMAIN as err:
+            try:
+                responses = cast(
+                    dict[dns.name.Name, dns.message.QueryMessage], err.kwargs["responses"]
+                )
+                response = next(iter(responses.values()))
+                return float(response.resolve_chaining().minimum_ttl)
+            except (StopIteration, KeyError, dns.exception.DNSException):
+                return 0.0
+
+    async def _lookup_mx(self, domain: str) -> _MxSet:
+        key = ("MX", domain)
+        qname = self._qname(domain)
+        try:
+            answer = await self._query(qname, dns.rdatatype.MX)
+        except dns.exception.DNSException as err:
+            raise _temporary(domain, _why(err)) from None
+        if isinstance(answer, float):
+            failure = _Failure(f"{domain}: no such domain (NXDOMAIN)", 550, "5.1.2")
+            self._store(key, failure, self._negative_ttl(answer))
+            raise failure.error()
+        ttl = float(answer.chaining_result.minimum_ttl)
+        if answer.rrset is None:
+            self._store(key, (), self._negative_ttl(ttl))
+            return ()
+        records = [rd for rd in answer.rrset if isinstance(rd, dns.rdtypes.ANY.MX.MX)]
+        # RFC 7505 §3: a null MX is the single record "0 ."; a root target among other
+        # records is no host at all and is skipped.
+        value: _MxSet
+        if len(records) == 1 and records[0].exchange == dns.name.root:
+            value = None
+        else:
+            value = tuple(
+                (int(rd.preference), _plain(rd.exchange))
+                for rd in records
+                if rd.exchange != dns.name.root
+            )
+        self._store(key, value, ttl)
+        return value
+
+    async def _addresses(self, domain: str, name: str) -> _Addresses:
+        return await self._cached(("ADDR", name), lambda: self._lookup_addresses(domain, name))
+
+    async def _lookup_addresses(self, domain: str, name: str) -> _Addresses:
+        qname = self._qname(name)
+        results = await asyncio.gather(
+            self._query(qname, dns.rdatatype.A),
+            self._query(qname, dns.rdatatype.AAAA),
+            return_exceptions=True,
+        )
+        lists: list[tuple[str, ...]] = []
+        ttls: list[float] = []
+        failed: BaseException | None = None
+        for result in results:
+            if isinstance(result, dns.exception.DNSException):
+                failed = failed or result
+                lists.append(())
+            elif isinstance(result, BaseException):
+                raise result
+            elif isinstance(result, float):
+                lists.append(())
+                ttls.append(self._negative_ttl(result))
+            elif result.rrset is None:
+                lists.append(())
+                ttls.append(self._negative_ttl(float(result.chaining_result.minimum_ttl)))
+            else:
+                lists.append(tuple(rd.to_text() for rd in result.rrset))
+                ttls.append(float(result.chaining_result.minimum_ttl))
+        v4, v6 = lists
+        if failed is not None:
+            if not v4 and not v6:
+                raise _temporary(domain if domain == name else f"{name} (MX of {domain})",
+                                 _why(failed))  # fmt: skip
+            # Half an answer is used now but not cached: the next lookup asks again.
+            return v4, v6
+        self._store(("ADDR", name), (v4, v6), min(ttls))
+        return v4, v6
