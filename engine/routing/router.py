@@ -1,0 +1,297 @@
+"""The router: recipient domain → destination at ingest, destination → route at delivery.
+
+Owns the choice of the way out.  At ingest :meth:`ConfiguredRouter.destination` records a
+name that needs no DNS: ``local:<domain>`` for a local (authoritative) domain, the address
+literal itself (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``), or the domain, lower-cased
+without its trailing dot.  The send connector is chosen later, by :meth:`resolve`, so that
+a configuration change applies to mail already queued.
+
+Choosing a send connector (the Exchange rules): among the connectors whose address spaces
+match the domain, the most specific match wins (an exact domain beats the longest
+``*.suffix``, which beats ``*``); among those, the lowest cost; connectors of equal cost
+share the load (one is picked at random per call).  Connectors the caller names in
+``exclude`` (they just failed) are skipped and the next one is taken, but only among the
+connectors of the most specific match: mail for a partner domain is never handed to the
+general ``*`` connector because the partner's connector (perhaps with verified TLS and
+AUTH) is down.  An address literal matches only ``*``.
+
+Implicit connectors: ``delivery.smarthost`` (the ``--smarthost`` flag) is a ``*``
+connector named "delivery.smarthost" with cost 0, below any configured one; with no
+[[send]] and no smarthost at all, a ``*`` connector named "" delivers by DNS MX on
+``delivery.mx_port``.  With [[send]] connectors, a domain none of them matches has no
+route: a temporary 451 4.4.4 (RFC 3463 X.4.4, unable to route), so that the operator can
+add a connector before the mail expires.
+
+AUTH: a route carries ``auth`` only for a smarthost connector; when the connector does
+not allow plaintext AUTH, the route's TLS is raised to at least "required", so the client
+(which sees only the route) never sends the password in clear (RFC 4954 §4).
+
+It must never hold delivery state (retries, limits, connections are the scheduler's) and
+never does DNS in :meth:`destination`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from dataclasses import dataclass
+from typing import Final
+
+from engine.config import IMPLICIT_SMARTHOST, Config, LocalConfig, SendConfig
+from engine.routing.api import Host, Route, RouteError, TlsMode
+from engine.routing.mx import MxResolver
+
+__all__ = ["LOCAL_PREFIX", "ConfiguredRouter", "accepted_domains", "match_rank"]
+
+#: Destinations of local domains start with this.
+LOCAL_PREFIX: Final = "local:"
+
+#: Specificity of a match: an exact domain, a "*.suffix" (plus the suffix's length), "*".
+_EXACT: Final = 2
+_SUFFIX: Final = 1
+_ANY: Final = 0
+
+
+def match_rank(space: str, domain: str) -> tuple[int, int] | None:
+    """How specifically address space ``space`` matches ``domain`` (higher is more
+    specific), or None when it does not match.  ``domain`` is normalised; an address
+    literal ("[...]") is matched by "*" only."""
+    if space == "*":
+        return (_ANY, 0)
+    if domain.startswith("["):
+        return None
+    if space.startswith("*."):
+        suffix = space[2:]
+        if domain == suffix or domain.endswith("." + suffix):
+            return (_SUFFIX, len(suffix))
+        return None
+    return (_EXACT, 0) if domain == space else None
+
+
+def accepted_domains(config: Config) -> tuple[str, ...]:
+    """The domains the relay policy must accept from anyone: ``accepted_domains`` and every
+    [[local]] domain (mail for a domain delivered here must be receivable)."""
+    local = (d for lc in config.local for d in lc.domains)
+    return tuple(dict.fromkeys((*config.accepted_domains, *local)))
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _literal(destination: str) -> str | None:
+    """The IP address of an address literal (RFC 5321 §4.1.3), or None if it is not one."""
+    inner = destination[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        try:
+            return str(ipaddress.IPv6Address(inner[5:]))
+        except ValueError:
+            return None
+    try:
+        return str(ipaddress.IPv4Address(inner))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Connector:
+    config: SendConfig
+    #: The port for MX hosts (the connector's, else delivery.mx_port).
+    mx_port: int
+
+
+class ConfiguredRouter:
+    """The Router (engine.routing.api) for a Config: send connectors, local domains, MX."""
+
+    def __init__(self, config: Config, resolver: MxResolver) -> None:
+        self.config = config
+        self.resolver = resolver
+        mx_port = config.delivery.mx_port
+        connectors = [_Connector(sc, sc.port or mx_port) for sc in config.send]
+        if config.delivery.smarthost is not None:
+            implicit = SendConfig(
+                IMPLICIT_SMARTHOST, ("*",), cost=0, smarthosts=(config.delivery.smarthost,)
+            )
+            connectors.append(_Connector(implicit, mx_port))
+        elif not config.send:
+            connectors.append(_Connector(SendConfig("", ("*",)), mx_port))
+        self._connectors = tuple(connectors)
+        self._local_exact: dict[str, LocalConfig] = {}
+        self._local_suffix: list[tuple[str, LocalConfig]] = []
+        for lc in config.local:
+            for domain in lc.domains:
+                if domain.startswith("*."):
+                    self._local_suffix.append((domain[2:], lc))
+                else:
+                    self._local_exact[domain] = lc
+        # The longest suffix first, so that the most specific entry wins.
+        self._local_suffix.sort(key=lambda item: -len(item[0]))
+        self._hostname = config.hostname.lower().rstrip(".")
+
+    @property
+    def connectors(self) -> tuple[SendConfig, ...]:
+        """Every send connector, implicit ones included."""
+        return tuple(c.config for c in self._connectors)
+
+    # --- ingest --------------------------------------------------------------------------
+
+    def destination(self, domain: str) -> str:
+        domain = domain.lower().rstrip(".") or self._hostname
+        if domain.startswith("["):
+            address = _literal(domain) if domain.endswith("]") else None
+            if address is None:
+                return domain
+            return f"[IPv6:{address}]" if ":" in address else f"[{address}]"
+        if self.local(domain) is not None:
+            return LOCAL_PREFIX + domain
+        return domain
+
+    def local(self, domain: str) -> LocalConfig | None:
+        """The [[local]] table that covers ``domain`` (normalised), or None."""
+        found = self._local_exact.get(domain)
+        if found is not None:
+            return found
+        for suffix, lc in self._local_suffix:
+            if domain == suffix or domain.endswith("." + suffix):
+                return lc
+        return None
+
+    # --- delivery ------------------------------------------------------------------------
+
+    def choose(self, domain: str, exclude: frozenset[str] = frozenset()) -> SendConfig:
+        """The send connector for ``domain`` (normalised) now; RouteError if none."""
+        return self._choose(domain, exclude).config
+
+    def _choose(self, domain: str, exclude: frozenset[str]) -> _Connector:
+        best: tuple[int, int] | None = None
+        level: list[_Connector] = []
+        for connector in self._connectors:
+            ranks = [match_rank(s, domain) for s in connector.config.address_spaces]
+            rank = max((r for r in ranks if r is not None), default=None)
+            if rank is None:
+                continue
+            if best is None or rank > best:
+                best, level = rank, [connector]
+            elif rank == best:
+                level.append(connector)
+        if not level:
+            raise RouteError(
+                f"no send connector's address space matches {domain}",
+                permanent=False,
+                code=451,
+                enhanced="4.4.4",
+            )
+        left = [c for c in level if c.config.name not in exclude]
+        if not left:
+            names = ", ".join(sorted(repr(c.config.name) for c in level))
+            raise RouteError(
+                f"every send connector for {domain} failed ({names})",
+                permanent=False,
+                code=451,
+                enhanced="4.4.4",
+            )
+        cheapest = min(c.config.cost for c in left)
+        return random.choice([c for c in left if c.config.cost == cheapest])
+
+    async def resolve(self, destination: str, exclude: frozenset[str] = frozenset()) -> Route:
+        domain = destination.removeprefix(LOCAL_PREFIX).lower().rstrip(".")
+        if not domain:
+            raise RouteError(
+                f"empty destination {destination!r}", permanent=True, code=550, enhanced="5.1.2"
+            )
+        literal: str | None = None
+        if domain.startswith("["):
+            literal = _literal(domain) if domain.endswith("]") else None
+            if literal is None:
+                raise RouteError(
+                    f"{destination} is not a valid address literal (RFC 5321 §4.1.3)",
+                    permanent=True,
+                    code=550,
+                    enhanced="5.1.3",
+                )
+        else:
+            # The configuration at delivery time decides: a domain made local after its
+            # mail was queued is delivered locally, and one no longer local goes out.
+            lc = self.local(domain)
+            if lc is not None:
+                return await self._local_route(destination, lc)
+        connector = self._choose(domain, exclude)
+        sc = connector.config
+        if sc.smarthosts:
+            return await self._smarthost_route(destination, sc)
+        if literal is not None:
+            hosts: tuple[Host, ...] = (Host(literal, literal, connector.mx_port),)
+            site = f"literal:{_hostport(literal, connector.mx_port)}"
+        else:
+            answer = await self.resolver.mx(domain, connector.mx_port)
+            hosts, site = answer.hosts, answer.site
+        return Route(
+            destination=destination,
+            site=site,
+            hosts=hosts,
+            protocol=sc.protocol,
+            tls=sc.tls,
+            auth=None,
+            connector=sc.name,
+        )
+
+    async def _smarthost_route(self, destination: str, sc: SendConfig) -> Route:
+        hosts: list[Host] = []
+        failure: RouteError | None = None
+        for preference, (name, port) in enumerate(sc.smarthosts):
+            try:
+                hosts += await self.resolver.addresses(name, port, preference)
+            except RouteError as err:
+                failure = failure or err
+        if not hosts:
+            assert failure is not None
+            # A smarthost that does not resolve is this server's configuration problem
+            # (or the DNS's), never the recipient's: defer, do not bounce.
+            raise RouteError(
+                f"send connector {sc.name!r}: {failure.text}",
+                permanent=False,
+                code=451,
+                enhanced="4.4.3",
+            )
+        tls: TlsMode = sc.tls
+        auth = (sc.auth_user, sc.auth_password) if sc.auth_user else None
+        if auth is not None and not sc.allow_plaintext_auth and tls in ("off", "opportunistic"):
+            tls = "required"
+        site = "smarthost:" + ",".join(_hostport(h, p) for h, p in sc.smarthosts)
+        return Route(
+            destination=destination,
+            site=site,
+            hosts=tuple(hosts),
+            protocol=sc.protocol,
+            tls=tls,
+            auth=auth,
+            connector=sc.name,
+        )
+
+    async def _local_route(self, destination: str, lc: LocalConfig) -> Route:
+        if lc.lmtp is None:
+            return Route(
+                destination=destination,
+                site=f"maildir:{lc.maildir}",
+                hosts=(),
+                protocol="maildir",
+                tls="off",
+                maildir=lc.maildir,
+            )
+        name, port = lc.lmtp
+        try:
+            hosts = await self.resolver.addresses(name, port)
+        except RouteError as err:
+            raise RouteError(
+                f"LMTP server {_hostport(name, port)}: {err.text}",
+                permanent=False,
+                code=451,
+                enhanced="4.4.3",
+            ) from None
+        return Route(
+            destination=destination,
+            site=f"lmtp:{_hostport(name, port)}",
+            hosts=hosts,
+            protocol="lmtp",
+            tls="opportunistic",
+        )
