@@ -1,8 +1,10 @@
 """The composition root: builds every part from the configuration, starts and stops them.
 
-Order at start: the queue database (recovery happens as it opens), then the receive
-connectors.  Order at stop (SIGTERM/SIGINT): stop listening and send 421 to open
-sessions, let pending commits finish, then close the queue (its writer drains first).
+Order at start: the queue database (recovery happens as it opens), the router, delivery
+agents and scheduler, then the receive connectors.  Order at stop (SIGTERM/SIGINT): stop
+listening and send 421 to open sessions, let pending commits finish, stop the scheduler
+(deliveries in flight finish and record their outcomes), close pooled connections, then
+close the queue (its writer drains first).
 Nothing else in the code constructs these parts; this module holds no protocol logic.
 """
 
@@ -11,14 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 from engine import __version__, _speedups
 from engine.agents.relay import RelayPolicy
+from engine.client.api import DeliveryAgent
+from engine.client.maildir import MaildirAgent
+from engine.client.smtp import SmtpAgent
 from engine.config import Config
 from engine.ops.protolog import ProtocolLog
 from engine.queue.lmdb_store import LmdbQueue
+from engine.routing.mx import MxResolver
+from engine.routing.router import ConfiguredRouter, accepted_domains
+from engine.scheduler.policy import SchedulerSettings, SiteLimits
+from engine.scheduler.scheduler import Scheduler
 from engine.server.auth import Authenticator
 from engine.server.ingest import Ingest
 from engine.server.service import Connector
@@ -26,21 +34,26 @@ from engine.server.service import Connector
 log = logging.getLogger("ferry")
 
 
-def make_route(config: Config) -> Callable[[str], str]:
-    """Recipient domain → next hop name, until the router of the routing issue exists:
-    every recipient goes to the smarthost when one is set, else to its own domain."""
-    smarthost = config.delivery.smarthost
-    if smarthost is not None:
-        label = f"smarthost:{smarthost[0]}:{smarthost[1]}"
-        return lambda domain: label
-    hostname = config.hostname.lower()
-    return lambda domain: domain.lower().rstrip(".") or hostname
+def scheduler_settings(config: Config) -> SchedulerSettings:
+    d = config.delivery
+    return SchedulerSettings(
+        window=d.window,
+        default_limits=SiteLimits(max_connections=d.max_per_domain, max_rate=d.max_rate),
+        max_recipients_per_transaction=d.max_recipients_per_transaction,
+        retry_interval=d.retry_interval,
+        max_retry_interval=d.max_retry_interval,
+        max_queue_lifetime=d.max_queue_lifetime,
+        down_period=d.down_period,
+        paused=d.paused,
+    )
 
 
 class App:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store: LmdbQueue | None = None
+        self.scheduler: Scheduler | None = None
+        self.agents: dict[str, DeliveryAgent] = {}
         self.connectors: list[Connector] = []
         self.addresses: list[str] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -55,16 +68,25 @@ class App:
         )
         log.info("ferry %s starting; %s", __version__, _speedups.status())
         log.info("%s", store.describe())
-        ingest = Ingest(store, cfg.hostname, make_route(cfg))
+        router = ConfiguredRouter(cfg, MxResolver.from_config(cfg))
+        per_connection = cfg.delivery.max_messages_per_connection
+        self.agents = {"smtp": SmtpAgent(cfg.hostname, max_messages_per_connection=per_connection),
+                       "lmtp": SmtpAgent(cfg.hostname, lmtp=True),
+                       "maildir": MaildirAgent(hostname=cfg.hostname)}
+        self.scheduler = scheduler = Scheduler(store, router, self.agents, hostname=cfg.hostname,
+                                               settings=scheduler_settings(cfg))
+        scheduler.start()
+        ingest = Ingest(store, cfg.hostname, router.destination,
+                        lifetime=cfg.delivery.max_queue_lifetime, queued=scheduler.wake)
         authenticator = Authenticator(cfg.users)
+        accepted = accepted_domains(cfg)
         log_dir = cfg.log.protocol_log_dir or Path(cfg.spool) / "log"
         if any(rc.protocol_log for rc in cfg.receive):
             log_dir.mkdir(parents=True, exist_ok=True)
         for rc in cfg.receive:
             connector = Connector(
                 rc, hostname=cfg.hostname, store=store,
-                relay=RelayPolicy(cfg.accepted_domains, rc.relay_networks,
-                                  rc.relay_authenticated),
+                relay=RelayPolicy(accepted, rc.relay_networks, rc.relay_authenticated),
                 authenticator=authenticator, ingest=ingest,
                 protolog=ProtocolLog(log_dir if rc.protocol_log else None, rc.name),
                 auth_enabled=bool(cfg.users),
@@ -85,6 +107,9 @@ class App:
     async def stop(self) -> None:
         log.info("stopping: 421 to open sessions, finishing pending commits")
         await asyncio.gather(*(c.stop() for c in self.connectors))
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        await asyncio.gather(*(agent.close() for agent in self.agents.values()))
         if self._flusher is not None:
             self._flusher.cancel()
         if self.store is not None:

@@ -193,7 +193,21 @@ class DeliveryConfig:
     dns: tuple[str, int] | None = None
     mx_port: int = 25
     max_per_domain: int = 20
+    #: Messages per second to one site (a destination's server set); 0 = no limit.
+    max_rate: float = 0.0
+    #: Messages over one outbound connection before it is closed.
+    max_messages_per_connection: int = 100
+    #: Recipients of one message in one transaction (RFC 5321 §4.5.3.1.8: at least 100).
+    max_recipients_per_transaction: int = 100
+    #: The first retry delay; later ones double up to ``max_retry_interval``.
     retry_interval: float = 300.0
+    max_retry_interval: float = 4 * 3600.0
+    #: A message still queued this long after arrival fails with a DSN (RFC 5321 §4.5.4.1).
+    max_queue_lifetime: float = 5 * 86400.0
+    #: A site that accepted no connection is left alone this long.
+    down_period: float = 60.0
+    #: Due (message, destination) groups held in memory at once (the active window).
+    window: int = 10_000
     #: Start with delivery paused (mail is accepted and queued only).
     paused: bool = False
 
@@ -364,11 +378,14 @@ def _seconds(value: object) -> float:
     return float(number)
 
 
-def _seconds_or_off(value: object) -> float:
-    number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
-    if number is None or not math.isfinite(number) or number < 0:
-        raise _Invalid(f"must be a number of seconds, 0 or more (got {_show(value)})")
-    return float(number)
+def _zero_or_more(unit: str) -> Callable[[object], float]:
+    def check(value: object) -> float:
+        number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+        if number is None or not math.isfinite(number) or number < 0:
+            raise _Invalid(f"must be a number of {unit}, 0 or more (got {_show(value)})")
+        return float(number)
+
+    return check
 
 
 def _bool(value: object) -> bool:
@@ -802,7 +819,8 @@ def _v(check: Callable[..., Any]) -> PlainValidator:
 
 _PosInt = Annotated[int, _v(_positive_int)]
 _Seconds = Annotated[float, _v(_seconds)]
-_SecondsOrOff = Annotated[float, _v(_seconds_or_off)]
+_SecondsOrOff = Annotated[float, _v(_zero_or_more("seconds"))]
+_RateOrOff = Annotated[float, _v(_zero_or_more("messages per second"))]
 _Bool = Annotated[bool, _v(_bool)]
 _Networks = Annotated[tuple[Network, ...], _v(_networks)]
 
@@ -892,7 +910,14 @@ class _DeliveryModel(_Model):
     dns: Annotated[tuple[str, int], _v(_nameserver)] | None = None
     mx_port: Annotated[int, _v(_port)] | None = None
     max_per_domain: _PosInt | None = None
+    max_rate: _RateOrOff | None = None
+    max_messages_per_connection: _PosInt | None = None
+    max_recipients_per_transaction: _PosInt | None = None
     retry_interval: _Seconds | None = None
+    max_retry_interval: _Seconds | None = None
+    max_queue_lifetime: _Seconds | None = None
+    down_period: _Seconds | None = None
+    window: _PosInt | None = None
     paused: _Bool | None = None
 
 

@@ -50,10 +50,16 @@ def _recipient(cmd: Command, route: Route) -> Recipient:
 
 
 class Ingest:
-    def __init__(self, store: QueueStore, hostname: str, route: Route) -> None:
+    def __init__(self, store: QueueStore, hostname: str, route: Route, *,
+                 lifetime: float = 5 * 86400.0,
+                 queued: Callable[[], None] | None = None) -> None:
         self.store = store
         self.hostname = hostname
         self.route = route
+        #: the maximum queue lifetime: a message expires this long after arrival
+        self.lifetime = lifetime
+        #: told after each commit (the scheduler looks at the due index at once)
+        self.queued = queued
 
     async def accept(self, session: SmtpSession, event: MessageReceived) -> Reply:
         body = event.body
@@ -90,10 +96,13 @@ class Ingest:
             client_address=session.client,
             auth_user=session.auth_user,
             message_id=_header_value(body, scan.message_id),
+            expires=now + self.lifetime if self.lifetime else 0.0,
             queue_id=qid,
         )
         try:
             await self.store.enqueue(envelope, field + body)
         except BackPressure:
             return S451_STORAGE
+        if self.queued is not None:
+            self.queued()
         return (250, "2.0.0", f"Ok: queued as {id_text(qid)}")

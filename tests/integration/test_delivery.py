@@ -1,0 +1,195 @@
+"""Delivery end to end: Ferry accepts mail over SMTP, resolves MX through a DNS responder
+the test starts (real dnspython), and delivers to aiosmtpd sinks on loopback addresses."""
+
+from __future__ import annotations
+
+import dataclasses
+import email
+import email.policy
+import smtplib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.queue.records import RcptState
+from engine.testing.dns import DnsResponder
+from engine.testing.server import RunningFerry, ferry_config
+from engine.testing.sink import CountingSink
+
+ZONE = """
+$TTL 60
+@ IN SOA ns.test. admin.test. 1 60 60 600 60
+one.test.      IN MX 10 mx1.one.test.
+one.test.      IN MX 20 mx2.one.test.
+mx1.one.test.  IN A 127.0.10.1
+mx2.one.test.  IN A 127.0.10.2
+two.test.      IN MX 10 mx.two.test.
+mx.two.test.   IN A 127.0.10.3
+dead.test.     IN MX 10 mx1.dead.test.
+dead.test.     IN MX 20 mx2.one.test.
+mx1.dead.test. IN A 127.0.10.9
+nomx.test.     IN A 127.0.10.4
+nullmx.test.   IN MX 0 .
+client.test.   IN MX 10 mx.client.test.
+mx.client.test. IN A 127.0.10.5
+"""
+
+SINK_ADDRESSES = ["127.0.10.1", "127.0.10.2", "127.0.10.3", "127.0.10.4", "127.0.10.5"]
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DnsResponder]:
+    with DnsResponder(ZONE) as responder:
+        yield responder
+
+
+@pytest.fixture
+def sink() -> Iterator[CountingSink]:
+    s = CountingSink(SINK_ADDRESSES)
+    yield s
+    s.stop()
+
+
+Start = Callable[..., RunningFerry]
+
+
+@pytest.fixture
+def ferry(tmp_path: Path, dns_server: DnsResponder, sink: CountingSink) -> Iterator[Start]:
+    running: list[RunningFerry] = []
+
+    def start(**delivery: Any) -> RunningFerry:
+        config = ferry_config(tmp_path / f"spool{len(running)}")
+        settings = {"dns": dns_server.address, "mx_port": sink.port, "retry_interval": 0.5,
+                    "max_retry_interval": 1.0, **delivery}
+        config = dataclasses.replace(
+            config, delivery=dataclasses.replace(config.delivery, **settings))
+        f = RunningFerry(config)
+        running.append(f)
+        return f
+
+    yield start
+    for f in running:
+        f.stop()
+
+
+def send(f: RunningFerry, sender: str, rcpts: list[str], body: bytes,
+         options: list[str] | None = None, rcpt_options: list[str] | None = None) -> None:
+    with smtplib.SMTP(f.host, f.port) as client:
+        client.ehlo("client.test")
+        client.mail(sender, options or [])
+        for rcpt in rcpts:
+            client.rcpt(rcpt, rcpt_options or [])
+        code, _ = client.data(body)
+        assert code == 250
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+BODY = b"Subject: test\r\nMessage-ID: <t1@client.test>\r\n\r\nHello\r\n.dot line\r\n"
+
+
+def test_delivery_by_mx_preference_byte_exact(ferry: Start, sink: CountingSink) -> None:
+    f = ferry()
+    send(f, "a@client.test", ["x@one.test", "y@one.test"], BODY)
+    wait_for(lambda: len(sink.state.messages) == 1)
+    msg = sink.state.messages[0]
+    assert msg.address == "127.0.10.1"  # the preferred MX
+    assert sorted(msg.recipients) == ["x@one.test", "y@one.test"]  # one transaction
+    assert msg.body.startswith(b"Received: from client.test")
+    assert msg.body.endswith(BODY)  # byte-exact after the trace field
+    wait_for(lambda: f.store.count() == 0)  # the body is freed after the last outcome
+
+
+def test_fallback_to_the_next_mx_and_implicit_mx(ferry: Start, sink: CountingSink) -> None:
+    f = ferry()  # nothing listens on dead.test's preferred MX, 127.0.10.9
+    send(f, "a@client.test", ["x@dead.test", "z@nomx.test"], BODY)
+    wait_for(lambda: len(sink.state.messages) == 2)
+    assert {m.address for m in sink.state.messages} == {"127.0.10.2", "127.0.10.4"}
+
+
+def test_null_mx_fails_at_once_with_a_dsn(ferry: Start, sink: CountingSink) -> None:
+    f = ferry()
+    send(f, "a@client.test", ["x@nullmx.test"], BODY)
+    wait_for(lambda: any(m.address == "127.0.10.5" for m in sink.state.messages))
+    (dsn,) = [m for m in sink.state.messages if m.address == "127.0.10.5"]
+    assert dsn.sender in ("", "<>") and dsn.recipients == ["a@client.test"]  # null sender
+    parsed = email.message_from_bytes(dsn.body, policy=email.policy.default)
+    assert parsed.get_content_type() == "multipart/report"
+    text = dsn.body.decode()
+    assert "Final-Recipient: rfc822;x@nullmx.test" in text and "Status: 5.1.10" in text
+
+
+def test_5xx_gives_a_dsn_and_notify_never_none(ferry: Start, sink: CountingSink) -> None:
+    sink.state.rcpt_replies["bad@two.test"] = "550 5.1.1 No such user"
+    sink.state.rcpt_replies["quiet@two.test"] = "550 5.1.1 No such user"
+    f = ferry()
+    send(f, "a@client.test", ["bad@two.test"], BODY, options=["RET=HDRS", "ENVID=env1"],
+         rcpt_options=["ORCPT=rfc822;bad@two.test"])
+    send(f, "a@client.test", ["quiet@two.test"], BODY, rcpt_options=["NOTIFY=NEVER"])
+    wait_for(lambda: f.store.count() == 0 and len(sink.state.messages) >= 1)
+    time.sleep(0.5)
+    dsns = [m for m in sink.state.messages if m.address == "127.0.10.5"]
+    assert len(dsns) == 1
+    text = dsns[0].body.decode()
+    assert "Original-Envelope-Id: env1" in text
+    assert "Original-Recipient: rfc822;bad@two.test" in text
+    assert "Diagnostic-Code: smtp; 550 5.1.1 No such user" in text
+    assert "text/rfc822-headers" in text
+
+
+def test_no_dsn_for_the_null_sender(ferry: Start, sink: CountingSink) -> None:
+    sink.state.rcpt_replies["bad@two.test"] = "550 5.1.1 No such user"
+    f = ferry()
+    send(f, "", ["bad@two.test"], BODY)
+    wait_for(lambda: f.store.count() == 0)
+    time.sleep(0.5)
+    assert sink.state.messages == []
+
+
+def test_retry_then_success(ferry: Start, sink: CountingSink) -> None:
+    sink.state.data_replies["127.0.10.3"] = "451 4.3.0 try later"
+    f = ferry()
+    send(f, "a@client.test", ["x@two.test"], BODY)
+    wait_for(lambda: sink.state.connections["127.0.10.3"] >= 1)
+    time.sleep(0.3)
+    (env,) = [f.store.get(e.queue_id) for e in f.store.due(time.time() + 3600, 10)]
+    assert env.recipients[0].state is RcptState.DEFERRED
+    assert env.recipients[0].last_reply.startswith("451 4.3.0")
+    sink.state.data_replies["127.0.10.3"] = ""
+    wait_for(lambda: len(sink.state.messages) == 1)
+    wait_for(lambda: f.store.count() == 0)
+
+
+def test_expiry_fails_with_a_dsn(ferry: Start, sink: CountingSink) -> None:
+    sink.state.data_replies["127.0.10.3"] = "451 4.3.0 try later"
+    f = ferry(max_queue_lifetime=1.5)
+    send(f, "a@client.test", ["x@two.test"], BODY)
+    wait_for(lambda: any(m.address == "127.0.10.5" for m in sink.state.messages), 20)
+    (dsn,) = [m for m in sink.state.messages if m.address == "127.0.10.5"]
+    text = dsn.body.decode()
+    assert "Action: failed" in text and "Final-Recipient: rfc822;x@two.test" in text
+    assert "451 4.3.0 try later" in text
+    wait_for(lambda: f.store.count() == 0)
+
+
+def test_suspend_and_resume_a_destination(ferry: Start, sink: CountingSink) -> None:
+    f = ferry(paused=False)
+    assert f.app.scheduler is not None
+    f.call(f.app.scheduler.suspend("two.test"))
+    send(f, "a@client.test", ["x@two.test"], BODY)
+    time.sleep(1.0)
+    (entry,) = [e for e in f.store.due(time.time() + 10 * 86400, 10)]
+    assert f.store.get(entry.queue_id).recipients[0].state is RcptState.SUSPENDED
+    assert sink.state.messages == []
+    f.call(f.app.scheduler.resume("two.test"))
+    wait_for(lambda: len(sink.state.messages) == 1)
