@@ -25,12 +25,18 @@ T = TypeVar("T")
 
 
 def ferry_config(spool: Path, **receive: Any) -> Config:
-    """The embedded default on an ephemeral loopback port, with receive-connector changes."""
+    """The embedded default on an ephemeral loopback port, with receive-connector changes.
+
+    Delivery is paused: a test that delivers turns it on and points ``delivery.dns`` at
+    a responder on loopback, so no test ever asks the system's resolver or leaves 127/8.
+    """
     config = load_config(None, Overrides(listen=(("127.0.0.1", 0),), spool=str(spool),
                                          hostname="ferry.test"))
     first = dataclasses.replace(config.receive[0], **receive)
     queue = dataclasses.replace(config.queue, min_free_disk=0)
-    return dataclasses.replace(config, receive=(first, *config.receive[1:]), queue=queue)
+    delivery = dataclasses.replace(config.delivery, paused=True, dns=("127.0.0.1", 9))
+    return dataclasses.replace(config, receive=(first, *config.receive[1:]), queue=queue,
+                               delivery=delivery)
 
 
 class RunningFerry:

@@ -56,7 +56,8 @@ def test_embedded_default_serves_on_2525_and_stops_cleanly(tmp_path: Path) -> No
         wait_for_port(2525, proc)
         with smtplib.SMTP("127.0.0.1", 2525) as client:
             assert client.ehlo()[0] == 250
-            client.sendmail("a@client.test", ["b@example.net"], b"Subject: x\r\n\r\nx\r\n")
+            # An address literal on loopback: delivery stays on 127/8 and needs no DNS.
+            client.sendmail("a@[127.0.0.1]", ["b@[127.0.0.1]"], b"Subject: x\r\n\r\nx\r\n")
     finally:
         code, err = stop(proc)
     assert code == 0, err
@@ -149,7 +150,8 @@ def test_protocol_log_records_commands_and_hides_auth(tmp_path: Path) -> None:
         with smtplib.SMTP("127.0.0.1", port) as client:
             client.ehlo("client.test")
             client.login("app", "pw")
-            client.sendmail("a@client.test", ["b@example.net"], b"Subject: x\r\n\r\nx\r\n")
+            # An address literal on loopback: delivery stays on 127/8 and needs no DNS.
+            client.sendmail("a@[127.0.0.1]", ["b@[127.0.0.1]"], b"Subject: x\r\n\r\nx\r\n")
     finally:
         code, err = stop(proc)
     assert code == 0, err

@@ -63,7 +63,7 @@ def ferry(tmp_path: Path, dns_server: DnsResponder, sink: CountingSink) -> Itera
     def start(**delivery: Any) -> RunningFerry:
         config = ferry_config(tmp_path / f"spool{len(running)}")
         settings = {"dns": dns_server.address, "mx_port": sink.port, "retry_interval": 0.5,
-                    "max_retry_interval": 1.0, **delivery}
+                    "max_retry_interval": 1.0, "paused": False, **delivery}
         config = dataclasses.replace(
             config, delivery=dataclasses.replace(config.delivery, **settings))
         f = RunningFerry(config)
@@ -183,7 +183,7 @@ def test_expiry_fails_with_a_dsn(ferry: Start, sink: CountingSink) -> None:
 
 
 def test_suspend_and_resume_a_destination(ferry: Start, sink: CountingSink) -> None:
-    f = ferry(paused=False)
+    f = ferry()
     assert f.app.scheduler is not None
     f.call(f.app.scheduler.suspend("two.test"))
     send(f, "a@client.test", ["x@two.test"], BODY)
