@@ -193,3 +193,82 @@ def test_suspend_and_resume_a_destination(ferry: Start, sink: CountingSink) -> N
     assert sink.state.messages == []
     f.call(f.app.scheduler.resume("two.test"))
     wait_for(lambda: len(sink.state.messages) == 1)
+
+
+class _AuthSink:
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes, bool, str]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        login = session.auth_data.login.decode() if session.authenticated else ""
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos),
+                              envelope.original_content, session.ssl is not None, login))
+        return "250 2.0.0 OK"
+
+
+def test_send_connector_to_a_smarthost_with_starttls_and_auth(
+    tmp_path: Path, dns_server: DnsResponder, cert_files: tuple[Path, Path]
+) -> None:
+    import ssl
+
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult
+
+    from engine.config import SendConfig
+
+    cert, key = cert_files
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str,
+                      data: Any) -> AuthResult:
+        ok = (data.login, data.password) == (b"relayuser", b"relaypass")
+        return AuthResult(success=ok, handled=False, auth_data=data)
+
+    import socket
+
+    with socket.socket() as probe:  # aiosmtpd's Controller needs a known port
+        probe.bind(("127.0.10.7", 0))
+        port = probe.getsockname()[1]
+    handler = _AuthSink()
+    controller = Controller(handler, hostname="127.0.10.7", port=port, tls_context=context,
+                            require_starttls=True, authenticator=authenticator,
+                            auth_require_tls=True)
+    controller.start()
+    try:
+        config = ferry_config(tmp_path / "spool")
+        partner = SendConfig(name="partner", address_spaces=("*.partner.test", "partner.test"),
+                             smarthosts=(("127.0.10.7", port),), tls="required",
+                             auth_user="relayuser", auth_password="relaypass")
+        config = dataclasses.replace(config, send=(partner,), delivery=dataclasses.replace(
+            config.delivery, paused=False, dns=dns_server.address, retry_interval=0.5))
+        with RunningFerry(config) as f:
+            send(f, "a@client.test", ["x@eu.partner.test"], BODY)
+            wait_for(lambda: len(handler.messages) == 1)
+            wait_for(lambda: f.store.count() == 0)
+        sender, rcpts, body, tls, login = handler.messages[0]
+        assert (sender, rcpts, tls) == ("a@client.test", ["x@eu.partner.test"], True)
+        assert login == "relayuser" and body.endswith(BODY)
+    finally:
+        controller.stop()
+
+
+def test_local_domain_to_maildir(tmp_path: Path, dns_server: DnsResponder) -> None:
+    from engine.config import LocalConfig
+
+    config = ferry_config(tmp_path / "spool", relay_networks=())
+    template = str(tmp_path / "mail" / "{domain}" / "{local}")
+    config = dataclasses.replace(
+        config, local=(LocalConfig(domains=("local.test",), maildir=template),),
+        delivery=dataclasses.replace(config.delivery, paused=False, dns=dns_server.address))
+    with RunningFerry(config) as f:
+        send(f, "a@client.test", ["Bob@local.test"], BODY)  # accepted from anyone
+        new = tmp_path / "mail" / "local.test" / "bob" / "new"
+        wait_for(lambda: new.exists() and any(new.iterdir()))
+        (delivered,) = list(new.iterdir())
+        content = delivered.read_bytes()
+        assert content.startswith(b"Return-Path: <a@client.test>\r\n")
+        assert b"Delivered-To: <Bob@local.test>" in content or b"Delivered-To: <bob@local.test>" \
+            in content.lower()
+        assert content.endswith(BODY)
+        wait_for(lambda: f.store.count() == 0)
