@@ -162,3 +162,40 @@ def test_protocol_log_records_commands_and_hides_auth(tmp_path: Path) -> None:
 
     secret = base64.b64encode(b"\0app\0pw").decode()
     assert secret not in text and "pw" not in text.replace("pwd", "")
+
+
+def test_delivery_flags_dns_mx_port_retry_interval(tmp_path: Path) -> None:
+    """The public delivery flags: --dns, --mx-port, --max-per-domain, --retry-interval."""
+    from engine.testing.dns import DnsResponder
+    from engine.testing.sink import CountingSink
+
+    sink = CountingSink(["127.0.20.1"])
+    zone = "$TTL 60\nflags.test. IN MX 10 mx.flags.test.\nmx.flags.test. IN A 127.0.20.1\n"
+    sink.state.data_replies["127.0.20.1"] = "451 4.3.0 first try fails"
+    port = free_port()
+    try:
+        with DnsResponder(zone) as responder:
+            host, dns_port = responder.address
+            proc = start(["serve", "--listen", f"127.0.0.1:{port}", "--spool",
+                          str(tmp_path / "s"), "--dns", f"{host}:{dns_port}", "--mx-port",
+                          str(sink.port), "--max-per-domain", "1", "--retry-interval", "1"],
+                         tmp_path)
+            try:
+                wait_for_port(port, proc)
+                with smtplib.SMTP("127.0.0.1", port) as client:
+                    client.sendmail("a@[127.0.0.1]", ["x@flags.test", "y@flags.test"],
+                                    b"Subject: x\r\n\r\nx\r\n")
+                deadline = time.monotonic() + 20
+                while not sink.state.connections["127.0.20.1"] and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                sink.state.data_replies["127.0.20.1"] = ""  # the retry succeeds
+                while not sink.state.messages and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            finally:
+                code, err = stop(proc)
+        assert code == 0, err
+        (msg,) = sink.state.messages
+        assert sorted(msg.recipients) == ["x@flags.test", "y@flags.test"]
+        assert sink.state.peak["127.0.20.1"] == 1
+    finally:
+        sink.stop()

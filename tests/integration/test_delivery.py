@@ -31,6 +31,7 @@ mx.two.test.   IN A 127.0.10.3
 dead.test.     IN MX 10 mx1.dead.test.
 dead.test.     IN MX 20 mx2.one.test.
 mx1.dead.test. IN A 127.0.10.9
+onlydead.test. IN MX 10 mx1.dead.test.
 nomx.test.     IN A 127.0.10.4
 nullmx.test.   IN MX 0 .
 client.test.   IN MX 10 mx.client.test.
@@ -272,3 +273,17 @@ def test_local_domain_to_maildir(tmp_path: Path, dns_server: DnsResponder) -> No
             in content.lower()
         assert content.endswith(BODY)
         wait_for(lambda: f.store.count() == 0)
+
+
+def test_a_site_that_takes_no_connection_is_marked_down(ferry: Start) -> None:
+    f = ferry(down_period=30.0, max_per_domain=1)  # one at a time: the second sees "down"
+    send(f, "a@client.test", ["x@onlydead.test"], BODY)
+    send(f, "a@client.test", ["y@onlydead.test"], BODY)
+
+    def replies() -> list[str]:
+        return [f.store.get(e.queue_id).recipients[0].last_reply
+                for e in f.store.due(time.time() + 3600, 10)]
+
+    wait_for(lambda: len(replies()) == 2 and all(replies()))
+    texts = replies()
+    assert sum("not tried" in t for t in texts) == 1, texts  # one tried, one left alone
