@@ -63,7 +63,6 @@ class _Site:
     jobs: deque[tuple[DueEntry, Route]] = field(default_factory=deque)
     workers: int = 0
     peak_workers: int = 0
-    down_until: float = 0.0
 
 
 class Scheduler:
@@ -85,6 +84,8 @@ class Scheduler:
         self.destinations: dict[str, _Destination] = {}
         self.sites: dict[str, _Site] = {}
         self.suspended: set[str] = set()
+        #: site → until when it is left alone (outlives the site's workers and queue)
+        self.down: dict[str, float] = {}
         self.delivered = 0
         self._rnd = random.Random()
         self._wake = asyncio.Event()
@@ -148,6 +149,9 @@ class Scheduler:
     async def _run(self) -> None:
         s = self.settings
         while not self._stopping:
+            if self.down:
+                now = time.time()
+                self.down = {site: until for site, until in self.down.items() if until > now}
             if not s.paused:
                 self.window.refill()
                 while (entry := self.window.take()) is not None:
@@ -210,17 +214,18 @@ class Scheduler:
         try:
             while site.jobs:
                 entry, route = site.jobs.popleft()
-                now = time.time()
-                if site.down_until > now:
+                down_until = self.down.get(site.name, 0.0)
+                if down_until > time.time():
                     await self._defer_group(entry, f"451 4.4.1 {site.name} is down, not tried",
-                                            site.down_until)
+                                            down_until)
                     continue
                 wait = site.throttle.wait(loop.time())
                 if wait:
                     await asyncio.sleep(wait)
-                answered = await self._deliver(entry, route)
-                if not answered:
-                    site.down_until = time.time() + self.settings.down_period
+                if await self._deliver(entry, route):
+                    self.down.pop(site.name, None)
+                else:
+                    self.down[site.name] = time.time() + self.settings.down_period
         finally:
             site.workers -= 1
             if not site.jobs and not site.workers:
