@@ -17,28 +17,46 @@ from engine.queue.api import DueEntry, QueueStore
 
 
 class DueWindow:
-    def __init__(self, store: QueueStore, capacity: int = 10_000) -> None:
+    def __init__(self, store: QueueStore, capacity: int = 10_000,
+                 rescan_interval: float = 1.0) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.store = store
         self.capacity = capacity
+        self.rescan_interval = rescan_interval
         self._ready: deque[DueEntry] = deque()
         #: (queue id, next hop) of every group in the window or in flight
         self._held: set[tuple[bytes, str]] = set()
+        #: the due-index key the next scan starts after, and when it may start over
+        self._cursor = b""
+        self._rescan_at = 0.0
 
     def __len__(self) -> int:
         """Groups held: waiting in the window plus in flight."""
         return len(self._held)
 
     def refill(self, now: float | None = None) -> int:
-        """Load due groups until the window is full; returns how many were added."""
+        """Load due groups until the window is full; returns how many were added.
+
+        The scan goes on from where the last one stopped (new mail is due at its arrival,
+        so it sorts after; a busy queue costs one short page per freed place, not a rescan
+        of everything held) and starts over from the earliest due entry once it has
+        reached the end.
+        """
         until = time.time() if now is None else now
         added = 0
-        after = b""
         while len(self._held) < self.capacity:
-            page = self.store.due(until, self.capacity, after)
+            page = self.store.due(until, max(16, self.capacity - len(self._held)),
+                                  self._cursor)
             if not page:
-                break
+                # The end: groups that came due since (retries) sort before the cursor, so
+                # start over, but at most once a ``rescan_interval`` (each rescan skips
+                # every held group once).
+                clock = time.monotonic()
+                if not self._cursor or clock < self._rescan_at:
+                    break
+                self._cursor, self._rescan_at = b"", clock + self.rescan_interval
+                continue
             for entry in page:
                 group = (entry.queue_id, entry.next_hop)
                 if group in self._held:
@@ -48,7 +66,7 @@ class DueWindow:
                 added += 1
                 if len(self._held) >= self.capacity:
                     break
-            after = page[-1].key
+            self._cursor = entry.key
         return added
 
     def take(self) -> DueEntry | None:

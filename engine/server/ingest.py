@@ -39,11 +39,13 @@ def _header_value(body: bytes, span: tuple[int, int] | None, limit: int = 998) -
     return "".join(c if c.isprintable() else " " for c in raw).strip()
 
 
-def _recipient(cmd: Command, route: Route) -> Recipient:
+def _recipient(cmd: Command, route: Route, now: float) -> Recipient:
     notify = cmd.params.get("NOTIFY")
     return Recipient(
         address=cmd.mailbox,
         next_hop=route(cmd.domain),
+        # due at arrival: new mail sorts after what the active window has scanned
+        due=now,
         notify=tuple(notify.split(",")) if notify else (),
         orcpt=cmd.params.get("ORCPT") or "",
     )
@@ -85,7 +87,7 @@ class Ingest:
         )
         envelope = Envelope(
             sender=mail.mailbox,
-            recipients=[_recipient(r, self.route) for r in event.recipients],
+            recipients=[_recipient(r, self.route, now) for r in event.recipients],
             arrival=now,
             size=len(field) + len(body),
             ret=mail.params.get("RET") or "",

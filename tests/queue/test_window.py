@@ -65,3 +65,23 @@ def test_released_groups_make_room_and_are_not_handed_out_twice(store: LmdbQueue
 def test_capacity_must_be_positive(store: LmdbQueue) -> None:
     with pytest.raises(ValueError, match="capacity"):
         DueWindow(store, capacity=0)
+
+
+def test_retries_that_come_due_are_found_after_a_rescan(store: LmdbQueue) -> None:
+    now = time.time()
+    first = store.enqueue_sync(Envelope("a@b.test", [Recipient("c@d.test", "d.test", due=now)]),
+                               b"x")
+    window = DueWindow(store, capacity=10, rescan_interval=0.0)
+    window.refill(now + 1)
+    entry = window.take()
+    assert entry is not None and entry.queue_id == first
+    store.record_sync([Outcome(first, 0, RcptState.DEFERRED, due=now + 5)])
+    window.release(entry)
+    later = store.enqueue_sync(Envelope("a@b.test", [Recipient("e@f.test", "f.test",
+                                                               due=now + 2)]), b"y")
+    window.refill(now + 3)  # the new one, found after the cursor
+    got = window.take()
+    assert got is not None and got.queue_id == later and window.take() is None
+    window.refill(now + 6)  # the retry sorts before the cursor: found by starting over
+    again = window.take()
+    assert again is not None and again.queue_id == first
