@@ -1,0 +1,553 @@
+"""Fan-out delivery: one Ferry process drains a queue to 1,000 domains over thousands of
+concurrent connections, with per-domain connection limits held exactly.
+
+Run: ``.venv/bin/python benchmarks/bench_fanout.py [--quick] [--messages N] [--domains N]
+[--limit N] [--sink-delay S] [--sinks N] [--profile]`` (about 1-2 minutes with the
+defaults: 100,000 messages to 1,000 domains; ``--quick``: 10,000 messages to 200 domains).
+
+Set-up, all on 127.0.0.0/8, every process started here stopped by its PID at the end:
+
+* ``--sinks`` Postfix ``smtp-sink`` processes (C) on 127.3.0.1 ... 127.3.0.N, one port,
+  each holding its reply to DATA for ``--sink-delay`` seconds (``-w``; smtp-sink takes
+  whole seconds only) so transactions overlap and connections stay busy.  Domain ``dK.test``
+  has its own MX name ``mx.dK.test`` (so its own site: limits are per site) pointing at
+  sink ``K mod N``.  Little's law bounds the rate at (domains x limit) / delay: with the
+  defaults (1,000 x 8 / 1 s) the sinks allow 8,000 deliveries/s, above the 5,000/s target.
+* A ``DnsResponder`` (engine.testing.dns) in a thread of this process answers the MX and A
+  queries; Ferry's ``delivery.dns`` points at it, never at the system resolver.
+* The spool is filled here with ``LmdbQueue`` (durability ``os``, 1 KiB bodies, one
+  recipient each, domains round-robin), then closed.
+* Ferry runs in a subprocess (the driver below: the real composition root ``engine.app.App``
+  on uvloop, queue durability ``fsync`` as in production, delivery on from the start), so
+  its CPU time and RSS are its own.  The driver records, without changing what Ferry does:
+  every site's ``peak_workers`` (by wrapping ``Scheduler._staff``, the only place workers
+  are added; sites are dropped from ``Scheduler.sites`` when idle, so sampling would miss
+  them) and the connections Ferry has open per MX host (a ``_Session``/``_Pipe`` subclass
+  in ``engine.client.smtp`` counts from connect to ``connection_lost``, which includes
+  connections being QUIT and idle pooled ones).
+
+Measured: wall time from ``App.start()`` to an empty queue (``LmdbQueue.count() == 0``,
+polled every 50 ms) → deliveries/s; the sinks' own message counters (``-c``); peak
+concurrent established connections to the sink port (``ss`` every ``--sample`` seconds,
+client ends) and, from the sink ends, the peak per sink address against that address's
+bound (domains on it x limit); per-domain peaks from Ferry's side as above; VmHWM of the
+Ferry process; its CPU seconds (user+sys, all threads) per delivery.  ``--profile`` runs
+``py-spy record`` on the Ferry process for the middle of the drain and prints the top
+functions by own time and by inclusive time.
+
+Targets (issue): >= 5,000 deliveries/s from one process with >= 2,000 connections open,
+peak connections per domain equal to the limit and never above it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from engine.queue.lmdb_store import LmdbQueue
+from engine.queue.records import Envelope, Recipient
+from engine.testing.dns import DnsResponder
+
+ROOT = Path(__file__).resolve().parent.parent
+SMTP_SINK = "/usr/sbin/smtp-sink"
+TARGET_RATE = 5_000.0
+TARGET_CONNECTIONS = 2_000
+
+
+def sink_address(k: int) -> str:
+    return f"127.3.{k // 250}.{k % 250 + 1}"
+
+
+def domain_sink(i: int, sinks: int) -> int:
+    return i % sinks
+
+
+def zone(domains: int, sinks: int) -> str:
+    lines = ["$TTL 3600", "@ IN SOA ns.test. admin.test. 1 60 60 600 60"]
+    for i in range(domains):
+        lines.append(f"d{i}.test. IN MX 10 mx.d{i}.test.")
+        lines.append(f"mx.d{i}.test. IN A {sink_address(domain_sink(i, sinks))}")
+    return "\n".join(lines) + "\n"
+
+
+def make_body(size: int) -> bytes:
+    head = (b"From: sender@client.test\r\nTo: someone@fanout.test\r\n"
+            b"Subject: fan-out benchmark\r\nMessage-ID: <bench@client.test>\r\n\r\n")
+    line = b"lorem ipsum dolor sit amet ferry fan-out benchmark body line 0123456789\r\n"
+    out = head + line * (size // len(line) + 1)
+    return out[:size - 2] + b"\r\n"
+
+
+# --- the Ferry process ----------------------------------------------------------------
+
+DRIVER = r"""
+import asyncio, dataclasses, json, resource, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+args = json.loads(sys.argv[1])
+import uvloop
+import engine.client.smtp as smtp
+from engine.scheduler.scheduler import Scheduler
+from engine.testing.server import ferry_config
+
+# --- instrumentation: observe, never change, what Ferry does --------------------------
+site_peak = {}
+conn_open = {}
+conn_peak = {}
+conn_total = [0, 0]  # open now, peak
+
+class CountingPipe(smtp._Pipe):
+    host_name = None
+    def connection_lost(self, exc):
+        name = self.host_name
+        if name is not None:
+            self.host_name = None
+            conn_open[name] -= 1
+            conn_total[0] -= 1
+        super().connection_lost(exc)
+
+class CountingSession(smtp._Session):
+    def __init__(self, host, pipe, *a, **kw):
+        super().__init__(host, pipe, *a, **kw)
+        if not pipe.lost.is_set():
+            pipe.host_name = host.name
+            n = conn_open[host.name] = conn_open.get(host.name, 0) + 1
+            if n > conn_peak.get(host.name, 0):
+                conn_peak[host.name] = n
+            conn_total[0] += 1
+            conn_total[1] = max(conn_total[1], conn_total[0])
+
+smtp._Pipe = CountingPipe
+smtp._Session = CountingSession
+_staff = Scheduler._staff
+def staff(self, site):
+    _staff(self, site)
+    if site.peak_workers > site_peak.get(site.name, 0):
+        site_peak[site.name] = site.peak_workers
+Scheduler._staff = staff
+
+from engine.app import App
+
+def status():
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "VmHWM", "Threads"):
+                out[k] = int(v.split()[0])
+    return out
+
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+async def main():
+    config = ferry_config(args["spool"])
+    config = dataclasses.replace(config, delivery=dataclasses.replace(
+        config.delivery, paused=False, dns=tuple(args["dns"]), mx_port=args["port"],
+        max_per_domain=args["limit"], retry_interval=args["retry"]))
+    app = App(config)
+    cpu0 = cpu()
+    t0 = time.time()
+    await app.start()
+    store, sched = app.store, app.scheduler
+    agent = app.agents["smtp"]
+    print(json.dumps({"event": "started", "t": t0, "start_s": time.time() - t0,
+                      "queued": store.count(), "pid": __import__("os").getpid()}),
+          flush=True)
+    deadline = t0 + args["timeout"]
+    first = None
+    last_report = 0.0
+    left = store.count()
+    while time.time() < deadline:
+        await asyncio.sleep(0.05)
+        left = store.count()
+        now = time.time()
+        if first is None and sched.delivered:
+            first = now - t0
+        if now - last_report >= 1.0 or not left:
+            last_report = now
+            print(json.dumps({"event": "progress", "t": now - t0, "left": left,
+                              "delivered": sched.delivered, "open": conn_total[0],
+                              "workers": sum(s.workers for s in sched.sites.values()),
+                              "sites": len(sched.sites)}), flush=True)
+        if not left:
+            break
+    elapsed = time.time() - t0
+    cpu1 = cpu()
+    st = status()
+    await app.stop()
+    print(json.dumps({"event": "done", "elapsed": elapsed, "left": left, "first": first,
+                      "delivered": sched.delivered, "cpu": cpu1 - cpu0, "status": st,
+                      "opened": agent.connections_opened, "site_peak": site_peak,
+                      "conn_peak": conn_peak, "conn_peak_total": conn_total[1],
+                      "open_after_stop": conn_total[0]}), flush=True)
+
+uvloop.run(main())
+"""
+
+
+# --- sinks and sampling ----------------------------------------------------------------
+
+
+def free_port(address: str) -> int:
+    for port in range(25_250, 25_350):
+        with socket.socket() as s:
+            try:
+                s.bind((address, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port for the sinks")
+
+
+def start_sinks(count: int, port: int, delay: int, out_dir: Path) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for k in range(count):
+        cmd = [SMTP_SINK, "-c", "-u", "root", "-m", "2048"]
+        if delay:
+            cmd += ["-w", str(delay)]
+        cmd += [f"{sink_address(k)}:{port}", "1024"]
+        out = open(out_dir / f"sink{k}.out", "wb")  # noqa: SIM115 - closed with the process
+        procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
+        out.close()
+    deadline = time.monotonic() + 10
+    for k in range(count):
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex((sink_address(k), port)) == 0:
+                    break
+            if time.monotonic() > deadline or procs[k].poll() is not None:
+                raise RuntimeError(f"smtp-sink {k} did not start")
+            time.sleep(0.05)
+    return procs
+
+
+def sink_messages(out_dir: Path, count: int) -> int:
+    """Messages the sinks received (their -c counters; a probe connection counts none)."""
+    total = 0
+    for k in range(count):
+        found = re.findall(rb"mesg=(\d+)", (out_dir / f"sink{k}.out").read_bytes())
+        total += int(found[-1]) if found else 0
+    return total
+
+
+@dataclass
+class Sampler:
+    """Established connections to the sink port every ``interval`` s, from ``ss``."""
+
+    port: int
+    interval: float
+    peak_clients: int = 0
+    peak_per_sink: Counter[str] = field(default_factory=Counter)
+    samples: int = 0
+    cost: float = 0.0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ss-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        flt = f"( dport = :{self.port} or sport = :{self.port} )"
+        suffix = f":{self.port}"
+        while not self._stop.wait(self.interval):
+            t0 = time.perf_counter()
+            out = subprocess.run(["ss", "-tnH", "state", "established", flt],
+                                 capture_output=True, text=True, timeout=10, check=False).stdout
+            clients = 0
+            per_sink: Counter[str] = Counter()
+            for line in out.splitlines():
+                parts = line.split()
+                if len(parts) < 4:
+                    continue
+                local = parts[2]
+                if local.endswith(suffix):
+                    per_sink[local.rpartition(":")[0]] += 1
+                else:
+                    clients += 1
+            self.peak_clients = max(self.peak_clients, clients)
+            for addr, n in per_sink.items():
+                if n > self.peak_per_sink[addr]:
+                    self.peak_per_sink[addr] = n
+            self.samples += 1
+            self.cost += time.perf_counter() - t0
+
+
+# --- fill ------------------------------------------------------------------------------
+
+
+async def fill(path: Path, messages: int, domains: int, body: bytes) -> float:
+    store = LmdbQueue(path, durability="os")
+    try:
+        counter = iter(range(messages))
+        t0 = time.perf_counter()
+
+        async def producer() -> None:
+            for n in counter:
+                i = n % domains
+                env = Envelope("sender@client.test",
+                               [Recipient(f"u{n}@d{i}.test", f"d{i}.test")],
+                               size=len(body), client_address="127.0.0.1",
+                               receive_connector="default")
+                await store.enqueue(env, body)
+
+        await asyncio.gather(*(producer() for _ in range(1_000)))
+        return messages / (time.perf_counter() - t0)
+    finally:
+        await store.close()
+
+
+# --- profile ---------------------------------------------------------------------------
+
+
+def summarize_profile(raw: Path, top: int = 18) -> list[str]:
+    """Own and inclusive sample shares from py-spy's collapsed ("raw") stacks."""
+    own: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        total += count
+        frames = [re.sub(r" \((.*/)?([^/]+\.py):\d+\)$", r" (\2)", f)
+                  for f in stack.split(";")]
+        if frames:
+            own[frames[-1]] += count
+        for f in set(frames):
+            incl[f] += count
+    if not total:
+        return ["  (no samples)"]
+    lines = [f"  {total:,} samples; top own time:"]
+    lines += [f"    {100 * n / total:5.1f}%  {f}" for f, n in own.most_common(top)]
+    lines.append("  top inclusive time (engine code):")
+    shown = [(f, n) for f, n in incl.most_common() if "(" in f
+             and not f.startswith(("<module>", "run ", "main ", "_run_once", "run_forever"))]
+    lines += [f"    {100 * n / total:5.1f}%  {f}" for f, n in shown[:top]]
+    return lines
+
+
+# --- output ----------------------------------------------------------------------------
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--quick", action="store_true", help="10,000 messages to 200 domains")
+    parser.add_argument("--messages", type=int, default=None, help="default 100,000")
+    parser.add_argument("--domains", type=int, default=None, help="default 1,000")
+    parser.add_argument("--limit", type=int, default=8, help="max_per_domain (default 8)")
+    parser.add_argument("--sinks", type=int, default=50, help="smtp-sink processes")
+    parser.add_argument("--sink-delay", type=int, default=1,
+                        help="seconds smtp-sink waits before its reply to DATA (whole "
+                             "seconds; 0 = none)")
+    parser.add_argument("--body-size", type=int, default=1024)
+    parser.add_argument("--sample", type=float, default=0.5,
+                        help="seconds between connection samples (ss)")
+    parser.add_argument("--timeout", type=float, default=240.0,
+                        help="give up delivery after this many seconds")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy record the Ferry process during the drain")
+    parser.add_argument("--profile-seconds", type=int, default=30,
+                        help="how long py-spy records, from the start of delivery")
+    parser.add_argument("--dir", default="/work", help="where the temporary spool goes")
+    args = parser.parse_args(argv)
+    messages = args.messages or (10_000 if args.quick else 100_000)
+    domains = args.domains or (200 if args.quick else 1_000)
+    sinks = min(args.sinks, domains)
+    limit = args.limit
+
+    base = Path(tempfile.mkdtemp(prefix="ferry-bench-fanout-", dir=args.dir))
+    spool = base / "spool"
+    print(f"Python {platform.python_version()}, uvloop {version('uvloop')}, "
+          f"{os.cpu_count()} CPUs; {messages:,} messages to {domains:,} domains, limit "
+          f"{limit}, {sinks} smtp-sinks (-w {args.sink_delay}); spool under {base}",
+          flush=True)
+    sink_procs: list[subprocess.Popen[bytes]] = []
+    ferry: subprocess.Popen[str] | None = None
+    spy: subprocess.Popen[bytes] | None = None
+    responder = DnsResponder(zone(domains, sinks))
+    sampler: Sampler | None = None
+    try:
+        body = make_body(args.body_size)
+        fill_rate = uvloop.run(fill(spool / "queue", messages, domains, body))
+        print(f"  filled {messages:,} messages at {fill_rate:,.0f}/s (durability os)",
+              flush=True)
+        port = free_port(sink_address(0))
+        sink_procs = start_sinks(sinks, port, args.sink_delay, base)
+        responder.start()
+        sampler = Sampler(port, args.sample)
+        sampler.start()
+        driver_args = {"spool": str(spool), "dns": list(responder.address), "port": port,
+                       "limit": limit, "retry": 5.0, "timeout": args.timeout}
+        ferry = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(driver_args)],
+                                 cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert ferry.stdout is not None
+        done: dict[str, Any] = {}
+        started: dict[str, Any] = {}
+        peak_workers_sampled = 0
+        wall_deadline = time.monotonic() + args.timeout + 60
+        for line in ferry.stdout:
+            event = json.loads(line)
+            if event["event"] == "started":
+                started = event
+                print(f"  Ferry pid {event['pid']} started in {event['start_s']:.3f} s "
+                      f"with {event['queued']:,} queued", flush=True)
+                spy_bin = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+                if args.profile and Path(spy_bin).exists():
+                    spy = subprocess.Popen(
+                        [spy_bin, "record", "-p", str(event["pid"]), "-r", "200",
+                         "--format", "raw", "-o", str(base / "profile.txt"),
+                         "-d", str(args.profile_seconds)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            elif event["event"] == "progress":
+                peak_workers_sampled = max(peak_workers_sampled, event["workers"])
+                print(f"  t={event['t']:6.1f} s  left {event['left']:>8,}  delivered "
+                      f"{event['delivered']:>8,}  connections {event['open']:>6,}  "
+                      f"workers {event['workers']:>6,}  sites {event['sites']:>5,}",
+                      flush=True)
+            else:
+                done = event
+            if time.monotonic() > wall_deadline:
+                break
+        ferry.wait(30)
+        sampler.stop()
+        if spy is not None:
+            spy.wait(60)
+        if not done or not started:
+            print("Ferry did not finish; see its log above", file=sys.stderr)
+            return 1
+        time.sleep(0.5)  # the sinks print their counters when sessions end
+        received = sink_messages(base, sinks)
+        profile = (summarize_profile(base / "profile.txt")
+                   if spy is not None and (base / "profile.txt").exists() else [])
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        if ferry is not None:
+            stop_process(ferry)
+        if spy is not None:
+            stop_process(spy, signal.SIGINT)
+        for proc in sink_procs:
+            stop_process(proc)
+        responder.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+    # --- report ---
+    elapsed = float(done["elapsed"])
+    delivered = int(done["delivered"])
+    rate = delivered / elapsed
+    st = done["status"]
+    hwm_mb = st["VmHWM"] / 1024
+    site_peak: dict[str, int] = done["site_peak"]
+    conn_peak: dict[str, int] = done["conn_peak"]
+    worker_max = max(site_peak.values(), default=0)
+    at_limit = sum(1 for v in site_peak.values() if v == limit)
+    conn_max = max(conn_peak.values(), default=0)
+    conn_at_limit = sum(1 for v in conn_peak.values() if v == limit)
+    over = sorted(((v, k) for k, v in conn_peak.items() if v > limit), reverse=True)
+    per_sink_domains: Counter[str] = Counter(sink_address(domain_sink(i, sinks))
+                                             for i in range(domains))
+    sink_over = {a: (n, per_sink_domains[a] * limit) for a, n in sampler.peak_per_sink.items()
+                 if n > per_sink_domains[a] * limit}
+    bound = domains * limit / args.sink_delay if args.sink_delay else float("inf")
+    rows = [
+        ["messages delivered (Ferry / sinks' counters)", f"{delivered:,} / {received:,}"],
+        ["wall time, App.start() → queue empty", f"{elapsed:.2f} s"],
+        ["first delivery after App.start()", f"{done['first'] or 0:.2f} s"],
+        ["deliveries/s", f"{rate:,.0f}"],
+        ["sink bound (domains x limit / delay)", f"{bound:,.0f}/s"],
+        ["peak connections open (ss, client ends)", f"{sampler.peak_clients:,}"],
+        ["peak connections open (Ferry's count)", f"{done['conn_peak_total']:,}"],
+        ["peak concurrent deliveries (workers, 1 s samples)", f"{peak_workers_sampled:,}"],
+        ["connections opened in total", f"{done['opened']:,}"],
+        ["per-domain peak workers: max / domains at limit",
+         f"{worker_max} / {at_limit:,} of {len(site_peak):,}"],
+        ["per-domain peak connections: max / domains at limit",
+         f"{conn_max} / {conn_at_limit:,} of {len(conn_peak):,}"],
+        ["per-sink-address peak (ss) over its bound", f"{len(sink_over)} addresses"],
+        ["Ferry RSS peak (VmHWM)", f"{hwm_mb:,.0f} MB"],
+        ["Ferry CPU (user+sys, all threads)", f"{done['cpu']:.1f} s"],
+        ["CPU per delivery", f"{1e6 * done['cpu'] / max(1, delivered):,.0f} µs"],
+        ["ss samples (cost in this process)",
+         f"{sampler.samples:,} ({1e3 * sampler.cost / max(1, sampler.samples):.0f} ms each)"],
+    ]
+    print()
+    print(table(["measure", "value"], rows))
+    if over:
+        print(f"\n  domains whose open connections exceeded the limit {limit} "
+              f"(Ferry's count): {len(over)}, e.g. "
+              + ", ".join(f"{k}={v}" for v, k in over[:5]))
+    if sink_over:
+        print("  sink addresses above domains x limit: "
+              + ", ".join(f"{a}={n}>{b}" for a, (n, b) in list(sink_over.items())[:5]))
+    if profile:
+        print("\nProfile of the Ferry process (py-spy, 200 Hz):")
+        print("\n".join(profile))
+    limits_ok = worker_max == limit and conn_max <= limit and not sink_over
+    print()
+    print("Targets:")
+    print(f"  {verdict(rate >= TARGET_RATE and delivered == messages)}  deliveries/s: "
+          f"{rate:,.0f} (target >= {TARGET_RATE:,.0f}, all {messages:,} delivered: "
+          f"{delivered == messages and received >= messages})")
+    print(f"  {verdict(sampler.peak_clients >= TARGET_CONNECTIONS)}  connections open at "
+          f"once: {sampler.peak_clients:,} (target >= {TARGET_CONNECTIONS:,})")
+    print(f"  {verdict(limits_ok)}  per-domain peak == limit {limit}, never above: workers "
+          f"max {worker_max}, connections max {conn_max}, sink addresses over bound "
+          f"{len(sink_over)}")
+    if messages < 100_000 or domains < 1_000:
+        print(f"  (run with {messages:,} messages and {domains:,} domains, not the "
+              f"100,000 and 1,000 of the issue)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
