@@ -14,6 +14,7 @@ for anything a client can send.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -153,6 +154,12 @@ def _fold(clauses: list[list[str]]) -> str:
     return "\r\n".join(lines) + "\r\n"
 
 
+@functools.lru_cache(maxsize=4)
+def _date(second: int) -> str:
+    """RFC 5322 §3.3 date of a whole second (cached: every message in a second shares it)."""
+    return format_datetime(datetime.fromtimestamp(second, UTC))
+
+
 def received_field(
     *,
     helo: str,
@@ -201,5 +208,5 @@ def received_field(
     # RFC 5321 §4.4: Stamp = ... Opt-info [CFWS] ";" FWS date-time; the date (RFC 5322
     # §3.3) is one word so a fold never lands inside it.
     clauses[-1][-1] += ";"
-    clauses[-1].append(format_datetime(datetime.fromtimestamp(when, UTC)))
+    clauses[-1].append(_date(int(when)))
     return _fold(clauses).encode("utf-8")
