@@ -155,9 +155,9 @@ def _fold(clauses: list[list[str]]) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _date(second: int) -> str:
+def _date(second: datetime) -> str:
     """RFC 5322 §3.3 date of a whole second (cached: every message in a second shares it)."""
-    return format_datetime(datetime.fromtimestamp(second, UTC))
+    return format_datetime(second)
 
 
 def received_field(
@@ -208,5 +208,5 @@ def received_field(
     # RFC 5321 §4.4: Stamp = ... Opt-info [CFWS] ";" FWS date-time; the date (RFC 5322
     # §3.3) is one word so a fold never lands inside it.
     clauses[-1][-1] += ";"
-    clauses[-1].append(_date(int(when)))
+    clauses[-1].append(_date(datetime.fromtimestamp(when, UTC).replace(microsecond=0)))
     return _fold(clauses).encode("utf-8")

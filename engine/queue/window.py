@@ -45,6 +45,7 @@ class DueWindow:
         """
         until = time.time() if now is None else now
         added = 0
+        restarted = False
         while len(self._held) < self.capacity:
             page = self.store.due(until, max(16, self.capacity - len(self._held)),
                                   self._cursor)
@@ -53,9 +54,10 @@ class DueWindow:
                 # start over, but at most once a ``rescan_interval`` (each rescan skips
                 # every held group once).
                 clock = time.monotonic()
-                if not self._cursor or clock < self._rescan_at:
+                if restarted or not self._cursor or clock < self._rescan_at:
                     break
                 self._cursor, self._rescan_at = b"", clock + self.rescan_interval
+                restarted = True
                 continue
             for entry in page:
                 group = (entry.queue_id, entry.next_hop)
