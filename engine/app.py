@@ -36,9 +36,17 @@ log = logging.getLogger("ferry")
 
 def scheduler_settings(config: Config) -> SchedulerSettings:
     d = config.delivery
+    default = SiteLimits(max_connections=d.max_per_domain, max_rate=d.max_rate)
+    per_domain = {
+        domain: SiteLimits(
+            max_connections=limits.max_connections or default.max_connections,
+            max_rate=default.max_rate if limits.max_rate is None else limits.max_rate)
+        for domain, limits in d.domains.items()
+    }
     return SchedulerSettings(
         window=d.window,
-        default_limits=SiteLimits(max_connections=d.max_per_domain, max_rate=d.max_rate),
+        default_limits=default,
+        domain_limits=per_domain,
         max_recipients_per_transaction=d.max_recipients_per_transaction,
         retry_interval=d.retry_interval,
         max_retry_interval=d.max_retry_interval,

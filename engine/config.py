@@ -185,6 +185,14 @@ class ReceiveConfig:
 
 
 @dataclass(frozen=True)
+class DomainLimits:
+    """Limits for the site one destination domain resolves to; None keeps the default."""
+
+    max_connections: int | None = None
+    max_rate: float | None = None
+
+
+@dataclass(frozen=True)
 class DeliveryConfig:
     """Outbound delivery: by DNS MX (default) or everything through a smarthost."""
 
@@ -210,6 +218,8 @@ class DeliveryConfig:
     window: int = 10_000
     #: Start with delivery paused (mail is accepted and queued only).
     paused: bool = False
+    #: Per-domain overrides of max_per_domain / max_rate ([delivery.domains."gmail.com"]).
+    domains: Mapping[str, DomainLimits] = field(default_factory=dict)
 
 
 SendTls: TypeAlias = Literal["off", "opportunistic", "required", "verify"]
@@ -905,6 +915,11 @@ class _ReceiveModel(_Model):
         return self
 
 
+class _DomainLimitsModel(_Model):
+    max_connections: _PosInt | None = None
+    max_rate: _RateOrOff | None = None
+
+
 class _DeliveryModel(_Model):
     smarthost: Annotated[tuple[str, int], _v(_destination(25))] | None = None
     dns: Annotated[tuple[str, int], _v(_nameserver)] | None = None
@@ -919,6 +934,7 @@ class _DeliveryModel(_Model):
     down_period: _Seconds | None = None
     window: _PosInt | None = None
     paused: _Bool | None = None
+    domains: dict[str, _DomainLimitsModel] | None = None
 
 
 _SEND_TLS: Final = ("off", "opportunistic", "required", "verify")
@@ -1019,11 +1035,15 @@ class _ConfigModel(_Model):
 
     def build(self) -> Config:
         given = self.given()
-        for key, model in (
-            ("queue", QueueConfig),
-            ("delivery", DeliveryConfig),
-            ("log", LogConfig),
-        ):
+        if "delivery" in given:
+            delivery = given["delivery"].given()
+            if "domains" in delivery:
+                delivery["domains"] = {
+                    name.lower().rstrip("."): DomainLimits(**limits.given())
+                    for name, limits in delivery["domains"].items()
+                }
+            given["delivery"] = DeliveryConfig(**delivery)
+        for key, model in (("queue", QueueConfig), ("log", LogConfig)):
             if key in given:
                 given[key] = model(**given[key].given())
         if "receive" in given:
@@ -1038,6 +1058,7 @@ class _ConfigModel(_Model):
 _TABLES: Final[dict[str, type[_Model]]] = {
     "": _ConfigModel, "queue": _QueueModel, "receive": _ReceiveModel,
     "delivery": _DeliveryModel, "log": _LogModel, "send": _SendModel, "local": _LocalModel,
+    "delivery.domains": _DomainLimitsModel,
 }  # fmt: skip
 
 # --- error messages ------------------------------------------------------------------------
@@ -1059,7 +1080,9 @@ def _dotted(loc: _Loc) -> str:
 def _unknown_key(loc: _Loc) -> str:
     """ "unknown key 'receive[0].max_mesage_size' (did you mean ...?)" for a key no model has."""
     parent, key = loc[:-1], str(loc[-1])
-    model = _TABLES.get(str(parent[0]) if parent else "", _ConfigModel)
+    # A table inside a table of named entries ([delivery.domains."x"]) has its own model.
+    table = f"{parent[0]}.{parent[1]}" if len(parent) == 3 else str(parent[0]) if parent else ""
+    model = _TABLES.get(table, _ConfigModel)
     close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
     hint = f" (did you mean '{_dotted((*parent, close[0]))}'?)" if close else ""
     return f"unknown key '{_dotted(loc)}'{hint}"

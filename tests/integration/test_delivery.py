@@ -287,3 +287,16 @@ def test_a_site_that_takes_no_connection_is_marked_down(ferry: Start) -> None:
     wait_for(lambda: len(replies()) == 2 and all(replies()))
     texts = replies()
     assert sum("not tried" in t for t in texts) == 1, texts  # one tried, one left alone
+
+
+def test_per_domain_limit_overrides_the_default(ferry: Start, sink: CountingSink) -> None:
+    from engine.config import DomainLimits
+
+    sink.reply_delay = 0.3  # hold replies so connections overlap
+    f = ferry(max_per_domain=3, domains={"two.test": DomainLimits(max_connections=1)})
+    for n in range(6):
+        send(f, "a@client.test", [f"u{n}@two.test"], BODY)
+        send(f, "a@client.test", [f"u{n}@one.test"], BODY)
+    wait_for(lambda: len(sink.state.messages) == 12, 30)
+    assert sink.state.peak["127.0.10.3"] == 1  # two.test: its own limit
+    assert 1 < sink.state.peak["127.0.10.1"] <= 3  # one.test: the default

@@ -410,3 +410,19 @@ def test_required_tls_refuses_mail_in_plaintext(
         client.starttls(context=context)
         client.ehlo()
         assert client.mail("a@client.test")[0] == 250
+
+
+def test_back_pressure_at_the_end_of_data_gives_451(start_ferry: StartFerry) -> None:
+    ferry = start_ferry()
+    with RawClient(ferry.host, ferry.port) as c:
+        c.reply()
+        c.command(b"EHLO client.test")
+        assert c.command(b"MAIL FROM:<a@client.test>").code == 250
+        c.command(b"RCPT TO:<b@example.net>")
+        assert c.command(b"DATA").code == 354
+        ferry.store.min_free_disk = 1 << 62  # the disk fills while the body is on its way
+        ferry.store.disk_check_interval = 0
+        c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        reply = c.reply()
+        assert (reply.code, reply.enhanced) == (451, "4.3.1")  # never a 250 not durable
+    assert ferry.store.count() == 0
