@@ -104,6 +104,11 @@ class _Failure(Exception):
         self.broken = broken
 
 
+def _expire_waiter(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class _Pipe(asyncio.Protocol):
     """Bytes in, with flow control both ways; the transport may be replaced by TLS."""
 
@@ -163,17 +168,32 @@ class _Pipe(asyncio.Protocol):
     def closed(self) -> bool:
         return self._eof or self.transport is None or self.transport.is_closing()
 
-    async def read(self) -> bytes:
-        """What arrived since the last read; b"" once the server closed."""
+    async def read(self, deadline: float) -> bytes:
+        """What arrived since the last read; b"" once the server closed.
+
+        TimeoutError when nothing arrived by ``deadline`` (loop time).  The timer exists
+        only while we actually wait: most replies of a pipelined group are already
+        buffered, and a timer per wait is much cheaper than an ``asyncio.timeout``
+        context per reply (which showed as ~12% of the CPU in the fan-out benchmark).
+        """
         while not self._buffer and not self._eof:
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_at(deadline, _expire_waiter, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
         data = bytes(self._buffer)
         self._buffer.clear()
         if self._read_paused and self.transport is not None and not self.transport.is_closing():
             self._read_paused = False
             self.transport.resume_reading()
         return data
+
+    @property
+    def write_paused(self) -> bool:
+        return self._write_paused
 
     async def drain(self) -> None:
         while self._write_paused:
@@ -212,8 +232,11 @@ class _Session:
 
     async def drain(self, phase: str) -> None:
         try:
-            async with asyncio.timeout(self.timeouts[phase]):
-                await self.pipe.drain()
+            if self.pipe.write_paused:
+                async with asyncio.timeout(self.timeouts[phase]):
+                    await self.pipe.drain()
+            else:
+                await self.pipe.drain()  # no wait: only the check that it is still open
         except TimeoutError:
             raise _Failure(f"451 4.4.2 Timeout sending to {self.remote}", broken=True) from None
         except OSError as exc:
@@ -225,12 +248,13 @@ class _Session:
         """The next reply (the greeting first), within the phase's timeout."""
         conn = self.conn
         try:
-            async with asyncio.timeout(self.timeouts[phase]):
-                while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                # One deadline for the whole reply, however many reads it takes.
+                deadline = asyncio.get_running_loop().time() + self.timeouts[phase]
+                while event is NEED_DATA:
+                    conn.receive_data(await self.pipe.read(deadline))
                     event = conn.next_event()
-                    if event is not NEED_DATA:
-                        break
-                    conn.receive_data(await self.pipe.read())
         except TimeoutError:
             raise _Failure(
                 f"451 4.4.2 Timeout waiting for the {phase} reply from {self.remote}",
@@ -301,11 +325,11 @@ class _Session:
         try:
             if not self.pipe.closed and not self.conn.waiting:
                 self.write(self.conn.send(Command("QUIT")))
-                async with asyncio.timeout(T_QUIT):
-                    while not self.pipe.closed:
-                        if self.conn.next_event() is not NEED_DATA:
-                            break
-                        self.conn.receive_data(await self.pipe.read())
+                deadline = asyncio.get_running_loop().time() + T_QUIT
+                while not self.pipe.closed:
+                    if self.conn.next_event() is not NEED_DATA:
+                        break
+                    self.conn.receive_data(await self.pipe.read(deadline))
         except Exception:
             pass
         # A TLS close_notify exchange takes a round trip: wait for it, but not for long.

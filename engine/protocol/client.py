@@ -45,6 +45,10 @@ _GROUP_ENDERS: Final = frozenset({"EHLO", "HELO", "LHLO", "DATA", "VRFY", "EXPN"
                                   "STARTTLS", "AUTH", "QUIT", "MESSAGE", "AUTH-RESPONSE"})
 
 
+#: Commands that need an extension offered.
+_NEEDS: Final = {"BDAT": "CHUNKING", "STARTTLS": "STARTTLS", "AUTH": "AUTH"}
+
+
 @dataclass(frozen=True, slots=True)
 class Extensions:
     """What the server's EHLO reply offered (RFC 5321 §4.1.1.1)."""
@@ -218,10 +222,12 @@ class ClientConnection:
     @staticmethod
     def _check_offered(command: Command, ext: Extensions) -> None:
         verb = command.verb
-        needs = {"BDAT": "CHUNKING", "STARTTLS": "STARTTLS", "AUTH": "AUTH"}.get(verb)
+        needs = _NEEDS.get(verb)
         if needs is not None and needs not in ext:
             raise ClientProtocolError(f"{verb} but the server does not offer {needs}")
         params = command.params
+        if not params:
+            return  # most RCPTs: nothing more to check (this runs once per command)
         if verb == "MAIL":
             if "SMTPUTF8" in params and "SMTPUTF8" not in ext:
                 raise ClientProtocolError("SMTPUTF8 not offered")
