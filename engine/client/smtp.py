@@ -220,6 +220,11 @@ class _Session:
         self.needs_rset = False
         #: Taken from the pool and not yet answered in this delivery (see _Failure.stale).
         self.pristine = False
+        #: Pool expiry: loop time the session went idle (None while in use), and the timer
+        #: that checks it.  The timer is not cancelled when the session is taken again: a
+        #: busy session keeps one timer that re-arms itself when it fires, instead of a
+        #: new timer per message.
+        self.idle_since: float | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -450,9 +455,7 @@ class SmtpAgent:
         idle = self._pool.get(key)
         while idle:
             session = idle.pop()
-            if session.idle_timer is not None:
-                session.idle_timer.cancel()
-                session.idle_timer = None
+            session.idle_since = None  # its timer, if any, stays (see _Session.idle_since)
             # Closed, or the server spoke while idle (a 421 before closing, or junk).
             if session.pipe.closed or session.pipe.buffered:
                 session.abort()
@@ -474,10 +477,20 @@ class SmtpAgent:
             return
         idle.append(session)
         loop = asyncio.get_running_loop()
-        session.idle_timer = loop.call_later(self.idle_timeout, self._expire, key, session)
+        session.idle_since = now = loop.time()
+        if session.idle_timer is None:
+            session.idle_timer = loop.call_at(now + self.idle_timeout, self._expire, key, session)
 
     def _expire(self, key: PoolKey, session: _Session) -> None:
         session.idle_timer = None
+        if session.idle_since is None:
+            return  # in use: its next release arms the timer again
+        loop = asyncio.get_running_loop()
+        until = session.idle_since + self.idle_timeout
+        if loop.time() < until:
+            # Taken and released again since the timer was set: idle for less time.
+            session.idle_timer = loop.call_at(until, self._expire, key, session)
+            return
         idle = self._pool.get(key)
         if idle is not None and session in idle:
             idle.remove(session)

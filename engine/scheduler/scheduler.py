@@ -46,6 +46,8 @@ from engine.scheduler.policy import SchedulerSettings, SiteLimits, Throttle, ret
 log = logging.getLogger("ferry.scheduler")
 
 _WAITING = (RcptState.PENDING, RcptState.DEFERRED)
+#: Seconds from a freed window place to the refill (see Scheduler._place_freed).
+_REFILL_DELAY = 0.005
 
 
 @dataclass(slots=True)
@@ -92,6 +94,7 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._runner: asyncio.Task[None] | None = None
+        self._refill_timer: asyncio.TimerHandle | None = None
 
     # --- control ---------------------------------------------------------------------
 
@@ -110,6 +113,9 @@ class Scheduler:
             await self._runner
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._refill_timer is not None:
+            self._refill_timer.cancel()
+            self._refill_timer = None
 
     async def suspend(self, destination: str) -> int:
         """Park every waiting recipient of ``destination``; returns how many."""
@@ -159,6 +165,17 @@ class Scheduler:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), s.poll_interval)
+
+    def _place_freed(self) -> None:
+        """Refill the window soon: places freed within ``_REFILL_DELAY`` share one scan of
+        the due index (and one turn of the loop in ``_run``) instead of one per group."""
+        if self._refill_timer is None:
+            loop = asyncio.get_running_loop()
+            self._refill_timer = loop.call_later(_REFILL_DELAY, self._refill_due)
+
+    def _refill_due(self) -> None:
+        self._refill_timer = None
+        self._wake.set()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -284,7 +301,7 @@ class Scheduler:
             return True
         finally:
             self.window.release(entry)
-            self._wake.set()
+            self._place_freed()
 
     def _all_open(self, env: Envelope, destination: str) -> list[int]:
         return [i for i, r in enumerate(env.recipients)
