@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from engine import __version__, _speedups
+from engine.cli import queue
 
 
 def version_text() -> str:
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["debug", "info", "warning", "error"])
     commands.add_parser("passwd", help="print a password hash for the [users] table",
                         add_help=False)
+    queue.add_parser(commands)
     return parser
 
 
@@ -110,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "queue":
+        return queue.queue_main(args)
     parser.print_help()
     return 2
 
