@@ -37,10 +37,9 @@ import textwrap
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import format_datetime
 from typing import Final, Literal
 
+from engine.message.fields import fold, rfc5322_date, safe_address
 from engine.message.headers import scan_headers
 from engine.queue.records import Envelope, Recipient
 
@@ -62,7 +61,6 @@ Action = Literal["failed", "delayed", "delivered", "expanded", "relayed"]
 MAX_RETURN: Final = 10 * 1024 * 1024
 
 #: RFC 5322 §2.1.1: lines SHOULD be at most 78 characters (excluding CRLF), MUST be <= 998.
-MAX_LINE: Final = 78
 #: Longest run without a space we let through in free text; longer runs are cut with a
 #: space so a folded line stays far below 998 characters.
 MAX_WORD: Final = 900
@@ -108,19 +106,6 @@ _HALF_ESCAPE: Final = re.compile(r"\\(?:x(?:\{[0-9A-F]*)?)?\Z")
 _ADDR_TYPE: Final = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+")
 # RFC 5322 §3.6.4 msg-id as we are willing to copy it into In-Reply-To and References.
 _MSG_ID: Final = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]+@[\x21-\x3b\x3d\x3f-\x7e]+>")
-# RFC 5321 §4.1.2 Mailbox with RFC 6531 §3.3: a sender that matches goes into To as is.
-_ATEXT: Final = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\x80-\U0010ffff"
-_LABEL: Final = (
-    r"[A-Za-z0-9\x80-\U0010ffff](?:[A-Za-z0-9\-\x80-\U0010ffff]*[A-Za-z0-9\x80-\U0010ffff])?"
-)
-_MAILBOX: Final = re.compile(
-    rf"(?:[{_ATEXT}]+(?:\.[{_ATEXT}]+)*"
-    r'|"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*")'
-    rf"@(?:{_LABEL}(?:\.{_LABEL})*|\[[\x21-\x5a\x5e-\x7e]+\])"
-)
-# In a sender that is not a mailbox, everything that could end the angle-addr or open a
-# comment, a quoted string or a group becomes "?".
-_ADDR_OTHER: Final = re.compile(rf"[^{_ATEXT}.@\[\]:]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,10 +232,7 @@ def _orcpt(orcpt: str) -> str | None:
 def _sender_for_header(sender: str) -> str:
     """The sender as the To: addr-spec: as is when it is a mailbox (non-ASCII stays, RFC
     6532 §3.2), else with every character that could break the angle-addr as "?"."""
-    value = _clean(sender, ascii_only=False)[:MAX_ADDRESS]
-    if _MAILBOX.fullmatch(value) is not None:
-        return value
-    return _ADDR_OTHER.sub("?", value) or "?"
+    return safe_address(_clean(sender, ascii_only=False)[:MAX_ADDRESS]) or "?"
 
 
 def _host(value: str) -> str:
@@ -258,31 +240,15 @@ def _host(value: str) -> str:
     return _clean(value, ascii_only=True)[:MAX_HOST].replace(" ", "?") or "?"
 
 
-def _date(when: float) -> str:
-    """RFC 5322 §3.3 date-time, in UTC."""
-    return format_datetime(datetime.fromtimestamp(when, UTC))
-
-
 # --- layout --------------------------------------------------------------------------------
 
 
-def _field(name: str, value: str, *, fold: bool = True) -> str:
+def _field(name: str, value: str, *, folded: bool = True) -> str:
     """``Name: value`` with CRLF, folded before a space (CRLF then the space, so unfolding
-    gives the value back, RFC 5322 §2.2.3) where the line would pass :data:`MAX_LINE`.
-    A line never holds only white space."""
-    if not fold:
+    gives the value back, RFC 5322 §2.2.3) where the line would pass :data:`MAX_LINE`."""
+    if not folded:
         return f"{name}: {value}\r\n"
-    words = value.split(" ")
-    lines: list[str] = []
-    line = f"{name}: {words[0]}"
-    for word in words[1:]:
-        if word and len(line) + 1 + len(word) > MAX_LINE and line.strip():
-            lines.append(line)
-            line = " " + word
-        else:
-            line += " " + word
-    lines.append(line)
-    return "\r\n".join(lines) + "\r\n"
+    return fold(f"{name}: ", [value.split(" ")], indent=" ")
 
 
 def _wrap(text: str, indent: str = "") -> list[str]:
@@ -377,7 +343,7 @@ def _text_part(mta: str, items: Sequence[_Item], envelope: Envelope, returned: s
             said = f"{item.remote_mta} said: " if item.remote_mta else ""
             lines += _wrap(said + item.diagnostic, "    ")
         if item.retry_until is not None:
-            lines += _wrap(f"Will retry until {_date(item.retry_until)}", "    ")
+            lines += _wrap(f"Will retry until {rfc5322_date(item.retry_until)}", "    ")
     lines += ["", *_wrap(returned)]
     body = ("\r\n".join(lines) + "\r\n").encode("utf-8")
     if body.isascii():
@@ -398,13 +364,13 @@ def _status_part(mta: str, envelope: Envelope, items: Sequence[_Item], now: floa
     envid = _clean(envelope.envid[: MAX_ENVID * 2], ascii_only=True)[:MAX_ENVID]
     if envid:
         out.append(_field("Original-Envelope-Id", envid))
-    out.append(_field("Arrival-Date", _date(envelope.arrival)))
-    last_attempt = _date(now)
+    out.append(_field("Arrival-Date", rfc5322_date(envelope.arrival)))
+    last_attempt = rfc5322_date(now)
     for item in items:
         out.append("\r\n")
         if item.original is not None:
-            out.append(_field("Original-Recipient", item.original, fold=False))
-        out.append(_field("Final-Recipient", item.final, fold=False))
+            out.append(_field("Original-Recipient", item.original, folded=False))
+        out.append(_field("Final-Recipient", item.final, folded=False))
         out.append(_field("Action", item.action))
         out.append(_field("Status", item.status))
         if item.remote_mta:
@@ -413,7 +379,7 @@ def _status_part(mta: str, envelope: Envelope, items: Sequence[_Item], now: floa
             out.append(_field("Diagnostic-Code", f"{item.diagnostic_type}; {item.diagnostic}"))
         out.append(_field("Last-Attempt-Date", last_attempt))
         if item.retry_until is not None:
-            out.append(_field("Will-Retry-Until", _date(item.retry_until)))
+            out.append(_field("Will-Retry-Until", rfc5322_date(item.retry_until)))
     head = "Content-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n"
     return (head + "\r\n" + "".join(out)).encode("ascii")
 
@@ -498,16 +464,16 @@ def build_dsn(
 
     head = [
         _field("From", f"Mail Delivery System <MAILER-DAEMON@{mta}>"),
-        _field("To", f"<{_sender_for_header(envelope.sender)}>", fold=False),
+        _field("To", f"<{_sender_for_header(envelope.sender)}>", folded=False),
         _field("Subject", _subject(wanted)),
-        _field("Date", _date(now)),
-        _field("Message-ID", f"<{int(now * 1000)}.{secrets.token_hex(8)}@{mta}>", fold=False),
+        _field("Date", rfc5322_date(now)),
+        _field("Message-ID", f"<{int(now * 1000)}.{secrets.token_hex(8)}@{mta}>", folded=False),
     ]
     message_id = envelope.message_id.strip()
     if message_id.isascii() and _MSG_ID.fullmatch(message_id) and len(message_id) <= MAX_WORD:
         # RFC 3834 §3.1.5: a response names the message it answers.
-        head.append(_field("In-Reply-To", message_id, fold=False))
-        head.append(_field("References", message_id, fold=False))
+        head.append(_field("In-Reply-To", message_id, folded=False))
+        head.append(_field("References", message_id, folded=False))
     head += [
         # RFC 3834 §5: a DSN is an automatic response.
         _field("Auto-Submitted", "auto-replied"),

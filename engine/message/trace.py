@@ -14,18 +14,15 @@ for anything a client can send.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
-import re
 import unicodedata
-from datetime import UTC, datetime
-from email.utils import format_datetime
 from typing import Final
+
+from engine.message.fields import fold, rfc5322_date, safe_address
 
 __all__ = ["received_field", "with_protocol"]
 
 #: RFC 5322 §2.1.1: lines SHOULD be at most 78 characters, excluding the CRLF.
-MAX_LINE: Final = 78
 #: RFC 5321 §4.5.3.1.2: a domain name is at most 255 octets; a longer HELO is cut there.
 MAX_HELO: Final = 255
 #: RFC 5321 §4.5.3.1.3: a path is at most 256 octets with its angle brackets.
@@ -41,21 +38,6 @@ _TOKEN_SPECIALS: Final = frozenset(' ()\\";')
 # posing as the address literal beside it.
 _NAME_SPECIALS: Final = frozenset(' ()\\";[]')
 
-# RFC 5321 §4.1.2 Mailbox with RFC 6531 §3.3 (non-ASCII allowed when SMTPUTF8 is used):
-# Dot-string or Quoted-string, "@", a domain or an address literal.  "Postmaster" alone is
-# the RCPT TO:<Postmaster> form (§4.1.1.3).  A recipient that matches is written as is.
-_ATEXT: Final = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\x80-\U0010ffff"
-_MAILBOX: Final = re.compile(
-    rf"(?:[{_ATEXT}]+(?:\.[{_ATEXT}]+)*"
-    r'|"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*")'
-    r"@(?:[A-Za-z0-9\x80-\U0010ffff](?:[A-Za-z0-9\-\x80-\U0010ffff]*[A-Za-z0-9\x80-\U0010ffff])?"
-    r"(?:\.[A-Za-z0-9\x80-\U0010ffff](?:[A-Za-z0-9\-\x80-\U0010ffff]*[A-Za-z0-9\x80-\U0010ffff])?)*"
-    r"|\[[\x21-\x5a\x5e-\x7e]+\])"
-    r"|[Pp][Oo][Ss][Tt][Mm][Aa][Ss][Tt][Ee][Rr]"
-)
-# What else may stay in a recipient that did not match: atext and the address punctuation;
-# every other character (space, quotes, parentheses, "<", ">", ";", "\\") becomes "?".
-_RECIPIENT_OTHER: Final = re.compile(rf"[^{_ATEXT}.@\[\]:]")
 
 
 def with_protocol(esmtp: bool, tls: bool, auth: bool, utf8: bool) -> str:
@@ -129,35 +111,11 @@ def _address_literal(client_ip: str) -> str:
 def _recipient(recipient: str, utf8: bool) -> str:
     """The recipient for "for <...>": as written when it is a well-formed mailbox, else
     with every character that could end the path, the stamp or a quoted string as "?"."""
-    value = _clean(recipient[:MAX_RECIPIENT], utf8)
-    if _MAILBOX.fullmatch(value) is not None:
-        return value
-    return _RECIPIENT_OTHER.sub("?", value)
+    return safe_address(_clean(recipient[:MAX_RECIPIENT], utf8), postmaster=True)
 
 
-def _fold(clauses: list[list[str]]) -> str:
-    """Lay out ``clauses`` (lists of words), each starting on its own line, words joined by
-    a space or, where the line would pass :data:`MAX_LINE`, by CRLF + TAB.  A word is never
-    split, so only a word longer than a line makes a longer line."""
-    lines: list[str] = []
-    for clause in clauses:
-        current = ("Received: " if not lines else "\t") + clause[0]
-        for word in clause[1:]:
-            # Never leave a line that is only the indent (RFC 5322 §3.2.2 forbids a folded
-            # line of white space alone).
-            if len(current) + 1 + len(word) > MAX_LINE and current != "\t":
-                lines.append(current)
-                current = "\t" + word
-            else:
-                current += " " + word
-        lines.append(current)
-    return "\r\n".join(lines) + "\r\n"
 
 
-@functools.lru_cache(maxsize=4)
-def _date(second: datetime) -> str:
-    """RFC 5322 §3.3 date of a whole second (cached: every message in a second shares it)."""
-    return format_datetime(second)
 
 
 def received_field(
@@ -208,5 +166,6 @@ def received_field(
     # RFC 5321 §4.4: Stamp = ... Opt-info [CFWS] ";" FWS date-time; the date (RFC 5322
     # §3.3) is one word so a fold never lands inside it.
     clauses[-1][-1] += ";"
-    clauses[-1].append(_date(datetime.fromtimestamp(when, UTC).replace(microsecond=0)))
-    return _fold(clauses).encode("utf-8")
+    clauses[-1].append(rfc5322_date(when))
+    # each clause on its own line, folded with CRLF + TAB
+    return fold("Received: ", clauses, indent="\t").encode("utf-8")
