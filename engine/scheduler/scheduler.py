@@ -48,6 +48,8 @@ log = logging.getLogger("ferry.scheduler")
 _WAITING = (RcptState.PENDING, RcptState.DEFERRED)
 #: Seconds from a freed window place to the refill (see Scheduler._place_freed).
 _REFILL_DELAY = 0.005
+#: Seconds outcomes wait to share one queue operation (see Scheduler._record_batched).
+_RECORD_DELAY = 0.010
 
 
 @dataclass(slots=True)
@@ -95,6 +97,9 @@ class Scheduler:
         self._stopping = False
         self._runner: asyncio.Task[None] | None = None
         self._refill_timer: asyncio.TimerHandle | None = None
+        #: Outcomes waiting to be recorded together (see _record_batched).
+        self._outcomes: list[Outcome] = []
+        self._outcomes_done: asyncio.Future[None] | None = None
 
     # --- control ---------------------------------------------------------------------
 
@@ -339,7 +344,44 @@ class Scheduler:
                                     attempted=False))
             failures.append(Failure(index, "failed", "4.4.7", last, "", None))
         new_messages = self._dsn(env, failures, now) if failures else []
-        await self.store.record(outcomes, new_messages)
+        if new_messages:
+            # Alone: a DSN adds bytes and may be refused (back pressure), which must fail
+            # this group's record only.
+            await self.store.record(outcomes, new_messages)
+        else:
+            await self._record_batched(outcomes)
+
+    async def _record_batched(self, outcomes: list[Outcome]) -> None:
+        """Record outcomes together with those of other groups finishing within
+        ``_RECORD_DELAY``: one queue operation (one future, one hand-over to the writer)
+        for many groups instead of one each.  Returns once the commit holding them did,
+        as ``store.record`` would; an error fails every group of the batch alike, as it
+        would have failed them in the writer's shared transaction."""
+        self._outcomes.extend(outcomes)
+        done = self._outcomes_done
+        if done is None:
+            loop = asyncio.get_running_loop()
+            done = self._outcomes_done = loop.create_future()
+            loop.call_later(_RECORD_DELAY, self._flush_outcomes)
+        # shield: one cancelled caller must not cancel the others' wait.
+        await asyncio.shield(done)
+
+    def _flush_outcomes(self) -> None:
+        outcomes, self._outcomes = self._outcomes, []
+        done, self._outcomes_done = self._outcomes_done, None
+        assert done is not None
+        self._spawn(self._commit_outcomes(outcomes, done))
+
+    async def _commit_outcomes(self, outcomes: list[Outcome], done: asyncio.Future[None]) -> None:
+        try:
+            await self.store.record(outcomes)
+        except Exception as exc:
+            done.set_exception(exc)
+        except BaseException:
+            done.cancel()
+            raise
+        else:
+            done.set_result(None)
 
     def _dsn(self, env: Envelope, failures: list[Failure], now: float) -> list[NewMessage]:
         if not env.sender:
