@@ -47,8 +47,10 @@ class DueWindow:
         added = 0
         restarted = False
         while len(self._held) < self.capacity:
-            page = self.store.due(until, max(16, self.capacity - len(self._held)),
-                                  self._cursor)
+            # A page per freed place when going on; bigger pages when starting over, as
+            # that scan first walks past every held group (one read transaction a page).
+            page = self.store.due(until, max(1024 if restarted else 16,
+                                             self.capacity - len(self._held)), self._cursor)
             if not page:
                 # The end: groups that came due since (retries) sort before the cursor, so
                 # start over, but at most once a ``rescan_interval`` (each rescan skips
