@@ -16,6 +16,8 @@ command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 # Real peers for the interop tests: swaks, and Postfix for smtp-source / smtp-sink.
 command -v swaks >/dev/null 2>&1 || missing+=(swaks)
 [ -x /usr/sbin/smtp-source ] || missing+=(postfix)
+# Postfix's SASL client needs the PLAIN/LOGIN plug-ins (only a Recommends of libsasl2-2).
+ls /usr/lib/*/sasl2/libplain.so* >/dev/null 2>&1 || missing+=(libsasl2-modules)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]}" >&2
   # Postfix is installed for its tools only: no configuration, no daemon started.
