@@ -215,7 +215,7 @@ class DeliveryConfig:
     #: A site that accepted no connection is left alone this long.
     down_period: float = 60.0
     #: Due (message, destination) groups held in memory at once (the active window).
-    window: int = 10_000
+    window: int = 50_000
     #: Start with delivery paused (mail is accepted and queued only).
     paused: bool = False
     #: Per-domain overrides of max_per_domain / max_rate ([delivery.domains."gmail.com"]).

@@ -22,7 +22,7 @@ class SiteLimits:
 @dataclass(frozen=True, slots=True)
 class SchedulerSettings:
     #: due groups held in memory at once (the active window)
-    window: int = 10_000
+    window: int = 50_000
     #: limits for every site, unless ``site_limits`` or ``domain_limits`` say otherwise
     default_limits: SiteLimits = field(default_factory=SiteLimits)
     #: per-site overrides, keyed by site name ("mx:...", "smarthost:host:port")
