@@ -1,0 +1,453 @@
+"""Relay end to end: smtp-source → server → smtp-sink, Ferry against Postfix and the ceiling.
+
+Run (as root: Postfix runs as a private instance): ``.venv/bin/python
+benchmarks/bench_relay.py [--quick] [--dir DIR]`` (about 5 minutes with the defaults;
+``--quick`` about one and a half).
+
+Set-up, everything on 127.0.0.1, every process started here stopped by its PID:
+
+- the sink: Postfix's ``smtp-sink`` (C, one process, ``-c`` counters), a fresh one per
+  cell, so its ``mesg=`` counter is the number of messages that reached it;
+- ``ferry serve``: default durability (``fsync``: the 250 comes after the commit),
+  delivery on, ``--smarthost 127.0.0.1:SINK`` and ``--max-per-domain 20`` (the default),
+  and ``--dns`` pointing at a ``DnsResponder`` (engine.testing.dns) on loopback with an
+  empty zone, so Ferry never asks the system resolver even if something looked a name up;
+- Postfix 3.7 (``engine.testing.postfix.PostfixInstance``: own configuration and queue,
+  no DNS, loopback literal next hops only), queue files fsynced before the 250 (stock),
+  ``relayhost = [127.0.0.1]:SINK``, the connection cache on demand (stock), destination
+  concurrency 20 (Ferry's ``max_per_domain``), process limit 200 and no per-client
+  connection limit so 100 smtpd sessions run at once;
+- ``direct``: smtp-source straight into the sink, the ceiling of the load tools.
+
+Cells: 1 KiB, 20 KiB and 100 KiB messages (``smtp-source -l``), 100 parallel sessions
+(``-s``), one message per connection, and with ``-d`` many per connection (messages / 100
+each: 100 at 1 and 20 KiB in the full run).  Measured per cell: injection (smtp-source's
+wall time) and end to end (from smtp-source's start until the sink has counted every
+message) in messages/s; the server's CPU seconds per message (utime + stime of its process
+tree from /proc, reaped children included, read once it has gone quiet); peak memory:
+for Ferry (one process) its VmHWM, the kernel's peak RSS; for Postfix (master, ~100 smtpd,
+cleanup, qmgr, 20 smtp ...) the peak of the tree's summed PSS sampled every 0.5 s (PSS
+shares each shared page among its processes; summed RSS would count libc ~150 times).
+For ``direct`` the columns describe smtp-sink.
+
+Targets (issue 6): Ferry end to end ≥ 2x Postfix for 1 KiB and 20 KiB, ≥ 1x for 100 KiB.
+Every load is bounded by a message count and a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_inbound import (
+    FERRY,
+    ROOT,
+    SMTP_SOURCE,
+    settle_cpu,
+    tree_cpu,
+    wait_listening,
+)
+
+from engine.testing.dns import DnsResponder
+from engine.testing.postfix import PostfixInstance, free_port
+
+SMTP_SINK = "/usr/sbin/smtp-sink"
+SESSIONS = 100
+MAX_PER_DOMAIN = 20
+SENDER = "a@client.test"
+RECIPIENT = "b@example.net"
+TARGETS = {1024: 2.0, 20 * 1024: 2.0, 100 * 1024: 1.0}
+KINDS = ("ferry", "postfix", "direct")
+EMPTY_ZONE = "$ORIGIN bench.invalid.\n@ 60 IN SOA ns hostmaster 1 60 60 60 60\n"
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and its live descendants."""
+    parents: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                raw = Path(f"/proc/{entry.name}/stat").read_text()
+                parents[int(entry.name)] = int(raw[raw.rindex(")") + 2 :].split()[1])
+    kids: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        kids.setdefault(ppid, []).append(pid)
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += kids.get(pid, [])
+    return out
+
+
+def status_kib(pid: int, key: str) -> int:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size: shared pages divided among the processes sharing them, so
+    the sum over a tree of forked processes is not inflated by shared libraries."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+class RssSampler:
+    """Peak of the summed PSS of a process tree, sampled in a thread."""
+
+    def __init__(self, root: int, interval: float = 0.5) -> None:
+        self.root, self.interval, self.peak_kib = root, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        total = sum(pss_kib(pid) for pid in tree_pids(self.root))
+        self.peak_kib = max(self.peak_kib, total)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sample()
+
+
+_children: list[subprocess.Popen[bytes]] = []
+
+
+def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
+    _children.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to our own child, by its PID; SIGKILL if it lingers."""
+    if proc in _children:
+        _children.remove(proc)
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def _stop_children() -> None:
+    for proc in list(_children):
+        with contextlib.suppress(Exception):
+            stop(proc)
+
+
+class Sink:
+    """One smtp-sink on 127.0.0.1 counting the messages it receives (``-c``)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.out = workdir / "sink.out"
+        self.proc = spawn(
+            [SMTP_SINK, "-c", "-u", "root", "-m", "1024", f"127.0.0.1:{self.port}", "1024"],
+            self.out,
+        )
+        wait_listening(self.port, 10)
+
+    def count(self) -> int:
+        try:
+            found = re.findall(rb"mesg=(\d+)", self.out.read_bytes()[-4096:])
+        except OSError:
+            return 0
+        return int(found[-1]) if found else 0
+
+    def wait_count(self, n: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.count() >= n:
+                return True
+            time.sleep(0.02)
+        return self.count() >= n
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+# --- one cell --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    size: int
+    per_conn: bool
+    messages: int
+
+    @property
+    def name(self) -> str:
+        conn = f"{self.messages // SESSIONS}/conn" if self.per_conn else "1/conn"
+        return f"{self.size >> 10} KiB {conn}"
+
+
+@dataclass
+class Result:
+    kind: str
+    cell: Cell
+    inject: float = 0.0
+    e2e: float = 0.0
+    cpu: float = 0.0
+    rss_kib: int = 0
+    received: int = 0
+    error: str = ""
+
+    def rate(self, wall: float) -> float:
+        return self.cell.messages / wall if wall and not self.error else 0.0
+
+
+def start_server(
+    kind: str, workdir: Path, sink: Sink, dns: DnsResponder
+) -> tuple[int, int, PostfixInstance | subprocess.Popen[bytes] | None]:
+    """(port, pid of the tree's root, handle) of a fresh server relaying to ``sink``."""
+    if kind == "direct":
+        return sink.port, sink.proc.pid, None
+    if kind == "ferry":
+        port = free_port()
+        config = workdir / "ferry.toml"
+        config.write_text('[queue]\ndurability = "fsync"\n')
+        proc = spawn(
+            [
+                str(FERRY),
+                "serve",
+                "--config",
+                str(config),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--spool",
+                str(workdir / "spool"),
+                "--hostname",
+                "ferry.bench.test",
+                "--smarthost",
+                f"127.0.0.1:{sink.port}",
+                "--dns",
+                f"{dns.host}:{dns.port}",
+                "--max-per-domain",
+                str(MAX_PER_DOMAIN),
+            ],
+            workdir / "ferry.log",
+        )
+        wait_listening(port)
+        return port, proc.pid, proc
+    pf = PostfixInstance(
+        workdir / "postfix",
+        {
+            "relayhost": f"[127.0.0.1]:{sink.port}",
+            "default_destination_concurrency_limit": str(MAX_PER_DOMAIN),
+            "smtp_destination_concurrency_limit": str(MAX_PER_DOMAIN),
+            "default_process_limit": "200",
+            "smtpd_client_connection_count_limit": "0",
+            "smtpd_client_connection_rate_limit": "0",
+        },
+        hostname="postfix.bench.test",
+    )
+    pf.start()
+    return pf.port, pf.pid, pf
+
+
+def run_cell(kind: str, cell: Cell, base: Path) -> Result:
+    result = Result(kind, cell)
+    workdir = Path(tempfile.mkdtemp(prefix=f"{kind}.", dir=base))
+    os.chmod(workdir, 0o755)
+    dns = DnsResponder(EMPTY_ZONE, "bench.invalid.")
+    sink: Sink | None = None
+    handle: PostfixInstance | subprocess.Popen[bytes] | None = None
+    timeout = 60 + cell.messages * cell.size / 5e6
+    try:
+        dns.start()
+        sink = Sink(workdir)
+        port, pid, handle = start_server(kind, workdir, sink, dns)
+        argv = [
+            SMTP_SOURCE,
+            "-s",
+            str(SESSIONS),
+            "-m",
+            str(cell.messages),
+            "-l",
+            str(cell.size),
+            "-f",
+            SENDER,
+            "-t",
+            RECIPIENT,
+            "-M",
+            "client.test",
+        ]
+        if cell.per_conn:
+            argv.append("-d")
+        argv.append(f"127.0.0.1:{port}")
+        cpu0 = tree_cpu(pid)
+        with RssSampler(pid) as rss:
+            t0 = time.perf_counter()
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+                result.inject = time.perf_counter() - t0
+                if done.returncode != 0:
+                    lines = done.stderr.strip().splitlines()
+                    result.error = lines[-1] if lines else f"smtp-source exit {done.returncode}"
+            except subprocess.TimeoutExpired:
+                result.error = f"smtp-source timed out after {timeout:.0f} s"
+            if not result.error:
+                if sink.wait_count(cell.messages, timeout):
+                    result.e2e = time.perf_counter() - t0
+                else:
+                    result.error = (
+                        f"sink has {sink.count()} of {cell.messages} after {timeout:.0f} s"
+                    )
+            if kind != "direct":
+                result.cpu = settle_cpu(pid) - cpu0
+        result.rss_kib = rss.peak_kib
+        if kind == "ferry":  # one process: the kernel's own peak RSS
+            result.rss_kib = status_kib(pid, "VmHWM")
+        if kind == "direct":
+            result.cpu = tree_cpu(pid) - cpu0
+        time.sleep(0.2)  # a late duplicate would show here
+        result.received = sink.count()
+        if not result.error and result.received != cell.messages:
+            result.error = f"sink received {result.received} of {cell.messages}"
+    except Exception as exc:  # a failed cell is reported, the run goes on
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if isinstance(handle, PostfixInstance):
+            handle.stop()
+        elif handle is not None:
+            stop(handle)
+        if sink is not None:
+            sink.stop()
+        dns.stop()
+        if result.error:
+            for log in ("ferry.log", "postfix/maillog"):
+                with contextlib.suppress(OSError):
+                    tail = (workdir / log).read_text(errors="replace").splitlines()[-6:]
+                    result.error += "\n    " + "\n    ".join(tail)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+# --- report ----------------------------------------------------------------------------
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer messages per cell")
+    parser.add_argument("--dir", default="/work", help="where the temporary spools go")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: the Postfix instance needs it")
+    atexit.register(_stop_children)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    scale = 5 if args.quick else 1
+    cells = []
+    for size, single, multi in (
+        (1024, 2000, 10000),
+        (20 * 1024, 2000, 10000),
+        (100 * 1024, 1000, 4000),
+    ):
+        cells += [Cell(size, False, single // scale), Cell(size, True, multi // scale)]
+    base = Path(tempfile.mkdtemp(prefix="bench_relay.", dir=args.dir))
+    os.chmod(base, 0o755)
+    version = subprocess.run([str(FERRY), "--version"], capture_output=True, text=True)
+    postfix = subprocess.run(["postconf", "-d", "mail_version"], capture_output=True, text=True)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs; Python "
+        f"{platform.python_version()}; {' / '.join(version.stdout.splitlines())}; "
+        f"Postfix {postfix.stdout.split('=')[-1].strip()}"
+    )
+    print(
+        f"smtp-source -s {SESSIONS} → server → smtp-sink; max per destination "
+        f"{MAX_PER_DOMAIN}; spools under {base}"
+    )
+    results: dict[tuple[str, Cell], Result] = {}
+    try:
+        print(
+            f"\n{'cell':<16} {'server':<8} {'msgs':>6} {'inject/s':>9} {'e2e/s':>8} "
+            f"{'CPU µs/msg':>10} {'peak MiB':>12} {'at sink':>7}"
+        )
+        for cell in cells:
+            for kind in KINDS:
+                r = run_cell(kind, cell, base)
+                results[kind, cell] = r
+                print(
+                    f"{cell.name:<16} {kind:<8} {cell.messages:>6} "
+                    f"{r.rate(r.inject):>9,.0f} {r.rate(r.e2e):>8,.0f} "
+                    f"{r.cpu / cell.messages * 1e6:>10,.0f} {r.rss_kib / 1024:>12,.1f} "
+                    f"{r.received:>7}",
+                    flush=True,
+                )
+                if r.error:
+                    print(f"  ERROR: {r.error}")
+
+        print(
+            f"\n{'cell':<16} {'ferry/postfix e2e':>17} {'inject':>7} "
+            f"{'ferry/direct e2e':>16} {'target':>6}  verdict"
+        )
+        verdicts = []
+        for cell in cells:
+            f, p, d = (results[k, cell] for k in KINDS)
+            fe, pe, de = f.rate(f.e2e), p.rate(p.e2e), d.rate(d.e2e)
+            target = TARGETS[cell.size]
+            ok = bool(fe and pe and fe / pe >= target)
+            verdicts.append(ok)
+            print(
+                f"{cell.name:<16} {ratio(fe, pe):>17} "
+                f"{ratio(f.rate(f.inject), p.rate(p.inject)):>7} "
+                f"{ratio(fe, de):>16} {f'>={target:.0f}x':>6}  {'PASS' if ok else 'FAIL'}"
+            )
+        print(
+            f"\noverall: {'PASS' if all(verdicts) else 'FAIL'} "
+            f"({sum(verdicts)} of {len(verdicts)} cells meet the target)"
+        )
+    finally:
+        _stop_children()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
