@@ -1,8 +1,8 @@
 """Relay end to end: smtp-source → server → smtp-sink, Ferry against Postfix and the ceiling.
 
 Run (as root: Postfix runs as a private instance): ``.venv/bin/python
-benchmarks/bench_relay.py [--quick] [--dir DIR]`` (about 5 minutes with the defaults;
-``--quick`` about one and a half).
+benchmarks/bench_relay.py [--quick] [--dir DIR]`` (about 2.5 minutes with the defaults;
+``--quick`` about one).
 
 Set-up, everything on 127.0.0.1, every process started here stopped by its PID:
 
