@@ -78,8 +78,13 @@ class App:
         log.info("%s", store.describe())
         router = ConfiguredRouter(cfg, MxResolver.from_config(cfg))
         per_connection = cfg.delivery.max_messages_per_connection
-        self.agents = {"smtp": SmtpAgent(cfg.hostname, max_messages_per_connection=per_connection),
-                       "lmtp": SmtpAgent(cfg.hostname, lmtp=True),
+        # Keep as many idle connections per site as it may have workers, or a busy site
+        # closes and reopens connections between messages.
+        idle = max([cfg.delivery.max_per_domain,
+                    *(d.max_connections or 0 for d in cfg.delivery.domains.values())])
+        self.agents = {"smtp": SmtpAgent(cfg.hostname, max_messages_per_connection=per_connection,
+                                         max_idle_per_site=idle),
+                       "lmtp": SmtpAgent(cfg.hostname, lmtp=True, max_idle_per_site=idle),
                        "maildir": MaildirAgent(hostname=cfg.hostname)}
         self.scheduler = scheduler = Scheduler(store, router, self.agents, hostname=cfg.hostname,
                                                settings=scheduler_settings(cfg))
