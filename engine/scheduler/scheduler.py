@@ -13,7 +13,7 @@ Theory of operation (Postfix's qmgr, KumoMTA's two-level queues):
    ``max_recipients_per_transaction``), records the outcomes (with any DSN) in one queue
    commit, frees the group's window place, and takes the next group of its site.  Groups
    finishing within a few milliseconds share one queue operation, and freed places are
-   refilled together (``_record_batched``, ``_place_freed``): per-delivery cost matters
+   refilled together (``_queue_outcomes``, ``_place_freed``): per-delivery cost matters
    at thousands of deliveries a second on one core.  A site
    where no host took a connection is marked down for ``down_period``; its groups are
    deferred without trying.
@@ -51,7 +51,7 @@ log = logging.getLogger("ferry.scheduler")
 _WAITING = (RcptState.PENDING, RcptState.DEFERRED)
 #: Seconds from a freed window place to the refill (see Scheduler._place_freed).
 _REFILL_DELAY = 0.005
-#: Seconds outcomes wait to share one queue operation (see Scheduler._record_batched).
+#: Seconds outcomes wait to share one queue operation (see Scheduler._queue_outcomes).
 _RECORD_DELAY = 0.010
 
 
@@ -100,9 +100,10 @@ class Scheduler:
         self._stopping = False
         self._runner: asyncio.Task[None] | None = None
         self._refill_timer: asyncio.TimerHandle | None = None
-        #: Outcomes waiting to be recorded together (see _record_batched).
+        #: Outcomes waiting to be recorded together (see _queue_outcomes).
         self._outcomes: list[Outcome] = []
         self._outcomes_done: asyncio.Future[None] | None = None
+        self._outcome_timer: asyncio.TimerHandle | None = None
 
     # --- control ---------------------------------------------------------------------
 
@@ -119,7 +120,10 @@ class Scheduler:
         self._wake.set()
         if self._runner is not None:
             await self._runner
-        if self._tasks:
+        # Workers no longer wait for their commits: record what they queued before going.
+        while self._tasks or self._outcomes:
+            if self._outcomes:
+                self._flush_outcomes()
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._refill_timer is not None:
             self._refill_timer.cancel()
@@ -272,7 +276,12 @@ class Scheduler:
                 if r.next_hop == destination and r.state in _WAITING]
 
     async def _deliver(self, entry: DueEntry, route: Route) -> bool:
-        """Deliver one group; False when no server answered at all (the site is down)."""
+        """Deliver one group; False when no server answered at all (the site is down).
+
+        The worker does not wait for the commit of the outcomes: it takes its next group
+        while the writer syncs.  The group keeps its window place until that commit is
+        done, so it is never taken twice; a crash before it re-delivers (at-least-once)."""
+        commit: asyncio.Future[None] | None = None
         try:
             env = self._load(entry)
             if env is None:
@@ -287,8 +296,8 @@ class Scheduler:
             pending = self._waiting(env, entry.next_hop)
             if expired or not pending:
                 if expired:
-                    await self._finish(env, [], [(i, "expired") for i in
-                                                 self._all_open(env, entry.next_hop)])
+                    commit = await self._finish(env, [], [(i, "expired") for i in
+                                                          self._all_open(env, entry.next_hop)])
                 return True
             body = self.store.body(entry.queue_id)
             agent = self.agents[route.protocol]
@@ -297,7 +306,7 @@ class Scheduler:
             for start in range(0, len(pending), size):
                 results += await agent.deliver(route, env, pending[start:start + size], body)
             self.delivered += sum(r.state is RcptState.DELIVERED for r in results)
-            await self._finish(env, results, [])
+            commit = await self._finish(env, results, [])
             return any(r.remote for r in results) or any(
                 r.state is not RcptState.DEFERRED for r in results)
         except Exception:
@@ -308,8 +317,19 @@ class Scheduler:
                                     time.time() + self.settings.retry_interval)
             return True
         finally:
-            self.window.release(entry)
-            self._place_freed()
+            if commit is None:
+                self._release(entry, None)
+            else:
+                commit.add_done_callback(lambda done: self._release(entry, done))
+
+    def _release(self, entry: DueEntry, committed: asyncio.Future[None] | None) -> None:
+        """Free the group's window place once its outcomes are committed (or failed to
+        be: then its due entry is still in the index and it is tried again)."""
+        if committed is not None and not committed.cancelled() and committed.exception():
+            log.error("recording outcomes for %s failed: %s", entry.queue_id.hex(),
+                      committed.exception())
+        self.window.release(entry)
+        self._place_freed()
 
     def _all_open(self, env: Envelope, destination: str) -> list[int]:
         return [i for i, r in enumerate(env.recipients)
@@ -322,8 +342,11 @@ class Scheduler:
 
     async def _finish(
         self, env: Envelope, results: Sequence[RcptResult], expired: Sequence[tuple[int, str]]
-    ) -> None:
-        """Turn results into outcomes, DSNs for the failures, and record them at once."""
+    ) -> asyncio.Future[None] | None:
+        """Turn results into outcomes and DSNs for the failures, and record them.  With a
+        DSN the commit is awaited here (it may be refused alone); otherwise the outcomes
+        join a batch and the batch's pending commit is returned for the caller to wait on
+        or to hang the group's release on."""
         now = time.time()
         outcomes: list[Outcome] = []
         failures: list[Failure] = []
@@ -351,25 +374,27 @@ class Scheduler:
             # Alone: a DSN adds bytes and may be refused (back pressure), which must fail
             # this group's record only.
             await self.store.record(outcomes, new_messages)
-        else:
-            await self._record_batched(outcomes)
+            return None
+        return self._queue_outcomes(outcomes)
 
-    async def _record_batched(self, outcomes: list[Outcome]) -> None:
-        """Record outcomes together with those of other groups finishing within
+    def _queue_outcomes(self, outcomes: list[Outcome]) -> asyncio.Future[None]:
+        """Queue outcomes to be recorded with those of other groups finishing within
         ``_RECORD_DELAY``: one queue operation (one future, one hand-over to the writer)
-        for many groups instead of one each.  Returns once the commit holding them did,
-        as ``store.record`` would; an error fails every group of the batch alike, as it
-        would have failed them in the writer's shared transaction."""
+        for many groups instead of one each.  The future is done once the commit holding
+        them is; an error fails every group of the batch alike, as it would have in the
+        writer's shared transaction."""
         self._outcomes.extend(outcomes)
         done = self._outcomes_done
         if done is None:
             loop = asyncio.get_running_loop()
             done = self._outcomes_done = loop.create_future()
-            loop.call_later(_RECORD_DELAY, self._flush_outcomes)
-        # shield: one cancelled caller must not cancel the others' wait.
-        await asyncio.shield(done)
+            self._outcome_timer = loop.call_later(_RECORD_DELAY, self._flush_outcomes)
+        return done
 
     def _flush_outcomes(self) -> None:
+        if self._outcome_timer is not None:
+            self._outcome_timer.cancel()
+            self._outcome_timer = None
         outcomes, self._outcomes = self._outcomes, []
         done, self._outcomes_done = self._outcomes_done, None
         assert done is not None
@@ -407,8 +432,11 @@ class Scheduler:
                 return
             reply = f"{exc.code} {exc.enhanced} {exc.text}"
             state = RcptState.FAILED if exc.permanent else RcptState.DEFERRED
-            await self._finish(env, [RcptResult(i, state, reply)
-                                     for i in self._waiting(env, entry.next_hop)], [])
+            pending = await self._finish(env, [RcptResult(i, state, reply)
+                                               for i in self._waiting(env, entry.next_hop)],
+                                         [])
+            if pending is not None:
+                await asyncio.shield(pending)
         finally:
             self.window.release(entry)
 
