@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, cast
 
 from engine.protocol import server as sm
 from engine.protocol.events import NEED_DATA
+from engine.protocol.reply import format_reply
 from engine.protocol.sasl import (
     Challenge,
     Credentials,
@@ -41,7 +42,6 @@ S421_SLOW = (421, "4.4.2", "Data rate too low, closing connection")
 S421_TOO_MANY_MESSAGES = (421, "4.7.0", "Too many messages in one connection, reconnect")
 S421_AUTH_FAILURES = (421, "4.7.0", "Too many authentication failures, closing connection")
 S452_STORAGE = (452, "4.3.1", "Insufficient system storage, try again later")
-S451_STORAGE = (451, "4.3.1", "Insufficient system storage, try again later")
 S451_LOCAL_ERROR = (451, "4.3.0", "Local error in processing, try again later")
 S235_AUTH_OK = (235, "2.7.0", "Authentication successful")
 S535_AUTH_FAILED = (535, "5.7.8", "Authentication credentials invalid")
@@ -325,7 +325,7 @@ class SmtpSession(asyncio.Protocol):
     def _write_reply(self, reply: Reply) -> None:
         assert self.transport is not None
         code, enhanced, text = reply
-        data = f"{code} {enhanced + ' ' if enhanced else ''}{text}\r\n".encode()
+        data = format_reply(code, enhanced, [text])
         if self.log is not None:
             self.log.send(data)
         self.transport.write(data)

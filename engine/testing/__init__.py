@@ -1,4 +1,5 @@
-"""Test helpers that ship with the package (chunkings, and later a sink and a DNS responder).
+"""Test helpers that ship with the package (chunkings, a running Ferry,
+a raw SMTP client, a counting sink, a DNS responder, a private Postfix, crash torture).
 
 Used by the test suite and the benchmarks; never imported by the running server.
 """
