@@ -146,7 +146,7 @@ def staff(self, site):
         site_peak[site.name] = site.peak_workers
 Scheduler._staff = staff
 
-from engine.app import App
+from engine.app import App, tune_gc
 
 def status():
     out = {}
@@ -170,6 +170,7 @@ async def main():
     cpu0 = cpu()
     t0 = time.time()
     await app.start()
+    tune_gc()  # as engine.app.serve does
     store, sched = app.store, app.scheduler
     agent = app.agents["smtp"]
     print(json.dumps({"event": "started", "t": t0, "start_s": time.time() - t0,

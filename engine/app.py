@@ -11,6 +11,7 @@ Nothing else in the code constructs these parts; this module holds no protocol l
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from pathlib import Path
@@ -130,10 +131,32 @@ class App:
         log.info("stopped")
 
 
+#: Allocations between young collections (CPython's default is 700), and how many
+#: young collections per middle one and middle ones per full one.
+GC_THRESHOLDS = (100_000, 50, 100)
+
+
+def tune_gc() -> None:
+    """Tune the cyclic garbage collector for a long-running server; call once started.
+
+    With the default thresholds the collector took 35-45% of the CPU in the fan-out
+    benchmark (perf: ``gc_collect_main``, ``visit_decref``, ``visit_reachable``): tens of
+    thousands of long-lived objects (window entries, thousands of connections and their
+    tasks) were walked again at every middle and full collection, and deliveries that
+    wait a second on the next hop live long enough to be promoted.  Objects from start-up
+    are moved out of the collector's sight (``gc.freeze``), and collections are made rare;
+    delivery code does not rely on the collector (reference cycles are its exception, not
+    its rule), so garbage between collections stays bounded by the young threshold.
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT; exit status 0 after a clean stop."""
     app = App(config)
     await app.start()
+    tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
