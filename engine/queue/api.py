@@ -11,7 +11,7 @@ make that promise quickly (map full, disk low, writer behind) it raises
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,6 +56,11 @@ class DueEntry:
     next_hop: str
     key: bytes
 
+    @property
+    def group(self) -> bytes:
+        """The group's identity in the due index (queue id + next hop), whatever its time."""
+        return self.key[8:]
+
 
 @dataclass(frozen=True, slots=True)
 class NewMessage:
@@ -85,6 +90,18 @@ class QueueStore(Protocol):
     def body(self, queue_id: bytes) -> bytes: ...
 
     def due(self, until: float, limit: int, after: bytes = b"") -> list[DueEntry]: ...
+
+    def due_scan(
+        self, until: float, limit: int, after: bytes, held: Container[bytes]
+    ) -> tuple[list[DueEntry], bytes]:
+        """``due`` leaving out the groups in ``held`` (``DueEntry.group``); also the last
+        key looked at, to go on after next time."""
+        ...
+
+    def take_due_low(self) -> bytes | None:
+        """The lowest due-index key committed since the last call (None: none): where
+        the due index changed behind a reader that pages through it."""
+        ...
 
     def ids_for_hop(self, next_hop: str, limit: int, after: bytes = b"") -> list[bytes]: ...
 

@@ -40,7 +40,7 @@ import struct
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -184,6 +184,11 @@ class LmdbQueue:
         self._disk_checked = 0.0
         self._disk_low = False
         self._closed = False
+        #: The lowest due key committed since take_due_low() last looked, and the lowest
+        #: of the batch being applied (writer thread only).
+        self._due_low: bytes | None = None
+        self._due_low_lock = threading.Lock()
+        self._batch_due_low: bytes | None = None
         self._writer = threading.Thread(target=self._run_writer, name="ferry-queue-writer",
                                         daemon=True)
         self._writer.start()
@@ -286,8 +291,18 @@ class LmdbQueue:
 
     def due(self, until: float, limit: int, after: bytes = b"") -> list[DueEntry]:
         """Up to ``limit`` (message, hop) groups due by ``until``, after key ``after``."""
+        return self.due_scan(until, limit, after, ())[0]
+
+    def due_scan(
+        self, until: float, limit: int, after: bytes, held: Container[bytes]
+    ) -> tuple[list[DueEntry], bytes]:
+        """``due`` without the groups in ``held``, and the last key looked at.
+
+        Held groups are skipped on the raw key, before anything is decoded: the active
+        window starts over past tens of thousands of them."""
         stop = _DUE.pack(max(0, int(until * 1000)))
         found: list[DueEntry] = []
+        last = after
         with self._read() as txn:
             cur = txn.cursor(self._db["due"])
             ok = cur.set_range(after) if after else cur.first()
@@ -297,10 +312,17 @@ class LmdbQueue:
                 key = cur.key()
                 if key[:8] > stop:
                     break
-                found.append(DueEntry(_DUE.unpack(key[:8])[0] / 1000, key[8:8 + ID_LEN],
-                                      key[8 + ID_LEN:].decode(), key))
+                last = key
+                if key[8:] not in held:
+                    found.append(DueEntry(_DUE.unpack(key[:8])[0] / 1000, key[8:8 + ID_LEN],
+                                          key[8 + ID_LEN:].decode(), key))
                 ok = cur.next()
-        return found
+        return found, last
+
+    def take_due_low(self) -> bytes | None:
+        with self._due_low_lock:
+            low, self._due_low = self._due_low, None
+        return low
 
     def _prefixed(self, db: str, prefix: bytes, limit: int, after: bytes) -> list[bytes]:
         found: list[bytes] = []
@@ -427,6 +449,7 @@ class LmdbQueue:
         """Run the batch in one write transaction; ``refused`` fails every op that adds
         bytes (enqueues, and outcomes that carry new messages) and nothing else."""
         results: list[tuple[_Op, Any, BaseException | None]] = []
+        self._batch_due_low = None
         with self._env.begin(write=True) as txn:
             for op in batch:
                 if refused is not None and op.size:
@@ -440,6 +463,11 @@ class LmdbQueue:
                     self._quarantine(txn, *op.args)
                     results.append((op, None, None))
         # Leaving the with-block committed the transaction (and synced, in fsync mode).
+        low = self._batch_due_low
+        if low is not None:
+            with self._due_low_lock:
+                if self._due_low is None or low < self._due_low:
+                    self._due_low = low
         return results
 
     def _put_new(self, txn: Any, env: Envelope, body: bytes) -> bytes:
@@ -507,8 +535,13 @@ class LmdbQueue:
             db = self._db[name]
             for key in was - now:
                 txn.delete(key, db=db)
-            for key in now - was:
+            added = now - was
+            for key in added:
                 txn.put(key, b"", db=db)
+            if added and name == "due":
+                low = min(added)
+                if self._batch_due_low is None or low < self._batch_due_low:
+                    self._batch_due_low = low
 
     def _quarantine(self, txn: Any, qid: bytes, reason: str, dkey: bytes) -> None:
         db = self._db

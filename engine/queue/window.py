@@ -18,18 +18,18 @@ from engine.queue.api import DueEntry, QueueStore
 
 class DueWindow:
     def __init__(self, store: QueueStore, capacity: int = 10_000,
-                 rescan_interval: float = 1.0) -> None:
+                 rescan_interval: float = 10.0) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.store = store
         self.capacity = capacity
         self.rescan_interval = rescan_interval
         self._ready: deque[DueEntry] = deque()
-        #: (queue id, next hop) of every group in the window or in flight
-        self._held: set[tuple[bytes, str]] = set()
+        #: ``DueEntry.group`` of every group in the window or in flight
+        self._held: set[bytes] = set()
         #: the due-index key the next scan starts after, and when it may start over
         self._cursor = b""
-        self._rescan_at = 0.0
+        self._rescan_at = time.monotonic() + rescan_interval
 
     def __len__(self) -> int:
         """Groups held: waiting in the window plus in flight."""
@@ -38,39 +38,40 @@ class DueWindow:
     def refill(self, now: float | None = None) -> int:
         """Load due groups until the window is full; returns how many were added.
 
-        The scan goes on from where the last one stopped (new mail is due at its arrival,
-        so it sorts after; a busy queue costs one short page per freed place, not a rescan
-        of everything held) and starts over from the earliest due entry once it has
-        reached the end.
+        The scan goes on from where the last one stopped: new mail is due at its arrival,
+        so it sorts after, and a busy queue costs one short page per freed place, not a
+        rescan of everything held.  Entries written behind the cursor (retries, resumed
+        recipients) are found by going back to the lowest due key committed since the
+        last look (``take_due_low``).  Once a ``rescan_interval`` the scan also starts over
+        from the beginning, for entries no write announced: a group whose outcome failed
+        to commit keeps its old due entry.
         """
         until = time.time() if now is None else now
         added = 0
         restarted = False
-        while len(self._held) < self.capacity:
-            # A page per freed place when going on; bigger pages when starting over, as
-            # that scan first walks past every held group (one read transaction a page).
-            page = self.store.due(until, max(1024 if restarted else 16,
-                                             self.capacity - len(self._held)), self._cursor)
+        held = self._held
+        while len(held) < self.capacity:
+            page, self._cursor = self.store.due_scan(
+                until, self.capacity - len(held), self._cursor, held)
             if not page:
-                # The end: groups that came due since (retries) sort before the cursor, so
-                # start over, but at most once a ``rescan_interval`` (each rescan skips
-                # every held group once).
-                clock = time.monotonic()
-                if restarted or not self._cursor or clock < self._rescan_at:
+                if restarted:
                     break
-                self._cursor, self._rescan_at = b"", clock + self.rescan_interval
+                low = self.store.take_due_low()
+                clock = time.monotonic()
+                if low is not None and low <= self._cursor:
+                    self._cursor = low[:-1]  # sorts just before it
+                elif clock >= self._rescan_at and self._cursor:
+                    self._cursor = b""
+                else:
+                    break
+                if not self._cursor:
+                    self._rescan_at = clock + self.rescan_interval
                 restarted = True
                 continue
             for entry in page:
-                group = (entry.queue_id, entry.next_hop)
-                if group in self._held:
-                    continue
-                self._held.add(group)
+                held.add(entry.group)
                 self._ready.append(entry)
-                added += 1
-                if len(self._held) >= self.capacity:
-                    break
-            self._cursor = entry.key
+            added += len(page)
         return added
 
     def take(self) -> DueEntry | None:
@@ -79,4 +80,4 @@ class DueWindow:
 
     def release(self, entry: DueEntry) -> None:
         """The group's outcome is recorded (or it was given up): free its place."""
-        self._held.discard((entry.queue_id, entry.next_hop))
+        self._held.discard(entry.group)

@@ -85,3 +85,44 @@ def test_retries_that_come_due_are_found_after_a_rescan(store: LmdbQueue) -> Non
     window.refill(now + 6)  # the retry sorts before the cursor: found by starting over
     again = window.take()
     assert again is not None and again.queue_id == first
+
+
+def test_writes_behind_the_cursor_are_found_without_a_full_rescan(store: LmdbQueue) -> None:
+    now = time.time()
+    ids = [store.enqueue_sync(Envelope("a@b.test", [Recipient(f"c@d{i}.test", f"d{i}.test",
+                                                              due=now + i)]), b"x")
+           for i in range(3)]
+    window = DueWindow(store, capacity=10, rescan_interval=3600.0)
+    window.refill(now + 10)
+    first, *others = iter(window.take, None)
+    assert [first.queue_id] + [e.queue_id for e in others] == ids
+    store.take_due_low()  # what the enqueues wrote is behind us: forget it
+    # A retry due before the cursor (the cursor is at the third group by now).
+    store.record_sync([Outcome(ids[0], 0, RcptState.DEFERRED, due=now + 1.5)])
+    window.release(first)
+    assert window.refill(now + 10) == 1
+    again = window.take()
+    assert again is not None and again.queue_id == ids[0]
+    assert abs(again.due - (now + 1.5)) < 0.002
+    # The low key was consumed: the next refill neither finds nor re-reads anything.
+    assert store.take_due_low() is None and window.refill(now + 10) == 0
+
+
+def test_a_due_entry_no_write_announced_is_found_by_the_periodic_rescan(
+    store: LmdbQueue,
+) -> None:
+    now = time.time()
+    qid = store.enqueue_sync(Envelope("a@b.test", [Recipient("c@d.test", "d.test", due=now)]),
+                             b"x")
+    store.take_due_low()
+    window = DueWindow(store, capacity=10, rescan_interval=3600.0)
+    window.refill(now + 1)
+    entry = window.take()
+    assert entry is not None
+    window.release(entry)  # given up without a commit: its due entry is unchanged
+    assert window.refill(now + 1) == 0  # behind the cursor, and nothing announced it
+    window.rescan_interval = 0.0
+    window._rescan_at = 0.0  # the interval has passed
+    assert window.refill(now + 1) == 1
+    got = window.take()
+    assert got is not None and got.queue_id == qid
