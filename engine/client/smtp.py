@@ -104,34 +104,79 @@ class _Failure(Exception):
         self.broken = broken
 
 
-def _expire_waiter(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
-
-
 class _Pipe(asyncio.Protocol):
-    """Bytes in, with flow control both ways; the transport may be replaced by TLS."""
+    """The connection's protocol object: bytes go straight into the sans-I/O client's
+    reply parser as they arrive (no copy, no wake-up until someone waits), with flow
+    control both ways; the transport may be replaced by TLS."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
+        self.conn: ClientConnection | None = None
+        self._early: list[bytes] = []
+        #: A ReplyError from feeding the parser (bytes after a STARTTLS 220), raised by
+        #: the next wait: the session sees it where it reads.
+        self.error: ReplyError | None = None
         self._eof = False
         self._read_paused = False
         self._write_paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
+        #: The running wait's deadline, and the one timer that enforces deadlines: it is
+        #: armed once and re-arms itself while waits keep ending in time, instead of one
+        #: timer per wait (two per delivery otherwise; see ``wait``).
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        #: The pipelined transaction being driven by arriving replies, if any: it is
+        #: told of every arrival, of the end of the connection, of a drained write
+        #: buffer and of its deadline, instead of a coroutine waking for each reply.
+        self.handler: _Pipelined | None = None
         self.lost = asyncio.Event()
+
+    def attach(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        early, self._early = self._early, []
+        for data in early:
+            self._feed(conn, data)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        if len(self._buffer) > _READ_HIGH_WATER and not self._read_paused:
+        conn = self.conn
+        if conn is None:
+            self._early.append(data)
+            return
+        self._feed(conn, data)
+        if conn.buffered > _READ_HIGH_WATER and not self._read_paused:
+            # Nobody consumes (an idle pooled connection, a server that floods): stop
+            # reading until the replies held are taken (``consumed``).
             self._read_paused = True
             assert self.transport is not None
             self.transport.pause_reading()
         self._wake()
+
+    def _wake(self) -> None:
+        handler = self.handler
+        if handler is not None:
+            handler.advance()
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _feed(self, conn: ClientConnection, data: bytes) -> None:
+        try:
+            conn.receive_data(data)
+        except ReplyError as exc:
+            self.error = self.error or exc
+
+    def consumed(self) -> None:
+        """Replies were taken from the parser: read again if reading was paused."""
+        if (self._read_paused and self.conn is not None
+                and self.conn.buffered <= _READ_HIGH_WATER
+                and self.transport is not None and not self.transport.is_closing()):
+            self._read_paused = False
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         self._eof = True
@@ -142,6 +187,9 @@ class _Pipe(asyncio.Protocol):
         self._eof = True
         self.lost.set()
         self._wake()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -151,45 +199,59 @@ class _Pipe(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self.handler is not None:
+            self.handler.drained()
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _wake(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     @property
-    def buffered(self) -> int:
-        return len(self._buffer)
+    def eof(self) -> bool:
+        """The server closed its side (the parser has had every byte it will get)."""
+        return self._eof
 
     @property
     def closed(self) -> bool:
         return self._eof or self.transport is None or self.transport.is_closing()
 
-    async def read(self, deadline: float) -> bytes:
-        """What arrived since the last read; b"" once the server closed.
+    def set_deadline(self, deadline: float) -> None:
+        """The handler's deadline (loop time): its ``expired()`` is called then."""
+        self._deadline = deadline
+        if self._timer is None or self._timer_at > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._check_deadline)
 
-        TimeoutError when nothing arrived by ``deadline`` (loop time).  The timer exists
-        only while we actually wait: most replies of a pipelined group are already
-        buffered, and a timer per wait is much cheaper than an ``asyncio.timeout``
-        context per reply (which showed as ~12% of the CPU in the fan-out benchmark).
-        """
-        while not self._buffer and not self._eof:
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-            timer = loop.call_at(deadline, _expire_waiter, waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        if self._read_paused and self.transport is not None and not self.transport.is_closing():
-            self._read_paused = False
-            self.transport.resume_reading()
-        return data
+    async def wait(self, deadline: float) -> None:
+        """Until more bytes (or the end) arrive; TimeoutError at ``deadline`` (loop time),
+        and a parser error from the bytes that arrived meanwhile."""
+        if self.error is not None:
+            raise self.error
+        if self._eof:
+            return
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        self.set_deadline(deadline)
+        await waiter
+        if self.error is not None:
+            raise self.error
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        waiter, handler = self._waiter, self.handler
+        if handler is None and (waiter is None or waiter.done()):
+            return  # nobody waits: the next wait arms the timer again
+        loop = asyncio.get_running_loop()
+        # libuv rounds timers to the millisecond: a timer may fire a little early.
+        if loop.time() >= self._deadline - 0.002:
+            if handler is not None:
+                handler.expired()
+            elif waiter is not None:
+                self._waiter = None
+                waiter.set_exception(TimeoutError())
+        else:
+            self._timer_at = self._deadline
+            self._timer = loop.call_at(self._deadline, self._check_deadline)
 
     @property
     def write_paused(self) -> bool:
@@ -215,6 +277,7 @@ class _Session:
         self.remote = f"{host.name}[{host.address}]"
         self.pipe = pipe
         self.conn = ClientConnection(settings)
+        pipe.attach(self.conn)
         self.timeouts = timeouts
         self.messages = 0
         self.needs_rset = False
@@ -252,14 +315,19 @@ class _Session:
     async def event(self, phase: str) -> Greeting | Reply:
         """The next reply (the greeting first), within the phase's timeout."""
         conn = self.conn
+        pipe = self.pipe
         try:
             event = conn.next_event()
             if event is NEED_DATA:
                 # One deadline for the whole reply, however many reads it takes.
                 deadline = asyncio.get_running_loop().time() + self.timeouts[phase]
                 while event is NEED_DATA:
-                    conn.receive_data(await self.pipe.read(deadline))
+                    if pipe.eof:
+                        conn.receive_data(b"")
+                    else:
+                        await pipe.wait(deadline)
                     event = conn.next_event()
+            pipe.consumed()
         except TimeoutError:
             raise _Failure(
                 f"451 4.4.2 Timeout waiting for the {phase} reply from {self.remote}",
@@ -303,8 +371,8 @@ class _Session:
 
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
         # RFC 3207 §4.2: nothing the server sent after its 220 may be read as TLS data;
-        # the state machine checked its own buffer, this is the transport's.
-        if self.pipe.buffered:
+        # the state machine checked what came with the 220, this is what came since.
+        if self.pipe.error is not None or self.conn.buffered:
             raise _Failure(f"451 4.5.0 Data after the STARTTLS 220 from {self.remote}", broken=True)
         loop = asyncio.get_running_loop()
         try:
@@ -331,10 +399,8 @@ class _Session:
             if not self.pipe.closed and not self.conn.waiting:
                 self.write(self.conn.send(Command("QUIT")))
                 deadline = asyncio.get_running_loop().time() + T_QUIT
-                while not self.pipe.closed:
-                    if self.conn.next_event() is not NEED_DATA:
-                        break
-                    self.conn.receive_data(await self.pipe.read(deadline))
+                while not self.pipe.closed and self.conn.next_event() is NEED_DATA:
+                    await self.pipe.wait(deadline)
         except Exception:
             pass
         # A TLS close_notify exchange takes a round trip: wait for it, but not for long.
@@ -457,7 +523,7 @@ class SmtpAgent:
             session = idle.pop()
             session.idle_since = None  # its timer, if any, stays (see _Session.idle_since)
             # Closed, or the server spoke while idle (a 421 before closing, or junk).
-            if session.pipe.closed or session.pipe.buffered:
+            if session.pipe.closed or session.conn.buffered:
                 session.abort()
                 continue
             session.pristine = True
@@ -717,68 +783,211 @@ class SmtpAgent:
 
         s.messages += 1
         s.needs_rset = True  # until the transaction ends well
-        keep = True
-        accepted: list[int] = []
-        data_reply: Reply | None = None
         if "PIPELINING" in ext:
-            # RFC 2920 §3.1: MAIL, the RCPTs and DATA in one write; replies in order.
-            s.write(
-                conn.send(mail) + b"".join(conn.send(c) for c in rcpts) + conn.send(Command("DATA"))
-            )
-            mail_reply = await s.reply("MAIL")
-            rcpt_replies = [await s.reply("RCPT") for _ in rcpts]
-            data_reply = await s.reply("DATA")
-        else:
-            mail_reply = await s.command(mail, "MAIL")
-            rcpt_replies = []
-            if mail_reply.code // 100 == 2:
-                for c in rcpts:
-                    rcpt_replies.append(await s.command(c, "RCPT"))
-                if any(r.code // 100 == 2 for r in rcpt_replies):
-                    data_reply = await s.command(Command("DATA"), "DATA")
-        codes = [mail_reply.code, *(r.code for r in rcpt_replies)]
-        if 421 in codes or (data_reply is not None and data_reply.code == 421):
-            keep = False  # RFC 5321 §3.8: the server is closing the connection
-        if any(code // 100 not in (2, 4, 5) for code in codes):
-            keep = False  # a 1xx or 3xx to MAIL or RCPT: the session is out of step
-
-        if mail_reply.code // 100 != 2:
-            all_get(_state(mail_reply.code), _reply_text(mail_reply), s.remote)
-        else:
-            for i, reply in zip(indexes, rcpt_replies, strict=False):
-                if reply.code // 100 == 2:
-                    accepted.append(i)
-                else:
-                    results[i] = RcptResult(i, _state(reply.code), _reply_text(reply), s.remote)
-
-        if data_reply is None:
-            return keep
-        if data_reply.code != 354:
-            for i in accepted:
-                results[i] = RcptResult(
-                    i, _state(data_reply.code), _reply_text(data_reply), s.remote
-                )
-            return keep and data_reply.code // 100 in (4, 5)
-        if not accepted:
-            # RFC 2920 §3.1: DATA got a 354 though no recipient was accepted: send an
-            # empty message and let the server refuse it.
-            s.write(conn.send_message(b""))
-            await s.drain("body")
-            await s.reply("end of data")
-            return keep
-
-        s.write(conn.send_message(body, len(accepted) if lmtp else 1))
+            # RFC 2920 §3.1: MAIL, the RCPTs and DATA in one write; replies in order,
+            # handled as they arrive (see _Pipelined).
+            return await _Pipelined(s, indexes, body, lmtp, results).run(mail, rcpts)
+        mail_reply = await s.command(mail, "MAIL")
+        rcpt_replies: list[Reply] = []
+        data_reply: Reply | None = None
+        if mail_reply.code // 100 == 2:
+            for c in rcpts:
+                rcpt_replies.append(await s.command(c, "RCPT"))
+            if any(r.code // 100 == 2 for r in rcpt_replies):
+                data_reply = await s.command(Command("DATA"), "DATA")
+        keep, accepted = _envelope_results(s, indexes, mail_reply, rcpt_replies, data_reply,
+                                           results)
+        if data_reply is None or not _body_wanted(s, accepted, data_reply, results):
+            return keep and (data_reply is None or data_reply.code // 100 in (4, 5))
+        s.write(conn.send_message(body if accepted else b"",
+                                  len(accepted) if lmtp and accepted else 1))
         await s.drain("body")
-        if lmtp:
-            # RFC 2033 §4.2: one reply per accepted recipient, in RCPT order.
-            for i in accepted:
-                reply = await s.reply("end of data")
-                results[i] = RcptResult(i, _state(reply.code), _reply_text(reply), s.remote)
-                keep = keep and reply.code != 421
+        replies = [await s.reply("end of data") for _ in (accepted if lmtp and accepted else [0])]
+        return _message_results(s, accepted, replies, results) and keep
+
+
+def _envelope_results(
+    s: _Session, indexes: list[int], mail_reply: Reply, rcpt_replies: Sequence[Reply],
+    data_reply: Reply | None, results: dict[int, RcptResult],
+) -> tuple[bool, list[int]]:
+    """Results from the replies to MAIL and RCPT; whether the session may be kept, and
+    the recipients accepted."""
+    codes = [mail_reply.code, *(r.code for r in rcpt_replies)]
+    keep = True
+    if 421 in codes or (data_reply is not None and data_reply.code == 421):
+        keep = False  # RFC 5321 §3.8: the server is closing the connection
+    if any(code // 100 not in (2, 4, 5) for code in codes):
+        keep = False  # a 1xx or 3xx to MAIL or RCPT: the session is out of step
+    accepted: list[int] = []
+    if mail_reply.code // 100 != 2:
+        result = RcptResult(0, _state(mail_reply.code), _reply_text(mail_reply), s.remote)
+        for i in indexes:
+            results[i] = RcptResult(i, result.state, result.reply, s.remote)
+        return keep, accepted
+    for i, reply in zip(indexes, rcpt_replies, strict=False):
+        if reply.code // 100 == 2:
+            accepted.append(i)
         else:
-            reply = await s.reply("end of data")
-            for i in accepted:
-                results[i] = RcptResult(i, _state(reply.code), _reply_text(reply), s.remote)
-            keep = keep and reply.code != 421
-        s.needs_rset = any(results[i].state is not RcptState.DELIVERED for i in accepted)
-        return keep
+            results[i] = RcptResult(i, _state(reply.code), _reply_text(reply), s.remote)
+    return keep, accepted
+
+
+def _body_wanted(
+    s: _Session, accepted: list[int], data_reply: Reply, results: dict[int, RcptResult]
+) -> bool:
+    """Whether the body (or, with no recipient accepted, an empty message) goes next:
+    DATA got its 354.  Otherwise its reply is the accepted recipients' result."""
+    if data_reply.code == 354:
+        # RFC 2920 §3.1: a 354 though no recipient was accepted: send an empty message
+        # and let the server refuse it.
+        return True
+    state, text = _state(data_reply.code), _reply_text(data_reply)
+    for i in accepted:
+        results[i] = RcptResult(i, state, text, s.remote)
+    return False
+
+
+def _message_results(
+    s: _Session, accepted: list[int], replies: Sequence[Reply], results: dict[int, RcptResult]
+) -> bool:
+    """Results from the replies after the body (one in SMTP, one per accepted recipient
+    in RCPT order in LMTP, RFC 2033 §4.2); whether the session may be kept."""
+    if len(replies) == 1 and len(accepted) != 1:
+        reply = replies[0]
+        state, text = _state(reply.code), _reply_text(reply)
+        for i in accepted:
+            results[i] = RcptResult(i, state, text, s.remote)
+    else:
+        for i, reply in zip(accepted, replies, strict=True):
+            results[i] = RcptResult(i, _state(reply.code), _reply_text(reply), s.remote)
+    s.needs_rset = not accepted or any(results[i].state is not RcptState.DELIVERED
+                                       for i in accepted)
+    return all(reply.code != 421 for reply in replies)
+
+
+_DATA: Final = Command("DATA")
+
+
+class _Pipelined:
+    """One pipelined transaction (RFC 2920), driven by the replies as they arrive.
+
+    The pipe calls ``advance`` whenever bytes (or the end of the connection) arrive, so
+    the replies to MAIL, the RCPTs and DATA, the body write and the replies after it cost
+    no coroutine wake-up each: the delivering task waits once, on ``run``'s future.
+    Each reply has its phase's timeout (RFC 5321 §4.5.3.2), counted from the previous
+    reply; the body write has the data block timeout while the transport holds it back.
+    Failures are raised as ``_Failure`` from ``run``, as the sequential path raises them.
+    """
+
+    def __init__(self, s: _Session, indexes: list[int], body: bytes, lmtp: bool,
+                 results: dict[int, RcptResult]) -> None:
+        self.s = s
+        self.indexes = indexes
+        self.body = body
+        self.lmtp = lmtp
+        self.results = results
+        self.future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.mail_reply: Reply | None = None
+        self.rcpt_replies: list[Reply] = []
+        self.final_replies: list[Reply] = []
+        self.accepted: list[int] = []
+        self.keep = True
+        #: replies expected after the body (0 until it is sent)
+        self.expected = 0
+        self.phase = "MAIL"
+
+    async def run(self, mail: Command, rcpts: list[Command]) -> bool:
+        s = self.s
+        conn = s.conn
+        s.write(conn.send(mail) + b"".join([conn.send(c) for c in rcpts]) + conn.send(_DATA))
+        pipe = s.pipe
+        pipe.handler = self
+        try:
+            self._deadline("MAIL")
+            self.advance()  # a closed connection says so now
+            return await self.future
+        finally:
+            pipe.handler = None
+
+    def _deadline(self, phase: str) -> None:
+        self.phase = phase
+        s = self.s
+        s.pipe.set_deadline(asyncio.get_running_loop().time() + s.timeouts[phase])
+
+    def advance(self) -> None:
+        future = self.future
+        s = self.s
+        conn = s.conn
+        pipe = s.pipe
+        try:
+            while not future.done():
+                if pipe.error is not None:
+                    raise pipe.error
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    if not pipe.eof:
+                        return
+                    conn.receive_data(b"")
+                    continue
+                assert isinstance(event, Response)
+                reply = event.reply
+                if s.pristine:
+                    s.pristine = False
+                    if reply.code == 421:
+                        raise _Failure(_reply_text(reply), stale=True)
+                self._reply(event.verb, reply)
+            pipe.consumed()
+        except ReplyError as exc:
+            self._fail(_Failure(
+                f"451 4.4.2 {exc.text} ({s.remote}, waiting for {self.phase})",
+                stale=s.pristine and exc.text == "Connection closed by the server",
+                broken=True))
+        except _Failure as failure:
+            self._fail(failure)
+        except (ClientProtocolError, OSError) as exc:
+            self._fail(_Failure(f"451 4.5.0 {s.remote}: {exc}", broken=True))
+        except Exception as exc:  # a bug: surface it in the delivering task, not the loop
+            if not future.done():
+                future.set_exception(exc)
+
+    def _reply(self, verb: str, reply: Reply) -> None:
+        if verb == "MAIL":
+            self.mail_reply = reply
+            self._deadline("RCPT")
+        elif verb == "RCPT":
+            self.rcpt_replies.append(reply)
+            if len(self.rcpt_replies) == len(self.indexes):
+                self._deadline("DATA")
+        elif verb == "DATA":
+            assert self.mail_reply is not None
+            s = self.s
+            self.keep, self.accepted = _envelope_results(
+                s, self.indexes, self.mail_reply, self.rcpt_replies, reply, self.results)
+            if not _body_wanted(s, self.accepted, reply, self.results):
+                self.future.set_result(self.keep and reply.code // 100 in (4, 5))
+                return
+            self.expected = len(self.accepted) if self.lmtp and self.accepted else 1
+            s.write(s.conn.send_message(self.body if self.accepted else b"", self.expected))
+            if s.pipe.write_paused:
+                self._deadline("body")
+            else:
+                self._deadline("end of data")
+        else:
+            self.final_replies.append(reply)
+            if len(self.final_replies) == self.expected:
+                self.future.set_result(
+                    _message_results(self.s, self.accepted, self.final_replies, self.results)
+                    and self.keep)
+
+    def drained(self) -> None:
+        if self.phase == "body":
+            self._deadline("end of data")
+
+    def expired(self) -> None:
+        text = (f"451 4.4.2 Timeout sending to {self.s.remote}" if self.phase == "body" else
+                f"451 4.4.2 Timeout waiting for the {self.phase} reply from {self.s.remote}")
+        self._fail(_Failure(text, broken=True))
+
+    def _fail(self, failure: _Failure) -> None:
+        if not self.future.done():
+            self.future.set_exception(failure)

@@ -153,6 +153,11 @@ class ClientConnection:
         return Response(verb, reply, command)
 
     @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as a reply."""
+        return int(self._parser.buffered)
+
+    @property
     def waiting(self) -> int:
         """Commands sent whose replies have not arrived."""
         return len(self._waiting)
