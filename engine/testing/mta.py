@@ -32,6 +32,8 @@ __all__ = [
     "check_loopback",
     "check_searchable",
     "free_port",
+    "kill_pid",
+    "wait_pid_gone",
 ]
 
 LOOPBACK: Final = ipaddress.ip_network("127.0.0.0/8")
