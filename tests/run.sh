@@ -18,13 +18,48 @@ command -v swaks >/dev/null 2>&1 || missing+=(swaks)
 [ -x /usr/sbin/smtp-source ] || missing+=(postfix)
 # Postfix's SASL client needs the PLAIN/LOGIN plug-ins (only a Recommends of libsasl2-2).
 ls /usr/lib/*/sasl2/libplain.so* >/dev/null 2>&1 || missing+=(libsasl2-modules)
+# Exim, a second destination MTA: Debian's exim4 packages conflict with postfix (both provide
+# mail-transport-agent), so its binary is unpacked into .cache/exim (dpkg -x: no maintainer
+# scripts, nothing started) instead of installed; engine/testing/exim.py runs it from there.
+EXIM_PKG=exim4-daemon-light
+EXIM_BIN=.cache/exim/usr/sbin/exim4
+if [ ${#missing[@]} -gt 0 ] || [ ! -x "$EXIM_BIN" ]; then
+  apt-get update -qq
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]}" >&2
   # Postfix is installed for its tools only: no configuration, no daemon started.
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+if [ ! -x "$EXIM_BIN" ]; then
+  echo "tests/run.sh: unpacking $EXIM_PKG into .cache/exim" >&2
+  exim_tmp=$(mktemp -d)
+  # apt's sandbox user cannot write to the private temporary directory: download as root.
+  (cd "$exim_tmp" && apt-get download -qq -o APT::Sandbox::User=root "$EXIM_PKG")
+  rm -rf .cache/exim && mkdir -p .cache
+  dpkg -x "$exim_tmp"/"$EXIM_PKG"_*.deb "$exim_tmp/root"
+  # The libraries it links with (the lib* names of its Depends), installed when missing.
+  libs=()
+  for dep in $(dpkg-deb -f "$exim_tmp"/"$EXIM_PKG"_*.deb Depends | tr ',|' '\n\n' \
+               | sed -e 's/(.*)//' -e 's/[[:space:]]//g' | grep '^lib'); do
+    dpkg-query -W -f='${Status}' "$dep" 2>/dev/null | grep -q 'install ok installed' || libs+=("$dep")
+  done
+  if [ ${#libs[@]} -gt 0 ]; then
+    echo "tests/run.sh: installing ${libs[*]} for Exim" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${libs[@]}"
+  fi
+  mv "$exim_tmp/root" .cache/exim
+  rm -rf "$exim_tmp"
+fi
+if ldd "$EXIM_BIN" | grep -q 'not found'; then
+  echo "tests/run.sh: $EXIM_BIN misses libraries:" >&2; ldd "$EXIM_BIN" | grep 'not found' >&2; exit 1
+fi
+# Debian's Exim looks up its compiled-in user by name before it reads any configuration;
+# the package's maintainer script would create it, so do what that script does.
+getent passwd Debian-exim >/dev/null \
+  || useradd --system --user-group --no-create-home --home-dir /var/spool/exim4 \
+       --shell /usr/sbin/nologin Debian-exim
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # The test run needs the compiled modules: a failed build is an error here, not a fallback.

@@ -21,33 +21,38 @@ Safety rules it enforces, because a test must never leave the machine:
 - every instance started is stopped at interpreter exit if the test did not stop it.
 
 Queue timers are short (``queue_run_delay`` 1 s, backoff 1-5 s) so a deferred message is
-retried within a test's time budget.  Used by tests and benchmarks only; never imported
-by the running server.
+retried within a test's time budget.  The MTA-independent parts (greeting, log, stop by
+PID, the stop-at-exit registry) are in ``engine.testing.mta``.  Used by tests and
+benchmarks only; never imported by the running server.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import grp
-import ipaddress
 import json
 import os
 import pwd
 import re
-import signal
-import socket
-import stat
 import subprocess
-import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from engine.testing.mta import (
+    LOOPBACK,
+    LoopbackMta,
+    MtaError,
+    check_loopback,
+    check_searchable,
+    free_port,
+    kill_pid,
+    wait_pid_gone,
+)
+
 __all__ = ["LOOPBACK", "QUEUES", "PostfixError", "PostfixInstance", "free_port"]
 
-LOOPBACK: Final = ipaddress.ip_network("127.0.0.0/8")
 #: The queues that hold messages not yet delivered (``hold`` included).
 QUEUES: Final = ("maildrop", "incoming", "active", "deferred", "hold")
 POSTFIX: Final = "/usr/sbin/postfix"
@@ -103,25 +108,12 @@ _NEXTHOP_MAPS: Final = (
 _LITERAL: Final = re.compile(r"\[([^\]]+)\](?::(\d+))?")
 
 
-class PostfixError(RuntimeError):
+class PostfixError(MtaError):
     """Postfix could not be configured, started or asked; the message holds its log tail."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (bind to port 0, then close)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _loopback(address: str, what: str) -> None:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        raise PostfixError(f"{what}: {address!r} is not an IP address") from None
-    if ip not in LOOPBACK:
-        raise PostfixError(f"{what}: {address} is outside 127.0.0.0/8")
+    check_loopback(address, what, PostfixError)
 
 
 def _check_nexthop(key: str, value: str) -> None:
@@ -168,35 +160,7 @@ def _check_master_line(line: str) -> None:
         _loopback(host.strip("[]"), "master.cf inet service")
 
 
-def _check_searchable(path: Path) -> None:
-    """The postfix user and the virtual delivery user reach files below ``path`` by
-    absolute name, so every directory above it must be searchable by others."""
-    for parent in [path, *path.parents]:
-        if not parent.stat().st_mode & stat.S_IXOTH:
-            raise PostfixError(
-                f"{parent} is not searchable by others (mode "
-                f"{stat.S_IMODE(parent.stat().st_mode):o}); the postfix user "
-                "cannot reach the instance below it: use a directory under "
-                "/tmp made with tempfile.mkdtemp() and chmod 0755"
-            )
-
-
-_live: set[PostfixInstance] = set()
-_live_lock = threading.Lock()
-
-
-def _stop_all() -> None:
-    with _live_lock:
-        instances = list(_live)
-    for instance in instances:
-        with contextlib.suppress(Exception):
-            instance.stop()
-
-
-atexit.register(_stop_all)
-
-
-class PostfixInstance:
+class PostfixInstance(LoopbackMta):
     """One private Postfix: its own configuration, queue, log and smtpd on loopback.
 
     ``main_cf_extra`` overrides or adds main.cf settings (values as Postfix writes them);
@@ -204,6 +168,9 @@ class PostfixInstance:
     that a transport map names); ``smtpd_options`` adds ``-o name=value`` to the smtpd
     listener.  ``smtpd_port`` None picks a free port.
     """
+
+    error = PostfixError
+    listener_name = "smtpd"
 
     def __init__(
         self,
@@ -304,14 +271,13 @@ class PostfixInstance:
             raise PostfixError("Postfix is not installed (Debian package: postfix)")
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o755)
-        _check_searchable(self.dir)
+        check_searchable(self.dir, "postfix", PostfixError)
         for d in (self.conf, self.queue_dir, self.data_dir):
             d.mkdir(exist_ok=True)
         os.chown(self.data_dir, pwd.getpwnam("postfix").pw_uid, grp.getgrnam("postfix").gr_gid)
         (self.conf / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in self.main_cf.items()))
         (self.conf / "master.cf").write_text("\n".join(self.services) + "\n")
-        with _live_lock:
-            _live.add(self)
+        self._register()
         try:
             self._postfix("start", timeout=timeout)
             self.pid = self._master_pid(timeout)
@@ -322,21 +288,15 @@ class PostfixInstance:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the master (and so every Postfix process of this instance); idempotent."""
-        with _live_lock:
-            if self not in _live:
-                return
-            _live.discard(self)
+        if not self._unregister():
+            return
         pid = self.pid or self._read_pid()
         with contextlib.suppress(PostfixError, subprocess.TimeoutExpired):
             self._postfix("stop", check=False, timeout=timeout)
         if not pid:
             return
-        deadline = time.monotonic() + timeout
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if Path(f"/proc/{pid}").exists():  # our own master, by its pid
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        if not wait_pid_gone(pid, timeout):
+            kill_pid(pid)  # our own master, by its pid
         self.pid = 0
 
     def __enter__(self) -> PostfixInstance:
@@ -359,26 +319,6 @@ class PostfixInstance:
                 return pid
             time.sleep(0.05)
         raise PostfixError(f"no master.pid after {timeout:.0f} s\n{self.log_tail()}")
-
-    def _wait_greeting(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection((self.address, self.port), 2) as s:
-                    s.settimeout(5)
-                    greeting = s.recv(512)
-                    s.sendall(b"QUIT\r\n")
-                    if greeting.startswith(b"220"):
-                        return
-                    last = greeting.decode(errors="replace")
-            except OSError as exc:
-                last = str(exc)
-            time.sleep(0.1)
-        raise PostfixError(
-            f"smtpd on {self.address}:{self.port} gave no 220 in {timeout:.0f} s "
-            f"({last})\n{self.log_tail()}"
-        )
 
     def _postfix(self, *args: str, check: bool = True, timeout: float = 60.0) -> str:
         done = subprocess.run(
@@ -436,40 +376,3 @@ class PostfixInstance:
         raise PostfixError(
             f"queue not empty after {timeout:.0f} s: {self.queue()}\n{self.log_tail()}"
         )
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_size(self) -> int:
-        """The log's length now, to pass as ``after`` so a wait sees only newer lines."""
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def wait_log(self, pattern: str, timeout: float = 30.0, after: int = 0) -> re.Match[str]:
-        """The first match of the regular expression ``pattern`` in the log (from byte
-        ``after``), waiting for it up to ``timeout`` seconds."""
-        regex = re.compile(pattern, re.MULTILINE)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with self.log_path.open("rb") as f:
-                    f.seek(after)
-                    text = f.read().decode(errors="replace")
-            except FileNotFoundError:
-                text = ""
-            m = regex.search(text)
-            if m is not None:
-                return m
-            if time.monotonic() >= deadline:
-                raise PostfixError(
-                    f"no log line matching {pattern!r} after {timeout:.0f} s\n{self.log_tail()}"
-                )
-            time.sleep(0.05)

@@ -27,14 +27,10 @@ import dataclasses
 import glob
 import os
 import re
-import shutil
 import smtplib
-import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trustme
@@ -45,6 +41,16 @@ from engine.server.auth import hash_password
 from engine.testing.dns import DnsResponder
 from engine.testing.postfix import PostfixInstance
 from engine.testing.server import RunningFerry, ferry_config
+from tests.interop.conftest import (
+    SENDER,
+    message,
+    message_id,
+    submit,
+    trace_prefix,
+    wait_for,
+    with_keyword,
+    write_cert,
+)
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="a private Postfix instance needs root"),
@@ -55,98 +61,11 @@ pytestmark = [
 ]
 
 POSTFIX_ADDRESS = "127.0.20.1"
-SENDER = "a@client.test"
 NOBODY = 65534  # the owner of the virtual mailboxes (virtual_minimum_uid is 100)
-TRACE_FIELDS = {b"received", b"return-path", b"delivered-to", b"x-original-to"}
 SASL_PACKAGE = "libsasl2-modules"
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not in {timeout:.0f} s: {what or condition}")
-        time.sleep(0.05)
-
-
-def message(tag: str, body: bytes = b"") -> bytes:
-    """A complete message (CRLF lines) with every header Postfix would otherwise add, and
-    lines that SMTP transparency must carry: a lone ".", "..", ".x" (RFC 5321 §4.5.2)."""
-    return (
-        (
-            f"From: Alice <{SENDER}>\r\n"
-            f"To: Rcpt <rcpt@{tag}.example>\r\n"
-            f"Subject: interop {tag}\r\n"
-            "Date: Thu, 26 Nov 2026 10:00:00 +0000\r\n"
-            f"Message-ID: <{tag}.{uuid.uuid4().hex}@client.test>\r\n"
-            "MIME-Version: 1.0\r\n"
-            "Content-Type: text/plain; charset=utf-8\r\n"
-            "X-Folded: first part\r\n"
-            "\tsecond part\r\n"
-            "\r\n"
-            "Hello.\r\n"
-            ".\r\n"
-            "..\r\n"
-            ".leading dot\r\n"
-            "  indented line \r\n"
-            "\r\n"
-        ).encode()
-        + body
-        + b"last line\r\n"
-    )
-
-
-def trace_prefix(data: bytes, original: bytes, eol: bytes) -> list[bytes]:
-    """The fields in front of ``original`` in ``data``; each must be a trace field."""
-    assert data.endswith(original), f"body changed in transit:\n{data!r}\n---\n{original!r}"
-    prefix = data[: len(data) - len(original)]
-    assert prefix == b"" or prefix.endswith(eol), prefix
-    fields: list[bytes] = []
-    for line in prefix.split(eol)[:-1]:
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += eol + line
-        else:
-            fields.append(line)
-    names = [f.split(b":", 1)[0].lower() for f in fields]
-    assert set(names) <= TRACE_FIELDS, f"not only trace fields in front: {fields}"
-    return fields
-
-
-def with_keyword(received: bytes) -> str:
-    m = re.search(rb"\swith\s+(\S+)", received)
-    assert m is not None, received
-    return m.group(1).decode()
-
-
 # --- module fixtures: certificates, Ferry receivers, one Postfix -------------------------
-
-
-@pytest.fixture(scope="module")
-def base() -> Iterator[Path]:
-    # Not pytest's tmp_path: its parent is mode 0700, and the postfix user and the virtual
-    # mailbox owner must reach files here by absolute path.
-    d = Path(tempfile.mkdtemp(prefix="ferry-interop-postfix."))
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-def write_cert(ca: trustme.CA, directory: Path, *names: str) -> tuple[Path, Path]:
-    directory.mkdir(mode=0o755)
-    cert = ca.issue_cert(*names)
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
-    os.chmod(key_path, 0o600)
-    return cert_path, key_path
 
 
 @pytest.fixture(scope="module")
@@ -242,22 +161,6 @@ def stored(f: RunningFerry, message_id: bytes, timeout: float = 20.0) -> tuple[E
 
     found: tuple[Envelope, bytes] = wait_for(find, timeout, f"{message_id!r} in Ferry's queue")
     return found
-
-
-def message_id(msg: bytes) -> bytes:
-    m = re.search(rb"^Message-ID: (<[^>]+>)\r\n", msg, re.MULTILINE)
-    assert m is not None
-    return m.group(1)
-
-
-def submit(host: str, port: int, rcpt: str, msg: bytes, options: tuple[str, ...] = ()) -> None:
-    with smtplib.SMTP(host, port, timeout=30) as client:
-        client.ehlo("client.test")
-        client.mail(SENDER, list(options))
-        code, reply = client.rcpt(rcpt)
-        assert code == 250, reply
-        code, reply = client.data(msg)
-        assert code == 250, reply
 
 
 def check_relayed(
