@@ -54,6 +54,7 @@ def scheduler_settings(config: Config) -> SchedulerSettings:
         max_queue_lifetime=d.max_queue_lifetime,
         down_period=d.down_period,
         paused=d.paused,
+        delay_notice_after=d.delay_notice_after,
     )
 
 

@@ -38,12 +38,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.client.api import DeliveryAgent, RcptResult
-from engine.message.dsn import Failure, build_dsn
+from engine.message.dsn import Failure, build_dsn, reply_status
 from engine.queue.api import DueEntry, NewMessage, Outcome
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import Envelope, RcptState, Recipient, RecordError
 from engine.queue.window import DueWindow
 from engine.routing.api import Route, RouteError, Router
+from engine.scheduler.notices import DelayNotices
 from engine.scheduler.policy import SchedulerSettings, SiteLimits, Throttle, retry_delay
 
 log = logging.getLogger("ferry.scheduler")
@@ -91,6 +92,7 @@ class Scheduler:
         self.destinations: dict[str, _Destination] = {}
         self.sites: dict[str, _Site] = {}
         self.suspended: set[str] = set()
+        self.delay_notices = DelayNotices(s.delay_notice_after)
         #: site → until when it is left alone (outlives the site's workers and queue)
         self.down: dict[str, float] = {}
         self.delivered = 0
@@ -351,6 +353,8 @@ class Scheduler:
         outcomes: list[Outcome] = []
         failures: list[Failure] = []
         lifetime_end = env.expires or env.arrival + self.settings.max_queue_lifetime
+        # At most one delay notice per message; its flag rides on these outcomes.
+        delays = self.delay_notices.items(env, results, lifetime_end, now)
         for r in results:
             state, reply = r.state, r.reply
             due = 0.0
@@ -359,7 +363,8 @@ class Scheduler:
                 due = now + retry_delay(attempts, self.settings, self._rnd)
                 if due >= lifetime_end:
                     due = lifetime_end  # come back exactly at expiry, then fail
-            outcomes.append(Outcome(env.queue_id, r.index, state, reply, due))
+            outcomes.append(Outcome(env.queue_id, r.index, state, reply, due,
+                                    delay_notified=bool(delays)))
             if state is RcptState.FAILED:
                 failures.append(_failure(r.index, reply, r.remote))
         for index, _why in expired:
@@ -369,6 +374,7 @@ class Scheduler:
             outcomes.append(Outcome(env.queue_id, index, RcptState.FAILED, reply,
                                     attempted=False))
             failures.append(Failure(index, "failed", "4.4.7", last, "", None))
+        failures += delays
         new_messages = self._dsn(env, failures, now) if failures else []
         if new_messages:
             # Alone: a DSN adds bytes and may be refused (back pressure), which must fail
@@ -454,9 +460,5 @@ class Scheduler:
 
 def _failure(index: int, reply: str, remote: str) -> Failure:
     """The DSN item for a failed recipient; the status comes from the reply's enhanced
-    code when it has one (RFC 3463), else from its basic code."""
-    parts = reply.split(" ", 2)
-    status = "5.0.0"
-    if len(parts) > 1 and parts[1][:1] in "245" and parts[1].count(".") == 2:
-        status = parts[1]
-    return Failure(index, "failed", status, reply, remote, None)
+    code when it has one (RFC 3463), else it is 5.0.0."""
+    return Failure(index, "failed", reply_status(reply, "failed"), reply, remote, None)
