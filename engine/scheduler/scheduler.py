@@ -37,6 +37,8 @@ from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from engine.client.api import DeliveryAgent, RcptResult
 from engine.message.dsn import Failure, build_dsn, reply_status
 from engine.queue.api import DueEntry, NewMessage, Outcome
@@ -50,6 +52,8 @@ from engine.scheduler.policy import SchedulerSettings, SiteLimits, Throttle, ret
 log = logging.getLogger("ferry.scheduler")
 
 _WAITING = (RcptState.PENDING, RcptState.DEFERRED)
+#: Name of the suspended destinations (an orjson list) among the queue's settings.
+SUSPENDED_SETTING = "suspended"
 #: Seconds from a freed window place to the refill (see Scheduler._place_freed).
 _REFILL_DELAY = 0.005
 #: Seconds outcomes wait to share one queue operation (see Scheduler._queue_outcomes).
@@ -110,6 +114,8 @@ class Scheduler:
     # --- control ---------------------------------------------------------------------
 
     def start(self) -> None:
+        # Suspensions outlive a restart: the set is kept with the queue (suspend/resume).
+        self.suspended |= _load_suspended(self.store)
         self._runner = asyncio.get_running_loop().create_task(self._run())
 
     def wake(self) -> None:
@@ -132,15 +138,24 @@ class Scheduler:
             self._refill_timer = None
 
     async def suspend(self, destination: str) -> int:
-        """Park every waiting recipient of ``destination``; returns how many."""
+        """Park every waiting recipient of ``destination``; returns how many.
+
+        The set is saved before the recipients are parked: after a crash in between, the
+        loaded set parks the rest when they come due (a resumed destination saves after
+        unparking, so no recipient is ever left parked by a set that forgot it)."""
         self.suspended.add(destination)
+        await self._save_suspended()
         return await self._set_state(destination, _WAITING, RcptState.SUSPENDED)
 
     async def resume(self, destination: str) -> int:
         self.suspended.discard(destination)
         count = await self._set_state(destination, (RcptState.SUSPENDED,), RcptState.PENDING)
+        await self._save_suspended()
         self.wake()
         return count
+
+    async def _save_suspended(self) -> None:
+        await self.store.save_setting(SUSPENDED_SETTING, orjson.dumps(sorted(self.suspended)))
 
     async def _set_state(
         self, destination: str, states: Sequence[RcptState], new: RcptState
@@ -456,6 +471,22 @@ class Scheduler:
                     for i in self._waiting(env, entry.next_hop)])
         finally:
             self.window.release(entry)
+
+
+def _load_suspended(store: LmdbQueue) -> set[str]:
+    raw = store.setting(SUSPENDED_SETTING)
+    if raw is None:
+        return set()
+    try:
+        names = orjson.loads(raw)
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return set(names)
+    except orjson.JSONDecodeError:
+        pass
+    # Never a silent loss: an operator suspended these for a reason.
+    log.error("the saved set of suspended destinations does not decode (%r); none loaded",
+              raw[:200])
+    return set()
 
 
 def _failure(index: int, reply: str, remote: str) -> Failure:
