@@ -127,3 +127,20 @@ def test_a_spool_path_too_long_for_a_socket_runs_without_the_channel(tmp_path: P
         while f.store.count() != 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert f.store.count() == 1
+
+
+def test_a_saved_set_that_does_not_decode_is_reported_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    from engine.queue.lmdb_store import LmdbQueue
+    from engine.scheduler.scheduler import SUSPENDED_SETTING
+
+    config = ferry_config(tmp_path / "spool")
+    store = LmdbQueue(config.spool / "queue", min_free_disk=0)
+    asyncio.run(store.save_setting(SUSPENDED_SETTING, b'{"not": "a list"}'))
+    store.close_sync()
+    with RunningFerry(config):
+        assert request(socket_path(config.spool), {"command": "suspended"})["destinations"] == []
+    assert "suspended destinations does not decode" in caplog.text
