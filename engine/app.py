@@ -1,7 +1,8 @@
 """The composition root: builds every part from the configuration, starts and stops them.
 
 Order at start: the queue database (recovery happens as it opens), the router, delivery
-agents and scheduler, then the receive connectors.  Order at stop (SIGTERM/SIGINT): stop
+agents and scheduler, the control channel (``engine.ops.control``), then the receive
+connectors.  Order at stop (SIGTERM/SIGINT): close the control channel, stop
 listening and send 421 to open sessions, let pending commits finish, stop the scheduler
 (deliveries in flight finish and record their outcomes), close pooled connections, then
 close the queue (its writer drains first).
@@ -22,6 +23,7 @@ from engine.client.api import DeliveryAgent
 from engine.client.maildir import MaildirAgent
 from engine.client.smtp import SmtpAgent
 from engine.config import Config
+from engine.ops.control import ControlServer, ControlUnavailable, check_free, socket_path
 from engine.ops.protolog import ProtocolLog
 from engine.queue.lmdb_store import LmdbQueue
 from engine.routing.mx import MxResolver
@@ -54,6 +56,7 @@ def scheduler_settings(config: Config) -> SchedulerSettings:
         max_queue_lifetime=d.max_queue_lifetime,
         down_period=d.down_period,
         paused=d.paused,
+        delay_notice_after=d.delay_notice_after,
     )
 
 
@@ -64,12 +67,15 @@ class App:
         self.scheduler: Scheduler | None = None
         self.agents: dict[str, DeliveryAgent] = {}
         self.connectors: list[Connector] = []
+        self.control: ControlServer | None = None
         self.addresses: list[str] = []
         self._flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         cfg = self.config
         q = cfg.queue
+        # Before the queue opens: a second server on this spool stops here, untouched.
+        check_free(socket_path(cfg.spool))
         self.store = store = LmdbQueue(
             Path(cfg.spool) / "queue", durability=q.durability, map_size=q.map_size,
             max_map_size=q.max_map_size, min_free_disk=q.min_free_disk,
@@ -90,6 +96,15 @@ class App:
         self.scheduler = scheduler = Scheduler(store, router, self.agents, hostname=cfg.hostname,
                                                settings=scheduler_settings(cfg))
         scheduler.start()
+        control = ControlServer(socket_path(cfg.spool), scheduler, store, router.destination)
+        try:
+            await control.start()
+        except ControlUnavailable as exc:
+            log.warning("control channel off (ferry queue suspend/resume will not work): %s",
+                        exc)
+        else:
+            self.control = control
+            log.info("control channel on %s", control.path)
         ingest = Ingest(store, cfg.hostname, router.destination,
                         lifetime=cfg.delivery.max_queue_lifetime, queued=scheduler.wake)
         authenticator = Authenticator(cfg.users)
@@ -120,6 +135,8 @@ class App:
 
     async def stop(self) -> None:
         log.info("stopping: 421 to open sessions, finishing pending commits")
+        if self.control is not None:
+            await self.control.stop()
         await asyncio.gather(*(c.stop() for c in self.connectors))
         if self.scheduler is not None:
             await self.scheduler.stop()

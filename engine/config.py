@@ -218,6 +218,10 @@ class DeliveryConfig:
     window: int = 50_000
     #: Start with delivery paused (mail is accepted and queued only).
     paused: bool = False
+    #: A message queued this long when a recipient is deferred gets one delay notice
+    #: (RFC 3464 action "delayed") to its sender; 0 = off (Postfix's default too: bulk
+    #: senders rarely want them).  Must be shorter than ``max_queue_lifetime``.
+    delay_notice_after: float = 0.0
     #: Per-domain overrides of max_per_domain / max_rate ([delivery.domains."gmail.com"]).
     domains: Mapping[str, DomainLimits] = field(default_factory=dict)
 
@@ -934,7 +938,21 @@ class _DeliveryModel(_Model):
     down_period: _Seconds | None = None
     window: _PosInt | None = None
     paused: _Bool | None = None
+    delay_notice_after: _SecondsOrOff | None = None
     domains: dict[str, _DomainLimitsModel] | None = None
+
+    @model_validator(mode="after")
+    def _notice_before_expiry(self) -> _DeliveryModel:
+        after = self.delay_notice_after
+        lifetime = self.max_queue_lifetime or DeliveryConfig.max_queue_lifetime
+        if after and after >= lifetime:
+            raise _Invalid(
+                f"must be shorter than delivery.max_queue_lifetime ({_show(after)} >= "
+                f"{_show(lifetime)}): the message would fail before its delay notice; "
+                "0 turns notices off",
+                ("delay_notice_after",),
+            )
+        return self
 
 
 _SEND_TLS: Final = ("off", "opportunistic", "required", "verify")

@@ -1,7 +1,10 @@
-"""``ferry queue``: the queue viewer (list, show, stats) over the queue database.
+"""``ferry queue``: the queue viewer (list, show, stats) and the operator's controls
+(suspend, resume, suspended).
 
-Reads through ``LmdbQueue`` (LMDB lets it share the spool with a running ``ferry serve``);
-it prints and changes nothing.
+The viewer reads through ``LmdbQueue`` (LMDB lets it share the spool with a running
+``ferry serve``) and changes nothing.  The controls never touch the queue database: they
+ask the running server over its control socket (``engine.ops.control``), which does the
+work, so there is one writer and the server's memory agrees with the queue.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from engine.ops import control
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import CORRUPT, Envelope, RcptState, RecordError, id_bytes, id_text
 
@@ -19,8 +23,10 @@ STATES = [s.value for s in RcptState if s not in (RcptState.DELIVERED,)] + [CORR
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    queue = commands.add_parser("queue", help="look at the queue (list, show, stats)",
-                                description="The queue viewer. It changes nothing.")
+    queue = commands.add_parser(
+        "queue", help="look at the queue (list, show, stats); suspend and resume destinations",
+        description="The queue viewer (list, show, stats: they change nothing) and the "
+        "controls of a running ferry serve (suspend, resume, suspended).")
     queue.add_argument("--spool", metavar="DIR", default="./ferry-spool",
                        help="spool directory (default ./ferry-spool)")
     sub = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
@@ -33,6 +39,13 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     show = sub.add_parser("show", help="one message: envelope, recipients, headers")
     show.add_argument("queue_id")
     sub.add_parser("stats", help="how many messages, recipients by state, corrupt records")
+    for name, what in (("suspend", "hold the mail for DEST in the running server (it stays "
+                        "queued, state suspended) until resumed"),
+                       ("resume", "deliver DEST's mail again")):
+        action = sub.add_parser(name, help=what)
+        action.add_argument("destination", metavar="DEST", help="a domain, local:<domain> "
+                            "or [address literal], as `ferry queue list` shows it")
+    sub.add_parser("suspended", help="the destinations the running server holds")
 
 
 def _span(seconds: float) -> str:
@@ -115,7 +128,54 @@ def _stats(store: LmdbQueue, args: argparse.Namespace) -> int:
     return 0
 
 
+def _ask(args: argparse.Namespace, message: dict[str, str]) -> control.Reply | None:
+    """The running server's reply, or None after printing why there is none."""
+    try:
+        reply = control.request(control.socket_path(args.spool), message)
+    except (OSError, ValueError) as exc:  # ControlUnavailable, a timeout, a bad reply
+        print(f"ferry queue: {exc}", file=sys.stderr)
+        return None
+    if not reply.get("ok"):
+        print(f"ferry queue: the server refused: {reply.get('error')}", file=sys.stderr)
+        return None
+    return reply
+
+
+def _suspend(args: argparse.Namespace) -> int:
+    reply = _ask(args, {"command": "suspend", "destination": args.destination})
+    if reply is None:
+        return 1
+    print(f"suspended {reply['destination']}: {reply['recipients']} recipients held")
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    reply = _ask(args, {"command": "resume", "destination": args.destination})
+    if reply is None:
+        return 1
+    note = "" if reply.get("was_suspended") else " (it was not suspended)"
+    print(f"resumed {reply['destination']}: {reply['recipients']} recipients back in the "
+          f"queue{note}")
+    return 0
+
+
+def _suspended(args: argparse.Namespace) -> int:
+    reply = _ask(args, {"command": "suspended"})
+    if reply is None:
+        return 1
+    for destination in reply["destinations"]:
+        print(destination)
+    if not reply["destinations"]:
+        print("no destination is suspended", file=sys.stderr)
+    return 0
+
+
+_CONTROLS = {"suspend": _suspend, "resume": _resume, "suspended": _suspended}
+
+
 def queue_main(args: argparse.Namespace) -> int:
+    if args.queue_command in _CONTROLS:
+        return _CONTROLS[args.queue_command](args)
     path = Path(args.spool) / "queue"
     if not (path / "data.mdb").exists():
         print(f"ferry queue: no queue database in {path}", file=sys.stderr)

@@ -50,6 +50,7 @@ __all__ = [
     "NoticeKind",
     "build_dsn",
     "dsn_envelope_sender",
+    "reply_status",
     "wants_notice",
 ]
 
@@ -145,6 +146,18 @@ def wants_notice(recipient: Recipient, kind: NoticeKind) -> bool:
     if "NEVER" in notify:
         return False
     return kind.upper() in notify
+
+
+def reply_status(reply: str, action: Action) -> str:
+    """The Status for an item reporting the SMTP reply ``reply``: its enhanced code
+    (RFC 2034, "550 5.1.1 No such user" → "5.1.1") when it has one, else the action's
+    default ("5.0.0" for failed).  A "delayed" item keeps only a class 4 code: the delay
+    is a persistent transient failure (RFC 3463 §3), whatever the reply claimed."""
+    parts = reply.split(" ", 2)
+    code = parts[1] if len(parts) > 1 else ""
+    if _STATUS.fullmatch(code) and (action != "delayed" or code[0] == "4"):
+        return code
+    return _DEFAULT_STATUS[action]
 
 
 # --- sanitising ----------------------------------------------------------------------------

@@ -37,6 +37,8 @@ class Outcome:
     ``state`` DELIVERED or FAILED is final; DEFERRED needs ``due`` (when to try again);
     SUSPENDED parks the recipient (no due entry) until an Outcome sets it PENDING again.
     ``attempted`` False records a state change that was not a delivery attempt.
+    ``delay_notified`` marks the message as having had its delay notice (it rides on the
+    outcomes recorded with that notice, so both are in one commit).
     """
 
     queue_id: bytes
@@ -45,6 +47,7 @@ class Outcome:
     reply: str = ""
     due: float = 0.0
     attempted: bool = True
+    delay_notified: bool = False
 
 
 @dataclass(frozen=True, slots=True)

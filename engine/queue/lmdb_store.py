@@ -9,6 +9,8 @@ Layout (one LMDB environment, named databases):
 - ``hops``       next hop + NUL + id → ""                    one per (message, hop) not final
 - ``states``     state + NUL + id → ""                       one per recipient state present
 - ``corrupt``    id → why the record did not decode
+- ``meta``       the schema version, and ``setting:<name>`` → a value another part keeps
+                 with the queue (e.g. the suspended destinations), opaque bytes here
 
 Every index entry is derived from the envelope (:func:`index_keys`), and every write
 replaces the old entries of a message with the new ones in the same transaction, so the
@@ -70,6 +72,8 @@ DURABILITY_MODES: Final = {
 _DB_NAMES: Final = (b"bodies", b"envelopes", b"due", b"hops", b"states", b"corrupt", b"meta")
 _SCHEMA: Final = b"1"
 _SEP: Final = b"\x00"
+#: Prefix of the settings in ``meta`` (apart from the schema key the store owns).
+_SETTING: Final = b"setting:"
 _DUE: Final = struct.Struct(">Q")
 #: Grow the map when the data would pass this share of it.
 _GROW_AT: Final = 0.75
@@ -459,6 +463,9 @@ class LmdbQueue:
                     results.append((op, self._put_new(txn, env, body), None))
                 elif op.kind == "record":
                     results.append((op, self._apply_outcomes(txn, *op.args), None))
+                elif op.kind == "setting":
+                    self._put_setting(txn, *op.args)
+                    results.append((op, None, None))
                 else:
                     self._quarantine(txn, *op.args)
                     results.append((op, None, None))
@@ -505,6 +512,8 @@ class LmdbQueue:
                 continue
             before = index_keys(new)
             for o in items:
+                if o.delay_notified:
+                    new.delay_notified = True
                 if not 0 <= o.recipient < len(new.recipients):
                     continue  # not a recipient of this message: nothing to record
                 r = new.recipients[o.recipient]
@@ -607,6 +616,20 @@ class LmdbQueue:
             # One wake-up per loop per commit, not one per message.
             with suppress(RuntimeError):  # a closed loop: nobody is waiting any more
                 loop.call_soon_threadsafe(_settle, items)
+
+    # --- settings kept with the queue --------------------------------------------------
+
+    def setting(self, name: str) -> bytes | None:
+        """A value stored with :meth:`save_setting`, None when there is none."""
+        return self._get("meta", _SETTING + name.encode())
+
+    async def save_setting(self, name: str, value: bytes) -> None:
+        """Store ``value`` under ``name`` durably (through the writer, like every write);
+        the bytes mean nothing to the queue."""
+        await self._submit_async("setting", (name, value), 0)
+
+    def _put_setting(self, txn: Any, name: str, value: bytes) -> None:
+        txn.put(_SETTING + name.encode(), value, db=self._db["meta"])
 
 
 def _settle(items: list[tuple[_Op, Any, BaseException | None]]) -> None:

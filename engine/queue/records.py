@@ -111,6 +111,9 @@ class Envelope:
     #: When the message expires whatever its state (epoch s); 0 = never.
     expires: float = 0.0
     queue_id: bytes = b""
+    #: The sender has been sent this message's delay notice (RFC 3464 action "delayed"):
+    #: there is at most one per message.
+    delay_notified: bool = False
 
     @property
     def final(self) -> bool:
@@ -150,6 +153,8 @@ def encode(env: Envelope) -> bytes:
             doc[key] = value
     if env.smtputf8:
         doc["smtputf8"] = True
+    if env.delay_notified:
+        doc["delay_notified"] = True
     return orjson.dumps(doc)
 
 
@@ -185,6 +190,8 @@ def decode(queue_id: bytes, raw: bytes) -> Envelope:
             auth_user=str(doc.get("auth_user", "")),
             message_id=str(doc.get("message_id", "")),
             queue_id=queue_id,
+            # Absent in records written before delay notices existed: none was sent.
+            delay_notified=bool(doc.get("delay_notified", False)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise RecordError(f"bad field: {exc!r}") from None

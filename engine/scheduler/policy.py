@@ -44,6 +44,9 @@ class SchedulerSettings:
     poll_interval: float = 1.0
     #: stop taking new work (queue still accepts mail)
     paused: bool = False
+    #: a message queued this long when a recipient is deferred gets one delay notice
+    #: (RFC 3464 action "delayed"); 0 = never
+    delay_notice_after: float = 0.0
 
 
 def retry_delay(attempts: int, settings: SchedulerSettings, rnd: random.Random) -> float:

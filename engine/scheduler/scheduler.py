@@ -37,18 +37,23 @@ from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from engine.client.api import DeliveryAgent, RcptResult
-from engine.message.dsn import Failure, build_dsn
+from engine.message.dsn import Failure, build_dsn, reply_status
 from engine.queue.api import DueEntry, NewMessage, Outcome
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import Envelope, RcptState, Recipient, RecordError
 from engine.queue.window import DueWindow
 from engine.routing.api import Route, RouteError, Router
+from engine.scheduler.notices import DelayNotices
 from engine.scheduler.policy import SchedulerSettings, SiteLimits, Throttle, retry_delay
 
 log = logging.getLogger("ferry.scheduler")
 
 _WAITING = (RcptState.PENDING, RcptState.DEFERRED)
+#: Name of the suspended destinations (an orjson list) among the queue's settings.
+SUSPENDED_SETTING = "suspended"
 #: Seconds from a freed window place to the refill (see Scheduler._place_freed).
 _REFILL_DELAY = 0.005
 #: Seconds outcomes wait to share one queue operation (see Scheduler._queue_outcomes).
@@ -91,6 +96,7 @@ class Scheduler:
         self.destinations: dict[str, _Destination] = {}
         self.sites: dict[str, _Site] = {}
         self.suspended: set[str] = set()
+        self.delay_notices = DelayNotices(s.delay_notice_after)
         #: site → until when it is left alone (outlives the site's workers and queue)
         self.down: dict[str, float] = {}
         self.delivered = 0
@@ -108,6 +114,8 @@ class Scheduler:
     # --- control ---------------------------------------------------------------------
 
     def start(self) -> None:
+        # Suspensions outlive a restart: the set is kept with the queue (suspend/resume).
+        self.suspended |= _load_suspended(self.store)
         self._runner = asyncio.get_running_loop().create_task(self._run())
 
     def wake(self) -> None:
@@ -130,15 +138,24 @@ class Scheduler:
             self._refill_timer = None
 
     async def suspend(self, destination: str) -> int:
-        """Park every waiting recipient of ``destination``; returns how many."""
+        """Park every waiting recipient of ``destination``; returns how many.
+
+        The set is saved before the recipients are parked: after a crash in between, the
+        loaded set parks the rest when they come due (a resumed destination saves after
+        unparking, so no recipient is ever left parked by a set that forgot it)."""
         self.suspended.add(destination)
+        await self._save_suspended()
         return await self._set_state(destination, _WAITING, RcptState.SUSPENDED)
 
     async def resume(self, destination: str) -> int:
         self.suspended.discard(destination)
         count = await self._set_state(destination, (RcptState.SUSPENDED,), RcptState.PENDING)
+        await self._save_suspended()
         self.wake()
         return count
+
+    async def _save_suspended(self) -> None:
+        await self.store.save_setting(SUSPENDED_SETTING, orjson.dumps(sorted(self.suspended)))
 
     async def _set_state(
         self, destination: str, states: Sequence[RcptState], new: RcptState
@@ -351,6 +368,8 @@ class Scheduler:
         outcomes: list[Outcome] = []
         failures: list[Failure] = []
         lifetime_end = env.expires or env.arrival + self.settings.max_queue_lifetime
+        # At most one delay notice per message; its flag rides on these outcomes.
+        delays = self.delay_notices.items(env, results, lifetime_end, now)
         for r in results:
             state, reply = r.state, r.reply
             due = 0.0
@@ -359,7 +378,8 @@ class Scheduler:
                 due = now + retry_delay(attempts, self.settings, self._rnd)
                 if due >= lifetime_end:
                     due = lifetime_end  # come back exactly at expiry, then fail
-            outcomes.append(Outcome(env.queue_id, r.index, state, reply, due))
+            outcomes.append(Outcome(env.queue_id, r.index, state, reply, due,
+                                    delay_notified=bool(delays)))
             if state is RcptState.FAILED:
                 failures.append(_failure(r.index, reply, r.remote))
         for index, _why in expired:
@@ -369,6 +389,7 @@ class Scheduler:
             outcomes.append(Outcome(env.queue_id, index, RcptState.FAILED, reply,
                                     attempted=False))
             failures.append(Failure(index, "failed", "4.4.7", last, "", None))
+        failures += delays
         new_messages = self._dsn(env, failures, now) if failures else []
         if new_messages:
             # Alone: a DSN adds bytes and may be refused (back pressure), which must fail
@@ -452,11 +473,23 @@ class Scheduler:
             self.window.release(entry)
 
 
+def _load_suspended(store: LmdbQueue) -> set[str]:
+    raw = store.setting(SUSPENDED_SETTING)
+    if raw is None:
+        return set()
+    try:
+        names = orjson.loads(raw)
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return set(names)
+    except orjson.JSONDecodeError:
+        pass
+    # Never a silent loss: an operator suspended these for a reason.
+    log.error("the saved set of suspended destinations does not decode (%r); none loaded",
+              raw[:200])
+    return set()
+
+
 def _failure(index: int, reply: str, remote: str) -> Failure:
     """The DSN item for a failed recipient; the status comes from the reply's enhanced
-    code when it has one (RFC 3463), else from its basic code."""
-    parts = reply.split(" ", 2)
-    status = "5.0.0"
-    if len(parts) > 1 and parts[1][:1] in "245" and parts[1].count(".") == 2:
-        status = parts[1]
-    return Failure(index, "failed", status, reply, remote, None)
+    code when it has one (RFC 3463), else it is 5.0.0."""
+    return Failure(index, "failed", reply_status(reply, "failed"), reply, remote, None)

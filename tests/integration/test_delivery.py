@@ -300,3 +300,74 @@ def test_per_domain_limit_overrides_the_default(ferry: Start, sink: CountingSink
     wait_for(lambda: len(sink.state.messages) == 12, 30)
     assert sink.state.peak["127.0.10.3"] == 1  # two.test: its own limit
     assert 1 < sink.state.peak["127.0.10.1"] <= 3  # one.test: the default
+
+
+# --- delay notices (RFC 3464 action "delayed") ---------------------------------------------
+
+BUSY = "451 4.2.1 Mailbox busy"
+
+
+def notices(sink: CountingSink) -> list[str]:
+    """Reports delivered to the senders' domain, client.test (its MX is 127.0.10.5)."""
+    return [m.body.decode() for m in sink.state.messages if m.address == "127.0.10.5"]
+
+
+def waiting(f: RunningFerry) -> list[Any]:
+    return [f.store.get(e.queue_id) for e in f.store.due(time.time() + 3600, 100)]
+
+
+def tried(f: RunningFerry, count: int, times: int) -> bool:
+    """``count`` messages are queued and each recipient was tried at least ``times``."""
+    envs = waiting(f)
+    return len(envs) == count and all(r.attempts >= times for e in envs for r in e.recipients)
+
+
+def test_delay_notice_is_sent_once_with_the_right_fields(ferry: Start,
+                                                         sink: CountingSink) -> None:
+    sink.state.rcpt_replies["late@two.test"] = BUSY
+    f = ferry(delay_notice_after=1.0)
+    send(f, "a@client.test", ["late@two.test"], BODY, options=["ENVID=env7"])
+    wait_for(lambda: len(notices(sink)) == 1)
+    (env,) = waiting(f)
+    assert env.delay_notified and env.recipients[0].state is RcptState.DEFERRED
+    wait_for(lambda: tried(f, 1, env.recipients[0].attempts + 2))  # more deferrals after it
+    (text,) = notices(sink)
+    (report,) = [m for m in sink.state.messages if m.address == "127.0.10.5"]
+    assert report.sender in ("", "<>") and report.recipients == ["a@client.test"]
+    parsed = email.message_from_bytes(report.body, policy=email.policy.default)
+    assert parsed["Subject"] == "Delayed Mail (still being retried)"
+    assert parsed.get_content_type() == "multipart/report"
+    for line in ("Final-Recipient: rfc822;late@two.test", "Action: delayed", "Status: 4.2.1",
+                 "Diagnostic-Code: smtp; 451 4.2.1 Mailbox busy", "Original-Envelope-Id: env7",
+                 "Remote-MTA: dns; ", "Will-Retry-Until: "):
+        assert line in text, line
+    del sink.state.rcpt_replies["late@two.test"]
+    wait_for(lambda: f.store.count() == 0)
+    assert any(m.recipients == ["late@two.test"] for m in sink.state.messages)
+    assert len(notices(sink)) == 1
+
+
+def test_no_delay_notice_for_notify_never_or_failure_or_the_null_sender(
+    ferry: Start, sink: CountingSink
+) -> None:
+    for local in ("never", "failure", "null", "delay"):
+        sink.state.rcpt_replies[f"{local}@two.test"] = BUSY
+    f = ferry(delay_notice_after=0.5)
+    send(f, "a@client.test", ["never@two.test"], BODY, rcpt_options=["NOTIFY=NEVER"])
+    send(f, "a@client.test", ["failure@two.test"], BODY, rcpt_options=["NOTIFY=FAILURE"])
+    send(f, "", ["null@two.test"], BODY)
+    send(f, "a@client.test", ["delay@two.test"], BODY, rcpt_options=["NOTIFY=DELAY"])
+    # Three tries each: every message was deferred past the threshold at least once.
+    wait_for(lambda: tried(f, 4, 3), 30)
+    (text,) = notices(sink)
+    assert "Final-Recipient: rfc822;delay@two.test" in text
+    flagged = {e.recipients[0].address for e in waiting(f) if e.delay_notified}
+    assert flagged == {"delay@two.test"}
+
+
+def test_no_delay_notice_when_turned_off(ferry: Start, sink: CountingSink) -> None:
+    sink.state.rcpt_replies["late@two.test"] = BUSY
+    f = ferry(delay_notice_after=0.0)
+    send(f, "a@client.test", ["late@two.test"], BODY)
+    wait_for(lambda: tried(f, 1, 3))
+    assert notices(sink) == [] and not waiting(f)[0].delay_notified

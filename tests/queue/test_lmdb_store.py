@@ -323,3 +323,40 @@ def test_suspended_recipients_come_due_at_expiry(store: LmdbQueue) -> None:
     assert store.due(time.time() + 60, 10) == []
     (entry,) = store.due(time.time() + 7200, 10)
     assert entry.queue_id == qid and entry.due == pytest.approx(env.expires, abs=0.01)
+
+
+def test_settings_are_kept_across_a_reopen(tmp_path: Path) -> None:
+    q = LmdbQueue(tmp_path, min_free_disk=0)
+    assert q.setting("suspended") is None
+    run(q.save_setting("suspended", b'["two.test"]'))
+    run(q.save_setting("suspended", b'["one.test","two.test"]'))  # the last one stands
+    q.close_sync()
+    q = LmdbQueue(tmp_path, min_free_disk=0)  # the schema key is not a setting
+    try:
+        assert q.setting("suspended") == b'["one.test","two.test"]'
+        assert q.setting("schema") is None
+    finally:
+        q.close_sync()
+
+
+def test_the_delay_notice_flag_commits_with_its_outcome(store: LmdbQueue) -> None:
+    qid = store.enqueue_sync(envelope(("c@d.test", "d.test")), b"hello")
+    assert store.get(qid).delay_notified is False
+    store.record_sync([Outcome(qid, 0, RcptState.DEFERRED, "451 later", due=time.time() + 60)])
+    assert store.get(qid).delay_notified is False
+    store.record_sync([Outcome(qid, 0, RcptState.DEFERRED, "451 later", due=time.time() + 60,
+                               delay_notified=True)])
+    assert store.get(qid).delay_notified is True
+    store.record_sync([Outcome(qid, 0, RcptState.DEFERRED, "451 later", due=time.time() + 60)])
+    assert store.get(qid).delay_notified is True  # once set, it stays
+
+
+def test_records_from_before_delay_notices_still_decode() -> None:
+    from engine.queue.records import decode, encode
+
+    env = envelope(("c@d.test", "d.test"))
+    old = encode(env)
+    assert b"delay_notified" not in old  # unset flags are not written
+    assert decode(b"x" * 12, old).delay_notified is False
+    env.delay_notified = True
+    assert decode(b"x" * 12, encode(env)).delay_notified is True

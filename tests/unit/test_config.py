@@ -422,6 +422,12 @@ def test_positive_integer_message(tmp_path: Path) -> None:
         ("[delivery]\nmax_per_domain = 0", "delivery.max_per_domain", "positive integer"),
         ("[delivery]\nretry_interval = -1.0", "delivery.retry_interval", "(got -1.0)"),
         ('[delivery]\npaused = "yes"', "delivery.paused", 'true or false (got "yes")'),
+        ("[delivery]\ndelay_notice_after = -60", "delivery.delay_notice_after", "0 or more"),
+        (
+            "[delivery]\nmax_queue_lifetime = 3600\ndelay_notice_after = 3600",
+            "delivery.delay_notice_after",
+            "must be shorter than delivery.max_queue_lifetime",
+        ),
         ('[log]\nlevel = "INFO"', "log.level", 'did you mean "info"?'),
         ("[log]\nprotocol_log_dir = 5", "log.protocol_log_dir", "path"),
         ('hostname = "bad_host"', "hostname", 'label "bad_host"'),

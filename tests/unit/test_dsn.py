@@ -21,6 +21,7 @@ from engine.message.dsn import (
     Failure,
     build_dsn,
     dsn_envelope_sender,
+    reply_status,
     wants_notice,
 )
 from engine.queue.records import Envelope, Recipient
@@ -609,3 +610,22 @@ def test_any_reply_and_address_give_a_parseable_report(
     for group in groups:
         assert group["Final-Recipient"].startswith(("rfc822;", "utf-8;"))
     assert status_part_bytes(out).isascii()
+
+
+@pytest.mark.parametrize(
+    ("reply", "action", "expected"),
+    [
+        ("550 5.1.1 No such user", "failed", "5.1.1"),
+        ("550 No such user", "failed", "5.0.0"),
+        ("451 4.3.0 try later", "failed", "4.3.0"),  # an expiry keeps the last code
+        ("connection refused", "failed", "5.0.0"),
+        ("451 4.2.1 Mailbox busy", "delayed", "4.2.1"),
+        ("451 try later", "delayed", "4.0.0"),
+        ("550 5.1.1 odd: a 5xx reply on a deferral", "delayed", "4.0.0"),
+        ("", "delayed", "4.0.0"),
+        ("421 4.4.2 x.y.z", "delayed", "4.4.2"),
+        ("451 4.x.1 not a code", "delayed", "4.0.0"),
+    ],
+)
+def test_reply_status(reply: str, action: Any, expected: str) -> None:
+    assert reply_status(reply, action) == expected

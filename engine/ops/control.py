@@ -1,0 +1,382 @@
+"""The control channel of a running ``ferry serve``: how an operator suspends and resumes
+a destination, lists the suspended ones and looks at the scheduler, while mail flows.
+
+It is a Unix-domain socket in the spool, ``<spool>/control.sock`` (:func:`socket_path`),
+mode 0600 (only the user Ferry runs as may use it; there is no other authentication).
+Each request is one JSON object on one line, each reply one JSON object on one line, in
+order, on a connection that stays open for more:
+
+    {"command": "suspend", "destination": "example.com"}
+        → {"ok": true, "destination": "example.com", "recipients": 3}
+    {"command": "resume", "destination": "example.com"}
+        → {"ok": true, "destination": "example.com", "recipients": 3, "was_suspended": true}
+    {"command": "suspended"}  → {"ok": true, "destinations": ["example.com"]}
+    {"command": "stats"}      → {"ok": true, "messages": 12, "delivered": 40, "sites": [...]}
+    anything wrong            → {"ok": false, "error": "unknown command \"x\"; one of ..."}
+
+A destination is named as the queue names it (``ferry queue list --destination``): a
+domain, ``local:<domain>`` or an address literal; it is normalised the way recipients'
+domains are (lower case, no trailing dot), and it need not have mail queued yet.
+
+Layers: :class:`LineReader`, :func:`parse_request` and :func:`encode_reply` are sans-I/O
+(bytes in, values out, testable without a socket); :class:`ControlServer` is the asyncio
+glue; :func:`request` is the blocking client ``ferry queue`` uses.
+
+It must never decide anything about delivery itself (it hands the operator's decision to
+the scheduler), never block the event loop, and never let a bad request hurt the server:
+bad JSON, an unknown command or a missing argument gets an error reply and the connection
+goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from engine.queue.lmdb_store import LmdbQueue
+from engine.scheduler.scheduler import Scheduler
+
+log = logging.getLogger("ferry.control")
+
+SOCKET_NAME: Final = "control.sock"
+#: Longest request line; a longer one is read to its end and refused.
+MAX_REQUEST: Final = 4096
+#: Operator connections open at once; more are refused (one reply, then closed).
+MAX_CONNECTIONS: Final = 16
+#: Longest socket path the kernel takes (sun_path is 108 bytes on Linux, with its NUL).
+MAX_PATH: Final = 107
+#: A destination is a domain (at most 255 octets, RFC 5321 §4.5.3.1.2) with a prefix.
+MAX_DESTINATION: Final = 300
+
+Reply = dict[str, Any]
+
+
+def socket_path(spool: str | os.PathLike[str]) -> Path:
+    return Path(spool) / SOCKET_NAME
+
+
+class ControlError(ValueError):
+    """A request that cannot be served; ``str()`` is the error reply's text."""
+
+
+class ControlUnavailable(OSError):
+    """No control channel at this path: no server runs there, or the path is unusable."""
+
+
+# --- sans-I/O ------------------------------------------------------------------------
+
+
+class LineReader:
+    """Splits a byte stream into request lines (LF or CRLF ends one; blank lines are
+    skipped).  A line longer than ``limit`` is dropped as it streams in, never buffered
+    whole, and reported once as None so the caller can answer it."""
+
+    def __init__(self, limit: int = MAX_REQUEST) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+        self._skipping = False
+
+    def feed(self, data: bytes) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        self._buf += data
+        while True:
+            end = self._buf.find(b"\n")
+            if end < 0:
+                if len(self._buf) > self.limit:
+                    if not self._skipping:
+                        out.append(None)
+                    self._skipping = True
+                    self._buf.clear()
+                return out
+            line = bytes(self._buf[:end]).rstrip(b"\r")
+            del self._buf[:end + 1]
+            if self._skipping:
+                self._skipping = False  # the end of the over-long line
+            elif len(line) > self.limit:
+                out.append(None)
+            elif line.strip():
+                out.append(line)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    command: str
+    destination: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Command:
+    help: str
+    takes_destination: bool = False
+
+
+#: The command table (one place, visible to type checkers; no handler discovery).
+COMMANDS: Final[Mapping[str, _Command]] = {
+    "suspend": _Command("hold the mail for a destination (it stays queued)", True),
+    "resume": _Command("deliver a suspended destination's mail again", True),
+    "suspended": _Command("list the suspended destinations"),
+    "stats": _Command("queue and scheduler figures"),
+}
+
+
+def _destination(value: object) -> str:
+    if not isinstance(value, str):
+        raise ControlError('"destination" must be a string')
+    text = value.strip()
+    if not text:
+        raise ControlError('"destination" must not be empty')
+    if len(text) > MAX_DESTINATION:
+        raise ControlError(f'"destination" is longer than {MAX_DESTINATION} characters')
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise ControlError('"destination" must not hold spaces or control characters')
+    return text
+
+
+def parse_request(line: bytes) -> Request:
+    """One request line → :class:`Request`; ControlError says what is wrong with it."""
+    try:
+        doc = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise ControlError(f"request is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ControlError('request must be a JSON object, e.g. {"command": "suspended"}')
+    command = doc.get("command")
+    if not isinstance(command, str):
+        raise ControlError(f'"command" (a string) is required; one of {_known()}')
+    spec = COMMANDS.get(command)
+    if spec is None:
+        raise ControlError(f"unknown command {_quote(command)}; one of {_known()}")
+    allowed = {"command", "destination"} if spec.takes_destination else {"command"}
+    extra = sorted(set(doc) - allowed)
+    if extra:
+        raise ControlError(f"{command}: unknown field {_quote(extra[0])}")
+    if not spec.takes_destination:
+        return Request(command)
+    if "destination" not in doc:
+        raise ControlError(f'{command}: "destination" is required')
+    return Request(command, _destination(doc["destination"]))
+
+
+def encode_reply(reply: Reply) -> bytes:
+    return orjson.dumps(reply) + b"\n"
+
+
+def error_reply(message: str) -> Reply:
+    return {"ok": False, "error": message}
+
+
+def _known() -> str:
+    return ", ".join(sorted(COMMANDS))
+
+
+def _quote(value: str) -> str:
+    """A value from the request, safe to echo: JSON-quoted (no control characters) and
+    cut short."""
+    text = orjson.dumps(value[:60]).decode()
+    return text if len(value) <= 60 else text[:-1] + '..."'
+
+
+# --- the asyncio server --------------------------------------------------------------
+
+
+class ControlServer:
+    """Serves the control socket for ``scheduler`` (see the module docstring).
+
+    ``normalize`` turns what the operator typed into the queue's destination name
+    (``Router.destination``: the same rule as for recipients' domains).
+    """
+
+    def __init__(self, path: Path, scheduler: Scheduler, store: LmdbQueue,
+                 normalize: Callable[[str], str]) -> None:
+        self.path = path
+        self.scheduler = scheduler
+        self.store = store
+        self.normalize = normalize
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.Task[Any]] = set()
+        self._inode: int | None = None
+        self._handlers: Mapping[str, Callable[[Request], Awaitable[Reply]]] = {
+            "suspend": self._suspend,
+            "resume": self._resume,
+            "suspended": self._suspended,
+            "stats": self._stats,
+        }
+
+    async def start(self) -> None:
+        """Listen on ``path``.  ControlUnavailable when the path is too long for a
+        socket; OSError when another server answers there (:func:`check_free`)."""
+        path = self.path
+        # Bound under a temporary name, made 0600, then renamed into place: the socket is
+        # never reachable with wider permissions, without touching the process's umask.
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        _check_length(temporary)
+        check_free(path)
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(os.fspath(temporary))
+            temporary.chmod(0o600)
+            self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise
+        # Replaces a socket left behind by a server that did not stop cleanly.
+        temporary.rename(path)
+        self._inode = path.stat().st_ino
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+        with contextlib.suppress(OSError):
+            if self.path.stat().st_ino == self._inode:  # still ours, not a successor's
+                self.path.unlink()
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if len(self._connections) > MAX_CONNECTIONS:
+                writer.write(encode_reply(error_reply(
+                    f"too many control connections (at most {MAX_CONNECTIONS})")))
+                await writer.drain()
+                return
+            lines = LineReader()
+            while data := await reader.read(65536):
+                for line in lines.feed(data):
+                    writer.write(encode_reply(await self.answer(line)))
+                    await writer.drain()
+        except ConnectionError:
+            pass  # the operator's tool went away; nothing to tell it
+        finally:
+            writer.close()
+
+    async def answer(self, line: bytes | None) -> Reply:
+        """The reply to one request line (None: a line over the limit); never raises."""
+        if line is None:
+            return error_reply(f"request longer than {MAX_REQUEST} bytes")
+        try:
+            request = parse_request(line)
+            return await self._handlers[request.command](request)
+        except ControlError as exc:
+            return error_reply(str(exc))
+        except Exception as exc:
+            log.exception("control request %r failed", line[:200])
+            return error_reply(f"internal error: {type(exc).__name__}: {exc}")
+
+    # --- the commands ------------------------------------------------------------------
+
+    def _hop(self, request: Request) -> str:
+        hop = self.normalize(request.destination)
+        if not hop:
+            raise ControlError('"destination" must name a destination')
+        return hop
+
+    async def _suspend(self, request: Request) -> Reply:
+        hop = self._hop(request)
+        count = await self.scheduler.suspend(hop)
+        log.info("operator suspended %s (%d recipients parked)", hop, count)
+        return {"ok": True, "destination": hop, "recipients": count}
+
+    async def _resume(self, request: Request) -> Reply:
+        hop = self._hop(request)
+        was_suspended = hop in self.scheduler.suspended
+        count = await self.scheduler.resume(hop)
+        log.info("operator resumed %s (%d recipients back in the queue)", hop, count)
+        return {"ok": True, "destination": hop, "recipients": count,
+                "was_suspended": was_suspended}
+
+    async def _suspended(self, request: Request) -> Reply:
+        return {"ok": True, "destinations": sorted(self.scheduler.suspended)}
+
+    async def _stats(self, request: Request) -> Reply:
+        sched, now = self.scheduler, time.time()
+        sites = [{"site": site.name, "workers": site.workers,
+                  "max_connections": site.limits.max_connections, "waiting": len(site.jobs)}
+                 for site in sched.sites.values()]
+        return {
+            "ok": True,
+            "messages": self.store.count(),
+            "delivered": sched.delivered,
+            "paused": sched.settings.paused,
+            "window": len(sched.window),
+            "sites": sorted(sites, key=lambda s: (-s["workers"], s["site"])),
+            "down": {site: round(until - now, 1) for site, until in sched.down.items()
+                     if until > now},
+            "suspended": sorted(sched.suspended),
+            "commits": self.store.stats.commits,
+        }
+
+
+def _check_length(path: Path) -> None:
+    if len(os.fsencode(path)) > MAX_PATH:
+        raise ControlUnavailable(
+            f"control socket path {path} is longer than the {MAX_PATH} bytes a Unix "
+            "socket path may have; use a shorter spool path")
+
+
+def check_free(path: Path) -> None:
+    """OSError when a server accepts connections on ``path``: another ``ferry serve`` uses
+    this spool, and two would deliver the same mail twice.  A socket file left by a
+    server that did not stop cleanly accepts nothing and is fine (it gets replaced)."""
+    if len(os.fsencode(path)) > MAX_PATH:
+        return  # no control channel can be there
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(os.fspath(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return
+    raise OSError(f"another ferry serve answers on {path}: it is using this spool")
+
+
+# --- the blocking client -------------------------------------------------------------
+
+
+def request(path: Path, message: Mapping[str, Any], timeout: float = 600.0) -> Reply:
+    """Send one request to the server on ``path`` and return its reply.
+
+    ControlUnavailable when nothing serves there; TimeoutError when the reply takes longer
+    than ``timeout`` seconds (a suspend of a very large destination parks every queued
+    recipient before it answers)."""
+    _check_length(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5.0)
+        try:
+            sock.connect(os.fspath(path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise ControlUnavailable(
+                f"no running ferry serve answers on {path} ({exc.strerror or exc})") from None
+        sock.settimeout(timeout)
+        sock.sendall(orjson.dumps(dict(message)) + b"\n")
+        received = bytearray()
+        while not received.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ControlUnavailable(f"the server on {path} closed the connection")
+            received += chunk
+    reply = orjson.loads(received)
+    if not isinstance(reply, dict):
+        raise ControlUnavailable(f"the server on {path} sent a reply that is not an object")
+    return reply

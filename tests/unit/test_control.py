@@ -1,0 +1,89 @@
+"""The control channel's sans-I/O half: request framing and parsing, no sockets."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from engine.ops.control import (
+    COMMANDS,
+    MAX_REQUEST,
+    ControlError,
+    LineReader,
+    Request,
+    encode_reply,
+    parse_request,
+)
+from engine.testing.chunkings import chunkings
+
+
+def feed_all(reader: LineReader, chunks: list[bytes]) -> list[bytes | None]:
+    return [line for chunk in chunks for line in reader.feed(chunk)]
+
+
+def test_lines_in_any_chunking() -> None:
+    stream = b'{"command":"stats"}\r\n\n{"command":"suspended"}\n  \npartial'
+    expected = [b'{"command":"stats"}', b'{"command":"suspended"}']
+    for chunks in chunkings(stream):
+        assert feed_all(LineReader(), chunks) == expected
+
+
+def test_an_over_long_line_is_reported_once_and_not_buffered() -> None:
+    reader = LineReader(limit=10)
+    out = feed_all(reader, [b"x" * 8, b"y" * 8, b"z" * 100, b"tail\nok\n"])
+    assert out == [None, b"ok"]
+    assert len(reader._buf) == 0
+    assert reader.feed(b"0123456789A\n") == [None]  # over the limit within one feed
+
+
+@pytest.mark.parametrize(("line", "parsed"), [
+    (b'{"command": "stats"}', Request("stats")),
+    (b'{"command": "suspended"}', Request("suspended")),
+    (b'{"command": "suspend", "destination": " Example.COM "}',
+     Request("suspend", "Example.COM")),
+    (b'{"command": "resume", "destination": "[IPv6:::1]"}', Request("resume", "[IPv6:::1]")),
+])
+def test_good_requests(line: bytes, parsed: Request) -> None:
+    assert parse_request(line) == parsed
+
+
+@pytest.mark.parametrize(("line", "words"), [
+    (b"suspend example.com", "not JSON"),
+    (b'{"command": "suspend"', "not JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b'"stats"', "must be a JSON object"),
+    (b"{}", '"command" (a string) is required; one of resume, stats, suspend, suspended'),
+    (b'{"command": 5}', '"command" (a string) is required'),
+    (b'{"command": "flush"}', 'unknown command "flush"; one of resume, stats'),
+    (b'{"command": "suspend"}', 'suspend: "destination" is required'),
+    (b'{"command": "suspend", "destination": 5}', '"destination" must be a string'),
+    (b'{"command": "suspend", "destination": "  "}', "must not be empty"),
+    (b'{"command": "suspend", "destination": "a b"}', "spaces or control characters"),
+    (b'{"command": "suspend", "destination": "a\\r\\nb"}', "spaces or control characters"),
+    (b'{"command": "resume", "destination": "' + b"x" * 301 + b'"}', "longer than 300"),
+    (b'{"command": "stats", "destination": "x"}', 'stats: unknown field "destination"'),
+    (b'{"command": "suspend", "destination": "x", "all": true}', 'unknown field "all"'),
+])
+def test_bad_requests_say_what_is_wrong(line: bytes, words: str) -> None:
+    with pytest.raises(ControlError) as caught:
+        parse_request(line)
+    assert words in str(caught.value)
+
+
+def test_echoed_values_are_quoted_and_short() -> None:
+    with pytest.raises(ControlError) as caught:
+        parse_request(orjson.dumps({"command": "x\r\n" + "y" * 500}))
+    text = str(caught.value)
+    assert "\r" not in text and "\n" not in text and len(text) < 200
+
+
+def test_replies_are_one_line_each() -> None:
+    reply = encode_reply({"ok": False, "error": "a\nb"})
+    assert reply.endswith(b"\n") and reply.count(b"\n") == 1
+    assert orjson.loads(reply) == {"ok": False, "error": "a\nb"}
+
+
+def test_every_command_is_documented_with_a_help_text() -> None:
+    assert set(COMMANDS) == {"suspend", "resume", "suspended", "stats"}
+    assert all(spec.help for spec in COMMANDS.values())
+    assert MAX_REQUEST >= 1024
