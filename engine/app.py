@@ -150,7 +150,7 @@ class App:
 
 #: Allocations between young collections (CPython's default is 700), and how many
 #: young collections per middle one and middle ones per full one.
-GC_THRESHOLDS = (100_000, 50, 100)
+GC_THRESHOLDS = (500_000, 20, 100)
 
 
 def tune_gc() -> None:

@@ -199,6 +199,10 @@ class DeliveryConfig:
     smarthost: tuple[str, int] | None = None
     #: The nameserver to ask (host, port); None = the system resolver configuration.
     dns: tuple[str, int] | None = None
+    #: DNS queries in flight at once (a restart with mail for thousands of domains must
+    #: not flood the resolver: a burst beyond its receive buffer is dropped, and each
+    #: dropped query costs a timeout).
+    dns_max_queries: int = 100
     mx_port: int = 25
     max_per_domain: int = 20
     #: Messages per second to one site (a destination's server set); 0 = no limit.
@@ -927,6 +931,7 @@ class _DomainLimitsModel(_Model):
 class _DeliveryModel(_Model):
     smarthost: Annotated[tuple[str, int], _v(_destination(25))] | None = None
     dns: Annotated[tuple[str, int], _v(_nameserver)] | None = None
+    dns_max_queries: _PosInt | None = None
     mx_port: Annotated[int, _v(_port)] | None = None
     max_per_domain: _PosInt | None = None
     max_rate: _RateOrOff | None = None

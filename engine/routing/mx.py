@@ -135,6 +135,7 @@ class MxResolver:
         timeout: float = 3.0,
         lifetime: float = 10.0,
         max_entries: int = 100_000,
+        max_queries: int = 100,
         max_negative_ttl: float = MAX_NEGATIVE_TTL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -153,13 +154,16 @@ class MxResolver:
         self._clock = clock
         self._cache: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._inflight: dict[tuple[str, str], asyncio.Future[object]] = {}
+        #: Bounds the queries in flight (see DeliveryConfig.dns_max_queries).
+        self._slots = asyncio.Semaphore(max_queries)
 
     @classmethod
     def from_config(
         cls, config: Config, *, timeout: float = 3.0, lifetime: float = 10.0
     ) -> MxResolver:
         """The resolver for ``config.delivery.dns`` (the ``--dns`` flag)."""
-        return cls(config.delivery.dns, timeout=timeout, lifetime=lifetime)
+        return cls(config.delivery.dns, timeout=timeout, lifetime=lifetime,
+                   max_queries=config.delivery.dns_max_queries)
 
     # --- public lookups ------------------------------------------------------------------
 
@@ -323,9 +327,10 @@ class MxResolver:
     ) -> dns.resolver.Answer | float:
         """The answer, or the negative TTL for NXDOMAIN (as a float)."""
         try:
-            return await self._resolver.resolve(
-                qname, rdtype, search=False, raise_on_no_answer=False
-            )
+            async with self._slots:
+                return await self._resolver.resolve(
+                    qname, rdtype, search=False, raise_on_no_answer=False
+                )
         except dns.resolver.NXDOMAIN as err:
             try:
                 responses = cast(

@@ -57,7 +57,7 @@ SUSPENDED_SETTING = "suspended"
 #: Seconds from a freed window place to the refill (see Scheduler._place_freed).
 _REFILL_DELAY = 0.005
 #: Seconds outcomes wait to share one queue operation (see Scheduler._queue_outcomes).
-_RECORD_DELAY = 0.010
+_RECORD_DELAY = 0.050
 
 
 @dataclass(slots=True)

@@ -361,3 +361,32 @@ def test_send_connector_port_beats_mx_port(dns: DnsResponder, tmp_path: object) 
     route = asyncio.run(router.resolve("v6.test"))
     assert (route.connector, route.tls) == ("lab", "required")
     assert route.hosts == (Host("mx.v6.test", "2001:db8::6", 2600, 5),)
+
+
+# --- bounded queries in flight -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_queries", [2, 5])
+def test_queries_in_flight_are_bounded(dns: DnsResponder, max_queries: int) -> None:
+    names = [f"host{i}.example.test" for i in range(5)]
+    for name in names:
+        dns.drop.add(name)  # never answered: each query holds its slot until its timeout
+
+    async def main() -> int:
+        r = MxResolver(dns.address, timeout=5, lifetime=5,
+                       max_queries=max_queries)
+        tasks = [asyncio.ensure_future(r.mx_hosts(name, 25)) for name in names]
+        try:
+            deadline = time.monotonic() + 5
+            asked = 0
+            while asked < max_queries and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+                asked = sum(dns.count(name, "MX") for name in names)
+            await asyncio.sleep(0.3)  # room for queries beyond the bound to show up
+            return sum(dns.count(name, "MX") for name in names)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert run(main()) == max_queries

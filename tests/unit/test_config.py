@@ -420,6 +420,7 @@ def test_positive_integer_message(tmp_path: Path) -> None:
         ('[delivery]\ndns = "ns.example"', "delivery.dns", "IP address of a nameserver"),
         ("[delivery]\nmx_port = 65536", "delivery.mx_port", "(got 65536)"),
         ("[delivery]\nmax_per_domain = 0", "delivery.max_per_domain", "positive integer"),
+        ("[delivery]\ndns_max_queries = 0", "delivery.dns_max_queries", "positive integer"),
         ("[delivery]\nretry_interval = -1.0", "delivery.retry_interval", "(got -1.0)"),
         ('[delivery]\npaused = "yes"', "delivery.paused", 'true or false (got "yes")'),
         ("[delivery]\ndelay_notice_after = -60", "delivery.delay_notice_after", "0 or more"),
