@@ -13,7 +13,9 @@ Set-up, all on 127.0.0.0/8, every process started here stopped by its PID at the
   has its own MX name ``mx.dK.test`` (so its own site: limits are per site) pointing at
   sink ``K mod N``.  Little's law bounds the rate at (domains x limit) / delay: with the
   defaults (1,000 x 8 / 1 s) the sinks allow 8,000 deliveries/s, above the 5,000/s target.
-* A ``DnsResponder`` (engine.testing.dns) in a thread of this process answers the MX and A
+* A ``DnsResponder`` (engine.testing.dns) in a process of its own (``python -m
+  engine.testing.dns``; in a thread here it shared this process's GIL with the ``ss``
+  sampling and answered slowly, so sites came up over ~15 s) answers the MX and address
   queries; Ferry's ``delivery.dns`` points at it, never at the system resolver.
 * The spool is filled here with ``LmdbQueue`` (durability ``os``, 1 KiB bodies, one
   recipient each, domains round-robin), then closed.
@@ -66,7 +68,6 @@ import uvloop
 
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import Envelope, Recipient
-from engine.testing.dns import DnsResponder
 
 ROOT = Path(__file__).resolve().parent.parent
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -415,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sink_procs: list[subprocess.Popen[bytes]] = []
     ferry: subprocess.Popen[str] | None = None
     spy: subprocess.Popen[bytes] | None = None
-    responder = DnsResponder(zone(domains, sinks))
+    responder: subprocess.Popen[str] | None = None
     sampler: Sampler | None = None
     try:
         body = make_body(args.body_size)
@@ -424,10 +425,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               flush=True)
         port = free_port(sink_address(0))
         sink_procs = start_sinks(sinks, port, args.sink_delay, base)
-        responder.start()
+        (base / "zone").write_text(zone(domains, sinks))
+        responder = subprocess.Popen(
+            [sys.executable, "-m", "engine.testing.dns", str(base / "zone")],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert responder.stdout is not None
+        _, dns_host, dns_port = responder.stdout.readline().split()
         sampler = Sampler(port, args.sample)
         sampler.start()
-        driver_args = {"spool": str(spool), "dns": list(responder.address), "port": port,
+        driver_args = {"spool": str(spool), "dns": [dns_host, int(dns_port)], "port": port,
                        "limit": limit, "retry": 5.0, "timeout": args.timeout}
         ferry = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(driver_args)],
                                  cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -479,7 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop_process(spy, signal.SIGINT)
         for proc in sink_procs:
             stop_process(proc)
-        responder.stop()
+        if responder is not None:
+            stop_process(responder)
         shutil.rmtree(base, ignore_errors=True)
 
     # --- report ---

@@ -202,7 +202,7 @@ class DeliveryConfig:
     #: DNS queries in flight at once (a restart with mail for thousands of domains must
     #: not flood the resolver: a burst beyond its receive buffer is dropped, and each
     #: dropped query costs a timeout).
-    dns_max_queries: int = 100
+    dns_max_queries: int = 1000
     mx_port: int = 25
     max_per_domain: int = 20
     #: Messages per second to one site (a destination's server set); 0 = no limit.

@@ -78,8 +78,8 @@ class QueueStore(Protocol):
 
     async def record(
         self, outcomes: Sequence[Outcome], new_messages: Sequence[NewMessage] = ()
-    ) -> list[Envelope]:
-        """Apply outcomes (and enqueue e.g. DSNs) in one commit; the updated envelopes."""
+    ) -> None:
+        """Apply outcomes (and enqueue e.g. DSNs) in one commit."""
         ...
 
     async def quarantine(self, queue_id: bytes, reason: str, due_key: bytes = b"") -> None:

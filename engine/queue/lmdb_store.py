@@ -16,11 +16,21 @@ Every index entry is derived from the envelope (:func:`index_keys`), and every w
 replaces the old entries of a message with the new ones in the same transaction, so the
 indexes cannot drift from the records.
 
-Group commit: one writer thread owns every write transaction (LMDB write transactions are
-bound to their thread).  Callers hand operations over and wait; the writer takes everything
+Group commit: one writer owns every write transaction (LMDB write transactions are bound
+to their thread).  Callers hand operations over and wait; the writer takes everything
 waiting, applies it in one transaction, commits (one fsync in ``fsync`` mode), and only
 then resolves the callers, one wake-up per event loop per batch.  Nothing is acknowledged
 before the commit that holds it has returned.
+
+The writer is a thread (``writer="thread"``, tools and tests) or a process of its own
+(``writer="process"``, the server: ``engine.queue.writer_process``).  py-lmdb releases the
+GIL around every put, get and delete, so a writer thread hands the GIL back and forth with
+the event loop several times per message; with thousands of deliveries a second that
+ping-pong (futex wake-ups, the loop waiting for the GIL at every callback) cost more than
+the writes.  In a process, the writer's LMDB calls contend with nothing: the server's
+side only pickles batches to a pipe and reads results back, one GIL hand-over per batch.
+Reads (``get``, ``body``, the indexes) stay in the caller's process: LMDB readers never
+block the writer, across processes too.
 
 Durability modes: ``fsync`` (default) syncs every commit: an acknowledged message survives
 power loss.  ``os`` leaves the flush to the OS: it survives a crash of the process, not of
@@ -47,9 +57,12 @@ from concurrent.futures import Future
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import lmdb
+
+if TYPE_CHECKING:
+    from engine.queue.writer_process import WriterProcess
 
 from engine.queue.api import BackPressure, DueEntry, NewMessage, Outcome, QueueClosed
 from engine.queue.records import (
@@ -110,13 +123,15 @@ def index_keys(env: Envelope) -> IndexKeys:
 
 @dataclass(slots=True)
 class _Op:
-    """One unit of work for the writer, and how to tell its caller."""
+    """One unit of work for the writer, and how to tell its caller (in the writer
+    process, ``ident`` names the caller's op instead)."""
 
     kind: str
     args: tuple[Any, ...]
     loop: asyncio.AbstractEventLoop | None
-    future: asyncio.Future[Any] | Future[Any]
+    future: asyncio.Future[Any] | Future[Any] | None
     size: int = 0
+    ident: int = 0
 
 
 @dataclass(slots=True)
@@ -143,7 +158,10 @@ class LmdbQueue:
         batch_limit: int = 2_000,
         batch_bytes: int = 64 << 20,
         disk_check_interval: float = 1.0,
+        writer: str = "thread",
     ) -> None:
+        if writer not in ("thread", "process", "none"):
+            raise ValueError("writer must be thread, process or none")
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {sorted(DURABILITY_MODES)}")
         if map_size > max_map_size:
@@ -188,14 +206,27 @@ class LmdbQueue:
         self._disk_checked = 0.0
         self._disk_low = False
         self._closed = False
+        self._writer_lost = False
         #: The lowest due key committed since take_due_low() last looked, and the lowest
         #: of the batch being applied (writer thread only).
         self._due_low: bytes | None = None
         self._due_low_lock = threading.Lock()
         self._batch_due_low: bytes | None = None
-        self._writer = threading.Thread(target=self._run_writer, name="ferry-queue-writer",
-                                        daemon=True)
-        self._writer.start()
+        self._writer: threading.Thread | None = None
+        self._process: WriterProcess | None = None
+        if writer == "thread":
+            self._writer = threading.Thread(target=self._run_writer,
+                                            name="ferry-queue-writer", daemon=True)
+            self._writer.start()
+        elif writer == "process":
+            from engine.queue.writer_process import WriterProcess
+
+            self._process = WriterProcess(self, {
+                "path": str(self.path), "durability": durability, "map_size": map_size,
+                "max_map_size": max_map_size, "min_free_disk": min_free_disk,
+                "batch_limit": batch_limit, "batch_bytes": batch_bytes,
+                "disk_check_interval": disk_check_interval})
+        # writer="none": the writer process's own store; its loop calls _commit_batch.
 
     # --- the caller's side -----------------------------------------------------------
 
@@ -208,6 +239,8 @@ class LmdbQueue:
     def pressure(self) -> BackPressure | None:
         if self._closed:
             return BackPressure("queue database is shutting down")
+        if self._writer_lost:
+            return BackPressure("queue writer is gone")
         if self._map_full:
             return BackPressure("queue database is full")
         if self._pending >= self.max_pending:
@@ -220,7 +253,10 @@ class LmdbQueue:
         problem = self.pressure()
         if problem is not None:
             raise problem
+        if not envelope.size:
+            envelope.size = len(body)
         result: bytes = await self._submit_async("enqueue", (envelope, body), len(body))
+        envelope.queue_id = result  # as the writer did (it may run in another process)
         return result
 
     def enqueue_sync(self, envelope: Envelope, body: bytes) -> bytes:
@@ -228,24 +264,23 @@ class LmdbQueue:
         problem = self.pressure()
         if problem is not None:
             raise problem
+        if not envelope.size:
+            envelope.size = len(body)
         result: bytes = self._submit_sync("enqueue", (envelope, body), len(body))
+        envelope.queue_id = result
         return result
 
     async def record(
         self, outcomes: Sequence[Outcome], new_messages: Sequence[NewMessage] = ()
-    ) -> list[Envelope]:
+    ) -> None:
         size = sum(len(m.body) for m in new_messages)
-        result: list[Envelope] = await self._submit_async(
-            "record", (tuple(outcomes), tuple(new_messages)), size)
-        return result
+        await self._submit_async("record", (tuple(outcomes), tuple(new_messages)), size)
 
     def record_sync(
         self, outcomes: Sequence[Outcome], new_messages: Sequence[NewMessage] = ()
-    ) -> list[Envelope]:
+    ) -> None:
         size = sum(len(m.body) for m in new_messages)
-        result: list[Envelope] = self._submit_sync(
-            "record", (tuple(outcomes), tuple(new_messages)), size)
-        return result
+        self._submit_sync("record", (tuple(outcomes), tuple(new_messages)), size)
 
     async def quarantine(self, queue_id: bytes, reason: str, due_key: bytes = b"") -> None:
         await self._submit_async("quarantine", (queue_id, reason, due_key), 0)
@@ -259,21 +294,34 @@ class LmdbQueue:
             return
         self._closed = True
         self._ops.put(None)
-        self._writer.join()
+        if self._writer is not None:
+            self._writer.join()
+        if self._process is not None:
+            self._process.join()
         self._env.close()
 
     # --- reads (any thread) ----------------------------------------------------------
 
     @contextmanager
     def _read(self) -> Iterator[Any]:
-        with self._resize_lock, self._env.begin(buffers=False) as txn:
+        with self._resize_lock, self._begin() as txn:
             yield txn
+
+    def _begin(self) -> Any:
+        """A read transaction (the caller holds ``_resize_lock``)."""
+        try:
+            return self._env.begin(buffers=False)
+        except lmdb.MapResizedError:
+            # The writer process grew the map: adopt its size (LMDB: set_mapsize(0)).
+            self._env.set_mapsize(0)
+            self._map_size = self._env.info()["map_size"]
+            return self._env.begin(buffers=False)
 
     def _get(self, db: str, key: bytes) -> bytes | None:
         # The delivery hot path reads twice per group (envelope, body): one short read
         # transaction each, without _read()'s generator-based context manager.
         with self._resize_lock:
-            txn = self._env.begin(buffers=False)
+            txn = self._begin()
             try:
                 raw: bytes | None = txn.get(key, db=self._db[db])
             finally:
@@ -375,7 +423,7 @@ class LmdbQueue:
     # --- handing work to the writer --------------------------------------------------
 
     def _submit(self, op: _Op) -> None:
-        if self._closed:
+        if self._closed or self._writer_lost:
             raise QueueClosed("queue database is closed")
         with self._pending_lock:
             self._pending += 1
@@ -395,6 +443,12 @@ class LmdbQueue:
     # --- the writer thread -----------------------------------------------------------
 
     def _run_writer(self) -> None:
+        for batch, size in self.batches():
+            self.settle(self._commit_batch(batch, size))
+
+    def batches(self) -> Iterator[tuple[list[_Op], int]]:
+        """What callers handed over, a batch at a time (everything waiting, up to the
+        batch limits), until close."""
         stop = False
         while not stop:
             first = self._ops.get()
@@ -413,9 +467,46 @@ class LmdbQueue:
             else:
                 stop = True
             if batch:
-                self._commit_batch(batch, size)
+                yield batch, size
 
-    def _commit_batch(self, batch: list[_Op], size: int) -> None:
+    # --- the writer process's reports (engine.queue.writer_process) --------------------
+
+    @property
+    def closing(self) -> bool:
+        return self._closed
+
+    def writer_lost(self) -> None:
+        """The writer process died: refuse new work (nothing acknowledged depends on it)."""
+        self._writer_lost = True
+
+    def state(self) -> dict[str, Any]:
+        """What the writer process reports with every answer (see ``absorb``)."""
+        st = self.stats
+        return {"map_full": self._map_full, "map_size": self._map_size,
+                "due_low": self.take_due_low(),
+                "stats": (st.commits, st.enqueued, st.outcomes, st.last_commit_seconds,
+                          st.map_grown)}
+
+    def absorb(self, state: dict[str, Any]) -> None:
+        """The writer process's report, taken in on the server's side."""
+        self._map_full = state["map_full"]
+        self._map_size = state["map_size"]
+        self.stats = _Stats(*state["stats"])
+        low = state["due_low"]
+        if low is not None:
+            with self._due_low_lock:
+                if self._due_low is None or low < self._due_low:
+                    self._due_low = low
+
+    def settle(self, results: list[tuple[_Op, Any, BaseException | None]]) -> None:
+        """The writer is done with these: wake their callers."""
+        with self._pending_lock:
+            self._pending -= len(results)
+        self._resolve(results)
+
+    def _commit_batch(
+        self, batch: list[_Op], size: int
+    ) -> list[tuple[_Op, Any, BaseException | None]]:
         started = time.monotonic()
         refused: BackPressure | None = None
         # New bytes (mail, or DSNs riding on outcomes) need room; outcomes alone free it.
@@ -443,9 +534,7 @@ class LmdbQueue:
             self._make_room(self._refused_size)
         self.stats.commits += 1
         self.stats.last_commit_seconds = time.monotonic() - started
-        with self._pending_lock:
-            self._pending -= len(batch)
-        self._resolve(results)
+        return results
 
     def _apply(
         self, batch: list[_Op], refused: BackPressure | None
@@ -462,7 +551,8 @@ class LmdbQueue:
                     env, body = op.args
                     results.append((op, self._put_new(txn, env, body), None))
                 elif op.kind == "record":
-                    results.append((op, self._apply_outcomes(txn, *op.args), None))
+                    self._apply_outcomes(txn, *op.args)
+                    results.append((op, None, None))
                 elif op.kind == "setting":
                     self._put_setting(txn, *op.args)
                     results.append((op, None, None))
@@ -495,11 +585,10 @@ class LmdbQueue:
     def _apply_outcomes(
         self, txn: Any, outcomes: tuple[Outcome, ...],
         new_messages: tuple[NewMessage, ...],
-    ) -> list[Envelope]:
+    ) -> None:
         by_message: dict[bytes, list[Outcome]] = defaultdict(list)
         for outcome in outcomes:
             by_message[outcome.queue_id].append(outcome)
-        updated: list[Envelope] = []
         db = self._db
         for qid, items in by_message.items():
             raw = txn.get(qid, db=db["envelopes"])
@@ -531,11 +620,9 @@ class LmdbQueue:
             else:
                 txn.put(qid, encode(new), db=db["envelopes"])
                 self._write_indexes(txn, before, new)
-            updated.append(new)
             self.stats.outcomes += len(items)
         for message in new_messages:
             self._put_new(txn, message.envelope, message.body)
-        return updated
 
     def _write_indexes(self, txn: Any, before: IndexKeys, new: Envelope | None) -> None:
         """Replace a message's index entries (``before``) with those ``new`` needs."""
@@ -605,6 +692,8 @@ class LmdbQueue:
             op, value, error = item
             if op.loop is None:
                 future = op.future
+                if future is None:
+                    continue
                 assert isinstance(future, Future)
                 if error is None:
                     future.set_result(value)
@@ -635,7 +724,7 @@ class LmdbQueue:
 def _settle(items: list[tuple[_Op, Any, BaseException | None]]) -> None:
     for op, value, error in items:
         future = op.future
-        if future.done():
+        if future is None or future.done():
             continue  # the caller was cancelled; the commit stands (at-least-once)
         if error is None:
             future.set_result(value)

@@ -135,7 +135,7 @@ class MxResolver:
         timeout: float = 3.0,
         lifetime: float = 10.0,
         max_entries: int = 100_000,
-        max_queries: int = 100,
+        max_queries: int = 1000,
         max_negative_ttl: float = MAX_NEGATIVE_TTL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -329,3 +329,40 @@ class _Udp(asyncio.DatagramProtocol):
         reply = self.responder._reply(data, _UDP_PLAIN)
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.testing.dns ZONE_FILE [--listen HOST:PORT]``: serve the zone
+    until SIGTERM or SIGINT, in a process of its own (a benchmark's responder must not
+    share a GIL with the benchmark, nor a test lab's with anything).  Prints
+    ``listening HOST PORT`` once it serves."""
+    import argparse
+    import signal
+
+    import uvloop
+
+    parser = argparse.ArgumentParser(prog="python -m engine.testing.dns",
+                                     description="a loopback DNS responder for test labs")
+    parser.add_argument("zone", help="zone file (master-file format, absolute names)")
+    parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any)")
+    args = parser.parse_args(argv)
+    host, _, port = args.listen.rpartition(":")
+    with open(args.zone, encoding="utf-8") as f:
+        responder = DnsResponder(f.read())
+
+    async def serve() -> None:
+        bound = await responder.start_async(host or "127.0.0.1", int(port))
+        print("listening", *bound, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await responder.stop_async()
+
+    uvloop.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -327,7 +327,8 @@ def test_delay_notice_is_sent_once_with_the_right_fields(ferry: Start,
     sink.state.rcpt_replies["late@two.test"] = BUSY
     f = ferry(delay_notice_after=1.0)
     send(f, "a@client.test", ["late@two.test"], BODY, options=["ENVID=env7"])
-    wait_for(lambda: len(notices(sink)) == 1)
+    # ... and the notice's own delivery recorded (outcomes are committed in batches).
+    wait_for(lambda: len(notices(sink)) == 1 and len(waiting(f)) == 1)
     (env,) = waiting(f)
     assert env.delay_notified and env.recipients[0].state is RcptState.DEFERRED
     wait_for(lambda: tried(f, 1, env.recipients[0].attempts + 2))  # more deferrals after it
