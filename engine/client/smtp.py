@@ -71,7 +71,9 @@ def _reply_text(reply: Reply) -> str:
 
 
 def _cap(text: str) -> str:
-    text = "".join(c if c >= " " and c != "\x7f" else " " if c == "\t" else "?" for c in text)
+    if not text.isprintable():  # most replies are: skip the walk over every character
+        text = "".join(c if c >= " " and c != "\x7f" else " " if c == "\t" else "?"
+                       for c in text)
     return text if len(text) <= MAX_RESULT_TEXT else text[: MAX_RESULT_TEXT - 3] + "..."
 
 
