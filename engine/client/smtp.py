@@ -336,15 +336,23 @@ class _Session:
                 broken=True,
             ) from None
         except ReplyError as exc:
-            raise _Failure(
-                f"451 4.4.2 {exc.text} ({self.remote}, waiting for {phase})",
-                stale=self.pristine and exc.text == "Connection closed by the server",
-                broken=True,
-            ) from None
+            raise self.broken_reply(exc, phase) from None
         if isinstance(event, Greeting):
             return event
         assert isinstance(event, Response)
-        reply = event.reply
+        return self.first_checked(event.reply)
+
+    def broken_reply(self, exc: ReplyError, phase: str) -> _Failure:
+        """The failure for a reply that broke the syntax, its caps, or never came."""
+        return _Failure(
+            f"451 4.4.2 {exc.text} ({self.remote}, waiting for {phase})",
+            stale=self.pristine and exc.text == "Connection closed by the server",
+            broken=True,
+        )
+
+    def first_checked(self, reply: Reply) -> Reply:
+        """The reply, unless it is a pooled connection's first and a 421: the server
+        closed it while idle (``_Failure.stale``: try a fresh connection)."""
         if self.pristine:
             self.pristine = False
             if reply.code == 421:
@@ -932,18 +940,10 @@ class _Pipelined:
                     conn.receive_data(b"")
                     continue
                 assert isinstance(event, Response)
-                reply = event.reply
-                if s.pristine:
-                    s.pristine = False
-                    if reply.code == 421:
-                        raise _Failure(_reply_text(reply), stale=True)
-                self._reply(event.verb, reply)
+                self._reply(event.verb, s.first_checked(event.reply))
             pipe.consumed()
         except ReplyError as exc:
-            self._fail(_Failure(
-                f"451 4.4.2 {exc.text} ({s.remote}, waiting for {self.phase})",
-                stale=s.pristine and exc.text == "Connection closed by the server",
-                broken=True))
+            self._fail(s.broken_reply(exc, self.phase))
         except _Failure as failure:
             self._fail(failure)
         except (ClientProtocolError, OSError) as exc:

@@ -7,6 +7,8 @@ Imported by the test modules (``from tests.interop.conftest import ...``); its f
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -20,6 +22,10 @@ from typing import Any
 
 import pytest
 import trustme
+
+from engine.config import SendConfig
+from engine.testing.dns import DnsResponder
+from engine.testing.server import RunningFerry, ferry_config
 
 SENDER = "a@client.test"
 #: The fields a hop may put in front of a message: RFC 5321 §4.4 trace fields, and the
@@ -126,3 +132,24 @@ def base(request: pytest.FixtureRequest) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
     return trustme.CA()
+
+
+@contextlib.contextmanager
+def sending_ferry(spool: Path, connectors: tuple[SendConfig, ...]) -> Iterator[RunningFerry]:
+    """A Ferry with delivery on through ``connectors`` (smarthost next hops, so no DNS:
+    an empty responder stands in for the resolver), retrying within seconds."""
+    with DnsResponder("") as dns:
+        config = ferry_config(spool)
+        config = dataclasses.replace(
+            config,
+            send=connectors,
+            delivery=dataclasses.replace(
+                config.delivery,
+                paused=False,
+                dns=dns.address,
+                retry_interval=1.0,
+                max_retry_interval=2.0,
+            ),
+        )
+        with RunningFerry(config) as f:
+            yield f

@@ -19,7 +19,6 @@ binary that tests/run.sh unpacks into .cache/exim.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import smtplib
@@ -30,14 +29,14 @@ import pytest
 import trustme
 
 from engine.config import SendConfig
-from engine.testing.dns import DnsResponder
 from engine.testing.exim import EXIM_PACKAGE, EximInstance, find_exim
-from engine.testing.server import RunningFerry, ferry_config
+from engine.testing.server import RunningFerry
 from tests.interop.conftest import (
     SENDER,
     headers,
     message,
     message_id,
+    sending_ferry,
     submit,
     trace_prefix,
     wait_for,
@@ -102,33 +101,15 @@ def exim(base: Path, ca: trustme.CA) -> Iterator[EximInstance]:
 @pytest.fixture(scope="module")
 def ferry(base: Path, exim: EximInstance) -> Iterator[RunningFerry]:
     """A Ferry with delivery on: one send connector per route, both to Exim's port."""
-    with DnsResponder("") as dns:
-        config = ferry_config(base / "spool")
-        hop = ((exim.address, exim.port),)
-        connectors = (
-            SendConfig(
-                name="exim-plain", address_spaces=(DOMAINS["plain"],), smarthosts=hop, tls="off"
-            ),
-            SendConfig(
-                name="exim-tls",
-                address_spaces=(DOMAINS["starttls"],),
-                smarthosts=hop,
-                tls="required",
-            ),
-        )
-        config = dataclasses.replace(
-            config,
-            send=connectors,
-            delivery=dataclasses.replace(
-                config.delivery,
-                paused=False,
-                dns=dns.address,
-                retry_interval=1.0,
-                max_retry_interval=2.0,
-            ),
-        )
-        with RunningFerry(config) as f:
-            yield f
+    hop = ((exim.address, exim.port),)
+    connectors = (
+        SendConfig(name="exim-plain", address_spaces=(DOMAINS["plain"],), smarthosts=hop,
+                   tls="off"),
+        SendConfig(name="exim-tls", address_spaces=(DOMAINS["starttls"],), smarthosts=hop,
+                   tls="required"),
+    )
+    with sending_ferry(base / "spool", connectors) as f:
+        yield f
 
 
 def delivered(exim: EximInstance, domain: str, msgid: bytes, timeout: float = 20.0) -> bytes:

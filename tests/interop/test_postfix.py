@@ -38,13 +38,13 @@ import trustme
 from engine.config import SendConfig
 from engine.queue.records import Envelope
 from engine.server.auth import hash_password
-from engine.testing.dns import DnsResponder
 from engine.testing.postfix import PostfixInstance
 from engine.testing.server import RunningFerry, ferry_config
 from tests.interop.conftest import (
     SENDER,
     message,
     message_id,
+    sending_ferry,
     submit,
     trace_prefix,
     wait_for,
@@ -269,27 +269,14 @@ def test_relay_without_auth_is_refused_by_the_auth_receiver(
 @pytest.fixture(scope="module")
 def sender_ferry(base: Path, postfix: PostfixInstance) -> Iterator[RunningFerry]:
     """A Ferry with delivery on: dest.test to Postfix's smtpd, STARTTLS required."""
-    with DnsResponder("") as dns:
-        config = ferry_config(base / "spool-send")
-        connector = SendConfig(
-            name="postfix",
-            address_spaces=("dest.test",),
-            smarthosts=((POSTFIX_ADDRESS, postfix.port),),
-            tls="required",
-        )
-        config = dataclasses.replace(
-            config,
-            send=(connector,),
-            delivery=dataclasses.replace(
-                config.delivery,
-                paused=False,
-                dns=dns.address,
-                retry_interval=1.0,
-                max_retry_interval=2.0,
-            ),
-        )
-        with RunningFerry(config) as f:
-            yield f
+    connector = SendConfig(
+        name="postfix",
+        address_spaces=("dest.test",),
+        smarthosts=((POSTFIX_ADDRESS, postfix.port),),
+        tls="required",
+    )
+    with sending_ferry(base / "spool-send", (connector,)) as f:
+        yield f
 
 
 def delivered(base: Path, user: str, msgid: bytes, timeout: float = 20.0) -> bytes:
