@@ -730,35 +730,13 @@ class SmtpAgent:
         ext = conn.extensions
         assert ext is not None
 
-        def all_get(state: RcptState, text: str, remote: str = "") -> bool:
+        eight_bit = envelope.body_type.upper() in ("8BITMIME", "BINARYMIME") or (
+            not body.isascii())
+        refusal = _refusal(s, ext, envelope, indexes, body, eight_bit)
+        if refusal is not None:
             for i in indexes:
-                results[i] = RcptResult(i, state, text, remote)
+                results[i] = RcptResult(i, RcptState.FAILED, refusal)
             return True  # the connection is untouched: it may be pooled
-
-        # What the next hop can take (RFC 1870, RFC 6152, RFC 6531); decided before any
-        # command, so the connection stays clean for the next message.
-        limit = ext.size
-        if limit and len(body) > limit:
-            return all_get(
-                RcptState.FAILED,
-                _cap(f"552 5.3.4 Message size {len(body)} exceeds the limit {limit} of {s.remote}"),
-            )
-        eight_bit = envelope.body_type.upper() in ("8BITMIME", "BINARYMIME") or (not body.isascii())
-        if envelope.body_type.upper() == "BINARYMIME" or (eight_bit and "8BITMIME" not in ext):
-            return all_get(
-                RcptState.FAILED,
-                _cap(
-                    f"554 5.6.3 Conversion to 7bit required but not supported ({s.remote} "
-                    "does not offer 8BITMIME)"
-                ),
-            )
-        if envelope.smtputf8 and "SMTPUTF8" not in ext:
-            return all_get(
-                RcptState.FAILED, _cap(f"553 5.6.7 {s.remote} does not support SMTPUTF8 (RFC 6531)")
-            )
-        for address in [envelope.sender] + [envelope.recipients[i].address for i in indexes]:
-            if any(c in address for c in "\r\n\0"):
-                return all_get(RcptState.FAILED, "553 5.1.3 Address cannot be sent")
 
         if s.needs_rset:
             reply = await s.command(Command("RSET"))
@@ -814,6 +792,29 @@ class SmtpAgent:
         await s.drain("body")
         replies = [await s.reply("end of data") for _ in (accepted if lmtp and accepted else [0])]
         return _message_results(s, accepted, replies, results) and keep
+
+
+def _refusal(s: _Session, ext: Extensions, envelope: Envelope, indexes: list[int],
+             body: bytes, eight_bit: bool) -> str | None:
+    """Why the message cannot go to this next hop at all (a permanent failure), or None.
+
+    What the next hop can take (RFC 1870, RFC 6152, RFC 6531) is decided before any
+    command, so the connection stays clean for the next message.
+    """
+    limit = ext.size
+    if limit and len(body) > limit:
+        return _cap(f"552 5.3.4 Message size {len(body)} exceeds the limit {limit} of "
+                    f"{s.remote}")
+    if envelope.body_type.upper() == "BINARYMIME" or (eight_bit and "8BITMIME" not in ext):
+        return _cap(f"554 5.6.3 Conversion to 7bit required but not supported ({s.remote} "
+                    "does not offer 8BITMIME)")
+    if envelope.smtputf8 and "SMTPUTF8" not in ext:
+        return _cap(f"553 5.6.7 {s.remote} does not support SMTPUTF8 (RFC 6531)")
+    # No control character (CR, LF, NUL above all) may reach the wire inside a command.
+    if not envelope.sender.isprintable() or not all(
+            envelope.recipients[i].address.isprintable() for i in indexes):
+        return "553 5.1.3 Address cannot be sent"
+    return None
 
 
 def _envelope_results(

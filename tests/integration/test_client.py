@@ -583,6 +583,29 @@ def test_size_limit_of_the_next_hop(aiosmtpd_server: Callable[..., CountingContr
     assert handler.mail_options == []  # refused before MAIL
 
 
+@pytest.mark.parametrize(("sender", "rcpt"), [
+    ("a@client.test", "u@example.net\r\nRSET"),  # command injection
+    ("a@client.test", "u\x00@example.net"),
+    ("a\tb@client.test", "u@example.net"),  # any control character, not only CR/LF/NUL
+])
+def test_addresses_with_control_characters_never_reach_the_wire(
+    aiosmtpd_server: Callable[..., CountingController], sender: str, rcpt: str
+) -> None:
+    handler = Handler()
+    server = aiosmtpd_server(handler)
+
+    async def go() -> list[Any]:
+        a = agent()
+        try:
+            return await a.deliver(route(server.port), envelope(rcpt, sender=sender), [0], BODY)
+        finally:
+            await a.close()
+
+    (result,) = run(go())
+    assert result.state is FAILED and result.reply == "553 5.1.3 Address cannot be sent"
+    assert handler.mail_options == []  # refused before MAIL
+
+
 @pytest.mark.parametrize("pipelining", [True, False])
 def test_one_recipient_refused(
     aiosmtpd_server: Callable[..., CountingController], pipelining: bool
