@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
-from engine.client.api import RcptResult
+from engine.client.api import Follow, FollowOn, RcptResult
 from engine.queue.records import Envelope, RcptState
 from engine.routing.api import Route
 
@@ -69,12 +69,17 @@ class MaildirAgent:
         self._fsync = fsync
 
     async def deliver(
-        self, route: Route, envelope: Envelope, recipients: Sequence[int], body: bytes
+        self, route: Route, envelope: Envelope, recipients: Sequence[int], body: bytes,
+        follow: Follow | None = None,
     ) -> list[RcptResult]:
+        # ``follow`` is never called: a file write has no connection to pipeline on.
         indexes = list(recipients)
         if not indexes:
             return []
         return await asyncio.to_thread(self._deliver_all, route, envelope, indexes, body)
+
+    async def resume(self, job: FollowOn) -> list[RcptResult]:
+        raise RuntimeError("the Maildir agent never takes a follow-on message")
 
     async def close(self) -> None:
         """Nothing is held open between deliveries."""

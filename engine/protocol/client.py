@@ -40,9 +40,11 @@ class ClientProtocolError(Exception):
     """Our side asked for something the protocol or the server does not allow."""
 
 
-#: RFC 2920 §3.1: after these the client waits for the reply before sending more.
+#: RFC 2920 §3.1: after these the client waits for the reply before sending more.  Not
+#: the message content: it "is explicitly allowed to be the first 'command' in a group",
+#: so the next transaction's MAIL, RCPTs and DATA may follow the final dot in one write.
 _GROUP_ENDERS: Final = frozenset({"EHLO", "HELO", "LHLO", "DATA", "VRFY", "EXPN", "NOOP",
-                                  "STARTTLS", "AUTH", "QUIT", "MESSAGE", "AUTH-RESPONSE"})
+                                  "STARTTLS", "AUTH", "QUIT", "AUTH-RESPONSE"})
 
 
 #: Commands that need an extension offered.

@@ -39,7 +39,7 @@ from typing import Any
 
 import orjson
 
-from engine.client.api import DeliveryAgent, RcptResult
+from engine.client.api import DeliveryAgent, Follow, FollowOn, RcptResult
 from engine.message.dsn import Failure, build_dsn, reply_status
 from engine.queue.api import DueEntry, NewMessage, Outcome
 from engine.queue.lmdb_store import LmdbQueue
@@ -65,6 +65,16 @@ class _Destination:
     name: str
     pending: list[DueEntry] = field(default_factory=list)
     resolving: bool = False
+
+
+@dataclass(slots=True)
+class _Taken:
+    """A group an agent took to pipeline behind another (see Scheduler._follower)."""
+
+    entry: DueEntry
+    route: Route
+    env: Envelope
+    job: FollowOn
 
 
 @dataclass(slots=True)
@@ -257,18 +267,27 @@ class Scheduler:
 
     async def _work(self, site: _Site) -> None:
         loop = asyncio.get_running_loop()
+        #: Groups an agent took to send behind the one it was delivering (see _follower):
+        #: already on the wire, so this worker collects them before anything else.
+        taken: deque[_Taken] = deque()
         try:
-            while site.jobs:
-                entry, route = site.jobs.popleft()
-                down_until = self.down.get(site.name, 0.0)
-                if down_until > time.time():
-                    await self._defer_group(entry, f"451 4.4.1 {site.name} is down, not tried",
-                                            down_until)
-                    continue
-                wait = site.throttle.wait(loop.time())
-                if wait:
-                    await asyncio.sleep(wait)
-                if await self._deliver(entry, route):
+            while site.jobs or taken:
+                if taken:
+                    job = taken.popleft()
+                    ok = await self._deliver(job.entry, job.route,
+                                             self._follower(site, job.route, taken), job)
+                else:
+                    entry, route = site.jobs.popleft()
+                    down_until = self.down.get(site.name, 0.0)
+                    if down_until > time.time():
+                        await self._defer_group(
+                            entry, f"451 4.4.1 {site.name} is down, not tried", down_until)
+                        continue
+                    wait = site.throttle.wait(loop.time())
+                    if wait:
+                        await asyncio.sleep(wait)
+                    ok = await self._deliver(entry, route, self._follower(site, route, taken))
+                if ok:
                     self.down.pop(site.name, None)
                 else:
                     self.down[site.name] = time.time() + self.settings.down_period
@@ -292,36 +311,77 @@ class Scheduler:
         return [i for i, r in enumerate(env.recipients)
                 if r.next_hop == destination and r.state in _WAITING]
 
-    async def _deliver(self, entry: DueEntry, route: Route) -> bool:
-        """Deliver one group; False when no server answered at all (the site is down).
+    def _follower(self, site: _Site, route: Route, taken: deque[_Taken]) -> Follow | None:
+        """The ``follow`` callback for a delivery to ``site``: hands the agent the site's
+        next group to pipeline behind the current message, when that group is plain (one
+        transaction, same route, nothing to record first) and the site has no rate limit
+        (a follow-on is sent at once).  Anything else waits for the worker's next turn."""
+        if site.limits.max_rate:
+            return None
+
+        def follow() -> FollowOn | None:
+            try:
+                if self._stopping or not site.jobs or self.down.get(site.name, 0.0):
+                    return None
+                entry, nxt = site.jobs[0]
+                if (nxt.site, nxt.protocol, nxt.tls, nxt.auth) != (
+                        route.site, route.protocol, route.tls, route.auth):
+                    return None
+                env = self.store.get(entry.queue_id)
+                pending = self._waiting(env, entry.next_hop)
+                if (not pending or len(pending) > self.settings.max_recipients_per_transaction
+                        or entry.next_hop in self.suspended or self._expired(env, time.time())):
+                    return None
+                job = FollowOn(env, pending, self.store.body(entry.queue_id))
+            except (KeyError, RecordError):
+                return None  # gone or corrupt: the worker's normal turn deals with it
+            site.jobs.popleft()
+            taken.append(_Taken(entry, nxt, env, job))
+            return job
+
+        return follow
+
+    async def _deliver(self, entry: DueEntry, route: Route, follow: Follow | None = None,
+                       taken: _Taken | None = None) -> bool:
+        """Deliver one group (or collect one an agent took through ``follow``: ``taken``);
+        False when no server answered at all (the site is down).
 
         The worker does not wait for the commit of the outcomes: it takes its next group
         while the writer syncs.  The group keeps its window place until that commit is
         done, so it is never taken twice; a crash before it re-delivers (at-least-once)."""
         commit: asyncio.Future[None] | None = None
         try:
-            env = self._load(entry)
-            if env is None:
-                return True
-            now = time.time()
-            if entry.next_hop in self.suspended:
-                await self.store.record([Outcome(entry.queue_id, i, RcptState.SUSPENDED,
-                                                 attempted=False)
-                                         for i in self._waiting(env, entry.next_hop)])
-                return True
-            expired = self._expired(env, now)
-            pending = self._waiting(env, entry.next_hop)
-            if expired or not pending:
-                if expired:
-                    commit = await self._finish(env, [], [(i, "expired") for i in
-                                                          self._all_open(env, entry.next_hop)])
-                return True
-            body = self.store.body(entry.queue_id)
             agent = self.agents[route.protocol]
             results: list[RcptResult] = []
-            size = self.settings.max_recipients_per_transaction
-            for start in range(0, len(pending), size):
-                results += await agent.deliver(route, env, pending[start:start + size], body)
+            if taken is not None:
+                env = taken.env
+                results = await agent.resume(taken.job)
+            else:
+                loaded = self._load(entry)
+                if loaded is None:
+                    return True
+                env = loaded
+                now = time.time()
+                if entry.next_hop in self.suspended:
+                    await self.store.record([Outcome(entry.queue_id, i, RcptState.SUSPENDED,
+                                                     attempted=False)
+                                             for i in self._waiting(env, entry.next_hop)])
+                    return True
+                expired = self._expired(env, now)
+                pending = self._waiting(env, entry.next_hop)
+                if expired or not pending:
+                    if expired:
+                        commit = await self._finish(
+                            env, [], [(i, "expired") for i in self._all_open(env, entry.next_hop)])
+                    return True
+                body = self.store.body(entry.queue_id)
+                size = self.settings.max_recipients_per_transaction
+                if len(pending) <= size:
+                    results = await agent.deliver(route, env, pending, body, follow)
+                else:
+                    for start in range(0, len(pending), size):
+                        results += await agent.deliver(route, env, pending[start:start + size],
+                                                       body)
             self.delivered += sum(r.state is RcptState.DELIVERED for r in results)
             commit = await self._finish(env, results, [])
             return any(r.remote for r in results) or any(

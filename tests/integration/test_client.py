@@ -20,6 +20,7 @@ import uvloop
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
+from engine.client.api import FollowOn
 from engine.client.smtp import SmtpAgent
 from engine.queue.records import Envelope, RcptState, Recipient
 from engine.routing.api import Host, Route
@@ -965,3 +966,109 @@ def test_dsn_parameters_only_when_offered(offered: bool) -> None:
         assert rcpt == b"RCPT TO:<u@x.test> NOTIFY=FAILURE,DELAY ORCPT=rfc822;u+2B1@x.test"
     else:
         assert (mail, rcpt) == (b"MAIL FROM:<a@client.test>", b"RCPT TO:<u@x.test>")
+
+
+# --- follow-on messages: the next envelope behind the current body ----------------------
+
+
+def offer(*jobs: FollowOn) -> tuple[Callable[[], FollowOn | None], list[FollowOn]]:
+    """A ``follow`` callback handing out ``jobs`` in order, and the list of those taken."""
+    waiting = list(jobs)
+    taken: list[FollowOn] = []
+
+    def follow() -> FollowOn | None:
+        if not waiting:
+            return None
+        taken.append(waiting.pop(0))
+        return taken[-1]
+
+    return follow, taken
+
+
+def follow_on(rcpt: str, sender: str = "a@client.test") -> FollowOn:
+    return FollowOn(envelope(rcpt, sender=sender), [0], BODY)
+
+
+def test_follow_on_messages_ride_behind_the_body_on_one_connection() -> None:
+    async def go() -> tuple[list[Any], list[Peer], int]:
+        async with RawServer(smtp_script()) as server:
+            a = agent()
+            follow, taken = offer(follow_on("u2@x.test"), follow_on("u3@x.test"))
+            try:
+                results = [await a.deliver(route(server.port), envelope("u1@x.test"), [0],
+                                           BODY, follow)]
+                # Each follow-on is taken when its predecessor's 354 arrives.
+                collected = 0
+                while collected < len(taken):
+                    results.append(await a.resume(taken[collected]))
+                    collected += 1
+                assert [job.envelope.recipients[0].address for job in taken] == [
+                    "u2@x.test", "u3@x.test"]
+                # The connection went back to the pool once the last one was collected.
+                results.append(await a.deliver(route(server.port), envelope("u4@x.test"), [0],
+                                               BODY))
+            finally:
+                await a.close()
+            return results, server.peers, a.connections_opened
+
+    results, peers, opened = run(go())
+    assert [states(r) for r in results] == [[DELIVERED]] * 4
+    assert opened == 1 and len(peers) == 1 and len(peers[0].messages) == 4
+    # RFC 2920 §3.1: each body and the next MAIL, RCPT and DATA left in one write.
+    together = [c for c in peers[0].chunks if b"\r\n.\r\nMAIL FROM:" in c]
+    assert len(together) == 2, peers[0].chunks
+
+
+def test_a_follow_on_is_deferred_when_the_connection_breaks_after_the_body() -> None:
+    async def go() -> tuple[list[Any], list[Any]]:
+        async with RawServer(smtp_script(close_after=1)) as server:
+            a = agent()
+            follow, taken = offer(follow_on("u2@x.test"))
+            try:
+                first = await a.deliver(route(server.port), envelope("u1@x.test"), [0], BODY,
+                                        follow)
+                (job,) = taken
+                return first, await a.resume(job)
+            finally:
+                await a.close()
+
+    first, second = run(go())
+    assert states(first) == [DELIVERED]
+    # Sent, never answered: deferred (tried again later), never failed and never lost.
+    assert states(second) == [DEFERRED] and "closed" in second[0].reply.lower()
+
+
+def test_a_follow_on_the_next_hop_cannot_take_is_refused_before_anything_is_sent() -> None:
+    async def go() -> tuple[list[Any], list[Any], list[Peer]]:
+        async with RawServer(smtp_script()) as server:
+            a = agent()
+            follow, taken = offer(follow_on("u2@x.test", sender="bad\tsender@client.test"))
+            try:
+                first = await a.deliver(route(server.port), envelope("u1@x.test"), [0], BODY,
+                                        follow)
+                (job,) = taken
+                return first, await a.resume(job), server.peers
+            finally:
+                await a.close()
+
+    first, second, peers = run(go())
+    assert states(first) == [DELIVERED]
+    assert states(second) == [FAILED] and second[0].reply == "553 5.1.3 Address cannot be sent"
+    assert not any(b"bad" in line for line in peers[0].lines)
+
+
+def test_no_follow_on_without_pipelining_or_in_lmtp() -> None:
+    async def go(lmtp: bool, ehlo: tuple[str, ...]) -> list[FollowOn]:
+        async with RawServer(smtp_script(ehlo, lmtp=lmtp)) as server:
+            a = agent(lmtp=lmtp)
+            follow, taken = offer(follow_on("u2@x.test"))
+            try:
+                result = await a.deliver(route(server.port), envelope("u1@x.test"), [0], BODY,
+                                         follow)
+                assert states(result) == [DELIVERED]
+            finally:
+                await a.close()
+            return taken
+
+    assert run(go(False, ("8BITMIME",))) == []
+    assert run(go(True, ("PIPELINING", "8BITMIME"))) == []

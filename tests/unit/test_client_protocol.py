@@ -73,6 +73,29 @@ def test_nothing_after_a_group_ender() -> None:
         conn.send_message(b"x\r\n")  # no 354 yet
 
 
+def test_the_next_transaction_may_follow_the_message_content() -> None:
+    # RFC 2920 §3.1: the content may start a group; what follows it is pipelined.
+    conn = greeted()
+    conn.send(Command("MAIL", local="a", domain="b.test"))
+    conn.send(Command("DATA"))
+    events(conn, b"250 2.1.0 ok\r\n354 go ahead\r\n")
+    conn.send_message(b"x\r\n")
+    assert conn.send(Command("MAIL", local="e", domain="f.test")) == b"MAIL FROM:<e@f.test>\r\n"
+    assert [e.verb for e in events(conn, b"250 2.0.0 queued\r\n250 2.1.0 ok\r\n")
+            if isinstance(e, Response)] == ["MESSAGE", "MAIL"]
+
+
+def test_nothing_follows_the_message_content_without_pipelining() -> None:
+    conn = greeted(b"250-mx.test\r\n250 8BITMIME\r\n")
+    conn.send(Command("MAIL", local="a", domain="b.test"))
+    events(conn, b"250 2.1.0 ok\r\n")
+    conn.send(Command("DATA"))
+    events(conn, b"354 go ahead\r\n")
+    conn.send_message(b"x\r\n")
+    with pytest.raises(ClientProtocolError):
+        conn.send(Command("MAIL", local="e", domain="f.test"))
+
+
 def test_not_offered_extensions_are_refused_locally() -> None:
     conn = greeted(b"250-mx.test\r\n250 PIPELINING\r\n")
     for command in (Command("MAIL", local="a", domain="b.test", params={"SMTPUTF8": None}),
