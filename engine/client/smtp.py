@@ -489,8 +489,10 @@ class SmtpAgent:
         self._pool: dict[PoolKey, list[_Session]] = {}
         self._quitting: set[asyncio.Task[None]] = set()
         self._closed = False
-        #: Connections opened so far (for metrics and tests).
+        #: Connections opened so far, and messages sent behind another message's body
+        #: (follow-ons), for metrics and tests.
         self.connections_opened = 0
+        self.follow_ons = 0
 
     # --- the DeliveryAgent API -------------------------------------------------------
 
@@ -1100,6 +1102,7 @@ class _Pipelined:
         conn = s.conn
         data = conn.send(mail) + b"".join([conn.send(c) for c in rcpts]) + conn.send(_DATA)
         s.messages += 1
+        agent.follow_ons += 1
         nxt = _Pipelined(agent, s, job.recipients, job.body, False, {}, follow)
         # Its caller may be gone by the time it fails (a stop): never an unretrieved error.
         nxt.future.add_done_callback(_retrieve)

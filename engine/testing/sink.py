@@ -4,8 +4,10 @@ Each listening address stands for one destination's MX host.  The sink records e
 message it is given (envelope and body, per address) and measures, per address, the
 number of connections open at once and its peak, so a test can assert that Ferry never
 opened more connections to a destination than its limit.  Optional ``reply_delay`` holds
-the reply to the final dot, so connections overlap.  Runs on its own event loop in a
-background thread.  Never used by the running server.
+the reply to the final dot, so connections overlap.  It offers PIPELINING (unless
+``pipelining=False``), so Ferry pipelines envelopes and sends follow-on messages behind
+bodies, as it does with real MTAs.  Runs on its own event loop in a background thread.
+Never used by the running server.
 """
 
 from __future__ import annotations
@@ -43,6 +45,15 @@ class SinkState:
 class _Handler:
     def __init__(self, sink: CountingSink) -> None:
         self.sink = sink
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if self.sink.pipelining:
+            # aiosmtpd reads commands one at a time from its stream, so pipelined input
+            # (RFC 2920) works; it just does not say so.
+            responses.insert(1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
@@ -92,10 +103,11 @@ class CountingSink:
     """``CountingSink(["127.0.1.1", ...], port)``: one listener per address, same port."""
 
     def __init__(self, addresses: list[str], port: int = 0, reply_delay: float = 0.0,
-                 smtputf8: bool = True) -> None:
+                 smtputf8: bool = True, pipelining: bool = True) -> None:
         self.addresses = addresses
         self.reply_delay = reply_delay
         self.smtputf8 = smtputf8
+        self.pipelining = pipelining
         self.state = SinkState()
         self.transports: set[asyncio.BaseTransport] = set()
         self.loop = asyncio.new_event_loop()

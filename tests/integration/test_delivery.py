@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from engine.client.smtp import SmtpAgent
 from engine.queue.records import RcptState
 from engine.testing.dns import DnsResponder
 from engine.testing.server import RunningFerry, ferry_config
@@ -300,6 +301,25 @@ def test_per_domain_limit_overrides_the_default(ferry: Start, sink: CountingSink
     wait_for(lambda: len(sink.state.messages) == 12, 30)
     assert sink.state.peak["127.0.10.3"] == 1  # two.test: its own limit
     assert 1 < sink.state.peak["127.0.10.1"] <= 3  # one.test: the default
+
+
+def test_queued_messages_for_a_site_follow_each_other_on_one_connection(
+    ferry: Start, sink: CountingSink
+) -> None:
+    f = ferry(max_per_domain=1)
+    assert f.app.scheduler is not None
+    # Held while they arrive, so the site's queue has all eight when delivery starts.
+    f.call(f.app.scheduler.suspend("two.test"))
+    for n in range(8):
+        send(f, "a@client.test", [f"u{n}@two.test"], BODY)
+    f.call(f.app.scheduler.resume("two.test"))
+    wait_for(lambda: len(sink.state.messages) == 8 and f.store.count() == 0, 30)
+    agent = f.app.agents["smtp"]
+    assert isinstance(agent, SmtpAgent)
+    # Sent behind an earlier body (RFC 2920 §3.1), over the site's single connection.
+    assert agent.follow_ons > 0 and agent.connections_opened == 1
+    assert sorted(m.recipients[0] for m in sink.state.messages) == [
+        f"u{n}@two.test" for n in range(8)]
 
 
 # --- delay notices (RFC 3464 action "delayed") ---------------------------------------------
