@@ -25,8 +25,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import ssl
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
 
 from engine.client.api import Follow, FollowOn, RcptResult
 from engine.protocol.client import (
@@ -515,17 +515,18 @@ class SmtpAgent:
                     return [RcptResult(i, RcptState.DEFERRED, reason) for i in indexes]
                 session.key = key
             keep = False
+            results: dict[int, RcptResult] = {}
             try:
-                results, keep = await self._transaction(
-                    session, indexes, self._exchange(session, envelope, indexes, body, lmtp,
-                                                     follow))
+                out, keep = await self._transaction(
+                    session, indexes, results,
+                    self._exchange(session, envelope, indexes, body, lmtp, follow, results))
             except _Failure as failure:
                 if failure.stale:
                     continue  # the pooled connection had died while idle: a fresh one
                 raise  # pragma: no cover - _transaction turns other failures into results
             finally:
                 self._done_with(session, keep)
-            return results
+            return out
 
     async def resume(self, job: FollowOn) -> list[RcptResult]:
         handle = job.handle
@@ -535,10 +536,10 @@ class SmtpAgent:
         s = handle.s
         keep = False
         try:
-            results, keep = await self._transaction(s, handle.indexes, handle.wait())
+            out, keep = await self._transaction(s, handle.indexes, handle.results, handle.future)
         finally:
             self._done_with(s, keep, handle)
-        return results
+        return out
 
     def _done_with(self, s: _Session, keep: bool, handle: _Pipelined | None = None) -> None:
         """A transaction's caller is done: pool or drop the connection, unless a follow-on
@@ -737,13 +738,14 @@ class SmtpAgent:
     # --- one transaction -------------------------------------------------------------
 
     async def _transaction(
-        self, s: _Session, indexes: list[int],
-        exchange: Coroutine[Any, Any, tuple[dict[int, RcptResult], bool]],
+        self, s: _Session, indexes: list[int], results: dict[int, RcptResult],
+        exchange: Awaitable[bool],
     ) -> tuple[list[RcptResult], bool]:
-        """Results for ``indexes`` and whether the session may be pooled again."""
-        results: dict[int, RcptResult] = {}
+        """Results for ``indexes`` and whether the session may be pooled again, from the
+        transaction ``exchange`` (which fills ``results`` as replies come, so those it
+        had are kept when it fails half-way)."""
         try:
-            results, keep = await exchange
+            keep = await exchange
         except _Failure as failure:
             if failure.stale:
                 raise
@@ -760,21 +762,6 @@ class SmtpAgent:
         return out, keep and not s.pipe.closed
 
     async def _exchange(
-        self,
-        s: _Session,
-        envelope: Envelope,
-        indexes: list[int],
-        body: bytes,
-        lmtp: bool,
-        follow: Follow | None,
-    ) -> tuple[dict[int, RcptResult], bool]:
-        """The transaction: the results it gave (partial when it raises) and whether the
-        connection may be kept."""
-        results: dict[int, RcptResult] = {}
-        keep = await self._exchange_into(s, envelope, indexes, body, lmtp, follow, results)
-        return results, keep
-
-    async def _exchange_into(
         self,
         s: _Session,
         envelope: Envelope,
@@ -1004,11 +991,6 @@ class _Pipelined:
         finally:
             if pipe.handler is self:
                 pipe.handler = None
-
-    async def wait(self) -> tuple[dict[int, RcptResult], bool]:
-        """A follow-on's results and whether the connection may be kept (``run``'s for
-        a transaction started by its predecessor)."""
-        return self.results, await self.future
 
     def _deadline(self, phase: str) -> None:
         self.phase = phase

@@ -363,9 +363,16 @@ class Scheduler:
                 env = loaded
                 now = time.time()
                 if entry.next_hop in self.suspended:
+                    waiting = self._waiting(env, entry.next_hop)
                     await self.store.record([Outcome(entry.queue_id, i, RcptState.SUSPENDED,
-                                                     attempted=False)
-                                             for i in self._waiting(env, entry.next_hop)])
+                                                     attempted=False) for i in waiting])
+                    if entry.next_hop not in self.suspended:
+                        # Resumed while that commit was on its way: resume() may have
+                        # looked before it landed, so release these recipients here.
+                        await self.store.record([Outcome(entry.queue_id, i, RcptState.PENDING,
+                                                         attempted=False, due=time.time())
+                                                 for i in waiting])
+                        self.wake()
                     return True
                 expired = self._expired(env, now)
                 pending = self._waiting(env, entry.next_hop)

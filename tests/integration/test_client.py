@@ -1072,3 +1072,39 @@ def test_no_follow_on_without_pipelining_or_in_lmtp() -> None:
 
     assert run(go(False, ("8BITMIME",))) == []
     assert run(go(True, ("PIPELINING", "8BITMIME"))) == []
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_replies_before_a_break_are_kept(pipelining: bool) -> None:
+    """A 550 to one RCPT stands when the connection breaks later in the transaction: that
+    recipient fails, the accepted one is deferred (its fate is unknown)."""
+
+    async def script(peer: Peer) -> None:
+        peer.send(b"220 raw.test ESMTP\r\n")
+        await peer.line()  # EHLO
+        peer.send(b"250-raw.test\r\n" + (b"250-PIPELINING\r\n" if pipelining else b"")
+                  + b"250 8BITMIME\r\n")
+        while True:
+            line = await peer.line()
+            if line.startswith(b"RCPT") and b"<bad@" in line:
+                peer.send(b"550 5.1.1 No such user\r\n")
+            elif line.startswith(b"DATA"):
+                peer.send(b"354 go ahead\r\n")
+                await peer.message()
+                peer.writer.close()  # no reply to the final dot
+                return
+            else:
+                peer.send(b"250 2.0.0 Ok\r\n")
+
+    async def go() -> list[Any]:
+        async with RawServer(script) as server:
+            a = agent()
+            try:
+                return await a.deliver(route(server.port),
+                                       envelope("good@x.test", "bad@x.test"), [0, 1], BODY)
+            finally:
+                await a.close()
+
+    good, bad = run(go())
+    assert good.state is DEFERRED and bad.state is FAILED
+    assert bad.reply == "550 5.1.1 No such user"
