@@ -85,6 +85,8 @@ class _Site:
     jobs: deque[tuple[DueEntry, Route]] = field(default_factory=deque)
     workers: int = 0
     peak_workers: int = 0
+    #: workers spawned that have not yet taken their first group
+    starting: int = 0
 
 
 class Scheduler:
@@ -260,12 +262,17 @@ class Scheduler:
         return site
 
     def _staff(self, site: _Site) -> None:
-        while site.workers < site.limits.max_connections and site.workers < len(site.jobs):
+        """A worker for every queued group no starting worker will take, up to the site's
+        limit: busy workers are busy for a whole transaction, so groups that arrive
+        meanwhile get connections of their own while the limit allows."""
+        while site.workers < site.limits.max_connections and site.starting < len(site.jobs):
             site.workers += 1
+            site.starting += 1
             site.peak_workers = max(site.peak_workers, site.workers)
             self._spawn(self._work(site))
 
     async def _work(self, site: _Site) -> None:
+        site.starting -= 1
         loop = asyncio.get_running_loop()
         #: Groups an agent took to send behind the one it was delivering (see _follower):
         #: already on the wire, so this worker collects them before anything else.
@@ -313,15 +320,19 @@ class Scheduler:
 
     def _follower(self, site: _Site, route: Route, taken: deque[_Taken]) -> Follow | None:
         """The ``follow`` callback for a delivery to ``site``: hands the agent the site's
-        next group to pipeline behind the current message, when that group is plain (one
-        transaction, same route, nothing to record first) and the site has no rate limit
-        (a follow-on is sent at once).  Anything else waits for the worker's next turn."""
+        next group to pipeline behind the current message, when the site has all the
+        workers its limit allows (below it, the group goes out in parallel instead), no
+        rate limit (a follow-on is sent at once), and the group is plain (one transaction,
+        same route, nothing to record first).  Anything else waits for a worker's turn."""
         if site.limits.max_rate:
             return None
 
         def follow() -> FollowOn | None:
             try:
-                if self._stopping or not site.jobs or self.down.get(site.name, 0.0):
+                # Only when every connection the site may have is in use: below its limit
+                # the next group goes out in parallel on a connection of its own.
+                if (self._stopping or not site.jobs or self.down.get(site.name, 0.0)
+                        or site.workers < site.limits.max_connections):
                     return None
                 entry, nxt = site.jobs[0]
                 if (nxt.site, nxt.protocol, nxt.tls, nxt.auth) != (

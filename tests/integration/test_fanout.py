@@ -19,7 +19,7 @@ from engine.testing.sink import CountingSink
 
 DOMAINS = 1000
 PER_DOMAIN = 4
-LIMIT = 2
+LIMIT = 3  # 3,000 connections possible: room above the 2,000 asserted
 
 
 def address(i: int) -> str:
