@@ -135,9 +135,12 @@ def ca() -> trustme.CA:
 
 
 @contextlib.contextmanager
-def sending_ferry(spool: Path, connectors: tuple[SendConfig, ...]) -> Iterator[RunningFerry]:
+def sending_ferry(
+    spool: Path, connectors: tuple[SendConfig, ...], **delivery: Any
+) -> Iterator[RunningFerry]:
     """A Ferry with delivery on through ``connectors`` (smarthost next hops, so no DNS:
-    an empty responder stands in for the resolver), retrying within seconds."""
+    an empty responder stands in for the resolver), retrying within seconds; ``delivery``
+    overrides further ``[delivery]`` settings."""
     with DnsResponder("") as dns:
         config = ferry_config(spool)
         config = dataclasses.replace(
@@ -149,6 +152,7 @@ def sending_ferry(spool: Path, connectors: tuple[SendConfig, ...]) -> Iterator[R
                 dns=dns.address,
                 retry_interval=1.0,
                 max_retry_interval=2.0,
+                **delivery,
             ),
         )
         with RunningFerry(config) as f:

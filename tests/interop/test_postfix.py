@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from engine.client.smtp import SmtpAgent
 from engine.config import SendConfig
 from engine.queue.records import Envelope
 from engine.server.auth import hash_password
@@ -123,7 +124,7 @@ def postfix(
             "virtual_mailbox_domains": "dest.test",
             "virtual_mailbox_base": str(vmail),
             "virtual_mailbox_maps": "inline:{ bob@dest.test=dest.test/bob/, "
-            "carol@dest.test=dest.test/carol/ }",
+            "carol@dest.test=dest.test/carol/, dave@dest.test=dest.test/dave/ }",
             "virtual_uid_maps": f"static:{NOBODY}",
             "virtual_gid_maps": f"static:{NOBODY}",
             "smtpd_tls_security_level": "may",
@@ -353,3 +354,34 @@ def test_ferry_delivers_8bitmime_and_dot_lines_to_postfix(
     start = postfix.log_size()
     submit(sender_ferry.host, sender_ferry.port, "carol@dest.test", msg, ("BODY=8BITMIME",))
     check_delivered(base, postfix, sender_ferry, "carol", msg, start, eightbit=True)
+
+
+def test_queued_messages_follow_each_other_into_postfix(
+    base: Path, postfix: PostfixInstance
+) -> None:
+    """With mail waiting for it, Ferry sends each next MAIL, RCPT and DATA in the write that
+    ends the previous body (RFC 2920 §3.1); Postfix's smtpd takes them and delivers all."""
+    connector = SendConfig(
+        name="postfix-one",
+        address_spaces=("dest.test",),
+        smarthosts=((POSTFIX_ADDRESS, postfix.port),),
+        tls="required",
+    )
+    with sending_ferry(base / "spool-follow", (connector,), max_per_domain=1) as f:
+        assert f.app.scheduler is not None
+        start = postfix.log_size()
+        # Held while they arrive, so the one connection has a queue to pipeline.
+        f.call(f.app.scheduler.suspend("dest.test"))
+        msgs = [message(f"follow{n}") for n in range(4)]
+        for msg in msgs:
+            submit(f.host, f.port, "dave@dest.test", msg)
+        f.call(f.app.scheduler.resume("dest.test"))
+        for msg in msgs:
+            delivered(base, "dave", message_id(msg))
+        wait_for(lambda: f.store.count() == 0, 10, "Ferry's queue empty after delivery")
+        agent = f.app.agents["smtp"]
+        assert isinstance(agent, SmtpAgent)
+        assert agent.follow_ons > 0 and agent.connections_opened == 1
+    log = postfix.log_text()[start:]
+    assert "improper command pipelining" not in log
+    assert len(re.findall(r"to=<dave@dest\.test>, relay=virtual.*status=sent", log)) == 4
