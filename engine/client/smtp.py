@@ -4,9 +4,12 @@ Owns the asyncio side of the client: dialling the route's hosts in order, the gr
 EHLO (HELO fallback) or LHLO, STARTTLS per the route's TLS mode, AUTH at smarthosts, one
 transaction per message (pipelined when the server offers PIPELINING, RFC 2920), the
 per-phase timeouts of RFC 5321 §4.5.3.2, and a pool of idle connections per site so
-several messages share one connection.  The protocol itself (command formatting, reply
-parsing and matching, reply caps, the STARTTLS boundary) is ``engine.protocol.client``;
-this module only pumps bytes and decides what each reply means for each recipient.
+several messages share one connection.  When the caller offers a next message
+(``follow``), its MAIL, RCPTs and DATA go in the same write as the current body (RFC 2920
+§3.1) and the caller collects its results with ``resume``.  The protocol itself (command
+formatting, reply parsing and matching, reply caps, the STARTTLS boundary) is
+``engine.protocol.client``; this module only pumps bytes and decides what each reply
+means for each recipient.
 
 Outcomes: RCPT 2xx plus a 2xx after the body → DELIVERED; a 4xx → DEFERRED; a 5xx →
 FAILED; anything that breaks the connection (loss, timeout, malformed or oversized
