@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import trustme
 
+from engine.client.smtp import SmtpAgent
 from engine.config import SendConfig
 from engine.testing.dns import DnsResponder
 from engine.testing.server import RunningFerry, ferry_config
@@ -157,3 +158,21 @@ def sending_ferry(
         )
         with RunningFerry(config) as f:
             yield f
+
+
+def deliver_queued(f: RunningFerry, destination: str, rcpt: str, msgs: list[bytes],
+                   arrived: Callable[[bytes], object]) -> SmtpAgent:
+    """Hold ``destination`` while ``msgs`` arrive for ``rcpt``, then release them at once
+    (so one connection has a queue to pipeline); wait until ``arrived(message_id)`` finds
+    each and Ferry's queue is empty.  Returns Ferry's SMTP agent, for its counters."""
+    assert f.app.scheduler is not None
+    f.call(f.app.scheduler.suspend(destination))
+    for msg in msgs:
+        submit(f.host, f.port, rcpt, msg)
+    f.call(f.app.scheduler.resume(destination))
+    for msg in msgs:
+        arrived(message_id(msg))
+    wait_for(lambda: f.store.count() == 0, 10, "Ferry's queue empty after delivery")
+    agent = f.app.agents["smtp"]
+    assert isinstance(agent, SmtpAgent)
+    return agent

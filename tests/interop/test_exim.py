@@ -28,12 +28,12 @@ from pathlib import Path
 import pytest
 import trustme
 
-from engine.client.smtp import SmtpAgent
 from engine.config import SendConfig
 from engine.testing.exim import EXIM_PACKAGE, EximInstance, find_exim
 from engine.testing.server import RunningFerry
 from tests.interop.conftest import (
     SENDER,
+    deliver_queued,
     headers,
     message,
     message_id,
@@ -184,19 +184,10 @@ def test_queued_messages_follow_each_other_into_exim(base: Path, exim: EximInsta
     connector = SendConfig(name="exim-one", address_spaces=(domain,), smarthosts=hop,
                            tls="off")
     with sending_ferry(base / "spool-follow", (connector,), max_per_domain=1) as f:
-        assert f.app.scheduler is not None
         start = exim.log_size()
-        # Held while they arrive, so the one connection has a queue to pipeline.
-        f.call(f.app.scheduler.suspend(domain))
         msgs = [plain_message(f"follow{n}") for n in range(4)]
-        for msg in msgs:
-            submit(f.host, f.port, f"{USER}@{domain}", msg)
-        f.call(f.app.scheduler.resume(domain))
-        for msg in msgs:
-            delivered(exim, domain, message_id(msg))
-        wait_for(lambda: f.store.count() == 0, 10, "Ferry's queue empty after delivery")
-        agent = f.app.agents["smtp"]
-        assert isinstance(agent, SmtpAgent)
+        agent = deliver_queued(f, domain, f"{USER}@{domain}", msgs,
+                               lambda msgid: delivered(exim, domain, msgid))
         assert agent.follow_ons > 0 and agent.connections_opened == 1
     log = exim.log_text()[start:]
     assert "synchronization error" not in log

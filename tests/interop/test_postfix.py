@@ -35,7 +35,6 @@ from pathlib import Path
 import pytest
 import trustme
 
-from engine.client.smtp import SmtpAgent
 from engine.config import SendConfig
 from engine.queue.records import Envelope
 from engine.server.auth import hash_password
@@ -43,6 +42,7 @@ from engine.testing.postfix import PostfixInstance
 from engine.testing.server import RunningFerry, ferry_config
 from tests.interop.conftest import (
     SENDER,
+    deliver_queued,
     message,
     message_id,
     sending_ferry,
@@ -368,19 +368,10 @@ def test_queued_messages_follow_each_other_into_postfix(
         tls="required",
     )
     with sending_ferry(base / "spool-follow", (connector,), max_per_domain=1) as f:
-        assert f.app.scheduler is not None
         start = postfix.log_size()
-        # Held while they arrive, so the one connection has a queue to pipeline.
-        f.call(f.app.scheduler.suspend("dest.test"))
         msgs = [message(f"follow{n}") for n in range(4)]
-        for msg in msgs:
-            submit(f.host, f.port, "dave@dest.test", msg)
-        f.call(f.app.scheduler.resume("dest.test"))
-        for msg in msgs:
-            delivered(base, "dave", message_id(msg))
-        wait_for(lambda: f.store.count() == 0, 10, "Ferry's queue empty after delivery")
-        agent = f.app.agents["smtp"]
-        assert isinstance(agent, SmtpAgent)
+        agent = deliver_queued(f, "dest.test", "dave@dest.test", msgs,
+                               lambda msgid: delivered(base, "dave", msgid))
         assert agent.follow_ons > 0 and agent.connections_opened == 1
     log = postfix.log_text()[start:]
     assert "improper command pipelining" not in log
