@@ -92,7 +92,8 @@ class App:
         idle = max([cfg.delivery.max_per_domain,
                     *(d.max_connections or 0 for d in cfg.delivery.domains.values())])
         self.agents = {"smtp": SmtpAgent(cfg.hostname, max_messages_per_connection=per_connection,
-                                         max_idle_per_site=idle),
+                                         max_idle_per_site=idle,
+                                         pipeline_messages=cfg.delivery.pipeline_messages),
                        "lmtp": SmtpAgent(cfg.hostname, lmtp=True, max_idle_per_site=idle),
                        "maildir": MaildirAgent(hostname=cfg.hostname)}
         self.scheduler = scheduler = Scheduler(store, router, self.agents, hostname=cfg.hostname,

@@ -209,6 +209,9 @@ class DeliveryConfig:
     max_rate: float = 0.0
     #: Messages over one outbound connection before it is closed.
     max_messages_per_connection: int = 100
+    #: Send the next queued message's envelope behind the current body (RFC 2920 §3.1)
+    #: to next hops that offer PIPELINING.
+    pipeline_messages: bool = True
     #: Recipients of one message in one transaction (RFC 5321 §4.5.3.1.8: at least 100).
     max_recipients_per_transaction: int = 100
     #: The first retry delay; later ones double up to ``max_retry_interval``.
@@ -936,6 +939,7 @@ class _DeliveryModel(_Model):
     max_per_domain: _PosInt | None = None
     max_rate: _RateOrOff | None = None
     max_messages_per_connection: _PosInt | None = None
+    pipeline_messages: _Bool | None = None
     max_recipients_per_transaction: _PosInt | None = None
     retry_interval: _Seconds | None = None
     max_retry_interval: _Seconds | None = None

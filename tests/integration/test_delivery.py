@@ -303,10 +303,11 @@ def test_per_domain_limit_overrides_the_default(ferry: Start, sink: CountingSink
     assert 1 < sink.state.peak["127.0.10.1"] <= 3  # one.test: the default
 
 
+@pytest.mark.parametrize("pipeline", [True, False])
 def test_queued_messages_for_a_site_follow_each_other_on_one_connection(
-    ferry: Start, sink: CountingSink
+    ferry: Start, sink: CountingSink, pipeline: bool
 ) -> None:
-    f = ferry(max_per_domain=1)
+    f = ferry(max_per_domain=1, pipeline_messages=pipeline)
     assert f.app.scheduler is not None
     # Held while they arrive, so the site's queue has all eight when delivery starts.
     f.call(f.app.scheduler.suspend("two.test"))
@@ -316,8 +317,9 @@ def test_queued_messages_for_a_site_follow_each_other_on_one_connection(
     wait_for(lambda: len(sink.state.messages) == 8 and f.store.count() == 0, 30)
     agent = f.app.agents["smtp"]
     assert isinstance(agent, SmtpAgent)
-    # Sent behind an earlier body (RFC 2920 §3.1), over the site's single connection.
-    assert agent.follow_ons > 0 and agent.connections_opened == 1
+    # Sent behind an earlier body (RFC 2920 §3.1), over the site's single connection;
+    # one message after another when delivery.pipeline_messages is off.
+    assert (agent.follow_ons > 0) is pipeline and agent.connections_opened == 1
     assert sorted(m.recipients[0] for m in sink.state.messages) == [
         f"u{n}@two.test" for n in range(8)]
 

@@ -189,6 +189,7 @@ mx_port = 2525
 max_per_domain = 4
 retry_interval = 30
 paused = true
+pipeline_messages = false
 
 [log]
 level = "debug"
@@ -225,7 +226,7 @@ def test_full_file(tmp_path: Path) -> None:
     assert mx == ReceiveConfig(name="mx", listen=(("127.0.0.1", 25),))
     assert config.delivery == DeliveryConfig(
         smarthost=("relay.example.net", 587), dns=("::1", 5353), mx_port=2525,
-        max_per_domain=4, retry_interval=30.0, paused=True,
+        max_per_domain=4, retry_interval=30.0, paused=True, pipeline_messages=False,
     )  # fmt: skip
     assert config.log == LogConfig("debug", Path("/var/log/ferry"))
 
@@ -423,6 +424,7 @@ def test_positive_integer_message(tmp_path: Path) -> None:
         ("[delivery]\ndns_max_queries = 0", "delivery.dns_max_queries", "positive integer"),
         ("[delivery]\nretry_interval = -1.0", "delivery.retry_interval", "(got -1.0)"),
         ('[delivery]\npaused = "yes"', "delivery.paused", 'true or false (got "yes")'),
+        ("[delivery]\npipeline_messages = 1", "delivery.pipeline_messages", "true or false"),
         ("[delivery]\ndelay_notice_after = -60", "delivery.delay_notice_after", "0 or more"),
         (
             "[delivery]\nmax_queue_lifetime = 3600\ndelay_notice_after = 3600",
