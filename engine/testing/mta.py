@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import ClassVar, Final
 
+from engine.testing.wait import poll
+
 __all__ = [
     "LOOPBACK",
     "LoopbackMta",
@@ -80,12 +82,7 @@ def _alive(pid: int) -> bool:
 
 def wait_pid_gone(pid: int, timeout: float) -> bool:
     """Wait until process ``pid`` has exited (or is a zombie of ours); True if it did."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid) or _zombie(pid):
-            return True
-        time.sleep(0.05)
-    return not _alive(pid) or _zombie(pid)
+    return poll(lambda: not _alive(pid) or _zombie(pid), timeout) is not None
 
 
 def _zombie(pid: int) -> bool:

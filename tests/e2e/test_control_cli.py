@@ -13,6 +13,7 @@ import pytest
 
 from engine.testing.dns import DnsResponder
 from engine.testing.sink import CountingSink
+from engine.testing.wait import wait_for
 from tests.e2e.test_cli import free_port, start, stop, wait_for_port
 from tests.e2e.test_queue_cli import ferry_queue
 
@@ -56,13 +57,7 @@ def send(port: int, rcpt: str) -> None:
         client.sendmail("a@[127.0.0.1]", [rcpt], BODY)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
+
 
 
 def suspended_listing(spool: Path) -> list[str]:

@@ -19,6 +19,7 @@ from engine.queue.records import RcptState
 from engine.testing.dns import DnsResponder
 from engine.testing.server import RunningFerry, ferry_config
 from engine.testing.sink import CountingSink
+from engine.testing.wait import wait_for
 
 ZONE = """
 $TTL 60
@@ -86,15 +87,6 @@ def send(f: RunningFerry, sender: str, rcpts: list[str], body: bytes,
             client.rcpt(rcpt, rcpt_options or [])
         code, _ = client.data(body)
         assert code == 250
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 BODY = b"Subject: test\r\nMessage-ID: <t1@client.test>\r\n\r\nHello\r\n.dot line\r\n"

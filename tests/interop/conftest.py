@@ -14,7 +14,6 @@ import re
 import shutil
 import smtplib
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,22 +26,12 @@ from engine.client.smtp import SmtpAgent
 from engine.config import SendConfig
 from engine.testing.dns import DnsResponder
 from engine.testing.server import RunningFerry, ferry_config
+from engine.testing.wait import wait_for
 
 SENDER = "a@client.test"
 #: The fields a hop may put in front of a message: RFC 5321 §4.4 trace fields, and the
 #: delivery fields of Postfix's virtual(8) (Delivered-To, X-Original-To).
 TRACE_FIELDS = {b"received", b"return-path", b"delivered-to", b"x-original-to"}
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not in {timeout:.0f} s: {what or condition}")
-        time.sleep(0.05)
 
 
 def headers(tag: str) -> bytes:

@@ -31,6 +31,7 @@ import trustme
 from engine.config import SendConfig
 from engine.testing.exim import EXIM_PACKAGE, EximInstance, find_exim
 from engine.testing.server import RunningFerry
+from engine.testing.wait import wait_for
 from tests.interop.conftest import (
     SENDER,
     deliver_queued,
@@ -40,7 +41,6 @@ from tests.interop.conftest import (
     sending_ferry,
     submit,
     trace_prefix,
-    wait_for,
     with_keyword,
     write_cert,
 )

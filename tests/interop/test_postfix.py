@@ -40,6 +40,7 @@ from engine.queue.records import Envelope
 from engine.server.auth import hash_password
 from engine.testing.postfix import PostfixInstance
 from engine.testing.server import RunningFerry, ferry_config
+from engine.testing.wait import wait_for
 from tests.interop.conftest import (
     SENDER,
     deliver_queued,
@@ -48,7 +49,6 @@ from tests.interop.conftest import (
     sending_ferry,
     submit,
     trace_prefix,
-    wait_for,
     with_keyword,
     write_cert,
 )
