@@ -186,15 +186,8 @@ class MxResolver:
             )
         if not mx_set:
             # RFC 5321 §5.1: no MX records → the domain itself, preference 0.
-            v4, v6 = await self._addresses(domain, domain)
-            if not v4 and not v6:
-                raise RouteError(
-                    f"{domain} has no MX and no address records",
-                    permanent=True,
-                    code=550,
-                    enhanced="5.1.2",
-                )
-            own = tuple(Host(domain, a, port, 0) for a in (*v4, *v6))
+            own = await self._hosts(domain, port, 0,
+                                    f"{domain} has no MX and no address records", "5.1.2")
             return MxAnswer(f"mx:{domain}", own, implicit=True)
         names = [name for _, name in mx_set]
         found = await asyncio.gather(
@@ -239,14 +232,16 @@ class MxResolver:
             pass
         else:
             return (Host(name, name, port, preference),)
+        return await self._hosts(name, port, preference,
+                                 f"host {name} has no address records", "5.4.4")
+
+    async def _hosts(self, name: str, port: int, preference: int, missing: str,
+                     enhanced: str) -> tuple[Host, ...]:
+        """``name``'s A then AAAA addresses as Hosts; a permanent 550 ``missing`` when it
+        has none."""
         v4, v6 = await self._addresses(name, name)
         if not v4 and not v6:
-            raise RouteError(
-                f"host {name} has no address records",
-                permanent=True,
-                code=550,
-                enhanced="5.4.4",
-            )
+            raise RouteError(missing, permanent=True, code=550, enhanced=enhanced)
         return tuple(Host(name, a, port, preference) for a in (*v4, *v6))
 
     def clear(self) -> None:
