@@ -250,25 +250,25 @@ class LmdbQueue:
         return None
 
     async def enqueue(self, envelope: Envelope, body: bytes) -> bytes:
-        problem = self.pressure()
-        if problem is not None:
-            raise problem
-        if not envelope.size:
-            envelope.size = len(body)
+        self._admit(envelope, body)
         result: bytes = await self._submit_async("enqueue", (envelope, body), len(body))
         envelope.queue_id = result  # as the writer did (it may run in another process)
         return result
 
     def enqueue_sync(self, envelope: Envelope, body: bytes) -> bytes:
         """``enqueue`` for threads without an event loop (tools, the crash test)."""
+        self._admit(envelope, body)
+        result: bytes = self._submit_sync("enqueue", (envelope, body), len(body))
+        envelope.queue_id = result
+        return result
+
+    def _admit(self, envelope: Envelope, body: bytes) -> None:
+        """Refuse new mail under back pressure; otherwise complete the envelope."""
         problem = self.pressure()
         if problem is not None:
             raise problem
         if not envelope.size:
             envelope.size = len(body)
-        result: bytes = self._submit_sync("enqueue", (envelope, body), len(body))
-        envelope.queue_id = result
-        return result
 
     async def record(
         self, outcomes: Sequence[Outcome], new_messages: Sequence[NewMessage] = ()
