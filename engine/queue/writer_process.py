@@ -151,12 +151,13 @@ class WriterProcess:
 
     def _fail(self, why: str) -> None:
         with self._lock:
-            items = [(op, None, QueueClosed(why)) for op in self._waiting.values()]
+            items: list[tuple[_Op, Any, BaseException | None]] = [
+                (op, None, QueueClosed(why)) for op in self._waiting.values()]
             self._waiting.clear()
         if items or not self.store.closing:
             log.critical("%s; the queue refuses new mail", why)
             self.store.writer_lost()
-        self.store.settle(items)  # type: ignore[arg-type]
+        self.store.settle(items)
 
     def join(self) -> None:
         self._courier.join()
