@@ -11,6 +11,7 @@ make that promise quickly (map full, disk low, writer behind) it raises
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -80,6 +81,12 @@ class QueueStore(Protocol):
         self, outcomes: Sequence[Outcome], new_messages: Sequence[NewMessage] = ()
     ) -> None:
         """Apply outcomes (and enqueue e.g. DSNs) in one commit."""
+        ...
+
+    def record_soon(
+        self, outcomes: Sequence[Outcome], new_messages: Sequence[NewMessage] = ()
+    ) -> asyncio.Future[None]:
+        """``record`` without waiting: the returned future is done with the commit."""
         ...
 
     async def quarantine(self, queue_id: bytes, reason: str, due_key: bytes = b"") -> None:

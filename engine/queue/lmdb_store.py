@@ -273,8 +273,15 @@ class LmdbQueue:
     async def record(
         self, outcomes: Sequence[Outcome], new_messages: Sequence[NewMessage] = ()
     ) -> None:
+        await self.record_soon(outcomes, new_messages)
+
+    def record_soon(
+        self, outcomes: Sequence[Outcome], new_messages: Sequence[NewMessage] = ()
+    ) -> asyncio.Future[None]:
+        """``record`` handed to the writer now, for a caller that hangs work on the commit
+        instead of waiting in a task; QueueClosed is raised at once."""
         size = sum(len(m.body) for m in new_messages)
-        await self._submit_async("record", (tuple(outcomes), tuple(new_messages)), size)
+        return self._submit_soon("record", (tuple(outcomes), tuple(new_messages)), size)
 
     def record_sync(
         self, outcomes: Sequence[Outcome], new_messages: Sequence[NewMessage] = ()
@@ -429,11 +436,14 @@ class LmdbQueue:
             self._pending += 1
         self._ops.put(op)
 
-    async def _submit_async(self, kind: str, args: tuple[Any, ...], size: int) -> Any:
+    def _submit_soon(self, kind: str, args: tuple[Any, ...], size: int) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._submit(_Op(kind, args, loop, future, size))
-        return await future
+        return future
+
+    async def _submit_async(self, kind: str, args: tuple[Any, ...], size: int) -> Any:
+        return await self._submit_soon(kind, args, size)
 
     def _submit_sync(self, kind: str, args: tuple[Any, ...], size: int) -> Any:
         future: Future[Any] = Future()

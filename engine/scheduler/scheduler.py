@@ -12,9 +12,12 @@ Theory of operation (Postfix's qmgr, KumoMTA's two-level queues):
    A worker delivers one group (recipients in transactions of at most
    ``max_recipients_per_transaction``), records the outcomes (with any DSN) in one queue
    commit, frees the group's window place, and takes the next group of its site.  Groups
-   finishing within a few milliseconds share one queue operation, and freed places are
-   refilled together (``_queue_outcomes``, ``_place_freed``): per-delivery cost matters
-   at thousands of deliveries a second on one core.  A site
+   finishing in one turn of the event loop share one queue operation, and the places
+   its commit frees are refilled at once (``_queue_outcomes``, ``_committed``).  Under
+   load a turn of the loop serves thousands of connections and lasts hundreds of
+   milliseconds, so every hop from a freed place back to a busy site (a timer, a task,
+   a callback) costs a turn: a place held that long is one the window cannot hand out,
+   and sites go idle while the window is full.  A site
    where no host took a connection is marked down for ``down_period``; its groups are
    deferred without trying.
 4. Deferred recipients come back through the due index at ``retry_delay``; a recipient
@@ -54,17 +57,21 @@ log = logging.getLogger("ferry.scheduler")
 _WAITING = (RcptState.PENDING, RcptState.DEFERRED)
 #: Name of the suspended destinations (an orjson list) among the queue's settings.
 SUSPENDED_SETTING = "suspended"
-#: Seconds from a freed window place to the refill (see Scheduler._place_freed).
-_REFILL_DELAY = 0.005
-#: Seconds outcomes wait to share one queue operation (see Scheduler._queue_outcomes).
-_RECORD_DELAY = 0.050
-
 
 @dataclass(slots=True)
 class _Destination:
     name: str
     pending: list[DueEntry] = field(default_factory=list)
     resolving: bool = False
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Outcomes handed to the queue in one operation, and the groups whose window places
+    its commit frees."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    groups: list[DueEntry] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -117,11 +124,11 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._runner: asyncio.Task[None] | None = None
-        self._refill_timer: asyncio.TimerHandle | None = None
-        #: Outcomes waiting to be recorded together (see _queue_outcomes).
-        self._outcomes: list[Outcome] = []
-        self._outcomes_done: asyncio.Future[None] | None = None
-        self._outcome_timer: asyncio.TimerHandle | None = None
+        self._refill_soon = False
+        #: Outcomes waiting for the next hand-over to the queue (see _queue_outcomes),
+        #: and the hand-overs not yet committed.
+        self._batch: _Batch | None = None
+        self._committing: set[asyncio.Future[None]] = set()
 
     # --- control ---------------------------------------------------------------------
 
@@ -141,13 +148,9 @@ class Scheduler:
         if self._runner is not None:
             await self._runner
         # Workers no longer wait for their commits: record what they queued before going.
-        while self._tasks or self._outcomes:
-            if self._outcomes:
-                self._flush_outcomes()
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        if self._refill_timer is not None:
-            self._refill_timer.cancel()
-            self._refill_timer = None
+        while self._tasks or self._batch or self._committing:
+            self._flush_outcomes()
+            await asyncio.gather(*self._tasks, *self._committing, return_exceptions=True)
 
     async def suspend(self, destination: str) -> int:
         """Park every waiting recipient of ``destination``; returns how many.
@@ -199,24 +202,27 @@ class Scheduler:
             if self.down:
                 now = time.time()
                 self.down = {site: until for site, until in self.down.items() if until > now}
-            if not s.paused:
-                self.window.refill()
-                while (entry := self.window.take()) is not None:
-                    self._take(entry)
+            self._refill()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), s.poll_interval)
 
-    def _place_freed(self) -> None:
-        """Refill the window soon: places freed within ``_REFILL_DELAY`` share one scan of
-        the due index (and one turn of the loop in ``_run``) instead of one per group."""
-        if self._refill_timer is None:
-            loop = asyncio.get_running_loop()
-            self._refill_timer = loop.call_later(_REFILL_DELAY, self._refill_due)
+    def _refill(self) -> None:
+        """Fill the window's free places from the due index and hand the groups out."""
+        self._refill_soon = False
+        if self._stopping or self.settings.paused:
+            return
+        self.window.refill()
+        while (entry := self.window.take()) is not None:
+            self._take(entry)
 
-    def _refill_due(self) -> None:
-        self._refill_timer = None
-        self._wake.set()
+    def _release(self, entry: DueEntry) -> None:
+        """Free a group's window place outside a batch (nothing to record, or recorded on
+        its own): places freed in one turn of the loop share the next turn's refill."""
+        self.window.release(entry)
+        if not self._refill_soon:
+            self._refill_soon = True
+            asyncio.get_running_loop().call_soon(self._refill)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -360,7 +366,7 @@ class Scheduler:
         The worker does not wait for the commit of the outcomes: it takes its next group
         while the writer syncs.  The group keeps its window place until that commit is
         done, so it is never taken twice; a crash before it re-delivers (at-least-once)."""
-        commit: asyncio.Future[None] | None = None
+        batched = False
         try:
             agent = self.agents[route.protocol]
             results: list[RcptResult] = []
@@ -389,8 +395,9 @@ class Scheduler:
                 pending = self._waiting(env, entry.next_hop)
                 if expired or not pending:
                     if expired:
-                        commit = await self._finish(
-                            env, [], [(i, "expired") for i in self._all_open(env, entry.next_hop)])
+                        batched = await self._finish(
+                            entry, env, [],
+                            [(i, "expired") for i in self._all_open(env, entry.next_hop)])
                     return True
                 body = self.store.body(entry.queue_id)
                 size = self.settings.max_recipients_per_transaction
@@ -401,7 +408,7 @@ class Scheduler:
                         results += await agent.deliver(route, env, pending[start:start + size],
                                                        body)
             self.delivered += sum(r.state is RcptState.DELIVERED for r in results)
-            commit = await self._finish(env, results, [])
+            batched = await self._finish(entry, env, results, [])
             return any(r.remote for r in results) or any(
                 r.state is not RcptState.DEFERRED for r in results)
         except Exception:
@@ -412,19 +419,8 @@ class Scheduler:
                                     time.time() + self.settings.retry_interval)
             return True
         finally:
-            if commit is None:
-                self._release(entry, None)
-            else:
-                commit.add_done_callback(lambda done: self._release(entry, done))
-
-    def _release(self, entry: DueEntry, committed: asyncio.Future[None] | None) -> None:
-        """Free the group's window place once its outcomes are committed (or failed to
-        be: then its due entry is still in the index and it is tried again)."""
-        if committed is not None and not committed.cancelled() and committed.exception():
-            log.error("recording outcomes for %s failed: %s", entry.queue_id.hex(),
-                      committed.exception())
-        self.window.release(entry)
-        self._place_freed()
+            if not batched:
+                self._release(entry)
 
     def _all_open(self, env: Envelope, destination: str) -> list[int]:
         return [i for i, r in enumerate(env.recipients)
@@ -436,12 +432,13 @@ class Scheduler:
         return bool(limit) and now >= limit
 
     async def _finish(
-        self, env: Envelope, results: Sequence[RcptResult], expired: Sequence[tuple[int, str]]
-    ) -> asyncio.Future[None] | None:
+        self, entry: DueEntry, env: Envelope, results: Sequence[RcptResult],
+        expired: Sequence[tuple[int, str]],
+    ) -> bool:
         """Turn results into outcomes and DSNs for the failures, and record them.  With a
-        DSN the commit is awaited here (it may be refused alone); otherwise the outcomes
-        join a batch and the batch's pending commit is returned for the caller to wait on
-        or to hang the group's release on."""
+        DSN the commit is awaited here (it may be refused alone) and False is returned;
+        otherwise the outcomes join the next batch, whose commit frees ``entry``'s window
+        place, and True is returned (the caller must not free it)."""
         now = time.time()
         outcomes: list[Outcome] = []
         failures: list[Failure] = []
@@ -473,42 +470,48 @@ class Scheduler:
             # Alone: a DSN adds bytes and may be refused (back pressure), which must fail
             # this group's record only.
             await self.store.record(outcomes, new_messages)
-            return None
-        return self._queue_outcomes(outcomes)
+            return False
+        self._queue_outcomes(outcomes, entry)
+        return True
 
-    def _queue_outcomes(self, outcomes: list[Outcome]) -> asyncio.Future[None]:
-        """Queue outcomes to be recorded with those of other groups finishing within
-        ``_RECORD_DELAY``: one queue operation (one future, one hand-over to the writer)
-        for many groups instead of one each.  The future is done once the commit holding
-        them is; an error fails every group of the batch alike, as it would have in the
-        writer's shared transaction."""
-        self._outcomes.extend(outcomes)
-        done = self._outcomes_done
-        if done is None:
-            loop = asyncio.get_running_loop()
-            done = self._outcomes_done = loop.create_future()
-            self._outcome_timer = loop.call_later(_RECORD_DELAY, self._flush_outcomes)
-        return done
+    def _queue_outcomes(self, outcomes: list[Outcome], entry: DueEntry) -> None:
+        """Queue outcomes to be recorded with those of the other groups that finish in
+        this turn of the loop: one queue operation (one hand-over to the writer, one
+        settle) for many groups instead of one each, and no timer: a timer only adds
+        latency when the loop's turns are long, and when they are short the writer's own
+        group commit gathers the hand-overs into one transaction."""
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _Batch()
+            asyncio.get_running_loop().call_soon(self._flush_outcomes)
+        batch.outcomes += outcomes
+        batch.groups.append(entry)
 
     def _flush_outcomes(self) -> None:
-        if self._outcome_timer is not None:
-            self._outcome_timer.cancel()
-            self._outcome_timer = None
-        outcomes, self._outcomes = self._outcomes, []
-        done, self._outcomes_done = self._outcomes_done, None
-        assert done is not None
-        self._spawn(self._commit_outcomes(outcomes, done))
-
-    async def _commit_outcomes(self, outcomes: list[Outcome], done: asyncio.Future[None]) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
         try:
-            await self.store.record(outcomes)
-        except Exception as exc:
-            done.set_exception(exc)
-        except BaseException:
-            done.cancel()
-            raise
-        else:
-            done.set_result(None)
+            committed = self.store.record_soon(batch.outcomes)
+        except Exception as exc:  # the queue is closed: the due entries stay for a retry
+            log.error("recording the outcomes of %d groups failed: %s", len(batch.groups), exc)
+            for entry in batch.groups:
+                self._release(entry)
+            return
+        self._committing.add(committed)
+        committed.add_done_callback(lambda done: self._committed(batch, done))
+
+    def _committed(self, batch: _Batch, done: asyncio.Future[None]) -> None:
+        """A batch's commit is done: free its groups' places and refill them now.  When
+        the commit failed, the groups' due entries are still in the index and they are
+        tried again."""
+        self._committing.discard(done)
+        if not done.cancelled() and done.exception() is not None:
+            log.error("recording the outcomes of %d groups failed: %s", len(batch.groups),
+                      done.exception())
+        for entry in batch.groups:
+            self.window.release(entry)
+        self._refill()
 
     def _dsn(self, env: Envelope, failures: list[Failure], now: float) -> list[NewMessage]:
         if not env.sender:
@@ -525,19 +528,19 @@ class Scheduler:
         return [NewMessage(bounce, body)]
 
     async def _fail_unrouted(self, entry: DueEntry, exc: RouteError) -> None:
+        batched = False
         try:
             env = self._load(entry)
             if env is None:
                 return
             reply = f"{exc.code} {exc.enhanced} {exc.text}"
             state = RcptState.FAILED if exc.permanent else RcptState.DEFERRED
-            pending = await self._finish(env, [RcptResult(i, state, reply)
-                                               for i in self._waiting(env, entry.next_hop)],
-                                         [])
-            if pending is not None:
-                await asyncio.shield(pending)
+            batched = await self._finish(
+                entry, env,
+                [RcptResult(i, state, reply) for i in self._waiting(env, entry.next_hop)], [])
         finally:
-            self.window.release(entry)
+            if not batched:
+                self._release(entry)
 
     async def _defer_group(self, entry: DueEntry, reply: str, until: float) -> None:
         try:
@@ -548,7 +551,7 @@ class Scheduler:
                             due=until + self._rnd.uniform(0, 5), attempted=False)
                     for i in self._waiting(env, entry.next_hop)])
         finally:
-            self.window.release(entry)
+            self._release(entry)
 
 
 def _load_suspended(store: LmdbQueue) -> set[str]:
