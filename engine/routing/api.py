@@ -62,3 +62,8 @@ class Router(Protocol):
         """The route for a destination; ``exclude`` names send connectors that just failed
         (fail over to the next cheapest).  Raises RouteError."""
         ...
+
+    def resolve_cached(self, destination: str,
+                       exclude: frozenset[str] = frozenset()) -> Route | None:
+        """``resolve`` without waiting: None when a DNS answer it needs is not cached."""
+        ...

@@ -40,7 +40,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 
 import dns.asyncresolver
 import dns.exception
@@ -56,6 +56,9 @@ from engine.routing.api import Host, RouteError
 __all__ = ["MxAnswer", "MxResolver"]
 
 _T = TypeVar("_T")
+
+#: What _peek returns for a record set that is not cached (or has expired).
+_MISS: Final = object()
 
 #: RFC 2308 §5 allows negative caching up to the SOA minimum; a long one would keep a
 #: freshly created domain unreachable, so it is capped.
@@ -112,6 +115,14 @@ def _why(err: BaseException) -> str:
     if isinstance(err, dns.resolver.NoNameservers):
         return "no nameserver answered: SERVFAIL or REFUSED"
     return type(err).__name__
+
+
+def _names(domain: str, mx_set: _MxSet) -> tuple[str, ...]:
+    """The host names whose addresses an MX answer needs: the MX names (once each), the
+    domain itself for an implicit MX, none for a null MX."""
+    if mx_set is None:
+        return ()
+    return tuple(dict.fromkeys(name for _, name in mx_set)) if mx_set else (domain,)
 
 
 def _plain(name: dns.name.Name) -> str:
@@ -176,7 +187,43 @@ class MxResolver:
     async def mx(self, domain: str, port: int) -> MxAnswer:
         """:meth:`mx_hosts` with the site the hosts form."""
         domain = domain.lower().rstrip(".")
+        answer = self.mx_cached(domain, port)
+        if answer is not None:
+            return answer
         mx_set = await self._cached(("MX", domain), lambda: self._lookup_mx(domain))
+        names = _names(domain, mx_set)
+        found = await asyncio.gather(*(self._addresses(domain, name) for name in names),
+                                     return_exceptions=True)
+        by_name: dict[str, _Addresses] = {}
+        temporary: RouteError | None = None
+        for name, result in zip(names, found, strict=True):
+            if isinstance(result, RouteError) and not result.permanent:
+                temporary = temporary or result
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                by_name[name] = result
+        return self._answer(domain, port, mx_set, by_name, temporary)
+
+    def mx_cached(self, domain: str, port: int) -> MxAnswer | None:
+        """:meth:`mx` when every answer it needs is cached, without waiting (no task, no
+        turn of the event loop); None when it would have to ask.  Raises RouteError."""
+        domain = domain.lower().rstrip(".")
+        mx_set = self._peek(("MX", domain))
+        if mx_set is _MISS:
+            return None
+        by_name: dict[str, _Addresses] = {}
+        for name in _names(domain, mx_set):
+            found = self._peek(("ADDR", name))
+            if found is _MISS:
+                return None
+            by_name[name] = found
+        return self._answer(domain, port, mx_set, by_name)
+
+    def _answer(self, domain: str, port: int, mx_set: _MxSet, by_name: dict[str, _Addresses],
+                temporary: RouteError | None = None) -> MxAnswer:
+        """The answer from the domain's MX set and the addresses found for its names (for
+        an implicit MX, the domain's own); ``temporary``: a lookup that failed for now."""
         if mx_set is None:
             raise RouteError(
                 f"{domain} does not accept mail: it has a null MX (RFC 7505)",
@@ -186,23 +233,13 @@ class MxResolver:
             )
         if not mx_set:
             # RFC 5321 §5.1: no MX records → the domain itself, preference 0.
-            own = await self._hosts(domain, port, 0,
-                                    f"{domain} has no MX and no address records", "5.1.2")
+            if domain not in by_name:
+                assert temporary is not None
+                raise temporary
+            own = self._as_hosts(domain, by_name[domain], port, 0,
+                                 f"{domain} has no MX and no address records", "5.1.2")
             return MxAnswer(f"mx:{domain}", own, implicit=True)
         names = [name for _, name in mx_set]
-        found = await asyncio.gather(
-            *(self._addresses(domain, name) for name in dict.fromkeys(names)),
-            return_exceptions=True,
-        )
-        by_name: dict[str, _Addresses] = {}
-        temporary: RouteError | None = None
-        for name, result in zip(dict.fromkeys(names), found, strict=True):
-            if isinstance(result, RouteError) and not result.permanent:
-                temporary = temporary or result
-            elif isinstance(result, BaseException):
-                raise result
-            else:
-                by_name[name] = result
         hosts: list[Host] = []
         seen: set[str] = set()
         for preference, name in self._ordered(mx_set):
@@ -225,6 +262,16 @@ class MxResolver:
     async def addresses(self, name: str, port: int, preference: int = 0) -> tuple[Host, ...]:
         """The A then AAAA addresses of a host name (an IP address is returned as it is),
         as Hosts.  Raises RouteError when there are none."""
+        hosts = self.addresses_cached(name, port, preference)
+        if hosts is not None:
+            return hosts
+        name = name.lower().rstrip(".")
+        return self._as_hosts(name, await self._addresses(name, name), port, preference)
+
+    def addresses_cached(self, name: str, port: int,
+                         preference: int = 0) -> tuple[Host, ...] | None:
+        """:meth:`addresses` when the answer is cached (or ``name`` is an IP address),
+        without waiting; None when it would have to ask."""
         name = name.lower().rstrip(".")
         try:
             ipaddress.ip_address(name)
@@ -232,16 +279,18 @@ class MxResolver:
             pass
         else:
             return (Host(name, name, port, preference),)
-        return await self._hosts(name, port, preference,
-                                 f"host {name} has no address records", "5.4.4")
+        found = self._peek(("ADDR", name))
+        return None if found is _MISS else self._as_hosts(name, found, port, preference)
 
-    async def _hosts(self, name: str, port: int, preference: int, missing: str,
-                     enhanced: str) -> tuple[Host, ...]:
+    @staticmethod
+    def _as_hosts(name: str, addresses: _Addresses, port: int, preference: int,
+                  missing: str = "", enhanced: str = "5.4.4") -> tuple[Host, ...]:
         """``name``'s A then AAAA addresses as Hosts; a permanent 550 ``missing`` when it
         has none."""
-        v4, v6 = await self._addresses(name, name)
+        v4, v6 = addresses
         if not v4 and not v6:
-            raise RouteError(missing, permanent=True, code=550, enhanced=enhanced)
+            raise RouteError(missing or f"host {name} has no address records",
+                             permanent=True, code=550, enhanced=enhanced)
         return tuple(Host(name, a, port, preference) for a in (*v4, *v6))
 
     def clear(self) -> None:
@@ -257,6 +306,8 @@ class MxResolver:
     def _ordered(mx_set: tuple[tuple[int, str], ...]) -> list[tuple[int, str]]:
         """Preference order; RFC 5321 §5.1: equal preferences in random order, so that the
         load spreads over the hosts of one preference."""
+        if len(mx_set) == 1:
+            return list(mx_set)
         groups: dict[int, list[str]] = {}
         for preference, name in mx_set:
             groups.setdefault(preference, []).append(name)
@@ -269,15 +320,23 @@ class MxResolver:
 
     # --- the cache -----------------------------------------------------------------------
 
-    async def _cached(self, key: tuple[str, str], fetch: Callable[[], Awaitable[_T]]) -> _T:
+    def _peek(self, key: tuple[str, str]) -> Any:
+        """The cached value of ``key`` (a cached failure is raised), or _MISS."""
         entry = self._cache.get(key)
-        if entry is not None:
-            if entry.expires > self._clock():
-                self._cache.move_to_end(key)
-                if isinstance(entry.value, _Failure):
-                    raise entry.value.error()
-                return cast(_T, entry.value)
+        if entry is None:
+            return _MISS
+        if entry.expires <= self._clock():
             del self._cache[key]
+            return _MISS
+        self._cache.move_to_end(key)
+        if isinstance(entry.value, _Failure):
+            raise entry.value.error()
+        return entry.value
+
+    async def _cached(self, key: tuple[str, str], fetch: Callable[[], Awaitable[_T]]) -> _T:
+        value = self._peek(key)
+        if value is not _MISS:
+            return cast(_T, value)
         future = self._inflight.get(key)
         if future is None:
             started: asyncio.Future[object] = asyncio.ensure_future(fetch())

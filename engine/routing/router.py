@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Final
 
 from engine.config import IMPLICIT_SMARTHOST, Config, LocalConfig, SendConfig
 from engine.routing.api import Host, Route, RouteError, TlsMode
-from engine.routing.mx import MxResolver
+from engine.routing.mx import MxAnswer, MxResolver
 
 __all__ = ["LOCAL_PREFIX", "ConfiguredRouter", "accepted_domains", "match_rank"]
 
@@ -91,6 +93,29 @@ def _literal(destination: str) -> str | None:
         return str(ipaddress.IPv4Address(inner))
     except ValueError:
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Need:
+    """One DNS answer a route needs: a domain's MX hosts, or a host name's addresses."""
+
+    name: str
+    port: int
+    preference: int = 0
+    mx: bool = False
+
+
+# What a _Need got: the MX answer, the addresses, or why there are none.
+_Answer = MxAnswer | tuple[Host, ...] | RouteError
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A route to build once ``needs`` are answered (in order; resolve and
+    resolve_cached differ only in how they get the answers)."""
+
+    needs: tuple[_Need, ...]
+    build: Callable[[list[_Answer]], Route]
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +219,43 @@ class ConfiguredRouter:
         return random.choice([c for c in left if c.config.cost == cheapest])
 
     async def resolve(self, destination: str, exclude: frozenset[str] = frozenset()) -> Route:
+        plan = self._plan(destination, exclude)
+        answers: list[_Answer] = []
+        for need in plan.needs:
+            try:
+                if need.mx:
+                    answers.append(await self.resolver.mx(need.name, need.port))
+                else:
+                    answers.append(await self.resolver.addresses(need.name, need.port,
+                                                                 need.preference))
+            except RouteError as err:
+                answers.append(err)
+        return plan.build(answers)
+
+    def resolve_cached(self, destination: str,
+                       exclude: frozenset[str] = frozenset()) -> Route | None:
+        """:meth:`resolve` when every DNS answer the route needs is cached, without waiting
+        (no task, no turn of the event loop); None when it would have to ask."""
+        plan = self._plan(destination, exclude)
+        answers: list[_Answer] = []
+        for need in plan.needs:
+            found: _Answer | None
+            try:
+                if need.mx:
+                    found = self.resolver.mx_cached(need.name, need.port)
+                else:
+                    found = self.resolver.addresses_cached(need.name, need.port,
+                                                           need.preference)
+            except RouteError as err:
+                found = err
+            if found is None:
+                return None
+            answers.append(found)
+        return plan.build(answers)
+
+    def _plan(self, destination: str, exclude: frozenset[str]) -> _Plan:
+        """The DNS answers ``destination``'s route needs and how it is built from them;
+        raises RouteError for what needs no DNS to refuse."""
         domain = destination.removeprefix(LOCAL_PREFIX).lower().rstrip(".")
         if not domain:
             raise RouteError(
@@ -214,17 +276,22 @@ class ConfiguredRouter:
             # mail was queued is delivered locally, and one no longer local goes out.
             lc = self.local(domain)
             if lc is not None:
-                return await self._local_route(destination, lc)
+                return self._local_plan(destination, lc)
         connector = self._choose(domain, exclude)
         sc = connector.config
         if sc.smarthosts:
-            return await self._smarthost_route(destination, sc)
+            return _Plan(tuple(_Need(name, port, preference) for preference, (name, port)
+                               in enumerate(sc.smarthosts)),
+                         partial(self._smarthost_route, destination, sc))
         if literal is not None:
-            hosts: tuple[Host, ...] = (Host(literal, literal, connector.mx_port),)
+            hosts = (Host(literal, literal, connector.mx_port),)
             site = f"literal:{_hostport(literal, connector.mx_port)}"
-        else:
-            answer = await self.resolver.mx(domain, connector.mx_port)
-            hosts, site = answer.hosts, answer.site
+            return _Plan((), lambda _: self._route(destination, site, hosts, sc))
+        return _Plan((_Need(domain, connector.mx_port, mx=True),),
+                     partial(self._mx_route, destination, sc))
+
+    @staticmethod
+    def _route(destination: str, site: str, hosts: tuple[Host, ...], sc: SendConfig) -> Route:
         return Route(
             destination=destination,
             site=site,
@@ -235,14 +302,23 @@ class ConfiguredRouter:
             connector=sc.name,
         )
 
-    async def _smarthost_route(self, destination: str, sc: SendConfig) -> Route:
+    def _mx_route(self, destination: str, sc: SendConfig, answers: list[_Answer]) -> Route:
+        (answer,) = answers
+        if isinstance(answer, RouteError):
+            raise answer
+        assert isinstance(answer, MxAnswer)
+        return self._route(destination, answer.site, answer.hosts, sc)
+
+    @staticmethod
+    def _smarthost_route(destination: str, sc: SendConfig, answers: list[_Answer]) -> Route:
         hosts: list[Host] = []
         failure: RouteError | None = None
-        for preference, (name, port) in enumerate(sc.smarthosts):
-            try:
-                hosts += await self.resolver.addresses(name, port, preference)
-            except RouteError as err:
-                failure = failure or err
+        for answer in answers:
+            if isinstance(answer, RouteError):
+                failure = failure or answer
+            else:
+                assert isinstance(answer, tuple)
+                hosts += answer
         if not hosts:
             assert failure is not None
             # A smarthost that does not resolve is this server's configuration problem
@@ -268,9 +344,10 @@ class ConfiguredRouter:
             connector=sc.name,
         )
 
-    async def _local_route(self, destination: str, lc: LocalConfig) -> Route:
+    @staticmethod
+    def _local_plan(destination: str, lc: LocalConfig) -> _Plan:
         if lc.lmtp is None:
-            return Route(
+            maildir = Route(
                 destination=destination,
                 site=f"maildir:{lc.maildir}",
                 hosts=(),
@@ -278,20 +355,25 @@ class ConfiguredRouter:
                 tls="off",
                 maildir=lc.maildir,
             )
+            return _Plan((), lambda _: maildir)
         name, port = lc.lmtp
-        try:
-            hosts = await self.resolver.addresses(name, port)
-        except RouteError as err:
-            raise RouteError(
-                f"LMTP server {_hostport(name, port)}: {err.text}",
-                permanent=False,
-                code=451,
-                enhanced="4.4.3",
-            ) from None
-        return Route(
-            destination=destination,
-            site=f"lmtp:{_hostport(name, port)}",
-            hosts=hosts,
-            protocol="lmtp",
-            tls="opportunistic",
-        )
+
+        def lmtp(answers: list[_Answer]) -> Route:
+            (hosts,) = answers
+            if isinstance(hosts, RouteError):
+                raise RouteError(
+                    f"LMTP server {_hostport(name, port)}: {hosts.text}",
+                    permanent=False,
+                    code=451,
+                    enhanced="4.4.3",
+                )
+            assert isinstance(hosts, tuple)
+            return Route(
+                destination=destination,
+                site=f"lmtp:{_hostport(name, port)}",
+                hosts=hosts,
+                protocol="lmtp",
+                tls="opportunistic",
+            )
+
+        return _Plan((_Need(name, port),), lmtp)

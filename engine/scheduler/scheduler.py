@@ -213,8 +213,11 @@ class Scheduler:
         if self._stopping or self.settings.paused:
             return
         self.window.refill()
+        taken: dict[str, list[DueEntry]] = {}
         while (entry := self.window.take()) is not None:
-            self._take(entry)
+            taken.setdefault(entry.next_hop, []).append(entry)
+        for destination, entries in taken.items():
+            self._take(destination, entries)
 
     def _release(self, entry: DueEntry) -> None:
         """Free a group's window place outside a batch (nothing to record, or recorded on
@@ -229,12 +232,22 @@ class Scheduler:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _take(self, entry: DueEntry) -> None:
-        name = entry.next_hop
+    def _take(self, name: str, entries: list[DueEntry]) -> None:
+        """Route groups for destination ``name`` to their site."""
         dest = self.destinations.get(name)
         if dest is None:
+            # Most groups go where the DNS answers are cached: straight to their site,
+            # without a task and the turns of the loop it would wait for.
+            try:
+                route = self.router.resolve_cached(name)
+            except RouteError as exc:
+                self._unrouted(entries, exc)
+                return
+            if route is not None:
+                self._place(entries, route)
+                return
             dest = self.destinations[name] = _Destination(name)
-        dest.pending.append(entry)
+        dest.pending += entries
         if not dest.resolving:
             dest.resolving = True
             self._spawn(self._resolve(dest))
@@ -246,17 +259,24 @@ class Scheduler:
                 try:
                     route = await self.router.resolve(dest.name)
                 except RouteError as exc:
-                    for entry in entries:
-                        self._spawn(self._fail_unrouted(entry, exc))
+                    self._unrouted(entries, exc)
                     continue
-                site = self._site(route, dest.name)
-                for entry in entries:
-                    site.jobs.append((entry, route))
-                self._staff(site)
+                self._place(entries, route)
         finally:
             dest.resolving = False
             if not dest.pending:
                 self.destinations.pop(dest.name, None)
+
+    def _unrouted(self, entries: list[DueEntry], exc: RouteError) -> None:
+        for entry in entries:
+            self._spawn(self._fail_unrouted(entry, exc))
+
+    def _place(self, entries: list[DueEntry], route: Route) -> None:
+        """Queue groups at their route's site and staff it."""
+        site = self._site(route, route.destination)
+        for entry in entries:
+            site.jobs.append((entry, route))
+        self._staff(site)
 
     def _site(self, route: Route, destination: str) -> _Site:
         site = self.sites.get(route.site)
