@@ -2,8 +2,15 @@
 concurrent connections, with per-domain connection limits held exactly.
 
 Run: ``.venv/bin/python benchmarks/bench_fanout.py [--quick] [--messages N] [--domains N]
-[--limit N] [--sink-delay S] [--sinks N] [--profile]`` (about 1-2 minutes with the
-defaults: 100,000 messages to 1,000 domains; ``--quick``: 10,000 messages to 200 domains).
+[--limit N] [--sink-delay S] [--sinks N] [--window N] [--no-pin] [--profile]`` (about 1-2
+minutes with the defaults: 100,000 messages to 1,000 domains; ``--quick``: 10,000 messages
+to 200 domains).
+
+The peers stand in for other machines, so they are kept off Ferry's CPU: this process and
+everything it starts except Ferry (the sinks, the DNS responder, ``ss``) run on the last
+CPU only, and Ferry may use every CPU (``--no-pin``: no affinity).  On a 2-CPU machine the
+peers otherwise wake up on the CPU Ferry's event loop runs on and preempt it thousands of
+times a second; they still share the second CPU with Ferry's queue writer.
 
 Set-up, all on 127.0.0.0/8, every process started here stopped by its PID at the end:
 
@@ -31,11 +38,14 @@ Set-up, all on 127.0.0.0/8, every process started here stopped by its PID at the
 Measured: wall time from ``App.start()`` to an empty queue (``LmdbQueue.count() == 0``,
 polled every 50 ms) → deliveries/s; the sinks' own message counters (``-c``); peak
 concurrent established connections to the sink port (``ss`` every ``--sample`` seconds,
-client ends) and, from the sink ends, the peak per sink address against that address's
-bound (domains on it x limit); per-domain peaks from Ferry's side as above; VmHWM of the
-Ferry process; its CPU seconds (user+sys, all threads, and its queue writer process)
-per delivery.  ``--profile`` runs ``py-spy record`` on the Ferry process for the middle
-of the drain and prints the top functions by own time and by inclusive time.
+client ends; 1 s by default, as one look costs ~80 ms of CPU with 16,000 sockets) and,
+from the sink ends, the peak per sink address against that address's bound (domains on
+it x limit); per-domain peaks from Ferry's side as above; VmHWM of the Ferry process;
+its CPU seconds (user+sys, all threads, and its queue writer process) per delivery.
+``--profile`` runs ``py-spy record --gil`` (the thread holding the GIL: what the event loop
+spends its time on) on the Ferry process from the start of delivery, prints the top
+functions by own time and by inclusive time, and leaves the raw stacks in
+``--profile-out``.
 
 Targets (issue): >= 5,000 deliveries/s from one process with >= 2,000 connections open,
 peak connections per domain equal to the limit and never above it.
@@ -174,7 +184,8 @@ async def main():
     config = ferry_config(args["spool"])
     config = dataclasses.replace(config, delivery=dataclasses.replace(
         config.delivery, paused=False, dns=tuple(args["dns"]), mx_port=args["port"],
-        max_per_domain=args["limit"], retry_interval=args["retry"]))
+        max_per_domain=args["limit"], retry_interval=args["retry"],
+        window=args["window"] or config.delivery.window))
     app = App(config)
     cpu0 = cpu()  # before start: the writer process does not exist yet
     t0 = time.time()
@@ -202,7 +213,11 @@ async def main():
             print(json.dumps({"event": "progress", "t": now - t0, "left": left,
                               "delivered": sched.delivered, "open": conn_total[0],
                               "workers": sum(s.workers for s in sched.sites.values()),
-                              "sites": len(sched.sites)}), flush=True)
+                              "sites": len(sched.sites), "held": len(sched.window),
+                              "queued": sum(len(s.jobs) for s in sched.sites.values()),
+                              "resolving": sum(len(d.pending)
+                                               for d in sched.destinations.values()),
+                              "commits": store.stats.commits}), flush=True)
         if not left:
             break
     elapsed = time.time() - t0
@@ -401,8 +416,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sink-delay", type=int, default=1,
                         help="seconds smtp-sink waits before its reply to DATA (whole "
                              "seconds; 0 = none)")
+    parser.add_argument("--window", type=int, default=0,
+                        help="delivery.window (default: Ferry's default)")
     parser.add_argument("--body-size", type=int, default=1024)
-    parser.add_argument("--sample", type=float, default=0.5,
+    parser.add_argument("--no-pin", action="store_true",
+                        help="no CPU affinity (default: the peers on the last CPU only)")
+    parser.add_argument("--sample", type=float, default=1.0,
                         help="seconds between connection samples (ss)")
     parser.add_argument("--timeout", type=float, default=240.0,
                         help="give up delivery after this many seconds")
@@ -410,18 +429,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="py-spy record the Ferry process during the drain")
     parser.add_argument("--profile-seconds", type=int, default=30,
                         help="how long py-spy records, from the start of delivery")
+    parser.add_argument("--profile-out", default="/tmp/fanout-profile.txt",
+                        help="where --profile leaves py-spy's raw stacks")
     parser.add_argument("--dir", default="/work", help="where the temporary spool goes")
     args = parser.parse_args(argv)
     messages = args.messages or (10_000 if args.quick else 100_000)
     domains = args.domains or (200 if args.quick else 1_000)
     sinks = min(args.sinks, domains)
     limit = args.limit
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = not args.no_pin and len(cpus) > 1
+    if pin:
+        os.sched_setaffinity(0, {cpus[-1]})  # the peers, started below, inherit it
 
     base = Path(tempfile.mkdtemp(prefix="ferry-bench-fanout-", dir=args.dir))
     spool = base / "spool"
     print(f"Python {platform.python_version()}, uvloop {version('uvloop')}, "
           f"{os.cpu_count()} CPUs; {messages:,} messages to {domains:,} domains, limit "
-          f"{limit}, {sinks} smtp-sinks (-w {args.sink_delay}); spool under {base}",
+          f"{limit}, {sinks} smtp-sinks (-w {args.sink_delay}); peers on CPU "
+          f"{cpus[-1] if pin else 'any'}, Ferry on any; spool under {base}",
           flush=True)
     sink_procs: list[subprocess.Popen[bytes]] = []
     ferry: subprocess.Popen[str] | None = None
@@ -444,9 +470,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampler = Sampler(port, args.sample)
         sampler.start()
         driver_args = {"spool": str(spool), "dns": [dns_host, int(dns_port)], "port": port,
-                       "limit": limit, "retry": 5.0, "timeout": args.timeout}
+                       "limit": limit, "retry": 5.0, "window": args.window, "timeout": args.timeout}
         ferry = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(driver_args)],
-                                 cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                                 cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                                 preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if pin
+                                 else None)
         assert ferry.stdout is not None
         done: dict[str, Any] = {}
         started: dict[str, Any] = {}
@@ -461,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 spy_bin = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
                 if args.profile and Path(spy_bin).exists():
                     spy = subprocess.Popen(
-                        [spy_bin, "record", "-p", str(event["pid"]), "-r", "200",
+                        [spy_bin, "record", "-p", str(event["pid"]), "-r", "200", "--gil",
                          "--format", "raw", "-o", str(base / "profile.txt"),
                          "-d", str(args.profile_seconds)],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -469,7 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 peak_workers_sampled = max(peak_workers_sampled, event["workers"])
                 print(f"  t={event['t']:6.1f} s  left {event['left']:>8,}  delivered "
                       f"{event['delivered']:>8,}  connections {event['open']:>6,}  "
-                      f"workers {event['workers']:>6,}  sites {event['sites']:>5,}",
+                      f"workers {event['workers']:>6,}  sites {event['sites']:>5,}  window "
+                      f"{event['held']:>6,} ({event['queued']:,} at sites, "
+                      f"{event['resolving']:,} resolving)  commits {event['commits']:,}",
                       flush=True)
             else:
                 done = event
@@ -484,6 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         time.sleep(0.5)  # the sinks print their counters when sessions end
         received = sink_messages(base, sinks)
+        if spy is not None and (base / "profile.txt").exists():
+            shutil.copy(base / "profile.txt", args.profile_out)
         profile = (summarize_profile(base / "profile.txt")
                    if spy is not None and (base / "profile.txt").exists() else [])
     finally:
