@@ -1005,6 +1005,7 @@ class _Pipelined:
         s = self.s
         conn = s.conn
         pipe = s.pipe
+        answered = False
         try:
             while not future.done():
                 if pipe.error is not None:
@@ -1012,11 +1013,16 @@ class _Pipelined:
                 event = conn.next_event()
                 if event is NEED_DATA:
                     if not pipe.eof:
+                        # The next reply's timeout runs from the last one answered: armed
+                        # once for the replies that came together, not once each.
+                        if answered:
+                            self._deadline(self.phase)
                         return
                     conn.receive_data(b"")
                     continue
                 assert isinstance(event, Response)
                 self._reply(event.verb, s.first_checked(event.reply))
+                answered = True
             pipe.consumed()
         except ReplyError as exc:
             self._fail(s.broken_reply(exc, self.phase))
@@ -1037,11 +1043,11 @@ class _Pipelined:
     def _reply(self, verb: str, reply: Reply) -> None:
         if verb == "MAIL":
             self.mail_reply = reply
-            self._deadline("RCPT")
+            self.phase = "RCPT"
         elif verb == "RCPT":
             self.rcpt_replies.append(reply)
             if len(self.rcpt_replies) == len(self.indexes):
-                self._deadline("DATA")
+                self.phase = "DATA"
         elif verb == "DATA":
             assert self.mail_reply is not None
             s = self.s
@@ -1053,10 +1059,7 @@ class _Pipelined:
             self.expected = len(self.accepted) if self.lmtp and self.accepted else 1
             data = s.conn.send_message(self.body if self.accepted else b"", self.expected)
             s.write(data + self._follow_on())
-            if s.pipe.write_paused:
-                self._deadline("body")
-            else:
-                self._deadline("end of data")
+            self.phase = "body" if s.pipe.write_paused else "end of data"
         else:
             self.final_replies.append(reply)
             if len(self.final_replies) == self.expected:

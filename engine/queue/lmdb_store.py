@@ -342,6 +342,19 @@ class LmdbQueue:
             raise KeyError(id_text(queue_id))
         return decode(queue_id, raw)
 
+    def get_with_body(self, queue_id: bytes) -> tuple[Envelope, bytes]:
+        """``get`` and ``body`` in one read transaction (the delivery hot path)."""
+        with self._resize_lock:
+            txn = self._begin()
+            try:
+                raw: bytes | None = txn.get(queue_id, db=self._db["envelopes"])
+                body: bytes | None = txn.get(queue_id, db=self._db["bodies"])
+            finally:
+                txn.abort()
+        if raw is None or body is None:
+            raise KeyError(id_text(queue_id))
+        return decode(queue_id, raw), body
+
     def body(self, queue_id: bytes) -> bytes:
         raw = self._get("bodies", queue_id)
         if raw is None:

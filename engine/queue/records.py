@@ -39,6 +39,9 @@ class RcptState(enum.StrEnum):
 
 FINAL_STATES: Final = frozenset({RcptState.DELIVERED, RcptState.FAILED})
 
+#: State by its stored value: a dict lookup, not an enum call per recipient decoded.
+_STATES: Final = {state.value: state for state in RcptState}
+
 #: A state of a whole message that is not a recipient state: its record did not decode.
 CORRUPT: Final = "corrupt"
 
@@ -171,8 +174,8 @@ def decode(queue_id: bytes, raw: bytes) -> Envelope:
         raise RecordError(f"unknown record version {version!r}")
     try:
         recipients = [
-            Recipient(str(a), str(h), RcptState(s), int(n), float(d), str(rep),
-                      tuple(str(x) for x in notify), str(orcpt))
+            Recipient(str(a), str(h), _STATES[s], int(n), float(d), str(rep),
+                      tuple(map(str, notify)), str(orcpt))
             for a, h, s, n, d, rep, notify, orcpt in doc["rcpts"]
         ]
         return Envelope(

@@ -364,12 +364,12 @@ class Scheduler:
                 if (nxt.site, nxt.protocol, nxt.tls, nxt.auth) != (
                         route.site, route.protocol, route.tls, route.auth):
                     return None
-                env = self.store.get(entry.queue_id)
+                env, body = self.store.get_with_body(entry.queue_id)
                 pending = self._waiting(env, entry.next_hop)
                 if (not pending or len(pending) > self.settings.max_recipients_per_transaction
                         or entry.next_hop in self.suspended or self._expired(env, time.time())):
                     return None
-                job = FollowOn(env, pending, self.store.body(entry.queue_id))
+                job = FollowOn(env, pending, body)
             except (KeyError, RecordError):
                 return None  # gone or corrupt: the worker's normal turn deals with it
             site.jobs.popleft()
