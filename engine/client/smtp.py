@@ -42,7 +42,7 @@ from engine.protocol.client import (
 )
 from engine.protocol.command import Command
 from engine.protocol.errors import ReplyError
-from engine.protocol.events import NEED_DATA
+from engine.protocol.events import NEED_DATA, NeedData
 from engine.protocol.reply import Reply
 from engine.queue.records import Envelope, RcptState
 from engine.routing.api import Host, Route, TlsMode
@@ -112,12 +112,24 @@ class _Failure(Exception):
 class _Pipe(asyncio.Protocol):
     """The connection's protocol object: bytes go straight into the sans-I/O client's
     reply parser as they arrive (no copy, no wake-up until someone waits), with flow
-    control both ways; the transport may be replaced by TLS."""
+    control both ways; the transport may be replaced by TLS.
 
-    def __init__(self) -> None:
+    ``hello`` (EHLO or LHLO) is sent from here the moment a 220 greeting arrives, before
+    the connecting task has even resumed: under load a turn of the event loop lasts
+    long, and a new connection would otherwise spend one turn reading the greeting and
+    another waiting for the EHLO reply before its first MAIL.  Only the greeting is
+    waited for (RFC 5321 §3.1: nothing is sent before it); everything after the EHLO
+    reply is the session's.
+    """
+
+    def __init__(self, conn: ClientConnection, hello: Command | None = None) -> None:
         self.transport: asyncio.Transport | None = None
-        self.conn: ClientConnection | None = None
-        self._early: list[bytes] = []
+        self.conn = conn
+        self._hello = hello
+        #: The greeting, once ``hello`` has looked at it (the session reads it from here),
+        #: and whether ``hello`` went out (a 220).
+        self.greeting: Greeting | None = None
+        self.hello_sent = False
         #: A ReplyError from feeding the parser (bytes after a STARTTLS 220), raised by
         #: the next wait: the session sees it where it reads.
         self.error: ReplyError | None = None
@@ -138,21 +150,14 @@ class _Pipe(asyncio.Protocol):
         self.handler: _Pipelined | None = None
         self.lost = asyncio.Event()
 
-    def attach(self, conn: ClientConnection) -> None:
-        self.conn = conn
-        early, self._early = self._early, []
-        for data in early:
-            self._feed(conn, data)
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
-        if conn is None:
-            self._early.append(data)
-            return
         self._feed(conn, data)
+        if self._hello is not None:
+            self._greeted(conn)
         if conn.buffered > _READ_HIGH_WATER and not self._read_paused:
             # Nobody consumes (an idle pooled connection, a server that floods): stop
             # reading until the replies held are taken (``consumed``).
@@ -174,6 +179,25 @@ class _Pipe(asyncio.Protocol):
             conn.receive_data(data)
         except ReplyError as exc:
             self.error = self.error or exc
+
+    def _greeted(self, conn: ClientConnection) -> None:
+        """Take the greeting when it is complete, and answer a 220 with ``hello``."""
+        if self.error is not None:
+            return
+        try:
+            event = conn.next_event()
+        except ReplyError as exc:
+            self.error = exc
+            return
+        if event is NEED_DATA:
+            return
+        assert isinstance(event, Greeting), "the first reply is the greeting"
+        hello, self._hello = self._hello, None
+        assert hello is not None
+        self.greeting = event
+        if event.reply.code == 220 and self.transport is not None:
+            self.transport.write(conn.send(hello))
+            self.hello_sent = True
 
     def consumed(self) -> None:
         """Replies were taken from the parser: read again if reading was paused."""
@@ -275,14 +299,11 @@ class _Pipe(asyncio.Protocol):
 class _Session:
     """One connection to one host: the transport, the sans-I/O client and pool state."""
 
-    def __init__(
-        self, host: Host, pipe: _Pipe, settings: ClientSettings, timeouts: dict[str, float]
-    ) -> None:
+    def __init__(self, host: Host, pipe: _Pipe, timeouts: dict[str, float]) -> None:
         self.host = host
         self.remote = f"{host.name}[{host.address}]"
         self.pipe = pipe
-        self.conn = ClientConnection(settings)
-        pipe.attach(self.conn)
+        self.conn = pipe.conn
         self.timeouts = timeouts
         self.messages = 0
         self.needs_rset = False
@@ -326,7 +347,7 @@ class _Session:
         conn = self.conn
         pipe = self.pipe
         try:
-            event = conn.next_event()
+            event = self._next_event()
             if event is NEED_DATA:
                 # One deadline for the whole reply, however many reads it takes.
                 deadline = asyncio.get_running_loop().time() + self.timeouts[phase]
@@ -335,7 +356,7 @@ class _Session:
                         conn.receive_data(b"")
                     else:
                         await pipe.wait(deadline)
-                    event = conn.next_event()
+                    event = self._next_event()
             pipe.consumed()
         except TimeoutError:
             raise _Failure(
@@ -348,6 +369,13 @@ class _Session:
             return event
         assert isinstance(event, Response)
         return self.first_checked(event.reply)
+
+    def _next_event(self) -> Greeting | Response | NeedData:
+        pipe = self.pipe
+        if pipe.greeting is not None:  # taken by the pipe to answer it with EHLO
+            greeting, pipe.greeting = pipe.greeting, None
+            return greeting
+        return self.conn.next_event()
 
     def broken_reply(self, exc: ReplyError, phase: str) -> _Failure:
         """The failure for a reply that broke the syntax, its caps, or never came."""
@@ -379,7 +407,11 @@ class _Session:
     async def hello(self, helo_name: str, lmtp: bool) -> Extensions:
         """EHLO, or HELO when EHLO gets a 5xx (RFC 5321 §3.2); LHLO in LMTP."""
         verb = "LHLO" if lmtp else "EHLO"
-        reply = await self.command(Command(verb, arg=helo_name))
+        if self.pipe.hello_sent:  # sent on the greeting's arrival (see _Pipe)
+            self.pipe.hello_sent = False
+            reply = await self.reply("command")
+        else:
+            reply = await self.command(Command(verb, arg=helo_name))
         if reply.code // 100 == 5 and not lmtp and reply.code != 554:
             reply = await self.command(Command("HELO", arg=helo_name))
         if reply.code != 250 or self.conn.extensions is None:
@@ -630,14 +662,20 @@ class SmtpAgent:
         """A ready session with the first host that works, or None and the last reason."""
         reason = "451 4.4.4 No host to deliver to"
         loop = asyncio.get_running_loop()
+        hello = Command("LHLO" if lmtp else "EHLO", arg=self.helo_name)
+
+        def pipe_factory() -> _Pipe:
+            return _Pipe(ClientConnection(self.settings), hello)
+
         for host in route.hosts:
             remote = f"{host.name}[{host.address}]:{host.port}"
             try:
                 async with asyncio.timeout(self.connect_timeout):
                     if host.address.startswith("/"):
-                        _, pipe = await loop.create_unix_connection(_Pipe, host.address)
+                        _, pipe = await loop.create_unix_connection(pipe_factory, host.address)
                     else:
-                        _, pipe = await loop.create_connection(_Pipe, host.address, host.port)
+                        _, pipe = await loop.create_connection(pipe_factory, host.address,
+                                                               host.port)
             except TimeoutError:
                 reason = f"451 4.4.1 Connection to {remote} timed out"
                 continue
@@ -645,7 +683,7 @@ class SmtpAgent:
                 reason = f"451 4.4.1 Connection to {remote} failed: {exc.strerror or exc}"
                 continue
             self.connections_opened += 1
-            session = _Session(host, pipe, self.settings, self.timeouts)
+            session = _Session(host, pipe, self.timeouts)
             try:
                 await self._setup(session, route, lmtp)
             except _Failure as failure:

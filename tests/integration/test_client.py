@@ -8,6 +8,7 @@ byte the agent sends and every way a reply can be broken is under the test's con
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
@@ -256,11 +257,12 @@ def smtp_script(
     rcpt: Callable[[bytes], bytes] = lambda a: b"250 2.1.5 Ok",
     final: Callable[[bytes], bytes] = lambda a: b"250 2.0.0 Ok",
     close_after: int = 0,
+    greeting: bytes = b"220 raw.test ESMTP\r\n",
 ) -> Script:
     """A small well-behaved SMTP (or LMTP) server; replies per recipient as told."""
 
     async def script(peer: Peer) -> None:
-        peer.send(b"220 raw.test ESMTP\r\n")
+        peer.send(greeting)
         accepted: list[bytes] = []
         while True:
             line = await peer.line()
@@ -711,13 +713,42 @@ def test_bad_greetings_skip_the_host_and_defer() -> None:
                 Route("example.net", "s2", hosts[:1]), envelope("u@x.test"), [0], BODY
             )
             await a.close()
-            return fallback, only_bad, await b1.dropped(1)
+            return fallback, only_bad, await b1.dropped(1), b1.peers[1].chunks
 
-    fallback, only_bad, closed = run(go())
+    fallback, only_bad, closed, received = run(go())
     assert fallback[0].state is DELIVERED and fallback[0].remote == "good[127.0.0.1]"
     # RFC 5321 §3.8: a 554 greeting from every host still means "try later"
     assert only_bad[0].state is DEFERRED and only_bad[0].reply == "554 5.3.2 Not now"
     assert closed
+    # EHLO answers only a 220: after a 554 the client says QUIT, or nothing.
+    assert all(not chunk.upper().startswith((b"EHLO", b"HELO")) for chunk in received)
+
+
+def test_ehlo_waits_for_the_whole_greeting() -> None:
+    """EHLO goes out as the greeting arrives, but never before its last line (RFC 5321
+    §3.1): a client talking early is taken for spamware by servers that check."""
+
+    async def slow_greeting(peer: Peer) -> None:
+        peer.send(b"220-raw.test ESMTP\r\n")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await peer.until_eof()  # whatever the client sends now is too early
+        if peer.chunks:
+            peer.send(b"554 5.5.1 You talked before the greeting\r\n")
+            return
+        peer.send(b"220 ready\r\n")
+        await smtp_script(greeting=b"")(peer)
+
+    async def go() -> list[Any]:
+        async with RawServer(slow_greeting) as server:
+            a = agent()
+            try:
+                return await a.deliver(route(server.port), envelope("u@x.test"), [0], BODY)
+            finally:
+                await a.close()
+
+    (result,) = run(go())
+    assert result.state is DELIVERED, result.reply
 
 
 # --- the pool --------------------------------------------------------------------------
