@@ -702,7 +702,7 @@ def test_bad_greetings_skip_the_host_and_defer() -> None:
         peer.send(b"554 5.3.2 Not now\r\n")
         await peer.until_eof()
 
-    async def go() -> tuple[list[Any], list[Any], bool]:
+    async def go() -> tuple[list[Any], list[Any], bool, list[bytes]]:
         async with RawServer(greet_554) as b1, RawServer(smtp_script()) as good:
             a = agent()
             hosts = (Host("b1", "127.0.0.1", b1.port), Host("good", "127.0.0.1", good.port))
