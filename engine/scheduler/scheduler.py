@@ -14,7 +14,7 @@ Theory of operation (Postfix's qmgr, KumoMTA's two-level queues):
    commit, frees the group's window place, and takes the next group of its site.  Groups
    finishing in one turn of the event loop share one queue operation, and the places
    its commit frees are refilled at once (``_queue_outcomes``, ``_committed``).  Under
-   load a turn of the loop serves thousands of connections and lasts hundreds of
+   load one turn of the loop can serve thousands of connections and last hundreds of
    milliseconds, so every hop from a freed place back to a busy site (a timer, a task,
    a callback) costs a turn: a place held that long is one the window cannot hand out,
    and sites go idle while the window is full.  A site
