@@ -16,8 +16,8 @@ import pytest
 import uvloop
 
 from engine.config import Overrides, load_config
-from engine.routing.api import Host, RouteError
-from engine.routing.mx import MxResolver
+from engine.routing.api import Host, Route, RouteError
+from engine.routing.mx import MxAnswer, MxResolver
 from engine.routing.router import ConfiguredRouter
 from engine.testing.dns import DnsResponder
 
@@ -346,6 +346,74 @@ def test_dns_and_mx_port_flags_through_the_router(dns: DnsResponder) -> None:
                                                           ("2001:db8::20", 2525)]  # fmt: skip
     err = failure(router.resolve("null.test"))
     assert err.code == 556
+
+
+# --- answers from the cache alone (the scheduler's fast path) ----------------------------
+
+
+def test_cache_only_answers_match_the_waiting_ones(dns: DnsResponder) -> None:
+    r = resolver(dns)
+    for domain in ("example.test", "implicit.test", "alias.test"):
+        assert r.mx_cached(domain, 25) is None  # nothing cached: it would have to ask
+    queries = sum(dns.queries.values())
+    assert r.addresses_cached("192.0.2.7", 25) == (Host("192.0.2.7", "192.0.2.7", 25, 0),)
+    assert r.addresses_cached("mx1.example.test", 25) is None
+    assert sum(dns.queries.values()) == queries  # asking the cache sends no query
+
+    async def both(domain: str) -> tuple[MxAnswer, MxAnswer | None]:
+        waited = await r.mx(domain, 25)
+        return waited, r.mx_cached(domain, 25)
+
+    for domain in ("example.test", "implicit.test", "alias.test"):
+        waited, cached = asyncio.run(both(domain))
+        assert cached is not None
+        assert (cached.site, cached.implicit) == (waited.site, waited.implicit)
+        assert set(cached.hosts) == set(waited.hosts)
+    assert r.addresses_cached("mx1.example.test", 25, 10) == (
+        Host("mx1.example.test", "127.0.0.11", 25, 10),)
+    assert sum(dns.queries.values()) > queries
+
+
+def test_cache_only_answers_raise_cached_failures(dns: DnsResponder) -> None:
+    r = resolver(dns)
+    for domain, code in (("null.test", 556), ("no-such-domain.test", 550),
+                         ("nothing.test", 550), ("dangling.test", 550)):
+        assert failure(r.mx(domain, 25)).code == code
+        with pytest.raises(RouteError) as info:
+            r.mx_cached(domain, 25)
+        assert (info.value.permanent, info.value.code) == (True, code)
+    # A temporary failure is never cached: the cache has nothing to say.
+    dns.servfail.add("mx.v6.test")
+    assert not failure(r.mx("v6.test", 25)).permanent
+    assert r.mx_cached("v6.test", 25) is None
+
+
+def test_router_resolves_from_the_cache_alone(dns: DnsResponder, tmp_path: object) -> None:
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "ferry.toml"
+    path.write_text('[[send]]\nname = "relay"\naddress_spaces = ["*.smart.test"]\n'
+                    'smarthosts = ["mx1.example.test:2526"]\n'
+                    '[[send]]\nname = "mx"\naddress_spaces = ["*"]\n', encoding="utf-8")
+    config = load_config(path, Overrides(dns=dns.address))
+    router = ConfiguredRouter(config, MxResolver.from_config(config, timeout=0.5, lifetime=1))
+    assert router.resolve_cached("example.test") is None
+    assert router.resolve_cached("a.smart.test") is None
+    literal = router.resolve_cached("[192.0.2.1]")  # needs no DNS at all
+    assert literal is not None and literal.hosts[0].address == "192.0.2.1"
+    waited = run(router.resolve("example.test"))
+    smart = run(router.resolve("a.smart.test"))
+    cached = router.resolve_cached("example.test")
+    assert isinstance(waited, Route) and cached is not None
+    assert (cached.site, cached.connector) == (waited.site, "mx")
+    cached_smart = router.resolve_cached("a.smart.test")
+    assert cached_smart is not None and cached_smart == smart
+    assert cached_smart.hosts == (Host("mx1.example.test", "127.0.0.11", 2526, 0),)
+    assert router.resolve_cached("b.smart.test") is not None  # the smarthost's addresses
+    err = failure(router.resolve("null.test"))
+    with pytest.raises(RouteError) as info:
+        router.resolve_cached("null.test")
+    assert info.value.code == err.code == 556
 
 
 def test_send_connector_port_beats_mx_port(dns: DnsResponder, tmp_path: object) -> None:
