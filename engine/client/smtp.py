@@ -201,8 +201,7 @@ class _Pipe(asyncio.Protocol):
 
     def consumed(self) -> None:
         """Replies were taken from the parser: read again if reading was paused."""
-        if (self._read_paused and self.conn is not None
-                and self.conn.buffered <= _READ_HIGH_WATER
+        if (self._read_paused and self.conn.buffered <= _READ_HIGH_WATER
                 and self.transport is not None and not self.transport.is_closing()):
             self._read_paused = False
             self.transport.resume_reading()

@@ -4,7 +4,9 @@ Owns the choice of the way out.  At ingest :meth:`ConfiguredRouter.destination` 
 name that needs no DNS: ``local:<domain>`` for a local (authoritative) domain, the address
 literal itself (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``), or the domain, lower-cased
 without its trailing dot.  The send connector is chosen later, by :meth:`resolve`, so that
-a configuration change applies to mail already queued.
+a configuration change applies to mail already queued.  :meth:`resolve_cached` gives the
+same route without waiting when every DNS answer it needs is cached (the scheduler routes
+most groups that way, without a task); both build it from one plan of the answers needed.
 
 Choosing a send connector (the Exchange rules): among the connectors whose address spaces
 match the domain, the most specific match wins (an exact domain beats the longest
