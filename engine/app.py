@@ -91,10 +91,12 @@ class App:
         # closes and reopens connections between messages.
         idle = max([cfg.delivery.max_per_domain,
                     *(d.max_connections or 0 for d in cfg.delivery.domains.values())])
+        ca_file = str(cfg.delivery.ca_file) if cfg.delivery.ca_file is not None else None
         self.agents = {"smtp": SmtpAgent(cfg.hostname, max_messages_per_connection=per_connection,
-                                         max_idle_per_site=idle,
+                                         max_idle_per_site=idle, ca_file=ca_file,
                                          pipeline_messages=cfg.delivery.pipeline_messages),
-                       "lmtp": SmtpAgent(cfg.hostname, lmtp=True, max_idle_per_site=idle),
+                       "lmtp": SmtpAgent(cfg.hostname, lmtp=True, max_idle_per_site=idle,
+                                         ca_file=ca_file),
                        "maildir": MaildirAgent(hostname=cfg.hostname)}
         self.scheduler = scheduler = Scheduler(store, router, self.agents, hostname=cfg.hostname,
                                                settings=scheduler_settings(cfg))

@@ -203,6 +203,9 @@ class DeliveryConfig:
     #: not flood the resolver: a burst beyond its receive buffer is dropped, and each
     #: dropped query costs a timeout).
     dns_max_queries: int = 1000
+    #: CA certificates (PEM) that ``tls = "verify"`` trusts; None: the system's store
+    #: (Postfix's smtp_tls_CAfile): for a smarthost with a certificate from a private CA.
+    ca_file: Path | None = None
     mx_port: int = 25
     max_per_domain: int = 20
     #: Messages per second to one site (a destination's server set); 0 = no limit.
@@ -935,6 +938,7 @@ class _DeliveryModel(_Model):
     smarthost: Annotated[tuple[str, int], _v(_destination(25))] | None = None
     dns: Annotated[tuple[str, int], _v(_nameserver)] | None = None
     dns_max_queries: _PosInt | None = None
+    ca_file: Annotated[Path, _v(_existing_file)] | None = None
     mx_port: Annotated[int, _v(_port)] | None = None
     max_per_domain: _PosInt | None = None
     max_rate: _RateOrOff | None = None

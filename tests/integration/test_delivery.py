@@ -247,6 +247,54 @@ def test_send_connector_to_a_smarthost_with_starttls_and_auth(
         controller.stop()
 
 
+def test_verify_trusts_delivery_ca_file(tmp_path: Path, dns_server: DnsResponder,
+                                        ca: Any, cert_files: tuple[Path, Path]) -> None:
+    """``tls = "verify"`` to a smarthost whose certificate (for 127.0.0.1) comes from a
+    private CA: refused (deferred, kept) with the system's store, delivered with
+    ``delivery.ca_file``."""
+    import socket
+    import ssl
+
+    from aiosmtpd.controller import Controller
+
+    from engine.config import SendConfig
+
+    cert, key = cert_files
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    handler = _AuthSink()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, tls_context=context,
+                            require_starttls=True)
+    controller.start()
+    try:
+        partner = SendConfig(name="partner", address_spaces=("partner.test",),
+                             smarthosts=(("127.0.0.1", port),), tls="verify")
+        for n, trusted in enumerate((None, ca_file)):
+            config = ferry_config(tmp_path / f"spool{n}")
+            config = dataclasses.replace(config, send=(partner,), delivery=dataclasses.replace(
+                config.delivery, paused=False, dns=dns_server.address, retry_interval=30,
+                ca_file=trusted))
+            with RunningFerry(config) as f:
+                send(f, "a@client.test", ["x@partner.test"], BODY)
+                if trusted is None:
+                    qid = wait_for(lambda: f.store.ids_in_state("deferred", 1))[0]
+                    reply = f.store.get(qid).recipients[0].last_reply
+                    assert reply.startswith("451 4.7.5") and "certificate" in reply, reply
+                    assert not handler.messages
+                else:
+                    wait_for(lambda: len(handler.messages) == 1)
+                    wait_for(lambda: f.store.count() == 0)
+        sender, rcpts, _, tls, _ = handler.messages[0]
+        assert (sender, rcpts, tls) == ("a@client.test", ["x@partner.test"], True)
+    finally:
+        controller.stop()
+
+
 def test_local_domain_to_maildir(tmp_path: Path, dns_server: DnsResponder) -> None:
     from engine.config import LocalConfig
 

@@ -539,6 +539,16 @@ def test_cert_file_must_exist(tmp_path: Path) -> None:
     assert one_problem(tmp_path, text).startswith("receive[0].cert_file: is not a regular file")
 
 
+def test_delivery_ca_file(tmp_path: Path) -> None:
+    assert load_config(None).delivery.ca_file is None  # the system's store
+    assert one_problem(tmp_path, '[delivery]\nca_file = "ca.pem"\n') == (
+        f"delivery.ca_file: file not found: {tmp_path / 'ca.pem'}"
+    )
+    (tmp_path / "ca.pem").write_text("ca")
+    assert load_config(write(tmp_path, '[delivery]\nca_file = "ca.pem"\n')).delivery.ca_file \
+        == tmp_path / "ca.pem"  # relative to the configuration file
+
+
 def test_tls_with_cert_loads(tmp_path: Path) -> None:
     cert, key = certs(tmp_path)
     text = f'[[receive]]\ntls = "implicit"\ncert_file = "{cert}"\nkey_file = "{key}"\n'
