@@ -349,6 +349,11 @@ class _Invalid(ValueError):
         return err
 
 
+def _as_written(seconds: float) -> str:
+    """Seconds as the operator wrote them: the model keeps floats, the file said 3600."""
+    return str(int(seconds)) if seconds.is_integer() else str(seconds)
+
+
 def _show(value: object) -> str:
     """A value as the operator wrote it in TOML, shortened, for "(got ...)"."""
     if isinstance(value, bool):
@@ -960,8 +965,8 @@ class _DeliveryModel(_Model):
         lifetime = self.max_queue_lifetime or DeliveryConfig.max_queue_lifetime
         if after and after >= lifetime:
             raise _Invalid(
-                f"must be shorter than delivery.max_queue_lifetime ({_show(after)} >= "
-                f"{_show(lifetime)}): the message would fail before its delay notice; "
+                f"must be shorter than delivery.max_queue_lifetime ({_as_written(after)} >= "
+                f"{_as_written(lifetime)}): the message would fail before its delay notice; "
                 "0 turns notices off",
                 ("delay_notice_after",),
             )

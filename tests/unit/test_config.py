@@ -429,7 +429,7 @@ def test_positive_integer_message(tmp_path: Path) -> None:
         (
             "[delivery]\nmax_queue_lifetime = 3600\ndelay_notice_after = 3600",
             "delivery.delay_notice_after",
-            "must be shorter than delivery.max_queue_lifetime",
+            "must be shorter than delivery.max_queue_lifetime (3600 >= 3600)",
         ),
         ('[log]\nlevel = "INFO"', "log.level", 'did you mean "info"?'),
         ("[log]\nprotocol_log_dir = 5", "log.protocol_log_dir", "path"),
