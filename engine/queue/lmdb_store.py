@@ -324,39 +324,33 @@ class LmdbQueue:
             self._map_size = self._env.info()["map_size"]
             return self._env.begin(buffers=False)
 
-    def _get(self, db: str, key: bytes) -> bytes | None:
-        # The delivery hot path reads twice per group (envelope, body): one short read
-        # transaction each, without _read()'s generator-based context manager.
+    def _get(self, key: bytes, *dbs: str) -> list[bytes | None]:
+        """``key``'s value in each table, in one short read transaction (the delivery hot
+        path: without _read()'s generator-based context manager)."""
         with self._resize_lock:
             txn = self._begin()
             try:
-                raw: bytes | None = txn.get(key, db=self._db[db])
+                found: list[bytes | None] = [txn.get(key, db=self._db[db]) for db in dbs]
             finally:
                 txn.abort()
-        return raw
+        return found
 
     def get(self, queue_id: bytes) -> Envelope:
         """The envelope; KeyError when absent, RecordError when it does not decode."""
-        raw = self._get("envelopes", queue_id)
+        (raw,) = self._get(queue_id, "envelopes")
         if raw is None:
             raise KeyError(id_text(queue_id))
         return decode(queue_id, raw)
 
     def get_with_body(self, queue_id: bytes) -> tuple[Envelope, bytes]:
         """``get`` and ``body`` in one read transaction (the delivery hot path)."""
-        with self._resize_lock:
-            txn = self._begin()
-            try:
-                raw: bytes | None = txn.get(queue_id, db=self._db["envelopes"])
-                body: bytes | None = txn.get(queue_id, db=self._db["bodies"])
-            finally:
-                txn.abort()
+        raw, body = self._get(queue_id, "envelopes", "bodies")
         if raw is None or body is None:
             raise KeyError(id_text(queue_id))
         return decode(queue_id, raw), body
 
     def body(self, queue_id: bytes) -> bytes:
-        raw = self._get("bodies", queue_id)
+        (raw,) = self._get(queue_id, "bodies")
         if raw is None:
             raise KeyError(id_text(queue_id))
         return bytes(raw)
@@ -733,7 +727,8 @@ class LmdbQueue:
 
     def setting(self, name: str) -> bytes | None:
         """A value stored with :meth:`save_setting`, None when there is none."""
-        return self._get("meta", _SETTING + name.encode())
+        (value,) = self._get(_SETTING + name.encode(), "meta")
+        return value
 
     async def save_setting(self, name: str, value: bytes) -> None:
         """Store ``value`` under ``name`` durably (through the writer, like every write);

@@ -293,14 +293,16 @@ class ConfiguredRouter:
                      partial(self._mx_route, destination, sc))
 
     @staticmethod
-    def _route(destination: str, site: str, hosts: tuple[Host, ...], sc: SendConfig) -> Route:
+    def _route(destination: str, site: str, hosts: tuple[Host, ...], sc: SendConfig,
+               tls: TlsMode | None = None, auth: tuple[str, str] | None = None) -> Route:
+        """A route through send connector ``sc`` (its TLS mode unless ``tls`` is given)."""
         return Route(
             destination=destination,
             site=site,
             hosts=hosts,
             protocol=sc.protocol,
-            tls=sc.tls,
-            auth=None,
+            tls=sc.tls if tls is None else tls,
+            auth=auth,
             connector=sc.name,
         )
 
@@ -311,8 +313,8 @@ class ConfiguredRouter:
         assert isinstance(answer, MxAnswer)
         return self._route(destination, answer.site, answer.hosts, sc)
 
-    @staticmethod
-    def _smarthost_route(destination: str, sc: SendConfig, answers: list[_Answer]) -> Route:
+    def _smarthost_route(self, destination: str, sc: SendConfig,
+                         answers: list[_Answer]) -> Route:
         hosts: list[Host] = []
         failure: RouteError | None = None
         for answer in answers:
@@ -336,15 +338,7 @@ class ConfiguredRouter:
         if auth is not None and not sc.allow_plaintext_auth and tls in ("off", "opportunistic"):
             tls = "required"
         site = "smarthost:" + ",".join(_hostport(h, p) for h, p in sc.smarthosts)
-        return Route(
-            destination=destination,
-            site=site,
-            hosts=tuple(hosts),
-            protocol=sc.protocol,
-            tls=tls,
-            auth=auth,
-            connector=sc.name,
-        )
+        return self._route(destination, site, tuple(hosts), sc, tls, auth)
 
     @staticmethod
     def _local_plan(destination: str, lc: LocalConfig) -> _Plan:
