@@ -15,6 +15,9 @@ command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 "$PY" -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 # Real peers for the interop tests: swaks, and Postfix for smtp-source / smtp-sink.
 command -v swaks >/dev/null 2>&1 || missing+=(swaks)
+# swaks's STARTTLS needs Net::SSLeay (only a Recommends of swaks, so --no-install-recommends
+# leaves it out: swaks then exits 10 "TLS not available").
+perl -MNet::SSLeay -e 1 >/dev/null 2>&1 || missing+=(libnet-ssleay-perl)
 [ -x /usr/sbin/smtp-source ] || missing+=(postfix)
 # Postfix's SASL client needs the PLAIN/LOGIN plug-ins (only a Recommends of libsasl2-2).
 ls /usr/lib/*/sasl2/libplain.so* >/dev/null 2>&1 || missing+=(libsasl2-modules)
