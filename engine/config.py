@@ -22,12 +22,15 @@ Relative paths in a file are taken relative to the directory of that file, so th
 works whatever the working directory; paths of the embedded default and of flags are
 relative to the working directory.
 
-To add a key: add one field to its dataclass (type with a checker from the "value
-checkers" section or a new one, default, a comment that says why), add its row to
-docs/configuration.md, and read it where it takes effect (the component receives the
-dataclass).  A check that involves several keys of one table goes in that table's
-``_check_*`` function; one across tables in :func:`_check_config`.  ``tests/unit/
-test_config_seam.py`` fails until the key is documented and read by a component.
+To add a key: add one field to its dataclass (its type annotated with a checker from the
+"value checkers" section or a new one, its default, a comment that says why), add its row
+to its section's table in docs/configuration.md, and read it where it takes effect (the
+component is handed the dataclass: a [[receive]] key is ``SmtpSession.config.<key>``, a
+[delivery] key ``Scheduler.settings.<key>``).  A check of several keys of one table goes
+in that table's ``_check_*`` function, one across tables in :func:`_check_config`.  A new
+table is a dataclass, a field of its parent and a row of :data:`TABLES`; a new flag is an
+argparse line (engine.cli.main) and a row of :data:`FLAGS`.
+``tests/integration/test_config_seam.py`` fails until the key is documented and read.
 
 It must never open sockets, create the spool, start anything or import the engine's other
 parts: loading a configuration has no effect besides reading the file (and checking that
