@@ -28,36 +28,13 @@ from engine.ops.protolog import ProtocolLog
 from engine.queue.lmdb_store import LmdbQueue
 from engine.routing.mx import MxResolver
 from engine.routing.router import ConfiguredRouter, accepted_domains
-from engine.scheduler.policy import SchedulerSettings, SiteLimits
+from engine.scheduler.policy import Limits
 from engine.scheduler.scheduler import Scheduler
 from engine.server.auth import Authenticator
 from engine.server.ingest import Ingest
 from engine.server.service import Connector
 
 log = logging.getLogger("ferry")
-
-
-def scheduler_settings(config: Config) -> SchedulerSettings:
-    d = config.delivery
-    default = SiteLimits(max_connections=d.max_per_domain, max_rate=d.max_rate)
-    per_domain = {
-        domain: SiteLimits(
-            max_connections=limits.max_connections or default.max_connections,
-            max_rate=default.max_rate if limits.max_rate is None else limits.max_rate)
-        for domain, limits in d.domains.items()
-    }
-    return SchedulerSettings(
-        window=d.window,
-        default_limits=default,
-        domain_limits=per_domain,
-        max_recipients_per_transaction=d.max_recipients_per_transaction,
-        retry_interval=d.retry_interval,
-        max_retry_interval=d.max_retry_interval,
-        max_queue_lifetime=d.max_queue_lifetime,
-        down_period=d.down_period,
-        paused=d.paused,
-        delay_notice_after=d.delay_notice_after,
-    )
 
 
 class App:
@@ -74,6 +51,9 @@ class App:
     async def start(self) -> None:
         cfg = self.config
         q = cfg.queue
+        # [log] level (a --log-level flag was merged into it) for Ferry's loggers, ferry.*;
+        # the handler and format are the CLI's (engine.cli.main).
+        logging.getLogger("ferry").setLevel(cfg.log.level.upper())
         # Before the queue opens: a second server on this spool stops here, untouched.
         check_free(socket_path(cfg.spool))
         self.store = store = LmdbQueue(
@@ -86,20 +66,20 @@ class App:
         log.info("ferry %s starting; %s", __version__, _speedups.status())
         log.info("%s", store.describe())
         router = ConfiguredRouter(cfg, MxResolver.from_config(cfg))
-        per_connection = cfg.delivery.max_messages_per_connection
+        d = cfg.delivery
         # Keep as many idle connections per site as it may have workers, or a busy site
         # closes and reopens connections between messages.
-        idle = max([cfg.delivery.max_per_domain,
-                    *(d.max_connections or 0 for d in cfg.delivery.domains.values())])
-        ca_file = str(cfg.delivery.ca_file) if cfg.delivery.ca_file is not None else None
-        self.agents = {"smtp": SmtpAgent(cfg.hostname, max_messages_per_connection=per_connection,
+        idle = Limits(d).most_connections()
+        ca_file = str(d.ca_file) if d.ca_file is not None else None
+        self.agents = {"smtp": SmtpAgent(cfg.hostname,
+                                         max_messages_per_connection=d.max_messages_per_connection,
                                          max_idle_per_site=idle, ca_file=ca_file,
-                                         pipeline_messages=cfg.delivery.pipeline_messages),
+                                         pipeline_messages=d.pipeline_messages),
                        "lmtp": SmtpAgent(cfg.hostname, lmtp=True, max_idle_per_site=idle,
                                          ca_file=ca_file),
                        "maildir": MaildirAgent(hostname=cfg.hostname)}
         self.scheduler = scheduler = Scheduler(store, router, self.agents, hostname=cfg.hostname,
-                                               settings=scheduler_settings(cfg))
+                                               settings=d)
         scheduler.start()
         control = ControlServer(socket_path(cfg.spool), scheduler, store, router.destination)
         try:

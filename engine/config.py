@@ -1,19 +1,36 @@
-"""The configuration: read the TOML file, validate every key, hand out frozen dataclasses.
+"""The configuration: read the TOML file, merge the command-line flags, validate every key,
+hand out frozen dataclasses.
 
-This module owns the configuration's shape, its defaults and its error messages.  The file
-is read with stdlib ``tomllib`` and checked by private pydantic v2 models (unknown keys are
-errors, types are strict: ``"25"`` is not a port, ``true`` is not a number); the result is
-converted to the plain frozen dataclasses below, which are all the rest of the code sees.
-No other module imports pydantic.
+This module owns the configuration's shape, its defaults and its error messages.  Each key
+is declared exactly once, as a field of one of the frozen dataclasses below: its type
+(with the checker that validates it, ``Annotated[..., _v(check)]``), its default and its
+comment.  The file is read with stdlib ``tomllib``, the ``ferry serve`` flags are merged
+into that raw table (:data:`FLAGS`), and pydantic's ``TypeAdapter`` validates the result
+straight into the dataclasses (unknown keys are errors, types are strict: every field has
+its own checker, so ``"25"`` is not a port and ``true`` is not a number).  Components are
+handed these dataclasses themselves (``ReceiveConfig`` to a receive connector,
+``DeliveryConfig`` to the scheduler, ...), never hand copies of their fields.  No other
+module imports pydantic.
 
 Every problem becomes one line of :class:`ConfigError` that starts with the dotted path of
-the offending key (``receive[0].max_message_size: must be a positive integer (got -5)``);
-all problems found are listed at once, so an operator fixes the file in one pass.  Values
-that the file could hold as secrets (password hashes) are never echoed in a message.
+the offending key (``receive[0].max_message_size: must be a positive integer (got -5)``),
+and names the flag when a flag set it (``delivery.mx_port (--mx-port): ...``); all problems
+found are listed at once, so an operator fixes the file in one pass.  Values that the file
+could hold as secrets (password hashes, AUTH passwords) are never echoed in a message.
 
 Relative paths in a file are taken relative to the directory of that file, so the same file
-works whatever the working directory; paths of the embedded default and of overrides are
+works whatever the working directory; paths of the embedded default and of flags are
 relative to the working directory.
+
+To add a key: add one field to its dataclass (its type annotated with a checker from the
+"value checkers" section or a new one, its default, a comment that says why), add its row
+to its section's table in docs/configuration.md, and read it where it takes effect (the
+component is handed the dataclass: a [[receive]] key is ``SmtpSession.config.<key>``, a
+[delivery] key ``Scheduler.settings.<key>``).  A check of several keys of one table goes
+in that table's ``_check_*`` function, one across tables in :func:`_check_config`.  A new
+table is a dataclass, a field of its parent and a row of :data:`TABLES`; a new flag is an
+argparse line (engine.cli.main) and a row of :data:`FLAGS`.
+``tests/integration/test_config_seam.py`` fails until the key is documented and read.
 
 It must never open sockets, create the spool, start anything or import the engine's other
 parts: loading a configuration has no effect besides reading the file (and checking that
@@ -24,7 +41,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -40,24 +59,26 @@ from types import MappingProxyType
 from typing import Annotated, Any, Final, Literal, TypeAlias, TypeVar, cast
 
 from pydantic import (
-    BaseModel,
+    AfterValidator,
     ConfigDict,
     PlainValidator,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
-    model_validator,
 )
 
 __all__ = [
     "DEFAULT_TOML",
+    "FLAGS",
     "IMPLICIT_SMARTHOST",
+    "TABLES",
     "Config",
     "ConfigError",
     "DeliveryConfig",
+    "DomainLimits",
     "LocalConfig",
     "LogConfig",
     "Network",
-    "Overrides",
     "QueueConfig",
     "ReceiveConfig",
     "SendConfig",
@@ -100,239 +121,13 @@ class ConfigError(Exception):
         self.problems: tuple[str, ...] = lines
 
 
-# --- the configuration the rest of the code uses ----------------------------------------
-
-
-@dataclass(frozen=True)
-class QueueConfig:
-    """The LMDB queue database (``engine.queue.lmdb_store.LmdbQueue`` arguments)."""
-
-    #: "fsync": every commit is synced, acknowledged mail survives power loss;
-    #: "os": the OS flushes, acknowledged mail survives a crash of the process only.
-    durability: Literal["fsync", "os"] = "fsync"
-    map_size: int = 256 * MiB
-    max_map_size: int = 64 * GiB
-    #: Below this much free disk new mail gets a 4xx (back pressure); 0 = off.
-    min_free_disk: int = 512 * MiB
-    max_pending: int = 10_000
-    batch_limit: int = 2_000
-
-
-def _loopback() -> tuple[Network, ...]:
-    return (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-
-
-def _everyone() -> tuple[Network, ...]:
-    return (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
-
-
-@dataclass(frozen=True)
-class ReceiveConfig:
-    """One receive connector: where it listens, whom it serves, and its limits."""
-
-    name: str = "default"
-    #: (host, port) pairs; port 0 binds an ephemeral port (tests).
-    listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 2525),)
-    #: Clients outside these networks are refused at connect.
-    remote_ranges: tuple[Network, ...] = field(default_factory=_everyone)
-    #: "starttls" offers STARTTLS (RFC 3207); "required" also refuses MAIL before it;
-    #: "implicit" is TLS from the first byte (RFC 8314 §3, port 465).
-    tls: Literal["off", "starttls", "required", "implicit"] = "off"
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
-    #: AUTH without TLS sends the password in clear (RFC 4954 §4 advises against it).
-    allow_plaintext_auth: bool = False
-    #: Clients in these networks may relay to any domain.
-    relay_networks: tuple[Network, ...] = field(default_factory=_loopback)
-    #: Authenticated clients may relay to any domain.
-    relay_authenticated: bool = True
-    max_message_size: int = 35 * MiB
-    max_recipients: int = 1000
-    max_messages_per_connection: int = 1000
-    max_connections: int = 2000
-    max_connections_per_ip: int = 100
-    #: 4xx/5xx replies tolerated before 421 and close.
-    max_errors: int = 20
-    #: RFC 5321 §4.5.3.2.7: the server timeout is at least 5 minutes.
-    idle_timeout: float = 300.0
-    #: Seconds allowed for a whole message body.
-    data_timeout: float = 600.0
-    #: Bytes per second during DATA after ``data_rate_grace`` seconds; 0 = off.
-    min_data_rate: int = 1024
-    data_rate_grace: float = 10.0
-    #: Seconds to wait before the 220; a client that talks first gets 554 (an early
-    #: talker is a spam engine that does not wait for the greeting).  0 = greet at once.
-    greet_delay: float = 0.0
-    max_auth_failures: int = 3
-    #: RFC 5321 §6.3: a message with more Received headers than this is looping.
-    max_received_headers: int = 100
-    #: A bare CR or LF in DATA: "reject" (5xx) or "normalize" to CRLF (DESIGN.md wire rules).
-    bare_eol: Literal["reject", "normalize"] = "reject"
-    protocol_log: bool = False
-    #: Text of the 220 greeting; "" means "<hostname> ESMTP Ferry" (see :meth:`banner`).
-    greeting: str = ""
-    #: RFC 5321 §4.5.3.1.4: a command line is at least 512 octets with its CRLF.
-    max_command_line: int = 512
-    #: RFC 5321 §4.5.3.1.6: a text line is at least 1000 octets with its CRLF.
-    max_text_line: int = 1000
-    #: Refuse a group-ending command pipelined with more input (RFC 2920 §3.1).
-    strict_pipelining: bool = True
-
-    def banner(self, hostname: str) -> str:
-        """The greeting text after "220 ": the configured one or "<hostname> ESMTP Ferry"."""
-        return self.greeting or f"{hostname} ESMTP Ferry"
-
-
-@dataclass(frozen=True)
-class DomainLimits:
-    """Limits for the site one destination domain resolves to; None keeps the default."""
-
-    max_connections: int | None = None
-    max_rate: float | None = None
-
-
-@dataclass(frozen=True)
-class DeliveryConfig:
-    """Outbound delivery: by DNS MX (default) or everything through a smarthost."""
-
-    smarthost: tuple[str, int] | None = None
-    #: The nameserver to ask (host, port); None = the system resolver configuration.
-    dns: tuple[str, int] | None = None
-    #: DNS queries in flight at once (a restart with mail for thousands of domains must
-    #: not flood the resolver: a burst beyond its receive buffer is dropped, and each
-    #: dropped query costs a timeout).
-    dns_max_queries: int = 1000
-    #: CA certificates (PEM) that ``tls = "verify"`` trusts; None: the system's store
-    #: (Postfix's smtp_tls_CAfile): for a smarthost with a certificate from a private CA.
-    ca_file: Path | None = None
-    mx_port: int = 25
-    max_per_domain: int = 20
-    #: Messages per second to one site (a destination's server set); 0 = no limit.
-    max_rate: float = 0.0
-    #: Messages over one outbound connection before it is closed.
-    max_messages_per_connection: int = 100
-    #: Send the next queued message's envelope behind the current body (RFC 2920 §3.1)
-    #: to next hops that offer PIPELINING.
-    pipeline_messages: bool = True
-    #: Recipients of one message in one transaction (RFC 5321 §4.5.3.1.8: at least 100).
-    max_recipients_per_transaction: int = 100
-    #: The first retry delay; later ones double up to ``max_retry_interval``.
-    retry_interval: float = 300.0
-    max_retry_interval: float = 4 * 3600.0
-    #: A message still queued this long after arrival fails with a DSN (RFC 5321 §4.5.4.1).
-    max_queue_lifetime: float = 5 * 86400.0
-    #: A site that accepted no connection is left alone this long.
-    down_period: float = 60.0
-    #: Due (message, destination) groups held in memory at once (the active window).
-    window: int = 50_000
-    #: Start with delivery paused (mail is accepted and queued only).
-    paused: bool = False
-    #: A message queued this long when a recipient is deferred gets one delay notice
-    #: (RFC 3464 action "delayed") to its sender; 0 = off (Postfix's default too: bulk
-    #: senders rarely want them).  Must be shorter than ``max_queue_lifetime``.
-    delay_notice_after: float = 0.0
-    #: Per-domain overrides of max_per_domain / max_rate ([delivery.domains."gmail.com"]).
-    domains: Mapping[str, DomainLimits] = field(default_factory=dict)
-
-
-SendTls: TypeAlias = Literal["off", "opportunistic", "required", "verify"]
-
-
-@dataclass(frozen=True)
-class SendConfig:
-    """One send connector: which recipient domains it serves, at what cost, and how.
-
-    An address space is "example.com" (that domain only), "*.example.com" (the domain and
-    every subdomain) or "*" (everything); the most specific match wins, then the lowest
-    cost (engine.routing.router).  No smarthosts means delivery by DNS MX.
-    """
-
-    name: str
-    address_spaces: tuple[str, ...]
-    cost: int = 1
-    #: (host, port) pairs tried in this order; empty = look up the MX hosts.
-    smarthosts: tuple[tuple[str, int], ...] = ()
-    #: "verify" is "required" plus certificate and host name verification.
-    tls: SendTls = "opportunistic"
-    #: AUTH (RFC 4954) to the smarthosts; "" for none.  Both or neither.
-    auth_user: str = ""
-    auth_password: str = field(default="", repr=False)
-    #: AUTH over a connection without TLS sends the password in clear.
-    allow_plaintext_auth: bool = False
-    protocol: Literal["smtp", "lmtp"] = "smtp"
-    #: Port of the MX hosts; None = delivery.mx_port (25 unless a test lab changes it).
-    port: int | None = None
-
-
-@dataclass(frozen=True)
-class LocalConfig:
-    """Authoritative domains delivered here: into a Maildir, or handed to an LMTP server.
-
-    Exactly one of ``maildir`` (a path template with {domain} and {local}) and ``lmtp``.
-    """
-
-    domains: tuple[str, ...]
-    maildir: str = ""
-    lmtp: tuple[str, int] | None = None
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    #: None here means ``spool / "log"``; :func:`load_config` always fills it in.
-    protocol_log_dir: Path | None = None
-
-
-@dataclass(frozen=True)
-class Config:
-    """The whole configuration.  ``load_config`` builds it; nothing mutates it."""
-
-    hostname: str = field(default_factory=socket.getfqdn)
-    spool: Path = Path("./ferry-spool")
-    #: Lower-case, no trailing dot; "*.example.com" matches every subdomain.
-    accepted_domains: tuple[str, ...] = ()
-    #: user → password hash ("scrypt$...", engine.server.auth.hash_password); read-only.
-    users: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    queue: QueueConfig = field(default_factory=QueueConfig)
-    receive: tuple[ReceiveConfig, ...] = field(default_factory=lambda: (ReceiveConfig(),))
-    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    #: Send connectors, [[send]]; none (and no delivery.smarthost) = everything by DNS MX.
-    send: tuple[SendConfig, ...] = ()
-    #: Local (authoritative) domains, [[local]]; mail for them is accepted from anyone.
-    local: tuple[LocalConfig, ...] = ()
-
-
-@dataclass(frozen=True)
-class Overrides:
-    """Settings from ``ferry serve`` flags; they win over the file.
-
-    ``listen`` replaces the listen addresses of the first receive connector and
-    ``relay_from`` (CIDRs) its relay networks; ``accept_domains`` are added to the accepted
-    domains; every other field replaces the setting of the same name.  An empty tuple or
-    None means "not given".
-    """
-
-    listen: tuple[tuple[str, int], ...] = ()
-    spool: str | None = None
-    relay_from: tuple[str, ...] = ()
-    accept_domains: tuple[str, ...] = ()
-    smarthost: tuple[str, int] | None = None
-    hostname: str | None = None
-    dns: tuple[str, int] | None = None
-    mx_port: int | None = None
-    max_per_domain: int | None = None
-    retry_interval: float | None = None
-
-
 # --- value checkers ------------------------------------------------------------------------
 #
 # Each checker takes a value as TOML produced it and returns the converted value, or raises
-# _Invalid.  The pydantic models call them through PlainValidator; the overrides call them
-# directly.  _Invalid may carry several problems, each at a path below the key checked
-# (a list index, a user name), so that every bad element of an array is reported.
-
+# _Invalid.  The dataclass fields name them through _v() (pydantic's PlainValidator), so
+# pydantic's own coercion never runs.  _Invalid may carry several problems, each at a path
+# below the key checked (a list index, a user name), so that every bad element of an array
+# is reported.
 _Loc: TypeAlias = tuple[str | int, ...]
 _R = TypeVar("_R")
 
@@ -835,267 +630,428 @@ def _lmtp_server(value: object) -> tuple[str, int]:
     return host, port
 
 
-# --- the models (private: pydantic stays inside this module) --------------------------------
-#
-# Every field is optional and None by default: TOML has no null, so None means "not in the
-# file", and only the fields the file sets are passed on to the dataclasses, whose defaults
-# are the only defaults.
+def _remote_ranges(value: object) -> tuple[Network, ...]:
+    ranges = _networks(value)
+    if not ranges:
+        raise _Invalid(
+            'must not be empty (every client would be refused; use ["0.0.0.0/0", "::/0"] '
+            "for everyone)"
+        )
+    return ranges
+
+
+# --- how a field names its checker ---------------------------------------------------------
 
 
 def _v(check: Callable[..., Any]) -> PlainValidator:
+    """The field's checker (it gets the value as TOML produced it)."""
     return PlainValidator(check)
 
 
+def _after(check: Callable[[Any], list[tuple[_Loc, str]]]) -> AfterValidator:
+    """A check of a whole table once each of its keys is valid: ``check`` lists problems
+    as (path below the table, message)."""
+
+    def run(value: _R) -> _R:
+        bad = check(value)
+        if bad:
+            raise _Invalid.many(bad)
+        return value
+
+    return AfterValidator(run)
+
+
 _PosInt = Annotated[int, _v(_positive_int)]
+_Size = Annotated[int, _v(_positive_size)]
 _Seconds = Annotated[float, _v(_seconds)]
 _SecondsOrOff = Annotated[float, _v(_zero_or_more("seconds"))]
 _RateOrOff = Annotated[float, _v(_zero_or_more("messages per second"))]
 _Bool = Annotated[bool, _v(_bool)]
 _Networks = Annotated[tuple[Network, ...], _v(_networks)]
+_HostPort = tuple[str, int]
+
+#: Unknown keys are errors (with a "did you mean"), in every table.
+_TABLE: Final = ConfigDict(extra="forbid")
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-    def given(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.model_fields_set}
+# --- the configuration: one declaration per key ------------------------------------------
 
 
-class _QueueModel(_Model):
-    durability: Annotated[Literal["fsync", "os"], _v(_choice("fsync", "os"))] | None = None
-    map_size: Annotated[int, _v(_positive_size)] | None = None
-    max_map_size: Annotated[int, _v(_positive_size)] | None = None
-    min_free_disk: Annotated[int, _v(_size)] | None = None
-    max_pending: _PosInt | None = None
-    batch_limit: _PosInt | None = None
+@dataclass(frozen=True)
+class QueueConfig:
+    """[queue]: the LMDB queue database (``engine.queue.lmdb_store.LmdbQueue`` arguments)."""
 
-    @model_validator(mode="after")
-    def _map_fits(self) -> _QueueModel:
-        built = QueueConfig(**self.given())
-        if built.map_size > built.max_map_size:
-            raise _Invalid(
-                f"must not be larger than queue.max_map_size ({built.map_size} > "
-                f"{built.max_map_size})",
-                ("map_size",),
-            )
-        return self
+    __pydantic_config__ = _TABLE
+
+    #: "fsync": every commit is synced, acknowledged mail survives power loss;
+    #: "os": the OS flushes, acknowledged mail survives a crash of the process only.
+    durability: Annotated[Literal["fsync", "os"], _v(_choice("fsync", "os"))] = "fsync"
+    map_size: _Size = 256 * MiB
+    max_map_size: _Size = 64 * GiB
+    #: Below this much free disk new mail gets a 4xx (back pressure); 0 = off.
+    min_free_disk: Annotated[int, _v(_size)] = 512 * MiB
+    max_pending: _PosInt = 10_000
+    batch_limit: _PosInt = 2_000
+
+
+def _check_queue(q: QueueConfig) -> list[tuple[_Loc, str]]:
+    if q.map_size > q.max_map_size:
+        return [(("map_size",), f"must not be larger than queue.max_map_size ({q.map_size} > "
+                                f"{q.max_map_size})")]
+    return []
+
+
+def _loopback() -> tuple[Network, ...]:
+    return (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def _everyone() -> tuple[Network, ...]:
+    return (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 
 _TLS_MODES: Final = ("off", "starttls", "required", "implicit")
+_ReceiveTls: TypeAlias = Literal["off", "starttls", "required", "implicit"]
 
 
-class _ReceiveModel(_Model):
-    name: Annotated[str, _v(_connector_name)] | None = None
-    listen: Annotated[tuple[tuple[str, int], ...], _v(_listen)] | None = None
-    remote_ranges: _Networks | None = None
-    tls: Annotated[str, _v(_choice(*_TLS_MODES))] | None = None
+@dataclass(frozen=True)
+class ReceiveConfig:
+    """[[receive]]: one receive connector, where it listens, whom it serves, its limits."""
+
+    __pydantic_config__ = _TABLE
+
+    name: Annotated[str, _v(_connector_name)] = "default"
+    #: (host, port) pairs; port 0 binds an ephemeral port (tests).
+    listen: Annotated[tuple[_HostPort, ...], _v(_listen)] = (("127.0.0.1", 2525),)
+    #: Clients outside these networks are refused at connect.
+    remote_ranges: Annotated[tuple[Network, ...], _v(_remote_ranges)] = field(
+        default_factory=_everyone)
+    #: "starttls" offers STARTTLS (RFC 3207); "required" also refuses MAIL before it;
+    #: "implicit" is TLS from the first byte (RFC 8314 §3, port 465).
+    tls: Annotated[_ReceiveTls, _v(_choice(*_TLS_MODES))] = "off"
     cert_file: Annotated[Path, _v(_existing_file)] | None = None
     key_file: Annotated[Path, _v(_existing_file)] | None = None
-    auth_mechanisms: Annotated[tuple[str, ...], _v(_mechanisms)] | None = None
-    allow_plaintext_auth: _Bool | None = None
-    relay_networks: _Networks | None = None
-    relay_authenticated: _Bool | None = None
-    max_message_size: Annotated[int, _v(_positive_size)] | None = None
-    max_recipients: _PosInt | None = None
-    max_messages_per_connection: _PosInt | None = None
-    max_connections: _PosInt | None = None
-    max_connections_per_ip: _PosInt | None = None
-    max_errors: _PosInt | None = None
-    idle_timeout: _Seconds | None = None
-    data_timeout: _Seconds | None = None
-    min_data_rate: Annotated[int, _v(_int_or_off)] | None = None
-    data_rate_grace: _SecondsOrOff | None = None
-    greet_delay: _SecondsOrOff | None = None
-    max_auth_failures: _PosInt | None = None
-    max_received_headers: _PosInt | None = None
-    bare_eol: Annotated[str, _v(_choice("reject", "normalize"))] | None = None
-    protocol_log: _Bool | None = None
-    greeting: Annotated[str, _v(_greeting)] | None = None
-    max_command_line: Annotated[int, _v(_int_at_least(512, "RFC 5321 §4.5.3.1.4"))] | None = None
-    max_text_line: Annotated[int, _v(_int_at_least(1000, "RFC 5321 §4.5.3.1.6"))] | None = None
-    strict_pipelining: _Bool | None = None
+    auth_mechanisms: Annotated[tuple[str, ...], _v(_mechanisms)] = ("PLAIN", "LOGIN")
+    #: AUTH without TLS sends the password in clear (RFC 4954 §4 advises against it).
+    allow_plaintext_auth: _Bool = False
+    #: Clients in these networks may relay to any domain.
+    relay_networks: _Networks = field(default_factory=_loopback)
+    #: Authenticated clients may relay to any domain.
+    relay_authenticated: _Bool = True
+    max_message_size: _Size = 35 * MiB
+    max_recipients: _PosInt = 1000
+    max_messages_per_connection: _PosInt = 1000
+    max_connections: _PosInt = 2000
+    max_connections_per_ip: _PosInt = 100
+    #: 4xx/5xx replies tolerated before 421 and close.
+    max_errors: _PosInt = 20
+    #: RFC 5321 §4.5.3.2.7: the server timeout is at least 5 minutes.
+    idle_timeout: _Seconds = 300.0
+    #: Seconds allowed for a whole message body.
+    data_timeout: _Seconds = 600.0
+    #: Bytes per second during DATA after ``data_rate_grace`` seconds; 0 = off.
+    min_data_rate: Annotated[int, _v(_int_or_off)] = 1024
+    data_rate_grace: _SecondsOrOff = 10.0
+    #: Seconds to wait before the 220; a client that talks first gets 554 (an early
+    #: talker is a spam engine that does not wait for the greeting).  0 = greet at once.
+    greet_delay: _SecondsOrOff = 0.0
+    max_auth_failures: _PosInt = 3
+    #: RFC 5321 §6.3: a message with more Received headers than this is looping.
+    max_received_headers: _PosInt = 100
+    #: A bare CR or LF in DATA: "reject" (5xx) or "normalize" to CRLF (DESIGN.md wire rules).
+    bare_eol: Annotated[Literal["reject", "normalize"], _v(_choice("reject", "normalize"))] = (
+        "reject")
+    protocol_log: _Bool = False
+    #: Text of the 220 greeting; "" means "<hostname> ESMTP Ferry" (see :meth:`banner`).
+    greeting: Annotated[str, _v(_greeting)] = ""
+    #: RFC 5321 §4.5.3.1.4: a command line is at least 512 octets with its CRLF.
+    max_command_line: Annotated[int, _v(_int_at_least(512, "RFC 5321 §4.5.3.1.4"))] = 512
+    #: RFC 5321 §4.5.3.1.6: a text line is at least 1000 octets with its CRLF.
+    max_text_line: Annotated[int, _v(_int_at_least(1000, "RFC 5321 §4.5.3.1.6"))] = 1000
+    #: Refuse a group-ending command pipelined with more input (RFC 2920 §3.1).
+    strict_pipelining: _Bool = True
 
-    @model_validator(mode="after")
-    def _tls_has_cert(self) -> _ReceiveModel:
-        if self.remote_ranges is not None and not self.remote_ranges:
-            raise _Invalid(
-                "must not be empty (every client would be refused; use "
-                '["0.0.0.0/0", "::/0"] for everyone)',
-                ("remote_ranges",),
-            )
-        if self.tls not in (None, "off"):
-            missing = [
-                ((key,), f'is required when tls = "{self.tls}"')
-                for key in ("cert_file", "key_file")
-                if getattr(self, key) is None
-            ]
-            if missing:
-                raise _Invalid.many(missing)
-        return self
+    def banner(self, hostname: str) -> str:
+        """The greeting text after "220 ": the configured one or "<hostname> ESMTP Ferry"."""
+        return self.greeting or f"{hostname} ESMTP Ferry"
 
 
-class _DomainLimitsModel(_Model):
+def _check_receive(rc: ReceiveConfig) -> list[tuple[_Loc, str]]:
+    if rc.tls == "off":
+        return []
+    return [((key,), f'is required when tls = "{rc.tls}"')
+            for key in ("cert_file", "key_file") if getattr(rc, key) is None]
+
+
+def _check_connectors(receive: tuple[ReceiveConfig, ...]) -> list[tuple[_Loc, str]]:
+    return [((), "needs at least one [[receive]] connector")] if not receive else []
+
+
+@dataclass(frozen=True)
+class DomainLimits:
+    """[delivery.domains."example.com"]: limits for the site one destination domain
+    resolves to; None keeps the [delivery] default."""
+
+    __pydantic_config__ = _TABLE
+
     max_connections: _PosInt | None = None
     max_rate: _RateOrOff | None = None
 
 
-class _DeliveryModel(_Model):
-    smarthost: Annotated[tuple[str, int], _v(_destination(25))] | None = None
-    dns: Annotated[tuple[str, int], _v(_nameserver)] | None = None
-    dns_max_queries: _PosInt | None = None
+def _domain_keys(domains: Mapping[str, DomainLimits]) -> dict[str, DomainLimits]:
+    return {name.lower().rstrip("."): limits for name, limits in domains.items()}
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """[delivery]: outbound delivery, by DNS MX (default) or everything through a
+    smarthost; the scheduler's settings (``engine.scheduler``) and the SMTP agents'."""
+
+    __pydantic_config__ = _TABLE
+
+    smarthost: Annotated[_HostPort, _v(_destination(25))] | None = None
+    #: The nameserver to ask (host, port); None = the system resolver configuration.
+    dns: Annotated[_HostPort, _v(_nameserver)] | None = None
+    #: DNS queries in flight at once (a restart with mail for thousands of domains must
+    #: not flood the resolver: a burst beyond its receive buffer is dropped, and each
+    #: dropped query costs a timeout).
+    dns_max_queries: _PosInt = 1000
+    #: CA certificates (PEM) that ``tls = "verify"`` trusts; None: the system's store
+    #: (Postfix's smtp_tls_CAfile): for a smarthost with a certificate from a private CA.
     ca_file: Annotated[Path, _v(_existing_file)] | None = None
-    mx_port: Annotated[int, _v(_port)] | None = None
-    max_per_domain: _PosInt | None = None
-    max_rate: _RateOrOff | None = None
-    max_messages_per_connection: _PosInt | None = None
-    pipeline_messages: _Bool | None = None
-    max_recipients_per_transaction: _PosInt | None = None
-    retry_interval: _Seconds | None = None
-    max_retry_interval: _Seconds | None = None
-    max_queue_lifetime: _Seconds | None = None
-    down_period: _Seconds | None = None
-    window: _PosInt | None = None
-    paused: _Bool | None = None
-    delay_notice_after: _SecondsOrOff | None = None
-    domains: dict[str, _DomainLimitsModel] | None = None
+    mx_port: Annotated[int, _v(_port)] = 25
+    max_per_domain: _PosInt = 20
+    #: Messages per second to one site (a destination's server set); 0 = no limit.
+    max_rate: _RateOrOff = 0.0
+    #: Messages over one outbound connection before it is closed.
+    max_messages_per_connection: _PosInt = 100
+    #: Send the next queued message's envelope behind the current body (RFC 2920 §3.1)
+    #: to next hops that offer PIPELINING.
+    pipeline_messages: _Bool = True
+    #: Recipients of one message in one transaction (RFC 5321 §4.5.3.1.8: at least 100).
+    max_recipients_per_transaction: _PosInt = 100
+    #: The first retry delay; later ones double up to ``max_retry_interval``.
+    retry_interval: _Seconds = 300.0
+    max_retry_interval: _Seconds = 4 * 3600.0
+    #: A message still queued this long after arrival fails with a DSN (RFC 5321 §4.5.4.1).
+    max_queue_lifetime: _Seconds = 5 * 86400.0
+    #: A site that accepted no connection is left alone this long.
+    down_period: _Seconds = 60.0
+    #: Due (message, destination) groups held in memory at once (the active window).
+    window: _PosInt = 50_000
+    #: Start with delivery paused (mail is accepted and queued only).
+    paused: _Bool = False
+    #: A message queued this long when a recipient is deferred gets one delay notice
+    #: (RFC 3464 action "delayed") to its sender; 0 = off (Postfix's default too: bulk
+    #: senders rarely want them).  Must be shorter than ``max_queue_lifetime``.
+    delay_notice_after: _SecondsOrOff = 0.0
+    #: Per-domain overrides of max_per_domain / max_rate ([delivery.domains."gmail.com"]),
+    #: keyed by the lower-case domain without a trailing dot.
+    domains: Annotated[Mapping[str, DomainLimits], AfterValidator(_domain_keys)] = field(
+        default_factory=dict)
 
-    @model_validator(mode="after")
-    def _notice_before_expiry(self) -> _DeliveryModel:
-        after = self.delay_notice_after
-        lifetime = self.max_queue_lifetime or DeliveryConfig.max_queue_lifetime
-        if after and after >= lifetime:
-            raise _Invalid(
-                f"must be shorter than delivery.max_queue_lifetime ({_as_written(after)} >= "
-                f"{_as_written(lifetime)}): the message would fail before its delay notice; "
-                "0 turns notices off",
-                ("delay_notice_after",),
-            )
-        return self
+
+def _check_delivery(d: DeliveryConfig) -> list[tuple[_Loc, str]]:
+    after, lifetime = d.delay_notice_after, d.max_queue_lifetime
+    if after and after >= lifetime:
+        return [(("delay_notice_after",),
+                 f"must be shorter than delivery.max_queue_lifetime ({_as_written(after)} >= "
+                 f"{_as_written(lifetime)}): the message would fail before its delay notice; "
+                 "0 turns notices off")]
+    return []
 
 
 _SEND_TLS: Final = ("off", "opportunistic", "required", "verify")
+SendTls: TypeAlias = Literal["off", "opportunistic", "required", "verify"]
 
 
-class _SendModel(_Model):
-    name: Annotated[str, _v(_connector_name)] | None = None
-    address_spaces: Annotated[tuple[str, ...], _v(_address_spaces)] | None = None
-    cost: _PosInt | None = None
-    smarthosts: Annotated[tuple[tuple[str, int], ...], _v(_smarthosts)] | None = None
-    tls: Annotated[str, _v(_choice(*_SEND_TLS))] | None = None
-    auth_user: Annotated[str, _v(_auth_user)] | None = None
-    auth_password: Annotated[str, _v(_secret)] | None = None
-    allow_plaintext_auth: _Bool | None = None
-    protocol: Annotated[str, _v(_choice("smtp", "lmtp"))] | None = None
+@dataclass(frozen=True)
+class SendConfig:
+    """[[send]]: one send connector, which recipient domains it serves, at what cost, how.
+
+    An address space is "example.com" (that domain only), "*.example.com" (the domain and
+    every subdomain) or "*" (everything); the most specific match wins, then the lowest
+    cost (engine.routing.router).  No smarthosts means delivery by DNS MX.
+    """
+
+    __pydantic_config__ = _TABLE
+
+    name: Annotated[str, _v(_connector_name)]
+    address_spaces: Annotated[tuple[str, ...], _v(_address_spaces)]
+    cost: _PosInt = 1
+    #: (host, port) pairs tried in this order; empty = look up the MX hosts.
+    smarthosts: Annotated[tuple[_HostPort, ...], _v(_smarthosts)] = ()
+    #: "verify" is "required" plus certificate and host name verification.
+    tls: Annotated[SendTls, _v(_choice(*_SEND_TLS))] = "opportunistic"
+    #: AUTH (RFC 4954) to the smarthosts; "" for none.  Both or neither.
+    auth_user: Annotated[str, _v(_auth_user)] = ""
+    auth_password: Annotated[str, _v(_secret)] = field(default="", repr=False)
+    #: AUTH over a connection without TLS sends the password in clear; the route carries
+    #: this to the SMTP client (engine.routing.api.Route.plaintext_auth).
+    allow_plaintext_auth: _Bool = False
+    protocol: Annotated[Literal["smtp", "lmtp"], _v(_choice("smtp", "lmtp"))] = "smtp"
+    #: Port of the MX hosts; None = delivery.mx_port (25 unless a test lab changes it).
     port: Annotated[int, _v(_port)] | None = None
 
-    @model_validator(mode="after")
-    def _consistent(self) -> _SendModel:
-        bad: list[tuple[_Loc, str]] = [
-            ((key,), "is required in a [[send]] connector")
-            for key in ("name", "address_spaces")
-            if getattr(self, key) is None
-        ]
-        if (self.auth_user is None) != (self.auth_password is None):
-            have, need = (
-                ("auth_user", "auth_password")
-                if self.auth_password is None
-                else ("auth_password", "auth_user")
-            )
-            bad.append(((need,), f"is required when {have} is set (both or neither)"))
-        if self.auth_user is not None and not self.smarthosts:
-            bad.append(
-                (("auth_user",), "AUTH is only sent to smarthosts, and this connector has none")
-            )
-        if self.auth_user is not None and self.tls == "off" and not self.allow_plaintext_auth:
-            # RFC 4954 §4: a password over a connection without TLS is readable by anyone
-            # on the path; the operator has to ask for that explicitly.
-            bad.append(
-                (
-                    ("tls",),
-                    'is "off" but AUTH is configured: the password would be sent in clear '
-                    "(set allow_plaintext_auth = true to allow it)",
-                )
-            )
-        if self.port is not None and self.smarthosts:
-            bad.append((("port",), "applies to MX hosts only; give smarthost ports in smarthosts"))
-        if bad:
-            raise _Invalid.many(bad)
-        return self
+
+def _check_send(sc: SendConfig) -> list[tuple[_Loc, str]]:
+    bad: list[tuple[_Loc, str]] = []
+    if bool(sc.auth_user) != bool(sc.auth_password):
+        have, need = (("auth_user", "auth_password") if not sc.auth_password
+                      else ("auth_password", "auth_user"))
+        bad.append(((need,), f"is required when {have} is set (both or neither)"))
+    if sc.auth_user and not sc.smarthosts:
+        bad.append((("auth_user",), "AUTH is only sent to smarthosts, and this connector has none"))
+    if sc.auth_user and sc.tls == "off" and not sc.allow_plaintext_auth:
+        # RFC 4954 §4: a password over a connection without TLS is readable by anyone on
+        # the path; the operator has to ask for that explicitly.
+        bad.append((("tls",), 'is "off" but AUTH is configured: the password would be sent '
+                              "in clear (set allow_plaintext_auth = true to allow it)"))
+    if sc.port is not None and sc.smarthosts:
+        bad.append((("port",), "applies to MX hosts only; give smarthost ports in smarthosts"))
+    return bad
 
 
-class _LocalModel(_Model):
-    domains: Annotated[tuple[str, ...], _v(_domains)] | None = None
-    maildir: Annotated[str, _v(_template)] | None = None
-    lmtp: Annotated[tuple[str, int], _v(_lmtp_server)] | None = None
+@dataclass(frozen=True)
+class LocalConfig:
+    """[[local]]: authoritative domains delivered here, into a Maildir or handed to an LMTP
+    server.  Exactly one of ``maildir`` (a path template with {domain} and {local}) and
+    ``lmtp``."""
 
-    @model_validator(mode="after")
-    def _one_target(self) -> _LocalModel:
-        bad: list[tuple[_Loc, str]] = []
-        if not self.domains:
-            bad.append((("domains",), "must list at least one domain"))
-        if (self.maildir is None) == (self.lmtp is None):
-            bad.append(
-                (
-                    ("maildir",),
-                    'needs exactly one of maildir = "/path/{domain}/{local}" and '
-                    'lmtp = "HOST:PORT"',
-                )
-            )
-        if bad:
-            raise _Invalid.many(bad)
-        return self
+    __pydantic_config__ = _TABLE
+
+    domains: Annotated[tuple[str, ...], _v(_domains)] = ()
+    maildir: Annotated[str, _v(_template)] = ""
+    lmtp: Annotated[_HostPort, _v(_lmtp_server)] | None = None
 
 
-class _LogModel(_Model):
-    level: Annotated[str, _v(_choice("debug", "info", "warning", "error"))] | None = None
+def _check_local(lc: LocalConfig) -> list[tuple[_Loc, str]]:
+    bad: list[tuple[_Loc, str]] = []
+    if not lc.domains:
+        bad.append((("domains",), "must list at least one domain"))
+    if bool(lc.maildir) == (lc.lmtp is not None):
+        bad.append((("maildir",), 'needs exactly one of maildir = "/path/{domain}/{local}" and '
+                                  'lmtp = "HOST:PORT"'))
+    return bad
+
+
+_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """[log]: the process log (engine.cli sets the logging level from it) and where
+    protocol logs go."""
+
+    __pydantic_config__ = _TABLE
+
+    level: Annotated[Literal["debug", "info", "warning", "error"], _v(_choice(*_LEVELS))] = (
+        "info")
+    #: None here means ``spool / "log"``; :func:`load_config` always fills it in.
     protocol_log_dir: Annotated[Path, _v(_path)] | None = None
 
 
-class _ConfigModel(_Model):
-    hostname: Annotated[str, _v(_hostname)] | None = None
-    spool: Annotated[Path, _v(_path)] | None = None
-    accepted_domains: Annotated[tuple[str, ...], _v(_domains)] | None = None
-    users: Annotated[Mapping[str, str], _v(_users)] | None = None
-    queue: _QueueModel | None = None
-    receive: list[_ReceiveModel] | None = None
-    delivery: _DeliveryModel | None = None
-    log: _LogModel | None = None
-    send: list[_SendModel] | None = None
-    local: list[_LocalModel] | None = None
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration.  ``load_config`` builds it; nothing mutates it."""
 
-    @model_validator(mode="after")
-    def _has_connector(self) -> _ConfigModel:
-        if self.receive is not None and not self.receive:
-            raise _Invalid("needs at least one [[receive]] connector", ("receive",))
-        return self
+    __pydantic_config__ = _TABLE
 
-    def build(self) -> Config:
-        given = self.given()
-        if "delivery" in given:
-            delivery = given["delivery"].given()
-            if "domains" in delivery:
-                delivery["domains"] = {
-                    name.lower().rstrip("."): DomainLimits(**limits.given())
-                    for name, limits in delivery["domains"].items()
-                }
-            given["delivery"] = DeliveryConfig(**delivery)
-        for key, model in (("queue", QueueConfig), ("log", LogConfig)):
-            if key in given:
-                given[key] = model(**given[key].given())
-        if "receive" in given:
-            given["receive"] = tuple(ReceiveConfig(**r.given()) for r in given["receive"])
-        if "send" in given:
-            given["send"] = tuple(SendConfig(**m.given()) for m in given["send"])
-        if "local" in given:
-            given["local"] = tuple(LocalConfig(**m.given()) for m in given["local"])
-        return Config(**given)
+    hostname: Annotated[str, _v(_hostname)] = field(default_factory=socket.getfqdn)
+    spool: Annotated[Path, _v(_path)] = Path("./ferry-spool")
+    #: Lower-case, no trailing dot; "*.example.com" matches every subdomain.
+    accepted_domains: Annotated[tuple[str, ...], _v(_domains)] = ()
+    #: user → password hash ("scrypt$...", engine.server.auth.hash_password); read-only.
+    users: Annotated[Mapping[str, str], _v(_users)] = field(
+        default_factory=lambda: MappingProxyType({}))
+    queue: Annotated[QueueConfig, _after(_check_queue)] = field(default_factory=QueueConfig)
+    receive: Annotated[
+        tuple[Annotated[ReceiveConfig, _after(_check_receive)], ...], _after(_check_connectors)
+    ] = field(default_factory=lambda: (ReceiveConfig(),))
+    delivery: Annotated[DeliveryConfig, _after(_check_delivery)] = field(
+        default_factory=DeliveryConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    #: Send connectors, [[send]]; none (and no delivery.smarthost) = everything by DNS MX.
+    send: tuple[Annotated[SendConfig, _after(_check_send)], ...] = ()
+    #: Local (authoritative) domains, [[local]]; mail for them is accepted from anyone.
+    local: tuple[Annotated[LocalConfig, _after(_check_local)], ...] = ()
 
 
-_TABLES: Final[dict[str, type[_Model]]] = {
-    "": _ConfigModel, "queue": _QueueModel, "receive": _ReceiveModel,
-    "delivery": _DeliveryModel, "log": _LogModel, "send": _SendModel, "local": _LocalModel,
-    "delivery.domains": _DomainLimitsModel,
-}  # fmt: skip
+#: Every table of the file and its dataclass ("" is the top level; "delivery.domains" the
+#: tables inside [delivery.domains]).  The seam test and the "did you mean" read it.
+TABLES: Final[Mapping[str, type]] = MappingProxyType({
+    "": Config, "queue": QueueConfig, "receive": ReceiveConfig, "delivery": DeliveryConfig,
+    "log": LogConfig, "send": SendConfig, "local": LocalConfig,
+    "delivery.domains": DomainLimits,
+})  # fmt: skip
+
+
+# --- checks across tables ------------------------------------------------------------------
+
+
+def _collide(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """True when binding both addresses must fail (same port; same host or a wildcard).
+
+    A wildcard bind takes the port on every address of its family, so "0.0.0.0:25" and
+    "127.0.0.1:25" cannot both be bound.  Port 0 (ephemeral) never collides.
+    """
+    (host_a, port_a), (host_b, port_b) = a, b
+    if port_a != port_b or port_a == 0:
+        return False
+    if host_a == host_b:
+        return True
+    same_family = (":" in host_a) == (":" in host_b)
+    return same_family and bool({host_a, host_b} & {"0.0.0.0", "::"})
+
+
+#: Names of the send connectors that engine.routing makes up: for delivery.smarthost, and
+#: the DNS MX connector used when there is no [[send]] at all ("" for plain MX delivery).
+IMPLICIT_SMARTHOST: Final = "delivery.smarthost"
+
+
+def _check_config(config: Config) -> list[tuple[_Loc, str]]:
+    """Connector names are unique (and not reserved), listen addresses do not collide, a
+    local domain is listed once."""
+    bad: list[tuple[_Loc, str]] = []
+    names: dict[str, int] = {}
+    bound: list[tuple[tuple[str, int], str]] = []
+    for i, rc in enumerate(config.receive):
+        if rc.name in names:
+            bad.append((("receive", i, "name"), f"{_show(rc.name)} is already the name of "
+                        f"receive[{names[rc.name]}] (names must be unique)"))
+        names.setdefault(rc.name, i)
+        for j, address in enumerate(rc.listen):
+            here = f"receive[{i}].listen[{j}]"
+            for other, where in bound:
+                if _collide(address, other):
+                    host, port = address
+                    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                    bad.append((("receive", i, "listen", j), f"{shown} collides with {where}"))
+                    break
+            bound.append((address, here))
+    names = {}
+    for i, sc in enumerate(config.send):
+        if sc.name == IMPLICIT_SMARTHOST:
+            bad.append((("send", i, "name"), f"{_show(sc.name)} is reserved for the connector "
+                                             "that delivery.smarthost makes"))
+        elif sc.name in names:
+            bad.append((("send", i, "name"), f"{_show(sc.name)} is already the name of "
+                                             f"send[{names[sc.name]}] (names must be unique)"))
+        names.setdefault(sc.name, i)
+    seen: dict[str, str] = {}
+    for i, lc in enumerate(config.local):
+        for j, domain in enumerate(lc.domains):
+            if domain in seen:
+                bad.append((("local", i, "domains", j),
+                            f"{_show(domain)} is already listed at {seen[domain]}"))
+            seen.setdefault(domain, f"local[{i}].domains[{j}]")
+    return bad
+
+
+@functools.cache
+def _adapter() -> TypeAdapter[Config]:
+    # Built on first use: ``ferry --version`` and ``ferry queue`` never pay for it.
+    return TypeAdapter(Annotated[Config, _after(_check_config)])
+
 
 # --- error messages ------------------------------------------------------------------------
 
@@ -1114,43 +1070,130 @@ def _dotted(loc: _Loc) -> str:
 
 
 def _unknown_key(loc: _Loc) -> str:
-    """ "unknown key 'receive[0].max_mesage_size' (did you mean ...?)" for a key no model has."""
+    """ "unknown key 'receive[0].max_mesage_size' (did you mean ...?)" for a key no table has."""
     parent, key = loc[:-1], str(loc[-1])
-    # A table inside a table of named entries ([delivery.domains."x"]) has its own model.
+    # A table inside a table of named entries ([delivery.domains."x"]) has its own dataclass.
     table = f"{parent[0]}.{parent[1]}" if len(parent) == 3 else str(parent[0]) if parent else ""
-    model = _TABLES.get(table, _ConfigModel)
-    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
+    names = [f.name for f in dataclasses.fields(TABLES.get(table, Config))]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     hint = f" (did you mean '{_dotted((*parent, close[0]))}'?)" if close else ""
     return f"unknown key '{_dotted(loc)}'{hint}"
 
 
 _ARRAYS_OF_TABLES: Final = (("receive",), ("send",), ("local",))
+_NOT_A_TABLE: Final = ("dataclass_type", "dataclass_exact_type", "dict_type", "model_type")
 
 
-def _messages(error: ValidationError) -> list[str]:
-    lines: list[str] = []
+def _problems(error: ValidationError) -> list[tuple[_Loc, str]]:
+    """(key path, message) for every problem; unknown keys last, with no path (the message
+    names the key)."""
+    found: list[tuple[_Loc, str]] = []
+    unknown: list[tuple[_Loc, str]] = []
     for err in error.errors():
         loc = err["loc"]
         kind = err["type"]
         cause = err.get("ctx", {}).get("error")
         if isinstance(cause, _Invalid):
-            lines.extend(f"{_dotted((*loc, *at))}: {msg}" for at, msg in cause.problems)
+            found.extend(((*loc, *at), msg) for at, msg in cause.problems)
             continue
         got = _show(err.get("input"))
-        if kind == "extra_forbidden":
-            lines.append(_unknown_key(loc))
+        if kind == "unexpected_keyword_argument":
+            unknown.append(((), _unknown_key(loc)))
+        elif kind in ("missing", "missing_argument"):
+            found.append((loc, f"is required in a [[{loc[0]}]] connector"))
         elif kind in ("list_type", "tuple_type") and loc in _ARRAYS_OF_TABLES:
             table = loc[0]
-            lines.append(
-                f"{table}: must be an array of tables: write [[{table}]], not [{table}] (got {got})"
-            )
+            found.append((loc, f"must be an array of tables: write [[{table}]], not [{table}] "
+                               f"(got {got})"))
         elif kind in ("list_type", "tuple_type"):
-            lines.append(f"{_dotted(loc)}: must be an array (got {got})")
-        elif kind in ("model_type", "dict_type", "model_attributes_type"):
-            lines.append(f"{_dotted(loc)}: must be a table (got {got})")
+            found.append((loc, f"must be an array (got {got})"))
+        elif kind in _NOT_A_TABLE:
+            found.append((loc, f"must be a table (got {got})"))
         else:  # pragma: no cover - every field has a checker; kept for safety
-            lines.append(f"{_dotted(loc)}: {err['msg']} (got {got})")
-    return lines
+            found.append((loc, f"{err['msg']} (got {got})"))
+    return found + unknown
+
+
+# --- command-line flags ---------------------------------------------------------------------
+
+#: The ``ferry serve`` flags that set a key, and the key (``receive[0]`` is the first
+#: receive connector).  ``load_config`` merges them into the file's raw tables before
+#: validation, so a flag's value meets the key's own checker and a problem names the flag.
+#: ``--accept-domain`` adds to the file's accepted domains; every other flag replaces the
+#: file's value.  A flag's value is the text given on the command line (a list of texts
+#: for repeatable flags); a number key takes it as a TOML number when it reads as one.
+FLAGS: Final[Mapping[str, _Loc]] = MappingProxyType({
+    "--hostname": ("hostname",),
+    "--spool": ("spool",),
+    "--accept-domain": ("accepted_domains",),
+    "--listen": ("receive", 0, "listen"),
+    "--relay-from": ("receive", 0, "relay_networks"),
+    "--smarthost": ("delivery", "smarthost"),
+    "--dns": ("delivery", "dns"),
+    "--mx-port": ("delivery", "mx_port"),
+    "--max-per-domain": ("delivery", "max_per_domain"),
+    "--retry-interval": ("delivery", "retry_interval"),
+    "--log-level": ("log", "level"),
+})  # fmt: skip
+
+_NUMBER_FLAGS: Final = frozenset({"--mx-port", "--max-per-domain", "--retry-interval"})
+_NUMBER = re.compile(r"[+-]?(\d+)(\.\d+)?([eE][+-]?\d+)?")
+
+
+def _flag_value(flag: str, value: object, base: Path | None) -> object:
+    """The flag's text as TOML would have given it for the key."""
+    if not isinstance(value, str):
+        return value
+    if flag in _NUMBER_FLAGS:
+        match = _NUMBER.fullmatch(value.strip())
+        if match:
+            return float(value) if match.group(2) or match.group(3) else int(value)
+    if flag == "--spool" and base is not None and value and "\0" not in value:
+        # A path on the command line is from the working directory, not from the file's.
+        return os.path.join(os.getcwd(), os.path.expanduser(value))
+    return value
+
+
+def _table(raw: dict[str, Any], loc: _Loc) -> dict[str, Any] | None:
+    """The table that holds ``loc``'s key, made when the file has none (the first
+    [[receive]] too); None when the file's value there is not a table (its own problem)."""
+    table: Any = raw
+    for part, after in itertools.pairwise(loc):
+        if isinstance(table, dict) and part not in table:
+            table[part] = [{}] if isinstance(after, int) else {}
+        try:
+            table = table[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return table if isinstance(table, dict) else None
+
+
+def _merge_flags(raw: dict[str, Any], flags: Mapping[str, object],
+                 base: Path | None) -> dict[_Loc, str]:
+    """Put the flags' values into ``raw``; the key path each flag set → the flag."""
+    origins: dict[_Loc, str] = {}
+    for flag, given in flags.items():
+        loc = FLAGS[flag]
+        value = _flag_value(flag, given, base)
+        table = _table(raw, loc)
+        if table is None:
+            continue
+        key = str(loc[-1])
+        if flag == "--accept-domain" and isinstance(table.get(key), list):
+            start = len(table[key])
+            table[key] = [*table[key], *cast(list[object], value)]
+            origins.update({(*loc, i): flag for i in range(start, len(table[key]))})
+        else:
+            table[key] = value
+            origins[loc] = flag
+    return origins
+
+
+def _line(loc: _Loc, message: str, origins: Mapping[_Loc, str]) -> str:
+    if not loc:
+        return message
+    flag = next((f for at, f in origins.items() if loc[: len(at)] == at), None)
+    return f"{_dotted(loc)}{f' ({flag})' if flag else ''}: {message}"
 
 
 # --- loading ------------------------------------------------------------------------------
@@ -1176,179 +1219,13 @@ def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{name}: invalid TOML: {err}") from None
 
 
-def _override(problems: list[str], name: str, value: Any, check: Callable[[Any], _R]) -> _R:
-    """``check(value)``, or record its problems under "overrides.<name>" and return value."""
-    try:
-        return check(value)
-    except _Invalid as err:
-        problems.extend(f"{_dotted(('overrides', name, *at))}: {msg}" for at, msg in err.problems)
-        return cast(_R, value)
-
-
-def _listen_pair(pair: object) -> tuple[str, int]:
-    if not (
-        isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and _is_int(pair[1])
-    ):
-        raise _Invalid(f"must be a (host, port) pair (got {pair!r})")
-    host, port = pair
-    problem = _host_problem(host)
-    if problem:
-        raise _Invalid(problem)
-    if not 0 <= port <= 65535:
-        raise _Invalid(f"port must be from 0 to 65535 (got {port})")
-    return host, port
-
-
-def _destination_pair(pair: object) -> tuple[str, int]:
-    host, port = _listen_pair(pair)
-    if port == 0:
-        raise _Invalid("port must be from 1 to 65535 (got 0)")
-    return host, port
-
-
-def _nameserver_pair(pair: object) -> tuple[str, int]:
-    host, port = _destination_pair(pair)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise _Invalid(f"must be the IP address of a nameserver (got {_show(host)})") from None
-    return host, port
-
-
-def _pairs(value: object) -> tuple[tuple[str, int], ...]:
-    bad: list[tuple[_Loc, str]] = []
-    out: list[tuple[str, int]] = []
-    for i, pair in enumerate(cast(Sequence[object], value)):
-        try:
-            out.append(_listen_pair(pair))
-        except _Invalid as err:
-            bad.append(((i,), str(err)))
-    if bad:
-        raise _Invalid.many(bad)
-    return tuple(out)
-
-
-def _apply(config: Config, ov: Overrides) -> tuple[Config, list[str]]:
-    """The configuration with the overrides applied, and the overrides' problems."""
-    problems: list[str] = []
-    top: dict[str, Any] = {}
-    delivery: dict[str, Any] = {}
-    first: dict[str, Any] = {}
-    if ov.hostname is not None:
-        top["hostname"] = _override(problems, "hostname", ov.hostname, _hostname)
-    if ov.spool is not None:
-        top["spool"] = _override(problems, "spool", ov.spool, _plain_path)
-    if ov.accept_domains:
-        added = _override(problems, "accept_domains", list(ov.accept_domains), _domains)
-        top["accepted_domains"] = tuple(dict.fromkeys((*config.accepted_domains, *added)))
-    if ov.listen:
-        first["listen"] = _override(problems, "listen", ov.listen, _pairs)
-    if ov.relay_from:
-        first["relay_networks"] = _override(problems, "relay_from", list(ov.relay_from), _networks)
-    if ov.smarthost is not None:
-        delivery["smarthost"] = _override(problems, "smarthost", ov.smarthost, _destination_pair)
-    if ov.dns is not None:
-        delivery["dns"] = _override(problems, "dns", ov.dns, _nameserver_pair)
-    if ov.mx_port is not None:
-        delivery["mx_port"] = _override(problems, "mx_port", ov.mx_port, _port)
-    if ov.max_per_domain is not None:
-        delivery["max_per_domain"] = _override(
-            problems, "max_per_domain", ov.max_per_domain, _positive_int
-        )
-    if ov.retry_interval is not None:
-        delivery["retry_interval"] = _override(
-            problems, "retry_interval", ov.retry_interval, _seconds
-        )
-    if problems:
-        return config, problems
-    receive = config.receive
-    if first:
-        receive = (dataclasses.replace(receive[0], **first), *receive[1:])
-    config = dataclasses.replace(
-        config,
-        **top,
-        receive=receive,
-        delivery=dataclasses.replace(config.delivery, **delivery),
-    )
-    return config, problems
-
-
-def _collide(a: tuple[str, int], b: tuple[str, int]) -> bool:
-    """True when binding both addresses must fail (same port; same host or a wildcard).
-
-    A wildcard bind takes the port on every address of its family, so "0.0.0.0:25" and
-    "127.0.0.1:25" cannot both be bound.  Port 0 (ephemeral) never collides.
-    """
-    (host_a, port_a), (host_b, port_b) = a, b
-    if port_a != port_b or port_a == 0:
-        return False
-    if host_a == host_b:
-        return True
-    same_family = (":" in host_a) == (":" in host_b)
-    return same_family and bool({host_a, host_b} & {"0.0.0.0", "::"})
-
-
-def _cross_checks(config: Config) -> list[str]:
-    """Problems between connectors, checked after the overrides are applied."""
-    problems: list[str] = []
-    names: dict[str, int] = {}
-    bound: list[tuple[tuple[str, int], str]] = []
-    for i, rc in enumerate(config.receive):
-        if rc.name in names:
-            problems.append(
-                f"receive[{i}].name: {_show(rc.name)} is already the name of "
-                f"receive[{names[rc.name]}] (names must be unique)"
-            )
-        names.setdefault(rc.name, i)
-        for j, address in enumerate(rc.listen):
-            here = f"receive[{i}].listen[{j}]"
-            for other, where in bound:
-                if _collide(address, other):
-                    host, port = address
-                    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                    problems.append(f"{here}: {shown} collides with {where}")
-                    break
-            bound.append((address, here))
-    return problems + _routing_checks(config)
-
-
-#: Names of the send connectors that engine.routing makes up: for delivery.smarthost, and
-#: the DNS MX connector used when there is no [[send]] at all ("" for plain MX delivery).
-IMPLICIT_SMARTHOST: Final = "delivery.smarthost"
-
-
-def _routing_checks(config: Config) -> list[str]:
-    """Send connector names are unique and not reserved; a local domain is listed once."""
-    problems: list[str] = []
-    names: dict[str, int] = {}
-    for i, sc in enumerate(config.send):
-        if sc.name == IMPLICIT_SMARTHOST:
-            problems.append(
-                f"send[{i}].name: {_show(sc.name)} is reserved for the connector that "
-                "delivery.smarthost makes"
-            )
-        elif sc.name in names:
-            problems.append(
-                f"send[{i}].name: {_show(sc.name)} is already the name of "
-                f"send[{names[sc.name]}] (names must be unique)"
-            )
-        names.setdefault(sc.name, i)
-    seen: dict[str, str] = {}
-    for i, lc in enumerate(config.local):
-        for j, domain in enumerate(lc.domains):
-            here = f"local[{i}].domains[{j}]"
-            if domain in seen:
-                problems.append(f"{here}: {_show(domain)} is already listed at {seen[domain]}")
-            seen.setdefault(domain, here)
-    return problems
-
-
-def load_config(path: str | os.PathLike[str] | None, overrides: Overrides | None = None) -> Config:
+def load_config(path: str | os.PathLike[str] | None,
+                flags: Mapping[str, object] | None = None) -> Config:
     """Read, validate and return the configuration; ConfigError lists every problem.
 
-    ``path=None`` loads :data:`DEFAULT_TOML`.  ``overrides`` (from ``ferry serve`` flags)
-    win over the file.  ``log.protocol_log_dir`` is filled in (``spool / "log"``) when the
-    file leaves it out, after the overrides, so it follows an overridden spool.
+    ``path=None`` loads :data:`DEFAULT_TOML`.  ``flags`` (``ferry serve`` flags that were
+    given, by name, see :data:`FLAGS`) win over the file.  ``log.protocol_log_dir`` is
+    filled in (``spool / "log"``) when the file leaves it out, so it follows the spool.
     """
     if path is None:
         raw = tomllib.loads(DEFAULT_TOML)
@@ -1356,18 +1233,11 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Overrides | None
     else:
         raw = _read(path)
         base = Path(os.fspath(path)).absolute().parent
+    origins = _merge_flags(raw, flags or {}, base)
     try:
-        model = _ConfigModel.model_validate(raw, context={"base": base})
+        config = _adapter().validate_python(raw, context={"base": base})
     except ValidationError as err:
-        raise ConfigError(_messages(err)) from None
-    config = model.build()
-    if overrides is not None:
-        config, problems = _apply(config, overrides)
-        if problems:
-            raise ConfigError(problems)
-    problems = _cross_checks(config)
-    if problems:
-        raise ConfigError(problems)
+        raise ConfigError([_line(loc, msg, origins) for loc, msg in _problems(err)]) from None
     if config.log.protocol_log_dir is None:
         log = dataclasses.replace(config.log, protocol_log_dir=config.spool / "log")
         config = dataclasses.replace(config, log=log)

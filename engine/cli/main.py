@@ -55,14 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--hostname", metavar="NAME", help="this server's name (greeting, "
                        "Received fields)")
     serve.add_argument("--dns", metavar="HOST:PORT", help="resolve with this nameserver")
-    serve.add_argument("--mx-port", metavar="PORT", type=int,
+    serve.add_argument("--mx-port", metavar="PORT",
                        help="connect to MX hosts on this port instead of 25")
-    serve.add_argument("--max-per-domain", metavar="N", type=int,
+    serve.add_argument("--max-per-domain", metavar="N",
                        help="default concurrent connections per destination")
-    serve.add_argument("--retry-interval", metavar="SECONDS", type=float,
+    serve.add_argument("--retry-interval", metavar="SECONDS",
                        help="first retry delay; the backoff grows from it")
-    serve.add_argument("--log-level", default="info",
-                       choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", metavar="LEVEL",
+                       help="debug, info, warning or error (default: [log] level, info)")
     commands.add_parser("passwd", help="print a password hash for the [users] table",
                         add_help=False)
     queue.add_parser(commands)
@@ -70,26 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from engine.config import ConfigError, Overrides, load_config, parse_hostport
+    from engine.config import FLAGS, ConfigError, load_config
 
+    # Every flag but --config sets a configuration key: its value is checked there.
+    given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in FLAGS}
     try:
-        overrides = Overrides(
-            listen=tuple(parse_hostport(v) for v in args.listen),
-            spool=args.spool,
-            relay_from=tuple(args.relay_from),
-            accept_domains=tuple(args.accept_domain),
-            smarthost=parse_hostport(args.smarthost, 25) if args.smarthost else None,
-            hostname=args.hostname,
-            dns=parse_hostport(args.dns, 53) if args.dns else None,
-            mx_port=args.mx_port,
-            max_per_domain=args.max_per_domain,
-            retry_interval=args.retry_interval,
-        )
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, {k: v for k, v in given.items() if v not in (None, [])})
     except ConfigError as exc:
         print(f"ferry: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    # Where and how log lines are written; the level is [log] level, which engine.app sets.
+    logging.basicConfig(stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvloop
 

@@ -493,7 +493,6 @@ class SmtpAgent:
         max_reply_lines: int = 100,
         tls_context_factory: TlsContextFactory | None = None,
         ca_file: str | None = None,
-        allow_plaintext_auth: bool = False,
         pipeline_messages: bool = True,
     ) -> None:
         self.helo_name = helo_name
@@ -514,7 +513,6 @@ class SmtpAgent:
         self.settings = ClientSettings(
             max_reply_line=max_reply_line, max_reply_lines=max_reply_lines
         )
-        self.allow_plaintext_auth = allow_plaintext_auth
         #: Send a waiting next message's envelope behind the current body (follow-ons).
         self.pipeline_messages = pipeline_messages
         self._tls_context_factory = tls_context_factory
@@ -725,7 +723,7 @@ class SmtpAgent:
             elif route.tls != "opportunistic":
                 raise _Failure(f"451 4.7.10 {s.remote} does not offer STARTTLS (TLS required)")
         if route.auth is not None:
-            await self._auth(s, ext, route.auth)
+            await self._auth(s, ext, route.auth, route.plaintext_auth)
 
     def _sni(self, host: Host, mode: TlsMode) -> str | None:
         name = host.name.rstrip(".")
@@ -749,9 +747,10 @@ class SmtpAgent:
             self._contexts[mode] = context
         return context
 
-    async def _auth(self, s: _Session, ext: Extensions, auth: tuple[str, str]) -> None:
+    async def _auth(self, s: _Session, ext: Extensions, auth: tuple[str, str],
+                    plaintext: bool) -> None:
         user, password = auth
-        if not s.conn.tls and not self.allow_plaintext_auth:
+        if not s.conn.tls and not plaintext:
             raise _Failure(f"451 4.7.11 Not sending credentials to {s.remote} without TLS")
         mechanisms = ext.auth
         if "PLAIN" in mechanisms:

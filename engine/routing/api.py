@@ -35,6 +35,9 @@ class Route:
     tls: TlsMode = "opportunistic"
     #: (user, password) for AUTH at a smarthost; None for no AUTH.
     auth: tuple[str, str] | None = None
+    #: The send connector's ``allow_plaintext_auth``: send ``auth`` over a connection
+    #: without TLS (RFC 4954 §4 advises against it; the operator asked for it).
+    plaintext_auth: bool = False
     #: Maildir root for protocol "maildir" (a template with {domain} and {local}).
     maildir: str = ""
     #: The send connector that produced this route ("" for plain MX delivery).

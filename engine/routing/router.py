@@ -26,7 +26,8 @@ add a connector before the mail expires.
 
 AUTH: a route carries ``auth`` only for a smarthost connector; when the connector does
 not allow plaintext AUTH, the route's TLS is raised to at least "required", so the client
-(which sees only the route) never sends the password in clear (RFC 4954 §4).
+(which sees only the route) never sends the password in clear (RFC 4954 §4); when it does,
+the route says so (``plaintext_auth``) and the client sends it without TLS.
 
 It must never hold delivery state (retries, limits, connections are the scheduler's) and
 never does DNS in :meth:`destination`.
@@ -294,7 +295,8 @@ class ConfiguredRouter:
 
     @staticmethod
     def _route(destination: str, site: str, hosts: tuple[Host, ...], sc: SendConfig,
-               tls: TlsMode | None = None, auth: tuple[str, str] | None = None) -> Route:
+               tls: TlsMode | None = None, auth: tuple[str, str] | None = None,
+               plaintext_auth: bool = False) -> Route:
         """A route through send connector ``sc`` (its TLS mode unless ``tls`` is given)."""
         return Route(
             destination=destination,
@@ -303,6 +305,7 @@ class ConfiguredRouter:
             protocol=sc.protocol,
             tls=sc.tls if tls is None else tls,
             auth=auth,
+            plaintext_auth=plaintext_auth,
             connector=sc.name,
         )
 
@@ -338,7 +341,8 @@ class ConfiguredRouter:
         if auth is not None and not sc.allow_plaintext_auth and tls in ("off", "opportunistic"):
             tls = "required"
         site = "smarthost:" + ",".join(_hostport(h, p) for h, p in sc.smarthosts)
-        return self._route(destination, site, tuple(hosts), sc, tls, auth)
+        return self._route(destination, site, tuple(hosts), sc, tls, auth,
+                           auth is not None and sc.allow_plaintext_auth)
 
     @staticmethod
     def _local_plan(destination: str, lc: LocalConfig) -> _Plan:

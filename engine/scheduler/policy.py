@@ -1,12 +1,17 @@
 """Scheduling policy: the retry schedule, per-site limits and the message-rate throttle.
 
 Pure functions and small value objects; no I/O, no asyncio, so they are exact to test.
+The scheduler's settings are ``engine.config.DeliveryConfig`` itself; what is derived from
+it (the limits of each site) is derived here, once.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Final
+
+from engine.config import DeliveryConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,41 +24,41 @@ class SiteLimits:
     max_rate: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class SchedulerSettings:
-    #: due groups held in memory at once (the active window)
-    window: int = 50_000
-    #: limits for every site, unless ``site_limits`` or ``domain_limits`` say otherwise
-    default_limits: SiteLimits = field(default_factory=SiteLimits)
-    #: per-site overrides, keyed by site name ("mx:...", "smarthost:host:port")
-    site_limits: dict[str, SiteLimits] = field(default_factory=dict)
-    #: per-destination-domain overrides (applied to the site the domain resolves to)
-    domain_limits: dict[str, SiteLimits] = field(default_factory=dict)
-    #: recipients of one message to one destination in one transaction (RFC 5321 §4.5.3.1.8)
-    max_recipients_per_transaction: int = 100
-    #: the first retry delay; later ones double up to ``max_retry_interval``
-    retry_interval: float = 300.0
-    max_retry_interval: float = 4 * 3600.0
-    #: ± share of a retry delay drawn at random, so retries do not arrive in waves
-    retry_jitter: float = 0.1
-    #: messages older than this fail, whatever their state (RFC 5321 §4.5.4.1: 4-5 days)
-    max_queue_lifetime: float = 5 * 86400.0
-    #: how long a site that accepted no connection is left alone
-    down_period: float = 60.0
-    #: how often the window is refilled when nothing wakes the scheduler
-    poll_interval: float = 1.0
-    #: stop taking new work (queue still accepts mail)
-    paused: bool = False
-    #: a message queued this long when a recipient is deferred gets one delay notice
-    #: (RFC 3464 action "delayed"); 0 = never
-    delay_notice_after: float = 0.0
+class Limits:
+    """The site limits of [delivery], derived here and nowhere else: ``max_per_domain`` and
+    ``max_rate`` for every site, and a [delivery.domains."x"] table for the site that
+    domain x resolves to (a key it leaves out keeps the default)."""
+
+    __slots__ = ("default", "per_domain")
+
+    def __init__(self, delivery: DeliveryConfig) -> None:
+        self.default = SiteLimits(delivery.max_per_domain, delivery.max_rate)
+        self.per_domain = {
+            domain: SiteLimits(
+                max_connections=limits.max_connections or self.default.max_connections,
+                max_rate=self.default.max_rate if limits.max_rate is None else limits.max_rate)
+            for domain, limits in delivery.domains.items()
+        }
+
+    def for_destination(self, destination: str) -> SiteLimits:
+        return self.per_domain.get(destination) or self.default
+
+    def most_connections(self) -> int:
+        """The most connections any one site may have."""
+        return max(limits.max_connections for limits in (self.default, *self.per_domain.values()))
 
 
-def retry_delay(attempts: int, settings: SchedulerSettings, rnd: random.Random) -> float:
-    """Seconds until the next try after ``attempts`` failed ones (1 = the first failure)."""
-    base: float = settings.retry_interval * (2 ** max(0, attempts - 1))
-    base = min(base, settings.max_retry_interval)
-    spread = base * settings.retry_jitter
+#: ± share of a retry delay drawn at random, so retries do not arrive in waves.
+RETRY_JITTER: Final = 0.1
+
+
+def retry_delay(attempts: int, delivery: DeliveryConfig, rnd: random.Random,
+                jitter: float = RETRY_JITTER) -> float:
+    """Seconds until the next try after ``attempts`` failed ones (1 = the first failure):
+    ``retry_interval`` doubled per failure, at most ``max_retry_interval``."""
+    base: float = delivery.retry_interval * (2 ** max(0, attempts - 1))
+    base = min(base, delivery.max_retry_interval)
+    spread = base * jitter
     return max(0.0, base + rnd.uniform(-spread, spread))
 
 

@@ -43,6 +43,7 @@ from typing import Any
 import orjson
 
 from engine.client.api import DeliveryAgent, Follow, FollowOn, RcptResult
+from engine.config import DeliveryConfig
 from engine.message.dsn import Failure, build_dsn, reply_status
 from engine.queue.api import DueEntry, NewMessage, Outcome
 from engine.queue.lmdb_store import LmdbQueue
@@ -50,13 +51,15 @@ from engine.queue.records import Envelope, RcptState, Recipient, RecordError
 from engine.queue.window import DueWindow
 from engine.routing.api import Route, RouteError, Router
 from engine.scheduler.notices import DelayNotices
-from engine.scheduler.policy import SchedulerSettings, SiteLimits, Throttle, retry_delay
+from engine.scheduler.policy import Limits, SiteLimits, Throttle, retry_delay
 
 log = logging.getLogger("ferry.scheduler")
 
 _WAITING = (RcptState.PENDING, RcptState.DEFERRED)
 #: Name of the suspended destinations (an orjson list) among the queue's settings.
 SUSPENDED_SETTING = "suspended"
+#: Seconds between refills of the window when nothing wakes the scheduler.
+POLL_INTERVAL = 1.0
 
 @dataclass(slots=True)
 class _Destination:
@@ -104,13 +107,15 @@ class Scheduler:
         agents: Mapping[str, DeliveryAgent],
         *,
         hostname: str,
-        settings: SchedulerSettings | None = None,
+        settings: DeliveryConfig | None = None,
     ) -> None:
         self.store = store
         self.router = router
         self.agents = agents
         self.hostname = hostname
-        self.settings = s = settings or SchedulerSettings()
+        #: [delivery]: the scheduler reads its settings from the configuration itself
+        self.settings = s = settings or DeliveryConfig()
+        self.limits = Limits(s)
         self.window = DueWindow(store, s.window)
         self.destinations: dict[str, _Destination] = {}
         self.sites: dict[str, _Site] = {}
@@ -197,7 +202,6 @@ class Scheduler:
     # --- the loop --------------------------------------------------------------------
 
     async def _run(self) -> None:
-        s = self.settings
         while not self._stopping:
             if self.down:
                 now = time.time()
@@ -205,7 +209,7 @@ class Scheduler:
             self._refill()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), s.poll_interval)
+                await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
 
     def _refill(self) -> None:
         """Fill the window's free places from the due index and hand the groups out."""
@@ -281,9 +285,7 @@ class Scheduler:
     def _site(self, route: Route, destination: str) -> _Site:
         site = self.sites.get(route.site)
         if site is None:
-            s = self.settings
-            limits = (s.site_limits.get(route.site) or s.domain_limits.get(destination)
-                      or s.default_limits)
+            limits = self.limits.for_destination(destination)
             site = self.sites[route.site] = _Site(route.site, limits, Throttle(limits.max_rate))
         return site
 

@@ -42,7 +42,10 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
 
 
 def server_settings(cfg: ReceiveConfig, hostname: str, tls: bool, auth: bool) -> ServerSettings:
-    """The sans-I/O settings of one connector (every limit comes from the configuration)."""
+    """The sans-I/O settings of one connector, derived from its configuration here and
+    nowhere else (``engine.protocol`` never sees the configuration: its limits are
+    constructor parameters, DESIGN.md); what TLS and AUTH offer also depends on whether a
+    certificate loaded and users exist."""
     return ServerSettings(
         hostname=hostname,
         max_command_line=cfg.max_command_line,

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import uvloop
 
 from engine.app import App
-from engine.config import Config, Overrides, load_config
+from engine.config import Config, load_config
 from engine.queue.lmdb_store import LmdbQueue
 
 T = TypeVar("T")
@@ -30,8 +30,8 @@ def ferry_config(spool: Path, **receive: Any) -> Config:
     Delivery is paused: a test that delivers turns it on and points ``delivery.dns`` at
     a responder on loopback, so no test ever asks the system's resolver or leaves 127/8.
     """
-    config = load_config(None, Overrides(listen=(("127.0.0.1", 0),), spool=str(spool),
-                                         hostname="ferry.test"))
+    config = load_config(None, {"--listen": ["127.0.0.1:0"], "--spool": str(spool),
+                                "--hostname": "ferry.test"})
     first = dataclasses.replace(config.receive[0], **receive)
     queue = dataclasses.replace(config.queue, min_free_disk=0)
     delivery = dataclasses.replace(config.delivery, paused=True, dns=("127.0.0.1", 9))

@@ -119,6 +119,43 @@ def test_bad_configuration_exits_non_zero_naming_the_key(tmp_path: Path, content
     assert "configuration error" in proc.stderr and key in proc.stderr
 
 
+def test_bad_flag_exits_2_naming_the_flag_and_its_key(tmp_path: Path) -> None:
+    # A flag's value meets the key's own checker, with the file's problems in one report.
+    config = tmp_path / "bad.toml"
+    config.write_text("[delivery]\nmax_per_domain = 0\n")
+    proc = subprocess.run([*FERRY, "serve", "--config", str(config), "--mx-port", "0",
+                           "--log-level", "loud"], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "delivery.mx_port (--mx-port): must be a port number" in proc.stderr
+    assert "log.level (--log-level): must be one of" in proc.stderr
+    assert "delivery.max_per_domain: must be a positive integer (got 0)" in proc.stderr
+
+
+@pytest.mark.parametrize(("level", "flags", "info"), [
+    ("warning", [], False),
+    ("info", [], True),
+    ("warning", ["--log-level", "info"], True),  # the flag wins over the file
+    ("info", ["--log-level", "error"], False),
+])
+def test_log_level_from_the_file_and_the_flag(tmp_path: Path, level: str, flags: list[str],
+                                              info: bool) -> None:
+    port = free_port()
+    config = tmp_path / "ferry.toml"
+    config.write_text(f'[log]\nlevel = "{level}"\n[[receive]]\nlisten = ["127.0.0.1:{port}"]\n')
+    proc = start(["serve", "--config", str(config), "--spool", str(tmp_path / "s"), *flags],
+                 tmp_path)
+    try:
+        wait_for_port(port, proc)
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            assert client.noop()[0] == 250
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    # "ferry <version> starting" and "listening on" are INFO lines.
+    assert ("INFO ferry: receive connector default listening on" in err) is info, err
+
+
 def test_listen_address_in_use_is_a_clear_error(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

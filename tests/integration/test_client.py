@@ -500,10 +500,11 @@ def test_auth_is_never_sent_in_plaintext_by_default(
     server = aiosmtpd_server(handler, authenticator=_authenticator(handler), auth_require_tls=False)
 
     async def go(allow: bool) -> list[Any]:
-        a = agent(allow_plaintext_auth=allow)
+        a = agent()
         try:
             return await a.deliver(
-                route(server.port, auth=("app", "s3cret")), envelope("u@example.net"), [0], BODY
+                route(server.port, auth=("app", "s3cret"), plaintext_auth=allow),
+                envelope("u@example.net"), [0], BODY,
             )
         finally:
             await a.close()

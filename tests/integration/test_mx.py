@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import uvloop
 
-from engine.config import Overrides, load_config
+from engine.config import load_config
 from engine.routing.api import Host, Route, RouteError
 from engine.routing.mx import MxAnswer, MxResolver
 from engine.routing.router import ConfiguredRouter
@@ -55,6 +55,11 @@ def dns() -> Iterator[DnsResponder]:
 
 def resolver(dns: DnsResponder, **options: float) -> MxResolver:
     return MxResolver(dns.address, timeout=0.3, lifetime=0.6, **options)  # type: ignore[arg-type]
+
+
+def hostport(address: tuple[str, int]) -> str:
+    """A (host, port) as the text of a HOST:PORT flag."""
+    return f"{address[0]}:{address[1]}"
 
 
 def run(coro: object) -> object:
@@ -337,7 +342,7 @@ def test_a_thousand_domains() -> None:
 
 
 def test_dns_and_mx_port_flags_through_the_router(dns: DnsResponder) -> None:
-    config = load_config(None, Overrides(dns=dns.address, mx_port=2525))
+    config = load_config(None, {"--dns": hostport(dns.address), "--mx-port": "2525"})
     router = ConfiguredRouter(config, MxResolver.from_config(config, timeout=0.5, lifetime=1))
     assert router.destination("Implicit.Test.") == "implicit.test"
     route = asyncio.run(router.resolve("implicit.test"))
@@ -395,7 +400,7 @@ def test_router_resolves_from_the_cache_alone(dns: DnsResponder, tmp_path: objec
     path.write_text('[[send]]\nname = "relay"\naddress_spaces = ["*.smart.test"]\n'
                     'smarthosts = ["mx1.example.test:2526"]\n'
                     '[[send]]\nname = "mx"\naddress_spaces = ["*"]\n', encoding="utf-8")
-    config = load_config(path, Overrides(dns=dns.address))
+    config = load_config(path, {"--dns": hostport(dns.address)})
     router = ConfiguredRouter(config, MxResolver.from_config(config, timeout=0.5, lifetime=1))
     assert router.resolve_cached("example.test") is None
     assert router.resolve_cached("a.smart.test") is None
@@ -424,7 +429,7 @@ def test_send_connector_port_beats_mx_port(dns: DnsResponder, tmp_path: object) 
         '[[send]]\nname = "lab"\naddress_spaces = ["*.test"]\nport = 2600\ntls = "required"\n'
         '[[send]]\nname = "rest"\naddress_spaces = ["*"]\n'
     )
-    config = load_config(path, Overrides(dns=dns.address, mx_port=2525))
+    config = load_config(path, {"--dns": hostport(dns.address), "--mx-port": "2525"})
     router = ConfiguredRouter(config, MxResolver.from_config(config, timeout=0.5, lifetime=1))
     route = asyncio.run(router.resolve("v6.test"))
     assert (route.connector, route.tls) == ("lab", "required")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Config, Overrides, load_config
+from engine.config import Config, load_config
 from engine.routing.api import Host, Route, RouteError
 from engine.routing.mx import MxResolver
 from engine.routing.router import (
@@ -27,14 +27,14 @@ from engine.routing.router import (
 NO_DNS = ("127.0.0.1", 9)
 
 
-def config(tmp_path: Path, text: str, overrides: Overrides | None = None) -> Config:
+def config(tmp_path: Path, text: str, flags: dict[str, object] | None = None) -> Config:
     path = tmp_path / "ferry.toml"
     path.write_text(text, encoding="utf-8")
-    return load_config(path, overrides)
+    return load_config(path, flags)
 
 
-def router(tmp_path: Path, text: str, overrides: Overrides | None = None) -> ConfiguredRouter:
-    cfg = config(tmp_path, text, overrides)
+def router(tmp_path: Path, text: str, flags: dict[str, object] | None = None) -> ConfiguredRouter:
+    cfg = config(tmp_path, text, flags)
     return ConfiguredRouter(cfg, MxResolver(NO_DNS, timeout=0.2, lifetime=0.2))
 
 
@@ -146,7 +146,7 @@ def test_default_is_one_mx_connector(tmp_path: Path) -> None:
 
 def test_smarthost_flag_is_the_cheapest_star_connector(tmp_path: Path) -> None:
     text = send("any", '["*"]', 1, "192.0.2.9:25") + send("p", '["partner.example"]', 5)
-    r = router(tmp_path, text, Overrides(smarthost=("192.0.2.1", 2525)))
+    r = router(tmp_path, text, {"--smarthost": "192.0.2.1:2525"})
     assert {r.choose("x.example").name for _ in range(20)} == {"delivery.smarthost"}
     assert r.choose("partner.example").name == "p"  # a more specific space still wins
     assert r.choose("x.example", frozenset({"delivery.smarthost"})).name == "any"

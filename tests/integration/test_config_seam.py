@@ -1,0 +1,241 @@
+"""The seam between the configuration and the code: every documented key is declared, every
+declared key is documented, and every key is read by the running server.
+
+Two checks, so that a key added in one place only fails here with a message that says what
+is missing:
+
+1. The keys in docs/configuration.md (the first column of each section's table) are
+   exactly the fields of the dataclasses of ``engine.config.TABLES``.
+2. A whole Ferry is built from a file that sets every table, and started on a temporary
+   spool and loopback ports; a client sends mail through it to every kind of route (a
+   Maildir, an LMTP server, a smarthost with AUTH, DNS MX), while every attribute read of
+   the configuration objects is recorded.  A declared key that nothing read is dead: it is
+   validated and documented but changes nothing.
+
+A key read only on a path this run does not take (an error branch) still counts as read
+when any code outside ``engine.config`` reads it here; make the run take that path rather
+than exempting the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import smtplib
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.config import TABLES, Config, load_config
+from engine.server.auth import hash_password
+from engine.testing.dns import DnsResponder
+from engine.testing.rawsmtp import RawClient
+from engine.testing.server import RunningFerry
+from engine.testing.sink import CountingSink
+from engine.testing.wait import poll, wait_for
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+
+# --- 1. the documentation names exactly the declared keys ----------------------------------
+
+_SECTION = re.compile(r"^#{2,3} (?:Top level|`\[\[?([a-z_.]+?)(?:\.\"[^\"]*\")?\]\]?`)", re.M)
+_ROW = re.compile(r"^\| `([a-z_]+)` \|", re.M)
+
+
+def documented_keys() -> set[tuple[str, str]]:
+    """(table, key) for each row of each key table in docs/configuration.md ("" = top)."""
+    text = DOCS.read_text(encoding="utf-8").split("## A complete example")[0]
+    sections = list(_SECTION.finditer(text))
+    keys: set[tuple[str, str]] = set()
+    for here, after in zip(sections, [*sections[1:], None], strict=True):
+        body = text[here.end(): after.start() if after else len(text)]
+        keys |= {(here.group(1) or "", key) for key in _ROW.findall(body)}
+    return keys
+
+
+def declared_keys() -> set[tuple[str, str]]:
+    return {(table, f.name) for table, cls in TABLES.items() for f in dataclasses.fields(cls)}
+
+
+def test_docs_and_declarations_name_the_same_keys() -> None:
+    documented, declared = documented_keys(), declared_keys()
+    undocumented = sorted(declared - documented)
+    assert not undocumented, (
+        f"declared in engine/config.py but not documented (add a row to its section's table "
+        f"in docs/configuration.md): {undocumented}")
+    dead = sorted(documented - declared)
+    assert not dead, f"documented in docs/configuration.md but not declared: {dead}"
+
+
+# --- 2. every declared key is read -----------------------------------------------------------
+
+#: (table, key) read so far; filled by the recording copies of the configuration.
+READS: set[tuple[str, str]] = set()
+#: Reads by the dataclasses' own methods prove nothing (equality, repr, hash, replace).
+_OWN = frozenset({"__eq__", "__repr__", "__hash__", "replace", "_replace", "asdict",
+                  "_asdict_inner", "fields"})
+
+
+def _recording_class(cls: type, table: str) -> type:
+    names = frozenset(f.name for f in dataclasses.fields(cls))
+
+    def __getattribute__(self: Any, name: str) -> Any:
+        if name in names and sys._getframe(1).f_code.co_name not in _OWN:
+            READS.add((table, name))
+        return object.__getattribute__(self, name)
+
+    return type(cls.__name__, (cls,), {"__getattribute__": __getattribute__})
+
+
+_CLASSES = {cls: _recording_class(cls, table) for table, cls in TABLES.items()}
+
+
+def recording(value: Any) -> Any:
+    """A copy of ``value`` in which every configuration object records its reads."""
+    if isinstance(value, tuple):
+        return tuple(recording(v) for v in value)
+    if isinstance(value, dict):
+        return {k: recording(v) for k, v in value.items()}
+    cls = type(value)
+    if cls not in _CLASSES:
+        return value
+    copy: Any = object.__new__(_CLASSES[cls])
+    for f in dataclasses.fields(value):
+        object.__setattr__(copy, f.name, recording(object.__getattribute__(value, f.name)))
+    return copy
+
+
+#: Keys the session's clock reads (engine.server.session ``_tick``).
+_CLOCK = ("idle_timeout", "data_timeout", "min_data_rate", "data_rate_grace")
+
+ZONE = """
+$TTL 60
+@ IN SOA ns.test. admin.test. 1 60 60 600 60
+mx.test.    IN MX 10 mx1.mx.test.
+mx1.mx.test. IN A 127.0.31.1
+"""
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DnsResponder]:
+    with DnsResponder(ZONE) as responder:
+        yield responder
+
+
+@pytest.fixture
+def sink() -> Iterator[CountingSink]:
+    s = CountingSink(["127.0.31.1", "127.0.31.2"])
+    yield s
+    s.stop()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def every_table(tmp_path: Path, cert_files: tuple[Path, Path], dns: tuple[str, int],
+                sink_port: int) -> Config:
+    """A configuration that sets every table, on loopback, in ``tmp_path``."""
+    cert, key = cert_files
+    path = tmp_path / "ferry.toml"
+    path.write_text(f"""
+hostname = "seam.test"
+spool = "spool"
+accepted_domains = ["accepted.test"]
+
+[users]
+app = "{hash_password("s3cret")}"
+
+[queue]
+min_free_disk = 0
+
+[[receive]]
+name = "plain"
+listen = ["127.0.0.1:0"]
+allow_plaintext_auth = true
+protocol_log = true
+
+[[receive]]
+name = "tls"
+listen = ["127.0.0.1:0"]
+tls = "starttls"
+cert_file = "{cert}"
+key_file = "{key}"
+
+[delivery]
+dns = "{dns[0]}:{dns[1]}"
+retry_interval = 60
+ca_file = "{cert}"
+
+[delivery.domains."mx.test"]
+max_connections = 2
+max_rate = 100
+
+[[send]]
+name = "partner"
+address_spaces = ["partner.test"]
+smarthosts = ["127.0.31.2:{sink_port}"]
+auth_user = "relayuser"
+auth_password = "relaypass"
+tls = "off"
+allow_plaintext_auth = true
+
+[[send]]
+name = "internet"
+address_spaces = ["*"]
+port = {sink_port}
+tls = "off"
+
+[[local]]
+domains = ["maildir.test"]
+maildir = "mail/{{domain}}/{{local}}"
+
+[[local]]
+domains = ["lmtp.test"]
+lmtp = "127.0.0.1:{closed_port()}"
+
+[log]
+level = "info"
+protocol_log_dir = "protolog"
+""", encoding="utf-8")
+    return load_config(path)
+
+
+def test_every_declared_key_is_read(tmp_path: Path, cert_files: tuple[Path, Path],
+                                    dns_server: DnsResponder, sink: CountingSink) -> None:
+    config = every_table(tmp_path, cert_files, dns_server.address, sink.port)
+    READS.clear()
+    with RunningFerry(recording(config)) as f:
+        with smtplib.SMTP(f.host, f.port) as client:
+            client.ehlo("client.test")
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                client.login("app", "wrong")
+            client.login("app", "s3cret")
+            for rcpt in ("a@maildir.test", "b@lmtp.test", "c@partner.test", "d@mx.test"):
+                client.sendmail("s@client.test", [rcpt], b"Subject: seam\r\n\r\nseam\r\n")
+        with RawClient(f.host, f.port) as raw:
+            # A body in progress until the session's clock (once a second) has checked it:
+            # the idle, whole-message and data-rate limits are read there.
+            raw.reply()
+            for line in (b"EHLO client.test", b"MAIL FROM:<s@client.test>",
+                         b"RCPT TO:<e@maildir.test>", b"DATA"):
+                raw.command(line)
+            raw.send(b"Subject: slow\r\n\r\n")
+            poll(lambda: {("receive", k) for k in _CLOCK} <= READS, timeout=10)
+            assert raw.command(b"body\r\n.").code == 250
+        # The Maildir and MX deliveries are done; the LMTP server is not there (deferred);
+        # the smarthost sink offers no AUTH (deferred).
+        wait_for(lambda: len(sink.state.messages) == 1, what="the MX delivery")
+        wait_for(lambda: list((tmp_path / "mail" / "maildir.test").glob("a/new/*")),
+                 what="the Maildir delivery")
+        wait_for(lambda: len(f.store.ids_in_state("deferred", 10)) == 2, what="two deferred")
+    unread = sorted(declared_keys() - READS)
+    assert not unread, (
+        "declared and documented, but nothing read them while Ferry was built, started and "
+        f"delivered mail (a dead key: make the component it configures read it): {unread}")
