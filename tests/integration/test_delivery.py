@@ -7,6 +7,7 @@ import dataclasses
 import email
 import email.policy
 import smtplib
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,8 +19,8 @@ from engine.client.smtp import SmtpAgent
 from engine.queue.records import RcptState
 from engine.testing.dns import DnsResponder
 from engine.testing.server import RunningFerry, ferry_config
-from engine.testing.sink import CountingSink
-from engine.testing.wait import wait_for
+from engine.testing.sink import CountingSink, Received
+from engine.testing.wait import poll, wait_for
 
 ZONE = """
 $TTL 60
@@ -38,6 +39,8 @@ nomx.test.     IN A 127.0.10.4
 nullmx.test.   IN MX 0 .
 client.test.   IN MX 10 mx.client.test.
 mx.client.test. IN A 127.0.10.5
+dsn.test.      IN MX 10 mx.dsn.test.
+mx.dsn.test.   IN A 127.0.10.6
 """
 
 SINK_ADDRESSES = ["127.0.10.1", "127.0.10.2", "127.0.10.3", "127.0.10.4", "127.0.10.5"]
@@ -63,12 +66,14 @@ Start = Callable[..., RunningFerry]
 def ferry(tmp_path: Path, dns_server: DnsResponder, sink: CountingSink) -> Iterator[Start]:
     running: list[RunningFerry] = []
 
-    def start(**delivery: Any) -> RunningFerry:
+    def start(top: dict[str, Any] | None = None, **delivery: Any) -> RunningFerry:
+        """A Ferry with these ``[delivery]`` settings and top-level ``top`` (``send``,
+        ``local``)."""
         config = ferry_config(tmp_path / f"spool{len(running)}")
         settings = {"dns": dns_server.address, "mx_port": sink.port, "retry_interval": 0.5,
                     "max_retry_interval": 1.0, "paused": False, **delivery}
         config = dataclasses.replace(
-            config, delivery=dataclasses.replace(config.delivery, **settings))
+            config, delivery=dataclasses.replace(config.delivery, **settings), **(top or {}))
         f = RunningFerry(config)
         running.append(f)
         return f
@@ -317,7 +322,9 @@ def test_local_domain_to_maildir(tmp_path: Path, dns_server: DnsResponder) -> No
 
 
 def test_a_site_that_takes_no_connection_is_marked_down(ferry: Start) -> None:
-    f = ferry(down_period=30.0, max_per_domain=1)  # one at a time: the second sees "down"
+    # One at a time: the second sees "down" (the mark lasts down_period, at most the
+    # retry interval, so neither comes back while the replies are read).
+    f = ferry(down_period=30.0, retry_interval=30.0, max_per_domain=1)
     send(f, "a@client.test", ["x@onlydead.test"], BODY)
     send(f, "a@client.test", ["y@onlydead.test"], BODY)
 
@@ -434,3 +441,100 @@ def test_no_delay_notice_when_turned_off(ferry: Start, sink: CountingSink) -> No
     send(f, "a@client.test", ["late@two.test"], BODY)
     wait_for(lambda: tried(f, 1, 3))
     assert notices(sink) == [] and not waiting(f)[0].delay_notified
+
+
+# --- failover, down marks and resume -------------------------------------------------------
+
+
+def free_port(address: str) -> int:
+    """A port nothing listens on at ``address`` (until a test starts a server there)."""
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_backup_connector_takes_the_mail_while_the_cheaper_one_is_down(
+    ferry: Start,
+) -> None:
+    # Exchange's failover: every host of the cheapest connector for "*" refuses, so the
+    # next-cheapest takes the mail at once; after the cheaper one's retry interval, new
+    # mail goes by it again.
+    from engine.config import SendConfig
+
+    cheap_port = free_port("127.0.11.1")
+    backup = CountingSink(["127.0.11.2"])
+    cheap: CountingSink | None = None
+    try:
+        connectors = (
+            SendConfig(name="cheap", address_spaces=("*",), cost=1, tls="off",
+                       smarthosts=(("127.0.11.1", cheap_port),)),
+            SendConfig(name="backup", address_spaces=("*",), cost=2, tls="off",
+                       smarthosts=(("127.0.11.2", backup.port),)),
+        )
+        f = ferry(top={"send": connectors}, retry_interval=2.0, max_retry_interval=4.0)
+        send(f, "a@client.test", ["x@far.test"], BODY)
+        wait_for(lambda: len(backup.state.messages) == 1, what="the backup took the mail")
+        wait_for(lambda: f.store.count() == 0)
+        cheap = CountingSink(["127.0.11.1"], port=cheap_port)
+        sinks = (cheap, backup)
+
+        def one_more(n: int) -> list[Received]:
+            """Send message ``n`` and wait until a connector delivered it; its copies."""
+            send(f, "a@client.test", [f"u{n}@far.test"], BODY)
+            return wait_for(lambda: [m for s in sinks for m in s.state.messages
+                                     if m.recipients == [f"u{n}@far.test"]])
+
+        counter = iter(range(1000))
+
+        def by_cheap() -> list[Received]:
+            one_more(next(counter))
+            return cheap.state.messages if cheap is not None else []
+
+        assert poll(by_cheap, 20, interval=0.25), (
+            "the cheaper connector was not used again after its retry interval")
+        assert cheap.state.messages[0].body.endswith(BODY)
+    finally:
+        backup.stop()
+        if cheap is not None:
+            cheap.stop()
+
+
+def test_mail_for_a_refusing_hop_flows_soon_after_it_comes_back(
+    ferry: Start, sink: CountingSink
+) -> None:
+    # The site is marked down when no host takes a connection; the mark must not hold
+    # the message past its own retry (2 s here) though down_period is 60 s.
+    f = ferry(retry_interval=2.0, max_retry_interval=2.0)
+    assert f.config.delivery.down_period == 60
+    send(f, "a@client.test", ["x@onlydead.test"], BODY)
+    wait_for(lambda: f.store.ids_in_state(RcptState.DEFERRED.value, 1))
+    back = CountingSink(["127.0.10.9"], port=sink.port)
+    try:
+        wait_for(lambda: back.state.messages, 20, what="delivered well before down_period")
+        wait_for(lambda: f.store.count() == 0)
+    finally:
+        back.stop()
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["deferred", "suspended"])
+def test_resume_delivers_now(ferry: Start, sink: CountingSink, held: bool) -> None:
+    # ``ferry queue resume DEST`` means "deliver now": not after the recipient's retry
+    # time (an hour here) nor after its site's down mark.
+    from engine.ops.control import request, socket_path
+
+    f = ferry(retry_interval=3600.0, max_retry_interval=3600.0)
+    path = socket_path(f.config.spool)
+    send(f, "a@client.test", ["x@onlydead.test"], BODY)
+    wait_for(lambda: f.store.ids_in_state(RcptState.DEFERRED.value, 1))
+    if held:
+        assert request(path, {"command": "suspend", "destination": "onlydead.test"})["ok"]
+    back = CountingSink(["127.0.10.9"], port=sink.port)
+    try:
+        reply = request(path, {"command": "resume", "destination": "onlydead.test"})
+        assert reply == {"ok": True, "destination": "onlydead.test", "recipients": 1,
+                         "was_suspended": held}
+        wait_for(lambda: back.state.messages, 20, what="delivered after resume")
+        wait_for(lambda: f.store.count() == 0)
+        assert back.state.messages[0].recipients == ["x@onlydead.test"]
+    finally:
+        back.stop()
