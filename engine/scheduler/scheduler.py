@@ -47,7 +47,7 @@ from typing import Any
 import orjson
 
 from engine.client.api import DeliveryAgent, Follow, FollowOn, RcptResult
-from engine.message.dsn import Failure, build_dsn, reply_status
+from engine.message.dsn import Action, Failure, build_dsn, reply_status, wants_notice
 from engine.queue.api import DueEntry, NewMessage, Outcome
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import Envelope, RcptState, Recipient, RecordError
@@ -61,6 +61,8 @@ log = logging.getLogger("ferry.scheduler")
 _WAITING = (RcptState.PENDING, RcptState.DEFERRED)
 #: Name of the suspended destinations (an orjson list) among the queue's settings.
 SUSPENDED_SETTING = "suspended"
+#: Route protocols whose agent makes the final delivery (RFC 3461 §5.2.3 "delivered").
+_FINAL = frozenset({"maildir", "lmtp"})
 
 @dataclass(slots=True)
 class _Destination:
@@ -499,7 +501,7 @@ class Scheduler:
                 batched = True  # routed again: the group keeps its window place
                 return False
             self.delivered += sum(r.state is RcptState.DELIVERED for r in results)
-            batched = await self._finish(entry, env, results, [])
+            batched = await self._finish(entry, env, results, [], route)
             return reached
         except Exception:
             # A bug, not a delivery problem: park the group for a retry interval rather
@@ -523,12 +525,13 @@ class Scheduler:
 
     async def _finish(
         self, entry: DueEntry, env: Envelope, results: Sequence[RcptResult],
-        expired: Sequence[tuple[int, str]],
+        expired: Sequence[tuple[int, str]], route: Route | None = None,
     ) -> bool:
-        """Turn results into outcomes and DSNs for the failures, and record them.  With a
-        DSN the commit is awaited here (it may be refused alone) and False is returned;
-        otherwise the outcomes join the next batch, whose commit frees ``entry``'s window
-        place, and True is returned (the caller must not free it)."""
+        """Turn results (from a delivery by ``route``) into outcomes and one DSN for the
+        failures, delays and successes reported, and record them.  With a DSN the commit
+        is awaited here (it may be refused alone) and False is returned; otherwise the
+        outcomes join the next batch, whose commit frees ``entry``'s window place, and
+        True is returned (the caller must not free it)."""
         now = time.time()
         outcomes: list[Outcome] = []
         failures: list[Failure] = []
@@ -547,6 +550,10 @@ class Scheduler:
                                     delay_notified=bool(delays)))
             if state is RcptState.FAILED:
                 failures.append(_failure(r.index, reply, r.remote))
+            elif (state is RcptState.DELIVERED and env.recipients[r.index].notify
+                  and not r.dsn_offered and route is not None
+                  and wants_notice(env.recipients[r.index], "success")):
+                failures.append(_success(r, route))
         for index, _why in expired:
             last = env.recipients[index].last_reply
             reply = f"message expired in the queue; last reply: {last}" if last else (
@@ -674,6 +681,17 @@ def _due_now(queue_id: bytes, index: int, recipient: Recipient, now: float) -> O
             recipient.due <= now):
         return Outcome(queue_id, index, RcptState.PENDING, attempted=False)
     return Outcome(queue_id, index, RcptState.DEFERRED, attempted=False, due=now)
+
+
+def _success(result: RcptResult, route: Route) -> Failure:
+    """The DSN item for a recipient delivered with NOTIFY=SUCCESS whose next hop did not
+    take the request on (it offers no DSN, or it is the final delivery): "delivered" after
+    a local agent's final delivery, "relayed" after a hand-over to a next hop that will
+    send no further notices (RFC 3461 §5.2.3 and §5.2.2; RFC 3464 §2.3.3).  A next hop
+    that offers DSN got NOTIFY and answers for it (§5.2.1): nothing is sent then."""
+    action: Action = "delivered" if route.protocol in _FINAL else "relayed"
+    return Failure(result.index, action, reply_status(result.reply, action), result.reply,
+                   result.remote, None)
 
 
 def _failure(index: int, reply: str, remote: str) -> Failure:

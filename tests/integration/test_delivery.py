@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
 
 from engine.client.smtp import SmtpAgent
 from engine.queue.records import RcptState
@@ -538,3 +540,136 @@ def test_resume_delivers_now(ferry: Start, sink: CountingSink, held: bool) -> No
         assert back.state.messages[0].recipients == ["x@onlydead.test"]
     finally:
         back.stop()
+
+
+# --- success notices (RFC 3461 NOTIFY=SUCCESS) ---------------------------------------------
+
+
+def submit(f: RunningFerry, sender: str, rcpts: dict[str, list[str]],
+           options: list[str] | None = None) -> None:
+    """One message to ``rcpts`` (address → its RCPT parameters)."""
+    with smtplib.SMTP(f.host, f.port) as client:
+        client.ehlo("client.test")
+        assert client.mail(sender, options or [])[0] == 250
+        for rcpt, params in rcpts.items():
+            assert client.rcpt(rcpt, params)[0] == 250
+        assert client.data(BODY)[0] == 250
+
+
+def test_notify_success_to_a_hop_without_dsn_gets_one_relayed_report(
+    ferry: Start, sink: CountingSink
+) -> None:
+    # RFC 3461 §5.2.2: the next hop (aiosmtpd) does not offer DSN, so Ferry reports
+    # "relayed" for the recipients that asked, in one report per message.
+    f = ferry()
+    submit(f, "a@client.test", {
+        "x@two.test": ["NOTIFY=SUCCESS", "ORCPT=rfc822;orig@two.test"],
+        "y@two.test": ["NOTIFY=FAILURE"],
+        "z@two.test": ["NOTIFY=SUCCESS,FAILURE"],
+    }, ["ENVID=env9", "RET=FULL"])
+    submit(f, "", {"n@two.test": ["NOTIFY=SUCCESS"]})  # never a report to the null sender
+    # A report is committed with the outcomes it reports: an empty queue means every
+    # report there is has been delivered to client.test's MX.
+    wait_for(lambda: len(notices(sink)) == 1 and f.store.count() == 0)
+    assert len(notices(sink)) == 1
+    (report,) = [m for m in sink.state.messages if m.address == "127.0.10.5"]
+    assert report.sender in ("", "<>") and report.recipients == ["a@client.test"]
+    parsed = email.message_from_bytes(report.body, policy=email.policy.default)
+    assert parsed["Subject"] == "Successful Mail Delivery Report"
+    text = notices(sink)[0]
+    assert text.count("Action: relayed") == 2 and "Action: delivered" not in text
+    for line in ("Original-Envelope-Id: env9", "Original-Recipient: rfc822;orig@two.test",
+                 "Final-Recipient: rfc822;x@two.test", "Final-Recipient: rfc822;z@two.test",
+                 "Status: 2.0.0", "Remote-MTA: dns; ", "Diagnostic-Code: smtp; 250"):
+        assert line in text, line
+    assert "y@two.test" not in text  # NOTIFY=FAILURE only
+    # RET=FULL applies to failure reports (RFC 3461 §4.3): the header only.
+    assert "Content-Type: text/rfc822-headers" in text and "Hello" not in text
+    relayed = [m for m in sink.state.messages if m.address == "127.0.10.3"]
+    assert sorted(r for m in relayed for r in m.recipients) == [
+        "n@two.test", "x@two.test", "y@two.test", "z@two.test"]
+
+
+class _DsnPeer(Controller):
+    """An aiosmtpd server that offers DSN (RFC 3461) and records the MAIL and RCPT
+    arguments it was given (aiosmtpd itself refuses unknown parameters)."""
+
+    def __init__(self, address: str, port: int) -> None:
+        self.lines: list[str] = []
+        self.messages: list[tuple[str, list[str]]] = []
+        super().__init__(self, hostname=address, port=port)
+
+    def factory(self) -> SMTP:
+        return _DsnSMTP(self, hostname="dsn.test", decode_data=False)
+
+    async def handle_EHLO(self, server: SMTP, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        responses.insert(1, "250-DSN")
+        return responses
+
+    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos)))
+        return "250 2.0.0 OK"
+
+
+_DSN_PARAMS = ("NOTIFY=", "ORCPT=", "RET=", "ENVID=")
+
+
+class _DsnSMTP(SMTP):
+    def __init__(self, peer: _DsnPeer, **kw: Any) -> None:
+        super().__init__(peer, **kw)
+        self.peer = peer
+
+    def _take(self, verb: str, arg: str | None) -> str | None:
+        if arg is None:
+            return None
+        self.peer.lines.append(f"{verb} {arg}")
+        return " ".join(w for w in arg.split(" ") if not w.upper().startswith(_DSN_PARAMS))
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        await super().smtp_MAIL(self._take("MAIL", arg))
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        await super().smtp_RCPT(self._take("RCPT", arg))
+
+
+def test_notify_success_is_passed_on_to_a_hop_that_offers_dsn(
+    ferry: Start, sink: CountingSink
+) -> None:
+    # RFC 3461 §5.2.1: NOTIFY, ORCPT, ENVID and RET go to the next hop, which answers
+    # for the notices from then on; Ferry sends none.
+    peer = _DsnPeer("127.0.10.6", sink.port)
+    peer.start()
+    try:
+        f = ferry()
+        submit(f, "a@client.test",
+               {"x@dsn.test": ["NOTIFY=SUCCESS", "ORCPT=rfc822;orig@dsn.test"]},
+               ["ENVID=env9", "RET=HDRS"])
+        wait_for(lambda: peer.messages and f.store.count() == 0)
+        assert peer.messages == [("a@client.test", ["x@dsn.test"])]
+        mail = next(line for line in peer.lines if line.startswith("MAIL"))
+        rcpt = next(line for line in peer.lines if line.startswith("RCPT"))
+        assert "RET=HDRS" in mail and "ENVID=env9" in mail
+        assert "NOTIFY=SUCCESS" in rcpt and "ORCPT=rfc822;orig@dsn.test" in rcpt
+        assert notices(sink) == []
+    finally:
+        peer.stop()
+
+
+def test_notify_success_after_maildir_delivery_gets_a_delivered_report(
+    ferry: Start, sink: CountingSink, tmp_path: Path
+) -> None:
+    # RFC 3461 §5.2.3: the final delivery is ours, so the report says "delivered".
+    from engine.config import LocalConfig
+
+    template = str(tmp_path / "mail" / "{domain}" / "{local}")
+    f = ferry(top={"local": (LocalConfig(domains=("local.test",), maildir=template),)})
+    submit(f, "a@client.test", {"bob@local.test": ["NOTIFY=SUCCESS"]}, ["ENVID=env3"])
+    wait_for(lambda: len(notices(sink)) == 1 and f.store.count() == 0)
+    assert any((tmp_path / "mail" / "local.test" / "bob" / "new").iterdir())
+    (text,) = notices(sink)
+    for line in ("Action: delivered", "Final-Recipient: rfc822;bob@local.test",
+                 "Status: 2.0.0", "Original-Envelope-Id: env3"):
+        assert line in text, line
+    assert "Action: relayed" not in text and "Remote-MTA" not in text
