@@ -17,9 +17,9 @@ most specific match: mail for a partner domain is never handed to the general ``
 connector because the partner's connector (perhaps with verified TLS and AUTH) is down.
 An address literal matches only ``*``.
 
-Failover (Exchange's model): the scheduler reports a connector none of whose hosts took
-a connection with :meth:`connector_failed` and until when to leave it alone (its retry
-interval); until then the next-cheapest connector of the same match takes its mail, and
+Failover (Exchange's model): the scheduler reports a smarthost connector none of whose
+hosts took a connection with :meth:`connector_failed` and until when to leave it alone
+(its retry interval); until then the next-cheapest connector of the same match takes its mail, and
 afterwards the cheaper one is chosen again.  When every connector of the match is marked,
 the marks are ignored (the cheapest is chosen as usual): a mark only ever moves mail to
 another connector, it never leaves mail without a route.
@@ -156,6 +156,8 @@ class ConfiguredRouter:
         elif not config.send:
             connectors.append(_Connector(SendConfig("", ("*",)), mx_port))
         self._connectors = tuple(connectors)
+        #: the connectors with smarthosts: the only ones connector_failed marks
+        self._relays = frozenset(c.config.name for c in connectors if c.config.smarthosts)
         self._local_exact: dict[str, LocalConfig] = {}
         self._local_suffix: list[tuple[str, LocalConfig]] = []
         for lc in config.local:
@@ -200,8 +202,11 @@ class ConfiguredRouter:
 
     def connector_failed(self, name: str, until: float) -> None:
         """No host of send connector ``name`` took a connection: choose the next-cheapest
-        connector of the same match instead until ``until`` (epoch seconds)."""
-        self._failed[name] = until
+        connector of the same match instead until ``until`` (epoch seconds).  Only a
+        smarthost connector is marked: an MX connector's hosts are the destination's, and
+        one unreachable domain says nothing about the connector's other domains."""
+        if name in self._relays:
+            self._failed[name] = until
 
     def choose(self, domain: str, exclude: frozenset[str] = frozenset()) -> SendConfig:
         """The send connector for ``domain`` (normalised) now; RouteError if none."""
