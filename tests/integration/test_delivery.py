@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP
 
 from engine.client.smtp import SmtpAgent
@@ -657,19 +658,48 @@ def test_notify_success_is_passed_on_to_a_hop_that_offers_dsn(
         peer.stop()
 
 
-def test_notify_success_after_maildir_delivery_gets_a_delivered_report(
-    ferry: Start, sink: CountingSink, tmp_path: Path
+class _LmtpServer(Controller):
+    """aiosmtpd's LMTP server (RFC 2033), recording the recipients it delivered to."""
+
+    def __init__(self, address: str, port: int) -> None:
+        self.delivered: list[str] = []
+        super().__init__(self, hostname=address, port=port)
+
+    def factory(self) -> SMTP:
+        return LMTP(self, hostname="lmtp.test", decode_data=False)
+
+    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
+        self.delivered += envelope.rcpt_tos
+        return "250 2.0.0 Delivered"
+
+
+@pytest.mark.parametrize("agent", ["maildir", "lmtp"])
+def test_notify_success_after_local_delivery_gets_a_delivered_report(
+    ferry: Start, sink: CountingSink, tmp_path: Path, agent: str
 ) -> None:
-    # RFC 3461 §5.2.3: the final delivery is ours, so the report says "delivered".
+    # RFC 3461 §5.2.3: the final delivery is ours (Maildir, or the LMTP server, which
+    # offers no DSN), so the report says "delivered".
     from engine.config import LocalConfig
 
-    template = str(tmp_path / "mail" / "{domain}" / "{local}")
-    f = ferry(top={"local": (LocalConfig(domains=("local.test",), maildir=template),)})
-    submit(f, "a@client.test", {"bob@local.test": ["NOTIFY=SUCCESS"]}, ["ENVID=env3"])
-    wait_for(lambda: len(notices(sink)) == 1 and f.store.count() == 0)
-    assert any((tmp_path / "mail" / "local.test" / "bob" / "new").iterdir())
+    lmtp = _LmtpServer("127.0.10.7", free_port("127.0.10.7"))
+    lmtp.start()
+    try:
+        if agent == "lmtp":
+            local = LocalConfig(domains=("local.test",), lmtp=("127.0.10.7", lmtp.port))
+        else:
+            local = LocalConfig(domains=("local.test",),
+                                maildir=str(tmp_path / "mail" / "{domain}" / "{local}"))
+        f = ferry(top={"local": (local,)})
+        submit(f, "a@client.test", {"bob@local.test": ["NOTIFY=SUCCESS"]}, ["ENVID=env3"])
+        wait_for(lambda: len(notices(sink)) == 1 and f.store.count() == 0)
+        if agent == "lmtp":
+            assert lmtp.delivered == ["bob@local.test"]
+        else:
+            assert any((tmp_path / "mail" / "local.test" / "bob" / "new").iterdir())
+    finally:
+        lmtp.stop()
     (text,) = notices(sink)
     for line in ("Action: delivered", "Final-Recipient: rfc822;bob@local.test",
                  "Status: 2.0.0", "Original-Envelope-Id: env3"):
         assert line in text, line
-    assert "Action: relayed" not in text and "Remote-MTA" not in text
+    assert "Action: relayed" not in text
