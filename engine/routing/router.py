@@ -19,10 +19,10 @@ An address literal matches only ``*``.
 
 Failover (Exchange's model): the scheduler reports a smarthost connector none of whose
 hosts took a connection with :meth:`connector_failed` and until when to leave it alone
-(its retry interval); until then the next-cheapest connector of the same match takes its mail, and
-afterwards the cheaper one is chosen again.  When every connector of the match is marked,
-the marks are ignored (the cheapest is chosen as usual): a mark only ever moves mail to
-another connector, it never leaves mail without a route.
+(its retry interval); until then the next-cheapest connector of the same match takes its
+mail, and afterwards the cheaper one is chosen again.  When every connector of the match
+is marked, the marks are ignored (the cheapest is chosen as usual): a mark only ever
+moves mail to another connector, it never leaves mail without a route.
 
 Implicit connectors: ``delivery.smarthost`` (the ``--smarthost`` flag) is a ``*``
 connector named "delivery.smarthost" with cost 0, below any configured one; with no
