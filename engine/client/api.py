@@ -16,13 +16,16 @@ class RcptResult:
 
     ``state`` is DELIVERED, DEFERRED or FAILED; ``reply`` is the server's reply as text
     ("550 5.1.1 No such user", control characters already removed) or a local reason;
-    ``remote`` names the host that gave it ("" when none did).
+    ``remote`` names the host that gave it ("" when none did); ``dsn_offered`` is True
+    when the next hop advertised DSN, so NOTIFY, ORCPT and ENVID were passed on and that
+    hop answers for the notices from here (RFC 3461 §5.2.1).
     """
 
     index: int
     state: RcptState
     reply: str
     remote: str = ""
+    dsn_offered: bool = False
 
 
 @dataclass(eq=False, slots=True)

@@ -798,6 +798,8 @@ class SmtpAgent:
         out = [
             results.get(i) or RcptResult(i, RcptState.DEFERRED, reason, s.remote) for i in indexes
         ]
+        if "DSN" in (s.conn.extensions or ()):  # NOTIFY etc. went on (RFC 3461 §5.2.1)
+            out = [RcptResult(r.index, r.state, r.reply, r.remote, True) for r in out]
         return out, keep and not s.pipe.closed
 
     async def _exchange(

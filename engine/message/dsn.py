@@ -22,7 +22,9 @@ Policy decided here, on purpose:
 * NOTIFY absent means FAILURE and DELAY (RFC 3461 §4.1 leaves DELAY to the MTA).
 * RET absent means headers only (RFC 3461 §4.3 leaves the choice to the MTA): returning
   whole messages by default doubles the traffic of every bulk bounce.  A RET=FULL message
-  larger than ``max_return`` is returned as headers only too.
+  larger than ``max_return`` is returned as headers only too, and so is every message in
+  a report of successes alone ("delivered", "relayed"): RET applies to reports of a
+  failure (RFC 3461 §4.3).
 
 It must never do I/O and never read the clock (the caller passes ``now``); it reads the
 operating system's random source only for the boundary and the Message-ID.
@@ -94,6 +96,9 @@ _DEFAULT_STATUS: Final[dict[str, str]] = {
     "relayed": "2.0.0",
 }
 _STATUS: Final = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
+# The status class a reply's code must have to stand for a kind of notice (RFC 3463 §3.1);
+# a failure keeps its code whatever the class (an expiry reports the last 4.x.x).
+_STATUS_CLASS: Final[dict[str, str]] = {"delay": "4", "success": "2"}
 # A reply that starts with an SMTP code is an "smtp" diagnostic (RFC 3464 §2.3.6); our own
 # wording (a connection error, an expiry) is marked as ours.
 _SMTP_REPLY: Final = re.compile(r"[2-5][0-9][0-9](?:[ -]|$)")
@@ -152,10 +157,12 @@ def reply_status(reply: str, action: Action) -> str:
     """The Status for an item reporting the SMTP reply ``reply``: its enhanced code
     (RFC 2034, "550 5.1.1 No such user" → "5.1.1") when it has one, else the action's
     default ("5.0.0" for failed).  A "delayed" item keeps only a class 4 code: the delay
-    is a persistent transient failure (RFC 3463 §3), whatever the reply claimed."""
+    is a persistent transient failure (RFC 3463 §3), whatever the reply claimed; a
+    "delivered" or "relayed" one only a class 2 code (success, RFC 3463 §3.1)."""
     parts = reply.split(" ", 2)
     code = parts[1] if len(parts) > 1 else ""
-    if _STATUS.fullmatch(code) and (action != "delayed" or code[0] == "4"):
+    required = _STATUS_CLASS.get(_ACTION_KIND[action])
+    if _STATUS.fullmatch(code) and (required is None or code[0] == required):
         return code
     return _DEFAULT_STATUS[action]
 
@@ -397,9 +404,13 @@ def _status_part(mta: str, envelope: Envelope, items: Sequence[_Item], now: floa
     return (head + "\r\n" + "".join(out)).encode("ascii")
 
 
-def _returned_part(envelope: Envelope, original: bytes, max_return: int) -> tuple[bytes, str]:
-    """The third part (RFC 6522 §3) and a sentence for the text part about it."""
-    if envelope.ret.upper() == "FULL" and len(original) <= max_return:
+def _returned_part(envelope: Envelope, original: bytes, max_return: int,
+                   success: bool) -> tuple[bytes, str]:
+    """The third part (RFC 6522 §3) and a sentence for the text part about it.
+    ``success``: the report has only delivered/relayed/expanded items; then RET=FULL
+    does not apply and the header alone is returned (RFC 3461 §4.3)."""
+    what = "Message" if success else "Undelivered Message"
+    if envelope.ret.upper() == "FULL" and len(original) <= max_return and not success:
         cte = "7bit" if original.isascii() else "8bit"
         head = (
             "Content-Description: Undelivered Message\r\n"
@@ -407,7 +418,7 @@ def _returned_part(envelope: Envelope, original: bytes, max_return: int) -> tupl
             f"Content-Transfer-Encoding: {cte}\r\n"
         )
         return head.encode("ascii") + b"\r\n" + original, "Your message is attached."
-    if envelope.ret.upper() == "FULL":
+    if envelope.ret.upper() == "FULL" and not success:
         note = "Your message was too large to return in full; its header is attached."
     else:
         note = "The header of your message is attached."
@@ -418,7 +429,7 @@ def _returned_part(envelope: Envelope, original: bytes, max_return: int) -> tupl
         headers += b"\r\n"
     cte = "7bit" if headers.isascii() else "8bit"
     head = (
-        "Content-Description: Undelivered Message Headers\r\n"
+        f"Content-Description: {what} Headers\r\n"
         "Content-Type: text/rfc822-headers\r\n"
         f"Content-Transfer-Encoding: {cte}\r\n"
     )
@@ -461,7 +472,8 @@ def build_dsn(
     if not wanted:
         return None
     mta = _host(reporting_mta)
-    returned, note = _returned_part(envelope, original, max_return)
+    success = all(_ACTION_KIND[item.action] == "success" for item in wanted)
+    returned, note = _returned_part(envelope, original, max_return, success)
     parts = [
         b"Content-Description: Notification\r\n" + _text_part(mta, wanted, envelope, note),
         _status_part(mta, envelope, wanted, now),

@@ -61,9 +61,14 @@ class Router(Protocol):
         """The destination recorded for a recipient domain at ingest (no DNS lookups)."""
         ...
 
+    def connector_failed(self, name: str, until: float) -> None:
+        """No host of send connector ``name`` took a connection: until ``until`` (epoch
+        seconds) the routes avoid it when another connector of the same match is left."""
+        ...
+
     async def resolve(self, destination: str, exclude: frozenset[str] = frozenset()) -> Route:
-        """The route for a destination; ``exclude`` names send connectors that just failed
-        (fail over to the next cheapest).  Raises RouteError."""
+        """The route for a destination; ``exclude`` names send connectors to skip (fail
+        over to the next cheapest).  Raises RouteError."""
         ...
 
     def resolve_cached(self, destination: str,

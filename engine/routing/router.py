@@ -12,10 +12,17 @@ Choosing a send connector (the Exchange rules): among the connectors whose addre
 match the domain, the most specific match wins (an exact domain beats the longest
 ``*.suffix``, which beats ``*``); among those, the lowest cost; connectors of equal cost
 share the load (one is picked at random per call).  Connectors the caller names in
-``exclude`` (they just failed) are skipped and the next one is taken, but only among the
-connectors of the most specific match: mail for a partner domain is never handed to the
-general ``*`` connector because the partner's connector (perhaps with verified TLS and
-AUTH) is down.  An address literal matches only ``*``.
+``exclude`` are skipped and the next one is taken, but only among the connectors of the
+most specific match: mail for a partner domain is never handed to the general ``*``
+connector because the partner's connector (perhaps with verified TLS and AUTH) is down.
+An address literal matches only ``*``.
+
+Failover (Exchange's model): the scheduler reports a smarthost connector none of whose
+hosts took a connection with :meth:`connector_failed` and until when to leave it alone
+(its retry interval); until then the next-cheapest connector of the same match takes its
+mail, and afterwards the cheaper one is chosen again.  When every connector of the match
+is marked, the marks are ignored (the cheapest is chosen as usual): a mark only ever
+moves mail to another connector, it never leaves mail without a route.
 
 Implicit connectors: ``delivery.smarthost`` (the ``--smarthost`` flag) is a ``*``
 connector named "delivery.smarthost" with cost 0, below any configured one; with no
@@ -29,14 +36,16 @@ not allow plaintext AUTH, the route's TLS is raised to at least "required", so t
 (which sees only the route) never sends the password in clear (RFC 4954 §4); when it does,
 the route says so (``plaintext_auth``) and the client sends it without TLS.
 
-It must never hold delivery state (retries, limits, connections are the scheduler's) and
-never does DNS in :meth:`destination`.
+It must never hold delivery state (retries, limits, connections are the scheduler's; the
+failure marks are values the scheduler hands over, each with its end) and never does DNS
+in :meth:`destination`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -131,9 +140,13 @@ class _Connector:
 class ConfiguredRouter:
     """The Router (engine.routing.api) for a Config: send connectors, local domains, MX."""
 
-    def __init__(self, config: Config, resolver: MxResolver) -> None:
+    def __init__(self, config: Config, resolver: MxResolver,
+                 clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.resolver = resolver
+        self._clock = clock
+        #: send connector name → until when it is skipped (see connector_failed)
+        self._failed: dict[str, float] = {}
         mx_port = config.delivery.mx_port
         connectors = [_Connector(sc, sc.port or mx_port) for sc in config.send]
         if config.delivery.smarthost is not None:
@@ -144,6 +157,8 @@ class ConfiguredRouter:
         elif not config.send:
             connectors.append(_Connector(SendConfig("", ("*",)), mx_port))
         self._connectors = tuple(connectors)
+        #: the connectors with smarthosts: the only ones connector_failed marks
+        self._relays = frozenset(c.config.name for c in connectors if c.config.smarthosts)
         self._local_exact: dict[str, LocalConfig] = {}
         self._local_suffix: list[tuple[str, LocalConfig]] = []
         for lc in config.local:
@@ -186,6 +201,14 @@ class ConfiguredRouter:
 
     # --- delivery ------------------------------------------------------------------------
 
+    def connector_failed(self, name: str, until: float) -> None:
+        """No host of send connector ``name`` took a connection: choose the next-cheapest
+        connector of the same match instead until ``until`` (epoch seconds).  Only a
+        smarthost connector is marked: an MX connector's hosts are the destination's, and
+        one unreachable domain says nothing about the connector's other domains."""
+        if name in self._relays:
+            self._failed[name] = until
+
     def choose(self, domain: str, exclude: frozenset[str] = frozenset()) -> SendConfig:
         """The send connector for ``domain`` (normalised) now; RouteError if none."""
         return self._choose(domain, exclude).config
@@ -218,8 +241,20 @@ class ConfiguredRouter:
                 code=451,
                 enhanced="4.4.4",
             )
+        if self._failed:
+            left = self._working(left)
         cheapest = min(c.config.cost for c in left)
         return random.choice([c for c in left if c.config.cost == cheapest])
+
+    def _working(self, level: list[_Connector]) -> list[_Connector]:
+        """``level`` without the connectors marked failed, or all of it when every one is
+        marked (a mark moves mail elsewhere, never leaves it without a route)."""
+        now = self._clock()
+        failed = self._failed
+        for name in [name for name, until in failed.items() if until <= now]:
+            del failed[name]
+        working = [c for c in level if c.config.name not in failed]
+        return working or level
 
     async def resolve(self, destination: str, exclude: frozenset[str] = frozenset()) -> Route:
         plan = self._plan(destination, exclude)

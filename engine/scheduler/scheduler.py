@@ -18,10 +18,14 @@ Theory of operation (Postfix's qmgr, KumoMTA's two-level queues):
    milliseconds, so every hop from a freed place back to a busy site (a timer, a task,
    a callback) costs a turn: a place held that long is one the window cannot hand out,
    and sites go idle while the window is full.  A site
-   where no host took a connection is marked down for ``down_period``; its groups are
-   deferred without trying.
+   where no host took a connection is marked down for ``down_period``, never longer than
+   ``retry_interval`` (a mark must not hold a message past its own retry); its groups are
+   deferred without trying.  When the route came from a send connector, the router is
+   told (``Router.connector_failed``) and the group is routed again at once: a costlier
+   connector of the same address space takes it (Exchange's failover).
 4. Deferred recipients come back through the due index at ``retry_delay``; a recipient
    older than ``max_queue_lifetime`` fails whatever its state, with a DSN.
+   ``resume`` makes a destination's suspended and deferred recipients due now.
 
 Tasks are bounded by the window and the site limits (resolvers ≤ destinations in the
 window, workers ≤ the sum of site limits), never one per queued message.  The scheduler
@@ -36,7 +40,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,14 +48,14 @@ import orjson
 
 from engine.client.api import DeliveryAgent, Follow, FollowOn, RcptResult
 from engine.config import DeliveryConfig
-from engine.message.dsn import Failure, build_dsn, reply_status
+from engine.message.dsn import Action, Failure, build_dsn, reply_status, wants_notice
 from engine.queue.api import DueEntry, NewMessage, Outcome
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import Envelope, RcptState, Recipient, RecordError
 from engine.queue.window import DueWindow
 from engine.routing.api import Route, RouteError, Router
 from engine.scheduler.notices import DelayNotices
-from engine.scheduler.policy import Limits, SiteLimits, Throttle, retry_delay
+from engine.scheduler.policy import RETRY_JITTER, Limits, SiteLimits, Throttle, retry_delay
 
 log = logging.getLogger("ferry.scheduler")
 
@@ -60,6 +64,8 @@ _WAITING = (RcptState.PENDING, RcptState.DEFERRED)
 SUSPENDED_SETTING = "suspended"
 #: Seconds between refills of the window when nothing wakes the scheduler.
 POLL_INTERVAL = 1.0
+#: Route protocols whose agent makes the final delivery (RFC 3461 §5.2.3 "delivered").
+_FINAL = frozenset({"maildir", "lmtp"})
 
 @dataclass(slots=True)
 class _Destination:
@@ -165,12 +171,22 @@ class Scheduler:
         unparking, so no recipient is ever left parked by a set that forgot it)."""
         self.suspended.add(destination)
         await self._save_suspended()
-        return await self._set_state(destination, _WAITING, RcptState.SUSPENDED)
+        return await self._set_state(destination, _WAITING, _suspend)
 
     async def resume(self, destination: str) -> int:
+        """Deliver ``destination``'s mail now (``ferry queue resume``): lift its suspension,
+        make its suspended and deferred recipients due now, and clear the down mark of its
+        site; returns how many recipients were made due."""
         self.suspended.discard(destination)
-        count = await self._set_state(destination, (RcptState.SUSPENDED,), RcptState.PENDING)
+        count = await self._set_state(destination, (RcptState.SUSPENDED, RcptState.DEFERRED),
+                                      _due_now)
         await self._save_suspended()
+        # The site that was marked down was routed to moments before: its route is in the
+        # DNS cache (a mark outlives no TTL by much), so no lookup is waited for here.
+        with contextlib.suppress(RouteError):
+            route = self.router.resolve_cached(destination)
+            if route is not None:
+                self.down.pop(route.site, None)
         self.wake()
         return count
 
@@ -178,8 +194,11 @@ class Scheduler:
         await self.store.save_setting(SUSPENDED_SETTING, orjson.dumps(sorted(self.suspended)))
 
     async def _set_state(
-        self, destination: str, states: Sequence[RcptState], new: RcptState
+        self, destination: str, states: Sequence[RcptState],
+        new: Callable[[bytes, int, Recipient, float], Outcome],
     ) -> int:
+        """Record ``new(queue_id, index, recipient, now)`` for every recipient of
+        ``destination`` in one of ``states``; returns how many."""
         count, after = 0, b""
         while True:
             ids = self.store.ids_for_hop(destination, 1000, after)
@@ -191,8 +210,8 @@ class Scheduler:
                     env = self.store.get(qid)
                 except (KeyError, RecordError):
                     continue
-                outcomes += [Outcome(qid, i, new, attempted=False, due=time.time())
-                             for i, r in enumerate(env.recipients)
+                now = time.time()
+                outcomes += [new(qid, i, r, now) for i, r in enumerate(env.recipients)
                              if r.next_hop == destination and r.state in states]
             if outcomes:
                 await self.store.record(outcomes)
@@ -315,8 +334,14 @@ class Scheduler:
                     entry, route = site.jobs.popleft()
                     down_until = self.down.get(site.name, 0.0)
                     if down_until > time.time():
+                        if self._elsewhere(route):
+                            # Its send connector failed and the router now names another:
+                            # the group goes there at once, keeping its window place.
+                            self._take(entry.next_hop, [entry])
+                            continue
                         await self._defer_group(
-                            entry, f"451 4.4.1 {site.name} is down, not tried", down_until)
+                            entry, f"451 4.4.1 {site.name} is down, not tried", down_until,
+                            min(5.0, self._down_length() * RETRY_JITTER))
                         continue
                     wait = site.throttle.wait(loop.time())
                     if wait:
@@ -325,11 +350,54 @@ class Scheduler:
                 if ok:
                     self.down.pop(site.name, None)
                 else:
-                    self.down[site.name] = time.time() + self.settings.down_period
+                    self.down[site.name] = time.time() + self._down_length()
         finally:
             site.workers -= 1
             if not site.jobs and not site.workers:
                 self.sites.pop(site.name, None)
+
+    def _down_length(self) -> float:
+        """How long a site where no host took a connection is left alone: ``down_period``,
+        but never longer than the first retry interval, so the mark never holds a message
+        past the time its own retry would have come (Postfix keeps a dead destination
+        throttled for ``minimal_backoff_time``, then delivers its backlog)."""
+        s = self.settings
+        return min(s.down_period, s.retry_interval)
+
+    def _elsewhere(self, route: Route) -> bool:
+        """Whether the router now sends ``route.destination``'s mail by another send
+        connector than ``route``'s (it was marked failed), by a route it has without
+        waiting for DNS."""
+        if not route.connector:
+            return False
+        try:
+            current = self.router.resolve_cached(route.destination)
+        except RouteError:
+            return False
+        return current is not None and current.connector != route.connector
+
+    def _fail_over(self, entry: DueEntry, route: Route) -> bool:
+        """No host of ``route``'s send connector took a connection: tell the router (it
+        avoids the connector for a retry interval, Exchange's failover) and, when it now
+        names another connector, or must ask the DNS to say, hand the group back to be
+        routed again at once (it keeps its window place; nothing is recorded, so a crash
+        tries it again).  False when the group stays with this connector.
+
+        Every hand-back follows a failed connection and marks that connector; once every
+        connector of the match is marked, the router names the one just tried again and
+        the group stays (deferred, its site down): hand-backs cannot go round."""
+        if not route.connector:
+            return False
+        self.router.connector_failed(route.connector,
+                                     time.time() + self.settings.retry_interval)
+        try:
+            current = self.router.resolve_cached(entry.next_hop)
+        except RouteError:
+            return False
+        if current is not None and current.connector == route.connector:
+            return False  # every connector of its match is marked: it stays with this one
+        self._take(entry.next_hop, [entry])
+        return True
 
     # --- one group -------------------------------------------------------------------
 
@@ -429,10 +497,14 @@ class Scheduler:
                     for start in range(0, len(pending), size):
                         results += await agent.deliver(route, env, pending[start:start + size],
                                                        body)
-            self.delivered += sum(r.state is RcptState.DELIVERED for r in results)
-            batched = await self._finish(entry, env, results, [])
-            return any(r.remote for r in results) or any(
+            reached = any(r.remote for r in results) or any(
                 r.state is not RcptState.DEFERRED for r in results)
+            if not reached and taken is None and self._fail_over(entry, route):
+                batched = True  # routed again: the group keeps its window place
+                return False
+            self.delivered += sum(r.state is RcptState.DELIVERED for r in results)
+            batched = await self._finish(entry, env, results, [], route)
+            return reached
         except Exception:
             # A bug, not a delivery problem: park the group for a retry interval rather
             # than take it again at once from the due index.
@@ -455,12 +527,13 @@ class Scheduler:
 
     async def _finish(
         self, entry: DueEntry, env: Envelope, results: Sequence[RcptResult],
-        expired: Sequence[tuple[int, str]],
+        expired: Sequence[tuple[int, str]], route: Route | None = None,
     ) -> bool:
-        """Turn results into outcomes and DSNs for the failures, and record them.  With a
-        DSN the commit is awaited here (it may be refused alone) and False is returned;
-        otherwise the outcomes join the next batch, whose commit frees ``entry``'s window
-        place, and True is returned (the caller must not free it)."""
+        """Turn results (from a delivery by ``route``) into outcomes and one DSN for the
+        failures, delays and successes reported, and record them.  With a DSN the commit
+        is awaited here (it may be refused alone) and False is returned; otherwise the
+        outcomes join the next batch, whose commit frees ``entry``'s window place, and
+        True is returned (the caller must not free it)."""
         now = time.time()
         outcomes: list[Outcome] = []
         failures: list[Failure] = []
@@ -479,6 +552,10 @@ class Scheduler:
                                     delay_notified=bool(delays)))
             if state is RcptState.FAILED:
                 failures.append(_failure(r.index, reply, r.remote))
+            elif (state is RcptState.DELIVERED and env.recipients[r.index].notify
+                  and not r.dsn_offered and route is not None
+                  and wants_notice(env.recipients[r.index], "success")):
+                failures.append(_success(r, route))
         for index, _why in expired:
             last = env.recipients[index].last_reply
             reply = f"message expired in the queue; last reply: {last}" if last else (
@@ -564,13 +641,16 @@ class Scheduler:
             if not batched:
                 self._release(entry)
 
-    async def _defer_group(self, entry: DueEntry, reply: str, until: float) -> None:
+    async def _defer_group(self, entry: DueEntry, reply: str, until: float,
+                           spread: float = 5.0) -> None:
+        """Defer a group's waiting recipients, untried, to ``until`` plus up to ``spread``
+        seconds drawn at random (so they do not come back in one wave)."""
         try:
             env = self._load(entry)
             if env is not None:
                 await self.store.record([
                     Outcome(entry.queue_id, i, RcptState.DEFERRED, reply,
-                            due=until + self._rnd.uniform(0, 5), attempted=False)
+                            due=until + self._rnd.uniform(0, spread), attempted=False)
                     for i in self._waiting(env, entry.next_hop)])
         finally:
             self._release(entry)
@@ -590,6 +670,30 @@ def _load_suspended(store: LmdbQueue) -> set[str]:
     log.error("the saved set of suspended destinations does not decode (%r); none loaded",
               raw[:200])
     return set()
+
+
+def _suspend(queue_id: bytes, index: int, recipient: Recipient, now: float) -> Outcome:
+    return Outcome(queue_id, index, RcptState.SUSPENDED, attempted=False)
+
+
+def _due_now(queue_id: bytes, index: int, recipient: Recipient, now: float) -> Outcome:
+    """A resumed recipient, due now: one never tried and due already is pending again, any
+    other is deferred to now (the queue keeps a pending recipient's due time)."""
+    if recipient.state is RcptState.SUSPENDED and not recipient.attempts and (
+            recipient.due <= now):
+        return Outcome(queue_id, index, RcptState.PENDING, attempted=False)
+    return Outcome(queue_id, index, RcptState.DEFERRED, attempted=False, due=now)
+
+
+def _success(result: RcptResult, route: Route) -> Failure:
+    """The DSN item for a recipient delivered with NOTIFY=SUCCESS whose next hop did not
+    take the request on (it offers no DSN, or it is the final delivery): "delivered" after
+    a local agent's final delivery, "relayed" after a hand-over to a next hop that will
+    send no further notices (RFC 3461 §5.2.3 and §5.2.2; RFC 3464 §2.3.3).  A next hop
+    that offers DSN got NOTIFY and answers for it (§5.2.1): nothing is sent then."""
+    action: Action = "delivered" if route.protocol in _FINAL else "relayed"
+    return Failure(result.index, action, reply_status(result.reply, action), result.reply,
+                   result.remote, None)
 
 
 def _failure(index: int, reply: str, remote: str) -> Failure:

@@ -7,19 +7,23 @@ import dataclasses
 import email
 import email.policy
 import smtplib
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import SMTP
 
 from engine.client.smtp import SmtpAgent
 from engine.queue.records import RcptState
 from engine.testing.dns import DnsResponder
 from engine.testing.server import RunningFerry, ferry_config
-from engine.testing.sink import CountingSink
-from engine.testing.wait import wait_for
+from engine.testing.sink import CountingSink, Received
+from engine.testing.wait import poll, wait_for
 
 ZONE = """
 $TTL 60
@@ -38,6 +42,8 @@ nomx.test.     IN A 127.0.10.4
 nullmx.test.   IN MX 0 .
 client.test.   IN MX 10 mx.client.test.
 mx.client.test. IN A 127.0.10.5
+dsn.test.      IN MX 10 mx.dsn.test.
+mx.dsn.test.   IN A 127.0.10.6
 """
 
 SINK_ADDRESSES = ["127.0.10.1", "127.0.10.2", "127.0.10.3", "127.0.10.4", "127.0.10.5"]
@@ -63,12 +69,14 @@ Start = Callable[..., RunningFerry]
 def ferry(tmp_path: Path, dns_server: DnsResponder, sink: CountingSink) -> Iterator[Start]:
     running: list[RunningFerry] = []
 
-    def start(**delivery: Any) -> RunningFerry:
+    def start(top: dict[str, Any] | None = None, **delivery: Any) -> RunningFerry:
+        """A Ferry with these ``[delivery]`` settings and top-level ``top`` (``send``,
+        ``local``)."""
         config = ferry_config(tmp_path / f"spool{len(running)}")
         settings = {"dns": dns_server.address, "mx_port": sink.port, "retry_interval": 0.5,
                     "max_retry_interval": 1.0, "paused": False, **delivery}
         config = dataclasses.replace(
-            config, delivery=dataclasses.replace(config.delivery, **settings))
+            config, delivery=dataclasses.replace(config.delivery, **settings), **(top or {}))
         f = RunningFerry(config)
         running.append(f)
         return f
@@ -317,7 +325,9 @@ def test_local_domain_to_maildir(tmp_path: Path, dns_server: DnsResponder) -> No
 
 
 def test_a_site_that_takes_no_connection_is_marked_down(ferry: Start) -> None:
-    f = ferry(down_period=30.0, max_per_domain=1)  # one at a time: the second sees "down"
+    # One at a time: the second sees "down" (the mark lasts down_period, at most the
+    # retry interval, so neither comes back while the replies are read).
+    f = ferry(down_period=30.0, retry_interval=30.0, max_per_domain=1)
     send(f, "a@client.test", ["x@onlydead.test"], BODY)
     send(f, "a@client.test", ["y@onlydead.test"], BODY)
 
@@ -434,3 +444,262 @@ def test_no_delay_notice_when_turned_off(ferry: Start, sink: CountingSink) -> No
     send(f, "a@client.test", ["late@two.test"], BODY)
     wait_for(lambda: tried(f, 1, 3))
     assert notices(sink) == [] and not waiting(f)[0].delay_notified
+
+
+# --- failover, down marks and resume -------------------------------------------------------
+
+
+def free_port(address: str) -> int:
+    """A port nothing listens on at ``address`` (until a test starts a server there)."""
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_backup_connector_takes_the_mail_while_the_cheaper_one_is_down(
+    ferry: Start,
+) -> None:
+    # Exchange's failover: every host of the cheapest connector for "*" refuses, so the
+    # next-cheapest takes the mail at once; after the cheaper one's retry interval, new
+    # mail goes by it again.
+    from engine.config import SendConfig
+
+    cheap_port = free_port("127.0.11.1")
+    backup = CountingSink(["127.0.11.2"])
+    cheap: CountingSink | None = None
+    try:
+        connectors = (
+            SendConfig(name="cheap", address_spaces=("*",), cost=1, tls="off",
+                       smarthosts=(("127.0.11.1", cheap_port),)),
+            SendConfig(name="backup", address_spaces=("*",), cost=2, tls="off",
+                       smarthosts=(("127.0.11.2", backup.port),)),
+        )
+        f = ferry(top={"send": connectors}, retry_interval=2.0, max_retry_interval=4.0)
+        send(f, "a@client.test", ["x@far.test"], BODY)
+        wait_for(lambda: len(backup.state.messages) == 1, what="the backup took the mail")
+        wait_for(lambda: f.store.count() == 0)
+        cheap = CountingSink(["127.0.11.1"], port=cheap_port)
+        sinks = (cheap, backup)
+
+        def one_more(n: int) -> list[Received]:
+            """Send message ``n`` and wait until a connector delivered it; its copies."""
+            send(f, "a@client.test", [f"u{n}@far.test"], BODY)
+            return wait_for(lambda: [m for s in sinks for m in s.state.messages
+                                     if m.recipients == [f"u{n}@far.test"]])
+
+        counter = iter(range(1000))
+
+        def by_cheap() -> list[Received]:
+            one_more(next(counter))
+            return cheap.state.messages if cheap is not None else []
+
+        assert poll(by_cheap, 20, interval=0.25), (
+            "the cheaper connector was not used again after its retry interval")
+        assert cheap.state.messages[0].body.endswith(BODY)
+    finally:
+        backup.stop()
+        if cheap is not None:
+            cheap.stop()
+
+
+def test_mail_for_a_refusing_hop_flows_soon_after_it_comes_back(
+    ferry: Start, sink: CountingSink
+) -> None:
+    # The site is marked down when no host takes a connection; the mark must not hold
+    # the message past its own retry (2 s here) though down_period is 60 s.
+    f = ferry(retry_interval=2.0, max_retry_interval=2.0)
+    assert f.config.delivery.down_period == 60
+    send(f, "a@client.test", ["x@onlydead.test"], BODY)
+    wait_for(lambda: f.store.ids_in_state(RcptState.DEFERRED.value, 1))
+    back = CountingSink(["127.0.10.9"], port=sink.port)
+    try:
+        wait_for(lambda: back.state.messages, 20, what="delivered well before down_period")
+        wait_for(lambda: f.store.count() == 0)
+    finally:
+        back.stop()
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["deferred", "suspended"])
+def test_resume_delivers_now(ferry: Start, sink: CountingSink, held: bool) -> None:
+    # ``ferry queue resume DEST`` means "deliver now": not after the recipient's retry
+    # time (an hour here) nor after its site's down mark.
+    from engine.ops.control import request, socket_path
+
+    f = ferry(retry_interval=3600.0, max_retry_interval=3600.0)
+    path = socket_path(f.config.spool)
+    send(f, "a@client.test", ["x@onlydead.test"], BODY)
+    wait_for(lambda: f.store.ids_in_state(RcptState.DEFERRED.value, 1))
+    if held:
+        assert request(path, {"command": "suspend", "destination": "onlydead.test"})["ok"]
+    back = CountingSink(["127.0.10.9"], port=sink.port)
+    try:
+        reply = request(path, {"command": "resume", "destination": "onlydead.test"})
+        assert reply == {"ok": True, "destination": "onlydead.test", "recipients": 1,
+                         "was_suspended": held}
+        wait_for(lambda: back.state.messages, 20, what="delivered after resume")
+        wait_for(lambda: f.store.count() == 0)
+        assert back.state.messages[0].recipients == ["x@onlydead.test"]
+    finally:
+        back.stop()
+
+
+# --- success notices (RFC 3461 NOTIFY=SUCCESS) ---------------------------------------------
+
+
+def submit(f: RunningFerry, sender: str, rcpts: dict[str, list[str]],
+           options: list[str] | None = None) -> None:
+    """One message to ``rcpts`` (address → its RCPT parameters)."""
+    with smtplib.SMTP(f.host, f.port) as client:
+        client.ehlo("client.test")
+        assert client.mail(sender, options or [])[0] == 250
+        for rcpt, params in rcpts.items():
+            assert client.rcpt(rcpt, params)[0] == 250
+        assert client.data(BODY)[0] == 250
+
+
+def test_notify_success_to_a_hop_without_dsn_gets_one_relayed_report(
+    ferry: Start, sink: CountingSink
+) -> None:
+    # RFC 3461 §5.2.2: the next hop (aiosmtpd) does not offer DSN, so Ferry reports
+    # "relayed" for the recipients that asked, in one report per message.
+    f = ferry()
+    submit(f, "a@client.test", {
+        "x@two.test": ["NOTIFY=SUCCESS", "ORCPT=rfc822;orig@two.test"],
+        "y@two.test": ["NOTIFY=FAILURE"],
+        "z@two.test": ["NOTIFY=SUCCESS,FAILURE"],
+    }, ["ENVID=env9", "RET=FULL"])
+    submit(f, "", {"n@two.test": ["NOTIFY=SUCCESS"]})  # never a report to the null sender
+    # A report is committed with the outcomes it reports: an empty queue means every
+    # report there is has been delivered to client.test's MX.
+    wait_for(lambda: len(notices(sink)) == 1 and f.store.count() == 0)
+    assert len(notices(sink)) == 1
+    (report,) = [m for m in sink.state.messages if m.address == "127.0.10.5"]
+    assert report.sender in ("", "<>") and report.recipients == ["a@client.test"]
+    parsed = email.message_from_bytes(report.body, policy=email.policy.default)
+    assert parsed["Subject"] == "Successful Mail Delivery Report"
+    text = notices(sink)[0]
+    assert text.count("Action: relayed") == 2 and "Action: delivered" not in text
+    for line in ("Original-Envelope-Id: env9", "Original-Recipient: rfc822;orig@two.test",
+                 "Final-Recipient: rfc822;x@two.test", "Final-Recipient: rfc822;z@two.test",
+                 "Status: 2.0.0", "Remote-MTA: dns; ", "Diagnostic-Code: smtp; 250"):
+        assert line in text, line
+    assert "y@two.test" not in text  # NOTIFY=FAILURE only
+    # RET=FULL applies to failure reports (RFC 3461 §4.3): the header only.
+    assert "Content-Type: text/rfc822-headers" in text and "Hello" not in text
+    relayed = [m for m in sink.state.messages if m.address == "127.0.10.3"]
+    assert sorted(r for m in relayed for r in m.recipients) == [
+        "n@two.test", "x@two.test", "y@two.test", "z@two.test"]
+
+
+class _DsnPeer(Controller):
+    """An aiosmtpd server that offers DSN (RFC 3461) and records the MAIL and RCPT
+    arguments it was given (aiosmtpd itself refuses unknown parameters)."""
+
+    def __init__(self, address: str, port: int) -> None:
+        self.lines: list[str] = []
+        self.messages: list[tuple[str, list[str]]] = []
+        super().__init__(self, hostname=address, port=port)
+
+    def factory(self) -> SMTP:
+        return _DsnSMTP(self, hostname="dsn.test", decode_data=False)
+
+    async def handle_EHLO(self, server: SMTP, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        responses.insert(1, "250-DSN")
+        return responses
+
+    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos)))
+        return "250 2.0.0 OK"
+
+
+_DSN_PARAMS = ("NOTIFY=", "ORCPT=", "RET=", "ENVID=")
+
+
+class _DsnSMTP(SMTP):
+    def __init__(self, peer: _DsnPeer, **kw: Any) -> None:
+        super().__init__(peer, **kw)
+        self.peer = peer
+
+    def _take(self, verb: str, arg: str | None) -> str | None:
+        if arg is None:
+            return None
+        self.peer.lines.append(f"{verb} {arg}")
+        return " ".join(w for w in arg.split(" ") if not w.upper().startswith(_DSN_PARAMS))
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        await super().smtp_MAIL(self._take("MAIL", arg))
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        await super().smtp_RCPT(self._take("RCPT", arg))
+
+
+def test_notify_success_is_passed_on_to_a_hop_that_offers_dsn(
+    ferry: Start, sink: CountingSink
+) -> None:
+    # RFC 3461 §5.2.1: NOTIFY, ORCPT, ENVID and RET go to the next hop, which answers
+    # for the notices from then on; Ferry sends none.
+    peer = _DsnPeer("127.0.10.6", sink.port)
+    peer.start()
+    try:
+        f = ferry()
+        submit(f, "a@client.test",
+               {"x@dsn.test": ["NOTIFY=SUCCESS", "ORCPT=rfc822;orig@dsn.test"]},
+               ["ENVID=env9", "RET=HDRS"])
+        wait_for(lambda: peer.messages and f.store.count() == 0)
+        assert peer.messages == [("a@client.test", ["x@dsn.test"])]
+        mail = next(line for line in peer.lines if line.startswith("MAIL"))
+        rcpt = next(line for line in peer.lines if line.startswith("RCPT"))
+        assert "RET=HDRS" in mail and "ENVID=env9" in mail
+        assert "NOTIFY=SUCCESS" in rcpt and "ORCPT=rfc822;orig@dsn.test" in rcpt
+        assert notices(sink) == []
+    finally:
+        peer.stop()
+
+
+class _LmtpServer(Controller):
+    """aiosmtpd's LMTP server (RFC 2033), recording the recipients it delivered to."""
+
+    def __init__(self, address: str, port: int) -> None:
+        self.delivered: list[str] = []
+        super().__init__(self, hostname=address, port=port)
+
+    def factory(self) -> SMTP:
+        return LMTP(self, hostname="lmtp.test", decode_data=False)
+
+    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
+        self.delivered += envelope.rcpt_tos
+        return "250 2.0.0 Delivered"
+
+
+@pytest.mark.parametrize("agent", ["maildir", "lmtp"])
+def test_notify_success_after_local_delivery_gets_a_delivered_report(
+    ferry: Start, sink: CountingSink, tmp_path: Path, agent: str
+) -> None:
+    # RFC 3461 §5.2.3: the final delivery is ours (Maildir, or the LMTP server, which
+    # offers no DSN), so the report says "delivered".
+    from engine.config import LocalConfig
+
+    lmtp = _LmtpServer("127.0.10.7", free_port("127.0.10.7"))
+    lmtp.start()
+    try:
+        if agent == "lmtp":
+            local = LocalConfig(domains=("local.test",), lmtp=("127.0.10.7", lmtp.port))
+        else:
+            local = LocalConfig(domains=("local.test",),
+                                maildir=str(tmp_path / "mail" / "{domain}" / "{local}"))
+        f = ferry(top={"local": (local,)})
+        submit(f, "a@client.test", {"bob@local.test": ["NOTIFY=SUCCESS"]}, ["ENVID=env3"])
+        wait_for(lambda: len(notices(sink)) == 1 and f.store.count() == 0)
+        if agent == "lmtp":
+            assert lmtp.delivered == ["bob@local.test"]
+        else:
+            assert any((tmp_path / "mail" / "local.test" / "bob" / "new").iterdir())
+    finally:
+        lmtp.stop()
+    (text,) = notices(sink)
+    for line in ("Action: delivered", "Final-Recipient: rfc822;bob@local.test",
+                 "Status: 2.0.0", "Original-Envelope-Id: env3"):
+        assert line in text, line
+    assert "Action: relayed" not in text

@@ -233,6 +233,51 @@ def test_success_report_when_asked() -> None:
     assert groups[0]["Action"] == "delivered"
 
 
+def test_relayed_report_names_the_next_hop_with_orcpt_and_envid() -> None:
+    # RFC 3461 §5.2.2: relayed to a next hop that does not offer DSN.
+    rcpts = [Recipient("bob@example.com", "example.com", notify=("SUCCESS",),
+                       orcpt="rfc822;robert@example.com"),
+             Recipient("carol@example.com", "example.com", notify=("SUCCESS", "FAILURE"))]
+    out = dsn(envelope(*rcpts, envid="env-42"),
+              Failure(0, "relayed", "2.0.0", "250 2.0.0 Ok: queued as 1A", "mx.example.com"),
+              Failure(1, "relayed", "2.0.0", "250 2.0.0 Ok: queued as 1A", "mx.example.com"))
+    msg = parse(out)
+    assert msg["Subject"] == "Successful Mail Delivery Report"
+    per_message, groups = status_groups(msg)
+    assert per_message["Original-Envelope-Id"] == "env-42"
+    assert [g["Action"] for g in groups] == ["relayed", "relayed"]
+    assert [g["Status"] for g in groups] == ["2.0.0", "2.0.0"]
+    assert groups[0]["Original-Recipient"] == "rfc822;robert@example.com"
+    assert groups[1]["Original-Recipient"] is None
+    assert groups[0]["Remote-MTA"] == "dns; mx.example.com"
+    assert groups[0]["Diagnostic-Code"] == "smtp; 250 2.0.0 Ok: queued as 1A"
+    assert "relayed to a system that sends no further notices" in parts(msg)[0].get_content()
+
+
+@pytest.mark.parametrize("action", ["delivered", "relayed"])
+def test_a_report_of_successes_returns_headers_only_even_for_ret_full(action: Any) -> None:
+    # RFC 3461 §4.3: RET applies to reports of a failure; without one, headers only.
+    rcpt = Recipient("bob@example.com", "example.com", notify=("SUCCESS",))
+    out = dsn(envelope(rcpt, ret="FULL"), Failure(0, action, "2.0.0", "250 2.0.0 Ok"))
+    returned = parts(parse(out))[2]
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert returned["Content-Description"] == "Message Headers"
+    assert b"Subject: quarterly numbers\r\n" in out
+    assert b"only RET=FULL returns" not in out
+
+
+def test_a_report_with_a_failure_and_a_success_returns_the_whole_message() -> None:
+    rcpts = [Recipient("bob@example.com", "example.com", notify=("SUCCESS", "FAILURE")),
+             Recipient("carol@example.com", "example.com", notify=("SUCCESS", "FAILURE"))]
+    out = dsn(envelope(*rcpts, ret="FULL"), Failure(0, "delivered", "2.0.0"),
+              Failure(1, "failed", "5.1.1", "550 5.1.1 No such user"))
+    msg = parse(out)
+    assert msg["Subject"] == "Undelivered Mail Returned to Sender"
+    assert [g["Action"] for g in status_groups(msg)[1]] == ["delivered", "failed"]
+    assert parts(msg)[2].get_content_type() == "message/rfc822"
+    assert ORIGINAL in out
+
+
 def test_our_own_diagnostic_is_not_typed_smtp() -> None:
     msg = parse(dsn(envelope(), Failure(0, "failed", "4.4.7", "message expired")))
     _, groups = status_groups(msg)
@@ -625,6 +670,11 @@ def test_any_reply_and_address_give_a_parseable_report(
         ("", "delayed", "4.0.0"),
         ("421 4.4.2 x.y.z", "delayed", "4.4.2"),
         ("451 4.x.1 not a code", "delayed", "4.0.0"),
+        ("250 2.1.5 Recipient ok", "relayed", "2.1.5"),
+        ("250 2.0.0 Delivered to maildir", "delivered", "2.0.0"),
+        ("250 Ok", "relayed", "2.0.0"),
+        ("250 4.0.0 odd: a class 4 code on a success", "delivered", "2.0.0"),
+        ("250 5.1.1 odd", "relayed", "2.0.0"),
     ],
 )
 def test_reply_status(reply: str, action: Any, expected: str) -> None:

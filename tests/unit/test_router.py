@@ -118,6 +118,37 @@ def test_exclude_fails_over_to_the_next_cheapest(tmp_path: Path) -> None:
     assert "every send connector" in info.value.text
 
 
+def test_a_failed_connector_is_skipped_until_its_mark_ends(tmp_path: Path) -> None:
+    # Exchange's failover: the next-cheapest connector of the match takes the mail while
+    # the cheaper one is marked, and the cheaper one is chosen again once the mark ends.
+    clock = [1000.0]
+    cfg = config(tmp_path, send("a", '["*"]', 1, "192.0.2.1:25")
+                 + send("b", '["*"]', 2, "192.0.2.2:25")
+                 + send("partner", '["partner.example"]', 1, "192.0.2.3:25"))
+    r = ConfiguredRouter(cfg, MxResolver(NO_DNS, timeout=0.2, lifetime=0.2),
+                         clock=lambda: clock[0])
+    r.connector_failed("a", 1030.0)
+    assert {r.choose("x.example").name for _ in range(20)} == {"b"}
+    # A mark never leaves mail without a route: with every connector of its match
+    # marked, the cheapest is chosen as usual (the site's down mark holds its mail).
+    r.connector_failed("partner", 1030.0)
+    assert r.choose("partner.example").name == "partner"
+    r.connector_failed("b", 1030.0)
+    assert r.choose("x.example").name == "a"
+    clock[0] = 1030.0
+    r.connector_failed("b", 1060.0)
+    assert {r.choose("x.example").name for _ in range(20)} == {"a"}
+    assert r.choose("x.example", frozenset({"a"})).name == "b"  # exclude still skips
+
+
+def test_an_mx_connector_is_never_marked_failed(tmp_path: Path) -> None:
+    # Its hosts are one destination's MX hosts: a dead domain says nothing about the
+    # connector's other domains, so they keep the cheaper connector.
+    r = router(tmp_path, send("mx", '["*"]', 1) + send("relay", '["*"]', 2, "192.0.2.1:25"))
+    r.connector_failed("mx", 2e9)
+    assert {r.choose("x.example").name for _ in range(20)} == {"mx"}
+
+
 def test_failover_stays_with_the_most_specific_connectors(tmp_path: Path) -> None:
     # A partner's connector is down: its mail waits, it is not sent by the general route.
     r = router(tmp_path, send("partner", '["partner.example"]') + send("any", '["*"]'))
