@@ -178,6 +178,11 @@ class ReceiveConfig:
     max_text_line: int = 1000
     #: Refuse a group-ending command pipelined with more input (RFC 2920 §3.1).
     strict_pipelining: bool = True
+    #: Refuse MAIL before a successful AUTH (a submission port, RFC 6409 §4.3: 530 5.7.0).
+    require_auth: bool = False
+    #: A line over 1,000 octets (RFC 5321 §4.5.3.1.6): "wrap" it with CRLF SPACE at
+    #: ingest (Postfix's smtp_line_length_limit), or "reject" the message (554 5.6.0).
+    long_lines: Literal["wrap", "reject"] = "wrap"
 
     def banner(self, hostname: str) -> str:
         """The greeting text after "220 ": the configured one or "<hostname> ESMTP Ferry"."""
@@ -292,6 +297,8 @@ class Config:
     spool: Path = Path("./ferry-spool")
     #: Lower-case, no trailing dot; "*.example.com" matches every subdomain.
     accepted_domains: tuple[str, ...] = ()
+    #: Where RCPT TO:<Postmaster> goes (RFC 5321 §4.5.1); "" = postmaster@<hostname>.
+    postmaster: str = ""
     #: user → password hash ("scrypt$...", engine.server.auth.hash_password); read-only.
     users: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -555,6 +562,18 @@ def _hostname(value: object) -> str:
     if problem:
         raise _Invalid(f"{problem} (got {_show(value)})")
     return name
+
+
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+
+
+def _mailbox(value: object) -> str:
+    """local@domain with a dot-atom local part (RFC 5321 §4.1.2) and a host name."""
+    if isinstance(value, str):
+        local, _, domain = value.rpartition("@")
+        if _DOT_ATOM.fullmatch(local) and _domain_problem(domain) is None:
+            return value
+    raise _Invalid(f'must be an address such as "postmaster@example.com" (got {_show(value)})')
 
 
 def _domain_pattern(value: str) -> str:
@@ -914,6 +933,8 @@ class _ReceiveModel(_Model):
     max_command_line: Annotated[int, _v(_int_at_least(512, "RFC 5321 §4.5.3.1.4"))] | None = None
     max_text_line: Annotated[int, _v(_int_at_least(1000, "RFC 5321 §4.5.3.1.6"))] | None = None
     strict_pipelining: _Bool | None = None
+    require_auth: _Bool | None = None
+    long_lines: Annotated[str, _v(_choice("wrap", "reject"))] | None = None
 
     @model_validator(mode="after")
     def _tls_has_cert(self) -> _ReceiveModel:
@@ -1055,6 +1076,7 @@ class _ConfigModel(_Model):
     hostname: Annotated[str, _v(_hostname)] | None = None
     spool: Annotated[Path, _v(_path)] | None = None
     accepted_domains: Annotated[tuple[str, ...], _v(_domains)] | None = None
+    postmaster: Annotated[str, _v(_mailbox)] | None = None
     users: Annotated[Mapping[str, str], _v(_users)] | None = None
     queue: _QueueModel | None = None
     receive: list[_ReceiveModel] | None = None

@@ -53,6 +53,7 @@ def server_settings(cfg: ReceiveConfig, hostname: str, tls: bool, auth: bool) ->
         bare_eol=cfg.bare_eol,
         starttls=tls and cfg.tls in ("starttls", "required"),
         require_tls=cfg.tls == "required",
+        require_auth=cfg.require_auth,
         auth_mechanisms=tuple(cfg.auth_mechanisms) if auth else (),
         auth_requires_tls=not cfg.allow_plaintext_auth,
         implicit_tls=cfg.tls == "implicit",
