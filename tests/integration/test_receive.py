@@ -540,3 +540,14 @@ def test_long_lines_reject_mode_refuses_at_the_end_of_data(start_ferry: StartFer
         c.send(b"Subject: x\r\n\r\n" + b"y" * 998 + b"\r\n.\r\n")
         assert c.reply().code == 250
     assert ferry.store.count() == 1
+
+
+def test_require_auth_without_auth_offered_is_warned_about(
+    start_ferry: StartFerry, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ferry.server")
+    ferry = start_ferry(require_auth=True)  # no [users]: no one could ever send
+    assert any("require_auth" in r.getMessage() for r in caplog.records)
+    with RawClient(ferry.host, ferry.port) as c:
+        auth_session(c)
+        assert c.command(b"MAIL FROM:<a@client.test>").code == 530
