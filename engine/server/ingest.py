@@ -58,6 +58,7 @@ class Arrival:
     #: Canonical CRLF text, not dot-stuffed.
     body: bytes
 
+
 #: The next hop for a recipient domain (the router replaces the placeholder).
 Route = Callable[[str], str]
 

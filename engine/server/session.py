@@ -4,7 +4,9 @@ The protocol object pumps bytes into the sans-I/O ``ServerConnection``, answers 
 that need a decision (relay control, AUTH, storing the message), writes the replies, and
 keeps the clocks (idle timeout, whole-message timeout, minimum data rate).  Decisions that
 take time (storing a message, checking a password) run as tasks while reading is paused,
-so a pipelining client cannot make input pile up, and replies stay in order.
+so a pipelining client cannot make input pile up, and replies stay in order.  A finished
+message goes to ingest as one ``Arrival`` value; a task that raises is answered 451 and
+logged with its traceback.
 
 It must never block the event loop (scrypt runs in a thread, LMDB commits in the queue's
 writer thread) and never parse SMTP itself.
