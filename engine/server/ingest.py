@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from engine.message.headers import scan_headers
 from engine.message.lines import MAX_LINE, has_long_line, wrap_long_lines
@@ -36,10 +35,10 @@ S554_LONG_LINE = (554, "5.6.0",
                   f"Message has a line longer than {MAX_LINE} octets (RFC 5321 4.5.3.1.6)")
 
 
-@dataclass(frozen=True, slots=True)
-class Arrival:
+class Arrival(NamedTuple):
     """One message as received: the connector, the client, the session's state, the
-    transaction and the body (what the session knows, handed over as a value)."""
+    transaction and the body (what the session knows, handed over as a value).  A named
+    tuple: immutable, and the cheapest value to build once per message."""
 
     #: The receive connector it came through (its name and its per-message rules).
     connector: ReceiveConfig
