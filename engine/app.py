@@ -91,7 +91,8 @@ class App:
             self.control = control
             log.info("control channel on %s", control.path)
         ingest = Ingest(store, cfg.hostname, router.destination,
-                        lifetime=cfg.delivery.max_queue_lifetime, queued=scheduler.wake)
+                        lifetime=cfg.delivery.max_queue_lifetime, queued=scheduler.wake,
+                        postmaster=cfg.postmaster)
         authenticator = Authenticator(cfg.users)
         accepted = accepted_domains(cfg)
         log_dir = cfg.log.protocol_log_dir or Path(cfg.spool) / "log"

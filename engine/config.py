@@ -352,6 +352,18 @@ def _hostname(value: object) -> str:
     return name
 
 
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+
+
+def _mailbox(value: object) -> str:
+    """local@domain with a dot-atom local part (RFC 5321 §4.1.2) and a host name."""
+    if isinstance(value, str):
+        local, _, domain = value.rpartition("@")
+        if _DOT_ATOM.fullmatch(local) and _domain_problem(domain) is None:
+            return value
+    raise _Invalid(f'must be an address such as "postmaster@example.com" (got {_show(value)})')
+
+
 def _domain_pattern(value: str) -> str:
     name = value.lower()
     name = name[:-1] if name.endswith(".") else name
@@ -769,6 +781,11 @@ class ReceiveConfig:
     max_text_line: Annotated[int, _v(_int_at_least(1000, "RFC 5321 §4.5.3.1.6"))] = 1000
     #: Refuse a group-ending command pipelined with more input (RFC 2920 §3.1).
     strict_pipelining: _Bool = True
+    #: Refuse MAIL before a successful AUTH (a submission port, RFC 6409 §4.3: 530 5.7.0).
+    require_auth: _Bool = False
+    #: A line over 1,000 octets (RFC 5321 §4.5.3.1.6): "wrap" it with CRLF SPACE at
+    #: ingest (Postfix's smtp_line_length_limit), or "reject" the message (554 5.6.0).
+    long_lines: Annotated[Literal["wrap", "reject"], _v(_choice("wrap", "reject"))] = "wrap"
 
     def banner(self, hostname: str) -> str:
         """The greeting text after "220 ": the configured one or "<hostname> ESMTP Ferry"."""
@@ -960,6 +977,8 @@ class Config:
     spool: Annotated[Path, _v(_path)] = Path("./ferry-spool")
     #: Lower-case, no trailing dot; "*.example.com" matches every subdomain.
     accepted_domains: Annotated[tuple[str, ...], _v(_domains)] = ()
+    #: Where RCPT TO:<Postmaster> goes (RFC 5321 §4.5.1); "" = postmaster@<hostname>.
+    postmaster: Annotated[str, _v(_mailbox)] = ""
     #: user → password hash ("scrypt$...", engine.server.auth.hash_password); read-only.
     users: Annotated[Mapping[str, str], _v(_users)] = field(
         default_factory=lambda: MappingProxyType({}))

@@ -141,7 +141,8 @@ def _text(raw: bytes, max_octets: int, *, name: bool) -> str | SaslFailure:
 
 
 def _initial(initial: str) -> str:
-    """RFC 4954 §4: a lone "=" is the zero-length initial response."""
+    """RFC 4954 §4: a lone "=" is the zero-length initial response (a response, not a
+    request for a challenge: only an AUTH command without one asks for that)."""
     return "" if initial == "=" else initial
 
 
@@ -173,11 +174,11 @@ class _Plain(_Exchange):
 
     def start(self, initial: str | None) -> SaslResult:
         self._begin()
-        if initial is None or _initial(initial) == "":
-            # No (or an empty) initial response: ask for the message with an empty
-            # challenge (RFC 4954 §4, "334 " followed by nothing).
+        if initial is None:
+            # No initial response: ask for the message with an empty challenge (RFC 4954
+            # §4, "334 " followed by nothing).
             return Challenge("")
-        return self._end(self._message(initial))
+        return self._end(self._message(_initial(initial)))
 
     def step(self, response: str) -> SaslResult:
         self._check_step()
@@ -216,10 +217,11 @@ class _Login(_Exchange):
 
     def start(self, initial: str | None) -> SaslResult:
         self._begin()
-        if initial is None or _initial(initial) == "":
+        if initial is None:
             return Challenge(LOGIN_USERNAME_PROMPT)
-        # Not in the draft, but common (and harmless): the username as initial response.
-        return self._end(self._take_username(initial))
+        # Not in the draft, but common (and harmless): the username as initial response
+        # ("=", an empty one, is an empty username and fails like one).
+        return self._end(self._take_username(_initial(initial)))
 
     def step(self, response: str) -> SaslResult:
         self._check_step()

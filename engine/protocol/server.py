@@ -66,6 +66,8 @@ class ServerSettings:
     starttls: bool = False
     #: MAIL is refused before STARTTLS (RFC 3207 §4: 530 5.7.0).
     require_tls: bool = False
+    #: MAIL is refused before a successful AUTH (RFC 6409 §4.3, RFC 4954 §6: 530 5.7.0).
+    require_auth: bool = False
     #: SASL mechanisms offered, e.g. ("PLAIN", "LOGIN").
     auth_mechanisms: tuple[str, ...] = ()
     #: AUTH only under TLS (RFC 4954 §4 advice for plaintext mechanisms).
@@ -236,6 +238,9 @@ S503_TLS_ACTIVE: Final = (503, "5.5.1", "TLS already active")
 S452_TOO_MANY_RCPTS: Final = (452, "4.5.3", "Too many recipients")
 S504_MECHANISM: Final = (504, "5.5.4", "Unrecognized authentication mechanism")
 S530_TLS_FIRST: Final = (530, "5.7.0", "Must issue a STARTTLS command first")
+S530_AUTH_REQUIRED: Final = (530, "5.7.0", "Authentication required")
+# RFC 4954 §6: a response longer than the server's buffer for the exchange.
+S500_AUTH_LINE: Final = (500, "5.5.6", "Authentication Exchange line is too long")
 S538_ENCRYPTION: Final = (538, "5.7.11", "Encryption required for requested authentication")
 S552_SIZE: Final = (552, "5.3.4", "Message size exceeds fixed maximum message size")
 S554_NO_VALID_RCPTS: Final = (554, "5.5.1", "No valid recipients")
@@ -329,6 +334,10 @@ class ServerConnection:
         try:
             line = self._reader.pop_line()
         except LineTooLong as exc:
+            if state is State.S_AUTH:
+                # RFC 4954 §4: any error ends the exchange; what follows is a command.
+                self._end_auth_exchange()
+                return self._reject(*S500_AUTH_LINE)
             return self._reject(exc.code, exc.enhanced, exc.text)
         if line is None:
             return self._closed("peer closed") if self._eof else NEED_DATA
@@ -506,6 +515,9 @@ class ServerConnection:
             return self._reject(*S503_NESTED_MAIL)
         if s.require_tls and not self.tls:
             return self._reject(*S530_TLS_FIRST)
+        if s.require_auth and not self.authenticated:
+            # RFC 6409 §4.3: a submission server takes mail from authenticated users only.
+            return self._reject(*S530_AUTH_REQUIRED)
         error = self._check_mail_params(cmd)
         if error is not None:
             return self._reject(*error)
@@ -695,10 +707,14 @@ class ServerConnection:
             return self._reject(*S504_MECHANISM)
         return self._await(AuthStart(cmd.arg, cmd.initial))
 
-    def _auth_line(self, line: bytes) -> Event:
-        self.last_line, self.last_line_secret = line, True
+    def _end_auth_exchange(self) -> None:
+        """Back to command state after a SASL response line (read, or refused as too long)."""
         self._reader.limit = self.settings.max_command_line
         self.state = State.S_COMMAND
+
+    def _auth_line(self, line: bytes) -> Event:
+        self.last_line, self.last_line_secret = line, True
+        self._end_auth_exchange()
         if line == b"*":
             # RFC 4954 §4: the client cancelled the exchange.
             return self._reject(*S501_AUTH_CANCELLED)

@@ -1,31 +1,62 @@
 """Ingest: turn an accepted SMTP transaction into a durable queued message.
 
-Checks what needs the whole message (the hop count of RFC 5321 §6.3), prepends the
-Received field (§4.4), builds the envelope record with the DSN parameters (RFC 3461),
-and hands it to the queue; the reply is 250 only after the queue's commit returned, 451
-when the queue pushes back.  It must never block the loop or touch sockets.
+The session describes what arrived and how in one frozen :class:`Arrival`.  Ingest checks
+what needs the whole message (the hop count of RFC 5321 §6.3, text lines over 1,000
+octets, §4.5.3.1.6), prepends the Received field (§4.4), builds the envelope record with
+the DSN parameters (RFC 3461), rewrites a bare <Postmaster> to the configured postmaster
+address (§4.5.1), and hands it to the queue; the reply is 250 only after the queue's
+commit returned, 451 when the queue pushes back.  It must never block the loop, touch
+sockets, or read the session: everything it knows of the arrival is in the Arrival.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from engine.message.headers import scan_headers
+from engine.message.lines import MAX_LINE, has_long_line, wrap_long_lines
 from engine.message.trace import received_field, with_protocol
 from engine.protocol.command import Command
-from engine.protocol.server import MessageReceived
 from engine.queue.api import BackPressure, QueueStore
 from engine.queue.records import Envelope, Recipient, id_text, new_id
 
 if TYPE_CHECKING:
-    from engine.server.session import SmtpSession
+    from engine.config import ReceiveConfig
 
 Reply = tuple[int, str, str]
 
 S554_HOPS = (554, "5.4.6", "Too many Received fields, probably a mail loop")
 S451_STORAGE = (451, "4.3.1", "Insufficient system storage, try again later")
+# RFC 5321 §4.5.3.1.6: a text line is at most 1,000 octets with its CRLF, so it could not
+# be relayed as it is; RFC 3463 §3.7: X.6.0, a problem with the content (like bare CR/LF).
+S554_LONG_LINE = (554, "5.6.0",
+                  f"Message has a line longer than {MAX_LINE} octets (RFC 5321 4.5.3.1.6)")
+
+
+class Arrival(NamedTuple):
+    """One message as received: the connector, the client, the session's state, the
+    transaction and the body (what the session knows, handed over as a value).  A named
+    tuple: immutable, and the cheapest value to build once per message."""
+
+    #: The receive connector it came through (its name and its per-message rules).
+    connector: ReceiveConfig
+    client_address: str
+    #: The HELO/EHLO argument, "" if none; ``esmtp`` when it was EHLO.
+    helo: str
+    esmtp: bool
+    tls: bool
+    #: "version=... cipher=..." of the TLS session, "" without TLS.
+    tls_info: str
+    #: The authenticated user, "" when the client did not authenticate.
+    auth_user: str
+    #: The transaction: its MAIL command and the RCPT commands that got a 2xx.
+    mail: Command
+    recipients: tuple[Command, ...]
+    #: Canonical CRLF text, not dot-stuffed.
+    body: bytes
+
 
 #: The next hop for a recipient domain (the router replaces the placeholder).
 Route = Callable[[str], str]
@@ -39,11 +70,14 @@ def _header_value(body: bytes, span: tuple[int, int] | None, limit: int = 998) -
     return "".join(c if c.isprintable() else " " for c in raw).strip()
 
 
-def _recipient(cmd: Command, route: Route, now: float) -> Recipient:
+def _recipient(cmd: Command, route: Route, now: float, postmaster: tuple[str, str]) -> Recipient:
     notify = cmd.params.get("NOTIFY")
+    # RFC 5321 §4.5.1: only <Postmaster> has no domain, and it means this server's
+    # postmaster; an unqualified address must never reach a next hop.
+    address, domain = (cmd.mailbox, cmd.domain) if cmd.domain else postmaster
     return Recipient(
-        address=cmd.mailbox,
-        next_hop=route(cmd.domain),
+        address=address,
+        next_hop=route(domain),
         # due at arrival: new mail sorts after what the active window has scanned
         due=now,
         notify=tuple(notify.split(",")) if notify else (),
@@ -54,50 +88,61 @@ def _recipient(cmd: Command, route: Route, now: float) -> Recipient:
 class Ingest:
     def __init__(self, store: QueueStore, hostname: str, route: Route, *,
                  lifetime: float = 5 * 86400.0,
-                 queued: Callable[[], None] | None = None) -> None:
+                 queued: Callable[[], None] | None = None, postmaster: str = "") -> None:
         self.store = store
         self.hostname = hostname
         self.route = route
+        #: Where a bare <Postmaster> goes: ``postmaster``, by default postmaster@hostname.
+        self.postmaster = postmaster or f"postmaster@{hostname}"
+        self._postmaster = (self.postmaster, self.postmaster.rpartition("@")[2])
         #: the maximum queue lifetime: a message expires this long after arrival
         self.lifetime = lifetime
         #: told after each commit (the scheduler looks at the due index at once)
         self.queued = queued
 
-    async def accept(self, session: SmtpSession, event: MessageReceived) -> Reply:
-        body = event.body
+    async def accept(self, arrival: Arrival) -> Reply:
+        body = arrival.body
+        connector = arrival.connector
         scan = scan_headers(body)
-        if scan.received >= session.config.max_received_headers:
+        if scan.received >= connector.max_received_headers:
             return S554_HOPS
-        mail = event.mail
+        if has_long_line(body):
+            # Never relay a line the next hop may refuse or cut (§4.5.3.1.6): fold it
+            # once here, so the stored body is always sendable, or refuse the message.
+            if connector.long_lines == "reject":
+                return S554_LONG_LINE
+            body = wrap_long_lines(body)
+        mail = arrival.mail
         now = time.time()
         qid = new_id(now)
         utf8 = "SMTPUTF8" in mail.params
-        conn = session.conn
+        auth_user = arrival.auth_user
+        recipients = arrival.recipients
         field = received_field(
-            helo=conn.helo or "unknown",
-            client_ip=session.client,
+            helo=arrival.helo or "unknown",
+            client_ip=arrival.client_address,
             client_name=None,
             hostname=self.hostname,
-            protocol=with_protocol(conn.esmtp, conn.tls, bool(session.auth_user), utf8),
+            protocol=with_protocol(arrival.esmtp, arrival.tls, bool(auth_user), utf8),
             queue_id=id_text(qid),
-            tls=session.tls_info or None,
-            auth_user=session.auth_user or None,
-            recipient=event.recipients[0].mailbox if len(event.recipients) == 1 else None,
+            tls=arrival.tls_info or None,
+            auth_user=auth_user or None,
+            recipient=recipients[0].mailbox if len(recipients) == 1 else None,
             when=now,
         )
         envelope = Envelope(
             sender=mail.mailbox,
-            recipients=[_recipient(r, self.route, now) for r in event.recipients],
+            recipients=[_recipient(r, self.route, now, self._postmaster) for r in recipients],
             arrival=now,
             size=len(field) + len(body),
             ret=mail.params.get("RET") or "",
             envid=mail.params.get("ENVID") or "",
             smtputf8=utf8,
             body_type=mail.params.get("BODY") or "",
-            receive_connector=session.connector.name,
-            client_address=session.client,
-            auth_user=session.auth_user,
-            message_id=_header_value(body, scan.message_id),
+            receive_connector=connector.name,
+            client_address=arrival.client_address,
+            auth_user=auth_user,
+            message_id=_header_value(arrival.body, scan.message_id),  # scanned before any wrap
             expires=now + self.lifetime if self.lifetime else 0.0,
             queue_id=qid,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import ssl
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from engine.config import ReceiveConfig
 
 Reply = tuple[int, str, str]
+
+log = logging.getLogger("ferry.server")
 
 S554_ACCESS = (554, "5.7.1", "Access denied")
 S421_TOO_MANY = (421, "4.7.0", "Too many connections, try again later")
@@ -56,6 +59,7 @@ def server_settings(cfg: ReceiveConfig, hostname: str, tls: bool, auth: bool) ->
         bare_eol=cfg.bare_eol,
         starttls=tls and cfg.tls in ("starttls", "required"),
         require_tls=cfg.tls == "required",
+        require_auth=cfg.require_auth,
         auth_mechanisms=tuple(cfg.auth_mechanisms) if auth else (),
         auth_requires_tls=not cfg.allow_plaintext_auth,
         implicit_tls=cfg.tls == "implicit",
@@ -89,6 +93,13 @@ class Connector:
             self.tls_context = tls_context(str(config.cert_file), str(config.key_file))
         self.settings = server_settings(config, hostname, self.tls_context is not None,
                                         auth_enabled)
+        s = self.settings
+        tls_possible = s.starttls or s.implicit_tls
+        if config.require_auth and (not s.auth_mechanisms
+                                    or (s.auth_requires_tls and not tls_possible)):
+            log.warning("receive connector %s: require_auth is set but AUTH is never offered "
+                        "(no [users], auth_mechanisms = [], or no TLS and no "
+                        "allow_plaintext_auth): every MAIL gets 530", config.name)
         self.sessions: set[SmtpSession] = set()
         self.per_ip: Counter[str] = Counter()
         self.servers: list[asyncio.AbstractServer] = []

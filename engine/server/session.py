@@ -4,7 +4,9 @@ The protocol object pumps bytes into the sans-I/O ``ServerConnection``, answers 
 that need a decision (relay control, AUTH, storing the message), writes the replies, and
 keeps the clocks (idle timeout, whole-message timeout, minimum data rate).  Decisions that
 take time (storing a message, checking a password) run as tasks while reading is paused,
-so a pipelining client cannot make input pile up, and replies stay in order.
+so a pipelining client cannot make input pile up, and replies stay in order.  A finished
+message goes to ingest as one ``Arrival`` value; a task that raises is answered 451 and
+logged with its traceback.
 
 It must never block the event loop (scrypt runs in a thread, LMDB commits in the queue's
 writer thread) and never parse SMTP itself.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
+import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, cast
@@ -29,6 +32,7 @@ from engine.protocol.sasl import (
     ServerMechanism,
     mechanism,
 )
+from engine.server.ingest import Arrival
 
 if TYPE_CHECKING:
     from engine.ops.protolog import SessionLog
@@ -53,6 +57,8 @@ S220_TLS = (220, "2.0.0", "Ready to start TLS")
 S454_TLS = (454, "4.7.0", "TLS not available due to temporary reason")
 
 _session_ids = itertools.count(1)
+
+log = logging.getLogger("ferry.server")
 
 
 class SmtpSession(asyncio.Protocol):
@@ -182,6 +188,10 @@ class SmtpSession(asyncio.Protocol):
             try:
                 answer = await work
             except Exception:
+                # A bug or an unexpected failure in ingest or AUTH: the client may retry
+                # (a 4xx loses nothing), and the operator needs the traceback to fix it.
+                log.exception("session %s [%s]: %s failed; answered 451", self.session_id,
+                              self.client, type(event).__name__)
                 answer = S451_LOCAL_ERROR
             self._busy = None
             if self.transport is None or self.transport.is_closing():
@@ -240,7 +250,11 @@ class SmtpSession(asyncio.Protocol):
         assert isinstance(event, sm.MessageReceived)
         self.messages += 1
         self._data_started = 0.0
-        return self.connector.ingest.accept(self, event)
+        conn = self.conn
+        return self.connector.ingest.accept(Arrival(
+            connector=self.config, client_address=self.client, helo=conn.helo or "",
+            esmtp=conn.esmtp, tls=conn.tls, tls_info=self.tls_info, auth_user=self.auth_user,
+            mail=event.mail, recipients=event.recipients, body=event.body))
 
     def _on_verify(self, event: sm.Event) -> Reply:
         return S252_VRFY

@@ -228,7 +228,8 @@ def test_every_declared_key_is_read(tmp_path: Path, cert_files: tuple[Path, Path
                 raw.command(line)
             raw.send(b"Subject: slow\r\n\r\n")
             poll(lambda: {("receive", k) for k in _CLOCK} <= READS, timeout=10)
-            assert raw.command(b"body\r\n.").code == 250
+            # A line over 1,000 octets: the connector's long-line policy is read.
+            assert raw.command(b"x" * 1200 + b"\r\n.").code == 250
         # The Maildir and MX deliveries are done; the LMTP server is not there (deferred);
         # the smarthost sink offers no AUTH (deferred).
         wait_for(lambda: len(sink.state.messages) == 1, what="the MX delivery")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import smtplib
 import socket
 import ssl
@@ -426,3 +427,127 @@ def test_back_pressure_at_the_end_of_data_gives_451(start_ferry: StartFerry) -> 
         reply = c.reply()
         assert (reply.code, reply.enhanced) == (451, "4.3.1")  # never a 250 not durable
     assert ferry.store.count() == 0
+
+
+def test_an_ingest_failure_gives_451_and_logs_the_traceback(
+    start_ferry: StartFerry, caplog: pytest.LogCaptureFixture
+) -> None:
+    ferry = start_ferry()
+
+    def broken_route(domain: str) -> str:
+        raise LookupError(f"no route for {domain}")  # a fault the router cannot be led into
+
+    ferry.app.connectors[0].ingest.route = broken_route
+    caplog.set_level(logging.ERROR, logger="ferry.server")
+    with RawClient(ferry.host, ferry.port) as c:
+        c.reply()
+        c.command(b"EHLO client.test")
+        c.command(b"MAIL FROM:<a@client.test>")
+        c.command(b"RCPT TO:<b@example.net>")
+        assert c.command(b"DATA").code == 354
+        c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        reply = c.reply()
+        assert (reply.code, reply.enhanced) == (451, "4.3.0")
+        assert c.command(b"NOOP").code == 250  # the session goes on
+    (record,) = [r for r in caplog.records if r.name == "ferry.server"]
+    assert record.exc_info is not None and record.exc_info[0] is LookupError
+    assert "MessageReceived" in record.getMessage()
+    assert ferry.store.count() == 0
+
+
+def auth_session(c: RawClient) -> None:
+    c.reply()
+    c.command(b"EHLO client.test")
+
+
+def test_an_over_long_auth_response_ends_the_exchange(start_ferry: StartFerry) -> None:
+    import base64
+
+    ferry = start_ferry(users={"app": hash_password("s3cret")}, allow_plaintext_auth=True,
+                        max_auth_failures=2)
+    wrong = base64.b64encode(b"\0app\0wrong")
+    with RawClient(ferry.host, ferry.port) as c:
+        auth_session(c)
+        assert c.command(b"AUTH PLAIN").code == 334
+        reply = c.command(b"A" * 20_000)
+        assert (reply.code, reply.enhanced) == (500, "5.5.6")  # RFC 4954 §6
+        # RFC 4954 §4: the error ended the exchange; NOOP is a command again.
+        assert c.command(b"NOOP").code == 250
+        # No AUTH failure was counted: one wrong password is the first (535), not the
+        # second (421).
+        assert c.command(b"AUTH PLAIN " + wrong).code == 535
+        assert c.command(b"NOOP").code == 250
+
+
+def test_auth_plain_equals_is_an_empty_response_not_a_challenge(
+    start_ferry: StartFerry,
+) -> None:
+    ferry = start_ferry(users={"app": hash_password("s3cret")}, allow_plaintext_auth=True)
+    with RawClient(ferry.host, ferry.port) as c:
+        auth_session(c)
+        reply = c.command(b"AUTH PLAIN =")
+        assert (reply.code, reply.enhanced) == (535, "5.7.8")  # no 334
+        assert c.command(b"NOOP").code == 250
+
+
+@pytest.mark.parametrize("rcpt", [b"<b@example.net>", b"<user@example.com>"],
+                         ids=["relayed", "local"])
+def test_require_auth_refuses_mail_before_auth(start_ferry: StartFerry, rcpt: bytes) -> None:
+    import base64
+
+    ferry = start_ferry(users={"app": hash_password("s3cret")}, allow_plaintext_auth=True,
+                        require_auth=True, accepted_domains=("example.com",))
+    good = base64.b64encode(b"\0app\0s3cret")
+    with RawClient(ferry.host, ferry.port) as c:
+        auth_session(c)
+        reply = c.command(b"MAIL FROM:<a@client.test>")
+        assert (reply.code, reply.enhanced, reply.text) == (530, "5.7.0",
+                                                            "Authentication required")
+        assert c.command(b"RCPT TO:" + rcpt).code == 503  # in sync: no transaction
+        assert c.command(b"AUTH PLAIN " + good).code == 235
+        assert c.command(b"MAIL FROM:<a@client.test>").code == 250
+        assert c.command(b"RCPT TO:" + rcpt).code == 250
+        assert c.command(b"DATA").code == 354
+        c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        assert c.reply().code == 250
+    (entry,) = ferry.store.due(time.time() + 10, 10)
+    assert ferry.store.get(entry.queue_id).auth_user == "app"
+
+
+def test_require_auth_is_off_by_default(start_ferry: StartFerry) -> None:
+    ferry = start_ferry(users={"app": hash_password("s3cret")}, allow_plaintext_auth=True)
+    with RawClient(ferry.host, ferry.port) as c:
+        auth_session(c)
+        assert c.command(b"MAIL FROM:<a@client.test>").code == 250
+
+
+def test_long_lines_reject_mode_refuses_at_the_end_of_data(start_ferry: StartFerry) -> None:
+    ferry = start_ferry(long_lines="reject")
+    with RawClient(ferry.host, ferry.port) as c:
+        auth_session(c)
+        c.command(b"MAIL FROM:<a@client.test>")
+        c.command(b"RCPT TO:<b@example.net>")
+        assert c.command(b"DATA").code == 354
+        c.send(b"Subject: x\r\n\r\n" + b"y" * 999 + b"\r\n.\r\n")
+        reply = c.reply()
+        assert (reply.code, reply.enhanced) == (554, "5.6.0")
+        assert "longer than 1000 octets" in reply.text
+        assert c.command(b"NOOP").code == 250
+        # A line of 998 octets and its CRLF is the longest allowed (RFC 5321 §4.5.3.1.6).
+        c.command(b"MAIL FROM:<a@client.test>")
+        c.command(b"RCPT TO:<b@example.net>")
+        c.command(b"DATA")
+        c.send(b"Subject: x\r\n\r\n" + b"y" * 998 + b"\r\n.\r\n")
+        assert c.reply().code == 250
+    assert ferry.store.count() == 1
+
+
+def test_require_auth_without_auth_offered_is_warned_about(
+    start_ferry: StartFerry, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ferry.server")
+    ferry = start_ferry(require_auth=True)  # no [users]: no one could ever send
+    assert any("require_auth" in r.getMessage() for r in caplog.records)
+    with RawClient(ferry.host, ferry.port) as c:
+        auth_session(c)
+        assert c.command(b"MAIL FROM:<a@client.test>").code == 530

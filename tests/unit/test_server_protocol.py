@@ -355,6 +355,39 @@ def test_auth_challenge_response_and_cancel() -> None:
     assert s.codes(s.feed(b"NOOP " + b"x" * 600 + b"\r\n")) == [500]
 
 
+def test_overlong_auth_response_ends_the_exchange() -> None:
+    # RFC 4954 §4: any error ends the exchange; the next line is a command again, with the
+    # command line limit (RFC 4954 §6: 500 5.5.6 for an over-long response).
+    s = Session(ServerSettings(auth_mechanisms=("PLAIN",), auth_requires_tls=False,
+                               max_auth_line=1000))
+    s.feed(b"EHLO x\r\n")
+    s.policy = lambda e: (334, "", "") if isinstance(e, sm.AuthStart) else accept_all(e)
+    assert s.codes(s.feed(b"AUTH PLAIN\r\n")) == [334]
+    out = s.feed(b"QUFB" * 5000 + b"\r\n")
+    assert out.startswith(b"500 5.5.6 ")
+    assert s.conn.state is sm.State.S_COMMAND and not s.of(sm.AuthResponse)
+    assert s.feed(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
+    assert s.codes(s.feed(b"NOOP " + b"x" * 600 + b"\r\n")) == [500]  # command limit again
+
+
+def test_overlong_auth_response_in_pieces_ends_the_exchange() -> None:
+    s = Session(ServerSettings(auth_mechanisms=("PLAIN",), auth_requires_tls=False,
+                               max_auth_line=1000),
+                lambda e: (334, "", "") if isinstance(e, sm.AuthStart) else accept_all(e))
+    s.feed(b"EHLO x\r\n", b"AUTH PLAIN\r\n")
+    out = s.feed(*[b"QUFB" * 500] * 10, b"\r\nNOOP\r\n")
+    assert s.codes(out) == [500, 250] and not s.of(sm.AuthResponse)
+
+
+def test_require_auth_refuses_mail_until_authenticated() -> None:
+    s = ehlo_session(auth_mechanisms=("PLAIN",), auth_requires_tls=False, require_auth=True)
+    out = s.feed(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n")
+    assert out == (b"530 5.7.0 Authentication required\r\n"
+                   b"503 5.5.1 Need MAIL command\r\n")
+    assert s.codes(s.feed(b"AUTH PLAIN AHVzZXIAcGFzcw==\r\n")) == [235]
+    assert s.codes(s.feed(b"MAIL FROM:<a@b.test>\r\n")) == [250]
+
+
 def test_reply_is_required_before_next_event() -> None:
     conn = ServerConnection()
     conn.send_greeting()
