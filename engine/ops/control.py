@@ -43,7 +43,7 @@ from typing import Any, Final
 
 import orjson
 
-from engine.queue.lmdb_store import LmdbQueue
+from engine.queue.api import QueueStore
 from engine.scheduler.scheduler import Scheduler
 
 log = logging.getLogger("ferry.control")
@@ -196,7 +196,7 @@ class ControlServer:
     (``Router.destination``: the same rule as for recipients' domains).
     """
 
-    def __init__(self, path: Path, scheduler: Scheduler, store: LmdbQueue,
+    def __init__(self, path: Path, scheduler: Scheduler, store: QueueStore,
                  normalize: Callable[[str], str]) -> None:
         self.path = path
         self.scheduler = scheduler

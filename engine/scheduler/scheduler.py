@@ -44,8 +44,7 @@ import orjson
 
 from engine.client.api import DeliveryAgent, Follow, FollowOn, RcptResult
 from engine.message.dsn import Failure, build_dsn, reply_status
-from engine.queue.api import DueEntry, NewMessage, Outcome
-from engine.queue.lmdb_store import LmdbQueue
+from engine.queue.api import DueEntry, NewMessage, Outcome, QueueStore
 from engine.queue.records import Envelope, RcptState, Recipient, RecordError
 from engine.queue.window import DueWindow
 from engine.routing.api import Route, RouteError, Router
@@ -99,7 +98,7 @@ class _Site:
 class Scheduler:
     def __init__(
         self,
-        store: LmdbQueue,
+        store: QueueStore,
         router: Router,
         agents: Mapping[str, DeliveryAgent],
         *,
@@ -574,7 +573,7 @@ class Scheduler:
             self._release(entry)
 
 
-def _load_suspended(store: LmdbQueue) -> set[str]:
+def _load_suspended(store: QueueStore) -> set[str]:
     raw = store.setting(SUSPENDED_SETTING)
     if raw is None:
         return set()
