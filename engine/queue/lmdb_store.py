@@ -36,7 +36,6 @@ from engine.queue.api import (
     DueEntry,
     NewMessage,
     Outcome,
-    QueueClosed,
     QueueStats,
 )
 from engine.queue.lmdb_txn import (
@@ -46,13 +45,9 @@ from engine.queue.lmdb_txn import (
     SETTING,
     Database,
     WriterParams,
-    due_key,
-    index_keys,
 )
 from engine.queue.records import ID_LEN, Envelope, RecordError, decode, id_text
-from engine.queue.writer import WRITER_KINDS, Pending, Writer, WriterKind, start_writer
-
-__all__ = ["DURABILITY_MODES", "LmdbQueue", "due_key", "index_keys"]
+from engine.queue.writer import Pending, Writer, WriterKind, start_writer
 
 
 class LmdbQueue:
@@ -73,8 +68,6 @@ class LmdbQueue:
         disk_check_interval: float = 1.0,
         writer: WriterKind = "thread",
     ) -> None:
-        if writer not in WRITER_KINDS:
-            raise ValueError(f"writer must be one of {', '.join(WRITER_KINDS)}")
         params = WriterParams(
             str(path), durability=durability, map_size=map_size, max_map_size=max_map_size,
             min_free_disk=min_free_disk, batch_limit=batch_limit, batch_bytes=batch_bytes,
@@ -87,6 +80,7 @@ class LmdbQueue:
         self._db = db.tables
         # set_mapsize needs no transaction open in this process: readers take this lock.
         self._resize_lock = db.resize_lock
+        self._disk = db.disk
         self._closed = False
         try:
             self._writer: Writer = start_writer(writer, db, params)
@@ -136,7 +130,7 @@ class LmdbQueue:
             return BackPressure("queue database is full")
         if writer.pending >= self.max_pending:
             return BackPressure("queue writer is behind")
-        if self._database.disk.low():
+        if self._disk.low():
             return BackPressure("disk space low")
         return None
 
@@ -320,15 +314,11 @@ class LmdbQueue:
 
     # --- handing work to the writer --------------------------------------------------
 
-    def _submit(self, write: Pending) -> None:
-        if self._closed:
-            raise QueueClosed("queue database is closed")
-        self._writer.submit(write)
-
     def _submit_soon(self, kind: str, args: tuple[Any, ...], size: int) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._submit(Pending(kind, args, size, loop, future))
+        # The writer refuses (QueueClosed) once the store is closing.
+        self._writer.submit(Pending(kind, args, size, loop, future))
         return future
 
     async def _submit_async(self, kind: str, args: tuple[Any, ...], size: int) -> Any:
@@ -336,7 +326,7 @@ class LmdbQueue:
 
     def _submit_sync(self, kind: str, args: tuple[Any, ...], size: int) -> Any:
         future: Future[Any] = Future()
-        self._submit(Pending(kind, args, size, None, future))
+        self._writer.submit(Pending(kind, args, size, None, future))
         return future.result()
 
     # --- settings kept with the queue --------------------------------------------------

@@ -230,11 +230,11 @@ class Committer:
             self._commits, self._enqueued, self._outcomes, self._last_commit_seconds,
             self._map_grown, self._map_size))
 
-    def commit(self, batch: Sequence[W]) -> list[Result[W]]:
-        """Apply ``batch`` in one transaction; every write gets its result.  Nothing is
-        returned before the commit has returned (and synced, in fsync mode)."""
+    def commit(self, batch: Sequence[W], size: int) -> list[Result[W]]:
+        """Apply ``batch`` in one transaction; every write gets its result.  ``size`` is
+        the sum of the writes' sizes.  Nothing is returned before the commit has returned
+        (and synced, in fsync mode)."""
         started = time.monotonic()
-        size = sum(write.size for write in batch)
         refused: BackPressure | None = None
         # New bytes (mail, or DSNs riding on outcomes) need room; outcomes alone free it.
         if size and (self._disk.low(force=True) or not self._make_room(size)):

@@ -76,8 +76,8 @@ class Writer(Protocol):
 
     @property
     def report(self) -> Report:
-        """The committer's state as of the last commit (the due low left out: it is
-        taken once, by :meth:`take_due_low`)."""
+        """The committer's state as of the last commit (its ``due_low`` is that commit's
+        alone: a reader paging the due index takes them all with :meth:`take_due_low`)."""
         ...
 
     def take_due_low(self) -> bytes | None:
@@ -106,32 +106,22 @@ class _Inbox:
         self.batch_limit = max(1, params.batch_limit)
         self.batch_bytes = params.batch_bytes
         self._ops: thread_queue.SimpleQueue[Pending | None] = thread_queue.SimpleQueue()
-        self._pending = 0
+        # Plain attributes, not properties: the store reads them for every message it
+        # admits (back pressure).
+        self.pending = 0
         self._pending_lock = threading.Lock()
-        self._report = Report(report.map_full, None, report.stats)
+        self.report = report
         self._due_low: bytes | None = report.due_low
         self._due_low_lock = threading.Lock()
-        self._lost: str | None = None
+        self.lost: str | None = None
         self._closing = False
 
     def submit(self, write: Pending) -> None:
-        if self._closing or self._lost is not None:
+        if self._closing or self.lost is not None:
             raise QueueClosed("queue database is closed")
         with self._pending_lock:
-            self._pending += 1
+            self.pending += 1
         self._ops.put(write)
-
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-    @property
-    def report(self) -> Report:
-        return self._report
-
-    @property
-    def lost(self) -> str | None:
-        return self._lost
 
     def take_due_low(self) -> bytes | None:
         with self._due_low_lock:
@@ -143,9 +133,9 @@ class _Inbox:
         self._closing = True
         self._ops.put(None)
 
-    def _batches(self) -> Iterator[list[Pending]]:
+    def _batches(self) -> Iterator[tuple[list[Pending], int]]:
         """What callers handed over, a batch at a time (everything waiting, up to the
-        batch limits), until close."""
+        batch limits) with its size, until close."""
         stop = False
         while not stop:
             first = self._ops.get()
@@ -164,12 +154,12 @@ class _Inbox:
             else:
                 stop = True
             if batch:
-                yield batch
+                yield batch, size
 
     def _absorb(self, report: Report) -> None:
         """Take in the committer's report (before settling: a caller woken by its commit
         sees the state that commit left)."""
-        self._report = report
+        self.report = report
         low = report.due_low
         if low is not None:
             with self._due_low_lock:
@@ -179,7 +169,7 @@ class _Inbox:
     def _settle(self, results: list[Result[Pending]]) -> None:
         """The writer is done with these: wake their callers."""
         with self._pending_lock:
-            self._pending -= len(results)
+            self.pending -= len(results)
         by_loop: dict[asyncio.AbstractEventLoop, list[Result[Pending]]] = defaultdict(list)
         for item in results:
             write, value, error = item
@@ -196,9 +186,6 @@ class _Inbox:
             # One wake-up per loop per commit, not one per message.
             with suppress(RuntimeError):  # a closed loop: nobody is waiting any more
                 loop.call_soon_threadsafe(_settle_in_loop, items)
-
-    def _lose(self, why: str) -> None:
-        self._lost = why
 
 
 def _settle_in_loop(items: list[Result[Pending]]) -> None:
@@ -228,8 +215,8 @@ class ThreadWriter(_Inbox):
 
     def _run(self) -> None:
         committer = self._committer
-        for batch in self._batches():
-            results = committer.commit(batch)
+        for batch, size in self._batches():
+            results = committer.commit(batch, size)
             self._absorb(committer.report())
             self._settle(results)
 
@@ -274,7 +261,7 @@ class ProcessWriter(_Inbox):
     def _send(self) -> None:
         fd = self._in.fileno()
         try:
-            for batch in self._batches():
+            for batch, _size in self._batches():
                 frame = []
                 with self._lock:
                     for write in batch:
@@ -305,7 +292,7 @@ class ProcessWriter(_Inbox):
             self._waiting.clear()
         if items or not self._closing:
             log.critical("%s; the queue refuses new mail", why)
-            self._lose(why)
+            self.lost = why
         self._settle(items)
 
     def close(self) -> None:

@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 ended = True
                 break
             batch += more
-        results = committer.commit([_Handed(*item) for item in batch])
+        writes = [_Handed(*item) for item in batch]
+        results = committer.commit(writes, sum(w.size for w in writes))
         write_frame(wfd, ([(w.ident, value, _portable(error)) for w, value, error in results],
                           committer.report()))
     db.close()
