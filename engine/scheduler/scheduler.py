@@ -50,6 +50,7 @@ from engine.queue.window import DueWindow
 from engine.routing.api import Route, RouteError, Router
 from engine.scheduler.notices import DelayNotices
 from engine.scheduler.policy import SchedulerSettings, SiteLimits, Throttle, retry_delay
+from engine.scheduler.snapshot import DownSite, SchedulerSnapshot, SiteView
 
 log = logging.getLogger("ferry.scheduler")
 
@@ -167,6 +168,20 @@ class Scheduler:
         await self._save_suspended()
         self.wake()
         return count
+
+    def snapshot(self) -> SchedulerSnapshot:
+        """What the operator sees, now, as one frozen value (``engine.scheduler.snapshot``):
+        the one place the control channel and the viewers read the scheduler's state."""
+        now = time.time()
+        sites = sorted((SiteView(site.name, site.workers, site.limits.max_connections,
+                                 site.limits.max_rate, len(site.jobs))
+                        for site in self.sites.values()), key=lambda v: (-v.workers, v.name))
+        return SchedulerSnapshot(
+            taken=now, messages=self.store.count(), delivered=self.delivered,
+            paused=self.settings.paused, window=len(self.window), sites=tuple(sites),
+            down=tuple(DownSite(name, until) for name, until in sorted(self.down.items())
+                       if until > now),
+            suspended=tuple(sorted(self.suspended)), queue=self.store.stats)
 
     async def _save_suspended(self) -> None:
         await self.store.save_setting(SUSPENDED_SETTING, orjson.dumps(sorted(self.suspended)))
