@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from engine.queue.api import BackPressure, NewMessage, Outcome, QueueClosed
+from engine.queue.api import BackPressure, NewMessage, Outcome, QueueClosed, QueueStore
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.lmdb_txn import Database, WriterParams
 from engine.queue.records import Envelope, RcptState, Recipient
@@ -180,5 +182,42 @@ def test_a_writer_process_that_dies_fails_what_waits_and_the_store_refuses_mail(
     try:
         asyncio.run(go())
         assert q.count() == 0  # nothing acknowledged, nothing stored
+    finally:
+        q.close_sync()
+
+
+def test_the_writer_process_imports_no_part_of_the_callers_side() -> None:
+    """The program the server starts loads the commit code and nothing of the store that
+    starts it (no import cycle, nothing private shared)."""
+    code = ("import sys, engine.queue.writer_process; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('engine.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True,
+                         text=True).stdout.split()
+    assert "engine.queue.lmdb_txn" in out
+    assert "engine.queue.lmdb_store" not in out and "engine.queue.writer" not in out
+
+
+@pytest.mark.parametrize("kind", WRITER_KINDS)
+def test_the_store_serves_the_queue_store_interface(tmp_path: Path, kind: WriterKind) -> None:
+    """What the scheduler, the control channel, the viewer and ingest use, through the
+    protocol they are typed on."""
+    q = LmdbQueue(tmp_path, min_free_disk=0, writer=kind)
+    store: QueueStore = q
+
+    async def go() -> bytes:
+        qid = await store.enqueue(envelope(), b"body")
+        await store.save_setting("suspended", b'["d.test"]')
+        return qid
+
+    try:
+        qid = asyncio.run(go())
+        env, body = store.get_with_body(qid)
+        assert env.queue_id == qid and body == b"body" == store.body(qid)
+        assert store.setting("suspended") == b'["d.test"]' and store.setting("none") is None
+        assert store.count() == 1 and store.corrupt() == [] == store.scan_corrupt()
+        stats = store.stats
+        assert stats.enqueued == 1 and stats.commits == 2 and stats.map_size >= 256 << 20
+        assert f"map {stats.map_size >> 20} MiB, 1 messages" in store.describe()
+        assert store.pressure() is None
     finally:
         q.close_sync()
