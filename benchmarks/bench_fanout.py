@@ -196,8 +196,8 @@ async def main():
     await app.start()
     tune_gc()  # as engine.app.serve does
     store, sched = app.store, app.scheduler
-    if store._process is not None:
-        writer_pid.append(store._process.pid)
+    if store.writer_pid != os.getpid():  # a writer process, not a thread
+        writer_pid.append(store.writer_pid)
     agent = app.agents["smtp"]
     print(json.dumps({"event": "started", "t": t0, "start_s": time.time() - t0,
                       "queued": store.count(), "pid": __import__("os").getpid()}),

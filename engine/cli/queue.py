@@ -1,10 +1,11 @@
 """``ferry queue``: the queue viewer (list, show, stats) and the operator's controls
 (suspend, resume, suspended).
 
-The viewer reads through ``LmdbQueue`` (LMDB lets it share the spool with a running
-``ferry serve``) and changes nothing.  The controls never touch the queue database: they
-ask the running server over its control socket (``engine.ops.control``), which does the
-work, so there is one writer and the server's memory agrees with the queue.
+The viewer reads through the ``QueueStore`` interface (the LMDB store: LMDB lets it share
+the spool with a running ``ferry serve``) and changes nothing.  The controls never touch
+the queue database: they ask the running server over its control socket
+(``engine.ops.control``), which does the work, so there is one writer and the server's
+memory agrees with the queue.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from engine.ops import control
+from engine.queue.api import QueueStore
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import CORRUPT, Envelope, RcptState, RecordError, id_bytes, id_text
 
@@ -65,7 +67,7 @@ def _summary(env: Envelope) -> str:
     return " ".join(f"{n} {state}" for state, n in sorted(states.items()))
 
 
-def _ids(store: LmdbQueue, args: argparse.Namespace) -> list[bytes]:
+def _ids(store: QueueStore, args: argparse.Namespace) -> list[bytes]:
     if args.destination:
         return store.ids_for_hop(args.destination, args.limit)
     if args.state:
@@ -77,7 +79,7 @@ def _ids(store: LmdbQueue, args: argparse.Namespace) -> list[bytes]:
     return sorted(seen)[: args.limit]
 
 
-def _list(store: LmdbQueue, args: argparse.Namespace) -> int:
+def _list(store: QueueStore, args: argparse.Namespace) -> int:
     print(f"{'queue id':<24}  {'age':>5}  {'size':>9}  sender → recipients")
     for qid in _ids(store, args):
         try:
@@ -92,7 +94,7 @@ def _list(store: LmdbQueue, args: argparse.Namespace) -> int:
     return 0
 
 
-def _show(store: LmdbQueue, args: argparse.Namespace) -> int:
+def _show(store: QueueStore, args: argparse.Namespace) -> int:
     try:
         qid = id_bytes(args.queue_id)
         env = store.get(qid)
@@ -119,7 +121,7 @@ def _show(store: LmdbQueue, args: argparse.Namespace) -> int:
     return 0
 
 
-def _stats(store: LmdbQueue, args: argparse.Namespace) -> int:
+def _stats(store: QueueStore, args: argparse.Namespace) -> int:
     print(f"messages: {store.count()}")
     for state in STATES:
         print(f"  with {state} recipients: {len(store.ids_in_state(state, 10**9))}")

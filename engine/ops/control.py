@@ -11,7 +11,8 @@ order, on a connection that stays open for more:
     {"command": "resume", "destination": "example.com"}
         → {"ok": true, "destination": "example.com", "recipients": 3, "was_suspended": true}
     {"command": "suspended"}  → {"ok": true, "destinations": ["example.com"]}
-    {"command": "stats"}      → {"ok": true, "messages": 12, "delivered": 40, "sites": [...]}
+    {"command": "stats"}      → {"ok": true, "messages": 12, "delivered": 40, "sites": [...],
+                                 "down": {...}, "suspended": [...], ...}  (stats_reply)
     anything wrong            → {"ok": false, "error": "unknown command \"x\"; one of ..."}
 
 A destination is named as the queue names it (``ferry queue list --destination``): a
@@ -32,10 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,9 @@ from typing import Any, Final
 
 import orjson
 
-from engine.queue.lmdb_store import LmdbQueue
+from engine.queue.api import QueueStore
 from engine.scheduler.scheduler import Scheduler
+from engine.scheduler.snapshot import SchedulerSnapshot
 
 log = logging.getLogger("ferry.control")
 
@@ -196,7 +198,7 @@ class ControlServer:
     (``Router.destination``: the same rule as for recipients' domains).
     """
 
-    def __init__(self, path: Path, scheduler: Scheduler, store: LmdbQueue,
+    def __init__(self, path: Path, scheduler: Scheduler, store: QueueStore,
                  normalize: Callable[[str], str]) -> None:
         self.path = path
         self.scheduler = scheduler
@@ -301,32 +303,37 @@ class ControlServer:
 
     async def _resume(self, request: Request) -> Reply:
         hop = self._hop(request)
-        was_suspended = hop in self.scheduler.suspended
+        was_suspended = hop in self.scheduler.snapshot().suspended
         count = await self.scheduler.resume(hop)
         log.info("operator resumed %s (%d recipients back in the queue)", hop, count)
         return {"ok": True, "destination": hop, "recipients": count,
                 "was_suspended": was_suspended}
 
     async def _suspended(self, request: Request) -> Reply:
-        return {"ok": True, "destinations": sorted(self.scheduler.suspended)}
+        return {"ok": True, "destinations": list(self.scheduler.snapshot().suspended)}
 
     async def _stats(self, request: Request) -> Reply:
-        sched, now = self.scheduler, time.time()
-        sites = [{"site": site.name, "workers": site.workers,
-                  "max_connections": site.limits.max_connections, "waiting": len(site.jobs)}
-                 for site in sched.sites.values()]
-        return {
-            "ok": True,
-            "messages": self.store.count(),
-            "delivered": sched.delivered,
-            "paused": sched.settings.paused,
-            "window": len(sched.window),
-            "sites": sorted(sites, key=lambda s: (-s["workers"], s["site"])),
-            "down": {site: round(until - now, 1) for site, until in sched.down.items()
-                     if until > now},
-            "suspended": sorted(sched.suspended),
-            "commits": self.store.stats.commits,
-        }
+        return stats_reply(self.scheduler.snapshot())
+
+
+def stats_reply(snap: SchedulerSnapshot) -> Reply:
+    """The ``stats`` reply: the scheduler's snapshot as JSON (``down``: seconds left per
+    site, ``down_until``: until when, epoch seconds)."""
+    return {
+        "ok": True,
+        "messages": snap.messages,
+        "delivered": snap.delivered,
+        "paused": snap.paused,
+        "window": snap.window,
+        "sites": [{"site": site.name, "workers": site.workers,
+                   "max_connections": site.max_connections, "max_rate": site.max_rate,
+                   "waiting": site.waiting} for site in snap.sites],
+        "down": {down.name: round(down.until - snap.taken, 1) for down in snap.down},
+        "down_until": {down.name: down.until for down in snap.down},
+        "suspended": list(snap.suspended),
+        "commits": snap.queue.commits,
+        "queue": dataclasses.asdict(snap.queue),
+    }
 
 
 def _check_length(path: Path) -> None:

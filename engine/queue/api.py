@@ -1,7 +1,8 @@
 """The queue database's interface: what the server, the scheduler and the viewer may ask.
 
-``QueueStore`` is a typing Protocol so the scheduler and the receive service depend on the
-contract, not on LMDB.  The one implementation is ``engine.queue.lmdb_store.LmdbQueue``.
+``QueueStore`` is a typing Protocol so the scheduler, the receive service, the control
+channel and the queue viewer depend on the contract, not on LMDB.  The one implementation
+is ``engine.queue.lmdb_store.LmdbQueue``.
 
 The promise (RFC 5321 §6.1): ``enqueue`` returns only after the commit that holds the
 message has returned, so a 250 sent after it is never a lie.  When the database cannot
@@ -72,6 +73,22 @@ class NewMessage:
     body: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """The writer's figures since the store opened, as of its last commit."""
+
+    #: write transactions committed (one per group of writes: group commit)
+    commits: int = 0
+    #: messages stored (mail and the DSNs riding on outcomes)
+    enqueued: int = 0
+    #: recipient outcomes applied
+    outcomes: int = 0
+    last_commit_seconds: float = 0.0
+    #: times the map was grown, and its size now (bytes)
+    map_grown: int = 0
+    map_size: int = 0
+
+
 class QueueStore(Protocol):
     async def enqueue(self, envelope: Envelope, body: bytes) -> bytes:
         """Store durably, return the queue id; raise BackPressure or QueueClosed."""
@@ -95,9 +112,17 @@ class QueueStore(Protocol):
 
     def pressure(self) -> BackPressure | None: ...
 
-    def get(self, queue_id: bytes) -> Envelope: ...
+    def get(self, queue_id: bytes) -> Envelope:
+        """The envelope; KeyError when absent, RecordError when it does not decode."""
+        ...
 
-    def body(self, queue_id: bytes) -> bytes: ...
+    def body(self, queue_id: bytes) -> bytes:
+        """The body; KeyError when absent."""
+        ...
+
+    def get_with_body(self, queue_id: bytes) -> tuple[Envelope, bytes]:
+        """``get`` and ``body`` in one read (the delivery hot path); KeyError, RecordError."""
+        ...
 
     def due(self, until: float, limit: int, after: bytes = b"") -> list[DueEntry]: ...
 
@@ -117,10 +142,32 @@ class QueueStore(Protocol):
 
     def ids_in_state(self, state: str, limit: int, after: bytes = b"") -> list[bytes]: ...
 
-    def corrupt(self) -> list[tuple[bytes, str]]: ...
+    def corrupt(self) -> list[tuple[bytes, str]]:
+        """The records moved to the corrupt state, and why."""
+        ...
 
-    def count(self) -> int: ...
+    def scan_corrupt(self) -> list[tuple[bytes, str]]:
+        """Decode every record (a full check): the ones that do not decode, and why."""
+        ...
 
-    def describe(self) -> str: ...
+    def count(self) -> int:
+        """Messages in the queue (any state, corrupt ones included)."""
+        ...
+
+    def setting(self, name: str) -> bytes | None:
+        """A value another part keeps with the queue (:meth:`save_setting`); None: none."""
+        ...
+
+    async def save_setting(self, name: str, value: bytes) -> None:
+        """Store ``value`` under ``name`` durably (through the writer, like every write);
+        the bytes mean nothing to the queue."""
+        ...
+
+    @property
+    def stats(self) -> QueueStats: ...
+
+    def describe(self) -> str:
+        """The startup log line: where, which durability mode and what it means."""
+        ...
 
     async def close(self) -> None: ...

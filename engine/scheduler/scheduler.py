@@ -49,13 +49,13 @@ import orjson
 from engine.client.api import DeliveryAgent, Follow, FollowOn, RcptResult
 from engine.config import DeliveryConfig
 from engine.message.dsn import Action, Failure, build_dsn, reply_status, wants_notice
-from engine.queue.api import DueEntry, NewMessage, Outcome
-from engine.queue.lmdb_store import LmdbQueue
+from engine.queue.api import DueEntry, NewMessage, Outcome, QueueStore
 from engine.queue.records import Envelope, RcptState, Recipient, RecordError
 from engine.queue.window import DueWindow
 from engine.routing.api import Route, RouteError, Router
 from engine.scheduler.notices import DelayNotices
 from engine.scheduler.policy import RETRY_JITTER, Limits, SiteLimits, Throttle, retry_delay
+from engine.scheduler.snapshot import DownSite, SchedulerSnapshot, SiteView
 
 log = logging.getLogger("ferry.scheduler")
 
@@ -108,7 +108,7 @@ class _Site:
 class Scheduler:
     def __init__(
         self,
-        store: LmdbQueue,
+        store: QueueStore,
         router: Router,
         agents: Mapping[str, DeliveryAgent],
         *,
@@ -189,6 +189,20 @@ class Scheduler:
                 self.down.pop(route.site, None)
         self.wake()
         return count
+
+    def snapshot(self) -> SchedulerSnapshot:
+        """What the operator sees, now, as one frozen value (``engine.scheduler.snapshot``):
+        the one place the control channel and the viewers read the scheduler's state."""
+        now = time.time()
+        sites = sorted((SiteView(site.name, site.workers, site.limits.max_connections,
+                                 site.limits.max_rate, len(site.jobs))
+                        for site in self.sites.values()), key=lambda v: (-v.workers, v.name))
+        return SchedulerSnapshot(
+            taken=now, messages=self.store.count(), delivered=self.delivered,
+            paused=self.settings.paused, window=len(self.window), sites=tuple(sites),
+            down=tuple(DownSite(name, until) for name, until in sorted(self.down.items())
+                       if until > now),
+            suspended=tuple(sorted(self.suspended)), queue=self.store.stats)
 
     async def _save_suspended(self) -> None:
         await self.store.save_setting(SUSPENDED_SETTING, orjson.dumps(sorted(self.suspended)))
@@ -656,7 +670,7 @@ class Scheduler:
             self._release(entry)
 
 
-def _load_suspended(store: LmdbQueue) -> set[str]:
+def _load_suspended(store: QueueStore) -> set[str]:
     raw = store.setting(SUSPENDED_SETTING)
     if raw is None:
         return set()

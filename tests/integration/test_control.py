@@ -1,21 +1,27 @@
 """The control channel of a whole Ferry (in-process) over its real Unix socket: replies to
-bad requests, the commands, permissions, a stale socket, a second server on one spool."""
+bad requests, the commands, the scheduler's snapshot, permissions, a stale socket, a second
+server on one spool."""
 
 from __future__ import annotations
 
+import dataclasses
 import smtplib
 import socket
 import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from engine.ops.control import MAX_REQUEST, request, socket_path
 from engine.queue.records import RcptState
+from engine.testing.dns import DnsResponder
 from engine.testing.server import RunningFerry, ferry_config
+from engine.testing.sink import CountingSink
+from engine.testing.wait import wait_for
 
 
 @pytest.fixture
@@ -89,6 +95,69 @@ def test_suspend_parks_queued_mail_and_resume_brings_it_back(ferry: RunningFerry
                      "was_suspended": True}
     assert [r.state for r in ferry.store.get(qid).recipients] == [RcptState.PENDING] * 2
     assert request(path, {"command": "suspended"})["destinations"] == []
+
+
+SNAPSHOT_ZONE = """
+$TTL 60
+@ IN SOA ns.test. admin.test. 1 60 60 600 60
+busy.test.     IN MX 10 mx.busy.test.
+mx.busy.test.  IN A 127.0.12.1
+dead.test.     IN MX 10 mx.dead.test.
+mx.dead.test.  IN A 127.0.12.9
+held.test.     IN MX 10 mx.held.test.
+mx.held.test.  IN A 127.0.12.1
+"""
+
+
+def test_stats_is_the_schedulers_snapshot(tmp_path: Path) -> None:
+    """A busy site with its worker and limits, a site marked down and until when, a
+    suspended destination, the messages queued and delivered: all as the operator asks."""
+    sink = CountingSink(["127.0.12.1"], reply_delay=3.0)  # a delivery that takes a while
+    try:
+        with DnsResponder(SNAPSHOT_ZONE) as dns:
+            config = ferry_config(tmp_path / "spool")
+            config = dataclasses.replace(config, delivery=dataclasses.replace(
+                config.delivery, paused=False, dns=dns.address, mx_port=sink.port,
+                retry_interval=3600.0, down_period=600.0))
+            with RunningFerry(config) as f:
+                path = socket_path(config.spool)
+
+                def stats() -> dict[str, Any]:
+                    reply = request(path, {"command": "stats"})
+                    assert reply["ok"] is True
+                    return reply
+
+                assert request(path, {"command": "suspend", "destination": "held.test"})["ok"]
+                started = time.time()
+                with smtplib.SMTP(f.host, f.port) as client:
+                    client.sendmail("a@client.test", ["x@busy.test", "y@dead.test",
+                                                      "z@held.test"], b"Subject: s\r\n\r\nx\r\n")
+
+                def busy_and_down() -> dict[str, Any] | None:
+                    now = stats()
+                    busy = [s for s in now["sites"] if s["site"] == "mx:mx.busy.test"]
+                    return now if busy and busy[0]["workers"] and now["down"] else None
+
+                now = wait_for(busy_and_down, 20, "a site busy and a site down")
+                (busy,) = [s for s in now["sites"] if s["site"] == "mx:mx.busy.test"]
+                assert busy == {"site": "mx:mx.busy.test", "workers": 1, "waiting": 0,
+                                "max_connections": config.delivery.max_per_domain,
+                                "max_rate": 0.0}
+                assert list(now["down"]) == ["mx:mx.dead.test"]
+                assert 500 < now["down"]["mx:mx.dead.test"] <= 600
+                until = now["down_until"]["mx:mx.dead.test"]
+                assert started + 600 <= until <= time.time() + 600
+                assert now["suspended"] == ["held.test"] and now["paused"] is False
+                assert now["messages"] == 1 and now["delivered"] == 0
+
+                done = wait_for(lambda: (s := stats())["delivered"] == 1 and not s["sites"]
+                                and s, 20, "the delivery to finish")
+                # Still queued: deferred for the site that is down, held for the suspended.
+                assert done["messages"] == 1 and list(done["down"]) == ["mx:mx.dead.test"]
+                assert done["queue"]["enqueued"] == 1 and done["commits"] >= 2
+                assert len(sink.state.messages) == 1
+    finally:
+        sink.stop()
 
 
 def test_the_socket_is_private_and_removed_at_stop(tmp_path: Path) -> None:

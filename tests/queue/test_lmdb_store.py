@@ -4,7 +4,6 @@ reopening, corrupt records, and back pressure that clears by itself."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,8 @@ from engine.queue.records import (
     id_text,
     id_time,
 )
+from engine.queue.writer import WRITER_KINDS, WriterKind
+from tests.queue.locking import write_lock
 
 D = RcptState.DELIVERED
 F = RcptState.FAILED
@@ -73,12 +74,13 @@ def test_concurrent_producers_share_commits(store: LmdbQueue) -> None:
     assert store.stats.commits < 500  # group commit: fewer commits than messages
 
 
-def test_reopen_after_clean_shutdown(tmp_path: Path) -> None:
-    q = LmdbQueue(tmp_path, min_free_disk=0)
+@pytest.mark.parametrize("writer", WRITER_KINDS)
+def test_reopen_after_clean_shutdown(tmp_path: Path, writer: WriterKind) -> None:
+    q = LmdbQueue(tmp_path, min_free_disk=0, writer=writer)
     qid = q.enqueue_sync(envelope(("c@d.test", "d.test"), ("e@f.test", "f.test")), b"hello")
     q.record_sync([Outcome(qid, 1, RcptState.DEFERRED, "451 later", due=time.time() + 60)])
     q.close_sync()
-    q = LmdbQueue(tmp_path, min_free_disk=0)
+    q = LmdbQueue(tmp_path, min_free_disk=0, writer=writer)
     try:
         env = q.get(qid)
         assert [r.state for r in env.recipients] == [RcptState.PENDING, RcptState.DEFERRED]
@@ -164,13 +166,16 @@ def corrupt_record(path: Path, qid: bytes, raw: bytes) -> None:
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1,2]", b'{"v":99}', b'{"v":1,"sender":1}'])
-def test_corrupt_record_is_listed_never_dropped(tmp_path: Path, raw: bytes) -> None:
-    q = LmdbQueue(tmp_path, min_free_disk=0)
+@pytest.mark.parametrize("writer", WRITER_KINDS)
+def test_corrupt_record_is_listed_never_dropped(
+    tmp_path: Path, raw: bytes, writer: WriterKind
+) -> None:
+    q = LmdbQueue(tmp_path, min_free_disk=0, writer=writer)
     good = q.enqueue_sync(envelope(("c@d.test", "d.test")), b"good")
     bad = q.enqueue_sync(envelope(("c@d.test", "d.test")), b"bad")
     q.close_sync()
     corrupt_record(tmp_path, bad, raw)
-    q = LmdbQueue(tmp_path, min_free_disk=0)
+    q = LmdbQueue(tmp_path, min_free_disk=0, writer=writer)
     try:
         entries = q.due(time.time(), 10)
         assert [e.queue_id for e in entries] == [good, bad]
@@ -192,12 +197,13 @@ async def quarantine(q: LmdbQueue, qid: bytes, key: bytes) -> None:
     await q.quarantine(qid, "did not decode", key)
 
 
-def test_outcome_for_a_corrupt_record_quarantines_it(tmp_path: Path) -> None:
-    q = LmdbQueue(tmp_path, min_free_disk=0)
+@pytest.mark.parametrize("writer", WRITER_KINDS)
+def test_outcome_for_a_corrupt_record_quarantines_it(tmp_path: Path, writer: WriterKind) -> None:
+    q = LmdbQueue(tmp_path, min_free_disk=0, writer=writer)
     bad = q.enqueue_sync(envelope(("c@d.test", "d.test")), b"bad")
     q.close_sync()
     corrupt_record(tmp_path, bad, b"\xff\xfe")
-    q = LmdbQueue(tmp_path, min_free_disk=0)
+    q = LmdbQueue(tmp_path, min_free_disk=0, writer=writer)
     try:
         q.record_sync([Outcome(bad, 0, D)])
         assert q.ids_in_state("corrupt", 10) == [bad]
@@ -205,8 +211,10 @@ def test_outcome_for_a_corrupt_record_quarantines_it(tmp_path: Path) -> None:
         q.close_sync()
 
 
-def test_map_grows_as_needed(tmp_path: Path) -> None:
-    q = LmdbQueue(tmp_path, map_size=1 << 20, max_map_size=256 << 20, min_free_disk=0)
+@pytest.mark.parametrize("writer", WRITER_KINDS)
+def test_map_grows_as_needed(tmp_path: Path, writer: WriterKind) -> None:
+    q = LmdbQueue(tmp_path, map_size=1 << 20, max_map_size=256 << 20, min_free_disk=0,
+                  writer=writer)
     try:
         for _ in range(40):
             q.enqueue_sync(envelope(("c@d.test", "d.test")), b"x" * 100_000)
@@ -216,8 +224,12 @@ def test_map_grows_as_needed(tmp_path: Path) -> None:
         q.close_sync()
 
 
-def test_map_full_is_back_pressure_then_recovers_without_restart(tmp_path: Path) -> None:
-    q = LmdbQueue(tmp_path, map_size=4 << 20, max_map_size=4 << 20, min_free_disk=0)
+@pytest.mark.parametrize("writer", WRITER_KINDS)
+def test_map_full_is_back_pressure_then_recovers_without_restart(
+    tmp_path: Path, writer: WriterKind
+) -> None:
+    q = LmdbQueue(tmp_path, map_size=4 << 20, max_map_size=4 << 20, min_free_disk=0,
+                  writer=writer)
     try:
         ids: list[bytes] = []
         with pytest.raises(BackPressure, match="full"):
@@ -248,23 +260,18 @@ def test_low_disk_is_back_pressure_and_clears(tmp_path: Path) -> None:
         q.close_sync()
 
 
-def test_writer_behind_is_back_pressure(tmp_path: Path) -> None:
-    q = LmdbQueue(tmp_path, min_free_disk=0, max_pending=3)
-    gate = threading.Event()
-    commit = q._commit_batch
-
-    def held_commit(batch: Any, size: int) -> Any:
-        gate.wait(10)
-        return commit(batch, size)
-
-    q._commit_batch = held_commit  # type: ignore[method-assign]
+@pytest.mark.parametrize("writer", WRITER_KINDS)
+def test_writer_behind_is_back_pressure(tmp_path: Path, writer: WriterKind) -> None:
+    q = LmdbQueue(tmp_path, min_free_disk=0, max_pending=3, writer=writer)
 
     async def go() -> list[Any]:
-        tasks = [asyncio.create_task(q.enqueue(envelope(("c@d.test", "d.test")), b"x"))
-                 for _ in range(10)]
-        await asyncio.sleep(0.05)
-        assert q.pressure() is not None
-        gate.set()
+        with write_lock(tmp_path):  # the writer cannot commit: it falls behind
+            tasks = [asyncio.create_task(q.enqueue(envelope(("c@d.test", "d.test")), b"x"))
+                     for _ in range(10)]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            assert q.pressure() is not None
+            # Refused at once; the three handed over wait for their commit.
+            assert sum(t.done() for t in tasks) == 7 and q.count() == 0
         return await asyncio.gather(*tasks, return_exceptions=True)
 
     try:
@@ -288,9 +295,13 @@ def test_durability_os_mode_is_reported(tmp_path: Path) -> None:
         LmdbQueue(tmp_path, durability="never")
 
 
-def test_outcomes_carrying_new_messages_grow_the_map(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", WRITER_KINDS)
+def test_outcomes_carrying_new_messages_grow_the_map(
+    tmp_path: Path, writer: WriterKind
+) -> None:
     """DSNs ride on outcomes: they add bytes and must grow the map like enqueues do."""
-    q = LmdbQueue(tmp_path, map_size=1 << 20, max_map_size=64 << 20, min_free_disk=0)
+    q = LmdbQueue(tmp_path, map_size=1 << 20, max_map_size=64 << 20, min_free_disk=0,
+                  writer=writer)
     try:
         for _ in range(100):
             bounce = NewMessage(Envelope("", [Recipient("a@b.test", "b.test")]), b"x" * 20_000)
@@ -300,8 +311,12 @@ def test_outcomes_carrying_new_messages_grow_the_map(tmp_path: Path) -> None:
         q.close_sync()
 
 
-def test_full_map_refuses_new_bytes_but_keeps_outcomes(tmp_path: Path) -> None:
-    q = LmdbQueue(tmp_path, map_size=4 << 20, max_map_size=4 << 20, min_free_disk=0)
+@pytest.mark.parametrize("writer", WRITER_KINDS)
+def test_full_map_refuses_new_bytes_but_keeps_outcomes(
+    tmp_path: Path, writer: WriterKind
+) -> None:
+    q = LmdbQueue(tmp_path, map_size=4 << 20, max_map_size=4 << 20, min_free_disk=0,
+                  writer=writer)
     try:
         ids: list[bytes] = []
         with pytest.raises(BackPressure):
@@ -328,13 +343,14 @@ def test_suspended_recipients_come_due_at_expiry(store: LmdbQueue) -> None:
     assert entry.queue_id == qid and entry.due == pytest.approx(env.expires, abs=0.01)
 
 
-def test_settings_are_kept_across_a_reopen(tmp_path: Path) -> None:
-    q = LmdbQueue(tmp_path, min_free_disk=0)
+@pytest.mark.parametrize("writer", WRITER_KINDS)
+def test_settings_are_kept_across_a_reopen(tmp_path: Path, writer: WriterKind) -> None:
+    q = LmdbQueue(tmp_path, min_free_disk=0, writer=writer)
     assert q.setting("suspended") is None
     run(q.save_setting("suspended", b'["two.test"]'))
     run(q.save_setting("suspended", b'["one.test","two.test"]'))  # the last one stands
     q.close_sync()
-    q = LmdbQueue(tmp_path, min_free_disk=0)  # the schema key is not a setting
+    q = LmdbQueue(tmp_path, min_free_disk=0, writer=writer)  # the schema key is not a setting
     try:
         assert q.setting("suspended") == b'["one.test","two.test"]'
         assert q.setting("schema") is None

@@ -1,0 +1,400 @@
+"""The queue database's write transactions on LMDB: the layout, and what one commit does.
+
+Layout (one LMDB environment, named databases):
+
+- ``bodies``     id → message body (stored once per message)
+- ``envelopes``  id → envelope record (orjson, version first; ``records.py``)
+- ``due``        due ms (8 bytes BE) + id + next hop → ""   one per (message, hop) with
+                 recipients waiting to be tried, ordered by due time
+- ``hops``       next hop + NUL + id → ""                    one per (message, hop) not final
+- ``states``     state + NUL + id → ""                       one per recipient state present
+- ``corrupt``    id → why the record did not decode
+- ``meta``       the schema version, and ``setting:<name>`` → a value another part keeps
+                 with the queue (e.g. the suspended destinations), opaque bytes here
+
+Every index entry is derived from the envelope (:func:`index_keys`), and every write
+replaces the old entries of a message with the new ones in the same transaction, so the
+indexes cannot drift from the records.
+
+:class:`Committer` applies a batch of writes (new messages, outcomes and the DSNs riding on
+them, quarantines, settings) in one write transaction, grows the map before it can fill,
+and refuses the writes that add bytes when it cannot grow or the disk is low (back
+pressure); outcomes alone always commit (they free space).  Both writers run it the same
+way (``engine.queue.writer``: a thread of the server; ``engine.queue.writer_process``: a
+process of its own), so the commit is one piece of code whoever calls it.
+
+This module must never know SMTP, wake a caller (the writers settle their callers, after
+the commit), or keep per-message state between commits.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final, Literal, Protocol, TypeVar
+
+import lmdb
+
+from engine.queue.api import BackPressure, NewMessage, Outcome, QueueStats
+from engine.queue.records import CORRUPT, Envelope, RcptState, RecordError, decode, encode, new_id
+
+DURABILITY_MODES: Final = {
+    "fsync": "every commit synced to disk: acknowledged mail survives power loss",
+    "os": "no fsync: acknowledged mail survives a process crash, not power loss",
+}
+
+DB_NAMES: Final = (b"bodies", b"envelopes", b"due", b"hops", b"states", b"corrupt", b"meta")
+SCHEMA: Final = b"1"
+SEP: Final = b"\x00"
+#: Prefix of the settings in ``meta`` (apart from the schema key the store owns).
+SETTING: Final = b"setting:"
+DUE: Final = struct.Struct(">Q")
+#: Grow the map when the data would pass this share of it.
+_GROW_AT: Final = 0.75
+
+
+def due_key(due: float, queue_id: bytes, hop: str) -> bytes:
+    return DUE.pack(max(0, int(due * 1000))) + queue_id + hop.encode()
+
+
+IndexKeys = tuple[set[bytes], set[bytes], set[bytes]]
+_NO_KEYS: Final[IndexKeys] = (set(), set(), set())
+
+
+def index_keys(env: Envelope) -> IndexKeys:
+    """The due, hop and state index entries an envelope needs."""
+    qid = env.queue_id
+    due: set[bytes] = set()
+    hops: set[bytes] = set()
+    states = {r.state.value.encode() + SEP + qid for r in env.recipients}
+    groups: dict[str, float] = {}
+    for r in env.recipients:
+        if r.final:
+            continue
+        hops.add(r.next_hop.encode() + SEP + qid)
+        # Suspended recipients wait for a resume, not for a time, except the expiry that
+        # holds in every state: they come due when the message expires.
+        when = r.due if r.state is not RcptState.SUSPENDED else env.expires
+        if when or r.state is not RcptState.SUSPENDED:
+            groups[r.next_hop] = min(groups.get(r.next_hop, when), when)
+    for hop, when in groups.items():
+        due.add(due_key(when, qid, hop))
+    return due, hops, states
+
+
+@dataclass(frozen=True, slots=True)
+class WriterParams:
+    """How the queue database is opened and written: what both writers need (plain
+    values: the writer process gets them as JSON on its command line)."""
+
+    path: str
+    durability: str = "fsync"
+    map_size: int = 256 << 20
+    max_map_size: int = 64 << 30
+    min_free_disk: int = 512 << 20
+    #: most writes, and most bytes of new messages, in one transaction
+    batch_limit: int = 2_000
+    batch_bytes: int = 64 << 20
+    disk_check_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.durability not in DURABILITY_MODES:
+            raise ValueError(f"durability must be one of {sorted(DURABILITY_MODES)}")
+        if self.map_size > self.max_map_size:
+            raise ValueError("map_size is larger than max_map_size")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class DiskSpace:
+    """Whether free disk under the queue is below ``min_free`` (statvfs at most once an
+    ``interval``, unless forced)."""
+
+    def __init__(self, path: str | os.PathLike[str], min_free: int, interval: float) -> None:
+        self.path = path
+        self.min_free = min_free
+        self.interval = interval
+        self.is_low = False
+        self._checked = 0.0
+
+    def low(self, force: bool = False) -> bool:
+        now = time.monotonic()
+        if force or now - self._checked >= self.interval:
+            st = os.statvfs(self.path)
+            self.is_low = st.f_bavail * st.f_frsize < self.min_free
+            self._checked = now
+        return self.is_low
+
+
+class Database:
+    """An open queue database: the environment, its tables, and the lock readers hold
+    (``set_mapsize`` needs no transaction open in this process).  Open an environment
+    once per process: LMDB's locks are per process, so a writer thread shares its
+    caller's."""
+
+    def __init__(self, params: WriterParams) -> None:
+        path = Path(params.path)
+        path.mkdir(parents=True, exist_ok=True)
+        sync = params.durability == "fsync"
+        # Typed Any: py-lmdb's stubs type every read as bytes | memoryview whatever
+        # `buffers=` says, and the store always reads with buffers=False (bytes).
+        self.env: Any = lmdb.open(
+            str(path), map_size=params.map_size, max_dbs=len(DB_NAMES), sync=sync,
+            metasync=sync, readahead=False, max_readers=512,
+        )
+        # A crashed process may have left reader slots behind (py-lmdb: reader_check()).
+        self.env.reader_check()
+        with self.env.begin(write=True) as txn:
+            tables = {name.decode(): self.env.open_db(name, txn=txn) for name in DB_NAMES}
+            meta = tables["meta"]
+            schema = txn.get(b"schema", db=meta)
+            if schema is None:
+                txn.put(b"schema", SCHEMA, db=meta)
+            elif schema != SCHEMA:
+                self.env.close()
+                raise RuntimeError(f"queue database schema {schema!r}, expected {SCHEMA!r}")
+        self.tables: dict[str, Any] = tables
+        self.resize_lock = threading.Lock()
+        self.disk = DiskSpace(path, params.min_free_disk, params.disk_check_interval)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+Kind = Literal["enqueue", "record", "quarantine", "setting"]
+
+
+class Write(Protocol):
+    """One write handed to the committer: ``enqueue`` (envelope, body), ``record``
+    (outcomes, new messages), ``quarantine`` (id, reason, due key) or ``setting`` (name,
+    value); ``size`` is the bytes of new messages it adds (0: it adds none)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def args(self) -> tuple[Any, ...]: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+W = TypeVar("W", bound=Write)
+#: A write, what it returned (the queue id of an enqueue, else None) and its error.
+Result = tuple[W, Any, BaseException | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """What the committer tells the caller side after a commit: whether new bytes are
+    refused (the map is full), the lowest due key written since the last report (None:
+    none), and the figures."""
+
+    map_full: bool
+    due_low: bytes | None
+    stats: QueueStats
+
+
+class Committer:
+    """Runs batches of writes, one write transaction each (see the module docstring).
+    Called from one thread only: LMDB write transactions are bound to their thread."""
+
+    def __init__(self, db: Database, params: WriterParams) -> None:
+        self._env = db.env
+        self._db = db.tables
+        self._resize_lock = db.resize_lock
+        self._disk = db.disk
+        self.max_map_size = params.max_map_size
+        self._map_size: int = self._env.info()["map_size"]
+        self._psize: int = self._env.stat()["psize"]
+        self._map_full = False
+        self._refused_size = 0
+        #: The lowest due key committed since the last report, and in the batch being
+        #: applied.
+        self._due_low: bytes | None = None
+        self._batch_due_low: bytes | None = None
+        self._commits = self._enqueued = self._outcomes = self._map_grown = 0
+        self._last_commit_seconds = 0.0
+
+    def report(self) -> Report:
+        """The state now; the due low is handed over once (the next report starts anew)."""
+        low, self._due_low = self._due_low, None
+        return Report(self._map_full, low, QueueStats(
+            self._commits, self._enqueued, self._outcomes, self._last_commit_seconds,
+            self._map_grown, self._map_size))
+
+    def commit(self, batch: Sequence[W], size: int) -> list[Result[W]]:
+        """Apply ``batch`` in one transaction; every write gets its result.  ``size`` is
+        the sum of the writes' sizes.  Nothing is returned before the commit has returned
+        (and synced, in fsync mode)."""
+        started = time.monotonic()
+        refused: BackPressure | None = None
+        # New bytes (mail, or DSNs riding on outcomes) need room; outcomes alone free it.
+        if size and (self._disk.low(force=True) or not self._make_room(size)):
+            refused = BackPressure("disk space low" if self._disk.is_low
+                                   else "queue database is full")
+        results: list[Result[W]] = []
+        try:
+            results = self._apply(batch, refused)
+        except lmdb.MapFullError:
+            # The estimate missed: refuse what adds bytes, keep what frees space.
+            self._map_full = True
+            refused = BackPressure("queue database is full")
+            try:
+                results = self._apply(batch, refused)
+            except lmdb.Error as exc:
+                results = [(write, None, exc) for write in batch]
+        except lmdb.Error as exc:
+            results = [(write, None, exc) for write in batch]
+        if refused is not None:
+            self._refused_size = max(size, 1)
+        elif self._map_full:
+            # Delivered mail frees pages: look again, so "full" clears without a restart
+            # once a batch like the refused one would fit (no flapping at the edge).
+            self._make_room(self._refused_size)
+        self._commits += 1
+        self._last_commit_seconds = time.monotonic() - started
+        return results
+
+    def _apply(self, batch: Sequence[W], refused: BackPressure | None) -> list[Result[W]]:
+        """Run the batch in one write transaction; ``refused`` fails every write that adds
+        bytes (enqueues, and outcomes that carry new messages) and nothing else."""
+        results: list[Result[W]] = []
+        self._batch_due_low = None
+        with self._env.begin(write=True) as txn:
+            for write in batch:
+                kind, args = write.kind, write.args
+                if refused is not None and write.size:
+                    results.append((write, None, refused))
+                elif kind == "enqueue":
+                    results.append((write, self._put_new(txn, *args), None))
+                elif kind == "record":
+                    self._apply_outcomes(txn, *args)
+                    results.append((write, None, None))
+                elif kind == "setting":
+                    self._put_setting(txn, *args)
+                    results.append((write, None, None))
+                else:
+                    self._quarantine(txn, *args)
+                    results.append((write, None, None))
+        # Leaving the with-block committed the transaction (and synced, in fsync mode).
+        low = self._batch_due_low
+        if low is not None and (self._due_low is None or low < self._due_low):
+            self._due_low = low
+        return results
+
+    def _put_new(self, txn: Any, env: Envelope, body: bytes) -> bytes:
+        # The receive service may pick the id first (it goes into the Received field).
+        qid = env.queue_id or new_id()
+        env.queue_id = qid
+        if not env.size:
+            env.size = len(body)
+        db = self._db
+        # append=True: ids grow with time, so the new key goes at the end of the B-tree.
+        if not txn.put(qid, body, db=db["bodies"], append=True, overwrite=False):
+            txn.put(qid, body, db=db["bodies"], overwrite=False)
+        txn.put(qid, encode(env), db=db["envelopes"])
+        self._write_indexes(txn, _NO_KEYS, env)
+        self._enqueued += 1
+        return qid
+
+    def _apply_outcomes(
+        self, txn: Any, outcomes: tuple[Outcome, ...],
+        new_messages: tuple[NewMessage, ...],
+    ) -> None:
+        by_message: dict[bytes, list[Outcome]] = defaultdict(list)
+        for outcome in outcomes:
+            by_message[outcome.queue_id].append(outcome)
+        db = self._db
+        for qid, items in by_message.items():
+            raw = txn.get(qid, db=db["envelopes"])
+            if raw is None:
+                continue  # already final and gone (a duplicate report after a retry)
+            try:
+                new = decode(qid, raw)
+            except RecordError as exc:
+                self._quarantine(txn, qid, str(exc), b"")
+                continue
+            before = index_keys(new)
+            for o in items:
+                if o.delay_notified:
+                    new.delay_notified = True
+                if not 0 <= o.recipient < len(new.recipients):
+                    continue  # not a recipient of this message: nothing to record
+                r = new.recipients[o.recipient]
+                if r.final:
+                    continue
+                r.state = o.state
+                r.last_reply = o.reply or r.last_reply
+                r.due = o.due if o.state is RcptState.DEFERRED else r.due
+                if o.attempted:
+                    r.attempts += 1
+            if new.final:
+                self._write_indexes(txn, before, None)
+                txn.delete(qid, db=db["envelopes"])
+                txn.delete(qid, db=db["bodies"])
+            else:
+                txn.put(qid, encode(new), db=db["envelopes"])
+                self._write_indexes(txn, before, new)
+            self._outcomes += len(items)
+        for message in new_messages:
+            self._put_new(txn, message.envelope, message.body)
+
+    def _write_indexes(self, txn: Any, before: IndexKeys, new: Envelope | None) -> None:
+        """Replace a message's index entries (``before``) with those ``new`` needs."""
+        after = index_keys(new) if new is not None else _NO_KEYS
+        for name, was, now in zip(("due", "hops", "states"), before, after, strict=True):
+            db = self._db[name]
+            for key in was - now:
+                txn.delete(key, db=db)
+            added = now - was
+            for key in added:
+                txn.put(key, b"", db=db)
+            if added and name == "due":
+                low = min(added)
+                if self._batch_due_low is None or low < self._batch_due_low:
+                    self._batch_due_low = low
+
+    def _quarantine(self, txn: Any, qid: bytes, reason: str, dkey: bytes) -> None:
+        db = self._db
+        if dkey:
+            txn.delete(dkey, db=db["due"])
+        txn.put(qid, reason.encode(errors="replace")[:2000], db=db["corrupt"])
+        txn.put(CORRUPT.encode() + SEP + qid, b"", db=db["states"])
+
+    def _put_setting(self, txn: Any, name: str, value: bytes) -> None:
+        txn.put(SETTING + name.encode(), value, db=self._db["meta"])
+
+    # --- capacity --------------------------------------------------------------------
+
+    def _used_bytes(self) -> int:
+        with self._env.begin() as txn:
+            pages: int = sum(
+                s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
+                for s in [txn.stat(db) for db in self._db.values()] + [self._env.stat()]
+            )
+        return pages * self._psize
+
+    def _make_room(self, incoming: int) -> bool:
+        """Grow the map before it can fill; False when it is at its maximum."""
+        # Records and index entries add to the bodies; 2x keeps the estimate safe.
+        needed = self._used_bytes() + 2 * incoming + (1 << 20)
+        if needed <= self._map_size * _GROW_AT:
+            self._map_full = False
+            return True
+        if self._map_size >= self.max_map_size:
+            self._map_full = True
+            return False
+        new_size = min(self.max_map_size, max(self._map_size * 2, int(needed / _GROW_AT) + 1))
+        with self._resize_lock:
+            self._env.set_mapsize(new_size)
+        self._map_size = new_size
+        self._map_grown += 1
+        return self._make_room(incoming)

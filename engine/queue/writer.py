@@ -1,0 +1,314 @@
+"""The queue's writer: one per store, behind one interface, in a thread or in a process.
+
+:class:`Writer` is what the caller's side (``engine.queue.lmdb_store``) may ask of it:
+take a write (:meth:`Writer.submit`), say how many are waiting (back pressure), report
+the committer's state (map full, statistics, the lowest due key written), say whether it
+is gone, and close (commit everything handed over, then stop).
+
+Group commit (both implementations, :class:`_Inbox`): callers hand writes over and wait;
+the writer takes everything waiting (up to ``batch_limit`` writes and ``batch_bytes`` of
+new messages), commits it in one transaction (``engine.queue.lmdb_txn.Committer``: one
+fsync in ``fsync`` mode), and only then settles the callers, one wake-up per event loop
+per batch.  Nothing is settled before the commit that holds it has returned.
+
+- :class:`ThreadWriter` commits in a thread of this process, on the caller's open
+  environment (LMDB's locks are per process: one environment per process).  Tools and
+  tests use it.
+- :class:`ProcessWriter` commits in a child process (``engine.queue.writer_process``):
+  ``ferry serve`` uses it, see that module for why.  Two light threads here hand batches
+  over a pipe and settle the answers.  When the child dies, every waiting write fails
+  with ``QueueClosed`` and the writer is lost (the store refuses new mail).
+
+It must never know SMTP, read the queue for a caller, or settle a write before its commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue as thread_queue
+import subprocess
+import sys
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any, Final, Literal, Protocol
+
+import orjson
+
+from engine.queue.api import QueueClosed
+from engine.queue.lmdb_txn import Committer, Database, Report, Result, WriterParams
+from engine.queue.writer_process import read_frame, write_frame
+
+log = logging.getLogger("ferry.queue")
+
+WriterKind = Literal["thread", "process"]
+WRITER_KINDS: Final[tuple[WriterKind, ...]] = ("thread", "process")
+
+
+@dataclass(slots=True)
+class Pending:
+    """A write handed to the writer, and how to tell its caller: a future of the caller's
+    event loop (``loop``), or a thread's future (``loop`` None)."""
+
+    kind: str
+    args: tuple[Any, ...]
+    size: int
+    loop: asyncio.AbstractEventLoop | None
+    future: asyncio.Future[Any] | Future[Any]
+
+
+class Writer(Protocol):
+    """The queue's writer, whichever runs it (see the module docstring)."""
+
+    def submit(self, write: Pending) -> None:
+        """Hand a write over (any thread); its future is settled after its commit."""
+        ...
+
+    @property
+    def pending(self) -> int:
+        """Writes handed over and not settled yet."""
+        ...
+
+    @property
+    def report(self) -> Report:
+        """The committer's state as of the last commit (its ``due_low`` is that commit's
+        alone: a reader paging the due index takes them all with :meth:`take_due_low`)."""
+        ...
+
+    def take_due_low(self) -> bytes | None:
+        """The lowest due-index key committed since the last call; None: none."""
+        ...
+
+    @property
+    def lost(self) -> str | None:
+        """Why the writer can take no more (it died), or None."""
+        ...
+
+    @property
+    def pid(self) -> int:
+        """The process the commits run in."""
+        ...
+
+    def close(self) -> None:
+        """Commit and settle everything handed over, then stop (blocking)."""
+        ...
+
+
+class _Inbox:
+    """What both writers share: the hand-over queue with its batches, and settling."""
+
+    def __init__(self, params: WriterParams, report: Report) -> None:
+        self.batch_limit = max(1, params.batch_limit)
+        self.batch_bytes = params.batch_bytes
+        self._ops: thread_queue.SimpleQueue[Pending | None] = thread_queue.SimpleQueue()
+        # Plain attributes, not properties: the store reads them for every message it
+        # admits (back pressure).
+        self.pending = 0
+        self._pending_lock = threading.Lock()
+        self.report = report
+        self._due_low: bytes | None = report.due_low
+        self._due_low_lock = threading.Lock()
+        self.lost: str | None = None
+        self._closing = False
+
+    def submit(self, write: Pending) -> None:
+        if self._closing or self.lost is not None:
+            raise QueueClosed("queue database is closed")
+        with self._pending_lock:
+            self.pending += 1
+        self._ops.put(write)
+
+    def take_due_low(self) -> bytes | None:
+        with self._due_low_lock:
+            low, self._due_low = self._due_low, None
+        return low
+
+    def _end_input(self) -> None:
+        """No more writes: the batches end after the ones already handed over."""
+        self._closing = True
+        self._ops.put(None)
+
+    def _batches(self) -> Iterator[tuple[list[Pending], int]]:
+        """What callers handed over, a batch at a time (everything waiting, up to the
+        batch limits) with its size, until close."""
+        stop = False
+        while not stop:
+            first = self._ops.get()
+            batch: list[Pending] = []
+            size = 0
+            item: Pending | None = first
+            while item is not None:
+                batch.append(item)
+                size += item.size
+                if len(batch) >= self.batch_limit or size >= self.batch_bytes:
+                    break
+                try:
+                    item = self._ops.get_nowait()
+                except thread_queue.Empty:
+                    break
+            else:
+                stop = True
+            if batch:
+                yield batch, size
+
+    def _absorb(self, report: Report) -> None:
+        """Take in the committer's report (before settling: a caller woken by its commit
+        sees the state that commit left)."""
+        self.report = report
+        low = report.due_low
+        if low is not None:
+            with self._due_low_lock:
+                if self._due_low is None or low < self._due_low:
+                    self._due_low = low
+
+    def _settle(self, results: list[Result[Pending]]) -> None:
+        """The writer is done with these: wake their callers."""
+        with self._pending_lock:
+            self.pending -= len(results)
+        by_loop: dict[asyncio.AbstractEventLoop, list[Result[Pending]]] = defaultdict(list)
+        for item in results:
+            write, value, error = item
+            if write.loop is None:
+                future = write.future
+                assert isinstance(future, Future)
+                if error is None:
+                    future.set_result(value)
+                else:
+                    future.set_exception(error)
+            else:
+                by_loop[write.loop].append(item)
+        for loop, items in by_loop.items():
+            # One wake-up per loop per commit, not one per message.
+            with suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+                loop.call_soon_threadsafe(_settle_in_loop, items)
+
+
+def _settle_in_loop(items: list[Result[Pending]]) -> None:
+    for write, value, error in items:
+        future = write.future
+        if future.done():
+            continue  # the caller was cancelled; the commit stands (at-least-once)
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+
+
+class ThreadWriter(_Inbox):
+    """Commits in a thread of this process, on the caller's environment ``db``."""
+
+    def __init__(self, db: Database, params: WriterParams) -> None:
+        self._committer = Committer(db, params)
+        super().__init__(params, self._committer.report())
+        self._thread = threading.Thread(target=self._run, name="ferry-queue-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _run(self) -> None:
+        committer = self._committer
+        for batch, size in self._batches():
+            results = committer.commit(batch, size)
+            self._absorb(committer.report())
+            self._settle(results)
+
+    def close(self) -> None:
+        self._end_input()
+        self._thread.join()
+
+
+class ProcessWriter(_Inbox):
+    """Commits in a child process (``engine.queue.writer_process``), which opens the
+    database on its own; hands it batches and settles its answers."""
+
+    def __init__(self, params: WriterParams) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.queue.writer_process",
+             orjson.dumps(params.as_dict()).decode()],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._in = self.proc.stdin
+        self._out = self.proc.stdout.fileno()
+        ready = read_frame(self._out)
+        if not isinstance(ready, Report):
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(f"the queue writer process did not start: {ready!r}")
+        super().__init__(params, ready)
+        self._waiting: dict[int, Pending] = {}
+        self._lock = threading.Lock()
+        self._next = 0
+        self._courier = threading.Thread(target=self._send, name="ferry-queue-courier",
+                                         daemon=True)
+        self._receiver = threading.Thread(target=self._receive, name="ferry-queue-receiver",
+                                          daemon=True)
+        self._courier.start()
+        self._receiver.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _send(self) -> None:
+        fd = self._in.fileno()
+        try:
+            for batch, _size in self._batches():
+                frame = []
+                with self._lock:
+                    for write in batch:
+                        self._next += 1
+                        self._waiting[self._next] = write
+                        frame.append((self._next, write.kind, write.args, write.size))
+                try:
+                    write_frame(fd, frame)
+                except OSError as exc:
+                    self._fail(f"queue writer process gone: {exc}")
+        finally:
+            self._in.close()  # the writer commits what it has and exits
+
+    def _receive(self) -> None:
+        while (message := read_frame(self._out)) is not None:
+            results, report = message
+            with self._lock:
+                items = [(self._waiting.pop(ident), value, error)
+                         for ident, value, error in results]
+            self._absorb(report)
+            self._settle(items)
+        self._fail("queue writer process exited")
+
+    def _fail(self, why: str) -> None:
+        with self._lock:
+            items: list[Result[Pending]] = [
+                (write, None, QueueClosed(why)) for write in self._waiting.values()]
+            self._waiting.clear()
+        if items or not self._closing:
+            log.critical("%s; the queue refuses new mail", why)
+            self.lost = why
+        self._settle(items)
+
+    def close(self) -> None:
+        self._end_input()
+        self._courier.join()
+        self._receiver.join()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        self.proc.wait()
+
+
+def start_writer(kind: WriterKind, db: Database, params: WriterParams) -> Writer:
+    """A running writer of ``kind`` for the database ``db`` (opened by the caller)."""
+    if kind == "thread":
+        return ThreadWriter(db, params)
+    if kind == "process":
+        return ProcessWriter(params)
+    raise ValueError(f"writer must be one of {', '.join(WRITER_KINDS)}, not {kind!r}")
+

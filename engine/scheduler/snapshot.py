@@ -1,0 +1,59 @@
+"""What an operator sees of the scheduler: one frozen value, taken by ``Scheduler.snapshot()``.
+
+The control channel (``ferry queue``'s ``stats``), and after it the queue viewer and the
+HTTP admin API, read the scheduler only through this value, never through its private
+state: the one place that state is read, and one moment per value.
+
+Plain frozen values; no I/O, and nothing here may change the scheduler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.queue.api import QueueStats
+
+
+@dataclass(frozen=True, slots=True)
+class SiteView:
+    """A site (a destination's server set) with deliveries running or waiting."""
+
+    name: str
+    #: deliveries (connections) running now, and the site's limits
+    workers: int
+    max_connections: int
+    #: messages per second; 0 = no limit
+    max_rate: float
+    #: groups queued at the site for a worker
+    waiting: int
+
+
+@dataclass(frozen=True, slots=True)
+class DownSite:
+    """A site that took no connection: its groups are deferred untried until ``until``
+    (epoch seconds)."""
+
+    name: str
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSnapshot:
+    #: when it was taken (epoch seconds)
+    taken: float
+    #: messages in the queue database, whatever their state
+    messages: int
+    #: recipients delivered since the scheduler started
+    delivered: int
+    #: delivery stopped by configuration (mail is still accepted and queued)
+    paused: bool
+    #: (message, destination) groups in the active window, waiting or in flight
+    window: int
+    #: busy sites, the most workers first
+    sites: tuple[SiteView, ...]
+    #: sites marked down, by name
+    down: tuple[DownSite, ...]
+    #: destinations held by the operator, by name
+    suspended: tuple[str, ...]
+    #: the queue writer's figures
+    queue: QueueStats

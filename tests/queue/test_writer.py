@@ -1,0 +1,223 @@
+"""The queue's writer behind its one interface (``engine.queue.writer.Writer``): the same
+tests against the writer thread and the writer process ``ferry serve`` uses, on a real
+LMDB in a temp dir.  What the caller's side promises (250 only after the commit, group
+commit, back pressure) rests on these."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.queue.api import BackPressure, NewMessage, Outcome, QueueClosed, QueueStore
+from engine.queue.lmdb_store import LmdbQueue
+from engine.queue.lmdb_txn import Database, WriterParams
+from engine.queue.records import Envelope, RcptState, Recipient
+from engine.queue.writer import WRITER_KINDS, Pending, Writer, WriterKind, start_writer
+from engine.testing.wait import wait_for
+from tests.queue.locking import write_lock
+
+
+def envelope() -> Envelope:
+    return Envelope("a@b.test", [Recipient("c@d.test", "d.test")])
+
+
+def enqueue(body: bytes) -> Pending:
+    return Pending("enqueue", (envelope(), body), len(body), None, Future())
+
+
+def result(write: Pending, timeout: float = 30) -> Any:
+    """What the writer settled ``write`` with (a thread's future: these callers have no
+    event loop)."""
+    assert isinstance(write.future, Future)
+    return write.future.result(timeout)
+
+
+class Opened:
+    """A database opened as the store opens it, with a writer of one kind."""
+
+    def __init__(self, path: Path, kind: WriterKind, **params: Any) -> None:
+        self.params = WriterParams(str(path), min_free_disk=0, **params)
+        self.db = Database(self.params)
+        self.writer: Writer = start_writer(kind, self.db, self.params)
+
+    def stored(self, qid: bytes) -> bytes | None:
+        """The body committed under ``qid``, read in a fresh transaction."""
+        with self.db.env.begin(buffers=False) as txn:
+            body: bytes | None = txn.get(qid, db=self.db.tables["bodies"])
+        return body
+
+    def close(self) -> None:
+        self.writer.close()
+        self.db.close()
+
+
+@pytest.fixture(params=WRITER_KINDS)
+def opened(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Opened]:
+    o = Opened(tmp_path, request.param)
+    yield o
+    o.close()
+
+
+def test_a_write_is_settled_only_once_its_commit_can_be_read(opened: Opened) -> None:
+    seen: list[bytes | None] = []
+
+    def settled(future: Future[Any]) -> None:
+        # Runs as the writer settles: the commit must already be there for a reader.
+        seen.append(opened.stored(future.result()))
+
+    writes = [enqueue(b"body %d" % i) for i in range(30)]
+    for write in writes:
+        assert isinstance(write.future, Future)
+        write.future.add_done_callback(settled)
+        opened.writer.submit(write)
+    ids = [result(write) for write in writes]
+    assert len(set(ids)) == 30
+    wait_for(lambda: len(seen) == 30, 10)
+    assert sorted(body or b"" for body in seen) == sorted(b"body %d" % i for i in range(30))
+    assert opened.writer.pending == 0
+
+
+def test_writes_waiting_for_a_commit_share_it(opened: Opened, tmp_path: Path) -> None:
+    commits = opened.writer.report.stats.commits
+    writes = [enqueue(b"x") for _ in range(50)]
+    with write_lock(tmp_path):  # the writer is held up: everything handed over waits
+        for write in writes:
+            opened.writer.submit(write)
+        assert opened.writer.pending == 50
+        assert not any(write.future.done() for write in writes)
+    for write in writes:
+        assert isinstance(result(write), bytes)
+    # The first write may have gone alone; every later one waited for the same commit.
+    stats = opened.writer.report.stats
+    assert stats.commits - commits <= 2 and stats.enqueued == 50
+    assert opened.writer.pending == 0
+
+
+def test_close_commits_everything_handed_over(tmp_path: Path) -> None:
+    for kind in WRITER_KINDS:
+        path = tmp_path / kind
+        o = Opened(path, kind)
+        writes = [enqueue(b"late %d" % i) for i in range(20)]
+        for write in writes:
+            o.writer.submit(write)
+        o.close()  # at once: the writes are still on their way
+        ids = [result(write, 0) for write in writes]
+        again = Opened(path, kind)
+        try:
+            assert [again.stored(qid) for qid in ids] == [b"late %d" % i for i in range(20)]
+        finally:
+            again.close()
+        with pytest.raises(QueueClosed):
+            o.writer.submit(enqueue(b"after"))
+
+
+def test_the_report_says_where_the_due_index_changed(opened: Opened) -> None:
+    first = enqueue(b"x")
+    opened.writer.submit(first)
+    qid = result(first)
+    low = opened.writer.take_due_low()
+    assert low is not None and low[8:20] == qid
+    assert opened.writer.take_due_low() is None  # handed over once
+    record = Pending("record", ((Outcome(qid, 0, RcptState.DELIVERED),), ()), 0, None, Future())
+    opened.writer.submit(record)
+    assert result(record) is None
+    assert opened.stored(qid) is None and opened.writer.report.stats.outcomes == 1
+
+
+def test_a_full_map_refuses_only_the_writes_that_add_bytes(tmp_path: Path) -> None:
+    for kind in WRITER_KINDS:
+        o = Opened(tmp_path / kind, kind, map_size=4 << 20, max_map_size=4 << 20)
+        try:
+            ids: list[bytes] = []
+            while not o.writer.report.map_full:
+                write = enqueue(b"x" * 50_000)
+                o.writer.submit(write)
+                try:
+                    ids.append(result(write))
+                except BackPressure as exc:
+                    assert "full" in exc.reason
+            assert 10 < len(ids) < 200
+            bounce = NewMessage(envelope(), b"x" * 50_000)
+            both = [Pending("record", ((Outcome(ids[0], 0, RcptState.FAILED),), (bounce,)),
+                            50_000, None, Future()),
+                    Pending("record", (tuple(Outcome(i, 0, RcptState.DELIVERED)
+                                             for i in ids[1:]), ()), 0, None, Future())]
+            for write in both:
+                o.writer.submit(write)
+            with pytest.raises(BackPressure):
+                result(both[0])
+            assert result(both[1]) is None  # outcomes alone commit: they free space
+            assert o.stored(ids[0]) is not None and o.stored(ids[1]) is None
+        finally:
+            o.close()
+
+
+def test_a_writer_process_that_dies_fails_what_waits_and_the_store_refuses_mail(
+    tmp_path: Path,
+) -> None:
+    """Only a process can die under the store; a thread goes with it."""
+    q = LmdbQueue(tmp_path, min_free_disk=0, writer="process")
+
+    async def go() -> None:
+        with write_lock(tmp_path):  # the writer holds the message, uncommitted
+            waiting = asyncio.create_task(q.enqueue(envelope(), b"x"))
+            await asyncio.sleep(0)
+            os.kill(q.writer_pid, signal.SIGKILL)
+            with pytest.raises(QueueClosed):
+                await waiting
+        pressure = q.pressure()
+        assert pressure is not None and "gone" in pressure.reason
+        with pytest.raises(BackPressure, match="gone"):
+            await q.enqueue(envelope(), b"y")
+
+    try:
+        asyncio.run(go())
+        assert q.count() == 0  # nothing acknowledged, nothing stored
+    finally:
+        q.close_sync()
+
+
+def test_the_writer_process_imports_no_part_of_the_callers_side() -> None:
+    """The program the server starts loads the commit code and nothing of the store that
+    starts it (no import cycle, nothing private shared)."""
+    code = ("import sys, engine.queue.writer_process; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('engine.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True,
+                         text=True).stdout.split()
+    assert "engine.queue.lmdb_txn" in out
+    assert "engine.queue.lmdb_store" not in out and "engine.queue.writer" not in out
+
+
+@pytest.mark.parametrize("kind", WRITER_KINDS)
+def test_the_store_serves_the_queue_store_interface(tmp_path: Path, kind: WriterKind) -> None:
+    """What the scheduler, the control channel, the viewer and ingest use, through the
+    protocol they are typed on."""
+    q = LmdbQueue(tmp_path, min_free_disk=0, writer=kind)
+    store: QueueStore = q
+
+    async def go() -> bytes:
+        qid = await store.enqueue(envelope(), b"body")
+        await store.save_setting("suspended", b'["d.test"]')
+        return qid
+
+    try:
+        qid = asyncio.run(go())
+        env, body = store.get_with_body(qid)
+        assert env.queue_id == qid and body == b"body" == store.body(qid)
+        assert store.setting("suspended") == b'["d.test"]' and store.setting("none") is None
+        assert store.count() == 1 and store.corrupt() == [] == store.scan_corrupt()
+        stats = store.stats
+        assert stats.enqueued == 1 and stats.commits == 2 and stats.map_size >= 256 << 20
+        assert f"map {stats.map_size >> 20} MiB, 1 messages" in store.describe()
+        assert store.pressure() is None
+    finally:
+        q.close_sync()
