@@ -16,14 +16,18 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memchr, memcmp, memcpy
 
+from engine.protocol import _tables
 from engine.protocol.errors import ReplyError
+
+include "_result.pxi"
 
 __all__ = ["Reply", "ReplyParser", "format_reply"]
 
-MALFORMED = "Malformed reply line"
-MISMATCH = "Reply code mismatch in multi-line reply"
-TOO_LONG = "Reply line too long"
-TOO_MANY = "Too many reply lines"
+# ReplyError texts and default caps: engine/protocol/_tables.py holds them.
+cdef str MALFORMED = _tables.REPLY_MALFORMED
+cdef str MISMATCH = _tables.REPLY_MISMATCH
+cdef str TOO_LONG = _tables.REPLY_TOO_LONG
+cdef str TOO_MANY = _tables.REPLY_TOO_MANY
 
 
 @cython.final
@@ -52,10 +56,7 @@ cdef class Reply:
         return (self.code, self.enhanced, tuple(self.lines))
 
     def __eq__(self, other):
-        astuple = getattr(other, "astuple", None)
-        if astuple is None:
-            return NotImplemented
-        return bool(self.astuple() == astuple())
+        return _astuple_eq(self, other)
 
     __hash__ = None  # mutable
 
@@ -149,7 +150,7 @@ cdef class ReplyParser:
     def __cinit__(self):
         self._partial = NULL
 
-    def __init__(self, max_line=2048, max_lines=100):
+    def __init__(self, max_line=_tables.REPLY_MAX_LINE, max_lines=_tables.REPLY_MAX_LINES):
         if max_line < 0 or max_lines < 0:
             raise ValueError("max_line and max_lines must not be negative")
         self._max_line = max_line

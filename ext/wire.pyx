@@ -21,6 +21,8 @@ from libc.string cimport memchr, memcpy, memmove
 import operator
 import sys
 
+from engine.protocol import _tables
+from engine.protocol._tables import BARE_NORMALIZE, BARE_REJECT
 from engine.protocol.errors import LineTooLong
 
 __all__ = [
@@ -32,8 +34,8 @@ __all__ = [
     "dot_stuff",
 ]
 
-BARE_REJECT = "reject"
-BARE_NORMALIZE = "normalize"
+# LineTooLong's text and the default line limit: engine/protocol/_tables.py holds them.
+cdef str LINE_TOO_LONG = _tables.LINE_TOO_LONG
 
 ctypedef const unsigned char* cbytes
 
@@ -215,7 +217,7 @@ cdef class LineReader:
     cdef Py_ssize_t _limit
     cdef bint _skipping  # discarding the rest of an over-long line
 
-    def __init__(self, limit=512):
+    def __init__(self, limit=_tables.COMMAND_LINE_LIMIT):
         self._limit = check_size(limit, "limit")
         self._buf.len = 0
         self._pos = 0
@@ -286,9 +288,9 @@ cdef class LineReader:
         self._scan = idx + 2
         if self._skipping:
             self._skipping = False
-            raise LineTooLong("Line too long")
+            raise LineTooLong(LINE_TOO_LONG)
         if idx + 2 - pos > self._limit:
-            raise LineTooLong("Line too long")
+            raise LineTooLong(LINE_TOO_LONG)
         return PyBytes_FromStringAndSize(<char*>d + pos, idx - pos)
 
     def take_rest(self):
