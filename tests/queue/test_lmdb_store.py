@@ -24,6 +24,7 @@ from engine.queue.records import (
     id_text,
     id_time,
 )
+from engine.testing.wait import until
 
 D = RcptState.DELIVERED
 F = RcptState.FAILED
@@ -262,8 +263,7 @@ def test_writer_behind_is_back_pressure(tmp_path: Path) -> None:
     async def go() -> list[Any]:
         tasks = [asyncio.create_task(q.enqueue(envelope(("c@d.test", "d.test")), b"x"))
                  for _ in range(10)]
-        await asyncio.sleep(0.05)
-        assert q.pressure() is not None
+        await until(lambda: q.pressure() is not None, 10, "the writer behind")
         gate.set()
         return await asyncio.gather(*tasks, return_exceptions=True)
 

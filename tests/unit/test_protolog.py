@@ -28,6 +28,7 @@ from engine.ops.protolog import (
     format_timestamp,
     sanitise,
 )
+from engine.testing.wait import until
 
 LINE = re.compile(
     r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)\t([^\t]*)\t([^\t]*)\t([<>*])\t([^\t]*)"
@@ -307,8 +308,8 @@ def test_run_flusher(tmp_path: Path) -> None:
     async def go() -> list[str]:
         task = asyncio.create_task(log.run_flusher())
         log.session("S", "c").recv(b"HELO x")
-        await asyncio.sleep(0.2)
-        seen = texts(path)
+        # Flushed by the flusher's clock, not by a size or a close.
+        seen: list[str] = await until(lambda: texts(path), 10, "the flusher's first flush")
         log.session("S", "c").recv(b"QUIT")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
