@@ -25,6 +25,8 @@ from engine.protocol import _tables
 from engine.protocol._tables import BARE_NORMALIZE, BARE_REJECT
 from engine.protocol.errors import LineTooLong
 
+include "_buffer.pxi"
+
 __all__ = [
     "BARE_NORMALIZE",
     "BARE_REJECT",
@@ -54,43 +56,6 @@ cdef enum:
     S_DOT = 2
     S_DOTCR = 3
     S_CR = 4
-
-
-# --- a growable byte buffer ------------------------------------------------------------
-
-cdef struct Buf:
-    unsigned char* data
-    Py_ssize_t len
-    Py_ssize_t cap
-
-
-cdef int buf_grow(Buf* b, Py_ssize_t extra) except -1:
-    cdef Py_ssize_t need = b.len + extra
-    cdef Py_ssize_t cap = b.cap * 2 if b.cap else 256
-    cdef unsigned char* nd
-    while cap < need:
-        cap *= 2
-    nd = <unsigned char*>realloc(b.data, cap)
-    if nd == NULL:
-        raise MemoryError()
-    b.data = nd
-    b.cap = cap
-    return 0
-
-
-cdef inline int buf_append(Buf* b, cbytes p, Py_ssize_t n) except -1:
-    if b.len + n > b.cap:
-        buf_grow(b, n)
-    memcpy(b.data + b.len, p, n)
-    b.len += n
-    return 0
-
-
-cdef inline void buf_free(Buf* b) noexcept:
-    free(b.data)
-    b.data = NULL
-    b.len = 0
-    b.cap = 0
 
 
 # --- a body buffer that becomes the body -----------------------------------------------
