@@ -548,46 +548,11 @@ def xtext_decode(str value not None):
     CommandError 501 5.5.4 on a bad or non-ASCII escape, an escaped control character (C0 or
     DEL, so CR/LF/NUL can never come out) or a raw character xtext does not allow.
     """
-    cdef Py_ssize_t n = len(value), i = 0, j = 0
-    cdef Py_UCS4 c
-    cdef int h1, h2, v
-    cdef Py_UCS4* buf
-    if "+" not in value:
-        for c in value:
-            if not ((0x21 <= c <= 0x7E and c != 0x2B and c != 0x3D) or c >= 0x80):
-                raise _err(E_X_CHAR)
-        return value
-    buf = <Py_UCS4*>PyMem_Malloc((n + 1) * sizeof(Py_UCS4))
-    if buf == NULL:
-        raise MemoryError()
-    try:
-        while i < n:
-            c = value[i]
-            if c == 43:
-                if i + 2 >= n:
-                    raise _err(E_X_ESC)
-                h1 = _hexu(value[i + 1])
-                h2 = _hexu(value[i + 2])
-                if h1 < 0 or h2 < 0:
-                    raise _err(E_X_ESC)
-                v = h1 * 16 + h2
-                if v >= 0x80:
-                    raise _err(E_X_ESC)
-                if v < 0x20 or v == 0x7F:
-                    raise _err(E_X_CTL)
-                buf[j] = v
-                j += 1
-                i += 3
-                continue
-            if (0x21 <= c <= 0x7E and c != 0x3D) or c >= 0x80:
-                buf[j] = c
-                j += 1
-                i += 1
-                continue
-            raise _err(E_X_CHAR)
-        return PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, buf, j)
-    finally:
-        PyMem_Free(buf)
+    # The rules are _xtext_bytes', run over the value's UTF-8 (every non-ASCII character
+    # becomes octets >= 0x80, which pass through, and no escape can take one of them).
+    cdef bytes raw = value.encode("utf-8", "surrogatepass")
+    return _xtext_str(<const unsigned char*>PyBytes_AS_STRING(raw), 0, PyBytes_GET_SIZE(raw),
+                      -1, False)
 
 
 def xtext_encode(str value not None):
@@ -664,21 +629,25 @@ cdef str _key_str(int key):
 
 
 cdef str _decode(const unsigned char* p, Py_ssize_t a, Py_ssize_t b):
-    """ASCII or (already validated) UTF-8 bytes to str."""
+    """ASCII or (already validated) UTF-8 bytes to str (surrogates kept: xtext_decode's
+    value may hold them, and text from the wire was checked to be strict UTF-8 before)."""
     if _has_high(p, a, b):
-        return PyUnicode_DecodeUTF8(<const char*>p + a, b - a, NULL)
+        return PyUnicode_DecodeUTF8(<const char*>p + a, b - a, "surrogatepass")
     return PyUnicode_DecodeASCII(<const char*>p + a, b - a, NULL)
 
 
 cdef str _xtext_str(const unsigned char* p, Py_ssize_t a, Py_ssize_t b, int kind, bint mailbox):
-    """xtext [a, b) decoded to str; raises ``kind`` on any xtext fault (or a bad mailbox)."""
+    """xtext [a, b) decoded to str; raises ``kind`` on any xtext fault (or a bad mailbox),
+    or with ``kind`` -1 the fault's own kind (E_X_ESC, E_X_CTL, E_X_CHAR)."""
     cdef unsigned char* out = <unsigned char*>PyMem_Malloc(b - a + 1)
     cdef Py_ssize_t m = 0
+    cdef int fault
     if out == NULL:
         raise MemoryError()
     try:
-        if _xtext_bytes(p, a, b, out, &m) != 0:
-            raise _err(kind)
+        fault = _xtext_bytes(p, a, b, out, &m)
+        if fault != 0:
+            raise _err(fault if kind < 0 else kind)
         if mailbox and not (m == 2 and out[0] == 60 and out[1] == 62) and not _mailbox_ok(out, m):
             raise _err(kind)
         return _decode(out, 0, m)
