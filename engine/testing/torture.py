@@ -64,6 +64,7 @@ from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import RcptState, id_text
 from engine.testing.dns import DnsResponder
 from engine.testing.sink import CountingSink, _CountingSMTP, _Handler
+from engine.testing.wait import poll
 
 DOMAIN = "torture.test"
 SINK_ADDRESS = "127.0.31.1"
@@ -478,15 +479,6 @@ def _read_spool(spool: Path, violations: list[str], label: str) -> _SpoolView:
         store.close_sync()
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, step: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
-
-
 def run_torture(
     workdir: Path,
     *,
@@ -550,9 +542,9 @@ def run_torture(
             phase = "ingest" if index % 2 == 0 else "delivery"
             time.sleep(rnd.uniform(*uptime))
             if phase == "ingest":
-                _wait(lambda: workers is not None and workers.in_data > 0, 3, 0.001)
+                poll(lambda: workers is not None and workers.in_data > 0, 3, 0.001)
             else:
-                _wait(lambda: sink.held > 0, 3, 0.001)
+                poll(lambda: sink.held > 0, 3, 0.001)
                 # A random moment inside the hold, not always its first millisecond (a
                 # client's wait for its 250 is a few milliseconds: no such delay there).
                 time.sleep(rnd.uniform(0, reply_delay / 2))
@@ -568,7 +560,7 @@ def run_torture(
             ferry.kill()
             report.kills.append(kill)
             # Every connection of the dead process is gone before the sink is read.
-            if not _wait(lambda: sink.open_connections() == 0, 10):
+            if not poll(lambda: sink.open_connections() == 0, 10):
                 violations.append(f"kill {kill.index}: sink connections stayed open")
             delivered = list(sink.deliveries)
             view = _read_spool(workdir / "spool", violations, f"kill {kill.index}")
@@ -599,7 +591,7 @@ def run_torture(
             got = {d.token for d in sink.deliveries}
             return all(s.token in got for s in acked)
 
-        if not _wait(drained, drain_timeout, 0.05):
+        if not poll(drained, drain_timeout, 0.05):
             violations.append(f"not drained within {drain_timeout} s")
         # Quiet for a moment: late copies (duplicates) would arrive now.
         seen = -1
