@@ -8,7 +8,6 @@ import smtplib
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,16 +26,16 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"ferry exited: {proc.stderr.read() if proc.stderr else ''!r}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
         except OSError:
-            time.sleep(0.05)
-    raise AssertionError("ferry did not listen in time")
+            return False
+        return True
+
+    wait_for(listening, timeout, f"ferry listening on port {port}")
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
