@@ -1,5 +1,6 @@
-"""Fan-out: one Ferry delivers to 1,000 domains over 2,000+ concurrent connections, and the
-sinks measure that no domain ever sees more connections than its limit.
+"""Fan-out: one Ferry delivers to 1,000 domains over many concurrent connections, and the
+sinks measure that no domain ever sees more connections than its limit (how many
+connections Ferry holds open at once is benchmarks/bench_fanout.py's figure).
 
 Each domain has its own MX on its own loopback address (127.1.x.y) served by a counting
 aiosmtpd sink that holds its reply to the final dot, so connections overlap.  Bounded:
@@ -20,7 +21,7 @@ from engine.testing.wait import wait_for
 
 DOMAINS = 1000
 PER_DOMAIN = 4
-LIMIT = 3  # 3,000 connections possible: room above the 2,000 asserted
+LIMIT = 3  # up to 3,000 connections at once
 
 
 def address(i: int) -> str:
@@ -60,8 +61,6 @@ def test_fanout_to_1000_domains_respects_per_domain_limits(tmp_path: Path) -> No
         assert len(state.messages) == DOMAINS * PER_DOMAIN
         assert max(state.peak.values()) <= LIMIT  # never more than the limit, anywhere
         assert sum(1 for i in range(DOMAINS) if state.peak[address(i)] == LIMIT) > DOMAINS // 2
-        assert state.peak_total >= 2000, state.peak_total
-        print(f"peak connections {state.peak_total}")
         per_domain = {a: sum(1 for m in state.messages if m.address == a)
                       for a in (address(i) for i in range(DOMAINS))}
         assert set(per_domain.values()) == {PER_DOMAIN}
