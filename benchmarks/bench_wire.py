@@ -131,7 +131,7 @@ def lines_with(wire: ModuleType, count: int) -> Callable[[], None]:
     return run
 
 
-def lines_baseline(count: int) -> Callable[[], None]:
+def lines_baseline(count: int) -> Callable[[], object]:
     stream = b"\r\n".join(PIPELINED[:count]) + b"\r\n"
     return lambda: stream.split(b"\r\n")
 

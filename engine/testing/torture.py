@@ -15,7 +15,8 @@ and is stopped with SIGTERM.
 
 Checks (each broken one is a line in ``TortureReport.violations``):
 
-- restart to the 220 greeting within ``restart_limit`` seconds, every time;
+- restart to the 220 greeting within ``restart_limit`` seconds, every time (a timing
+  target: the benchmark sets it; the test suite passes None and asserts no timing);
 - after each kill, with Ferry dead, the spool holds every acknowledged message that the
   sink has not received, with the very body the client sent (after Ferry's Received
   field), holds no rejected message, and has no corrupt record;
@@ -491,7 +492,7 @@ def run_torture(
     uptime: tuple[float, float] = (0.3, 1.5),
     bad_share: float = 0.05,
     drain_timeout: float = 60.0,
-    restart_limit: float = 10.0,
+    restart_limit: float | None = 10.0,
     progress: Callable[[str], None] | None = None,
 ) -> TortureReport:
     """Kill ``ferry serve`` ``kills`` times under load and check it (see the module doc).
@@ -530,7 +531,7 @@ def run_torture(
             starts_at.append(time.monotonic())
             seconds = ferry.start()
             report.starts.append(seconds)
-            if seconds > restart_limit:
+            if restart_limit is not None and seconds > restart_limit:
                 violations.append(
                     f"start {len(report.starts)}: greeting after "
                     f"{seconds:.2f} s (limit {restart_limit} s)"
