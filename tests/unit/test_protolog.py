@@ -28,6 +28,7 @@ from engine.ops.protolog import (
     format_timestamp,
     sanitise,
 )
+from engine.testing.clock import ManualClock
 from engine.testing.wait import until
 
 LINE = re.compile(
@@ -292,12 +293,16 @@ def test_buffered_until_flush_or_64k(tmp_path: Path) -> None:
 
 def test_flushes_when_interval_has_passed(tmp_path: Path) -> None:
     path = tmp_path / "protocol-i.log"
-    log = ProtocolLog(tmp_path, "i", flush_interval=0.05)
+    clock = ManualClock()
+    log = ProtocolLog(tmp_path, "i", flush_interval=0.5, clock=clock)
     s = log.session("S", "c")
     s.recv(b"ONE")
-    time.sleep(0.1)
+    clock.advance(0.25)
     s.recv(b"TWO")
-    assert texts(path) == ["ONE", "TWO"]
+    assert texts(path) == []  # within the interval: buffered
+    clock.advance(0.25)
+    s.recv(b"THREE")
+    assert texts(path) == ["ONE", "TWO", "THREE"]
     log.close()
 
 
