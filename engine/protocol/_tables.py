@@ -2,10 +2,10 @@
 
 Owns, once, every constant both implementations of a module must agree on: the error
 reply each command-line mistake maps to, the verbs and ESMTP parameters the server knows,
-the RFC 5321 §4.5.3.1 size limits, the reply parser's error texts and default caps, and
-the wire layer's bare CR/LF policies.  The twin imports these names; the .pyx binds them to
-module globals at import (C constants where a hot loop needs one), so a table is written in
-one place and the twins cannot drift apart.
+the RFC 5321 §4.5.3.1 size limits, the reply parser's error texts and default caps, the
+wire layer's bare CR/LF policies, and the header fields a header scan remembers.  The twin
+imports these names; the .pyx binds them to module globals at import (C variables where a
+hot loop needs one), so a table is written in one place and the twins cannot drift apart.
 
 It must never import anything but the standard library (the compiled modules import it
 while ``engine.protocol`` is still being set up) and never hold logic.
@@ -17,10 +17,9 @@ from typing import Final
 
 # --- command (ext/command.pyx, _command_py.py) --------------------------------------------
 
-# Error kinds: indexes into COMMAND_ERRORS.  ext/command.pyx repeats the names in its
-# ``cpdef enum _ErrorKind`` (C constants for its nogil helpers); test_command.py checks that
-# the two lists agree.  _MAIL_PATH/_LONG/_UTF8 and _RCPT_PATH/_LONG/_UTF8 stay adjacent:
-# the path parsers add a fault offset to the first.
+# Error kinds: indexes into COMMAND_ERRORS.  ext/command.pyx binds each by name to a C int
+# for its nogil helpers.  E_MAIL_PATH/_LONG/_UTF8 and E_RCPT_PATH/_LONG/_UTF8 stay adjacent,
+# in that order: both path parsers add a fault offset (0 syntax, 1 too long) to the first.
 (
     E_CTL,
     E_UNREC,
@@ -171,7 +170,7 @@ COMMAND_LINE_LIMIT: Final = 512
 
 # The fields a HeaderScan remembers, lower-cased, in the order of their kinds (kind = index
 # + 1; 0 is "not tracked"): RFC 5322 §3.6.1-§3.6.7, RFC 6376 §3.5 for DKIM-Signature.
-# ext/headers.pyx repeats the kinds in its ``cpdef enum _FieldKind``; test_headers.py checks.
+# Both scanners look each kind up here by its name, never by position.
 HEADER_FIELDS: Final = (
     b"received",
     b"message-id",
