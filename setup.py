@@ -68,6 +68,8 @@ class OptionalBuildExt(build_ext):
               "twins. Install a C compiler and the Python headers for the compiled hot path.")
 
 
+# The .pxi files in ext/ are helpers that several modules ``include``; cythonize follows
+# include statements, so changing a .pxi regenerates and recompiles every module using it.
 names = sorted(p.stem for p in (HERE / "ext").glob("*.pyx"))
 if ONLY:
     names = [n for n in names if n in ONLY]

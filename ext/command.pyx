@@ -19,7 +19,11 @@ from cpython.number cimport PyNumber_Index
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.string cimport memchr
 
+from engine.protocol import _tables
 from engine.protocol.errors import CommandError
+
+include "_names.pxi"
+include "_result.pxi"
 
 cdef extern from "Python.h":
     object PyUnicode_FromKindAndData(int kind, const void* buffer, Py_ssize_t size)
@@ -27,50 +31,38 @@ cdef extern from "Python.h":
 
 __all__ = ["Command", "format_command", "parse_command", "xtext_decode", "xtext_encode"]
 
-# ---- errors (same table, same order as the twin) -----------------------------------------
+# ---- errors: engine/protocol/_tables.py holds the table ----------------------------------
 
-cdef enum:
-    E_CTL, E_UNREC, E_NOTIMPL, E_NOARGS, E_NEEDARG, E_HELO, E_ARGCHARS, E_MAIL_KW, E_RCPT_KW
-    E_MAIL_PATH, E_MAIL_LONG, E_MAIL_UTF8, E_RCPT_PATH, E_RCPT_LONG, E_RCPT_UTF8, E_NONASCII
-    E_P_SYNTAX, E_P_UNKNOWN, E_P_DUP, E_P_NEEDVAL, E_P_NOVAL, E_P_CHARS, E_SIZE, E_BODY, E_RET
-    E_ENVID, E_AUTHP, E_NOTIFY, E_ORCPT, E_BDAT, E_AUTH, E_X_ESC, E_X_CTL, E_X_CHAR
+# The error kinds (indexes into COMMAND_ERRORS) as C ints, bound by name at import.
+cdef int E_CTL = _tables.E_CTL, E_UNREC = _tables.E_UNREC
+cdef int E_NOTIMPL = _tables.E_NOTIMPL, E_NOARGS = _tables.E_NOARGS
+cdef int E_NEEDARG = _tables.E_NEEDARG, E_HELO = _tables.E_HELO
+cdef int E_ARGCHARS = _tables.E_ARGCHARS, E_MAIL_KW = _tables.E_MAIL_KW
+cdef int E_RCPT_KW = _tables.E_RCPT_KW, E_MAIL_PATH = _tables.E_MAIL_PATH
+cdef int E_MAIL_LONG = _tables.E_MAIL_LONG, E_MAIL_UTF8 = _tables.E_MAIL_UTF8
+cdef int E_RCPT_PATH = _tables.E_RCPT_PATH, E_RCPT_LONG = _tables.E_RCPT_LONG
+cdef int E_RCPT_UTF8 = _tables.E_RCPT_UTF8, E_NONASCII = _tables.E_NONASCII
+cdef int E_P_SYNTAX = _tables.E_P_SYNTAX, E_P_UNKNOWN = _tables.E_P_UNKNOWN
+cdef int E_P_DUP = _tables.E_P_DUP, E_P_NEEDVAL = _tables.E_P_NEEDVAL
+cdef int E_P_NOVAL = _tables.E_P_NOVAL, E_P_CHARS = _tables.E_P_CHARS
+cdef int E_SIZE = _tables.E_SIZE, E_BODY = _tables.E_BODY
+cdef int E_RET = _tables.E_RET, E_ENVID = _tables.E_ENVID
+cdef int E_AUTHP = _tables.E_AUTHP, E_NOTIFY = _tables.E_NOTIFY
+cdef int E_ORCPT = _tables.E_ORCPT, E_BDAT = _tables.E_BDAT
+cdef int E_AUTH = _tables.E_AUTH, E_X_ESC = _tables.E_X_ESC
+cdef int E_X_CTL = _tables.E_X_CTL, E_X_CHAR = _tables.E_X_CHAR
 
-cdef tuple _ERRORS = (
-    ("Line contains CR, LF or NUL", 501, "5.5.2"),
-    ("Command unrecognized", 500, "5.5.2"),
-    ("Command not implemented", 502, "5.5.1"),
-    ("Syntax error: no arguments allowed", 501, "5.5.4"),
-    ("Syntax error: argument required", 501, "5.5.4"),
-    ("Syntax: HELO/EHLO <domain or address literal>", 501, "5.5.4"),
-    ("Syntax error: invalid characters in argument", 501, "5.5.4"),
-    ("Syntax: MAIL FROM:<address> [parameters]", 501, "5.5.4"),
-    ("Syntax: RCPT TO:<address> [parameters]", 501, "5.5.4"),
-    ("Bad sender address syntax", 501, "5.1.7"),
-    ("Sender address too long", 501, "5.1.7"),
-    ("Sender address is not valid UTF-8", 501, "5.1.7"),
-    ("Bad recipient address syntax", 501, "5.1.3"),
-    ("Recipient address too long", 501, "5.1.3"),
-    ("Recipient address is not valid UTF-8", 501, "5.1.3"),
-    ("Non-ASCII address requires SMTPUTF8", 553, "5.6.7"),
-    ("Syntax error in parameters", 501, "5.5.4"),
-    ("Parameter not recognized", 555, "5.5.4"),
-    ("Duplicate parameter", 501, "5.5.4"),
-    ("Parameter requires a value", 501, "5.5.4"),
-    ("Parameter takes no value", 501, "5.5.4"),
-    ("Invalid characters in parameter value", 501, "5.5.4"),
-    ("Invalid SIZE value", 501, "5.5.4"),
-    ("Invalid BODY value", 501, "5.5.4"),
-    ("Invalid RET value", 501, "5.5.4"),
-    ("Invalid ENVID value", 501, "5.5.4"),
-    ("Invalid AUTH value", 501, "5.5.4"),
-    ("Invalid NOTIFY value", 501, "5.5.4"),
-    ("Invalid ORCPT value", 501, "5.5.4"),
-    ("Syntax: BDAT <size> [LAST]", 501, "5.5.4"),
-    ("Syntax: AUTH <mechanism> [initial-response]", 501, "5.5.4"),
-    ("Invalid xtext escape", 501, "5.5.4"),
-    ("Control character in xtext", 501, "5.5.4"),
-    ("Invalid character in xtext", 501, "5.5.4"),
-)
+cdef tuple _ERRORS = _tables.COMMAND_ERRORS
+
+# Limits of RFC 5321 §4.5.3.1 and the parameters' RFCs (see _tables).
+cdef Py_ssize_t MAX_LOCAL = _tables.MAX_LOCAL
+cdef Py_ssize_t MAX_PATH = _tables.MAX_PATH
+cdef Py_ssize_t MAX_DOMAIN = _tables.MAX_DOMAIN
+cdef Py_ssize_t MAX_LABEL = _tables.MAX_LABEL
+cdef Py_ssize_t MAX_ENVID = _tables.MAX_ENVID
+cdef Py_ssize_t MAX_SIZE_DIGITS = _tables.MAX_SIZE_DIGITS
+cdef Py_ssize_t MAX_MECHANISM = _tables.MAX_MECHANISM
+cdef Py_ssize_t MAX_BDAT_DIGITS = _tables.MAX_BDAT_DIGITS
 
 
 cdef object _err(int kind):
@@ -97,7 +89,6 @@ cdef enum:
     C_AATOM = 8192     # ASCII atext (ORCPT addr-type)
 
 cdef unsigned short CLS[256]
-cdef unsigned char LOWER[256]
 
 
 cdef void _init_tables():
@@ -129,20 +120,9 @@ cdef void _init_tables():
         if c >= 128:
             f |= C_HIGH | C_ATEXT | C_QTEXT | C_LDH | C_LETDIG | C_PVALUE
         CLS[c] = f
-        LOWER[c] = c + 32 if 65 <= c <= 90 else c
 
 
 _init_tables()
-
-
-cdef inline bint _eqi(const unsigned char* p, Py_ssize_t n, const char* lit) noexcept nogil:
-    """p[:n] equals the lower-case literal ``lit`` (NUL-terminated), ASCII case-insensitively."""
-    cdef Py_ssize_t k = 0
-    while k < n:
-        if lit[k] == 0 or LOWER[p[k]] != <unsigned char>lit[k]:
-            return False
-        k += 1
-    return lit[n] == 0
 
 
 cdef inline bint _has_high(const unsigned char* p, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -156,10 +136,34 @@ cdef inline bint _has_high(const unsigned char* p, Py_ssize_t a, Py_ssize_t b) n
 # ---- Command -----------------------------------------------------------------------------
 
 cdef str S_EMPTY = ""
-cdef str V_HELO = "HELO", V_EHLO = "EHLO", V_MAIL = "MAIL", V_RCPT = "RCPT"
-cdef str V_DATA = "DATA", V_BDAT = "BDAT", V_RSET = "RSET", V_NOOP = "NOOP"
-cdef str V_QUIT = "QUIT", V_VRFY = "VRFY", V_EXPN = "EXPN", V_HELP = "HELP"
-cdef str V_STARTTLS = "STARTTLS", V_AUTH = "AUTH"
+
+# ---- verbs: engine/protocol/_tables.py holds the table ----------------------------------
+
+cdef tuple VERB_NAMES = _tables.VERBS
+cdef NameTable T_VERBS, T_NOTIMPL
+names_init(&T_VERBS, VERB_NAMES)
+names_init(&T_NOTIMPL, _tables.NOT_IMPLEMENTED)
+
+cdef enum:
+    VC_OTHER = 0
+    VC_BARE = 1  # no argument allowed
+    VC_FREE = 2  # an optional free-text argument
+
+# VERB_CLASS[k]: the class of VERB_NAMES[k].
+cdef unsigned char VERB_CLASS[NAMES_MAX]
+for _k, _name in enumerate(VERB_NAMES):
+    VERB_CLASS[_k] = (VC_BARE if _name in _tables.BARE_VERBS
+                      else VC_FREE if _name in _tables.FREE_VERBS else VC_OTHER)
+
+
+cdef str _verb(str name):
+    """The table's own str for ``name``: the parser tells verbs apart by identity."""
+    return <str>VERB_NAMES[names_index(&T_VERBS, name)]
+
+
+cdef str V_HELO = _verb("HELO"), V_EHLO = _verb("EHLO"), V_MAIL = _verb("MAIL")
+cdef str V_RCPT = _verb("RCPT"), V_BDAT = _verb("BDAT"), V_VRFY = _verb("VRFY")
+cdef str V_EXPN = _verb("EXPN"), V_AUTH = _verb("AUTH")
 
 
 @cython.final
@@ -211,10 +215,7 @@ cdef class Command:
         )
 
     def __eq__(self, other):
-        astuple = getattr(other, "astuple", None)
-        if astuple is None:
-            return NotImplemented
-        return bool(self.astuple() == astuple())
+        return _astuple_eq(self, other)
 
     __hash__ = None  # mutable
 
@@ -368,7 +369,7 @@ cdef Py_ssize_t _domain(const unsigned char* p, Py_ssize_t i, Py_ssize_t n,
         if not _literal_ok(p, start + 1, i):
             return -1
         i += 1
-        return -2 if i - start > 255 else i
+        return -2 if i - start > MAX_DOMAIN else i
     if i >= n or not (CLS[p[i]] & C_LETDIG):
         return -1
     while True:
@@ -387,7 +388,7 @@ cdef Py_ssize_t _domain(const unsigned char* p, Py_ssize_t i, Py_ssize_t n,
             i += 1
             continue
         break
-    if i - start > 255 or maxlabel > 63:
+    if i - start > MAX_DOMAIN or maxlabel > MAX_LABEL:
         return -2
     return i
 
@@ -461,7 +462,7 @@ cdef int _path(const unsigned char* p, Py_ssize_t i, Py_ssize_t n, bint rcpt,
     le = _local(p, i, n)
     if le < 0:
         return 1
-    if le - ls > 64:  # §4.5.3.1.1
+    if le - ls > MAX_LOCAL:  # §4.5.3.1.1
         return 2
     i = le
     if (rcpt and not route and i < n and p[i] == 62 and le - ls == 10
@@ -480,7 +481,7 @@ cdef int _path(const unsigned char* p, Py_ssize_t i, Py_ssize_t n, bint rcpt,
     if i >= n or p[i] != 62:
         return 1
     i += 1
-    if i - p0 > 256:  # §4.5.3.1.3, counting the angle brackets
+    if i - p0 > MAX_PATH:  # §4.5.3.1.3, counting the angle brackets
         return 2
     out.ls = ls
     out.le = le
@@ -491,7 +492,7 @@ cdef int _path(const unsigned char* p, Py_ssize_t i, Py_ssize_t n, bint rcpt,
 cdef bint _mailbox_ok(const unsigned char* p, Py_ssize_t n) noexcept nogil:
     """p[:n] is exactly a Mailbox (Local-part "@" domain-or-literal)."""
     cdef Py_ssize_t le = _local(p, 0, n)
-    if le < 0 or le > 64 or le >= n or p[le] != 64:
+    if le < 0 or le > MAX_LOCAL or le >= n or p[le] != 64:
         return False
     return _domain(p, le + 1, n, True) == n
 
@@ -547,46 +548,11 @@ def xtext_decode(str value not None):
     CommandError 501 5.5.4 on a bad or non-ASCII escape, an escaped control character (C0 or
     DEL, so CR/LF/NUL can never come out) or a raw character xtext does not allow.
     """
-    cdef Py_ssize_t n = len(value), i = 0, j = 0
-    cdef Py_UCS4 c
-    cdef int h1, h2, v
-    cdef Py_UCS4* buf
-    if "+" not in value:
-        for c in value:
-            if not ((0x21 <= c <= 0x7E and c != 0x2B and c != 0x3D) or c >= 0x80):
-                raise _err(E_X_CHAR)
-        return value
-    buf = <Py_UCS4*>PyMem_Malloc((n + 1) * sizeof(Py_UCS4))
-    if buf == NULL:
-        raise MemoryError()
-    try:
-        while i < n:
-            c = value[i]
-            if c == 43:
-                if i + 2 >= n:
-                    raise _err(E_X_ESC)
-                h1 = _hexu(value[i + 1])
-                h2 = _hexu(value[i + 2])
-                if h1 < 0 or h2 < 0:
-                    raise _err(E_X_ESC)
-                v = h1 * 16 + h2
-                if v >= 0x80:
-                    raise _err(E_X_ESC)
-                if v < 0x20 or v == 0x7F:
-                    raise _err(E_X_CTL)
-                buf[j] = v
-                j += 1
-                i += 3
-                continue
-            if (0x21 <= c <= 0x7E and c != 0x3D) or c >= 0x80:
-                buf[j] = c
-                j += 1
-                i += 1
-                continue
-            raise _err(E_X_CHAR)
-        return PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, buf, j)
-    finally:
-        PyMem_Free(buf)
+    # The rules are _xtext_bytes', run over the value's UTF-8 (every non-ASCII character
+    # becomes octets >= 0x80, which pass through, and no escape can take one of them).
+    cdef bytes raw = value.encode("utf-8", "surrogatepass")
+    return _xtext_str(<const unsigned char*>PyBytes_AS_STRING(raw), 0, PyBytes_GET_SIZE(raw),
+                      -1, False)
 
 
 def xtext_encode(str value not None):
@@ -618,89 +584,70 @@ def xtext_encode(str value not None):
         PyMem_Free(buf)
 
 
-# ---- parameters --------------------------------------------------------------------------
+# ---- parameters: names and values from engine/protocol/_tables.py ----------------------
 
-cdef enum:
-    K_SIZE = 1
-    K_BODY = 2
-    K_SMTPUTF8 = 4
-    K_RET = 8
-    K_ENVID = 16
-    K_AUTH = 32
-    K_NOTIFY = 64
-    K_ORCPT = 128
-    K_MAIL = 1 | 2 | 4 | 8 | 16 | 32
-    K_RCPT = 64 | 128
-
-cdef str P_SIZE = "SIZE", P_BODY = "BODY", P_SMTPUTF8 = "SMTPUTF8", P_RET = "RET"
-cdef str P_ENVID = "ENVID", P_AUTH = "AUTH", P_NOTIFY = "NOTIFY", P_ORCPT = "ORCPT"
-cdef str B_7BIT = "7BIT", B_8BITMIME = "8BITMIME", B_BINARYMIME = "BINARYMIME"
-cdef str R_FULL = "FULL", R_HDRS = "HDRS"
-cdef str N_NEVER = "NEVER"
-cdef tuple N_ITEMS = ("SUCCESS", "FAILURE", "DELAY")
-cdef str S_SEMI = ";"
+# A parameter's bit is 1 << its index in MAIL_PARAMS + RCPT_PARAMS.
+cdef tuple P_NAMES = tuple(_tables.MAIL_PARAMS) + tuple(_tables.RCPT_PARAMS)
+cdef int K_MAIL = (1 << len(_tables.MAIL_PARAMS)) - 1
+cdef int K_RCPT = ((1 << len(P_NAMES)) - 1) & ~K_MAIL
+cdef tuple BODY_VALUES = _tables.BODY_VALUES
+cdef tuple RET_VALUES = _tables.RET_VALUES
+cdef tuple NOTIFY_VALUES = _tables.NOTIFY_VALUES
+cdef str N_NEVER = _tables.NOTIFY_NEVER
 cdef str S_COMMA = ","
+cdef NameTable T_PARAMS, T_BODY, T_RET, T_NOTIFY, T_NEVER
+names_init(&T_PARAMS, P_NAMES)
+names_init(&T_BODY, BODY_VALUES)
+names_init(&T_RET, RET_VALUES)
+names_init(&T_NOTIFY, NOTIFY_VALUES)
+names_init(&T_NEVER, (N_NEVER,))
 
 
-cdef int _key(const unsigned char* p, Py_ssize_t n) noexcept nogil:
-    if n == 4:
-        if _eqi(p, 4, "size"):
-            return K_SIZE
-        if _eqi(p, 4, "body"):
-            return K_BODY
-        if _eqi(p, 4, "auth"):
-            return K_AUTH
-    elif n == 3:
-        if _eqi(p, 3, "ret"):
-            return K_RET
-    elif n == 5:
-        if _eqi(p, 5, "envid"):
-            return K_ENVID
-        if _eqi(p, 5, "orcpt"):
-            return K_ORCPT
-    elif n == 6:
-        if _eqi(p, 6, "notify"):
-            return K_NOTIFY
-    elif n == 8:
-        if _eqi(p, 8, "smtputf8"):
-            return K_SMTPUTF8
-    return 0
+cdef inline int _key(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """The bit of the parameter named p[:n] (case-insensitive), or 0."""
+    cdef int k = names_find(&T_PARAMS, p, n)
+    return 0 if k < 0 else 1 << k
 
 
-cdef str _key_str(int k):
-    if k == K_SIZE:
-        return P_SIZE
-    if k == K_BODY:
-        return P_BODY
-    if k == K_SMTPUTF8:
-        return P_SMTPUTF8
-    if k == K_RET:
-        return P_RET
-    if k == K_ENVID:
-        return P_ENVID
-    if k == K_AUTH:
-        return P_AUTH
-    if k == K_NOTIFY:
-        return P_NOTIFY
-    return P_ORCPT
+cdef int K_SIZE = 1 << names_index(&T_PARAMS, "SIZE")
+cdef int K_BODY = 1 << names_index(&T_PARAMS, "BODY")
+cdef int K_SMTPUTF8 = 1 << names_index(&T_PARAMS, "SMTPUTF8")
+cdef int K_RET = 1 << names_index(&T_PARAMS, "RET")
+cdef int K_ENVID = 1 << names_index(&T_PARAMS, "ENVID")
+cdef int K_AUTH = 1 << names_index(&T_PARAMS, "AUTH")
+cdef int K_NOTIFY = 1 << names_index(&T_PARAMS, "NOTIFY")
+cdef int K_ORCPT = 1 << names_index(&T_PARAMS, "ORCPT")
+cdef str P_SMTPUTF8 = _key_str(K_SMTPUTF8)
+
+
+cdef str _key_str(int key):
+    cdef int k = 0
+    while key > 1:
+        key >>= 1
+        k += 1
+    return <str>P_NAMES[k]
 
 
 cdef str _decode(const unsigned char* p, Py_ssize_t a, Py_ssize_t b):
-    """ASCII or (already validated) UTF-8 bytes to str."""
+    """ASCII or (already validated) UTF-8 bytes to str (surrogates kept: xtext_decode's
+    value may hold them, and text from the wire was checked to be strict UTF-8 before)."""
     if _has_high(p, a, b):
-        return PyUnicode_DecodeUTF8(<const char*>p + a, b - a, NULL)
+        return PyUnicode_DecodeUTF8(<const char*>p + a, b - a, "surrogatepass")
     return PyUnicode_DecodeASCII(<const char*>p + a, b - a, NULL)
 
 
 cdef str _xtext_str(const unsigned char* p, Py_ssize_t a, Py_ssize_t b, int kind, bint mailbox):
-    """xtext [a, b) decoded to str; raises ``kind`` on any xtext fault (or a bad mailbox)."""
+    """xtext [a, b) decoded to str; raises ``kind`` on any xtext fault (or a bad mailbox),
+    or with ``kind`` -1 the fault's own kind (E_X_ESC, E_X_CTL, E_X_CHAR)."""
     cdef unsigned char* out = <unsigned char*>PyMem_Malloc(b - a + 1)
     cdef Py_ssize_t m = 0
+    cdef int fault
     if out == NULL:
         raise MemoryError()
     try:
-        if _xtext_bytes(p, a, b, out, &m) != 0:
-            raise _err(kind)
+        fault = _xtext_bytes(p, a, b, out, &m)
+        if fault != 0:
+            raise _err(fault if kind < 0 else kind)
         if mailbox and not (m == 2 and out[0] == 60 and out[1] == 62) and not _mailbox_ok(out, m):
             raise _err(kind)
         return _decode(out, 0, m)
@@ -713,7 +660,7 @@ cdef object _param_value(int key, const unsigned char* p, Py_ssize_t a, Py_ssize
     cdef Py_ssize_t k, s, semi
     cdef int seen, bit
     if key == K_SIZE:  # RFC 1870 §3: size-value = 1*20DIGIT
-        if b - a > 20:
+        if b - a > MAX_SIZE_DIGITS:
             raise _err(E_SIZE)
         k = a
         while k < b:
@@ -722,27 +669,23 @@ cdef object _param_value(int key, const unsigned char* p, Py_ssize_t a, Py_ssize
             k += 1
         return PyUnicode_DecodeASCII(<const char*>p + a, b - a, NULL)
     if key == K_BODY:  # RFC 6152 §2, RFC 3030 §3
-        if _eqi(p + a, b - a, "7bit"):
-            return B_7BIT
-        if _eqi(p + a, b - a, "8bitmime"):
-            return B_8BITMIME
-        if _eqi(p + a, b - a, "binarymime"):
-            return B_BINARYMIME
-        raise _err(E_BODY)
+        k = names_find(&T_BODY, p + a, b - a)
+        if k < 0:
+            raise _err(E_BODY)
+        return BODY_VALUES[k]
     if key == K_RET:  # RFC 3461 §4.3
-        if _eqi(p + a, b - a, "full"):
-            return R_FULL
-        if _eqi(p + a, b - a, "hdrs"):
-            return R_HDRS
-        raise _err(E_RET)
+        k = names_find(&T_RET, p + a, b - a)
+        if k < 0:
+            raise _err(E_RET)
+        return RET_VALUES[k]
     if key == K_ENVID:  # RFC 3461 §4.4: xtext, at most 100 octets as sent
-        if b - a > 100:
+        if b - a > MAX_ENVID:
             raise _err(E_ENVID)
         return _xtext_str(p, a, b, E_ENVID, False)
     if key == K_AUTH:  # RFC 4954 §5: xtext of a mailbox or "<>"
         return _xtext_str(p, a, b, E_AUTHP, True)
     if key == K_NOTIFY:  # RFC 3461 §4.1: NEVER alone, or a set of SUCCESS/FAILURE/DELAY
-        if _eqi(p + a, b - a, "never"):
+        if names_find(&T_NEVER, p + a, b - a) == 0:
             return N_NEVER
         items = []
         seen = 0
@@ -751,18 +694,13 @@ cdef object _param_value(int key, const unsigned char* p, Py_ssize_t a, Py_ssize
             k = s
             while k < b and p[k] != 44:
                 k += 1
-            if _eqi(p + s, k - s, "success"):
-                bit = 0
-            elif _eqi(p + s, k - s, "failure"):
-                bit = 1
-            elif _eqi(p + s, k - s, "delay"):
-                bit = 2
-            else:
+            bit = names_find(&T_NOTIFY, p + s, k - s)
+            if bit < 0:
                 raise _err(E_NOTIFY)
             if seen & (1 << bit):
                 raise _err(E_NOTIFY)
             seen |= 1 << bit
-            items.append(N_ITEMS[bit])
+            items.append(NOTIFY_VALUES[bit])
             if k == b:
                 break
             s = k + 1
@@ -908,24 +846,6 @@ cdef Command _mail_rcpt(str verb, const unsigned char* p, Py_ssize_t i, Py_ssize
     return cmd
 
 
-cdef inline unsigned int _fold4(const unsigned char* p) noexcept nogil:
-    return ((<unsigned int>LOWER[p[0]] << 24) | (<unsigned int>LOWER[p[1]] << 16)
-            | (<unsigned int>LOWER[p[2]] << 8) | <unsigned int>LOWER[p[3]])
-
-
-cdef unsigned int F_HELO = _fold4(b"helo"), F_EHLO = _fold4(b"ehlo")
-cdef unsigned int F_MAIL = _fold4(b"mail"), F_RCPT = _fold4(b"rcpt")
-cdef unsigned int F_DATA = _fold4(b"data"), F_BDAT = _fold4(b"bdat")
-cdef unsigned int F_RSET = _fold4(b"rset"), F_NOOP = _fold4(b"noop")
-cdef unsigned int F_QUIT = _fold4(b"quit"), F_VRFY = _fold4(b"vrfy")
-cdef unsigned int F_EXPN = _fold4(b"expn"), F_HELP = _fold4(b"help")
-cdef unsigned int F_AUTH = _fold4(b"auth")
-cdef unsigned int F_SEND = _fold4(b"send"), F_SOML = _fold4(b"soml")
-cdef unsigned int F_SAML = _fold4(b"saml"), F_TURN = _fold4(b"turn")
-cdef unsigned int F_ETRN = _fold4(b"etrn"), F_ATRN = _fold4(b"atrn")
-cdef unsigned int F_BURL = _fold4(b"burl")
-
-
 def parse_command(bytes line not None, bint utf8=False):
     """Parse one command line given WITHOUT its CRLF; raise CommandError with the reply.
 
@@ -934,7 +854,8 @@ def parse_command(bytes line not None, bint utf8=False):
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(line)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(line), i, w, k
     cdef const unsigned char* sp
-    cdef unsigned int f
+    cdef int vk
+    cdef unsigned char vclass
     cdef str verb
     cdef Command cmd
     cdef unsigned char c
@@ -949,48 +870,23 @@ def parse_command(bytes line not None, bint utf8=False):
     i = w
     while i < n and p[i] == 32:
         i += 1
-    verb = None
-    if w == 4:
-        f = _fold4(p)
-        if f == F_MAIL:
-            return _mail_rcpt(V_MAIL, p, i, n, False, utf8)
-        if f == F_RCPT:
-            return _mail_rcpt(V_RCPT, p, i, n, True, utf8)
-        if f == F_DATA:
-            verb = V_DATA
-        elif f == F_RSET:
-            verb = V_RSET
-        elif f == F_QUIT:
-            verb = V_QUIT
-        elif f == F_NOOP:
-            verb = V_NOOP
-        elif f == F_EHLO:
-            verb = V_EHLO
-        elif f == F_HELO:
-            verb = V_HELO
-        elif f == F_BDAT:
-            verb = V_BDAT
-        elif f == F_AUTH:
-            verb = V_AUTH
-        elif f == F_VRFY:
-            verb = V_VRFY
-        elif f == F_EXPN:
-            verb = V_EXPN
-        elif f == F_HELP:
-            verb = V_HELP
-        elif (f == F_SEND or f == F_SOML or f == F_SAML or f == F_TURN or f == F_ETRN
-              or f == F_ATRN or f == F_BURL):
+    vk = names_find(&T_VERBS, p, w)
+    if vk < 0:
+        if names_find(&T_NOTIMPL, p, w) >= 0:
             raise _err(E_NOTIMPL)
-    elif w == 8 and _eqi(p, 8, "starttls"):
-        verb = V_STARTTLS
-    if verb is None:
         raise _err(E_UNREC)
+    verb = <str>VERB_NAMES[vk]
+    if verb is V_MAIL:
+        return _mail_rcpt(V_MAIL, p, i, n, False, utf8)
+    if verb is V_RCPT:
+        return _mail_rcpt(V_RCPT, p, i, n, True, utf8)
     cmd = _new(verb)
-    if verb is V_DATA or verb is V_RSET or verb is V_QUIT or verb is V_STARTTLS:
+    vclass = VERB_CLASS[vk]
+    if vclass == VC_BARE:
         if i < n:
             raise _err(E_NOARGS)
         return cmd
-    if verb is V_NOOP or verb is V_HELP or verb is V_VRFY or verb is V_EXPN:
+    if vclass == VC_FREE:
         if i == n:
             if verb is V_VRFY or verb is V_EXPN:
                 raise _err(E_NEEDARG)
@@ -1022,7 +918,7 @@ def parse_command(bytes line not None, bint utf8=False):
         while k < n and (CLS[p[k]] & C_DIGIT):
             cmd.size = cmd.size * 10 + (p[k] - 48)
             k += 1
-            if k - i > 18:
+            if k - i > MAX_BDAT_DIGITS:
                 raise _err(E_BDAT)
         if k == i:
             raise _err(E_BDAT)
@@ -1039,7 +935,7 @@ def parse_command(bytes line not None, bint utf8=False):
     k = i
     while k < n and (CLS[p[k]] & C_MECH):
         k += 1
-    if k == i or k - i > 20 or (k < n and p[k] != 32):
+    if k == i or k - i > MAX_MECHANISM or (k < n and p[k] != 32):
         raise _err(E_AUTH)
     cmd.arg = PyUnicode_DecodeASCII(<const char*>p + i, k - i, NULL).upper()
     if k == n:
@@ -1066,12 +962,17 @@ def parse_command(bytes line not None, bint utf8=False):
 
 # ---- format (client side) ----------------------------------------------------------------
 
+cdef tuple XTEXT_PARAMS = _tables.XTEXT_PARAMS
+cdef tuple BARE_VERBS = _tables.BARE_VERBS
+cdef tuple FREE_VERBS = _tables.FREE_VERBS
+
+
 cdef str _format_params(dict params):
     out = []
     for key, value in params.items():
         if value is None:
             out.append(" " + key)
-        elif key == "ENVID" or key == "AUTH":
+        elif key in XTEXT_PARAMS:
             out.append(" " + key + "=" + xtext_encode(value))
         elif key == "ORCPT":
             addr_type, semi, addr = value.partition(";")
@@ -1094,10 +995,9 @@ def format_command(Command cmd not None):
         path = cmd.mailbox
         head = "MAIL FROM:<" if verb == "MAIL" else "RCPT TO:<"
         text = head + path + ">" + _format_params(cmd.params)
-    elif verb == "DATA" or verb == "RSET" or verb == "QUIT" or verb == "STARTTLS":
+    elif verb in BARE_VERBS:
         text = verb
-    elif (verb == "NOOP" or verb == "HELP" or verb == "VRFY" or verb == "EXPN"
-          or verb == "HELO" or verb == "EHLO"):
+    elif verb in FREE_VERBS or verb == "HELO" or verb == "EHLO":
         text = verb + " " + cmd.arg if cmd.arg else verb
     elif verb == "BDAT":
         text = "BDAT " + str(cmd.size) + (" LAST" if cmd.last else "")

@@ -13,18 +13,32 @@ cimport cython
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.string cimport memchr
 
+from engine.protocol import _tables
+
+include "_names.pxi"
+include "_result.pxi"
+
 __all__ = ["HeaderScan", "scan_headers"]
 
-# Which remembered attribute a field name feeds (RFC 5322 §3.6.1-§3.6.7, RFC 6376 §3.5).
-cdef enum:
-    K_NONE = 0
-    K_RECEIVED = 1
-    K_MESSAGE_ID = 2
-    K_FROM = 3
-    K_TO = 4
-    K_SUBJECT = 5
-    K_DATE = 6
-    K_DKIM = 7
+# Which remembered attribute a field name feeds (RFC 5322 §3.6.1-§3.6.7, RFC 6376 §3.5):
+# its kind is 1 + the name's index in _tables.HEADER_FIELDS, 0 for any other name.
+cdef NameTable T_FIELDS
+names_init(&T_FIELDS, _tables.HEADER_FIELDS)
+
+
+cdef inline int _kind(const unsigned char* p, Py_ssize_t n) noexcept:
+    """The tracked kind of field name ``p[:n]`` (case-insensitive), or K_NONE."""
+    return names_find(&T_FIELDS, p, n) + 1
+
+
+cdef int K_NONE = 0
+cdef int K_RECEIVED = names_index(&T_FIELDS, b"received") + 1
+cdef int K_MESSAGE_ID = names_index(&T_FIELDS, b"message-id") + 1
+cdef int K_FROM = names_index(&T_FIELDS, b"from") + 1
+cdef int K_TO = names_index(&T_FIELDS, b"to") + 1
+cdef int K_SUBJECT = names_index(&T_FIELDS, b"subject") + 1
+cdef int K_DATE = names_index(&T_FIELDS, b"date") + 1
+cdef int K_DKIM = names_index(&T_FIELDS, b"dkim-signature") + 1
 
 
 @cython.final
@@ -100,10 +114,7 @@ cdef class HeaderScan:
         )
 
     def __eq__(self, other):
-        astuple = getattr(other, "astuple", None)
-        if astuple is None:
-            return NotImplemented
-        return bool(self.astuple() == astuple())
+        return _astuple_eq(self, other)
 
     __hash__ = None  # mutable
 
@@ -114,44 +125,6 @@ cdef class HeaderScan:
             f"subject={self.subject}, date={self.date}, "
             f"dkim_signature={self.dkim_signature}, malformed={self.malformed})"
         )
-
-
-cdef inline bint _same(const unsigned char* p, const char* lower, Py_ssize_t n) noexcept:
-    """ASCII case-insensitive compare of ``p[:n]`` with the lower-case ``lower``."""
-    cdef Py_ssize_t i
-    cdef unsigned char c
-    for i in range(n):
-        c = p[i]
-        if 65 <= c <= 90:
-            c += 32
-        if c != <unsigned char>lower[i]:
-            return False
-    return True
-
-
-cdef inline int _kind(const unsigned char* p, Py_ssize_t n) noexcept:
-    """The tracked kind of field name ``p[:n]`` (case-insensitive), or K_NONE."""
-    if n == 8:
-        if _same(p, b"received", 8):
-            return K_RECEIVED
-    elif n == 10:
-        if _same(p, b"message-id", 10):
-            return K_MESSAGE_ID
-    elif n == 4:
-        if _same(p, b"from", 4):
-            return K_FROM
-        if _same(p, b"date", 4):
-            return K_DATE
-    elif n == 2:
-        if _same(p, b"to", 2):
-            return K_TO
-    elif n == 7:
-        if _same(p, b"subject", 7):
-            return K_SUBJECT
-    elif n == 14:
-        if _same(p, b"dkim-signature", 14):
-            return K_DKIM
-    return K_NONE
 
 
 cdef inline bint _bad_name(const unsigned char* p, Py_ssize_t n) noexcept:

@@ -12,18 +12,23 @@ same exception classes, codes and texts for every input and every way of cutting
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memchr, memcmp, memcpy
 
+from engine.protocol import _tables
 from engine.protocol.errors import ReplyError
+
+include "_buffer.pxi"
+include "_result.pxi"
 
 __all__ = ["Reply", "ReplyParser", "format_reply"]
 
-MALFORMED = "Malformed reply line"
-MISMATCH = "Reply code mismatch in multi-line reply"
-TOO_LONG = "Reply line too long"
-TOO_MANY = "Too many reply lines"
+# ReplyError texts and default caps: engine/protocol/_tables.py holds them.
+cdef str MALFORMED = _tables.REPLY_MALFORMED
+cdef str MISMATCH = _tables.REPLY_MISMATCH
+cdef str TOO_LONG = _tables.REPLY_TOO_LONG
+cdef str TOO_MANY = _tables.REPLY_TOO_MANY
 
 
 @cython.final
@@ -52,10 +57,7 @@ cdef class Reply:
         return (self.code, self.enhanced, tuple(self.lines))
 
     def __eq__(self, other):
-        astuple = getattr(other, "astuple", None)
-        if astuple is None:
-            return NotImplemented
-        return bool(self.astuple() == astuple())
+        return _astuple_eq(self, other)
 
     __hash__ = None  # mutable
 
@@ -130,9 +132,7 @@ cdef class ReplyParser:
     cdef Py_ssize_t _max_line
     cdef Py_ssize_t _max_lines
     # The line being received (never longer than max_line + 1), in a buffer that grows.
-    cdef unsigned char* _partial
-    cdef Py_ssize_t _plen
-    cdef Py_ssize_t _pcap
+    cdef Buf _partial
     # Finished replies with their wire lengths, taken from _ready[_head:].
     cdef list _ready
     cdef Py_ssize_t _head
@@ -146,16 +146,12 @@ cdef class ReplyParser:
     cdef str _enhanced
     cdef object _error
 
-    def __cinit__(self):
-        self._partial = NULL
-
-    def __init__(self, max_line=2048, max_lines=100):
+    def __init__(self, max_line=_tables.REPLY_MAX_LINE, max_lines=_tables.REPLY_MAX_LINES):
         if max_line < 0 or max_lines < 0:
             raise ValueError("max_line and max_lines must not be negative")
         self._max_line = max_line
         self._max_lines = max_lines
-        self._plen = 0
-        self._pcap = 0
+        self._partial.len = 0
         self._ready = []
         self._head = 0
         self._ready_bytes = 0
@@ -167,7 +163,7 @@ cdef class ReplyParser:
         self._error = None
 
     def __dealloc__(self):
-        PyMem_Free(self._partial)
+        buf_free(&self._partial)
 
     @property
     def buffered(self):
@@ -176,33 +172,13 @@ cdef class ReplyParser:
         After an error it stays at what was held when the error was found (a line that
         was too long counts as max_line + 1); later pushes are discarded.
         """
-        return self._ready_bytes + self._reply_bytes + self._plen
-
-    cdef int _keep(self, const unsigned char* p, Py_ssize_t n) except -1:
-        """Append ``p[:n]`` to the partial line (the caller has checked the limit)."""
-        cdef Py_ssize_t want = self._plen + n
-        cdef Py_ssize_t cap
-        cdef unsigned char* grown
-        if want > self._pcap:
-            cap = self._pcap * 2 + 256
-            if cap < want:
-                cap = want
-            if cap > self._max_line + 2:
-                cap = self._max_line + 2
-            grown = <unsigned char*>PyMem_Realloc(self._partial, <size_t>cap)
-            if grown == NULL:
-                raise MemoryError()
-            self._partial = grown
-            self._pcap = cap
-        memcpy(self._partial + self._plen, p, <size_t>n)
-        self._plen = want
-        return 0
+        return self._ready_bytes + self._reply_bytes + self._partial.len
 
     cdef void _fail(self, str text, Py_ssize_t line_bytes) noexcept:
         """The parser is dead: keep the error, drop the broken reply, freeze buffered."""
         self._error = text
         self._lines = []
-        self._plen = 0
+        self._partial.len = 0
         self._reply_bytes += line_bytes
 
     def push(self, data):
@@ -223,22 +199,22 @@ cdef class ReplyParser:
             hit = <const unsigned char*>memchr(buf + start, 10, <size_t>(end - start))
             if hit == NULL:
                 # A partial line: refused as soon as it cannot fit, without holding more.
-                size = self._plen + end - start
+                size = self._partial.len + end - start
                 if size > self._max_line + 1 or (
                     size == self._max_line + 1 and buf[end - 1] != 13
                 ):
                     self._fail(TOO_LONG, self._max_line + 1)
                     return
-                self._keep(buf + start, end - start)
+                buf_append(&self._partial, buf + start, end - start)
                 return
             lf = hit - buf
             # The line's length without its ending; a CR right before the LF is part of
             # the ending.  Checked before the line is copied (RFC 5321 §4.5.3.1.5).
-            length = self._plen + lf - start
+            length = self._partial.len + lf - start
             if lf > start:
                 last = buf[lf - 1]
-            elif self._plen:
-                last = self._partial[self._plen - 1]
+            elif self._partial.len:
+                last = self._partial.data[self._partial.len - 1]
             else:
                 last = 0
             if last == 13:
@@ -246,11 +222,11 @@ cdef class ReplyParser:
             if length > self._max_line:
                 self._fail(TOO_LONG, self._max_line + 1)
                 return
-            wire = self._plen + lf + 1 - start
-            if self._plen:
-                self._keep(buf + start, lf - start)
-                self._plen = 0
-                if not self._line(self._partial, length, wire):
+            wire = self._partial.len + lf + 1 - start
+            if self._partial.len:
+                buf_append(&self._partial, buf + start, lf - start)
+                self._partial.len = 0
+                if not self._line(self._partial.data, length, wire):
                     return
             elif not self._line(buf + start, length, wire):
                 return

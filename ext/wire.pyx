@@ -21,7 +21,11 @@ from libc.string cimport memchr, memcpy, memmove
 import operator
 import sys
 
+from engine.protocol import _tables
+from engine.protocol._tables import BARE_NORMALIZE, BARE_REJECT
 from engine.protocol.errors import LineTooLong
+
+include "_buffer.pxi"
 
 __all__ = [
     "BARE_NORMALIZE",
@@ -32,8 +36,8 @@ __all__ = [
     "dot_stuff",
 ]
 
-BARE_REJECT = "reject"
-BARE_NORMALIZE = "normalize"
+# LineTooLong's text and the default line limit: engine/protocol/_tables.py holds them.
+cdef str LINE_TOO_LONG = _tables.LINE_TOO_LONG
 
 ctypedef const unsigned char* cbytes
 
@@ -52,43 +56,6 @@ cdef enum:
     S_DOT = 2
     S_DOTCR = 3
     S_CR = 4
-
-
-# --- a growable byte buffer ------------------------------------------------------------
-
-cdef struct Buf:
-    unsigned char* data
-    Py_ssize_t len
-    Py_ssize_t cap
-
-
-cdef int buf_grow(Buf* b, Py_ssize_t extra) except -1:
-    cdef Py_ssize_t need = b.len + extra
-    cdef Py_ssize_t cap = b.cap * 2 if b.cap else 256
-    cdef unsigned char* nd
-    while cap < need:
-        cap *= 2
-    nd = <unsigned char*>realloc(b.data, cap)
-    if nd == NULL:
-        raise MemoryError()
-    b.data = nd
-    b.cap = cap
-    return 0
-
-
-cdef inline int buf_append(Buf* b, cbytes p, Py_ssize_t n) except -1:
-    if b.len + n > b.cap:
-        buf_grow(b, n)
-    memcpy(b.data + b.len, p, n)
-    b.len += n
-    return 0
-
-
-cdef inline void buf_free(Buf* b) noexcept:
-    free(b.data)
-    b.data = NULL
-    b.len = 0
-    b.cap = 0
 
 
 # --- a body buffer that becomes the body -----------------------------------------------
@@ -215,7 +182,7 @@ cdef class LineReader:
     cdef Py_ssize_t _limit
     cdef bint _skipping  # discarding the rest of an over-long line
 
-    def __init__(self, limit=512):
+    def __init__(self, limit=_tables.COMMAND_LINE_LIMIT):
         self._limit = check_size(limit, "limit")
         self._buf.len = 0
         self._pos = 0
@@ -286,9 +253,9 @@ cdef class LineReader:
         self._scan = idx + 2
         if self._skipping:
             self._skipping = False
-            raise LineTooLong("Line too long")
+            raise LineTooLong(LINE_TOO_LONG)
         if idx + 2 - pos > self._limit:
-            raise LineTooLong("Line too long")
+            raise LineTooLong(LINE_TOO_LONG)
         return PyBytes_FromStringAndSize(<char*>d + pos, idx - pos)
 
     def take_rest(self):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from engine.protocol._tables import HEADER_FIELDS
 from engine.protocol._twin import Result as _Result
 
 __all__ = ["HeaderScan", "scan_headers"]
@@ -22,23 +23,16 @@ __all__ = ["HeaderScan", "scan_headers"]
 _BAD_NAME_OCTET = re.compile(rb"[^\x21-\x39\x3b-\x7e]").search
 
 # Which remembered attribute a (lower-cased) field name feeds (RFC 5322 §3.6.1-§3.6.7,
-# RFC 6376 §3.5 for DKIM-Signature).
-_RECEIVED = 1
-_MESSAGE_ID = 2
-_FROM = 3
-_TO = 4
-_SUBJECT = 5
-_DATE = 6
-_DKIM = 7
-_KINDS = {
-    b"received": _RECEIVED,
-    b"message-id": _MESSAGE_ID,
-    b"from": _FROM,
-    b"to": _TO,
-    b"subject": _SUBJECT,
-    b"date": _DATE,
-    b"dkim-signature": _DKIM,
-}
+# RFC 6376 §3.5 for DKIM-Signature): 1 + its index in HEADER_FIELDS, 0 for any other.
+_KINDS = {name: kind for kind, name in enumerate(HEADER_FIELDS, 1)}
+_LONGEST = max(map(len, HEADER_FIELDS))
+_RECEIVED = _KINDS[b"received"]
+_MESSAGE_ID = _KINDS[b"message-id"]
+_FROM = _KINDS[b"from"]
+_TO = _KINDS[b"to"]
+_SUBJECT = _KINDS[b"subject"]
+_DATE = _KINDS[b"date"]
+_DKIM = _KINDS[b"dkim-signature"]
 
 Span = tuple[int, int]
 FieldSpan = tuple[int, int, int, int]
@@ -183,7 +177,7 @@ def scan_headers(data: bytes, limit: int = 0) -> HeaderScan:
         name_start, name_end = pos, stop
         value_start, value_end = colon + 1, content_end
         name = data[pos:stop]
-        kind = _KINDS.get(name.lower(), 0) if stop - pos <= 14 else 0
+        kind = _KINDS.get(name.lower(), 0) if stop - pos <= _LONGEST else 0
         if _BAD_NAME_OCTET(name) is not None:
             scan.malformed = True
         pos = nxt

@@ -47,6 +47,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -193,7 +194,8 @@ class ProtocolLog:
     Switched off, every call is a cheap no-op and no file is created.  Switched on, the
     file is opened (created with mode 0o640, less what the umask removes) at once; if
     that fails the error is kept in :attr:`last_error`, lines are counted in
-    :attr:`dropped`, and each flush tries again.
+    :attr:`dropped`, and each flush tries again.  ``clock`` (seconds since the epoch)
+    stamps the lines and decides when ``flush_interval`` has passed.
     """
 
     def __init__(
@@ -203,6 +205,7 @@ class ProtocolLog:
         *,
         max_bytes: int = 100 << 20,
         flush_interval: float = 1.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         # The name becomes part of a path: no separators, no "..", no hidden files.
         if _CONNECTOR_NAME.fullmatch(connector) is None:
@@ -230,7 +233,8 @@ class ProtocolLog:
         # so half a line can never be glued to the next.
         self._torn = False
         self._closed = self.path is None
-        self._last_flush = time.time()
+        self._clock = clock
+        self._last_flush = clock()
         self._sec = -1
         self._sec_text = ""
         if self.path is not None:
@@ -251,7 +255,7 @@ class ProtocolLog:
 
     def flush(self) -> None:
         """Write the buffered lines with one append; never raises ``OSError``."""
-        self._last_flush = time.time()
+        self._last_flush = self._clock()
         if not self._buf:
             return
         chunk = b"".join(self._buf)
@@ -296,7 +300,7 @@ class ProtocolLog:
         if self._closed:
             self.dropped += 1
             return
-        now = time.time()
+        now = self._clock()
         sec = int(now)
         if sec != self._sec:
             self._sec = sec

@@ -18,87 +18,64 @@ import re
 from operator import index
 from typing import Any, Final
 
+from engine.protocol._tables import (
+    BARE_VERBS,
+    BODY_VALUES,
+    E_ARGCHARS,
+    E_AUTH,
+    E_AUTHP,
+    E_BDAT,
+    E_BODY,
+    E_CTL,
+    E_ENVID,
+    E_HELO,
+    E_MAIL_KW,
+    E_MAIL_PATH,
+    E_MAIL_UTF8,
+    E_NEEDARG,
+    E_NOARGS,
+    E_NONASCII,
+    E_NOTIFY,
+    E_NOTIMPL,
+    E_ORCPT,
+    E_P_CHARS,
+    E_P_DUP,
+    E_P_NEEDVAL,
+    E_P_NOVAL,
+    E_P_SYNTAX,
+    E_P_UNKNOWN,
+    E_RCPT_KW,
+    E_RCPT_PATH,
+    E_RCPT_UTF8,
+    E_RET,
+    E_SIZE,
+    E_UNREC,
+    E_X_CHAR,
+    E_X_CTL,
+    E_X_ESC,
+    FREE_VERBS,
+    MAIL_PARAMS,
+    MAX_BDAT_DIGITS,
+    MAX_DOMAIN,
+    MAX_ENVID,
+    MAX_LABEL,
+    MAX_LOCAL,
+    MAX_MECHANISM,
+    MAX_PATH,
+    MAX_SIZE_DIGITS,
+    NOT_IMPLEMENTED,
+    NOTIFY_NEVER,
+    NOTIFY_VALUES,
+    RCPT_PARAMS,
+    RET_VALUES,
+    VERBS,
+    XTEXT_PARAMS,
+)
+from engine.protocol._tables import COMMAND_ERRORS as _ERRORS
 from engine.protocol._twin import Result as _Result
 from engine.protocol.errors import CommandError
 
 __all__ = ["Command", "format_command", "parse_command", "xtext_decode", "xtext_encode"]
-
-# Error kinds: indexes into _ERRORS.  The compiled module holds the very same table.
-(
-    E_CTL,
-    E_UNREC,
-    E_NOTIMPL,
-    E_NOARGS,
-    E_NEEDARG,
-    E_HELO,
-    E_ARGCHARS,
-    E_MAIL_KW,
-    E_RCPT_KW,
-    E_MAIL_PATH,
-    E_MAIL_LONG,
-    E_MAIL_UTF8,
-    E_RCPT_PATH,
-    E_RCPT_LONG,
-    E_RCPT_UTF8,
-    E_NONASCII,
-    E_P_SYNTAX,
-    E_P_UNKNOWN,
-    E_P_DUP,
-    E_P_NEEDVAL,
-    E_P_NOVAL,
-    E_P_CHARS,
-    E_SIZE,
-    E_BODY,
-    E_RET,
-    E_ENVID,
-    E_AUTHP,
-    E_NOTIFY,
-    E_ORCPT,
-    E_BDAT,
-    E_AUTH,
-    E_X_ESC,
-    E_X_CTL,
-    E_X_CHAR,
-) = range(34)
-
-# (text, code, enhanced status).  Texts are constants: nothing from the line is echoed.
-_ERRORS: Final[tuple[tuple[str, int, str], ...]] = (
-    ("Line contains CR, LF or NUL", 501, "5.5.2"),
-    ("Command unrecognized", 500, "5.5.2"),
-    ("Command not implemented", 502, "5.5.1"),
-    ("Syntax error: no arguments allowed", 501, "5.5.4"),
-    ("Syntax error: argument required", 501, "5.5.4"),
-    ("Syntax: HELO/EHLO <domain or address literal>", 501, "5.5.4"),
-    ("Syntax error: invalid characters in argument", 501, "5.5.4"),
-    ("Syntax: MAIL FROM:<address> [parameters]", 501, "5.5.4"),
-    ("Syntax: RCPT TO:<address> [parameters]", 501, "5.5.4"),
-    ("Bad sender address syntax", 501, "5.1.7"),
-    ("Sender address too long", 501, "5.1.7"),
-    ("Sender address is not valid UTF-8", 501, "5.1.7"),
-    ("Bad recipient address syntax", 501, "5.1.3"),
-    ("Recipient address too long", 501, "5.1.3"),
-    ("Recipient address is not valid UTF-8", 501, "5.1.3"),
-    ("Non-ASCII address requires SMTPUTF8", 553, "5.6.7"),
-    ("Syntax error in parameters", 501, "5.5.4"),
-    ("Parameter not recognized", 555, "5.5.4"),
-    ("Duplicate parameter", 501, "5.5.4"),
-    ("Parameter requires a value", 501, "5.5.4"),
-    ("Parameter takes no value", 501, "5.5.4"),
-    ("Invalid characters in parameter value", 501, "5.5.4"),
-    ("Invalid SIZE value", 501, "5.5.4"),
-    ("Invalid BODY value", 501, "5.5.4"),
-    ("Invalid RET value", 501, "5.5.4"),
-    ("Invalid ENVID value", 501, "5.5.4"),
-    ("Invalid AUTH value", 501, "5.5.4"),
-    ("Invalid NOTIFY value", 501, "5.5.4"),
-    ("Invalid ORCPT value", 501, "5.5.4"),
-    ("Syntax: BDAT <size> [LAST]", 501, "5.5.4"),
-    ("Syntax: AUTH <mechanism> [initial-response]", 501, "5.5.4"),
-    ("Invalid xtext escape", 501, "5.5.4"),
-    ("Control character in xtext", 501, "5.5.4"),
-    ("Invalid character in xtext", 501, "5.5.4"),
-)
-
 
 def _err(kind: int) -> CommandError:
     text, code, enhanced = _ERRORS[kind]
@@ -199,27 +176,9 @@ def _new(verb: str) -> Command:
 
 
 # Verbs, by their lower-cased bytes (verbs are case-insensitive, RFC 5321 §2.4).
-_VERBS: Final[dict[bytes, str]] = {
-    v.lower().encode(): v
-    for v in (
-        "HELO",
-        "EHLO",
-        "MAIL",
-        "RCPT",
-        "DATA",
-        "BDAT",
-        "RSET",
-        "NOOP",
-        "QUIT",
-        "VRFY",
-        "EXPN",
-        "HELP",
-        "STARTTLS",
-        "AUTH",
-    )
-}
+_VERBS: Final[dict[bytes, str]] = {v.lower().encode(): v for v in VERBS}
 # Recognised but not implemented here (RFC 5321 §4.2.4 says 502).
-_NOT_IMPLEMENTED: Final = frozenset((b"send", b"soml", b"saml", b"turn", b"etrn", b"atrn", b"burl"))
+_NOT_IMPLEMENTED: Final = frozenset(v.lower().encode() for v in NOT_IMPLEMENTED)
 
 # RFC 5321 §4.1.2 character classes, widened by RFC 6531 §3.3 to UTF8-non-ascii (any byte
 # >= 0x80 here; whether such bytes are allowed and valid UTF-8 is checked after the grammar).
@@ -230,7 +189,7 @@ _QUOTED: Final = re.compile(rb'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\x20
 # sub-domain = Let-dig [Ldh-str]: letters/digits/hyphens, no hyphen at either end.
 _LABEL = rb"[A-Za-z0-9\x80-\xff](?:[A-Za-z0-9\x2d\x80-\xff]*[A-Za-z0-9\x80-\xff])?"
 _DOMAIN: Final = re.compile(_LABEL + rb"(?:\." + _LABEL + rb")*")
-_LONG_LABEL: Final = re.compile(rb"[^.]{64}")
+_LONG_LABEL: Final = re.compile(rb"[^.]{%d}" % (MAX_LABEL + 1))
 # address-literal = "[" dcontent "]" with dcontent %d33-90 / %d94-126.
 _LITERAL: Final = re.compile(rb"\[[\x21-\x5a\x5e-\x7e]*\]")
 _TAG: Final = re.compile(rb"[A-Za-z0-9\x2d]*[A-Za-z0-9]")
@@ -238,18 +197,20 @@ _HEX4: Final = re.compile(rb"[0-9A-Fa-f]{1,4}")
 # esmtp-param = esmtp-keyword ["=" esmtp-value] (§4.1.2); UTF-8 values per RFC 6531 §3.4.
 _PARAM: Final = re.compile(rb"[A-Za-z0-9][A-Za-z0-9\x2d]*(?:=[\x21-\x3c\x3e-\x7e\x80-\xff]+)?")
 _VCHAR_TOKEN: Final = re.compile(rb"[\x21-\x7e]+")
-_BDAT: Final = re.compile(rb"([0-9]{1,18})(?: +([Ll][Aa][Ss][Tt]))?")
-_AUTH: Final = re.compile(rb"([A-Za-z0-9_\x2d]{1,20})(?: +(=|[A-Za-z0-9+/]+={0,2}))?")
-_SIZE: Final = re.compile(r"[0-9]{1,20}")
+_BDAT: Final = re.compile(rb"([0-9]{1,%d})(?: +([Ll][Aa][Ss][Tt]))?" % MAX_BDAT_DIGITS)
+_AUTH: Final = re.compile(
+    rb"([A-Za-z0-9_\x2d]{1,%d})(?: +(=|[A-Za-z0-9+/]+={0,2}))?" % MAX_MECHANISM
+)
+_SIZE: Final = re.compile(rf"[0-9]{{1,{MAX_SIZE_DIGITS}}}")
 _ATOM: Final = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x2d]+")
 _XTEXT_PLAIN: Final = re.compile("[\x21-\x2a\x2c-\x3c\x3e-\x7e\x80-\U0010ffff]*")
 _HEXU: Final = "0123456789ABCDEF"
 
-_MAIL_PARAMS: Final = frozenset(("SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"))
-_RCPT_PARAMS: Final = frozenset(("NOTIFY", "ORCPT"))
-_BODY_VALUES: Final = frozenset(("7BIT", "8BITMIME", "BINARYMIME"))
-_RET_VALUES: Final = frozenset(("FULL", "HDRS"))
-_NOTIFY_VALUES: Final = frozenset(("SUCCESS", "FAILURE", "DELAY"))
+_MAIL_PARAMS: Final = frozenset(MAIL_PARAMS)
+_RCPT_PARAMS: Final = frozenset(RCPT_PARAMS)
+_BODY_VALUES: Final = frozenset(BODY_VALUES)
+_RET_VALUES: Final = frozenset(RET_VALUES)
+_NOTIFY_VALUES: Final = frozenset(NOTIFY_VALUES)
 
 
 # --- grammar helpers: each returns an end offset, or -1 (syntax) / -2 (too long) ----------
@@ -314,12 +275,12 @@ def _domain(b: bytes, i: int, n: int, literal: bool) -> int:
         e = m.end()
         if not _literal_ok(b[i + 1 : e - 1]):
             return -1
-        return -2 if e - i > 255 else e
+        return -2 if e - i > MAX_DOMAIN else e
     m = _DOMAIN.match(b, i, n)
     if m is None:
         return -1
     e = m.end()
-    if e - i > 255 or _LONG_LABEL.search(b, i, e) is not None:
+    if e - i > MAX_DOMAIN or _LONG_LABEL.search(b, i, e) is not None:
         return -2
     return e
 
@@ -363,7 +324,7 @@ def _path(b: bytes, i: int, n: int, rcpt: bool) -> tuple[int, int, int, int, int
     le = _local(b, i, n)
     if le < 0:
         raise _err(syntax)
-    if le - ls > 64:  # §4.5.3.1.1
+    if le - ls > MAX_LOCAL:  # §4.5.3.1.1
         raise _err(syntax + 1)
     i = le
     if (
@@ -385,7 +346,7 @@ def _path(b: bytes, i: int, n: int, rcpt: bool) -> tuple[int, int, int, int, int
     if i >= n or b[i] != 0x3E:
         raise _err(syntax)
     i += 1
-    if i - p0 > 256:  # §4.5.3.1.3, counting the angle brackets
+    if i - p0 > MAX_PATH:  # §4.5.3.1.3, counting the angle brackets
         raise _err(syntax + 1)
     return (ls, le, ds, de, i)
 
@@ -394,7 +355,7 @@ def _mailbox_ok(b: bytes) -> bool:
     """``b`` is exactly a Mailbox (Local-part "@" domain-or-literal)."""
     n = len(b)
     le = _local(b, 0, n)
-    if le < 0 or le > 64 or le >= n or b[le] != 0x40:
+    if le < 0 or le > MAX_LOCAL or le >= n or b[le] != 0x40:
         return False
     return _domain(b, le + 1, n, True) == n
 
@@ -474,7 +435,7 @@ def _param_value(key: str, value: str, raw: bytes, utf8: bool) -> str:
             raise _err(E_RET)
         return up
     if key == "ENVID":  # RFC 3461 §4.4: xtext, at most 100 octets as sent
-        if len(raw) > 100:
+        if len(raw) > MAX_ENVID:
             raise _err(E_ENVID)
         try:
             return xtext_decode(value)
@@ -492,7 +453,7 @@ def _param_value(key: str, value: str, raw: bytes, utf8: bool) -> str:
         if not value.isascii():
             raise _err(E_NOTIFY)
         items = value.upper().split(",")
-        if items != ["NEVER"] and (
+        if items != [NOTIFY_NEVER] and (
             not all(item in _NOTIFY_VALUES for item in items) or len(set(items)) != len(items)
         ):
             raise _err(E_NOTIFY)
@@ -624,11 +585,11 @@ def parse_command(line: bytes, utf8: bool = False) -> Command:
     if verb == "MAIL" or verb == "RCPT":
         return _mail_rcpt(verb, rest, verb == "RCPT", bool(utf8))
     cmd = _new(verb)
-    if verb in ("DATA", "RSET", "QUIT", "STARTTLS"):
+    if verb in _BARE:
         if rest:
             raise _err(E_NOARGS)
         return cmd
-    if verb in ("NOOP", "HELP", "VRFY", "EXPN"):
+    if verb in _FREE:
         if not rest:
             if verb == "VRFY" or verb == "EXPN":
                 raise _err(E_NEEDARG)
@@ -670,9 +631,9 @@ def parse_command(line: bytes, utf8: bool = False) -> Command:
 
 # --- format (client side) ------------------------------------------------------------------
 
-_XTEXT_PARAMS: Final = frozenset(("ENVID", "AUTH"))
-_BARE: Final = frozenset(("DATA", "RSET", "QUIT", "STARTTLS"))
-_FREE: Final = frozenset(("NOOP", "HELP", "VRFY", "EXPN"))
+_XTEXT_PARAMS: Final = frozenset(XTEXT_PARAMS)
+_BARE: Final = frozenset(BARE_VERBS)
+_FREE: Final = frozenset(FREE_VERBS)
 
 
 def _format_params(params: dict[str, str | None]) -> str:

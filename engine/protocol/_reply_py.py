@@ -15,6 +15,11 @@ from __future__ import annotations
 import re
 from collections import deque
 
+from engine.protocol._tables import REPLY_MALFORMED as MALFORMED
+from engine.protocol._tables import REPLY_MAX_LINE, REPLY_MAX_LINES
+from engine.protocol._tables import REPLY_MISMATCH as MISMATCH
+from engine.protocol._tables import REPLY_TOO_LONG as TOO_LONG
+from engine.protocol._tables import REPLY_TOO_MANY as TOO_MANY
 from engine.protocol._twin import Result as _Result
 from engine.protocol.errors import ReplyError
 
@@ -29,12 +34,6 @@ _HAS_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
 # subject and detail 1-3 digits (§2), then a space or the end of the line (RFC 2034 §3).
 # The class digit is checked against the reply code separately.
 _ENHANCED = re.compile(rb"[245]\.[0-9]{1,3}\.[0-9]{1,3}(?= |\Z)").match
-
-MALFORMED = "Malformed reply line"
-MISMATCH = "Reply code mismatch in multi-line reply"
-TOO_LONG = "Reply line too long"
-TOO_MANY = "Too many reply lines"
-
 
 class Reply(_Result):
     """One complete SMTP reply: code, RFC 3463 status ("" if none) and the text lines.
@@ -90,7 +89,7 @@ class ReplyParser:
         "_reply_bytes",
     )
 
-    def __init__(self, max_line: int = 2048, max_lines: int = 100) -> None:
+    def __init__(self, max_line: int = REPLY_MAX_LINE, max_lines: int = REPLY_MAX_LINES) -> None:
         if max_line < 0 or max_lines < 0:
             raise ValueError("max_line and max_lines must not be negative")
         self._max_line = max_line

@@ -17,6 +17,8 @@ import operator
 import re
 import sys
 
+from engine.protocol import _tables
+from engine.protocol._tables import BARE_NORMALIZE, BARE_REJECT
 from engine.protocol.errors import LineTooLong
 
 __all__ = [
@@ -27,11 +29,6 @@ __all__ = [
     "LineReader",
     "dot_stuff",
 ]
-
-#: Bare CR / bare LF policy: refuse the message (the body is dropped, 554 after the end).
-BARE_REJECT = "reject"
-#: Bare CR / bare LF policy: write each one as CRLF and accept the message.
-BARE_NORMALIZE = "normalize"
 
 _CR = 13
 _LF = 10
@@ -85,7 +82,7 @@ class LineReader:
 
     __slots__ = ("_buf", "_limit", "_pos", "_scan", "_skipping")
 
-    def __init__(self, limit: int = 512) -> None:
+    def __init__(self, limit: int = _tables.COMMAND_LINE_LIMIT) -> None:
         self._limit = _check_size(limit, "limit")
         self._buf = bytearray()
         self._pos = 0  # start of the first byte not yet returned
@@ -141,9 +138,9 @@ class LineReader:
         self._scan = nxt
         if self._skipping:
             self._skipping = False
-            raise LineTooLong("Line too long")
+            raise LineTooLong(_tables.LINE_TOO_LONG)
         if nxt - pos > self._limit:
-            raise LineTooLong("Line too long")
+            raise LineTooLong(_tables.LINE_TOO_LONG)
         return bytes(buf[pos:idx])
 
     def take_rest(self) -> bytes:

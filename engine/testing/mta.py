@@ -197,19 +197,18 @@ class LoopbackMta:
         """The first match of the regular expression ``pattern`` in the log (from byte
         ``after``), waiting for it up to ``timeout`` seconds."""
         regex = re.compile(pattern, re.MULTILINE)
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def search() -> re.Match[str] | None:
             try:
                 with self.log_path.open("rb") as f:
                     f.seek(after)
-                    text = f.read().decode(errors="replace")
+                    return regex.search(f.read().decode(errors="replace"))
             except FileNotFoundError:
-                text = ""
-            m = regex.search(text)
-            if m is not None:
-                return m
-            if time.monotonic() >= deadline:
-                raise self.error(
-                    f"no log line matching {pattern!r} after {timeout:.0f} s\n{self.log_tail()}"
-                )
-            time.sleep(0.05)
+                return None
+
+        m = poll(search, timeout)
+        if m is None:
+            raise self.error(
+                f"no log line matching {pattern!r} after {timeout:.0f} s\n{self.log_tail()}"
+            )
+        return m

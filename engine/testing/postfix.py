@@ -35,7 +35,6 @@ import os
 import pwd
 import re
 import subprocess
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -50,6 +49,7 @@ from engine.testing.mta import (
     kill_pid,
     wait_pid_gone,
 )
+from engine.testing.wait import poll
 
 __all__ = ["LOOPBACK", "QUEUES", "PostfixError", "PostfixInstance", "free_port"]
 
@@ -312,13 +312,14 @@ class PostfixInstance(LoopbackMta):
         return 0
 
     def _master_pid(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def running() -> int:
             pid = self._read_pid()
-            if pid and Path(f"/proc/{pid}").exists():
-                return pid
-            time.sleep(0.05)
-        raise PostfixError(f"no master.pid after {timeout:.0f} s\n{self.log_tail()}")
+            return pid if pid and Path(f"/proc/{pid}").exists() else 0
+
+        pid = poll(running, timeout)
+        if pid is None:
+            raise PostfixError(f"no master.pid after {timeout:.0f} s\n{self.log_tail()}")
+        return pid
 
     def _postfix(self, *args: str, check: bool = True, timeout: float = 60.0) -> str:
         done = subprocess.run(
@@ -368,11 +369,8 @@ class PostfixInstance(LoopbackMta):
         return sum(len(files) for q in QUEUES for _, _, files in os.walk(self.queue_dir / q))
 
     def wait_queue_empty(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.queue_files():
-                return
-            time.sleep(0.1)
+        if poll(lambda: not self.queue_files(), timeout, 0.1):
+            return
         raise PostfixError(
             f"queue not empty after {timeout:.0f} s: {self.queue()}\n{self.log_tail()}"
         )

@@ -15,7 +15,8 @@ and is stopped with SIGTERM.
 
 Checks (each broken one is a line in ``TortureReport.violations``):
 
-- restart to the 220 greeting within ``restart_limit`` seconds, every time;
+- restart to the 220 greeting within ``restart_limit`` seconds, every time (a timing
+  target: the benchmark sets it; the test suite passes None and asserts no timing);
 - after each kill, with Ferry dead, the spool holds every acknowledged message that the
   sink has not received, with the very body the client sent (after Ferry's Received
   field), holds no rejected message, and has no corrupt record;
@@ -64,6 +65,7 @@ from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import RcptState, id_text
 from engine.testing.dns import DnsResponder
 from engine.testing.sink import CountingSink, _CountingSMTP, _Handler
+from engine.testing.wait import poll
 
 DOMAIN = "torture.test"
 SINK_ADDRESS = "127.0.31.1"
@@ -478,15 +480,6 @@ def _read_spool(spool: Path, violations: list[str], label: str) -> _SpoolView:
         store.close_sync()
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, step: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
-
-
 def run_torture(
     workdir: Path,
     *,
@@ -499,7 +492,7 @@ def run_torture(
     uptime: tuple[float, float] = (0.3, 1.5),
     bad_share: float = 0.05,
     drain_timeout: float = 60.0,
-    restart_limit: float = 10.0,
+    restart_limit: float | None = 10.0,
     progress: Callable[[str], None] | None = None,
 ) -> TortureReport:
     """Kill ``ferry serve`` ``kills`` times under load and check it (see the module doc).
@@ -538,7 +531,7 @@ def run_torture(
             starts_at.append(time.monotonic())
             seconds = ferry.start()
             report.starts.append(seconds)
-            if seconds > restart_limit:
+            if restart_limit is not None and seconds > restart_limit:
                 violations.append(
                     f"start {len(report.starts)}: greeting after "
                     f"{seconds:.2f} s (limit {restart_limit} s)"
@@ -550,9 +543,9 @@ def run_torture(
             phase = "ingest" if index % 2 == 0 else "delivery"
             time.sleep(rnd.uniform(*uptime))
             if phase == "ingest":
-                _wait(lambda: workers is not None and workers.in_data > 0, 3, 0.001)
+                poll(lambda: workers is not None and workers.in_data > 0, 3, 0.001)
             else:
-                _wait(lambda: sink.held > 0, 3, 0.001)
+                poll(lambda: sink.held > 0, 3, 0.001)
                 # A random moment inside the hold, not always its first millisecond (a
                 # client's wait for its 250 is a few milliseconds: no such delay there).
                 time.sleep(rnd.uniform(0, reply_delay / 2))
@@ -568,7 +561,7 @@ def run_torture(
             ferry.kill()
             report.kills.append(kill)
             # Every connection of the dead process is gone before the sink is read.
-            if not _wait(lambda: sink.open_connections() == 0, 10):
+            if not poll(lambda: sink.open_connections() == 0, 10):
                 violations.append(f"kill {kill.index}: sink connections stayed open")
             delivered = list(sink.deliveries)
             view = _read_spool(workdir / "spool", violations, f"kill {kill.index}")
@@ -599,7 +592,7 @@ def run_torture(
             got = {d.token for d in sink.deliveries}
             return all(s.token in got for s in acked)
 
-        if not _wait(drained, drain_timeout, 0.05):
+        if not poll(drained, drain_timeout, 0.05):
             violations.append(f"not drained within {drain_timeout} s")
         # Quiet for a moment: late copies (duplicates) would arrive now.
         seen = -1

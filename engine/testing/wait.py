@@ -5,6 +5,7 @@ Test-side only (never imported by the running server); every wait is bounded.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -30,3 +31,18 @@ def wait_for(condition: Callable[[], _T | None], timeout: float = 20.0, what: st
     if result is None:
         raise AssertionError(f"not in {timeout:.0f} s: {what or condition}")
     return result
+
+
+async def until(condition: Callable[[], _T | None], within: float = 20.0, what: str = "",
+                interval: float = 0.01) -> _T:
+    """``wait_for`` inside a coroutine: polls without blocking the loop, so the tasks under
+    test run meanwhile; AssertionError when the condition has not held ``within`` seconds."""
+    try:
+        async with asyncio.timeout(within):
+            # Polling, not an Event: the state is often another thread's (a sink, a DNS
+            # responder, a queue writer) and has no event to await.
+            while not (result := condition()):  # noqa: ASYNC110
+                await asyncio.sleep(interval)
+            return result
+    except TimeoutError:
+        raise AssertionError(f"not in {within:.0f} s: {what or condition}") from None

@@ -8,13 +8,13 @@ import smtplib
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from engine.server.auth import verify_password
 from engine.testing.rawsmtp import RawClient
+from engine.testing.wait import wait_for
 
 FERRY = [sys.executable, "-m", "engine"]
 
@@ -26,16 +26,16 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"ferry exited: {proc.stderr.read() if proc.stderr else ''!r}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
         except OSError:
-            time.sleep(0.05)
-    raise AssertionError("ferry did not listen in time")
+            return False
+        return True
+
+    wait_for(listening, timeout, f"ferry listening on port {port}")
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
@@ -222,12 +222,9 @@ def test_delivery_flags_dns_mx_port_retry_interval(tmp_path: Path) -> None:
                 with smtplib.SMTP("127.0.0.1", port) as client:
                     client.sendmail("a@[127.0.0.1]", ["x@flags.test", "y@flags.test"],
                                     b"Subject: x\r\n\r\nx\r\n")
-                deadline = time.monotonic() + 20
-                while not sink.state.connections["127.0.20.1"] and time.monotonic() < deadline:
-                    time.sleep(0.05)
+                wait_for(lambda: sink.state.connections["127.0.20.1"], 20, "the first try")
                 sink.state.data_replies["127.0.20.1"] = ""  # the retry succeeds
-                while not sink.state.messages and time.monotonic() < deadline:
-                    time.sleep(0.05)
+                wait_for(lambda: sink.state.messages, 20, "the retry delivered")
             finally:
                 code, err = stop(proc)
         assert code == 0, err

@@ -3,9 +3,9 @@ mail held and released, suspensions that outlive a restart, clear errors."""
 
 from __future__ import annotations
 
+import re
 import smtplib
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +17,11 @@ from engine.testing.wait import wait_for
 from tests.e2e.test_cli import free_port, start, stop, wait_for_port
 from tests.e2e.test_queue_cli import ferry_queue
 
-ZONE = "$TTL 60\nhold.test. IN MX 10 mx.hold.test.\nmx.hold.test. IN A 127.0.21.1\n"
+ZONE = (
+    "$TTL 60\nhold.test. IN MX 10 mx.hold.test.\nmx.hold.test. IN A 127.0.21.1\n"
+    "probe.test. IN MX 10 mx.probe.test.\nmx.probe.test. IN A 127.0.21.2\n"
+)
+PROBE = "127.0.21.2"  # mx.probe.test: defers everything (see after_a_retry)
 BODY = b"Subject: held\r\n\r\nheld\r\n"
 
 Serve = Callable[[], tuple[subprocess.Popen[bytes], int]]
@@ -25,7 +29,7 @@ Serve = Callable[[], tuple[subprocess.Popen[bytes], int]]
 
 @pytest.fixture
 def sink() -> Iterator[CountingSink]:
-    s = CountingSink(["127.0.21.1"])
+    s = CountingSink(["127.0.21.1", PROBE])
     yield s
     s.stop()
 
@@ -60,6 +64,24 @@ def send(port: int, rcpt: str) -> None:
 
 
 
+def after_a_retry(spool: Path, port: int, sink: CountingSink) -> None:
+    """Return once the server has retried a deferred message: a probe to probe.test, whose
+    MX defers it, has had its second attempt.  Then the retry interval has passed in the
+    server and a retry has run: held mail would have gone out by now, were it not held."""
+    sink.state.data_replies[PROBE] = "451 4.3.0 probe: try again later"
+    send(port, "p@probe.test")
+
+    def retried() -> bool:
+        listing = ferry_queue(spool, "list", "--state", "deferred").stdout.splitlines()[1:]
+        for qid in (line.split()[0] for line in listing):
+            shown = ferry_queue(spool, "show", qid).stdout
+            if any(int(n) >= 2 for n in re.findall(r"(\d+) attempts", shown)):
+                return True
+        return False
+
+    wait_for(retried, 30, "the probe's second attempt")
+
+
 def suspended_listing(spool: Path) -> list[str]:
     out = ferry_queue(spool, "list", "--state", "suspended")
     assert out.returncode == 0, out.stderr
@@ -77,8 +99,8 @@ def test_suspend_holds_mail_and_resume_delivers_it(tmp_path: Path, serve: Serve,
     wait_for(lambda: len(suspended_listing(spool)) == 1)
     assert "1 (1 suspended)" in suspended_listing(spool)[0]
     assert ferry_queue(spool, "suspended").stdout == "hold.test\n"
-    time.sleep(1.5)  # past the retry interval: still held
-    assert sink.state.messages == []
+    after_a_retry(spool, port, sink)
+    assert sink.state.messages == []  # still held
 
     bad = ferry_queue(spool, "suspend", "two words")
     assert bad.returncode == 1 and "the server refused" in bad.stderr
@@ -111,7 +133,7 @@ def test_a_suspension_outlives_a_restart(tmp_path: Path, serve: Serve,
     assert ferry_queue(spool, "suspended").stdout == "hold.test\n"
     send(port, "y@hold.test")  # new mail is held too: the server loaded the set
     wait_for(lambda: len(suspended_listing(spool)) == 2)
-    time.sleep(1.0)
+    after_a_retry(spool, port, sink)
     assert sink.state.messages == []
     assert ferry_queue(spool, "resume", "hold.test").returncode == 0
     wait_for(lambda: len(sink.state.messages) == 2)

@@ -35,7 +35,9 @@ KILLS = int(os.environ.get("FERRY_TORTURE_KILLS", "10"))
 
 def test_sigkill_under_ingest_and_delivery_loses_nothing(tmp_path: Path) -> None:
     seed = int(os.environ.get("FERRY_TORTURE_SEED") or int.from_bytes(os.urandom(4), "big"))
-    report = run_torture(tmp_path, kills=KILLS, seed=seed, drain_timeout=25)
+    # No timing is asserted (restart_limit=None): the time to the greeting after a kill is
+    # benchmarks/crash_torture.py's figure; here every restart must greet at all.
+    report = run_torture(tmp_path, kills=KILLS, seed=seed, drain_timeout=25, restart_limit=None)
     summary = f"seed {seed}\n{report.summary()}"
     assert report.violations == [], summary
     assert len(report.kills) == KILLS, summary
@@ -49,7 +51,7 @@ def test_sigkill_under_ingest_and_delivery_loses_nothing(tmp_path: Path) -> None
     assert all(key.startswith("DOT 5") for key in report.rejections), summary
     assert report.delivered >= report.acked, summary
     assert report.duplicates <= sum(k.in_flight for k in report.kills), summary
-    assert len(report.starts) == KILLS + 1 and report.max_restart <= 10, summary
+    assert len(report.starts) == KILLS + 1, summary
     assert report.exit_code == 0 and report.leftover == 0, summary
     print(summary)  # shown with -s: the figures of the run
 

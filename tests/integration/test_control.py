@@ -192,10 +192,7 @@ def test_a_spool_path_too_long_for_a_socket_runs_without_the_channel(tmp_path: P
         assert f.app.control is None
         with smtplib.SMTP(f.host, f.port) as client:  # mail is still accepted
             client.sendmail("a@client.test", ["x@two.test"], b"Subject: s\r\n\r\nx\r\n")
-        deadline = time.monotonic() + 10
-        while f.store.count() != 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert f.store.count() == 1
+        wait_for(lambda: f.store.count() == 1, 10, "the message queued")
 
 
 def test_a_saved_set_that_does_not_decode_is_reported_not_fatal(

@@ -1,5 +1,6 @@
-"""Fan-out: one Ferry delivers to 1,000 domains over 2,000+ concurrent connections, and the
-sinks measure that no domain ever sees more connections than its limit.
+"""Fan-out: one Ferry delivers to 1,000 domains over many concurrent connections, and the
+sinks measure that no domain ever sees more connections than its limit (how many
+connections Ferry holds open at once is benchmarks/bench_fanout.py's figure).
 
 Each domain has its own MX on its own loopback address (127.1.x.y) served by a counting
 aiosmtpd sink that holds its reply to the final dot, so connections overlap.  Bounded:
@@ -9,7 +10,6 @@ aiosmtpd sink that holds its reply to the final dot, so connections overlap.  Bo
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 from engine.queue.lmdb_store import LmdbQueue
@@ -17,10 +17,11 @@ from engine.queue.records import Envelope, Recipient
 from engine.testing.dns import DnsResponder
 from engine.testing.server import RunningFerry, ferry_config
 from engine.testing.sink import CountingSink
+from engine.testing.wait import wait_for
 
 DOMAINS = 1000
 PER_DOMAIN = 4
-LIMIT = 3  # 3,000 connections possible: room above the 2,000 asserted
+LIMIT = 3  # up to 3,000 connections at once
 
 
 def address(i: int) -> str:
@@ -55,15 +56,11 @@ def test_fanout_to_1000_domains_respects_per_domain_limits(tmp_path: Path) -> No
                 store.enqueue_sync(env, body)
         store.close_sync()
         ferry = RunningFerry(config)
-        deadline = time.monotonic() + 240
-        while len(sink.state.messages) < DOMAINS * PER_DOMAIN and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: len(sink.state.messages) >= DOMAINS * PER_DOMAIN, 240, "every message")
         state = sink.state
         assert len(state.messages) == DOMAINS * PER_DOMAIN
         assert max(state.peak.values()) <= LIMIT  # never more than the limit, anywhere
         assert sum(1 for i in range(DOMAINS) if state.peak[address(i)] == LIMIT) > DOMAINS // 2
-        assert state.peak_total >= 2000, state.peak_total
-        print(f"peak connections {state.peak_total}")
         per_domain = {a: sum(1 for m in state.messages if m.address == a)
                       for a in (address(i) for i in range(DOMAINS))}
         assert set(per_domain.values()) == {PER_DOMAIN}

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 
 import pytest
 
 from engine.server.auth import hash_password
+from engine.testing.wait import wait_for
 from tests.integration.conftest import StartFerry
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
@@ -63,7 +63,5 @@ def test_smtp_source_load(start_ferry: StartFerry, per_connection: bool) -> None
         cmd.append("-d")
     proc = run([*cmd, f"{ferry.host}:{ferry.port}"], timeout=120)
     assert proc.returncode == 0, proc.stderr
-    deadline = time.monotonic() + 10
-    while ferry.store.count() < 200 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: ferry.store.count() >= 200, 10, "200 messages queued")
     assert ferry.store.count() == 200

@@ -17,6 +17,7 @@ from engine.message.headers import scan_headers
 from engine.queue.records import id_bytes
 from engine.server.auth import hash_password
 from engine.testing.rawsmtp import RawClient
+from engine.testing.wait import wait_for
 from tests.integration.conftest import StartFerry
 
 NO_RELAY = (ipaddress.ip_network("192.0.2.0/24"),)  # loopback clients may not relay
@@ -230,10 +231,8 @@ def test_idle_timeout(start_ferry: StartFerry) -> None:
     ferry = start_ferry(idle_timeout=1.0)
     with RawClient(ferry.host, ferry.port) as c:
         c.reply()
-        started = time.monotonic()
         reply = c.reply()
         assert (reply.code, reply.enhanced) == (421, "4.4.2")
-        assert 0.9 <= time.monotonic() - started < 5
         assert c.closed_by_server()
 
 
@@ -245,7 +244,7 @@ def test_connection_limits(start_ferry: StartFerry) -> None:
         reply = third.reply()
         assert (reply.code, reply.enhanced) == (421, "4.7.0")
     first.close()
-    time.sleep(0.2)
+    wait_for(lambda: len(ferry.app.connectors[0].sessions) == 1, 10, "the first one gone")
     with RawClient(ferry.host, ferry.port) as fourth:
         assert fourth.reply().code == 220
     second.close()
@@ -310,16 +309,17 @@ def test_bdat_over_a_socket(start_ferry: StartFerry) -> None:
     assert ferry.store.body(queued_id(replies[-1].text)).endswith(b"Subject: x\r\n\r\nhi\r\n")
 
 
-def test_thousand_idle_connections_do_not_slow_a_transaction(start_ferry: StartFerry) -> None:
+def test_a_transaction_is_served_beside_a_thousand_idle_connections(
+    start_ferry: StartFerry,
+) -> None:
     ferry = start_ferry(max_connections=2000, max_connections_per_ip=2000)
     idle = [socket.create_connection((ferry.host, ferry.port), timeout=10) for _ in range(1000)]
     try:
         for sock in idle[:: 100]:
             assert sock.recv(100).startswith(b"220 ")
-        started = time.monotonic()
+        # Served at all; how fast, against no idle connections, is benchmarks/bench_idle.py.
         with smtplib.SMTP(ferry.host, ferry.port, timeout=10) as client:
             client.sendmail("a@client.test", ["b@example.net"], b"Subject: x\r\n\r\nx\r\n")
-        assert time.monotonic() - started < 1.0
     finally:
         for sock in idle:
             sock.close()

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from engine import _speedups
 from engine.protocol import _command_py as twin
+from engine.protocol import _tables
 from engine.protocol import command as selector
 from engine.protocol.errors import CommandError
 from engine.testing.chunkings import chunkings
@@ -42,7 +43,7 @@ def same(line: bytes, utf8: bool = False) -> tuple[Any, ...]:
     return results[0]
 
 
-ERROR_TABLE = {text: (code, enhanced) for text, code, enhanced in twin._ERRORS}
+ERROR_TABLE = {text: (code, enhanced) for text, code, enhanced in _tables.COMMAND_ERRORS}
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,6 +202,16 @@ VALID: list[tuple[bytes, bool, dict[str, Any]]] = [
         b"RCPT TO:<x@y> NOTIFY=never",
         False,
         {"verb": "RCPT", "local": "x", "domain": "y", "params": {"NOTIFY": "NEVER"}},
+    ),
+    (
+        b"RCPT TO:<x@y> NOTIFY=Failure",
+        False,
+        {"verb": "RCPT", "local": "x", "domain": "y", "params": {"NOTIFY": "FAILURE"}},
+    ),
+    (
+        b"MAIL FROM:<a@b> BODY=8bitMIME",
+        False,
+        {"verb": "MAIL", "local": "a", "domain": "b", "params": {"BODY": "8BITMIME"}},
     ),
     (
         b"RCPT TO:<x@y> NOTIFY=delay,Success ORCPT=rfc822;x+2By@y",
@@ -599,6 +610,28 @@ def test_xtext_decode_errors(impl, encoded, text):
     with pytest.raises(CommandError) as info:
         impl.xtext_decode(encoded)
     assert (info.value.code, info.value.enhanced, info.value.text) == (501, "5.5.4", text)
+
+
+def test_the_shared_tables_are_covered():
+    # Both implementations read engine/protocol/_tables.py; every error reply, verb and
+    # parameter value there is the expected outcome of some case above, so a table entry
+    # that one implementation ignores fails a case on that implementation.
+    errors = {case[4] for case in INVALID} | {text for _, text in XTEXT_BAD}
+    assert {text for text, _, _ in _tables.COMMAND_ERRORS} <= errors
+    verbs = {case[2]["verb"] for case in VALID}
+    assert set(_tables.VERBS) <= verbs
+    unimplemented = {case[0].split(b" ")[0].upper() for case in INVALID if case[2] == 502}
+    assert {v.encode() for v in _tables.NOT_IMPLEMENTED} <= unimplemented
+    values = {
+        value
+        for case in VALID
+        for param in case[2].get("params", {}).values()
+        if param is not None
+        for value in param.split(",")
+    }
+    for table in (_tables.BODY_VALUES, _tables.RET_VALUES, _tables.NOTIFY_VALUES):
+        assert set(table) <= values, table
+    assert _tables.NOTIFY_NEVER in values
 
 
 def test_xtext_encode(impl):

@@ -28,6 +28,8 @@ from engine.ops.protolog import (
     format_timestamp,
     sanitise,
 )
+from engine.testing.clock import ManualClock
+from engine.testing.wait import until
 
 LINE = re.compile(
     r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)\t([^\t]*)\t([^\t]*)\t([<>*])\t([^\t]*)"
@@ -291,12 +293,16 @@ def test_buffered_until_flush_or_64k(tmp_path: Path) -> None:
 
 def test_flushes_when_interval_has_passed(tmp_path: Path) -> None:
     path = tmp_path / "protocol-i.log"
-    log = ProtocolLog(tmp_path, "i", flush_interval=0.05)
+    clock = ManualClock()
+    log = ProtocolLog(tmp_path, "i", flush_interval=0.5, clock=clock)
     s = log.session("S", "c")
     s.recv(b"ONE")
-    time.sleep(0.1)
+    clock.advance(0.25)
     s.recv(b"TWO")
-    assert texts(path) == ["ONE", "TWO"]
+    assert texts(path) == []  # within the interval: buffered
+    clock.advance(0.25)
+    s.recv(b"THREE")
+    assert texts(path) == ["ONE", "TWO", "THREE"]
     log.close()
 
 
@@ -307,8 +313,8 @@ def test_run_flusher(tmp_path: Path) -> None:
     async def go() -> list[str]:
         task = asyncio.create_task(log.run_flusher())
         log.session("S", "c").recv(b"HELO x")
-        await asyncio.sleep(0.2)
-        seen = texts(path)
+        # Flushed by the flusher's clock, not by a size or a close.
+        seen: list[str] = await until(lambda: texts(path), 10, "the flusher's first flush")
         log.session("S", "c").recv(b"QUIT")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
