@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
@@ -149,6 +151,8 @@ class _Pipe(asyncio.Protocol):
         #: buffer and of its deadline, instead of a coroutine waking for each reply.
         self.handler: _Pipelined | None = None
         self.lost = asyncio.Event()
+        #: Called once the connection is closed (the agent counts it closing until then).
+        self.on_lost: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
@@ -214,6 +218,9 @@ class _Pipe(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         self.lost.set()
+        if self.on_lost is not None:
+            self.on_lost()
+            self.on_lost = None
         self._wake()
         if self._timer is not None:
             self._timer.cancel()
@@ -522,6 +529,8 @@ class SmtpAgent:
         self._contexts: dict[TlsMode, ssl.SSLContext] = {}
         self._pool: dict[PoolKey, list[_Session]] = {}
         self._quitting: set[asyncio.Task[None]] = set()
+        #: Connections being closed, per pool, until their sockets are (_closed_before).
+        self._closing: dict[PoolKey, set[_Session]] = {}
         self._closed = False
         #: Connections opened so far, and messages sent behind another message's body
         #: (follow-ons), for metrics and tests.
@@ -544,10 +553,9 @@ class SmtpAgent:
         while True:
             session = self._take(key)
             if session is None:
-                session, reason = await self._open(route, lmtp)
+                session, reason = await self._open(route, lmtp, key)
                 if session is None:
                     return [RcptResult(i, RcptState.DEFERRED, reason) for i in indexes]
-                session.key = key
             keep = False
             results: dict[int, RcptResult] = {}
             try:
@@ -585,7 +593,7 @@ class SmtpAgent:
         if keep:
             self._release(s.key, s)
         else:
-            s.abort()
+            self._retire(s)
 
     @property
     def closing(self) -> bool:
@@ -597,7 +605,7 @@ class SmtpAgent:
         sessions = [s for idle in self._pool.values() for s in idle]
         self._pool.clear()
         for s in sessions:
-            self._spawn_quit(s)
+            self._retire(s, polite=True)
         if self._quitting:
             await asyncio.gather(*self._quitting, return_exceptions=True)
 
@@ -610,7 +618,7 @@ class SmtpAgent:
             session.idle_since = None  # its timer, if any, stays (see _Session.idle_since)
             # Closed, or the server spoke while idle (a 421 before closing, or junk).
             if session.pipe.closed or session.conn.buffered:
-                session.abort()
+                self._retire(session)
                 continue
             session.pristine = True
             return session
@@ -625,7 +633,7 @@ class SmtpAgent:
             or len(idle) >= self.max_idle_per_site
             or session.pipe.closed
         ):
-            self._spawn_quit(session)
+            self._retire(session, polite=True)
             return
         idle.append(session)
         loop = asyncio.get_running_loop()
@@ -648,16 +656,41 @@ class SmtpAgent:
             idle.remove(session)
             if not idle:
                 del self._pool[key]
-            self._spawn_quit(session)
+            self._retire(session, polite=True)
 
-    def _spawn_quit(self, session: _Session) -> None:
+    def _retire(self, session: _Session, polite: bool = False) -> None:
+        """Close a connection (after QUIT when ``polite``); it counts towards its pool's
+        connections until its socket is closed (see ``_closed_before``)."""
+        if not session.pipe.lost.is_set():
+            closing = self._closing.setdefault(session.key, set())
+            closing.add(session)
+            session.pipe.on_lost = functools.partial(closing.discard, session)
+        if not polite:
+            session.abort()
+            return
         task = asyncio.get_running_loop().create_task(session.quit())
         self._quitting.add(task)
         task.add_done_callback(self._quitting.discard)
 
+    async def _closed_before(self, key: PoolKey) -> None:
+        """Wait until the connections of ``key`` being closed are closed: a destination's
+        connection limit counts sockets, and a retiring connection (QUIT after
+        ``max_messages_per_connection``, a broken one) holds its slot until the close is
+        done.  Bounded: ``quit`` gives up after its own timeouts."""
+        closing = self._closing.get(key)
+        if not closing:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2 * T_QUIT + 1):
+                for session in list(closing):
+                    await session.pipe.lost.wait()
+        if not closing:
+            del self._closing[key]
+
     # --- opening a session -----------------------------------------------------------
 
-    async def _open(self, route: Route, lmtp: bool) -> tuple[_Session | None, str]:
+    async def _open(self, route: Route, lmtp: bool,
+                    key: PoolKey) -> tuple[_Session | None, str]:
         """A ready session with the first host that works, or None and the last reason."""
         reason = "451 4.4.4 No host to deliver to"
         loop = asyncio.get_running_loop()
@@ -668,6 +701,7 @@ class SmtpAgent:
 
         for host in route.hosts:
             remote = f"{host.name}[{host.address}]:{host.port}"
+            await self._closed_before(key)
             try:
                 async with asyncio.timeout(self.connect_timeout):
                     if host.address.startswith("/"):
@@ -683,23 +717,21 @@ class SmtpAgent:
                 continue
             self.connections_opened += 1
             session = _Session(host, pipe, self.timeouts)
+            session.key = key
             try:
                 await self._setup(session, route, lmtp)
             except _Failure as failure:
                 reason = failure.text
-                if failure.broken:
-                    session.abort()
-                else:
-                    self._spawn_quit(session)
+                self._retire(session, polite=not failure.broken)
                 if failure.final:
                     break
                 continue
             except (ClientProtocolError, OSError) as exc:
                 reason = _cap(f"451 4.5.0 {session.remote}: {exc}")
-                session.abort()
+                self._retire(session)
                 continue
             except BaseException:
-                session.abort()
+                self._retire(session)
                 raise
             return session, ""
         return None, _cap(reason)

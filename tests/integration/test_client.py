@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import smtplib
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,6 +27,10 @@ from engine.client.api import FollowOn
 from engine.client.smtp import SmtpAgent
 from engine.queue.records import Envelope, RcptState, Recipient
 from engine.routing.api import Host, Route
+from engine.testing.dns import DnsResponder
+from engine.testing.server import RunningFerry, ferry_config
+from engine.testing.sink import CountingSink
+from engine.testing.wait import wait_for
 
 BODY = (
     b"Subject: test\r\nFrom: a@client.test\r\n\r\n.leading dot\r\n..two dots\r\n.\r\n"
@@ -1139,3 +1145,69 @@ def test_replies_before_a_break_are_kept(pipelining: bool) -> None:
     good, bad = run(go())
     assert good.state is DEFERRED and bad.state is FAILED
     assert bad.reply == "550 5.1.1 No such user"
+
+
+# --- a destination's connection limit counts connections until they are closed ---------
+
+
+def test_a_retiring_connection_is_closed_before_its_replacement_opens() -> None:
+    """One delivery at a time (a limit of 1) and two messages per connection: the receiver
+    never sees two connections at once, so the replacement waits for the retiring
+    connection's QUIT and close (a connection's slot is free only once it is closed)."""
+    open_now = 0
+    peak = 0
+
+    async def script(peer: Peer) -> None:
+        nonlocal open_now, peak
+        open_now += 1
+        peak = max(peak, open_now)
+        try:
+            await smtp_script()(peer)
+        finally:
+            open_now -= 1
+
+    async def go() -> list[Any]:
+        async with RawServer(script) as server:
+            a = agent(max_messages_per_connection=2)
+            try:
+                return [await a.deliver(route(server.port), envelope(f"u{n}@x.test"), [0], BODY)
+                        for n in range(5)]
+            finally:
+                await a.close()
+
+    results = run(go())
+    assert [states(r) for r in results] == [[DELIVERED]] * 5
+    assert peak == 1
+
+
+ZONE = """
+$TTL 60
+@ IN SOA ns.test. admin.test. 1 60 60 600 60
+one.test.      IN MX 10 mx.one.test.
+mx.one.test.   IN A 127.0.10.21
+"""
+
+
+def test_a_destination_limit_of_one_is_never_exceeded_when_connections_retire(
+    tmp_path: Path,
+) -> None:
+    """The whole path: a limit of 1, two messages per connection, five messages waiting;
+    the receiver (which counts a connection until its socket is closed) sees one at once."""
+    sink = CountingSink(["127.0.10.21"])
+    with DnsResponder(ZONE) as dns:
+        config = ferry_config(tmp_path / "spool")
+        config = dataclasses.replace(config, delivery=dataclasses.replace(
+            config.delivery, dns=dns.address, mx_port=sink.port, paused=False,
+            max_per_domain=1, max_messages_per_connection=2))
+        with RunningFerry(config) as f:
+            assert f.app.scheduler is not None
+            # Held while they arrive, so all five wait when delivery starts.
+            f.call(f.app.scheduler.suspend("one.test"))
+            for n in range(5):
+                with smtplib.SMTP(f.host, f.port) as client:
+                    client.sendmail("a@client.test", [f"u{n}@one.test"], BODY)
+            f.call(f.app.scheduler.resume("one.test"))
+            wait_for(lambda: len(sink.state.messages) == 5 and f.store.count() == 0, 30)
+    sink.stop()
+    assert sink.state.connections["127.0.10.21"] == 3
+    assert sink.state.peak["127.0.10.21"] == 1
