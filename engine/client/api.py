@@ -16,13 +16,17 @@ class RcptResult:
 
     ``state`` is DELIVERED, DEFERRED or FAILED; ``reply`` is the server's reply as text
     ("550 5.1.1 No such user", control characters already removed) or a local reason;
-    ``remote`` names the host that gave it ("" when none did).
+    ``remote`` names the host that gave it ("" when none did); ``dsn_offered`` says that
+    the next hop advertised DSN, so NOTIFY, ORCPT and ENVID were passed on with the message
+    and DSNs are its business from there (RFC 3461 §4: a "relayed" DSN is due only when
+    it did not).
     """
 
     index: int
     state: RcptState
     reply: str
     remote: str = ""
+    dsn_offered: bool = False
 
 
 @dataclass(eq=False, slots=True)

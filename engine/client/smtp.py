@@ -1,22 +1,25 @@
 """Outbound SMTP and LMTP delivery: connections to the next hop, pooled per site.
 
 Owns the asyncio side of the client: dialling the route's hosts in order, the greeting,
-EHLO (HELO fallback) or LHLO, STARTTLS per the route's TLS mode, AUTH at smarthosts, one
-transaction per message (pipelined when the server offers PIPELINING, RFC 2920), the
+EHLO (HELO fallback) or LHLO, STARTTLS per the route's TLS mode, AUTH at smarthosts, the
 per-phase timeouts of RFC 5321 §4.5.3.2, and a pool of idle connections per site so
-several messages share one connection.  When the caller offers a next message
-(``follow``), its MAIL, RCPTs and DATA go in the same write as the current body (RFC 2920
-§3.1) and the caller collects its results with ``resume``.  The protocol itself (command
-formatting, reply parsing and matching, reply caps, the STARTTLS boundary) is
-``engine.protocol.client``; this module only pumps bytes and decides what each reply
-means for each recipient.
+several messages share one connection.  Each message is one
+``engine.protocol.transaction.Transaction`` (the order MAIL → RCPT → DATA → body → final
+reply, what each reply means for each recipient, 452 rounds, LMTP's reply per recipient),
+fed the replies as they arrive by ``_Exchange``, pipelined when the server offers
+PIPELINING (RFC 2920) and one command per reply otherwise.  When the caller offers a next
+message (``follow``), its MAIL, RCPTs and DATA go in the same write as the current body
+(RFC 2920 §3.1) and the caller collects its results with ``resume``.  Command formatting,
+reply parsing and matching, reply caps and the STARTTLS boundary are
+``engine.protocol.client``; this module only pumps bytes, keeps time and pools.
 
-Outcomes: RCPT 2xx plus a 2xx after the body → DELIVERED; a 4xx → DEFERRED; a 5xx →
-FAILED; anything that breaks the connection (loss, timeout, malformed or oversized
-replies) → DEFERRED for every recipient without a final answer, and the connection is
-dropped, never pooled.  Hosts that refuse, time out or greet with anything but 220 are
-skipped; when all fail, every recipient is DEFERRED (RFC 5321 §3.8: try again later).
-A 535 to AUTH is DEFERRED too: it is a configuration problem an operator can fix.
+Outcomes: what the transaction says; anything that breaks the connection (loss, timeout,
+malformed or oversized replies) → DEFERRED for every recipient without a final answer,
+and the connection is dropped, never pooled.  Hosts that refuse, time out or greet with
+anything but 220 are skipped; when all fail, every recipient is DEFERRED (RFC 5321 §3.8:
+try again later).  A 535 to AUTH is DEFERRED too: it is a configuration problem an
+operator can fix.  A connection counts towards its site until its socket is closed: a
+new one for the same pool waits for those being closed (``_closed_before``).
 
 It must never write the queue, never raise for a delivery problem (problems are
 results), never block the event loop, and never put a raw CR, LF or NUL from the wire
@@ -46,11 +49,9 @@ from engine.protocol.command import Command
 from engine.protocol.errors import ReplyError
 from engine.protocol.events import NEED_DATA, NeedData
 from engine.protocol.reply import Reply
+from engine.protocol.transaction import END_OF_DATA, RSET, Transaction, cap_text, reply_text
 from engine.queue.records import Envelope, RcptState
 from engine.routing.api import Host, Route, TlsMode
-
-#: Reply texts in results are capped (they go to logs, DSNs and the queue record).
-MAX_RESULT_TEXT: Final = 512
 
 # RFC 5321 §4.5.3.2 minimum timeouts (seconds), per phase of a transaction.
 T_MAIL: Final = 300.0  # §4.5.3.2.2
@@ -68,31 +69,6 @@ PoolKey = tuple[str, bool, str, tuple[str, str] | None]
 TlsContextFactory = Callable[[TlsMode], ssl.SSLContext]
 
 
-def _reply_text(reply: Reply) -> str:
-    """One line: "550 5.1.1 text text", controls already "?" (the parser), TAB a space."""
-    head = f"{reply.code} {reply.enhanced}" if reply.enhanced else str(reply.code)
-    text = " ".join(line.strip() for line in reply.lines if line.strip())
-    return _cap(f"{head} {text}" if text else head)
-
-
-def _cap(text: str) -> str:
-    if not text.isprintable():  # most replies are: skip the walk over every character
-        text = "".join(c if c >= " " and c != "\x7f" else " " if c == "\t" else "?"
-                       for c in text)
-    return text if len(text) <= MAX_RESULT_TEXT else text[: MAX_RESULT_TEXT - 3] + "..."
-
-
-def _state(code: int) -> RcptState:
-    if 200 <= code < 300:
-        return RcptState.DELIVERED
-    return RcptState.FAILED if 500 <= code < 600 else RcptState.DEFERRED
-
-
-def _split(address: str) -> tuple[str, str]:
-    local, at, domain = address.rpartition("@")
-    return (local, domain) if at else (address, "")
-
-
 class _Failure(Exception):
     """The session cannot go on; ``text`` is the reason for the recipients left.
 
@@ -105,7 +81,7 @@ class _Failure(Exception):
         self, text: str, *, stale: bool = False, final: bool = False, broken: bool = False
     ) -> None:
         super().__init__(text)
-        self.text = _cap(text)
+        self.text = cap_text(text)
         self.stale = stale
         self.final = final
         self.broken = broken
@@ -149,7 +125,7 @@ class _Pipe(asyncio.Protocol):
         #: The pipelined transaction being driven by arriving replies, if any: it is
         #: told of every arrival, of the end of the connection, of a drained write
         #: buffer and of its deadline, instead of a coroutine waking for each reply.
-        self.handler: _Pipelined | None = None
+        self.handler: _Exchange | None = None
         self.lost = asyncio.Event()
         #: Called once the connection is closed (the agent counts it closing until then).
         self.on_lost: Callable[[], None] | None = None
@@ -316,7 +292,7 @@ class _Session:
         #: The pool this connection belongs to (set when opened).
         self.key: PoolKey = ("", False, "off", None)
         #: The newest follow-on transaction in flight, until its caller collects it.
-        self.follow_on: _Pipelined | None = None
+        self.follow_on: _Exchange | None = None
         #: Taken from the pool and not yet answered in this delivery (see _Failure.stale).
         self.pristine = False
         #: Pool expiry: loop time the session went idle (None while in use), and the timer
@@ -391,13 +367,14 @@ class _Session:
             broken=True,
         )
 
-    def first_checked(self, reply: Reply) -> Reply:
-        """The reply, unless it is a pooled connection's first and a 421: the server
-        closed it while idle (``_Failure.stale``: try a fresh connection)."""
+    def first_checked(self, reply: Reply, phase: str = "") -> Reply:
+        """The reply, unless it is a pooled connection's first and a 421, or a refused
+        RSET: the server closed it or forgot it while idle (``_Failure.stale``: try a
+        fresh connection)."""
         if self.pristine:
             self.pristine = False
-            if reply.code == 421:
-                raise _Failure(_reply_text(reply), stale=True)
+            if reply.code == 421 or (phase is RSET and reply.code != 250):
+                raise _Failure(reply_text(reply), stale=True)
         return reply
 
     async def reply(self, phase: str) -> Reply:
@@ -421,7 +398,7 @@ class _Session:
         if reply.code // 100 == 5 and not lmtp and reply.code != 554:
             reply = await self.command(Command("HELO", arg=helo_name))
         if reply.code != 250 or self.conn.extensions is None:
-            raise _Failure(_reply_text(reply))
+            raise _Failure(reply_text(reply))
         return self.conn.extensions
 
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
@@ -509,6 +486,7 @@ class SmtpAgent:
         self.timeouts: dict[str, float] = {
             "command": command_timeout * timeout_scale,
             "greeting": command_timeout * timeout_scale,
+            "RSET": command_timeout * timeout_scale,
             "MAIL": T_MAIL * timeout_scale,
             "RCPT": T_RCPT * timeout_scale,
             "DATA": T_DATA_INIT * timeout_scale,
@@ -557,11 +535,11 @@ class SmtpAgent:
                 if session is None:
                     return [RcptResult(i, RcptState.DEFERRED, reason) for i in indexes]
             keep = False
-            results: dict[int, RcptResult] = {}
+            t = Transaction(session.conn, envelope, indexes, body, lmtp=lmtp,
+                            rset=session.needs_rset, remote=session.remote)
             try:
                 out, keep = await self._transaction(
-                    session, indexes, results,
-                    self._exchange(session, envelope, indexes, body, lmtp, follow, results))
+                    session, t, _Exchange(self, session, t, follow).run())
             except _Failure as failure:
                 if failure.stale:
                     continue  # the pooled connection had died while idle: a fresh one
@@ -573,17 +551,17 @@ class SmtpAgent:
     async def resume(self, job: FollowOn) -> list[RcptResult]:
         handle = job.handle
         if isinstance(handle, list):
-            return handle  # refused before anything was sent (see _Pipelined._follow_on)
-        assert isinstance(handle, _Pipelined), "not a message this agent took"
+            return handle  # refused before anything was sent (see _Exchange._follow_on)
+        assert isinstance(handle, _Exchange), "not a message this agent took"
         s = handle.s
         keep = False
         try:
-            out, keep = await self._transaction(s, handle.indexes, handle.results, handle.future)
+            out, keep = await self._transaction(s, handle.t, handle.future)
         finally:
             self._done_with(s, keep, handle)
         return out
 
-    def _done_with(self, s: _Session, keep: bool, handle: _Pipelined | None = None) -> None:
+    def _done_with(self, s: _Session, keep: bool, handle: _Exchange | None = None) -> None:
         """A transaction's caller is done: pool or drop the connection, unless a follow-on
         message is still in flight on it (its ``resume`` decides then)."""
         if handle is not None and s.follow_on is handle:
@@ -727,14 +705,14 @@ class SmtpAgent:
                     break
                 continue
             except (ClientProtocolError, OSError) as exc:
-                reason = _cap(f"451 4.5.0 {session.remote}: {exc}")
+                reason = cap_text(f"451 4.5.0 {session.remote}: {exc}")
                 self._retire(session)
                 continue
             except BaseException:
                 self._retire(session)
                 raise
             return session, ""
-        return None, _cap(reason)
+        return None, cap_text(reason)
 
     async def _setup(self, s: _Session, route: Route, lmtp: bool) -> None:
         greeting = await s.event("greeting")
@@ -742,7 +720,7 @@ class SmtpAgent:
             raise _Failure("451 4.5.0 No greeting")
         if greeting.reply.code != 220:
             # RFC 5321 §3.1 and §3.8: a 554 (or 4xx) greeting means "not now": next host.
-            raise _Failure(_reply_text(greeting.reply))
+            raise _Failure(reply_text(greeting.reply))
         ext = await s.hello(self.helo_name, lmtp)
         if route.tls != "off":
             if "STARTTLS" in ext:
@@ -751,7 +729,7 @@ class SmtpAgent:
                     await s.start_tls(self._context(route.tls), self._sni(s.host, route.tls))
                     ext = await s.hello(self.helo_name, lmtp)
                 elif route.tls != "opportunistic" or reply.code == 421:
-                    raise _Failure(_reply_text(reply))
+                    raise _Failure(reply_text(reply))
                 # opportunistic and refused (454): go on in plaintext, as RFC 3207 §4.1
                 # leaves the choice to the client.
             elif route.tls != "opportunistic":
@@ -805,17 +783,16 @@ class SmtpAgent:
         if reply.code != 235:
             # A 5xx here is wrong credentials: the other hosts would say the same, and
             # each try could count towards a lockout.
-            raise _Failure(_reply_text(reply), final=reply.code // 100 == 5)
+            raise _Failure(reply_text(reply), final=reply.code // 100 == 5)
 
     # --- one transaction -------------------------------------------------------------
 
     async def _transaction(
-        self, s: _Session, indexes: list[int], results: dict[int, RcptResult],
-        exchange: Awaitable[bool],
+        self, s: _Session, t: Transaction, exchange: Awaitable[bool],
     ) -> tuple[list[RcptResult], bool]:
-        """Results for ``indexes`` and whether the session may be pooled again, from the
-        transaction ``exchange`` (which fills ``results`` as replies come, so those it
-        had are kept when it fails half-way)."""
+        """Results for ``t``'s recipients and whether the session may be pooled again,
+        once ``exchange`` (which feeds ``t`` the replies) is over; the answers ``t`` had
+        are kept when it failed half-way, the others are DEFERRED with the reason."""
         try:
             keep = await exchange
         except _Failure as failure:
@@ -824,187 +801,13 @@ class SmtpAgent:
             reason = failure.text
             keep = False
         except (ClientProtocolError, OSError) as exc:
-            reason = _cap(f"451 4.5.0 {s.remote}: {exc}")
+            reason = cap_text(f"451 4.5.0 {s.remote}: {exc}")
             keep = False
         else:
             reason = "451 4.5.0 No reply"  # every recipient has a result by now
-        out = [
-            results.get(i) or RcptResult(i, RcptState.DEFERRED, reason, s.remote) for i in indexes
-        ]
-        return out, keep and not s.pipe.closed
-
-    async def _exchange(
-        self,
-        s: _Session,
-        envelope: Envelope,
-        indexes: list[int],
-        body: bytes,
-        lmtp: bool,
-        follow: Follow | None,
-        results: dict[int, RcptResult],
-    ) -> bool:
-        conn = s.conn
-        ext = conn.extensions
-        assert ext is not None
-
-        eight_bit = _eight_bit(envelope, body)
-        refusal = _refusal(s, ext, envelope, indexes, body, eight_bit)
-        if refusal is not None:
-            for i in indexes:
-                results[i] = RcptResult(i, RcptState.FAILED, refusal)
-            return True  # the connection is untouched: it may be pooled
-
-        if s.needs_rset:
-            reply = await s.command(Command("RSET"))
-            if reply.code != 250:
-                raise _Failure(_reply_text(reply), stale=s.pristine)
-            s.needs_rset = False
-
-        mail, rcpts = _envelope_commands(ext, envelope, indexes, body, eight_bit)
-        s.messages += 1
-        s.needs_rset = True  # until the transaction ends well
-        if "PIPELINING" in ext:
-            # RFC 2920 §3.1: MAIL, the RCPTs and DATA in one write; replies in order,
-            # handled as they arrive (see _Pipelined).
-            t = _Pipelined(self, s, indexes, body, lmtp, results, follow)
-            return await t.run(mail, rcpts)
-        mail_reply = await s.command(mail, "MAIL")
-        rcpt_replies: list[Reply] = []
-        data_reply: Reply | None = None
-        if mail_reply.code // 100 == 2:
-            for c in rcpts:
-                rcpt_replies.append(await s.command(c, "RCPT"))
-            if any(r.code // 100 == 2 for r in rcpt_replies):
-                data_reply = await s.command(Command("DATA"), "DATA")
-        keep, accepted = _envelope_results(s, indexes, mail_reply, rcpt_replies, data_reply,
-                                           results)
-        if data_reply is None or not _body_wanted(s, accepted, data_reply, results):
-            return keep and (data_reply is None or data_reply.code // 100 in (4, 5))
-        s.write(conn.send_message(body if accepted else b"",
-                                  len(accepted) if lmtp and accepted else 1))
-        await s.drain("body")
-        replies = [await s.reply("end of data") for _ in (accepted if lmtp and accepted else [0])]
-        return _message_results(s, accepted, replies, results) and keep
-
-
-def _eight_bit(envelope: Envelope, body: bytes) -> bool:
-    return envelope.body_type.upper() in ("8BITMIME", "BINARYMIME") or not body.isascii()
-
-
-def _envelope_commands(ext: Extensions, envelope: Envelope, indexes: list[int], body: bytes,
-                       eight_bit: bool) -> tuple[Command, list[Command]]:
-    """MAIL with the parameters the next hop offers (RFC 1870, 6152, 6531, 3461), and
-    the RCPTs."""
-    dsn = "DSN" in ext
-    params: dict[str, str | None] = {}
-    if "SIZE" in ext:
-        params["SIZE"] = str(len(body))
-    if eight_bit:
-        params["BODY"] = "8BITMIME"
-    if envelope.smtputf8:
-        params["SMTPUTF8"] = None
-    if dsn and envelope.ret:
-        params["RET"] = envelope.ret
-    if dsn and envelope.envid:
-        params["ENVID"] = envelope.envid
-    local, domain = _split(envelope.sender)
-    mail = Command("MAIL", local=local, domain=domain, params=params)
-    rcpts: list[Command] = []
-    for i in indexes:
-        r = envelope.recipients[i]
-        rparams: dict[str, str | None] = {}
-        if dsn and r.notify:
-            rparams["NOTIFY"] = ",".join(r.notify)
-        if dsn and r.orcpt:
-            rparams["ORCPT"] = r.orcpt
-        local, domain = _split(r.address)
-        rcpts.append(Command("RCPT", local=local, domain=domain, params=rparams))
-    return mail, rcpts
-
-
-def _refusal(s: _Session, ext: Extensions, envelope: Envelope, indexes: list[int],
-             body: bytes, eight_bit: bool) -> str | None:
-    """Why the message cannot go to this next hop at all (a permanent failure), or None.
-
-    What the next hop can take (RFC 1870, RFC 6152, RFC 6531) is decided before any
-    command, so the connection stays clean for the next message.
-    """
-    limit = ext.size
-    if limit and len(body) > limit:
-        return _cap(f"552 5.3.4 Message size {len(body)} exceeds the limit {limit} of "
-                    f"{s.remote}")
-    if envelope.body_type.upper() == "BINARYMIME" or (eight_bit and "8BITMIME" not in ext):
-        return _cap(f"554 5.6.3 Conversion to 7bit required but not supported ({s.remote} "
-                    "does not offer 8BITMIME)")
-    if envelope.smtputf8 and "SMTPUTF8" not in ext:
-        return _cap(f"553 5.6.7 {s.remote} does not support SMTPUTF8 (RFC 6531)")
-    # No control character (CR, LF, NUL above all) may reach the wire inside a command.
-    if not envelope.sender.isprintable() or not all(
-            envelope.recipients[i].address.isprintable() for i in indexes):
-        return "553 5.1.3 Address cannot be sent"
-    return None
-
-
-def _envelope_results(
-    s: _Session, indexes: list[int], mail_reply: Reply, rcpt_replies: Sequence[Reply],
-    data_reply: Reply | None, results: dict[int, RcptResult],
-) -> tuple[bool, list[int]]:
-    """Results from the replies to MAIL and RCPT; whether the session may be kept, and
-    the recipients accepted."""
-    codes = [mail_reply.code, *(r.code for r in rcpt_replies)]
-    keep = True
-    if 421 in codes or (data_reply is not None and data_reply.code == 421):
-        keep = False  # RFC 5321 §3.8: the server is closing the connection
-    if any(code // 100 not in (2, 4, 5) for code in codes):
-        keep = False  # a 1xx or 3xx to MAIL or RCPT: the session is out of step
-    accepted: list[int] = []
-    if mail_reply.code // 100 != 2:
-        result = RcptResult(0, _state(mail_reply.code), _reply_text(mail_reply), s.remote)
-        for i in indexes:
-            results[i] = RcptResult(i, result.state, result.reply, s.remote)
-        return keep, accepted
-    for i, reply in zip(indexes, rcpt_replies, strict=False):
-        if reply.code // 100 == 2:
-            accepted.append(i)
-        else:
-            results[i] = RcptResult(i, _state(reply.code), _reply_text(reply), s.remote)
-    return keep, accepted
-
-
-def _body_wanted(
-    s: _Session, accepted: list[int], data_reply: Reply, results: dict[int, RcptResult]
-) -> bool:
-    """Whether the body (or, with no recipient accepted, an empty message) goes next:
-    DATA got its 354.  Otherwise its reply is the accepted recipients' result."""
-    if data_reply.code == 354:
-        # RFC 2920 §3.1: a 354 though no recipient was accepted: send an empty message
-        # and let the server refuse it.
-        return True
-    state, text = _state(data_reply.code), _reply_text(data_reply)
-    for i in accepted:
-        results[i] = RcptResult(i, state, text, s.remote)
-    return False
-
-
-def _message_results(
-    s: _Session, accepted: list[int], replies: Sequence[Reply], results: dict[int, RcptResult]
-) -> bool:
-    """Results from the replies after the body (one in SMTP, one per accepted recipient
-    in RCPT order in LMTP, RFC 2033 §4.2); whether the session may be kept."""
-    if len(replies) == 1 and len(accepted) != 1:
-        reply = replies[0]
-        state, text = _state(reply.code), _reply_text(reply)
-        for i in accepted:
-            results[i] = RcptResult(i, state, text, s.remote)
-    else:
-        for i, reply in zip(accepted, replies, strict=True):
-            results[i] = RcptResult(i, _state(reply.code), _reply_text(reply), s.remote)
-    s.needs_rset = not accepted or any(results[i].state is not RcptState.DELIVERED
-                                       for i in accepted)
-    return all(reply.code != 421 for reply in replies)
-
-
-_DATA: Final = Command("DATA")
+        if not t.done:
+            t.lost()
+        return t.outcome(reason), keep and not s.pipe.closed
 
 
 def _retrieve(future: asyncio.Future[bool]) -> None:
@@ -1012,52 +815,52 @@ def _retrieve(future: asyncio.Future[bool]) -> None:
         future.exception()
 
 
-class _Pipelined:
-    """One pipelined transaction (RFC 2920), driven by the replies as they arrive.
+class _Exchange:
+    """Drives one :class:`Transaction` over a session, reply by reply as they arrive.
 
     The pipe calls ``advance`` whenever bytes (or the end of the connection) arrive, so
     the replies to MAIL, the RCPTs and DATA, the body write and the replies after it cost
-    no coroutine wake-up each: the delivering task waits once, on the future.
-    Each reply has its phase's timeout (RFC 5321 §4.5.3.2), counted from the previous
-    reply; the body write has the data block timeout while the transport holds it back.
-    Failures are raised as ``_Failure`` from ``run``, as the sequential path raises them.
+    no coroutine wake-up each: the delivering task waits once, on the future.  The same
+    driver serves servers with and without PIPELINING: the transaction says what to
+    write after each reply (everything at once, or one command per reply).  Each reply
+    has its phase's timeout (RFC 5321 §4.5.3.2), counted from the previous reply; the
+    body write has the data block timeout while the transport holds it back.  Failures
+    end the future with ``_Failure``.
 
     Follow-on messages: when the 354 arrives and the caller gave a ``follow`` callback,
     the next message's MAIL, RCPTs and DATA go in the same write as this body (RFC 2920
-    §3.1: the message content may be the first command of a group).  That transaction
+    §3.1: the message content may be the first command of a group).  That exchange
     (``next``) takes over the pipe when this one has its final reply, and fails with it
     when the connection breaks first; its caller collects it with ``SmtpAgent.resume``.
     One write and one wake-up per message instead of two when messages queue for a site.
     """
 
-    def __init__(self, agent: SmtpAgent, s: _Session, indexes: list[int], body: bytes,
-                 lmtp: bool, results: dict[int, RcptResult], follow: Follow | None) -> None:
+    __slots__ = ("agent", "follow", "future", "next", "phase", "s", "t")
+
+    def __init__(self, agent: SmtpAgent, s: _Session, t: Transaction,
+                 follow: Follow | None) -> None:
         self.agent = agent
         self.s = s
-        self.indexes = indexes
-        self.body = body
-        self.lmtp = lmtp
-        self.results = results
+        self.t = t
         self.follow = follow
-        self.next: _Pipelined | None = None
+        self.next: _Exchange | None = None
         self.future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.mail_reply: Reply | None = None
-        self.rcpt_replies: list[Reply] = []
-        self.final_replies: list[Reply] = []
-        self.accepted: list[int] = []
-        self.keep = True
-        #: replies expected after the body (0 until it is sent)
-        self.expected = 0
-        self.phase = "MAIL"
+        #: The reply awaited, for its timeout: the transaction's phase, or "body" while
+        #: the transport holds the body back.
+        self.phase = t.phase
 
-    async def run(self, mail: Command, rcpts: list[Command]) -> bool:
-        s = self.s
-        conn = s.conn
-        s.write(conn.send(mail) + b"".join([conn.send(c) for c in rcpts]) + conn.send(_DATA))
+    async def run(self) -> bool:
+        """Send the first commands and wait for the end; whether the session may be kept."""
+        t, s = self.t, self.s
+        data = t.start()
+        if t.done:
+            return True  # refused before anything was sent: the connection is untouched
+        s.messages += 1
+        s.write(data)
         pipe = s.pipe
         pipe.handler = self
         try:
-            self._deadline("MAIL")
+            self._deadline(t.phase)
             self.advance()  # a closed connection says so now
             return await self.future
         finally:
@@ -1071,7 +874,7 @@ class _Pipelined:
 
     def advance(self) -> None:
         future = self.future
-        s = self.s
+        s, t = self.s, self.t
         conn = s.conn
         pipe = s.pipe
         answered = False
@@ -1090,8 +893,23 @@ class _Pipelined:
                     conn.receive_data(b"")
                     continue
                 assert isinstance(event, Response)
-                self._reply(event.verb, s.first_checked(event.reply))
+                before = t.phase
+                data = t.receive(s.first_checked(event.reply, before))
                 answered = True
+                if t.done:
+                    s.needs_rset = not t.clean
+                    future.set_result(t.keep)
+                    break
+                phase = t.phase
+                if data:
+                    if phase is END_OF_DATA and before is not END_OF_DATA:
+                        data += self._follow_on()
+                        s.write(data)
+                        if pipe.write_paused:
+                            phase = "body"
+                    else:
+                        s.write(data)
+                self.phase = phase
             pipe.consumed()
         except ReplyError as exc:
             self._fail(s.broken_reply(exc, self.phase))
@@ -1106,61 +924,29 @@ class _Pipelined:
             # Done: the follow-on, if any, reads what comes next.
             pipe.handler = nxt = self.next
             if nxt is not None and not nxt.future.done():
-                nxt._deadline("MAIL")
+                nxt._deadline(nxt.t.phase)
                 nxt.advance()
-
-    def _reply(self, verb: str, reply: Reply) -> None:
-        if verb == "MAIL":
-            self.mail_reply = reply
-            self.phase = "RCPT"
-        elif verb == "RCPT":
-            self.rcpt_replies.append(reply)
-            if len(self.rcpt_replies) == len(self.indexes):
-                self.phase = "DATA"
-        elif verb == "DATA":
-            assert self.mail_reply is not None
-            s = self.s
-            self.keep, self.accepted = _envelope_results(
-                s, self.indexes, self.mail_reply, self.rcpt_replies, reply, self.results)
-            if not _body_wanted(s, self.accepted, reply, self.results):
-                self.future.set_result(self.keep and reply.code // 100 in (4, 5))
-                return
-            self.expected = len(self.accepted) if self.lmtp and self.accepted else 1
-            data = s.conn.send_message(self.body if self.accepted else b"", self.expected)
-            s.write(data + self._follow_on())
-            self.phase = "body" if s.pipe.write_paused else "end of data"
-        else:
-            self.final_replies.append(reply)
-            if len(self.final_replies) == self.expected:
-                self.future.set_result(
-                    _message_results(self.s, self.accepted, self.final_replies, self.results)
-                    and self.keep)
 
     def _follow_on(self) -> bytes:
         """The next message's MAIL, RCPTs and DATA to send behind this body, if the
         caller has one and the connection may carry it; b"" otherwise."""
         follow, self.follow = self.follow, None
-        s, agent = self.s, self.agent
-        if (follow is None or self.lmtp or not self.accepted
+        s, agent, t = self.s, self.agent, self.t
+        if (follow is None or t.lmtp or not t.pipelining or not t.accepted or t.more
                 or s.follow_on not in (None, self) or agent.closing
                 or s.messages >= agent.max_messages_per_connection):
             return b""
         job = follow()
         if job is None:
             return b""
-        ext = s.conn.extensions
-        assert ext is not None
-        eight_bit = _eight_bit(job.envelope, job.body)
-        refusal = _refusal(s, ext, job.envelope, job.recipients, job.body, eight_bit)
-        if refusal is not None:
-            job.handle = [RcptResult(i, RcptState.FAILED, refusal) for i in job.recipients]
+        nt = Transaction(s.conn, job.envelope, job.recipients, job.body, remote=s.remote)
+        data = nt.start()
+        if nt.done:  # refused before anything was sent
+            job.handle = nt.outcome("")
             return b""
-        mail, rcpts = _envelope_commands(ext, job.envelope, job.recipients, job.body, eight_bit)
-        conn = s.conn
-        data = conn.send(mail) + b"".join([conn.send(c) for c in rcpts]) + conn.send(_DATA)
         s.messages += 1
         agent.follow_ons += 1
-        nxt = _Pipelined(agent, s, job.recipients, job.body, False, {}, follow)
+        nxt = _Exchange(agent, s, nt, follow)
         # Its caller may be gone by the time it fails (a stop): never an unretrieved error.
         nxt.future.add_done_callback(_retrieve)
         self.next = s.follow_on = nxt
@@ -1169,7 +955,7 @@ class _Pipelined:
 
     def drained(self) -> None:
         if self.phase == "body":
-            self._deadline("end of data")
+            self._deadline(END_OF_DATA)
 
     def expired(self) -> None:
         text = (f"451 4.4.2 Timeout sending to {self.s.remote}" if self.phase == "body" else

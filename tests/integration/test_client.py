@@ -1211,3 +1211,63 @@ def test_a_destination_limit_of_one_is_never_exceeded_when_connections_retire(
     sink.stop()
     assert sink.state.connections["127.0.10.21"] == 3
     assert sink.state.peak["127.0.10.21"] == 1
+
+
+# --- 452: too many recipients ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "sequential"])
+def test_recipients_refused_with_452_go_in_next_transactions_on_the_same_connection(
+    pipelining: bool,
+) -> None:
+    """RFC 5321 §4.5.3.1.10: a server that takes two recipients per transaction and says
+    452 to the rest gets the rest in next transactions, at once and on one connection, not
+    at a later queue run."""
+    per_transaction: list[list[bytes]] = []
+
+    async def script(peer: Peer) -> None:
+        peer.send(b"220 raw.test ESMTP\r\n")
+        await peer.line()  # EHLO
+        peer.send(b"250-raw.test\r\n" + (b"250-PIPELINING\r\n" if pipelining else b"")
+                  + b"250 8BITMIME\r\n")
+        accepted: list[bytes] = []
+        while True:
+            line = await peer.line()
+            if line.startswith(b"MAIL"):
+                accepted = []
+                peer.send(b"250 2.1.0 Ok\r\n")
+            elif line.startswith(b"RCPT"):
+                if len(accepted) < 2:
+                    accepted.append(line[8:])
+                    peer.send(b"250 2.1.5 Ok\r\n")
+                else:
+                    peer.send(b"452 4.5.3 Too many recipients\r\n")
+            elif line.startswith(b"DATA"):
+                peer.send(b"354 go ahead\r\n")
+                await peer.message()
+                per_transaction.append(accepted)
+                peer.send(b"250 2.0.0 Ok: queued as %d\r\n" % len(per_transaction))
+            elif line.startswith(b"QUIT"):
+                peer.send(b"221 Bye\r\n")
+                await peer.until_eof()
+                return
+            else:
+                peer.send(b"502 5.5.1 No\r\n")
+
+    async def go() -> tuple[list[Any], int]:
+        async with RawServer(script) as server:
+            a = agent()
+            try:
+                rcpts = [f"u{n}@x.test" for n in range(5)]
+                results = await a.deliver(route(server.port), envelope(*rcpts), range(5), BODY)
+            finally:
+                await a.close()
+            return results, len(server.peers)
+
+    results, connections = run(go())
+    assert states(results) == [DELIVERED] * 5
+    assert [r.reply for r in results] == ["250 2.0.0 Ok: queued as 1"] * 2 + [
+        "250 2.0.0 Ok: queued as 2"] * 2 + ["250 2.0.0 Ok: queued as 3"]
+    assert per_transaction == [[b"<u0@x.test>", b"<u1@x.test>"],
+                               [b"<u2@x.test>", b"<u3@x.test>"], [b"<u4@x.test>"]]
+    assert connections == 1
