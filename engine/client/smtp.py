@@ -7,8 +7,9 @@ several messages share one connection.  Each message is one
 ``engine.protocol.transaction.Transaction`` (the order MAIL → RCPT → DATA → body → final
 reply, what each reply means for each recipient, 452 rounds, LMTP's reply per recipient),
 fed the replies as they arrive by ``_Exchange``, pipelined when the server offers
-PIPELINING (RFC 2920) and one command per reply otherwise.  When the caller offers a next
-message (``follow``), its MAIL, RCPTs and DATA go in the same write as the current body
+PIPELINING (RFC 2920) and one command per reply otherwise.  When the caller has a next
+message ready in the connection's queue (``follow_ons``, a value: the reads never call
+back into the caller), its MAIL, RCPTs and DATA go in the same write as the current body
 (RFC 2920 §3.1) and the caller collects its results with ``resume``.  Command formatting,
 reply parsing and matching, reply caps and the STARTTLS boundary are
 ``engine.protocol.client``; this module only pumps bytes, keeps time and pools.
@@ -36,7 +37,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
-from engine.client.api import Follow, FollowOn, RcptResult
+from engine.client.api import FollowOn, FollowOns, RcptResult, Settled
 from engine.protocol.client import (
     ClientConnection,
     ClientProtocolError,
@@ -519,7 +520,7 @@ class SmtpAgent:
 
     async def deliver(
         self, route: Route, envelope: Envelope, recipients: Sequence[int], body: bytes,
-        follow: Follow | None = None,
+        follow_ons: FollowOns | None = None,
     ) -> list[RcptResult]:
         indexes = list(recipients)
         if not indexes:
@@ -527,7 +528,7 @@ class SmtpAgent:
         lmtp = self.lmtp or route.protocol == "lmtp"
         key: PoolKey = (route.site, lmtp, route.tls, route.auth)
         if lmtp or not self.pipeline_messages:
-            follow = None  # LMTP answers per recipient: kept out of follow-on chains
+            follow_ons = None  # LMTP answers per recipient: kept out of follow-on chains
         while True:
             session = self._take(key)
             if session is None:
@@ -539,7 +540,7 @@ class SmtpAgent:
                             rset=session.needs_rset, remote=session.remote)
             try:
                 out, keep = await self._transaction(
-                    session, t, _Exchange(self, session, t, follow).run())
+                    session, t, _Exchange(self, session, t, follow_ons).run())
             except _Failure as failure:
                 if failure.stale:
                     continue  # the pooled connection had died while idle: a fresh one
@@ -548,18 +549,14 @@ class SmtpAgent:
                 self._done_with(session, keep)
             return out
 
+    def takes_follow_ons(self, route: Route) -> bool:
+        return (self.pipeline_messages and not self._closed and not self.lmtp
+                and route.protocol != "lmtp")
+
     async def resume(self, job: FollowOn) -> list[RcptResult]:
-        handle = job.handle
-        if isinstance(handle, list):
-            return handle  # refused before anything was sent (see _Exchange._follow_on)
-        assert isinstance(handle, _Exchange), "not a message this agent took"
-        s = handle.s
-        keep = False
-        try:
-            out, keep = await self._transaction(s, handle.t, handle.future)
-        finally:
-            self._done_with(s, keep, handle)
-        return out
+        if job.handle is None:
+            raise ValueError("a follow-on message this agent did not take")
+        return await job.handle.results()
 
     def _done_with(self, s: _Session, keep: bool, handle: _Exchange | None = None) -> None:
         """A transaction's caller is done: pool or drop the connection, unless a follow-on
@@ -827,22 +824,23 @@ class _Exchange:
     body write has the data block timeout while the transport holds it back.  Failures
     end the future with ``_Failure``.
 
-    Follow-on messages: when the 354 arrives and the caller gave a ``follow`` callback,
-    the next message's MAIL, RCPTs and DATA go in the same write as this body (RFC 2920
-    §3.1: the message content may be the first command of a group).  That exchange
-    (``next``) takes over the pipe when this one has its final reply, and fails with it
-    when the connection breaks first; its caller collects it with ``SmtpAgent.resume``.
-    One write and one wake-up per message instead of two when messages queue for a site.
+    Follow-on messages: when the 354 arrives and the caller's queue for this connection
+    (``follow_ons``) holds a prepared message, its MAIL, RCPTs and DATA go in the same
+    write as this body (RFC 2920 §3.1: the message content may be the first command of a
+    group).  That exchange (``next``) takes over the pipe when this one has its final
+    reply, and fails with it when the connection breaks first; it is the message's
+    ``handle``, and its caller collects it with ``SmtpAgent.resume`` (``results``).  One
+    write and one wake-up per message instead of two when messages queue for a site.
     """
 
-    __slots__ = ("agent", "follow", "future", "next", "phase", "s", "t")
+    __slots__ = ("agent", "follow_ons", "future", "next", "phase", "s", "t")
 
     def __init__(self, agent: SmtpAgent, s: _Session, t: Transaction,
-                 follow: Follow | None) -> None:
+                 follow_ons: FollowOns | None) -> None:
         self.agent = agent
         self.s = s
         self.t = t
-        self.follow = follow
+        self.follow_ons = follow_ons
         self.next: _Exchange | None = None
         self.future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         #: The reply awaited, for its timeout: the transaction's phase, or "body" while
@@ -927,26 +925,35 @@ class _Exchange:
                 nxt._deadline(nxt.t.phase)
                 nxt.advance()
 
+    async def results(self) -> list[RcptResult]:
+        """This follow-on message's results, once its transaction is over (its caller's
+        ``resume``); the connection goes back to the pool or away after the last one."""
+        s, agent = self.s, self.agent
+        keep = False
+        try:
+            out, keep = await agent._transaction(s, self.t, self.future)
+        finally:
+            agent._done_with(s, keep, self)
+        return out
+
     def _follow_on(self) -> bytes:
         """The next message's MAIL, RCPTs and DATA to send behind this body, if the
-        caller has one and the connection may carry it; b"" otherwise."""
-        follow, self.follow = self.follow, None
+        caller has one ready for this connection and it may carry it; b"" otherwise."""
+        follow_ons = self.follow_ons
         s, agent, t = self.s, self.agent, self.t
-        if (follow is None or t.lmtp or not t.pipelining or not t.accepted or t.more
-                or s.follow_on not in (None, self) or agent.closing
-                or s.messages >= agent.max_messages_per_connection):
+        if (not follow_ons or t.lmtp or not t.pipelining or not t.accepted or t.more
+                or self.next is not None or s.follow_on not in (None, self)
+                or agent.closing or s.messages >= agent.max_messages_per_connection):
             return b""
-        job = follow()
-        if job is None:
-            return b""
+        job = follow_ons.popleft()
         nt = Transaction(s.conn, job.envelope, job.recipients, job.body, remote=s.remote)
         data = nt.start()
         if nt.done:  # refused before anything was sent
-            job.handle = nt.outcome("")
+            job.handle = Settled(nt.outcome(""))
             return b""
         s.messages += 1
         agent.follow_ons += 1
-        nxt = _Exchange(agent, s, nt, follow)
+        nxt = _Exchange(agent, s, nt, follow_ons)
         # Its caller may be gone by the time it fails (a stop): never an unretrieved error.
         nxt.future.add_done_callback(_retrieve)
         self.next = s.follow_on = nxt

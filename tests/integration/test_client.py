@@ -13,6 +13,7 @@ import dataclasses
 import smtplib
 import socket
 import ssl
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import uvloop
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
-from engine.client.api import FollowOn
+from engine.client.api import FollowOn, FollowOns
 from engine.client.smtp import SmtpAgent
 from engine.queue.records import Envelope, RcptState, Recipient
 from engine.routing.api import Host, Route
@@ -1008,18 +1009,17 @@ def test_dsn_parameters_only_when_offered(offered: bool) -> None:
 # --- follow-on messages: the next envelope behind the current body ----------------------
 
 
-def offer(*jobs: FollowOn) -> tuple[Callable[[], FollowOn | None], list[FollowOn]]:
-    """A ``follow`` callback handing out ``jobs`` in order, and the list of those taken."""
-    waiting = list(jobs)
-    taken: list[FollowOn] = []
+class Offered(list[FollowOn]):
+    """The messages put in a follow-on queue; ``taken`` are those the agent took."""
 
-    def follow() -> FollowOn | None:
-        if not waiting:
-            return None
-        taken.append(waiting.pop(0))
-        return taken[-1]
+    @property
+    def taken(self) -> list[FollowOn]:
+        return [job for job in self if job.handle is not None]
 
-    return follow, taken
+
+def offer(*jobs: FollowOn) -> tuple[FollowOns, Offered]:
+    """A connection's follow-on queue holding ``jobs`` (prepared, as the scheduler does)."""
+    return deque(jobs), Offered(jobs)
 
 
 def follow_on(rcpt: str, sender: str = "a@client.test") -> FollowOn:
@@ -1030,17 +1030,17 @@ def test_follow_on_messages_ride_behind_the_body_on_one_connection() -> None:
     async def go() -> tuple[list[Any], list[Peer], int]:
         async with RawServer(smtp_script()) as server:
             a = agent()
-            follow, taken = offer(follow_on("u2@x.test"), follow_on("u3@x.test"))
+            follow, offered = offer(follow_on("u2@x.test"), follow_on("u3@x.test"))
             try:
                 results = [await a.deliver(route(server.port), envelope("u1@x.test"), [0],
                                            BODY, follow)]
                 # Each follow-on is taken when its predecessor's 354 arrives.
                 collected = 0
-                while collected < len(taken):
-                    results.append(await a.resume(taken[collected]))
+                while collected < len(offered.taken):
+                    results.append(await a.resume(offered.taken[collected]))
                     collected += 1
-                assert [job.envelope.recipients[0].address for job in taken] == [
-                    "u2@x.test", "u3@x.test"]
+                assert not follow and [job.envelope.recipients[0].address
+                                       for job in offered.taken] == ["u2@x.test", "u3@x.test"]
                 # The connection went back to the pool once the last one was collected.
                 results.append(await a.deliver(route(server.port), envelope("u4@x.test"), [0],
                                                BODY))
@@ -1060,11 +1060,11 @@ def test_a_follow_on_is_deferred_when_the_connection_breaks_after_the_body() -> 
     async def go() -> tuple[list[Any], list[Any]]:
         async with RawServer(smtp_script(close_after=1)) as server:
             a = agent()
-            follow, taken = offer(follow_on("u2@x.test"))
+            follow, offered = offer(follow_on("u2@x.test"))
             try:
                 first = await a.deliver(route(server.port), envelope("u1@x.test"), [0], BODY,
                                         follow)
-                (job,) = taken
+                (job,) = offered.taken
                 return first, await a.resume(job)
             finally:
                 await a.close()
@@ -1079,11 +1079,11 @@ def test_a_follow_on_the_next_hop_cannot_take_is_refused_before_anything_is_sent
     async def go() -> tuple[list[Any], list[Any], list[Peer]]:
         async with RawServer(smtp_script()) as server:
             a = agent()
-            follow, taken = offer(follow_on("u2@x.test", sender="bad\tsender@client.test"))
+            follow, offered = offer(follow_on("u2@x.test", sender="bad\tsender@client.test"))
             try:
                 first = await a.deliver(route(server.port), envelope("u1@x.test"), [0], BODY,
                                         follow)
-                (job,) = taken
+                (job,) = offered.taken
                 return first, await a.resume(job), server.peers
             finally:
                 await a.close()
@@ -1098,14 +1098,15 @@ def test_no_follow_on_without_pipelining_or_in_lmtp() -> None:
     async def go(lmtp: bool, ehlo: tuple[str, ...]) -> list[FollowOn]:
         async with RawServer(smtp_script(ehlo, lmtp=lmtp)) as server:
             a = agent(lmtp=lmtp)
-            follow, taken = offer(follow_on("u2@x.test"))
+            follow, offered = offer(follow_on("u2@x.test"))
             try:
                 result = await a.deliver(route(server.port), envelope("u1@x.test"), [0], BODY,
                                          follow)
                 assert states(result) == [DELIVERED]
             finally:
                 await a.close()
-            return taken
+            assert len(follow) == 1  # left for the caller to deliver on its own
+            return offered.taken
 
     assert run(go(False, ("8BITMIME",))) == []
     assert run(go(True, ("PIPELINING", "8BITMIME"))) == []
@@ -1188,29 +1189,53 @@ mx.one.test.   IN A 127.0.10.21
 """
 
 
+def deliver_waiting(tmp_path: Path, messages: int, **delivery: Any) -> tuple[CountingSink, int]:
+    """The whole path: ``messages`` for one destination, all waiting when delivery starts,
+    to a counting sink; the sink and how many went behind another's body (follow-ons)."""
+    sink = CountingSink(["127.0.10.21"])
+    try:
+        with DnsResponder(ZONE) as dns:
+            config = ferry_config(tmp_path / "spool")
+            config = dataclasses.replace(config, delivery=dataclasses.replace(
+                config.delivery, dns=dns.address, mx_port=sink.port, paused=False,
+                **delivery))
+            with RunningFerry(config) as f:
+                assert f.app.scheduler is not None
+                # Held while they arrive, so all of them wait when delivery starts.
+                f.call(f.app.scheduler.suspend("one.test"))
+                for n in range(messages):
+                    with smtplib.SMTP(f.host, f.port) as client:
+                        client.sendmail("a@client.test", [f"u{n}@one.test"], BODY)
+                f.call(f.app.scheduler.resume("one.test"))
+                wait_for(lambda: len(sink.state.messages) == messages
+                         and f.store.count() == 0, 30)
+                agent = f.app.agents["smtp"]
+                assert isinstance(agent, SmtpAgent)
+                follow_ons = agent.follow_ons
+    finally:
+        sink.stop()
+    return sink, follow_ons
+
+
 def test_a_destination_limit_of_one_is_never_exceeded_when_connections_retire(
     tmp_path: Path,
 ) -> None:
-    """The whole path: a limit of 1, two messages per connection, five messages waiting;
-    the receiver (which counts a connection until its socket is closed) sees one at once."""
-    sink = CountingSink(["127.0.10.21"])
-    with DnsResponder(ZONE) as dns:
-        config = ferry_config(tmp_path / "spool")
-        config = dataclasses.replace(config, delivery=dataclasses.replace(
-            config.delivery, dns=dns.address, mx_port=sink.port, paused=False,
-            max_per_domain=1, max_messages_per_connection=2))
-        with RunningFerry(config) as f:
-            assert f.app.scheduler is not None
-            # Held while they arrive, so all five wait when delivery starts.
-            f.call(f.app.scheduler.suspend("one.test"))
-            for n in range(5):
-                with smtplib.SMTP(f.host, f.port) as client:
-                    client.sendmail("a@client.test", [f"u{n}@one.test"], BODY)
-            f.call(f.app.scheduler.resume("one.test"))
-            wait_for(lambda: len(sink.state.messages) == 5 and f.store.count() == 0, 30)
-    sink.stop()
+    """A limit of 1, two messages per connection, five messages waiting: the receiver
+    (which counts a connection until its socket is closed) sees one at once."""
+    sink, _ = deliver_waiting(tmp_path, 5, max_per_domain=1, max_messages_per_connection=2)
     assert sink.state.connections["127.0.10.21"] == 3
     assert sink.state.peak["127.0.10.21"] == 1
+
+
+def test_every_waiting_message_follows_the_one_before_on_a_busy_connection(
+    tmp_path: Path,
+) -> None:
+    """The scheduler keeps the connection's follow-on queue filled: on a site at its limit
+    each message after the first goes behind the body before it (RFC 2920 §3.1), one
+    write per message, with no call from the connection into the scheduler."""
+    sink, follow_ons = deliver_waiting(tmp_path, 10, max_per_domain=1)
+    assert sink.state.connections["127.0.10.21"] == 1
+    assert follow_ons == 9
 
 
 # --- 452: too many recipients ------------------------------------------------------------
