@@ -116,7 +116,6 @@ class _Pipe(asyncio.Protocol):
         self._read_paused = False
         self._write_paused = False
         self._waiter: asyncio.Future[None] | None = None
-        self._drain_waiter: asyncio.Future[None] | None = None
         #: The running wait's deadline, and the one timer that enforces deadlines: it is
         #: armed once and re-arms itself while waits keep ending in time, instead of one
         #: timer per wait (two per delivery otherwise; see ``wait``).
@@ -202,9 +201,6 @@ class _Pipe(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -213,9 +209,6 @@ class _Pipe(asyncio.Protocol):
         self._write_paused = False
         if self.handler is not None:
             self.handler.drained()
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     @property
     def eof(self) -> bool:
@@ -269,15 +262,6 @@ class _Pipe(asyncio.Protocol):
     def write_paused(self) -> bool:
         return self._write_paused
 
-    async def drain(self) -> None:
-        while self._write_paused:
-            if self.closed:
-                raise ConnectionError("connection lost while sending")
-            self._drain_waiter = asyncio.get_running_loop().create_future()
-            await self._drain_waiter
-        if self.closed:
-            raise ConnectionError("connection lost while sending")
-
 
 class _Session:
     """One connection to one host: the transport, the sans-I/O client and pool state."""
@@ -310,20 +294,6 @@ class _Session:
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
-
-    async def drain(self, phase: str) -> None:
-        try:
-            if self.pipe.write_paused:
-                async with asyncio.timeout(self.timeouts[phase]):
-                    await self.pipe.drain()
-            else:
-                await self.pipe.drain()  # no wait: only the check that it is still open
-        except TimeoutError:
-            raise _Failure(f"451 4.4.2 Timeout sending to {self.remote}", broken=True) from None
-        except OSError as exc:
-            raise _Failure(
-                f"451 4.4.2 Connection to {self.remote} lost: {exc}", broken=True
-            ) from None
 
     async def event(self, phase: str) -> Greeting | Reply:
         """The next reply (the greeting first), within the phase's timeout."""

@@ -349,6 +349,7 @@ class Scheduler:
                     self.down[site.name] = time.time() + self.settings.down_period
         finally:
             # Only if this task is cancelled: prepared groups nobody took go back.
+            follow_ons.clear()
             for job in reversed(prepared):
                 if job.job.handle is None:
                     site.jobs.appendleft((job.entry, job.route))
@@ -381,7 +382,8 @@ class Scheduler:
         at once), and for plain groups (one transaction, same route, nothing to record
         first).  Anything else waits for a worker's turn.  Runs in the worker, never from
         the agent's reads: the agent only pops what is ready."""
-        if site.limits.max_rate or not self.agents[route.protocol].takes_follow_ons(route):
+        agent = self.agents.get(route.protocol)
+        if site.limits.max_rate or agent is None or not agent.takes_follow_ons(route):
             return None
         jobs = site.jobs
         # Never the groups that workers still starting will take (see _staff).

@@ -1296,3 +1296,35 @@ def test_recipients_refused_with_452_go_in_next_transactions_on_the_same_connect
     assert per_transaction == [[b"<u0@x.test>", b"<u1@x.test>"],
                                [b"<u2@x.test>", b"<u3@x.test>"], [b"<u4@x.test>"]]
     assert connections == 1
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "sequential"])
+def test_a_server_that_stops_reading_the_body_times_out(pipelining: bool) -> None:
+    """RFC 5321 §4.5.3.2.5: each write of the body has its timeout; a server that says 354
+    and then reads nothing defers the message and the connection is dropped."""
+
+    async def script(peer: Peer) -> None:
+        peer.send(b"220 raw.test ESMTP\r\n")
+        await peer.line()  # EHLO
+        peer.send(b"250-raw.test\r\n" + (b"250-PIPELINING\r\n" if pipelining else b"")
+                  + b"250 8BITMIME\r\n")
+        while not (await peer.line()).startswith(b"DATA"):
+            peer.send(b"250 Ok\r\n")
+        peer.send(b"354 go ahead\r\n")
+        await peer.eof.wait()  # reads no more: the client's writes back up
+
+    async def go() -> tuple[list[Any], bool]:
+        async with RawServer(script) as server:
+            a = agent(timeout_scale=0.005)  # 180 s → 0.9 s
+            try:
+                big = b"x" * 998 + b"\r\n"
+                results = await a.deliver(route(server.port), envelope("u@x.test"), [0],
+                                          big * 20_000)
+                server.peers[0].writer.transport.abort()
+                return results, sum(len(v) for v in a._pool.values()) == 0
+            finally:
+                await a.close()
+
+    (result,), dropped = run(go())
+    assert result.state is DEFERRED and "Timeout sending" in result.reply, result
+    assert dropped
