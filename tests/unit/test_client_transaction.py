@@ -4,6 +4,8 @@ commands and what each reply means for each recipient, with no socket."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.protocol.client import ClientConnection, Response
 from engine.protocol.command import Command
@@ -320,3 +322,36 @@ def test_dsn_parameters_and_dsn_offered_follow_the_ehlo(offered: bool) -> None:
         assert sent.startswith(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<u@x.test>\r\n")
     (result,) = t.outcome(LOST)
     assert result.state is DELIVERED and result.dsn_offered is offered
+
+
+# --- any replies: a result per recipient, never an out-of-order command -------------------
+
+REPLIES = [b"250 2.1.0 Ok", b"251 Forwarded", b"354 Go", b"421 4.3.2 Closing",
+           b"450 4.2.1 Busy", b"452 4.5.3 Too many", b"552 5.5.3 Too many",
+           b"550 5.1.1 No", b"554 5.5.1 No", b"334 What", b"500 5.5.2 \x01bad"]
+
+
+@given(rcpts=st.integers(1, 4), pipelining=st.booleans(), lmtp=st.booleans(),
+       rset=st.booleans(), replies=st.lists(st.sampled_from(REPLIES), max_size=40),
+       lose=st.booleans())
+def test_any_replies_give_one_result_per_recipient(rcpts: int, pipelining: bool, lmtp: bool,
+                                                    rset: bool, replies: list[bytes],
+                                                    lose: bool) -> None:
+    """Whatever the server answers, the transaction only writes what the connection
+    allows (ClientConnection raises otherwise: pipelining without PIPELINING, a command
+    after a group ender), never takes more replies than it has commands out, and ends with
+    one well-formed result per recipient."""
+    t = transaction(*(f"u{n}@x.test" for n in range(rcpts)), pipelining=pipelining,
+                    lmtp=lmtp, rset=rset)
+    t.start()
+    for reply in replies:
+        if t.done or not t.conn.waiting:
+            break
+        feed(t, reply + b"\r\n")
+    if lose or not t.done:
+        t.lost()
+    out = t.outcome(LOST)
+    assert [r.index for r in out] == list(range(rcpts))
+    assert all(r.reply.isprintable() and len(r.reply) <= 512 for r in out)
+    if t.keep:  # ended normally: every recipient has the server's answer
+        assert all(r.reply != LOST for r in out)
