@@ -629,8 +629,8 @@ class SmtpAgent:
             async with asyncio.timeout(2 * T_QUIT + 1):
                 for session in list(closing):
                     await session.pipe.lost.wait()
-        if not closing:
-            del self._closing[key]
+        if not closing and self._closing.get(key) is closing:
+            del self._closing[key]  # (others waiting on it may have removed it already)
 
     # --- opening a session -----------------------------------------------------------
 

@@ -1172,7 +1172,7 @@ def test_a_retiring_connection_is_closed_before_its_replacement_opens() -> None:
             a = agent(max_messages_per_connection=2)
             try:
                 return [await a.deliver(route(server.port), envelope(f"u{n}@x.test"), [0], BODY)
-                        for n in range(5)]
+                        for n in range(10)]
             finally:
                 await a.close()
 
@@ -1283,7 +1283,7 @@ def test_recipients_refused_with_452_go_in_next_transactions_on_the_same_connect
         async with RawServer(script) as server:
             a = agent()
             try:
-                rcpts = [f"u{n}@x.test" for n in range(5)]
+                rcpts = [f"u{n}@x.test" for n in range(10)]
                 results = await a.deliver(route(server.port), envelope(*rcpts), range(5), BODY)
             finally:
                 await a.close()
@@ -1328,3 +1328,23 @@ def test_a_server_that_stops_reading_the_body_times_out(pipelining: bool) -> Non
     (result,), dropped = run(go())
     assert result.state is DEFERRED and "Timeout sending" in result.reply, result
     assert dropped
+
+
+def test_deliveries_waiting_for_the_same_closing_connection_all_go_on() -> None:
+    """Two deliveries that need a new connection while the pool's last one is being QUIT
+    both wait for its close, and both go on when it is closed."""
+
+    async def go() -> tuple[list[Any], int]:
+        async with RawServer(smtp_script()) as server:
+            a = agent(max_messages_per_connection=1)
+            r = route(server.port)
+            try:
+                first = await a.deliver(r, envelope("u0@x.test"), [0], BODY)  # retires
+                rest = await asyncio.gather(*(a.deliver(r, envelope(f"u{n}@x.test"), [0], BODY)
+                                              for n in (1, 2)))
+            finally:
+                await a.close()
+            return [first, *rest], len(server.peers)
+
+    results, connections = run(go())
+    assert [states(r) for r in results] == [[DELIVERED]] * 3 and connections == 3
