@@ -161,10 +161,6 @@ class Transaction:
         """The next hop offers PIPELINING (RFC 2920): commands go out in groups."""
         return self._pipelining
 
-    @property
-    def dsn_offered(self) -> bool:
-        return self._dsn
-
     def start(self) -> bytes:
         """The first bytes to write; ``b""`` and ``done`` when the next hop cannot take
         the message at all (every recipient FAILED, nothing sent)."""

@@ -94,6 +94,18 @@ class _Taken:
 
 
 @dataclass(slots=True)
+class _FollowQueue:
+    """A worker's follow-on queue (see Scheduler._prepare): the groups prepared for its
+    connection, in order, and the same messages as the agent sees them (it pops
+    ``follow_ons`` from the left at each 354, so the ones it took come first in
+    ``prepared``); ``route`` is the route of the delivery in flight (None between two)."""
+
+    prepared: deque[_Taken] = field(default_factory=deque)
+    follow_ons: FollowOns = field(default_factory=deque)
+    route: Route | None = None
+
+
+@dataclass(slots=True)
 class _Site:
     name: str
     limits: SiteLimits
@@ -103,6 +115,8 @@ class _Site:
     peak_workers: int = 0
     #: workers spawned that have not yet taken their first group
     starting: int = 0
+    #: the workers' follow-on queues, topped up as groups arrive (see _staff)
+    follow_queues: list[_FollowQueue] = field(default_factory=list)
 
 
 class Scheduler:
@@ -305,22 +319,31 @@ class Scheduler:
             site.starting += 1
             site.peak_workers = max(site.peak_workers, site.workers)
             self._spawn(self._work(site))
+        if len(site.jobs) > site.starting:
+            # At the limit: the groups no worker takes now go to the follow-on queues of
+            # the deliveries in flight, ready for their next 354.
+            for queue in site.follow_queues:
+                if queue.route is not None:
+                    self._prepare(site, queue)
 
     async def _work(self, site: _Site) -> None:
         site.starting -= 1
         loop = asyncio.get_running_loop()
-        #: Groups prepared to follow on this worker's connection, in order (see _prepare),
-        #: and the same messages as the agent sees them: it pops ``follow_ons`` from the
-        #: left at each 354, so the ones it took come first here and are already on the
-        #: wire: this worker collects them before anything else.
-        prepared: deque[_Taken] = deque()
-        follow_ons: FollowOns = deque()
+        #: Groups prepared to follow on this worker's connection (see _prepare); those the
+        #: agent took are already on the wire: this worker collects them first.
+        queue = _FollowQueue()
+        prepared, follow_ons = queue.prepared, queue.follow_ons
+        site.follow_queues.append(queue)
         try:
             while site.jobs or prepared:
                 if prepared and prepared[0].job.handle is not None:
                     job = prepared.popleft()
-                    self._prepare(site, job.route, prepared, follow_ons)
-                    ok = await self._deliver(job.entry, job.route, taken=job)
+                    queue.route = job.route
+                    self._prepare(site, queue)
+                    try:
+                        ok = await self._deliver(job.entry, job.route, taken=job)
+                    finally:
+                        queue.route = None
                 else:
                     loaded: _Taken | None = None
                     if prepared:
@@ -340,14 +363,18 @@ class Scheduler:
                     wait = site.throttle.wait(loop.time())
                     if wait:
                         await asyncio.sleep(wait)
-                    ok = await self._deliver(
-                        entry, route, self._prepare(site, route, prepared, follow_ons),
-                        loaded=loaded)
+                    queue.route = route
+                    try:
+                        ok = await self._deliver(entry, route, self._prepare(site, queue),
+                                                 loaded=loaded)
+                    finally:
+                        queue.route = None
                 if ok:
                     self.down.pop(site.name, None)
                 else:
                     self.down[site.name] = time.time() + self.settings.down_period
         finally:
+            site.follow_queues.remove(queue)
             # Only if this task is cancelled: prepared groups nobody took go back.
             follow_ons.clear()
             for job in reversed(prepared):
@@ -372,16 +399,19 @@ class Scheduler:
         return [i for i, r in enumerate(env.recipients)
                 if r.next_hop == destination and r.state in _WAITING]
 
-    def _prepare(self, site: _Site, route: Route, prepared: deque[_Taken],
-                 follow_ons: FollowOns) -> FollowOns | None:
+    def _prepare(self, site: _Site, queue: _FollowQueue) -> FollowOns | None:
         """Top up a worker's follow-on queue from the site's next groups, loaded (envelope
-        and body), and return it for ``deliver`` (None when the agent takes none there).
+        and body), for the delivery in flight on ``queue.route``, and return it for
+        ``deliver`` (None when the agent takes none there).
 
         Only when the site has all the workers its limit allows (below it, the group goes
         out in parallel on a connection of its own), no rate limit (a follow-on is sent
         at once), and for plain groups (one transaction, same route, nothing to record
         first).  Anything else waits for a worker's turn.  Runs in the worker, never from
         the agent's reads: the agent only pops what is ready."""
+        route = queue.route
+        assert route is not None
+        prepared, follow_ons = queue.prepared, queue.follow_ons
         agent = self.agents.get(route.protocol)
         if site.limits.max_rate or agent is None or not agent.takes_follow_ons(route):
             return None
