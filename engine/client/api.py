@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,37 +29,60 @@ class RcptResult:
     dsn_offered: bool = False
 
 
+class Pending(Protocol):
+    """A follow-on message an agent took: its results, once its transaction is over."""
+
+    async def results(self) -> list[RcptResult]:
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """A follow-on message an agent refused before sending anything: its results."""
+
+    out: list[RcptResult]
+
+    async def results(self) -> list[RcptResult]:
+        return self.out
+
+
 @dataclass(eq=False, slots=True)
 class FollowOn:
-    """A next message the caller offers to send right behind the one being delivered, on
-    the same connection (RFC 2920 §3.1: the next MAIL, RCPTs and DATA may follow the
-    message content in one write).  ``handle`` is the agent's: the transaction it started
-    for it, or its results when it refused it before sending anything."""
+    """A next message, prepared by the caller (envelope and body loaded), that an agent
+    may send right behind the one being delivered, on the same connection (RFC 2920
+    §3.1: the next MAIL, RCPTs and DATA may follow the message content in one write).
+    ``handle`` is None until the agent takes it; then it is the agent's hold on it."""
 
     envelope: Envelope
     recipients: list[int]
     body: bytes
-    handle: object = None
+    handle: Pending | None = None
 
 
-#: Called by an agent when it could send a next message behind the current one; returns
-#: the message (and the caller must then collect it with ``resume``) or None.
-Follow = Callable[[], FollowOn | None]
+#: The next messages a caller offers one connection, in order: the agent pops from the
+#: left when a 354 arrives (no call back into the caller from the connection's reads);
+#: the caller keeps it filled and collects each message taken with ``resume``.
+FollowOns = deque[FollowOn]
 
 
 class DeliveryAgent(Protocol):
     async def deliver(
         self, route: Route, envelope: Envelope, recipients: Sequence[int], body: bytes,
-        follow: Follow | None = None,
+        follow_ons: FollowOns | None = None,
     ) -> list[RcptResult]:
         """Deliver ``body`` to ``envelope.recipients[i] for i in recipients``; never raises
         for delivery problems (they are results), only for programming errors.  An agent
-        may call ``follow`` (at most once per message it sends) to pipeline a next message
-        on the same connection."""
+        may take messages from ``follow_ons`` (one behind each message it sends) to send
+        them on the same connection; it sets their ``handle``."""
+        ...
+
+    def takes_follow_ons(self, route: Route) -> bool:
+        """Whether ``deliver`` to ``route`` may take messages from ``follow_ons`` (a
+        caller prepares none otherwise)."""
         ...
 
     async def resume(self, job: FollowOn) -> list[RcptResult]:
-        """The results of a message taken through ``follow``; as ``deliver`` returns them."""
+        """The results of a message taken from ``follow_ons``; as ``deliver`` returns them."""
         ...
 
     async def close(self) -> None:

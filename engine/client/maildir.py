@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
-from engine.client.api import Follow, FollowOn, RcptResult
+from engine.client.api import FollowOn, FollowOns, RcptResult
 from engine.queue.records import Envelope, RcptState
 from engine.routing.api import Route
 
@@ -70,13 +70,16 @@ class MaildirAgent:
 
     async def deliver(
         self, route: Route, envelope: Envelope, recipients: Sequence[int], body: bytes,
-        follow: Follow | None = None,
+        follow_ons: FollowOns | None = None,
     ) -> list[RcptResult]:
-        # ``follow`` is never called: a file write has no connection to pipeline on.
+        # ``follow_ons`` are never taken: a file write has no connection to pipeline on.
         indexes = list(recipients)
         if not indexes:
             return []
         return await asyncio.to_thread(self._deliver_all, route, envelope, indexes, body)
+
+    def takes_follow_ons(self, route: Route) -> bool:
+        return False
 
     async def resume(self, job: FollowOn) -> list[RcptResult]:
         raise RuntimeError("the Maildir agent never takes a follow-on message")

@@ -1,22 +1,26 @@
 """Outbound SMTP and LMTP delivery: connections to the next hop, pooled per site.
 
 Owns the asyncio side of the client: dialling the route's hosts in order, the greeting,
-EHLO (HELO fallback) or LHLO, STARTTLS per the route's TLS mode, AUTH at smarthosts, one
-transaction per message (pipelined when the server offers PIPELINING, RFC 2920), the
+EHLO (HELO fallback) or LHLO, STARTTLS per the route's TLS mode, AUTH at smarthosts, the
 per-phase timeouts of RFC 5321 §4.5.3.2, and a pool of idle connections per site so
-several messages share one connection.  When the caller offers a next message
-(``follow``), its MAIL, RCPTs and DATA go in the same write as the current body (RFC 2920
-§3.1) and the caller collects its results with ``resume``.  The protocol itself (command
-formatting, reply parsing and matching, reply caps, the STARTTLS boundary) is
-``engine.protocol.client``; this module only pumps bytes and decides what each reply
-means for each recipient.
+several messages share one connection.  Each message is one
+``engine.protocol.transaction.Transaction`` (the order MAIL → RCPT → DATA → body → final
+reply, what each reply means for each recipient, 452 rounds, LMTP's reply per recipient),
+fed the replies as they arrive by ``_Exchange``, pipelined when the server offers
+PIPELINING (RFC 2920) and one command per reply otherwise.  When the caller has a next
+message ready in the connection's queue (``follow_ons``, a value: the reads never call
+back into the caller), its MAIL, RCPTs and DATA go in the same write as the current body
+(RFC 2920 §3.1) and the caller collects its results with ``resume``.  Command formatting,
+reply parsing and matching, reply caps and the STARTTLS boundary are
+``engine.protocol.client``; this module only pumps bytes, keeps time and pools.
 
-Outcomes: RCPT 2xx plus a 2xx after the body → DELIVERED; a 4xx → DEFERRED; a 5xx →
-FAILED; anything that breaks the connection (loss, timeout, malformed or oversized
-replies) → DEFERRED for every recipient without a final answer, and the connection is
-dropped, never pooled.  Hosts that refuse, time out or greet with anything but 220 are
-skipped; when all fail, every recipient is DEFERRED (RFC 5321 §3.8: try again later).
-A 535 to AUTH is DEFERRED too: it is a configuration problem an operator can fix.
+Outcomes: what the transaction says; anything that breaks the connection (loss, timeout,
+malformed or oversized replies) → DEFERRED for every recipient without a final answer,
+and the connection is dropped, never pooled.  Hosts that refuse, time out or greet with
+anything but 220 are skipped; when all fail, every recipient is DEFERRED (RFC 5321 §3.8:
+try again later).  A 535 to AUTH is DEFERRED too: it is a configuration problem an
+operator can fix.  A connection counts towards its site until its socket is closed: a
+new one for the same pool waits for those being closed (``_closed_before``).
 
 It must never write the queue, never raise for a delivery problem (problems are
 results), never block the event loop, and never put a raw CR, LF or NUL from the wire
@@ -27,11 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
-from engine.client.api import Follow, FollowOn, RcptResult
+from engine.client.api import FollowOn, FollowOns, RcptResult, Settled
 from engine.protocol.client import (
     ClientConnection,
     ClientProtocolError,
@@ -44,11 +50,9 @@ from engine.protocol.command import Command
 from engine.protocol.errors import ReplyError
 from engine.protocol.events import NEED_DATA, NeedData
 from engine.protocol.reply import Reply
+from engine.protocol.transaction import END_OF_DATA, RSET, Transaction, cap_text, reply_text
 from engine.queue.records import Envelope, RcptState
 from engine.routing.api import Host, Route, TlsMode
-
-#: Reply texts in results are capped (they go to logs, DSNs and the queue record).
-MAX_RESULT_TEXT: Final = 512
 
 # RFC 5321 §4.5.3.2 minimum timeouts (seconds), per phase of a transaction.
 T_MAIL: Final = 300.0  # §4.5.3.2.2
@@ -66,31 +70,6 @@ PoolKey = tuple[str, bool, str, tuple[str, str] | None]
 TlsContextFactory = Callable[[TlsMode], ssl.SSLContext]
 
 
-def _reply_text(reply: Reply) -> str:
-    """One line: "550 5.1.1 text text", controls already "?" (the parser), TAB a space."""
-    head = f"{reply.code} {reply.enhanced}" if reply.enhanced else str(reply.code)
-    text = " ".join(line.strip() for line in reply.lines if line.strip())
-    return _cap(f"{head} {text}" if text else head)
-
-
-def _cap(text: str) -> str:
-    if not text.isprintable():  # most replies are: skip the walk over every character
-        text = "".join(c if c >= " " and c != "\x7f" else " " if c == "\t" else "?"
-                       for c in text)
-    return text if len(text) <= MAX_RESULT_TEXT else text[: MAX_RESULT_TEXT - 3] + "..."
-
-
-def _state(code: int) -> RcptState:
-    if 200 <= code < 300:
-        return RcptState.DELIVERED
-    return RcptState.FAILED if 500 <= code < 600 else RcptState.DEFERRED
-
-
-def _split(address: str) -> tuple[str, str]:
-    local, at, domain = address.rpartition("@")
-    return (local, domain) if at else (address, "")
-
-
 class _Failure(Exception):
     """The session cannot go on; ``text`` is the reason for the recipients left.
 
@@ -103,7 +82,7 @@ class _Failure(Exception):
         self, text: str, *, stale: bool = False, final: bool = False, broken: bool = False
     ) -> None:
         super().__init__(text)
-        self.text = _cap(text)
+        self.text = cap_text(text)
         self.stale = stale
         self.final = final
         self.broken = broken
@@ -137,7 +116,6 @@ class _Pipe(asyncio.Protocol):
         self._read_paused = False
         self._write_paused = False
         self._waiter: asyncio.Future[None] | None = None
-        self._drain_waiter: asyncio.Future[None] | None = None
         #: The running wait's deadline, and the one timer that enforces deadlines: it is
         #: armed once and re-arms itself while waits keep ending in time, instead of one
         #: timer per wait (two per delivery otherwise; see ``wait``).
@@ -147,8 +125,10 @@ class _Pipe(asyncio.Protocol):
         #: The pipelined transaction being driven by arriving replies, if any: it is
         #: told of every arrival, of the end of the connection, of a drained write
         #: buffer and of its deadline, instead of a coroutine waking for each reply.
-        self.handler: _Pipelined | None = None
+        self.handler: _Exchange | None = None
         self.lost = asyncio.Event()
+        #: Called once the connection is closed (the agent counts it closing until then).
+        self.on_lost: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
@@ -214,13 +194,13 @@ class _Pipe(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         self.lost.set()
+        if self.on_lost is not None:
+            self.on_lost()
+            self.on_lost = None
         self._wake()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -229,9 +209,6 @@ class _Pipe(asyncio.Protocol):
         self._write_paused = False
         if self.handler is not None:
             self.handler.drained()
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     @property
     def eof(self) -> bool:
@@ -285,15 +262,6 @@ class _Pipe(asyncio.Protocol):
     def write_paused(self) -> bool:
         return self._write_paused
 
-    async def drain(self) -> None:
-        while self._write_paused:
-            if self.closed:
-                raise ConnectionError("connection lost while sending")
-            self._drain_waiter = asyncio.get_running_loop().create_future()
-            await self._drain_waiter
-        if self.closed:
-            raise ConnectionError("connection lost while sending")
-
 
 class _Session:
     """One connection to one host: the transport, the sans-I/O client and pool state."""
@@ -309,7 +277,7 @@ class _Session:
         #: The pool this connection belongs to (set when opened).
         self.key: PoolKey = ("", False, "off", None)
         #: The newest follow-on transaction in flight, until its caller collects it.
-        self.follow_on: _Pipelined | None = None
+        self.follow_on: _Exchange | None = None
         #: Taken from the pool and not yet answered in this delivery (see _Failure.stale).
         self.pristine = False
         #: Pool expiry: loop time the session went idle (None while in use), and the timer
@@ -326,20 +294,6 @@ class _Session:
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
-
-    async def drain(self, phase: str) -> None:
-        try:
-            if self.pipe.write_paused:
-                async with asyncio.timeout(self.timeouts[phase]):
-                    await self.pipe.drain()
-            else:
-                await self.pipe.drain()  # no wait: only the check that it is still open
-        except TimeoutError:
-            raise _Failure(f"451 4.4.2 Timeout sending to {self.remote}", broken=True) from None
-        except OSError as exc:
-            raise _Failure(
-                f"451 4.4.2 Connection to {self.remote} lost: {exc}", broken=True
-            ) from None
 
     async def event(self, phase: str) -> Greeting | Reply:
         """The next reply (the greeting first), within the phase's timeout."""
@@ -384,13 +338,14 @@ class _Session:
             broken=True,
         )
 
-    def first_checked(self, reply: Reply) -> Reply:
-        """The reply, unless it is a pooled connection's first and a 421: the server
-        closed it while idle (``_Failure.stale``: try a fresh connection)."""
+    def first_checked(self, reply: Reply, phase: str = "") -> Reply:
+        """The reply, unless it is a pooled connection's first and a 421, or a refused
+        RSET: the server closed it or forgot it while idle (``_Failure.stale``: try a
+        fresh connection)."""
         if self.pristine:
             self.pristine = False
-            if reply.code == 421:
-                raise _Failure(_reply_text(reply), stale=True)
+            if reply.code == 421 or (phase is RSET and reply.code != 250):
+                raise _Failure(reply_text(reply), stale=True)
         return reply
 
     async def reply(self, phase: str) -> Reply:
@@ -414,7 +369,7 @@ class _Session:
         if reply.code // 100 == 5 and not lmtp and reply.code != 554:
             reply = await self.command(Command("HELO", arg=helo_name))
         if reply.code != 250 or self.conn.extensions is None:
-            raise _Failure(_reply_text(reply))
+            raise _Failure(reply_text(reply))
         return self.conn.extensions
 
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
@@ -501,6 +456,7 @@ class SmtpAgent:
         self.timeouts: dict[str, float] = {
             "command": command_timeout * timeout_scale,
             "greeting": command_timeout * timeout_scale,
+            "RSET": command_timeout * timeout_scale,
             "MAIL": T_MAIL * timeout_scale,
             "RCPT": T_RCPT * timeout_scale,
             "DATA": T_DATA_INIT * timeout_scale,
@@ -520,6 +476,8 @@ class SmtpAgent:
         self._contexts: dict[TlsMode, ssl.SSLContext] = {}
         self._pool: dict[PoolKey, list[_Session]] = {}
         self._quitting: set[asyncio.Task[None]] = set()
+        #: Connections being closed, per pool, until their sockets are (_closed_before).
+        self._closing: dict[PoolKey, set[_Session]] = {}
         self._closed = False
         #: Connections opened so far, and messages sent behind another message's body
         #: (follow-ons), for metrics and tests.
@@ -530,7 +488,7 @@ class SmtpAgent:
 
     async def deliver(
         self, route: Route, envelope: Envelope, recipients: Sequence[int], body: bytes,
-        follow: Follow | None = None,
+        follow_ons: FollowOns | None = None,
     ) -> list[RcptResult]:
         indexes = list(recipients)
         if not indexes:
@@ -538,20 +496,19 @@ class SmtpAgent:
         lmtp = self.lmtp or route.protocol == "lmtp"
         key: PoolKey = (route.site, lmtp, route.tls, route.auth)
         if lmtp or not self.pipeline_messages:
-            follow = None  # LMTP answers per recipient: kept out of follow-on chains
+            follow_ons = None  # LMTP answers per recipient: kept out of follow-on chains
         while True:
             session = self._take(key)
             if session is None:
-                session, reason = await self._open(route, lmtp)
+                session, reason = await self._open(route, lmtp, key)
                 if session is None:
                     return [RcptResult(i, RcptState.DEFERRED, reason) for i in indexes]
-                session.key = key
             keep = False
-            results: dict[int, RcptResult] = {}
+            t = Transaction(session.conn, envelope, indexes, body, lmtp=lmtp,
+                            rset=session.needs_rset, remote=session.remote)
             try:
                 out, keep = await self._transaction(
-                    session, indexes, results,
-                    self._exchange(session, envelope, indexes, body, lmtp, follow, results))
+                    session, t, _Exchange(self, session, t, follow_ons).run())
             except _Failure as failure:
                 if failure.stale:
                     continue  # the pooled connection had died while idle: a fresh one
@@ -560,20 +517,16 @@ class SmtpAgent:
                 self._done_with(session, keep)
             return out
 
-    async def resume(self, job: FollowOn) -> list[RcptResult]:
-        handle = job.handle
-        if isinstance(handle, list):
-            return handle  # refused before anything was sent (see _Pipelined._follow_on)
-        assert isinstance(handle, _Pipelined), "not a message this agent took"
-        s = handle.s
-        keep = False
-        try:
-            out, keep = await self._transaction(s, handle.indexes, handle.results, handle.future)
-        finally:
-            self._done_with(s, keep, handle)
-        return out
+    def takes_follow_ons(self, route: Route) -> bool:
+        return (self.pipeline_messages and not self._closed and not self.lmtp
+                and route.protocol != "lmtp")
 
-    def _done_with(self, s: _Session, keep: bool, handle: _Pipelined | None = None) -> None:
+    async def resume(self, job: FollowOn) -> list[RcptResult]:
+        if job.handle is None:
+            raise ValueError("a follow-on message this agent did not take")
+        return await job.handle.results()
+
+    def _done_with(self, s: _Session, keep: bool, handle: _Exchange | None = None) -> None:
         """A transaction's caller is done: pool or drop the connection, unless a follow-on
         message is still in flight on it (its ``resume`` decides then)."""
         if handle is not None and s.follow_on is handle:
@@ -583,7 +536,7 @@ class SmtpAgent:
         if keep:
             self._release(s.key, s)
         else:
-            s.abort()
+            self._retire(s)
 
     @property
     def closing(self) -> bool:
@@ -595,7 +548,7 @@ class SmtpAgent:
         sessions = [s for idle in self._pool.values() for s in idle]
         self._pool.clear()
         for s in sessions:
-            self._spawn_quit(s)
+            self._retire(s, polite=True)
         if self._quitting:
             await asyncio.gather(*self._quitting, return_exceptions=True)
 
@@ -608,7 +561,7 @@ class SmtpAgent:
             session.idle_since = None  # its timer, if any, stays (see _Session.idle_since)
             # Closed, or the server spoke while idle (a 421 before closing, or junk).
             if session.pipe.closed or session.conn.buffered:
-                session.abort()
+                self._retire(session)
                 continue
             session.pristine = True
             return session
@@ -623,7 +576,7 @@ class SmtpAgent:
             or len(idle) >= self.max_idle_per_site
             or session.pipe.closed
         ):
-            self._spawn_quit(session)
+            self._retire(session, polite=True)
             return
         idle.append(session)
         loop = asyncio.get_running_loop()
@@ -646,16 +599,41 @@ class SmtpAgent:
             idle.remove(session)
             if not idle:
                 del self._pool[key]
-            self._spawn_quit(session)
+            self._retire(session, polite=True)
 
-    def _spawn_quit(self, session: _Session) -> None:
+    def _retire(self, session: _Session, polite: bool = False) -> None:
+        """Close a connection (after QUIT when ``polite``); it counts towards its pool's
+        connections until its socket is closed (see ``_closed_before``)."""
+        if not session.pipe.lost.is_set():
+            closing = self._closing.setdefault(session.key, set())
+            closing.add(session)
+            session.pipe.on_lost = functools.partial(closing.discard, session)
+        if not polite:
+            session.abort()
+            return
         task = asyncio.get_running_loop().create_task(session.quit())
         self._quitting.add(task)
         task.add_done_callback(self._quitting.discard)
 
+    async def _closed_before(self, key: PoolKey) -> None:
+        """Wait until the connections of ``key`` being closed are closed: a destination's
+        connection limit counts sockets, and a retiring connection (QUIT after
+        ``max_messages_per_connection``, a broken one) holds its slot until the close is
+        done.  Bounded: ``quit`` gives up after its own timeouts."""
+        closing = self._closing.get(key)
+        if not closing:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2 * T_QUIT + 1):
+                for session in list(closing):
+                    await session.pipe.lost.wait()
+        if not closing and self._closing.get(key) is closing:
+            del self._closing[key]  # (others waiting on it may have removed it already)
+
     # --- opening a session -----------------------------------------------------------
 
-    async def _open(self, route: Route, lmtp: bool) -> tuple[_Session | None, str]:
+    async def _open(self, route: Route, lmtp: bool,
+                    key: PoolKey) -> tuple[_Session | None, str]:
         """A ready session with the first host that works, or None and the last reason."""
         reason = "451 4.4.4 No host to deliver to"
         loop = asyncio.get_running_loop()
@@ -666,6 +644,7 @@ class SmtpAgent:
 
         for host in route.hosts:
             remote = f"{host.name}[{host.address}]:{host.port}"
+            await self._closed_before(key)
             try:
                 async with asyncio.timeout(self.connect_timeout):
                     if host.address.startswith("/"):
@@ -681,26 +660,24 @@ class SmtpAgent:
                 continue
             self.connections_opened += 1
             session = _Session(host, pipe, self.timeouts)
+            session.key = key
             try:
                 await self._setup(session, route, lmtp)
             except _Failure as failure:
                 reason = failure.text
-                if failure.broken:
-                    session.abort()
-                else:
-                    self._spawn_quit(session)
+                self._retire(session, polite=not failure.broken)
                 if failure.final:
                     break
                 continue
             except (ClientProtocolError, OSError) as exc:
-                reason = _cap(f"451 4.5.0 {session.remote}: {exc}")
-                session.abort()
+                reason = cap_text(f"451 4.5.0 {session.remote}: {exc}")
+                self._retire(session)
                 continue
             except BaseException:
-                session.abort()
+                self._retire(session)
                 raise
             return session, ""
-        return None, _cap(reason)
+        return None, cap_text(reason)
 
     async def _setup(self, s: _Session, route: Route, lmtp: bool) -> None:
         greeting = await s.event("greeting")
@@ -708,7 +685,7 @@ class SmtpAgent:
             raise _Failure("451 4.5.0 No greeting")
         if greeting.reply.code != 220:
             # RFC 5321 §3.1 and §3.8: a 554 (or 4xx) greeting means "not now": next host.
-            raise _Failure(_reply_text(greeting.reply))
+            raise _Failure(reply_text(greeting.reply))
         ext = await s.hello(self.helo_name, lmtp)
         if route.tls != "off":
             if "STARTTLS" in ext:
@@ -717,7 +694,7 @@ class SmtpAgent:
                     await s.start_tls(self._context(route.tls), self._sni(s.host, route.tls))
                     ext = await s.hello(self.helo_name, lmtp)
                 elif route.tls != "opportunistic" or reply.code == 421:
-                    raise _Failure(_reply_text(reply))
+                    raise _Failure(reply_text(reply))
                 # opportunistic and refused (454): go on in plaintext, as RFC 3207 §4.1
                 # leaves the choice to the client.
             elif route.tls != "opportunistic":
@@ -772,17 +749,16 @@ class SmtpAgent:
         if reply.code != 235:
             # A 5xx here is wrong credentials: the other hosts would say the same, and
             # each try could count towards a lockout.
-            raise _Failure(_reply_text(reply), final=reply.code // 100 == 5)
+            raise _Failure(reply_text(reply), final=reply.code // 100 == 5)
 
     # --- one transaction -------------------------------------------------------------
 
     async def _transaction(
-        self, s: _Session, indexes: list[int], results: dict[int, RcptResult],
-        exchange: Awaitable[bool],
+        self, s: _Session, t: Transaction, exchange: Awaitable[bool],
     ) -> tuple[list[RcptResult], bool]:
-        """Results for ``indexes`` and whether the session may be pooled again, from the
-        transaction ``exchange`` (which fills ``results`` as replies come, so those it
-        had are kept when it fails half-way)."""
+        """Results for ``t``'s recipients and whether the session may be pooled again,
+        once ``exchange`` (which feeds ``t`` the replies) is over; the answers ``t`` had
+        are kept when it failed half-way, the others are DEFERRED with the reason."""
         try:
             keep = await exchange
         except _Failure as failure:
@@ -791,189 +767,13 @@ class SmtpAgent:
             reason = failure.text
             keep = False
         except (ClientProtocolError, OSError) as exc:
-            reason = _cap(f"451 4.5.0 {s.remote}: {exc}")
+            reason = cap_text(f"451 4.5.0 {s.remote}: {exc}")
             keep = False
         else:
             reason = "451 4.5.0 No reply"  # every recipient has a result by now
-        out = [
-            results.get(i) or RcptResult(i, RcptState.DEFERRED, reason, s.remote) for i in indexes
-        ]
-        if "DSN" in (s.conn.extensions or ()):  # NOTIFY etc. went on (RFC 3461 §5.2.1)
-            out = [RcptResult(r.index, r.state, r.reply, r.remote, True) for r in out]
-        return out, keep and not s.pipe.closed
-
-    async def _exchange(
-        self,
-        s: _Session,
-        envelope: Envelope,
-        indexes: list[int],
-        body: bytes,
-        lmtp: bool,
-        follow: Follow | None,
-        results: dict[int, RcptResult],
-    ) -> bool:
-        conn = s.conn
-        ext = conn.extensions
-        assert ext is not None
-
-        eight_bit = _eight_bit(envelope, body)
-        refusal = _refusal(s, ext, envelope, indexes, body, eight_bit)
-        if refusal is not None:
-            for i in indexes:
-                results[i] = RcptResult(i, RcptState.FAILED, refusal)
-            return True  # the connection is untouched: it may be pooled
-
-        if s.needs_rset:
-            reply = await s.command(Command("RSET"))
-            if reply.code != 250:
-                raise _Failure(_reply_text(reply), stale=s.pristine)
-            s.needs_rset = False
-
-        mail, rcpts = _envelope_commands(ext, envelope, indexes, body, eight_bit)
-        s.messages += 1
-        s.needs_rset = True  # until the transaction ends well
-        if "PIPELINING" in ext:
-            # RFC 2920 §3.1: MAIL, the RCPTs and DATA in one write; replies in order,
-            # handled as they arrive (see _Pipelined).
-            t = _Pipelined(self, s, indexes, body, lmtp, results, follow)
-            return await t.run(mail, rcpts)
-        mail_reply = await s.command(mail, "MAIL")
-        rcpt_replies: list[Reply] = []
-        data_reply: Reply | None = None
-        if mail_reply.code // 100 == 2:
-            for c in rcpts:
-                rcpt_replies.append(await s.command(c, "RCPT"))
-            if any(r.code // 100 == 2 for r in rcpt_replies):
-                data_reply = await s.command(Command("DATA"), "DATA")
-        keep, accepted = _envelope_results(s, indexes, mail_reply, rcpt_replies, data_reply,
-                                           results)
-        if data_reply is None or not _body_wanted(s, accepted, data_reply, results):
-            return keep and (data_reply is None or data_reply.code // 100 in (4, 5))
-        s.write(conn.send_message(body if accepted else b"",
-                                  len(accepted) if lmtp and accepted else 1))
-        await s.drain("body")
-        replies = [await s.reply("end of data") for _ in (accepted if lmtp and accepted else [0])]
-        return _message_results(s, accepted, replies, results) and keep
-
-
-def _eight_bit(envelope: Envelope, body: bytes) -> bool:
-    return envelope.body_type.upper() in ("8BITMIME", "BINARYMIME") or not body.isascii()
-
-
-def _envelope_commands(ext: Extensions, envelope: Envelope, indexes: list[int], body: bytes,
-                       eight_bit: bool) -> tuple[Command, list[Command]]:
-    """MAIL with the parameters the next hop offers (RFC 1870, 6152, 6531, 3461), and
-    the RCPTs."""
-    dsn = "DSN" in ext
-    params: dict[str, str | None] = {}
-    if "SIZE" in ext:
-        params["SIZE"] = str(len(body))
-    if eight_bit:
-        params["BODY"] = "8BITMIME"
-    if envelope.smtputf8:
-        params["SMTPUTF8"] = None
-    if dsn and envelope.ret:
-        params["RET"] = envelope.ret
-    if dsn and envelope.envid:
-        params["ENVID"] = envelope.envid
-    local, domain = _split(envelope.sender)
-    mail = Command("MAIL", local=local, domain=domain, params=params)
-    rcpts: list[Command] = []
-    for i in indexes:
-        r = envelope.recipients[i]
-        rparams: dict[str, str | None] = {}
-        if dsn and r.notify:
-            rparams["NOTIFY"] = ",".join(r.notify)
-        if dsn and r.orcpt:
-            rparams["ORCPT"] = r.orcpt
-        local, domain = _split(r.address)
-        rcpts.append(Command("RCPT", local=local, domain=domain, params=rparams))
-    return mail, rcpts
-
-
-def _refusal(s: _Session, ext: Extensions, envelope: Envelope, indexes: list[int],
-             body: bytes, eight_bit: bool) -> str | None:
-    """Why the message cannot go to this next hop at all (a permanent failure), or None.
-
-    What the next hop can take (RFC 1870, RFC 6152, RFC 6531) is decided before any
-    command, so the connection stays clean for the next message.
-    """
-    limit = ext.size
-    if limit and len(body) > limit:
-        return _cap(f"552 5.3.4 Message size {len(body)} exceeds the limit {limit} of "
-                    f"{s.remote}")
-    if envelope.body_type.upper() == "BINARYMIME" or (eight_bit and "8BITMIME" not in ext):
-        return _cap(f"554 5.6.3 Conversion to 7bit required but not supported ({s.remote} "
-                    "does not offer 8BITMIME)")
-    if envelope.smtputf8 and "SMTPUTF8" not in ext:
-        return _cap(f"553 5.6.7 {s.remote} does not support SMTPUTF8 (RFC 6531)")
-    # No control character (CR, LF, NUL above all) may reach the wire inside a command.
-    if not envelope.sender.isprintable() or not all(
-            envelope.recipients[i].address.isprintable() for i in indexes):
-        return "553 5.1.3 Address cannot be sent"
-    return None
-
-
-def _envelope_results(
-    s: _Session, indexes: list[int], mail_reply: Reply, rcpt_replies: Sequence[Reply],
-    data_reply: Reply | None, results: dict[int, RcptResult],
-) -> tuple[bool, list[int]]:
-    """Results from the replies to MAIL and RCPT; whether the session may be kept, and
-    the recipients accepted."""
-    codes = [mail_reply.code, *(r.code for r in rcpt_replies)]
-    keep = True
-    if 421 in codes or (data_reply is not None and data_reply.code == 421):
-        keep = False  # RFC 5321 §3.8: the server is closing the connection
-    if any(code // 100 not in (2, 4, 5) for code in codes):
-        keep = False  # a 1xx or 3xx to MAIL or RCPT: the session is out of step
-    accepted: list[int] = []
-    if mail_reply.code // 100 != 2:
-        result = RcptResult(0, _state(mail_reply.code), _reply_text(mail_reply), s.remote)
-        for i in indexes:
-            results[i] = RcptResult(i, result.state, result.reply, s.remote)
-        return keep, accepted
-    for i, reply in zip(indexes, rcpt_replies, strict=False):
-        if reply.code // 100 == 2:
-            accepted.append(i)
-        else:
-            results[i] = RcptResult(i, _state(reply.code), _reply_text(reply), s.remote)
-    return keep, accepted
-
-
-def _body_wanted(
-    s: _Session, accepted: list[int], data_reply: Reply, results: dict[int, RcptResult]
-) -> bool:
-    """Whether the body (or, with no recipient accepted, an empty message) goes next:
-    DATA got its 354.  Otherwise its reply is the accepted recipients' result."""
-    if data_reply.code == 354:
-        # RFC 2920 §3.1: a 354 though no recipient was accepted: send an empty message
-        # and let the server refuse it.
-        return True
-    state, text = _state(data_reply.code), _reply_text(data_reply)
-    for i in accepted:
-        results[i] = RcptResult(i, state, text, s.remote)
-    return False
-
-
-def _message_results(
-    s: _Session, accepted: list[int], replies: Sequence[Reply], results: dict[int, RcptResult]
-) -> bool:
-    """Results from the replies after the body (one in SMTP, one per accepted recipient
-    in RCPT order in LMTP, RFC 2033 §4.2); whether the session may be kept."""
-    if len(replies) == 1 and len(accepted) != 1:
-        reply = replies[0]
-        state, text = _state(reply.code), _reply_text(reply)
-        for i in accepted:
-            results[i] = RcptResult(i, state, text, s.remote)
-    else:
-        for i, reply in zip(accepted, replies, strict=True):
-            results[i] = RcptResult(i, _state(reply.code), _reply_text(reply), s.remote)
-    s.needs_rset = not accepted or any(results[i].state is not RcptState.DELIVERED
-                                       for i in accepted)
-    return all(reply.code != 421 for reply in replies)
-
-
-_DATA: Final = Command("DATA")
+        if not t.done:
+            t.lost()
+        return t.outcome(reason), keep and not s.pipe.closed
 
 
 def _retrieve(future: asyncio.Future[bool]) -> None:
@@ -981,52 +781,53 @@ def _retrieve(future: asyncio.Future[bool]) -> None:
         future.exception()
 
 
-class _Pipelined:
-    """One pipelined transaction (RFC 2920), driven by the replies as they arrive.
+class _Exchange:
+    """Drives one :class:`Transaction` over a session, reply by reply as they arrive.
 
     The pipe calls ``advance`` whenever bytes (or the end of the connection) arrive, so
     the replies to MAIL, the RCPTs and DATA, the body write and the replies after it cost
-    no coroutine wake-up each: the delivering task waits once, on the future.
-    Each reply has its phase's timeout (RFC 5321 §4.5.3.2), counted from the previous
-    reply; the body write has the data block timeout while the transport holds it back.
-    Failures are raised as ``_Failure`` from ``run``, as the sequential path raises them.
+    no coroutine wake-up each: the delivering task waits once, on the future.  The same
+    driver serves servers with and without PIPELINING: the transaction says what to
+    write after each reply (everything at once, or one command per reply).  Each reply
+    has its phase's timeout (RFC 5321 §4.5.3.2), counted from the previous reply; the
+    body write has the data block timeout while the transport holds it back.  Failures
+    end the future with ``_Failure``.
 
-    Follow-on messages: when the 354 arrives and the caller gave a ``follow`` callback,
-    the next message's MAIL, RCPTs and DATA go in the same write as this body (RFC 2920
-    §3.1: the message content may be the first command of a group).  That transaction
-    (``next``) takes over the pipe when this one has its final reply, and fails with it
-    when the connection breaks first; its caller collects it with ``SmtpAgent.resume``.
-    One write and one wake-up per message instead of two when messages queue for a site.
+    Follow-on messages: when the 354 arrives and the caller's queue for this connection
+    (``follow_ons``) holds a prepared message, its MAIL, RCPTs and DATA go in the same
+    write as this body (RFC 2920 §3.1: the message content may be the first command of a
+    group).  That exchange (``next``) takes over the pipe when this one has its final
+    reply, and fails with it when the connection breaks first; it is the message's
+    ``handle``, and its caller collects it with ``SmtpAgent.resume`` (``results``).  One
+    write and one wake-up per message instead of two when messages queue for a site.
     """
 
-    def __init__(self, agent: SmtpAgent, s: _Session, indexes: list[int], body: bytes,
-                 lmtp: bool, results: dict[int, RcptResult], follow: Follow | None) -> None:
+    __slots__ = ("agent", "follow_ons", "future", "next", "phase", "s", "t")
+
+    def __init__(self, agent: SmtpAgent, s: _Session, t: Transaction,
+                 follow_ons: FollowOns | None) -> None:
         self.agent = agent
         self.s = s
-        self.indexes = indexes
-        self.body = body
-        self.lmtp = lmtp
-        self.results = results
-        self.follow = follow
-        self.next: _Pipelined | None = None
+        self.t = t
+        self.follow_ons = follow_ons
+        self.next: _Exchange | None = None
         self.future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.mail_reply: Reply | None = None
-        self.rcpt_replies: list[Reply] = []
-        self.final_replies: list[Reply] = []
-        self.accepted: list[int] = []
-        self.keep = True
-        #: replies expected after the body (0 until it is sent)
-        self.expected = 0
-        self.phase = "MAIL"
+        #: The reply awaited, for its timeout: the transaction's phase, or "body" while
+        #: the transport holds the body back.
+        self.phase = t.phase
 
-    async def run(self, mail: Command, rcpts: list[Command]) -> bool:
-        s = self.s
-        conn = s.conn
-        s.write(conn.send(mail) + b"".join([conn.send(c) for c in rcpts]) + conn.send(_DATA))
+    async def run(self) -> bool:
+        """Send the first commands and wait for the end; whether the session may be kept."""
+        t, s = self.t, self.s
+        data = t.start()
+        if t.done:
+            return True  # refused before anything was sent: the connection is untouched
+        s.messages += 1
+        s.write(data)
         pipe = s.pipe
         pipe.handler = self
         try:
-            self._deadline("MAIL")
+            self._deadline(t.phase)
             self.advance()  # a closed connection says so now
             return await self.future
         finally:
@@ -1040,7 +841,7 @@ class _Pipelined:
 
     def advance(self) -> None:
         future = self.future
-        s = self.s
+        s, t = self.s, self.t
         conn = s.conn
         pipe = s.pipe
         answered = False
@@ -1059,8 +860,23 @@ class _Pipelined:
                     conn.receive_data(b"")
                     continue
                 assert isinstance(event, Response)
-                self._reply(event.verb, s.first_checked(event.reply))
+                before = t.phase
+                data = t.receive(s.first_checked(event.reply, before))
                 answered = True
+                if t.done:
+                    s.needs_rset = not t.clean
+                    future.set_result(t.keep)
+                    break
+                phase = t.phase
+                if data:
+                    if phase is END_OF_DATA and before is not END_OF_DATA:
+                        data += self._follow_on()
+                        s.write(data)
+                        if pipe.write_paused:
+                            phase = "body"
+                    else:
+                        s.write(data)
+                self.phase = phase
             pipe.consumed()
         except ReplyError as exc:
             self._fail(s.broken_reply(exc, self.phase))
@@ -1075,61 +891,38 @@ class _Pipelined:
             # Done: the follow-on, if any, reads what comes next.
             pipe.handler = nxt = self.next
             if nxt is not None and not nxt.future.done():
-                nxt._deadline("MAIL")
+                nxt._deadline(nxt.t.phase)
                 nxt.advance()
 
-    def _reply(self, verb: str, reply: Reply) -> None:
-        if verb == "MAIL":
-            self.mail_reply = reply
-            self.phase = "RCPT"
-        elif verb == "RCPT":
-            self.rcpt_replies.append(reply)
-            if len(self.rcpt_replies) == len(self.indexes):
-                self.phase = "DATA"
-        elif verb == "DATA":
-            assert self.mail_reply is not None
-            s = self.s
-            self.keep, self.accepted = _envelope_results(
-                s, self.indexes, self.mail_reply, self.rcpt_replies, reply, self.results)
-            if not _body_wanted(s, self.accepted, reply, self.results):
-                self.future.set_result(self.keep and reply.code // 100 in (4, 5))
-                return
-            self.expected = len(self.accepted) if self.lmtp and self.accepted else 1
-            data = s.conn.send_message(self.body if self.accepted else b"", self.expected)
-            s.write(data + self._follow_on())
-            self.phase = "body" if s.pipe.write_paused else "end of data"
-        else:
-            self.final_replies.append(reply)
-            if len(self.final_replies) == self.expected:
-                self.future.set_result(
-                    _message_results(self.s, self.accepted, self.final_replies, self.results)
-                    and self.keep)
+    async def results(self) -> list[RcptResult]:
+        """This follow-on message's results, once its transaction is over (its caller's
+        ``resume``); the connection goes back to the pool or away after the last one."""
+        s, agent = self.s, self.agent
+        keep = False
+        try:
+            out, keep = await agent._transaction(s, self.t, self.future)
+        finally:
+            agent._done_with(s, keep, self)
+        return out
 
     def _follow_on(self) -> bytes:
         """The next message's MAIL, RCPTs and DATA to send behind this body, if the
-        caller has one and the connection may carry it; b"" otherwise."""
-        follow, self.follow = self.follow, None
-        s, agent = self.s, self.agent
-        if (follow is None or self.lmtp or not self.accepted
-                or s.follow_on not in (None, self) or agent.closing
-                or s.messages >= agent.max_messages_per_connection):
+        caller has one ready for this connection and it may carry it; b"" otherwise."""
+        follow_ons = self.follow_ons
+        s, agent, t = self.s, self.agent, self.t
+        if (not follow_ons or t.lmtp or not t.pipelining or not t.accepted or t.more
+                or self.next is not None or s.follow_on not in (None, self)
+                or agent.closing or s.messages >= agent.max_messages_per_connection):
             return b""
-        job = follow()
-        if job is None:
+        job = follow_ons.popleft()
+        nt = Transaction(s.conn, job.envelope, job.recipients, job.body, remote=s.remote)
+        data = nt.start()
+        if nt.done:  # refused before anything was sent
+            job.handle = Settled(nt.outcome(""))
             return b""
-        ext = s.conn.extensions
-        assert ext is not None
-        eight_bit = _eight_bit(job.envelope, job.body)
-        refusal = _refusal(s, ext, job.envelope, job.recipients, job.body, eight_bit)
-        if refusal is not None:
-            job.handle = [RcptResult(i, RcptState.FAILED, refusal) for i in job.recipients]
-            return b""
-        mail, rcpts = _envelope_commands(ext, job.envelope, job.recipients, job.body, eight_bit)
-        conn = s.conn
-        data = conn.send(mail) + b"".join([conn.send(c) for c in rcpts]) + conn.send(_DATA)
         s.messages += 1
         agent.follow_ons += 1
-        nxt = _Pipelined(agent, s, job.recipients, job.body, False, {}, follow)
+        nxt = _Exchange(agent, s, nt, follow_ons)
         # Its caller may be gone by the time it fails (a stop): never an unretrieved error.
         nxt.future.add_done_callback(_retrieve)
         self.next = s.follow_on = nxt
@@ -1138,7 +931,7 @@ class _Pipelined:
 
     def drained(self) -> None:
         if self.phase == "body":
-            self._deadline("end of data")
+            self._deadline(END_OF_DATA)
 
     def expired(self) -> None:
         text = (f"451 4.4.2 Timeout sending to {self.s.remote}" if self.phase == "body" else

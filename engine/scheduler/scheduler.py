@@ -46,7 +46,7 @@ from typing import Any
 
 import orjson
 
-from engine.client.api import DeliveryAgent, Follow, FollowOn, RcptResult
+from engine.client.api import DeliveryAgent, FollowOn, FollowOns, RcptResult
 from engine.config import DeliveryConfig
 from engine.message.dsn import Action, Failure, build_dsn, reply_status, wants_notice
 from engine.queue.api import DueEntry, NewMessage, Outcome, QueueStore
@@ -83,14 +83,35 @@ class _Batch:
     groups: list[DueEntry] = field(default_factory=list)
 
 
+#: Groups a worker keeps prepared for its connection's follow-on queue (see _prepare):
+#: the agent takes one at each 354, and the worker tops the queue up each time it runs.
+#: Two, because the 354 of a follow-on can arrive in the same read as the final reply of
+#: the message before it, before the worker has run again.
+_FOLLOW_AHEAD = 2
+
+
 @dataclass(slots=True)
 class _Taken:
-    """A group an agent took to pipeline behind another (see Scheduler._follower)."""
+    """A group prepared to follow another on a worker's connection (see
+    Scheduler._prepare): loaded, and offered to the agent in ``job``; the agent's once
+    ``job.handle`` is set."""
 
     entry: DueEntry
     route: Route
     env: Envelope
     job: FollowOn
+
+
+@dataclass(slots=True)
+class _FollowQueue:
+    """A worker's follow-on queue (see Scheduler._prepare): the groups prepared for its
+    connection, in order, and the same messages as the agent sees them (it pops
+    ``follow_ons`` from the left at each 354, so the ones it took come first in
+    ``prepared``); ``route`` is the route of the delivery in flight (None between two)."""
+
+    prepared: deque[_Taken] = field(default_factory=deque)
+    follow_ons: FollowOns = field(default_factory=deque)
+    route: Route | None = None
 
 
 @dataclass(slots=True)
@@ -103,6 +124,8 @@ class _Site:
     peak_workers: int = 0
     #: workers spawned that have not yet taken their first group
     starting: int = 0
+    #: the workers' follow-on queues, topped up as groups arrive (see _staff)
+    follow_queues: list[_FollowQueue] = field(default_factory=list)
 
 
 class Scheduler:
@@ -331,21 +354,42 @@ class Scheduler:
             site.starting += 1
             site.peak_workers = max(site.peak_workers, site.workers)
             self._spawn(self._work(site))
+        if len(site.jobs) > site.starting:
+            # At the limit: the groups no worker takes now go to the follow-on queues of
+            # the deliveries in flight, ready for their next 354.
+            for queue in site.follow_queues:
+                if queue.route is not None:
+                    self._prepare(site, queue)
 
     async def _work(self, site: _Site) -> None:
         site.starting -= 1
         loop = asyncio.get_running_loop()
-        #: Groups an agent took to send behind the one it was delivering (see _follower):
-        #: already on the wire, so this worker collects them before anything else.
-        taken: deque[_Taken] = deque()
+        #: Groups prepared to follow on this worker's connection (see _prepare); those the
+        #: agent took are already on the wire: this worker collects them first.
+        queue = _FollowQueue()
+        prepared, follow_ons = queue.prepared, queue.follow_ons
+        site.follow_queues.append(queue)
         try:
-            while site.jobs or taken:
-                if taken:
-                    job = taken.popleft()
-                    ok = await self._deliver(job.entry, job.route,
-                                             self._follower(site, job.route, taken), job)
+            while site.jobs or prepared:
+                if prepared and prepared[0].job.handle is not None:
+                    job = prepared.popleft()
+                    queue.route = job.route
+                    self._prepare(site, queue)
+                    try:
+                        ok = await self._deliver(job.entry, job.route, taken=job)
+                    finally:
+                        queue.route = None
                 else:
-                    entry, route = site.jobs.popleft()
+                    loaded: _Taken | None = None
+                    if prepared:
+                        # Prepared, never taken (the connection could carry no more): its
+                        # turn now, loaded already.
+                        loaded = prepared.popleft()
+                        if follow_ons and follow_ons[0] is loaded.job:
+                            follow_ons.popleft()
+                        entry, route = loaded.entry, loaded.route
+                    else:
+                        entry, route = site.jobs.popleft()
                     down_until = self.down.get(site.name, 0.0)
                     if down_until > time.time():
                         if self._elsewhere(route):
@@ -360,12 +404,23 @@ class Scheduler:
                     wait = site.throttle.wait(loop.time())
                     if wait:
                         await asyncio.sleep(wait)
-                    ok = await self._deliver(entry, route, self._follower(site, route, taken))
+                    queue.route = route
+                    try:
+                        ok = await self._deliver(entry, route, self._prepare(site, queue),
+                                                 loaded=loaded)
+                    finally:
+                        queue.route = None
                 if ok:
                     self.down.pop(site.name, None)
                 else:
                     self.down[site.name] = time.time() + self._down_length()
         finally:
+            site.follow_queues.remove(queue)
+            # Only if this task is cancelled: prepared groups nobody took go back.
+            follow_ons.clear()
+            for job in reversed(prepared):
+                if job.job.handle is None:
+                    site.jobs.appendleft((job.entry, job.route))
             site.workers -= 1
             if not site.jobs and not site.workers:
                 self.sites.pop(site.name, None)
@@ -428,44 +483,51 @@ class Scheduler:
         return [i for i, r in enumerate(env.recipients)
                 if r.next_hop == destination and r.state in _WAITING]
 
-    def _follower(self, site: _Site, route: Route, taken: deque[_Taken]) -> Follow | None:
-        """The ``follow`` callback for a delivery to ``site``: hands the agent the site's
-        next group to pipeline behind the current message, when the site has all the
-        workers its limit allows (below it, the group goes out in parallel instead), no
-        rate limit (a follow-on is sent at once), and the group is plain (one transaction,
-        same route, nothing to record first).  Anything else waits for a worker's turn."""
-        if site.limits.max_rate:
+    def _prepare(self, site: _Site, queue: _FollowQueue) -> FollowOns | None:
+        """Top up a worker's follow-on queue from the site's next groups, loaded (envelope
+        and body), for the delivery in flight on ``queue.route``, and return it for
+        ``deliver`` (None when the agent takes none there).
+
+        Only when the site has all the workers its limit allows (below it, the group goes
+        out in parallel on a connection of its own), no rate limit (a follow-on is sent
+        at once), and for plain groups (one transaction, same route, nothing to record
+        first).  Anything else waits for a worker's turn.  Runs in the worker, never from
+        the agent's reads: the agent only pops what is ready."""
+        route = queue.route
+        assert route is not None
+        prepared, follow_ons = queue.prepared, queue.follow_ons
+        agent = self.agents.get(route.protocol)
+        if site.limits.max_rate or agent is None or not agent.takes_follow_ons(route):
             return None
-
-        def follow() -> FollowOn | None:
+        jobs = site.jobs
+        # Never the groups that workers still starting will take (see _staff).
+        while (len(follow_ons) < _FOLLOW_AHEAD and len(jobs) > site.starting
+               and not self._stopping and site.workers >= site.limits.max_connections
+               and not self.down.get(site.name, 0.0)):
+            entry, nxt = jobs[0]
+            if (nxt.site, nxt.protocol, nxt.tls, nxt.auth) != (
+                    route.site, route.protocol, route.tls, route.auth):
+                break
             try:
-                # Only when every connection the site may have is in use: below its limit
-                # the next group goes out in parallel on a connection of its own.
-                if (self._stopping or not site.jobs or self.down.get(site.name, 0.0)
-                        or site.workers < site.limits.max_connections):
-                    return None
-                entry, nxt = site.jobs[0]
-                if (nxt.site, nxt.protocol, nxt.tls, nxt.auth) != (
-                        route.site, route.protocol, route.tls, route.auth):
-                    return None
                 env, body = self.store.get_with_body(entry.queue_id)
-                pending = self._waiting(env, entry.next_hop)
-                if (not pending or len(pending) > self.settings.max_recipients_per_transaction
-                        or entry.next_hop in self.suspended or self._expired(env, time.time())):
-                    return None
-                job = FollowOn(env, pending, body)
             except (KeyError, RecordError):
-                return None  # gone or corrupt: the worker's normal turn deals with it
-            site.jobs.popleft()
-            taken.append(_Taken(entry, nxt, env, job))
-            return job
+                break  # gone or corrupt: the worker's normal turn deals with it
+            pending = self._waiting(env, entry.next_hop)
+            if (not pending or len(pending) > self.settings.max_recipients_per_transaction
+                    or entry.next_hop in self.suspended or self._expired(env, time.time())):
+                break
+            jobs.popleft()
+            job = FollowOn(env, pending, body)
+            prepared.append(_Taken(entry, nxt, env, job))
+            follow_ons.append(job)
+        return follow_ons
 
-        return follow
-
-    async def _deliver(self, entry: DueEntry, route: Route, follow: Follow | None = None,
-                       taken: _Taken | None = None) -> bool:
-        """Deliver one group (or collect one an agent took through ``follow``: ``taken``);
-        False when no server answered at all (the site is down).
+    async def _deliver(self, entry: DueEntry, route: Route,
+                       follow_ons: FollowOns | None = None, *, taken: _Taken | None = None,
+                       loaded: _Taken | None = None) -> bool:
+        """Deliver one group (``loaded``: prepared for a follow-on queue, not taken), or
+        collect one an agent took from ``follow_ons`` (``taken``); False when no server
+        answered at all (the site is down).
 
         The worker does not wait for the commit of the outcomes: it takes its next group
         while the writer syncs.  The group keeps its window place until that commit is
@@ -478,10 +540,10 @@ class Scheduler:
                 env = taken.env
                 results = await agent.resume(taken.job)
             else:
-                loaded = self._load(entry)
-                if loaded is None:
+                current = loaded.env if loaded is not None else self._load(entry)
+                if current is None:
                     return True
-                env = loaded
+                env = current
                 now = time.time()
                 if entry.next_hop in self.suspended:
                     waiting = self._waiting(env, entry.next_hop)
@@ -503,10 +565,10 @@ class Scheduler:
                             entry, env, [],
                             [(i, "expired") for i in self._all_open(env, entry.next_hop)])
                     return True
-                body = self.store.body(entry.queue_id)
+                body = loaded.job.body if loaded is not None else self.store.body(entry.queue_id)
                 size = self.settings.max_recipients_per_transaction
                 if len(pending) <= size:
-                    results = await agent.deliver(route, env, pending, body, follow)
+                    results = await agent.deliver(route, env, pending, body, follow_ons)
                 else:
                     for start in range(0, len(pending), size):
                         results += await agent.deliver(route, env, pending[start:start + size],

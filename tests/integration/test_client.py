@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import smtplib
 import socket
 import ssl
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,14 @@ import uvloop
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
-from engine.client.api import FollowOn
+from engine.client.api import FollowOn, FollowOns
 from engine.client.smtp import SmtpAgent
 from engine.queue.records import Envelope, RcptState, Recipient
 from engine.routing.api import Host, Route
+from engine.testing.dns import DnsResponder
+from engine.testing.server import RunningFerry, ferry_config
+from engine.testing.sink import CountingSink
+from engine.testing.wait import wait_for
 
 BODY = (
     b"Subject: test\r\nFrom: a@client.test\r\n\r\n.leading dot\r\n..two dots\r\n.\r\n"
@@ -991,6 +998,7 @@ def test_dsn_parameters_only_when_offered(offered: bool) -> None:
 
     results, lines = run(go())
     assert states(results) == [DELIVERED]
+    assert results[0].dsn_offered is offered  # RFC 3461 §4: passed on, or not
     mail = next(ln for ln in lines if ln.startswith(b"MAIL"))
     rcpt = next(ln for ln in lines if ln.startswith(b"RCPT"))
     if offered:  # RFC 3461: ENVID and ORCPT in xtext
@@ -1003,18 +1011,17 @@ def test_dsn_parameters_only_when_offered(offered: bool) -> None:
 # --- follow-on messages: the next envelope behind the current body ----------------------
 
 
-def offer(*jobs: FollowOn) -> tuple[Callable[[], FollowOn | None], list[FollowOn]]:
-    """A ``follow`` callback handing out ``jobs`` in order, and the list of those taken."""
-    waiting = list(jobs)
-    taken: list[FollowOn] = []
+class Offered(list[FollowOn]):
+    """The messages put in a follow-on queue; ``taken`` are those the agent took."""
 
-    def follow() -> FollowOn | None:
-        if not waiting:
-            return None
-        taken.append(waiting.pop(0))
-        return taken[-1]
+    @property
+    def taken(self) -> list[FollowOn]:
+        return [job for job in self if job.handle is not None]
 
-    return follow, taken
+
+def offer(*jobs: FollowOn) -> tuple[FollowOns, Offered]:
+    """A connection's follow-on queue holding ``jobs`` (prepared, as the scheduler does)."""
+    return deque(jobs), Offered(jobs)
 
 
 def follow_on(rcpt: str, sender: str = "a@client.test") -> FollowOn:
@@ -1025,17 +1032,17 @@ def test_follow_on_messages_ride_behind_the_body_on_one_connection() -> None:
     async def go() -> tuple[list[Any], list[Peer], int]:
         async with RawServer(smtp_script()) as server:
             a = agent()
-            follow, taken = offer(follow_on("u2@x.test"), follow_on("u3@x.test"))
+            follow, offered = offer(follow_on("u2@x.test"), follow_on("u3@x.test"))
             try:
                 results = [await a.deliver(route(server.port), envelope("u1@x.test"), [0],
                                            BODY, follow)]
                 # Each follow-on is taken when its predecessor's 354 arrives.
                 collected = 0
-                while collected < len(taken):
-                    results.append(await a.resume(taken[collected]))
+                while collected < len(offered.taken):
+                    results.append(await a.resume(offered.taken[collected]))
                     collected += 1
-                assert [job.envelope.recipients[0].address for job in taken] == [
-                    "u2@x.test", "u3@x.test"]
+                assert not follow and [job.envelope.recipients[0].address
+                                       for job in offered.taken] == ["u2@x.test", "u3@x.test"]
                 # The connection went back to the pool once the last one was collected.
                 results.append(await a.deliver(route(server.port), envelope("u4@x.test"), [0],
                                                BODY))
@@ -1055,11 +1062,11 @@ def test_a_follow_on_is_deferred_when_the_connection_breaks_after_the_body() -> 
     async def go() -> tuple[list[Any], list[Any]]:
         async with RawServer(smtp_script(close_after=1)) as server:
             a = agent()
-            follow, taken = offer(follow_on("u2@x.test"))
+            follow, offered = offer(follow_on("u2@x.test"))
             try:
                 first = await a.deliver(route(server.port), envelope("u1@x.test"), [0], BODY,
                                         follow)
-                (job,) = taken
+                (job,) = offered.taken
                 return first, await a.resume(job)
             finally:
                 await a.close()
@@ -1074,11 +1081,11 @@ def test_a_follow_on_the_next_hop_cannot_take_is_refused_before_anything_is_sent
     async def go() -> tuple[list[Any], list[Any], list[Peer]]:
         async with RawServer(smtp_script()) as server:
             a = agent()
-            follow, taken = offer(follow_on("u2@x.test", sender="bad\tsender@client.test"))
+            follow, offered = offer(follow_on("u2@x.test", sender="bad\tsender@client.test"))
             try:
                 first = await a.deliver(route(server.port), envelope("u1@x.test"), [0], BODY,
                                         follow)
-                (job,) = taken
+                (job,) = offered.taken
                 return first, await a.resume(job), server.peers
             finally:
                 await a.close()
@@ -1093,14 +1100,15 @@ def test_no_follow_on_without_pipelining_or_in_lmtp() -> None:
     async def go(lmtp: bool, ehlo: tuple[str, ...]) -> list[FollowOn]:
         async with RawServer(smtp_script(ehlo, lmtp=lmtp)) as server:
             a = agent(lmtp=lmtp)
-            follow, taken = offer(follow_on("u2@x.test"))
+            follow, offered = offer(follow_on("u2@x.test"))
             try:
                 result = await a.deliver(route(server.port), envelope("u1@x.test"), [0], BODY,
                                          follow)
                 assert states(result) == [DELIVERED]
             finally:
                 await a.close()
-            return taken
+            assert len(follow) == 1  # left for the caller to deliver on its own
+            return offered.taken
 
     assert run(go(False, ("8BITMIME",))) == []
     assert run(go(True, ("PIPELINING", "8BITMIME"))) == []
@@ -1140,3 +1148,212 @@ def test_replies_before_a_break_are_kept(pipelining: bool) -> None:
     good, bad = run(go())
     assert good.state is DEFERRED and bad.state is FAILED
     assert bad.reply == "550 5.1.1 No such user"
+
+
+# --- a destination's connection limit counts connections until they are closed ---------
+
+
+def test_a_retiring_connection_is_closed_before_its_replacement_opens() -> None:
+    """One delivery at a time (a limit of 1) and two messages per connection: the receiver
+    never sees two connections at once, so the replacement waits for the retiring
+    connection's QUIT and close (a connection's slot is free only once it is closed)."""
+    open_now = 0
+    peak = 0
+
+    async def script(peer: Peer) -> None:
+        nonlocal open_now, peak
+        open_now += 1
+        peak = max(peak, open_now)
+        try:
+            await smtp_script()(peer)
+        finally:
+            open_now -= 1
+
+    async def go() -> list[Any]:
+        async with RawServer(script) as server:
+            a = agent(max_messages_per_connection=2)
+            try:
+                return [await a.deliver(route(server.port), envelope(f"u{n}@x.test"), [0], BODY)
+                        for n in range(5)]
+            finally:
+                await a.close()
+
+    results = run(go())
+    assert [states(r) for r in results] == [[DELIVERED]] * 5
+    assert peak == 1
+
+
+ZONE = """
+$TTL 60
+@ IN SOA ns.test. admin.test. 1 60 60 600 60
+one.test.      IN MX 10 mx.one.test.
+mx.one.test.   IN A 127.0.10.21
+"""
+
+
+def deliver_waiting(tmp_path: Path, messages: int, **delivery: Any) -> tuple[CountingSink, int]:
+    """The whole path: ``messages`` for one destination, all waiting when delivery starts,
+    to a counting sink; the sink and how many went behind another's body (follow-ons)."""
+    sink = CountingSink(["127.0.10.21"])
+    try:
+        with DnsResponder(ZONE) as dns:
+            config = ferry_config(tmp_path / "spool")
+            config = dataclasses.replace(config, delivery=dataclasses.replace(
+                config.delivery, dns=dns.address, mx_port=sink.port, paused=False,
+                **delivery))
+            with RunningFerry(config) as f:
+                assert f.app.scheduler is not None
+                # Held while they arrive, so all of them wait when delivery starts.
+                f.call(f.app.scheduler.suspend("one.test"))
+                for n in range(messages):
+                    with smtplib.SMTP(f.host, f.port) as client:
+                        client.sendmail("a@client.test", [f"u{n}@one.test"], BODY)
+
+                def parked() -> bool:
+                    ids = f.store.ids_for_hop("one.test", messages + 1, b"")
+                    return len(ids) == messages and all(
+                        f.store.get(i).recipients[0].state is RcptState.SUSPENDED for i in ids)
+
+                wait_for(parked, 30)  # none still on its way to being parked
+                f.call(f.app.scheduler.resume("one.test"))
+                wait_for(lambda: len(sink.state.messages) == messages
+                         and f.store.count() == 0, 30)
+                agent = f.app.agents["smtp"]
+                assert isinstance(agent, SmtpAgent)
+                follow_ons = agent.follow_ons
+    finally:
+        sink.stop()
+    return sink, follow_ons
+
+
+def test_a_destination_limit_of_one_is_never_exceeded_when_connections_retire(
+    tmp_path: Path,
+) -> None:
+    """A limit of 1, two messages per connection, five messages waiting: the receiver
+    (which counts a connection until its socket is closed) sees one at once."""
+    sink, _ = deliver_waiting(tmp_path, 5, max_per_domain=1, max_messages_per_connection=2)
+    assert sink.state.connections["127.0.10.21"] == 3
+    assert sink.state.peak["127.0.10.21"] == 1
+
+
+def test_every_waiting_message_follows_the_one_before_on_a_busy_connection(
+    tmp_path: Path,
+) -> None:
+    """The scheduler keeps the connection's follow-on queue filled: on a site at its limit
+    each message after the first goes behind the body before it (RFC 2920 §3.1), one
+    write per message, with no call from the connection into the scheduler."""
+    sink, follow_ons = deliver_waiting(tmp_path, 10, max_per_domain=1)
+    assert sink.state.connections["127.0.10.21"] == 1
+    assert follow_ons == 9
+
+
+# --- 452: too many recipients ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "sequential"])
+def test_recipients_refused_with_452_go_in_next_transactions_on_the_same_connection(
+    pipelining: bool,
+) -> None:
+    """RFC 5321 §4.5.3.1.10: a server that takes two recipients per transaction and says
+    452 to the rest gets the rest in next transactions, at once and on one connection, not
+    at a later queue run."""
+    per_transaction: list[list[bytes]] = []
+
+    async def script(peer: Peer) -> None:
+        peer.send(b"220 raw.test ESMTP\r\n")
+        await peer.line()  # EHLO
+        peer.send(b"250-raw.test\r\n" + (b"250-PIPELINING\r\n" if pipelining else b"")
+                  + b"250 8BITMIME\r\n")
+        accepted: list[bytes] = []
+        while True:
+            line = await peer.line()
+            if line.startswith(b"MAIL"):
+                accepted = []
+                peer.send(b"250 2.1.0 Ok\r\n")
+            elif line.startswith(b"RCPT"):
+                if len(accepted) < 2:
+                    accepted.append(line[8:])
+                    peer.send(b"250 2.1.5 Ok\r\n")
+                else:
+                    peer.send(b"452 4.5.3 Too many recipients\r\n")
+            elif line.startswith(b"DATA"):
+                peer.send(b"354 go ahead\r\n")
+                await peer.message()
+                per_transaction.append(accepted)
+                peer.send(b"250 2.0.0 Ok: queued as %d\r\n" % len(per_transaction))
+            elif line.startswith(b"QUIT"):
+                peer.send(b"221 Bye\r\n")
+                await peer.until_eof()
+                return
+            else:
+                peer.send(b"502 5.5.1 No\r\n")
+
+    async def go() -> tuple[list[Any], int]:
+        async with RawServer(script) as server:
+            a = agent()
+            try:
+                rcpts = [f"u{n}@x.test" for n in range(5)]
+                results = await a.deliver(route(server.port), envelope(*rcpts), range(5), BODY)
+            finally:
+                await a.close()
+            return results, len(server.peers)
+
+    results, connections = run(go())
+    assert states(results) == [DELIVERED] * 5
+    assert [r.reply for r in results] == ["250 2.0.0 Ok: queued as 1"] * 2 + [
+        "250 2.0.0 Ok: queued as 2"] * 2 + ["250 2.0.0 Ok: queued as 3"]
+    assert per_transaction == [[b"<u0@x.test>", b"<u1@x.test>"],
+                               [b"<u2@x.test>", b"<u3@x.test>"], [b"<u4@x.test>"]]
+    assert connections == 1
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "sequential"])
+def test_a_server_that_stops_reading_the_body_times_out(pipelining: bool) -> None:
+    """RFC 5321 §4.5.3.2.5: each write of the body has its timeout; a server that says 354
+    and then reads nothing defers the message and the connection is dropped."""
+
+    async def script(peer: Peer) -> None:
+        peer.send(b"220 raw.test ESMTP\r\n")
+        await peer.line()  # EHLO
+        peer.send(b"250-raw.test\r\n" + (b"250-PIPELINING\r\n" if pipelining else b"")
+                  + b"250 8BITMIME\r\n")
+        while not (await peer.line()).startswith(b"DATA"):
+            peer.send(b"250 Ok\r\n")
+        peer.send(b"354 go ahead\r\n")
+        await peer.eof.wait()  # reads no more: the client's writes back up
+
+    async def go() -> tuple[list[Any], bool]:
+        async with RawServer(script) as server:
+            a = agent(timeout_scale=0.005)  # 180 s → 0.9 s
+            try:
+                big = b"x" * 998 + b"\r\n"
+                results = await a.deliver(route(server.port), envelope("u@x.test"), [0],
+                                          big * 20_000)
+                server.peers[0].writer.transport.abort()
+                return results, sum(len(v) for v in a._pool.values()) == 0
+            finally:
+                await a.close()
+
+    (result,), dropped = run(go())
+    assert result.state is DEFERRED and "Timeout sending" in result.reply, result
+    assert dropped
+
+
+def test_deliveries_waiting_for_the_same_closing_connection_all_go_on() -> None:
+    """Two deliveries that need a new connection while the pool's last one is being QUIT
+    both wait for its close, and both go on when it is closed."""
+
+    async def go() -> tuple[list[Any], int]:
+        async with RawServer(smtp_script()) as server:
+            a = agent(max_messages_per_connection=1)
+            r = route(server.port)
+            try:
+                first = await a.deliver(r, envelope("u0@x.test"), [0], BODY)  # retires
+                rest = await asyncio.gather(*(a.deliver(r, envelope(f"u{n}@x.test"), [0], BODY)
+                                              for n in (1, 2)))
+            finally:
+                await a.close()
+            return [first, *rest], len(server.peers)
+
+    results, connections = run(go())
+    assert [states(r) for r in results] == [[DELIVERED]] * 3 and connections == 3
