@@ -319,6 +319,9 @@ class SmtpSession(asyncio.Protocol):
                 return
             self.transport = transport
             self.conn.tls_started()
+            # RFC 3207 §4.2: what the client told us before TLS is discarded, an AUTH
+            # included (tls_started() forgets it in the protocol; the user goes here).
+            self.auth_user = ""
             self._note_tls()
             self._last_activity = self.loop.time()
             transport.resume_reading()

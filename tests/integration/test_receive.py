@@ -551,3 +551,30 @@ def test_require_auth_without_auth_offered_is_warned_about(
     with RawClient(ferry.host, ferry.port) as c:
         auth_session(c)
         assert c.command(b"MAIL FROM:<a@client.test>").code == 530
+
+
+def test_starttls_forgets_an_auth_made_in_plaintext(
+    start_ferry: StartFerry, cert_files: tuple[object, object], ca: trustme.CA
+) -> None:
+    # RFC 3207 §4.2: after the TLS handshake the server discards what it knew of the
+    # client, an AUTH included: the user relays (and is recorded) only after a new AUTH.
+    import base64
+
+    cert, key = cert_files
+    ferry = start_ferry(tls="starttls", cert_file=cert, key_file=key, relay_networks=NO_RELAY,
+                        users={"app": hash_password("s3cret")}, allow_plaintext_auth=True)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    good = base64.b64encode(b"\0app\0s3cret")
+    with RawClient(ferry.host, ferry.port) as c:
+        auth_session(c)
+        assert c.command(b"AUTH PLAIN " + good).code == 235
+        assert c.command(b"STARTTLS").code == 220
+        c.starttls(context, "ferry.test")
+        assert c.command(b"EHLO client.test").code == 250
+        assert c.command(b"MAIL FROM:<a@client.test>").code == 250
+        assert c.command(b"RCPT TO:<b@example.net>").code == 554  # no relay without AUTH
+        assert c.command(b"RSET").code == 250
+        assert c.command(b"AUTH PLAIN " + good).code == 235
+        assert c.command(b"MAIL FROM:<a@client.test>").code == 250
+        assert c.command(b"RCPT TO:<b@example.net>").code == 250
