@@ -1198,7 +1198,9 @@ def _merge_flags(raw: dict[str, Any], flags: Mapping[str, object],
         if table is None:
             continue
         key = str(loc[-1])
-        if flag == "--accept-domain" and isinstance(table.get(key), list):
+        if flag == "--accept-domain" and key in table:
+            if not isinstance(table[key], list):
+                continue  # the flag adds to the file's list: a bad value stays the file's
             start = len(table[key])
             table[key] = [*table[key], *cast(list[object], value)]
             origins.update({(*loc, i): flag for i in range(start, len(table[key]))})

@@ -970,3 +970,11 @@ def test_per_domain_delivery_limits(tmp_path: Path) -> None:
     assert problems(tmp_path, '[delivery.domains."a.test"]\nmax_conections = 1\n') == [
         "unknown key 'delivery.domains.\"a.test\".max_conections' "
         "(did you mean 'delivery.domains.\"a.test\".max_connections'?)"]
+
+
+def test_accept_domain_flag_keeps_the_files_bad_value_reported(tmp_path: Path) -> None:
+    # --accept-domain adds to the file's list: a file value that is not a list is the
+    # file's problem, reported as such, never silently replaced by the flag's domains.
+    found = problems(tmp_path, 'accepted_domains = "example.com"\n',
+                     {"--accept-domain": ["x.example"]})
+    assert found == ['accepted_domains: must be an array of domain names (got "example.com")']
