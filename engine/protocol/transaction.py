@@ -349,15 +349,22 @@ class Transaction:
             self._expected = len(accepted) if self.lmtp and accepted else 1
             self.phase = END_OF_DATA
             return self.conn.send_message(self._body if accepted else b"", self._expected)
+        state = reply_state(reply.code)
         if reply.code // 100 not in (4, 5):
-            self.keep = False  # a 2xx without the 354: out of step
-        self._answer_all(accepted, reply, reply_state(reply.code))
+            # A 2xx (or 1xx, 3xx) without the 354: out of step, and the body was never
+            # sent, so it is no delivery (RFC 5321 §4.1.1.4: only the reply after the
+            # body is final); those recipients are tried again.
+            self.keep = False
+            state = _DEFERRED
+        self._answer_all(accepted, reply, state)
         return self._end_round(progress=False)
 
     def _final(self, reply: Reply) -> bytes:
         accepted = self._accepted
         n = self._answered
         self._answered = n + 1
+        if reply.code // 100 not in (2, 4, 5):
+            self.keep = False  # a 1xx or 3xx after the body: out of step
         if self.lmtp and accepted:
             # RFC 2033 §4.2: one reply per accepted recipient, in RCPT order.
             i = accepted[n]

@@ -372,6 +372,7 @@ class Scheduler:
         try:
             while site.jobs or prepared:
                 if prepared and prepared[0].job.handle is not None:
+                    tried = time.time()
                     job = prepared.popleft()
                     queue.route = job.route
                     self._prepare(site, queue)
@@ -404,6 +405,7 @@ class Scheduler:
                     wait = site.throttle.wait(loop.time())
                     if wait:
                         await asyncio.sleep(wait)
+                    tried = time.time()
                     queue.route = route
                     try:
                         ok = await self._deliver(entry, route, self._prepare(site, queue),
@@ -413,7 +415,9 @@ class Scheduler:
                 if ok:
                     self.down.pop(site.name, None)
                 else:
-                    self.down[site.name] = time.time() + self._down_length()
+                    # From the attempt's start: its deferred recipients' retry times are
+                    # counted from after it (see _down_length).
+                    self.down[site.name] = tried + self._down_length()
         finally:
             site.follow_queues.remove(queue)
             # Only if this task is cancelled: prepared groups nobody took go back.
@@ -427,11 +431,12 @@ class Scheduler:
 
     def _down_length(self) -> float:
         """How long a site where no host took a connection is left alone: ``down_period``,
-        but never longer than the first retry interval, so the mark never holds a message
-        past the time its own retry would have come (Postfix keeps a dead destination
-        throttled for ``minimal_backoff_time``, then delivers its backlog)."""
+        but never longer than the earliest first retry (the retry interval less its
+        jitter), so the mark never holds a message past the time its own retry would have
+        come (Postfix keeps a dead destination throttled for ``minimal_backoff_time``,
+        then delivers its backlog)."""
         s = self.settings
-        return min(s.down_period, s.retry_interval)
+        return min(s.down_period, s.retry_interval * (1 - RETRY_JITTER))
 
     def _elsewhere(self, route: Route) -> bool:
         """Whether the router now sends ``route.destination``'s mail by another send

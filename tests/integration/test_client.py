@@ -947,6 +947,9 @@ MALICIOUS: dict[str, tuple[Script, str]] = {
     "never-answers": (_silent, "Timeout"),
     "no-final-reply": (_silent_after_data, "Timeout"),
     "not-smtp": (_after_ehlo(b"HTTP/1.1 400 Bad Request\r\n"), "Malformed"),
+    # A 250 to DATA: the body was never sent, so nothing was delivered (RFC 5321 §4.1.1.4).
+    "250-to-DATA": (_after_ehlo(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+                                b"250 2.0.0 Queued without a body\r\n"), "without a body"),
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import email
 import email.policy
+import random
 import smtplib
 import socket
 import time
@@ -515,6 +516,32 @@ def test_mail_for_a_refusing_hop_flows_soon_after_it_comes_back(
         wait_for(lambda: f.store.count() == 0)
     finally:
         back.stop()
+
+
+class _EarliestJitter(random.Random):
+    """Every draw at its low end: retries come as early as the jitter allows."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
+def test_a_down_mark_never_holds_a_message_past_its_own_early_retry(ferry: Start) -> None:
+    # The retry interval is jittered (±10 %): a retry drawn early must still be tried,
+    # not deferred "not tried" by the down mark its own failed attempt left.  (12 s: the
+    # early retry comes more than a poll interval, 1 s, before the retry interval ends.)
+    f = ferry(retry_interval=12.0, max_retry_interval=12.0)
+    assert f.app.scheduler is not None
+    f.app.scheduler._rnd = _EarliestJitter()
+    send(f, "a@client.test", ["x@onlydead.test"], BODY)
+
+    def recipient() -> Any:
+        envs = waiting(f)
+        return envs[0].recipients[0] if envs else None
+
+    wait_for(lambda: (r := recipient()) is not None and r.attempts == 1)
+    second = wait_for(lambda: (r := recipient()) is not None and (
+        r.attempts >= 2 or "not tried" in r.last_reply) and r, 30)
+    assert "not tried" not in second.last_reply and second.attempts == 2, second
 
 
 @pytest.mark.parametrize("held", [False, True], ids=["deferred", "suspended"])

@@ -291,6 +291,29 @@ def test_out_of_step_replies_mean_the_connection_is_not_kept() -> None:
     assert answers(t) == [(DELIVERED, "250 Ok"), (DEFERRED, LOST)]
 
 
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_2xx_to_data_without_the_354_delivers_nothing(pipelining: bool) -> None:
+    # The body was never sent: a 250 to DATA is out of step, not a delivery (RFC 5321
+    # §4.1.1.4: DATA's positive answer is 354; only the reply after the body is final).
+    t = transaction("a@x.test", "b@x.test", pipelining=pipelining)
+    t.start()
+    feed(t, b"250 Ok\r\n")
+    feed(t, b"250 Ok\r\n")
+    feed(t, b"250 Ok\r\n")
+    feed(t, b"250 2.0.0 Queued\r\n")
+    assert t.done and not t.keep
+    assert [state for state, _ in answers(t)] == [DEFERRED, DEFERRED]
+
+
+def test_a_1xx_or_3xx_after_the_body_means_the_connection_is_not_kept() -> None:
+    t = transaction("a@x.test")
+    t.start()
+    feed(t, b"250 Ok\r\n250 Ok\r\n354 Go\r\n")
+    feed(t, b"354 What\r\n")
+    assert t.done and not t.keep
+    assert [state for state, _ in answers(t)] == [DEFERRED]
+
+
 # --- what the next hop can take, and what is passed on -------------------------------------
 
 
