@@ -370,7 +370,7 @@ class Scheduler:
         prepared, follow_ons = queue.prepared, queue.follow_ons
         site.follow_queues.append(queue)
         try:
-            while site.jobs or prepared:
+            while site.jobs or prepared or self._reclaim(site, queue):
                 if prepared and prepared[0].job.handle is not None:
                     tried = time.time()
                     job = prepared.popleft()
@@ -487,6 +487,26 @@ class Scheduler:
     def _waiting(self, env: Envelope, destination: str) -> list[int]:
         return [i for i, r in enumerate(env.recipients)
                 if r.next_hop == destination and r.state in _WAITING]
+
+    @staticmethod
+    def _reclaim(site: _Site, queue: _FollowQueue) -> bool:
+        """A worker with nothing left takes back one group another worker prepared and
+        its agent has not taken (the newest: the agent takes from the other end), so a
+        prepared group never waits for a connection that cannot carry it (no PIPELINING)
+        or whose transaction stalls while this one is free.  The group goes back to the
+        front of the site's queue (it keeps its window place; it is loaded again)."""
+        for other in site.follow_queues:
+            if other is queue or not other.prepared or not other.follow_ons:
+                continue
+            last = other.prepared[-1]
+            # The agent pops follow_ons from the left and sets the handle in the same
+            # step, so the right end of both is the same untaken group.
+            if last.job.handle is None and other.follow_ons[-1] is last.job:
+                other.prepared.pop()
+                other.follow_ons.pop()
+                site.jobs.appendleft((last.entry, last.route))
+                return True
+        return False
 
     def _prepare(self, site: _Site, queue: _FollowQueue) -> FollowOns | None:
         """Top up a worker's follow-on queue from the site's next groups, loaded (envelope

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,8 @@ class _Handler:
         local = server.transport.get_extra_info("sockname")[0] if server.transport else "?"
         if self.sink.reply_delay:
             await asyncio.sleep(self.sink.reply_delay)
+        if self.sink.hold is not None:
+            await self.sink.hold(envelope)
         reply = self.sink.state.data_replies[local]
         if reply and not reply.startswith("2"):
             return reply
@@ -108,6 +111,9 @@ class CountingSink:
         self.reply_delay = reply_delay
         self.smtputf8 = smtputf8
         self.pipelining = pipelining
+        #: Awaited (on the sink's loop) before the reply to a message's final dot: a test
+        #: holds one transaction open with it.
+        self.hold: Callable[[Envelope], Awaitable[None]] | None = None
         self.state = SinkState()
         self.transports: set[asyncio.BaseTransport] = set()
         self.loop = asyncio.new_event_loop()

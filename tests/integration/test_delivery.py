@@ -3,6 +3,7 @@ the test starts (real dnspython), and delivers to aiosmtpd sinks on loopback add
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import email
 import email.policy
@@ -371,6 +372,39 @@ def test_queued_messages_for_a_site_follow_each_other_on_one_connection(
     assert (agent.follow_ons > 0) is pipeline and agent.connections_opened == 1
     assert sorted(m.recipients[0] for m in sink.state.messages) == [
         f"u{n}@two.test" for n in range(8)]
+
+
+def test_groups_prepared_behind_a_stalled_transaction_go_out_on_another_connection(
+    ferry: Start, sink: CountingSink
+) -> None:
+    """Groups a worker prepared to follow on its connection are taken back by a worker
+    that is free: a next hop without PIPELINING never takes them as follow-ons, and the
+    owner's transaction here stalls until every other message has arrived."""
+    others = 6
+    released: list[str] = []
+
+    async def hold(envelope: Any) -> None:
+        if "stall@two.test" not in envelope.rcpt_tos:
+            return
+        for _ in range(300):  # 15 s at most, so a failure is a failed test, not a hang
+            if len(sink.state.messages) >= others:
+                released.append("every other message arrived")
+                return
+            await asyncio.sleep(0.05)
+        released.append("timeout")
+
+    sink.pipelining = False
+    sink.hold = hold
+    f = ferry(max_per_domain=2)
+    assert f.app.scheduler is not None
+    # Held while they arrive, so delivery starts with the stalling message first in line.
+    f.call(f.app.scheduler.suspend("two.test"))
+    send(f, "a@client.test", ["stall@two.test"], BODY)
+    for n in range(others):
+        send(f, "a@client.test", [f"u{n}@two.test"], BODY)
+    f.call(f.app.scheduler.resume("two.test"))
+    wait_for(lambda: len(sink.state.messages) == others + 1 and f.store.count() == 0, 40)
+    assert released == ["every other message arrived"]
 
 
 # --- delay notices (RFC 3464 action "delayed") ---------------------------------------------
