@@ -94,6 +94,11 @@ class LmdbQueue:
         return self._writer.pid
 
     @property
+    def pending(self) -> int:
+        """Writes handed to the writer and not yet settled (back pressure counts them)."""
+        return self._writer.pending
+
+    @property
     def min_free_disk(self) -> int:
         return self._database.disk.min_free
 

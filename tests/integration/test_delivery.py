@@ -3,7 +3,6 @@ the test starts (real dnspython), and delivers to aiosmtpd sinks on loopback add
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import email
 import email.policy
@@ -25,7 +24,7 @@ from engine.queue.records import RcptState
 from engine.testing.dns import DnsResponder
 from engine.testing.server import RunningFerry, ferry_config
 from engine.testing.sink import CountingSink, Received
-from engine.testing.wait import poll, wait_for
+from engine.testing.wait import poll, until, wait_for
 
 ZONE = """
 $TTL 60
@@ -386,12 +385,12 @@ def test_groups_prepared_behind_a_stalled_transaction_go_out_on_another_connecti
     async def hold(envelope: Any) -> None:
         if "stall@two.test" not in envelope.rcpt_tos:
             return
-        for _ in range(300):  # 15 s at most, so a failure is a failed test, not a hang
-            if len(sink.state.messages) >= others:
-                released.append("every other message arrived")
-                return
-            await asyncio.sleep(0.05)
-        released.append("timeout")
+        try:  # 15 s at most, so a failure is a failed test, not a hang
+            await until(lambda: len(sink.state.messages) >= others, 15, "the other messages")
+        except AssertionError:
+            released.append("timeout")
+        else:
+            released.append("every other message arrived")
 
     sink.pipelining = False
     sink.hold = hold

@@ -22,7 +22,7 @@ from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.lmdb_txn import Database, WriterParams
 from engine.queue.records import Envelope, RcptState, Recipient
 from engine.queue.writer import WRITER_KINDS, Pending, Writer, WriterKind, start_writer
-from engine.testing.wait import wait_for
+from engine.testing.wait import until, wait_for
 from tests.queue.locking import write_lock
 
 
@@ -170,7 +170,7 @@ def test_a_writer_process_that_dies_fails_what_waits_and_the_store_refuses_mail(
     async def go() -> None:
         with write_lock(tmp_path):  # the writer holds the message, uncommitted
             waiting = asyncio.create_task(q.enqueue(envelope(), b"x"))
-            await asyncio.sleep(0)
+            await until(lambda: q.pending == 1, 10, "the write handed to the writer")
             os.kill(q.writer_pid, signal.SIGKILL)
             with pytest.raises(QueueClosed):
                 await waiting
