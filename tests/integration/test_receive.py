@@ -27,6 +27,16 @@ def queued_id(reply_text: str) -> bytes:
     return id_bytes(reply_text.rsplit(" ", 1)[1])
 
 
+
+def at_data(c: RawClient) -> None:
+    """Greeting, EHLO, one relayed recipient, and DATA answered 354: the body is next."""
+    c.reply()
+    c.command(b"EHLO client.test")
+    c.command(b"MAIL FROM:<a@client.test>")
+    c.command(b"RCPT TO:<b@example.net>")
+    assert c.command(b"DATA").code == 354
+
+
 def test_message_is_queued_with_received_field_and_envelope(start_ferry: StartFerry) -> None:
     ferry = start_ferry()
     body = b"Subject: hello\r\nMessage-ID: <m1@client.test>\r\n\r\n.leading dot\r\nend\r\n"
@@ -134,11 +144,7 @@ SMUGGLING = [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\n", b"\n.\r", b"\
 def test_smuggling_is_refused_end_to_end(start_ferry: StartFerry, vector: bytes) -> None:
     ferry = start_ferry()
     with RawClient(ferry.host, ferry.port) as c:
-        c.reply()
-        c.command(b"EHLO client.test")
-        c.command(b"MAIL FROM:<a@client.test>")
-        c.command(b"RCPT TO:<b@example.net>")
-        assert c.command(b"DATA").code == 354
+        at_data(c)
         c.send(b"Subject: x\r\n\r\nhello" + vector + b"MAIL FROM:<evil@x.test>\r\n"
                b"RCPT TO:<victim@example.net>\r\nDATA\r\nsmuggled\r\n.\r\n")
         reply = c.reply()
@@ -339,11 +345,7 @@ def test_early_talker_is_refused(start_ferry: StartFerry) -> None:
 def test_minimum_data_rate(start_ferry: StartFerry) -> None:
     ferry = start_ferry(min_data_rate=1_000_000, data_rate_grace=0.5)
     with RawClient(ferry.host, ferry.port) as c:
-        c.reply()
-        c.command(b"EHLO client.test")
-        c.command(b"MAIL FROM:<a@client.test>")
-        c.command(b"RCPT TO:<b@example.net>")
-        assert c.command(b"DATA").code == 354
+        at_data(c)
         for _ in range(30):  # a trickle, far under a megabyte a second
             try:
                 c.send(b"slow line\r\n")
@@ -440,11 +442,7 @@ def test_an_ingest_failure_gives_451_and_logs_the_traceback(
     ferry.app.connectors[0].ingest.route = broken_route
     caplog.set_level(logging.ERROR, logger="ferry.server")
     with RawClient(ferry.host, ferry.port) as c:
-        c.reply()
-        c.command(b"EHLO client.test")
-        c.command(b"MAIL FROM:<a@client.test>")
-        c.command(b"RCPT TO:<b@example.net>")
-        assert c.command(b"DATA").code == 354
+        at_data(c)
         c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
         reply = c.reply()
         assert (reply.code, reply.enhanced) == (451, "4.3.0")
