@@ -495,7 +495,7 @@ class SmtpAgent:
             return []
         lmtp = self.lmtp or route.protocol == "lmtp"
         key: PoolKey = (route.site, lmtp, route.tls, route.auth)
-        if lmtp or not self.pipeline_messages:
+        if not self.takes_follow_ons(route):
             follow_ons = None  # LMTP answers per recipient: kept out of follow-on chains
         while True:
             session = self._take(key)
@@ -910,7 +910,7 @@ class _Exchange:
         caller has one ready for this connection and it may carry it; b"" otherwise."""
         follow_ons = self.follow_ons
         s, agent, t = self.s, self.agent, self.t
-        if (not follow_ons or t.lmtp or not t.pipelining or not t.accepted or t.more
+        if (not follow_ons or not t.pipelining or not t.accepted or t.more
                 or self.next is not None or s.follow_on not in (None, self)
                 or agent.closing or s.messages >= agent.max_messages_per_connection):
             return b""

@@ -330,8 +330,7 @@ class ConfiguredRouter:
 
     @staticmethod
     def _route(destination: str, site: str, hosts: tuple[Host, ...], sc: SendConfig,
-               tls: TlsMode | None = None, auth: tuple[str, str] | None = None,
-               plaintext_auth: bool = False) -> Route:
+               tls: TlsMode | None = None, auth: tuple[str, str] | None = None) -> Route:
         """A route through send connector ``sc`` (its TLS mode unless ``tls`` is given)."""
         return Route(
             destination=destination,
@@ -340,7 +339,7 @@ class ConfiguredRouter:
             protocol=sc.protocol,
             tls=sc.tls if tls is None else tls,
             auth=auth,
-            plaintext_auth=plaintext_auth,
+            plaintext_auth=auth is not None and sc.allow_plaintext_auth,
             connector=sc.name,
         )
 
@@ -376,8 +375,7 @@ class ConfiguredRouter:
         if auth is not None and not sc.allow_plaintext_auth and tls in ("off", "opportunistic"):
             tls = "required"
         site = "smarthost:" + ",".join(_hostport(h, p) for h, p in sc.smarthosts)
-        return self._route(destination, site, tuple(hosts), sc, tls, auth,
-                           auth is not None and sc.allow_plaintext_auth)
+        return self._route(destination, site, tuple(hosts), sc, tls, auth)
 
     @staticmethod
     def _local_plan(destination: str, lc: LocalConfig) -> _Plan:

@@ -92,9 +92,10 @@ class Ingest:
         self.store = store
         self.hostname = hostname
         self.route = route
-        #: Where a bare <Postmaster> goes: ``postmaster``, by default postmaster@hostname.
-        self.postmaster = postmaster or f"postmaster@{hostname}"
-        self._postmaster = (self.postmaster, self.postmaster.rpartition("@")[2])
+        #: Where a bare <Postmaster> goes (address, domain): ``postmaster``, by default
+        #: postmaster@hostname.
+        postmaster = postmaster or f"postmaster@{hostname}"
+        self._postmaster = (postmaster, postmaster.rpartition("@")[2])
         #: the maximum queue lifetime: a message expires this long after arrival
         self.lifetime = lifetime
         #: told after each commit (the scheduler looks at the due index at once)
