@@ -473,7 +473,8 @@ def _listen(value: object) -> tuple[tuple[str, int], ...]:
     return addresses
 
 
-def _destination(default_port: int) -> Callable[[object], tuple[str, int]]:
+def _destination(default_port: int | None) -> Callable[[object], tuple[str, int]]:
+    """A destination's checker; ``default_port`` None: the port must be written out."""
     def check(value: object) -> tuple[str, int]:
         if not isinstance(value, str):
             raise _Invalid(f'must be a "HOST:PORT" string (got {_show(value)})')
@@ -631,15 +632,9 @@ def _template(value: object, info: ValidationInfo) -> str:
     return text
 
 
-def _lmtp_server(value: object) -> tuple[str, int]:
-    # RFC 2033 §5: LMTP must not be offered on port 25 and has no port of its own, so the
-    # port is always written out.
-    if not isinstance(value, str):
-        raise _Invalid(f'must be a "HOST:PORT" string (got {_show(value)})')
-    host, port = _split_hostport(value, None)
-    if port == 0:
-        raise _Invalid(f"port must be from 1 to 65535 (got {_show(value)})")
-    return host, port
+# RFC 2033 §5: LMTP must not be offered on port 25 and has no port of its own, so the
+# port is always written out.
+_lmtp_server = _destination(None)
 
 
 def _remote_ranges(value: object) -> tuple[Network, ...]:
