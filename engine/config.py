@@ -195,19 +195,26 @@ def _port(value: object) -> int:
     return cast(int, value)
 
 
+def _finite(value: object) -> float | None:
+    """The value as a float when TOML gave a finite number (not a bool), else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def _seconds(value: object) -> float:
-    number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
-    if number is None or not math.isfinite(number) or number <= 0:
+    number = _finite(value)
+    if number is None or number <= 0:
         raise _Invalid(f"must be a positive number of seconds (got {_show(value)})")
-    return float(number)
+    return number
 
 
 def _zero_or_more(unit: str) -> Callable[[object], float]:
     def check(value: object) -> float:
-        number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
-        if number is None or not math.isfinite(number) or number < 0:
+        number = _finite(value)
+        if number is None or number < 0:
             raise _Invalid(f"must be a number of {unit}, 0 or more (got {_show(value)})")
-        return float(number)
+        return number
 
     return check
 
