@@ -81,7 +81,7 @@ class App:
         self.scheduler = scheduler = Scheduler(store, router, self.agents, hostname=cfg.hostname,
                                                settings=d)
         scheduler.start()
-        control = ControlServer(socket_path(cfg.spool), scheduler, store, router.destination)
+        control = ControlServer(socket_path(cfg.spool), scheduler, router.destination)
         try:
             await control.start()
         except ControlUnavailable as exc:

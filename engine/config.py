@@ -195,19 +195,26 @@ def _port(value: object) -> int:
     return cast(int, value)
 
 
+def _finite(value: object) -> float | None:
+    """The value as a float when TOML gave a finite number (not a bool), else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def _seconds(value: object) -> float:
-    number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
-    if number is None or not math.isfinite(number) or number <= 0:
+    number = _finite(value)
+    if number is None or number <= 0:
         raise _Invalid(f"must be a positive number of seconds (got {_show(value)})")
-    return float(number)
+    return number
 
 
 def _zero_or_more(unit: str) -> Callable[[object], float]:
     def check(value: object) -> float:
-        number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
-        if number is None or not math.isfinite(number) or number < 0:
+        number = _finite(value)
+        if number is None or number < 0:
             raise _Invalid(f"must be a number of {unit}, 0 or more (got {_show(value)})")
-        return float(number)
+        return number
 
     return check
 
@@ -473,7 +480,8 @@ def _listen(value: object) -> tuple[tuple[str, int], ...]:
     return addresses
 
 
-def _destination(default_port: int) -> Callable[[object], tuple[str, int]]:
+def _destination(default_port: int | None) -> Callable[[object], tuple[str, int]]:
+    """A destination's checker; ``default_port`` None: the port must be written out."""
     def check(value: object) -> tuple[str, int]:
         if not isinstance(value, str):
             raise _Invalid(f'must be a "HOST:PORT" string (got {_show(value)})')
@@ -631,15 +639,9 @@ def _template(value: object, info: ValidationInfo) -> str:
     return text
 
 
-def _lmtp_server(value: object) -> tuple[str, int]:
-    # RFC 2033 §5: LMTP must not be offered on port 25 and has no port of its own, so the
-    # port is always written out.
-    if not isinstance(value, str):
-        raise _Invalid(f'must be a "HOST:PORT" string (got {_show(value)})')
-    host, port = _split_hostport(value, None)
-    if port == 0:
-        raise _Invalid(f"port must be from 1 to 65535 (got {_show(value)})")
-    return host, port
+# RFC 2033 §5: LMTP must not be offered on port 25 and has no port of its own, so the
+# port is always written out.
+_lmtp_server = _destination(None)
 
 
 def _remote_ranges(value: object) -> tuple[Network, ...]:

@@ -15,7 +15,6 @@ twin's docstrings state the accounting rules both follow.
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
-from libc.stdlib cimport free, realloc
 from libc.string cimport memchr, memcpy, memmove
 
 import operator

@@ -44,7 +44,6 @@ from typing import Any, Final
 
 import orjson
 
-from engine.queue.api import QueueStore
 from engine.scheduler.scheduler import Scheduler
 from engine.scheduler.snapshot import SchedulerSnapshot
 
@@ -198,11 +197,10 @@ class ControlServer:
     (``Router.destination``: the same rule as for recipients' domains).
     """
 
-    def __init__(self, path: Path, scheduler: Scheduler, store: QueueStore,
+    def __init__(self, path: Path, scheduler: Scheduler,
                  normalize: Callable[[str], str]) -> None:
         self.path = path
         self.scheduler = scheduler
-        self.store = store
         self.normalize = normalize
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[Any]] = set()

@@ -141,7 +141,7 @@ class LmdbQueue:
 
     async def enqueue(self, envelope: Envelope, body: bytes) -> bytes:
         self._admit(envelope, body)
-        result: bytes = await self._submit_async("enqueue", (envelope, body), len(body))
+        result: bytes = await self._submit_soon("enqueue", (envelope, body), len(body))
         envelope.queue_id = result  # as the writer did (it may run in another process)
         return result
 
@@ -180,7 +180,7 @@ class LmdbQueue:
         self._submit_sync("record", (tuple(outcomes), tuple(new_messages)), size)
 
     async def quarantine(self, queue_id: bytes, reason: str, due_key: bytes = b"") -> None:
-        await self._submit_async("quarantine", (queue_id, reason, due_key), 0)
+        await self._submit_soon("quarantine", (queue_id, reason, due_key), 0)
 
     async def close(self) -> None:
         """Finish every write handed over, stop the writer, close the environment."""
@@ -326,9 +326,6 @@ class LmdbQueue:
         self._writer.submit(Pending(kind, args, size, loop, future))
         return future
 
-    async def _submit_async(self, kind: str, args: tuple[Any, ...], size: int) -> Any:
-        return await self._submit_soon(kind, args, size)
-
     def _submit_sync(self, kind: str, args: tuple[Any, ...], size: int) -> Any:
         future: Future[Any] = Future()
         self._writer.submit(Pending(kind, args, size, None, future))
@@ -344,4 +341,4 @@ class LmdbQueue:
     async def save_setting(self, name: str, value: bytes) -> None:
         """Store ``value`` under ``name`` durably (through the writer, like every write);
         the bytes mean nothing to the queue."""
-        await self._submit_async("setting", (name, value), 0)
+        await self._submit_soon("setting", (name, value), 0)

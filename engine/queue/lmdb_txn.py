@@ -37,7 +37,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import lmdb
 
@@ -166,9 +166,6 @@ class Database:
 
     def close(self) -> None:
         self.env.close()
-
-
-Kind = Literal["enqueue", "record", "quarantine", "setting"]
 
 
 class Write(Protocol):
