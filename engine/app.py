@@ -24,6 +24,7 @@ from engine.client.maildir import MaildirAgent
 from engine.client.smtp import SmtpAgent
 from engine.config import Config
 from engine.ops.control import ControlServer, ControlUnavailable, check_free, socket_path
+from engine.ops.events import Events
 from engine.ops.protolog import ProtocolLog
 from engine.queue.lmdb_store import LmdbQueue
 from engine.routing.mx import MxResolver
@@ -47,6 +48,8 @@ class App:
         self.control: ControlServer | None = None
         self.addresses: list[str] = []
         self._flusher: asyncio.Task[None] | None = None
+        #: the event stream every part reports to; sinks are added as configured
+        self.events = Events()
 
     async def start(self) -> None:
         cfg = self.config
@@ -79,7 +82,7 @@ class App:
                                          ca_file=ca_file),
                        "maildir": MaildirAgent(hostname=cfg.hostname)}
         self.scheduler = scheduler = Scheduler(store, router, self.agents, hostname=cfg.hostname,
-                                               settings=d)
+                                               settings=d, events=self.events)
         scheduler.start()
         control = ControlServer(socket_path(cfg.spool), scheduler, router.destination)
         try:
@@ -92,7 +95,7 @@ class App:
             log.info("control channel on %s", control.path)
         ingest = Ingest(store, cfg.hostname, router.destination,
                         lifetime=cfg.delivery.max_queue_lifetime, queued=scheduler.wake,
-                        postmaster=cfg.postmaster)
+                        postmaster=cfg.postmaster, events=self.events)
         authenticator = Authenticator(cfg.users)
         accepted = accepted_domains(cfg)
         log_dir = cfg.log.protocol_log_dir or Path(cfg.spool) / "log"
@@ -129,6 +132,7 @@ class App:
         await asyncio.gather(*(agent.close() for agent in self.agents.values()))
         if self._flusher is not None:
             self._flusher.cancel()
+        self.events.close()
         if self.store is not None:
             await self.store.close()
         log.info("stopped")

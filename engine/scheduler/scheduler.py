@@ -49,6 +49,7 @@ import orjson
 from engine.client.api import DeliveryAgent, FollowOn, FollowOns, RcptResult
 from engine.config import DeliveryConfig
 from engine.message.dsn import Action, Failure, build_dsn, reply_status, wants_notice
+from engine.ops.events import Events
 from engine.queue.api import DueEntry, NewMessage, Outcome, QueueStore
 from engine.queue.records import Envelope, RcptState, Recipient, RecordError
 from engine.queue.window import DueWindow
@@ -137,8 +138,11 @@ class Scheduler:
         *,
         hostname: str,
         settings: DeliveryConfig | None = None,
+        events: Events | None = None,
     ) -> None:
         self.store = store
+        #: where the facts of each message's life go once committed (engine.ops.events)
+        self.events = events or Events()
         self.router = router
         self.agents = agents
         self.hostname = hostname

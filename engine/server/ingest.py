@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from engine.message.headers import scan_headers
 from engine.message.lines import MAX_LINE, has_long_line, wrap_long_lines
 from engine.message.trace import received_field, with_protocol
+from engine.ops.events import Events
 from engine.protocol.command import Command
 from engine.queue.api import BackPressure, QueueStore
 from engine.queue.records import Envelope, Recipient, id_text, new_id
@@ -88,8 +89,11 @@ def _recipient(cmd: Command, route: Route, now: float, postmaster: tuple[str, st
 class Ingest:
     def __init__(self, store: QueueStore, hostname: str, route: Route, *,
                  lifetime: float = 5 * 86400.0,
-                 queued: Callable[[], None] | None = None, postmaster: str = "") -> None:
+                 queued: Callable[[], None] | None = None, postmaster: str = "",
+                 events: Events | None = None) -> None:
         self.store = store
+        #: RECEIVE goes here after the commit (engine.ops.events)
+        self.events = events or Events()
         self.hostname = hostname
         self.route = route
         #: Where a bare <Postmaster> goes (address, domain): ``postmaster``, by default
