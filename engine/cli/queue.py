@@ -1,8 +1,12 @@
-"""``ferry queue``: the queue viewer (list, show, stats) and the operator's controls
-(suspend, resume, suspended).
+"""``ferry queue``: the queue viewer (list, show, stats, queues, export) and the operator's
+controls (suspend, resume, suspended).
 
 The viewer reads through the ``QueueStore`` interface (the LMDB store: LMDB lets it share
-the spool with a running ``ferry serve``) and changes nothing.  The controls never touch
+the spool with a running ``ferry serve``, and it works as well on a stopped spool) and
+changes nothing; its views live in ``engine.ops.views`` and its filters in
+``engine.ops.select``.  ``queues`` asks a running server first (its scheduler knows the
+rates, what is in flight, which sites are down and which destinations it cannot route),
+and reads the spool alone when none runs.  The controls never touch
 the queue database: they ask the running server over its control socket
 (``engine.ops.control``), which does the work, so there is one writer and the server's
 memory agrees with the queue.
@@ -14,33 +18,53 @@ import argparse
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from engine.ops import control
+from engine.ops.select import STATES, Filter, add_filter_arguments, select
+from engine.ops.views import as_delivered, message_view, queue_rows
 from engine.queue.api import QueueStore
 from engine.queue.lmdb_store import LmdbQueue
-from engine.queue.records import CORRUPT, Envelope, RcptState, RecordError, id_bytes, id_text
-
-STATES = [s.value for s in RcptState if s not in (RcptState.DELIVERED,)] + [CORRUPT]
+from engine.queue.records import Envelope, RecordError, id_bytes, id_text
+from engine.scheduler.scheduler import load_suspended
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     queue = commands.add_parser(
-        "queue", help="look at the queue (list, show, stats); suspend and resume destinations",
-        description="The queue viewer (list, show, stats: they change nothing) and the "
-        "controls of a running ferry serve (suspend, resume, suspended).")
+        "queue", help="look at the queue (list, show, stats, queues, export); suspend and "
+        "resume destinations",
+        description="The queue viewer (list, show, stats, queues, export: they change "
+        "nothing, and work on a stopped spool too) and the controls of a running ferry "
+        "serve (suspend, resume, suspended).")
     queue.add_argument("--spool", metavar="DIR", default="./ferry-spool",
                        help="spool directory (default ./ferry-spool)")
     sub = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
-    lister = sub.add_parser("list", help="queued messages, oldest first")
-    lister.add_argument("--state", choices=STATES, help="only messages with a recipient "
-                        "in this state")
-    lister.add_argument("--destination", metavar="DEST", help="only messages with recipients "
-                        "waiting for this destination (a domain, local:<domain>, [literal])")
-    lister.add_argument("--limit", type=int, default=100, help="at most this many (100)")
-    show = sub.add_parser("show", help="one message: envelope, recipients, headers")
+    lister = sub.add_parser("list", help="queued messages, oldest first, with filters",
+                            description="Queued messages, oldest first (Get-Message). "
+                            "Without --state, only recipients still waiting count.")
+    add_filter_arguments(lister)
+    lister.add_argument("--limit", type=int, default=100,
+                        help="show at most this many (100; 0: all); the table says "
+                        "\"N of M shown\" when there are more")
+    show = sub.add_parser("show", help="one message: envelope, each recipient's state, "
+                          "attempts, last reply and next retry, headers")
     show.add_argument("queue_id")
-    sub.add_parser("stats", help="how many messages, recipients by state, corrupt records")
+    stats = sub.add_parser("stats", help="how many messages, recipients by state, corrupt "
+                           "records")
+    queues = sub.add_parser("queues", help="one line per next hop: state, messages, "
+                            "recipients, rates, last error, next retry (Get-Queue)")
+    export = sub.add_parser("export", help="the message as it will be delivered (trace "
+                            "fields included), RFC 5322, on standard output or --out")
+    export.add_argument("queue_id")
+    export.add_argument("--out", metavar="FILE", help="write it to FILE instead")
+    for reader in (lister, show, stats, queues):
+        reader.add_argument("--json", action="store_true",
+                            help="JSON, one object per line")
     for name, what in (("suspend", "hold the mail for DEST in the running server (it stays "
                         "queued, state suspended) until resumed"),
                        ("resume", "deliver DEST's mail again")):
@@ -67,66 +91,152 @@ def _summary(env: Envelope) -> str:
     return " ".join(f"{n} {state}" for state, n in sorted(states.items()))
 
 
-def _ids(store: QueueStore, args: argparse.Namespace) -> list[bytes]:
-    if args.destination:
-        return store.ids_for_hop(args.destination, args.limit)
-    if args.state:
-        return store.ids_in_state(args.state, args.limit)
-    seen: dict[bytes, None] = {}
-    for state in (RcptState.PENDING, RcptState.DEFERRED, RcptState.SUSPENDED):
-        for qid in store.ids_in_state(state.value, args.limit):
-            seen[qid] = None
-    return sorted(seen)[: args.limit]
+def _json_line(doc: dict[str, Any]) -> None:
+    sys.stdout.write(orjson.dumps(doc).decode() + "\n")
 
 
 def _list(store: QueueStore, args: argparse.Namespace) -> int:
-    print(f"{'queue id':<24}  {'age':>5}  {'size':>9}  sender → recipients")
-    for qid in _ids(store, args):
-        try:
-            env = store.get(qid)
-        except KeyError:
-            continue
-        except RecordError as exc:
-            print(f"{id_text(qid):<24}  corrupt: {exc}")
-            continue
-        print(f"{id_text(qid):<24}  {_age(env.arrival):>5}  {env.size:>9}  "
-              f"<{env.sender}> → {len(env.recipients)} ({_summary(env)})")
+    found = select(store, Filter.from_args(args), args.limit or None)
+    if args.json:
+        for env in found.envelopes:
+            _json_line(message_view(env))
+        for qid, reason in found.corrupt:
+            _json_line({"id": id_text(qid), "state": "corrupt", "error": reason})
+    else:
+        print(f"{'queue id':<24}  {'age':>5}  {'size':>9}  sender → recipients")
+        for env in found.envelopes:
+            print(f"{id_text(env.queue_id):<24}  {_age(env.arrival):>5}  {env.size:>9}  "
+                  f"<{env.sender}> → {len(env.recipients)} ({_summary(env)})")
+        for qid, reason in found.corrupt:
+            print(f"{id_text(qid):<24}  corrupt: {reason}")
+    shown = len(found.envelopes) + len(found.corrupt)
+    if shown < found.total:
+        # On the standard error with --json, so the standard output stays one object a line.
+        print(f"{shown} of {found.total} shown (--limit {args.limit})",
+              file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _load(store: QueueStore, text: str) -> tuple[bytes, Envelope] | None:
+    """The message ``text`` names, or None after saying why there is none."""
+    try:
+        qid = id_bytes(text)
+        return qid, store.get(qid)
+    except (ValueError, KeyError):
+        print(f"ferry queue: no message {text}", file=sys.stderr)
+    except RecordError as exc:
+        print(f"ferry queue: {text}: corrupt record: {exc}", file=sys.stderr)
+    return None
 
 
 def _show(store: QueueStore, args: argparse.Namespace) -> int:
-    try:
-        qid = id_bytes(args.queue_id)
-        env = store.get(qid)
-    except (ValueError, KeyError):
-        print(f"ferry queue: no message {args.queue_id}", file=sys.stderr)
+    found = _load(store, args.queue_id)
+    if found is None:
         return 1
-    except RecordError as exc:
-        print(f"{args.queue_id}: corrupt record: {exc}")
-        return 1
-    print(f"queue id:   {id_text(qid)}\narrival:    {time.ctime(env.arrival)} "
+    qid, env = found
+    body = store.body(qid)
+    headers = body.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+    if args.json:
+        _json_line({**message_view(env), "headers": headers})
+        return 0
+    print(f"queue id:   {id_text(qid)}\narrival:    {_stamp(env.arrival)} "
           f"({_age(env.arrival)} ago)\nexpires:    "
-          f"{time.ctime(env.expires) if env.expires else 'never'}\nsender:     <{env.sender}>"
+          f"{_stamp(env.expires) if env.expires else 'never'}\nsender:     <{env.sender}>"
           f"\nsize:       {env.size}\nmessage-id: {env.message_id}\nfrom:       "
           f"{env.client_address} via {env.receive_connector}"
           + (f" as {env.auth_user}" if env.auth_user else ""))
+    now = time.time()
     for r in env.recipients:
-        wait = r.due - time.time()
-        when = f", next try in {_span(wait)}" if wait > 0 else ""
+        when = ""
+        if r.state.value in ("pending", "deferred"):
+            wait = r.due - now
+            when = (f", next try in {_span(wait)} ({_stamp(r.due)})" if wait > 0
+                    else ", due now")
         print(f"  <{r.address}> → {r.next_hop}: {r.state.value}, {r.attempts} attempts{when}")
         if r.last_reply:
             print(f"      last reply: {r.last_reply}")
-    body = store.body(qid)
-    print("\n" + body.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace"))
+    print("\n" + headers)
     return 0
 
 
+def _stamp(epoch: float) -> str:
+    """A time as the operator reads it next to the tracking log: UTC, ISO 8601."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+
+
 def _stats(store: QueueStore, args: argparse.Namespace) -> int:
+    counts = {state: len(store.ids_in_state(state, 10**9)) for state in STATES}
+    corrupt = store.corrupt()
+    if args.json:
+        _json_line({"messages": store.count(), "states": counts,
+                    "corrupt": [{"id": id_text(q), "reason": r} for q, r in corrupt]})
+        return 0
     print(f"messages: {store.count()}")
     for state in STATES:
-        print(f"  with {state} recipients: {len(store.ids_in_state(state, 10**9))}")
-    for qid, reason in store.corrupt():
+        print(f"  with {state} recipients: {counts[state]}")
+    for qid, reason in corrupt:
         print(f"corrupt {id_text(qid)}: {reason}")
+    return 0
+
+
+def _export(store: QueueStore, args: argparse.Namespace) -> int:
+    found = _load(store, args.queue_id)
+    if found is None:
+        return 1
+    message = as_delivered(store.body(found[0]))
+    if args.out:
+        Path(args.out).write_bytes(message)
+    else:
+        sys.stdout.buffer.write(message)
+        sys.stdout.flush()
+    return 0
+
+
+def _queues(args: argparse.Namespace) -> int:
+    """From the running server when one answers, else from the spool alone."""
+    rows: list[dict[str, Any]] = []
+    try:
+        reply = control.request(control.socket_path(args.spool), {"command": "queues"})
+    except control.ControlUnavailable:
+        reply = None
+    except (OSError, ValueError) as exc:  # a timeout, a bad reply
+        print(f"ferry queue: {exc}", file=sys.stderr)
+        return 1
+    if reply is not None and not reply.get("ok"):
+        print(f"ferry queue: the server refused: {reply.get('error')}", file=sys.stderr)
+        return 1
+    if reply is not None:
+        rows = reply["queues"]
+    else:
+        def from_spool(store: QueueStore, _: argparse.Namespace) -> int:
+            rows.extend(row.to_json() for row in
+                        queue_rows(store, None, load_suspended(store)).rows)
+            return 0
+
+        status = _with_store(args, from_spool)
+        if status:
+            return status
+        print("ferry queue: no server runs on this spool: from the queue alone, without "
+              "rates, in-flight or down sites", file=sys.stderr)
+    if args.json:
+        for row in rows:
+            _json_line(row)
+        return 0
+    print(f"{'destination':<28} {'state':<11} {'msgs':>6} {'rcpts':>6} {'in/min':>7} "
+          f"{'out/min':>7}  {'next retry':<20} last error")
+    now = time.time()
+    for row in rows:
+        rates = [f"{row[k]:>7.1f}" if row[k] is not None else f"{'-':>7}"
+                 for k in ("in_per_minute", "out_per_minute")]
+        retry = "-"
+        if row["next_retry"]:
+            when = datetime.fromisoformat(row["next_retry"]).timestamp()
+            retry = f"{row['next_retry'][11:19]} (in {_span(when - now)})"
+        print(f"{row['destination']:<28} {row['state']:<11} {row['messages']:>6} "
+              f"{row['recipients']:>6} {rates[0]} {rates[1]}  {retry:<20} "
+              f"{row['last_error'] or '-'}")
+    if not rows:
+        print("no mail is queued", file=sys.stderr)
     return 0
 
 
@@ -175,16 +285,28 @@ def _suspended(args: argparse.Namespace) -> int:
 _CONTROLS = {"suspend": _suspend, "resume": _resume, "suspended": _suspended}
 
 
-def queue_main(args: argparse.Namespace) -> int:
-    if args.queue_command in _CONTROLS:
-        return _CONTROLS[args.queue_command](args)
+_READERS: dict[str, Callable[[QueueStore, argparse.Namespace], int]] = {
+    "list": _list, "show": _show, "stats": _stats, "export": _export}
+
+
+def _with_store(args: argparse.Namespace,
+                action: Callable[[QueueStore, argparse.Namespace], int]) -> int:
+    """``action`` on the spool's queue database, read directly (the server may run or
+    not: LMDB readers share it with the server's writer)."""
     path = Path(args.spool) / "queue"
     if not (path / "data.mdb").exists():
         print(f"ferry queue: no queue database in {path}", file=sys.stderr)
         return 1
     store = LmdbQueue(path, min_free_disk=0)
     try:
-        action = {"list": _list, "show": _show, "stats": _stats}[args.queue_command]
         return action(store, args)
     finally:
         store.close_sync()
+
+
+def queue_main(args: argparse.Namespace) -> int:
+    if args.queue_command in _CONTROLS:
+        return _CONTROLS[args.queue_command](args)
+    if args.queue_command == "queues":
+        return _queues(args)
+    return _with_store(args, _READERS[args.queue_command])

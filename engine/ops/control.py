@@ -13,6 +13,9 @@ order, on a connection that stays open for more:
     {"command": "suspended"}  → {"ok": true, "destinations": ["example.com"]}
     {"command": "stats"}      → {"ok": true, "messages": 12, "delivered": 40, "sites": [...],
                                  "down": {...}, "suspended": [...], ...}  (stats_reply)
+    {"command": "queues"}     → {"ok": true, "taken": 1796000000.0, "queues": [{"destination":
+                                 "example.com", "state": "retry", "messages": 3, ...}]}
+                                 (engine.ops.views.QueueRow.to_json, one per next hop)
     anything wrong            → {"ok": false, "error": "unknown command \"x\"; one of ..."}
 
 A destination is named as the queue names it (``ferry queue list --destination``): a
@@ -44,6 +47,7 @@ from typing import Any, Final
 
 import orjson
 
+from engine.ops.views import queue_rows
 from engine.scheduler.scheduler import Scheduler
 from engine.scheduler.snapshot import SchedulerSnapshot
 
@@ -127,6 +131,7 @@ COMMANDS: Final[Mapping[str, _Command]] = {
     "resume": _Command("deliver a suspended destination's mail again", True),
     "suspended": _Command("list the suspended destinations"),
     "stats": _Command("queue and scheduler figures"),
+    "queues": _Command("the queues per next hop (Get-Queue)"),
 }
 
 
@@ -210,6 +215,7 @@ class ControlServer:
             "resume": self._resume,
             "suspended": self._suspended,
             "stats": self._stats,
+            "queues": self._queues,
         }
 
     async def start(self) -> None:
@@ -312,6 +318,14 @@ class ControlServer:
 
     async def _stats(self, request: Request) -> Reply:
         return stats_reply(self.scheduler.snapshot())
+
+    async def _queues(self, request: Request) -> Reply:
+        snap = self.scheduler.snapshot()
+        # It reads every queued record: in a thread, never on the event loop (LMDB readers
+        # do not block the writer).
+        view = await asyncio.get_running_loop().run_in_executor(
+            None, queue_rows, self.scheduler.store, snap)
+        return {"ok": True, "taken": snap.taken, "queues": [r.to_json() for r in view.rows]}
 
 
 def stats_reply(snap: SchedulerSnapshot) -> Reply:

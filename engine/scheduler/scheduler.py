@@ -56,7 +56,8 @@ from engine.queue.window import DueWindow
 from engine.routing.api import Route, RouteError, Router
 from engine.scheduler.notices import DelayNotices
 from engine.scheduler.policy import RETRY_JITTER, Limits, SiteLimits, Throttle, retry_delay
-from engine.scheduler.snapshot import DownSite, SchedulerSnapshot, SiteView
+from engine.scheduler.snapshot import DestinationView, DownSite, SchedulerSnapshot, SiteView
+from engine.scheduler.traffic import Traffic
 
 log = logging.getLogger("ferry.scheduler")
 
@@ -157,6 +158,13 @@ class Scheduler:
         #: site → until when it is left alone (outlives the site's workers and queue)
         self.down: dict[str, float] = {}
         self.delivered = 0
+        #: messages per minute in and out per destination, for the operator's view
+        self.traffic = Traffic()
+        self._traffic_swept = 0.0
+        #: destination → the reply of the temporary routing failure that deferred its
+        #: mail last (no send connector matches, DNS failed): Get-Queue's "unreachable";
+        #: dropped when a route is found again
+        self.unreachable: dict[str, str] = {}
         self._rnd = random.Random()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -172,7 +180,7 @@ class Scheduler:
 
     def start(self) -> None:
         # Suspensions outlive a restart: the set is kept with the queue (suspend/resume).
-        self.suspended |= _load_suspended(self.store)
+        self.suspended |= load_suspended(self.store)
         self._runner = asyncio.get_running_loop().create_task(self._run())
 
     def wake(self) -> None:
@@ -229,7 +237,20 @@ class Scheduler:
             paused=self.settings.paused, window=len(self.window), sites=tuple(sites),
             down=tuple(DownSite(name, until) for name, until in sorted(self.down.items())
                        if until > now),
-            suspended=tuple(sorted(self.suspended)), queue=self.store.stats)
+            suspended=tuple(sorted(self.suspended)), queue=self.store.stats,
+            destinations=self._destination_views(now))
+
+    def _destination_views(self, now: float) -> tuple[DestinationView, ...]:
+        self.traffic.sweep(now)
+        views = []
+        for name in sorted(set(self.traffic.counts) | set(self.unreachable)):
+            site = ""
+            with contextlib.suppress(RouteError):
+                route = self.router.resolve_cached(name)
+                site = route.site if route is not None else ""
+            views.append(DestinationView(name, site, *self.traffic.rates(name, now),
+                                         self.unreachable.get(name, "")))
+        return tuple(views)
 
     async def _save_suspended(self) -> None:
         await self.store.save_setting(SUSPENDED_SETTING, orjson.dumps(sorted(self.suspended)))
@@ -263,9 +284,12 @@ class Scheduler:
 
     async def _run(self) -> None:
         while not self._stopping:
+            now = time.time()
             if self.down:
-                now = time.time()
                 self.down = {site: until for site, until in self.down.items() if until > now}
+            if now - self._traffic_swept > 60.0:
+                self._traffic_swept = now
+                self.traffic.sweep(now)
             self._refill()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -280,8 +304,11 @@ class Scheduler:
         taken: dict[str, list[DueEntry]] = {}
         while (entry := self.window.take()) is not None:
             taken.setdefault(entry.next_hop, []).append(entry)
-        for destination, entries in taken.items():
-            self._take(destination, entries)
+        if taken:
+            now = time.time()
+            for destination, entries in taken.items():
+                self.traffic.came(destination, len(entries), now)
+                self._take(destination, entries)
 
     def _release(self, entry: DueEntry) -> None:
         """Free a group's window place outside a batch (nothing to record, or recorded on
@@ -332,12 +359,16 @@ class Scheduler:
                 self.destinations.pop(dest.name, None)
 
     def _unrouted(self, entries: list[DueEntry], exc: RouteError) -> None:
+        if not exc.permanent and entries:
+            self.unreachable[entries[0].next_hop] = _route_reply(exc)
         for entry in entries:
             self._spawn(self._fail_unrouted(entry, exc))
 
     def _place(self, entries: list[DueEntry], route: Route) -> None:
         """Queue groups at their route's site and staff it."""
         site = self._site(route, route.destination)
+        if self.unreachable and entries:
+            self.unreachable.pop(entries[0].next_hop, None)
         for entry in entries:
             site.jobs.append((entry, route))
         self._staff(site)
@@ -645,10 +676,12 @@ class Scheduler:
         lifetime_end = env.expires or env.arrival + self.settings.max_queue_lifetime
         # At most one delay notice per message; its flag rides on these outcomes.
         delays = self.delay_notices.items(env, results, lifetime_end, now)
+        finished = bool(results or expired)  # the group leaves its queue (the view's "out")
         for r in results:
             state, reply = r.state, r.reply
             due = 0.0
             if state is RcptState.DEFERRED:
+                finished = False
                 attempts = env.recipients[r.index].attempts + 1
                 due = now + retry_delay(attempts, self.settings, self._rnd)
                 if due >= lifetime_end:
@@ -669,6 +702,8 @@ class Scheduler:
                                     attempted=False))
             failures.append(Failure(index, "failed", "4.4.7", last, "", None))
         failures += delays
+        if finished:
+            self.traffic.left(entry.next_hop, now)
         new_messages = self._dsn(env, failures, now) if failures else []
         if new_messages:
             # Alone: a DSN adds bytes and may be refused (back pressure), which must fail
@@ -737,7 +772,7 @@ class Scheduler:
             env = self._load(entry)
             if env is None:
                 return
-            reply = f"{exc.code} {exc.enhanced} {exc.text}"
+            reply = _route_reply(exc)
             state = RcptState.FAILED if exc.permanent else RcptState.DEFERRED
             batched = await self._finish(
                 entry, env,
@@ -761,7 +796,14 @@ class Scheduler:
             self._release(entry)
 
 
-def _load_suspended(store: QueueStore) -> set[str]:
+def _route_reply(exc: RouteError) -> str:
+    """A routing failure as recorded for the recipients it fails or defers."""
+    return f"{exc.code} {exc.enhanced} {exc.text}"
+
+
+def load_suspended(store: QueueStore) -> set[str]:
+    """The suspended destinations saved with the queue (read by the viewer too, with no
+    server running)."""
     raw = store.setting(SUSPENDED_SETTING)
     if raw is None:
         return set()

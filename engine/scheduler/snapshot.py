@@ -38,6 +38,22 @@ class DownSite:
 
 
 @dataclass(frozen=True, slots=True)
+class DestinationView:
+    """A destination (a next hop as the queue names it) the scheduler handled lately."""
+
+    name: str
+    #: the site its route goes to now; "" when the route is not known without a lookup
+    site: str
+    #: groups (a message's recipients for it) per minute that came due and joined its
+    #: queue (new mail and retries), and that left it final (delivered or failed)
+    in_per_minute: float
+    out_per_minute: float
+    #: the routing failure that deferred its mail last ("451 4.4.4 ..."); "" once a
+    #: route was found again
+    unreachable: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class SchedulerSnapshot:
     #: when it was taken (epoch seconds)
     taken: float
@@ -57,3 +73,5 @@ class SchedulerSnapshot:
     suspended: tuple[str, ...]
     #: the queue writer's figures
     queue: QueueStats
+    #: destinations with traffic in the last two minutes or a routing failure, by name
+    destinations: tuple[DestinationView, ...] = ()

@@ -52,9 +52,9 @@ def test_good_requests(line: bytes, parsed: Request) -> None:
     (b'{"command": "suspend"', "not JSON"),
     (b"[1, 2]", "must be a JSON object"),
     (b'"stats"', "must be a JSON object"),
-    (b"{}", '"command" (a string) is required; one of resume, stats, suspend, suspended'),
+    (b"{}", '"command" (a string) is required; one of queues, resume, stats, suspend, suspended'),
     (b'{"command": 5}', '"command" (a string) is required'),
-    (b'{"command": "flush"}', 'unknown command "flush"; one of resume, stats'),
+    (b'{"command": "flush"}', 'unknown command "flush"; one of queues, resume'),
     (b'{"command": "suspend"}', 'suspend: "destination" is required'),
     (b'{"command": "suspend", "destination": 5}', '"destination" must be a string'),
     (b'{"command": "suspend", "destination": "  "}', "must not be empty"),
@@ -84,6 +84,6 @@ def test_replies_are_one_line_each() -> None:
 
 
 def test_every_command_is_documented_with_a_help_text() -> None:
-    assert set(COMMANDS) == {"suspend", "resume", "suspended", "stats"}
+    assert set(COMMANDS) == {"suspend", "resume", "suspended", "stats", "queues"}
     assert all(spec.help for spec in COMMANDS.values())
     assert MAX_REQUEST >= 1024

@@ -1,0 +1,75 @@
+"""Messages per minute in and out of each destination's queue, for the operator's view
+(``ferry queue queues``, Exchange's IncomingRate / OutgoingRate).
+
+Two counters per direction and destination (this minute and the one before), not a list
+of events: counting costs a dict lookup and an addition, and the memory stays one small
+object per destination seen in the last two minutes (:meth:`Traffic.sweep` drops the
+rest).  The rate is a sliding minute: the whole current minute and the part of the
+previous one that still falls in the last 60 seconds.
+
+It must never decide anything about delivery; the scheduler only counts into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Seconds per counting bucket (the rates are per minute).
+MINUTE = 60.0
+
+
+@dataclass(slots=True)
+class _Counts:
+    minute: int = 0
+    in_now: int = 0
+    in_before: int = 0
+    out_now: int = 0
+    out_before: int = 0
+
+    def roll(self, minute: int) -> None:
+        if minute == self.minute:
+            return
+        last = minute == self.minute + 1
+        self.in_before = self.in_now if last else 0
+        self.out_before = self.out_now if last else 0
+        self.in_now = self.out_now = 0
+        self.minute = minute
+
+
+class Traffic:
+    """Per-destination counts of groups that joined its queue (``came``) and left it final
+    (``left``)."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[str, _Counts] = {}
+
+    def _at(self, destination: str, now: float) -> _Counts:
+        c = self.counts.get(destination)
+        if c is None:
+            c = self.counts[destination] = _Counts(int(now // MINUTE))
+        else:
+            c.roll(int(now // MINUTE))
+        return c
+
+    def came(self, destination: str, n: int, now: float) -> None:
+        self._at(destination, now).in_now += n
+
+    def left(self, destination: str, now: float) -> None:
+        self._at(destination, now).out_now += 1
+
+    def rates(self, destination: str, now: float) -> tuple[float, float]:
+        """Messages per minute in and out over the last 60 seconds."""
+        c = self.counts.get(destination)
+        if c is None:
+            return 0.0, 0.0
+        c.roll(int(now // MINUTE))
+        share = 1.0 - (now % MINUTE) / MINUTE  # of the previous minute still in the window
+        return (round(c.in_now + c.in_before * share, 1),
+                round(c.out_now + c.out_before * share, 1))
+
+    def sweep(self, now: float) -> None:
+        """Forget destinations with nothing counted in this minute or the one before."""
+        minute = int(now // MINUTE)
+        self.counts = {d: c for d, c in self.counts.items() if c.minute >= minute - 1}
