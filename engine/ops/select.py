@@ -130,7 +130,7 @@ class Filter:
     def matches(self, env: Envelope, now: float) -> bool:
         if self.sender is not None and not _matches_address(self.sender, env.sender):
             return False
-        if self.older_than is not None and env.arrival > now - self.older_than:
+        if self.older_than is not None and env.arrival >= now - self.older_than:
             return False
         if self.larger_than is not None and env.size <= self.larger_than:
             return False

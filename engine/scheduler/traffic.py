@@ -62,10 +62,12 @@ class Traffic:
     def rates(self, destination: str, now: float) -> tuple[float, float]:
         """Messages per minute in and out over the last 60 seconds."""
         c = self.counts.get(destination)
-        if c is None:
+        minute = int(now // MINUTE)
+        if c is None or c.minute < minute - 1:
             return 0.0, 0.0
-        c.roll(int(now // MINUTE))
         share = 1.0 - (now % MINUTE) / MINUTE  # of the previous minute still in the window
+        if c.minute == minute - 1:  # nothing counted yet this minute
+            return round(c.in_now * share, 1), round(c.out_now * share, 1)
         return (round(c.in_now + c.in_before * share, 1),
                 round(c.out_now + c.out_before * share, 1))
 
