@@ -96,6 +96,14 @@ def _matches_address(want: str, address: str) -> bool:
     return address.rpartition("@")[2] == want.lstrip("@").rstrip(".")
 
 
+def destination_name(text: str) -> str:
+    """A destination as the queue records it (``Router.destination``, without the
+    configuration: the operator names a local domain as local:<domain>): lower case, no
+    trailing dot, an IPv6 literal's tag as RFC 5321 §4.1.3 spells it."""
+    name = text.strip().lower().rstrip(".")
+    return "[IPv6:" + name[6:] if name.startswith("[ipv6:") else name
+
+
 @dataclass(frozen=True, slots=True)
 class Filter:
     """The filters; None (or an empty Filter) matches every queued message."""
@@ -114,8 +122,7 @@ class Filter:
         return cls(
             sender=_address(args.sender) if args.sender is not None else None,
             recipient=_address(args.recipient) if args.recipient is not None else None,
-            destination=(args.destination.strip().lower().rstrip(".")
-                         if args.destination else None),
+            destination=destination_name(args.destination) if args.destination else None,
             state=args.state, older_than=args.older_than, larger_than=args.larger_than,
             error=args.error.lower() if args.error else None)
 
@@ -142,7 +149,7 @@ class Filter:
                 return False
         elif r.state in FINAL_STATES:
             return False  # a listing is of what waits; --state delivered shows the rest
-        if self.destination is not None and r.next_hop.lower() != self.destination:
+        if self.destination is not None and r.next_hop != self.destination:
             return False
         if self.recipient is not None and not _matches_address(self.recipient, r.address):
             return False

@@ -158,13 +158,10 @@ class Scheduler:
         #: site → until when it is left alone (outlives the site's workers and queue)
         self.down: dict[str, float] = {}
         self.delivered = 0
-        #: messages per minute in and out per destination, for the operator's view
+        #: messages per minute in and out per destination, and the destinations that could
+        #: not be routed lately, for the operator's view (engine.scheduler.traffic)
         self.traffic = Traffic()
         self._traffic_swept = 0.0
-        #: destination → the reply of the temporary routing failure that deferred its
-        #: mail last (no send connector matches, DNS failed): Get-Queue's "unreachable";
-        #: dropped when a route is found again
-        self.unreachable: dict[str, str] = {}
         self._rnd = random.Random()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -241,16 +238,22 @@ class Scheduler:
             destinations=self._destination_views(now))
 
     def _destination_views(self, now: float) -> tuple[DestinationView, ...]:
-        self.traffic.sweep(now)
+        traffic = self._sweep_traffic(now)
         views = []
-        for name in sorted(set(self.traffic.counts) | set(self.unreachable)):
+        for name in sorted(set(traffic.counts) | set(traffic.unreachable)):
             site = ""
             with contextlib.suppress(RouteError):
                 route = self.router.resolve_cached(name)
                 site = route.site if route is not None else ""
-            views.append(DestinationView(name, site, *self.traffic.rates(name, now),
-                                         self.unreachable.get(name, "")))
+            views.append(DestinationView(name, site, *traffic.rates(name, now),
+                                         traffic.unreachable.get(name, ("", 0.0))[0]))
         return tuple(views)
+
+    def _sweep_traffic(self, now: float) -> Traffic:
+        # Mail that waits is retried within the longest retry interval (plus its jitter).
+        self._traffic_swept = now
+        self.traffic.sweep(now, self.settings.max_retry_interval * (1 + 2 * RETRY_JITTER))
+        return self.traffic
 
     async def _save_suspended(self) -> None:
         await self.store.save_setting(SUSPENDED_SETTING, orjson.dumps(sorted(self.suspended)))
@@ -288,8 +291,7 @@ class Scheduler:
             if self.down:
                 self.down = {site: until for site, until in self.down.items() if until > now}
             if now - self._traffic_swept > 60.0:
-                self._traffic_swept = now
-                self.traffic.sweep(now)
+                self._sweep_traffic(now)
             self._refill()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -359,16 +361,19 @@ class Scheduler:
                 self.destinations.pop(dest.name, None)
 
     def _unrouted(self, entries: list[DueEntry], exc: RouteError) -> None:
-        if not exc.permanent and entries:
-            self.unreachable[entries[0].next_hop] = _route_reply(exc)
+        if entries:
+            if exc.permanent:
+                self.traffic.routed(entries[0].next_hop)  # failed for good: nothing waits
+            else:
+                self.traffic.unroutable(entries[0].next_hop, _route_reply(exc), time.time())
         for entry in entries:
             self._spawn(self._fail_unrouted(entry, exc))
 
     def _place(self, entries: list[DueEntry], route: Route) -> None:
         """Queue groups at their route's site and staff it."""
         site = self._site(route, route.destination)
-        if self.unreachable and entries:
-            self.unreachable.pop(entries[0].next_hop, None)
+        if entries:
+            self.traffic.routed(entries[0].next_hop)
         for entry in entries:
             site.jobs.append((entry, route))
         self._staff(site)

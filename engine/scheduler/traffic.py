@@ -1,5 +1,7 @@
-"""Messages per minute in and out of each destination's queue, for the operator's view
-(``ferry queue queues``, Exchange's IncomingRate / OutgoingRate).
+"""What the operator's view of the queues needs from the scheduler beyond its queues:
+messages per minute in and out of each destination's queue (``ferry queue queues``,
+Exchange's IncomingRate / OutgoingRate), and the destinations it could not route lately
+(Get-Queue's "unreachable").
 
 Two counters per direction and destination (this minute and the one before), not a list
 of events: counting costs a dict lookup and an addition, and the memory stays one small
@@ -38,12 +40,22 @@ class _Counts:
 
 class Traffic:
     """Per-destination counts of groups that joined its queue (``came``) and left it final
-    (``left``)."""
+    (``left``), and the destinations whose routing failed for now (``unroutable``) until a
+    route is found (``routed``)."""
 
-    __slots__ = ("counts",)
+    __slots__ = ("counts", "unreachable")
 
     def __init__(self) -> None:
         self.counts: dict[str, _Counts] = {}
+        #: destination → (the routing failure's reply, when)
+        self.unreachable: dict[str, tuple[str, float]] = {}
+
+    def unroutable(self, destination: str, reply: str, now: float) -> None:
+        self.unreachable[destination] = (reply, now)
+
+    def routed(self, destination: str) -> None:
+        if self.unreachable:
+            self.unreachable.pop(destination, None)
 
     def _at(self, destination: str, now: float) -> _Counts:
         c = self.counts.get(destination)
@@ -71,7 +83,11 @@ class Traffic:
         return (round(c.in_now + c.in_before * share, 1),
                 round(c.out_now + c.out_before * share, 1))
 
-    def sweep(self, now: float) -> None:
-        """Forget destinations with nothing counted in this minute or the one before."""
+    def sweep(self, now: float, stale: float) -> None:
+        """Forget destinations with nothing counted in this minute or the one before, and
+        routing failures older than ``stale`` seconds (mail that waits is tried again
+        sooner, and marked again: an older mark is for mail that is gone)."""
         minute = int(now // MINUTE)
         self.counts = {d: c for d, c in self.counts.items() if c.minute >= minute - 1}
+        self.unreachable = {d: (reply, when) for d, (reply, when) in self.unreachable.items()
+                            if when > now - stale}

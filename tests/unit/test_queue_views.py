@@ -27,8 +27,21 @@ def test_traffic_is_a_sliding_minute() -> None:
     assert t.rates("a.test", 800.0) == (0.0, 0.0)
     assert t.rates("never.test", 800.0) == (0.0, 0.0)
     t.came("b.test", 1, 800.0)
-    t.sweep(800.0)
+    t.sweep(800.0, 3600.0)
     assert set(t.counts) == {"b.test"}
+
+
+def test_unreachable_marks_last_until_routed_or_stale() -> None:
+    t = Traffic()
+    t.unroutable("lost.test", "451 4.4.4 no route", 100.0)
+    t.unroutable("gone.test", "451 4.4.3 DNS", 100.0)
+    t.routed("gone.test")
+    t.routed("never.test")
+    assert t.unreachable == {"lost.test": ("451 4.4.4 no route", 100.0)}
+    t.sweep(1000.0, 1000.0)
+    assert "lost.test" in t.unreachable
+    t.sweep(1100.0, 1000.0)
+    assert t.unreachable == {}
 
 
 def test_traffic_forgets_a_minute_that_is_not_the_last() -> None:
@@ -69,6 +82,13 @@ def test_recipient_filters_hold_for_one_recipient() -> None:
     assert not parse("--recipient", "bob@x.test", "--state", "deferred").matches(env, 2000.0)
     assert parse("--recipient", "y.test", "--error", "LATER").matches(env, 2000.0)
     assert not parse("--destination", "x.test", "--error", "later").matches(env, 2000.0)
+
+
+def test_destinations_are_named_as_the_queue_names_them() -> None:
+    env = envelope(Recipient("a@[IPv6:::1]", "[IPv6:::1]"), Recipient("b@x.test", "x.test"))
+    assert parse("--destination", "[ipv6:::1]").matches(env, 2000.0)
+    assert parse("--destination", "X.Test.").matches(env, 2000.0)
+    assert not parse("--destination", "local:x.test").matches(env, 2000.0)
 
 
 def test_message_filters() -> None:
