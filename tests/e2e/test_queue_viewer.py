@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import smtplib
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -94,7 +95,9 @@ def test_viewer_against_a_running_server_then_on_the_stopped_spool(
                 want = {"slow.test": "retry", "broken.test": "unreachable",
                         "hold.test": "suspended"}
                 ok = all(rows.get(d, {}).get("state") == s for d, s in want.items())
-                return rows if ok else None
+                # erin's delivery committed: gone from the queue, seen by the server
+                gone = rows.get("ok.test", {}).get("messages") == 0
+                return rows if ok and gone else None
 
             rows = wait_for(settled, what="the queues to settle")
             slow = rows["slow.test"]
@@ -116,7 +119,9 @@ def test_viewer_against_a_running_server_then_on_the_stopped_spool(
             line = next(ln for ln in table.stdout.splitlines() if ln.startswith("slow.test"))
             assert " retry " in line and GREYLISTED in line and "(in " in line
 
-            # list, show and export read the spool while the server runs.
+            # stats, list, show and export read the spool while the server runs.
+            live = orjson.loads(ferry_queue(spool, "stats", "--json").stdout)
+            assert live["messages"] == 3 and live["states"]["suspended"] == 1
             (found,) = listed(spool, "--recipient", "bob@slow.test")
             assert found["id"] == late and found["state"] == "deferred"
             shown = ferry_queue(spool, "show", late)
@@ -158,8 +163,6 @@ def test_viewer_against_a_running_server_then_on_the_stopped_spool(
 
 
 def ferry_queue_bytes(spool: Path, *args: str) -> bytes:
-    import sys
-
     out = subprocess.run([sys.executable, "-m", "engine", "queue", "--spool", str(spool),
                           *args], capture_output=True, timeout=60)
     assert out.returncode == 0, out.stderr
