@@ -229,7 +229,8 @@ def select(store: QueueStore, filt: Filter | None = None, limit: int | None = No
             except KeyError:
                 continue
             except RecordError as exc:
-                found.corrupt.append((qid, str(exc)))
+                found.corrupt.append((qid, str(exc)))  # listed (and counted), never hidden
+                found.total += 1
                 continue
             if filt.matches(env, now):
                 found.envelopes.append(env)

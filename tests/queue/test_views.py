@@ -3,6 +3,7 @@ snapshot as the plain value the running server hands over."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from engine.queue.api import Outcome, QueueStats
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import Envelope, RcptState, Recipient
 from engine.scheduler.snapshot import DestinationView, DownSite, SchedulerSnapshot, SiteView
+from tests.queue.test_lmdb_store import corrupt_record
 
 NOW = time.time()
 
@@ -93,3 +95,24 @@ def test_a_route_found_again_is_not_unreachable(store: LmdbQueue) -> None:
     snap = snapshot(destinations=(DestinationView("back.test", "mx:back", 1.0, 0.0),))
     (row,) = queue_rows(store, snap, now=NOW).rows
     assert row.state == "retry"
+
+
+def test_a_corrupt_record_is_listed_and_counted_never_hidden(tmp_path: Path) -> None:
+    store = LmdbQueue(tmp_path / "queue", min_free_disk=0)
+    good, bad = put(store, "d.test"), put(store, "d.test")
+    store.close_sync()
+    corrupt_record(tmp_path / "queue", bad, b"{not json")
+    store = LmdbQueue(tmp_path / "queue", min_free_disk=0)
+    try:
+        found = select(store, Filter(destination="d.test"))
+        assert [e.queue_id for e in found.envelopes] == [good]
+        assert [q for q, _ in found.corrupt] == [bad] and found.total == 2
+        asyncio.run(store.quarantine(bad, "did not decode"))
+        corrupt = select(store, Filter(state="corrupt"))
+        assert [q for q, _ in corrupt.corrupt] == [bad] and corrupt.total == 1
+        assert corrupt.envelopes == []
+        assert select_ids(store, Filter(state="corrupt")) == [bad]
+        # A filter that needs the record cannot match one that does not decode.
+        assert select(store, Filter(sender="a@app.test")).total == 1
+    finally:
+        store.close_sync()
