@@ -57,19 +57,30 @@ class Traffic:
         if self.unreachable:
             self.unreachable.pop(destination, None)
 
-    def _at(self, destination: str, now: float) -> _Counts:
+    def _at(self, destination: str, minute: int) -> _Counts:
         c = self.counts.get(destination)
         if c is None:
-            c = self.counts[destination] = _Counts(int(now // MINUTE))
+            c = self.counts[destination] = _Counts(minute)
         else:
-            c.roll(int(now // MINUTE))
+            c.roll(minute)
         return c
 
+    # came() and left() run per group on the delivery path: the common case (the bucket of
+    # this minute exists) is one dict lookup and one addition.
+
     def came(self, destination: str, n: int, now: float) -> None:
-        self._at(destination, now).in_now += n
+        minute = int(now // MINUTE)
+        c = self.counts.get(destination)
+        if c is None or c.minute != minute:
+            c = self._at(destination, minute)
+        c.in_now += n
 
     def left(self, destination: str, now: float) -> None:
-        self._at(destination, now).out_now += 1
+        minute = int(now // MINUTE)
+        c = self.counts.get(destination)
+        if c is None or c.minute != minute:
+            c = self._at(destination, minute)
+        c.out_now += 1
 
     def rates(self, destination: str, now: float) -> tuple[float, float]:
         """Messages per minute in and out over the last 60 seconds."""
