@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import orjson
 
 from engine.ops import control
@@ -297,7 +298,12 @@ def _with_store(args: argparse.Namespace,
     if not (path / "data.mdb").exists():
         print(f"ferry queue: no queue database in {path}", file=sys.stderr)
         return 1
-    store = LmdbQueue(path, min_free_disk=0)
+    try:
+        store = LmdbQueue(path, min_free_disk=0)
+    except (OSError, lmdb.Error) as exc:  # not readable by this user, a damaged file
+        print(f"ferry queue: cannot open the queue database in {path}: {exc}",
+              file=sys.stderr)
+        return 1
     try:
         return action(store, args)
     finally:

@@ -263,3 +263,11 @@ def test_show_json_stats_json_and_a_missing_message(
     for verb in ("show", "export"):
         missing = ferry_queue(spool, verb, "00" * 12)
         assert missing.returncode == 1 and "no message" in missing.stderr
+
+
+def test_a_damaged_queue_database_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "queue").mkdir()
+    (tmp_path / "queue" / "data.mdb").write_bytes(b"not an LMDB file\n" * 100)
+    out = ferry_queue(tmp_path, "list")
+    assert out.returncode == 1 and out.stdout == ""
+    assert "cannot open the queue database" in out.stderr and "Traceback" not in out.stderr
