@@ -31,9 +31,6 @@ _MESSAGE_STATES = ("poison", "held", "suspended", "deferred", "pending", "failed
 #: "directory server failure" (the DNS, a smarthost name that does not resolve).
 _ROUTING_FAILURE = re.compile(r"4\d\d 4\.4\.[34] ")
 
-#: The queue states, as Get-Queue shows them.
-QUEUE_STATES = ("active", "ready", "retry", "suspended", "down", "unreachable")
-
 
 def _when(epoch: float) -> str | None:
     return iso_time(epoch) if epoch else None
