@@ -202,10 +202,32 @@ def _finite(value: object) -> float | None:
     return None
 
 
-def _seconds(value: object) -> float:
+#: A duration's units, as sizes have theirs: "30s", "5m", "4h", "5d", "1w", or several
+#: of them in a row ("1h30m"); a plain number is seconds.
+_SPAN = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+_SPAN_UNITS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_USAGE: Final = 'or a duration such as "30s", "5m", "4h", "5d"'
+
+
+def _duration(value: object) -> float | None:
+    """Seconds from a TOML number or a duration string ("5m", "1h30m"), else None."""
     number = _finite(value)
+    if number is not None or not isinstance(value, str):
+        return number
+    text = value.replace(" ", "").lower()
+    parts = _SPAN.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    if len(parts) > 1 and not all(u for _, u in parts):
+        return None  # "1h30" is ambiguous: 30 what?
+    return float(sum(Decimal(n) * _SPAN_UNITS[u] for n, u in parts))
+
+
+def _seconds(value: object) -> float:
+    number = _duration(value)
     if number is None or number <= 0:
-        raise _Invalid(f"must be a positive number of seconds (got {_show(value)})")
+        raise _Invalid(f"must be a positive number of seconds {_DURATION_USAGE} "
+                       f"(got {_show(value)})")
     return number
 
 
@@ -217,6 +239,14 @@ def _zero_or_more(unit: str) -> Callable[[object], float]:
         return number
 
     return check
+
+
+def _seconds_or_off(value: object) -> float:
+    number = _duration(value)
+    if number is None or number < 0:
+        raise _Invalid(f"must be a number of seconds, 0 or more, {_DURATION_USAGE} "
+                       f"(got {_show(value)})")
+    return number
 
 
 def _bool(value: object) -> bool:
@@ -559,7 +589,7 @@ def _users(value: object) -> Mapping[str, str]:
             bad.append(
                 (
                     (user,),
-                    "must be a password hash made by hash_password "
+                    "must be a password hash made by `ferry passwd` "
                     '("scrypt$..."), never a plain password',
                 )
             )
@@ -678,7 +708,7 @@ def _after(check: Callable[[Any], list[tuple[_Loc, str]]]) -> AfterValidator:
 _PosInt = Annotated[int, _v(_positive_int)]
 _Size = Annotated[int, _v(_positive_size)]
 _Seconds = Annotated[float, _v(_seconds)]
-_SecondsOrOff = Annotated[float, _v(_zero_or_more("seconds"))]
+_SecondsOrOff = Annotated[float, _v(_seconds_or_off)]
 _RateOrOff = Annotated[float, _v(_zero_or_more("messages per second"))]
 _Bool = Annotated[bool, _v(_bool)]
 _Networks = Annotated[tuple[Network, ...], _v(_networks)]
