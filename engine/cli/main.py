@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import sys
 from collections.abc import Sequence
 
 from engine import __version__, _speedups
-from engine.cli import queue
+from engine.cli import config, queue
+from engine.cli.common import add_key_flags, load_from_args, spool_from
 
 
 def version_text() -> str:
@@ -43,39 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help="run the MTA (an embedded default when no --config is given)",
         description="Run Ferry. Flags override the configuration file.")
-    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    serve.add_argument("--listen", metavar="HOST:PORT", action="append", default=[],
-                       help="listen address of the first receive connector (repeatable)")
-    serve.add_argument("--spool", metavar="DIR", help="spool directory (queue, logs)")
-    serve.add_argument("--relay-from", metavar="CIDR", action="append", default=[],
-                       help="clients allowed to relay without AUTH (repeatable)")
-    serve.add_argument("--accept-domain", metavar="DOMAIN", action="append", default=[],
-                       help="accept mail for this domain from anyone (repeatable)")
-    serve.add_argument("--smarthost", metavar="HOST:PORT", help="route all outbound mail here")
-    serve.add_argument("--hostname", metavar="NAME", help="this server's name (greeting, "
-                       "Received fields)")
-    serve.add_argument("--dns", metavar="HOST:PORT", help="resolve with this nameserver")
-    serve.add_argument("--mx-port", metavar="PORT",
-                       help="connect to MX hosts on this port instead of 25")
-    serve.add_argument("--max-per-domain", metavar="N",
-                       help="default concurrent connections per destination")
-    serve.add_argument("--retry-interval", metavar="SECONDS",
-                       help="first retry delay; the backoff grows from it")
-    serve.add_argument("--log-level", metavar="LEVEL",
-                       help="debug, info, warning or error (default: [log] level, info)")
+    add_key_flags(serve)
     commands.add_parser("passwd", help="print a password hash for the [users] table",
                         add_help=False)
     queue.add_parser(commands)
+    config.add_parser(commands)
     return parser
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from engine.config import FLAGS, ConfigError, load_config
+    from engine.config import ConfigError
+    from engine.ops.preflight import check_files
 
-    # Every flag but --config sets a configuration key: its value is checked there.
-    given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in FLAGS}
     try:
-        config = load_config(args.config, {k: v for k, v in given.items() if v not in (None, [])})
+        config = load_from_args(args)
+        check_files(config)  # before the queue opens: certificates, spool (engine.ops.preflight)
     except ConfigError as exc:
         print(f"ferry: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -94,7 +78,22 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one command; output to a closed pipe (``ferry queue list | head``) ends quietly."""
+    try:
+        try:
+            code = _dispatch(list(sys.argv[1:] if argv is None else argv))
+        finally:  # also after --help and --version (SystemExit): fail here, not at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's advice (signal module docs, "Note on SIGPIPE"): point stdout at
+        # /dev/null so the interpreter's own flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe stopped
+    return code
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["passwd"]:
         from engine.server.auth import passwd_main
 
@@ -104,7 +103,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return run_serve(args)
     if args.command == "queue":
+        from engine.config import ConfigError
+
+        try:
+            args.spool = str(spool_from(args))
+        except ConfigError as exc:
+            print(f"ferry: configuration error: {exc}", file=sys.stderr)
+            return 2
         return queue.queue_main(args)
+    if args.command == "config":
+        return config.config_main(args)
     parser.print_help()
     return 2
 

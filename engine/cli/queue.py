@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from engine.cli.common import add_config_argument, add_spool_argument
 from engine.ops import control
 from engine.queue.api import QueueStore
 from engine.queue.lmdb_store import LmdbQueue
@@ -29,8 +30,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "queue", help="look at the queue (list, show, stats); suspend and resume destinations",
         description="The queue viewer (list, show, stats: they change nothing) and the "
         "controls of a running ferry serve (suspend, resume, suspended).")
-    queue.add_argument("--spool", metavar="DIR", default="./ferry-spool",
-                       help="spool directory (default ./ferry-spool)")
+    add_config_argument(queue)
+    add_spool_argument(queue)  # engine.cli.main resolves it (spool_from) before queue_main
     sub = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
     lister = sub.add_parser("list", help="queued messages, oldest first")
     lister.add_argument("--state", choices=STATES, help="only messages with a recipient "
