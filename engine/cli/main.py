@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from engine import __version__, _speedups
 from engine.cli import config, queue
 from engine.cli.common import add_key_flags, load_from_args, spool_from
+from engine.server.auth import PASSWD_DESCRIPTION, add_passwd_arguments
 
 
 def version_text() -> str:
@@ -46,11 +47,39 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the MTA (an embedded default when no --config is given)",
         description="Run Ferry. Flags override the configuration file.")
     add_key_flags(serve)
-    commands.add_parser("passwd", help="print a password hash for the [users] table",
-                        add_help=False)
+    passwd = commands.add_parser("passwd", help="print a password hash for the [users] table",
+                                 description=PASSWD_DESCRIPTION)
+    add_passwd_arguments(passwd)
     queue.add_parser(commands)
     config.add_parser(commands)
+    man = commands.add_parser(
+        "man", help="print a manual page (roff), or write them all",
+        description="Print the manual page of ferry or of one of its commands, in roff "
+        "(man -l - reads it), or write every page into a directory.")
+    page = man.add_argument("page", metavar="COMMAND", nargs="?",
+                            help="the command whose page to print (default: ferry's own)")
+    man.add_argument("--write", metavar="DIR", help="write ferry.1 and ferry-COMMAND.1 for "
+                     "every command into DIR instead")
+    completion = commands.add_parser(
+        "completion", help="print a shell completion script (bash or zsh)",
+        description="Print a completion script for ferry: source <(ferry completion bash), "
+        "or save the zsh one as _ferry in a directory of $fpath.")
+    completion.add_argument("shell", choices=("bash", "zsh"), help="the shell")
+    page.choices = list(commands.choices)  # every command, this one and those after it too
     return parser
+
+
+def run_man(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engine.cli import manpage
+
+    if args.write:
+        for path in manpage.write_pages(parser, Path(args.write)):
+            print(path)
+        return 0
+    print(manpage.page(parser, args.page), end="")
+    return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -113,6 +142,13 @@ def _dispatch(argv: list[str]) -> int:
         return queue.queue_main(args)
     if args.command == "config":
         return config.config_main(args)
+    if args.command == "man":
+        return run_man(parser, args)
+    if args.command == "completion":
+        from engine.cli.completion import script
+
+        print(script(parser, args.shell), end="")
+        return 0
     parser.print_help()
     return 2
 
