@@ -29,7 +29,7 @@ component is handed the dataclass: a [[receive]] key is ``SmtpSession.config.<ke
 [delivery] key ``Scheduler.settings.<key>``).  A check of several keys of one table goes
 in that table's ``_check_*`` function, one across tables in :func:`_check_config`.  A new
 table is a dataclass, a field of its parent and a row of :data:`TABLES`; a new flag is an
-argparse line (engine.cli.main) and a row of :data:`FLAGS`.
+argparse line (engine.cli.common.add_key_flags) and a row of :data:`FLAGS`.
 ``tests/integration/test_config_seam.py`` fails until the key is documented and read.
 
 It must never open sockets, create the spool, start anything or import the engine's other

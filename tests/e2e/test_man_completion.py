@@ -124,3 +124,26 @@ def test_zsh_completion(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert "_bash_complete" in run.stdout or "_ferry" in run.stdout
+
+
+@pytest.mark.parametrize("path", [["serve"], ["config", "check"], ["config", "show"]])
+def test_key_flags_are_exactly_the_config_flags(path: list[str]) -> None:
+    from engine.config import FLAGS
+
+    parser = build_parser()
+    for name in path:
+        parser = dict((n, p) for n, _, p in subcommands(parser))[name]
+    flags = {f for action in options(parser) for f in action.option_strings}
+    assert flags - {"-h", "--help", "--config", "--json"} == set(FLAGS)
+
+
+# passwd reads no configuration (a hash does not depend on it); man and completion read
+# only the parser.
+@pytest.mark.parametrize("command", [c for c in COMMANDS
+                                     if c not in ("passwd", "man", "completion")])
+def test_every_command_takes_config(command: str) -> None:
+    parser = dict((n, p) for n, _, p in subcommands(build_parser()))[command]
+    own = {f for action in options(parser) for f in action.option_strings}
+    actions = [{f for a in options(p) for f in a.option_strings}
+               for _, _, p in subcommands(parser)]
+    assert "--config" in own or (actions and all("--config" in a for a in actions))
