@@ -28,8 +28,6 @@ from engine.config import Config, ConfigError
 #: loads again (with the secrets to fill in).
 MASKED_HASH = "scrypt$(masked)"
 MASKED = "(masked)"
-#: Keys whose values are secrets wherever they appear.
-SECRET_KEYS = frozenset({"auth_password"})
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,14 +58,13 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _plain(value: object, key: str = "") -> Any:
+def _plain(value: object) -> Any:
     """The value as the file would write it (strings, numbers, arrays, tables)."""
-    if key in SECRET_KEYS and value:
-        return MASKED
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         # None and "" mean "not set" (derived or off); TOML has no null, and the keys'
-        # checkers refuse "", so they are left out as a file would leave them out.
-        return {f.name: _plain(getattr(value, f.name), f.name)
+        # checkers refuse "", so they are left out as a file would leave them out.  A
+        # secret is declared with repr=False (engine.config: auth_password): masked.
+        return {f.name: _plain(getattr(value, f.name)) if f.repr else MASKED
                 for f in dataclasses.fields(value) if getattr(value, f.name) not in (None, "")}
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
