@@ -51,7 +51,7 @@ import re
 import socket
 import string
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -83,6 +83,7 @@ __all__ = [
     "ReceiveConfig",
     "SendConfig",
     "load_config",
+    "name_flags",
     "parse_hostport",
     "parse_size",
 ]
@@ -1247,6 +1248,19 @@ def _line(loc: _Loc, message: str, origins: Mapping[_Loc, str]) -> str:
         return message
     flag = next((f for at, f in origins.items() if loc[: len(at)] == at), None)
     return f"{_dotted(loc)}{f' ({flag})' if flag else ''}: {message}"
+
+
+def name_flags(lines: Sequence[str], flags: Iterable[str]) -> list[str]:
+    """Problem lines of checks made after loading ("spool: ..."), with the flag that set
+    the key named as :func:`load_config` names it ("spool (--spool): ...")."""
+    keys = {_dotted(FLAGS[flag]): flag for flag in flags}
+    out: list[str] = []
+    for line in lines:
+        key, sep, rest = line.partition(": ")
+        flag = next((f for k, f in keys.items()
+                     if key == k or key.startswith((f"{k}.", f"{k}["))), None)
+        out.append(f"{key} ({flag}): {rest}" if flag and sep else line)
+    return out
 
 
 # --- loading ------------------------------------------------------------------------------

@@ -73,10 +73,17 @@ def add_key_flags(parser: argparse.ArgumentParser) -> None:
                         help="debug, info, warning or error (default: [log] level, info)")
 
 
-def load_from_args(args: argparse.Namespace) -> Config:
-    """The configuration from ``--config`` and the key flags given; ConfigError if bad."""
-    from engine.config import FLAGS, load_config
+def flags_from(args: argparse.Namespace) -> dict[str, object]:
+    """The key flags given on the command line, by name (``engine.config.FLAGS``)."""
+    from engine.config import FLAGS
 
     # Every flag but --config sets a configuration key: its value is checked there.
     given = {flag: getattr(args, flag[2:].replace("-", "_"), None) for flag in FLAGS}
-    return load_config(args.config, {k: v for k, v in given.items() if v not in (None, [])})
+    return {k: v for k, v in given.items() if v not in (None, [])}
+
+
+def load_from_args(args: argparse.Namespace) -> Config:
+    """The configuration from ``--config`` and the key flags given; ConfigError if bad."""
+    from engine.config import load_config
+
+    return load_config(args.config, flags_from(args))

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engine.cli.common import add_key_flags, load_from_args
-from engine.config import Config, ConfigError
+from engine.cli.common import add_key_flags, flags_from, load_from_args
+from engine.config import Config, ConfigError, name_flags
 
 #: What a secret is shown as; it still passes the key's checker, so ``show``'s output
 #: loads again (with the secrets to fill in).
@@ -136,7 +136,9 @@ def _check(args: argparse.Namespace) -> int:
         warnings: list[str] = []
     else:
         problems, warnings = advice(config)
-        problems = file_problems(config) + problems
+        given = flags_from(args)
+        problems = name_flags(file_problems(config) + problems, given)
+        warnings = name_flags(warnings, given)
     for line in problems:
         print(line)
     for line in warnings:

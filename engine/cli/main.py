@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from engine import __version__, _speedups
 from engine.cli import config, queue
-from engine.cli.common import add_key_flags, load_from_args, spool_from
+from engine.cli.common import add_key_flags, flags_from, load_from_args, spool_from
 from engine.server.auth import PASSWD_DESCRIPTION, add_passwd_arguments
 
 
@@ -88,7 +88,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     try:
         config = load_from_args(args)
-        check_files(config)  # before the queue opens: certificates, spool (engine.ops.preflight)
+        # Before the queue opens: certificates and keys, the spool (engine.ops.preflight).
+        check_files(config, flags_from(args))
     except ConfigError as exc:
         print(f"ferry: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Iterable
 from pathlib import Path
 
-from engine.config import Config, ConfigError, ReceiveConfig
+from engine.config import Config, ConfigError, ReceiveConfig, name_flags
 
 __all__ = ["advice", "check_files", "file_problems"]
 
@@ -119,11 +120,12 @@ def file_problems(config: Config) -> list[str]:
     return bad
 
 
-def check_files(config: Config) -> None:
-    """ConfigError listing :func:`file_problems`, if any (``ferry serve`` before it starts)."""
+def check_files(config: Config, flags: Iterable[str] = ()) -> None:
+    """ConfigError listing :func:`file_problems`, if any (``ferry serve`` before it starts);
+    ``flags``: the key flags given, named in the lines of the keys they set."""
     bad = file_problems(config)
     if bad:
-        raise ConfigError(bad)
+        raise ConfigError(name_flags(bad, flags))
 
 
 def _auth_offered(config: Config, rc: ReceiveConfig) -> bool:

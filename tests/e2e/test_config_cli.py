@@ -116,6 +116,15 @@ def test_check_spool_that_is_a_file(tmp_path: Path, pems: Path) -> None:
     assert out.stdout == f"spool: {tmp_path / 'afile'} exists and is not a directory\n"
 
 
+def test_spool_flag_is_named(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    for command in ("serve", "config check"):
+        out = ferry(*command.split(), "--spool", str(tmp_path / "afile"), cwd=tmp_path)
+        assert out.returncode == 2
+        assert f"spool (--spool): {tmp_path / 'afile'} exists and is not a directory" in (
+            out.stdout + out.stderr), command
+
+
 def test_check_cross_field_advice(tmp_path: Path, pems: Path) -> None:
     path = tmp_path / "ferry.toml"
     path.write_text(f'[[receive]]\nrequire_auth = true\ncert_file = "{pems / "a.crt"}"\n'
@@ -127,7 +136,8 @@ def test_check_cross_field_advice(tmp_path: Path, pems: Path) -> None:
     assert lines[1].startswith("receive[0].require_auth: AUTH is never offered")
     assert lines[2:] == [
         'warning: receive[0].cert_file: not used while tls = "off"',
-        "warning: delivery.retry_interval: larger than delivery.max_retry_interval (18000 > "
+        "warning: delivery.retry_interval (--retry-interval): larger than "
+        "delivery.max_retry_interval (18000 > "
         "14400 seconds): every retry waits max_retry_interval",
     ]
 
