@@ -252,3 +252,17 @@ def test_shell_pipe_to_head(tmp_path: Path) -> None:
     out = subprocess.run(["bash", "-c", f"{' '.join(FERRY)} config show --json | head -1"],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path, env=ENV)
     assert out.returncode == 0 and out.stdout == "{\n" and out.stderr == ""
+
+
+def test_check_encrypted_key(tmp_path: Path, pems: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key((pems / "a.key").read_bytes(), password=None)
+    (tmp_path / "enc.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase")))
+    path = config_file(tmp_path, pems, key=str(tmp_path / "enc.key"))
+    out = ferry("config", "check", "--config", str(path))
+    assert out.returncode == 2
+    assert out.stdout == (f"receive[0].key_file: {tmp_path / 'enc.key'} is encrypted with a "
+                          "passphrase; Ferry needs it unencrypted\n")
