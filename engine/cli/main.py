@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     completion = commands.add_parser(
         "completion", help="print a shell completion script (bash or zsh)",
         description="Print a completion script for ferry: source <(ferry completion bash), "
-        "or save the zsh one as _ferry in a directory of $fpath.")
+        "or source <(ferry completion zsh) in ~/.zshrc after compinit.")
     completion.add_argument("shell", choices=("bash", "zsh"), help="the shell")
     page.choices = list(commands.choices)  # every command, this one and those after it too
     return parser
