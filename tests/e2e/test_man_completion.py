@@ -113,6 +113,13 @@ def test_bash_completion(tmp_path: Path) -> None:
         "conf/only.toml",
         "bash zsh",
     ]
+    # The zsh script is the same functions behind bashcompinit: at least its syntax is
+    # checked here when zsh itself is not installed.
+    zsh = tmp_path / "ferry.zsh"
+    zsh.write_text(ferry("completion", "zsh").stdout)
+    parsed = subprocess.run(["bash", "-n", str(zsh)], capture_output=True, text=True,
+                            timeout=60)
+    assert parsed.returncode == 0, parsed.stderr
 
 
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
