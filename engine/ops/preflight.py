@@ -154,6 +154,10 @@ def advice(config: Config) -> tuple[list[str], list[str]]:
             for key in ("cert_file", "key_file"):
                 if getattr(rc, key) is not None:
                     warnings.append(f"receive[{i}].{key}: not used while tls = \"off\"")
+    if config.users and not any(_auth_offered(config, rc) for rc in config.receive):
+        warnings.append("users: no receive connector offers AUTH, so these accounts cannot "
+                        "log in (AUTH needs tls on the connector, or allow_plaintext_auth = "
+                        "true, and auth_mechanisms)")
     d = config.delivery
     if d.retry_interval > d.max_retry_interval:
         warnings.append(

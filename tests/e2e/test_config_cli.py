@@ -127,7 +127,8 @@ def test_spool_flag_is_named(tmp_path: Path) -> None:
 
 def test_check_cross_field_advice(tmp_path: Path, pems: Path) -> None:
     path = tmp_path / "ferry.toml"
-    path.write_text(f'[[receive]]\nrequire_auth = true\ncert_file = "{pems / "a.crt"}"\n'
+    path.write_text(f'users = {{ alice = "{hash_password("pw")}" }}\n'
+                    f'[[receive]]\nrequire_auth = true\ncert_file = "{pems / "a.crt"}"\n'
                     f'[delivery]\nca_file = "{pems / "a.key"}"\n')
     out = ferry("config", "check", "--config", str(path), "--retry-interval", "5h")
     assert out.returncode == 2
@@ -136,6 +137,9 @@ def test_check_cross_field_advice(tmp_path: Path, pems: Path) -> None:
     assert lines[1].startswith("receive[0].require_auth: AUTH is never offered")
     assert lines[2:] == [
         'warning: receive[0].cert_file: not used while tls = "off"',
+        "warning: users: no receive connector offers AUTH, so these accounts cannot log in "
+        "(AUTH needs tls on the connector, or allow_plaintext_auth = true, and "
+        "auth_mechanisms)",
         "warning: delivery.retry_interval (--retry-interval): larger than "
         "delivery.max_retry_interval (18000 > "
         "14400 seconds): every retry waits max_retry_interval",
