@@ -29,7 +29,7 @@ component is handed the dataclass: a [[receive]] key is ``SmtpSession.config.<ke
 [delivery] key ``Scheduler.settings.<key>``).  A check of several keys of one table goes
 in that table's ``_check_*`` function, one across tables in :func:`_check_config`.  A new
 table is a dataclass, a field of its parent and a row of :data:`TABLES`; a new flag is an
-argparse line (engine.cli.main) and a row of :data:`FLAGS`.
+argparse line (engine.cli.common.add_key_flags) and a row of :data:`FLAGS`.
 ``tests/integration/test_config_seam.py`` fails until the key is documented and read.
 
 It must never open sockets, create the spool, start anything or import the engine's other
@@ -51,7 +51,7 @@ import re
 import socket
 import string
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -83,6 +83,7 @@ __all__ = [
     "ReceiveConfig",
     "SendConfig",
     "load_config",
+    "name_flags",
     "parse_hostport",
     "parse_size",
 ]
@@ -202,10 +203,32 @@ def _finite(value: object) -> float | None:
     return None
 
 
-def _seconds(value: object) -> float:
+#: A duration's units, as sizes have theirs: "30s", "5m", "4h", "5d", "1w", or several
+#: of them in a row ("1h30m"); a plain number is seconds.
+_SPAN = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+_SPAN_UNITS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_USAGE: Final = 'or a duration such as "30s", "5m", "4h", "5d"'
+
+
+def _duration(value: object) -> float | None:
+    """Seconds from a TOML number or a duration string ("5m", "1h30m"), else None."""
     number = _finite(value)
+    if number is not None or not isinstance(value, str):
+        return number
+    text = value.replace(" ", "").lower()
+    parts = _SPAN.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    if len(parts) > 1 and not all(u for _, u in parts):
+        return None  # "1h30" is ambiguous: 30 what?
+    return float(sum(Decimal(n) * _SPAN_UNITS[u] for n, u in parts))
+
+
+def _seconds(value: object) -> float:
+    number = _duration(value)
     if number is None or number <= 0:
-        raise _Invalid(f"must be a positive number of seconds (got {_show(value)})")
+        raise _Invalid(f"must be a positive number of seconds {_DURATION_USAGE} "
+                       f"(got {_show(value)})")
     return number
 
 
@@ -217,6 +240,14 @@ def _zero_or_more(unit: str) -> Callable[[object], float]:
         return number
 
     return check
+
+
+def _seconds_or_off(value: object) -> float:
+    number = _duration(value)
+    if number is None or number < 0:
+        raise _Invalid(f"must be a number of seconds, 0 or more, {_DURATION_USAGE} "
+                       f"(got {_show(value)})")
+    return number
 
 
 def _bool(value: object) -> bool:
@@ -559,7 +590,7 @@ def _users(value: object) -> Mapping[str, str]:
             bad.append(
                 (
                     (user,),
-                    "must be a password hash made by hash_password "
+                    "must be a password hash made by `ferry passwd` "
                     '("scrypt$..."), never a plain password',
                 )
             )
@@ -678,7 +709,7 @@ def _after(check: Callable[[Any], list[tuple[_Loc, str]]]) -> AfterValidator:
 _PosInt = Annotated[int, _v(_positive_int)]
 _Size = Annotated[int, _v(_positive_size)]
 _Seconds = Annotated[float, _v(_seconds)]
-_SecondsOrOff = Annotated[float, _v(_zero_or_more("seconds"))]
+_SecondsOrOff = Annotated[float, _v(_seconds_or_off)]
 _RateOrOff = Annotated[float, _v(_zero_or_more("messages per second"))]
 _Bool = Annotated[bool, _v(_bool)]
 _Networks = Annotated[tuple[Network, ...], _v(_networks)]
@@ -1217,6 +1248,19 @@ def _line(loc: _Loc, message: str, origins: Mapping[_Loc, str]) -> str:
         return message
     flag = next((f for at, f in origins.items() if loc[: len(at)] == at), None)
     return f"{_dotted(loc)}{f' ({flag})' if flag else ''}: {message}"
+
+
+def name_flags(lines: Sequence[str], flags: Iterable[str]) -> list[str]:
+    """Problem lines of checks made after loading ("spool: ..."), with the flag that set
+    the key named as :func:`load_config` names it ("spool (--spool): ...")."""
+    keys = {_dotted(FLAGS[flag]): flag for flag in flags}
+    out: list[str] = []
+    for line in lines:
+        key, sep, rest = line.partition(": ")
+        flag = next((f for k, f in keys.items()
+                     if key == k or key.startswith((f"{k}.", f"{k}["))), None)
+        out.append(f"{key} ({flag}): {rest}" if flag and sep else line)
+    return out
 
 
 # --- loading ------------------------------------------------------------------------------

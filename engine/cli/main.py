@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import sys
 from collections.abc import Sequence
 
 from engine import __version__, _speedups
-from engine.cli import queue
+from engine.cli import config, queue
+from engine.cli.common import add_key_flags, flags_from, load_from_args, spool_from
+from engine.server.auth import PASSWD_DESCRIPTION, add_passwd_arguments
 
 
 def version_text() -> str:
@@ -43,39 +46,50 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help="run the MTA (an embedded default when no --config is given)",
         description="Run Ferry. Flags override the configuration file.")
-    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    serve.add_argument("--listen", metavar="HOST:PORT", action="append", default=[],
-                       help="listen address of the first receive connector (repeatable)")
-    serve.add_argument("--spool", metavar="DIR", help="spool directory (queue, logs)")
-    serve.add_argument("--relay-from", metavar="CIDR", action="append", default=[],
-                       help="clients allowed to relay without AUTH (repeatable)")
-    serve.add_argument("--accept-domain", metavar="DOMAIN", action="append", default=[],
-                       help="accept mail for this domain from anyone (repeatable)")
-    serve.add_argument("--smarthost", metavar="HOST:PORT", help="route all outbound mail here")
-    serve.add_argument("--hostname", metavar="NAME", help="this server's name (greeting, "
-                       "Received fields)")
-    serve.add_argument("--dns", metavar="HOST:PORT", help="resolve with this nameserver")
-    serve.add_argument("--mx-port", metavar="PORT",
-                       help="connect to MX hosts on this port instead of 25")
-    serve.add_argument("--max-per-domain", metavar="N",
-                       help="default concurrent connections per destination")
-    serve.add_argument("--retry-interval", metavar="SECONDS",
-                       help="first retry delay; the backoff grows from it")
-    serve.add_argument("--log-level", metavar="LEVEL",
-                       help="debug, info, warning or error (default: [log] level, info)")
-    commands.add_parser("passwd", help="print a password hash for the [users] table",
-                        add_help=False)
+    add_key_flags(serve)
+    passwd = commands.add_parser("passwd", help="print a password hash for the [users] table",
+                                 description=PASSWD_DESCRIPTION)
+    add_passwd_arguments(passwd)
     queue.add_parser(commands)
+    config.add_parser(commands)
+    man = commands.add_parser(
+        "man", help="print a manual page (roff), or write them all",
+        description="Print the manual page of ferry or of one of its commands, in roff "
+        "(man -l - reads it), or write every page into a directory.")
+    page = man.add_argument("page", metavar="COMMAND", nargs="?",
+                            help="the command whose page to print (default: ferry's own)")
+    man.add_argument("--write", metavar="DIR", help="write ferry.1 and ferry-COMMAND.1 for "
+                     "every command into DIR instead")
+    completion = commands.add_parser(
+        "completion", help="print a shell completion script (bash or zsh)",
+        description="Print a completion script for ferry: source <(ferry completion bash), "
+        "or source <(ferry completion zsh) in ~/.zshrc after compinit.")
+    completion.add_argument("shell", choices=("bash", "zsh"), help="the shell")
+    page.choices = list(commands.choices)  # every command, this one and those after it too
     return parser
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    from engine.config import FLAGS, ConfigError, load_config
+def run_man(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from pathlib import Path
 
-    # Every flag but --config sets a configuration key: its value is checked there.
-    given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in FLAGS}
+    from engine.cli import manpage
+
+    if args.write:
+        for path in manpage.write_pages(parser, Path(args.write)):
+            print(path)
+        return 0
+    print(manpage.page(parser, args.page), end="")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from engine.config import ConfigError
+    from engine.ops.preflight import check_files
+
     try:
-        config = load_config(args.config, {k: v for k, v in given.items() if v not in (None, [])})
+        config = load_from_args(args)
+        # Before the queue opens: certificates and keys, the spool (engine.ops.preflight).
+        check_files(config, flags_from(args))
     except ConfigError as exc:
         print(f"ferry: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -94,7 +108,22 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one command; output to a closed pipe (``ferry queue list | head``) ends quietly."""
+    try:
+        try:
+            code = _dispatch(list(sys.argv[1:] if argv is None else argv))
+        finally:  # also after --help and --version (SystemExit): fail here, not at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's advice (signal module docs, "Note on SIGPIPE"): point stdout at
+        # /dev/null so the interpreter's own flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe stopped
+    return code
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["passwd"]:
         from engine.server.auth import passwd_main
 
@@ -104,7 +133,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return run_serve(args)
     if args.command == "queue":
+        from engine.config import ConfigError
+
+        try:
+            args.spool = str(spool_from(args))
+        except ConfigError as exc:
+            print(f"ferry: configuration error: {exc}", file=sys.stderr)
+            return 2
         return queue.queue_main(args)
+    if args.command == "config":
+        return config.config_main(args)
+    if args.command == "man":
+        return run_man(parser, args)
+    if args.command == "completion":
+        from engine.cli.completion import script
+
+        print(script(parser, args.shell), end="")
+        return 0
     parser.print_help()
     return 2
 

@@ -26,6 +26,7 @@ from typing import Any
 import lmdb
 import orjson
 
+from engine.cli.common import add_config_argument, add_spool_argument
 from engine.ops import control
 from engine.ops.select import STATES, Filter, add_filter_arguments, select
 from engine.ops.views import as_delivered, message_view, queue_rows
@@ -42,8 +43,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="The queue viewer (list, show, stats, queues, export: they change "
         "nothing, and work on a stopped spool too) and the controls of a running ferry "
         "serve (suspend, resume, suspended).")
-    queue.add_argument("--spool", metavar="DIR", default="./ferry-spool",
-                       help="spool directory (default ./ferry-spool)")
+    add_config_argument(queue)
+    add_spool_argument(queue)  # engine.cli.main resolves it (spool_from) before queue_main
     sub = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
     lister = sub.add_parser("list", help="queued messages, oldest first, with filters",
                             description="Queued messages, oldest first (Get-Message). "

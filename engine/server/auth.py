@@ -181,18 +181,24 @@ def _read_tty() -> str | None:
     return first if first == again else None
 
 
-def passwd_main(argv: list[str] | None = None) -> int:
-    """``ferry passwd``: read a password, print its stored form; 0 on success, 1 if not."""
-    parser = argparse.ArgumentParser(
-        prog="ferry passwd",
-        description="Print the scrypt hash of a password, for the AUTH user table.",
-    )
+PASSWD_DESCRIPTION: Final = "Print the scrypt hash of a password, for the AUTH user table."
+
+
+def add_passwd_arguments(parser: argparse.ArgumentParser) -> None:
+    """``ferry passwd``'s arguments (engine.cli.main's parser shows them in help, man page
+    and completion; :func:`passwd_main` parses with them)."""
     parser.add_argument(
         "--stdin",
         action="store_true",
         help="read the password from the first line of standard input (no prompt, no "
         "confirmation) instead of asking twice on the terminal",
     )
+
+
+def passwd_main(argv: list[str] | None = None) -> int:
+    """``ferry passwd``: read a password, print its stored form; 0 on success, 1 if not."""
+    parser = argparse.ArgumentParser(prog="ferry passwd", description=PASSWD_DESCRIPTION)
+    add_passwd_arguments(parser)
     args = parser.parse_args(argv)
     try:
         password = _read_stdin() if args.stdin else _read_tty()

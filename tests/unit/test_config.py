@@ -384,7 +384,7 @@ def test_bad_flags_are_named(tmp_path: Path) -> None:
     assert 'did you mean "10.0.0.0/8"?' in text
     assert "delivery.max_per_domain (--max-per-domain): must be a positive integer (got -1)" in text
     assert 'delivery.retry_interval (--retry-interval): must be a positive number of seconds ' \
-           '(got "soon")' in text
+           'or a duration such as "30s", "5m", "4h", "5d" (got "soon")' in text
     assert 'log.level (--log-level): must be one of "debug", "info", "warning", "error" ' \
            '(got "verbose")' in text
 
