@@ -13,10 +13,13 @@ import pytest
 
 from engine.cli.main import build_parser
 from engine.cli.manpage import options, subcommands
+from engine.ops.select import STATES
 
 FERRY = [sys.executable, "-m", "engine"]
 ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
 COMMANDS = [name for name, _, _ in subcommands(build_parser())]
+QUEUE_ACTIONS = [name for name, _, _ in subcommands(
+    dict((n, p) for n, _, p in subcommands(build_parser()))["queue"])]
 
 
 def ferry(*args: str) -> subprocess.CompletedProcess[str]:
@@ -107,8 +110,8 @@ def test_bash_completion(tmp_path: Path) -> None:
     assert lines[1].split() == COMMANDS
     assert lines[2:] == [
         "queue",
-        "list show stats suspend resume suspended",
-        "pending deferred suspended failed corrupt",
+        " ".join(QUEUE_ACTIONS),
+        " ".join(STATES),
         "--state",
         "conf/only.toml",
         "bash zsh",
