@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from engine import __version__, _speedups
-from engine.cli import queue
+from engine.cli import queue, track
 
 
 def version_text() -> str:
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("passwd", help="print a password hash for the [users] table",
                         add_help=False)
     queue.add_parser(commands)
+    track.add_parser(commands)
     return parser
 
 
@@ -105,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_serve(args)
     if args.command == "queue":
         return queue.queue_main(args)
+    if args.command == "track":
+        return track.track_main(args)
     parser.print_help()
     return 2
 

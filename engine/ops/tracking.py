@@ -107,7 +107,8 @@ class TrackingLog:
         self._torn = False
         self._housekept = 0.0
         self._closed = False
-        self._queue: queue.SimpleQueue[list[Event] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[Event] | threading.Event | None] = (
+            queue.SimpleQueue())
         self._thread = threading.Thread(target=self._run, name="ferry-tracking", daemon=True)
         self._thread.start()
 
@@ -118,6 +119,13 @@ class TrackingLog:
             self.dropped += len(batch)
             return
         self._queue.put(batch)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every batch handed over so far is written (False on timeout).  For
+        tests and tools: never called on the event loop."""
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
 
     def close(self) -> None:
         """Write every batch handed over so far, then close the file."""
@@ -141,8 +149,12 @@ class TrackingLog:
                     continue
                 if batch is None:
                     break
+                if isinstance(batch, threading.Event):
+                    batch.set()
+                    continue
                 # Whatever else is waiting goes in the same write: batches stay whole.
                 batches = [batch]
+                marker: threading.Event | None = None
                 stop = False
                 with contextlib.suppress(queue.Empty):
                     while len(batches) < 64:
@@ -150,8 +162,13 @@ class TrackingLog:
                         if more is None:
                             stop = True
                             break
+                        if isinstance(more, threading.Event):
+                            marker = more
+                            break
                         batches.append(more)
                 self._write(batches)
+                if marker is not None:
+                    marker.set()
                 if stop:
                     break
                 if self._clock() - self._housekept >= HOUSEKEEPING_INTERVAL:
@@ -162,15 +179,37 @@ class TrackingLog:
             self._close_fd()
 
     def _write(self, batches: list[list[Event]]) -> None:
+        """Append the batches, as few writes as rotation allows (a batch is never split
+        across two files; one larger than max_file_size gets a file of its own)."""
         dumps = orjson.dumps
-        try:
-            data = b"".join([dumps(r, option=_DUMPS_OPTIONS, default=str)
-                             for batch in batches for r in batch])
-        except TypeError as exc:  # a record a producer built wrong: lose it, say so
-            self._failed(sum(map(len, batches)), f"a record does not serialise: {exc}")
-            return
-        count = sum(map(len, batches))
         now = self._clock()
+        if self._fd is None:
+            try:
+                self._open(now)
+            except OSError as exc:
+                self._close_fd()
+                self._failed(sum(map(len, batches)), f"{self.path}: {exc.strerror or exc}")
+                return
+        chunk: list[bytes] = []
+        size = count = 0
+        for batch in batches:
+            try:
+                data = b"".join([dumps(r, option=_DUMPS_OPTIONS, default=str) for r in batch])
+            except TypeError as exc:  # a record a producer built wrong: lose it, say so
+                self._failed(len(batch), f"a record does not serialise: {exc}")
+                continue
+            limit = self.max_file_size
+            if chunk and limit and self._size + size + len(data) > limit:
+                self._append(b"".join(chunk), count, now)
+                chunk, size, count = [], 0, 0
+            chunk.append(data)
+            size += len(data)
+            count += len(batch)
+        if chunk:
+            self._append(b"".join(chunk), count, now)
+
+    def _append(self, data: bytes, count: int, now: float) -> None:
+        """One write of whole lines, after a rotation if one is due."""
         try:
             if self._fd is None:
                 self._open(now)
