@@ -88,9 +88,11 @@ class Query:
         self.sender = sender.lower() if sender is not None else None
         self.recipient = recipient.lower() if recipient is not None else None
         self.events = frozenset(events or ())
-        # The records' times are ISO text of one width: compared as text.
-        self.start = iso_time(start) if start is not None else None
-        self.end = iso_time(end) if end is not None else None
+        # The records' times are ISO text of one width: compared as text (the microsecond
+        # keeps a time given to the millisecond from being cut to the one before).
+        self.since = start
+        self.start = iso_time(start + 1e-6) if start is not None else None
+        self.end = iso_time(end + 1e-6) if end is not None else None
         #: Queue ids of the messages from ``sender`` (found by a first pass).
         self.ids: frozenset[str] | None = None
 
@@ -146,7 +148,7 @@ def search(directory: Path, query: Query) -> Iterator[Event]:
             if r.get("event") == Kind.RECEIVE and str(r.get("sender", "")).lower() == sender)
         if not query.ids:
             return
-    for record in read_records(directory, query.needles()):
+    for record in read_records(directory, query.needles(), query.since):
         if query.matches(record):
             yield record
 

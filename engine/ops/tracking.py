@@ -54,6 +54,9 @@ _ROTATED: Final = re.compile(r"tracking-(\d{8}T\d{6}\.\d{6})Z\.log")
 #: Seconds between two error lines in the process log, and between retention checks.
 ERROR_INTERVAL: Final = 60.0
 HOUSEKEEPING_INTERVAL: Final = 60.0
+#: The writer gathers batches this long after each write: it wakes (and takes the GIL
+#: from the event loop) at most this often under load, not once per turn of the loop.
+GATHER_SECONDS: Final = 0.05
 
 _LF: Final = b"\n"
 _DUMPS_OPTIONS: Final = orjson.OPT_APPEND_NEWLINE
@@ -157,7 +160,7 @@ class TrackingLog:
                 marker: threading.Event | None = None
                 stop = False
                 with contextlib.suppress(queue.Empty):
-                    while len(batches) < 64:
+                    while True:
                         more = self._queue.get_nowait()
                         if more is None:
                             stop = True
@@ -173,6 +176,8 @@ class TrackingLog:
                     break
                 if self._clock() - self._housekept >= HOUSEKEEPING_INTERVAL:
                     self._housekeeping()
+                if not self._closed:
+                    time.sleep(GATHER_SECONDS)
         except Exception:  # a bug: never silently stop writing
             log.exception("the tracking log writer stopped; tracking records are lost")
         finally:
@@ -402,12 +407,20 @@ def _contains(line: bytes, needle: Needle) -> bool:
     return needle in line if isinstance(needle, bytes) else needle.search(line) is not None
 
 
-def read_records(directory: Path, needles: tuple[Needle, ...] = ()) -> Iterator[Event]:
+def read_records(directory: Path, needles: tuple[Needle, ...] = (),
+                 since: float | None = None) -> Iterator[Event]:
     """Every record of the tracking files of ``directory``, oldest file first, whose raw
-    line contains all of ``needles`` (a pre-filter: the caller checks the fields).  A line
-    that is not a JSON object (half a line left by a full disk) is skipped."""
+    line contains all of ``needles`` (a pre-filter: the caller checks the fields), from
+    the files written to at or after ``since`` (the others hold only older records).  A
+    line that is not a JSON object (half a line left by a full disk) is skipped."""
     loads = orjson.loads
     for path in log_files(directory):
+        if since is not None:
+            try:
+                if path.stat().st_mtime < since:
+                    continue
+            except FileNotFoundError:
+                continue
         for line in raw_lines(path, needles):
             try:
                 record = loads(line)

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -135,3 +136,21 @@ def test_prefilter_finds_only_lines_with_every_needle(tmp_path: Path) -> None:
     (line,) = raw_lines(tmp_path / CURRENT, (needle,))
     assert orjson.loads(line)["id"] == f"{517:032X}"
     assert list(raw_lines(tmp_path / CURRENT, (needle, b"nothing"))) == []
+
+
+def test_track_query_times_and_ids() -> None:
+    from engine.cli.track import Query, row
+    from engine.ops.tracking import parse_time
+
+    r: dict[str, Any] = {"time": "2026-12-06T10:02:03.412Z", "event": "DSN", "id": "AB" * 16,
+         "message_id": "x@y", "dsn_id": "CD" * 16, "action": "failed",
+         "recipients": ["Bob@Example.net"]}
+    at = parse_time(r["time"])
+    assert Query(start=at).matches(r) and not Query(end=at).matches(r)  # [start, end)
+    assert Query(start=parse_time("2026-12-06T11:02:03.412+01:00")).matches(r)
+    assert not Query(start=at + 0.001).matches(r)
+    assert Query(message_id="<x@y>").matches(r) and not Query(message_id="x@z").matches(r)
+    assert Query(queue_id=("cd" * 16)).matches(r)  # a DSN's own id finds its DSN event
+    assert Query(recipient="bob@example.NET").matches(r)
+    assert Query(events=["DSN"]).matches(r) and not Query(events=["FAIL"]).matches(r)
+    assert "action=failed" in row(r) and "dsn_id=" + "CD" * 16 in row(r)
