@@ -26,6 +26,7 @@ from engine.queue.records import id_bytes
 from engine.server.auth import hash_password
 from engine.testing.dns import DnsResponder
 from engine.testing.mta import free_port
+from engine.testing.rawsmtp import RawClient
 from engine.testing.server import RunningFerry, ferry_config
 from engine.testing.sink import CountingSink
 from engine.testing.wait import wait_for
@@ -174,6 +175,28 @@ def test_an_expired_message(ferry: Start) -> None:
     expire = events(f, qid)[-2]
     assert expire["recipient"] == "x@dead.test" and expire["delay"] >= 1.5
     assert "127.0.12.9" in expire["reply"]  # the last reply: the connection failed
+
+
+def test_no_receive_for_a_message_the_queue_refused(ferry: Start) -> None:
+    """RECEIVE follows the commit: a message refused at the end of data (back pressure
+    came between MAIL and the final dot) has none; the next one, accepted, has one."""
+    f = ferry(paused=True)
+    with RawClient(f.host, f.port) as c:
+        c.reply()
+        c.command(b"EHLO client.test")
+        assert c.command(b"MAIL FROM:<a@client.test>").code == 250
+        assert c.command(b"RCPT TO:<x@one.test>").code == 250
+        assert c.command(b"DATA").code == 354
+        f.store.min_free_disk = 1 << 62
+        f.store.disk_check_interval = 0
+        c.send(BODY + b".\r\n")
+        assert c.reply().code == 451
+    f.store.min_free_disk = 0
+    accepted = send(f, "b@client.test", ["y@one.test"])
+    # Records keep the order of their commits: once this one is there, so would be the
+    # refused message's, had it been written.
+    (receive,) = wait_for(lambda: [r for r in read_records(log_dir(f))])
+    assert (receive["id"], receive["sender"]) == (accepted, "b@client.test")
 
 
 def test_suspend_and_resume_are_tracked_per_message(ferry: Start, sink: CountingSink) -> None:
