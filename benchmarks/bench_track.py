@@ -38,7 +38,7 @@ def records(n: int, start: float) -> bytes:
     """A block of ``n`` records of ``n // 3`` messages (RECEIVE, DEFER, DELIVER each)."""
     out = []
     for i in range(0, n, 3):
-        qid = f"{int(start * 1000) + i:012X}{i:020X}"
+        qid = f"{int(start * 1000) + i:012X}{i:012X}"
         mid = f"{i:08d}.{int(start)}@app{i % 97}.example.com"
         base = {"id": qid, "message_id": mid}
         t = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start + i / 1000)) + ".000Z"
@@ -60,7 +60,7 @@ def records(n: int, start: float) -> bytes:
 
 def needle(event: str) -> bytes:
     return orjson.dumps({"time": "2026-12-06T10:00:00.000Z", "event": event,
-                         "id": "0193A0B1C2D3E4F5A6B7C8D9E0F1A2B3", "message_id": NEEDLE_ID,
+                         "id": "0193A0B1C2D3E4F5A6B7C8D9", "message_id": NEEDLE_ID,
                          "recipient": "bob@example.net"}, option=orjson.OPT_APPEND_NEWLINE)
 
 

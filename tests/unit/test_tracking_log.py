@@ -27,7 +27,7 @@ class Clock:
 
 def record(n: int, pad: int = 0) -> dict[str, object]:
     return {"time": f"2027-01-15T08:00:{n % 60:02d}.000Z", "event": "DELIVER",
-            "id": f"{n:032X}", "message_id": f"m{n}@test", "recipient": "x" * pad}
+            "id": f"{n:024X}", "message_id": f"m{n}@test", "recipient": "x" * pad}
 
 
 def written(directory: Path) -> list[dict[str, object]]:
@@ -39,7 +39,7 @@ def test_batches_reach_the_file_in_order_and_close_drains(tmp_path: Path) -> Non
     for n in range(0, 100, 10):
         log.write([record(i) for i in range(n, n + 10)])
     log.close()
-    assert [r["id"] for r in written(tmp_path)] == [f"{i:032X}" for i in range(100)]
+    assert [r["id"] for r in written(tmp_path)] == [f"{i:024X}" for i in range(100)]
     assert (tmp_path / CURRENT).read_bytes().endswith(b"\n")
     assert log.dropped == 0
 
@@ -63,7 +63,7 @@ def test_rotation_by_size_keeps_every_record_in_time_order(tmp_path: Path) -> No
     files = log_files(tmp_path)
     assert len(files) > 5 and files[-1].name == CURRENT
     assert all(f.stat().st_size <= 1000 for f in files)
-    assert [r["id"] for r in written(tmp_path)] == [f"{i:032X}" for i in range(40)]
+    assert [r["id"] for r in written(tmp_path)] == [f"{i:024X}" for i in range(40)]
 
 
 def test_rotation_by_age(tmp_path: Path) -> None:
@@ -77,7 +77,7 @@ def test_rotation_by_age(tmp_path: Path) -> None:
     log.close()
     files = log_files(tmp_path)
     assert len(files) == 2
-    assert [r["id"] for r in read_records(tmp_path)] == [f"{i:032X}" for i in (1, 2, 3)]
+    assert [r["id"] for r in read_records(tmp_path)] == [f"{i:024X}" for i in (1, 2, 3)]
     assert len(list(raw_lines(files[0]))) == 2 and len(list(raw_lines(files[1]))) == 1
 
 
@@ -102,14 +102,14 @@ def test_a_torn_last_line_is_skipped_and_the_next_write_starts_a_new_line(
     whole = orjson.dumps(record(1)) + b"\n"
     (tmp_path / CURRENT).write_bytes(whole + orjson.dumps(record(2))[:30])
     # A reader meanwhile sees only the complete line.
-    assert [r["id"] for r in read_records(tmp_path)] == [f"{1:032X}"]
+    assert [r["id"] for r in read_records(tmp_path)] == [f"{1:024X}"]
     log = TrackingLog(tmp_path)
     log.write([record(3)])
     log.close()
     lines = (tmp_path / CURRENT).read_bytes().split(b"\n")
     assert lines[-1] == b"" and lines[1] == orjson.dumps(record(2))[:30]
     # The half line stays a line of its own, skipped; no record is glued to it.
-    assert [r["id"] for r in read_records(tmp_path)] == [f"{1:032X}", f"{3:032X}"]
+    assert [r["id"] for r in read_records(tmp_path)] == [f"{1:024X}", f"{3:024X}"]
 
 
 def test_an_io_error_is_logged_and_never_raised(tmp_path: Path,
@@ -134,7 +134,7 @@ def test_prefilter_finds_only_lines_with_every_needle(tmp_path: Path) -> None:
     log.close()
     needle = b'"message_id":"m517@test"'
     (line,) = raw_lines(tmp_path / CURRENT, (needle,))
-    assert orjson.loads(line)["id"] == f"{517:032X}"
+    assert orjson.loads(line)["id"] == f"{517:024X}"
     assert list(raw_lines(tmp_path / CURRENT, (needle, b"nothing"))) == []
 
 
@@ -142,15 +142,15 @@ def test_track_query_times_and_ids() -> None:
     from engine.cli.track import Query, row
     from engine.ops.tracking import parse_time
 
-    r: dict[str, Any] = {"time": "2026-12-06T10:02:03.412Z", "event": "DSN", "id": "AB" * 16,
-         "message_id": "x@y", "dsn_id": "CD" * 16, "action": "failed",
+    r: dict[str, Any] = {"time": "2026-12-06T10:02:03.412Z", "event": "DSN", "id": "AB" * 12,
+         "message_id": "x@y", "dsn_id": "CD" * 12, "action": "failed",
          "recipients": ["Bob@Example.net"]}
     at = parse_time(r["time"])
     assert Query(start=at).matches(r) and not Query(end=at).matches(r)  # [start, end)
     assert Query(start=parse_time("2026-12-06T11:02:03.412+01:00")).matches(r)
     assert not Query(start=at + 0.001).matches(r)
     assert Query(message_id="<x@y>").matches(r) and not Query(message_id="x@z").matches(r)
-    assert Query(queue_id=("cd" * 16)).matches(r)  # a DSN's own id finds its DSN event
+    assert Query(queue_id=("cd" * 12)).matches(r)  # a DSN's own id finds its DSN event
     assert Query(recipient="bob@example.NET").matches(r)
     assert Query(events=["DSN"]).matches(r) and not Query(events=["FAIL"]).matches(r)
-    assert "action=failed" in row(r) and "dsn_id=" + "CD" * 16 in row(r)
+    assert "action=failed" in row(r) and "dsn_id=" + "CD" * 12 in row(r)
