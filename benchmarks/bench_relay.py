@@ -32,6 +32,12 @@ For ``direct`` the columns describe smtp-sink.
 
 Targets (issue 6): Ferry end to end ≥ 2x Postfix for 1 KiB and 20 KiB, ≥ 1x for 100 KiB.
 Every load is bounded by a message count and a timeout.
+
+``--logs`` (issue 12) runs each cell twice with Ferry only: every log off
+(``ferry-off``) and every log on (``ferry-logs``: the message tracking log and the
+protocol logs, :data:`LOGS_ON`), and prints logs-on / logs-off end to end; the target is
+≥ 0.90 in every cell.  No Postfix there, so it needs no root.  The plain run uses Ferry's
+default configuration (the tracking log is on by default).
 """
 
 from __future__ import annotations
@@ -74,6 +80,38 @@ SENDER = "a@client.test"
 RECIPIENT = "b@example.net"
 TARGETS = {1024: 2.0, 20 * 1024: 2.0, 100 * 1024: 1.0}
 KINDS = ("ferry", "postfix", "direct")
+#: --logs: Ferry with every log off, then on; logs-on must keep this share of logs-off.
+LOG_KINDS = ("ferry-off", "ferry-logs")
+LOG_TARGET = 0.90
+#: The configuration of each Ferry kind (the flags add listen, spool, smarthost, DNS).
+#: LOGS_ON is the one place that says "every log on": the send side's protocol log goes
+#: here too (a [[send]] table with the sink as smarthost and its protocol_log key).
+LOGS_OFF = """\
+[queue]
+durability = "fsync"
+
+[tracking]
+enabled = false
+
+[[receive]]
+name = "default"
+protocol_log = false
+"""
+LOGS_ON = """\
+[queue]
+durability = "fsync"
+
+[tracking]
+enabled = true
+
+[[receive]]
+name = "default"
+protocol_log = true
+"""
+FERRY_CONFIGS = {"ferry": '[queue]\ndurability = "fsync"\n', "ferry-off": LOGS_OFF,
+                 "ferry-logs": LOGS_ON}
+#: The installed console script, or this tree's package (PYTHONPATH) when there is none.
+FERRY_ARGV = [str(FERRY)] if FERRY.exists() else [sys.executable, "-m", "engine"]
 EMPTY_ZONE = "$ORIGIN bench.invalid.\n@ 60 IN SOA ns hostmaster 1 60 60 60 60\n"
 
 
@@ -243,13 +281,13 @@ def start_server(
     """(port, pid of the tree's root, handle) of a fresh server relaying to ``sink``."""
     if kind == "direct":
         return sink.port, sink.proc.pid, None
-    if kind == "ferry":
+    if kind in FERRY_CONFIGS:
         port = free_port()
         config = workdir / "ferry.toml"
-        config.write_text('[queue]\ndurability = "fsync"\n')
+        config.write_text(FERRY_CONFIGS[kind])
         proc = spawn(
             [
-                str(FERRY),
+                *FERRY_ARGV,
                 "serve",
                 "--config",
                 str(config),
@@ -337,7 +375,7 @@ def run_cell(kind: str, cell: Cell, base: Path) -> Result:
             if kind != "direct":
                 result.cpu = settle_cpu(pid) - cpu0
         result.rss_kib = rss.peak_kib
-        if kind == "ferry":  # one process: the kernel's own peak RSS
+        if kind in FERRY_CONFIGS:  # one process: the kernel's own peak RSS
             result.rss_kib = status_kib(pid, "VmHWM")
         if kind == "direct":
             result.cpu = tree_cpu(pid) - cpu0
@@ -371,14 +409,32 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
+def print_logs(cells: list[Cell], results: dict[tuple[str, Cell], Result]) -> None:
+    """--logs: logs-on / logs-off, end to end and injection, per cell."""
+    print(f"\n{'cell':<16} {'logs on/off e2e':>15} {'inject':>7} {'target':>6}  verdict")
+    verdicts = []
+    for cell in cells:
+        off, on = (results[k, cell] for k in LOG_KINDS)
+        ok = bool(on.rate(on.e2e) and off.rate(off.e2e)
+                  and on.rate(on.e2e) / off.rate(off.e2e) >= LOG_TARGET)
+        verdicts.append(ok)
+        print(f"{cell.name:<16} {ratio(on.rate(on.e2e), off.rate(off.e2e)):>15} "
+              f"{ratio(on.rate(on.inject), off.rate(off.inject)):>7} "
+              f"{f'>={LOG_TARGET:.2f}':>6}  {'PASS' if ok else 'FAIL'}")
+    print(f"\noverall: {'PASS' if all(verdicts) else 'FAIL'} "
+          f"({sum(verdicts)} of {len(verdicts)} cells meet the target)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="fewer messages per cell")
     parser.add_argument("--dir", default="/work", help="where the temporary spools go")
+    parser.add_argument("--logs", action="store_true", help="Ferry with every log on "
+                        "against every log off (issue 12), instead of Ferry/Postfix/direct")
     args = parser.parse_args()
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 and not args.logs:
         sys.exit("run as root: the Postfix instance needs it")
     atexit.register(_stop_children)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -393,7 +449,7 @@ def main() -> None:
         cells += [Cell(size, False, single // scale), Cell(size, True, multi // scale)]
     base = Path(tempfile.mkdtemp(prefix="bench_relay.", dir=args.dir))
     os.chmod(base, 0o755)
-    version = subprocess.run([str(FERRY), "--version"], capture_output=True, text=True)
+    version = subprocess.run([*FERRY_ARGV, "--version"], capture_output=True, text=True)
     postfix = subprocess.run(["postconf", "-d", "mail_version"], capture_output=True, text=True)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs; Python "
@@ -410,8 +466,9 @@ def main() -> None:
             f"\n{'cell':<16} {'server':<8} {'msgs':>6} {'inject/s':>9} {'e2e/s':>8} "
             f"{'CPU µs/msg':>10} {'peak MiB':>12} {'at sink':>7}"
         )
+        kinds = LOG_KINDS if args.logs else KINDS
         for cell in cells:
-            for kind in KINDS:
+            for kind in kinds:
                 r = run_cell(kind, cell, base)
                 results[kind, cell] = r
                 print(
@@ -424,6 +481,9 @@ def main() -> None:
                 if r.error:
                     print(f"  ERROR: {r.error}")
 
+        if args.logs:
+            print_logs(cells, results)
+            return
         print(
             f"\n{'cell':<16} {'ferry/postfix e2e':>17} {'inject':>7} "
             f"{'ferry/direct e2e':>16} {'target':>6}  verdict"

@@ -22,10 +22,11 @@ from engine.agents.relay import RelayPolicy
 from engine.client.api import DeliveryAgent
 from engine.client.maildir import MaildirAgent
 from engine.client.smtp import SmtpAgent
-from engine.config import Config
+from engine.config import Config, tracking_dir
 from engine.ops.control import ControlServer, ControlUnavailable, check_free, socket_path
 from engine.ops.events import Events
 from engine.ops.protolog import ProtocolLog
+from engine.ops.tracking import TrackingLog
 from engine.queue.lmdb_store import LmdbQueue
 from engine.routing.mx import MxResolver
 from engine.routing.router import ConfiguredRouter, accepted_domains
@@ -68,6 +69,7 @@ class App:
         )
         log.info("ferry %s starting; %s", __version__, _speedups.status())
         log.info("%s", store.describe())
+        self._start_tracking()
         router = ConfiguredRouter(cfg, MxResolver.from_config(cfg))
         d = cfg.delivery
         # Keep as many idle connections per site as it may have workers, or a busy site
@@ -95,7 +97,8 @@ class App:
             log.info("control channel on %s", control.path)
         ingest = Ingest(store, cfg.hostname, router.destination,
                         lifetime=cfg.delivery.max_queue_lifetime, queued=scheduler.wake,
-                        postmaster=cfg.postmaster, events=self.events)
+                        postmaster=cfg.postmaster, events=self.events,
+                        subject=cfg.tracking.enabled and cfg.tracking.subject)
         authenticator = Authenticator(cfg.users)
         accepted = accepted_domains(cfg)
         log_dir = cfg.log.protocol_log_dir or Path(cfg.spool) / "log"
@@ -115,6 +118,17 @@ class App:
             log.info("receive connector %s listening on %s (tls=%s)", rc.name,
                      ", ".join(bound), rc.tls)
         self._flusher = asyncio.get_running_loop().create_task(self._flush_logs())
+
+    def _start_tracking(self) -> None:
+        """Add the message tracking log to the event hub when [tracking] says so."""
+        t = self.config.tracking
+        if not t.enabled:
+            return
+        directory = t.dir or tracking_dir(Path(self.config.spool))
+        self.events.add(TrackingLog(directory, max_file_size=t.max_file_size,
+                                    max_file_age=t.max_file_age, max_age=t.max_age,
+                                    max_total_size=t.max_total_size))
+        log.info("message tracking log in %s", directory)
 
     async def _flush_logs(self) -> None:
         while True:

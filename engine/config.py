@@ -82,10 +82,12 @@ __all__ = [
     "QueueConfig",
     "ReceiveConfig",
     "SendConfig",
+    "TrackingConfig",
     "load_config",
     "name_flags",
     "parse_hostport",
     "parse_size",
+    "tracking_dir",
 ]
 
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -1001,6 +1003,27 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """[tracking]: the message tracking log (``engine.ops.tracking.TrackingLog``)."""
+
+    __pydantic_config__ = _TABLE
+
+    #: On by default, as Exchange's: the operator's record of every message's life.
+    enabled: _Bool = True
+    #: None means :func:`tracking_dir` of the spool (so it follows ``--spool``).
+    dir: Annotated[Path, _v(_path)] | None = None
+    #: A file is rotated before it passes this size, or when its first record is older.
+    max_file_size: _Size = 100 * MiB
+    max_file_age: _Seconds = 86400.0
+    #: Retention: rotated files older than this are deleted (0 = kept whatever their age)...
+    max_age: _SecondsOrOff = 30 * 86400.0
+    #: ...and the oldest ones while all the files take more than this (0 = no limit).
+    max_total_size: Annotated[int, _v(_size)] = GiB
+    #: Write the Subject: of each message in RECEIVE (it is content: off by default).
+    subject: _Bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration.  ``load_config`` builds it; nothing mutates it."""
 
@@ -1022,6 +1045,7 @@ class Config:
     delivery: Annotated[DeliveryConfig, _after(_check_delivery)] = field(
         default_factory=DeliveryConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     #: Send connectors, [[send]]; none (and no delivery.smarthost) = everything by DNS MX.
     send: tuple[Annotated[SendConfig, _after(_check_send)], ...] = ()
     #: Local (authoritative) domains, [[local]]; mail for them is accepted from anyone.
@@ -1032,7 +1056,7 @@ class Config:
 #: tables inside [delivery.domains]).  The seam test and the "did you mean" read it.
 TABLES: Final[Mapping[str, type]] = MappingProxyType({
     "": Config, "queue": QueueConfig, "receive": ReceiveConfig, "delivery": DeliveryConfig,
-    "log": LogConfig, "send": SendConfig, "local": LocalConfig,
+    "log": LogConfig, "send": SendConfig, "local": LocalConfig, "tracking": TrackingConfig,
     "delivery.domains": DomainLimits,
 })  # fmt: skip
 
@@ -1309,3 +1333,9 @@ def load_config(path: str | os.PathLike[str] | None,
         log = dataclasses.replace(config.log, protocol_log_dir=config.spool / "log")
         config = dataclasses.replace(config, log=log)
     return config
+
+
+def tracking_dir(spool: Path) -> Path:
+    """Where the tracking log is when ``[tracking] dir`` is not set: the server writes
+    there and ``ferry track --spool`` looks there."""
+    return spool / "log" / "tracking"

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from engine import __version__, _speedups
-from engine.cli import config, queue
+from engine.cli import config, queue, track
 from engine.cli.common import add_key_flags, flags_from, load_from_args, spool_from
 from engine.server.auth import PASSWD_DESCRIPTION, add_passwd_arguments
 
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description=PASSWD_DESCRIPTION)
     add_passwd_arguments(passwd)
     queue.add_parser(commands)
+    track.add_parser(commands)
     config.add_parser(commands)
     man = commands.add_parser(
         "man", help="print a manual page (roff), or write them all",
@@ -150,6 +151,8 @@ def _dispatch(argv: list[str]) -> int:
 
         print(script(parser, args.shell), end="")
         return 0
+    if args.command == "track":
+        return track.track_main(args)
     parser.print_help()
     return 2
 

@@ -5,10 +5,24 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from engine.queue.records import Envelope, RcptState
 from engine.routing.api import Route
+
+
+class Peer(NamedTuple):
+    """Where a delivery went, for the tracking log: the next hop's host name, its
+    "IP:port" ("" for a local delivery) and the TLS of the connection ("TLSv1.3
+    TLS_AES_256_GCM_SHA384", "" in clear).  One per connection, shared by its results."""
+
+    host: str
+    address: str = ""
+    tls: str = ""
+
+
+#: The peer of a local delivery (a Maildir).
+LOCAL = Peer("local")
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +33,8 @@ class RcptResult:
     ("550 5.1.1 No such user", control characters already removed) or a local reason;
     ``remote`` names the host that gave it ("" when none did); ``dsn_offered`` is True
     when the next hop advertised DSN, so NOTIFY, ORCPT and ENVID were passed on and that
-    hop answers for the notices from here (RFC 3461 §5.2.1).
+    hop answers for the notices from here (RFC 3461 §5.2.1); ``peer`` is where the
+    reply came from (None when no connection was made).
     """
 
     index: int
@@ -27,6 +42,7 @@ class RcptResult:
     reply: str
     remote: str = ""
     dsn_offered: bool = False
+    peer: Peer | None = None
 
 
 class Pending(Protocol):

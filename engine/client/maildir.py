@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
-from engine.client.api import FollowOn, FollowOns, RcptResult
+from engine.client.api import LOCAL, FollowOn, FollowOns, RcptResult
 from engine.queue.records import Envelope, RcptState
 from engine.routing.api import Route
 
@@ -121,7 +121,7 @@ class MaildirAgent:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 reason = "no space left for the mailbox"
             return RcptResult(index, RcptState.DEFERRED, f"{S451_LOCAL_ERROR}: {reason}")
-        return RcptResult(index, RcptState.DELIVERED, S250_DELIVERED)
+        return RcptResult(index, RcptState.DELIVERED, S250_DELIVERED, peer=LOCAL)
 
     def _write(self, folder: str, head: bytes, body: bytes) -> None:
         for sub in ("cur", "new", "tmp"):

@@ -37,7 +37,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
-from engine.client.api import FollowOn, FollowOns, RcptResult, Settled
+from engine.client.api import FollowOn, FollowOns, Peer, RcptResult, Settled
 from engine.protocol.client import (
     ClientConnection,
     ClientProtocolError,
@@ -269,6 +269,8 @@ class _Session:
     def __init__(self, host: Host, pipe: _Pipe, timeouts: dict[str, float]) -> None:
         self.host = host
         self.remote = f"{host.name}[{host.address}]"
+        #: Where and how this connection goes, for the results (set once it is ready).
+        self.peer: Peer | None = None
         self.pipe = pipe
         self.conn = pipe.conn
         self.timeouts = timeouts
@@ -505,7 +507,7 @@ class SmtpAgent:
                     return [RcptResult(i, RcptState.DEFERRED, reason) for i in indexes]
             keep = False
             t = Transaction(session.conn, envelope, indexes, body, lmtp=lmtp,
-                            rset=session.needs_rset, remote=session.remote)
+                            rset=session.needs_rset, remote=session.remote, peer=session.peer)
             try:
                 out, keep = await self._transaction(
                     session, t, _Exchange(self, session, t, follow_ons).run())
@@ -676,6 +678,7 @@ class SmtpAgent:
             except BaseException:
                 self._retire(session)
                 raise
+            session.peer = _peer(session)
             return session, ""
         return None, cap_text(reason)
 
@@ -774,6 +777,20 @@ class SmtpAgent:
         if not t.done:
             t.lost()
         return t.outcome(reason), keep and not s.pipe.closed
+
+
+def _peer(s: _Session) -> Peer:
+    """The peer of a ready session: once per connection, never per message."""
+    host = s.host
+    address = host.address
+    if not address.startswith("/"):  # a Unix socket is named by its path
+        address = f"[{address}]:{host.port}" if ":" in address else f"{address}:{host.port}"
+    tls = ""
+    obj = s.transport.get_extra_info("ssl_object")
+    if obj is not None:
+        cipher = obj.cipher()
+        tls = f"{obj.version()} {cipher[0] if cipher else '?'}"
+    return Peer(host.name, address, tls)
 
 
 def _retrieve(future: asyncio.Future[bool]) -> None:
@@ -915,7 +932,8 @@ class _Exchange:
                 or agent.closing or s.messages >= agent.max_messages_per_connection):
             return b""
         job = follow_ons.popleft()
-        nt = Transaction(s.conn, job.envelope, job.recipients, job.body, remote=s.remote)
+        nt = Transaction(s.conn, job.envelope, job.recipients, job.body, remote=s.remote,
+                         peer=s.peer)
         data = nt.start()
         if nt.done:  # refused before anything was sent
             job.handle = Settled(nt.outcome(""))

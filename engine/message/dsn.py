@@ -53,6 +53,7 @@ __all__ = [
     "build_dsn",
     "dsn_envelope_sender",
     "reply_status",
+    "reported",
     "wants_notice",
 ]
 
@@ -436,6 +437,12 @@ def _returned_part(envelope: Envelope, original: bytes, max_return: int,
     return head.encode("ascii") + b"\r\n" + headers, note
 
 
+def reported(envelope: Envelope, failure: Failure) -> bool:
+    """Whether a report about ``envelope`` includes ``failure``: its recipient's NOTIFY
+    asks for that kind of notice (:func:`wants_notice`)."""
+    return wants_notice(envelope.recipients[failure.index], _ACTION_KIND[failure.action])
+
+
 def build_dsn(
     *,
     reporting_mta: str,
@@ -464,11 +471,7 @@ def build_dsn(
     for failure in items:
         if not 0 <= failure.index < len(envelope.recipients):
             raise ValueError(f"item index {failure.index} is not a recipient")
-    wanted = [
-        _item(envelope, failure)
-        for failure in items
-        if wants_notice(envelope.recipients[failure.index], _ACTION_KIND[failure.action])
-    ]
+    wanted = [_item(envelope, failure) for failure in items if reported(envelope, failure)]
     if not wanted:
         return None
     mta = _host(reporting_mta)

@@ -72,6 +72,12 @@ def iso_time(when: float) -> str:
         f".{int((when - whole) * 1000):03d}Z")
 
 
+def bare_message_id(header: str) -> str:
+    """The Message-ID as records carry it: the header's value without its angle brackets
+    (``ferry track --message-id`` takes it with or without them)."""
+    return header.strip().removeprefix("<").removesuffix(">")
+
+
 class Events:
     """The hub.  ``emit`` may be called from coroutines and callbacks on the loop."""
 

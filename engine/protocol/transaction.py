@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from engine.client.api import RcptResult
+from engine.client.api import Peer, RcptResult
 from engine.protocol.client import ClientConnection, ClientProtocolError
 from engine.protocol.command import Command
 from engine.protocol.reply import Reply
@@ -104,11 +104,11 @@ class Transaction:
     __slots__ = ("_accepted", "_answered", "_body", "_dsn", "_eight_bit", "_envelope",
                  "_expected", "_mail_ok", "_pipelining", "_rcpts", "_replied", "_retry",
                  "_round", "_rset", "clean", "conn", "done", "indexes", "keep", "lmtp",
-                 "phase", "remote", "results")
+                 "peer", "phase", "remote", "results")
 
     def __init__(self, conn: ClientConnection, envelope: Envelope, indexes: list[int],
                  body: bytes, *, lmtp: bool = False, rset: bool = False,
-                 remote: str = "") -> None:
+                 remote: str = "", peer: Peer | None = None) -> None:
         ext = conn.extensions
         if ext is None:
             raise ClientProtocolError("a transaction before a successful EHLO/HELO/LHLO")
@@ -117,6 +117,8 @@ class Transaction:
         self.lmtp = lmtp
         #: Names the next hop in results ("mx.example[192.0.2.1]").
         self.remote = remote
+        #: The connection's peer, carried by the results for the tracking log.
+        self.peer = peer
         #: What each recipient got so far, by envelope index.
         self.results: dict[int, RcptResult] = {}
         #: The connection may carry another transaction after this one.
@@ -167,7 +169,7 @@ class Transaction:
         refusal = self._refusal()
         if refusal is not None:
             for i in self.indexes:
-                self.results[i] = RcptResult(i, _FAILED, refusal)
+                self.results[i] = RcptResult(i, _FAILED, refusal, peer=self.peer)
             self._finish()
             return b""
         return self._begin()
@@ -209,7 +211,8 @@ class Transaction:
         for i in self.indexes:
             result = results.get(i)
             out.append(result if result is not None else
-                       RcptResult(i, _DEFERRED, reason, self.remote, self._dsn))
+                       RcptResult(i, _DEFERRED, reason, self.remote, self._dsn,
+                                  self.peer))
         return out
 
     # --- the rounds -------------------------------------------------------------------
@@ -328,10 +331,10 @@ class Transaction:
                     self._retry.append(i)
                     # Stands if no next round comes (DEFERRED, not FAILED, even for 552).
                     self.results[i] = RcptResult(i, _DEFERRED, reply_text(reply), self.remote,
-                                                 self._dsn)
+                                                 self._dsn, self.peer)
                 else:
                     self.results[i] = RcptResult(i, reply_state(code), reply_text(reply),
-                                                 self.remote, self._dsn)
+                                                 self.remote, self._dsn, self.peer)
         if self._replied < len(self._round):
             return b"" if self._pipelining else self.conn.send(self._rcpts.pop())
         self.phase = DATA
@@ -369,7 +372,7 @@ class Transaction:
             # RFC 2033 §4.2: one reply per accepted recipient, in RCPT order.
             i = accepted[n]
             self.results[i] = RcptResult(i, reply_state(reply.code), reply_text(reply),
-                                         self.remote, self._dsn)
+                                         self.remote, self._dsn, self.peer)
         else:
             self._answer_all(accepted, reply, reply_state(reply.code))
         if self._answered < self._expected:
@@ -417,8 +420,8 @@ class Transaction:
             return
         text = reply_text(reply)
         results = self.results
-        remote, dsn = self.remote, self._dsn
+        remote, dsn, peer = self.remote, self._dsn, self.peer
         for i in indexes:
-            results[i] = RcptResult(i, state, text, remote, dsn)
+            results[i] = RcptResult(i, state, text, remote, dsn, peer)
 
 

@@ -49,11 +49,13 @@ import orjson
 from engine.client.api import DeliveryAgent, FollowOn, FollowOns, RcptResult
 from engine.config import DeliveryConfig
 from engine.message.dsn import Action, Failure, build_dsn, reply_status, wants_notice
-from engine.ops.events import Events
+from engine.ops.events import Events, Kind
 from engine.queue.api import DueEntry, NewMessage, Outcome, QueueStore
-from engine.queue.records import Envelope, RcptState, Recipient, RecordError
+from engine.queue.records import Envelope, RcptState, Recipient, RecordError, new_id
 from engine.queue.window import DueWindow
 from engine.routing.api import Route, RouteError, Router
+from engine.scheduler import facts
+from engine.scheduler.facts import Fact
 from engine.scheduler.notices import DelayNotices
 from engine.scheduler.policy import RETRY_JITTER, Limits, SiteLimits, Throttle, retry_delay
 from engine.scheduler.snapshot import DestinationView, DownSite, SchedulerSnapshot, SiteView
@@ -83,6 +85,8 @@ class _Batch:
 
     outcomes: list[Outcome] = field(default_factory=list)
     groups: list[DueEntry] = field(default_factory=list)
+    #: their tracking events, emitted once the commit is done (none when nobody listens)
+    facts: list[Fact] = field(default_factory=list)
 
 
 #: Groups a worker keeps prepared for its connection's follow-on queue (see _prepare):
@@ -203,7 +207,7 @@ class Scheduler:
         unparking, so no recipient is ever left parked by a set that forgot it)."""
         self.suspended.add(destination)
         await self._save_suspended()
-        return await self._set_state(destination, _WAITING, _suspend)
+        return await self._set_state(destination, _WAITING, _suspend, Kind.SUSPEND)
 
     async def resume(self, destination: str) -> int:
         """Deliver ``destination``'s mail now (``ferry queue resume``): lift its suspension,
@@ -211,7 +215,7 @@ class Scheduler:
         site; returns how many recipients were made due."""
         self.suspended.discard(destination)
         count = await self._set_state(destination, (RcptState.SUSPENDED, RcptState.DEFERRED),
-                                      _due_now)
+                                      _due_now, Kind.RESUME)
         await self._save_suspended()
         # The site that was marked down was routed to moments before: its route is in the
         # DNS cache (a mark outlives no TTL by much), so no lookup is waited for here.
@@ -260,26 +264,32 @@ class Scheduler:
 
     async def _set_state(
         self, destination: str, states: Sequence[RcptState],
-        new: Callable[[bytes, int, Recipient, float], Outcome],
+        new: Callable[[bytes, int, Recipient, float], Outcome], kind: Kind,
     ) -> int:
         """Record ``new(queue_id, index, recipient, now)`` for every recipient of
-        ``destination`` in one of ``states``; returns how many."""
+        ``destination`` in one of ``states``; returns how many.  Each message changed is
+        reported as ``kind`` once its page is committed."""
         count, after = 0, b""
         while True:
             ids = self.store.ids_for_hop(destination, 1000, after)
             if not ids:
                 return count
             outcomes = []
+            changed: list[Fact] = []
             for qid in ids:
                 try:
                     env = self.store.get(qid)
                 except (KeyError, RecordError):
                     continue
                 now = time.time()
-                outcomes += [new(qid, i, r, now) for i, r in enumerate(env.recipients)
-                             if r.next_hop == destination and r.state in states]
+                mine = [new(qid, i, r, now) for i, r in enumerate(env.recipients)
+                        if r.next_hop == destination and r.state in states]
+                if mine and self.events.on:
+                    changed.append(facts.parked(kind, env, destination, len(mine)))
+                outcomes += mine
             if outcomes:
                 await self.store.record(outcomes)
+                facts.emit(self.events, changed)
             count += len(outcomes)
             after = ids[-1]
 
@@ -614,12 +624,14 @@ class Scheduler:
                     waiting = self._waiting(env, entry.next_hop)
                     await self.store.record([Outcome(entry.queue_id, i, RcptState.SUSPENDED,
                                                      attempted=False) for i in waiting])
+                    self._parked(Kind.SUSPEND, env, entry.next_hop, len(waiting))
                     if entry.next_hop not in self.suspended:
                         # Resumed while that commit was on its way: resume() may have
                         # looked before it landed, so release these recipients here.
                         await self.store.record([Outcome(entry.queue_id, i, RcptState.PENDING,
                                                          attempted=False, due=time.time())
                                                  for i in waiting])
+                        self._parked(Kind.RESUME, env, entry.next_hop, len(waiting))
                         self.wake()
                     return True
                 expired = self._expired(env, now)
@@ -656,6 +668,10 @@ class Scheduler:
         finally:
             if not batched:
                 self._release(entry)
+
+    def _parked(self, kind: Kind, env: Envelope, destination: str, count: int) -> None:
+        if count and self.events.on:
+            facts.emit(self.events, [facts.parked(kind, env, destination, count)])
 
     def _all_open(self, env: Envelope, destination: str) -> list[int]:
         return [i for i, r in enumerate(env.recipients)
@@ -710,15 +726,20 @@ class Scheduler:
         if finished:
             self.traffic.left(entry.next_hop, now)
         new_messages = self._dsn(env, failures, now) if failures else []
+        told = facts.outcomes(env, results, outcomes, route, now) if self.events.on else []
         if new_messages:
             # Alone: a DSN adds bytes and may be refused (back pressure), which must fail
             # this group's record only.
             await self.store.record(outcomes, new_messages)
+            if self.events.on:
+                told += facts.dsn(env, failures, new_messages[0].envelope.queue_id)
+                facts.emit(self.events, told)
             return False
-        self._queue_outcomes(outcomes, entry)
+        self._queue_outcomes(outcomes, entry, told)
         return True
 
-    def _queue_outcomes(self, outcomes: list[Outcome], entry: DueEntry) -> None:
+    def _queue_outcomes(self, outcomes: list[Outcome], entry: DueEntry,
+                        told: list[Fact] | None = None) -> None:
         """Queue outcomes to be recorded with those of the other groups that finish in
         this turn of the loop: one queue operation (one hand-over to the writer, one
         settle) for many groups instead of one each, and no timer: a timer only adds
@@ -730,6 +751,8 @@ class Scheduler:
             asyncio.get_running_loop().call_soon(self._flush_outcomes)
         batch.outcomes += outcomes
         batch.groups.append(entry)
+        if told:
+            batch.facts += told
 
     def _flush_outcomes(self) -> None:
         batch, self._batch = self._batch, None
@@ -753,6 +776,8 @@ class Scheduler:
         if not done.cancelled() and done.exception() is not None:
             log.error("recording the outcomes of %d groups failed: %s", len(batch.groups),
                       done.exception())
+        elif batch.facts and not done.cancelled():
+            facts.emit(self.events, batch.facts)
         for entry in batch.groups:
             self.window.release(entry)
         self._refill()
@@ -768,7 +793,9 @@ class Scheduler:
         bounce = Envelope(sender="", recipients=[Recipient(env.sender,
                                                            self.router.destination(domain))],
                           size=len(body), smtputf8=not env.sender.isascii(),
-                          body_type="" if body.isascii() else "8BITMIME")
+                          body_type="" if body.isascii() else "8BITMIME",
+                          # its id now, so the DSN event can name it (engine.ops.events)
+                          queue_id=new_id(now))
         return [NewMessage(bounce, body)]
 
     async def _fail_unrouted(self, entry: DueEntry, exc: RouteError) -> None:
@@ -793,10 +820,12 @@ class Scheduler:
         try:
             env = self._load(entry)
             if env is not None:
-                await self.store.record([
-                    Outcome(entry.queue_id, i, RcptState.DEFERRED, reply,
-                            due=until + self._rnd.uniform(0, spread), attempted=False)
-                    for i in self._waiting(env, entry.next_hop)])
+                outcomes = [Outcome(entry.queue_id, i, RcptState.DEFERRED, reply,
+                                    due=until + self._rnd.uniform(0, spread), attempted=False)
+                            for i in self._waiting(env, entry.next_hop)]
+                await self.store.record(outcomes)
+                if self.events.on:
+                    facts.emit(self.events, facts.deferred(env, outcomes, time.time()))
         finally:
             self._release(entry)
 

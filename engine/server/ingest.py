@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.message.headers import scan_headers
 from engine.message.lines import MAX_LINE, has_long_line, wrap_long_lines
 from engine.message.trace import received_field, with_protocol
-from engine.ops.events import Events
+from engine.ops.events import Events, Kind, bare_message_id
 from engine.protocol.command import Command
 from engine.queue.api import BackPressure, QueueStore
 from engine.queue.records import Envelope, Recipient, id_text, new_id
@@ -90,10 +90,12 @@ class Ingest:
     def __init__(self, store: QueueStore, hostname: str, route: Route, *,
                  lifetime: float = 5 * 86400.0,
                  queued: Callable[[], None] | None = None, postmaster: str = "",
-                 events: Events | None = None) -> None:
+                 events: Events | None = None, subject: bool = False) -> None:
         self.store = store
         #: RECEIVE goes here after the commit (engine.ops.events)
         self.events = events or Events()
+        #: [tracking] subject: RECEIVE names the message's Subject: too
+        self.subject = subject
         self.hostname = hostname
         self.route = route
         #: Where a bare <Postmaster> goes (address, domain): ``postmaster``, by default
@@ -157,4 +159,26 @@ class Ingest:
             return S451_STORAGE
         if self.queued is not None:
             self.queued()
+        if self.events.on:
+            self._received(arrival, envelope, scan.subject)
         return (250, "2.0.0", f"Ok: queued as {id_text(qid)}")
+
+    def _received(self, arrival: Arrival, envelope: Envelope,
+                  subject: tuple[int, int] | None) -> None:
+        """RECEIVE, after the commit that holds the message (engine.ops.events)."""
+        fields: dict[str, Any] = {}
+        if self.subject:
+            fields["subject"] = _header_value(arrival.body, subject)
+        self.events.emit(
+            Kind.RECEIVE, envelope.queue_id, bare_message_id(envelope.message_id),
+            connector=envelope.receive_connector,
+            client=arrival.client_address, helo=arrival.helo, tls=tls_text(arrival.tls_info),
+            auth=arrival.auth_user, size=envelope.size, sender=envelope.sender,
+            recipients=[r.address for r in envelope.recipients], **fields)
+
+
+def tls_text(tls_info: str) -> str:
+    """ "TLSv1.3 TLS_AES_256_GCM_SHA384" from the session's "version=... cipher=..."."""
+    if not tls_info:
+        return ""
+    return " ".join(part.partition("=")[2] for part in tls_info.split())

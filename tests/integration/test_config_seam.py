@@ -203,6 +203,11 @@ lmtp = "127.0.0.1:{closed_port()}"
 [log]
 level = "info"
 protocol_log_dir = "protolog"
+
+[tracking]
+dir = "tracking"
+max_file_size = "10MiB"
+subject = true
 """, encoding="utf-8")
     return load_config(path)
 

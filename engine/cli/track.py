@@ -1,0 +1,227 @@
+"""``ferry track``: search the message tracking log, like Exchange's Get-MessageTrackingLog.
+
+Reads the files of the tracking directory (``engine.ops.tracking``: the rotated ones and
+the current one, in time order) and prints the records that match every filter given, as
+a table or (``--json``) one record per line as logged.  It needs no running server and
+changes nothing.
+
+Fast on large logs: each filter that can be is turned into bytes the raw line must
+contain (the Message-ID or queue id as JSON text, an address as a case-insensitive
+pattern), searched in the mapped file before any line is parsed; only the lines that
+contain it are decoded and checked field by field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from engine.cli.common import add_config_argument, add_spool_argument, spool_from
+from engine.config import ConfigError
+from engine.ops.events import Event, Kind, bare_message_id, iso_time
+from engine.ops.tracking import Needle, parse_time, read_records
+
+#: The fields a table row shows for each kind, after time, event, id and recipient; a
+#: kind not listed shows every field it has.
+_DETAIL: dict[str, tuple[str, ...]] = {
+    "RECEIVE": ("sender", "recipients", "client", "helo", "connector", "auth", "tls",
+                "size", "subject"),
+    "DELIVER": ("host", "address", "tls", "reply", "attempt", "delay", "connector"),
+    "DEFER": ("host", "address", "reply", "attempt", "retry"),
+    "FAIL": ("host", "address", "reply", "attempt"),
+    "EXPIRE": ("reply", "delay"),
+    "DSN": ("action", "dsn_id", "recipients"),
+    "SUSPEND": ("destination", "recipients"),
+    "RESUME": ("destination", "recipients"),
+}
+_HEAD = ("time", "event", "id", "message_id", "recipient")
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    track = commands.add_parser(
+        "track", help="search the message tracking log (Get-MessageTrackingLog)",
+        description="Search the message tracking log: every filter given must match. "
+        "Times are ISO 8601 (UTC unless they name an offset).")
+    track.add_argument("--message-id", metavar="ID",
+                       help="the Message-ID header, with or without <angle brackets>")
+    track.add_argument("--queue-id", metavar="ID", help="the queue id (a DSN's own id also "
+                       "finds the DSN event that made it)")
+    track.add_argument("--sender", metavar="ADDR", help="every event of the messages from "
+                       "this envelope sender")
+    track.add_argument("--recipient", metavar="ADDR", help="events about this recipient")
+    track.add_argument("--event", metavar="EVENT", action="append", default=[],
+                       type=str.upper, help="only this event (repeatable): "
+                       + ", ".join(k.value for k in Kind))
+    track.add_argument("--start", metavar="TIME", help="records at or after this time")
+    track.add_argument("--end", metavar="TIME", help="records before this time")
+    add_config_argument(track)
+    add_spool_argument(track)
+    track.add_argument("--dir", metavar="DIR", help="the tracking log directory itself "
+                       "(default: --config's [tracking] dir, else <spool>/log/tracking)")
+    track.add_argument("--json", action="store_true",
+                       help="one JSON record per line, as logged")
+
+
+def log_dir(args: argparse.Namespace) -> Path:
+    """The directory searched: --dir, else --config's ``[tracking] dir``, else the
+    default place under the spool (:func:`engine.cli.common.spool_from`).  ConfigError
+    when the configuration file cannot be used."""
+    from engine.config import load_config, tracking_dir
+
+    if args.dir:
+        return Path(args.dir)
+    if args.config is not None and not args.spool:
+        config = load_config(args.config)
+        return config.tracking.dir or tracking_dir(config.spool)
+    return tracking_dir(spool_from(args))
+
+
+class Query:
+    """The filters of one search, checked on decoded records."""
+
+    def __init__(self, *, message_id: str | None = None, queue_id: str | None = None,
+                 sender: str | None = None, recipient: str | None = None,
+                 events: list[str] | None = None, start: float | None = None,
+                 end: float | None = None) -> None:
+        self.message_id = bare_message_id(message_id) if message_id is not None else None
+        self.queue_id = queue_id.strip().upper() if queue_id is not None else None
+        self.sender = sender.lower() if sender is not None else None
+        self.recipient = recipient.lower() if recipient is not None else None
+        self.events = frozenset(events or ())
+        # The records' times are ISO text of one width: compared as text (the microsecond
+        # keeps a time given to the millisecond from being cut to the one before).
+        self.since = start
+        self.start = iso_time(start + 1e-6) if start is not None else None
+        self.end = iso_time(end + 1e-6) if end is not None else None
+        #: Queue ids of the messages from ``sender`` (found by a first pass).
+        self.ids: frozenset[str] | None = None
+
+    def needles(self) -> tuple[Needle, ...]:
+        """What a matching raw line must contain, rarest first."""
+        out: list[Needle] = []
+        if self.message_id is not None:
+            out.append(b'"message_id":' + orjson.dumps(self.message_id))
+        if self.queue_id is not None:
+            out.append(orjson.dumps(self.queue_id))
+        if self.ids is not None:
+            out.append(_any_of(orjson.dumps(i) for i in sorted(self.ids)))
+        if self.recipient is not None:
+            out.append(_any_of([orjson.dumps(self.recipient)]))
+        return tuple(out)
+
+    def matches(self, r: Event) -> bool:
+        if self.events and r.get("event") not in self.events:
+            return False
+        when = r.get("time", "")
+        if (self.start is not None and when < self.start) or (
+                self.end is not None and when >= self.end):
+            return False
+        if self.message_id is not None and r.get("message_id") != self.message_id:
+            return False
+        if self.queue_id is not None and self.queue_id not in (r.get("id"), r.get("dsn_id")):
+            return False
+        if self.ids is not None and r.get("id") not in self.ids:
+            return False
+        if self.recipient is not None:
+            one = r.get("recipient")
+            many = r.get("recipients")
+            if not (isinstance(one, str) and one.lower() == self.recipient) and not (
+                    isinstance(many, list)
+                    and any(isinstance(a, str) and a.lower() == self.recipient
+                            for a in many)):
+                return False
+        return True
+
+
+def _any_of(texts: Any) -> re.Pattern[bytes]:
+    return re.compile(b"|".join(re.escape(t) for t in texts), re.IGNORECASE)
+
+
+def search(directory: Path, query: Query) -> Iterator[Event]:
+    """The records of ``directory``'s tracking files that match ``query``, in order."""
+    if query.sender is not None:
+        # Only RECEIVE names the sender: first the ids of its messages, then their events.
+        sender = query.sender
+        needle = _any_of([b'"sender":' + orjson.dumps(sender)])
+        query.ids = frozenset(
+            str(r.get("id")) for r in read_records(directory, (needle,))
+            if r.get("event") == Kind.RECEIVE and str(r.get("sender", "")).lower() == sender)
+        if not query.ids:
+            return
+    for record in read_records(directory, query.needles(), query.since):
+        if query.matches(record):
+            yield record
+
+
+def _time(text: str | None, flag: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise SystemExit(f"ferry track: {flag}: not an ISO 8601 time: {text!r}") from None
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def row(r: Event) -> str:
+    """One table line: time, event, queue id, recipient, then the kind's fields."""
+    head = f"{r.get('time', '')}  {r.get('event', ''):<8} {r.get('id', '')}"
+    rcpt = r.get("recipient")
+    parts = [head] + ([str(rcpt)] if rcpt else [])
+    keys = _DETAIL.get(str(r.get("event")))
+    if keys is None:
+        keys = tuple(k for k in r if k not in _HEAD)
+    parts += [f"{k}={_cell(r[k])}" for k in keys if k in r and r[k] not in ("", None)]
+    mid = r.get("message_id")
+    if mid and r.get("event") == "RECEIVE":
+        parts.append(f"message_id=<{mid}>")
+    return "  ".join(parts)
+
+
+def track_main(args: argparse.Namespace) -> int:
+    query = Query(message_id=args.message_id, queue_id=args.queue_id, sender=args.sender,
+                  recipient=args.recipient, events=args.event,
+                  start=_time(args.start, "--start"), end=_time(args.end, "--end"))
+    unknown = sorted(query.events - {k.value for k in Kind})
+    if unknown:
+        print(f"ferry track: --event: unknown event {', '.join(unknown)} (one of "
+              f"{', '.join(k.value for k in Kind)})", file=sys.stderr)
+        return 2
+    try:
+        directory = log_dir(args)
+    except ConfigError as exc:
+        print(f"ferry track: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if not directory.is_dir():
+        print(f"ferry track: no tracking log in {directory} (give --spool or --dir)",
+              file=sys.stderr)
+        return 1
+    out = sys.stdout.buffer
+    found = 0
+    try:
+        for record in search(directory, query):
+            found += 1
+            if args.json:
+                out.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+            else:
+                out.write(row(record).encode("utf-8", "backslashreplace") + b"\n")
+        out.flush()
+    except BrokenPipeError:  # `ferry track ... | head`: not an error
+        # Python would report the pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    if not found and not args.json:
+        print("no matching records", file=sys.stderr)
+    return 0
