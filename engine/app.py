@@ -23,8 +23,10 @@ from engine.client.api import DeliveryAgent
 from engine.client.maildir import MaildirAgent
 from engine.client.smtp import SmtpAgent
 from engine.config import Config
+from engine.ops import logfmt
 from engine.ops.control import ControlServer, ControlUnavailable, check_free, socket_path
 from engine.ops.events import Events
+from engine.ops.maillog import MailLog
 from engine.ops.protolog import ProtocolLog
 from engine.queue.lmdb_store import LmdbQueue
 from engine.routing.mx import MxResolver
@@ -50,6 +52,9 @@ class App:
         self._flusher: asyncio.Task[None] | None = None
         #: the event stream every part reports to; sinks are added as configured
         self.events = Events()
+        # One INFO line per event on ferry.mail (engine.ops.maillog); it formats nothing
+        # while that logger is below INFO.
+        self.events.add(MailLog())
 
     async def start(self) -> None:
         cfg = self.config
@@ -57,6 +62,8 @@ class App:
         # [log] level (a --log-level flag was merged into it) for Ferry's loggers, ferry.*;
         # the handler and format are the CLI's (engine.cli.main).
         logging.getLogger("ferry").setLevel(cfg.log.level.upper())
+        # [log] format for the handler the CLI installed (none in tests: theirs stays).
+        logfmt.use(cfg.log.format)
         # Before the queue opens: a second server on this spool stops here, untouched.
         check_free(socket_path(cfg.spool))
         self.store = store = LmdbQueue(
