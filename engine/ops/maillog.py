@@ -199,3 +199,44 @@ class MailLog:
 
     def close(self) -> None:
         """Nothing buffered here: the logging handlers write each line."""
+
+
+# --- refusals: no queue id yet, so no hub event; the receive session calls these ----------
+
+Reply = tuple[int, str, str]
+
+
+def _answer(reply: Reply) -> str:
+    return " ".join(str(part) for part in reply if part)
+
+
+def refused(command: str, reply: Reply, *, client: str, helo: str, sender: str,
+            recipient: str = "", connector: str = "") -> None:
+    """One INFO line for a MAIL or RCPT refused with ``reply`` (Postfix's ``NOQUEUE:
+    reject:``): who, what they asked for, and the answer they got."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    answer = _answer(reply)
+    text = (f"NOQUEUE: reject: {command} from [{clean(client)}]: {clean(answer)}; "
+            f"from=<{clean(sender)}>")
+    if recipient:
+        text += f" to=<{clean(recipient)}>"
+    text += f" helo=<{clean(helo)}> connector={clean(connector)}"
+    log.info("%s", text, extra={"fields": {
+        "event": "REJECT", "command": command, "client": client, "helo": helo,
+        "sender": sender, "recipient": recipient, "reply": answer, "connector": connector}})
+
+
+def auth_failed(mechanism: str, user: str, reply: Reply, *, client: str, helo: str,
+                connector: str = "") -> None:
+    """One INFO line for a failed AUTH: the mechanism, the user name if the client gave
+    one, and the reply; the password is never handed here."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    answer = _answer(reply)
+    text = (f"AUTH failed from [{clean(client)}]: mechanism={clean(mechanism)}, "
+            f"user={clean(user) if user else '(none)'}, helo=<{clean(helo)}>, "
+            f"connector={clean(connector)} ({clean(answer)})")
+    log.info("%s", text, extra={"fields": {
+        "event": "AUTHFAIL", "mechanism": mechanism, "user": user, "client": client,
+        "helo": helo, "reply": answer, "connector": connector}})

@@ -22,6 +22,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, cast
 
+from engine.ops import maillog
 from engine.protocol import server as sm
 from engine.protocol.events import NEED_DATA
 from engine.protocol.reply import format_reply
@@ -76,6 +77,8 @@ class SmtpSession(asyncio.Protocol):
         self.log: SessionLog | None = None
         self.auth_user = ""
         self.auth_failures = 0
+        #: the mechanism of the AUTH in progress, for the log line of a failure
+        self.auth_mechanism = ""
         self.messages = 0
         self._mechanism: ServerMechanism | None = None
         self._busy: asyncio.Task[None] | None = None
@@ -228,10 +231,12 @@ class SmtpSession(asyncio.Protocol):
 
     def _on_mail(self, event: sm.Event) -> Reply:
         if self.messages >= self.config.max_messages_per_connection:
-            return S421_TOO_MANY_MESSAGES
+            return self._refused(event, S421_TOO_MANY_MESSAGES)
         # Refuse early (RFC 5321 §4.5.3.1.10 style) rather than take a body we cannot store.
-        if self.connector.store.pressure() is not None:
-            return S452_STORAGE
+        problem = self.connector.store.pressure()
+        if problem is not None:
+            self.connector.pressure_refused(problem)
+            return self._refused(event, S452_STORAGE)
         return S250_SENDER
 
     def _on_rcpt(self, event: sm.Event) -> Reply:
@@ -239,7 +244,20 @@ class SmtpSession(asyncio.Protocol):
         cmd = event.command
         refusal = self.connector.relay.check_rcpt(cmd.local, cmd.domain, self.client_ip,
                                                   bool(self.auth_user))
-        return refusal if refusal is not None else S250_RECIPIENT
+        return S250_RECIPIENT if refusal is None else self._refused(event, refusal)
+
+    def _refused(self, event: sm.Event, reply: Reply) -> Reply:
+        """Log a refused MAIL or RCPT (the operator's line, engine.ops.maillog); ``reply``."""
+        assert isinstance(event, (sm.MailFrom, sm.RcptTo))
+        transaction = self.conn.transaction
+        if isinstance(event, sm.MailFrom):
+            command, sender, recipient = "MAIL", event.command.mailbox, ""
+        else:
+            command, recipient = "RCPT", event.command.mailbox
+            sender = transaction.mail.mailbox if transaction is not None else ""
+        maillog.refused(command, reply, client=self.client, helo=self.conn.helo or "",
+                        sender=sender, recipient=recipient, connector=self.connector.name)
+        return reply
 
     def _on_data(self, event: sm.Event) -> Reply:
         self._data_started = self.loop.time()
@@ -264,6 +282,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _on_auth_start(self, event: sm.Event) -> Reply | Awaitable[Reply]:
         assert isinstance(event, sm.AuthStart)
+        self.auth_mechanism = event.mechanism.upper()
         self._mechanism = mechanism(event.mechanism)
         return self._sasl(self._mechanism.start(event.initial))
 
@@ -285,12 +304,15 @@ class SmtpSession(asyncio.Protocol):
         if ok and creds.authzid in ("", creds.username):
             self.auth_user = creds.username
             return S235_AUTH_OK
-        return self._auth_failed(S535_AUTH_FAILED)
+        return self._auth_failed(S535_AUTH_FAILED, creds.username)
 
-    def _auth_failed(self, reply: Reply) -> Reply:
+    def _auth_failed(self, reply: Reply, user: str = "") -> Reply:
         self.auth_failures += 1
         if self.auth_failures >= self.config.max_auth_failures:
-            return S421_AUTH_FAILURES
+            reply = S421_AUTH_FAILURES
+        # The user name the client gave, never the password (it is not handed here).
+        maillog.auth_failed(self.auth_mechanism, user, reply, client=self.client,
+                            helo=self.conn.helo or "", connector=self.connector.name)
         return reply
 
     # --- TLS -------------------------------------------------------------------------
