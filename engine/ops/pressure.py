@@ -40,8 +40,8 @@ class PressureLog:
         if problem is None:
             return
         if problem.reason == "disk space low":
-            log.warning("spool free space is below queue.min_free_disk: %s; every MAIL will "
-                        "get 452 4.3.1 until space is freed (or min_free_disk is lowered)",
+            log.warning("spool free space is low at start: %s; every MAIL will get 452 "
+                        "4.3.1 until space is freed (or queue.min_free_disk is lowered)",
                         problem.figures)
         else:
             log.warning("the queue refuses new mail from the start: %s; every MAIL will get "
