@@ -32,6 +32,11 @@ For ``direct`` the columns describe smtp-sink.
 
 Targets (issue 6): Ferry end to end ≥ 2x Postfix for 1 KiB and 20 KiB, ≥ 1x for 100 KiB.
 Every load is bounded by a message count and a timeout.
+
+``--maillog`` (issue 13) runs each cell with Ferry only, twice in the same run: the mail
+log off (``[log] level = "warning"``) and on (``"info"``: one line per received and per
+delivered message, engine.ops.maillog, written to the log file); the target is on ≥ 0.90x
+off, end to end.  It needs no Postfix and no root.
 """
 
 from __future__ import annotations
@@ -74,6 +79,9 @@ SENDER = "a@client.test"
 RECIPIENT = "b@example.net"
 TARGETS = {1024: 2.0, 20 * 1024: 2.0, 100 * 1024: 1.0}
 KINDS = ("ferry", "postfix", "direct")
+#: --maillog: Ferry with the mail log off, then on ([log] level); on ≥ this much of off.
+MAILLOG_KINDS = {"ferry-quiet": "warning", "ferry-maillog": "info"}
+MAILLOG_TARGET = 0.90
 EMPTY_ZONE = "$ORIGIN bench.invalid.\n@ 60 IN SOA ns hostmaster 1 60 60 60 60\n"
 
 
@@ -243,10 +251,12 @@ def start_server(
     """(port, pid of the tree's root, handle) of a fresh server relaying to ``sink``."""
     if kind == "direct":
         return sink.port, sink.proc.pid, None
-    if kind == "ferry":
+    if kind == "ferry" or kind in MAILLOG_KINDS:
         port = free_port()
         config = workdir / "ferry.toml"
-        config.write_text('[queue]\ndurability = "fsync"\n')
+        level = MAILLOG_KINDS.get(kind)
+        config.write_text('[queue]\ndurability = "fsync"\n'
+                          + (f'[log]\nlevel = "{level}"\n' if level else ""))
         proc = spawn(
             [
                 str(FERRY),
@@ -337,7 +347,7 @@ def run_cell(kind: str, cell: Cell, base: Path) -> Result:
             if kind != "direct":
                 result.cpu = settle_cpu(pid) - cpu0
         result.rss_kib = rss.peak_kib
-        if kind == "ferry":  # one process: the kernel's own peak RSS
+        if kind == "ferry" or kind in MAILLOG_KINDS:  # one process: the kernel's peak RSS
             result.rss_kib = status_kib(pid, "VmHWM")
         if kind == "direct":
             result.cpu = tree_cpu(pid) - cpu0
@@ -371,19 +381,8 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="fewer messages per cell")
-    parser.add_argument("--dir", default="/work", help="where the temporary spools go")
-    args = parser.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("run as root: the Postfix instance needs it")
-    atexit.register(_stop_children)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-    scale = 5 if args.quick else 1
+def cells_for(quick: bool) -> list[Cell]:
+    scale = 5 if quick else 1
     cells = []
     for size, single, multi in (
         (1024, 2000, 10000),
@@ -391,6 +390,55 @@ def main() -> None:
         (100 * 1024, 1000, 4000),
     ):
         cells += [Cell(size, False, single // scale), Cell(size, True, multi // scale)]
+    return cells
+
+
+def maillog_main(quick: bool, where: Path) -> None:
+    """--maillog: each cell with the mail log off and on, back to back; on/off end to end."""
+    atexit.register(_stop_children)
+    base = Path(tempfile.mkdtemp(prefix="bench_relay.", dir=where))
+    os.chmod(base, 0o755)
+    verdicts = []
+    try:
+        print(f"{'cell':<16} {'ferry/[log] level':<24} {'e2e/s':>8} {'CPU µs/msg':>10}")
+        for cell in cells_for(quick):
+            rates = {}
+            for kind, level in MAILLOG_KINDS.items():
+                r = run_cell(kind, cell, base)
+                rates[kind] = r.rate(r.e2e)
+                print(f"{cell.name:<16} {level:<24} {rates[kind]:>8,.0f} "
+                      f"{r.cpu / cell.messages * 1e6:>10,.0f}", flush=True)
+                if r.error:
+                    print(f"  ERROR: {r.error}")
+            off, on = rates["ferry-quiet"], rates["ferry-maillog"]
+            ok = bool(off and on and on / off >= MAILLOG_TARGET)
+            verdicts.append(ok)
+            print(f"{cell.name:<16} on/off {ratio(on, off)} (>= {MAILLOG_TARGET:.2f}x) "
+                  f"{'PASS' if ok else 'FAIL'}", flush=True)
+        print(f"\noverall: {'PASS' if all(verdicts) else 'FAIL'} "
+              f"({sum(verdicts)} of {len(verdicts)} cells keep >= {MAILLOG_TARGET:.0%})")
+    finally:
+        _stop_children()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer messages per cell")
+    parser.add_argument("--dir", default="/work", help="where the temporary spools go")
+    parser.add_argument("--maillog", action="store_true",
+                        help="Ferry only: the mail log off against on, same cells")
+    args = parser.parse_args()
+    if args.maillog:
+        return maillog_main(args.quick, Path(args.dir))
+    if os.geteuid() != 0:
+        sys.exit("run as root: the Postfix instance needs it")
+    atexit.register(_stop_children)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    cells = cells_for(args.quick)
     base = Path(tempfile.mkdtemp(prefix="bench_relay.", dir=args.dir))
     os.chmod(base, 0o755)
     version = subprocess.run([str(FERRY), "--version"], capture_output=True, text=True)
