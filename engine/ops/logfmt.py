@@ -17,6 +17,7 @@ This module must never decide what is logged, only how a line looks.
 from __future__ import annotations
 
 import logging
+import time
 from typing import IO, Any
 
 import orjson
@@ -30,6 +31,23 @@ FORMATS = ("text", "json")
 #: Keys of every JSON line; a record's field of the same name does not replace them (the
 #: event's own ``time`` is within one turn of the event loop of the line's).
 _BASE = ("time", "level", "logger", "message")
+
+
+class TextFormatter(logging.Formatter):
+    """:data:`TEXT`, with the time of day worked out once a second, not once a line (the
+    mail log writes a line per event)."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT)
+        self._cache = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        cached, stamp = self._cache
+        if second != cached:
+            stamp = time.strftime(self.default_time_format, self.converter(second))
+            self._cache = (second, stamp)
+        return f"{stamp},{int(record.msecs):03d}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -54,7 +72,7 @@ def formatter(name: str) -> logging.Formatter:
     if name == "json":
         return JsonFormatter()
     if name == "text":
-        return logging.Formatter(TEXT)
+        return TextFormatter()
     raise ValueError(f"log format must be one of {FORMATS} (got {name!r})")
 
 
@@ -65,6 +83,9 @@ _installed: list[logging.Handler] = []
 def install(stream: IO[str]) -> logging.Handler:
     """Write the process log (every logger, through the root) to ``stream`` as text until
     :func:`use` says otherwise."""
+    # No format here names a thread or a process: LogRecord need not look them up for
+    # every line (the server's own process only; tests keep the defaults).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter("text"))
     logging.getLogger().addHandler(handler)

@@ -44,48 +44,48 @@ def clean(value: object) -> str:
 def _relay(r: Event) -> str:
     host, address = r.get("host") or "", r.get("address") or ""
     if address:
-        return f"{clean(host)}[{clean(address)}]" if host else f"[{clean(address)}]"
-    return clean(host) if host else "none"
+        return f"{host}[{address}]" if host else f"[{address}]"
+    return host if host else "none"
 
 
 def _seconds(value: Any) -> str:
     try:
         return f"{float(value):.2f}"
     except (TypeError, ValueError):
-        return clean(value)
+        return str(value)
 
 
 def _addresses(values: Any) -> str:
     if isinstance(values, str):
-        return f"<{clean(values)}>"
+        return f"<{values}>"
     if isinstance(values, Iterable):
-        return ",".join(f"<{clean(v)}>" for v in values)
-    return clean(values)
+        return ",".join(f"<{v}>" for v in values)
+    return str(values)
 
 
 def _optional(r: Event, *keys: str) -> str:
     """``, key=value`` for each of ``keys`` that has a non-empty value."""
-    return "".join(f", {key}={clean(r[key])}" for key in keys if r.get(key))
+    return "".join(f", {key}={r[key]}" for key in keys if r.get(key))
 
 
 def _received(r: Event) -> str:
     recipients = r.get("recipients") or ()
-    line = (f"from=<{clean(r.get('sender', ''))}>, size={r.get('size', 0)}, "
-            f"nrcpt={len(recipients)}, client=[{clean(r.get('client', ''))}]")
+    line = (f"from=<{r.get('sender', '')}>, size={r.get('size', 0)}, "
+            f"nrcpt={len(recipients)}, client=[{r.get('client', '')}]")
     if r.get("helo"):
-        line += f", helo=<{clean(r['helo'])}>"
+        line += f", helo=<{r['helo']}>"
     line += _optional(r, "tls", "auth", "connector")
     if r.get("message_id"):
-        line += f", message-id=<{clean(r['message_id'])}>"
+        line += f", message-id=<{r['message_id']}>"
     return line
 
 
 def _attempt(r: Event, status: str, *extra: str) -> str:
     """A delivery attempt to one recipient: where, how long, which try, the outcome."""
-    line = (f"to=<{clean(r.get('recipient', ''))}>, relay={_relay(r)}, "
+    line = (f"to=<{r.get('recipient', '')}>, relay={_relay(r)}, "
             f"delay={_seconds(r.get('delay', 0))}, attempt={r.get('attempt', 0)}")
     line += _optional(r, *extra)
-    return f"{line}, status={status} ({clean(r.get('reply', ''))})"
+    return f"{line}, status={status} ({r.get('reply', '')})"
 
 
 def _delivered(r: Event) -> str:
@@ -101,8 +101,8 @@ def _failed(r: Event) -> str:
 
 
 def _expired(r: Event) -> str:
-    return (f"to=<{clean(r.get('recipient', ''))}>, delay={_seconds(r.get('delay', 0))}, "
-            f"status=expired ({clean(r.get('reply', ''))})")
+    return (f"to=<{r.get('recipient', '')}>, delay={_seconds(r.get('delay', 0))}, "
+            f"status=expired ({r.get('reply', '')})")
 
 
 #: RFC 3464 §2.3.3 action → the words of Postfix's line ("sender non-delivery
@@ -113,34 +113,34 @@ _DSN_WORDS = {"failed": "non-delivery", "delayed": "delay", "delivered": "delive
 
 def _dsn(r: Event) -> str:
     action = str(r.get("action", ""))
-    words = _DSN_WORDS.get(action, clean(action))
-    return (f"sender {words} notification: {clean(r.get('dsn_id', ''))}, "
+    words = _DSN_WORDS.get(action, action)
+    return (f"sender {words} notification: {r.get('dsn_id', '')}, "
             f"recipients={_addresses(r.get('recipients', ()))}")
 
 
 def _destination(verb: str) -> Callable[[Event], str]:
     def line(r: Event) -> str:
-        return (f"destination={clean(r.get('destination', ''))}, {verb}, "
-                f"recipients={clean(r.get('recipients', 0))}")
+        return (f"destination={r.get('destination', '')}, {verb}, "
+                f"recipients={r.get('recipients', 0)}")
     return line
 
 
 def _by(verb: str, *extra: str) -> Callable[[Event], str]:
     def line(r: Event) -> str:
-        text = f"{verb}, by={clean(r.get('by', ''))}" + _optional(r, *extra)
+        text = f"{verb}, by={r.get('by', '')}" + _optional(r, *extra)
         if r.get("reason"):
-            text += f" ({clean(r['reason'])})"
+            text += f" ({r['reason']})"
         return text
     return line
 
 
 def _removed(r: Event) -> str:
-    return (f"removed, by={clean(r.get('by', ''))}, "
+    return (f"removed, by={r.get('by', '')}, "
             f"report={'yes' if r.get('report') else 'no'}")
 
 
 def _poison(r: Event) -> str:
-    return f"poison ({clean(r.get('reason', ''))})"
+    return f"poison ({r.get('reason', '')})"
 
 
 #: The line of each kind of event (engine.ops.events.Kind), after "<queue id>: ".
@@ -165,15 +165,18 @@ _COMMON = frozenset({"time", "event", "id", "message_id"})
 
 
 def _other(r: Event) -> str:
-    return f"{clean(r.get('event', '?')).lower()}" + "".join(
-        f", {k}={clean(v)}" for k, v in r.items() if k not in _COMMON)
+    return str(r.get("event", "?")).lower() + "".join(
+        f", {k}={v}" for k, v in r.items() if k not in _COMMON)
 
 
 def line(record: Event) -> str:
     """The mail log line of one event record (without time, level and logger)."""
     text = LINES.get(record.get("event", ""), _other)(record)
     queue_id = record.get("id")
-    return f"{queue_id}: {text}" if queue_id else text
+    if queue_id:
+        text = f"{queue_id}: {text}"
+    # Replies, HELO names and addresses came from the wire: escaped once, for the line.
+    return text if text.isprintable() else clean(text)
 
 
 class MailLog:
@@ -193,7 +196,8 @@ class MailLog:
                 text = line(record)
             except Exception:  # a malformed record must not hide the others
                 text = f"{record.get('id', '')}: unreadable event record {record!r:.200}"
-            entry = make(name, logging.INFO, __file__, 0, text, (), None)
+            # No path: LogRecord would split one for every line.
+            entry = make(name, logging.INFO, "", 0, text, (), None)
             entry.fields = record
             handle(entry)
 

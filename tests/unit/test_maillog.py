@@ -231,6 +231,7 @@ def test_use_sets_the_format_of_the_installed_handler_only() -> None:
     import io
 
     stream = io.StringIO()
+    flags = (logging.logThreads, logging.logProcesses, logging.logMultiprocessing)
     handler = logfmt.install(stream)
     other = logging.StreamHandler(io.StringIO())
     before = other.formatter
@@ -244,3 +245,13 @@ def test_use_sets_the_format_of_the_installed_handler_only() -> None:
     finally:
         logging.getLogger().removeHandler(handler)
         logfmt._installed.remove(handler)
+        logging.logThreads, logging.logProcesses, logging.logMultiprocessing = flags
+
+
+def test_text_format_writes_what_the_standard_formatter_writes() -> None:
+    standard, ours = logging.Formatter(logfmt.TEXT), logfmt.formatter("text")
+    logger = logging.getLogger("ferry.x")
+    for when in (1765015323.001, 1765015323.999, 1765015324.5, 1765015323.25):
+        record = logger.makeRecord("ferry.x", logging.INFO, "", 0, "hello %s", ("you",), None)
+        record.created, record.msecs = when, int((when - int(when)) * 1000)
+        assert ours.format(record) == standard.format(record)
