@@ -178,6 +178,8 @@ class SmtpSession(asyncio.Protocol):
                     break
             elif isinstance(event, sm.Closed):
                 break
+            elif type(event) is sm.Rejected:
+                self._rejected(event)
         self._flush()
         if conn.closed:
             self._close()
@@ -245,6 +247,27 @@ class SmtpSession(asyncio.Protocol):
         refusal = self.connector.relay.check_rcpt(cmd.local, cmd.domain, self.client_ip,
                                                   bool(self.auth_user))
         return S250_RECIPIENT if refusal is None else self._refused(event, refusal)
+
+    def _rejected(self, event: sm.Rejected) -> None:
+        """A MAIL or RCPT the protocol refused itself (530 before AUTH or STARTTLS, too
+        many recipients, a bad address) gets the operator's line too; other commands'
+        syntax errors do not."""
+        line = self.conn.last_line
+        verb = line[:4].upper()
+        if verb not in (b"MAIL", b"RCPT"):
+            return
+        # The address as written, for the log line only (it may be what was wrong).
+        address = line[line.find(b":") + 1:].split(b">", 1)[0].strip().lstrip(b"<")
+        written = address[:256].decode("utf-8", "replace")
+        transaction = self.conn.transaction
+        if verb == b"MAIL":
+            sender, recipient = written, ""
+        else:
+            sender = transaction.mail.mailbox if transaction is not None else ""
+            recipient = written or "?"
+        maillog.refused(verb.decode(), (event.code, event.enhanced, event.text),
+                        client=self.client, helo=self.conn.helo or "", sender=sender,
+                        recipient=recipient, connector=self.connector.name)
 
     def _refused(self, event: sm.Event, reply: Reply) -> Reply:
         """Log a refused MAIL or RCPT (the operator's line, engine.ops.maillog); ``reply``."""

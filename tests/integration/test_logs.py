@@ -66,6 +66,29 @@ def test_relay_denied_at_rcpt_is_one_line_with_client_helo_sender_and_recipient(
     assert record.fields["recipient"] == "x@elsewhere.test"  # type: ignore[attr-defined]
 
 
+def test_mail_before_auth_and_too_many_recipients_are_refused_with_a_line(
+        tmp_path: Path, log: CapturedLog, running: list[RunningFerry]) -> None:
+    config = ferry_config(tmp_path / "spool", require_auth=True, allow_plaintext_auth=True,
+                          max_recipients=1)
+    config = dataclasses.replace(config, users={"app": hash_password("s3cret")})
+    f = start(running, config)
+    with smtplib.SMTP(f.host, f.port) as client:
+        client.ehlo("client.test")
+        assert client.mail("s@client.test", ["SIZE=10"])[0] == 530
+        client.login("app", "s3cret")
+        assert client.mail("s@client.test")[0] == 250
+        assert client.rcpt("one@[127.0.0.1]")[0] == 250
+        assert client.rcpt("two@[127.0.0.1]")[0] == 452
+        client.noop()
+    line = log.wait("NOQUEUE: reject: MAIL")
+    assert line.endswith("MAIL from [127.0.0.1]: 530 5.7.0 Authentication required; "
+                         "from=<s@client.test> helo=<client.test> connector=default")
+    line = log.wait("NOQUEUE: reject: RCPT")
+    assert " 452 4.5.3 " in line and "from=<s@client.test> to=<two@[127.0.0.1]> " in line
+    # The NOOP, the accepted MAIL and RCPT and the AUTH wrote no refusal line.
+    assert len(log.matching("NOQUEUE")) == 2 and not log.matching("AUTH failed")
+
+
 def test_auth_failure_names_mechanism_user_and_client_never_the_password(
         tmp_path: Path, log: CapturedLog, running: list[RunningFerry]) -> None:
     config = ferry_config(tmp_path / "spool", allow_plaintext_auth=True)
