@@ -6,7 +6,8 @@ keeps the clocks (idle timeout, whole-message timeout, minimum data rate).  Deci
 take time (storing a message, checking a password) run as tasks while reading is paused,
 so a pipelining client cannot make input pile up, and replies stay in order.  A finished
 message goes to ingest as one ``Arrival`` value; a task that raises is answered 451 and
-logged with its traceback.
+logged with its traceback.  A refused MAIL or RCPT and a failed AUTH get one line each on
+the operator's log (``engine.ops.maillog``), written on the refusal path only.
 
 It must never block the event loop (scrypt runs in a thread, LMDB commits in the queue's
 writer thread) and never parse SMTP itself.
