@@ -38,6 +38,12 @@ Every load is bounded by a message count and a timeout.
 protocol logs, :data:`LOGS_ON`), and prints logs-on / logs-off end to end; the target is
 ≥ 0.90 in every cell.  No Postfix there, so it needs no root.  The plain run uses Ferry's
 default configuration (the tracking log is on by default).
+
+``--maillog`` (issue 13) does the same with the mail log off (``[log] level =
+"warning"``, ``ferry-quiet``) and on (``"info"``: one line per received and per delivered
+message, engine.ops.maillog, written to the log file, ``ferry-maillog``); same target.
+Both modes print the server's CPU per message on/off too: on a shared machine it varies
+less than the rate.
 """
 
 from __future__ import annotations
@@ -81,7 +87,6 @@ RECIPIENT = "b@example.net"
 TARGETS = {1024: 2.0, 20 * 1024: 2.0, 100 * 1024: 1.0}
 KINDS = ("ferry", "postfix", "direct")
 #: --logs: Ferry with every log off, then on; logs-on must keep this share of logs-off.
-LOG_KINDS = ("ferry-off", "ferry-logs")
 LOG_TARGET = 0.90
 #: The configuration of each Ferry kind (the flags add listen, spool, smarthost, DNS).
 #: LOGS_ON is the one place that says "every log on": the send side's protocol log goes
@@ -109,7 +114,11 @@ name = "default"
 protocol_log = true
 """
 FERRY_CONFIGS = {"ferry": '[queue]\ndurability = "fsync"\n', "ferry-off": LOGS_OFF,
-                 "ferry-logs": LOGS_ON}
+                 "ferry-logs": LOGS_ON,
+                 "ferry-quiet": '[queue]\ndurability = "fsync"\n[log]\nlevel = "warning"\n',
+                 "ferry-maillog": '[queue]\ndurability = "fsync"\n[log]\nlevel = "info"\n'}
+#: The pairs a comparison mode runs: (off, on).
+COMPARISONS = {"logs": ("ferry-off", "ferry-logs"), "maillog": ("ferry-quiet", "ferry-maillog")}
 #: The installed console script, or this tree's package (PYTHONPATH) when there is none.
 FERRY_ARGV = [str(FERRY)] if FERRY.exists() else [sys.executable, "-m", "engine"]
 EMPTY_ZONE = "$ORIGIN bench.invalid.\n@ 60 IN SOA ns hostmaster 1 60 60 60 60\n"
@@ -409,17 +418,19 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
-def print_logs(cells: list[Cell], results: dict[tuple[str, Cell], Result]) -> None:
-    """--logs: logs-on / logs-off, end to end and injection, per cell."""
-    print(f"\n{'cell':<16} {'logs on/off e2e':>15} {'inject':>7} {'target':>6}  verdict")
+def print_comparison(cells: list[Cell], results: dict[tuple[str, Cell], Result],
+                     kinds: tuple[str, str]) -> None:
+    """--logs / --maillog: on / off, end to end, injection and CPU per message, per cell."""
+    print(f"\n{'cell':<16} {'on/off e2e':>10} {'inject':>7} {'CPU':>6} {'target':>6}  verdict")
     verdicts = []
     for cell in cells:
-        off, on = (results[k, cell] for k in LOG_KINDS)
+        off, on = (results[k, cell] for k in kinds)
         ok = bool(on.rate(on.e2e) and off.rate(off.e2e)
                   and on.rate(on.e2e) / off.rate(off.e2e) >= LOG_TARGET)
         verdicts.append(ok)
-        print(f"{cell.name:<16} {ratio(on.rate(on.e2e), off.rate(off.e2e)):>15} "
+        print(f"{cell.name:<16} {ratio(on.rate(on.e2e), off.rate(off.e2e)):>10} "
               f"{ratio(on.rate(on.inject), off.rate(off.inject)):>7} "
+              f"{ratio(on.cpu, off.cpu):>6} "
               f"{f'>={LOG_TARGET:.2f}':>6}  {'PASS' if ok else 'FAIL'}")
     print(f"\noverall: {'PASS' if all(verdicts) else 'FAIL'} "
           f"({sum(verdicts)} of {len(verdicts)} cells meet the target)")
@@ -433,8 +444,12 @@ def main() -> None:
     parser.add_argument("--dir", default="/work", help="where the temporary spools go")
     parser.add_argument("--logs", action="store_true", help="Ferry with every log on "
                         "against every log off (issue 12), instead of Ferry/Postfix/direct")
+    parser.add_argument("--maillog", action="store_true", help="Ferry with the mail log "
+                        "on against off (issue 13), instead of Ferry/Postfix/direct")
     args = parser.parse_args()
-    if os.geteuid() != 0 and not args.logs:
+    compare = COMPARISONS["logs"] if args.logs else (
+        COMPARISONS["maillog"] if args.maillog else None)
+    if os.geteuid() != 0 and compare is None:
         sys.exit("run as root: the Postfix instance needs it")
     atexit.register(_stop_children)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -463,16 +478,16 @@ def main() -> None:
     results: dict[tuple[str, Cell], Result] = {}
     try:
         print(
-            f"\n{'cell':<16} {'server':<8} {'msgs':>6} {'inject/s':>9} {'e2e/s':>8} "
+            f"\n{'cell':<16} {'server':<13} {'msgs':>6} {'inject/s':>9} {'e2e/s':>8} "
             f"{'CPU µs/msg':>10} {'peak MiB':>12} {'at sink':>7}"
         )
-        kinds = LOG_KINDS if args.logs else KINDS
+        kinds = compare or KINDS
         for cell in cells:
             for kind in kinds:
                 r = run_cell(kind, cell, base)
                 results[kind, cell] = r
                 print(
-                    f"{cell.name:<16} {kind:<8} {cell.messages:>6} "
+                    f"{cell.name:<16} {kind:<13} {cell.messages:>6} "
                     f"{r.rate(r.inject):>9,.0f} {r.rate(r.e2e):>8,.0f} "
                     f"{r.cpu / cell.messages * 1e6:>10,.0f} {r.rss_kib / 1024:>12,.1f} "
                     f"{r.received:>7}",
@@ -481,8 +496,8 @@ def main() -> None:
                 if r.error:
                     print(f"  ERROR: {r.error}")
 
-        if args.logs:
-            print_logs(cells, results)
+        if compare is not None:
+            print_comparison(cells, results, compare)
             return
         print(
             f"\n{'cell':<16} {'ferry/postfix e2e':>17} {'inject':>7} "

@@ -23,8 +23,11 @@ from engine.client.api import DeliveryAgent
 from engine.client.maildir import MaildirAgent
 from engine.client.smtp import SmtpAgent
 from engine.config import Config, tracking_dir
+from engine.ops import logfmt
 from engine.ops.control import ControlServer, ControlUnavailable, check_free, socket_path
 from engine.ops.events import Events
+from engine.ops.maillog import MailLog
+from engine.ops.pressure import PressureLog
 from engine.ops.protolog import ProtocolLog
 from engine.ops.tracking import TrackingLog
 from engine.queue.lmdb_store import LmdbQueue
@@ -49,8 +52,12 @@ class App:
         self.control: ControlServer | None = None
         self.addresses: list[str] = []
         self._flusher: asyncio.Task[None] | None = None
+        self.pressure: PressureLog | None = None
         #: the event stream every part reports to; sinks are added as configured
         self.events = Events()
+        # One INFO line per event on ferry.mail (engine.ops.maillog); it formats nothing
+        # while that logger is below INFO.
+        self.events.add(MailLog())
 
     async def start(self) -> None:
         cfg = self.config
@@ -58,6 +65,8 @@ class App:
         # [log] level (a --log-level flag was merged into it) for Ferry's loggers, ferry.*;
         # the handler and format are the CLI's (engine.cli.main).
         logging.getLogger("ferry").setLevel(cfg.log.level.upper())
+        # [log] format for the handler the CLI installed (none in tests: theirs stays).
+        logfmt.use(cfg.log.format)
         # Before the queue opens: a second server on this spool stops here, untouched.
         check_free(socket_path(cfg.spool))
         self.store = store = LmdbQueue(
@@ -70,6 +79,10 @@ class App:
         log.info("ferry %s starting; %s", __version__, _speedups.status())
         log.info("%s", store.describe())
         self._start_tracking()
+        # Back pressure WARNINGs (start, clear); free disk already too low is said now.
+        self.pressure = pressure = PressureLog(store)
+        pressure.at_start()
+        pressure.start()
         router = ConfiguredRouter(cfg, MxResolver.from_config(cfg))
         d = cfg.delivery
         # Keep as many idle connections per site as it may have workers, or a busy site
@@ -110,7 +123,7 @@ class App:
                 relay=RelayPolicy(accepted, rc.relay_networks, rc.relay_authenticated),
                 authenticator=authenticator, ingest=ingest,
                 protolog=ProtocolLog(log_dir if rc.protocol_log else None, rc.name),
-                auth_enabled=bool(cfg.users),
+                auth_enabled=bool(cfg.users), pressure=pressure,
             )
             self.connectors.append(connector)
             bound = await connector.start()
@@ -140,6 +153,8 @@ class App:
         log.info("stopping: 421 to open sessions, finishing pending commits")
         if self.control is not None:
             await self.control.stop()
+        if self.pressure is not None:
+            self.pressure.stop()
         await asyncio.gather(*(c.stop() for c in self.connectors))
         if self.scheduler is not None:
             await self.scheduler.stop()

@@ -1000,6 +1000,9 @@ class LogConfig:
         "info")
     #: None here means ``spool / "log"``; :func:`load_config` always fills it in.
     protocol_log_dir: Annotated[Path, _v(_path)] | None = None
+    #: "text": one line for a person; "json": one object a line for a log shipper
+    #: (engine.ops.logfmt; the mail log's fields become keys).
+    format: Annotated[Literal["text", "json"], _v(_choice("text", "json"))] = "text"
 
 
 @dataclass(frozen=True)

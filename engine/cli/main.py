@@ -7,7 +7,6 @@ compiled modules directly (``engine._speedups`` reports which implementation is 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import platform
 import sys
@@ -94,9 +93,10 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ferry: configuration error: {exc}", file=sys.stderr)
         return 2
-    # Where and how log lines are written; the level is [log] level, which engine.app sets.
-    logging.basicConfig(stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Where log lines are written; [log] level and format are applied by engine.app.
+    from engine.ops import logfmt
+
+    logfmt.install(sys.stderr)
     import uvloop
 
     from engine.app import serve

@@ -21,11 +21,22 @@ from engine.queue.records import Envelope, RcptState
 
 
 class BackPressure(Exception):
-    """The queue cannot take new mail right now; it clears by itself when the cause goes."""
+    """The queue cannot take new mail right now; it clears by itself when the cause goes.
 
-    def __init__(self, reason: str) -> None:
+    ``reason`` names the threshold (it stays the same while the cause lasts); ``figures``
+    says how far past it the queue is, for the operator's log line."""
+
+    def __init__(self, reason: str, figures: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.figures = figures
+
+    def __reduce__(self) -> tuple[type[BackPressure], tuple[str, str]]:
+        # Both values cross from the writer process (Exception pickles args only).
+        return (BackPressure, (self.reason, self.figures))
+
+    def describe(self) -> str:
+        return f"{self.reason} ({self.figures})" if self.figures else self.reason
 
 
 class QueueClosed(RuntimeError):

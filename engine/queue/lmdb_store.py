@@ -45,6 +45,7 @@ from engine.queue.lmdb_txn import (
     SETTING,
     Database,
     WriterParams,
+    mib,
 )
 from engine.queue.records import ID_LEN, Envelope, RecordError, decode, id_text
 from engine.queue.writer import Pending, Writer, WriterKind, start_writer
@@ -75,6 +76,7 @@ class LmdbQueue:
         self.path = Path(path)
         self.durability = durability
         self.max_pending = max_pending
+        self.max_map_size = max_map_size
         self._database = db = Database(params)
         self._env = db.env
         self._db = db.tables
@@ -131,12 +133,17 @@ class LmdbQueue:
         writer = self._writer
         if writer.lost is not None:
             return BackPressure("queue writer is gone")
+        # The figures are worked out only here, on the refusing side.
         if writer.report.map_full:
-            return BackPressure("queue database is full")
+            return BackPressure("queue database is full",
+                                f"map {mib(writer.report.stats.map_size)}, "
+                                f"queue.max_map_size {mib(self.max_map_size)}")
         if writer.pending >= self.max_pending:
-            return BackPressure("queue writer is behind")
+            return BackPressure("queue writer is behind",
+                                f"{writer.pending} writes waiting, queue.max_pending "
+                                f"{self.max_pending}")
         if self._disk.low():
-            return BackPressure("disk space low")
+            return BackPressure("disk space low", self._disk.figures())
         return None
 
     async def enqueue(self, envelope: Envelope, body: bytes) -> bytes:

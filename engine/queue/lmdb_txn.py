@@ -122,15 +122,27 @@ class DiskSpace:
         self.min_free = min_free
         self.interval = interval
         self.is_low = False
+        #: free bytes at the last check (for the operator's log line)
+        self.free = 0
         self._checked = 0.0
 
     def low(self, force: bool = False) -> bool:
         now = time.monotonic()
         if force or now - self._checked >= self.interval:
             st = os.statvfs(self.path)
-            self.is_low = st.f_bavail * st.f_frsize < self.min_free
+            self.free = st.f_bavail * st.f_frsize
+            self.is_low = self.free < self.min_free
             self._checked = now
         return self.is_low
+
+    def figures(self) -> str:
+        """How low: the free space and the floor, for the operator."""
+        return (f"{mib(self.free)} free in {self.path}, below queue.min_free_disk "
+                f"{mib(self.min_free)}")
+
+
+def mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
 
 
 class Database:
@@ -235,15 +247,15 @@ class Committer:
         refused: BackPressure | None = None
         # New bytes (mail, or DSNs riding on outcomes) need room; outcomes alone free it.
         if size and (self._disk.low(force=True) or not self._make_room(size)):
-            refused = BackPressure("disk space low" if self._disk.is_low
-                                   else "queue database is full")
+            refused = (BackPressure("disk space low", self._disk.figures())
+                       if self._disk.is_low else self._full())
         results: list[Result[W]] = []
         try:
             results = self._apply(batch, refused)
         except lmdb.MapFullError:
             # The estimate missed: refuse what adds bytes, keep what frees space.
             self._map_full = True
-            refused = BackPressure("queue database is full")
+            refused = self._full()
             try:
                 results = self._apply(batch, refused)
             except lmdb.Error as exc:
@@ -259,6 +271,11 @@ class Committer:
         self._commits += 1
         self._last_commit_seconds = time.monotonic() - started
         return results
+
+    def _full(self) -> BackPressure:
+        return BackPressure("queue database is full",
+                            f"map {mib(self._map_size)}, queue.max_map_size "
+                            f"{mib(self.max_map_size)}")
 
     def _apply(self, batch: Sequence[W], refused: BackPressure | None) -> list[Result[W]]:
         """Run the batch in one write transaction; ``refused`` fails every write that adds

@@ -11,6 +11,7 @@ sockets, or read the session: everything it knows of the arrival is in the Arriv
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -19,6 +20,7 @@ from engine.message.headers import scan_headers
 from engine.message.lines import MAX_LINE, has_long_line, wrap_long_lines
 from engine.message.trace import received_field, with_protocol
 from engine.ops.events import Events, Kind, bare_message_id
+from engine.ops.maillog import clean
 from engine.protocol.command import Command
 from engine.queue.api import BackPressure, QueueStore
 from engine.queue.records import Envelope, Recipient, id_text, new_id
@@ -61,6 +63,8 @@ class Arrival(NamedTuple):
 
 #: The next hop for a recipient domain (the router replaces the placeholder).
 Route = Callable[[str], str]
+
+log = logging.getLogger("ferry.server")
 
 
 def _header_value(body: bytes, span: tuple[int, int] | None, limit: int = 998) -> str:
@@ -155,7 +159,12 @@ class Ingest:
         )
         try:
             await self.store.enqueue(envelope, field + body)
-        except BackPressure:
+        except BackPressure as exc:
+            # The body came and could not be stored (the disk or the map filled since
+            # MAIL was admitted): the client retries, the operator must know why.
+            log.error("message from <%s> [%s] not stored, answered 451 %s: %s",
+                      clean(mail.mailbox), arrival.client_address, S451_STORAGE[1],
+                      exc.describe())
             return S451_STORAGE
         if self.queued is not None:
             self.queued()

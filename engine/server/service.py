@@ -18,9 +18,10 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from engine.agents.relay import RelayPolicy
+from engine.ops.pressure import PressureLog
 from engine.ops.protolog import ProtocolLog
 from engine.protocol.server import ServerSettings
-from engine.queue.api import QueueStore
+from engine.queue.api import BackPressure, QueueStore
 from engine.server.auth import Authenticator
 from engine.server.ingest import Ingest
 from engine.server.session import SmtpSession
@@ -79,8 +80,11 @@ class Connector:
         ingest: Ingest,
         protolog: ProtocolLog,
         auth_enabled: bool,
+        pressure: PressureLog | None = None,
     ) -> None:
         self.config = config
+        #: told of each command refused for back pressure (the operator's WARNINGs)
+        self.pressure = pressure
         self.name = config.name
         self.hostname = hostname
         self.store = store
@@ -121,6 +125,11 @@ class Connector:
         self.sessions.add(session)
         self.per_ip[session.client] += 1
         return None
+
+    def pressure_refused(self, problem: BackPressure) -> None:
+        """A session refused a command for back pressure (called on that path only)."""
+        if self.pressure is not None:
+            self.pressure.refused(problem)
 
     def release(self, session: SmtpSession) -> None:
         if session in self.sessions:

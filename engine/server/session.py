@@ -6,7 +6,8 @@ keeps the clocks (idle timeout, whole-message timeout, minimum data rate).  Deci
 take time (storing a message, checking a password) run as tasks while reading is paused,
 so a pipelining client cannot make input pile up, and replies stay in order.  A finished
 message goes to ingest as one ``Arrival`` value; a task that raises is answered 451 and
-logged with its traceback.
+logged with its traceback.  A refused MAIL or RCPT and a failed AUTH get one line each on
+the operator's log (``engine.ops.maillog``), written on the refusal path only.
 
 It must never block the event loop (scrypt runs in a thread, LMDB commits in the queue's
 writer thread) and never parse SMTP itself.
@@ -22,6 +23,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, cast
 
+from engine.ops import maillog
 from engine.protocol import server as sm
 from engine.protocol.events import NEED_DATA
 from engine.protocol.reply import format_reply
@@ -76,6 +78,8 @@ class SmtpSession(asyncio.Protocol):
         self.log: SessionLog | None = None
         self.auth_user = ""
         self.auth_failures = 0
+        #: the mechanism of the AUTH in progress, for the log line of a failure
+        self.auth_mechanism = ""
         self.messages = 0
         self._mechanism: ServerMechanism | None = None
         self._busy: asyncio.Task[None] | None = None
@@ -175,6 +179,8 @@ class SmtpSession(asyncio.Protocol):
                     break
             elif isinstance(event, sm.Closed):
                 break
+            elif type(event) is sm.Rejected:
+                self._rejected(event)
         self._flush()
         if conn.closed:
             self._close()
@@ -228,10 +234,12 @@ class SmtpSession(asyncio.Protocol):
 
     def _on_mail(self, event: sm.Event) -> Reply:
         if self.messages >= self.config.max_messages_per_connection:
-            return S421_TOO_MANY_MESSAGES
+            return self._refused(event, S421_TOO_MANY_MESSAGES)
         # Refuse early (RFC 5321 §4.5.3.1.10 style) rather than take a body we cannot store.
-        if self.connector.store.pressure() is not None:
-            return S452_STORAGE
+        problem = self.connector.store.pressure()
+        if problem is not None:
+            self.connector.pressure_refused(problem)
+            return self._refused(event, S452_STORAGE)
         return S250_SENDER
 
     def _on_rcpt(self, event: sm.Event) -> Reply:
@@ -239,7 +247,41 @@ class SmtpSession(asyncio.Protocol):
         cmd = event.command
         refusal = self.connector.relay.check_rcpt(cmd.local, cmd.domain, self.client_ip,
                                                   bool(self.auth_user))
-        return refusal if refusal is not None else S250_RECIPIENT
+        return S250_RECIPIENT if refusal is None else self._refused(event, refusal)
+
+    def _rejected(self, event: sm.Rejected) -> None:
+        """A MAIL or RCPT the protocol refused itself (530 before AUTH or STARTTLS, too
+        many recipients, a bad address) gets the operator's line too; other commands'
+        syntax errors do not."""
+        line = self.conn.last_line
+        verb = line[:4].upper()
+        if verb not in (b"MAIL", b"RCPT"):
+            return
+        # The address as written, for the log line only (it may be what was wrong).
+        address = line[line.find(b":") + 1:].split(b">", 1)[0].strip().lstrip(b"<")
+        written = address[:256].decode("utf-8", "replace")
+        transaction = self.conn.transaction
+        if verb == b"MAIL":
+            sender, recipient = written, ""
+        else:
+            sender = transaction.mail.mailbox if transaction is not None else ""
+            recipient = written or "?"
+        maillog.refused(verb.decode(), (event.code, event.enhanced, event.text),
+                        client=self.client, helo=self.conn.helo or "", sender=sender,
+                        recipient=recipient, connector=self.connector.name)
+
+    def _refused(self, event: sm.Event, reply: Reply) -> Reply:
+        """Log a refused MAIL or RCPT (the operator's line, engine.ops.maillog); ``reply``."""
+        assert isinstance(event, (sm.MailFrom, sm.RcptTo))
+        transaction = self.conn.transaction
+        if isinstance(event, sm.MailFrom):
+            command, sender, recipient = "MAIL", event.command.mailbox, ""
+        else:
+            command, recipient = "RCPT", event.command.mailbox
+            sender = transaction.mail.mailbox if transaction is not None else ""
+        maillog.refused(command, reply, client=self.client, helo=self.conn.helo or "",
+                        sender=sender, recipient=recipient, connector=self.connector.name)
+        return reply
 
     def _on_data(self, event: sm.Event) -> Reply:
         self._data_started = self.loop.time()
@@ -264,6 +306,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _on_auth_start(self, event: sm.Event) -> Reply | Awaitable[Reply]:
         assert isinstance(event, sm.AuthStart)
+        self.auth_mechanism = event.mechanism.upper()
         self._mechanism = mechanism(event.mechanism)
         return self._sasl(self._mechanism.start(event.initial))
 
@@ -285,12 +328,15 @@ class SmtpSession(asyncio.Protocol):
         if ok and creds.authzid in ("", creds.username):
             self.auth_user = creds.username
             return S235_AUTH_OK
-        return self._auth_failed(S535_AUTH_FAILED)
+        return self._auth_failed(S535_AUTH_FAILED, creds.username)
 
-    def _auth_failed(self, reply: Reply) -> Reply:
+    def _auth_failed(self, reply: Reply, user: str = "") -> Reply:
         self.auth_failures += 1
         if self.auth_failures >= self.config.max_auth_failures:
-            return S421_AUTH_FAILURES
+            reply = S421_AUTH_FAILURES
+        # The user name the client gave, never the password (it is not handed here).
+        maillog.auth_failed(self.auth_mechanism, user, reply, client=self.client,
+                            helo=self.conn.helo or "", connector=self.connector.name)
         return reply
 
     # --- TLS -------------------------------------------------------------------------

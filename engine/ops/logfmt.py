@@ -1,0 +1,100 @@
+"""The process log's line formats: ``text`` (one human line) and ``json`` (one object a line).
+
+``ferry serve`` (``engine.cli.main``) decides where the log goes (standard error) with
+:func:`install`; the application (``engine.app``) applies ``[log] format`` with
+:func:`use` when it starts, next to ``[log] level``.  A test that runs the application
+in its own process installs nothing, so its log stays the test runner's.
+
+A JSON line has ``time`` (ISO 8601, UTC, milliseconds), ``level``, ``logger`` and
+``message``, then the record's structured fields: a mail log line
+(``engine.ops.maillog``) and a refusal line carry their fields as the ``fields``
+attribute of the log record (``extra={"fields": {...}}``), and each becomes a key, so a
+log shipper needs no pattern.  A traceback goes in ``exception``.
+
+This module must never decide what is logged, only how a line looks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import IO, Any
+
+import orjson
+
+from engine.ops.events import iso_time
+
+#: The text format: what ``ferry serve`` has always written.
+TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FORMATS = ("text", "json")
+
+#: Keys of every JSON line; a record's field of the same name does not replace them (the
+#: event's own ``time`` is within one turn of the event loop of the line's).
+_BASE = ("time", "level", "logger", "message")
+
+
+class TextFormatter(logging.Formatter):
+    """:data:`TEXT`, with the time of day worked out once a second, not once a line (the
+    mail log writes a line per event)."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT)
+        self._cache = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        cached, stamp = self._cache
+        if second != cached:
+            stamp = time.strftime(self.default_time_format, self.converter(second))
+            self._cache = (second, stamp)
+        return f"{stamp},{int(record.msecs):03d}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, UTF-8, no newline inside (JSON escapes them)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {"time": iso_time(record.created), "level": record.levelname,
+                                "logger": record.name, "message": record.getMessage()}
+        fields = getattr(record, "fields", None)
+        if fields:
+            for key, value in fields.items():
+                line.setdefault(key, value)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["exception"] = record.exc_text
+        return orjson.dumps(line, default=str).decode()
+
+
+def formatter(name: str) -> logging.Formatter:
+    """The formatter of ``[log] format``."""
+    if name == "json":
+        return JsonFormatter()
+    if name == "text":
+        return TextFormatter()
+    raise ValueError(f"log format must be one of {FORMATS} (got {name!r})")
+
+
+#: The handlers :func:`install` made: the ones :func:`use` sets the format of.
+_installed: list[logging.Handler] = []
+
+
+def install(stream: IO[str]) -> logging.Handler:
+    """Write the process log (every logger, through the root) to ``stream`` as text until
+    :func:`use` says otherwise."""
+    # No format here names a thread or a process: LogRecord need not look them up for
+    # every line (the server's own process only; tests keep the defaults).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter("text"))
+    logging.getLogger().addHandler(handler)
+    _installed.append(handler)
+    return handler
+
+
+def use(name: str) -> None:
+    """Write the installed handlers' lines in format ``name`` (``[log] format``)."""
+    chosen = formatter(name)
+    for handler in _installed:
+        handler.setFormatter(chosen)
