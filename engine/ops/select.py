@@ -42,7 +42,10 @@ PAGE = 1000
 #: The states a queued message's recipients can be in (final ones leave with the
 #: message), and ``corrupt`` for records that do not decode.
 OPEN_STATES: tuple[str, ...] = tuple(s.value for s in RcptState if s not in FINAL_STATES)
-STATES: tuple[str, ...] = (*OPEN_STATES, *(s.value for s in FINAL_STATES), CORRUPT)
+#: In the enum's order: FINAL_STATES is a set, whose order changes with the process's
+#: string hashing, and --help, man pages and completion must not.
+STATES: tuple[str, ...] = (*OPEN_STATES, *(s.value for s in RcptState if s in FINAL_STATES),
+                           CORRUPT)
 
 
 def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
