@@ -16,6 +16,7 @@ import re
 import smtplib
 import socket
 import ssl
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import uvloop
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+from engine.client.api import FollowOn
 from engine.client.smtp import SmtpAgent
 from engine.config import load_config
 from engine.ops.protolog import ProtocolLog
@@ -355,3 +357,43 @@ def test_rotation_on_the_send_side(
     assert sum(line.startswith("* message body") for line in lines) == 6
     rcpts = [rf"> RCPT TO:<u{i}@example\.net>" for i in range(6)]
     in_order(lines, r"> EHLO client\.test", *rcpts, r"> QUIT", r"\* disconnect")
+
+
+def test_follow_on_messages_are_logged_behind_the_body(tmp_path: Path) -> None:
+    # RFC 2920 §3.1: the next message's MAIL, RCPT and DATA go in the body's write; the log
+    # shows the body's line, then those commands, all on one connection.
+    sink = CountingSink(["127.0.0.1"], pipelining=True)
+    log = ProtocolLog(tmp_path, "follow", side="send")
+    agent = SmtpAgent("client.test", timeout_scale=0.01, protocol_logs={"follow": log})
+    r = Route("example.net", "site:example.net", (Host("mx.test", "127.0.0.1", sink.port),),
+              tls="off", connector="follow")
+
+    def job(i: int) -> FollowOn:
+        return FollowOn(Envelope("a@client.test", [Recipient(f"u{i}@example.net", "example.net")]),
+                        [0], BODY)
+
+    async def go() -> list[RcptState]:
+        follow = deque([job(1), job(2)])
+        offered = list(follow)
+        try:
+            results = await agent.deliver(r, job(0).envelope, [0], BODY, follow)
+            for taken in offered:
+                results += await agent.resume(taken)
+        finally:
+            await agent.close()
+        return [x.state for x in results]
+
+    try:
+        assert run(go()) == [RcptState.DELIVERED] * 3
+    finally:
+        log.close()
+        sink.stop()
+    assert agent.follow_ons == 2
+    path = tmp_path / "send-protocol-follow.log"
+    lines = shown(path)
+    in_order(lines, r"> RCPT TO:<u0@example\.net>", r"> DATA", r"< 354 .*",
+             r"\* message body \d+ octets sent", r"> MAIL FROM:<a@client\.test>.*",
+             r"> RCPT TO:<u1@example\.net>", r"> DATA", r"\* message body \d+ octets sent",
+             r"> RCPT TO:<u2@example\.net>", r"\* message body \d+ octets sent")
+    assert sum(line.startswith("> MAIL ") for line in lines) == 3
+    assert len({conn for conn, _, _, _ in rows(path)}) == 1
