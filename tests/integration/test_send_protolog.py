@@ -244,18 +244,33 @@ mx1.mx.test. IN A 127.0.32.1
     secrets_absent(log_dir)
 
 
-def test_no_send_protocol_log_unless_asked(
-        tmp_path: Path, smarthosts: Callable[..., tuple[Smarthost, int]]) -> None:
+@pytest.mark.parametrize("on", [False, True])
+def test_delivery_smarthost_is_logged_only_when_asked(
+        tmp_path: Path, smarthosts: Callable[..., tuple[Smarthost, int]], on: bool) -> None:
     relay, port = smarthosts()
-    # The receive side logs (so the directory exists); the send side does not.
-    f = ferry(tmp_path, "[[receive]]\nname = \"in\"\nprotocol_log = true\n",
-              **{"--smarthost": f"127.0.0.1:{port}"})
-    with f:
+    # The receive side logs (so the directory exists either way).
+    toml = '[[receive]]\nname = "in"\nprotocol_log = true\n'
+    if on:
+        toml += "[delivery]\nprotocol_log = true\n"
+    with ferry(tmp_path, toml, **{"--smarthost": f"127.0.0.1:{port}"}) as f:
         send(f, "x@partner.test")
         wait_for(lambda: relay.messages, what="the smarthost got the message")
         wait_for(lambda: f.store.count() == 0, what="the queue is empty")
-    names = sorted(p.name for p in (tmp_path / "spool" / "log").iterdir())
-    assert names == ["protocol-in.log"]
+    log_dir = tmp_path / "spool" / "log"
+    names = sorted(p.name for p in log_dir.iterdir())
+    if not on:
+        assert names == ["protocol-in.log"]
+        return
+    assert names == ["protocol-in.log", "send-protocol-delivery.smarthost.log"]
+    in_order(shown(log_dir / "send-protocol-delivery.smarthost.log"),
+             r"> EHLO ferry\.test", r"> MAIL FROM:<a@client\.test>.*",
+             r"> RCPT TO:<x@partner\.test>", r"\* message body \d+ octets sent",
+             r"< 250 2\.0\.0 OK queued", r"> QUIT")
+    # The receive side's file holds the receive side's conversation only (there, commands
+    # are received: "<"; nothing Ferry sent as a client).
+    received = shown(log_dir / "protocol-in.log")
+    assert any(line.lower().startswith("< mail from:<a@client.test>") for line in received)
+    assert not any(line.startswith(("> EHLO", "> MAIL")) for line in received)
 
 
 # --- the agent with a log of its own --------------------------------------------------------
