@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 import smtplib
 import socket
@@ -412,3 +413,25 @@ def test_follow_on_messages_are_logged_behind_the_body(tmp_path: Path) -> None:
              r"> RCPT TO:<u2@example\.net>", r"\* message body \d+ octets sent")
     assert sum(line.startswith("> MAIL ") for line in lines) == 3
     assert len({conn for conn, _, _, _ in rows(path)}) == 1
+
+
+def test_delivery_protocol_log_with_only_send_connectors_says_so(
+        tmp_path: Path, smarthosts: Callable[..., tuple[Smarthost, int]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    # No mail can leave without a [[send]] connector here: the key would log nothing.
+    relay, port = smarthosts()
+    toml = f"""
+[delivery]
+protocol_log = true
+[[send]]
+name = "all"
+address_spaces = ["*"]
+smarthosts = ["127.0.0.1:{port}"]
+tls = "off"
+"""
+    with caplog.at_level(logging.WARNING, logger="ferry"), ferry(tmp_path, toml) as f:
+        send(f, "x@partner.test")
+        wait_for(lambda: relay.messages, what="the smarthost got the message")
+    assert any("delivery.protocol_log" in r.getMessage() and "[[send]]" in r.getMessage()
+               for r in caplog.records)
+    assert not (tmp_path / "spool" / "log").exists()
