@@ -88,6 +88,7 @@ SENT: Final = ">"
 EVENT: Final = "*"
 
 _ELLIPSIS: Final = "\u2026"
+_CR: Final = b"\r"
 
 # SASL mechanism names that may be shown after a redacted AUTH verb (IANA "SASL Mechanisms"
 # registry, the ones seen on submission ports).  A name not listed here is hidden too: a
@@ -309,10 +310,11 @@ class ProtocolLog:
 
     # --- lines ----------------------------------------------------------------------------
 
-    def _append(self, rest: str) -> None:
-        """Buffer one line; ``rest`` is everything after the timestamp, LF included."""
+    def _append(self, rest: str, *more: str) -> None:
+        """Buffer lines, stamped with one time; each is everything after the timestamp, LF
+        included (the lines of one reply or one write share a stamp and a buffer entry)."""
         if self._closed:
-            self.dropped += 1
+            self.dropped += 1 + len(more)
             return
         now = self._clock()
         sec = int(now)
@@ -320,9 +322,11 @@ class ProtocolLog:
             self._sec = sec
             self._sec_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
         ms = min(999, int((now - sec) * 1000))
+        stamp = f"{self._sec_text}.{ms:03d}Z"
+        text = stamp + rest if not more else "".join([stamp + r for r in (rest, *more)])
         # sanitise() removed lone surrogates; backslashreplace is a last guard so encode()
         # can never raise into the caller.
-        data = f"{self._sec_text}.{ms:03d}Z{rest}".encode("utf-8", "backslashreplace")
+        data = text.encode("utf-8", "backslashreplace")
         self._buf.append(data)
         self._buf_bytes += len(data)
         if self._buf_bytes >= FLUSH_BYTES or now - self._last_flush >= self.flush_interval:
@@ -500,11 +504,9 @@ class SessionLog:
         lines = data.split(b"\n")
         rest = lines.pop()
         self._partial = rest[: 4 * MAX_TEXT + 8]
-        head = self._recv
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            log._append(f"{head}{sanitise(line)}\n")
+        if lines:
+            head = self._recv
+            log._append(*[f"{head}{sanitise(line.removesuffix(_CR))}\n" for line in lines])
 
     def recv_end(self) -> None:
         """The peer's stream ended: log a last line that never got its LF."""
@@ -524,9 +526,10 @@ class SessionLog:
         lines = data.split(b"\r\n")
         if lines and not lines[-1]:
             lines.pop()
-        for line in lines:
-            text = _redact(line) if secret else sanitise(line)
-            log._append(f"{self._send}{text}\n")
+        if lines:
+            head = self._send
+            clean = _redact if secret else sanitise
+            log._append(*[f"{head}{clean(line)}\n" for line in lines])
 
     def event(self, text: str) -> None:
         """Log a session event: "connect", "TLS TLSv1.3 TLS_AES_256_GCM_SHA384",

@@ -408,6 +408,11 @@ def test_closed_log_counts_late_lines(tmp_path: Path) -> None:
     s.event("disconnect")
     s.send(b"221 bye\r\n")
     assert log.dropped == 2
+    # Several lines in one call are counted one by one.
+    s.send(b"250-one\r\n250 two\r\n")
+    s.recv_data(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\npartial")
+    s.recv_end()
+    assert log.dropped == 7
     assert texts(tmp_path / "protocol-late.log") == ["QUIT"]
 
 
