@@ -14,8 +14,8 @@ Line format (UTF-8, fields separated by one TAB, ended by LF)::
     2024-05-01T12:34:56.789Z  <session id>  <peer>  <direction>  <text>
 
 ``<peer>`` is the other end: the client's address on the receive side, the next hop's
-``address:port`` on the send side (its name and Ferry's local address are in the
-``connect`` event).  ``<`` is a line received from the peer, ``>`` a line sent to it (a
+``address:port`` on the send side (its host name is in the ``connecting to`` event and
+Ferry's local address in ``connected from``).  ``<`` is a line received from the peer, ``>`` a line sent to it (a
 reply on the receive side, a command on the send side), ``*`` an event (connect, TLS
 established, a message body and its size, disconnect, ...).  Every field is sanitised
 (:func:`sanitise`): C0 controls (TAB, CR, LF, NUL included), DEL, C1 controls, the Unicode
