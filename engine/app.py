@@ -76,7 +76,7 @@ class App:
         # closes and reopens connections between messages.
         idle = Limits(d).most_connections()
         ca_file = str(d.ca_file) if d.ca_file is not None else None
-        send_logs, mx_logs = self._send_logs()
+        send_logs, mx_logs = self._open_send_logs()
         self.agents = {"smtp": SmtpAgent(cfg.hostname,
                                          max_messages_per_connection=d.max_messages_per_connection,
                                          max_idle_per_site=idle, ca_file=ca_file,
@@ -122,7 +122,7 @@ class App:
                      ", ".join(bound), rc.tls)
         self._flusher = asyncio.get_running_loop().create_task(self._flush_logs())
 
-    def _send_logs(self) -> tuple[dict[str, ProtocolLog], dict[str, ProtocolLog]]:
+    def _open_send_logs(self) -> tuple[dict[str, ProtocolLog], dict[str, ProtocolLog]]:
         """The send protocol logs that are on: ([[send]] connector name → its log, the
         implicit connectors' names → the [delivery] log); kept in ``send_logs``."""
         cfg = self.config
@@ -155,8 +155,8 @@ class App:
             await asyncio.sleep(1.0)
             for connector in self.connectors:
                 connector.protolog.flush()
-            for log in self.send_logs:
-                log.flush()
+            for send_log in self.send_logs:
+                send_log.flush()
 
     async def stop(self) -> None:
         log.info("stopping: 421 to open sessions, finishing pending commits")

@@ -15,17 +15,18 @@ Line format (UTF-8, fields separated by one TAB, ended by LF)::
 
 ``<peer>`` is the other end: the client's address on the receive side, the next hop's
 ``address:port`` on the send side (its host name is in the ``connecting to`` event and
-Ferry's local address in ``connected from``).  ``<`` is a line received from the peer, ``>`` a line sent to it (a
-reply on the receive side, a command on the send side), ``*`` an event (connect, TLS
-established, a message body and its size, disconnect, ...).  Every field is sanitised
-(:func:`sanitise`): C0 controls (TAB, CR, LF, NUL included), DEL, C1 controls, the Unicode
-line and paragraph separators, bidirectional overrides, the backslash itself and bytes
-that are not UTF-8 are written as backslash escapes, and the text is cut at
-:data:`MAX_TEXT` characters ending in ``…``.  Nothing a client sends can therefore split a
-log line, forge a field or a line, or disguise itself in a terminal (DESIGN.md "Wire
-rules": nothing from the wire reaches a log line with a raw CR, LF or NUL).  The escaping
-is lossless and unambiguous: ``\\xNN`` is the raw byte NN, ``\\uNNNN`` the code point,
-``\\\\`` a backslash, and a literal ``…`` is escaped so the marker means truncation.
+Ferry's local address in ``connected from``).  ``<`` is a line received from the peer,
+``>`` a line sent to it (a reply on the receive side, a command on the send side), ``*``
+an event (connect, TLS established, a message body and its size, disconnect, ...).  Every
+field is sanitised (:func:`sanitise`): C0 controls (TAB, CR, LF, NUL included), DEL, C1
+controls, the Unicode line and paragraph separators, bidirectional overrides, the
+backslash itself and bytes that are not UTF-8 are written as backslash escapes, and the
+text is cut at :data:`MAX_TEXT` characters ending in ``…``.  Nothing a client sends can
+therefore split a log line, forge a field or a line, or disguise itself in a terminal
+(DESIGN.md "Wire rules": nothing from the wire reaches a log line with a raw CR, LF or
+NUL).  The escaping is lossless and unambiguous: ``\\xNN`` is the raw byte NN, ``\\uNNNN``
+the code point, ``\\\\`` a backslash, and a literal ``…`` is escaped so the marker means
+truncation.
 
 AUTH payloads are never written.  The caller marks them (``recv(line, secret=True)``,
 :meth:`SessionLog.redact_next`, or ``send(data, secret=True)`` for what the send side
