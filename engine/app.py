@@ -22,7 +22,7 @@ from engine.agents.relay import RelayPolicy
 from engine.client.api import DeliveryAgent
 from engine.client.maildir import MaildirAgent
 from engine.client.smtp import SmtpAgent
-from engine.config import Config, tracking_dir
+from engine.config import IMPLICIT_SMARTHOST, Config, tracking_dir
 from engine.ops import logfmt
 from engine.ops.control import ControlServer, ControlUnavailable, check_free, socket_path
 from engine.ops.events import Events
@@ -53,6 +53,8 @@ class App:
         self.addresses: list[str] = []
         self._flusher: asyncio.Task[None] | None = None
         self.pressure: PressureLog | None = None
+        #: The send protocol logs that are on (engine.client.smtp writes them).
+        self.send_logs: list[ProtocolLog] = []
         #: the event stream every part reports to; sinks are added as configured
         self.events = Events()
         # One INFO line per event on ferry.mail (engine.ops.maillog); it formats nothing
@@ -89,12 +91,16 @@ class App:
         # closes and reopens connections between messages.
         idle = Limits(d).most_connections()
         ca_file = str(d.ca_file) if d.ca_file is not None else None
+        send_logs, mx_logs = self._open_send_logs()
         self.agents = {"smtp": SmtpAgent(cfg.hostname,
                                          max_messages_per_connection=d.max_messages_per_connection,
                                          max_idle_per_site=idle, ca_file=ca_file,
-                                         pipeline_messages=d.pipeline_messages),
+                                         pipeline_messages=d.pipeline_messages,
+                                         protocol_logs=send_logs | mx_logs),
+                       # [delivery] protocol_log is not for [[local]] LMTP servers (their
+                       # routes have no connector either): only [[send]] logs here.
                        "lmtp": SmtpAgent(cfg.hostname, lmtp=True, max_idle_per_site=idle,
-                                         ca_file=ca_file),
+                                         ca_file=ca_file, protocol_logs=send_logs),
                        "maildir": MaildirAgent(hostname=cfg.hostname)}
         self.scheduler = scheduler = Scheduler(store, router, self.agents, hostname=cfg.hostname,
                                                settings=d, events=self.events)
@@ -143,11 +149,41 @@ class App:
                                     max_total_size=t.max_total_size))
         log.info("message tracking log in %s", directory)
 
+    def _open_send_logs(self) -> tuple[dict[str, ProtocolLog], dict[str, ProtocolLog]]:
+        """The send protocol logs that are on: ([[send]] connector name → its log, the
+        implicit connectors' names → the [delivery] log); kept in ``send_logs``."""
+        cfg = self.config
+        log_dir = cfg.log.protocol_log_dir or Path(cfg.spool) / "log"
+        named = [sc.name for sc in cfg.send if sc.protocol_log]
+        # engine.routing makes a connector of its own for delivery.smarthost, or (with
+        # neither [[send]] nor a smarthost) one named "" for DNS MX: at most one of them
+        # exists, and [delivery] protocol_log is its log, a file named after it ("mx" for
+        # the second: neither can be a [[send]] name, so no file is shared).
+        implicit: str | None = None
+        if cfg.delivery.protocol_log:
+            if cfg.delivery.smarthost is not None:
+                implicit = IMPLICIT_SMARTHOST
+            elif not cfg.send:
+                implicit = "mx"
+            else:
+                log.warning("delivery.protocol_log is on, but all mail goes through [[send]] "
+                            "connectors: set protocol_log = true on them instead")
+        if named or implicit:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        send = {name: ProtocolLog(log_dir, name, side="send") for name in named}
+        mx: dict[str, ProtocolLog] = {}
+        if implicit is not None:
+            mx[""] = mx[IMPLICIT_SMARTHOST] = ProtocolLog(log_dir, implicit, side="send")
+        self.send_logs = [*send.values(), *dict.fromkeys(mx.values())]
+        return send, mx
+
     async def _flush_logs(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             for connector in self.connectors:
                 connector.protolog.flush()
+            for send_log in self.send_logs:
+                send_log.flush()
 
     async def stop(self) -> None:
         log.info("stopping: 421 to open sessions, finishing pending commits")
@@ -161,6 +197,8 @@ class App:
         await asyncio.gather(*(agent.close() for agent in self.agents.values()))
         if self._flusher is not None:
             self._flusher.cancel()
+        for send_log in self.send_logs:
+            send_log.close()  # after the agents' QUITs, so those are in it
         self.events.close()
         if self.store is not None:
             await self.store.close()

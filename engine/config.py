@@ -900,6 +900,9 @@ class DeliveryConfig:
     #: keyed by the lower-case domain without a trailing dot.
     domains: Annotated[Mapping[str, DomainLimits], AfterValidator(_domain_keys)] = field(
         default_factory=dict)
+    #: The send protocol log of the connections that no [[send]] connector makes: straight
+    #: to DNS MX, or to ``smarthost`` (engine.client.smtp, engine.ops.protolog).
+    protocol_log: _Bool = False
 
 
 def _check_delivery(d: DeliveryConfig) -> list[tuple[_Loc, str]]:
@@ -943,6 +946,8 @@ class SendConfig:
     protocol: Annotated[Literal["smtp", "lmtp"], _v(_choice("smtp", "lmtp"))] = "smtp"
     #: Port of the MX hosts; None = delivery.mx_port (25 unless a test lab changes it).
     port: Annotated[int, _v(_port)] | None = None
+    #: Write this connector's outbound conversations to its send protocol log.
+    protocol_log: _Bool = False
 
 
 def _check_send(sc: SendConfig) -> list[tuple[_Loc, str]]:

@@ -14,6 +14,13 @@ back into the caller), its MAIL, RCPTs and DATA go in the same write as the curr
 reply parsing and matching, reply caps and the STARTTLS boundary are
 ``engine.protocol.client``; this module only pumps bytes, keeps time and pools.
 
+Protocol log (``protocol_logs``, Exchange's send protocol log): a connection opened for a
+send connector whose log is on writes every command it sends, every line the server sends
+back (the greeting and the EHLO reply included), the STARTTLS outcome and one line per
+message body with its size instead of the body, through a
+:class:`engine.ops.protolog.SessionLog`; AUTH payloads are masked.  Switched off, a
+connection has no log and each write or read costs one test of ``log is None``.
+
 Outcomes: what the transaction says; anything that breaks the connection (loss, timeout,
 malformed or oversized replies) → DEFERRED for every recipient without a final answer,
 and the connection is dropped, never pooled.  Hosts that refuse, time out or greet with
@@ -33,11 +40,13 @@ import asyncio
 import base64
 import contextlib
 import functools
+import itertools
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final
 
 from engine.client.api import FollowOn, FollowOns, Peer, RcptResult, Settled
+from engine.ops.protolog import ProtocolLog, SessionLog
 from engine.protocol.client import (
     ClientConnection,
     ClientProtocolError,
@@ -66,7 +75,11 @@ T_QUIT: Final = 10.0  # a polite QUIT is not worth waiting long for
 #: connection, a server that floods): reading pauses until the next read.
 _READ_HIGH_WATER: Final = 256 * 1024
 
-PoolKey = tuple[str, bool, str, tuple[str, str] | None]
+#: Numbers the outbound connections in protocol logs ("<log name>-<hex>").
+_connection_ids = itertools.count(1)
+
+#: (site, LMTP, TLS mode, AUTH, protocol log): connections are shared only within one.
+PoolKey = tuple[str, bool, str, tuple[str, str] | None, ProtocolLog | None]
 TlsContextFactory = Callable[[TlsMode], ssl.SSLContext]
 
 
@@ -101,10 +114,13 @@ class _Pipe(asyncio.Protocol):
     reply is the session's.
     """
 
-    def __init__(self, conn: ClientConnection, hello: Command | None = None) -> None:
+    def __init__(self, conn: ClientConnection, hello: Command | None = None,
+                 log: SessionLog | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.conn = conn
         self._hello = hello
+        #: This connection's protocol log, None when its connector's log is off.
+        self.log = log
         #: The greeting, once ``hello`` has looked at it (the session reads it from here),
         #: and whether ``hello`` went out (a 220).
         self.greeting: Greeting | None = None
@@ -132,9 +148,17 @@ class _Pipe(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
+        if self.log is not None:
+            local = transport.get_extra_info("sockname")
+            shown = (f"{local[0]}:{local[1]}" if isinstance(local, tuple) and len(local) >= 2
+                     else str(local or "?"))
+            self.log.event(f"connected from {shown}")
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
+        log = self.log
+        if log is not None:
+            log.recv_data(data)
         self._feed(conn, data)
         if self._hello is not None:
             self._greeted(conn)
@@ -176,7 +200,10 @@ class _Pipe(asyncio.Protocol):
         assert hello is not None
         self.greeting = event
         if event.reply.code == 220 and self.transport is not None:
-            self.transport.write(conn.send(hello))
+            data = conn.send(hello)
+            if self.log is not None:
+                self.log.send(data)
+            self.transport.write(data)
             self.hello_sent = True
 
     def consumed(self) -> None:
@@ -193,6 +220,10 @@ class _Pipe(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
+        log = self.log
+        if log is not None:
+            log.recv_end()
+            log.event("disconnect" + (f": {exc}" if exc else ""))
         self.lost.set()
         if self.on_lost is not None:
             self.on_lost()
@@ -273,11 +304,13 @@ class _Session:
         self.peer: Peer | None = None
         self.pipe = pipe
         self.conn = pipe.conn
+        #: The protocol log (the pipe's), None when off.
+        self.log = pipe.log
         self.timeouts = timeouts
         self.messages = 0
         self.needs_rset = False
         #: The pool this connection belongs to (set when opened).
-        self.key: PoolKey = ("", False, "off", None)
+        self.key: PoolKey = ("", False, "off", None, None)
         #: The newest follow-on transaction in flight, until its caller collects it.
         self.follow_on: _Exchange | None = None
         #: Taken from the pool and not yet answered in this delivery (see _Failure.stale).
@@ -294,8 +327,17 @@ class _Session:
         assert self.pipe.transport is not None
         return self.pipe.transport
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, *, secret: bool = False) -> None:
+        """Write command lines (``secret``: AUTH payloads, masked in the protocol log)."""
+        log = self.log
+        if log is not None:
+            log.send(data, secret=secret)
         self.transport.write(data)
+
+    def note(self, text: str) -> None:
+        """An event for the protocol log, if it is on (why a connection is given up)."""
+        if self.log is not None:
+            self.log.event(text)
 
     async def event(self, phase: str) -> Greeting | Reply:
         """The next reply (the greeting first), within the phase's timeout."""
@@ -356,8 +398,9 @@ class _Session:
             raise _Failure("451 4.5.0 Unexpected greeting")
         return event
 
-    async def command(self, command: Command, phase: str = "command") -> Reply:
-        self.write(self.conn.send(command))
+    async def command(self, command: Command, phase: str = "command", *,
+                      secret: bool = False) -> Reply:
+        self.write(self.conn.send(command), secret=secret)
         return await self.reply(phase)
 
     async def hello(self, helo_name: str, lmtp: bool) -> Extensions:
@@ -386,17 +429,27 @@ class _Session:
                     self.transport, self.pipe, context, server_hostname=server_hostname
                 )
         except TimeoutError:
+            self.note("TLS handshake timed out")
             raise _Failure(
                 f"451 4.7.5 TLS handshake with {self.remote} timed out", broken=True
             ) from None
         except (OSError, ValueError) as exc:
+            self.note(f"TLS handshake failed: {exc}")
             raise _Failure(
                 f"451 4.7.5 TLS handshake with {self.remote} failed: {exc}", broken=True
             ) from None
         if transport is None:
+            self.note("TLS handshake failed")
             raise _Failure(f"451 4.7.5 TLS handshake with {self.remote} failed", broken=True)
         self.pipe.transport = transport
         self.conn.tls_started()
+        if self.log is not None:
+            obj = transport.get_extra_info("ssl_object")
+            cipher = obj.cipher() if obj is not None else None
+            version = obj.version() if obj is not None else "?"
+            # The receive side's words (engine.server.session), so one grep finds both.
+            self.log.event(f"TLS established: version={version} "
+                           f"cipher={cipher[0] if cipher else '?'}")
 
     async def quit(self) -> None:
         """QUIT politely, wait briefly for the 221, close; never raises."""
@@ -433,6 +486,9 @@ class SmtpAgent:
 
     Timeouts are RFC 5321 §4.5.3.2's per phase times ``timeout_scale``; ``command_timeout``
     (times the scale) covers the greeting, EHLO, STARTTLS, AUTH, RSET and QUIT.
+    ``protocol_logs`` maps a send connector's name (``Route.connector``, "" for plain MX
+    delivery) to its protocol log; connectors not in it, and logs switched off, log
+    nothing.  The caller owns the logs (flushes and closes them).
     """
 
     def __init__(
@@ -451,8 +507,11 @@ class SmtpAgent:
         tls_context_factory: TlsContextFactory | None = None,
         ca_file: str | None = None,
         pipeline_messages: bool = True,
+        protocol_logs: Mapping[str, ProtocolLog] | None = None,
     ) -> None:
         self.helo_name = helo_name
+        #: Only the logs that are on: empty (no lookup per delivery) when none is.
+        self._logs = {name: log for name, log in (protocol_logs or {}).items() if log.enabled}
         self.lmtp = lmtp
         self.connect_timeout = connect_timeout * timeout_scale
         self.timeouts: dict[str, float] = {
@@ -496,7 +555,11 @@ class SmtpAgent:
         if not indexes:
             return []
         lmtp = self.lmtp or route.protocol == "lmtp"
-        key: PoolKey = (route.site, lmtp, route.tls, route.auth)
+        logs = self._logs
+        # A logged connector's connections are its own: another connector's mail never
+        # goes over them (into its log), nor its mail over theirs (unlogged).
+        plog = logs.get(route.connector) if logs else None
+        key: PoolKey = (route.site, lmtp, route.tls, route.auth, plog)
         if not self.takes_follow_ons(route):
             follow_ons = None  # LMTP answers per recipient: kept out of follow-on chains
         while True:
@@ -640,12 +703,20 @@ class SmtpAgent:
         reason = "451 4.4.4 No host to deliver to"
         loop = asyncio.get_running_loop()
         hello = Command("LHLO" if lmtp else "EHLO", arg=self.helo_name)
+        plog = key[4]
+        log: SessionLog | None = None
 
         def pipe_factory() -> _Pipe:
-            return _Pipe(ClientConnection(self.settings), hello)
+            return _Pipe(ClientConnection(self.settings), hello, log)
 
         for host in route.hosts:
             remote = f"{host.name}[{host.address}]:{host.port}"
+            if plog is not None:
+                peer = host.address if host.address.startswith("/") else (
+                    f"[{host.address}]:{host.port}" if ":" in host.address
+                    else f"{host.address}:{host.port}")
+                log = plog.session(f"{plog.connector}-{next(_connection_ids):x}", peer)
+                log.event(f"connecting to {remote}")
             await self._closed_before(key)
             try:
                 async with asyncio.timeout(self.connect_timeout):
@@ -656,9 +727,13 @@ class SmtpAgent:
                                                                host.port)
             except TimeoutError:
                 reason = f"451 4.4.1 Connection to {remote} timed out"
+                if log is not None:
+                    log.event("connect timed out")
                 continue
             except OSError as exc:
                 reason = f"451 4.4.1 Connection to {remote} failed: {exc.strerror or exc}"
+                if log is not None:
+                    log.event(f"connect failed: {exc.strerror or exc}")
                 continue
             self.connections_opened += 1
             session = _Session(host, pipe, self.timeouts)
@@ -667,12 +742,14 @@ class SmtpAgent:
                 await self._setup(session, route, lmtp)
             except _Failure as failure:
                 reason = failure.text
+                session.note(f"giving up: {reason}")
                 self._retire(session, polite=not failure.broken)
                 if failure.final:
                     break
                 continue
             except (ClientProtocolError, OSError) as exc:
                 reason = cap_text(f"451 4.5.0 {session.remote}: {exc}")
+                session.note(f"giving up: {reason}")
                 self._retire(session)
                 continue
             except BaseException:
@@ -736,16 +813,18 @@ class SmtpAgent:
         if "PLAIN" in mechanisms:
             # RFC 4616: authzid NUL authcid NUL passwd, as the initial response (RFC 4954).
             token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
-            reply = await s.command(Command("AUTH", arg="PLAIN", initial=token))
+            # secret=True: the protocol log shows "AUTH PLAIN ****" and "****" for these.
+            reply = await s.command(Command("AUTH", arg="PLAIN", initial=token), secret=True)
             if reply.code == 334:
-                s.write(s.conn.send_auth_response(token))
+                s.write(s.conn.send_auth_response(token), secret=True)
                 reply = await s.reply("command")
         elif "LOGIN" in mechanisms:
             reply = await s.command(Command("AUTH", arg="LOGIN"))
             for secret in (user, password):
                 if reply.code != 334:
                     break
-                s.write(s.conn.send_auth_response(base64.b64encode(secret.encode()).decode()))
+                s.write(s.conn.send_auth_response(base64.b64encode(secret.encode()).decode()),
+                        secret=True)
                 reply = await s.reply("command")
         else:
             raise _Failure(f"451 4.7.0 {s.remote} offers no AUTH mechanism we support")
@@ -766,12 +845,15 @@ class SmtpAgent:
             keep = await exchange
         except _Failure as failure:
             if failure.stale:
+                s.note(f"stale pooled connection: {failure.text}")
                 raise
             reason = failure.text
             keep = False
+            s.note(f"giving up: {reason}")
         except (ClientProtocolError, OSError) as exc:
             reason = cap_text(f"451 4.5.0 {s.remote}: {exc}")
             keep = False
+            s.note(f"giving up: {reason}")
         else:
             reason = "451 4.5.0 No reply"  # every recipient has a result by now
         if not t.done:
@@ -887,8 +969,13 @@ class _Exchange:
                 phase = t.phase
                 if data:
                     if phase is END_OF_DATA and before is not END_OF_DATA:
-                        data += self._follow_on()
-                        s.write(data)
+                        # The 354: the body, then maybe the next message's commands.
+                        follow = self._follow_on()
+                        if s.log is not None:
+                            s.log.event(f"message body {len(data)} octets sent")
+                            if follow:
+                                s.log.send(follow)
+                        s.transport.write(data + follow if follow else data)
                         if pipe.write_paused:
                             phase = "body"
                     else:

@@ -1,29 +1,37 @@
 """The protocol log: one line per SMTP command, reply line and session event, per connector.
 
 This is the Exchange "protocol log" idea (Postfix calls it verbose smtpd logging): an
-operator switches it on for one receive connector and sees the conversation of every
-session.  A :class:`ProtocolLog` owns one file, ``<directory>/protocol-<connector>.log``;
-each session writes through the :class:`SessionLog` handle that :meth:`ProtocolLog.session`
-returns.
+operator switches it on for one receive connector, or one send connector, and sees the
+conversation of every session.  A :class:`ProtocolLog` owns one file: for the receive side
+``<directory>/protocol-<connector>.log``, for the send side (``side="send"``, the outbound
+connections of ``engine.client.smtp``) ``<directory>/send-protocol-<connector>.log``; the
+prefixes differ, so no pair of connector names can share a file.  Each session (or
+outbound connection) writes through the :class:`SessionLog` handle that
+:meth:`ProtocolLog.session` returns.
 
 Line format (UTF-8, fields separated by one TAB, ended by LF)::
 
-    2024-05-01T12:34:56.789Z  <session id>  <client>  <direction>  <text>
+    2024-05-01T12:34:56.789Z  <session id>  <peer>  <direction>  <text>
 
-``<`` is a line received from the client, ``>`` a reply line sent to it, ``*`` an event
-(connect, TLS established, disconnect, ...).  Every field is sanitised
-(:func:`sanitise`): C0 controls (TAB, CR, LF, NUL included), DEL, C1 controls, the Unicode
-line and paragraph separators, bidirectional overrides, the backslash itself and bytes
-that are not UTF-8 are written as backslash escapes, and the text is cut at
-:data:`MAX_TEXT` characters ending in ``…``.  Nothing a client sends can therefore split a
-log line, forge a field or a line, or disguise itself in a terminal (DESIGN.md "Wire
-rules": nothing from the wire reaches a log line with a raw CR, LF or NUL).  The escaping
-is lossless and unambiguous: ``\\xNN`` is the raw byte NN, ``\\uNNNN`` the code point,
-``\\\\`` a backslash, and a literal ``…`` is escaped so the marker means truncation.
+``<peer>`` is the other end: the client's address on the receive side, the next hop's
+``address:port`` on the send side (its host name is in the ``connecting to`` event and
+Ferry's local address in ``connected from``).  ``<`` is a line received from the peer,
+``>`` a line sent to it (a reply on the receive side, a command on the send side), ``*``
+an event (connect, TLS established, a message body and its size, disconnect, ...).  Every
+field is sanitised (:func:`sanitise`): C0 controls (TAB, CR, LF, NUL included), DEL, C1
+controls, the Unicode line and paragraph separators, bidirectional overrides, the
+backslash itself and bytes that are not UTF-8 are written as backslash escapes, and the
+text is cut at :data:`MAX_TEXT` characters ending in ``…``.  Nothing a client sends can
+therefore split a log line, forge a field or a line, or disguise itself in a terminal
+(DESIGN.md "Wire rules": nothing from the wire reaches a log line with a raw CR, LF or
+NUL).  The escaping is lossless and unambiguous: ``\\xNN`` is the raw byte NN, ``\\uNNNN``
+the code point, ``\\\\`` a backslash, and a literal ``…`` is escaped so the marker means
+truncation.
 
-AUTH payloads are never written.  The caller marks them (``recv(line, secret=True)`` or
-:meth:`SessionLog.redact_next`): an ``AUTH`` command keeps its verb and a known SASL
-mechanism name and shows ``****`` for the rest; any other secret line is ``****``.
+AUTH payloads are never written.  The caller marks them (``recv(line, secret=True)``,
+:meth:`SessionLog.redact_next`, or ``send(data, secret=True)`` for what the send side
+writes): an ``AUTH`` command keeps its verb and a known SASL mechanism name and shows
+``****`` for the rest; any other secret line is ``****``.
 
 Writes are buffered in memory and reach the file as one ``write`` of the joined buffer
 when :meth:`ProtocolLog.flush` runs (from a periodic task such as
@@ -50,7 +58,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Final, Literal
 
 __all__ = [
     "FLUSH_BYTES",
@@ -58,6 +66,7 @@ __all__ = [
     "MAX_TEXT",
     "ProtocolLog",
     "SessionLog",
+    "Side",
     "format_timestamp",
     "sanitise",
 ]
@@ -71,11 +80,16 @@ GENERATIONS: Final = 5
 #: What a hidden secret is written as.
 REDACTED: Final = "****"
 
+#: The two sides a log can belong to, and the prefix of their file names.
+Side = Literal["receive", "send"]
+_PREFIX: Final[dict[str, str]] = {"receive": "protocol-", "send": "send-protocol-"}
+
 RECEIVED: Final = "<"
 SENT: Final = ">"
 EVENT: Final = "*"
 
 _ELLIPSIS: Final = "\u2026"
+_CR: Final = b"\r"
 
 # SASL mechanism names that may be shown after a redacted AUTH verb (IANA "SASL Mechanisms"
 # registry, the ones seen on submission ports).  A name not listed here is hidden too: a
@@ -189,7 +203,8 @@ _CONNECTOR_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class ProtocolLog:
-    """The protocol log of one receive connector (``directory=None``: switched off).
+    """The protocol log of one connector (``directory=None``: switched off); ``side``
+    says whether it is a receive connector's or a send connector's.
 
     Switched off, every call is a cheap no-op and no file is created.  Switched on, the
     file is opened (created with mode 0o640, less what the umask removes) at once; if
@@ -203,6 +218,7 @@ class ProtocolLog:
         directory: Path | None,
         connector: str,
         *,
+        side: Side = "receive",
         max_bytes: int = 100 << 20,
         flush_interval: float = 1.0,
         clock: Callable[[], float] = time.time,
@@ -218,7 +234,7 @@ class ProtocolLog:
         self.max_bytes: Final = max_bytes
         self.flush_interval: Final = flush_interval
         self.path: Final = (
-            None if directory is None else Path(directory) / f"protocol-{connector}.log"
+            None if directory is None else Path(directory) / f"{_PREFIX[side]}{connector}.log"
         )
         #: Lines that could not be written (disk full, directory gone, log closed).
         self.dropped = 0
@@ -295,10 +311,11 @@ class ProtocolLog:
 
     # --- lines ----------------------------------------------------------------------------
 
-    def _append(self, rest: str) -> None:
-        """Buffer one line; ``rest`` is everything after the timestamp, LF included."""
+    def _append(self, rest: str, *more: str) -> None:
+        """Buffer lines, stamped with one time; each is everything after the timestamp, LF
+        included (the lines of one reply or one write share a stamp and a buffer entry)."""
         if self._closed:
-            self.dropped += 1
+            self.dropped += 1 + len(more)
             return
         now = self._clock()
         sec = int(now)
@@ -306,9 +323,11 @@ class ProtocolLog:
             self._sec = sec
             self._sec_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
         ms = min(999, int((now - sec) * 1000))
+        stamp = f"{self._sec_text}.{ms:03d}Z"
+        text = stamp + rest if not more else "".join([stamp + r for r in (rest, *more)])
         # sanitise() removed lone surrogates; backslashreplace is a last guard so encode()
         # can never raise into the caller.
-        data = f"{self._sec_text}.{ms:03d}Z{rest}".encode("utf-8", "backslashreplace")
+        data = text.encode("utf-8", "backslashreplace")
         self._buf.append(data)
         self._buf_bytes += len(data)
         if self._buf_bytes >= FLUSH_BYTES or now - self._last_flush >= self.flush_interval:
@@ -429,13 +448,16 @@ class SessionLog:
     """One session's view of a :class:`ProtocolLog`; every method is a no-op when the log
     is switched off, and none raises on I/O trouble."""
 
-    __slots__ = ("_event", "_log", "_recv", "_redact", "_send", "client", "session_id")
+    __slots__ = ("_event", "_log", "_partial", "_recv", "_redact", "_send", "client",
+                 "session_id")
 
     def __init__(self, log: ProtocolLog | None, session_id: str, client: str) -> None:
         self.session_id = session_id
         self.client = client
         self._log = log
         self._redact = False
+        #: An unfinished line of :meth:`recv_data`, kept until its LF arrives.
+        self._partial = b""
         if log is None:
             self._recv = self._send = self._event = ""
             return
@@ -467,16 +489,48 @@ class SessionLog:
         if self._log is not None:
             self._redact = True
 
-    def send(self, data: bytes) -> None:
-        """Log what was sent to the client: one log line per CRLF-ended reply line."""
+    def recv_data(self, data: bytes) -> None:
+        """Log bytes as they arrive from the peer, one log line per line of the stream
+        (the send side: the server's replies as they came, wrong line endings included).
+
+        A line ends at LF; a CR before it is not shown.  A line without its LF yet waits
+        for the next call (or :meth:`recv_end`); only its first bytes are kept, enough to
+        show :data:`MAX_TEXT` characters and the truncation mark.
+        """
+        log = self._log
+        if log is None:
+            return
+        if self._partial:
+            data = self._partial + data
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        self._partial = rest[: 4 * MAX_TEXT + 8]
+        if lines:
+            head = self._recv
+            log._append(*[f"{head}{sanitise(line.removesuffix(_CR))}\n" for line in lines])
+
+    def recv_end(self) -> None:
+        """The peer's stream ended: log a last line that never got its LF."""
+        if self._log is not None and self._partial:
+            line, self._partial = self._partial, b""
+            self._log._append(f"{self._recv}{sanitise(line)}\n")
+
+    def send(self, data: bytes, *, secret: bool = False) -> None:
+        """Log what was sent to the peer: one log line per CRLF-ended line.
+
+        ``secret=True`` hides every line as :meth:`recv` does: ``AUTH PLAIN ****`` for an
+        AUTH command with its initial response, ``****`` for a SASL response.
+        """
         log = self._log
         if log is None:
             return
         lines = data.split(b"\r\n")
         if lines and not lines[-1]:
             lines.pop()
-        for line in lines:
-            log._append(f"{self._send}{sanitise(line)}\n")
+        if lines:
+            head = self._send
+            clean = _redact if secret else sanitise
+            log._append(*[f"{head}{clean(line)}\n" for line in lines])
 
     def event(self, text: str) -> None:
         """Log a session event: "connect", "TLS TLSv1.3 TLS_AES_256_GCM_SHA384",

@@ -408,6 +408,11 @@ def test_closed_log_counts_late_lines(tmp_path: Path) -> None:
     s.event("disconnect")
     s.send(b"221 bye\r\n")
     assert log.dropped == 2
+    # Several lines in one call are counted one by one.
+    s.send(b"250-one\r\n250 two\r\n")
+    s.recv_data(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\npartial")
+    s.recv_end()
+    assert log.dropped == 7
     assert texts(tmp_path / "protocol-late.log") == ["QUIT"]
 
 
@@ -496,3 +501,57 @@ def test_partial_write_is_taken_back(tmp_path: Path) -> None:
     )
     assert done.stdout.split() == ["5"]
     assert texts(tmp_path / "protocol-p.log") == ["FIRST", "LAST"]
+
+
+# --- the send side ------------------------------------------------------------------------
+
+
+def test_send_side_file_name_cannot_meet_a_receive_side_one(tmp_path: Path) -> None:
+    # A receive connector named "send-x" and a send connector named "x": two files.
+    with ProtocolLog(tmp_path, "send-x") as recv, ProtocolLog(tmp_path, "x", side="send") as out:
+        recv.session("R", "c").event("receive")
+        out.session("S", "c").event("send")
+    assert texts(tmp_path / "protocol-send-x.log") == ["receive"]
+    assert texts(tmp_path / "send-protocol-x.log") == ["send"]
+
+
+def test_sent_secrets_are_masked(tmp_path: Path) -> None:
+    with ProtocolLog(tmp_path, "out", side="send") as log:
+        s = log.session("S", "127.0.0.1:25")
+        s.send(b"AUTH PLAIN AGFwcABzM2NyZXQ=\r\n", secret=True)
+        s.send(b"AUTH LOGIN\r\n", secret=True)
+        s.send(b"YXBw\r\n", secret=True)
+        s.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n")
+    path = tmp_path / "send-protocol-out.log"
+    assert texts(path) == ["AUTH PLAIN ****", "AUTH LOGIN", "****", "MAIL FROM:<a@b.test>",
+                           "RCPT TO:<c@d.test>"]
+    assert b"AGFwcABzM2NyZXQ" not in path.read_bytes() and b"YXBw" not in path.read_bytes()
+    assert {row[3] for row in lines_of(path)} == {">"}
+
+
+@given(st.lists(st.binary(max_size=300).map(lambda b: b.replace(b"\n", b"")), min_size=1,
+                max_size=6),
+       st.lists(st.integers(min_value=0, max_value=2000), max_size=8), st.booleans())
+def test_received_stream_logs_the_same_lines_however_it_is_cut(
+        lines: list[bytes], cuts: list[int], ended: bool) -> None:
+    # A server's replies arrive in any chunking: one log line per line, as if whole; a
+    # last line without its LF is logged when the stream ends.
+    stream = b"".join(line + b"\r\n" for line in lines)
+    if not ended:
+        stream = stream[:-2]
+    points = sorted({min(c, len(stream)) for c in cuts})
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    with tempfile.TemporaryDirectory() as d:
+        with ProtocolLog(Path(d), "cut", side="send") as log, \
+                ProtocolLog(Path(d), "whole", side="send") as whole:
+            s, w = log.session("S", "c"), whole.session("S", "c")
+            for chunk in chunks:
+                s.recv_data(chunk)
+            s.recv_end()
+            for line in lines:
+                w.recv(line)
+        got = texts(Path(d) / "send-protocol-cut.log")
+        want = texts(Path(d) / "send-protocol-whole.log")
+    if not ended and lines[-1] == b"":
+        want.pop()  # an empty unfinished line is no line
+    assert got == want
