@@ -198,13 +198,15 @@ async def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT; exit status 0 after a clean stop."""
     app = App(config)
     notify = Notifier()
+    # Before starting: the port takes connections (into the kernel's backlog) as soon as
+    # it is bound, and a SIGTERM from then on must stop Ferry cleanly, not kill it.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         await app.start()
         tune_gc()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         # Type=notify: systemd counts Ferry as started once it accepts mail.
         notify.ready(f"accepting mail on {', '.join(app.addresses)}")
         notify.start_watchdog()
