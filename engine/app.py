@@ -32,9 +32,9 @@ from engine.config import Config
 from engine.ops.control import ControlServer, ControlUnavailable, socket_path
 from engine.ops.daemon import SpoolLock, check_root, drop_privileges, lookup, prepare_spool
 from engine.ops.events import Events
-from engine.ops.preflight import startup_warnings
 from engine.ops.protolog import ProtocolLog
 from engine.ops.sdnotify import Notifier
+from engine.ops.startup import startup_warnings
 from engine.queue.lmdb_store import LmdbQueue
 from engine.routing.mx import MxResolver
 from engine.routing.router import ConfiguredRouter, accepted_domains

@@ -1000,7 +1000,7 @@ class ServerConfig:
 
 def default_hostname() -> str:
     """The machine's fully qualified name, or "localhost" when it has none (a name without
-    a dot is no use to other servers; engine.ops.preflight warns about it at start)."""
+    a dot is no use to other servers; engine.ops.startup warns about it at start)."""
     name = socket.getfqdn().rstrip(".")
     return name if "." in name and _domain_problem(name) is None else "localhost"
 

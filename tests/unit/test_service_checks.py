@@ -13,8 +13,8 @@ import pytest
 
 from engine.config import Config, ReceiveConfig, default_hostname, load_config
 from engine.ops.daemon import Account, StartError, check_root, is_loopback
-from engine.ops.preflight import startup_warnings
 from engine.ops.sdnotify import watchdog_interval
+from engine.ops.startup import startup_warnings
 
 USER = Account("ferry", 999, 999, "ferry")
 
