@@ -203,6 +203,9 @@ lmtp = "127.0.0.1:{closed_port()}"
 [log]
 level = "info"
 protocol_log_dir = "protolog"
+
+[server]
+allow_root = true
 """, encoding="utf-8")
     return load_config(path)
 
