@@ -1,8 +1,12 @@
 """The composition root: builds every part from the configuration, starts and stops them.
 
-Order at start: the queue database (recovery happens as it opens), the router, delivery
-agents and scheduler, the control channel (``engine.ops.control``), then the receive
-connectors.  Order at stop (SIGTERM/SIGINT): close the control channel, stop
+Order at start: as the user who started Ferry (root, to bind port 25), the spool (made
+and given to ``[server] user``), its lock (``engine.ops.daemon``: one server per spool),
+the TLS certificates and the listening sockets (bound, not yet served); then the switch
+to ``[server] user``; then the queue database (recovery happens as it opens; its writer
+process starts as that user), the router, delivery agents and scheduler, the control
+channel (``engine.ops.control``), and last the receive connectors start serving the
+sockets.  Order at stop (SIGTERM/SIGINT): close the control channel, stop
 listening and send 421 to open sessions, let pending commits finish, stop the scheduler
 (deliveries in flight finish and record their outcomes), close pooled connections, then
 close the queue (its writer drains first).
@@ -14,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
+import socket
 from pathlib import Path
 
 from engine import __version__, _speedups
@@ -24,11 +30,14 @@ from engine.client.maildir import MaildirAgent
 from engine.client.smtp import SmtpAgent
 from engine.config import IMPLICIT_SMARTHOST, Config, tracking_dir
 from engine.ops import logfmt
-from engine.ops.control import ControlServer, ControlUnavailable, check_free, socket_path
+from engine.ops.control import ControlServer, ControlUnavailable, socket_path
+from engine.ops.daemon import SpoolLock, check_root, drop_privileges, lookup, prepare_spool
 from engine.ops.events import Events
 from engine.ops.maillog import MailLog
 from engine.ops.pressure import PressureLog
 from engine.ops.protolog import ProtocolLog
+from engine.ops.sdnotify import Notifier
+from engine.ops.startup import startup_warnings
 from engine.ops.tracking import TrackingLog
 from engine.queue.lmdb_store import LmdbQueue
 from engine.routing.mx import MxResolver
@@ -37,7 +46,7 @@ from engine.scheduler.policy import Limits
 from engine.scheduler.scheduler import Scheduler
 from engine.server.auth import Authenticator
 from engine.server.ingest import Ingest
-from engine.server.service import Connector
+from engine.server.service import Connector, address_of, bind_listeners, receive_tls
 
 log = logging.getLogger("ferry")
 
@@ -60,6 +69,8 @@ class App:
         # One INFO line per event on ferry.mail (engine.ops.maillog); it formats nothing
         # while that logger is below INFO.
         self.events.add(MailLog())
+        #: held from start to the end of the process: one server per spool
+        self.lock = SpoolLock(Path(config.spool))
 
     async def start(self) -> None:
         cfg = self.config
@@ -69,8 +80,31 @@ class App:
         logging.getLogger("ferry").setLevel(cfg.log.level.upper())
         # [log] format for the handler the CLI installed (none in tests: theirs stays).
         logfmt.use(cfg.log.format)
+        srv = cfg.server
+        account = lookup(srv.user, srv.group)
+        prepare_spool(Path(cfg.spool), account)
         # Before the queue opens: a second server on this spool stops here, untouched.
-        check_free(socket_path(cfg.spool))
+        self.lock.acquire(account)
+        listeners: list[list[socket.socket]] = []
+        try:
+            # As root still: key files are often readable by root only, port 25 needs root.
+            contexts = [receive_tls(rc) for rc in cfg.receive]
+            for rc in cfg.receive:
+                listeners.append(bind_listeners(rc.listen))
+            bound = {rc.name: [address_of(s) for s in socks]
+                     for rc, socks in zip(cfg.receive, listeners, strict=True)}
+            check_root(os.geteuid(), account, srv.allow_root,
+                       [a for addresses in bound.values() for a in addresses])
+            if account is not None:
+                drop_privileges(account)
+                log.info("running as user %s, group %s", account.name, account.group)
+        except BaseException:
+            for sock in (s for socks in listeners for s in socks):
+                sock.close()
+            self.lock.release()
+            raise
+        for warning in startup_warnings(cfg, bound):
+            log.warning("%s", warning)
         self.store = store = LmdbQueue(
             Path(cfg.spool) / "queue", durability=q.durability, map_size=q.map_size,
             max_map_size=q.max_map_size, min_free_disk=q.min_free_disk,
@@ -123,19 +157,19 @@ class App:
         log_dir = cfg.log.protocol_log_dir or Path(cfg.spool) / "log"
         if any(rc.protocol_log for rc in cfg.receive):
             log_dir.mkdir(parents=True, exist_ok=True)
-        for rc in cfg.receive:
+        for rc, tls, socks in zip(cfg.receive, contexts, listeners, strict=True):
             connector = Connector(
                 rc, hostname=cfg.hostname, store=store,
                 relay=RelayPolicy(accepted, rc.relay_networks, rc.relay_authenticated),
                 authenticator=authenticator, ingest=ingest,
                 protolog=ProtocolLog(log_dir if rc.protocol_log else None, rc.name),
-                auth_enabled=bool(cfg.users), pressure=pressure,
+                auth_enabled=bool(cfg.users), pressure=pressure, tls=tls,
             )
             self.connectors.append(connector)
-            bound = await connector.start()
-            self.addresses += bound
+            serving = await connector.start(socks)
+            self.addresses += serving
             log.info("receive connector %s listening on %s (tls=%s)", rc.name,
-                     ", ".join(bound), rc.tls)
+                     ", ".join(serving), rc.tls)
         self._flusher = asyncio.get_running_loop().create_task(self._flush_logs())
 
     def _start_tracking(self) -> None:
@@ -202,6 +236,7 @@ class App:
         self.events.close()
         if self.store is not None:
             await self.store.close()
+        self.lock.release()
         log.info("stopped")
 
 
@@ -229,12 +264,22 @@ def tune_gc() -> None:
 async def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT; exit status 0 after a clean stop."""
     app = App(config)
-    await app.start()
-    tune_gc()
+    notify = Notifier()
+    # Before starting: the port takes connections (into the kernel's backlog) as soon as
+    # it is bound, and a SIGTERM from then on must stop Ferry cleanly, not kill it.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await app.stop()
+    try:
+        await app.start()
+        tune_gc()
+        # Type=notify: systemd counts Ferry as started once it accepts mail.
+        notify.ready(f"accepting mail on {', '.join(app.addresses)}")
+        notify.start_watchdog()
+        await stop.wait()
+        notify.stopping("stopping: finishing sessions and pending commits")
+        await app.stop()
+    finally:
+        notify.close()
     return 0

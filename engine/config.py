@@ -82,7 +82,9 @@ __all__ = [
     "QueueConfig",
     "ReceiveConfig",
     "SendConfig",
+    "ServerConfig",
     "TrackingConfig",
+    "default_hostname",
     "load_config",
     "name_flags",
     "parse_hostport",
@@ -1031,13 +1033,47 @@ class TrackingConfig:
     subject: _Bool = False
 
 
+_ACCOUNT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
+
+
+def _account(value: object) -> str:
+    """A user or group name as /etc/passwd and /etc/group spell it; "" = not set.  Whether
+    it exists is checked at start (engine.ops.daemon), not when the file is read."""
+    if not isinstance(value, str) or not (value == "" or _ACCOUNT.fullmatch(value)):
+        raise _Invalid("must be a user or group name: 1 to 32 letters, digits, '_', '.' or "
+                       f"'-', not starting with '.' or '-' (got {_show(value)})")
+    return value
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """[server]: the ``ferry serve`` process itself (engine.ops.daemon): whom it runs as."""
+
+    __pydantic_config__ = _TABLE
+
+    #: Switch to this user once the listeners are bound (root binds port 25, the user
+    #: reads client bytes and owns the spool); "" = stay who started Ferry.
+    user: Annotated[str, _v(_account)] = ""
+    #: The group to switch to; "" = the user's primary group.
+    group: Annotated[str, _v(_account)] = ""
+    #: Let Ferry run as root on an address other than the loopback, without ``user``.
+    allow_root: _Bool = False
+
+
+def default_hostname() -> str:
+    """The machine's fully qualified name, or "localhost" when it has none (a name without
+    a dot is no use to other servers; engine.ops.startup warns about it at start)."""
+    name = socket.getfqdn().rstrip(".")
+    return name if "." in name and _domain_problem(name) is None else "localhost"
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration.  ``load_config`` builds it; nothing mutates it."""
 
     __pydantic_config__ = _TABLE
 
-    hostname: Annotated[str, _v(_hostname)] = field(default_factory=socket.getfqdn)
+    hostname: Annotated[str, _v(_hostname)] = field(default_factory=default_hostname)
     spool: Annotated[Path, _v(_path)] = Path("./ferry-spool")
     #: Lower-case, no trailing dot; "*.example.com" matches every subdomain.
     accepted_domains: Annotated[tuple[str, ...], _v(_domains)] = ()
@@ -1058,6 +1094,7 @@ class Config:
     send: tuple[Annotated[SendConfig, _after(_check_send)], ...] = ()
     #: Local (authoritative) domains, [[local]]; mail for them is accepted from anyone.
     local: tuple[Annotated[LocalConfig, _after(_check_local)], ...] = ()
+    server: ServerConfig = field(default_factory=ServerConfig)
 
 
 #: Every table of the file and its dataclass ("" is the top level; "delivery.domains" the
@@ -1065,7 +1102,7 @@ class Config:
 TABLES: Final[Mapping[str, type]] = MappingProxyType({
     "": Config, "queue": QueueConfig, "receive": ReceiveConfig, "delivery": DeliveryConfig,
     "log": LogConfig, "send": SendConfig, "local": LocalConfig, "tracking": TrackingConfig,
-    "delivery.domains": DomainLimits,
+    "delivery.domains": DomainLimits, "server": ServerConfig,
 })  # fmt: skip
 
 

@@ -19,6 +19,9 @@ command -v swaks >/dev/null 2>&1 || missing+=(swaks)
 # leaves it out: swaks then exits 10 "TLS not available").
 perl -MNet::SSLeay -e 1 >/dev/null 2>&1 || missing+=(libnet-ssleay-perl)
 [ -x /usr/sbin/smtp-source ] || missing+=(postfix)
+# systemd-analyze checks contrib/ferry.service (tests/e2e/test_service.py); nothing is
+# started: installing the package in a container does not make systemd run.
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 # Postfix's SASL client needs the PLAIN/LOGIN plug-ins (only a Recommends of libsasl2-2).
 ls /usr/lib/*/sasl2/libplain.so* >/dev/null 2>&1 || missing+=(libsasl2-modules)
 # Exim, a second destination MTA: Debian's exim4 packages conflict with postfix (both provide

@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 import ssl
 from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from engine.agents.relay import RelayPolicy
@@ -43,6 +45,72 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert_file, key_file)
     return context
+
+
+def receive_tls(config: ReceiveConfig) -> ssl.SSLContext | None:
+    """The connector's TLS context (None when TLS is off), loaded at start before the
+    queue opens and before root is given up (a key file is often readable by root only);
+    OSError naming the files when they cannot be used."""
+    if config.tls == "off" or not config.cert_file or not config.key_file:
+        return None
+    try:
+        return tls_context(str(config.cert_file), str(config.key_file))
+    except ssl.SSLError as exc:
+        raise OSError(f"receive connector {config.name}: cannot use cert_file "
+                      f"{config.cert_file} with key_file {config.key_file} ({exc.reason}): "
+                      "they must be a PEM certificate chain and its PEM private key (not "
+                      "swapped, and a matching pair)") from None
+    except OSError as exc:
+        raise OSError(f"receive connector {config.name}: cannot read cert_file "
+                      f"{config.cert_file} or key_file {config.key_file}: {exc.strerror}"
+                      ) from None
+
+
+#: Connections the kernel queues for a listener before Ferry accepts them.
+BACKLOG = 1024
+
+
+def _shown(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_listeners(listen: Sequence[tuple[str, int]]) -> list[socket.socket]:
+    """Bound, listening sockets for ``listen`` (every address a host name resolves to),
+    made apart from serving them so that root can bind port 25 and a user serve it
+    (engine.ops.daemon): the kernel queues connections until :meth:`Connector.start`
+    accepts them, and no client byte is read before that.  OSError names the address."""
+    socks: list[socket.socket] = []
+    try:
+        for host, port in listen:
+            seen: set[tuple[int, object]] = set()
+            for family, kind, proto, _, addr in socket.getaddrinfo(
+                    host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+                if (family, addr) in seen:
+                    continue
+                seen.add((family, addr))
+                sock = socket.socket(family, kind, proto)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    # As asyncio does: a v6 wildcard must not take the v4 port as well.
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind(addr)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"cannot listen on {_shown(host, port)}: "
+                                             f"{exc.strerror}") from None
+                sock.listen(BACKLOG)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def address_of(sock: socket.socket) -> str:
+    """"HOST:PORT" ("[v6]:PORT") of a bound socket."""
+    name = sock.getsockname()
+    return _shown(name[0], name[1])
 
 
 def server_settings(cfg: ReceiveConfig, hostname: str, tls: bool, auth: bool) -> ServerSettings:
@@ -80,6 +148,7 @@ class Connector:
         ingest: Ingest,
         protolog: ProtocolLog,
         auth_enabled: bool,
+        tls: ssl.SSLContext | None,
         pressure: PressureLog | None = None,
     ) -> None:
         self.config = config
@@ -92,9 +161,8 @@ class Connector:
         self.authenticator = authenticator
         self.ingest = ingest
         self.protolog = protolog
-        self.tls_context: ssl.SSLContext | None = None
-        if config.tls != "off" and config.cert_file and config.key_file:
-            self.tls_context = tls_context(str(config.cert_file), str(config.key_file))
+        #: from :func:`receive_tls`
+        self.tls_context = tls
         self.settings = server_settings(config, hostname, self.tls_context is not None,
                                         auth_enabled)
         s = self.settings
@@ -140,20 +208,21 @@ class Connector:
         if not self.sessions and self._drained is not None:
             self._drained.set()
 
-    async def start(self) -> list[str]:
-        """Listen on every configured address; the addresses actually bound."""
+    async def start(self, sockets: Sequence[socket.socket] | None = None) -> list[str]:
+        """Serve ``sockets`` (from :func:`bind_listeners`; bound here when None); the
+        addresses actually bound."""
         loop = asyncio.get_running_loop()
         implicit = self.tls_context if self.config.tls == "implicit" else None
+        if sockets is None:
+            sockets = bind_listeners(self.config.listen)
         bound: list[str] = []
-        for host, port in self.config.listen:
+        for sock in sockets:
             server = await loop.create_server(
-                lambda: SmtpSession(self), host, port, ssl=implicit, reuse_address=True,
-                backlog=1024, ssl_handshake_timeout=self.config.idle_timeout if implicit else None,
+                lambda: SmtpSession(self), sock=sock, ssl=implicit, backlog=BACKLOG,
+                ssl_handshake_timeout=self.config.idle_timeout if implicit else None,
             )
             self.servers.append(server)
-            for sock in server.sockets:
-                name = sock.getsockname()
-                bound.append(f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}")
+            bound.append(address_of(sock))
         return bound
 
     async def stop(self, grace: float = 30.0) -> None:

@@ -208,6 +208,9 @@ protocol_log_dir = "protolog"
 dir = "tracking"
 max_file_size = "10MiB"
 subject = true
+
+[server]
+allow_root = true
 """, encoding="utf-8")
     return load_config(path)
 
