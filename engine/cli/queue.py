@@ -1,5 +1,5 @@
 """``ferry queue``: the queue viewer (list, show, stats) and the operator's controls
-(suspend, resume, suspended).
+(suspend, resume, suspended; hold, release, remove, retry).
 
 The viewer reads through the ``QueueStore`` interface (the LMDB store: LMDB lets it share
 the spool with a running ``ferry serve``) and changes nothing.  The controls never touch
@@ -14,7 +14,9 @@ import argparse
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from engine.ops import control
 from engine.queue.api import QueueStore
@@ -26,9 +28,11 @@ STATES = [s.value for s in RcptState if s not in (RcptState.DELIVERED,)] + [CORR
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     queue = commands.add_parser(
-        "queue", help="look at the queue (list, show, stats); suspend and resume destinations",
+        "queue", help="look at the queue (list, show, stats); suspend and resume destinations; "
+        "hold, release, remove and retry messages",
         description="The queue viewer (list, show, stats: they change nothing) and the "
-        "controls of a running ferry serve (suspend, resume, suspended).")
+        "controls of a running ferry serve (suspend, resume, suspended; hold, release, "
+        "remove, retry).")
     queue.add_argument("--spool", metavar="DIR", default="./ferry-spool",
                        help="spool directory (default ./ferry-spool)")
     sub = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
@@ -48,6 +52,28 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action.add_argument("destination", metavar="DEST", help="a domain, local:<domain> "
                             "or [address literal], as `ferry queue list` shows it")
     sub.add_parser("suspended", help="the destinations the running server holds")
+    for name, what in (("hold", "hold messages in the running server: never delivered "
+                        "nor expired until released"),
+                       ("release", "release held or poisoned messages: delivered now, "
+                        "their lifetime counting from here")):
+        action = sub.add_parser(name, help=what)
+        action.add_argument("ids", metavar="ID", nargs="+", help="queue ids, as `ferry "
+                            "queue list` shows them")
+    remove = sub.add_parser("remove", help="delete messages from the queue of the running "
+                            "server")
+    remove.add_argument("ids", metavar="ID", nargs="+", help="queue ids")
+    remove.add_argument("--report", action="store_true", help="send the sender a "
+                        "non-delivery report (one per message) for the recipients not "
+                        "yet delivered")
+    remove.add_argument("--yes", action="store_true", help="needed to remove more than "
+                        "one message")
+    retry = sub.add_parser("retry", help="try now, ignoring the retry time: a "
+                           "destination's deferred mail, or messages (--message)")
+    retry.add_argument("destination", metavar="DEST", nargs="?", help="a domain, "
+                       "local:<domain> or [address literal]; its site's down mark is "
+                       "cleared too")
+    retry.add_argument("--message", metavar="ID", nargs="+", dest="ids", help="these "
+                       "messages instead of a destination")
 
 
 def _span(seconds: float) -> str:
@@ -73,7 +99,8 @@ def _ids(store: QueueStore, args: argparse.Namespace) -> list[bytes]:
     if args.state:
         return store.ids_in_state(args.state, args.limit)
     seen: dict[bytes, None] = {}
-    for state in (RcptState.PENDING, RcptState.DEFERRED, RcptState.SUSPENDED):
+    for state in (RcptState.PENDING, RcptState.DEFERRED, RcptState.SUSPENDED,
+                  RcptState.HELD, RcptState.POISON):
         for qid in store.ids_in_state(state.value, args.limit):
             seen[qid] = None
     return sorted(seen)[: args.limit]
@@ -130,10 +157,14 @@ def _stats(store: QueueStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def _ask(args: argparse.Namespace, message: dict[str, str]) -> control.Reply | None:
+def _ask(args: argparse.Namespace, message: dict[str, Any]) -> control.Reply | None:
     """The running server's reply, or None after printing why there is none."""
+    return _ask_at(args.spool, message)
+
+
+def _ask_at(spool: str | Path, message: dict[str, Any]) -> control.Reply | None:
     try:
-        reply = control.request(control.socket_path(args.spool), message)
+        reply = control.request(control.socket_path(spool), message)
     except (OSError, ValueError) as exc:  # ControlUnavailable, a timeout, a bad reply
         print(f"ferry queue: {exc}", file=sys.stderr)
         return None
@@ -172,7 +203,96 @@ def _suspended(args: argparse.Namespace) -> int:
     return 0
 
 
-_CONTROLS = {"suspend": _suspend, "resume": _resume, "suspended": _suspended}
+# --- the verbs on messages: each takes a list of ids (a filter's matches, e.g.) ---------
+
+#: What each verb did, for its summary line.
+_DONE = {"hold": "held", "release": "released", "remove": "removed", "retry": "retried"}
+#: Why a queued message was left alone, per verb.
+_UNCHANGED = {"hold": "already held or poisoned, or nothing left to deliver",
+              "release": "not held or poisoned",
+              "remove": "changed while being removed; try again",
+              "retry": "no deferred recipient"}
+
+
+def message_verb(spool: str | Path, verb: str, ids: Sequence[str],
+                 **fields: Any) -> int:
+    """Ask the running server to ``verb`` (hold, release, remove, retry) the messages
+    ``ids`` (queue ids as printed), in requests of at most ``control.MAX_IDS``; print
+    what it did.  0 when every message was found, 1 otherwise."""
+    wanted: list[str] = []
+    for text in ids:
+        try:
+            wanted.append(id_text(id_bytes(text.strip())))
+        except ValueError:
+            print(f"ferry queue: not a queue id: {text!r}", file=sys.stderr)
+            return 1
+    changed, unchanged, missing, reports = [], [], [], []
+    for start in range(0, len(wanted), control.MAX_IDS):
+        reply = _ask_at(spool, {"command": verb, "ids": wanted[start:start + control.MAX_IDS],
+                                **fields})
+        if reply is None:
+            return 1
+        changed += reply["changed"]
+        unchanged += reply["unchanged"]
+        missing += reply["missing"]
+        reports += reply.get("reports", [])
+    for qid in changed:
+        print(f"{_DONE[verb]} {qid}")
+    for qid in unchanged:
+        print(f"ferry queue: {qid}: {_UNCHANGED[verb]}", file=sys.stderr)
+    for qid in missing:
+        print(f"ferry queue: no message {qid}", file=sys.stderr)
+    if reports:
+        print(f"non-delivery reports queued: {' '.join(reports)}")
+    return 1 if missing else 0
+
+
+def hold(spool: str | Path, ids: Sequence[str]) -> int:
+    return message_verb(spool, "hold", ids)
+
+
+def release(spool: str | Path, ids: Sequence[str]) -> int:
+    return message_verb(spool, "release", ids)
+
+
+def remove(spool: str | Path, ids: Sequence[str], report: bool = False,
+           yes: bool = False) -> int:
+    """Remove messages; more than one needs ``yes`` (a filter that matches more than
+    meant must not empty the queue)."""
+    if len(set(ids)) > 1 and not yes:
+        print(f"ferry queue: this removes {len(set(ids))} messages; add --yes to do it",
+              file=sys.stderr)
+        return 1
+    return message_verb(spool, "remove", ids, report=report)
+
+
+def retry_messages(spool: str | Path, ids: Sequence[str]) -> int:
+    return message_verb(spool, "retry", ids)
+
+
+def retry_destination(spool: str | Path, destination: str) -> int:
+    reply = _ask_at(spool, {"command": "retry", "destination": destination})
+    if reply is None:
+        return 1
+    print(f"retried {reply['destination']}: {reply['recipients']} recipients due now")
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    if bool(args.ids) == bool(args.destination):
+        print("ferry queue: retry takes a destination or --message ID..., one of the two",
+              file=sys.stderr)
+        return 2
+    if args.ids:
+        return retry_messages(args.spool, args.ids)
+    return retry_destination(args.spool, args.destination)
+
+
+_CONTROLS = {"suspend": _suspend, "resume": _resume, "suspended": _suspended,
+             "hold": lambda args: hold(args.spool, args.ids),
+             "release": lambda args: release(args.spool, args.ids),
+             "remove": lambda args: remove(args.spool, args.ids, args.report, args.yes),
+             "retry": _retry}
 
 
 def queue_main(args: argparse.Namespace) -> int:
