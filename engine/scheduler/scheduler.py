@@ -296,7 +296,7 @@ class Scheduler:
     def _message_id(self, queue_id: bytes) -> str:
         """The Message-ID for an event about a message still queued ("" if it is not)."""
         try:
-            return self.store.get(queue_id).message_id
+            return _bare_message_id(self.store.get(queue_id))
         except (KeyError, RecordError):
             return ""
 
@@ -337,10 +337,10 @@ class Scheduler:
                 for dsn in reports:
                     done.reports.append(dsn.envelope.queue_id)
                 if self.events.on and env is not None:
-                    self.events.emit(Kind.REMOVE, qid, env.message_id, by=by,
+                    self.events.emit(Kind.REMOVE, qid, _bare_message_id(env), by=by,
                                      report=bool(reports))
                     for dsn in reports:
-                        self.events.emit(Kind.DSN, qid, env.message_id,
+                        self.events.emit(Kind.DSN, qid, _bare_message_id(env),
                                          dsn_id=id_text(dsn.envelope.queue_id),
                                          action="failed",
                                          recipients=[env.recipients[i].address
@@ -398,7 +398,8 @@ class Scheduler:
             for hop in {r.next_hop for r in env.recipients if r.state is RcptState.DEFERRED}:
                 self._clear_down(hop)
             if self.events.on:
-                self.events.emit(Kind.RETRY, qid, env.message_id, by=by, destination="")
+                self.events.emit(Kind.RETRY, qid, _bare_message_id(env), by=by,
+                                 destination="")
         if found:
             self.wake()
         return done
@@ -1013,6 +1014,11 @@ class Scheduler:
                     for i in self._waiting(env, entry.next_hop)])
         finally:
             self._release(entry)
+
+
+def _bare_message_id(env: Envelope) -> str:
+    """The Message-ID as events carry it: without its angle brackets."""
+    return env.message_id.strip().removeprefix("<").removesuffix(">")
 
 
 def _reason(exc: BaseException) -> str:

@@ -26,14 +26,14 @@ def install() -> None:
     """Install the faults the environment names (none: nothing changes)."""
     sender = os.environ.get(DSN_FAULT)
     if sender:
-        real = scheduler.build_dsn
+        real = scheduler.build_dsn  # type: ignore[attr-defined]
 
         def failing_build_dsn(**kwargs: Any) -> bytes | None:
             if kwargs["envelope"].sender == sender:
                 raise RuntimeError(f"test hook {DSN_FAULT}: DSN generation fails")
             return real(**kwargs)
 
-        scheduler.build_dsn = failing_build_dsn  # type: ignore[assignment]
+        scheduler.build_dsn = failing_build_dsn  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

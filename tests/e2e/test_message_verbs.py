@@ -104,8 +104,11 @@ class Server:
             store.close_sync()
 
     def one(self, state: str) -> str:
-        return wait_for(lambda: (ids := self.ids(state)) and len(ids) == 1 and ids[0],
-                        30, f"one message {state}")
+        def single() -> str | None:
+            ids = self.ids(state)
+            return ids[0] if len(ids) == 1 else None
+
+        return wait_for(single, 30, f"one message {state}")
 
 
 @pytest.fixture
@@ -301,7 +304,8 @@ def test_a_message_in_flight_at_two_crashes_in_a_row_goes_to_poison(
         proc = server.start()
         if crash == 1:
             server.send("x@dest.test")
-        wait_for(lambda n=crash: len(taken) == n, 20, f"in flight before crash {crash}")
+        wait_for(lambda n=crash: len(taken) == n,  # type: ignore[misc]
+                 20, f"in flight before crash {crash}")
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=10)  # and its pipes closed
     sink.hold = None
