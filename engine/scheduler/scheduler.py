@@ -59,7 +59,15 @@ from engine.client.api import DeliveryAgent, FollowOn, FollowOns, RcptResult
 from engine.config import DeliveryConfig
 from engine.message.dsn import Action, Failure, build_dsn, reply_status, wants_notice
 from engine.ops.events import Events, Kind
-from engine.queue.api import Change, DueEntry, NewMessage, Outcome, QueueStore
+from engine.queue.api import (
+    BackPressure,
+    Change,
+    DueEntry,
+    NewMessage,
+    Outcome,
+    QueueClosed,
+    QueueStore,
+)
 from engine.queue.records import (
     PARKED_STATES,
     Envelope,
@@ -87,8 +95,6 @@ POLL_INTERVAL = 1.0
 _FINAL = frozenset({"maildir", "lmtp"})
 #: Who did it, in events of changes the server made itself (not an operator).
 AUTOMATIC = "ferry"
-#: Unexpected errors, and crashes in flight, in a row that move a message to POISON.
-POISON_AFTER = 2
 #: The reason in the non-delivery report of a message the operator removed.
 REMOVED = "removed by the operator"
 
@@ -186,6 +192,8 @@ class Scheduler:
         #: [delivery]: the scheduler reads its settings from the configuration itself
         self.settings = s = settings or DeliveryConfig()
         self.limits = Limits(s)
+        #: unexpected errors, or crashes in flight, in a row that move a message to POISON
+        self.poison_after = s.poison_after
         self.window = DueWindow(store, s.window)
         self.destinations: dict[str, _Destination] = {}
         self.sites: dict[str, _Site] = {}
@@ -409,11 +417,19 @@ class Scheduler:
     async def _fault(self, entry: DueEntry, exc: Exception) -> None:
         """Processing ``entry`` raised: a bug, not a delivery problem.  The first time,
         park the group for a retry interval rather than take it again at once; the
-        second time in a row, move the message to POISON so it cannot loop."""
+        second time in a row, move the message to POISON so it cannot loop.  The queue
+        refusing a write (back pressure, shutdown) says nothing about the message: it is
+        not counted."""
         reason = _reason(exc)
+        if isinstance(exc, (BackPressure, QueueClosed)):
+            log.warning("recording the delivery of %s to %s failed: %s; tried again in a "
+                        "retry interval", id_text(entry.queue_id), entry.next_hop, reason)
+            await self._defer_group(entry, "451 4.3.0 local error in delivery",
+                                    time.time() + self.settings.retry_interval)
+            return
         try:
             (count,) = await self.store.change([Change(
-                entry.queue_id, "fault", time.time(), reason, POISON_AFTER)])
+                entry.queue_id, "fault", time.time(), reason, self.poison_after)])
         except Exception as error:  # the queue is closed: the due entry stays
             log.error("recording a fault of %s failed: %s", id_text(entry.queue_id), error)
             self._release(entry)
@@ -443,10 +459,10 @@ class Scheduler:
         second in a row moves a message to POISON."""
         if not ids:
             return
-        reason = f"in flight at {POISON_AFTER} crashes of the server in a row"
+        reason = f"in flight at {self.poison_after} crashes of the server in a row"
         try:
             results = await self.store.change([Change(qid, "crash", time.time(), reason,
-                                                      POISON_AFTER) for qid in ids])
+                                                      self.poison_after) for qid in ids])
         except Exception as exc:
             log.error("counting the crash of %d messages in flight failed: %s", len(ids), exc)
             return
