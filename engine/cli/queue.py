@@ -210,7 +210,8 @@ _DONE = {"hold": "held", "release": "released", "remove": "removed", "retry": "r
 #: Why a queued message was left alone, per verb.
 _UNCHANGED = {"hold": "already held or poisoned, or nothing left to deliver",
               "release": "not held or poisoned",
-              "remove": "changed while being removed; try again",
+              "remove": "not removed: its record is corrupt, or it kept changing (ask "
+                        "again)",
               "retry": "no deferred recipient"}
 
 

@@ -323,13 +323,14 @@ class Scheduler:
                     done.missing.append(qid)
                     break
                 except RecordError:
-                    # Corrupt: no report can be built from it; it goes all the same.
-                    env = None
-                open_now = tuple(i for i, r in enumerate(env.recipients)
-                                 if not r.final) if env is not None else None
+                    # Corrupt: its indexes cannot be derived to be removed with it; it
+                    # stays listed in the corrupt state (ferry queue stats).
+                    done.unchanged.append(qid)
+                    break
+                open_now = tuple(i for i, r in enumerate(env.recipients) if not r.final)
                 reports = self._dsn(env, [Failure(i, "failed", "5.0.0", REMOVED, "", None)
-                                          for i in open_now or ()], time.time()) if (
-                    report and env is not None and open_now) else []
+                                          for i in open_now], time.time()) if (
+                    report and open_now) else []
                 for dsn in reports:
                     # Named here, not by the writer (it may be another process): the
                     # report's id goes into the reply and the events.
@@ -344,7 +345,7 @@ class Scheduler:
                 done.changed.append(qid)
                 for dsn in reports:
                     done.reports.append(dsn.envelope.queue_id)
-                if self.events.on and env is not None:
+                if self.events.on:
                     self.events.emit(Kind.REMOVE, qid, _bare_message_id(env), by=by,
                                      report=bool(reports))
                     for dsn in reports:
@@ -352,10 +353,10 @@ class Scheduler:
                                          dsn_id=id_text(dsn.envelope.queue_id),
                                          action="failed",
                                          recipients=[env.recipients[i].address
-                                                     for i in open_now or ()])
+                                                     for i in open_now])
                 break
             else:
-                done.unchanged.append(qid)  # it kept changing under us: try again
+                done.unchanged.append(qid)  # it kept changing under us: ask again
         if done.reports:
             self.wake()
         return done
