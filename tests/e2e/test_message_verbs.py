@@ -31,10 +31,12 @@ from tests.e2e.test_queue_cli import ferry_queue
 MX = "127.0.22.1"  # mx of dest.test: the mail under test
 PROBE = "127.0.22.2"  # mx of probe.test (after_a_retry)
 SENDER_MX = "127.0.22.3"  # mx of sender.test: where reports to the sender arrive
+OTHER = "127.0.22.4"  # mx of other.test: other mail, flowing on
 ZONE = (
     "$TTL 60\ndest.test. IN MX 10 mx.dest.test.\nmx.dest.test. IN A 127.0.22.1\n"
     "probe.test. IN MX 10 mx.probe.test.\nmx.probe.test. IN A 127.0.22.2\n"
     "sender.test. IN MX 10 mx.sender.test.\nmx.sender.test. IN A 127.0.22.3\n"
+    "other.test. IN MX 10 mx.other.test.\nmx.other.test. IN A 127.0.22.4\n"
 )
 SENDER = "app@sender.test"
 LATER = "451 4.3.0 try again later"
@@ -44,7 +46,7 @@ Serve = Callable[..., subprocess.Popen[bytes]]
 
 @pytest.fixture
 def sink() -> Iterator[CountingSink]:
-    s = CountingSink([MX, PROBE, SENDER_MX])
+    s = CountingSink([MX, PROBE, SENDER_MX, OTHER])
     yield s
     s.stop()
 
@@ -364,3 +366,32 @@ def test_a_hold_during_a_delivery(server: Server, sink: CountingSink, reply: str
     else:
         wait_for(lambda: server.envelope(qid) is None, 20, "the delivered message gone")
         assert to(MX, sink) == ["x@dest.test"]
+
+
+@pytest.mark.parametrize("reply", ["", "550 5.7.1 refused", LATER])
+def test_a_removal_during_a_delivery(server: Server, sink: CountingSink, reply: str) -> None:
+    """Removed while its delivery is on the wire: whatever the attempt's outcome, the
+    message stays removed, no report is sent (none was asked for), and mail flows on."""
+    answer = asyncio.Event()
+    taken: list[str] = []
+
+    async def wait_for_the_test(envelope: SinkEnvelope) -> None:
+        taken.extend(envelope.rcpt_tos)
+        await answer.wait()
+
+    sink.hold = wait_for_the_test
+    sink.state.data_replies[MX] = reply
+    proc = server.start()
+    server.send("x@dest.test")
+    wait_for(lambda: taken, 20, "the delivery in flight")
+    qid = server.one("pending")
+    assert server.queue("remove", qid).returncode == 0
+    sink.loop.call_soon_threadsafe(answer.set)
+    server.send("y@other.test")
+    wait_for(lambda: to(OTHER, sink) == ["y@other.test"], 20, "other mail")
+    after_a_retry(server)
+    assert server.envelope(qid) is None and reports(sink) == []
+    assert to(MX, sink) == (["x@dest.test"] if not reply else [])
+    code, err = stop(proc)
+    assert code == 0, err
+    assert "poison" not in err
