@@ -18,7 +18,8 @@ replaces the old entries of a message with the new ones in the same transaction,
 indexes cannot drift from the records.
 
 :class:`Committer` applies a batch of writes (new messages, outcomes and the DSNs riding on
-them, quarantines, settings) in one write transaction, grows the map before it can fill,
+them, whole-message changes such as holds and removals, quarantines, settings) in one
+write transaction, grows the map before it can fill,
 and refuses the writes that add bytes when it cannot grow or the disk is low (back
 pressure); outcomes alone always commit (they free space).  Both writers run it the same
 way (``engine.queue.writer``: a thread of the server; ``engine.queue.writer_process``: a
@@ -231,8 +232,9 @@ class Database:
 
 class Write(Protocol):
     """One write handed to the committer: ``enqueue`` (envelope, body), ``record``
-    (outcomes, new messages), ``quarantine`` (id, reason, due key) or ``setting`` (name,
-    value); ``size`` is the bytes of new messages it adds (0: it adds none)."""
+    (outcomes, new messages), ``change`` (whole-message changes, ``api.Change``),
+    ``quarantine`` (id, reason, due key) or ``setting`` (name, value); ``size`` is the
+    bytes of new messages it adds (0: it adds none)."""
 
     @property
     def kind(self) -> str: ...
