@@ -42,6 +42,8 @@ from engine.ops.tracking import TrackingLog
 from engine.queue.lmdb_store import LmdbQueue
 from engine.routing.mx import MxResolver
 from engine.routing.router import ConfiguredRouter, accepted_domains
+from engine.scheduler.inflight import FILE_NAME as INFLIGHT_FILE
+from engine.scheduler.inflight import InFlightJournal
 from engine.scheduler.policy import Limits
 from engine.scheduler.scheduler import Scheduler
 from engine.server.auth import Authenticator
@@ -137,7 +139,9 @@ class App:
                                          ca_file=ca_file, protocol_logs=send_logs),
                        "maildir": MaildirAgent(hostname=cfg.hostname)}
         self.scheduler = scheduler = Scheduler(store, router, self.agents, hostname=cfg.hostname,
-                                               settings=d, events=self.events)
+                                               settings=d, events=self.events,
+                                               journal=InFlightJournal(
+                                                   Path(cfg.spool) / INFLIGHT_FILE))
         scheduler.start()
         control = ControlServer(socket_path(cfg.spool), scheduler, router.destination)
         try:

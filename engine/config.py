@@ -898,6 +898,9 @@ class DeliveryConfig:
     #: (RFC 3464 action "delayed") to its sender; 0 = off (Postfix's default too: bulk
     #: senders rarely want them).  Must be shorter than ``max_queue_lifetime``.
     delay_notice_after: _SecondsOrOff = 0.0
+    #: Unexpected errors in a row while processing a message, or crashes in a row with it
+    #: in flight, that move it to the poison state (left for the operator).
+    poison_after: _PosInt = 2
     #: Per-domain overrides of max_per_domain / max_rate ([delivery.domains."gmail.com"]),
     #: keyed by the lower-case domain without a trailing dot.
     domains: Annotated[Mapping[str, DomainLimits], AfterValidator(_domain_keys)] = field(

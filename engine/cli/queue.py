@@ -1,5 +1,5 @@
 """``ferry queue``: the queue viewer (list, show, stats, queues, export) and the operator's
-controls (suspend, resume, suspended).
+controls (suspend, resume, suspended; hold, release, remove, retry).
 
 The viewer reads through the ``QueueStore`` interface (the LMDB store: LMDB lets it share
 the spool with a running ``ferry serve``, and it works as well on a stopped spool) and
@@ -18,7 +18,7 @@ import argparse
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ import orjson
 
 from engine.cli.common import add_config_argument, add_spool_argument
 from engine.ops import control
-from engine.ops.select import STATES, Filter, add_filter_arguments, select
+from engine.ops.select import STATES, Filter, add_filter_arguments, select, select_ids
 from engine.ops.views import as_delivered, message_view, queue_rows
 from engine.queue.api import QueueStore
 from engine.queue.lmdb_store import LmdbQueue
@@ -39,10 +39,10 @@ from engine.scheduler.scheduler import load_suspended
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     queue = commands.add_parser(
         "queue", help="look at the queue (list, show, stats, queues, export); suspend and "
-        "resume destinations",
+        "resume destinations; hold, release, remove and retry messages",
         description="The queue viewer (list, show, stats, queues, export: they change "
         "nothing, and work on a stopped spool too) and the controls of a running ferry "
-        "serve (suspend, resume, suspended).")
+        "serve (suspend, resume, suspended; hold, release, remove, retry).")
     add_config_argument(queue)
     add_spool_argument(queue)  # engine.cli.main resolves it (spool_from) before queue_main
     sub = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
@@ -74,6 +74,66 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action.add_argument("destination", metavar="DEST", help="a domain, local:<domain> "
                             "or [address literal], as `ferry queue list` shows it")
     sub.add_parser("suspended", help="the destinations the running server holds")
+    for name, what in (("hold", "hold messages in the running server: never delivered "
+                        "nor expired until released"),
+                       ("release", "release held or poisoned messages: delivered now, "
+                        "their lifetime counting from here")):
+        action = sub.add_parser(name, help=what)
+        _add_targets(action)
+    remove = sub.add_parser("remove", help="delete messages from the queue of the running "
+                            "server")
+    _add_targets(remove)
+    remove.add_argument("--report", action="store_true", help="send the sender a "
+                        "non-delivery report (one per message) for the recipients not "
+                        "yet delivered")
+    remove.add_argument("--yes", action="store_true", help="needed to remove more than "
+                        "one message")
+    retry = sub.add_parser("retry", help="try now, ignoring the retry time: a "
+                           "destination's deferred mail, or messages (--message)")
+    retry.add_argument("destination", metavar="DEST", nargs="?", help="a domain, "
+                       "local:<domain> or [address literal]; its site's down mark is "
+                       "cleared too")
+    retry.add_argument("--message", metavar="ID", nargs="+", dest="ids", help="these "
+                       "messages instead of a destination")
+
+
+def _add_targets(action: argparse.ArgumentParser) -> None:
+    """The messages a verb acts on: queue ids, or every message ``list``'s filters match."""
+    action.add_argument("ids", metavar="ID", nargs="*", help="queue ids, as `ferry queue "
+                        "list` shows them; or none, and filters")
+    add_filter_arguments(action)
+
+
+def _targets(args: argparse.Namespace) -> list[str] | None:
+    """The ids given, or those of the messages the filters match (read from the spool);
+    None after saying why there are none to act on."""
+    filt = Filter.from_args(args)
+    if args.ids:
+        if filt != Filter():
+            print("ferry queue: give queue ids or filters, not both", file=sys.stderr)
+            return None
+        return list(args.ids)
+    if filt == Filter():
+        print("ferry queue: give queue ids, or filters (as for list) to act on every "
+              "message they match", file=sys.stderr)
+        return None
+    found: list[str] = []
+
+    def collect(store: QueueStore, _: argparse.Namespace) -> int:
+        found.extend(id_text(qid) for qid in select_ids(store, filt))
+        return 0
+
+    if _with_store(args, collect):
+        return None
+    if not found:
+        print("ferry queue: no message matches", file=sys.stderr)
+    return found
+
+
+def _act(args: argparse.Namespace, verb: Callable[[list[str]], int]) -> int:
+    """``verb`` on the messages ``args`` name (:func:`_targets`)."""
+    ids = _targets(args)
+    return 1 if ids is None else (verb(ids) if ids else 0)
 
 
 def _span(seconds: float) -> str:
@@ -242,10 +302,14 @@ def _queues(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ask(args: argparse.Namespace, message: dict[str, str]) -> control.Reply | None:
+def _ask(args: argparse.Namespace, message: dict[str, Any]) -> control.Reply | None:
     """The running server's reply, or None after printing why there is none."""
+    return _ask_at(args.spool, message)
+
+
+def _ask_at(spool: str | Path, message: dict[str, Any]) -> control.Reply | None:
     try:
-        reply = control.request(control.socket_path(args.spool), message)
+        reply = control.request(control.socket_path(spool), message)
     except (OSError, ValueError) as exc:  # ControlUnavailable, a timeout, a bad reply
         print(f"ferry queue: {exc}", file=sys.stderr)
         return None
@@ -284,7 +348,97 @@ def _suspended(args: argparse.Namespace) -> int:
     return 0
 
 
-_CONTROLS = {"suspend": _suspend, "resume": _resume, "suspended": _suspended}
+# --- the verbs on messages: each takes a list of ids (a filter's matches, e.g.) ---------
+
+#: What each verb did, for its summary line.
+_DONE = {"hold": "held", "release": "released", "remove": "removed", "retry": "retried"}
+#: Why a queued message was left alone, per verb.
+_UNCHANGED = {"hold": "already held or poisoned, or nothing left to deliver",
+              "release": "not held or poisoned",
+              "remove": "not removed: its record is corrupt, or it kept changing (ask "
+                        "again)",
+              "retry": "no deferred recipient"}
+
+
+def message_verb(spool: str | Path, verb: str, ids: Sequence[str],
+                 **fields: Any) -> int:
+    """Ask the running server to ``verb`` (hold, release, remove, retry) the messages
+    ``ids`` (queue ids as printed), in requests of at most ``control.MAX_IDS``; print
+    what it did.  0 when every message was found, 1 otherwise."""
+    wanted: list[str] = []
+    for text in ids:
+        try:
+            wanted.append(id_text(id_bytes(text.strip())))
+        except ValueError:
+            print(f"ferry queue: not a queue id: {text!r}", file=sys.stderr)
+            return 1
+    changed, unchanged, missing, reports = [], [], [], []
+    for start in range(0, len(wanted), control.MAX_IDS):
+        reply = _ask_at(spool, {"command": verb, "ids": wanted[start:start + control.MAX_IDS],
+                                **fields})
+        if reply is None:
+            return 1
+        changed += reply["changed"]
+        unchanged += reply["unchanged"]
+        missing += reply["missing"]
+        reports += reply.get("reports", [])
+    for qid in changed:
+        print(f"{_DONE[verb]} {qid}")
+    for qid in unchanged:
+        print(f"ferry queue: {qid}: {_UNCHANGED[verb]}", file=sys.stderr)
+    for qid in missing:
+        print(f"ferry queue: no message {qid}", file=sys.stderr)
+    if reports:
+        print(f"non-delivery reports queued: {' '.join(reports)}")
+    return 1 if missing else 0
+
+
+def hold(spool: str | Path, ids: Sequence[str]) -> int:
+    return message_verb(spool, "hold", ids)
+
+
+def release(spool: str | Path, ids: Sequence[str]) -> int:
+    return message_verb(spool, "release", ids)
+
+
+def remove(spool: str | Path, ids: Sequence[str], report: bool = False,
+           yes: bool = False) -> int:
+    """Remove messages; more than one needs ``yes`` (a filter that matches more than
+    meant must not empty the queue)."""
+    if len(set(ids)) > 1 and not yes:
+        print(f"ferry queue: this removes {len(set(ids))} messages; add --yes to do it",
+              file=sys.stderr)
+        return 1
+    return message_verb(spool, "remove", ids, report=report)
+
+
+def retry_messages(spool: str | Path, ids: Sequence[str]) -> int:
+    return message_verb(spool, "retry", ids)
+
+
+def retry_destination(spool: str | Path, destination: str) -> int:
+    reply = _ask_at(spool, {"command": "retry", "destination": destination})
+    if reply is None:
+        return 1
+    print(f"retried {reply['destination']}: {reply['recipients']} recipients due now")
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    if bool(args.ids) == bool(args.destination):
+        print("ferry queue: retry takes a destination or --message ID..., one of the two",
+              file=sys.stderr)
+        return 2
+    if args.ids:
+        return retry_messages(args.spool, args.ids)
+    return retry_destination(args.spool, args.destination)
+
+
+_CONTROLS = {"suspend": _suspend, "resume": _resume, "suspended": _suspended,
+             "hold": lambda a: _act(a, lambda ids: hold(a.spool, ids)),
+             "release": lambda a: _act(a, lambda ids: release(a.spool, ids)),
+             "remove": lambda a: _act(a, lambda ids: remove(a.spool, ids, a.report, a.yes)),
+             "retry": _retry}
 
 
 _READERS: dict[str, Callable[[QueueStore, argparse.Namespace], int]] = {

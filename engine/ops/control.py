@@ -1,5 +1,6 @@
 """The control channel of a running ``ferry serve``: how an operator suspends and resumes
-a destination, lists the suspended ones and looks at the scheduler, while mail flows.
+a destination, lists the suspended ones, holds, releases, removes and retries messages,
+and looks at the scheduler, while mail flows.
 
 It is a Unix-domain socket in the spool, ``<spool>/control.sock`` (:func:`socket_path`),
 mode 0600 (only the user Ferry runs as may use it; there is no other authentication).
@@ -16,7 +17,21 @@ order, on a connection that stays open for more:
     {"command": "queues"}     → {"ok": true, "taken": 1796000000.0, "queues": [{"destination":
                                  "example.com", "state": "retry", "messages": 3, ...}]}
                                  (engine.ops.views.QueueRow.to_json, one per next hop)
+    {"command": "hold", "ids": ["0190A1...", ...]}
+        → {"ok": true, "changed": [...], "unchanged": [...], "missing": [...]}
+    {"command": "release", "ids": [...]}                → the same (held or poisoned → due now)
+    {"command": "remove", "ids": [...], "report": true} → the same, and "reports": [ids of
+                                                          the non-delivery reports queued]
+    {"command": "retry", "ids": [...]}                  → the same (deferred → due now)
+    {"command": "retry", "destination": "example.com"}  → {"ok": true, "destination": ...,
+                                                          "recipients": 3}
     anything wrong            → {"ok": false, "error": "unknown command \"x\"; one of ..."}
+
+Ids are queue ids as ``ferry queue list`` prints them, at most :data:`MAX_IDS` per request
+(a bulk tool sends several).  ``changed``: the verb acted; ``unchanged``: queued but
+nothing to do (already held, no deferred recipient...); ``missing``: not in the queue.
+Each change is reported as an event (HOLD, RELEASE, REMOVE, RETRY) naming the operator:
+the user name of the peer's uid (SO_PEERCRED), the uid itself when it has no name.
 
 A destination is named as the queue names it (``ferry queue list --destination``): a
 domain, ``local:<domain>`` or an address literal; it is normalised the way recipients'
@@ -39,7 +54,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import pwd
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,14 +65,17 @@ from typing import Any, Final
 import orjson
 
 from engine.ops.views import queue_rows
-from engine.scheduler.scheduler import Scheduler
+from engine.queue.records import id_bytes, id_text
+from engine.scheduler.scheduler import Scheduler, VerbResult
 from engine.scheduler.snapshot import SchedulerSnapshot
 
 log = logging.getLogger("ferry.control")
 
 SOCKET_NAME: Final = "control.sock"
-#: Longest request line; a longer one is read to its end and refused.
-MAX_REQUEST: Final = 4096
+#: Longest request line; a longer one is read to its end and refused (room for MAX_IDS).
+MAX_REQUEST: Final = 1 << 18
+#: Most queue ids in one request.
+MAX_IDS: Final = 5000
 #: Operator connections open at once; more are refused (one reply, then closed).
 MAX_CONNECTIONS: Final = 16
 #: Longest socket path the kernel takes (sun_path is 108 bytes on Linux, with its NUL).
@@ -117,12 +137,20 @@ class LineReader:
 class Request:
     command: str
     destination: str = ""
+    #: queue ids (12 bytes each), for the verbs on messages
+    ids: tuple[bytes, ...] = ()
+    #: ``remove``: send a non-delivery report
+    report: bool = False
+    #: who asks (from the socket's peer credentials, never from the request)
+    by: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class _Command:
     help: str
     takes_destination: bool = False
+    takes_ids: bool = False
+    takes_report: bool = False
 
 
 #: The command table (one place, visible to type checkers; no handler discovery).
@@ -132,6 +160,13 @@ COMMANDS: Final[Mapping[str, _Command]] = {
     "suspended": _Command("list the suspended destinations"),
     "stats": _Command("queue and scheduler figures"),
     "queues": _Command("the queues per next hop (Get-Queue)"),
+    "hold": _Command("hold messages (never delivered or expired until released)",
+                     takes_ids=True),
+    "release": _Command("release held or poisoned messages (due now)", takes_ids=True),
+    "remove": _Command("delete messages, with or without a non-delivery report",
+                       takes_ids=True, takes_report=True),
+    "retry": _Command("try a destination's deferred mail, or messages, now",
+                      takes_destination=True, takes_ids=True),
 }
 
 
@@ -162,15 +197,44 @@ def parse_request(line: bytes) -> Request:
     spec = COMMANDS.get(command)
     if spec is None:
         raise ControlError(f"unknown command {_quote(command)}; one of {_known()}")
-    allowed = {"command", "destination"} if spec.takes_destination else {"command"}
+    allowed = {"command"}
+    for name, takes in (("destination", spec.takes_destination), ("ids", spec.takes_ids),
+                        ("report", spec.takes_report)):
+        if takes:
+            allowed.add(name)
     extra = sorted(set(doc) - allowed)
     if extra:
         raise ControlError(f"{command}: unknown field {_quote(extra[0])}")
-    if not spec.takes_destination:
-        return Request(command)
-    if "destination" not in doc:
-        raise ControlError(f'{command}: "destination" is required')
-    return Request(command, _destination(doc["destination"]))
+    report = doc.get("report", False)
+    if not isinstance(report, bool):
+        raise ControlError(f'{command}: "report" must be true or false')
+    if spec.takes_ids and "ids" in doc:
+        if "destination" in doc:
+            raise ControlError(f'{command}: "destination" or "ids", not both')
+        return Request(command, ids=_ids(doc["ids"]), report=report)
+    if spec.takes_destination and "destination" in doc:
+        return Request(command, _destination(doc["destination"]))
+    if spec.takes_ids or spec.takes_destination:
+        wanted = " or ".join(f'"{name}"' for name, takes in (
+            ("destination", spec.takes_destination), ("ids", spec.takes_ids)) if takes)
+        raise ControlError(f"{command}: {wanted} is required")
+    return Request(command)
+
+
+def _ids(value: object) -> tuple[bytes, ...]:
+    if not isinstance(value, list) or not value:
+        raise ControlError('"ids" must be a list of queue ids')
+    if len(value) > MAX_IDS:
+        raise ControlError(f'"ids": at most {MAX_IDS} per request')
+    ids: dict[bytes, None] = {}
+    for item in value:
+        if not isinstance(item, str):
+            raise ControlError('"ids" must be a list of queue ids')
+        try:
+            ids[id_bytes(item.strip())] = None
+        except ValueError:
+            raise ControlError(f"not a queue id: {_quote(item)}") from None
+    return tuple(ids)
 
 
 def encode_reply(reply: Reply) -> bytes:
@@ -216,6 +280,10 @@ class ControlServer:
             "suspended": self._suspended,
             "stats": self._stats,
             "queues": self._queues,
+            "hold": self._hold,
+            "release": self._release,
+            "remove": self._remove,
+            "retry": self._retry,
         }
 
     async def start(self) -> None:
@@ -269,21 +337,23 @@ class ControlServer:
                 await writer.drain()
                 return
             lines = LineReader()
+            by = peer_user(writer.get_extra_info("socket"))
             while data := await reader.read(65536):
                 for line in lines.feed(data):
-                    writer.write(encode_reply(await self.answer(line)))
+                    writer.write(encode_reply(await self.answer(line, by)))
                     await writer.drain()
         except ConnectionError:
             pass  # the operator's tool went away; nothing to tell it
         finally:
             writer.close()
 
-    async def answer(self, line: bytes | None) -> Reply:
-        """The reply to one request line (None: a line over the limit); never raises."""
+    async def answer(self, line: bytes | None, by: str = "") -> Reply:
+        """The reply to one request line (None: a line over the limit) from the operator
+        ``by``; never raises."""
         if line is None:
             return error_reply(f"request longer than {MAX_REQUEST} bytes")
         try:
-            request = parse_request(line)
+            request = dataclasses.replace(parse_request(line), by=by or "unknown")
             return await self._handlers[request.command](request)
         except ControlError as exc:
             return error_reply(str(exc))
@@ -326,6 +396,62 @@ class ControlServer:
         view = await asyncio.get_running_loop().run_in_executor(
             None, queue_rows, self.scheduler.store, snap)
         return {"ok": True, "taken": snap.taken, "queues": [r.to_json() for r in view.rows]}
+
+    async def _hold(self, request: Request) -> Reply:
+        done = await self.scheduler.hold(request.ids, request.by)
+        log.info("%s held %d messages", request.by, len(done.changed))
+        return verb_reply(done)
+
+    async def _release(self, request: Request) -> Reply:
+        done = await self.scheduler.release(request.ids, request.by)
+        log.info("%s released %d messages", request.by, len(done.changed))
+        return verb_reply(done)
+
+    async def _remove(self, request: Request) -> Reply:
+        done = await self.scheduler.remove(request.ids, request.report, request.by)
+        log.info("%s removed %d messages (%d non-delivery reports)", request.by,
+                 len(done.changed), len(done.reports))
+        return verb_reply(done)
+
+    async def _retry(self, request: Request) -> Reply:
+        if request.ids:
+            done = await self.scheduler.retry_messages(request.ids, request.by)
+            log.info("%s retried %d messages", request.by, len(done.changed))
+            return verb_reply(done)
+        hop = self._hop(request)
+        count = await self.scheduler.retry_destination(hop, request.by)
+        log.info("%s retried %s (%d recipients due now)", request.by, hop, count)
+        return {"ok": True, "destination": hop, "recipients": count}
+
+
+def verb_reply(done: VerbResult) -> Reply:
+    """The reply of a verb on messages: the ids it changed, left alone, did not find."""
+    reply: Reply = {"ok": True, "changed": [id_text(q) for q in done.changed],
+                    "unchanged": [id_text(q) for q in done.unchanged],
+                    "missing": [id_text(q) for q in done.missing]}
+    if done.reports:
+        reply["reports"] = [id_text(q) for q in done.reports]
+    return reply
+
+
+_PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid (Linux)
+
+
+def peer_user(sock: socket.socket | None) -> str:
+    """The user name of the process at the other end of a Unix socket (SO_PEERCRED): who
+    the events name as having acted; its uid when it has no name, "" when unknown."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if sock is None or option is None:
+        return ""
+    try:
+        _pid, uid, _gid = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, option, _PEERCRED.size))
+    except OSError:
+        return ""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def stats_reply(snap: SchedulerSnapshot) -> Reply:

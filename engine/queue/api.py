@@ -52,6 +52,12 @@ class Outcome:
     ``attempted`` False records a state change that was not a delivery attempt.
     ``delay_notified`` marks the message as having had its delay notice (it rides on the
     outcomes recorded with that notice, so both are in one commit).
+
+    A HELD or POISON recipient keeps its state over any outcome but a final one: the
+    outcome of an attempt in flight when the operator held it (or when it was poisoned)
+    must not put it back in the queue; DELIVERED and FAILED stand, the mail went (or
+    failed) whatever was decided meanwhile.  Its reply and attempt are recorded.  An
+    attempted outcome resets the message's fault and crash counts (it completed).
     """
 
     queue_id: bytes
@@ -61,6 +67,48 @@ class Outcome:
     due: float = 0.0
     attempted: bool = True
     delay_notified: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    envelope: Envelope
+    body: bytes
+
+
+#: What a :class:`Change` does to a message (see there).
+CHANGE_ACTIONS = ("hold", "release", "remove", "poison", "fault", "crash")
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A change to a whole message, applied by the writer to the record as it stands in
+    the commit (so it cannot race a delivery outcome: both go through the one writer).
+
+    - ``hold``: every open recipient that is not parked becomes HELD; the parked time
+      starts (``Envelope.parked_since``) at ``now``.
+    - ``poison``: every open recipient becomes POISON, ``reason`` is kept.
+    - ``release``: HELD and POISON recipients become PENDING, due ``now``; the time
+      parked is added to ``Envelope.parked`` (the lifetime counts from here); the fault
+      and crash counts start again.
+    - ``remove``: the message is deleted; ``new_messages`` (a non-delivery report) are
+      stored in the same commit, and only if ``expect`` (when given) still names exactly
+      the open recipients (else nothing is done and the result is -1: the caller looks
+      again).
+    - ``fault`` / ``crash``: one more unexpected error / crash in flight; at
+      ``poison_at`` the message is poisoned as above, with ``reason``.
+
+    The result of each change: how many recipients it changed (for ``fault`` and ``crash``,
+    how many it poisoned; for ``remove``, how many were open), None when the message is
+    not in the queue, -1 for a stale ``remove``.
+    """
+
+    queue_id: bytes
+    action: str
+    now: float
+    reason: str = ""
+    poison_at: int = 2
+    expect: tuple[int, ...] | None = None
+    new_messages: tuple[NewMessage, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +124,6 @@ class DueEntry:
     def group(self) -> bytes:
         """The group's identity in the due index (queue id + next hop), whatever its time."""
         return self.key[8:]
-
-
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    envelope: Envelope
-    body: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +157,10 @@ class QueueStore(Protocol):
         self, outcomes: Sequence[Outcome], new_messages: Sequence[NewMessage] = ()
     ) -> asyncio.Future[None]:
         """``record`` without waiting: the returned future is done with the commit."""
+        ...
+
+    async def change(self, changes: Sequence[Change]) -> list[int | None]:
+        """Apply whole-message changes (:class:`Change`) in one commit; one result each."""
         ...
 
     async def quarantine(self, queue_id: bytes, reason: str, due_key: bytes = b"") -> None:

@@ -33,6 +33,7 @@ import lmdb
 
 from engine.queue.api import (
     BackPressure,
+    Change,
     DueEntry,
     NewMessage,
     Outcome,
@@ -185,6 +186,18 @@ class LmdbQueue:
     ) -> None:
         size = sum(len(m.body) for m in new_messages)
         self._submit_sync("record", (tuple(outcomes), tuple(new_messages)), size)
+
+    async def change(self, changes: Sequence[Change]) -> list[int | None]:
+        """Whole-message changes (hold, release, remove, poison...) in one commit."""
+        result: list[int | None] = await self._submit_soon(
+            "change", (tuple(changes),), _change_size(changes))
+        return result
+
+    def change_sync(self, changes: Sequence[Change]) -> list[int | None]:
+        """``change`` for threads without an event loop (tools, tests)."""
+        result: list[int | None] = self._submit_sync(
+            "change", (tuple(changes),), _change_size(changes))
+        return result
 
     async def quarantine(self, queue_id: bytes, reason: str, due_key: bytes = b"") -> None:
         await self._submit_soon("quarantine", (queue_id, reason, due_key), 0)
@@ -349,3 +362,9 @@ class LmdbQueue:
         """Store ``value`` under ``name`` durably (through the writer, like every write);
         the bytes mean nothing to the queue."""
         await self._submit_soon("setting", (name, value), 0)
+
+
+def _change_size(changes: Sequence[Change]) -> int:
+    """The bytes the changes add (the reports riding on removals): back pressure may
+    refuse those, never the changes that add none."""
+    return sum(len(m.body) for c in changes for m in c.new_messages)

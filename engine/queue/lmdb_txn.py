@@ -6,6 +6,7 @@ Layout (one LMDB environment, named databases):
 - ``envelopes``  id → envelope record (orjson, version first; ``records.py``)
 - ``due``        due ms (8 bytes BE) + id + next hop → ""   one per (message, hop) with
                  recipients waiting to be tried, ordered by due time
+                 (none for HELD and POISON recipients: only a release brings them back)
 - ``hops``       next hop + NUL + id → ""                    one per (message, hop) not final
 - ``states``     state + NUL + id → ""                       one per recipient state present
 - ``corrupt``    id → why the record did not decode
@@ -17,7 +18,8 @@ replaces the old entries of a message with the new ones in the same transaction,
 indexes cannot drift from the records.
 
 :class:`Committer` applies a batch of writes (new messages, outcomes and the DSNs riding on
-them, quarantines, settings) in one write transaction, grows the map before it can fill,
+them, whole-message changes such as holds and removals, quarantines, settings) in one
+write transaction, grows the map before it can fill,
 and refuses the writes that add bytes when it cannot grow or the disk is low (back
 pressure); outcomes alone always commit (they free space).  Both writers run it the same
 way (``engine.queue.writer``: a thread of the server; ``engine.queue.writer_process``: a
@@ -41,8 +43,18 @@ from typing import Any, Final, Protocol, TypeVar
 
 import lmdb
 
-from engine.queue.api import BackPressure, NewMessage, Outcome, QueueStats
-from engine.queue.records import CORRUPT, Envelope, RcptState, RecordError, decode, encode, new_id
+from engine.queue.api import BackPressure, Change, NewMessage, Outcome, QueueStats
+from engine.queue.records import (
+    CORRUPT,
+    FINAL_STATES,
+    PARKED_STATES,
+    Envelope,
+    RcptState,
+    RecordError,
+    decode,
+    encode,
+    new_id,
+)
 
 DURABILITY_MODES: Final = {
     "fsync": "every commit synced to disk: acknowledged mail survives power loss",
@@ -78,14 +90,64 @@ def index_keys(env: Envelope) -> IndexKeys:
         if r.final:
             continue
         hops.add(r.next_hop.encode() + SEP + qid)
+        if r.state in PARKED_STATES:
+            continue  # held or poisoned: never tried, never expired until released
         # Suspended recipients wait for a resume, not for a time, except the expiry that
         # holds in every state: they come due when the message expires.
-        when = r.due if r.state is not RcptState.SUSPENDED else env.expires
+        when = r.due if r.state is not RcptState.SUSPENDED else env.expiry(0.0)
         if when or r.state is not RcptState.SUSPENDED:
             groups[r.next_hop] = min(groups.get(r.next_hop, when), when)
     for hop, when in groups.items():
         due.add(due_key(when, qid, hop))
     return due, hops, states
+
+
+def _park(env: Envelope, state: RcptState, now: float, replace: frozenset[RcptState]) -> int:
+    """Every open recipient in ``replace`` or not parked → ``state``; how many changed."""
+    count = 0
+    for r in env.recipients:
+        if not r.final and r.state is not state and (
+                r.state not in PARKED_STATES or r.state in replace):
+            r.state = state
+            count += 1
+    if count and not env.parked_since:
+        env.parked_since = now
+    return count
+
+
+def _change(env: Envelope, change: Change) -> int:
+    """Apply one change other than ``remove`` to ``env`` (see :class:`Change`)."""
+    action, now = change.action, change.now
+    if action == "hold":
+        return _park(env, RcptState.HELD, now, frozenset())
+    if action == "release":
+        count = 0
+        for r in env.recipients:
+            if r.state in PARKED_STATES:
+                r.state = RcptState.PENDING
+                r.due = now
+                count += 1
+        if env.parked_since:
+            env.parked += max(0.0, now - env.parked_since)
+            env.parked_since = 0.0
+        env.faults = env.crashes = 0
+        env.poisoned = ""
+        return count
+    if action == "poison":
+        env.poisoned = change.reason
+        return _park(env, RcptState.POISON, now, PARKED_STATES)
+    if action in ("fault", "crash"):
+        if action == "fault":
+            env.faults += 1
+            reached = env.faults >= change.poison_at
+        else:
+            env.crashes += 1
+            reached = env.crashes >= change.poison_at
+        if not reached:
+            return 0
+        env.poisoned = change.reason
+        return _park(env, RcptState.POISON, now, PARKED_STATES)
+    raise ValueError(f"unknown change {action!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +244,9 @@ class Database:
 
 class Write(Protocol):
     """One write handed to the committer: ``enqueue`` (envelope, body), ``record``
-    (outcomes, new messages), ``quarantine`` (id, reason, due key) or ``setting`` (name,
-    value); ``size`` is the bytes of new messages it adds (0: it adds none)."""
+    (outcomes, new messages), ``change`` (whole-message changes, ``api.Change``),
+    ``quarantine`` (id, reason, due key) or ``setting`` (name, value); ``size`` is the
+    bytes of new messages it adds (0: it adds none)."""
 
     @property
     def kind(self) -> str: ...
@@ -292,6 +355,8 @@ class Committer:
                 elif kind == "record":
                     self._apply_outcomes(txn, *args)
                     results.append((write, None, None))
+                elif kind == "change":
+                    results.append((write, self._apply_changes(txn, *args), None))
                 elif kind == "setting":
                     self._put_setting(txn, *args)
                     results.append((write, None, None))
@@ -345,11 +410,15 @@ class Committer:
                 r = new.recipients[o.recipient]
                 if r.final:
                     continue
-                r.state = o.state
+                # A hold or poison outlives an attempt in flight; a final outcome does
+                # not (the mail went): see Outcome.
+                if r.state not in PARKED_STATES or o.state in FINAL_STATES:
+                    r.state = o.state
+                    r.due = o.due if o.state is RcptState.DEFERRED else r.due
                 r.last_reply = o.reply or r.last_reply
-                r.due = o.due if o.state is RcptState.DEFERRED else r.due
                 if o.attempted:
                     r.attempts += 1
+                    new.faults = new.crashes = 0
             if new.final:
                 self._write_indexes(txn, before, None)
                 txn.delete(qid, db=db["envelopes"])
@@ -360,6 +429,40 @@ class Committer:
             self._outcomes += len(items)
         for message in new_messages:
             self._put_new(txn, message.envelope, message.body)
+
+    def _apply_changes(self, txn: Any, changes: tuple[Change, ...]) -> list[int | None]:
+        results: list[int | None] = []
+        db = self._db
+        for change in changes:
+            qid = change.queue_id
+            raw = txn.get(qid, db=db["envelopes"])
+            if raw is None:
+                results.append(None)
+                continue
+            try:
+                env = decode(qid, raw)
+            except RecordError as exc:
+                self._quarantine(txn, qid, str(exc), b"")
+                results.append(None)
+                continue
+            before = index_keys(env)
+            if change.action == "remove":
+                open_now = tuple(i for i, r in enumerate(env.recipients) if not r.final)
+                if change.expect is not None and open_now != change.expect:
+                    results.append(-1)
+                    continue
+                self._write_indexes(txn, before, None)
+                txn.delete(qid, db=db["envelopes"])
+                txn.delete(qid, db=db["bodies"])
+                for message in change.new_messages:
+                    self._put_new(txn, message.envelope, message.body)
+                results.append(len(open_now))
+                continue
+            count = _change(env, change)
+            txn.put(qid, encode(env), db=db["envelopes"])
+            self._write_indexes(txn, before, env)
+            results.append(count)
+        return results
 
     def _write_indexes(self, txn: Any, before: IndexKeys, new: Envelope | None) -> None:
         """Replace a message's index entries (``before``) with those ``new`` needs."""

@@ -28,16 +28,23 @@ ID_LEN: Final = 12  # 6 bytes ms timestamp, 2 bytes counter, 4 random bytes per 
 
 
 class RcptState(enum.StrEnum):
-    """Per-recipient state.  The first three are not final: the message stays queued."""
+    """Per-recipient state.  All but DELIVERED and FAILED are not final: the message stays
+    queued.  HELD (an operator's hold) and POISON (processing failed twice, or the message
+    was in flight at two crashes in a row) are parked: never tried and never expired until
+    an operator releases them (the time parked does not count towards the lifetime)."""
 
     PENDING = "pending"
     DEFERRED = "deferred"
     SUSPENDED = "suspended"
+    HELD = "held"
+    POISON = "poison"
     DELIVERED = "delivered"
     FAILED = "failed"
 
 
 FINAL_STATES: Final = frozenset({RcptState.DELIVERED, RcptState.FAILED})
+#: States that only an operator's release ends (no due entry at all; see Envelope.parked).
+PARKED_STATES: Final = frozenset({RcptState.HELD, RcptState.POISON})
 
 #: State by its stored value: a dict lookup, not an enum call per recipient decoded.
 _STATES: Final = {state.value: state for state in RcptState}
@@ -117,10 +124,27 @@ class Envelope:
     #: The sender has been sent this message's delay notice (RFC 3464 action "delayed"):
     #: there is at most one per message.
     delay_notified: bool = False
+    #: Seconds the message spent held or poisoned before its last release, and since when
+    #: it is parked now (epoch s; 0 = not parked): its lifetime counts from the release.
+    parked: float = 0.0
+    parked_since: float = 0.0
+    #: Unexpected errors in a row while processing it, and crashes in a row it was in
+    #: flight at (kept here to outlive a restart; both reset by a completed attempt): at
+    #: the second of either it goes to POISON.
+    faults: int = 0
+    crashes: int = 0
+    #: Why it was moved to POISON ("" when it is not), for the operator.
+    poisoned: str = ""
 
     @property
     def final(self) -> bool:
         return all(r.final for r in self.recipients)
+
+    def expiry(self, lifetime: float) -> float:
+        """When the message expires (epoch s; 0 = never): ``expires`` (or the arrival plus
+        ``lifetime`` for a record without it), moved on by the time it spent parked."""
+        limit = self.expires or (self.arrival + lifetime if lifetime else 0.0)
+        return limit + self.parked if limit else 0.0
 
     def hops(self) -> dict[str, list[int]]:
         """Next hop → indexes of its recipients that are not final."""
@@ -158,6 +182,10 @@ def encode(env: Envelope) -> bytes:
         doc["smtputf8"] = True
     if env.delay_notified:
         doc["delay_notified"] = True
+    for key in ("parked", "parked_since", "faults", "crashes", "poisoned"):
+        value = getattr(env, key)
+        if value:
+            doc[key] = value
     return orjson.dumps(doc)
 
 
@@ -195,6 +223,12 @@ def decode(queue_id: bytes, raw: bytes) -> Envelope:
             queue_id=queue_id,
             # Absent in records written before delay notices existed: none was sent.
             delay_notified=bool(doc.get("delay_notified", False)),
+            # Absent in records written before holds and poison existed: never parked.
+            parked=float(doc.get("parked", 0.0)),
+            parked_since=float(doc.get("parked_since", 0.0)),
+            faults=int(doc.get("faults", 0)),
+            crashes=int(doc.get("crashes", 0)),
+            poisoned=str(doc.get("poisoned", "")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise RecordError(f"bad field: {exc!r}") from None

@@ -49,8 +49,9 @@ class DelayNotices:
         """The "delayed" items for a notice about ``env`` after ``results``, or [] when no
         notice is due.  ``retry_until``: when retrying stops (the expiry), for the report's
         Will-Retry-Until.  A non-empty answer counts as given: record it with the notice."""
+        # Time held or poisoned does not count: the mail was late by the operator's will.
         if (not self.after or env.delay_notified or not env.sender
-                or now - env.arrival < self.after):
+                or now - env.arrival - env.parked < self.after):
             return []
         deferred = {r.index: (r.reply, r.remote) for r in results
                     if r.state is RcptState.DEFERRED}

@@ -26,6 +26,15 @@ Theory of operation (Postfix's qmgr, KumoMTA's two-level queues):
 4. Deferred recipients come back through the due index at ``retry_delay``; a recipient
    older than ``max_queue_lifetime`` fails whatever its state, with a DSN.
    ``resume`` makes a destination's suspended and deferred recipients due now.
+5. The operator's verbs (``hold``, ``release``, ``remove``, ``retry``; through
+   ``engine.ops.control``) change whole messages in the writer (``Change``), so they
+   cannot race an attempt in flight: its outcome finds the record as the verb left it
+   (a hold outlives a deferral, a final outcome stands, a removed message's outcome is
+   dropped).  Held and poisoned recipients have no due entry: never tried, never expired
+   until released; the time parked moves the expiry.
+6. Poison: a message whose processing raises an unexpected error twice in a row, or that
+   was in flight at two crashes in a row (``engine.scheduler.inflight``), goes to POISON
+   (the counts are kept in its record) and the rest of the mail flows on.
 
 Tasks are bounded by the window and the site limits (resolvers ≤ destinations in the
 window, workers ≤ the sum of site limits), never one per queued message.  The scheduler
@@ -49,13 +58,30 @@ import orjson
 from engine.client.api import DeliveryAgent, FollowOn, FollowOns, RcptResult
 from engine.config import DeliveryConfig
 from engine.message.dsn import Action, Failure, build_dsn, reply_status, wants_notice
-from engine.ops.events import Events, Kind
-from engine.queue.api import DueEntry, NewMessage, Outcome, QueueStore
-from engine.queue.records import Envelope, RcptState, Recipient, RecordError, new_id
+from engine.ops.events import Events, Kind, bare_message_id
+from engine.queue.api import (
+    BackPressure,
+    Change,
+    DueEntry,
+    NewMessage,
+    Outcome,
+    QueueClosed,
+    QueueStore,
+)
+from engine.queue.records import (
+    PARKED_STATES,
+    Envelope,
+    RcptState,
+    Recipient,
+    RecordError,
+    id_text,
+    new_id,
+)
 from engine.queue.window import DueWindow
 from engine.routing.api import Route, RouteError, Router
 from engine.scheduler import facts
 from engine.scheduler.facts import Fact
+from engine.scheduler.inflight import InFlightJournal
 from engine.scheduler.notices import DelayNotices
 from engine.scheduler.policy import RETRY_JITTER, Limits, SiteLimits, Throttle, retry_delay
 from engine.scheduler.snapshot import DestinationView, DownSite, SchedulerSnapshot, SiteView
@@ -70,6 +96,22 @@ SUSPENDED_SETTING = "suspended"
 POLL_INTERVAL = 1.0
 #: Route protocols whose agent makes the final delivery (RFC 3461 §5.2.3 "delivered").
 _FINAL = frozenset({"maildir", "lmtp"})
+#: Who did it, in events of changes the server made itself (not an operator).
+AUTOMATIC = "ferry"
+#: The reason in the non-delivery report of a message the operator removed.
+REMOVED = "removed by the operator"
+
+
+@dataclass(frozen=True, slots=True)
+class VerbResult:
+    """What an operator's verb did, per queue id asked about: ``changed`` (it acted),
+    ``unchanged`` (queued, nothing to do: e.g. already held), ``missing`` (not queued)."""
+
+    changed: list[bytes] = field(default_factory=list)
+    unchanged: list[bytes] = field(default_factory=list)
+    missing: list[bytes] = field(default_factory=list)
+    #: for ``remove``: the reports queued (their queue ids)
+    reports: list[bytes] = field(default_factory=list)
 
 @dataclass(slots=True)
 class _Destination:
@@ -144,6 +186,7 @@ class Scheduler:
         hostname: str,
         settings: DeliveryConfig | None = None,
         events: Events | None = None,
+        journal: InFlightJournal | None = None,
     ) -> None:
         self.store = store
         #: where the facts of each message's life go once committed (engine.ops.events)
@@ -154,6 +197,8 @@ class Scheduler:
         #: [delivery]: the scheduler reads its settings from the configuration itself
         self.settings = s = settings or DeliveryConfig()
         self.limits = Limits(s)
+        #: unexpected errors, or crashes in flight, in a row that move a message to POISON
+        self.poison_after = s.poison_after
         self.window = DueWindow(store, s.window)
         self.destinations: dict[str, _Destination] = {}
         self.sites: dict[str, _Site] = {}
@@ -176,6 +221,8 @@ class Scheduler:
         #: and the hand-overs not yet committed.
         self._batch: _Batch | None = None
         self._committing: set[asyncio.Future[None]] = set()
+        #: the groups being delivered, kept in the spool for the crash rule (None: off)
+        self.journal = journal
 
     # --- control ---------------------------------------------------------------------
 
@@ -198,6 +245,8 @@ class Scheduler:
         while self._tasks or self._batch or self._committing:
             self._flush_outcomes()
             await asyncio.gather(*self._tasks, *self._committing, return_exceptions=True)
+        if self.journal is not None:
+            self.journal.close()  # a clean stop: nothing was in flight at a crash
 
     async def suspend(self, destination: str) -> int:
         """Park every waiting recipient of ``destination``; returns how many.
@@ -217,14 +266,223 @@ class Scheduler:
         count = await self._set_state(destination, (RcptState.SUSPENDED, RcptState.DEFERRED),
                                       _due_now, Kind.RESUME)
         await self._save_suspended()
-        # The site that was marked down was routed to moments before: its route is in the
-        # DNS cache (a mark outlives no TTL by much), so no lookup is waited for here.
+        self._clear_down(destination)
+        self.wake()
+        return count
+
+    def _clear_down(self, destination: str) -> None:
+        """Forget the down mark of ``destination``'s site.  The site that was marked down
+        was routed to moments before: its route is in the DNS cache (a mark outlives no
+        TTL by much), so no lookup is waited for here."""
         with contextlib.suppress(RouteError):
             route = self.router.resolve_cached(destination)
             if route is not None:
                 self.down.pop(route.site, None)
+
+    # --- the operator's verbs on messages (engine.ops.control) ---------------------------
+
+    async def hold(self, ids: Sequence[bytes], by: str = AUTOMATIC) -> VerbResult:
+        """Hold messages: every open recipient HELD (``ferry queue hold``); never tried
+        nor expired until released.  An attempt in flight finishes; its outcome leaves
+        the hold in place unless it is final (``Outcome``)."""
+        return await self._change_all(ids, "hold", Kind.HOLD, by)
+
+    async def release(self, ids: Sequence[bytes], by: str = AUTOMATIC) -> VerbResult:
+        """Release held or poisoned messages: due now, their lifetime counting again."""
+        done = await self._change_all(ids, "release", Kind.RELEASE, by)
+        if done.changed:
+            self.wake()
+        return done
+
+    async def _change_all(self, ids: Sequence[bytes], action: str, kind: Kind,
+                          by: str) -> VerbResult:
+        now = time.time()
+        results = await self.store.change([Change(qid, action, now) for qid in ids])
+        done = VerbResult()
+        for qid, count in zip(ids, results, strict=True):
+            if count is None:
+                done.missing.append(qid)
+            elif count > 0:
+                done.changed.append(qid)
+                if self.events.on:
+                    self.events.emit(kind, qid, self._message_id(qid), by=by, reason="")
+            else:
+                done.unchanged.append(qid)
+        return done
+
+    def _message_id(self, queue_id: bytes) -> str:
+        """The Message-ID for an event about a message still queued ("" if it is not)."""
+        try:
+            return bare_message_id(self.store.get(queue_id).message_id)
+        except (KeyError, RecordError):
+            return ""
+
+    async def remove(self, ids: Sequence[bytes], report: bool = False,
+                     by: str = AUTOMATIC) -> VerbResult:
+        """Delete messages (``ferry queue remove``); with ``report``, one non-delivery
+        report per message to its sender (never to the null sender) about its open
+        recipients, committed with the removal.  A delivery in flight cannot be called
+        back: its outcome finds no record and is dropped."""
+        done = VerbResult()
+        for qid in ids:
+            for _ in range(3):  # a recipient's outcome landed meanwhile: build it again
+                try:
+                    env = self.store.get(qid)
+                except KeyError:
+                    done.missing.append(qid)
+                    break
+                except RecordError:
+                    # Corrupt: its indexes cannot be derived to be removed with it; it
+                    # stays listed in the corrupt state (ferry queue stats).
+                    done.unchanged.append(qid)
+                    break
+                open_now = tuple(i for i, r in enumerate(env.recipients) if not r.final)
+                reports = self._dsn(env, [Failure(i, "failed", "5.0.0", REMOVED, "", None)
+                                          for i in open_now], time.time()) if (
+                    report and open_now) else []
+                for dsn in reports:
+                    # Named here, not by the writer (it may be another process): the
+                    # report's id goes into the reply and the events.
+                    dsn.envelope.queue_id = new_id()
+                (count,) = await self.store.change([Change(
+                    qid, "remove", time.time(), expect=open_now, new_messages=tuple(reports))])
+                if count == -1:
+                    continue
+                if count is None:
+                    done.missing.append(qid)
+                    break
+                done.changed.append(qid)
+                for dsn in reports:
+                    done.reports.append(dsn.envelope.queue_id)
+                if self.events.on:
+                    self.events.emit(Kind.REMOVE, qid, bare_message_id(env.message_id), by=by,
+                                     report=bool(reports))
+                    for dsn in reports:
+                        self.events.emit(Kind.DSN, qid, bare_message_id(env.message_id),
+                                         dsn_id=id_text(dsn.envelope.queue_id),
+                                         action="failed",
+                                         recipients=[env.recipients[i].address
+                                                     for i in open_now])
+                break
+            else:
+                done.unchanged.append(qid)  # it kept changing under us: ask again
+        if done.reports:
+            self.wake()
+        return done
+
+    async def retry_destination(self, destination: str, by: str = AUTOMATIC) -> int:
+        """Try ``destination``'s deferred recipients now, whatever their retry time, and
+        forget its site's down mark (``ferry queue retry DEST``); how many recipients."""
+        seen: dict[bytes, None] = {}
+
+        def now_due(qid: bytes, index: int, recipient: Recipient, now: float) -> Outcome:
+            seen[qid] = None
+            return Outcome(qid, index, RcptState.DEFERRED, attempted=False, due=now)
+
+        count = await self._set_state(destination, (RcptState.DEFERRED,), now_due)
+        self._clear_down(destination)
         self.wake()
+        if self.events.on:
+            for qid in seen:
+                self.events.emit(Kind.RETRY, qid, self._message_id(qid), by=by,
+                                 destination=destination)
         return count
+
+    async def retry_messages(self, ids: Sequence[bytes], by: str = AUTOMATIC) -> VerbResult:
+        """Try these messages' deferred recipients now (``ferry queue retry --message``),
+        their sites' down marks forgotten.  A recipient held meanwhile stays held (the
+        writer keeps a hold over a deferral)."""
+        done = VerbResult()
+        outcomes: list[Outcome] = []
+        found: list[tuple[bytes, Envelope]] = []
+        now = time.time()
+        for qid in ids:
+            try:
+                env = self.store.get(qid)
+            except (KeyError, RecordError):
+                done.missing.append(qid)
+                continue
+            mine = [Outcome(qid, i, RcptState.DEFERRED, attempted=False, due=now)
+                    for i, r in enumerate(env.recipients) if r.state is RcptState.DEFERRED]
+            if not mine:
+                done.unchanged.append(qid)
+                continue
+            outcomes += mine
+            found.append((qid, env))
+        if outcomes:
+            await self.store.record(outcomes)
+        for qid, env in found:
+            done.changed.append(qid)
+            for hop in {r.next_hop for r in env.recipients if r.state is RcptState.DEFERRED}:
+                self._clear_down(hop)
+            if self.events.on:
+                self.events.emit(Kind.RETRY, qid, bare_message_id(env.message_id), by=by,
+                                 destination="")
+        if found:
+            self.wake()
+        return done
+
+    # --- poison ------------------------------------------------------------------------
+
+    async def _fault(self, entry: DueEntry, exc: Exception) -> None:
+        """Processing ``entry`` raised: a bug, not a delivery problem.  The first time,
+        park the group for a retry interval rather than take it again at once; the
+        second time in a row, move the message to POISON so it cannot loop.  The queue
+        refusing a write (back pressure, shutdown) says nothing about the message: it is
+        not counted."""
+        reason = _reason(exc)
+        if isinstance(exc, (BackPressure, QueueClosed)):
+            log.warning("recording the delivery of %s to %s failed: %s; tried again in a "
+                        "retry interval", id_text(entry.queue_id), entry.next_hop, reason)
+            await self._defer_group(entry, "451 4.3.0 local error in delivery",
+                                    time.time() + self.settings.retry_interval)
+            return
+        try:
+            (count,) = await self.store.change([Change(
+                entry.queue_id, "fault", time.time(), reason, self.poison_after)])
+        except Exception as error:  # the queue is closed: the due entry stays
+            log.error("recording a fault of %s failed: %s", id_text(entry.queue_id), error)
+            self._release(entry)
+            return
+        if count is None:
+            self._release(entry)
+            return
+        if count:
+            log.error("message %s moved to poison: a second unexpected error in its "
+                      "delivery to %s (release it with ferry queue release)",
+                      id_text(entry.queue_id), entry.next_hop, exc_info=exc)
+            self._poisoned(entry.queue_id, reason)
+            self._release(entry)
+            return
+        log.warning("delivery of %s to %s raised %s; tried again in a retry interval "
+                    "(poison at the next)", id_text(entry.queue_id), entry.next_hop, reason)
+        await self._defer_group(entry, "451 4.3.0 local error in delivery",
+                                time.time() + self.settings.retry_interval)
+
+    def _poisoned(self, queue_id: bytes, reason: str) -> None:
+        if self.events.on:
+            self.events.emit(Kind.POISON, queue_id, self._message_id(queue_id),
+                             reason=reason)
+
+    async def _count_crashes(self, ids: list[bytes]) -> None:
+        """The messages in flight when the last run died get one more crash each; the
+        second in a row moves a message to POISON."""
+        if not ids:
+            return
+        reason = f"in flight at {self.poison_after} crashes of the server in a row"
+        try:
+            results = await self.store.change([Change(qid, "crash", time.time(), reason,
+                                                      self.poison_after) for qid in ids])
+        except Exception as exc:
+            log.error("counting the crash of %d messages in flight failed: %s", len(ids), exc)
+            return
+        log.warning("%d messages were in flight when the server last stopped without "
+                    "shutting down", len(ids))
+        for qid, count in zip(ids, results, strict=True):
+            if count:
+                log.error("message %s moved to poison: %s (release it with ferry queue "
+                          "release)", id_text(qid), reason)
+                self._poisoned(qid, reason)
 
     def snapshot(self) -> SchedulerSnapshot:
         """What the operator sees, now, as one frozen value (``engine.scheduler.snapshot``):
@@ -264,11 +522,11 @@ class Scheduler:
 
     async def _set_state(
         self, destination: str, states: Sequence[RcptState],
-        new: Callable[[bytes, int, Recipient, float], Outcome], kind: Kind,
+        new: Callable[[bytes, int, Recipient, float], Outcome], kind: Kind | None = None,
     ) -> int:
         """Record ``new(queue_id, index, recipient, now)`` for every recipient of
         ``destination`` in one of ``states``; returns how many.  Each message changed is
-        reported as ``kind`` once its page is committed."""
+        reported as ``kind`` (when given) once its page is committed."""
         count, after = 0, b""
         while True:
             ids = self.store.ids_for_hop(destination, 1000, after)
@@ -284,7 +542,7 @@ class Scheduler:
                 now = time.time()
                 mine = [new(qid, i, r, now) for i, r in enumerate(env.recipients)
                         if r.next_hop == destination and r.state in states]
-                if mine and self.events.on:
+                if mine and kind is not None and self.events.on:
                     changed.append(facts.parked(kind, env, destination, len(mine)))
                 outcomes += mine
             if outcomes:
@@ -296,6 +554,9 @@ class Scheduler:
     # --- the loop --------------------------------------------------------------------
 
     async def _run(self) -> None:
+        if self.journal is not None:
+            await self._count_crashes(self.journal.recover())
+            self.journal.open()
         while not self._stopping:
             now = time.time()
             if self.down:
@@ -326,6 +587,8 @@ class Scheduler:
         """Free a group's window place outside a batch (nothing to record, or recorded on
         its own): places freed in one turn of the loop share the next turn's refill."""
         self.window.release(entry)
+        if self.journal is not None:
+            self.journal.ended(entry.group)
         if not self._refill_soon:
             self._refill_soon = True
             asyncio.get_running_loop().call_soon(self._refill)
@@ -592,6 +855,8 @@ class Scheduler:
                     or entry.next_hop in self.suspended or self._expired(env, time.time())):
                 break
             jobs.popleft()
+            if self.journal is not None:
+                self.journal.started(entry.group)  # the agent may send it at any 354
             job = FollowOn(env, pending, body)
             prepared.append(_Taken(entry, nxt, env, job))
             follow_ons.append(job)
@@ -642,6 +907,8 @@ class Scheduler:
                             entry, env, [],
                             [(i, "expired") for i in self._all_open(env, entry.next_hop)])
                     return True
+                if self.journal is not None:
+                    self.journal.started(entry.group)
                 body = loaded.job.body if loaded is not None else self.store.body(entry.queue_id)
                 size = self.settings.max_recipients_per_transaction
                 if len(pending) <= size:
@@ -658,12 +925,8 @@ class Scheduler:
             self.delivered += sum(r.state is RcptState.DELIVERED for r in results)
             batched = await self._finish(entry, env, results, [], route)
             return reached
-        except Exception:
-            # A bug, not a delivery problem: park the group for a retry interval rather
-            # than take it again at once from the due index.
-            log.exception("delivery of %s to %s failed", entry.queue_id.hex(), entry.next_hop)
-            await self._defer_group(entry, "451 4.3.0 local error in delivery",
-                                    time.time() + self.settings.retry_interval)
+        except Exception as exc:
+            await self._fault(entry, exc)
             return True
         finally:
             if not batched:
@@ -675,11 +938,12 @@ class Scheduler:
 
     def _all_open(self, env: Envelope, destination: str) -> list[int]:
         return [i for i, r in enumerate(env.recipients)
-                if r.next_hop == destination and not r.final]
+                if r.next_hop == destination and not r.final and r.state not in PARKED_STATES]
 
     def _expired(self, env: Envelope, now: float) -> bool:
-        lifetime = self.settings.max_queue_lifetime
-        limit = env.expires or (env.arrival + lifetime if lifetime else 0.0)
+        if env.parked_since:
+            return False  # held or poisoned: its lifetime counts again from the release
+        limit = env.expiry(self.settings.max_queue_lifetime)
         return bool(limit) and now >= limit
 
     async def _finish(
@@ -694,7 +958,8 @@ class Scheduler:
         now = time.time()
         outcomes: list[Outcome] = []
         failures: list[Failure] = []
-        lifetime_end = env.expires or env.arrival + self.settings.max_queue_lifetime
+        lifetime = self.settings.max_queue_lifetime
+        lifetime_end = env.expiry(lifetime) or env.arrival + lifetime
         # At most one delay notice per message; its flag rides on these outcomes.
         delays = self.delay_notices.items(env, results, lifetime_end, now)
         finished = bool(results or expired)  # the group leaves its queue (the view's "out")
@@ -778,8 +1043,11 @@ class Scheduler:
                       done.exception())
         elif batch.facts and not done.cancelled():
             facts.emit(self.events, batch.facts)
+        journal = self.journal
         for entry in batch.groups:
             self.window.release(entry)
+            if journal is not None:
+                journal.ended(entry.group)
         self._refill()
 
     def _dsn(self, env: Envelope, failures: list[Failure], now: float) -> list[NewMessage]:
@@ -806,9 +1074,13 @@ class Scheduler:
                 return
             reply = _route_reply(exc)
             state = RcptState.FAILED if exc.permanent else RcptState.DEFERRED
-            batched = await self._finish(
-                entry, env,
-                [RcptResult(i, state, reply) for i in self._waiting(env, entry.next_hop)], [])
+            try:
+                batched = await self._finish(
+                    entry, env,
+                    [RcptResult(i, state, reply) for i in self._waiting(env, entry.next_hop)],
+                    [])
+            except Exception as error:  # e.g. the report cannot be made
+                await self._fault(entry, error)
         finally:
             if not batched:
                 self._release(entry)
@@ -833,6 +1105,12 @@ class Scheduler:
 def _route_reply(exc: RouteError) -> str:
     """A routing failure as recorded for the recipients it fails or defers."""
     return f"{exc.code} {exc.enhanced} {exc.text}"
+
+
+def _reason(exc: BaseException) -> str:
+    """An error as a one-line reason for the log, the record and the POISON event."""
+    text = f"{type(exc).__name__}: {exc}"
+    return "".join(c if c.isprintable() else "?" for c in text)[:300]
 
 
 def load_suspended(store: QueueStore) -> set[str]:

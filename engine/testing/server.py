@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,6 +19,7 @@ import uvloop
 
 from engine.app import App
 from engine.config import Config, load_config
+from engine.ops.events import Sink
 from engine.queue.lmdb_store import LmdbQueue
 
 T = TypeVar("T")
@@ -40,9 +41,14 @@ def ferry_config(spool: Path, **receive: Any) -> Config:
 
 
 class RunningFerry:
-    def __init__(self, config: Config) -> None:
+    """``sinks``: event sinks (``engine.ops.events``) added before the start, so they see
+    what the start itself emits (e.g. a message poisoned by the crash rule)."""
+
+    def __init__(self, config: Config, sinks: Iterable[Sink] = ()) -> None:
         self.config = config
         self.app = App(config)
+        for sink in sinks:
+            self.app.events.add(sink)
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="ferry-app",
                                         daemon=True)

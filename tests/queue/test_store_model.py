@@ -4,6 +4,8 @@ The model is a dict of queue id → recipients [(next hop, state, due)].  After 
 the store's indexes, read through the public API, must say exactly what the model implies:
 which messages each next hop has, which recipient states each message has, which
 (message, hop) groups are due and when.  Reopening the store in between changes nothing.
+Holds and releases (whole-message changes) mix with the outcomes: a held recipient keeps
+its state over any outcome but a final one.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
-from engine.queue.api import Outcome
+from engine.queue.api import Change, Outcome
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import Envelope, RcptState, Recipient
 
 HOPS = ["a.test", "b.test", "c.test"]
 FAR = time.time() + 10 * 365 * 86400
-NOT_FINAL = {RcptState.PENDING, RcptState.DEFERRED, RcptState.SUSPENDED}
+NOT_FINAL = {RcptState.PENDING, RcptState.DEFERRED, RcptState.SUSPENDED, RcptState.HELD,
+             RcptState.POISON}
+PARKED = {RcptState.HELD, RcptState.POISON}
 
 
 @dataclass
@@ -64,11 +68,23 @@ class QueueModel(RuleBasedStateMachine):
         rcpts = self.model.get(qid)
         if rcpts is None or index >= len(rcpts) or rcpts[index].state not in NOT_FINAL:
             return
+        if rcpts[index].state in PARKED and state in NOT_FINAL:
+            return  # a hold outlives an outcome that is not final
         rcpts[index].state = state
         if state is RcptState.DEFERRED:
             rcpts[index].due = due
         if all(r.state not in NOT_FINAL for r in rcpts):
             del self.model[qid]
+
+    @rule(qid=messages, release=st.booleans())
+    def hold_or_release(self, qid: bytes, release: bool) -> None:
+        now = 2_000_000.0
+        self.store.change_sync([Change(qid, "release" if release else "hold", now)])
+        for r in self.model.get(qid, []):
+            if release and r.state in PARKED:
+                r.state, r.due = RcptState.PENDING, now
+            elif not release and r.state in NOT_FINAL - PARKED:
+                r.state = RcptState.HELD
 
     @rule()
     def reopen(self) -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from engine.ops.control import (
     COMMANDS,
+    MAX_IDS,
     MAX_REQUEST,
     ControlError,
     LineReader,
@@ -42,6 +43,16 @@ def test_an_over_long_line_is_reported_once_and_not_buffered() -> None:
     (b'{"command": "suspend", "destination": " Example.COM "}',
      Request("suspend", "Example.COM")),
     (b'{"command": "resume", "destination": "[IPv6:::1]"}', Request("resume", "[IPv6:::1]")),
+    # Ids in any case, with spaces around; a repeated id is asked about once.
+    (b'{"command": "hold", "ids": ["' + b"ab" * 12 + b'", " ' + b"AB" * 12 + b' ", "'
+     + b"01" * 12 + b'"]}', Request("hold", ids=(b"\xab" * 12, b"\x01" * 12))),
+    (b'{"command": "remove", "ids": ["' + b"01" * 12 + b'"], "report": true}',
+     Request("remove", ids=(b"\x01" * 12,), report=True)),
+    (b'{"command": "remove", "ids": ["' + b"01" * 12 + b'"]}',
+     Request("remove", ids=(b"\x01" * 12,))),
+    (b'{"command": "retry", "destination": "example.com"}', Request("retry", "example.com")),
+    (b'{"command": "retry", "ids": ["' + b"01" * 12 + b'"]}',
+     Request("retry", ids=(b"\x01" * 12,))),
 ])
 def test_good_requests(line: bytes, parsed: Request) -> None:
     assert parse_request(line) == parsed
@@ -52,9 +63,10 @@ def test_good_requests(line: bytes, parsed: Request) -> None:
     (b'{"command": "suspend"', "not JSON"),
     (b"[1, 2]", "must be a JSON object"),
     (b'"stats"', "must be a JSON object"),
-    (b"{}", '"command" (a string) is required; one of queues, resume, stats, suspend, suspended'),
+    (b"{}", '"command" (a string) is required; one of hold, queues, release, remove, '
+            "resume, retry, stats, suspend, suspended"),
     (b'{"command": 5}', '"command" (a string) is required'),
-    (b'{"command": "flush"}', 'unknown command "flush"; one of queues, resume'),
+    (b'{"command": "flush"}', 'unknown command "flush"; one of hold, queues, release'),
     (b'{"command": "suspend"}', 'suspend: "destination" is required'),
     (b'{"command": "suspend", "destination": 5}', '"destination" must be a string'),
     (b'{"command": "suspend", "destination": "  "}', "must not be empty"),
@@ -63,6 +75,21 @@ def test_good_requests(line: bytes, parsed: Request) -> None:
     (b'{"command": "resume", "destination": "' + b"x" * 301 + b'"}', "longer than 300"),
     (b'{"command": "stats", "destination": "x"}', 'stats: unknown field "destination"'),
     (b'{"command": "suspend", "destination": "x", "all": true}', 'unknown field "all"'),
+    (b'{"command": "hold"}', 'hold: "ids" is required'),
+    (b'{"command": "hold", "ids": []}', '"ids" must be a list of queue ids'),
+    (b'{"command": "hold", "ids": "0190"}', '"ids" must be a list of queue ids'),
+    (b'{"command": "hold", "ids": [5]}', '"ids" must be a list of queue ids'),
+    (b'{"command": "hold", "ids": ["0190"]}', 'not a queue id: "0190"'),
+    (b'{"command": "hold", "ids": ["' + b"A" * 24 + b'"], "report": true}',
+     'hold: unknown field "report"'),
+    (b'{"command": "remove", "ids": ["' + b"A" * 24 + b'"], "report": 1}',
+     '"report" must be true or false'),
+    (b'{"command": "retry"}', 'retry: "destination" or "ids" is required'),
+    (b'{"command": "retry", "destination": "x", "ids": ["' + b"A" * 24 + b'"]}',
+     '"destination" or "ids", not both'),
+    (b'{"command": "release", "destination": "x"}', 'unknown field "destination"'),
+    (orjson.dumps({"command": "hold", "ids": ["A" * 24] * (MAX_IDS + 1)}),
+     f"at most {MAX_IDS} per request"),
 ])
 def test_bad_requests_say_what_is_wrong(line: bytes, words: str) -> None:
     with pytest.raises(ControlError) as caught:
@@ -77,6 +104,11 @@ def test_echoed_values_are_quoted_and_short() -> None:
     assert "\r" not in text and "\n" not in text and len(text) < 200
 
 
+def test_a_request_with_the_most_ids_fits_in_a_line() -> None:
+    line = orjson.dumps({"command": "remove", "ids": ["AB" * 12] * MAX_IDS, "report": True})
+    assert len(line) < MAX_REQUEST
+
+
 def test_replies_are_one_line_each() -> None:
     reply = encode_reply({"ok": False, "error": "a\nb"})
     assert reply.endswith(b"\n") and reply.count(b"\n") == 1
@@ -84,6 +116,7 @@ def test_replies_are_one_line_each() -> None:
 
 
 def test_every_command_is_documented_with_a_help_text() -> None:
-    assert set(COMMANDS) == {"suspend", "resume", "suspended", "stats", "queues"}
+    assert set(COMMANDS) == {"suspend", "resume", "suspended", "stats", "queues", "hold",
+                             "release", "remove", "retry"}
     assert all(spec.help for spec in COMMANDS.values())
     assert MAX_REQUEST >= 1024

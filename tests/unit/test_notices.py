@@ -38,6 +38,15 @@ def test_off_or_too_early(after: float, age: float) -> None:
     assert DelayNotices(after).items(envelope(), deferred(0), 0.0, ARRIVAL + age) == []
 
 
+def test_time_held_does_not_count() -> None:
+    """A message held for three of its five hours is two hours late, not five."""
+    env = envelope()
+    env.parked = 3 * HOUR
+    assert DelayNotices(4 * HOUR).items(env, deferred(0), 0.0, ARRIVAL + 5 * HOUR) == []
+    env.parked = HOUR
+    assert len(DelayNotices(4 * HOUR).items(env, deferred(0), 0.0, ARRIVAL + 5 * HOUR)) == 1
+
+
 def test_only_deferrals_count() -> None:
     notices = DelayNotices(HOUR)
     results = [RcptResult(0, RcptState.DELIVERED, "250 ok"),
