@@ -20,7 +20,14 @@ from engine.ops.events import iso_time
 from engine.ops.select import Filter, matches
 from engine.protocol.wire import BARE_NORMALIZE, DataDecoder, dot_stuff
 from engine.queue.api import QueueStore
-from engine.queue.records import FINAL_STATES, Envelope, RcptState, Recipient, id_text
+from engine.queue.records import (
+    FINAL_STATES,
+    PARKED_STATES,
+    Envelope,
+    RcptState,
+    Recipient,
+    id_text,
+)
 from engine.scheduler.snapshot import SchedulerSnapshot
 
 #: A message's state is its most telling recipient's (final ones only when all are).
@@ -91,6 +98,8 @@ class _Tally:
     due_now: int = 0
     deferred: int = 0
     unrouted: int = 0
+    #: recipients held or poisoned (never due until released)
+    parked: int = 0
     next_retry: float = 0.0
     #: the due time and last reply of the recipient tried last
     error_due: float = -1.0
@@ -145,6 +154,8 @@ def _tally(store: QueueStore, now: float) -> dict[str, _Tally]:
                 seen.add(r.next_hop)
                 t.messages += 1
             t.recipients += 1
+            if r.state in PARKED_STATES:
+                t.parked += 1
             if r.state is RcptState.DEFERRED:
                 t.deferred += 1
                 if _ROUTING_FAILURE.match(r.last_reply):
@@ -164,7 +175,8 @@ def queue_rows(store: QueueStore, snapshot: SchedulerSnapshot | None,
     """The queues per next hop: from the queue alone (``snapshot`` None: no server runs;
     ``suspended`` as saved with the queue), or with the running scheduler's figures.
 
-    The state, first that applies: ``suspended`` (the operator holds it), ``unreachable``
+    The state, first that applies: ``suspended`` (the operator holds it), ``held`` (every
+    message waiting there is held or poisoned: nothing to deliver), ``unreachable``
     (the last routing failed: no send connector matches, or the DNS could not say; on a
     stopped spool, every deferred recipient's last reply is such a failure), ``down``
     (its site took no connection lately), ``active`` (deliveries in flight), ``retry``
@@ -182,6 +194,8 @@ def queue_rows(store: QueueStore, snapshot: SchedulerSnapshot | None,
         site = d.site if d is not None else ""
         if name in held:
             state = "suspended"
+        elif t.recipients and t.parked == t.recipients:
+            state = "held"
         elif (d.unreachable if d is not None and (d.unreachable or d.site)
               else t.deferred and t.unrouted == t.deferred and not t.due_now):
             state = "unreachable"

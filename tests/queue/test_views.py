@@ -12,7 +12,7 @@ import pytest
 
 from engine.ops.select import Filter, select, select_ids
 from engine.ops.views import queue_rows
-from engine.queue.api import Outcome, QueueStats
+from engine.queue.api import Change, Outcome, QueueStats
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import Envelope, RcptState, Recipient
 from engine.scheduler.snapshot import DestinationView, DownSite, SchedulerSnapshot, SiteView
@@ -85,6 +85,16 @@ def test_queue_states_from_the_running_scheduler(store: LmdbQueue) -> None:
         "busy.test": "ready", "down.test": "retry", "lost.test": "unreachable",
         "held.test": "suspended", "wait.test": "retry"}
     assert alone["busy.test"].in_per_minute is None
+
+
+def test_a_destination_with_only_held_or_poisoned_mail_is_held(store: LmdbQueue) -> None:
+    held, poisoned, mixed_held, _mixed_waiting = (put(store, h) for h in (
+        "held.test", "poison.test", "mixed.test", "mixed.test"))
+    store.change_sync([Change(held, "hold", NOW), Change(mixed_held, "hold", NOW),
+                       Change(poisoned, "poison", NOW, reason="a test")])
+    for snap in (None, snapshot()):
+        rows = {r.destination: r.state for r in queue_rows(store, snap, now=NOW).rows}
+        assert rows == {"held.test": "held", "poison.test": "held", "mixed.test": "ready"}
 
 
 def test_a_route_found_again_is_not_unreachable(store: LmdbQueue) -> None:
