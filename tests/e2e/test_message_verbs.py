@@ -395,3 +395,40 @@ def test_a_removal_during_a_delivery(server: Server, sink: CountingSink, reply: 
     code, err = stop(proc)
     assert code == 0, err
     assert "poison" not in err
+
+
+def test_hold_release_and_remove_act_on_what_the_filters_match(
+    server: Server, sink: CountingSink,
+) -> None:
+    server.start()
+    sink.state.data_replies[MX] = LATER
+    sink.state.data_replies[OTHER] = LATER
+    server.send("a@dest.test", subject="one")
+    server.send("b@dest.test", subject="two")
+    server.send("c@other.test", subject="other")
+    wait_for(lambda: len(server.ids("deferred")) == 3, 30, "three deferred messages")
+    mine = sorted(qid for qid in server.ids("deferred")
+                  if (env := server.envelope(qid)) is not None
+                  and env.recipients[0].next_hop == "dest.test")
+    (other,) = set(server.ids("deferred")) - set(mine)
+
+    both = server.queue("hold", "x", "--destination", "dest.test")
+    assert both.returncode == 1 and "not both" in both.stderr
+    neither = server.queue("hold")
+    assert neither.returncode == 1 and "give queue ids, or filters" in neither.stderr
+    held = server.queue("hold", "--destination", "dest.test")
+    assert held.returncode == 0, held.stderr
+    assert sorted(held.stdout.split()[1::2]) == mine
+    assert sorted(server.ids("held")) == mine  # other.test's message is left alone
+    none = server.queue("hold", "--recipient", "nobody@nowhere.test")
+    assert none.returncode == 0 and "no message matches" in none.stderr
+
+    refused = server.queue("remove", "--state", "held")
+    assert refused.returncode == 1 and "add --yes" in refused.stderr
+    released = server.queue("release", "--state", "held", "--recipient", "a@dest.test")
+    assert released.returncode == 0 and released.stdout.split()[1:] == [mine[0]]
+    removed = server.queue("remove", "--yes", "--destination", "dest.test")
+    assert removed.returncode == 0, removed.stderr
+    assert sorted(removed.stdout.split()[1::2]) == mine
+    wait_for(lambda: all(server.envelope(q) is None for q in mine), 20, "both removed")
+    assert server.envelope(other) is not None  # other.test's message stays
