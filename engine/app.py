@@ -68,9 +68,6 @@ class App:
         self.send_logs: list[ProtocolLog] = []
         #: the event stream every part reports to; sinks are added as configured
         self.events = Events()
-        # One INFO line per event on ferry.mail (engine.ops.maillog); it formats nothing
-        # while that logger is below INFO.
-        self.events.add(MailLog())
         #: held from start to the end of the process: one server per spool
         self.lock = SpoolLock(Path(config.spool))
 
@@ -80,6 +77,11 @@ class App:
         # [log] level (a --log-level flag was merged into it) for Ferry's loggers, ferry.*;
         # the handler and format are the CLI's (engine.cli.main).
         logging.getLogger("ferry").setLevel(cfg.log.level.upper())
+        # One INFO line per event on ferry.mail (engine.ops.maillog), when [log] level lets
+        # them out: with no sink listening the producers build no event at all.  (A reload
+        # that lowers the level must add it then.)
+        if logging.getLogger("ferry.mail").isEnabledFor(logging.INFO):
+            self.events.add(MailLog())
         # [log] format for the handler the CLI installed (none in tests: theirs stays).
         logfmt.use(cfg.log.format)
         srv = cfg.server

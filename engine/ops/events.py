@@ -65,11 +65,20 @@ class Sink(Protocol):
         ...
 
 
+#: The last second formatted and its text: events come thousands a second, and the
+#: date and time of day change once a second.
+_second: tuple[int, str] = (-1, "")
+
+
 def iso_time(when: float) -> str:
     """UTC, ISO 8601 with milliseconds and ``Z``: sortable as text, one zone everywhere."""
+    global _second
     whole = int(when)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + (
-        f".{int((when - whole) * 1000):03d}Z")
+    cached, text = _second
+    if whole != cached:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second = (whole, text)
+    return f"{text}.{int((when - whole) * 1000):03d}Z"
 
 
 def bare_message_id(header: str) -> str:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from engine.ops.events import Event
+from engine.ops.logfmt import batched
 
 log = logging.getLogger("ferry.mail")
 
@@ -191,15 +192,16 @@ class MailLog:
         if not logger.isEnabledFor(logging.INFO):
             return
         name, make, handle = logger.name, logger.makeRecord, logger.handle
-        for record in batch:
-            try:
-                text = line(record)
-            except Exception:  # a malformed record must not hide the others
-                text = f"{record.get('id', '')}: unreadable event record {record!r:.200}"
-            # No path: LogRecord would split one for every line.
-            entry = make(name, logging.INFO, "", 0, text, (), None)
-            entry.fields = record
-            handle(entry)
+        with batched():  # one write for the batch's lines, not one (and a flush) each
+            for record in batch:
+                try:
+                    text = line(record)
+                except Exception:  # a malformed record must not hide the others
+                    text = f"{record.get('id', '')}: unreadable event record {record!r:.200}"
+                # No path: LogRecord would split one for every line.
+                entry = make(name, logging.INFO, "", 0, text, (), None)
+                entry.fields = record
+                handle(entry)
 
     def close(self) -> None:
         """Nothing buffered here: the logging handlers write each line."""

@@ -255,3 +255,34 @@ def test_text_format_writes_what_the_standard_formatter_writes() -> None:
         record = logger.makeRecord("ferry.x", logging.INFO, "", 0, "hello %s", ("you",), None)
         record.created, record.msecs = when, int((when - int(when)) * 1000)
         assert ours.format(record) == standard.format(record)
+
+
+def test_a_batch_of_mail_lines_is_one_write_and_one_flush() -> None:
+    import io
+
+    class Counting(io.StringIO):
+        writes = flushes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            return super().write(text)
+
+        def flush(self) -> None:
+            self.flushes += 1
+
+    stream = Counting()
+    flags = (logging.logThreads, logging.logProcesses, logging.logMultiprocessing)
+    handler = logfmt.install(stream)
+    logger = logging.getLogger("ferry.mail.batch-test")
+    logger.setLevel(logging.INFO)
+    try:
+        MailLog(logger).write([dict(DELIVER, recipient=f"u{n}@two.test") for n in range(3)])
+        assert (stream.writes, stream.flushes) == (1, 1)
+        assert [x.split("to=<")[1].split(">")[0] for x in stream.getvalue().splitlines()] == [
+            "u0@two.test", "u1@two.test", "u2@two.test"]
+        logger.warning("alone")  # outside a batch: written at once, as before
+        assert stream.writes == 2 and stream.getvalue().endswith("alone\n")
+    finally:
+        logging.getLogger().removeHandler(handler)
+        logfmt._installed.remove(handler)
+        logging.logThreads, logging.logProcesses, logging.logMultiprocessing = flags
