@@ -317,8 +317,11 @@ def test_kill_during_a_burst_leaves_whole_lines_and_only_committed_events(
         for t in threads:
             t.start()
         directory = tracking_dir(spool)
-        wait_for(lambda: len(sent) >= 200 and (directory / CURRENT).exists(), 60,
-                 "a burst under way")
+        # Killed once the log holds a good part of the burst: the writer gathers records
+        # for half a second between two writes.
+        wait_for(lambda: len(sent) >= 200 and (directory / CURRENT).exists()
+                 and (directory / CURRENT).read_bytes().count(b'"RECEIVE"') > 50, 60,
+                 "a burst under way, much of it in the log")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
         stop.set()
