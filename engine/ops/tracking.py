@@ -5,11 +5,13 @@ machines: one file, ``<dir>/tracking.log``, one JSON object (orjson) per line, o
 per event, in the order the hub handed them out.  ``ferry track`` (``engine.cli.track``)
 searches it with :func:`read_records`.
 
-How it is written.  :meth:`TrackingLog.write` runs on the event loop and only puts the
-batch on a queue (``queue.SimpleQueue``); one writer thread serialises it and appends it
-with ONE ``os.write`` on a descriptor opened with ``O_APPEND`` (no Python buffered file),
-so a batch reaches the file whole or not at all when the process is killed (the kernel
-completes a write to the page cache or does not start it).  When a write is cut short
+How it is written.  :meth:`TrackingLog.write` runs on the event loop: it serialises the
+batch (orjson, about a microsecond a record: cheaper there than handing the work and the
+GIL to another thread) and puts the bytes on a queue (``queue.SimpleQueue``); one writer
+thread appends what has gathered with ONE ``os.write`` on a descriptor opened with
+``O_APPEND`` (no Python buffered file), so a batch reaches the file whole or not at all
+when the process is killed (the kernel completes a write to the page cache or does not
+start it).  When a write is cut short
 (a full disk) the file may end in half a line: the next write begins with a line feed,
 so the half line stays a line of its own, and the reader skips any line that is not a
 JSON object and a last line without its line feed.
@@ -115,7 +117,8 @@ class TrackingLog:
         self._torn = False
         self._housekept = 0.0
         self._closed = False
-        self._queue: queue.SimpleQueue[list[Event] | threading.Event | None] = (
+        #: Serialised batches (the lines, how many records) and the thread's orders.
+        self._queue: queue.SimpleQueue[tuple[bytes, int] | threading.Event | None] = (
             queue.SimpleQueue())
         self._thread = threading.Thread(target=self._run, name="ferry-tracking", daemon=True)
         self._thread.start()
@@ -126,7 +129,20 @@ class TrackingLog:
         if self._closed:
             self.dropped += len(batch)
             return
-        self._queue.put(batch)
+        dumps = orjson.dumps
+        count = len(batch)
+        try:
+            data = b"".join([dumps(r, option=_DUMPS_OPTIONS, default=str) for r in batch])
+        except TypeError:  # a record a producer built wrong: lose it alone, say so
+            lines = []
+            for record in batch:
+                try:
+                    lines.append(dumps(record, option=_DUMPS_OPTIONS, default=str))
+                except TypeError as exc:
+                    self._failed(1, f"a record does not serialise: {exc}")
+            data, count = b"".join(lines), len(lines)
+        if data:
+            self._queue.put((data, count))
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every batch handed over so far is written (False on timeout).  For
@@ -188,33 +204,27 @@ class TrackingLog:
         finally:
             self._close_fd()
 
-    def _write(self, batches: list[list[Event]]) -> None:
+    def _write(self, batches: list[tuple[bytes, int]]) -> None:
         """Append the batches, as few writes as rotation allows (a batch is never split
         across two files; one larger than max_file_size gets a file of its own)."""
-        dumps = orjson.dumps
         now = self._clock()
         if self._fd is None:
             try:
                 self._open(now)
             except OSError as exc:
                 self._close_fd()
-                self._failed(sum(map(len, batches)), f"{self.path}: {exc.strerror or exc}")
+                self._failed(sum(n for _, n in batches), f"{self.path}: {exc.strerror or exc}")
                 return
         chunk: list[bytes] = []
         size = count = 0
-        for batch in batches:
-            try:
-                data = b"".join([dumps(r, option=_DUMPS_OPTIONS, default=str) for r in batch])
-            except TypeError as exc:  # a record a producer built wrong: lose it, say so
-                self._failed(len(batch), f"a record does not serialise: {exc}")
-                continue
+        for data, records in batches:
             limit = self.max_file_size
             if chunk and limit and self._size + size + len(data) > limit:
                 self._append(b"".join(chunk), count, now)
                 chunk, size, count = [], 0, 0
             chunk.append(data)
             size += len(data)
-            count += len(batch)
+            count += records
         if chunk:
             self._append(b"".join(chunk), count, now)
 
