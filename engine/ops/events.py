@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from engine.ops.protolog import format_timestamp
 from engine.queue.records import id_text
 
 log = logging.getLogger("ferry.events")
@@ -65,20 +66,9 @@ class Sink(Protocol):
         ...
 
 
-#: The last second formatted and its text: events come thousands a second, and the
-#: date and time of day change once a second.
-_second: tuple[int, str] = (-1, "")
-
-
-def iso_time(when: float) -> str:
-    """UTC, ISO 8601 with milliseconds and ``Z``: sortable as text, one zone everywhere."""
-    global _second
-    whole = int(when)
-    cached, text = _second
-    if whole != cached:
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-        _second = (whole, text)
-    return f"{text}.{int((when - whole) * 1000):03d}Z"
+#: UTC, ISO 8601 with milliseconds and ``Z``: sortable as text, one zone everywhere; the
+#: protocol logs' formatter, so every log of Ferry writes time the same way.
+iso_time = format_timestamp
 
 
 def bare_message_id(header: str) -> str:

@@ -176,13 +176,23 @@ def sanitise(text: bytes | str) -> str:
     return s[:cut].translate(table) + _ELLIPSIS
 
 
+#: The last second formatted and its text: every log stamps thousands of lines a second,
+#: and the date and time of day change once a second.
+_second: tuple[int, str] = (-1, "")
+
+
 def format_timestamp(t: float) -> str:
     """``t`` (seconds since the epoch) as ISO 8601 UTC with milliseconds:
     ``2024-05-01T12:34:56.789Z``.  Milliseconds are truncated, never rounded up into the
-    next second."""
+    next second.  The one formatter of every log's time (protocol logs, the tracking log
+    and its events, the JSON log lines)."""
+    global _second
     sec = math.floor(t)
-    ms = min(999, int((t - sec) * 1000))
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ms:03d}Z"
+    cached, text = _second
+    if sec != cached:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _second = (sec, text)
+    return f"{text}.{min(999, int((t - sec) * 1000)):03d}Z"
 
 
 def _redact(line: bytes) -> str:
@@ -251,8 +261,6 @@ class ProtocolLog:
         self._closed = self.path is None
         self._clock = clock
         self._last_flush = clock()
-        self._sec = -1
-        self._sec_text = ""
         if self.path is not None:
             self._open()
 
@@ -318,12 +326,7 @@ class ProtocolLog:
             self.dropped += 1 + len(more)
             return
         now = self._clock()
-        sec = int(now)
-        if sec != self._sec:
-            self._sec = sec
-            self._sec_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        ms = min(999, int((now - sec) * 1000))
-        stamp = f"{self._sec_text}.{ms:03d}Z"
+        stamp = format_timestamp(now)
         text = stamp + rest if not more else "".join([stamp + r for r in (rest, *more)])
         # sanitise() removed lone surrogates; backslashreplace is a last guard so encode()
         # can never raise into the caller.
