@@ -337,9 +337,9 @@ class Scheduler:
                     done.unchanged.append(qid)
                     break
                 open_now = tuple(i for i, r in enumerate(env.recipients) if not r.final)
-                reports = self._dsn(env, [Failure(i, "failed", "5.0.0", REMOVED, "", None)
-                                          for i in open_now], time.time()) if (
-                    report and open_now) else []
+                failures = [Failure(i, "failed", "5.0.0", REMOVED, "", None)
+                            for i in open_now] if report else []
+                reports = self._dsn(env, failures, time.time()) if failures else []
                 for dsn in reports:
                     # Named here, not by the writer (it may be another process): the
                     # report's id goes into the reply and the events.
@@ -358,11 +358,7 @@ class Scheduler:
                     self.events.emit(Kind.REMOVE, qid, bare_message_id(env.message_id), by=by,
                                      report=bool(reports))
                     for dsn in reports:
-                        self.events.emit(Kind.DSN, qid, bare_message_id(env.message_id),
-                                         dsn_id=id_text(dsn.envelope.queue_id),
-                                         action="failed",
-                                         recipients=[env.recipients[i].address
-                                                     for i in open_now])
+                        facts.emit(self.events, facts.dsn(env, failures, dsn.envelope.queue_id))
                 break
             else:
                 done.unchanged.append(qid)  # it kept changing under us: ask again
@@ -377,7 +373,7 @@ class Scheduler:
 
         def now_due(qid: bytes, index: int, recipient: Recipient, now: float) -> Outcome:
             seen[qid] = None
-            return Outcome(qid, index, RcptState.DEFERRED, attempted=False, due=now)
+            return _retry_now(qid, index, now)
 
         count = await self._set_state(destination, (RcptState.DEFERRED,), now_due)
         self._clear_down(destination)
@@ -402,7 +398,7 @@ class Scheduler:
             except (KeyError, RecordError):
                 done.missing.append(qid)
                 continue
-            mine = [Outcome(qid, i, RcptState.DEFERRED, attempted=False, due=now)
+            mine = [_retry_now(qid, i, now)
                     for i, r in enumerate(env.recipients) if r.state is RcptState.DEFERRED]
             if not mine:
                 done.unchanged.append(qid)
@@ -434,8 +430,7 @@ class Scheduler:
         if isinstance(exc, (BackPressure, QueueClosed)):
             log.warning("recording the delivery of %s to %s failed: %s; tried again in a "
                         "retry interval", id_text(entry.queue_id), entry.next_hop, reason)
-            await self._defer_group(entry, "451 4.3.0 local error in delivery",
-                                    time.time() + self.settings.retry_interval)
+            await self._retry_later(entry)
             return
         try:
             (count,) = await self.store.change([Change(
@@ -456,6 +451,11 @@ class Scheduler:
             return
         log.warning("delivery of %s to %s raised %s; tried again in a retry interval "
                     "(poison at the next)", id_text(entry.queue_id), entry.next_hop, reason)
+        await self._retry_later(entry)
+
+    async def _retry_later(self, entry: DueEntry) -> None:
+        """Park a group that could not be processed for a retry interval rather than take
+        it again at once from the due index."""
         await self._defer_group(entry, "451 4.3.0 local error in delivery",
                                 time.time() + self.settings.retry_interval)
 
@@ -1135,13 +1135,18 @@ def _suspend(queue_id: bytes, index: int, recipient: Recipient, now: float) -> O
     return Outcome(queue_id, index, RcptState.SUSPENDED, attempted=False)
 
 
+def _retry_now(queue_id: bytes, index: int, now: float) -> Outcome:
+    """A deferred recipient due now, its retry time ignored (``ferry queue retry``)."""
+    return Outcome(queue_id, index, RcptState.DEFERRED, attempted=False, due=now)
+
+
 def _due_now(queue_id: bytes, index: int, recipient: Recipient, now: float) -> Outcome:
     """A resumed recipient, due now: one never tried and due already is pending again, any
     other is deferred to now (the queue keeps a pending recipient's due time)."""
     if recipient.state is RcptState.SUSPENDED and not recipient.attempts and (
             recipient.due <= now):
         return Outcome(queue_id, index, RcptState.PENDING, attempted=False)
-    return Outcome(queue_id, index, RcptState.DEFERRED, attempted=False, due=now)
+    return _retry_now(queue_id, index, now)
 
 
 def _success(result: RcptResult, route: Route) -> Failure:
