@@ -63,7 +63,11 @@ def test_one_write_per_turn_of_the_loop(tmp_path: Path) -> None:
         journal.started(A)
         journal.started(B)
         before = path.stat().st_size  # nothing yet: written when the loop turns
-        await asyncio.sleep(0)
+        # The next turn of the loop, and no later: the journal's write was scheduled
+        # (call_soon) before this callback, so it has run when this future is done.
+        turned = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(turned.set_result, None)
+        await turned
         return before, path.stat().st_size
 
     before, after = asyncio.run(go())
