@@ -444,12 +444,9 @@ class _Session:
         self.pipe.transport = transport
         self.conn.tls_started()
         if self.log is not None:
-            obj = transport.get_extra_info("ssl_object")
-            cipher = obj.cipher() if obj is not None else None
-            version = obj.version() if obj is not None else "?"
+            version, cipher = _tls(transport) or ("?", "?")
             # The receive side's words (engine.server.session), so one grep finds both.
-            self.log.event(f"TLS established: version={version} "
-                           f"cipher={cipher[0] if cipher else '?'}")
+            self.log.event(f"TLS established: version={version} cipher={cipher}")
 
     async def quit(self) -> None:
         """QUIT politely, wait briefly for the 221, close; never raises."""
@@ -712,10 +709,8 @@ class SmtpAgent:
         for host in route.hosts:
             remote = f"{host.name}[{host.address}]:{host.port}"
             if plog is not None:
-                peer = host.address if host.address.startswith("/") else (
-                    f"[{host.address}]:{host.port}" if ":" in host.address
-                    else f"{host.address}:{host.port}")
-                log = plog.session(f"{plog.connector}-{next(_connection_ids):x}", peer)
+                log = plog.session(f"{plog.connector}-{next(_connection_ids):x}",
+                                   _address(host))
                 log.event(f"connecting to {remote}")
             await self._closed_before(key)
             try:
@@ -861,18 +856,27 @@ class SmtpAgent:
         return t.outcome(reason), keep and not s.pipe.closed
 
 
+def _address(host: Host) -> str:
+    """A next hop's "IP:port" ("[IPv6]:port"), or its path for a Unix socket."""
+    address = host.address
+    if address.startswith("/"):
+        return address
+    return f"[{address}]:{host.port}" if ":" in address else f"{address}:{host.port}"
+
+
+def _tls(transport: asyncio.BaseTransport) -> tuple[str, str] | None:
+    """The TLS version and cipher of a connection, None in clear."""
+    obj = transport.get_extra_info("ssl_object")
+    if obj is None:
+        return None
+    cipher = obj.cipher()
+    return obj.version() or "?", cipher[0] if cipher else "?"
+
+
 def _peer(s: _Session) -> Peer:
     """The peer of a ready session: once per connection, never per message."""
-    host = s.host
-    address = host.address
-    if not address.startswith("/"):  # a Unix socket is named by its path
-        address = f"[{address}]:{host.port}" if ":" in address else f"{address}:{host.port}"
-    tls = ""
-    obj = s.transport.get_extra_info("ssl_object")
-    if obj is not None:
-        cipher = obj.cipher()
-        tls = f"{obj.version()} {cipher[0] if cipher else '?'}"
-    return Peer(host.name, address, tls)
+    tls = _tls(s.transport)
+    return Peer(s.host.name, _address(s.host), " ".join(tls) if tls else "")
 
 
 def _retrieve(future: asyncio.Future[bool]) -> None:
