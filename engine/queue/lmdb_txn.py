@@ -133,21 +133,18 @@ def _change(env: Envelope, change: Change) -> int:
         env.faults = env.crashes = 0
         env.poisoned = ""
         return count
-    if action == "poison":
-        env.poisoned = change.reason
-        return _park(env, RcptState.POISON, now, PARKED_STATES)
-    if action in ("fault", "crash"):
-        if action == "fault":
-            env.faults += 1
-            reached = env.faults >= change.poison_at
-        else:
-            env.crashes += 1
-            reached = env.crashes >= change.poison_at
-        if not reached:
+    if action == "fault":
+        env.faults += 1
+        if env.faults < change.poison_at:
             return 0
-        env.poisoned = change.reason
-        return _park(env, RcptState.POISON, now, PARKED_STATES)
-    raise ValueError(f"unknown change {action!r}")
+    elif action == "crash":
+        env.crashes += 1
+        if env.crashes < change.poison_at:
+            return 0
+    elif action != "poison":
+        raise ValueError(f"unknown change {action!r}")
+    env.poisoned = change.reason
+    return _park(env, RcptState.POISON, now, PARKED_STATES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,16 +388,10 @@ class Committer:
         by_message: dict[bytes, list[Outcome]] = defaultdict(list)
         for outcome in outcomes:
             by_message[outcome.queue_id].append(outcome)
-        db = self._db
         for qid, items in by_message.items():
-            raw = txn.get(qid, db=db["envelopes"])
-            if raw is None:
+            new = self._load(txn, qid)
+            if new is None:
                 continue  # already final and gone (a duplicate report after a retry)
-            try:
-                new = decode(qid, raw)
-            except RecordError as exc:
-                self._quarantine(txn, qid, str(exc), b"")
-                continue
             before = index_keys(new)
             for o in items:
                 if o.delay_notified:
@@ -419,30 +410,16 @@ class Committer:
                 if o.attempted:
                     r.attempts += 1
                     new.faults = new.crashes = 0
-            if new.final:
-                self._write_indexes(txn, before, None)
-                txn.delete(qid, db=db["envelopes"])
-                txn.delete(qid, db=db["bodies"])
-            else:
-                txn.put(qid, encode(new), db=db["envelopes"])
-                self._write_indexes(txn, before, new)
+            self._store(txn, new, before)
             self._outcomes += len(items)
         for message in new_messages:
             self._put_new(txn, message.envelope, message.body)
 
     def _apply_changes(self, txn: Any, changes: tuple[Change, ...]) -> list[int | None]:
         results: list[int | None] = []
-        db = self._db
         for change in changes:
-            qid = change.queue_id
-            raw = txn.get(qid, db=db["envelopes"])
-            if raw is None:
-                results.append(None)
-                continue
-            try:
-                env = decode(qid, raw)
-            except RecordError as exc:
-                self._quarantine(txn, qid, str(exc), b"")
+            env = self._load(txn, change.queue_id)
+            if env is None:
                 results.append(None)
                 continue
             before = index_keys(env)
@@ -451,18 +428,40 @@ class Committer:
                 if change.expect is not None and open_now != change.expect:
                     results.append(-1)
                     continue
-                self._write_indexes(txn, before, None)
-                txn.delete(qid, db=db["envelopes"])
-                txn.delete(qid, db=db["bodies"])
+                self._store(txn, env, before, remove=True)
                 for message in change.new_messages:
                     self._put_new(txn, message.envelope, message.body)
                 results.append(len(open_now))
                 continue
-            count = _change(env, change)
-            txn.put(qid, encode(env), db=db["envelopes"])
-            self._write_indexes(txn, before, env)
-            results.append(count)
+            results.append(_change(env, change))
+            self._store(txn, env, before)
         return results
+
+    def _load(self, txn: Any, qid: bytes) -> Envelope | None:
+        """A message's record as this transaction sees it; None when it is gone, or when
+        it does not decode (then it is moved to the corrupt state)."""
+        raw = txn.get(qid, db=self._db["envelopes"])
+        if raw is None:
+            return None
+        try:
+            return decode(qid, raw)
+        except RecordError as exc:
+            self._quarantine(txn, qid, str(exc), b"")
+            return None
+
+    def _store(self, txn: Any, env: Envelope, before: IndexKeys, *,
+               remove: bool = False) -> None:
+        """Write a changed record and its index entries (``before``: those it had); a
+        message whose recipients are all final, or one to ``remove``, is deleted with its
+        body."""
+        db = self._db
+        if not (remove or env.final):
+            txn.put(env.queue_id, encode(env), db=db["envelopes"])
+            self._write_indexes(txn, before, env)
+            return
+        self._write_indexes(txn, before, None)
+        txn.delete(env.queue_id, db=db["envelopes"])
+        txn.delete(env.queue_id, db=db["bodies"])
 
     def _write_indexes(self, txn: Any, before: IndexKeys, new: Envelope | None) -> None:
         """Replace a message's index entries (``before``) with those ``new`` needs."""
