@@ -38,7 +38,7 @@ def _no_passphrase() -> bytes:
     raise ValueError("encrypted")
 
 
-def _pair_problem(cert: Path, key: Path) -> tuple[str, str] | None:
+def pair_problem(cert: Path, key: Path) -> tuple[str, str] | None:
     """(key name, why) when ``cert`` and ``key`` do not load together, else None."""
     cert_pem, why = _read(cert)
     if cert_pem is None:
@@ -95,7 +95,7 @@ def file_problems(config: Config) -> list[str]:
     for i, rc in enumerate(config.receive):
         # engine.server.service loads the pair only when TLS is on (config requires both).
         if rc.tls != "off" and rc.cert_file is not None and rc.key_file is not None:
-            problem = _pair_problem(rc.cert_file, rc.key_file)
+            problem = pair_problem(rc.cert_file, rc.key_file)
             if problem is not None:
                 bad.append(f"receive[{i}].{problem[0]}: {problem[1]}")
     ca_file = config.delivery.ca_file

@@ -55,15 +55,15 @@ def receive_tls(config: ReceiveConfig) -> ssl.SSLContext | None:
         return None
     try:
         return tls_context(str(config.cert_file), str(config.key_file))
-    except ssl.SSLError as exc:
-        raise OSError(f"receive connector {config.name}: cannot use cert_file "
-                      f"{config.cert_file} with key_file {config.key_file} ({exc.reason}): "
-                      "they must be a PEM certificate chain and its PEM private key (not "
-                      "swapped, and a matching pair)") from None
-    except OSError as exc:
-        raise OSError(f"receive connector {config.name}: cannot read cert_file "
-                      f"{config.cert_file} or key_file {config.key_file}: {exc.strerror}"
-                      ) from None
+    except (ssl.SSLError, OSError) as exc:
+        # What is wrong, in the words of `ferry config check` (which `ferry serve` runs
+        # first; this is for every other way of starting the App).
+        from engine.ops.preflight import pair_problem
+
+        problem = pair_problem(config.cert_file, config.key_file)
+        key, why = problem or ("cert_file", f"{config.cert_file} with {config.key_file}: "
+                                            f"{getattr(exc, 'reason', None) or exc}")
+        raise OSError(f"receive connector {config.name}: {key}: {why}") from None
 
 
 #: Connections the kernel queues for a listener before Ferry accepts them.
