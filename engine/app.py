@@ -29,6 +29,7 @@ from engine.client.api import DeliveryAgent
 from engine.client.maildir import MaildirAgent
 from engine.client.smtp import SmtpAgent
 from engine.config import IMPLICIT_SMARTHOST, Config, tracking_dir
+from engine.http.server import HttpServer
 from engine.ops import logfmt
 from engine.ops.control import ControlServer, ControlUnavailable, socket_path
 from engine.ops.daemon import SpoolLock, check_root, drop_privileges, lookup, prepare_spool
@@ -61,6 +62,8 @@ class App:
         self.agents: dict[str, DeliveryAgent] = {}
         self.connectors: list[Connector] = []
         self.control: ControlServer | None = None
+        #: The [http] listener (engine.http), None while [http] listen is empty.
+        self.http: HttpServer | None = HttpServer(self) if config.http.listen else None
         self.addresses: list[str] = []
         self._flusher: asyncio.Task[None] | None = None
         self.pressure: PressureLog | None = None
@@ -95,16 +98,21 @@ class App:
             contexts = [receive_tls(rc) for rc in cfg.receive]
             for rc in cfg.receive:
                 listeners.append(bind_listeners(rc.listen))
+            if self.http is not None:
+                self.http.bind()
             bound = {rc.name: [address_of(s) for s in socks]
                      for rc, socks in zip(cfg.receive, listeners, strict=True)}
             check_root(os.geteuid(), account, srv.allow_root,
-                       [a for addresses in bound.values() for a in addresses])
+                       [a for addresses in bound.values() for a in addresses]
+                       + (self.http.addresses if self.http is not None else []))
             if account is not None:
                 drop_privileges(account)
                 log.info("running as user %s, group %s", account.name, account.group)
         except BaseException:
             for sock in (s for socks in listeners for s in socks):
                 sock.close()
+            if self.http is not None:
+                self.http.close_sockets()
             self.lock.release()
             raise
         for warning in startup_warnings(cfg, bound):
@@ -176,6 +184,8 @@ class App:
             self.addresses += serving
             log.info("receive connector %s listening on %s (tls=%s)", rc.name,
                      ", ".join(serving), rc.tls)
+        if self.http is not None:
+            await self.http.start()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_logs())
 
     def _start_tracking(self) -> None:
@@ -227,6 +237,8 @@ class App:
 
     async def stop(self) -> None:
         log.info("stopping: 421 to open sessions, finishing pending commits")
+        if self.http is not None:
+            await self.http.stop()
         if self.control is not None:
             await self.control.stop()
         if self.pressure is not None:

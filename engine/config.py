@@ -76,6 +76,8 @@ __all__ = [
     "ConfigError",
     "DeliveryConfig",
     "DomainLimits",
+    "HttpConfig",
+    "HttpToken",
     "LocalConfig",
     "LogConfig",
     "Network",
@@ -513,6 +515,19 @@ def _listen(value: object) -> tuple[tuple[str, int], ...]:
     if not addresses:
         raise _Invalid('must list at least one "HOST:PORT" address')
     return addresses
+
+
+def _listen_or_none(value: object) -> tuple[tuple[str, int], ...]:
+    if value == [] or value == ():
+        return ()
+    return _listen(value)
+
+
+def _token_names(tokens: Mapping[str, _R]) -> Mapping[str, _R]:
+    # A token's name is who acted in logs and events: the rules of connector names.
+    for name in tokens:
+        _connector_name(name)
+    return tokens
 
 
 def _destination(default_port: int | None) -> Callable[[object], tuple[str, int]]:
@@ -1036,6 +1051,71 @@ class TrackingConfig:
     subject: _Bool = False
 
 
+#: What a bearer token of ``[http.tokens]`` may do (engine.http.api.Scope).
+HTTP_SCOPES: Final = ("inject", "read", "admin")
+
+
+def _token(value: object) -> str:
+    # A bearer token is a password: long enough not to be guessed, printable so it fits
+    # an Authorization header (RFC 6750 §2.1: b64token characters), never echoed.
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9._~+/=-]{16,512}", value):
+        raise _Invalid("must be 16 to 512 characters of A-Z a-z 0-9 . _ ~ + / = - "
+                       "(e.g. the output of: openssl rand -hex 32)")
+    return value
+
+
+def _scopes(value: object) -> tuple[str, ...]:
+    return _each(value, "scopes", _choice(*HTTP_SCOPES))
+
+
+@dataclass(frozen=True)
+class HttpToken:
+    """[http.tokens."name"]: one bearer token of the HTTP API and what it may do; the
+    name is who it is in logs and events (``by``)."""
+
+    __pydantic_config__ = _TABLE
+
+    token: Annotated[str, _v(_token)] = ""
+    #: "inject" (POST messages), "read" (metrics, views, tracking), "admin" (verbs).
+    scopes: Annotated[tuple[str, ...], _v(_scopes)] = ("read",)
+
+
+def _check_token(t: HttpToken) -> list[tuple[_Loc, str]]:
+    return [(("token",), "is required")] if not t.token else []
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """[http]: the HTTP listener of ``ferry serve`` (engine.http): metrics, health, the
+    injection and admin APIs.  Off while ``listen`` is empty."""
+
+    __pydantic_config__ = _TABLE
+
+    #: (host, port) pairs; empty = no HTTP listener.
+    listen: Annotated[tuple[_HostPort, ...], _v(_listen_or_none)] = ()
+    #: Clients from the loopback (127.0.0.0/8, ::1) may do everything without a token.
+    trust_loopback: _Bool = True
+    tokens: Annotated[Mapping[str, Annotated[HttpToken, _after(_check_token)]],
+                      AfterValidator(_token_names)] = field(
+        default_factory=lambda: MappingProxyType({}))
+    #: HTTPS when both are set (one certificate for every HTTP listen address).
+    cert_file: Annotated[Path, _v(_existing_file)] | None = None
+    key_file: Annotated[Path, _v(_existing_file)] | None = None
+    #: A request body over this many bytes gets 413 (an injection with attachments).
+    max_body_size: _Size = 50 * MiB
+    #: Seconds for one request from its first byte of body to its answer (408 after).
+    request_timeout: _Seconds = 60.0
+    #: Seconds an idle keep-alive connection stays open.
+    idle_timeout: _Seconds = 75.0
+
+
+def _check_http(h: HttpConfig) -> list[tuple[_Loc, str]]:
+    if (h.cert_file is None) != (h.key_file is None):
+        missing = "key_file" if h.key_file is None else "cert_file"
+        return [((missing,), "is required when the other of cert_file/key_file is set")]
+    return []
+
+
 _ACCOUNT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 
 
@@ -1098,6 +1178,7 @@ class Config:
     #: Local (authoritative) domains, [[local]]; mail for them is accepted from anyone.
     local: tuple[Annotated[LocalConfig, _after(_check_local)], ...] = ()
     server: ServerConfig = field(default_factory=ServerConfig)
+    http: Annotated[HttpConfig, _after(_check_http)] = field(default_factory=HttpConfig)
 
 
 #: Every table of the file and its dataclass ("" is the top level; "delivery.domains" the
@@ -1105,7 +1186,8 @@ class Config:
 TABLES: Final[Mapping[str, type]] = MappingProxyType({
     "": Config, "queue": QueueConfig, "receive": ReceiveConfig, "delivery": DeliveryConfig,
     "log": LogConfig, "send": SendConfig, "local": LocalConfig, "tracking": TrackingConfig,
-    "delivery.domains": DomainLimits, "server": ServerConfig,
+    "delivery.domains": DomainLimits, "server": ServerConfig, "http": HttpConfig,
+    "http.tokens": HttpToken,
 })  # fmt: skip
 
 
@@ -1258,6 +1340,7 @@ FLAGS: Final[Mapping[str, _Loc]] = MappingProxyType({
     "--max-per-domain": ("delivery", "max_per_domain"),
     "--retry-interval": ("delivery", "retry_interval"),
     "--log-level": ("log", "level"),
+    "--http": ("http", "listen"),
 })  # fmt: skip
 
 _NUMBER_FLAGS: Final = frozenset({"--mx-port", "--max-per-domain", "--retry-interval"})

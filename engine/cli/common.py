@@ -69,6 +69,9 @@ def add_key_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-interval", metavar="DURATION",
                         help='first retry delay, seconds or "30s", "5m", "4h"; the backoff '
                         "grows from it")
+    parser.add_argument("--http", metavar="HOST:PORT", action="append", default=[],
+                        help="HTTP listener for metrics, health and the APIs (repeatable; "
+                        "[http] listen)")
     parser.add_argument("--log-level", metavar="LEVEL",
                         help="debug, info, warning or error (default: [log] level, info)")
 

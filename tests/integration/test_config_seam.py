@@ -23,12 +23,15 @@ import dataclasses
 import re
 import smtplib
 import socket
+import ssl
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from engine.config import TABLES, Config, load_config
 from engine.server.auth import hash_password
@@ -211,11 +214,31 @@ subject = true
 
 [server]
 allow_root = true
+
+[http]
+listen = ["127.0.0.1:0"]
+trust_loopback = false
+cert_file = "{cert}"
+key_file = "{key}"
+max_body_size = "1MiB"
+request_timeout = 30
+idle_timeout = 30
+
+[http.tokens.seam]
+token = "seam-token-0123456789"
+scopes = ["read", "inject", "admin"]
 """, encoding="utf-8")
     return load_config(path)
 
 
-def test_every_declared_key_is_read(tmp_path: Path, cert_files: tuple[Path, Path],
+def _client_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+def test_every_declared_key_is_read(tmp_path: Path, ca: trustme.CA,
+                                    cert_files: tuple[Path, Path],
                                     dns_server: DnsResponder, sink: CountingSink) -> None:
     config = every_table(tmp_path, cert_files, dns_server.address, sink.port)
     READS.clear()
@@ -244,6 +267,12 @@ def test_every_declared_key_is_read(tmp_path: Path, cert_files: tuple[Path, Path
         wait_for(lambda: list((tmp_path / "mail" / "maildir.test").glob("a/new/*")),
                  what="the Maildir delivery")
         wait_for(lambda: len(f.store.ids_in_state("deferred", 10)) == 2, what="two deferred")
+        # One HTTPS request with the token: the [http] keys read per request.
+        assert f.app.http is not None
+        request = urllib.request.Request(f"https://{f.app.http.addresses[0]}/healthz",
+                                         headers={"Authorization": "Bearer seam-token-0123456789"})
+        with urllib.request.urlopen(request, context=_client_context(ca), timeout=10) as answer:
+            assert answer.status == 200
     unread = sorted(declared_keys() - READS)
     assert not unread, (
         "declared and documented, but nothing read them while Ferry was built, started and "

@@ -315,6 +315,7 @@ def test_every_flag(tmp_path: Path) -> None:
         "--max-per-domain": "3",
         "--retry-interval": "1.5",
         "--log-level": "debug",
+        "--http": ["127.0.0.1:8025"],
     }
     assert set(flags) == set(FLAGS)
     config = load_config(write(tmp_path, TWO), flags)
@@ -328,6 +329,7 @@ def test_every_flag(tmp_path: Path) -> None:
     assert config.log == LogConfig(level="debug", protocol_log_dir=Path.cwd() / "other-spool/log")
     assert config.accepted_domains == ("example.com", "example.net")
     assert config.hostname == "mx.example"
+    assert config.http.listen == (("127.0.0.1", 8025),)
     assert config.delivery == DeliveryConfig(
         smarthost=("relay.example", 587), dns=("127.0.0.1", 5353), mx_port=2525,
         max_per_domain=3, retry_interval=1.5,

@@ -1,0 +1,115 @@
+"""What every HTTP route shares: the scopes a token grants, who is asking, and the RFC 9457
+problem-details error every bad request gets.
+
+A route module declares its routes on its own ``aiohttp.web.RouteTableDef`` and marks each
+handler with :func:`requires`; ``engine.http.server`` checks the mark before the handler
+runs.  A handler reaches the running server's parts through ``request.app[APP]`` (the
+composition root, ``engine.app.App``) and raises :class:`Problem` for anything the client
+did wrong.  This module must never touch the queue or the scheduler itself.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+import orjson
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from engine.app import App  # noqa: F401  (named by APP's type, as a string)
+
+
+class Scope(enum.StrEnum):
+    """What a bearer token may do (``[http.tokens.NAME] scopes``)."""
+
+    INJECT = "inject"
+    READ = "read"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who sent a request: a token's name, or "loopback" for a trusted local client."""
+
+    name: str
+    scopes: frozenset[Scope]
+    #: A loopback client or a token's holder; untrusted injectors are held to the
+    #: accepted domains (engine.http.inject).
+    trusted: bool = False
+
+
+#: The composition root, for handlers: ``request.app[APP].scheduler`` and so on.
+APP: Final = web.AppKey["App"]("ferry")
+#: The request's principal, set by the authentication middleware before any handler.
+PRINCIPAL: Final = web.RequestKey["Principal"]("ferry.principal")
+
+PROBLEM_TYPE: Final = "application/problem+json"
+
+
+@dataclass(slots=True)
+class Problem(Exception):
+    """An error answer, RFC 9457 problem details: ``status``, a short ``title`` that is the
+    same for every occurrence of the problem, the ``detail`` of this one, and members of
+    its own (``extra``, e.g. the offending field).  ``headers`` go on the response
+    (``Retry-After`` with a 429/503, ``WWW-Authenticate`` with a 401)."""
+
+    status: int
+    title: str
+    detail: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.title}: {self.detail}"
+
+    def response(self) -> web.Response:
+        doc: dict[str, Any] = {"type": "about:blank", "title": self.title,
+                               "status": self.status}
+        if self.detail:
+            doc["detail"] = self.detail
+        doc.update(self.extra)
+        return web.Response(status=self.status, body=orjson.dumps(doc),
+                            content_type=PROBLEM_TYPE, headers=dict(self.headers))
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_H = TypeVar("_H", bound=Handler)
+
+#: Attribute :func:`requires` sets on a handler.
+SCOPE_ATTRIBUTE: Final = "__ferry_scope__"
+
+
+def requires(scope: Scope) -> Callable[[_H], _H]:
+    """Mark a handler as needing ``scope``; a handler without a mark is public (health)."""
+
+    def mark(handler: _H) -> _H:
+        setattr(handler, SCOPE_ATTRIBUTE, scope)
+        return handler
+
+    return mark
+
+
+def required_scope(handler: object) -> Scope | None:
+    return getattr(handler, SCOPE_ATTRIBUTE, None)
+
+
+def json_response(doc: Any, status: int = 200,
+                  headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json",
+                        headers=dict(headers or {}))
+
+
+async def json_body(request: web.Request) -> Any:
+    """The request's JSON document; 415 when it is not JSON, 400 when it does not parse
+    (the body size limit is aiohttp's, raised as 413 while reading)."""
+    if request.content_type not in ("application/json", ""):
+        raise Problem(415, "Unsupported media type",
+                      f'send "Content-Type: application/json", not {request.content_type!r}')
+    raw = await request.read()
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise Problem(400, "Malformed JSON", str(exc)) from None

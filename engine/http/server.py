@@ -1,0 +1,207 @@
+"""The HTTP listener: sockets bound as root (like the receive connectors'), an aiohttp
+application on the server's own loop, who may do what, and the error every bad request gets.
+
+Every request passes two middlewares before its handler:
+
+1. **problems**: whatever goes wrong becomes an RFC 9457 ``application/problem+json``
+   answer: a :class:`~engine.http.api.Problem` the handler raised, aiohttp's own errors
+   (404, 405, 413 for a body over ``[http] max_body_size``), a request that takes longer
+   than ``request_timeout`` (408), and any other exception (500, logged with its
+   traceback): nothing a client sends can stop the listener or reach the SMTP side.
+2. **authentication**: a client on the loopback is trusted with every scope when
+   ``trust_loopback`` is on; any other needs ``Authorization: Bearer <token>`` of a
+   ``[http.tokens.NAME]`` entry whose scopes include the one the route requires (RFC 6750:
+   401 without a valid token, 403 when its scopes do not cover the route).
+
+It must never block the loop (handlers that read many records do it in a thread) and never
+decide delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import socket
+import ssl
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Final
+
+from aiohttp import web
+
+from engine.config import HttpConfig
+from engine.http import admin, health, inject, metrics
+from engine.http.api import APP, PRINCIPAL, Handler, Principal, Problem, Scope, required_scope
+from engine.server.service import address_of, bind_listeners, tls_context
+
+if TYPE_CHECKING:
+    from engine.app import App
+
+log = logging.getLogger("ferry.http")
+
+#: Every scope: what a trusted loopback client may do.
+ALL_SCOPES: Final = frozenset(Scope)
+
+#: The route tables of every area, added in this order.
+ROUTE_TABLES: Final = (health.routes, metrics.routes, inject.routes, admin.routes)
+
+
+def http_tls(config: HttpConfig) -> ssl.SSLContext | None:
+    """The listener's TLS context (None for plain HTTP), loaded as root before the switch
+    of user, like the receive connectors' (engine.server.service.receive_tls)."""
+    if config.cert_file is None or config.key_file is None:
+        return None
+    try:
+        return tls_context(str(config.cert_file), str(config.key_file))
+    except (ssl.SSLError, OSError) as exc:
+        raise OSError(f"http: cert_file/key_file {config.cert_file} with {config.key_file}: "
+                      f"{getattr(exc, 'reason', None) or exc}") from None
+
+
+class Tokens:
+    """The bearer tokens of ``[http.tokens]``, looked up in constant time per token (a
+    timing side channel must not tell how much of a guess was right)."""
+
+    def __init__(self, config: HttpConfig) -> None:
+        self.load(config)
+
+    def load(self, config: HttpConfig) -> None:
+        """Take the tokens of ``config`` (at start and at a reload)."""
+        self._tokens = [(t.token.encode(), Principal(name, frozenset(Scope(s) for s in t.scopes)))
+                        for name, t in config.tokens.items()]
+        self.trust_loopback = config.trust_loopback
+
+    def principal(self, request: web.Request) -> Principal | None:
+        header = request.headers.get("Authorization", "")
+        kind, _, credentials = header.partition(" ")
+        if kind.lower() == "bearer" and credentials.strip():
+            given = credentials.strip().encode()
+            found = None
+            for token, who in self._tokens:
+                if hmac.compare_digest(token, given):
+                    found = who
+            return found
+        if self.trust_loopback and _loopback(request.remote):
+            return Principal("loopback", ALL_SCOPES, trusted=True)
+        return None
+
+
+def _loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
+
+
+def _challenge(error: str = "") -> Mapping[str, str]:
+    # RFC 6750 §3: the scheme and realm, and why a presented token was refused.
+    value = 'Bearer realm="ferry"' + (f', error="{error}"' if error else "")
+    return {"WWW-Authenticate": value}
+
+
+@web.middleware
+async def _problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    timeout = request.app[APP].config.http.request_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            return await handler(request)
+    except Problem as problem:
+        return problem.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # redirects and the like are answers, not problems
+        # aiohttp's texts are "404: Not Found" (nothing more to say) or a sentence (413).
+        text = exc.text or ""
+        return Problem(exc.status, exc.reason, "" if text.startswith(f"{exc.status}:") else text,
+                       headers={k: v for k, v in exc.headers.items()
+                                if k.lower() in ("allow", "retry-after")}).response()
+    except TimeoutError:
+        return Problem(408, "Request timeout",
+                       f"the request was not complete within {timeout:g} s "
+                       "(http.request_timeout)").response()
+    except (ConnectionError, asyncio.CancelledError):
+        raise  # the client went away: nobody to answer
+    except Exception as exc:
+        log.exception("HTTP %s %s failed", request.method, request.path)
+        return Problem(500, "Internal server error",
+                       f"{type(exc).__name__} (logged by the server)").response()
+
+
+@web.middleware
+async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route = request.match_info.route
+    scope = required_scope(route.handler)
+    if scope is None:
+        return await handler(request)  # public, or aiohttp's own 404/405
+    tokens: Tokens = request.app[TOKENS]
+    who = tokens.principal(request)
+    if who is None:
+        presented = "Authorization" in request.headers
+        raise Problem(401, "Unauthorized",
+                      "the bearer token is not valid" if presented else
+                      "this needs Authorization: Bearer <token> (http.tokens)",
+                      headers=_challenge("invalid_token" if presented else ""))
+    if scope not in who.scopes:
+        raise Problem(403, "Forbidden", f"token {who.name!r} lacks the {scope.value!r} scope",
+                      extra={"scope": scope.value},
+                      headers=_challenge("insufficient_scope"))
+    request[PRINCIPAL] = who
+    return await handler(request)
+
+
+TOKENS: Final = web.AppKey("ferry.tokens", Tokens)
+
+
+class HttpServer:
+    """The ``[http]`` listener of one running server.  :meth:`bind` (as root) and
+    :meth:`start` (once the rest of the server runs), :meth:`stop` first at shutdown."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.config = app.config.http
+        self.sockets: list[socket.socket] = []
+        self.tls: ssl.SSLContext | None = None
+        #: "HOST:PORT" of each bound socket
+        self.addresses: list[str] = []
+        self._runner: web.AppRunner | None = None
+        self.tokens = Tokens(self.config)
+
+    def bind(self) -> None:
+        self.tls = http_tls(self.config)
+        self.sockets = bind_listeners(self.config.listen)
+        self.addresses = [address_of(s) for s in self.sockets]
+
+    def close_sockets(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+    def web_app(self) -> web.Application:
+        webapp = web.Application(middlewares=[_problems, _authenticate],
+                                 client_max_size=self.config.max_body_size)
+        webapp[APP] = self.app
+        webapp[TOKENS] = self.tokens
+        for table in ROUTE_TABLES:
+            webapp.add_routes(table)
+        return webapp
+
+    def reconfigure(self, config: HttpConfig) -> None:
+        """Take new tokens (a reload); the listen addresses and TLS stay until a restart."""
+        self.tokens.load(config)
+        self.config = config
+
+    async def start(self) -> None:
+        self._runner = runner = web.AppRunner(
+            self.web_app(), access_log=None, handle_signals=False,
+            keepalive_timeout=self.config.idle_timeout)
+        await runner.setup()
+        for sock in self.sockets:
+            await web.SockSite(runner, sock, ssl_context=self.tls).start()
+        scheme = "https" if self.tls else "http"
+        log.info("http listening on %s", ", ".join(f"{scheme}://{a}" for a in self.addresses))
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self.close_sockets()
