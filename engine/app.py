@@ -35,8 +35,10 @@ from engine.ops.control import ControlServer, ControlUnavailable, socket_path
 from engine.ops.daemon import SpoolLock, check_root, drop_privileges, lookup, prepare_spool
 from engine.ops.events import Events
 from engine.ops.maillog import MailLog
+from engine.ops.operations import Operations
 from engine.ops.pressure import PressureLog
 from engine.ops.protolog import ProtocolLog
+from engine.ops.readiness import CheckProvider
 from engine.ops.sdnotify import Notifier
 from engine.ops.startup import startup_warnings
 from engine.ops.tracking import TrackingLog
@@ -73,6 +75,11 @@ class App:
         self.events = Events()
         #: held from start to the end of the process: one server per spool
         self.lock = SpoolLock(Path(config.spool))
+        #: the operator's views and verbs, behind the control channel and the admin API
+        self.operations: Operations | None = None
+        #: Readiness checks beyond the built-in ones (engine.ops.readiness): a part that
+        #: can make the server unready (an alert that fires) adds a provider here.
+        self.readiness: list[CheckProvider] = []
 
     async def start(self) -> None:
         cfg = self.config
@@ -153,7 +160,11 @@ class App:
                                                journal=InFlightJournal(
                                                    Path(cfg.spool) / INFLIGHT_FILE))
         scheduler.start()
-        control = ControlServer(socket_path(cfg.spool), scheduler, router.destination)
+        self.operations = operations = Operations(
+            scheduler, router.destination,
+            (cfg.tracking.dir or tracking_dir(Path(cfg.spool))) if cfg.tracking.enabled
+            else None)
+        control = ControlServer(socket_path(cfg.spool), operations)
         try:
             await control.start()
         except ControlUnavailable as exc:

@@ -29,7 +29,7 @@ import orjson
 from engine.cli.common import add_config_argument, add_spool_argument
 from engine.ops import control
 from engine.ops.select import STATES, Filter, add_filter_arguments, select, select_ids
-from engine.ops.views import as_delivered, message_view, queue_rows
+from engine.ops.views import as_delivered, header_text, listing, message_detail, queue_rows
 from engine.queue.api import QueueStore
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import Envelope, RecordError, id_bytes, id_text
@@ -160,10 +160,8 @@ def _json_line(doc: dict[str, Any]) -> None:
 def _list(store: QueueStore, args: argparse.Namespace) -> int:
     found = select(store, Filter.from_args(args), args.limit or None)
     if args.json:
-        for env in found.envelopes:
-            _json_line(message_view(env))
-        for qid, reason in found.corrupt:
-            _json_line({"id": id_text(qid), "state": "corrupt", "error": reason})
+        for doc in listing(found):
+            _json_line(doc)
     else:
         print(f"{'queue id':<24}  {'age':>5}  {'size':>9}  sender → recipients")
         for env in found.envelopes:
@@ -197,10 +195,10 @@ def _show(store: QueueStore, args: argparse.Namespace) -> int:
         return 1
     qid, env = found
     body = store.body(qid)
-    headers = body.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
     if args.json:
-        _json_line({**message_view(env), "headers": headers})
+        _json_line(message_detail(env, body))
         return 0
+    headers = header_text(body)
     print(f"queue id:   {id_text(qid)}\narrival:    {_stamp(env.arrival)} "
           f"({_age(env.arrival)} ago)\nexpires:    "
           f"{_stamp(env.expires) if env.expires else 'never'}\nsender:     <{env.sender}>"

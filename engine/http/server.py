@@ -200,6 +200,11 @@ class HttpServer:
         scheme = "https" if self.tls else "http"
         log.info("http listening on %s", ", ".join(f"{scheme}://{a}" for a in self.addresses))
 
+    def serving(self) -> bool:
+        """Whether every listen address takes connections (for ``/readyz``)."""
+        runner = self._runner
+        return runner is not None and len(runner.addresses) >= len(self.sockets)
+
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()

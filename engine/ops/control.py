@@ -39,7 +39,9 @@ domains are (lower case, no trailing dot), and it need not have mail queued yet.
 
 Layers: :class:`LineReader`, :func:`parse_request` and :func:`encode_reply` are sans-I/O
 (bytes in, values out, testable without a socket); :class:`ControlServer` is the asyncio
-glue; :func:`request` is the blocking client ``ferry queue`` uses.
+glue, and the commands themselves are ``engine.ops.operations`` (shared with the HTTP
+admin API, so both answer alike); :func:`request` is the blocking client ``ferry queue``
+uses.
 
 It must never decide anything about delivery itself (it hands the operator's decision to
 the scheduler), never block the event loop, and never let a bad request hurt the server:
@@ -64,24 +66,32 @@ from typing import Any, Final
 
 import orjson
 
-from engine.ops.views import queue_rows
-from engine.queue.records import id_bytes, id_text
-from engine.scheduler.scheduler import Scheduler, VerbResult
+from engine.ops.operations import (
+    MAX_DESTINATION,
+    MAX_IDS,
+    OperationError,
+    Operations,
+    parse_destination,
+    parse_ids,
+    quote,
+    stats_document,
+    verb_document,
+)
+from engine.scheduler.scheduler import VerbResult
 from engine.scheduler.snapshot import SchedulerSnapshot
 
 log = logging.getLogger("ferry.control")
 
 SOCKET_NAME: Final = "control.sock"
-#: Longest request line; a longer one is read to its end and refused (room for MAX_IDS).
+#: Longest request line; a longer one is read to its end and refused (room for MAX_IDS,
+#: the most queue ids in one request: engine.ops.operations).
 MAX_REQUEST: Final = 1 << 18
-#: Most queue ids in one request.
-MAX_IDS: Final = 5000
 #: Operator connections open at once; more are refused (one reply, then closed).
 MAX_CONNECTIONS: Final = 16
 #: Longest socket path the kernel takes (sun_path is 108 bytes on Linux, with its NUL).
 MAX_PATH: Final = 107
-#: A destination is a domain (at most 255 octets, RFC 5321 §4.5.3.1.2) with a prefix.
-MAX_DESTINATION: Final = 300
+
+__all__ = ["MAX_DESTINATION", "MAX_IDS", "ControlError", "ControlServer", "parse_request"]
 
 Reply = dict[str, Any]
 
@@ -90,8 +100,9 @@ def socket_path(spool: str | os.PathLike[str]) -> Path:
     return Path(spool) / SOCKET_NAME
 
 
-class ControlError(ValueError):
-    """A request that cannot be served; ``str()`` is the error reply's text."""
+#: A request that cannot be served; ``str()`` is the error reply's text.  The one error
+#: of the operations (engine.ops.operations), whichever front door they came through.
+ControlError = OperationError
 
 
 class ControlUnavailable(OSError):
@@ -170,19 +181,6 @@ COMMANDS: Final[Mapping[str, _Command]] = {
 }
 
 
-def _destination(value: object) -> str:
-    if not isinstance(value, str):
-        raise ControlError('"destination" must be a string')
-    text = value.strip()
-    if not text:
-        raise ControlError('"destination" must not be empty')
-    if len(text) > MAX_DESTINATION:
-        raise ControlError(f'"destination" is longer than {MAX_DESTINATION} characters')
-    if any(c.isspace() or not c.isprintable() for c in text):
-        raise ControlError('"destination" must not hold spaces or control characters')
-    return text
-
-
 def parse_request(line: bytes) -> Request:
     """One request line → :class:`Request`; ControlError says what is wrong with it."""
     try:
@@ -196,7 +194,7 @@ def parse_request(line: bytes) -> Request:
         raise ControlError(f'"command" (a string) is required; one of {_known()}')
     spec = COMMANDS.get(command)
     if spec is None:
-        raise ControlError(f"unknown command {_quote(command)}; one of {_known()}")
+        raise ControlError(f"unknown command {quote(command)}; one of {_known()}")
     allowed = {"command"}
     for name, takes in (("destination", spec.takes_destination), ("ids", spec.takes_ids),
                         ("report", spec.takes_report)):
@@ -204,37 +202,21 @@ def parse_request(line: bytes) -> Request:
             allowed.add(name)
     extra = sorted(set(doc) - allowed)
     if extra:
-        raise ControlError(f"{command}: unknown field {_quote(extra[0])}")
+        raise ControlError(f"{command}: unknown field {quote(extra[0])}")
     report = doc.get("report", False)
     if not isinstance(report, bool):
         raise ControlError(f'{command}: "report" must be true or false')
     if spec.takes_ids and "ids" in doc:
         if "destination" in doc:
             raise ControlError(f'{command}: "destination" or "ids", not both')
-        return Request(command, ids=_ids(doc["ids"]), report=report)
+        return Request(command, ids=parse_ids(doc["ids"]), report=report)
     if spec.takes_destination and "destination" in doc:
-        return Request(command, _destination(doc["destination"]))
+        return Request(command, parse_destination(doc["destination"]))
     if spec.takes_ids or spec.takes_destination:
         wanted = " or ".join(f'"{name}"' for name, takes in (
             ("destination", spec.takes_destination), ("ids", spec.takes_ids)) if takes)
         raise ControlError(f"{command}: {wanted} is required")
     return Request(command)
-
-
-def _ids(value: object) -> tuple[bytes, ...]:
-    if not isinstance(value, list) or not value:
-        raise ControlError('"ids" must be a list of queue ids')
-    if len(value) > MAX_IDS:
-        raise ControlError(f'"ids": at most {MAX_IDS} per request')
-    ids: dict[bytes, None] = {}
-    for item in value:
-        if not isinstance(item, str):
-            raise ControlError('"ids" must be a list of queue ids')
-        try:
-            ids[id_bytes(item.strip())] = None
-        except ValueError:
-            raise ControlError(f"not a queue id: {_quote(item)}") from None
-    return tuple(ids)
 
 
 def encode_reply(reply: Reply) -> bytes:
@@ -249,28 +231,16 @@ def _known() -> str:
     return ", ".join(sorted(COMMANDS))
 
 
-def _quote(value: str) -> str:
-    """A value from the request, safe to echo: JSON-quoted (no control characters) and
-    cut short."""
-    text = orjson.dumps(value[:60]).decode()
-    return text if len(value) <= 60 else text[:-1] + '..."'
-
-
 # --- the asyncio server --------------------------------------------------------------
 
 
 class ControlServer:
-    """Serves the control socket for ``scheduler`` (see the module docstring).
+    """Serves the control socket for the running server's ``operations`` (see the module
+    docstring)."""
 
-    ``normalize`` turns what the operator typed into the queue's destination name
-    (``Router.destination``: the same rule as for recipients' domains).
-    """
-
-    def __init__(self, path: Path, scheduler: Scheduler,
-                 normalize: Callable[[str], str]) -> None:
+    def __init__(self, path: Path, operations: Operations) -> None:
         self.path = path
-        self.scheduler = scheduler
-        self.normalize = normalize
+        self.operations = operations
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[Any]] = set()
         self._inode: int | None = None
@@ -355,83 +325,52 @@ class ControlServer:
         try:
             request = dataclasses.replace(parse_request(line), by=by or "unknown")
             return await self._handlers[request.command](request)
-        except ControlError as exc:
+        except OperationError as exc:
             return error_reply(str(exc))
         except Exception as exc:
             log.exception("control request %r failed", line[:200])
             return error_reply(f"internal error: {type(exc).__name__}: {exc}")
 
-    # --- the commands ------------------------------------------------------------------
-
-    def _hop(self, request: Request) -> str:
-        hop = self.normalize(request.destination)
-        if not hop:
-            raise ControlError('"destination" must name a destination')
-        return hop
+    # --- the commands (engine.ops.operations) ----------------------------------------
 
     async def _suspend(self, request: Request) -> Reply:
-        hop = self._hop(request)
-        count = await self.scheduler.suspend(hop)
-        log.info("operator suspended %s (%d recipients parked)", hop, count)
-        return {"ok": True, "destination": hop, "recipients": count}
+        return _ok(await self.operations.suspend(request.destination, request.by))
 
     async def _resume(self, request: Request) -> Reply:
-        hop = self._hop(request)
-        was_suspended = hop in self.scheduler.snapshot().suspended
-        count = await self.scheduler.resume(hop)
-        log.info("operator resumed %s (%d recipients back in the queue)", hop, count)
-        return {"ok": True, "destination": hop, "recipients": count,
-                "was_suspended": was_suspended}
+        return _ok(await self.operations.resume(request.destination, request.by))
 
     async def _suspended(self, request: Request) -> Reply:
-        return {"ok": True, "destinations": list(self.scheduler.snapshot().suspended)}
+        return {"ok": True, "destinations": self.operations.suspended()}
 
     async def _stats(self, request: Request) -> Reply:
-        return stats_reply(self.scheduler.snapshot())
+        return _ok(self.operations.stats())
 
     async def _queues(self, request: Request) -> Reply:
-        snap = self.scheduler.snapshot()
-        # It reads every queued record: in a thread, never on the event loop (LMDB readers
-        # do not block the writer).
-        view = await asyncio.get_running_loop().run_in_executor(
-            None, queue_rows, self.scheduler.store, snap)
-        return {"ok": True, "taken": snap.taken, "queues": [r.to_json() for r in view.rows]}
+        return _ok(await self.operations.queues())
 
     async def _hold(self, request: Request) -> Reply:
-        done = await self.scheduler.hold(request.ids, request.by)
-        log.info("%s held %d messages", request.by, len(done.changed))
-        return verb_reply(done)
+        return _ok(await self.operations.verb("hold", request.ids, request.by))
 
     async def _release(self, request: Request) -> Reply:
-        done = await self.scheduler.release(request.ids, request.by)
-        log.info("%s released %d messages", request.by, len(done.changed))
-        return verb_reply(done)
+        return _ok(await self.operations.verb("release", request.ids, request.by))
 
     async def _remove(self, request: Request) -> Reply:
-        done = await self.scheduler.remove(request.ids, request.report, request.by)
-        log.info("%s removed %d messages (%d non-delivery reports)", request.by,
-                 len(done.changed), len(done.reports))
-        return verb_reply(done)
+        return _ok(await self.operations.verb("remove", request.ids, request.by,
+                                              request.report))
 
     async def _retry(self, request: Request) -> Reply:
         if request.ids:
-            done = await self.scheduler.retry_messages(request.ids, request.by)
-            log.info("%s retried %d messages", request.by, len(done.changed))
-            return verb_reply(done)
-        hop = self._hop(request)
-        count = await self.scheduler.retry_destination(hop, request.by)
-        log.info("%s retried %s (%d recipients due now)", request.by, hop, count)
-        return {"ok": True, "destination": hop, "recipients": count}
+            return _ok(await self.operations.verb("retry", request.ids, request.by))
+        return _ok(await self.operations.retry_destination(request.destination, request.by))
+
+
+def _ok(doc: Mapping[str, Any]) -> Reply:
+    return {"ok": True, **doc}
 
 
 def verb_reply(done: VerbResult) -> Reply:
     """The reply of a verb on messages: the ids it changed, left alone, did not find."""
-    reply: Reply = {"ok": True, "changed": [id_text(q) for q in done.changed],
-                    "unchanged": [id_text(q) for q in done.unchanged],
-                    "missing": [id_text(q) for q in done.missing]}
-    if done.reports:
-        reply["reports"] = [id_text(q) for q in done.reports]
-    return reply
+    return _ok(verb_document(done))
 
 
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid (Linux)
@@ -455,23 +394,9 @@ def peer_user(sock: socket.socket | None) -> str:
 
 
 def stats_reply(snap: SchedulerSnapshot) -> Reply:
-    """The ``stats`` reply: the scheduler's snapshot as JSON (``down``: seconds left per
-    site, ``down_until``: until when, epoch seconds)."""
-    return {
-        "ok": True,
-        "messages": snap.messages,
-        "delivered": snap.delivered,
-        "paused": snap.paused,
-        "window": snap.window,
-        "sites": [{"site": site.name, "workers": site.workers,
-                   "max_connections": site.max_connections, "max_rate": site.max_rate,
-                   "waiting": site.waiting} for site in snap.sites],
-        "down": {down.name: round(down.until - snap.taken, 1) for down in snap.down},
-        "down_until": {down.name: down.until for down in snap.down},
-        "suspended": list(snap.suspended),
-        "commits": snap.queue.commits,
-        "queue": dataclasses.asdict(snap.queue),
-    }
+    """The ``stats`` reply: the scheduler's snapshot as JSON
+    (``engine.ops.operations.stats_document``)."""
+    return _ok(stats_document(snap))
 
 
 def _check_length(path: Path) -> None:

@@ -122,12 +122,25 @@ class Filter:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Filter:
         """The filters :func:`add_filter_arguments` added, as given on the command line."""
+        return cls.of(sender=args.sender, recipient=args.recipient,
+                      destination=args.destination, state=args.state,
+                      older_than=args.older_than, larger_than=args.larger_than,
+                      error=args.error)
+
+    @classmethod
+    def of(cls, *, sender: str | None = None, recipient: str | None = None,
+           destination: str | None = None, state: str | None = None,
+           older_than: float | None = None, larger_than: int | None = None,
+           error: str | None = None) -> Filter:
+        """The filters as an operator gives them (on the command line, in an admin API
+        request), compared the way the queue records them; the values are checked by the
+        caller (``state`` one of :data:`STATES`, the numbers not negative)."""
         return cls(
-            sender=_address(args.sender) if args.sender is not None else None,
-            recipient=_address(args.recipient) if args.recipient is not None else None,
-            destination=destination_name(args.destination) if args.destination else None,
-            state=args.state, older_than=args.older_than, larger_than=args.larger_than,
-            error=args.error.lower() if args.error else None)
+            sender=_address(sender) if sender is not None else None,
+            recipient=_address(recipient) if recipient is not None else None,
+            destination=destination_name(destination) if destination else None,
+            state=state, older_than=older_than, larger_than=larger_than,
+            error=error.lower() if error else None)
 
     @property
     def decodes(self) -> bool:

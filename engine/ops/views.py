@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.ops.events import iso_time
-from engine.ops.select import Filter, matches
+from engine.ops.select import Filter, Selection, matches
 from engine.protocol.wire import BARE_NORMALIZE, DataDecoder, dot_stuff
 from engine.queue.api import QueueStore
 from engine.queue.records import (
@@ -73,6 +73,29 @@ def message_view(env: Envelope) -> dict[str, Any]:
             "expires": _when(env.expires), "message_id": env.message_id,
             "last_error": last_error(env), "client": env.client_address,
             "connector": env.receive_connector, "auth_user": env.auth_user}
+
+
+def corrupt_view(queue_id: bytes, reason: str) -> dict[str, Any]:
+    """A record that does not decode, as a listing shows it (never hidden)."""
+    return {"id": id_text(queue_id), "state": "corrupt", "error": reason}
+
+
+def listing(found: Selection) -> list[dict[str, Any]]:
+    """What ``ferry queue list --json`` prints for a selection, one object per message:
+    the messages oldest first, then the records that do not decode."""
+    return ([message_view(env) for env in found.envelopes]
+            + [corrupt_view(qid, reason) for qid, reason in found.corrupt])
+
+
+def header_text(body: bytes) -> str:
+    """The header section of a stored message, as text (``show``)."""
+    return body.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+
+
+def message_detail(env: Envelope, body: bytes) -> dict[str, Any]:
+    """One message as ``ferry queue show --json`` prints it: the listing's object (each
+    recipient's state, attempts, last reply and next retry) and the header section."""
+    return {**message_view(env), "headers": header_text(body)}
 
 
 def as_delivered(body: bytes) -> bytes:

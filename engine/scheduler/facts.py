@@ -94,10 +94,11 @@ def dsn(env: Envelope, failures: Sequence[Failure], dsn_id: bytes) -> list[Fact]
             for action, rcpts in actions.items()]
 
 
-def parked(kind: Kind, env: Envelope, destination: str, count: int) -> Fact:
-    """SUSPEND or RESUME of ``count`` recipients of ``env`` for ``destination``."""
+def parked(kind: Kind, env: Envelope, destination: str, count: int, by: str) -> Fact:
+    """SUSPEND or RESUME of ``count`` recipients of ``env`` for ``destination``, by the
+    operator ``by`` (or the server: mail that came due for a suspended destination)."""
     return (kind, env.queue_id, bare_message_id(env.message_id),
-            {"destination": destination, "recipients": count})
+            {"destination": destination, "recipients": count, "by": by})
 
 
 def emit(events: Events, facts: Iterable[Fact]) -> None:

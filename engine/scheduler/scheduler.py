@@ -248,23 +248,24 @@ class Scheduler:
         if self.journal is not None:
             self.journal.close()  # a clean stop: nothing was in flight at a crash
 
-    async def suspend(self, destination: str) -> int:
-        """Park every waiting recipient of ``destination``; returns how many.
+    async def suspend(self, destination: str, by: str = AUTOMATIC) -> int:
+        """Park every waiting recipient of ``destination`` (asked by the operator ``by``);
+        returns how many.
 
         The set is saved before the recipients are parked: after a crash in between, the
         loaded set parks the rest when they come due (a resumed destination saves after
         unparking, so no recipient is ever left parked by a set that forgot it)."""
         self.suspended.add(destination)
         await self._save_suspended()
-        return await self._set_state(destination, _WAITING, _suspend, Kind.SUSPEND)
+        return await self._set_state(destination, _WAITING, _suspend, Kind.SUSPEND, by)
 
-    async def resume(self, destination: str) -> int:
+    async def resume(self, destination: str, by: str = AUTOMATIC) -> int:
         """Deliver ``destination``'s mail now (``ferry queue resume``): lift its suspension,
         make its suspended and deferred recipients due now, and clear the down mark of its
         site; returns how many recipients were made due."""
         self.suspended.discard(destination)
         count = await self._set_state(destination, (RcptState.SUSPENDED, RcptState.DEFERRED),
-                                      _due_now, Kind.RESUME)
+                                      _due_now, Kind.RESUME, by)
         await self._save_suspended()
         self._clear_down(destination)
         self.wake()
@@ -523,6 +524,7 @@ class Scheduler:
     async def _set_state(
         self, destination: str, states: Sequence[RcptState],
         new: Callable[[bytes, int, Recipient, float], Outcome], kind: Kind | None = None,
+        by: str = AUTOMATIC,
     ) -> int:
         """Record ``new(queue_id, index, recipient, now)`` for every recipient of
         ``destination`` in one of ``states``; returns how many.  Each message changed is
@@ -543,7 +545,7 @@ class Scheduler:
                 mine = [new(qid, i, r, now) for i, r in enumerate(env.recipients)
                         if r.next_hop == destination and r.state in states]
                 if mine and kind is not None and self.events.on:
-                    changed.append(facts.parked(kind, env, destination, len(mine)))
+                    changed.append(facts.parked(kind, env, destination, len(mine), by))
                 outcomes += mine
             if outcomes:
                 await self.store.record(outcomes)
@@ -934,7 +936,7 @@ class Scheduler:
 
     def _parked(self, kind: Kind, env: Envelope, destination: str, count: int) -> None:
         if count and self.events.on:
-            facts.emit(self.events, [facts.parked(kind, env, destination, count)])
+            facts.emit(self.events, [facts.parked(kind, env, destination, count, AUTOMATIC)])
 
     def _all_open(self, env: Envelope, destination: str) -> list[int]:
         return [i for i, r in enumerate(env.recipients)
