@@ -18,7 +18,8 @@ HTTP) are the same whichever door the operator used.
 
 Bad input raises :class:`OperationError` (its text is the answer: an error reply on the
 control channel, a 400 problem document over HTTP); :class:`NotFound` for a message that
-is not queued or a log that is not there (404 over HTTP).  It must never know a
+is not queued or a log that is not there (404 over HTTP), :class:`CorruptRecord` for a
+message whose record does not decode (409).  It must never know a
 transport: no sockets, no HTTP, no printing.
 """
 
@@ -67,6 +68,10 @@ class OperationError(ValueError):
 
 class NotFound(OperationError):
     """What the request names is not there: a message not queued, no tracking log."""
+
+
+class CorruptRecord(OperationError):
+    """The message's record does not decode (it is listed in the corrupt state)."""
 
 
 # --- the values a request names ------------------------------------------------------------
@@ -317,7 +322,7 @@ class Operations:
         def read() -> bytes:
             doc, body = self._load(queue_id)
             if body is None:
-                raise OperationError(f"{doc['id']}: corrupt record: {doc['error']}")
+                raise CorruptRecord(f"{doc['id']}: corrupt record: {doc['error']}")
             return as_delivered(body)
 
         return await self._in_thread(read)
