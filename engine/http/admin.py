@@ -31,6 +31,7 @@ from engine.ops.operations import (
     parse_id,
     parse_ids,
     parse_limit,
+    quote,
     tracking_query,
 )
 
@@ -68,13 +69,13 @@ def _single(request: web.Request, names: tuple[str, ...]) -> dict[str, str]:
     query = request.query
     unknown = sorted(set(query) - set(names))
     if unknown:
-        raise OperationError(f"unknown query parameter {unknown[0]!r}; one of "
+        raise OperationError(f"unknown query parameter {quote(unknown[0])}; one of "
                              f"{', '.join(names)}")
     out = {}
     for name in set(query):
         values = query.getall(name)
         if len(values) > 1 and name != "event":
-            raise OperationError(f"query parameter {name!r} given more than once")
+            raise OperationError(f"query parameter {quote(name)} given more than once")
         out[name] = values[0]
     return out
 
@@ -88,7 +89,7 @@ def _report(text: str | None) -> bool:
         return False
     value = text.strip().lower()
     if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise OperationError(f'"report" must be true or false, not {text!r}')
+        raise OperationError(f'"report" must be true or false, not {quote(text)}')
     return value in ("true", "1", "yes")
 
 
@@ -223,7 +224,7 @@ async def bulk(request: web.Request) -> web.Response:
         allowed = {"ids", "filter"} | ({"report"} if verb == "remove" else set())
         extra = sorted(set(doc) - allowed)
         if extra:
-            raise OperationError(f"{verb}: unknown field {extra[0]!r}")
+            raise OperationError(f"{verb}: unknown field {quote(extra[0])}")
         report = doc.get("report", False)
         if not isinstance(report, bool):
             raise OperationError(f'{verb}: "report" must be true or false')

@@ -335,7 +335,7 @@ def test_tracking_search_answers_as_ferry_track(ferry: RunningFerry) -> None:
     assert (by_sender["shown"], by_sender["total"]) == (1, 1)
 
 
-def test_readyz(tmp_path: Path, ferry: RunningFerry) -> None:
+def test_readyz(ferry: RunningFerry) -> None:
     answer = call(ferry, "GET", "/readyz", token=None)
     assert answer.status == 200
     assert answer.doc == {"status": "ready", "checks": {
@@ -346,6 +346,15 @@ def test_readyz(tmp_path: Path, ferry: RunningFerry) -> None:
     answer = call(ferry, "GET", "/readyz", token=None)
     assert answer.status == 503
     assert answer.doc["failing"] == {"alert:queue-depth": "fired"}
+    ferry.app.readiness.clear()
+    # A receive connector that stopped listening.
+    (server,) = ferry.app.connectors[0].servers
+    ferry.loop.call_soon_threadsafe(server.close)
+    wait_for(lambda: not server.is_serving(), what="the listener closed")
+    answer = call(ferry, "GET", "/readyz", token=None)
+    assert answer.status == 503
+    assert answer.doc["failing"] == {
+        "receive:default": "the receive connector is not listening"}
 
 
 def test_readyz_is_503_while_the_disk_is_below_min_free_disk(tmp_path: Path) -> None:
