@@ -136,28 +136,29 @@ def parse_filter(values: Mapping[str, object]) -> Filter:
     if state is not None and state not in STATES:
         raise OperationError(f'filter "state": {quote(state)} is not one of '
                              f"{', '.join(STATES)}")
-    older = _number(values.get("older_than"), "older_than", "seconds", float)
-    larger = _number(values.get("larger_than"), "larger_than", "bytes", int)
+    older = _number(values.get("older_than"), "older_than", "seconds", whole=False)
+    larger = _number(values.get("larger_than"), "larger_than", "bytes", whole=True)
     return Filter.of(sender=text.get("sender"), recipient=text.get("recipient"),
                      destination=text.get("destination"), state=state, older_than=older,
                      larger_than=int(larger) if larger is not None else None,
                      error=text.get("error"))
 
 
-def _number(value: object, name: str, unit: str, kind: Callable[[str], float]) -> float | None:
+def _number(value: object, name: str, unit: str, whole: bool) -> float | None:
+    """A filter's number: text (a query string) or a JSON number, not negative, finite;
+    ``whole``: an integer."""
     if value is None:
         return None
+    bad = OperationError(f'filter "{name}": not a number of {unit}: {quote(str(value))}')
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise bad
     try:
-        if isinstance(value, bool):
-            raise ValueError
-        number = kind(value) if isinstance(value, str) else value
-        if not isinstance(number, int | float) or (kind is int and number != int(number)):
-            raise ValueError
+        number = (int(value) if whole else float(value)) if isinstance(value, str) else value
     except ValueError:
-        raise OperationError(f'filter "{name}": not a number of {unit}: '
-                             f"{quote(str(value))}") from None
-    if not number >= 0 or math.isinf(number):
-        raise OperationError(f'filter "{name}": not a number of {unit}: {quote(str(value))}')
+        raise bad from None
+    if not number >= 0 or math.isinf(number) or (
+            whole and isinstance(number, float) and not number.is_integer()):
+        raise bad
     return float(number)
 
 
