@@ -290,8 +290,9 @@ def test_every_declared_key_is_read(tmp_path: Path, ca: trustme.CA,
                  what="the Maildir delivery")
         wait_for(lambda: len(f.store.ids_in_state("deferred", 10)) == 2, what="two deferred")
         # The alert rules fire (the queue holds deferred mail; no disk is that large).
-        assert f.app.alerts is not None
-        wait_for(lambda: {a.rule for a in f.app.alerts.active()} >= {"backlog", "disk"},
+        alerts = f.app.alerts
+        assert alerts is not None
+        wait_for(lambda: {a.rule for a in alerts.active()} >= {"backlog", "disk"},
                  what="the alert rules firing")
         # One HTTPS request with the token: the [http] keys read per request.
         assert f.app.http is not None
