@@ -366,6 +366,8 @@ class Alerts:
         self._destination = destination
         self.window: OutcomeWindow | None = None
         self._count_outcomes()
+        #: evaluations done so far (tests wait for one to have looked)
+        self.evaluations = 0
 
     def _count_outcomes(self) -> None:
         """Add (or widen) the outcome counter when a rule counts over a window."""
@@ -428,6 +430,7 @@ class Alerts:
             elif rule.metric in ALERT_WINDOWED and self.window is not None:
                 readings[rule.name] = windowed(rule, self.window.totals(rule.window, now))
         changes = self.evaluator.evaluate(now, readings)
+        self.evaluations += 1
         for change in changes:
             self.report(change)
         return changes
