@@ -80,11 +80,13 @@ class Alert:
                 "since": iso_time(self.since), "fired": iso_time(self.fired),
                 "summary": self.summary()}
 
-    def summary(self) -> str:
-        """ "queue_depth for gmail.com is 10,412 messages, above 10,000" """
+    def summary(self, state: State = "firing") -> str:
+        """ "queue_depth for gmail.com is 10,412 messages, above 10,000 messages"; cleared:
+        "... is 9,120 messages, no longer above 10,000 messages" """
         where = f" for {self.destination}" if self.destination else ""
+        no_longer = "no longer " if state == "cleared" else ""
         return (f"{self.metric}{where} is {show(self.metric, self.value)}, "
-                f"{self.comparison} {show(self.metric, self.threshold)}")
+                f"{no_longer}{self.comparison} {show(self.metric, self.threshold)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,20 +439,20 @@ class Alerts:
 
     def report(self, change: Change) -> None:
         """The log line and the ALERT event of a change."""
-        a = change.alert
+        a, state = change.alert, change.state
         level = logging.ERROR if a.severity == "error" else logging.WARNING
-        if change.state == "firing":
+        summary = a.summary(state)
+        if state == "firing":
             held = f" for {_span(change.at - a.since)}" if change.at > a.since else ""
-            log.log(level, "alert %s firing: %s%s", a.rule, a.summary(), held)
+            log.log(level, "alert %s firing: %s%s", a.rule, summary, held)
         else:
-            log.log(level, "alert %s cleared: %s no longer %s %s (fired %s ago)", a.rule,
-                    f"{a.metric}{f' for {a.destination}' if a.destination else ''}",
-                    a.comparison, show(a.metric, a.threshold), _span(change.at - a.fired))
+            log.log(level, "alert %s cleared: %s (fired %s ago)", a.rule, summary,
+                    _span(change.at - a.fired))
         fields: dict[str, Any] = {
-            "alert": a.rule, "state": change.state, "metric": a.metric,
+            "alert": a.rule, "state": state, "metric": a.metric,
             "destination": a.destination, "severity": a.severity, "comparison": a.comparison,
             "threshold": a.threshold, "value": a.value, "since": iso_time(a.since),
-            "summary": a.summary()}
+            "summary": summary}
         if change.state == "cleared":
             fields["duration"] = round(change.at - a.fired, 3)
         self.events.emit(Kind.ALERT, b"", "", when=change.at, **fields)

@@ -268,8 +268,8 @@ def test_a_change_is_one_log_line_at_its_severity_and_one_alert_event(
     lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "ferry.alerts"]
     assert lines == [
         (logging.ERROR, "alert disk firing: free_disk is 1.00 GiB, below 10.00 GiB"),
-        (logging.ERROR, "alert disk cleared: free_disk no longer below 10.00 GiB "
-                        "(fired 90 s ago)")]
+        (logging.ERROR, "alert disk cleared: free_disk is 20.00 GiB, no longer below "
+                        "10.00 GiB (fired 90 s ago)")]
     fire, clear = sink.records
     assert (fire["event"], fire["id"], fire["message_id"]) == ("ALERT", "", "")
     assert {k: fire[k] for k in ("alert", "state", "metric", "destination", "severity",
