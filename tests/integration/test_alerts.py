@@ -205,3 +205,21 @@ def test_tls_failures_to_a_destination(ferry: Start, sink: CountingSink,
     assert failure["reason"].startswith("451 4.7.5 TLS handshake with mx.tls.test")
     assert failure["address"] == f"127.0.41.4:{sink.port}"
     assert not list(read_records(tracking_dir(hop.config.spool)))  # nothing got through
+
+
+def test_no_starttls_where_tls_is_required_counts_as_a_tls_failure(
+        ferry: Start, sink: CountingSink) -> None:
+    # The sink offers no STARTTLS; the connector requires TLS (RFC 3207 §4: the client
+    # decides what to do when the server does not offer it; "required" does not send).
+    required = SendConfig(name="required", address_spaces=("held.test",), tls="required",
+                          port=sink.port)
+    rule = AlertConfig(name="tls", metric="tls_failures", destination="*", above=0)
+    f = ferry(rule, top={"send": (required,)})
+    send(f, "x@held.test")
+    (alert,) = wait_for(lambda: firing(f, "tls"), what="the TLS alert")
+    assert alert.destination == "held.test"
+    failure = wait_for(lambda: next((r for r in read_records(tracking_dir(f.config.spool))
+                                     if r["event"] == "TLS_FAIL"), None), what="TLS_FAIL")
+    assert failure["reason"].startswith("451 4.7.10 ") and "STARTTLS" in failure["reason"]
+    assert failure["tls"] == "required" and failure["host"] == "mx.held.test"
+    assert not sink.state.messages
