@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from engine import __version__, _speedups
@@ -31,6 +32,7 @@ from engine.client.smtp import SmtpAgent
 from engine.config import IMPLICIT_SMARTHOST, Config, tracking_dir
 from engine.http.server import HttpServer
 from engine.ops import logfmt
+from engine.ops.alerts import Alerts
 from engine.ops.control import ControlServer, ControlUnavailable, socket_path
 from engine.ops.daemon import SpoolLock, check_root, drop_privileges, lookup, prepare_spool
 from engine.ops.events import Events
@@ -75,10 +77,13 @@ class App:
         self.events = Events()
         #: held from start to the end of the process: one server per spool
         self.lock = SpoolLock(Path(config.spool))
+        #: The [[alert]] rules' evaluator (engine.ops.alerts); ``alerts.active()`` is the
+        #: alerts firing now.  Made at start, once the queue is open.
+        self.alerts: Alerts | None = None
         #: the operator's views and verbs, behind the control channel and the admin API
         self.operations: Operations | None = None
         #: Readiness checks beyond the built-in ones (engine.ops.readiness): a part that
-        #: can make the server unready (an alert that fires) adds a provider here.
+        #: can make the server unready adds a provider here.
         self.readiness: list[CheckProvider] = []
 
     async def start(self) -> None:
@@ -149,17 +154,20 @@ class App:
                                          max_messages_per_connection=d.max_messages_per_connection,
                                          max_idle_per_site=idle, ca_file=ca_file,
                                          pipeline_messages=d.pipeline_messages,
-                                         protocol_logs=send_logs | mx_logs),
+                                         protocol_logs=send_logs | mx_logs,
+                                         events=self.events),
                        # [delivery] protocol_log is not for [[local]] LMTP servers (their
                        # routes have no connector either): only [[send]] logs here.
                        "lmtp": SmtpAgent(cfg.hostname, lmtp=True, max_idle_per_site=idle,
-                                         ca_file=ca_file, protocol_logs=send_logs),
+                                         ca_file=ca_file, protocol_logs=send_logs,
+                                         events=self.events),
                        "maildir": MaildirAgent(hostname=cfg.hostname)}
         self.scheduler = scheduler = Scheduler(store, router, self.agents, hostname=cfg.hostname,
                                                settings=d, events=self.events,
                                                journal=InFlightJournal(
                                                    Path(cfg.spool) / INFLIGHT_FILE))
         scheduler.start()
+        self._start_alerts(store, router.destination)
         self.operations = operations = Operations(
             scheduler, router.destination,
             (cfg.tracking.dir or tracking_dir(Path(cfg.spool))) if cfg.tracking.enabled
@@ -210,6 +218,15 @@ class App:
                                     max_total_size=t.max_total_size))
         log.info("message tracking log in %s", directory)
 
+    def _start_alerts(self, store: LmdbQueue, destination: Callable[[str], str]) -> None:
+        """The [[alert]] rules' evaluator, every [alerts] interval (engine.ops.alerts)."""
+        cfg = self.config
+        self.alerts = Alerts(cfg.alert, cfg.alerts.interval, self.events, store, destination)
+        self.alerts.start()
+        if cfg.alert:
+            log.info("%d alert rules, evaluated every %g s", len(cfg.alert),
+                     cfg.alerts.interval)
+
     def _open_send_logs(self) -> tuple[dict[str, ProtocolLog], dict[str, ProtocolLog]]:
         """The send protocol logs that are on: ([[send]] connector name → its log, the
         implicit connectors' names → the [delivery] log); kept in ``send_logs``."""
@@ -254,6 +271,8 @@ class App:
             await self.control.stop()
         if self.pressure is not None:
             self.pressure.stop()
+        if self.alerts is not None:
+            await self.alerts.stop()
         await asyncio.gather(*(c.stop() for c in self.connectors))
         if self.scheduler is not None:
             await self.scheduler.stop()

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.http.api import APP, json_response
-from engine.ops.readiness import checks
+from engine.ops.readiness import checks, firing_alerts
 
 routes = web.RouteTableDef()
 
@@ -22,12 +22,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    """200 ``{"status": "ready", "checks": {...}}`` when every check passes; 503 with
-    ``"status": "unready"``, the checks, and ``failing``: each failing check's reason."""
-    found = checks(request.app[APP])
+    """200 ``{"status": "ready", "checks": {...}, "alerts": [...]}`` when every check
+    passes; 503 with ``"status": "unready"``, the checks, and ``failing``: each failing
+    check's reason.  ``alerts``: the [[alert]] rules firing now (detail, not checks)."""
+    app = request.app[APP]
+    found = checks(app)
     failing = {c.name: c.reason for c in found if not c.ok}
     doc: dict[str, Any] = {"status": "unready" if failing else "ready",
-           "checks": {c.name: c.to_json() for c in found}}
+                           "checks": {c.name: c.to_json() for c in found},
+                           "alerts": firing_alerts(app)}
     if failing:
         doc["failing"] = failing
     # Never cached: a probe must see now (RFC 9111 §5.2.2.5).

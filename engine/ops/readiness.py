@@ -11,9 +11,13 @@ The built-in checks (:func:`checks`):
 - ``http``: the HTTP listener is serving every address it listens on.
 
 Other parts add theirs through the composition root: ``App.readiness`` holds providers
-(:data:`CheckProvider`), each called at every probe and returning checks of its own (an
-alert that fires makes the server unready, naming the rule).  A provider must answer at
-once from state it keeps (no I/O, no waiting): a probe runs on the event loop.
+(:data:`CheckProvider`), each called at every probe and returning checks of its own.  A
+provider must answer at once from state it keeps (no I/O, no waiting): a probe runs on
+the event loop.
+
+The ``[[alert]]`` rules that fire now (``engine.ops.alerts``) are detail of the answer
+(:func:`firing_alerts`), not checks: a backlog at one destination is no reason for a load
+balancer to stop sending this server mail.
 
 This module only looks: it must never change what the server does.
 """
@@ -92,3 +96,9 @@ def checks(app: App) -> list[Check]:
     for provider in app.readiness:
         found.extend(provider())
     return found
+
+
+def firing_alerts(app: App) -> list[dict[str, Any]]:
+    """The alerts firing now, as the ALERT event describes them (rule, metric, destination,
+    severity, value, threshold, since when, summary)."""
+    return [alert.as_dict() for alert in app.alerts.active()] if app.alerts is not None else []

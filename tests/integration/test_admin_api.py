@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 import pytest
 
-from engine.config import HttpConfig, HttpToken
+from engine.config import AlertConfig, AlertsConfig, HttpConfig, HttpToken
 from engine.ops.control import request, socket_path
 from engine.ops.events import Event
 from engine.ops.readiness import Check
@@ -340,7 +340,7 @@ def test_readyz(ferry: RunningFerry) -> None:
     assert answer.status == 200
     assert answer.doc == {"status": "ready", "checks": {
         "queue": {"ok": True}, "disk": {"ok": True}, "receive:default": {"ok": True},
-        "http": {"ok": True}}}
+        "http": {"ok": True}}, "alerts": []}
     # What another part adds (an alert that fires) makes it unready, naming it.
     ferry.app.readiness.append(lambda: [Check("alert:queue-depth", False, "fired")])
     answer = call(ferry, "GET", "/readyz", token=None)
@@ -362,10 +362,11 @@ def test_readyz_is_503_while_the_disk_is_below_min_free_disk(tmp_path: Path) -> 
     spool.mkdir()
     st = os.statvfs(spool)
     config = ferry_config(spool)
+    floor = st.f_bavail * st.f_frsize + (1 << 40)
     config = dataclasses.replace(
-        config, http=http_config(),
-        queue=dataclasses.replace(config.queue,
-                                  min_free_disk=st.f_bavail * st.f_frsize + (1 << 40)))
+        config, http=http_config(), queue=dataclasses.replace(config.queue, min_free_disk=floor),
+        alert=(AlertConfig(name="disk", metric="free_disk", below=floor, severity="error"),),
+        alerts=AlertsConfig(interval=0.1))
     with RunningFerry(config) as f:
         answer = call(f, "GET", "/readyz", token=None)
         assert answer.status == 503
@@ -375,3 +376,8 @@ def test_readyz_is_503_while_the_disk_is_below_min_free_disk(tmp_path: Path) -> 
         assert "below queue.min_free_disk" in doc["failing"]["disk"]
         assert doc["failing"]["queue"].startswith("disk space low")
         assert doc["checks"]["receive:default"] == {"ok": True}
+        # The alert that fires for it is in the detail.
+        alerts = wait_for(lambda: call(f, "GET", "/readyz", token=None).doc["alerts"],
+                          what="the free_disk alert in /readyz")
+        assert [(a["rule"], a["severity"]) for a in alerts] == [("disk", "error")]
+        assert "free_disk is" in alerts[0]["summary"]
