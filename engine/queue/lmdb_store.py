@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Container, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from engine.queue.api import (
     BackPressure,
     Change,
     DueEntry,
+    Idempotency,
     NewMessage,
     Outcome,
     QueueStats,
@@ -198,6 +200,28 @@ class LmdbQueue:
         result: list[int | None] = self._submit_sync(
             "change", (tuple(changes),), _change_size(changes))
         return result
+
+    async def inject(self, messages: Sequence[NewMessage],
+                     idempotency: Idempotency | None = None) -> bytes | None:
+        """Store ``messages`` in one write (one commit), with ``idempotency``'s key; the
+        key's earlier answer instead when it is stored already (see QueueStore)."""
+        problem = self.pressure()
+        if problem is not None:
+            raise problem
+        size = 0
+        for message in messages:
+            if not message.envelope.size:
+                message.envelope.size = len(message.body)
+            size += len(message.body)
+        answer: bytes | None = await self._submit_soon(
+            "inject", (tuple(messages), idempotency), size)
+        return answer
+
+    def idempotent_answer(self, key: bytes) -> bytes | None:
+        (found,) = self._get(b"k" + key, "idempotency")
+        if found is None or DUE.unpack(found[:8])[0] <= int(time.time() * 1000):
+            return None
+        return bytes(found[8:])
 
     async def quarantine(self, queue_id: bytes, reason: str, due_key: bytes = b"") -> None:
         await self._submit_soon("quarantine", (queue_id, reason, due_key), 0)

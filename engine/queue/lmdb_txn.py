@@ -12,6 +12,9 @@ Layout (one LMDB environment, named databases):
 - ``corrupt``    id → why the record did not decode
 - ``meta``       the schema version, and ``setting:<name>`` → a value another part keeps
                  with the queue (e.g. the suspended destinations), opaque bytes here
+- ``idempotency`` ``k`` + key → expiry ms (8 bytes BE) + the answer; ``t`` + expiry ms +
+                 key → "" (oldest first, for pruning): the idempotency keys of injections
+                 (``api.Idempotency``), written in the commit of their messages
 
 Every index entry is derived from the envelope (:func:`index_keys`), and every write
 replaces the old entries of a message with the new ones in the same transaction, so the
@@ -43,7 +46,7 @@ from typing import Any, Final, Protocol, TypeVar
 
 import lmdb
 
-from engine.queue.api import BackPressure, Change, NewMessage, Outcome, QueueStats
+from engine.queue.api import BackPressure, Change, Idempotency, NewMessage, Outcome, QueueStats
 from engine.queue.records import (
     CORRUPT,
     FINAL_STATES,
@@ -61,12 +64,15 @@ DURABILITY_MODES: Final = {
     "os": "no fsync: acknowledged mail survives a process crash, not power loss",
 }
 
-DB_NAMES: Final = (b"bodies", b"envelopes", b"due", b"hops", b"states", b"corrupt", b"meta")
+DB_NAMES: Final = (b"bodies", b"envelopes", b"due", b"hops", b"states", b"corrupt", b"meta",
+                   b"idempotency")
 SCHEMA: Final = b"1"
 SEP: Final = b"\x00"
 #: Prefix of the settings in ``meta`` (apart from the schema key the store owns).
 SETTING: Final = b"setting:"
 DUE: Final = struct.Struct(">Q")
+#: Most expired idempotency keys one injection deletes (each adds one: pruning keeps up).
+PRUNE_KEYS: Final = 64
 #: Grow the map when the data would pass this share of it.
 _GROW_AT: Final = 0.75
 
@@ -242,7 +248,8 @@ class Database:
 class Write(Protocol):
     """One write handed to the committer: ``enqueue`` (envelope, body), ``record``
     (outcomes, new messages), ``change`` (whole-message changes, ``api.Change``),
-    ``quarantine`` (id, reason, due key) or ``setting`` (name, value); ``size`` is the
+    ``quarantine`` (id, reason, due key), ``setting`` (name, value) or ``inject`` (new
+    messages, ``api.Idempotency`` or None); ``size`` is the
     bytes of new messages it adds (0: it adds none)."""
 
     @property
@@ -357,6 +364,8 @@ class Committer:
                 elif kind == "setting":
                     self._put_setting(txn, *args)
                     results.append((write, None, None))
+                elif kind == "inject":
+                    results.append((write, self._inject(txn, *args), None))
                 else:
                     self._quarantine(txn, *args)
                     results.append((write, None, None))
@@ -380,6 +389,40 @@ class Committer:
         self._write_indexes(txn, _NO_KEYS, env)
         self._enqueued += 1
         return qid
+
+    def _inject(self, txn: Any, messages: tuple[NewMessage, ...],
+                idempotency: Idempotency | None) -> bytes | None:
+        """Store ``messages`` unless ``idempotency`` names a key already stored (then its
+        answer); the key goes into this transaction with them."""
+        if idempotency is not None:
+            db = self._db["idempotency"]
+            now = DUE.pack(int(time.time() * 1000))
+            found = txn.get(b"k" + idempotency.key, db=db)
+            if found is not None:
+                if found[:8] > now:
+                    return bytes(found[8:])  # a retry: the first answer, nothing stored
+                txn.delete(b"t" + found[:8] + idempotency.key, db=db)
+            self._prune_keys(txn, db, now)
+            expires = DUE.pack(max(0, int(idempotency.expires * 1000)))
+            txn.put(b"k" + idempotency.key, expires + idempotency.answer, db=db)
+            txn.put(b"t" + expires + idempotency.key, b"", db=db)
+        for message in messages:
+            self._put_new(txn, message.envelope, message.body)
+        return None
+
+    @staticmethod
+    def _prune_keys(txn: Any, db: Any, now: bytes) -> None:
+        """Forget up to :data:`PRUNE_KEYS` expired idempotency keys, oldest first."""
+        cursor = txn.cursor(db)
+        ok = cursor.set_range(b"t")
+        for _ in range(PRUNE_KEYS):
+            if not ok:
+                break
+            entry = cursor.key()
+            if not entry.startswith(b"t") or entry[1:9] > now:
+                break
+            txn.delete(b"k" + entry[9:], db=db)
+            ok = cursor.delete()
 
     def _apply_outcomes(
         self, txn: Any, outcomes: tuple[Outcome, ...],
