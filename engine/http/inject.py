@@ -23,6 +23,7 @@ queue but through ``QueueStore.inject``, nor emit events itself (ingest does).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import hashlib
 import ipaddress
@@ -58,7 +59,7 @@ from engine.message.compose import (
 )
 from engine.protocol.command import Command, parse_command
 from engine.protocol.errors import CommandError
-from engine.queue.api import BackPressure, Idempotency, NewMessage, QueueClosed
+from engine.queue.api import BackPressure, Idempotency, NewMessage, QueueClosed, QueueStore
 from engine.routing.router import accepted_domains
 from engine.server.ingest import Arrival, Ingest, Prepared
 
@@ -75,6 +76,8 @@ RETRY_STORAGE: Final = "30"
 #: From this many distinct messages, a request is built in a thread: the loop keeps
 #: serving SMTP sessions meanwhile (DESIGN.md: never block the loop).
 THREAD_AT: Final = 64
+#: Messages per write of a request stored in parts (:func:`_pipelined`).
+CHUNK: Final = 500
 #: The Idempotency-Key header (draft-ietf-httpapi-idempotency-key-header): a string of
 #: printable ASCII.
 _KEY: Final = re.compile(r"[\x20-\x7e]{1,255}")
@@ -240,11 +243,14 @@ def _tls_info(request: web.Request) -> str:
 @dataclass(slots=True)
 class _Plan:
     """What one request will queue, before anything is built: the messages as
-    (recipients, values) groups and how each becomes bytes."""
+    (recipients, values) groups and how each becomes bytes.  ``checked``: no message can
+    fail a limit or ingest's checks (its size bound fits), so it may be stored in parts
+    as it is built (:func:`_pipelined`)."""
 
     groups: list[tuple[list[_Rcpt], dict[str, str]]]
     render: Callable[[dict[str, str], str], bytes]
     where: str
+    checked: bool = False
 
 
 def _plan(doc: Mapping[str, Any], rcpts: list[_Rcpt], http: HttpConfig,
@@ -287,7 +293,15 @@ def _plan(doc: Mapping[str, Any], rcpts: list[_Rcpt], http: HttpConfig,
             groups[key] = ([r], values)
         else:
             group[0].append(r)
-    return _Plan(list(groups.values()), composer.render, "text")
+    longest = max((len(v) for _, values in groups.values() for v in values.values()),
+                  default=0)
+    bound = composer.size_bound(longest)
+    # A Received field in headers counts against the hop limit, and "reject" could refuse
+    # a long line: such requests are built whole before anything is stored.
+    checked = (bound <= http.max_message_size
+               and bound * len(groups) <= http.max_request_queued_size
+               and http.long_lines == "wrap" and not spec.header("Received"))
+    return _Plan(list(groups.values()), composer.render, "text", checked)
 
 
 @dataclass(slots=True)
@@ -297,11 +311,12 @@ class _Built:
 
 
 def _build(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
-           doc_from: str) -> _Built:
+           doc_from: str, hand: Callable[[list[Prepared]], None] | None = None) -> _Built:
     """Every message of the plan, through ingest.prepare (may run in a thread: it touches
-    nothing but its arguments)."""
+    nothing but its arguments); ``hand`` gets them :data:`CHUNK` at a time as they are
+    built."""
     prepared: list[Prepared] = []
-    total = 0
+    total = handed = 0
     for rcpts, values in plan.groups:
         to = rcpts[0].cmd.mailbox if len(rcpts) == 1 else UNDISCLOSED
         data = plan.render(values, to)
@@ -325,7 +340,46 @@ def _build(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
         if not isinstance(result, Prepared):
             raise _invalid(plan.where, f"{result[2]} ({result[0]} {result[1]})")
         prepared.append(result)
+        if hand is not None and len(prepared) - handed >= CHUNK:
+            hand(prepared[handed:])
+            handed = len(prepared)
+    if hand is not None and handed < len(prepared):
+        hand(prepared[handed:])
     return _Built(prepared, total)
+
+
+async def _pipelined(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
+                     sender: str, store: QueueStore) -> list[Prepared]:
+    """Build a large request in a thread and store it in parts as they are built: the
+    writer commits one part while the next is built (two CPUs at work).  Only for a
+    ``checked`` plan without an Idempotency-Key: nothing can be refused after the first
+    part is stored; back pressure may still stop it, and the 429/503 then lists the ids
+    already queued (``queued``)."""
+    loop = asyncio.get_running_loop()
+    writes: list[tuple[list[Prepared], concurrent.futures.Future[bytes | None]]] = []
+
+    def hand(chunk: list[Prepared]) -> None:  # in the builder's thread
+        messages = [NewMessage(p.envelope, p.data) for p in chunk]
+        writes.append((chunk, asyncio.run_coroutine_threadsafe(store.inject(messages), loop)))
+
+    try:
+        await loop.run_in_executor(None, _build, plan, ingest, arrival, http, sender, hand)
+    finally:
+        # Every part handed over is waited for, whatever happened after it.
+        results = await asyncio.gather(*(asyncio.wrap_future(f) for _, f in writes),
+                                       return_exceptions=True)
+        queued = [p for (chunk, _), result in zip(writes, results, strict=True)
+                  if not isinstance(result, BaseException) for p in chunk]
+        if queued:
+            ingest.committed(queued)
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        if not isinstance(failed, BackPressure | QueueClosed):
+            raise failed
+        problem = _backpressure(failed)
+        problem.extra = {"queued": [p.envelope.queue_id.hex().upper() for p in queued]}
+        raise problem
+    return queued
 
 
 def _backpressure(exc: BackPressure | QueueClosed) -> Problem:
@@ -400,6 +454,10 @@ async def post_messages(request: web.Request) -> web.Response:
         auth_user=who.name if "Authorization" in request.headers else "",
         mail=rcpts[0].cmd, recipients=(), body=b"",
         protocol="HTTPS" if tls_info else "HTTP")
+    if len(plan.groups) >= THREAD_AT and plan.checked and not key:
+        queued = await _pipelined(plan, ingest, arrival, http, sender, store)
+        ids = [p.envelope.queue_id.hex().upper() for p in queued]
+        return json_response({"id": ids[0], "ids": ids, "recipients": len(rcpts)})
     if len(plan.groups) >= THREAD_AT:
         built = await asyncio.get_running_loop().run_in_executor(
             None, _build, plan, ingest, arrival, http, sender)

@@ -252,6 +252,21 @@ class Composer:
             at = end
         self._pieces.append(skeleton[at:])
 
+    def size_bound(self, longest_value: int) -> int:
+        """An upper bound of a rendered message's size when no value is longer than
+        ``longest_value`` characters: a caller checks its limits before rendering any."""
+        spec = self.spec
+        templated = 0
+        for slot in self._slots:
+            template = {"s": spec.subject, "t": spec.text, "h": spec.html}.get(slot)
+            if template is not None:
+                templated += len(template) + longest_value * len(PLACEHOLDER.findall(template))
+        # A character becomes at most 12 octets: 6 as an HTML entity, or 4 UTF-8 octets
+        # that quoted-printable writes as 12; line breaks and encoded-word framing add
+        # less than a tenth.  To: holds one address (RFC 5321 §4.5.3.1.3: 256 octets at
+        # most), in UTF-8 at most 4 octets a character; Message-ID: is ours, short.
+        return sum(map(len, self._pieces)) + 14 * templated + 2 * 1024
+
     def missing(self, values: Mapping[str, str]) -> list[str]:
         """The placeholders ``values`` has no value for."""
         return sorted(n for n in self.names if n not in values)

@@ -48,6 +48,7 @@ from engine.queue.lmdb_txn import (
     SETTING,
     Database,
     WriterParams,
+    encoded,
     mib,
 )
 from engine.queue.records import ID_LEN, Envelope, RecordError, decode, id_text
@@ -208,13 +209,9 @@ class LmdbQueue:
         problem = self.pressure()
         if problem is not None:
             raise problem
-        size = 0
-        for message in messages:
-            if not message.envelope.size:
-                message.envelope.size = len(message.body)
-            size += len(message.body)
+        entries = tuple(map(encoded, messages))
         answer: bytes | None = await self._submit_soon(
-            "inject", (tuple(messages), idempotency), size)
+            "inject", (entries, idempotency), sum(len(m.body) for m in messages))
         return answer
 
     def idempotent_answer(self, key: bytes) -> bytes | None:

@@ -108,6 +108,21 @@ def index_keys(env: Envelope) -> IndexKeys:
     return due, hops, states
 
 
+#: A new message as the writer stores it: id, encoded envelope, body, index entries.
+Encoded = tuple[bytes, bytes, bytes, IndexKeys]
+
+
+def encoded(message: NewMessage) -> Encoded:
+    """``message`` ready to store, encoded on the caller's side (``inject`` writes): bytes
+    cross to the writer process at the cost of a copy, an Envelope at a pickle's."""
+    env = message.envelope
+    if not env.queue_id:
+        env.queue_id = new_id()
+    if not env.size:
+        env.size = len(message.body)
+    return env.queue_id, encode(env), message.body, index_keys(env)
+
+
 def _park(env: Envelope, state: RcptState, now: float, replace: frozenset[RcptState]) -> int:
     """Every open recipient in ``replace`` or not parked → ``state``; how many changed."""
     count = 0
@@ -381,19 +396,25 @@ class Committer:
         env.queue_id = qid
         if not env.size:
             env.size = len(body)
+        self._put_record(txn, qid, encode(env), body, index_keys(env))
+        return qid
+
+    def _put_record(self, txn: Any, qid: bytes, record: bytes, body: bytes,
+                    keys: IndexKeys) -> None:
+        """Store a new message: its body, its encoded envelope and its index entries."""
         db = self._db
         # append=True: ids grow with time, so the new key goes at the end of the B-tree.
         if not txn.put(qid, body, db=db["bodies"], append=True, overwrite=False):
             txn.put(qid, body, db=db["bodies"], overwrite=False)
-        txn.put(qid, encode(env), db=db["envelopes"])
-        self._write_indexes(txn, _NO_KEYS, env)
+        txn.put(qid, record, db=db["envelopes"])
+        self._replace_indexes(txn, _NO_KEYS, keys)
         self._enqueued += 1
-        return qid
 
-    def _inject(self, txn: Any, messages: tuple[NewMessage, ...],
+    def _inject(self, txn: Any, messages: tuple[Encoded, ...],
                 idempotency: Idempotency | None) -> bytes | None:
-        """Store ``messages`` unless ``idempotency`` names a key already stored (then its
-        answer); the key goes into this transaction with them."""
+        """Store ``messages`` (encoded by the caller: :func:`encoded`) unless
+        ``idempotency`` names a key already stored (then its answer); the key goes into
+        this transaction with them."""
         if idempotency is not None:
             db = self._db["idempotency"]
             now = DUE.pack(int(time.time() * 1000))
@@ -407,7 +428,7 @@ class Committer:
             txn.put(b"k" + idempotency.key, expires + idempotency.answer, db=db)
             txn.put(b"t" + expires + idempotency.key, b"", db=db)
         for message in messages:
-            self._put_new(txn, message.envelope, message.body)
+            self._put_record(txn, *message)
         return None
 
     @staticmethod
@@ -508,7 +529,9 @@ class Committer:
 
     def _write_indexes(self, txn: Any, before: IndexKeys, new: Envelope | None) -> None:
         """Replace a message's index entries (``before``) with those ``new`` needs."""
-        after = index_keys(new) if new is not None else _NO_KEYS
+        self._replace_indexes(txn, before, index_keys(new) if new is not None else _NO_KEYS)
+
+    def _replace_indexes(self, txn: Any, before: IndexKeys, after: IndexKeys) -> None:
         for name, was, now in zip(("due", "hops", "states"), before, after, strict=True):
             db = self._db[name]
             for key in was - now:

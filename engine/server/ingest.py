@@ -84,6 +84,8 @@ def _header_value(body: bytes, span: tuple[int, int] | None, limit: int = 998) -
     if span is None:
         return ""
     raw = body[span[0] : span[1]][:limit].decode("ascii", "replace")
+    if raw.isprintable():
+        return raw.strip()
     # unfold and drop controls: the value ends up in records, logs and DSNs
     return "".join(c if c.isprintable() else " " for c in raw).strip()
 
