@@ -13,7 +13,9 @@ message) that listens for SMTP and for HTTP (``[http] listen``):
    of a 1 KiB message with one recipient, ``N`` requests in all.  Reported: messages/s of
    each (wall time of the load) and the ratio HTTP / SMTP (target ≥ 1.0).  The HTTP
    clients are Python and run on the same machine, so they take CPU the C smtp-source
-   does not: the ratio is a floor.
+   does not: the ratio is a floor.  So the CPU seconds of Ferry's process tree (server
+   and queue writer, from ``/proc``) per message are printed too, and their ratio: what
+   a message costs the server by each door.
 2. **Bulk.**  One request with 10,000 recipients, each with its own ``{{name}}``
    substitution (10,000 distinct messages with subject, text and html), timed from the
    request to its 200: recipients queued per second (target ≥ 20,000/s); best of three.
@@ -39,9 +41,7 @@ import aiohttp
 import lmdb
 import orjson
 import uvloop
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inbound import SMTP_SOURCE, ChildServer, free_port  # noqa: E402
+from bench_inbound import SMTP_SOURCE, ChildServer, free_port, settle_cpu, tree_cpu
 
 SESSIONS = 100
 SENDER = "a@client.test"
@@ -95,20 +95,23 @@ async def _get(url: str) -> None:
         await answer.read()
 
 
-def smtp_cell(base: Path, n: int) -> float:
+def smtp_cell(base: Path, n: int) -> tuple[float, float]:
+    """(messages/s, server CPU µs per message) of smtp-source -d into Ferry."""
     ferry = _started(base)
     try:
+        cpu = tree_cpu(ferry.pid)
         started = time.perf_counter()
         subprocess.run([SMTP_SOURCE, "-d", "-s", str(SESSIONS), "-m", str(n), "-l", "1024",
                         "-f", SENDER, "-t", RECIPIENT, f"127.0.0.1:{ferry.port}"],
                        check=True, timeout=300, stdout=subprocess.DEVNULL)
         took = time.perf_counter() - started
+        cpu = settle_cpu(ferry.pid) - cpu
         stored = ferry.stored()
     finally:
         ferry.cleanup()
     if stored != n:
         raise RuntimeError(f"SMTP: {stored} messages stored, {n} sent")
-    return n / took
+    return n / took, cpu / n * 1e6
 
 
 def _message() -> bytes:
@@ -141,16 +144,19 @@ async def _http_load(url: str, n: int) -> float:
     return n / took
 
 
-def http_cell(base: Path, n: int) -> float:
+def http_cell(base: Path, n: int) -> tuple[float, float]:
+    """(messages/s, server CPU µs per message) of the keep-alive clients into Ferry."""
     ferry = _started(base)
     try:
+        cpu = tree_cpu(ferry.pid)
         rate = uvloop.run(_http_load(f"http://127.0.0.1:{ferry.http_port}/api/v1/messages", n))
+        cpu = settle_cpu(ferry.pid) - cpu
         stored = ferry.stored()
     finally:
         ferry.cleanup()
     if stored != n:
         raise RuntimeError(f"HTTP: {stored} messages stored, {n} posted")
-    return rate
+    return rate, cpu / n * 1e6
 
 
 def _bulk_request() -> bytes:
@@ -205,13 +211,14 @@ def main() -> int:
     n = 5_000 if args.quick else 20_000
     print(f"engine from {os.environ.get('PYTHONPATH') or 'the installed package'}; "
           f"{os.cpu_count()} CPUs; {n} messages of 1 KiB, {SESSIONS} clients")
-    smtp = smtp_cell(args.dir, n)
-    http = http_cell(args.dir, n)
-    print(f"SMTP  smtp-source -d: {smtp:8.0f} messages/s")
-    print(f"HTTP  keep-alive:     {http:8.0f} messages/s")
+    smtp, smtp_cpu = smtp_cell(args.dir, n)
+    http, http_cpu = http_cell(args.dir, n)
+    print(f"SMTP  smtp-source -d: {smtp:8.0f} messages/s, server CPU {smtp_cpu:4.0f} us/message")
+    print(f"HTTP  keep-alive:     {http:8.0f} messages/s, server CPU {http_cpu:4.0f} us/message")
     ratio = http / smtp
     print(f"ratio HTTP / SMTP:    {ratio:8.2f}x  (target >= {TARGET_RATIO:.1f}x: "
-          f"{'met' if ratio >= TARGET_RATIO else 'NOT met'})")
+          f"{'met' if ratio >= TARGET_RATIO else 'NOT met'}); server CPU per message "
+          f"SMTP / HTTP {smtp_cpu / http_cpu:.2f}x")
     rates = bulk_cell(args.dir, 1 if args.quick else 3)
     best = max(rates)
     print(f"bulk: one request, {BULK} personalised recipients: best {best:.0f} "

@@ -420,8 +420,10 @@ async def post_messages(request: web.Request) -> web.Response:
     doc = await json_body(request)
     if not isinstance(doc, dict):
         raise _invalid("", f"the request must be a JSON object, not {_kind(doc)}")
-    fingerprint = hashlib.sha256(await request.read()).hexdigest()
+    fingerprint = ""
     if key:
+        # A retry must be the same request (the body read above is kept by aiohttp).
+        fingerprint = hashlib.sha256(await request.read()).hexdigest()
         stored = store.idempotent_answer(key)
         if stored is not None:
             return _replay(stored, fingerprint)

@@ -325,28 +325,33 @@ def canonical(content: bytes, bare_eol: str) -> bytes:
     return out if out.endswith(b"\r\n") else out + b"\r\n"
 
 
-def header_names(message: bytes) -> frozenset[bytes]:
-    """The lower-cased field names of ``message``'s header section (CRLF text)."""
-    end = message.find(b"\r\n\r\n")
-    head = message if end < 0 else message[:end + 2]
-    names = set()
-    for line in head.split(b"\r\n"):
-        if line and line[:1] not in (b" ", b"\t"):
-            name, colon, _ = line.partition(b":")
-            if colon:
-                names.add(name.strip().lower())
-    return frozenset(names)
+def _has_field(head: bytes, name: bytes) -> bool:
+    """Whether the header section ``head`` (CRLF text, starting at a field) has field
+    ``name`` (lower case): at its start or after a CRLF, any case, before the colon
+    (RFC 5322 §2.2: WSP may precede it only in obsolete syntax, §4.5)."""
+    pattern = _FIELD_PATTERNS.get(name)
+    if pattern is None:
+        pattern = _FIELD_PATTERNS[name] = re.compile(
+            rb"(?:^|\r\n)" + re.escape(name) + rb"[ \t]*:", re.IGNORECASE)
+    return pattern.search(head) is not None
+
+
+_FIELD_PATTERNS: dict[bytes, re.Pattern[bytes]] = {}
 
 
 def complete(message: bytes, hostname: str) -> bytes:
     """``message`` (canonical CRLF) with Date: and Message-ID: added on top when it has
     none (RFC 5322 §3.6: both are required or should be; RFC 6409 §8.2, §8.3: the
     submission server may add them)."""
-    names = header_names(message)
+    if message.startswith(b"\r\n"):
+        head = b""  # an empty header section: the body starts at once
+    else:
+        end = message.find(b"\r\n\r\n")
+        head = message if end < 0 else message[:end]
     added: list[bytes] = []
-    if b"date" not in names:
+    if not _has_field(head, b"date"):
         added.append(b"Date: %s\r\n" % date_value().encode())
-    if b"message-id" not in names:
+    if not _has_field(head, b"message-id"):
         added.append(b"Message-ID: %s\r\n" % message_id(hostname).encode())
     return b"".join(added) + message if added else message
 
