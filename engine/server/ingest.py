@@ -1,12 +1,17 @@
 """Ingest: turn an accepted SMTP transaction into a durable queued message.
 
-The session describes what arrived and how in one frozen :class:`Arrival`.  Ingest checks
+The session (or the injection API, engine.http.inject, for a message posted over HTTP)
+describes what arrived and how in one frozen :class:`Arrival`.  Ingest checks
 what needs the whole message (the hop count of RFC 5321 §6.3, text lines over 1,000
 octets, §4.5.3.1.6), prepends the Received field (§4.4), builds the envelope record with
 the DSN parameters (RFC 3461), rewrites a bare <Postmaster> to the configured postmaster
 address (§4.5.1), and hands it to the queue; the reply is 250 only after the queue's
-commit returned, 451 when the queue pushes back.  It must never block the loop, touch
-sockets, or read the session: everything it knows of the arrival is in the Arrival.
+commit returned, 451 when the queue pushes back.  :meth:`Ingest.accept` is that whole
+path for one message; the injection API runs its two halves itself, :meth:`Ingest.prepare`
+for each message and :meth:`Ingest.committed` after the one commit that stores them all,
+so both doors build the same records and report the same RECEIVE.  It must never block
+the loop, touch sockets, or read the session: everything it knows of the arrival is in the
+Arrival.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def delivering(tmp_path: Path, sink: CountingSink) -> Iterator[RunningFerry]:
 @pytest.fixture
 def held(tmp_path: Path) -> Iterator[RunningFerry]:
     """Delivery paused: what is posted stays in the queue."""
-    with RunningFerry(_config(tmp_path / "spool", max_recipients=3,
+    with RunningFerry(_config(tmp_path / "spool", max_recipients=200,
                               max_message_size=4096)) as f:
         yield f
 
@@ -202,7 +202,7 @@ def test_back_pressure_is_503_with_retry_after_and_nothing_queued(tmp_path: Path
      400, "recipients[1]"),
     ({"from": "a@example.com", "recipients": [{"email": "b@example.net", "substitutions": 1}],
       "text": "x"}, 400, "recipients[0].substitutions"),
-    ({"from": "a@example.com", "recipients": ["a@x.net", "b@x.net", "c@x.net", "d@x.net"],
+    ({"from": "a@example.com", "recipients": [f"r{i}@x.net" for i in range(201)],
       "text": "x"}, 400, "recipients"),
     ({"from": "a@example.com", "recipients": ["b@example.net"]}, 400, "text"),
     ({"from": "a@example.com", "recipients": ["b@example.net"], "text": 3}, 400, "text"),
@@ -265,3 +265,24 @@ def test_envelope_and_receive_event_name_the_http_connector(held: RunningFerry) 
     assert (envelope.receive_connector, envelope.auth_user) == ("http", "app")
     assert envelope.client_address == "127.0.0.1"
     assert envelope.message_id.startswith("<") and envelope.message_id.endswith(".test>")
+
+
+@pytest.mark.parametrize("key", [None, "bulk-1"])
+def test_many_personalised_recipients_in_one_request(held: RunningFerry,
+                                                     key: str | None) -> None:
+    """150 distinct messages: built in a thread, stored in parts as they are built
+    (without a key) or in one commit (with one); every id answered is in the queue."""
+    count = 150
+    doc = {"from": "app@example.com",
+           "recipients": [{"email": f"u{i}@example.net", "substitutions": {"n": str(i)}}
+                          for i in range(count)],
+           "subject": "No. {{n}}", "text": "You are number {{n}}.\n"}
+    status, _, answer = _post(held, doc, headers={"Idempotency-Key": key} if key else {})
+    assert status == 200, answer
+    assert answer["recipients"] == count and len(set(answer["ids"])) == count
+    assert held.store.count() == count
+    for i in (0, count - 1):
+        envelope, body = held.store.get_with_body(bytes.fromhex(answer["ids"][i]))
+        assert [r.address for r in envelope.recipients] == [f"u{i}@example.net"]
+        msg = email.message_from_bytes(body, policy=email.policy.default)
+        assert msg["Subject"] == f"No. {i}"
