@@ -191,14 +191,42 @@ def compose(spec: Structured, *, to: str = "", msgid: str = "", date: str = "",
     return msg.as_bytes()
 
 
-def _encoded_body(text: str, subtype: str) -> tuple[bytes, bytes]:
+def _encoded_body(text: str) -> tuple[bytes, bytes]:
     """(Content-Transfer-Encoding, body) of a text part, as ``EmailMessage.set_content``
     encodes it under :data:`POLICY`: the package's own choice and encoder."""
+    if text.isascii() and "\r" not in text:
+        # The package's first choice, without its detour through bytes: ASCII lines of at
+        # most max_line_length characters are sent as they are, "7bit", each line ended.
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()
+        if max(map(len, lines), default=0) <= POLICY.max_line_length:
+            return b"7bit", ("\r\n".join(lines) + "\r\n").encode("ascii")
     # email.contentmanager.set_text_content calls this very function (Python 3.6+).
     cte, data = email.contentmanager._encode_text(  # type: ignore[attr-defined]
         text, "utf-8", None, POLICY)
-    del subtype  # the encoding does not depend on it
     return cte.encode("ascii"), data.replace("\n", "\r\n").encode("ascii")
+
+
+class _Template:
+    """A text cut at its placeholders once, so that filling it is a join."""
+
+    __slots__ = ("names", "pieces")
+
+    def __init__(self, text: str) -> None:
+        parts = PLACEHOLDER.split(text)
+        #: literal, name, literal, name, ..., literal
+        self.pieces = parts[0::2]
+        self.names = parts[1::2]
+
+    def fill(self, values: Mapping[str, str], escape: bool = False) -> str:
+        pieces = self.pieces
+        out = [pieces[0]]
+        for i, name in enumerate(self.names):
+            value = values[name]
+            out.append(html_lib.escape(value) if escape else value)
+            out.append(pieces[i + 1])
+        return "".join(out)
 
 
 class Composer:
@@ -220,6 +248,9 @@ class Composer:
         to_slot = not spec.header("To")
         m = self._marks
         self._part_headers: dict[str, bytes] = {}
+        self._templates = {slot: _Template(text) for slot, text in
+                           (("s", spec.subject), ("t", spec.text), ("h", spec.html))
+                           if text is not None}
         skeleton = _build(
             spec, m["s"] if subject_slot else spec.subject,
             m["t"] if text_slot else spec.text, m["h"] if html_slot else spec.html,
@@ -280,7 +311,7 @@ class Composer:
         for i, slot in enumerate(self._slots):
             out.append(pieces[i])
             if slot == "s":
-                subject = substitute(spec.subject, values)
+                subject = self._templates["s"].fill(values)
                 if subject.isascii() and subject.isprintable() and len(subject) < 68:
                     out.append(b"Subject: %s\r\n" % subject.encode())
                 else:  # RFC 2047 words, folding: the package's header machinery
@@ -293,10 +324,8 @@ class Composer:
             elif slot == "id":
                 out.append(b"Message-ID: %s\r\n" % message_id(self.hostname).encode())
             else:
-                template = spec.text if slot == "t" else spec.html
-                assert template is not None
-                body = substitute(template, values, escape=slot == "h")
-                cte, data = _encoded_body(body, "plain" if slot == "t" else "html")
+                body = self._templates[slot].fill(values, escape=slot == "h")
+                cte, data = _encoded_body(body)
                 if any(b in data for b in self.boundaries):
                     # A value that holds a boundary line: the package picks another.
                     return compose(spec, to=to, date=self.date, values=values,
