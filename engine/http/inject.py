@@ -356,22 +356,24 @@ async def _pipelined(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpCo
     part is stored; back pressure may still stop it, and the 429/503 then lists the ids
     already queued (``queued``)."""
     loop = asyncio.get_running_loop()
-    writes: list[tuple[list[Prepared], concurrent.futures.Future[bytes | None]]] = []
+    writes: list[concurrent.futures.Future[list[Prepared]]] = []
+
+    async def store_part(chunk: list[Prepared]) -> list[Prepared]:
+        await store.inject([NewMessage(p.envelope, p.data) for p in chunk])
+        ingest.committed(chunk)  # each part's RECEIVEs while the next parts are built
+        return chunk
 
     def hand(chunk: list[Prepared]) -> None:  # in the builder's thread
-        messages = [NewMessage(p.envelope, p.data) for p in chunk]
-        writes.append((chunk, asyncio.run_coroutine_threadsafe(store.inject(messages), loop)))
+        writes.append(asyncio.run_coroutine_threadsafe(store_part(chunk), loop))
 
     try:
         await loop.run_in_executor(None, _build, plan, ingest, arrival, http, sender, hand)
     finally:
         # Every part handed over is waited for, whatever happened after it.
-        results = await asyncio.gather(*(asyncio.wrap_future(f) for _, f in writes),
+        results = await asyncio.gather(*map(asyncio.wrap_future, writes),
                                        return_exceptions=True)
-        queued = [p for (chunk, _), result in zip(writes, results, strict=True)
-                  if not isinstance(result, BaseException) for p in chunk]
-        if queued:
-            ingest.committed(queued)
+    queued = [p for result in results if not isinstance(result, BaseException)
+              for p in result]
     failed = next((r for r in results if isinstance(r, BaseException)), None)
     if failed is not None:
         if not isinstance(failed, BackPressure | QueueClosed):

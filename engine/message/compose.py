@@ -43,6 +43,8 @@ from typing import Final
 POLICY: Final = email.policy.SMTP.clone(cte_type="7bit")
 
 _UTF8_POLICY: Final = POLICY.clone(utf8=True)
+#: The policy's line length (RFC 5322 §2.1.1: 78), past which a body is encoded.
+_MAX_LINE: Final[int] = POLICY.max_line_length or 78
 
 #: ``{{name}}``, spaces allowed inside the braces.
 PLACEHOLDER: Final = re.compile(r"\{\{\s*([A-Za-z0-9_.-]{1,64})\s*\}\}")
@@ -200,7 +202,7 @@ def _encoded_body(text: str) -> tuple[bytes, bytes]:
         lines = text.split("\n")
         if lines[-1] == "":
             lines.pop()
-        if max(map(len, lines), default=0) <= POLICY.max_line_length:
+        if max(map(len, lines), default=0) <= _MAX_LINE:
             return b"7bit", ("\r\n".join(lines) + "\r\n").encode("ascii")
     # email.contentmanager.set_text_content calls this very function (Python 3.6+).
     cte, data = email.contentmanager._encode_text(  # type: ignore[attr-defined]
