@@ -256,15 +256,36 @@ def test_an_untrusted_token_may_only_send_to_accepted_domains(held: RunningFerry
     assert held.store.count() == 3
 
 
-def test_envelope_and_receive_event_name_the_http_connector(held: RunningFerry) -> None:
-    status, _, doc = _post(held, {"from": "app@example.com", "recipients": ["b@example.com"],
-                                  "text": "hi"},
-                           headers={"Authorization": f"Bearer {APP_TOKEN}"})
-    assert status == 200
-    envelope = held.store.get(bytes.fromhex(doc["id"]))
-    assert (envelope.receive_connector, envelope.auth_user) == ("http", "app")
-    assert envelope.client_address == "127.0.0.1"
-    assert envelope.message_id.startswith("<") and envelope.message_id.endswith(".test>")
+class _Collect:
+    """An event sink (engine.ops.events) that keeps every record."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def write(self, batch: list[dict[str, Any]]) -> None:
+        self.events += batch
+
+    def close(self) -> None:
+        pass
+
+
+def test_envelope_and_receive_event_name_the_http_connector(tmp_path: Path) -> None:
+    sink = _Collect()
+    with RunningFerry(_config(tmp_path / "spool"), sinks=[sink]) as f:
+        status, _, doc = _post(f, {"from": "app@example.com", "recipients": ["b@example.com"],
+                                   "text": "hi"},
+                               headers={"Authorization": f"Bearer {APP_TOKEN}"})
+        assert status == 200
+        envelope = f.store.get(bytes.fromhex(doc["id"]))
+        assert (envelope.receive_connector, envelope.auth_user) == ("http", "app")
+        assert envelope.client_address == "127.0.0.1"
+        assert envelope.message_id.startswith("<") and envelope.message_id.endswith(".test>")
+        (event,) = wait_for(lambda: [e for e in sink.events if e["event"] == "RECEIVE"])
+    assert event["id"] == doc["id"]
+    assert (event["connector"], event["auth"], event["client"], event["helo"]) == (
+        "http", "app", "127.0.0.1", "")
+    assert (event["sender"], event["recipients"]) == ("app@example.com", ["b@example.com"])
+    assert event["message_id"] == envelope.message_id.strip("<>")
 
 
 @pytest.mark.parametrize("key", [None, "bulk-1"])
