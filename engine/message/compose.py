@@ -150,7 +150,9 @@ def check_structured(spec: Structured) -> None:
 
 def _build(spec: Structured, subject: str, text: str | None, html: str | None, to: str,
            msgid: str, date: str) -> EmailMessage:
-    msg = EmailMessage(policy=POLICY)
+    # RFC 6532 §3.2: a non-ASCII address cannot be an encoded word; such a message is
+    # SMTPUTF8 and its header section UTF-8 (the bodies stay 7bit either way).
+    msg = EmailMessage(policy=POLICY if spec.sender.isascii() else _UTF8_POLICY)
     try:
         if not spec.header("From"):
             msg["From"] = spec.sender

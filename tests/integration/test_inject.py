@@ -191,6 +191,19 @@ def test_back_pressure_is_503_with_retry_after_and_nothing_queued(tmp_path: Path
         assert f.store.count() == 0
 
 
+def test_a_writer_behind_is_429_with_retry_after(tmp_path: Path) -> None:
+    config = _config(tmp_path / "spool")
+    # queue.max_pending 0 (below what the file allows): the writer counts as behind at once.
+    config = dataclasses.replace(config, queue=dataclasses.replace(config.queue,
+                                                                   max_pending=0))
+    with RunningFerry(config) as f:
+        status, headers, doc = _post(f, {"from": "app@example.com",
+                                          "recipients": ["bob@example.net"], "text": "hi"})
+        assert (status, headers["Retry-After"], doc["detail"]) == (
+            429, "1", "queue writer is behind")
+        assert f.store.count() == 0
+
+
 @pytest.mark.parametrize(("doc", "status", "field"), [
     ([1, 2], 400, ""),
     ({"recipients": ["b@example.net"], "text": "x"}, 400, "from"),
@@ -307,3 +320,14 @@ def test_many_personalised_recipients_in_one_request(held: RunningFerry,
         assert [r.address for r in envelope.recipients] == [f"u{i}@example.net"]
         msg = email.message_from_bytes(body, policy=email.policy.default)
         assert msg["Subject"] == f"No. {i}"
+
+
+def test_utf8_addresses_and_8bit_content_set_the_envelope(held: RunningFerry) -> None:
+    status, _, doc = _post(held, {"from": "app@example.com", "recipients": ["zoë@exämple.net"],
+                                  "content": "Subject: Grüße\n\nÜnïcödé\n"})
+    assert status == 200, doc
+    envelope, body = held.store.get_with_body(bytes.fromhex(doc["id"]))
+    # RFC 6531 (a UTF-8 address and header section) and RFC 6152 (8-bit content).
+    assert (envelope.smtputf8, envelope.body_type) == (True, "8BITMIME")
+    assert [r.address for r in envelope.recipients] == ["zoë@exämple.net"]
+    assert body.endswith("Subject: Grüße\r\n\r\nÜnïcödé\r\n".encode())

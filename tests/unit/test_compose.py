@@ -182,3 +182,13 @@ def test_base64_content() -> None:
     with pytest.raises(ComposeError) as caught:
         base64_content("not base64!", "attachments[0].content")
     assert caught.value.field == "attachments[0].content"
+
+
+def test_a_non_ascii_sender_makes_a_utf8_header_section() -> None:
+    """RFC 6532 §3.2: an address is never an encoded word; SMTPUTF8 carries it as UTF-8."""
+    spec = Structured("jösé@exämple.com", subject="Grüße {{n}}", text="hi\n")
+    raw = Composer(spec, "h.test").render({"n": "Zoë"}, "ünï@exämple.net")
+    head = raw.split(b"\r\n\r\n")[0].decode()
+    assert "From: jösé@exämple.com\r\n" in head and "To: ünï@exämple.net\r\n" in head
+    assert _parse(raw)["Subject"] == "Grüße Zoë"
+    assert b"=?utf-8?" not in compose(spec, values={"n": "x"}).split(b"\r\n")[0]
