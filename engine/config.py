@@ -1272,7 +1272,18 @@ def _check_config(config: Config) -> list[tuple[_Loc, str]]:
                 bad.append((("local", i, "domains", j),
                             f"{_show(domain)} is already listed at {seen[domain]}"))
             seen.setdefault(domain, f"local[{i}].domains[{j}]")
+    bad += _check_inject(config)
     return bad
+
+
+def _check_inject(config: Config) -> list[tuple[_Loc, str]]:
+    """Injected mail's receive connector name is its own: the log, ``ferry queue`` and
+    the tracking log tell it from every [[receive]] connector."""
+    for i, rc in enumerate(config.receive):
+        if rc.name == config.http.connector:
+            return [(("http", "connector"), f"{_show(rc.name)} is already the name of "
+                                            f"receive[{i}] (names must be unique)")]
+    return []
 
 
 @functools.cache
