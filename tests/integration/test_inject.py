@@ -70,7 +70,7 @@ def delivering(tmp_path: Path, sink: CountingSink) -> Iterator[RunningFerry]:
 def held(tmp_path: Path) -> Iterator[RunningFerry]:
     """Delivery paused: what is posted stays in the queue."""
     with RunningFerry(_config(tmp_path / "spool", max_recipients=200,
-                              max_message_size=4096)) as f:
+                              max_message_size=4096, max_received_headers=3)) as f:
         yield f
 
 
@@ -228,6 +228,9 @@ def test_a_writer_behind_is_429_with_retry_after(tmp_path: Path) -> None:
       "content": "Subject: x\r\n\r\nbare\rCR\r\n"}, 400, "content"),
     ({"from": "a@example.com", "recipients": ["b@example.net"],
       "content": "Subject: x\n\n" + "y" * 5000}, 413, "content"),
+    ({"from": "a@example.com", "recipients": ["b@example.net"],
+      "content": "Received: from a\nReceived: from b\nReceived: from c\n\nloop\n"},
+     400, "content"),
     ({"from": "a@example.com", "recipients": ["b@example.net"], "text": "x",
       "headers": {"Content-Type": "text/html"}}, 400, "headers.Content-Type"),
     ({"from": "a@example.com", "recipients": ["b@example.net"], "text": "x",
@@ -331,3 +334,13 @@ def test_utf8_addresses_and_8bit_content_set_the_envelope(held: RunningFerry) ->
     assert (envelope.smtputf8, envelope.body_type) == (True, "8BITMIME")
     assert [r.address for r in envelope.recipients] == ["zoë@exämple.net"]
     assert body.endswith("Subject: Grüße\r\n\r\nÜnïcödé\r\n".encode())
+
+
+def test_a_long_line_is_folded_like_smtp_ingest_does(held: RunningFerry) -> None:
+    """RFC 5321 §4.5.3.1.6 (http.long_lines = "wrap"): stored sendable, as over SMTP."""
+    status, _, doc = _post(held, {"from": "a@example.com", "recipients": ["b@example.net"],
+                                  "content": "Subject: x\n\n" + "z" * 2500 + "\n"})
+    assert status == 200
+    body = held.store.body(bytes.fromhex(doc["id"]))
+    assert max(len(line) for line in body.split(b"\r\n")) <= 998
+    assert body.count(b"z") == 2500
