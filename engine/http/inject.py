@@ -265,8 +265,7 @@ def _plan(doc: Mapping[str, Any], rcpts: list[_Rcpt], http: HttpConfig,
             raise _invalid("substitutions", 'need the structured form (a raw "content" is '
                                             "queued as it is)")
         try:
-            data = complete(canonical(content.encode("utf-8", "surrogatepass"), http.bare_eol),
-                            hostname)
+            data = complete(canonical(content.encode(), http.bare_eol), hostname)
         except ComposeError as exc:
             raise _invalid(exc.field, exc.detail) from None
         except UnicodeEncodeError:
@@ -301,7 +300,8 @@ def _plan(doc: Mapping[str, Any], rcpts: list[_Rcpt], http: HttpConfig,
     checked = (bound <= http.max_message_size
                and bound * len(groups) <= http.max_request_queued_size
                and http.long_lines == "wrap" and not spec.header("Received"))
-    return _Plan(list(groups.values()), composer.render, "text", checked)
+    return _Plan(list(groups.values()), composer.render,
+                 "text" if spec.text is not None else "html", checked)
 
 
 @dataclass(slots=True)
