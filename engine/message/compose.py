@@ -33,11 +33,17 @@ import html as html_lib
 import re
 import secrets
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Final
+
+__all__ = [
+    "POLICY", "Attachment", "ComposeError", "Composer", "Structured", "base64_content",
+    "canonical", "check_structured", "complete", "compose", "date_value", "message_id",
+    "substitute",
+]
 
 #: SMTP line ends, and 7bit transfer encodings only (RFC 6152 not needed by the next hop).
 POLICY: Final = email.policy.SMTP.clone(cte_type="7bit")
@@ -86,7 +92,7 @@ class Structured:
     html: str | None = None
     #: Other header fields, in order (To:, Cc:, Reply-To:, List-Unsubscribe: ...).
     headers: tuple[tuple[str, str], ...] = ()
-    attachments: tuple[Attachment, ...] = field(default=())
+    attachments: tuple[Attachment, ...] = ()
 
     def placeholders(self) -> frozenset[str]:
         """The names of the placeholders in the subject, text and html."""
@@ -235,8 +241,8 @@ class _Template:
 
 class Composer:
     """One :class:`Structured` message rendered for many recipients (see the module
-    docstring).  ``personal_to``: each rendered message gets To: its recipient (unless
-    ``headers`` has a To:)."""
+    docstring): each rendered message gets the To: :meth:`render` is given (unless
+    ``headers`` has a To:), a Message-ID: of its own, and the request's Date:."""
 
     def __init__(self, spec: Structured, hostname: str, *, date: str = "") -> None:
         check_structured(spec)
@@ -396,9 +402,3 @@ def base64_content(value: str, where: str) -> bytes:
     except (binascii.Error, ValueError):
         raise ComposeError(where, "is not base64 (RFC 4648)") from None
 
-
-__all__: Sequence[str] = (
-    "POLICY", "Attachment", "ComposeError", "Composer", "Structured", "base64_content",
-    "canonical", "check_structured", "complete", "compose", "date_value", "message_id",
-    "substitute",
-)
