@@ -89,7 +89,8 @@ _KNOWN: Final = frozenset(("from", "recipients", "content", "substitutions", *_S
 
 def _invalid(where: str, detail: str, status: int = 400) -> Problem:
     title = "Content too large" if status == 413 else "Invalid request"
-    return Problem(status, title, f"{where}: {detail}", extra={"field": where})
+    return Problem(status, title, f"{where}: {detail}" if where else detail,
+                   extra={"field": where})
 
 
 def _string(doc: Mapping[str, Any], key: str, *, required: bool = False) -> str | None:
@@ -421,7 +422,7 @@ async def post_messages(request: web.Request) -> web.Response:
         key = who.name.encode() + b"\0" + raw_key.encode()
     doc = await json_body(request)
     if not isinstance(doc, dict):
-        raise _invalid("", f"the request must be a JSON object, not {_kind(doc)}")
+        raise _invalid("", f"The request must be a JSON object, not {_kind(doc)}")
     fingerprint = ""
     if key:
         # A retry must be the same request (the body read above is kept by aiohttp).
