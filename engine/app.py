@@ -71,6 +71,8 @@ class App:
         self.addresses: list[str] = []
         self._flusher: asyncio.Task[None] | None = None
         self.pressure: PressureLog | None = None
+        #: What turns an arrival into a queued message (SMTP sessions and the injection API).
+        self.ingest: Ingest | None = None
         #: The send protocol logs that are on (engine.client.smtp writes them).
         self.send_logs: list[ProtocolLog] = []
         #: the event stream every part reports to; sinks are added as configured
@@ -185,6 +187,7 @@ class App:
                         lifetime=cfg.delivery.max_queue_lifetime, queued=scheduler.wake,
                         postmaster=cfg.postmaster, events=self.events,
                         subject=cfg.tracking.enabled and cfg.tracking.subject)
+        self.ingest = ingest
         authenticator = Authenticator(cfg.users)
         accepted = accepted_domains(cfg)
         log_dir = cfg.log.protocol_log_dir or Path(cfg.spool) / "log"

@@ -1081,6 +1081,9 @@ class HttpToken:
     token: Annotated[str, _v(_token)] = ""
     #: "inject" (POST messages), "read" (metrics, views, tracking), "admin" (verbs).
     scopes: Annotated[tuple[str, ...], _v(_scopes)] = ("read",)
+    #: Its injections may go to any domain (like a relay network); an untrusted token's
+    #: recipients must be in the accepted domains (engine.http.inject).
+    trusted: _Bool = False
 
 
 def _check_token(t: HttpToken) -> list[tuple[_Loc, str]]:
@@ -1110,6 +1113,25 @@ class HttpConfig:
     request_timeout: _Seconds = 60.0
     #: Seconds an idle keep-alive connection stays open.
     idle_timeout: _Seconds = 75.0
+    # The injection API (engine.http.inject, docs/inject.md): the receive side's rules.
+    #: The receive connector name of injected mail (envelopes, RECEIVE events).
+    connector: Annotated[str, _v(_connector_name)] = "http"
+    #: A message (its RFC 5322 text, as stored) over this size gets 413.
+    max_message_size: _Size = 35 * MiB
+    #: Recipients of one request (one request may carry a bulk send).
+    max_recipients: _PosInt = 10_000
+    #: The bytes one request may queue in all (its personalised messages together): 413.
+    max_request_queued_size: _Size = 256 * MiB
+    #: A lone CR, or LF line ends mixed with CRLF, in raw content: "reject" (400) or
+    #: "normalize" to CRLF (content with LF line ends only is canonicalised either way).
+    bare_eol: Annotated[Literal["reject", "normalize"], _v(_choice("reject", "normalize"))] = (
+        "reject")
+    #: A line over 1,000 octets (RFC 5321 §4.5.3.1.6): "wrap" it or "reject" (400).
+    long_lines: Annotated[Literal["wrap", "reject"], _v(_choice("wrap", "reject"))] = "wrap"
+    #: RFC 5321 §6.3: a message with more Received fields than this is looping (400).
+    max_received_headers: _PosInt = 100
+    #: Seconds an Idempotency-Key is remembered (a retry within it queues nothing).
+    idempotency_window: _Seconds = 86400.0
 
 
 def _check_http(h: HttpConfig) -> list[tuple[_Loc, str]]:
@@ -1392,7 +1414,18 @@ def _check_config(config: Config) -> list[tuple[_Loc, str]]:
                 bad.append((("local", i, "domains", j),
                             f"{_show(domain)} is already listed at {seen[domain]}"))
             seen.setdefault(domain, f"local[{i}].domains[{j}]")
+    bad += _check_inject(config)
     return bad
+
+
+def _check_inject(config: Config) -> list[tuple[_Loc, str]]:
+    """Injected mail's receive connector name is its own: the log, ``ferry queue`` and
+    the tracking log tell it from every [[receive]] connector."""
+    for i, rc in enumerate(config.receive):
+        if rc.name == config.http.connector:
+            return [(("http", "connector"), f"{_show(rc.name)} is already the name of "
+                                            f"receive[{i}] (names must be unique)")]
+    return []
 
 
 @functools.cache

@@ -1,8 +1,486 @@
-"""``POST /api/v1/messages``: the injection API (raw or structured messages, per-recipient
-substitutions, idempotency); 200 only after the commit that holds the message."""
+"""``POST /api/v1/messages``: the injection API (docs/inject.md).
+
+A request is a JSON object: ``from``, ``recipients`` (addresses, or objects ``{"email",
+"substitutions"}``), and either ``content`` (a whole RFC 5322 message) or the structured
+form (``subject``, ``text``, ``html``, ``headers``, ``attachments``, with ``{{name}}``
+placeholders filled per recipient from ``substitutions``; engine.message.compose).
+Recipients whose values differ get messages of their own; those that share them share one.
+
+Every message goes through the receive side's ingest (engine.server.ingest: the Received
+field, the hop count, the long-line policy, the envelope, RECEIVE after the commit) under
+the rules of ``[http]`` (a receive connector named ``http.connector``), and all of a
+request's messages are stored in ONE write of the queue's group commit
+(``QueueStore.inject``), with the request's ``Idempotency-Key`` when it has one: the 200
+is sent only after that commit returned, and a retry with the key gets the first answer
+and queues nothing, across a crash or a restart too.  Back pressure answers 429 (the
+writer is behind) or 503 (storage), with ``Retry-After``; never a 200 that is not durable.
+
+An untrusted principal (a token without ``trusted = true``) may only send to the accepted
+domains (engine.agents.relay, the SMTP side's rules).  This module must never write the
+queue but through ``QueueStore.inject``, nor emit events itself (ingest does).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import dataclasses
+import hashlib
+import ipaddress
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
 from aiohttp import web
 
+from engine.agents.relay import RelayPolicy
+from engine.config import HttpConfig, ReceiveConfig
+from engine.http.api import (
+    APP,
+    PRINCIPAL,
+    Principal,
+    Problem,
+    Scope,
+    json_body,
+    json_response,
+    requires,
+)
+from engine.message.compose import (
+    Attachment,
+    ComposeError,
+    Composer,
+    Structured,
+    base64_content,
+    canonical,
+    complete,
+)
+from engine.protocol.command import Command, parse_command
+from engine.protocol.errors import CommandError
+from engine.queue.api import BackPressure, Idempotency, NewMessage, QueueClosed, QueueStore
+from engine.routing.router import accepted_domains
+from engine.server.ingest import Arrival, Ingest, Prepared
+
+if TYPE_CHECKING:
+    from engine.app import App
+
 routes = web.RouteTableDef()
+
+PATH: Final = "/api/v1/messages"
+
+#: Retry-After seconds: the writer catches up in moments; storage takes an operator.
+RETRY_BEHIND: Final = "1"
+RETRY_STORAGE: Final = "30"
+#: From this many distinct messages, a request is built in a thread: the loop keeps
+#: serving SMTP sessions meanwhile (DESIGN.md: never block the loop).
+THREAD_AT: Final = 64
+#: Messages per write of a request stored in parts (:func:`_pipelined`).
+CHUNK: Final = 500
+#: The Idempotency-Key header (draft-ietf-httpapi-idempotency-key-header): a string of
+#: printable ASCII.
+_KEY: Final = re.compile(r"[\x20-\x7e]{1,255}")
+#: The To: of a message shared by several recipients (RFC 5322 §3.6.3: an empty group).
+UNDISCLOSED: Final = "undisclosed-recipients:;"
+_STRUCTURED: Final = ("subject", "text", "html", "headers", "attachments")
+_KNOWN: Final = frozenset(("from", "recipients", "content", "substitutions", *_STRUCTURED))
+
+
+def _invalid(where: str, detail: str, status: int = 400) -> Problem:
+    title = "Content too large" if status == 413 else "Invalid request"
+    return Problem(status, title, f"{where}: {detail}" if where else detail,
+                   extra={"field": where})
+
+
+def _string(doc: Mapping[str, Any], key: str, *, required: bool = False) -> str | None:
+    value = doc.get(key)
+    if value is None:
+        if required:
+            raise _invalid(key, "is required")
+        return None
+    if not isinstance(value, str):
+        raise _invalid(key, f"must be a string, not {_kind(value)}")
+    return value
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "an array", bool: "a boolean", int: "a number",
+            float: "a number", str: "a string"}.get(type(value), "null")
+
+
+def _values(value: object, where: str) -> dict[str, str]:
+    """A substitutions object: names to strings (numbers are written as text)."""
+    if not isinstance(value, dict):
+        raise _invalid(where, f"must be an object, not {_kind(value)}")
+    out: dict[str, str] = {}
+    for name, v in value.items():
+        if isinstance(v, str):
+            out[name] = v
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out[name] = str(v)
+        else:
+            raise _invalid(f"{where}.{name}", f"must be a string or a number, not {_kind(v)}")
+    return out
+
+
+def _address(value: object, where: str) -> Command:
+    """A recipient as the SMTP side parses RCPT TO (engine.protocol: one grammar)."""
+    if not isinstance(value, str) or not value:
+        raise _invalid(where, "must be an e-mail address")
+    try:
+        cmd = parse_command(b"RCPT TO:<" + value.encode() + b">", not value.isascii())
+    except (CommandError, UnicodeEncodeError) as exc:
+        raise _invalid(where, f"is not an e-mail address ({exc})") from None
+    if not cmd.domain:
+        raise _invalid(where, "must be an address with a domain")
+    return cmd
+
+
+def _sender(value: str, utf8: bool, eight_bit: bool) -> Command:
+    """The MAIL command of the transaction, with SMTPUTF8 (RFC 6531) and BODY=8BITMIME
+    (RFC 6152) when the message needs them."""
+    line = b"MAIL FROM:<" + value.encode() + b">"
+    line += b" BODY=8BITMIME" if eight_bit else b""
+    line += b" SMTPUTF8" if utf8 else b""
+    try:
+        cmd = parse_command(line, utf8)
+    except (CommandError, UnicodeEncodeError) as exc:
+        raise _invalid("from", f"is not an e-mail address ({exc})") from None
+    if not cmd.domain:
+        raise _invalid("from", "must be an address with a domain")
+    return cmd
+
+
+@dataclass(slots=True)
+class _Rcpt:
+    cmd: Command
+    #: this recipient's substitutions (None: none given)
+    values: dict[str, str] | None
+    where: str
+
+
+def _recipients(doc: Mapping[str, Any], limit: int) -> list[_Rcpt]:
+    items = doc.get("recipients")
+    if items is None:
+        raise _invalid("recipients", "is required")
+    if not isinstance(items, list) or not items:
+        raise _invalid("recipients", "must be a non-empty array of addresses")
+    if len(items) > limit:
+        raise _invalid("recipients", f"has {len(items)} recipients, more than "
+                                     f"http.max_recipients ({limit})")
+    out: list[_Rcpt] = []
+    for i, item in enumerate(items):
+        where = f"recipients[{i}]"
+        if isinstance(item, dict):
+            unknown = set(item) - {"email", "substitutions"}
+            if unknown:
+                raise _invalid(f"{where}.{min(unknown)}", "is not a recipient member "
+                                                          '("email", "substitutions")')
+            subs = item.get("substitutions")
+            out.append(_Rcpt(_address(item.get("email"), f"{where}.email"),
+                             None if subs is None else _values(subs, f"{where}.substitutions"),
+                             where))
+        else:
+            out.append(_Rcpt(_address(item, where), None, where))
+    return out
+
+
+def _structured(doc: Mapping[str, Any], sender: str) -> Structured:
+    headers = doc.get("headers", {})
+    if not isinstance(headers, dict):
+        raise _invalid("headers", f"must be an object, not {_kind(headers)}")
+    for name, value in headers.items():
+        if not isinstance(value, str):
+            raise _invalid(f"headers.{name}", f"must be a string, not {_kind(value)}")
+    attachments: list[Attachment] = []
+    given = doc.get("attachments", [])
+    if not isinstance(given, list):
+        raise _invalid("attachments", f"must be an array, not {_kind(given)}")
+    for i, item in enumerate(given):
+        where = f"attachments[{i}]"
+        if not isinstance(item, dict):
+            raise _invalid(where, f"must be an object, not {_kind(item)}")
+        filename = _string(item, "filename", required=True)
+        content = _string(item, "content", required=True)
+        content_type = _string(item, "content_type") or "application/octet-stream"
+        assert filename is not None and content is not None
+        try:
+            data = base64_content(content, f"{where}.content")
+        except ComposeError as exc:
+            raise _invalid(exc.field, exc.detail) from None
+        attachments.append(Attachment(filename, content_type, data))
+    text, html = _string(doc, "text"), _string(doc, "html")
+    if text is None and html is None:
+        raise _invalid("text", 'is required (or "html", or a raw "content")')
+    return Structured(sender=sender, subject=_string(doc, "subject") or "", text=text,
+                      html=html, headers=tuple(headers.items()),
+                      attachments=tuple(attachments))
+
+
+_cached: tuple[HttpConfig, ReceiveConfig] | None = None
+
+
+def http_connector(config: HttpConfig) -> ReceiveConfig:
+    """The receive connector injected mail arrives through: ``[http]``'s rules in the
+    shape ingest reads (name, hop count, long lines, limits)."""
+    global _cached
+    if _cached is None or _cached[0] is not config:
+        _cached = (config, dataclasses.replace(
+            ReceiveConfig(), name=config.connector, listen=(),
+            max_message_size=config.max_message_size, max_recipients=config.max_recipients,
+            bare_eol=config.bare_eol, long_lines=config.long_lines,
+            max_received_headers=config.max_received_headers))
+    return _cached[1]
+
+
+def _tls_info(request: web.Request) -> str:
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    if ssl_object is None:
+        return ""
+    return f"version={ssl_object.version()} cipher={ssl_object.cipher()[0]}"
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What one request will queue, before anything is built: the messages as
+    (recipients, values) groups and how each becomes bytes.  ``checked``: no message can
+    fail a limit or ingest's checks (its size bound fits), so it may be stored in parts
+    as it is built (:func:`_pipelined`)."""
+
+    groups: list[tuple[list[_Rcpt], dict[str, str]]]
+    render: Callable[[dict[str, str], str], bytes]
+    where: str
+    checked: bool = False
+
+
+def _plan(doc: Mapping[str, Any], rcpts: list[_Rcpt], http: HttpConfig,
+          hostname: str) -> _Plan:
+    defaults = _values(doc["substitutions"], "substitutions") if "substitutions" in doc else {}
+    content = _string(doc, "content")
+    if content is not None:
+        extra = [k for k in _STRUCTURED if k in doc]
+        if extra:
+            raise _invalid(extra[0], 'cannot be given with a raw "content"')
+        if defaults or any(r.values for r in rcpts):
+            raise _invalid("substitutions", 'need the structured form (a raw "content" is '
+                                            "queued as it is)")
+        try:
+            data = complete(canonical(content.encode(), http.bare_eol), hostname)
+        except ComposeError as exc:
+            raise _invalid(exc.field, exc.detail) from None
+        except UnicodeEncodeError:
+            raise _invalid("content", "is not valid Unicode text") from None
+        return _Plan([(rcpts, {})], lambda values, to: data, "content")
+    spec = _structured(doc, str(doc["from"]))
+    try:
+        composer = Composer(spec, hostname)
+    except ComposeError as exc:
+        raise _invalid(exc.field, exc.detail) from None
+    names = sorted(composer.names)
+    # Recipients with the same values share one message (the composer fills it once).
+    groups: dict[tuple[str, ...], tuple[list[_Rcpt], dict[str, str]]] = {}
+    for r in rcpts:
+        values = {**defaults, **r.values} if r.values else defaults
+        missing = composer.missing(values)
+        if missing:
+            raise _invalid(f"{r.where}.substitutions.{missing[0]}",
+                           f"has no value for {{{{{missing[0]}}}}} (give it in the "
+                           "recipient's or the top-level substitutions)")
+        key = tuple(values[n] for n in names)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = ([r], values)
+        else:
+            group[0].append(r)
+    longest = max((len(v) for _, values in groups.values() for v in values.values()),
+                  default=0)
+    bound = composer.size_bound(longest)
+    # A Received field in headers counts against the hop limit, and "reject" could refuse
+    # a long line: such requests are built whole before anything is stored.
+    checked = (bound <= http.max_message_size
+               and bound * len(groups) <= http.max_request_queued_size
+               and http.long_lines == "wrap" and not spec.header("Received"))
+    return _Plan(list(groups.values()), composer.render,
+                 "text" if spec.text is not None else "html", checked)
+
+
+@dataclass(slots=True)
+class _Built:
+    prepared: list[Prepared]
+    size: int
+
+
+def _build(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
+           doc_from: str, hand: Callable[[list[Prepared]], None] | None = None) -> _Built:
+    """Every message of the plan, through ingest.prepare (may run in a thread: it touches
+    nothing but its arguments); ``hand`` gets them :data:`CHUNK` at a time as they are
+    built."""
+    prepared: list[Prepared] = []
+    total = handed = 0
+    for rcpts, values in plan.groups:
+        to = rcpts[0].cmd.mailbox if len(rcpts) == 1 else UNDISCLOSED
+        data = plan.render(values, to)
+        if len(data) > http.max_message_size:
+            raise _invalid(plan.where, f"the message is {len(data)} bytes, more than "
+                                       f"http.max_message_size ({http.max_message_size})", 413)
+        total += len(data)
+        if total > http.max_request_queued_size:
+            raise _invalid("recipients", "the personalised messages come to more than "
+                           f"http.max_request_queued_size ({http.max_request_queued_size} "
+                           "bytes)", 413)
+        utf8 = not doc_from.isascii() or any(not r.cmd.mailbox.isascii() for r in rcpts)
+        eight_bit = not data.isascii()
+        # RFC 6532: a UTF-8 header section needs SMTPUTF8 from every hop.
+        if eight_bit and not utf8:
+            end = data.find(b"\r\n\r\n")
+            utf8 = not data[:end].isascii()
+        result = ingest.prepare(arrival._replace(
+            mail=_sender(doc_from, utf8, eight_bit),
+            recipients=tuple(r.cmd for r in rcpts), body=data))
+        if not isinstance(result, Prepared):
+            raise _invalid(plan.where, f"{result[2]} ({result[0]} {result[1]})")
+        prepared.append(result)
+        if hand is not None and len(prepared) - handed >= CHUNK:
+            hand(prepared[handed:])
+            handed = len(prepared)
+    if hand is not None and handed < len(prepared):
+        hand(prepared[handed:])
+    return _Built(prepared, total)
+
+
+async def _pipelined(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
+                     sender: str, store: QueueStore) -> list[Prepared]:
+    """Build a large request in a thread and store it in parts as they are built: the
+    writer commits one part while the next is built (two CPUs at work).  Only for a
+    ``checked`` plan without an Idempotency-Key: nothing can be refused after the first
+    part is stored; back pressure may still stop it, and the 429/503 then lists the ids
+    already queued (``queued``)."""
+    loop = asyncio.get_running_loop()
+    writes: list[concurrent.futures.Future[list[Prepared]]] = []
+
+    async def store_part(chunk: list[Prepared]) -> list[Prepared]:
+        await store.inject([NewMessage(p.envelope, p.data) for p in chunk])
+        ingest.committed(chunk)  # each part's RECEIVEs while the next parts are built
+        return chunk
+
+    def hand(chunk: list[Prepared]) -> None:  # in the builder's thread
+        writes.append(asyncio.run_coroutine_threadsafe(store_part(chunk), loop))
+
+    try:
+        await loop.run_in_executor(None, _build, plan, ingest, arrival, http, sender, hand)
+    finally:
+        # Every part handed over is waited for, whatever happened after it.
+        results = await asyncio.gather(*map(asyncio.wrap_future, writes),
+                                       return_exceptions=True)
+    queued = [p for result in results if not isinstance(result, BaseException)
+              for p in result]
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        if not isinstance(failed, BackPressure | QueueClosed):
+            raise failed
+        problem = _backpressure(failed)
+        problem.extra = {"queued": [p.envelope.queue_id.hex().upper() for p in queued]}
+        raise problem
+    return queued
+
+
+def _backpressure(exc: BackPressure | QueueClosed) -> Problem:
+    if isinstance(exc, BackPressure) and exc.reason == "queue writer is behind":
+        return Problem(429, "Too many requests", exc.reason,
+                       headers={"Retry-After": RETRY_BEHIND})
+    reason = exc.reason if isinstance(exc, BackPressure) else "queue database is closed"
+    return Problem(503, "Service unavailable", reason, headers={"Retry-After": RETRY_STORAGE})
+
+
+def _replay(stored: bytes, fingerprint: str) -> web.Response:
+    """The answer of the request that first used the key (same key, same body)."""
+    earlier = orjson.loads(stored)
+    if earlier.get("fingerprint") != fingerprint:
+        raise Problem(422, "Idempotency-Key reused",
+                      "this Idempotency-Key was used for a different request",
+                      extra={"field": "Idempotency-Key"})
+    return json_response(earlier["answer"], headers={"Idempotent-Replayed": "true"})
+
+
+@routes.post(PATH)
+@requires(Scope.INJECT)
+async def post_messages(request: web.Request) -> web.Response:
+    app: App = request.app[APP]
+    who: Principal = request[PRINCIPAL]
+    http = app.config.http
+    store, ingest = app.store, app.ingest
+    if store is None or ingest is None:
+        raise Problem(503, "Service unavailable", "the server is starting",
+                      headers={"Retry-After": RETRY_BEHIND})
+    raw_key = request.headers.get("Idempotency-Key")
+    key = b""
+    if raw_key is not None:
+        if not _KEY.fullmatch(raw_key):
+            raise _invalid("Idempotency-Key", "must be 1 to 255 printable ASCII characters")
+        # Keys are per principal: two clients never see each other's answers.
+        key = who.name.encode() + b"\0" + raw_key.encode()
+    doc = await json_body(request)
+    if not isinstance(doc, dict):
+        raise _invalid("", f"The request must be a JSON object, not {_kind(doc)}")
+    fingerprint = ""
+    if key:
+        # A retry must be the same request (the body read above is kept by aiohttp).
+        fingerprint = hashlib.sha256(await request.read()).hexdigest()
+        stored = store.idempotent_answer(key)
+        if stored is not None:
+            return _replay(stored, fingerprint)
+    unknown = sorted(set(doc) - _KNOWN)
+    if unknown:
+        raise _invalid(unknown[0], "is not a member of a message request")
+    sender = _string(doc, "from", required=True)
+    assert sender is not None
+    _sender(sender, not sender.isascii(), False)  # its errors before the recipients'
+    rcpts = _recipients(doc, http.max_recipients)
+    remote = request.remote or "127.0.0.1"
+    if not who.trusted:
+        # The SMTP side's open-relay rules, for a client outside every relay network.
+        relay = RelayPolicy(accepted_domains(app.config), ())
+        ip = ipaddress.ip_address(remote)
+        for r in rcpts:
+            if relay.check_rcpt(r.cmd.local, r.cmd.domain, ip, False) is not None:
+                raise Problem(403, "Relay access denied",
+                              f"{r.where}: {r.cmd.domain} is not an accepted domain, and "
+                              f"{who.name!r} may not relay (http.tokens.NAME.trusted)",
+                              extra={"field": r.where})
+    pressure = store.pressure()
+    if pressure is not None:
+        raise _backpressure(pressure)
+    plan = _plan(doc, rcpts, http, app.config.hostname)
+    tls_info = _tls_info(request)
+    arrival = Arrival(
+        connector=http_connector(http), client_address=remote, helo="", esmtp=True,
+        tls=bool(tls_info), tls_info=tls_info,
+        auth_user=who.name if "Authorization" in request.headers else "",
+        mail=rcpts[0].cmd, recipients=(), body=b"",
+        protocol="HTTPS" if tls_info else "HTTP")
+    if len(plan.groups) >= THREAD_AT and plan.checked and not key:
+        queued = await _pipelined(plan, ingest, arrival, http, sender, store)
+        ids = [p.envelope.queue_id.hex().upper() for p in queued]
+        return json_response({"id": ids[0], "ids": ids, "recipients": len(rcpts)})
+    if len(plan.groups) >= THREAD_AT:
+        built = await asyncio.get_running_loop().run_in_executor(
+            None, _build, plan, ingest, arrival, http, sender)
+    else:
+        built = _build(plan, ingest, arrival, http, sender)
+    ids = [p.envelope.queue_id.hex().upper() for p in built.prepared]
+    answer = {"id": ids[0], "ids": ids, "recipients": len(rcpts)}
+    idempotency = None
+    if key:
+        idempotency = Idempotency(
+            key, orjson.dumps({"fingerprint": fingerprint, "answer": answer}),
+            time.time() + http.idempotency_window)
+    try:
+        earlier = await store.inject([NewMessage(p.envelope, p.data) for p in built.prepared],
+                                     idempotency)
+    except (BackPressure, QueueClosed) as exc:
+        raise _backpressure(exc) from None
+    if earlier is not None:
+        return _replay(earlier, fingerprint)  # the same key raced in: nothing was stored
+    ingest.committed(built.prepared)
+    return json_response(answer)

@@ -68,7 +68,8 @@ class Tokens:
 
     def load(self, config: HttpConfig) -> None:
         """Take the tokens of ``config`` (at start and at a reload)."""
-        self._tokens = [(t.token.encode(), Principal(name, frozenset(Scope(s) for s in t.scopes)))
+        self._tokens = [(t.token.encode(), Principal(name, frozenset(Scope(s) for s in t.scopes),
+                                                     trusted=t.trusted))
                         for name, t in config.tokens.items()]
         self.trust_loopback = config.trust_loopback
 

@@ -14,6 +14,7 @@ for anything a client can send.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import unicodedata
 from typing import Final
@@ -57,7 +58,7 @@ def _clean(value: str, utf8: bool, specials: frozenset[str] = frozenset()) -> st
     format, separator and unassigned classes) and every character of ``specials`` replaced
     by "?"; non-ASCII characters too unless ``utf8``."""
     if value.isascii():
-        if value.isprintable() and not any(c in specials for c in value):
+        if value.isprintable() and specials.isdisjoint(value):
             return value
         return "".join("?" if c < " " or c == "\x7f" or c in specials else c for c in value)
     out: list[str] = []
@@ -94,6 +95,7 @@ def _comment(prefix: str, value: str, utf8: bool) -> list[str]:
     return words
 
 
+@functools.lru_cache(maxsize=4096)
 def _address_literal(client_ip: str) -> str:
     """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` (RFC 5321 §4.1.3); an IPv4-mapped IPv6
     address is shown as the IPv4 client it is, and a zone index is dropped."""

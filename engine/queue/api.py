@@ -75,6 +75,20 @@ class NewMessage:
     body: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Idempotency:
+    """An idempotency key stored with the messages of one injection, in their commit
+    (engine.http.inject): a retry with the same ``key`` within the window gets ``answer``
+    and stores nothing, even after a crash between the commit and the first answer.
+
+    ``key`` is opaque here (the caller puts who asked into it); ``answer`` is what the
+    first request was answered; the key is forgotten after ``expires`` (POSIX time)."""
+
+    key: bytes
+    answer: bytes
+    expires: float
+
+
 #: What a :class:`Change` does to a message (see there).
 CHANGE_ACTIONS = ("hold", "release", "remove", "poison", "fault", "crash")
 
@@ -161,6 +175,17 @@ class QueueStore(Protocol):
 
     async def change(self, changes: Sequence[Change]) -> list[int | None]:
         """Apply whole-message changes (:class:`Change`) in one commit; one result each."""
+        ...
+
+    async def inject(self, messages: Sequence[NewMessage],
+                     idempotency: Idempotency | None = None) -> bytes | None:
+        """Store ``messages`` in one commit (their envelopes carry their queue ids) and
+        return None; with ``idempotency`` whose key is already stored and not expired,
+        store nothing and return that key's answer.  BackPressure, QueueClosed."""
+        ...
+
+    def idempotent_answer(self, key: bytes) -> bytes | None:
+        """The answer stored with an idempotency key that has not expired; None: none."""
         ...
 
     async def quarantine(self, queue_id: bytes, reason: str, due_key: bytes = b"") -> None:

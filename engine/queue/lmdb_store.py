@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Container, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from engine.queue.api import (
     BackPressure,
     Change,
     DueEntry,
+    Idempotency,
     NewMessage,
     Outcome,
     QueueStats,
@@ -46,6 +48,7 @@ from engine.queue.lmdb_txn import (
     SETTING,
     Database,
     WriterParams,
+    encoded,
     mib,
 )
 from engine.queue.records import ID_LEN, Envelope, RecordError, decode, id_text
@@ -198,6 +201,24 @@ class LmdbQueue:
         result: list[int | None] = self._submit_sync(
             "change", (tuple(changes),), _change_size(changes))
         return result
+
+    async def inject(self, messages: Sequence[NewMessage],
+                     idempotency: Idempotency | None = None) -> bytes | None:
+        """Store ``messages`` in one write (one commit), with ``idempotency``'s key; the
+        key's earlier answer instead when it is stored already (see QueueStore)."""
+        problem = self.pressure()
+        if problem is not None:
+            raise problem
+        entries = tuple(map(encoded, messages))
+        answer: bytes | None = await self._submit_soon(
+            "inject", (entries, idempotency), sum(len(m.body) for m in messages))
+        return answer
+
+    def idempotent_answer(self, key: bytes) -> bytes | None:
+        (found,) = self._get(b"k" + key, "idempotency")
+        if found is None or DUE.unpack(found[:8])[0] <= int(time.time() * 1000):
+            return None
+        return bytes(found[8:])
 
     async def quarantine(self, queue_id: bytes, reason: str, due_key: bytes = b"") -> None:
         await self._submit_soon("quarantine", (queue_id, reason, due_key), 0)

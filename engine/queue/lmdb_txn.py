@@ -12,6 +12,9 @@ Layout (one LMDB environment, named databases):
 - ``corrupt``    id → why the record did not decode
 - ``meta``       the schema version, and ``setting:<name>`` → a value another part keeps
                  with the queue (e.g. the suspended destinations), opaque bytes here
+- ``idempotency`` ``k`` + key → expiry ms (8 bytes BE) + the answer; ``t`` + expiry ms +
+                 key → "" (oldest first, for pruning): the idempotency keys of injections
+                 (``api.Idempotency``), written in the commit of their messages
 
 Every index entry is derived from the envelope (:func:`index_keys`), and every write
 replaces the old entries of a message with the new ones in the same transaction, so the
@@ -43,7 +46,7 @@ from typing import Any, Final, Protocol, TypeVar
 
 import lmdb
 
-from engine.queue.api import BackPressure, Change, NewMessage, Outcome, QueueStats
+from engine.queue.api import BackPressure, Change, Idempotency, NewMessage, Outcome, QueueStats
 from engine.queue.records import (
     CORRUPT,
     FINAL_STATES,
@@ -61,12 +64,15 @@ DURABILITY_MODES: Final = {
     "os": "no fsync: acknowledged mail survives a process crash, not power loss",
 }
 
-DB_NAMES: Final = (b"bodies", b"envelopes", b"due", b"hops", b"states", b"corrupt", b"meta")
+DB_NAMES: Final = (b"bodies", b"envelopes", b"due", b"hops", b"states", b"corrupt", b"meta",
+                   b"idempotency")
 SCHEMA: Final = b"1"
 SEP: Final = b"\x00"
 #: Prefix of the settings in ``meta`` (apart from the schema key the store owns).
 SETTING: Final = b"setting:"
 DUE: Final = struct.Struct(">Q")
+#: Most expired idempotency keys one injection deletes (each adds one: pruning keeps up).
+PRUNE_KEYS: Final = 64
 #: Grow the map when the data would pass this share of it.
 _GROW_AT: Final = 0.75
 
@@ -100,6 +106,21 @@ def index_keys(env: Envelope) -> IndexKeys:
     for hop, when in groups.items():
         due.add(due_key(when, qid, hop))
     return due, hops, states
+
+
+#: A new message as the writer stores it: id, encoded envelope, body, index entries.
+Encoded = tuple[bytes, bytes, bytes, IndexKeys]
+
+
+def encoded(message: NewMessage) -> Encoded:
+    """``message`` ready to store, encoded on the caller's side (``inject`` writes): bytes
+    cross to the writer process at the cost of a copy, an Envelope at a pickle's."""
+    env = message.envelope
+    if not env.queue_id:
+        env.queue_id = new_id()
+    if not env.size:
+        env.size = len(message.body)
+    return env.queue_id, encode(env), message.body, index_keys(env)
 
 
 def _park(env: Envelope, state: RcptState, now: float, replace: frozenset[RcptState]) -> int:
@@ -242,7 +263,8 @@ class Database:
 class Write(Protocol):
     """One write handed to the committer: ``enqueue`` (envelope, body), ``record``
     (outcomes, new messages), ``change`` (whole-message changes, ``api.Change``),
-    ``quarantine`` (id, reason, due key) or ``setting`` (name, value); ``size`` is the
+    ``quarantine`` (id, reason, due key), ``setting`` (name, value) or ``inject`` (new
+    messages, ``api.Idempotency`` or None); ``size`` is the
     bytes of new messages it adds (0: it adds none)."""
 
     @property
@@ -357,6 +379,8 @@ class Committer:
                 elif kind == "setting":
                     self._put_setting(txn, *args)
                     results.append((write, None, None))
+                elif kind == "inject":
+                    results.append((write, self._inject(txn, *args), None))
                 else:
                     self._quarantine(txn, *args)
                     results.append((write, None, None))
@@ -372,14 +396,54 @@ class Committer:
         env.queue_id = qid
         if not env.size:
             env.size = len(body)
+        self._put_record(txn, qid, encode(env), body, index_keys(env))
+        return qid
+
+    def _put_record(self, txn: Any, qid: bytes, record: bytes, body: bytes,
+                    keys: IndexKeys) -> None:
+        """Store a new message: its body, its encoded envelope and its index entries."""
         db = self._db
         # append=True: ids grow with time, so the new key goes at the end of the B-tree.
         if not txn.put(qid, body, db=db["bodies"], append=True, overwrite=False):
             txn.put(qid, body, db=db["bodies"], overwrite=False)
-        txn.put(qid, encode(env), db=db["envelopes"])
-        self._write_indexes(txn, _NO_KEYS, env)
+        txn.put(qid, record, db=db["envelopes"])
+        self._replace_indexes(txn, _NO_KEYS, keys)
         self._enqueued += 1
-        return qid
+
+    def _inject(self, txn: Any, messages: tuple[Encoded, ...],
+                idempotency: Idempotency | None) -> bytes | None:
+        """Store ``messages`` (encoded by the caller: :func:`encoded`) unless
+        ``idempotency`` names a key already stored (then its answer); the key goes into
+        this transaction with them."""
+        if idempotency is not None:
+            db = self._db["idempotency"]
+            now = DUE.pack(int(time.time() * 1000))
+            found = txn.get(b"k" + idempotency.key, db=db)
+            if found is not None:
+                if found[:8] > now:
+                    return bytes(found[8:])  # a retry: the first answer, nothing stored
+                txn.delete(b"t" + found[:8] + idempotency.key, db=db)
+            self._prune_keys(txn, db, now)
+            expires = DUE.pack(max(0, int(idempotency.expires * 1000)))
+            txn.put(b"k" + idempotency.key, expires + idempotency.answer, db=db)
+            txn.put(b"t" + expires + idempotency.key, b"", db=db)
+        for message in messages:
+            self._put_record(txn, *message)
+        return None
+
+    @staticmethod
+    def _prune_keys(txn: Any, db: Any, now: bytes) -> None:
+        """Forget up to :data:`PRUNE_KEYS` expired idempotency keys, oldest first."""
+        cursor = txn.cursor(db)
+        ok = cursor.set_range(b"t")
+        for _ in range(PRUNE_KEYS):
+            if not ok:
+                break
+            entry = cursor.key()
+            if not entry.startswith(b"t") or entry[1:9] > now:
+                break
+            txn.delete(b"k" + entry[9:], db=db)
+            ok = cursor.delete()
 
     def _apply_outcomes(
         self, txn: Any, outcomes: tuple[Outcome, ...],
@@ -465,7 +529,9 @@ class Committer:
 
     def _write_indexes(self, txn: Any, before: IndexKeys, new: Envelope | None) -> None:
         """Replace a message's index entries (``before``) with those ``new`` needs."""
-        after = index_keys(new) if new is not None else _NO_KEYS
+        self._replace_indexes(txn, before, index_keys(new) if new is not None else _NO_KEYS)
+
+    def _replace_indexes(self, txn: Any, before: IndexKeys, after: IndexKeys) -> None:
         for name, was, now in zip(("due", "hops", "states"), before, after, strict=True):
             db = self._db[name]
             for key in was - now:

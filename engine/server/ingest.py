@@ -1,19 +1,24 @@
 """Ingest: turn an accepted SMTP transaction into a durable queued message.
 
-The session describes what arrived and how in one frozen :class:`Arrival`.  Ingest checks
+The session (or the injection API, engine.http.inject, for a message posted over HTTP)
+describes what arrived and how in one frozen :class:`Arrival`.  Ingest checks
 what needs the whole message (the hop count of RFC 5321 §6.3, text lines over 1,000
 octets, §4.5.3.1.6), prepends the Received field (§4.4), builds the envelope record with
 the DSN parameters (RFC 3461), rewrites a bare <Postmaster> to the configured postmaster
 address (§4.5.1), and hands it to the queue; the reply is 250 only after the queue's
-commit returned, 451 when the queue pushes back.  It must never block the loop, touch
-sockets, or read the session: everything it knows of the arrival is in the Arrival.
+commit returned, 451 when the queue pushes back.  :meth:`Ingest.accept` is that whole
+path for one message; the injection API runs its two halves itself, :meth:`Ingest.prepare`
+for each message and :meth:`Ingest.committed` after the one commit that stores them all,
+so both doors build the same records and report the same RECEIVE.  It must never block
+the loop, touch sockets, or read the session: everything it knows of the arrival is in the
+Arrival.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.message.headers import scan_headers
@@ -59,6 +64,19 @@ class Arrival(NamedTuple):
     recipients: tuple[Command, ...]
     #: Canonical CRLF text, not dot-stuffed.
     body: bytes
+    #: The Received field's WITH keyword; "" = from ``esmtp``, ``tls`` and AUTH
+    #: (:func:`with_protocol`).  The injection API says "HTTP" or "HTTPS".
+    protocol: str = ""
+
+
+class Prepared(NamedTuple):
+    """A message ready for the queue (:meth:`Ingest.prepare`): the envelope, the bytes to
+    store (Received field + body), and what RECEIVE needs after the commit."""
+
+    arrival: Arrival
+    envelope: Envelope
+    data: bytes
+    subject: tuple[int, int] | None
 
 
 #: The next hop for a recipient domain (the router replaces the placeholder).
@@ -71,6 +89,8 @@ def _header_value(body: bytes, span: tuple[int, int] | None, limit: int = 998) -
     if span is None:
         return ""
     raw = body[span[0] : span[1]][:limit].decode("ascii", "replace")
+    if raw.isprintable():
+        return raw.strip()
     # unfold and drop controls: the value ends up in records, logs and DSNs
     return "".join(c if c.isprintable() else " " for c in raw).strip()
 
@@ -111,7 +131,9 @@ class Ingest:
         #: told after each commit (the scheduler looks at the due index at once)
         self.queued = queued
 
-    async def accept(self, arrival: Arrival) -> Reply:
+    def prepare(self, arrival: Arrival) -> Prepared | Reply:
+        """Check what needs the whole message and build its envelope and stored bytes:
+        a :class:`Prepared`, or the reply that refuses it.  Nothing is stored yet."""
         body = arrival.body
         connector = arrival.connector
         scan = scan_headers(body)
@@ -134,7 +156,8 @@ class Ingest:
             client_ip=arrival.client_address,
             client_name=None,
             hostname=self.hostname,
-            protocol=with_protocol(arrival.esmtp, arrival.tls, bool(auth_user), utf8),
+            protocol=arrival.protocol or with_protocol(arrival.esmtp, arrival.tls,
+                                                       bool(auth_user), utf8),
             queue_id=id_text(qid),
             tls=arrival.tls_info or None,
             auth_user=auth_user or None,
@@ -157,20 +180,33 @@ class Ingest:
             expires=now + self.lifetime if self.lifetime else 0.0,
             queue_id=qid,
         )
+        return Prepared(arrival, envelope, field + body, scan.subject)
+
+    async def accept(self, arrival: Arrival) -> Reply:
+        prepared = self.prepare(arrival)
+        if not isinstance(prepared, Prepared):
+            return prepared
+        envelope = prepared.envelope
         try:
-            await self.store.enqueue(envelope, field + body)
+            await self.store.enqueue(envelope, prepared.data)
         except BackPressure as exc:
             # The body came and could not be stored (the disk or the map filled since
             # MAIL was admitted): the client retries, the operator must know why.
             log.error("message from <%s> [%s] not stored, answered 451 %s: %s",
-                      clean(mail.mailbox), arrival.client_address, S451_STORAGE[1],
+                      clean(envelope.sender), arrival.client_address, S451_STORAGE[1],
                       exc.describe())
             return S451_STORAGE
+        self.committed((prepared,))
+        return (250, "2.0.0", f"Ok: queued as {id_text(envelope.queue_id)}")
+
+    def committed(self, messages: Sequence[Prepared]) -> None:
+        """After the commit that holds ``messages``: wake the scheduler once, and report
+        RECEIVE for each (engine.ops.events)."""
         if self.queued is not None:
             self.queued()
         if self.events.on:
-            self._received(arrival, envelope, scan.subject)
-        return (250, "2.0.0", f"Ok: queued as {id_text(qid)}")
+            for prepared in messages:
+                self._received(prepared.arrival, prepared.envelope, prepared.subject)
 
     def _received(self, arrival: Arrival, envelope: Envelope,
                   subject: tuple[int, int] | None) -> None:

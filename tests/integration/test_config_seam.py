@@ -223,10 +223,19 @@ key_file = "{key}"
 max_body_size = "1MiB"
 request_timeout = 30
 idle_timeout = 30
+connector = "api"
+max_message_size = "1MiB"
+max_recipients = 500
+max_request_queued_size = "2MiB"
+bare_eol = "normalize"
+long_lines = "reject"
+max_received_headers = 50
+idempotency_window = "1h"
 
 [http.tokens.seam]
 token = "seam-token-0123456789"
 scopes = ["read", "inject", "admin"]
+trusted = true
 
 [[alert]]
 name = "backlog"
@@ -298,6 +307,15 @@ def test_every_declared_key_is_read(tmp_path: Path, ca: trustme.CA,
         assert f.app.http is not None
         request = urllib.request.Request(f"https://{f.app.http.addresses[0]}/healthz",
                                          headers={"Authorization": "Bearer seam-token-0123456789"})
+        with urllib.request.urlopen(request, context=_client_context(ca), timeout=10) as answer:
+            assert answer.status == 200
+        # One injection (engine.http.inject): the injection API's keys, the token's trust.
+        request = urllib.request.Request(
+            f"https://{f.app.http.addresses[0]}/api/v1/messages", method="POST",
+            data=b'{"from": "s@client.test", "recipients": ["f@mx.test"], '
+                 b'"content": "Subject: seam\\n\\nseam\\n"}',
+            headers={"Authorization": "Bearer seam-token-0123456789",
+                     "Content-Type": "application/json", "Idempotency-Key": "seam"})
         with urllib.request.urlopen(request, context=_client_context(ca), timeout=10) as answer:
             assert answer.status == 200
     unread = sorted(declared_keys() - READS)

@@ -980,3 +980,14 @@ def test_accept_domain_flag_keeps_the_files_bad_value_reported(tmp_path: Path) -
     found = problems(tmp_path, 'accepted_domains = "example.com"\n',
                      {"--accept-domain": ["x.example"]})
     assert found == ['accepted_domains: must be an array of domain names (got "example.com")']
+
+
+def test_the_injection_connector_name_is_not_a_receive_connectors(tmp_path: Path) -> None:
+    found = problems(tmp_path, '[[receive]]\nname = "api"\n\n[http]\nconnector = "api"\n')
+    assert found == [
+        'http.connector: "api" is already the name of receive[0] (names must be unique)']
+    config = load_config(write(tmp_path, '[http]\nmax_recipients = 20000\n'
+                                         'idempotency_window = "2h"\n'))
+    assert (config.http.connector, config.http.max_recipients,
+            config.http.idempotency_window) == ("http", 20000, 7200.0)
+    assert problems(tmp_path, '[http]\nbare_eol = "strip"\n')[0].startswith("http.bare_eol:")

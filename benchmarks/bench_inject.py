@@ -1,0 +1,277 @@
+"""The injection API (``POST /api/v1/messages``) against SMTP ingest, in one run.
+
+Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_inject.py [--quick] [--dir DIR]``
+(about a minute; ``--quick`` a third of it).  Needs Postfix's ``smtp-source``.
+
+Two measurements, each against a fresh ``ferry serve`` (one process, delivery paused, the
+defaults otherwise: LMDB with fsync, so both answers come after the commit that holds the
+message) that listens for SMTP and for HTTP (``[http] listen``):
+
+1. **HTTP against SMTP.**  ``smtp-source -d -s 100 -m N -l 1024`` (100 sessions, up to
+   ``N / 100`` messages per connection, 1 KiB) into the SMTP port; then 100 keep-alive
+   aiohttp clients (one ``ClientSession``, uvloop, in this process) posting the raw form
+   of a 1 KiB message with one recipient, ``N`` requests in all.  Reported: messages/s of
+   each (wall time of the load) and the ratio HTTP / SMTP (target ≥ 1.0).  The HTTP
+   clients are Python and run on the same machine, so they take CPU the C smtp-source
+   does not: the ratio is a floor.  So the CPU seconds of Ferry's process tree (server
+   and queue writer, from ``/proc``) per message are printed too, and their ratio: what
+   a message costs the server by each door, and a third cell posts the same requests
+   from raw keep-alive connections (a prepared request written, the answer read by its
+   Content-Length: a client as cheap as smtp-source), which shows the server's side.
+2. **Bulk.**  One request with 10,000 recipients, each with its own ``{{name}}``
+   substitution (10,000 distinct messages with subject, text and html), timed from the
+   request to its 200: recipients queued per second (target ≥ 20,000/s); best of three.
+
+The messages stored are counted in LMDB after each cell (they must match).  Only
+127.0.0.1 is used; every load is bounded by a count and a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import lmdb
+import orjson
+import uvloop
+from bench_inbound import SMTP_SOURCE, ChildServer, free_port, settle_cpu, tree_cpu
+
+SESSIONS = 100
+SENDER = "a@client.test"
+RECIPIENT = "b@example.net"
+TARGET_RATIO = 1.0
+TARGET_BULK = 20_000
+BULK = 10_000
+
+
+class Ferry(ChildServer):
+    """``ferry serve`` (the engine on PYTHONPATH) with SMTP and HTTP listeners."""
+
+    label = "ferry"
+
+    def _start(self) -> None:
+        self.http_port = free_port()
+        config = self.dir / "ferry.toml"
+        config.write_text(f'[delivery]\npaused = true\n\n[http]\nlisten = ["127.0.0.1:'
+                          f'{self.http_port}"]\n')
+        self._spawn([sys.executable, "-m", "engine", "serve", "--config", str(config),
+                     "--listen", f"127.0.0.1:{self.port}", "--spool", str(self.dir / "spool"),
+                     "--hostname", "bench.test"])
+
+    def stored(self) -> int:
+        self.stop()  # read LMDB after the writer closed the store
+        env = lmdb.open(str(self.dir / "spool" / "queue"), readonly=True, lock=False,
+                        max_dbs=16)
+        try:
+            with env.begin() as txn:
+                n: int = txn.stat(env.open_db(b"envelopes", txn=txn, create=False))["entries"]
+        finally:
+            env.close()
+        return n
+
+
+def _started(base: Path) -> Ferry:
+    ferry = Ferry(base)
+    ferry.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # the HTTP listener starts after the SMTP one
+        try:
+            asyncio.run(_get(f"http://127.0.0.1:{ferry.http_port}/healthz"))
+            return ferry
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("the HTTP listener did not come up")
+
+
+async def _get(url: str) -> None:
+    async with aiohttp.ClientSession() as session, session.get(url) as answer:
+        await answer.read()
+
+
+def smtp_cell(base: Path, n: int) -> tuple[float, float]:
+    """(messages/s, server CPU µs per message) of smtp-source -d into Ferry."""
+    ferry = _started(base)
+    try:
+        cpu = tree_cpu(ferry.pid)
+        started = time.perf_counter()
+        subprocess.run([SMTP_SOURCE, "-d", "-s", str(SESSIONS), "-m", str(n), "-l", "1024",
+                        "-f", SENDER, "-t", RECIPIENT, f"127.0.0.1:{ferry.port}"],
+                       check=True, timeout=300, stdout=subprocess.DEVNULL)
+        took = time.perf_counter() - started
+        cpu = settle_cpu(ferry.pid) - cpu
+        stored = ferry.stored()
+    finally:
+        ferry.cleanup()
+    if stored != n:
+        raise RuntimeError(f"SMTP: {stored} messages stored, {n} sent")
+    return n / took, cpu / n * 1e6
+
+
+def _message() -> bytes:
+    head = (f"From: <{SENDER}>\nTo: <{RECIPIENT}>\nSubject: bench\n"
+            "Date: Sun, 06 Dec 2026 10:00:00 +0000\nMessage-ID: <bench@client.test>\n\n")
+    line = "x" * 70 + "\n"
+    body = line * ((1024 - len(head)) // len(line))
+    return orjson.dumps({"from": SENDER, "recipients": [RECIPIENT], "content": head + body})
+
+
+async def _http_load(url: str, n: int) -> float:
+    payload = _message()
+    headers = {"Content-Type": "application/json"}
+    todo = iter(range(n))
+    failures: list[int] = []
+    connector = aiohttp.TCPConnector(limit=SESSIONS)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def client() -> None:
+            for _ in todo:
+                async with session.post(url, data=payload, headers=headers) as answer:
+                    await answer.read()
+                    if answer.status != 200:
+                        failures.append(answer.status)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(SESSIONS)))
+        took = time.perf_counter() - started
+    if failures:
+        raise RuntimeError(f"HTTP: {len(failures)} requests failed: {sorted(set(failures))}")
+    return n / took
+
+
+async def _raw_load(port: int, n: int) -> float:
+    """``_http_load`` with a client as cheap as smtp-source: each of the 100 connections
+    writes a prepared HTTP/1.1 request and reads the answer's head and its Content-Length
+    body (keep-alive), no client library."""
+    payload = _message()
+    request = (b"POST /api/v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+               % (len(payload), payload))
+    todo = iter(range(n))
+    failures: list[bytes] = []
+
+    async def client() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for _ in todo:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                if not head.startswith(b"HTTP/1.1 200"):
+                    failures.append(head.split(b"\r\n")[0])
+        finally:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(SESSIONS)))
+    took = time.perf_counter() - started
+    if failures:
+        raise RuntimeError(f"HTTP: {len(failures)} requests failed: {sorted(set(failures))}")
+    return n / took
+
+
+def http_cell(base: Path, n: int, raw: bool = False) -> tuple[float, float]:
+    """(messages/s, server CPU µs per message) of the keep-alive clients into Ferry
+    (aiohttp's, or ``raw`` ones)."""
+    ferry = _started(base)
+    try:
+        cpu = tree_cpu(ferry.pid)
+        rate = uvloop.run(
+            _raw_load(ferry.http_port, n) if raw else
+            _http_load(f"http://127.0.0.1:{ferry.http_port}/api/v1/messages", n))
+        cpu = settle_cpu(ferry.pid) - cpu
+        stored = ferry.stored()
+    finally:
+        ferry.cleanup()
+    if stored != n:
+        raise RuntimeError(f"HTTP: {stored} messages stored, {n} posted")
+    return rate, cpu / n * 1e6
+
+
+def _bulk_request() -> bytes:
+    return orjson.dumps({
+        "from": SENDER,
+        "recipients": [{"email": f"user{i}@example.net", "substitutions": {"name": f"User {i}"}}
+                       for i in range(BULK)],
+        "subject": "Your order, {{name}}",
+        "text": "Dear {{name}},\n\n" + "Your order has shipped and is on its way.\n" * 8,
+        "html": "<p>Dear {{name}},</p>" + "<p>Your order has shipped.</p>" * 8,
+    })
+
+
+async def _bulk(url: str, rounds: int) -> list[float]:
+    payload = _bulk_request()
+    rates = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        for _ in range(rounds):
+            started = time.perf_counter()
+            async with session.post(url, data=payload,
+                                    headers={"Content-Type": "application/json"}) as answer:
+                doc = await answer.json()
+                took = time.perf_counter() - started
+                if answer.status != 200 or len(doc["ids"]) != BULK:
+                    raise RuntimeError(f"bulk: {answer.status} {str(doc)[:300]}")
+            rates.append(BULK / took)
+    return rates
+
+
+def bulk_cell(base: Path, rounds: int) -> tuple[list[float], float]:
+    """(recipients/s of each round, server CPU µs per recipient)."""
+    ferry = _started(base)
+    try:
+        cpu = tree_cpu(ferry.pid)
+        rates = uvloop.run(_bulk(f"http://127.0.0.1:{ferry.http_port}/api/v1/messages",
+                                 rounds))
+        cpu = settle_cpu(ferry.pid) - cpu
+        stored = ferry.stored()
+    finally:
+        ferry.cleanup()
+    if stored != BULK * rounds:
+        raise RuntimeError(f"bulk: {stored} messages stored, {BULK * rounds} posted")
+    return rates, cpu / (BULK * rounds) * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer messages")
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()),
+                        help="where the spools go (deleted afterwards)")
+    args = parser.parse_args()
+    if not shutil.which(SMTP_SOURCE):
+        print(f"needs {SMTP_SOURCE} (Postfix)", file=sys.stderr)
+        return 2
+    n = 5_000 if args.quick else 20_000
+    print(f"engine from {os.environ.get('PYTHONPATH') or 'the installed package'}; "
+          f"{os.cpu_count()} CPUs; {n} messages of 1 KiB, {SESSIONS} clients")
+    smtp, smtp_cpu = smtp_cell(args.dir, n)
+    http, http_cpu = http_cell(args.dir, n)
+    raw, raw_cpu = http_cell(args.dir, n, raw=True)
+    print(f"SMTP  smtp-source -d:     {smtp:6.0f} messages/s, server CPU {smtp_cpu:4.0f} "
+          "us/message")
+    print(f"HTTP  aiohttp keep-alive: {http:6.0f} messages/s, server CPU {http_cpu:4.0f} "
+          "us/message")
+    print(f"HTTP  raw keep-alive:     {raw:6.0f} messages/s, server CPU {raw_cpu:4.0f} "
+          "us/message")
+    ratio = http / smtp
+    print(f"ratio HTTP (aiohttp) / SMTP: {ratio:5.2f}x  (target >= {TARGET_RATIO:.1f}x: "
+          f"{'met' if ratio >= TARGET_RATIO else 'NOT met'}); HTTP (raw) / SMTP "
+          f"{raw / smtp:.2f}x; server CPU per message SMTP / HTTP {smtp_cpu / http_cpu:.2f}x")
+    rates, bulk_cpu = bulk_cell(args.dir, 1 if args.quick else 3)
+    best = max(rates)
+    print(f"bulk: one request, {BULK} personalised recipients: best {best:.0f} "
+          f"recipients/s (median {statistics.median(rates):.0f}; target >= {TARGET_BULK}: "
+          f"{'met' if best >= TARGET_BULK else 'NOT met'}); server CPU {bulk_cpu:.0f} "
+          "us/recipient")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

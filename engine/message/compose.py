@@ -1,0 +1,404 @@
+"""Build RFC 5322 / MIME messages for the injection API, and put raw ones in shape.
+
+:func:`compose` builds one message from a :class:`Structured` description with the
+standard library's ``email`` package (``EmailMessage``, SMTP policy with 7bit transfer
+encodings: RFC 2047 encoded words for non-ASCII header text, quoted-printable or base64
+bodies chosen by the package's own rule, multipart/alternative for text + html inside
+multipart/mixed when there are attachments).  The result is 7bit-clean, so any next hop
+takes it (no 8BITMIME needed).
+
+:class:`Composer` is the same message for many recipients with ``{{name}}`` placeholders
+in the subject, text and html.  The package takes about a millisecond per message, too slow
+for a request of thousands of personalised recipients, so the composer builds the message
+once with markers where the per-recipient pieces go, and per recipient encodes only those
+pieces (the subject field, each templated body with its Content-Transfer-Encoding, To:
+and Message-ID:) with the package's own encoders, the ones ``EmailMessage`` calls.  The
+unit tests hold it to byte equality of the decoded parts against :func:`compose`.
+
+:func:`canonical` turns raw content to CRLF line ends (RFC 5322 §2.3) and
+:func:`complete` adds the Date: and Message-ID: a submission server may add (RFC 6409
+§8.2, §8.3).
+
+No I/O here; every error is a :class:`ComposeError` naming the request's field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.contentmanager
+import email.policy
+import email.utils
+import html as html_lib
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from typing import Final
+
+__all__ = [
+    "POLICY", "Attachment", "ComposeError", "Composer", "Structured", "base64_content",
+    "canonical", "check_structured", "complete", "compose", "date_value", "message_id",
+    "substitute",
+]
+
+#: SMTP line ends, and 7bit transfer encodings only (RFC 6152 not needed by the next hop).
+POLICY: Final = email.policy.SMTP.clone(cte_type="7bit")
+
+_UTF8_POLICY: Final = POLICY.clone(utf8=True)
+#: The policy's line length (RFC 5322 §2.1.1: 78), past which a body is encoded.
+_MAX_LINE: Final[int] = POLICY.max_line_length or 78
+
+#: ``{{name}}``, spaces allowed inside the braces.
+PLACEHOLDER: Final = re.compile(r"\{\{\s*([A-Za-z0-9_.-]{1,64})\s*\}\}")
+
+#: Fields the composer writes itself: a ``headers`` entry may not set them.
+OWN_FIELDS: Final = frozenset({"content-type", "content-transfer-encoding", "mime-version",
+                               "content-disposition"})
+
+# RFC 5322 §3.6.5 ftext: printable US-ASCII but ":".
+_FIELD_NAME: Final = re.compile(r"[!-9;-~]{1,76}")
+_LINE_END: Final = re.compile(rb"\r\n|\r|\n")
+
+
+class ComposeError(ValueError):
+    """What is wrong, and the request field it is in (``field``, a dotted path)."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(detail)
+        self.field = field
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    filename: str
+    #: "type/subtype", e.g. "application/pdf"
+    content_type: str
+    content: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Structured:
+    """A message described by its parts (the structured form of the injection API)."""
+
+    #: The From: field: an address, or "Name <address>".
+    sender: str
+    subject: str = ""
+    text: str | None = None
+    html: str | None = None
+    #: Other header fields, in order (To:, Cc:, Reply-To:, List-Unsubscribe: ...).
+    headers: tuple[tuple[str, str], ...] = ()
+    attachments: tuple[Attachment, ...] = ()
+
+    def placeholders(self) -> frozenset[str]:
+        """The names of the placeholders in the subject, text and html."""
+        found: set[str] = set()
+        for template in (self.subject, self.text, self.html):
+            if template:
+                found.update(PLACEHOLDER.findall(template))
+        return frozenset(found)
+
+    def header(self, name: str) -> bool:
+        """Whether ``headers`` sets field ``name``."""
+        return any(n.lower() == name.lower() for n, _ in self.headers)
+
+
+def substitute(template: str, values: Mapping[str, str], escape: bool = False) -> str:
+    """``template`` with each ``{{name}}`` replaced by ``values[name]``, HTML-escaped when
+    ``escape`` (a value is text, never markup)."""
+    if "{{" not in template:
+        return template
+    if escape:
+        return PLACEHOLDER.sub(lambda m: html_lib.escape(values[m.group(1)]), template)
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def message_id(hostname: str) -> str:
+    """A new msg-id, unique by time and 64 random bits (RFC 5322 §3.6.4)."""
+    return f"<{int(time.time() * 1000)}.{secrets.token_hex(8)}@{hostname}>"
+
+
+def date_value(now: float | None = None) -> str:
+    """RFC 5322 §3.3 date-time in UTC, "+0000" (never "-0000": the zone is known)."""
+    return email.utils.format_datetime(datetime.fromtimestamp(
+        time.time() if now is None else now, UTC))
+
+
+def check_structured(spec: Structured) -> None:
+    """Raise ComposeError for what the package would refuse or silently spoil."""
+    for i, (name, value) in enumerate(spec.headers):
+        where = f"headers.{name}" if _FIELD_NAME.fullmatch(name) else f"headers[{i}]"
+        if not _FIELD_NAME.fullmatch(name):
+            raise ComposeError(where, "is not a header field name (RFC 5322 §3.6.8)")
+        if name.lower() in OWN_FIELDS:
+            raise ComposeError(where, "is written by the composer from text, html and "
+                                      "attachments; it cannot be set")
+        if "\r" in value or "\n" in value or "\0" in value:
+            raise ComposeError(where, "must not hold CR, LF or NUL")
+    if any(c in spec.subject for c in "\r\n\0"):
+        raise ComposeError("subject", "must not hold CR, LF or NUL")
+    for i, attachment in enumerate(spec.attachments):
+        main, _, sub = attachment.content_type.partition("/")
+        if not (main and sub) or not _FIELD_NAME.fullmatch(main + sub) or "/" in sub:
+            raise ComposeError(f"attachments[{i}].content_type",
+                               'must be "type/subtype" (e.g. "application/pdf")')
+        if main.lower() in ("multipart", "message"):
+            raise ComposeError(f"attachments[{i}].content_type",
+                               f"{main}/* cannot be attached as content")
+        if not attachment.filename or any(c in attachment.filename for c in "\r\n\0/\\"):
+            raise ComposeError(f"attachments[{i}].filename",
+                               "must be a file name without CR, LF, NUL or slashes")
+
+
+def _build(spec: Structured, subject: str, text: str | None, html: str | None, to: str,
+           msgid: str, date: str) -> EmailMessage:
+    # RFC 6532 §3.2: a non-ASCII address cannot be an encoded word; such a message is
+    # SMTPUTF8 and its header section UTF-8 (the bodies stay 7bit either way).
+    msg = EmailMessage(policy=POLICY if spec.sender.isascii() else _UTF8_POLICY)
+    try:
+        if not spec.header("From"):
+            msg["From"] = spec.sender
+        if to:
+            msg["To"] = to
+        msg["Subject"] = subject
+        if not spec.header("Date"):
+            msg["Date"] = date
+        if not spec.header("Message-ID"):
+            msg["Message-ID"] = msgid
+        for name, value in spec.headers:
+            msg[name] = value
+    except (ValueError, TypeError, IndexError) as exc:
+        raise ComposeError("headers", f"a header field is not valid: {exc}") from None
+    if text is not None:
+        msg.set_content(text)
+        if html is not None:
+            msg.add_alternative(html, subtype="html")
+    elif html is not None:
+        msg.set_content(html, subtype="html")
+    else:
+        msg.set_content("")
+    for a in spec.attachments:
+        main, _, sub = a.content_type.partition("/")
+        msg.add_attachment(a.content, maintype=main, subtype=sub, filename=a.filename)
+    return msg
+
+
+def compose(spec: Structured, *, to: str = "", msgid: str = "", date: str = "",
+            values: Mapping[str, str] | None = None, hostname: str = "localhost") -> bytes:
+    """One whole message (CRLF), built by the ``email`` package; ``to`` "" leaves To: out
+    (unless ``headers`` has one), ``values`` fill the placeholders."""
+    check_structured(spec)
+    values = values or {}
+    subject = substitute(spec.subject, values)
+    text = substitute(spec.text, values) if spec.text is not None else None
+    html = substitute(spec.html, values, escape=True) if spec.html is not None else None
+    msg = _build(spec, subject, text, html, to, msgid or message_id(hostname),
+                 date or date_value())
+    return msg.as_bytes()
+
+
+def _encoded_body(text: str) -> tuple[bytes, bytes]:
+    """(Content-Transfer-Encoding, body) of a text part, as ``EmailMessage.set_content``
+    encodes it under :data:`POLICY`: the package's own choice and encoder."""
+    if text.isascii() and "\r" not in text:
+        # The package's first choice, without its detour through bytes: ASCII lines of at
+        # most max_line_length characters are sent as they are, "7bit", each line ended.
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()
+        if max(map(len, lines), default=0) <= _MAX_LINE:
+            return b"7bit", ("\r\n".join(lines) + "\r\n").encode("ascii")
+    # email.contentmanager.set_text_content calls this very function (Python 3.6+).
+    cte, data = email.contentmanager._encode_text(  # type: ignore[attr-defined]
+        text, "utf-8", None, POLICY)
+    return cte.encode("ascii"), data.replace("\n", "\r\n").encode("ascii")
+
+
+class _Template:
+    """A text cut at its placeholders once, so that filling it is a join."""
+
+    __slots__ = ("names", "pieces")
+
+    def __init__(self, text: str) -> None:
+        parts = PLACEHOLDER.split(text)
+        #: literal, name, literal, name, ..., literal
+        self.pieces = parts[0::2]
+        self.names = parts[1::2]
+
+    def fill(self, values: Mapping[str, str], escape: bool = False) -> str:
+        pieces = self.pieces
+        out = [pieces[0]]
+        for i, name in enumerate(self.names):
+            value = values[name]
+            out.append(html_lib.escape(value) if escape else value)
+            out.append(pieces[i + 1])
+        return "".join(out)
+
+
+class Composer:
+    """One :class:`Structured` message rendered for many recipients (see the module
+    docstring): each rendered message gets the To: :meth:`render` is given (unless
+    ``headers`` has a To:), a Message-ID: of its own, and the request's Date:."""
+
+    def __init__(self, spec: Structured, hostname: str, *, date: str = "") -> None:
+        check_structured(spec)
+        self.spec = spec
+        self.hostname = hostname
+        self.date = date or date_value()
+        self.names = spec.placeholders()
+        mark = "ferry" + secrets.token_hex(8)
+        self._marks = {slot: f"{mark}{slot}" for slot in ("s", "t", "h", "to", "id")}
+        subject_slot = PLACEHOLDER.search(spec.subject) is not None
+        text_slot = spec.text is not None and PLACEHOLDER.search(spec.text) is not None
+        html_slot = spec.html is not None and PLACEHOLDER.search(spec.html) is not None
+        to_slot = not spec.header("To")
+        m = self._marks
+        self._part_headers: dict[str, bytes] = {}
+        self._templates = {slot: _Template(text) for slot, text in
+                           (("s", spec.subject), ("t", spec.text), ("h", spec.html))
+                           if text is not None}
+        skeleton = _build(
+            spec, m["s"] if subject_slot else spec.subject,
+            m["t"] if text_slot else spec.text, m["h"] if html_slot else spec.html,
+            f"{m['to']}@ferry.invalid" if to_slot else "",
+            f"<{m['id']}@ferry.invalid>", self.date).as_bytes()
+        self.boundaries = re.findall(rb'boundary="([^"]+)"', skeleton)
+        # The skeleton cut at each slot: pieces[i], slot i, pieces[i+1], ...
+        spans: list[tuple[int, int, str]] = []
+        for slot, pattern in (
+            ("s", rb"Subject: %s\r\n" % m["s"].encode()),
+            ("to", rb"To: %s@ferry\.invalid\r\n" % m["to"].encode()),
+            ("id", rb"Message-ID: <%s@ferry\.invalid>\r\n" % m["id"].encode()),
+            ("t", rb"Content-Transfer-Encoding: 7bit\r\n((?:[^\r\n]+\r\n)*)\r\n%s\r\n"
+             % m["t"].encode()),
+            ("h", rb"Content-Transfer-Encoding: 7bit\r\n((?:[^\r\n]+\r\n)*)\r\n%s\r\n"
+             % m["h"].encode()),
+        ):
+            found = re.search(pattern, skeleton)
+            if found is not None:
+                spans.append((found.start(), found.end(), slot))
+                if slot in ("t", "h"):
+                    self._part_headers[slot] = found.group(1)
+        spans.sort()
+        self._pieces: list[bytes] = []
+        self._slots: list[str] = []
+        at = 0
+        for start, end, slot in spans:
+            self._pieces.append(skeleton[at:start])
+            self._slots.append(slot)
+            at = end
+        self._pieces.append(skeleton[at:])
+
+    def size_bound(self, longest_value: int) -> int:
+        """An upper bound of a rendered message's size when no value is longer than
+        ``longest_value`` characters: a caller checks its limits before rendering any."""
+        spec = self.spec
+        templated = 0
+        for slot in self._slots:
+            template = {"s": spec.subject, "t": spec.text, "h": spec.html}.get(slot)
+            if template is not None:
+                templated += len(template) + longest_value * len(PLACEHOLDER.findall(template))
+        # A character becomes at most 12 octets: 6 as an HTML entity, or 4 UTF-8 octets
+        # that quoted-printable writes as 12; line breaks and encoded-word framing add
+        # less than a tenth.  To: holds one address (RFC 5321 §4.5.3.1.3: 256 octets at
+        # most), in UTF-8 at most 4 octets a character; Message-ID: is ours, short.
+        return sum(map(len, self._pieces)) + 14 * templated + 2 * 1024
+
+    def missing(self, values: Mapping[str, str]) -> list[str]:
+        """The placeholders ``values`` has no value for."""
+        return sorted(n for n in self.names if n not in values)
+
+    def render(self, values: Mapping[str, str], to: str) -> bytes:
+        """The message for ``values`` (every placeholder's value) and recipient(s) ``to``
+        (the To: field's value)."""
+        spec = self.spec
+        out: list[bytes] = []
+        pieces = self._pieces
+        for i, slot in enumerate(self._slots):
+            out.append(pieces[i])
+            if slot == "s":
+                subject = self._templates["s"].fill(values)
+                if subject.isascii() and subject.isprintable() and len(subject) < 68:
+                    out.append(b"Subject: %s\r\n" % subject.encode())
+                else:  # RFC 2047 words, folding: the package's header machinery
+                    out.append(POLICY.header_factory("Subject", subject).fold(
+                        policy=POLICY).encode("ascii"))
+            elif slot == "to":
+                # A non-ASCII address cannot be an encoded word: UTF-8 (RFC 6532 §3.2).
+                out.append(_UTF8_POLICY.fold_binary("To", to) if not to.isascii()
+                           or len(to) > 70 else b"To: %s\r\n" % to.encode())
+            elif slot == "id":
+                out.append(b"Message-ID: %s\r\n" % message_id(self.hostname).encode())
+            else:
+                body = self._templates[slot].fill(values, escape=slot == "h")
+                cte, data = _encoded_body(body)
+                if any(b in data for b in self.boundaries):
+                    # A value that holds a boundary line: the package picks another.
+                    return compose(spec, to=to, date=self.date, values=values,
+                                   hostname=self.hostname)
+                out += (b"Content-Transfer-Encoding: ", cte, b"\r\n",
+                        self._part_headers[slot], b"\r\n", data)
+        out.append(pieces[-1])
+        return b"".join(out)
+
+
+def canonical(content: bytes, bare_eol: str) -> bytes:
+    """``content`` with CRLF line ends and a CRLF at its end (RFC 5322 §2.3).
+
+    LF-only text (what JSON carries from a Unix program) becomes CRLF.  A lone CR, or LF
+    mixed with CRLF, is what smuggling looks like (DESIGN.md wire rules): ``bare_eol``
+    "reject" raises ComposeError, "normalize" makes every CR, LF and CRLF one CRLF."""
+    if b"\r" not in content:
+        out = content.replace(b"\n", b"\r\n")
+    elif b"\r" not in (rest := content.replace(b"\r\n", b"")) and b"\n" not in rest:
+        out = content
+    elif bare_eol == "reject":
+        raise ComposeError("content", "has a bare CR, or LF line ends mixed with CRLF "
+                                      '(http.bare_eol = "reject")')
+    else:
+        out = _LINE_END.sub(b"\r\n", content)
+    return out if out.endswith(b"\r\n") else out + b"\r\n"
+
+
+def _has_field(head: bytes, name: bytes) -> bool:
+    """Whether the header section ``head`` (CRLF text, starting at a field) has field
+    ``name`` (lower case): at its start or after a CRLF, any case, before the colon
+    (RFC 5322 §2.2: WSP may precede it only in obsolete syntax, §4.5)."""
+    pattern = _FIELD_PATTERNS.get(name)
+    if pattern is None:
+        pattern = _FIELD_PATTERNS[name] = re.compile(
+            rb"(?:^|\r\n)" + re.escape(name) + rb"[ \t]*:", re.IGNORECASE)
+    return pattern.search(head) is not None
+
+
+_FIELD_PATTERNS: dict[bytes, re.Pattern[bytes]] = {}
+
+
+def complete(message: bytes, hostname: str) -> bytes:
+    """``message`` (canonical CRLF) with Date: and Message-ID: added on top when it has
+    none (RFC 5322 §3.6: both are required or should be; RFC 6409 §8.2, §8.3: the
+    submission server may add them)."""
+    if message.startswith(b"\r\n"):
+        head = b""  # an empty header section: the body starts at once
+    else:
+        end = message.find(b"\r\n\r\n")
+        head = message if end < 0 else message[:end]
+    added: list[bytes] = []
+    if not _has_field(head, b"date"):
+        added.append(b"Date: %s\r\n" % date_value().encode())
+    if not _has_field(head, b"message-id"):
+        added.append(b"Message-ID: %s\r\n" % message_id(hostname).encode())
+    return b"".join(added) + message if added else message
+
+
+def base64_content(value: str, where: str) -> bytes:
+    """An attachment's content from its base64 text (RFC 4648 §4, line breaks allowed)."""
+    try:
+        return base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ComposeError(where, "is not base64 (RFC 4648)") from None
+
