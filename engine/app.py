@@ -40,6 +40,7 @@ from engine.ops.protolog import ProtocolLog
 from engine.ops.sdnotify import Notifier
 from engine.ops.startup import startup_warnings
 from engine.ops.tracking import TrackingLog
+from engine.ops.webhooks import Webhooks
 from engine.queue.lmdb_store import LmdbQueue
 from engine.routing.mx import MxResolver
 from engine.routing.router import ConfiguredRouter, accepted_domains
@@ -73,6 +74,9 @@ class App:
         self.events = Events()
         #: held from start to the end of the process: one server per spool
         self.lock = SpoolLock(Path(config.spool))
+        #: The [[webhook]] senders and their sink (engine.ops.webhooks), once the queue is
+        #: open; ``backlog()`` is the events waiting per webhook.
+        self.webhooks: Webhooks | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -127,6 +131,7 @@ class App:
         log.info("ferry %s starting; %s", __version__, _speedups.status())
         log.info("%s", store.describe())
         self._start_tracking()
+        await self._start_webhooks(store)
         # Back pressure WARNINGs (start, clear); free disk already too low is said now.
         self.pressure = pressure = PressureLog(store)
         pressure.at_start()
@@ -161,6 +166,8 @@ class App:
                         exc)
         else:
             self.control = control
+            if self.webhooks is not None and self.webhooks.hooks:
+                control.hooks = self.webhooks.rows
             log.info("control channel on %s", control.path)
         ingest = Ingest(store, cfg.hostname, router.destination,
                         lifetime=cfg.delivery.max_queue_lifetime, queued=scheduler.wake,
@@ -198,6 +205,16 @@ class App:
                                     max_file_age=t.max_file_age, max_age=t.max_age,
                                     max_total_size=t.max_total_size))
         log.info("message tracking log in %s", directory)
+
+    async def _start_webhooks(self, store: LmdbQueue) -> None:
+        """The [[webhook]] senders, and their sink on the event hub when there are any
+        (started even without: events of webhooks no longer configured are dropped)."""
+        self.webhooks = webhooks = Webhooks(self.config.webhook, store)
+        await webhooks.start()
+        if webhooks.hooks:
+            self.events.add(webhooks)
+            log.info("webhooks: %s", ", ".join(
+                f"{w.name} → {w.url} ({', '.join(w.events)})" for w in self.config.webhook))
 
     def _open_send_logs(self) -> tuple[dict[str, ProtocolLog], dict[str, ProtocolLog]]:
         """The send protocol logs that are on: ([[send]] connector name → its log, the
@@ -247,6 +264,8 @@ class App:
         if self.scheduler is not None:
             await self.scheduler.stop()
         await asyncio.gather(*(agent.close() for agent in self.agents.values()))
+        if self.webhooks is not None:
+            await self.webhooks.stop()  # its sink takes events until the hub closes
         if self._flusher is not None:
             self._flusher.cancel()
         for send_log in self.send_logs:

@@ -16,7 +16,8 @@ order, on a connection that stays open for more:
                                  "down": {...}, "suspended": [...], ...}  (stats_reply)
     {"command": "queues"}     → {"ok": true, "taken": 1796000000.0, "queues": [{"destination":
                                  "example.com", "state": "retry", "messages": 3, ...}]}
-                                 (engine.ops.views.QueueRow.to_json, one per next hop)
+                                 (engine.ops.views.QueueRow.to_json, one per next hop,
+                                 then one per webhook: "webhook:<name>")
     {"command": "hold", "ids": ["0190A1...", ...]}
         → {"ok": true, "changed": [...], "unchanged": [...], "missing": [...]}
     {"command": "release", "ids": [...]}                → the same (held or poisoned → due now)
@@ -52,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import pwd
@@ -64,7 +66,7 @@ from typing import Any, Final
 
 import orjson
 
-from engine.ops.views import queue_rows
+from engine.ops.views import QueueRow, queue_rows
 from engine.queue.records import id_bytes, id_text
 from engine.scheduler.scheduler import Scheduler, VerbResult
 from engine.scheduler.snapshot import SchedulerSnapshot
@@ -271,6 +273,9 @@ class ControlServer:
         self.path = path
         self.scheduler = scheduler
         self.normalize = normalize
+        #: The running webhooks' rows for ``queues`` (engine.ops.webhooks), set by the
+        #: composition root; None: the webhook events waiting in the queue, as read.
+        self.hooks: Callable[[], list[QueueRow]] | None = None
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[Any]] = set()
         self._inode: int | None = None
@@ -393,8 +398,9 @@ class ControlServer:
         snap = self.scheduler.snapshot()
         # It reads every queued record: in a thread, never on the event loop (LMDB readers
         # do not block the writer).
+        hooks = self.hooks() if self.hooks is not None else None
         view = await asyncio.get_running_loop().run_in_executor(
-            None, queue_rows, self.scheduler.store, snap)
+            None, functools.partial(queue_rows, self.scheduler.store, snap, hooks=hooks))
         return {"ok": True, "taken": snap.taken, "queues": [r.to_json() for r in view.rows]}
 
     async def _hold(self, request: Request) -> Reply:
