@@ -227,6 +227,18 @@ idle_timeout = 30
 [http.tokens.seam]
 token = "seam-token-0123456789"
 scopes = ["read", "inject", "admin"]
+
+[[webhook]]
+name = "seam"
+url = "https://127.0.0.1:{closed_port()}/hook"
+secret = "seam-secret"
+events = ["RECEIVE", "DELIVER"]
+batch_size = 10
+timeout = 5
+retry_interval = 0.1
+max_retry_interval = 0.2
+max_backlog = 1000
+ca_file = "{cert}"
 """, encoding="utf-8")
     return load_config(path)
 
@@ -267,6 +279,8 @@ def test_every_declared_key_is_read(tmp_path: Path, ca: trustme.CA,
         wait_for(lambda: list((tmp_path / "mail" / "maildir.test").glob("a/new/*")),
                  what="the Maildir delivery")
         wait_for(lambda: len(f.store.ids_in_state("deferred", 10)) == 2, what="two deferred")
+        # The webhook's receiver is not there: its POST failed, and the backoff is read.
+        poll(lambda: ("webhook", "max_retry_interval") in READS, timeout=10)
         # One HTTPS request with the token: the [http] keys read per request.
         assert f.app.http is not None
         request = urllib.request.Request(f"https://{f.app.http.addresses[0]}/healthz",
