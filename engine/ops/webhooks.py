@@ -61,6 +61,10 @@ SIGNATURE_HEADER: Final = "X-Ferry-Signature"
 SIGNATURE_PREFIX: Final = "sha256="
 #: The field each record gets: the same id however often the event is sent.
 EVENT_ID: Final = "event_id"
+#: A sender that wakes to fewer than ``batch_size`` events waits this long for more
+#: before it reads them: fuller batches, fewer POSTs and commits (bench_webhooks.py), at
+#: the price of this much more delay for a receiver of a trickle of events.
+GATHER_SECONDS: Final = 0.05
 #: What of a failed answer's body goes into the log and ``ferry queue queues``.
 _ERROR_TEXT: Final = 200
 
@@ -133,9 +137,10 @@ class Hook:
     last_error: str = ""
     next_retry: float = 0.0
     failures: int = 0
-    #: events POSTed and acknowledged (2xx), and events dropped (backlog over its
-    #: maximum, or refused by the queue under back pressure)
+    #: events POSTed and acknowledged (2xx), in how many POSTs, and events dropped
+    #: (backlog over its maximum, or refused by the queue under back pressure)
     posted: int = 0
+    posts: int = 0
     dropped: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -163,7 +168,11 @@ class Webhooks:
                 self._by_kind.setdefault(kind, []).append(hook)
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
-        self._writes: set[asyncio.Future[Any]] = set()
+        #: events not yet handed to the writer (one write is in flight), and per hook
+        self._puts: list[tuple[bytes, bytes]] = []
+        self._added: Counter[Hook] = Counter()
+        self._in_flight = False
+        self._closing = False
 
     # --- figures -------------------------------------------------------------------------
 
@@ -220,8 +229,8 @@ class Webhooks:
     # --- the sink (on the event loop) ----------------------------------------------------
 
     def write(self, batch: list[Event]) -> None:
-        puts: list[tuple[bytes, bytes]] = []
-        added: Counter[Hook] = Counter()
+        puts = self._puts
+        added = self._added
         by_kind = self._by_kind
         for record in batch:
             hooks = by_kind.get(record.get("event", ""))
@@ -237,8 +246,21 @@ class Webhooks:
             for hook in hooks:
                 puts.append((hook.prefix + event_id, value))
                 added[hook] += 1
-        if not puts:
-            return
+        # One write in flight at a time: what comes meanwhile goes in the next one, handed
+        # over when it commits (group commit, one level up: a write per commit of the
+        # writer, not one per batch of the hub; an event waits for one commit at most).
+        if puts and (not self._in_flight or self._closing):
+            self._hand_over()
+
+    def close(self) -> None:
+        """Hand over what waits now (the queue's writer commits it before it stops)."""
+        self._closing = True
+        if self._puts:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        puts, added = self._puts, self._added
+        self._puts, self._added = [], Counter()
         trims: list[tuple[bytes, int]] = []
         trimmed: dict[Hook, int] = {}
         for hook, count in added.items():
@@ -252,15 +274,14 @@ class Webhooks:
         except QueueClosed as exc:
             self._refused(added, exc)
             return
-        self._writes.add(future)
+        self._in_flight = True
         future.add_done_callback(lambda f: self._stored(f, added, trimmed))
-
-    def close(self) -> None:
-        """Nothing to do: the queue's writer commits what was handed over before it stops."""
 
     def _stored(self, future: asyncio.Future[Any], added: Counter[Hook],
                 trimmed: Mapping[Hook, int]) -> None:
-        self._writes.discard(future)
+        self._in_flight = False
+        if self._puts:
+            self._hand_over()
         if future.cancelled():
             return
         error = future.exception()
@@ -294,12 +315,18 @@ class Webhooks:
     async def _send(self, hook: Hook, tls: ssl.SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
         config = hook.config
+        gathered = False
         while True:
             if hook.stored <= 0:
                 hook.state = "ready"
                 hook.wake.clear()
                 await hook.wake.wait()
                 continue
+            if hook.stored < config.batch_size and not gathered and not hook.failures:
+                gathered = True
+                await asyncio.sleep(GATHER_SECONDS)
+                continue
+            gathered = False
             events = await loop.run_in_executor(None, self.store.hook_events, hook.name,
                                                 config.batch_size)
             if not events:
@@ -317,6 +344,7 @@ class Webhooks:
                     return  # shutting down: they are sent again at the next start
                 hook.stored -= deleted
                 hook.posted += len(events)
+                hook.posts += 1
                 hook.failures = 0
                 continue
             hook.failures += 1

@@ -60,6 +60,7 @@ class Receiver:
     async def _start(self, port: int) -> int:
         app = web.Application()
         app.router.add_post("/hook", self._handle)
+        app.router.add_get("/count", self._count)
         self._runner = runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", port)
@@ -89,6 +90,10 @@ class Receiver:
                     self.accepted += len(record.events)
         return web.Response(status=status, text="" if ok else "receiver says no")
 
+    async def _count(self, request: web.Request) -> web.Response:
+        """How many events were accepted (for a receiver in another process)."""
+        return web.json_response({"accepted": self.accepted})
+
     def answer(self, status: int) -> None:
         with self.lock:
             self.status = status
@@ -112,3 +117,23 @@ class Receiver:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.testing.webhooks PORT SECRET``: a receiver that keeps nothing
+    but its count (``GET /count``), until SIGTERM (benchmarks run it apart from Ferry, so
+    that it does not share Ferry's CPU and GIL)."""
+    import signal
+    import sys
+
+    port, secret = (argv or sys.argv[1:])[:2]
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with Receiver(secret, port=int(port), keep=False):
+        print("ready", flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
