@@ -167,7 +167,7 @@ def main() -> None:
         print(f"{name:12} {r.produced / r.seconds:>9,.0f} {1e6 * r.cpu / r.produced:>15.1f} "
               f"{1e6 * r.writer_cpu / r.produced:>7.1f} {r.commits / r.seconds:>10,.1f}")
     print(f"on/off: CPU per event {on.cpu / on.produced / (off.cpu / off.produced):.2f}x "
-          f"(+{1e3 * (on.cpu / on.produced - off.cpu / off.produced):.0f} µs an event); "
+          f"(+{1e6 * (on.cpu / on.produced - off.cpu / off.produced):.0f} µs an event); "
           f"{on.posts} POSTs, {on.produced / max(on.posts, 1):.0f} events a POST")
 
 

@@ -4,12 +4,14 @@ Order at start: as the user who started Ferry (root, to bind port 25), the spool
 and given to ``[server] user``), its lock (``engine.ops.daemon``: one server per spool),
 the TLS certificates and the listening sockets (bound, not yet served); then the switch
 to ``[server] user``; then the queue database (recovery happens as it opens; its writer
-process starts as that user), the router, delivery agents and scheduler, the control
+process starts as that user), the tracking log and the webhooks (their events waiting
+in the queue are sent again), the router, delivery agents and scheduler, the control
 channel (``engine.ops.control``), and last the receive connectors start serving the
 sockets.  Order at stop (SIGTERM/SIGINT): close the control channel, stop
 listening and send 421 to open sessions, let pending commits finish, stop the scheduler
-(deliveries in flight finish and record their outcomes), close pooled connections, then
-close the queue (its writer drains first).
+(deliveries in flight finish and record their outcomes), close pooled connections, stop
+the webhook senders, close the event hub (the webhooks' last events are handed to the
+queue's writer), then close the queue (its writer drains first).
 Nothing else in the code constructs these parts; this module holds no protocol logic.
 """
 
