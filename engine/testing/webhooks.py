@@ -1,7 +1,8 @@
 """A webhook receiver for tests and benchmarks: an aiohttp server on 127.0.0.1, on its own
 event loop in a thread, that answers each POST with a scripted status and keeps what came.
 
-``Receiver(secret, fail=2)`` answers the first two POSTs 500 and the others 200; every
+``Receiver(secret, fail=2)`` answers the first two POSTs 500 and the others 200 (``stall``:
+the first ones get no answer at all; ``tls``: it speaks https); every
 request is kept (:attr:`Receiver.requests`: body, signature header, whether the signature
 verified, the status answered), and the events of the accepted ones are
 :meth:`Receiver.events`.  Never used by the running server.
@@ -10,6 +11,7 @@ verified, the status answered), and the events of the accepted ones are
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +41,12 @@ class Receiver:
     the ``fail`` first requests got ``fail_status``; :meth:`answer` changes it."""
 
     def __init__(self, secret: str, *, fail: int = 0, fail_status: int = 500,
-                 status: int = 200, port: int = 0, keep: bool = True) -> None:
+                 status: int = 200, port: int = 0, keep: bool = True, stall: int = 0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.secret = secret
+        #: the first ``stall`` requests get no answer until the client gives up
+        self.stall = stall
+        self.tls = tls
         self.fail = fail
         self.fail_status = fail_status
         self.status = status
@@ -55,15 +61,16 @@ class Receiver:
         self._thread.start()
         self._runner: web.AppRunner | None = None
         self.port = asyncio.run_coroutine_threadsafe(self._start(port), self.loop).result(10)
-        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/hook"
 
     async def _start(self, port: int) -> int:
+        self._closing = asyncio.Event()
         app = web.Application()
         app.router.add_post("/hook", self._handle)
         app.router.add_get("/count", self._count)
         self._runner = runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", port)
+        site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=self.tls)
         await site.start()
         server = site._server
         assert isinstance(server, asyncio.Server)
@@ -72,6 +79,13 @@ class Receiver:
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
+        with self.lock:
+            stalled = self.stall > 0
+            self.stall -= stalled
+        if stalled:
+            # Until the receiver stops (aiohttp does not cancel a handler whose client
+            # went away, and its cleanup waits for handlers).
+            await self._closing.wait()
         signature = request.headers.get(SIGNATURE_HEADER, "")
         with self.lock:
             if self.fail > 0:
@@ -106,6 +120,7 @@ class Receiver:
     def stop(self) -> None:
         if self.loop.is_closed():
             return
+        self.loop.call_soon_threadsafe(self._closing.set)
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)

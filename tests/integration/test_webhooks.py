@@ -18,6 +18,7 @@ import os
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from engine.config import load_config
 from engine.ops import control
@@ -146,6 +148,30 @@ def test_max_backlog_drops_the_oldest_with_an_error(
             # the newest three are the ones kept
             assert {e["message_id"] for e in receiver.events()} == {"4@test", "5@test",
                                                                    "6@test"}
+
+
+def test_https_receiver_verified_with_ca_file_and_a_stalled_post_times_out(
+        tmp_path: Path, ca: trustme.CA, caplog: pytest.LogCaptureFixture) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(tls)
+    with Receiver(SECRET, tls=tls, stall=1) as receiver:
+        toml = ("[delivery]\npaused = true\n"
+                + hook(receiver.url, events=["RECEIVE"], ca_file=str(ca_file), timeout=0.5)
+                # the same receiver, but its certificate checked against the system's CAs
+                + hook(receiver.url, name="untrusted", events=["RECEIVE"]))
+        with caplog.at_level(logging.WARNING, logger="ferry.webhooks"), \
+                ferry(tmp_path, toml) as f:
+            hooks = f.app.webhooks
+            assert hooks is not None
+            send(f.host, f.port, 3, "x@mx.test")
+            wait_for(lambda: hooks.backlog()["hook"] == 0, what="sent over https")
+            wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in hooks.hooks["untrusted"].last_error,
+                     what="the untrusted receiver refused")
+            assert hooks.backlog()["untrusted"] == 3
+    assert {e["message_id"] for e in receiver.events()} == {"0@test", "1@test", "2@test"}
+    assert any("no answer within 0.5 s (timeout)" in r.getMessage() for r in caplog.records)
 
 
 # --- kill -9 of a real ferry serve --------------------------------------------------------
