@@ -42,7 +42,7 @@ from engine.ops.protolog import ProtocolLog
 from engine.ops.sdnotify import Notifier
 from engine.ops.startup import startup_warnings
 from engine.ops.tracking import TrackingLog
-from engine.ops.webhooks import Webhooks
+from engine.ops.webhooks import Webhooks, shown_url
 from engine.queue.lmdb_store import LmdbQueue
 from engine.routing.mx import MxResolver
 from engine.routing.router import ConfiguredRouter, accepted_domains
@@ -79,6 +79,7 @@ class App:
         #: The [[webhook]] senders and their sink (engine.ops.webhooks), once the queue is
         #: open; ``backlog()`` is the events waiting per webhook.
         self.webhooks: Webhooks | None = None
+        self._webhooks_on = False
 
     async def start(self) -> None:
         cfg = self.config
@@ -168,7 +169,7 @@ class App:
                         exc)
         else:
             self.control = control
-            if self.webhooks is not None and self.webhooks.hooks:
+            if self._webhooks_on and self.webhooks is not None:
                 control.hooks = self.webhooks.rows
             log.info("control channel on %s", control.path)
         ingest = Ingest(store, cfg.hostname, router.destination,
@@ -213,10 +214,29 @@ class App:
         (started even without: events of webhooks no longer configured are dropped)."""
         self.webhooks = webhooks = Webhooks(self.config.webhook, store)
         await webhooks.start()
-        if webhooks.hooks:
+        self._webhooks_listen()
+
+    def _webhooks_listen(self) -> None:
+        """Add the webhooks' sink to the hub once there is a webhook (never twice)."""
+        webhooks = self.webhooks
+        if webhooks is None or not webhooks.hooks:
+            return
+        log.info("webhooks: %s", ", ".join(
+            f"{h.name} → {shown_url(h.config.url)} ({', '.join(h.config.events)})"
+            for h in webhooks.hooks.values()))
+        if not self._webhooks_on:
+            self._webhooks_on = True
             self.events.add(webhooks)
-            log.info("webhooks: %s", ", ".join(
-                f"{w.name} → {w.url} ({', '.join(w.events)})" for w in self.config.webhook))
+        if self.control is not None:
+            self.control.hooks = webhooks.rows
+
+    async def reload_webhooks(self, config: Config) -> None:
+        """Apply a reloaded configuration's [[webhook]] entries (for the reload path):
+        senders added, restarted with new settings, or stopped (engine.ops.webhooks)."""
+        if self.webhooks is None:
+            return
+        await self.webhooks.reconfigure(config.webhook)
+        self._webhooks_listen()
 
     def _open_send_logs(self) -> tuple[dict[str, ProtocolLog], dict[str, ProtocolLog]]:
         """The send protocol logs that are on: ([[send]] connector name → its log, the

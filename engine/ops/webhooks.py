@@ -32,6 +32,8 @@ reads the database in a worker thread), or let a receiver's failure reach a prod
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -41,6 +43,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from engine import __version__
 from engine.config import WebhookConfig
@@ -100,6 +103,14 @@ def backoff(failures: int, first: float, most: float) -> float:
     """Seconds to wait after ``failures`` failed POSTs in a row (1 or more): ``first``,
     doubled after each further failure, never more than ``most``."""
     return min(most, first * 2.0 ** min(failures - 1, 62))
+
+
+def shown_url(url: str) -> str:
+    """``url`` for a log line: without a user name and password written into it."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _one_line(text: str) -> str:
@@ -163,10 +174,8 @@ class Webhooks:
         self.hooks = {c.name: Hook(c, hook_prefix(c.name)) for c in configs}
         #: event kind → the hooks that want it
         self._by_kind: dict[str, list[Hook]] = {}
-        for hook in self.hooks.values():
-            for kind in hook.config.events:
-                self._by_kind.setdefault(kind, []).append(hook)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._index()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
         #: events not yet handed to the writer (one write is in flight), and per hook
         self._puts: list[tuple[bytes, bytes]] = []
@@ -199,29 +208,70 @@ class Webhooks:
             log.warning("webhook %s is no longer configured: its %d waiting events are "
                         "dropped", name, count)
             await self.store.hooks_soon((), (), ((hook_prefix(name), count),))
-        if not self.hooks:
-            return
-        import aiohttp  # here: `ferry queue` and the tools never need it
-
-        self._session = aiohttp.ClientSession(
-            headers={"User-Agent": f"ferry/{__version__}"},
-            # Nothing from the environment: no proxy settings, no .netrc credentials.
-            trust_env=False)
         for hook in self.hooks.values():
             if hook.stored:
                 log.info("webhook %s: %d events waiting from before, sending them again",
                          hook.name, hook.stored)
-                hook.wake.set()
-            self._tasks.append(loop.create_task(self._send(hook, _tls(hook.config)),
-                                                name=f"ferry-webhook-{hook.name}"))
+            self._start_sender(hook)
+
+    def _index(self) -> None:
+        self._by_kind = {}
+        for hook in self.hooks.values():
+            for kind in hook.config.events:
+                self._by_kind.setdefault(kind, []).append(hook)
+
+    def _start_sender(self, hook: Hook) -> None:
+        if self._session is None:
+            import aiohttp  # here: `ferry queue` and the tools never need it
+
+            self._session = aiohttp.ClientSession(
+                headers={"User-Agent": f"ferry/{__version__}"},
+                # Nothing from the environment: no proxy settings, no .netrc credentials.
+                trust_env=False)
+        hook.wake.set()  # look at the database once
+        self._tasks[hook.name] = asyncio.get_running_loop().create_task(
+            self._send(hook, _tls(hook.config)), name=f"ferry-webhook-{hook.name}")
+
+    async def _stop_sender(self, name: str) -> None:
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def reconfigure(self, configs: Sequence[WebhookConfig]) -> None:
+        """Take the ``[[webhook]]`` entries of a reload: a new entry gets its sender, a
+        changed one's sender starts again with its new settings (a POST in flight is
+        abandoned and sent again: at least once), and a removed one's sender stops and its
+        waiting events are dropped, with a WARNING (the events of a write in flight then
+        are dropped at the next start).  The composition root adds this sink to the hub
+        when the first webhook appears."""
+        wanted = {c.name: c for c in configs}
+        removed = [self.hooks.pop(n) for n in list(self.hooks) if n not in wanted]
+        self._index()  # the sink takes no more events for them from here
+        for gone in removed:
+            await self._stop_sender(gone.name)
+            self._puts = [(k, v) for k, v in self._puts if not k.startswith(gone.prefix)]
+            self._added.pop(gone, None)
+            log.warning("webhook %s is no longer configured: its %d waiting events are "
+                        "dropped", gone.name, gone.stored)
+            await self.store.hooks_soon((), (), ((gone.prefix, gone.stored + gone.adding),))
+        for name, config in wanted.items():
+            hook = self.hooks.get(name)
+            if hook is None:
+                hook = self.hooks[name] = Hook(config, hook_prefix(name))
+            elif hook.config == config:
+                continue
+            else:
+                await self._stop_sender(name)
+                hook.config, hook.failures, hook.state = config, 0, "ready"
+            self._start_sender(hook)
+        self._index()
 
     async def stop(self) -> None:
         """Stop the senders (a POST in flight is abandoned: its events stay in the
         database and are sent again at the next start); the sink keeps taking events."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        for name in list(self._tasks):
+            await self._stop_sender(name)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -314,7 +364,7 @@ class Webhooks:
 
     async def _send(self, hook: Hook, tls: ssl.SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
-        config = hook.config
+        config = hook.config  # a changed config starts a new sender (reconfigure)
         gathered = False
         while True:
             if hook.stored <= 0:
@@ -332,6 +382,8 @@ class Webhooks:
             if not events:
                 # Counted but gone (a trim raced the count), or not yet readable: wait
                 # for the next commit that concerns this webhook.
+                if not hook.adding and not self._in_flight:
+                    hook.stored = 0  # nothing on its way: the database is right
                 hook.wake.clear()
                 await hook.wake.wait()
                 continue
@@ -339,10 +391,14 @@ class Webhooks:
             error = await self._post(hook, batch_body(value for _, value in events), tls)
             if error is None:
                 try:
-                    deleted, _ = await self.store.hooks_soon((), [key for key, _ in events])
+                    deleting = self.store.hooks_soon((), [key for key, _ in events])
                 except QueueClosed:
                     return  # shutting down: they are sent again at the next start
-                hook.stored -= deleted
+                # Counted when the commit returns, even if this sender is stopped
+                # meanwhile (a reload): the count stays exact.
+                deleting.add_done_callback(functools.partial(self._deleted, hook))
+                with contextlib.suppress(QueueClosed):
+                    await asyncio.shield(deleting)
                 hook.posted += len(events)
                 hook.posts += 1
                 hook.failures = 0
@@ -352,9 +408,14 @@ class Webhooks:
             hook.state, hook.last_error = "retry", error
             hook.next_retry = time.time() + delay
             log.warning("webhook %s: POST of %d events to %s failed (%s); %d waiting, next "
-                        "try in %.3g s", hook.name, len(events), config.url, error,
+                        "try in %.3g s", hook.name, len(events), shown_url(config.url), error,
                         hook.stored, delay)
             await asyncio.sleep(delay)
+
+    @staticmethod
+    def _deleted(hook: Hook, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            hook.stored -= future.result()[0]
 
     async def _post(self, hook: Hook, body: bytes, tls: ssl.SSLContext | None) -> str | None:
         """POST one batch; None when the receiver answered 2xx, else what went wrong."""
