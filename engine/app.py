@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from engine import __version__, _speedups
@@ -33,6 +34,7 @@ from engine.client.smtp import SmtpAgent
 from engine.config import IMPLICIT_SMARTHOST, Config, tracking_dir
 from engine.http.server import HttpServer
 from engine.ops import logfmt
+from engine.ops.alerts import Alerts
 from engine.ops.control import ControlServer, ControlUnavailable, socket_path
 from engine.ops.daemon import SpoolLock, check_root, drop_privileges, lookup, prepare_spool
 from engine.ops.events import Events
@@ -76,6 +78,9 @@ class App:
         self.events = Events()
         #: held from start to the end of the process: one server per spool
         self.lock = SpoolLock(Path(config.spool))
+        #: The [[alert]] rules' evaluator (engine.ops.alerts); ``alerts.active()`` is the
+        #: alerts firing now.  Made at start, once the queue is open.
+        self.alerts: Alerts | None = None
         #: The [[webhook]] senders and their sink (engine.ops.webhooks), once the queue is
         #: open; ``backlog()`` is the events waiting per webhook.
         self.webhooks: Webhooks | None = None
@@ -150,17 +155,20 @@ class App:
                                          max_messages_per_connection=d.max_messages_per_connection,
                                          max_idle_per_site=idle, ca_file=ca_file,
                                          pipeline_messages=d.pipeline_messages,
-                                         protocol_logs=send_logs | mx_logs),
+                                         protocol_logs=send_logs | mx_logs,
+                                         events=self.events),
                        # [delivery] protocol_log is not for [[local]] LMTP servers (their
                        # routes have no connector either): only [[send]] logs here.
                        "lmtp": SmtpAgent(cfg.hostname, lmtp=True, max_idle_per_site=idle,
-                                         ca_file=ca_file, protocol_logs=send_logs),
+                                         ca_file=ca_file, protocol_logs=send_logs,
+                                         events=self.events),
                        "maildir": MaildirAgent(hostname=cfg.hostname)}
         self.scheduler = scheduler = Scheduler(store, router, self.agents, hostname=cfg.hostname,
                                                settings=d, events=self.events,
                                                journal=InFlightJournal(
                                                    Path(cfg.spool) / INFLIGHT_FILE))
         scheduler.start()
+        self._start_alerts(store, router.destination)
         control = ControlServer(socket_path(cfg.spool), scheduler, router.destination)
         try:
             await control.start()
@@ -208,6 +216,15 @@ class App:
                                     max_file_age=t.max_file_age, max_age=t.max_age,
                                     max_total_size=t.max_total_size))
         log.info("message tracking log in %s", directory)
+
+    def _start_alerts(self, store: LmdbQueue, destination: Callable[[str], str]) -> None:
+        """The [[alert]] rules' evaluator, every [alerts] interval (engine.ops.alerts)."""
+        cfg = self.config
+        self.alerts = Alerts(cfg.alert, cfg.alerts.interval, self.events, store, destination)
+        self.alerts.start()
+        if cfg.alert:
+            log.info("%d alert rules, evaluated every %g s", len(cfg.alert),
+                     cfg.alerts.interval)
 
     async def _start_webhooks(self, store: LmdbQueue) -> None:
         """The [[webhook]] senders, and their sink on the event hub when there are any
@@ -282,6 +299,8 @@ class App:
             await self.control.stop()
         if self.pressure is not None:
             self.pressure.stop()
+        if self.alerts is not None:
+            await self.alerts.stop()
         await asyncio.gather(*(c.stop() for c in self.connectors))
         if self.scheduler is not None:
             await self.scheduler.stop()
