@@ -377,14 +377,13 @@ class Webhooks:
                 await asyncio.sleep(GATHER_SECONDS)
                 continue
             gathered = False
+            # Cleared before the read: a commit of new events while it runs wakes us.
+            hook.wake.clear()
             events = await loop.run_in_executor(None, self.store.hook_events, hook.name,
                                                 config.batch_size)
             if not events:
-                # Counted but gone (a trim raced the count), or not yet readable: wait
-                # for the next commit that concerns this webhook.
-                if not hook.adding and not self._in_flight:
-                    hook.stored = 0  # nothing on its way: the database is right
-                hook.wake.clear()
+                # Counted but gone: a trim, or the deletion by a sender stopped by a
+                # reload, is being committed (its count follows): wait for new events.
                 await hook.wake.wait()
                 continue
             hook.state = "active"
