@@ -4,12 +4,14 @@ Order at start: as the user who started Ferry (root, to bind port 25), the spool
 and given to ``[server] user``), its lock (``engine.ops.daemon``: one server per spool),
 the TLS certificates and the listening sockets (bound, not yet served); then the switch
 to ``[server] user``; then the queue database (recovery happens as it opens; its writer
-process starts as that user), the router, delivery agents and scheduler, the control
+process starts as that user), the tracking log and the webhooks (their events waiting
+in the queue are sent again), the router, delivery agents and scheduler, the control
 channel (``engine.ops.control``), and last the receive connectors start serving the
 sockets.  Order at stop (SIGTERM/SIGINT): close the control channel, stop
 listening and send 421 to open sessions, let pending commits finish, stop the scheduler
-(deliveries in flight finish and record their outcomes), close pooled connections, then
-close the queue (its writer drains first).
+(deliveries in flight finish and record their outcomes), close pooled connections, stop
+the webhook senders, close the event hub (the webhooks' last events are handed to the
+queue's writer), then close the queue (its writer drains first).
 Nothing else in the code constructs these parts; this module holds no protocol logic.
 """
 
@@ -44,6 +46,7 @@ from engine.ops.readiness import CheckProvider
 from engine.ops.sdnotify import Notifier
 from engine.ops.startup import startup_warnings
 from engine.ops.tracking import TrackingLog
+from engine.ops.webhooks import Webhooks, shown_url
 from engine.queue.lmdb_store import LmdbQueue
 from engine.routing.mx import MxResolver
 from engine.routing.router import ConfiguredRouter, accepted_domains
@@ -87,6 +90,10 @@ class App:
         #: Readiness checks beyond the built-in ones (engine.ops.readiness): a part that
         #: can make the server unready adds a provider here.
         self.readiness: list[CheckProvider] = []
+        #: The [[webhook]] senders and their sink (engine.ops.webhooks), once the queue is
+        #: open; ``backlog()`` is the events waiting per webhook.
+        self.webhooks: Webhooks | None = None
+        self._webhooks_on = False
 
     async def start(self) -> None:
         cfg = self.config
@@ -141,6 +148,7 @@ class App:
         log.info("ferry %s starting; %s", __version__, _speedups.status())
         log.info("%s", store.describe())
         self._start_tracking()
+        await self._start_webhooks(store)
         # Back pressure WARNINGs (start, clear); free disk already too low is said now.
         self.pressure = pressure = PressureLog(store)
         pressure.at_start()
@@ -183,6 +191,8 @@ class App:
         else:
             self.control = control
             log.info("control channel on %s", control.path)
+        if self._webhooks_on and self.webhooks is not None:
+            operations.hooks = self.webhooks.rows
         ingest = Ingest(store, cfg.hostname, router.destination,
                         lifetime=cfg.delivery.max_queue_lifetime, queued=scheduler.wake,
                         postmaster=cfg.postmaster, events=self.events,
@@ -229,6 +239,35 @@ class App:
         if cfg.alert:
             log.info("%d alert rules, evaluated every %g s", len(cfg.alert),
                      cfg.alerts.interval)
+
+    async def _start_webhooks(self, store: LmdbQueue) -> None:
+        """The [[webhook]] senders, and their sink on the event hub when there are any
+        (started even without: events of webhooks no longer configured are dropped)."""
+        self.webhooks = webhooks = Webhooks(self.config.webhook, store)
+        await webhooks.start()
+        self._webhooks_listen()
+
+    def _webhooks_listen(self) -> None:
+        """Add the webhooks' sink to the hub once there is a webhook (never twice)."""
+        webhooks = self.webhooks
+        if webhooks is None or not webhooks.hooks:
+            return
+        log.info("webhooks: %s", ", ".join(
+            f"{h.name} → {shown_url(h.config.url)} ({', '.join(h.config.events)})"
+            for h in webhooks.hooks.values()))
+        if not self._webhooks_on:
+            self._webhooks_on = True
+            self.events.add(webhooks)
+        if self.operations is not None:
+            self.operations.hooks = webhooks.rows
+
+    async def reload_webhooks(self, config: Config) -> None:
+        """Apply a reloaded configuration's [[webhook]] entries (for the reload path):
+        senders added, restarted with new settings, or stopped (engine.ops.webhooks)."""
+        if self.webhooks is None:
+            return
+        await self.webhooks.reconfigure(config.webhook)
+        self._webhooks_listen()
 
     def _open_send_logs(self) -> tuple[dict[str, ProtocolLog], dict[str, ProtocolLog]]:
         """The send protocol logs that are on: ([[send]] connector name → its log, the
@@ -280,6 +319,8 @@ class App:
         if self.scheduler is not None:
             await self.scheduler.stop()
         await asyncio.gather(*(agent.close() for agent in self.agents.values()))
+        if self.webhooks is not None:
+            await self.webhooks.stop()  # its sink takes events until the hub closes
         if self._flusher is not None:
             self._flusher.cancel()
         for send_log in self.send_logs:

@@ -89,6 +89,7 @@ __all__ = [
     "SendConfig",
     "ServerConfig",
     "TrackingConfig",
+    "WebhookConfig",
     "default_hostname",
     "load_config",
     "name_flags",
@@ -1141,6 +1142,88 @@ def _check_http(h: HttpConfig) -> list[tuple[_Loc, str]]:
     return []
 
 
+#: The tracking log's event names (engine.ops.events.Kind; a unit test keeps them equal):
+#: what a [[webhook]] may ask for.
+EVENT_KINDS: Final = ("RECEIVE", "DEFER", "DELIVER", "FAIL", "EXPIRE", "DSN", "SUSPEND",
+                      "RESUME", "HOLD", "RELEASE", "RETRY", "REMOVE", "POISON", "TLS_FAIL",
+                      "ALERT")
+
+
+def _event(value: str) -> str:
+    if value in EVENT_KINDS:
+        return value
+    close = difflib.get_close_matches(value.upper(), EVENT_KINDS, n=1)
+    hint = f'; did you mean "{close[0]}"?' if close else ""
+    raise _Invalid(f"is not an event of the tracking log: {', '.join(EVENT_KINDS)} "
+                   f"(got {_show(value)}{hint})")
+
+
+def _events(value: object) -> tuple[str, ...]:
+    kinds = _each(value, "event names", _event)
+    if not kinds:
+        raise _Invalid(f"must name at least one event of {', '.join(EVENT_KINDS)}")
+    return tuple(dict.fromkeys(kinds))
+
+
+def _url(value: object) -> str:
+    """An http or https URL with a host.  The URL is echoed when it is wrong, except its
+    user information (a password may be written there)."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str) or not value:
+        raise _Invalid(f'must be an "http://" or "https://" URL (got {_show(value)})')
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as err:
+        raise _Invalid(f"is not a valid URL: {err}") from None
+    shown = _show(value) if "@" not in parts.netloc else "the value is not shown"
+    if parts.scheme not in ("http", "https"):
+        raise _Invalid(f'must be an "http://" or "https://" URL ({shown})')
+    if not parts.hostname or any(c in value for c in " \r\n\t"):
+        raise _Invalid(f"must name a host, without spaces ({shown})")
+    return value
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """[[webhook]]: a receiver of the tracking log's events (engine.ops.webhooks): they are
+    queued in the queue database and POSTed in signed batches until it answers 2xx."""
+
+    __pydantic_config__ = _TABLE
+
+    name: Annotated[str, _v(_connector_name)]
+    url: Annotated[str, _v(_url)]
+    #: HMAC-SHA256 key of X-Ferry-Signature; never echoed.
+    secret: Annotated[str, _v(_secret)] = field(repr=False)
+    #: The tracking log's event names to send (engine.ops.events.Kind).
+    events: Annotated[tuple[str, ...], _v(_events)] = ("DELIVER", "DEFER", "FAIL", "EXPIRE",
+                                                      "DSN")
+    #: Most events in one POST.
+    batch_size: _PosInt = 100
+    #: Seconds for one POST, from connecting to the end of the answer.
+    timeout: _Seconds = 10.0
+    #: After a failed POST, wait this long, doubled after each further failure, up to
+    #: max_retry_interval.
+    retry_interval: _Seconds = 1.0
+    max_retry_interval: _Seconds = 300.0
+    #: Events kept waiting at most: past it the oldest are dropped (a dead receiver must
+    #: not fill the disk).
+    max_backlog: _PosInt = 100_000
+    #: CA certificates (PEM) that verify an https receiver, instead of the system's.
+    ca_file: Annotated[Path, _v(_existing_file)] | None = None
+
+
+def _check_webhook(w: WebhookConfig) -> list[tuple[_Loc, str]]:
+    bad: list[tuple[_Loc, str]] = []
+    if w.max_retry_interval < w.retry_interval:
+        bad.append((("max_retry_interval",), f"must be at least retry_interval "
+                    f"({_as_written(w.retry_interval)}) (got {_as_written(w.max_retry_interval)})"))
+    if w.ca_file is not None and not w.url.startswith("https:"):
+        bad.append((("ca_file",), "applies to an https:// url only"))
+    return bad
+
+
 _ACCOUNT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 
 
@@ -1343,6 +1426,8 @@ class Config:
     alert: Annotated[tuple[Annotated[AlertConfig, _after(_check_alert)], ...],
                      _after(_check_alert_names)] = ()
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    #: Delivery webhooks, [[webhook]]; none = no events leave the server by HTTP.
+    webhook: tuple[Annotated[WebhookConfig, _after(_check_webhook)], ...] = ()
 
 
 #: Every table of the file and its dataclass ("" is the top level; "delivery.domains" the
@@ -1352,6 +1437,7 @@ TABLES: Final[Mapping[str, type]] = MappingProxyType({
     "log": LogConfig, "send": SendConfig, "local": LocalConfig, "tracking": TrackingConfig,
     "delivery.domains": DomainLimits, "server": ServerConfig, "http": HttpConfig,
     "http.tokens": HttpToken, "alert": AlertConfig, "alerts": AlertsConfig,
+    "webhook": WebhookConfig,
 })  # fmt: skip
 
 
@@ -1415,6 +1501,12 @@ def _check_config(config: Config) -> list[tuple[_Loc, str]]:
                             f"{_show(domain)} is already listed at {seen[domain]}"))
             seen.setdefault(domain, f"local[{i}].domains[{j}]")
     bad += _check_inject(config)
+    hooks: dict[str, int] = {}
+    for i, w in enumerate(config.webhook):
+        if w.name in hooks:
+            bad.append((("webhook", i, "name"), f"{_show(w.name)} is already the name of "
+                                                f"webhook[{hooks[w.name]}] (names must be unique)"))
+        hooks.setdefault(w.name, i)
     return bad
 
 
@@ -1461,7 +1553,7 @@ def _unknown_key(loc: _Loc) -> str:
     return f"unknown key '{_dotted(loc)}'{hint}"
 
 
-_ARRAYS_OF_TABLES: Final = (("receive",), ("send",), ("local",), ("alert",))
+_ARRAYS_OF_TABLES: Final = (("receive",), ("send",), ("local",), ("alert",), ("webhook",))
 _NOT_A_TABLE: Final = ("dataclass_type", "dataclass_exact_type", "dict_type", "model_type")
 
 
@@ -1481,7 +1573,8 @@ def _problems(error: ValidationError) -> list[tuple[_Loc, str]]:
         if kind == "unexpected_keyword_argument":
             unknown.append(((), _unknown_key(loc)))
         elif kind in ("missing", "missing_argument"):
-            found.append((loc, f"is required in a [[{loc[0]}]] connector"))
+            what = "entry" if loc[0] == "webhook" else "connector"
+            found.append((loc, f"is required in a [[{loc[0]}]] {what}"))
         elif kind in ("list_type", "tuple_type") and loc in _ARRAYS_OF_TABLES:
             table = loc[0]
             found.append((loc, f"must be an array of tables: write [[{table}]], not [{table}] "

@@ -16,7 +16,8 @@ order, on a connection that stays open for more:
                                  "down": {...}, "suspended": [...], ...}  (stats_reply)
     {"command": "queues"}     → {"ok": true, "taken": 1796000000.0, "queues": [{"destination":
                                  "example.com", "state": "retry", "messages": 3, ...}]}
-                                 (engine.ops.views.QueueRow.to_json, one per next hop)
+                                 (engine.ops.views.QueueRow.to_json, one per next hop,
+                                 then one per webhook: "webhook:<name>")
     {"command": "hold", "ids": ["0190A1...", ...]}
         → {"ok": true, "changed": [...], "unchanged": [...], "missing": [...]}
     {"command": "release", "ids": [...]}                → the same (held or poisoned → due now)

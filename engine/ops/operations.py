@@ -38,7 +38,14 @@ import orjson
 
 from engine.ops.select import STATES, Filter, select, select_ids
 from engine.ops.tracksearch import EVENTS, Query, search, unknown_events
-from engine.ops.views import as_delivered, corrupt_view, listing, message_detail, queue_rows
+from engine.ops.views import (
+    QueueRow,
+    as_delivered,
+    corrupt_view,
+    listing,
+    message_detail,
+    queue_rows,
+)
 from engine.queue.api import QueueStore
 from engine.queue.records import RecordError, id_bytes, id_text
 from engine.scheduler.scheduler import Scheduler, VerbResult
@@ -249,6 +256,9 @@ class Operations:
         self.store: QueueStore = scheduler.store
         self.normalize = normalize
         self.tracking = tracking
+        #: The running webhooks' rows for ``queues`` (engine.ops.webhooks), set by the
+        #: composition root; None: the webhook events waiting in the queue, as read.
+        self.hooks: Callable[[], list[QueueRow]] | None = None
 
     async def _in_thread(self, work: Callable[[], _T]) -> _T:
         # LMDB readers do not block the writer, and a thread keeps the loop serving.
@@ -293,7 +303,8 @@ class Operations:
     async def queues(self) -> dict[str, Any]:
         """The queues per next hop (Get-Queue), with the running scheduler's figures."""
         snap = self.scheduler.snapshot()
-        view = await self._in_thread(partial(queue_rows, self.store, snap))
+        hooks = self.hooks() if self.hooks is not None else None
+        view = await self._in_thread(partial(queue_rows, self.store, snap, hooks=hooks))
         return {"taken": snap.taken, "queues": [r.to_json() for r in view.rows]}
 
     async def messages(self, filt: Filter, limit: int | None) -> dict[str, Any]:

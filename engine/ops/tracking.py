@@ -69,6 +69,14 @@ _LF: Final = b"\n"
 _DUMPS_OPTIONS: Final = orjson.OPT_APPEND_NEWLINE
 
 
+def record_json(record: Event, option: int = 0) -> bytes:
+    """A record as the tracking log writes it (without its line feed unless ``option``
+    says so): the one serialisation of events, shared with the webhooks
+    (``engine.ops.webhooks``), so both carry the same field names and values.  TypeError
+    for a record a producer built wrong."""
+    return orjson.dumps(record, option=option, default=str)
+
+
 def rotated_name(when: float) -> str:
     whole = int(when)
     micros = int((when - whole) * 1_000_000)
@@ -129,15 +137,15 @@ class TrackingLog:
         if self._closed:
             self.dropped += len(batch)
             return
-        dumps = orjson.dumps
+        dumps = record_json
         count = len(batch)
         try:
-            data = b"".join([dumps(r, option=_DUMPS_OPTIONS, default=str) for r in batch])
+            data = b"".join([dumps(r, _DUMPS_OPTIONS) for r in batch])
         except TypeError:  # a record a producer built wrong: lose it alone, say so
             lines = []
             for record in batch:
                 try:
-                    lines.append(dumps(record, option=_DUMPS_OPTIONS, default=str))
+                    lines.append(dumps(record, _DUMPS_OPTIONS))
                 except TypeError as exc:
                     self._failed(1, f"a record does not serialise: {exc}")
             data, count = b"".join(lines), len(lines)

@@ -193,10 +193,25 @@ def _tally(store: QueueStore, now: float) -> dict[str, _Tally]:
     return tallies
 
 
+#: How a webhook's queue of events is named among the next hops.
+WEBHOOK_PREFIX = "webhook:"
+
+
+def webhook_row(name: str, pending: int, state: str = "ready", last_error: str = "",
+                next_retry: float = 0.0) -> QueueRow:
+    """A webhook's events as a queue (``engine.ops.webhooks``): ``messages`` counts the
+    events waiting, ``recipients`` is 0 (they have none)."""
+    return QueueRow(WEBHOOK_PREFIX + name, state, pending, 0, last_error=last_error,
+                    next_retry=next_retry)
+
+
 def queue_rows(store: QueueStore, snapshot: SchedulerSnapshot | None,
-               suspended: Iterable[str] = (), now: float | None = None) -> QueuesView:
+               suspended: Iterable[str] = (), now: float | None = None,
+               hooks: Iterable[QueueRow] | None = None) -> QueuesView:
     """The queues per next hop: from the queue alone (``snapshot`` None: no server runs;
-    ``suspended`` as saved with the queue), or with the running scheduler's figures.
+    ``suspended`` as saved with the queue), or with the running scheduler's figures;
+    then a row per webhook, ``hooks`` from the running server, or (None) the events
+    waiting in the queue database, state ``ready``.
 
     The state, first that applies: ``suspended`` (the operator holds it), ``held`` (every
     message waiting there is held or poisoned: nothing to deliver), ``unreachable``
@@ -236,4 +251,7 @@ def queue_rows(store: QueueStore, snapshot: SchedulerSnapshot | None,
             rates = (d.in_per_minute, d.out_per_minute) if d is not None else (0.0, 0.0)
         rows.append(QueueRow(name, state, t.messages, t.recipients, site, *rates, last,
                              t.next_retry))
+    if hooks is None:
+        hooks = [webhook_row(name, count) for name, count in sorted(store.hook_counts().items())]
+    rows.extend(hooks)
     return QueuesView(rows, live=snapshot is not None)

@@ -245,6 +245,10 @@ class QueueStore(Protocol):
         the bytes mean nothing to the queue."""
         ...
 
+    def hook_counts(self) -> dict[str, int]:
+        """The webhook events waiting per webhook name (``engine.ops.webhooks``)."""
+        ...
+
     @property
     def stats(self) -> QueueStats: ...
 

@@ -426,6 +426,46 @@ class LmdbQueue:
         the bytes mean nothing to the queue."""
         await self._submit_soon("setting", (name, value), 0)
 
+    # --- webhook events kept with the queue (engine.ops.webhooks) ----------------------
+
+    def hooks_soon(self, puts: Sequence[tuple[bytes, bytes]], deletes: Sequence[bytes] = (),
+                   trims: Sequence[tuple[bytes, int]] = ()) -> asyncio.Future[Any]:
+        """Store webhook events (key, bytes), delete sent ones, drop the oldest of a
+        backlog, in the next group commit (see ``lmdb_txn.Committer._apply_hooks``); the
+        future is done with the commit (BackPressure when new events find no room)."""
+        size = sum(len(k) + len(v) for k, v in puts)
+        return self._submit_soon("hooks", (tuple(puts), tuple(deletes), tuple(trims)), size)
+
+    def hook_events(self, name: str, limit: int) -> list[tuple[bytes, bytes]]:
+        """The oldest ``limit`` events waiting for webhook ``name``: (key, event)."""
+        prefix = hook_prefix(name)
+        found: list[tuple[bytes, bytes]] = []
+        with self._read() as txn:
+            cur = txn.cursor(self._db["webhooks"])
+            ok = cur.set_range(prefix)
+            while ok and len(found) < limit:
+                key = cur.key()
+                if not key.startswith(prefix):
+                    break
+                found.append((key, cur.value()))
+                ok = cur.next()
+        return found
+
+    def hook_counts(self) -> dict[str, int]:
+        """The events waiting per webhook name (reads every key: at start, and for
+        ``ferry queue queues`` on a stopped spool; not on the event loop)."""
+        counts: dict[str, int] = {}
+        with self._read() as txn:
+            for key in txn.cursor(self._db["webhooks"]).iternext(values=False):
+                name = key[:key.index(SEP)].decode(errors="replace")
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
+
+def hook_prefix(name: str) -> bytes:
+    """Where the events of webhook ``name`` are in the ``webhooks`` table."""
+    return name.encode() + SEP
+
 
 def _change_size(changes: Sequence[Change]) -> int:
     """The bytes the changes add (the reports riding on removals): back pressure may

@@ -15,13 +15,16 @@ Layout (one LMDB environment, named databases):
 - ``idempotency`` ``k`` + key → expiry ms (8 bytes BE) + the answer; ``t`` + expiry ms +
                  key → "" (oldest first, for pruning): the idempotency keys of injections
                  (``api.Idempotency``), written in the commit of their messages
+- ``webhooks``   webhook name + NUL + event id (12 bytes, time-ordered) → the event as
+                 its receiver gets it (opaque bytes here; ``engine.ops.webhooks``)
 
 Every index entry is derived from the envelope (:func:`index_keys`), and every write
 replaces the old entries of a message with the new ones in the same transaction, so the
 indexes cannot drift from the records.
 
 :class:`Committer` applies a batch of writes (new messages, outcomes and the DSNs riding on
-them, whole-message changes such as holds and removals, quarantines, settings) in one
+them, whole-message changes such as holds and removals, quarantines, settings, webhook
+events queued and sent) in one
 write transaction, grows the map before it can fill,
 and refuses the writes that add bytes when it cannot grow or the disk is low (back
 pressure); outcomes alone always commit (they free space).  Both writers run it the same
@@ -65,7 +68,7 @@ DURABILITY_MODES: Final = {
 }
 
 DB_NAMES: Final = (b"bodies", b"envelopes", b"due", b"hops", b"states", b"corrupt", b"meta",
-                   b"idempotency")
+                   b"idempotency", b"webhooks")
 SCHEMA: Final = b"1"
 SEP: Final = b"\x00"
 #: Prefix of the settings in ``meta`` (apart from the schema key the store owns).
@@ -263,9 +266,10 @@ class Database:
 class Write(Protocol):
     """One write handed to the committer: ``enqueue`` (envelope, body), ``record``
     (outcomes, new messages), ``change`` (whole-message changes, ``api.Change``),
-    ``quarantine`` (id, reason, due key), ``setting`` (name, value) or ``inject`` (new
-    messages, ``api.Idempotency`` or None); ``size`` is the
-    bytes of new messages it adds (0: it adds none)."""
+    ``quarantine`` (id, reason, due key), ``setting`` (name, value), ``inject`` (new
+    messages, ``api.Idempotency`` or None) or ``hooks`` (webhook events:
+    :meth:`Committer._apply_hooks`); ``size`` is the bytes of new messages (or events) it
+    adds (0: it adds none)."""
 
     @property
     def kind(self) -> str: ...
@@ -381,6 +385,8 @@ class Committer:
                     results.append((write, None, None))
                 elif kind == "inject":
                     results.append((write, self._inject(txn, *args), None))
+                elif kind == "hooks":
+                    results.append((write, self._apply_hooks(txn, *args), None))
                 else:
                     self._quarantine(txn, *args)
                     results.append((write, None, None))
@@ -553,6 +559,30 @@ class Committer:
 
     def _put_setting(self, txn: Any, name: str, value: bytes) -> None:
         txn.put(SETTING + name.encode(), value, db=self._db["meta"])
+
+    def _apply_hooks(self, txn: Any, puts: tuple[tuple[bytes, bytes], ...],
+                     deletes: tuple[bytes, ...],
+                     trims: tuple[tuple[bytes, int], ...]) -> tuple[int, tuple[int, ...]]:
+        """Webhook events: store ``puts`` (key, event), delete the ``deletes`` keys (sent),
+        then delete the ``count`` oldest keys under each ``prefix`` of ``trims`` (a backlog
+        over its maximum).  The result: how many of ``deletes`` were there, and how many
+        each trim deleted (the caller keeps exact counts with them)."""
+        db = self._db["webhooks"]
+        for key, value in puts:
+            # append=True: event ids grow with time, so a key usually goes at the end.
+            if not txn.put(key, value, db=db, append=True):
+                txn.put(key, value, db=db)
+        deleted = sum(1 for key in deletes if txn.delete(key, db=db))
+        trimmed: list[int] = []
+        for prefix, count in trims:
+            cur = txn.cursor(db)
+            done = 0
+            ok = cur.set_range(prefix)
+            while ok and done < count and cur.key().startswith(prefix):
+                ok = cur.delete()  # moves to the next key
+                done += 1
+            trimmed.append(done)
+        return deleted, tuple(trimmed)
 
     # --- capacity --------------------------------------------------------------------
 

@@ -258,6 +258,18 @@ window = "1m"
 
 [alerts]
 interval = 0.2
+
+[[webhook]]
+name = "seam"
+url = "https://127.0.0.1:{closed_port()}/hook"
+secret = "seam-secret"
+events = ["RECEIVE", "DELIVER"]
+batch_size = 10
+timeout = 5
+retry_interval = 0.1
+max_retry_interval = 0.2
+max_backlog = 1000
+ca_file = "{cert}"
 """, encoding="utf-8")
     return load_config(path)
 
@@ -303,6 +315,8 @@ def test_every_declared_key_is_read(tmp_path: Path, ca: trustme.CA,
         assert alerts is not None
         wait_for(lambda: {a.rule for a in alerts.active()} >= {"backlog", "disk"},
                  what="the alert rules firing")
+        # The webhook's receiver is not there: its POST failed, and the backoff is read.
+        poll(lambda: ("webhook", "max_retry_interval") in READS, timeout=10)
         # One HTTPS request with the token: the [http] keys read per request.
         assert f.app.http is not None
         request = urllib.request.Request(f"https://{f.app.http.addresses[0]}/healthz",
