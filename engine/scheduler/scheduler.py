@@ -713,7 +713,7 @@ class Scheduler:
                             continue
                         await self._defer_group(
                             entry, f"451 4.4.1 {site.name} is down, not tried", down_until,
-                            min(5.0, self._down_length() * RETRY_JITTER))
+                            min(5.0, self._down_length() * RETRY_JITTER), site=site.name)
                         continue
                     wait = site.throttle.wait(loop.time())
                     if wait:
@@ -905,7 +905,8 @@ class Scheduler:
                     if expired:
                         batched = await self._finish(
                             entry, env, [],
-                            [(i, "expired") for i in self._all_open(env, entry.next_hop)])
+                            [(i, "expired") for i in self._all_open(env, entry.next_hop)],
+                            route)
                     return True
                 if self.journal is not None:
                     self.journal.started(entry.group)
@@ -1086,9 +1087,10 @@ class Scheduler:
                 self._release(entry)
 
     async def _defer_group(self, entry: DueEntry, reply: str, until: float,
-                           spread: float = 5.0) -> None:
+                           spread: float = 5.0, site: str = "") -> None:
         """Defer a group's waiting recipients, untried, to ``until`` plus up to ``spread``
-        seconds drawn at random (so they do not come back in one wave)."""
+        seconds drawn at random (so they do not come back in one wave); ``site``: theirs,
+        when it is down (for the DEFER events)."""
         try:
             env = self._load(entry)
             if env is not None:
@@ -1097,7 +1099,7 @@ class Scheduler:
                             for i in self._waiting(env, entry.next_hop)]
                 await self.store.record(outcomes)
                 if self.events.on:
-                    facts.emit(self.events, facts.deferred(env, outcomes, time.time()))
+                    facts.emit(self.events, facts.deferred(env, outcomes, time.time(), site))
         finally:
             self._release(entry)
 
