@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Final
 
 from aiohttp import web
-from prometheus_client import generate_latest
 
 from engine.http.api import APP, Problem, Scope, requires
 
@@ -25,5 +24,4 @@ async def metrics(request: web.Request) -> web.Response:
     figures = request.app[APP].metrics
     if figures is None:  # the App made no registry: [http] is off (never served then)
         raise Problem(503, "Service unavailable", "metrics are not collected")
-    return web.Response(body=generate_latest(figures.registry),
-                        headers={"Content-Type": CONTENT_TYPE})
+    return web.Response(body=figures.render(), headers={"Content-Type": CONTENT_TYPE})

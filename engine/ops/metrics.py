@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Final, Protocol
 
+from prometheus_client import generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -112,9 +113,13 @@ def _bound(value: float) -> str:
 class FerryCollector(Collector):
     """Reads a running server's figures at each scrape (see the module docstring)."""
 
-    def __init__(self, app: App, counts: EventCounts) -> None:
+    def __init__(self, app: App, counts: EventCounts, metrics: Metrics | None = None) -> None:
         self.app = app
         self.counts = counts
+        self.metrics = metrics
+        _speedups.status()  # imports the selectors: ``active`` is complete after it
+        #: the compiled extensions in use: chosen at import, fixed for the process
+        self.extensions = ",".join(sorted(n for n, on in _speedups.active.items() if on))
 
     def collect(self) -> Iterator[Metric]:
         yield from self.build()
@@ -127,13 +132,15 @@ class FerryCollector(Collector):
         yield from self.dns()
         yield from self.webhook_backlog(self.app.webhooks.backlog()
                                         if self.app.webhooks is not None else None)
+        if self.metrics is not None:
+            yield GaugeMetricFamily("ferry_metrics_render_seconds", "How long the previous "
+                                    "scrape's rendering held the event loop",
+                                    value=self.metrics.render_seconds)
 
     def build(self) -> Iterator[Metric]:
-        _speedups.status()  # imports the selectors: ``active`` is complete after it
-        on = sorted(name for name, active in _speedups.active.items() if active)
         info = InfoMetricFamily("ferry_build", "Ferry's version and its compiled extensions "
                                 "in use (none: the pure-Python twins)")
-        info.add_metric([], {"version": __version__, "extensions": ",".join(on) or "none"})
+        info.add_metric([], {"version": __version__, "extensions": self.extensions or "none"})
         yield info
 
     def received(self) -> Iterator[Metric]:
@@ -249,7 +256,7 @@ class FerryCollector(Collector):
         scheduler = self.app.scheduler
         if scheduler is None:
             return
-        snap = scheduler.snapshot()
+        snap = scheduler.snapshot(destinations=False)
         yield GaugeMetricFamily("ferry_queue_window_groups", "(message, destination) groups "
                                 "in the active window, waiting or in delivery",
                                 value=snap.window)
@@ -290,9 +297,18 @@ class FerryCollector(Collector):
 
 class Metrics:
     """A running server's metrics: the event sink (add :attr:`counts` to the hub before the
-    server starts) and the registry ``GET /metrics`` renders."""
+    server starts) and the registry ``GET /metrics`` renders (:meth:`render`)."""
 
     def __init__(self, app: App) -> None:
         self.counts = EventCounts()
+        #: how long the last :meth:`render` held the event loop (seconds)
+        self.render_seconds = 0.0
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(FerryCollector(app, self.counts))
+        self.registry.register(FerryCollector(app, self.counts, self))
+
+    def render(self) -> bytes:
+        """The text exposition of every metric, timed (``ferry_metrics_render_seconds``)."""
+        started = time.perf_counter()
+        text = generate_latest(self.registry)
+        self.render_seconds = time.perf_counter() - started
+        return text

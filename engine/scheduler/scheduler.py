@@ -484,9 +484,11 @@ class Scheduler:
                           "release)", id_text(qid), reason)
                 self._poisoned(qid, reason)
 
-    def snapshot(self) -> SchedulerSnapshot:
+    def snapshot(self, destinations: bool = True) -> SchedulerSnapshot:
         """What the operator sees, now, as one frozen value (``engine.scheduler.snapshot``):
-        the one place the control channel and the viewers read the scheduler's state."""
+        the one place the control channel and the viewers read the scheduler's state.
+        Without ``destinations`` (a metrics scrape) the per-destination views, a route
+        lookup each, are left out."""
         now = time.time()
         sites = sorted((SiteView(site.name, site.workers, site.limits.max_connections,
                                  site.limits.max_rate, len(site.jobs))
@@ -497,7 +499,7 @@ class Scheduler:
             down=tuple(DownSite(name, until) for name, until in sorted(self.down.items())
                        if until > now),
             suspended=tuple(sorted(self.suspended)), queue=self.store.stats,
-            destinations=self._destination_views(now))
+            destinations=self._destination_views(now) if destinations else ())
 
     def _destination_views(self, now: float) -> tuple[DestinationView, ...]:
         traffic = self._sweep_traffic(now)

@@ -192,3 +192,26 @@ def test_read_scope_is_needed_to_scrape(tmp_path: Path) -> None:
         assert '"insufficient_scope"' not in text and '"read"' in text
         status, _, _ = scrape(f)
         assert status == 401
+
+
+class _Backlog:
+    """What the webhook sender (engine.ops.webhooks, another branch) offers metrics: its
+    backlog per webhook.  The hook is App.webhooks; this stands in until it is wired."""
+
+    def __init__(self) -> None:
+        self.figures = {"crm": 3, "audit": 0}
+
+    def backlog(self) -> dict[str, int]:
+        return dict(self.figures)
+
+
+def test_webhook_backlog_is_shown_when_a_sender_runs(tmp_path: Path) -> None:
+    with RunningFerry(_config(tmp_path, HttpConfig(listen=(("127.0.0.1", 0),)))) as f:
+        assert not any(name == "ferry_webhook_backlog" for name, _ in samples(f))
+        sender = _Backlog()
+        f.app.webhooks = sender
+        assert value(samples(f), "ferry_webhook_backlog", webhook="crm") == 3
+        sender.figures["crm"] = 1
+        found = samples(f)
+        assert value(found, "ferry_webhook_backlog", webhook="crm") == 1
+        assert ("ferry_webhook_backlog", frozenset({("webhook", "audit")})) in found
