@@ -53,14 +53,14 @@ class Histogram:
 
 
 class LinkFigures:
-    """An outbound delivery agent's connections and STARTTLS handshakes (per site)."""
+    """An outbound delivery agent's connections and STARTTLS handshakes (per site; the
+    failures are TLS_FAIL events, counted from the event stream)."""
 
-    __slots__ = ("closed", "opened", "tls_failures", "tls_handshakes")
+    __slots__ = ("closed", "opened", "tls_handshakes")
 
     def __init__(self) -> None:
         #: connections made and closed so far: open = opened - closed
         self.opened = 0
         self.closed = 0
-        #: site → STARTTLS handshakes completed, and those that failed
+        #: site → STARTTLS handshakes completed
         self.tls_handshakes: Counter[str] = Counter()
-        self.tls_failures: Counter[str] = Counter()

@@ -42,6 +42,7 @@ from engine import __version__, _speedups
 from engine.client.smtp import SmtpAgent
 from engine.ops.events import Event
 from engine.ops.figures import Histogram, LinkFigures
+from engine.queue.records import id_time
 
 if TYPE_CHECKING:
     from engine.app import App
@@ -74,6 +75,8 @@ class EventCounts:
         self.received: dict[str, list[int]] = {}
         #: site → recipients per outcome ("delivered", "deferred", "failed", "expired")
         self.sites: dict[str, dict[str, int]] = {}
+        #: site → connections that did not get the TLS their route asks for (TLS_FAIL)
+        self.tls_failures: dict[str, int] = {}
 
     def write(self, batch: list[Event]) -> None:
         for record in batch:
@@ -92,6 +95,9 @@ class EventCounts:
                     received = self.received[connector] = [0, 0]
                 received[0] += 1
                 received[1] += len(record.get("recipients", ()))
+            elif kind == "TLS_FAIL":
+                site = record.get("site", "")
+                self.tls_failures[site] = self.tls_failures.get(site, 0) + 1
 
     def close(self) -> None:
         pass
@@ -130,6 +136,7 @@ class FerryCollector(Collector):
         yield from self.queue()
         yield from self.scheduler()
         yield from self.dns()
+        yield from self.alerts()
         yield from self.webhook_backlog(self.app.webhooks.backlog()
                                         if self.app.webhooks is not None else None)
         if self.metrics is not None:
@@ -208,15 +215,14 @@ class FerryCollector(Collector):
             failed_in.add_metric([connector.name], connector.tls_failures)
         done_out = CounterMetricFamily("ferry_tls_out_handshakes", "STARTTLS handshakes "
                                        "completed with next hops per site", labels=["site"])
-        failed_out = CounterMetricFamily("ferry_tls_out_failures", "STARTTLS handshakes with "
-                                         "next hops that failed per site", labels=["site"])
+        failed_out = CounterMetricFamily("ferry_tls_out_failures", "Connections to next hops "
+                                         "that did not get the TLS their route asks for, per "
+                                         "site (TLS_FAIL)", labels=["site"])
         handshakes: dict[str, int] = {}
-        failures: dict[str, int] = {}
         for _, figures in self._links():
             for site, n in list(figures.tls_handshakes.items()):
                 handshakes[site] = handshakes.get(site, 0) + n
-            for site, n in list(figures.tls_failures.items()):
-                failures[site] = failures.get(site, 0) + n
+        failures = self.counts.tls_failures
         for site in sorted(set(handshakes) | set(failures)):
             done_out.add_metric([site], handshakes.get(site, 0))
             failed_out.add_metric([site], failures.get(site, 0))
@@ -237,7 +243,8 @@ class FerryCollector(Collector):
         oldest = store.oldest()
         yield GaugeMetricFamily("ferry_queue_oldest_message_age_seconds", "Age of the oldest "
                                 "message in the queue database (0: empty)",
-                                value=max(0.0, time.time() - oldest) if oldest else 0.0)
+                                value=0.0 if oldest is None else max(
+                                    0.0, time.time() - id_time(oldest)))
         problem = store.pressure()
         reason = problem.reason if problem is not None else None
         pressure = GaugeMetricFamily("ferry_back_pressure", "1 while the queue refuses new "
@@ -282,6 +289,20 @@ class FerryCollector(Collector):
             yield _histogram("ferry_dns_query_seconds", "DNS queries sent by the MX "
                              "resolver (cache misses), with their retries",
                              [((), resolver.query_seconds)])
+
+    def alerts(self) -> Iterator[Metric]:
+        """``ferry_alert_firing``: the ``[[alert]]`` rules firing now (engine.ops.alerts),
+        one series per rule and destination while it fires."""
+        alerts = self.app.alerts
+        if alerts is None:
+            return
+        firing = GaugeMetricFamily("ferry_alert_firing", "1 while an [[alert]] rule fires "
+                                   "(per destination for a rule per destination; \"\" for "
+                                   "the whole server)",
+                                   labels=["rule", "destination", "severity"])
+        for alert in alerts.active():
+            firing.add_metric([alert.rule, alert.destination, alert.severity], 1)
+        yield firing
 
     def webhook_backlog(self, backlog: Mapping[str, int] | None) -> Iterator[Metric]:
         """``ferry_webhook_backlog``: events not yet delivered per ``[[webhook]]`` (from

@@ -49,7 +49,7 @@ from engine.queue.lmdb_txn import (
     WriterParams,
     mib,
 )
-from engine.queue.records import ID_LEN, Envelope, RecordError, decode, id_text, id_time
+from engine.queue.records import ID_LEN, Envelope, RecordError, decode, id_text
 from engine.queue.writer import Pending, Writer, WriterKind, start_writer
 
 
@@ -373,18 +373,6 @@ class LmdbQueue:
         with self._read() as txn:
             n: int = txn.stat(self._db["envelopes"])["entries"]
         return n
-
-    def oldest(self) -> float | None:
-        """When the oldest queued message arrived (epoch seconds), None when the queue is
-        empty: ids begin with their arrival time, so it is the first key (one lookup)."""
-        with self._resize_lock:
-            txn = self._begin()
-            try:
-                cur = txn.cursor(self._db["envelopes"])
-                first = bytes(cur.key()) if cur.first() else None
-            finally:
-                txn.abort()
-        return id_time(first) if first is not None else None
 
     def scan_corrupt(self) -> list[tuple[bytes, str]]:
         """Decode every record (a full check, for ``ferry queue check``): the bad ones."""

@@ -16,7 +16,7 @@ import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.config import HttpConfig, HttpToken
+from engine.config import AlertConfig, AlertsConfig, HttpConfig, HttpToken
 from engine.testing.dns import DnsResponder
 from engine.testing.server import RunningFerry, ferry_config
 from engine.testing.sink import CountingSink
@@ -205,8 +205,19 @@ class _Backlog:
         return dict(self.figures)
 
 
-def test_webhook_backlog_is_shown_when_a_sender_runs(tmp_path: Path) -> None:
-    with RunningFerry(_config(tmp_path, HttpConfig(listen=(("127.0.0.1", 0),)))) as f:
+def test_alerts_firing_and_webhook_backlog(tmp_path: Path) -> None:
+    config = dataclasses.replace(
+        _config(tmp_path, HttpConfig(listen=(("127.0.0.1", 0),))),
+        alert=(AlertConfig(name="backlog", metric="queue_depth", destination="*", above=0),),
+        alerts=AlertsConfig(interval=0.1))
+    with RunningFerry(config) as f:
+        assert not any(name == "ferry_alert_firing" for name, _ in samples(f))
+        with smtplib.SMTP(f.host, f.port) as client:  # delivery is paused: it stays
+            client.sendmail("a@client.test", ["x@one.test"], BODY)
+        firing = ("ferry_alert_firing", frozenset(
+            {("rule", "backlog"), ("destination", "one.test"), ("severity", "warning")}))
+        assert wait_for(lambda: samples(f).get(firing), what="the alert firing") == 1
+
         assert not any(name == "ferry_webhook_backlog" for name, _ in samples(f))
         sender = _Backlog()
         f.app.webhooks = sender

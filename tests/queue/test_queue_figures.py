@@ -14,7 +14,7 @@ import pytest
 from engine.ops.figures import Histogram
 from engine.queue.api import BackPressure, Change, NewMessage, Outcome
 from engine.queue.lmdb_store import LmdbQueue
-from engine.queue.records import Envelope, RcptState, Recipient, id_time
+from engine.queue.records import Envelope, RcptState, Recipient
 from engine.queue.writer import WriterKind
 
 STATES = ("pending", "deferred", "suspended", "held", "poison", "delivered", "failed",
@@ -45,7 +45,7 @@ def test_state_counts_follow_every_write(store: LmdbQueue, tmp_path: Path) -> No
     assert counted(store) == {} and store.oldest() is None
     ids = [store.enqueue_sync(envelope("one.test", "two.test"), b"x\r\n") for _ in range(5)]
     assert counted(store) == indexed(store) == {"pending": 5}
-    assert store.oldest() == id_time(ids[0])
+    assert store.oldest() == ids[0]
     # A deferral (one recipient of two), a delivery that ends one message, a failure.
     store.record_sync([Outcome(ids[0], 0, RcptState.DEFERRED, "451 later", time.time() + 60),
                        Outcome(ids[1], 0, RcptState.DELIVERED, "250 ok"),
@@ -60,7 +60,7 @@ def test_state_counts_follow_every_write(store: LmdbQueue, tmp_path: Path) -> No
                        Change(ids[0], "remove", time.time())])
     assert counted(store) == indexed(store)
     assert counted(store)["held"] == 1 and counted(store)["poison"] == 1
-    assert store.oldest() == id_time(ids[2])  # ids[0] removed, ids[1] delivered
+    assert store.oldest() == ids[2]  # ids[0] removed, ids[1] delivered
     store.change_sync([Change(ids[4], "release", time.time())])
     assert counted(store) == indexed(store)
     kind: WriterKind = "process" if store.writer_pid != os.getpid() else "thread"
