@@ -179,7 +179,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the three kinds, "
                         "alternating their order; medians are compared")
     parser.add_argument("--dir", default="/work", help="where the temporary spools go")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"which servers to run, in this order (default {','.join(KINDS)})")
     args = parser.parse_args()
+    kinds = tuple(k for k in args.kinds.split(",") if k in KINDS)
     atexit.register(_stop_children)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cell = Cell(1024, False, 2000 if args.quick else 5000)
@@ -189,6 +192,7 @@ def main() -> None:
           f"{platform.python_version()}; cell {cell.name}, {cell.messages} messages, "
           f"smtp-source -s {bench_relay.SESSIONS}; scrape every {INTERVAL * 1000:.0f} ms")
     rates: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    cpu: dict[str, list[float]] = {kind: [] for kind in KINDS}
     latencies: list[float] = []
     noops: list[float] = []
     health: list[float] = []
@@ -198,10 +202,11 @@ def main() -> None:
     try:
         print(f"\n{'round':<6} {'server':<14} {'e2e/s':>8} {'CPU µs/msg':>10} {'scrapes':>8}")
         for turn in range(max(1, args.rounds)):
-            for kind in KINDS if turn % 2 == 0 else KINDS[::-1]:
+            for kind in kinds if turn % 2 == 0 else kinds[::-1]:
                 result, scraper = run(kind, cell, base)
                 rate = result.rate(result.e2e)
                 rates[kind].append(rate)
+                cpu[kind].append(result.cpu / cell.messages * 1e6)
                 shown = ""
                 if scraper is not None:
                     latencies += scraper.loaded
@@ -221,6 +226,7 @@ def main() -> None:
         _stop_children()
         shutil.rmtree(base, ignore_errors=True)
     median = {kind: statistics.median(r) if r else 0.0 for kind, r in rates.items()}
+    cpus = {kind: statistics.median(c) if c else 0.0 for kind, c in cpu.items()}
     scraped = median["ferry-scraped"] / median["ferry-http"] if median["ferry-http"] else 0
     sink = median["ferry-http"] / median["ferry"] if median["ferry"] else 0
     p50, p99 = percentile(latencies, 0.50), percentile(latencies, 0.99)
@@ -229,6 +235,8 @@ def main() -> None:
     h50, h99 = percentile(health, 0.50), percentile(health, 0.99)
     print(f"\nmedian e2e/s: ferry {median['ferry']:,.0f}, ferry-http {median['ferry-http']:,.0f}"
           f", ferry-scraped {median['ferry-scraped']:,.0f}")
+    print(f"median CPU µs/msg: ferry {cpus['ferry']:,.0f}, ferry-http {cpus['ferry-http']:,.0f}, "
+          f"ferry-scraped {cpus['ferry-scraped']:,.0f}")
     print(f"scraped / not scraped: {scraped:.2f}x (target >= {RATE_TARGET}); "
           f"http on / off: {sink:.2f}x")
     print(f"scrape latency under load ({len(latencies)} of {scrapes} scrapes, {errors} errors, "
