@@ -25,7 +25,7 @@ This module must never change what it reads, and never run on the mail path: the
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Final, Protocol
 
 from prometheus_client import generate_latest
@@ -103,12 +103,10 @@ class EventCounts:
         pass
 
 
-def _histogram(name: str, doc: str, figures: Iterable[tuple[tuple[str, ...], Histogram]],
-               labels: tuple[str, ...] = ()) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, doc, labels=list(labels))
-    for values, histogram in figures:
-        buckets = [(_bound(bound), count) for bound, count in histogram.cumulative()]
-        family.add_metric(list(values), buckets, histogram.sum)
+def _histogram(name: str, doc: str, histogram: Histogram) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc)
+    buckets = [(_bound(bound), count) for bound, count in histogram.cumulative()]
+    family.add_metric([], buckets, histogram.sum)
     return family
 
 
@@ -119,10 +117,10 @@ def _bound(value: float) -> str:
 class FerryCollector(Collector):
     """Reads a running server's figures at each scrape (see the module docstring)."""
 
-    def __init__(self, app: App, counts: EventCounts, metrics: Metrics | None = None) -> None:
+    def __init__(self, app: App, metrics: Metrics) -> None:
         self.app = app
-        self.counts = counts
         self.metrics = metrics
+        self.counts = metrics.counts
         _speedups.status()  # imports the selectors: ``active`` is complete after it
         #: the compiled extensions in use: chosen at import, fixed for the process
         self.extensions = ",".join(sorted(n for n, on in _speedups.active.items() if on))
@@ -139,10 +137,9 @@ class FerryCollector(Collector):
         yield from self.alerts()
         yield from self.webhook_backlog(self.app.webhooks.backlog()
                                         if self.app.webhooks is not None else None)
-        if self.metrics is not None:
-            yield GaugeMetricFamily("ferry_metrics_render_seconds", "How long the previous "
-                                    "scrape's rendering held the event loop",
-                                    value=self.metrics.render_seconds)
+        yield GaugeMetricFamily("ferry_metrics_render_seconds", "How long the previous "
+                                "scrape's rendering held the event loop",
+                                value=self.metrics.render_seconds)
 
     def build(self) -> Iterator[Metric]:
         info = InfoMetricFamily("ferry_build", "Ferry's version and its compiled extensions "
@@ -255,9 +252,9 @@ class FerryCollector(Collector):
         yield pressure
         seconds, writes = store.commit_figures
         yield _histogram("ferry_queue_commit_seconds", "Queue writer commit round trips "
-                         "(hand-over to answer, group commit)", [((), seconds)])
+                         "(hand-over to answer, group commit)", seconds)
         yield _histogram("ferry_queue_commit_writes", "Writes (messages, outcome batches, "
-                         "changes) per queue commit", [((), writes)])
+                         "changes) per queue commit", writes)
 
     def scheduler(self) -> Iterator[Metric]:
         scheduler = self.app.scheduler
@@ -288,7 +285,7 @@ class FerryCollector(Collector):
         if resolver is not None:
             yield _histogram("ferry_dns_query_seconds", "DNS queries sent by the MX "
                              "resolver (cache misses), with their retries",
-                             [((), resolver.query_seconds)])
+                             resolver.query_seconds)
 
     def alerts(self) -> Iterator[Metric]:
         """``ferry_alert_firing``: the ``[[alert]]`` rules firing now (engine.ops.alerts),
@@ -325,7 +322,7 @@ class Metrics:
         #: how long the last :meth:`render` held the event loop (seconds)
         self.render_seconds = 0.0
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(FerryCollector(app, self.counts, self))
+        self.registry.register(FerryCollector(app, self))
 
     def render(self) -> bytes:
         """The text exposition of every metric, timed (``ferry_metrics_render_seconds``)."""
