@@ -39,6 +39,7 @@ from engine.ops.control import ControlServer, ControlUnavailable, socket_path
 from engine.ops.daemon import SpoolLock, check_root, drop_privileges, lookup, prepare_spool
 from engine.ops.events import Events
 from engine.ops.maillog import MailLog
+from engine.ops.metrics import Metrics
 from engine.ops.operations import Operations
 from engine.ops.pressure import PressureLog
 from engine.ops.protolog import ProtocolLog
@@ -94,6 +95,10 @@ class App:
         #: open; ``backlog()`` is the events waiting per webhook.
         self.webhooks: Webhooks | None = None
         self._webhooks_on = False
+        #: GET /metrics (engine.ops.metrics): made at start while [http] is on, else None.
+        self.metrics: Metrics | None = None
+        #: The MX resolver of the router (its figures are read by metrics).
+        self.resolver: MxResolver | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -148,12 +153,17 @@ class App:
         log.info("ferry %s starting; %s", __version__, _speedups.status())
         log.info("%s", store.describe())
         self._start_tracking()
+        if self.http is not None:
+            # Before anything emits: the counts start with the server.
+            self.metrics = Metrics(self)
+            self.events.add(self.metrics.counts)
         await self._start_webhooks(store)
         # Back pressure WARNINGs (start, clear); free disk already too low is said now.
         self.pressure = pressure = PressureLog(store)
         pressure.at_start()
         pressure.start()
-        router = ConfiguredRouter(cfg, MxResolver.from_config(cfg))
+        self.resolver = MxResolver.from_config(cfg)
+        router = ConfiguredRouter(cfg, self.resolver)
         d = cfg.delivery
         # Keep as many idle connections per site as it may have workers, or a busy site
         # closes and reopens connections between messages.

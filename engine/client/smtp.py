@@ -47,6 +47,7 @@ from typing import Final
 
 from engine.client.api import FollowOn, FollowOns, Peer, RcptResult, Settled
 from engine.ops.events import Events, Kind
+from engine.ops.figures import LinkFigures
 from engine.ops.protolog import ProtocolLog, SessionLog
 from engine.protocol.client import (
     ClientConnection,
@@ -116,9 +117,11 @@ class _Pipe(asyncio.Protocol):
     """
 
     def __init__(self, conn: ClientConnection, hello: Command | None = None,
-                 log: SessionLog | None = None) -> None:
+                 log: SessionLog | None = None, figures: LinkFigures | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.conn = conn
+        #: the agent's connection counts (metrics), shared by its connections
+        self.figures = figures or LinkFigures()
         self._hello = hello
         #: This connection's protocol log, None when its connector's log is off.
         self.log = log
@@ -149,6 +152,7 @@ class _Pipe(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
+        self.figures.opened += 1
         if self.log is not None:
             local = transport.get_extra_info("sockname")
             shown = (f"{local[0]}:{local[1]}" if isinstance(local, tuple) and len(local) >= 2
@@ -221,6 +225,7 @@ class _Pipe(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
+        self.figures.closed += 1
         log = self.log
         if log is not None:
             log.recv_end()
@@ -546,6 +551,8 @@ class SmtpAgent:
         #: (follow-ons), for metrics and tests.
         self.connections_opened = 0
         self.follow_ons = 0
+        #: Connections open and STARTTLS handshakes per site, for metrics.
+        self.figures = LinkFigures()
 
     # --- the DeliveryAgent API -------------------------------------------------------
 
@@ -709,7 +716,7 @@ class SmtpAgent:
         log: SessionLog | None = None
 
         def pipe_factory() -> _Pipe:
-            return _Pipe(ClientConnection(self.settings), hello, log)
+            return _Pipe(ClientConnection(self.settings), hello, log, self.figures)
 
         for host in route.hosts:
             remote = f"{host.name}[{host.address}]:{host.port}"
@@ -777,6 +784,7 @@ class SmtpAgent:
                     except _Failure as failure:
                         self._tls_failed(s, route, failure.text)
                         raise
+                    self.figures.tls_handshakes[route.site] += 1
                     ext = await s.hello(self.helo_name, lmtp)
                 elif route.tls != "opportunistic" or reply.code == 421:
                     raise _Failure(reply_text(reply))

@@ -154,6 +154,9 @@ class QueueStats:
     #: times the map was grown, and its size now (bytes)
     map_grown: int = 0
     map_size: int = 0
+    #: (state, messages with a recipient in it) for each state present, and ``corrupt``:
+    #: the state index's counts, kept by the writer as it changes the index
+    states: tuple[tuple[str, int], ...] = ()
 
 
 class QueueStore(Protocol):

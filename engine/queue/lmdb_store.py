@@ -32,6 +32,7 @@ from typing import Any
 
 import lmdb
 
+from engine.ops.figures import Histogram
 from engine.queue.api import (
     BackPressure,
     Change,
@@ -124,6 +125,11 @@ class LmdbQueue:
     @property
     def stats(self) -> QueueStats:
         return self._writer.report.stats
+
+    @property
+    def commit_figures(self) -> tuple[Histogram, Histogram]:
+        """The writer's commit round trips (seconds) and writes per commit, for metrics."""
+        return self._writer.commit_seconds, self._writer.commit_writes
 
     def describe(self) -> str:
         """The startup log line: where, which durability mode and what it means."""

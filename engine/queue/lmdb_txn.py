@@ -53,6 +53,7 @@ from engine.queue.api import BackPressure, Change, Idempotency, NewMessage, Outc
 from engine.queue.records import (
     CORRUPT,
     FINAL_STATES,
+    ID_LEN,
     PARKED_STATES,
     Envelope,
     RcptState,
@@ -78,6 +79,8 @@ DUE: Final = struct.Struct(">Q")
 PRUNE_KEYS: Final = 64
 #: Grow the map when the data would pass this share of it.
 _GROW_AT: Final = 0.75
+#: Where the state ends in a ``states`` index key (state + SEP + id).
+_STATE_END: Final = -(ID_LEN + len(SEP))
 
 
 def due_key(due: float, queue_id: bytes, hop: str) -> bytes:
@@ -317,13 +320,22 @@ class Committer:
         self._batch_due_low: bytes | None = None
         self._commits = self._enqueued = self._outcomes = self._map_grown = 0
         self._last_commit_seconds = 0.0
+        #: Messages per state (the ``states`` index's entries per state), counted once
+        #: here and then kept up as commits change the index; the changes of the batch
+        #: being applied join them only once its transaction has committed.
+        self._states: dict[bytes, int] = defaultdict(int)
+        self._batch_states: dict[bytes, int] = defaultdict(int)
+        with self._env.begin() as txn:
+            for key in txn.cursor(self._db["states"]).iternext(values=False):
+                self._states[bytes(key[:_STATE_END])] += 1
 
     def report(self) -> Report:
         """The state now; the due low is handed over once (the next report starts anew)."""
         low, self._due_low = self._due_low, None
         return Report(self._map_full, low, QueueStats(
             self._commits, self._enqueued, self._outcomes, self._last_commit_seconds,
-            self._map_grown, self._map_size))
+            self._map_grown, self._map_size,
+            tuple((state.decode(), n) for state, n in self._states.items() if n)))
 
     def commit(self, batch: Sequence[W], size: int) -> list[Result[W]]:
         """Apply ``batch`` in one transaction; every write gets its result.  ``size`` is
@@ -368,6 +380,7 @@ class Committer:
         bytes (enqueues, and outcomes that carry new messages) and nothing else."""
         results: list[Result[W]] = []
         self._batch_due_low = None
+        self._batch_states.clear()
         with self._env.begin(write=True) as txn:
             for write in batch:
                 kind, args = write.kind, write.args
@@ -391,6 +404,8 @@ class Committer:
                     self._quarantine(txn, *args)
                     results.append((write, None, None))
         # Leaving the with-block committed the transaction (and synced, in fsync mode).
+        for state, change in self._batch_states.items():
+            self._states[state] += change
         low = self._batch_due_low
         if low is not None and (self._due_low is None or low < self._due_low):
             self._due_low = low
@@ -540,12 +555,20 @@ class Committer:
     def _replace_indexes(self, txn: Any, before: IndexKeys, after: IndexKeys) -> None:
         for name, was, now in zip(("due", "hops", "states"), before, after, strict=True):
             db = self._db[name]
-            for key in was - now:
+            gone = was - now
+            for key in gone:
                 txn.delete(key, db=db)
             added = now - was
             for key in added:
                 txn.put(key, b"", db=db)
-            if added and name == "due":
+            if name == "states":
+                # The messages per state (see __init__), an increment per entry changed.
+                counts = self._batch_states
+                for key in gone:
+                    counts[key[:_STATE_END]] -= 1
+                for key in added:
+                    counts[key[:_STATE_END]] += 1
+            elif added and name == "due":
                 low = min(added)
                 if self._batch_due_low is None or low < self._batch_due_low:
                     self._batch_due_low = low
@@ -555,7 +578,8 @@ class Committer:
         if dkey:
             txn.delete(dkey, db=db["due"])
         txn.put(qid, reason.encode(errors="replace")[:2000], db=db["corrupt"])
-        txn.put(CORRUPT.encode() + SEP + qid, b"", db=db["states"])
+        if txn.put(CORRUPT.encode() + SEP + qid, b"", db=db["states"], overwrite=False):
+            self._batch_states[CORRUPT.encode()] += 1
 
     def _put_setting(self, txn: Any, name: str, value: bytes) -> None:
         txn.put(SETTING + name.encode(), value, db=self._db["meta"])

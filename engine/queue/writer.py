@@ -31,7 +31,8 @@ import queue as thread_queue
 import subprocess
 import sys
 import threading
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import suppress
@@ -40,6 +41,7 @@ from typing import Any, Final, Literal, Protocol
 
 import orjson
 
+from engine.ops.figures import COMMIT_SECONDS, COMMIT_WRITES, Histogram
 from engine.queue.api import QueueClosed
 from engine.queue.lmdb_txn import Committer, Database, Report, Result, WriterParams
 from engine.queue.writer_process import read_frame, write_frame
@@ -64,6 +66,10 @@ class Pending:
 
 class Writer(Protocol):
     """The queue's writer, whichever runs it (see the module docstring)."""
+
+    #: commit round trips (seconds) and writes per commit, measured in this process
+    commit_seconds: Histogram
+    commit_writes: Histogram
 
     def submit(self, write: Pending) -> None:
         """Hand a write over (any thread); its future is settled after its commit."""
@@ -115,6 +121,10 @@ class _Inbox:
         self._due_low_lock = threading.Lock()
         self.lost: str | None = None
         self._closing = False
+        #: For metrics, measured in this process: seconds from handing a batch to the
+        #: committer until its commit returned, and the writes each commit held.
+        self.commit_seconds = Histogram(COMMIT_SECONDS)
+        self.commit_writes = Histogram(COMMIT_WRITES)
 
     def submit(self, write: Pending) -> None:
         if self._closing or self.lost is not None:
@@ -216,7 +226,10 @@ class ThreadWriter(_Inbox):
     def _run(self) -> None:
         committer = self._committer
         for batch, size in self._batches():
+            started = time.monotonic()
             results = committer.commit(batch, size)
+            self.commit_seconds.observe(time.monotonic() - started)
+            self.commit_writes.observe(len(results))
             self._absorb(committer.report())
             self._settle(results)
 
@@ -245,6 +258,9 @@ class ProcessWriter(_Inbox):
             raise RuntimeError(f"the queue writer process did not start: {ready!r}")
         super().__init__(params, ready)
         self._waiting: dict[int, Pending] = {}
+        #: (last ident, monotonic time sent) of each frame not answered yet: the commit
+        #: round trip of an answer is from its oldest frame's sending.
+        self._frames: deque[tuple[int, float]] = deque()
         self._lock = threading.Lock()
         self._next = 0
         self._courier = threading.Thread(target=self._send, name="ferry-queue-courier",
@@ -268,6 +284,7 @@ class ProcessWriter(_Inbox):
                         self._next += 1
                         self._waiting[self._next] = write
                         frame.append((self._next, write.kind, write.args, write.size))
+                    self._frames.append((self._next, time.monotonic()))
                 try:
                     write_frame(fd, frame)
                 except OSError as exc:
@@ -281,9 +298,22 @@ class ProcessWriter(_Inbox):
             with self._lock:
                 items = [(self._waiting.pop(ident), value, error)
                          for ident, value, error in results]
+                self._timed(results[-1][0] if results else 0, len(results))
             self._absorb(report)
             self._settle(items)
         self._fail("queue writer process exited")
+
+    def _timed(self, last: int, writes: int) -> None:
+        """The frames up to ident ``last`` are answered (the writer answers in order):
+        observe the round trip from the oldest of them (``_lock`` held)."""
+        frames = self._frames
+        sent = 0.0
+        while frames and frames[0][0] <= last:
+            sent = sent or frames[0][1]
+            frames.popleft()
+        if sent:
+            self.commit_seconds.observe(time.monotonic() - sent)
+            self.commit_writes.observe(writes)
 
     def _fail(self, why: str) -> None:
         with self._lock:

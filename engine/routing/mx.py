@@ -51,6 +51,7 @@ import dns.rdtypes.ANY.MX
 import dns.resolver
 
 from engine.config import Config
+from engine.ops.figures import DNS_SECONDS, Histogram
 from engine.routing.api import Host, RouteError
 
 __all__ = ["MxAnswer", "MxResolver"]
@@ -167,6 +168,9 @@ class MxResolver:
         self._inflight: dict[tuple[str, str], asyncio.Future[object]] = {}
         #: Bounds the queries in flight (see DeliveryConfig.dns_max_queries).
         self._slots = asyncio.Semaphore(max_queries)
+        #: Seconds per query sent (cache misses only; its wait for a slot not counted),
+        #: for metrics.
+        self.query_seconds = Histogram(DNS_SECONDS)
 
     @classmethod
     def from_config(
@@ -382,9 +386,13 @@ class MxResolver:
         """The answer, or the negative TTL for NXDOMAIN (as a float)."""
         try:
             async with self._slots:
-                return await self._resolver.resolve(
-                    qname, rdtype, search=False, raise_on_no_answer=False
-                )
+                started = time.monotonic()
+                try:
+                    return await self._resolver.resolve(
+                        qname, rdtype, search=False, raise_on_no_answer=False
+                    )
+                finally:
+                    self.query_seconds.observe(time.monotonic() - started)
         except dns.resolver.NXDOMAIN as err:
             try:
                 responses = cast(

@@ -43,6 +43,7 @@ def outcomes(env: Envelope, results: Sequence[RcptResult], recorded: Sequence[Ou
     qid = env.queue_id
     delay = round(now - env.arrival, 3)
     local = route is not None and route.protocol == "maildir"
+    site = route.site if route is not None else ""
     facts: list[Fact] = []
     for o in recorded:
         rcpt = env.recipients[o.recipient]
@@ -51,11 +52,13 @@ def outcomes(env: Envelope, results: Sequence[RcptResult], recorded: Sequence[Ou
             if o.state is RcptState.FAILED:
                 facts.append((Kind.EXPIRE, qid, mid, {"recipient": rcpt.address,
                                                       "reply": rcpt.last_reply,
-                                                      "delay": delay}))
+                                                      "delay": delay, "site": site,
+                                                      "destination": rcpt.next_hop}))
             continue
         peer = result.peer or (LOCAL if local else _NOWHERE)
         fields: dict[str, Any] = {"recipient": rcpt.address, "host": peer.host,
-                                  "address": peer.address, "reply": o.reply}
+                                  "address": peer.address, "reply": o.reply, "site": site,
+                                  "destination": rcpt.next_hop}
         attempt = rcpt.attempts + (1 if o.attempted else 0)
         if o.state is RcptState.DELIVERED:
             fields.update(tls=peer.tls, attempt=attempt, delay=delay,
@@ -70,13 +73,16 @@ def outcomes(env: Envelope, results: Sequence[RcptResult], recorded: Sequence[Ou
     return facts
 
 
-def deferred(env: Envelope, recorded: Sequence[Outcome], now: float) -> list[Fact]:
-    """DEFER for recipients put off without a try (their site is down, a local error)."""
+def deferred(env: Envelope, recorded: Sequence[Outcome], now: float,
+             site: str = "") -> list[Fact]:
+    """DEFER for recipients put off without a try (their ``site`` is down, a local error:
+    no site)."""
     mid = bare_message_id(env.message_id)
     delay = round(now - env.arrival, 3)
     return [(Kind.DEFER, env.queue_id, mid, {
         "recipient": env.recipients[o.recipient].address, "host": "", "address": "",
-        "reply": o.reply, "attempt": env.recipients[o.recipient].attempts, "delay": delay,
+        "reply": o.reply, "site": site, "destination": env.recipients[o.recipient].next_hop,
+        "attempt": env.recipients[o.recipient].attempts, "delay": delay,
         "retry": iso_time(o.due)}) for o in recorded]
 
 

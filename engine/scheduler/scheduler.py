@@ -485,9 +485,11 @@ class Scheduler:
                           "release)", id_text(qid), reason)
                 self._poisoned(qid, reason)
 
-    def snapshot(self) -> SchedulerSnapshot:
+    def snapshot(self, destinations: bool = True) -> SchedulerSnapshot:
         """What the operator sees, now, as one frozen value (``engine.scheduler.snapshot``):
-        the one place the control channel and the viewers read the scheduler's state."""
+        the one place the control channel and the viewers read the scheduler's state.
+        Without ``destinations`` (a metrics scrape) the per-destination views, a route
+        lookup each, are left out."""
         now = time.time()
         sites = sorted((SiteView(site.name, site.workers, site.limits.max_connections,
                                  site.limits.max_rate, len(site.jobs))
@@ -498,7 +500,7 @@ class Scheduler:
             down=tuple(DownSite(name, until) for name, until in sorted(self.down.items())
                        if until > now),
             suspended=tuple(sorted(self.suspended)), queue=self.store.stats,
-            destinations=self._destination_views(now))
+            destinations=self._destination_views(now) if destinations else ())
 
     def _destination_views(self, now: float) -> tuple[DestinationView, ...]:
         traffic = self._sweep_traffic(now)
@@ -715,7 +717,7 @@ class Scheduler:
                             continue
                         await self._defer_group(
                             entry, f"451 4.4.1 {site.name} is down, not tried", down_until,
-                            min(5.0, self._down_length() * RETRY_JITTER))
+                            min(5.0, self._down_length() * RETRY_JITTER), site=site.name)
                         continue
                     wait = site.throttle.wait(loop.time())
                     if wait:
@@ -907,7 +909,8 @@ class Scheduler:
                     if expired:
                         batched = await self._finish(
                             entry, env, [],
-                            [(i, "expired") for i in self._all_open(env, entry.next_hop)])
+                            [(i, "expired") for i in self._all_open(env, entry.next_hop)],
+                            route)
                     return True
                 if self.journal is not None:
                     self.journal.started(entry.group)
@@ -1088,9 +1091,10 @@ class Scheduler:
                 self._release(entry)
 
     async def _defer_group(self, entry: DueEntry, reply: str, until: float,
-                           spread: float = 5.0) -> None:
+                           spread: float = 5.0, site: str = "") -> None:
         """Defer a group's waiting recipients, untried, to ``until`` plus up to ``spread``
-        seconds drawn at random (so they do not come back in one wave)."""
+        seconds drawn at random (so they do not come back in one wave); ``site``: theirs,
+        when it is down (for the DEFER events)."""
         try:
             env = self._load(entry)
             if env is not None:
@@ -1099,7 +1103,7 @@ class Scheduler:
                             for i in self._waiting(env, entry.next_hop)]
                 await self.store.record(outcomes)
                 if self.events.on:
-                    facts.emit(self.events, facts.deferred(env, outcomes, time.time()))
+                    facts.emit(self.events, facts.deferred(env, outcomes, time.time(), site))
         finally:
             self._release(entry)
 

@@ -175,6 +175,13 @@ class Connector:
         self.sessions: set[SmtpSession] = set()
         self.per_ip: Counter[str] = Counter()
         self.servers: list[asyncio.AbstractServer] = []
+        #: For metrics (engine.ops.metrics), counted by the sessions on their refusal and
+        #: TLS paths: messages and recipients refused, by reply class (index 4 and 5:
+        #: 4xx and 5xx), and TLS handshakes done and failed.
+        self.refused_messages = [0] * 6
+        self.refused_recipients = [0] * 6
+        self.tls_handshakes = 0
+        self.tls_failures = 0
         #: set when stopping and the last session is gone
         self._drained: asyncio.Event | None = None
 

@@ -181,6 +181,8 @@ class SmtpSession(asyncio.Protocol):
                 break
             elif type(event) is sm.Rejected:
                 self._rejected(event)
+            elif type(event) is sm.MessageRefused:
+                self.connector.refused_messages[event.code // 100] += 1
         self._flush()
         if conn.closed:
             self._close()
@@ -212,6 +214,9 @@ class SmtpSession(asyncio.Protocol):
     def _reply(self, event: sm.Event, answer: Reply) -> None:
         code = answer[0]
         self.conn.reply(*answer)
+        if code >= 400 and type(event) is sm.MessageReceived:
+            self.connector.refused_messages[code // 100] += 1
+            self.connector.refused_recipients[code // 100] += len(event.recipients)
         if isinstance(event, sm.StartTLS) and code == 220:
             self._flush()
             self._run_tls()
@@ -257,6 +262,10 @@ class SmtpSession(asyncio.Protocol):
         verb = line[:4].upper()
         if verb not in (b"MAIL", b"RCPT"):
             return
+        if verb == b"MAIL":
+            self.connector.refused_messages[event.code // 100] += 1
+        else:
+            self.connector.refused_recipients[event.code // 100] += 1
         # The address as written, for the log line only (it may be what was wrong).
         address = line[line.find(b":") + 1:].split(b">", 1)[0].strip().lstrip(b"<")
         written = address[:256].decode("utf-8", "replace")
@@ -276,8 +285,10 @@ class SmtpSession(asyncio.Protocol):
         transaction = self.conn.transaction
         if isinstance(event, sm.MailFrom):
             command, sender, recipient = "MAIL", event.command.mailbox, ""
+            self.connector.refused_messages[reply[0] // 100] += 1
         else:
             command, recipient = "RCPT", event.command.mailbox
+            self.connector.refused_recipients[reply[0] // 100] += 1
             sender = transaction.mail.mailbox if transaction is not None else ""
         maillog.refused(command, reply, client=self.client, helo=self.conn.helo or "",
                         sender=sender, recipient=recipient, connector=self.connector.name)
@@ -354,6 +365,7 @@ class SmtpSession(asyncio.Protocol):
                     self.transport, self, context, server_side=True,
                     ssl_handshake_timeout=self.config.idle_timeout)
             except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+                self.connector.tls_failures += 1
                 if self.log is not None:
                     self.log.event(f"TLS handshake failed: {exc}")
                 self._busy = None
@@ -378,6 +390,7 @@ class SmtpSession(asyncio.Protocol):
         assert self.transport is not None
         obj = self.transport.get_extra_info("ssl_object")
         if obj is not None:
+            self.connector.tls_handshakes += 1
             cipher = obj.cipher()
             self.tls_info = f"version={obj.version()} cipher={cipher[0] if cipher else '?'}"
             if self.log is not None:
