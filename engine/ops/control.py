@@ -25,6 +25,11 @@ order, on a connection that stays open for more:
     {"command": "retry", "ids": [...]}                  → the same (deferred → due now)
     {"command": "retry", "destination": "example.com"}  → {"ok": true, "destination": ...,
                                                           "recipients": 3}
+    {"command": "reload"}     → {"ok": true, "applied": ["send[0].smarthosts", ...],
+                                 "restart": [{"key": "receive[0].listen", "why": "..."}]}
+                              or {"ok": false, "error": "configuration refused, ...",
+                                  "errors": ["receive[0].key_file: ...", ...]}
+                                 (engine.ops.reload.ReloadResult.to_json)
     anything wrong            → {"ok": false, "error": "unknown command \"x\"; one of ..."}
 
 Ids are queue ids as ``ferry queue list`` prints them, at most :data:`MAX_IDS` per request
@@ -167,6 +172,7 @@ COMMANDS: Final[Mapping[str, _Command]] = {
                        takes_ids=True, takes_report=True),
     "retry": _Command("try a destination's deferred mail, or messages, now",
                       takes_destination=True, takes_ids=True),
+    "reload": _Command("read the configuration file again and apply it (engine.ops.reload)"),
 }
 
 
@@ -263,14 +269,17 @@ class ControlServer:
     """Serves the control socket for ``scheduler`` (see the module docstring).
 
     ``normalize`` turns what the operator typed into the queue's destination name
-    (``Router.destination``: the same rule as for recipients' domains).
+    (``Router.destination``: the same rule as for recipients' domains; a reload gives the
+    new router's).  ``reload`` is the App's reload, its reply ready (None: not offered).
     """
 
     def __init__(self, path: Path, scheduler: Scheduler,
-                 normalize: Callable[[str], str]) -> None:
+                 normalize: Callable[[str], str],
+                 reload: Callable[[], Awaitable[Reply]] | None = None) -> None:
         self.path = path
         self.scheduler = scheduler
         self.normalize = normalize
+        self.reload = reload
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[Any]] = set()
         self._inode: int | None = None
@@ -284,6 +293,7 @@ class ControlServer:
             "release": self._release,
             "remove": self._remove,
             "retry": self._retry,
+            "reload": self._reload,
         }
 
     async def start(self) -> None:
@@ -422,6 +432,13 @@ class ControlServer:
         count = await self.scheduler.retry_destination(hop, request.by)
         log.info("%s retried %s (%d recipients due now)", request.by, hop, count)
         return {"ok": True, "destination": hop, "recipients": count}
+
+
+    async def _reload(self, request: Request) -> Reply:
+        if self.reload is None:
+            raise ControlError("reload: not offered by this server")
+        log.info("%s asked for a reload of the configuration", request.by)
+        return await self.reload()
 
 
 def verb_reply(done: VerbResult) -> Reply:
