@@ -42,8 +42,8 @@ Reconfigure = Callable[[Config], None]
 #: The keys that only take effect at a restart, as key patterns ("[*]" for any connector),
 #: and why.  A table name stands for each of its keys not listed on its own.
 RESTART: Final[Mapping[str, str]] = {
-    "hostname": "it is the EHLO name of pooled connections and every queued record's "
-                "Received field",
+    "hostname": "the delivery agents, the receive connectors and the reports are built "
+                "with it at start (EHLO, greeting, Received fields, DSNs)",
     "spool": "the queue database, its lock and the control socket are opened at start",
     "queue": "the queue database and its writer process are opened at start",
     "server": "the switch of user happens once, at start",

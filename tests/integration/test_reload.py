@@ -262,7 +262,7 @@ def _served_name(port: int, ca: trustme.CA, implicit: bool) -> str:
         assert isinstance(sock, ssl.SSLSocket)
         peer = sock.getpeercert()
         assert peer is not None
-        names = [v for k, v in peer.get("subjectAltName", ()) if k == "DNS"]
+        names = [entry[1] for entry in peer.get("subjectAltName", ()) if entry[0] == "DNS"]
         return str(names[0])
 
 
