@@ -862,7 +862,8 @@ class Scheduler:
         ``deliver`` (None when the agent takes none there).
 
         Only when the site has all the workers its limit allows (below it, the group goes
-        out in parallel on a connection of its own), no rate limit (a follow-on is sent
+        out in parallel on a connection of its own; above it, after a reload lowered the
+        limit, this worker is to end after its delivery), no rate limit (a follow-on is sent
         at once), and for plain groups (one transaction, same route, nothing to record
         first).  Anything else waits for a worker's turn.  Runs in the worker, never from
         the agent's reads: the agent only pops what is ready."""
@@ -875,7 +876,7 @@ class Scheduler:
         jobs = site.jobs
         # Never the groups that workers still starting will take (see _staff).
         while (len(follow_ons) < _FOLLOW_AHEAD and len(jobs) > site.starting
-               and not self._stopping and site.workers >= site.limits.max_connections
+               and not self._stopping and site.workers == site.limits.max_connections
                and not self.down.get(site.name, 0.0)):
             entry, nxt = jobs[0]
             if (nxt.site, nxt.protocol, nxt.tls, nxt.auth) != (

@@ -313,3 +313,77 @@ def test_keys_that_need_a_restart_are_named_and_keep_their_running_value(
     assert reply["ok"] and reply["applied"] == []  # nothing new, the same keys wait
     assert {item["key"] for item in reply["restart"]} == set(result.restart)
     assert all(item["why"] for item in reply["restart"])
+
+
+def test_a_lowered_limit_lets_running_deliveries_finish_and_then_holds(
+        conf: Any, sink: CountingSink) -> None:
+    # No follow-on messages: each worker's delivery is one message, held at the sink.
+    path = conf(max_connections=5)
+    text = path.read_text().replace('dns = "127.0.0.1:9"',
+                                    'dns = "127.0.0.1:9"\npipeline_messages = false')
+    path.write_text(text)
+    passes = [0]  # messages the sink may answer; -1: all of them
+    release_all = threading.Event()
+
+    async def gate(envelope: Any) -> None:
+        # On the sink's one loop: the test and the decrement never interleave.
+        while not release_all.is_set() and passes[0] <= 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        if not release_all.is_set():
+            passes[0] -= 1
+
+    sink.hold = gate
+    ferry = RunningFerry(load_config(path), path=path)
+    try:
+        with smtplib.SMTP("127.0.0.1", ferry.port) as client:
+            for n in range(12):
+                client.sendmail("a@client.test", [f"u{n}@route.test"],
+                                f"X-Seq: {n}\r\n\r\n{n}\r\n".encode())
+        name = f"smarthost:{A}:{sink.port}"
+        wait_for(lambda: (s := site(ferry, name)) is not None and s.workers == 5, 60,
+                 "five deliveries held at the sink")
+        path.write_text(text.replace("max_connections = 5", "max_connections = 2"))
+        result = ferry.call(ferry.app.reload())
+        assert result.applied == ('delivery.domains."route.test".max_connections',)
+        now = site(ferry, name)
+        assert (now.max_connections, now.workers) == (2, 5)  # running ones go on
+        passes[0] = 3  # three deliveries finish: their workers end, none takes more
+        wait_for(lambda: site(ferry, name).workers == 2 and site(ferry, name).waiting > 0,
+                 60, "the site down to its new limit with mail waiting")
+        assert sink.state.open[A] <= 5
+        release_all.set()
+        wait_for(lambda: ferry.store.count() == 0, 60, "everything delivered")
+        assert Counter(seq_of(m.body) for m in sink.state.messages) == Counter(range(12))
+    finally:
+        release_all.set()
+        ferry.stop()
+
+
+def test_log_level_and_http_tokens_apply_at_once(
+        conf: Any, caplog: pytest.LogCaptureFixture) -> None:
+    token = "a" * 32
+    quiet = '[log]\nlevel = "warning"\n[http]\nlisten = ["127.0.0.1:0"]\n'
+    path = conf(extra=quiet.replace("\n[http]", f'\n[http.tokens.old]\ntoken = "{token}"\n'
+                                                "[http]"))
+    ferry = RunningFerry(load_config(path), path=path)
+    try:
+        def mail_lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "ferry.mail"]
+
+        with smtplib.SMTP("127.0.0.1", ferry.port) as client:
+            client.sendmail("quiet@client.test", ["x@route.test"], b"Subject: q\r\n\r\nq\r\n")
+        assert mail_lines() == []  # [log] level = "warning": no mail log lines
+        loud = quiet.replace('"warning"', '"info"') + (
+            f'[http.tokens.ops]\ntoken = "{"b" * 32}"\nscopes = ["admin"]\n')
+        conf(extra=loud.replace("\n[http]", f'\n[http.tokens.old]\ntoken = "{token}"\n'
+                                            "[http]"))
+        result = ferry.call(ferry.app.reload())
+        assert set(result.applied) == {"log.level", "http.tokens.ops (added)"}
+        assert ferry.app.http is not None
+        assert set(ferry.app.http.config.tokens) == {"old", "ops"}
+        with smtplib.SMTP("127.0.0.1", ferry.port) as client:
+            client.sendmail("loud@client.test", ["x@route.test"], b"Subject: l\r\n\r\nl\r\n")
+        wait_for(lambda: any("from=<loud@client.test>" in line for line in mail_lines()), 30,
+                 "the mail log line of a message received after the reload")
+    finally:
+        ferry.stop()
