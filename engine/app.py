@@ -109,10 +109,6 @@ class App:
     async def start(self) -> None:
         cfg = self.config
         q = cfg.queue
-        # [log] level (a --log-level flag was merged into it) for Ferry's loggers, ferry.*;
-        # the handler and format are the CLI's (engine.cli.main).
-        logging.getLogger("ferry").setLevel(cfg.log.level.upper())
-        # [log] format for the handler the CLI installed (none in tests: theirs stays).
         self._use_log(cfg)
         srv = cfg.server
         account = lookup(srv.user, srv.group)
@@ -218,6 +214,8 @@ class App:
 
     def _use_log(self, cfg: Config) -> None:
         """[log] level and format (at start and at a reload)."""
+        # [log] level (a --log-level flag was merged into it) for Ferry's loggers, ferry.*;
+        # the handler is the CLI's (engine.cli.main).
         logging.getLogger("ferry").setLevel(cfg.log.level.upper())
         # One INFO line per event on ferry.mail (engine.ops.maillog), when [log] level lets
         # them out: with no sink listening the producers build no event at all.  (Once
@@ -226,6 +224,7 @@ class App:
                 logging.INFO):
             self._mail_log = MailLog()
             self.events.add(self._mail_log)
+        # [log] format for the handler the CLI installed (none in tests: theirs stays).
         logfmt.use(cfg.log.format)
 
     # --- reload ------------------------------------------------------------------------
@@ -234,6 +233,10 @@ class App:
         """Read the configuration file and flags again and apply what can be applied
         while running (engine.ops.reload); a configuration with a problem is refused
         whole, the running one stays.  Sessions stay open, queued mail stays queued."""
+        if self.scheduler is None or self.router is None:
+            # Not before the start is done: READY=1 would tell systemd too early.
+            log.warning("reload refused: the server is still starting")
+            return ReloadResult.refused(["the server is still starting"])
         async with self._reloading:
             # sd_notify(3): RELOADING=1 first, READY=1 once done, whatever the outcome
             # (systemd has no word for a refused reload: STATUS= and the log say it).
@@ -250,8 +253,6 @@ class App:
         return (await self.reload()).to_json()
 
     async def _reload(self) -> ReloadResult:
-        if self.scheduler is None or self.router is None:
-            return ReloadResult.refused(["the server is still starting"])
         try:
             # Files are read in a thread: the loop keeps serving meanwhile.
             new = await asyncio.to_thread(self._read)

@@ -196,9 +196,13 @@ class Connector:
         if implicit and tls is not None and self.tls_context is not None:
             # The listening sockets hold this context and make each new connection's TLS
             # from it: the new pair goes into it (its files were just loaded into ``tls``,
-            # so they load here too).
+            # so they load here too, unless they changed in between).
             assert config.cert_file is not None and config.key_file is not None
-            self.tls_context.load_cert_chain(config.cert_file, config.key_file)
+            try:
+                self.tls_context.load_cert_chain(config.cert_file, config.key_file)
+            except (ssl.SSLError, OSError) as exc:
+                log.error("receive connector %s: the certificate changed during the reload "
+                          "and did not load (%s); reload again", config.name, exc)
         else:
             self.tls_context = tls
         self.settings = self._settings(auth_enabled)
