@@ -387,3 +387,23 @@ def test_log_level_and_http_tokens_apply_at_once(
                  "the mail log line of a message received after the reload")
     finally:
         ferry.stop()
+
+
+def test_receive_limits_apply_to_new_sessions_and_open_ones_keep_theirs(
+        ferry: RunningFerry, conf: Any) -> None:
+    with RawClient("127.0.0.1", ferry.port) as open_before:
+        assert open_before.reply().code == 220
+        assert open_before.command(b"EHLO before.test").code == 250
+        conf(receive="max_recipients = 1")
+        result = ferry.call(ferry.app.reload())
+        assert result.applied == ("receive[0].max_recipients",)
+        with RawClient("127.0.0.1", ferry.port) as new:
+            assert new.reply().code == 220
+            assert new.command(b"EHLO after.test").code == 250
+            assert new.command(b"MAIL FROM:<a@client.test>").code == 250
+            assert new.command(b"RCPT TO:<x@route.test>").code == 250
+            assert new.command(b"RCPT TO:<y@route.test>").code == 452  # the new limit
+        # The session open across the reload keeps the limit it started with.
+        assert open_before.command(b"MAIL FROM:<a@client.test>").code == 250
+        assert open_before.command(b"RCPT TO:<x@route.test>").code == 250
+        assert open_before.command(b"RCPT TO:<y@route.test>").code == 250
