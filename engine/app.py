@@ -259,8 +259,11 @@ class App:
             done = plan(self.config, new)
             contexts = await asyncio.to_thread(lambda: [receive_tls(rc)
                                                         for rc in done.config.receive])
-            authenticator = Authenticator(done.config.users)
-        except (ConfigError, OSError, ValueError) as exc:
+            try:
+                authenticator = Authenticator(done.config.users)
+            except ValueError as exc:  # a hash that says "scrypt$" and is not one
+                raise ConfigError(f"users: {exc}") from None
+        except (ConfigError, OSError) as exc:
             problems = exc.problems if isinstance(exc, ConfigError) else (str(exc),)
             for line in problems:
                 log.error("reload refused: %s", line)

@@ -49,7 +49,8 @@ def reload_main(args: argparse.Namespace) -> int:
             print(f"  {line}", file=sys.stderr)
         return 2
     applied, restart = reply.get("applied", []), reply.get("restart", [])
-    print(f"reloaded: {len(applied)} changes applied" if applied else
+    count = len(applied)
+    print(f"reloaded: {count} change{'' if count == 1 else 's'} applied" if applied else
           "reloaded: nothing to change")
     for key in applied:
         print(f"  applied: {key}")

@@ -131,7 +131,7 @@ def test_ferry_reload_changes_a_route_with_a_session_open(server: Server) -> Non
     server.write(B)
     out = server.reload()
     assert out.returncode == 0, out.stderr
-    assert out.stdout == "reloaded: 1 changes applied\n  applied: send[0].smarthosts\n"
+    assert out.stdout == "reloaded: 1 change applied\n  applied: send[0].smarthosts\n"
     session.send("after")  # the same session, open across the reload
     assert server.delivered_to("after") == B
     session.close()

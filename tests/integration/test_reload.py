@@ -198,6 +198,8 @@ def test_a_bad_configuration_is_refused_whole_and_the_old_one_stays(
         "syntax": ("[[send]\nname = 1\n", "invalid TOML"),
         "unknown key": (conf(smarthost=B, extra="relay_netwrks = []").read_text(),
                         "unknown key 'relay_netwrks'"),
+        "password hash": (conf(smarthost=B, extra='[users]\napp = "scrypt$not-a-hash"')
+                          .read_text(), "users: malformed password hash for user 'app'"),
         "key file": (conf(smarthost=B, receive=f'tls = "starttls"\ncert_file = "{cert_path}"'
                                               f'\nkey_file = "{bad_key}"').read_text(),
                      "receive[0].key_file"),
