@@ -11,6 +11,7 @@ import smtplib
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -218,6 +219,7 @@ def test_sighup_reloads_like_ferry_reload_and_tells_systemd(
                 for n in range(30):
                     session.send(f"s{n}")
                     sent.append(f"s{n}")
+                    time.sleep(0.02)  # pacing: the stream lasts beyond the signal
             except BaseException as exc:
                 errors.append(exc)
 

@@ -10,6 +10,7 @@ import asyncio
 import smtplib
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,10 +103,15 @@ def site(ferry: RunningFerry, name: str) -> Any:
 
 class Clients:
     """``count`` client threads, each one SMTP session sending ``per_client`` messages to
-    route.test; every 250 is recorded with whether it came after ``reloaded`` was set."""
+    route.test; every 250 is recorded with whether it came after ``reloaded`` was set.
+    Each session waits after its first ``before`` messages until ``go`` is set (just
+    before the reload is asked for), so that the rest of the stream runs across it."""
 
-    def __init__(self, port: int, count: int = 3, per_client: int = 40) -> None:
+    def __init__(self, port: int, count: int = 3, per_client: int = 40,
+                 before: int = 10) -> None:
         self.port = port
+        self.before = before
+        self.go = threading.Event()
         self.reloaded = threading.Event()
         self.accepted: dict[int, bool] = {}  # seq → sent after the reload
         self.errors: list[BaseException] = []
@@ -120,6 +126,10 @@ class Clients:
             with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as client:
                 client.ehlo("load.test")
                 for n in range(count):
+                    if n == self.before:
+                        assert self.go.wait(60)
+                    elif n > self.before:
+                        time.sleep(0.005)  # pacing: the stream lasts beyond the reload
                     seq = index * 1000 + n
                     after = self.reloaded.is_set()
                     body = f"Subject: load {seq}\r\nX-Seq: {seq}\r\n\r\nmessage {seq}\r\n"
@@ -145,7 +155,7 @@ class Clients:
 def test_a_reload_under_load_changes_a_route_and_a_limit_and_loses_nothing(
         ferry: RunningFerry, conf: Any, sink: CountingSink) -> None:
     clients = Clients(ferry.port)
-    wait_for(lambda: len(clients.accepted) >= 20, 60, "mail flowing before the reload")
+    wait_for(lambda: len(clients.accepted) >= 30, 60, "mail flowing before the reload")
     # Held at the sink after the reload, so the new site is busy while it is looked at.
     release = threading.Event()
 
@@ -155,6 +165,7 @@ def test_a_reload_under_load_changes_a_route_and_a_limit_and_loses_nothing(
 
     sink.hold = hold
     conf(smarthost=B, max_connections=2)
+    clients.go.set()
     reply = request(socket_path(ferry.app.config.spool), {"command": "reload"})
     clients.reloaded.set()
     assert reply["ok"], reply
