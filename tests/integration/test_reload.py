@@ -420,3 +420,26 @@ def test_receive_limits_apply_to_new_sessions_and_open_ones_keep_theirs(
         assert open_before.command(b"MAIL FROM:<a@client.test>").code == 250
         assert open_before.command(b"RCPT TO:<x@route.test>").code == 250
         assert open_before.command(b"RCPT TO:<y@route.test>").code == 250
+
+
+def test_queued_mail_takes_the_new_route_and_paused_delivery_resumes(
+        conf: Any, sink: CountingSink) -> None:
+    path = conf(extra="")
+    paused = path.read_text().replace('dns = "127.0.0.1:9"', 'dns = "127.0.0.1:9"\npaused = true')
+    path.write_text(paused)
+    ferry = RunningFerry(load_config(path), path=path)
+    try:
+        with smtplib.SMTP("127.0.0.1", ferry.port) as client:
+            for n in range(3):
+                client.sendmail("a@client.test", [f"q{n}@route.test"],
+                                f"X-Seq: {n}\r\n\r\n{n}\r\n".encode())
+        assert ferry.store.count() == 3
+        path.write_text(paused.replace("paused = true", "paused = false")
+                        .replace(f"{A}:{sink.port}", f"{B}:{sink.port}"))
+        result = ferry.call(ferry.app.reload())
+        assert set(result.applied) == {"delivery.paused", "send[0].smarthosts"}
+        wait_for(lambda: ferry.store.count() == 0, 60, "the queued mail delivered")
+        assert sorted((seq_of(m.body), m.address) for m in sink.state.messages) == [
+            (0, B), (1, B), (2, B)]
+    finally:
+        ferry.stop()
