@@ -25,7 +25,7 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from engine import __version__, _speedups
@@ -43,6 +43,7 @@ from engine.config import (
 )
 from engine.http.server import HttpServer
 from engine.ops import logfmt
+from engine.ops.alerts import Alerts
 from engine.ops.control import ControlServer, ControlUnavailable, socket_path
 from engine.ops.daemon import SpoolLock, check_root, drop_privileges, lookup, prepare_spool
 from engine.ops.events import Events
@@ -92,6 +93,9 @@ class App:
         self.events = Events()
         #: held from start to the end of the process: one server per spool
         self.lock = SpoolLock(Path(config.spool))
+        #: The [[alert]] rules' evaluator (engine.ops.alerts); ``alerts.active()`` is the
+        #: alerts firing now.  Made at start, once the queue is open.
+        self.alerts: Alerts | None = None
         # What a reload reads again (absolute: the working directory may change).
         self.path = None if path is None else Path(path).absolute()
         self.flags: Mapping[str, object] = dict(flags or {})
@@ -165,17 +169,21 @@ class App:
                                          max_messages_per_connection=d.max_messages_per_connection,
                                          max_idle_per_site=idle, ca_file=ca_file,
                                          pipeline_messages=d.pipeline_messages,
-                                         protocol_logs=send_logs | mx_logs),
+                                         protocol_logs=send_logs | mx_logs,
+                                         events=self.events),
                        # [delivery] protocol_log is not for [[local]] LMTP servers (their
                        # routes have no connector either): only [[send]] logs here.
                        "lmtp": SmtpAgent(cfg.hostname, lmtp=True, max_idle_per_site=idle,
-                                         ca_file=ca_file, protocol_logs=send_logs),
+                                         ca_file=ca_file, protocol_logs=send_logs,
+                                         events=self.events),
                        "maildir": MaildirAgent(hostname=cfg.hostname)}
         self.scheduler = scheduler = Scheduler(store, router, self.agents, hostname=cfg.hostname,
                                                settings=d, events=self.events,
                                                journal=InFlightJournal(
                                                    Path(cfg.spool) / INFLIGHT_FILE))
         scheduler.start()
+        # The router of now (a reload replaces it), as the queue names destinations.
+        self._start_alerts(store, lambda domain: self._router().destination(domain))
         control = ControlServer(socket_path(cfg.spool), scheduler, router.destination,
                                 self._reload_reply)
         try:
@@ -211,6 +219,10 @@ class App:
         if self.http is not None:
             await self.http.start()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_logs())
+
+    def _router(self) -> ConfiguredRouter:
+        assert self.router is not None
+        return self.router
 
     def _use_log(self, cfg: Config) -> None:
         """[log] level and format (at start and at a reload)."""
@@ -338,6 +350,18 @@ class App:
                                     max_total_size=t.max_total_size))
         log.info("message tracking log in %s", directory)
 
+    def _start_alerts(self, store: LmdbQueue, destination: Callable[[str], str]) -> None:
+        """The [[alert]] rules' evaluator, every [alerts] interval (engine.ops.alerts)."""
+        cfg = self.config
+        self.alerts = alerts = Alerts(cfg.alert, cfg.alerts.interval, self.events, store,
+                                      destination)
+        alerts.start()
+        # A reload: new rules and interval (unchanged rules keep their state).
+        self.reconfigure.append(lambda new: alerts.reconfigure(new.alert, new.alerts.interval))
+        if cfg.alert:
+            log.info("%d alert rules, evaluated every %g s", len(cfg.alert),
+                     cfg.alerts.interval)
+
     def _open_send_logs(self) -> tuple[dict[str, ProtocolLog], dict[str, ProtocolLog]]:
         """The send protocol logs that are on: ([[send]] connector name → its log, the
         implicit connectors' names → the [delivery] log); kept in ``send_logs``."""
@@ -382,6 +406,8 @@ class App:
             await self.control.stop()
         if self.pressure is not None:
             self.pressure.stop()
+        if self.alerts is not None:
+            await self.alerts.stop()
         await asyncio.gather(*(c.stop() for c in self.connectors))
         if self.scheduler is not None:
             await self.scheduler.stop()

@@ -68,10 +68,13 @@ from pydantic import (
 )
 
 __all__ = [
+    "ALERT_METRICS",
     "DEFAULT_TOML",
     "FLAGS",
     "IMPLICIT_SMARTHOST",
     "TABLES",
+    "AlertConfig",
+    "AlertsConfig",
     "Config",
     "ConfigError",
     "DeliveryConfig",
@@ -1143,6 +1146,141 @@ class ServerConfig:
     allow_root: _Bool = False
 
 
+# --- alerts
+
+
+#: What an [[alert]] rule watches (engine.ops.alerts reads each one; docs/alerts.md).
+ALERT_METRICS: Final = ("queue_depth", "oldest_message_age", "deferral_ratio",
+                        "back_pressure", "free_disk", "tls_failures")
+#: The metrics a ``destination`` selects (the others are one figure for the whole server).
+ALERT_PER_DESTINATION: Final = frozenset({"queue_depth", "oldest_message_age",
+                                          "deferral_ratio", "tls_failures"})
+#: The metrics counted over the rule's ``window`` (the others are read as they are now).
+ALERT_WINDOWED: Final = frozenset({"deferral_ratio", "tls_failures"})
+
+
+def _count(value: object) -> float:
+    if not _is_int(value) or cast(int, value) < 0:
+        raise _Invalid(f"must be a whole number, 0 or more (got {_show(value)})")
+    return float(cast(int, value))
+
+
+def _ratio(value: object) -> float:
+    """A fraction from 0 to 1, or a percentage written as text ("30%")."""
+    number = _finite(value)
+    if isinstance(value, str) and re.fullmatch(r"\d+(?:\.\d+)?%", value.strip()):
+        number = float(value.strip()[:-1]) / 100
+    if number is None or not 0 <= number <= 1:
+        raise _Invalid(f'must be a fraction from 0 to 1 or a percentage such as "30%" '
+                       f"(got {_show(value)})")
+    return number
+
+
+def _flag(value: object) -> float:
+    if value not in (0, 1) or isinstance(value, bool):
+        raise _Invalid(f"must be 0 or 1 (back_pressure is 1 while the queue refuses mail) "
+                       f"(got {_show(value)})")
+    return 1.0 if value == 1 else 0.0
+
+
+#: How each metric's threshold is written: its unit is the metric's own.
+_THRESHOLDS: Final[Mapping[str, Callable[[object], float]]] = MappingProxyType({
+    "queue_depth": _count, "oldest_message_age": _seconds_or_off, "deferral_ratio": _ratio,
+    "back_pressure": _flag, "free_disk": lambda v: float(_size(v)), "tls_failures": _count,
+})  # fmt: skip
+
+
+def _threshold_text(value: object) -> float | str:
+    # Checked against the metric in _check_alert: "5m" is a duration for one metric and
+    # five megabytes for another.
+    if isinstance(value, str) or _finite(value) is not None:
+        return cast(float | str, value)
+    raise _Invalid(f"must be a number or a string such as \"10GiB\", \"1h\", \"30%\" "
+                   f"(got {_show(value)})")
+
+
+def _alert_destination(value: object) -> str:
+    if value == "*":
+        return value
+    if not isinstance(value, str) or not value or not value.isprintable() or " " in value:
+        raise _Invalid('must be a destination as `ferry queue queues` names it ("gmail.com") '
+                       f'or "*" for each destination separately (got {_show(value)})')
+    return value.lower().rstrip(".")
+
+
+@dataclass(frozen=True)
+class AlertConfig:
+    """[[alert]]: one rule of engine.ops.alerts.  It fires once ``metric`` has been
+    ``above`` (or ``below``) its threshold for ``lasting`` seconds, and clears at the first
+    evaluation where it is not."""
+
+    __pydantic_config__ = _TABLE
+
+    #: Who it is in the log line and the ALERT event; unique.
+    name: Annotated[str, _v(_connector_name)] = ""
+    metric: Annotated[str, _v(_choice(*ALERT_METRICS))] = ""
+    #: "" = the whole server; a destination; "*" = each destination as its own alert.
+    destination: Annotated[str, _v(_alert_destination)] = ""
+    #: The threshold, in the metric's unit (:meth:`threshold`); exactly one of the two.
+    above: Annotated[float | str, _v(_threshold_text)] | None = None
+    below: Annotated[float | str, _v(_threshold_text)] | None = None
+    #: How long the condition must hold before the alert fires (Prometheus's ``for``,
+    #: a Python keyword: no key can have that name here); 0 = at once.
+    lasting: _SecondsOrOff = 0.0
+    #: The span the counted metrics (deferral_ratio, tls_failures) are counted over.
+    window: _Seconds = 600.0
+    severity: Annotated[Literal["warning", "error"], _v(_choice("warning", "error"))] = (
+        "warning")
+
+    def threshold(self) -> tuple[Literal["above", "below"], float]:
+        """("above" or "below", the threshold in the metric's unit: messages, seconds, a
+        fraction, 0/1, bytes, failures); the table check made sure it converts."""
+        side: Literal["above", "below"] = "above" if self.above is not None else "below"
+        raw = self.above if self.above is not None else self.below
+        return side, _THRESHOLDS[self.metric](raw)
+
+
+def _check_alert(a: AlertConfig) -> list[tuple[_Loc, str]]:
+    bad: list[tuple[_Loc, str]] = []
+    if not a.name:
+        bad.append((("name",), "is required"))
+    if not a.metric:
+        bad.append((("metric",), "is required: one of " + ", ".join(ALERT_METRICS)))
+    if (a.above is None) == (a.below is None):
+        bad.append((("above",), "needs exactly one of above and below"))
+    elif a.metric:
+        side, raw = ("above", a.above) if a.above is not None else ("below", a.below)
+        try:
+            _THRESHOLDS[a.metric](raw)
+        except _Invalid as err:
+            bad.append(((side,), f"for {a.metric}: {err}"))
+    if a.destination and a.metric and a.metric not in ALERT_PER_DESTINATION:
+        bad.append((("destination",), f"{a.metric} is one figure for the whole server; "
+                                      "leave destination out"))
+    return bad
+
+
+def _check_alert_names(alerts: tuple[AlertConfig, ...]) -> list[tuple[_Loc, str]]:
+    seen: dict[str, int] = {}
+    bad: list[tuple[_Loc, str]] = []
+    for i, a in enumerate(alerts):
+        if a.name and a.name in seen:
+            bad.append(((i, "name"), f"{_show(a.name)} is already the name of "
+                                     f"alert[{seen[a.name]}] (names must be unique)"))
+        seen.setdefault(a.name, i)
+    return bad
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """[alerts]: how the [[alert]] rules are evaluated (engine.ops.alerts)."""
+
+    __pydantic_config__ = _TABLE
+
+    #: Seconds between two evaluations of every rule (each reads the queue's figures).
+    interval: _Seconds = 10.0
+
+
 def default_hostname() -> str:
     """The machine's fully qualified name, or "localhost" when it has none (a name without
     a dot is no use to other servers; engine.ops.startup warns about it at start)."""
@@ -1179,6 +1317,10 @@ class Config:
     local: tuple[Annotated[LocalConfig, _after(_check_local)], ...] = ()
     server: ServerConfig = field(default_factory=ServerConfig)
     http: Annotated[HttpConfig, _after(_check_http)] = field(default_factory=HttpConfig)
+    #: Alert rules, [[alert]] (engine.ops.alerts); none = nothing is evaluated.
+    alert: Annotated[tuple[Annotated[AlertConfig, _after(_check_alert)], ...],
+                     _after(_check_alert_names)] = ()
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
 
 #: Every table of the file and its dataclass ("" is the top level; "delivery.domains" the
@@ -1187,7 +1329,7 @@ TABLES: Final[Mapping[str, type]] = MappingProxyType({
     "": Config, "queue": QueueConfig, "receive": ReceiveConfig, "delivery": DeliveryConfig,
     "log": LogConfig, "send": SendConfig, "local": LocalConfig, "tracking": TrackingConfig,
     "delivery.domains": DomainLimits, "server": ServerConfig, "http": HttpConfig,
-    "http.tokens": HttpToken,
+    "http.tokens": HttpToken, "alert": AlertConfig, "alerts": AlertsConfig,
 })  # fmt: skip
 
 
@@ -1286,7 +1428,7 @@ def _unknown_key(loc: _Loc) -> str:
     return f"unknown key '{_dotted(loc)}'{hint}"
 
 
-_ARRAYS_OF_TABLES: Final = (("receive",), ("send",), ("local",))
+_ARRAYS_OF_TABLES: Final = (("receive",), ("send",), ("local",), ("alert",))
 _NOT_A_TABLE: Final = ("dataclass_type", "dataclass_exact_type", "dict_type", "model_type")
 
 

@@ -46,6 +46,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final
 
 from engine.client.api import FollowOn, FollowOns, Peer, RcptResult, Settled
+from engine.ops.events import Events, Kind
 from engine.ops.protolog import ProtocolLog, SessionLog
 from engine.protocol.client import (
     ClientConnection,
@@ -505,8 +506,12 @@ class SmtpAgent:
         ca_file: str | None = None,
         pipeline_messages: bool = True,
         protocol_logs: Mapping[str, ProtocolLog] | None = None,
+        events: Events | None = None,
     ) -> None:
         self.helo_name = helo_name
+        #: The event hub that hears of failed TLS handshakes (TLS_FAIL; engine.ops.alerts
+        #: counts them per destination); None: nobody listens.
+        self.events = events
         #: Only the logs that are on: empty (no lookup per delivery) when none is.
         self._logs = {name: log for name, log in (protocol_logs or {}).items() if log.enabled}
         self.lmtp = lmtp
@@ -780,16 +785,34 @@ class SmtpAgent:
             if "STARTTLS" in ext:
                 reply = await s.command(Command("STARTTLS"))
                 if reply.code == 220:
-                    await s.start_tls(self._context(route.tls), self._sni(s.host, route.tls))
+                    try:
+                        await s.start_tls(self._context(route.tls),
+                                          self._sni(s.host, route.tls))
+                    except _Failure as failure:
+                        self._tls_failed(s, route, failure.text)
+                        raise
                     ext = await s.hello(self.helo_name, lmtp)
                 elif route.tls != "opportunistic" or reply.code == 421:
                     raise _Failure(reply_text(reply))
                 # opportunistic and refused (454): go on in plaintext, as RFC 3207 §4.1
                 # leaves the choice to the client.
             elif route.tls != "opportunistic":
-                raise _Failure(f"451 4.7.10 {s.remote} does not offer STARTTLS (TLS required)")
+                missing = _Failure(f"451 4.7.10 {s.remote} does not offer STARTTLS "
+                                   "(TLS required)")
+                self._tls_failed(s, route, missing.text)
+                raise missing
         if route.auth is not None:
             await self._auth(s, ext, route.auth, route.plaintext_auth)
+
+    def _tls_failed(self, s: _Session, route: Route, reason: str) -> None:
+        """Report a connection that could not have the TLS its route asks for (a failed
+        handshake, no STARTTLS where TLS is required): a fact of a connection, not of a
+        message, so it is told when it happens (docs/tracking.md, TLS_FAIL)."""
+        events = self.events
+        if events is not None and events.on:
+            events.emit(Kind.TLS_FAIL, b"", "", destination=route.destination,
+                        site=route.site, host=s.host.name, address=_address(s.host),
+                        tls=route.tls, reason=reason)
 
     def _sni(self, host: Host, mode: TlsMode) -> str | None:
         name = host.name.rstrip(".")

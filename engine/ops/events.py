@@ -53,6 +53,11 @@ class Kind(enum.StrEnum):
     RETRY = "RETRY"
     REMOVE = "REMOVE"
     POISON = "POISON"
+    #: A connection did not get the TLS its route asks for (no queue change: told when it
+    #: happens, with empty ``id`` and ``message_id``); engine.client.smtp.
+    TLS_FAIL = "TLS_FAIL"
+    #: An alert rule fired or cleared (``state``); engine.ops.alerts.
+    ALERT = "ALERT"
 
 
 class Sink(Protocol):

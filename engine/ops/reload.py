@@ -126,7 +126,7 @@ def _diff(path: tuple[str | int, ...], a: Any, b: Any, out: list[str]) -> None:
                 out.append(f"{_key((*path, i))} (added: {item.name!r})")
         out += [f"{_key((*path, i))} (removed: {item.name!r})"
                 for i, item in enumerate(a) if item.name not in new]
-    elif (isinstance(a, tuple) and isinstance(b, tuple) and a and b
+    elif (isinstance(a, tuple) and isinstance(b, tuple) and (a or b)
           and all(dataclasses.is_dataclass(i) for i in (*a, *b))):
         for i in range(max(len(a), len(b))):
             if i < len(a) and i < len(b):

@@ -312,6 +312,48 @@ class LmdbQueue:
     def ids_for_hop(self, next_hop: str, limit: int, after: bytes = b"") -> list[bytes]:
         return self._prefixed("hops", next_hop.encode() + SEP, limit, after)
 
+    def hop_depth(self, next_hop: str) -> tuple[int, bytes | None]:
+        """Messages with a recipient waiting for ``next_hop`` (any state but final), and
+        the oldest one's id (ids are time-ordered; None when there is none): the hops
+        index's keys under it, no record decoded.  It walks them all: call it from a
+        thread when there may be many (engine.ops.alerts)."""
+        prefix = next_hop.encode() + SEP
+        count, oldest = 0, None
+        with self._read() as txn:
+            cur = txn.cursor(self._db["hops"])
+            if cur.set_range(prefix):
+                for key in cur.iternext(keys=True, values=False):
+                    if not key.startswith(prefix):
+                        break
+                    if oldest is None:
+                        oldest = key[-ID_LEN:]
+                    count += 1
+        return count, oldest
+
+    def hop_depths(self) -> dict[str, tuple[int, bytes]]:
+        """:meth:`hop_depth` of every next hop with mail waiting, in one walk of the whole
+        hops index (one key per message and next hop): from a thread."""
+        found: dict[str, tuple[int, bytes]] = {}
+        hop, count, oldest = b"", 0, b""
+        with self._read() as txn:
+            for key in txn.cursor(self._db["hops"]).iternext(keys=True, values=False):
+                name = key[:-ID_LEN - len(SEP)]
+                if name != hop:
+                    if count:
+                        found[hop.decode()] = (count, oldest)
+                    hop, count, oldest = name, 0, key[-ID_LEN:]
+                count += 1
+        if count:
+            found[hop.decode()] = (count, oldest)
+        return found
+
+    def oldest(self) -> bytes | None:
+        """The id of the oldest message in the queue (the first key: ids are time-ordered),
+        None when it is empty; one cursor step."""
+        with self._read() as txn:
+            cur = txn.cursor(self._db["envelopes"])
+            return bytes(cur.key()) if cur.first() else None
+
     def ids_in_state(self, state: str, limit: int, after: bytes = b"") -> list[bytes]:
         return self._prefixed("states", state.encode() + SEP, limit, after)
 

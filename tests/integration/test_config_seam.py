@@ -227,6 +227,28 @@ idle_timeout = 30
 [http.tokens.seam]
 token = "seam-token-0123456789"
 scopes = ["read", "inject", "admin"]
+
+[[alert]]
+name = "backlog"
+metric = "queue_depth"
+destination = "*"
+above = 0
+lasting = "0s"
+severity = "error"
+
+[[alert]]
+name = "disk"
+metric = "free_disk"
+below = "1000TiB"
+
+[[alert]]
+name = "deferrals"
+metric = "deferral_ratio"
+above = "50%"
+window = "1m"
+
+[alerts]
+interval = 0.2
 """, encoding="utf-8")
     return load_config(path)
 
@@ -267,6 +289,11 @@ def test_every_declared_key_is_read(tmp_path: Path, ca: trustme.CA,
         wait_for(lambda: list((tmp_path / "mail" / "maildir.test").glob("a/new/*")),
                  what="the Maildir delivery")
         wait_for(lambda: len(f.store.ids_in_state("deferred", 10)) == 2, what="two deferred")
+        # The alert rules fire (the queue holds deferred mail; no disk is that large).
+        alerts = f.app.alerts
+        assert alerts is not None
+        wait_for(lambda: {a.rule for a in alerts.active()} >= {"backlog", "disk"},
+                 what="the alert rules firing")
         # One HTTPS request with the token: the [http] keys read per request.
         assert f.app.http is not None
         request = urllib.request.Request(f"https://{f.app.http.addresses[0]}/healthz",

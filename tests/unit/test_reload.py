@@ -153,6 +153,16 @@ def test_send_connectors_by_name_and_a_new_ones_log_waits(
     assert done.config.send[1].protocol_log is False
 
 
+def test_entries_of_an_array_of_tables_by_position(load: Load) -> None:
+    local = '[[local]]\ndomains = ["{}"]\nmaildir = "/var/mail/{{domain}}/{{local}}"\n'
+    one = load(BASE + local.format("a.example"))
+    two = load(BASE + local.format("a.example") + local.format("b.example"))
+    assert diff(load(BASE), one) == ["local[0] (added)"]
+    assert diff(one, two) == ["local[1] (added)"]
+    assert diff(two, one) == ["local[1] (removed)"]
+    assert diff(one, load(BASE + local.format("c.example"))) == ["local[0].domains"]
+
+
 @pytest.mark.parametrize("key", sorted(RESTART))
 def test_every_restart_key_says_why(key: str) -> None:
     concrete = key.replace("[*]", "[3]")
