@@ -448,13 +448,14 @@ def test_queued_mail_takes_the_new_route_and_paused_delivery_resumes(
 def test_alert_rules_are_taken_at_a_reload(ferry: RunningFerry, conf: Any) -> None:
     rule = ('[[alert]]\nname = "backlog"\nmetric = "queue_depth"\n'
             'destination = "route.test"\nabove = {}\n')
-    assert ferry.app.alerts is not None and ferry.app.alerts.rules == ()
+    alerts = ferry.app.alerts
+    assert alerts is not None and alerts.rules == ()
     path = conf()
     path.write_text(path.read_text() + rule.format(100))
     result = ferry.call(ferry.app.reload())
     assert result.applied == ("alert[0] (added)",)
-    assert [(r.name, r.above) for r in ferry.app.alerts.rules] == [("backlog", 100)]
+    assert [(r.name, r.above) for r in alerts.rules] == [("backlog", 100)]
     path.write_text(conf().read_text() + rule.format(5))
     result = ferry.call(ferry.app.reload())
     assert result.applied == ("alert[0].above",)
-    assert [(r.name, r.above) for r in ferry.app.alerts.rules] == [("backlog", 5)]
+    assert [(r.name, r.above) for r in alerts.rules] == [("backlog", 5)]
