@@ -449,7 +449,7 @@ def test_alert_rules_are_taken_at_a_reload(ferry: RunningFerry, conf: Any) -> No
     rule = ('[[alert]]\nname = "backlog"\nmetric = "queue_depth"\n'
             'destination = "route.test"\nabove = {}\n')
     alerts = ferry.app.alerts
-    assert alerts is not None and alerts.rules == ()
+    assert alerts is not None and not alerts.rules
     path = conf()
     path.write_text(path.read_text() + rule.format(100))
     result = ferry.call(ferry.app.reload())
