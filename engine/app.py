@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
 import os
 import signal
@@ -282,6 +283,13 @@ class App:
             log.error("reload refused: the running configuration stays")
             return ReloadResult.refused(problems)
         self._apply(done, contexts, authenticator)
+        for hook in self.reconfigure:
+            try:
+                taken = hook(done.config)
+                if inspect.isawaitable(taken):
+                    await taken
+            except Exception:
+                log.exception("reload: %r failed to take the new configuration", hook)
         for key in done.restart:
             log.warning("reload: %s changed but needs a restart (%s); the running value "
                         "stays", key, why_restart(key))
@@ -333,11 +341,6 @@ class App:
         if self.http is not None:
             self.http.reconfigure(cfg.http)
         self.config = cfg
-        for hook in self.reconfigure:
-            try:
-                hook(cfg)
-            except Exception:
-                log.exception("reload: %r failed to take the new configuration", hook)
 
     def _start_tracking(self) -> None:
         """Add the message tracking log to the event hub when [tracking] says so."""

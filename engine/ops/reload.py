@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -36,8 +36,9 @@ from engine.config import Config, ReceiveConfig, SendConfig
 __all__ = ["RESTART", "Plan", "Reconfigure", "ReloadResult", "diff", "plan", "why_restart"]
 
 #: A part's hook, called with the configuration that runs once a reload is applied
-#: (``App.reconfigure``): it must take what it can at once and never raise.
-Reconfigure = Callable[[Config], None]
+#: (``App.reconfigure``), one after the other; a coroutine function is awaited.  It must
+#: take what it can and never raise.
+Reconfigure = Callable[[Config], Awaitable[None] | None]
 
 #: The keys that only take effect at a restart, as key patterns ("[*]" for any connector),
 #: and why.  A table name stands for each of its keys not listed on its own.

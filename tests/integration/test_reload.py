@@ -459,3 +459,23 @@ def test_alert_rules_are_taken_at_a_reload(ferry: RunningFerry, conf: Any) -> No
     result = ferry.call(ferry.app.reload())
     assert result.applied == ("alert[0].above",)
     assert [(r.name, r.above) for r in alerts.rules] == [("backlog", 5)]
+
+
+def test_hooks_of_other_parts_get_the_new_configuration(
+        ferry: RunningFerry, conf: Any, caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[tuple[str, ...]] = []
+
+    async def later(config: Any) -> None:  # e.g. senders to restart
+        await asyncio.sleep(0)
+        seen.append(config.accepted_domains)
+
+    def broken(config: Any) -> None:
+        raise RuntimeError("this part is broken")
+
+    ferry.app.reconfigure += [broken, later]
+    conf(extra='accepted_domains = ["hook.test"]')
+    result = ferry.call(ferry.app.reload())
+    assert result.ok and result.applied == ("accepted_domains",)
+    assert seen == [("hook.test",)]  # awaited before the answer, after a broken one
+    assert any("failed to take the new configuration" in r.getMessage()
+               for r in caplog.records)
