@@ -12,6 +12,9 @@ listening and send 421 to open sessions, let pending commits finish, stop the sc
 (deliveries in flight finish and record their outcomes), close pooled connections, stop
 the webhook senders, close the event hub (the webhooks' last events are handed to the
 queue's writer), then close the queue (its writer drains first).
+A reload (SIGHUP, ``ferry reload``: :meth:`App.reload`) reads the file and the flags the
+server was started with again; ``engine.ops.reload`` says what changes, and each part
+takes its share through its own ``reconfigure``, or nothing changes at all.
 Nothing else in the code constructs these parts; this module holds no protocol logic.
 """
 
@@ -19,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
+import ssl
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from engine import __version__, _speedups
@@ -31,7 +36,14 @@ from engine.agents.relay import RelayPolicy
 from engine.client.api import DeliveryAgent
 from engine.client.maildir import MaildirAgent
 from engine.client.smtp import SmtpAgent
-from engine.config import IMPLICIT_SMARTHOST, Config, tracking_dir
+from engine.config import (
+    IMPLICIT_SMARTHOST,
+    Config,
+    ConfigError,
+    load_config,
+    name_flags,
+    tracking_dir,
+)
 from engine.http.server import HttpServer
 from engine.ops import logfmt
 from engine.ops.alerts import Alerts
@@ -41,9 +53,11 @@ from engine.ops.events import Events
 from engine.ops.maillog import MailLog
 from engine.ops.metrics import Metrics
 from engine.ops.operations import Operations
+from engine.ops.preflight import file_problems
 from engine.ops.pressure import PressureLog
 from engine.ops.protolog import ProtocolLog
 from engine.ops.readiness import CheckProvider
+from engine.ops.reload import Plan, Reconfigure, ReloadResult, plan, why_restart
 from engine.ops.sdnotify import Notifier
 from engine.ops.startup import startup_warnings
 from engine.ops.tracking import TrackingLog
@@ -63,7 +77,12 @@ log = logging.getLogger("ferry")
 
 
 class App:
-    def __init__(self, config: Config) -> None:
+    """``path`` and ``flags``: the file and the ``ferry serve`` key flags the configuration
+    was loaded from (None: the embedded default), read again at each reload."""
+
+    def __init__(self, config: Config, *, path: str | os.PathLike[str] | None = None,
+                 flags: Mapping[str, object] | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
         self.store: LmdbQueue | None = None
         self.scheduler: Scheduler | None = None
@@ -99,20 +118,23 @@ class App:
         self.metrics: Metrics | None = None
         #: The MX resolver of the router (its figures are read by metrics).
         self.resolver: MxResolver | None = None
+        # What a reload reads again (absolute: the working directory may change).
+        self.path = None if path is None else Path(path).absolute()
+        self.flags: Mapping[str, object] = dict(flags or {})
+        #: systemd's notification socket (serve's; one that sends nothing otherwise)
+        self.notifier = notifier or Notifier({})
+        #: Called with the configuration that runs after each reload that was applied:
+        #: the hook for parts built outside start() (engine.ops.reload.Reconfigure).
+        self.reconfigure: list[Reconfigure] = []
+        self.router: ConfiguredRouter | None = None
+        self.authenticator: Authenticator | None = None
+        self._mail_log: MailLog | None = None
+        self._reloading = asyncio.Lock()
 
     async def start(self) -> None:
         cfg = self.config
         q = cfg.queue
-        # [log] level (a --log-level flag was merged into it) for Ferry's loggers, ferry.*;
-        # the handler and format are the CLI's (engine.cli.main).
-        logging.getLogger("ferry").setLevel(cfg.log.level.upper())
-        # One INFO line per event on ferry.mail (engine.ops.maillog), when [log] level lets
-        # them out: with no sink listening the producers build no event at all.  (A reload
-        # that lowers the level must add it then.)
-        if logging.getLogger("ferry.mail").isEnabledFor(logging.INFO):
-            self.events.add(MailLog())
-        # [log] format for the handler the CLI installed (none in tests: theirs stays).
-        logfmt.use(cfg.log.format)
+        self._use_log(cfg)
         srv = cfg.server
         account = lookup(srv.user, srv.group)
         prepare_spool(Path(cfg.spool), account)
@@ -163,7 +185,7 @@ class App:
         pressure.at_start()
         pressure.start()
         self.resolver = MxResolver.from_config(cfg)
-        router = ConfiguredRouter(cfg, self.resolver)
+        self.router = router = ConfiguredRouter(cfg, self.resolver)
         d = cfg.delivery
         # Keep as many idle connections per site as it may have workers, or a busy site
         # closes and reopens connections between messages.
@@ -187,12 +209,13 @@ class App:
                                                journal=InFlightJournal(
                                                    Path(cfg.spool) / INFLIGHT_FILE))
         scheduler.start()
-        self._start_alerts(store, router.destination)
+        # The router of now (a reload replaces it), as the queue names destinations.
+        self._start_alerts(store, lambda domain: self._router().destination(domain))
         self.operations = operations = Operations(
             scheduler, router.destination,
             (cfg.tracking.dir or tracking_dir(Path(cfg.spool))) if cfg.tracking.enabled
             else None)
-        control = ControlServer(socket_path(cfg.spool), operations)
+        control = ControlServer(socket_path(cfg.spool), operations, self._reload_reply)
         try:
             await control.start()
         except ControlUnavailable as exc:
@@ -203,12 +226,11 @@ class App:
             log.info("control channel on %s", control.path)
         if self._webhooks_on and self.webhooks is not None:
             operations.hooks = self.webhooks.rows
-        ingest = Ingest(store, cfg.hostname, router.destination,
+        self.ingest = ingest = Ingest(store, cfg.hostname, router.destination,
                         lifetime=cfg.delivery.max_queue_lifetime, queued=scheduler.wake,
                         postmaster=cfg.postmaster, events=self.events,
                         subject=cfg.tracking.enabled and cfg.tracking.subject)
-        self.ingest = ingest
-        authenticator = Authenticator(cfg.users)
+        self.authenticator = authenticator = Authenticator(cfg.users)
         accepted = accepted_domains(cfg)
         log_dir = cfg.log.protocol_log_dir or Path(cfg.spool) / "log"
         if any(rc.protocol_log for rc in cfg.receive):
@@ -230,6 +252,128 @@ class App:
             await self.http.start()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_logs())
 
+    def _router(self) -> ConfiguredRouter:
+        assert self.router is not None
+        return self.router
+
+    def _use_log(self, cfg: Config) -> None:
+        """[log] level and format (at start and at a reload)."""
+        # [log] level (a --log-level flag was merged into it) for Ferry's loggers, ferry.*;
+        # the handler is the CLI's (engine.cli.main).
+        logging.getLogger("ferry").setLevel(cfg.log.level.upper())
+        # One INFO line per event on ferry.mail (engine.ops.maillog), when [log] level lets
+        # them out: with no sink listening the producers build no event at all.  (Once
+        # added it stays: a level raised later only makes it write nothing.)
+        if self._mail_log is None and logging.getLogger("ferry.mail").isEnabledFor(
+                logging.INFO):
+            self._mail_log = MailLog()
+            self.events.add(self._mail_log)
+        # [log] format for the handler the CLI installed (none in tests: theirs stays).
+        logfmt.use(cfg.log.format)
+
+    # --- reload ------------------------------------------------------------------------
+
+    async def reload(self) -> ReloadResult:
+        """Read the configuration file and flags again and apply what can be applied
+        while running (engine.ops.reload); a configuration with a problem is refused
+        whole, the running one stays.  Sessions stay open, queued mail stays queued."""
+        if self.scheduler is None or self.router is None:
+            # Not before the start is done: READY=1 would tell systemd too early.
+            log.warning("reload refused: the server is still starting")
+            return ReloadResult.refused(["the server is still starting"])
+        async with self._reloading:
+            # sd_notify(3): RELOADING=1 first, READY=1 once done, whatever the outcome
+            # (systemd has no word for a refused reload: STATUS= and the log say it).
+            self.notifier.reloading()
+            result = ReloadResult.refused(["the reload failed (logged by the server)"])
+            try:
+                result = await self._reload()
+            finally:
+                outcome = "" if result.ok else "reload refused, the configuration stays; "
+                self.notifier.ready(f"{outcome}accepting mail on {', '.join(self.addresses)}")
+            return result
+
+    async def _reload_reply(self) -> dict[str, object]:
+        return (await self.reload()).to_json()
+
+    async def _reload(self) -> ReloadResult:
+        try:
+            # Files are read in a thread: the loop keeps serving meanwhile.
+            new = await asyncio.to_thread(self._read)
+            done = plan(self.config, new)
+            contexts = await asyncio.to_thread(lambda: [receive_tls(rc)
+                                                        for rc in done.config.receive])
+            try:
+                authenticator = Authenticator(done.config.users)
+            except ValueError as exc:  # a hash that says "scrypt$" and is not one
+                raise ConfigError(f"users: {exc}") from None
+        except (ConfigError, OSError) as exc:
+            problems = exc.problems if isinstance(exc, ConfigError) else (str(exc),)
+            for line in problems:
+                log.error("reload refused: %s", line)
+            log.error("reload refused: the running configuration stays")
+            return ReloadResult.refused(problems)
+        self._apply(done, contexts, authenticator)
+        for hook in self.reconfigure:
+            try:
+                taken = hook(done.config)
+                if inspect.isawaitable(taken):
+                    await taken
+            except Exception:
+                log.exception("reload: %r failed to take the new configuration", hook)
+        for key in done.restart:
+            log.warning("reload: %s changed but needs a restart (%s); the running value "
+                        "stays", key, why_restart(key))
+        log.info("configuration reloaded: %s", ", ".join(done.applied) or "no change")
+        return ReloadResult.from_plan(done)
+
+    def _read(self) -> Config:
+        """The configuration as ``ferry serve`` would load it now; ConfigError if bad."""
+        new = load_config(self.path, self.flags)
+        problems = file_problems(new)
+        if problems:
+            raise ConfigError(name_flags(problems, self.flags))
+        return new
+
+    def _apply(self, done: Plan, contexts: list[ssl.SSLContext | None],
+               authenticator: Authenticator) -> None:
+        """Hand ``done.config`` to every part; nothing here may fail (everything that can
+        was built before)."""
+        assert self.scheduler is not None and self.router is not None
+        old, cfg = self.config, done.config
+        self._use_log(cfg)
+        d = cfg.delivery
+        # The DNS cache goes only when the resolver's own settings changed.
+        resolver = self.router.resolver if (d.dns, d.dns_max_queries) == (
+            old.delivery.dns, old.delivery.dns_max_queries) else MxResolver.from_config(cfg)
+        self.resolver = resolver
+        self.router = router = ConfiguredRouter(cfg, resolver)
+        idle = Limits(d).most_connections()
+        ca_file = str(d.ca_file) if d.ca_file is not None else None
+        for name, agent in self.agents.items():
+            if isinstance(agent, SmtpAgent):
+                smtp = name == "smtp"
+                agent.reconfigure(
+                    max_idle_per_site=idle, ca_file=ca_file,
+                    max_messages_per_connection=d.max_messages_per_connection if smtp else None,
+                    pipeline_messages=d.pipeline_messages if smtp else None)
+        self.scheduler.reconfigure(router, d)
+        if self.operations is not None:
+            self.operations.normalize = router.destination
+        if self.ingest is not None:
+            self.ingest.reconfigure(router.destination, lifetime=d.max_queue_lifetime,
+                                    postmaster=cfg.postmaster,
+                                    subject=cfg.tracking.enabled and cfg.tracking.subject)
+        self.authenticator = authenticator
+        accepted = accepted_domains(cfg)
+        for connector, rc, tls in zip(self.connectors, cfg.receive, contexts, strict=True):
+            connector.reconfigure(
+                rc, relay=RelayPolicy(accepted, rc.relay_networks, rc.relay_authenticated),
+                authenticator=authenticator, auth_enabled=bool(cfg.users), tls=tls)
+        if self.http is not None:
+            self.http.reconfigure(cfg.http)
+        self.config = cfg
+
     def _start_tracking(self) -> None:
         """Add the message tracking log to the event hub when [tracking] says so."""
         t = self.config.tracking
@@ -244,8 +388,11 @@ class App:
     def _start_alerts(self, store: LmdbQueue, destination: Callable[[str], str]) -> None:
         """The [[alert]] rules' evaluator, every [alerts] interval (engine.ops.alerts)."""
         cfg = self.config
-        self.alerts = Alerts(cfg.alert, cfg.alerts.interval, self.events, store, destination)
-        self.alerts.start()
+        self.alerts = alerts = Alerts(cfg.alert, cfg.alerts.interval, self.events, store,
+                                      destination)
+        alerts.start()
+        # A reload: new rules and interval (unchanged rules keep their state).
+        self.reconfigure.append(lambda new: alerts.reconfigure(new.alert, new.alerts.interval))
         if cfg.alert:
             log.info("%d alert rules, evaluated every %g s", len(cfg.alert),
                      cfg.alerts.interval)
@@ -256,6 +403,7 @@ class App:
         self.webhooks = webhooks = Webhooks(self.config.webhook, store)
         await webhooks.start()
         self._webhooks_listen()
+        self.reconfigure.append(self.reload_webhooks)
 
     def _webhooks_listen(self) -> None:
         """Add the webhooks' sink to the hub once there is a webhook (never twice)."""
@@ -363,16 +511,29 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-async def serve(config: Config) -> int:
-    """Run until SIGTERM or SIGINT; exit status 0 after a clean stop."""
-    app = App(config)
+async def serve(config: Config, path: str | os.PathLike[str] | None = None,
+                flags: Mapping[str, object] | None = None) -> int:
+    """Run until SIGTERM or SIGINT; exit status 0 after a clean stop.  SIGHUP reloads
+    the configuration from ``path`` and ``flags`` (what ``config`` was loaded from)."""
     notify = Notifier()
+    app = App(config, path=path, flags=flags, notifier=notify)
     # Before starting: the port takes connections (into the kernel's backlog) as soon as
     # it is bound, and a SIGTERM from then on must stop Ferry cleanly, not kill it.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP's default would end the process: from now on it reloads (one at a time; a
+    # SIGHUP during start is refused with a log line, the server is not ready for it).
+    reloads: set[asyncio.Task[ReloadResult]] = set()
+
+    def hangup() -> None:
+        log.info("SIGHUP: reloading the configuration")
+        task = loop.create_task(app.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     try:
         await app.start()
         tune_gc()
@@ -381,6 +542,8 @@ async def serve(config: Config) -> int:
         notify.start_watchdog()
         await stop.wait()
         notify.stopping("stopping: finishing sessions and pending commits")
+        loop.remove_signal_handler(signal.SIGHUP)
+        await asyncio.gather(*reloads, return_exceptions=True)
         await app.stop()
     finally:
         notify.close()

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from engine import __version__, _speedups
-from engine.cli import config, queue, track
+from engine.cli import config, queue, reload, track
 from engine.cli.common import add_key_flags, flags_from, load_from_args, spool_from
 from engine.server.auth import PASSWD_DESCRIPTION, add_passwd_arguments
 
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     queue.add_parser(commands)
     track.add_parser(commands)
     config.add_parser(commands)
+    reload.add_parser(commands)
     man = commands.add_parser(
         "man", help="print a manual page (roff), or write them all",
         description="Print the manual page of ferry or of one of its commands, in roff "
@@ -101,8 +102,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from engine.app import serve
 
+    path = args.config  # read again, with the same flags, at each reload
     try:
-        return uvloop.run(serve(config))
+        return uvloop.run(serve(config, path, flags_from(args)))
     except OSError as exc:  # e.g. the listen address is taken
         print(f"ferry: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -142,6 +144,18 @@ def _dispatch(argv: list[str]) -> int:
             print(f"ferry: configuration error: {exc}", file=sys.stderr)
             return 2
         return queue.queue_main(args)
+    if args.command == "reload":
+        from engine.config import ConfigError
+
+        try:
+            args.spool = str(spool_from(args))
+        except ConfigError as exc:
+            # The spool (and so the server) is named by the file that does not load: the
+            # same problems would refuse the reload.
+            print(f"ferry reload: configuration error (the server was not asked; --spool "
+                  f"asks it anyway):\n{exc}", file=sys.stderr)
+            return 2
+        return reload.reload_main(args)
     if args.command == "config":
         return config.config_main(args)
     if args.command == "man":

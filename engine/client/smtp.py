@@ -554,6 +554,20 @@ class SmtpAgent:
         #: Connections open and STARTTLS handshakes per site, for metrics.
         self.figures = LinkFigures()
 
+    def reconfigure(self, *, max_idle_per_site: int, ca_file: str | None,
+                    max_messages_per_connection: int | None = None,
+                    pipeline_messages: bool | None = None) -> None:
+        """A reload (engine.ops.reload): connections opened or reused from now on follow
+        these settings (None: unchanged); a connection already open keeps its TLS."""
+        self.max_idle_per_site = max_idle_per_site
+        if ca_file != self._ca_file:
+            self._ca_file = ca_file
+            self._contexts.clear()
+        if max_messages_per_connection is not None:
+            self.max_messages_per_connection = max(1, max_messages_per_connection)
+        if pipeline_messages is not None:
+            self.pipeline_messages = pipeline_messages
+
     # --- the DeliveryAgent API -------------------------------------------------------
 
     async def deliver(

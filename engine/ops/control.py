@@ -26,6 +26,11 @@ order, on a connection that stays open for more:
     {"command": "retry", "ids": [...]}                  → the same (deferred → due now)
     {"command": "retry", "destination": "example.com"}  → {"ok": true, "destination": ...,
                                                           "recipients": 3}
+    {"command": "reload"}     → {"ok": true, "applied": ["send[0].smarthosts", ...],
+                                 "restart": [{"key": "receive[0].listen", "why": "..."}]}
+                              or {"ok": false, "error": "configuration refused, ...",
+                                  "errors": ["receive[0].key_file: ...", ...]}
+                                 (engine.ops.reload.ReloadResult.to_json)
     anything wrong            → {"ok": false, "error": "unknown command \"x\"; one of ..."}
 
 Ids are queue ids as ``ferry queue list`` prints them, at most :data:`MAX_IDS` per request
@@ -179,6 +184,7 @@ COMMANDS: Final[Mapping[str, _Command]] = {
                        takes_ids=True, takes_report=True),
     "retry": _Command("try a destination's deferred mail, or messages, now",
                       takes_destination=True, takes_ids=True),
+    "reload": _Command("read the configuration file again and apply it (engine.ops.reload)"),
 }
 
 
@@ -239,9 +245,12 @@ class ControlServer:
     """Serves the control socket for the running server's ``operations`` (see the module
     docstring)."""
 
-    def __init__(self, path: Path, operations: Operations) -> None:
+    def __init__(self, path: Path, operations: Operations,
+                 reload: Callable[[], Awaitable[Reply]] | None = None) -> None:
+        """``reload`` is the App's reload, its reply ready (None: not offered)."""
         self.path = path
         self.operations = operations
+        self.reload = reload
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[Any]] = set()
         self._inode: int | None = None
@@ -255,6 +264,7 @@ class ControlServer:
             "release": self._release,
             "remove": self._remove,
             "retry": self._retry,
+            "reload": self._reload,
         }
 
     async def start(self) -> None:
@@ -363,6 +373,12 @@ class ControlServer:
         if request.ids:
             return _ok(await self.operations.verb("retry", request.ids, request.by))
         return _ok(await self.operations.retry_destination(request.destination, request.by))
+
+    async def _reload(self, request: Request) -> Reply:
+        if self.reload is None:
+            raise ControlError("reload: not offered by this server")
+        log.info("%s asked for a reload of the configuration", request.by)
+        return await self.reload()
 
 
 def _ok(doc: Mapping[str, Any]) -> Reply:

@@ -174,6 +174,8 @@ class _Site:
     starting: int = 0
     #: the workers' follow-on queues, topped up as groups arrive (see _staff)
     follow_queues: list[_FollowQueue] = field(default_factory=list)
+    #: the destination whose limits the site took (its limits again at a reload)
+    destination: str = ""
 
 
 class Scheduler:
@@ -279,6 +281,36 @@ class Scheduler:
             route = self.router.resolve_cached(destination)
             if route is not None:
                 self.down.pop(route.site, None)
+
+    def reconfigure(self, router: Router, settings: DeliveryConfig) -> None:
+        """A reload (engine.ops.reload): route with ``router`` and work under ``settings``
+        from now on.  Deliveries in flight finish with the route and limits they started
+        with; groups waiting at a site are routed again by the new router; each site takes
+        its new limits (a site over a lowered ``max_connections`` loses a worker as each
+        delivery ends, one under a raised one gets workers at once)."""
+        self.router = router
+        self.settings = settings
+        self.limits = Limits(settings)
+        self.poison_after = settings.poison_after
+        self.window.capacity = settings.window
+        self.delay_notices = DelayNotices(settings.delay_notice_after)
+        waiting: dict[str, list[DueEntry]] = {}
+        for site in list(self.sites.values()):
+            limits = self.limits.for_destination(site.destination)
+            if limits != site.limits:
+                if limits.max_rate != site.limits.max_rate:
+                    site.throttle = Throttle(limits.max_rate)
+                site.limits = limits
+            # Waiting groups are routed again (they keep their window places; workers
+            # starting for them find none and end).
+            for entry, _route in site.jobs:
+                waiting.setdefault(entry.next_hop, []).append(entry)
+            site.jobs.clear()
+        for destination, entries in waiting.items():
+            self._take(destination, entries)
+        for site in list(self.sites.values()):
+            self._staff(site)
+        self.wake()
 
     # --- the operator's verbs on messages (engine.ops.control) ---------------------------
 
@@ -659,7 +691,8 @@ class Scheduler:
         site = self.sites.get(route.site)
         if site is None:
             limits = self.limits.for_destination(destination)
-            site = self.sites[route.site] = _Site(route.site, limits, Throttle(limits.max_rate))
+            site = self.sites[route.site] = _Site(route.site, limits, Throttle(limits.max_rate),
+                                                  destination=destination)
         return site
 
     def _staff(self, site: _Site) -> None:
@@ -688,6 +721,8 @@ class Scheduler:
         site.follow_queues.append(queue)
         try:
             while site.jobs or prepared or self._reclaim(site, queue):
+                if site.workers > site.limits.max_connections and not prepared:
+                    break  # a reload lowered the limit: this worker's delivery was its last
                 if prepared and prepared[0].job.handle is not None:
                     tried = time.time()
                     job = prepared.popleft()
@@ -831,7 +866,8 @@ class Scheduler:
         ``deliver`` (None when the agent takes none there).
 
         Only when the site has all the workers its limit allows (below it, the group goes
-        out in parallel on a connection of its own), no rate limit (a follow-on is sent
+        out in parallel on a connection of its own; above it, after a reload lowered the
+        limit, this worker is to end after its delivery), no rate limit (a follow-on is sent
         at once), and for plain groups (one transaction, same route, nothing to record
         first).  Anything else waits for a worker's turn.  Runs in the worker, never from
         the agent's reads: the agent only pops what is ready."""
@@ -844,7 +880,7 @@ class Scheduler:
         jobs = site.jobs
         # Never the groups that workers still starting will take (see _staff).
         while (len(follow_ons) < _FOLLOW_AHEAD and len(jobs) > site.starting
-               and not self._stopping and site.workers >= site.limits.max_connections
+               and not self._stopping and site.workers == site.limits.max_connections
                and not self.down.get(site.name, 0.0)):
             entry, nxt = jobs[0]
             if (nxt.site, nxt.protocol, nxt.tls, nxt.auth) != (

@@ -124,12 +124,24 @@ class Ingest:
         self.route = route
         #: Where a bare <Postmaster> goes (address, domain): ``postmaster``, by default
         #: postmaster@hostname.
-        postmaster = postmaster or f"postmaster@{hostname}"
-        self._postmaster = (postmaster, postmaster.rpartition("@")[2])
+        self._postmaster = self._postmaster_of(postmaster)
         #: the maximum queue lifetime: a message expires this long after arrival
         self.lifetime = lifetime
         #: told after each commit (the scheduler looks at the due index at once)
         self.queued = queued
+
+    def _postmaster_of(self, postmaster: str) -> tuple[str, str]:
+        postmaster = postmaster or f"postmaster@{self.hostname}"
+        return postmaster, postmaster.rpartition("@")[2]
+
+    def reconfigure(self, route: Route, *, lifetime: float, postmaster: str,
+                    subject: bool) -> None:
+        """A reload (engine.ops.reload): messages accepted from now on are routed by
+        ``route`` and take the new lifetime, postmaster and [tracking] subject."""
+        self.route = route
+        self.lifetime = lifetime
+        self._postmaster = self._postmaster_of(postmaster)
+        self.subject = subject
 
     def prepare(self, arrival: Arrival) -> Prepared | Reply:
         """Check what needs the whole message and build its envelope and stored bytes:

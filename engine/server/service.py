@@ -163,15 +163,7 @@ class Connector:
         self.protolog = protolog
         #: from :func:`receive_tls`
         self.tls_context = tls
-        self.settings = server_settings(config, hostname, self.tls_context is not None,
-                                        auth_enabled)
-        s = self.settings
-        tls_possible = s.starttls or s.implicit_tls
-        if config.require_auth and (not s.auth_mechanisms
-                                    or (s.auth_requires_tls and not tls_possible)):
-            log.warning("receive connector %s: require_auth is set but AUTH is never offered "
-                        "(no [users], auth_mechanisms = [], or no TLS and no "
-                        "allow_plaintext_auth): every MAIL gets 530", config.name)
+        self.settings = self._settings(auth_enabled)
         self.sessions: set[SmtpSession] = set()
         self.per_ip: Counter[str] = Counter()
         self.servers: list[asyncio.AbstractServer] = []
@@ -184,6 +176,43 @@ class Connector:
         self.tls_failures = 0
         #: set when stopping and the last session is gone
         self._drained: asyncio.Event | None = None
+
+    def _settings(self, auth_enabled: bool) -> ServerSettings:
+        s = server_settings(self.config, self.hostname, self.tls_context is not None,
+                            auth_enabled)
+        tls_possible = s.starttls or s.implicit_tls
+        if self.config.require_auth and (not s.auth_mechanisms
+                                         or (s.auth_requires_tls and not tls_possible)):
+            log.warning("receive connector %s: require_auth is set but AUTH is never offered "
+                        "(no [users], auth_mechanisms = [], or no TLS and no "
+                        "allow_plaintext_auth): every MAIL gets 530", self.config.name)
+        return s
+
+    def reconfigure(self, config: ReceiveConfig, *, relay: RelayPolicy,
+                    authenticator: Authenticator, auth_enabled: bool,
+                    tls: ssl.SSLContext | None) -> None:
+        """A reload (engine.ops.reload): new sessions take ``config``'s limits and
+        settings and ``tls``'s certificate; a session already open keeps the settings it
+        started with (its SMTP state is built from them) and asks the relay policy and the
+        user table of now at its next RCPT or AUTH.  The listen addresses and the choice
+        of implicit TLS stay as they were bound (the plan keeps them)."""
+        implicit = self.config.tls == "implicit"
+        self.config = config
+        self.relay = relay
+        self.authenticator = authenticator
+        if implicit and tls is not None and self.tls_context is not None:
+            # The listening sockets hold this context and make each new connection's TLS
+            # from it: the new pair goes into it (its files were just loaded into ``tls``,
+            # so they load here too, unless they changed in between).
+            assert config.cert_file is not None and config.key_file is not None
+            try:
+                self.tls_context.load_cert_chain(config.cert_file, config.key_file)
+            except (ssl.SSLError, OSError) as exc:
+                log.error("receive connector %s: the certificate changed during the reload "
+                          "and did not load (%s); reload again", config.name, exc)
+        else:
+            self.tls_context = tls
+        self.settings = self._settings(auth_enabled)
 
     def admit(self, session: SmtpSession) -> Reply | None:
         """None to serve the session; else the reply that refuses it."""

@@ -42,11 +42,13 @@ def ferry_config(spool: Path, **receive: Any) -> Config:
 
 class RunningFerry:
     """``sinks``: event sinks (``engine.ops.events``) added before the start, so they see
-    what the start itself emits (e.g. a message poisoned by the crash rule)."""
+    what the start itself emits (e.g. a message poisoned by the crash rule).  ``path``:
+    the file ``config`` was loaded from, read again by ``app.reload()``."""
 
-    def __init__(self, config: Config, sinks: Iterable[Sink] = ()) -> None:
+    def __init__(self, config: Config, sinks: Iterable[Sink] = (), *,
+                 path: Path | None = None) -> None:
         self.config = config
-        self.app = App(config)
+        self.app = App(config, path=path)
         for sink in sinks:
             self.app.events.add(sink)
         self.loop = uvloop.new_event_loop()

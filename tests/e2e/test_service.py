@@ -269,8 +269,10 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     unit = (ROOT / "contrib" / "ferry.service").read_text()
     assert "\nType=notify\n" in unit and "\nExecStart=/opt/ferry/bin/ferry serve " in unit
     # verify checks that the command exists: point it at the Ferry this test runs.
+    assert "\nExecReload=/opt/ferry/bin/ferry reload " in unit
     here = unit.replace("ExecStart=/opt/ferry/bin/ferry serve",
-                        f"ExecStart={sys.executable} -m engine serve")
+                        f"ExecStart={sys.executable} -m engine serve").replace(
+        "ExecReload=/opt/ferry/bin/ferry reload", f"ExecReload={sys.executable} -m engine reload")
     path = tmp_path / "ferry.service"
     path.write_text(here)
     proc = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True,

@@ -63,8 +63,8 @@ def test_good_requests(line: bytes, parsed: Request) -> None:
     (b'{"command": "suspend"', "not JSON"),
     (b"[1, 2]", "must be a JSON object"),
     (b'"stats"', "must be a JSON object"),
-    (b"{}", '"command" (a string) is required; one of hold, queues, release, remove, '
-            "resume, retry, stats, suspend, suspended"),
+    (b"{}", '"command" (a string) is required; one of hold, queues, release, reload, '
+            "remove, resume, retry, stats, suspend, suspended"),
     (b'{"command": 5}', '"command" (a string) is required'),
     (b'{"command": "flush"}', 'unknown command "flush"; one of hold, queues, release'),
     (b'{"command": "suspend"}', 'suspend: "destination" is required'),
@@ -88,6 +88,7 @@ def test_good_requests(line: bytes, parsed: Request) -> None:
     (b'{"command": "retry", "destination": "x", "ids": ["' + b"A" * 24 + b'"]}',
      '"destination" or "ids", not both'),
     (b'{"command": "release", "destination": "x"}', 'unknown field "destination"'),
+    (b'{"command": "reload", "file": "/etc/passwd"}', 'reload: unknown field "file"'),
     (orjson.dumps({"command": "hold", "ids": ["A" * 24] * (MAX_IDS + 1)}),
      f"at most {MAX_IDS} per request"),
 ])
@@ -117,6 +118,6 @@ def test_replies_are_one_line_each() -> None:
 
 def test_every_command_is_documented_with_a_help_text() -> None:
     assert set(COMMANDS) == {"suspend", "resume", "suspended", "stats", "queues", "hold",
-                             "release", "remove", "retry"}
+                             "release", "remove", "retry", "reload"}
     assert all(spec.help for spec in COMMANDS.values())
     assert MAX_REQUEST >= 1024
