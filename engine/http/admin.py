@@ -15,6 +15,7 @@ thread) nor decide anything about delivery.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -35,6 +36,7 @@ from engine.ops.operations import (
     tracking_query,
 )
 
+log = logging.getLogger("ferry.http")
 routes = web.RouteTableDef()
 
 #: The query parameters of ``GET /api/v1/tracking`` (``ferry track``'s options).
@@ -260,3 +262,17 @@ async def destination(request: web.Request) -> web.Response:
     except OperationError as exc:
         raise _bad(exc) from None
 
+
+
+@routes.post("/api/v1/reload")
+@requires(Scope.ADMIN)
+async def reload(request: web.Request) -> web.Response:
+    """``ferry reload`` over HTTP (engine.ops.reload): 200 with the keys applied and those
+    that wait for a restart; 422 with every problem when the configuration is refused
+    (the running one stays)."""
+    log.info("%s asked for a reload of the configuration over HTTP", _by(request))
+    result = await request.app[APP].reload()
+    if not result.ok:
+        raise Problem(422, "Configuration refused", "the running configuration stays",
+                      extra={"errors": list(result.errors)})
+    return json_response(result.to_json())

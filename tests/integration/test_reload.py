@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import trustme
 
@@ -375,7 +376,8 @@ def test_a_lowered_limit_lets_running_deliveries_finish_and_then_holds(
 def test_log_level_and_http_tokens_apply_at_once(
         conf: Any, caplog: pytest.LogCaptureFixture) -> None:
     token = "a" * 32
-    quiet = '[log]\nlevel = "warning"\n[http]\nlisten = ["127.0.0.1:0"]\n'
+    quiet = ('[log]\nlevel = "warning"\n[http]\nlisten = ["127.0.0.1:0"]\n'
+             'trust_loopback = false\n')
     path = conf(extra=quiet.replace("\n[http]", f'\n[http.tokens.old]\ntoken = "{token}"\n'
                                                 "[http]"))
     ferry = RunningFerry(load_config(path), path=path)
@@ -388,18 +390,39 @@ def test_log_level_and_http_tokens_apply_at_once(
         assert mail_lines() == []  # [log] level = "warning": no mail log lines
         loud = quiet.replace('"warning"', '"info"') + (
             f'[http.tokens.ops]\ntoken = "{"b" * 32}"\nscopes = ["admin"]\n')
+        assert ferry.app.http is not None
+        reload_url = f"http://{ferry.app.http.addresses[0]}/api/v1/reload"
+        assert _post(reload_url, "b" * 32)[0] == 401  # not a token yet
+        status, answer = _post(reload_url, token)
+        assert (status, answer["status"]) == (403, 403)  # "old" may only read
         conf(extra=loud.replace("\n[http]", f'\n[http.tokens.old]\ntoken = "{token}"\n'
                                             "[http]"))
         result = ferry.call(ferry.app.reload())
         assert set(result.applied) == {"log.level", "http.tokens.ops (added)"}
-        assert ferry.app.http is not None
         assert set(ferry.app.http.config.tokens) == {"old", "ops"}
+        # The new admin token reloads over HTTP (nothing left to apply); a refused
+        # configuration is a 422 that lists the problems.
+        assert _post(reload_url, "b" * 32) == (200, {"ok": True, "applied": [],
+                                                     "restart": []})
+        conf(extra=loud + "[http.tokens.ops]\n")  # a table twice: not TOML
+        status, answer = _post(reload_url, "b" * 32)
+        assert (status, answer["title"]) == (422, "Configuration refused")
+        assert answer["errors"] and set(ferry.app.http.config.tokens) == {"old", "ops"}
         with smtplib.SMTP("127.0.0.1", ferry.port) as client:
             client.sendmail("loud@client.test", ["x@route.test"], b"Subject: l\r\n\r\nl\r\n")
         wait_for(lambda: any("from=<loud@client.test>" in line for line in mail_lines()), 30,
                  "the mail log line of a message received after the reload")
     finally:
         ferry.stop()
+
+
+def _post(url: str, token: str) -> tuple[int, Any]:
+    async def go() -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as session, session.post(
+                url, headers={"Authorization": f"Bearer {token}"}) as answer:
+            return answer.status, await answer.json(content_type=None)
+
+    return asyncio.run(go())
 
 
 def test_receive_limits_apply_to_new_sessions_and_open_ones_keep_theirs(
