@@ -91,6 +91,7 @@ __all__ = [
     "TrackingConfig",
     "WebhookConfig",
     "default_hostname",
+    "dotted_key",
     "load_config",
     "name_flags",
     "parse_hostport",
@@ -1529,7 +1530,9 @@ def _adapter() -> TypeAdapter[Config]:
 # --- error messages ------------------------------------------------------------------------
 
 
-def _dotted(loc: _Loc) -> str:
+def dotted_key(loc: Sequence[str | int]) -> str:
+    """A key's path as errors, ``ferry config`` and reloads name it: ``receive[0].listen``,
+    ``delivery.domains."gmail.com".max_connections``."""
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -1549,8 +1552,8 @@ def _unknown_key(loc: _Loc) -> str:
     table = f"{parent[0]}.{parent[1]}" if len(parent) == 3 else str(parent[0]) if parent else ""
     names = [f.name for f in dataclasses.fields(TABLES.get(table, Config))]
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    hint = f" (did you mean '{_dotted((*parent, close[0]))}'?)" if close else ""
-    return f"unknown key '{_dotted(loc)}'{hint}"
+    hint = f" (did you mean '{dotted_key((*parent, close[0]))}'?)" if close else ""
+    return f"unknown key '{dotted_key(loc)}'{hint}"
 
 
 _ARRAYS_OF_TABLES: Final = (("receive",), ("send",), ("local",), ("alert",), ("webhook",))
@@ -1670,13 +1673,13 @@ def _line(loc: _Loc, message: str, origins: Mapping[_Loc, str]) -> str:
     if not loc:
         return message
     flag = next((f for at, f in origins.items() if loc[: len(at)] == at), None)
-    return f"{_dotted(loc)}{f' ({flag})' if flag else ''}: {message}"
+    return f"{dotted_key(loc)}{f' ({flag})' if flag else ''}: {message}"
 
 
 def name_flags(lines: Sequence[str], flags: Iterable[str]) -> list[str]:
     """Problem lines of checks made after loading ("spool: ..."), with the flag that set
     the key named as :func:`load_config` names it ("spool (--spool): ...")."""
-    keys = {_dotted(FLAGS[flag]): flag for flag in flags}
+    keys = {dotted_key(FLAGS[flag]): flag for flag in flags}
     out: list[str] = []
     for line in lines:
         key, sep, rest = line.partition(": ")

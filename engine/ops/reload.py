@@ -25,13 +25,12 @@ never decides whether a configuration is valid (``engine.config`` and
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from engine.config import Config, ReceiveConfig, SendConfig
+from engine.config import Config, ReceiveConfig, SendConfig, dotted_key
 
 __all__ = ["RESTART", "Plan", "Reconfigure", "ReloadResult", "diff", "plan", "why_restart"]
 
@@ -85,21 +84,6 @@ def why_restart(key: str) -> str:
 # --- the comparison -----------------------------------------------------------------------
 
 
-def _key(path: Sequence[str | int]) -> str:
-    """A dotted key as engine.config names keys: ``receive[0].listen``,
-    ``delivery.domains."gmail.com".max_connections``."""
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif re.fullmatch(r"[A-Za-z0-9_-]+", part):
-            out += f".{part}" if out else part
-        else:
-            quoted = json.dumps(part, ensure_ascii=False)
-            out += f".{quoted}" if out else quoted
-    return out
-
-
 def _named(items: Sequence[Any]) -> bool:
     return bool(items) and all(isinstance(i, ReceiveConfig | SendConfig) for i in items)
 
@@ -115,7 +99,8 @@ def _diff(path: tuple[str | int, ...], a: Any, b: Any, out: list[str]) -> None:
             if name in a and name in b:
                 _diff((*path, str(name)), a[name], b[name], out)
             else:
-                out.append(f"{_key((*path, str(name)))} ({'added' if name in b else 'removed'})")
+                change = "added" if name in b else "removed"
+                out.append(f"{dotted_key((*path, str(name)))} ({change})")
     elif isinstance(a, tuple) and isinstance(b, tuple) and (_named(a) or _named(b)):
         # Connectors by name: b's position names the key, a's when it was removed.
         old = {item.name: item for item in a}
@@ -124,8 +109,8 @@ def _diff(path: tuple[str | int, ...], a: Any, b: Any, out: list[str]) -> None:
             if item.name in old:
                 _diff((*path, i), old[item.name], item, out)
             else:
-                out.append(f"{_key((*path, i))} (added: {item.name!r})")
-        out += [f"{_key((*path, i))} (removed: {item.name!r})"
+                out.append(f"{dotted_key((*path, i))} (added: {item.name!r})")
+        out += [f"{dotted_key((*path, i))} (removed: {item.name!r})"
                 for i, item in enumerate(a) if item.name not in new]
     elif (isinstance(a, tuple) and isinstance(b, tuple) and (a or b)
           and all(dataclasses.is_dataclass(i) for i in (*a, *b))):
@@ -133,9 +118,9 @@ def _diff(path: tuple[str | int, ...], a: Any, b: Any, out: list[str]) -> None:
             if i < len(a) and i < len(b):
                 _diff((*path, i), a[i], b[i], out)
             else:
-                out.append(f"{_key((*path, i))} ({'added' if i < len(b) else 'removed'})")
+                out.append(f"{dotted_key((*path, i))} ({'added' if i < len(b) else 'removed'})")
     else:
-        out.append(_key(path))
+        out.append(dotted_key(path))
 
 
 def diff(old: Config, new: Config) -> list[str]:

@@ -46,11 +46,8 @@ import contextlib
 import os
 import random
 import re
-import signal
 import smtplib
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -64,6 +61,7 @@ from aiosmtpd.smtp import SMTP
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import RcptState, id_text
 from engine.testing.dns import DnsResponder
+from engine.testing.process import FerryProcess
 from engine.testing.sink import CountingSink, _CountingSMTP, _Handler
 from engine.testing.wait import poll
 
@@ -370,92 +368,24 @@ class TortureReport:
         return "\n".join(lines)
 
 
-class _Ferry:
-    """The ``ferry serve`` child process: start (timed to its greeting), kill, stop."""
+class _Ferry(FerryProcess):
+    """The ``ferry serve`` under torture: the configuration and flags of the run."""
 
     def __init__(
         self, workdir: Path, port: int, dns: tuple[str, int], sink_port: int, max_per_domain: int
     ) -> None:
-        self.workdir = workdir
-        self.port = port
         config = workdir / "ferry.toml"
         config.write_text(_CONFIG, encoding="utf-8")
-        self.args = [
-            sys.executable,
-            "-m",
-            "engine",
-            "serve",
-            "--config",
-            str(config),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--spool",
-            str(workdir / "spool"),
-            "--hostname",
-            "ferry.torture.test",
-            "--dns",
-            f"{dns[0]}:{dns[1]}",
-            "--mx-port",
-            str(sink_port),
-            "--retry-interval",
-            "1",
-            "--max-per-domain",
-            str(max_per_domain),
-        ]
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.greeted = 0.0
-        self.starts = 0
-
-    def start(self, timeout: float = 30) -> float:
-        """Start and wait for a 220 greeting; the seconds it took."""
-        self.starts += 1
-        # The FERRY_* switches (extensions or not) come from our own environment.
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
-        with open(self.workdir / "ferry.log", "ab") as log:
-            log.write(f"--- start {self.starts}\n".encode())
-            log.flush()
-            started = time.monotonic()
-            self.proc = subprocess.Popen(
-                self.args,
-                cwd=self.workdir,
-                env=env,
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-            )
-        deadline = started + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"ferry exited with {self.proc.returncode}; see {self.workdir / 'ferry.log'}"
-                )
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                    s.settimeout(max(0.1, deadline - time.monotonic()))
-                    if s.recv(512).startswith(b"220"):
-                        self.greeted = time.monotonic()
-                        return self.greeted - started
-            except OSError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError(f"no greeting within {timeout} s")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-        self.proc = None
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(60)
-        self.proc = None
-        return code
-
-    def abandon(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.kill()
+        super().__init__(workdir, port, [
+            "--config", str(config),
+            "--listen", f"127.0.0.1:{port}",
+            "--spool", str(workdir / "spool"),
+            "--hostname", "ferry.torture.test",
+            "--dns", f"{dns[0]}:{dns[1]}",
+            "--mx-port", str(sink_port),
+            "--retry-interval", "1",
+            "--max-per-domain", str(max_per_domain),
+        ])  # fmt: skip
 
 
 @dataclass

@@ -15,13 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import smtplib
 import socket
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import trustme
 from engine.config import load_config
 from engine.ops import control
 from engine.ops.tracking import read_records
+from engine.testing.process import FerryProcess
 from engine.testing.server import RunningFerry
 from engine.testing.wait import wait_for
 from engine.testing.webhooks import Receiver
@@ -212,45 +211,6 @@ def test_reload_adds_changes_and_removes_webhooks(tmp_path: Path) -> None:
 # --- kill -9 of a real ferry serve --------------------------------------------------------
 
 
-class Serve:
-    """A ``ferry serve`` child process on ``port`` (timed to its greeting)."""
-
-    def __init__(self, workdir: Path, port: int) -> None:
-        self.workdir, self.port = workdir, port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        with open(self.workdir / "ferry.log", "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "engine", "serve", "--config",
-                 str(self.workdir / "ferry.toml")],
-                cwd=self.workdir, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.workdir / "ferry.log").read_text()
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                    if s.recv(512).startswith(b"220"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("no greeting within 30 s")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-        self.proc = None
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(60)
-        self.proc = None
-        return code
-
-
 def queues(spool: Path) -> tuple[dict[str, Any], str]:
     """``ferry queue queues --json``: the webhook's row, and what went to stderr."""
     done = subprocess.run(
@@ -278,7 +238,7 @@ paused = true
 dns = "127.0.0.1:9"
 {hook(f"http://127.0.0.1:{hook_port}/hook", events=["RECEIVE"], batch_size=7)}
 """, encoding="utf-8")
-    serve = Serve(tmp_path, smtp_port)
+    serve = FerryProcess(tmp_path, smtp_port, ["--config", str(tmp_path / "ferry.toml")])
     serve.start()
     try:
         send("127.0.0.1", smtp_port, 20, "x@mx.test")
