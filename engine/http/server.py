@@ -20,6 +20,7 @@ decide delivery.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import ipaddress
 import logging
@@ -88,6 +89,7 @@ class Tokens:
         return None
 
 
+@functools.lru_cache(maxsize=4096)  # a client sends many requests: parse its address once
 def _loopback(remote: str | None) -> bool:
     try:
         return remote is not None and ipaddress.ip_address(remote).is_loopback
