@@ -1111,7 +1111,7 @@ class HttpConfig:
     key_file: Annotated[Path, _v(_existing_file)] | None = None
     #: A request body over this many bytes gets 413 (an injection with attachments).
     max_body_size: _Size = 50 * MiB
-    #: Seconds for one request from its first byte of body to its answer (408 after).
+    #: Seconds for a request's body to arrive once its header did (408 after).
     request_timeout: _Seconds = 60.0
     #: Seconds an idle keep-alive connection stays open.
     idle_timeout: _Seconds = 75.0

@@ -10,6 +10,7 @@ did wrong.  This module must never touch the queue or the scheduler itself.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ class Problem(Exception):
     detail: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
     headers: Mapping[str, str] = field(default_factory=dict)
+    #: Close the connection after the answer: what is left of the request on it cannot be
+    #: told from the next request (a body that stopped half way).
+    close: bool = False
 
     def __str__(self) -> str:
         return f"{self.status} {self.title}: {self.detail}"
@@ -71,8 +75,11 @@ class Problem(Exception):
         if self.detail:
             doc["detail"] = self.detail
         doc.update(self.extra)
-        return web.Response(status=self.status, body=orjson.dumps(doc),
-                            content_type=PROBLEM_TYPE, headers=dict(self.headers))
+        response = web.Response(status=self.status, body=orjson.dumps(doc),
+                                content_type=PROBLEM_TYPE, headers=dict(self.headers))
+        if self.close:
+            response.force_close()
+        return response
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -104,11 +111,21 @@ def json_response(doc: Any, status: int = 200,
 
 async def json_body(request: web.Request) -> Any:
     """The request's JSON document; 415 when it is not JSON, 400 when it does not parse
-    (the body size limit is aiohttp's, raised as 413 while reading)."""
+    (the body size limit is aiohttp's, raised as 413 while reading), 408 when the body does
+    not arrive within ``[http] request_timeout``."""
     if request.content_type not in ("application/json", ""):
         raise Problem(415, "Unsupported media type",
                       f'send "Content-Type: application/json", not {request.content_type!r}')
-    raw = await request.read()
+    # Only the reading is timed (RFC 9110 §15.5.9: 408 is the server giving up waiting for
+    # the request): once a request is read, its work runs to its end, so a client never
+    # gets a 408 for messages that were queued meanwhile.
+    timeout = request.app[APP].config.http.request_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise Problem(408, "Request timeout", f"the request body did not arrive within "
+                      f"{timeout:g} s (http.request_timeout)", close=True) from None
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

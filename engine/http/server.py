@@ -5,9 +5,10 @@ Every request passes two middlewares before its handler:
 
 1. **problems**: whatever goes wrong becomes an RFC 9457 ``application/problem+json``
    answer: a :class:`~engine.http.api.Problem` the handler raised, aiohttp's own errors
-   (404, 405, 413 for a body over ``[http] max_body_size``), a request that takes longer
-   than ``request_timeout`` (408), and any other exception (500, logged with its
-   traceback): nothing a client sends can stop the listener or reach the SMTP side.
+   (404, 405, 413 for a body over ``[http] max_body_size``), a body that does not arrive
+   within ``request_timeout`` (408, :func:`engine.http.api.json_body`), and any other
+   exception (500, logged with its traceback): nothing a client sends can stop the
+   listener or reach the SMTP side.
 2. **authentication**: a client on the loopback is trusted with every scope when
    ``trust_loopback`` is on; any other needs ``Authorization: Bearer <token>`` of a
    ``[http.tokens.NAME]`` entry whose scopes include the one the route requires (RFC 6750:
@@ -105,10 +106,8 @@ def _challenge(error: str = "") -> Mapping[str, str]:
 
 @web.middleware
 async def _problems(request: web.Request, handler: Handler) -> web.StreamResponse:
-    timeout = request.app[APP].config.http.request_timeout
     try:
-        async with asyncio.timeout(timeout):
-            return await handler(request)
+        return await handler(request)
     except Problem as problem:
         return problem.response()
     except web.HTTPException as exc:
@@ -119,10 +118,6 @@ async def _problems(request: web.Request, handler: Handler) -> web.StreamRespons
         return Problem(exc.status, exc.reason, "" if text.startswith(f"{exc.status}:") else text,
                        headers={k: v for k, v in exc.headers.items()
                                 if k.lower() in ("allow", "retry-after")}).response()
-    except TimeoutError:
-        return Problem(408, "Request timeout",
-                       f"the request was not complete within {timeout:g} s "
-                       "(http.request_timeout)").response()
     except (ConnectionError, asyncio.CancelledError):
         raise  # the client went away: nobody to answer
     except Exception as exc:

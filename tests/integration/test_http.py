@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,3 +72,44 @@ def test_https(tmp_path: Path, ca: trustme.CA, cert_files: tuple[Path, Path]) ->
         assert (status, doc) == (200, {"status": "ok"})
         with pytest.raises(aiohttp.ClientError):
             _get(f"http://{f.app.http.addresses[0]}/healthz")  # no plain HTTP there
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408(tmp_path: Path) -> None:
+    config = ferry_config(tmp_path / "spool")
+    config = dataclasses.replace(config, http=HttpConfig(listen=(("127.0.0.1", 0),),
+                                                         request_timeout=0.5))
+    with RunningFerry(config) as f:
+        assert f.app.http is not None
+        host, _, port = f.app.http.addresses[0].rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=30) as client:
+            # The header promises 100 bytes of body; 1 comes, and then nothing.
+            client.sendall(b"POST /api/v1/messages HTTP/1.1\r\nHost: ferry.test\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            answer = b""
+            while not answer.endswith(b"}") and (data := client.recv(4096)):
+                answer += data
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ")
+        # The rest of the body could not be told from a next request: the server closes.
+        assert b"Connection: close" in head
+        assert b"application/problem+json" in head
+        doc = json.loads(body)
+        assert (doc["status"], doc["title"]) == (408, "Request timeout")
+        assert "http.request_timeout" in doc["detail"]
+        assert f.store.count() == 0
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_idle_timeout(tmp_path: Path) -> None:
+    config = ferry_config(tmp_path / "spool")
+    config = dataclasses.replace(config, http=HttpConfig(listen=(("127.0.0.1", 0),),
+                                                         idle_timeout=0.5))
+    with RunningFerry(config) as f:
+        assert f.app.http is not None
+        host, _, port = f.app.http.addresses[0].rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=30) as client:
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: ferry.test\r\n\r\n")
+            answer = b""
+            while data := client.recv(4096):  # the answer, then the close (not a timeout)
+                answer += data
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status":"ok"}')
+        assert b"Connection: close" not in answer  # kept alive until it was idle
