@@ -478,6 +478,8 @@ class App:
         log.info("stopping: 421 to open sessions, finishing pending commits")
         if self.http is not None:
             await self.http.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()  # a walk of the queue's index, before the queue closes
         if self.control is not None:
             await self.control.stop()
         if self.pressure is not None:

@@ -1134,6 +1134,10 @@ class HttpConfig:
     max_received_headers: _PosInt = 100
     #: Seconds an Idempotency-Key is remembered (a retry within it queues nothing).
     idempotency_window: _Seconds = 86400.0
+    #: GET /metrics: the destinations with most mail waiting that get series of their own
+    #: (the rest add up as "(other)"), so a queue for 50,000 domains stays a small scrape;
+    #: 0 = no per-destination series (and no walk of the queue's index).
+    metrics_destinations: Annotated[int, _v(_int_or_off)] = 100
 
 
 def _check_http(h: HttpConfig) -> list[tuple[_Loc, str]]:

@@ -24,6 +24,7 @@ This module must never change what it reads, and never run on the mail path: the
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Final, Protocol
@@ -103,6 +104,10 @@ class EventCounts:
         pass
 
 
+#: The label of the destinations past ``[http] metrics_destinations`` (never a domain).
+OTHER: Final = "(other)"
+
+
 def _histogram(name: str, doc: str, histogram: Histogram) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, doc)
     buckets = [(_bound(bound), count) for bound, count in histogram.cumulative()]
@@ -132,6 +137,7 @@ class FerryCollector(Collector):
         yield from self.connections()
         yield from self.tls()
         yield from self.queue()
+        yield from self.destinations()
         yield from self.scheduler()
         yield from self.dns()
         yield from self.alerts()
@@ -224,6 +230,33 @@ class FerryCollector(Collector):
             done_out.add_metric([site], handshakes.get(site, 0))
             failed_out.add_metric([site], failures.get(site, 0))
         yield from (done_in, failed_in, done_out, failed_out)
+
+    def destinations(self) -> Iterator[Metric]:
+        """Messages waiting per destination and the oldest one's age, from the last walk of
+        the hops index (:meth:`Metrics.walk_destinations`, one scrape behind): the
+        ``[http] metrics_destinations`` fullest destinations, the rest as "(other)"."""
+        most = self.app.config.http.metrics_destinations
+        walked = self.metrics.destinations
+        if not most or walked is None:
+            return
+        depth = GaugeMetricFamily(
+            "ferry_queue_destination_messages", "Messages with a recipient waiting for the "
+            "destination (the queue's next hop), as of the previous scrape",
+            labels=["destination"])
+        age = GaugeMetricFamily(
+            "ferry_queue_destination_oldest_seconds", "Age of the oldest message waiting for "
+            "the destination, as of the previous scrape", labels=["destination"])
+        now = time.time()
+        ranked = sorted(walked.items(), key=lambda item: (-item[1][0], item[0]))
+        for name, (count, oldest) in ranked[:most]:
+            depth.add_metric([name], count)
+            age.add_metric([name], max(0.0, now - id_time(oldest)))
+        rest = ranked[most:]
+        if rest:
+            depth.add_metric([OTHER], sum(count for _, (count, _) in rest))
+            age.add_metric([OTHER], max(0.0, now - min(id_time(o) for _, (_, o) in rest)))
+        yield depth
+        yield age
 
     def queue(self) -> Iterator[Metric]:
         store = self.app.store
@@ -323,6 +356,36 @@ class Metrics:
         self.render_seconds = 0.0
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(FerryCollector(app, self))
+        self.app = app
+        #: messages waiting and the oldest id per destination, from the last walk of the
+        #: hops index (None until one finished)
+        self.destinations: dict[str, tuple[int, bytes]] | None = None
+        self._walking: asyncio.Future[dict[str, tuple[int, bytes]]] | None = None
+
+    def walk_destinations(self) -> None:
+        """Start a walk of the hops index in a thread unless one runs: a scrape reads the
+        last finished one (one scrape behind), so it never waits for a walk that takes
+        0.2 s per million queued messages (benchmarks/README.md, bench_alerts.py)."""
+        store = self.app.store
+        if (self._walking is not None or store is None
+                or not self.app.config.http.metrics_destinations):
+            return
+        self._walking = walk = asyncio.get_running_loop().run_in_executor(
+            None, store.hop_depths)
+        walk.add_done_callback(self._walked)
+
+    async def stop(self) -> None:
+        """Wait for a walk in flight: the queue closes after this."""
+        if self._walking is not None:
+            await asyncio.wait([self._walking])
+
+    def _walked(self, walk: asyncio.Future[dict[str, tuple[int, bytes]]]) -> None:
+        self._walking = None
+        if walk.cancelled():
+            return
+        if walk.exception() is not None:  # the store closed under it: at shutdown only
+            return
+        self.destinations = walk.result()
 
     def render(self) -> bytes:
         """The text exposition of every metric, timed (``ferry_metrics_render_seconds``)."""

@@ -231,6 +231,7 @@ bare_eol = "normalize"
 long_lines = "reject"
 max_received_headers = 50
 idempotency_window = "1h"
+metrics_destinations = 10
 
 [http.tokens.seam]
 token = "seam-token-0123456789"
@@ -319,7 +320,7 @@ def test_every_declared_key_is_read(tmp_path: Path, ca: trustme.CA,
         poll(lambda: ("webhook", "max_retry_interval") in READS, timeout=10)
         # One HTTPS request with the token: the [http] keys read per request.
         assert f.app.http is not None
-        request = urllib.request.Request(f"https://{f.app.http.addresses[0]}/healthz",
+        request = urllib.request.Request(f"https://{f.app.http.addresses[0]}/metrics",
                                          headers={"Authorization": "Bearer seam-token-0123456789"})
         with urllib.request.urlopen(request, context=_client_context(ca), timeout=10) as answer:
             assert answer.status == 200

@@ -219,3 +219,23 @@ def test_alerts_firing_and_webhook_backlog(tmp_path: Path) -> None:
 
         assert wait_for(lambda: value(samples(f), "ferry_webhook_backlog", webhook="crm"),
                         what="the webhook's backlog") == 1
+
+
+def test_queue_depth_per_destination_with_the_rest_as_other(tmp_path: Path) -> None:
+    config = _config(tmp_path, HttpConfig(listen=(("127.0.0.1", 0),), metrics_destinations=1))
+    with RunningFerry(config) as f:
+        with smtplib.SMTP(f.host, f.port) as client:  # delivery is paused: they stay
+            for rcpt in ("a@one.test", "b@one.test", "c@two.test"):
+                client.sendmail("s@client.test", [rcpt], BODY)
+        # Each scrape starts the walk that the next one reads.
+        def walked() -> Samples | None:
+            found = samples(f)
+            depth = value(found, "ferry_queue_destination_messages", destination="one.test")
+            return found if depth == 2 else None
+
+        found = wait_for(walked, what="one.test's depth")
+        assert value(found, "ferry_queue_destination_messages", destination="(other)") == 1
+        assert ("ferry_queue_destination_messages",
+                frozenset({("destination", "two.test")})) not in found
+        assert value(found, "ferry_queue_destination_oldest_seconds",
+                     destination="one.test") >= 0
