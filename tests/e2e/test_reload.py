@@ -11,7 +11,6 @@ import smtplib
 import socket
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,16 +209,18 @@ def test_sighup_reloads_like_ferry_reload_and_tells_systemd(
     try:
         assert _next(sock, "READY")["READY"] == "1"
         session = Session(server.port)
-        # A stream of messages in the open session while the signal arrives.
+        # One open session sends before the signal and goes on after the reload.
         errors: list[BaseException] = []
         sent: list[str] = []
+        reloaded = threading.Event()
 
         def stream() -> None:
             try:
                 for n in range(30):
+                    if n == 5:
+                        assert reloaded.wait(60)
                     session.send(f"s{n}")
                     sent.append(f"s{n}")
-                    time.sleep(0.02)  # pacing: the stream lasts beyond the signal
             except BaseException as exc:
                 errors.append(exc)
 
@@ -232,6 +233,7 @@ def test_sighup_reloads_like_ferry_reload_and_tells_systemd(
         assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
         ready = _next(sock, "READY")
         assert ready["STATUS"].startswith("accepting mail on")
+        reloaded.set()
         writer.join(60)
         assert not writer.is_alive() and errors == []
         session.close()

@@ -10,7 +10,6 @@ import asyncio
 import smtplib
 import ssl
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,12 +105,15 @@ class Clients:
     """``count`` client threads, each one SMTP session sending ``per_client`` messages to
     route.test; every 250 is recorded with whether it came after ``reloaded`` was set.
     Each session waits after its first ``before`` messages until ``go`` is set (just
-    before the reload is asked for), so that the rest of the stream runs across it."""
+    before the reload is asked for), sends ``during`` more while the reload runs, and
+    waits again until ``reloaded`` is set to send the rest: every session stays open
+    across the reload and sends both before and after it."""
 
     def __init__(self, port: int, count: int = 3, per_client: int = 40,
-                 before: int = 10) -> None:
+                 before: int = 10, during: int = 5) -> None:
         self.port = port
         self.before = before
+        self.during = during
         self.go = threading.Event()
         self.reloaded = threading.Event()
         self.accepted: dict[int, bool] = {}  # seq → sent after the reload
@@ -129,8 +131,8 @@ class Clients:
                 for n in range(count):
                     if n == self.before:
                         assert self.go.wait(60)
-                    elif n > self.before:
-                        time.sleep(0.005)  # pacing: the stream lasts beyond the reload
+                    elif n == self.before + self.during:
+                        assert self.reloaded.wait(60)
                     seq = index * 1000 + n
                     after = self.reloaded.is_set()
                     body = f"Subject: load {seq}\r\nX-Seq: {seq}\r\n\r\nmessage {seq}\r\n"
