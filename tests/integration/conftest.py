@@ -1,4 +1,5 @@
-"""Fixtures for tests over real sockets on 127.0.0.1: a running Ferry, test certificates."""
+"""Fixtures for tests over real sockets on 127.0.0.1: a running Ferry, test certificates, a
+DNS responder and a counting sink for the module's ``ZONE`` and ``SINK_ADDRESSES``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 import pytest
 import trustme
 
+from engine.testing.dns import DnsResponder
 from engine.testing.server import RunningFerry, ferry_config
+from engine.testing.sink import CountingSink
 
 StartFerry = Callable[..., RunningFerry]
 
@@ -49,3 +52,18 @@ def cert_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tupl
     cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
     cert.private_key_pem.write_to_path(str(key_path))
     return cert_path, key_path
+
+
+@pytest.fixture
+def dns_server(request: pytest.FixtureRequest) -> Iterator[DnsResponder]:
+    """A DNS responder on loopback serving the test module's ``ZONE``."""
+    with DnsResponder(request.module.ZONE) as responder:
+        yield responder
+
+
+@pytest.fixture
+def sink(request: pytest.FixtureRequest) -> Iterator[CountingSink]:
+    """A counting SMTP sink on the test module's ``SINK_ADDRESSES``."""
+    s = CountingSink(list(request.module.SINK_ADDRESSES))
+    yield s
+    s.stop()

@@ -35,17 +35,8 @@ mx.tls.test.     IN A 127.0.41.4
 """
 
 
-@pytest.fixture
-def dns_server() -> Iterator[DnsResponder]:
-    with DnsResponder(ZONE) as responder:
-        yield responder
-
-
-@pytest.fixture
-def sink() -> Iterator[CountingSink]:
-    s = CountingSink(["127.0.41.1"])
-    yield s
-    s.stop()
+#: Where the counting sink of tests/integration/conftest.py listens.
+SINK_ADDRESSES = ["127.0.41.1"]
 
 
 Start = Callable[..., RunningFerry]

@@ -26,7 +26,6 @@ import socket
 import ssl
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,17 +122,8 @@ mx1.mx.test. IN A 127.0.31.1
 """
 
 
-@pytest.fixture
-def dns_server() -> Iterator[DnsResponder]:
-    with DnsResponder(ZONE) as responder:
-        yield responder
-
-
-@pytest.fixture
-def sink() -> Iterator[CountingSink]:
-    s = CountingSink(["127.0.31.1", "127.0.31.2"])
-    yield s
-    s.stop()
+#: Where the counting sink of tests/integration/conftest.py listens.
+SINK_ADDRESSES = ["127.0.31.1", "127.0.31.2"]
 
 
 def closed_port() -> int:

@@ -50,19 +50,6 @@ mx.dsn.test.   IN A 127.0.10.6
 SINK_ADDRESSES = ["127.0.10.1", "127.0.10.2", "127.0.10.3", "127.0.10.4", "127.0.10.5"]
 
 
-@pytest.fixture
-def dns_server() -> Iterator[DnsResponder]:
-    with DnsResponder(ZONE) as responder:
-        yield responder
-
-
-@pytest.fixture
-def sink() -> Iterator[CountingSink]:
-    s = CountingSink(SINK_ADDRESSES)
-    yield s
-    s.stop()
-
-
 Start = Callable[..., RunningFerry]
 
 

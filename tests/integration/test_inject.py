@@ -53,11 +53,8 @@ def _config(spool: Path, sink: CountingSink | None = None, **http: Any) -> Confi
     return config
 
 
-@pytest.fixture
-def sink() -> Iterator[CountingSink]:
-    s = CountingSink(["127.0.10.1"])
-    yield s
-    s.stop()
+#: Where the counting sink of tests/integration/conftest.py listens.
+SINK_ADDRESSES = ["127.0.10.1"]
 
 
 @pytest.fixture

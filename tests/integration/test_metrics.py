@@ -8,12 +8,10 @@ import dataclasses
 import smtplib
 import socket
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -67,17 +65,8 @@ def value(found: Samples, name: str, **labels: str) -> float:
     return found.get((name, frozenset(labels.items())), 0.0)
 
 
-@pytest.fixture
-def dns_server() -> Iterator[DnsResponder]:
-    with DnsResponder(ZONE) as responder:
-        yield responder
-
-
-@pytest.fixture
-def sink() -> Iterator[CountingSink]:
-    s = CountingSink(["127.0.12.1"])
-    yield s
-    s.stop()
+#: Where the counting sink of tests/integration/conftest.py listens.
+SINK_ADDRESSES = ["127.0.12.1"]
 
 
 def _config(tmp_path: Path, http: HttpConfig, **delivery: Any) -> Any:

@@ -51,17 +51,8 @@ BODY = (b"Subject: where is it\r\nMessage-ID: <track-1@client.test>\r\n\r\n"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def dns_server() -> Iterator[DnsResponder]:
-    with DnsResponder(ZONE) as responder:
-        yield responder
-
-
-@pytest.fixture
-def sink() -> Iterator[CountingSink]:
-    s = CountingSink(["127.0.12.1", "127.0.12.2", "127.0.12.3"])
-    yield s
-    s.stop()
+#: Where the counting sink of tests/integration/conftest.py listens.
+SINK_ADDRESSES = ["127.0.12.1", "127.0.12.2", "127.0.12.3"]
 
 
 Start = Callable[..., RunningFerry]
