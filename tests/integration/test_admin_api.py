@@ -23,30 +23,16 @@ import pytest
 
 from engine.config import AlertConfig, AlertsConfig, HttpConfig, HttpToken
 from engine.ops.control import request, socket_path
-from engine.ops.events import Event
 from engine.ops.readiness import Check
 from engine.queue.api import Outcome
 from engine.queue.records import RcptState, id_bytes, id_text
+from engine.testing.events import Recorder
 from engine.testing.server import RunningFerry, ferry_config
 from engine.testing.wait import wait_for
 
 TOKENS = {"reader": ("r" * 32, ("read",)), "operator": ("o" * 32, ("read", "admin")),
           "injector": ("i" * 32, ("inject",))}
 BODY = (b"Subject: s\r\nMessage-ID: <m1@client.test>\r\n\r\n.leading dot\r\nx\r\n")
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def write(self, batch: list[Event]) -> None:
-        self.events += batch
-
-    def close(self) -> None:
-        pass
-
-    def of(self, kind: str) -> list[Event]:
-        return [e for e in self.events if e["event"] == kind]
 
 
 def http_config(**changes: Any) -> HttpConfig:

@@ -16,27 +16,13 @@ import pytest
 
 from engine.config import Config
 from engine.ops.control import request, socket_path
-from engine.ops.events import Event
 from engine.queue.api import Outcome
 from engine.queue.records import Envelope, RcptState, id_bytes, id_text
+from engine.testing.events import Recorder
 from engine.testing.server import RunningFerry, ferry_config
 from engine.testing.wait import wait_for
 
 ME = pwd.getpwuid(os.getuid()).pw_name
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def write(self, batch: list[Event]) -> None:
-        self.events += batch
-
-    def close(self) -> None:
-        pass
-
-    def of(self, kind: str) -> list[Event]:
-        return [e for e in self.events if e["event"] == kind]
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from engine.ops.events import Event, Events, Kind
 from engine.queue.api import Outcome
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import Envelope, RcptState, Recipient, id_time
+from engine.testing.events import Recorder
 
 
 def rule(**keys: Any) -> AlertConfig:
@@ -242,17 +243,6 @@ def test_queue_figures_from_the_hops_index(store: LmdbQueue) -> None:
 # --- reporting: the log line and the event ----------------------------------------------
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.records: list[Event] = []
-
-    def write(self, batch: list[Event]) -> None:
-        self.records += batch
-
-    def close(self) -> None:
-        pass
-
-
 def test_a_change_is_one_log_line_at_its_severity_and_one_alert_event(
         store: LmdbQueue, caplog: pytest.LogCaptureFixture) -> None:
     sink = Recorder()
@@ -270,7 +260,7 @@ def test_a_change_is_one_log_line_at_its_severity_and_one_alert_event(
         (logging.ERROR, "alert disk firing: free_disk is 1.00 GiB, below 10.00 GiB"),
         (logging.ERROR, "alert disk cleared: free_disk is 20.00 GiB, no longer below "
                         "10.00 GiB (fired 90 s ago)")]
-    fire, clear = sink.records
+    fire, clear = sink.events
     assert (fire["event"], fire["id"], fire["message_id"]) == ("ALERT", "", "")
     assert {k: fire[k] for k in ("alert", "state", "metric", "destination", "severity",
                                  "comparison", "threshold", "value")} == {
