@@ -843,6 +843,14 @@ class ReceiveConfig:
     #: A line over 1,000 octets (RFC 5321 §4.5.3.1.6): "wrap" it with CRLF SPACE at
     #: ingest (Postfix's smtp_line_length_limit), or "reject" the message (554 5.6.0).
     long_lines: Annotated[Literal["wrap", "reject"], _v(_choice("wrap", "reject"))] = "wrap"
+    #: Policy agents run for this connector's sessions, in this order, after relay control
+    #: (engine.agents): built-in "ratelimit", "dnsbl", "verify", "rspamd", "clamav", or the
+    #: name of an [agents.custom."NAME"] table.  Each is set up in its [agents.NAME] table.
+    agents: Annotated[tuple[str, ...], _v(_agent_list)] = ()
+    #: Mail authentication to check at the end of data (RFC 7208, 6376, 7489); the results
+    #: go into one Authentication-Results field (RFC 8601).  Non-empty runs the "verify"
+    #: agent: where it stands in ``agents``, else before every other end-of-data agent.
+    verify: Annotated[tuple[str, ...], _v(_verify_methods)] = ()
 
     def banner(self, hostname: str) -> str:
         """The greeting text after "220 ": the configured one or "<hostname> ESMTP Ferry"."""
@@ -1391,6 +1399,143 @@ class AlertsConfig:
     interval: _Seconds = 10.0
 
 
+# --- policy agents (engine.agents) ---------------------------------------------------------
+
+#: The agents Ferry ships, by the name [[receive]] agents lists them with.
+BUILTIN_AGENTS: Final = ("ratelimit", "dnsbl", "verify", "rspamd", "clamav")
+VERIFY_METHODS: Final = ("spf", "dkim", "dmarc")
+
+
+def _agent_list(value: object) -> tuple[str, ...]:
+    names = _each(value, "agent names", _agent_name)
+    if len(set(names)) != len(names):
+        raise _Invalid(f"lists an agent twice (got {_show(list(names))})")
+    return names
+
+
+def _agent_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", value):
+        raise _Invalid("must be an agent name: letters, digits, '_', '.', '-' "
+                       f"(got {_show(value)})")
+    return value
+
+
+def _verify_methods(value: object) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_each(value, "methods", _choice(*VERIFY_METHODS))))
+
+
+def _fail_mode(value: object) -> bool:
+    """ "open" → True (accept when the agent fails), "closed" → False (4xx)."""
+    return _choice("open", "closed")(value) == "open"
+
+
+@dataclass(frozen=True)
+class _AgentTable:
+    """The two keys of every [agents.*] table: the time budget of one call and what a
+    failure (an exception, the budget blown, the daemon down) means."""
+
+    __pydantic_config__ = _TABLE
+
+    #: Seconds one call of the agent may take; past it the call counts as failed.
+    timeout: _Seconds = 10.0
+    #: "open": a failed call accepts (mail flows while the agent is down); "closed": it
+    #: answers 451 4.7.1 (mail waits at the client until the agent is back).
+    fail: Annotated[bool, _v(_fail_mode)] = True
+
+
+@dataclass(frozen=True)
+class RateLimitAgentConfig(_AgentTable):
+    """[agents.ratelimit]: per client address and per authenticated user (anvil)."""
+
+
+@dataclass(frozen=True)
+class DnsblAgentConfig(_AgentTable):
+    """[agents.dnsbl]: DNS block and allow lists, checked at connect."""
+
+
+@dataclass(frozen=True)
+class VerifyAgentConfig(_AgentTable):
+    """[agents.verify]: SPF, DKIM and DMARC verification and Authentication-Results."""
+
+
+@dataclass(frozen=True)
+class RspamdAgentConfig(_AgentTable):
+    """[agents.rspamd]: anti-spam with rspamd's HTTP protocol (/checkv2)."""
+
+
+@dataclass(frozen=True)
+class ClamavAgentConfig(_AgentTable):
+    """[agents.clamav]: anti-malware with clamd's INSTREAM."""
+
+    #: A scanner that cannot scan must not let mail through unscanned: closed by default.
+    fail: Annotated[bool, _v(_fail_mode)] = False
+
+
+def _factory(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(
+            r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
+        raise _Invalid(f'must be "package.module:name" (got {_show(value)})')
+    return value
+
+
+def _options(value: object) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _Invalid(f"must be a table (got {_show(value)})")
+    return MappingProxyType(dict(value))
+
+
+@dataclass(frozen=True)
+class CustomAgentConfig(_AgentTable):
+    """[agents.custom."NAME"]: an agent of your own (docs/agents.md)."""
+
+    #: "package.module:name": called with ``options`` as keyword arguments plus ``timeout``
+    #: and ``fail_open``, it returns the engine.agents.api.Agent.
+    factory: Annotated[str, _v(_factory)] = ""
+    #: Keyword arguments for the factory.
+    options: Annotated[Mapping[str, Any], _v(_options)] = field(
+        default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class AgentsConfig:
+    """[agents]: the policy agents' settings (engine.agents); [[receive]] agents says which
+    run for which connector, in what order."""
+
+    __pydantic_config__ = _TABLE
+
+    ratelimit: RateLimitAgentConfig = field(default_factory=RateLimitAgentConfig)
+    dnsbl: DnsblAgentConfig = field(default_factory=DnsblAgentConfig)
+    verify: VerifyAgentConfig = field(default_factory=VerifyAgentConfig)
+    rspamd: RspamdAgentConfig = field(default_factory=RspamdAgentConfig)
+    clamav: ClamavAgentConfig = field(default_factory=ClamavAgentConfig)
+    custom: Mapping[str, CustomAgentConfig] = field(
+        default_factory=lambda: MappingProxyType({}))
+
+
+def _check_agent_names(config: Config) -> list[tuple[_Loc, str]]:
+    """Every name in [[receive]] agents is a built-in agent or an [agents.custom] table,
+    and a custom agent does not take a built-in's name."""
+    bad: list[tuple[_Loc, str]] = []
+    custom = config.agents.custom
+    for name in custom:
+        if name in BUILTIN_AGENTS:
+            bad.append((("agents", "custom", name), f"{_show(name)} is the name of a built-in "
+                                                    "agent (choose another)"))
+        elif not custom[name].factory:
+            bad.append((("agents", "custom", name, "factory"), "is required"))
+    known = (*BUILTIN_AGENTS, *custom)
+    for i, rc in enumerate(config.receive):
+        for j, name in enumerate(rc.agents):
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f'; did you mean "{close[0]}"?' if close else ""
+                bad.append((("receive", i, "agents", j),
+                            f"{_show(name)} is neither a built-in agent "
+                            f"({', '.join(BUILTIN_AGENTS)}) nor an [agents.custom] "
+                            f"table{hint}"))
+    return bad
+
+
 def default_hostname() -> str:
     """The machine's fully qualified name, or "localhost" when it has none (a name without
     a dot is no use to other servers; engine.ops.startup warns about it at start)."""
@@ -1433,6 +1578,8 @@ class Config:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     #: Delivery webhooks, [[webhook]]; none = no events leave the server by HTTP.
     webhook: tuple[Annotated[WebhookConfig, _after(_check_webhook)], ...] = ()
+    #: Settings of the policy agents (engine.agents), [agents.*].
+    agents: AgentsConfig = field(default_factory=AgentsConfig)
 
 
 #: Every table of the file and its dataclass ("" is the top level; "delivery.domains" the
@@ -1442,7 +1589,10 @@ TABLES: Final[Mapping[str, type]] = MappingProxyType({
     "log": LogConfig, "send": SendConfig, "local": LocalConfig, "tracking": TrackingConfig,
     "delivery.domains": DomainLimits, "server": ServerConfig, "http": HttpConfig,
     "http.tokens": HttpToken, "alert": AlertConfig, "alerts": AlertsConfig,
-    "webhook": WebhookConfig,
+    "webhook": WebhookConfig, "agents": AgentsConfig,
+    "agents.ratelimit": RateLimitAgentConfig, "agents.dnsbl": DnsblAgentConfig,
+    "agents.verify": VerifyAgentConfig, "agents.rspamd": RspamdAgentConfig,
+    "agents.clamav": ClamavAgentConfig, "agents.custom": CustomAgentConfig,
 })  # fmt: skip
 
 
@@ -1506,6 +1656,7 @@ def _check_config(config: Config) -> list[tuple[_Loc, str]]:
                             f"{_show(domain)} is already listed at {seen[domain]}"))
             seen.setdefault(domain, f"local[{i}].domains[{j}]")
     bad += _check_inject(config)
+    bad += _check_agent_names(config)
     hooks: dict[str, int] = {}
     for i, w in enumerate(config.webhook):
         if w.name in hooks:
