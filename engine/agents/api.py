@@ -8,12 +8,19 @@ stage     called                                              with
 ========  ==================================================  ============================
 connect   when a client connects, before the greeting         ``(session)``
 helo      at each HELO/EHLO                                   ``(session)``
+auth      after each AUTH exchange that gave a user name      ``(session, user, ok)``
 mail      at MAIL FROM                                        ``(session, tx)``
 rcpt      at each RCPT TO (relay control is the first agent)  ``(session, tx, rcpt)``
 data      at the end of DATA/BDAT, the whole message read     ``(session, tx, message)``
 sign      before the message is stored, for mail the client   ``(session, tx, message)``
           may relay (an outbound message): DKIM signing
 ========  ==================================================  ============================
+
+At the auth stage ``ok`` says whether the password was right; a REJECT or TEMPFAIL verdict
+ends the session with its reply (421 for a tempfail: a lockout), and the stage may wait
+before answering (a delay after a failure slows a password guesser).  ``disconnect(session)``
+(plain, returns None) is called once when the connection is gone, for agents that count
+what is open.
 
 A method returns a :class:`Verdict`, or an awaitable of one when it has to wait (DNS, a
 scanner's socket).  Returning the verdict directly keeps the cheap agents (relay control)
@@ -75,6 +82,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 class Stage(enum.Enum):
     CONNECT = "connect"
     HELO = "helo"
+    AUTH = "auth"
     MAIL = "mail"
     RCPT = "rcpt"
     DATA = "data"
@@ -314,10 +322,13 @@ class Agent:
 
         def connect(self, session: Session) -> Verdict | Awaitable[Verdict]
         def helo(self, session: Session) -> Verdict | Awaitable[Verdict]
+        def auth(self, session: Session, user: str, ok: bool) -> ...
         def mail(self, session: Session, tx: Transaction) -> Verdict | Awaitable[Verdict]
         def rcpt(self, session: Session, tx: Transaction, rcpt: Command) -> ...
         def data(self, session: Session, tx: Transaction, message: Message) -> ...
         def sign(self, session: Session, tx: Transaction, message: Message) -> ...
+
+    and ``def disconnect(self, session: Session) -> None`` when the connection is gone.
 
     ``start`` runs once when the server starts (open pools, load files); ``stop`` at
     shutdown.  Neither may block the loop.
