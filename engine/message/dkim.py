@@ -62,7 +62,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_HEADERS",
-    "DEFAULT_OVERSIGN",
     "INLINE_BYTES",
     "MIN_SIGNING_BITS",
     "MIN_VERIFY_BITS",
@@ -97,14 +96,6 @@ DEFAULT_HEADERS: Final = (
     "List-Unsubscribe", "List-Unsubscribe-Post", "List-Subscribe", "List-Post",
     "List-Owner", "List-Archive", "Feedback-ID",
 )  # fmt: skip
-
-#: The fields over-signed by default (§5.4.2, §8.15): those a reader sees and a replayer
-#: would add a second copy of (a second From or Subject displayed instead of the signed one).
-DEFAULT_OVERSIGN: Final = frozenset({
-    "from", "reply-to", "subject", "date", "to", "cc", "message-id", "mime-version",
-    "content-type", "content-transfer-encoding", "list-unsubscribe",
-    "list-unsubscribe-post", "sender",
-})  # fmt: skip
 
 #: RFC 8301 §3.2: verifiers must not accept RSA keys under 1024 bits; signers must use
 #: at least 1024 and should use 2048 (§3.2 of the same) — this project requires 2048.
@@ -484,7 +475,7 @@ class Signer:
 
     ``headers``: the fields to sign (From is always signed, §5.4); each is listed in h= as
     many times as the message has it, plus once more when over-signed.  ``oversign``: True
-    for every signed field, False for none, or a collection of names.  ``canon``: (header,
+    (the default) for every signed field, False for none, or a collection of names.  ``canon``: (header,
     body) canonicalisation.  ``lifetime``: seconds after which the signature expires
     (x=, §3.5), None for none.  The signature never uses l= (§8.2: it lets anyone append).
     """
@@ -495,7 +486,7 @@ class Signer:
         selector: str,
         private_key: SigningKey,
         headers: Sequence[str] = DEFAULT_HEADERS,
-        oversign: bool | Collection[str] = DEFAULT_OVERSIGN,
+        oversign: bool | Collection[str] = True,
         canon: tuple[Canon, Canon] = ("relaxed", "relaxed"),
         *,
         lifetime: float | None = None,
