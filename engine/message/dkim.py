@@ -474,10 +474,11 @@ class Signer:
     """Signs messages for ``domain`` with ``selector``'s ``private_key``.
 
     ``headers``: the fields to sign (From is always signed, §5.4); each is listed in h= as
-    many times as the message has it, plus once more when over-signed.  ``oversign``: True
-    (the default) for every signed field, False for none, or a collection of names.  ``canon``: (header,
-    body) canonicalisation.  ``lifetime``: seconds after which the signature expires
-    (x=, §3.5), None for none.  The signature never uses l= (§8.2: it lets anyone append).
+    many times as the message has it, plus once more when over-signed.  ``oversign``:
+    True (the default) for every signed field, False for none, or a collection of names.
+    ``canon``: (header, body) canonicalisation.  ``lifetime``: seconds after which the
+    signature expires (x=, §3.5), None for none.  The signature never uses l= (§8.2: it
+    lets anyone append).
     """
 
     def __init__(
