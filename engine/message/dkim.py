@@ -75,9 +75,11 @@ __all__ = [
     "algorithm_of",
     "body_hash",
     "fold_txt",
+    "generate_key",
     "key_record",
     "load_signing_key",
     "parse_tag_list",
+    "private_pem",
     "relaxed_header",
     "verify",
 ]
@@ -399,6 +401,22 @@ def load_signing_key(path: Path) -> SigningKey:
         return key
     raise DkimKeyError(f"{path} is a {type(key).__name__.removeprefix('_')} key; DKIM "
                        "signs with RSA (2048+ bits) or Ed25519 (RFC 8463)")
+
+
+def generate_key(ed25519_key: bool = False, bits: int = MIN_SIGNING_BITS) -> SigningKey:
+    """A new signing key: Ed25519, or RSA of ``bits`` (at least 2048) with e = 65537."""
+    if ed25519_key:
+        return ed25519.Ed25519PrivateKey.generate()
+    if bits < MIN_SIGNING_BITS:
+        raise DkimKeyError(f"an RSA signing key needs {MIN_SIGNING_BITS} bits or more "
+                           f"(RFC 8301 §3.2), not {bits}")
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def private_pem(key: SigningKey) -> bytes:
+    """The key as unencrypted PKCS#8 PEM, the form :func:`load_signing_key` reads."""
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
 
 
 def key_record(key: SigningKey) -> str:
