@@ -27,20 +27,26 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 from engine.agents.api import (
     ACCEPT,
     Action,
     Agent,
+    Effects,
     HeaderChange,
+    Message,
+    Session,
     Stage,
     StageCall,
+    Transaction,
     Verdict,
     tempfail,
 )
+from engine.message.edit import apply_changes
 
-__all__ = ["FAIL_CLOSED", "Chain"]
+__all__ = ["FAIL_CLOSED", "Chain", "Screened"]
 
 log = logging.getLogger("ferry.agents")
 
@@ -50,6 +56,10 @@ FAIL_CLOSED: Final = tempfail("Policy check temporarily unavailable, try again l
                               451, "4.7.1")
 
 _TERMINAL: Final = frozenset({Action.REJECT, Action.TEMPFAIL, Action.DISCARD})
+
+
+def _skipped(change: HeaderChange, why: str) -> None:
+    log.warning("a policy agent's header change was not applied: %s", why)
 
 
 class _Run:
@@ -79,6 +89,19 @@ class _Run:
         if self.changes:
             return Verdict(Action.ACCEPT, None, tuple(self.changes))
         return ACCEPT
+
+
+@dataclass(frozen=True, slots=True)
+class Screened:
+    """A message after the end-of-data and sign stages (:meth:`Chain.screen`)."""
+
+    #: The bytes to store: header changes applied, signatures added.
+    data: bytes
+    #: The refusing verdict (REJECT or TEMPFAIL, its reason naming the agent), or None.
+    refused: Verdict | None = None
+    #: "agent: reason" of a hold or a discard, "" when none.
+    held: str = ""
+    discarded: str = ""
 
 
 class Chain:
@@ -167,6 +190,35 @@ class Chain:
         else:
             log.warning("agent %s failed at %s: %s; %s", agent.name, stage.value, why, outcome)
         return ACCEPT if agent.fail_open else FAIL_CLOSED
+
+    def screens(self, session: Session, tx: Effects) -> bool:
+        """:meth:`screen` has something to do for this message."""
+        return bool(self._calls[Stage.DATA] or tx.changes or tx.held or tx.discarded
+                    or (session.may_relay and self._calls[Stage.SIGN]))
+
+    async def screen(self, session: Session, tx: Transaction, data: bytes) -> Screened:
+        """The end of data: the data stage's agents, the header changes of every stage
+        so far, then, for mail the client may relay, the sign stage on the bytes as they
+        will be stored (so a signature covers every change; RFC 6376 §5: signed once,
+        before the message is stored, and a retry sends the stored bytes).  One path for
+        the SMTP session and the injection API."""
+        answer = self.run(Stage.DATA, session, tx, Message(data))
+        verdict = answer if isinstance(answer, Verdict) else await answer
+        if verdict.action is Action.REJECT or verdict.action is Action.TEMPFAIL:
+            return Screened(data, verdict)
+        tx.note(verdict)
+        if tx.discarded:
+            return Screened(data, discarded=tx.discarded)
+        if tx.changes:
+            data = apply_changes(data, tx.changes, _skipped)
+        if session.may_relay and self._calls[Stage.SIGN]:
+            answer = self.run(Stage.SIGN, session, tx, Message(data))
+            signed = answer if isinstance(answer, Verdict) else await answer
+            if signed.action is Action.REJECT or signed.action is Action.TEMPFAIL:
+                return Screened(data, signed)
+            if signed.headers:
+                data = apply_changes(data, signed.headers, _skipped)
+        return Screened(data, held=tx.held)
 
     def disconnect(self, *args: Any) -> None:
         """Tell every agent that counts connections that one is gone (never raises)."""
