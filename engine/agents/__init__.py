@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.agents.api import Agent
-from engine.agents.chain import Chain
+from engine.agents.chain import Chain, Figures
 from engine.agents.dns import Lookup
 from engine.agents.relay import RelayAgent, RelayPolicy
 
@@ -76,6 +76,8 @@ class Agents:
         self.lookup = lookup or Lookup(config.delivery.dns)
         self._built: dict[tuple[str, tuple[str, ...]], Agent] = {}
         self._signers: list[Agent] | None = None
+        #: What every chain's agents did (engine.ops.metrics).
+        self.figures = Figures()
 
     @property
     def all(self) -> list[Agent]:
@@ -146,7 +148,7 @@ class Agents:
             if agent is not None:
                 agents.append(agent)
         agents.extend(self.signers())
-        return Chain(agents)
+        return Chain(agents, self.figures)
 
     async def start(self) -> None:
         for agent in self.all:

@@ -46,7 +46,7 @@ from engine.agents.api import (
 )
 from engine.message.edit import apply_changes
 
-__all__ = ["FAIL_CLOSED", "Chain", "Screened"]
+__all__ = ["FAIL_CLOSED", "Chain", "Figures", "Screened"]
 
 log = logging.getLogger("ferry.agents")
 
@@ -62,18 +62,36 @@ def _skipped(change: HeaderChange, why: str) -> None:
     log.warning("a policy agent's header change was not applied: %s", why)
 
 
+class Figures:
+    """What the agents did, for metrics (engine.ops.metrics): shared by every chain of a
+    server, counted off the common path (an accepting verdict counts nothing)."""
+
+    __slots__ = ("failures", "verdicts")
+
+    def __init__(self) -> None:
+        #: Failed calls (an exception or a blown budget) by agent name.
+        self.failures: Counter[str] = Counter()
+        #: Verdicts other than a plain accept, by (agent, stage, action); header changes
+        #: count as "header".
+        self.verdicts: Counter[tuple[str, str, str]] = Counter()
+
+
 class _Run:
     """The verdicts of one stage, combined so far."""
 
-    __slots__ = ("changes", "held")
+    __slots__ = ("changes", "figures", "held", "stage")
 
-    def __init__(self) -> None:
+    def __init__(self, stage: Stage, figures: Figures) -> None:
         self.changes: list[HeaderChange] = []
         self.held = ""
+        self.stage = stage
+        self.figures = figures
 
     def take(self, agent: Agent, verdict: Verdict) -> Verdict | None:
         """Add ``verdict``; the run's result when it ends the run, else None."""
         action = verdict.action
+        counted = "header" if action is Action.ACCEPT else action.value
+        self.figures.verdicts[agent.name, self.stage.value, counted] += 1
         if action in _TERMINAL:
             return Verdict(action, verdict.reply, (),
                            f"{agent.name}: {verdict.reason or action.value}")
@@ -107,8 +125,11 @@ class Screened:
 class Chain:
     """The agents of one receive connector, in order.  ``agents`` may be empty."""
 
-    def __init__(self, agents: Sequence[Agent]) -> None:
+    def __init__(self, agents: Sequence[Agent], figures: Figures | None = None) -> None:
         self.agents: tuple[Agent, ...] = tuple(agents)
+        self.figures = figures if figures is not None else Figures()
+        #: Failed calls by agent name (``figures.failures``).
+        self.failures = self.figures.failures
         # Bound methods per stage, looked up once: a run costs a call per agent.
         self._calls: dict[Stage, tuple[tuple[Agent, StageCall], ...]] = {
             stage: tuple((a, getattr(a, stage.value)) for a in self.agents
@@ -116,8 +137,6 @@ class Chain:
             for stage in Stage}
         self._disconnect = tuple(a for a in self.agents
                                  if callable(getattr(a, "disconnect", None)))
-        #: Failed calls (an exception or a blown budget) by agent name, for metrics.
-        self.failures: Counter[str] = Counter()
 
     def wants(self, stage: Stage) -> bool:
         """Some agent defines ``stage``: the caller may skip building its arguments."""
@@ -135,7 +154,7 @@ class Chain:
             if answer is ACCEPT:
                 continue  # the common case allocates nothing
             if state is None:
-                state = _Run()
+                state = _Run(stage, self.figures)
             if not isinstance(answer, Verdict):
                 return self._finish(state, calls, i, answer, stage, args)
             done = state.take(agent, answer)

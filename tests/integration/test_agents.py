@@ -316,3 +316,17 @@ def test_an_agent_refusing_injected_mail_is_a_problem_document(start: Start, scr
     else:
         assert "Retry-After" in headers
     assert ferry.store.count() == 0
+
+
+def test_verdicts_and_failures_are_metrics(start: Start) -> None:
+    import urllib.request
+
+    ferry = start(scripted("no", data="reject") + scripted("bad", mail="raise"), ["bad", "no"],
+                  extra='[http]\nlisten = ["127.0.0.1:0"]')
+    send(ferry)
+    send(ferry, rcpt=b"x@elsewhere.example")
+    assert ferry.app.http is not None
+    with urllib.request.urlopen(f"http://{ferry.app.http.addresses[0]}/metrics") as answer:
+        text = answer.read().decode()
+    assert 'ferry_agent_verdicts_total{action="reject",agent="no",stage="data"} 2.0' in text
+    assert 'ferry_agent_failures_total{agent="bad"} 2.0' in text
