@@ -157,3 +157,15 @@ class Agents:
     async def stop(self) -> None:
         for agent in self.all:
             await agent.stop()
+
+
+
+def _dkim_signer(ctx: AgentContext) -> Agent | None:
+    # Imported when the server builds its agents: engine.message.dkim imports this
+    # package's modules, so importing it here at package import would be a cycle.
+    from engine.agents.dkim import build_signer
+
+    return build_signer(ctx)
+
+
+SIGNERS.append(_dkim_signer)

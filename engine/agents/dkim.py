@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Sequence
 from email.utils import getaddresses
-from typing import ClassVar, Final, Protocol
+from typing import TYPE_CHECKING, ClassVar, Final
 
 from engine.agents.api import (
     ACCEPT,
@@ -41,12 +41,8 @@ from engine.message.dkim import (
     load_signing_key,
 )
 
-
-class AgentContext(Protocol):
-    """What :func:`build_signer` needs of engine.agents' AgentContext."""
-
-    @property
-    def config(self) -> Config: ...
+if TYPE_CHECKING:
+    from engine.agents import AgentContext
 
 __all__ = ["DkimSigner", "build_signer", "from_domain", "key_problems", "signers_from"]
 

@@ -33,6 +33,7 @@ import pytest
 import trustme
 
 from engine.config import TABLES, Config, load_config
+from engine.message.dkim import generate_key, private_pem
 from engine.server.auth import hash_password
 from engine.testing.dns import DnsResponder
 from engine.testing.rawsmtp import RawClient
@@ -136,6 +137,7 @@ def every_table(tmp_path: Path, cert_files: tuple[Path, Path], dns: tuple[str, i
                 sink_port: int) -> Config:
     """A configuration that sets every table, on loopback, in ``tmp_path``."""
     cert, key = cert_files
+    (tmp_path / "dkim.pem").write_bytes(private_pem(generate_key(ed25519_key=True)))
     path = tmp_path / "ferry.toml"
     path.write_text(f"""
 hostname = "seam.test"
@@ -269,6 +271,14 @@ retry_interval = 0.1
 max_retry_interval = 0.2
 max_backlog = 1000
 ca_file = "{cert}"
+
+[[dkim_sign]]
+domain = "seam.test"
+selector = "seam"
+key_file = "dkim.pem"
+headers = ["From", "To", "Subject"]
+oversign = ["From"]
+subdomains = true
 """, encoding="utf-8")
     return load_config(path)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import ipaddress
-from dataclasses import dataclass
 from pathlib import Path
 
 import dkim  # type: ignore[import-untyped]
@@ -15,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from engine.agents import AgentContext
 from engine.agents.api import HeaderChange, Message, Session, Transaction, Verdict
 from engine.agents.dkim import DkimSigner, build_signer, from_domain
 from engine.agents.dns import Lookup
@@ -76,9 +76,8 @@ key_file = "sub.pem"
 """
 
 
-@dataclass
-class Context:
-    config: Config
+def context(config: Config) -> AgentContext:
+    return AgentContext(config, Lookup(("127.0.0.1", 9)), "ferry.test")
 
 
 def message(sender: str, body: bytes = b"Hello.\r\n") -> Message:
@@ -120,7 +119,7 @@ def results(responder: DnsResponder, data: bytes) -> list[tuple[str, str, str]]:
 
 
 def test_dual_signing_rsa_and_ed25519(tmp_path: Path, responder: DnsResponder) -> None:
-    agent = build_signer(Context(config(tmp_path, DUAL)))
+    agent = build_signer(context(config(tmp_path, DUAL)))
     assert agent is not None
     msg = message("app@example.com")
     verdict = run_sign(agent, RELAY, msg)
@@ -143,7 +142,7 @@ def _txt(responder: DnsResponder, name: bytes) -> bytes | None:
 
 
 def test_an_entry_settings_reach_the_signature(tmp_path: Path) -> None:
-    agent = build_signer(Context(config(tmp_path, DUAL)))
+    agent = build_signer(context(config(tmp_path, DUAL)))
     assert agent is not None
     verdict = run_sign(agent, RELAY, message("app@example.com"))
     ed = next(c.value for c in verdict.headers if "ed25519" in c.value)
@@ -162,20 +161,20 @@ def test_an_entry_settings_reach_the_signature(tmp_path: Path) -> None:
     ("a@notexample.com", set()),
 ])  # fmt: skip
 def test_matching_on_the_from_domain(tmp_path: Path, sender: str, selectors: set[str]) -> None:
-    agent = build_signer(Context(config(tmp_path, DUAL)))
+    agent = build_signer(context(config(tmp_path, DUAL)))
     assert agent is not None
     verdict = run_sign(agent, RELAY, message(sender))
     assert {c.value.split(" s=")[1].split(";")[0] for c in verdict.headers} == selectors
 
 
 def test_only_mail_the_client_may_relay_is_signed(tmp_path: Path) -> None:
-    agent = build_signer(Context(config(tmp_path, DUAL)))
+    agent = build_signer(context(config(tmp_path, DUAL)))
     assert agent is not None
     assert run_sign(agent, STRANGER, message("a@example.com")).headers == ()
 
 
 def test_large_messages_are_signed_in_a_thread(tmp_path: Path, responder: DnsResponder) -> None:
-    agent = build_signer(Context(config(tmp_path, DUAL)))
+    agent = build_signer(context(config(tmp_path, DUAL)))
     assert agent is not None
     msg = message("a@example.com", b"x" * 100 + b"\r\n" * 1 + b"line\r\n" * 20_000)
     pending = agent.sign(RELAY, Transaction(parse_command(b"MAIL FROM:<>")), msg)
@@ -186,7 +185,7 @@ def test_large_messages_are_signed_in_a_thread(tmp_path: Path, responder: DnsRes
 
 
 def test_small_ed25519_is_signed_on_the_loop(tmp_path: Path) -> None:
-    agent = build_signer(Context(config(tmp_path, DUAL)))
+    agent = build_signer(context(config(tmp_path, DUAL)))
     assert agent is not None
     tx = Transaction(parse_command(b"MAIL FROM:<>"))
     assert isinstance(agent.sign(RELAY, tx, message("a@news.example.com")), Verdict)
@@ -204,7 +203,7 @@ def test_from_domain(value: str, domain: str) -> None:
 
 
 def test_no_entries_no_agent(tmp_path: Path) -> None:
-    assert build_signer(Context(config(tmp_path, ""))) is None
+    assert build_signer(context(config(tmp_path, ""))) is None
 
 
 def test_bad_keys_are_named(tmp_path: Path) -> None:
@@ -227,12 +226,12 @@ key_file = "rsa.pem"
     assert "1024 bits" in problems[0] and "a second rsa-sha256 key for example.com" \
         in problems[1]
     with pytest.raises(ConfigError) as info:
-        build_signer(Context(cfg))
+        build_signer(context(cfg))
     assert info.value.problems == tuple(problems)
 
 
 def test_header_change_shape(tmp_path: Path) -> None:
-    agent = build_signer(Context(config(tmp_path, DUAL)))
+    agent = build_signer(context(config(tmp_path, DUAL)))
     assert agent is not None
     [change] = run_sign(agent, RELAY, message("a@news.example.com")).headers
     assert isinstance(change, HeaderChange)
