@@ -20,10 +20,12 @@ message, simple canonicalisation in one ``update`` of the untouched buffer, rela
 not depend on how the body is cut (a Hypothesis test holds it to that).
 
 Where the CPU work runs (measured on this project's 2-core machine, benchmarks/README.md):
-an RSA-2048 signature costs about 0.25-1 ms, an Ed25519 one about 0.03 ms, relaxed body
-canonicalisation about 2-4 ms per MiB.  ``cryptography`` releases the GIL while OpenSSL
-signs: two threads signing give 1.5x (RSA) to 1.8x (Ed25519) the throughput of one on
-two cores.  So :meth:`Signer.sign_async` hands an RSA signature, or any message over
+an RSA-2048 signature costs about 0.25-1 ms, an Ed25519 one about 0.05 ms, relaxed body
+canonicalisation about 3-6 ms per MiB of text.  ``cryptography`` releases the GIL while
+OpenSSL signs (pyca/cryptography #14370 for RSA, #15164 for Ed25519, both in the 51.x we
+run): on the idle machine two threads signing gave 1.5x (RSA) and 1.8x (Ed25519) the
+throughput of one; on the loaded machine ``bench_dkim.py`` sees less, as the second core
+is busy.  So :meth:`Signer.sign_async` hands an RSA signature, or any message over
 :data:`INLINE_BYTES`, to the default executor (``loop.run_in_executor``), and signs small
 messages with Ed25519 on the loop (the hop to a thread would cost more than the
 signature); :func:`verify` checks on the loop when the bodies to hash are under

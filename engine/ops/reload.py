@@ -67,6 +67,7 @@ RESTART: Final[Mapping[str, str]] = {
     "agents": "the policy agents are built at start (their connections and counters)",
     "receive[*].agents": "a receive connector's chain of policy agents is built at start",
     "receive[*].verify": "a receive connector's chain of policy agents is built at start",
+    "dkim_sign": "the DKIM signing keys are loaded and the signers built at start",
 }
 
 
@@ -168,7 +169,7 @@ def plan(old: Config, new: Config) -> Plan:
     h = old.http
     config = dataclasses.replace(
         new, hostname=old.hostname, spool=old.spool, queue=old.queue, server=old.server,
-        receive=receive, send=send,
+        receive=receive, send=send, dkim_sign=old.dkim_sign,
         log=dataclasses.replace(new.log, protocol_log_dir=old.log.protocol_log_dir),
         delivery=dataclasses.replace(new.delivery, protocol_log=old.delivery.protocol_log),
         tracking=dataclasses.replace(old.tracking, subject=new.tracking.subject),

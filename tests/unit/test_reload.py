@@ -71,6 +71,16 @@ def test_listen_addresses_wait_for_a_restart_and_keep_their_running_value(
     assert again.applied == () and again.restart == done.restart
 
 
+def test_dkim_signing_keys_wait_for_a_restart(load: Load, tmp_path: Path) -> None:
+    (tmp_path / "k.pem").write_text("loaded at start, not by the plan")
+    entry = '[[dkim_sign]]\ndomain = "example.com"\nselector = "{}"\nkey_file = "k.pem"\n'
+    old = load(BASE + entry.format("s1"))
+    new = load(BASE + entry.format("s2"))
+    done = plan(old, new)
+    assert done.applied == () and done.restart == ("dkim_sign[0].selector",)
+    assert done.config.dkim_sign == old.dkim_sign
+
+
 def test_receive_connectors_added_or_removed_wait_and_the_running_ones_stay(
         load: Load) -> None:
     two = BASE + '[[receive]]\nname = "submission"\nlisten = ["127.0.0.1:587"]\n'
