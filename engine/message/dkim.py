@@ -23,14 +23,14 @@ Where the CPU work runs (measured on this project's 2-core machine, benchmarks/R
 an RSA-2048 signature costs about 0.25-1 ms, an Ed25519 one about 0.05 ms, relaxed body
 canonicalisation about 3-6 ms per MiB of text.  ``cryptography`` releases the GIL while
 OpenSSL signs (pyca/cryptography #14370 for RSA, #15164 for Ed25519, both in the 51.x we
-run): on the idle machine two threads signing gave 1.5x (RSA) and 1.8x (Ed25519) the
-throughput of one; on the loaded machine ``bench_dkim.py`` sees less, as the second core
-is busy.  So :meth:`Signer.sign_async` hands an RSA signature, or any message over
-:data:`INLINE_BYTES`, to the default executor (``loop.run_in_executor``), and signs small
-messages with Ed25519 on the loop (the hop to a thread would cost more than the
-signature); :func:`verify` checks on the loop when the bodies to hash are under
-:data:`INLINE_BYTES` (an RSA or Ed25519 verification is 0.02-0.06 ms) and in the executor
-otherwise.
+run): ``bench_dkim.py``'s handoff test sees the GIL released during every signature,
+and two threads doing RSA gave 1.5x-1.8x the signatures of one when the other core was
+free.  So the signing agent (engine.agents.dkim, asking :meth:`Signer.inline`) hands an
+RSA signature, or any message over :data:`INLINE_BYTES`, to the default executor
+(``loop.run_in_executor``), and signs small messages with Ed25519 on the loop (the hop to
+a thread would cost more than the signature); :func:`verify` checks on the loop when the
+bodies to hash are under :data:`INLINE_BYTES` (an RSA or Ed25519 verification is
+0.02-0.06 ms) and in the executor otherwise.
 
 It must never open a socket or a file itself (the key record comes through the
 ``engine.agents.dns.Lookup`` handed in; :func:`load_signing_key` reads the one file it is
@@ -582,12 +582,6 @@ class Signer:
     def sign(self, message: bytes) -> bytes:
         """The whole field to prepend: ``DKIM-Signature: ...\\r\\n``."""
         return b"DKIM-Signature:" + self.value(message).encode() + b"\r\n"
-
-    async def sign_async(self, message: bytes) -> str:
-        """:meth:`value`, in the default executor unless :meth:`inline` says otherwise."""
-        if self.inline(len(message)):
-            return self.value(message)
-        return await asyncio.get_running_loop().run_in_executor(None, self.value, message)
 
 
 # --- verification --------------------------------------------------------------------------
