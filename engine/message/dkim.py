@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import re
 import time
@@ -484,8 +485,10 @@ def _fold(tokens: Sequence[str], b64: str) -> str:
     return "\r\n".join(lines)[len("DKIM-Signature:") :]
 
 
-def _h_tokens(names: Sequence[str]) -> list[str]:
-    """h= as tokens cut after colons, each short enough for a line."""
+@functools.lru_cache(maxsize=512)
+def _h_tokens(names: tuple[str, ...]) -> tuple[str, ...]:
+    """h= as tokens cut after colons, each short enough for a line (cached: most mail of
+    one sender has the same fields)."""
     tokens: list[str] = []
     current = "h="
     for i, name in enumerate(names):
@@ -495,7 +498,7 @@ def _h_tokens(names: Sequence[str]) -> list[str]:
             current = ""
         current += part
     tokens.append(current)
-    return tokens
+    return tuple(tokens)
 
 
 class Signer:
@@ -538,6 +541,8 @@ class Signer:
             self.oversign = frozenset()
         else:
             self.oversign = frozenset(h.lower() for h in oversign)
+        #: (name, name as bytes, 1 when over-signed) for each signed field.
+        self._plan = tuple((n, n.encode(), int(n in self.oversign)) for n in self.headers)
         self.canon = canon
         self.lifetime = lifetime
         self.clock = clock
@@ -546,15 +551,16 @@ class Signer:
         """True when signing a message of ``size`` octets is cheap enough for the loop."""
         return self.algorithm == "ed25519-sha256" and size < INLINE_BYTES
 
-    def _h(self, fields: Sequence[_Field]) -> list[str]:
+    def _h(self, fields: Sequence[_Field]) -> tuple[str, ...]:
         counts: dict[bytes, int] = {}
         for f in fields:
             counts[f.name] = counts.get(f.name, 0) + 1
         h: list[str] = []
-        for name in self.headers:
-            n = counts.get(name.encode(), 0) + (name in self.oversign)
-            h += [name] * n
-        return h
+        for name, raw, over in self._plan:
+            n = counts.get(raw, 0) + over
+            if n:
+                h += [name] * n
+        return tuple(h)
 
     def value(self, message: bytes) -> str:
         """The DKIM-Signature field's value for ``message`` (canonical CRLF bytes): what
@@ -575,7 +581,7 @@ class Signer:
         tokens += [*_h_tokens(h), f"bh={base64.b64encode(bh).decode()};"]
         unsigned = _fold(tokens, "")
         own = _Field(b"dkim-signature", b"DKIM-Signature:" + unsigned.encode(), 15)
-        data = _header_data(_select(fields, (n.encode() for n in h)), self.canon[0])
+        data = _header_data(_select(fields, [n.encode() for n in h]), self.canon[0])
         signature = _sign_digest(self.key, _digest(data, own, self.canon[0]))
         return _fold(tokens, base64.b64encode(signature).decode())
 

@@ -196,6 +196,9 @@ def test_small_ed25519_is_signed_on_the_loop(tmp_path: Path) -> None:
     ('"a, b" <x@one.test>, y@two.test', "one.test"),     # the first mailbox
     ("group: a@g.test, b@h.test;", "g.test"),
     ("undisclosed-recipients:;", ""),
+    ("x@y.test (a comment)", "y.test"),
+    ("Joe <a@b.test>, c@d.test", "b.test"),
+    (" App <app@Example.com.> ", "example.com"),
 ])  # fmt: skip
 def test_from_domain(value: str, domain: str) -> None:
     assert from_domain(Message(f"From: {value}\r\n\r\n".encode())) == domain
