@@ -6,8 +6,11 @@ our verifier and by dkimpy, keys served by a loopback DNS responder."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import aiohttp
 
 import dkim  # type: ignore[import-untyped]
 import pytest
@@ -15,12 +18,14 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from engine.agents.api import Message
 from engine.agents.dns import Lookup
-from engine.config import load_config
+from engine.config import DkimSignConfig, HttpConfig, HttpToken, load_config
 from engine.message.dkim import fold_txt, key_record, private_pem, verify
 from engine.queue.records import id_bytes
 from engine.testing.dns import DnsResponder
 from engine.testing.rawsmtp import RawClient
-from engine.testing.server import RunningFerry
+from engine.testing.server import RunningFerry, ferry_config
+from engine.testing.sink import CountingSink
+from engine.testing.wait import wait_for
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 ED_KEY = ed25519.Ed25519PrivateKey.generate()
@@ -31,6 +36,9 @@ BODY = (b"From: App <app@example.com>\r\nTo: user@example.org\r\nSubject: receip
         b"Thank you.\r\n")
 
 Start = Callable[[bool], RunningFerry]
+#: Where the counting sink of tests/integration/conftest.py listens.
+SINK_ADDRESSES = ["127.0.10.1"]
+TRUSTED, APP = "t" * 32, "a" * 32
 
 
 @pytest.fixture
@@ -101,11 +109,7 @@ def test_relayed_mail_is_stored_signed_twice(start: Start, responder: DnsRespond
     assert fields[:3] == [b"Received", b"DKIM-Signature", b"DKIM-Signature"]
     assert stored.endswith(BODY)
 
-    async def check() -> list[tuple[str, str]]:
-        found = await verify(Message(stored), Lookup(responder.address))
-        return sorted((r.result, r.selector) for r in found)
-
-    assert asyncio.run(check()) == [("pass", "e1"), ("pass", "r1")]
+    assert results_of(responder, stored) == [("pass", "e1"), ("pass", "r1")]
 
     def txt(name: bytes, timeout: float = 5) -> bytes | None:
         async def go() -> bytes | None:
@@ -135,3 +139,48 @@ def _rsa_on_top(stored: bytes) -> bytes:
 def test_mail_of_a_client_that_may_not_relay_is_not_signed(start: Start) -> None:
     stored = send(start(False))
     assert b"DKIM-Signature" not in stored and stored.endswith(BODY)
+
+
+def results_of(responder: DnsResponder, data: bytes) -> list[tuple[str, str]]:
+    async def check() -> list[tuple[str, str]]:
+        found = await verify(Message(data), Lookup(responder.address))
+        return sorted((r.result, r.selector) for r in found)
+
+    return asyncio.run(check())
+
+
+def test_injected_mail_is_delivered_as_it_was_signed(tmp_path: Path, sink: CountingSink,
+                                                     responder: DnsResponder) -> None:
+    """Over HTTP: a trusted token's mail is signed before it is stored, and the signatures
+    still verify where it is delivered (the stored bytes are the delivered bytes); an
+    untrusted token's mail (it may not relay) is delivered unsigned."""
+    (tmp_path / "rsa.pem").write_bytes(private_pem(RSA_KEY))
+    (tmp_path / "ed.pem").write_bytes(private_pem(ED_KEY))
+    config = ferry_config(tmp_path / "spool")
+    tokens = {"relay": HttpToken(token=TRUSTED, scopes=("inject",), trusted=True),
+              "app": HttpToken(token=APP, scopes=("inject",))}
+    config = dataclasses.replace(
+        config, accepted_domains=("example.org",),
+        http=HttpConfig(listen=(("127.0.0.1", 0),), tokens=tokens, trust_loopback=False),
+        delivery=dataclasses.replace(config.delivery, paused=False,
+                                     smarthost=("127.0.10.1", sink.port)),
+        dkim_sign=(DkimSignConfig("example.com", "r1", tmp_path / "rsa.pem"),
+                   DkimSignConfig("example.com", "e1", tmp_path / "ed.pem")))
+    with RunningFerry(config) as ferry:
+        assert ferry.app.http is not None
+        url = f"http://{ferry.app.http.addresses[0]}/api/v1/messages"
+
+        async def post(token: str) -> int:
+            doc = {"from": "app@example.com", "recipients": ["user@example.org"],
+                   "content": BODY.decode()}
+            async with aiohttp.ClientSession() as session, session.post(
+                    url, json=doc, headers={"Authorization": f"Bearer {token}"}) as answer:
+                return answer.status
+
+        assert asyncio.run(post(TRUSTED)) == 200
+        wait_for(lambda: len(sink.state.messages) == 1)
+        assert asyncio.run(post(APP)) == 200
+        wait_for(lambda: len(sink.state.messages) == 2)
+    signed, unsigned = (m.body for m in sink.state.messages)
+    assert results_of(responder, signed) == [("pass", "e1"), ("pass", "r1")]
+    assert b"DKIM-Signature" not in unsigned
