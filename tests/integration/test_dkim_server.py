@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
-
 import dkim  # type: ignore[import-untyped]
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
