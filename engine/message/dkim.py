@@ -20,17 +20,17 @@ message, simple canonicalisation in one ``update`` of the untouched buffer, rela
 not depend on how the body is cut (a Hypothesis test holds it to that).
 
 Where the CPU work runs (measured on this project's 2-core machine, benchmarks/README.md):
-an RSA-2048 signature costs about 0.25-1 ms, an Ed25519 one about 0.05 ms, relaxed body
+an RSA-2048 signature costs about 0.3 ms, an Ed25519 one about 0.035 ms, relaxed body
 canonicalisation about 3-6 ms per MiB of text.  ``cryptography`` releases the GIL while
-OpenSSL signs (pyca/cryptography #14370 for RSA, #15164 for Ed25519, both in the 51.x we
-run): ``bench_dkim.py``'s handoff test sees the GIL released during every signature,
-and two threads doing RSA gave 1.5x-1.8x the signatures of one when the other core was
-free.  So the signing agent (engine.agents.dkim, asking :meth:`Signer.inline`) hands an
-RSA signature, or any message over :data:`INLINE_BYTES`, to the default executor
-(``loop.run_in_executor``), and signs small messages with Ed25519 on the loop (the hop to
-a thread would cost more than the signature); :func:`verify` checks on the loop when the
-bodies to hash are under :data:`INLINE_BYTES` (an RSA or Ed25519 verification is
-0.02-0.06 ms) and in the executor otherwise.
+OpenSSL signs and verifies (pyca/cryptography #14370 for RSA, #15164 for Ed25519, both in
+the 51.x we run; ``bench_dkim.py``'s handoff test sees it every time), so a signature made
+on the event loop costs the loop a GIL round trip: in ``ferry serve`` another thread (the
+queue writer's feeder) takes the GIL meanwhile, and a profile showed each 35 µs Ed25519
+signature costing the loop 220 µs.  Hence every signature and every verification is made
+in the default executor (``loop.run_in_executor``): end to end, signing Ed25519 on the
+loop gave 2.2-3.3 s for 4,000 messages where the executor gave 2.0-2.5 s.  The signing
+agent (engine.agents.dkim) makes all of a message's signatures in one executor call;
+:func:`verify` looks the keys up on the loop, then checks every signature in one.
 
 It must never open a socket or a file itself (the key record comes through the
 ``engine.agents.dns.Lookup`` handed in; :func:`load_signing_key` reads the one file it is
@@ -65,7 +65,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_HEADERS",
-    "INLINE_BYTES",
     "MIN_SIGNING_BITS",
     "MIN_VERIFY_BITS",
     "DkimError",
@@ -106,10 +105,6 @@ DEFAULT_HEADERS: Final = (
 #: at least 1024 and should use 2048 (§3.2 of the same) — this project requires 2048.
 MIN_VERIFY_BITS: Final = 1024
 MIN_SIGNING_BITS: Final = 2048
-
-#: Below this many body octets to hash, signing with Ed25519 and verifying stay on the
-#: event loop (about 0.1-0.2 ms of CPU, less than the hop to a thread); see the docstring.
-INLINE_BYTES: Final = 32 * 1024
 
 #: Relaxed bodies are canonicalised in chunks of this size (bounded temporary copies).
 CHUNK: Final = 64 * 1024
@@ -547,10 +542,6 @@ class Signer:
         self.lifetime = lifetime
         self.clock = clock
 
-    def inline(self, size: int) -> bool:
-        """True when signing a message of ``size`` octets is cheap enough for the loop."""
-        return self.algorithm == "ed25519-sha256" and size < INLINE_BYTES
-
     def _h(self, fields: Sequence[_Field]) -> tuple[str, ...]:
         counts: dict[bytes, int] = {}
         for f in fields:
@@ -832,14 +823,9 @@ async def verify(message: Message, lookup: Lookup, *, max_signatures: int = 5,
             sig.key = key
             ready.append((i, sig))
     if ready:
-        body = message.body()
         sigs = [sig for _, sig in ready]
-        canons = {sig.body_canon for sig in sigs}
-        if len(body) * len(canons) < INLINE_BYTES:
-            checked = _check_all(sigs, fields, body)
-        else:
-            checked = await asyncio.get_running_loop().run_in_executor(
-                None, _check_all, sigs, fields, body)
+        checked = await asyncio.get_running_loop().run_in_executor(
+            None, _check_all, sigs, fields, message.body())
         for (i, sig), (result, reason, note) in zip(ready, checked, strict=True):
             results[i] = _result(sig.field, result, reason, note, tags=sig.tags)
     return [r for r in results if r is not None]

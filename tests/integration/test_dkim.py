@@ -262,7 +262,7 @@ def test_unsigned_and_max_signatures(responder: DnsResponder) -> None:
 
 
 def test_large_body_verifies_in_a_thread(responder: DnsResponder) -> None:
-    """A body over INLINE_BYTES is hashed in the executor; same verdicts."""
+    """A large body (hashed in the executor, in 64 KiB chunks): same verdicts."""
     big = MESSAGE + b"A line of text that repeats  \t \r\n" * 20_000
     signed = big
     for canon in (("relaxed", "relaxed"), ("simple", "simple")):
