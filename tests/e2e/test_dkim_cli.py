@@ -68,3 +68,21 @@ def test_keygen_refuses(tmp_path: Path) -> None:
     bad = keygen("exa mple.com", "c", "--out", str(tmp_path))
     assert bad.returncode == 2 and "is not a DNS name" in bad.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["example.com.a.pem"]
+
+
+def test_config_check_names_a_bad_signing_key(tmp_path: Path) -> None:
+    """``ferry config check`` loads each [[dkim_sign]] key as ``ferry serve`` would."""
+    assert keygen("example.com", "good", "--ed25519", "--out", str(tmp_path)).returncode == 0
+    (tmp_path / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    config = tmp_path / "ferry.toml"
+    config.write_text('spool = "spool"\n'
+                      '[[dkim_sign]]\ndomain = "example.com"\nselector = "good"\n'
+                      'key_file = "example.com.good.pem"\n'
+                      '[[dkim_sign]]\ndomain = "example.org"\nselector = "bad"\n'
+                      'key_file = "cert.pem"\n')
+    out = subprocess.run([sys.executable, "-m", "engine", "config", "check", "--config",
+                          str(config)], capture_output=True, text=True, timeout=60, env=ENV)
+    assert out.returncode == 2
+    assert f"dkim_sign[1].key_file: {tmp_path / 'cert.pem'} holds no PEM private key" \
+        in out.stdout + out.stderr
+    assert "dkim_sign[0]" not in out.stdout + out.stderr
