@@ -178,6 +178,7 @@ async def check_host(
         domain = sender_domain
     if domain.endswith("."):
         domain = domain[:-1]
+    domain = _a_labels(domain)
     base = SpfResult("none", domain, sender, helo)
     # §4.3: a malformed or single-label domain gives "none" without a lookup.
     if not _domain_ok(domain, toplevel=True):
@@ -194,10 +195,10 @@ async def check_host(
     except _TempError as exc:
         return replace(base, result="temperror", problem=str(exc))
     except TimeoutError:
-        return replace(base, result="temperror",
-                     problem=f"no result within {limits.timeout:g} s (RFC 7208 section 4.6.4)")
+        return replace(base, result="temperror", problem=(
+            f"no result within {limits.timeout:g} s (RFC 7208 section 4.6.4)"))
     return replace(base, result=outcome.result, explanation=explanation,
-                 mechanism=outcome.mechanism, problem=outcome.problem)
+                   mechanism=outcome.mechanism, problem=outcome.problem)
 
 
 async def check_mail_from(
@@ -210,9 +211,10 @@ async def check_mail_from(
     limits: Limits = DEFAULT_LIMITS,
     default_explanation: str = DEFAULT_EXPLANATION,
 ) -> SpfResult:
-    """The "MAIL FROM" identity (§2.4): the domain of ``mail_from``, or of the HELO name
-    for the null reverse-path ("" or "<>")."""
-    mail_from = "" if mail_from == "<>" else mail_from
+    """The "MAIL FROM" identity (§2.4): the domain of ``mail_from`` (with or without its
+    angle brackets), or of the HELO name for the null reverse-path ("" or "<>")."""
+    if mail_from.startswith("<") and mail_from.endswith(">"):
+        mail_from = mail_from[1:-1]
     domain = mail_from.rpartition("@")[2] if mail_from else helo
     return await check_host(lookup, ip, domain, mail_from, helo, receiver=receiver,
                             limits=limits, default_explanation=default_explanation)
@@ -231,6 +233,17 @@ async def check_helo(
     An address literal or a name that is not a multi-label domain gives "none"."""
     return await check_host(lookup, ip, helo, "", helo, receiver=receiver, limits=limits,
                             default_explanation=default_explanation)
+
+
+def _a_labels(domain: str) -> str:
+    """§4.3: an internationalized domain is looked up in A-labels (RFC 5890); one that
+    cannot be converted stays as it is (and then fails the syntax check: "none")."""
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
 
 
 def _client_address(ip: IPAddress | str) -> IPAddress:

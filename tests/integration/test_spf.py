@@ -358,3 +358,10 @@ def test_answers_come_from_the_shared_cache(dns: DnsResponder) -> None:
     assert sent == 4  # the record and three A lookups
     assert check(dns, "192.0.2.1", "example.test", lookup=lookup).result == "pass"
     assert lookup.queries == sent
+
+
+def test_internationalized_domain_is_checked_in_a_labels(dns: DnsResponder) -> None:
+    zone(dns, txt("xn--bcher-kva.example", "v=spf1 ip4:192.0.2.1 -all"))
+    lookup = Lookup(dns.address, timeout=1.0, lifetime=2.0)
+    got = asyncio.run(check_mail_from(lookup, "192.0.2.1", "<info@bücher.example>", "mta"))
+    assert (got.result, got.domain) == ("pass", "xn--bcher-kva.example")
