@@ -650,10 +650,13 @@ class _Check:
         return "A" if self.ip.version == 4 else "AAAA"
 
     def any_in(self, addresses: tuple[str, ...], directive: _Directive) -> bool:
+        # The first ``length`` bits equal (integers: no network object per address).
         length = directive.cidr4 if self.ip.version == 4 else directive.cidr6
+        shift = self.ip.max_prefixlen - length
+        mine = int(self.ip) >> shift
         for text in addresses:
-            network = ipaddress.ip_network(f"{text}/{length}", strict=False)
-            if network.version == self.ip.version and self.ip in network:
+            address = ipaddress.ip_address(text)
+            if address.version == self.ip.version and int(address) >> shift == mine:
                 return True
         return False
 
@@ -729,7 +732,7 @@ class _Check:
 
     # -- macros --
 
-    async def expand(self, tokens: list[_Token], domain: str) -> str:
+    async def expand(self, tokens: Iterable[_Token], domain: str) -> str:
         out: list[str] = []
         for token in tokens:
             if isinstance(token, str):
@@ -790,16 +793,30 @@ class _Check:
                 name = await self.expand_domain(outcome.exp, domain)
                 answer = await self.query(name, "TXT")
                 if answer is not None and len(answer.records) == 1:
-                    text = answer.records[0]
-                    if text.isascii():
-                        return await self.expand(
-                            _parse_macro_string(text, explanation=True), domain)
+                    tokens = _explanation(answer.records[0])
+                    if tokens is not None:
+                        return await self.expand(tokens, domain)
             except (_PermError, _TempError):
                 pass
+        tokens = _explanation(default)
+        if tokens is None:
+            return default
         try:
-            return await self.expand(_parse_macro_string(default, explanation=True), domain)
+            return await self.expand(tokens, domain)
         except (_PermError, _TempError):
             return default
+
+
+@functools.lru_cache(maxsize=1024)
+def _explanation(text: str) -> tuple[_Token, ...] | None:
+    """An explanation-string's tokens (§6.2), None when it is not one (not ASCII, a bad
+    macro): cached, as the same few texts explain every fail."""
+    if not text.isascii():
+        return None
+    try:
+        return tuple(_parse_macro_string(text, explanation=True))
+    except _PermError:
+        return None
 
 
 def _reverse_name(ip: IPAddress) -> str:
