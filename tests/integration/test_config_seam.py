@@ -45,7 +45,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 # --- 1. the documentation names exactly the declared keys ----------------------------------
 
 _SECTION = re.compile(r"^#{2,3} (?:Top level|`\[\[?([a-z_.]+?)(?:\.\"[^\"]*\")?\]\]?`)", re.M)
-_ROW = re.compile(r"^\| `([a-z_]+)` \|", re.M)
+_ROW = re.compile(r"^\| `([a-z0-9_]+)` \|", re.M)
 
 
 def documented_keys() -> set[tuple[str, str]]:
