@@ -197,9 +197,12 @@ def zones_of(config: DnsblAgentConfig) -> tuple[Zone, ...]:
                       weight=z.weight, reply=z.reply) for z in config.zones)
 
 
-def build_dnsbl(ctx: _Context) -> DnsblAgent:
-    """The "dnsbl" agent of ``[agents.dnsbl]``, on the shared DNS lookup."""
+def build_dnsbl(ctx: _Context) -> DnsblAgent | None:
+    """The "dnsbl" agent of ``[agents.dnsbl]``, on the shared DNS lookup; None when no
+    zone is configured (there is nothing to ask)."""
     config = ctx.config.agents.dnsbl
+    if not config.zones:
+        return None
     return DnsblAgent(zones_of(config), ctx.lookup, threshold=config.threshold,
                       allow_networks=Networks(config.allow_networks),
                       timeout=config.timeout, fail_open=config.fail)

@@ -224,6 +224,8 @@ class RateLimitAgent(Agent):
     # --- stages ------------------------------------------------------------------------
 
     def connect(self, session: Session) -> Verdict:
+        if not (self.concurrent or self.connections):
+            return ACCEPT  # nothing to count at connect: no entry, no record to keep
         ip = self._address(session)
         if ip is None:
             return ACCEPT
@@ -250,21 +252,20 @@ class RateLimitAgent(Agent):
         if ip is None:
             return ACCEPT
         now = self.tracker.clock()
-        entry = self.tracker.entry(self._address_key(ip), now)
-        if entry.locked_until > now:
-            # Right or wrong, no AUTH is tried while locked out: guessing cannot go on.
-            return self._locked(ip, entry.locked_until - now)
-        if not ok:
-            rate = self.auth_failures
-            if rate is not None and not self.tracker.take(entry, AUTH_FAILURES, rate, now):
+        rate = self.auth_failures
+        if rate is not None:
+            entry = self.tracker.entry(self._address_key(ip), now)
+            if entry.locked_until > now:
+                # Right or wrong, no AUTH is tried while locked out: guessing cannot go on.
+                return self._locked(ip, entry.locked_until - now)
+            if not ok and not self.tracker.take(entry, AUTH_FAILURES, rate, now):
                 entry.locked_until = now + self.auth_lockout
                 # A fresh allowance when the lockout ends (the failures are paid for).
                 entry.tats[AUTH_FAILURES] = entry.locked_until
                 return self._locked(ip, self.auth_lockout,
                                     f" after {rate.limit} failures {_per(rate)}")
-            if self.auth_failure_delay:
-                return self._delayed()
-            return ACCEPT
+        if not ok:
+            return self._delayed() if self.auth_failure_delay else ACCEPT
         return self._user_session(session, ip, user, now)
 
     def mail(self, session: Session, tx: Transaction) -> Verdict:

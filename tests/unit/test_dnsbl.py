@@ -219,6 +219,7 @@ kind = "allow"
 
     async def run(ip: str) -> Verdict:
         agent = build_dnsbl(Context(config, Lookup(dns.address, timeout=2, lifetime=2)))
+        assert agent is not None
         assert (agent.timeout, agent.fail_open, agent.threshold) == (3, False, 2)
         verdict = agent.connect(session(ip))
         return verdict if isinstance(verdict, Verdict) else await verdict
@@ -227,6 +228,11 @@ kind = "allow"
                                                     "blocked [192.0.2.50] by bl.test")
     assert asyncio.run(run("192.0.2.98")).action is Action.ACCEPT  # wl.test
     assert asyncio.run(run("198.51.100.9")).action is Action.ACCEPT
+
+
+def test_not_built_without_zones(tmp_path: Path) -> None:
+    config = load_config(None)
+    assert build_dnsbl(Context(config, Lookup(("127.0.0.1", 9)))) is None
 
 
 @pytest.mark.parametrize(("text", "problem"), [

@@ -288,3 +288,13 @@ def test_tracker_forgets_stale_keys_first() -> None:
     assert tracker.get("k0") is None and tracker.get("k4") is None
     assert tracker.get("live") is live
     assert tracker.evicted_live == 0
+
+
+def test_nothing_tracked_for_limits_that_are_off() -> None:
+    clock = ManualClock()
+    a = agent(clock, auth_failure_delay=0.0)
+    for i in range(10):
+        assert code(a.connect(session(sid=f"s{i}"))) == 250
+        assert code(a.auth(session(sid=f"s{i}"), "alice", False)) == 250
+        assert code(a.mail(session(sid=f"s{i}"), tx())) == 250
+    assert len(a.tracker) == 0
