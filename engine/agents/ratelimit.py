@@ -322,8 +322,8 @@ class RateLimitAgent(Agent):
                             f"{_per(rate)}; try again later", 421, "4.7.0")
         entry.open += 1
         if held is None:
-            # The connect stage did not count this session (the agent came with a reload
-            # while it was open): hold the user's count alone.
+            # The connect stage counted nothing (no per-address connection limit): hold
+            # the user's count alone.
             self._open[session.session_id] = [None, entry]
         else:
             held[1] = entry

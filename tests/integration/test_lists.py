@@ -220,3 +220,25 @@ def test_failed_auth_answered_after_the_delay_while_others_are_served(start: Sta
         readable, _, _ = select.select([slow.sock], [], [], 0)
         assert not readable
         assert slow.reply().code == 535
+
+
+def test_authenticated_messages_count_per_user_across_addresses(start: Start) -> None:
+    ferry = start("[agents.ratelimit]\nmessages_per_minute = 5\nuser_messages_per_minute = 2\n")
+    for source in ("127.0.0.14", "127.0.0.15"):
+        with client(ferry, source) as c:
+            assert c.reply().code == 220
+            c.command(b"EHLO client.test")
+            assert c.command(plain("app", PASSWORD)).code == 235
+            assert c.command(b"MAIL FROM:<a@client.test>").code == 250
+            assert c.command(b"RSET").code == 250
+    with client(ferry, "127.0.0.16") as c:
+        assert c.reply().code == 220
+        c.command(b"EHLO client.test")
+        # Unauthenticated, the address's own allowance applies...
+        assert c.command(b"MAIL FROM:<a@client.test>").code == 250
+        assert c.command(b"RSET").code == 250
+        # ...and once authenticated, the user's, spent from the two other addresses.
+        assert c.command(plain("app", PASSWORD)).code == 235
+        r = c.command(b"MAIL FROM:<a@client.test>")
+        assert (r.code, r.enhanced) == (450, "4.7.1")
+        assert r.text == "Too many messages from user app: at most 2 a minute; try again later"
