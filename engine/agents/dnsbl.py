@@ -18,8 +18,9 @@ every block list.
 Answers in 127.255.255.0/24 are the lists' own error codes (Spamhaus: .254 "query through
 a public resolver", .255 "too many queries"): they are logged and never count, whatever a
 zone's ``codes`` say.  A zone that cannot be asked (SERVFAIL, timeout: DnsTempError) does
-not count for this client and is logged (at most once a minute per zone); failing open or
-closed when the whole agent fails is the chain's business, not this module's.
+not count for this client and is logged (at most once a minute per zone), and neither does
+a zone that has not answered within 60 % of the agent's ``timeout`` (the others still
+decide); failing open or closed when the whole agent fails is the chain's business.
 
 It must never write to a socket or keep per-client state: the DNS cache (engine.agents.dns)
 remembers the answers.
@@ -57,6 +58,12 @@ MAX_TXT: Final = 200
 MAX_TEXT: Final = 400
 #: Seconds between two log lines about the same failing zone.
 LOG_EVERY: Final = 60.0
+#: Shares of the agent's time budget for the A queries (all zones at once) and then the
+#: TXT query of a refused client: a zone that does not answer in time does not count, and
+#: the others still decide (were the whole budget spent waiting for it, the chain would
+#: count the agent as failed and a listed client would pass with "fail open").
+A_SHARE: Final = 0.6
+TXT_SHARE: Final = 0.3
 
 CodeRange = tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]
 
@@ -151,10 +158,12 @@ class DnsblAgent(Agent):
     async def _listed(self, zone: Zone, ip: IPAddress) -> tuple[str, ...]:
         """The counting answers of ``zone`` for ``ip`` (none: not listed, or not known)."""
         try:
-            answer = await self.lookup.query(query_name(ip, zone.zone), "A")
-        except DnsError as exc:
+            async with asyncio.timeout(self.timeout * A_SHARE):
+                answer = await self.lookup.query(query_name(ip, zone.zone), "A")
+        except (DnsError, TimeoutError) as exc:
+            why = str(exc) or f"no answer within {self.timeout * A_SHARE:g} s"
             self._warn(zone.zone, f"dnsbl: {zone.zone} not asked for [{ip}], so it does not "
-                                  f"count: {exc}")
+                                  f"count: {why}")
             return ()
         errors = [a for a in answer.records if _in_error_range(a)]
         if errors:
@@ -165,8 +174,9 @@ class DnsblAgent(Agent):
 
     async def _txt(self, zone: Zone, ip: IPAddress) -> str:
         try:
-            answer = await self.lookup.query(query_name(ip, zone.zone), "TXT")
-        except DnsError:
+            async with asyncio.timeout(self.timeout * TXT_SHARE):
+                answer = await self.lookup.query(query_name(ip, zone.zone), "TXT")
+        except (DnsError, TimeoutError):
             return ""  # the reply goes out without it
         return printable(answer.records[0], MAX_TXT) if answer.records else ""
 

@@ -144,6 +144,17 @@ def test_servfail_zone_does_not_count(dns: DnsResponder,
     assert check(dns, (broken, BL), "192.0.2.99").action is Action.REJECT
 
 
+def test_zone_that_does_not_answer_in_time_does_not_count(
+        dns: DnsResponder, caplog: pytest.LogCaptureFixture) -> None:
+    # The lookup would wait 2 s for the silent zone; the agent's budget is 0.5 s, of which
+    # the A queries get 60 %: bl.test still decides.
+    dns.drop.add("99.2.0.192.silent.test")
+    with caplog.at_level(logging.WARNING, logger="ferry.agents"):
+        verdict = check(dns, (Zone("silent.test"), BL), "192.0.2.99", timeout=0.5)
+    assert verdict.action is Action.REJECT
+    assert "silent.test not asked for [192.0.2.99]" in caplog.text
+
+
 def test_every_zone_is_asked(dns: DnsResponder) -> None:
     zones = (BL, Zone("two.test"), Zone("wl.test", allow=True))
     counts = [dns.count(f"96.2.0.192.{z.zone}", "A") for z in zones]
