@@ -36,6 +36,8 @@ class Networks:
         self._v6 = tuple(n for n in nets if isinstance(n, ipaddress.IPv6Network))
 
     def __contains__(self, ip: IPAddress) -> bool:
+        if not (self._v4 or self._v6):
+            return False  # the common case, asked at every stage: no generator made
         ip = unmap(ip)
         if isinstance(ip, ipaddress.IPv4Address):
             return any(ip in net for net in self._v4)
