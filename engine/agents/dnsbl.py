@@ -215,4 +215,4 @@ def build_dnsbl(ctx: _Context) -> DnsblAgent | None:
         return None
     return DnsblAgent(zones_of(config), ctx.lookup, threshold=config.threshold,
                       allow_networks=Networks(config.allow_networks),
-                      timeout=config.timeout, fail_open=config.fail)
+                      timeout=config.timeout, fail_open=config.fail == "open")

@@ -195,7 +195,7 @@ class RateLimitAgent(Agent):
     def __init__(self, config: RateLimitAgentConfig, *,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        super().__init__(timeout=config.timeout, fail_open=config.fail)
+        super().__init__(timeout=config.timeout, fail_open=config.fail == "open")
         self.exempt = Networks(config.exempt)
         self.ipv6_prefix = config.ipv6_prefix
         self.concurrent = config.concurrent_connections
