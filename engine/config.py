@@ -1483,7 +1483,7 @@ class RateLimitAgentConfig(_AgentTable):
 
 
 def _check_ratelimit(rl: RateLimitAgentConfig) -> list[tuple[_Loc, str]]:
-    if rl.auth_failures_per_hour and rl.auth_failure_delay >= rl.timeout:
+    if rl.auth_failure_delay >= rl.timeout:
         # The delay is spent inside the auth stage's call: past the time budget the chain
         # counts the call as failed, and a failed call fails open.
         return [(("auth_failure_delay",), f"must be shorter than timeout "

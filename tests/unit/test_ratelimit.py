@@ -8,13 +8,14 @@ import asyncio
 import dataclasses
 import ipaddress
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from engine.agents.api import Action, Session, Transaction, Verdict
 from engine.agents.ratelimit import Rate, RateLimitAgent, Tracker
-from engine.config import RateLimitAgentConfig
+from engine.config import ConfigError, RateLimitAgentConfig, load_config
 from engine.protocol.command import parse_command
 from engine.testing.clock import ManualClock
 
@@ -298,3 +299,21 @@ def test_nothing_tracked_for_limits_that_are_off() -> None:
         assert code(a.auth(session(sid=f"s{i}"), "alice", False)) == 250
         assert code(a.mail(session(sid=f"s{i}"), tx())) == 250
     assert len(a.tracker) == 0
+
+
+def test_delay_must_fit_in_the_time_budget(tmp_path: Path) -> None:
+    path = tmp_path / "ferry.toml"
+    path.write_text("[agents.ratelimit]\ntimeout = 2\nauth_failure_delay = 2\n"
+                    "auth_failures_per_hour = 0\nipv6_prefix = 129\nmax_keys = 0\n",
+                    encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.problems == (
+        "agents.ratelimit.ipv6_prefix: must be a prefix length from 1 to 128 (got 129)",
+        "agents.ratelimit.max_keys: must be a positive integer (got 0)")
+    path.write_text("[agents.ratelimit]\ntimeout = 2\nauth_failure_delay = 2\n"
+                    "auth_failures_per_hour = 0\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.problems == (
+        "agents.ratelimit.auth_failure_delay: must be shorter than timeout (2) (got 2)",)
