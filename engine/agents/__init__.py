@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 from engine.agents.api import Agent
 from engine.agents.chain import Chain, Figures
 from engine.agents.dns import Lookup
+from engine.agents.dnsbl import build_dnsbl
+from engine.agents.ratelimit import build_ratelimit
 from engine.agents.relay import RelayAgent, RelayPolicy
 
 if TYPE_CHECKING:
@@ -56,6 +58,9 @@ BUILTIN: dict[str, Factory] = {}
 #: Agents every connector's chain ends with, built when configured (DKIM signing: they act
 #: at the sign stage only, on mail the client may relay).
 SIGNERS: list[Factory] = []
+
+BUILTIN["ratelimit"] = build_ratelimit
+BUILTIN["dnsbl"] = build_dnsbl
 
 
 def _load_factory(path: str) -> Callable[..., Agent]:
