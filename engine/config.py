@@ -1453,9 +1453,27 @@ class DnsblAgentConfig(_AgentTable):
     """[agents.dnsbl]: DNS block and allow lists, checked at connect."""
 
 
+def _hostname_or_default(value: object) -> str:
+    """A host name, or "" for the default (the server's [hostname])."""
+    return "" if value == "" else _hostname(value)
+
+
 @dataclass(frozen=True)
 class VerifyAgentConfig(_AgentTable):
     """[agents.verify]: SPF, DKIM and DMARC verification and Authentication-Results."""
+
+    #: The authserv-id of our Authentication-Results field (RFC 8601 §2.5), and the one
+    #: whose fields arriving from outside are removed as forged; "" = the server's hostname.
+    authserv_id: Annotated[str, _v(_hostname_or_default)] = ""
+    #: What a DMARC fail with the domain's policy (after pct) becomes: "enforce": p=reject
+    #: → 550 5.7.1, p=quarantine → hold; "quarantine": both → hold; "tag": only the
+    #: Authentication-Results field says so (the mailbox's filters decide).
+    dmarc_policy: Annotated[Literal["enforce", "quarantine", "tag"], _v(
+        _choice("enforce", "quarantine", "tag"))] = "enforce"
+    #: An SPF "fail" that no DMARC policy rules on (the author domain has no DMARC
+    #: record, or "dmarc" is not verified): "tag" only records it; "reject" answers
+    #: 550 5.7.23 (RFC 7372).  With a DMARC policy, DMARC decides (RFC 7489 §10.1).
+    spf_fail: Annotated[Literal["tag", "reject"], _v(_choice("tag", "reject"))] = "tag"
 
 
 @dataclass(frozen=True)
