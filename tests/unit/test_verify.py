@@ -11,6 +11,8 @@ import importlib
 import ipaddress
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from engine.agents.api import Action, HeaderChange, Message, Session, Transaction, Verdict
 from engine.agents.dns import Lookup
-from engine.agents.verify import VerifyAgent
+from engine.agents.verify import VerifyAgent, build_verify
+from engine.config import ConfigError, load_config
 from engine.protocol.command import parse_command
 from engine.testing.dns import DnsResponder
 
@@ -256,3 +259,33 @@ def test_a_silent_zone_gives_temperror_within_the_budget(dns: DnsResponder) -> N
     assert "dmarc=temperror (policy: no answer in time) header.from=silent.test" in (
         field(verdict))
     assert verdict.headers[0].op == "remove"
+
+
+def test_settings_come_from_agents_verify(tmp_path: Path) -> None:
+    path = tmp_path / "ferry.toml"
+    path.write_text('hostname = "mx.example.test"\n[agents.verify]\ndmarc_policy = "tag"\n'
+                    'spf_fail = "reject"\ntimeout = 3\nfail = "closed"\n')
+    config = load_config(path)
+    context = SimpleNamespace(config=config, lookup=Lookup(("127.0.0.1", 9)),
+                              hostname=config.hostname)
+    agent = build_verify(context, ["dmarc", "spf"])
+    assert (agent.methods, agent.authserv_id, agent.dmarc_policy, agent.spf_fail,
+            agent.timeout, agent.fail_open) == (("spf", "dmarc"), "mx.example.test", "tag",
+                                                "reject", 3.0, False)
+    path.write_text('[agents.verify]\nauthserv_id = "Auth.Example.Test."\n')
+    assert build_verify(SimpleNamespace(config=load_config(path), lookup=context.lookup,
+                                        hostname="x.test")).authserv_id == "Auth.Example.Test"
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ('dmarc_policy = "reject"', 'agents.verify.dmarc_policy: must be one of "enforce", '),
+    ('spf_fail = "hold"', "agents.verify.spf_fail: "),
+    ('authserv_id = "not a host"', "agents.verify.authserv_id: "),
+])
+def test_bad_settings_are_named(tmp_path: Path, text: str, words: str) -> None:
+    path = tmp_path / "ferry.toml"
+    path.write_text(f"[agents.verify]\n{text}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(words), info.value.problems
