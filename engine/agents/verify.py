@@ -129,11 +129,15 @@ class VerifyAgent(Agent):
                 author_error = str(exc)
             discoveries = [asyncio.ensure_future(dmarc.discover(self.lookup, d))
                            for d in authors]
-        waiting: list[asyncio.Future[object]] = [
-            t for t in (spf_task, dkim_task, *discoveries) if t is not None]  # type: ignore[misc]
-        if waiting:
-            _, pending = await asyncio.wait(waiting, timeout=max(0.0, deadline - loop.time()))
-            for task in pending:
+        waiting: list[asyncio.Future[Any]] = [
+            t for t in (spf_task, dkim_task, *discoveries) if t is not None]
+        try:
+            if waiting:
+                await asyncio.wait(waiting, timeout=max(0.0, deadline - loop.time()))
+        finally:
+            # Past the DNS share, or cancelled by the chain (the whole budget blown):
+            # nothing of this message's work outlives the call.
+            for task in waiting:
                 task.cancel()
 
         results: list[MethodResult] = []

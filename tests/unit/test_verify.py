@@ -289,3 +289,25 @@ def test_bad_settings_are_named(tmp_path: Path, text: str, words: str) -> None:
         load_config(path)
     assert len(info.value.problems) == 1
     assert info.value.problems[0].startswith(words), info.value.problems
+
+
+def test_a_call_the_chain_gives_up_on_leaves_no_task(dns: DnsResponder) -> None:
+    dns.drop.add("hung.test")
+
+    async def go() -> asyncio.Task[Any]:
+        lookup = Lookup((dns.host, dns.port), timeout=2.0, lifetime=2.0)
+        agent = VerifyAgent(lookup, ("spf", "dkim", "dmarc"), authserv_id=AUTHSERV)
+        session = Session("smtp-3", "default", ipaddress.ip_address(CLIENT), helo="c.test")
+        tx = Transaction(parse_command(b"MAIL FROM:<a@hung.test>"))
+        agent.mail(session, tx)
+        with pytest.raises(TimeoutError):  # the chain's budget, shorter than the agent's
+            await asyncio.wait_for(agent.data(session, tx, Message(message("shop.test"))),
+                                   0.05)
+        task: asyncio.Task[Any] = tx.notes["verify"]
+        await asyncio.wait([task], timeout=1.0)  # the cancellation delivered
+        return task
+
+    try:
+        assert asyncio.run(go()).cancelled()
+    finally:
+        dns.drop.discard("hung.test")
