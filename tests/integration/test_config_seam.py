@@ -153,6 +153,14 @@ name = "plain"
 listen = ["127.0.0.1:0"]
 allow_plaintext_auth = true
 protocol_log = true
+agents = ["seam-agent"]
+verify = []
+
+[agents.custom."seam-agent"]
+factory = "engine.testing.agents:Scripted"
+options = {{ name = "seam-agent", data = "header:X-Seam:1" }}
+timeout = 5
+fail = "open"
 
 [[receive]]
 name = "tls"
