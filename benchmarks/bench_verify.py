@@ -24,7 +24,6 @@ the signature.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import importlib
 import ipaddress

@@ -30,7 +30,7 @@ import asyncio
 import functools
 import random
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from engine.agents import authres, dmarc
 from engine.agents.api import (
@@ -49,7 +49,7 @@ from engine.agents.spf import SpfResult, check_mail_from
 from engine.message import dkim
 
 if TYPE_CHECKING:
-    from engine.config import Config
+    from engine.agents import AgentContext
 
 __all__ = ["DMARC_POLICIES", "METHODS", "VerifyAgent", "build_verify"]
 
@@ -245,22 +245,12 @@ def _dkim_methods(signatures: list[dkim.DkimResult] | None,
     return [s.method_result() for s in signatures]
 
 
-class _Context(Protocol):
-    """What build_verify needs of the lead's AgentContext."""
-
-    @property
-    def config(self) -> Config: ...
-    @property
-    def lookup(self) -> Lookup: ...
-    @property
-    def hostname(self) -> str: ...
-
-
-def build_verify(ctx: _Context, methods: Iterable[str] = METHODS) -> VerifyAgent:
-    """The verify agent for one receive connector's ``verify`` list, from [agents.verify]."""
+def build_verify(ctx: AgentContext) -> VerifyAgent:
+    """The verify agent for one receive connector's ``verify`` list (``ctx.verify``), with
+    the settings of [agents.verify]."""
     settings = ctx.config.agents.verify
     return VerifyAgent(
-        ctx.lookup, methods,
+        ctx.lookup, ctx.verify or METHODS,
         authserv_id=settings.authserv_id or ctx.hostname,
         dmarc_policy=settings.dmarc_policy, spf_fail=settings.spf_fail,
         timeout=settings.timeout, fail_open=settings.fail)

@@ -12,13 +12,13 @@ import ipaddress
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from engine.agents import AgentContext
 from engine.agents.api import Action, HeaderChange, Message, Session, Transaction, Verdict
 from engine.agents.dns import Lookup
 from engine.agents.verify import VerifyAgent, build_verify
@@ -266,15 +266,15 @@ def test_settings_come_from_agents_verify(tmp_path: Path) -> None:
     path.write_text('hostname = "mx.example.test"\n[agents.verify]\ndmarc_policy = "tag"\n'
                     'spf_fail = "reject"\ntimeout = 3\nfail = "closed"\n')
     config = load_config(path)
-    context = SimpleNamespace(config=config, lookup=Lookup(("127.0.0.1", 9)),
-                              hostname=config.hostname)
-    agent = build_verify(context, ["dmarc", "spf"])
+    context = AgentContext(config, Lookup(("127.0.0.1", 9)), config.hostname,
+                           verify=("dmarc", "spf"))
+    agent = build_verify(context)
     assert (agent.methods, agent.authserv_id, agent.dmarc_policy, agent.spf_fail,
             agent.timeout, agent.fail_open) == (("spf", "dmarc"), "mx.example.test", "tag",
                                                 "reject", 3.0, False)
     path.write_text('[agents.verify]\nauthserv_id = "Auth.Example.Test."\n')
-    assert build_verify(SimpleNamespace(config=load_config(path), lookup=context.lookup,
-                                        hostname="x.test")).authserv_id == "Auth.Example.Test"
+    assert build_verify(AgentContext(load_config(path), context.lookup, "x.test", ("spf",))
+                        ).authserv_id == "Auth.Example.Test"
 
 
 @pytest.mark.parametrize(("text", "words"), [
