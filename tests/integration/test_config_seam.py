@@ -162,12 +162,20 @@ options = {{ name = "seam-agent", data = "header:X-Seam:1" }}
 timeout = 5
 fail = "open"
 
+[agents.verify]
+timeout = 5
+fail = "open"
+authserv_id = "auth.seam.test"
+dmarc_policy = "quarantine"
+spf_fail = "reject"
+
 [[receive]]
 name = "tls"
 listen = ["127.0.0.1:0"]
 tls = "starttls"
 cert_file = "{cert}"
 key_file = "{key}"
+verify = ["spf", "dkim", "dmarc"]
 
 [delivery]
 dns = "{dns[0]}:{dns[1]}"
