@@ -36,6 +36,7 @@ _TOKEN: Final = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+")
 # RFC 8601 §2.2 pvalue: value / [ [ local-part ] "@" ] domain-name.
 _ADDRESS: Final = re.compile(r"[!#$%&'*+\-./0-9=?A-Z^_`a-z{|}~]*@[A-Za-z0-9._-]+")
 _CTL: Final = re.compile(r"[\x00-\x1f\x7f]+")
+_COMMENT_SPECIAL: Final = re.compile(r"[()\\]")
 
 
 def format_field(authserv_id: str, results: Sequence[MethodResult]) -> str:
@@ -110,8 +111,9 @@ def _comment(text: str) -> str:
     characters and runs of white space made one space, non-ASCII made "?" (a reason may
     quote DNS text)."""
     text = " ".join(_CTL.sub(" ", text).split())
-    text = "".join(c if c.isascii() else "?" for c in text)
-    return "(" + re.sub(r"([()\\])", r"\\\1", text) + ")"
+    if not text.isascii():
+        text = "".join(c if c.isascii() else "?" for c in text)
+    return "(" + _COMMENT_SPECIAL.sub(r"\\\g<0>", text) + ")"
 
 
 def authserv_id_of(value: str) -> str | None:

@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
-from functools import cache
+from functools import cache, lru_cache
 from typing import Final, Literal
 
 from publicsuffixlist import PublicSuffixList
@@ -77,6 +77,12 @@ def load_public_suffix_list() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+#: Distinct domains remembered by the two caches below: a busy MX sees the same few
+#: thousand sending domains again and again, and both answers depend on the text alone.
+CACHE_SIZE: Final = 8192
+
+
+@lru_cache(maxsize=CACHE_SIZE)
 def organizational_domain(domain: str) -> str:
     """RFC 7489 §3.2: the public suffix plus one label.  A domain that is itself a public
     suffix (or unknown to the list's rules) is its own organizational domain."""
@@ -113,7 +119,12 @@ def author_domains(from_values: Sequence[str]) -> tuple[str, ...]:
         raise AuthorError("no From field")
     if len(from_values) > 1:
         raise AuthorError(f"{len(from_values)} From fields")
-    value = " ".join(from_values[0].replace("\r\n", " ").split())
+    return _domains_of(from_values[0])
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _domains_of(raw: str) -> tuple[str, ...]:
+    value = " ".join(raw.replace("\r\n", " ").split())
     addresses = [address for _, address in getaddresses([value])]
     if not addresses or any(not address for address in addresses):
         raise AuthorError("no mailbox in From")
@@ -166,6 +177,7 @@ class DmarcRecord:
     ri: int = 86400
 
 
+@lru_cache(maxsize=CACHE_SIZE)
 def parse_record(text: str) -> DmarcRecord:
     """Parse a record that starts with ``v=DMARC1`` (the caller discards the others,
     §6.6.3 step 2).  Unknown tags are ignored and a bad optional value falls back to its
