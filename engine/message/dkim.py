@@ -62,7 +62,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_HEADERS",
-    "DEFAULT_OVERSIGN",
     "INLINE_BYTES",
     "MIN_SIGNING_BITS",
     "MIN_VERIFY_BITS",
@@ -76,9 +75,11 @@ __all__ = [
     "algorithm_of",
     "body_hash",
     "fold_txt",
+    "generate_key",
     "key_record",
     "load_signing_key",
     "parse_tag_list",
+    "private_pem",
     "relaxed_header",
     "verify",
 ]
@@ -97,14 +98,6 @@ DEFAULT_HEADERS: Final = (
     "List-Unsubscribe", "List-Unsubscribe-Post", "List-Subscribe", "List-Post",
     "List-Owner", "List-Archive", "Feedback-ID",
 )  # fmt: skip
-
-#: The fields over-signed by default (§5.4.2, §8.15): those a reader sees and a replayer
-#: would add a second copy of (a second From or Subject displayed instead of the signed one).
-DEFAULT_OVERSIGN: Final = frozenset({
-    "from", "reply-to", "subject", "date", "to", "cc", "message-id", "mime-version",
-    "content-type", "content-transfer-encoding", "list-unsubscribe",
-    "list-unsubscribe-post", "sender",
-})  # fmt: skip
 
 #: RFC 8301 §3.2: verifiers must not accept RSA keys under 1024 bits; signers must use
 #: at least 1024 and should use 2048 (§3.2 of the same) — this project requires 2048.
@@ -410,6 +403,22 @@ def load_signing_key(path: Path) -> SigningKey:
                        "signs with RSA (2048+ bits) or Ed25519 (RFC 8463)")
 
 
+def generate_key(ed25519_key: bool = False, bits: int = MIN_SIGNING_BITS) -> SigningKey:
+    """A new signing key: Ed25519, or RSA of ``bits`` (at least 2048) with e = 65537."""
+    if ed25519_key:
+        return ed25519.Ed25519PrivateKey.generate()
+    if bits < MIN_SIGNING_BITS:
+        raise DkimKeyError(f"an RSA signing key needs {MIN_SIGNING_BITS} bits or more "
+                           f"(RFC 8301 §3.2), not {bits}")
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def private_pem(key: SigningKey) -> bytes:
+    """The key as unencrypted PKCS#8 PEM, the form :func:`load_signing_key` reads."""
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
 def key_record(key: SigningKey) -> str:
     """The TXT record to publish at SELECTOR._domainkey.DOMAIN (§3.6.1, RFC 8463 §4.2)."""
     if isinstance(key, ed25519.Ed25519PrivateKey):
@@ -483,10 +492,11 @@ class Signer:
     """Signs messages for ``domain`` with ``selector``'s ``private_key``.
 
     ``headers``: the fields to sign (From is always signed, §5.4); each is listed in h= as
-    many times as the message has it, plus once more when over-signed.  ``oversign``: True
-    for every signed field, False for none, or a collection of names.  ``canon``: (header,
-    body) canonicalisation.  ``lifetime``: seconds after which the signature expires
-    (x=, §3.5), None for none.  The signature never uses l= (§8.2: it lets anyone append).
+    many times as the message has it, plus once more when over-signed.  ``oversign``:
+    True (the default) for every signed field, False for none, or a collection of names.
+    ``canon``: (header, body) canonicalisation.  ``lifetime``: seconds after which the
+    signature expires (x=, §3.5), None for none.  The signature never uses l= (§8.2: it
+    lets anyone append).
     """
 
     def __init__(
@@ -495,7 +505,7 @@ class Signer:
         selector: str,
         private_key: SigningKey,
         headers: Sequence[str] = DEFAULT_HEADERS,
-        oversign: bool | Collection[str] = DEFAULT_OVERSIGN,
+        oversign: bool | Collection[str] = True,
         canon: tuple[Canon, Canon] = ("relaxed", "relaxed"),
         *,
         lifetime: float | None = None,
