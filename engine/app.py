@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from engine import __version__, _speedups
 from engine.agents import Agents
+from engine.agents.chain import Chain
 from engine.agents.dns import Lookup
 from engine.agents.relay import RelayPolicy
 from engine.client.api import DeliveryAgent
@@ -115,6 +116,8 @@ class App:
         self.lock = SpoolLock(Path(config.spool))
         #: The policy agents (engine.agents), built at start.
         self.policy: Agents | None = None
+        #: The agents of injected mail (engine.http.inject): [http] agents and the signers.
+        self.http_chain: Chain | None = None
         #: The [[alert]] rules' evaluator (engine.ops.alerts); ``alerts.active()`` is the
         #: alerts firing now.  Made at start, once the queue is open.
         self.alerts: Alerts | None = None
@@ -252,6 +255,7 @@ class App:
         relays = [RelayPolicy(accepted, rc.relay_networks, rc.relay_authenticated)
                   for rc in cfg.receive]
         chains = [agents.chain(rc, relay) for rc, relay in zip(cfg.receive, relays, strict=True)]
+        self.http_chain = agents.http_chain(cfg.http)
         await agents.start()
         log_dir = cfg.log.protocol_log_dir or Path(cfg.spool) / "log"
         if any(rc.protocol_log for rc in cfg.receive):

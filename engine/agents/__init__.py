@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.agents.api import Agent
-from engine.agents.chain import Chain
+from engine.agents.chain import Chain, Figures
 from engine.agents.dns import Lookup
 from engine.agents.relay import RelayAgent, RelayPolicy
 
 if TYPE_CHECKING:
-    from engine.config import Config, ReceiveConfig
+    from engine.config import Config, HttpConfig, ReceiveConfig
 
 __all__ = ["BUILTIN", "SIGNERS", "AgentContext", "Agents"]
 
@@ -76,6 +76,8 @@ class Agents:
         self.lookup = lookup or Lookup(config.delivery.dns)
         self._built: dict[tuple[str, tuple[str, ...]], Agent] = {}
         self._signers: list[Agent] | None = None
+        #: What every chain's agents did (engine.ops.metrics).
+        self.figures = Figures()
 
     @property
     def all(self) -> list[Agent]:
@@ -103,7 +105,8 @@ class Agents:
         custom = self.config.agents.custom.get(name)
         if custom is not None:
             factory = _load_factory(custom.factory)
-            agent = factory(**custom.options, timeout=custom.timeout, fail_open=custom.fail)
+            agent = factory(**custom.options, timeout=custom.timeout,
+                            fail_open=custom.fail == "open")
             if not isinstance(agent, Agent):
                 raise TypeError(f"agents.custom.{name}.factory ({custom.factory}) returned "
                                 f"{type(agent).__name__}, not an engine.agents.api.Agent")
@@ -115,7 +118,7 @@ class Agents:
         if built is not None:
             table = tables[name]
             built.timeout = table.timeout
-            built.fail_open = table.fail
+            built.fail_open = table.fail == "open"
         return built
 
     def signers(self) -> list[Agent]:
@@ -129,15 +132,23 @@ class Agents:
         names = list(rc.agents)
         if rc.verify and "verify" not in names:
             names.insert(0, "verify")
-        agents: list[Agent] = [RelayAgent(relay)]
+        return self._chain([RelayAgent(relay)], names, rc.verify)
+
+    def http_chain(self, http: HttpConfig) -> Chain:
+        """The chain of injected mail ([http] agents, then the signers): no relay control
+        (the tokens decide who may relay, engine.http.inject)."""
+        return self._chain([], list(http.agents), ())
+
+    def _chain(self, first: list[Agent], names: list[str], verify: tuple[str, ...]) -> Chain:
+        agents = list(first)
         for name in names:
-            if name == "verify" and not rc.verify:
+            if name == "verify" and not verify:
                 continue  # listed, but the connector checks nothing
-            agent = self.get(name, rc.verify)
+            agent = self.get(name, verify)
             if agent is not None:
                 agents.append(agent)
         agents.extend(self.signers())
-        return Chain(agents)
+        return Chain(agents, self.figures)
 
     async def start(self) -> None:
         for agent in self.all:

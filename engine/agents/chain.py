@@ -27,20 +27,26 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 from engine.agents.api import (
     ACCEPT,
     Action,
     Agent,
+    Effects,
     HeaderChange,
+    Message,
+    Session,
     Stage,
     StageCall,
+    Transaction,
     Verdict,
     tempfail,
 )
+from engine.message.edit import apply_changes
 
-__all__ = ["FAIL_CLOSED", "Chain"]
+__all__ = ["FAIL_CLOSED", "Chain", "Figures", "Screened"]
 
 log = logging.getLogger("ferry.agents")
 
@@ -52,18 +58,40 @@ FAIL_CLOSED: Final = tempfail("Policy check temporarily unavailable, try again l
 _TERMINAL: Final = frozenset({Action.REJECT, Action.TEMPFAIL, Action.DISCARD})
 
 
+def _skipped(change: HeaderChange, why: str) -> None:
+    log.warning("a policy agent's header change was not applied: %s", why)
+
+
+class Figures:
+    """What the agents did, for metrics (engine.ops.metrics): shared by every chain of a
+    server, counted off the common path (an accepting verdict counts nothing)."""
+
+    __slots__ = ("failures", "verdicts")
+
+    def __init__(self) -> None:
+        #: Failed calls (an exception or a blown budget) by agent name.
+        self.failures: Counter[str] = Counter()
+        #: Verdicts other than a plain accept, by (agent, stage, action); header changes
+        #: count as "header".
+        self.verdicts: Counter[tuple[str, str, str]] = Counter()
+
+
 class _Run:
     """The verdicts of one stage, combined so far."""
 
-    __slots__ = ("changes", "held")
+    __slots__ = ("changes", "figures", "held", "stage")
 
-    def __init__(self) -> None:
+    def __init__(self, stage: Stage, figures: Figures) -> None:
         self.changes: list[HeaderChange] = []
         self.held = ""
+        self.stage = stage
+        self.figures = figures
 
     def take(self, agent: Agent, verdict: Verdict) -> Verdict | None:
         """Add ``verdict``; the run's result when it ends the run, else None."""
         action = verdict.action
+        counted = "header" if action is Action.ACCEPT else action.value
+        self.figures.verdicts[agent.name, self.stage.value, counted] += 1
         if action in _TERMINAL:
             return Verdict(action, verdict.reply, (),
                            f"{agent.name}: {verdict.reason or action.value}")
@@ -81,11 +109,27 @@ class _Run:
         return ACCEPT
 
 
+@dataclass(frozen=True, slots=True)
+class Screened:
+    """A message after the end-of-data and sign stages (:meth:`Chain.screen`)."""
+
+    #: The bytes to store: header changes applied, signatures added.
+    data: bytes
+    #: The refusing verdict (REJECT or TEMPFAIL, its reason naming the agent), or None.
+    refused: Verdict | None = None
+    #: "agent: reason" of a hold or a discard, "" when none.
+    held: str = ""
+    discarded: str = ""
+
+
 class Chain:
     """The agents of one receive connector, in order.  ``agents`` may be empty."""
 
-    def __init__(self, agents: Sequence[Agent]) -> None:
+    def __init__(self, agents: Sequence[Agent], figures: Figures | None = None) -> None:
         self.agents: tuple[Agent, ...] = tuple(agents)
+        self.figures = figures if figures is not None else Figures()
+        #: Failed calls by agent name (``figures.failures``).
+        self.failures = self.figures.failures
         # Bound methods per stage, looked up once: a run costs a call per agent.
         self._calls: dict[Stage, tuple[tuple[Agent, StageCall], ...]] = {
             stage: tuple((a, getattr(a, stage.value)) for a in self.agents
@@ -93,8 +137,6 @@ class Chain:
             for stage in Stage}
         self._disconnect = tuple(a for a in self.agents
                                  if callable(getattr(a, "disconnect", None)))
-        #: Failed calls (an exception or a blown budget) by agent name, for metrics.
-        self.failures: Counter[str] = Counter()
 
     def wants(self, stage: Stage) -> bool:
         """Some agent defines ``stage``: the caller may skip building its arguments."""
@@ -112,7 +154,7 @@ class Chain:
             if answer is ACCEPT:
                 continue  # the common case allocates nothing
             if state is None:
-                state = _Run()
+                state = _Run(stage, self.figures)
             if not isinstance(answer, Verdict):
                 return self._finish(state, calls, i, answer, stage, args)
             done = state.take(agent, answer)
@@ -167,6 +209,35 @@ class Chain:
         else:
             log.warning("agent %s failed at %s: %s; %s", agent.name, stage.value, why, outcome)
         return ACCEPT if agent.fail_open else FAIL_CLOSED
+
+    def screens(self, session: Session, tx: Effects) -> bool:
+        """:meth:`screen` has something to do for this message."""
+        return bool(self._calls[Stage.DATA] or tx.changes or tx.held or tx.discarded
+                    or (session.may_relay and self._calls[Stage.SIGN]))
+
+    async def screen(self, session: Session, tx: Transaction, data: bytes) -> Screened:
+        """The end of data: the data stage's agents, the header changes of every stage
+        so far, then, for mail the client may relay, the sign stage on the bytes as they
+        will be stored (so a signature covers every change; RFC 6376 §5: signed once,
+        before the message is stored, and a retry sends the stored bytes).  One path for
+        the SMTP session and the injection API."""
+        answer = self.run(Stage.DATA, session, tx, Message(data))
+        verdict = answer if isinstance(answer, Verdict) else await answer
+        if verdict.action is Action.REJECT or verdict.action is Action.TEMPFAIL:
+            return Screened(data, verdict)
+        tx.note(verdict)
+        if tx.discarded:
+            return Screened(data, discarded=tx.discarded)
+        if tx.changes:
+            data = apply_changes(data, tx.changes, _skipped)
+        if session.may_relay and self._calls[Stage.SIGN]:
+            answer = self.run(Stage.SIGN, session, tx, Message(data))
+            signed = answer if isinstance(answer, Verdict) else await answer
+            if signed.action is Action.REJECT or signed.action is Action.TEMPFAIL:
+                return Screened(data, signed)
+            if signed.headers:
+                data = apply_changes(data, signed.headers, _skipped)
+        return Screened(data, held=tx.held)
 
     def disconnect(self, *args: Any) -> None:
         """Tell every agent that counts connections that one is gone (never raises)."""

@@ -33,6 +33,7 @@ agent's configuration) and never writes a header.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import time
@@ -177,6 +178,7 @@ async def check_host(
         domain = sender_domain
     if domain.endswith("."):
         domain = domain[:-1]
+    domain = _a_labels(domain)
     base = SpfResult("none", domain, sender, helo)
     # §4.3: a malformed or single-label domain gives "none" without a lookup.
     if not _domain_ok(domain, toplevel=True):
@@ -193,10 +195,10 @@ async def check_host(
     except _TempError as exc:
         return replace(base, result="temperror", problem=str(exc))
     except TimeoutError:
-        return replace(base, result="temperror",
-                     problem=f"no result within {limits.timeout:g} s (RFC 7208 §4.6.4)")
+        return replace(base, result="temperror", problem=(
+            f"no result within {limits.timeout:g} s (RFC 7208 section 4.6.4)"))
     return replace(base, result=outcome.result, explanation=explanation,
-                 mechanism=outcome.mechanism, problem=outcome.problem)
+                   mechanism=outcome.mechanism, problem=outcome.problem)
 
 
 async def check_mail_from(
@@ -209,9 +211,10 @@ async def check_mail_from(
     limits: Limits = DEFAULT_LIMITS,
     default_explanation: str = DEFAULT_EXPLANATION,
 ) -> SpfResult:
-    """The "MAIL FROM" identity (§2.4): the domain of ``mail_from``, or of the HELO name
-    for the null reverse-path ("" or "<>")."""
-    mail_from = "" if mail_from == "<>" else mail_from
+    """The "MAIL FROM" identity (§2.4): the domain of ``mail_from`` (with or without its
+    angle brackets), or of the HELO name for the null reverse-path ("" or "<>")."""
+    if mail_from.startswith("<") and mail_from.endswith(">"):
+        mail_from = mail_from[1:-1]
     domain = mail_from.rpartition("@")[2] if mail_from else helo
     return await check_host(lookup, ip, domain, mail_from, helo, receiver=receiver,
                             limits=limits, default_explanation=default_explanation)
@@ -230,6 +233,17 @@ async def check_helo(
     An address literal or a name that is not a multi-label domain gives "none"."""
     return await check_host(lookup, ip, helo, "", helo, receiver=receiver, limits=limits,
                             default_explanation=default_explanation)
+
+
+def _a_labels(domain: str) -> str:
+    """§4.3: an internationalized domain is looked up in A-labels (RFC 5890); one that
+    cannot be converted stays as it is (and then fails the syntax check: "none")."""
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
 
 
 def _client_address(ip: IPAddress | str) -> IPAddress:
@@ -317,13 +331,14 @@ def _scan_macro_string(text: str, explanation: bool) -> tuple[list[_Token], bool
                 continue
             match = _MACRO_EXPAND.match(text, i)
             if match is None:
-                raise _PermError(f"bad macro at {text[i:i + 8]!r} (RFC 7208 §7.1)")
+                raise _PermError(f"bad macro at {text[i:i + 8]!a} (RFC 7208 section 7.1)")
             letter, digits, reverse, delimiters = match.groups()
             if letter.lower() not in letters:
-                raise _PermError(f"macro letter {letter!r} not allowed here (RFC 7208 §7.2)")
+                raise _PermError(f"macro letter {letter!a} not allowed here (RFC 7208 section 7.2)")
             count = int(digits) if digits else 0
             if digits and count == 0:
-                raise _PermError("a macro's digit transformer must be nonzero (RFC 7208 §7.3)")
+                raise _PermError("a macro's digit transformer must be nonzero "
+                                 "(RFC 7208 section 7.3)")
             if literal:
                 tokens.append("".join(literal))
                 literal = []
@@ -334,7 +349,7 @@ def _scan_macro_string(text: str, explanation: bool) -> tuple[list[_Token], bool
             continue
         # macro-literal: visible ASCII except "%"; an explanation also allows SP.
         if not ("!" <= char <= "~" or (explanation and char == " ")):
-            raise _PermError(f"character {char!r} not allowed (RFC 7208 §7.1)")
+            raise _PermError(f"character {char!a} not allowed (RFC 7208 section 7.1)")
         literal.append(char)
         i += 1
         ends_in_expand = False
@@ -351,14 +366,14 @@ def _parse_domain_spec(text: str) -> list[_Token]:
     """domain-spec = macro-string domain-end; domain-end = ("." toplabel ["."]) /
     macro-expand (§7.1).  The check is on the text before expansion."""
     if not text:
-        raise _PermError("empty domain-spec (RFC 7208 §7.1)")
+        raise _PermError("empty domain-spec (RFC 7208 section 7.1)")
     tokens, ends_in_expand = _scan_macro_string(text, False)
     if ends_in_expand:
         return tokens
     body = text[:-1] if text.endswith(".") else text
     _head, dot, top = body.rpartition(".")
     if not dot or not _TOPLABEL.fullmatch(top):
-        raise _PermError(f"{text!r} does not end in a valid top label (RFC 7208 §7.1)")
+        raise _PermError(f"{text!a} does not end in a valid top label (RFC 7208 section 7.1)")
     return tokens
 
 
@@ -404,14 +419,32 @@ def _cidr(digits: str | None, maximum: int, default: int) -> int:
         return default
     # ip4-cidr-length / ip6-cidr-length: no leading zero, within range (§5.6).
     if (len(digits) > 1 and digits[0] == "0") or int(digits) > maximum:
-        raise _PermError(f"invalid CIDR length /{digits} (RFC 7208 §5.6)")
+        raise _PermError(f"invalid CIDR length /{digits} (RFC 7208 section 5.6)")
     return int(digits)
+
+
+def _parsed(text: str) -> _Record:
+    """The parsed record, from a cache: a busy receiver sees the same few thousand records
+    over and over, and the parse is the only CPU work of a check whose DNS is cached."""
+    record = _parse_cached(text)
+    if isinstance(record, str):
+        raise _PermError(record)
+    return record
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(text: str) -> _Record | str:
+    # Parsed records are shared between checks: nothing changes a _Record after its parse.
+    try:
+        return _parse_record(text)
+    except _PermError as exc:
+        return str(exc)
 
 
 def _parse_record(text: str) -> _Record:
     """The whole record, or _PermError for the first syntax error anywhere (§4.6)."""
     if not text.isascii():
-        raise _PermError("the record is not 7-bit ASCII (RFC 7208 §3.1)")
+        raise _PermError("the record is not 7-bit ASCII (RFC 7208 section 3.1)")
     record = _Record()
     # §4.6.1 / §12: terms are separated by one or more SP, and only SP.
     for term in text[6:].split(" "):
@@ -422,7 +455,7 @@ def _parse_record(text: str) -> _Record:
             name, value = modifier.group(1).lower(), modifier.group(2)
             if name in ("redirect", "exp"):
                 if getattr(record, name) is not None:
-                    raise _PermError(f"{name}= appears twice (RFC 7208 §6)")
+                    raise _PermError(f"{name}= appears twice (RFC 7208 section 6)")
                 setattr(record, name, _parse_domain_spec(value))
             else:
                 _parse_macro_string(value)  # unknown-modifier: ignored, but well-formed
@@ -434,15 +467,15 @@ def _parse_record(text: str) -> _Record:
 def _parse_directive(term: str) -> _Directive:
     match = _MECHANISM.fullmatch(term)
     if match is None:
-        raise _PermError(f"unknown term {term!r} (RFC 7208 §4.6.1)")
+        raise _PermError(f"unknown term {term!a} (RFC 7208 section 4.6.1)")
     qualifier, name, rest = match.group(1) or "+", match.group(2).lower(), match.group(3)
     if name == "all":
         if rest:
-            raise _PermError(f"{term!r}: all takes no argument (RFC 7208 §5.1)")
+            raise _PermError(f"{term!a}: all takes no argument (RFC 7208 section 5.1)")
         return _Directive(qualifier, name, term)
     if name in ("include", "exists"):
         if not rest.startswith(":"):
-            raise _PermError(f"{term!r}: {name} needs ':domain' (RFC 7208 §5.2, §5.7)")
+            raise _PermError(f"{term!a}: {name} needs ':domain' (RFC 7208 section 5.2, 5.7)")
         return _Directive(qualifier, name, term, _parse_domain_spec(rest[1:]))
     if name in ("a", "mx"):
         cidr = _DUAL_CIDR.search(rest)
@@ -453,21 +486,21 @@ def _parse_directive(term: str) -> _Directive:
         domain = None
         if spec:
             if not spec.startswith(":"):
-                raise _PermError(f"{term!r}: bad {name} argument (RFC 7208 §5.3, §5.4)")
+                raise _PermError(f"{term!a}: bad {name} argument (RFC 7208 section 5.3, 5.4)")
             domain = _parse_domain_spec(spec[1:])
         return _Directive(qualifier, name, term, domain, cidr4, cidr6)
     if name == "ptr":
         domain = None
         if rest:
             if not rest.startswith(":"):
-                raise _PermError(f"{term!r}: bad ptr argument (RFC 7208 §5.5)")
+                raise _PermError(f"{term!a}: bad ptr argument (RFC 7208 section 5.5)")
             domain = _parse_domain_spec(rest[1:])
         return _Directive(qualifier, name, term, domain)
     if name == "ip4":
         ip4 = _IP4_NETWORK.fullmatch(rest[1:]) if rest.startswith(":") else None
         if ip4 is None or not all(_DEC_OCTET.fullmatch(o) and int(o) < 256
                                   for o in ip4.group(1).split(".")):
-            raise _PermError(f"{term!r}: bad ip4 network (RFC 7208 §5.6)")
+            raise _PermError(f"{term!a}: bad ip4 network (RFC 7208 section 5.6)")
         length = _cidr(ip4.group(2), 32, 32)
         network = ipaddress.IPv4Network(f"{ip4.group(1)}/{length}", strict=False)
         return _Directive(qualifier, name, term, network=network)
@@ -479,9 +512,9 @@ def _parse_directive(term: str) -> _Directive:
             length = _cidr(ip6.group(2), 128, 128)
             network6 = ipaddress.IPv6Network(f"{ip6.group(1)}/{length}", strict=False)
         except ValueError:
-            raise _PermError(f"{term!r}: bad ip6 network (RFC 7208 §5.6)") from None
+            raise _PermError(f"{term!a}: bad ip6 network (RFC 7208 section 5.6)") from None
         return _Directive(qualifier, name, term, network=network6)
-    raise _PermError(f"unknown mechanism {term!r} (RFC 7208 §4.6.1)")
+    raise _PermError(f"unknown mechanism {term!a} (RFC 7208 section 4.6.1)")
 
 
 # --- evaluation ----------------------------------------------------------------------------
@@ -530,14 +563,14 @@ class _Check:
         self.terms += 1
         if self.terms > self.limits.dns_terms:
             raise _PermError(f"more than {self.limits.dns_terms} DNS-querying terms "
-                             f"at {what} (RFC 7208 §4.6.4)")
+                             f"at {what} (RFC 7208 section 4.6.4)")
 
     def count_void(self, answer: Answer, what: str) -> None:
         if answer.void:
             self.voids += 1
             if self.voids > self.limits.void_lookups:
                 raise _PermError(f"more than {self.limits.void_lookups} void lookups "
-                                 f"at {what} (RFC 7208 §4.6.4)")
+                                 f"at {what} (RFC 7208 section 4.6.4)")
 
     async def query(self, name: str, rdtype: Literal["TXT", "A", "AAAA", "MX", "PTR"]
                     ) -> Answer | None:
@@ -562,8 +595,8 @@ class _Check:
         if not records:
             return _Outcome("none", problem=f"no SPF record at {domain}")
         if len(records) > 1:
-            raise _PermError(f"{domain} has {len(records)} SPF records (RFC 7208 §4.5)")
-        record = _parse_record(records[0])
+            raise _PermError(f"{domain} has {len(records)} SPF records (RFC 7208 section 4.5)")
+        record = _parsed(records[0])
         for directive in record.directives:
             if await self.matches(directive, domain):
                 return _Outcome(_QUALIFIER_RESULT[directive.qualifier], directive.text,
@@ -574,7 +607,7 @@ class _Check:
             target = await self.expand_domain(record.redirect, domain)
             outcome = await self.evaluate(target)
             if outcome.result == "none":
-                raise _PermError(f"redirect={target}: no SPF record (RFC 7208 §6.1)")
+                raise _PermError(f"redirect={target}: no SPF record (RFC 7208 section 6.1)")
             return outcome
         return _Outcome("neutral", "default", exp=record.exp, domain=domain)  # §4.7
 
@@ -593,7 +626,7 @@ class _Check:
             outcome = await self.evaluate(target)
             # §5.2: the table of include results.
             if outcome.result == "none":
-                raise _PermError(f"include:{target}: no SPF record (RFC 7208 §5.2)")
+                raise _PermError(f"include:{target}: no SPF record (RFC 7208 section 5.2)")
             return outcome.result == "pass"
         if name == "a":
             answer = await self.query(target, self.address_type)
@@ -617,10 +650,13 @@ class _Check:
         return "A" if self.ip.version == 4 else "AAAA"
 
     def any_in(self, addresses: tuple[str, ...], directive: _Directive) -> bool:
+        # The first ``length`` bits equal (integers: no network object per address).
         length = directive.cidr4 if self.ip.version == 4 else directive.cidr6
+        shift = self.ip.max_prefixlen - length
+        mine = int(self.ip) >> shift
         for text in addresses:
-            network = ipaddress.ip_network(f"{text}/{length}", strict=False)
-            if network.version == self.ip.version and self.ip in network:
+            address = ipaddress.ip_address(text)
+            if address.version == self.ip.version and int(address) >> shift == mine:
                 return True
         return False
 
@@ -632,7 +668,7 @@ class _Check:
         hosts = [record.partition(" ")[2] for record in answer.records]
         if len(hosts) > self.limits.mx_names:
             raise _PermError(f"{target} has {len(hosts)} MX records, more than "
-                             f"{self.limits.mx_names} (RFC 7208 §4.6.4)")
+                             f"{self.limits.mx_names} (RFC 7208 section 4.6.4)")
         # A null MX (RFC 7505, target ".") has no address.  No implicit MX (§5.4).
         hosts = [host for host in hosts if host not in ("", ".")]
         family = self.address_type
@@ -696,7 +732,7 @@ class _Check:
 
     # -- macros --
 
-    async def expand(self, tokens: list[_Token], domain: str) -> str:
+    async def expand(self, tokens: Iterable[_Token], domain: str) -> str:
         out: list[str] = []
         for token in tokens:
             if isinstance(token, str):
@@ -757,16 +793,30 @@ class _Check:
                 name = await self.expand_domain(outcome.exp, domain)
                 answer = await self.query(name, "TXT")
                 if answer is not None and len(answer.records) == 1:
-                    text = answer.records[0]
-                    if text.isascii():
-                        return await self.expand(
-                            _parse_macro_string(text, explanation=True), domain)
+                    tokens = _explanation(answer.records[0])
+                    if tokens is not None:
+                        return await self.expand(tokens, domain)
             except (_PermError, _TempError):
                 pass
+        tokens = _explanation(default)
+        if tokens is None:
+            return default
         try:
-            return await self.expand(_parse_macro_string(default, explanation=True), domain)
+            return await self.expand(tokens, domain)
         except (_PermError, _TempError):
             return default
+
+
+@functools.lru_cache(maxsize=1024)
+def _explanation(text: str) -> tuple[_Token, ...] | None:
+    """An explanation-string's tokens (§6.2), None when it is not one (not ASCII, a bad
+    macro): cached, as the same few texts explain every fail."""
+    if not text.isascii():
+        return None
+    try:
+        return tuple(_parse_macro_string(text, explanation=True))
+    except _PermError:
+        return None
 
 
 def _reverse_name(ip: IPAddress) -> str:

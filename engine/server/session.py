@@ -24,9 +24,8 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from engine.agents.api import ACCEPT, Action, Effects, Message, Stage, Transaction, Verdict
+from engine.agents.api import ACCEPT, Action, Effects, Stage, Transaction, Verdict
 from engine.agents.api import Session as AgentSession
-from engine.message.edit import apply_changes
 from engine.ops import maillog
 from engine.protocol import server as sm
 from engine.protocol.events import NEED_DATA
@@ -421,35 +420,24 @@ class SmtpSession(asyncio.Protocol):
         view = self.view
         assert view is not None
         body = event.body
-        verdict = ACCEPT
-        if chain.wants(Stage.DATA):
-            answer = chain.run(Stage.DATA, view, tx, Message(body))
-            verdict = answer if isinstance(answer, Verdict) else await answer
-        action = verdict.action
-        if action is Action.REJECT or action is Action.TEMPFAIL:
-            return self._message_refused(event, _refusal(verdict), verdict.reason)
-        tx.note(verdict)
-        if tx.discarded:
-            maillog.discarded(tx.discarded, client=self.client, sender=event.mail.mailbox,
-                              recipients=[r.mailbox for r in event.recipients],
-                              connector=self.connector.name)
-            return S250_DISCARDED
-        if tx.changes:
-            body = apply_changes(body, tx.changes, _skipped)
-        if view.may_relay and chain.wants(Stage.SIGN):
-            # Outbound mail is signed once, here, before it is stored: a retry sends the
-            # stored bytes and never signs again (RFC 6376 §5).
-            answer = chain.run(Stage.SIGN, view, tx, Message(body))
-            signed = answer if isinstance(answer, Verdict) else await answer
-            if signed.action is Action.REJECT or signed.action is Action.TEMPFAIL:
-                return self._message_refused(event, _refusal(signed), signed.reason)
-            if signed.headers:
-                body = apply_changes(body, signed.headers, _skipped)
+        held = ""
+        if chain.screens(view, tx):
+            screened = await chain.screen(view, tx, body)
+            if screened.refused is not None:
+                return self._message_refused(event, _refusal(screened.refused),
+                                             screened.refused.reason)
+            if screened.discarded:
+                maillog.discarded(screened.discarded, client=self.client,
+                                  sender=event.mail.mailbox,
+                                  recipients=[r.mailbox for r in event.recipients],
+                                  connector=self.connector.name)
+                return S250_DISCARDED
+            body, held = screened.data, screened.held
         conn = self.conn
         return await self.connector.ingest.accept(Arrival(
             connector=self.config, client_address=self.client, helo=conn.helo or "",
             esmtp=conn.esmtp, tls=conn.tls, tls_info=self.tls_info, auth_user=self.auth_user,
-            mail=event.mail, recipients=event.recipients, body=body, held=tx.held))
+            mail=event.mail, recipients=event.recipients, body=body, held=held))
 
     def _message_refused(self, event: sm.MessageReceived, reply: Reply, by: str) -> Reply:
         """Log a message a policy agent refused at the end of data; ``reply``."""
@@ -641,10 +629,6 @@ def _refusal(verdict: Verdict) -> Reply:
     if verdict.reply is not None:
         return verdict.reply
     return S550_POLICY if verdict.action is Action.REJECT else S451_POLICY
-
-
-def _skipped(change: object, why: str) -> None:
-    log.warning("a policy agent's header change was not applied: %s", why)
 
 
 _Decision = Callable[[SmtpSession, sm.Event], "Reply | Awaitable[Reply]"]

@@ -231,7 +231,7 @@ def test_disconnect_is_told_once_per_connection(start: Start) -> None:
 def test_a_header_with_a_bare_newline_is_not_applied(start: Start,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     ferry = start(scripted("evil", data="header:X-A:1\\nBcc: x@evil.example"), ["evil"])
-    with caplog.at_level(logging.WARNING, "ferry.server"):
+    with caplog.at_level(logging.WARNING, "ferry.agents"):
         code, text = send(ferry)
     assert code == 250
     stored = ferry.store.body(queued(text))
@@ -279,3 +279,54 @@ def test_an_unknown_agent_name_is_a_config_error(tmp_path: Path) -> None:
     path.write_text('[[receive]]\nagents = ["rspamdd"]\n')
     with pytest.raises(ConfigError, match=r'receive\[0\]\.agents\[0\]: "rspamdd" is neither'):
         load_config(path)
+
+
+def test_injected_mail_meets_the_http_agents_and_the_signers(start: Start) -> None:
+    from tests.integration.test_inject import _post
+
+    agents = (scripted("sign", sign="header:X-Signed:1")
+              + scripted("scan", data="header:X-Scanned:1", wait=True))
+    ferry = start(agents, [], extra='[http]\nlisten = ["127.0.0.1:0"]\n'
+                                   'agents = ["scan", "sign"]')
+    doc = {"from": "app@client.test", "recipients": ["b@example.net"],
+           "content": BODY.decode()}
+    status, _, answer = _post(ferry, doc)
+    assert status == 200
+    stored = ferry.store.body(bytes.fromhex(answer["id"]))
+    # Scanned, then signed over what is stored (loopback is trusted: its mail is outbound).
+    assert b"\r\nX-Signed: 1\r\nX-Scanned: 1\r\n" in stored
+    session = agent(ferry, "scan").calls[0][1][0]
+    assert (session.door, session.connector, session.may_relay) == ("HTTP", "http", True)
+
+
+@pytest.mark.parametrize(("script", "status"), [("reject:554:5.7.1:Spam", 422),
+                                                ("tempfail", 503)])
+def test_an_agent_refusing_injected_mail_is_a_problem_document(start: Start, script: str,
+                                                               status: int) -> None:
+    from tests.integration.test_inject import _post
+
+    ferry = start(scripted("scan", data=script), [],
+                  extra='[http]\nlisten = ["127.0.0.1:0"]\nagents = ["scan"]')
+    doc = {"from": "app@client.test", "recipients": ["b@example.net", "c@example.net"],
+           "subject": "s", "text": "hi"}
+    got, headers, problem = _post(ferry, doc)
+    assert got == status and problem["by"].startswith("scan: ")
+    if status == 422:
+        assert problem["reply"] == "554 5.7.1 Spam"
+    else:
+        assert "Retry-After" in headers
+    assert ferry.store.count() == 0
+
+
+def test_verdicts_and_failures_are_metrics(start: Start) -> None:
+    import urllib.request
+
+    ferry = start(scripted("no", data="reject") + scripted("bad", mail="raise"), ["bad", "no"],
+                  extra='[http]\nlisten = ["127.0.0.1:0"]')
+    send(ferry)
+    send(ferry, rcpt=b"x@elsewhere.example")
+    assert ferry.app.http is not None
+    with urllib.request.urlopen(f"http://{ferry.app.http.addresses[0]}/metrics") as answer:
+        text = answer.read().decode()
+    assert 'ferry_agent_verdicts_total{action="reject",agent="no",stage="data"} 2.0' in text
+    assert 'ferry_agent_failures_total{agent="bad"} 2.0' in text
