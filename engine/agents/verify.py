@@ -253,4 +253,4 @@ def build_verify(ctx: AgentContext) -> VerifyAgent:
         ctx.lookup, ctx.verify or METHODS,
         authserv_id=settings.authserv_id or ctx.hostname,
         dmarc_policy=settings.dmarc_policy, spf_fail=settings.spf_fail,
-        timeout=settings.timeout, fail_open=settings.fail)
+        timeout=settings.timeout, fail_open=settings.fail == "open")
