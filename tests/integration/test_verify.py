@@ -172,3 +172,13 @@ def test_clients_that_may_relay_are_not_verified(start: Start) -> None:
     code, reply = send(ferry, "bounce@esp.test", message("shop.test"))
     assert code == 250, reply
     assert stored(ferry, reply).get_all("Authentication-Results") == []
+
+
+def test_a_body_changed_after_signing_fails_dkim_and_dmarc(start: Start) -> None:
+    ferry = start(dmarc_policy="tag")
+    data = message("shop.test", sign=True).replace(b"Hello.", b"Hello!")
+    code, reply = send(ferry, "bounce@esp.test", data)
+    assert code == 250, reply
+    field = unfold(stored(ferry, reply).get_all("Authentication-Results")[0])
+    assert "dkim=fail" in field and "header.d=shop.test" in field
+    assert "dmarc=fail (p=reject dis=reject) header.from=shop.test" in field
