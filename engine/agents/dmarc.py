@@ -354,6 +354,13 @@ def evaluate(policy: Policy, auth: Authenticated,
         requested = record.sp
     if spf_ok or dkim_ok:
         return DmarcResult("pass", domain, "", record, requested, "none", spf_ok, dkim_ok)
+    # An aligned identifier whose check could not be done (the DNS failed) might have
+    # passed: a temperror (RFC 7489 §11.2: "a later attempt might produce a final
+    # result"), so no policy is enforced on a DNS hiccup.
+    if (auth.spf_result == "temperror" and aligned(record.aspf, domain, auth.spf_domain)) or any(
+            r == "temperror" and aligned(record.adkim, domain, d) for r, d in auth.dkim):
+        return DmarcResult("temperror", domain, "an aligned identifier could not be checked",
+                           record, requested)
     disposition = requested if sample() * 100 < record.pct else _WEAKER[requested]
     return DmarcResult("fail", domain, "", record, requested, disposition)
 

@@ -149,7 +149,8 @@ class VerifyAgent(Agent):
             results.extend(_dkim_methods(signatures, dkim_task))
         verdict_dmarc: dmarc.DmarcResult | None = None
         if "dmarc" in self.methods:
-            verdict_dmarc = self._dmarc(authors, author_error, discoveries, spf, signatures)
+            auth = _authenticated(spf_task, spf, tx, session, signatures, authors)
+            verdict_dmarc = self._dmarc(authors, author_error, discoveries, auth)
             results.append(verdict_dmarc.method_result())
 
         headers = (HeaderChange("remove", authres.FIELD, match=self._claims),
@@ -174,15 +175,11 @@ class VerifyAgent(Agent):
         return task
 
     def _dmarc(self, authors: tuple[str, ...], author_error: str,
-               discoveries: list[asyncio.Task[dmarc.Policy]], spf: SpfResult | None,
-               signatures: list[dkim.DkimResult] | None) -> dmarc.DmarcResult:
+               discoveries: list[asyncio.Task[dmarc.Policy]],
+               auth: dmarc.Authenticated) -> dmarc.DmarcResult:
         if not authors:
             # RFC 7489 §6.6.1: no single usable From field; RFC 5322 forbids it.
             return dmarc.DmarcResult("permerror", reason=author_error)
-        auth = dmarc.Authenticated(
-            spf_result=spf.result if spf is not None else "none",
-            spf_domain=spf.domain if spf is not None else "",
-            dkim=tuple((s.result, s.domain) for s in signatures or ()))
         results = []
         for domain, task in zip(authors, discoveries, strict=True):
             policy = _outcome(task)
@@ -227,6 +224,28 @@ def _failure(task: asyncio.Future[Any] | None, what: str) -> str:
     if task is None or not task.done() or task.cancelled():
         return f"{what}: no answer in time"
     return f"{what}: {task.exception()}"
+
+
+def _authenticated(spf_task: asyncio.Future[SpfResult] | None, spf: SpfResult | None,
+                   tx: Transaction, session: Session,
+                   signatures: list[dkim.DkimResult] | None,
+                   authors: tuple[str, ...]) -> dmarc.Authenticated:
+    """What DMARC aligns.  A check that ran but gave no answer in time counts as a
+    temperror for the identifier it was about: SPF's MAIL FROM (or HELO) domain, and for
+    DKIM every author domain (the signatures' d= are unknown), so DMARC cannot fail the
+    message on a DNS that was only slow."""
+    if spf_task is None:
+        spf_result, spf_domain = "none", ""
+    elif spf is None:
+        spf_result = "temperror"
+        spf_domain = tx.sender.rpartition("@")[2] if tx.sender else session.helo
+    else:
+        spf_result, spf_domain = spf.result, spf.domain
+    if signatures is None:
+        dkim_results = tuple(("temperror", domain) for domain in authors)
+    else:
+        dkim_results = tuple((s.result, s.domain) for s in signatures)
+    return dmarc.Authenticated(spf_result, spf_domain, dkim_results)
 
 
 def _spf_method(spf: SpfResult | None, tx: Transaction) -> MethodResult:

@@ -266,3 +266,16 @@ def test_method_result() -> None:
     passed = DmarcResult("pass", "example.test", record=DmarcRecord(p="none"), policy="none")
     assert passed.method_result() == MethodResult(
         "dmarc", "pass", "p=none dis=none", (("header.from", "example.test"),))
+
+
+def test_an_aligned_identifier_that_could_not_be_checked_is_temperror(dns: DnsResponder) -> None:
+    # RFC 7489 §11.2: a later attempt might pass, so no policy is enforced now.
+    result = run(dns, "a@reject.test", spf("reject.test", "temperror"))
+    assert (result.result, result.disposition) == ("temperror", "none")
+    result = run(dns, "a@reject.test", dkim(("temperror", "mail.reject.test")))
+    assert result.result == "temperror"
+    # Not aligned: it could not have passed DMARC anyway.
+    assert run(dns, "a@reject.test", spf("esp.test", "temperror")).result == "fail"
+    # A pass elsewhere still passes.
+    assert run(dns, "a@reject.test", Authenticated(
+        "temperror", "reject.test", (("pass", "reject.test"),))).result == "pass"

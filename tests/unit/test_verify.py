@@ -311,3 +311,17 @@ def test_a_call_the_chain_gives_up_on_leaves_no_task(dns: DnsResponder) -> None:
         assert asyncio.run(go()).cancelled()
     finally:
         dns.drop.discard("hung.test")
+
+
+def test_spf_dns_failure_is_no_dmarc_reject(dns: DnsResponder) -> None:
+    # The sender domain's SPF record cannot be fetched: SPF temperror for an aligned
+    # domain, so DMARC is a temperror and p=reject is not enforced.
+    dns.servfail.add("shop.test")
+    try:
+        verdict = run(dns, message("shop.test"), "b@shop.test", ip=OTHER)
+    finally:
+        dns.servfail.discard("shop.test")
+    assert verdict.action is Action.ACCEPT
+    text = field(verdict)
+    assert "spf=temperror" in text
+    assert "dmarc=temperror (p=reject dis=none) header.from=shop.test" in text
