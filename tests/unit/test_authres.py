@@ -123,3 +123,8 @@ def test_authserv_id_of_received_fields(value: str, authserv_id: str) -> None:
 ])
 def test_claims(value: str, ours: bool) -> None:
     assert claims(value, "mx.ferry.test") is ours
+
+
+@given(st.text(max_size=120))
+def test_any_received_value_is_judged(value: str) -> None:
+    assert isinstance(claims(value, "mx.ferry.test"), bool)

@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.agents.api import MethodResult
 from engine.agents.dmarc import (
@@ -279,3 +281,21 @@ def test_an_aligned_identifier_that_could_not_be_checked_is_temperror(dns: DnsRe
     # A pass elsewhere still passes.
     assert run(dns, "a@reject.test", Authenticated(
         "temperror", "reject.test", (("pass", "reject.test"),))).result == "pass"
+
+
+@given(st.text(max_size=200))
+def test_any_record_text_parses_or_is_refused(text: str) -> None:
+    try:
+        record = parse_record("v=DMARC1; " + text)
+    except RecordError:
+        return
+    assert record.p in ("none", "quarantine", "reject") and 0 <= record.pct <= 100
+
+
+@given(st.lists(st.text(max_size=80), max_size=2))
+def test_any_from_gives_domains_or_author_error(values: list[str]) -> None:
+    try:
+        domains = author_domains(values)
+    except AuthorError:
+        return
+    assert domains and all(d and d == d.lower() and d.isascii() for d in domains)
