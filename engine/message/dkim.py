@@ -160,14 +160,21 @@ def _base64(value: str, what: str) -> bytes:
 
 # --- canonicalisation (§3.4) ---------------------------------------------------------------
 
-_RUN = re.compile(rb"[ \t]+")
-_TRAILING = re.compile(rb"[ \t]+\r\n")
+def _squeeze(data: bytes) -> bytes:
+    """Every run of spaces and tabs made one space (§3.4.2, §3.4.4).  bytes.replace in a
+    loop rather than a regular expression: each pass halves the runs at memory speed,
+    where ``re.sub(rb"[ \\t]+")`` stops at every space (five to ten times slower on text)."""
+    if b"\t" in data:
+        data = data.replace(b"\t", b" ")
+    while b"  " in data:
+        data = data.replace(b"  ", b" ")
+    return data
 
 
 def relaxed_header(name: bytes, value: bytes) -> bytes:
     """§3.4.2: the name lower-cased, the value unfolded, whitespace runs one space, none
     around the value; ``name:value`` and CRLF."""
-    value = _RUN.sub(b" ", value.replace(b"\r\n", b"")).strip(b" \t")
+    value = _squeeze(value.replace(b"\r\n", b"")).strip(b" \t")
     return name.strip(b" \t").lower() + b":" + value + b"\r\n"
 
 
@@ -276,16 +283,17 @@ class RelaxedBody:
                 # whitespace or CR, which no later octet can change.
                 last = len(data.rstrip(b" \t\r"))
                 if last:
-                    self._emit(_RUN.sub(b" ", data[:last]))
+                    self._emit(_squeeze(data[:last]))
                     data = data[last:]
             self._tail = data
             return
         self._tail = data[cut:]
-        self._emit(_RUN.sub(b" ", _TRAILING.sub(b"\r\n", data[:cut])))
+        # Runs squeezed first, so whitespace at a line's end is one space at most.
+        self._emit(_squeeze(data[:cut]).replace(b" \r\n", b"\r\n"))
 
     def finish(self) -> None:
         if self._tail:
-            line = _RUN.sub(b" ", self._tail).rstrip(b" ")
+            line = _squeeze(self._tail).rstrip(b" ")
             self._tail = b""
             if line:
                 self._emit(line)
