@@ -78,6 +78,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DeliveryConfig",
+    "DkimSignConfig",
     "DomainLimits",
     "HttpConfig",
     "HttpToken",
@@ -1596,9 +1597,27 @@ class DnsblAgentConfig(_AgentTable):
     allow_networks: _Networks = ()
 
 
+def _hostname_or_default(value: object) -> str:
+    """A host name, or "" for the default (the server's [hostname])."""
+    return "" if value == "" else _hostname(value)
+
+
 @dataclass(frozen=True)
 class VerifyAgentConfig(_AgentTable):
     """[agents.verify]: SPF, DKIM and DMARC verification and Authentication-Results."""
+
+    #: The authserv-id of our Authentication-Results field (RFC 8601 §2.5), and the one
+    #: whose fields arriving from outside are removed as forged; "" = the server's hostname.
+    authserv_id: Annotated[str, _v(_hostname_or_default)] = ""
+    #: What a DMARC fail with the domain's policy (after pct) becomes: "enforce": p=reject
+    #: → 550 5.7.1, p=quarantine → hold; "quarantine": both → hold; "tag": only the
+    #: Authentication-Results field says so (the mailbox's filters decide).
+    dmarc_policy: Annotated[Literal["enforce", "quarantine", "tag"], _v(
+        _choice("enforce", "quarantine", "tag"))] = "enforce"
+    #: An SPF "fail" that no DMARC policy rules on (the author domain has no DMARC
+    #: record, or "dmarc" is not verified): "tag" only records it; "reject" answers
+    #: 550 5.7.23 (RFC 7372).  With a DMARC policy, DMARC decides (RFC 7489 §10.1).
+    spf_fail: Annotated[Literal["tag", "reject"], _v(_choice("tag", "reject"))] = "tag"
 
 
 @dataclass(frozen=True)
@@ -1686,6 +1705,81 @@ def _check_agent_names(config: Config) -> list[tuple[_Loc, str]]:
     return bad
 
 
+# --- DKIM signing (engine.agents.dkim) -------------------------------------------------------
+
+#: A header field name (RFC 5322 §3.6.8: printable ASCII but ":").
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+
+
+def _selector(value: object) -> str:
+    """A DKIM selector: one or more DNS labels (RFC 6376 §3.1 allows sub-selectors)."""
+    if not isinstance(value, str) or _domain_problem(value) is not None:
+        raise _Invalid(f"must be a selector: DNS labels of letters, digits and hyphens, "
+                       f'such as "mail2024" (got {_show(value)})')
+    return value.lower()
+
+
+def _dkim_domain(value: object) -> str:
+    return _hostname(value).lower()
+
+
+def _field_name(value: str) -> str:
+    if not _FIELD_NAME.fullmatch(value):
+        raise _Invalid(f"is not a header field name (got {_show(value)})")
+    return value.lower()
+
+
+def _field_names(value: object) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_each(value, "header field names", _field_name)))
+
+
+def _oversign(value: object) -> bool | tuple[str, ...]:
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, list):
+        raise _Invalid(f"must be true, false or an array of header field names "
+                       f"(got {_show(value)})")
+    return _field_names(value)
+
+
+@dataclass(frozen=True)
+class DkimSignConfig:
+    """[[dkim_sign]]: one DKIM signing key (engine.agents.dkim): outbound mail whose From:
+    domain matches ``domain`` is signed with it before it is stored."""
+
+    __pydantic_config__ = _TABLE
+
+    #: The signing domain (d=, RFC 6376 §3.5); mail whose From: address is in it is signed.
+    domain: Annotated[str, _v(_dkim_domain)]
+    #: The selector (s=): the public key is published at SELECTOR._domainkey.DOMAIN.
+    selector: Annotated[str, _v(_selector)]
+    #: The private key, PEM: RSA of 2048 bits or more, or Ed25519 (the algorithm follows
+    #: the key); checked when the server starts and by ``ferry config check``.
+    key_file: Annotated[Path, _v(_existing_file)]
+    #: The header fields to sign; empty = engine.message.dkim.DEFAULT_HEADERS.  From is
+    #: always signed (RFC 6376 §5.4).
+    headers: Annotated[tuple[str, ...], _v(_field_names)] = ()
+    #: Over-sign (§5.4.2: list a field once more than the message has it, so no copy can
+    #: be added): true for every signed field, false for none, or the fields to over-sign.
+    oversign: Annotated[bool | tuple[str, ...], _v(_oversign)] = True
+    #: Also sign mail whose From: domain is below ``domain`` (d= stays ``domain``: DMARC's
+    #: relaxed alignment accepts it).
+    subdomains: _Bool = False
+
+
+def _check_dkim_sign(entries: tuple[DkimSignConfig, ...]) -> list[tuple[_Loc, str]]:
+    """A (domain, selector) pair is given once."""
+    seen: dict[tuple[str, str], int] = {}
+    bad: list[tuple[_Loc, str]] = []
+    for i, e in enumerate(entries):
+        key = (e.domain, e.selector)
+        if key in seen:
+            bad.append(((i, "selector"), f"{_show(e.selector)} for {_show(e.domain)} is "
+                                         f"already dkim_sign[{seen[key]}]"))
+        seen.setdefault(key, i)
+    return bad
+
+
 def default_hostname() -> str:
     """The machine's fully qualified name, or "localhost" when it has none (a name without
     a dot is no use to other servers; engine.ops.startup warns about it at start)."""
@@ -1730,6 +1824,8 @@ class Config:
     webhook: tuple[Annotated[WebhookConfig, _after(_check_webhook)], ...] = ()
     #: Settings of the policy agents (engine.agents), [agents.*].
     agents: AgentsConfig = field(default_factory=AgentsConfig)
+    #: DKIM signing keys, [[dkim_sign]] (engine.agents.dkim); none = nothing is signed.
+    dkim_sign: Annotated[tuple[DkimSignConfig, ...], _after(_check_dkim_sign)] = ()
 
 
 #: Every table of the file and its dataclass ("" is the top level; "delivery.domains" the
@@ -1744,6 +1840,7 @@ TABLES: Final[Mapping[str, type]] = MappingProxyType({
     "agents.verify": VerifyAgentConfig, "agents.rspamd": RspamdAgentConfig,
     "agents.clamav": ClamavAgentConfig, "agents.custom": CustomAgentConfig,
     "agents.dnsbl.zones": DnsblZoneConfig,
+    "dkim_sign": DkimSignConfig,
 })  # fmt: skip
 
 
@@ -1862,7 +1959,8 @@ def _unknown_key(loc: _Loc) -> str:
     return f"unknown key '{dotted_key(loc)}'{hint}"
 
 
-_ARRAYS_OF_TABLES: Final = (("receive",), ("send",), ("local",), ("alert",), ("webhook",))
+_ARRAYS_OF_TABLES: Final = (("receive",), ("send",), ("local",), ("alert",), ("webhook",),
+                             ("dkim_sign",))
 _NOT_A_TABLE: Final = ("dataclass_type", "dataclass_exact_type", "dict_type", "model_type")
 
 
@@ -1882,7 +1980,7 @@ def _problems(error: ValidationError) -> list[tuple[_Loc, str]]:
         if kind == "unexpected_keyword_argument":
             unknown.append(((), _unknown_key(loc)))
         elif kind in ("missing", "missing_argument"):
-            what = "entry" if loc[0] == "webhook" else "connector"
+            what = "entry" if loc[0] in ("webhook", "dkim_sign") else "connector"
             found.append((loc, f"is required in a [[{loc[0]}]] {what}"))
         elif kind in ("list_type", "tuple_type") and loc in _ARRAYS_OF_TABLES:
             table = loc[0]

@@ -24,6 +24,9 @@ perl -MNet::SSLeay -e 1 >/dev/null 2>&1 || missing+=(libnet-ssleay-perl)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 # Postfix's SASL client needs the PLAIN/LOGIN plug-ins (only a Recommends of libsasl2-2).
 ls /usr/lib/*/sasl2/libplain.so* >/dev/null 2>&1 || missing+=(libsasl2-modules)
+# OpenDKIM's opendkim-testmsg verifies our DKIM signatures (tests/interop/test_opendkim.py,
+# in namespaces made by util-linux's unshare: engine/testing/opendkim.py).
+[ -x /usr/sbin/opendkim-testmsg ] || missing+=(opendkim-tools)
 # Exim, a second destination MTA: Debian's exim4 packages conflict with postfix (both provide
 # mail-transport-agent), so its binary is unpacked into .cache/exim (dpkg -x: no maintainer
 # scripts, nothing started) instead of installed; engine/testing/exim.py runs it from there.

@@ -162,3 +162,14 @@ class Agents:
     async def stop(self) -> None:
         for agent in self.all:
             await agent.stop()
+
+
+def _verify(ctx: AgentContext) -> Agent:
+    # Imported on first use: SPF, DKIM and DMARC (with the Public Suffix List) load only
+    # on servers that verify.
+    from engine.agents.verify import build_verify
+
+    return build_verify(ctx)
+
+
+BUILTIN["verify"] = _verify

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from engine import __version__, _speedups
-from engine.cli import config, queue, reload, track
+from engine.cli import config, dkim, queue, reload, track
 from engine.cli.common import add_key_flags, flags_from, load_from_args, spool_from
 from engine.server.auth import PASSWD_DESCRIPTION, add_passwd_arguments
 
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_parser(commands)
     config.add_parser(commands)
     reload.add_parser(commands)
+    dkim.add_parser(commands)
     man = commands.add_parser(
         "man", help="print a manual page (roff), or write them all",
         description="Print the manual page of ferry or of one of its commands, in roff "
@@ -167,6 +168,8 @@ def _dispatch(argv: list[str]) -> int:
         return 0
     if args.command == "track":
         return track.track_main(args)
+    if args.command == "dkim":
+        return dkim.dkim_main(args)
     parser.print_help()
     return 2
 

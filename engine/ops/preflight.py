@@ -2,7 +2,8 @@
 
 ``engine.config`` checks what a file says; this module checks what it names: that each
 certificate loads with its private key the way the receive connectors load them, that
-``delivery.ca_file`` holds certificates, that the spool (and the protocol log directory)
+``delivery.ca_file`` holds certificates, that each ``[[dkim_sign]]`` key loads as a DKIM
+signing key (engine.agents.dkim), that the spool (and the protocol log directory)
 is a directory this user can write or create.  :func:`file_problems` is what ``ferry
 serve`` runs before it opens the queue, so a swapped certificate and key stop the start
 with both file names instead of ``[SSL] PEM lib`` once the queue is open;
@@ -117,6 +118,10 @@ def file_problems(config: Config) -> list[str]:
         log_problem = _directory_problem(log_dir)
         if log_problem is not None:
             bad.append(f"log.protocol_log_dir: {log_problem}")
+    if config.dkim_sign:
+        from engine.agents.dkim import key_problems  # loads cryptography: only when needed
+
+        bad += key_problems(config)
     return bad
 
 

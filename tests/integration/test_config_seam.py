@@ -192,6 +192,12 @@ kind = "block"
 codes = ["127.0.0.2-127.0.0.11"]
 weight = 1
 reply = "blocked by {{zone}}"
+[agents.verify]
+timeout = 5
+fail = "open"
+authserv_id = "auth.seam.test"
+dmarc_policy = "quarantine"
+spf_fail = "reject"
 
 [[receive]]
 name = "tls"
@@ -199,6 +205,7 @@ listen = ["127.0.0.1:0"]
 tls = "starttls"
 cert_file = "{cert}"
 key_file = "{key}"
+verify = ["spf", "dkim", "dmarc"]
 
 [delivery]
 dns = "{dns[0]}:{dns[1]}"

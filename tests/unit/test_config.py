@@ -61,6 +61,9 @@ def certs(tmp_path: Path) -> tuple[Path, Path]:
     cert.write_text("cert")
     key.write_text("key")
     (tmp_path / "certs" / "ca.pem").write_text("ca")
+    # [[dkim_sign]] key files (loading checks that they exist; preflight loads them).
+    (tmp_path / "certs" / "dkim-rsa.pem").write_text("key")
+    (tmp_path / "certs" / "dkim-ed25519.pem").write_text("key")
     return cert, key
 
 

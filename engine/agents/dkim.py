@@ -1,0 +1,165 @@
+"""DKIM signing of outbound mail: the ``[[dkim_sign]]`` keys, which of them sign a message,
+and the agent that adds the DKIM-Signature fields at the sign stage.
+
+A message is signed when the client may relay (its mail is outbound) and the domain of
+the first mailbox of its From: field (RFC 5322 §3.6.2: the author, which DMARC aligns
+with) is an entry's ``domain``, or is below it and the entry says ``subdomains``.  The
+most specific matching domain wins; every entry of that domain signs, so an RSA and an
+Ed25519 key for one domain give two signatures (RFC 8463 §3 suggests signing with both
+while verifiers learn Ed25519).  The stage runs once, before the message is stored: a
+retry delivers the stored, signed bytes and never signs again.
+
+The keys are loaded and checked once, when the agent is built (and by ``ferry serve``'s
+preflight and ``ferry config check``, through :func:`key_problems`).  The signature
+itself is engine.message.dkim's; this module owns only the matching.  It must never sign
+mail of a client that may not relay (anyone could then have our domain's signature on
+their text), and never read a file after start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Sequence
+from email.utils import getaddresses
+from typing import ClassVar, Final, Protocol
+
+from engine.agents.api import (
+    ACCEPT,
+    Agent,
+    HeaderChange,
+    Message,
+    Session,
+    Transaction,
+    Verdict,
+)
+from engine.config import Config, ConfigError, DkimSignConfig
+from engine.message.dkim import (
+    DEFAULT_HEADERS,
+    DkimKeyError,
+    Signer,
+    SigningKey,
+    load_signing_key,
+)
+
+
+class AgentContext(Protocol):
+    """What :func:`build_signer` needs of engine.agents' AgentContext."""
+
+    @property
+    def config(self) -> Config: ...
+
+__all__ = ["DkimSigner", "build_signer", "from_domain", "key_problems", "signers_from"]
+
+#: A signing failure is a bug or a broken key: the client retries later rather than
+#: have unsigned mail refused by the large mailbox providers.
+FAIL_OPEN: Final = False
+TIMEOUT: Final = 10.0
+
+
+def from_domain(message: Message) -> str:
+    """The domain of the first mailbox of the From: field, lower-case ("" when none)."""
+    value = message.get("From")
+    if not value:
+        return ""
+    for _name, address in getaddresses([value]):
+        if "@" in address:
+            return address.rpartition("@")[2].strip().lower().rstrip(".")
+    return ""
+
+
+def _signer(entry: DkimSignConfig, key: SigningKey) -> Signer:
+    return Signer(entry.domain, entry.selector, key, headers=entry.headers or DEFAULT_HEADERS,
+                  oversign=entry.oversign)
+
+
+def _load(entries: Sequence[DkimSignConfig]) -> tuple[list[Signer], list[str]]:
+    """The signers of ``entries`` and the problems (one line each, dotted key first)."""
+    signers: list[Signer] = []
+    problems: list[str] = []
+    seen: dict[tuple[str, str], int] = {}
+    for i, entry in enumerate(entries):
+        try:
+            signer = _signer(entry, load_signing_key(entry.key_file))
+        except DkimKeyError as exc:
+            problems.append(f"dkim_sign[{i}].key_file: {exc}")
+            continue
+        # One key per algorithm and domain: rotating keys is a change of selector.
+        where = (entry.domain, signer.algorithm)
+        if where in seen:
+            problems.append(f"dkim_sign[{i}].key_file: a second {signer.algorithm} key for "
+                            f"{entry.domain} (dkim_sign[{seen[where]}] has one); sign with "
+                            "one key per algorithm, and rotate by changing the selector")
+        seen.setdefault(where, i)
+        signers.append(signer)
+    return signers, problems
+
+
+def key_problems(config: Config) -> list[str]:
+    """Why the [[dkim_sign]] keys cannot be used (engine.ops.preflight)."""
+    return _load(config.dkim_sign)[1]
+
+
+def signers_from(config: Config) -> list[Signer]:
+    """Every [[dkim_sign]] entry's signer; ConfigError naming each bad key."""
+    signers, problems = _load(config.dkim_sign)
+    if problems:
+        raise ConfigError(problems)
+    return signers
+
+
+class DkimSigner(Agent):
+    """Adds a DKIM-Signature field per matching key at the sign stage."""
+
+    name: ClassVar[str] = "dkim_sign"
+
+    def __init__(self, signers: Sequence[Signer], subdomains: Sequence[bool], *,
+                 timeout: float = TIMEOUT, fail_open: bool = FAIL_OPEN) -> None:
+        super().__init__(timeout=timeout, fail_open=fail_open)
+        self._exact: dict[str, list[Signer]] = {}
+        self._below: dict[str, list[Signer]] = {}
+        for signer, below in zip(signers, subdomains, strict=True):
+            self._exact.setdefault(signer.domain, []).append(signer)
+            if below:
+                self._below.setdefault(signer.domain, []).append(signer)
+
+    def signers_for(self, domain: str) -> list[Signer]:
+        """The signers of the most specific entry domain that covers ``domain``."""
+        if not domain:
+            return []
+        found = self._exact.get(domain)
+        if found:
+            return found
+        labels = domain.split(".")
+        for i in range(1, len(labels)):
+            found = self._below.get(".".join(labels[i:]))
+            if found:
+                return found
+        return []
+
+    def sign(self, session: Session, tx: Transaction, message: Message
+             ) -> Verdict | Awaitable[Verdict]:
+        if not session.may_relay:
+            return ACCEPT
+        signers = self.signers_for(from_domain(message))
+        if not signers:
+            return ACCEPT
+        if all(s.inline(message.size) for s in signers):
+            return _verdict([s.value(message.data) for s in signers])
+        return self._sign_in_thread(signers, message.data)
+
+    async def _sign_in_thread(self, signers: Sequence[Signer], data: bytes) -> Verdict:
+        loop = asyncio.get_running_loop()
+        values = await loop.run_in_executor(None, lambda: [s.value(data) for s in signers])
+        return _verdict(values)
+
+
+def _verdict(values: Sequence[str]) -> Verdict:
+    return Verdict(headers=tuple(HeaderChange("add", "DKIM-Signature", v) for v in values))
+
+
+def build_signer(ctx: AgentContext) -> DkimSigner | None:
+    """The signing agent of ``ctx.config``'s [[dkim_sign]] entries; None without any."""
+    config = ctx.config
+    if not config.dkim_sign:
+        return None
+    return DkimSigner(signers_from(config), [e.subdomains for e in config.dkim_sign])

@@ -1,0 +1,843 @@
+"""DKIM (RFC 6376): canonicalisation, signing and verification, with OpenSSL's signatures.
+
+Owns the DKIM algorithm: the tag lists of signatures and key records (§3.2, §3.6.1), header
+and body canonicalisation "simple" and "relaxed" (§3.4), which header fields a signature
+covers and over-signing (§5.4.2: ``h=`` names a field once more than the message has it,
+so nobody can add one without breaking the signature), the DKIM-Signature field that
+:class:`Signer` builds, and :func:`verify`, which checks every signature of a message
+against the key published at ``SELECTOR._domainkey.DOMAIN`` and says pass / fail / neutral
+/ temperror / permerror / policy per signature, as RFC 8601 §2.7.1 names them.
+
+Algorithms: rsa-sha256 and ed25519-sha256 (RFC 8463: PureEdDSA over the SHA-256 hash of
+the header data).  rsa-sha1 and RSA keys under 1024 bits are refused on verification, as
+RFC 8301 §3.1-§3.2 requires ("policy"); signing keys must be RSA of 2048 bits or more, or
+Ed25519.  The signature itself is computed by ``cryptography`` (OpenSSL): pure-Python RSA
+is far too slow for bulk mail.
+
+Bodies can be large (35 MiB by default): the body is hashed from a memoryview of the
+message, simple canonicalisation in one ``update`` of the untouched buffer, relaxed in
+64 KiB chunks through :class:`RelaxedBody`, a streaming canonicaliser whose output does
+not depend on how the body is cut (a Hypothesis test holds it to that).
+
+Where the CPU work runs (measured on this project's 2-core machine, benchmarks/README.md):
+an RSA-2048 signature costs about 0.25-1 ms, an Ed25519 one about 0.03 ms, relaxed body
+canonicalisation about 2-4 ms per MiB.  ``cryptography`` releases the GIL while OpenSSL
+signs: two threads signing give 1.5x (RSA) to 1.8x (Ed25519) the throughput of one on
+two cores.  So :meth:`Signer.sign_async` hands an RSA signature, or any message over
+:data:`INLINE_BYTES`, to the default executor (``loop.run_in_executor``), and signs small
+messages with Ed25519 on the loop (the hop to a thread would cost more than the
+signature); :func:`verify` checks on the loop when the bodies to hash are under
+:data:`INLINE_BYTES` (an RSA or Ed25519 verification is 0.02-0.06 ms) and in the executor
+otherwise.
+
+It must never open a socket or a file itself (the key record comes through the
+``engine.agents.dns.Lookup`` handed in; :func:`load_signing_key` reads the one file it is
+given), never log, and never decide policy beyond the RFCs (what a "fail" means for the
+mail is the DMARC / verify agent's business).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import re
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Literal, Protocol
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
+
+from engine.agents.api import Message, MethodResult
+from engine.agents.dns import DnsPermError, DnsTempError
+from engine.message.headers import scan_headers
+
+if TYPE_CHECKING:
+    from engine.agents.dns import Lookup
+
+__all__ = [
+    "DEFAULT_HEADERS",
+    "INLINE_BYTES",
+    "MIN_SIGNING_BITS",
+    "MIN_VERIFY_BITS",
+    "DkimError",
+    "DkimKeyError",
+    "DkimResult",
+    "RelaxedBody",
+    "Signer",
+    "SigningKey",
+    "SimpleBody",
+    "algorithm_of",
+    "body_hash",
+    "fold_txt",
+    "generate_key",
+    "key_record",
+    "load_signing_key",
+    "parse_tag_list",
+    "private_pem",
+    "relaxed_header",
+    "verify",
+]
+
+SigningKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+Canon = Literal["simple", "relaxed"]
+Result = Literal["pass", "fail", "neutral", "temperror", "permerror", "policy"]
+
+#: The fields signed by default: RFC 6376 §5.4.1's list, less the Resent-* trace fields a
+#: forwarder may add, plus RFC 8058's one-click unsubscribe pair (mailbox providers check
+#: that List-Unsubscribe-Post is signed).
+DEFAULT_HEADERS: Final = (
+    "From", "Reply-To", "Subject", "Date", "To", "Cc", "In-Reply-To", "References",
+    "Message-ID", "MIME-Version", "Content-Type", "Content-Transfer-Encoding",
+    "Content-ID", "Content-Description", "Sender", "List-Id", "List-Help",
+    "List-Unsubscribe", "List-Unsubscribe-Post", "List-Subscribe", "List-Post",
+    "List-Owner", "List-Archive", "Feedback-ID",
+)  # fmt: skip
+
+#: RFC 8301 §3.2: verifiers must not accept RSA keys under 1024 bits; signers must use
+#: at least 1024 and should use 2048 (§3.2 of the same) — this project requires 2048.
+MIN_VERIFY_BITS: Final = 1024
+MIN_SIGNING_BITS: Final = 2048
+
+#: Below this many body octets to hash, signing with Ed25519 and verifying stay on the
+#: event loop (about 0.1-0.2 ms of CPU, less than the hop to a thread); see the docstring.
+INLINE_BYTES: Final = 32 * 1024
+
+#: Relaxed bodies are canonicalised in chunks of this size (bounded temporary copies).
+CHUNK: Final = 64 * 1024
+
+#: A line of the DKIM-Signature field stays under 78 characters (RFC 5322 §2.1.1).
+LINE: Final = 76
+
+
+class DkimError(ValueError):
+    """A signature or key record that does not parse (a permanent error)."""
+
+
+class DkimKeyError(ValueError):
+    """A signing key that cannot be used; the message names the file and why."""
+
+
+# --- tag lists (§3.2) ----------------------------------------------------------------------
+
+_TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+# FWS inside values is allowed and is not part of the value's meaning for the base64 tags.
+_WSP = re.compile(r"[ \t\r\n]+")
+
+
+def parse_tag_list(text: str) -> dict[str, str]:
+    """The tags of a tag list, ``name=value; ...``, values with surrounding whitespace
+    removed (inner whitespace kept: each tag's reader decides).  DkimError for a tag
+    without "=", an invalid name or a tag given twice (§3.2: "MUST NOT" repeat)."""
+    tags: dict[str, str] = {}
+    parts = text.split(";")
+    if parts and not parts[-1].strip(" \t\r\n"):
+        parts.pop()  # a trailing ";" is allowed
+    for part in parts:
+        name, eq, value = part.partition("=")
+        name = name.strip(" \t\r\n")
+        if not eq:
+            raise DkimError(f"tag {name or part.strip()!r} has no '='")
+        if not _TAG_NAME.fullmatch(name):
+            raise DkimError(f"bad tag name {name!r}")
+        if name in tags:
+            raise DkimError(f"tag {name!r} appears twice")
+        tags[name] = value.strip(" \t\r\n")
+    return tags
+
+
+def _base64(value: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(_WSP.sub("", value), validate=True)
+    except (binascii.Error, ValueError):
+        raise DkimError(f"{what} is not base64") from None
+
+
+# --- canonicalisation (§3.4) ---------------------------------------------------------------
+
+def _squeeze(data: bytes) -> bytes:
+    """Every run of spaces and tabs made one space (§3.4.2, §3.4.4).  bytes.replace in a
+    loop rather than a regular expression: each pass halves the runs at memory speed,
+    where ``re.sub(rb"[ \\t]+")`` stops at every space (five to ten times slower on text)."""
+    if b"\t" in data:
+        data = data.replace(b"\t", b" ")
+    while b"  " in data:
+        data = data.replace(b"  ", b" ")
+    return data
+
+
+def relaxed_header(name: bytes, value: bytes) -> bytes:
+    """§3.4.2: the name lower-cased, the value unfolded, whitespace runs one space, none
+    around the value; ``name:value`` and CRLF."""
+    value = _squeeze(value.replace(b"\r\n", b"")).strip(b" \t")
+    return name.strip(b" \t").lower() + b":" + value + b"\r\n"
+
+
+class _Sink(Protocol):
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+
+class _Counter:
+    """Hashes at most ``limit`` octets (the l= tag) and counts what it was offered."""
+
+    __slots__ = ("hasher", "left", "offered")
+
+    def __init__(self, hasher: _Sink, limit: int | None) -> None:
+        self.hasher = hasher
+        self.left = limit
+        self.offered = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.offered += len(data)
+        if self.left is None:
+            self.hasher.update(data)
+        elif self.left > 0:
+            piece = data[: self.left]
+            self.left -= len(piece)
+            self.hasher.update(piece)
+
+
+def _trailing_crlfs(data: bytes) -> int:
+    """How many CRLF pairs end ``data``."""
+    stripped = data.rstrip(b"\r\n")
+    tail = len(data) - len(stripped)
+    if data[len(stripped):] == b"\r\n" * (tail // 2) and tail % 2 == 0:
+        return tail // 2
+    # A bare CR or LF among the trailing line ends (not in Ferry's canonical mail): count
+    # the pairs one by one from the end.
+    count, end = 0, len(data)
+    while end >= 2 and data[end - 2 : end] == b"\r\n":
+        count, end = count + 1, end - 2
+    return count
+
+
+class SimpleBody:
+    """§3.4.3 as a stream: the body as it is, less the empty lines at its end, ending with
+    one CRLF (a missing body is one CRLF).  Feed chunks cut anywhere, then ``finish()``."""
+
+    __slots__ = ("_cr", "_pending", "sink")
+
+    def __init__(self, sink: _Sink) -> None:
+        self.sink = sink
+        self._pending = 0  # CRLFs seen at the end and not yet passed on
+        self._cr = False  # the last chunk ended in a CR that may begin a CRLF
+
+    def feed(self, chunk: bytes | memoryview) -> None:
+        data = bytes(chunk)
+        if self._cr:
+            data = b"\r" + data
+        self._cr = data.endswith(b"\r")
+        if self._cr:
+            data = data[:-1]
+        if not data:
+            return
+        k = _trailing_crlfs(data)
+        if 2 * k == len(data):
+            self._pending += k
+            return
+        self.sink.update(b"\r\n" * self._pending + data[: len(data) - 2 * k])
+        self._pending = k
+
+    def finish(self) -> None:
+        if self._cr:
+            self.sink.update(b"\r\n" * self._pending + b"\r")
+        # Whatever was passed on ends in a line's content: one CRLF ends it, or is the
+        # whole canonical form of an empty body.
+        self.sink.update(b"\r\n")
+
+
+class RelaxedBody:
+    """§3.4.4 as a stream: whitespace at line ends removed, runs of whitespace one space,
+    empty lines at the end removed, a non-empty body ending in CRLF, an empty one empty.
+    Lines are canonicalised whole (a partial line waits for its end), except that a line
+    longer than a chunk is passed on up to its last non-whitespace octet."""
+
+    __slots__ = ("_content", "_pending", "_tail", "sink")
+
+    def __init__(self, sink: _Sink) -> None:
+        self.sink = sink
+        self._tail = b""  # the line being read
+        self._pending = 0  # CRLFs at the end of the canonical output, not passed on yet
+        self._content = False  # anything passed on yet
+
+    def _emit(self, canonical: bytes) -> None:
+        k = _trailing_crlfs(canonical)
+        if 2 * k == len(canonical):
+            self._pending += k
+            return
+        self.sink.update(b"\r\n" * self._pending + canonical[: len(canonical) - 2 * k])
+        self._pending = k
+        self._content = True
+
+    def feed(self, chunk: bytes | memoryview) -> None:
+        data = self._tail + chunk if self._tail else bytes(chunk)
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            if len(data) > CHUNK:
+                # A very long line: pass on its text up to the last octet that is not
+                # whitespace or CR, which no later octet can change.
+                last = len(data.rstrip(b" \t\r"))
+                if last:
+                    self._emit(_squeeze(data[:last]))
+                    data = data[last:]
+            self._tail = data
+            return
+        self._tail = data[cut:]
+        # Runs squeezed first, so whitespace at a line's end is one space at most.
+        self._emit(_squeeze(data[:cut]).replace(b" \r\n", b"\r\n"))
+
+    def finish(self) -> None:
+        if self._tail:
+            line = _squeeze(self._tail).rstrip(b" ")
+            self._tail = b""
+            if line:
+                self._emit(line)
+        if self._content:
+            self.sink.update(b"\r\n")
+
+
+def body_hash(body: bytes | memoryview, canon: Canon, limit: int | None = None
+              ) -> tuple[bytes, int]:
+    """(SHA-256 of the canonical body, or of its first ``limit`` octets; the canonical
+    body's length)."""
+    hasher = hashlib.sha256()
+    sink = _Counter(hasher, limit)
+    view = memoryview(body)
+    if canon == "simple":
+        # The buffer itself, in one update: only its trailing empty lines are examined.
+        end = len(view)
+        while end >= 2 and view[end - 2 : end].tobytes() == b"\r\n":
+            end -= 2
+        if end:
+            sink.update(view[:end])
+        sink.update(b"\r\n")
+    else:
+        stream = RelaxedBody(sink)
+        for start in range(0, len(view), CHUNK):
+            stream.feed(view[start : start + CHUNK])
+        stream.finish()
+    return hasher.digest(), sink.offered
+
+
+# --- header fields -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    name: bytes  # lower-cased
+    raw: bytes  # "Name: value" as in the message, folding kept, without the final CRLF
+    colon: int  # offset of the value (after the colon) in raw
+
+
+def _fields(data: bytes, header_end: int) -> list[_Field]:
+    scan = scan_headers(data, header_end)
+    return [_Field(data[ns:ne].lower(), data[ns:ve], vs - ns) for ns, ne, vs, ve in scan.fields]
+
+
+def _canon_field(field: _Field, canon: Canon) -> bytes:
+    if canon == "simple":
+        return field.raw + b"\r\n"
+    return relaxed_header(field.raw[: field.colon - 1], field.raw[field.colon :])
+
+
+def _select(fields: Sequence[_Field], names: Iterable[bytes]) -> list[_Field | None]:
+    """§5.4.2: for each name of h=, the last field of that name not yet used, from the
+    bottom up; None (the null string) once none is left."""
+    by_name: dict[bytes, list[_Field]] = {}
+    for f in fields:
+        by_name.setdefault(f.name, []).append(f)
+    chosen: list[_Field | None] = []
+    for name in names:
+        stack = by_name.get(name)
+        chosen.append(stack.pop() if stack else None)
+    return chosen
+
+
+def _header_data(selected: Iterable[_Field | None], canon: Canon) -> bytes:
+    return b"".join(_canon_field(f, canon) for f in selected if f is not None)
+
+
+# The b= tag's value in a signature field's value: removed before hashing (§3.7).
+_B_TAG = re.compile(rb"((?:^|;)[ \t\r\n]*b[ \t\r\n]*=)[^;]*", re.DOTALL)
+
+
+def _without_b(field: _Field) -> _Field:
+    value = _B_TAG.sub(lambda m: m.group(1), field.raw[field.colon :], count=1)
+    return _Field(field.name, field.raw[: field.colon] + value, field.colon)
+
+
+def _digest(header_data: bytes, signature_field: _Field, canon: Canon) -> bytes:
+    # The signature field last, canonicalised, without its final CRLF (§3.7).
+    own = _canon_field(signature_field, canon)[:-2]
+    return hashlib.sha256(header_data + own).digest()
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def algorithm_of(key: SigningKey) -> str:
+    return "ed25519-sha256" if isinstance(key, ed25519.Ed25519PrivateKey) else "rsa-sha256"
+
+
+def load_signing_key(path: Path) -> SigningKey:
+    """The private key in the PEM file ``path``; DkimKeyError (naming the file) when it
+    cannot be read, is encrypted, or is neither RSA of 2048+ bits nor Ed25519."""
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise DkimKeyError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if b"PRIVATE KEY-----" not in pem:
+        raise DkimKeyError(f"{path} holds no PEM private key")
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except TypeError:
+        raise DkimKeyError(f"{path} is encrypted with a passphrase; Ferry needs it "
+                           "unencrypted") from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise DkimKeyError(f"{path} does not load as a private key ({exc})") from None
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < MIN_SIGNING_BITS:
+            raise DkimKeyError(f"{path} is an RSA key of {key.key_size} bits; DKIM signing "
+                               f"needs {MIN_SIGNING_BITS} or more (RFC 8301 §3.2)")
+        return key
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key
+    raise DkimKeyError(f"{path} is a {type(key).__name__.removeprefix('_')} key; DKIM "
+                       "signs with RSA (2048+ bits) or Ed25519 (RFC 8463)")
+
+
+def generate_key(ed25519_key: bool = False, bits: int = MIN_SIGNING_BITS) -> SigningKey:
+    """A new signing key: Ed25519, or RSA of ``bits`` (at least 2048) with e = 65537."""
+    if ed25519_key:
+        return ed25519.Ed25519PrivateKey.generate()
+    if bits < MIN_SIGNING_BITS:
+        raise DkimKeyError(f"an RSA signing key needs {MIN_SIGNING_BITS} bits or more "
+                           f"(RFC 8301 §3.2), not {bits}")
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def private_pem(key: SigningKey) -> bytes:
+    """The key as unencrypted PKCS#8 PEM, the form :func:`load_signing_key` reads."""
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def key_record(key: SigningKey) -> str:
+    """The TXT record to publish at SELECTOR._domainkey.DOMAIN (§3.6.1, RFC 8463 §4.2)."""
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        raw = key.public_key().public_bytes(serialization.Encoding.Raw,
+                                            serialization.PublicFormat.Raw)
+        return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
+    der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+
+
+def fold_txt(value: str, size: int = 255) -> str:
+    """A TXT value as zone-file character-strings of at most ``size`` octets each
+    (RFC 1035 §3.3.14: one string holds 255), in parentheses when there are several."""
+    strings = [f'"{value[i : i + size]}"' for i in range(0, len(value), size)] or ['""']
+    if len(strings) == 1:
+        return strings[0]
+    return "( " + "\n\t".join(strings) + " )"
+
+
+def _sign_digest(key: SigningKey, digest: bytes) -> bytes:
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(digest)  # RFC 8463 §3: PureEdDSA over the SHA-256 hash
+    return key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+
+
+# --- signing -------------------------------------------------------------------------------
+
+
+def _fold(tokens: Sequence[str], b64: str) -> str:
+    """The field value: the tokens (each ending in its own ";" or ":") separated by one
+    space, lines under 78 characters, then b= with its base64 cut across lines (FWS inside
+    b= and around h='s colons is ignored by verifiers, §3.5)."""
+    lines: list[str] = []
+    line = "DKIM-Signature:"
+    for token in tokens:
+        if len(line) + 1 + len(token) > LINE:
+            lines.append(line)
+            line = ""
+        line += " " + token
+    if len(line) + 6 > LINE:
+        lines.append(line)
+        line = ""
+    line += " b="
+    rest = b64
+    while rest:
+        room = LINE - len(line)
+        if room < 8:
+            lines.append(line)
+            line, room = " ", LINE - 1
+        line, rest = line + rest[:room], rest[room:]
+    lines.append(line)
+    return "\r\n".join(lines)[len("DKIM-Signature:") :]
+
+
+def _h_tokens(names: Sequence[str]) -> list[str]:
+    """h= as tokens cut after colons, each short enough for a line."""
+    tokens: list[str] = []
+    current = "h="
+    for i, name in enumerate(names):
+        part = name + (":" if i < len(names) - 1 else ";")
+        if len(current) + len(part) > LINE - 2 and current != "h=":
+            tokens.append(current)
+            current = ""
+        current += part
+    tokens.append(current)
+    return tokens
+
+
+class Signer:
+    """Signs messages for ``domain`` with ``selector``'s ``private_key``.
+
+    ``headers``: the fields to sign (From is always signed, §5.4); each is listed in h= as
+    many times as the message has it, plus once more when over-signed.  ``oversign``:
+    True (the default) for every signed field, False for none, or a collection of names.
+    ``canon``: (header, body) canonicalisation.  ``lifetime``: seconds after which the
+    signature expires (x=, §3.5), None for none.  The signature never uses l= (§8.2: it
+    lets anyone append).
+    """
+
+    def __init__(
+        self,
+        domain: str,
+        selector: str,
+        private_key: SigningKey,
+        headers: Sequence[str] = DEFAULT_HEADERS,
+        oversign: bool | Collection[str] = True,
+        canon: tuple[Canon, Canon] = ("relaxed", "relaxed"),
+        *,
+        lifetime: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        for c in canon:
+            if c not in ("simple", "relaxed"):
+                raise ValueError(f"canonicalisation must be simple or relaxed, not {c!r}")
+        self.domain = domain.lower().rstrip(".")
+        self.selector = selector.lower()
+        self.key = private_key
+        self.algorithm = algorithm_of(private_key)
+        names = [h.lower() for h in headers]
+        if "from" not in names:
+            names.insert(0, "from")
+        self.headers: tuple[str, ...] = tuple(dict.fromkeys(names))
+        if oversign is True:
+            self.oversign = frozenset(self.headers)
+        elif oversign is False:
+            self.oversign = frozenset()
+        else:
+            self.oversign = frozenset(h.lower() for h in oversign)
+        self.canon = canon
+        self.lifetime = lifetime
+        self.clock = clock
+
+    def inline(self, size: int) -> bool:
+        """True when signing a message of ``size`` octets is cheap enough for the loop."""
+        return self.algorithm == "ed25519-sha256" and size < INLINE_BYTES
+
+    def _h(self, fields: Sequence[_Field]) -> list[str]:
+        counts: dict[bytes, int] = {}
+        for f in fields:
+            counts[f.name] = counts.get(f.name, 0) + 1
+        h: list[str] = []
+        for name in self.headers:
+            n = counts.get(name.encode(), 0) + (name in self.oversign)
+            h += [name] * n
+        return h
+
+    def value(self, message: bytes) -> str:
+        """The DKIM-Signature field's value for ``message`` (canonical CRLF bytes): what
+        follows "DKIM-Signature:", folded, starting with a space."""
+        view = Message(message)
+        fields = _fields(message, view.header_end)
+        if not any(f.name == b"from" for f in fields):
+            raise DkimError("the message has no From field (RFC 5322 §3.6: required)")
+        bh, _ = body_hash(view.body(), self.canon[1])
+        h = self._h(fields)
+        now = int(self.clock())
+        tokens = [
+            "v=1;", f"a={self.algorithm};", f"c={self.canon[0]}/{self.canon[1]};",
+            f"d={self.domain};", f"s={self.selector};", f"t={now};",
+        ]  # fmt: skip
+        if self.lifetime is not None:
+            tokens.append(f"x={now + max(1, int(self.lifetime))};")
+        tokens += [*_h_tokens(h), f"bh={base64.b64encode(bh).decode()};"]
+        unsigned = _fold(tokens, "")
+        own = _Field(b"dkim-signature", b"DKIM-Signature:" + unsigned.encode(), 15)
+        data = _header_data(_select(fields, (n.encode() for n in h)), self.canon[0])
+        signature = _sign_digest(self.key, _digest(data, own, self.canon[0]))
+        return _fold(tokens, base64.b64encode(signature).decode())
+
+    def sign(self, message: bytes) -> bytes:
+        """The whole field to prepend: ``DKIM-Signature: ...\\r\\n``."""
+        return b"DKIM-Signature:" + self.value(message).encode() + b"\r\n"
+
+    async def sign_async(self, message: bytes) -> str:
+        """:meth:`value`, in the default executor unless :meth:`inline` says otherwise."""
+        if self.inline(len(message)):
+            return self.value(message)
+        return await asyncio.get_running_loop().run_in_executor(None, self.value, message)
+
+
+# --- verification --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DkimResult:
+    """One signature's result (RFC 8601 §2.7.1) and the identifiers it names."""
+
+    result: Result
+    reason: str = ""
+    #: d=, s=, i= (as given, else "@" + d, §3.5), the first 8 characters of b= (RFC 6008).
+    domain: str = ""
+    selector: str = ""
+    identity: str = ""
+    b: str = ""
+    algorithm: str = ""
+    #: With l=: how much of the body the signature covers (unsigned text may follow).
+    note: str = ""
+
+    def method_result(self) -> MethodResult:
+        props = tuple((k, v) for k, v in (("header.d", self.domain), ("header.i", self.identity),
+                                          ("header.s", self.selector), ("header.b", self.b)) if v)
+        reason = self.reason or self.note
+        return MethodResult("dkim", self.result, reason, props)
+
+
+class _Problem(Exception):
+    def __init__(self, result: Result, reason: str) -> None:
+        super().__init__(reason)
+        self.result: Result = result
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class _Signature:
+    field: _Field
+    tags: dict[str, str]
+    algorithm: str
+    header_canon: Canon
+    body_canon: Canon
+    names: list[bytes]
+    limit: int | None
+    bh: bytes
+    b: bytes
+    key: rsa.RSAPublicKey | ed25519.Ed25519PublicKey | None = None
+
+
+def _number(tags: dict[str, str], name: str, digits: int = 12) -> int | None:
+    value = tags.get(name)
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()) or len(value) > digits:
+        raise _Problem("permerror", f"bad {name}= value")
+    return int(value)
+
+
+def _canons(value: str) -> tuple[Canon, Canon]:
+    header, _, body = value.lower().partition("/")
+    body = body or "simple"  # §3.5: "relaxed" alone is relaxed/simple
+    if header not in ("simple", "relaxed") or body not in ("simple", "relaxed"):
+        raise _Problem("permerror", f"unknown canonicalization {value!r}")
+    return header, body  # type: ignore[return-value]
+
+
+def _parse_signature(field: _Field, now: float) -> _Signature:
+    """§6.1.1: the signature's tags, checked; _Problem when it cannot be used."""
+    text = field.raw[field.colon :].decode("utf-8", "surrogateescape")
+    try:
+        tags = parse_tag_list(text)
+    except DkimError as exc:
+        raise _Problem("permerror", f"bad signature syntax: {exc}") from None
+    missing = [t for t in ("v", "a", "b", "bh", "d", "h", "s") if t not in tags]
+    if missing:
+        raise _Problem("permerror", f"signature missing required tag {missing[0]}=")
+    if tags["v"] != "1":
+        raise _Problem("permerror", f"unknown signature version v={tags['v']}")
+    algorithm = tags["a"].lower()
+    if algorithm == "rsa-sha1":
+        raise _Problem("policy", "rsa-sha1 is not accepted (RFC 8301 §3.1)")
+    if algorithm not in ("rsa-sha256", "ed25519-sha256"):
+        raise _Problem("neutral", f"unknown algorithm {tags['a']}")
+    header_canon, body_canon = _canons(tags.get("c", "simple/simple"))
+    domain = tags["d"].lower().rstrip(".")
+    names = [n.strip(" \t\r\n").lower().encode() for n in tags["h"].split(":")]
+    if b"from" not in names:
+        raise _Problem("permerror", "From is not signed (RFC 6376 §5.4)")
+    identity = tags.get("i")
+    if identity is not None:
+        i_domain = identity.rpartition("@")[2].lower().rstrip(".")
+        if i_domain != domain and not i_domain.endswith("." + domain):
+            raise _Problem("permerror", "i= is not in the d= domain")
+    if "q" in tags and "dns/txt" not in [q.strip().lower() for q in tags["q"].split(":")]:
+        raise _Problem("permerror", f"unknown query method q={tags['q']}")
+    limit = _number(tags, "l", 76)
+    signed_at = _number(tags, "t")
+    expires = _number(tags, "x")
+    if expires is not None:
+        if signed_at is not None and expires < signed_at:
+            raise _Problem("permerror", "x= is before t=")
+        if now > expires:
+            raise _Problem("policy", "signature expired")
+    try:
+        bh = _base64(tags["bh"], "bh=")
+        b = _base64(tags["b"], "b=")
+    except DkimError as exc:
+        raise _Problem("permerror", str(exc)) from None
+    return _Signature(field, tags, algorithm, header_canon, body_canon, names, limit, bh, b)
+
+
+async def _key(lookup: Lookup, sig: _Signature) -> rsa.RSAPublicKey | ed25519.Ed25519PublicKey:
+    """§6.1.2: the public key from SELECTOR._domainkey.DOMAIN; _Problem when none."""
+    name = f"{sig.tags['s'].strip().lower()}._domainkey.{sig.tags['d'].lower().rstrip('.')}"
+    try:
+        answer = await lookup.query(name, "TXT")
+    except DnsTempError as exc:
+        raise _Problem("temperror", f"key lookup failed: {exc}") from None
+    except DnsPermError:
+        raise _Problem("permerror", f"bad key name {name}") from None
+    if not answer.records:
+        raise _Problem("permerror", "no key")
+    try:
+        tags = parse_tag_list(answer.records[0])
+    except DkimError as exc:
+        raise _Problem("permerror", f"bad key record: {exc}") from None
+    if tags.get("v", "DKIM1") != "DKIM1":
+        raise _Problem("permerror", f"bad key record version v={tags['v']}")
+    if "p" not in tags:
+        raise _Problem("permerror", "key record has no p=")
+    if "h" in tags and "sha256" not in [h.strip().lower() for h in tags["h"].split(":")]:
+        raise _Problem("permerror", "key does not allow sha256 (h=)")
+    if "s" in tags and not {"*", "email"} & {s.strip().lower() for s in tags["s"].split(":")}:
+        raise _Problem("permerror", "key is not for email (s=)")
+    flags = {f.strip().lower() for f in tags.get("t", "").split(":")}
+    # §3.6.1 t=s: the i= domain must be d= itself, not a subdomain.
+    if ("s" in flags and "i" in sig.tags
+            and sig.tags["i"].rpartition("@")[2].lower().rstrip(".") != sig.tags["d"].lower()):
+        raise _Problem("permerror", "key forbids subdomains in i= (t=s)")
+    if not _WSP.sub("", tags["p"]):
+        raise _Problem("permerror", "key revoked")
+    kind = tags.get("k", "rsa").lower()
+    wanted = sig.algorithm.partition("-")[0]
+    if kind != wanted:
+        raise _Problem("permerror", f"key type k={kind} does not match a={sig.algorithm}")
+    try:
+        data = _base64(tags["p"], "key p=")
+    except DkimError as exc:
+        raise _Problem("permerror", str(exc)) from None
+    if kind == "ed25519":
+        try:
+            return ed25519.Ed25519PublicKey.from_public_bytes(data)
+        except ValueError:
+            raise _Problem("permerror", "bad Ed25519 key") from None
+    try:
+        # SubjectPublicKeyInfo as published in practice, or §3.6.1's RSAPublicKey.
+        key = serialization.load_der_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        raise _Problem("permerror", "bad RSA key") from None
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise _Problem("permerror", "key p= is not an RSA key")
+    if key.key_size < MIN_VERIFY_BITS:
+        raise _Problem("policy", f"key too short ({key.key_size} bits, RFC 8301 §3.2)")
+    return key
+
+
+def _check(sig: _Signature, fields: Sequence[_Field], body: memoryview,
+           bodies: dict[tuple[Canon, int | None], tuple[bytes, int]]) -> str:
+    """§6.1.3: body hash, then the signature; the l= note on success, _Problem else."""
+    key = (sig.body_canon, sig.limit)
+    if key not in bodies:
+        bodies[key] = body_hash(body, sig.body_canon, sig.limit)
+    digest, length = bodies[key]
+    if sig.limit is not None and sig.limit > length:
+        raise _Problem("permerror", f"l={sig.limit} is longer than the body ({length})")
+    if digest != sig.bh:
+        raise _Problem("fail", "bad body hash")
+    data = _header_data(_select(fields, sig.names), sig.header_canon)
+    signed = _digest(data, _without_b(sig.field), sig.header_canon)
+    try:
+        if isinstance(sig.key, ed25519.Ed25519PublicKey):
+            sig.key.verify(sig.b, signed)
+        elif isinstance(sig.key, rsa.RSAPublicKey):
+            sig.key.verify(sig.b, signed, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    except InvalidSignature:
+        raise _Problem("fail", "signature did not verify") from None
+    if sig.limit is not None and sig.limit < length:
+        return f"l= signs {sig.limit} of {length} body octets"
+    return ""
+
+
+def _result(field: _Field, result: Result, reason: str, note: str = "",
+            tags: dict[str, str] | None = None) -> DkimResult:
+    if tags is None:
+        try:
+            tags = parse_tag_list(field.raw[field.colon :].decode("utf-8", "surrogateescape"))
+        except DkimError:
+            tags = {}
+    domain = tags.get("d", "").lower().rstrip(".")
+    return DkimResult(
+        result, reason, domain=domain, selector=tags.get("s", "").lower(),
+        identity=tags.get("i", f"@{domain}" if domain else ""),
+        b=_WSP.sub("", tags.get("b", ""))[:8], algorithm=tags.get("a", "").lower(), note=note,
+    )  # fmt: skip
+
+
+def _check_all(sigs: Sequence[_Signature], fields: Sequence[_Field], body: memoryview
+               ) -> list[tuple[Result, str, str]]:
+    bodies: dict[tuple[Canon, int | None], tuple[bytes, int]] = {}
+    out: list[tuple[Result, str, str]] = []
+    for sig in sigs:
+        try:
+            out.append(("pass", "", _check(sig, fields, body, bodies)))
+        except _Problem as p:
+            out.append((p.result, p.reason, ""))
+    return out
+
+
+async def verify(message: Message, lookup: Lookup, *, max_signatures: int = 5,
+                 now: float | None = None) -> list[DkimResult]:
+    """One result per DKIM-Signature field of ``message``, top down, at most
+    ``max_signatures`` of them (§4.2 lets a verifier limit the work a message costs);
+    an empty list for an unsigned message.  Keys are looked up concurrently."""
+    when = time.time() if now is None else now
+    fields = _fields(message.data, message.header_end)
+    signatures = [f for f in fields if f.name == b"dkim-signature"][:max_signatures]
+    results: list[DkimResult | None] = [None] * len(signatures)
+    parsed: list[tuple[int, _Signature]] = []
+    for i, field in enumerate(signatures):
+        try:
+            parsed.append((i, _parse_signature(field, when)))
+        except _Problem as p:
+            results[i] = _result(field, p.result, p.reason)
+    keys = await asyncio.gather(*(_key(lookup, sig) for _, sig in parsed),
+                                return_exceptions=True)
+    ready: list[tuple[int, _Signature]] = []
+    for (i, sig), key in zip(parsed, keys, strict=True):
+        if isinstance(key, _Problem):
+            results[i] = _result(sig.field, key.result, key.reason, tags=sig.tags)
+        elif isinstance(key, BaseException):
+            raise key
+        else:
+            sig.key = key
+            ready.append((i, sig))
+    if ready:
+        body = message.body()
+        sigs = [sig for _, sig in ready]
+        canons = {sig.body_canon for sig in sigs}
+        if len(body) * len(canons) < INLINE_BYTES:
+            checked = _check_all(sigs, fields, body)
+        else:
+            checked = await asyncio.get_running_loop().run_in_executor(
+                None, _check_all, sigs, fields, body)
+        for (i, sig), (result, reason, note) in zip(ready, checked, strict=True):
+            results[i] = _result(sig.field, result, reason, note, tags=sig.tags)
+    return [r for r in results if r is not None]
