@@ -6,6 +6,7 @@ Session / Transaction / Message values, on uvloop as in the server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
@@ -281,20 +282,26 @@ def test_clamav_concurrent_scans_are_bounded(clamd: ClamdInstance) -> None:
         async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             nonlocal accepted
             accepted += 1
+            handlers.append(asyncio.current_task())  # type: ignore[arg-type]
             try:
                 await gate.wait()
                 up_r, up_w = await asyncio.open_unix_connection(str(clamd.socket_path))
-
-                async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-                    while chunk := await src.read(65536):
-                        dst.write(chunk)
-                        await dst.drain()
-
-                await asyncio.gather(pump(reader, up_w), pump(up_r, writer))
-                up_w.close()
+                try:
+                    await asyncio.gather(pump(reader, up_w), pump(up_r, writer))
+                finally:
+                    up_w.close()
+                    await up_w.wait_closed()
             finally:
                 writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
 
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while chunk := await src.read(65536):
+                dst.write(chunk)
+                await dst.drain()
+
+        handlers: list[asyncio.Task[None]] = []
         server = await asyncio.start_server(forward, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         agent = clamav_agent(f"127.0.0.1:{port}", max_concurrent=limit)
@@ -309,6 +316,7 @@ def test_clamav_concurrent_scans_are_bounded(clamd: ClamdInstance) -> None:
         gate.set()
         async with asyncio.timeout(30):
             verdicts = await asyncio.gather(*tasks)
+            await asyncio.gather(*handlers)
         server.close()
         await server.wait_closed()
         return list(verdicts)
