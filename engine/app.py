@@ -33,6 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine import __version__, _speedups
+from engine.agents import Agents
+from engine.agents.chain import Chain
+from engine.agents.dns import Lookup
 from engine.agents.relay import RelayPolicy
 from engine.client.api import DeliveryAgent
 from engine.client.maildir import MaildirAgent
@@ -111,6 +114,10 @@ class App:
         self.events = Events()
         #: held from start to the end of the process: one server per spool
         self.lock = SpoolLock(Path(config.spool))
+        #: The policy agents (engine.agents), built at start.
+        self.policy: Agents | None = None
+        #: The agents of injected mail (engine.http.inject): [http] agents and the signers.
+        self.http_chain: Chain | None = None
         #: The [[alert]] rules' evaluator (engine.ops.alerts); ``alerts.active()`` is the
         #: alerts firing now.  Made at start, once the queue is open.
         self.alerts: Alerts | None = None
@@ -243,13 +250,20 @@ class App:
                         subject=cfg.tracking.enabled and cfg.tracking.subject)
         self.authenticator = authenticator = Authenticator(cfg.users)
         accepted = accepted_domains(cfg)
+        # The policy agents: built before the first session, their pools opened here.
+        self.policy = agents = Agents(cfg, Lookup(cfg.delivery.dns))
+        relays = [RelayPolicy(accepted, rc.relay_networks, rc.relay_authenticated)
+                  for rc in cfg.receive]
+        chains = [agents.chain(rc, relay) for rc, relay in zip(cfg.receive, relays, strict=True)]
+        self.http_chain = agents.http_chain(cfg.http)
+        await agents.start()
         log_dir = cfg.log.protocol_log_dir or Path(cfg.spool) / "log"
         if any(rc.protocol_log for rc in cfg.receive):
             log_dir.mkdir(parents=True, exist_ok=True)
-        for rc, tls, socks in zip(cfg.receive, contexts, listeners, strict=True):
+        for rc, tls, socks, relay, chain in zip(cfg.receive, contexts, listeners, relays,
+                                                chains, strict=True):
             connector = Connector(
-                rc, hostname=cfg.hostname, store=store,
-                relay=RelayPolicy(accepted, rc.relay_networks, rc.relay_authenticated),
+                rc, hostname=cfg.hostname, store=store, relay=relay, chain=chain,
                 authenticator=authenticator, ingest=ingest,
                 protolog=ProtocolLog(log_dir if rc.protocol_log else None, rc.name),
                 auth_enabled=bool(cfg.users), pressure=pressure, tls=tls,
@@ -487,6 +501,8 @@ class App:
         if self.alerts is not None:
             await self.alerts.stop()
         await asyncio.gather(*(c.stop() for c in self.connectors))
+        if self.policy is not None:
+            await self.policy.stop()
         if self.scheduler is not None:
             await self.scheduler.stop()
         await asyncio.gather(*(agent.close() for agent in self.agents.values()))

@@ -1146,6 +1146,10 @@ class HttpConfig:
     #: (the rest add up as "(other)"), so a queue for 50,000 domains stays a small scrape;
     #: 0 = no per-destination series (and no walk of the queue's index).
     metrics_destinations: Annotated[int, _v(_int_or_off)] = 100
+    #: Policy agents for injected mail, at the end of data (engine.agents; like
+    #: [[receive]] agents, without relay control: the tokens decide who may relay).  The
+    #: DKIM signers sign injected mail whatever this lists.
+    agents: Annotated[tuple[str, ...], _v(_agent_list)] = ()
 
 
 def _check_http(h: HttpConfig) -> list[tuple[_Loc, str]]:
@@ -1424,11 +1428,6 @@ def _verify_methods(value: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_each(value, "methods", _choice(*VERIFY_METHODS))))
 
 
-def _fail_mode(value: object) -> bool:
-    """ "open" → True (accept when the agent fails), "closed" → False (4xx)."""
-    return _choice("open", "closed")(value) == "open"
-
-
 @dataclass(frozen=True)
 class _AgentTable:
     """The two keys of every [agents.*] table: the time budget of one call and what a
@@ -1440,7 +1439,7 @@ class _AgentTable:
     timeout: _Seconds = 10.0
     #: "open": a failed call accepts (mail flows while the agent is down); "closed": it
     #: answers 451 4.7.1 (mail waits at the client until the agent is back).
-    fail: Annotated[bool, _v(_fail_mode)] = True
+    fail: Annotated[Literal["open", "closed"], _v(_choice("open", "closed"))] = "open"
 
 
 @dataclass(frozen=True)
@@ -1512,7 +1511,7 @@ class ClamavAgentConfig(_AgentTable):
     """[agents.clamav]: anti-malware with clamd's INSTREAM."""
 
     #: A scanner that cannot scan must not let mail through unscanned: closed by default.
-    fail: Annotated[bool, _v(_fail_mode)] = False
+    fail: Annotated[Literal["open", "closed"], _v(_choice("open", "closed"))] = "closed"
     #: clamd's socket: "unix:/path" (its LocalSocket; Debian's is below) or "HOST:PORT"
     #: (its TCPSocket).
     address: Annotated[str, _v(_clamd_address)] = "unix:/run/clamav/clamd.ctl"
@@ -1528,7 +1527,6 @@ class ClamavAgentConfig(_AgentTable):
     max_concurrent: _PosInt = 10
     #: "NAME: clamav at <hostname>" on every clean message scanned; "" = none.
     scanned_header: Annotated[str, _v(_field_name_or_off)] = ""
-
 
 
 def _factory(value: object) -> str:
@@ -1584,15 +1582,20 @@ def _check_agent_names(config: Config) -> list[tuple[_Loc, str]]:
         elif not custom[name].factory:
             bad.append((("agents", "custom", name, "factory"), "is required"))
     known = (*BUILTIN_AGENTS, *custom)
-    for i, rc in enumerate(config.receive):
-        for j, name in enumerate(rc.agents):
+    lists: list[tuple[_Loc, tuple[str, ...]]] = [
+        (("receive", i, "agents"), rc.agents) for i, rc in enumerate(config.receive)]
+    lists.append((("http", "agents"), config.http.agents))
+    for where, names in lists:
+        for j, name in enumerate(names):
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1)
                 hint = f'; did you mean "{close[0]}"?' if close else ""
-                bad.append((("receive", i, "agents", j),
-                            f"{_show(name)} is neither a built-in agent "
-                            f"({', '.join(BUILTIN_AGENTS)}) nor an [agents.custom] "
-                            f"table{hint}"))
+                bad.append(((*where, j), f"{_show(name)} is neither a built-in agent "
+                                         f"({', '.join(BUILTIN_AGENTS)}) nor an "
+                                         f"[agents.custom] table{hint}"))
+    if "verify" in config.http.agents:
+        bad.append((("http", "agents"), '"verify" checks mail from other servers, not '
+                                        "injected mail"))
     return bad
 
 

@@ -1,4 +1,163 @@
-"""Policy agents: relay control, rate limits, DNSBL, SPF/DKIM/DMARC, signing.
+"""Policy agents: relay control, rate limits, DNS lists, SPF/DKIM/DMARC, scanners, DKIM
+signing — and the registry that builds them from the configuration.
 
-Called only through the hook API of the receive service; never do I/O on the event loop.
+:class:`Agents` is the server's set of agent instances: one per configured name (the
+"verify" agent one per distinct ``[[receive]] verify`` list), shared by every connector
+that lists it, so a rate limit counts a client across connectors.  :meth:`Agents.chain`
+gives a connector its :class:`~engine.agents.chain.Chain`: relay control first, then the
+agents of ``[[receive]] agents`` in the order given ("verify" first among them when the
+connector sets ``verify`` without listing it), then the signing agents, which act only at
+the sign stage.  Each agent's ``timeout`` and ``fail`` come from its ``[agents.NAME]``
+table and are set here, so no agent reads them itself.
+
+Agents are called only through the chain (the hook API, engine.agents.api); this package
+must never be imported by the protocol layer, and building an agent must not do I/O beyond
+reading its files (sockets and pools open in ``Agent.start``).
 """
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from engine.agents.api import Agent
+from engine.agents.chain import Chain, Figures
+from engine.agents.clamav import build_clamav
+from engine.agents.dns import Lookup
+from engine.agents.relay import RelayAgent, RelayPolicy
+from engine.agents.rspamd import build_rspamd
+
+if TYPE_CHECKING:
+    from engine.config import Config, HttpConfig, ReceiveConfig
+
+__all__ = ["BUILTIN", "SIGNERS", "AgentContext", "Agents"]
+
+
+@dataclass(frozen=True)
+class AgentContext:
+    """What a built-in agent's factory is given."""
+
+    config: Config
+    #: The DNS every agent shares ([delivery] dns, ``--dns``).
+    lookup: Lookup
+    #: The server's name (the default authserv-id, the Hostname rspamd is told).
+    hostname: str
+    #: The connector's ``verify`` methods (for the "verify" agent; () for the others).
+    verify: tuple[str, ...] = ()
+
+
+#: A built-in agent's factory; None when its configuration asks for nothing.
+Factory = Callable[[AgentContext], Agent | None]
+
+#: The built-in agents by the name [[receive]] agents lists them with
+#: (engine.config.BUILTIN_AGENTS names the same ones).
+BUILTIN: dict[str, Factory] = {}
+BUILTIN["rspamd"] = build_rspamd
+BUILTIN["clamav"] = build_clamav
+
+#: Agents every connector's chain ends with, built when configured (DKIM signing: they act
+#: at the sign stage only, on mail the client may relay).
+SIGNERS: list[Factory] = []
+
+
+def _load_factory(path: str) -> Callable[..., Agent]:
+    module, _, attr = path.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{path} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+class Agents:
+    """Every agent of one server, built from ``config``."""
+
+    def __init__(self, config: Config, lookup: Lookup | None = None) -> None:
+        self.config = config
+        self.lookup = lookup or Lookup(config.delivery.dns)
+        self._built: dict[tuple[str, tuple[str, ...]], Agent] = {}
+        self._signers: list[Agent] | None = None
+        #: What every chain's agents did (engine.ops.metrics).
+        self.figures = Figures()
+
+    @property
+    def all(self) -> list[Agent]:
+        return [*self._built.values(), *(self._signers or ())]
+
+    def _context(self, verify: tuple[str, ...] = ()) -> AgentContext:
+        return AgentContext(self.config, self.lookup, self.config.hostname, verify)
+
+    def get(self, name: str, verify: tuple[str, ...] = ()) -> Agent | None:
+        """The instance of agent ``name`` (built on first use)."""
+        key = (name, verify if name == "verify" else ())
+        agent = self._built.get(key)
+        if agent is None:
+            agent = self._build(name, key[1])
+            if agent is None:
+                return None
+            self._built[key] = agent
+        return agent
+
+    def _build(self, name: str, verify: tuple[str, ...]) -> Agent | None:
+        tables: Mapping[str, Any] = {
+            "ratelimit": self.config.agents.ratelimit, "dnsbl": self.config.agents.dnsbl,
+            "verify": self.config.agents.verify, "rspamd": self.config.agents.rspamd,
+            "clamav": self.config.agents.clamav}
+        custom = self.config.agents.custom.get(name)
+        if custom is not None:
+            factory = _load_factory(custom.factory)
+            agent = factory(**custom.options, timeout=custom.timeout,
+                            fail_open=custom.fail == "open")
+            if not isinstance(agent, Agent):
+                raise TypeError(f"agents.custom.{name}.factory ({custom.factory}) returned "
+                                f"{type(agent).__name__}, not an engine.agents.api.Agent")
+            return agent
+        build = BUILTIN.get(name)
+        if build is None:
+            raise ValueError(f"agent {name!r} is not available in this build")
+        built = build(self._context(verify))
+        if built is not None:
+            table = tables[name]
+            built.timeout = table.timeout
+            built.fail_open = table.fail == "open"
+        return built
+
+    def signers(self) -> list[Agent]:
+        if self._signers is None:
+            found = (factory(self._context()) for factory in SIGNERS)
+            self._signers = [agent for agent in found if agent is not None]
+        return self._signers
+
+    def chain(self, rc: ReceiveConfig, relay: RelayPolicy) -> Chain:
+        """The chain of connector ``rc``: relay control, its agents, the signers."""
+        names = list(rc.agents)
+        if rc.verify and "verify" not in names:
+            names.insert(0, "verify")
+        return self._chain([RelayAgent(relay)], names, rc.verify)
+
+    def http_chain(self, http: HttpConfig) -> Chain:
+        """The chain of injected mail ([http] agents, then the signers): no relay control
+        (the tokens decide who may relay, engine.http.inject)."""
+        return self._chain([], list(http.agents), ())
+
+    def _chain(self, first: list[Agent], names: list[str], verify: tuple[str, ...]) -> Chain:
+        agents = list(first)
+        for name in names:
+            if name == "verify" and not verify:
+                continue  # listed, but the connector checks nothing
+            agent = self.get(name, verify)
+            if agent is not None:
+                agents.append(agent)
+        agents.extend(self.signers())
+        return Chain(agents, self.figures)
+
+    async def start(self) -> None:
+        for agent in self.all:
+            await agent.start()
+
+    async def stop(self) -> None:
+        for agent in self.all:
+            await agent.stop()

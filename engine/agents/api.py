@@ -58,6 +58,7 @@ __all__ = [
     "STAGES",
     "Action",
     "Agent",
+    "Effects",
     "HeaderChange",
     "Message",
     "MethodResult",
@@ -223,8 +224,27 @@ class Session:
     door: str = "SMTP"
 
 
+@dataclass(slots=True, kw_only=True)
+class Effects:
+    """What verdicts before the end of data (connect, HELO, MAIL, RCPT) asked of the
+    message: header changes, a hold, a discard.  Kept by the session, not by agents."""
+
+    changes: list[HeaderChange] = field(default_factory=list)
+    held: str = ""
+    discarded: str = ""
+
+    def note(self, verdict: Verdict) -> None:
+        """Keep what an accepting verdict asks of the message."""
+        if verdict.headers:
+            self.changes.extend(verdict.headers)
+        if verdict.action is Action.HOLD and not self.held:
+            self.held = verdict.reason or "held"
+        elif verdict.action is Action.DISCARD and not self.discarded:
+            self.discarded = verdict.reason or "discarded"
+
+
 @dataclass(slots=True)
-class Transaction:
+class Transaction(Effects):
     """One mail transaction, from MAIL to the end of the message."""
 
     mail: Command

@@ -65,20 +65,22 @@ class ClamavAgent(Agent):
     name = "clamav"
 
     def __init__(self, config: ClamavAgentConfig, hostname: str) -> None:
-        super().__init__(timeout=config.timeout, fail_open=config.fail)
+        super().__init__(timeout=config.timeout, fail_open=config.fail == "open")
         self.config = config
         self.hostname = hostname
         self._unix_path = config.address[5:] if config.address.startswith("unix:") else ""
         self._hostport = None if self._unix_path else parse_hostport(config.address)
         self._slots = asyncio.Semaphore(config.max_concurrent)
+        self._action, self._on_oversize = config.action, config.on_oversize
+        self._scanned_header = config.scanned_header
 
     def data(self, session: Session, tx: Transaction,
              message: Message) -> Verdict | Awaitable[Verdict]:
         if message.size > self.config.max_size:
             log.warning("%s: not scanned by clamav: %d bytes, over max_size %d (%s)",
                         session.session_id, message.size, self.config.max_size,
-                        self.config.on_oversize)
-            if self.config.on_oversize == "tempfail":
+                        self._on_oversize)
+            if self._on_oversize == "tempfail":
                 return tempfail("Message too large to scan for viruses", 451, "4.7.1")
             return ACCEPT
         return self._scan(session, message)
@@ -136,13 +138,13 @@ class ClamavAgent(Agent):
     def verdict(self, answer: str) -> Verdict:
         """The verdict for clamd's answer (one line, without its NUL)."""
         if answer == _PREFIX + "OK":
-            if self.config.scanned_header:
-                return add_header(self.config.scanned_header, f"clamav at {self.hostname}")
+            if self._scanned_header:
+                return add_header(self._scanned_header, f"clamav at {self.hostname}")
             return ACCEPT
         if answer.startswith(_PREFIX) and answer.endswith(_FOUND):
             # Virus names are ASCII words with dots; anything else is not repeated.
             virus = printable(answer[len(_PREFIX):-len(_FOUND)].strip(), 100) or "unknown"
-            if self.config.action == "hold":
+            if self._action == "hold":
                 return hold(f"clamav: virus found: {virus}")
             return reject(f"Message rejected: virus found: {virus}", 554, "5.7.1",
                           reason=f"clamav: virus found: {virus}")

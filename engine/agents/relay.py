@@ -8,7 +8,9 @@ paths, quoted local parts holding "@", address-literal domains) are refused, bec
 downstream system that honours them would turn this server into an open relay.
 <Postmaster> is always accepted (RFC 5321 §4.5.1).
 
-It decides from what the caller hands it and must never do I/O (no DNS, no files, no
+:class:`RelayAgent` puts these rules on the hook API (engine.agents.api) as the first agent
+of every receive connector's chain.  It decides from what the caller hands it and must
+never do I/O (no DNS, no files, no
 logging), never parse SMTP (the caller passes the recipient's local part as written and its
 domain, as engine.protocol.command parsed them) and never hold per-session state.
 """
@@ -17,9 +19,14 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-__all__ = ["S554_RELAY_DENIED", "RelayPolicy"]
+from engine.agents.api import ACCEPT, Action, Agent, Session, Transaction, Verdict
+
+if TYPE_CHECKING:
+    from engine.protocol.command import Command
+
+__all__ = ["S554_RELAY_DENIED", "RelayAgent", "RelayPolicy"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -171,3 +178,24 @@ class RelayPolicy:
         if not self.is_accepted_domain(domain):
             return S554_RELAY_DENIED
         return None
+
+
+class RelayAgent(Agent):
+    """Relay control on the hook API: the first agent of every chain, at RCPT.
+
+    ``policy`` is swapped by a reload (engine.ops.reload); a session asks the policy of now
+    at its next RCPT."""
+
+    name = "relay"
+
+    def __init__(self, policy: RelayPolicy) -> None:
+        super().__init__(timeout=1.0, fail_open=False)
+        self.policy = policy
+
+    def rcpt(self, session: Session, tx: Transaction, rcpt: Command) -> Verdict:
+        refusal = self.policy.check_rcpt(rcpt.local, rcpt.domain, session.client_ip,
+                                         bool(session.auth_user))
+        return ACCEPT if refusal is None else _RELAY_DENIED
+
+
+_RELAY_DENIED: Final = Verdict(Action.REJECT, S554_RELAY_DENIED, reason="relay access denied")

@@ -83,10 +83,16 @@ class RspamdAgent(Agent):
     name = "rspamd"
 
     def __init__(self, config: RspamdAgentConfig, hostname: str) -> None:
-        super().__init__(timeout=config.timeout, fail_open=config.fail)
+        super().__init__(timeout=config.timeout, fail_open=config.fail == "open")
         self.config = config
         self.hostname = hostname
         self.url = config.url.rstrip("/") + "/checkv2"
+        # The operator's mapping of the three actions that refuse (the others have none).
+        self._mapping: dict[str, str] = {"reject": config.reject_action,
+                                         "soft reject": config.soft_reject_action,
+                                         "greylist": config.greylist_action}
+        self._header, self._spam_header = config.header, config.spam_header
+        self._password = config.password
         self._http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -128,8 +134,8 @@ class RspamdAgent(Agent):
                 headers["TLS-Version"] = _value(tls["version"])
             if tls.get("cipher"):
                 headers["TLS-Cipher"] = _value(tls["cipher"])
-        if self.config.password:
-            headers["Password"] = self.config.password
+        if self._password:
+            headers["Password"] = self._password
         return headers
 
     async def _check(self, session: Session, tx: Transaction, message: Message) -> Verdict:
@@ -164,10 +170,7 @@ class RspamdAgent(Agent):
         text = printable(smtp_message, 200) if isinstance(smtp_message, str) else ""
         reason = f"rspamd: {action} (score {score:.2f} / {required:.2f})"
 
-        # The operator's mapping of the three actions that refuse; None for the others.
-        mapping = {"reject": self.config.reject_action,
-                   "soft reject": self.config.soft_reject_action,
-                   "greylist": self.config.greylist_action}.get(action)
+        mapping = self._mapping.get(action)
         if mapping == "reject":
             return reject(text or "Spam message rejected", 550, "5.7.1", reason=reason)
         if mapping == "tempfail":
@@ -189,12 +192,12 @@ class RspamdAgent(Agent):
     def _header_changes(self, result: Mapping[str, Any], spam: bool, score: float,
                         required: float) -> list[HeaderChange]:
         changes: list[HeaderChange] = []
-        if self.config.header:
-            changes.append(HeaderChange("replace", self.config.header,
+        if self._header:
+            changes.append(HeaderChange("replace", self._header,
                                         result_field(result, spam, score, required)))
-        if self.config.spam_header:
-            changes.append(HeaderChange("replace", self.config.spam_header, "Yes") if spam
-                           else HeaderChange("remove", self.config.spam_header))
+        if self._spam_header:
+            changes.append(HeaderChange("replace", self._spam_header, "Yes") if spam
+                           else HeaderChange("remove", self._spam_header))
         return changes
 
 

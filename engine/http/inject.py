@@ -36,6 +36,9 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from aiohttp import web
 
+from engine.agents.api import Action, Effects, Stage, Transaction
+from engine.agents.api import Session as AgentSession
+from engine.agents.chain import Chain
 from engine.agents.relay import RelayPolicy
 from engine.config import HttpConfig, ReceiveConfig
 from engine.http.api import (
@@ -57,6 +60,7 @@ from engine.message.compose import (
     canonical,
     complete,
 )
+from engine.ops import maillog
 from engine.protocol.command import Command, parse_command
 from engine.protocol.errors import CommandError
 from engine.queue.api import BackPressure, Idempotency, NewMessage, QueueClosed, QueueStore
@@ -311,11 +315,17 @@ class _Built:
     size: int
 
 
+#: The policy agents' end of data for one injected message (:func:`_screener`): the
+#: arrival to store (its body changed, maybe held), or None when an agent discarded it.
+Screen = Callable[[Arrival], "Arrival | None"]
+
+
 def _build(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
-           doc_from: str, hand: Callable[[list[Prepared]], None] | None = None) -> _Built:
-    """Every message of the plan, through ingest.prepare (may run in a thread: it touches
-    nothing but its arguments); ``hand`` gets them :data:`CHUNK` at a time as they are
-    built."""
+           doc_from: str, hand: Callable[[list[Prepared]], None] | None = None,
+           screen: Screen | None = None) -> _Built:
+    """Every message of the plan, through the agents (``screen``) and ingest.prepare (may
+    run in a thread: it touches nothing but its arguments, and ``screen`` runs the agents
+    on the loop); ``hand`` gets them :data:`CHUNK` at a time as they are built."""
     prepared: list[Prepared] = []
     total = handed = 0
     for rcpts, values in plan.groups:
@@ -335,9 +345,14 @@ def _build(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
         if eight_bit and not utf8:
             end = data.find(b"\r\n\r\n")
             utf8 = not data[:end].isascii()
-        result = ingest.prepare(arrival._replace(
+        one: Arrival | None = arrival._replace(
             mail=_sender(doc_from, utf8, eight_bit),
-            recipients=tuple(r.cmd for r in rcpts), body=data))
+            recipients=tuple(r.cmd for r in rcpts), body=data)
+        if screen is not None:
+            one = screen(one)  # type: ignore[arg-type]
+            if one is None:
+                continue
+        result = ingest.prepare(one)  # type: ignore[arg-type]
         if not isinstance(result, Prepared):
             raise _invalid(plan.where, f"{result[2]} ({result[0]} {result[1]})")
         prepared.append(result)
@@ -349,8 +364,39 @@ def _build(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
     return _Built(prepared, total)
 
 
+def _screener(chain: Chain, view: AgentSession) -> Screen:
+    """The end of data of the policy agents (engine.agents.chain.Chain.screen) for the
+    messages of one request, called from the thread that builds them: the agents run on
+    the loop, as for SMTP; a refusal becomes the request's problem document."""
+    loop = asyncio.get_running_loop()
+
+    def screen(arrival: Arrival) -> Arrival | None:
+        tx = Transaction(arrival.mail, arrival.recipients)
+        screened = asyncio.run_coroutine_threadsafe(
+            chain.screen(view, tx, arrival.body), loop).result()
+        refused = screened.refused
+        if refused is not None:
+            code, enhanced, text = refused.reply or (451 if refused.action is Action.TEMPFAIL
+                                                     else 550, "", refused.reason)
+            extra = {"reply": f"{code} {enhanced} {text}".replace("  ", " "),
+                     "by": refused.reason}
+            if code < 500:
+                raise Problem(503, "Service unavailable", text, extra=extra,
+                              headers={"Retry-After": RETRY_BEHIND})
+            raise Problem(422, "Rejected by policy", text, extra=extra)
+        if screened.discarded:
+            maillog.discarded(screened.discarded, client=arrival.client_address,
+                              sender=arrival.mail.mailbox,
+                              recipients=[r.mailbox for r in arrival.recipients],
+                              connector=view.connector)
+            return None
+        return arrival._replace(body=screened.data, held=screened.held)
+
+    return screen
+
+
 async def _pipelined(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
-                     sender: str, store: QueueStore) -> list[Prepared]:
+                     sender: str, store: QueueStore, screen: Screen | None) -> list[Prepared]:
     """Build a large request in a thread and store it in parts as they are built: the
     writer commits one part while the next is built (two CPUs at work).  Only for a
     ``checked`` plan without an Idempotency-Key: nothing can be refused after the first
@@ -368,7 +414,8 @@ async def _pipelined(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpCo
         writes.append(asyncio.run_coroutine_threadsafe(store_part(chunk), loop))
 
     try:
-        await loop.run_in_executor(None, _build, plan, ingest, arrival, http, sender, hand)
+        await loop.run_in_executor(None, _build, plan, ingest, arrival, http, sender, hand,
+                                   screen)
     finally:
         # Every part handed over is waited for, whatever happened after it.
         results = await asyncio.gather(*map(asyncio.wrap_future, writes),
@@ -459,17 +506,28 @@ async def post_messages(request: web.Request) -> web.Response:
         auth_user=who.name if "Authorization" in request.headers else "",
         mail=rcpts[0].cmd, recipients=(), body=b"",
         protocol="HTTPS" if tls_info else "HTTP")
-    if len(plan.groups) >= THREAD_AT and plan.checked and not key:
-        queued = await _pipelined(plan, ingest, arrival, http, sender, store)
+    chain = app.http_chain
+    screen: Screen | None = None
+    if chain is not None:
+        view = AgentSession(f"http-{id(request):x}", http.connector, ipaddress.ip_address(remote),
+                            esmtp=True, tls=bool(tls_info), tls_info=tls_info,
+                            auth_user=who.name, may_relay=who.trusted, door="HTTP")
+        if chain.screens(view, Effects()):
+            screen = _screener(chain, view)
+    if (len(plan.groups) >= THREAD_AT and plan.checked and not key
+            and (chain is None or not chain.wants(Stage.DATA))):
+        queued = await _pipelined(plan, ingest, arrival, http, sender, store, screen)
         ids = [p.envelope.queue_id.hex().upper() for p in queued]
-        return json_response({"id": ids[0], "ids": ids, "recipients": len(rcpts)})
-    if len(plan.groups) >= THREAD_AT:
+        return json_response({"id": ids[0] if ids else None, "ids": ids,
+                              "recipients": len(rcpts)})
+    if len(plan.groups) >= THREAD_AT or screen is not None:
+        # A thread: the agents' end of data waits for the loop, which must stay free.
         built = await asyncio.get_running_loop().run_in_executor(
-            None, _build, plan, ingest, arrival, http, sender)
+            None, _build, plan, ingest, arrival, http, sender, None, screen)
     else:
         built = _build(plan, ingest, arrival, http, sender)
     ids = [p.envelope.queue_id.hex().upper() for p in built.prepared]
-    answer = {"id": ids[0], "ids": ids, "recipients": len(rcpts)}
+    answer = {"id": ids[0] if ids else None, "ids": ids, "recipients": len(rcpts)}
     idempotency = None
     if key:
         idempotency = Idempotency(

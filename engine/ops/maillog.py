@@ -217,7 +217,7 @@ def _answer(reply: Reply) -> str:
 
 
 def refused(command: str, reply: Reply, *, client: str, helo: str, sender: str,
-            recipient: str = "", connector: str = "") -> None:
+            recipient: str = "", connector: str = "", by: str = "") -> None:
     """One INFO line for a MAIL or RCPT refused with ``reply`` (Postfix's ``NOQUEUE:
     reject:``): who, what they asked for, and the answer they got."""
     if not log.isEnabledFor(logging.INFO):
@@ -228,9 +228,26 @@ def refused(command: str, reply: Reply, *, client: str, helo: str, sender: str,
     if recipient:
         text += f" to=<{clean(recipient)}>"
     text += f" helo=<{clean(helo)}> connector={clean(connector)}"
+    fields = {"event": "REJECT", "command": command, "client": client, "helo": helo,
+              "sender": sender, "recipient": recipient, "reply": answer,
+              "connector": connector}
+    if by:
+        # The policy agent that refused, and why (engine.agents.chain).
+        text += f" by=<{clean(by)}>"
+        fields["by"] = by
+    log.info("%s", text, extra={"fields": fields})
+
+
+def discarded(reason: str, *, client: str, sender: str, recipients: list[str],
+              connector: str = "") -> None:
+    """One INFO line for a message a policy agent discarded (answered 250, never stored:
+    this line is all that is left of it)."""
+    text = (f"NOQUEUE: discard: from [{clean(client)}]: from=<{clean(sender)}> "
+            f"to=<{clean(','.join(recipients))}> connector={clean(connector)} "
+            f"by=<{clean(reason)}>")
     log.info("%s", text, extra={"fields": {
-        "event": "REJECT", "command": command, "client": client, "helo": helo,
-        "sender": sender, "recipient": recipient, "reply": answer, "connector": connector}})
+        "event": "DISCARD", "client": client, "sender": sender, "recipients": recipients,
+        "connector": connector, "by": reason}})
 
 
 def auth_failed(mechanism: str, user: str, reply: Reply, *, client: str, helo: str,

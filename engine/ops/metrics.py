@@ -141,6 +141,7 @@ class FerryCollector(Collector):
         yield from self.scheduler()
         yield from self.dns()
         yield from self.alerts()
+        yield from self.agents()
         yield from self.webhook_backlog(self.app.webhooks.backlog()
                                         if self.app.webhooks is not None else None)
         yield GaugeMetricFamily("ferry_metrics_render_seconds", "How long the previous "
@@ -319,6 +320,26 @@ class FerryCollector(Collector):
             yield _histogram("ferry_dns_query_seconds", "DNS queries sent by the MX "
                              "resolver (cache misses), with their retries",
                              resolver.query_seconds)
+
+    def agents(self) -> Iterator[Metric]:
+        """What the policy agents did (engine.agents.chain.Figures)."""
+        policy = self.app.policy
+        if policy is None:
+            return
+        figures = policy.figures
+        verdicts = CounterMetricFamily(
+            "ferry_agent_verdicts", "Verdicts of the policy agents other than a plain "
+            "accept, per agent, stage and action (reject, tempfail, discard, hold, header)",
+            labels=["agent", "stage", "action"])
+        for (agent, stage, action), n in sorted(list(figures.verdicts.items())):
+            verdicts.add_metric([agent, stage, action], n)
+        failures = CounterMetricFamily(
+            "ferry_agent_failures", "Calls of a policy agent that raised or ran out of time "
+            "(answered by its fail setting)", labels=["agent"])
+        for agent, n in sorted(list(figures.failures.items())):
+            failures.add_metric([agent], n)
+        yield verdicts
+        yield failures
 
     def alerts(self) -> Iterator[Metric]:
         """``ferry_alert_firing``: the ``[[alert]]`` rules firing now (engine.ops.alerts),

@@ -64,6 +64,9 @@ RESTART: Final[Mapping[str, str]] = {
     "http.key_file": "the HTTP listener's TLS is set up at start",
     "http.max_body_size": "the HTTP application is built at start",
     "http.idle_timeout": "the HTTP application is built at start",
+    "agents": "the policy agents are built at start (their connections and counters)",
+    "receive[*].agents": "a receive connector's chain of policy agents is built at start",
+    "receive[*].verify": "a receive connector's chain of policy agents is built at start",
 }
 
 

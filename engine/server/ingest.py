@@ -28,7 +28,7 @@ from engine.ops.events import Events, Kind, bare_message_id
 from engine.ops.maillog import clean
 from engine.protocol.command import Command
 from engine.queue.api import BackPressure, QueueStore
-from engine.queue.records import Envelope, Recipient, id_text, new_id
+from engine.queue.records import Envelope, RcptState, Recipient, id_text, new_id
 
 if TYPE_CHECKING:
     from engine.config import ReceiveConfig
@@ -67,6 +67,9 @@ class Arrival(NamedTuple):
     #: The Received field's WITH keyword; "" = from ``esmtp``, ``tls`` and AUTH
     #: (:func:`with_protocol`).  The injection API says "HTTP" or "HTTPS".
     protocol: str = ""
+    #: A policy agent's hold (quarantine): "agent: reason"; the message is stored with
+    #: every recipient HELD (engine.agents.api.Action.HOLD).  "" = not held.
+    held: str = ""
 
 
 class Prepared(NamedTuple):
@@ -192,6 +195,11 @@ class Ingest:
             expires=now + self.lifetime if self.lifetime else 0.0,
             queue_id=qid,
         )
+        if arrival.held:
+            # Parked from the start: never tried, never expired until released.
+            for r in envelope.recipients:
+                r.state = RcptState.HELD
+            envelope.parked_since = now
         return Prepared(arrival, envelope, field + body, scan.subject)
 
     async def accept(self, arrival: Arrival) -> Reply:
@@ -219,6 +227,11 @@ class Ingest:
         if self.events.on:
             for prepared in messages:
                 self._received(prepared.arrival, prepared.envelope, prepared.subject)
+                if prepared.arrival.held:
+                    agent, _, why = prepared.arrival.held.partition(": ")
+                    self.events.emit(Kind.HOLD, prepared.envelope.queue_id,
+                                     bare_message_id(prepared.envelope.message_id),
+                                     by=f"agent {agent}", reason=why or agent)
 
     def _received(self, arrival: Arrival, envelope: Envelope,
                   subject: tuple[int, int] | None) -> None:

@@ -19,7 +19,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from engine.agents.relay import RelayPolicy
+from engine.agents.chain import Chain
+from engine.agents.relay import RelayAgent, RelayPolicy
 from engine.ops.pressure import PressureLog
 from engine.ops.protolog import ProtocolLog
 from engine.protocol.server import ServerSettings
@@ -150,8 +151,12 @@ class Connector:
         auth_enabled: bool,
         tls: ssl.SSLContext | None,
         pressure: PressureLog | None = None,
+        chain: Chain | None = None,
     ) -> None:
         self.config = config
+        #: The policy agents of this connector (engine.agents.chain), relay control first;
+        #: relay control alone when none is configured.
+        self.chain = chain if chain is not None else Chain([RelayAgent(relay)])
         #: told of each command refused for back pressure (the operator's WARNINGs)
         self.pressure = pressure
         self.name = config.name
@@ -199,6 +204,9 @@ class Connector:
         implicit = self.config.tls == "implicit"
         self.config = config
         self.relay = relay
+        for agent in self.chain.agents:
+            if isinstance(agent, RelayAgent):
+                agent.policy = relay
         self.authenticator = authenticator
         if implicit and tls is not None and self.tls_context is not None:
             # The listening sockets hold this context and make each new connection's TLS

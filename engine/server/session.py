@@ -16,13 +16,16 @@ writer thread) and never parse SMTP itself.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import itertools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
+from engine.agents.api import ACCEPT, Action, Effects, Stage, Transaction, Verdict
+from engine.agents.api import Session as AgentSession
 from engine.ops import maillog
 from engine.protocol import server as sm
 from engine.protocol.events import NEED_DATA
@@ -57,6 +60,10 @@ S252_VRFY = (252, "2.5.2", "Cannot VRFY user, but will accept message and attemp
 S354_DATA = (354, "", "End data with <CR><LF>.<CR><LF>")
 S220_TLS = (220, "2.0.0", "Ready to start TLS")
 S454_TLS = (454, "4.7.0", "TLS not available due to temporary reason")
+S250_DISCARDED = (250, "2.0.0", "Ok: discarded")
+#: A refusing verdict without a reply of its own (engine.agents.api.Verdict.reply).
+S550_POLICY = (550, "5.7.1", "Rejected by policy")
+S451_POLICY = (451, "4.7.1", "Temporarily rejected by policy, try again later")
 
 _session_ids = itertools.count(1)
 
@@ -90,6 +97,13 @@ class SmtpSession(asyncio.Protocol):
         self._paused_by_writer = False
         self._closing = False
         self.tls_info = ""
+        #: What the policy agents see of this connection (engine.agents.api.Session):
+        #: made anew when it changes (HELO, STARTTLS, AUTH).
+        self.view: AgentSession | None = None
+        #: The transaction from MAIL to the end of its message.
+        self.tx: Transaction | None = None
+        #: What connect- and HELO-stage verdicts asked of every message of the session.
+        self._sticky = Effects()
 
     # --- asyncio callbacks -----------------------------------------------------------
 
@@ -110,6 +124,47 @@ class SmtpSession(asyncio.Protocol):
             self._write_reply(refusal)
             self._close()
             return
+        ip = self.client_ip
+        self.view = AgentSession(
+            self.session_id, self.connector.name, ip, tls=self.conn.tls,
+            tls_info=self.tls_info, may_relay=self.connector.relay.may_relay(ip, False))
+        chain = self.connector.chain
+        if chain.wants(Stage.CONNECT):
+            verdict = chain.run(Stage.CONNECT, self.view)
+            if isinstance(verdict, Verdict):
+                self._connect_verdict(verdict)
+            else:
+                transport.pause_reading()
+                self._busy = self.loop.create_task(self._connect_later(verdict))
+            return
+        self._start()
+
+    async def _connect_later(self, pending: Awaitable[Verdict]) -> None:
+        verdict = await pending
+        self._busy = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.resume_reading()
+        self._connect_verdict(verdict)
+
+    def _connect_verdict(self, verdict: Verdict) -> None:
+        """Greet, or refuse the connection in place of the greeting: 554 for a refusal
+        (RFC 5321 §3.1), 421 for a temporary one (§3.8)."""
+        action = verdict.action
+        if action is Action.REJECT or action is Action.TEMPFAIL:
+            code, enhanced, text = _refusal(verdict)
+            reply = (554 if code >= 500 else 421, enhanced, text)
+            if self.log is not None:
+                self.log.event(f"connect refused by {verdict.reason}")
+            maillog.refused("CONNECT", reply, client=self.client, helo="", sender="",
+                            connector=self.connector.name, by=verdict.reason)
+            self._write_reply(reply)
+            self._close()
+            return
+        self._sticky.note(verdict)
+        self._start()
+
+    def _start(self) -> None:
         if self.config.greet_delay > 0:
             self._timer = self.loop.call_later(self.config.greet_delay, self._greet)
         else:
@@ -143,6 +198,8 @@ class SmtpSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self.view is not None:
+            self.connector.chain.disconnect(self.view)
         if self.log is not None:
             self.log.event("disconnect" + (f": {exc}" if exc else ""))
         self.connector.release(self)
@@ -233,11 +290,30 @@ class SmtpSession(asyncio.Protocol):
             raise RuntimeError(f"no decision for {type(event).__name__}")
         return handler(self, event)
 
-    def _on_hello(self, event: sm.Event) -> Reply:
-        assert isinstance(event, sm.Hello)
-        return (250, "", f"{self.connector.hostname} Hello {event.command.arg} [{self.client}]")
+    def _on_hello(self, event: sm.Event) -> Reply | Awaitable[Reply]:
+        assert isinstance(event, sm.Hello) and self.view is not None
+        cmd = event.command
+        self.view = dataclasses.replace(self.view, helo=cmd.arg, esmtp=cmd.verb == "EHLO")
+        ok = (250, "", f"{self.connector.hostname} Hello {cmd.arg} [{self.client}]")
+        chain = self.connector.chain
+        if not chain.wants(Stage.HELO):
+            return ok
+        verdict = chain.run(Stage.HELO, self.view)
+        if isinstance(verdict, Verdict):
+            return self._hello_verdict(verdict, ok)
+        return self._later(verdict, self._hello_verdict, ok)
 
-    def _on_mail(self, event: sm.Event) -> Reply:
+    def _hello_verdict(self, verdict: Verdict, ok: Reply) -> Reply:
+        if verdict.action is Action.REJECT or verdict.action is Action.TEMPFAIL:
+            return _refusal(verdict)
+        self._sticky.note(verdict)
+        return ok
+
+    async def _later(self, pending: Awaitable[Verdict],
+                     then: Callable[[Verdict, Any], Reply], arg: Any) -> Reply:
+        return then(await pending, arg)
+
+    def _on_mail(self, event: sm.Event) -> Reply | Awaitable[Reply]:
         if self.messages >= self.config.max_messages_per_connection:
             return self._refused(event, S421_TOO_MANY_MESSAGES)
         # Refuse early (RFC 5321 §4.5.3.1.10 style) rather than take a body we cannot store.
@@ -245,14 +321,42 @@ class SmtpSession(asyncio.Protocol):
         if problem is not None:
             self.connector.pressure_refused(problem)
             return self._refused(event, S452_STORAGE)
+        assert isinstance(event, sm.MailFrom) and self.view is not None
+        sticky = self._sticky
+        self.tx = tx = Transaction(event.command, changes=list(sticky.changes),
+                                   held=sticky.held, discarded=sticky.discarded)
+        chain = self.connector.chain
+        if not chain.wants(Stage.MAIL):
+            return S250_SENDER
+        verdict = chain.run(Stage.MAIL, self.view, tx)
+        if isinstance(verdict, Verdict):
+            return self._envelope_verdict(verdict, event)
+        return self._later(verdict, self._envelope_verdict, event)
+
+    def _envelope_verdict(self, verdict: Verdict, event: sm.Event) -> Reply:
+        """A MAIL or RCPT stage verdict as the reply to ``event``."""
+        if verdict.action is Action.REJECT or verdict.action is Action.TEMPFAIL:
+            return self._refused(event, _refusal(verdict), verdict.reason)
+        tx = self.tx
+        assert tx is not None
+        tx.note(verdict)
+        if isinstance(event, sm.RcptTo):
+            tx.recipients += (event.command,)
+            return S250_RECIPIENT
         return S250_SENDER
 
-    def _on_rcpt(self, event: sm.Event) -> Reply:
-        assert isinstance(event, sm.RcptTo) and self.client_ip is not None
-        cmd = event.command
-        refusal = self.connector.relay.check_rcpt(cmd.local, cmd.domain, self.client_ip,
-                                                  bool(self.auth_user))
-        return S250_RECIPIENT if refusal is None else self._refused(event, refusal)
+    def _on_rcpt(self, event: sm.Event) -> Reply | Awaitable[Reply]:
+        assert isinstance(event, sm.RcptTo)
+        tx = self.tx
+        assert tx is not None
+        # Relay control is the chain's first agent (engine.agents.relay.RelayAgent).
+        verdict = self.connector.chain.run(Stage.RCPT, self.view, tx, event.command)
+        if verdict is ACCEPT:
+            tx.recipients += (event.command,)
+            return S250_RECIPIENT
+        if isinstance(verdict, Verdict):
+            return self._envelope_verdict(verdict, event)
+        return self._later(verdict, self._envelope_verdict, event)
 
     def _rejected(self, event: sm.Rejected) -> None:
         """A MAIL or RCPT the protocol refused itself (530 before AUTH or STARTTLS, too
@@ -279,8 +383,9 @@ class SmtpSession(asyncio.Protocol):
                         client=self.client, helo=self.conn.helo or "", sender=sender,
                         recipient=recipient, connector=self.connector.name)
 
-    def _refused(self, event: sm.Event, reply: Reply) -> Reply:
-        """Log a refused MAIL or RCPT (the operator's line, engine.ops.maillog); ``reply``."""
+    def _refused(self, event: sm.Event, reply: Reply, by: str = "") -> Reply:
+        """Log a refused MAIL or RCPT (the operator's line, engine.ops.maillog); ``reply``.
+        ``by``: the policy agent that refused, and why."""
         assert isinstance(event, (sm.MailFrom, sm.RcptTo))
         transaction = self.conn.transaction
         if isinstance(event, sm.MailFrom):
@@ -291,7 +396,8 @@ class SmtpSession(asyncio.Protocol):
             self.connector.refused_recipients[reply[0] // 100] += 1
             sender = transaction.mail.mailbox if transaction is not None else ""
         maillog.refused(command, reply, client=self.client, helo=self.conn.helo or "",
-                        sender=sender, recipient=recipient, connector=self.connector.name)
+                        sender=sender, recipient=recipient, connector=self.connector.name,
+                        by=by)
         return reply
 
     def _on_data(self, event: sm.Event) -> Reply:
@@ -303,11 +409,43 @@ class SmtpSession(asyncio.Protocol):
         assert isinstance(event, sm.MessageReceived)
         self.messages += 1
         self._data_started = 0.0
+        tx, self.tx = self.tx, None
+        if tx is None:  # (a protocol bug: no MAIL was answered 250)
+            tx = Transaction(event.mail, event.recipients)
+        return self._message(event, tx)
+
+    async def _message(self, event: sm.MessageReceived, tx: Transaction) -> Reply:
+        """The end-of-data and sign stages, then ingest: 250 only after the commit."""
+        chain = self.connector.chain
+        view = self.view
+        assert view is not None
+        body = event.body
+        held = ""
+        if chain.screens(view, tx):
+            screened = await chain.screen(view, tx, body)
+            if screened.refused is not None:
+                return self._message_refused(event, _refusal(screened.refused),
+                                             screened.refused.reason)
+            if screened.discarded:
+                maillog.discarded(screened.discarded, client=self.client,
+                                  sender=event.mail.mailbox,
+                                  recipients=[r.mailbox for r in event.recipients],
+                                  connector=self.connector.name)
+                return S250_DISCARDED
+            body, held = screened.data, screened.held
         conn = self.conn
-        return self.connector.ingest.accept(Arrival(
+        return await self.connector.ingest.accept(Arrival(
             connector=self.config, client_address=self.client, helo=conn.helo or "",
             esmtp=conn.esmtp, tls=conn.tls, tls_info=self.tls_info, auth_user=self.auth_user,
-            mail=event.mail, recipients=event.recipients, body=event.body))
+            mail=event.mail, recipients=event.recipients, body=body, held=held))
+
+    def _message_refused(self, event: sm.MessageReceived, reply: Reply, by: str) -> Reply:
+        """Log a message a policy agent refused at the end of data; ``reply``."""
+        maillog.refused("DATA", reply, client=self.client, helo=self.conn.helo or "",
+                        sender=event.mail.mailbox,
+                        recipient=",".join(r.mailbox for r in event.recipients),
+                        connector=self.connector.name, by=by)
+        return reply
 
     def _on_verify(self, event: sm.Event) -> Reply:
         return S252_VRFY
@@ -336,8 +474,26 @@ class SmtpSession(asyncio.Protocol):
 
     async def _check_credentials(self, creds: Credentials) -> Reply:
         ok = await self.connector.authenticator.check(creds.username, creds.password)
-        if ok and creds.authzid in ("", creds.username):
+        ok = ok and creds.authzid in ("", creds.username)
+        chain = self.connector.chain
+        if chain.wants(Stage.AUTH):
+            assert self.view is not None
+            answer = chain.run(Stage.AUTH, self.view, creds.username, ok)
+            verdict = answer if isinstance(answer, Verdict) else await answer
+            if verdict.action is Action.REJECT or verdict.action is Action.TEMPFAIL:
+                # A lockout: the session ends (the agent's text says why).
+                _, enhanced, text = _refusal(verdict)
+                reply = (421, enhanced, text)
+                maillog.auth_failed(self.auth_mechanism, creds.username, reply,
+                                    client=self.client, helo=self.conn.helo or "",
+                                    connector=self.connector.name)
+                return reply
+        if ok:
             self.auth_user = creds.username
+            assert self.view is not None and self.client_ip is not None
+            self.view = dataclasses.replace(
+                self.view, auth_user=creds.username,
+                may_relay=self.connector.relay.may_relay(self.client_ip, True))
             return S235_AUTH_OK
         return self._auth_failed(S535_AUTH_FAILED, creds.username)
 
@@ -381,6 +537,11 @@ class SmtpSession(asyncio.Protocol):
             # included (tls_started() forgets it in the protocol; the user goes here).
             self.auth_user = ""
             self._note_tls()
+            if self.view is not None and self.client_ip is not None:
+                self.view = dataclasses.replace(
+                    self.view, helo="", esmtp=False, tls=True, tls_info=self.tls_info,
+                    auth_user="", may_relay=self.connector.relay.may_relay(self.client_ip,
+                                                                            False))
             self._last_activity = self.loop.time()
             transport.resume_reading()
 
@@ -461,6 +622,13 @@ class SmtpSession(asyncio.Protocol):
         if self._busy is None and self.transport is not None:
             self._write_reply(S421_SHUTDOWN)
             self._close()
+
+
+def _refusal(verdict: Verdict) -> Reply:
+    """The reply of a REJECT or TEMPFAIL verdict (a default when the agent gave none)."""
+    if verdict.reply is not None:
+        return verdict.reply
+    return S550_POLICY if verdict.action is Action.REJECT else S451_POLICY
 
 
 _Decision = Callable[[SmtpSession, sm.Event], "Reply | Awaitable[Reply]"]

@@ -153,6 +153,37 @@ name = "plain"
 listen = ["127.0.0.1:0"]
 allow_plaintext_auth = true
 protocol_log = true
+agents = ["seam-agent", "rspamd", "clamav"]
+verify = []
+
+[agents.custom."seam-agent"]
+factory = "engine.testing.agents:Scripted"
+options = {{ name = "seam-agent", data = "header:X-Seam:1" }}
+timeout = 5
+fail = "open"
+
+# The scanners' daemons are down here (closed ports): open, so the mail flows.
+[agents.rspamd]
+url = "http://127.0.0.1:{closed_port()}"
+password = "seam-rspamd"
+reject_action = "hold"
+soft_reject_action = "tag"
+greylist_action = "accept"
+header = "X-Seam-Spamd"
+spam_header = "X-Seam-Spam"
+max_size = "1MiB"
+timeout = 5
+fail = "open"
+
+[agents.clamav]
+address = "127.0.0.1:{closed_port()}"
+action = "hold"
+max_size = "1MiB"
+on_oversize = "tempfail"
+max_concurrent = 2
+scanned_header = "X-Seam-Scanned"
+timeout = 5
+fail = "open"
 
 [[receive]]
 name = "tls"

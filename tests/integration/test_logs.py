@@ -58,8 +58,9 @@ def test_relay_denied_at_rcpt_is_one_line_with_client_helo_sender_and_recipient(
         assert client.rcpt("ok@accepted.test")[0] == 250
     line = log.wait("NOQUEUE: reject: RCPT")
     assert "INFO ferry.mail: NOQUEUE: reject: RCPT from [127.0.0.1]: 554 5.7.1 " in line
+    # by=: the policy agent that refused (relay control, engine.agents.relay), and why.
     assert line.endswith("; from=<s@client.test> to=<x@elsewhere.test> helo=<client.test> "
-                         "connector=default")
+                         "connector=default by=<relay: relay access denied>")
     # Only the refusal: the accepted RCPT and MAIL wrote nothing.
     assert len(log.matching("NOQUEUE")) == 1
     record = next(r for r in log.records if "NOQUEUE" in r.getMessage())

@@ -238,7 +238,7 @@ def test_clamav_large_message_streams(clamd_address: str) -> None:
 
 def test_clamav_down_raises_and_fails_closed(tmp_path: Path) -> None:
     # Fail closed is the default: the chain answers 451 when the agent raises.
-    assert load_config(None).agents.clamav.fail is False
+    assert load_config(None).agents.clamav.fail == "closed"
     for address in (f"unix:{tmp_path}/none.sock", f"127.0.0.1:{free_port()}"):
         agent = clamav_agent(address)
         assert agent.fail_open is False

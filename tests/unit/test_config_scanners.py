@@ -13,7 +13,7 @@ from tests.unit.test_config import one_problem, write
 def test_defaults() -> None:
     agents = load_config(None).agents
     assert agents.rspamd.url == "http://127.0.0.1:11333"
-    assert (agents.rspamd.password, agents.rspamd.fail) == ("", True)
+    assert (agents.rspamd.password, agents.rspamd.fail) == ("", "open")
     assert (agents.rspamd.reject_action, agents.rspamd.soft_reject_action,
             agents.rspamd.greylist_action) == ("reject", "tempfail", "tempfail")
     assert (agents.rspamd.header, agents.rspamd.spam_header) == ("X-Spamd-Result", "X-Spam")
@@ -21,7 +21,7 @@ def test_defaults() -> None:
     assert agents.clamav.address == "unix:/run/clamav/clamd.ctl"
     assert (agents.clamav.action, agents.clamav.on_oversize) == ("reject", "accept")
     assert (agents.clamav.max_size, agents.clamav.max_concurrent) == (25 * MiB, 10)
-    assert (agents.clamav.scanned_header, agents.clamav.fail) == ("", False)
+    assert (agents.clamav.scanned_header, agents.clamav.fail) == ("", "closed")
 
 
 def test_keys_load(tmp_path: Path) -> None:

@@ -1,0 +1,107 @@
+"""Header edits: apply the policy agents' header changes to a message's header block.
+
+The message is canonical CRLF text (engine.server.ingest); only its header block (up to the
+empty line, RFC 5322 §2.1) is touched and the body is kept as the same bytes.  Changes are
+applied in order: ``add`` puts a field at the top (RFC 8601 §5: an Authentication-Results
+field is prepended, like the trace fields of RFC 5321 §4.4), ``replace`` rewrites the first
+field of that name in place and drops the others (adds it when there is none), ``remove``
+drops the fields of that name whose value the change's ``match`` accepts.
+
+A value may be folded (CRLF followed by a space or a tab, RFC 5322 §2.2.3); any other CR,
+LF or a NUL would let an agent's text end the header or smuggle a field, so such a change is
+skipped and reported (DESIGN.md wire rules), as is a name that is not a field name
+(RFC 5322 §3.6.8: printable ASCII but ":").
+
+It must never do I/O and never decide what to change.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from engine.agents.api import HeaderChange
+
+__all__ = ["apply_changes", "change_problem"]
+
+_NAME: Final = re.compile(r"[!-9;-~]+")
+# A value: no CR, LF or NUL except CRLF followed by WSP (a fold).
+_BAD_IN_VALUE: Final = re.compile(r"\r(?!\n[ \t])|(?<!\r)\n|\x00")
+
+
+def change_problem(change: HeaderChange) -> str | None:
+    """Why ``change`` cannot be applied, or None."""
+    if not _NAME.fullmatch(change.name):
+        return f"{change.name!r} is not a header field name"
+    if change.op != "remove" and _BAD_IN_VALUE.search(change.value):
+        return f"the value of {change.name} holds a CR, LF or NUL that is not a fold"
+    return None
+
+
+def _split(header: bytes) -> list[bytes]:
+    """The fields of a header block (without its empty line), each with its CRLF and its
+    folded continuation lines."""
+    fields: list[bytes] = []
+    for line in header.split(b"\r\n")[:-1]:
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line + b"\r\n"
+        else:
+            fields.append(line + b"\r\n")
+    return fields
+
+
+def _name_of(field: bytes) -> str:
+    return field.split(b":", 1)[0].rstrip(b" \t").decode("ascii", "replace").lower()
+
+
+def _value_of(field: bytes) -> str:
+    value = field.split(b":", 1)[1] if b":" in field else b""
+    return value[:-2].decode("utf-8", "surrogateescape")
+
+
+def _field(name: str, value: str) -> bytes:
+    value = value if value[:1] in (" ", "\t") else " " + value
+    return f"{name}:{value}\r\n".encode("utf-8", "surrogateescape")
+
+
+def apply_changes(data: bytes, changes: Iterable[HeaderChange],
+                  skipped: Callable[[HeaderChange, str], None] | None = None) -> bytes:
+    """``data`` with ``changes`` applied to its header block; a change that cannot be
+    applied is left out and handed to ``skipped`` with the reason."""
+    changes = list(changes)
+    if not changes:
+        return data
+    if data.startswith(b"\r\n"):
+        header_len, head = 0, b""
+    else:
+        end = data.find(b"\r\n\r\n")
+        # No empty line: the whole message is header (RFC 5322 §3.5 allows no body).
+        header_len = len(data) if end < 0 else end + 2
+        head = data[:header_len]
+        if end < 0 and not head.endswith(b"\r\n"):
+            head += b"\r\n"
+    fields = _split(head)
+    for change in changes:
+        problem = change_problem(change)
+        if problem is not None:
+            if skipped is not None:
+                skipped(change, problem)
+            continue
+        lower = change.name.lower()
+        if change.op == "add":
+            fields.insert(0, _field(change.name, change.value))
+        elif change.op == "replace":
+            at = next((i for i, f in enumerate(fields) if _name_of(f) == lower), -1)
+            fields = [f for i, f in enumerate(fields) if i == at or _name_of(f) != lower]
+            new = _field(change.name, change.value)
+            if at < 0:
+                fields.insert(0, new)
+            else:
+                fields[[_name_of(f) for f in fields].index(lower)] = new
+        else:
+            match = change.match
+            fields = [f for f in fields if _name_of(f) != lower
+                      or (match is not None and not match(_value_of(f)))]
+    return b"".join(fields) + data[header_len:]

@@ -1,0 +1,122 @@
+"""The chain's combination of verdicts and the header edits, without sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Awaitable
+
+import pytest
+
+from engine.agents.api import (
+    ACCEPT,
+    Action,
+    Agent,
+    HeaderChange,
+    Message,
+    Session,
+    Stage,
+    Verdict,
+    add_header,
+    hold,
+    reject,
+    remove_header,
+    replace_header,
+)
+from engine.agents.chain import FAIL_CLOSED, Chain
+from engine.message.edit import apply_changes
+
+SESSION = Session("s-1", "default", ipaddress.ip_address("192.0.2.1"))
+
+
+class Fixed(Agent):
+    """Answers ``verdict`` at connect, at once or after a turn of the loop."""
+
+    def __init__(self, name: str, verdict: Verdict, wait: bool = False) -> None:
+        super().__init__()
+        self.name = name  # type: ignore[misc]
+        self.verdict = verdict
+        self.wait = wait
+        self.called = 0
+
+    def connect(self, session: Session) -> Verdict | Awaitable[Verdict]:
+        self.called += 1
+        if self.wait:
+            return self._later()
+        return self.verdict
+
+    async def _later(self) -> Verdict:
+        await asyncio.sleep(0)
+        return self.verdict
+
+
+def run(chain: Chain) -> Verdict:
+    answer = chain.run(Stage.CONNECT, SESSION)
+    if isinstance(answer, Verdict):
+        return answer
+
+    async def wait() -> Verdict:
+        return await answer
+
+    return asyncio.run(wait())
+
+
+@pytest.mark.parametrize("wait", [False, True])
+def test_headers_collect_a_hold_goes_on_the_first_refusal_ends(wait: bool) -> None:
+    a = Fixed("a", add_header("X-A", "1"), wait)
+    b = Fixed("b", hold("suspicious"), wait)
+    c = Fixed("c", add_header("X-C", "3"), wait)
+    verdict = run(Chain([a, b, c]))
+    assert verdict.action is Action.HOLD and verdict.reason == "b: suspicious"
+    assert [h.name for h in verdict.headers] == ["X-A", "X-C"]
+    d = Fixed("d", reject("no"), wait)
+    e = Fixed("e", ACCEPT, wait)
+    verdict = run(Chain([a, b, d, e]))
+    assert verdict.action is Action.REJECT and verdict.reason == "d: no"
+    assert verdict.reply == (550, "5.7.1", "no") and e.called == 0
+
+
+def test_nothing_to_say_is_the_accept_singleton() -> None:
+    assert run(Chain([Fixed("a", ACCEPT), Fixed("b", ACCEPT)])) is ACCEPT
+
+
+def test_a_raising_agent_fails_by_its_setting() -> None:
+    class Broken(Fixed):
+        def connect(self, session: Session) -> Verdict:
+            raise ValueError("bug")
+
+    broken = Broken("broken", ACCEPT)
+    chain = Chain([broken])
+    assert run(chain) is ACCEPT and chain.failures["broken"] == 1
+    broken.fail_open = False
+    failed = run(chain)
+    assert failed.reply == FAIL_CLOSED.reply and chain.failures["broken"] == 2
+
+
+def test_header_edits() -> None:
+    data = (b"Authentication-Results: ferry.test; spf=pass\r\nFrom: a@b\r\n"
+            b"Authentication-Results: other.example;\r\n dkim=pass\r\nSubject: x\r\n\r\nbody\r\n")
+    mine = remove_header("authentication-results",
+                         lambda v: v.strip().lower().startswith("ferry.test"))
+    out = apply_changes(data, [*mine.headers, HeaderChange("add", "Authentication-Results",
+                                                            "ferry.test; dmarc=none")])
+    assert out == (b"Authentication-Results: ferry.test; dmarc=none\r\nFrom: a@b\r\n"
+                   b"Authentication-Results: other.example;\r\n dkim=pass\r\nSubject: x\r\n"
+                   b"\r\nbody\r\n")
+    out = apply_changes(data, replace_header("Subject", "[SPAM] x").headers)
+    assert out.endswith(b"Subject: [SPAM] x\r\n\r\nbody\r\n")
+    no_body = apply_changes(b"Subject: a\r\nSubject: b\r\n", replace_header("subject", "c").headers)
+    assert no_body == b"subject: c\r\n"
+    folded = apply_changes(b"\r\nbody\r\n", add_header("X-F", "a\r\n\tb").headers)
+    assert folded == b"X-F: a\r\n\tb\r\n\r\nbody\r\n"
+    skipped: list[str] = []
+    bad = apply_changes(data, add_header("X-Bad", "a\r\nBcc: x").headers,
+                        lambda c, why: skipped.append(why))
+    assert bad == data and skipped
+
+
+def test_message_view() -> None:
+    msg = Message(b"From: a@b\r\nSubject: one\r\n two\r\n\r\nbody\r\n")
+    assert msg.get("SUBJECT") == "one two" and msg.get("to") is None
+    assert msg.fields() == [("From", " a@b"), ("Subject", " one\r\n two")]
+    assert bytes(msg.body()) == b"body\r\n" and msg.header_end == 33
