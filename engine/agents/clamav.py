@@ -145,9 +145,9 @@ class ClamavAgent(Agent):
             # Virus names are ASCII words with dots; anything else is not repeated.
             virus = printable(answer[len(_PREFIX):-len(_FOUND)].strip(), 100) or "unknown"
             if self._action == "hold":
-                return hold(f"clamav: virus found: {virus}")
+                return hold(f"virus found: {virus}")
             return reject(f"Message rejected: virus found: {virus}", 554, "5.7.1",
-                          reason=f"clamav: virus found: {virus}")
+                          reason=f"virus found: {virus}")
         raise ClamavError(f"clamd at {self.config.address} did not scan the message: "
                           f"{printable(answer, 200)}")
 

@@ -168,7 +168,7 @@ class RspamdAgent(Agent):
         messages = result.get("messages")
         smtp_message = messages.get("smtp_message") if isinstance(messages, dict) else None
         text = printable(smtp_message, 200) if isinstance(smtp_message, str) else ""
-        reason = f"rspamd: {action} (score {score:.2f} / {required:.2f})"
+        reason = f"{action} (score {score:.2f} / {required:.2f})"
 
         mapping = self._mapping.get(action)
         if mapping == "reject":

@@ -134,12 +134,15 @@ def test_reject_mapped_to_hold_stores_the_message_held(start: Start) -> None:
     assert [r.state for r in env.recipients] == [RcptState.HELD]
 
 
-def test_virus_is_rejected_naming_it(start: Start) -> None:
+def test_virus_is_rejected_naming_it(start: Start, caplog: pytest.LogCaptureFixture) -> None:
     ferry = start()
-    reply = send(ferry, b"see the attachment: " + TEST_STRING)
+    with caplog.at_level(logging.INFO, "ferry.mail"):
+        reply = send(ferry, b"see the attachment: " + TEST_STRING)
     assert (reply.code, reply.enhanced) == (554, "5.7.1")
     assert reply.lines == [f"Message rejected: virus found: {TEST_VIRUS}"]
     assert ferry.store.count() == 0
+    # The mail log names the agent and the virus.
+    assert f"by=<clamav: virus found: {TEST_VIRUS}>" in caplog.text
 
 
 def test_virus_held(start: Start) -> None:
