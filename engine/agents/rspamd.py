@@ -67,6 +67,8 @@ MAX_ANSWER: Final = 1 << 20
 #: Most symbols written into the result field, and options shown per symbol.
 MAX_SYMBOLS: Final = 100
 MAX_OPTIONS: Final = 5
+#: Longest rewritten Subject kept (folded into lines of at most 78 characters).
+MAX_SUBJECT: Final = 2000
 
 #: rspamd's actions that mean "this is spam" when the message is let through.
 _SPAM_ACTIONS: Final = frozenset({"reject", "rewrite subject", "add header"})
@@ -114,8 +116,7 @@ class RspamdAgent(Agent):
             return ACCEPT
         return self._check(session, tx, message)
 
-    def request_headers(self, session: Session, tx: Transaction,
-                        message: Message) -> CIMultiDict[str]:
+    def request_headers(self, session: Session, tx: Transaction) -> CIMultiDict[str]:
         """The envelope as rspamd's protocol takes it (§ "HTTP request")."""
         headers: CIMultiDict[str] = CIMultiDict()
         headers["IP"] = str(session.client_ip)
@@ -141,7 +142,7 @@ class RspamdAgent(Agent):
     async def _check(self, session: Session, tx: Transaction, message: Message) -> Verdict:
         if self._http is None:
             raise RspamdError("the rspamd agent was not started")
-        headers = self.request_headers(session, tx, message)
+        headers = self.request_headers(session, tx)
         async with self._http.post(self.url, data=MessagePayload(message.data),
                                    headers=headers) as answer:
             body = await answer.content.read(MAX_ANSWER + 1)
@@ -183,8 +184,9 @@ class RspamdAgent(Agent):
         spam = action in _SPAM_ACTIONS or mapping in ("tag", "hold")
         changes = self._header_changes(result, spam, score, required)
         if action == "rewrite subject" and isinstance(result.get("subject"), str):
+            # rspamd encodes a non-ASCII subject itself (RFC 2047 encoded words).
             changes.append(HeaderChange("replace", "Subject",
-                                        printable(result["subject"], 900)))
+                                        _fold(printable(result["subject"], MAX_SUBJECT))))
         if mapping == "hold":
             return Verdict(Action.HOLD, headers=tuple(changes), reason=reason)
         return Verdict(headers=tuple(changes), reason=reason if spam else "")
@@ -249,6 +251,20 @@ def result_field(result: Mapping[str, Any], spam: bool, score: float,
               rows[:MAX_SYMBOLS]]
     # Folded (RFC 5322 §2.2.3): each line short, one symbol per line.
     return ";\r\n\t".join(lines)
+
+
+def _fold(text: str, width: int = 76) -> str:
+    """``text`` folded at spaces (RFC 5322 §2.2.3) so no line passes ``width`` where a
+    space allows it; "Subject: " is counted on the first line."""
+    lines: list[str] = []
+    line = "Subject:"
+    for word in text.split(" "):
+        if len(line) + 1 + len(word) > width and line.strip() and line != "Subject:":
+            lines.append(line)
+            line = ""
+        line += " " + word
+    lines.append(line)
+    return "\r\n".join(lines)[len("Subject: "):]
 
 
 def _number(value: object) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.header
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
@@ -131,6 +132,19 @@ def test_rspamd_rewrite_subject(rspamd: RspamdInstance) -> None:
     assert change(verdict, "Subject") == HeaderChange("replace", "Subject",
                                                       "***SPAM*** hello")
     assert [c.name for c in verdict.headers] == ["X-Rspamd-Result", "Subject"]
+
+
+def test_rspamd_rewrites_a_non_ascii_subject_encoded_and_folded(rspamd: RspamdInstance) -> None:
+    subject = "Привет, " + "очень длинная тема " * 4
+    encoded = email.header.Header(subject, "utf-8").encode(linesep="\r\n").encode()
+    header = HEADER.replace(b"Subject: hello", b"Subject: " + encoded)
+    verdict = scan(rspamd_agent(rspamd), message(GTUBE_REWRITE_SUBJECT, header))
+    value = change(verdict, "Subject").value
+    lines = value.split("\r\n")
+    assert len(lines) > 1 and all(len(line) <= 78 for line in lines)
+    assert all(line.startswith(" ") for line in lines[1:]) and value.isascii()
+    decoded = str(email.header.make_header(email.header.decode_header(value)))
+    assert decoded.rstrip() == "***SPAM*** " + subject.strip()
 
 
 @pytest.mark.parametrize("mapping", ["hold", "tag"])
