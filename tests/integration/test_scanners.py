@@ -197,6 +197,16 @@ def test_rspamd_large_message_streams(rspamd: RspamdInstance) -> None:
     assert scan(rspamd_agent(rspamd, timeout=60), msg).action is Action.REJECT
 
 
+def test_rspamd_asks_no_dns_and_reads_the_whole_message(rspamd: RspamdInstance) -> None:
+    # URLs and a sender domain: what DNS list and SPF modules would look up, were any on.
+    header = HEADER.replace(b"<1@example.com>", b"<dns-check@example.com>")
+    msg = message(b"See http://spam.example.net/offer and https://198.51.100.7/x", header)
+    scan(rspamd_agent(rspamd), msg)
+    line = rspamd.wait_log(r"task_write_log: id: <dns-check@example\.com>.*").group(0)
+    assert "dns req: 0," in line
+    assert f"len: {msg.size}," in line
+
+
 def test_rspamd_down_raises_for_the_chain() -> None:
     # A closed port: the chain's fail setting turns the error into accept or 451.
     with pytest.raises(aiohttp.ClientConnectionError):
@@ -233,6 +243,11 @@ def test_clamav_passes_clean_mail(clamd_address: str) -> None:
     tagged = scan(clamav_agent(clamd_address, scanned_header="X-Virus-Scanned"),
                   message(b"Hello Bob"))
     assert tagged.headers == (HeaderChange("add", "X-Virus-Scanned", "clamav at ferry.test"),)
+
+
+def test_clamd_loads_only_the_test_database(clamd: ClamdInstance) -> None:
+    assert "Loaded 1 signatures." in clamd.log_text()
+    assert f"Reading databases from {clamd.db_dir}" in clamd.log_text()
 
 
 def test_clamav_hold(clamd: ClamdInstance) -> None:
