@@ -16,12 +16,15 @@ add header          accept, tagged as spam
 no action           accept
 ==================  ===========================================================
 
+The client's host name (rspamd's Hostname) is its forward-confirmed reverse DNS name: a PTR
+name of its address whose A or AAAA records hold that address again, looked up on the
+agents' shared, cached DNS.  None confirmed (or the DNS cannot say): no Hostname, which
+rspamd reads as an unknown client, as it does a Postfix client without one.
+
 Every scanned message gets the result field (``header``: the score, the required score and
 the symbols, folded) and, when tagged, ``spam_header: Yes``; fields of those names that
 arrived with the message are replaced or removed, so a sender cannot pass its own verdict.
-A message larger than ``max_size`` is not sent (accepted with a log line).  The
-client's host name is not sent: Ferry does not resolve it, so rspamd sees it as unknown,
-as it sees a Postfix client without a PTR record.
+A message larger than ``max_size`` is not sent (accepted with a log line).
 
 The body is handed to aiohttp as the session's own buffer (never copied here); the answer
 is read up to :data:`MAX_ANSWER`.  An answer that is not 200 with a JSON object, or no
@@ -33,6 +36,7 @@ Must never write to the SMTP socket or the queue, and never block the loop.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Mapping
@@ -55,6 +59,7 @@ from engine.agents.api import (
     reject,
     tempfail,
 )
+from engine.agents.dns import DnsError, Lookup, RecordType
 from engine.agents.scan import ScannerContext, chunks, printable
 from engine.config import RspamdAgentConfig
 
@@ -67,6 +72,8 @@ MAX_ANSWER: Final = 1 << 20
 #: Most symbols written into the result field, and options shown per symbol.
 MAX_SYMBOLS: Final = 100
 MAX_OPTIONS: Final = 5
+#: PTR names of a client tried for a forward match (RFC 8601 §3 "iprev" allows a limit).
+MAX_PTR_NAMES: Final = 3
 #: Longest rewritten Subject kept (folded into lines of at most 78 characters).
 MAX_SUBJECT: Final = 2000
 
@@ -80,11 +87,13 @@ class RspamdError(Exception):
 
 class RspamdAgent(Agent):
     """The rspamd agent; ``config`` is its [agents.rspamd] table, ``hostname`` this
-    server's name (rspamd's MTA-Name)."""
+    server's name (rspamd's MTA-Name), ``lookup`` the DNS the client's name is confirmed
+    on (None: no Hostname is sent)."""
 
     name = "rspamd"
 
-    def __init__(self, config: RspamdAgentConfig, hostname: str) -> None:
+    def __init__(self, config: RspamdAgentConfig, hostname: str,
+                 lookup: Lookup | None = None) -> None:
         super().__init__(timeout=config.timeout, fail_open=config.fail == "open")
         self.config = config
         self.hostname = hostname
@@ -95,6 +104,7 @@ class RspamdAgent(Agent):
                                          "greylist": config.greylist_action}
         self._header, self._spam_header = config.header, config.spam_header
         self._password = config.password
+        self._lookup = lookup
         self._http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -116,10 +126,13 @@ class RspamdAgent(Agent):
             return ACCEPT
         return self._check(session, tx, message)
 
-    def request_headers(self, session: Session, tx: Transaction) -> CIMultiDict[str]:
+    def request_headers(self, session: Session, tx: Transaction,
+                        client_name: str | None = None) -> CIMultiDict[str]:
         """The envelope as rspamd's protocol takes it (§ "HTTP request")."""
         headers: CIMultiDict[str] = CIMultiDict()
         headers["IP"] = str(session.client_ip)
+        if client_name:
+            headers["Hostname"] = _value(client_name)
         if session.helo:
             headers["Helo"] = _value(session.helo)
         # The null reverse path is "<>" (RFC 5321 §4.5.5): rspamd reads it as a bounce.
@@ -142,7 +155,8 @@ class RspamdAgent(Agent):
     async def _check(self, session: Session, tx: Transaction, message: Message) -> Verdict:
         if self._http is None:
             raise RspamdError("the rspamd agent was not started")
-        headers = self.request_headers(session, tx)
+        client_name = await self.client_name(session.client_ip)
+        headers = self.request_headers(session, tx, client_name)
         async with self._http.post(self.url, data=MessagePayload(message.data),
                                    headers=headers) as answer:
             body = await answer.content.read(MAX_ANSWER + 1)
@@ -161,6 +175,21 @@ class RspamdAgent(Agent):
         log.debug("%s: rspamd %s, score %s: %s", session.session_id, result["action"],
                   result.get("score"), verdict.action.value)
         return verdict
+
+    async def client_name(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+        """The client's forward-confirmed reverse DNS name, or None."""
+        if self._lookup is None:
+            return None
+        try:
+            names = (await self._lookup.ptr(str(ip))).records
+            forward: RecordType = "A" if ip.version == 4 else "AAAA"
+            for name in names[:MAX_PTR_NAMES]:
+                for address in (await self._lookup.query(name, forward)).records:
+                    if ipaddress.ip_address(address) == ip:
+                        return name
+        except DnsError as err:
+            log.debug("rspamd: no host name for %s: %s", ip, err)
+        return None
 
     def verdict(self, result: Mapping[str, Any]) -> Verdict:
         """The verdict for rspamd's answer ``result`` (the decoded /checkv2 JSON)."""
@@ -280,4 +309,4 @@ def _value(text: str) -> str:
 
 def build_rspamd(ctx: ScannerContext) -> RspamdAgent:
     """The "rspamd" agent from [agents.rspamd]."""
-    return RspamdAgent(ctx.config.agents.rspamd, ctx.hostname)
+    return RspamdAgent(ctx.config.agents.rspamd, ctx.hostname, ctx.lookup)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
+    from engine.agents.dns import Lookup
     from engine.config import Config
 
 __all__ = ["CHUNK_SIZE", "ScannerContext", "chunks", "printable"]
@@ -34,6 +35,9 @@ class ScannerContext(Protocol):
 
     @property
     def hostname(self) -> str: ...
+
+    @property
+    def lookup(self) -> Lookup: ...
 
 
 #: Printable US-ASCII, space included (RFC 5321 §4.2 reply text, RFC 5322 §2.2 field body).

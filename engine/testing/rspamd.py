@@ -17,7 +17,9 @@ so any lookup a rule still tries fails at once instead of leaving the machine.
 What the tests can make rspamd answer: GTUBE (rspamd's test patterns are enabled)
 gives "reject", :data:`GTUBE_ADD_HEADER` "add header", :data:`GTUBE_REWRITE_SUBJECT`
 "rewrite subject" (subject ``***SPAM*** %s``), and the markers of :data:`MARKERS` (a test
-rule of our own, a prefilter) "soft reject" and "greylist" with a message.
+rule of our own, a prefilter) "soft reject" and "greylist" with a message.  Of the plugins,
+only hfilter's client host name check is on (no DNS): HFILTER_HOSTNAME_UNKNOWN says rspamd
+was given no Hostname.
 
 Used by tests only; never imported by the running server.
 """
@@ -158,6 +160,16 @@ worker "normal" {{
 }}
 modules {{
   path = "${{PLUGINSDIR}}";
+}}
+# Only the client host name check of hfilter (regular expressions, no DNS): it tells
+# whether rspamd was given a Hostname (HFILTER_HOSTNAME_UNKNOWN when not).
+hfilter {{
+  helo_enabled = false;
+  hostname_enabled = true;
+  url_enabled = false;
+  from_enabled = false;
+  rcpt_enabled = false;
+  mid_enabled = false;
 }}
 """
 

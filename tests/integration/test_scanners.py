@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import email.header
 import ipaddress
 import logging
@@ -20,10 +21,12 @@ import uvloop
 
 from engine.agents.api import Action, Agent, HeaderChange, Message, Session, Transaction, Verdict
 from engine.agents.clamav import ClamavAgent, ClamavError
+from engine.agents.dns import Lookup
 from engine.agents.rspamd import RspamdAgent, RspamdError
 from engine.config import ClamavAgentConfig, RspamdAgentConfig, load_config
 from engine.protocol.command import parse_command
 from engine.testing.clamav import TEST_STRING, TEST_VIRUS, ClamdInstance
+from engine.testing.dns import DnsResponder
 from engine.testing.mta import free_port
 from engine.testing.rspamd import GTUBE, GTUBE_ADD_HEADER, GTUBE_REWRITE_SUBJECT, RspamdInstance
 from engine.testing.wait import until
@@ -84,9 +87,40 @@ def change(verdict: Verdict, name: str) -> HeaderChange:
 
 # --- rspamd ------------------------------------------------------------------------------
 
-def rspamd_agent(instance: RspamdInstance | str, **keys: Any) -> RspamdAgent:
+def rspamd_agent(instance: RspamdInstance | str, lookup: Lookup | None = None,
+                 **keys: Any) -> RspamdAgent:
     url = instance if isinstance(instance, str) else instance.url
-    return RspamdAgent(RspamdAgentConfig(url=url, **keys), "ferry.test")
+    return RspamdAgent(RspamdAgentConfig(url=url, **keys), "ferry.test", lookup)
+
+
+#: The clients' reverse DNS: 192.0.2.10 is client.example.com both ways; 192.0.2.11's PTR
+#: name points elsewhere (not confirmed).
+ZONE = """
+$TTL 60
+10.2.0.192.in-addr.arpa. IN PTR client.example.com.
+client.example.com. IN A 192.0.2.10
+11.2.0.192.in-addr.arpa. IN PTR forged.example.com.
+forged.example.com. IN A 192.0.2.99
+"""
+
+
+def test_rspamd_is_told_the_confirmed_client_name(rspamd: RspamdInstance,
+                                                  dns_server: DnsResponder) -> None:
+    lookup = Lookup(dns_server.address)
+    agent = rspamd_agent(rspamd, lookup)
+    assert run(agent.client_name(ipaddress.ip_address("192.0.2.10"))) == "client.example.com"
+    assert run(agent.client_name(ipaddress.ip_address("192.0.2.11"))) is None
+    assert run(agent.client_name(ipaddress.ip_address("192.0.2.12"))) is None  # no PTR
+
+    def symbols(session: Session, lookup: Lookup | None) -> str:
+        verdict = scan(rspamd_agent(rspamd, lookup), message(b"Hello Bob"), session=session)
+        return change(verdict, "X-Spamd-Result").value
+
+    # rspamd's hfilter: HFILTER_HOSTNAME_UNKNOWN when it was given no Hostname.
+    assert "HFILTER_HOSTNAME_UNKNOWN" not in symbols(SESSION, lookup)
+    forged = dataclasses.replace(SESSION, client_ip=ipaddress.ip_address("192.0.2.11"))
+    assert "HFILTER_HOSTNAME_UNKNOWN(" in symbols(forged, lookup)
+    assert "HFILTER_HOSTNAME_UNKNOWN(" in symbols(SESSION, None)
 
 
 def test_rspamd_rejects_gtube_with_its_message(rspamd: RspamdInstance) -> None:

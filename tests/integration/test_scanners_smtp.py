@@ -14,6 +14,7 @@ from engine.config import load_config
 from engine.protocol.reply import Reply
 from engine.queue.records import RcptState, id_bytes
 from engine.testing.clamav import TEST_STRING, TEST_VIRUS, ClamdInstance
+from engine.testing.dns import DnsResponder
 from engine.testing.mta import free_port
 from engine.testing.rawsmtp import RawClient
 from engine.testing.rspamd import GTUBE, GTUBE_REWRITE_SUBJECT, RspamdInstance
@@ -29,8 +30,17 @@ HEADER = (b"From: Alice <alice@client.test>\r\n"
           b"\r\n")
 
 
+#: The test client (127.0.0.1) is client.test both ways: rspamd is told its name.
+ZONE = """
+$TTL 60
+1.0.0.127.in-addr.arpa. IN PTR client.test.
+client.test. IN A 127.0.0.1
+"""
+
+
 @pytest.fixture
-def start(tmp_path: Path, rspamd: RspamdInstance, clamd: ClamdInstance) -> Iterator[Start]:
+def start(tmp_path: Path, rspamd: RspamdInstance, clamd: ClamdInstance,
+          dns_server: DnsResponder) -> Iterator[Start]:
     """``start(rspamd_keys, clamav_keys, agents, rspamd_url, clamav_address)``: a server
     whose connector runs the scanners ``agents``, pointed at the session's daemons unless
     told otherwise; the ``*_keys`` strings are extra keys of each table."""
@@ -50,7 +60,7 @@ accepted_domains = ["example.org"]
 min_free_disk = 0
 [delivery]
 paused = true
-dns = "127.0.0.1:9"
+dns = "{dns_server.address[0]}:{dns_server.address[1]}"
 [[receive]]
 listen = ["127.0.0.1:0"]
 relay_networks = ["192.0.2.0/24"]
@@ -113,6 +123,8 @@ def test_clean_mail_gets_the_result_header_and_forged_ones_go(start: Start) -> N
     header = data.split(b"\r\n\r\n", 1)[0]
     assert header.count(b"X-Spamd-Result: ") == 1
     assert b"X-Spamd-Result: default: False [0.00 / 15.00];\r\n\t" in header
+    # Told the client's confirmed name (through the server's DNS): no unknown host name.
+    assert b"HFILTER_HOSTNAME_UNKNOWN" not in header
     assert b"-100.00" not in header and b"X-Spam:" not in header
     assert b"X-Virus-Scanned: clamav at ferry.test\r\n" in header
 
