@@ -1442,14 +1442,158 @@ class _AgentTable:
     fail: Annotated[Literal["open", "closed"], _v(_choice("open", "closed"))] = "open"
 
 
+_IntOrOff = Annotated[int, _v(_int_or_off)]
+
+
 @dataclass(frozen=True)
 class RateLimitAgentConfig(_AgentTable):
     """[agents.ratelimit]: per client address and per authenticated user (anvil)."""
+
+    #: Connections one client address may open per minute (0: no limit); past it, 421.
+    connections_per_minute: _IntOrOff = 0
+    #: Connections one client address may hold open at once (Postfix's default, 50).
+    concurrent_connections: _IntOrOff = 50
+    #: Messages (MAIL commands) per minute from one unauthenticated client address.
+    messages_per_minute: _IntOrOff = 0
+    #: Recipients (RCPT commands) per minute from one unauthenticated client address.
+    recipients_per_minute: _IntOrOff = 0
+    #: Successful AUTHs as one user per minute (0: no limit); past it, 421.
+    user_connections_per_minute: _IntOrOff = 0
+    #: Sessions authenticated as one user open at once (0: no limit).
+    user_concurrent_connections: _IntOrOff = 0
+    #: Messages per minute from sessions authenticated as one user.
+    user_messages_per_minute: _IntOrOff = 0
+    #: Recipients per minute from sessions authenticated as one user.
+    user_recipients_per_minute: _IntOrOff = 0
+    #: AUTH failures one client address may have per hour, across connections, before
+    #: it is locked out (0: no limit).
+    auth_failures_per_hour: _IntOrOff = 10
+    #: How long a locked-out client address gets 421 for every AUTH.
+    auth_lockout: _Seconds = 900.0
+    #: The wait before the answer to each failed AUTH (slows a password guesser).
+    auth_failure_delay: _SecondsOrOff = 1.0
+    #: Client addresses no limit applies to.
+    exempt: _Networks = ()
+    #: IPv6 clients are counted per network of this prefix length (RFC 6177: a site gets
+    #: a /48 to /64, so one attacker holds a whole /64 of addresses).
+    ipv6_prefix: Annotated[int, _v(_prefix_length)] = 64
+    #: Most client addresses and users tracked at once; past it the least recently seen
+    #: are forgotten (the memory bound: docs/agents-ratelimit.md).
+    max_keys: _PosInt = 100_000
+
+
+def _check_ratelimit(rl: RateLimitAgentConfig) -> list[tuple[_Loc, str]]:
+    if rl.auth_failure_delay >= rl.timeout:
+        # The delay is spent inside the auth stage's call: past the time budget the chain
+        # counts the call as failed, and a failed call fails open.
+        return [(("auth_failure_delay",), f"must be shorter than timeout "
+                 f"({_as_written(rl.timeout)}) (got {_as_written(rl.auth_failure_delay)})")]
+    return []
+
+
+#: Answers a list gives when it refuses the query rather than answering it (Spamhaus keeps
+#: 127.255.255.0/24 for those: .254 "query via a public resolver", .255 "excessive number
+#: of queries"); they never count as a listing.
+DNSBL_ERROR_CODES: Final = ipaddress.IPv4Network("127.255.255.0/24")
+#: What counts by default: any answer in 127.0.0.0/8 (RFC 5782 §2.3) but the error codes.
+DNSBL_DEFAULT_CODES: Final = ((ipaddress.IPv4Address("127.0.0.0"),
+                               ipaddress.IPv4Address("127.255.254.255")),)
+_REPLY_FIELDS: Final = ("client", "zone", "txt")
+
+
+def _code_range(value: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+    """ "127.0.0.2", "127.0.0.2-127.0.0.11" or "127.0.0.0/24" as (first, last)."""
+    first, dash, last = value.partition("-")
+    try:
+        if dash:
+            low, high = ipaddress.IPv4Address(first.strip()), ipaddress.IPv4Address(last.strip())
+        elif "/" in value:
+            net = ipaddress.IPv4Network(value, strict=True)
+            low, high = net.network_address, net.broadcast_address
+        else:
+            low = high = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise _Invalid('must be an IPv4 address, a range such as "127.0.0.2-127.0.0.11" or '
+                       f'a network such as "127.0.0.0/24" (got {_show(value)})') from None
+    if low > high:
+        raise _Invalid(f"is a range whose end is before its start (got {_show(value)})")
+    return low, high
+
+
+def _codes(value: object) -> tuple[tuple[ipaddress.IPv4Address, ipaddress.IPv4Address], ...]:
+    codes = _each(value, "return codes", _code_range)
+    if not codes:
+        raise _Invalid("must not be empty (nothing would count; remove the zone instead)")
+    return codes
+
+
+def _reply_text(value: object) -> str:
+    if not isinstance(value, str) or any(c in value for c in "\r\n\x00"):
+        raise _Invalid(f"must be a string without CR, LF or NUL (got {_show(value)})")
+    try:
+        parts = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(value)
+                 if f is not None]
+    except ValueError as err:
+        raise _Invalid(f"is not a valid template: {err} (got {_show(value)})") from None
+    # A format spec ("{txt:>9999999}") or a conversion is not needed, and a width could
+    # make the reply any length.
+    unknown = [f if not (spec or conv) else f"{f}{'!' + conv if conv else ''}:{spec}"
+               for f, spec, conv in parts if spec or conv or f not in _REPLY_FIELDS]
+    if unknown:
+        raise _Invalid(f"may only use {{client}}, {{zone}} and {{txt}}, not {{{unknown[0]}}} "
+                       f"(got {_show(value)})")
+    return value
+
+
+def _prefix_length(value: object) -> int:
+    if not _is_int(value) or not 1 <= cast(int, value) <= 128:
+        raise _Invalid(f"must be a prefix length from 1 to 128 (got {_show(value)})")
+    return cast(int, value)
+
+
+@dataclass(frozen=True)
+class DnsblZoneConfig:
+    """[[agents.dnsbl.zones]]: one DNS list (RFC 5782), a block list or an allow list."""
+
+    __pydantic_config__ = _TABLE
+
+    #: The list's DNS zone ("zen.spamhaus.org"); the client's address is looked up below it.
+    zone: Annotated[str, _v(_hostname)] = ""
+    #: "block": a listed client is refused (when the weights reach the threshold);
+    #: "allow" (a DNSWL): a listed client bypasses every block list.
+    kind: Annotated[str, _v(_choice("block", "allow"))] = "block"
+    #: The A answers that count as listed; the default: 127.0.0.0/8 but 127.255.255.0/24.
+    codes: Annotated[tuple[tuple[ipaddress.IPv4Address, ipaddress.IPv4Address], ...],
+                     _v(_codes)] = DNSBL_DEFAULT_CODES
+    #: What a listing here adds to the client's score (block lists; postscreen's weights).
+    weight: _PosInt = 1
+    #: The reply text to a refused client, with {client}, {zone} and {txt}; "" = the
+    #: default, "Service unavailable; client [{client}] blocked using {zone}; {txt}".
+    reply: Annotated[str, _v(_reply_text)] = ""
+
+
+def _check_dnsbl(d: DnsblAgentConfig) -> list[tuple[_Loc, str]]:
+    bad: list[tuple[_Loc, str]] = []
+    seen: set[str] = set()
+    for i, z in enumerate(d.zones):
+        if not z.zone:
+            bad.append((("zones", i, "zone"), "is required"))
+        elif z.zone.lower() in seen:
+            bad.append((("zones", i, "zone"), f"lists {_show(z.zone)} twice"))
+        seen.add(z.zone.lower())
+    return bad
 
 
 @dataclass(frozen=True)
 class DnsblAgentConfig(_AgentTable):
     """[agents.dnsbl]: DNS block and allow lists, checked at connect."""
+
+    #: The lists, [[agents.dnsbl.zones]], all queried at once for each connecting client.
+    zones: tuple[DnsblZoneConfig, ...] = ()
+    #: A client is refused when the weights of the block lists that list it add up to this.
+    threshold: _PosInt = 1
+    #: Clients in these networks are never looked up (a static allow list).
+    allow_networks: _Networks = ()
 
 
 @dataclass(frozen=True)
@@ -1561,8 +1705,10 @@ class AgentsConfig:
 
     __pydantic_config__ = _TABLE
 
-    ratelimit: RateLimitAgentConfig = field(default_factory=RateLimitAgentConfig)
-    dnsbl: DnsblAgentConfig = field(default_factory=DnsblAgentConfig)
+    ratelimit: Annotated[RateLimitAgentConfig, _after(_check_ratelimit)] = field(
+        default_factory=RateLimitAgentConfig)
+    dnsbl: Annotated[DnsblAgentConfig, _after(_check_dnsbl)] = field(
+        default_factory=DnsblAgentConfig)
     verify: VerifyAgentConfig = field(default_factory=VerifyAgentConfig)
     rspamd: RspamdAgentConfig = field(default_factory=RspamdAgentConfig)
     clamav: ClamavAgentConfig = field(default_factory=ClamavAgentConfig)
@@ -1656,6 +1802,7 @@ TABLES: Final[Mapping[str, type]] = MappingProxyType({
     "agents.ratelimit": RateLimitAgentConfig, "agents.dnsbl": DnsblAgentConfig,
     "agents.verify": VerifyAgentConfig, "agents.rspamd": RspamdAgentConfig,
     "agents.clamav": ClamavAgentConfig, "agents.custom": CustomAgentConfig,
+    "agents.dnsbl.zones": DnsblZoneConfig,
 })  # fmt: skip
 
 

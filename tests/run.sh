@@ -80,6 +80,18 @@ getent passwd Debian-exim >/dev/null \
 # The test run needs the compiled modules: a failed build is an error here, not a fallback.
 FERRY_REQUIRE_EXTENSIONS=1 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
+# The RFC 7208 test suite that pyspf's source distribution ships (test/rfc7208-tests.yml),
+# run by tests/integration/test_spf_suite.py: fetched here, never committed.
+SPF_SUITE=.cache/pyspf/rfc7208-tests.yml
+if [ ! -f "$SPF_SUITE" ]; then
+  echo "tests/run.sh: fetching pyspf's sdist for $SPF_SUITE" >&2
+  mkdir -p .cache/pyspf
+  .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps \
+    --no-binary :all: -d .cache/pyspf pyspf==2.0.14
+  tar -xzf .cache/pyspf/pyspf-2.0.14.tar.gz -C .cache/pyspf --strip-components=2 --no-same-owner \
+    pyspf-2.0.14/test/rfc7208-tests.yml pyspf-2.0.14/test/rfc7208-tests.LICENSE
+fi
+
 .venv/bin/ruff check .
 .venv/bin/mypy
 

@@ -26,6 +26,8 @@ from engine.agents.api import Agent
 from engine.agents.chain import Chain, Figures
 from engine.agents.clamav import build_clamav
 from engine.agents.dns import Lookup
+from engine.agents.dnsbl import build_dnsbl
+from engine.agents.ratelimit import build_ratelimit
 from engine.agents.relay import RelayAgent, RelayPolicy
 from engine.agents.rspamd import build_rspamd
 
@@ -42,7 +44,7 @@ class AgentContext:
     config: Config
     #: The DNS every agent shares ([delivery] dns, ``--dns``).
     lookup: Lookup
-    #: The server's name (the default authserv-id, the Hostname rspamd is told).
+    #: The server's name (the default authserv-id, rspamd's MTA-Name).
     hostname: str
     #: The connector's ``verify`` methods (for the "verify" agent; () for the others).
     verify: tuple[str, ...] = ()
@@ -60,6 +62,9 @@ BUILTIN["clamav"] = build_clamav
 #: Agents every connector's chain ends with, built when configured (DKIM signing: they act
 #: at the sign stage only, on mail the client may relay).
 SIGNERS: list[Factory] = []
+
+BUILTIN["ratelimit"] = build_ratelimit
+BUILTIN["dnsbl"] = build_dnsbl
 
 
 def _load_factory(path: str) -> Callable[..., Agent]:
