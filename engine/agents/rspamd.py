@@ -24,7 +24,8 @@ rspamd reads as an unknown client, as it does a Postfix client without one.
 Every scanned message gets the result field (``header``: the score, the required score and
 the symbols, folded) and, when tagged, ``spam_header: Yes``; fields of those names that
 arrived with the message are replaced or removed, so a sender cannot pass its own verdict.
-A message larger than ``max_size`` is not sent (accepted with a log line).
+A message larger than ``max_size`` is not sent (accepted with a log line, fields of those
+names removed).
 
 The body is handed to aiohttp as the session's own buffer (never copied here); the answer
 is read up to :data:`MAX_ANSWER`.  An answer that is not 200 with a JSON object, or no
@@ -48,7 +49,6 @@ import aiohttp.payload
 from multidict import CIMultiDict
 
 from engine.agents.api import (
-    ACCEPT,
     Action,
     Agent,
     HeaderChange,
@@ -104,6 +104,9 @@ class RspamdAgent(Agent):
                                          "greylist": config.greylist_action}
         self._header, self._spam_header = config.header, config.spam_header
         self._password = config.password
+        self._unscanned = Verdict(headers=tuple(
+            HeaderChange("remove", name) for name in (config.header, config.spam_header)
+            if name))
         self._lookup = lookup
         self._http: aiohttp.ClientSession | None = None
 
@@ -123,7 +126,8 @@ class RspamdAgent(Agent):
         if message.size > self.config.max_size:
             log.info("%s: not scanned by rspamd: %d bytes, over max_size %d",
                      session.session_id, message.size, self.config.max_size)
-            return ACCEPT
+            # Unscanned: a verdict the sender wrote in our fields must not pass for ours.
+            return self._unscanned
         return self._check(session, tx, message)
 
     def request_headers(self, session: Session, tx: Transaction,
