@@ -27,10 +27,11 @@ arrived with the message are replaced or removed, so a sender cannot pass its ow
 A message larger than ``max_size`` is not sent (accepted with a log line, fields of those
 names removed).
 
-The body is handed to aiohttp as the session's own buffer (never copied here); the answer
-is read up to :data:`MAX_ANSWER`.  An answer that is not 200 with a JSON object, or no
-answer, raises :class:`RspamdError`: the chain's ``timeout`` and ``fail`` decide what that
-means (open: accept, closed: 451).  The agent never catches what it does not expect.
+The body is written in 64 KiB views of the session's buffer (:class:`MessagePayload`, never
+copied here), with its Content-Length; the answer is read up to :data:`MAX_ANSWER`.  An
+answer that is not 200 with a JSON object, or no answer, raises :class:`RspamdError`: the
+chain's ``timeout`` and ``fail`` decide what that means (open: accept, closed: 451).  The
+agent never catches what it does not expect.
 
 Must never write to the SMTP socket or the queue, and never block the loop.
 """
@@ -72,7 +73,8 @@ MAX_ANSWER: Final = 1 << 20
 #: Most symbols written into the result field, and options shown per symbol.
 MAX_SYMBOLS: Final = 100
 MAX_OPTIONS: Final = 5
-#: PTR names of a client tried for a forward match (RFC 8601 §3 "iprev" allows a limit).
+#: PTR names of a client tried for a forward match (SPF's "ptr" stops at 10, RFC 7208
+#: §4.6.4; fewer here, inside one scan's time budget).
 MAX_PTR_NAMES: Final = 3
 #: Longest rewritten Subject kept (folded into lines of at most 78 characters).
 MAX_SUBJECT: Final = 2000
