@@ -1620,9 +1620,53 @@ class VerifyAgentConfig(_AgentTable):
     spf_fail: Annotated[Literal["tag", "reject"], _v(_choice("tag", "reject"))] = "tag"
 
 
+def _field_name_or_off(value: object) -> str:
+    """A header field name (RFC 5322 §3.6.8: printable ASCII but ":"), or "" for off."""
+    if not isinstance(value, str) or not all("!" <= c <= "~" and c != ":" for c in value):
+        raise _Invalid(f'must be a header field name (letters, digits, "-"), or "" for none '
+                       f"(got {_show(value)})")
+    return value
+
+
+def _clamd_address(value: object) -> str:
+    """A clamd socket: "unix:/absolute/path" (its LocalSocket) or "HOST:PORT" (TCPSocket)."""
+    if isinstance(value, str) and value.startswith("unix:"):
+        if not value[5:].startswith("/") or "\x00" in value:
+            raise _Invalid('a Unix socket must be an absolute path, as in '
+                           f'"unix:/run/clamav/clamd.ctl" (got {_show(value)})')
+        return value
+    _destination(None)(value)
+    return cast(str, value)
+
+
 @dataclass(frozen=True)
 class RspamdAgentConfig(_AgentTable):
     """[agents.rspamd]: anti-spam with rspamd's HTTP protocol (/checkv2)."""
+
+    #: rspamd's normal worker (or its proxy); /checkv2 is posted there.
+    url: Annotated[str, _v(_url)] = "http://127.0.0.1:11333"
+    #: Sent as rspamd's Password header, for a worker or proxy that asks for one; never
+    #: echoed.  "" sends none.
+    password: Annotated[str, _v(_secret)] = field(default="", repr=False)
+    #: What rspamd's "reject" becomes: "reject" (550 5.7.1), "hold" (quarantine) or "tag"
+    #: (accept with the spam headers), so an operator can quarantine instead of refusing.
+    reject_action: Annotated[Literal["reject", "hold", "tag"],
+                             _v(_choice("reject", "hold", "tag"))] = "reject"
+    #: What "soft reject" becomes: "tempfail" (451 4.7.1), "hold" or "tag".
+    soft_reject_action: Annotated[Literal["tempfail", "hold", "tag"],
+                                  _v(_choice("tempfail", "hold", "tag"))] = "tempfail"
+    #: What "greylist" becomes: "tempfail" (451 4.7.1, the client retries later), "tag",
+    #: or "accept" (the result header only).
+    greylist_action: Annotated[Literal["tempfail", "tag", "accept"],
+                               _v(_choice("tempfail", "tag", "accept"))] = "tempfail"
+    #: The field that carries the score, the required score and the symbols, added to
+    #: every scanned message (one claiming it on arrival is replaced).
+    header: Annotated[str, _v(_field_name_or_off)] = "X-Spamd-Result"
+    #: "NAME: Yes" on mail rspamd calls spam (tag, add header, rewrite subject); "" = none.
+    spam_header: Annotated[str, _v(_field_name_or_off)] = "X-Spam"
+    #: Larger messages are not scanned (accepted with a log line): scanning them costs
+    #: more than it finds, as with rspamd's own milter.
+    max_size: _Size = 20 * MiB
 
 
 @dataclass(frozen=True)
@@ -1631,6 +1675,21 @@ class ClamavAgentConfig(_AgentTable):
 
     #: A scanner that cannot scan must not let mail through unscanned: closed by default.
     fail: Annotated[Literal["open", "closed"], _v(_choice("open", "closed"))] = "closed"
+    #: clamd's socket: "unix:/path" (its LocalSocket; Debian's is below) or "HOST:PORT"
+    #: (its TCPSocket).
+    address: Annotated[str, _v(_clamd_address)] = "unix:/run/clamav/clamd.ctl"
+    #: What a virus found means: "reject" (554 5.7.1 naming it) or "hold" (quarantine).
+    action: Annotated[Literal["reject", "hold"], _v(_choice("reject", "hold"))] = "reject"
+    #: Larger messages are not sent: at most clamd's StreamMaxLength (25M in Debian's
+    #: clamd.conf), past which clamd answers an error instead of a verdict.
+    max_size: _Size = 25 * MiB
+    #: A message over max_size: "accept" it unscanned (logged) or "tempfail" (451 4.7.1).
+    on_oversize: Annotated[Literal["accept", "tempfail"],
+                           _v(_choice("accept", "tempfail"))] = "accept"
+    #: Scans at once; more wait their turn (clamd has MaxThreads workers).
+    max_concurrent: _PosInt = 10
+    #: "NAME: clamav at <hostname>" on every clean message scanned; "" = none.
+    scanned_header: Annotated[str, _v(_field_name_or_off)] = ""
 
 
 def _factory(value: object) -> str:

@@ -27,6 +27,12 @@ ls /usr/lib/*/sasl2/libplain.so* >/dev/null 2>&1 || missing+=(libsasl2-modules)
 # OpenDKIM's opendkim-testmsg verifies our DKIM signatures (tests/interop/test_opendkim.py,
 # in namespaces made by util-linux's unshare: engine/testing/opendkim.py).
 [ -x /usr/sbin/opendkim-testmsg ] || missing+=(opendkim-tools)
+# The content scanners' daemons (tests/integration/test_scanners.py): the tests run their own
+# rspamd and clamd (engine/testing/rspamd.py, clamav.py) on loopback with a configuration and
+# a signature database of their own, so no service of these packages is used or needed.
+command -v rspamd >/dev/null 2>&1 || missing+=(rspamd)
+[ -x /usr/sbin/clamd ] || missing+=(clamav-daemon)
+command -v clamscan >/dev/null 2>&1 || missing+=(clamav)
 # Exim, a second destination MTA: Debian's exim4 packages conflict with postfix (both provide
 # mail-transport-agent), so its binary is unpacked into .cache/exim (dpkg -x: no maintainer
 # scripts, nothing started) instead of installed; engine/testing/exim.py runs it from there.
@@ -39,6 +45,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]}" >&2
   # Postfix is installed for its tools only: no configuration, no daemon started.
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  # clamav-daemon pulls in clamav-freshclam: no download daemon (the tests write their own
+  # signatures).
+  echo "clamav-freshclam clamav-freshclam/autoupdate_freshclam select manual" | debconf-set-selections
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 if [ ! -x "$EXIM_BIN" ]; then

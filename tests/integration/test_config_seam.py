@@ -153,7 +153,7 @@ name = "plain"
 listen = ["127.0.0.1:0"]
 allow_plaintext_auth = true
 protocol_log = true
-agents = ["ratelimit", "dnsbl", "seam-agent"]
+agents = ["ratelimit", "dnsbl", "seam-agent", "rspamd", "clamav"]
 verify = []
 
 [agents.custom."seam-agent"]
@@ -198,6 +198,29 @@ fail = "open"
 authserv_id = "auth.seam.test"
 dmarc_policy = "quarantine"
 spf_fail = "reject"
+
+# The scanners' daemons are down here (closed ports): open, so the mail flows.
+[agents.rspamd]
+url = "http://127.0.0.1:{closed_port()}"
+password = "seam-rspamd"
+reject_action = "hold"
+soft_reject_action = "tag"
+greylist_action = "accept"
+header = "X-Seam-Spamd"
+spam_header = "X-Seam-Spam"
+max_size = "1MiB"
+timeout = 5
+fail = "open"
+
+[agents.clamav]
+address = "127.0.0.1:{closed_port()}"
+action = "hold"
+max_size = "1MiB"
+on_oversize = "tempfail"
+max_concurrent = 2
+scanned_header = "X-Seam-Scanned"
+timeout = 5
+fail = "open"
 
 [[receive]]
 name = "tls"
