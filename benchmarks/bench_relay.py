@@ -49,6 +49,15 @@ unsigned; the targets: signed keeps ≥ 0.70 of unsigned with RSA, ≥ 0.90 with
 message, engine.ops.maillog, written to the log file, ``ferry-maillog``); same target.
 Both modes print the server's CPU per message on/off too: on a shared machine it varies
 less than the rate.
+
+``--verify`` (issue 15) runs each cell twice with Ferry only: a connector that verifies
+nothing (``ferry-noverify``) and one with ``verify = ["spf", "dkim", "dmarc"]``
+(``ferry-verify``); both let no loopback client relay (so the verify agent runs: it skips
+clients that may relay) and accept the recipient's domain.  smtp-source sends a message
+file (``-F``) of the cell's size, DKIM-signed (RSA-2048, relaxed/relaxed) by dkimpy for the
+sender's domain, whose SPF, DMARC (p=reject) and DKIM key records the DNS responder serves:
+DMARC passes through both SPF and DKIM, and the answers are cached after the first message.
+The target is verify-on ≥ 0.70 of verify-off end to end in every cell.
 """
 
 from __future__ import annotations
@@ -135,6 +144,22 @@ FERRY_CONFIGS = {"ferry": '[queue]\ndurability = "fsync"\n', "ferry-off": LOGS_O
                  "ferry-logs": LOGS_ON,
                  "ferry-quiet": '[queue]\ndurability = "fsync"\n[log]\nlevel = "warning"\n',
                  "ferry-maillog": '[queue]\ndurability = "fsync"\n[log]\nlevel = "info"\n'}
+#: --verify: both connectors refuse to let loopback relay and accept the recipient's domain;
+#: the second verifies SPF, DKIM and DMARC.
+_NO_RELAY = f"""\
+accepted_domains = ["{RECIPIENT.partition("@")[2]}"]
+
+[queue]
+durability = "fsync"
+
+[[receive]]
+name = "default"
+relay_networks = ["192.0.2.0/24"]
+"""
+FERRY_CONFIGS["ferry-noverify"] = _NO_RELAY
+FERRY_CONFIGS["ferry-verify"] = _NO_RELAY + 'verify = ["spf", "dkim", "dmarc"]\n'
+#: --verify: verify-on must keep this share of verify-off (issue 15).
+VERIFY_TARGET = 0.70
 #: --dkim (issue 15): outbound mail (From: smtp-source's sender) signed by a
 #: [[dkim_sign]] key written beside the configuration; the unsigned run is the baseline.
 DKIM_SIGN = ('[[dkim_sign]]\ndomain = "{domain}"\nselector = "bench"\n'
@@ -146,10 +171,12 @@ FERRY_CONFIGS.update({"ferry-unsigned": '[queue]\ndurability = "fsync"\n',
 DKIM_KEYS = {"ferry-rsa": False, "ferry-ed25519": True}
 #: The pairs a comparison mode runs: (off, on).
 COMPARISONS = {"logs": ("ferry-off", "ferry-logs"), "maillog": ("ferry-quiet", "ferry-maillog"),
+               "verify": ("ferry-noverify", "ferry-verify"),
                "rsa": ("ferry-unsigned", "ferry-rsa"),
                "ed25519": ("ferry-unsigned", "ferry-ed25519")}
 #: The share of the "off" run's end-to-end rate the "on" run must keep, per comparison.
-TARGETS_ON_OFF = {"logs": LOG_TARGET, "maillog": LOG_TARGET, "rsa": 0.70, "ed25519": 0.90}
+TARGETS_ON_OFF = {"logs": LOG_TARGET, "maillog": LOG_TARGET, "verify": VERIFY_TARGET,
+                  "rsa": 0.70, "ed25519": 0.90}
 #: The installed console script, or this tree's package (PYTHONPATH) when there is none.
 FERRY_ARGV = [str(FERRY)] if FERRY.exists() else [sys.executable, "-m", "engine"]
 EMPTY_ZONE = "$ORIGIN bench.invalid.\n@ 60 IN SOA ns hostmaster 1 60 60 60 60\n"
@@ -368,11 +395,53 @@ def start_server(
     return pf.port, pf.pid, pf
 
 
-def run_cell(kind: str, cell: Cell, base: Path) -> Result:
+class SignedMail:
+    """--verify: a DKIM key for the sender's domain, the zone that publishes it with SPF
+    and DMARC records, and signed message files of each cell's size."""
+
+    def __init__(self) -> None:
+        import base64
+        import importlib
+        import textwrap
+
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self._dkim = importlib.import_module("dkim")  # dkimpy, no type information
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self._pem = key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+        public = base64.b64encode(key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+        record = " ".join(f'"{part}"' for part in textwrap.wrap(
+            f"v=DKIM1; k=rsa; p={public.decode()}", 200))
+        self.domain = SENDER.partition("@")[2]
+        self.zone = (f"{self.domain}. 3600 IN TXT \"v=spf1 ip4:127.0.0.1 -all\"\n"
+                     f"_dmarc.{self.domain}. 3600 IN TXT \"v=DMARC1; p=reject\"\n"
+                     f"s1._domainkey.{self.domain}. 3600 IN TXT {record}\n")
+
+    def file(self, size: int, workdir: Path) -> Path:
+        """A signed message of about ``size`` bytes, with LF line ends (smtp-source -F
+        sends each line with CRLF)."""
+        line = b"The quick brown fox jumps over the lazy dog, again and again.\r\n"
+        body = line * max(1, size // len(line))
+        data = (f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nSubject: bench\r\n"
+                f"Message-ID: <bench@{self.domain}>\r\n\r\n").encode() + body
+        signature: bytes = self._dkim.sign(data, b"s1", self.domain.encode(), self._pem,
+                                           canonicalize=(b"relaxed", b"relaxed"))
+        path = workdir / "message.txt"
+        path.write_bytes((signature + data).replace(b"\r\n", b"\n"))
+        return path
+
+
+def run_cell(kind: str, cell: Cell, base: Path, signed: SignedMail | None = None) -> Result:
+    """One cell; with ``signed`` (--verify) the DNS serves its records and smtp-source
+    sends its message file instead of generating one."""
     result = Result(kind, cell)
     workdir = Path(tempfile.mkdtemp(prefix=f"{kind}.", dir=base))
     os.chmod(workdir, 0o755)
-    dns = DnsResponder(EMPTY_ZONE, "bench.invalid.")
+    dns = DnsResponder(EMPTY_ZONE + (signed.zone if signed else ""), "bench.invalid.")
     sink: Sink | None = None
     handle: PostfixInstance | subprocess.Popen[bytes] | None = None
     timeout = 60 + cell.messages * cell.size / 5e6
@@ -386,8 +455,7 @@ def run_cell(kind: str, cell: Cell, base: Path) -> Result:
             str(SESSIONS),
             "-m",
             str(cell.messages),
-            "-l",
-            str(cell.size),
+            *(["-F", str(signed.file(cell.size, workdir))] if signed else ["-l", str(cell.size)]),
             "-f",
             SENDER,
             "-t",
@@ -455,9 +523,9 @@ def ratio(a: float, b: float) -> str:
 
 def print_comparison(cells: list[Cell], results: dict[tuple[str, Cell], list[Result]],
                      kinds: tuple[str, str], target: float = LOG_TARGET) -> None:
-    """--logs / --maillog / --dkim: on / off, end to end, injection and CPU per message,
-    per cell: the medians of the rounds (one short run on a shared machine moves by
-    ±30 %)."""
+    """--logs / --maillog / --verify / --dkim: on / off, end to end, injection and CPU per
+    message, per cell: the medians of the rounds (one short run on a shared machine moves
+    by ±30 %)."""
     print(f"\n{'cell':<16} {'on/off e2e':>10} {'inject':>7} {'CPU':>6} {'target':>6}  verdict"
           "  (medians)")
     verdicts = []
@@ -485,14 +553,18 @@ def main() -> None:
                         "against every log off (issue 12), instead of Ferry/Postfix/direct")
     parser.add_argument("--maillog", action="store_true", help="Ferry with the mail log "
                         "on against off (issue 13), instead of Ferry/Postfix/direct")
+    parser.add_argument("--verify", action="store_true", help="Ferry verifying SPF, DKIM and "
+                        "DMARC against verifying nothing (issue 15)")
     parser.add_argument("--dkim", choices=("rsa", "ed25519"), help="Ferry signing every "
                         "message with a [[dkim_sign]] key against not signing (issue 15)")
-    parser.add_argument("--rounds", type=int, default=1, help="with --logs, --maillog or "
-                        "--dkim: run each pair this many times, alternating, and compare "
-                        "medians")
+    parser.add_argument("--rounds", type=int, default=1, help="with --logs, --maillog, "
+                        "--verify or --dkim: run each pair this many times, alternating, and "
+                        "compare medians")
     args = parser.parse_args()
-    mode = "logs" if args.logs else "maillog" if args.maillog else args.dkim
+    mode = ("logs" if args.logs else "maillog" if args.maillog
+            else "verify" if args.verify else args.dkim)
     compare = COMPARISONS[mode] if mode else None
+    signed = SignedMail() if args.verify else None
     if os.geteuid() != 0 and compare is None:
         sys.exit("run as root: the Postfix instance needs it")
     atexit.register(_stop_children)
@@ -530,7 +602,7 @@ def main() -> None:
         for cell in cells:
             for turn in range(rounds):
                 for kind in kinds if turn % 2 == 0 else kinds[::-1]:
-                    r = run_cell(kind, cell, base)
+                    r = run_cell(kind, cell, base, signed)
                     results.setdefault((kind, cell), []).append(r)
                     print(
                         f"{cell.name:<16} {kind:<13} {cell.messages:>6} "

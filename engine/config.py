@@ -1443,24 +1443,230 @@ class _AgentTable:
     fail: Annotated[Literal["open", "closed"], _v(_choice("open", "closed"))] = "open"
 
 
+_IntOrOff = Annotated[int, _v(_int_or_off)]
+
+
 @dataclass(frozen=True)
 class RateLimitAgentConfig(_AgentTable):
     """[agents.ratelimit]: per client address and per authenticated user (anvil)."""
+
+    #: Connections one client address may open per minute (0: no limit); past it, 421.
+    connections_per_minute: _IntOrOff = 0
+    #: Connections one client address may hold open at once (Postfix's default, 50).
+    concurrent_connections: _IntOrOff = 50
+    #: Messages (MAIL commands) per minute from one unauthenticated client address.
+    messages_per_minute: _IntOrOff = 0
+    #: Recipients (RCPT commands) per minute from one unauthenticated client address.
+    recipients_per_minute: _IntOrOff = 0
+    #: Successful AUTHs as one user per minute (0: no limit); past it, 421.
+    user_connections_per_minute: _IntOrOff = 0
+    #: Sessions authenticated as one user open at once (0: no limit).
+    user_concurrent_connections: _IntOrOff = 0
+    #: Messages per minute from sessions authenticated as one user.
+    user_messages_per_minute: _IntOrOff = 0
+    #: Recipients per minute from sessions authenticated as one user.
+    user_recipients_per_minute: _IntOrOff = 0
+    #: AUTH failures one client address may have per hour, across connections, before
+    #: it is locked out (0: no limit).
+    auth_failures_per_hour: _IntOrOff = 10
+    #: How long a locked-out client address gets 421 for every AUTH.
+    auth_lockout: _Seconds = 900.0
+    #: The wait before the answer to each failed AUTH (slows a password guesser).
+    auth_failure_delay: _SecondsOrOff = 1.0
+    #: Client addresses no limit applies to.
+    exempt: _Networks = ()
+    #: IPv6 clients are counted per network of this prefix length (RFC 6177: a site gets
+    #: a /48 to /64, so one attacker holds a whole /64 of addresses).
+    ipv6_prefix: Annotated[int, _v(_prefix_length)] = 64
+    #: Most client addresses and users tracked at once; past it the least recently seen
+    #: are forgotten (the memory bound: docs/agents-ratelimit.md).
+    max_keys: _PosInt = 100_000
+
+
+def _check_ratelimit(rl: RateLimitAgentConfig) -> list[tuple[_Loc, str]]:
+    if rl.auth_failure_delay >= rl.timeout:
+        # The delay is spent inside the auth stage's call: past the time budget the chain
+        # counts the call as failed, and a failed call fails open.
+        return [(("auth_failure_delay",), f"must be shorter than timeout "
+                 f"({_as_written(rl.timeout)}) (got {_as_written(rl.auth_failure_delay)})")]
+    return []
+
+
+#: Answers a list gives when it refuses the query rather than answering it (Spamhaus keeps
+#: 127.255.255.0/24 for those: .254 "query via a public resolver", .255 "excessive number
+#: of queries"); they never count as a listing.
+DNSBL_ERROR_CODES: Final = ipaddress.IPv4Network("127.255.255.0/24")
+#: What counts by default: any answer in 127.0.0.0/8 (RFC 5782 §2.3) but the error codes.
+DNSBL_DEFAULT_CODES: Final = ((ipaddress.IPv4Address("127.0.0.0"),
+                               ipaddress.IPv4Address("127.255.254.255")),)
+_REPLY_FIELDS: Final = ("client", "zone", "txt")
+
+
+def _code_range(value: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+    """ "127.0.0.2", "127.0.0.2-127.0.0.11" or "127.0.0.0/24" as (first, last)."""
+    first, dash, last = value.partition("-")
+    try:
+        if dash:
+            low, high = ipaddress.IPv4Address(first.strip()), ipaddress.IPv4Address(last.strip())
+        elif "/" in value:
+            net = ipaddress.IPv4Network(value, strict=True)
+            low, high = net.network_address, net.broadcast_address
+        else:
+            low = high = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise _Invalid('must be an IPv4 address, a range such as "127.0.0.2-127.0.0.11" or '
+                       f'a network such as "127.0.0.0/24" (got {_show(value)})') from None
+    if low > high:
+        raise _Invalid(f"is a range whose end is before its start (got {_show(value)})")
+    return low, high
+
+
+def _codes(value: object) -> tuple[tuple[ipaddress.IPv4Address, ipaddress.IPv4Address], ...]:
+    codes = _each(value, "return codes", _code_range)
+    if not codes:
+        raise _Invalid("must not be empty (nothing would count; remove the zone instead)")
+    return codes
+
+
+def _reply_text(value: object) -> str:
+    if not isinstance(value, str) or any(c in value for c in "\r\n\x00"):
+        raise _Invalid(f"must be a string without CR, LF or NUL (got {_show(value)})")
+    try:
+        parts = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(value)
+                 if f is not None]
+    except ValueError as err:
+        raise _Invalid(f"is not a valid template: {err} (got {_show(value)})") from None
+    # A format spec ("{txt:>9999999}") or a conversion is not needed, and a width could
+    # make the reply any length.
+    unknown = [f if not (spec or conv) else f"{f}{'!' + conv if conv else ''}:{spec}"
+               for f, spec, conv in parts if spec or conv or f not in _REPLY_FIELDS]
+    if unknown:
+        raise _Invalid(f"may only use {{client}}, {{zone}} and {{txt}}, not {{{unknown[0]}}} "
+                       f"(got {_show(value)})")
+    return value
+
+
+def _prefix_length(value: object) -> int:
+    if not _is_int(value) or not 1 <= cast(int, value) <= 128:
+        raise _Invalid(f"must be a prefix length from 1 to 128 (got {_show(value)})")
+    return cast(int, value)
+
+
+@dataclass(frozen=True)
+class DnsblZoneConfig:
+    """[[agents.dnsbl.zones]]: one DNS list (RFC 5782), a block list or an allow list."""
+
+    __pydantic_config__ = _TABLE
+
+    #: The list's DNS zone ("zen.spamhaus.org"); the client's address is looked up below it.
+    zone: Annotated[str, _v(_hostname)] = ""
+    #: "block": a listed client is refused (when the weights reach the threshold);
+    #: "allow" (a DNSWL): a listed client bypasses every block list.
+    kind: Annotated[str, _v(_choice("block", "allow"))] = "block"
+    #: The A answers that count as listed; the default: 127.0.0.0/8 but 127.255.255.0/24.
+    codes: Annotated[tuple[tuple[ipaddress.IPv4Address, ipaddress.IPv4Address], ...],
+                     _v(_codes)] = DNSBL_DEFAULT_CODES
+    #: What a listing here adds to the client's score (block lists; postscreen's weights).
+    weight: _PosInt = 1
+    #: The reply text to a refused client, with {client}, {zone} and {txt}; "" = the
+    #: default, "Service unavailable; client [{client}] blocked using {zone}; {txt}".
+    reply: Annotated[str, _v(_reply_text)] = ""
+
+
+def _check_dnsbl(d: DnsblAgentConfig) -> list[tuple[_Loc, str]]:
+    bad: list[tuple[_Loc, str]] = []
+    seen: set[str] = set()
+    for i, z in enumerate(d.zones):
+        if not z.zone:
+            bad.append((("zones", i, "zone"), "is required"))
+        elif z.zone.lower() in seen:
+            bad.append((("zones", i, "zone"), f"lists {_show(z.zone)} twice"))
+        seen.add(z.zone.lower())
+    return bad
 
 
 @dataclass(frozen=True)
 class DnsblAgentConfig(_AgentTable):
     """[agents.dnsbl]: DNS block and allow lists, checked at connect."""
 
+    #: The lists, [[agents.dnsbl.zones]], all queried at once for each connecting client.
+    zones: tuple[DnsblZoneConfig, ...] = ()
+    #: A client is refused when the weights of the block lists that list it add up to this.
+    threshold: _PosInt = 1
+    #: Clients in these networks are never looked up (a static allow list).
+    allow_networks: _Networks = ()
+
+
+def _hostname_or_default(value: object) -> str:
+    """A host name, or "" for the default (the server's [hostname])."""
+    return "" if value == "" else _hostname(value)
+
 
 @dataclass(frozen=True)
 class VerifyAgentConfig(_AgentTable):
     """[agents.verify]: SPF, DKIM and DMARC verification and Authentication-Results."""
 
+    #: The authserv-id of our Authentication-Results field (RFC 8601 §2.5), and the one
+    #: whose fields arriving from outside are removed as forged; "" = the server's hostname.
+    authserv_id: Annotated[str, _v(_hostname_or_default)] = ""
+    #: What a DMARC fail with the domain's policy (after pct) becomes: "enforce": p=reject
+    #: → 550 5.7.1, p=quarantine → hold; "quarantine": both → hold; "tag": only the
+    #: Authentication-Results field says so (the mailbox's filters decide).
+    dmarc_policy: Annotated[Literal["enforce", "quarantine", "tag"], _v(
+        _choice("enforce", "quarantine", "tag"))] = "enforce"
+    #: An SPF "fail" that no DMARC policy rules on (the author domain has no DMARC
+    #: record, or "dmarc" is not verified): "tag" only records it; "reject" answers
+    #: 550 5.7.23 (RFC 7372).  With a DMARC policy, DMARC decides (RFC 7489 §10.1).
+    spf_fail: Annotated[Literal["tag", "reject"], _v(_choice("tag", "reject"))] = "tag"
+
+
+def _field_name_or_off(value: object) -> str:
+    """A header field name (RFC 5322 §3.6.8: printable ASCII but ":"), or "" for off."""
+    if not isinstance(value, str) or not all("!" <= c <= "~" and c != ":" for c in value):
+        raise _Invalid(f'must be a header field name (letters, digits, "-"), or "" for none '
+                       f"(got {_show(value)})")
+    return value
+
+
+def _clamd_address(value: object) -> str:
+    """A clamd socket: "unix:/absolute/path" (its LocalSocket) or "HOST:PORT" (TCPSocket)."""
+    if isinstance(value, str) and value.startswith("unix:"):
+        if not value[5:].startswith("/") or "\x00" in value:
+            raise _Invalid('a Unix socket must be an absolute path, as in '
+                           f'"unix:/run/clamav/clamd.ctl" (got {_show(value)})')
+        return value
+    _destination(None)(value)
+    return cast(str, value)
+
 
 @dataclass(frozen=True)
 class RspamdAgentConfig(_AgentTable):
     """[agents.rspamd]: anti-spam with rspamd's HTTP protocol (/checkv2)."""
+
+    #: rspamd's normal worker (or its proxy); /checkv2 is posted there.
+    url: Annotated[str, _v(_url)] = "http://127.0.0.1:11333"
+    #: Sent as rspamd's Password header, for a worker or proxy that asks for one; never
+    #: echoed.  "" sends none.
+    password: Annotated[str, _v(_secret)] = field(default="", repr=False)
+    #: What rspamd's "reject" becomes: "reject" (550 5.7.1), "hold" (quarantine) or "tag"
+    #: (accept with the spam headers), so an operator can quarantine instead of refusing.
+    reject_action: Annotated[Literal["reject", "hold", "tag"],
+                             _v(_choice("reject", "hold", "tag"))] = "reject"
+    #: What "soft reject" becomes: "tempfail" (451 4.7.1), "hold" or "tag".
+    soft_reject_action: Annotated[Literal["tempfail", "hold", "tag"],
+                                  _v(_choice("tempfail", "hold", "tag"))] = "tempfail"
+    #: What "greylist" becomes: "tempfail" (451 4.7.1, the client retries later), "tag",
+    #: or "accept" (the result header only).
+    greylist_action: Annotated[Literal["tempfail", "tag", "accept"],
+                               _v(_choice("tempfail", "tag", "accept"))] = "tempfail"
+    #: The field that carries the score, the required score and the symbols, added to
+    #: every scanned message (one claiming it on arrival is replaced).
+    header: Annotated[str, _v(_field_name_or_off)] = "X-Spamd-Result"
+    #: "NAME: Yes" on mail rspamd calls spam (tag, add header, rewrite subject); "" = none.
+    spam_header: Annotated[str, _v(_field_name_or_off)] = "X-Spam"
+    #: Larger messages are not scanned (accepted with a log line): scanning them costs
+    #: more than it finds, as with rspamd's own milter.
+    max_size: _Size = 20 * MiB
 
 
 @dataclass(frozen=True)
@@ -1469,6 +1675,21 @@ class ClamavAgentConfig(_AgentTable):
 
     #: A scanner that cannot scan must not let mail through unscanned: closed by default.
     fail: Annotated[Literal["open", "closed"], _v(_choice("open", "closed"))] = "closed"
+    #: clamd's socket: "unix:/path" (its LocalSocket; Debian's is below) or "HOST:PORT"
+    #: (its TCPSocket).
+    address: Annotated[str, _v(_clamd_address)] = "unix:/run/clamav/clamd.ctl"
+    #: What a virus found means: "reject" (554 5.7.1 naming it) or "hold" (quarantine).
+    action: Annotated[Literal["reject", "hold"], _v(_choice("reject", "hold"))] = "reject"
+    #: Larger messages are not sent: at most clamd's StreamMaxLength (25M in Debian's
+    #: clamd.conf), past which clamd answers an error instead of a verdict.
+    max_size: _Size = 25 * MiB
+    #: A message over max_size: "accept" it unscanned (logged) or "tempfail" (451 4.7.1).
+    on_oversize: Annotated[Literal["accept", "tempfail"],
+                           _v(_choice("accept", "tempfail"))] = "accept"
+    #: Scans at once; more wait their turn (clamd has MaxThreads workers).
+    max_concurrent: _PosInt = 10
+    #: "NAME: clamav at <hostname>" on every clean message scanned; "" = none.
+    scanned_header: Annotated[str, _v(_field_name_or_off)] = ""
 
 
 def _factory(value: object) -> str:
@@ -1503,8 +1724,10 @@ class AgentsConfig:
 
     __pydantic_config__ = _TABLE
 
-    ratelimit: RateLimitAgentConfig = field(default_factory=RateLimitAgentConfig)
-    dnsbl: DnsblAgentConfig = field(default_factory=DnsblAgentConfig)
+    ratelimit: Annotated[RateLimitAgentConfig, _after(_check_ratelimit)] = field(
+        default_factory=RateLimitAgentConfig)
+    dnsbl: Annotated[DnsblAgentConfig, _after(_check_dnsbl)] = field(
+        default_factory=DnsblAgentConfig)
     verify: VerifyAgentConfig = field(default_factory=VerifyAgentConfig)
     rspamd: RspamdAgentConfig = field(default_factory=RspamdAgentConfig)
     clamav: ClamavAgentConfig = field(default_factory=ClamavAgentConfig)
@@ -1675,6 +1898,7 @@ TABLES: Final[Mapping[str, type]] = MappingProxyType({
     "agents.ratelimit": RateLimitAgentConfig, "agents.dnsbl": DnsblAgentConfig,
     "agents.verify": VerifyAgentConfig, "agents.rspamd": RspamdAgentConfig,
     "agents.clamav": ClamavAgentConfig, "agents.custom": CustomAgentConfig,
+    "agents.dnsbl.zones": DnsblZoneConfig,
     "dkim_sign": DkimSignConfig,
 })  # fmt: skip
 

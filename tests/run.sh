@@ -27,6 +27,12 @@ ls /usr/lib/*/sasl2/libplain.so* >/dev/null 2>&1 || missing+=(libsasl2-modules)
 # OpenDKIM's opendkim-testmsg verifies our DKIM signatures (tests/interop/test_opendkim.py,
 # in namespaces made by util-linux's unshare: engine/testing/opendkim.py).
 [ -x /usr/sbin/opendkim-testmsg ] || missing+=(opendkim-tools)
+# The content scanners' daemons (tests/integration/test_scanners.py): the tests run their own
+# rspamd and clamd (engine/testing/rspamd.py, clamav.py) on loopback with a configuration and
+# a signature database of their own, so no service of these packages is used or needed.
+command -v rspamd >/dev/null 2>&1 || missing+=(rspamd)
+[ -x /usr/sbin/clamd ] || missing+=(clamav-daemon)
+command -v clamscan >/dev/null 2>&1 || missing+=(clamav)
 # Exim, a second destination MTA: Debian's exim4 packages conflict with postfix (both provide
 # mail-transport-agent), so its binary is unpacked into .cache/exim (dpkg -x: no maintainer
 # scripts, nothing started) instead of installed; engine/testing/exim.py runs it from there.
@@ -39,6 +45,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]}" >&2
   # Postfix is installed for its tools only: no configuration, no daemon started.
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  # clamav-daemon pulls in clamav-freshclam: no download daemon (the tests write their own
+  # signatures).
+  echo "clamav-freshclam clamav-freshclam/autoupdate_freshclam select manual" | debconf-set-selections
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 if [ ! -x "$EXIM_BIN" ]; then
@@ -73,6 +82,18 @@ getent passwd Debian-exim >/dev/null \
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # The test run needs the compiled modules: a failed build is an error here, not a fallback.
 FERRY_REQUIRE_EXTENSIONS=1 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+# The RFC 7208 test suite that pyspf's source distribution ships (test/rfc7208-tests.yml),
+# run by tests/integration/test_spf_suite.py: fetched here, never committed.
+SPF_SUITE=.cache/pyspf/rfc7208-tests.yml
+if [ ! -f "$SPF_SUITE" ]; then
+  echo "tests/run.sh: fetching pyspf's sdist for $SPF_SUITE" >&2
+  mkdir -p .cache/pyspf
+  .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps \
+    --no-binary :all: -d .cache/pyspf pyspf==2.0.14
+  tar -xzf .cache/pyspf/pyspf-2.0.14.tar.gz -C .cache/pyspf --strip-components=2 --no-same-owner \
+    pyspf-2.0.14/test/rfc7208-tests.yml pyspf-2.0.14/test/rfc7208-tests.LICENSE
+fi
 
 .venv/bin/ruff check .
 .venv/bin/mypy

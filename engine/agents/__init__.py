@@ -24,8 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from engine.agents.api import Agent
 from engine.agents.chain import Chain, Figures
+from engine.agents.clamav import build_clamav
 from engine.agents.dns import Lookup
+from engine.agents.dnsbl import build_dnsbl
+from engine.agents.ratelimit import build_ratelimit
 from engine.agents.relay import RelayAgent, RelayPolicy
+from engine.agents.rspamd import build_rspamd
 
 if TYPE_CHECKING:
     from engine.config import Config, HttpConfig, ReceiveConfig
@@ -40,7 +44,7 @@ class AgentContext:
     config: Config
     #: The DNS every agent shares ([delivery] dns, ``--dns``).
     lookup: Lookup
-    #: The server's name (the default authserv-id, the Hostname rspamd is told).
+    #: The server's name (the default authserv-id, rspamd's MTA-Name).
     hostname: str
     #: The connector's ``verify`` methods (for the "verify" agent; () for the others).
     verify: tuple[str, ...] = ()
@@ -52,10 +56,15 @@ Factory = Callable[[AgentContext], Agent | None]
 #: The built-in agents by the name [[receive]] agents lists them with
 #: (engine.config.BUILTIN_AGENTS names the same ones).
 BUILTIN: dict[str, Factory] = {}
+BUILTIN["rspamd"] = build_rspamd
+BUILTIN["clamav"] = build_clamav
 
 #: Agents every connector's chain ends with, built when configured (DKIM signing: they act
 #: at the sign stage only, on mail the client may relay).
 SIGNERS: list[Factory] = []
+
+BUILTIN["ratelimit"] = build_ratelimit
+BUILTIN["dnsbl"] = build_dnsbl
 
 
 def _load_factory(path: str) -> Callable[..., Agent]:
@@ -158,6 +167,16 @@ class Agents:
         for agent in self.all:
             await agent.stop()
 
+
+def _verify(ctx: AgentContext) -> Agent:
+    # Imported on first use: SPF, DKIM and DMARC (with the Public Suffix List) load only
+    # on servers that verify.
+    from engine.agents.verify import build_verify
+
+    return build_verify(ctx)
+
+
+BUILTIN["verify"] = _verify
 
 
 def _dkim_signer(ctx: AgentContext) -> Agent | None:

@@ -13,6 +13,11 @@ questions received, so a test can tell a cached answer from a fresh one.  Lookup
 dictionary lookups, so a zone of thousands of domains answers as fast as one of a single
 domain (parsing takes about 0.2 s per thousand records).
 
+``servfail`` and ``drop`` also take a (name, type) pair (``servfail.add(name, "TXT")``), for
+a server that fails only some types of a name.  ``set_rrsets()`` replaces the records with
+dnspython record sets, for owner names and data that master-file text cannot carry
+conveniently (spaces, raw octets: the zones of the RFC 7208 test suite).
+
 Run it in the caller's loop (``await start_async()`` / ``await stop_async()``) or in a
 thread of its own (``start()`` / ``stop()``, or ``with DnsResponder(text) as dns:``).
 Used by tests and benchmarks only; it must never be imported by the running server, and
@@ -28,6 +33,7 @@ import socket
 import struct
 import threading
 from collections import Counter
+from collections.abc import Iterable
 from typing import Final, cast
 
 import dns.exception
@@ -35,6 +41,7 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
 import dns.rdataset
 import dns.rdatatype
@@ -55,22 +62,34 @@ def _name(text: str) -> dns.name.Name:
 
 
 class _NameSet:
-    """A set of absolute names that accepts text with or without the final dot."""
+    """A set of absolute names that accepts text with or without the final dot; an entry
+    with a type ("TXT") stands for that type of the name only."""
 
     def __init__(self) -> None:
         self._names: set[dns.name.Name] = set()
+        self._typed: set[tuple[dns.name.Name, dns.rdatatype.RdataType]] = set()
 
-    def add(self, text: str) -> None:
-        self._names.add(_name(text))
+    def add(self, text: str, rdtype: str | None = None) -> None:
+        if rdtype is None:
+            self._names.add(_name(text))
+        else:
+            self._typed.add((_name(text), dns.rdatatype.from_text(rdtype)))
 
-    def discard(self, text: str) -> None:
-        self._names.discard(_name(text))
+    def discard(self, text: str, rdtype: str | None = None) -> None:
+        if rdtype is None:
+            self._names.discard(_name(text))
+        else:
+            self._typed.discard((_name(text), dns.rdatatype.from_text(rdtype)))
 
     def clear(self) -> None:
         self._names.clear()
+        self._typed.clear()
 
     def __contains__(self, name: object) -> bool:
         return name in self._names
+
+    def matches(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> bool:
+        return name in self._names or (name, rdtype) in self._typed
 
 
 class DnsResponder:
@@ -107,11 +126,29 @@ class DnsResponder:
         zone = dns.zone.from_text(
             zone_text, origin=_name(self.origin), relativize=False, check_origin=False
         )
+        self._install({
+            name.canonicalize(): {rds.rdtype: rds for rds in node.rdatasets}
+            for name, node in zone.nodes.items()
+        })
+
+    def set_rrsets(self, rrsets: Iterable[dns.rrset.RRset]) -> None:
+        """Replace every record with ``rrsets`` (absolute owner names; record sets of one
+        name and type are merged)."""
+        merged: dict[tuple[dns.name.Name, dns.rdatatype.RdataType], list[dns.rdata.Rdata]] = {}
+        ttls: dict[tuple[dns.name.Name, dns.rdatatype.RdataType], int] = {}
+        for rrset in rrsets:
+            key = (rrset.name.canonicalize(), rrset.rdtype)
+            merged.setdefault(key, []).extend(rrset)
+            ttls[key] = rrset.ttl
         records: _Records = {}
+        for (owner, rdtype), rdatas in merged.items():
+            records.setdefault(owner, {})[rdtype] = dns.rdataset.from_rdata_list(
+                ttls[(owner, rdtype)], rdatas)
+        self._install(records)
+
+    def _install(self, records: _Records) -> None:
         parents: set[dns.name.Name] = set()
-        for name, node in zone.nodes.items():
-            owner = name.canonicalize()
-            records[owner] = {rds.rdtype: rds for rds in node.rdatasets}
+        for owner in records:
             parent = owner
             while parent != dns.name.root:
                 parent = parent.parent()
@@ -152,9 +189,9 @@ class DnsResponder:
         qname = question.name.canonicalize()
         rdtype = question.rdtype
         self.queries[(qname.to_text(), dns.rdatatype.to_text(rdtype))] += 1
-        if qname in self.drop:
+        if self.drop.matches(qname, rdtype):
             return None
-        if qname in self.servfail:
+        if self.servfail.matches(qname, rdtype):
             response.set_rcode(dns.rcode.SERVFAIL)
             return response
         if question.rdclass != dns.rdataclass.IN:

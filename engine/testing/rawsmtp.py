@@ -14,9 +14,14 @@ from engine.protocol.reply import Reply, ReplyParser
 
 
 class RawClient:
-    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+    """``source``: the local address to connect from (any of 127/8 on loopback, so one
+    test can be several clients to the server's per-address policies)."""
+
+    def __init__(self, host: str, port: int, timeout: float = 10.0,
+                 source: str | None = None) -> None:
         self.sock: socket.socket | ssl.SSLSocket = socket.create_connection(
-            (host, port), timeout=timeout)
+            (host, port), timeout=timeout,
+            source_address=None if source is None else (source, 0))
         self.parser = ReplyParser()
 
     def send(self, data: bytes) -> None:

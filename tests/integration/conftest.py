@@ -1,5 +1,6 @@
 """Fixtures for tests over real sockets on 127.0.0.1: a running Ferry, test certificates, a
-DNS responder and a counting sink for the module's ``ZONE`` and ``SINK_ADDRESSES``."""
+DNS responder and a counting sink for the module's ``ZONE`` and ``SINK_ADDRESSES``, and the
+scanner daemons (rspamd, clamd), started once per test session."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any
 import pytest
 import trustme
 
+from engine.testing.clamav import ClamdInstance
 from engine.testing.dns import DnsResponder
+from engine.testing.rspamd import RspamdInstance
 from engine.testing.server import RunningFerry, ferry_config
 from engine.testing.sink import CountingSink
 
@@ -67,3 +70,18 @@ def sink(request: pytest.FixtureRequest) -> Iterator[CountingSink]:
     s = CountingSink(list(request.module.SINK_ADDRESSES))
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def rspamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RspamdInstance]:
+    """A private rspamd (engine.testing.rspamd) for the whole session: it takes seconds to
+    start."""
+    with RspamdInstance(tmp_path_factory.mktemp("rspamd")) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="session")
+def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClamdInstance]:
+    """A private clamd with the test signature database (engine.testing.clamav)."""
+    with ClamdInstance(tmp_path_factory.mktemp("clamd")) as instance:
+        yield instance

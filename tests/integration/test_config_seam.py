@@ -46,7 +46,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 # --- 1. the documentation names exactly the declared keys ----------------------------------
 
 _SECTION = re.compile(r"^#{2,3} (?:Top level|`\[\[?([a-z_.]+?)(?:\.\"[^\"]*\")?\]\]?`)", re.M)
-_ROW = re.compile(r"^\| `([a-z_]+)` \|", re.M)
+_ROW = re.compile(r"^\| `([a-z0-9_]+)` \|", re.M)
 
 
 def documented_keys() -> set[tuple[str, str]]:
@@ -155,12 +155,72 @@ name = "plain"
 listen = ["127.0.0.1:0"]
 allow_plaintext_auth = true
 protocol_log = true
-agents = ["seam-agent"]
+agents = ["ratelimit", "dnsbl", "seam-agent", "rspamd", "clamav"]
 verify = []
 
 [agents.custom."seam-agent"]
 factory = "engine.testing.agents:Scripted"
 options = {{ name = "seam-agent", data = "header:X-Seam:1" }}
+timeout = 5
+fail = "open"
+
+[agents.ratelimit]
+timeout = 5
+fail = "open"
+connections_per_minute = 100
+concurrent_connections = 10
+messages_per_minute = 100
+recipients_per_minute = 100
+user_connections_per_minute = 100
+user_concurrent_connections = 10
+user_messages_per_minute = 100
+user_recipients_per_minute = 100
+auth_failures_per_hour = 10
+auth_lockout = "1m"
+auth_failure_delay = 0.05
+exempt = ["192.0.2.0/24"]
+ipv6_prefix = 56
+max_keys = 1000
+
+[agents.dnsbl]
+timeout = 5
+fail = "open"
+threshold = 1
+allow_networks = ["192.0.2.0/24"]
+
+[[agents.dnsbl.zones]]
+zone = "bl.seam.test"
+kind = "block"
+codes = ["127.0.0.2-127.0.0.11"]
+weight = 1
+reply = "blocked by {{zone}}"
+[agents.verify]
+timeout = 5
+fail = "open"
+authserv_id = "auth.seam.test"
+dmarc_policy = "quarantine"
+spf_fail = "reject"
+
+# The scanners' daemons are down here (closed ports): open, so the mail flows.
+[agents.rspamd]
+url = "http://127.0.0.1:{closed_port()}"
+password = "seam-rspamd"
+reject_action = "hold"
+soft_reject_action = "tag"
+greylist_action = "accept"
+header = "X-Seam-Spamd"
+spam_header = "X-Seam-Spam"
+max_size = "1MiB"
+timeout = 5
+fail = "open"
+
+[agents.clamav]
+address = "127.0.0.1:{closed_port()}"
+action = "hold"
+max_size = "1MiB"
+on_oversize = "tempfail"
+max_concurrent = 2
+scanned_header = "X-Seam-Scanned"
 timeout = 5
 fail = "open"
 
@@ -170,6 +230,7 @@ listen = ["127.0.0.1:0"]
 tls = "starttls"
 cert_file = "{cert}"
 key_file = "{key}"
+verify = ["spf", "dkim", "dmarc"]
 
 [delivery]
 dns = "{dns[0]}:{dns[1]}"

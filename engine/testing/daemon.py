@@ -1,0 +1,111 @@
+"""A scanner daemon (rspamd, clamd) run as a child of the test: what the two have in common.
+
+Owns starting the daemon in the foreground in a session of its own (so the workers it forks
+share its process group), waiting until one probe of it answers, and stopping it by that
+PID's group: SIGTERM, then SIGKILL after a bounded wait.  The stop-at-exit registry and the
+log helpers are those of the private MTAs (``engine.testing.mta``).
+
+Must never signal a process it did not start (it is handed a PID, never a name), never
+listen or connect outside 127.0.0.0/8, and never read or change the system's own
+configuration of the daemon: every file the daemon reads or writes is in the instance's
+directory.  The packages' system services are never needed (their postinst may start them
+under systemd on a real machine; nothing here talks to them).  Used by tests only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import ClassVar
+
+from engine.testing.mta import LoopbackMta, MtaError, wait_pid_gone
+
+__all__ = ["DaemonError", "LoopbackDaemon"]
+
+
+class DaemonError(MtaError):
+    """The daemon could not be configured or started; the message holds its log tail."""
+
+
+class LoopbackDaemon(LoopbackMta):
+    """A daemon child process on 127.0.0.1.  A subclass sets ``address``, ``port``,
+    ``log_path`` and ``output_path``, writes its configuration in ``_prepare()``, and
+    defines ``_command()`` and ``_probe()`` (one attempt at the daemon's own "are you
+    there": True when it answered)."""
+
+    error: ClassVar[type[MtaError]] = DaemonError
+    listener_name: ClassVar[str] = "daemon"
+
+    output_path: Path
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process is not None else 0
+
+    def _prepare(self) -> None:
+        raise NotImplementedError
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _probe(self) -> bool:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Write the configuration, start the daemon, wait until it answers its probe."""
+        self._prepare()
+        self._register()
+        try:
+            with self.output_path.open("wb") as out:
+                self.process = subprocess.Popen(
+                    self._command(), stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.monotonic() + timeout
+            while not self._probe():
+                self._check_running()
+                if time.monotonic() >= deadline:
+                    raise self.error(f"{self.listener_name} on {self.address}:{self.port} "
+                                     f"did not answer in {timeout:.0f} s\n{self.log_tail()}")
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _check_running(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            output = self.output_path.read_text(errors="replace")[-2000:]
+            raise self.error(f"{self.listener_name} exited with status "
+                             f"{self.process.returncode} before it answered\n{output}\n"
+                             f"{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the daemon and the workers it forked; idempotent."""
+        if not self._unregister():
+            return
+        process, self.process = self.process, None
+        if process is None:
+            return
+        # The group id is the daemon's PID, ours for as long as the daemon is not reaped
+        # (poll() and wait() reap it), so the group is signalled only before that.
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            if not wait_pid_gone(process.pid, timeout):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout)
+
+    def __enter__(self) -> LoopbackDaemon:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
