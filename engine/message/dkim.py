@@ -624,7 +624,7 @@ class _Signature:
     limit: int | None
     bh: bytes
     b: bytes
-    key: rsa.RSAPublicKey | ed25519.Ed25519PublicKey | None = None
+    key: PublicKey | None = None
 
 
 def _number(tags: dict[str, str], name: str, digits: int = 12) -> int | None:
@@ -689,7 +689,74 @@ def _parse_signature(field: _Field, now: float) -> _Signature:
     return _Signature(field, tags, algorithm, header_canon, body_canon, names, limit, bh, b)
 
 
-async def _key(lookup: Lookup, sig: _Signature) -> rsa.RSAPublicKey | ed25519.Ed25519PublicKey:
+PublicKey = rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyRecord:
+    """A key record as parsed (§3.6.1), or why it cannot be used (``problem``)."""
+
+    key: PublicKey | None
+    kind: str = ""
+    #: t= flags ("y" testing, "s" no subdomains in i=).
+    flags: frozenset[str] = frozenset()
+    problem: tuple[Result, str] | None = None
+    #: The problem is the key's own (p= does not decode): a k= that does not match the
+    #: signature's algorithm is the better reason, so it is checked first.
+    late: bool = False
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_record(text: str) -> _KeyRecord:
+    """The record ``text`` parsed, cached by its text: a sender's mail all names the same
+    key, and decoding an RSA key costs more than checking a signature with it."""
+    def bad(reason: str, result: Result = "permerror", kind: str = "") -> _KeyRecord:
+        return _KeyRecord(None, kind, problem=(result, reason), late=bool(kind))
+
+    try:
+        tags = parse_tag_list(text)
+    except DkimError as exc:
+        return bad(f"bad key record: {exc}")
+    if tags.get("v", "DKIM1") != "DKIM1":
+        return bad(f"bad key record version v={tags['v']}")
+    if "p" not in tags:
+        return bad("key record has no p=")
+    if "h" in tags and "sha256" not in [h.strip().lower() for h in tags["h"].split(":")]:
+        return bad("key does not allow sha256 (h=)")
+    if "s" in tags and not {"*", "email"} & {s.strip().lower() for s in tags["s"].split(":")}:
+        return bad("key is not for email (s=)")
+    flags = frozenset(f.strip().lower() for f in tags.get("t", "").split(":"))
+    if not _WSP.sub("", tags["p"]):
+        return bad("key revoked")
+    kind = tags.get("k", "rsa").lower()
+    try:
+        data = _base64(tags["p"], "key p=")
+    except DkimError as exc:
+        return bad(str(exc), kind=kind)
+    key: PublicKey
+    if kind == "ed25519":
+        try:
+            key = ed25519.Ed25519PublicKey.from_public_bytes(data)
+        except ValueError:
+            return bad("bad Ed25519 key", kind=kind)
+    elif kind == "rsa":
+        try:
+            # SubjectPublicKeyInfo as published in practice, or §3.6.1's RSAPublicKey.
+            loaded = serialization.load_der_public_key(data)
+        except (ValueError, UnsupportedAlgorithm):
+            return bad("bad RSA key", kind=kind)
+        if not isinstance(loaded, rsa.RSAPublicKey):
+            return bad("key p= is not an RSA key", kind=kind)
+        if loaded.key_size < MIN_VERIFY_BITS:
+            return bad(f"key too short ({loaded.key_size} bits, RFC 8301 §3.2)", "policy",
+                       kind=kind)
+        key = loaded
+    else:
+        return _KeyRecord(None, kind, flags)  # k= unknown: _key reports the mismatch
+    return _KeyRecord(key, kind, flags)
+
+
+async def _key(lookup: Lookup, sig: _Signature) -> PublicKey:
     """§6.1.2: the public key from SELECTOR._domainkey.DOMAIN; _Problem when none."""
     name = f"{sig.tags['s'].strip().lower()}._domainkey.{sig.tags['d'].lower().rstrip('.')}"
     try:
@@ -700,48 +767,20 @@ async def _key(lookup: Lookup, sig: _Signature) -> rsa.RSAPublicKey | ed25519.Ed
         raise _Problem("permerror", f"bad key name {name}") from None
     if not answer.records:
         raise _Problem("permerror", "no key")
-    try:
-        tags = parse_tag_list(answer.records[0])
-    except DkimError as exc:
-        raise _Problem("permerror", f"bad key record: {exc}") from None
-    if tags.get("v", "DKIM1") != "DKIM1":
-        raise _Problem("permerror", f"bad key record version v={tags['v']}")
-    if "p" not in tags:
-        raise _Problem("permerror", "key record has no p=")
-    if "h" in tags and "sha256" not in [h.strip().lower() for h in tags["h"].split(":")]:
-        raise _Problem("permerror", "key does not allow sha256 (h=)")
-    if "s" in tags and not {"*", "email"} & {s.strip().lower() for s in tags["s"].split(":")}:
-        raise _Problem("permerror", "key is not for email (s=)")
-    flags = {f.strip().lower() for f in tags.get("t", "").split(":")}
+    record = _key_record(answer.records[0])
+    if record.problem is not None and not record.late:
+        raise _Problem(*record.problem)
     # §3.6.1 t=s: the i= domain must be d= itself, not a subdomain.
-    if ("s" in flags and "i" in sig.tags
+    if ("s" in record.flags and "i" in sig.tags
             and sig.tags["i"].rpartition("@")[2].lower().rstrip(".") != sig.tags["d"].lower()):
         raise _Problem("permerror", "key forbids subdomains in i= (t=s)")
-    if not _WSP.sub("", tags["p"]):
-        raise _Problem("permerror", "key revoked")
-    kind = tags.get("k", "rsa").lower()
     wanted = sig.algorithm.partition("-")[0]
-    if kind != wanted:
-        raise _Problem("permerror", f"key type k={kind} does not match a={sig.algorithm}")
-    try:
-        data = _base64(tags["p"], "key p=")
-    except DkimError as exc:
-        raise _Problem("permerror", str(exc)) from None
-    if kind == "ed25519":
-        try:
-            return ed25519.Ed25519PublicKey.from_public_bytes(data)
-        except ValueError:
-            raise _Problem("permerror", "bad Ed25519 key") from None
-    try:
-        # SubjectPublicKeyInfo as published in practice, or §3.6.1's RSAPublicKey.
-        key = serialization.load_der_public_key(data)
-    except (ValueError, UnsupportedAlgorithm):
-        raise _Problem("permerror", "bad RSA key") from None
-    if not isinstance(key, rsa.RSAPublicKey):
-        raise _Problem("permerror", "key p= is not an RSA key")
-    if key.key_size < MIN_VERIFY_BITS:
-        raise _Problem("policy", f"key too short ({key.key_size} bits, RFC 8301 §3.2)")
-    return key
+    if record.kind != wanted:
+        raise _Problem("permerror", f"key type k={record.kind} does not match a={sig.algorithm}")
+    if record.problem is not None:
+        raise _Problem(*record.problem)
+    assert record.key is not None
+    return record.key
 
 
 def _check(sig: _Signature, fields: Sequence[_Field], body: memoryview,
