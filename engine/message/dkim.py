@@ -26,11 +26,15 @@ OpenSSL signs and verifies (pyca/cryptography #14370 for RSA, #15164 for Ed25519
 the 51.x we run; ``bench_dkim.py``'s handoff test sees it every time), so a signature made
 on the event loop costs the loop a GIL round trip: in ``ferry serve`` another thread (the
 queue writer's feeder) takes the GIL meanwhile, and a profile showed each 35 µs Ed25519
-signature costing the loop 220 µs.  Hence every signature and every verification is made
-in the default executor (``loop.run_in_executor``): end to end, signing Ed25519 on the
-loop gave 2.2-3.3 s for 4,000 messages where the executor gave 2.0-2.5 s.  The signing
-agent (engine.agents.dkim) makes all of a message's signatures in one executor call;
-:func:`verify` looks the keys up on the loop, then checks every signature in one.
+signature costing the loop 220 µs.  Hence every signature is made in the default
+executor (``loop.run_in_executor``): end to end, signing Ed25519 on the loop gave
+2.2-3.3 s for 4,000 messages where the executor gave 2.0-2.5 s; the signing agent
+(engine.agents.dkim) makes all of a message's signatures in one executor call.
+Verification is one public-key operation of 0.02-0.06 ms after the hashing: there the
+hop to a thread cost more than it saved (``bench_relay.py --verify``, 1 and 20 KiB at 20
+messages per connection: 600-620 µs of CPU per message on the loop against 635-920 in
+the executor), so :func:`verify` checks on the loop when the body is under
+:data:`VERIFY_INLINE_BYTES` and in the executor otherwise (hashing a large body).
 
 It must never open a socket or a file itself (the key record comes through the
 ``engine.agents.dns.Lookup`` handed in; :func:`load_signing_key` reads the one file it is
@@ -67,6 +71,7 @@ __all__ = [
     "DEFAULT_HEADERS",
     "MIN_SIGNING_BITS",
     "MIN_VERIFY_BITS",
+    "VERIFY_INLINE_BYTES",
     "DkimError",
     "DkimKeyError",
     "DkimResult",
@@ -105,6 +110,9 @@ DEFAULT_HEADERS: Final = (
 #: at least 1024 and should use 2048 (§3.2 of the same) — this project requires 2048.
 MIN_VERIFY_BITS: Final = 1024
 MIN_SIGNING_BITS: Final = 2048
+
+#: Verification stays on the loop below this many body octets (see the docstring).
+VERIFY_INLINE_BYTES: Final = 32 * 1024
 
 #: Relaxed bodies are canonicalised in chunks of this size (bounded temporary copies).
 CHUNK: Final = 64 * 1024
@@ -863,8 +871,12 @@ async def verify(message: Message, lookup: Lookup, *, max_signatures: int = 5,
             ready.append((i, sig))
     if ready:
         sigs = [sig for _, sig in ready]
-        checked = await asyncio.get_running_loop().run_in_executor(
-            None, _check_all, sigs, fields, message.body())
+        body = message.body()
+        if len(body) < VERIFY_INLINE_BYTES:
+            checked = _check_all(sigs, fields, body)
+        else:
+            checked = await asyncio.get_running_loop().run_in_executor(
+                None, _check_all, sigs, fields, body)
         for (i, sig), (result, reason, note) in zip(ready, checked, strict=True):
             results[i] = _result(sig.field, result, reason, note, tags=sig.tags)
     return [r for r in results if r is not None]
