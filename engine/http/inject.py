@@ -328,6 +328,8 @@ def _build(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
     on the loop); ``hand`` gets them :data:`CHUNK` at a time as they are built."""
     prepared: list[Prepared] = []
     total = handed = 0
+    # The MAIL command by (SMTPUTF8, 8BITMIME): parsed once per request, not per message.
+    senders: dict[tuple[bool, bool], Command] = {}
     for rcpts, values in plan.groups:
         to = rcpts[0].cmd.mailbox if len(rcpts) == 1 else UNDISCLOSED
         data = plan.render(values, to)
@@ -345,9 +347,11 @@ def _build(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
         if eight_bit and not utf8:
             end = data.find(b"\r\n\r\n")
             utf8 = not data[:end].isascii()
+        mail = senders.get((utf8, eight_bit))
+        if mail is None:
+            mail = senders[utf8, eight_bit] = _sender(doc_from, utf8, eight_bit)
         one: Arrival | None = arrival._replace(
-            mail=_sender(doc_from, utf8, eight_bit),
-            recipients=tuple(r.cmd for r in rcpts), body=data)
+            mail=mail, recipients=tuple(r.cmd for r in rcpts), body=data)
         if screen is not None:
             one = screen(one)  # type: ignore[arg-type]
             if one is None:

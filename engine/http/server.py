@@ -1,18 +1,19 @@
 """The HTTP listener: sockets bound as root (like the receive connectors'), an aiohttp
 application on the server's own loop, who may do what, and the error every bad request gets.
 
-Every request passes two middlewares before its handler:
+Every request passes one middleware (one, not two: it runs for every injected message)
+that does two things before and around its handler:
 
-1. **problems**: whatever goes wrong becomes an RFC 9457 ``application/problem+json``
-   answer: a :class:`~engine.http.api.Problem` the handler raised, aiohttp's own errors
-   (404, 405, 413 for a body over ``[http] max_body_size``), a body that does not arrive
-   within ``request_timeout`` (408, :func:`engine.http.api.json_body`), and any other
-   exception (500, logged with its traceback): nothing a client sends can stop the
-   listener or reach the SMTP side.
-2. **authentication**: a client on the loopback is trusted with every scope when
+1. **authentication**: a client on the loopback is trusted with every scope when
    ``trust_loopback`` is on; any other needs ``Authorization: Bearer <token>`` of a
    ``[http.tokens.NAME]`` entry whose scopes include the one the route requires (RFC 6750:
    401 without a valid token, 403 when its scopes do not cover the route).
+2. **problems**: whatever goes wrong becomes an RFC 9457 ``application/problem+json``
+   answer: a :class:`~engine.http.api.Problem` the handler (or the authentication)
+   raised, aiohttp's own errors (404, 405, 413 for a body over ``[http] max_body_size``),
+   a body that does not arrive within ``request_timeout`` (408,
+   :func:`engine.http.api.json_body`), and any other exception (500, logged with its
+   traceback): nothing a client sends can stop the listener or reach the SMTP side.
 
 It must never block the loop (handlers that read many records do it in a thread) and never
 decide delivery.
@@ -105,8 +106,11 @@ def _challenge(error: str = "") -> Mapping[str, str]:
 
 
 @web.middleware
-async def _problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
+        scope = required_scope(request.match_info.route.handler)
+        if scope is not None:  # None: public, or aiohttp's own 404/405
+            request[PRINCIPAL] = _authenticate(request, scope)
         return await handler(request)
     except Problem as problem:
         return problem.response()
@@ -126,12 +130,8 @@ async def _problems(request: web.Request, handler: Handler) -> web.StreamRespons
                        f"{type(exc).__name__} (logged by the server)").response()
 
 
-@web.middleware
-async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    route = request.match_info.route
-    scope = required_scope(route.handler)
-    if scope is None:
-        return await handler(request)  # public, or aiohttp's own 404/405
+def _authenticate(request: web.Request, scope: Scope) -> Principal:
+    """Who sent the request, when it may use ``scope``; else a 401/403 Problem."""
     tokens: Tokens = request.app[TOKENS]
     who = tokens.principal(request)
     if who is None:
@@ -144,8 +144,7 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
         raise Problem(403, "Forbidden", f"token {who.name!r} lacks the {scope.value!r} scope",
                       extra={"scope": scope.value},
                       headers=_challenge("insufficient_scope"))
-    request[PRINCIPAL] = who
-    return await handler(request)
+    return who
 
 
 TOKENS: Final = web.AppKey("ferry.tokens", Tokens)
@@ -175,7 +174,7 @@ class HttpServer:
             sock.close()
 
     def web_app(self) -> web.Application:
-        webapp = web.Application(middlewares=[_problems, _authenticate],
+        webapp = web.Application(middlewares=[_guard],
                                  client_max_size=self.config.max_body_size)
         webapp[APP] = self.app
         webapp[TOKENS] = self.tokens
