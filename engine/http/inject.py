@@ -330,6 +330,7 @@ def _build(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
     total = handed = 0
     # The MAIL command by (SMTPUTF8, 8BITMIME): parsed once per request, not per message.
     senders: dict[tuple[bool, bool], Command] = {}
+    ascii_from = doc_from.isascii()
     for rcpts, values in plan.groups:
         to = rcpts[0].cmd.mailbox if len(rcpts) == 1 else UNDISCLOSED
         data = plan.render(values, to)
@@ -341,7 +342,8 @@ def _build(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
             raise _invalid("recipients", "the personalised messages come to more than "
                            f"http.max_request_queued_size ({http.max_request_queued_size} "
                            "bytes)", 413)
-        utf8 = not doc_from.isascii() or any(not r.cmd.mailbox.isascii() for r in rcpts)
+        commands = (rcpts[0].cmd,) if len(rcpts) == 1 else tuple(r.cmd for r in rcpts)
+        utf8 = not ascii_from or any(not c.mailbox.isascii() for c in commands)
         eight_bit = not data.isascii()
         # RFC 6532: a UTF-8 header section needs SMTPUTF8 from every hop.
         if eight_bit and not utf8:
@@ -350,8 +352,7 @@ def _build(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
         mail = senders.get((utf8, eight_bit))
         if mail is None:
             mail = senders[utf8, eight_bit] = _sender(doc_from, utf8, eight_bit)
-        one: Arrival | None = arrival._replace(
-            mail=mail, recipients=tuple(r.cmd for r in rcpts), body=data)
+        one: Arrival | None = arrival._replace(mail=mail, recipients=commands, body=data)
         if screen is not None:
             one = screen(one)  # type: ignore[arg-type]
             if one is None:

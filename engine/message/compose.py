@@ -222,10 +222,50 @@ def _encoded_body(text: str) -> tuple[bytes, bytes]:
             lines.pop()
         if max(map(len, lines), default=0) <= _MAX_LINE:
             return b"7bit", ("\r\n".join(lines) + "\r\n").encode("ascii")
+        if _qp_as_is(text):
+            return _soft_wrapped(lines)
+    return _package_body(text)
+
+
+def _package_body(text: str) -> tuple[bytes, bytes]:
     # email.contentmanager.set_text_content calls this very function (Python 3.6+).
     cte, data = email.contentmanager._encode_text(  # type: ignore[attr-defined]
         text, "utf-8", None, POLICY)
     return cte.encode("ascii"), data.replace("\n", "\r\n").encode("ascii")
+
+
+def _qp_as_is(text: str) -> bool:
+    """Whether quoted-printable writes ASCII ``text`` as it is but for soft line breaks:
+    no "=", no control but TAB and LF, no white space ending a line (RFC 2045 §6.7 rules
+    1-3; email.quoprimime's body map).  String methods, not a regular expression: this
+    runs for each templated part of each recipient."""
+    flat = text.replace("\n", "").replace("\t", " ")
+    return ("=" not in flat and flat.isprintable() and " \n" not in text
+            and "\t\n" not in text and not text.endswith((" ", "\t")))
+
+
+def _soft_wrapped(lines: list[str]) -> tuple[bytes, bytes]:
+    """What :func:`email.contentmanager._encode_text` makes of ASCII ``lines`` of which
+    some are too long and none needs a character quoted (:func:`_qp_as_is`): the same
+    bytes (email.quoprimime.body_encode's soft line breaks, "=" after max_line_length - 1
+    characters), without its character-by-character work (a bulk request's html part is
+    often one long line).  test_compose holds it byte-equal to the package's.
+
+    Always quoted-printable: the package takes base64 when its sniff of the first ten
+    lines is longer as quoted-printable, and here it never is: a line of L characters
+    gains at most L / 77 "=" and keeps its line end, 78/77 of the text and one octet a
+    line, while base64 writes 4/3 of the text and of its CRLFs (binascii.b2a_base64)."""
+    width = _MAX_LINE - 1
+    out: list[str] = []
+    for line in lines:
+        # body_encode's loop: a break while at least max_line_length + 1 characters are left.
+        start, last = 0, len(line) - 1 - _MAX_LINE
+        while start <= last:
+            out.append(line[start:start + width] + "=")
+            start += width
+        out.append(line[start:])
+    out.append("")
+    return b"quoted-printable", "\r\n".join(out).encode("ascii")
 
 
 class _Template:

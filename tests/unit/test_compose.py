@@ -4,16 +4,21 @@ held to it, CRLF canonicalisation and the fields a submission server adds.  No s
 from __future__ import annotations
 
 import email
+import email.contentmanager
 import email.policy
 from email.message import EmailMessage, MIMEPart
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.message.compose import (
+    POLICY,
     Attachment,
     ComposeError,
     Composer,
     Structured,
+    _encoded_body,
     base64_content,
     canonical,
     complete,
@@ -192,3 +197,20 @@ def test_a_non_ascii_sender_makes_a_utf8_header_section() -> None:
     assert "From: jösé@exämple.com\r\n" in head and "To: ünï@exämple.net\r\n" in head
     assert _parse(raw)["Subject"] == "Grüße Zoë"
     assert b"=?utf-8?" not in compose(spec, values={"n": "x"}).split(b"\r\n")[0]
+
+
+# Long ASCII lines with and without what quoted-printable must quote ("=", controls,
+# white space at a line's end), around the soft-break lengths (77, 78, 79, 155, ...).
+_LINE = st.text(st.sampled_from("ab =\t.\x01"), max_size=8).flatmap(
+    lambda tail: st.sampled_from([0, 1, 76, 77, 78, 79, 80, 154, 155, 156, 157, 400]).map(
+        lambda n: "x" * n + tail))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_LINE, min_size=1, max_size=14), st.booleans())
+def test_encoded_body_is_the_packages(lines: list[str], ended: bool) -> None:
+    """The renderer's own encoding of a text part is byte for byte the package's."""
+    text = "\n".join(lines) + ("\n" if ended else "")
+    cte, data = email.contentmanager._encode_text(  # type: ignore[attr-defined]
+        text, "utf-8", None, POLICY)
+    assert _encoded_body(text) == (cte.encode(), data.replace("\n", "\r\n").encode())
