@@ -513,7 +513,9 @@ async def post_messages(request: web.Request) -> web.Response:
         protocol="HTTPS" if tls_info else "HTTP")
     chain = app.http_chain
     screen: Screen | None = None
-    if chain is not None:
+    # Without [http] agents and [[dkim_sign]] the chain is empty: nothing to build per
+    # request (the agents' view of the client parses its address).
+    if chain is not None and (chain.wants(Stage.DATA) or chain.wants(Stage.SIGN)):
         view = AgentSession(f"http-{id(request):x}", http.connector, ipaddress.ip_address(remote),
                             esmtp=True, tls=bool(tls_info), tls_info=tls_info,
                             auth_user=who.name, may_relay=who.trusted, door="HTTP")
