@@ -1,7 +1,8 @@
 """The injection API (``POST /api/v1/messages``) against SMTP ingest, in one run.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_inject.py [--quick] [--dir DIR]``
-(about a minute; ``--quick`` a third of it).  Needs Postfix's ``smtp-source``.
+Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_inject.py [--quick] [--rounds N]
+[--dir DIR]`` (about a minute; ``--quick`` a third of it; ``--rounds N`` runs the three
+injection cells N times, alternating, and reports the medians).  Needs Postfix's ``smtp-source``.
 
 Two measurements, each against a fresh ``ferry serve`` (one process, delivery paused, the
 defaults otherwise: LMDB with fsync, so both answers come after the commit that holds the
@@ -239,11 +240,19 @@ def bulk_cell(base: Path, rounds: int) -> tuple[list[float], float]:
     return rates, cpu / (BULK * rounds) * 1e6
 
 
+def _medians(results: list[tuple[float, float]]) -> tuple[float, float]:
+    return (statistics.median(r for r, _ in results),
+            statistics.median(c for _, c in results))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()),
                         help="where the spools go (deleted afterwards)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of the three injection cells, alternating; medians "
+                             "are reported (a shared machine's load moves between cells)")
     args = parser.parse_args()
     if not shutil.which(SMTP_SOURCE):
         print(f"needs {SMTP_SOURCE} (Postfix)", file=sys.stderr)
@@ -251,9 +260,19 @@ def main() -> int:
     n = 5_000 if args.quick else 20_000
     print(f"engine from {os.environ.get('PYTHONPATH') or 'the installed package'}; "
           f"{os.cpu_count()} CPUs; {n} messages of 1 KiB, {SESSIONS} clients")
-    smtp, smtp_cpu = smtp_cell(args.dir, n)
-    http, http_cpu = http_cell(args.dir, n)
-    raw, raw_cpu = http_cell(args.dir, n, raw=True)
+    cells: dict[str, list[tuple[float, float]]] = {"smtp": [], "http": [], "raw": []}
+    for i in range(args.rounds):
+        cells["smtp"].append(smtp_cell(args.dir, n))
+        cells["http"].append(http_cell(args.dir, n))
+        cells["raw"].append(http_cell(args.dir, n, raw=True))
+        if args.rounds > 1:
+            print(f"round {i + 1}: " + ", ".join(
+                f"{name} {got[-1][0]:.0f}/s {got[-1][1]:.0f} us" for name, got in cells.items()))
+    smtp, smtp_cpu = _medians(cells["smtp"])
+    http, http_cpu = _medians(cells["http"])
+    raw, raw_cpu = _medians(cells["raw"])
+    if args.rounds > 1:
+        print(f"medians of {args.rounds} rounds:")
     print(f"SMTP  smtp-source -d:     {smtp:6.0f} messages/s, server CPU {smtp_cpu:4.0f} "
           "us/message")
     print(f"HTTP  aiohttp keep-alive: {http:6.0f} messages/s, server CPU {http_cpu:4.0f} "
@@ -264,7 +283,7 @@ def main() -> int:
     print(f"ratio HTTP (aiohttp) / SMTP: {ratio:5.2f}x  (target >= {TARGET_RATIO:.1f}x: "
           f"{'met' if ratio >= TARGET_RATIO else 'NOT met'}); HTTP (raw) / SMTP "
           f"{raw / smtp:.2f}x; server CPU per message SMTP / HTTP {smtp_cpu / http_cpu:.2f}x")
-    rates, bulk_cpu = bulk_cell(args.dir, 1 if args.quick else 3)
+    rates, bulk_cpu = bulk_cell(args.dir, max(args.rounds, 1 if args.quick else 3))
     best = max(rates)
     print(f"bulk: one request, {BULK} personalised recipients: best {best:.0f} "
           f"recipients/s (median {statistics.median(rates):.0f}; target >= {TARGET_BULK}: "

@@ -342,6 +342,11 @@ class Composer:
             self._slots.append(slot)
             at = end
         self._pieces.append(skeleton[at:])
+        #: (literal piece, slot, its template, a body part's other header lines) in order
+        self._steps: list[tuple[bytes, str, _Template | None, bytes]] = [
+            (self._pieces[i], slot, self._templates.get(slot) if slot in ("s", "t", "h") else None,
+             self._part_headers.get(slot, b""))
+            for i, slot in enumerate(self._slots)]
 
     def size_bound(self, longest_value: int) -> int:
         """An upper bound of a rendered message's size when no value is longer than
@@ -365,34 +370,36 @@ class Composer:
     def render(self, values: Mapping[str, str], to: str) -> bytes:
         """The message for ``values`` (every placeholder's value) and recipient(s) ``to``
         (the To: field's value)."""
-        spec = self.spec
+        # Once per recipient of a bulk request: every lookup that does not depend on the
+        # recipient was made in __init__ (self._steps).
         out: list[bytes] = []
-        pieces = self._pieces
-        for i, slot in enumerate(self._slots):
-            out.append(pieces[i])
-            if slot == "s":
-                subject = self._templates["s"].fill(values)
-                if subject.isascii() and subject.isprintable() and len(subject) < 68:
-                    out.append(b"Subject: %s\r\n" % subject.encode())
-                else:  # RFC 2047 words, folding: the package's header machinery
-                    out.append(POLICY.header_factory("Subject", subject).fold(
-                        policy=POLICY).encode("ascii"))
+        append = out.append
+        for piece, slot, template, part_head in self._steps:
+            append(piece)
+            if template is not None and slot != "s":  # a templated body: "t" or "h"
+                cte, data = _encoded_body(template.fill(values, slot == "h"))
+                for boundary in self.boundaries:
+                    if boundary in data:
+                        # A value that holds a boundary line: the package picks another.
+                        return compose(self.spec, to=to, date=self.date, values=values,
+                                       hostname=self.hostname)
+                out += (b"Content-Transfer-Encoding: ", cte, b"\r\n", part_head, b"\r\n",
+                        data)
+            elif slot == "id":
+                append(b"Message-ID: %s\r\n" % message_id(self.hostname).encode())
             elif slot == "to":
                 # A non-ASCII address cannot be an encoded word: UTF-8 (RFC 6532 §3.2).
-                out.append(_UTF8_POLICY.fold_binary("To", to) if not to.isascii()
-                           or len(to) > 70 else b"To: %s\r\n" % to.encode())
-            elif slot == "id":
-                out.append(b"Message-ID: %s\r\n" % message_id(self.hostname).encode())
-            else:
-                body = self._templates[slot].fill(values, escape=slot == "h")
-                cte, data = _encoded_body(body)
-                if any(b in data for b in self.boundaries):
-                    # A value that holds a boundary line: the package picks another.
-                    return compose(spec, to=to, date=self.date, values=values,
-                                   hostname=self.hostname)
-                out += (b"Content-Transfer-Encoding: ", cte, b"\r\n",
-                        self._part_headers[slot], b"\r\n", data)
-        out.append(pieces[-1])
+                append(_UTF8_POLICY.fold_binary("To", to) if not to.isascii()
+                       or len(to) > 70 else b"To: %s\r\n" % to.encode())
+            else:  # "s"
+                assert template is not None
+                subject = template.fill(values)
+                if subject.isascii() and subject.isprintable() and len(subject) < 68:
+                    append(b"Subject: %s\r\n" % subject.encode())
+                else:  # RFC 2047 words, folding: the package's header machinery
+                    append(POLICY.header_factory("Subject", subject).fold(
+                        policy=POLICY).encode("ascii"))
+        append(self._pieces[-1])
         return b"".join(out)
 
 
