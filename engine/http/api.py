@@ -119,12 +119,11 @@ async def json_body(request: web.Request) -> Any:
     # Only the reading is timed (RFC 9110 §15.5.9: 408 is the server giving up waiting for
     # the request): once a request is read, its work runs to its end, so a client never
     # gets a 408 for messages that were queued meanwhile.
+    timeout = request.app[APP].config.http.request_timeout
     if request.content.is_eof():
         # The whole body came with the request's first reads (a small request, the
         # common case): nothing to wait for, so no timer to arm and cancel.
-        raw = await request.read()
-        return _loads(raw)
-    timeout = request.app[APP].config.http.request_timeout
+        return _loads(await request.read())
     try:
         async with asyncio.timeout(timeout):
             raw = await request.read()
