@@ -24,12 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from engine.agents.api import Agent
 from engine.agents.chain import Chain, Figures
-from engine.agents.clamav import build_clamav
 from engine.agents.dns import Lookup
-from engine.agents.dnsbl import build_dnsbl
-from engine.agents.ratelimit import build_ratelimit
 from engine.agents.relay import RelayAgent, RelayPolicy
-from engine.agents.rspamd import build_rspamd
 
 if TYPE_CHECKING:
     from engine.config import Config, HttpConfig, ReceiveConfig
@@ -54,17 +50,21 @@ class AgentContext:
 Factory = Callable[[AgentContext], Agent | None]
 
 #: The built-in agents by the name [[receive]] agents lists them with
-#: (engine.config.BUILTIN_AGENTS names the same ones).
-BUILTIN: dict[str, Factory] = {}
-BUILTIN["rspamd"] = build_rspamd
-BUILTIN["clamav"] = build_clamav
+#: (engine.config.BUILTIN_AGENTS names the same ones): "module:factory", imported on first
+#: use, so a server loads only the agents it runs (SPF, DKIM and DMARC with the Public
+#: Suffix List, aiohttp for rspamd), and engine.message.dkim, which imports this package,
+#: makes no import cycle.
+BUILTIN: dict[str, str] = {
+    "ratelimit": "engine.agents.ratelimit:build_ratelimit",
+    "dnsbl": "engine.agents.dnsbl:build_dnsbl",
+    "verify": "engine.agents.verify:build_verify",
+    "rspamd": "engine.agents.rspamd:build_rspamd",
+    "clamav": "engine.agents.clamav:build_clamav",
+}
 
-#: Agents every connector's chain ends with, built when configured (DKIM signing: they act
-#: at the sign stage only, on mail the client may relay).
-SIGNERS: list[Factory] = []
-
-BUILTIN["ratelimit"] = build_ratelimit
-BUILTIN["dnsbl"] = build_dnsbl
+#: Agents every chain ends with, built when configured ("module:factory"; DKIM signing:
+#: they act at the sign stage only, on mail the client may relay).
+SIGNERS: tuple[str, ...] = ("engine.agents.dkim:build_signer",)
 
 
 def _load_factory(path: str) -> Callable[..., Agent]:
@@ -120,9 +120,10 @@ class Agents:
                 raise TypeError(f"agents.custom.{name}.factory ({custom.factory}) returned "
                                 f"{type(agent).__name__}, not an engine.agents.api.Agent")
             return agent
-        build = BUILTIN.get(name)
-        if build is None:
+        path = BUILTIN.get(name)
+        if path is None:
             raise ValueError(f"agent {name!r} is not available in this build")
+        build: Factory = _load_factory(path)
         built = build(self._context(verify))
         if built is not None:
             table = tables[name]
@@ -132,7 +133,7 @@ class Agents:
 
     def signers(self) -> list[Agent]:
         if self._signers is None:
-            found = (factory(self._context()) for factory in SIGNERS)
+            found = (_load_factory(path)(self._context()) for path in SIGNERS)
             self._signers = [agent for agent in found if agent is not None]
         return self._signers
 
@@ -167,24 +168,3 @@ class Agents:
         for agent in self.all:
             await agent.stop()
 
-
-def _verify(ctx: AgentContext) -> Agent:
-    # Imported on first use: SPF, DKIM and DMARC (with the Public Suffix List) load only
-    # on servers that verify.
-    from engine.agents.verify import build_verify
-
-    return build_verify(ctx)
-
-
-BUILTIN["verify"] = _verify
-
-
-def _dkim_signer(ctx: AgentContext) -> Agent | None:
-    # Imported when the server builds its agents: engine.message.dkim imports this
-    # package's modules, so importing it here at package import would be a cycle.
-    from engine.agents.dkim import build_signer
-
-    return build_signer(ctx)
-
-
-SIGNERS.append(_dkim_signer)

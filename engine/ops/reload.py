@@ -67,6 +67,7 @@ RESTART: Final[Mapping[str, str]] = {
     "agents": "the policy agents are built at start (their connections and counters)",
     "receive[*].agents": "a receive connector's chain of policy agents is built at start",
     "receive[*].verify": "a receive connector's chain of policy agents is built at start",
+    "http.agents": "the chain of policy agents of injected mail is built at start",
     "dkim_sign": "the DKIM signing keys are loaded and the signers built at start",
 }
 
@@ -149,7 +150,8 @@ class Plan:
 
 
 def _pin_receive(old: ReceiveConfig, new: ReceiveConfig) -> ReceiveConfig:
-    keep: dict[str, Any] = {"listen": old.listen, "protocol_log": old.protocol_log}
+    keep: dict[str, Any] = {"listen": old.listen, "protocol_log": old.protocol_log,
+                            "agents": old.agents, "verify": old.verify}
     if old.tls != new.tls and "implicit" in (old.tls, new.tls):
         keep["tls"] = old.tls
         if new.cert_file is None or new.key_file is None:
@@ -169,13 +171,13 @@ def plan(old: Config, new: Config) -> Plan:
     h = old.http
     config = dataclasses.replace(
         new, hostname=old.hostname, spool=old.spool, queue=old.queue, server=old.server,
-        receive=receive, send=send, dkim_sign=old.dkim_sign,
+        receive=receive, send=send, dkim_sign=old.dkim_sign, agents=old.agents,
         log=dataclasses.replace(new.log, protocol_log_dir=old.log.protocol_log_dir),
         delivery=dataclasses.replace(new.delivery, protocol_log=old.delivery.protocol_log),
         tracking=dataclasses.replace(old.tracking, subject=new.tracking.subject),
         http=dataclasses.replace(new.http, listen=h.listen, cert_file=h.cert_file,
                                  key_file=h.key_file, max_body_size=h.max_body_size,
-                                 idle_timeout=h.idle_timeout))
+                                 idle_timeout=h.idle_timeout, agents=h.agents))
     return Plan(config, tuple(diff(old, config)), tuple(diff(config, new)))
 
 

@@ -14,15 +14,12 @@ under systemd on a real machine; nothing here talks to them).  Used by tests onl
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import ClassVar
 
-from engine.testing.mta import LoopbackMta, MtaError, wait_pid_gone
+from engine.testing.mta import LoopbackMta, MtaError, stop_group
 
 __all__ = ["DaemonError", "LoopbackDaemon"]
 
@@ -92,16 +89,7 @@ class LoopbackDaemon(LoopbackMta):
         process, self.process = self.process, None
         if process is None:
             return
-        # The group id is the daemon's PID, ours for as long as the daemon is not reaped
-        # (poll() and wait() reap it), so the group is signalled only before that.
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            if not wait_pid_gone(process.pid, timeout):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout)
+        stop_group(process, timeout)
 
     def __enter__(self) -> LoopbackDaemon:
         self.start()

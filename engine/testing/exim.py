@@ -43,7 +43,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,7 +54,7 @@ from engine.testing.mta import (
     check_loopback,
     check_searchable,
     free_port,
-    wait_pid_gone,
+    stop_group,
 )
 
 __all__ = ["EXIM_PACKAGE", "EXIM_USER", "EximError", "EximInstance", "find_exim"]
@@ -310,16 +309,7 @@ begin retry
         process, self.process = self.process, None
         if process is None:
             return
-        # The group id is the daemon's PID, ours for as long as the daemon is not reaped:
-        # poll() and wait() reap it, so the group is signalled only before that.
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            if not wait_pid_gone(process.pid, timeout):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout)
+        stop_group(process, timeout)
 
     def __enter__(self) -> EximInstance:
         self.start()

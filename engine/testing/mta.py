@@ -20,6 +20,7 @@ import re
 import signal
 import socket
 import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -78,6 +79,21 @@ def check_searchable(path: Path, who: str, error: type[MtaError] = MtaError) -> 
 
 def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
+
+
+def stop_group(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM to the process group of a daemon started in a session of its own
+    (``start_new_session``), SIGKILL if it is not gone within ``timeout``, then reap it."""
+    # The group id is the daemon's PID, ours for as long as the daemon is not reaped
+    # (poll() and wait() reap it), so the group is signalled only before that.
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        if not wait_pid_gone(process.pid, timeout):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout)
 
 
 def wait_pid_gone(pid: int, timeout: float) -> bool:

@@ -64,3 +64,24 @@ class RawClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def one_message(host: str, port: int, data: bytes, *, mail: bytes = b"a@client.test",
+                rcpt: bytes = b"b@example.net", helo: bytes = b"client.test",
+                timeout: float = 10.0, source: str | None = None) -> Reply:
+    """One transaction on a new session: the reply to the message's end of data, or to the
+    MAIL or RCPT that was refused.  ``data`` is the message without its final ".": it must
+    end with CRLF.  RSET and NOOP after it must get 250 (the session is still in step), or
+    AssertionError."""
+    with RawClient(host, port, timeout, source) as c:
+        assert c.reply().code == 220
+        assert c.command(b"EHLO " + helo).code == 250
+        reply = c.command(b"MAIL FROM:<" + mail + b">")
+        if reply.code == 250:
+            reply = c.command(b"RCPT TO:<" + rcpt + b">")
+            if reply.code == 250:
+                assert c.command(b"DATA").code == 354
+                reply = c.command(data + b".")
+        assert c.command(b"RSET").code == 250
+        assert c.command(b"NOOP").code == 250
+        return reply

@@ -4,13 +4,15 @@ scanner daemons (rspamd, clamd), started once per test session."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 
+from engine.config import load_config
+from engine.ops.events import Sink
 from engine.testing.clamav import ClamdInstance
 from engine.testing.dns import DnsResponder
 from engine.testing.rspamd import RspamdInstance
@@ -33,6 +35,46 @@ def start_ferry(tmp_path: Path) -> Iterator[StartFerry]:
         config = dataclasses.replace(config, users=users or {},
                                      accepted_domains=accepted_domains)
         ferry = RunningFerry(config)
+        running.append(ferry)
+        return ferry
+
+    yield start
+    for ferry in running:
+        ferry.stop()
+
+
+#: ``ferry_toml(body, relay=True, dns="127.0.0.1:9", sinks=())`` → RunningFerry.
+FerryToml = Callable[..., RunningFerry]
+
+
+@pytest.fixture
+def ferry_toml(tmp_path: Path) -> Iterator[FerryToml]:
+    """A server from a configuration file: hostname ferry.test, example.org accepted,
+    delivery paused, one connector on an ephemeral loopback port on which loopback may relay
+    (``relay``) or not; ``body`` goes on inside that [[receive]] table (its keys first,
+    then any tables), with its paths relative to ``tmp_path``.  Stopped at the end."""
+    running: list[RunningFerry] = []
+
+    def start(body: str, *, relay: bool = True, dns: str = "127.0.0.1:9",
+              sinks: Sequence[Sink] = ()) -> RunningFerry:
+        n = len(running)
+        path = tmp_path / f"ferry{n}.toml"
+        networks = '["127.0.0.0/8"]' if relay else '["192.0.2.0/24"]'
+        path.write_text(f"""
+hostname = "ferry.test"
+spool = "spool{n}"
+accepted_domains = ["example.org"]
+[queue]
+min_free_disk = 0
+[delivery]
+paused = true
+dns = "{dns}"
+[[receive]]
+listen = ["127.0.0.1:0"]
+relay_networks = {networks}
+{body}
+""", encoding="utf-8")
+        ferry = RunningFerry(load_config(path), sinks)
         running.append(ferry)
         return ferry
 

@@ -4,7 +4,7 @@ stage of real SMTP sessions, their verdicts applied, their failures contained.""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,9 +13,10 @@ from engine.config import load_config
 from engine.queue.records import RcptState, id_bytes
 from engine.testing.agents import Scripted
 from engine.testing.events import Recorder
-from engine.testing.rawsmtp import RawClient
+from engine.testing.rawsmtp import RawClient, one_message
 from engine.testing.server import RunningFerry
 from engine.testing.wait import wait_for
+from tests.integration.conftest import FerryToml
 
 Start = Callable[..., RunningFerry]
 
@@ -23,39 +24,18 @@ BODY = b"From: a@client.test\r\nSubject: hi\r\n\r\nhello\r\n"
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    """``start(agents_toml, receive_extra="", relay=True)``: a server whose only connector
-    lists the custom agents defined in ``agents_toml`` (the [agents.custom] tables)."""
-    running: list[RunningFerry] = []
+def start(ferry_toml: FerryToml) -> Start:
+    """``start(agents_toml, names, relay=True, extra="", recorder=None)``: a server whose
+    connector lists the agents ``names``, defined by ``agents_toml`` (the [agents.custom]
+    tables); ``extra`` goes on in the [[receive]] table."""
 
     def run(agents: str, names: list[str], *, relay: bool = True, extra: str = "",
             recorder: Recorder | None = None) -> RunningFerry:
-        spool = tmp_path / f"spool{len(running)}"
-        path = tmp_path / f"ferry{len(running)}.toml"
-        networks = '["127.0.0.0/8"]' if relay else '["192.0.2.0/24"]'
-        path.write_text(f'''
-hostname = "ferry.test"
-spool = "{spool}"
-accepted_domains = ["example.org"]
-[queue]
-min_free_disk = 0
-[delivery]
-paused = true
-dns = "127.0.0.1:9"
-[[receive]]
-listen = ["127.0.0.1:0"]
-relay_networks = {networks}
-agents = {names!r}
-{extra}
-{agents}
-'''.replace("'", '"'))
-        ferry = RunningFerry(load_config(path), [recorder] if recorder else [])
-        running.append(ferry)
-        return ferry
+        listed = ", ".join(f'"{n}"' for n in names)
+        return ferry_toml(f"agents = [{listed}]\n{extra}\n{agents}", relay=relay,
+                          sinks=[recorder] if recorder else [])
 
-    yield run
-    for ferry in running:
-        ferry.stop()
+    return run
 
 
 def scripted(name: str, script: dict[str, str] | None = None, *, wait: bool = False,
@@ -77,20 +57,10 @@ def agent(ferry: RunningFerry, name: str) -> Scripted:
 
 def send(ferry: RunningFerry, body: bytes = BODY, rcpt: bytes = b"b@example.net",
          helo: bytes = b"client.test") -> tuple[int, str]:
-    """One transaction over a raw session: the reply to the message (or to the first
-    refused command), then a second transaction proves the session is still in step."""
-    with RawClient(ferry.host, ferry.port) as c:
-        assert c.reply().code == 220
-        assert c.command(b"EHLO " + helo).code == 250
-        reply = c.command(b"MAIL FROM:<a@client.test>")
-        if reply.code == 250:
-            reply = c.command(b"RCPT TO:<" + rcpt + b">")
-            if reply.code == 250:
-                assert c.command(b"DATA").code == 354
-                reply = c.command(body + b".")
-        assert c.command(b"RSET").code == 250
-        assert c.command(b"NOOP").code == 250
-        return reply.code, " ".join(reply.lines)
+    """One transaction on a new session (engine.testing.rawsmtp.one_message): the reply's
+    code and text."""
+    reply = one_message(ferry.host, ferry.port, body, rcpt=rcpt, helo=helo)
+    return reply.code, " ".join(reply.lines)
 
 
 def queued(text: str) -> bytes:

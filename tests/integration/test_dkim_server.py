@@ -17,14 +17,15 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from engine.agents.api import Message
 from engine.agents.dns import Lookup
-from engine.config import DkimSignConfig, HttpConfig, HttpToken, load_config
+from engine.config import DkimSignConfig, HttpConfig, HttpToken
 from engine.message.dkim import fold_txt, key_record, private_pem, verify
 from engine.queue.records import id_bytes
 from engine.testing.dns import DnsResponder
-from engine.testing.rawsmtp import RawClient
+from engine.testing.rawsmtp import one_message
 from engine.testing.server import RunningFerry, ferry_config
 from engine.testing.sink import CountingSink
 from engine.testing.wait import wait_for
+from tests.integration.conftest import FerryToml
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 ED_KEY = ed25519.Ed25519PrivateKey.generate()
@@ -41,29 +42,14 @@ TRUSTED, APP = "t" * 32, "a" * 32
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
+def start(tmp_path: Path, ferry_toml: FerryToml) -> Start:
     """``start(relay)``: a server signing for example.com; the test client (127.0.0.1) may
     relay or not."""
     (tmp_path / "rsa.pem").write_bytes(private_pem(RSA_KEY))
     (tmp_path / "ed.pem").write_bytes(private_pem(ED_KEY))
-    running: list[RunningFerry] = []
 
     def run(relay: bool) -> RunningFerry:
-        path = tmp_path / f"ferry{len(running)}.toml"
-        networks = '["127.0.0.0/8"]' if relay else '["192.0.2.0/24"]'
-        path.write_text(f'''
-hostname = "ferry.test"
-spool = "spool{len(running)}"
-accepted_domains = ["example.org"]
-[queue]
-min_free_disk = 0
-[delivery]
-paused = true
-dns = "127.0.0.1:9"
-[[receive]]
-listen = ["127.0.0.1:0"]
-relay_networks = {networks}
-[[dkim_sign]]
+        return ferry_toml("""[[dkim_sign]]
 domain = "example.com"
 selector = "r1"
 key_file = "rsa.pem"
@@ -71,26 +57,16 @@ key_file = "rsa.pem"
 domain = "example.com"
 selector = "e1"
 key_file = "ed.pem"
-''')
-        ferry = RunningFerry(load_config(path))
-        running.append(ferry)
-        return ferry
+""", relay=relay)
 
-    yield run
-    for ferry in running:
-        ferry.stop()
+    return run
 
 
 def send(ferry: RunningFerry) -> bytes:
     """One message to user@example.org; the stored bytes."""
-    with RawClient(ferry.host, ferry.port) as c:
-        assert c.reply().code == 220
-        assert c.command(b"EHLO client.test").code == 250
-        assert c.command(b"MAIL FROM:<app@example.com>").code == 250
-        assert c.command(b"RCPT TO:<user@example.org>").code == 250
-        assert c.command(b"DATA").code == 354
-        reply = c.command(BODY + b".")
-        assert reply.code == 250, reply
+    reply = one_message(ferry.host, ferry.port, BODY, mail=b"app@example.com",
+                        rcpt=b"user@example.org")
+    assert reply.code == 250, reply
     return ferry.store.body(id_bytes(" ".join(reply.lines).rsplit(" ", 1)[1]))
 
 

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import base64
 import select
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
-from engine.config import load_config
 from engine.server.auth import hash_password
 from engine.testing.dns import DnsResponder
 from engine.testing.rawsmtp import RawClient
 from engine.testing.server import RunningFerry
 from engine.testing.wait import poll, wait_for
+from tests.integration.conftest import FerryToml
 
 ZONE = """
 $TTL 60
@@ -36,40 +35,19 @@ PASSWORD = "s3cret"
 
 
 @pytest.fixture
-def start(tmp_path: Path, dns_server: DnsResponder) -> Iterator[Start]:
+def start(ferry_toml: FerryToml, dns_server: DnsResponder) -> Start:
     """``start(agents_toml)``: a server with one connector running "ratelimit" and
     "dnsbl", the agents set up by ``agents_toml``; user "app" with PASSWORD."""
-    running: list[RunningFerry] = []
 
     def run(agents: str) -> RunningFerry:
-        n = len(running)
-        path = tmp_path / f"ferry{n}.toml"
-        path.write_text(f"""
-hostname = "ferry.test"
-spool = "{tmp_path / f"spool{n}"}"
-accepted_domains = ["example.org"]
-[users]
-app = "{hash_password(PASSWORD)}"
-[queue]
-min_free_disk = 0
-[delivery]
-paused = true
-dns = "{dns_server.host}:{dns_server.port}"
-[[receive]]
-listen = ["127.0.0.1:0"]
-relay_networks = ["127.0.0.0/8"]
-allow_plaintext_auth = true
+        return ferry_toml(f"""allow_plaintext_auth = true
 max_auth_failures = 10
 agents = ["ratelimit", "dnsbl"]
-{agents}
-""", encoding="utf-8")
-        ferry = RunningFerry(load_config(path))
-        running.append(ferry)
-        return ferry
+[users]
+app = "{hash_password(PASSWORD)}"
+{agents}""", dns=f"{dns_server.host}:{dns_server.port}")
 
-    yield run
-    for ferry in running:
-        ferry.stop()
+    return run
 
 
 def client(ferry: RunningFerry, source: str) -> RawClient:

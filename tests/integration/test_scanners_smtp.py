@@ -5,20 +5,20 @@ the reply the client gets and the message as stored."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from engine.config import load_config
 from engine.protocol.reply import Reply
 from engine.queue.records import RcptState, id_bytes
 from engine.testing.clamav import TEST_STRING, TEST_VIRUS, ClamdInstance
 from engine.testing.dns import DnsResponder
 from engine.testing.mta import free_port
-from engine.testing.rawsmtp import RawClient
+from engine.testing.rawsmtp import one_message
 from engine.testing.rspamd import GTUBE, GTUBE_REWRITE_SUBJECT, RspamdInstance
 from engine.testing.server import RunningFerry
+from tests.integration.conftest import FerryToml
 
 Start = Callable[..., RunningFerry]
 
@@ -39,32 +39,17 @@ client.test. IN A 127.0.0.1
 
 
 @pytest.fixture
-def start(tmp_path: Path, rspamd: RspamdInstance, clamd: ClamdInstance,
-          dns_server: DnsResponder) -> Iterator[Start]:
+def start(ferry_toml: FerryToml, rspamd: RspamdInstance, clamd: ClamdInstance,
+          dns_server: DnsResponder) -> Start:
     """``start(rspamd_keys, clamav_keys, agents, rspamd_url, clamav_address)``: a server
     whose connector runs the scanners ``agents``, pointed at the session's daemons unless
     told otherwise; the ``*_keys`` strings are extra keys of each table."""
-    running: list[RunningFerry] = []
 
     def run(rspamd_keys: str = "", clamav_keys: str = "",
             agents: tuple[str, ...] = ("rspamd", "clamav"), rspamd_url: str = rspamd.url,
             clamav_address: str = clamd.unix_address) -> RunningFerry:
-        n = len(running)
-        path = tmp_path / f"ferry{n}.toml"
         names = ", ".join(f'"{a}"' for a in agents)
-        path.write_text(f"""
-hostname = "ferry.test"
-spool = "{tmp_path / f"spool{n}"}"
-accepted_domains = ["example.org"]
-[queue]
-min_free_disk = 0
-[delivery]
-paused = true
-dns = "{dns_server.address[0]}:{dns_server.address[1]}"
-[[receive]]
-listen = ["127.0.0.1:0"]
-relay_networks = ["192.0.2.0/24"]
-agents = [{names}]
+        return ferry_toml(f"""agents = [{names}]
 [agents.rspamd]
 url = "{rspamd_url}"
 timeout = 60
@@ -72,30 +57,15 @@ timeout = 60
 [agents.clamav]
 address = "{clamav_address}"
 timeout = 60
-{clamav_keys}
-""")
-        ferry = RunningFerry(load_config(path))
-        running.append(ferry)
-        return ferry
+{clamav_keys}""", relay=False, dns=f"{dns_server.address[0]}:{dns_server.address[1]}")
 
-    yield run
-    for ferry in running:
-        ferry.stop()
+    return run
 
 
 def send(ferry: RunningFerry, body: bytes, header: bytes = HEADER) -> Reply:
-    """One message over a raw session: the reply to its end of data.  A second transaction
-    (RSET, NOOP) proves the session is still in step."""
-    with RawClient(ferry.host, ferry.port, timeout=60) as c:
-        assert c.reply().code == 220
-        assert c.command(b"EHLO client.test").code == 250
-        assert c.command(b"MAIL FROM:<alice@client.test>").code == 250
-        assert c.command(b"RCPT TO:<bob@example.org>").code == 250
-        assert c.command(b"DATA").code == 354
-        reply = c.command(header + body + b"\r\n.")
-        assert c.command(b"RSET").code == 250
-        assert c.command(b"NOOP").code == 250
-        return reply
+    """One message to bob@example.org on a new session: the reply to its end of data."""
+    return one_message(ferry.host, ferry.port, header + body + b"\r\n",
+                       mail=b"alice@client.test", rcpt=b"bob@example.org", timeout=60)
 
 
 def stored(ferry: RunningFerry, reply: Reply) -> bytes:

@@ -120,3 +120,12 @@ def test_message_view() -> None:
     assert msg.get("SUBJECT") == "one two" and msg.get("to") is None
     assert msg.fields() == [("From", " a@b"), ("Subject", " one\r\n two")]
     assert bytes(msg.body()) == b"body\r\n" and msg.header_end == 33
+
+
+def test_every_builtin_agent_is_registered_and_loads() -> None:
+    from engine.agents import BUILTIN, SIGNERS, _load_factory
+    from engine.config import BUILTIN_AGENTS
+
+    assert tuple(BUILTIN) == BUILTIN_AGENTS
+    for path in (*BUILTIN.values(), *SIGNERS):
+        assert callable(_load_factory(path))

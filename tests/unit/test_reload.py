@@ -198,3 +198,22 @@ def test_every_restart_key_is_in_the_docs() -> None:
     docs = (Path(__file__).resolve().parents[2] / "docs" / "reload.md").read_text()
     missing = [key for key in RESTART if f"`{key}`" not in docs]
     assert not missing, f"docs/reload.md does not name: {missing}"
+
+
+def test_agent_chains_wait_for_a_restart() -> None:
+    import dataclasses
+
+    from engine.config import load_config
+    from engine.ops.reload import plan
+
+    old = load_config(None)
+    rc = dataclasses.replace(old.receive[0], agents=("ratelimit",), verify=("spf",))
+    new = dataclasses.replace(old, receive=(rc,), http=dataclasses.replace(
+        old.http, agents=("clamav",)), agents=dataclasses.replace(
+        old.agents, clamav=dataclasses.replace(old.agents.clamav, timeout=3.0)))
+    done = plan(old, new)
+    assert done.config.receive[0].agents == () and done.config.receive[0].verify == ()
+    assert done.config.http.agents == () and done.config.agents == old.agents
+    assert not done.applied
+    assert set(done.restart) >= {"receive[0].agents", "receive[0].verify", "http.agents",
+                                 "agents.clamav.timeout"}
