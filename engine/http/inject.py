@@ -238,6 +238,18 @@ def http_connector(config: HttpConfig) -> ReceiveConfig:
     return _cached[1]
 
 
+_screens: tuple[Chain, bool] | None = None
+
+
+def _screening(chain: Chain) -> bool:
+    """Whether ``chain`` has an end of data for injected mail (data or sign stage agents),
+    asked once per chain (it is built at start and kept across reloads), not per request."""
+    global _screens
+    if _screens is None or _screens[0] is not chain:
+        _screens = (chain, chain.wants(Stage.DATA) or chain.wants(Stage.SIGN))
+    return _screens[1]
+
+
 def _tls_info(request: web.Request) -> str:
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
     if ssl_object is None:
@@ -515,7 +527,7 @@ async def post_messages(request: web.Request) -> web.Response:
     screen: Screen | None = None
     # Without [http] agents and [[dkim_sign]] the chain is empty: nothing to build per
     # request (the agents' view of the client parses its address).
-    if chain is not None and (chain.wants(Stage.DATA) or chain.wants(Stage.SIGN)):
+    if chain is not None and _screening(chain):
         view = AgentSession(f"http-{id(request):x}", http.connector, ipaddress.ip_address(remote),
                             esmtp=True, tls=bool(tls_info), tls_info=tls_info,
                             auth_user=who.name, may_relay=who.trusted, door="HTTP")
