@@ -875,16 +875,8 @@ async def verify(message: Message, lookup: Lookup, *, max_signatures: int = 5,
             parsed.append((i, _parse_signature(field, when)))
         except _Problem as p:
             results[i] = _result(field, p.result, p.reason)
-    keys: list[PublicKey | BaseException]
-    if len(parsed) == 1:
-        # The common case, one signature: awaited here, no task for gather to make.
-        try:
-            keys = [await _key(lookup, parsed[0][1])]
-        except _Problem as problem:
-            keys = [problem]
-    else:
-        keys = await asyncio.gather(*(_key(lookup, sig) for _, sig in parsed),
-                                    return_exceptions=True)
+    keys = await asyncio.gather(*(_key(lookup, sig) for _, sig in parsed),
+                                return_exceptions=True)
     ready: list[tuple[int, _Signature]] = []
     for (i, sig), key in zip(parsed, keys, strict=True):
         if isinstance(key, _Problem):
