@@ -207,7 +207,13 @@ class _Batches:
         if not batch:
             self._busy = False
             return
-        job = loop.run_in_executor(None, _sign_all, [(s, d) for s, d, _ in batch])
+        try:
+            job = loop.run_in_executor(None, _sign_all, [(s, d) for s, d, _ in batch])
+        except RuntimeError as exc:  # the executor is shut down: the server is stopping
+            for _, _, future in batch:
+                future.set_exception(exc)
+            self._busy = False
+            return
         job.add_done_callback(functools.partial(self._done, loop, batch))
 
     def _done(self, loop: asyncio.AbstractEventLoop,

@@ -269,3 +269,25 @@ def test_messages_signed_together_each_get_their_own_signatures(
         signed = applied(verdict, msgs[i])
         assert [r[0] for r in results(responder, signed)] == ["pass", "pass"]
     assert [r[0] for r in results(responder, applied(later, msgs[3]))] == ["pass", "pass"]
+
+
+def test_signing_after_the_executor_shut_down_raises_for_the_message(tmp_path: Path) -> None:
+    # At shutdown: the message's stage fails (the chain logs it and answers by `fail`),
+    # and the next message does not wait on a batch that never ran.
+    agent = build_signer(context(config(tmp_path, DUAL)))
+    assert agent is not None
+    tx = Transaction(parse_command(b"MAIL FROM:<app@example.com>"))
+    msg = message("a@example.com")
+
+    async def go() -> list[BaseException]:
+        await asyncio.get_running_loop().shutdown_default_executor()
+        errors = []
+        for _ in range(2):
+            pending = agent.sign(RELAY, tx, msg)
+            assert not isinstance(pending, Verdict)
+            with pytest.raises(RuntimeError) as info:
+                await asyncio.wait_for(pending, 10)  # bounded: never hangs on a lost batch
+            errors.append(info.value)
+        return errors
+
+    assert len(asyncio.run(go())) == 2
