@@ -1618,6 +1618,9 @@ class VerifyAgentConfig(_AgentTable):
     #: record, or "dmarc" is not verified): "tag" only records it; "reject" answers
     #: 550 5.7.23 (RFC 7372).  With a DMARC policy, DMARC decides (RFC 7489 §10.1).
     spf_fail: Annotated[Literal["tag", "reject"], _v(_choice("tag", "reject"))] = "tag"
+    #: SPF results kept, by client address, MAIL FROM and HELO, each until the first of
+    #: the DNS answers it came from expires (engine.agents.spf.SpfCache); 0 = off.
+    spf_cache: Annotated[int, _v(_int_or_off)] = 10_000
 
 
 def _field_name_or_off(value: object) -> str:

@@ -19,6 +19,7 @@ their text), and never read a file after start.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections.abc import Awaitable, Sequence
 from email.utils import getaddresses
@@ -127,6 +128,7 @@ class DkimSigner(Agent):
             self._exact.setdefault(signer.domain, []).append(signer)
             if below:
                 self._below.setdefault(signer.domain, []).append(signer)
+        self._batches = _Batches()
 
     def signers_for(self, domain: str) -> list[Signer]:
         """The signers of the most specific entry domain that covers ``domain``."""
@@ -149,14 +151,90 @@ class DkimSigner(Agent):
         signers = self.signers_for(from_domain(message))
         if not signers:
             return ACCEPT
-        # In the executor even for a small Ed25519 signature: cryptography releases the GIL
+        # In a thread even for a small Ed25519 signature: cryptography releases the GIL
         # while it signs, which on the loop costs a GIL round trip (engine.message.dkim).
-        return self._sign_in_thread(signers, message.data)
+        return self._signed(signers, message.data)
 
-    async def _sign_in_thread(self, signers: Sequence[Signer], data: bytes) -> Verdict:
+    async def _signed(self, signers: Sequence[Signer], data: bytes) -> Verdict:
+        return _verdict(await self._batches.sign(signers, data))
+
+
+#: What one message of a batch gets back: its fields' values, or what signing raised.
+_Outcome = list[str] | Exception
+
+
+def _sign_all(jobs: Sequence[tuple[Sequence[Signer], bytes]]) -> list[_Outcome]:
+    """Every message's signatures, in the signing thread; a message whose signing raises
+    gets its exception (handed to its own session, which logs it), the others their
+    values."""
+    out: list[_Outcome] = []
+    for signers, data in jobs:
+        try:
+            out.append([s.value(data) for s in signers])
+        except Exception as exc:  # reported through the message's own future
+            out.append(exc)
+    return out
+
+
+class _Batches:
+    """The signatures of every message waiting, made in one executor job at a time.
+
+    Per message, a job of its own cost more than the signature: the hand-off to a thread
+    and back (two futures, a wake-up of the loop through its self-pipe) and a GIL round
+    trip each way, against 35 µs for an Ed25519 signature (benchmarks/README.md, issue 15
+    tuning).  So at most one job is in flight: a message that arrives while one runs
+    waits for it to end and goes with the others that arrived meanwhile, in one job and
+    one hand-off back.  Under load the batches grow; a lone message waits one loop turn
+    (for the other messages ready in the same turn) and is signed alone."""
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[Sequence[Signer], bytes, asyncio.Future[list[str]]]] = []
+        self._busy = False
+
+    def sign(self, signers: Sequence[Signer], data: bytes) -> asyncio.Future[list[str]]:
         loop = asyncio.get_running_loop()
-        values = await loop.run_in_executor(None, lambda: [s.value(data) for s in signers])
-        return _verdict(values)
+        future: asyncio.Future[list[str]] = loop.create_future()
+        self._waiting.append((signers, data, future))
+        if not self._busy:
+            self._busy = True
+            loop.call_soon(self._submit, loop)
+        return future
+
+    def _submit(self, loop: asyncio.AbstractEventLoop) -> None:
+        # A message whose session gave up (the agent's time budget) is not signed.
+        batch = [w for w in self._waiting if not w[2].done()]
+        self._waiting = []
+        if not batch:
+            self._busy = False
+            return
+        try:
+            job = loop.run_in_executor(None, _sign_all, [(s, d) for s, d, _ in batch])
+        except RuntimeError as exc:  # the executor is shut down: the server is stopping
+            for _, _, future in batch:
+                future.set_exception(exc)
+            self._busy = False
+            return
+        job.add_done_callback(functools.partial(self._done, loop, batch))
+
+    def _done(self, loop: asyncio.AbstractEventLoop,
+              batch: list[tuple[Sequence[Signer], bytes, asyncio.Future[list[str]]]],
+              job: asyncio.Future[list[_Outcome]]) -> None:
+        for i, (_, _, future) in enumerate(batch):
+            if future.done():
+                continue
+            if job.cancelled():
+                future.cancel()
+                continue
+            failed = job.exception()
+            outcome = failed if failed is not None else job.result()[i]
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+        if self._waiting:
+            self._submit(loop)
+        else:
+            self._busy = False
 
 
 def _verdict(values: Sequence[str]) -> Verdict:

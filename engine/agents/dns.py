@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -130,6 +130,25 @@ class Lookup:
         # shield: one caller giving up (its agent's budget ran out) must not cancel the
         # query other callers wait for.
         return await asyncio.shield(future)
+
+    def now(self) -> float:
+        """The time on the clock the cache's expiry times are read from."""
+        return self._clock()
+
+    def valid_until(self, keys: Iterable[tuple[str, RecordType]]) -> float | None:
+        """When the first of the cached answers to ``keys`` (name and type, as given to
+        :meth:`query`) expires: until then a query for any of them gives the same answer.
+        None when there are no keys or one of them has no live answer cached (a failure,
+        an answer with TTL 0, or one already gone), so nothing derived from them may be
+        kept."""
+        now = self._clock()
+        until: float | None = None
+        for name, rdtype in keys:
+            entry = self._cache.get((rdtype, name.lower().rstrip(".")))
+            if entry is None or entry.expires <= now or isinstance(entry.value, DnsTempError):
+                return None
+            until = entry.expires if until is None else min(until, entry.expires)
+        return until
 
     async def txt(self, name: str) -> Answer:
         return await self.query(name, "TXT")

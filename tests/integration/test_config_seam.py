@@ -200,6 +200,7 @@ fail = "open"
 authserv_id = "auth.seam.test"
 dmarc_policy = "quarantine"
 spf_fail = "reject"
+spf_cache = 500
 
 # The scanners' daemons are down here (closed ports): open, so the mail flows.
 [agents.rspamd]

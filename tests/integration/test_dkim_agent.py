@@ -237,3 +237,57 @@ def test_header_change_shape(tmp_path: Path) -> None:
     lines = f"DKIM-Signature:{change.value}".split("\r\n")
     assert all(len(line) < 78 for line in lines)
     assert all(line[0] in " \t" for line in lines[1:])
+
+
+def test_messages_signed_together_each_get_their_own_signatures(
+        tmp_path: Path, responder: DnsResponder) -> None:
+    # Sessions finishing in the same loop turns share executor jobs (engine.agents.dkim's
+    # _Batches); each message's fields must still be its own, a session that gives up
+    # must not stall the others, and the next message after a batch is signed too.
+    agent = build_signer(context(config(tmp_path, DUAL)))
+    assert agent is not None
+    tx = Transaction(parse_command(b"MAIL FROM:<app@example.com>"))
+    msgs = [message("a@example.com", f"message {i}\r\n".encode() * (i + 1)) for i in range(12)]
+
+    async def sign(msg: Message) -> Verdict:
+        verdict = agent.sign(RELAY, tx, msg)
+        return verdict if isinstance(verdict, Verdict) else await verdict
+
+    async def go() -> tuple[list[Verdict | BaseException], Verdict]:
+        tasks = [asyncio.ensure_future(sign(m)) for m in msgs]
+        await asyncio.sleep(0)
+        tasks[3].cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        return done, await sign(msgs[3])
+
+    done, later = asyncio.run(go())
+    assert isinstance(done[3], asyncio.CancelledError)
+    for i, verdict in enumerate(done):
+        if i == 3:
+            continue
+        assert isinstance(verdict, Verdict)
+        signed = applied(verdict, msgs[i])
+        assert [r[0] for r in results(responder, signed)] == ["pass", "pass"]
+    assert [r[0] for r in results(responder, applied(later, msgs[3]))] == ["pass", "pass"]
+
+
+def test_signing_after_the_executor_shut_down_raises_for_the_message(tmp_path: Path) -> None:
+    # At shutdown: the message's stage fails (the chain logs it and answers by `fail`),
+    # and the next message does not wait on a batch that never ran.
+    agent = build_signer(context(config(tmp_path, DUAL)))
+    assert agent is not None
+    tx = Transaction(parse_command(b"MAIL FROM:<app@example.com>"))
+    msg = message("a@example.com")
+
+    async def go() -> list[BaseException]:
+        await asyncio.get_running_loop().shutdown_default_executor()
+        errors = []
+        for _ in range(2):
+            pending = agent.sign(RELAY, tx, msg)
+            assert not isinstance(pending, Verdict)
+            with pytest.raises(RuntimeError) as info:
+                await asyncio.wait_for(pending, 10)  # bounded: never hangs on a lost batch
+            errors.append(info.value)
+        return errors
+
+    assert len(asyncio.run(go())) == 2

@@ -1,7 +1,8 @@
 """engine.agents.spf against a real DnsResponder through a real Lookup: each result, the
 macros of RFC 7208 §7 (the examples of §7.4), the processing limits of §4.6.4 and their
 configurable values, DNS failures and timeouts, the HELO and null-sender identities,
-IPv4-mapped clients and the cache.  (The RFC 7208 test suite runs in test_spf_suite.py.)
+IPv4-mapped clients, the cache, and the result cache (SpfCache).  (The RFC 7208 test
+suite runs in test_spf_suite.py.)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 from engine.agents.dns import Lookup
 from engine.agents.spf import (
     Limits,
+    SpfCache,
     SpfResult,
     check_helo,
     check_host,
@@ -365,3 +367,119 @@ def test_internationalized_domain_is_checked_in_a_labels(dns: DnsResponder) -> N
     lookup = Lookup(dns.address, timeout=1.0, lifetime=2.0)
     got = asyncio.run(check_mail_from(lookup, "192.0.2.1", "<info@bücher.example>", "mta"))
     assert (got.result, got.domain) == ("pass", "xn--bcher-kva.example")
+
+
+# --- the result cache (SpfCache) ---------------------------------------------------------
+
+
+class Clock:
+    """The Lookup's clock, moved by hand: the cache expires on it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def cached_lookup(dns: DnsResponder, clock: Clock) -> Lookup:
+    return Lookup(dns.address, timeout=1.0, lifetime=2.0, clock=clock)
+
+
+CACHE_ZONE = ('example.test. 300 IN TXT "v=spf1 a:mail.example.test -all"\n'
+              "mail.example.test. 60 IN A 192.0.2.1\n")
+
+
+def test_result_cache_answers_the_same_inputs_without_evaluating(dns: DnsResponder) -> None:
+    zone(dns, CACHE_ZONE)
+    clock = Clock()
+    cache = SpfCache(cached_lookup(dns, clock), 100)
+
+    async def run() -> None:
+        first = await cache.check_mail_from("192.0.2.1", "a@example.test", "mta.example.test")
+        assert (first.result, cache.hits, len(cache)) == ("pass", 0, 1)
+        queries = len(dns.queries)
+        again = await cache.check_mail_from("192.0.2.1", "a@example.test", "mta.example.test")
+        assert again == first
+        assert cache.hits == 1
+        assert len(dns.queries) == queries
+        # Any other input is another key: evaluated, and kept beside the first.
+        other = await cache.check_mail_from("192.0.2.2", "a@example.test", "mta.example.test")
+        assert (other.result, cache.hits, len(cache)) == ("fail", 1, 2)
+        await cache.check_mail_from("192.0.2.1", "b@example.test", "mta.example.test")
+        await cache.check_mail_from("192.0.2.1", "a@example.test", "other.example.test")
+        assert (cache.hits, len(cache)) == (1, 4)
+
+    asyncio.run(run())
+
+
+def test_result_cache_expires_with_the_first_answer_it_came_from(dns: DnsResponder) -> None:
+    # The record lives 300 s, the A record it names 60 s: the result lives 60 s.
+    zone(dns, CACHE_ZONE)
+    clock = Clock()
+    cache = SpfCache(cached_lookup(dns, clock), 100)
+
+    async def result() -> str:
+        got = await cache.check_mail_from("192.0.2.1", "a@example.test", "mta.example.test")
+        return got.result
+
+    async def run() -> None:
+        assert await result() == "pass"
+        # The host moves: the DNS changes, the TTL has not run out yet.
+        dns.set_zone(CACHE_ZONE.replace("192.0.2.1", "192.0.2.99"))
+        clock.now += 59
+        assert await result() == "pass"
+        assert cache.hits == 1
+        clock.now += 2  # past the A record's 60 s: evaluated again, on the new answer
+        assert await result() == "fail"
+        assert cache.hits == 1
+
+    asyncio.run(run())
+
+
+def test_result_cache_is_bounded_least_recently_used_first(dns: DnsResponder) -> None:
+    zone(dns, CACHE_ZONE)
+    cache = SpfCache(cached_lookup(dns, Clock()), 2)
+
+    async def run() -> None:
+        for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+            await cache.check_mail_from(ip, "a@example.test", "mta.example.test")
+        assert len(cache) == 2
+        assert cache.get("192.0.2.1", "a@example.test", "mta.example.test") is None
+        assert cache.get("192.0.2.3", "a@example.test", "mta.example.test") is not None
+
+    asyncio.run(run())
+
+
+def test_result_cache_off_keeps_nothing(dns: DnsResponder) -> None:
+    zone(dns, CACHE_ZONE)
+    cache = SpfCache(cached_lookup(dns, Clock()), 0)
+
+    async def run() -> None:
+        for _ in range(2):
+            got = await cache.check_mail_from("192.0.2.1", "a@example.test", "mta.example.test")
+            assert got.result == "pass"
+        assert (len(cache), cache.hits) == (0, 0)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(("text", "result"), [
+    # A DNS failure is retried for the next message, not remembered.
+    ('example.test. 300 IN TXT "v=spf1 a:down.example.test -all"\n', "temperror"),
+    # %{t} reads the clock: the explanation differs from second to second.
+    ('example.test. 300 IN TXT "v=spf1 -all exp=why.example.test"\n'
+     'why.example.test. 300 IN TXT "refused at %{t}"\n', "fail"),
+])  # fmt: skip
+def test_result_cache_keeps_no_temperror_and_no_clock_reading(dns: DnsResponder, text: str,
+                                                              result: str) -> None:
+    zone(dns, text)
+    dns.servfail.add("down.example.test", "A")
+    cache = SpfCache(cached_lookup(dns, Clock()), 100)
+
+    async def run() -> None:
+        got = await cache.check_mail_from("192.0.2.1", "a@example.test", "mta.example.test")
+        assert got.result == result
+        assert len(cache) == 0
+
+    asyncio.run(run())

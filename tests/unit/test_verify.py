@@ -247,6 +247,27 @@ def test_spf_runs_at_mail_and_is_awaited_at_data(dns: DnsResponder) -> None:
     assert field(verdict) == "mx.ferry.test; spf=pass smtp.mailfrom=shop.test"
 
 
+def test_spf_results_are_kept_per_client_sender_and_helo(dns: DnsResponder) -> None:
+    # A bulk sender's second message: the SPF result comes from the agent's cache, the
+    # same as evaluating again (engine.agents.spf.SpfCache; its expiry and bound are
+    # tested in tests/integration/test_spf.py).
+    async def go(spf_cache: int) -> tuple[list[str], int]:
+        lookup = Lookup((dns.host, dns.port), timeout=0.5, lifetime=1.0)
+        agent = VerifyAgent(lookup, ("spf",), authserv_id=AUTHSERV, spf_cache=spf_cache)
+        session = Session("smtp-3", "default", ipaddress.ip_address(CLIENT), helo="c.test")
+        fields = []
+        for _ in range(3):
+            tx = Transaction(parse_command(b"MAIL FROM:<a@shop.test>"))
+            agent.mail(session, tx)
+            fields.append(field(await agent.data(session, tx, Message(message("shop.test")))))
+        return fields, agent.spf.hits
+
+    fields, hits = asyncio.run(go(100))
+    assert fields == ["mx.ferry.test; spf=pass smtp.mailfrom=shop.test"] * 3
+    assert hits == 2
+    assert asyncio.run(go(0)) == (fields, 0)
+
+
 def test_a_silent_zone_gives_temperror_within_the_budget(dns: DnsResponder) -> None:
     # The policy query is never answered: the agent gives up on it before its budget
     # ends, so the forged fields are still removed and the message still tagged.
@@ -264,7 +285,7 @@ def test_a_silent_zone_gives_temperror_within_the_budget(dns: DnsResponder) -> N
 def test_settings_come_from_agents_verify(tmp_path: Path) -> None:
     path = tmp_path / "ferry.toml"
     path.write_text('hostname = "mx.example.test"\n[agents.verify]\ndmarc_policy = "tag"\n'
-                    'spf_fail = "reject"\ntimeout = 3\nfail = "closed"\n')
+                    'spf_fail = "reject"\ntimeout = 3\nfail = "closed"\nspf_cache = 7\n')
     config = load_config(path)
     context = AgentContext(config, Lookup(("127.0.0.1", 9)), config.hostname,
                            verify=("dmarc", "spf"))
@@ -272,6 +293,7 @@ def test_settings_come_from_agents_verify(tmp_path: Path) -> None:
     assert (agent.methods, agent.authserv_id, agent.dmarc_policy, agent.spf_fail,
             agent.timeout, agent.fail_open) == (("spf", "dmarc"), "mx.example.test", "tag",
                                                 "reject", 3.0, False)
+    assert agent.spf.max_entries == 7
     path.write_text('[agents.verify]\nauthserv_id = "Auth.Example.Test."\n')
     assert build_verify(AgentContext(load_config(path), context.lookup, "x.test", ("spf",))
                         ).authserv_id == "Auth.Example.Test"
@@ -281,6 +303,7 @@ def test_settings_come_from_agents_verify(tmp_path: Path) -> None:
     ('dmarc_policy = "reject"', 'agents.verify.dmarc_policy: must be one of "enforce", '),
     ('spf_fail = "hold"', "agents.verify.spf_fail: "),
     ('authserv_id = "not a host"', "agents.verify.authserv_id: "),
+    ("spf_cache = -1", "agents.verify.spf_cache: must be an integer >= 0"),
 ])
 def test_bad_settings_are_named(tmp_path: Path, text: str, words: str) -> None:
     path = tmp_path / "ferry.toml"
