@@ -281,7 +281,7 @@ def test_signing_after_the_executor_shut_down_raises_for_the_message(tmp_path: P
 
     async def go() -> list[BaseException]:
         await asyncio.get_running_loop().shutdown_default_executor()
-        errors = []
+        errors: list[BaseException] = []
         for _ in range(2):
             pending = agent.sign(RELAY, tx, msg)
             assert not isinstance(pending, Verdict)
