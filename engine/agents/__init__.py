@@ -62,9 +62,11 @@ BUILTIN: dict[str, str] = {
     "clamav": "engine.agents.clamav:build_clamav",
 }
 
-#: Agents every chain ends with, built when configured ("module:factory"; DKIM signing:
-#: they act at the sign stage only, on mail the client may relay).
-SIGNERS: tuple[str, ...] = ("engine.agents.dkim:build_signer",)
+#: Agents every chain ends with, built when their top-level key is set (key, "module:
+#: factory"; DKIM signing: they act at the sign stage only, on mail the client may relay).
+#: Nothing is imported while the key is empty: a server that signs nothing never loads
+#: cryptography (8 MiB).
+SIGNERS: tuple[tuple[str, str], ...] = (("dkim_sign", "engine.agents.dkim:build_signer"),)
 
 
 def _load_factory(path: str) -> Callable[..., Agent]:
@@ -133,7 +135,8 @@ class Agents:
 
     def signers(self) -> list[Agent]:
         if self._signers is None:
-            found = (_load_factory(path)(self._context()) for path in SIGNERS)
+            found = (_load_factory(path)(self._context()) for key, path in SIGNERS
+                     if getattr(self.config, key))
             self._signers = [agent for agent in found if agent is not None]
         return self._signers
 

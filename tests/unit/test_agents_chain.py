@@ -127,5 +127,5 @@ def test_every_builtin_agent_is_registered_and_loads() -> None:
     from engine.config import BUILTIN_AGENTS
 
     assert tuple(BUILTIN) == BUILTIN_AGENTS
-    for path in (*BUILTIN.values(), *SIGNERS):
+    for path in (*BUILTIN.values(), *(path for _, path in SIGNERS)):
         assert callable(_load_factory(path))
