@@ -355,6 +355,11 @@ class Agent:
     """
 
     name: ClassVar[str] = "agent"
+    #: Header changes made when a call fails and the agent fails open: the fields the agent
+    #: would have written or vouched for (its result header, an Authentication-Results
+    #: field with our authserv-id) are removed, so a copy the sender forged does not pass
+    #: for the agent's word while it is down.
+    fail_headers: tuple[HeaderChange, ...] = ()
 
     def __init__(self, *, timeout: float = 10.0, fail_open: bool = True) -> None:
         self.timeout = timeout

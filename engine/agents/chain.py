@@ -15,7 +15,8 @@ and the other cheap agents cost a function call, not a task).  The verdicts comb
 
 An agent whose method raises, or whose awaitable does not finish within its ``timeout``, is
 logged with its traceback or its budget and counted in :attr:`Chain.failures`; its
-``fail_open`` turns the failure into ACCEPT or into :data:`FAIL_CLOSED` (451 4.7.1).  The
+``fail_open`` turns the failure into ACCEPT (with the agent's ``fail_headers``: a forged
+copy of what it would have written goes) or into :data:`FAIL_CLOSED` (451 4.7.1).  The
 reason of a refusing verdict is prefixed with the agent's name, for the logs.
 
 It must never write to a socket or the queue, and never swallow a failure silently.
@@ -208,7 +209,9 @@ class Chain:
             log.exception("agent %s failed at %s; %s", agent.name, stage.value, outcome)
         else:
             log.warning("agent %s failed at %s: %s; %s", agent.name, stage.value, why, outcome)
-        return ACCEPT if agent.fail_open else FAIL_CLOSED
+        if not agent.fail_open:
+            return FAIL_CLOSED
+        return Verdict(headers=agent.fail_headers) if agent.fail_headers else ACCEPT
 
     def screens(self, session: Session, tx: Effects) -> bool:
         """:meth:`screen` has something to do for this message."""

@@ -109,6 +109,8 @@ class RspamdAgent(Agent):
         self._unscanned = Verdict(headers=tuple(
             HeaderChange("remove", name) for name in (config.header, config.spam_header)
             if name))
+        #: rspamd down and failing open: the sender's copies of our fields go all the same.
+        self.fail_headers = self._unscanned.headers
         self._lookup = lookup
         self._http: aiohttp.ClientSession | None = None
 

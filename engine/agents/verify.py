@@ -101,6 +101,9 @@ class VerifyAgent(Agent):
         self.spf_fail: SpfFail = spf_fail
         self._sample = sample
         self._claims = functools.partial(authres.claims, authserv_id=authserv_id)
+        #: A failed call (fail open) still removes fields that claim our authserv-id: a
+        #: forgery must never pass for our verdict (RFC 8601 §5).
+        self.fail_headers = (HeaderChange("remove", authres.FIELD, match=self._claims),)
 
     async def start(self) -> None:
         if "dmarc" in self.methods:

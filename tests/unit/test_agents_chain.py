@@ -129,3 +129,25 @@ def test_every_builtin_agent_is_registered_and_loads() -> None:
     assert tuple(BUILTIN) == BUILTIN_AGENTS
     for path in (*BUILTIN.values(), *(path for _, path in SIGNERS)):
         assert callable(_load_factory(path))
+
+
+def test_a_failing_agent_that_fails_open_still_removes_what_it_vouches_for() -> None:
+    class Broken(Fixed):
+        fail_headers = (HeaderChange("remove", "X-Checked"),)
+
+        def connect(self, session: Session) -> Verdict:
+            raise ValueError("bug")
+
+    verdict = run(Chain([Broken("broken", ACCEPT)]))
+    assert verdict.action is Action.ACCEPT and verdict.headers == Broken.fail_headers
+
+
+def test_the_verify_agent_removes_forged_results_even_when_it_fails() -> None:
+    from engine.agents.dns import Lookup
+    from engine.agents.verify import VerifyAgent
+
+    agent = VerifyAgent(Lookup(("127.0.0.1", 9)), ("spf",), authserv_id="ferry.test")
+    data = (b"Authentication-Results: ferry.test; spf=pass\r\n"
+            b"Authentication-Results: other.example; spf=fail\r\n\r\nbody\r\n")
+    assert apply_changes(data, agent.fail_headers) == (
+        b"Authentication-Results: other.example; spf=fail\r\n\r\nbody\r\n")
