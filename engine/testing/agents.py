@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, TypeVar
 
 from engine.agents.api import (
     ACCEPT,
@@ -33,7 +33,9 @@ from engine.agents.api import (
     tempfail,
 )
 
-__all__ = ["Scripted"]
+__all__ = ["Scripted", "later"]
+
+_T = TypeVar("_T")
 
 
 def _verdict(script: str, stage: str) -> Verdict:
@@ -94,5 +96,12 @@ class Scripted(Agent):
         return answer
 
     async def _later(self, verdict: Verdict) -> Verdict:
-        await asyncio.sleep(0)
-        return verdict
+        return await later(verdict)
+
+
+async def later(value: _T) -> _T:
+    """``value``, handed over on a later turn of the loop: an agent's answer that really
+    goes through the chain's awaitable path."""
+    future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(future.set_result, value)
+    return await future

@@ -15,11 +15,11 @@ under systemd on a real machine; nothing here talks to them).  Used by tests onl
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 from typing import ClassVar
 
 from engine.testing.mta import LoopbackMta, MtaError, stop_group
+from engine.testing.wait import poll
 
 __all__ = ["DaemonError", "LoopbackDaemon"]
 
@@ -64,16 +64,17 @@ class LoopbackDaemon(LoopbackMta):
                 self.process = subprocess.Popen(
                     self._command(), stdin=subprocess.DEVNULL, stdout=out,
                     stderr=subprocess.STDOUT, start_new_session=True)
-            deadline = time.monotonic() + timeout
-            while not self._probe():
-                self._check_running()
-                if time.monotonic() >= deadline:
-                    raise self.error(f"{self.listener_name} on {self.address}:{self.port} "
-                                     f"did not answer in {timeout:.0f} s\n{self.log_tail()}")
-                time.sleep(0.1)
+            if not poll(self._answered, timeout, 0.1):
+                raise self.error(f"{self.listener_name} on {self.address}:{self.port} "
+                                 f"did not answer in {timeout:.0f} s\n{self.log_tail()}")
         except BaseException:
             self.stop()
             raise
+
+    def _answered(self) -> bool:
+        """The probe answered; a daemon that exited fails at once, not at the deadline."""
+        self._check_running()
+        return self._probe()
 
     def _check_running(self) -> None:
         if self.process is not None and self.process.poll() is not None:

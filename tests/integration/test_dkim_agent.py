@@ -249,13 +249,19 @@ def test_messages_signed_together_each_get_their_own_signatures(
     tx = Transaction(parse_command(b"MAIL FROM:<app@example.com>"))
     msgs = [message("a@example.com", f"message {i}\r\n".encode() * (i + 1)) for i in range(12)]
 
+    handed: list[Message] = []
+    all_handed = asyncio.Event()
+
     async def sign(msg: Message) -> Verdict:
         verdict = agent.sign(RELAY, tx, msg)
+        handed.append(msg)
+        if len(handed) == len(msgs):
+            all_handed.set()
         return verdict if isinstance(verdict, Verdict) else await verdict
 
     async def go() -> tuple[list[Verdict | BaseException], Verdict]:
         tasks = [asyncio.ensure_future(sign(m)) for m in msgs]
-        await asyncio.sleep(0)
+        await asyncio.wait_for(all_handed.wait(), 10)  # every message is in a batch
         tasks[3].cancel()
         done = await asyncio.gather(*tasks, return_exceptions=True)
         return done, await sign(msgs[3])

@@ -25,6 +25,7 @@ from engine.agents.api import (
 )
 from engine.agents.chain import FAIL_CLOSED, Chain
 from engine.message.edit import apply_changes
+from engine.testing.agents import later
 
 SESSION = Session("s-1", "default", ipaddress.ip_address("192.0.2.1"))
 
@@ -46,8 +47,7 @@ class Fixed(Agent):
         return self.verdict
 
     async def _later(self) -> Verdict:
-        await asyncio.sleep(0)
-        return self.verdict
+        return await later(self.verdict)
 
 
 def run(chain: Chain) -> Verdict:

@@ -234,12 +234,13 @@ def test_auth_failures_lock_out_then_recover_after_the_period() -> None:
 
 def test_delay_after_each_failure_answers_only_when_the_wait_ends() -> None:
     async def scenario() -> list[str]:
-        gate = asyncio.Event()
+        gate, sleeping = asyncio.Event(), asyncio.Event()
         order: list[str] = []
         waits: list[float] = []
 
         async def sleep(seconds: float) -> None:
             waits.append(seconds)
+            sleeping.set()
             await gate.wait()
             order.append("slept")
 
@@ -249,7 +250,7 @@ def test_delay_after_each_failure_answers_only_when_the_wait_ends() -> None:
         pending = a.auth(session(), "alice", False)
         assert not isinstance(pending, Verdict)
         task = asyncio.ensure_future(pending)
-        await asyncio.sleep(0)
+        await asyncio.wait_for(sleeping.wait(), 10)  # the delay has begun
         assert not task.done()
         order.append("released")
         gate.set()
