@@ -28,6 +28,8 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
+from engine.routing.mx import new_resolver, nxdomain_ttl, settle
+
 __all__ = ["Answer", "DnsError", "DnsPermError", "DnsTempError", "Lookup", "RecordType"]
 
 RecordType = Literal["TXT", "A", "AAAA", "MX", "PTR"]
@@ -92,16 +94,9 @@ class Lookup:
         failure_ttl: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if nameserver is None:
-            self._resolver = dns.asyncresolver.Resolver()
-        else:
-            self._resolver = dns.asyncresolver.Resolver(configure=False)
-            self._resolver.nameservers = [nameserver[0]]
-            self._resolver.port = nameserver[1]
-        self._resolver.timeout = timeout
-        self._resolver.lifetime = lifetime
-        # RFC 6891 §6.2.5: 1232 octets avoids fragmentation; DO asks for the AD bit.
-        self._resolver.use_edns(0, dns.flags.DO, 1232)
+        # DO asks for the AD bit (RFC 4035 §3.2.1), which Answer.authenticated reports.
+        self._resolver = new_resolver(nameserver, timeout=timeout, lifetime=lifetime,
+                                      ednsflags=dns.flags.DO)
         self.max_entries = max_entries
         self.failure_ttl = failure_ttl
         self._clock = clock
@@ -126,7 +121,7 @@ class Lookup:
         if future is None:
             future = asyncio.ensure_future(self._fetch(name, rdtype))
             self._inflight[key] = future
-            future.add_done_callback(lambda f: self._settle(key, f))
+            future.add_done_callback(lambda f: settle(self._inflight, key, f))
         # shield: one caller giving up (its agent's budget ran out) must not cancel the
         # query other callers wait for.
         return await asyncio.shield(future)
@@ -157,12 +152,6 @@ class Lookup:
         """The PTR records of an IP address (its reverse name is built here)."""
         return await self.query(dns.reversename.from_address(address).to_text(), "PTR")
 
-    def _settle(self, key: tuple[str, str], future: asyncio.Future[Answer]) -> None:
-        if self._inflight.get(key) is future:
-            del self._inflight[key]
-        if not future.cancelled():
-            future.exception()  # retrieved: nobody may be waiting any more
-
     def _store(self, key: tuple[str, str], value: Answer | DnsTempError, ttl: float) -> None:
         if ttl <= 0:
             return
@@ -182,7 +171,7 @@ class Lookup:
             answer = await self._resolver.resolve(
                 qname, dns.rdatatype.from_text(rdtype), search=False, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN as exc:
-            ttl = _negative_ttl(exc)
+            ttl = nxdomain_ttl(exc)
             result = Answer(name, rdtype, "nxdomain")
             self._store(key, result, min(ttl, MAX_NEGATIVE_TTL))
             return result
@@ -217,11 +206,3 @@ def _text(rd: object, rdtype: RecordType) -> str:
         return str(rd.target.to_text(omit_final_dot=True).lower())  # type: ignore[attr-defined]
     return str(rd.address)  # type: ignore[attr-defined]
 
-
-def _negative_ttl(exc: dns.resolver.NXDOMAIN) -> float:
-    try:
-        responses = exc.kwargs["responses"]
-        response = next(iter(responses.values()))
-        return float(response.resolve_chaining().minimum_ttl)
-    except (StopIteration, KeyError, dns.exception.DNSException):
-        return 0.0

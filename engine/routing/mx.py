@@ -131,6 +131,43 @@ def _plain(name: dns.name.Name) -> str:
     return name.to_text(omit_final_dot=True).lower()
 
 
+def new_resolver(nameserver: tuple[str, int] | None, *, timeout: float, lifetime: float,
+                 ednsflags: int = 0) -> dns.asyncresolver.Resolver:
+    """dnspython's asyncio resolver asking ``nameserver`` (host, port) only, or the
+    system's resolvers (/etc/resolv.conf) when None; also engine.agents.dns's."""
+    if nameserver is None:
+        resolver = dns.asyncresolver.Resolver()
+    else:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [nameserver[0]]
+        resolver.port = nameserver[1]
+    resolver.timeout = timeout
+    resolver.lifetime = lifetime
+    # RFC 6891 §6.2.5: 1232 octets avoids fragmentation on any path (DNS flag day 2020).
+    resolver.use_edns(0, ednsflags, 1232)
+    return resolver
+
+
+def nxdomain_ttl(err: dns.resolver.NXDOMAIN) -> float:
+    """The negative TTL an NXDOMAIN answer carries (its SOA minimum, RFC 2308 §5); 0 when
+    it carries none."""
+    try:
+        responses = cast(dict[dns.name.Name, dns.message.QueryMessage], err.kwargs["responses"])
+        response = next(iter(responses.values()))
+        return float(response.resolve_chaining().minimum_ttl)
+    except (StopIteration, KeyError, dns.exception.DNSException):
+        return 0.0
+
+
+def settle(inflight: dict[Any, Any], key: object, future: asyncio.Future[Any]) -> None:
+    """A shared lookup ended: forget it in ``inflight`` and mark its exception retrieved
+    (nobody may be waiting any more)."""
+    if inflight.get(key) is future:
+        del inflight[key]
+    if not future.cancelled():
+        future.exception()
+
+
 class MxResolver:
     """MX and address lookups on dnspython's asyncio resolver, with a TTL cache.
 
@@ -151,16 +188,7 @@ class MxResolver:
         max_negative_ttl: float = MAX_NEGATIVE_TTL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if nameserver is None:
-            self._resolver = dns.asyncresolver.Resolver()
-        else:
-            self._resolver = dns.asyncresolver.Resolver(configure=False)
-            self._resolver.nameservers = [nameserver[0]]
-            self._resolver.port = nameserver[1]
-        self._resolver.timeout = timeout
-        self._resolver.lifetime = lifetime
-        # RFC 6891 §6.2.5: 1232 octets avoids fragmentation on any path (DNS flag day 2020).
-        self._resolver.use_edns(0, 0, 1232)
+        self._resolver = new_resolver(nameserver, timeout=timeout, lifetime=lifetime)
         self.max_entries = max_entries
         self.max_negative_ttl = max_negative_ttl
         self._clock = clock
@@ -345,16 +373,10 @@ class MxResolver:
         if future is None:
             started: asyncio.Future[object] = asyncio.ensure_future(fetch())
             self._inflight[key] = future = started
-            started.add_done_callback(lambda f: self._settle(key, f))
+            started.add_done_callback(lambda f: settle(self._inflight, key, f))
         # shield: one caller giving up (a cancelled delivery) must not cancel the query
         # that other callers wait for.
         return cast(_T, await asyncio.shield(future))
-
-    def _settle(self, key: tuple[str, str], future: asyncio.Future[object]) -> None:
-        if self._inflight.get(key) is future:
-            del self._inflight[key]
-        if not future.cancelled():
-            future.exception()  # retrieved: nobody may be waiting any more
 
     def _store(self, key: tuple[str, str], value: object, ttl: float) -> None:
         if ttl <= 0:
@@ -394,14 +416,7 @@ class MxResolver:
                 finally:
                     self.query_seconds.observe(time.monotonic() - started)
         except dns.resolver.NXDOMAIN as err:
-            try:
-                responses = cast(
-                    dict[dns.name.Name, dns.message.QueryMessage], err.kwargs["responses"]
-                )
-                response = next(iter(responses.values()))
-                return float(response.resolve_chaining().minimum_ttl)
-            except (StopIteration, KeyError, dns.exception.DNSException):
-                return 0.0
+            return nxdomain_ttl(err)
 
     async def _lookup_mx(self, domain: str) -> _MxSet:
         key = ("MX", domain)

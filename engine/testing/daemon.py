@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from engine.testing.mta import LoopbackMta, MtaError, stop_group
 from engine.testing.wait import poll
@@ -92,7 +92,7 @@ class LoopbackDaemon(LoopbackMta):
             return
         stop_group(process, timeout)
 
-    def __enter__(self) -> LoopbackDaemon:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

@@ -48,13 +48,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
+from engine.testing.daemon import LoopbackDaemon
 from engine.testing.mta import (
-    LoopbackMta,
     MtaError,
     check_loopback,
     check_searchable,
     free_port,
-    stop_group,
 )
 
 __all__ = ["EXIM_PACKAGE", "EXIM_USER", "EximError", "EximInstance", "find_exim"]
@@ -98,7 +97,7 @@ def _list_item(value: str, what: str) -> str:
     return value
 
 
-class EximInstance(LoopbackMta):
+class EximInstance(LoopbackDaemon):
     """One private Exim: its own configuration, spool, log, Maildirs and daemon on loopback.
 
     ``domains`` and ``local_parts`` are the mailboxes it accepts (every local part in every
@@ -142,11 +141,7 @@ class EximInstance(LoopbackMta):
         self.maildir_root = self.dir / "maildir"
         self.tls_dir = self.dir / "tls"
         self.output_path = self.dir / "exim.out"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid if self.process is not None else 0
+        super().__init__()
 
     def maildir(self, domain: str, local_part: str) -> Path:
         """The Maildir of one mailbox (its ``new/`` holds what was delivered)."""
@@ -301,22 +296,6 @@ begin retry
                 f"exim exited with status {self.process.returncode} before its 220\n"
                 f"{self.log_tail()}"
             )
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the daemon and the processes it forked; idempotent."""
-        if not self._unregister():
-            return
-        process, self.process = self.process, None
-        if process is None:
-            return
-        stop_group(process, timeout)
-
-    def __enter__(self) -> EximInstance:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # --- mail out, queue, log ------------------------------------------------------------
 
