@@ -70,6 +70,7 @@ __all__ = [
     "add_header",
     "discard",
     "hold",
+    "refusal",
     "reject",
     "remove_header",
     "replace_header",
@@ -141,6 +142,17 @@ class Verdict:
 
 #: The verdict of an agent with nothing to say.
 ACCEPT: Final = Verdict()
+
+#: The replies of a refusing verdict that brought none of its own.
+DEFAULT_REJECT: Final[Reply] = (550, "5.7.1", "Rejected by policy")
+DEFAULT_TEMPFAIL: Final[Reply] = (451, "4.7.1", "Temporarily rejected by policy, try again later")
+
+
+def refusal(verdict: Verdict) -> Reply:
+    """The SMTP reply of a REJECT or TEMPFAIL verdict: its own, else the default."""
+    if verdict.reply is not None:
+        return verdict.reply
+    return DEFAULT_REJECT if verdict.action is Action.REJECT else DEFAULT_TEMPFAIL
 
 
 def reject(text: str, code: int = 550, enhanced: str = "5.7.1", reason: str = "") -> Verdict:

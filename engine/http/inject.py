@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from aiohttp import web
 
-from engine.agents.api import Action, Effects, Stage, Transaction
+from engine.agents.api import Effects, Stage, Transaction, refusal
 from engine.agents.api import Session as AgentSession
 from engine.agents.chain import Chain
 from engine.agents.relay import RelayPolicy
@@ -393,8 +393,7 @@ def _screener(chain: Chain, view: AgentSession) -> Screen:
             chain.screen(view, tx, arrival.body), loop).result()
         refused = screened.refused
         if refused is not None:
-            code, enhanced, text = refused.reply or (451 if refused.action is Action.TEMPFAIL
-                                                     else 550, "", refused.reason)
+            code, enhanced, text = refusal(refused)
             extra = {"reply": f"{code} {enhanced} {text}".replace("  ", " "),
                      "by": refused.reason}
             if code < 500:

@@ -24,7 +24,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from engine.agents.api import ACCEPT, Action, Effects, Stage, Transaction, Verdict
+from engine.agents.api import ACCEPT, Action, Effects, Stage, Transaction, Verdict, refusal
 from engine.agents.api import Session as AgentSession
 from engine.ops import maillog
 from engine.protocol import server as sm
@@ -61,9 +61,6 @@ S354_DATA = (354, "", "End data with <CR><LF>.<CR><LF>")
 S220_TLS = (220, "2.0.0", "Ready to start TLS")
 S454_TLS = (454, "4.7.0", "TLS not available due to temporary reason")
 S250_DISCARDED = (250, "2.0.0", "Ok: discarded")
-#: A refusing verdict without a reply of its own (engine.agents.api.Verdict.reply).
-S550_POLICY = (550, "5.7.1", "Rejected by policy")
-S451_POLICY = (451, "4.7.1", "Temporarily rejected by policy, try again later")
 
 _session_ids = itertools.count(1)
 
@@ -152,7 +149,7 @@ class SmtpSession(asyncio.Protocol):
         (RFC 5321 §3.1), 421 for a temporary one (§3.8)."""
         action = verdict.action
         if action is Action.REJECT or action is Action.TEMPFAIL:
-            code, enhanced, text = _refusal(verdict)
+            code, enhanced, text = refusal(verdict)
             reply = (554 if code >= 500 else 421, enhanced, text)
             if self.log is not None:
                 self.log.event(f"connect refused by {verdict.reason}")
@@ -305,7 +302,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _hello_verdict(self, verdict: Verdict, ok: Reply) -> Reply:
         if verdict.action is Action.REJECT or verdict.action is Action.TEMPFAIL:
-            return _refusal(verdict)
+            return refusal(verdict)
         self._sticky.note(verdict)
         return ok
 
@@ -336,7 +333,7 @@ class SmtpSession(asyncio.Protocol):
     def _envelope_verdict(self, verdict: Verdict, event: sm.Event) -> Reply:
         """A MAIL or RCPT stage verdict as the reply to ``event``."""
         if verdict.action is Action.REJECT or verdict.action is Action.TEMPFAIL:
-            return self._refused(event, _refusal(verdict), verdict.reason)
+            return self._refused(event, refusal(verdict), verdict.reason)
         tx = self.tx
         assert tx is not None
         tx.note(verdict)
@@ -424,7 +421,7 @@ class SmtpSession(asyncio.Protocol):
         if chain.screens(view, tx):
             screened = await chain.screen(view, tx, body)
             if screened.refused is not None:
-                return self._message_refused(event, _refusal(screened.refused),
+                return self._message_refused(event, refusal(screened.refused),
                                              screened.refused.reason)
             if screened.discarded:
                 maillog.discarded(screened.discarded, client=self.client,
@@ -482,7 +479,7 @@ class SmtpSession(asyncio.Protocol):
             verdict = answer if isinstance(answer, Verdict) else await answer
             if verdict.action is Action.REJECT or verdict.action is Action.TEMPFAIL:
                 # A lockout: the session ends (the agent's text says why).
-                _, enhanced, text = _refusal(verdict)
+                _, enhanced, text = refusal(verdict)
                 reply = (421, enhanced, text)
                 maillog.auth_failed(self.auth_mechanism, creds.username, reply,
                                     client=self.client, helo=self.conn.helo or "",
@@ -622,13 +619,6 @@ class SmtpSession(asyncio.Protocol):
         if self._busy is None and self.transport is not None:
             self._write_reply(S421_SHUTDOWN)
             self._close()
-
-
-def _refusal(verdict: Verdict) -> Reply:
-    """The reply of a REJECT or TEMPFAIL verdict (a default when the agent gave none)."""
-    if verdict.reply is not None:
-        return verdict.reply
-    return S550_POLICY if verdict.action is Action.REJECT else S451_POLICY
 
 
 _Decision = Callable[[SmtpSession, sm.Event], "Reply | Awaitable[Reply]"]
