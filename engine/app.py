@@ -67,6 +67,7 @@ from engine.ops.webhooks import Webhooks, shown_url
 from engine.queue.lmdb_store import LmdbQueue
 from engine.routing.mx import MxResolver
 from engine.routing.router import ConfiguredRouter, accepted_domains
+from engine.scheduler import shaping
 from engine.scheduler.inflight import FILE_NAME as INFLIGHT_FILE
 from engine.scheduler.inflight import InFlightJournal
 from engine.scheduler.policy import Limits
@@ -225,7 +226,8 @@ class App:
         self.scheduler = scheduler = Scheduler(store, router, self.agents, hostname=cfg.hostname,
                                                settings=d, events=self.events,
                                                journal=InFlightJournal(
-                                                   Path(cfg.spool) / INFLIGHT_FILE))
+                                                   Path(cfg.spool) / INFLIGHT_FILE),
+                                               shaping=shaping.from_config(cfg))
         scheduler.start()
         # The router of now (a reload replaces it), as the queue names destinations.
         self._start_alerts(store, lambda domain: self._router().destination(domain))
@@ -382,7 +384,7 @@ class App:
                     max_idle_per_site=idle, ca_file=ca_file,
                     max_messages_per_connection=d.max_messages_per_connection if smtp else None,
                     pipeline_messages=d.pipeline_messages if smtp else None)
-        self.scheduler.reconfigure(router, d)
+        self.scheduler.reconfigure(router, d, shaping.from_config(cfg))
         if self.operations is not None:
             self.operations.normalize = router.destination
         if self.ingest is not None:

@@ -75,11 +75,15 @@ __all__ = [
     "TABLES",
     "AlertConfig",
     "AlertsConfig",
+    "AutomationRule",
     "Config",
     "ConfigError",
     "DeliveryConfig",
     "DkimSignConfig",
     "DomainLimits",
+    "EgressConfig",
+    "EgressPool",
+    "EgressSource",
     "HttpConfig",
     "HttpToken",
     "LocalConfig",
@@ -89,6 +93,8 @@ __all__ = [
     "ReceiveConfig",
     "SendConfig",
     "ServerConfig",
+    "ShapingConfig",
+    "ShapingRule",
     "TrackingConfig",
     "WebhookConfig",
     "default_hostname",
@@ -96,6 +102,7 @@ __all__ = [
     "load_config",
     "name_flags",
     "parse_hostport",
+    "parse_shaping",
     "parse_size",
     "tracking_dir",
 ]
@@ -982,6 +989,8 @@ class SendConfig:
     port: Annotated[int, _v(_port)] | None = None
     #: Write this connector's outbound conversations to its send protocol log.
     protocol_log: _Bool = False
+    #: The [egress.pools."NAME"] its connections leave from; "" = ``egress.pool``.
+    pool: Annotated[str, _v(_pool_name)] = ""
 
 
 def _check_send(sc: SendConfig) -> list[tuple[_Loc, str]]:
@@ -1000,6 +1009,269 @@ def _check_send(sc: SendConfig) -> list[tuple[_Loc, str]]:
     if sc.port is not None and sc.smarthosts:
         bad.append((("port",), "applies to MX hosts only; give smarthost ports in smarthosts"))
     return bad
+
+
+# --- egress sources and shaping (engine.scheduler.shaping) ---------------------------------
+
+
+def _pool_name(value: object) -> str:
+    return "" if value == "" else _connector_name(value)
+
+
+def _local_address(value: object) -> str:
+    if value == "":
+        return ""
+    try:
+        return str(ipaddress.ip_address(value if isinstance(value, str) else ""))
+    except ValueError:
+        raise _Invalid(f'must be an IP address of this machine such as "192.0.2.10", or "" '
+                       f"for the one the system picks (got {_show(value)})") from None
+
+
+def _hostname_or_empty(value: object) -> str:
+    return "" if value == "" else _hostname(value)
+
+
+def _date_or_empty(value: object) -> str:
+    import datetime
+
+    if value == "":
+        return ""
+    if isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
+        return value.isoformat()  # a TOML local date (warmup_start = 2026-12-01)
+    try:
+        return datetime.date.fromisoformat(value if isinstance(value, str) else "").isoformat()
+    except ValueError:
+        raise _Invalid(f'must be a date such as "2026-12-01" (got {_show(value)})') from None
+
+
+def _caps(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        raise _Invalid(f"must be a non-empty array of daily caps (got {_show(value)})")
+    bad: list[tuple[_Loc, str]] = []
+    for i, item in enumerate(value):
+        if not _is_int(item) or item <= 0:
+            bad.append(((i,), f"must be a positive integer (got {_show(item)})"))
+    if bad:
+        raise _Invalid.many(bad)
+    caps = tuple(cast(list[int], value))
+    if any(b < a for a, b in itertools.pairwise(caps)):
+        raise _Invalid(f"must not decrease from one day to the next (got {_show(list(caps))})")
+    return caps
+
+
+def _weights(value: object) -> Mapping[str, int]:
+    if not isinstance(value, dict) or not value:
+        raise _Invalid(f'must be a table of source names and weights such as {{ a = 1, b = 2 }} '
+                       f"(got {_show(value)})")
+    bad: list[tuple[_Loc, str]] = []
+    out: dict[str, int] = {}
+    for name, weight in value.items():
+        try:
+            out[_connector_name(name)] = _positive_int(weight)
+        except _Invalid as err:
+            bad += [((name, *at), msg) for at, msg in err.problems]
+    if bad:
+        raise _Invalid.many(bad)
+    return MappingProxyType(out)
+
+
+def _mx_suffix(value: str) -> str:
+    name = value.lower().rstrip(".")
+    problem = _domain_problem(name.lstrip("."))
+    if problem:
+        raise _Invalid(f"{problem} (got {_show(value)})")
+    return name
+
+
+def _mx_suffixes(value: object) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_each(value, "host names or suffixes", _mx_suffix)))
+
+
+def _reply_code(value: object) -> int | None:
+    if not _is_int(value) or not 400 <= cast(int, value) <= 599:
+        raise _Invalid(f"must be a reply code from 400 to 599 (got {_show(value)})")
+    return cast(int, value)
+
+
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+
+
+def _enhanced(value: object) -> str:
+    if isinstance(value, str) and (value == "" or _ENHANCED.fullmatch(value)):
+        return value
+    raise _Invalid(f'must be an enhanced status code such as "4.7.28" (got {_show(value)})')
+
+
+def _regex(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a string (got {_show(value)})")
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise _Invalid(f"is not a valid regular expression: {err} (got {_show(value)})") from None
+    return value
+
+
+def _factor(value: object) -> float:
+    number = _finite(value)
+    if number is None or not 0 < number <= 1:
+        raise _Invalid(f"must be a number above 0 and at most 1 (got {_show(value)})")
+    return number
+
+
+#: The warm-up plan of a new source when ``warmup_caps`` is left out: messages per day to
+#: one site, day 1 first; from the day after the last, no warm-up cap (docs/shaping.md).
+DEFAULT_WARMUP: Final = (50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000,
+                         100_000)
+
+
+@dataclass(frozen=True)
+class EgressSource:
+    """[egress.sources."NAME"]: one local address that outbound connections leave from,
+    with the EHLO name that goes with it (its PTR name, for the receivers' checks)."""
+
+    __pydantic_config__ = _TABLE
+
+    #: The local IP address connections bind to; "" = the one the system picks.
+    address: Annotated[str, _v(_local_address)] = ""
+    #: The EHLO name sent from this address; "" = ``hostname``.
+    ehlo: Annotated[str, _v(_hostname_or_empty)] = ""
+    #: The first day of this (new) address's warm-up, "YYYY-MM-DD" (UTC); "" = none.
+    warmup_start: Annotated[str, _v(_date_or_empty)] = ""
+    #: Messages per day to one site during the warm-up, day 1 first.
+    warmup_caps: Annotated[tuple[int, ...], _v(_caps)] = DEFAULT_WARMUP
+
+
+@dataclass(frozen=True)
+class EgressPool:
+    """[egress.pools."NAME"]: sources that share a destination's mail, by weight."""
+
+    __pydantic_config__ = _TABLE
+
+    #: source name → weight (a share of the groups in proportion to it).
+    sources: Annotated[Mapping[str, int], _v(_weights)]
+
+
+@dataclass(frozen=True)
+class EgressConfig:
+    """[egress]: the local addresses outbound mail leaves from (KumoMTA's egress sources
+    and pools, PowerMTA's virtual MTAs).  None configured = the system's choice and
+    ``hostname``, as before."""
+
+    __pydantic_config__ = _TABLE
+
+    sources: Mapping[str, EgressSource] = field(default_factory=dict)
+    pools: Mapping[str, EgressPool] = field(default_factory=dict)
+    #: The pool of the connections no [[send]] with a ``pool`` makes; "" = no pool.
+    pool: Annotated[str, _v(_pool_name)] = ""
+
+
+def _check_egress(e: EgressConfig) -> list[tuple[_Loc, str]]:
+    bad: list[tuple[_Loc, str]] = []
+    for name, pool in e.pools.items():
+        bad += [(("pools", name, "sources", source), "is not a source: add an "
+                 f'[egress.sources."{source}"] table')
+                for source in pool.sources if source not in e.sources]
+    if e.pool and e.pool not in e.pools:
+        bad.append((("pool",), f"{_show(e.pool)} is not a pool: add an "
+                               f'[egress.pools."{e.pool}"] table'))
+    return bad
+
+
+_RateOrNone = Annotated[float, _v(_zero_or_more("messages"))] | None
+
+
+@dataclass(frozen=True)
+class ShapingRule:
+    """[[shaping.rules]]: limits for the sites whose MX host names end in one of
+    ``mx_suffixes``, or for the recipient domains in ``domains``; None keeps the limit of
+    the next matching rule, else [delivery]'s."""
+
+    __pydantic_config__ = _TABLE
+
+    name: Annotated[str, _v(_connector_name)]
+    #: ".google.com" matches every host under google.com; a name without a dot in front
+    #: matches that host only.
+    mx_suffixes: Annotated[tuple[str, ...], _v(_mx_suffixes)] = ()
+    domains: Annotated[tuple[str, ...], _v(_domains)] = ()
+    max_connections: _PosInt | None = None
+    max_messages_per_connection: _PosInt | None = None
+    max_per_second: _RateOrNone = None
+    max_per_minute: _RateOrNone = None
+    max_per_hour: _RateOrNone = None
+    #: Messages per UTC day from one source to the site.
+    daily_cap: _PosInt | None = None
+    #: The pool this site's mail leaves from, over the send connector's; "" = theirs.
+    pool: Annotated[str, _v(_pool_name)] = ""
+
+
+def _check_rule(r: ShapingRule) -> list[tuple[_Loc, str]]:
+    if not r.mx_suffixes and not r.domains:
+        return [(("mx_suffixes",), "a rule needs mx_suffixes or domains to match")]
+    return []
+
+
+_ACTIONS: Final = ("suspend", "throttle")
+
+
+@dataclass(frozen=True)
+class AutomationRule:
+    """[[shaping.automation]]: a reply that matches ``code``, ``enhanced`` and ``text``
+    (each one set) suspends the (source, site) that got it, or lowers its limits, for
+    ``duration``; then it is restored."""
+
+    __pydantic_config__ = _TABLE
+
+    name: Annotated[str, _v(_connector_name)]
+    #: Only for these sites (as in [[shaping.rules]]); both empty = every site.
+    mx_suffixes: Annotated[tuple[str, ...], _v(_mx_suffixes)] = ()
+    domains: Annotated[tuple[str, ...], _v(_domains)] = ()
+    code: Annotated[int, _v(_reply_code)] | None = None
+    enhanced: Annotated[str, _v(_enhanced)] = ""
+    #: A regular expression searched in the reply text (case-insensitive).
+    text: Annotated[str, _v(_regex)] = ""
+    action: Annotated[Literal["suspend", "throttle"], _v(_choice(*_ACTIONS))] = "suspend"
+    duration: _Seconds = 600.0
+    #: "throttle": connections to the (source, site) meanwhile.
+    max_connections: _PosInt | None = None
+    #: "throttle": its message rate multiplied by this (a limit of 0, none, stays none).
+    rate_factor: Annotated[float, _v(_factor)] = 1.0
+    #: "throttle": messages per second meanwhile (over rate_factor).
+    max_rate: _RateOrNone = None
+
+
+def _check_automation(a: AutomationRule) -> list[tuple[_Loc, str]]:
+    bad: list[tuple[_Loc, str]] = []
+    if a.code is None and not a.enhanced and not a.text:
+        bad.append((("code",), "a rule needs code, enhanced or text to match a reply"))
+    if (a.action == "throttle" and a.max_connections is None and a.max_rate is None
+            and a.rate_factor == 1.0):
+        bad.append((("action",), '"throttle" needs max_connections, max_rate or a '
+                                 "rate_factor below 1"))
+    return bad
+
+
+@dataclass(frozen=True)
+class ShapingConfig:
+    """[shaping]: traffic shaping by provider and automation on replies
+    (engine.scheduler.shaping, docs/shaping.md)."""
+
+    __pydantic_config__ = _TABLE
+
+    #: Apply the shipped rules for the large providers (engine/scheduler/shaping.toml)
+    #: after the configured ones.
+    defaults: _Bool = True
+    rules: tuple[Annotated[ShapingRule, _after(_check_rule)], ...] = ()
+    automation: tuple[Annotated[AutomationRule, _after(_check_automation)], ...] = ()
+
+
+def parse_shaping(raw: Mapping[str, Any]) -> ShapingConfig:
+    """A [shaping] table (the shipped defaults' file) checked as the configuration's is."""
+    try:
+        return TypeAdapter(ShapingConfig).validate_python(dict(raw))
+    except ValidationError as err:
+        raise ConfigError([_line(loc, msg, {}) for loc, msg in _problems(err)]) from None
 
 
 @dataclass(frozen=True)
@@ -1164,7 +1436,7 @@ def _check_http(h: HttpConfig) -> list[tuple[_Loc, str]]:
 #: what a [[webhook]] may ask for.
 EVENT_KINDS: Final = ("RECEIVE", "DEFER", "DELIVER", "FAIL", "EXPIRE", "DSN", "SUSPEND",
                       "RESUME", "HOLD", "RELEASE", "RETRY", "REMOVE", "POISON", "TLS_FAIL",
-                      "ALERT")
+                      "ALERT", "THROTTLE")
 
 
 def _event(value: str) -> str:
@@ -1888,6 +2160,10 @@ class Config:
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     #: DKIM signing keys, [[dkim_sign]] (engine.agents.dkim); none = nothing is signed.
     dkim_sign: Annotated[tuple[DkimSignConfig, ...], _after(_check_dkim_sign)] = ()
+    #: Egress sources and pools, [egress] (engine.scheduler.shaping).
+    egress: Annotated[EgressConfig, _after(_check_egress)] = field(default_factory=EgressConfig)
+    #: Traffic shaping and automation on replies, [shaping] (docs/shaping.md).
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
 
 
 #: Every table of the file and its dataclass ("" is the top level; "delivery.domains" the
@@ -1903,6 +2179,9 @@ TABLES: Final[Mapping[str, type]] = MappingProxyType({
     "agents.clamav": ClamavAgentConfig, "agents.custom": CustomAgentConfig,
     "agents.dnsbl.zones": DnsblZoneConfig,
     "dkim_sign": DkimSignConfig,
+    "egress": EgressConfig, "egress.sources": EgressSource, "egress.pools": EgressPool,
+    "shaping": ShapingConfig, "shaping.rules": ShapingRule,
+    "shaping.automation": AutomationRule,
 })  # fmt: skip
 
 
@@ -1967,6 +2246,7 @@ def _check_config(config: Config) -> list[tuple[_Loc, str]]:
             seen.setdefault(domain, f"local[{i}].domains[{j}]")
     bad += _check_inject(config)
     bad += _check_agent_names(config)
+    bad += _check_pools(config)
     hooks: dict[str, int] = {}
     for i, w in enumerate(config.webhook):
         if w.name in hooks:
@@ -1974,6 +2254,17 @@ def _check_config(config: Config) -> list[tuple[_Loc, str]]:
                                                 f"webhook[{hooks[w.name]}] (names must be unique)"))
         hooks.setdefault(w.name, i)
     return bad
+
+
+def _check_pools(config: Config) -> list[tuple[_Loc, str]]:
+    """Every pool a send connector or a shaping rule names is declared."""
+    pools = config.egress.pools
+    named: list[tuple[_Loc, str]] = [(("send", i, "pool"), sc.pool)
+                                     for i, sc in enumerate(config.send)]
+    named += [(("shaping", "rules", i, "pool"), r.pool)
+              for i, r in enumerate(config.shaping.rules)]
+    return [(loc, f"{_show(name)} is not a pool: add an [egress.pools.\"{name}\"] table")
+            for loc, name in named if name and name not in pools]
 
 
 def _check_inject(config: Config) -> list[tuple[_Loc, str]]:
@@ -2042,7 +2333,7 @@ def _problems(error: ValidationError) -> list[tuple[_Loc, str]]:
         if kind == "unexpected_keyword_argument":
             unknown.append(((), _unknown_key(loc)))
         elif kind in ("missing", "missing_argument"):
-            what = "entry" if loc[0] in ("webhook", "dkim_sign") else "connector"
+            what = "entry" if loc[0] in ("webhook", "dkim_sign", "shaping") else "connector"
             found.append((loc, f"is required in a [[{loc[0]}]] {what}"))
         elif kind in ("list_type", "tuple_type") and loc in _ARRAYS_OF_TABLES:
             table = loc[0]

@@ -63,7 +63,7 @@ from engine.protocol.events import NEED_DATA, NeedData
 from engine.protocol.reply import Reply
 from engine.protocol.transaction import END_OF_DATA, RSET, Transaction, cap_text, reply_text
 from engine.queue.records import Envelope, RcptState
-from engine.routing.api import Host, Route, TlsMode
+from engine.routing.api import Host, Route, Source, TlsMode
 
 # RFC 5321 §4.5.3.2 minimum timeouts (seconds), per phase of a transaction.
 T_MAIL: Final = 300.0  # §4.5.3.2.2
@@ -81,7 +81,7 @@ _READ_HIGH_WATER: Final = 256 * 1024
 _connection_ids = itertools.count(1)
 
 #: (site, LMTP, TLS mode, AUTH, protocol log): connections are shared only within one.
-PoolKey = tuple[str, bool, str, tuple[str, str] | None, ProtocolLog | None]
+PoolKey = tuple[str, bool, str, tuple[str, str] | None, ProtocolLog | None, Source | None]
 TlsContextFactory = Callable[[TlsMode], ssl.SSLContext]
 
 
@@ -316,7 +316,12 @@ class _Session:
         self.messages = 0
         self.needs_rset = False
         #: The pool this connection belongs to (set when opened).
-        self.key: PoolKey = ("", False, "off", None, None)
+        self.key: PoolKey = ("", False, "off", None, None, None)
+        #: Messages it carries before it is closed: the route's (a shaping rule's); 0 =
+        #: the agent's setting of the moment (a reload changes it for open ones too).
+        self.max_messages = 0
+        #: The name it gave in EHLO (its source's, else the agent's).
+        self.helo_name = ""
         #: The newest follow-on transaction in flight, until its caller collects it.
         self.follow_on: _Exchange | None = None
         #: Taken from the pool and not yet answered in this delivery (see _Failure.stale).
@@ -582,7 +587,8 @@ class SmtpAgent:
         # A logged connector's connections are its own: another connector's mail never
         # goes over them (into its log), nor its mail over theirs (unlogged).
         plog = logs.get(route.connector) if logs else None
-        key: PoolKey = (route.site, lmtp, route.tls, route.auth, plog)
+        # An egress source's connections are its own (its address, its EHLO name).
+        key: PoolKey = (route.site, lmtp, route.tls, route.auth, plog, route.source)
         if not self.takes_follow_ons(route):
             follow_ons = None  # LMTP answers per recipient: kept out of follow-on chains
         while True:
@@ -660,7 +666,7 @@ class SmtpAgent:
         idle = self._pool.setdefault(key, [])
         if (
             self._closed
-            or session.messages >= self.max_messages_per_connection
+            or session.messages >= (session.max_messages or self.max_messages_per_connection)
             or len(idle) >= self.max_idle_per_site
             or session.pipe.closed
         ):
@@ -725,7 +731,12 @@ class SmtpAgent:
         """A ready session with the first host that works, or None and the last reason."""
         reason = "451 4.4.4 No host to deliver to"
         loop = asyncio.get_running_loop()
-        hello = Command("LHLO" if lmtp else "EHLO", arg=self.helo_name)
+        source = route.source
+        helo_name = source.ehlo if source is not None and source.ehlo else self.helo_name
+        # Bind the source's address (port 0: any): the receiver sees the connection come
+        # from it, and checks its PTR against the EHLO name (RFC 5321 §4.1.4).
+        local_addr = (source.address, 0) if source is not None and source.address else None
+        hello = Command("LHLO" if lmtp else "EHLO", arg=helo_name)
         plog = key[4]
         log: SessionLog | None = None
 
@@ -745,7 +756,7 @@ class SmtpAgent:
                         _, pipe = await loop.create_unix_connection(pipe_factory, host.address)
                     else:
                         _, pipe = await loop.create_connection(pipe_factory, host.address,
-                                                               host.port)
+                                                               host.port, local_addr=local_addr)
             except TimeoutError:
                 reason = f"451 4.4.1 Connection to {remote} timed out"
                 if log is not None:
@@ -759,6 +770,8 @@ class SmtpAgent:
             self.connections_opened += 1
             session = _Session(host, pipe, self.timeouts)
             session.key = key
+            session.helo_name = helo_name
+            session.max_messages = route.max_messages
             try:
                 await self._setup(session, route, lmtp)
             except _Failure as failure:
@@ -787,7 +800,7 @@ class SmtpAgent:
         if greeting.reply.code != 220:
             # RFC 5321 §3.1 and §3.8: a 554 (or 4xx) greeting means "not now": next host.
             raise _Failure(reply_text(greeting.reply))
-        ext = await s.hello(self.helo_name, lmtp)
+        ext = await s.hello(s.helo_name, lmtp)
         if route.tls != "off":
             if "STARTTLS" in ext:
                 reply = await s.command(Command("STARTTLS"))
@@ -799,7 +812,7 @@ class SmtpAgent:
                         self._tls_failed(s, route, failure.text)
                         raise
                     self.figures.tls_handshakes[route.site] += 1
-                    ext = await s.hello(self.helo_name, lmtp)
+                    ext = await s.hello(s.helo_name, lmtp)
                 elif route.tls != "opportunistic" or reply.code == 421:
                     raise _Failure(reply_text(reply))
                 # opportunistic and refused (454): go on in plaintext, as RFC 3207 §4.1
@@ -1065,7 +1078,8 @@ class _Exchange:
         s, agent, t = self.s, self.agent, self.t
         if (not follow_ons or not t.pipelining or not t.accepted or t.more
                 or self.next is not None or s.follow_on not in (None, self)
-                or agent.closing or s.messages >= agent.max_messages_per_connection):
+                or agent.closing
+                or s.messages >= (s.max_messages or agent.max_messages_per_connection)):
             return b""
         job = follow_ons.popleft()
         nt = Transaction(s.conn, job.envelope, job.recipients, job.body, remote=s.remote,

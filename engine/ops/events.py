@@ -58,6 +58,9 @@ class Kind(enum.StrEnum):
     TLS_FAIL = "TLS_FAIL"
     #: An alert rule fired or cleared (``state``); engine.ops.alerts.
     ALERT = "ALERT"
+    #: A shaping automation rule began or ended (``state`` "on"/"off") suspending or
+    #: throttling a (source, site); engine.scheduler.scheduler, docs/shaping.md.
+    THROTTLE = "THROTTLE"
 
 
 class Sink(Protocol):

@@ -313,6 +313,16 @@ class FerryCollector(Collector):
         yield from (waiting, workers, down)
         yield GaugeMetricFamily("ferry_suspended_destinations", "Destinations suspended by "
                                 "the operator", value=len(snap.suspended))
+        actions = CounterMetricFamily("ferry_shaping_actions", "Shaping automation rules "
+                                      "that acted on a (source, site), by action",
+                                      labels=["action"])
+        held = GaugeMetricFamily("ferry_shaping_held", "(source, site) queues a shaping "
+                                 "automation rule suspends or throttles now, by action",
+                                 labels=["action"])
+        for action, count in snap.shaping_actions:
+            actions.add_metric([action], count)
+            held.add_metric([action], sum(h.action == action for h in snap.held))
+        yield from (actions, held)
 
     def dns(self) -> Iterator[Metric]:
         resolver = self.app.resolver

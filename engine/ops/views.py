@@ -237,9 +237,9 @@ def queue_rows(store: QueueStore, snapshot: SchedulerSnapshot | None,
         elif (d.unreachable if d is not None and (d.unreachable or d.site)
               else t.deferred and t.unrouted == t.deferred and not t.due_now):
             state = "unreachable"
-        elif site and down.get(site, 0.0) > now:
-            state = "down"
-        elif site and busy.get(site, 0):
+        elif site and any(down.get(s, 0.0) > now for s in site.split(" ")):
+            state = "down"  # (with egress sources: one "source@site" each, by spaces)
+        elif site and any(busy.get(s, 0) for s in site.split(" ")):
             state = "active"
         elif t.next_retry and not t.due_now:
             state = "retry"

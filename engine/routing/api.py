@@ -20,6 +20,16 @@ class Host:
 
 
 @dataclass(frozen=True, slots=True)
+class Source:
+    """An egress source ([egress.sources."NAME"]): the local address a connection binds
+    to ("" = the system's choice) and the name it gives in EHLO ("" = the hostname)."""
+
+    name: str
+    address: str = ""
+    ehlo: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Where one destination's mail goes now.
 
@@ -42,6 +52,14 @@ class Route:
     maildir: str = ""
     #: The send connector that produced this route ("" for plain MX delivery).
     connector: str = ""
+    #: The egress pool its connector names ("" = none); the scheduler picks a source.
+    pool: str = ""
+    #: The egress source picked for this delivery (the scheduler sets it; None = the
+    #: system's address and the hostname).  Connections are pooled per source.
+    source: Source | None = None
+    #: Messages over one connection before it is closed; 0 = the agent's setting
+    #: (a shaping rule's ``max_messages_per_connection``).
+    max_messages: int = 0
 
 
 class RouteError(Exception):

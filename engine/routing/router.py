@@ -170,6 +170,8 @@ class ConfiguredRouter:
         # The longest suffix first, so that the most specific entry wins.
         self._local_suffix.sort(key=lambda item: -len(item[0]))
         self._hostname = config.hostname.lower().rstrip(".")
+        #: the pool of the connectors that name none ([egress] pool)
+        self._pool = config.egress.pool
 
     @property
     def connectors(self) -> tuple[SendConfig, ...]:
@@ -328,8 +330,7 @@ class ConfiguredRouter:
         return _Plan((_Need(domain, connector.mx_port, mx=True),),
                      partial(self._mx_route, destination, sc))
 
-    @staticmethod
-    def _route(destination: str, site: str, hosts: tuple[Host, ...], sc: SendConfig,
+    def _route(self, destination: str, site: str, hosts: tuple[Host, ...], sc: SendConfig,
                tls: TlsMode | None = None, auth: tuple[str, str] | None = None) -> Route:
         """A route through send connector ``sc`` (its TLS mode unless ``tls`` is given)."""
         return Route(
@@ -341,6 +342,7 @@ class ConfiguredRouter:
             auth=auth,
             plaintext_auth=auth is not None and sc.allow_plaintext_auth,
             connector=sc.name,
+            pool=sc.pool or self._pool,
         )
 
     def _mx_route(self, destination: str, sc: SendConfig, answers: list[_Answer]) -> Route:

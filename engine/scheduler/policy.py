@@ -22,6 +22,10 @@ class SiteLimits:
     max_connections: int = 20
     #: messages per second to the site; 0 = no limit
     max_rate: float = 0.0
+    #: messages over one connection (a shaping rule's); 0 = the agent's setting
+    max_messages_per_connection: int = 0
+    #: messages per UTC day from one source (a shaping rule's); 0 = no cap
+    daily_cap: int = 0
 
 
 class Limits:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -78,13 +79,20 @@ from engine.queue.records import (
     new_id,
 )
 from engine.queue.window import DueWindow
-from engine.routing.api import Route, RouteError, Router
+from engine.routing.api import Route, RouteError, Router, Source
 from engine.scheduler import facts
 from engine.scheduler.facts import Fact
 from engine.scheduler.inflight import InFlightJournal
 from engine.scheduler.notices import DelayNotices
 from engine.scheduler.policy import RETRY_JITTER, Limits, SiteLimits, Throttle, retry_delay
-from engine.scheduler.snapshot import DestinationView, DownSite, SchedulerSnapshot, SiteView
+from engine.scheduler.shaping import Automation, Shape, Shaping, next_day, site_key, utc_day
+from engine.scheduler.snapshot import (
+    DestinationView,
+    DownSite,
+    HeldSite,
+    SchedulerSnapshot,
+    SiteView,
+)
 from engine.scheduler.traffic import Traffic
 
 log = logging.getLogger("ferry.scheduler")
@@ -176,6 +184,27 @@ class _Site:
     follow_queues: list[_FollowQueue] = field(default_factory=list)
     #: the destination whose limits the site took (its limits again at a reload)
     destination: str = ""
+    #: what the shaping rules say for it (engine.scheduler.shaping), and the route it was
+    #: made for (its shape again at a reload)
+    shape: Shape = field(default_factory=lambda: Shape(SiteLimits()))
+    route: Route | None = None
+    #: its egress source (None: the system's address); the site's name is "source@site"
+    source: Source | None = None
+    #: a daily cap may apply (a rule's, or its source's warm-up): counted per group
+    capped: bool = False
+
+
+@dataclass(slots=True)
+class _Hold:
+    """An automation rule acting on a (source, site) until ``until`` (epoch seconds)."""
+
+    rule: Automation
+    until: float
+    reply: str
+    #: the site (server set) and the source's name ("" for none), for the events
+    site: str = ""
+    source: str = ""
+    timer: asyncio.TimerHandle | None = None
 
 
 class Scheduler:
@@ -189,6 +218,7 @@ class Scheduler:
         settings: DeliveryConfig | None = None,
         events: Events | None = None,
         journal: InFlightJournal | None = None,
+        shaping: Shaping | None = None,
     ) -> None:
         self.store = store
         #: where the facts of each message's life go once committed (engine.ops.events)
@@ -199,6 +229,14 @@ class Scheduler:
         #: [delivery]: the scheduler reads its settings from the configuration itself
         self.settings = s = settings or DeliveryConfig()
         self.limits = Limits(s)
+        #: sources, pools, limits by provider and automation ([egress], [shaping])
+        self.shaping = shaping or Shaping(s)
+        #: (source, site) → the automation rule holding it (suspended or throttled)
+        self.held: dict[str, _Hold] = {}
+        #: (source, site) → (UTC day, groups sent that day), where a daily cap applies
+        self.sent: dict[str, tuple[int, int]] = {}
+        #: automation actions taken, by action ("suspend", "throttle"), for metrics
+        self.shaping_actions: dict[str, int] = {"suspend": 0, "throttle": 0}
         #: unexpected errors, or crashes in flight, in a row that move a message to POISON
         self.poison_after = s.poison_after
         self.window = DueWindow(store, s.window)
@@ -247,6 +285,9 @@ class Scheduler:
         while self._tasks or self._batch or self._committing:
             self._flush_outcomes()
             await asyncio.gather(*self._tasks, *self._committing, return_exceptions=True)
+        for hold in self.held.values():
+            if hold.timer is not None:
+                hold.timer.cancel()
         if self.journal is not None:
             self.journal.close()  # a clean stop: nothing was in flight at a crash
 
@@ -281,8 +322,12 @@ class Scheduler:
             route = self.router.resolve_cached(destination)
             if route is not None:
                 self.down.pop(route.site, None)
+                # and the marks of the site from each egress source ("source@site")
+                for key in [k for k in self.down if k.endswith("@" + route.site)]:
+                    del self.down[key]
 
-    def reconfigure(self, router: Router, settings: DeliveryConfig) -> None:
+    def reconfigure(self, router: Router, settings: DeliveryConfig,
+                    shaping: Shaping | None = None) -> None:
         """A reload (engine.ops.reload): route with ``router`` and work under ``settings``
         from now on.  Deliveries in flight finish with the route and limits they started
         with; groups waiting at a site are routed again by the new router; each site takes
@@ -291,12 +336,16 @@ class Scheduler:
         self.router = router
         self.settings = settings
         self.limits = Limits(settings)
+        self.shaping = shaping or Shaping(settings)
         self.poison_after = settings.poison_after
         self.window.capacity = settings.window
         self.delay_notices = DelayNotices(settings.delay_notice_after)
         waiting: dict[str, list[DueEntry]] = {}
         for site in list(self.sites.values()):
-            limits = self.limits.for_destination(site.destination)
+            if site.route is not None:
+                site.shape = self.shaping.shape(site.route)
+                site.capped = bool(site.shape.limits.daily_cap or site.shape.sources)
+            limits = self._limits(site)
             if limits != site.limits:
                 if limits.max_rate != site.limits.max_rate:
                     site.throttle = Throttle(limits.max_rate)
@@ -532,7 +581,10 @@ class Scheduler:
             down=tuple(DownSite(name, until) for name, until in sorted(self.down.items())
                        if until > now),
             suspended=tuple(sorted(self.suspended)), queue=self.store.stats,
-            destinations=self._destination_views(now) if destinations else ())
+            destinations=self._destination_views(now) if destinations else (),
+            held=tuple(HeldSite(name, hold.rule.action, hold.rule.name, hold.until)
+                       for name, hold in sorted(self.held.items())),
+            shaping_actions=tuple(sorted(self.shaping_actions.items())))
 
     def _destination_views(self, now: float) -> tuple[DestinationView, ...]:
         traffic = self._sweep_traffic(now)
@@ -542,6 +594,9 @@ class Scheduler:
             with contextlib.suppress(RouteError):
                 route = self.router.resolve_cached(name)
                 site = route.site if route is not None else ""
+                if route is not None and (sources := self.shaping.shape(route).sources):
+                    # one queue per egress source: "a@site b@site"
+                    site = " ".join(site_key(route.site, s.source) for s in sources)
             views.append(DestinationView(name, site, *traffic.rates(name, now),
                                          traffic.unreachable.get(name, ("", 0.0))[0]))
         return tuple(views)
@@ -679,21 +734,49 @@ class Scheduler:
             self._spawn(self._fail_unrouted(entry, exc))
 
     def _place(self, entries: list[DueEntry], route: Route) -> None:
-        """Queue groups at their route's site and staff it."""
-        site = self._site(route, route.destination)
+        """Queue groups at their route's site (per egress source, drawn by weight for each
+        group, when the route has a pool) and staff it."""
         if entries:
             self.traffic.routed(entries[0].next_hop)
+        shape = self.shaping.shape(route)  # a dict lookup: the rules matched once per site
+        per_connection = shape.limits.max_messages_per_connection
+        if not shape.sources:
+            if per_connection:
+                route = dataclasses.replace(route, max_messages=per_connection)
+            self._queue(entries, route, shape)
+            return
+        by_source: dict[Source | None, list[DueEntry]] = {}
+        for entry in entries:
+            by_source.setdefault(shape.pick(self._rnd), []).append(entry)
+        for source, mine in by_source.items():
+            self._queue(mine, dataclasses.replace(route, source=source,
+                                                  max_messages=per_connection), shape)
+
+    def _queue(self, entries: list[DueEntry], route: Route, shape: Shape) -> None:
+        site = self._site(route, shape)
         for entry in entries:
             site.jobs.append((entry, route))
         self._staff(site)
 
-    def _site(self, route: Route, destination: str) -> _Site:
-        site = self.sites.get(route.site)
+    def _site(self, route: Route, shape: Shape) -> _Site:
+        key = site_key(route.site, route.source)
+        site = self.sites.get(key)
         if site is None:
-            limits = self.limits.for_destination(destination)
-            site = self.sites[route.site] = _Site(route.site, limits, Throttle(limits.max_rate),
-                                                  destination=destination)
+            site = _Site(key, shape.limits, Throttle(0.0), destination=route.destination,
+                         shape=shape, route=route, source=route.source,
+                         capped=bool(shape.limits.daily_cap or shape.sources))
+            site.limits = limits = self._limits(site)
+            site.throttle = Throttle(limits.max_rate)
+            self.sites[key] = site
         return site
+
+    def _limits(self, site: _Site) -> SiteLimits:
+        """A site's limits now: its shape's, lowered while an automation rule holds it."""
+        hold = self.held.get(site.name)
+        limits = site.shape.limits
+        if hold is not None and hold.rule.action == "throttle":
+            return hold.rule.lowered(limits)
+        return limits
 
     def _staff(self, site: _Site) -> None:
         """A worker for every queued group no starting worker will take, up to the site's
@@ -729,7 +812,7 @@ class Scheduler:
                     queue.route = job.route
                     self._prepare(site, queue)
                     try:
-                        ok = await self._deliver(job.entry, job.route, taken=job)
+                        ok = await self._deliver(job.entry, job.route, taken=job, site=site)
                     finally:
                         queue.route = None
                 else:
@@ -754,6 +837,13 @@ class Scheduler:
                             entry, f"451 4.4.1 {site.name} is down, not tried", down_until,
                             min(5.0, self._down_length() * RETRY_JITTER), site=site.name)
                         continue
+                    if self.held or site.capped:
+                        gate = self._gate(site)
+                        if gate is not None:
+                            reason, until, spread = gate
+                            await self._defer_group(entry, reason, until, spread,
+                                                    site=site.name)
+                            continue
                     wait = site.throttle.wait(loop.time())
                     if wait:
                         await asyncio.sleep(wait)
@@ -761,7 +851,7 @@ class Scheduler:
                     queue.route = route
                     try:
                         ok = await self._deliver(entry, route, self._prepare(site, queue),
-                                                 loaded=loaded)
+                                                 loaded=loaded, site=site)
                     finally:
                         queue.route = None
                 if ok:
@@ -780,6 +870,93 @@ class Scheduler:
             site.workers -= 1
             if not site.jobs and not site.workers:
                 self.sites.pop(site.name, None)
+
+    # --- shaping: daily caps and automation on replies ----------------------------------
+
+    def _gate(self, site: _Site) -> tuple[str, float, float] | None:
+        """Whether the next group of ``site`` must wait: (the deferral's reply, until when,
+        its spread) while an automation rule suspends the (source, site), or once its
+        daily cap is reached (the group is counted otherwise).  Deferred, never failed:
+        the provider asked for patience, not for the mail to be dropped."""
+        now = time.time()
+        hold = self.held.get(site.name)
+        if hold is not None and hold.rule.action == "suspend" and hold.until > now:
+            return (f"451 4.7.0 {site.name} suspended until {_iso(hold.until)} by shaping "
+                    f"rule {hold.rule.name!r} after: {hold.reply}"[:500], hold.until,
+                    min(5.0, hold.rule.duration * RETRY_JITTER))
+        if not site.capped:
+            return None
+        day = utc_day(now)
+        cap = site.shape.cap(site.source, day)
+        if not cap:
+            return None
+        counted_day, count = self.sent.get(site.name, (day, 0))
+        if counted_day != day:
+            count = 0
+        if count >= cap:
+            source = site.source.name if site.source is not None else "this server"
+            return (f"451 4.7.0 daily cap of {cap} messages from {source} to "
+                    f"{site.route.site if site.route else site.name} reached; deferred to "
+                    "the next UTC day", next_day(now), 60.0)
+        self.sent[site.name] = (day, count + 1)
+        return None
+
+    def _react(self, site: _Site, results: Sequence[RcptResult]) -> None:
+        """The first automation rule a reply of this delivery matches acts on the
+        (source, site) that got it, unless a rule holds it already."""
+        if site.name in self.held:
+            return
+        for r in results:
+            if r.state is RcptState.DELIVERED:
+                continue
+            rule = site.shape.react(r.reply)
+            if rule is not None:
+                self._hold(site, rule, r.reply)
+                return
+
+    def _hold(self, site: _Site, rule: Automation, reply: str) -> None:
+        loop = asyncio.get_running_loop()
+        now = time.time()
+        action = rule.action
+        hold = self.held[site.name] = _Hold(
+            rule, now + rule.duration, reply,
+            site.route.site if site.route is not None else site.name,
+            site.source.name if site.source is not None else "")
+        hold.timer = loop.call_later(rule.duration, self._unhold, site.name, hold)
+        self.shaping_actions[action] += 1
+        if action == "throttle":
+            self._set_limits(site, self._limits(site))
+        log.warning("shaping rule %r %s %s for %gs after: %s", rule.name,
+                    "suspends" if action == "suspend" else "throttles", site.name,
+                    rule.duration, reply)
+        self._tell_hold("on", hold)
+
+    def _unhold(self, name: str, hold: _Hold) -> None:
+        if self.held.get(name) is not hold:
+            return
+        del self.held[name]
+        site = self.sites.get(name)
+        if site is not None:
+            self._set_limits(site, self._limits(site))
+            self._staff(site)
+        log.info("shaping rule %r lifted from %s", hold.rule.name, name)
+        self._tell_hold("off", hold)
+        self.wake()
+
+    @staticmethod
+    def _set_limits(site: _Site, limits: SiteLimits) -> None:
+        if limits.max_rate != site.limits.max_rate:
+            site.throttle = Throttle(limits.max_rate)
+        site.limits = limits
+
+    def _tell_hold(self, state: str, hold: _Hold) -> None:
+        """The THROTTLE event (docs/tracking.md): a fact of a (source, site), not of a
+        message, told when it happens."""
+        if self.events.on:
+            rule = hold.rule
+            self.events.emit(Kind.THROTTLE, b"", "", state=state, action=rule.action,
+                             rule=rule.name, site=hold.site, source=hold.source,
+                             until=_iso(hold.until), reply=hold.reply)
 
     def _down_length(self) -> float:
         """How long a site where no host took a connection is left alone: ``down_period``,
@@ -875,13 +1052,14 @@ class Scheduler:
         assert route is not None
         prepared, follow_ons = queue.prepared, queue.follow_ons
         agent = self.agents.get(route.protocol)
-        if site.limits.max_rate or agent is None or not agent.takes_follow_ons(route):
-            return None
+        if (site.limits.max_rate or site.capped or agent is None
+                or not agent.takes_follow_ons(route)):
+            return None  # a rate or a daily cap counts each group at its worker's turn
         jobs = site.jobs
         # Never the groups that workers still starting will take (see _staff).
         while (len(follow_ons) < _FOLLOW_AHEAD and len(jobs) > site.starting
                and not self._stopping and site.workers == site.limits.max_connections
-               and not self.down.get(site.name, 0.0)):
+               and not self.down.get(site.name, 0.0) and site.name not in self.held):
             entry, nxt = jobs[0]
             if (nxt.site, nxt.protocol, nxt.tls, nxt.auth) != (
                     route.site, route.protocol, route.tls, route.auth):
@@ -904,7 +1082,7 @@ class Scheduler:
 
     async def _deliver(self, entry: DueEntry, route: Route,
                        follow_ons: FollowOns | None = None, *, taken: _Taken | None = None,
-                       loaded: _Taken | None = None) -> bool:
+                       loaded: _Taken | None = None, site: _Site | None = None) -> bool:
         """Deliver one group (``loaded``: prepared for a follow-on queue, not taken), or
         collect one an agent took from ``follow_ons`` (``taken``); False when no server
         answered at all (the site is down).
@@ -960,6 +1138,8 @@ class Scheduler:
                                                        body)
             reached = any(r.remote for r in results) or any(
                 r.state is not RcptState.DEFERRED for r in results)
+            if site is not None and site.shape.by_code:
+                self._react(site, results)
             if not reached and taken is None and self._fail_over(entry, route):
                 batched = True  # routed again: the group keeps its window place
                 return False
@@ -1142,6 +1322,10 @@ class Scheduler:
                     facts.emit(self.events, facts.deferred(env, outcomes, time.time(), site))
         finally:
             self._release(entry)
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 def _route_reply(exc: RouteError) -> str:

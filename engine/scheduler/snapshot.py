@@ -38,11 +38,23 @@ class DownSite:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldSite:
+    """A (source, site) that a shaping automation rule suspends or throttles until
+    ``until`` (epoch seconds); engine.scheduler.shaping."""
+
+    name: str
+    action: str
+    rule: str
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
 class DestinationView:
     """A destination (a next hop as the queue names it) the scheduler handled lately."""
 
     name: str
-    #: the site its route goes to now; "" when the route is not known without a lookup
+    #: the site its route goes to now; "" when the route is not known without a lookup;
+    #: with egress sources, the (source, site) queues it uses, "a@site b@site"
     site: str
     #: groups (a message's recipients for it) per minute that came due and joined its
     #: queue (new mail and retries), and that left it final (delivered or failed)
@@ -75,3 +87,7 @@ class SchedulerSnapshot:
     queue: QueueStats
     #: destinations with traffic in the last two minutes or a routing failure, by name
     destinations: tuple[DestinationView, ...] = ()
+    #: (source, site) queues held by a shaping automation rule, by name
+    held: tuple[HeldSite, ...] = ()
+    #: shaping automation actions taken since the start, by action
+    shaping_actions: tuple[tuple[str, int], ...] = ()

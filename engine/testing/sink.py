@@ -28,6 +28,9 @@ class Received:
     recipients: list[str]
     body: bytes
     address: str
+    #: the client's address (an egress source's) and the name it gave in EHLO
+    peer: str = ""
+    helo: str = ""
 
 
 @dataclass
@@ -41,6 +44,12 @@ class SinkState:
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     #: reply to the final dot ("250 OK" by default), per listening address
     data_replies: dict[str, str] = field(default_factory=lambda: defaultdict(lambda: ""))
+    #: the same figures per client address (the egress source Ferry bound), and the EHLO
+    #: names each client address gave
+    peer_open: Counter[str] = field(default_factory=Counter)
+    peer_peak: Counter[str] = field(default_factory=Counter)
+    peer_connections: Counter[str] = field(default_factory=Counter)
+    peer_helo: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
 
 
 class _Handler:
@@ -50,6 +59,8 @@ class _Handler:
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
+        if session.peer:
+            self.sink.state.peer_helo[session.peer[0]].add(hostname)
         if self.sink.pipelining:
             # aiosmtpd reads commands one at a time from its stream, so pipelined input
             # (RFC 2920) works; it just does not say so.
@@ -71,11 +82,15 @@ class _Handler:
         if self.sink.hold is not None:
             await self.sink.hold(envelope)
         reply = self.sink.state.data_replies[local]
+        peer = session.peer[0] if session.peer else ""
+        if self.sink.answer is not None:
+            reply = self.sink.answer(envelope, peer) or reply
         if reply and not reply.startswith("2"):
             return reply
         content = envelope.original_content or b""
         self.sink.state.messages.append(Received(envelope.mail_from or "",
-                                                 list(envelope.rcpt_tos), content, local))
+                                                 list(envelope.rcpt_tos), content, local,
+                                                 peer, session.host_name or ""))
         return reply or "250 2.0.0 OK"
 
 
@@ -84,19 +99,25 @@ class _CountingSMTP(SMTP):
         super().__init__(_Handler(sink), **kw)
         self._sink = sink
         self._local = "?"
+        self._peer = "?"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._local = transport.get_extra_info("sockname")[0]
+        self._peer = peer = transport.get_extra_info("peername")[0]
         self._sink.transports.add(transport)
         state = self._sink.state
         state.open[self._local] += 1
         state.connections[self._local] += 1
         state.peak[self._local] = max(state.peak[self._local], state.open[self._local])
         state.peak_total = max(state.peak_total, sum(state.open.values()))
+        state.peer_open[peer] += 1
+        state.peer_connections[peer] += 1
+        state.peer_peak[peer] = max(state.peer_peak[peer], state.peer_open[peer])
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._sink.state.open[self._local] -= 1
+        self._sink.state.peer_open[self._peer] -= 1
         if self.transport is not None:
             self._sink.transports.discard(self.transport)
         super().connection_lost(exc)
@@ -114,6 +135,10 @@ class CountingSink:
         #: Awaited (on the sink's loop) before the reply to a message's final dot: a test
         #: holds one transaction open with it.
         self.hold: Callable[[Envelope], Awaitable[None]] | None = None
+        #: Called (on the sink's loop) with each message and the client's address before
+        #: the reply to its final dot: a reply to give instead ("421 4.7.28 ..."), or None
+        #: for the usual one.
+        self.answer: Callable[[Envelope, str], str | None] | None = None
         self.state = SinkState()
         self.transports: set[asyncio.BaseTransport] = set()
         self.loop = asyncio.new_event_loop()

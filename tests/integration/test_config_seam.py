@@ -256,6 +256,47 @@ name = "internet"
 address_spaces = ["*"]
 port = {sink_port}
 tls = "off"
+pool = "seam"
+
+[egress]
+pool = "seam"
+
+[egress.sources.s1]
+address = "127.0.0.1"
+ehlo = "out.seam.test"
+warmup_start = "2026-01-01"
+warmup_caps = [1000000]
+
+[egress.pools.seam]
+sources = {{ s1 = 1 }}
+
+[shaping]
+defaults = true
+
+[[shaping.rules]]
+name = "seam"
+mx_suffixes = [".mx.test"]
+domains = ["mx.test"]
+max_connections = 2
+max_messages_per_connection = 10
+max_per_second = 1000
+max_per_minute = 60000
+max_per_hour = 3600000
+daily_cap = 1000000
+pool = "seam"
+
+[[shaping.automation]]
+name = "seam"
+mx_suffixes = [".mx.test"]
+domains = ["mx.test"]
+code = 421
+enhanced = "4.7.0"
+text = "slow down"
+action = "throttle"
+duration = 60
+max_connections = 1
+rate_factor = 0.5
+max_rate = 10
 
 [[local]]
 domains = ["maildir.test"]
