@@ -17,6 +17,7 @@ from pathlib import Path
 from engine.config import load_config
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import Envelope, RcptState, Recipient
+from engine.scheduler.snapshot import SchedulerSnapshot
 from engine.testing.dns import DnsResponder
 from engine.testing.events import Recorder
 from engine.testing.server import RunningFerry
@@ -98,8 +99,19 @@ mx_suffixes = [".sink.test"]
 max_connections = {limit}
 """)
             _enqueue(tmp_path / "spool", count)
-            with RunningFerry(load_config(path), path=path):
+            with RunningFerry(load_config(path), path=path) as ferry:
                 wait_for(lambda: len(sink.state.messages) >= count, 60, "every message")
+                # The operator's view names the (source, site) queues (ferry queue queues).
+                scheduler = ferry.app.scheduler
+                assert scheduler is not None
+
+                async def snapshot() -> SchedulerSnapshot:
+                    assert scheduler is not None
+                    return scheduler.snapshot()
+
+                (view,) = ferry.call(snapshot()).destinations
+                assert (view.name, view.site) == ("shape.test",
+                                                  "a@mx:mx1.sink.test b@mx:mx1.sink.test")
             state = sink.state
             assert len(state.messages) == count
             # Each address gave its own EHLO name, and only its own.
