@@ -51,6 +51,12 @@ spends its time on) on the Ferry process from the start of delivery, prints the 
 functions by own time and by inclusive time, and leaves the raw stacks in
 ``--profile-out``.
 
+``--shaping`` (issue 16) runs today's configuration (no shipped rules, no egress sources)
+and shaping on (the shipped rules, a rule and an automation rule for every site with the
+same limits, an egress pool of one source on 127.0.0.1) ``--rounds`` times each,
+alternating, and prints the medians and their ratio (target: shaping on >= 0.90x of the
+deliveries/s).
+
 Targets (issue): >= 5,000 deliveries/s from one process with >= 2,000 connections open,
 peak connections per domain equal to the limit and never above it.
 """
@@ -66,6 +72,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,6 +94,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SMTP_SINK = "/usr/sbin/smtp-sink"
 TARGET_RATE = 5_000.0
 TARGET_CONNECTIONS = 2_000
+#: The CPUs this process may use when it starts, before it pins itself for the peers.
+ALL_CPUS = sorted(os.sched_getaffinity(0))
 
 
 def sink_address(k: int) -> str:
@@ -184,12 +193,32 @@ def cpu():
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
+def shaping(config, on):
+    # --shaping: "off" is today's configuration (no shipped rules, no sources); "on" is the
+    # shipped rules plus a rule and an automation rule that match every site here (with the
+    # same limits as off), and an egress pool of one source on 127.0.0.1: every group is
+    # placed per (source, site), every reply is looked up among the automation rules.
+    from engine.config import (AutomationRule, EgressConfig, EgressPool, EgressSource,
+                               ShapingConfig, ShapingRule)
+    if not on:
+        return dataclasses.replace(config, shaping=ShapingConfig(defaults=False))
+    rule = ShapingRule("bench", mx_suffixes=(".test",), max_connections=args["limit"],
+                       max_messages_per_connection=config.delivery.max_messages_per_connection)
+    react = AutomationRule("bench", mx_suffixes=(".test",), code=421, enhanced="4.7.28",
+                           duration=60.0)
+    egress = EgressConfig(sources={"s1": EgressSource("127.0.0.1", "out.ferry.test")},
+                          pools={"bench": EgressPool({"s1": 1})}, pool="bench")
+    return dataclasses.replace(config, egress=egress, shaping=ShapingConfig(
+        defaults=True, rules=(rule,), automation=(react,)))
+
 async def main():
     config = ferry_config(args["spool"])
     config = dataclasses.replace(config, delivery=dataclasses.replace(
         config.delivery, paused=False, dns=tuple(args["dns"]), mx_port=args["port"],
         max_per_domain=args["limit"], retry_interval=args["retry"],
         window=args["window"] or config.delivery.window))
+    if args["shaping"] is not None:
+        config = shaping(config, args["shaping"])
     app = App(config)
     cpu0 = cpu()  # before start: the writer process does not exist yet
     t0 = time.time()
@@ -436,12 +465,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile-out", default="/tmp/fanout-profile.txt",
                         help="where --profile leaves py-spy's raw stacks")
     parser.add_argument("--dir", default="/work", help="where the temporary spool goes")
+    parser.add_argument("--shaping", action="store_true",
+                        help="run with today's configuration and with shaping on (the shipped "
+                             "rules, a rule and an automation rule for every site, an egress "
+                             "pool), alternating, and compare the medians")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="--shaping: runs of each configuration (default 3)")
     args = parser.parse_args(argv)
+    if not args.shaping:
+        return run(args, None)[0]
+    figures: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    for n in range(args.rounds):
+        for on in (False, True):
+            print(f"\n=== round {n + 1}/{args.rounds}: shaping {'on' if on else 'off'} ===",
+                  flush=True)
+            code, rate, cpu_us = run(args, on)
+            if code:
+                return code
+            figures[on].append((rate, cpu_us))
+    med = {on: (statistics.median(r for r, _ in f), statistics.median(c for _, c in f))
+           for on, f in figures.items()}
+    ratio = med[True][0] / med[False][0]
+    print()
+    print(table(["configuration", "deliveries/s (runs)", "median", "CPU µs/delivery (median)"],
+                [[name, " ".join(f"{r:,.0f}" for r, _ in figures[on]), f"{med[on][0]:,.0f}",
+                  f"{med[on][1]:,.0f}"]
+                 for name, on in (("today (no shaping)", False), ("shaping on", True))]))
+    print(f"\n  {verdict(ratio >= 0.90)}  shaping on / off: {ratio:.2f}x deliveries/s "
+          f"(target >= 0.90), CPU per delivery {med[True][1] / med[False][1]:.2f}x")
+    return 0
+
+
+def run(args: argparse.Namespace, shaping: bool | None) -> tuple[int, float, float]:
+    """One run (``shaping``: None = as configured, else off / on); (exit code,
+    deliveries/s, CPU µs per delivery)."""
     messages = args.messages or (10_000 if args.quick else 100_000)
     domains = args.domains or (200 if args.quick else 1_000)
     sinks = min(args.sinks, domains)
     limit = args.limit
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = ALL_CPUS  # (not the affinity now: an earlier run of --shaping pinned this one)
     pin = not args.no_pin and len(cpus) > 1
     if pin:
         os.sched_setaffinity(0, {cpus[-1]})  # the peers, started below, inherit it
@@ -474,7 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampler = Sampler(port, args.sample)
         sampler.start()
         driver_args = {"spool": str(spool), "dns": [dns_host, int(dns_port)], "port": port,
-                       "limit": limit, "retry": 5.0, "window": args.window, "timeout": args.timeout}
+                       "limit": limit, "retry": 5.0, "window": args.window, "timeout": args.timeout,
+                       "shaping": shaping}
         ferry = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(driver_args)],
                                  cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                  preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if pin
@@ -515,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             spy.wait(60)
         if not done or not started:
             print("Ferry did not finish; see its log above", file=sys.stderr)
-            return 1
+            return 1, 0.0, 0.0
         time.sleep(0.5)  # the sinks print their counters when sessions end
         received = sink_messages(base, sinks)
         if spy is not None and (base / "profile.txt").exists():
@@ -602,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if messages < 100_000 or domains < 1_000:
         print(f"  (run with {messages:,} messages and {domains:,} domains, not the "
               f"100,000 and 1,000 of the issue)")
-    return 0
+    return 0, rate, 1e6 * done["cpu"] / max(1, delivered)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,14 @@ class Host:
     preference: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Source:
     """An egress source ([egress.sources."NAME"]): the local address a connection binds
-    to ("" = the system's choice) and the name it gives in EHLO ("" = the hostname)."""
+    to ("" = the system's choice) and the name it gives in EHLO ("" = the hostname).
+
+    Compared and hashed by identity (``eq=False``): the scheduler's shaping makes one
+    per source and configuration, and the client's pool key hashes it per message, which
+    a generated ``__hash__`` would do in Python."""
 
     name: str
     address: str = ""

@@ -344,7 +344,7 @@ class Scheduler:
         for site in list(self.sites.values()):
             if site.route is not None:
                 site.shape = self.shaping.shape(site.route)
-                site.capped = bool(site.shape.limits.daily_cap or site.shape.sources)
+                site.capped = site.shape.capped
             limits = self._limits(site)
             if limits != site.limits:
                 if limits.max_rate != site.limits.max_rate:
@@ -764,7 +764,7 @@ class Scheduler:
         if site is None:
             site = _Site(key, shape.limits, Throttle(0.0), destination=route.destination,
                          shape=shape, route=route, source=route.source,
-                         capped=bool(shape.limits.daily_cap or shape.sources))
+                         capped=shape.capped)
             site.limits = limits = self._limits(site)
             site.throttle = Throttle(limits.max_rate)
             self.sites[key] = site

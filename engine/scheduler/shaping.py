@@ -173,6 +173,11 @@ class Shape:
     #: picks the few to try
     by_code: dict[int, tuple[Automation, ...]] = field(default_factory=dict)
 
+    @property
+    def capped(self) -> bool:
+        """Whether a daily cap may apply: a rule's, or a source's warm-up."""
+        return bool(self.limits.daily_cap) or any(s.warmup_start for s in self.sources)
+
     def pick(self, rnd: random.Random) -> Source | None:
         """A source for one group, by weight; None without a pool."""
         sources = self.sources
