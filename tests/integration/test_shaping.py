@@ -257,3 +257,63 @@ def test_without_sources_delivery_is_as_before(tmp_path: Path) -> None:
             assert set(sink.state.peer_helo) == {"127.0.0.1"}
         finally:
             sink.stop()
+
+
+def test_a_throttle_rule_lowers_the_limits_then_restores_them(tmp_path: Path) -> None:
+    count, limit = 12, 3
+    sink = CountingSink([SINK], reply_delay=0.2)
+    answered: list[str] = []
+
+    def answer(envelope: object, peer: str) -> str | None:
+        answered.append(peer)
+        return "421 4.7.0 [TS04] slow down" if len(answered) == 3 else None
+
+    sink.answer = answer
+    recorder = Recorder()
+    with DnsResponder(ZONE) as dns:
+        try:
+            path = _config(tmp_path, dns, sink, f"""
+[egress.pools.one]
+sources = {{ a = 1 }}
+[egress]
+pool = "one"
+[[shaping.rules]]
+name = "three"
+mx_suffixes = [".sink.test"]
+max_connections = {limit}
+[[shaping.automation]]
+name = "slow"
+mx_suffixes = [".sink.test"]
+code = 421
+text = '\\bTS04\\b'
+action = "throttle"
+max_connections = 1
+rate_factor = 0.5
+duration = 3
+""")
+            _enqueue(tmp_path / "spool", count)
+            with RunningFerry(load_config(path), [recorder], path=path) as ferry:
+                scheduler = ferry.app.scheduler
+                assert scheduler is not None
+
+                async def snapshot() -> SchedulerSnapshot:
+                    assert scheduler is not None
+                    return scheduler.snapshot(destinations=False)
+
+                wait_for(lambda: recorder.of("THROTTLE"), 30, "the throttle")
+                on = recorder.of("THROTTLE")[0]
+                assert (on["state"], on["action"], on["rule"]) == ("on", "throttle", "slow")
+                snap = ferry.call(snapshot())
+                if snap.held:  # (3 s: it may only have ended on a very slow machine)
+                    assert [(h.name, h.action) for h in snap.held] == [
+                        ("a@mx:mx1.sink.test", "throttle")]
+                    assert all(s.max_connections == 1 for s in snap.sites)
+                    assert dict(snap.shaping_actions)["throttle"] == 1
+                wait_for(lambda: len(recorder.of("THROTTLE")) == 2, 30, "its end")
+                snap = ferry.call(snapshot())
+                assert not snap.held
+                assert all(s.max_connections == limit for s in snap.sites)
+                wait_for(lambda: len(sink.state.messages) >= count, 30, "every message")
+            assert len({m.recipients[0] for m in sink.state.messages}) == count
+        finally:
+            sink.stop()
