@@ -317,3 +317,29 @@ duration = 3
             assert len({m.recipients[0] for m in sink.state.messages}) == count
         finally:
             sink.stop()
+
+
+def test_messages_per_connection_of_a_rule(tmp_path: Path) -> None:
+    count, per_connection = 6, 2
+    sink = CountingSink([SINK])
+    with DnsResponder(ZONE) as dns:
+        try:
+            path = _config(tmp_path, dns, sink, f"""
+[egress.pools.one]
+sources = {{ b = 1 }}
+[egress]
+pool = "one"
+[[shaping.rules]]
+name = "short"
+domains = ["shape.test"]
+max_connections = 1
+max_messages_per_connection = {per_connection}
+""")
+            _enqueue(tmp_path / "spool", count)
+            with RunningFerry(load_config(path), path=path):
+                wait_for(lambda: len(sink.state.messages) >= count, 30, "every message")
+            # one connection at a time, each closed after its second message
+            assert sink.state.peer_peak[SOURCES["b"]] == 1
+            assert sink.state.peer_connections[SOURCES["b"]] == count // per_connection
+        finally:
+            sink.stop()
