@@ -70,7 +70,6 @@ from engine.routing.router import ConfiguredRouter, accepted_domains
 from engine.scheduler import shaping
 from engine.scheduler.inflight import FILE_NAME as INFLIGHT_FILE
 from engine.scheduler.inflight import InFlightJournal
-from engine.scheduler.policy import Limits
 from engine.scheduler.scheduler import Scheduler
 from engine.server.auth import Authenticator
 from engine.server.ingest import Ingest
@@ -208,7 +207,7 @@ class App:
         d = cfg.delivery
         # Keep as many idle connections per site as it may have workers, or a busy site
         # closes and reopens connections between messages.
-        idle = Limits(d).most_connections()
+        idle = shaping.most_connections(cfg)
         ca_file = str(d.ca_file) if d.ca_file is not None else None
         send_logs, mx_logs = self._open_send_logs()
         self.agents = {"smtp": SmtpAgent(cfg.hostname,
@@ -375,7 +374,7 @@ class App:
             old.delivery.dns, old.delivery.dns_max_queries) else MxResolver.from_config(cfg)
         self.resolver = resolver
         self.router = router = ConfiguredRouter(cfg, resolver)
-        idle = Limits(d).most_connections()
+        idle = shaping.most_connections(cfg)
         ca_file = str(d.ca_file) if d.ca_file is not None else None
         for name, agent in self.agents.items():
             if isinstance(agent, SmtpAgent):

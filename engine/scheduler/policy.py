@@ -29,9 +29,10 @@ class SiteLimits:
 
 
 class Limits:
-    """The site limits of [delivery], derived here and nowhere else: ``max_per_domain`` and
-    ``max_rate`` for every site, and a [delivery.domains."x"] table for the site that
-    domain x resolves to (a key it leaves out keeps the default)."""
+    """The site limits of [delivery]: ``max_per_domain`` and ``max_rate`` for every site,
+    and a [delivery.domains."x"] table for the site that domain x resolves to (a key it
+    leaves out keeps the default).  The scheduler takes each site's limits from
+    ``engine.scheduler.shaping``, which puts the shaping rules between these two."""
 
     __slots__ = ("default", "per_domain")
 

@@ -23,6 +23,15 @@ Theory of operation (Postfix's qmgr, KumoMTA's two-level queues):
    deferred without trying.  When the route came from a send connector, the router is
    told (``Router.connector_failed``) and the group is routed again at once: a costlier
    connector of the same address space takes it (Exchange's failover).
+   Shaping (``engine.scheduler.shaping``, docs/shaping.md): a route whose send connector
+   (or a shaping rule) names an egress pool gets a source per group, drawn by weight,
+   and the site's queue is per (source, site), named "source@site": limits, down marks,
+   daily caps and automation apply to each source alone.  A site's limits are its
+   shape's, the rules matched once per site and kept; a group beyond a (source, site)'s
+   daily cap (a rule's, a source's warm-up) or while an automation rule suspends it is
+   deferred untried until the cap's next day or the rule's end; a reply that matches an
+   automation rule suspends the (source, site) or lowers its limits for a while
+   (``_react``), told as THROTTLE events.
 4. Deferred recipients come back through the due index at ``retry_delay``; a recipient
    older than ``max_queue_lifetime`` fails whatever its state, with a DSN.
    ``resume`` makes a destination's suspended and deferred recipients due now.
@@ -84,7 +93,7 @@ from engine.scheduler import facts
 from engine.scheduler.facts import Fact
 from engine.scheduler.inflight import InFlightJournal
 from engine.scheduler.notices import DelayNotices
-from engine.scheduler.policy import RETRY_JITTER, Limits, SiteLimits, Throttle, retry_delay
+from engine.scheduler.policy import RETRY_JITTER, SiteLimits, Throttle, retry_delay
 from engine.scheduler.shaping import Automation, Shape, Shaping, next_day, site_key, utc_day
 from engine.scheduler.snapshot import (
     DestinationView,
@@ -228,7 +237,6 @@ class Scheduler:
         self.hostname = hostname
         #: [delivery]: the scheduler reads its settings from the configuration itself
         self.settings = s = settings or DeliveryConfig()
-        self.limits = Limits(s)
         #: sources, pools, limits by provider and automation ([egress], [shaping])
         self.shaping = shaping or Shaping(s)
         #: (source, site) → the automation rule holding it (suspended or throttled)
@@ -335,7 +343,6 @@ class Scheduler:
         delivery ends, one under a raised one gets workers at once)."""
         self.router = router
         self.settings = settings
-        self.limits = Limits(settings)
         self.shaping = shaping or Shaping(settings)
         self.poison_after = settings.poison_after
         self.window.capacity = settings.window

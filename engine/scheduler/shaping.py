@@ -48,10 +48,10 @@ from engine.config import (
     parse_shaping,
 )
 from engine.routing.api import Route, Source
-from engine.scheduler.policy import SiteLimits
+from engine.scheduler.policy import Limits, SiteLimits
 
-__all__ = ["DEFAULTS_FILE", "Automation", "Shape", "Shaping", "from_config", "next_day",
-           "shipped", "site_key", "utc_day"]
+__all__ = ["DEFAULTS_FILE", "Automation", "Shape", "Shaping", "from_config",
+           "most_connections", "next_day", "shipped", "site_key", "utc_day"]
 
 #: The shipped rules for the large providers (docs/shaping.md says where each comes from).
 DEFAULTS_FILE: Final = Path(__file__).with_name("shaping.toml")
@@ -279,6 +279,15 @@ class Shaping:
             by_code.setdefault(a.code or 0, []).append(a)
         return Shape(limits, tuple(r.name for r in matched), sources, weights, automation,
                      {code: tuple(rules) for code, rules in by_code.items()})
+
+
+def most_connections(config: Config) -> int:
+    """The most connections any one (source, site) may have: [delivery]'s limits and the
+    rules' (the SMTP agent keeps that many idle connections per pool)."""
+    rules = list(config.shaping.rules) + (list(shipped().rules) if config.shaping.defaults
+                                          else [])
+    return max([Limits(config.delivery).most_connections(),
+                *(r.max_connections for r in rules if r.max_connections)])
 
 
 def from_config(config: Config) -> Shaping:
