@@ -65,6 +65,13 @@ class Route:
     #: (a shaping rule's ``max_messages_per_connection``).
     max_messages: int = 0
 
+    def shaped(self, source: Source | None, max_messages: int) -> Route:
+        """This route from ``source`` with ``max_messages`` per connection (the scheduler's
+        shaping; built directly: ``dataclasses.replace`` costs twice as much per group)."""
+        return Route(self.destination, self.site, self.hosts, self.protocol, self.tls,
+                     self.auth, self.plaintext_auth, self.maildir, self.connector, self.pool,
+                     source, max_messages)
+
 
 class RouteError(Exception):
     """No route now.  ``permanent`` failures (null MX, no such domain) fail the recipients;

@@ -19,6 +19,7 @@ from engine.ops.events import Events, Kind, bare_message_id, iso_time
 from engine.queue.api import Outcome
 from engine.queue.records import Envelope, RcptState, id_text
 from engine.routing.api import Route
+from engine.scheduler.shaping import site_key
 
 #: One event waiting for its commit: kind, queue id, Message-ID, fields.
 Fact = tuple[Kind, bytes, str, dict[str, Any]]
@@ -43,7 +44,8 @@ def outcomes(env: Envelope, results: Sequence[RcptResult], recorded: Sequence[Ou
     qid = env.queue_id
     delay = round(now - env.arrival, 3)
     local = route is not None and route.protocol == "maildir"
-    site = route.site if route is not None else ""
+    # with an egress source, its queue's name "source@site" (engine.scheduler.shaping)
+    site = site_key(route.site, route.source) if route is not None else ""
     facts: list[Fact] = []
     for o in recorded:
         rcpt = env.recipients[o.recipient]

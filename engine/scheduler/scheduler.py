@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import random
 import time
@@ -749,15 +748,14 @@ class Scheduler:
         per_connection = shape.limits.max_messages_per_connection
         if not shape.sources:
             if per_connection:
-                route = dataclasses.replace(route, max_messages=per_connection)
+                route = route.shaped(None, per_connection)
             self._queue(entries, route, shape)
             return
         by_source: dict[Source | None, list[DueEntry]] = {}
         for entry in entries:
             by_source.setdefault(shape.pick(self._rnd), []).append(entry)
         for source, mine in by_source.items():
-            self._queue(mine, dataclasses.replace(route, source=source,
-                                                  max_messages=per_connection), shape)
+            self._queue(mine, route.shaped(source, per_connection), shape)
 
     def _queue(self, entries: list[DueEntry], route: Route, shape: Shape) -> None:
         site = self._site(route, shape)

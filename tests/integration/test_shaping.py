@@ -210,6 +210,8 @@ duration = 1.5
             assert late  # delivery resumed after the period
             assert len({m.recipients[0] for m in sink.state.messages}) == count
             assert sink.state.peer_helo == {SOURCES["a"]: {"a.ferry.test"}}
+            # the tracking log names the (source, site) each message went out by
+            assert {e["site"] for e in recorder.of("DELIVER")} == {"a@mx:mx1.sink.test"}
         finally:
             sink.stop()
 

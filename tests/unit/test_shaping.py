@@ -3,6 +3,7 @@ values only, no sockets.  The replies are the providers' own wording."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 from pathlib import Path
@@ -263,3 +264,16 @@ def test_the_shipped_file_loads() -> None:
 def test_domain_table_connections_win(tmp_path: Path) -> None:
     d = DeliveryConfig(domains={"gmail.com": DomainLimits(max_connections=2)})
     assert Shaping(d).shape(GMAIL).limits.max_connections == 2
+
+
+def test_a_shaped_route_keeps_every_other_field() -> None:
+    """``Route.shaped`` builds the route field by field (it is on the scheduler's path):
+    a field added to Route must be copied there too, or it is lost for pooled sources."""
+    names = [f.name for f in dataclasses.fields(Route)]
+    marks = {name: object() for name in names}
+    original = Route(**marks)  # type: ignore[arg-type]
+    source = object()
+    shaped = original.shaped(source, 7)  # type: ignore[arg-type]
+    for name in names:
+        expected = {"source": source, "max_messages": 7}.get(name, marks[name])
+        assert getattr(shaped, name) is expected, name
