@@ -345,3 +345,29 @@ max_messages_per_connection = {per_connection}
             assert sink.state.peer_connections[SOURCES["b"]] == count // per_connection
         finally:
             sink.stop()
+
+
+def test_a_source_address_not_on_this_machine_defers_with_the_reason(tmp_path: Path) -> None:
+    sink = CountingSink([SINK])
+    with DnsResponder(ZONE) as dns:
+        try:
+            # 192.0.2.1 (TEST-NET-1) is no address of this machine: the bind fails at
+            # once, nothing is sent anywhere.
+            path = _config(tmp_path, dns, sink, """
+[egress.sources.away]
+address = "192.0.2.1"
+[egress.pools.away]
+sources = { away = 1 }
+[egress]
+pool = "away"
+""")
+            (qid,) = _enqueue(tmp_path / "spool", 1)
+            with RunningFerry(load_config(path), path=path) as ferry:
+                wait_for(lambda: _states(ferry, [qid]) == [RcptState.DEFERRED], 30,
+                         "the deferral")
+                reply = ferry.store.get(qid).recipients[0].last_reply
+            assert reply.startswith("451 4.4.1 Connection to mx1.sink.test[127.0.40.1]")
+            assert "assign requested address" in reply
+            assert not sink.state.messages
+        finally:
+            sink.stop()
