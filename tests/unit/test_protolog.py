@@ -13,11 +13,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine.ops.protolog import (
@@ -25,6 +26,7 @@ from engine.ops.protolog import (
     GENERATIONS,
     MAX_TEXT,
     ProtocolLog,
+    _stamp_end,
     format_timestamp,
     sanitise,
 )
@@ -555,3 +557,76 @@ def test_received_stream_logs_the_same_lines_however_it_is_cut(
     if not ended and lines[-1] == b"":
         want.pop()  # an empty unfinished line is no line
     assert got == want
+
+
+# --- buffered raw, written in chunks: the same bytes as line by line ----------------------
+
+#: Pieces of what a session logs: the printable ASCII that SMTP mostly is, and the bytes
+#: that make a chunk take the slow path (escapes, cuts, odd line ends).
+_PIECE = st.sampled_from([b"250 ok", b"MAIL FROM:<a@b.test>", b" ", b"X" * 400, b"\r", b"\n",
+                          b"\r\n", b"\\", b"\x00", b"\x7f", b"\xc3\xa9", b"\xe2\x80\xa8",
+                          b"\xff"]) | st.binary(max_size=1)
+_CHUNK = st.lists(_PIECE, max_size=12).map(b"".join)
+_CALL = st.tuples(st.sampled_from(["send", "recv", "recv_data", "event"]),
+                  _CHUNK,
+                  # The clock's steps: nothing, a little, across a millisecond or a second.
+                  st.sampled_from([0.0, 1e-7, 0.0004, 0.001, 0.9996, 1.0]))
+
+
+def reference_lines(calls: list[tuple[str, bytes, float]], start: float) -> bytes:
+    """What the protocol log writes, built line by line from the documented format with the
+    module's own sanitise() and format_timestamp() (tested above on their own)."""
+    out = []
+    now = start
+    partial = b""
+    lines: Sequence[bytes | str]
+    for op, data, step in calls:
+        now += step
+        stamp = format_timestamp(now)
+        if op == "recv":
+            lines, arrow = [data.removesuffix(b"\r\n")], "<"
+        elif op == "recv_data":
+            parts = (partial + data).split(b"\n")
+            partial = parts.pop()[: 4 * MAX_TEXT + 8]
+            lines, arrow = [p.removesuffix(b"\r") for p in parts], "<"
+        elif op == "event":
+            lines, arrow = [data.decode("utf-8", "replace")], "*"
+        else:
+            parts = data.split(b"\r\n")
+            if parts and not parts[-1]:
+                parts.pop()
+            lines, arrow = parts, ">"
+        out += [f"{stamp}\tS\tc\t{arrow}\t{sanitise(line)}\n" for line in lines]
+    return "".join(out).encode("utf-8", "backslashreplace")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_CALL, max_size=12), st.floats(min_value=0, max_value=4e9))
+# A CR or LF that does not end a line, in a chunk that is otherwise printable ASCII.
+@example([("recv_data", b"250 a\rb\r\n250 ok\r\n", 0.0)], 5.0)
+@example([("send", b"MAIL a\rb\r\nRCPT\r\n", 0.0), ("send", b"DATA\nx\r\n", 0.0)], 5.0)
+@example([("send", b"X" * 1200 + b"\r\nok", 0.0), ("recv_data", b"Y" * 1200 + b"\n", 0.0)], 5.0)
+def test_buffered_chunks_are_written_as_lines_one_by_one(
+        calls: list[tuple[str, bytes, float]], start: float) -> None:
+    clock = ManualClock(start)
+    with tempfile.TemporaryDirectory() as d:
+        log = ProtocolLog(Path(d), "r", flush_interval=3600, clock=clock)
+        s = log.session("S", "c")
+        for op, data, step in calls:
+            clock.advance(step)
+            if op == "event":
+                s.event(data.decode("utf-8", "replace"))
+            else:
+                getattr(s, op)(data)
+        log.close()
+        got = (Path(d) / "protocol-r.log").read_bytes()
+    assert got == reference_lines(calls, start)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.floats(min_value=0, max_value=4e9))
+def test_a_stamp_is_reused_exactly_while_the_time_shows_the_same(t: float) -> None:
+    end = _stamp_end(t)
+    assert end > t
+    assert format_timestamp(math.nextafter(end, -math.inf)) == format_timestamp(t)
+    assert format_timestamp(end) != format_timestamp(t)
