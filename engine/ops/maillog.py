@@ -20,9 +20,9 @@ installed handlers, no filter on the way: :func:`engine.ops.logfmt.text_handlers
 batch is one log record whose formatted time, level and logger prefix every line of the
 batch shares, written in one write; otherwise (the JSON format, which carries each
 record's fields, or other handlers) the records are made with ``Logger.makeRecord`` and
-``Logger.handle`` (no caller lookup, no per-line level test).  This module must never block the loop beyond handing
-lines to the logging handlers, never change a record (the hub's other sinks share them),
-and never decide anything.
+``Logger.handle`` (no caller lookup, no per-line level test).  This module must never
+block the loop beyond handing lines to the logging handlers, never change a record (the
+hub's other sinks share them), and never decide anything.
 """
 
 from __future__ import annotations
