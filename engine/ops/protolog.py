@@ -33,29 +33,33 @@ AUTH payloads are never written.  The caller marks them (``recv(line, secret=Tru
 writes): an ``AUTH`` command keeps its verb and a known SASL mechanism name and shows
 ``****`` for the rest; any other secret line is ``****``.
 
-Writes are buffered in memory and reach the file as one ``write`` of the joined buffer
-when :meth:`ProtocolLog.flush` runs (from a periodic task such as
-:meth:`ProtocolLog.run_flusher`), when the buffer passes :data:`FLUSH_BYTES`, or when a
-line is logged ``flush_interval`` seconds after the last flush.  The file is rotated to
-``.1`` .. ``.5`` when the next write would take it past ``max_bytes``.
+Lines are buffered in memory, raw: each call buffers one entry (its time, the session's
+fields as bytes, the bytes or text as they came: one line, or the lines of one write or
+one read), a tuple and a list append.  The buffer is handed to the writer thread
+(:class:`_Writer`, one for every log of the process) when :meth:`ProtocolLog.flush` runs
+(from a periodic task such as :meth:`ProtocolLog.run_flusher`), when it passes
+:data:`FLUSH_BYTES`, or when a line is logged ``flush_interval`` seconds after the last
+flush; the thread stamps, sanitises and joins it (:func:`_render`) and appends it with one
+``write``, at most :data:`GATHER_SECONDS` later.  The file is rotated to ``.1`` .. ``.5``
+when the next write would take it past ``max_bytes``.  :meth:`ProtocolLog.sync` and
+:meth:`ProtocolLog.close` wait until the lines are written.
 
-What a session hands over is kept raw until the flush: each call buffers one entry
-(its time, the session's fields as bytes, the bytes or text as they came: one line, or
-the lines of one write or one read), and :meth:`ProtocolLog.flush` stamps, sanitises and
-joins the whole buffer at once (:func:`_render`).  A call costs the session a tuple and a
-list append; at the flush, a chunk of lines that need no escape and no cut (printable
-ASCII without a backslash: SMTP commands and replies) is checked with one
-regular-expression search and written as the bytes it already is, its line ends replaced
-by the next line's stamp and fields, and a time stamp is formatted once per millisecond,
-not per line.  The bytes written are the same as line by line (benchmarks/README.md, "the
-protocol logs made cheap": the per-line formatting on the event loop was most of what
-every log on cost).
+Rendering costs little: a chunk of lines that need no escape and no cut (printable ASCII
+without a backslash: SMTP commands and replies) is checked with one regular-expression
+search and written as the bytes it already is, its line ends replaced by the next line's
+stamp and fields, and a time stamp is formatted once per millisecond, not per line.  The
+bytes written are the same as stamping and sanitising line by line (benchmarks/README.md,
+"the protocol logs made cheap": the per-line formatting on the event loop was most of
+what every log on cost).
 
 This module observes; it must never change what the server does.  It never raises into
 its caller on a full disk, a removed or unwritable directory or a failed rotation: lines
 that cannot be written are counted in :attr:`ProtocolLog.dropped` and logging carries on
-(reopening the file when the path comes back).  It must never write an AUTH secret, nor
-a raw control character from the wire.  It is not thread-safe: one event loop owns it.
+(reopening the file when the path comes back); nor does it make the event loop wait for
+the disk: past :data:`MAX_PENDING` bytes not yet written, lines are dropped and counted.
+It must never write an AUTH secret (secrets are masked before they are buffered), nor a
+raw control character from the wire.  A :class:`ProtocolLog` and its sessions belong to
+one event loop (not thread-safe); only the writer thread touches its file.
 """
 
 from __future__ import annotations
@@ -63,9 +67,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import math
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +81,7 @@ from typing import Final, Literal
 
 __all__ = [
     "FLUSH_BYTES",
+    "GATHER_SECONDS",
     "GENERATIONS",
     "MAX_TEXT",
     "ProtocolLog",
@@ -83,10 +91,17 @@ __all__ = [
     "sanitise",
 ]
 
+_log = logging.getLogger("ferry.protolog")
+
 #: Longest text field, in characters, "…" marker included.
 MAX_TEXT: Final = 1000
 #: The buffer is flushed as soon as it holds this many bytes.
 FLUSH_BYTES: Final = 64 << 10
+#: The writer thread gathers this long after each round of writes: a line reaches the file
+#: within about this long of its flush.
+GATHER_SECONDS: Final = 0.2
+#: Bytes handed to the writer thread and not written yet beyond which lines are dropped.
+MAX_PENDING: Final = 32 << 20
 #: Rotated generations kept: ``.1`` (newest) .. ``.5`` (oldest).
 GENERATIONS: Final = 5
 #: What a hidden secret is written as.
@@ -255,6 +270,12 @@ def _stamp_end(t: float) -> float:
     return end
 
 
+def _lines(entries: list[Entry]) -> int:
+    """How many log lines ``entries`` make."""
+    return sum(len(_split(data, kind)) if isinstance(data, bytes) and kind != _ONE else 1
+               for _, _, data, kind in entries)
+
+
 def _split(data: bytes, kind: int) -> list[bytes]:
     """The lines of a chunk, as the protocol log shows them one by one."""
     if kind == _CRLF_LINES:
@@ -385,13 +406,22 @@ class ProtocolLog:
         return SessionLog(self, session_id, client)
 
     def flush(self) -> None:
-        """Write the buffered lines with one append; never raises ``OSError``."""
+        """Hand the buffered lines to the writer thread, which writes them with one append
+        within :data:`GATHER_SECONDS`; never blocks, never raises ``OSError``."""
         self._last_flush = self._clock()
         if not self._buf:
             return
         buf, self._buf = self._buf, []
-        self._buf_bytes = 0
-        self._write(_render(buf))
+        size, self._buf_bytes = self._buf_bytes, 0
+        _WRITER.hand_over(self, buf, size)
+
+    def sync(self) -> None:
+        """:meth:`flush`, then wait until every line handed over so far is in the file (or
+        counted in :attr:`dropped`).  Blocks: for tests, tools and :meth:`close`, never
+        for the event loop's turns."""
+        self.flush()
+        if self.path is not None:
+            _WRITER.sync()
 
     async def run_flusher(self) -> None:
         """Flush every ``flush_interval`` seconds until cancelled, and once on the way out."""
@@ -405,10 +435,11 @@ class ProtocolLog:
             self.flush()
 
     def close(self) -> None:
-        """Flush and close the file.  Lines logged afterwards are counted as dropped."""
+        """Write what is buffered and close the file (blocks until written).  Lines logged
+        afterwards are counted as dropped."""
         if self._closed:
             return
-        self.flush()
+        self.sync()
         self._closed = True
         self._close_fd()
 
@@ -430,7 +461,7 @@ class ProtocolLog:
         first, TAB last), ``data`` what was received, sent or happened, as it came
         (sanitised at the flush), ``kind`` how it divides into lines."""
         if self._closed:
-            self.dropped += 1 if kind == _ONE else len(_split(data, kind))  # type: ignore[arg-type]
+            self.dropped += _lines([(0.0, head, data, kind)])
             return
         now = self._clock()
         self._buf.append((now, head, data, kind))
@@ -547,6 +578,87 @@ class ProtocolLog:
             return
         self._torn = False
         self._size = start + done
+
+
+class _Writer:
+    """The one thread that renders and writes every protocol log's lines.
+
+    The event loop hands over a log's buffer (:meth:`ProtocolLog.flush`: a list swap and
+    a queue put) and never formats, encodes or writes a line itself: the rendering and
+    the ``write`` system call happen here, where a slow disk delays only the log.  After
+    each round of writes the thread sleeps :data:`GATHER_SECONDS` (unless a
+    :meth:`sync` wakes it), so it takes the GIL from the loop a few times a second, not
+    once per buffer (each wake-up costs the loop more than the writing; see
+    engine.ops.tracking).  Buffers are written in the order handed over, one write each.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[ProtocolLog, list[Entry], int] | threading.Event] = (
+            queue.SimpleQueue())
+        self._wake = threading.Event()
+        #: Bytes handed over and not written yet, under its lock (two threads change it).
+        self._pending = 0
+        self._count = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+
+    def hand_over(self, log: ProtocolLog, entries: list[Entry], size: int) -> None:
+        """Queue ``entries`` (about ``size`` bytes once written) for ``log``; past
+        :data:`MAX_PENDING` bytes not yet written (a disk that stopped answering) they are
+        counted as dropped instead: the loop never waits for the disk, and memory stays
+        bounded."""
+        with self._count:
+            if self._pending + size > MAX_PENDING:
+                log.dropped += _lines(entries)
+                return
+            self._pending += size
+        if self._thread is None:
+            with self._start:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="ferry-protolog",
+                                                    daemon=True)
+                    self._thread.start()
+        self._jobs.put((log, entries, size))
+
+    def sync(self) -> None:
+        """Wait until everything handed over so far is written."""
+        if self._thread is None:
+            return
+        done = threading.Event()
+        self._jobs.put(done)
+        self._wake.set()
+        done.wait()
+
+    def _run(self) -> None:
+        get, get_nowait = self._jobs.get, self._jobs.get_nowait
+        while True:
+            jobs = [get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    jobs.append(get_nowait())
+            done: list[threading.Event] = []
+            for job in jobs:
+                if isinstance(job, threading.Event):
+                    done.append(job)
+                    continue
+                # One write per buffer handed over, as the loop would have written it:
+                # rotation by max_bytes sees the same writes.
+                log, entries, size = job
+                try:
+                    log._write(_render(entries))
+                except Exception:  # a bug: lose these lines, say so, keep on writing
+                    _log.exception("protocol log %s: lines lost", log.path)
+                    log.dropped += _lines(entries)
+                with self._count:
+                    self._pending -= size
+            for event in done:
+                event.set()
+            if not done:
+                self._wake.wait(GATHER_SECONDS)
+            self._wake.clear()
+
+
+_WRITER: Final = _Writer()
 
 
 class SessionLog:

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from engine.ops import protolog
 from engine.ops.protolog import (
     FLUSH_BYTES,
     GENERATIONS,
@@ -31,7 +32,7 @@ from engine.ops.protolog import (
     sanitise,
 )
 from engine.testing.clock import ManualClock
-from engine.testing.wait import until
+from engine.testing.wait import until, wait_for
 
 LINE = re.compile(
     r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)\t([^\t]*)\t([^\t]*)\t([<>*])\t([^\t]*)"
@@ -281,16 +282,18 @@ def test_buffered_until_flush_or_64k(tmp_path: Path) -> None:
     s = log.session("S", "c")
     s.recv(b"NOOP")
     assert path.read_bytes() == b""
-    log.flush()
+    log.sync()
     assert texts(path) == ["NOOP"]
     line = b"X" * 900
-    n = 0
-    while path.stat().st_size < FLUSH_BYTES:
+    n = FLUSH_BYTES // len(line) + 1  # the last one takes the buffer past FLUSH_BYTES
+    for _ in range(n):
         s.recv(line)
-        n += 1
-        assert n < 2 * FLUSH_BYTES // len(line)
-    assert len(texts(path)) == n + 1  # flushed by size, one write, nothing lost
+    # Handed to the writer by size, with no flush (about FLUSH_BYTES at once), and
+    # nothing lost.
+    wait_for(lambda: path.stat().st_size >= FLUSH_BYTES - 2 * len(line), 10,
+             "the lines handed over by size")
     log.close()
+    assert len(texts(path)) == n + 1
 
 
 def test_flushes_when_interval_has_passed(tmp_path: Path) -> None:
@@ -301,10 +304,11 @@ def test_flushes_when_interval_has_passed(tmp_path: Path) -> None:
     s.recv(b"ONE")
     clock.advance(0.25)
     s.recv(b"TWO")
-    assert texts(path) == []  # within the interval: buffered
+    protolog._WRITER.sync()  # whatever was handed over is written by now
+    assert texts(path) == []  # within the interval: still buffered, not handed over
     clock.advance(0.25)
     s.recv(b"THREE")
-    assert texts(path) == ["ONE", "TWO", "THREE"]
+    wait_for(lambda: texts(path) == ["ONE", "TWO", "THREE"], 10, "the flush by time")
     log.close()
 
 
@@ -324,6 +328,7 @@ def test_run_flusher(tmp_path: Path) -> None:
         return seen
 
     assert asyncio.run(go()) == ["HELO x"]
+    protolog._WRITER.sync()
     assert texts(path) == ["HELO x", "QUIT"]  # flushed on the way out
     log.close()
 
@@ -335,7 +340,7 @@ def test_rotation_keeps_five_generations_in_order(tmp_path: Path) -> None:
     total = 400
     for i in range(total):
         s.event(f"line {i:05d}")
-        log.flush()
+        log.sync()
     log.close()
     base = tmp_path / "protocol-rot.log"
     files = [base.with_name(f"{base.name}.{g}") for g in range(GENERATIONS, 0, -1)] + [base]
@@ -365,11 +370,11 @@ def test_outside_rotation_is_followed(tmp_path: Path) -> None:
     with ProtocolLog(tmp_path, "o") as log:
         s = log.session("S", "c")
         s.recv(b"ONE")
-        log.flush()
+        log.sync()
         path.rename(tmp_path / "moved.log")
         path.touch()  # logrotate's "create" mode: a new file at the old name
         s.recv(b"TWO")
-        log.flush()
+        log.sync()
         path.rename(tmp_path / "moved2.log")  # and without a new file
         s.recv(b"THREE")
     assert texts(tmp_path / "moved.log") == ["ONE"]
@@ -394,7 +399,7 @@ def test_disabled_does_nothing_and_creates_no_file(
         s.redact_next()
         s.send(b"250 ok\r\n")
         s.event("connect")
-    log.flush()
+    log.sync()
     asyncio.run(log.run_flusher())  # returns at once
     log.close()
     assert list(tmp_path.iterdir()) == []
@@ -428,7 +433,7 @@ def test_unusable_directory_does_not_raise(tmp_path: Path, kind: str) -> None:
     s = log.session("S", "c")
     for _ in range(3):
         s.recv(b"NOOP")
-    log.flush()
+    log.sync()
     s.send(b"250 a\r\n250 b\r\n")
     log.close()
     assert log.dropped == 5
@@ -440,11 +445,11 @@ def test_removed_directory_drops_then_recovers(tmp_path: Path) -> None:
     log = ProtocolLog(directory, "gone")
     s = log.session("S", "c")
     s.recv(b"ONE")
-    log.flush()
+    log.sync()
     shutil.rmtree(directory)
     s.recv(b"TWO")
     s.recv(b"THREE")
-    log.flush()
+    log.sync()
     assert log.dropped == 2 and log.last_error is not None
     directory.mkdir()
     s.recv(b"FOUR")
@@ -462,7 +467,7 @@ def test_full_disk_does_not_raise(tmp_path: Path) -> None:
     s = log.session("S", "c")
     s.send(b"220 hi\r\n250 ok\r\n")
     s.recv(b"NOOP")
-    log.flush()
+    log.sync()
     assert log.dropped == 3 and log.last_error is not None
     for _ in range(FLUSH_BYTES // 100 + 1):
         s.recv(b"X" * 100)  # flushes by size inside recv: still no exception
@@ -480,12 +485,12 @@ from engine.ops.protolog import ProtocolLog
 log = ProtocolLog(Path(sys.argv[1]), "p", flush_interval=3600)
 s = log.session("S", "c")
 s.recv(b"FIRST")
-log.flush()
+log.sync()
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 resource.setrlimit(resource.RLIMIT_FSIZE, (250, hard))
 for i in range(5):
     s.recv(b"LOST %d" % i + b"x" * 40)
-log.flush()
+log.sync()
 resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 s.recv(b"LAST")
 log.close()
@@ -630,3 +635,16 @@ def test_a_stamp_is_reused_exactly_while_the_time_shows_the_same(t: float) -> No
     assert end > t
     assert format_timestamp(math.nextafter(end, -math.inf)) == format_timestamp(t)
     assert format_timestamp(end) != format_timestamp(t)
+
+
+def test_lines_beyond_the_writers_bound_are_dropped_not_queued(tmp_path: Path) -> None:
+    # A disk that stopped answering must not make the loop wait nor memory grow.
+    log = ProtocolLog(tmp_path, "m", flush_interval=3600)
+    s = log.session("S", "c")
+    s.send(b"250-a\r\n250 b\r\n")
+    s.recv(b"NOOP")
+    entries, log._buf = log._buf, []
+    protolog._Writer().hand_over(log, entries, protolog.MAX_PENDING + 1)
+    assert log.dropped == 3
+    log.close()
+    assert texts(tmp_path / "protocol-m.log") == []
