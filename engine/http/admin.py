@@ -289,7 +289,7 @@ async def suppression_entry(request: web.Request) -> web.Response:
     """One entry; 404 when the address is not suppressed."""
     ops = _operations(request)
     try:
-        entry = suppressions.suppression_of(ops).entries.get(
+        entry = suppressions.suppression_of(ops).entry(
             normalize(request.match_info["address"]))
     except (OperationError, ValueError) as exc:
         raise Problem(400, "Bad request", str(exc)) from None

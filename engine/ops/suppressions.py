@@ -98,16 +98,15 @@ def listing(operations: Operations, category: object = "", after: object = "",
     most = parse_limit(limit)
     # Sorted per request: the list changes under the server; 100,000 keys sort in ~20 ms.
     keys = sorted(suppression.entries)
-    entries = suppression.entries
     out: list[dict[str, Any]] = []
     more = False
     for key in keys[bisect.bisect_right(keys, start) if start else 0:]:
-        entry = entries[key]
-        if wanted and entry.category != wanted:
+        entry = suppression.entry(key)
+        if entry is None or (wanted and entry.category != wanted):
             continue
         if len(out) == most:
             more = True
             break
         out.append(entry.to_json())
     return {"entries": out, "next": out[-1]["address"] if more else "",
-            "total": len(entries)}
+            "total": len(keys)}

@@ -289,7 +289,9 @@ def test_auto_entries_expire_after_max_age(ferry: Start, sink: CountingSink) -> 
     wait_for(lambda: suppressed(f, "bad@one.test"), what="the automatic entry")
     listing = f.app.suppression
     assert listing is not None
-    added = listing.entries["bad@one.test"].added
+    found = listing.entry("bad@one.test")
+    assert found is not None and found.source == "auto"
+    added = found.added
 
     async def check(now: float) -> bool:  # on the server's loop: a miss deletes the entry
         return listing.check("bad@one.test", now) is not None
