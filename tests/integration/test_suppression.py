@@ -8,6 +8,7 @@ recipients; the list outlives a restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import smtplib
 import subprocess
@@ -70,9 +71,10 @@ def ferry(tmp_path: Path, dns_server: DnsResponder, sink: CountingSink) -> Itera
         running.append(f)
         return f
 
-    yield start
-    for f in running:
-        f.stop()
+    with _shipped_bounces():
+        yield start
+        for f in running:
+            f.stop()
 
 
 def send(f: RunningFerry, rcpts: list[str]) -> tuple[str, dict[str, tuple[int, str]]]:
@@ -302,3 +304,51 @@ def test_auto_entries_expire_after_max_age(ferry: Start, sink: CountingSink) -> 
     f.stop()
     f = ferry()  # the deletion was stored
     assert not suppressed(f, "bad@one.test")
+
+
+def test_a_reload_applies_the_bounce_rules_and_the_suppression_table(tmp_path: Path) -> None:
+    from engine.config import load_config
+    from engine.scheduler import bounces
+
+    path = tmp_path / "ferry.toml"
+    head = """
+hostname = "ferry.test"
+spool = "spool"
+[queue]
+min_free_disk = 0
+[delivery]
+paused = true
+dns = "127.0.0.1:9"
+[[receive]]
+listen = ["127.0.0.1:0"]
+relay_networks = ["127.0.0.0/8"]
+"""
+    path.write_text(head, encoding="utf-8")
+    with RunningFerry(load_config(path), path=path) as f, _shipped_bounces():
+        assert f.app.suppression is not None
+        f.call(f.app.suppression.add("x@one.test"))
+        assert send(f, ["x@one.test"])[1]["x@one.test"][0] == 550
+        assert bounces.classify("550 5.7.1 go away") == "policy"
+        path.write_text(head + """
+[suppression]
+enabled = false
+[[bounce_rule]]
+category = "content"
+text = "go away"
+""", encoding="utf-8")
+        result = f.call(f.app.reload())
+        assert set(result.applied) == {"bounce_rule[0] (added)", "suppression.enabled"}
+        assert send(f, ["x@one.test"])[1]["x@one.test"][0] == 250
+        assert bounces.classify("550 5.7.1 go away") == "content"
+
+
+@contextlib.contextmanager
+def _shipped_bounces() -> Iterator[None]:
+    """The process's bounce table back as shipped afterwards (servers in this process
+    share it: engine.scheduler.bounces.configure)."""
+    from engine.scheduler import bounces
+
+    try:
+        yield
+    finally:
+        bounces.configure([])
