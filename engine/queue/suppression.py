@@ -232,7 +232,10 @@ class SuppressionList:
             added.append((address, raw))
             log.info("suppressed %s (%s)", address, category)
         if added:
-            self._write(added)
+            # On the next turn: after the scheduler has handed these outcomes to the
+            # writer (it does so in this turn, or on a call_soon already made), so the
+            # entries are committed with the failure or right after it, never before.
+            asyncio.get_running_loop().call_soon(self._write, added)
 
 
 def _log_failure(future: asyncio.Future[tuple[bool, ...]]) -> None:
