@@ -73,17 +73,20 @@ def _stopped(spool: str, action: Callable[[Any], int], create: bool = False) -> 
     """``action(store)`` on the queue database of a spool no server runs on."""
     import lmdb
 
-    from engine.ops.daemon import SpoolLock, StartError
+    from engine.ops.daemon import SpoolBusy, SpoolLock, StartError
     from engine.queue.lmdb_store import LmdbQueue
 
     path = Path(spool) / "queue"
     if not create and not (path / "data.mdb").exists():
         return _fail(f"no queue database in {path}")
+    Path(spool).mkdir(parents=True, exist_ok=True)
     lock = SpoolLock(Path(spool))
     try:
         lock.acquire()
-    except StartError as exc:  # SpoolBusy: a server runs, its control socket is gone
+    except SpoolBusy as exc:  # a server runs, but its control socket does not answer
         return _fail(f"{exc}; its control socket does not answer")
+    except StartError as exc:
+        return _fail(str(exc))
     try:
         store = LmdbQueue(path, min_free_disk=0)
     except (OSError, lmdb.Error) as exc:
@@ -110,10 +113,12 @@ def _add(args: argparse.Namespace) -> int:
 
     reply = _ask(args.spool, {"command": "suppress", "address": args.address,
                               "reason": args.reason, "category": args.category})
+    added: list[str] = [reply["address"]] if reply is not None else []
     if reply is None:
         def stopped(store: Any) -> int:
             try:
-                add_stopped(store, args.address, args.reason, args.category)
+                added.append(add_stopped(store, args.address, args.reason,
+                                         args.category).address)
             except SuppressionError as exc:
                 return _fail(str(exc))
             return 0
@@ -121,7 +126,7 @@ def _add(args: argparse.Namespace) -> int:
         status = _stopped(args.spool, stopped, create=True)
         if status:
             return status
-    print(f"suppressed {args.address.lower()}")
+    print(f"suppressed {added[0]}")
     return 0
 
 
@@ -147,7 +152,7 @@ def _remove(args: argparse.Namespace) -> int:
         removed = found[0]
     if not removed:
         return _fail(f"{args.address} is not suppressed")
-    print(f"removed {args.address.lower()} from the suppression list")
+    print(f"removed {args.address} from the suppression list")
     return 0
 
 
