@@ -231,7 +231,8 @@ class App:
                                                settings=d, events=self.events,
                                                journal=InFlightJournal(
                                                    Path(cfg.spool) / INFLIGHT_FILE))
-        self.suppression = suppression = SuppressionList(store, cfg.suppression)
+        self.suppression = suppression = SuppressionList(store, cfg.suppression,
+                                                         bounces.classify)
         log.info("suppression list: %d entries%s", await suppression.load(),
                  "" if cfg.suppression.enabled else " (off: [suppression] enabled = false)")
         scheduler.on_outcomes = suppression.failed

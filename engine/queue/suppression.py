@@ -11,11 +11,12 @@ never a write on the event loop); the caller may await the commit.
 
 Who adds: the scheduler, for a recipient that FAILED with a hard bounce category
 (``[suppression] auto_categories``: :meth:`SuppressionList.failed`, hooked where the
-failure is recorded); the operator (``ferry suppress``, the admin API).  Who reads: the
-suppression agent at RCPT (``engine.agents.suppress``) and the injection API
-(``engine.http.inject``).  Addresses are compared in lower case (RFC 5321 §2.4 lets a
-server treat local parts case-sensitively, but no large receiver does, and a list that
-missed ``Bob@`` after suppressing ``bob@`` would be useless).
+failure is recorded, classified by the table it is handed: ``engine.scheduler.bounces``);
+the operator (``ferry suppress``, the admin API).  Who reads: the suppression agent at
+RCPT (``engine.agents.suppress``) and the injection API (``engine.http.inject``).
+Addresses are compared in lower case (RFC 5321 §2.4 lets a server treat local parts
+case-sensitively, but no large receiver does, and a list that missed ``Bob@`` after
+suppressing ``bob@`` would be useless).
 
 Auto entries older than ``max_age`` (when set) no longer count and are deleted when met;
 the operator's entries stay until removed.  ``enabled = false`` keeps the list but
@@ -30,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
@@ -39,7 +40,6 @@ import orjson
 from engine.config import BOUNCE_CATEGORIES, SuppressionConfig
 from engine.queue.api import Outcome
 from engine.queue.records import Envelope, RcptState
-from engine.scheduler.bounces import classify
 
 log = logging.getLogger("ferry.suppression")
 
@@ -132,9 +132,13 @@ def read_entries(store: Store) -> list[Entry]:
 class SuppressionList:
     """The list of a running server (see the module docstring)."""
 
-    def __init__(self, store: Store, settings: SuppressionConfig | None = None) -> None:
+    def __init__(self, store: Store, settings: SuppressionConfig | None = None,
+                 classify: Callable[[str], str] | None = None) -> None:
         self.store = store
         self.settings = settings or SuppressionConfig()
+        #: a reply → its bounce category (engine.scheduler.bounces.classify: the list
+        #: knows no replies itself); None: nothing is added automatically
+        self.classify = classify
         #: address → the stored entry (bytes: see the module docstring); :meth:`entry`
         self.entries: dict[str, bytes] = {}
 
@@ -213,8 +217,8 @@ class SuppressionList:
         """Add the recipients of ``outcomes`` that FAILED with a hard category (the
         scheduler's hook: ``Scheduler.on_outcomes``, called as the outcomes go to the
         queue; the entries follow them in the writer's order)."""
-        settings = self.settings
-        if not settings.enabled or not settings.auto_categories:
+        settings, classify = self.settings, self.classify
+        if not settings.enabled or not settings.auto_categories or classify is None:
             return
         added: list[tuple[str, bytes]] = []
         now = time.time()

@@ -15,6 +15,7 @@ from engine.queue.api import Outcome
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import Envelope, RcptState, Recipient
 from engine.queue.suppression import Entry, SuppressionList
+from engine.scheduler.bounces import classify
 
 
 @pytest.fixture(params=["thread", "process"])
@@ -49,7 +50,7 @@ def test_a_hard_failure_is_added_after_its_outcome(path: tuple[Path, str]) -> No
                 Recipient("Gone@x.test", "x.test"), Recipient("full@x.test", "x.test"),
                 Recipient("late@x.test", "x.test")]), b"Subject: x\r\n\r\nx\r\n")
             env = store.get(qid)
-            listing = SuppressionList(store, SuppressionConfig())
+            listing = SuppressionList(store, SuppressionConfig(), classify)
             await listing.load()
             outcomes = [Outcome(qid, 0, RcptState.FAILED, "550 5.1.1 No such user"),
                         Outcome(qid, 1, RcptState.FAILED, "552 5.2.2 Mailbox full"),
