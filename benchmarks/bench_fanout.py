@@ -51,14 +51,25 @@ spends its time on) on the Ferry process from the start of delivery, prints the 
 functions by own time and by inclusive time, and leaves the raw stacks in
 ``--profile-out``.
 
-``--shaping`` (issue 16) runs today's configuration (no shipped rules, no egress sources)
-and shaping on (the shipped rules, a rule and an automation rule for every site with the
-same limits, an egress pool of one source on 127.0.0.1) ``--rounds`` times each,
-alternating, and prints the medians and their ratio (target: shaping on >= 0.90x of the
-deliveries/s).
-
 Targets (issue): >= 5,000 deliveries/s from one process with >= 2,000 connections open,
 peak connections per domain equal to the limit and never above it.
+
+``--shaping [--rounds R]`` (issue 16): today's configuration (no shipped rules, no egress
+sources) against shaping on (the shipped rules, a rule and an automation rule for every
+site with the same limits, an egress pool of one source on 127.0.0.1: every group placed
+per (source, site), every connection bound, every reply looked up among the automation
+rules), alternated R times in this one invocation (each run a child ``bench_fanout.py``);
+prints the medians and their ratio (target: shaping on >= 0.90x of the deliveries/s).
+With ``--suppressed N`` too, the "on" runs also have N suppression entries: the issue's
+combined figure.
+
+``--suppressed N [--rounds R]`` (issue 16): the same run with N entries on the suppression
+list (engine.queue.suppression: written to the spool with the messages, none of them a
+recipient, loaded by Ferry at start) against none, alternated R times in this one
+invocation (each run a child ``bench_fanout.py``); prints the medians of deliveries/s
+and CPU per delivery, their ratio (target >= 0.90), the start-up time (the load of the
+list), and the cost of the RCPT-time check (the real ``SuppressAgent.rcpt`` on parsed RCPT
+commands, N entries against none, in this process).
 """
 
 from __future__ import annotations
@@ -72,7 +83,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,8 +104,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SMTP_SINK = "/usr/sbin/smtp-sink"
 TARGET_RATE = 5_000.0
 TARGET_CONNECTIONS = 2_000
-#: The CPUs this process may use when it starts, before it pins itself for the peers.
-ALL_CPUS = sorted(os.sched_getaffinity(0))
 
 
 def sink_address(k: int) -> str:
@@ -196,8 +204,7 @@ def cpu():
 def shaping(config, on):
     # --shaping: "off" is today's configuration (no shipped rules, no sources); "on" is the
     # shipped rules plus a rule and an automation rule that match every site here (with the
-    # same limits as off), and an egress pool of one source on 127.0.0.1: every group is
-    # placed per (source, site), every reply is looked up among the automation rules.
+    # same limits as off), and an egress pool of one source on 127.0.0.1.
     from engine.config import (AutomationRule, EgressConfig, EgressPool, EgressSource,
                                ShapingConfig, ShapingRule)
     if not on:
@@ -217,8 +224,8 @@ async def main():
         config.delivery, paused=False, dns=tuple(args["dns"]), mx_port=args["port"],
         max_per_domain=args["limit"], retry_interval=args["retry"],
         window=args["window"] or config.delivery.window))
-    if args["shaping"] is not None:
-        config = shaping(config, args["shaping"])
+    if args["shaping"]:
+        config = shaping(config, args["shaping"] == "on")
     app = App(config)
     cpu0 = cpu()  # before start: the writer process does not exist yet
     t0 = time.time()
@@ -363,9 +370,25 @@ class Sampler:
 # --- fill ------------------------------------------------------------------------------
 
 
-async def fill(path: Path, messages: int, domains: int, body: bytes) -> float:
+async def suppress(store: LmdbQueue, entries: int) -> None:
+    """``entries`` suppression entries, none of them a recipient of the benchmark."""
+    from engine.queue.suppression import Entry
+
+    now = time.time()
+    for start in range(0, entries, 10_000):
+        await store.suppress_soon([
+            (f"gone{n}@s{n % 1000}.test".encode(),
+             Entry(f"gone{n}@s{n % 1000}.test", "550 5.1.1 No such user", "bad-mailbox",
+                   now, "auto").encode())
+            for n in range(start, min(entries, start + 10_000))])
+
+
+async def fill(path: Path, messages: int, domains: int, body: bytes,
+               suppressed: int = 0) -> float:
     store = LmdbQueue(path, durability="os")
     try:
+        if suppressed:
+            await suppress(store, suppressed)
         counter = iter(range(messages))
         t0 = time.perf_counter()
 
@@ -465,45 +488,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile-out", default="/tmp/fanout-profile.txt",
                         help="where --profile leaves py-spy's raw stacks")
     parser.add_argument("--dir", default="/work", help="where the temporary spool goes")
+    parser.add_argument("--suppressed", type=int, default=0, metavar="N",
+                        help="compare N suppression entries against none (see above)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --suppressed or --shaping: runs of each, alternated "
+                             "(median)")
+    parser.add_argument("--entries", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--shaping", action="store_true",
-                        help="run with today's configuration and with shaping on (the shipped "
-                             "rules, a rule and an automation rule for every site, an egress "
-                             "pool), alternating, and compare the medians")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="--shaping: runs of each configuration (default 3)")
+                        help="compare today's configuration with shaping on (see above)")
+    parser.add_argument("--shaping-mode", choices=("off", "on"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if not args.shaping:
-        return run(args, None)[0]
-    figures: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
-    for n in range(args.rounds):
-        for on in (False, True):
-            print(f"\n=== round {n + 1}/{args.rounds}: shaping {'on' if on else 'off'} ===",
-                  flush=True)
-            code, rate, cpu_us = run(args, on)
-            if code:
-                return code
-            figures[on].append((rate, cpu_us))
-    med = {on: (statistics.median(r for r, _ in f), statistics.median(c for _, c in f))
-           for on, f in figures.items()}
-    ratio = med[True][0] / med[False][0]
-    print()
-    print(table(["configuration", "deliveries/s (runs)", "median", "CPU µs/delivery (median)"],
-                [[name, " ".join(f"{r:,.0f}" for r, _ in figures[on]), f"{med[on][0]:,.0f}",
-                  f"{med[on][1]:,.0f}"]
-                 for name, on in (("today (no shaping)", False), ("shaping on", True))]))
-    print(f"\n  {verdict(ratio >= 0.90)}  shaping on / off: {ratio:.2f}x deliveries/s "
-          f"(target >= 0.90), CPU per delivery {med[True][1] / med[False][1]:.2f}x")
-    return 0
-
-
-def run(args: argparse.Namespace, shaping: bool | None) -> tuple[int, float, float]:
-    """One run (``shaping``: None = as configured, else off / on); (exit code,
-    deliveries/s, CPU µs per delivery)."""
+    if args.shaping:
+        return compare_shaping(list(sys.argv[1:] if argv is None else argv), args)
+    if args.suppressed:
+        return compare_suppressed(list(sys.argv[1:] if argv is None else argv), args)
     messages = args.messages or (10_000 if args.quick else 100_000)
     domains = args.domains or (200 if args.quick else 1_000)
     sinks = min(args.sinks, domains)
     limit = args.limit
-    cpus = ALL_CPUS  # (not the affinity now: an earlier run of --shaping pinned this one)
+    cpus = sorted(os.sched_getaffinity(0))
     pin = not args.no_pin and len(cpus) > 1
     if pin:
         os.sched_setaffinity(0, {cpus[-1]})  # the peers, started below, inherit it
@@ -522,7 +525,7 @@ def run(args: argparse.Namespace, shaping: bool | None) -> tuple[int, float, flo
     sampler: Sampler | None = None
     try:
         body = make_body(args.body_size)
-        fill_rate = uvloop.run(fill(spool / "queue", messages, domains, body))
+        fill_rate = uvloop.run(fill(spool / "queue", messages, domains, body, args.entries))
         print(f"  filled {messages:,} messages at {fill_rate:,.0f}/s (durability os)",
               flush=True)
         port = free_port(sink_address(0))
@@ -537,7 +540,7 @@ def run(args: argparse.Namespace, shaping: bool | None) -> tuple[int, float, flo
         sampler.start()
         driver_args = {"spool": str(spool), "dns": [dns_host, int(dns_port)], "port": port,
                        "limit": limit, "retry": 5.0, "window": args.window, "timeout": args.timeout,
-                       "shaping": shaping}
+                       "shaping": args.shaping_mode}
         ferry = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(driver_args)],
                                  cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                  preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if pin
@@ -578,7 +581,7 @@ def run(args: argparse.Namespace, shaping: bool | None) -> tuple[int, float, flo
             spy.wait(60)
         if not done or not started:
             print("Ferry did not finish; see its log above", file=sys.stderr)
-            return 1, 0.0, 0.0
+            return 1
         time.sleep(0.5)  # the sinks print their counters when sessions end
         received = sink_messages(base, sinks)
         if spy is not None and (base / "profile.txt").exists():
@@ -665,7 +668,168 @@ def run(args: argparse.Namespace, shaping: bool | None) -> tuple[int, float, flo
     if messages < 100_000 or domains < 1_000:
         print(f"  (run with {messages:,} messages and {domains:,} domains, not the "
               f"100,000 and 1,000 of the issue)")
-    return 0, rate, 1e6 * done["cpu"] / max(1, delivered)
+    print(SUMMARY + json.dumps({"rate": rate, "delivered": delivered,
+                                "cpu_us": 1e6 * done["cpu"] / max(1, delivered),
+                                "start_s": started["start_s"], "hwm_mb": hwm_mb}))
+    return 0
+
+
+#: The line a child run ends its report with (read by compare_suppressed).
+SUMMARY = "SUMMARY "
+
+
+def _without(argv: list[str], *names: str) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name in names:
+            skip = "=" not in item
+            continue
+        out.append(item)
+    return out
+
+
+def rcpt_cost(entries: int, checks: int = 200_000) -> tuple[float, float, float]:
+    """µs per RCPT check by the suppression agent: with ``entries`` on the list (a miss,
+    a hit) and with none (a miss), on parsed RCPT commands, in this process."""
+    import ipaddress
+    import statistics
+
+    from engine.agents.api import Session, Transaction
+    from engine.agents.suppress import SuppressAgent
+    from engine.protocol.command import parse_command
+    from engine.queue.suppression import SuppressionList
+
+    base = Path(tempfile.mkdtemp(prefix="ferry-bench-suppress-", dir="/tmp"))
+    try:
+        store = LmdbQueue(base / "queue", durability="os", min_free_disk=0)
+        try:
+            uvloop.run(suppress(store, entries))
+            full = SuppressionList(store)
+            uvloop.run(full.load())
+        finally:
+            store.close_sync()
+        empty = SuppressionList(store)
+        session = Session("smtp-1", "default", ipaddress.ip_address("127.0.0.1"),
+                          may_relay=True)
+        tx = Transaction(parse_command(b"MAIL FROM:<a@client.test>"))
+        miss = [parse_command(f"RCPT TO:<u{n}@d{n % 1000}.test>".encode())
+                for n in range(1000)]
+        hit = [parse_command(f"RCPT TO:<gone{n}@s{n % 1000}.test>".encode())
+               for n in range(1000)]
+
+        def timed(agent: SuppressAgent, rcpts: list[Any]) -> float:
+            runs = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(checks // len(rcpts)):
+                    for rcpt in rcpts:
+                        agent.rcpt(session, tx, rcpt)
+                runs.append((time.perf_counter() - t0) / checks * 1e6)
+            return statistics.median(runs)
+
+        return (timed(SuppressAgent(full), miss), timed(SuppressAgent(full), hit),
+                timed(SuppressAgent(empty), miss))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def compare_suppressed(argv: list[str], args: argparse.Namespace) -> int:
+    """Child runs with ``--entries N`` and with none, alternated ``--rounds`` times."""
+    import statistics
+
+    child = [sys.executable, __file__, *_without(argv, "--suppressed", "--rounds",
+                                                 "--entries")]
+    results: dict[int, list[dict[str, Any]]] = {0: [], args.suppressed: []}
+    for n in range(args.rounds):
+        order = (0, args.suppressed) if n % 2 == 0 else (args.suppressed, 0)
+        for entries in order:
+            print(f"--- round {n + 1}: {entries:,} suppression entries", flush=True)
+            run = subprocess.run([*child, "--entries", str(entries)], capture_output=True,
+                                 text=True, timeout=args.timeout + 600)
+            lines = [line for line in run.stdout.splitlines() if line.startswith(SUMMARY)]
+            if run.returncode or not lines:
+                print(run.stdout[-3000:], run.stderr[-3000:], file=sys.stderr)
+                return 1
+            summary = json.loads(lines[-1][len(SUMMARY):])
+            print(f"    {summary['rate']:,.0f} deliveries/s, {summary['cpu_us']:,.0f} µs "
+                  f"CPU per delivery, start {summary['start_s']:.3f} s, RSS peak "
+                  f"{summary['hwm_mb']:,.0f} MB", flush=True)
+            results[entries].append(summary)
+
+    def median(entries: int, key: str) -> float:
+        return float(statistics.median(r[key] for r in results[entries]))
+
+    off, on = 0, args.suppressed
+    ratio = median(on, "rate") / median(off, "rate")
+    # Each round's pair ran back to back: its ratio is less exposed to a load that drifts
+    # over the minutes of the whole comparison (a shared machine).
+    pairs = statistics.median(a["rate"] / b["rate"]
+                              for a, b in zip(results[on], results[off], strict=True))
+    cpu_ratio = median(on, "cpu_us") / median(off, "cpu_us")
+    miss, hit, empty = rcpt_cost(args.suppressed)
+    rows = [
+        ["deliveries/s (median)", f"{median(off, 'rate'):,.0f}", f"{median(on, 'rate'):,.0f}"],
+        ["CPU per delivery (median)", f"{median(off, 'cpu_us'):,.0f} µs",
+         f"{median(on, 'cpu_us'):,.0f} µs"],
+        ["start-up (App.start(), list loaded)", f"{median(off, 'start_s'):.3f} s",
+         f"{median(on, 'start_s'):.3f} s"],
+        ["RSS peak", f"{median(off, 'hwm_mb'):,.0f} MB", f"{median(on, 'hwm_mb'):,.0f} MB"],
+        ["RCPT check, a recipient not listed", f"{empty:.3f} µs", f"{miss:.3f} µs"],
+        ["RCPT check, a listed recipient (refused)", "-", f"{hit:.3f} µs"],
+    ]
+    print()
+    print(table(["measure", "no entries", f"{args.suppressed:,} entries"], rows))
+    print()
+    print(f"  {verdict(ratio >= 0.90)}  deliveries/s with {args.suppressed:,} entries / "
+          f"without: {ratio:.3f} (target >= 0.90; {args.rounds} rounds, medians); "
+          f"median of the rounds' own ratios {pairs:.3f}; CPU per delivery {cpu_ratio:.3f}x")
+    return 0
+
+
+def compare_shaping(argv: list[str], args: argparse.Namespace) -> int:
+    """Child runs with ``--shaping-mode off`` and ``on`` (plus ``--entries N`` with
+    ``--suppressed N``), alternated ``--rounds`` times."""
+    import statistics
+
+    child = [sys.executable, __file__, *_without(argv, "--shaping", "--suppressed", "--rounds",
+                                                 "--entries", "--shaping-mode")]
+    modes = {"off": ["--shaping-mode", "off"],
+             "on": ["--shaping-mode", "on", "--entries", str(args.suppressed)]}
+    results: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    for n in range(args.rounds):
+        for mode in ("off", "on") if n % 2 == 0 else ("on", "off"):
+            print(f"--- round {n + 1}: shaping {mode}", flush=True)
+            run = subprocess.run([*child, *modes[mode]], capture_output=True, text=True,
+                                 timeout=args.timeout + 600)
+            lines = [line for line in run.stdout.splitlines() if line.startswith(SUMMARY)]
+            if run.returncode or not lines:
+                print(run.stdout[-3000:], run.stderr[-3000:], file=sys.stderr)
+                return 1
+            summary = json.loads(lines[-1][len(SUMMARY):])
+            limits = [line for line in run.stdout.splitlines() if "per-domain peak ==" in line]
+            print(f"    {summary['rate']:,.0f} deliveries/s, {summary['cpu_us']:,.0f} µs CPU "
+                  f"per delivery; {limits[-1].strip() if limits else ''}", flush=True)
+            results[mode].append(summary)
+
+    def median(mode: str, key: str) -> float:
+        return float(statistics.median(r[key] for r in results[mode]))
+
+    ratio = median("on", "rate") / median("off", "rate")
+    cpu_ratio = median("on", "cpu_us") / median("off", "cpu_us")
+    on = "shaping on" + (f" + {args.suppressed:,} suppressed" if args.suppressed else "")
+    print()
+    print(table(["configuration", "deliveries/s (runs)", "median", "CPU µs/delivery (median)"],
+                [[name, " ".join(f"{r['rate']:,.0f}" for r in results[mode]),
+                  f"{median(mode, 'rate'):,.0f}", f"{median(mode, 'cpu_us'):,.0f}"]
+                 for name, mode in (("today (no shaping)", "off"), (on, "on"))]))
+    print(f"\n  {verdict(ratio >= 0.90)}  {on} / today: {ratio:.2f}x deliveries/s (target "
+          f">= 0.90; {args.rounds} rounds, medians), CPU per delivery {cpu_ratio:.2f}x")
+    return 0
 
 
 if __name__ == "__main__":
