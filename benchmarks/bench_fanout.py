@@ -796,8 +796,10 @@ def compare_shaping(argv: list[str], args: argparse.Namespace) -> int:
     ``--suppressed N``), alternated ``--rounds`` times."""
     import statistics
 
-    child = [sys.executable, __file__, *_without(argv, "--shaping", "--suppressed", "--rounds",
-                                                 "--entries", "--shaping-mode")]
+    # (--shaping takes no value: dropped first, _without drops a flag with its value)
+    argv = [item for item in argv if item != "--shaping"]
+    child = [sys.executable, __file__, *_without(argv, "--suppressed", "--rounds", "--entries",
+                                                 "--shaping-mode")]
     modes = {"off": ["--shaping-mode", "off"],
              "on": ["--shaping-mode", "on", "--entries", str(args.suppressed)]}
     results: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
