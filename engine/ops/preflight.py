@@ -4,7 +4,8 @@
 certificate loads with its private key the way the receive connectors load them, that
 ``delivery.ca_file`` holds certificates, that each ``[[dkim_sign]]`` key loads as a DKIM
 signing key (engine.agents.dkim), that the spool (and the protocol log directory)
-is a directory this user can write or create.  :func:`file_problems` is what ``ferry
+is a directory this user can write or create, and (in :func:`advice`) that each egress
+source's address is one of this machine's.  :func:`file_problems` is what ``ferry
 serve`` runs before it opens the queue, so a swapped certificate and key stop the start
 with both file names instead of ``[SSL] PEM lib`` once the queue is open;
 :func:`advice` adds the cross-field problems that are not load errors (a server starts
@@ -18,6 +19,7 @@ content.
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 from collections.abc import Iterable
 from pathlib import Path
@@ -169,4 +171,27 @@ def advice(config: Config) -> tuple[list[str], list[str]]:
             f"delivery.retry_interval: larger than delivery.max_retry_interval "
             f"({d.retry_interval:g} > {d.max_retry_interval:g} seconds): every retry waits "
             "max_retry_interval")
+    problems += _source_problems(config)
+    pooled = {name for pool in config.egress.pools.values() for name in pool.sources}
+    warnings += [f"egress.sources.{name}: in no [egress.pools] entry, so nothing is sent "
+                 "from it" for name in config.egress.sources if name not in pooled]
     return problems, warnings
+
+
+def _source_problems(config: Config) -> list[str]:
+    """Egress source addresses this machine does not have: every connection from one
+    fails at its bind (451 4.4.1), so its mail waits.  A bind to port 0, closed at once,
+    is the same test the client's connections make."""
+    bad: list[str] = []
+    for name, source in config.egress.sources.items():
+        if not source.address:
+            continue
+        family = socket.AF_INET6 if ":" in source.address else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.bind((source.address, 0))
+        except OSError as exc:
+            bad.append(f"egress.sources.{name}.address: {source.address} is not an address "
+                       f"of this machine ({exc.strerror or exc}): every connection from it "
+                       "would fail and its mail wait")
+    return bad

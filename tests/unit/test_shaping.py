@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import ConfigError, DeliveryConfig, DomainLimits, load_config
+from engine.ops.preflight import advice
 from engine.routing.api import Host, Route
 from engine.scheduler.policy import SiteLimits
 from engine.scheduler.shaping import Shaping, from_config, next_day, shipped, site_key, utc_day
@@ -277,3 +278,22 @@ def test_a_shaped_route_keeps_every_other_field() -> None:
     for name in names:
         expected = {"source": source, "max_messages": 7}.get(name, marks[name])
         assert getattr(shaped, name) is expected, name
+
+
+def test_config_check_names_a_source_address_the_machine_lacks(tmp_path: Path) -> None:
+    path = tmp_path / "ferry.toml"
+    path.write_text("""
+[egress.sources.here]
+address = "127.0.0.2"
+[egress.sources.away]
+address = "192.0.2.1"
+[egress.sources.spare]
+address = "127.0.0.3"
+[egress.pools.p]
+sources = { here = 1, away = 1 }
+""", encoding="utf-8")
+    problems, warnings = advice(load_config(path))
+    assert [p.split(":")[0] for p in problems] == ["egress.sources.away.address"]
+    assert "192.0.2.1 is not an address of this machine" in problems[0]
+    assert warnings == ["egress.sources.spare: in no [egress.pools] entry, so nothing is "
+                        "sent from it"]
