@@ -40,6 +40,8 @@ from engine.agents.relay import RelayPolicy
 from engine.client.api import DeliveryAgent
 from engine.client.maildir import MaildirAgent
 from engine.client.smtp import SmtpAgent
+from engine.cluster.limits import SharedLimits
+from engine.cluster.suspensions import SuspensionSync
 from engine.config import (
     IMPLICIT_SMARTHOST,
     Config,
@@ -93,6 +95,8 @@ class App:
         self.config = config
         self.store: LmdbQueue | None = None
         self.scheduler: Scheduler | None = None
+        #: the cluster's shared suspensions ([cluster]; engine.cluster.suspensions)
+        self.cluster_sync: SuspensionSync | None = None
         self.agents: dict[str, DeliveryAgent] = {}
         self.connectors: list[Connector] = []
         self.control: ControlServer | None = None
@@ -236,6 +240,8 @@ class App:
         log.info("suppression list: %d entries%s", await suppression.load(),
                  "" if cfg.suppression.enabled else " (off: [suppression] enabled = false)")
         scheduler.on_outcomes = suppression.failed
+        if cfg.cluster.redis:
+            scheduler.cluster = await start_cluster(cfg)
         self.reconfigure.append(self._reconfigure_bounces)
         scheduler.start()
         # The router of now (a reload replaces it), as the queue names destinations.
@@ -245,6 +251,12 @@ class App:
             (cfg.tracking.dir or tracking_dir(Path(cfg.spool))) if cfg.tracking.enabled
             else None)
         operations.suppression = suppression
+        if scheduler.cluster is not None:
+            # Suspensions are the cluster's: shared at once, and looked at every interval.
+            self.cluster_sync = SuspensionSync(scheduler.cluster, scheduler,
+                                               cfg.cluster.sync_interval)
+            operations.cluster = self.cluster_sync
+            self.cluster_sync.start()
         control = ControlServer(socket_path(cfg.spool), operations, self._reload_reply)
         try:
             await control.start()
@@ -525,6 +537,10 @@ class App:
         if self.scheduler is not None:
             await self.scheduler.stop()
         await asyncio.gather(*(agent.close() for agent in self.agents.values()))
+        if self.cluster_sync is not None:
+            await self.cluster_sync.stop()
+        if self.scheduler is not None and self.scheduler.cluster is not None:
+            await self.scheduler.cluster.stop()  # after the agents' QUITs: leases last
         if self.webhooks is not None:
             await self.webhooks.stop()  # its sink takes events until the hub closes
         if self._flusher is not None:
@@ -536,6 +552,19 @@ class App:
             await self.store.close()
         self.lock.release()
         log.info("stopped")
+
+
+async def start_cluster(cfg: Config) -> SharedLimits:
+    """The limits this node shares with the others of [cluster] (engine.cluster.limits);
+    a Redis that does not answer yet is not an error: the node starts on its share."""
+    c = cfg.cluster
+    shared = SharedLimits(c.redis, c.node or cfg.hostname, prefix=c.prefix,
+                          lease_ttl=c.lease_ttl, timeout=c.timeout, share=c.share,
+                          probe_interval=c.probe_interval, lease_wait=c.lease_wait)
+    await shared.start()
+    log.info("cluster: node %s, limits %s", shared.node,
+             "shared through Redis" if shared.shared else f"at this node's share ({c.share:g})")
+    return shared
 
 
 #: Allocations between young collections (CPython's default is 700), and how many

@@ -78,6 +78,7 @@ __all__ = [
     "AlertsConfig",
     "AutomationRule",
     "BounceRuleConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "DeliveryConfig",
@@ -2200,6 +2201,76 @@ def default_hostname() -> str:
     return name if "." in name and _domain_problem(name) is None else "localhost"
 
 
+# --- limits shared by several nodes
+
+
+def _redis_url(value: object) -> str:
+    """A Redis URL: redis://, rediss:// (TLS) or unix:// (a socket path).  Its password is
+    never echoed."""
+    from urllib.parse import urlsplit
+
+    if value == "":
+        return ""
+    if not isinstance(value, str):
+        raise _Invalid(f'must be a "redis://host:port/db" URL (got {_show(value)})')
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as err:
+        raise _Invalid(f"is not a valid URL: {err}") from None
+    shown = _show(value) if "@" not in parts.netloc else "the value is not shown"
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise _Invalid(f'must be a "redis://", "rediss://" or "unix://" URL ({shown})')
+    if (parts.scheme == "unix" and not parts.path) or (
+            parts.scheme != "unix" and not parts.hostname):
+        raise _Invalid(f"must name a host (or a socket path for unix://) ({shown})")
+    return value
+
+
+def _share(value: object) -> float:
+    number = _finite(value)
+    if number is None or not 0 < number <= 1:
+        raise _Invalid(f"must be a fraction above 0 and at most 1 (got {_show(value)})")
+    return number
+
+
+def _key_prefix(value: object) -> str:
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise _Invalid(f'must be a non-empty text without spaces, like "ferry:" '
+                       f"(got {_show(value)})")
+    return value
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """[cluster]: per-site limits shared with other Ferry nodes through one Redis
+    (engine.cluster.limits; docs/cluster.md).  No ``redis`` = no cluster, no Redis needed."""
+
+    __pydantic_config__ = _TABLE
+
+    #: The Redis every node of the cluster uses ("redis://host:6379/0"); "" = none.
+    redis: Annotated[str, _v(_redis_url)] = field(default="", repr=False)
+    #: This node's name in Redis (who holds a lease); "" = the server's hostname.
+    node: Annotated[str, _v(_hostname_or_empty)] = ""
+    #: The start of every key this cluster writes (two clusters may share one Redis).
+    prefix: Annotated[str, _v(_key_prefix)] = "ferry:"
+    #: A connection lease lives this long unless its node renews it (every third of it):
+    #: how soon the leases of a node that died return to the others.
+    lease_ttl: _Seconds = 30.0
+    #: The longest one Redis call may take before the node falls back to its share.
+    timeout: _Seconds = 0.5
+    #: The part of each limit (connections, messages per second) a node uses on its own
+    #: while Redis is unreachable; 1 / the number of nodes keeps the sum exact.
+    share: Annotated[float, _v(_share)] = 0.5
+    #: How often a node that lost Redis asks it again.
+    probe_interval: _Seconds = 5.0
+    #: How soon a site whose connections are all leased (by any node) asks again.
+    lease_wait: _Seconds = 0.25
+    #: How often a node reads the cluster's suspended destinations (the operator's
+    #: suspend and resume on one node reach the others within this).
+    sync_interval: _Seconds = 5.0
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration.  ``load_config`` builds it; nothing mutates it."""
@@ -2246,6 +2317,8 @@ class Config:
     #: The operator's bounce classes, [[bounce_rule]], tried before the shipped table.
     bounce_rule: tuple[Annotated[BounceRuleConfig, _after(_check_bounce_rule)], ...] = ()
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
+    #: Limits shared with other nodes through Redis, [cluster] (engine.cluster).
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 #: Every table of the file and its dataclass ("" is the top level; "delivery.domains" the
@@ -2265,6 +2338,7 @@ TABLES: Final[Mapping[str, type]] = MappingProxyType({
     "shaping": ShapingConfig, "shaping.rules": ShapingRule,
     "shaping.automation": AutomationRule,
     "bounce_rule": BounceRuleConfig, "suppression": SuppressionConfig,
+    "cluster": ClusterConfig,
 })  # fmt: skip
 
 

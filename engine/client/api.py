@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from engine.queue.records import Envelope, RcptState
-from engine.routing.api import Route
+from engine.routing.api import Route, Source
 
 
 class Peer(NamedTuple):
@@ -103,4 +103,9 @@ class DeliveryAgent(Protocol):
 
     async def close(self) -> None:
         """Close pooled connections."""
+        ...
+
+    async def retire_idle(self, site: str, source: Source | None) -> None:
+        """Close one idle pooled connection to ``site`` from ``source``, if there is one,
+        and return once its socket is closed (a lease on it may then be given back)."""
         ...

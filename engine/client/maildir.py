@@ -27,7 +27,7 @@ from typing import Final
 
 from engine.client.api import LOCAL, FollowOn, FollowOns, RcptResult
 from engine.queue.records import Envelope, RcptState
-from engine.routing.api import Route
+from engine.routing.api import Route, Source
 
 S250_DELIVERED: Final = "250 2.0.0 Delivered to maildir"
 S550_BAD_MAILBOX: Final = "550 5.1.1 Mailbox name not allowed"
@@ -85,6 +85,9 @@ class MaildirAgent:
         raise RuntimeError("the Maildir agent never takes a follow-on message")
 
     async def close(self) -> None:
+        """Nothing is held open between deliveries."""
+
+    async def retire_idle(self, site: str, source: Source | None) -> None:
         """Nothing is held open between deliveries."""
 
     # --- in the worker thread --------------------------------------------------------

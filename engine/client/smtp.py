@@ -647,6 +647,22 @@ class SmtpAgent:
         if self._quitting:
             await asyncio.gather(*self._quitting, return_exceptions=True)
 
+    async def retire_idle(self, site: str, source: Source | None) -> None:
+        """Close one idle connection to ``site`` from ``source`` (QUIT), if one is pooled,
+        and wait until its socket is closed.  A node that shares the site's connection
+        limit with other nodes (engine.cluster) holds a lease per connection its workers
+        may use: a worker that ends gives its lease back only after this, so the sum of
+        every node's open connections, idle ones included, stays within the limit.  Only
+        called with a cluster: it looks at every pool."""
+        for key, idle in self._pool.items():
+            if idle and key[0] == site and key[5] == source:
+                session = idle.pop()
+                if not idle:
+                    del self._pool[key]
+                self._retire(session, polite=True)
+                await self._closed_before(key)
+                return
+
     # --- the pool --------------------------------------------------------------------
 
     def _take(self, key: PoolKey) -> _Session | None:

@@ -137,7 +137,7 @@ class SharedLimits:
 
     def __init__(self, url: str, node: str, *, prefix: str = "ferry:", lease_ttl: float = 30.0,
                  timeout: float = 0.5, share: float = 0.5, probe_interval: float = 5.0,
-                 client: Any = None) -> None:
+                 lease_wait: float = 0.25, client: Any = None) -> None:
         self.url = url
         self.node = node
         self.prefix = prefix
@@ -145,6 +145,8 @@ class SharedLimits:
         self.timeout = timeout
         self.share = share
         self.probe_interval = probe_interval
+        #: how soon a caller refused a lease asks again (the scheduler's re-staffing)
+        self.lease_wait = lease_wait
         self.figures = SharedFigures()
         #: True while Redis answers; False while each limit is this node's share.
         self.shared = False
@@ -154,6 +156,8 @@ class SharedLimits:
         self._serial = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
+        #: until when (loop time) a node back in Redis keeps to its share (_in_grace)
+        self._grace_until = 0.0
 
     # --- life ----------------------------------------------------------------------------
 
@@ -207,14 +211,33 @@ class SharedLimits:
         None when all are taken (by any node)."""
         local = self._local.setdefault(key, _Local())
         member = f"{self.node}:{next(self._serial)}"
+        within_share = len(local.leases) < self.mine(limit)
         if self.shared:
+            if not within_share and self._in_grace():
+                return self._grant(local, key, member, False, shared=True)
             granted = await self._call(self._scripts["acquire"](
                 keys=[self._lease_key(key)], args=[member, limit, self._ttl_ms()]))
             if granted is not None:
                 return self._grant(local, key, member, bool(granted), shared=True)
-        # This node's share: never less than one, or a node alone would deliver nothing.
-        mine = max(1, math.floor(limit * self.share))
-        return self._grant(local, key, member, len(local.leases) < mine, shared=False)
+        return self._grant(local, key, member, within_share, shared=False)
+
+    def mine(self, limit: int) -> int:
+        """This node's share of ``limit``: never less than one, or a node alone would
+        deliver nothing."""
+        return max(1, math.floor(limit * self.share))
+
+    def over_share(self, key: str, limit: int) -> bool:
+        """Whether this node, on its own while Redis is away, holds more leases on ``key``
+        than its share (taken while they were shared): the caller ends the extra
+        connections after their deliveries, so the nodes' sum comes back to the limit."""
+        return not self.shared and self.held(key) > self.mine(limit)
+
+    def _in_grace(self) -> bool:
+        """Just back in Redis: the other nodes may not have registered their leases yet
+        (each does at its own next probe), so for two probe intervals a node takes no more
+        than its share, as while Redis was away."""
+        return bool(self._grace_until) and (
+            asyncio.get_running_loop().time() < self._grace_until)
 
     def _grant(self, local: _Local, key: str, member: str, ok: bool,
                shared: bool) -> Lease | None:
@@ -264,15 +287,21 @@ class SharedLimits:
 
     # --- suspensions ---------------------------------------------------------------------
 
-    async def suspend(self, destination: str, by: str) -> None:
-        if self.shared:
-            assert self._client is not None
-            await self._call(self._client.hset(self._suspended_key(), destination, by))
+    async def suspend(self, destination: str, by: str) -> bool:
+        """Tell every node that ``by`` suspended ``destination``; False when Redis did not
+        take it (engine.cluster.suspensions writes it again later)."""
+        if not self.shared:
+            return False
+        assert self._client is not None
+        return await self._call(self._client.hset(self._suspended_key(), destination,
+                                                  by)) is not None
 
-    async def resume(self, destination: str) -> None:
-        if self.shared:
-            assert self._client is not None
-            await self._call(self._client.hdel(self._suspended_key(), destination))
+    async def resume(self, destination: str) -> bool:
+        if not self.shared:
+            return False
+        assert self._client is not None
+        return await self._call(self._client.hdel(self._suspended_key(),
+                                                  destination)) is not None
 
     async def suspended(self) -> dict[str, str] | None:
         """Every suspended destination and who suspended it; None when Redis cannot say."""
@@ -348,6 +377,8 @@ class SharedLimits:
                 await asyncio.sleep(self.probe_interval)
                 if await self._ping() and await self._renew():
                     self.shared = True
+                    self._grace_until = (asyncio.get_running_loop().time()
+                                         + 2 * (self.probe_interval + self.timeout))
                     log.info("cluster: Redis at %s answers again: limits are shared",
                              _safe_url(self.url))
 

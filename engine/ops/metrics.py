@@ -139,6 +139,7 @@ class FerryCollector(Collector):
         yield from self.queue()
         yield from self.destinations()
         yield from self.scheduler()
+        yield from self.cluster()
         yield from self.dns()
         yield from self.alerts()
         yield from self.agents()
@@ -323,6 +324,26 @@ class FerryCollector(Collector):
             actions.add_metric([action], count)
             held.add_metric([action], sum(h.action == action for h in snap.held))
         yield from (actions, held)
+
+    def cluster(self) -> Iterator[Metric]:
+        """The limits shared with other nodes ([cluster]; engine.cluster.limits)."""
+        scheduler = self.app.scheduler
+        shared = scheduler.cluster if scheduler is not None else None
+        if shared is None:
+            return
+        f = shared.figures
+        yield GaugeMetricFamily("ferry_cluster_shared", "1 while the limits are shared "
+                                "through Redis, 0 while this node uses its own share",
+                                value=int(shared.shared))
+        yield CounterMetricFamily("ferry_cluster_fallbacks", "Times Redis became unreachable "
+                                  "and the node fell back to its share", value=f.fallbacks)
+        yield CounterMetricFamily("ferry_cluster_errors", "Redis calls that failed or timed "
+                                  "out (answered from the node's share)", value=f.errors)
+        leases = CounterMetricFamily("ferry_cluster_leases", "Connection leases asked for, "
+                                     "by outcome", labels=["outcome"])
+        leases.add_metric(["granted"], f.granted)
+        leases.add_metric(["refused"], f.refused)
+        yield leases
 
     def dns(self) -> Iterator[Metric]:
         resolver = self.app.resolver

@@ -36,6 +36,7 @@ from typing import Any, Final, TypeVar
 
 import orjson
 
+from engine.cluster.suspensions import SuspensionSync
 from engine.ops.select import STATES, Filter, select, select_ids
 from engine.ops.tracksearch import EVENTS, Query, search, unknown_events
 from engine.ops.views import (
@@ -263,6 +264,9 @@ class Operations:
         #: The suppression list (engine.queue.suppression; engine.ops.suppressions serves
         #: it), set by the composition root; None: none kept.
         self.suppression: SuppressionList | None = None
+        #: The cluster's shared suspensions (engine.cluster.suspensions), set by the
+        #: composition root; None: no [cluster], suspensions are this node's.
+        self.cluster: SuspensionSync | None = None
 
     async def _in_thread(self, work: Callable[[], _T]) -> _T:
         # LMDB readers do not block the writer, and a thread keeps the loop serving.
@@ -281,6 +285,8 @@ class Operations:
         hop = self.hop(destination)
         count = await self.scheduler.suspend(hop, by)
         log.info("%s suspended %s (%d recipients parked)", by, hop, count)
+        if self.cluster is not None:
+            await self.cluster.suspended(hop, by)
         return {"destination": hop, "recipients": count}
 
     async def resume(self, destination: object, by: str) -> dict[str, Any]:
@@ -288,6 +294,8 @@ class Operations:
         was_suspended = hop in self.scheduler.snapshot().suspended
         count = await self.scheduler.resume(hop, by)
         log.info("%s resumed %s (%d recipients back in the queue)", by, hop, count)
+        if self.cluster is not None:
+            await self.cluster.resumed(hop)
         return {"destination": hop, "recipients": count, "was_suspended": was_suspended}
 
     async def retry_destination(self, destination: object, by: str) -> dict[str, Any]:

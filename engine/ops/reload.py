@@ -69,6 +69,8 @@ RESTART: Final[Mapping[str, str]] = {
     "receive[*].verify": "a receive connector's chain of policy agents is built at start",
     "http.agents": "the chain of policy agents of injected mail is built at start",
     "dkim_sign": "the DKIM signing keys are loaded and the signers built at start",
+    "cluster": "the connection to the cluster's Redis and this node's leases are set up at "
+               "start",
 }
 
 

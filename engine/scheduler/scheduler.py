@@ -65,6 +65,7 @@ from typing import Any
 import orjson
 
 from engine.client.api import DeliveryAgent, FollowOn, FollowOns, RcptResult
+from engine.cluster.limits import Lease, SharedLimits
 from engine.config import DeliveryConfig
 from engine.message.dsn import Action, Failure, build_dsn, reply_status, wants_notice
 from engine.ops.events import Events, Kind, bare_message_id
@@ -200,6 +201,8 @@ class _Site:
     source: Source | None = None
     #: a daily cap may apply (a rule's, or its source's warm-up): counted per group
     capped: bool = False
+    #: the call that staffs it again once a connection lease may be free (engine.cluster)
+    lease_timer: asyncio.TimerHandle | None = None
 
 
 @dataclass(slots=True)
@@ -273,6 +276,11 @@ class Scheduler:
         #: told each message's outcomes as they go to the queue (the suppression list's
         #: auto-add: engine.queue.suppression); must not raise or block
         self.on_outcomes: Callable[[Envelope, Sequence[Outcome]], None] | None = None
+        #: Limits shared with other nodes through Redis ([cluster], engine.cluster.limits):
+        #: each worker holds a lease on one of its site's connections for its whole life,
+        #: and a site's message rate is one schedule for every node; None: this node's
+        #: limits alone.
+        self.cluster: SharedLimits | None = None
 
     # --- control ---------------------------------------------------------------------
 
@@ -298,6 +306,9 @@ class Scheduler:
         for hold in self.held.values():
             if hold.timer is not None:
                 hold.timer.cancel()
+        for site in self.sites.values():
+            if site.lease_timer is not None:
+                site.lease_timer.cancel()
         if self.journal is not None:
             self.journal.close()  # a clean stop: nothing was in flight at a crash
 
@@ -804,7 +815,19 @@ class Scheduler:
 
     async def _work(self, site: _Site) -> None:
         site.starting -= 1
+        lease: Lease | None = None
+        if self.cluster is not None:
+            lease = await self.cluster.acquire(site.name, site.limits.max_connections)
+            if lease is None:
+                # Every connection to the site is leased, by this node or another: its
+                # groups wait here for a lease, asked for again shortly.
+                self._lease_later(site)
+                site.workers -= 1
+                if not site.jobs and not site.workers:
+                    self.sites.pop(site.name, None)
+                return
         loop = asyncio.get_running_loop()
+        last: Route | None = None
         #: Groups prepared to follow on this worker's connection (see _prepare); those the
         #: agent took are already on the wire: this worker collects them first.
         queue = _FollowQueue()
@@ -812,12 +835,16 @@ class Scheduler:
         site.follow_queues.append(queue)
         try:
             while site.jobs or prepared or self._reclaim(site, queue):
-                if site.workers > site.limits.max_connections and not prepared:
-                    break  # a reload lowered the limit: this worker's delivery was its last
+                if not prepared and (site.workers > site.limits.max_connections or (
+                        lease is not None and self.cluster is not None
+                        and self.cluster.over_share(site.name, site.limits.max_connections))):
+                    # A reload lowered the limit, or this node lost Redis holding more
+                    # than its share: this worker's delivery was its last.
+                    break
                 if prepared and prepared[0].job.handle is not None:
                     tried = time.time()
                     job = prepared.popleft()
-                    queue.route = job.route
+                    queue.route = last = job.route
                     self._prepare(site, queue)
                     try:
                         ok = await self._deliver(job.entry, job.route, taken=job, site=site)
@@ -852,11 +879,15 @@ class Scheduler:
                             await self._defer_group(entry, reason, until, spread,
                                                     site=site.name)
                             continue
-                    wait = site.throttle.wait(loop.time())
+                    if self.cluster is not None and site.limits.max_rate:
+                        wait = (await self.cluster.reserve(site.name,
+                                                           site.limits.max_rate)).wait
+                    else:
+                        wait = site.throttle.wait(loop.time())
                     if wait:
                         await asyncio.sleep(wait)
                     tried = time.time()
-                    queue.route = route
+                    queue.route = last = route
                     try:
                         ok = await self._deliver(entry, route, self._prepare(site, queue),
                                                  loaded=loaded, site=site)
@@ -878,6 +909,28 @@ class Scheduler:
             site.workers -= 1
             if not site.jobs and not site.workers:
                 self.sites.pop(site.name, None)
+            if lease is not None:
+                self._spawn(self._give_back(lease, last))
+
+    def _lease_later(self, site: _Site) -> None:
+        if site.lease_timer is None and self.cluster is not None:
+            site.lease_timer = asyncio.get_running_loop().call_later(
+                self.cluster.lease_wait, self._lease_again, site)
+
+    def _lease_again(self, site: _Site) -> None:
+        site.lease_timer = None
+        if self.sites.get(site.name) is site and not self._stopping:
+            self._staff(site)
+
+    async def _give_back(self, lease: Lease, route: Route | None) -> None:
+        """A worker ended: close the idle connection it leaves in its agent's pool, then
+        return its lease (engine.cluster), so no node opens a connection while one that
+        counts against the same limit is still open here."""
+        assert self.cluster is not None
+        agent = self.agents.get(route.protocol) if route is not None else None
+        if route is not None and agent is not None:
+            await agent.retire_idle(route.site, route.source)
+        await self.cluster.release(lease)
 
     # --- shaping: daily caps and automation on replies ----------------------------------
 

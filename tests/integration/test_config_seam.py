@@ -393,6 +393,18 @@ text = "account closed"
 enabled = true
 auto_categories = ["bad-mailbox", "inactive"]
 max_age = "30d"
+
+# No Redis answers there: the node runs on its share of each limit (every key is read).
+[cluster]
+redis = "redis://127.0.0.1:{closed_port()}/0"
+node = "seam-node.test"
+prefix = "seam:"
+lease_ttl = 30
+timeout = 0.5
+share = 1.0
+probe_interval = 60
+lease_wait = 0.25
+sync_interval = 60
 """, encoding="utf-8")
     return load_config(path)
 
