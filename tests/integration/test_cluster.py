@@ -12,6 +12,7 @@ messages per node at most, waits for states with deadlines, no sleeps.
 from __future__ import annotations
 
 import smtplib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -208,3 +209,24 @@ def test_a_suspension_on_one_node_holds_on_every_node(
         suspended_a = a.app.scheduler.suspended
         wait_for(lambda: "shared.test" not in suspended_a, what="node a resuming it too")
         wait_for(lambda: delivered(sink, "b") == {"b0@shared.test"}, what="b's message")
+
+
+def test_a_site_rate_is_one_schedule_for_both_nodes(
+        tmp_path: Path, redis: RedisInstance, dns: DnsResponder, sink: CountingSink) -> None:
+    sink.reply_delay = 0.0
+    rate = 20.0
+    for tag in ("a", "b"):
+        enqueue(tmp_path / tag, 20, tag)
+    paths = [node_config(tmp_path / tag, f"{tag}.ferry.test", redis, dns, sink)
+             for tag in ("a", "b")]
+    for path in paths:
+        path.write_text(path.read_text().replace("retry_interval = 1",
+                                                 f"retry_interval = 1\nmax_rate = {rate}"))
+    configs = [load_config(path) for path in paths]
+    start = time.monotonic()
+    with RunningFerry(configs[0]), RunningFerry(configs[1]):
+        wait_for(lambda: len(delivered(sink, "a")) == 20 and len(delivered(sink, "b")) == 20,
+                 what="every message of both nodes")
+        # 40 messages at 20 a second for both nodes together take at least 39 intervals
+        # (each node alone at 20 a second would be done in half that).
+        assert time.monotonic() - start >= 39 / rate
