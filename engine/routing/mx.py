@@ -28,6 +28,12 @@ are cached for the SOA minimum of RFC 2308 §5, capped at ``max_negative_ttl``; 
 failures are never cached.  The cache holds at most ``max_entries`` record sets and drops
 the least recently used.  Concurrent lookups of one record set share one query.
 
+DNSSEC (RFC 7672 §2.1): when the operator marks the resolver validating, queries ask for
+the AD bit (RFC 6840 §5.7) and the MX lookup remembers whether its answer carried it
+(:meth:`MxResolver.mx_secure`); :meth:`MxResolver.tlsa` looks up the TLSA records of a
+host (``_25._tcp.<host>``) the same way, cached for their TTL.  Nothing here decides what a
+secure answer means: engine.tlspolicy does.
+
 It must never hold delivery state, choose send connectors or open SMTP connections.
 """
 
@@ -44,17 +50,19 @@ from typing import Any, Final, TypeVar, cast
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.rdatatype
 import dns.rdtypes.ANY.MX
+import dns.rdtypes.ANY.TLSA
 import dns.resolver
 
 from engine.config import Config
 from engine.ops.figures import DNS_SECONDS, Histogram
 from engine.routing.api import Host, RouteError
 
-__all__ = ["MxAnswer", "MxResolver"]
+__all__ = ["MxAnswer", "MxResolver", "TlsaAnswer"]
 
 _T = TypeVar("_T")
 
@@ -74,6 +82,19 @@ class MxAnswer:
     hosts: tuple[Host, ...]
     #: True when the domain had no MX records and is its own mail host (RFC 5321 §5.1).
     implicit: bool = False
+
+
+#: One TLSA record: (usage, selector, matching type, certificate association data).
+Tlsa = tuple[int, int, int, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsaAnswer:
+    """The TLSA records of one host and port (empty: none published) and whether the
+    answer was validated (the AD bit from a resolver marked validating)."""
+
+    records: tuple[Tlsa, ...]
+    secure: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,8 +208,16 @@ class MxResolver:
         max_queries: int = 1000,
         max_negative_ttl: float = MAX_NEGATIVE_TTL,
         clock: Callable[[], float] = time.monotonic,
+        validating: bool = False,
     ) -> None:
         self._resolver = new_resolver(nameserver, timeout=timeout, lifetime=lifetime)
+        #: The resolver validates DNSSEC (DeliveryConfig.dnssec_validating): ask for the AD
+        #: bit (RFC 6840 §5.7) and trust it.
+        self.validating = validating
+        if validating:
+            self._resolver.flags = dns.flags.RD | dns.flags.AD
+        #: domain → whether its MX answer had the AD bit (only when ``validating``).
+        self._mx_ad: dict[str, bool] = {}
         self.max_entries = max_entries
         self.max_negative_ttl = max_negative_ttl
         self._clock = clock
@@ -206,7 +235,8 @@ class MxResolver:
     ) -> MxResolver:
         """The resolver for ``config.delivery.dns`` (the ``--dns`` flag)."""
         return cls(config.delivery.dns, timeout=timeout, lifetime=lifetime,
-                   max_queries=config.delivery.dns_max_queries)
+                   max_queries=config.delivery.dns_max_queries,
+                   validating=config.delivery.dnssec_validating)
 
     # --- public lookups ------------------------------------------------------------------
 
@@ -328,6 +358,42 @@ class MxResolver:
     def clear(self) -> None:
         """Forget every cached answer."""
         self._cache.clear()
+        self._mx_ad.clear()
+
+    def mx_secure(self, domain: str) -> bool:
+        """Whether the last MX answer for ``domain`` was validated (AD bit, resolver marked
+        validating); False for an implicit MX (RFC 7672 §2.2.1 needs the MX RRset or the
+        domain's own address records to be secure: not tracked, so not trusted)."""
+        return self._mx_ad.get(domain.lower().rstrip("."), False)
+
+    async def tlsa(self, name: str, port: int) -> TlsaAnswer:
+        """The TLSA records of ``_<port>._tcp.<name>`` (RFC 7672 §2.2), cached for their
+        TTL.  NXDOMAIN or NODATA is no records; SERVFAIL, a timeout and every other error
+        raise a temporary RouteError (RFC 7672 §2.2: the client must not downgrade)."""
+        owner = f"_{port}._tcp.{name.lower().rstrip('.')}"
+        return await self._cached(("TLSA", owner), lambda: self._lookup_tlsa(owner))
+
+    async def _lookup_tlsa(self, owner: str) -> TlsaAnswer:
+        qname = self._qname(owner)
+        try:
+            answer = await self._query(qname, dns.rdatatype.TLSA)
+        except dns.exception.DNSException as err:
+            raise _temporary(owner, _why(err)) from None
+        if isinstance(answer, float):
+            value = TlsaAnswer((), False)
+            self._store(("TLSA", owner), value, self._negative_ttl(answer))
+            return value
+        secure = self.validating and bool(answer.response.flags & dns.flags.AD)
+        ttl = float(answer.chaining_result.minimum_ttl)
+        if answer.rrset is None:
+            value = TlsaAnswer((), secure)
+            self._store(("TLSA", owner), value, self._negative_ttl(ttl))
+            return value
+        records = tuple((int(rd.usage), int(rd.selector), int(rd.mtype), bytes(rd.cert))
+                        for rd in answer.rrset if isinstance(rd, dns.rdtypes.ANY.TLSA.TLSA))
+        value = TlsaAnswer(records, secure)
+        self._store(("TLSA", owner), value, ttl)
+        return value
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -430,6 +496,10 @@ class MxResolver:
             self._store(key, failure, self._negative_ttl(answer))
             raise failure.error()
         ttl = float(answer.chaining_result.minimum_ttl)
+        if self.validating:
+            if len(self._mx_ad) >= self.max_entries:
+                self._mx_ad.clear()
+            self._mx_ad[domain] = bool(answer.response.flags & dns.flags.AD)
         if answer.rrset is None:
             self._store(key, (), self._negative_ttl(ttl))
             return ()
