@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-TlsMode = Literal["off", "opportunistic", "required", "verify"]
+#: A route's TLS: the security levels of engine.tlspolicy (Postfix's names), and the
+#: older names of [[send]] tls that stay valid ("off" = none, "opportunistic" = may,
+#: "required" = encrypt).
+TlsMode = Literal["off", "opportunistic", "required", "verify", "none", "may", "encrypt",
+                  "dane", "dane-only"]
 Protocol_ = Literal["smtp", "lmtp", "maildir"]
 
 
@@ -42,6 +46,8 @@ class Route:
     maildir: str = ""
     #: The send connector that produced this route ("" for plain MX delivery).
     connector: str = ""
+    #: TLS from the first byte (RFC 8314, port 465) instead of STARTTLS: smarthosts only.
+    implicit_tls: bool = False
 
 
 class RouteError(Exception):
