@@ -6,7 +6,8 @@ per-domain override ([delivery] ``tls_policy``), MTA-STS (MX delivery only, when
 validating and the destination's MX answer was validated) into a frozen, hashable
 :class:`Decision`: the SMTP client pools connections per decision, so mail under a
 stricter policy never travels over a connection opened under a looser one.  Decisions
-are cached per (destination, route TLS): the client asks :meth:`TlsPolicy.cached` (one
+are cached per (destination, route TLS), and equal decisions (every destination without a
+policy of its own at one level) share a site's pool: the client asks :meth:`TlsPolicy.cached` (one
 dict lookup and a clock read) for each delivery and waits for :meth:`decision` only when
 the MTA-STS record is due for a look.
 
@@ -52,8 +53,6 @@ class Decision:
     dane: bool = False
     #: TLS from the first byte (RFC 8314) instead of STARTTLS.
     implicit: bool = False
-    #: The destination, for the replies.
-    destination: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +72,11 @@ class HostTls:
     report: StsPolicy | None = None
     why: str = ""
 
+
+#: An MX route's decision is made again after this long (seconds), MTA-STS or not.
+DECISION_TTL: Final = 300.0
+#: Decisions kept at most (one per destination and route TLS).
+MAX_DECISIONS: Final = 100_000
 
 #: What each level means for a host when neither DANE nor MTA-STS applies.
 _PLAIN: Final[dict[str, HostTls]] = {
@@ -95,8 +99,7 @@ class TlsRefusal(Exception):
 
 def static_decision(route: Route) -> Decision:
     """The decision from the route alone (no policy object: tests, LMTP)."""
-    return Decision(level_of(route.tls), implicit=route.implicit_tls,
-                    destination=route.destination)
+    return Decision(level_of(route.tls), implicit=route.implicit_tls)
 
 
 class TlsPolicy:
@@ -148,8 +151,15 @@ class TlsPolicy:
                 sts, until = found
             if sts is not None:
                 until = min(until, now + sts.max_age)
-        decision = Decision(level, sts, dane, route.implicit_tls, destination)
-        self._decisions[(destination, route.tls, route.implicit_tls)] = (decision, until)
+        if mx:
+            # The MX answer's AD bit may change; an MX route's decision is made afresh now
+            # and then even without MTA-STS.
+            until = min(until, time.monotonic() + DECISION_TTL)
+        decision = Decision(level, sts, dane, route.implicit_tls)
+        decisions = self._decisions
+        if len(decisions) >= MAX_DECISIONS:
+            decisions.clear()  # made again from the caches, one lookup each
+        decisions[(destination, route.tls, route.implicit_tls)] = (decision, until)
         return decision
 
     # --- per host ---------------------------------------------------------------------

@@ -50,6 +50,8 @@ MIN_RECHECK: Final = 1.0
 MAX_RECHECK: Final = 3600.0
 #: After a failed TXT lookup or fetch, ask again this soon.
 RETRY_AFTER: Final = 300.0
+#: Domains remembered at most; past that, those without a policy are forgotten first.
+MAX_ENTRIES: Final = 100_000
 #: The file in the spool that keeps the policies across restarts.
 STS_FILE: Final = "mta-sts.json"
 
@@ -240,7 +242,13 @@ class StsCache:
 
     async def _refresh(self, domain: str) -> StsPolicy | None:
         now, mono = self._clock(), time.monotonic()
-        entry = self._entries.setdefault(domain, _Entry(None))
+        entries = self._entries
+        if domain not in entries and len(entries) >= MAX_ENTRIES:
+            self._entries = entries = {d: e for d, e in entries.items()
+                                       if e.policy is not None and e.expires > now}
+            while len(entries) >= MAX_ENTRIES:
+                del entries[next(iter(entries))]
+        entry = entries.setdefault(domain, _Entry(None))
         alive = entry.policy if entry.expires > now else None
         try:
             policy_id, ttl = await self._txt(domain)

@@ -291,6 +291,27 @@ def test_a_new_policy_id_is_picked_up(lab: Lab, sts_lab: Callable[[], Any],
     assert '"id": "2"' in kept and "mx9.sts.test" in kept  # kept in the spool for a restart
 
 
+def test_domains_without_a_policy_share_the_site_pool(lab: Lab,
+                                                     sts_lab: Callable[[], Any]) -> None:
+    """Equal decisions are one pool: domains hosted at one site reuse its connections,
+    and a domain with an MTA-STS policy gets connections of its own."""
+    port, handler = lab.smtp(lab.context("mx1.sts.test")[0])
+
+    async def go() -> tuple[list[RcptResult], int, int]:
+        async with sts_lab() as sl:
+            out = [await deliver(sl.agent, route(d, ("mx1.sts.test", port), site="mx:shared"))
+                   for d in ("a.test", "b.test")]
+            shared = sl.agent.connections_opened
+            out.append(await deliver(sl.agent, route("sts.test", ("mx1.sts.test", port),
+                                                     site="mx:shared")))
+            return out, shared, sl.agent.connections_opened
+
+    results, shared, total = run(go())
+    assert [r.state for r in results] == [DELIVERED] * 3
+    assert shared == 1 and total == 2
+    assert results[2].peer is not None and results[2].peer.tls_verified == "mta-sts"
+
+
 def test_kept_policy_survives_a_restart_and_txt_removal(lab: Lab, tmp_path: Path) -> None:
     """RFC 8461 §5.1: a policy within its max_age stays in force when the TXT record goes
     (an attacker may strip it); the spool file carries it across a restart."""
