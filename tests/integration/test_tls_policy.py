@@ -308,7 +308,7 @@ def test_domains_without_a_policy_share_the_site_pool(lab: Lab,
 
     results, shared, total = run(go())
     assert [r.state for r in results] == [DELIVERED] * 3
-    assert shared == 1 and total == 2
+    assert shared == 1 and total == 2 and len(handler.messages) == 3
     assert results[2].peer is not None and results[2].peer.tls_verified == "mta-sts"
 
 
