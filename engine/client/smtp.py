@@ -341,6 +341,9 @@ class _Session:
         #: What TLS this connection must have, and how its certificate was verified.
         self.need = HostTls()
         self.verified = ""
+        #: The TLS mode and implicit TLS of the routes it serves (for follow-ons' checks).
+        self.route_tls = "off"
+        self.implicit = False
         #: The newest follow-on transaction in flight, until its caller collects it.
         self.follow_on: _Exchange | None = None
         #: Taken from the pool and not yet answered in this delivery (see _Failure.stale).
@@ -830,6 +833,7 @@ class SmtpAgent:
             session = _Session(host, pipe, self.timeouts)
             session.key = key
             session.need = need
+            session.route_tls, session.implicit = route.tls, route.implicit_tls
             if implicit is not None:
                 pipe.conn.tls = True  # RFC 8314 §3.3: the session starts in TLS
                 session.verified = need.verify if need.verify in ("ca", "mta-sts") else ""
@@ -1199,6 +1203,15 @@ class _Exchange:
                 or self.next is not None or s.follow_on not in (None, self)
                 or agent.closing or s.messages >= agent.max_messages_per_connection):
             return b""
+        policy = agent.tls_policy
+        if policy is not None:
+            # The scheduler matched the site and the route's TLS mode, not the policy: a
+            # domain with its own MTA-STS policy (or DNSSEC status) needs a connection
+            # made under that policy, never this one.
+            job = follow_ons[0]
+            destination = job.envelope.recipients[job.recipients[0]].next_hop
+            if policy.cached_for(destination, s.route_tls, s.implicit) != s.key[2]:
+                return b""
         job = follow_ons.popleft()
         nt = Transaction(s.conn, job.envelope, job.recipients, job.body, remote=s.remote,
                          peer=s.peer)

@@ -122,7 +122,12 @@ class TlsPolicy:
 
     def cached(self, route: Route) -> Decision | None:
         """The decision for ``route`` if it is known and fresh, without waiting."""
-        found = self._decisions.get((route.destination, route.tls, route.implicit_tls))
+        return self.cached_for(route.destination, route.tls, route.implicit_tls)
+
+    def cached_for(self, destination: str, tls: str, implicit: bool) -> Decision | None:
+        """:meth:`cached` by the route's parts (a follow-on message carries only its
+        destination; the scheduler matched the rest of the route)."""
+        found = self._decisions.get((destination, tls, implicit))
         if found is None or found[1] <= time.monotonic():
             return None
         return found[0]

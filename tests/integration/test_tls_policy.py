@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import socket
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from aiosmtpd.smtp import SMTP
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from engine.client.api import RcptResult
+from engine.client.api import FollowOn, FollowOns, RcptResult
 from engine.client.smtp import SmtpAgent
 from engine.config import ConfigError, load_config
 from engine.ops.events import Events
@@ -60,6 +61,12 @@ def free_port() -> int:
 class Handler:
     def __init__(self) -> None:
         self.messages: list[tuple[list[str], bool]] = []
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        responses.insert(1, "250-PIPELINING")  # so that follow-on messages may ride along
+        return responses
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.messages.append((list(envelope.rcpt_tos), session.ssl is not None))
@@ -310,6 +317,38 @@ def test_domains_without_a_policy_share_the_site_pool(lab: Lab,
     assert [r.state for r in results] == [DELIVERED] * 3
     assert shared == 1 and total == 2 and len(handler.messages) == 3
     assert results[2].peer is not None and results[2].peer.tls_verified == "mta-sts"
+
+
+def test_a_follow_on_for_a_domain_under_another_policy_is_not_taken(
+        lab: Lab, sts_lab: Callable[[], Any]) -> None:
+    """The scheduler offers the next messages for the same site and route TLS; one for a
+    domain with an MTA-STS policy must not ride on a connection made without it."""
+    port, handler = lab.smtp(lab.context("mx1.sts.test")[0])
+
+    def job(domain: str) -> FollowOn:
+        return FollowOn(Envelope("a@client.test", [Recipient(f"u@{domain}", domain)]), [0],
+                        BODY)
+
+    async def go() -> tuple[RcptResult, list[RcptResult], FollowOns]:
+        async with sts_lab() as sl:
+            # Decisions known for both (as after earlier deliveries).
+            await sl.policy.decision(route("sts.test", ("mx1.sts.test", port), site="mx:s"))
+            policied, plain = job("sts.test"), job("a.test")
+            follow: FollowOns = deque([plain, policied])
+            first = (await sl.agent.deliver(route("a.test", ("mx1.sts.test", port),
+                                                  site="mx:s"),
+                                            Envelope("a@client.test",
+                                                     [Recipient("v@a.test", "a.test")]),
+                                            [0], BODY, follow))[0]
+            taken = await sl.agent.resume(plain) if plain.handle is not None else []
+            return first, taken, follow
+
+    first, taken, follow = run(go())
+    assert first.state is DELIVERED
+    assert [r.state for r in taken] == [DELIVERED]  # same decision: rode along
+    assert [j.envelope.recipients[0].address for j in follow] == ["u@sts.test"]  # left
+    assert follow[0].handle is None
+    assert sorted(m[0][0] for m in handler.messages) == ["u@a.test", "v@a.test"]
 
 
 def test_kept_policy_survives_a_restart_and_txt_removal(lab: Lab, tmp_path: Path) -> None:
