@@ -473,6 +473,8 @@ class App:
             sts = StsCache(resolver, nameserver=d.dns, ca_file=ca_file,
                            timeout=d.mta_sts_fetch_timeout, max_size=d.mta_sts_max_policy_size,
                            port=d.mta_sts_port, path=Path(cfg.spool) / STS_FILE)
+        # The MTA-STS record of a new domain is looked up beside its MX records.
+        resolver.prefetch = sts.prefetch if sts is not None else None
         return TlsPolicy(overrides=d.tls_policy, sts=sts, resolver=resolver,
                          failure_memory=d.tls_failure_memory)
 

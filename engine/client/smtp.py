@@ -598,7 +598,12 @@ class SmtpAgent:
             self._contexts.clear()
             self._anchors = []
         if tls_policy is not None:
-            self.tls_policy = tls_policy
+            old, self.tls_policy = self.tls_policy, tls_policy
+            if old is not None and old.sts is not None and old.sts is not tls_policy.sts:
+                # Its fetches and HTTP client end in the background (awaited at close).
+                task = asyncio.get_running_loop().create_task(old.sts.close())
+                self._quitting.add(task)
+                task.add_done_callback(self._quitting.discard)
         if max_messages_per_connection is not None:
             self.max_messages_per_connection = max(1, max_messages_per_connection)
         if pipeline_messages is not None:

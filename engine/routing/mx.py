@@ -218,6 +218,10 @@ class MxResolver:
             self._resolver.flags = dns.flags.RD | dns.flags.AD
         #: domain → whether its MX answer had the AD bit (only when ``validating``).
         self._mx_ad: dict[str, bool] = {}
+        #: Told of each domain whose MX set is looked up (not found in the cache), so
+        #: that a lookup the delivery needs next runs beside this one (engine.tlspolicy's
+        #: MTA-STS record); it must not wait or raise.
+        self.prefetch: Callable[[str], None] | None = None
         self.max_entries = max_entries
         self.max_negative_ttl = max_negative_ttl
         self._clock = clock
@@ -252,6 +256,8 @@ class MxResolver:
         answer = self.mx_cached(domain, port)
         if answer is not None:
             return answer
+        if self.prefetch is not None and self._peek(("MX", domain)) is _MISS:
+            self.prefetch(domain)
         mx_set = await self._cached(("MX", domain), lambda: self._lookup_mx(domain))
         names = _names(domain, mx_set)
         found = await asyncio.gather(*(self._addresses(domain, name) for name in names),

@@ -11,7 +11,10 @@ anything else is no policy.
 record again when that record's TTL has run out: a new id means a new fetch (§5.1); a
 missing TXT record or a failed fetch leaves a policy still within its ``max_age`` in
 force (§5.1, "continue using the cached policy"), which is the point of MTA-STS against
-an attacker who strips the record.  The cache is kept in the spool
+an attacker who strips the record.  A delivery waits for DNS only at the first contact
+with a domain, and then not long: the MX resolver starts the TXT lookup beside the MX
+lookup (``prefetch``); later looks run in the background while the policy held stays in
+force.  The cache is kept in the spool
 (``mta-sts.json``) so that a restart keeps what it learned; the file is written in a
 thread.
 
@@ -223,22 +226,41 @@ class StsCache:
     # --- lookups -------------------------------------------------------------------------
 
     def cached(self, domain: str, now: float) -> tuple[StsPolicy | None, float] | None:
-        """(policy, when to look again, monotonic) without waiting; None when the TXT
-        record is due for a look."""
+        """(policy, when to ask again, monotonic) without waiting; None for a domain not
+        looked at yet (or still being looked at for the first time).
+
+        A domain whose TXT record is due for a look keeps its policy meanwhile (§5.1:
+        a cached policy holds for its max_age): the look runs in the background and the
+        caller asks again in a second, so a delivery waits for DNS only on the first
+        contact with a domain."""
         entry = self._entries.get(domain)
-        if entry is None or entry.recheck <= now:
+        if entry is None or (not entry.recheck and domain in self._inflight):
             return None
+        recheck = entry.recheck
+        if recheck <= now:
+            self._start(domain)
+            recheck = now + 1.0
         policy = entry.policy if entry.expires > self._clock() else None
-        return policy, entry.recheck
+        return policy, recheck
+
+    def prefetch(self, domain: str) -> None:
+        """Start looking at a domain not seen yet, without waiting (the MX resolver calls
+        it when it starts an MX lookup: the TXT lookup runs beside it, not after it)."""
+        if domain not in self._entries:
+            self._start(domain)
 
     async def policy(self, domain: str) -> StsPolicy | None:
         """The policy in force for ``domain`` (looks and fetches when due)."""
+        return await asyncio.shield(self._start(domain))
+
+    def _start(self, domain: str) -> asyncio.Future[StsPolicy | None]:
+        """The look at ``domain`` in flight, started now when none is."""
         future = self._inflight.get(domain)
         if future is None:
             future = asyncio.ensure_future(self._refresh(domain))
             self._inflight[domain] = future
             future.add_done_callback(lambda f: settle(self._inflight, domain, f))
-        return await asyncio.shield(future)
+        return future
 
     async def _refresh(self, domain: str) -> StsPolicy | None:
         now, mono = self._clock(), time.monotonic()
@@ -250,14 +272,17 @@ class StsCache:
                 del entries[next(iter(entries))]
         entry = entries.setdefault(domain, _Entry(None))
         alive = entry.policy if entry.expires > now else None
+        # entry.recheck is set only when the look is over: until then a first look is
+        # "in flight" for cached() (a delivery waits for it).
         try:
             policy_id, ttl = await self._txt(domain)
         except dns.exception.DNSException as exc:
             log.info("MTA-STS TXT lookup for %s failed: %s", domain, exc)
             entry.recheck = mono + RETRY_AFTER
             return alive
-        entry.recheck = mono + min(max(ttl, MIN_RECHECK), MAX_RECHECK)
+        recheck = mono + min(max(ttl, MIN_RECHECK), MAX_RECHECK)
         if policy_id is None or (policy_id == entry.id and entry.expires > now):
+            entry.recheck = recheck
             return alive  # §5.1: no record (an attacker may strip it) or the same policy
         try:
             text = await self._fetch(domain)
@@ -265,10 +290,10 @@ class StsCache:
         except (StsError, aiohttp.ClientError, OSError, TimeoutError, RouteError,
                 UnicodeDecodeError) as exc:
             log.warning("MTA-STS policy of %s not fetched: %s", domain, exc)
-            entry.recheck = mono + min(RETRY_AFTER, entry.recheck - mono)
+            entry.recheck = min(mono + RETRY_AFTER, recheck)
             return alive
         age = policy.max_age if policy is not None else 0
-        self._entries[domain] = _Entry(policy, policy_id, text, now + age, entry.recheck)
+        self._entries[domain] = _Entry(policy, policy_id, text, now + age, recheck)
         self._save()
         return policy
 
@@ -310,6 +335,12 @@ class StsCache:
             return body.decode("utf-8")
 
     async def close(self) -> None:
+        """Stop the looks in flight (background refreshes included) and the HTTP client."""
+        pending = list(self._inflight.values())
+        for future in pending:
+            future.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -37,6 +37,7 @@ from engine.routing.mx import MxResolver
 from engine.scheduler.facts import outcomes
 from engine.testing.dns import DnsResponder
 from engine.testing.events import Recorder
+from engine.testing.wait import until
 from engine.tlspolicy.policy import TlsPolicy
 from engine.tlspolicy.sts import StsCache, StsError, parse_policy, parse_txt
 
@@ -349,6 +350,24 @@ def test_a_follow_on_for_a_domain_under_another_policy_is_not_taken(
     assert [j.envelope.recipients[0].address for j in follow] == ["u@sts.test"]  # left
     assert follow[0].handle is None
     assert sorted(m[0][0] for m in handler.messages) == ["u@a.test", "v@a.test"]
+
+
+def test_the_sts_record_is_looked_up_beside_the_mx_records(lab: Lab,
+                                                           sts_lab: Callable[[], Any]) -> None:
+    async def go() -> tuple[int, int, bool]:
+        async with sts_lab() as sl:
+            sl.dns.set_zone(STS_ZONE.format(id="1") + "sts.test. IN MX 10 mx1.sts.test.\n"
+                            "mx1.sts.test. IN A 127.0.0.1\n")
+            sl.mx.prefetch = sl.sts.prefetch
+            await sl.mx.mx("sts.test", 25)
+            # Started with the MX lookup, before any delivery asked for a decision.
+            await until(lambda: sl.sts.cached("sts.test", 0.0), 10, "the prefetched look")
+            found = sl.sts.cached("sts.test", 0.0)
+            return (sl.dns.count("_mta-sts.sts.test", "TXT"), sl.host.fetched,
+                    found is not None and found[0] is not None)
+
+    txt, fetched, has_policy = run(go())
+    assert (txt, fetched, has_policy) == (1, 1, True)
 
 
 def test_kept_policy_survives_a_restart_and_txt_removal(lab: Lab, tmp_path: Path) -> None:
