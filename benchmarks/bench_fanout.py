@@ -190,6 +190,9 @@ async def main():
         config.delivery, paused=False, dns=tuple(args["dns"]), mx_port=args["port"],
         max_per_domain=args["limit"], retry_interval=args["retry"],
         window=args["window"] or config.delivery.window))
+    if not args.get("mta_sts", True):
+        config = dataclasses.replace(config, delivery=dataclasses.replace(
+            config.delivery, mta_sts=False))
     app = App(config)
     cpu0 = cpu()  # before start: the writer process does not exist yet
     t0 = time.time()
@@ -436,6 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile-out", default="/tmp/fanout-profile.txt",
                         help="where --profile leaves py-spy's raw stacks")
     parser.add_argument("--dir", default="/work", help="where the temporary spool goes")
+    parser.add_argument("--no-mta-sts", action="store_true",
+                        help="[delivery] mta_sts = false: no MTA-STS lookups (the TLS "
+                        "policy's only per-domain DNS cost; compare with and without)")
     args = parser.parse_args(argv)
     messages = args.messages or (10_000 if args.quick else 100_000)
     domains = args.domains or (200 if args.quick else 1_000)
@@ -474,7 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampler = Sampler(port, args.sample)
         sampler.start()
         driver_args = {"spool": str(spool), "dns": [dns_host, int(dns_port)], "port": port,
-                       "limit": limit, "retry": 5.0, "window": args.window, "timeout": args.timeout}
+                       "limit": limit, "retry": 5.0, "window": args.window, "timeout": args.timeout,
+                       "mta_sts": not args.no_mta_sts}
         ferry = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(driver_args)],
                                  cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                  preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if pin

@@ -465,12 +465,12 @@ class App:
         assert resolver is not None, "the resolver is made first"
         ca_file = str(d.ca_file) if d.ca_file is not None else None
         sts = old.sts if old is not None else None
-        settings = (d.dns, ca_file, d.mta_sts_fetch_timeout, d.mta_sts_max_policy_size,
+        settings = (resolver, ca_file, d.mta_sts_fetch_timeout, d.mta_sts_max_policy_size,
                     d.mta_sts_port)
         if not d.mta_sts:
             sts = None
         elif sts is None or sts.settings != settings:
-            sts = StsCache(resolver, nameserver=d.dns, ca_file=ca_file,
+            sts = StsCache(resolver, ca_file=ca_file,
                            timeout=d.mta_sts_fetch_timeout, max_size=d.mta_sts_max_policy_size,
                            port=d.mta_sts_port, path=Path(cfg.spool) / STS_FILE)
         # The MTA-STS record of a new domain is looked up beside its MX records.

@@ -361,6 +361,13 @@ class MxResolver:
                              permanent=True, code=550, enhanced=enhanced)
         return tuple(Host(name, a, port, preference) for a in (*v4, *v6))
 
+    async def query(self, name: str, rdtype: dns.rdatatype.RdataType
+                    ) -> dns.resolver.Answer | float:
+        """One uncached query through this resolver's bound on queries in flight (for
+        engine.tlspolicy's MTA-STS record): the answer, or NXDOMAIN's negative TTL as a
+        float.  Raises dnspython's errors, and RouteError for an invalid name."""
+        return await self._query(self._qname(name), rdtype)
+
     def clear(self) -> None:
         """Forget every cached answer."""
         self._cache.clear()

@@ -39,10 +39,9 @@ from typing import Final
 import aiohttp
 import dns.exception
 import dns.rdatatype
-import dns.resolver
 
 from engine.routing.api import RouteError
-from engine.routing.mx import MxResolver, new_resolver, nxdomain_ttl, settle
+from engine.routing.mx import MxResolver, settle
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +163,10 @@ class _Entry:
 class StsCache:
     """Policies per domain, fetched on demand, kept for ``max_age`` (in ``path``)."""
 
-    def __init__(self, mx: MxResolver, *, nameserver: tuple[str, int] | None,
+    def __init__(self, mx: MxResolver, *,
                  ca_file: str | None, timeout: float, max_size: int, port: int = 443,
                  path: Path | None = None, clock: Callable[[], float] = time.time) -> None:
         self._mx = mx
-        self._resolver = new_resolver(nameserver, timeout=min(timeout, 3.0), lifetime=timeout)
         self.ca_file = ca_file
         self.timeout = timeout
         self.max_size = max_size
@@ -176,7 +174,7 @@ class StsCache:
         self.path = path
         self._clock = clock
         #: What a reload compares to tell whether this cache can stay.
-        self.settings = (nameserver, ca_file, timeout, max_size, port)
+        self.settings = (mx, ca_file, timeout, max_size, port)
         self._entries: dict[str, _Entry] = {}
         self._inflight: dict[str, asyncio.Future[StsPolicy | None]] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -276,7 +274,7 @@ class StsCache:
         # "in flight" for cached() (a delivery waits for it).
         try:
             policy_id, ttl = await self._txt(domain)
-        except dns.exception.DNSException as exc:
+        except (dns.exception.DNSException, RouteError) as exc:
             log.info("MTA-STS TXT lookup for %s failed: %s", domain, exc)
             entry.recheck = mono + RETRY_AFTER
             return alive
@@ -299,11 +297,11 @@ class StsCache:
 
     async def _txt(self, domain: str) -> tuple[str | None, float]:
         """The id of the domain's STS record (None: none) and how long that answer holds."""
-        try:
-            answer = await self._resolver.resolve(f"_mta-sts.{domain}.", dns.rdatatype.TXT,
-                                                  search=False, raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN as err:
-            return None, nxdomain_ttl(err) or RETRY_AFTER
+        # Through the MX resolver: its bound on queries in flight (dns_max_queries) holds
+        # for these too, and a burst of new domains does not flood the resolver.
+        answer = await self._mx.query(f"_mta-sts.{domain}", dns.rdatatype.TXT)
+        if isinstance(answer, float):  # NXDOMAIN, with its negative TTL
+            return None, answer or RETRY_AFTER
         if answer.rrset is None:
             return None, float(answer.chaining_result.minimum_ttl) or RETRY_AFTER
         texts = [b"".join(rd.strings).decode("utf-8", "replace") for rd in answer.rrset]

@@ -187,7 +187,7 @@ class StsLab:
     def __init__(self, lab: Lab, dns: DnsResponder, host: PolicyHost, tmp: Path) -> None:
         self.lab, self.dns, self.host = lab, dns, host
         self.mx = MxResolver(dns.address)
-        self.sts = StsCache(self.mx, nameserver=dns.address, ca_file=str(lab.ca_file),
+        self.sts = StsCache(self.mx, ca_file=str(lab.ca_file),
                             timeout=5, max_size=65536, port=host.port,
                             path=tmp / "mta-sts.json")
         self.recorder = Recorder()
@@ -384,7 +384,7 @@ def test_kept_policy_survives_a_restart_and_txt_removal(lab: Lab, tmp_path: Path
         dns = DnsResponder("$TTL 60\nother.test. IN A 127.0.0.1\n")
         await dns.start_async()
         mx = MxResolver(dns.address)
-        sts = StsCache(mx, nameserver=dns.address, ca_file=str(lab.ca_file), timeout=5,
+        sts = StsCache(mx, ca_file=str(lab.ca_file), timeout=5,
                        max_size=65536, port=9, path=tmp_path / "mta-sts.json")
         agent = SmtpAgent("client.test", timeout_scale=0.01, ca_file=str(lab.ca_file),
                           tls_policy=TlsPolicy(sts=sts, resolver=mx))
