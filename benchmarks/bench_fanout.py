@@ -53,6 +53,14 @@ functions by own time and by inclusive time, and leaves the raw stacks in
 
 Targets (issue): >= 5,000 deliveries/s from one process with >= 2,000 connections open,
 peak connections per domain equal to the limit and never above it.
+
+``--suppressed N [--rounds R]`` (issue 16): the same run with N entries on the suppression
+list (engine.queue.suppression: written to the spool with the messages, none of them a
+recipient, loaded by Ferry at start) against none, alternated R times in this one
+invocation (each run a child ``bench_fanout.py``); prints the medians of deliveries/s
+and CPU per delivery, their ratio (target >= 0.90), the start-up time (the load of the
+list), and the cost of the RCPT-time check (the real ``SuppressAgent.rcpt`` on parsed RCPT
+commands, N entries against none, in this process).
 """
 
 from __future__ import annotations
@@ -337,9 +345,25 @@ class Sampler:
 # --- fill ------------------------------------------------------------------------------
 
 
-async def fill(path: Path, messages: int, domains: int, body: bytes) -> float:
+async def suppress(store: LmdbQueue, entries: int) -> None:
+    """``entries`` suppression entries, none of them a recipient of the benchmark."""
+    from engine.queue.suppression import Entry
+
+    now = time.time()
+    for start in range(0, entries, 10_000):
+        await store.suppress_soon([
+            (f"gone{n}@s{n % 1000}.test".encode(),
+             Entry(f"gone{n}@s{n % 1000}.test", "550 5.1.1 No such user", "bad-mailbox",
+                   now, "auto").encode())
+            for n in range(start, min(entries, start + 10_000))])
+
+
+async def fill(path: Path, messages: int, domains: int, body: bytes,
+               suppressed: int = 0) -> float:
     store = LmdbQueue(path, durability="os")
     try:
+        if suppressed:
+            await suppress(store, suppressed)
         counter = iter(range(messages))
         t0 = time.perf_counter()
 
@@ -442,7 +466,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-mta-sts", action="store_true",
                         help="[delivery] mta_sts = false: no MTA-STS lookups (the TLS "
                         "policy's only per-domain DNS cost; compare with and without)")
+    parser.add_argument("--suppressed", type=int, default=0, metavar="N",
+                        help="compare N suppression entries against none (see above)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --suppressed: runs of each, alternated (median)")
+    parser.add_argument("--entries", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.suppressed:
+        return compare_suppressed(list(sys.argv[1:] if argv is None else argv), args)
     messages = args.messages or (10_000 if args.quick else 100_000)
     domains = args.domains or (200 if args.quick else 1_000)
     sinks = min(args.sinks, domains)
@@ -466,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampler: Sampler | None = None
     try:
         body = make_body(args.body_size)
-        fill_rate = uvloop.run(fill(spool / "queue", messages, domains, body))
+        fill_rate = uvloop.run(fill(spool / "queue", messages, domains, body, args.entries))
         print(f"  filled {messages:,} messages at {fill_rate:,.0f}/s (durability os)",
               flush=True)
         port = free_port(sink_address(0))
@@ -609,6 +640,126 @@ def main(argv: Sequence[str] | None = None) -> int:
     if messages < 100_000 or domains < 1_000:
         print(f"  (run with {messages:,} messages and {domains:,} domains, not the "
               f"100,000 and 1,000 of the issue)")
+    print(SUMMARY + json.dumps({"rate": rate, "delivered": delivered,
+                                "cpu_us": 1e6 * done["cpu"] / max(1, delivered),
+                                "start_s": started["start_s"], "hwm_mb": hwm_mb}))
+    return 0
+
+
+#: The line a child run ends its report with (read by compare_suppressed).
+SUMMARY = "SUMMARY "
+
+
+def _without(argv: list[str], *names: str) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name in names:
+            skip = "=" not in item
+            continue
+        out.append(item)
+    return out
+
+
+def rcpt_cost(entries: int, checks: int = 200_000) -> tuple[float, float, float]:
+    """µs per RCPT check by the suppression agent: with ``entries`` on the list (a miss,
+    a hit) and with none (a miss), on parsed RCPT commands, in this process."""
+    import ipaddress
+    import statistics
+
+    from engine.agents.api import Session, Transaction
+    from engine.agents.suppress import SuppressAgent
+    from engine.protocol.command import parse_command
+    from engine.queue.suppression import SuppressionList
+
+    base = Path(tempfile.mkdtemp(prefix="ferry-bench-suppress-", dir="/tmp"))
+    try:
+        store = LmdbQueue(base / "queue", durability="os", min_free_disk=0)
+        try:
+            uvloop.run(suppress(store, entries))
+            full = SuppressionList(store)
+            uvloop.run(full.load())
+        finally:
+            store.close_sync()
+        empty = SuppressionList(store)
+        session = Session("smtp-1", "default", ipaddress.ip_address("127.0.0.1"),
+                          may_relay=True)
+        tx = Transaction(parse_command(b"MAIL FROM:<a@client.test>"))
+        miss = [parse_command(f"RCPT TO:<u{n}@d{n % 1000}.test>".encode())
+                for n in range(1000)]
+        hit = [parse_command(f"RCPT TO:<gone{n}@s{n % 1000}.test>".encode())
+               for n in range(1000)]
+
+        def timed(agent: SuppressAgent, rcpts: list[Any]) -> float:
+            runs = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(checks // len(rcpts)):
+                    for rcpt in rcpts:
+                        agent.rcpt(session, tx, rcpt)
+                runs.append((time.perf_counter() - t0) / checks * 1e6)
+            return statistics.median(runs)
+
+        return (timed(SuppressAgent(full), miss), timed(SuppressAgent(full), hit),
+                timed(SuppressAgent(empty), miss))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def compare_suppressed(argv: list[str], args: argparse.Namespace) -> int:
+    """Child runs with ``--entries N`` and with none, alternated ``--rounds`` times."""
+    import statistics
+
+    child = [sys.executable, __file__, *_without(argv, "--suppressed", "--rounds",
+                                                 "--entries")]
+    results: dict[int, list[dict[str, Any]]] = {0: [], args.suppressed: []}
+    for n in range(args.rounds):
+        order = (0, args.suppressed) if n % 2 == 0 else (args.suppressed, 0)
+        for entries in order:
+            print(f"--- round {n + 1}: {entries:,} suppression entries", flush=True)
+            run = subprocess.run([*child, "--entries", str(entries)], capture_output=True,
+                                 text=True, timeout=args.timeout + 600)
+            lines = [line for line in run.stdout.splitlines() if line.startswith(SUMMARY)]
+            if run.returncode or not lines:
+                print(run.stdout[-3000:], run.stderr[-3000:], file=sys.stderr)
+                return 1
+            summary = json.loads(lines[-1][len(SUMMARY):])
+            print(f"    {summary['rate']:,.0f} deliveries/s, {summary['cpu_us']:,.0f} µs "
+                  f"CPU per delivery, start {summary['start_s']:.3f} s, RSS peak "
+                  f"{summary['hwm_mb']:,.0f} MB", flush=True)
+            results[entries].append(summary)
+
+    def median(entries: int, key: str) -> float:
+        return float(statistics.median(r[key] for r in results[entries]))
+
+    off, on = 0, args.suppressed
+    ratio = median(on, "rate") / median(off, "rate")
+    # Each round's pair ran back to back: its ratio is less exposed to a load that drifts
+    # over the minutes of the whole comparison (a shared machine).
+    pairs = statistics.median(a["rate"] / b["rate"]
+                              for a, b in zip(results[on], results[off], strict=True))
+    cpu_ratio = median(on, "cpu_us") / median(off, "cpu_us")
+    miss, hit, empty = rcpt_cost(args.suppressed)
+    rows = [
+        ["deliveries/s (median)", f"{median(off, 'rate'):,.0f}", f"{median(on, 'rate'):,.0f}"],
+        ["CPU per delivery (median)", f"{median(off, 'cpu_us'):,.0f} µs",
+         f"{median(on, 'cpu_us'):,.0f} µs"],
+        ["start-up (App.start(), list loaded)", f"{median(off, 'start_s'):.3f} s",
+         f"{median(on, 'start_s'):.3f} s"],
+        ["RSS peak", f"{median(off, 'hwm_mb'):,.0f} MB", f"{median(on, 'hwm_mb'):,.0f} MB"],
+        ["RCPT check, a recipient not listed", f"{empty:.3f} µs", f"{miss:.3f} µs"],
+        ["RCPT check, a listed recipient (refused)", "-", f"{hit:.3f} µs"],
+    ]
+    print()
+    print(table(["measure", "no entries", f"{args.suppressed:,} entries"], rows))
+    print()
+    print(f"  {verdict(ratio >= 0.90)}  deliveries/s with {args.suppressed:,} entries / "
+          f"without: {ratio:.3f} (target >= 0.90; {args.rounds} rounds, medians); "
+          f"median of the rounds' own ratios {pairs:.3f}; CPU per delivery {cpu_ratio:.3f}x")
     return 0
 
 

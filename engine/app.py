@@ -65,8 +65,10 @@ from engine.ops.startup import startup_warnings
 from engine.ops.tracking import TrackingLog
 from engine.ops.webhooks import Webhooks, shown_url
 from engine.queue.lmdb_store import LmdbQueue
+from engine.queue.suppression import SuppressionList
 from engine.routing.mx import MxResolver
 from engine.routing.router import ConfiguredRouter, accepted_domains
+from engine.scheduler import bounces
 from engine.scheduler.inflight import FILE_NAME as INFLIGHT_FILE
 from engine.scheduler.inflight import InFlightJournal
 from engine.scheduler.policy import Limits
@@ -145,6 +147,8 @@ class App:
         #: the hook for parts built outside start() (engine.ops.reload.Reconfigure).
         self.reconfigure: list[Reconfigure] = []
         self.router: ConfiguredRouter | None = None
+        #: The suppression list (engine.queue.suppression), loaded once the queue is open.
+        self.suppression: SuppressionList | None = None
         self.authenticator: Authenticator | None = None
         self._mail_log: MailLog | None = None
         self._reloading = asyncio.Lock()
@@ -153,6 +157,7 @@ class App:
         cfg = self.config
         q = cfg.queue
         self._use_log(cfg)
+        bounces.configure(cfg.bounce_rule)
         srv = cfg.server
         account = lookup(srv.user, srv.group)
         prepare_spool(Path(cfg.spool), account)
@@ -229,6 +234,12 @@ class App:
                                                settings=d, events=self.events,
                                                journal=InFlightJournal(
                                                    Path(cfg.spool) / INFLIGHT_FILE))
+        self.suppression = suppression = SuppressionList(store, cfg.suppression,
+                                                         bounces.classify)
+        log.info("suppression list: %d entries%s", await suppression.load(),
+                 "" if cfg.suppression.enabled else " (off: [suppression] enabled = false)")
+        scheduler.on_outcomes = suppression.failed
+        self.reconfigure.append(self._reconfigure_bounces)
         scheduler.start()
         # The router of now (a reload replaces it), as the queue names destinations.
         self._start_alerts(store, lambda domain: self._router().destination(domain))
@@ -236,6 +247,7 @@ class App:
             scheduler, router.destination,
             (cfg.tracking.dir or tracking_dir(Path(cfg.spool))) if cfg.tracking.enabled
             else None)
+        operations.suppression = suppression
         control = ControlServer(socket_path(cfg.spool), operations, self._reload_reply)
         try:
             await control.start()
@@ -255,6 +267,7 @@ class App:
         accepted = accepted_domains(cfg)
         # The policy agents: built before the first session, their pools opened here.
         self.policy = agents = Agents(cfg, Lookup(cfg.delivery.dns))
+        agents.suppression = suppression
         relays = [RelayPolicy(accepted, rc.relay_networks, rc.relay_authenticated)
                   for rc in cfg.receive]
         chains = [agents.chain(rc, relay) for rc, relay in zip(cfg.receive, relays, strict=True)]
@@ -279,6 +292,12 @@ class App:
         if self.http is not None:
             await self.http.start()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_logs())
+
+    def _reconfigure_bounces(self, config: Config) -> None:
+        """[[bounce_rule]] and [suppression] take effect at a reload."""
+        bounces.configure(config.bounce_rule)
+        if self.suppression is not None:
+            self.suppression.reconfigure(config.suppression)
 
     def _router(self) -> ConfiguredRouter:
         assert self.router is not None

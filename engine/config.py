@@ -69,12 +69,14 @@ from pydantic import (
 
 __all__ = [
     "ALERT_METRICS",
+    "BOUNCE_CATEGORIES",
     "DEFAULT_TOML",
     "FLAGS",
     "IMPLICIT_SMARTHOST",
     "TABLES",
     "AlertConfig",
     "AlertsConfig",
+    "BounceRuleConfig",
     "Config",
     "ConfigError",
     "DeliveryConfig",
@@ -89,6 +91,7 @@ __all__ = [
     "ReceiveConfig",
     "SendConfig",
     "ServerConfig",
+    "SuppressionConfig",
     "TrackingConfig",
     "WebhookConfig",
     "default_hostname",
@@ -1313,6 +1316,92 @@ class ServerConfig:
     allow_root: _Bool = False
 
 
+
+# --- bounce classes and the suppression list
+
+
+#: The categories of a failed or deferred delivery (engine.scheduler.bounces, which owns
+#: the table that gives them; docs/bounces.md): what a [[bounce_rule]] may name and what
+#: [suppression] auto_categories lists.
+BOUNCE_CATEGORIES: Final = ("bad-mailbox", "bad-domain", "inactive", "quota", "too-large",
+                            "content", "policy", "routing", "dns", "tls", "protocol",
+                            "expired", "other")
+_ENHANCED_PREFIX = re.compile(r"[245](?:\.\d{1,3}){0,2}")
+
+
+def _enhanced_prefix(value: object) -> str:
+    """An enhanced status code or its first parts (RFC 3463 §2): "5", "5.7", "5.7.1"."""
+    if not isinstance(value, str) or not (value == "" or _ENHANCED_PREFIX.fullmatch(value)):
+        raise _Invalid('must be an enhanced status code or its start, like "5.1.1", "5.7" '
+                       f'or "4" (RFC 3463) (got {_show(value)})')
+    return value
+
+
+def _reply_code(value: object) -> int:
+    """An SMTP reply code 200-599, or 0 (any)."""
+    if not _is_int(value) or not (cast(int, value) == 0 or 200 <= cast(int, value) <= 599):
+        raise _Invalid(f"must be a reply code from 200 to 599, or 0 for any (got {_show(value)})")
+    return cast(int, value)
+
+
+def _regex(value: object) -> str:
+    """A Python regular expression (matched case-insensitively, anywhere in the text)."""
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a regular expression (got {_show(value)})")
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise _Invalid(f"is not a valid regular expression: {err} (got {_show(value)})"
+                       ) from None
+    return value
+
+
+@dataclass(frozen=True)
+class BounceRuleConfig:
+    """[[bounce_rule]]: an operator's bounce class, tried in order before the shipped table
+    (engine.scheduler.bounces); every condition given must hold."""
+
+    __pydantic_config__ = _TABLE
+
+    #: What a reply that matches is (one of BOUNCE_CATEGORIES).
+    category: Annotated[str, _v(_choice(*BOUNCE_CATEGORIES))]
+    #: The reply code (550); 0 = any.
+    code: Annotated[int, _v(_reply_code)] = 0
+    #: The enhanced status code, or its start ("5.7" matches 5.7.1 and 5.7.26); "" = any.
+    enhanced: Annotated[str, _v(_enhanced_prefix)] = ""
+    #: A regular expression searched in the reply, case-insensitively; "" = any.
+    text: Annotated[str, _v(_regex)] = ""
+
+
+def _check_bounce_rule(r: BounceRuleConfig) -> list[tuple[_Loc, str]]:
+    if not (r.code or r.enhanced or r.text):
+        return [(("category",), "the rule needs at least one of code, enhanced or text "
+                 "(it would match every reply)")]
+    return []
+
+
+def _categories(value: object) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_each(value, "categories", _choice(*BOUNCE_CATEGORIES))))
+
+
+@dataclass(frozen=True)
+class SuppressionConfig:
+    """[suppression]: the suppression list (engine.queue suppressed table,
+    engine.agents.suppress): recipients mail is no longer accepted for."""
+
+    __pydantic_config__ = _TABLE
+
+    #: Refuse suppressed recipients (at RCPT for relaying clients, at injection over
+    #: HTTP) and add the hard failures; off = the list is kept but neither read nor grown.
+    enabled: _Bool = True
+    #: Bounce categories whose failures (FAIL, never DEFER) add the recipient by itself.
+    auto_categories: Annotated[tuple[str, ...], _v(_categories)] = (
+        "bad-mailbox", "bad-domain", "inactive")
+    #: Entries added automatically are dropped after this long (0 = kept until removed);
+    #: the operator's own entries never expire.
+    max_age: _SecondsOrOff = 0.0
+
+
 # --- alerts
 
 
@@ -1932,6 +2021,9 @@ class Config:
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     #: DKIM signing keys, [[dkim_sign]] (engine.agents.dkim); none = nothing is signed.
     dkim_sign: Annotated[tuple[DkimSignConfig, ...], _after(_check_dkim_sign)] = ()
+    #: The operator's bounce classes, [[bounce_rule]], tried before the shipped table.
+    bounce_rule: tuple[Annotated[BounceRuleConfig, _after(_check_bounce_rule)], ...] = ()
+    suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
 
 
 #: Every table of the file and its dataclass ("" is the top level; "delivery.domains" the
@@ -1947,6 +2039,7 @@ TABLES: Final[Mapping[str, type]] = MappingProxyType({
     "agents.clamav": ClamavAgentConfig, "agents.custom": CustomAgentConfig,
     "agents.dnsbl.zones": DnsblZoneConfig,
     "dkim_sign": DkimSignConfig,
+    "bounce_rule": BounceRuleConfig, "suppression": SuppressionConfig,
 })  # fmt: skip
 
 
@@ -2066,7 +2159,7 @@ def _unknown_key(loc: _Loc) -> str:
 
 
 _ARRAYS_OF_TABLES: Final = (("receive",), ("send",), ("local",), ("alert",), ("webhook",),
-                             ("dkim_sign",))
+                             ("dkim_sign",), ("bounce_rule",))
 _NOT_A_TABLE: Final = ("dataclass_type", "dataclass_exact_type", "dict_type", "model_type")
 
 
@@ -2086,7 +2179,7 @@ def _problems(error: ValidationError) -> list[tuple[_Loc, str]]:
         if kind == "unexpected_keyword_argument":
             unknown.append(((), _unknown_key(loc)))
         elif kind in ("missing", "missing_argument"):
-            what = "entry" if loc[0] in ("webhook", "dkim_sign") else "connector"
+            what = "entry" if loc[0] in ("webhook", "dkim_sign", "bounce_rule") else "connector"
             found.append((loc, f"is required in a [[{loc[0]}]] {what}"))
         elif kind in ("list_type", "tuple_type") and loc in _ARRAYS_OF_TABLES:
             table = loc[0]

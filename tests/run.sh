@@ -33,6 +33,9 @@ ls /usr/lib/*/sasl2/libplain.so* >/dev/null 2>&1 || missing+=(libsasl2-modules)
 command -v rspamd >/dev/null 2>&1 || missing+=(rspamd)
 [ -x /usr/sbin/clamd ] || missing+=(clamav-daemon)
 command -v clamscan >/dev/null 2>&1 || missing+=(clamav)
+# Redis for the limits several nodes share (tests/integration/test_cluster_limits.py): the
+# tests run their own redis-server on loopback (engine/testing/redis.py), never the service.
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 # Exim, a second destination MTA: Debian's exim4 packages conflict with postfix (both provide
 # mail-transport-agent), so its binary is unpacked into .cache/exim (dpkg -x: no maintainer
 # scripts, nothing started) instead of installed; engine/testing/exim.py runs it from there.

@@ -4,7 +4,8 @@ signing — and the registry that builds them from the configuration.
 :class:`Agents` is the server's set of agent instances: one per configured name (the
 "verify" agent one per distinct ``[[receive]] verify`` list), shared by every connector
 that lists it, so a rate limit counts a client across connectors.  :meth:`Agents.chain`
-gives a connector its :class:`~engine.agents.chain.Chain`: relay control first, then the
+gives a connector its :class:`~engine.agents.chain.Chain`: relay control first, the
+suppression list's agent when the server keeps one (engine.agents.suppress), then the
 agents of ``[[receive]] agents`` in the order given ("verify" first among them when the
 connector sets ``verify`` without listing it), then the signing agents, which act only at
 the sign stage.  Each agent's ``timeout`` and ``fail`` come from its ``[agents.NAME]``
@@ -29,6 +30,7 @@ from engine.agents.relay import RelayAgent, RelayPolicy
 
 if TYPE_CHECKING:
     from engine.config import Config, HttpConfig, ReceiveConfig
+    from engine.queue.suppression import SuppressionList
 
 __all__ = ["BUILTIN", "SIGNERS", "AgentContext", "Agents"]
 
@@ -89,6 +91,9 @@ class Agents:
         self._signers: list[Agent] | None = None
         #: What every chain's agents did (engine.ops.metrics).
         self.figures = Figures()
+        #: The server's suppression list: its agent follows relay control in each
+        #: receive connector's chain (set before the chains are built; None: no agent).
+        self.suppression: SuppressionList | None = None
 
     @property
     def all(self) -> list[Agent]:
@@ -145,7 +150,12 @@ class Agents:
         names = list(rc.agents)
         if rc.verify and "verify" not in names:
             names.insert(0, "verify")
-        return self._chain([RelayAgent(relay)], names, rc.verify)
+        first: list[Agent] = [RelayAgent(relay)]
+        if self.suppression is not None:
+            from engine.agents.suppress import SuppressAgent
+
+            first.append(SuppressAgent(self.suppression))
+        return self._chain(first, names, rc.verify)
 
     def http_chain(self, http: HttpConfig) -> Chain:
         """The chain of injected mail ([http] agents, then the signers): no relay control

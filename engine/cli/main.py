@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from engine import __version__, _speedups
-from engine.cli import config, dkim, queue, reload, track
+from engine.cli import config, dkim, queue, reload, suppress, track
 from engine.cli.common import add_key_flags, flags_from, load_from_args, spool_from
 from engine.server.auth import PASSWD_DESCRIPTION, add_passwd_arguments
 
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_parser(commands)
     reload.add_parser(commands)
     dkim.add_parser(commands)
+    suppress.add_parser(commands)
     man = commands.add_parser(
         "man", help="print a manual page (roff), or write them all",
         description="Print the manual page of ferry or of one of its commands, in roff "
@@ -157,6 +158,15 @@ def _dispatch(argv: list[str]) -> int:
                   f"asks it anyway):\n{exc}", file=sys.stderr)
             return 2
         return reload.reload_main(args)
+    if args.command == "suppress":
+        from engine.config import ConfigError
+
+        try:
+            args.spool = str(spool_from(args))
+        except ConfigError as exc:
+            print(f"ferry: configuration error: {exc}", file=sys.stderr)
+            return 2
+        return suppress.suppress_main(args)
     if args.command == "config":
         return config.config_main(args)
     if args.command == "man":

@@ -22,6 +22,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from engine.http.api import APP, PRINCIPAL, Problem, Scope, json_body, json_response, requires
+from engine.ops import suppressions
 from engine.ops.operations import (
     FILTERS,
     CorruptRecord,
@@ -35,6 +36,7 @@ from engine.ops.operations import (
     quote,
     tracking_query,
 )
+from engine.queue.suppression import normalize
 
 log = logging.getLogger("ferry.http")
 routes = web.RouteTableDef()
@@ -262,6 +264,71 @@ async def destination(request: web.Request) -> web.Response:
     except OperationError as exc:
         raise _bad(exc) from None
 
+
+# --- the suppression list (engine.ops.suppressions) ---------------------------------------
+
+
+@routes.get("/api/v1/suppressions")
+@requires(Scope.READ)
+async def suppression_list(request: web.Request) -> web.Response:
+    """``ferry suppress list --json``: entries in address order; ``category``, ``after``
+    (paging: the previous answer's ``next``), ``limit`` (1000 unless said)."""
+    ops = _operations(request)
+    try:
+        query = _single(request, ("category", "after", "limit"))
+        return json_response(suppressions.listing(ops, query.get("category", ""),
+                                                  query.get("after", ""),
+                                                  query.get("limit")))
+    except OperationError as exc:
+        raise _bad(exc) from None
+
+
+@routes.get("/api/v1/suppressions/{address}")
+@requires(Scope.READ)
+async def suppression_entry(request: web.Request) -> web.Response:
+    """One entry; 404 when the address is not suppressed."""
+    ops = _operations(request)
+    try:
+        entry = suppressions.suppression_of(ops).entry(
+            normalize(request.match_info["address"]))
+    except (OperationError, ValueError) as exc:
+        raise Problem(400, "Bad request", str(exc)) from None
+    if entry is None:
+        raise Problem(404, "Not found", "the address is not suppressed")
+    return json_response(entry.to_json())
+
+
+@routes.post("/api/v1/suppressions")
+@requires(Scope.ADMIN)
+async def suppression_add(request: web.Request) -> web.Response:
+    """Add (or replace) an entry: ``{"address": ..., "reason": ..., "category": ...}``."""
+    ops = _operations(request)
+    doc = await json_body(request)
+    try:
+        if not isinstance(doc, dict):
+            raise OperationError('the body must be a JSON object: {"address": ...}')
+        extra = sorted(set(doc) - {"address", "reason", "category"})
+        if extra:
+            raise OperationError(f"unknown field {quote(extra[0])}")
+        return json_response(await suppressions.add(ops, doc.get("address"),
+                                                    doc.get("reason"), doc.get("category"),
+                                                    _by(request)))
+    except OperationError as exc:
+        raise _bad(exc) from None
+
+
+@routes.delete("/api/v1/suppressions/{address}")
+@requires(Scope.ADMIN)
+async def suppression_remove(request: web.Request) -> web.Response:
+    """Remove an entry; 404 when the address was not suppressed."""
+    ops = _operations(request)
+    try:
+        doc = await suppressions.remove(ops, request.match_info["address"], _by(request))
+    except (OperationError, ValueError) as exc:
+        raise Problem(400, "Bad request", str(exc)) from None
+    if not doc["removed"]:
+        raise Problem(404, "Not found", "the address is not suppressed", extra=doc)
+    return json_response(doc)
 
 
 @routes.post("/api/v1/reload")

@@ -16,7 +16,9 @@ and queues nothing, across a crash or a restart too.  Back pressure answers 429 
 writer is behind) or 503 (storage), with ``Retry-After``; never a 200 that is not durable.
 
 An untrusted principal (a token without ``trusted = true``) may only send to the accepted
-domains (engine.agents.relay, the SMTP side's rules).  This module must never write the
+domains (engine.agents.relay, the SMTP side's rules).  Recipients on the suppression list
+(engine.queue.suppression) are failed before anything is queued and named in the answer's
+``suppressed``; the others are queued.  This module must never write the
 queue but through ``QueueStore.inject``, nor emit events itself (ingest does).
 """
 
@@ -40,6 +42,9 @@ from engine.agents.api import Effects, Stage, Transaction, refusal
 from engine.agents.api import Session as AgentSession
 from engine.agents.chain import Chain
 from engine.agents.relay import RelayPolicy
+from engine.agents.suppress import CODE as SUPPRESSED_CODE
+from engine.agents.suppress import ENHANCED as SUPPRESSED_ENHANCED
+from engine.agents.suppress import suppressed_text
 from engine.config import HttpConfig, ReceiveConfig
 from engine.http.api import (
     APP,
@@ -448,6 +453,31 @@ async def _pipelined(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpCo
     return queued
 
 
+def _unsuppressed(app: App, rcpts: list[_Rcpt]) -> tuple[list[_Rcpt], dict[str, Any]]:
+    """The recipients not on the suppression list, and the answer's ``suppressed`` member
+    for the others (each failed here, with the reply an SMTP client would get at RCPT:
+    engine.agents.suppress; never queued, so no DSN).  422 when every one is."""
+    suppression = app.suppression
+    if suppression is None or not suppression.settings.enabled or not suppression.entries:
+        return rcpts, {}
+    kept: list[_Rcpt] = []
+    failed: list[dict[str, str]] = []
+    for r in rcpts:
+        entry = suppression.check(r.cmd.mailbox)
+        if entry is None:
+            kept.append(r)
+        else:
+            failed.append({"recipient": r.cmd.mailbox, "field": r.where,
+                           "reply": f"{SUPPRESSED_CODE} {SUPPRESSED_ENHANCED} "
+                                    f"{suppressed_text(entry)}"})
+    if not failed:
+        return rcpts, {}
+    if not kept:
+        raise Problem(422, "Recipients suppressed", "every recipient is on the suppression "
+                      "list", extra={"suppressed": failed})
+    return kept, {"suppressed": failed}
+
+
 def _backpressure(exc: BackPressure | QueueClosed) -> Problem:
     if isinstance(exc, BackPressure) and exc.reason == "queue writer is behind":
         return Problem(429, "Too many requests", exc.reason,
@@ -511,6 +541,7 @@ async def post_messages(request: web.Request) -> web.Response:
                               f"{r.where}: {r.cmd.domain} is not an accepted domain, and "
                               f"{who.name!r} may not relay (http.tokens.NAME.trusted)",
                               extra={"field": r.where})
+    rcpts, suppressed = _unsuppressed(app, rcpts)
     pressure = store.pressure()
     if pressure is not None:
         raise _backpressure(pressure)
@@ -537,7 +568,7 @@ async def post_messages(request: web.Request) -> web.Response:
         queued = await _pipelined(plan, ingest, arrival, http, sender, store, screen)
         ids = [p.envelope.queue_id.hex().upper() for p in queued]
         return json_response({"id": ids[0] if ids else None, "ids": ids,
-                              "recipients": len(rcpts)})
+                              "recipients": len(rcpts), **suppressed})
     if len(plan.groups) >= THREAD_AT or screen is not None:
         # A thread: the agents' end of data waits for the loop, which must stay free.
         built = await asyncio.get_running_loop().run_in_executor(
@@ -545,7 +576,8 @@ async def post_messages(request: web.Request) -> web.Response:
     else:
         built = _build(plan, ingest, arrival, http, sender)
     ids = [p.envelope.queue_id.hex().upper() for p in built.prepared]
-    answer = {"id": ids[0] if ids else None, "ids": ids, "recipients": len(rcpts)}
+    answer = {"id": ids[0] if ids else None, "ids": ids, "recipients": len(rcpts),
+              **suppressed}
     idempotency = None
     if key:
         idempotency = Idempotency(

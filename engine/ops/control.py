@@ -26,6 +26,13 @@ order, on a connection that stays open for more:
     {"command": "retry", "ids": [...]}                  → the same (deferred → due now)
     {"command": "retry", "destination": "example.com"}  → {"ok": true, "destination": ...,
                                                           "recipients": 3}
+    {"command": "suppress", "address": "a@example.com", "reason": "...", "category": "..."}
+        → {"ok": true, "address": "a@example.com", "reason": ..., "category": ...,
+           "added": 1796000000.0, "source": "operator"}   (engine.ops.suppressions)
+    {"command": "unsuppress", "address": "a@example.com"}
+        → {"ok": true, "address": "a@example.com", "removed": true}
+    {"command": "suppressions", "category": "bad-mailbox", "after": "", "limit": 1000}
+        → {"ok": true, "entries": [...], "next": "<address to go on after>", "total": 3}
     {"command": "reload"}     → {"ok": true, "applied": ["send[0].smarthosts", ...],
                                  "restart": [{"key": "receive[0].listen", "why": "..."}]}
                               or {"ok": false, "error": "configuration refused, ...",
@@ -72,6 +79,7 @@ from typing import Any, Final
 
 import orjson
 
+from engine.ops import suppressions
 from engine.ops.operations import (
     MAX_DESTINATION,
     MAX_IDS,
@@ -160,6 +168,8 @@ class Request:
     report: bool = False
     #: who asks (from the socket's peer credentials, never from the request)
     by: str = ""
+    #: the suppression commands' fields (address, reason, category, after, limit), as sent
+    entry: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +178,9 @@ class _Command:
     takes_destination: bool = False
     takes_ids: bool = False
     takes_report: bool = False
+    #: the fields of an entry of the suppression list it takes (all optional here; the
+    #: operation says what is missing)
+    entry_fields: tuple[str, ...] = ()
 
 
 #: The command table (one place, visible to type checkers; no handler discovery).
@@ -185,6 +198,12 @@ COMMANDS: Final[Mapping[str, _Command]] = {
     "retry": _Command("try a destination's deferred mail, or messages, now",
                       takes_destination=True, takes_ids=True),
     "reload": _Command("read the configuration file again and apply it (engine.ops.reload)"),
+    "suppress": _Command("add an address to the suppression list",
+                         entry_fields=("address", "reason", "category")),
+    "unsuppress": _Command("remove an address from the suppression list",
+                           entry_fields=("address",)),
+    "suppressions": _Command("list the suppression list",
+                             entry_fields=("category", "after", "limit")),
 }
 
 
@@ -202,7 +221,7 @@ def parse_request(line: bytes) -> Request:
     spec = COMMANDS.get(command)
     if spec is None:
         raise ControlError(f"unknown command {quote(command)}; one of {_known()}")
-    allowed = {"command"}
+    allowed = {"command", *spec.entry_fields}
     for name, takes in (("destination", spec.takes_destination), ("ids", spec.takes_ids),
                         ("report", spec.takes_report)):
         if takes:
@@ -223,6 +242,8 @@ def parse_request(line: bytes) -> Request:
         wanted = " or ".join(f'"{name}"' for name, takes in (
             ("destination", spec.takes_destination), ("ids", spec.takes_ids)) if takes)
         raise ControlError(f"{command}: {wanted} is required")
+    if spec.entry_fields:
+        return Request(command, entry={k: doc[k] for k in spec.entry_fields if k in doc})
     return Request(command)
 
 
@@ -265,6 +286,9 @@ class ControlServer:
             "remove": self._remove,
             "retry": self._retry,
             "reload": self._reload,
+            "suppress": self._suppress,
+            "unsuppress": self._unsuppress,
+            "suppressions": self._suppressions,
         }
 
     async def start(self) -> None:
@@ -379,6 +403,21 @@ class ControlServer:
             raise ControlError("reload: not offered by this server")
         log.info("%s asked for a reload of the configuration", request.by)
         return await self.reload()
+
+
+    async def _suppress(self, request: Request) -> Reply:
+        e = request.entry
+        return _ok(await suppressions.add(self.operations, e.get("address"), e.get("reason"),
+                                          e.get("category"), request.by))
+
+    async def _unsuppress(self, request: Request) -> Reply:
+        return _ok(await suppressions.remove(self.operations, request.entry.get("address"),
+                                             request.by))
+
+    async def _suppressions(self, request: Request) -> Reply:
+        e = request.entry
+        return _ok(suppressions.listing(self.operations, e.get("category", ""),
+                                        e.get("after", ""), e.get("limit")))
 
 
 def _ok(doc: Mapping[str, Any]) -> Reply:

@@ -48,6 +48,7 @@ from engine.ops.views import (
 )
 from engine.queue.api import QueueStore
 from engine.queue.records import RecordError, id_bytes, id_text
+from engine.queue.suppression import SuppressionList
 from engine.scheduler.scheduler import Scheduler, VerbResult
 from engine.scheduler.snapshot import SchedulerSnapshot
 
@@ -259,6 +260,9 @@ class Operations:
         #: The running webhooks' rows for ``queues`` (engine.ops.webhooks), set by the
         #: composition root; None: the webhook events waiting in the queue, as read.
         self.hooks: Callable[[], list[QueueRow]] | None = None
+        #: The suppression list (engine.queue.suppression; engine.ops.suppressions serves
+        #: it), set by the composition root; None: none kept.
+        self.suppression: SuppressionList | None = None
 
     async def _in_thread(self, work: Callable[[], _T]) -> _T:
         # LMDB readers do not block the writer, and a thread keeps the loop serving.

@@ -468,6 +468,35 @@ class LmdbQueue:
         return counts
 
 
+    # --- the suppression list kept with the queue (engine.queue.suppression) -----------
+
+    def suppress_soon(self, puts: Sequence[tuple[bytes, bytes]],
+                      deletes: Sequence[bytes] = ()) -> asyncio.Future[tuple[bool, ...]]:
+        """Store suppression entries (address, bytes) and delete others in the next group
+        commit; the future is done with the commit, with which deletes found an entry
+        (BackPressure when new entries find no room)."""
+        size = sum(len(k) + len(v) for k, v in puts)
+        return self._submit_soon("suppress", (tuple(puts), tuple(deletes)), size)
+
+    def suppress_sync(self, puts: Sequence[tuple[bytes, bytes]],
+                      deletes: Sequence[bytes] = ()) -> tuple[bool, ...]:
+        """:meth:`suppress_soon` for a tool on a stopped spool: returns after the commit."""
+        size = sum(len(k) + len(v) for k, v in puts)
+        result: tuple[bool, ...] = self._submit_sync("suppress", (tuple(puts), tuple(deletes)),
+                                                     size)
+        return result
+
+    def suppressed(self) -> list[tuple[bytes, bytes]]:
+        """Every suppression entry (address, bytes), in address order (read in one
+        transaction: at start, and by the tools; not on the event loop)."""
+        with self._read() as txn:
+            return list(txn.cursor(self._db["suppressed"]).iternext())
+
+    def suppressed_entry(self, address: bytes) -> bytes | None:
+        (value,) = self._get(address, "suppressed")
+        return value
+
+
 def hook_prefix(name: str) -> bytes:
     """Where the events of webhook ``name`` are in the ``webhooks`` table."""
     return name.encode() + SEP

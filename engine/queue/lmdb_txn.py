@@ -17,6 +17,8 @@ Layout (one LMDB environment, named databases):
                  (``api.Idempotency``), written in the commit of their messages
 - ``webhooks``   webhook name + NUL + event id (12 bytes, time-ordered) → the event as
                  its receiver gets it (opaque bytes here; ``engine.ops.webhooks``)
+- ``suppressed`` address (lower case) → the entry of the suppression list (opaque bytes
+                 here; ``engine.queue.suppression``)
 
 Every index entry is derived from the envelope (:func:`index_keys`), and every write
 replaces the old entries of a message with the new ones in the same transaction, so the
@@ -24,7 +26,7 @@ indexes cannot drift from the records.
 
 :class:`Committer` applies a batch of writes (new messages, outcomes and the DSNs riding on
 them, whole-message changes such as holds and removals, quarantines, settings, webhook
-events queued and sent) in one
+events queued and sent, suppression entries) in one
 write transaction, grows the map before it can fill,
 and refuses the writes that add bytes when it cannot grow or the disk is low (back
 pressure); outcomes alone always commit (they free space).  Both writers run it the same
@@ -69,7 +71,7 @@ DURABILITY_MODES: Final = {
 }
 
 DB_NAMES: Final = (b"bodies", b"envelopes", b"due", b"hops", b"states", b"corrupt", b"meta",
-                   b"idempotency", b"webhooks")
+                   b"idempotency", b"webhooks", b"suppressed")
 SCHEMA: Final = b"1"
 SEP: Final = b"\x00"
 #: Prefix of the settings in ``meta`` (apart from the schema key the store owns).
@@ -270,8 +272,9 @@ class Write(Protocol):
     """One write handed to the committer: ``enqueue`` (envelope, body), ``record``
     (outcomes, new messages), ``change`` (whole-message changes, ``api.Change``),
     ``quarantine`` (id, reason, due key), ``setting`` (name, value), ``inject`` (new
-    messages, ``api.Idempotency`` or None) or ``hooks`` (webhook events:
-    :meth:`Committer._apply_hooks`); ``size`` is the bytes of new messages (or events) it
+    messages, ``api.Idempotency`` or None), ``hooks`` (webhook events:
+    :meth:`Committer._apply_hooks`) or ``suppress`` (suppression entries:
+    :meth:`Committer._apply_suppress`); ``size`` is the bytes of new messages (or events) it
     adds (0: it adds none)."""
 
     @property
@@ -400,6 +403,8 @@ class Committer:
                     results.append((write, self._inject(txn, *args), None))
                 elif kind == "hooks":
                     results.append((write, self._apply_hooks(txn, *args), None))
+                elif kind == "suppress":
+                    results.append((write, self._apply_suppress(txn, *args), None))
                 else:
                     self._quarantine(txn, *args)
                     results.append((write, None, None))
@@ -607,6 +612,15 @@ class Committer:
                 done += 1
             trimmed.append(done)
         return deleted, tuple(trimmed)
+
+    def _apply_suppress(self, txn: Any, puts: tuple[tuple[bytes, bytes], ...],
+                        deletes: tuple[bytes, ...]) -> tuple[bool, ...]:
+        """Suppression entries: store ``puts`` (address, entry), then delete ``deletes``;
+        the result says which of ``deletes`` were there."""
+        db = self._db["suppressed"]
+        for key, value in puts:
+            txn.put(key, value, db=db)
+        return tuple(bool(txn.delete(key, db=db)) for key in deletes)
 
     # --- capacity --------------------------------------------------------------------
 

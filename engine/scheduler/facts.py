@@ -19,6 +19,7 @@ from engine.ops.events import Events, Kind, bare_message_id, iso_time
 from engine.queue.api import Outcome
 from engine.queue.records import Envelope, RcptState, id_text
 from engine.routing.api import Route
+from engine.scheduler.bounces import classify
 
 #: One event waiting for its commit: kind, queue id, Message-ID, fields.
 Fact = tuple[Kind, bytes, str, dict[str, Any]]
@@ -52,6 +53,7 @@ def outcomes(env: Envelope, results: Sequence[RcptResult], recorded: Sequence[Ou
             if o.state is RcptState.FAILED:
                 facts.append((Kind.EXPIRE, qid, mid, {"recipient": rcpt.address,
                                                       "reply": rcpt.last_reply,
+                                                      "category": "expired",
                                                       "delay": delay, "site": site,
                                                       "destination": rcpt.next_hop}))
             continue
@@ -66,10 +68,12 @@ def outcomes(env: Envelope, results: Sequence[RcptResult], recorded: Sequence[Ou
                           connector=route.connector if route is not None else "")
             facts.append((Kind.DELIVER, qid, mid, fields))
         elif o.state is RcptState.DEFERRED:
-            fields.update(attempt=attempt, delay=delay, retry=iso_time(o.due))
+            fields.update(attempt=attempt, delay=delay, retry=iso_time(o.due),
+                          category=classify(o.reply))
             facts.append((Kind.DEFER, qid, mid, fields))
         elif o.state is RcptState.FAILED:
-            fields.update(enhanced=enhanced(o.reply), attempt=attempt, delay=delay)
+            fields.update(enhanced=enhanced(o.reply), attempt=attempt, delay=delay,
+                          category=classify(o.reply))
             facts.append((Kind.FAIL, qid, mid, fields))
     return facts
 
@@ -84,7 +88,7 @@ def deferred(env: Envelope, recorded: Sequence[Outcome], now: float,
         "recipient": env.recipients[o.recipient].address, "host": "", "address": "",
         "reply": o.reply, "site": site, "destination": env.recipients[o.recipient].next_hop,
         "attempt": env.recipients[o.recipient].attempts, "delay": delay,
-        "retry": iso_time(o.due)}) for o in recorded]
+        "retry": iso_time(o.due), "category": classify(o.reply)}) for o in recorded]
 
 
 def dsn(env: Envelope, failures: Sequence[Failure], dsn_id: bytes) -> list[Fact]:

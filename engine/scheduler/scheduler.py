@@ -225,6 +225,9 @@ class Scheduler:
         self._committing: set[asyncio.Future[None]] = set()
         #: the groups being delivered, kept in the spool for the crash rule (None: off)
         self.journal = journal
+        #: told each message's outcomes as they go to the queue (the suppression list's
+        #: auto-add: engine.queue.suppression); must not raise or block
+        self.on_outcomes: Callable[[Envelope, Sequence[Outcome]], None] | None = None
 
     # --- control ---------------------------------------------------------------------
 
@@ -1033,6 +1036,8 @@ class Scheduler:
             self.traffic.left(entry.next_hop, now)
         new_messages = self._dsn(env, failures, now) if failures else []
         told = facts.outcomes(env, results, outcomes, route, now) if self.events.on else []
+        if self.on_outcomes is not None and failures:
+            self.on_outcomes(env, outcomes)
         if new_messages:
             # Alone: a DSN adds bytes and may be refused (back pressure), which must fail
             # this group's record only.

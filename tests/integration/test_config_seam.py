@@ -351,6 +351,17 @@ key_file = "dkim.pem"
 headers = ["From", "To", "Subject"]
 oversign = ["From"]
 subdomains = true
+
+[[bounce_rule]]
+category = "inactive"
+code = 550
+enhanced = "5.1"
+text = "account closed"
+
+[suppression]
+enabled = true
+auto_categories = ["bad-mailbox", "inactive"]
+max_age = "30d"
 """, encoding="utf-8")
     return load_config(path)
 
@@ -366,6 +377,8 @@ def test_every_declared_key_is_read(tmp_path: Path, ca: trustme.CA,
                                     dns_server: DnsResponder, sink: CountingSink) -> None:
     config = every_table(tmp_path, cert_files, dns_server.address, sink.port)
     READS.clear()
+    # A hard bounce: the bounce rules classify it, the suppression list takes it in.
+    sink.state.rcpt_replies["gone@mx.test"] = "550 5.1.1 account closed"
     with RunningFerry(recording(config)) as f:
         with smtplib.SMTP(f.host, f.port) as client:
             client.ehlo("client.test")
@@ -385,6 +398,17 @@ def test_every_declared_key_is_read(tmp_path: Path, ca: trustme.CA,
             poll(lambda: {("receive", k) for k in _CLOCK} <= READS, timeout=10)
             # A line over 1,000 octets: the connector's long-line policy is read.
             assert raw.command(b"x" * 1200 + b"\r\n.").code == 250
+        # The hard bounce suppressed its recipient: the next RCPT for it is refused.
+        with smtplib.SMTP(f.host, f.port) as client:
+            client.login("app", "s3cret")
+            client.sendmail("s@client.test", ["gone@mx.test"], b"Subject: seam\r\n\r\nx\r\n")
+            suppression = f.app.suppression
+            assert suppression is not None
+            wait_for(lambda: "gone@mx.test" in suppression.entries, what="the auto entry")
+            client.mail("s@client.test")
+            assert client.rcpt("gone@mx.test")[0] == 550
+            entry = suppression.entry("gone@mx.test")
+            assert entry is not None and entry.category == "inactive"  # the rule's
         # The Maildir and MX deliveries are done; the LMTP server is not there (deferred);
         # the smarthost sink offers no AUTH (deferred).
         wait_for(lambda: len(sink.state.messages) == 1, what="the MX delivery")

@@ -1,0 +1,378 @@
+"""Per-destination limits shared by the nodes of a cluster through Redis.
+
+Owns the Redis keys (``docs/cluster.md``), the Lua scripts that make each decision in one
+atomic step inside Redis, and the fall-back to this node's own share of every limit while
+Redis cannot be reached:
+
+- **Connection leases.** A destination key (a site, or a source and a site) has a sorted
+  set of leases, each scored with the time it expires.  Taking one removes the expired
+  members and adds this node's only while fewer than the limit remain; a node renews its
+  leases every third of their lifetime, so a node that dies (kill -9, a network split)
+  loses its leases within ``lease_ttl`` and the others may take the whole limit.
+- **Message rates.** GCRA (the generic cell rate algorithm, as the scheduler's local
+  ``Throttle``): one key per destination holds the theoretical arrival time of the next
+  message; a reservation moves it on by 1/rate and says how long to wait.
+- **Suspensions.** One hash of suspended destinations, read by every node.
+
+Every script reads the clock of the Redis server (``TIME``), never the node's: nodes whose
+clocks disagree still agree on who holds what.  While Redis is unreachable (a refused
+connection, a timeout, an error reply) the node says so once in its log, counts it, and
+grants leases and rates from ``share`` of each limit on its own (with two nodes and share
+0.5, a limit of 4 becomes 2 each); a probe brings the shared limits back, re-registering
+the leases the node holds so the count in Redis is true again at once.
+
+It must never decide what to deliver (the scheduler asks it), never block the event loop
+(every call is awaited with a time limit), and never raise a Redis error to its caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from engine.scheduler.policy import Throttle
+
+log = logging.getLogger("ferry.cluster")
+
+__all__ = ["Lease", "Reservation", "SharedFigures", "SharedLimits"]
+
+#: Take a lease: drop the expired ones, renew ours if present, else add ours when fewer
+#: than the limit are held.  KEYS[1] the lease set; ARGV member, limit, ttl (ms).
+_ACQUIRE: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) or
+   redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+  return 1
+end
+return 0
+"""
+
+#: Renew every lease a node holds (and put back any that expired meanwhile: the
+#: connection is open, so the count must say so).  KEYS the lease sets, ARGV[1] the ttl
+#: (ms), ARGV[2..] the members, one per key.
+_RENEW: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
+  redis.call('PEXPIRE', key, 2 * ttl)
+end
+return #KEYS
+"""
+
+#: GCRA: reserve the next send.  KEYS[1] the rate key; ARGV[1] the interval (µs).
+#: Returns {start, now} in µs of the server's clock, as strings (a Lua number returned to
+#: Redis is truncated to an integer reply; these are exact integers anyway).
+_RESERVE: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local start = math.max(now, tat)
+redis.call('SET', KEYS[1], string.format('%d', start + interval), 'PX',
+           math.ceil((start + interval - now) / 1000) + 1000)
+return {string.format('%d', start), string.format('%d', now)}
+"""
+
+#: The Redis errors that make a node fall back to its share (redis-py's ConnectionError
+#: and TimeoutError are RedisError subclasses; a socket error may surface bare).
+_UNREACHABLE: Final = (OSError, asyncio.TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One connection's place in a destination's limit; ``shared`` when Redis granted it
+    (a lease granted from the node's share is registered in Redis when it returns)."""
+
+    key: str
+    member: str
+    shared: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A message-rate slot: ``wait`` seconds from now; ``start`` is the slot's time on
+    the clock that granted it (µs of the Redis server's clock, or of this node's loop
+    clock when the node's share granted it)."""
+
+    wait: float
+    start: int
+
+
+@dataclass(slots=True)
+class SharedFigures:
+    """Counters for metrics and the log."""
+
+    granted: int = 0
+    refused: int = 0
+    #: times Redis became unreachable (shared → own share)
+    fallbacks: int = 0
+    #: calls that failed and were answered from the node's share
+    errors: int = 0
+
+
+@dataclass(slots=True)
+class _Local:
+    """What this node holds of one destination key, in any mode."""
+
+    leases: set[str] = field(default_factory=set)
+    throttle: Throttle | None = None
+    rate: float = 0.0
+
+
+class SharedLimits:
+    """Connection leases and message rates per destination key, shared through the Redis
+    at ``url`` by every node that uses the same ``prefix``; ``node`` names this one (in
+    its lease members, so ``redis-cli`` shows who holds what)."""
+
+    def __init__(self, url: str, node: str, *, prefix: str = "ferry:", lease_ttl: float = 30.0,
+                 timeout: float = 0.5, share: float = 0.5, probe_interval: float = 5.0,
+                 client: Any = None) -> None:
+        self.url = url
+        self.node = node
+        self.prefix = prefix
+        self.lease_ttl = lease_ttl
+        self.timeout = timeout
+        self.share = share
+        self.probe_interval = probe_interval
+        self.figures = SharedFigures()
+        #: True while Redis answers; False while each limit is this node's share.
+        self.shared = False
+        self._client = client
+        self._scripts: dict[str, Any] = {}
+        self._local: dict[str, _Local] = {}
+        self._serial = itertools.count(1)
+        self._task: asyncio.Task[None] | None = None
+        self._lost = asyncio.Event()
+
+    # --- life ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect; an unreachable Redis is not an error (the node starts on its share and
+        the probe keeps trying)."""
+        if self._client is None:
+            import redis.asyncio as aioredis  # only a node with [cluster] needs redis-py
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+
+            # No retries inside redis-py: a failed call falls back at once, and the probe
+            # decides when Redis is back.
+            self._client = aioredis.Redis.from_url(
+                self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
+                retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        for name, text in (("acquire", _ACQUIRE), ("renew", _RENEW), ("reserve", _RESERVE)):
+            self._scripts[name] = self._client.register_script(text)
+        if await self._ping():
+            self.shared = True
+        else:
+            self._fall_back("not reachable at start")
+        self._task = asyncio.get_running_loop().create_task(self._keep())
+
+    async def stop(self) -> None:
+        """Give back every lease this node holds and close the connection."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self.shared:
+            held = [(self._lease_key(k), m) for k, local in self._local.items()
+                    for m in local.leases]
+            if held:
+                await self._call(self._zrem_all(held))
+        self._local.clear()
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _zrem_all(self, held: list[tuple[str, str]]) -> None:
+        assert self._client is not None
+        pipe = self._client.pipeline(transaction=False)
+        for key, member in held:
+            pipe.zrem(key, member)
+        await pipe.execute()
+
+    # --- connection leases ---------------------------------------------------------------
+
+    async def acquire(self, key: str, limit: int) -> Lease | None:
+        """A lease on one of ``limit`` connections to ``key`` for the whole cluster, or
+        None when all are taken (by any node)."""
+        local = self._local.setdefault(key, _Local())
+        member = f"{self.node}:{next(self._serial)}"
+        if self.shared:
+            granted = await self._call(self._scripts["acquire"](
+                keys=[self._lease_key(key)], args=[member, limit, self._ttl_ms()]))
+            if granted is not None:
+                return self._grant(local, key, member, bool(granted), shared=True)
+        # This node's share: never less than one, or a node alone would deliver nothing.
+        mine = max(1, math.floor(limit * self.share))
+        return self._grant(local, key, member, len(local.leases) < mine, shared=False)
+
+    def _grant(self, local: _Local, key: str, member: str, ok: bool,
+               shared: bool) -> Lease | None:
+        if not ok:
+            self.figures.refused += 1
+            return None
+        self.figures.granted += 1
+        local.leases.add(member)
+        return Lease(key, member, shared)
+
+    async def release(self, lease: Lease) -> None:
+        local = self._local.get(lease.key)
+        if local is not None:
+            local.leases.discard(lease.member)
+            if not local.leases and local.throttle is None:
+                del self._local[lease.key]
+        if self.shared:
+            assert self._client is not None
+            await self._call(self._client.zrem(self._lease_key(lease.key), lease.member))
+
+    def held(self, key: str) -> int:
+        """Leases this node holds on ``key``."""
+        local = self._local.get(key)
+        return len(local.leases) if local is not None else 0
+
+    # --- message rates -------------------------------------------------------------------
+
+    async def reserve(self, key: str, rate: float) -> Reservation:
+        """The next of ``rate`` messages a second to ``key`` for the whole cluster: how long
+        to wait before sending it.  A rate of 0 is no limit."""
+        if rate <= 0:
+            return Reservation(0.0, 0)
+        if self.shared:
+            interval = max(1, round(1_000_000 / rate))
+            got = await self._call(self._scripts["reserve"](keys=[self._rate_key(key)],
+                                                             args=[interval]))
+            if got is not None:
+                start, server_now = int(got[0]), int(got[1])
+                return Reservation((start - server_now) / 1_000_000, start)
+        local = self._local.setdefault(key, _Local())
+        mine = rate * self.share
+        if local.throttle is None or local.rate != mine:
+            local.throttle, local.rate = Throttle(mine), mine
+        now = asyncio.get_running_loop().time()
+        wait = local.throttle.wait(now)
+        return Reservation(wait, round((now + wait) * 1_000_000))
+
+    # --- suspensions ---------------------------------------------------------------------
+
+    async def suspend(self, destination: str, by: str) -> None:
+        if self.shared:
+            assert self._client is not None
+            await self._call(self._client.hset(self._suspended_key(), destination, by))
+
+    async def resume(self, destination: str) -> None:
+        if self.shared:
+            assert self._client is not None
+            await self._call(self._client.hdel(self._suspended_key(), destination))
+
+    async def suspended(self) -> dict[str, str] | None:
+        """Every suspended destination and who suspended it; None when Redis cannot say."""
+        if not self.shared:
+            return None
+        assert self._client is not None
+        got = await self._call(self._client.hgetall(self._suspended_key()))
+        if got is None:
+            return None
+        return {_text(k): _text(v) for k, v in got.items()}
+
+    # --- the connection to Redis ---------------------------------------------------------
+
+    def _lease_key(self, key: str) -> str:
+        return f"{self.prefix}lease:{key}"
+
+    def _rate_key(self, key: str) -> str:
+        return f"{self.prefix}rate:{key}"
+
+    def _suspended_key(self) -> str:
+        return f"{self.prefix}suspended"
+
+    def _ttl_ms(self) -> int:
+        return max(1, round(self.lease_ttl * 1000))
+
+    async def _call(self, awaitable: Any) -> Any:
+        """The call's answer, or None after falling back when Redis did not give one."""
+        try:
+            return await asyncio.wait_for(awaitable, self.timeout)
+        except _UNREACHABLE as exc:
+            self._failed(exc)
+        except Exception as exc:
+            from redis.exceptions import RedisError
+
+            if not isinstance(exc, RedisError):
+                raise
+            self._failed(exc)
+        return None
+
+    def _failed(self, exc: BaseException) -> None:
+        self.figures.errors += 1
+        if self.shared:
+            self._fall_back(f"{type(exc).__name__}: {exc}".rstrip(": "))
+
+    def _fall_back(self, why: str) -> None:
+        self.shared = False
+        self.figures.fallbacks += 1
+        self._lost.set()
+        log.warning("cluster: Redis at %s unreachable (%s): every limit is this node's "
+                    "share (%g) until it answers again", _safe_url(self.url), why, self.share)
+
+    async def _ping(self) -> bool:
+        assert self._client is not None
+        try:
+            return bool(await asyncio.wait_for(self._client.ping(), self.timeout))
+        except Exception as exc:
+            from redis.exceptions import RedisError
+
+            if isinstance(exc, (RedisError, *_UNREACHABLE)):
+                return False
+            raise
+
+    async def _keep(self) -> None:
+        """Renew the leases while Redis answers; probe it while it does not."""
+        while True:
+            if self.shared:
+                self._lost.clear()
+                try:
+                    await asyncio.wait_for(self._lost.wait(), self.lease_ttl / 3)
+                except TimeoutError:
+                    await self._renew()
+            else:
+                await asyncio.sleep(self.probe_interval)
+                if await self._ping() and await self._renew():
+                    self.shared = True
+                    log.info("cluster: Redis at %s answers again: limits are shared",
+                             _safe_url(self.url))
+
+    async def _renew(self) -> bool:
+        """Renew (or register again) every lease held; False when Redis did not answer.
+        Leases given back while Redis was away are not in it any more for this node:
+        they expire there within ``lease_ttl``."""
+        held = [(self._lease_key(k), m) for k, local in self._local.items()
+                for m in local.leases]
+        if not held:
+            return True
+        got = await self._call(self._scripts["renew"](
+            keys=[k for k, _ in held], args=[self._ttl_ms(), *(m for _, m in held)]))
+        return got is not None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _safe_url(url: str) -> str:
+    """The URL without a password (redis://user:secret@host → redis://user:***@host)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
