@@ -672,3 +672,68 @@ implicit_tls = true
     text = str(err.value)
     assert 'delivery.tls_policy: "a.test": must be one of' in text and '"strict"' in text
     assert "send[0].implicit_tls: applies to smarthosts only" in text
+
+
+# --- the whole server, from its configuration file ------------------------------------------
+
+
+def test_a_running_ferry_honours_mta_sts_and_levels_from_its_file(lab: Lab,
+                                                                  tmp_path: Path) -> None:
+    """Keys from the file reach the delivery: MTA-STS (ca_file for the lab's CA, the
+    policy port), a per-domain level; DELIVER records say how TLS was verified."""
+    import smtplib
+    import threading
+
+    from engine.testing.server import RunningFerry
+    from engine.testing.wait import wait_for
+
+    port, handler = lab.smtp(lab.context("mx1.sts.test")[0])
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    host = PolicyHost(lab.context("mta-sts.sts.test")[0])
+    asyncio.run_coroutine_threadsafe(host.start(), loop).result(30)
+    dns = DnsResponder(STS_ZONE.format(id="1") + """
+sts.test. IN MX 10 mx1.sts.test.
+plain.test. IN MX 10 mx1.sts.test.
+mx1.sts.test. IN A 127.0.0.1
+""")
+    dns_host, dns_port = dns.start()
+    recorder = Recorder()
+    path = tmp_path / "ferry.toml"
+    path.write_text(f"""
+hostname = "ferry.test"
+spool = "spool"
+[queue]
+min_free_disk = 0
+[delivery]
+dns = "{dns_host}:{dns_port}"
+mx_port = {port}
+ca_file = "{lab.ca_file}"
+mta_sts_port = {host.port}
+[delivery.tls_policy]
+"plain.test" = "none"
+[[receive]]
+listen = ["127.0.0.1:0"]
+relay_networks = ["127.0.0.0/8"]
+""")
+    try:
+        with RunningFerry(load_config(path), [recorder]) as ferry:
+            with smtplib.SMTP(ferry.host, ferry.port, timeout=30) as client:
+                client.sendmail("a@client.test", ["u@sts.test"], BODY)
+                client.sendmail("a@client.test", ["p@plain.test"], BODY)
+            delivered = wait_for(lambda: (lambda d: d if len(d) == 2 else None)(
+                {e["recipient"]: e for e in recorder.of("DELIVER")}), 30, "two DELIVERs")
+    finally:
+        dns.stop()
+        asyncio.run_coroutine_threadsafe(host.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+    assert delivered["u@sts.test"]["tls_verified"] == "mta-sts"
+    assert delivered["u@sts.test"]["tls"].startswith("TLS")
+    plain = delivered["p@plain.test"]
+    assert plain["tls"] == "" and plain["tls_verified"] == ""
+    assert sorted((m[0][0], m[1]) for m in handler.messages) == [("p@plain.test", False),
+                                                                 ("u@sts.test", True)]
+    assert host.fetched == 1
