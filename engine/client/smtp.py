@@ -821,6 +821,7 @@ class SmtpAgent:
                                   + (f" (required by {need.why})" if need.why else ""))
                 if log is not None:
                     log.event(f"TLS handshake failed: {exc}")
+                self._tls_failed(None, route, reason, host, decision.level)
                 if policy is not None:
                     policy.failed(host)
                 continue
@@ -906,15 +907,21 @@ class SmtpAgent:
         if route.auth is not None:
             await self._auth(s, ext, route.auth, route.plaintext_auth)
 
-    def _tls_failed(self, s: _Session, route: Route, reason: str) -> None:
+    def _tls_failed(self, s: _Session | None, route: Route, reason: str,
+                    host: Host | None = None, level: str = "") -> None:
         """Report a connection that could not have the TLS its route asks for (a failed
         handshake, no STARTTLS where TLS is required): a fact of a connection, not of a
-        message, so it is told when it happens (docs/tracking.md, TLS_FAIL)."""
+        message, so it is told when it happens (docs/tracking.md, TLS_FAIL).  ``s`` is
+        None for an implicit TLS connection whose handshake failed (``host`` and
+        ``level`` say where and what)."""
         events = self.events
         if events is not None and events.on:
+            if s is not None:
+                host, level = s.host, s.key[2].level
+            assert host is not None
             events.emit(Kind.TLS_FAIL, b"", "", destination=route.destination,
-                        site=route.site, host=s.host.name, address=_address(s.host),
-                        tls=route.tls, level=s.key[2].level, reason=reason)
+                        site=route.site, host=host.name, address=_address(host),
+                        tls=route.tls, level=level, reason=reason)
 
     async def _check_peer(self, s: _Session, route: Route, need: HostTls) -> str:
         """How the certificate of a fresh TLS connection was verified: "ca" or "mta-sts"

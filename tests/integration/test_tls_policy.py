@@ -610,19 +610,27 @@ def test_implicit_tls_to_a_smarthost(lab: Lab) -> None:
 
 
 async def go_wrong_name(lab: Lab, handler: Handler) -> RcptResult:
-    """The same server presenting a certificate for another name: refused at connect."""
+    """The same server presenting a certificate for another name: refused at connect,
+    and a TLS_FAIL record says so."""
     context, _ = lab.context("other.test")
     server = await asyncio.get_running_loop().create_server(
         lambda: SMTP(handler, hostname="relay.test"), "127.0.0.1", 0, ssl=context)
     port = server.sockets[0].getsockname()[1]
+    recorder = Recorder()
+    events = Events([recorder])
     agent = SmtpAgent("client.test", timeout_scale=0.01, ca_file=str(lab.ca_file),
-                      tls_policy=TlsPolicy())
+                      tls_policy=TlsPolicy(), events=events)
     try:
-        return await deliver(agent, route("sts.test", ("relay.test", port), tls="verify",
-                                          site="smarthost:relay.test:465", implicit_tls=True))
+        result = await deliver(agent, route("sts.test", ("relay.test", port), tls="verify",
+                                            site="smarthost:relay.test:465",
+                                            implicit_tls=True))
     finally:
         await agent.close()
         server.close()
+    events.flush()
+    (failed,) = recorder.of("TLS_FAIL")
+    assert failed["level"] == "verify" and failed["reason"] == result.reply
+    return result
 
 
 def test_deliver_record_carries_tls_verified() -> None:
