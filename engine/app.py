@@ -78,6 +78,7 @@ from engine.server.ingest import Ingest
 from engine.server.service import Connector, address_of, bind_listeners, receive_tls
 from engine.tlspolicy.policy import TlsPolicy
 from engine.tlspolicy.sts import STS_FILE, StsCache
+from engine.tlspolicy.tlsrpt import TlsReports
 
 if TYPE_CHECKING:
     from engine.http.server import HttpServer
@@ -494,7 +495,16 @@ class App:
                            port=d.mta_sts_port, path=Path(cfg.spool) / STS_FILE)
         # The MTA-STS record of a new domain is looked up beside its MX records.
         resolver.prefetch = sts.prefetch if sts is not None else None
-        return TlsPolicy(overrides=d.tls_policy, sts=sts, resolver=resolver,
+        reports = old.reports if old is not None else None
+        contact = d.tls_rpt_contact or f"postmaster@{cfg.hostname}"
+        report_settings = (resolver, cfg.hostname, contact, d.tls_rpt_interval, ca_file)
+        if not d.tls_rpt:
+            reports = None
+        elif reports is None or reports.settings != report_settings:
+            # (a reload that changes these starts a new period: the counts so far are lost)
+            reports = TlsReports(resolver, organization=cfg.hostname, contact=contact,
+                                 interval=d.tls_rpt_interval, ca_file=ca_file)
+        return TlsPolicy(overrides=d.tls_policy, sts=sts, resolver=resolver, reports=reports,
                          failure_memory=d.tls_failure_memory)
 
     def _open_send_logs(self) -> tuple[dict[str, ProtocolLog], dict[str, ProtocolLog]]:

@@ -883,6 +883,12 @@ class DomainLimits:
     max_rate: _RateOrOff | None = None
 
 
+def _tls_rpt_contact(value: object) -> str:
+    if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+        raise _Invalid(f"must be a string on one line (got {_show(value)})")
+    return value
+
+
 def _tls_policy(value: object) -> Mapping[str, str]:
     if not isinstance(value, dict):
         raise _Invalid(f"must be a table of domain = level (got {_show(value)})")
@@ -975,6 +981,12 @@ class DeliveryConfig:
     #: A failed TLS handshake with a host is remembered this long: where the level allows
     #: clear text it is not tried again meanwhile (Postfix's TLS failure cache); 0 = off.
     tls_failure_memory: _SecondsOrOff = 600.0
+    #: Send TLS-RPT (RFC 8460) aggregate reports to the domains whose MTA-STS or DANE
+    #: policy applied, every ``tls_rpt_interval`` (RFC 8460 §4.1 suggests a day).
+    tls_rpt: _Bool = False
+    tls_rpt_interval: _Seconds = 86400.0
+    #: The report's "contact-info" (RFC 8460 §4.4); "" = postmaster@<hostname>.
+    tls_rpt_contact: Annotated[str, _v(_tls_rpt_contact)] = ""
 
 
 def _check_delivery(d: DeliveryConfig) -> list[tuple[_Loc, str]]:

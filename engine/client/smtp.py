@@ -82,6 +82,7 @@ from engine.tlspolicy.policy import (
     TlsPolicy,
     TlsRefusal,
     host_tls,
+    report_policy,
     static_decision,
 )
 
@@ -344,6 +345,8 @@ class _Session:
         #: The TLS mode and implicit TLS of the routes it serves (for follow-ons' checks).
         self.route_tls = "off"
         self.implicit = False
+        #: A TLS-RPT failure was counted for this connection (not a success, then).
+        self.rpt_failed = False
         #: The newest follow-on transaction in flight, until its caller collects it.
         self.follow_on: _Exchange | None = None
         #: Taken from the pool and not yet answered in this delivery (see _Failure.stale).
@@ -599,9 +602,14 @@ class SmtpAgent:
             self._anchors = []
         if tls_policy is not None:
             old, self.tls_policy = self.tls_policy, tls_policy
-            if old is not None and old.sts is not None and old.sts is not tls_policy.sts:
-                # Its fetches and HTTP client end in the background (awaited at close).
-                task = asyncio.get_running_loop().create_task(old.sts.close())
+            replaced = [] if old is None else [
+                part for part, new in ((old.sts, tls_policy.sts),
+                                       (old.reports, tls_policy.reports))
+                if part is not None and part is not new]
+            for part in replaced:
+                # Its fetches, timers and HTTP client end in the background (awaited at
+                # close).
+                task = asyncio.get_running_loop().create_task(part.close())
                 self._quitting.add(task)
                 task.add_done_callback(self._quitting.discard)
         if max_messages_per_connection is not None:
@@ -795,11 +803,14 @@ class SmtpAgent:
                 reason = refusal.text
                 if log is not None:
                     log.event(f"not connecting: {reason}")
+                self._count(route, decision, HostTls(), host, reason)
                 continue
-            if need.report is not None and not need.report.allows(host.name):
-                self._report(route, host, decision.level,
-                             f"{host.name} is not listed by the MTA-STS policy of "
-                             f"{need.report.domain} (testing mode: delivered)")
+            unlisted = need.report is not None and not need.report.allows(host.name)
+            if need.report is not None and unlisted:
+                text = (f"{host.name} is not listed by the MTA-STS policy of "
+                        f"{need.report.domain} (testing mode: delivered)")
+                self._report(route, host, decision.level, text)
+                self._count(route, decision, need, host, text)
             implicit: ssl.SSLContext | None = None
             if decision.implicit and not host.address.startswith("/"):
                 implicit = self._context("verify" if need.verify in ("ca", "mta-sts")
@@ -822,6 +833,7 @@ class SmtpAgent:
                 if log is not None:
                     log.event(f"TLS handshake failed: {exc}")
                 self._tls_failed(None, route, reason, host, decision.level)
+                self._count(route, decision, need, host, reason)
                 if policy is not None:
                     policy.failed(host)
                 continue
@@ -861,6 +873,8 @@ class SmtpAgent:
                 self._retire(session)
                 raise
             session.peer = _peer(session)
+            if not session.rpt_failed and not unlisted:
+                self._count(route, decision, need, host, None)
             return session, ""
         return None, cap_text(reason)
 
@@ -886,6 +900,7 @@ class SmtpAgent:
                         if need.why:
                             failure.text = cap_text(f"{failure.text} (required by {need.why})")
                         self._tls_failed(s, route, failure.text)
+                        self._count(route, s.key[2], need, s.host, failure.text)
                         if self.tls_policy is not None:
                             self.tls_policy.failed(s.host)
                         raise
@@ -899,11 +914,14 @@ class SmtpAgent:
                 missing = _Failure(f"451 4.7.10 {s.remote} does not offer STARTTLS "
                                    f"(TLS required by {need.why})")
                 self._tls_failed(s, route, missing.text)
+                self._count(route, s.key[2], need, s.host, missing.text)
                 raise missing
             elif need.report is not None:
-                self._report(route, s.host, s.key[2].level,
-                             f"{s.remote} does not offer STARTTLS "
-                             "(MTA-STS testing mode: delivered in clear)")
+                text = (f"{s.remote} does not offer STARTTLS "
+                        "(MTA-STS testing mode: delivered in clear)")
+                self._report(route, s.host, s.key[2].level, text)
+                self._count(route, s.key[2], need, s.host, text)
+                s.rpt_failed = True
         if route.auth is not None:
             await self._auth(s, ext, route.auth, route.plaintext_auth)
 
@@ -944,8 +962,10 @@ class SmtpAgent:
                     None, load_anchors, self._ca_file)
             why = verify_chain(_chain(s.transport), s.host.name, anchors)
             if why:
-                self._report(route, s.host, s.key[2].level,
-                             f"{why} (MTA-STS testing mode: delivered)")
+                text = f"{why} (MTA-STS testing mode: delivered)"
+                self._report(route, s.host, s.key[2].level, text)
+                self._count(route, s.key[2], need, s.host, text)
+                s.rpt_failed = True
         return ""
 
     def _report(self, route: Route, host: Host, level: str, reason: str) -> None:
@@ -956,6 +976,23 @@ class SmtpAgent:
             events.emit(Kind.TLS_FAIL, b"", "", destination=route.destination,
                         site=route.site, host=host.name, address=_address(host),
                         tls="mta-sts-testing", level=level, reason=cap_text(reason))
+
+    def _count(self, route: Route, decision: Decision, need: HostTls, host: Host,
+               failure: str | None) -> None:
+        """A session for TLS-RPT (RFC 8460): a success (``failure`` None) or a failure with
+        its reason, under the policy it was made under; nothing without reports or when
+        no policy applied."""
+        policy = self.tls_policy
+        reports = policy.reports if policy is not None else None
+        if reports is None:
+            return
+        named = report_policy(route.destination, decision, need)
+        if named is None:
+            return
+        if failure is None:
+            reports.success(named)
+        else:
+            reports.failure(named, failure, host.name, host.address)
 
     def _sni(self, host: Host, need: HostTls) -> str | None:
         name = host.name.rstrip(".")

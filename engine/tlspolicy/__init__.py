@@ -5,7 +5,8 @@ the older [[send]] ``tls`` names), MTA-STS (``sts``: RFC 8461 TXT record, the HT
 policy fetch, its strict parser, a cache kept for ``max_age`` in the spool), DANE
 (``dane``: RFC 7672 TLSA matching, DANE-EE and DANE-TA) and the decision that combines
 them (``policy``: a :class:`~engine.tlspolicy.policy.Decision` per destination, cached, and
-a :class:`~engine.tlspolicy.policy.HostTls` per host tried).  The SMTP client
+a :class:`~engine.tlspolicy.policy.HostTls` per host tried) and TLS-RPT (``tlsrpt``: RFC
+8460 aggregate reports of the sessions made under a policy).  The SMTP client
 (engine.client.smtp) applies what this package decides; the DNS lookups are
 engine.routing.mx's.
 

@@ -38,6 +38,7 @@ from engine.routing.mx import MxResolver, Tlsa
 from engine.tlspolicy.dane import usable
 from engine.tlspolicy.levels import Level, level_of
 from engine.tlspolicy.sts import StsCache, StsPolicy
+from engine.tlspolicy.tlsrpt import ReportPolicy, TlsReports
 
 __all__ = ["Decision", "HostTls", "TlsPolicy", "TlsRefusal", "static_decision"]
 
@@ -107,12 +108,14 @@ class TlsPolicy:
 
     def __init__(self, *, overrides: Mapping[str, str] | None = None,
                  sts: StsCache | None = None, resolver: MxResolver | None = None,
-                 failure_memory: float = 0.0) -> None:
+                 failure_memory: float = 0.0, reports: TlsReports | None = None) -> None:
         self.overrides = {d: level_of(v) for d, v in (overrides or {}).items()}
         self.sts = sts
         #: The resolver whose AD bits DANE trusts (None or not validating: no DANE).
         self.resolver = resolver if resolver is not None and resolver.validating else None
         self.failure_memory = failure_memory
+        #: TLS-RPT counts (engine.tlspolicy.tlsrpt); None: no reports.
+        self.reports = reports
         #: (destination, route TLS, implicit) → (decision, until when, monotonic).
         self._decisions: dict[tuple[str, str, bool], tuple[Decision, float]] = {}
         #: "address:port" → until when a failed handshake is remembered (monotonic).
@@ -189,6 +192,8 @@ class TlsPolicy:
     async def close(self) -> None:
         if self.sts is not None:
             await self.sts.close()
+        if self.reports is not None:
+            await self.reports.close()
 
 
 async def host_tls(policy: TlsPolicy | None, decision: Decision, host: Host) -> HostTls:
@@ -225,3 +230,17 @@ async def host_tls(policy: TlsPolicy | None, decision: Decision, host: Host) -> 
         if sts is not None:  # testing: deliver, report what enforce would have refused
             return HostTls(report=sts)
     return plain
+
+
+def report_policy(destination: str, decision: Decision, need: HostTls) -> ReportPolicy | None:
+    """The policy a TLS-RPT report names for a session (RFC 8460 §4.4), None when the
+    session was under none (such sessions are not counted)."""
+    if need.tlsa:
+        return ReportPolicy("tlsa", destination,
+                            tuple(f"{u} {s} {m} {d.hex()}" for u, s, m, d in need.tlsa))
+    sts = decision.sts
+    if sts is None:
+        return None
+    return ReportPolicy("sts", destination,
+                        ("version: STSv1", f"mode: {sts.mode}",
+                         *(f"mx: {m}" for m in sts.mx), f"max_age: {sts.max_age}"), sts.mx)

@@ -243,6 +243,9 @@ mta_sts_max_policy_size = "16KiB"
 mta_sts_port = 8443
 dnssec_validating = false
 tls_failure_memory = 60
+tls_rpt = true
+tls_rpt_interval = 3600
+tls_rpt_contact = "tlsrpt@seam.test"
 
 [delivery.tls_policy]
 "mx.test" = "may"

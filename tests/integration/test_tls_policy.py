@@ -40,6 +40,7 @@ from engine.testing.events import Recorder
 from engine.testing.wait import until
 from engine.tlspolicy.policy import TlsPolicy
 from engine.tlspolicy.sts import StsCache, StsError, parse_policy, parse_txt
+from engine.tlspolicy.tlsrpt import TlsReports, parse_rua
 
 BODY = b"Subject: t\r\n\r\nhello\r\n"
 DELIVERED, DEFERRED = RcptState.DELIVERED, RcptState.DEFERRED
@@ -85,12 +86,12 @@ class Lab:
         self.ca.cert_pem.write_to_path(str(self.ca_file))
         self.servers: list[Controller] = []
 
-    def context(self, name: str, *, ca: trustme.CA | None = None,
+    def context(self, name: str, *more: str, ca: trustme.CA | None = None,
                 with_root: bool = False) -> tuple[ssl.SSLContext, bytes]:
         """A server context for ``name`` and the DER of its leaf certificate; ``with_root``
         sends the root CA in the chain (DANE-TA needs it, RFC 7672 §3.1.2)."""
         ca = ca or self.ca
-        leaf = ca.issue_cert(name)
+        leaf = ca.issue_cert(name, *more)
         pem = leaf.private_key_and_cert_chain_pem.bytes()
         if with_root:
             pem += ca.cert_pem.bytes()
@@ -154,6 +155,8 @@ class PolicyHost:
         self.text = POLICY.format(mode="enforce")
         self.content_type = "text/plain"
         self.fetched = 0
+        #: TLS-RPT reports POSTed to /tlsrpt: (content type, body).
+        self.posted: list[tuple[str, bytes]] = []
         self.runner: web.AppRunner | None = None
         self.port = 0
 
@@ -162,9 +165,14 @@ class PolicyHost:
         assert request.host.startswith("mta-sts.sts.test")
         return web.Response(text=self.text, content_type=self.content_type)
 
+    async def _report(self, request: web.Request) -> web.Response:
+        self.posted.append((request.content_type, await request.read()))
+        return web.Response(status=201)
+
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/.well-known/mta-sts.txt", self._policy)
+        app.router.add_post("/tlsrpt", self._report)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.context)
@@ -209,7 +217,7 @@ def sts_lab(lab: Lab, tmp_path: Path) -> Callable[[], Any]:
     async def start() -> AsyncIterator[StsLab]:
         dns = DnsResponder(STS_ZONE.format(id="1"))
         await dns.start_async()
-        context, _ = lab.context("mta-sts.sts.test")
+        context, _ = lab.context("mta-sts.sts.test", "127.0.0.1")
         host = PolicyHost(context)
         await host.start()
         sl = StsLab(lab, dns, host, tmp_path)
@@ -368,6 +376,56 @@ def test_the_sts_record_is_looked_up_beside_the_mx_records(lab: Lab,
 
     txt, fetched, has_policy = run(go())
     assert (txt, fetched, has_policy) == (1, 1, True)
+
+
+def test_tls_rpt_reports_the_sessions_under_a_policy(lab: Lab,
+                                                     sts_lab: Callable[[], Any]) -> None:
+    """RFC 8460: per policy, the successful and failed sessions with the failures'
+    result types, gzip JSON POSTed to the domain's https rua."""
+    import gzip
+    import json
+
+    good, _ = lab.smtp(lab.context("mx1.sts.test")[0])
+    stranger, _ = lab.smtp(lab.context("mx2.good.sts.test", ca=lab.stranger)[0])
+
+    async def go() -> tuple[int, list[tuple[str, bytes]]]:
+        async with sts_lab() as sl:
+            sl.dns.set_zone(STS_ZONE.format(id="1") + f"""
+_smtp._tls.sts.test. IN TXT "v=TLSRPTv1; rua=mailto:tlsrpt@sts.test,https://127.0.0.1:{sl.host.port}/tlsrpt"
+""")
+            reports = TlsReports(sl.mx, organization="ferry.test", contact="pm@ferry.test",
+                                 interval=3600, ca_file=str(lab.ca_file))
+            sl.policy.reports = reports
+            await deliver(sl.agent, route("sts.test", ("mx1.sts.test", good)))
+            await deliver(sl.agent, route("sts.test", ("mx2.good.sts.test", stranger)))
+            await deliver(sl.agent, route("sts.test", ("mx.evil.test", good)))
+            return await reports.send_now(), sl.host.posted
+
+    sent, posted = run(go())
+    assert sent == 1 and len(posted) == 1
+    content_type, body = posted[0]
+    assert content_type == "application/tlsrpt+gzip"
+    report = json.loads(gzip.decompress(body))
+    assert report["organization-name"] == "ferry.test"
+    assert report["contact-info"] == "pm@ferry.test"
+    (entry,) = report["policies"]
+    assert entry["policy"]["policy-type"] == "sts"
+    assert entry["policy"]["policy-domain"] == "sts.test"
+    assert "mode: enforce" in entry["policy"]["policy-string"]
+    assert entry["policy"]["mx-host"] == ["mx1.sts.test", "*.good.sts.test"]
+    assert entry["summary"] == {"total-successful-session-count": 1,
+                                "total-failure-session-count": 2}
+    kinds = {(d["result-type"], d["receiving-mx-hostname"], d["failed-session-count"])
+             for d in entry["failure-details"]}
+    assert kinds == {("certificate-not-trusted", "mx2.good.sts.test", 1),
+                     ("validation-failure", "mx.evil.test", 1)}
+
+
+def test_tls_rpt_record_parsing() -> None:
+    assert parse_rua(["v=TLSRPTv1; rua=mailto:a@b.test, https://r.test/x"]) == (
+        "mailto:a@b.test", "https://r.test/x")
+    assert parse_rua(["v=TLSRPTv1;rua=https://a", "v=TLSRPTv1;rua=https://b"]) == ()
+    assert parse_rua(["v=spf1 -all"]) == ()
 
 
 def test_kept_policy_survives_a_restart_and_txt_removal(lab: Lab, tmp_path: Path) -> None:
