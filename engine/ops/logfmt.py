@@ -113,8 +113,54 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
                                                     "args": (len(lines),)}))
 
 
+    def write_texts(self, record: logging.LogRecord, texts: list[str]) -> None:
+        """Write one line per text, each as ``record`` with that text as its message
+        would be formatted, in one write (or into the open batch).  Only for the text
+        format (:func:`text_handlers`): its message is the end of the line, so the rest
+        of the line is formatted once for all of them."""
+        try:
+            prefix = self.format(record)
+            lines = [prefix + text for text in texts]
+        except Exception:
+            self.handleError(record)
+            return
+        if self._lines is not None:
+            self._lines += lines
+            return
+        with self.lock:  # type: ignore[union-attr]  # Handler.createLock() made it
+            try:
+                self.stream.write("\n".join(lines) + "\n")
+                self.flush()
+            except Exception:
+                self.handleError(record)
+
+
 #: The handlers :func:`install` made: the ones :func:`use` sets the format of.
 _installed: list[BatchingHandler] = []
+
+
+def text_handlers(logger: logging.Logger) -> list[BatchingHandler] | None:
+    """The handlers an INFO record of ``logger`` reaches, when every one of them is an
+    installed handler writing the text format and nothing on the way filters records:
+    a caller may then format a burst of lines once (:meth:`BatchingHandler.write_texts`)
+    instead of making and handling a record per line.  ``None`` otherwise (another
+    handler, as in tests, a filter, or the JSON format, which carries each record's
+    fields): log records as usual."""
+    found: list[BatchingHandler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters or current.disabled:
+            return None
+        for handler in current.handlers:
+            if (not isinstance(handler, BatchingHandler) or handler not in _installed
+                    or handler.filters or handler.level > logging.INFO
+                    or type(handler.formatter) is not TextFormatter):
+                return None
+            found.append(handler)
+        if not current.propagate:
+            break
+        current = current.parent
+    return found or None
 
 
 @contextlib.contextmanager

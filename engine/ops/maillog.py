@@ -15,10 +15,14 @@ record itself as its ``fields`` attribute, so the JSON format (``engine.ops.logf
 writes the fields as keys and a log shipper needs no pattern to read them.
 
 Cost: nothing is formatted unless ``ferry.mail`` is enabled for INFO, asked once per
-batch; the records are made with ``Logger.makeRecord`` and ``Logger.handle`` (no caller
-lookup, no per-line level test).  This module must never block the loop beyond handing
-lines to the logging handlers, never change a record (the hub's other sinks share them),
-and never decide anything.
+batch.  When the lines go only to the server's own text log (``engine.ops.logfmt``'s
+installed handlers, no filter on the way: :func:`engine.ops.logfmt.text_handlers`), the
+batch is one log record whose formatted time, level and logger prefix every line of the
+batch shares, written in one write; otherwise (the JSON format, which carries each
+record's fields, or other handlers) the records are made with ``Logger.makeRecord`` and
+``Logger.handle`` (no caller lookup, no per-line level test).  This module must never
+block the loop beyond handing lines to the logging handlers, never change a record (the
+hub's other sinks share them), and never decide anything.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from engine.ops.events import Event
-from engine.ops.logfmt import batched
+from engine.ops.logfmt import batched, text_handlers
 
 log = logging.getLogger("ferry.mail")
 
@@ -170,6 +174,15 @@ def _other(r: Event) -> str:
         f", {k}={v}" for k, v in r.items() if k not in _COMMON)
 
 
+def _line(record: Event) -> str:
+    """:func:`line`, or a line saying the record could not be read: a malformed record
+    must not hide the others of its batch."""
+    try:
+        return line(record)
+    except Exception:
+        return f"{record.get('id', '')}: unreadable event record {record!r:.200}"
+
+
 def line(record: Event) -> str:
     """The mail log line of one event record (without time, level and logger)."""
     text = LINES.get(record.get("event", ""), _other)(record)
@@ -192,14 +205,19 @@ class MailLog:
         if not logger.isEnabledFor(logging.INFO):
             return
         name, make, handle = logger.name, logger.makeRecord, logger.handle
+        direct = text_handlers(logger)
+        if direct is not None:
+            # The server's own text log: the lines of the batch share one log record's
+            # time and prefix (one turn of the event loop), formatted once.
+            texts = [_line(record) for record in batch]
+            entry = make(name, logging.INFO, "", 0, "", (), None)
+            for handler in direct:
+                handler.write_texts(entry, texts)
+            return
         with batched():  # one write for the batch's lines, not one (and a flush) each
             for record in batch:
-                try:
-                    text = line(record)
-                except Exception:  # a malformed record must not hide the others
-                    text = f"{record.get('id', '')}: unreadable event record {record!r:.200}"
                 # No path: LogRecord would split one for every line.
-                entry = make(name, logging.INFO, "", 0, text, (), None)
+                entry = make(name, logging.INFO, "", 0, _line(record), (), None)
                 entry.fields = record
                 handle(entry)
 

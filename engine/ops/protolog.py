@@ -33,17 +33,33 @@ AUTH payloads are never written.  The caller marks them (``recv(line, secret=Tru
 writes): an ``AUTH`` command keeps its verb and a known SASL mechanism name and shows
 ``****`` for the rest; any other secret line is ``****``.
 
-Writes are buffered in memory and reach the file as one ``write`` of the joined buffer
-when :meth:`ProtocolLog.flush` runs (from a periodic task such as
-:meth:`ProtocolLog.run_flusher`), when the buffer passes :data:`FLUSH_BYTES`, or when a
-line is logged ``flush_interval`` seconds after the last flush.  The file is rotated to
-``.1`` .. ``.5`` when the next write would take it past ``max_bytes``.
+Lines are buffered in memory, raw: each call buffers one entry (its time, the session's
+fields as bytes, the bytes or text as they came: one line, or the lines of one write or
+one read), a tuple and a list append.  The buffer is handed to the writer thread
+(:class:`_Writer`, one for every log of the process) when :meth:`ProtocolLog.flush` runs
+(from a periodic task such as :meth:`ProtocolLog.run_flusher`), when it passes
+:data:`FLUSH_BYTES`, or when a line is logged ``flush_interval`` seconds after the last
+flush; the thread stamps, sanitises and joins it (:func:`_render`) and appends it with one
+``write``, at most :data:`GATHER_SECONDS` later.  The file is rotated to ``.1`` .. ``.5``
+when the next write would take it past ``max_bytes``.  :meth:`ProtocolLog.sync` and
+:meth:`ProtocolLog.close` wait until the lines are written.
+
+Rendering costs little: a chunk of lines that need no escape and no cut (printable ASCII
+without a backslash: SMTP commands and replies) is checked with one regular-expression
+search and written as the bytes it already is, its line ends replaced by the next line's
+stamp and fields, and a time stamp is formatted once per millisecond, not per line.  The
+bytes written are the same as stamping and sanitising line by line (benchmarks/README.md,
+"the protocol logs made cheap": the per-line formatting on the event loop was most of
+what every log on cost).
 
 This module observes; it must never change what the server does.  It never raises into
 its caller on a full disk, a removed or unwritable directory or a failed rotation: lines
 that cannot be written are counted in :attr:`ProtocolLog.dropped` and logging carries on
-(reopening the file when the path comes back).  It must never write an AUTH secret, nor
-a raw control character from the wire.  It is not thread-safe: one event loop owns it.
+(reopening the file when the path comes back); nor does it make the event loop wait for
+the disk: past :data:`MAX_PENDING` bytes not yet written, lines are dropped and counted.
+It must never write an AUTH secret (secrets are masked before they are buffered), nor a
+raw control character from the wire.  A :class:`ProtocolLog` and its sessions belong to
+one event loop (not thread-safe); only the writer thread touches its file.
 """
 
 from __future__ import annotations
@@ -51,9 +67,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import math
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +81,7 @@ from typing import Final, Literal
 
 __all__ = [
     "FLUSH_BYTES",
+    "GATHER_SECONDS",
     "GENERATIONS",
     "MAX_TEXT",
     "ProtocolLog",
@@ -71,10 +91,17 @@ __all__ = [
     "sanitise",
 ]
 
+_log = logging.getLogger("ferry.protolog")
+
 #: Longest text field, in characters, "…" marker included.
 MAX_TEXT: Final = 1000
 #: The buffer is flushed as soon as it holds this many bytes.
 FLUSH_BYTES: Final = 64 << 10
+#: The writer thread gathers this long after each round of writes: a line reaches the file
+#: within about this long of its flush.
+GATHER_SECONDS: Final = 0.2
+#: Bytes handed to the writer thread and not written yet beyond which lines are dropped.
+MAX_PENDING: Final = 32 << 20
 #: Rotated generations kept: ``.1`` (newest) .. ``.5`` (oldest).
 GENERATIONS: Final = 5
 #: What a hidden secret is written as.
@@ -209,6 +236,106 @@ def _redact(line: bytes) -> str:
     return f"AUTH {mech} {REDACTED}" if len(parts) == 3 else f"AUTH {mech}"
 
 
+#: What a line adds to its head and text in the file: the time stamp and the LF.
+_STAMPED: Final = len("2024-05-01T12:34:56.789Z\n")
+_LF: Final = b"\n"
+_CRLF: Final = b"\r\n"
+#: What a buffered entry holds (its fourth item): one line (bytes from the wire, or an
+#: event's str); the bytes of one write, lines ended by CRLF (the last one may lack it);
+#: bytes as received, every line ended by LF (a CR before it is not shown).
+_ONE: Final = 0
+_CRLF_LINES: Final = 1
+_LF_LINES: Final = 2
+#: Printable ASCII but the backslash, and LF: a chunk of such lines is written as it is,
+#: its line ends replaced.
+_NEEDS_ESCAPE_LF: Final = re.compile(rb"[^\x20-\x5b\x5d-\x7e\n]")
+
+Entry = tuple[float, bytes, bytes | str, int]
+
+
+def _stamp_end(t: float) -> float:
+    """The first time after ``t`` that :func:`format_timestamp` shows differently (its
+    millisecond, truncated, or its second changes).  Found on the floats themselves, not
+    by arithmetic that could round across the boundary."""
+    sec = math.floor(t)
+    ms = min(999, int((t - sec) * 1000))
+    if ms == 999:
+        return float(sec + 1)
+    end = sec + (ms + 1) / 1000
+    # (x - sec) * 1000 grows with x, so the boundary is where the truncation first moves.
+    while int((end - sec) * 1000) <= ms:
+        end = math.nextafter(end, math.inf)
+    while int((math.nextafter(end, -math.inf) - sec) * 1000) > ms:
+        end = math.nextafter(end, -math.inf)
+    return end
+
+
+def _lines(entries: list[Entry]) -> int:
+    """How many log lines ``entries`` make."""
+    return sum(len(_split(data, kind)) if isinstance(data, bytes) and kind != _ONE else 1
+               for _, _, data, kind in entries)
+
+
+def _split(data: bytes, kind: int) -> list[bytes]:
+    """The lines of a chunk, as the protocol log shows them one by one."""
+    if kind == _CRLF_LINES:
+        lines = data.split(_CRLF)
+        if not lines[-1]:
+            lines.pop()
+        return lines
+    return [line.removesuffix(_CR) for line in data[:-1].split(_LF)]
+
+
+def _render(entries: list[Entry]) -> bytes:
+    """The buffered entries as the file gets them: ``<stamp><head><sanitised text>LF`` a
+    line.
+
+    The same bytes as stamping and sanitising each line alone (:func:`format_timestamp`,
+    :func:`sanitise`), for less: a chunk of lines that need no escape and no cut (SMTP
+    commands and replies) is its own output with each line end replaced by LF and the
+    next line's stamp and head, and a stamp is formatted only when the time's
+    millisecond changes."""
+    out: list[bytes] = []
+    needs_escape = _NEEDS_ESCAPE_B.search
+    # The stamp of every time in [lo, hi): entries come in time order, so most lines test
+    # two floats instead of formatting a time.
+    lo = hi = 0.0
+    stamp = b""
+    for t, head, data, kind in entries:
+        if not lo <= t < hi:
+            stamp = format_timestamp(t).encode("ascii")
+            lo, hi = t, _stamp_end(t)
+        if kind == _ONE:
+            if (data.__class__ is not bytes or len(data) > MAX_TEXT
+                    or needs_escape(data) is not None):
+                # sanitise() removed lone surrogates; backslashreplace is a last guard so
+                # encode() can never raise.
+                data = sanitise(data).encode("utf-8", "backslashreplace")
+            out += (stamp, head, data, _LF)
+            continue
+        assert isinstance(data, bytes)
+        if len(data) <= MAX_TEXT:
+            if kind == _CRLF_LINES:
+                # Clean once the CRLF pairs that end lines are taken out: no other CR or
+                # LF (str.split and str.replace find the same pairs).
+                body = data.removesuffix(_CRLF)
+                clean = needs_escape(body.replace(_CRLF, b"")) is None
+                sep = _CRLF
+            else:
+                body = data[:-1].replace(_CRLF, _LF).removesuffix(_CR)
+                clean = _NEEDS_ESCAPE_LF.search(body) is None
+                sep = _LF
+            if clean:
+                prefix = stamp + head
+                out += (prefix, body.replace(sep, _LF + prefix), _LF)
+                continue
+        for line in _split(data, kind):
+            if len(line) > MAX_TEXT or needs_escape(line) is not None:
+                line = sanitise(line).encode("utf-8", "backslashreplace")
+            out += (stamp, head, line, _LF)
+    return b"".join(out)
+
+
 _CONNECTOR_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -250,7 +377,8 @@ class ProtocolLog:
         self.dropped = 0
         #: The last OS error met while opening, writing or rotating, for the operator.
         self.last_error: str | None = None
-        self._buf: list[bytes] = []
+        #: Entries not yet written: (time, the session's fields, the raw data, its kind).
+        self._buf: list[Entry] = []
         self._buf_bytes = 0
         self._fd: int | None = None
         self._ino: tuple[int, int] | None = None
@@ -278,14 +406,22 @@ class ProtocolLog:
         return SessionLog(self, session_id, client)
 
     def flush(self) -> None:
-        """Write the buffered lines with one append; never raises ``OSError``."""
+        """Hand the buffered lines to the writer thread, which writes them with one append
+        within :data:`GATHER_SECONDS`; never blocks, never raises ``OSError``."""
         self._last_flush = self._clock()
         if not self._buf:
             return
-        chunk = b"".join(self._buf)
-        self._buf.clear()
-        self._buf_bytes = 0
-        self._write(chunk)
+        buf, self._buf = self._buf, []
+        size, self._buf_bytes = self._buf_bytes, 0
+        _WRITER.hand_over(self, buf, size)
+
+    def sync(self) -> None:
+        """:meth:`flush`, then wait until every line handed over so far is in the file (or
+        counted in :attr:`dropped`).  Blocks: for tests, tools and :meth:`close`, never
+        for the event loop's turns."""
+        self.flush()
+        if self.path is not None:
+            _WRITER.sync()
 
     async def run_flusher(self) -> None:
         """Flush every ``flush_interval`` seconds until cancelled, and once on the way out."""
@@ -299,10 +435,11 @@ class ProtocolLog:
             self.flush()
 
     def close(self) -> None:
-        """Flush and close the file.  Lines logged afterwards are counted as dropped."""
+        """Write what is buffered and close the file (blocks until written).  Lines logged
+        afterwards are counted as dropped."""
         if self._closed:
             return
-        self.flush()
+        self.sync()
         self._closed = True
         self._close_fd()
 
@@ -319,20 +456,16 @@ class ProtocolLog:
 
     # --- lines ----------------------------------------------------------------------------
 
-    def _append(self, rest: str, *more: str) -> None:
-        """Buffer lines, stamped with one time; each is everything after the timestamp, LF
-        included (the lines of one reply or one write share a stamp and a buffer entry)."""
+    def _add(self, head: bytes, data: bytes | str, kind: int = _ONE) -> None:
+        """Buffer one entry: ``head`` is the session's fields after the time stamp (TAB
+        first, TAB last), ``data`` what was received, sent or happened, as it came
+        (sanitised at the flush), ``kind`` how it divides into lines."""
         if self._closed:
-            self.dropped += 1 + len(more)
+            self.dropped += _lines([(0.0, head, data, kind)])
             return
         now = self._clock()
-        stamp = format_timestamp(now)
-        text = stamp + rest if not more else "".join([stamp + r for r in (rest, *more)])
-        # sanitise() removed lone surrogates; backslashreplace is a last guard so encode()
-        # can never raise into the caller.
-        data = text.encode("utf-8", "backslashreplace")
-        self._buf.append(data)
-        self._buf_bytes += len(data)
+        self._buf.append((now, head, data, kind))
+        self._buf_bytes += len(data) + len(head) + _STAMPED
         if self._buf_bytes >= FLUSH_BYTES or now - self._last_flush >= self.flush_interval:
             self.flush()
 
@@ -447,9 +580,91 @@ class ProtocolLog:
         self._size = start + done
 
 
+class _Writer:
+    """The one thread that renders and writes every protocol log's lines.
+
+    The event loop hands over a log's buffer (:meth:`ProtocolLog.flush`: a list swap and
+    a queue put) and never formats, encodes or writes a line itself: the rendering and
+    the ``write`` system call happen here, where a slow disk delays only the log.  After
+    each round of writes the thread sleeps :data:`GATHER_SECONDS` (unless a
+    :meth:`sync` wakes it), so it takes the GIL from the loop a few times a second, not
+    once per buffer (each wake-up costs the loop more than the writing; see
+    engine.ops.tracking).  Buffers are written in the order handed over, one write each.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[ProtocolLog, list[Entry], int] | threading.Event] = (
+            queue.SimpleQueue())
+        self._wake = threading.Event()
+        #: Bytes handed over and not written yet, under its lock (two threads change it).
+        self._pending = 0
+        self._count = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+
+    def hand_over(self, log: ProtocolLog, entries: list[Entry], size: int) -> None:
+        """Queue ``entries`` (about ``size`` bytes once written) for ``log``; past
+        :data:`MAX_PENDING` bytes not yet written (a disk that stopped answering) they are
+        counted as dropped instead: the loop never waits for the disk, and memory stays
+        bounded."""
+        with self._count:
+            if self._pending + size > MAX_PENDING:
+                log.dropped += _lines(entries)
+                return
+            self._pending += size
+        if self._thread is None:
+            with self._start:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="ferry-protolog",
+                                                    daemon=True)
+                    self._thread.start()
+        self._jobs.put((log, entries, size))
+
+    def sync(self) -> None:
+        """Wait until everything handed over so far is written."""
+        if self._thread is None:
+            return
+        done = threading.Event()
+        self._jobs.put(done)
+        self._wake.set()
+        done.wait()
+
+    def _run(self) -> None:
+        get, get_nowait = self._jobs.get, self._jobs.get_nowait
+        while True:
+            jobs = [get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    jobs.append(get_nowait())
+            done: list[threading.Event] = []
+            for job in jobs:
+                if isinstance(job, threading.Event):
+                    done.append(job)
+                    continue
+                # One write per buffer handed over, as the loop would have written it:
+                # rotation by max_bytes sees the same writes.
+                log, entries, size = job
+                try:
+                    log._write(_render(entries))
+                except Exception:  # a bug: lose these lines, say so, keep on writing
+                    _log.exception("protocol log %s: lines lost", log.path)
+                    log.dropped += _lines(entries)
+                with self._count:
+                    self._pending -= size
+            for event in done:
+                event.set()
+            if not done:
+                self._wake.wait(GATHER_SECONDS)
+            self._wake.clear()
+
+
+_WRITER: Final = _Writer()
+
+
 class SessionLog:
     """One session's view of a :class:`ProtocolLog`; every method is a no-op when the log
-    is switched off, and none raises on I/O trouble."""
+    is switched off, and none raises on I/O trouble.  What it is given is buffered as it
+    came and sanitised at the log's flush (see the module docstring)."""
 
     __slots__ = ("_event", "_log", "_partial", "_recv", "_redact", "_send", "client",
                  "session_id")
@@ -462,12 +677,12 @@ class SessionLog:
         #: An unfinished line of :meth:`recv_data`, kept until its LF arrives.
         self._partial = b""
         if log is None:
-            self._recv = self._send = self._event = ""
+            self._recv = self._send = self._event = b""
             return
-        head = f"\t{sanitise(session_id)}\t{sanitise(client)}\t"
-        self._recv = f"{head}{RECEIVED}\t"
-        self._send = f"{head}{SENT}\t"
-        self._event = f"{head}{EVENT}\t"
+        head = f"\t{sanitise(session_id)}\t{sanitise(client)}\t".encode("utf-8", "backslashreplace")
+        self._recv = head + f"{RECEIVED}\t".encode()
+        self._send = head + f"{SENT}\t".encode()
+        self._event = head + f"{EVENT}\t".encode()
 
     def recv(self, line: bytes, *, secret: bool = False) -> None:
         """Log one line received from the client (its CRLF, if present, is not shown).
@@ -482,10 +697,9 @@ class SessionLog:
             line = line[:-2]
         if secret or self._redact:
             self._redact = False
-            text = _redact(line)
-        else:
-            text = sanitise(line)
-        log._append(f"{self._recv}{text}\n")
+            # Masked here, before anything is buffered: the secret never leaves the call.
+            line = _redact(line).encode("ascii")
+        log._add(self._recv, line)
 
     def redact_next(self) -> None:
         """Hide the next received line (e.g. after a 334, the next line is a SASL response)."""
@@ -505,18 +719,20 @@ class SessionLog:
             return
         if self._partial:
             data = self._partial + data
-        lines = data.split(b"\n")
-        rest = lines.pop()
-        self._partial = rest[: 4 * MAX_TEXT + 8]
-        if lines:
-            head = self._recv
-            log._append(*[f"{head}{sanitise(line.removesuffix(_CR))}\n" for line in lines])
+        end = data.rfind(_LF) + 1
+        if end < len(data):
+            self._partial = data[end: end + 4 * MAX_TEXT + 8]
+            data = data[:end]
+        else:
+            self._partial = b""
+        if data:
+            log._add(self._recv, data, _LF_LINES)
 
     def recv_end(self) -> None:
         """The peer's stream ended: log a last line that never got its LF."""
         if self._log is not None and self._partial:
             line, self._partial = self._partial, b""
-            self._log._append(f"{self._recv}{sanitise(line)}\n")
+            self._log._add(self._recv, line)
 
     def send(self, data: bytes, *, secret: bool = False) -> None:
         """Log what was sent to the peer: one log line per CRLF-ended line.
@@ -527,13 +743,13 @@ class SessionLog:
         log = self._log
         if log is None:
             return
-        lines = data.split(b"\r\n")
-        if lines and not lines[-1]:
-            lines.pop()
-        if lines:
-            head = self._send
-            clean = _redact if secret else sanitise
-            log._append(*[f"{head}{clean(line)}\n" for line in lines])
+        if not data:
+            return
+        if secret:
+            for line in _split(data, _CRLF_LINES):
+                log._add(self._send, _redact(line).encode("ascii"))
+        else:
+            log._add(self._send, data, _CRLF_LINES)
 
     def event(self, text: str) -> None:
         """Log a session event: "connect", "TLS TLSv1.3 TLS_AES_256_GCM_SHA384",
@@ -541,4 +757,4 @@ class SessionLog:
         log = self._log
         if log is None:
             return
-        log._append(f"{self._event}{sanitise(text)}\n")
+        log._add(self._event, text)

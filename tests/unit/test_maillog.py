@@ -286,3 +286,63 @@ def test_a_batch_of_mail_lines_is_one_write_and_one_flush() -> None:
         logging.getLogger().removeHandler(handler)
         logfmt._installed.remove(handler)
         logging.logThreads, logging.logProcesses, logging.logMultiprocessing = flags
+
+
+def own_logger(name: str, handler: logging.Handler) -> logging.Logger:
+    """A logger whose records reach ``handler`` alone (pytest's own handlers sit on the
+    root logger, where logfmt.install() put ``handler``)."""
+    logging.getLogger().removeHandler(handler)
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(handler)
+    return logger
+
+
+def test_server_text_log_lines_are_those_of_one_record_per_line() -> None:
+    import io
+
+    stream = io.StringIO()
+    flags = (logging.logThreads, logging.logProcesses, logging.logMultiprocessing)
+    handler = logfmt.install(stream)
+    logger = own_logger("ferry.mail.direct-test", handler)
+    batch = [RECEIVE, DELIVER, dict(DELIVER, recipient="b\r\nc@two.test"), {"event": 3}]
+    try:
+        assert logfmt.text_handlers(logger) == [handler]
+        MailLog(logger).write(batch)
+        fast = stream.getvalue().splitlines()
+        # The same batch through one record per line (a second, not installed, handler
+        # makes the fast path step aside).
+        lines = Lines(logfmt.formatter("text"))
+        logger.addHandler(lines)
+        assert logfmt.text_handlers(logger) is None
+        MailLog(logger).write(batch)
+        logger.removeHandler(lines)
+    finally:
+        logger.removeHandler(handler)
+        logfmt._installed.remove(handler)
+        logging.logThreads, logging.logProcesses, logging.logMultiprocessing = flags
+    stamp = len("2026-12-07 03:33:33,123 ")
+    assert len(fast) == len(batch) == len(lines.lines)
+    assert [x[stamp:] for x in fast] == [x[stamp:] for x in lines.lines]
+    assert all(x[stamp:].startswith("INFO ferry.mail.direct-test: ") for x in fast)
+
+
+def test_json_format_and_filters_keep_one_record_per_line() -> None:
+    import io
+
+    flags = (logging.logThreads, logging.logProcesses, logging.logMultiprocessing)
+    handler = logfmt.install(io.StringIO())
+    logger = own_logger("ferry.mail.json-test", handler)
+    try:
+        logfmt.use("json")
+        assert logfmt.text_handlers(logger) is None
+        logfmt.use("text")
+        assert logfmt.text_handlers(logger) == [handler]
+        logger.addFilter(lambda record: True)
+        assert logfmt.text_handlers(logger) is None
+    finally:
+        logger.removeHandler(handler)
+        logger.filters.clear()
+        logfmt._installed.remove(handler)
+        logging.logThreads, logging.logProcesses, logging.logMultiprocessing = flags
