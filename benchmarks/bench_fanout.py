@@ -226,6 +226,9 @@ async def main():
         window=args["window"] or config.delivery.window))
     if args["shaping"]:
         config = shaping(config, args["shaping"] == "on")
+    if not args.get("mta_sts", True):
+        config = dataclasses.replace(config, delivery=dataclasses.replace(
+            config.delivery, mta_sts=False))
     app = App(config)
     cpu0 = cpu()  # before start: the writer process does not exist yet
     t0 = time.time()
@@ -488,6 +491,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile-out", default="/tmp/fanout-profile.txt",
                         help="where --profile leaves py-spy's raw stacks")
     parser.add_argument("--dir", default="/work", help="where the temporary spool goes")
+    parser.add_argument("--no-mta-sts", action="store_true",
+                        help="[delivery] mta_sts = false: no MTA-STS lookups (the TLS "
+                        "policy's only per-domain DNS cost; compare with and without)")
     parser.add_argument("--suppressed", type=int, default=0, metavar="N",
                         help="compare N suppression entries against none (see above)")
     parser.add_argument("--rounds", type=int, default=1,
@@ -540,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampler.start()
         driver_args = {"spool": str(spool), "dns": [dns_host, int(dns_port)], "port": port,
                        "limit": limit, "retry": 5.0, "window": args.window, "timeout": args.timeout,
-                       "shaping": args.shaping_mode}
+                       "shaping": args.shaping_mode, "mta_sts": not args.no_mta_sts}
         ferry = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(driver_args)],
                                  cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                  preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if pin

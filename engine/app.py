@@ -77,6 +77,9 @@ from engine.scheduler.scheduler import Scheduler
 from engine.server.auth import Authenticator
 from engine.server.ingest import Ingest
 from engine.server.service import Connector, address_of, bind_listeners, receive_tls
+from engine.tlspolicy.policy import TlsPolicy
+from engine.tlspolicy.sts import STS_FILE, StsCache
+from engine.tlspolicy.tlsrpt import TlsReports
 
 if TYPE_CHECKING:
     from engine.http.server import HttpServer
@@ -223,7 +226,8 @@ class App:
                                          max_idle_per_site=idle, ca_file=ca_file,
                                          pipeline_messages=d.pipeline_messages,
                                          protocol_logs=send_logs | mx_logs,
-                                         events=self.events),
+                                         events=self.events,
+                                         tls_policy=self._tls_policy(cfg, None)),
                        # [delivery] protocol_log is not for [[local]] LMTP servers (their
                        # routes have no connector either): only [[send]] logs here.
                        "lmtp": SmtpAgent(cfg.hostname, lmtp=True, max_idle_per_site=idle,
@@ -400,8 +404,9 @@ class App:
         self._use_log(cfg)
         d = cfg.delivery
         # The DNS cache goes only when the resolver's own settings changed.
-        resolver = self.router.resolver if (d.dns, d.dns_max_queries) == (
-            old.delivery.dns, old.delivery.dns_max_queries) else MxResolver.from_config(cfg)
+        resolver = self.router.resolver if (d.dns, d.dns_max_queries, d.dnssec_validating) == (
+            old.delivery.dns, old.delivery.dns_max_queries, old.delivery.dnssec_validating
+        ) else MxResolver.from_config(cfg)
         self.resolver = resolver
         self.router = router = ConfiguredRouter(cfg, resolver)
         idle = shaping.most_connections(cfg)
@@ -412,7 +417,8 @@ class App:
                 agent.reconfigure(
                     max_idle_per_site=idle, ca_file=ca_file,
                     max_messages_per_connection=d.max_messages_per_connection if smtp else None,
-                    pipeline_messages=d.pipeline_messages if smtp else None)
+                    pipeline_messages=d.pipeline_messages if smtp else None,
+                    tls_policy=self._tls_policy(cfg, agent.tls_policy) if smtp else None)
         self.scheduler.reconfigure(router, d, shaping.from_config(cfg))
         if self.operations is not None:
             self.operations.normalize = router.destination
@@ -482,6 +488,36 @@ class App:
             return
         await self.webhooks.reconfigure(config.webhook)
         self._webhooks_listen()
+
+    def _tls_policy(self, cfg: Config, old: TlsPolicy | None) -> TlsPolicy:
+        """The outbound TLS policy of ``cfg`` (engine.tlspolicy); a reload keeps the MTA-STS
+        cache (and its fetched policies) unless its own settings changed."""
+        d = cfg.delivery
+        resolver = self.resolver
+        assert resolver is not None, "the resolver is made first"
+        ca_file = str(d.ca_file) if d.ca_file is not None else None
+        sts = old.sts if old is not None else None
+        settings = (resolver, ca_file, d.mta_sts_fetch_timeout, d.mta_sts_max_policy_size,
+                    d.mta_sts_port)
+        if not d.mta_sts:
+            sts = None
+        elif sts is None or sts.settings != settings:
+            sts = StsCache(resolver, ca_file=ca_file,
+                           timeout=d.mta_sts_fetch_timeout, max_size=d.mta_sts_max_policy_size,
+                           port=d.mta_sts_port, path=Path(cfg.spool) / STS_FILE)
+        # The MTA-STS record of a new domain is looked up beside its MX records.
+        resolver.prefetch = sts.prefetch if sts is not None else None
+        reports = old.reports if old is not None else None
+        contact = d.tls_rpt_contact or f"postmaster@{cfg.hostname}"
+        report_settings = (resolver, cfg.hostname, contact, d.tls_rpt_interval, ca_file)
+        if not d.tls_rpt:
+            reports = None
+        elif reports is None or reports.settings != report_settings:
+            # (a reload that changes these starts a new period: the counts so far are lost)
+            reports = TlsReports(resolver, organization=cfg.hostname, contact=contact,
+                                 interval=d.tls_rpt_interval, ca_file=ca_file)
+        return TlsPolicy(overrides=d.tls_policy, sts=sts, resolver=resolver, reports=reports,
+                         failure_memory=d.tls_failure_memory)
 
     def _open_send_logs(self) -> tuple[dict[str, ProtocolLog], dict[str, ProtocolLog]]:
         """The send protocol logs that are on: ([[send]] connector name → its log, the

@@ -891,6 +891,28 @@ class DomainLimits:
     max_rate: _RateOrOff | None = None
 
 
+def _tls_rpt_contact(value: object) -> str:
+    if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+        raise _Invalid(f"must be a string on one line (got {_show(value)})")
+    return value
+
+
+def _tls_policy(value: object) -> Mapping[str, str]:
+    if not isinstance(value, dict):
+        raise _Invalid(f"must be a table of domain = level (got {_show(value)})")
+    out: dict[str, str] = {}
+    for name, level in value.items():
+        domain = str(name).lower().rstrip(".")
+        problem = _domain_problem(domain)
+        if problem is not None:
+            raise _Invalid(f"{_show(name)}: {problem}")
+        if level not in _SEND_TLS:
+            raise _Invalid(f"{_show(name)}: must be one of "
+                           f"{', '.join(repr(m) for m in _SEND_TLS)} (got {_show(level)})")
+        out[domain] = level
+    return MappingProxyType(out)
+
+
 def _domain_keys(domains: Mapping[str, DomainLimits]) -> dict[str, DomainLimits]:
     return {name.lower().rstrip("."): limits for name, limits in domains.items()}
 
@@ -948,6 +970,31 @@ class DeliveryConfig:
     #: The send protocol log of the connections that no [[send]] connector makes: straight
     #: to DNS MX, or to ``smarthost`` (engine.client.smtp, engine.ops.protolog).
     protocol_log: _Bool = False
+    #: Per-domain outbound TLS security levels (engine.tlspolicy), keyed by the lower-case
+    #: destination domain: they win over the route's [[send]] ``tls`` (Postfix's
+    #: smtp_tls_policy_maps).
+    tls_policy: Annotated[Mapping[str, str], _v(_tls_policy)] = field(
+        default_factory=lambda: MappingProxyType({}))
+    #: Honour MTA-STS (RFC 8461) for delivery by DNS MX (KumoMTA's default too).
+    mta_sts: _Bool = True
+    #: Limits of one MTA-STS policy fetch (RFC 8461 §3.3 leaves them to the sender).
+    mta_sts_fetch_timeout: _Seconds = 10.0
+    mta_sts_max_policy_size: _Size = 64 * KiB
+    #: Test labs only: the port of the MTA-STS policy hosts (RFC 8461 §3.3 says 443).
+    mta_sts_port: Annotated[int, _v(_port)] = 443
+    #: The resolver (``dns``, or the system's) validates DNSSEC: its AD bit is trusted,
+    #: and DANE (RFC 7672) applies to MX delivery.  Never set it for a resolver across an
+    #: untrusted network (RFC 6698 §1.3 / RFC 7672 §2.1.1).
+    dnssec_validating: _Bool = False
+    #: A failed TLS handshake with a host is remembered this long: where the level allows
+    #: clear text it is not tried again meanwhile (Postfix's TLS failure cache); 0 = off.
+    tls_failure_memory: _SecondsOrOff = 600.0
+    #: Send TLS-RPT (RFC 8460) aggregate reports to the domains whose MTA-STS or DANE
+    #: policy applied, every ``tls_rpt_interval`` (RFC 8460 §4.1 suggests a day).
+    tls_rpt: _Bool = False
+    tls_rpt_interval: _Seconds = 86400.0
+    #: The report's "contact-info" (RFC 8460 §4.4); "" = postmaster@<hostname>.
+    tls_rpt_contact: Annotated[str, _v(_tls_rpt_contact)] = ""
 
 
 def _check_delivery(d: DeliveryConfig) -> list[tuple[_Loc, str]]:
@@ -960,8 +1007,10 @@ def _check_delivery(d: DeliveryConfig) -> list[tuple[_Loc, str]]:
     return []
 
 
-_SEND_TLS: Final = ("off", "opportunistic", "required", "verify")
-SendTls: TypeAlias = Literal["off", "opportunistic", "required", "verify"]
+_SEND_TLS: Final = ("off", "opportunistic", "required", "verify", "none", "may", "encrypt",
+                    "dane", "dane-only")
+SendTls: TypeAlias = Literal["off", "opportunistic", "required", "verify", "none", "may",
+                             "encrypt", "dane", "dane-only"]
 
 
 @dataclass(frozen=True)
@@ -995,6 +1044,8 @@ class SendConfig:
     protocol_log: _Bool = False
     #: The [egress.pools."NAME"] its connections leave from; "" = ``egress.pool``.
     pool: Annotated[str, _v(_pool_name)] = ""
+    #: TLS from the first byte to the smarthosts (RFC 8314 §3.3, port 465), not STARTTLS.
+    implicit_tls: _Bool = False
 
 
 def _check_send(sc: SendConfig) -> list[tuple[_Loc, str]]:
@@ -1010,6 +1061,11 @@ def _check_send(sc: SendConfig) -> list[tuple[_Loc, str]]:
         # the path; the operator has to ask for that explicitly.
         bad.append((("tls",), 'is "off" but AUTH is configured: the password would be sent '
                               "in clear (set allow_plaintext_auth = true to allow it)"))
+    if sc.implicit_tls and not sc.smarthosts:
+        bad.append((("implicit_tls",), "applies to smarthosts only (MX hosts speak STARTTLS "
+                                       "on port 25)"))
+    if sc.implicit_tls and sc.tls in ("off", "none"):
+        bad.append((("tls",), f'is "{sc.tls}" but implicit_tls is set'))
     if sc.port is not None and sc.smarthosts:
         bad.append((("port",), "applies to MX hosts only; give smarthost ports in smarthosts"))
     return bad

@@ -30,7 +30,8 @@ __all__ = ["Query", "add_parser", "log_dir", "row", "search", "track_main"]
 _DETAIL: dict[str, tuple[str, ...]] = {
     "RECEIVE": ("sender", "recipients", "client", "helo", "connector", "auth", "tls",
                 "size", "subject"),
-    "DELIVER": ("host", "address", "tls", "reply", "attempt", "delay", "connector"),
+    "DELIVER": ("host", "address", "tls", "tls_verified", "reply", "attempt", "delay",
+                "connector"),
     "DEFER": ("host", "address", "reply", "attempt", "retry"),
     "FAIL": ("host", "address", "reply", "attempt"),
     "EXPIRE": ("reply", "delay"),

@@ -13,12 +13,16 @@ from engine.routing.api import Route, Source
 
 class Peer(NamedTuple):
     """Where a delivery went, for the tracking log: the next hop's host name, its
-    "IP:port" ("" for a local delivery) and the TLS of the connection ("TLSv1.3
-    TLS_AES_256_GCM_SHA384", "" in clear).  One per connection, shared by its results."""
+    "IP:port" ("" for a local delivery), the TLS of the connection ("TLSv1.3
+    TLS_AES_256_GCM_SHA384", "" in clear) and how its certificate was verified.  One per
+    connection, shared by its results."""
 
     host: str
     address: str = ""
     tls: str = ""
+    #: How the certificate was verified (engine.tlspolicy): "ca", "mta-sts", "dane-ee",
+    #: "dane-ta", or "" (not checked, or no TLS).
+    tls_verified: str = ""
 
 
 #: The peer of a local delivery (a Maildir).

@@ -29,6 +29,17 @@ try again later).  A 535 to AUTH is DEFERRED too: it is a configuration problem 
 operator can fix.  A connection counts towards its site until its socket is closed: a
 new one for the same pool waits for those being closed (``_closed_before``).
 
+TLS policy (engine.tlspolicy): each delivery's :class:`~engine.tlspolicy.policy.Decision`
+(the route's security level, a per-domain override, MTA-STS, whether DANE applies) comes
+from ``tls_policy`` (a cached dict lookup; a wait only when an MTA-STS record is due for a
+look) and is part of the pool key; just before connecting to a host, the decision becomes
+that host's :class:`~engine.tlspolicy.policy.HostTls` (TLSA records looked up, MTA-STS
+``mx`` patterns applied).  After the handshake, a DANE host's chain is matched against its
+TLSA records and an MTA-STS testing policy's checks are made and reported (TLS_FAIL, the
+connection goes on).  How the certificate was verified ("ca", "mta-sts", "dane-ee",
+"dane-ta", "" for not at all) is the peer's ``tls_verified``, in every DELIVER record.
+A route with ``implicit_tls`` connects with TLS from the first byte (RFC 8314 §3.3).
+
 It must never write the queue, never raise for a delivery problem (problems are
 results), never block the event loop, and never put a raw CR, LF or NUL from the wire
 into a result.
@@ -44,7 +55,7 @@ import itertools
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Final
+from typing import Any, Final
 
 from engine.client.api import FollowOn, FollowOns, Peer, RcptResult, Settled
 from engine.ops.events import Events, Kind
@@ -65,6 +76,16 @@ from engine.protocol.reply import Reply
 from engine.protocol.transaction import END_OF_DATA, RSET, Transaction, cap_text, reply_text
 from engine.queue.records import Envelope, RcptState
 from engine.routing.api import Host, Route, Source, TlsMode
+from engine.tlspolicy.dane import load_anchors, match, verify_chain
+from engine.tlspolicy.policy import (
+    Decision,
+    HostTls,
+    TlsPolicy,
+    TlsRefusal,
+    host_tls,
+    report_policy,
+    static_decision,
+)
 
 # RFC 5321 §4.5.3.2 minimum timeouts (seconds), per phase of a transaction.
 T_MAIL: Final = 300.0  # §4.5.3.2.2
@@ -81,8 +102,11 @@ _READ_HIGH_WATER: Final = 256 * 1024
 #: Numbers the outbound connections in protocol logs ("<log name>-<hex>").
 _connection_ids = itertools.count(1)
 
-#: (site, LMTP, TLS mode, AUTH, protocol log): connections are shared only within one.
-PoolKey = tuple[str, bool, str, tuple[str, str] | None, ProtocolLog | None, Source | None]
+#: (site, LMTP, TLS decision, AUTH, protocol log, egress source): connections are shared
+#: only within one.
+PoolKey = tuple[str, bool, Decision, tuple[str, str] | None, ProtocolLog | None,
+                Source | None]
+_NO_DECISION: Final = Decision("none")
 TlsContextFactory = Callable[[TlsMode], ssl.SSLContext]
 
 
@@ -317,12 +341,20 @@ class _Session:
         self.messages = 0
         self.needs_rset = False
         #: The pool this connection belongs to (set when opened).
-        self.key: PoolKey = ("", False, "off", None, None, None)
+        self.key: PoolKey = ("", False, _NO_DECISION, None, None, None)
         #: Messages it carries before it is closed: the route's (a shaping rule's); 0 =
         #: the agent's setting of the moment (a reload changes it for open ones too).
         self.max_messages = 0
         #: The name it gave in EHLO (its source's, else the agent's).
         self.helo_name = ""
+        #: What TLS this connection must have, and how its certificate was verified.
+        self.need = HostTls()
+        self.verified = ""
+        #: The TLS mode and implicit TLS of the routes it serves (for follow-ons' checks).
+        self.route_tls = "off"
+        self.implicit = False
+        #: A TLS-RPT failure was counted for this connection (not a success, then).
+        self.rpt_failed = False
         #: The newest follow-on transaction in flight, until its caller collects it.
         self.follow_on: _Exchange | None = None
         #: Taken from the pool and not yet answered in this delivery (see _Failure.stale).
@@ -518,8 +550,13 @@ class SmtpAgent:
         pipeline_messages: bool = True,
         protocol_logs: Mapping[str, ProtocolLog] | None = None,
         events: Events | None = None,
+        tls_policy: TlsPolicy | None = None,
     ) -> None:
         self.helo_name = helo_name
+        #: Per-destination TLS decisions (engine.tlspolicy); None: the route's level alone.
+        self.tls_policy = tls_policy
+        #: The CA certificates an MTA-STS testing policy's checks use (loaded when needed).
+        self._anchors: list[Any] = []
         #: The event hub that hears of failed TLS handshakes (TLS_FAIL; engine.ops.alerts
         #: counts them per destination); None: nobody listens.
         self.events = events
@@ -562,13 +599,27 @@ class SmtpAgent:
 
     def reconfigure(self, *, max_idle_per_site: int, ca_file: str | None,
                     max_messages_per_connection: int | None = None,
-                    pipeline_messages: bool | None = None) -> None:
+                    pipeline_messages: bool | None = None,
+                    tls_policy: TlsPolicy | None = None) -> None:
         """A reload (engine.ops.reload): connections opened or reused from now on follow
         these settings (None: unchanged); a connection already open keeps its TLS."""
         self.max_idle_per_site = max_idle_per_site
         if ca_file != self._ca_file:
             self._ca_file = ca_file
             self._contexts.clear()
+            self._anchors = []
+        if tls_policy is not None:
+            old, self.tls_policy = self.tls_policy, tls_policy
+            replaced = [] if old is None else [
+                part for part, new in ((old.sts, tls_policy.sts),
+                                       (old.reports, tls_policy.reports))
+                if part is not None and part is not new]
+            for part in replaced:
+                # Its fetches, timers and HTTP client end in the background (awaited at
+                # close).
+                task = asyncio.get_running_loop().create_task(part.close())
+                self._quitting.add(task)
+                task.add_done_callback(self._quitting.discard)
         if max_messages_per_connection is not None:
             self.max_messages_per_connection = max(1, max_messages_per_connection)
         if pipeline_messages is not None:
@@ -588,8 +639,13 @@ class SmtpAgent:
         # A logged connector's connections are its own: another connector's mail never
         # goes over them (into its log), nor its mail over theirs (unlogged).
         plog = logs.get(route.connector) if logs else None
+        policy = self.tls_policy
+        if policy is None:
+            decision = static_decision(route)
+        else:
+            decision = policy.cached(route) or await policy.decision(route)
         # An egress source's connections are its own (its address, its EHLO name).
-        key: PoolKey = (route.site, lmtp, route.tls, route.auth, plog, route.source)
+        key: PoolKey = (route.site, lmtp, decision, route.auth, plog, route.source)
         if not self.takes_follow_ons(route):
             follow_ons = None  # LMTP answers per recipient: kept out of follow-on chains
         while True:
@@ -646,6 +702,8 @@ class SmtpAgent:
             self._retire(s, polite=True)
         if self._quitting:
             await asyncio.gather(*self._quitting, return_exceptions=True)
+        if self.tls_policy is not None:
+            await self.tls_policy.close()
 
     async def retire_idle(self, site: str, source: Source | None) -> None:
         """Close one idle connection to ``site`` from ``source`` (QUIT), if one is pooled,
@@ -755,6 +813,8 @@ class SmtpAgent:
         local_addr = (source.address, 0) if source is not None and source.address else None
         hello = Command("LHLO" if lmtp else "EHLO", arg=helo_name)
         plog = key[4]
+        decision = key[2]
+        policy = self.tls_policy
         log: SessionLog | None = None
 
         def pipe_factory() -> _Pipe:
@@ -768,15 +828,47 @@ class SmtpAgent:
                 log.event(f"connecting to {remote}")
             await self._closed_before(key)
             try:
+                need = await host_tls(policy, decision, host)
+            except TlsRefusal as refusal:
+                reason = refusal.text
+                if log is not None:
+                    log.event(f"not connecting: {reason}")
+                self._count(route, decision, HostTls(), host, reason)
+                continue
+            unlisted = need.report is not None and not need.report.allows(host.name)
+            if need.report is not None and unlisted:
+                text = (f"{host.name} is not listed by the MTA-STS policy of "
+                        f"{need.report.domain} (testing mode: delivered)")
+                self._report(route, host, decision.level, text)
+                self._count(route, decision, need, host, text)
+            implicit: ssl.SSLContext | None = None
+            if decision.implicit and not host.address.startswith("/"):
+                implicit = self._context("verify" if need.verify in ("ca", "mta-sts")
+                                         else "required")
+            tls_at_connect: dict[str, Any] = {} if implicit is None else {
+                "ssl": implicit, "server_hostname": self._sni(host, need),
+                "ssl_handshake_timeout": self.timeouts["command"]}
+            try:
                 async with asyncio.timeout(self.connect_timeout):
                     if host.address.startswith("/"):
                         _, pipe = await loop.create_unix_connection(pipe_factory, host.address)
                     elif local_addr is not None:
                         sock = await _connect_from(loop, local_addr[0], host)
-                        _, pipe = await loop.create_connection(pipe_factory, sock=sock)
+                        _, pipe = await loop.create_connection(pipe_factory, sock=sock,
+                                                               **tls_at_connect)
                     else:
                         _, pipe = await loop.create_connection(pipe_factory, host.address,
-                                                               host.port)
+                                                               host.port, **tls_at_connect)
+            except ssl.SSLError as exc:  # implicit TLS: the handshake is the connect
+                reason = cap_text(f"451 4.7.5 TLS handshake with {remote} failed: {exc}"
+                                  + (f" (required by {need.why})" if need.why else ""))
+                if log is not None:
+                    log.event(f"TLS handshake failed: {exc}")
+                self._tls_failed(None, route, reason, host, decision.level)
+                self._count(route, decision, need, host, reason)
+                if policy is not None:
+                    policy.failed(host)
+                continue
             except TimeoutError:
                 reason = f"451 4.4.1 Connection to {remote} timed out"
                 if log is not None:
@@ -792,6 +884,11 @@ class SmtpAgent:
             session.key = key
             session.helo_name = helo_name
             session.max_messages = route.max_messages
+            session.need = need
+            session.route_tls, session.implicit = route.tls, route.implicit_tls
+            if implicit is not None:
+                pipe.conn.tls = True  # RFC 8314 §3.3: the session starts in TLS
+                session.verified = need.verify if need.verify in ("ca", "mta-sts") else ""
             try:
                 await self._setup(session, route, lmtp)
             except _Failure as failure:
@@ -810,6 +907,8 @@ class SmtpAgent:
                 self._retire(session)
                 raise
             session.peer = _peer(session)
+            if not session.rpt_failed and not unlisted:
+                self._count(route, decision, need, host, None)
             return session, ""
         return None, cap_text(reason)
 
@@ -821,44 +920,118 @@ class SmtpAgent:
             # RFC 5321 §3.1 and §3.8: a 554 (or 4xx) greeting means "not now": next host.
             raise _Failure(reply_text(greeting.reply))
         ext = await s.hello(s.helo_name, lmtp)
-        if route.tls != "off":
+        need = s.need
+        if need.starttls and not s.conn.tls:
             if "STARTTLS" in ext:
                 reply = await s.command(Command("STARTTLS"))
                 if reply.code == 220:
+                    verify = need.verify in ("ca", "mta-sts")
                     try:
-                        await s.start_tls(self._context(route.tls),
-                                          self._sni(s.host, route.tls))
+                        await s.start_tls(self._context("verify" if verify else "required"),
+                                          self._sni(s.host, need))
+                        s.verified = await self._check_peer(s, route, need)
                     except _Failure as failure:
+                        if need.why:
+                            failure.text = cap_text(f"{failure.text} (required by {need.why})")
                         self._tls_failed(s, route, failure.text)
+                        self._count(route, s.key[2], need, s.host, failure.text)
+                        if self.tls_policy is not None:
+                            self.tls_policy.failed(s.host)
                         raise
                     self.figures.tls_handshakes[route.site] += 1
                     ext = await s.hello(s.helo_name, lmtp)
-                elif route.tls != "opportunistic" or reply.code == 421:
+                elif need.required or reply.code == 421:
                     raise _Failure(reply_text(reply))
                 # opportunistic and refused (454): go on in plaintext, as RFC 3207 §4.1
                 # leaves the choice to the client.
-            elif route.tls != "opportunistic":
+            elif need.required:
                 missing = _Failure(f"451 4.7.10 {s.remote} does not offer STARTTLS "
-                                   "(TLS required)")
+                                   f"(TLS required by {need.why})")
                 self._tls_failed(s, route, missing.text)
+                self._count(route, s.key[2], need, s.host, missing.text)
                 raise missing
+            elif need.report is not None:
+                text = (f"{s.remote} does not offer STARTTLS "
+                        "(MTA-STS testing mode: delivered in clear)")
+                self._report(route, s.host, s.key[2].level, text)
+                self._count(route, s.key[2], need, s.host, text)
+                s.rpt_failed = True
         if route.auth is not None:
             await self._auth(s, ext, route.auth, route.plaintext_auth)
 
-    def _tls_failed(self, s: _Session, route: Route, reason: str) -> None:
+    def _tls_failed(self, s: _Session | None, route: Route, reason: str,
+                    host: Host | None = None, level: str = "") -> None:
         """Report a connection that could not have the TLS its route asks for (a failed
         handshake, no STARTTLS where TLS is required): a fact of a connection, not of a
-        message, so it is told when it happens (docs/tracking.md, TLS_FAIL)."""
+        message, so it is told when it happens (docs/tracking.md, TLS_FAIL).  ``s`` is
+        None for an implicit TLS connection whose handshake failed (``host`` and
+        ``level`` say where and what)."""
+        events = self.events
+        if events is not None and events.on:
+            if s is not None:
+                host, level = s.host, s.key[2].level
+            assert host is not None
+            events.emit(Kind.TLS_FAIL, b"", "", destination=route.destination,
+                        site=route.site, host=host.name, address=_address(host),
+                        tls=route.tls, level=level, reason=reason)
+
+    async def _check_peer(self, s: _Session, route: Route, need: HostTls) -> str:
+        """How the certificate of a fresh TLS connection was verified: "ca" or "mta-sts"
+        (OpenSSL did it in the handshake), "dane-ee"/"dane-ta" (the chain matched the
+        host's TLSA records, RFC 7672 §3), "" (not checked); a _Failure when DANE finds no
+        match.  An MTA-STS testing policy's check is reported, never enforced."""
+        if need.verify in ("ca", "mta-sts"):
+            return need.verify
+        if need.verify == "dane":
+            how, why = match(need.tlsa, _chain(s.transport), s.host.name)
+            if not how:
+                s.note(f"DANE: {why}")
+                raise _Failure(f"451 4.7.5 DANE authentication of {s.remote} failed: {why}",
+                               broken=True)
+            return how
+        if need.report is not None:
+            anchors = self._anchors
+            if not anchors:
+                anchors = self._anchors = await asyncio.get_running_loop().run_in_executor(
+                    None, load_anchors, self._ca_file)
+            why = verify_chain(_chain(s.transport), s.host.name, anchors)
+            if why:
+                text = f"{why} (MTA-STS testing mode: delivered)"
+                self._report(route, s.host, s.key[2].level, text)
+                self._count(route, s.key[2], need, s.host, text)
+                s.rpt_failed = True
+        return ""
+
+    def _report(self, route: Route, host: Host, level: str, reason: str) -> None:
+        """What an MTA-STS testing policy would have refused (RFC 8461 §5: "testing"
+        delivers, and reports): a TLS_FAIL event with ``tls = "mta-sts-testing"``."""
         events = self.events
         if events is not None and events.on:
             events.emit(Kind.TLS_FAIL, b"", "", destination=route.destination,
-                        site=route.site, host=s.host.name, address=_address(s.host),
-                        tls=route.tls, reason=reason)
+                        site=route.site, host=host.name, address=_address(host),
+                        tls="mta-sts-testing", level=level, reason=cap_text(reason))
 
-    def _sni(self, host: Host, mode: TlsMode) -> str | None:
+    def _count(self, route: Route, decision: Decision, need: HostTls, host: Host,
+               failure: str | None) -> None:
+        """A session for TLS-RPT (RFC 8460): a success (``failure`` None) or a failure with
+        its reason, under the policy it was made under; nothing without reports or when
+        no policy applied."""
+        policy = self.tls_policy
+        reports = policy.reports if policy is not None else None
+        if reports is None:
+            return
+        named = report_policy(route.destination, decision, need)
+        if named is None:
+            return
+        if failure is None:
+            reports.success(named)
+        else:
+            reports.failure(named, failure, host.name, host.address)
+
+    def _sni(self, host: Host, need: HostTls) -> str | None:
         name = host.name.rstrip(".")
         if not name or name.startswith("["):
-            return None if mode != "verify" else host.address
+            return host.address if need.verify in ("ca", "mta-sts") else None
         return name
 
     def _context(self, mode: TlsMode) -> ssl.SSLContext:
@@ -978,10 +1151,23 @@ def _tls(transport: asyncio.BaseTransport) -> tuple[str, str] | None:
     return obj.version() or "?", cipher[0] if cipher else "?"
 
 
+def _chain(transport: asyncio.BaseTransport) -> list[bytes]:
+    """The certificates the server presented (DER, its own first), as sent: Python 3.11
+    has no public accessor (3.13's ``get_unverified_chain``), the ``_ssl`` object has."""
+    obj = transport.get_extra_info("ssl_object")
+    inner = getattr(obj, "_sslobj", None)
+    getter = getattr(inner, "get_unverified_chain", None)
+    if getter is not None:
+        return [cert.public_bytes(ssl._ssl.ENCODING_DER) for cert in getter() or ()]  # type: ignore[attr-defined]
+    leaf = obj.getpeercert(binary_form=True) if obj is not None else None
+    return [leaf] if leaf else []
+
+
 def _peer(s: _Session) -> Peer:
     """The peer of a ready session: once per connection, never per message."""
     tls = _tls(s.transport)
-    return Peer(s.host.name, _address(s.host), " ".join(tls) if tls else "")
+    return Peer(s.host.name, _address(s.host), " ".join(tls) if tls else "",
+                s.verified if tls else "")
 
 
 def _retrieve(future: asyncio.Future[bool]) -> None:
@@ -1128,6 +1314,15 @@ class _Exchange:
                 or agent.closing
                 or s.messages >= (s.max_messages or agent.max_messages_per_connection)):
             return b""
+        policy = agent.tls_policy
+        if policy is not None:
+            # The scheduler matched the site and the route's TLS mode, not the policy: a
+            # domain with its own MTA-STS policy (or DNSSEC status) needs a connection
+            # made under that policy, never this one.
+            job = follow_ons[0]
+            destination = job.envelope.recipients[job.recipients[0]].next_hop
+            if policy.cached_for(destination, s.route_tls, s.implicit) != s.key[2]:
+                return b""
         job = follow_ons.popleft()
         nt = Transaction(s.conn, job.envelope, job.recipients, job.body, remote=s.remote,
                          peer=s.peer)

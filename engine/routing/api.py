@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-TlsMode = Literal["off", "opportunistic", "required", "verify"]
+#: A route's TLS: the security levels of engine.tlspolicy (Postfix's names), and the
+#: older names of [[send]] tls that stay valid ("off" = none, "opportunistic" = may,
+#: "required" = encrypt).
+TlsMode = Literal["off", "opportunistic", "required", "verify", "none", "may", "encrypt",
+                  "dane", "dane-only"]
 Protocol_ = Literal["smtp", "lmtp", "maildir"]
 
 
@@ -56,6 +60,8 @@ class Route:
     maildir: str = ""
     #: The send connector that produced this route ("" for plain MX delivery).
     connector: str = ""
+    #: TLS from the first byte (RFC 8314, port 465) instead of STARTTLS: smarthosts only.
+    implicit_tls: bool = False
     #: The egress pool its connector names ("" = none); the scheduler picks a source.
     pool: str = ""
     #: The egress source picked for this delivery (the scheduler sets it; None = the
@@ -69,8 +75,8 @@ class Route:
         """This route from ``source`` with ``max_messages`` per connection (the scheduler's
         shaping; built directly: ``dataclasses.replace`` costs twice as much per group)."""
         return Route(self.destination, self.site, self.hosts, self.protocol, self.tls,
-                     self.auth, self.plaintext_auth, self.maildir, self.connector, self.pool,
-                     source, max_messages)
+                     self.auth, self.plaintext_auth, self.maildir, self.connector,
+                     self.implicit_tls, self.pool, source, max_messages)
 
 
 class RouteError(Exception):

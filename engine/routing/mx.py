@@ -28,6 +28,12 @@ are cached for the SOA minimum of RFC 2308 §5, capped at ``max_negative_ttl``; 
 failures are never cached.  The cache holds at most ``max_entries`` record sets and drops
 the least recently used.  Concurrent lookups of one record set share one query.
 
+DNSSEC (RFC 7672 §2.1): when the operator marks the resolver validating, queries ask for
+the AD bit (RFC 6840 §5.7) and the MX lookup remembers whether its answer carried it
+(:meth:`MxResolver.mx_secure`); :meth:`MxResolver.tlsa` looks up the TLSA records of a
+host (``_25._tcp.<host>``) the same way, cached for their TTL.  Nothing here decides what a
+secure answer means: engine.tlspolicy does.
+
 It must never hold delivery state, choose send connectors or open SMTP connections.
 """
 
@@ -44,17 +50,19 @@ from typing import Any, Final, TypeVar, cast
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.rdatatype
 import dns.rdtypes.ANY.MX
+import dns.rdtypes.ANY.TLSA
 import dns.resolver
 
 from engine.config import Config
 from engine.ops.figures import DNS_SECONDS, Histogram
 from engine.routing.api import Host, RouteError
 
-__all__ = ["MxAnswer", "MxResolver"]
+__all__ = ["MxAnswer", "MxResolver", "TlsaAnswer"]
 
 _T = TypeVar("_T")
 
@@ -74,6 +82,19 @@ class MxAnswer:
     hosts: tuple[Host, ...]
     #: True when the domain had no MX records and is its own mail host (RFC 5321 §5.1).
     implicit: bool = False
+
+
+#: One TLSA record: (usage, selector, matching type, certificate association data).
+Tlsa = tuple[int, int, int, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsaAnswer:
+    """The TLSA records of one host and port (empty: none published) and whether the
+    answer was validated (the AD bit from a resolver marked validating)."""
+
+    records: tuple[Tlsa, ...]
+    secure: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,8 +208,20 @@ class MxResolver:
         max_queries: int = 1000,
         max_negative_ttl: float = MAX_NEGATIVE_TTL,
         clock: Callable[[], float] = time.monotonic,
+        validating: bool = False,
     ) -> None:
         self._resolver = new_resolver(nameserver, timeout=timeout, lifetime=lifetime)
+        #: The resolver validates DNSSEC (DeliveryConfig.dnssec_validating): ask for the AD
+        #: bit (RFC 6840 §5.7) and trust it.
+        self.validating = validating
+        if validating:
+            self._resolver.flags = dns.flags.RD | dns.flags.AD
+        #: domain → whether its MX answer had the AD bit (only when ``validating``).
+        self._mx_ad: dict[str, bool] = {}
+        #: Told of each domain whose MX set is looked up (not found in the cache), so
+        #: that a lookup the delivery needs next runs beside this one (engine.tlspolicy's
+        #: MTA-STS record); it must not wait or raise.
+        self.prefetch: Callable[[str], None] | None = None
         self.max_entries = max_entries
         self.max_negative_ttl = max_negative_ttl
         self._clock = clock
@@ -206,7 +239,8 @@ class MxResolver:
     ) -> MxResolver:
         """The resolver for ``config.delivery.dns`` (the ``--dns`` flag)."""
         return cls(config.delivery.dns, timeout=timeout, lifetime=lifetime,
-                   max_queries=config.delivery.dns_max_queries)
+                   max_queries=config.delivery.dns_max_queries,
+                   validating=config.delivery.dnssec_validating)
 
     # --- public lookups ------------------------------------------------------------------
 
@@ -222,6 +256,8 @@ class MxResolver:
         answer = self.mx_cached(domain, port)
         if answer is not None:
             return answer
+        if self.prefetch is not None and self._peek(("MX", domain)) is _MISS:
+            self.prefetch(domain)
         mx_set = await self._cached(("MX", domain), lambda: self._lookup_mx(domain))
         names = _names(domain, mx_set)
         found = await asyncio.gather(*(self._addresses(domain, name) for name in names),
@@ -325,9 +361,52 @@ class MxResolver:
                              permanent=True, code=550, enhanced=enhanced)
         return tuple(Host(name, a, port, preference) for a in (*v4, *v6))
 
+    async def query(self, name: str, rdtype: dns.rdatatype.RdataType
+                    ) -> dns.resolver.Answer | float:
+        """One uncached query through this resolver's bound on queries in flight (for
+        engine.tlspolicy's MTA-STS record): the answer, or NXDOMAIN's negative TTL as a
+        float.  Raises dnspython's errors, and RouteError for an invalid name."""
+        return await self._query(self._qname(name), rdtype)
+
     def clear(self) -> None:
         """Forget every cached answer."""
         self._cache.clear()
+        self._mx_ad.clear()
+
+    def mx_secure(self, domain: str) -> bool:
+        """Whether the last MX answer for ``domain`` was validated (AD bit, resolver marked
+        validating); False for an implicit MX (RFC 7672 §2.2.1 needs the MX RRset or the
+        domain's own address records to be secure: not tracked, so not trusted)."""
+        return self._mx_ad.get(domain.lower().rstrip("."), False)
+
+    async def tlsa(self, name: str, port: int) -> TlsaAnswer:
+        """The TLSA records of ``_<port>._tcp.<name>`` (RFC 7672 §2.2), cached for their
+        TTL.  NXDOMAIN or NODATA is no records; SERVFAIL, a timeout and every other error
+        raise a temporary RouteError (RFC 7672 §2.2: the client must not downgrade)."""
+        owner = f"_{port}._tcp.{name.lower().rstrip('.')}"
+        return await self._cached(("TLSA", owner), lambda: self._lookup_tlsa(owner))
+
+    async def _lookup_tlsa(self, owner: str) -> TlsaAnswer:
+        qname = self._qname(owner)
+        try:
+            answer = await self._query(qname, dns.rdatatype.TLSA)
+        except dns.exception.DNSException as err:
+            raise _temporary(owner, _why(err)) from None
+        if isinstance(answer, float):
+            value = TlsaAnswer((), False)
+            self._store(("TLSA", owner), value, self._negative_ttl(answer))
+            return value
+        secure = self.validating and bool(answer.response.flags & dns.flags.AD)
+        ttl = float(answer.chaining_result.minimum_ttl)
+        if answer.rrset is None:
+            value = TlsaAnswer((), secure)
+            self._store(("TLSA", owner), value, self._negative_ttl(ttl))
+            return value
+        records = tuple((int(rd.usage), int(rd.selector), int(rd.mtype), bytes(rd.cert))
+                        for rd in answer.rrset if isinstance(rd, dns.rdtypes.ANY.TLSA.TLSA))
+        value = TlsaAnswer(records, secure)
+        self._store(("TLSA", owner), value, ttl)
+        return value
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -430,6 +509,10 @@ class MxResolver:
             self._store(key, failure, self._negative_ttl(answer))
             raise failure.error()
         ttl = float(answer.chaining_result.minimum_ttl)
+        if self.validating:
+            if len(self._mx_ad) >= self.max_entries:
+                self._mx_ad.clear()
+            self._mx_ad[domain] = bool(answer.response.flags & dns.flags.AD)
         if answer.rrset is None:
             self._store(key, (), self._negative_ttl(ttl))
             return ()

@@ -343,6 +343,7 @@ class ConfiguredRouter:
             plaintext_auth=auth is not None and sc.allow_plaintext_auth,
             connector=sc.name,
             pool=sc.pool or self._pool,
+            implicit_tls=sc.implicit_tls and bool(sc.smarthosts),
         )
 
     def _mx_route(self, destination: str, sc: SendConfig, answers: list[_Answer]) -> Route:
@@ -374,7 +375,8 @@ class ConfiguredRouter:
             )
         tls: TlsMode = sc.tls
         auth = (sc.auth_user, sc.auth_password) if sc.auth_user else None
-        if auth is not None and not sc.allow_plaintext_auth and tls in ("off", "opportunistic"):
+        if auth is not None and not sc.allow_plaintext_auth and tls in ("off", "opportunistic",
+                                                                        "none", "may"):
             tls = "required"
         site = "smarthost:" + ",".join(_hostport(h, p) for h, p in sc.smarthosts)
         return self._route(destination, site, tuple(hosts), sc, tls, auth)

@@ -65,7 +65,8 @@ def outcomes(env: Envelope, results: Sequence[RcptResult], recorded: Sequence[Ou
                                   "destination": rcpt.next_hop}
         attempt = rcpt.attempts + (1 if o.attempted else 0)
         if o.state is RcptState.DELIVERED:
-            fields.update(tls=peer.tls, attempt=attempt, delay=delay,
+            fields.update(tls=peer.tls, tls_verified=peer.tls_verified, attempt=attempt,
+                          delay=delay,
                           connector=route.connector if route is not None else "")
             facts.append((Kind.DELIVER, qid, mid, fields))
         elif o.state is RcptState.DEFERRED:

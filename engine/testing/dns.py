@@ -18,6 +18,10 @@ a server that fails only some types of a name.  ``set_rrsets()`` replaces the re
 dnspython record sets, for owner names and data that master-file text cannot carry
 conveniently (spaces, raw octets: the zones of the RFC 7208 test suite).
 
+``authentic = True`` sets the AD bit (RFC 4035 §3.2.3) on every NOERROR and NXDOMAIN
+answer, as a validating resolver does for signed zones, except for the names (or name and
+type pairs) in ``insecure``: a lab's stand-in for DNSSEC, for the DANE tests.
+
 Run it in the caller's loop (``await start_async()`` / ``await stop_async()``) or in a
 thread of its own (``start()`` / ``stop()``, or ``with DnsResponder(text) as dns:``).
 Used by tests and benchmarks only; it must never be imported by the running server, and
@@ -105,6 +109,9 @@ class DnsResponder:
         #: Names answered with SERVFAIL; names whose queries are dropped.
         self.servfail = _NameSet()
         self.drop = _NameSet()
+        #: Answer with the AD bit set, except for the names in ``insecure``.
+        self.authentic = False
+        self.insecure = _NameSet()
         #: (name text, type text) → number of queries received.
         self.queries: Counter[tuple[str, str]] = Counter()
         self._records: _Records = {}
@@ -198,6 +205,8 @@ class DnsResponder:
             response.set_rcode(dns.rcode.REFUSED)
             return response
         response.flags |= dns.flags.AA
+        if self.authentic and not self.insecure.matches(qname, rdtype):
+            response.flags |= dns.flags.AD
         records = self._records
         name = qname
         for _ in range(_MAX_CNAMES):

@@ -237,6 +237,18 @@ verify = ["spf", "dkim", "dmarc"]
 dns = "{dns[0]}:{dns[1]}"
 retry_interval = 60
 ca_file = "{cert}"
+mta_sts = true
+mta_sts_fetch_timeout = 5
+mta_sts_max_policy_size = "16KiB"
+mta_sts_port = 8443
+dnssec_validating = false
+tls_failure_memory = 60
+tls_rpt = true
+tls_rpt_interval = 3600
+tls_rpt_contact = "tlsrpt@seam.test"
+
+[delivery.tls_policy]
+"mx.test" = "may"
 
 [delivery.domains."mx.test"]
 max_connections = 2
@@ -250,6 +262,7 @@ auth_user = "relayuser"
 auth_password = "relaypass"
 tls = "off"
 allow_plaintext_auth = true
+implicit_tls = false
 
 [[send]]
 name = "internet"
