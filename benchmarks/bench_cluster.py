@@ -24,8 +24,8 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.cluster.limits import SharedLimits  # noqa: E402
-from engine.testing.redis import RedisInstance  # noqa: E402
+from engine.cluster.limits import SharedLimits
+from engine.testing.redis import RedisInstance
 
 
 def percentile(values: list[float], share: float) -> float:
