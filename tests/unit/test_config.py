@@ -544,7 +544,7 @@ mx_port = 0
             "unknown key 'delivery.smart_host' (did you mean 'delivery.smarthost'?)",
         ),
         ("[log]\nlevl = 'info'", "unknown key 'log.levl' (did you mean 'log.level'?)"),
-        ("colour = 'blue'", "unknown key 'colour'"),
+        ("flavour = 'blue'", "unknown key 'flavour'"),
         ("[[receive]]\n[receive.tls_options]\nx = 1", "unknown key 'receive[0].tls_options'"),
     ],
 )
