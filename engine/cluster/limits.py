@@ -155,7 +155,9 @@ class SharedLimits:
         self._local: dict[str, _Local] = {}
         self._serial = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
-        self._lost = asyncio.Event()
+        #: set to wake the keeper: Redis was lost, or the node stops
+        self._nudge = asyncio.Event()
+        self._stopping = False
         #: until when (loop time) a node back in Redis keeps to its share (_in_grace)
         self._grace_until = 0.0
 
@@ -183,10 +185,14 @@ class SharedLimits:
         self._task = asyncio.get_running_loop().create_task(self._keep())
 
     async def stop(self) -> None:
-        """Give back every lease this node holds and close the connection."""
+        """Give back every lease this node holds and close the connection; bounded by
+        ``timeout`` per step whatever Redis does."""
+        self._stopping = True
+        self._nudge.set()
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # The keeper ends at its next turn (its calls are bounded); never cancelled
+            # in the middle of a Redis call.
+            await _within(self._task, 2 * self.timeout + 0.5)
             self._task = None
         if self.shared:
             held = [(self._lease_key(k), m) for k, local in self._local.items()
@@ -195,7 +201,7 @@ class SharedLimits:
                 await self._call(self._zrem_all(held))
         self._local.clear()
         if self._client is not None:
-            await self._client.aclose()
+            await _within(asyncio.ensure_future(self._client.aclose()), self.timeout)
 
     async def _zrem_all(self, held: list[tuple[str, str]]) -> None:
         assert self._client is not None
@@ -330,7 +336,7 @@ class SharedLimits:
     async def _call(self, awaitable: Any) -> Any:
         """The call's answer, or None after falling back when Redis did not give one."""
         try:
-            return await asyncio.wait_for(awaitable, self.timeout)
+            return await _bounded(awaitable, self.timeout)
         except _UNREACHABLE as exc:
             self._failed(exc)
         except Exception as exc:
@@ -349,14 +355,14 @@ class SharedLimits:
     def _fall_back(self, why: str) -> None:
         self.shared = False
         self.figures.fallbacks += 1
-        self._lost.set()
+        self._nudge.set()
         log.warning("cluster: Redis at %s unreachable (%s): every limit is this node's "
                     "share (%g) until it answers again", _safe_url(self.url), why, self.share)
 
     async def _ping(self) -> bool:
         assert self._client is not None
         try:
-            return bool(await asyncio.wait_for(self._client.ping(), self.timeout))
+            return bool(await _bounded(self._client.ping(), self.timeout))
         except Exception as exc:
             from redis.exceptions import RedisError
 
@@ -366,15 +372,15 @@ class SharedLimits:
 
     async def _keep(self) -> None:
         """Renew the leases while Redis answers; probe it while it does not."""
-        while True:
+        while not self._stopping:
+            self._nudge.clear()
             if self.shared:
-                self._lost.clear()
-                try:
-                    await asyncio.wait_for(self._lost.wait(), self.lease_ttl / 3)
-                except TimeoutError:
+                if not await _wait(self._nudge, self.lease_ttl / 3) and self.shared:
                     await self._renew()
             else:
-                await asyncio.sleep(self.probe_interval)
+                await _wait(self._nudge, self.probe_interval)
+                if self._stopping:
+                    return
                 if await self._ping() and await self._renew():
                     self.shared = True
                     self._grace_until = (asyncio.get_running_loop().time()
@@ -393,6 +399,47 @@ class SharedLimits:
         got = await self._call(self._scripts["renew"](
             keys=[k for k, _ in held], args=[self._ttl_ms(), *(m for _, m in held)]))
         return got is not None
+
+
+async def _bounded(awaitable: Any, seconds: float) -> Any:
+    """The answer of ``awaitable`` within ``seconds``, else TimeoutError.  Unlike
+    ``asyncio.wait_for``, never waits for the call to finish being cancelled: a client's
+    teardown stuck on its own lock must not stall the node (the call is cancelled and left
+    to end by itself)."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=seconds)
+    except asyncio.CancelledError:
+        _abandon(task)
+        raise
+    if not done:
+        _abandon(task)
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    return task.result()
+
+
+async def _within(task: asyncio.Future[Any], seconds: float) -> None:
+    """Wait up to ``seconds`` for ``task``; past it, cancel it and go on."""
+    done, _ = await asyncio.wait((task,), timeout=seconds)
+    if not done:
+        _abandon(task)
+    elif not task.cancelled():
+        task.exception()  # retrieved: a failed close is not worth a warning at exit
+
+
+def _abandon(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> bool:
+    """Whether ``event`` was set within ``seconds``."""
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 def _text(value: bytes | str) -> str:
