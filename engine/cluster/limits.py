@@ -119,6 +119,8 @@ class SharedFigures:
     fallbacks: int = 0
     #: calls that failed and were answered from the node's share
     errors: int = 0
+    #: rounds of lease renewals Redis took
+    renewals: int = 0
 
 
 @dataclass(slots=True)
@@ -398,7 +400,10 @@ class SharedLimits:
             return True
         got = await self._call(self._scripts["renew"](
             keys=[k for k, _ in held], args=[self._ttl_ms(), *(m for _, m in held)]))
-        return got is not None
+        if got is None:
+            return False
+        self.figures.renewals += 1
+        return True
 
 
 async def _bounded(awaitable: Any, seconds: float) -> Any:

@@ -16,6 +16,7 @@ from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import Envelope, RcptState, Recipient
 from engine.queue.suppression import Entry, SuppressionList
 from engine.scheduler.bounces import classify
+from engine.testing.wait import until
 
 
 @pytest.fixture(params=["thread", "process"])
@@ -59,9 +60,10 @@ def test_a_hard_failure_is_added_after_its_outcome(path: tuple[Path, str]) -> No
             listing.failed(env, outcomes)
             await store.record(outcomes)
             assert listing.check("gone@x.test") is not None  # in memory at once
-            await asyncio.sleep(0)  # the entries' write is handed over on the next turn
-            await store.suppress_soon(())  # and committed by the next commit
-            return sorted(listing.entries), store.suppressed_entry(b"gone@x.test")
+            # The entries' write is handed over on the next turn and committed after it.
+            stored = await until(lambda: store.suppressed_entry(b"gone@x.test"),
+                                 what="the automatic entry stored")
+            return sorted(listing.entries), stored
         finally:
             await store.close()
 
