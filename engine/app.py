@@ -94,8 +94,11 @@ class App:
 
     def __init__(self, config: Config, *, path: str | os.PathLike[str] | None = None,
                  flags: Mapping[str, object] | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None,
+                 control_path: Path | None = None) -> None:
         self.config = config
+        #: Where the control channel listens (a worker of a node: engine.cluster.shards).
+        self.control_path = control_path or socket_path(config.spool)
         self.store: LmdbQueue | None = None
         self.scheduler: Scheduler | None = None
         #: the cluster's shared suspensions ([cluster]; engine.cluster.suspensions)
@@ -261,7 +264,7 @@ class App:
                                                cfg.cluster.sync_interval)
             operations.cluster = self.cluster_sync
             self.cluster_sync.start()
-        control = ControlServer(socket_path(cfg.spool), operations, self._reload_reply)
+        control = ControlServer(self.control_path, operations, self._reload_reply)
         try:
             await control.start()
         except ControlUnavailable as exc:
