@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 from functools import cache, lru_cache
@@ -28,7 +28,7 @@ from typing import Final, Literal
 from publicsuffixlist import PublicSuffixList
 
 from engine.agents.api import MethodResult
-from engine.agents.dns import DnsPermError, DnsTempError, Lookup
+from engine.agents.dns import Answer, DnsPermError, DnsTempError, Lookup
 
 __all__ = [
     "Authenticated",
@@ -41,6 +41,7 @@ __all__ = [
     "author_domains",
     "check",
     "discover",
+    "discover_now",
     "evaluate",
     "load_public_suffix_list",
     "organizational_domain",
@@ -257,28 +258,59 @@ class Policy:
 
 async def discover(lookup: Lookup, domain: str) -> Policy:
     """§6.6.3: the record at _dmarc.<domain>, else at _dmarc.<organizational domain>."""
-    org = organizational_domain(domain)
-    for source in dict.fromkeys((domain, org)):
+    for source in _sources(domain):
         try:
             answer = await lookup.txt(f"_dmarc.{source}")
         except DnsTempError as exc:
             return Policy(domain, "temperror", source=source, reason=str(exc))
         except DnsPermError as exc:
             return Policy(domain, "permerror", source=source, reason=str(exc))
-        # Step 2: records that do not start with v=DMARC1 are discarded.
-        texts = [t for t in answer.records if _version_tag(t)]
-        if not texts:
-            continue  # step 3: nothing here, try the organizational domain
-        if len(texts) > 1:
-            # Step 5: several records → no DMARC processing for this message.
-            return Policy(domain, "none", source=source,
-                          reason=f"{len(texts)} DMARC records at _dmarc.{source}")
-        try:
-            record = parse_record(texts[0])
-        except RecordError as exc:
-            return Policy(domain, "none", source=source, reason=f"_dmarc.{source}: {exc}")
-        return Policy(domain, "found", record, source)
+        policy = _policy(domain, source, answer)
+        if policy is not None:
+            return policy
     return Policy(domain, "none", reason="no DMARC record")
+
+
+def discover_now(lookup: Lookup, domain: str) -> Policy | Awaitable[Policy]:
+    """:func:`discover`'s policy at once when the answers it needs are cached (a busy
+    MX's case: no coroutine, no task), else an awaitable of it."""
+    for source in _sources(domain):
+        try:
+            answer = lookup.cached(f"_dmarc.{source}", "TXT")
+        except DnsTempError as exc:
+            return Policy(domain, "temperror", source=source, reason=str(exc))
+        if answer is None:
+            return discover(lookup, domain)
+        policy = _policy(domain, source, answer)
+        if policy is not None:
+            return policy
+    return Policy(domain, "none", reason="no DMARC record")
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _sources(domain: str) -> tuple[str, ...]:
+    """Where the record is looked for, in order: the domain, its organizational domain."""
+    return tuple(dict.fromkeys((domain, organizational_domain(domain))))
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _policy(domain: str, source: str, answer: Answer) -> Policy | None:
+    """The policy the answer at _dmarc.<source> gives, None when it has no record (step
+    3: look at the organizational domain next).  Cached by the answer (a frozen value):
+    the same answer always gives the same policy."""
+    # Step 2: records that do not start with v=DMARC1 are discarded.
+    texts = [t for t in answer.records if _version_tag(t)]
+    if not texts:
+        return None
+    if len(texts) > 1:
+        # Step 5: several records → no DMARC processing for this message.
+        return Policy(domain, "none", source=source,
+                      reason=f"{len(texts)} DMARC records at _dmarc.{source}")
+    try:
+        record = parse_record(texts[0])
+    except RecordError as exc:
+        return Policy(domain, "none", source=source, reason=f"_dmarc.{source}: {exc}")
+    return Policy(domain, "found", record, source)
 
 
 def _version_tag(text: str) -> bool:

@@ -126,6 +126,20 @@ class Lookup:
         # query other callers wait for.
         return await asyncio.shield(future)
 
+    def cached(self, name: str, rdtype: RecordType) -> Answer | None:
+        """The live cached answer to ``name``/``rdtype`` without awaiting anything: None
+        when none is cached (the caller then awaits :meth:`query`), DnsTempError when a
+        failure is.  The agents' synchronous path for a busy sender's mail, whose answers
+        are all cached: no coroutine, no task (benchmarks/README.md, issue 15)."""
+        key = (rdtype, name.lower().rstrip("."))
+        entry = self._cache.get(key)
+        if entry is None or entry.expires <= self._clock():
+            return None
+        self._cache.move_to_end(key)
+        if isinstance(entry.value, DnsTempError):
+            raise DnsTempError(*entry.value.args)
+        return entry.value
+
     def now(self) -> float:
         """The time on the clock the cache's expiry times are read from."""
         return self._clock()

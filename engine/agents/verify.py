@@ -15,6 +15,10 @@ split over two stages so that the DNS overlaps the rest of the transaction:
   From domain run concurrently, the SPF task is awaited, DMARC is evaluated from both
   (engine.agents.dmarc), every Authentication-Results field that claims our authserv-id is
   removed (RFC 8601 §5: it can only be a forgery) and ours is added (engine.agents.authres).
+  When the SPF result is known and every DNS answer the stage needs is cached (a sender's
+  mail within its TTLs, the common case on a busy MX), the verdict is computed at once,
+  with no task and no wait (``dkim.verify_now``, ``dmarc.discover_now``): the tasks and
+  the ``asyncio.wait`` cost about a third of the stage (benchmarks/README.md, issue 15).
 
 Only mail from clients that may not relay (``session.may_relay`` False: mail from the
 outside world) is verified; a client that may relay sends outbound mail, which is signed,
@@ -104,6 +108,10 @@ class VerifyAgent(Agent):
         #: A failed call (fail open) still removes fields that claim our authserv-id: a
         #: forgery must never pass for our verdict (RFC 8601 §5).
         self.fail_headers = (HeaderChange("remove", authres.FIELD, match=self._claims),)
+        self._remove = self.fail_headers[0]
+        self._spf = "spf" in self.methods
+        self._dkim = bool({"dkim", "dmarc"} & wanted)  # DMARC aligns DKIM's d=
+        self._dmarc = "dmarc" in self.methods
 
     async def start(self) -> None:
         if "dmarc" in self.methods:
@@ -114,30 +122,53 @@ class VerifyAgent(Agent):
 
     def mail(self, session: Session, tx: Transaction) -> Verdict:
         if not session.may_relay and "spf" in self.methods:
-            self._spf_task(session, tx)
+            self._spf_note(session, tx)
         return ACCEPT
 
-    def data(self, session: Session, tx: Transaction, message: Message) -> Awaitable[Verdict]:
-        return self._data(session, tx, message)
-
-    async def _data(self, session: Session, tx: Transaction, message: Message) -> Verdict:
+    def data(self, session: Session, tx: Transaction, message: Message
+             ) -> Verdict | Awaitable[Verdict]:
         if session.may_relay:
             return ACCEPT
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout * DNS_SHARE
-        spf_task = self._spf_task(session, tx) if "spf" in self.methods else None
-        dkim_task = (asyncio.ensure_future(dkim.verify(message, self.lookup))
-                     if {"dkim", "dmarc"} & set(self.methods) else None)
+        # Each part at once when its answers are cached (a bulk sender's mail within its
+        # TTLs: the verdict is returned without a task or a wait), else an awaitable.
+        spf = self._spf_now(session, tx) if self._spf else None
+        signatures: list[dkim.DkimResult] | Awaitable[list[dkim.DkimResult]] | None = None
+        dkim_failure = ""
+        if self._dkim:
+            try:
+                signatures = dkim.verify_now(message, self.lookup)
+            except Exception as exc:  # a bug, as a failed task was: dkim=temperror
+                dkim_failure = f"verification: {exc}"
         authors: tuple[str, ...] = ()
         author_error = ""
-        discoveries: list[asyncio.Task[dmarc.Policy]] = []
-        if "dmarc" in self.methods:
+        policies: list[dmarc.Policy | Awaitable[dmarc.Policy]] = []
+        if self._dmarc:
             try:
                 authors = dmarc.author_domains(message.get_all("From"))
             except dmarc.AuthorError as exc:
                 author_error = str(exc)
-            discoveries = [asyncio.ensure_future(dmarc.discover(self.lookup, d))
-                           for d in authors]
+            policies = [_discover_now(self.lookup, d) for d in authors]
+        if (isinstance(spf, asyncio.Future) or not isinstance(signatures, list | None)
+                or not all(isinstance(p, dmarc.Policy) for p in policies)):
+            return self._waited(session, tx, spf, signatures, dkim_failure, authors,
+                                author_error, policies)
+        return self._conclude(session, tx, spf, signatures, dkim_failure, authors,
+                              author_error, policies)  # type: ignore[arg-type]
+
+    async def _waited(self, session: Session, tx: Transaction,
+                      spf: SpfResult | asyncio.Future[SpfResult] | None,
+                      signatures: list[dkim.DkimResult] | Awaitable[list[dkim.DkimResult]] | None,
+                      dkim_failure: str, authors: tuple[str, ...], author_error: str,
+                      policies: list[dmarc.Policy | Awaitable[dmarc.Policy]]) -> Verdict:
+        """The parts that were not ready, awaited together within the DNS share of the
+        budget; what did not finish in time counts as a temperror."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout * DNS_SHARE
+        spf_task = spf if isinstance(spf, asyncio.Future) else None
+        dkim_task = (None if signatures is None or isinstance(signatures, list)
+                     else asyncio.ensure_future(signatures))
+        discoveries = [None if isinstance(p, dmarc.Policy) else asyncio.ensure_future(p)
+                       for p in policies]
         waiting: list[asyncio.Future[Any]] = [
             t for t in (spf_task, dkim_task, *discoveries) if t is not None]
         try:
@@ -148,60 +179,80 @@ class VerifyAgent(Agent):
             # nothing of this message's work outlives the call.
             for task in waiting:
                 task.cancel()
-
-        results: list[MethodResult] = []
-        spf = _outcome(spf_task)
         if spf_task is not None:
-            results.append(_spf_method(spf, tx))
-        signatures = _outcome(dkim_task)
-        if "dkim" in self.methods:
-            results.extend(_dkim_methods(signatures, dkim_task))
-        verdict_dmarc: dmarc.DmarcResult | None = None
-        if "dmarc" in self.methods:
-            auth = _authenticated(spf_task, spf, tx, session, signatures, authors)
-            verdict_dmarc = self._dmarc(authors, author_error, discoveries, auth)
-            results.append(verdict_dmarc.method_result())
+            spf = _outcome(spf_task)
+        if dkim_task is not None:
+            signatures = _outcome(dkim_task)
+            dkim_failure = _failure(dkim_task, "verification")
+        settled: list[dmarc.Policy] = []
+        for domain, given, discovery in zip(authors, policies, discoveries, strict=True):
+            if discovery is None:
+                assert isinstance(given, dmarc.Policy)
+                settled.append(given)
+            else:
+                settled.append(_outcome(discovery) or dmarc.Policy(
+                    domain, "temperror", reason=_failure(discovery, "policy")))
+        assert signatures is None or isinstance(signatures, list)
+        assert spf is None or isinstance(spf, SpfResult)
+        return self._conclude(session, tx, spf, signatures, dkim_failure,
+                              authors, author_error, settled)
 
-        headers = (HeaderChange("remove", authres.FIELD, match=self._claims),
-                   HeaderChange("add", authres.FIELD,
-                                authres.format_field(self.authserv_id, results)))
+    def _conclude(self, session: Session, tx: Transaction, spf: SpfResult | None,
+                  signatures: list[dkim.DkimResult] | None, dkim_failure: str,
+                  authors: tuple[str, ...], author_error: str,
+                  policies: list[dmarc.Policy]) -> Verdict:
+        """The verdict and the field from the parts' results (None: no answer in time)."""
+        results: list[MethodResult] = []
+        if self._spf:
+            results.append(_spf_method(spf, tx))
+        if "dkim" in self.methods:
+            results.extend(_dkim_methods(signatures, dkim_failure))
+        verdict_dmarc: dmarc.DmarcResult | None = None
+        if self._dmarc:
+            auth = _authenticated(self._spf, spf, tx, session, signatures, authors)
+            verdict_dmarc = self._dmarc_result(authors, author_error, policies, auth)
+            results.append(verdict_dmarc.method_result())
+        headers = (self._remove, HeaderChange("add", authres.FIELD,
+                                              authres.format_field(self.authserv_id, results)))
         return self._verdict(spf, verdict_dmarc, headers)
 
     # --- the parts -------------------------------------------------------------------------
 
-    def _spf_task(self, session: Session, tx: Transaction) -> asyncio.Future[SpfResult]:
+    def _spf_now(self, session: Session, tx: Transaction
+                 ) -> SpfResult | asyncio.Future[SpfResult]:
+        """The transaction's SPF result when it is known, else the task computing it."""
+        note = self._spf_note(session, tx)
+        if isinstance(note, SpfResult):
+            return note
+        if note.done() and not note.cancelled() and note.exception() is None:
+            return note.result()
+        return note
+
+    def _spf_note(self, session: Session, tx: Transaction
+                  ) -> SpfResult | asyncio.Future[SpfResult]:
         """The transaction's SPF check, started at MAIL (or now, when the mail stage did
-        not run for it)."""
-        task: asyncio.Future[SpfResult] | None = tx.notes.get(self.name)
-        if task is None:
+        not run for it): a result kept by the cache, or the task that computes it."""
+        note: SpfResult | asyncio.Future[SpfResult] | None = tx.notes.get(self.name)
+        if note is None:
             kept = self.spf.get(session.client_ip, tx.sender, session.helo, self.authserv_id)
             if kept is not None:
-                # A finished future, not a task: nothing to schedule for a kept result.
-                task = asyncio.get_running_loop().create_future()
-                task.set_result(kept)
-                tx.notes[self.name] = task
-                return task
-            task = asyncio.ensure_future(self.spf.check_mail_from(
+                tx.notes[self.name] = kept  # nothing to schedule for a kept result
+                return kept
+            note = asyncio.ensure_future(self.spf.check_mail_from(
                 session.client_ip, tx.sender, session.helo, receiver=self.authserv_id))
             # A transaction given up before its data (RSET, QUIT) leaves the task to end
             # on its own (the DNS and RFC 7208's limits bound it); nobody reads it then.
-            task.add_done_callback(_retrieve)
-            tx.notes[self.name] = task
-        return task
+            note.add_done_callback(_retrieve)
+            tx.notes[self.name] = note
+        return note
 
-    def _dmarc(self, authors: tuple[str, ...], author_error: str,
-               discoveries: list[asyncio.Task[dmarc.Policy]],
-               auth: dmarc.Authenticated) -> dmarc.DmarcResult:
+    def _dmarc_result(self, authors: tuple[str, ...], author_error: str,
+                      policies: list[dmarc.Policy], auth: dmarc.Authenticated
+                      ) -> dmarc.DmarcResult:
         if not authors:
             # RFC 7489 §6.6.1: no single usable From field; RFC 5322 forbids it.
             return dmarc.DmarcResult("permerror", reason=author_error)
-        results = []
-        for domain, task in zip(authors, discoveries, strict=True):
-            policy = _outcome(task)
-            if policy is None:
-                policy = dmarc.Policy(domain, "temperror", reason=_failure(task, "policy"))
-            results.append(dmarc.evaluate(policy, auth, self._sample))
-        return dmarc.worst(results)
+        return dmarc.worst(dmarc.evaluate(p, auth, self._sample) for p in policies)
 
     def _verdict(self, spf: SpfResult | None, result: dmarc.DmarcResult | None,
                  headers: tuple[HeaderChange, ...]) -> Verdict:
@@ -223,6 +274,14 @@ class VerifyAgent(Agent):
         return Verdict(headers=headers)
 
 
+def _discover_now(lookup: Lookup, domain: str) -> dmarc.Policy | Awaitable[dmarc.Policy]:
+    """dmarc.discover_now, a bug in it a temperror policy (as a failed task was)."""
+    try:
+        return dmarc.discover_now(lookup, domain)
+    except Exception as exc:
+        return dmarc.Policy(domain, "temperror", reason=f"policy: {exc}")
+
+
 def _retrieve(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
@@ -241,7 +300,7 @@ def _failure(task: asyncio.Future[Any] | None, what: str) -> str:
     return f"{what}: {task.exception()}"
 
 
-def _authenticated(spf_task: asyncio.Future[SpfResult] | None, spf: SpfResult | None,
+def _authenticated(spf_ran: bool, spf: SpfResult | None,
                    tx: Transaction, session: Session,
                    signatures: list[dkim.DkimResult] | None,
                    authors: tuple[str, ...]) -> dmarc.Authenticated:
@@ -249,7 +308,7 @@ def _authenticated(spf_task: asyncio.Future[SpfResult] | None, spf: SpfResult | 
     temperror for the identifier it was about: SPF's MAIL FROM (or HELO) domain, and for
     DKIM every author domain (the signatures' d= are unknown), so DMARC cannot fail the
     message on a DNS that was only slow."""
-    if spf_task is None:
+    if not spf_ran:
         spf_result, spf_domain = "none", ""
     elif spf is None:
         spf_result = "temperror"
@@ -270,10 +329,10 @@ def _spf_method(spf: SpfResult | None, tx: Transaction) -> MethodResult:
     return spf.method_result(scope)
 
 
-def _dkim_methods(signatures: list[dkim.DkimResult] | None,
-                  task: asyncio.Future[list[dkim.DkimResult]] | None) -> list[MethodResult]:
+def _dkim_methods(signatures: list[dkim.DkimResult] | None, failure: str
+                  ) -> list[MethodResult]:
     if signatures is None:
-        return [MethodResult("dkim", "temperror", _failure(task, "verification"))]
+        return [MethodResult("dkim", "temperror", failure)]
     if not signatures:
         return [MethodResult("dkim", "none", "no signature")]  # RFC 8601 §2.7.1
     return [s.method_result() for s in signatures]

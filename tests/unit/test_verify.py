@@ -10,7 +10,7 @@ import base64
 import importlib
 import ipaddress
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +91,14 @@ def run(dns: DnsResponder, data: bytes, sender: str, *, ip: str = CLIENT,
                           esmtp=True, may_relay=may_relay)
         tx = Transaction(parse_command(f"MAIL FROM:<{sender}>".encode()))
         assert agent.mail(session, tx).action is Action.ACCEPT
-        return await agent.data(session, tx, Message(data))
+        return await settle(agent.data(session, tx, Message(data)))
 
     return asyncio.run(go())
+
+
+async def settle(answer: Verdict | Awaitable[Verdict]) -> Verdict:
+    """The verdict of a stage call, as the chain takes it: at once, or awaited."""
+    return answer if isinstance(answer, Verdict) else await answer
 
 
 def field(verdict: Verdict) -> str:
@@ -239,7 +244,7 @@ def test_spf_runs_at_mail_and_is_awaited_at_data(dns: DnsResponder) -> None:
         task = tx.notes["verify"]
         await task  # the lookups finish while the client would be sending RCPTs
         before = lookup.queries
-        verdict = await agent.data(session, tx, Message(message("shop.test")))
+        verdict = await settle(agent.data(session, tx, Message(message("shop.test"))))
         return lookup.queries == before, verdict
 
     no_new_query, verdict = asyncio.run(go())
@@ -259,7 +264,8 @@ def test_spf_results_are_kept_per_client_sender_and_helo(dns: DnsResponder) -> N
         for _ in range(3):
             tx = Transaction(parse_command(b"MAIL FROM:<a@shop.test>"))
             agent.mail(session, tx)
-            fields.append(field(await agent.data(session, tx, Message(message("shop.test")))))
+            answer = agent.data(session, tx, Message(message("shop.test")))
+            fields.append(field(await settle(answer)))
         return fields, agent.spf.hits
 
     fields, hits = asyncio.run(go(100))
@@ -324,7 +330,7 @@ def test_a_call_the_chain_gives_up_on_leaves_no_task(dns: DnsResponder) -> None:
         tx = Transaction(parse_command(b"MAIL FROM:<a@hung.test>"))
         agent.mail(session, tx)
         with pytest.raises(TimeoutError):  # the chain's budget, shorter than the agent's
-            await asyncio.wait_for(agent.data(session, tx, Message(message("shop.test"))),
+            await asyncio.wait_for(settle(agent.data(session, tx, Message(message("shop.test")))),
                                    0.05)
         task: asyncio.Task[Any] = tx.notes["verify"]
         await asyncio.wait([task], timeout=1.0)  # the cancellation delivered
@@ -348,3 +354,52 @@ def test_spf_dns_failure_is_no_dmarc_reject(dns: DnsResponder) -> None:
     text = field(verdict)
     assert "spf=temperror" in text
     assert "dmarc=temperror (p=reject dis=none) header.from=shop.test" in text
+
+
+def tampered(author: str) -> bytes:
+    """Signed by the author's key, then its body changed: DKIM fails, DMARC by SPF."""
+    return message(author, sign=author).replace(b"Hello there.", b"Hello there!")
+
+
+@pytest.mark.parametrize(("data", "sender", "ip", "helo"), [
+    (message("shop.test"), "bounce@shop.test", CLIENT, "mail.client.test"),
+    (message("shop.test", sign="shop.test"), "b@esp.test", CLIENT, "mail.client.test"),
+    (message("shop.test", sign="esp.test"), "b@esp.test", OTHER, "mail.client.test"),
+    (message("news.test"), "b@esp.test", CLIENT, "mail.client.test"),
+    (message("relaxed.test"), "b@relaxed.test", CLIENT, "mail.client.test"),
+    (message("nodmarc.test"), "b@nodmarc.test", OTHER, "mail.client.test"),
+    (message("shop.test"), "", CLIENT, "helo.shop.test"),
+    (message("broken.test"), "b@shop.test", CLIENT, "mail.client.test"),
+    (tampered("shop.test"), "b@shop.test", CLIENT, "mail.client.test"),
+    (b"To: you@ferry.test\r\nSubject: x\r\n\r\nbody\r\n", "b@shop.test", CLIENT,
+     "mail.client.test"),
+], ids=["spf-aligned", "dkim-aligned", "reject", "quarantine", "p-none", "no-dmarc", "helo",
+        "dns-failure", "bad-body-hash", "no-from"])
+def test_a_message_whose_answers_are_cached_is_verified_at_once(
+        dns: DnsResponder, data: bytes, sender: str, ip: str, helo: str) -> None:
+    # A sender's second message within the TTLs: every answer is in the Lookup's cache
+    # and the SPF result in the agent's, so the data stage returns its verdict without a
+    # task or a wait, the very verdict the first message got after its lookups.
+    async def go() -> tuple[list[bool], Verdict, Verdict, Verdict, int]:
+        lookup = Lookup((dns.host, dns.port), timeout=0.5, lifetime=1.0)
+        agent = VerifyAgent(lookup, ("spf", "dkim", "dmarc"), authserv_id=AUTHSERV,
+                            sample=lambda: 0.5)
+        await agent.start()
+        session = Session("smtp-4", "default", ipaddress.ip_address(ip), helo=helo)
+        verdicts: list[Verdict] = []
+        at_once: list[bool] = []
+        for _ in range(2):
+            tx = Transaction(parse_command(f"MAIL FROM:<{sender}>".encode()))
+            agent.mail(session, tx)
+            queries = lookup.queries
+            answer = agent.data(session, tx, Message(data))
+            at_once.append(isinstance(answer, Verdict))
+            verdicts.append(await settle(answer))
+        answer = agent.data(session, tx, Message(data))  # the same transaction again
+        at_once.append(isinstance(answer, Verdict))
+        return at_once, verdicts[0], verdicts[1], await settle(answer), lookup.queries - queries
+
+    at_once, first, second, third, queries = asyncio.run(go())
+    assert at_once[1:] == [True, True]
+    assert second == first == third
+    assert queries == 0
