@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Final
 
 from engine.agents.api import MethodResult
@@ -46,15 +47,19 @@ def format_field(authserv_id: str, results: Sequence[MethodResult]) -> str:
         # §2.2 no-result: the authserv-id and "none".
         return _fold([[f"{_value(authserv_id)};", "none"]])
     lines = [[f"{_value(authserv_id)};"]]
+    last = len(results) - 1
     for i, result in enumerate(results):
-        words = _resinfo(result)
-        if i < len(results) - 1:
+        words = list(_resinfo(result))
+        if i < last:
             words[-1] += ";"
         lines.append(words)
     return _fold(lines)
 
 
-def _resinfo(result: MethodResult) -> list[str]:
+@lru_cache(maxsize=4096)
+def _resinfo(result: MethodResult) -> tuple[str, ...]:
+    """The words of one resinfo.  Cached by the result (a frozen value): a busy MX writes
+    the same SPF and DMARC results again and again; only DKIM's header.b differs."""
     for word in (result.method, result.result):
         if not _TOKEN.fullmatch(word):
             raise ValueError(f"method and result must be tokens: {word!r}")
@@ -62,11 +67,17 @@ def _resinfo(result: MethodResult) -> list[str]:
     if result.reason:
         words.append(_comment(result.reason))
     for name, value in result.props:
-        ptype, dot, prop = name.partition(".")
-        if not dot or not _TOKEN.fullmatch(ptype) or not _TOKEN.fullmatch(prop):
+        if not _property(name):
             raise ValueError(f"a property must be ptype.property: {name!r}")
         words.append(f"{name}={_pvalue(value)}")
-    return words
+    return tuple(words)
+
+
+@lru_cache(maxsize=256)
+def _property(name: str) -> bool:
+    """``name`` is ptype.property, both tokens (a handful of names: cached)."""
+    ptype, dot, prop = name.partition(".")
+    return bool(dot and _TOKEN.fullmatch(ptype) and _TOKEN.fullmatch(prop))
 
 
 def _fold(lines: list[list[str]]) -> str:

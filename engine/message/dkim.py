@@ -55,7 +55,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Final, Literal, NamedTuple, Protocol
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -134,6 +134,9 @@ class DkimKeyError(ValueError):
 # --- tag lists (§3.2) ----------------------------------------------------------------------
 
 _TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+#: The tags of signatures and key records (§3.5, §3.6.1): valid names, no pattern match.
+_KNOWN_TAGS: Final = frozenset(("v", "a", "b", "bh", "c", "d", "h", "i", "l", "q", "s", "t",
+                                "x", "z", "k", "p", "n", "g"))
 
 
 def _no_fws(value: str) -> str:
@@ -159,7 +162,7 @@ def parse_tag_list(text: str) -> dict[str, str]:
         name = name.strip(" \t\r\n")
         if not eq:
             raise DkimError(f"tag {name or part.strip()!r} has no '='")
-        if not _TAG_NAME.fullmatch(name):
+        if name not in _KNOWN_TAGS and not _TAG_NAME.fullmatch(name):
             raise DkimError(f"bad tag name {name!r}")
         if name in tags:
             raise DkimError(f"tag {name!r} appears twice")
@@ -190,8 +193,9 @@ def _squeeze(data: bytes) -> bytes:
 def relaxed_header(name: bytes, value: bytes) -> bytes:
     """§3.4.2: the name lower-cased, the value unfolded, whitespace runs one space, none
     around the value; ``name:value`` and CRLF."""
-    value = _squeeze(value.replace(b"\r\n", b"")).strip(b" \t")
-    return name.strip(b" \t").lower() + b":" + value + b"\r\n"
+    if b"\r\n" in value:
+        value = value.replace(b"\r\n", b"")
+    return b"%s:%s\r\n" % (name.strip(b" \t").lower(), _squeeze(value).strip(b" \t"))
 
 
 class _Sink(Protocol):
@@ -343,8 +347,10 @@ def body_hash(body: bytes | memoryview, canon: Canon, limit: int | None = None
 # --- header fields -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Field:
+class _Field(NamedTuple):
+    """A header field (a tuple: made for every field of every message signed or
+    verified, where a frozen dataclass's __init__ costs three times as much)."""
+
     name: bytes  # lower-cased
     raw: bytes  # "Name: value" as in the message, folding kept, without the final CRLF
     colon: int  # offset of the value (after the colon) in raw
@@ -375,7 +381,10 @@ def _select(fields: Sequence[_Field], names: Iterable[bytes]) -> list[_Field | N
 
 
 def _header_data(selected: Iterable[_Field | None], canon: Canon) -> bytes:
-    return b"".join(_canon_field(f, canon) for f in selected if f is not None)
+    if canon == "simple":
+        return b"".join(f.raw + b"\r\n" for f in selected if f is not None)
+    return b"".join(relaxed_header(f.raw[: f.colon - 1], f.raw[f.colon :])
+                    for f in selected if f is not None)
 
 
 # The b= tag's value in a signature field's value: removed before hashing (§3.7).
@@ -567,16 +576,28 @@ class Signer:
         self.lifetime = lifetime
         self.clock = clock
 
-    def _h(self, fields: Sequence[_Field]) -> tuple[str, ...]:
-        counts: dict[bytes, int] = {}
+    def _signed(self, fields: Sequence[_Field]) -> tuple[tuple[str, ...], list[_Field]]:
+        """(h=, the fields it selects in h='s order) in one pass over the plan: each
+        signed name as many times as the message has the field, plus once when
+        over-signed (§5.4.2: the extra one selects nothing, the "null string"), its
+        fields from the bottom up (§5.4.2), which is what :func:`_select` gives for h=."""
+        by_name: dict[bytes, list[_Field]] = {}
         for f in fields:
-            counts[f.name] = counts.get(f.name, 0) + 1
+            found = by_name.get(f.name)
+            if found is None:
+                by_name[f.name] = [f]
+            else:
+                found.append(f)
         h: list[str] = []
+        selected: list[_Field] = []
         for name, raw, over in self._plan:
-            n = counts.get(raw, 0) + over
-            if n:
-                h += [name] * n
-        return tuple(h)
+            found = by_name.get(raw)
+            if found:
+                h += [name] * (len(found) + over)
+                selected += reversed(found)
+            elif over:
+                h.append(name)
+        return tuple(h), selected
 
     def value(self, message: bytes) -> str:
         """The DKIM-Signature field's value for ``message`` (canonical CRLF bytes): what
@@ -585,8 +606,8 @@ class Signer:
         fields = _fields(message, view.header_end)
         if not any(f.name == b"from" for f in fields):
             raise DkimError("the message has no From field (RFC 5322 §3.6: required)")
+        h, selected = self._signed(fields)
         bh, _ = body_hash(view.body(), self.canon[1])
-        h = self._h(fields)
         now = int(self.clock())
         tokens = [
             "v=1;", f"a={self.algorithm};", f"c={self.canon[0]}/{self.canon[1]};",
@@ -598,7 +619,7 @@ class Signer:
         folded = _fold_tags(tokens)
         unsigned = _fold(folded, "")
         own = _Field(b"dkim-signature", b"DKIM-Signature:" + unsigned.encode(), 15)
-        data = _header_data(_select(fields, [n.encode() for n in h]), self.canon[0])
+        data = _header_data(selected, self.canon[0])
         signature = _sign_digest(self.key, _digest(data, own, self.canon[0]))
         return _fold(folded, base64.b64encode(signature).decode())
 
@@ -646,7 +667,7 @@ class _Signature:
     algorithm: str
     header_canon: Canon
     body_canon: Canon
-    names: list[bytes]
+    names: tuple[bytes, ...]
     limit: int | None
     bh: bytes
     b: bytes
@@ -662,12 +683,19 @@ def _number(tags: dict[str, str], name: str, digits: int = 12) -> int | None:
     return int(value)
 
 
+@functools.lru_cache(maxsize=64)
 def _canons(value: str) -> tuple[Canon, Canon]:
     header, _, body = value.lower().partition("/")
     body = body or "simple"  # §3.5: "relaxed" alone is relaxed/simple
     if header not in ("simple", "relaxed") or body not in ("simple", "relaxed"):
         raise _Problem("permerror", f"unknown canonicalization {value!r}")
     return header, body  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=1024)
+def _h_names(value: str) -> tuple[bytes, ...]:
+    """The field names of an h= value, lower-case (cached: a sender signs the same list)."""
+    return tuple(n.strip(" \t\r\n").lower().encode() for n in value.split(":"))
 
 
 def _parse_signature(field: _Field, now: float) -> _Signature:
@@ -689,7 +717,7 @@ def _parse_signature(field: _Field, now: float) -> _Signature:
         raise _Problem("neutral", f"unknown algorithm {tags['a']}")
     header_canon, body_canon = _canons(tags.get("c", "simple/simple"))
     domain = tags["d"].lower().rstrip(".")
-    names = [n.strip(" \t\r\n").lower().encode() for n in tags["h"].split(":")]
+    names = _h_names(tags["h"])
     if b"from" not in names:
         raise _Problem("permerror", "From is not signed (RFC 6376 §5.4)")
     identity = tags.get("i")
