@@ -38,6 +38,7 @@ from engine.config import Config, ConfigError, DkimSignConfig
 from engine.message.dkim import (
     DEFAULT_HEADERS,
     DkimKeyError,
+    Prepared,
     Signer,
     SigningKey,
     load_signing_key,
@@ -151,26 +152,30 @@ class DkimSigner(Agent):
         signers = self.signers_for(from_domain(message))
         if not signers:
             return ACCEPT
-        # In a thread even for a small Ed25519 signature: cryptography releases the GIL
-        # while it signs, which on the loop costs a GIL round trip (engine.message.dkim).
-        return self._signed(signers, message.data)
+        # The canonicalisation and digests here, on the loop (Python, under the GIL
+        # wherever it runs); only the public-key operations go to the signing thread,
+        # where OpenSSL runs without the GIL (engine.message.dkim).
+        prepared = [(signer, signer.prepare(message.data)) for signer in signers]
+        return self._signed(prepared)
 
-    async def _signed(self, signers: Sequence[Signer], data: bytes) -> Verdict:
-        return _verdict(await self._batches.sign(signers, data))
-
-
-#: What one message of a batch gets back: its fields' values, or what signing raised.
-_Outcome = list[str] | Exception
+    async def _signed(self, prepared: Sequence[tuple[Signer, Prepared]]) -> Verdict:
+        return _verdict(await self._batches.sign(prepared))
 
 
-def _sign_all(jobs: Sequence[tuple[Sequence[Signer], bytes]]) -> list[_Outcome]:
-    """Every message's signatures, in the signing thread; a message whose signing raises
-    gets its exception (handed to its own session, which logs it), the others their
-    values."""
+#: One message's signers with their prepared digests.
+_Items = Sequence[tuple[Signer, Prepared]]
+#: What one message of a batch gets back: its signatures, or what signing raised.
+_Outcome = list[bytes] | Exception
+
+
+def _sign_all(jobs: Sequence[_Items]) -> list[_Outcome]:
+    """Every message's signatures, in the signing thread (OpenSSL, the GIL released; a
+    few Python operations per signature); a message whose signing raises gets its
+    exception (handed to its own session, which logs it), the others their signatures."""
     out: list[_Outcome] = []
-    for signers, data in jobs:
+    for items in jobs:
         try:
-            out.append([s.value(data) for s in signers])
+            out.append([signer.signature(prepared) for signer, prepared in items])
         except Exception as exc:  # reported through the message's own future
             out.append(exc)
     return out
@@ -185,16 +190,18 @@ class _Batches:
     tuning).  So at most one job is in flight: a message that arrives while one runs
     waits for it to end and goes with the others that arrived meanwhile, in one job and
     one hand-off back.  Under load the batches grow; a lone message waits one loop turn
-    (for the other messages ready in the same turn) and is signed alone."""
+    (for the other messages ready in the same turn) and is signed alone.  The job holds
+    digests only: the thread spends its time in OpenSSL, not in Python competing with
+    the loop for the GIL."""
 
     def __init__(self) -> None:
-        self._waiting: list[tuple[Sequence[Signer], bytes, asyncio.Future[list[str]]]] = []
+        self._waiting: list[tuple[_Items, asyncio.Future[list[str]]]] = []
         self._busy = False
 
-    def sign(self, signers: Sequence[Signer], data: bytes) -> asyncio.Future[list[str]]:
+    def sign(self, items: _Items) -> asyncio.Future[list[str]]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[str]] = loop.create_future()
-        self._waiting.append((signers, data, future))
+        self._waiting.append((items, future))
         if not self._busy:
             self._busy = True
             loop.call_soon(self._submit, loop)
@@ -202,24 +209,24 @@ class _Batches:
 
     def _submit(self, loop: asyncio.AbstractEventLoop) -> None:
         # A message whose session gave up (the agent's time budget) is not signed.
-        batch = [w for w in self._waiting if not w[2].done()]
+        batch = [w for w in self._waiting if not w[1].done()]
         self._waiting = []
         if not batch:
             self._busy = False
             return
         try:
-            job = loop.run_in_executor(None, _sign_all, [(s, d) for s, d, _ in batch])
+            job = loop.run_in_executor(None, _sign_all, [items for items, _ in batch])
         except RuntimeError as exc:  # the executor is shut down: the server is stopping
-            for _, _, future in batch:
+            for _, future in batch:
                 future.set_exception(exc)
             self._busy = False
             return
         job.add_done_callback(functools.partial(self._done, loop, batch))
 
     def _done(self, loop: asyncio.AbstractEventLoop,
-              batch: list[tuple[Sequence[Signer], bytes, asyncio.Future[list[str]]]],
+              batch: list[tuple[_Items, asyncio.Future[list[str]]]],
               job: asyncio.Future[list[_Outcome]]) -> None:
-        for i, (_, _, future) in enumerate(batch):
+        for i, (items, future) in enumerate(batch):
             if future.done():
                 continue
             if job.cancelled():
@@ -230,7 +237,8 @@ class _Batches:
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)
             else:
-                future.set_result(outcome)
+                future.set_result([Signer.finish(prepared, signature) for (_, prepared), signature
+                                   in zip(items, outcome, strict=True)])
         if self._waiting:
             self._submit(loop)
         else:

@@ -76,6 +76,7 @@ __all__ = [
     "DkimError",
     "DkimKeyError",
     "DkimResult",
+    "Prepared",
     "RelaxedBody",
     "Signer",
     "SigningKey",
@@ -530,6 +531,15 @@ def _h_tokens(names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(tokens)
 
 
+class Prepared(NamedTuple):
+    """A signature made up to its public-key operation (:meth:`Signer.prepare`)."""
+
+    #: The field's tags folded up to an empty b= (:func:`_fold_tags`).
+    folded: tuple[list[str], str]
+    #: The SHA-256 of the canonical header data and signature field (§3.7).
+    digest: bytes
+
+
 class Signer:
     """Signs messages for ``domain`` with ``selector``'s ``private_key``.
 
@@ -602,6 +612,14 @@ class Signer:
     def value(self, message: bytes) -> str:
         """The DKIM-Signature field's value for ``message`` (canonical CRLF bytes): what
         follows "DKIM-Signature:", folded, starting with a space."""
+        prepared = self.prepare(message)
+        return self.finish(prepared, self.signature(prepared))
+
+    def prepare(self, message: bytes) -> Prepared:
+        """Everything of :meth:`value` before the public-key operation: the field's tags
+        and the digest to sign.  Pure Python (under the GIL) where :meth:`signature` is
+        OpenSSL's (outside it): the signing agent does this part on the event loop and
+        hands only the digests to its thread (engine.agents.dkim)."""
         view = Message(message)
         fields = _fields(message, view.header_end)
         if not any(f.name == b"from" for f in fields):
@@ -620,8 +638,16 @@ class Signer:
         unsigned = _fold(folded, "")
         own = _Field(b"dkim-signature", b"DKIM-Signature:" + unsigned.encode(), 15)
         data = _header_data(selected, self.canon[0])
-        signature = _sign_digest(self.key, _digest(data, own, self.canon[0]))
-        return _fold(folded, base64.b64encode(signature).decode())
+        return Prepared(folded, _digest(data, own, self.canon[0]))
+
+    def signature(self, prepared: Prepared) -> bytes:
+        """The signature of a prepared digest (OpenSSL; it releases the GIL)."""
+        return _sign_digest(self.key, prepared.digest)
+
+    @staticmethod
+    def finish(prepared: Prepared, signature: bytes) -> str:
+        """The field's value from :meth:`prepare`'s tags and the signature."""
+        return _fold(prepared.folded, base64.b64encode(signature).decode())
 
     def sign(self, message: bytes) -> bytes:
         """The whole field to prepend: ``DKIM-Signature: ...\\r\\n``."""
