@@ -30,12 +30,16 @@ signature costing the loop 220 µs.  Hence every signature is made in the defaul
 executor (``loop.run_in_executor``): end to end, signing Ed25519 on the loop gave
 2.2-3.3 s for 4,000 messages where the executor gave 2.0-2.5 s; the signing agent
 (engine.agents.dkim) makes the signatures of every message waiting in one executor
-job, one job at a time.
+job, one job at a time.  The Python part of a signature (:meth:`Signer.prepare`: field
+selection, canonicalisation, hashing) runs on the loop and only :meth:`Signer.signature`
+in the thread, so the thread holds the GIL only to pick up and hand back digests.
 Verification is one public-key operation of 0.02-0.06 ms after the hashing: there the
 hop to a thread cost more than it saved (``bench_relay.py --verify``, 1 and 20 KiB at 20
 messages per connection: 600-620 µs of CPU per message on the loop against 635-920 in
 the executor), so :func:`verify` checks on the loop when the body is under
-:data:`VERIFY_INLINE_BYTES` and in the executor otherwise (hashing a large body).
+:data:`VERIFY_INLINE_BYTES` and in the executor otherwise (hashing a large body), and
+:func:`verify_now` returns the results at once, without a coroutine, when the keys'
+answers are cached too.
 
 It must never open a socket or a file itself (the key record comes through the
 ``engine.agents.dns.Lookup`` handed in; :func:`load_signing_key` reads the one file it is
