@@ -560,6 +560,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="with --logs, --maillog, "
                         "--verify or --dkim: run each pair this many times, alternating, and "
                         "compare medians")
+    parser.add_argument("--cell", action="append", default=[], metavar="NAME",
+                        help='only this cell, as the tables name it ("1 KiB 20/conn"); '
+                        "repeatable")
     args = parser.parse_args()
     mode = ("logs" if args.logs else "maillog" if args.maillog
             else "verify" if args.verify else args.dkim)
@@ -578,6 +581,11 @@ def main() -> None:
         (100 * 1024, 1000, 4000),
     ):
         cells += [Cell(size, False, single // scale), Cell(size, True, multi // scale)]
+    if args.cell:
+        unknown = set(args.cell) - {c.name for c in cells}
+        if unknown:
+            sys.exit(f"no such cell: {', '.join(sorted(unknown))}")
+        cells = [c for c in cells if c.name in args.cell]
     base = Path(tempfile.mkdtemp(prefix="bench_relay.", dir=args.dir))
     os.chmod(base, 0o755)
     version = subprocess.run([*FERRY_ARGV, "--version"], capture_output=True, text=True)

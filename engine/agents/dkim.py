@@ -37,6 +37,7 @@ from engine.agents.api import (
 from engine.config import Config, ConfigError, DkimSignConfig
 from engine.message.dkim import (
     DEFAULT_HEADERS,
+    VERIFY_INLINE_BYTES,
     DkimKeyError,
     Prepared,
     Signer,
@@ -53,6 +54,9 @@ __all__ = ["DkimSigner", "build_signer", "from_domain", "key_problems", "signers
 #: have unsigned mail refused by the large mailbox providers.
 FAIL_OPEN: Final = False
 TIMEOUT: Final = 10.0
+#: Bodies under this size are canonicalised and hashed on the loop, larger ones in the
+#: signing thread (as engine.message.dkim.VERIFY_INLINE_BYTES for verification).
+PREPARE_INLINE_BYTES: Final = VERIFY_INLINE_BYTES
 
 
 # The common forms, "addr@domain" and "Display Name <addr@domain>" with no quotes, comments,
@@ -152,30 +156,40 @@ class DkimSigner(Agent):
         signers = self.signers_for(from_domain(message))
         if not signers:
             return ACCEPT
-        # The canonicalisation and digests here, on the loop (Python, under the GIL
-        # wherever it runs); only the public-key operations go to the signing thread,
-        # where OpenSSL runs without the GIL (engine.message.dkim).
-        prepared = [(signer, signer.prepare(message.data)) for signer in signers]
-        return self._signed(prepared)
+        data = message.data
+        if len(data) - message.header_end < PREPARE_INLINE_BYTES:
+            # The canonicalisation and digests here, on the loop (Python, under the GIL
+            # wherever it runs); only the public-key operations go to the signing
+            # thread, where OpenSSL runs without the GIL (engine.message.dkim).
+            return self._signed([(signer, signer.prepare(data)) for signer in signers])
+        # A large body: its canonicalisation (about 0.6 ms per 100 KiB) would stall the
+        # loop; the thread does all of it.
+        return self._signed([(signer, data) for signer in signers])
 
-    async def _signed(self, prepared: Sequence[tuple[Signer, Prepared]]) -> Verdict:
-        return _verdict(await self._batches.sign(prepared))
+    async def _signed(self, items: _Items) -> Verdict:
+        return _verdict(await self._batches.sign(items))
 
 
-#: One message's signers with their prepared digests.
-_Items = Sequence[tuple[Signer, Prepared]]
-#: What one message of a batch gets back: its signatures, or what signing raised.
-_Outcome = list[bytes] | Exception
+#: One message's signers, each with its prepared digest or the message to sign.
+_Items = Sequence[tuple[Signer, Prepared | bytes]]
+#: What one message of a batch gets back: its fields' values, or what signing raised.
+_Outcome = list[str] | Exception
+
+
+def _value(signer: Signer, work: Prepared | bytes) -> str:
+    if isinstance(work, bytes):
+        return signer.value(work)
+    return Signer.finish(work, signer.signature(work))
 
 
 def _sign_all(jobs: Sequence[_Items]) -> list[_Outcome]:
-    """Every message's signatures, in the signing thread (OpenSSL, the GIL released; a
-    few Python operations per signature); a message whose signing raises gets its
-    exception (handed to its own session, which logs it), the others their signatures."""
+    """Every message's signatures, in the signing thread; a message whose signing raises
+    gets its exception (handed to its own session, which logs it), the others their
+    values."""
     out: list[_Outcome] = []
     for items in jobs:
         try:
-            out.append([signer.signature(prepared) for signer, prepared in items])
+            out.append([_value(signer, work) for signer, work in items])
         except Exception as exc:  # reported through the message's own future
             out.append(exc)
     return out
@@ -191,8 +205,8 @@ class _Batches:
     waits for it to end and goes with the others that arrived meanwhile, in one job and
     one hand-off back.  Under load the batches grow; a lone message waits one loop turn
     (for the other messages ready in the same turn) and is signed alone.  The job holds
-    digests only: the thread spends its time in OpenSSL, not in Python competing with
-    the loop for the GIL."""
+    digests (the whole message only when its body is large): the thread spends its time
+    in OpenSSL, not in Python competing with the loop for the GIL."""
 
     def __init__(self) -> None:
         self._waiting: list[tuple[_Items, asyncio.Future[list[str]]]] = []
@@ -226,7 +240,7 @@ class _Batches:
     def _done(self, loop: asyncio.AbstractEventLoop,
               batch: list[tuple[_Items, asyncio.Future[list[str]]]],
               job: asyncio.Future[list[_Outcome]]) -> None:
-        for i, (items, future) in enumerate(batch):
+        for i, (_, future) in enumerate(batch):
             if future.done():
                 continue
             if job.cancelled():
@@ -237,8 +251,7 @@ class _Batches:
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)
             else:
-                future.set_result([Signer.finish(prepared, signature) for (_, prepared), signature
-                                   in zip(items, outcome, strict=True)])
+                future.set_result(outcome)
         if self._waiting:
             self._submit(loop)
         else:
