@@ -34,7 +34,7 @@ import uvloop
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from engine.agents.api import Message, Session, Transaction
+from engine.agents.api import Message, Session, Transaction, Verdict
 from engine.agents.dns import Lookup
 from engine.agents.verify import VerifyAgent
 from engine.protocol.command import parse_command
@@ -66,7 +66,8 @@ async def ferry(dns: DnsResponder, data: bytes, count: int) -> float:
     async def one() -> None:
         tx = Transaction(mail)
         agent.mail(session, tx)
-        verdict = await agent.data(session, tx, Message(data))
+        answer = agent.data(session, tx, Message(data))  # at once when every answer is cached
+        verdict = answer if isinstance(answer, Verdict) else await answer
         assert "dmarc=pass" in verdict.headers[1].value, verdict
 
     await one()  # warm the cache

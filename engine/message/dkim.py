@@ -868,7 +868,10 @@ def _cached_key(lookup: Lookup, sig: _Signature) -> PublicKey | _Problem | None:
     try:
         return _key_of(answer, sig)
     except _Problem as p:
-        return p
+        # Without its traceback: kept as a value, the exception would hold this frame and
+        # through it the caller's, the message among its locals, in a reference cycle
+        # that only the (rarely run: app.tune_gc) cyclic collector frees.
+        return p.with_traceback(None)
 
 
 def _key_of(answer: Answer, sig: _Signature) -> PublicKey:

@@ -182,3 +182,17 @@ def test_a_body_changed_after_signing_fails_dkim_and_dmarc(start: Start) -> None
     field = unfold(stored(ferry, reply).get_all("Authentication-Results")[0])
     assert "dkim=fail" in field and "header.d=shop.test" in field
     assert "dmarc=fail (p=reject dis=reject) header.from=shop.test" in field
+
+
+def test_a_senders_next_messages_get_the_same_verdict(start: Start) -> None:
+    # The first message waits for its lookups; the next ones find every answer cached
+    # and are verified without waiting (engine.agents.verify): the same field each time.
+    ferry = start()
+    fields = []
+    for _ in range(3):
+        code, reply = send(ferry, "news@shop.test", message("shop.test", sign=True))
+        assert code == 250, reply
+        fields.append(unfold(stored(ferry, reply).get_all("Authentication-Results")[0]))
+    assert fields == [fields[0]] * 3
+    assert "dkim=pass" in fields[0] and "dmarc=pass" in fields[0]
+    assert ferry.app.policy is not None and not ferry.app.policy.figures.failures

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import importlib
 import ipaddress
 import textwrap
@@ -403,3 +404,34 @@ def test_a_message_whose_answers_are_cached_is_verified_at_once(
     assert at_once[1:] == [True, True]
     assert second == first == third
     assert queries == 0
+
+
+@pytest.mark.parametrize("data", [message("shop.test", sign="shop.test"), tampered("shop.test"),
+                                  message("broken.test", sign="missing.test")],
+                         ids=["pass", "bad-body-hash", "no-key"])
+def test_the_stage_at_once_leaves_no_garbage_cycles(dns: DnsResponder, data: bytes) -> None:
+    # `ferry serve` runs the cyclic collector rarely (engine.app.tune_gc): a message's
+    # verification must free everything it made when it returns, not leave a cycle
+    # through an exception's traceback that holds the message until a collection.
+    async def go() -> int:
+        lookup = Lookup((dns.host, dns.port), timeout=0.5, lifetime=1.0)
+        agent = VerifyAgent(lookup, ("spf", "dkim", "dmarc"), authserv_id=AUTHSERV)
+        await agent.start()
+        session = Session("smtp-5", "default", ipaddress.ip_address(CLIENT), helo="c.test")
+
+        def one() -> Verdict | Awaitable[Verdict]:
+            tx = Transaction(parse_command(b"MAIL FROM:<b@shop.test>"))
+            agent.mail(session, tx)
+            return agent.data(session, tx, Message(data))
+
+        await settle(one())  # the answers cached
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(20):
+                assert isinstance(one(), Verdict)
+            return gc.collect()
+        finally:
+            gc.enable()
+
+    assert asyncio.run(go()) == 0
