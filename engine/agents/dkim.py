@@ -18,8 +18,6 @@ their text), and never read a file after start.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import re
 from collections.abc import Awaitable, Sequence
 from email.utils import getaddresses
@@ -34,6 +32,7 @@ from engine.agents.api import (
     Transaction,
     Verdict,
 )
+from engine.agents.batch import ThreadBatches
 from engine.config import Config, ConfigError, DkimSignConfig
 from engine.message.dkim import (
     DEFAULT_HEADERS,
@@ -133,7 +132,7 @@ class DkimSigner(Agent):
             self._exact.setdefault(signer.domain, []).append(signer)
             if below:
                 self._below.setdefault(signer.domain, []).append(signer)
-        self._batches = _Batches()
+        self._batches = ThreadBatches(_sign_message)
 
     def signers_for(self, domain: str) -> list[Signer]:
         """The signers of the most specific entry domain that covers ``domain``."""
@@ -167,13 +166,11 @@ class DkimSigner(Agent):
         return self._signed([(signer, data) for signer in signers])
 
     async def _signed(self, items: _Items) -> Verdict:
-        return _verdict(await self._batches.sign(items))
+        return _verdict(await self._batches.submit(items))
 
 
 #: One message's signers, each with its prepared digest or the message to sign.
 _Items = Sequence[tuple[Signer, Prepared | bytes]]
-#: What one message of a batch gets back: its fields' values, or what signing raised.
-_Outcome = list[str] | Exception
 
 
 def _value(signer: Signer, work: Prepared | bytes) -> str:
@@ -182,80 +179,9 @@ def _value(signer: Signer, work: Prepared | bytes) -> str:
     return Signer.finish(work, signer.signature(work))
 
 
-def _sign_all(jobs: Sequence[_Items]) -> list[_Outcome]:
-    """Every message's signatures, in the signing thread; a message whose signing raises
-    gets its exception (handed to its own session, which logs it), the others their
-    values."""
-    out: list[_Outcome] = []
-    for items in jobs:
-        try:
-            out.append([_value(signer, work) for signer, work in items])
-        except Exception as exc:  # reported through the message's own future
-            out.append(exc)
-    return out
-
-
-class _Batches:
-    """The signatures of every message waiting, made in one executor job at a time.
-
-    Per message, a job of its own cost more than the signature: the hand-off to a thread
-    and back (two futures, a wake-up of the loop through its self-pipe) and a GIL round
-    trip each way, against 35 µs for an Ed25519 signature (benchmarks/README.md, issue 15
-    tuning).  So at most one job is in flight: a message that arrives while one runs
-    waits for it to end and goes with the others that arrived meanwhile, in one job and
-    one hand-off back.  Under load the batches grow; a lone message waits one loop turn
-    (for the other messages ready in the same turn) and is signed alone.  The job holds
-    digests (the whole message only when its body is large): the thread spends its time
-    in OpenSSL, not in Python competing with the loop for the GIL."""
-
-    def __init__(self) -> None:
-        self._waiting: list[tuple[_Items, asyncio.Future[list[str]]]] = []
-        self._busy = False
-
-    def sign(self, items: _Items) -> asyncio.Future[list[str]]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[str]] = loop.create_future()
-        self._waiting.append((items, future))
-        if not self._busy:
-            self._busy = True
-            loop.call_soon(self._submit, loop)
-        return future
-
-    def _submit(self, loop: asyncio.AbstractEventLoop) -> None:
-        # A message whose session gave up (the agent's time budget) is not signed.
-        batch = [w for w in self._waiting if not w[1].done()]
-        self._waiting = []
-        if not batch:
-            self._busy = False
-            return
-        try:
-            job = loop.run_in_executor(None, _sign_all, [items for items, _ in batch])
-        except RuntimeError as exc:  # the executor is shut down: the server is stopping
-            for _, future in batch:
-                future.set_exception(exc)
-            self._busy = False
-            return
-        job.add_done_callback(functools.partial(self._done, loop, batch))
-
-    def _done(self, loop: asyncio.AbstractEventLoop,
-              batch: list[tuple[_Items, asyncio.Future[list[str]]]],
-              job: asyncio.Future[list[_Outcome]]) -> None:
-        for i, (_, future) in enumerate(batch):
-            if future.done():
-                continue
-            if job.cancelled():
-                future.cancel()
-                continue
-            failed = job.exception()
-            outcome = failed if failed is not None else job.result()[i]
-            if isinstance(outcome, BaseException):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
-        if self._waiting:
-            self._submit(loop)
-        else:
-            self._busy = False
+def _sign_message(items: _Items) -> list[str]:
+    """One message's fields' values, in the signing thread."""
+    return [_value(signer, work) for signer, work in items]
 
 
 def _verdict(values: Sequence[str]) -> Verdict:

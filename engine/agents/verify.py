@@ -50,6 +50,7 @@ from engine.agents.api import (
     Transaction,
     Verdict,
 )
+from engine.agents.batch import ThreadBatches
 from engine.agents.dns import Lookup
 from engine.agents.spf import SpfCache, SpfResult
 from engine.message import dkim
@@ -112,6 +113,8 @@ class VerifyAgent(Agent):
         self._spf = "spf" in self.methods
         self._dkim = bool({"dkim", "dmarc"} & wanted)  # DMARC aligns DKIM's d=
         self._dmarc = "dmarc" in self.methods
+        #: DKIM's public-key operations, made in a thread in batches (engine.agents.batch).
+        self._checks = ThreadBatches(dkim.signatures_valid)
 
     async def start(self) -> None:
         if "dmarc" in self.methods:
@@ -136,7 +139,7 @@ class VerifyAgent(Agent):
         dkim_failure = ""
         if self._dkim:
             try:
-                signatures = dkim.verify_now(message, self.lookup)
+                signatures = dkim.verify_now(message, self.lookup, checker=self._checks)
             except Exception as exc:  # a bug, as a failed task was: dkim=temperror
                 dkim_failure = f"verification: {exc}"
         authors: tuple[str, ...] = ()
@@ -164,6 +167,20 @@ class VerifyAgent(Agent):
         budget; what did not finish in time counts as a temperror."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout * DNS_SHARE
+        if (signatures is not None and not isinstance(signatures, list)
+                and not isinstance(spf, asyncio.Future)
+                and all(isinstance(p, dmarc.Policy) for p in policies)):
+            # Only DKIM's public-key operations to wait for (a sender's mail with every
+            # answer cached): awaited here, without a task.
+            try:
+                async with asyncio.timeout_at(deadline):
+                    signatures = await signatures
+            except TimeoutError:
+                signatures, dkim_failure = None, "verification: no answer in time"
+            except Exception as exc:
+                signatures, dkim_failure = None, f"verification: {exc}"
+            return self._conclude(session, tx, spf, signatures, dkim_failure, authors,
+                                  author_error, policies)  # type: ignore[arg-type]
         spf_task = spf if isinstance(spf, asyncio.Future) else None
         dkim_task = (None if signatures is None or isinstance(signatures, list)
                      else asyncio.ensure_future(signatures))

@@ -77,6 +77,8 @@ __all__ = [
     "MIN_SIGNING_BITS",
     "MIN_VERIFY_BITS",
     "VERIFY_INLINE_BYTES",
+    "Check",
+    "Checker",
     "DkimError",
     "DkimKeyError",
     "DkimResult",
@@ -94,6 +96,8 @@ __all__ = [
     "parse_tag_list",
     "private_pem",
     "relaxed_header",
+    "signature_valid",
+    "signatures_valid",
     "verify",
     "verify_now",
 ]
@@ -897,6 +901,17 @@ def _key_of(answer: Answer, sig: _Signature) -> PublicKey:
 def _check(sig: _Signature, fields: Sequence[_Field], body: memoryview,
            bodies: dict[tuple[Canon, int | None], tuple[bytes, int]]) -> str:
     """§6.1.3: body hash, then the signature; the l= note on success, _Problem else."""
+    signed, note = _prepare_check(sig, fields, body, bodies)
+    if not signature_valid((sig.key, sig.b, signed)):
+        raise _Problem("fail", "signature did not verify")
+    return note
+
+
+def _prepare_check(sig: _Signature, fields: Sequence[_Field], body: memoryview,
+                   bodies: dict[tuple[Canon, int | None], tuple[bytes, int]]
+                   ) -> tuple[bytes, str]:
+    """§6.1.3 up to the public-key operation: the body hash compared, the digest of the
+    header data; (the digest, the l= note), _Problem when the body hash differs."""
     key = (sig.body_canon, sig.limit)
     if key not in bodies:
         bodies[key] = body_hash(body, sig.body_canon, sig.limit)
@@ -907,16 +922,38 @@ def _check(sig: _Signature, fields: Sequence[_Field], body: memoryview,
         raise _Problem("fail", "bad body hash")
     data = _header_data(_select(fields, sig.names), sig.header_canon)
     signed = _digest(data, _without_b(sig.field), sig.header_canon)
-    try:
-        if isinstance(sig.key, ed25519.Ed25519PublicKey):
-            sig.key.verify(sig.b, signed)
-        elif isinstance(sig.key, rsa.RSAPublicKey):
-            sig.key.verify(sig.b, signed, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
-    except InvalidSignature:
-        raise _Problem("fail", "signature did not verify") from None
     if sig.limit is not None and sig.limit < length:
-        return f"l= signs {sig.limit} of {length} body octets"
-    return ""
+        return signed, f"l= signs {sig.limit} of {length} body octets"
+    return signed, ""
+
+
+#: A signature's public-key check: (the key, b=, the digest it signs).
+Check = tuple["PublicKey | None", bytes, bytes]
+
+
+def signature_valid(check: Check) -> bool:
+    """The public-key operation of one signature (OpenSSL; it releases the GIL)."""
+    key, b, signed = check
+    try:
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(b, signed)
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(b, signed, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def signatures_valid(checks: Sequence[Check]) -> list[bool]:
+    """:func:`signature_valid` of each of one message's checks (for a thread)."""
+    return [signature_valid(check) for check in checks]
+
+
+class Checker(Protocol):
+    """Where :func:`verify_now` has the public-key operations done: the verify agent's
+    batches in a thread (engine.agents.batch.ThreadBatches of :func:`signatures_valid`)."""
+
+    def submit(self, item: Sequence[Check], /) -> asyncio.Future[list[bool]]: ...
 
 
 def _result(field: _Field, result: Result, reason: str, note: str = "",
@@ -982,6 +1019,17 @@ class _Work:
             self.results[i] = _result(sig.field, result, reason, note, tags=sig.tags)
         return [r for r in self.results if r is not None]
 
+    async def checked(self, ready: Sequence[tuple[int, _Signature]],
+                      outcomes: list[tuple[Result, str, str]],
+                      valid: asyncio.Future[list[bool]]) -> list[DkimResult]:
+        """The results once the checker has done the public-key operations of the
+        signatures whose outcome is "pass" so far, in order."""
+        answers = iter(await valid)
+        for i, outcome in enumerate(outcomes):
+            if outcome[0] == "pass" and not next(answers):
+                outcomes[i] = ("fail", "signature did not verify", "")
+        return self.done(ready, outcomes)
+
     async def finish(self, message: Message, lookup: Lookup) -> list[DkimResult]:
         """Keys looked up concurrently; a large body hashed in the executor."""
         keys = await asyncio.gather(*(_key(lookup, sig) for _, sig in self.parsed),
@@ -1000,10 +1048,13 @@ class _Work:
 
 
 def verify_now(message: Message, lookup: Lookup, *, max_signatures: int = 5,
-               now: float | None = None) -> list[DkimResult] | Awaitable[list[DkimResult]]:
+               now: float | None = None, checker: Checker | None = None
+               ) -> list[DkimResult] | Awaitable[list[DkimResult]]:
     """:func:`verify`'s results at once when every key's answer is cached and the body is
     small (a bulk sender's mail: no coroutine, no task, nothing to wait for); else an
-    awaitable of them, which finishes the work already done (nothing is parsed twice)."""
+    awaitable of them, which finishes the work already done (nothing is parsed twice).
+    With a ``checker``, the public-key operations of a small message are handed to it
+    (and the results are an awaitable of them)."""
     work = _Work(message, max_signatures, now)
     if not work.parsed:
         return work.done((), ())
@@ -1018,7 +1069,26 @@ def verify_now(message: Message, lookup: Lookup, *, max_signatures: int = 5,
     ready = work.keyed(keys)
     if not ready:
         return work.done((), ())
-    return work.done(ready, _check_all([sig for _, sig in ready], work.fields, message.body()))
+    if checker is None:
+        return work.done(ready, _check_all([sig for _, sig in ready], work.fields,
+                                           message.body()))
+    # The hashing here; the public-key operations in the checker's thread, where they
+    # do not cost the loop a GIL round trip each (engine.agents.batch).
+    outcomes: list[tuple[Result, str, str]] = []
+    checks: list[Check] = []
+    bodies: dict[tuple[Canon, int | None], tuple[bytes, int]] = {}
+    body = message.body()
+    for _, sig in ready:
+        try:
+            signed, note = _prepare_check(sig, work.fields, body, bodies)
+        except _Problem as p:
+            outcomes.append((p.result, p.reason, ""))
+            continue
+        outcomes.append(("pass", "", note))
+        checks.append((sig.key, sig.b, signed))
+    if not checks:
+        return work.done(ready, outcomes)
+    return work.checked(ready, outcomes, checker.submit(checks))
 
 
 async def verify(message: Message, lookup: Lookup, *, max_signatures: int = 5,

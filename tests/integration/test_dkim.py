@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from engine.agents.api import Message, MethodResult
+from engine.agents.batch import ThreadBatches
 from engine.agents.dns import Lookup
 from engine.message.dkim import (
     DkimResult,
@@ -29,6 +30,7 @@ from engine.message.dkim import (
     fold_txt,
     key_record,
     parse_tag_list,
+    signatures_valid,
     verify,
     verify_now,
 )
@@ -112,6 +114,10 @@ def our_verify(responder: DnsResponder, data: bytes, now: float = NOW,
         first = await verify(Message(data), lookup, now=now, **kw)
         again = verify_now(Message(data), lookup, now=now, **kw)
         assert (again if isinstance(again, list) else await again) == first
+        # The public-key operations made in a thread, as the verify agent has them.
+        threaded = verify_now(Message(data), lookup, now=now,
+                              checker=ThreadBatches(signatures_valid), **kw)
+        assert (threaded if isinstance(threaded, list) else await threaded) == first
         return first
 
     return asyncio.run(run())

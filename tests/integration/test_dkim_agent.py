@@ -241,9 +241,10 @@ def test_header_change_shape(tmp_path: Path) -> None:
 
 def test_messages_signed_together_each_get_their_own_signatures(
         tmp_path: Path, responder: DnsResponder) -> None:
-    # Sessions finishing in the same loop turns share executor jobs (engine.agents.dkim's
-    # _Batches); each message's fields must still be its own, a session that gives up
-    # must not stall the others, and the next message after a batch is signed too.
+    # Sessions finishing in the same loop turns share executor jobs (the signing agent's
+    # ThreadBatches, engine.agents.batch); each message's fields must still be its own,
+    # a session that gives up must not stall the others, and the next message after a
+    # batch is signed too.
     agent = build_signer(context(config(tmp_path, DUAL)))
     assert agent is not None
     tx = Transaction(parse_command(b"MAIL FROM:<app@example.com>"))
