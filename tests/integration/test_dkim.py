@@ -106,17 +106,18 @@ def dnsfunc(responder: DnsResponder):  # type: ignore[no-untyped-def]
 
 
 def our_verify(responder: DnsResponder, data: bytes, now: float = NOW,
-               **kw: int) -> list[DkimResult]:
+               max_signatures: int = 5) -> list[DkimResult]:
     """Our results for ``data``, checked twice: with the key looked up, then with its
     answer cached (verify_now's path without waiting, when it can take it): the same."""
     async def run() -> list[DkimResult]:
         lookup = Lookup(responder.address)
-        first = await verify(Message(data), lookup, now=now, **kw)
-        again = verify_now(Message(data), lookup, now=now, **kw)
+        first = await verify(Message(data), lookup, now=now, max_signatures=max_signatures)
+        again = verify_now(Message(data), lookup, now=now, max_signatures=max_signatures)
         assert (again if isinstance(again, list) else await again) == first
         # The public-key operations made in a thread, as the verify agent has them.
         threaded = verify_now(Message(data), lookup, now=now,
-                              checker=ThreadBatches(signatures_valid), **kw)
+                              max_signatures=max_signatures,
+                              checker=ThreadBatches(signatures_valid))
         assert (threaded if isinstance(threaded, list) else await threaded) == first
         return first
 
