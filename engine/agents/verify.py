@@ -19,6 +19,8 @@ split over two stages so that the DNS overlaps the rest of the transaction:
   mail within its TTLs, the common case on a busy MX), the verdict is computed at once,
   with no task and no wait (``dkim.verify_now``, ``dmarc.discover_now``): the tasks and
   the ``asyncio.wait`` cost about a third of the stage (benchmarks/README.md, issue 15).
+  Only DKIM's public-key operations are then waited for, made in the agent's thread in
+  batches (engine.agents.batch): on the loop each cost a GIL round trip.
 
 Only mail from clients that may not relay (``session.may_relay`` False: mail from the
 outside world) is verified; a client that may relay sends outbound mail, which is signed,

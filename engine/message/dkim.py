@@ -33,13 +33,15 @@ executor (``loop.run_in_executor``): end to end, signing Ed25519 on the loop gav
 job, one job at a time.  The Python part of a signature (:meth:`Signer.prepare`: field
 selection, canonicalisation, hashing) runs on the loop and only :meth:`Signer.signature`
 in the thread, so the thread holds the GIL only to pick up and hand back digests.
-Verification is one public-key operation of 0.02-0.06 ms after the hashing: there the
-hop to a thread cost more than it saved (``bench_relay.py --verify``, 1 and 20 KiB at 20
-messages per connection: 600-620 µs of CPU per message on the loop against 635-920 in
-the executor), so :func:`verify` checks on the loop when the body is under
+Verification is one public-key operation of 0.02-0.06 ms after the hashing, and it
+releases the GIL too: on the loop of ``ferry serve`` each cost about 250 µs of CPU per
+message (``bench_relay.py --verify``, 1 KiB at 100 messages per connection, against the
+same run with the operation left out).  So the verify agent hands them to a
+:class:`Checker` (a thread, in batches: engine.agents.batch) and does the hashing on the
+loop; :func:`verify` without a checker checks on the loop when the body is under
 :data:`VERIFY_INLINE_BYTES` and in the executor otherwise (hashing a large body), and
 :func:`verify_now` returns the results at once, without a coroutine, when the keys'
-answers are cached too.
+answers are cached and no public-key operation is left to wait for.
 
 It must never open a socket or a file itself (the key record comes through the
 ``engine.agents.dns.Lookup`` handed in; :func:`load_signing_key` reads the one file it is
