@@ -36,9 +36,7 @@ from engine.agents.batch import ThreadBatches
 from engine.config import Config, ConfigError, DkimSignConfig
 from engine.message.dkim import (
     DEFAULT_HEADERS,
-    VERIFY_INLINE_BYTES,
     DkimKeyError,
-    Prepared,
     Signer,
     SigningKey,
     load_signing_key,
@@ -53,9 +51,6 @@ __all__ = ["DkimSigner", "build_signer", "from_domain", "key_problems", "signers
 #: have unsigned mail refused by the large mailbox providers.
 FAIL_OPEN: Final = False
 TIMEOUT: Final = 10.0
-#: Bodies under this size are canonicalised and hashed on the loop, larger ones in the
-#: signing thread (as engine.message.dkim.VERIFY_INLINE_BYTES for verification).
-PREPARE_INLINE_BYTES: Final = VERIFY_INLINE_BYTES
 
 
 # The common forms, "addr@domain" and "Display Name <addr@domain>" with no quotes, comments,
@@ -155,33 +150,24 @@ class DkimSigner(Agent):
         signers = self.signers_for(from_domain(message))
         if not signers:
             return ACCEPT
-        data = message.data
-        if len(data) - message.header_end < PREPARE_INLINE_BYTES:
-            # The canonicalisation and digests here, on the loop (Python, under the GIL
-            # wherever it runs); only the public-key operations go to the signing
-            # thread, where OpenSSL runs without the GIL (engine.message.dkim).
-            return self._signed([(signer, signer.prepare(data)) for signer in signers])
-        # A large body: its canonicalisation (about 0.6 ms per 100 KiB) would stall the
-        # loop; the thread does all of it.
-        return self._signed([(signer, data) for signer in signers])
+        # In a thread even for a small Ed25519 signature: cryptography releases the GIL
+        # while it signs, which on the loop costs a GIL round trip (engine.agents.batch).
+        # The canonicalisation goes along: preparing the digests on the loop and only
+        # signing in the thread measured no better end to end (benchmarks/README.md,
+        # issue 15, second pass).
+        return self._signed([(signer, message.data) for signer in signers])
 
     async def _signed(self, items: _Items) -> Verdict:
         return _verdict(await self._batches.submit(items))
 
 
-#: One message's signers, each with its prepared digest or the message to sign.
-_Items = Sequence[tuple[Signer, Prepared | bytes]]
-
-
-def _value(signer: Signer, work: Prepared | bytes) -> str:
-    if isinstance(work, bytes):
-        return signer.value(work)
-    return Signer.finish(work, signer.signature(work))
+#: One message's signers, each with the message to sign.
+_Items = Sequence[tuple[Signer, bytes]]
 
 
 def _sign_message(items: _Items) -> list[str]:
     """One message's fields' values, in the signing thread."""
-    return [_value(signer, work) for signer, work in items]
+    return [signer.value(data) for signer, data in items]
 
 
 def _verdict(values: Sequence[str]) -> Verdict:

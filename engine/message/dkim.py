@@ -30,9 +30,7 @@ signature costing the loop 220 µs.  Hence every signature is made in the defaul
 executor (``loop.run_in_executor``): end to end, signing Ed25519 on the loop gave
 2.2-3.3 s for 4,000 messages where the executor gave 2.0-2.5 s; the signing agent
 (engine.agents.dkim) makes the signatures of every message waiting in one executor
-job, one job at a time.  The Python part of a signature (:meth:`Signer.prepare`: field
-selection, canonicalisation, hashing) runs on the loop and only :meth:`Signer.signature`
-in the thread, so the thread holds the GIL only to pick up and hand back digests.
+job, one job at a time (engine.agents.batch).
 Verification is one public-key operation of 0.02-0.06 ms after the hashing, and it
 releases the GIL too: on the loop of ``ferry serve`` each cost about 250 µs of CPU per
 message (``bench_relay.py --verify``, 1 KiB at 100 messages per connection, against the
@@ -627,9 +625,8 @@ class Signer:
 
     def prepare(self, message: bytes) -> Prepared:
         """Everything of :meth:`value` before the public-key operation: the field's tags
-        and the digest to sign.  Pure Python (under the GIL) where :meth:`signature` is
-        OpenSSL's (outside it): the signing agent does this part on the event loop and
-        hands only the digests to its thread (engine.agents.dkim)."""
+        and the digest to sign (pure Python, under the GIL, where :meth:`signature` is
+        OpenSSL's, outside it)."""
         view = Message(message)
         fields = _fields(message, view.header_end)
         if not any(f.name == b"from" for f in fields):
