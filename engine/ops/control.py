@@ -38,6 +38,9 @@ order, on a connection that stays open for more:
                               or {"ok": false, "error": "configuration refused, ...",
                                   "errors": ["receive[0].key_file: ...", ...]}
                                  (engine.ops.reload.ReloadResult.to_json)
+    {"command": "metrics"}    → {"ok": true, "text": "# HELP ferry_...\n..."}  (the server's
+                                 GET /metrics text, engine.ops.metrics: what a node's
+                                 worker 0 gathers from every worker, engine.cluster.fanout)
     anything wrong            → {"ok": false, "error": "unknown command \"x\"; one of ..."}
 
 Ids are queue ids as ``ferry queue list`` prints them, at most :data:`MAX_IDS` per request
@@ -102,6 +105,8 @@ SOCKET_NAME: Final = "control.sock"
 MAX_REQUEST: Final = 1 << 18
 #: Operator connections open at once; more are refused (one reply, then closed).
 MAX_CONNECTIONS: Final = 16
+#: Longest reply :func:`ask` reads (a ``queues`` reply of a large queue, a ``metrics`` text).
+MAX_REPLY: Final = 1 << 28
 #: Longest socket path the kernel takes (sun_path is 108 bytes on Linux, with its NUL).
 MAX_PATH: Final = 107
 
@@ -204,6 +209,7 @@ COMMANDS: Final[Mapping[str, _Command]] = {
                            entry_fields=("address",)),
     "suppressions": _Command("list the suppression list",
                              entry_fields=("category", "after", "limit")),
+    "metrics": _Command("the server's metrics in the Prometheus text format"),
 }
 
 
@@ -262,34 +268,16 @@ def _known() -> str:
 # --- the asyncio server --------------------------------------------------------------
 
 
-class ControlServer:
-    """Serves the control socket for the running server's ``operations`` (see the module
-    docstring)."""
+class LineServer:
+    """The socket of a control channel: listens on ``path`` (mode 0600), reads request
+    lines and writes each :meth:`answer` back, in order.  :class:`ControlServer` answers
+    for one server; ``engine.cluster.fanout.NodeControl`` for every worker of a node."""
 
-    def __init__(self, path: Path, operations: Operations,
-                 reload: Callable[[], Awaitable[Reply]] | None = None) -> None:
-        """``reload`` is the App's reload, its reply ready (None: not offered)."""
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.operations = operations
-        self.reload = reload
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[Any]] = set()
         self._inode: int | None = None
-        self._handlers: Mapping[str, Callable[[Request], Awaitable[Reply]]] = {
-            "suspend": self._suspend,
-            "resume": self._resume,
-            "suspended": self._suspended,
-            "stats": self._stats,
-            "queues": self._queues,
-            "hold": self._hold,
-            "release": self._release,
-            "remove": self._remove,
-            "retry": self._retry,
-            "reload": self._reload,
-            "suppress": self._suppress,
-            "unsuppress": self._unsuppress,
-            "suppressions": self._suppressions,
-        }
 
     async def start(self) -> None:
         """Listen on ``path``.  ControlUnavailable when the path is too long for a
@@ -351,6 +339,41 @@ class ControlServer:
             pass  # the operator's tool went away; nothing to tell it
         finally:
             writer.close()
+
+    async def answer(self, line: bytes | None, by: str = "") -> Reply:
+        """The reply to one request line (None: a line over the limit); never raises."""
+        raise NotImplementedError
+
+
+class ControlServer(LineServer):
+    """Serves the control socket for the running server's ``operations`` (see the module
+    docstring)."""
+
+    def __init__(self, path: Path, operations: Operations,
+                 reload: Callable[[], Awaitable[Reply]] | None = None) -> None:
+        """``reload`` is the App's reload, its reply ready (None: not offered)."""
+        super().__init__(path)
+        self.operations = operations
+        self.reload = reload
+        #: The server's metrics in the text format (engine.ops.metrics), for the
+        #: ``metrics`` command a node's /metrics gathers (None: not collected here).
+        self.metrics: Callable[[], bytes] | None = None
+        self._handlers: Mapping[str, Callable[[Request], Awaitable[Reply]]] = {
+            "suspend": self._suspend,
+            "resume": self._resume,
+            "suspended": self._suspended,
+            "stats": self._stats,
+            "queues": self._queues,
+            "hold": self._hold,
+            "release": self._release,
+            "remove": self._remove,
+            "retry": self._retry,
+            "reload": self._reload,
+            "suppress": self._suppress,
+            "unsuppress": self._unsuppress,
+            "suppressions": self._suppressions,
+            "metrics": self._metrics,
+        }
 
     async def answer(self, line: bytes | None, by: str = "") -> Reply:
         """The reply to one request line (None: a line over the limit) from the operator
@@ -418,6 +441,11 @@ class ControlServer:
         e = request.entry
         return _ok(suppressions.listing(self.operations, e.get("category", ""),
                                         e.get("after", ""), e.get("limit")))
+
+    async def _metrics(self, request: Request) -> Reply:
+        if self.metrics is None:
+            raise ControlError("metrics: not collected by this server")
+        return {"ok": True, "text": self.metrics().decode("utf-8")}
 
 
 def _ok(doc: Mapping[str, Any]) -> Reply:
@@ -506,3 +534,32 @@ def request(path: Path, message: Mapping[str, Any], timeout: float = 600.0) -> R
     if not isinstance(reply, dict):
         raise ControlUnavailable(f"the server on {path} sent a reply that is not an object")
     return reply
+
+
+async def ask(path: Path, message: Mapping[str, Any], seconds: float = 600.0) -> Reply:
+    """:func:`request` for a caller on an event loop (a node's supervisor asking its
+    workers, worker 0's admin API asking the supervisor): the whole exchange bounded by
+    ``seconds`` (TimeoutError).  ControlUnavailable when nothing serves there."""
+    _check_length(path)
+
+    async def exchange() -> Reply:
+        try:
+            reader, writer = await asyncio.open_unix_connection(os.fspath(path),
+                                                                limit=MAX_REPLY)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise ControlUnavailable(
+                f"nothing answers on {path} ({exc.strerror or exc})") from None
+        try:
+            writer.write(orjson.dumps(dict(message)) + b"\n")
+            line = await reader.readline()
+        finally:
+            writer.close()
+        if not line.endswith(b"\n"):
+            raise ControlUnavailable(f"the server on {path} closed the connection")
+        reply = orjson.loads(line)
+        if not isinstance(reply, dict):
+            raise ControlUnavailable(f"the server on {path} sent a reply that is not an "
+                                     "object")
+        return reply
+
+    return await asyncio.wait_for(exchange(), seconds)
