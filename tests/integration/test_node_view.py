@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import orjson
 import pytest
 import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.cluster.fanout import NodeControl
 from engine.cluster.shards import shard_config, worker_control_path, workers_dir
@@ -259,6 +260,8 @@ def test_the_admin_api_and_metrics_of_worker_0_cover_the_node(tmp_path: Path) ->
             if line.startswith("# TYPE "):
                 families.append(line.split()[2])
         assert len(families) == len(set(families))  # each family once, its samples together
+        assert {f.name for f in text_string_to_metric_families(text)} >= {
+            "ferry_received_messages", "ferry_build_info"}
         received = [line for line in text.splitlines()
                     if line.startswith("ferry_received_messages_total{")]
         assert {('worker="0"' in line, 'worker="1"' in line) for line in received} == {
