@@ -6,7 +6,10 @@ the spool with a running ``ferry serve``, and it works as well on a stopped spoo
 changes nothing; its views live in ``engine.ops.views`` and its filters in
 ``engine.ops.select``.  ``queues`` asks a running server first (its scheduler knows the
 rates, what is in flight, which sites are down and which destinations it cannot route),
-and reads the spool alone when none runs.  The controls never touch
+and reads the spool alone when none runs.  On a node of several workers the viewer reads
+every shard as one queue (``engine.cluster.nodeview.ShardedQueue``) and the controls ask
+the supervisor's socket, which asks every worker (``engine.cluster.fanout``); what it says
+of a worker that did not answer is printed on the standard error.  The controls never touch
 the queue database: they ask the running server over its control socket
 (``engine.ops.control``), which does the work, so there is one writer and the server's
 memory agrees with the queue.
