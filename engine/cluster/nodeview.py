@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import threading
 from collections.abc import Callable, Container, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from engine.cluster.shards import shard_indexes, shard_spool
 from engine.ops import control
@@ -48,6 +49,8 @@ from engine.queue.api import (
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import Envelope, id_text
 
+_T = TypeVar("_T")
+
 #: How long the admin API waits for the node's control channel (a verb on many messages
 #: waits for every worker's commits).
 NODE_TIMEOUT: Final = 300.0
@@ -66,22 +69,25 @@ class ShardedQueue:
         self.shards = list(shards)
         self._owned = owned
 
-    def _find(self, queue_id: bytes) -> LmdbQueue:
+    def _first(self, read: Callable[[LmdbQueue], _T], queue_id: bytes) -> _T:
+        """``read`` of the shard that holds ``queue_id`` (KeyError in every other)."""
         for _, store in self.shards:
-            if _has(store, queue_id):
-                return store
+            try:
+                return read(store)
+            except KeyError:
+                continue
         raise KeyError(queue_id)
 
     # --- reads -----------------------------------------------------------------------
 
     def get(self, queue_id: bytes) -> Envelope:
-        return self._find(queue_id).get(queue_id)
+        return self._first(lambda s: s.get(queue_id), queue_id)
 
     def body(self, queue_id: bytes) -> bytes:
-        return self._find(queue_id).body(queue_id)
+        return self._first(lambda s: s.body(queue_id), queue_id)
 
     def get_with_body(self, queue_id: bytes) -> tuple[Envelope, bytes]:
-        return self._find(queue_id).get_with_body(queue_id)
+        return self._first(lambda s: s.get_with_body(queue_id), queue_id)
 
     def ids_for_hop(self, next_hop: str, limit: int, after: bytes = b"") -> list[bytes]:
         return _merged([s.ids_for_hop(next_hop, limit, after) for _, s in self.shards], limit)
@@ -181,16 +187,6 @@ class ShardedQueue:
         self.close_sync()
 
 
-def _has(store: LmdbQueue, queue_id: bytes) -> bool:
-    try:
-        store.get(queue_id)
-    except KeyError:
-        return False
-    except Exception:
-        return True  # there, but it does not decode: the caller's get says so
-    return True
-
-
 def _merged(pages: Sequence[list[bytes]], limit: int) -> list[bytes]:
     """Index pages of several shards (each in id order, after the same key) as one page."""
     return list(islice(heapq.merge(*pages), limit))
@@ -257,25 +253,29 @@ class NodeOperations(Operations):
         self.timeout = timeout
         self.suppression = local.suppression
         self.hooks = local.hooks
-        self._shards: ShardedQueue | None = None
-        self._indexes: list[int] = []
+        #: the other shards, opened here at the first read after they appeared
+        self._opened: dict[int, LmdbQueue] = {}
+        # Two reads in two threads must not open a shard twice (LMDB: once a process).
+        self._opening = threading.Lock()
 
     # --- the stores of every shard -----------------------------------------------------
 
     def _view(self) -> ShardedQueue:
-        """Every shard, those opened here kept open while the set of shards stays."""
-        indexes = shard_indexes(self.spool)
-        if self._shards is None or indexes != self._indexes:
-            if self._shards is not None:
-                self._shards.close_sync()
-            self._shards = open_shards(self.spool, list(self.open_here.items()))
-            self._indexes = indexes
-        return self._shards
+        """Every shard; one opened here stays open until :meth:`close` (a read in
+        another thread may be using it)."""
+        with self._opening:
+            for index in shard_indexes(self.spool):
+                if index not in self.open_here and index not in self._opened:
+                    store = open_store(shard_spool(self.spool, index))
+                    if store is not None:
+                        self._opened[index] = store
+            return ShardedQueue(sorted({**self._opened, **self.open_here}.items()))
 
     def close(self) -> None:
-        if self._shards is not None:
-            self._shards.close_sync()
-            self._shards = None
+        with self._opening:
+            for store in self._opened.values():
+                store.close_sync()
+            self._opened.clear()
 
     async def _ask(self, message: dict[str, Any]) -> dict[str, Any]:
         """The node's reply to ``message``; OperationError with its text when refused,

@@ -24,9 +24,10 @@ import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.cluster.fanout import NodeControl
-from engine.cluster.shards import shard_config, worker_control_path, workers_dir
+from engine.cluster.shards import shard_config, shard_spool, worker_control_path, workers_dir
 from engine.config import Config
 from engine.ops.control import request, socket_path
+from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import RcptState, id_bytes, id_text
 from engine.testing.server import RunningFerry, ferry_config
 from engine.testing.wait import wait_for
@@ -268,3 +269,23 @@ def test_the_admin_api_and_metrics_of_worker_0_cover_the_node(tmp_path: Path) ->
             (True, False), (False, True)}
     finally:
         node.close()
+
+
+def test_suppress_on_a_stopped_node_changes_every_shard(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    node.close()  # the shards are there, nothing runs
+    spool = str(node.spool)
+    added = ferry("suppress", "--spool", spool, "add", "bad@one.test", "--reason", "gone")
+    assert added.returncode == 0, added.stderr
+
+    def entries(index: int) -> list[bytes]:
+        store = LmdbQueue(shard_spool(node.spool, index) / "queue", min_free_disk=0)
+        try:
+            return [address for address, _ in store.suppressed()]
+        finally:
+            store.close_sync()
+
+    assert entries(0) == entries(1) == [b"bad@one.test"]
+    removed = ferry("suppress", "--spool", spool, "remove", "bad@one.test")
+    assert removed.returncode == 0, removed.stderr
+    assert entries(0) == entries(1) == []
