@@ -16,8 +16,9 @@ worker 0's admin API see and act on the node as one server:
 - ``suspend`` / ``resume`` / ``retry`` of a destination: to every worker (each holds its
   own shard's mail for it), recipients summed.
 - ``suppress`` / ``unsuppress``: to every worker (each shard keeps its own suppression
-  list); ``suppressions`` is worker 0's list.  ``reload`` is the supervisor's own (it
-  re-reads the file and tells its workers): the callable it gives.
+  list); ``suppressions`` is worker 0's list.  ``reload`` is the supervisor's own when
+  it gives one (a callable); else every worker reloads and the replies merge
+  (:func:`merge_reloads`: refused if any worker refused).
 - ``metrics``: every worker's text with a ``worker="<i>"`` label on each sample, each
   family's samples together (:func:`merge_metrics`): worker 0's ``GET /metrics``.
 
@@ -199,6 +200,19 @@ def merge_destination(replies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return doc
 
 
+def merge_reloads(replies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The node's ``reload`` (``ReloadResult.to_json``'s) from each worker's: the first
+    refusal if any worker refused (the others may have applied it: the warnings name
+    who refused), else the keys applied and those waiting for a restart, each once."""
+    for reply in replies:
+        if not reply.get("ok"):
+            return dict(reply)
+    applied = list(dict.fromkeys(k for r in replies for k in r.get("applied", ())))
+    restart = list({item["key"]: item for r in replies for item in r.get("restart", ())
+                    }.values())
+    return {"ok": True, "applied": applied, "restart": restart}
+
+
 #: A sample line of the text format: its name, then its labels or its value.
 _SAMPLE: Final = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{)?")
 
@@ -315,13 +329,13 @@ class NodeControl(LineServer):
 
     async def _answer(self, request: Request, line: bytes) -> Reply:
         command = request.command
-        if command == "reload":
-            if self.reload is None:
-                raise ControlError("reload: not offered by this server")
+        if command == "reload" and self.reload is not None:
             return await self.reload()
         message = dict(_message(line))
         answers = await self.ask(message, [0] if command in _FIRST_ONLY else None)
         good = answers.good
+        if command == "reload" and answers.replies:
+            return {**merge_reloads([r for _, r in answers.replies]), **answers.notes()}
         if not good:
             if answers.replies:  # every worker that answered refused: the first says why
                 return {**answers.replies[0][1], **answers.notes()}

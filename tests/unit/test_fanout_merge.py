@@ -7,7 +7,13 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.cluster.fanout import merge_metrics, merge_rows, merge_stats, merge_verbs
+from engine.cluster.fanout import (
+    merge_metrics,
+    merge_reloads,
+    merge_rows,
+    merge_stats,
+    merge_verbs,
+)
 from engine.ops.views import QueueRow, webhook_row
 from engine.queue.records import id_bytes
 
@@ -98,3 +104,16 @@ def test_metrics_get_a_worker_label_and_families_stay_together() -> None:
     assert merged.count("# TYPE ferry_commit_seconds histogram") == 1
     assert families["ferry_build_info"].samples[1].labels == {
         "worker": "1", "extensions": "none", "version": "1"}
+
+
+def test_a_reload_is_refused_if_any_worker_refused_it() -> None:
+    applied = {"ok": True, "applied": ["send[0].smarthosts", "delivery.max_rate"],
+               "restart": [{"key": "receive[0].listen", "why": "sockets"}]}
+    other = {"ok": True, "applied": ["delivery.max_rate"],
+             "restart": [{"key": "receive[0].listen", "why": "sockets"}]}
+    assert merge_reloads([applied, other]) == {
+        "ok": True, "applied": ["send[0].smarthosts", "delivery.max_rate"],
+        "restart": [{"key": "receive[0].listen", "why": "sockets"}]}
+    refused = {"ok": False, "error": "configuration refused, the running one stays",
+               "errors": ["receive[0].key_file: no such file"]}
+    assert merge_reloads([applied, refused]) == refused
