@@ -41,6 +41,10 @@ def _received(spool: Path) -> set[str]:
     return {r["id"] for r in records if r["event"] == "RECEIVE"}
 
 
+def _pair(pids: list[int]) -> list[int] | None:
+    return pids if len(pids) == 2 else None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -62,8 +66,7 @@ def test_two_workers_share_the_load_survive_a_kill_and_stop_together(tmp_path: P
     spool = tmp_path / "spool"
     try:
         ferry.start()
-        first = wait_for(lambda: (pids := ferry.workers()) and len(pids) == 2 and pids,
-                         what="two workers")
+        first = wait_for(lambda: _pair(ferry.workers()), what="two workers")
         clients.start()
         # Connections land in both workers: each queues mail in its own shard.
         wait_for(lambda: len(_received(shard_spool(spool, 0))) >= 5
@@ -73,8 +76,8 @@ def test_two_workers_share_the_load_survive_a_kill_and_stop_together(tmp_path: P
         # starts it again on its shard.
         os.kill(first[0], signal.SIGKILL)
         acked_at_kill = len(ledger.by_outcome(ACKED))
-        again = wait_for(lambda: (pids := ferry.workers()) and len(pids) == 2
-                         and first[0] not in pids and pids, 60, "the worker started again")
+        again = wait_for(lambda: _pair(ferry.workers()) if first[0] not in ferry.workers()
+                         else None, 60, "the worker started again")
         assert first[1] in again  # the other worker was never stopped
         wait_for(lambda: len(ledger.by_outcome(ACKED)) >= acked_at_kill + 30, 60,
                  "mail accepted after the kill")
