@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import smtplib
 import subprocess
 import sys
 from collections import Counter
@@ -94,6 +95,12 @@ def test_two_workers_share_the_load_survive_a_kill_and_stop_together(tmp_path: P
         duplicates = sum(n - 1 for n in copies.values())
         print(f"delivered {len(copies)}, duplicates {duplicates}")
         assert duplicates <= 4 * 2
+        # SIGHUP to the supervisor: every worker reloads the file.
+        assert ferry.proc is not None
+        ferry.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: all(f"[w{i}]: configuration reloaded: no change" in
+                             (tmp_path / "ferry.log").read_text() for i in (0, 1)),
+                 what="both workers reloaded")
         # A second serve on the same spool refuses, naming the lock.
         second = subprocess.run(
             [sys.executable, "-m", "engine", "serve", "--spool", str(spool), "--listen",
@@ -110,5 +117,51 @@ def test_two_workers_share_the_load_survive_a_kill_and_stop_together(tmp_path: P
     finally:
         clients.stop()
         ferry.abandon()
+        responder.stop()
+        sink.stop()
+
+
+def test_a_shard_left_by_more_workers_is_delivered_by_a_worker_that_accepts_nothing(
+        tmp_path: Path) -> None:
+    """Mail queued by worker 1 of a two-worker node, which stops before it can deliver
+    it, is delivered after a restart with one worker: the supervisor starts a worker for
+    the shard that still holds mail, and that worker takes no connection."""
+    sink = TortureSink([SINK_ADDRESS], reply_delay=0.0)
+    sink.state.data_replies[SINK_ADDRESS] = "451 4.3.0 not now"
+    responder = DnsResponder(f"$TTL 300\n{DOMAIN}. IN MX 10 mx.{DOMAIN}.\n"
+                             f"mx.{DOMAIN}. IN A {SINK_ADDRESS}\n")
+    ledger = Ledger()
+    port = free_port()
+    dns = responder.start()
+    spool = tmp_path / "spool"
+    two = TortureFerry(tmp_path, port, dns, sink.port, 4, extra=("--workers", "2"))
+    clients = Clients(port, ledger, 6, 0.01, 5, 0.0)
+    one = TortureFerry(tmp_path, port, dns, sink.port, 4, extra=("--workers", "1"))
+    try:
+        two.start()
+        wait_for(lambda: _pair(two.workers()), what="two workers")
+        clients.start()
+        wait_for(lambda: len(_received(shard_spool(spool, 1))) >= 3, 60,
+                 "mail taken by worker 1")
+        clients.stop()
+        assert two.stop() == 0
+        in_shard_1 = _received(shard_spool(spool, 1))
+        sink.state.data_replies[SINK_ADDRESS] = ""
+        one.start()
+        acked = {s.token for s in ledger.by_outcome(ACKED)}
+        wait_for(lambda: acked <= {d.token for d in sink.deliveries}, 60,
+                 "every acknowledged message delivered, shard 1's too")
+        log = (tmp_path / "ferry.log").read_text()
+        assert "node of 1 workers" in log and "(and 1 delivering what their shards hold)" in log
+        # Worker 1 accepted nothing in this run: its shard's RECEIVE records are the first
+        # run's, while mail still arrives (through worker 0).
+        with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
+            client.sendmail("s@client.test", [f"x@{DOMAIN}"], b"Subject: late\r\n\r\nx\r\n")
+        assert _received(shard_spool(spool, 1)) == in_shard_1
+        assert one.stop() == 0
+    finally:
+        clients.stop()
+        two.abandon()
+        one.abandon()
         responder.stop()
         sink.stop()
