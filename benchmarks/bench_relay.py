@@ -342,12 +342,25 @@ class Result:
     inject: float = 0.0
     e2e: float = 0.0
     cpu: float = 0.0
+    #: Of ``cpu``, the queue writer processes' (Ferry; --workers prints it).
+    writer_cpu: float = 0.0
     rss_kib: int = 0
     received: int = 0
     error: str = ""
 
     def rate(self, wall: float) -> float:
         return self.cell.messages / wall if wall and not self.error else 0.0
+
+
+def writer_cpu(root: int) -> float:
+    """CPU seconds of the queue writer processes under ``root`` (live ones)."""
+    total = 0.0
+    for pid in tree_pids(root):
+        with contextlib.suppress(OSError):
+            if b"writer_process" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def node_kind(kind: str) -> int:
@@ -490,7 +503,7 @@ def run_cell(kind: str, cell: Cell, base: Path, signed: SignedMail | None = None
         if cell.per_conn:
             argv.append("-d")
         argv.append(f"127.0.0.1:{port}")
-        cpu0 = tree_cpu(pid)
+        cpu0, writer0 = tree_cpu(pid), writer_cpu(pid)
         with RssSampler(pid) as rss:
             t0 = time.perf_counter()
             try:
@@ -510,6 +523,7 @@ def run_cell(kind: str, cell: Cell, base: Path, signed: SignedMail | None = None
                     )
             if kind != "direct":
                 result.cpu = settle_cpu(pid) - cpu0
+                result.writer_cpu = writer_cpu(pid) - writer0
         result.rss_kib = rss.peak_kib
         if kind in FERRY_CONFIGS and node_kind(kind) == 1:  # the kernel's own peak RSS
             result.rss_kib = status_kib(pid, "VmHWM")
@@ -582,8 +596,8 @@ def print_node(cells: list[Cell], results: dict[tuple[str, Cell], list[Result]],
     """--workers: the node against one worker and against Postfix, end to end, with the
     CPU per message of each (medians of the rounds)."""
     print(f"\n{'cell':<16} {node + '/ferry':>13} {node + '/postfix':>15} "
-          f"{'CPU µs/msg ferry':>16} {node:>9}  verdict (1 KiB: >= {NODE_TARGETS[0]}x, "
-          f">= {NODE_TARGETS[1]}x)")
+          f"{'CPU µs/msg ferry':>16} {node:>9} {'writers':>15}  verdict (1 KiB: >= "
+          f"{NODE_TARGETS[0]}x, >= {NODE_TARGETS[1]}x)")
     for cell in cells:
         one, many, pf = (_median(results[k, cell]) for k in ("ferry", node, "postfix"))
         e1, en, ep = one.rate(one.e2e), many.rate(many.e2e), pf.rate(pf.e2e)
@@ -593,7 +607,9 @@ def print_node(cells: list[Cell], results: dict[tuple[str, Cell], list[Result]],
             verdict = "PASS" if ok else "FAIL"
         print(f"{cell.name:<16} {ratio(en, e1):>13} {ratio(en, ep):>15} "
               f"{one.cpu / cell.messages * 1e6:>16,.0f} "
-              f"{many.cpu / cell.messages * 1e6:>9,.0f}  {verdict}")
+              f"{many.cpu / cell.messages * 1e6:>9,.0f} "
+              f"{one.writer_cpu / cell.messages * 1e6:>7,.0f}/"
+              f"{many.writer_cpu / cell.messages * 1e6:<7,.0f}  {verdict}")
 
 
 def main() -> None:
