@@ -111,7 +111,8 @@ class App:
         #: set before start; None: a node of one.  With it, the admin API and GET /metrics
         #: answer for every worker (engine.cluster.nodeview), and the metrics are kept
         #: even without [http] (worker 0 gathers them over the control channel).
-        self.node_control: Path | None = None
+        self.node_control: Path | None = (
+            socket_path(role.spool) if role is not None and role.size > 1 else None)
         #: The node's operations for the admin API (made at start when ``node_control``).
         self.node_operations: NodeOperations | None = None
         self.store: LmdbQueue | None = None

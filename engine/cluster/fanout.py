@@ -43,7 +43,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
@@ -59,6 +59,9 @@ from engine.ops.control import (
     parse_request,
 )
 from engine.queue.records import id_text
+
+if TYPE_CHECKING:
+    from engine.cluster.supervisor import Supervisor
 
 log = logging.getLogger("ferry.control")
 
@@ -374,3 +377,11 @@ def _message(line: bytes) -> Mapping[str, Any]:
     doc = orjson.loads(line)
     assert isinstance(doc, dict)
     return doc
+
+
+def node_control(supervisor: Supervisor) -> NodeControl:
+    """The supervisor's service (``Supervisor.make_services``): the node's control channel
+    on ``<spool>/control.sock`` for every worker it runs (a stopped one is named), a
+    reload forwarded to every worker."""
+    return NodeControl(control.socket_path(supervisor.spool), supervisor.spool,
+                       lambda: [w.index for w in supervisor.workers])
