@@ -27,8 +27,9 @@ the reply, ``"not_answering": [1]`` and ``"warnings": ["worker 1 not answering (
 and the others still act; a request no worker answers is an error reply naming them all.
 A request that every answering worker refuses gets the first refusal.
 
-The operator the workers' events name is the supervisor's user (a worker sees the
-supervisor at the other end of its socket); the node's socket is as private (0600).
+The workers' events name the operator who asked the node (the node's socket's peer,
+forwarded as ``"by"``, which a worker takes from its supervisor only: root or its own
+user); the node's socket is as private as a server's (0600, owned by ``[server] user``).
 
 Merging is sans-I/O (plain JSON values in and out); :class:`NodeControl` is the asyncio
 glue.  It must never open a queue or decide anything itself: the workers do the work.
@@ -56,6 +57,7 @@ from engine.ops.control import (
     Reply,
     Request,
     error_reply,
+    operator,
     parse_request,
 )
 from engine.queue.records import id_text
@@ -289,7 +291,8 @@ class NodeControl(LineServer):
     """The node's control channel on ``path`` (``<spool>/control.sock``), answering for
     the workers ``workers()`` names (asked at each request: the supervisor's current
     set) by way of their sockets under ``spool``; ``reload`` is the supervisor's own
-    reload, its reply ready (None: not offered)."""
+    reload, its reply ready (None: every worker reloads, :func:`merge_reloads`);
+    ``timeout``: how long a worker may take to answer (seconds)."""
 
     def __init__(self, path: Path, spool: Path, workers: Callable[[], Iterable[int]],
                  reload: Callable[[], Awaitable[Reply]] | None = None,
@@ -300,12 +303,12 @@ class NodeControl(LineServer):
         self.reload = reload
         self.timeout = timeout
 
-    async def answer(self, line: bytes | None, by: str = "") -> Reply:
+    async def answer(self, line: bytes | None, by: str = "", trusted: bool = False) -> Reply:
         if line is None:
             return error_reply(f"request longer than {MAX_REQUEST} bytes")
         try:
             request = parse_request(line)
-            return await self._answer(request, line)
+            return await self._answer(request, line, operator(request, by, trusted))
         except ControlError as exc:
             return error_reply(str(exc))
         except Exception as exc:
@@ -330,11 +333,11 @@ class NodeControl(LineServer):
         return _Answers([(i, r) for i, r in answers if isinstance(r, dict)],
                         [(i, r) for i, r in answers if isinstance(r, str)])
 
-    async def _answer(self, request: Request, line: bytes) -> Reply:
+    async def _answer(self, request: Request, line: bytes, by: str) -> Reply:
         command = request.command
         if command == "reload" and self.reload is not None:
             return await self.reload()
-        message = dict(_message(line))
+        message = {**_message(line), "by": by}  # the workers' events name the operator
         answers = await self.ask(message, [0] if command in _FIRST_ONLY else None)
         good = answers.good
         if command == "reload" and answers.replies:
@@ -383,5 +386,9 @@ def node_control(supervisor: Supervisor) -> NodeControl:
     """The supervisor's service (``Supervisor.make_services``): the node's control channel
     on ``<spool>/control.sock`` for every worker it runs (a stopped one is named), a
     reload forwarded to every worker."""
-    return NodeControl(control.socket_path(supervisor.spool), supervisor.spool,
+    node = NodeControl(control.socket_path(supervisor.spool), supervisor.spool,
                        lambda: [w.index for w in supervisor.workers])
+    account = supervisor.account
+    if account is not None:  # the operator is [server] user, as with one process
+        node.owner = (account.uid, account.gid)
+    return node

@@ -236,7 +236,8 @@ class NodeOperations(Operations):
     docstring): ``local`` is worker 0's own; ``node`` the node's control socket;
     ``spool`` the node's spool; ``tracking`` says every shard's tracking log directory
     at the time of asking (``engine.cluster.shards.tracking_dirs``: a shard may appear
-    after the start; None: tracking is off)."""
+    after the start; None: tracking is off).  The events of its verbs name the token
+    (``by``, which the node's control channel takes from a worker of the node)."""
 
     def __init__(self, local: Operations, store: LmdbQueue, node: Path, spool: Path,
                  tracking: Callable[[], Sequence[Path]] | None = None,
@@ -293,13 +294,16 @@ class NodeOperations(Operations):
     # --- destinations ------------------------------------------------------------------
 
     async def suspend(self, destination: object, by: str) -> dict[str, Any]:
-        return await self._ask({"command": "suspend", "destination": self.hop(destination)})
+        return await self._ask({"command": "suspend", "destination": self.hop(destination),
+                                "by": by})
 
     async def resume(self, destination: object, by: str) -> dict[str, Any]:
-        return await self._ask({"command": "resume", "destination": self.hop(destination)})
+        return await self._ask({"command": "resume", "destination": self.hop(destination),
+                                "by": by})
 
     async def retry_destination(self, destination: object, by: str) -> dict[str, Any]:
-        return await self._ask({"command": "retry", "destination": self.hop(destination)})
+        return await self._ask({"command": "retry", "destination": self.hop(destination),
+                                "by": by})
 
     async def suspended_view(self) -> list[str]:
         destinations: list[str] = (await self._ask({"command": "suspended"}))["destinations"]
@@ -353,7 +357,7 @@ class NodeOperations(Operations):
                                       "reports": []}
         for start in range(0, len(ids), MAX_IDS):
             message: dict[str, Any] = {"command": verb, "ids": [
-                id_text(q) for q in ids[start:start + MAX_IDS]]}
+                id_text(q) for q in ids[start:start + MAX_IDS]], "by": by}
             if verb == "remove":
                 message["report"] = report
             reply = await self._ask(message)
@@ -376,9 +380,9 @@ class NodeOperations(Operations):
     async def suppress(self, address: object, reason: object, category: object,
                        by: str) -> dict[str, Any]:
         message = {"command": "suppress", "address": address, "reason": reason,
-                   "category": category}
+                   "category": category, "by": by}
         return await self._ask({k: v for k, v in message.items() if v is not None})
 
     async def unsuppress(self, address: object, by: str) -> dict[str, Any]:
-        return await self._ask({"command": "unsuppress", "address": address})
+        return await self._ask({"command": "unsuppress", "address": address, "by": by})
 

@@ -47,7 +47,10 @@ Ids are queue ids as ``ferry queue list`` prints them, at most :data:`MAX_IDS` p
 (a bulk tool sends several).  ``changed``: the verb acted; ``unchanged``: queued but
 nothing to do (already held, no deferred recipient...); ``missing``: not in the queue.
 Each change is reported as an event (HOLD, RELEASE, REMOVE, RETRY) naming the operator:
-the user name of the peer's uid (SO_PEERCRED), the uid itself when it has no name.
+the user name of the peer's uid (SO_PEERCRED), the uid itself when it has no name.  A
+request may carry ``"by": "<user>"`` only from root or the server's own user: a node's
+supervisor forwards the operator it served (engine.cluster.fanout); from anyone else it
+is refused.
 
 A destination is named as the queue names it (``ferry queue list --destination``): a
 domain, ``local:<domain>`` or an address literal; it is normalised the way recipients'
@@ -107,6 +110,8 @@ MAX_REQUEST: Final = 1 << 18
 MAX_CONNECTIONS: Final = 16
 #: Longest reply :func:`ask` reads (a ``queues`` reply of a large queue, a ``metrics`` text).
 MAX_REPLY: Final = 1 << 28
+#: Longest operator name a request may carry (``by``: from a node's supervisor only).
+MAX_BY: Final = 64
 #: Longest socket path the kernel takes (sun_path is 108 bytes on Linux, with its NUL).
 MAX_PATH: Final = 107
 
@@ -221,6 +226,14 @@ def parse_request(line: bytes) -> Request:
         raise ControlError(f"request is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise ControlError('request must be a JSON object, e.g. {"command": "suspended"}')
+    claim = doc.pop("by", "")
+    if not isinstance(claim, str) or len(claim) > MAX_BY or not claim.isprintable():
+        raise ControlError(f'"by" must be a name (at most {MAX_BY} printable characters)')
+    request = _request(doc)
+    return dataclasses.replace(request, by=claim) if claim else request
+
+
+def _request(doc: dict[str, Any]) -> Request:
     command = doc.get("command")
     if not isinstance(command, str):
         raise ControlError(f'"command" (a string) is required; one of {_known()}')
@@ -275,6 +288,9 @@ class LineServer:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        #: (uid, gid) the socket is given to: a node's supervisor runs as root and its
+        #: operator as ``[server] user`` (None: whoever runs this process)
+        self.owner: tuple[int, int] | None = None
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[Any]] = set()
         self._inode: int | None = None
@@ -294,6 +310,8 @@ class LineServer:
         try:
             sock.bind(os.fspath(temporary))
             temporary.chmod(0o600)
+            if self.owner is not None:
+                os.chown(temporary, *self.owner)
             self._server = await asyncio.start_unix_server(self._accept, sock=sock)
         except BaseException:
             sock.close()
@@ -330,18 +348,26 @@ class LineServer:
                 await writer.drain()
                 return
             lines = LineReader()
-            by = peer_user(writer.get_extra_info("socket"))
+            sock = writer.get_extra_info("socket")
+            by = peer_user(sock)
+            # Root, this server's own user or its owner's (a node's supervisor, its
+            # workers, the user Ferry runs as: each could change the queue anyway) may
+            # name the operator.
+            uid = peer_uid(sock)
+            trusted = uid in (0, os.geteuid()) or (
+                self.owner is not None and uid == self.owner[0])
             while data := await reader.read(65536):
                 for line in lines.feed(data):
-                    writer.write(encode_reply(await self.answer(line, by)))
+                    writer.write(encode_reply(await self.answer(line, by, trusted)))
                     await writer.drain()
         except ConnectionError:
             pass  # the operator's tool went away; nothing to tell it
         finally:
             writer.close()
 
-    async def answer(self, line: bytes | None, by: str = "") -> Reply:
-        """The reply to one request line (None: a line over the limit); never raises."""
+    async def answer(self, line: bytes | None, by: str = "", trusted: bool = False) -> Reply:
+        """The reply to one request line (None: a line over the limit) from the peer
+        user ``by`` (``trusted``: :func:`operator`); never raises."""
         raise NotImplementedError
 
 
@@ -375,13 +401,14 @@ class ControlServer(LineServer):
             "metrics": self._metrics,
         }
 
-    async def answer(self, line: bytes | None, by: str = "") -> Reply:
-        """The reply to one request line (None: a line over the limit) from the operator
-        ``by``; never raises."""
+    async def answer(self, line: bytes | None, by: str = "", trusted: bool = False) -> Reply:
+        """The reply to one request line (None: a line over the limit) from the peer
+        user ``by`` (``trusted``: :func:`operator`); never raises."""
         if line is None:
             return error_reply(f"request longer than {MAX_REQUEST} bytes")
         try:
-            request = dataclasses.replace(parse_request(line), by=by or "unknown")
+            request = parse_request(line)
+            request = dataclasses.replace(request, by=operator(request, by, trusted))
             return await self._handlers[request.command](request)
         except OperationError as exc:
             return error_reply(str(exc))
@@ -460,16 +487,36 @@ def verb_reply(done: VerbResult) -> Reply:
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid (Linux)
 
 
-def peer_user(sock: socket.socket | None) -> str:
-    """The user name of the process at the other end of a Unix socket (SO_PEERCRED): who
-    the events name as having acted; its uid when it has no name, "" when unknown."""
+def peer_uid(sock: socket.socket | None) -> int | None:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED); None
+    when unknown."""
     option = getattr(socket, "SO_PEERCRED", None)
     if sock is None or option is None:
-        return ""
+        return None
     try:
         _pid, uid, _gid = _PEERCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, option, _PEERCRED.size))
     except OSError:
+        return None
+    return int(uid)
+
+
+def operator(request: Request, peer: str, trusted: bool) -> str:
+    """Who the events of ``request`` name: the peer's user; the request's own ``by``
+    only from a ``trusted`` peer (a node's supervisor forwards the operator it served:
+    engine.cluster.fanout), refused from any other."""
+    if not request.by:
+        return peer or "unknown"
+    if not trusted:
+        raise ControlError('"by": only a node\'s supervisor names the operator')
+    return request.by
+
+
+def peer_user(sock: socket.socket | None) -> str:
+    """The user name of the process at the other end of a Unix socket (SO_PEERCRED): who
+    the events name as having acted; its uid when it has no name, "" when unknown."""
+    uid = peer_uid(sock)
+    if uid is None:
         return ""
     try:
         return pwd.getpwuid(uid).pw_name

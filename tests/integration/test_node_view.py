@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import pwd
 import smtplib
 import subprocess
 import sys
@@ -29,11 +31,13 @@ from engine.config import Config
 from engine.ops.control import request, socket_path
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import RcptState, id_bytes, id_text
+from engine.testing.events import Recorder
 from engine.testing.server import RunningFerry, ferry_config
 from engine.testing.wait import wait_for
 from tests.integration.test_admin_api import call, http_config
 
 T = TypeVar("T")
+ME = pwd.getpwuid(os.getuid()).pw_name
 
 
 class RunningNode:
@@ -178,6 +182,9 @@ def test_ferry_queue_and_track_see_and_act_on_both_workers(node: Node) -> None:
     events = wait_for(tracked, 20, "both workers' events in ferry track")
     assert events[a][0] == "RECEIVE" and events[b][0] == "RECEIVE"
     assert "HOLD" in events[a] and "HOLD" in events[b]
+    holds = ferry("track", "--spool", spool, "--event", "HOLD", "--json").stdout
+    # The node's control channel forwards who asked it: the workers' events name them.
+    assert {orjson.loads(line)["by"] for line in holds.splitlines()} == {ME}
 
 
 def test_destination_commands_and_figures_are_the_nodes(node: Node) -> None:
@@ -237,8 +244,11 @@ def test_the_admin_api_and_metrics_of_worker_0_cover_the_node(tmp_path: Path) ->
         assert sorted(r["destination"] for r in queues) == ["one.test", "two.test"]
         assert call(w0, "GET", "/api/v1/stats", token="reader").doc["messages"] == 2
 
+        seen = Recorder()
+        node.worker(1).app.events.add(seen)
         held = call(w0, "POST", f"/api/v1/messages/{b}/hold")
         assert held.status == 200 and held.doc["changed"] == [b]
+        assert wait_for(lambda: seen.of("HOLD"))[0]["by"] == "operator"  # the token
         assert node.states(1, b) == [RcptState.HELD]
         bulk = call(w0, "POST", "/api/v1/queue/release", json={"ids": [a, b]})
         assert (bulk.doc["changed"], bulk.doc["unchanged"]) == ([b], [a])

@@ -124,3 +124,19 @@ def test_every_command_is_documented_with_a_help_text() -> None:
                              "unsuppress", "suppressions", "metrics"}
     assert all(spec.help for spec in COMMANDS.values())
     assert MAX_REQUEST >= 1024
+
+
+def test_only_a_trusted_peer_names_the_operator() -> None:
+    from engine.ops.control import operator
+
+    claimed = parse_request(b'{"command": "suspended", "by": "alice"}')
+    assert claimed.by == "alice"
+    assert operator(claimed, "ferry", trusted=True) == "alice"
+    with pytest.raises(ControlError, match="only a node's supervisor names the operator"):
+        operator(claimed, "mallory", trusted=False)
+    plain = parse_request(b'{"command": "suspended"}')
+    assert operator(plain, "bob", trusted=False) == "bob"
+    assert operator(plain, "", trusted=True) == "unknown"
+    for bad in (b'5', b'"a\\nb"', b'"' + b"x" * 65 + b'"'):
+        with pytest.raises(ControlError, match='"by" must be a name'):
+            parse_request(b'{"command": "suspended", "by": ' + bad + b"}")
