@@ -303,6 +303,17 @@ class NodeControl(LineServer):
         self.reload = reload
         self.timeout = timeout
 
+    async def start(self) -> None:
+        """Listen; a spool path too long for a socket leaves the node without its
+        channel, said once (as one server does), rather than stopping it."""
+        try:
+            await super().start()
+        except control.ControlUnavailable as exc:
+            log.warning("node control channel off (ferry queue will not see the node): %s",
+                        exc)
+        else:
+            log.info("node control channel on %s", self.path)
+
     async def answer(self, line: bytes | None, by: str = "", trusted: bool = False) -> Reply:
         if line is None:
             return error_reply(f"request longer than {MAX_REQUEST} bytes")

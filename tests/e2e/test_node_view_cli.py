@@ -91,6 +91,14 @@ def test_the_cli_sees_and_acts_on_both_workers_of_a_node(tmp_path: Path) -> None
 
         assert wait_for(holds, 30, "both HOLD events") == {in_0[0], in_1[0]}
         assert node.stop() == 0
+
+        # Stopped: the viewer reads every shard alone.
+        stopped = ferry("queue", "--spool", str(spool), "queues", "--json")
+        assert stopped.returncode == 0 and "no server runs" in stopped.stderr
+        (row,) = [orjson.loads(line) for line in stopped.stdout.splitlines()]
+        assert (row["destination"], row["messages"]) == (DOMAIN, acked)
+        stats = orjson.loads(ferry("queue", "--spool", str(spool), "stats", "--json").stdout)
+        assert stats["messages"] == acked and stats["states"]["held"] == 2
     finally:
         clients.stop()
         node.abandon()

@@ -299,3 +299,15 @@ def test_suppress_on_a_stopped_node_changes_every_shard(tmp_path: Path) -> None:
     removed = ferry("suppress", "--spool", spool, "remove", "bad@one.test")
     assert removed.returncode == 0, removed.stderr
     assert entries(0) == entries(1) == []
+
+
+def test_a_spool_path_too_long_for_a_socket_runs_the_node_without_its_channel(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    spool = tmp_path / ("s" * 110)
+    spool.mkdir()
+    node = RunningNode(spool, [0])
+    try:
+        assert not socket_path(spool).exists()
+        assert "node control channel off" in caplog.text
+    finally:
+        node.stop()
