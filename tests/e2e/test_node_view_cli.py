@@ -1,15 +1,18 @@
 """``ferry queue``, ``ferry track`` and ``ferry reload`` against ``ferry serve --workers 2``:
 real processes on 127.0.0.1 (the supervisor, its two workers, clients over smtplib on new
 connections, a sink that defers every message so the mail stays queued), the node's
-control channel served by the supervisor (engine.cluster.fanout)."""
+control channel served by the supervisor (engine.cluster.fanout), and worker 0's admin
+API and /metrics answering for both workers."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.cluster.shards import shard_spool
 from engine.testing.dns import DnsResponder
@@ -39,8 +42,9 @@ def test_the_cli_sees_and_acts_on_both_workers_of_a_node(tmp_path: Path) -> None
                              f"mx.{DOMAIN}. IN A {SINK_ADDRESS}\n")
     ledger = Ledger()
     port = free_port()
+    http = free_port()
     node = TortureFerry(tmp_path, port, responder.start(), sink.port, 4,
-                        extra=("--workers", "2"))
+                        extra=("--workers", "2", "--http", f"127.0.0.1:{http}"))
     clients = Clients(port, ledger, 6, 0.01, 23, 0.0)
     spool = tmp_path / "spool"
     try:
@@ -80,6 +84,18 @@ def test_the_cli_sees_and_acts_on_both_workers_of_a_node(tmp_path: Path) -> None
         assert suspended.stdout.split()[2] == str(acked - 2)
         assert ferry("queue", "--spool", str(spool), "suspended").stdout.split() == [DOMAIN]
         assert ferry("queue", "--spool", str(spool), "resume", DOMAIN).returncode == 0
+
+        # Worker 0's HTTP listener answers for the node (loopback is trusted by default).
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/api/v1/messages?limit=0",
+                                    timeout=30) as answer:
+            assert orjson.loads(answer.read())["total"] == acked
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics",
+                                    timeout=30) as answer:
+            families = list(text_string_to_metric_families(answer.read().decode()))
+        received = {s.labels["worker"]: s.value for f in families
+                    if f.name == "ferry_received_messages" for s in f.samples
+                    if s.name.endswith("_total") and s.labels["outcome"] == "accepted"}
+        assert received == {"0": len(in_0), "1": len(in_1)}
 
         reloaded = ferry("reload", "--spool", str(spool))
         assert reloaded.returncode == 0 and "reloaded" in reloaded.stdout, reloaded.stderr
