@@ -76,6 +76,10 @@ DEFAULT_TIMEOUT: Final = 300.0
 #: worker's is (as one server's is when every message waiting there is held).
 STATE_ORDER: Final = ("suspended", "unreachable", "down", "retry", "active", "ready")
 
+#: How long a worker may take to render its metrics (milliseconds when well): a scrape
+#: gets the others' when one is stuck, rather than waiting for :data:`DEFAULT_TIMEOUT`.
+METRICS_TIMEOUT: Final = 5.0
+
 #: The commands sent to worker 0 alone (the others answer the same, or their own part of
 #: no interest: the suppression list is kept per shard, its listing is worker 0's).
 _FIRST_ONLY: Final = frozenset({"suppressions"})
@@ -326,17 +330,19 @@ class NodeControl(LineServer):
             log.exception("node control request %r failed", line[:200])
             return error_reply(f"internal error: {type(exc).__name__}: {exc}")
 
-    async def ask(self, message: Mapping[str, Any],
-                  only: Iterable[int] | None = None) -> _Answers:
-        """``message`` to every worker (or those of ``only``) at once."""
+    async def ask(self, message: Mapping[str, Any], only: Iterable[int] | None = None,
+                  seconds: float | None = None) -> _Answers:
+        """``message`` to every worker (or those of ``only``) at once, each given
+        ``seconds`` to answer (None: :attr:`timeout`)."""
         indexes = sorted(set(self.workers() if only is None else only))
+        wait = self.timeout if seconds is None else seconds
 
         async def one(index: int) -> tuple[int, Reply | str]:
             path = worker_control_path(self.spool, index)
             try:
-                return index, await control.ask(path, message, self.timeout)
+                return index, await control.ask(path, message, wait)
             except TimeoutError:
-                return index, f"no answer in {self.timeout:g} s"
+                return index, f"no answer in {wait:g} s"
             except (OSError, ValueError) as exc:  # ControlUnavailable, a bad reply
                 return index, str(exc)
 
@@ -349,7 +355,9 @@ class NodeControl(LineServer):
         if command == "reload" and self.reload is not None:
             return await self.reload()
         message = {**_message(line), "by": by}  # the workers' events name the operator
-        answers = await self.ask(message, [0] if command in _FIRST_ONLY else None)
+        answers = await self.ask(message, [0] if command in _FIRST_ONLY else None,
+                                 min(self.timeout, METRICS_TIMEOUT)
+                                 if command == "metrics" else None)
         good = answers.good
         if command == "reload" and answers.replies:
             return {**merge_reloads([r for _, r in answers.replies]), **answers.notes()}

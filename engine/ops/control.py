@@ -57,10 +57,11 @@ domain, ``local:<domain>`` or an address literal; it is normalised the way recip
 domains are (lower case, no trailing dot), and it need not have mail queued yet.
 
 Layers: :class:`LineReader`, :func:`parse_request` and :func:`encode_reply` are sans-I/O
-(bytes in, values out, testable without a socket); :class:`ControlServer` is the asyncio
-glue, and the commands themselves are ``engine.ops.operations`` (shared with the HTTP
-admin API, so both answer alike); :func:`request` is the blocking client ``ferry queue``
-uses.
+(bytes in, values out, testable without a socket); :class:`LineServer` is the socket
+(shared with a node's channel, ``engine.cluster.fanout``) and :class:`ControlServer` the
+asyncio glue, and the commands themselves are ``engine.ops.operations`` (shared with the
+HTTP admin API, so both answer alike); :func:`request` is the blocking client ``ferry
+queue`` uses, :func:`ask` the one for a caller on an event loop.
 
 It must never decide anything about delivery itself (it hands the operator's decision to
 the scheduler), never block the event loop, and never let a bad request hurt the server:
