@@ -13,6 +13,7 @@ import dataclasses
 import os
 import pwd
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -43,13 +44,13 @@ ME = pwd.getpwuid(os.getuid()).pw_name
 class RunningNode:
     """A NodeControl for the workers ``indexes`` of ``spool`` on a loop of its own."""
 
-    def __init__(self, spool: Path, indexes: list[int]) -> None:
+    def __init__(self, spool: Path, indexes: list[int], timeout: float = 20.0) -> None:
         self.indexes = indexes
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.control = NodeControl(socket_path(spool), spool, lambda: self.indexes,
-                                   timeout=20.0)
+                                   timeout=timeout)
         self.call(self.control.start())
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -311,3 +312,23 @@ def test_a_spool_path_too_long_for_a_socket_runs_the_node_without_its_channel(
         assert "node control channel off" in caplog.text
     finally:
         node.stop()
+
+
+def test_a_worker_that_hangs_is_named_after_the_timeout(tmp_path: Path) -> None:
+    """Worker 1's socket accepts and never answers (a worker stuck in a long call): the
+    node answers with worker 0's part once the timeout is over, naming worker 1."""
+    spool = tmp_path / "spool"
+    workers_dir(spool).mkdir(parents=True)
+    worker = RunningFerry(ferry_config(spool), control_path=worker_control_path(spool, 0))
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stuck.bind(str(worker_control_path(spool, 1)))
+    stuck.listen(4)
+    node = RunningNode(spool, [0, 1], timeout=0.5)
+    try:
+        reply = request(socket_path(spool), {"command": "suspended"}, timeout=30)
+        assert (reply["ok"], reply["destinations"], reply["not_answering"]) == (True, [], [1])
+        assert reply["warnings"] == ["worker 1 not answering (no answer in 0.5 s)"]
+    finally:
+        node.stop()
+        worker.stop()
+        stuck.close()
