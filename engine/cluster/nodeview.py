@@ -353,7 +353,7 @@ class NodeOperations(Operations):
 
     async def verb(self, verb: str, ids: Sequence[bytes], by: str,
                    report: bool = False) -> dict[str, Any]:
-        done: dict[str, list[str]] = {"changed": [], "unchanged": [], "missing": [],
+        done: dict[str, list[Any]] = {"changed": [], "unchanged": [], "missing": [],
                                       "reports": []}
         for start in range(0, len(ids), MAX_IDS):
             message: dict[str, Any] = {"command": verb, "ids": [
@@ -363,9 +363,11 @@ class NodeOperations(Operations):
             reply = await self._ask(message)
             for name in done:
                 done[name] += reply.get(name, [])
-        if not done["reports"]:
-            del done["reports"]
-        return dict(done)
+            for name in ("not_answering", "warnings"):  # the node names silent workers
+                notes = done.setdefault(name, [])
+                notes += [n for n in reply.get(name, []) if n not in notes]
+        return {name: value for name, value in done.items()
+                if value or name in ("changed", "unchanged", "missing")}
 
     async def reload_node(self) -> dict[str, Any]:
         """The node's reload (the supervisor's, engine.ops.reload's reply): as answered,

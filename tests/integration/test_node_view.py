@@ -278,6 +278,13 @@ def test_the_admin_api_and_metrics_of_worker_0_cover_the_node(tmp_path: Path) ->
                     if line.startswith("ferry_received_messages_total{")]
         assert {('worker="0"' in line, 'worker="1"' in line) for line in received} == {
             (True, False), (False, True)}
+
+        node.stop_worker(1)  # a verb still acts on worker 0, and says who did not answer
+        partial = call(w0, "POST", "/api/v1/queue/hold", json={"ids": [a, b]})
+        assert partial.status == 200
+        assert (partial.doc["changed"], partial.doc["missing"]) == ([a], [b])
+        assert partial.doc["not_answering"] == [1]
+        assert partial.doc["warnings"][0].startswith("worker 1 not answering")
     finally:
         node.close()
 
