@@ -132,6 +132,7 @@ class ShardedQueue:
 
     @property
     def stats(self) -> QueueStats:
+        """Shard 0's writer figures (a node's are in its control channel's ``stats``)."""
         return self.shards[0][1].stats if self.shards else QueueStats()
 
     def pressure(self) -> BackPressure | None:
