@@ -28,9 +28,9 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine import __version__, _speedups
 from engine.agents import Agents
@@ -54,7 +54,7 @@ from engine.config import (
 )
 from engine.ops import logfmt
 from engine.ops.alerts import Alerts
-from engine.ops.control import ControlServer, ControlUnavailable, socket_path
+from engine.ops.control import ControlServer, ControlUnavailable, ask, socket_path
 from engine.ops.daemon import SpoolLock, check_root, drop_privileges, lookup, prepare_spool
 from engine.ops.events import Events
 from engine.ops.maillog import MailLog
@@ -69,7 +69,7 @@ from engine.ops.startup import startup_warnings
 from engine.ops.tracking import TrackingLog
 from engine.ops.webhooks import Webhooks, shown_url
 from engine.queue.lmdb_store import LmdbQueue
-from engine.queue.suppression import SuppressionList
+from engine.queue.suppression import Entry, SuppressionList
 from engine.routing.mx import MxResolver
 from engine.routing.router import ConfiguredRouter, accepted_domains
 from engine.scheduler import bounces, shaping
@@ -177,6 +177,7 @@ class App:
         self.authenticator: Authenticator | None = None
         self._mail_log: MailLog | None = None
         self._reloading = asyncio.Lock()
+        self._background: set[asyncio.Task[object]] = set()
 
     async def start(self) -> None:
         cfg = self.config
@@ -269,6 +270,8 @@ class App:
         log.info("suppression list: %d entries%s", await suppression.load(),
                  "" if cfg.suppression.enabled else " (off: [suppression] enabled = false)")
         scheduler.on_outcomes = suppression.failed
+        if self.node_control is not None:
+            suppression.shared = self._share_suppressions
         if cfg.cluster.redis:
             scheduler.cluster = await start_cluster(cfg, self.role)
         self.reconfigure.append(self._reconfigure_bounces)
@@ -339,6 +342,30 @@ class App:
         if self.http is not None:
             await self.http.start()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_logs())
+
+    def _share_suppressions(self, entries: list[Entry]) -> None:
+        """A worker of a node: the entries its bounces added go to every worker's list
+        (through the node's control channel; this one's takes them again, unchanged)."""
+        node = self.node_control
+        if node is None:
+            return
+        for entry in entries:
+            self._spawn_quiet(ask(node, {
+                "command": "suppress", "address": entry.address, "reason": entry.reason,
+                "category": entry.category, "source": "auto"}, 30.0),
+                f"sharing the suppression of {entry.address} with the node")
+
+    def _spawn_quiet(self, work: Coroutine[Any, Any, object], what: str) -> None:
+        """Run ``work`` in the background; its failure is logged, never raised."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+
+        def done(t: asyncio.Task[object]) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("%s failed: %s", what, t.exception())
+
+        task.add_done_callback(done)
 
     def _reconfigure_bounces(self, config: Config) -> None:
         """[[bounce_rule]] and [suppression] take effect at a reload."""

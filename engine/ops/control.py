@@ -26,7 +26,8 @@ order, on a connection that stays open for more:
     {"command": "retry", "ids": [...]}                  → the same (deferred → due now)
     {"command": "retry", "destination": "example.com"}  → {"ok": true, "destination": ...,
                                                           "recipients": 3}
-    {"command": "suppress", "address": "a@example.com", "reason": "...", "category": "..."}
+    {"command": "suppress", "address": "a@example.com", "reason": "...", "category": "...",
+     "source": "operator"}  (or "auto": another worker of the node's bounce; the default)
         → {"ok": true, "address": "a@example.com", "reason": ..., "category": ...,
            "added": 1796000000.0, "source": "operator"}   (engine.ops.suppressions)
     {"command": "unsuppress", "address": "a@example.com"}
@@ -210,7 +211,7 @@ COMMANDS: Final[Mapping[str, _Command]] = {
                       takes_destination=True, takes_ids=True),
     "reload": _Command("read the configuration file again and apply it (engine.ops.reload)"),
     "suppress": _Command("add an address to the suppression list",
-                         entry_fields=("address", "reason", "category")),
+                         entry_fields=("address", "reason", "category", "source")),
     "unsuppress": _Command("remove an address from the suppression list",
                            entry_fields=("address",)),
     "suppressions": _Command("list the suppression list",
@@ -459,7 +460,8 @@ class ControlServer(LineServer):
     async def _suppress(self, request: Request) -> Reply:
         e = request.entry
         return _ok(await suppressions.add(self.operations, e.get("address"), e.get("reason"),
-                                          e.get("category"), request.by))
+                                          e.get("category"), request.by,
+                                          e.get("source", "operator")))
 
     async def _unsuppress(self, request: Request) -> Reply:
         return _ok(await suppressions.remove(self.operations, request.entry.get("address"),

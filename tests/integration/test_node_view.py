@@ -34,6 +34,7 @@ from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import RcptState, id_bytes, id_text
 from engine.testing.events import Recorder
 from engine.testing.server import RunningFerry, ferry_config
+from engine.testing.sink import CountingSink
 from engine.testing.wait import wait_for
 from tests.integration.test_admin_api import call, http_config
 
@@ -64,9 +65,13 @@ class RunningNode:
 
 
 class Node:
-    def __init__(self, tmp_path: Path, http: bool = False) -> None:
+    def __init__(self, tmp_path: Path, http: bool = False,
+                 smarthost: tuple[str, int] | None = None) -> None:
         self.spool = tmp_path / "spool"
         config = ferry_config(self.spool)
+        if smarthost is not None:  # delivery on, to a sink
+            config = dataclasses.replace(config, delivery=dataclasses.replace(
+                config.delivery, paused=False, smarthost=smarthost))
         if http:
             config = dataclasses.replace(config, http=http_config())
         self.config: Config = config
@@ -339,3 +344,26 @@ def test_a_worker_that_hangs_is_named_after_the_timeout(tmp_path: Path) -> None:
         node.stop()
         worker.stop()
         stuck.close()
+
+
+SINK_ADDRESSES = ["127.0.31.1"]
+
+
+def test_a_bounce_suppresses_its_address_in_every_worker(tmp_path: Path,
+                                                          sink: CountingSink) -> None:
+    """Worker 1's delivery fails with a hard bounce: the entry its suppression list takes
+    goes to worker 0's list too (through the node's control channel), as "auto"."""
+    sink.state.rcpt_replies["gone@sink.test"] = "550 5.1.1 <gone@sink.test>: no such user"
+    node = Node(tmp_path, smarthost=(SINK_ADDRESSES[0], sink.port))
+    try:
+        node.send(1, "gone@sink.test")
+        lists = [node.worker(i).app.suppression for i in (0, 1)]
+        assert lists[0] is not None and lists[1] is not None
+        wait_for(lambda: all("gone@sink.test" in s.entries for s in lists if s), 20,
+                 "the entry in both workers' lists")
+        for suppression in lists:
+            entry = suppression.entry("gone@sink.test") if suppression else None
+            assert entry is not None and (entry.source, entry.category) == ("auto",
+                                                                            "bad-mailbox")
+    finally:
+        node.close()
