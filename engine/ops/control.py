@@ -27,7 +27,8 @@ order, on a connection that stays open for more:
     {"command": "retry", "destination": "example.com"}  → {"ok": true, "destination": ...,
                                                           "recipients": 3}
     {"command": "suppress", "address": "a@example.com", "reason": "...", "category": "...",
-     "source": "operator"}  (or "auto": another worker of the node's bounce; the default)
+     "source": "operator"}  (the default; "auto": an entry another worker of the node
+                             took from a bounce)
         → {"ok": true, "address": "a@example.com", "reason": ..., "category": ...,
            "added": 1796000000.0, "source": "operator"}   (engine.ops.suppressions)
     {"command": "unsuppress", "address": "a@example.com"}
