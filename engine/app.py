@@ -247,8 +247,9 @@ class App:
         log.info("suppression list: %d entries%s", await suppression.load(),
                  "" if cfg.suppression.enabled else " (off: [suppression] enabled = false)")
         scheduler.on_outcomes = suppression.failed
+        shared: SharedLimits | None = None
         if cfg.cluster.redis:
-            scheduler.cluster = await start_cluster(cfg)
+            scheduler.cluster = shared = await start_cluster(cfg)
         self.reconfigure.append(self._reconfigure_bounces)
         scheduler.start()
         # The router of now (a reload replaces it), as the queue names destinations.
@@ -258,9 +259,9 @@ class App:
             (cfg.tracking.dir or tracking_dir(Path(cfg.spool))) if cfg.tracking.enabled
             else None)
         operations.suppression = suppression
-        if scheduler.cluster is not None:
+        if shared is not None:
             # Suspensions are the cluster's: shared at once, and looked at every interval.
-            self.cluster_sync = SuspensionSync(scheduler.cluster, scheduler,
+            self.cluster_sync = SuspensionSync(shared, scheduler,
                                                cfg.cluster.sync_interval)
             operations.cluster = self.cluster_sync
             self.cluster_sync.start()

@@ -34,11 +34,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from engine.scheduler.policy import Throttle
+from engine.scheduler.policy import Throttle, count_daily
 
 log = logging.getLogger("ferry.cluster")
 
-__all__ = ["Lease", "Reservation", "SharedFigures", "SharedLimits"]
+__all__ = ["Lease", "Reservation", "ShareFallback", "SharedFigures", "SharedLimits"]
 
 #: Take a lease: drop the expired ones, renew ours if present, else add ours when fewer
 #: than the limit are held.  KEYS[1] the lease set; ARGV member, limit, ttl (ms).
@@ -132,7 +132,87 @@ class _Local:
     rate: float = 0.0
 
 
-class SharedLimits:
+class ShareFallback:
+    """What a client of shared limits holds itself, and its fall-back to its own ``share``
+    of every limit while whoever shares them (Redis, or the node's coordinator:
+    engine.cluster.node) cannot be reached.  ``shared`` says which is in force."""
+
+    def __init__(self, share: float, lease_wait: float) -> None:
+        self.share = share
+        #: how soon a caller refused a lease asks again (the scheduler's re-staffing)
+        self.lease_wait = lease_wait
+        self.figures = SharedFigures()
+        #: True while the limits are shared; False while each limit is this one's share.
+        self.shared = False
+        self._local: dict[str, _Local] = {}
+        #: daily counts made on the share: key → (day, count)
+        self._counts: dict[str, tuple[int, int]] = {}
+        #: until when (loop time) a client back in touch keeps to its share (_in_grace)
+        self._grace_until = 0.0
+
+    def mine(self, limit: int) -> int:
+        """This one's share of ``limit``: never less than one, or a node alone would
+        deliver nothing."""
+        return max(1, math.floor(limit * self.share))
+
+    def over_share(self, key: str, limit: int) -> bool:
+        """Whether this one, on its own while the limits are not shared, holds more
+        leases on ``key`` than its share (taken while they were shared): the caller ends
+        the extra connections after their deliveries, so the sum comes back to the
+        limit."""
+        return not self.shared and self.held(key) > self.mine(limit)
+
+    def held(self, key: str) -> int:
+        """Leases this one holds on ``key``."""
+        local = self._local.get(key)
+        return len(local.leases) if local is not None else 0
+
+    def _in_grace(self) -> bool:
+        """Just back in touch: the others may not have registered their leases yet (each
+        does at its own next probe), so for a while this one takes no more than its
+        share, as while the limits were not shared."""
+        return bool(self._grace_until) and (
+            asyncio.get_running_loop().time() < self._grace_until)
+
+    def _grant(self, local: _Local, key: str, member: str, ok: bool,
+               shared: bool) -> Lease | None:
+        if not ok:
+            self.figures.refused += 1
+            return None
+        self.figures.granted += 1
+        local.leases.add(member)
+        return Lease(key, member, shared)
+
+    def _forget(self, lease: Lease) -> None:
+        local = self._local.get(lease.key)
+        if local is not None:
+            local.leases.discard(lease.member)
+            if not local.leases and local.throttle is None:
+                del self._local[lease.key]
+
+    def _reserve_own(self, key: str, rate: float) -> Reservation:
+        """A slot of ``share`` of ``rate`` on this one's own loop clock."""
+        local = self._local.setdefault(key, _Local())
+        mine = rate * self.share
+        if local.throttle is None or local.rate != mine:
+            local.throttle, local.rate = Throttle(mine), mine
+        now = asyncio.get_running_loop().time()
+        wait = local.throttle.wait(now)
+        return Reservation(wait, round((now + wait) * 1_000_000))
+
+    def _count_own(self, key: str, day: int, cap: int) -> bool:
+        """Count one send to ``key`` on UTC ``day`` against ``cap`` here: whether it may
+        go (it is counted then)."""
+        return count_daily(self._counts, key, day, cap)
+
+    async def count(self, key: str, day: int, cap: int) -> bool:
+        """A send to ``key`` counted against its daily ``cap`` (a shaping rule's or a
+        warm-up's): False once ``cap`` sends were counted on UTC ``day``.  Each node's
+        own (docs/cluster.md); engine.cluster.node counts for a node's workers."""
+        return self._count_own(key, day, cap)
+
+
+class SharedLimits(ShareFallback):
     """Connection leases and message rates per destination key, shared through the Redis
     at ``url`` by every node that uses the same ``prefix``; ``node`` names this one (in
     its lease members, so ``redis-cli`` shows who holds what)."""
@@ -140,28 +220,20 @@ class SharedLimits:
     def __init__(self, url: str, node: str, *, prefix: str = "ferry:", lease_ttl: float = 30.0,
                  timeout: float = 0.5, share: float = 0.5, probe_interval: float = 5.0,
                  lease_wait: float = 0.25, client: Any = None) -> None:
+        super().__init__(share, lease_wait)
         self.url = url
         self.node = node
         self.prefix = prefix
         self.lease_ttl = lease_ttl
         self.timeout = timeout
-        self.share = share
         self.probe_interval = probe_interval
-        #: how soon a caller refused a lease asks again (the scheduler's re-staffing)
-        self.lease_wait = lease_wait
-        self.figures = SharedFigures()
-        #: True while Redis answers; False while each limit is this node's share.
-        self.shared = False
         self._client = client
         self._scripts: dict[str, Any] = {}
-        self._local: dict[str, _Local] = {}
         self._serial = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
         #: set to wake the keeper: Redis was lost, or the node stops
         self._nudge = asyncio.Event()
         self._stopping = False
-        #: until when (loop time) a node back in Redis keeps to its share (_in_grace)
-        self._grace_until = 0.0
 
     # --- life ----------------------------------------------------------------------------
 
@@ -229,47 +301,11 @@ class SharedLimits:
                 return self._grant(local, key, member, bool(granted), shared=True)
         return self._grant(local, key, member, within_share, shared=False)
 
-    def mine(self, limit: int) -> int:
-        """This node's share of ``limit``: never less than one, or a node alone would
-        deliver nothing."""
-        return max(1, math.floor(limit * self.share))
-
-    def over_share(self, key: str, limit: int) -> bool:
-        """Whether this node, on its own while Redis is away, holds more leases on ``key``
-        than its share (taken while they were shared): the caller ends the extra
-        connections after their deliveries, so the nodes' sum comes back to the limit."""
-        return not self.shared and self.held(key) > self.mine(limit)
-
-    def _in_grace(self) -> bool:
-        """Just back in Redis: the other nodes may not have registered their leases yet
-        (each does at its own next probe), so for two probe intervals a node takes no more
-        than its share, as while Redis was away."""
-        return bool(self._grace_until) and (
-            asyncio.get_running_loop().time() < self._grace_until)
-
-    def _grant(self, local: _Local, key: str, member: str, ok: bool,
-               shared: bool) -> Lease | None:
-        if not ok:
-            self.figures.refused += 1
-            return None
-        self.figures.granted += 1
-        local.leases.add(member)
-        return Lease(key, member, shared)
-
     async def release(self, lease: Lease) -> None:
-        local = self._local.get(lease.key)
-        if local is not None:
-            local.leases.discard(lease.member)
-            if not local.leases and local.throttle is None:
-                del self._local[lease.key]
+        self._forget(lease)
         if self.shared:
             assert self._client is not None
             await self._call(self._client.zrem(self._lease_key(lease.key), lease.member))
-
-    def held(self, key: str) -> int:
-        """Leases this node holds on ``key``."""
-        local = self._local.get(key)
-        return len(local.leases) if local is not None else 0
 
     # --- message rates -------------------------------------------------------------------
 
@@ -285,13 +321,7 @@ class SharedLimits:
             if got is not None:
                 start, server_now = int(got[0]), int(got[1])
                 return Reservation((start - server_now) / 1_000_000, start)
-        local = self._local.setdefault(key, _Local())
-        mine = rate * self.share
-        if local.throttle is None or local.rate != mine:
-            local.throttle, local.rate = Throttle(mine), mine
-        now = asyncio.get_running_loop().time()
-        wait = local.throttle.wait(now)
-        return Reservation(wait, round((now + wait) * 1_000_000))
+        return self._reserve_own(key, rate)
 
     # --- suspensions ---------------------------------------------------------------------
 
