@@ -344,7 +344,14 @@ class NodeLimits(ShareFallback):
         if self.shared:
             if not within_share and self._in_grace():
                 return self._grant(local, key, member, False, shared=True)
-            got = await self._ask(f"A {member} {limit} {key}\n".encode())
+            try:
+                got = await self._ask(f"A {member} {limit} {key}\n".encode())
+            except asyncio.CancelledError:
+                # The caller went away: a lease granted meanwhile is nobody's.  Answered
+                # in order, so this release follows the grant (or is ignored).
+                if self._link is not None:
+                    self._link.send(f"R {member} {key}\n".encode())
+                raise
             if got is not None:
                 return self._grant(local, key, member, got == b"1", shared=True)
         return self._grant(local, key, member, within_share, shared=False)
