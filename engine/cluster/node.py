@@ -230,6 +230,15 @@ class NodeCoordinator:
         peer.leases.clear()
 
 
+def _lines(buffer: bytes, data: bytes) -> tuple[list[bytes], bytes]:
+    """The whole lines of ``buffer`` + ``data``, and what is left of a line after them."""
+    buffer += data
+    if b"\n" not in data:
+        return [], buffer
+    *lines, rest = buffer.split(b"\n")
+    return lines, rest
+
+
 def _fields(rest: bytes, count: int) -> list[str]:
     """``count`` fields of a request; the last is the rest of the line (a key)."""
     parts = rest.decode().split(" ", count - 1)
@@ -255,33 +264,31 @@ class _Peer(asyncio.Protocol):
         self.coordinator.figures.connected += 1
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer + data
-        if b"\n" not in data:
-            if len(buffer) > MAX_LINE:
-                self._refuse(f"a request longer than {MAX_LINE} bytes")
-            else:
-                self._buffer = buffer
-            return
-        *lines, self._buffer = buffer.split(b"\n")
+        lines, self._buffer = _lines(self._buffer, data)
         answers = []
+        refused = (f"a request longer than {MAX_LINE} bytes"
+                   if len(self._buffer) > MAX_LINE else "")
         request = self.coordinator._request
         for line in lines:
             try:
                 answer = request(self, line)
             except (ValueError, UnicodeDecodeError) as exc:
-                self._refuse(f"{exc}: {line[:80]!r}")
-                return
+                refused = f"{exc}: {line[:80]!r}"
+                break
             if answer is not None:
                 answers.append(answer)
         if answers and self._transport is not None:
             self._transport.write(b"".join(answers))
+        if refused:
+            self._refuse(refused)  # after the answers to the requests before it
 
     def _refuse(self, why: str) -> None:
         # A worker out of step with the protocol: closing it returns its leases, and the
         # worker reconnects in step (its held leases registered again).
         log.warning("node limits: closing a worker's connection: %s", why)
         self.coordinator.figures.bad += 1
-        self.close()
+        if self._transport is not None:
+            self._transport.close()  # what was written still goes
 
     def close(self) -> None:
         if self._transport is not None:
@@ -478,13 +485,10 @@ class _Link(asyncio.Protocol):
         return answer
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer + data
-        if b"\n" not in data:
-            self._buffer = buffer
-            if len(buffer) > MAX_LINE:
-                self.owner._lost(self, "an answer too long")
+        lines, self._buffer = _lines(self._buffer, data)
+        if len(self._buffer) > MAX_LINE:
+            self.owner._lost(self, "an answer too long")
             return
-        *lines, self._buffer = buffer.split(b"\n")
         pending = self._pending
         for line in lines:
             if not pending:

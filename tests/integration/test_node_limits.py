@@ -307,24 +307,40 @@ def test_a_worker_starts_on_its_share_without_a_coordinator(socket_path: Path) -
         loop.close()
 
 
+@pytest.mark.parametrize("line", [
+    b"A 1 three site\n",          # a limit that is not a number
+    b"A 1 3\n",                   # no key
+    b"X 1 site\n",                # no such request
+    b"G nan site\n",              # not a rate
+    b"G -1 site\n",
+    b"C today 3 site\n",          # not a day
+    b"R \xff\xfe site\n",          # not UTF-8
+    b"A 1 3 " + b"s" * 9000,      # longer than MAX_LINE, no end in sight
+], ids=["limit", "no-key", "verb", "nan-rate", "negative-rate", "day", "utf8", "too-long"])
 def test_a_line_out_of_step_closes_only_that_connection(
-        coordinator: tuple[NodeCoordinator, Loop], socket_path: Path) -> None:
+        coordinator: tuple[NodeCoordinator, Loop], socket_path: Path, line: bytes,
+        caplog: pytest.LogCaptureFixture) -> None:
     node, home = coordinator
     loop = Loop("worker")
     good = client(socket_path, loop)
+    assert loop.call(good.acquire("site", 2)) is not None
 
-    async def garbage() -> bytes:
+    async def out_of_step() -> bytes:
         reader, writer = await asyncio.open_unix_connection(os.fspath(socket_path))
-        writer.write(b"A 1 three site\n")
+        # A lease first, so closing the connection must give it back.
+        writer.write(b"A 1 2 site\n" + line)
         await writer.drain()
         got = await reader.read()
         writer.close()
         return got
 
     try:
-        assert home.call(garbage()) == b""  # closed, no answer
+        assert home.call(out_of_step()) == b"1\n"  # its lease, then closed, no answer
         assert node.figures.bad == 1
-        assert loop.call(good.acquire("site", 1)) is not None and good.shared
+        assert "closing a worker's connection" in caplog.text
+        wait_for(lambda: node.held("site") == 1, what="the closed connection's lease back")
+        # The other worker's connection and lease are untouched.
+        assert loop.call(good.acquire("site", 2)) is not None and good.shared
     finally:
         loop.call(good.stop())
         loop.close()
