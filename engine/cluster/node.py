@@ -49,7 +49,7 @@ import socket
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from engine.cluster.limits import (
     Lease,
@@ -60,17 +60,44 @@ from engine.cluster.limits import (
     _wait,
     _within,
 )
+from engine.cluster.shards import limits_path
 from engine.scheduler.policy import Throttle, count_daily
+
+if TYPE_CHECKING:
+    from engine.cluster.role import WorkerRole
+    from engine.cluster.supervisor import Supervisor
 
 log = logging.getLogger("ferry.cluster")
 
-__all__ = ["CoordinatorFigures", "NodeCoordinator", "NodeLimits"]
+__all__ = ["CoordinatorFigures", "NodeCoordinator", "NodeLimits", "coordinator_for",
+           "start_worker_limits"]
 
 #: Longest request line (a key is a site name: MX hosts, or source@site); a longer one is
 #: a worker out of step: its connection is closed (and its leases return).
 MAX_LINE: Final = 8192
 #: Longest socket path the kernel takes (sun_path is 108 bytes on Linux, with its NUL).
 MAX_PATH: Final = 107
+
+
+# --- wiring ----------------------------------------------------------------------------
+
+
+def coordinator_for(supervisor: Supervisor) -> NodeCoordinator:
+    """The node's coordinator, a service of the supervisor (``supervise(...,
+    services=[coordinator_for])``): on the node's limits socket, given to the workers'
+    account."""
+    account = supervisor.account
+    return NodeCoordinator(limits_path(supervisor.spool),
+                           owner=None if account is None else (account.uid, account.gid))
+
+
+async def start_worker_limits(role: WorkerRole) -> NodeLimits:
+    """A worker's limits (``scheduler.cluster``), started: each worker process of the node
+    (those that only deliver too) falls back to 1 / their number of each limit."""
+    limits = NodeLimits(limits_path(role.spool), share=1 / role.size,
+                        name=f"worker {role.index}")
+    await limits.start()
+    return limits
 
 
 # --- the coordinator (the supervisor's) --------------------------------------------------
@@ -90,8 +117,11 @@ class CoordinatorFigures:
 class NodeCoordinator:
     """The node's limits, served on the Unix socket ``path`` to its workers."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, owner: tuple[int, int] | None = None) -> None:
         self.path = Path(path)
+        #: (uid, gid) the socket is given to: the supervisor stays root, its workers run as
+        #: ``[server] user`` and must be able to connect
+        self.owner = owner
         self.figures = CoordinatorFigures()
         #: key → leases held by every worker together
         self.leases: dict[str, int] = {}
@@ -125,6 +155,8 @@ class NodeCoordinator:
         try:
             sock.bind(os.fspath(temporary))
             temporary.chmod(0o600)
+            if self.owner is not None:
+                os.chown(temporary, *self.owner)
             self._server = await asyncio.get_running_loop().create_unix_server(
                 lambda: _Peer(self), sock=sock)
         except BaseException:

@@ -30,8 +30,15 @@ import pytest
 import uvloop
 
 from engine.cluster.api import ClusterLimits, Lease
-from engine.cluster.node import NodeCoordinator, NodeLimits
+from engine.cluster.node import (
+    NodeCoordinator,
+    NodeLimits,
+    coordinator_for,
+    start_worker_limits,
+)
+from engine.cluster.role import WorkerRole
 from engine.cluster.shards import limits_path, shard_config
+from engine.cluster.supervisor import Supervisor
 from engine.config import load_config
 from engine.testing.dns import DnsResponder
 from engine.testing.server import RunningFerry
@@ -307,6 +314,20 @@ def test_a_worker_starts_on_its_share_without_a_coordinator(socket_path: Path) -
         loop.close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a socket away needs root")
+def test_the_socket_is_given_to_the_workers_account(socket_path: Path) -> None:
+    home = Loop("supervisor")
+    node = NodeCoordinator(socket_path, owner=(65534, 65534))  # nobody: the workers' user
+    home.call(node.start())
+    try:
+        st = socket_path.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o600)
+    finally:
+        home.call(node.stop())
+        home.close()
+    assert not socket_path.exists()  # removed at stop
+
+
 @pytest.mark.parametrize("line", [
     b"A 1 three site\n",          # a limit that is not a number
     b"A 1 3\n",                   # no key
@@ -401,13 +422,15 @@ retry_interval = 1
 """, encoding="utf-8")
     config = load_config(path)
     home = Loop("supervisor")
-    node = NodeCoordinator(limits_path(spool))
+    # As the supervisor and the workers wire it (engine.cluster.supervisor, engine.app).
+    node = coordinator_for(Supervisor(config))
+    assert node.path == limits_path(spool)
     home.call(node.start())
     try:
         with RunningFerry(shard_config(config, 0)) as w0, \
                 RunningFerry(shard_config(config, 1)) as w1:
-            for worker in (w0, w1):
-                worker.call(_attach(worker, limits_path(spool)))
+            for index, worker in enumerate((w0, w1)):
+                worker.call(_attach(worker, WorkerRole(index, 2, 2, spool)))
             yield w0, w1
     finally:
         home.call(node.stop())
@@ -415,9 +438,9 @@ retry_interval = 1
         shutil.rmtree(spool, ignore_errors=True)
 
 
-async def _attach(worker: RunningFerry, path: Path) -> None:
-    limits = NodeLimits(path, share=0.5, lease_wait=0.05)
-    await limits.start()
+async def _attach(worker: RunningFerry, role: WorkerRole) -> None:
+    limits = await start_worker_limits(role)
+    assert limits.share == 0.5 and limits.shared
     assert worker.app.scheduler is not None
     worker.app.scheduler.cluster = limits  # App.stop stops it
 
