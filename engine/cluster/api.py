@@ -38,8 +38,15 @@ class ClusterLimits(Protocol):
     async def release(self, lease: Lease) -> None: ...
 
     def over_share(self, key: str, limit: int) -> bool:
-        """Whether this one holds more leases on ``key`` than its share while the limits
-        are not shared (the caller ends the extra connections)."""
+        """Whether the calling connection (holding a lease on ``key``) is to end and give
+        its lease back: this one holds more than it should keep (beyond its share while
+        the limits are not shared, or while another waits for a lease).  True is a claim:
+        only the extra connections are told to end."""
+        ...
+
+    def yielding(self, key: str, limit: int) -> bool:
+        """Whether this one holds more leases on ``key`` than it should keep (no claim):
+        its connections take no more follow-on messages until enough have ended."""
         ...
 
     def held(self, key: str) -> int: ...

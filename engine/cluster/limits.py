@@ -145,6 +145,8 @@ class ShareFallback:
         #: True while the limits are shared; False while each limit is this one's share.
         self.shared = False
         self._local: dict[str, _Local] = {}
+        #: key → leases claimed by over_share and not given back yet
+        self._leaving: dict[str, int] = {}
         #: daily counts made on the share: key → (day, count)
         self._counts: dict[str, tuple[int, int]] = {}
         #: until when (loop time) a client back in touch keeps to its share (_in_grace)
@@ -156,11 +158,23 @@ class ShareFallback:
         return max(1, math.floor(limit * self.share))
 
     def over_share(self, key: str, limit: int) -> bool:
-        """Whether this one, on its own while the limits are not shared, holds more
-        leases on ``key`` than its share (taken while they were shared): the caller ends
-        the extra connections after their deliveries, so the sum comes back to the
-        limit."""
-        return not self.shared and self.held(key) > self.mine(limit)
+        """Whether the caller, a connection holding a lease on ``key``, is to end now and
+        give its lease back: this one holds more than its share while the limits are not
+        shared (taken while they were).  True is a claim: the next callers count this
+        lease as gone, so only the extra connections end, never all of them at once."""
+        if not self.yielding(key, limit):
+            return False
+        self._leaving[key] = self._leaving.get(key, 0) + 1
+        return True
+
+    def yielding(self, key: str, limit: int) -> bool:
+        """Whether this one holds more leases on ``key`` than it should keep now, counting
+        those already claimed by :meth:`over_share` as gone (no claim: the scheduler
+        prepares no follow-on messages for such connections)."""
+        return not self.shared and self._kept(key) > self.mine(limit)
+
+    def _kept(self, key: str) -> int:
+        return self.held(key) - self._leaving.get(key, 0)
 
     def held(self, key: str) -> int:
         """Leases this one holds on ``key``."""
@@ -184,6 +198,11 @@ class ShareFallback:
         return Lease(key, member, shared)
 
     def _forget(self, lease: Lease) -> None:
+        leaving = self._leaving.get(lease.key, 0)
+        if leaving > 1:
+            self._leaving[lease.key] = leaving - 1
+        elif leaving:
+            del self._leaving[lease.key]
         local = self._local.get(lease.key)
         if local is not None:
             local.leases.discard(lease.member)

@@ -27,6 +27,12 @@ count are answered; ``R`` release, ``K`` keep and ``N`` add counts are not)::
     C <day> <cap> <key>        → 1 | 0
     N <day> <count> <key>      (sends counted while the coordinator was away)
 
+and the coordinator tells a worker, between its answers, ``W <key>`` when another worker
+was refused a lease on a key it holds leases on: the worker then ends its connections
+beyond its share of that key after their deliveries (the scheduler's ``over_share``),
+so the first worker to take a site's leases does not keep them while another's mail for
+the site waits.
+
 Every call of a worker is bounded by ``timeout``.  A coordinator that cannot be reached
 (not started, gone, silent) makes the worker fall back to ``share`` (1/N) of each limit
 on its own, say so once in its log, and reconnect every ``reconnect_interval``; back in
@@ -46,6 +52,7 @@ import itertools
 import logging
 import os
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +84,8 @@ __all__ = ["CoordinatorFigures", "NodeCoordinator", "NodeLimits", "coordinator_f
 MAX_LINE: Final = 8192
 #: Longest socket path the kernel takes (sun_path is 108 bytes on Linux, with its NUL).
 MAX_PATH: Final = 107
+#: How often at most a worker is told again that others wait for a key's leases (s).
+WANTED_EVERY: Final = 0.1
 
 
 # --- wiring ----------------------------------------------------------------------------
@@ -112,6 +121,8 @@ class CoordinatorFigures:
     closed: int = 0
     #: connections closed for a request that could not be read
     bad: int = 0
+    #: times a holder of leases was told another worker waits for one (W)
+    wanted: int = 0
 
 
 class NodeCoordinator:
@@ -185,10 +196,26 @@ class NodeCoordinator:
         held = self.leases.get(key, 0)
         if held >= limit:
             self.figures.refused += 1
+            self._wanted(peer, key)
             return b"0\n"
         self.figures.granted += 1
         self._keep(peer, member, key)
         return b"1\n"
+
+    def _wanted(self, refused: _Peer, key: str) -> None:
+        """Tell the other workers that hold leases on ``key`` that one was refused: each
+        ends its connections beyond its share after their deliveries, so a worker with a
+        long queue for a site does not keep every lease while another's mail waits
+        (without this, the first to take the leases keeps them as long as it has mail).
+        At most once per ``WANTED_EVERY`` per worker and key."""
+        now = asyncio.get_running_loop().time()
+        for peer in self._peers:
+            if peer is refused or key not in peer.leases:
+                continue
+            if now - peer.told.get(key, -WANTED_EVERY) >= WANTED_EVERY:
+                peer.told[key] = now
+                peer.push(b"W " + key.encode() + b"\n")
+                self.figures.wanted += 1
 
     def _keep(self, peer: _Peer, member: str, key: str) -> None:
         members = peer.leases.setdefault(key, set())
@@ -286,6 +313,8 @@ class _Peer(asyncio.Protocol):
         self.coordinator = coordinator
         #: key → the members (lease names) this worker holds
         self.leases: dict[str, set[str]] = {}
+        #: key → when this worker was last told others wait for its leases (loop time)
+        self.told: dict[str, float] = {}
         self._buffer = b""
         self._transport: asyncio.Transport | None = None
 
@@ -322,6 +351,10 @@ class _Peer(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()  # what was written still goes
 
+    def push(self, line: bytes) -> None:
+        if self._transport is not None:
+            self._transport.write(line)
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.abort()
@@ -347,6 +380,11 @@ class NodeLimits(ShareFallback):
         self.name = name
         self.timeout = timeout
         self.reconnect_interval = reconnect_interval
+        #: how long a word that another worker waits for a key's leases holds (s): the
+        #: waiting worker asks again every ``lease_wait``, each time renewing it
+        self.wanted_for = 4 * lease_wait
+        #: key → until when (time.monotonic) this worker keeps to its share of it
+        self._wanted_until: dict[str, float] = {}
         self._link: _Link | None = None
         self._serial = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
@@ -376,12 +414,32 @@ class NodeLimits(ShareFallback):
 
     # --- the interface (engine.cluster.api.ClusterLimits) -------------------------------------
 
+    def yielding(self, key: str, limit: int) -> bool:
+        """Beyond this worker's share of ``key`` while the coordinator is away (as with
+        Redis), or while another worker waits for a lease on it (told lately)."""
+        return ((not self.shared or self._is_wanted(key))
+                and self._kept(key) > self.mine(limit))
+
+    def _is_wanted(self, key: str) -> bool:
+        until = self._wanted_until.get(key)
+        if until is None:
+            return False
+        if time.monotonic() > until:
+            del self._wanted_until[key]
+            return False
+        return True
+
+    def _wanted(self, key: str) -> None:
+        self._wanted_until[key] = time.monotonic() + self.wanted_for
+
     async def acquire(self, key: str, limit: int) -> Lease | None:
         local = self._local.setdefault(key, _Local())
         member = str(next(self._serial))
         within_share = len(local.leases) < self.mine(limit)
         if self.shared:
-            if not within_share and self._in_grace():
+            if not within_share and (self._in_grace() or self._is_wanted(key)):
+                # Just back (others may not have registered their leases yet), or another
+                # worker waits for this key: no more than the share, without asking.
                 return self._grant(local, key, member, False, shared=True)
             try:
                 got = await self._ask(f"A {member} {limit} {key}\n".encode())
@@ -523,6 +581,9 @@ class _Link(asyncio.Protocol):
             return
         pending = self._pending
         for line in lines:
+            if line[:2] == b"W ":  # not an answer: another worker waits for a lease
+                self.owner._wanted(line[2:].decode(errors="replace"))
+                continue
             if not pending:
                 self.owner._lost(self, "an answer to no request")
                 return

@@ -1124,6 +1124,11 @@ class Scheduler:
         if (site.limits.max_rate or site.capped or agent is None
                 or not agent.takes_follow_ons(route)):
             return None  # a rate or a daily cap counts each group at its worker's turn
+        if self.cluster is not None and self.cluster.yielding(site.name,
+                                                              site.limits.max_connections):
+            # Leases to give back (another worker or node waits, or the share is lower
+            # now): nothing more rides on these connections, so the extra ones can end.
+            return None
         jobs = site.jobs
         # Never the groups that workers still starting will take (see _staff).
         while (len(follow_ons) < _FOLLOW_AHEAD and len(jobs) > site.starting

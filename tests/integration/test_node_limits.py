@@ -162,6 +162,40 @@ def test_a_stopped_workers_leases_return(coordinator: tuple[NodeCoordinator, Loo
         loop.close()
 
 
+def test_a_worker_holding_every_lease_yields_to_one_that_waits(
+        coordinator: tuple[NodeCoordinator, Loop], socket_path: Path) -> None:
+    node, _ = coordinator
+    loop = Loop("workers")
+    a, b = client(socket_path, loop), client(socket_path, loop)
+
+    async def take(limits: NodeLimits, n: int) -> list[Lease]:
+        got = [await limits.acquire("site", 3) for _ in range(n)]
+        return [lease for lease in got if lease is not None]
+
+    try:
+        held = loop.call(take(a, 3))
+        assert len(held) == 3 and not a.yielding("site", 3)  # nobody waits yet
+        assert loop.call(take(b, 1)) == []
+        # b was refused: a is told, and ends its connections beyond its share (1 of 3).
+        wait_for(lambda: a.yielding("site", 3), what="a told that b waits")
+        assert node.figures.wanted == 1
+        assert not b.yielding("site", 3)  # b holds none
+        # Each of a's three connections asks: two are to end, the third keeps its lease.
+        assert [a.over_share("site", 3) for _ in range(3)] == [True, True, False]
+        assert not a.yielding("site", 3)
+        # Nor does a take more while b waits: refused without asking the coordinator.
+        assert loop.call(take(a, 1)) == []
+        for lease in held[1:]:
+            loop.call(a.release(lease))
+        wait_for(lambda: node.held("site") == 1, what="a's two leases back")
+        assert len(loop.call(take(b, 3))) == 2
+        assert not a.over_share("site", 3) and not b.over_share("site", 3)
+    finally:
+        for w in (a, b):
+            loop.call(w.stop())
+        loop.close()
+
+
 #: A worker in a process of its own: takes ``n`` leases on ``key``, says so, then waits
 #: to be killed.
 WORKER = """
@@ -445,14 +479,14 @@ async def _attach(worker: RunningFerry, role: WorkerRole) -> None:
     worker.app.scheduler.cluster = limits  # App.stop stops it
 
 
-def send(workers: tuple[RunningFerry, ...], count: int, *, park: bool = True) -> None:
-    """``count`` messages to each destination through each worker, parked (suspended)
-    while they are queued, so every message is due at once after."""
+def send(workers: tuple[RunningFerry, ...], *counts: int, park: bool = True) -> None:
+    """``counts[i]`` messages to each destination through worker ``i``, parked
+    (suspended) while they are queued, so every message is due at once after."""
     for worker in workers:
         assert worker.app.operations is not None
         for domain in SINKS if park else ():
             worker.call(worker.app.operations.suspend(domain, "test"))
-    for tag, worker in zip("ab", workers, strict=False):
+    for tag, worker, count in zip("ab", workers, counts, strict=False):
         with smtplib.SMTP(worker.host, worker.port) as smtp:
             for n in range(count):
                 for domain in SINKS:
@@ -480,7 +514,7 @@ def _clusters(*workers: RunningFerry) -> list[ClusterLimits]:
 def test_two_workers_never_open_more_than_the_limit(tmp_path: Path, dns: DnsResponder,
                                                     sink: CountingSink) -> None:
     with two_workers(tmp_path, dns, sink) as workers:
-        send(workers, 12)
+        send(workers, 12, 12)
         wait_for(lambda: len(_delivered(sink)) == 48, what="every message of both")
         # Each worker alone may open 3 to each destination; together they never had more
         # than 3 open to either, and did use all 3.
@@ -489,6 +523,23 @@ def test_two_workers_never_open_more_than_the_limit(tmp_path: Path, dns: DnsResp
         clusters = _clusters(*workers)
         assert all(c.shared for c in clusters)
         assert sum(c.figures.refused for c in clusters) > 0  # a worker waited for leases
+
+
+def test_a_worker_with_a_long_queue_does_not_starve_the_other(
+        tmp_path: Path, dns: DnsResponder, sink: CountingSink) -> None:
+    with two_workers(tmp_path, dns, sink) as workers:
+        # Worker 0 takes every lease first and has 30 messages per destination for them
+        # (at least a second of deliveries on 3 connections); worker 1 has 3.
+        send(workers, 30, 3)
+        wait_for(lambda: len(_delivered(sink)) == 66, what="every message of both")
+        order = [r for m in sink.state.messages for r in m.recipients]
+        for domain in SINKS:
+            mine = [r[0] for r in order if r.endswith("@" + domain)]
+            # Worker 1 waited, worker 0 was told and gave back its leases beyond its
+            # share: worker 1's mail went while worker 0 still had plenty, not after it.
+            last_b = max(i for i, tag in enumerate(mine) if tag == "b")
+            assert last_b < len(mine) - 10, "".join(mine)
+        assert {sink.state.peak[address] for address in SINKS.values()} == {LIMIT}
 
 
 def test_a_daily_cap_holds_for_the_node(tmp_path: Path, dns: DnsResponder,
@@ -502,7 +553,7 @@ daily_cap = {cap}
 """) as workers:
         # Not parked: a suspended group is counted before it is parked (Scheduler._gate
         # runs before _deliver's suspension check), which would spend the cap.
-        send(workers, 4, park=False)
+        send(workers, 4, 4, park=False)
         # other.test has no cap: all 8 of it; node.test: 3 for the node, not 3 per worker.
         wait_for(lambda: sum(r.endswith("@other.test") for r in _delivered(sink)) == 8,
                  what="every message to other.test")
