@@ -390,14 +390,12 @@ class NodeLimits(ShareFallback):
         self._task: asyncio.Task[None] | None = None
         self._nudge = asyncio.Event()
         self._stopping = False
-        self._started = False
 
     async def start(self) -> None:
         """Connect; a coordinator not there yet is not an error (the worker starts on its
         share and keeps trying)."""
         if not await self._connect():
             self._fall_back("not reachable at start")
-        self._started = True
         self._task = asyncio.get_running_loop().create_task(self._keep())
 
     async def stop(self) -> None:
@@ -462,10 +460,14 @@ class NodeLimits(ShareFallback):
         if rate <= 0:
             return Reservation(0.0, 0)
         if self.shared:
+            link = self._link
             got = await self._ask(f"G {rate!r} {key}\n".encode())
             if got is not None:
                 wait, _, start = got.partition(b" ")
-                return Reservation(int(wait) / 1_000_000, int(start))
+                if wait.isdigit() and start.isdigit():
+                    return Reservation(int(wait) / 1_000_000, int(start))
+                if link is not None:  # out of step: a new connection puts it right
+                    self._lost(link, f"an answer out of step: {got[:40]!r}")
         return self._reserve_own(key, rate)
 
     async def count(self, key: str, day: int, cap: int) -> bool:
