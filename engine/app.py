@@ -41,6 +41,7 @@ from engine.client.api import DeliveryAgent
 from engine.client.maildir import MaildirAgent
 from engine.client.smtp import SmtpAgent
 from engine.cluster.limits import SharedLimits
+from engine.cluster.node import start_worker_limits
 from engine.cluster.role import WorkerRole
 from engine.cluster.shards import shard_config, worker_control_path, workers_dir
 from engine.cluster.suspensions import SuspensionSync
@@ -262,6 +263,9 @@ class App:
         shared: SharedLimits | None = None
         if cfg.cluster.redis:
             scheduler.cluster = shared = await start_cluster(cfg, self.role)
+        elif self.role is not None and self.role.size > 1:
+            # The node's limits, kept by its supervisor for every worker (engine.cluster.node).
+            scheduler.cluster = await start_worker_limits(self.role)
         self.reconfigure.append(self._reconfigure_bounces)
         scheduler.start()
         # The router of now (a reload replaces it), as the queue names destinations.
