@@ -31,6 +31,7 @@ import asyncio
 import itertools
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -41,7 +42,9 @@ log = logging.getLogger("ferry.cluster")
 __all__ = ["Lease", "Reservation", "ShareFallback", "SharedFigures", "SharedLimits"]
 
 #: Take a lease: drop the expired ones, renew ours if present, else add ours when fewer
-#: than the limit are held.  KEYS[1] the lease set; ARGV member, limit, ttl (ms).
+#: than the limit are held; when refused, mark the key wanted (for ``ttl``: the holders
+#: read it at their next renewal).  KEYS[1] the lease set, KEYS[2] its wanted mark; ARGV
+#: member, limit, ttl (ms).
 _ACQUIRE: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -53,21 +56,29 @@ if redis.call('ZSCORE', KEYS[1], ARGV[1]) or
   redis.call('PEXPIRE', KEYS[1], 2 * ttl)
   return 1
 end
+redis.call('SET', KEYS[2], '1', 'PX', ttl)
 return 0
 """
 
 #: Renew every lease a node holds (and put back any that expired meanwhile: the
-#: connection is open, so the count must say so).  KEYS the lease sets, ARGV[1] the ttl
-#: (ms), ARGV[2..] the members, one per key.
+#: connection is open, so the count must say so), and say which of them another node
+#: waits for.  KEYS[1..n] the lease sets, KEYS[n+1..2n] their wanted marks, ARGV[1] the
+#: ttl (ms), ARGV[2..n+1] the members, one per lease set.  Returns the indexes (1-based)
+#: of the wanted ones.
 _RENEW: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
-  redis.call('PEXPIRE', key, 2 * ttl)
+local n = #ARGV - 1
+local wanted = {}
+for i = 1, n do
+  redis.call('ZADD', KEYS[i], now + ttl, ARGV[i + 1])
+  redis.call('PEXPIRE', KEYS[i], 2 * ttl)
+  if redis.call('EXISTS', KEYS[n + i]) == 1 then
+    table.insert(wanted, i)
+  end
 end
-return #KEYS
+return wanted
 """
 
 #: GCRA: reserve the next send.  KEYS[1] the rate key; ARGV[1] the interval (µs).
@@ -147,6 +158,10 @@ class ShareFallback:
         self._local: dict[str, _Local] = {}
         #: key → leases claimed by over_share and not given back yet
         self._leaving: dict[str, int] = {}
+        #: how long word that another waits for a key's leases holds (s)
+        self.wanted_for = 4 * lease_wait
+        #: key → until when (time.monotonic) this one keeps to its share of it
+        self._wanted_until: dict[str, float] = {}
         #: daily counts made on the share: key → (day, count)
         self._counts: dict[str, tuple[int, int]] = {}
         #: until when (loop time) a client back in touch keeps to its share (_in_grace)
@@ -168,10 +183,25 @@ class ShareFallback:
         return True
 
     def yielding(self, key: str, limit: int) -> bool:
-        """Whether this one holds more leases on ``key`` than it should keep now, counting
-        those already claimed by :meth:`over_share` as gone (no claim: the scheduler
-        prepares no follow-on messages for such connections)."""
-        return not self.shared and self._kept(key) > self.mine(limit)
+        """Whether this one holds more leases on ``key`` than it should keep now: beyond
+        its share while the limits are not shared, or while another waits for a lease on
+        it (told lately), counting those already claimed by :meth:`over_share` as gone (no
+        claim: the scheduler prepares no follow-on messages for such connections)."""
+        return ((not self.shared or self._is_wanted(key))
+                and self._kept(key) > self.mine(limit))
+
+    def _is_wanted(self, key: str) -> bool:
+        until = self._wanted_until.get(key)
+        if until is None:
+            return False
+        if time.monotonic() > until:
+            del self._wanted_until[key]
+            return False
+        return True
+
+    def _wanted(self, key: str) -> None:
+        """Another was refused a lease on ``key``: keep to the share of it a while."""
+        self._wanted_until[key] = time.monotonic() + self.wanted_for
 
     def _kept(self, key: str) -> int:
         return self.held(key) - self._leaving.get(key, 0)
@@ -240,6 +270,9 @@ class SharedLimits(ShareFallback):
                  timeout: float = 0.5, share: float = 0.5, probe_interval: float = 5.0,
                  lease_wait: float = 0.25, client: Any = None) -> None:
         super().__init__(share, lease_wait)
+        #: word that another node waits comes with each renewal (every third of the
+        #: lease's lifetime): it holds until the one after
+        self.wanted_for = lease_ttl / 3 * 1.5
         self.url = url
         self.node = node
         self.prefix = prefix
@@ -312,10 +345,11 @@ class SharedLimits(ShareFallback):
         member = f"{self.node}:{next(self._serial)}"
         within_share = len(local.leases) < self.mine(limit)
         if self.shared:
-            if not within_share and self._in_grace():
+            if not within_share and (self._in_grace() or self._is_wanted(key)):
                 return self._grant(local, key, member, False, shared=True)
             granted = await self._call(self._scripts["acquire"](
-                keys=[self._lease_key(key)], args=[member, limit, self._ttl_ms()]))
+                keys=[self._lease_key(key), self._wanted_key(key)],
+                args=[member, limit, self._ttl_ms()]))
             if granted is not None:
                 return self._grant(local, key, member, bool(granted), shared=True)
         return self._grant(local, key, member, within_share, shared=False)
@@ -374,6 +408,9 @@ class SharedLimits(ShareFallback):
 
     def _lease_key(self, key: str) -> str:
         return f"{self.prefix}lease:{key}"
+
+    def _wanted_key(self, key: str) -> str:
+        return f"{self.prefix}wanted:{key}"
 
     def _rate_key(self, key: str) -> str:
         return f"{self.prefix}rate:{key}"
@@ -443,14 +480,18 @@ class SharedLimits(ShareFallback):
         """Renew (or register again) every lease held; False when Redis did not answer.
         Leases given back while Redis was away are not in it any more for this node:
         they expire there within ``lease_ttl``."""
-        held = [(self._lease_key(k), m) for k, local in self._local.items()
-                for m in local.leases]
+        held = [(k, m) for k, local in self._local.items() for m in local.leases]
         if not held:
             return True
         got = await self._call(self._scripts["renew"](
-            keys=[k for k, _ in held], args=[self._ttl_ms(), *(m for _, m in held)]))
+            keys=[self._lease_key(k) for k, _ in held] + [self._wanted_key(k) for k, _ in held],
+            args=[self._ttl_ms(), *(m for _, m in held)]))
         if got is None:
             return False
+        for index in got:
+            # Another node was refused one of these keys' leases: keep to the share of it
+            # until the next renewal tells again (ShareFallback.yielding).
+            self._wanted(held[int(index) - 1][0])
         self.figures.renewals += 1
         return True
 

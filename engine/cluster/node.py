@@ -52,7 +52,6 @@ import itertools
 import logging
 import os
 import socket
-import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,11 +379,6 @@ class NodeLimits(ShareFallback):
         self.name = name
         self.timeout = timeout
         self.reconnect_interval = reconnect_interval
-        #: how long a word that another worker waits for a key's leases holds (s): the
-        #: waiting worker asks again every ``lease_wait``, each time renewing it
-        self.wanted_for = 4 * lease_wait
-        #: key → until when (time.monotonic) this worker keeps to its share of it
-        self._wanted_until: dict[str, float] = {}
         self._link: _Link | None = None
         self._serial = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
@@ -411,24 +405,6 @@ class NodeLimits(ShareFallback):
         self._local.clear()
 
     # --- the interface (engine.cluster.api.ClusterLimits) -------------------------------------
-
-    def yielding(self, key: str, limit: int) -> bool:
-        """Beyond this worker's share of ``key`` while the coordinator is away (as with
-        Redis), or while another worker waits for a lease on it (told lately)."""
-        return ((not self.shared or self._is_wanted(key))
-                and self._kept(key) > self.mine(limit))
-
-    def _is_wanted(self, key: str) -> bool:
-        until = self._wanted_until.get(key)
-        if until is None:
-            return False
-        if time.monotonic() > until:
-            del self._wanted_until[key]
-            return False
-        return True
-
-    def _wanted(self, key: str) -> None:
-        self._wanted_until[key] = time.monotonic() + self.wanted_for
 
     async def acquire(self, key: str, limit: int) -> Lease | None:
         local = self._local.setdefault(key, _Local())
