@@ -52,6 +52,7 @@ import itertools
 import logging
 import os
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +208,7 @@ class NodeCoordinator:
         long queue for a site does not keep every lease while another's mail waits
         (without this, the first to take the leases keeps them as long as it has mail).
         At most once per ``WANTED_EVERY`` per worker and key."""
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         for peer in self._peers:
             if peer is refused or key not in peer.leases:
                 continue
@@ -312,7 +313,7 @@ class _Peer(asyncio.Protocol):
         self.coordinator = coordinator
         #: key → the members (lease names) this worker holds
         self.leases: dict[str, set[str]] = {}
-        #: key → when this worker was last told others wait for its leases (loop time)
+        #: key → when this worker was last told others wait for its leases (monotonic)
         self.told: dict[str, float] = {}
         self._buffer = b""
         self._transport: asyncio.Transport | None = None
