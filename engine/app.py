@@ -85,6 +85,7 @@ from engine.tlspolicy.sts import STS_FILE, StsCache
 from engine.tlspolicy.tlsrpt import TlsReports
 
 if TYPE_CHECKING:
+    from engine.cluster.nodeview import NodeOperations
     from engine.http.server import HttpServer
     from engine.ops.metrics import Metrics
 
@@ -106,6 +107,15 @@ class App:
         self.role = role
         #: Where the control channel listens (a worker of a node: engine.cluster.shards).
         self.control_path = control_path or socket_path(config.spool)
+        #: The node's control socket when this App is a worker of a node of several
+        #: (engine.cluster.fanout.NodeControl, the supervisor's ``<spool>/control.sock``),
+        #: set before start; None: a node of one.  With it, the admin API and GET /metrics
+        #: answer for every worker (engine.cluster.nodeview), and the metrics are kept
+        #: even without [http] (worker 0 gathers them over the control channel).
+        self.node_control: Path | None = (
+            socket_path(role.spool) if role is not None and role.size > 1 else None)
+        #: The node's operations for the admin API (made at start when ``node_control``).
+        self.node_operations: NodeOperations | None = None
         self.store: LmdbQueue | None = None
         self.scheduler: Scheduler | None = None
         #: the cluster's shared suspensions ([cluster]; engine.cluster.suspensions)
@@ -218,7 +228,7 @@ class App:
         log.info("ferry %s starting; %s", __version__, _speedups.status())
         log.info("%s", store.describe())
         self._start_tracking()
-        if self.http is not None:
+        if self.http is not None or self.node_control is not None:
             # Before anything emits: the counts start with the server.
             from engine.ops.metrics import Metrics
 
@@ -282,6 +292,15 @@ class App:
             operations.cluster = self.cluster_sync
             self.cluster_sync.start()
         control = ControlServer(self.control_path, operations, self._reload_reply)
+        if self.metrics is not None:
+            control.metrics = self._metrics_text
+        if self.node_control is not None:
+            from engine.cluster.nodeview import NodeOperations
+            from engine.cluster.shards import tracking_dirs
+
+            self.node_operations = NodeOperations(
+                operations, store, self.node_control, Path(cfg.spool),
+                (lambda: tracking_dirs(cfg)) if cfg.tracking.enabled else None)
         try:
             await control.start()
         except ControlUnavailable as exc:
@@ -372,6 +391,14 @@ class App:
                 outcome = "" if result.ok else "reload refused, the configuration stays; "
                 self.notifier.ready(f"{outcome}accepting mail on {', '.join(self.addresses)}")
             return result
+
+    def _metrics_text(self) -> bytes:
+        """This worker's metrics, for the node's GET /metrics (the control channel's
+        ``metrics``); starts the walk of the queue's hops the next answer reads."""
+        assert self.metrics is not None
+        text = self.metrics.render()
+        self.metrics.walk_destinations()
+        return text
 
     async def _reload_reply(self) -> dict[str, object]:
         return (await self.reload()).to_json()
@@ -585,6 +612,8 @@ class App:
             await self.metrics.stop()  # a walk of the queue's index, before the queue closes
         if self.control is not None:
             await self.control.stop()
+        if self.node_operations is not None:
+            self.node_operations.close()  # the other shards' databases it opened
         if self.pressure is not None:
             self.pressure.stop()
         if self.alerts is not None:
