@@ -41,6 +41,7 @@ from engine.client.api import DeliveryAgent
 from engine.client.maildir import MaildirAgent
 from engine.client.smtp import SmtpAgent
 from engine.cluster.limits import SharedLimits
+from engine.cluster.node import start_worker_limits
 from engine.cluster.role import WorkerRole
 from engine.cluster.shards import shard_config, worker_control_path, workers_dir
 from engine.cluster.suspensions import SuspensionSync
@@ -272,8 +273,12 @@ class App:
         scheduler.on_outcomes = suppression.failed
         if self.node_control is not None:
             suppression.shared = self._share_suppressions
+        shared: SharedLimits | None = None
         if cfg.cluster.redis:
-            scheduler.cluster = await start_cluster(cfg, self.role)
+            scheduler.cluster = shared = await start_cluster(cfg, self.role)
+        elif self.role is not None and self.role.size > 1:
+            # The node's limits, kept by its supervisor for every worker (engine.cluster.node).
+            scheduler.cluster = await start_worker_limits(self.role)
         self.reconfigure.append(self._reconfigure_bounces)
         scheduler.start()
         # The router of now (a reload replaces it), as the queue names destinations.
@@ -283,9 +288,9 @@ class App:
             (cfg.tracking.dir or tracking_dir(Path(cfg.spool))) if cfg.tracking.enabled
             else None)
         operations.suppression = suppression
-        if scheduler.cluster is not None:
+        if shared is not None:
             # Suspensions are the cluster's: shared at once, and looked at every interval.
-            self.cluster_sync = SuspensionSync(scheduler.cluster, scheduler,
+            self.cluster_sync = SuspensionSync(shared, scheduler,
                                                cfg.cluster.sync_interval)
             operations.cluster = self.cluster_sync
             self.cluster_sync.start()

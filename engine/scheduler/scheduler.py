@@ -65,7 +65,7 @@ from typing import Any
 import orjson
 
 from engine.client.api import DeliveryAgent, FollowOn, FollowOns, RcptResult
-from engine.cluster.limits import Lease, SharedLimits
+from engine.cluster.api import ClusterLimits, Lease
 from engine.config import DeliveryConfig
 from engine.message.dsn import Action, Failure, build_dsn, reply_status, wants_notice
 from engine.ops.events import Events, Kind, bare_message_id
@@ -93,7 +93,13 @@ from engine.scheduler import facts
 from engine.scheduler.facts import Fact
 from engine.scheduler.inflight import InFlightJournal
 from engine.scheduler.notices import DelayNotices
-from engine.scheduler.policy import RETRY_JITTER, SiteLimits, Throttle, retry_delay
+from engine.scheduler.policy import (
+    RETRY_JITTER,
+    SiteLimits,
+    Throttle,
+    count_daily,
+    retry_delay,
+)
 from engine.scheduler.shaping import Automation, Shape, Shaping, next_day, site_key, utc_day
 from engine.scheduler.snapshot import (
     DestinationView,
@@ -276,11 +282,12 @@ class Scheduler:
         #: told each message's outcomes as they go to the queue (the suppression list's
         #: auto-add: engine.queue.suppression); must not raise or block
         self.on_outcomes: Callable[[Envelope, Sequence[Outcome]], None] | None = None
-        #: Limits shared with other nodes through Redis ([cluster], engine.cluster.limits):
-        #: each worker holds a lease on one of its site's connections for its whole life,
-        #: and a site's message rate is one schedule for every node; None: this node's
-        #: limits alone.
-        self.cluster: SharedLimits | None = None
+        #: Limits shared with other nodes through Redis ([cluster], engine.cluster.limits)
+        #: or with the other workers of this node (engine.cluster.node): each worker holds
+        #: a lease on one of its site's connections for its whole life, a site's message
+        #: rate is one schedule for all, and daily caps are counted for all; None: this
+        #: process's limits alone.
+        self.cluster: ClusterLimits | None = None
 
     # --- control ---------------------------------------------------------------------
 
@@ -873,7 +880,7 @@ class Scheduler:
                             min(5.0, self._down_length() * RETRY_JITTER), site=site.name)
                         continue
                     if self.held or site.capped:
-                        gate = self._gate(site)
+                        gate = await self._gate(site)
                         if gate is not None:
                             reason, until, spread = gate
                             await self._defer_group(entry, reason, until, spread,
@@ -934,7 +941,7 @@ class Scheduler:
 
     # --- shaping: daily caps and automation on replies ----------------------------------
 
-    def _gate(self, site: _Site) -> tuple[str, float, float] | None:
+    async def _gate(self, site: _Site) -> tuple[str, float, float] | None:
         """Whether the next group of ``site`` must wait: (the deferral's reply, until when,
         its spread) while an automation rule suspends the (source, site), or once its
         daily cap is reached (the group is counted otherwise).  Deferred, never failed:
@@ -951,15 +958,16 @@ class Scheduler:
         cap = site.shape.cap(site.source, day)
         if not cap:
             return None
-        counted_day, count = self.sent.get(site.name, (day, 0))
-        if counted_day != day:
-            count = 0
-        if count >= cap:
+        if self.cluster is not None:
+            # Counted with the others (a node's workers: engine.cluster.node).
+            reached = not await self.cluster.count(site.name, day, cap)
+        else:
+            reached = not count_daily(self.sent, site.name, day, cap)
+        if reached:
             source = site.source.name if site.source is not None else "this server"
             return (f"451 4.7.0 daily cap of {cap} messages from {source} to "
                     f"{site.route.site if site.route else site.name} reached; deferred to "
                     "the next UTC day", next_day(now), 60.0)
-        self.sent[site.name] = (day, count + 1)
         return None
 
     def _react(self, site: _Site, results: Sequence[RcptResult]) -> None:
@@ -1116,6 +1124,11 @@ class Scheduler:
         if (site.limits.max_rate or site.capped or agent is None
                 or not agent.takes_follow_ons(route)):
             return None  # a rate or a daily cap counts each group at its worker's turn
+        if self.cluster is not None and self.cluster.yielding(site.name,
+                                                              site.limits.max_connections):
+            # Leases to give back (another worker or node waits, or the share is lower
+            # now): nothing more rides on these connections, so the extra ones can end.
+            return None
         jobs = site.jobs
         # Never the groups that workers still starting will take (see _staff).
         while (len(follow_ons) < _FOLLOW_AHEAD and len(jobs) > site.starting
