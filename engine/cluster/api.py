@@ -7,6 +7,7 @@ This module only declares the interface; it must never hold state or do I/O.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from engine.cluster.limits import Lease, Reservation, SharedFigures
@@ -25,6 +26,9 @@ class ClusterLimits(Protocol):
     figures: SharedFigures
     #: how soon a caller refused a lease asks again
     lease_wait: float
+    #: Called with (key, rule, until, reply) when another member holds ``key`` by an
+    #: automation rule (:meth:`share_hold`); None: nobody listens.
+    on_hold: Callable[[str, str, float, str], None] | None
 
     async def start(self) -> None: ...
 
@@ -53,6 +57,11 @@ class ClusterLimits(Protocol):
 
     async def reserve(self, key: str, rate: float) -> Reservation:
         """The next of ``rate`` messages a second to ``key``: how long to wait."""
+        ...
+
+    def share_hold(self, key: str, rule: str, until: float, reply: str) -> None:
+        """Tell the other members that the automation rule ``rule`` holds ``key`` until
+        ``until`` (epoch seconds) after ``reply``: each holds it too (without waiting)."""
         ...
 
     async def count(self, key: str, day: int, cap: int) -> bool:

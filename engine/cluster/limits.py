@@ -32,6 +32,7 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -166,6 +167,12 @@ class ShareFallback:
         self._counts: dict[str, tuple[int, int]] = {}
         #: until when (loop time) a client back in touch keeps to its share (_in_grace)
         self._grace_until = 0.0
+        #: told of another member's automation holds (engine.cluster.api.ClusterLimits)
+        self.on_hold: Callable[[str, str, float, str], None] | None = None
+
+    def share_hold(self, key: str, rule: str, until: float, reply: str) -> None:
+        """Tell the others of an automation hold: no one to tell here (the Redis-shared
+        limits share operators' suspensions, not the automation's holds)."""
 
     def mine(self, limit: int) -> int:
         """This one's share of ``limit``: never less than one, or a node alone would

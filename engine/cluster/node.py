@@ -26,12 +26,17 @@ count are answered; ``R`` release, ``K`` keep and ``N`` add counts are not)::
     G <rate> <key>             → <wait µs> <slot µs>
     C <day> <cap> <key>        → 1 | 0
     N <day> <count> <key>      (sends counted while the coordinator was away)
+    H <until ms> <key> <JSON [rule, reply]>   (an automation rule holds the key)
 
 and the coordinator tells a worker, between its answers, ``W <key>`` when another worker
 was refused a lease on a key it holds leases on: the worker then ends its connections
 beyond its share of that key after their deliveries (the scheduler's ``over_share``),
 so the first worker to take a site's leases does not keep them while another's mail for
-the site waits.
+the site waits; and ``H ...`` (the request's line as another worker sent it) when an
+automation rule of the shaping (a ``421 4.7.28`` from a provider) holds a key in another
+worker: every worker then holds it until the same time, so the node backs off as one.
+The coordinator keeps the holds that have not ended and tells them to a worker that
+connects (a worker started again).
 
 Every call of a worker is bounded by ``timeout``.  A coordinator that cannot be reached
 (not started, gone, silent) makes the worker fall back to ``share`` (1/N) of each limit
@@ -57,6 +62,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, cast
+
+import orjson
 
 from engine.cluster.limits import (
     Lease,
@@ -138,6 +145,8 @@ class NodeCoordinator:
         self.leases: dict[str, int] = {}
         self._rates: dict[str, tuple[float, Throttle]] = {}
         self._counts: dict[str, tuple[int, int]] = {}
+        #: key → (until, epoch ms; the H line) of the automation holds told
+        self.holds: dict[str, tuple[int, bytes]] = {}
         self._peers: set[_Peer] = set()
         self._server: asyncio.base_events.Server | None = None
         self._inode = 0
@@ -276,7 +285,26 @@ class NodeCoordinator:
             member, key = _fields(rest, 2)
             (self._release if verb == b"R" else self._keep)(peer, member, key)
             return None
+        if verb == b"H":
+            until, key, _ = _fields(rest, 3)
+            self._hold(peer, int(until), key, line)
+            return None
         raise ValueError(f"unknown request {verb[:16]!r}")
+
+    def _hold(self, peer: _Peer, until: int, key: str, line: bytes) -> None:
+        """An automation hold in ``peer``: every other worker is told, and a worker that
+        connects later while it lasts (:meth:`holds_now`)."""
+        self.holds[key] = (until, line + b"\n")
+        for other in self._peers:
+            if other is not peer:
+                other.push(line + b"\n")
+
+    def holds_now(self) -> bytes:
+        """The H lines of the holds that have not ended (the others are forgotten)."""
+        now = time.time() * 1000
+        for key in [k for k, (until, _) in self.holds.items() if until <= now]:
+            del self.holds[key]
+        return b"".join(line for _, line in self.holds.values())
 
     def _closed(self, peer: _Peer) -> None:
         """A worker's connection ended: every lease it held returns now."""
@@ -323,6 +351,9 @@ class _Peer(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         self.coordinator._peers.add(self)
         self.coordinator.figures.connected += 1
+        holds = self.coordinator.holds_now()
+        if holds:
+            self._transport.write(holds)
 
     def data_received(self, data: bytes) -> None:
         lines, self._buffer = _lines(self._buffer, data)
@@ -447,6 +478,24 @@ class NodeLimits(ShareFallback):
                     self._lost(link, f"an answer out of step: {got[:40]!r}")
         return self._reserve_own(key, rate)
 
+    def share_hold(self, key: str, rule: str, until: float, reply: str) -> None:
+        if self._link is not None:
+            self._link.send(b"H %d %s %s\n" % (round(until * 1000), key.encode(),
+                                                orjson.dumps([rule, reply])))
+
+    def _held(self, rest: bytes) -> None:
+        """Another worker's automation hold (an H line), handed to ``on_hold``."""
+        try:
+            until, key, payload = rest.split(b" ", 2)
+            rule, reply = orjson.loads(payload)
+            held = (key.decode(), str(rule), int(until) / 1000, str(reply))
+        except ValueError:
+            log.warning("node limits: %s: a hold that cannot be read: %r", self.name,
+                        rest[:80])
+            return
+        if self.on_hold is not None:
+            self.on_hold(*held)
+
     async def count(self, key: str, day: int, cap: int) -> bool:
         if self.shared:
             got = await self._ask(f"C {day} {cap} {key}\n".encode())
@@ -562,6 +611,9 @@ class _Link(asyncio.Protocol):
         for line in lines:
             if line[:2] == b"W ":  # not an answer: another worker waits for a lease
                 self.owner._wanted(line[2:].decode(errors="replace"))
+                continue
+            if line[:2] == b"H ":  # not an answer: another worker's automation hold
+                self.owner._held(line[2:])
                 continue
             if not pending:
                 self.owner._lost(self, "an answer to no request")

@@ -222,6 +222,8 @@ class _Hold:
     site: str = ""
     source: str = ""
     timer: asyncio.TimerHandle | None = None
+    #: Taken here (False: another worker of the node took it and tells its events).
+    origin: bool = True
 
 
 class Scheduler:
@@ -287,7 +289,7 @@ class Scheduler:
         #: a lease on one of its site's connections for its whole life, a site's message
         #: rate is one schedule for all, and daily caps are counted for all; None: this
         #: process's limits alone.
-        self.cluster: ClusterLimits | None = None
+        self._cluster: ClusterLimits | None = None
 
     # --- control ---------------------------------------------------------------------
 
@@ -295,6 +297,16 @@ class Scheduler:
         # Suspensions outlive a restart: the set is kept with the queue (suspend/resume).
         self.suspended |= load_suspended(self.store)
         self._runner = asyncio.get_running_loop().create_task(self._run())
+
+    @property
+    def cluster(self) -> ClusterLimits | None:
+        return self._cluster
+
+    @cluster.setter
+    def cluster(self, limits: ClusterLimits | None) -> None:
+        self._cluster = limits
+        if limits is not None:
+            limits.on_hold = self._held_elsewhere
 
     def wake(self) -> None:
         """New mail was queued: look at the due index now rather than at the next poll."""
@@ -984,21 +996,46 @@ class Scheduler:
                 return
 
     def _hold(self, site: _Site, rule: Automation, reply: str) -> None:
-        loop = asyncio.get_running_loop()
-        now = time.time()
         action = rule.action
-        hold = self.held[site.name] = _Hold(
-            rule, now + rule.duration, reply,
+        hold = self._keep_hold(site.name, _Hold(
+            rule, time.time() + rule.duration, reply,
             site.route.site if site.route is not None else site.name,
-            site.source.name if site.source is not None else "")
-        hold.timer = loop.call_later(rule.duration, self._unhold, site.name, hold)
+            site.source.name if site.source is not None else ""))
         self.shaping_actions[action] += 1
-        if action == "throttle":
-            self._set_limits(site, self._limits(site))
         log.warning("shaping rule %r %s %s for %gs after: %s", rule.name,
                     "suspends" if action == "suspend" else "throttles", site.name,
                     rule.duration, reply)
         self._tell_hold("on", hold)
+        if self.cluster is not None:
+            # The other workers of the node back off too (engine.cluster.node).
+            self.cluster.share_hold(site.name, rule.name, hold.until, reply)
+
+    def _keep_hold(self, name: str, hold: _Hold) -> _Hold:
+        """Hold the (source, site) ``name`` until ``hold.until``."""
+        self.held[name] = hold
+        hold.timer = asyncio.get_running_loop().call_later(
+            max(0.0, hold.until - time.time()), self._unhold, name, hold)
+        site = self.sites.get(name)
+        if site is not None and hold.rule.action == "throttle":
+            self._set_limits(site, self._limits(site))
+        return hold
+
+    def _held_elsewhere(self, name: str, rule_name: str, until: float, reply: str) -> None:
+        """Another worker of the node was held by the automation rule ``rule_name``: this
+        one holds the same (source, site) until the same time (its events are the other
+        worker's).  A rule this worker does not know (a reload not yet done) is ignored."""
+        rule = next((a for a in self.shaping.automation if a.name == rule_name), None)
+        current = self.held.get(name)
+        if rule is None or until <= time.time() or (current is not None
+                                                    and current.until >= until):
+            return
+        if current is not None and current.timer is not None:
+            current.timer.cancel()
+        source, _, site = name.rpartition("@")
+        self._keep_hold(name, _Hold(rule, until, reply, site, source, origin=False))
+        log.info("shaping rule %r %s %s until %s, as another worker of the node",
+                 rule.name, "suspends" if rule.action == "suspend" else "throttles", name,
+                 _iso(until))
 
     def _unhold(self, name: str, hold: _Hold) -> None:
         if self.held.get(name) is not hold:
@@ -1009,7 +1046,8 @@ class Scheduler:
             self._set_limits(site, self._limits(site))
             self._staff(site)
         log.info("shaping rule %r lifted from %s", hold.rule.name, name)
-        self._tell_hold("off", hold)
+        if hold.origin:
+            self._tell_hold("off", hold)
         self.wake()
 
     @staticmethod

@@ -566,3 +566,36 @@ daily_cap = {cap}
         replies = [w.store.get(q).recipients[0].last_reply for w in workers
                    for q in w.store.ids_in_state("deferred", 10)]
         assert all(f"daily cap of {cap} messages" in reply for reply in replies)
+
+
+def test_an_automation_hold_in_one_worker_holds_the_node(tmp_path: Path, dns: DnsResponder,
+                                                         sink: CountingSink) -> None:
+    """Worker 0 gets a 421 that a [[shaping.automation]] rule suspends on: worker 1
+    holds the same (source, site) until the same time, and defers its own mail for it
+    untried, as the provider asked of the whole sender."""
+    sink.state.data_replies[SINKS["node.test"]] = "421 4.7.28 slow down"
+    with two_workers(tmp_path, dns, sink, """
+[[shaping.automation]]
+name = "back-off"
+domains = ["node.test"]
+code = 421
+duration = 120
+""") as (w0, w1):
+        with smtplib.SMTP(w0.host, w0.port) as smtp:
+            smtp.sendmail("s@client.test", ["a@node.test"], b"Subject: a\r\n\r\nx\r\n")
+        assert w0.app.scheduler is not None and w1.app.scheduler is not None
+        held0, held1 = w0.app.scheduler.held, w1.app.scheduler.held
+        wait_for(lambda: list(held1), what="the hold told to worker 1")
+        ((name, theirs),) = held1.items()
+        mine = held0[name]
+        assert (theirs.rule.name, theirs.origin) == ("back-off", False)
+        assert abs(theirs.until - mine.until) < 0.001  # told in milliseconds
+        assert mine.origin and theirs.reply == mine.reply == "421 4.7.28 slow down"
+        attempts = sum(sink.state.connections.values())
+        with smtplib.SMTP(w1.host, w1.port) as smtp:
+            smtp.sendmail("s@client.test", ["b@node.test"], b"Subject: b\r\n\r\nx\r\n")
+        wait_for(lambda: w1.store.ids_in_state("deferred", 10), what="b deferred")
+        (qid,) = w1.store.ids_in_state("deferred", 10)
+        reply = w1.store.get(qid).recipients[0].last_reply
+        assert "by shaping rule 'back-off' after: 421 4.7.28 slow down" in reply
+        assert sum(sink.state.connections.values()) == attempts  # never tried
