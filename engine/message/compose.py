@@ -132,6 +132,13 @@ def message_id(hostname: str) -> str:
     return f"<{int(time.time() * 1000)}.{_ID_RANDOM.getrandbits(64):016x}@{hostname}>"
 
 
+def _message_id_field(hostname: bytes) -> bytes:
+    """The Message-ID: field with a new :func:`message_id` (``hostname`` encoded), formatted
+    as bytes at once: once per recipient of a bulk request."""
+    return b"Message-ID: <%d.%016x@%s>\r\n" % (int(time.time() * 1000),
+                                                _ID_RANDOM.getrandbits(64), hostname)
+
+
 def date_value(now: float | None = None) -> str:
     """RFC 5322 §3.3 date-time in UTC, "+0000" (never "-0000": the zone is known)."""
     return email.utils.format_datetime(datetime.fromtimestamp(
@@ -281,6 +288,9 @@ class _Template:
 
     def fill(self, values: Mapping[str, str], escape: bool = False) -> str:
         pieces = self.pieces
+        if len(pieces) == 2:  # one placeholder, the common template: no list, no loop
+            value = values[self.names[0]]
+            return pieces[0] + (html_lib.escape(value) if escape else value) + pieces[1]
         out = [pieces[0]]
         for i, name in enumerate(self.names):
             value = values[name]
@@ -298,6 +308,8 @@ class Composer:
         check_structured(spec)
         self.spec = spec
         self.hostname = hostname
+        #: the domain of each message's Message-ID: (as message_id() would encode it)
+        self._host = hostname.encode()
         self.date = date or date_value()
         self.names = spec.placeholders()
         mark = "ferry" + secrets.token_hex(8)
@@ -386,7 +398,7 @@ class Composer:
                 out += (b"Content-Transfer-Encoding: ", cte, b"\r\n", part_head, b"\r\n",
                         data)
             elif slot == "id":
-                append(b"Message-ID: %s\r\n" % message_id(self.hostname).encode())
+                append(_message_id_field(self._host))
             elif slot == "to":
                 # A non-ASCII address cannot be an encoded word: UTF-8 (RFC 6532 §3.2).
                 append(_UTF8_POLICY.fold_binary("To", to) if not to.isascii()
