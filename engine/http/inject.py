@@ -94,6 +94,7 @@ _KEY: Final = re.compile(r"[\x20-\x7e]{1,255}")
 UNDISCLOSED: Final = "undisclosed-recipients:;"
 _STRUCTURED: Final = ("subject", "text", "html", "headers", "attachments")
 _KNOWN: Final = frozenset(("from", "recipients", "content", "substitutions", *_STRUCTURED))
+_RCPT_MEMBERS: Final = frozenset(("email", "substitutions"))
 
 
 def _invalid(where: str, detail: str, status: int = 400) -> Problem:
@@ -122,6 +123,11 @@ def _values(value: object, where: str) -> dict[str, str]:
     """A substitutions object: names to strings (numbers are written as text)."""
     if not isinstance(value, dict):
         raise _invalid(where, f"must be an object, not {_kind(value)}")
+    for v in value.values():
+        if type(v) is not str:
+            break
+    else:
+        return value  # all strings, the common case: the decoded document's own object
     out: dict[str, str] = {}
     for name, v in value.items():
         if isinstance(v, str):
@@ -182,8 +188,8 @@ def _recipients(doc: Mapping[str, Any], limit: int) -> list[_Rcpt]:
     for i, item in enumerate(items):
         where = f"recipients[{i}]"
         if isinstance(item, dict):
-            unknown = set(item) - {"email", "substitutions"}
-            if unknown:
+            if not item.keys() <= _RCPT_MEMBERS:  # once per recipient: no set built
+                unknown = set(item) - _RCPT_MEMBERS
                 raise _invalid(f"{where}.{min(unknown)}", "is not a recipient member "
                                                           '("email", "substitutions")')
             subs = item.get("substitutions")
