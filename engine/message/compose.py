@@ -37,9 +37,10 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Final
+
+from engine.message.fields import rfc5322_date
 
 __all__ = [
     "POLICY", "Attachment", "ComposeError", "Composer", "Structured", "base64_content",
@@ -140,9 +141,9 @@ def _message_id_field(hostname: bytes) -> bytes:
 
 
 def date_value(now: float | None = None) -> str:
-    """RFC 5322 §3.3 date-time in UTC, "+0000" (never "-0000": the zone is known)."""
-    return email.utils.format_datetime(datetime.fromtimestamp(
-        time.time() if now is None else now, UTC))
+    """RFC 5322 §3.3 date-time in UTC, "+0000" (never "-0000": the zone is known);
+    formatted once a second (engine.message.fields: the Received field's date)."""
+    return rfc5322_date(time.time() if now is None else now)
 
 
 def check_structured(spec: Structured) -> None:
@@ -433,18 +434,10 @@ def canonical(content: bytes, bare_eol: str) -> bytes:
     return out if out.endswith(b"\r\n") else out + b"\r\n"
 
 
-def _has_field(head: bytes, name: bytes) -> bool:
-    """Whether the header section ``head`` (CRLF text, starting at a field) has field
-    ``name`` (lower case): at its start or after a CRLF, any case, before the colon
-    (RFC 5322 §2.2: WSP may precede it only in obsolete syntax, §4.5)."""
-    pattern = _FIELD_PATTERNS.get(name)
-    if pattern is None:
-        pattern = _FIELD_PATTERNS[name] = re.compile(
-            rb"(?:^|\r\n)" + re.escape(name) + rb"[ \t]*:", re.IGNORECASE)
-    return pattern.search(head) is not None
-
-
-_FIELD_PATTERNS: dict[bytes, re.Pattern[bytes]] = {}
+#: A Date: or Message-ID: field of a header section (canonical CRLF text, so a line
+#: starts at its start or after an LF): the name in any case before the colon (RFC 5322
+#: §2.2: WSP may precede the colon only in obsolete syntax, §4.5).  One pass finds both.
+_DATE_OR_ID: Final = re.compile(rb"^(date|message-id)[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
 def complete(message: bytes, hostname: str) -> bytes:
@@ -457,9 +450,10 @@ def complete(message: bytes, hostname: str) -> bytes:
         end = message.find(b"\r\n\r\n")
         head = message if end < 0 else message[:end]
     added: list[bytes] = []
-    if not _has_field(head, b"date"):
+    found = {name.lower() for name in _DATE_OR_ID.findall(head)}
+    if b"date" not in found:
         added.append(b"Date: %s\r\n" % date_value().encode())
-    if not _has_field(head, b"message-id"):
+    if b"message-id" not in found:
         added.append(b"Message-ID: %s\r\n" % message_id(hostname).encode())
     return b"".join(added) + message if added else message
 

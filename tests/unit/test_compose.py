@@ -202,6 +202,12 @@ def test_complete_adds_date_and_message_id_only_when_missing() -> None:
     assert complete(full, "h.test") == full
     no_head = complete(b"\r\nDate: in the body\r\n", "h.test")
     assert no_head.startswith(b"Date: ") and b"Message-ID: <" in no_head
+    # Only a field's own name at a line's start counts: not X-Date:, not a folded line.
+    others = b"X-Date: 1\r\nSubject: a\r\n Message-ID: <folded@b>\r\n\r\nx\r\n"
+    added = complete(others, "h.test")
+    assert added.startswith(b"Date: ") and added.count(b"Message-ID:") == 2
+    spaced = b"Subject: a\r\nmessage-id\t: <a@b>\r\ndate : x\r\n\r\nx\r\n"
+    assert complete(spaced, "h.test") == spaced
 
 
 def test_base64_content() -> None:
