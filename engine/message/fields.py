@@ -52,7 +52,12 @@ def fold(first: str, clauses: Sequence[Sequence[str]], *, indent: str,
     (§3.2.2), so only a word longer than a line makes a longer line.  Ends with CRLF."""
     lines: list[str] = []
     for clause in clauses:
-        current = (first if not lines else indent) + clause[0]
+        start = first if not lines else indent
+        whole = start + " ".join(clause)
+        if len(whole) <= width:  # no fold point needed: the loop below would join all
+            lines.append(whole)
+            continue
+        current = start + clause[0]
         for word in clause[1:]:
             if word and len(current) + 1 + len(word) > width and current.strip():
                 lines.append(current)
