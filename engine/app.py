@@ -41,6 +41,8 @@ from engine.client.api import DeliveryAgent
 from engine.client.maildir import MaildirAgent
 from engine.client.smtp import SmtpAgent
 from engine.cluster.limits import SharedLimits
+from engine.cluster.role import WorkerRole
+from engine.cluster.shards import shard_config, worker_control_path, workers_dir
 from engine.cluster.suspensions import SuspensionSync
 from engine.config import (
     IMPLICIT_SMARTHOST,
@@ -95,8 +97,12 @@ class App:
     def __init__(self, config: Config, *, path: str | os.PathLike[str] | None = None,
                  flags: Mapping[str, object] | None = None,
                  notifier: Notifier | None = None,
-                 control_path: Path | None = None) -> None:
+                 control_path: Path | None = None,
+                 role: WorkerRole | None = None) -> None:
         self.config = config
+        #: This process's part in a node of several workers (engine.cluster.supervisor);
+        #: None: Ferry is one process.
+        self.role = role
         #: Where the control channel listens (a worker of a node: engine.cluster.shards).
         self.control_path = control_path or socket_path(config.spool)
         self.store: LmdbQueue | None = None
@@ -108,7 +114,7 @@ class App:
         self.control: ControlServer | None = None
         #: The [http] listener (engine.http), None while [http] listen is empty.
         self.http: HttpServer | None = None
-        if config.http.listen:
+        if config.http.listen and (role is None or role.http):
             # Imported only when on: aiohttp and prometheus_client take about 13 MB of
             # every process that loads them (measured with ru_maxrss).
             from engine.http.server import HttpServer
@@ -123,8 +129,10 @@ class App:
         self.send_logs: list[ProtocolLog] = []
         #: the event stream every part reports to; sinks are added as configured
         self.events = Events()
-        #: held from start to the end of the process: one server per spool
-        self.lock = SpoolLock(Path(config.spool))
+        #: held from start to the end of the process: one server per spool (a worker of a
+        #: node: one per shard; the supervisor holds the spool's)
+        self.lock = SpoolLock(Path(config.spool) if role is None
+                              else workers_dir(role.spool) / str(role.index))
         #: The policy agents (engine.agents), built at start.
         self.policy: Agents | None = None
         #: The agents of injected mail (engine.http.inject): [http] agents and the signers.
@@ -168,16 +176,20 @@ class App:
         srv = cfg.server
         account = lookup(srv.user, srv.group)
         prepare_spool(Path(cfg.spool), account)
+        if self.role is not None:
+            prepare_spool(self.lock.path.parent, account)
         # Before the queue opens: a second server on this spool stops here, untouched.
         self.lock.acquire(account)
         listeners: list[list[socket.socket]] = []
         try:
             # As root still: key files are often readable by root only, port 25 needs root.
             contexts = [receive_tls(rc) for rc in cfg.receive]
-            for rc in cfg.receive:
-                listeners.append(bind_listeners(rc.listen))
+            if self.role is not None:
+                listeners = self.role.listeners or [[] for _ in cfg.receive]
+            else:
+                listeners = [bind_listeners(rc.listen) for rc in cfg.receive]
             if self.http is not None:
-                self.http.bind()
+                self.http.bind(self.role.http if self.role is not None else None)
             bound = {rc.name: [address_of(s) for s in socks]
                      for rc, socks in zip(cfg.receive, listeners, strict=True)}
             check_root(os.geteuid(), account, srv.allow_root,
@@ -248,7 +260,7 @@ class App:
                  "" if cfg.suppression.enabled else " (off: [suppression] enabled = false)")
         scheduler.on_outcomes = suppression.failed
         if cfg.cluster.redis:
-            scheduler.cluster = await start_cluster(cfg)
+            scheduler.cluster = await start_cluster(cfg, self.role)
         self.reconfigure.append(self._reconfigure_bounces)
         scheduler.start()
         # The router of now (a reload replaces it), as the queue names destinations.
@@ -393,6 +405,8 @@ class App:
     def _read(self) -> Config:
         """The configuration as ``ferry serve`` would load it now; ConfigError if bad."""
         new = load_config(self.path, self.flags)
+        if self.role is not None:
+            new = shard_config(new, self.role.index)
         problems = file_problems(new)
         if problems:
             raise ConfigError(name_flags(problems, self.flags))
@@ -593,12 +607,16 @@ class App:
         log.info("stopped")
 
 
-async def start_cluster(cfg: Config) -> SharedLimits:
+async def start_cluster(cfg: Config, role: WorkerRole | None = None) -> SharedLimits:
     """The limits this node shares with the others of [cluster] (engine.cluster.limits);
-    a Redis that does not answer yet is not an error: the node starts on its share."""
+    a Redis that does not answer yet is not an error: the node starts on its share.  A
+    worker of a node is a member of its own (``<node>.w<i>``) with its part of the share."""
     c = cfg.cluster
-    shared = SharedLimits(c.redis, c.node or cfg.hostname, prefix=c.prefix,
-                          lease_ttl=c.lease_ttl, timeout=c.timeout, share=c.share,
+    node, share = c.node or cfg.hostname, c.share
+    if role is not None:
+        node, share = f"{node}.w{role.index}", share / role.size
+    shared = SharedLimits(c.redis, node, prefix=c.prefix,
+                          lease_ttl=c.lease_ttl, timeout=c.timeout, share=share,
                           probe_interval=c.probe_interval, lease_wait=c.lease_wait)
     await shared.start()
     log.info("cluster: node %s, limits %s", shared.node,
@@ -628,11 +646,16 @@ def tune_gc() -> None:
 
 
 async def serve(config: Config, path: str | os.PathLike[str] | None = None,
-                flags: Mapping[str, object] | None = None) -> int:
+                flags: Mapping[str, object] | None = None, *,
+                role: WorkerRole | None = None, started: Callable[[App], None] | None = None,
+                ) -> int:
     """Run until SIGTERM or SIGINT; exit status 0 after a clean stop.  SIGHUP reloads
-    the configuration from ``path`` and ``flags`` (what ``config`` was loaded from)."""
+    the configuration from ``path`` and ``flags`` (what ``config`` was loaded from).
+    ``role``: this process is a worker of a node; ``started`` is called once it serves."""
     notify = Notifier()
-    app = App(config, path=path, flags=flags, notifier=notify)
+    app = App(config, path=path, flags=flags, notifier=notify, role=role,
+              control_path=None if role is None else worker_control_path(role.spool,
+                                                                          role.index))
     # Before starting: the port takes connections (into the kernel's backlog) as soon as
     # it is bound, and a SIGTERM from then on must stop Ferry cleanly, not kill it.
     stop = asyncio.Event()
@@ -655,6 +678,8 @@ async def serve(config: Config, path: str | os.PathLike[str] | None = None,
         tune_gc()
         # Type=notify: systemd counts Ferry as started once it accepts mail.
         notify.ready(f"accepting mail on {', '.join(app.addresses)}")
+        if started is not None:
+            started(app)
         notify.start_watchdog()
         await stop.wait()
         notify.stopping("stopping: finishing sessions and pending commits")
