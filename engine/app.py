@@ -28,9 +28,9 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine import __version__, _speedups
 from engine.agents import Agents
@@ -54,7 +54,7 @@ from engine.config import (
 )
 from engine.ops import logfmt
 from engine.ops.alerts import Alerts
-from engine.ops.control import ControlServer, ControlUnavailable, socket_path
+from engine.ops.control import ControlServer, ControlUnavailable, ask, socket_path
 from engine.ops.daemon import SpoolLock, check_root, drop_privileges, lookup, prepare_spool
 from engine.ops.events import Events
 from engine.ops.maillog import MailLog
@@ -69,7 +69,7 @@ from engine.ops.startup import startup_warnings
 from engine.ops.tracking import TrackingLog
 from engine.ops.webhooks import Webhooks, shown_url
 from engine.queue.lmdb_store import LmdbQueue
-from engine.queue.suppression import SuppressionList
+from engine.queue.suppression import Entry, SuppressionList
 from engine.routing.mx import MxResolver
 from engine.routing.router import ConfiguredRouter, accepted_domains
 from engine.scheduler import bounces, shaping
@@ -84,6 +84,7 @@ from engine.tlspolicy.sts import STS_FILE, StsCache
 from engine.tlspolicy.tlsrpt import TlsReports
 
 if TYPE_CHECKING:
+    from engine.cluster.nodeview import NodeOperations
     from engine.http.server import HttpServer
     from engine.ops.metrics import Metrics
 
@@ -105,6 +106,15 @@ class App:
         self.role = role
         #: Where the control channel listens (a worker of a node: engine.cluster.shards).
         self.control_path = control_path or socket_path(config.spool)
+        #: The node's control socket when this App is a worker of a node of several
+        #: (engine.cluster.fanout.NodeControl, the supervisor's ``<spool>/control.sock``),
+        #: set before start; None: a node of one.  With it, the admin API and GET /metrics
+        #: answer for every worker (engine.cluster.nodeview), and the metrics are kept
+        #: even without [http] (worker 0 gathers them over the control channel).
+        self.node_control: Path | None = (
+            socket_path(role.spool) if role is not None and role.size > 1 else None)
+        #: The node's operations for the admin API (made at start when ``node_control``).
+        self.node_operations: NodeOperations | None = None
         self.store: LmdbQueue | None = None
         self.scheduler: Scheduler | None = None
         #: the cluster's shared suspensions ([cluster]; engine.cluster.suspensions)
@@ -167,6 +177,7 @@ class App:
         self.authenticator: Authenticator | None = None
         self._mail_log: MailLog | None = None
         self._reloading = asyncio.Lock()
+        self._background: set[asyncio.Task[object]] = set()
 
     async def start(self) -> None:
         cfg = self.config
@@ -217,7 +228,7 @@ class App:
         log.info("ferry %s starting; %s", __version__, _speedups.status())
         log.info("%s", store.describe())
         self._start_tracking()
-        if self.http is not None:
+        if self.http is not None or self.node_control is not None:
             # Before anything emits: the counts start with the server.
             from engine.ops.metrics import Metrics
 
@@ -259,6 +270,8 @@ class App:
         log.info("suppression list: %d entries%s", await suppression.load(),
                  "" if cfg.suppression.enabled else " (off: [suppression] enabled = false)")
         scheduler.on_outcomes = suppression.failed
+        if self.node_control is not None:
+            suppression.shared = self._share_suppressions
         if cfg.cluster.redis:
             scheduler.cluster = await start_cluster(cfg, self.role)
         self.reconfigure.append(self._reconfigure_bounces)
@@ -277,6 +290,15 @@ class App:
             operations.cluster = self.cluster_sync
             self.cluster_sync.start()
         control = ControlServer(self.control_path, operations, self._reload_reply)
+        if self.metrics is not None:
+            control.metrics = self._metrics_text
+        if self.node_control is not None:
+            from engine.cluster.nodeview import NodeOperations
+            from engine.cluster.shards import tracking_dirs
+
+            self.node_operations = NodeOperations(
+                operations, store, self.node_control, Path(cfg.spool),
+                (lambda: tracking_dirs(cfg)) if cfg.tracking.enabled else None)
         try:
             await control.start()
         except ControlUnavailable as exc:
@@ -320,6 +342,30 @@ class App:
         if self.http is not None:
             await self.http.start()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_logs())
+
+    def _share_suppressions(self, entries: list[Entry]) -> None:
+        """A worker of a node: the entries its bounces added go to every worker's list
+        (through the node's control channel; this one's takes them again, unchanged)."""
+        node = self.node_control
+        if node is None:
+            return
+        for entry in entries:
+            self._spawn_quiet(ask(node, {
+                "command": "suppress", "address": entry.address, "reason": entry.reason,
+                "category": entry.category, "source": "auto"}, 30.0),
+                f"sharing the suppression of {entry.address} with the node")
+
+    def _spawn_quiet(self, work: Coroutine[Any, Any, object], what: str) -> None:
+        """Run ``work`` in the background; its failure is logged, never raised."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+
+        def done(t: asyncio.Task[object]) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("%s failed: %s", what, t.exception())
+
+        task.add_done_callback(done)
 
     def _reconfigure_bounces(self, config: Config) -> None:
         """[[bounce_rule]] and [suppression] take effect at a reload."""
@@ -367,6 +413,14 @@ class App:
                 outcome = "" if result.ok else "reload refused, the configuration stays; "
                 self.notifier.ready(f"{outcome}accepting mail on {', '.join(self.addresses)}")
             return result
+
+    def _metrics_text(self) -> bytes:
+        """This worker's metrics, for the node's GET /metrics (the control channel's
+        ``metrics``); starts the walk of the queue's hops the next answer reads."""
+        assert self.metrics is not None
+        text = self.metrics.render()
+        self.metrics.walk_destinations()
+        return text
 
     async def _reload_reply(self) -> dict[str, object]:
         return (await self.reload()).to_json()
@@ -580,6 +634,8 @@ class App:
             await self.metrics.stop()  # a walk of the queue's index, before the queue closes
         if self.control is not None:
             await self.control.stop()
+        if self.node_operations is not None:
+            self.node_operations.close()  # the other shards' databases it opened
         if self.pressure is not None:
             self.pressure.stop()
         if self.alerts is not None:

@@ -307,10 +307,19 @@ class Operations:
     def suspended(self) -> list[str]:
         return list(self.scheduler.snapshot().suspended)
 
+    async def suspended_view(self) -> list[str]:
+        """:meth:`suspended` for a front door that may answer for a whole node (which
+        asks its workers: engine.cluster.nodeview)."""
+        return self.suspended()
+
     # --- views -----------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         return stats_document(self.scheduler.snapshot())
+
+    async def stats_view(self) -> dict[str, Any]:
+        """:meth:`stats` for a front door that may answer for a whole node."""
+        return self.stats()
 
     async def queues(self) -> dict[str, Any]:
         """The queues per next hop (Get-Queue), with the running scheduler's figures."""
@@ -405,6 +414,22 @@ class Operations:
         else:
             log.info("%s %s %d messages", by, _DONE[verb], len(done.changed))
         return verb_document(done)
+
+
+    # --- the suppression list (engine.ops.suppressions) ----------------------------------
+
+    async def suppress(self, address: object, reason: object, category: object,
+                       by: str) -> dict[str, Any]:
+        """Add (or replace) an entry of the suppression list."""
+        from engine.ops import suppressions
+
+        return await suppressions.add(self, address, reason, category, by)
+
+    async def unsuppress(self, address: object, by: str) -> dict[str, Any]:
+        """Remove an entry; ``removed``: whether there was one."""
+        from engine.ops import suppressions
+
+        return await suppressions.remove(self, address, by)
 
 
 _DONE: Final = {"hold": "held", "release": "released", "retry": "retried"}
