@@ -56,7 +56,6 @@ import contextlib
 import itertools
 import logging
 import os
-import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -75,6 +74,7 @@ from engine.cluster.limits import (
     _within,
 )
 from engine.cluster.shards import limits_path
+from engine.ops.control import listen_private, temporary_name
 from engine.scheduler.policy import Throttle, count_daily
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ class NodeCoordinator:
         #: key → (until, epoch ms; the H line) of the automation holds told
         self.holds: dict[str, tuple[int, bytes]] = {}
         self._peers: set[_Peer] = set()
-        self._server: asyncio.base_events.Server | None = None
+        self._server: asyncio.AbstractServer | None = None
         self._inode = 0
 
     def held(self, key: str) -> int:
@@ -162,30 +162,15 @@ class NodeCoordinator:
         """Listen; a socket left by a supervisor that did not stop cleanly is replaced
         (the spool's lock says no other node runs here)."""
         path = self.path
-        # Bound under a temporary name, made 0600, then renamed into place: never
-        # reachable by others, whatever the umask.
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary = temporary_name(path)
         if len(os.fsencode(temporary)) > MAX_PATH:
             raise OSError(f"node limits socket path {temporary} is longer than "
                           f"{MAX_PATH} bytes (a Unix socket's limit): use a shorter spool path")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(os.fspath(temporary))
-            temporary.chmod(0o600)
-            if self.owner is not None:
-                os.chown(temporary, *self.owner)
-            self._server = await asyncio.get_running_loop().create_unix_server(
-                lambda: _Peer(self), sock=sock)
-        except BaseException:
-            sock.close()
-            with contextlib.suppress(OSError):
-                temporary.unlink()
-            raise
-        temporary.rename(path)
-        self._inode = path.stat().st_ino
+        loop = asyncio.get_running_loop()
+        self._server, self._inode = await listen_private(
+            path, self.owner, lambda sock: loop.create_unix_server(lambda: _Peer(self),
+                                                                   sock=sock))
 
     async def stop(self) -> None:
         if self._server is None:

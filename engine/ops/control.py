@@ -302,28 +302,10 @@ class LineServer:
         """Listen on ``path``.  ControlUnavailable when the path is too long for a
         socket; OSError when another server answers there (:func:`check_free`)."""
         path = self.path
-        # Bound under a temporary name, made 0600, then renamed into place: the socket is
-        # never reachable with wider permissions, without touching the process's umask.
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
-        _check_length(temporary)
+        _check_length(temporary_name(path))
         check_free(path)
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(os.fspath(temporary))
-            temporary.chmod(0o600)
-            if self.owner is not None:
-                os.chown(temporary, *self.owner)
-            self._server = await asyncio.start_unix_server(self._accept, sock=sock)
-        except BaseException:
-            sock.close()
-            with contextlib.suppress(OSError):
-                temporary.unlink()
-            raise
-        # Replaces a socket left behind by a server that did not stop cleanly.
-        temporary.rename(path)
-        self._inode = path.stat().st_ino
+        self._server, self._inode = await listen_private(
+            path, self.owner, lambda sock: asyncio.start_unix_server(self._accept, sock=sock))
 
     async def stop(self) -> None:
         if self._server is None:
@@ -585,6 +567,39 @@ def request(path: Path, message: Mapping[str, Any], timeout: float = 600.0) -> R
     if not isinstance(reply, dict):
         raise ControlUnavailable(f"the server on {path} sent a reply that is not an object")
     return reply
+
+
+def temporary_name(path: Path) -> Path:
+    """Where :func:`listen_private` binds before the socket is renamed to ``path``."""
+    return path.with_name(f".{path.name}.{os.getpid()}")
+
+
+async def listen_private(path: Path, owner: tuple[int, int] | None,
+                         serve: Callable[[socket.socket], Awaitable[asyncio.AbstractServer]],
+                         ) -> tuple[asyncio.AbstractServer, int]:
+    """Serve the Unix socket ``path`` (``serve`` makes the server on the bound socket),
+    reachable by its owner alone: bound under :func:`temporary_name`, made 0600 and given
+    to ``owner`` (uid, gid), then renamed into place, so it is never reachable with wider
+    permissions whatever the umask, and a socket left by a server that did not stop
+    cleanly is replaced.  Returns the server and the socket file's inode (to remove it at
+    the stop only while it is still this server's)."""
+    temporary = temporary_name(path)
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(os.fspath(temporary))
+        temporary.chmod(0o600)
+        if owner is not None:
+            os.chown(temporary, *owner)
+        server = await serve(sock)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    temporary.rename(path)
+    return server, os.stat(path).st_ino
 
 
 async def ask(path: Path, message: Mapping[str, Any], seconds: float = 600.0) -> Reply:
