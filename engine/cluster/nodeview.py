@@ -35,6 +35,7 @@ from engine.ops.operations import (
     NotFound,
     OperationError,
     Operations,
+    tracking_page,
 )
 from engine.ops.tracksearch import Query, search
 from engine.queue.api import (
@@ -340,13 +341,7 @@ class NodeOperations(Operations):
             raise NotFound("the message tracking log is off (tracking.enabled)")
 
         def read() -> dict[str, Any]:
-            records: list[dict[str, Any]] = []
-            total = 0
-            for record in tracking_records(directories(), query):
-                total += 1
-                if limit is None or len(records) < limit:
-                    records.append(record)
-            return {"records": records, "shown": len(records), "total": total}
+            return tracking_page(tracking_records(directories(), query), limit)
 
         return await self._in_thread(read)
 

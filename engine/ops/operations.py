@@ -29,7 +29,7 @@ import asyncio
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -375,14 +375,8 @@ class Operations:
             raise NotFound("the message tracking log is off (tracking.enabled)")
 
         def read() -> dict[str, Any]:
-            records: list[dict[str, Any]] = []
-            total = 0
-            if directory.is_dir():
-                for record in search(directory, query):
-                    total += 1
-                    if limit is None or len(records) < limit:
-                        records.append(record)
-            return {"records": records, "shown": len(records), "total": total}
+            return tracking_page(search(directory, query) if directory.is_dir() else (),
+                                 limit)
 
         return await self._in_thread(read)
 
@@ -430,6 +424,18 @@ class Operations:
         from engine.ops import suppressions
 
         return await suppressions.remove(self, address, by)
+
+
+def tracking_page(found: Iterable[dict[str, Any]], limit: int | None) -> dict[str, Any]:
+    """The answer of a tracking search: the first ``limit`` records found (None: all),
+    and how many were found in all."""
+    records: list[dict[str, Any]] = []
+    total = 0
+    for record in found:
+        total += 1
+        if limit is None or len(records) < limit:
+            records.append(record)
+    return {"records": records, "shown": len(records), "total": total}
 
 
 _DONE: Final = {"hold": "held", "release": "released", "retry": "retried"}
