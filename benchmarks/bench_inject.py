@@ -1,8 +1,11 @@
 """The injection API (``POST /api/v1/messages``) against SMTP ingest, in one run.
 
 Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_inject.py [--quick] [--rounds N]
-[--dir DIR]`` (about a minute; ``--quick`` a third of it; ``--rounds N`` runs the three
-injection cells N times, alternating, and reports the medians).  Needs Postfix's ``smtp-source``.
+[--dir DIR] [--against TREE]`` (about a minute; ``--quick`` a third of it; ``--rounds N``
+runs the three injection cells N times, alternating, and reports the medians; ``--against
+TREE`` runs every cell on another checkout too, e.g. ``/work/main``, alternating the two
+in each round, and prints each cell's medians side by side: a before/after in one run).
+Needs Postfix's ``smtp-source``.
 
 Two measurements, each against a fresh ``ferry serve`` (one process, delivery paused, the
 defaults otherwise: LMDB with fsync, so both answers come after the commit that holds the
@@ -38,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -55,9 +59,25 @@ BULK = 10_000
 
 
 class Ferry(ChildServer):
-    """``ferry serve`` (the engine on PYTHONPATH) with SMTP and HTTP listeners."""
+    """``ferry serve`` (the engine on PYTHONPATH, or ``tree``'s) with SMTP and HTTP
+    listeners."""
 
     label = "ferry"
+
+    def __init__(self, base: Path, tree: Path | None = None) -> None:
+        super().__init__(base)
+        self.tree = tree
+
+    def _spawn(self, argv: list[str]) -> None:
+        if self.tree is None:
+            super()._spawn(argv)
+            return
+        # `python -m engine` imports from its working directory first: run it in the tree.
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.tree, start_new_session=True,
+                                         env={**os.environ, "PYTHONPATH": str(self.tree)})
+        self.pid = self.proc.pid
 
     def _start(self) -> None:
         self.http_port = free_port()
@@ -80,8 +100,8 @@ class Ferry(ChildServer):
         return n
 
 
-def _started(base: Path) -> Ferry:
-    ferry = Ferry(base)
+def _started(base: Path, tree: Path | None = None) -> Ferry:
+    ferry = Ferry(base, tree)
     ferry.start()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:  # the HTTP listener starts after the SMTP one
@@ -98,9 +118,9 @@ async def _get(url: str) -> None:
         await answer.read()
 
 
-def smtp_cell(base: Path, n: int) -> tuple[float, float]:
+def smtp_cell(base: Path, n: int, tree: Path | None = None) -> tuple[float, float]:
     """(messages/s, server CPU µs per message) of smtp-source -d into Ferry."""
-    ferry = _started(base)
+    ferry = _started(base, tree)
     try:
         cpu = tree_cpu(ferry.pid)
         started = time.perf_counter()
@@ -179,10 +199,11 @@ async def _raw_load(port: int, n: int) -> float:
     return n / took
 
 
-def http_cell(base: Path, n: int, raw: bool = False) -> tuple[float, float]:
+def http_cell(base: Path, n: int, raw: bool = False,
+              tree: Path | None = None) -> tuple[float, float]:
     """(messages/s, server CPU µs per message) of the keep-alive clients into Ferry
     (aiohttp's, or ``raw`` ones)."""
-    ferry = _started(base)
+    ferry = _started(base, tree)
     try:
         cpu = tree_cpu(ferry.pid)
         rate = uvloop.run(
@@ -224,9 +245,9 @@ async def _bulk(url: str, rounds: int) -> list[float]:
     return rates
 
 
-def bulk_cell(base: Path, rounds: int) -> tuple[list[float], float]:
+def bulk_cell(base: Path, rounds: int, tree: Path | None = None) -> tuple[list[float], float]:
     """(recipients/s of each round, server CPU µs per recipient)."""
-    ferry = _started(base)
+    ferry = _started(base, tree)
     try:
         cpu = tree_cpu(ferry.pid)
         rates = uvloop.run(_bulk(f"http://127.0.0.1:{ferry.http_port}/api/v1/messages",
@@ -245,6 +266,34 @@ def _medians(results: list[tuple[float, float]]) -> tuple[float, float]:
             statistics.median(c for _, c in results))
 
 
+def against(base: Path, n: int, rounds: int, tree: Path) -> None:
+    """Every cell on ``tree`` (the baseline) and on this engine, alternating in each
+    round; each cell's medians side by side, and this engine's rate / the baseline's."""
+    cells: dict[str, Callable[[Path | None], tuple[float, float]]] = {
+        "SMTP smtp-source -d": lambda t: smtp_cell(base, n, t),
+        "HTTP aiohttp keep-alive": lambda t: http_cell(base, n, tree=t),
+        "HTTP raw keep-alive": lambda t: http_cell(base, n, raw=True, tree=t),
+        # one request a round; its rate is recipients/s, its CPU per recipient
+        "bulk 10,000 recipients": lambda t: (lambda r: (r[0][0], r[1]))(bulk_cell(base, 1, t)),
+    }
+    got: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for i in range(rounds):
+        line = []
+        for name, cell in cells.items():
+            for side, where in (("base", tree), ("this", None)):
+                got.setdefault((name, side), []).append(cell(where))
+            line.append(f"{name.split()[1 if name.startswith('HTTP') else 0]} "
+                        f"{got[name, 'base'][-1][0]:.0f}/{got[name, 'this'][-1][0]:.0f}")
+        print(f"round {i + 1} (rate base/this): " + ", ".join(line), flush=True)
+    print(f"medians of {rounds} rounds, baseline {tree} against this engine:")
+    print(f"{'cell':26s} {'base /s':>8s} {'this /s':>8s} {'ratio':>6s} "
+          f"{'base us':>8s} {'this us':>8s}")
+    for name in cells:
+        (rate_b, cpu_b), (rate_t, cpu_t) = _medians(got[name, "base"]), _medians(got[name, "this"])
+        print(f"{name:26s} {rate_b:8.0f} {rate_t:8.0f} {rate_t / rate_b:5.2f}x {cpu_b:8.0f} "
+              f"{cpu_t:8.0f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages")
@@ -253,6 +302,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds of the three injection cells, alternating; medians "
                              "are reported (a shared machine's load moves between cells)")
+    parser.add_argument("--against", type=Path, metavar="TREE",
+                        help="another checkout of Ferry (e.g. /work/main) to run every cell "
+                             "on too, alternating: before/after in one run (rates per "
+                             "second, server CPU us per message or recipient)")
     args = parser.parse_args()
     if not shutil.which(SMTP_SOURCE):
         print(f"needs {SMTP_SOURCE} (Postfix)", file=sys.stderr)
@@ -260,6 +313,9 @@ def main() -> int:
     n = 5_000 if args.quick else 20_000
     print(f"engine from {os.environ.get('PYTHONPATH') or 'the installed package'}; "
           f"{os.cpu_count()} CPUs; {n} messages of 1 KiB, {SESSIONS} clients")
+    if args.against is not None:
+        against(args.dir, n, max(args.rounds, 1), args.against.resolve())
+        return 0
     cells: dict[str, list[tuple[float, float]]] = {"smtp": [], "http": [], "raw": []}
     for i in range(args.rounds):
         cells["smtp"].append(smtp_cell(args.dir, n))

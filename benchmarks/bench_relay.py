@@ -58,6 +58,14 @@ file (``-F``) of the cell's size, DKIM-signed (RSA-2048, relaxed/relaxed) by dki
 sender's domain, whose SPF, DMARC (p=reject) and DKIM key records the DNS responder serves:
 DMARC passes through both SPF and DKIM, and the answers are cached after the first message.
 The target is verify-on ≥ 0.70 of verify-off end to end in every cell.
+
+``--workers N`` (issue 17) adds ``ferry-wN``, Ferry with ``[server] workers = N`` (a
+supervisor, N workers on their queue shards, each with its writer process), to the plain
+run's kinds and prints N workers / one worker and N workers / Postfix per cell, with
+each one's CPU per message (the whole process tree's); with ``--rounds`` the kinds
+alternate and the medians are compared.  ``--size 1024`` runs only the cells of that
+message size.  Targets (2 workers on the 2-core machine, 1 KiB): ≥ 1.4x one worker and
+≥ 3.5x Postfix end to end.
 """
 
 from __future__ import annotations
@@ -334,12 +342,39 @@ class Result:
     inject: float = 0.0
     e2e: float = 0.0
     cpu: float = 0.0
+    #: Of ``cpu``, the queue writer processes' (Ferry; --workers prints it).
+    writer_cpu: float = 0.0
     rss_kib: int = 0
     received: int = 0
     error: str = ""
 
     def rate(self, wall: float) -> float:
         return self.cell.messages / wall if wall and not self.error else 0.0
+
+
+def writer_cpu(root: int) -> float:
+    """CPU seconds of the queue writer processes under ``root`` (live ones)."""
+    total = 0.0
+    for pid in tree_pids(root):
+        with contextlib.suppress(OSError):
+            if b"writer_process" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def node_kind(kind: str) -> int:
+    """The workers of a ``ferry-wN`` kind (--workers); 1 for any other Ferry."""
+    return int(kind[len("ferry-w"):]) if kind.startswith("ferry-w") else 1
+
+
+def wait_workers(log: Path, timeout: float = 60) -> None:
+    """Until the supervisor says every worker serves (the port greets with the first)."""
+    deadline = time.monotonic() + timeout
+    while "workers serve" not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the workers did not all start in {timeout:.0f} s")
+        time.sleep(0.05)
 
 
 def start_server(
@@ -378,6 +413,8 @@ def start_server(
             workdir / "ferry.log",
         )
         wait_listening(port)
+        if node_kind(kind) > 1:
+            wait_workers(workdir / "ferry.log")
         return port, proc.pid, proc
     pf = PostfixInstance(
         workdir / "postfix",
@@ -470,7 +507,7 @@ def run_cell(kind: str, cell: Cell, base: Path, signed: SignedMail | None = None
         if cell.per_conn:
             argv.append("-d")
         argv.append(f"127.0.0.1:{port}")
-        cpu0 = tree_cpu(pid)
+        cpu0, writer0 = tree_cpu(pid), writer_cpu(pid)
         with RssSampler(pid) as rss:
             t0 = time.perf_counter()
             try:
@@ -490,8 +527,9 @@ def run_cell(kind: str, cell: Cell, base: Path, signed: SignedMail | None = None
                     )
             if kind != "direct":
                 result.cpu = settle_cpu(pid) - cpu0
+                result.writer_cpu = writer_cpu(pid) - writer0
         result.rss_kib = rss.peak_kib
-        if kind in FERRY_CONFIGS:  # one process: the kernel's own peak RSS
+        if kind in FERRY_CONFIGS and node_kind(kind) == 1:  # the kernel's own peak RSS
             result.rss_kib = status_kib(pid, "VmHWM")
         if kind == "direct":
             result.cpu = tree_cpu(pid) - cpu0
@@ -547,6 +585,37 @@ def print_comparison(cells: list[Cell], results: dict[tuple[str, Cell], list[Res
           f"({sum(verdicts)} of {len(verdicts)} cells meet the target)")
 
 
+def _median(runs: list[Result]) -> Result:
+    """The run of the median end-to-end rate (the one run, without --rounds)."""
+    ordered = sorted(runs, key=lambda r: r.rate(r.e2e))
+    return ordered[len(ordered) // 2]
+
+
+#: --workers (issue 17), 1 KiB cells: N workers / one worker and N workers / Postfix.
+NODE_TARGETS = (1.4, 3.5)
+
+
+def print_node(cells: list[Cell], results: dict[tuple[str, Cell], list[Result]],
+               node: str) -> None:
+    """--workers: the node against one worker and against Postfix, end to end, with the
+    CPU per message of each (medians of the rounds)."""
+    print(f"\n{'cell':<16} {node + '/ferry':>13} {node + '/postfix':>15} "
+          f"{'CPU µs/msg ferry':>16} {node:>9} {'writers':>15}  verdict (1 KiB: >= "
+          f"{NODE_TARGETS[0]}x, >= {NODE_TARGETS[1]}x)")
+    for cell in cells:
+        one, many, pf = (_median(results[k, cell]) for k in ("ferry", node, "postfix"))
+        e1, en, ep = one.rate(one.e2e), many.rate(many.e2e), pf.rate(pf.e2e)
+        verdict = "-"
+        if cell.size == 1024:
+            ok = bool(e1 and ep and en / e1 >= NODE_TARGETS[0] and en / ep >= NODE_TARGETS[1])
+            verdict = "PASS" if ok else "FAIL"
+        print(f"{cell.name:<16} {ratio(en, e1):>13} {ratio(en, ep):>15} "
+              f"{one.cpu / cell.messages * 1e6:>16,.0f} "
+              f"{many.cpu / cell.messages * 1e6:>9,.0f} "
+              f"{one.writer_cpu / cell.messages * 1e6:>7,.0f}/"
+              f"{many.writer_cpu / cell.messages * 1e6:<7,.0f}  {verdict}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -562,8 +631,12 @@ def main() -> None:
     parser.add_argument("--dkim", choices=("rsa", "ed25519"), help="Ferry signing every "
                         "message with a [[dkim_sign]] key against not signing (issue 15)")
     parser.add_argument("--rounds", type=int, default=1, help="with --logs, --maillog, "
-                        "--verify or --dkim: run each pair this many times, alternating, and "
-                        "compare medians")
+                        "--verify, --dkim or --workers: run each kind this many times, "
+                        "alternating, and compare medians")
+    parser.add_argument("--workers", type=int, default=0, metavar="N", help="add Ferry with "
+                        "[server] workers = N to the plain run (issue 17)")
+    parser.add_argument("--size", type=int, default=0, help="only the cells of messages "
+                        "of this many bytes (1024, 20480, 102400)")
     parser.add_argument("--cell", action="append", default=[], metavar="NAME",
                         help='only this cell, as the tables name it ("1 KiB 20/conn"); '
                         "repeatable")
@@ -571,6 +644,10 @@ def main() -> None:
     mode = ("logs" if args.logs else "maillog" if args.maillog
             else "verify" if args.verify else args.dkim)
     compare = COMPARISONS[mode] if mode else None
+    node = f"ferry-w{args.workers}" if args.workers > 1 and compare is None else ""
+    if node:
+        FERRY_CONFIGS[node] = f'[queue]\ndurability = "fsync"\n[server]\nworkers = {args.workers}\n'
+    plain = ("ferry", node, "postfix", "direct") if node else KINDS
     signed = SignedMail() if args.verify else None
     if os.geteuid() != 0 and compare is None:
         sys.exit("run as root: the Postfix instance needs it")
@@ -584,7 +661,8 @@ def main() -> None:
         (20 * 1024, 2000, 10000),
         (100 * 1024, 1000, 4000),
     ):
-        cells += [Cell(size, False, single // scale), Cell(size, True, multi // scale)]
+        if not args.size or args.size == size:
+            cells += [Cell(size, False, single // scale), Cell(size, True, multi // scale)]
     if args.cell:
         unknown = set(args.cell) - {c.name for c in cells}
         if unknown:
@@ -604,13 +682,13 @@ def main() -> None:
         f"{MAX_PER_DOMAIN}; spools under {base}"
     )
     results: dict[tuple[str, Cell], list[Result]] = {}
-    rounds = max(1, args.rounds) if compare is not None else 1
+    rounds = max(1, args.rounds) if compare is not None or node else 1
     try:
         print(
             f"\n{'cell':<16} {'server':<13} {'msgs':>6} {'inject/s':>9} {'e2e/s':>8} "
             f"{'CPU µs/msg':>10} {'peak MiB':>12} {'at sink':>7}"
         )
-        kinds = compare or KINDS
+        kinds = compare or plain
         for cell in cells:
             for turn in range(rounds):
                 for kind in kinds if turn % 2 == 0 else kinds[::-1]:
@@ -629,13 +707,15 @@ def main() -> None:
         if compare is not None:
             print_comparison(cells, results, compare, TARGETS_ON_OFF[mode])
             return
+        if node:
+            print_node(cells, results, node)
         print(
             f"\n{'cell':<16} {'ferry/postfix e2e':>17} {'inject':>7} "
             f"{'ferry/direct e2e':>16} {'target':>6}  verdict"
         )
         verdicts = []
         for cell in cells:
-            f, p, d = (results[k, cell][0] for k in KINDS)
+            f, p, d = (_median(results[k, cell]) for k in KINDS)
             fe, pe, de = f.rate(f.e2e), p.rate(p.e2e), d.rate(d.e2e)
             target = TARGETS[cell.size]
             ok = bool(fe and pe and fe / pe >= target)

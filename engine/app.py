@@ -28,9 +28,9 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine import __version__, _speedups
 from engine.agents import Agents
@@ -41,6 +41,9 @@ from engine.client.api import DeliveryAgent
 from engine.client.maildir import MaildirAgent
 from engine.client.smtp import SmtpAgent
 from engine.cluster.limits import SharedLimits
+from engine.cluster.node import start_worker_limits
+from engine.cluster.role import WorkerRole
+from engine.cluster.shards import shard_config, worker_control_path, workers_dir
 from engine.cluster.suspensions import SuspensionSync
 from engine.config import (
     IMPLICIT_SMARTHOST,
@@ -52,7 +55,7 @@ from engine.config import (
 )
 from engine.ops import logfmt
 from engine.ops.alerts import Alerts
-from engine.ops.control import ControlServer, ControlUnavailable, socket_path
+from engine.ops.control import ControlServer, ControlUnavailable, ask, socket_path
 from engine.ops.daemon import SpoolLock, check_root, drop_privileges, lookup, prepare_spool
 from engine.ops.events import Events
 from engine.ops.maillog import MailLog
@@ -67,7 +70,7 @@ from engine.ops.startup import startup_warnings
 from engine.ops.tracking import TrackingLog
 from engine.ops.webhooks import Webhooks, shown_url
 from engine.queue.lmdb_store import LmdbQueue
-from engine.queue.suppression import SuppressionList
+from engine.queue.suppression import Entry, SuppressionList
 from engine.routing.mx import MxResolver
 from engine.routing.router import ConfiguredRouter, accepted_domains
 from engine.scheduler import bounces, shaping
@@ -82,6 +85,7 @@ from engine.tlspolicy.sts import STS_FILE, StsCache
 from engine.tlspolicy.tlsrpt import TlsReports
 
 if TYPE_CHECKING:
+    from engine.cluster.nodeview import NodeOperations
     from engine.http.server import HttpServer
     from engine.ops.metrics import Metrics
 
@@ -95,10 +99,23 @@ class App:
     def __init__(self, config: Config, *, path: str | os.PathLike[str] | None = None,
                  flags: Mapping[str, object] | None = None,
                  notifier: Notifier | None = None,
-                 control_path: Path | None = None) -> None:
+                 control_path: Path | None = None,
+                 role: WorkerRole | None = None) -> None:
         self.config = config
+        #: This process's part in a node of several workers (engine.cluster.supervisor);
+        #: None: Ferry is one process.
+        self.role = role
         #: Where the control channel listens (a worker of a node: engine.cluster.shards).
         self.control_path = control_path or socket_path(config.spool)
+        #: The node's control socket when this App is a worker of a node of several
+        #: (engine.cluster.fanout.NodeControl, the supervisor's ``<spool>/control.sock``),
+        #: set before start; None: a node of one.  With it, the admin API and GET /metrics
+        #: answer for every worker (engine.cluster.nodeview), and the metrics are kept
+        #: even without [http] (worker 0 gathers them over the control channel).
+        self.node_control: Path | None = (
+            socket_path(role.spool) if role is not None and role.size > 1 else None)
+        #: The node's operations for the admin API (made at start when ``node_control``).
+        self.node_operations: NodeOperations | None = None
         self.store: LmdbQueue | None = None
         self.scheduler: Scheduler | None = None
         #: the cluster's shared suspensions ([cluster]; engine.cluster.suspensions)
@@ -108,7 +125,7 @@ class App:
         self.control: ControlServer | None = None
         #: The [http] listener (engine.http), None while [http] listen is empty.
         self.http: HttpServer | None = None
-        if config.http.listen:
+        if config.http.listen and (role is None or role.http):
             # Imported only when on: aiohttp and prometheus_client take about 13 MB of
             # every process that loads them (measured with ru_maxrss).
             from engine.http.server import HttpServer
@@ -123,8 +140,10 @@ class App:
         self.send_logs: list[ProtocolLog] = []
         #: the event stream every part reports to; sinks are added as configured
         self.events = Events()
-        #: held from start to the end of the process: one server per spool
-        self.lock = SpoolLock(Path(config.spool))
+        #: held from start to the end of the process: one server per spool (a worker of a
+        #: node: one per shard; the supervisor holds the spool's)
+        self.lock = SpoolLock(Path(config.spool) if role is None
+                              else workers_dir(role.spool) / str(role.index))
         #: The policy agents (engine.agents), built at start.
         self.policy: Agents | None = None
         #: The agents of injected mail (engine.http.inject): [http] agents and the signers.
@@ -159,6 +178,7 @@ class App:
         self.authenticator: Authenticator | None = None
         self._mail_log: MailLog | None = None
         self._reloading = asyncio.Lock()
+        self._background: set[asyncio.Task[object]] = set()
 
     async def start(self) -> None:
         cfg = self.config
@@ -168,16 +188,20 @@ class App:
         srv = cfg.server
         account = lookup(srv.user, srv.group)
         prepare_spool(Path(cfg.spool), account)
+        if self.role is not None:
+            prepare_spool(self.lock.path.parent, account)
         # Before the queue opens: a second server on this spool stops here, untouched.
         self.lock.acquire(account)
         listeners: list[list[socket.socket]] = []
         try:
             # As root still: key files are often readable by root only, port 25 needs root.
             contexts = [receive_tls(rc) for rc in cfg.receive]
-            for rc in cfg.receive:
-                listeners.append(bind_listeners(rc.listen))
+            if self.role is not None:
+                listeners = self.role.listeners or [[] for _ in cfg.receive]
+            else:
+                listeners = [bind_listeners(rc.listen) for rc in cfg.receive]
             if self.http is not None:
-                self.http.bind()
+                self.http.bind(self.role.http if self.role is not None else None)
             bound = {rc.name: [address_of(s) for s in socks]
                      for rc, socks in zip(cfg.receive, listeners, strict=True)}
             check_root(os.geteuid(), account, srv.allow_root,
@@ -205,7 +229,7 @@ class App:
         log.info("ferry %s starting; %s", __version__, _speedups.status())
         log.info("%s", store.describe())
         self._start_tracking()
-        if self.http is not None:
+        if self.http is not None or self.node_control is not None:
             # Before anything emits: the counts start with the server.
             from engine.ops.metrics import Metrics
 
@@ -247,8 +271,14 @@ class App:
         log.info("suppression list: %d entries%s", await suppression.load(),
                  "" if cfg.suppression.enabled else " (off: [suppression] enabled = false)")
         scheduler.on_outcomes = suppression.failed
+        if self.node_control is not None:
+            suppression.shared = self._share_suppressions
+        shared: SharedLimits | None = None
         if cfg.cluster.redis:
-            scheduler.cluster = await start_cluster(cfg)
+            scheduler.cluster = shared = await start_cluster(cfg, self.role)
+        elif self.role is not None and self.role.size > 1:
+            # The node's limits, kept by its supervisor for every worker (engine.cluster.node).
+            scheduler.cluster = await start_worker_limits(self.role)
         self.reconfigure.append(self._reconfigure_bounces)
         scheduler.start()
         # The router of now (a reload replaces it), as the queue names destinations.
@@ -258,13 +288,22 @@ class App:
             (cfg.tracking.dir or tracking_dir(Path(cfg.spool))) if cfg.tracking.enabled
             else None)
         operations.suppression = suppression
-        if scheduler.cluster is not None:
+        if shared is not None:
             # Suspensions are the cluster's: shared at once, and looked at every interval.
-            self.cluster_sync = SuspensionSync(scheduler.cluster, scheduler,
+            self.cluster_sync = SuspensionSync(shared, scheduler,
                                                cfg.cluster.sync_interval)
             operations.cluster = self.cluster_sync
             self.cluster_sync.start()
         control = ControlServer(self.control_path, operations, self._reload_reply)
+        if self.metrics is not None:
+            control.metrics = self._metrics_text
+        if self.node_control is not None:
+            from engine.cluster.nodeview import NodeOperations
+            from engine.cluster.shards import tracking_dirs
+
+            self.node_operations = NodeOperations(
+                operations, store, self.node_control, Path(cfg.spool),
+                (lambda: tracking_dirs(cfg)) if cfg.tracking.enabled else None)
         try:
             await control.start()
         except ControlUnavailable as exc:
@@ -308,6 +347,30 @@ class App:
         if self.http is not None:
             await self.http.start()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_logs())
+
+    def _share_suppressions(self, entries: list[Entry]) -> None:
+        """A worker of a node: the entries its bounces added go to every worker's list
+        (through the node's control channel; this one's takes them again, unchanged)."""
+        node = self.node_control
+        if node is None:
+            return
+        for entry in entries:
+            self._spawn_quiet(ask(node, {
+                "command": "suppress", "address": entry.address, "reason": entry.reason,
+                "category": entry.category, "source": "auto"}, 30.0),
+                f"sharing the suppression of {entry.address} with the node")
+
+    def _spawn_quiet(self, work: Coroutine[Any, Any, object], what: str) -> None:
+        """Run ``work`` in the background; its failure is logged, never raised."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+
+        def done(t: asyncio.Task[object]) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("%s failed: %s", what, t.exception())
+
+        task.add_done_callback(done)
 
     def _reconfigure_bounces(self, config: Config) -> None:
         """[[bounce_rule]] and [suppression] take effect at a reload."""
@@ -356,6 +419,14 @@ class App:
                 self.notifier.ready(f"{outcome}accepting mail on {', '.join(self.addresses)}")
             return result
 
+    def _metrics_text(self) -> bytes:
+        """This worker's metrics, for the node's GET /metrics (the control channel's
+        ``metrics``); starts the walk of the queue's hops the next answer reads."""
+        assert self.metrics is not None
+        text = self.metrics.render()
+        self.metrics.walk_destinations()
+        return text
+
     async def _reload_reply(self) -> dict[str, object]:
         return (await self.reload()).to_json()
 
@@ -393,6 +464,8 @@ class App:
     def _read(self) -> Config:
         """The configuration as ``ferry serve`` would load it now; ConfigError if bad."""
         new = load_config(self.path, self.flags)
+        if self.role is not None:
+            new = shard_config(new, self.role.index)
         problems = file_problems(new)
         if problems:
             raise ConfigError(name_flags(problems, self.flags))
@@ -566,6 +639,8 @@ class App:
             await self.metrics.stop()  # a walk of the queue's index, before the queue closes
         if self.control is not None:
             await self.control.stop()
+        if self.node_operations is not None:
+            self.node_operations.close()  # the other shards' databases it opened
         if self.pressure is not None:
             self.pressure.stop()
         if self.alerts is not None:
@@ -593,12 +668,16 @@ class App:
         log.info("stopped")
 
 
-async def start_cluster(cfg: Config) -> SharedLimits:
+async def start_cluster(cfg: Config, role: WorkerRole | None = None) -> SharedLimits:
     """The limits this node shares with the others of [cluster] (engine.cluster.limits);
-    a Redis that does not answer yet is not an error: the node starts on its share."""
+    a Redis that does not answer yet is not an error: the node starts on its share.  A
+    worker of a node is a member of its own (``<node>.w<i>``) with its part of the share."""
     c = cfg.cluster
-    shared = SharedLimits(c.redis, c.node or cfg.hostname, prefix=c.prefix,
-                          lease_ttl=c.lease_ttl, timeout=c.timeout, share=c.share,
+    node, share = c.node or cfg.hostname, c.share
+    if role is not None:
+        node, share = f"{node}.w{role.index}", share / role.size
+    shared = SharedLimits(c.redis, node, prefix=c.prefix,
+                          lease_ttl=c.lease_ttl, timeout=c.timeout, share=share,
                           probe_interval=c.probe_interval, lease_wait=c.lease_wait)
     await shared.start()
     log.info("cluster: node %s, limits %s", shared.node,
@@ -628,11 +707,16 @@ def tune_gc() -> None:
 
 
 async def serve(config: Config, path: str | os.PathLike[str] | None = None,
-                flags: Mapping[str, object] | None = None) -> int:
+                flags: Mapping[str, object] | None = None, *,
+                role: WorkerRole | None = None, started: Callable[[App], None] | None = None,
+                ) -> int:
     """Run until SIGTERM or SIGINT; exit status 0 after a clean stop.  SIGHUP reloads
-    the configuration from ``path`` and ``flags`` (what ``config`` was loaded from)."""
+    the configuration from ``path`` and ``flags`` (what ``config`` was loaded from).
+    ``role``: this process is a worker of a node; ``started`` is called once it serves."""
     notify = Notifier()
-    app = App(config, path=path, flags=flags, notifier=notify)
+    app = App(config, path=path, flags=flags, notifier=notify, role=role,
+              control_path=None if role is None else worker_control_path(role.spool,
+                                                                          role.index))
     # Before starting: the port takes connections (into the kernel's backlog) as soon as
     # it is bound, and a SIGTERM from then on must stop Ferry cleanly, not kill it.
     stop = asyncio.Event()
@@ -655,6 +739,8 @@ async def serve(config: Config, path: str | os.PathLike[str] | None = None,
         tune_gc()
         # Type=notify: systemd counts Ferry as started once it accepts mail.
         notify.ready(f"accepting mail on {', '.join(app.addresses)}")
+        if started is not None:
+            started(app)
         notify.start_watchdog()
         await stop.wait()
         notify.stopping("stopping: finishing sessions and pending commits")

@@ -1576,6 +1576,20 @@ def _account(value: object) -> str:
     return value
 
 
+#: More workers than this is a typo, not a machine (each is a process with its own queue).
+MAX_WORKERS: Final = 256
+
+
+def _workers(value: object) -> int:
+    """A count of worker processes, or "auto": one per core this process may use."""
+    if value == "auto":
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    if not _is_int(value) or not 1 <= cast(int, value) <= MAX_WORKERS:
+        raise _Invalid(f'must be "auto" or a number of processes from 1 to {MAX_WORKERS} '
+                       f"(got {_show(value)})")
+    return cast(int, value)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """[server]: the ``ferry serve`` process itself (engine.ops.daemon): whom it runs as."""
@@ -1589,6 +1603,9 @@ class ServerConfig:
     group: Annotated[str, _v(_account)] = ""
     #: Let Ferry run as root on an address other than the loopback, without ``user``.
     allow_root: _Bool = False
+    #: Worker processes, each an event loop on a queue shard of its own
+    #: (engine.cluster.supervisor); "auto" = the cores this process may run on.
+    workers: Annotated[int, _v(_workers)] = 1
 
 
 
@@ -2583,9 +2600,11 @@ FLAGS: Final[Mapping[str, _Loc]] = MappingProxyType({
     "--retry-interval": ("delivery", "retry_interval"),
     "--log-level": ("log", "level"),
     "--http": ("http", "listen"),
+    "--workers": ("server", "workers"),
 })  # fmt: skip
 
-_NUMBER_FLAGS: Final = frozenset({"--mx-port", "--max-per-domain", "--retry-interval"})
+_NUMBER_FLAGS: Final = frozenset({"--mx-port", "--max-per-domain", "--retry-interval",
+                                   "--workers"})
 _NUMBER = re.compile(r"[+-]?(\d+)(\.\d+)?([eE][+-]?\d+)?")
 
 

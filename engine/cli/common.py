@@ -72,6 +72,9 @@ def add_key_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http", metavar="HOST:PORT", action="append", default=[],
                         help="HTTP listener for metrics, health and the APIs (repeatable; "
                         "[http] listen)")
+    parser.add_argument("--workers", metavar="N",
+                        help='worker processes, each on a core and a queue shard of its own '
+                        '("auto": one per core; [server] workers)')
     parser.add_argument("--log-level", metavar="LEVEL",
                         help="debug, info, warning or error (default: [log] level, info)")
 

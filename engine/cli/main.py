@@ -103,9 +103,15 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from engine.app import serve
+    from engine.cluster.fanout import node_control
+    from engine.cluster.node import coordinator_for
+    from engine.cluster.supervisor import node_size, supervise
 
     path = args.config  # read again, with the same flags, at each reload
     try:
+        if node_size(config) > 1:
+            return uvloop.run(supervise(config, path, flags_from(args),
+                                        services=[coordinator_for, node_control]))
         return uvloop.run(serve(config, path, flags_from(args)))
     except OSError as exc:  # e.g. the listen address is taken
         print(f"ferry: cannot start: {exc}", file=sys.stderr)

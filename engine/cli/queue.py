@@ -6,7 +6,10 @@ the spool with a running ``ferry serve``, and it works as well on a stopped spoo
 changes nothing; its views live in ``engine.ops.views`` and its filters in
 ``engine.ops.select``.  ``queues`` asks a running server first (its scheduler knows the
 rates, what is in flight, which sites are down and which destinations it cannot route),
-and reads the spool alone when none runs.  The controls never touch
+and reads the spool alone when none runs.  On a node of several workers the viewer reads
+every shard as one queue (``engine.cluster.nodeview.ShardedQueue``) and the controls ask
+the supervisor's socket, which asks every worker (``engine.cluster.fanout``); what it says
+of a worker that did not answer is printed on the standard error.  The controls never touch
 the queue database: they ask the running server over its control socket
 (``engine.ops.control``), which does the work, so there is one writer and the server's
 memory agrees with the queue.
@@ -27,11 +30,11 @@ import lmdb
 import orjson
 
 from engine.cli.common import add_config_argument, add_spool_argument
+from engine.cluster.nodeview import open_shards
 from engine.ops import control
 from engine.ops.select import STATES, Filter, add_filter_arguments, select, select_ids
 from engine.ops.views import as_delivered, header_text, listing, message_detail, queue_rows
 from engine.queue.api import QueueStore
-from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import Envelope, RecordError, id_bytes, id_text
 from engine.scheduler.scheduler import load_suspended
 
@@ -262,6 +265,8 @@ def _queues(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # a timeout, a bad reply
         print(f"ferry queue: {exc}", file=sys.stderr)
         return 1
+    if reply is not None:
+        _warn(reply)
     if reply is not None and not reply.get("ok"):
         print(f"ferry queue: the server refused: {reply.get('error')}", file=sys.stderr)
         return 1
@@ -311,10 +316,18 @@ def _ask_at(spool: str | Path, message: dict[str, Any]) -> control.Reply | None:
     except (OSError, ValueError) as exc:  # ControlUnavailable, a timeout, a bad reply
         print(f"ferry queue: {exc}", file=sys.stderr)
         return None
+    _warn(reply)
     if not reply.get("ok"):
         print(f"ferry queue: the server refused: {reply.get('error')}", file=sys.stderr)
         return None
     return reply
+
+
+def _warn(reply: control.Reply) -> None:
+    """What a node's control channel says of workers that did not answer or refused
+    (engine.cluster.fanout): the reply is the others' alone."""
+    for warning in reply.get("warnings", ()):
+        print(f"ferry queue: {warning}", file=sys.stderr)
 
 
 def _suspend(args: argparse.Namespace) -> int:
@@ -445,19 +458,20 @@ _READERS: dict[str, Callable[[QueueStore, argparse.Namespace], int]] = {
 
 def _with_store(args: argparse.Namespace,
                 action: Callable[[QueueStore, argparse.Namespace], int]) -> int:
-    """``action`` on the spool's queue database, read directly (the server may run or
-    not: LMDB readers share it with the server's writer)."""
+    """``action`` on the spool's queue databases, read directly (the server may run or
+    not: LMDB readers share them with the server's writers): every shard of a node of
+    several workers, as one queue (engine.cluster.nodeview.ShardedQueue)."""
     path = Path(args.spool) / "queue"
-    if not (path / "data.mdb").exists():
-        print(f"ferry queue: no queue database in {path}", file=sys.stderr)
-        return 1
     try:
-        store = LmdbQueue(path, min_free_disk=0)
+        store = open_shards(Path(args.spool))
     except (OSError, lmdb.Error) as exc:  # not readable by this user, a damaged file
         print(f"ferry queue: cannot open the queue database in {path}: {exc}",
               file=sys.stderr)
         return 1
     try:
+        if not store.shards:
+            print(f"ferry queue: no queue database in {path}", file=sys.stderr)
+            return 1
         return action(store, args)
     finally:
         store.close_sync()

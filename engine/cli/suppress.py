@@ -3,8 +3,11 @@
 With a running ``ferry serve`` on the spool, every action goes through its control socket
 (``engine.ops.control``: the server's list in memory and its queue writer change
 together); with none, the queue database is opened directly, under the spool's lock (so
-no server can start meanwhile).  It holds no logic of its own: the list is
-``engine.queue.suppression``, the operations ``engine.ops.suppressions``.
+no server can start meanwhile): on a stopped node of several workers, ``add`` and
+``remove`` change every shard's list (each worker keeps its own: engine.cluster.shards),
+``list`` shows worker 0's, as the running node's control channel does.  It holds no
+logic of its own: the list is ``engine.queue.suppression``, the operations
+``engine.ops.suppressions``.
 """
 
 from __future__ import annotations
@@ -69,6 +72,18 @@ def _ask(spool: str, message: dict[str, Any]) -> dict[str, Any] | None:
     return reply
 
 
+def _every_shard(spool: str, action: Callable[[Any], int], create: bool = False) -> int:
+    """``action(store)`` on the queue database of every shard of a stopped node (each
+    worker keeps its own suppression list: engine.cluster.shards), shard 0 first."""
+    from engine.cluster.shards import shard_indexes, shard_spool
+
+    for index in shard_indexes(Path(spool)):
+        status = _stopped(str(shard_spool(Path(spool), index)), action, create)
+        if status:
+            return status
+    return 0
+
+
 def _stopped(spool: str, action: Callable[[Any], int], create: bool = False) -> int:
     """``action(store)`` on the queue database of a spool no server runs on."""
     import lmdb
@@ -123,7 +138,7 @@ def _add(args: argparse.Namespace) -> int:
                 return _fail(str(exc))
             return 0
 
-        status = _stopped(args.spool, stopped, create=True)
+        status = _every_shard(args.spool, stopped, create=True)
         if status:
             return status
     print(f"suppressed {added[0]}")
@@ -146,10 +161,10 @@ def _remove(args: argparse.Namespace) -> int:
                 return _fail(str(exc))
             return 0
 
-        status = _stopped(args.spool, stopped)
+        status = _every_shard(args.spool, stopped)
         if status:
             return status
-        removed = found[0]
+        removed = any(found)
     if not removed:
         return _fail(f"{args.address} is not suppressed")
     print(f"removed {args.address} from the suppression list")

@@ -18,12 +18,13 @@ from typing import Any
 import orjson
 
 from engine.cli.common import add_config_argument, add_spool_argument, spool_from
+from engine.cluster.nodeview import tracking_records
 from engine.config import ConfigError
 from engine.ops.events import Event, Kind
 from engine.ops.tracking import parse_time
 from engine.ops.tracksearch import EVENTS, Query, search, unknown_events
 
-__all__ = ["Query", "add_parser", "log_dir", "row", "search", "track_main"]
+__all__ = ["Query", "add_parser", "log_dir", "log_dirs", "row", "search", "track_main"]
 
 #: The fields a table row shows for each kind, after time, event, id and recipient; a
 #: kind not listed shows every field it has.
@@ -81,6 +82,21 @@ def log_dir(args: argparse.Namespace) -> Path:
     return tracking_dir(spool_from(args))
 
 
+def log_dirs(args: argparse.Namespace) -> list[Path]:
+    """Every directory searched: :func:`log_dir`, and on a node of several workers each
+    shard's (engine.cluster.shards.tracking_dirs) unless ``--dir`` names one.
+    ConfigError when the configuration file cannot be used."""
+    from engine.cluster.shards import shard_indexes, shard_spool, tracking_dirs
+    from engine.config import load_config, tracking_dir
+
+    if args.dir:
+        return [Path(args.dir)]
+    if args.config is not None and not args.spool:
+        return tracking_dirs(load_config(args.config))
+    spool = Path(spool_from(args))
+    return [tracking_dir(shard_spool(spool, i)) for i in shard_indexes(spool)]
+
+
 def _time(text: str | None, flag: str) -> float | None:
     if text is None:
         return None
@@ -121,18 +137,18 @@ def track_main(args: argparse.Namespace) -> int:
               f"{', '.join(EVENTS)})", file=sys.stderr)
         return 2
     try:
-        directory = log_dir(args)
+        directories = log_dirs(args)
     except ConfigError as exc:
         print(f"ferry track: configuration error: {exc}", file=sys.stderr)
         return 2
-    if not directory.is_dir():
-        print(f"ferry track: no tracking log in {directory} (give --spool or --dir)",
+    if not directories[0].is_dir():
+        print(f"ferry track: no tracking log in {directories[0]} (give --spool or --dir)",
               file=sys.stderr)
         return 1
     out = sys.stdout.buffer
     found = 0
     try:
-        for record in search(directory, query):
+        for record in tracking_records(directories, query):
             found += 1
             if args.json:
                 out.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))

@@ -31,17 +31,21 @@ import asyncio
 import itertools
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from engine.scheduler.policy import Throttle
+from engine.scheduler.policy import Throttle, count_daily
 
 log = logging.getLogger("ferry.cluster")
 
-__all__ = ["Lease", "Reservation", "SharedFigures", "SharedLimits"]
+__all__ = ["Lease", "Reservation", "ShareFallback", "SharedFigures", "SharedLimits"]
 
 #: Take a lease: drop the expired ones, renew ours if present, else add ours when fewer
-#: than the limit are held.  KEYS[1] the lease set; ARGV member, limit, ttl (ms).
+#: than the limit are held; when refused, mark the key wanted (for ``ttl``: the holders
+#: read it at their next renewal).  KEYS[1] the lease set, KEYS[2] its wanted mark; ARGV
+#: member, limit, ttl (ms).
 _ACQUIRE: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -53,21 +57,29 @@ if redis.call('ZSCORE', KEYS[1], ARGV[1]) or
   redis.call('PEXPIRE', KEYS[1], 2 * ttl)
   return 1
 end
+redis.call('SET', KEYS[2], '1', 'PX', ttl)
 return 0
 """
 
 #: Renew every lease a node holds (and put back any that expired meanwhile: the
-#: connection is open, so the count must say so).  KEYS the lease sets, ARGV[1] the ttl
-#: (ms), ARGV[2..] the members, one per key.
+#: connection is open, so the count must say so), and say which of them another node
+#: waits for.  KEYS[1..n] the lease sets, KEYS[n+1..2n] their wanted marks, ARGV[1] the
+#: ttl (ms), ARGV[2..n+1] the members, one per lease set.  Returns the indexes (1-based)
+#: of the wanted ones.
 _RENEW: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
-  redis.call('PEXPIRE', key, 2 * ttl)
+local n = #ARGV - 1
+local wanted = {}
+for i = 1, n do
+  redis.call('ZADD', KEYS[i], now + ttl, ARGV[i + 1])
+  redis.call('PEXPIRE', KEYS[i], 2 * ttl)
+  if redis.call('EXISTS', KEYS[n + i]) == 1 then
+    table.insert(wanted, i)
+  end
 end
-return #KEYS
+return wanted
 """
 
 #: GCRA: reserve the next send.  KEYS[1] the rate key; ARGV[1] the interval (µs).
@@ -132,7 +144,131 @@ class _Local:
     rate: float = 0.0
 
 
-class SharedLimits:
+class ShareFallback:
+    """What a client of shared limits holds itself, and its fall-back to its own ``share``
+    of every limit while whoever shares them (Redis, or the node's coordinator:
+    engine.cluster.node) cannot be reached.  ``shared`` says which is in force."""
+
+    def __init__(self, share: float, lease_wait: float) -> None:
+        self.share = share
+        #: how soon a caller refused a lease asks again (the scheduler's re-staffing)
+        self.lease_wait = lease_wait
+        self.figures = SharedFigures()
+        #: True while the limits are shared; False while each limit is this one's share.
+        self.shared = False
+        self._local: dict[str, _Local] = {}
+        #: key → leases claimed by over_share and not given back yet
+        self._leaving: dict[str, int] = {}
+        #: how long word that another waits for a key's leases holds (s)
+        self.wanted_for = 4 * lease_wait
+        #: key → until when (time.monotonic) this one keeps to its share of it
+        self._wanted_until: dict[str, float] = {}
+        #: daily counts made on the share: key → (day, count)
+        self._counts: dict[str, tuple[int, int]] = {}
+        #: until when (loop time) a client back in touch keeps to its share (_in_grace)
+        self._grace_until = 0.0
+        #: told of another member's automation holds (engine.cluster.api.ClusterLimits)
+        self.on_hold: Callable[[str, str, float, str], None] | None = None
+
+    def share_hold(self, key: str, rule: str, until: float, reply: str) -> None:
+        """Tell the others of an automation hold: no one to tell here (the Redis-shared
+        limits share operators' suspensions, not the automation's holds)."""
+
+    def mine(self, limit: int) -> int:
+        """This one's share of ``limit``: never less than one, or a node alone would
+        deliver nothing."""
+        return max(1, math.floor(limit * self.share))
+
+    def over_share(self, key: str, limit: int) -> bool:
+        """Whether the caller, a connection holding a lease on ``key``, is to end now and
+        give its lease back: this one holds more than its share while the limits are not
+        shared (taken while they were).  True is a claim: the next callers count this
+        lease as gone, so only the extra connections end, never all of them at once."""
+        if not self.yielding(key, limit):
+            return False
+        self._leaving[key] = self._leaving.get(key, 0) + 1
+        return True
+
+    def yielding(self, key: str, limit: int) -> bool:
+        """Whether this one holds more leases on ``key`` than it should keep now: beyond
+        its share while the limits are not shared, or while another waits for a lease on
+        it (told lately), counting those already claimed by :meth:`over_share` as gone (no
+        claim: the scheduler prepares no follow-on messages for such connections)."""
+        return ((not self.shared or self._is_wanted(key))
+                and self._kept(key) > self.mine(limit))
+
+    def _is_wanted(self, key: str) -> bool:
+        until = self._wanted_until.get(key)
+        if until is None:
+            return False
+        if time.monotonic() > until:
+            del self._wanted_until[key]
+            return False
+        return True
+
+    def _wanted(self, key: str) -> None:
+        """Another was refused a lease on ``key``: keep to the share of it a while."""
+        self._wanted_until[key] = time.monotonic() + self.wanted_for
+
+    def _kept(self, key: str) -> int:
+        return self.held(key) - self._leaving.get(key, 0)
+
+    def held(self, key: str) -> int:
+        """Leases this one holds on ``key``."""
+        local = self._local.get(key)
+        return len(local.leases) if local is not None else 0
+
+    def _in_grace(self) -> bool:
+        """Just back in touch: the others may not have registered their leases yet (each
+        does at its own next probe), so for a while this one takes no more than its
+        share, as while the limits were not shared."""
+        return bool(self._grace_until) and (
+            asyncio.get_running_loop().time() < self._grace_until)
+
+    def _grant(self, local: _Local, key: str, member: str, ok: bool,
+               shared: bool) -> Lease | None:
+        if not ok:
+            self.figures.refused += 1
+            return None
+        self.figures.granted += 1
+        local.leases.add(member)
+        return Lease(key, member, shared)
+
+    def _forget(self, lease: Lease) -> None:
+        leaving = self._leaving.get(lease.key, 0)
+        if leaving > 1:
+            self._leaving[lease.key] = leaving - 1
+        elif leaving:
+            del self._leaving[lease.key]
+        local = self._local.get(lease.key)
+        if local is not None:
+            local.leases.discard(lease.member)
+            if not local.leases and local.throttle is None:
+                del self._local[lease.key]
+
+    def _reserve_own(self, key: str, rate: float) -> Reservation:
+        """A slot of ``share`` of ``rate`` on this one's own loop clock."""
+        local = self._local.setdefault(key, _Local())
+        mine = rate * self.share
+        if local.throttle is None or local.rate != mine:
+            local.throttle, local.rate = Throttle(mine), mine
+        now = asyncio.get_running_loop().time()
+        wait = local.throttle.wait(now)
+        return Reservation(wait, round((now + wait) * 1_000_000))
+
+    def _count_own(self, key: str, day: int, cap: int) -> bool:
+        """Count one send to ``key`` on UTC ``day`` against ``cap`` here: whether it may
+        go (it is counted then)."""
+        return count_daily(self._counts, key, day, cap)
+
+    async def count(self, key: str, day: int, cap: int) -> bool:
+        """A send to ``key`` counted against its daily ``cap`` (a shaping rule's or a
+        warm-up's): False once ``cap`` sends were counted on UTC ``day``.  Each node's
+        own (docs/cluster.md); engine.cluster.node counts for a node's workers."""
+        return self._count_own(key, day, cap)
+
+
+class SharedLimits(ShareFallback):
     """Connection leases and message rates per destination key, shared through the Redis
     at ``url`` by every node that uses the same ``prefix``; ``node`` names this one (in
     its lease members, so ``redis-cli`` shows who holds what)."""
@@ -140,28 +276,23 @@ class SharedLimits:
     def __init__(self, url: str, node: str, *, prefix: str = "ferry:", lease_ttl: float = 30.0,
                  timeout: float = 0.5, share: float = 0.5, probe_interval: float = 5.0,
                  lease_wait: float = 0.25, client: Any = None) -> None:
+        super().__init__(share, lease_wait)
+        #: word that another node waits comes with each renewal (every third of the
+        #: lease's lifetime): it holds until the one after
+        self.wanted_for = lease_ttl / 3 * 1.5
         self.url = url
         self.node = node
         self.prefix = prefix
         self.lease_ttl = lease_ttl
         self.timeout = timeout
-        self.share = share
         self.probe_interval = probe_interval
-        #: how soon a caller refused a lease asks again (the scheduler's re-staffing)
-        self.lease_wait = lease_wait
-        self.figures = SharedFigures()
-        #: True while Redis answers; False while each limit is this node's share.
-        self.shared = False
         self._client = client
         self._scripts: dict[str, Any] = {}
-        self._local: dict[str, _Local] = {}
         self._serial = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
         #: set to wake the keeper: Redis was lost, or the node stops
         self._nudge = asyncio.Event()
         self._stopping = False
-        #: until when (loop time) a node back in Redis keeps to its share (_in_grace)
-        self._grace_until = 0.0
 
     # --- life ----------------------------------------------------------------------------
 
@@ -221,55 +352,20 @@ class SharedLimits:
         member = f"{self.node}:{next(self._serial)}"
         within_share = len(local.leases) < self.mine(limit)
         if self.shared:
-            if not within_share and self._in_grace():
+            if not within_share and (self._in_grace() or self._is_wanted(key)):
                 return self._grant(local, key, member, False, shared=True)
             granted = await self._call(self._scripts["acquire"](
-                keys=[self._lease_key(key)], args=[member, limit, self._ttl_ms()]))
+                keys=[self._lease_key(key), self._wanted_key(key)],
+                args=[member, limit, self._ttl_ms()]))
             if granted is not None:
                 return self._grant(local, key, member, bool(granted), shared=True)
         return self._grant(local, key, member, within_share, shared=False)
 
-    def mine(self, limit: int) -> int:
-        """This node's share of ``limit``: never less than one, or a node alone would
-        deliver nothing."""
-        return max(1, math.floor(limit * self.share))
-
-    def over_share(self, key: str, limit: int) -> bool:
-        """Whether this node, on its own while Redis is away, holds more leases on ``key``
-        than its share (taken while they were shared): the caller ends the extra
-        connections after their deliveries, so the nodes' sum comes back to the limit."""
-        return not self.shared and self.held(key) > self.mine(limit)
-
-    def _in_grace(self) -> bool:
-        """Just back in Redis: the other nodes may not have registered their leases yet
-        (each does at its own next probe), so for two probe intervals a node takes no more
-        than its share, as while Redis was away."""
-        return bool(self._grace_until) and (
-            asyncio.get_running_loop().time() < self._grace_until)
-
-    def _grant(self, local: _Local, key: str, member: str, ok: bool,
-               shared: bool) -> Lease | None:
-        if not ok:
-            self.figures.refused += 1
-            return None
-        self.figures.granted += 1
-        local.leases.add(member)
-        return Lease(key, member, shared)
-
     async def release(self, lease: Lease) -> None:
-        local = self._local.get(lease.key)
-        if local is not None:
-            local.leases.discard(lease.member)
-            if not local.leases and local.throttle is None:
-                del self._local[lease.key]
+        self._forget(lease)
         if self.shared:
             assert self._client is not None
             await self._call(self._client.zrem(self._lease_key(lease.key), lease.member))
-
-    def held(self, key: str) -> int:
-        """Leases this node holds on ``key``."""
-        local = self._local.get(key)
-        return len(local.leases) if local is not None else 0
 
     # --- message rates -------------------------------------------------------------------
 
@@ -285,13 +381,7 @@ class SharedLimits:
             if got is not None:
                 start, server_now = int(got[0]), int(got[1])
                 return Reservation((start - server_now) / 1_000_000, start)
-        local = self._local.setdefault(key, _Local())
-        mine = rate * self.share
-        if local.throttle is None or local.rate != mine:
-            local.throttle, local.rate = Throttle(mine), mine
-        now = asyncio.get_running_loop().time()
-        wait = local.throttle.wait(now)
-        return Reservation(wait, round((now + wait) * 1_000_000))
+        return self._reserve_own(key, rate)
 
     # --- suspensions ---------------------------------------------------------------------
 
@@ -325,6 +415,9 @@ class SharedLimits:
 
     def _lease_key(self, key: str) -> str:
         return f"{self.prefix}lease:{key}"
+
+    def _wanted_key(self, key: str) -> str:
+        return f"{self.prefix}wanted:{key}"
 
     def _rate_key(self, key: str) -> str:
         return f"{self.prefix}rate:{key}"
@@ -394,14 +487,18 @@ class SharedLimits:
         """Renew (or register again) every lease held; False when Redis did not answer.
         Leases given back while Redis was away are not in it any more for this node:
         they expire there within ``lease_ttl``."""
-        held = [(self._lease_key(k), m) for k, local in self._local.items()
-                for m in local.leases]
+        held = [(k, m) for k, local in self._local.items() for m in local.leases]
         if not held:
             return True
         got = await self._call(self._scripts["renew"](
-            keys=[k for k, _ in held], args=[self._ttl_ms(), *(m for _, m in held)]))
+            keys=[self._lease_key(k) for k, _ in held] + [self._wanted_key(k) for k, _ in held],
+            args=[self._ttl_ms(), *(m for _, m in held)]))
         if got is None:
             return False
+        for index in got:
+            # Another node was refused one of these keys' leases: keep to the share of it
+            # until the next renewal tells again (ShareFallback.yielding).
+            self._wanted(held[int(index) - 1][0])
         self.figures.renewals += 1
         return True
 

@@ -49,7 +49,10 @@ _NOT_QUEUED: Final = "Not queued"
 
 
 def _operations(request: web.Request) -> Operations:
-    ops = request.app[APP].operations
+    """The server's operations; on a node of several workers, the node's (every shard's
+    views, every worker's verbs: engine.cluster.nodeview)."""
+    app = request.app[APP]
+    ops = app.node_operations or app.operations
     if ops is None:
         raise Problem(503, "Service unavailable", "the server is still starting",
                       headers={"Retry-After": "1"})
@@ -111,7 +114,7 @@ async def queues(request: web.Request) -> web.Response:
 @requires(Scope.READ)
 async def stats(request: web.Request) -> web.Response:
     """The scheduler's figures (``ferry queue`` over the control channel: ``stats``)."""
-    return json_response(_operations(request).stats())
+    return json_response(await _operations(request).stats_view())
 
 
 @routes.get("/api/v1/messages")
@@ -156,7 +159,7 @@ async def content(request: web.Request) -> web.Response:
 @routes.get("/api/v1/destinations/suspended")
 @requires(Scope.READ)
 async def suspended(request: web.Request) -> web.Response:
-    return json_response({"destinations": _operations(request).suspended()})
+    return json_response({"destinations": await _operations(request).suspended_view()})
 
 
 @routes.get("/api/v1/tracking")
@@ -310,9 +313,8 @@ async def suppression_add(request: web.Request) -> web.Response:
         extra = sorted(set(doc) - {"address", "reason", "category"})
         if extra:
             raise OperationError(f"unknown field {quote(extra[0])}")
-        return json_response(await suppressions.add(ops, doc.get("address"),
-                                                    doc.get("reason"), doc.get("category"),
-                                                    _by(request)))
+        return json_response(await ops.suppress(doc.get("address"), doc.get("reason"),
+                                                doc.get("category"), _by(request)))
     except OperationError as exc:
         raise _bad(exc) from None
 
@@ -323,7 +325,7 @@ async def suppression_remove(request: web.Request) -> web.Response:
     """Remove an entry; 404 when the address was not suppressed."""
     ops = _operations(request)
     try:
-        doc = await suppressions.remove(ops, request.match_info["address"], _by(request))
+        doc = await ops.unsuppress(request.match_info["address"], _by(request))
     except (OperationError, ValueError) as exc:
         raise Problem(400, "Bad request", str(exc)) from None
     if not doc["removed"]:
@@ -338,6 +340,13 @@ async def reload(request: web.Request) -> web.Response:
     that wait for a restart; 422 with every problem when the configuration is refused
     (the running one stays)."""
     log.info("%s asked for a reload of the configuration over HTTP", _by(request))
+    node = request.app[APP].node_operations
+    if node is not None:  # the supervisor reloads the node: every worker
+        reply = await node.reload_node()
+        if not reply.get("ok"):
+            raise Problem(422, "Configuration refused", "the running configuration stays",
+                          extra={"errors": list(reply.get("errors") or [reply.get("error")])})
+        return json_response({k: v for k, v in reply.items() if k != "ok"})
     result = await request.app[APP].reload()
     if not result.ok:
         raise Problem(422, "Configuration refused", "the running configuration stays",

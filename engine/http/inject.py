@@ -94,6 +94,7 @@ _KEY: Final = re.compile(r"[\x20-\x7e]{1,255}")
 UNDISCLOSED: Final = "undisclosed-recipients:;"
 _STRUCTURED: Final = ("subject", "text", "html", "headers", "attachments")
 _KNOWN: Final = frozenset(("from", "recipients", "content", "substitutions", *_STRUCTURED))
+_RCPT_MEMBERS: Final = frozenset(("email", "substitutions"))
 
 
 def _invalid(where: str, detail: str, status: int = 400) -> Problem:
@@ -122,6 +123,11 @@ def _values(value: object, where: str) -> dict[str, str]:
     """A substitutions object: names to strings (numbers are written as text)."""
     if not isinstance(value, dict):
         raise _invalid(where, f"must be an object, not {_kind(value)}")
+    for v in value.values():
+        if type(v) is not str:
+            break
+    else:
+        return value  # all strings, the common case: the decoded document's own object
     out: dict[str, str] = {}
     for name, v in value.items():
         if isinstance(v, str):
@@ -182,8 +188,8 @@ def _recipients(doc: Mapping[str, Any], limit: int) -> list[_Rcpt]:
     for i, item in enumerate(items):
         where = f"recipients[{i}]"
         if isinstance(item, dict):
-            unknown = set(item) - {"email", "substitutions"}
-            if unknown:
+            if not item.keys() <= _RCPT_MEMBERS:  # once per recipient: no set built
+                unknown = set(item) - _RCPT_MEMBERS
                 raise _invalid(f"{where}.{min(unknown)}", "is not a recipient member "
                                                           '("email", "substitutions")')
             subs = item.get("substitutions")
@@ -300,15 +306,17 @@ def _plan(doc: Mapping[str, Any], rcpts: list[_Rcpt], http: HttpConfig,
         raise _invalid(exc.field, exc.detail) from None
     names = sorted(composer.names)
     # Recipients with the same values share one message (the composer fills it once).
+    # Per recipient of a bulk request: a set test and a tuple of look-ups.
     groups: dict[tuple[str, ...], tuple[list[_Rcpt], dict[str, str]]] = {}
+    needed = composer.names
     for r in rcpts:
         values = {**defaults, **r.values} if r.values else defaults
-        missing = composer.missing(values)
-        if missing:
+        if not values.keys() >= needed:
+            missing = composer.missing(values)
             raise _invalid(f"{r.where}.substitutions.{missing[0]}",
                            f"has no value for {{{{{missing[0]}}}}} (give it in the "
                            "recipient's or the top-level substitutions)")
-        key = tuple(values[n] for n in names)
+        key = tuple(map(values.__getitem__, names))
         group = groups.get(key)
         if group is None:
             groups[key] = ([r], values)
@@ -335,6 +343,10 @@ class _Built:
 #: The policy agents' end of data for one injected message (:func:`_screener`): the
 #: arrival to store (its body changed, maybe held), or None when an agent discarded it.
 Screen = Callable[[Arrival], "Arrival | None"]
+#: Where the transaction and the body are in an Arrival (:func:`_build` replaces them).
+_MAIL: Final = Arrival._fields.index("mail")
+_BODY: Final = Arrival._fields.index("body")
+assert Arrival._fields[_MAIL:_BODY + 1] == ("mail", "recipients", "body")
 
 
 def _build(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
@@ -345,11 +357,22 @@ def _build(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
     on the loop); ``hand`` gets them :data:`CHUNK` at a time as they are built."""
     prepared: list[Prepared] = []
     total = handed = 0
-    # The MAIL command by (SMTPUTF8, 8BITMIME): parsed once per request, not per message.
-    senders: dict[tuple[bool, bool], Command] = {}
     ascii_from = doc_from.isascii()
+    # The MAIL command by (SMTPUTF8, 8BITMIME): parsed once per request, not per message;
+    # the request's arrival holds the one its sender was checked with.
+    senders: dict[tuple[bool, bool], Command] = {(not ascii_from, False): arrival.mail}
+    # Each message's Arrival is the request's with its own transaction and body, built
+    # from these parts (a tuple, not namedtuple._replace's keyword work per message).
+    before, after = arrival[:_MAIL], arrival[_BODY + 1:]
     for rcpts, values in plan.groups:
-        to = rcpts[0].cmd.mailbox if len(rcpts) == 1 else UNDISCLOSED
+        if len(rcpts) == 1:
+            commands: tuple[Command, ...] = (rcpts[0].cmd,)
+            to = commands[0].mailbox
+            utf8 = not ascii_from or not to.isascii()
+        else:
+            commands = tuple(r.cmd for r in rcpts)
+            to = UNDISCLOSED
+            utf8 = not ascii_from or not all(c.mailbox.isascii() for c in commands)
         data = plan.render(values, to)
         if len(data) > http.max_message_size:
             raise _invalid(plan.where, f"the message is {len(data)} bytes, more than "
@@ -359,8 +382,6 @@ def _build(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
             raise _invalid("recipients", "the personalised messages come to more than "
                            f"http.max_request_queued_size ({http.max_request_queued_size} "
                            "bytes)", 413)
-        commands = (rcpts[0].cmd,) if len(rcpts) == 1 else tuple(r.cmd for r in rcpts)
-        utf8 = not ascii_from or any(not c.mailbox.isascii() for c in commands)
         eight_bit = not data.isascii()
         # RFC 6532: a UTF-8 header section needs SMTPUTF8 from every hop.
         if eight_bit and not utf8:
@@ -369,7 +390,7 @@ def _build(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpConfig,
         mail = senders.get((utf8, eight_bit))
         if mail is None:
             mail = senders[utf8, eight_bit] = _sender(doc_from, utf8, eight_bit)
-        one: Arrival | None = arrival._replace(mail=mail, recipients=commands, body=data)
+        one: Arrival | None = Arrival._make((*before, mail, commands, data, *after))
         if screen is not None:
             one = screen(one)  # type: ignore[arg-type]
             if one is None:
@@ -528,7 +549,7 @@ async def post_messages(request: web.Request) -> web.Response:
         raise _invalid(unknown[0], "is not a member of a message request")
     sender = _string(doc, "from", required=True)
     assert sender is not None
-    _sender(sender, not sender.isascii(), False)  # its errors before the recipients'
+    mail = _sender(sender, not sender.isascii(), False)  # its errors before the recipients'
     rcpts = _recipients(doc, http.max_recipients)
     remote = request.remote or "127.0.0.1"
     if not who.trusted:
@@ -551,7 +572,7 @@ async def post_messages(request: web.Request) -> web.Response:
         connector=http_connector(http), client_address=remote, helo="", esmtp=True,
         tls=bool(tls_info), tls_info=tls_info,
         auth_user=who.name if "Authorization" in request.headers else "",
-        mail=rcpts[0].cmd, recipients=(), body=b"",
+        mail=mail, recipients=(), body=b"",
         protocol="HTTPS" if tls_info else "HTTP")
     chain = app.http_chain
     screen: Screen | None = None

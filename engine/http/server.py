@@ -164,9 +164,10 @@ class HttpServer:
         self._runner: web.AppRunner | None = None
         self.tokens = Tokens(self.config)
 
-    def bind(self) -> None:
+    def bind(self, sockets: list[socket.socket] | None = None) -> None:
+        """Bind ``[http] listen``, or serve ``sockets`` a node's supervisor bound."""
         self.tls = http_tls(self.config)
-        self.sockets = bind_listeners(self.config.listen)
+        self.sockets = bind_listeners(self.config.listen) if sockets is None else sockets
         self.addresses = [address_of(s) for s in self.sockets]
 
     def close_sockets(self) -> None:

@@ -37,9 +37,10 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Final
+
+from engine.message.fields import rfc5322_date
 
 __all__ = [
     "POLICY", "Attachment", "ComposeError", "Composer", "Structured", "base64_content",
@@ -132,10 +133,17 @@ def message_id(hostname: str) -> str:
     return f"<{int(time.time() * 1000)}.{_ID_RANDOM.getrandbits(64):016x}@{hostname}>"
 
 
+def _message_id_field(hostname: bytes) -> bytes:
+    """The Message-ID: field with a new :func:`message_id` (``hostname`` encoded), formatted
+    as bytes at once: once per recipient of a bulk request."""
+    return b"Message-ID: <%d.%016x@%s>\r\n" % (int(time.time() * 1000),
+                                                _ID_RANDOM.getrandbits(64), hostname)
+
+
 def date_value(now: float | None = None) -> str:
-    """RFC 5322 §3.3 date-time in UTC, "+0000" (never "-0000": the zone is known)."""
-    return email.utils.format_datetime(datetime.fromtimestamp(
-        time.time() if now is None else now, UTC))
+    """RFC 5322 §3.3 date-time in UTC, "+0000" (never "-0000": the zone is known);
+    formatted once a second (engine.message.fields: the Received field's date)."""
+    return rfc5322_date(time.time() if now is None else now)
 
 
 def check_structured(spec: Structured) -> None:
@@ -281,6 +289,9 @@ class _Template:
 
     def fill(self, values: Mapping[str, str], escape: bool = False) -> str:
         pieces = self.pieces
+        if len(pieces) == 2:  # one placeholder, the common template: no list, no loop
+            value = values[self.names[0]]
+            return pieces[0] + (html_lib.escape(value) if escape else value) + pieces[1]
         out = [pieces[0]]
         for i, name in enumerate(self.names):
             value = values[name]
@@ -298,6 +309,8 @@ class Composer:
         check_structured(spec)
         self.spec = spec
         self.hostname = hostname
+        #: the domain of each message's Message-ID: (as message_id() would encode it)
+        self._host = hostname.encode()
         self.date = date or date_value()
         self.names = spec.placeholders()
         mark = "ferry" + secrets.token_hex(8)
@@ -386,7 +399,7 @@ class Composer:
                 out += (b"Content-Transfer-Encoding: ", cte, b"\r\n", part_head, b"\r\n",
                         data)
             elif slot == "id":
-                append(b"Message-ID: %s\r\n" % message_id(self.hostname).encode())
+                append(_message_id_field(self._host))
             elif slot == "to":
                 # A non-ASCII address cannot be an encoded word: UTF-8 (RFC 6532 §3.2).
                 append(_UTF8_POLICY.fold_binary("To", to) if not to.isascii()
@@ -421,18 +434,10 @@ def canonical(content: bytes, bare_eol: str) -> bytes:
     return out if out.endswith(b"\r\n") else out + b"\r\n"
 
 
-def _has_field(head: bytes, name: bytes) -> bool:
-    """Whether the header section ``head`` (CRLF text, starting at a field) has field
-    ``name`` (lower case): at its start or after a CRLF, any case, before the colon
-    (RFC 5322 §2.2: WSP may precede it only in obsolete syntax, §4.5)."""
-    pattern = _FIELD_PATTERNS.get(name)
-    if pattern is None:
-        pattern = _FIELD_PATTERNS[name] = re.compile(
-            rb"(?:^|\r\n)" + re.escape(name) + rb"[ \t]*:", re.IGNORECASE)
-    return pattern.search(head) is not None
-
-
-_FIELD_PATTERNS: dict[bytes, re.Pattern[bytes]] = {}
+#: A Date: or Message-ID: field of a header section (canonical CRLF text, so a line
+#: starts at its start or after an LF): the name in any case before the colon (RFC 5322
+#: §2.2: WSP may precede the colon only in obsolete syntax, §4.5).  One pass finds both.
+_DATE_OR_ID: Final = re.compile(rb"^(date|message-id)[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
 def complete(message: bytes, hostname: str) -> bytes:
@@ -445,9 +450,10 @@ def complete(message: bytes, hostname: str) -> bytes:
         end = message.find(b"\r\n\r\n")
         head = message if end < 0 else message[:end]
     added: list[bytes] = []
-    if not _has_field(head, b"date"):
+    found = {name.lower() for name in _DATE_OR_ID.findall(head)}
+    if b"date" not in found:
         added.append(b"Date: %s\r\n" % date_value().encode())
-    if not _has_field(head, b"message-id"):
+    if b"message-id" not in found:
         added.append(b"Message-ID: %s\r\n" % message_id(hostname).encode())
     return b"".join(added) + message if added else message
 

@@ -7,6 +7,7 @@ folding at a width (RFC 5322 §2.2.3), and the RFC 5322 §3.3 date.  No I/O.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -51,7 +52,12 @@ def fold(first: str, clauses: Sequence[Sequence[str]], *, indent: str,
     (§3.2.2), so only a word longer than a line makes a longer line.  Ends with CRLF."""
     lines: list[str] = []
     for clause in clauses:
-        current = (first if not lines else indent) + clause[0]
+        start = first if not lines else indent
+        whole = start + " ".join(clause)
+        if len(whole) <= width:  # no fold point needed: the loop below would join all
+            lines.append(whole)
+            continue
+        current = start + clause[0]
         for word in clause[1:]:
             if word and len(current) + 1 + len(word) > width and current.strip():
                 lines.append(current)
@@ -63,11 +69,16 @@ def fold(first: str, clauses: Sequence[Sequence[str]], *, indent: str,
 
 
 @functools.lru_cache(maxsize=4)
-def _date(second: datetime) -> str:
-    return format_datetime(second)
+def _date(second: int) -> str:
+    return format_datetime(datetime.fromtimestamp(second, UTC))
 
 
 def rfc5322_date(when: float) -> str:
     """RFC 5322 §3.3 date-time of ``when`` in UTC (formatted once per second: every field
-    written in one second shares it)."""
-    return _date(datetime.fromtimestamp(when, UTC).replace(microsecond=0))
+    written in one second shares it; the cache is keyed by the whole second, an int, so a
+    hit builds no datetime)."""
+    second = math.floor(when)
+    if when - second >= 0.9999995:
+        # datetime rounds to the microsecond (half even): this one may be the next second
+        second = math.floor(datetime.fromtimestamp(when, UTC).timestamp())
+    return _date(second)

@@ -146,19 +146,10 @@ def received_field(
     and auth_user at 255, recipient at 254; an empty tls or auth_user is left out.
     """
     utf8 = protocol.upper().startswith("UTF8")
-    literal = _address_literal(client_ip)
-    helo_token = _clean(helo[:MAX_HELO], utf8, _TOKEN_SPECIALS) or "?"
-    if client_name:
-        name = _clean(client_name[:MAX_HELO], utf8, _NAME_SPECIALS)
-        from_clause = ["from", helo_token, f"({name}", f"{literal})"]
-    else:
-        from_clause = ["from", helo_token, f"({literal})"]
-    by_clause = ["by", _clean(hostname, utf8, _TOKEN_SPECIALS) or "?", "(Ferry)"]
-    if protocol:
-        by_clause += ["with", _clean(protocol, False, _TOKEN_SPECIALS)]
-    if queue_id:
-        by_clause += ["id", _clean(queue_id, False, _TOKEN_SPECIALS)]
-    clauses = [from_clause, by_clause]
+    head, by_words = _head(helo, client_ip, client_name, hostname, protocol, utf8)
+    by_clause = [*by_words, "id", _clean(queue_id, False, _TOKEN_SPECIALS)] if queue_id \
+        else [*by_words]
+    clauses = [by_clause]
     if tls:
         clauses.append(_comment("", tls, utf8))
     if auth_user:
@@ -169,5 +160,25 @@ def received_field(
     # §3.3) is one word so a fold never lands inside it.
     clauses[-1][-1] += ";"
     clauses[-1].append(rfc5322_date(when))
-    # each clause on its own line, folded with CRLF + TAB
-    return fold("Received: ", clauses, indent="\t").encode("utf-8")
+    # each clause on its own line, folded with CRLF + TAB; the from clause's lines are
+    # the cached head's (fold lays out each clause alone: the same text either way)
+    return (head + fold("\t", clauses, indent="\t")).encode("utf-8")
+
+
+@functools.lru_cache(maxsize=1024)
+def _head(helo: str, client_ip: str, client_name: str | None, hostname: str, protocol: str,
+          utf8: bool) -> tuple[str, tuple[str, ...]]:
+    """The from clause folded (with its CRLF) and the by clause's words up to the id: the
+    same for every message of a session or an injection request, so worked out once per
+    session or request instead of once per message."""
+    literal = _address_literal(client_ip)
+    helo_token = _clean(helo[:MAX_HELO], utf8, _TOKEN_SPECIALS) or "?"
+    if client_name:
+        name = _clean(client_name[:MAX_HELO], utf8, _NAME_SPECIALS)
+        from_clause = ["from", helo_token, f"({name}", f"{literal})"]
+    else:
+        from_clause = ["from", helo_token, f"({literal})"]
+    by_clause = ["by", _clean(hostname, utf8, _TOKEN_SPECIALS) or "?", "(Ferry)"]
+    if protocol:
+        by_clause += ["with", _clean(protocol, False, _TOKEN_SPECIALS)]
+    return fold("Received: ", [from_clause], indent="\t"), tuple(by_clause)

@@ -26,7 +26,9 @@ order, on a connection that stays open for more:
     {"command": "retry", "ids": [...]}                  → the same (deferred → due now)
     {"command": "retry", "destination": "example.com"}  → {"ok": true, "destination": ...,
                                                           "recipients": 3}
-    {"command": "suppress", "address": "a@example.com", "reason": "...", "category": "..."}
+    {"command": "suppress", "address": "a@example.com", "reason": "...", "category": "...",
+     "source": "operator"}  (the default; "auto": an entry another worker of the node
+                             took from a bounce)
         → {"ok": true, "address": "a@example.com", "reason": ..., "category": ...,
            "added": 1796000000.0, "source": "operator"}   (engine.ops.suppressions)
     {"command": "unsuppress", "address": "a@example.com"}
@@ -38,23 +40,30 @@ order, on a connection that stays open for more:
                               or {"ok": false, "error": "configuration refused, ...",
                                   "errors": ["receive[0].key_file: ...", ...]}
                                  (engine.ops.reload.ReloadResult.to_json)
+    {"command": "metrics"}    → {"ok": true, "text": "# HELP ferry_...\n..."}  (the server's
+                                 GET /metrics text, engine.ops.metrics: what a node's
+                                 worker 0 gathers from every worker, engine.cluster.fanout)
     anything wrong            → {"ok": false, "error": "unknown command \"x\"; one of ..."}
 
 Ids are queue ids as ``ferry queue list`` prints them, at most :data:`MAX_IDS` per request
 (a bulk tool sends several).  ``changed``: the verb acted; ``unchanged``: queued but
 nothing to do (already held, no deferred recipient...); ``missing``: not in the queue.
 Each change is reported as an event (HOLD, RELEASE, REMOVE, RETRY) naming the operator:
-the user name of the peer's uid (SO_PEERCRED), the uid itself when it has no name.
+the user name of the peer's uid (SO_PEERCRED), the uid itself when it has no name.  A
+request may carry ``"by": "<user>"`` only from root or the server's own user: a node's
+supervisor forwards the operator it served (engine.cluster.fanout); from anyone else it
+is refused.
 
 A destination is named as the queue names it (``ferry queue list --destination``): a
 domain, ``local:<domain>`` or an address literal; it is normalised the way recipients'
 domains are (lower case, no trailing dot), and it need not have mail queued yet.
 
 Layers: :class:`LineReader`, :func:`parse_request` and :func:`encode_reply` are sans-I/O
-(bytes in, values out, testable without a socket); :class:`ControlServer` is the asyncio
-glue, and the commands themselves are ``engine.ops.operations`` (shared with the HTTP
-admin API, so both answer alike); :func:`request` is the blocking client ``ferry queue``
-uses.
+(bytes in, values out, testable without a socket); :class:`LineServer` is the socket
+(shared with a node's channel, ``engine.cluster.fanout``) and :class:`ControlServer` the
+asyncio glue, and the commands themselves are ``engine.ops.operations`` (shared with the
+HTTP admin API, so both answer alike); :func:`request` is the blocking client ``ferry
+queue`` uses, :func:`ask` the one for a caller on an event loop.
 
 It must never decide anything about delivery itself (it hands the operator's decision to
 the scheduler), never block the event loop, and never let a bad request hurt the server:
@@ -102,6 +111,10 @@ SOCKET_NAME: Final = "control.sock"
 MAX_REQUEST: Final = 1 << 18
 #: Operator connections open at once; more are refused (one reply, then closed).
 MAX_CONNECTIONS: Final = 16
+#: Longest reply :func:`ask` reads (a ``queues`` reply of a large queue, a ``metrics`` text).
+MAX_REPLY: Final = 1 << 28
+#: Longest operator name a request may carry (``by``: from a node's supervisor only).
+MAX_BY: Final = 64
 #: Longest socket path the kernel takes (sun_path is 108 bytes on Linux, with its NUL).
 MAX_PATH: Final = 107
 
@@ -199,11 +212,12 @@ COMMANDS: Final[Mapping[str, _Command]] = {
                       takes_destination=True, takes_ids=True),
     "reload": _Command("read the configuration file again and apply it (engine.ops.reload)"),
     "suppress": _Command("add an address to the suppression list",
-                         entry_fields=("address", "reason", "category")),
+                         entry_fields=("address", "reason", "category", "source")),
     "unsuppress": _Command("remove an address from the suppression list",
                            entry_fields=("address",)),
     "suppressions": _Command("list the suppression list",
                              entry_fields=("category", "after", "limit")),
+    "metrics": _Command("the server's metrics in the Prometheus text format"),
 }
 
 
@@ -215,6 +229,14 @@ def parse_request(line: bytes) -> Request:
         raise ControlError(f"request is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise ControlError('request must be a JSON object, e.g. {"command": "suspended"}')
+    claim = doc.pop("by", "")
+    if not isinstance(claim, str) or len(claim) > MAX_BY or not claim.isprintable():
+        raise ControlError(f'"by" must be a name (at most {MAX_BY} printable characters)')
+    request = _request(doc)
+    return dataclasses.replace(request, by=claim) if claim else request
+
+
+def _request(doc: dict[str, Any]) -> Request:
     command = doc.get("command")
     if not isinstance(command, str):
         raise ControlError(f'"command" (a string) is required; one of {_known()}')
@@ -262,59 +284,28 @@ def _known() -> str:
 # --- the asyncio server --------------------------------------------------------------
 
 
-class ControlServer:
-    """Serves the control socket for the running server's ``operations`` (see the module
-    docstring)."""
+class LineServer:
+    """The socket of a control channel: listens on ``path`` (mode 0600), reads request
+    lines and writes each :meth:`answer` back, in order.  :class:`ControlServer` answers
+    for one server; ``engine.cluster.fanout.NodeControl`` for every worker of a node."""
 
-    def __init__(self, path: Path, operations: Operations,
-                 reload: Callable[[], Awaitable[Reply]] | None = None) -> None:
-        """``reload`` is the App's reload, its reply ready (None: not offered)."""
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.operations = operations
-        self.reload = reload
+        #: (uid, gid) the socket is given to: a node's supervisor runs as root and its
+        #: operator as ``[server] user`` (None: whoever runs this process)
+        self.owner: tuple[int, int] | None = None
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[Any]] = set()
         self._inode: int | None = None
-        self._handlers: Mapping[str, Callable[[Request], Awaitable[Reply]]] = {
-            "suspend": self._suspend,
-            "resume": self._resume,
-            "suspended": self._suspended,
-            "stats": self._stats,
-            "queues": self._queues,
-            "hold": self._hold,
-            "release": self._release,
-            "remove": self._remove,
-            "retry": self._retry,
-            "reload": self._reload,
-            "suppress": self._suppress,
-            "unsuppress": self._unsuppress,
-            "suppressions": self._suppressions,
-        }
 
     async def start(self) -> None:
         """Listen on ``path``.  ControlUnavailable when the path is too long for a
         socket; OSError when another server answers there (:func:`check_free`)."""
         path = self.path
-        # Bound under a temporary name, made 0600, then renamed into place: the socket is
-        # never reachable with wider permissions, without touching the process's umask.
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
-        _check_length(temporary)
+        _check_length(temporary_name(path))
         check_free(path)
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(os.fspath(temporary))
-            temporary.chmod(0o600)
-            self._server = await asyncio.start_unix_server(self._accept, sock=sock)
-        except BaseException:
-            sock.close()
-            with contextlib.suppress(OSError):
-                temporary.unlink()
-            raise
-        # Replaces a socket left behind by a server that did not stop cleanly.
-        temporary.rename(path)
-        self._inode = path.stat().st_ino
+        self._server, self._inode = await listen_private(
+            path, self.owner, lambda sock: asyncio.start_unix_server(self._accept, sock=sock))
 
     async def stop(self) -> None:
         if self._server is None:
@@ -342,23 +333,67 @@ class ControlServer:
                 await writer.drain()
                 return
             lines = LineReader()
-            by = peer_user(writer.get_extra_info("socket"))
+            sock = writer.get_extra_info("socket")
+            by = peer_user(sock)
+            # Root, this server's own user or its owner's (a node's supervisor, its
+            # workers, the user Ferry runs as: each could change the queue anyway) may
+            # name the operator.
+            uid = peer_uid(sock)
+            trusted = uid in (0, os.geteuid()) or (
+                self.owner is not None and uid == self.owner[0])
             while data := await reader.read(65536):
                 for line in lines.feed(data):
-                    writer.write(encode_reply(await self.answer(line, by)))
+                    writer.write(encode_reply(await self.answer(line, by, trusted)))
                     await writer.drain()
         except ConnectionError:
             pass  # the operator's tool went away; nothing to tell it
         finally:
             writer.close()
 
-    async def answer(self, line: bytes | None, by: str = "") -> Reply:
-        """The reply to one request line (None: a line over the limit) from the operator
-        ``by``; never raises."""
+    async def answer(self, line: bytes | None, by: str = "", trusted: bool = False) -> Reply:
+        """The reply to one request line (None: a line over the limit) from the peer
+        user ``by`` (``trusted``: :func:`operator`); never raises."""
+        raise NotImplementedError
+
+
+class ControlServer(LineServer):
+    """Serves the control socket for the running server's ``operations`` (see the module
+    docstring)."""
+
+    def __init__(self, path: Path, operations: Operations,
+                 reload: Callable[[], Awaitable[Reply]] | None = None) -> None:
+        """``reload`` is the App's reload, its reply ready (None: not offered)."""
+        super().__init__(path)
+        self.operations = operations
+        self.reload = reload
+        #: The server's metrics in the text format (engine.ops.metrics), for the
+        #: ``metrics`` command a node's /metrics gathers (None: not collected here).
+        self.metrics: Callable[[], bytes] | None = None
+        self._handlers: Mapping[str, Callable[[Request], Awaitable[Reply]]] = {
+            "suspend": self._suspend,
+            "resume": self._resume,
+            "suspended": self._suspended,
+            "stats": self._stats,
+            "queues": self._queues,
+            "hold": self._hold,
+            "release": self._release,
+            "remove": self._remove,
+            "retry": self._retry,
+            "reload": self._reload,
+            "suppress": self._suppress,
+            "unsuppress": self._unsuppress,
+            "suppressions": self._suppressions,
+            "metrics": self._metrics,
+        }
+
+    async def answer(self, line: bytes | None, by: str = "", trusted: bool = False) -> Reply:
+        """The reply to one request line (None: a line over the limit) from the peer
+        user ``by`` (``trusted``: :func:`operator`); never raises."""
         if line is None:
             return error_reply(f"request longer than {MAX_REQUEST} bytes")
         try:
-            request = dataclasses.replace(parse_request(line), by=by or "unknown")
+            request = parse_request(line)
+            request = dataclasses.replace(request, by=operator(request, by, trusted))
             return await self._handlers[request.command](request)
         except OperationError as exc:
             return error_reply(str(exc))
@@ -408,7 +443,8 @@ class ControlServer:
     async def _suppress(self, request: Request) -> Reply:
         e = request.entry
         return _ok(await suppressions.add(self.operations, e.get("address"), e.get("reason"),
-                                          e.get("category"), request.by))
+                                          e.get("category"), request.by,
+                                          e.get("source", "operator")))
 
     async def _unsuppress(self, request: Request) -> Reply:
         return _ok(await suppressions.remove(self.operations, request.entry.get("address"),
@@ -418,6 +454,11 @@ class ControlServer:
         e = request.entry
         return _ok(suppressions.listing(self.operations, e.get("category", ""),
                                         e.get("after", ""), e.get("limit")))
+
+    async def _metrics(self, request: Request) -> Reply:
+        if self.metrics is None:
+            raise ControlError("metrics: not collected by this server")
+        return {"ok": True, "text": self.metrics().decode("utf-8")}
 
 
 def _ok(doc: Mapping[str, Any]) -> Reply:
@@ -432,16 +473,36 @@ def verb_reply(done: VerbResult) -> Reply:
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid (Linux)
 
 
-def peer_user(sock: socket.socket | None) -> str:
-    """The user name of the process at the other end of a Unix socket (SO_PEERCRED): who
-    the events name as having acted; its uid when it has no name, "" when unknown."""
+def peer_uid(sock: socket.socket | None) -> int | None:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED); None
+    when unknown."""
     option = getattr(socket, "SO_PEERCRED", None)
     if sock is None or option is None:
-        return ""
+        return None
     try:
         _pid, uid, _gid = _PEERCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, option, _PEERCRED.size))
     except OSError:
+        return None
+    return int(uid)
+
+
+def operator(request: Request, peer: str, trusted: bool) -> str:
+    """Who the events of ``request`` name: the peer's user; the request's own ``by``
+    only from a ``trusted`` peer (a node's supervisor forwards the operator it served:
+    engine.cluster.fanout), refused from any other."""
+    if not request.by:
+        return peer or "unknown"
+    if not trusted:
+        raise ControlError('"by": only a node\'s supervisor names the operator')
+    return request.by
+
+
+def peer_user(sock: socket.socket | None) -> str:
+    """The user name of the process at the other end of a Unix socket (SO_PEERCRED): who
+    the events name as having acted; its uid when it has no name, "" when unknown."""
+    uid = peer_uid(sock)
+    if uid is None:
         return ""
     try:
         return pwd.getpwuid(uid).pw_name
@@ -506,3 +567,65 @@ def request(path: Path, message: Mapping[str, Any], timeout: float = 600.0) -> R
     if not isinstance(reply, dict):
         raise ControlUnavailable(f"the server on {path} sent a reply that is not an object")
     return reply
+
+
+def temporary_name(path: Path) -> Path:
+    """Where :func:`listen_private` binds before the socket is renamed to ``path``."""
+    return path.with_name(f".{path.name}.{os.getpid()}")
+
+
+async def listen_private(path: Path, owner: tuple[int, int] | None,
+                         serve: Callable[[socket.socket], Awaitable[asyncio.AbstractServer]],
+                         ) -> tuple[asyncio.AbstractServer, int]:
+    """Serve the Unix socket ``path`` (``serve`` makes the server on the bound socket),
+    reachable by its owner alone: bound under :func:`temporary_name`, made 0600 and given
+    to ``owner`` (uid, gid), then renamed into place, so it is never reachable with wider
+    permissions whatever the umask, and a socket left by a server that did not stop
+    cleanly is replaced.  Returns the server and the socket file's inode (to remove it at
+    the stop only while it is still this server's)."""
+    temporary = temporary_name(path)
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(os.fspath(temporary))
+        temporary.chmod(0o600)
+        if owner is not None:
+            os.chown(temporary, *owner)
+        server = await serve(sock)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    temporary.rename(path)
+    return server, os.stat(path).st_ino
+
+
+async def ask(path: Path, message: Mapping[str, Any], seconds: float = 600.0) -> Reply:
+    """:func:`request` for a caller on an event loop (a node's supervisor asking its
+    workers, worker 0's admin API asking the supervisor): the whole exchange bounded by
+    ``seconds`` (TimeoutError).  ControlUnavailable when nothing serves there."""
+    _check_length(path)
+
+    async def exchange() -> Reply:
+        try:
+            reader, writer = await asyncio.open_unix_connection(os.fspath(path),
+                                                                limit=MAX_REPLY)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise ControlUnavailable(
+                f"nothing answers on {path} ({exc.strerror or exc})") from None
+        try:
+            writer.write(orjson.dumps(dict(message)) + b"\n")
+            line = await reader.readline()
+        finally:
+            writer.close()
+        if not line.endswith(b"\n"):
+            raise ControlUnavailable(f"the server on {path} closed the connection")
+        reply = orjson.loads(line)
+        if not isinstance(reply, dict):
+            raise ControlUnavailable(f"the server on {path} sent a reply that is not an "
+                                     "object")
+        return reply
+
+    return await asyncio.wait_for(exchange(), seconds)

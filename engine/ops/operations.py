@@ -29,7 +29,7 @@ import asyncio
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -307,10 +307,19 @@ class Operations:
     def suspended(self) -> list[str]:
         return list(self.scheduler.snapshot().suspended)
 
+    async def suspended_view(self) -> list[str]:
+        """:meth:`suspended` for a front door that may answer for a whole node (which
+        asks its workers: engine.cluster.nodeview)."""
+        return self.suspended()
+
     # --- views -----------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         return stats_document(self.scheduler.snapshot())
+
+    async def stats_view(self) -> dict[str, Any]:
+        """:meth:`stats` for a front door that may answer for a whole node."""
+        return self.stats()
 
     async def queues(self) -> dict[str, Any]:
         """The queues per next hop (Get-Queue), with the running scheduler's figures."""
@@ -366,14 +375,8 @@ class Operations:
             raise NotFound("the message tracking log is off (tracking.enabled)")
 
         def read() -> dict[str, Any]:
-            records: list[dict[str, Any]] = []
-            total = 0
-            if directory.is_dir():
-                for record in search(directory, query):
-                    total += 1
-                    if limit is None or len(records) < limit:
-                        records.append(record)
-            return {"records": records, "shown": len(records), "total": total}
+            return tracking_page(search(directory, query) if directory.is_dir() else (),
+                                 limit)
 
         return await self._in_thread(read)
 
@@ -405,6 +408,34 @@ class Operations:
         else:
             log.info("%s %s %d messages", by, _DONE[verb], len(done.changed))
         return verb_document(done)
+
+
+    # --- the suppression list (engine.ops.suppressions) ----------------------------------
+
+    async def suppress(self, address: object, reason: object, category: object,
+                       by: str) -> dict[str, Any]:
+        """Add (or replace) an entry of the suppression list."""
+        from engine.ops import suppressions
+
+        return await suppressions.add(self, address, reason, category, by)
+
+    async def unsuppress(self, address: object, by: str) -> dict[str, Any]:
+        """Remove an entry; ``removed``: whether there was one."""
+        from engine.ops import suppressions
+
+        return await suppressions.remove(self, address, by)
+
+
+def tracking_page(found: Iterable[dict[str, Any]], limit: int | None) -> dict[str, Any]:
+    """The answer of a tracking search: the first ``limit`` records found (None: all),
+    and how many were found in all."""
+    records: list[dict[str, Any]] = []
+    total = 0
+    for record in found:
+        total += 1
+        if limit is None or len(records) < limit:
+            records.append(record)
+    return {"records": records, "shown": len(records), "total": total}
 
 
 _DONE: Final = {"hold": "held", "release": "released", "retry": "retried"}

@@ -47,6 +47,8 @@ RESTART: Final[Mapping[str, str]] = {
     "spool": "the queue database, its lock and the control socket are opened at start",
     "queue": "the queue database and its writer process are opened at start",
     "server": "the switch of user happens once, at start",
+    "server.workers": "the worker processes, their listening sockets and their queue "
+                      "shards are set up at start",
     "receive": "a receive connector's sockets are bound at start (as root, before the "
                "switch of user)",
     "receive[*].listen": "listening sockets are bound at start (as root, before the switch "

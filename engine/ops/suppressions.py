@@ -51,11 +51,16 @@ def _text(value: object, name: str) -> str:
 
 
 async def add(operations: Operations, address: object, reason: object, category: object,
-              by: str) -> dict[str, Any]:
+              by: str, source: object = "operator") -> dict[str, Any]:
+    """``source``: "operator", or "auto" for an entry another worker of the node added
+    from a bounce (engine.queue.suppression ``SuppressionList.shared``)."""
     suppression = suppression_of(operations)
+    if source not in ("operator", "auto"):
+        raise OperationError(f'source must be "operator" or "auto" (got {source!r})')
     try:
         entry = await suppression.add(address, _text(reason, "reason"),
-                                      _text(category, "category"))
+                                      _text(category, "category"),
+                                      "auto" if source == "auto" else "operator")
     except SuppressionError as exc:
         raise OperationError(str(exc)) from None
     log.info("%s suppressed %s (%s)", by, entry.address, entry.reason)

@@ -146,12 +146,16 @@ class QueueRow:
     last_error: str = ""
     #: the earliest retry of a deferred recipient (epoch s), 0: none
     next_retry: float = 0.0
+    #: the due time of the recipient ``last_error`` is from (the one tried last), 0: none;
+    #: how a node's view picks the latest error of its workers (engine.cluster.fanout)
+    error_due: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"destination": self.destination, "state": self.state,
                 "messages": self.messages, "recipients": self.recipients, "site": self.site,
                 "in_per_minute": self.in_per_minute, "out_per_minute": self.out_per_minute,
-                "last_error": self.last_error, "next_retry": _when(self.next_retry)}
+                "last_error": self.last_error, "next_retry": _when(self.next_retry),
+                "last_error_due": self.error_due or None}
 
 
 @dataclass(slots=True)
@@ -250,7 +254,7 @@ def queue_rows(store: QueueStore, snapshot: SchedulerSnapshot | None,
         if snapshot is not None:
             rates = (d.in_per_minute, d.out_per_minute) if d is not None else (0.0, 0.0)
         rows.append(QueueRow(name, state, t.messages, t.recipients, site, *rates, last,
-                             t.next_retry))
+                             t.next_retry, max(t.error_due, 0.0)))
     if hooks is None:
         hooks = [webhook_row(name, count) for name, count in sorted(store.hook_counts().items())]
     rows.extend(hooks)

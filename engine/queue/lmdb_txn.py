@@ -93,24 +93,33 @@ IndexKeys = tuple[set[bytes], set[bytes], set[bytes]]
 _NO_KEYS: Final[IndexKeys] = (set(), set(), set())
 
 
+#: A state's prefix in the states index (its value + SEP): a dict look-up per recipient,
+#: not the enum's ``value`` property and an encode.
+_STATE_PREFIX: Final = {state: state.value.encode() + SEP for state in RcptState}
+
+
 def index_keys(env: Envelope) -> IndexKeys:
     """The due, hop and state index entries an envelope needs."""
     qid = env.queue_id
     due: set[bytes] = set()
     hops: set[bytes] = set()
-    states = {r.state.value.encode() + SEP + qid for r in env.recipients}
+    recipients = env.recipients
+    states = {_STATE_PREFIX[r.state] + qid for r in recipients}
     groups: dict[str, float] = {}
-    for r in env.recipients:
-        if r.final:
+    for r in recipients:
+        state = r.state
+        if state in FINAL_STATES:
             continue
-        hops.add(r.next_hop.encode() + SEP + qid)
-        if r.state in PARKED_STATES:
+        hop = r.next_hop
+        hops.add(hop.encode() + SEP + qid)
+        if state in PARKED_STATES:
             continue  # held or poisoned: never tried, never expired until released
         # Suspended recipients wait for a resume, not for a time, except the expiry that
         # holds in every state: they come due when the message expires.
-        when = r.due if r.state is not RcptState.SUSPENDED else env.expiry(0.0)
-        if when or r.state is not RcptState.SUSPENDED:
-            groups[r.next_hop] = min(groups.get(r.next_hop, when), when)
+        when = r.due if state is not RcptState.SUSPENDED else env.expiry(0.0)
+        if when or state is not RcptState.SUSPENDED:
+            earlier = groups.get(hop)
+            groups[hop] = when if earlier is None or when < earlier else earlier
     for hop, when in groups.items():
         due.add(due_key(when, qid, hop))
     return due, hops, states

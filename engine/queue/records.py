@@ -160,6 +160,8 @@ class RecordError(ValueError):
 
 
 def encode(env: Envelope) -> bytes:
+    # Once per message stored and per record rewritten: attributes tested one by one, not
+    # looked up by name in a loop; a state is a str (StrEnum): orjson writes its value.
     doc: dict[str, Any] = {
         "v": RECORD_VERSION,
         "sender": env.sender,
@@ -167,25 +169,40 @@ def encode(env: Envelope) -> bytes:
         "size": env.size,
         "expires": env.expires,
         "rcpts": [
-            [r.address, r.next_hop, r.state.value, r.attempts, r.due, r.last_reply,
+            [r.address, r.next_hop, r.state, r.attempts, r.due, r.last_reply,
              list(r.notify), r.orcpt]
             for r in env.recipients
         ],
     }
     # Optional fields only when set: most mail has none, and records stay small.
-    for key in ("ret", "envid", "body_type", "receive_connector", "client_address",
-                "auth_user", "message_id"):
-        value = getattr(env, key)
-        if value:
-            doc[key] = value
+    if env.ret:
+        doc["ret"] = env.ret
+    if env.envid:
+        doc["envid"] = env.envid
+    if env.body_type:
+        doc["body_type"] = env.body_type
+    if env.receive_connector:
+        doc["receive_connector"] = env.receive_connector
+    if env.client_address:
+        doc["client_address"] = env.client_address
+    if env.auth_user:
+        doc["auth_user"] = env.auth_user
+    if env.message_id:
+        doc["message_id"] = env.message_id
     if env.smtputf8:
         doc["smtputf8"] = True
     if env.delay_notified:
         doc["delay_notified"] = True
-    for key in ("parked", "parked_since", "faults", "crashes", "poisoned"):
-        value = getattr(env, key)
-        if value:
-            doc[key] = value
+    if env.parked:
+        doc["parked"] = env.parked
+    if env.parked_since:
+        doc["parked_since"] = env.parked_since
+    if env.faults:
+        doc["faults"] = env.faults
+    if env.crashes:
+        doc["crashes"] = env.crashes
+    if env.poisoned:
+        doc["poisoned"] = env.poisoned
     return orjson.dumps(doc)
 
 

@@ -141,6 +141,9 @@ class SuppressionList:
         self.classify = classify
         #: address → the stored entry (bytes: see the module docstring); :meth:`entry`
         self.entries: dict[str, bytes] = {}
+        #: Told of the entries :meth:`failed` adds (a worker of a node: its peers add
+        #: them too, engine.app); None: this list is the only one.
+        self.shared: Callable[[list[Entry]], None] | None = None
 
     def reconfigure(self, settings: SuppressionConfig) -> None:
         self.settings = settings
@@ -221,6 +224,7 @@ class SuppressionList:
         if not settings.enabled or not settings.auto_categories or classify is None:
             return
         added: list[tuple[str, bytes]] = []
+        made: list[Entry] = []
         now = time.time()
         for o in outcomes:
             if o.state is not RcptState.FAILED or not o.attempted:
@@ -231,10 +235,12 @@ class SuppressionList:
             address = env.recipients[o.recipient].address.lower()
             if address in self.entries or "@" not in address:
                 continue
-            raw = Entry(address, _clean(o.reply), category, now, "auto").encode()
-            self.entries[address] = raw
+            made.append(entry := Entry(address, _clean(o.reply), category, now, "auto"))
+            self.entries[address] = raw = entry.encode()
             added.append((address, raw))
             log.info("suppressed %s (%s)", address, category)
+        if made and self.shared is not None:
+            self.shared(made)
         if added:
             # On the next turn: after the scheduler has handed these outcomes to the
             # writer (it does so in this turn, or on a call_soon already made), so the

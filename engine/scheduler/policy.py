@@ -83,3 +83,15 @@ class Throttle:
         start = max(now, self._next)
         self._next = start + self._interval
         return start - now
+
+
+def count_daily(counts: dict[str, tuple[int, int]], key: str, day: int, cap: int) -> bool:
+    """Count one send to ``key`` on UTC ``day`` in ``counts`` (key → (day, sends)) unless
+    ``cap`` sends were counted that day already: whether it may go."""
+    counted_day, count = counts.get(key, (day, 0))
+    if counted_day != day:
+        count = 0
+    if count >= cap:
+        return False
+    counts[key] = (day, count + 1)
+    return True

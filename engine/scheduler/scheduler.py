@@ -65,7 +65,7 @@ from typing import Any
 import orjson
 
 from engine.client.api import DeliveryAgent, FollowOn, FollowOns, RcptResult
-from engine.cluster.limits import Lease, SharedLimits
+from engine.cluster.api import ClusterLimits, Lease
 from engine.config import DeliveryConfig
 from engine.message.dsn import Action, Failure, build_dsn, reply_status, wants_notice
 from engine.ops.events import Events, Kind, bare_message_id
@@ -93,7 +93,13 @@ from engine.scheduler import facts
 from engine.scheduler.facts import Fact
 from engine.scheduler.inflight import InFlightJournal
 from engine.scheduler.notices import DelayNotices
-from engine.scheduler.policy import RETRY_JITTER, SiteLimits, Throttle, retry_delay
+from engine.scheduler.policy import (
+    RETRY_JITTER,
+    SiteLimits,
+    Throttle,
+    count_daily,
+    retry_delay,
+)
 from engine.scheduler.shaping import Automation, Shape, Shaping, next_day, site_key, utc_day
 from engine.scheduler.snapshot import (
     DestinationView,
@@ -216,6 +222,8 @@ class _Hold:
     site: str = ""
     source: str = ""
     timer: asyncio.TimerHandle | None = None
+    #: Taken here (False: another worker of the node took it and tells its events).
+    origin: bool = True
 
 
 class Scheduler:
@@ -276,11 +284,12 @@ class Scheduler:
         #: told each message's outcomes as they go to the queue (the suppression list's
         #: auto-add: engine.queue.suppression); must not raise or block
         self.on_outcomes: Callable[[Envelope, Sequence[Outcome]], None] | None = None
-        #: Limits shared with other nodes through Redis ([cluster], engine.cluster.limits):
-        #: each worker holds a lease on one of its site's connections for its whole life,
-        #: and a site's message rate is one schedule for every node; None: this node's
-        #: limits alone.
-        self.cluster: SharedLimits | None = None
+        #: Limits shared with other nodes through Redis ([cluster], engine.cluster.limits)
+        #: or with the other workers of this node (engine.cluster.node): each worker holds
+        #: a lease on one of its site's connections for its whole life, a site's message
+        #: rate is one schedule for all, and daily caps are counted for all; None: this
+        #: process's limits alone.
+        self._cluster: ClusterLimits | None = None
 
     # --- control ---------------------------------------------------------------------
 
@@ -288,6 +297,16 @@ class Scheduler:
         # Suspensions outlive a restart: the set is kept with the queue (suspend/resume).
         self.suspended |= load_suspended(self.store)
         self._runner = asyncio.get_running_loop().create_task(self._run())
+
+    @property
+    def cluster(self) -> ClusterLimits | None:
+        return self._cluster
+
+    @cluster.setter
+    def cluster(self, limits: ClusterLimits | None) -> None:
+        self._cluster = limits
+        if limits is not None:
+            limits.on_hold = self._held_elsewhere
 
     def wake(self) -> None:
         """New mail was queued: look at the due index now rather than at the next poll."""
@@ -873,7 +892,7 @@ class Scheduler:
                             min(5.0, self._down_length() * RETRY_JITTER), site=site.name)
                         continue
                     if self.held or site.capped:
-                        gate = self._gate(site)
+                        gate = await self._gate(site)
                         if gate is not None:
                             reason, until, spread = gate
                             await self._defer_group(entry, reason, until, spread,
@@ -934,7 +953,7 @@ class Scheduler:
 
     # --- shaping: daily caps and automation on replies ----------------------------------
 
-    def _gate(self, site: _Site) -> tuple[str, float, float] | None:
+    async def _gate(self, site: _Site) -> tuple[str, float, float] | None:
         """Whether the next group of ``site`` must wait: (the deferral's reply, until when,
         its spread) while an automation rule suspends the (source, site), or once its
         daily cap is reached (the group is counted otherwise).  Deferred, never failed:
@@ -951,15 +970,16 @@ class Scheduler:
         cap = site.shape.cap(site.source, day)
         if not cap:
             return None
-        counted_day, count = self.sent.get(site.name, (day, 0))
-        if counted_day != day:
-            count = 0
-        if count >= cap:
+        if self.cluster is not None:
+            # Counted with the others (a node's workers: engine.cluster.node).
+            reached = not await self.cluster.count(site.name, day, cap)
+        else:
+            reached = not count_daily(self.sent, site.name, day, cap)
+        if reached:
             source = site.source.name if site.source is not None else "this server"
             return (f"451 4.7.0 daily cap of {cap} messages from {source} to "
                     f"{site.route.site if site.route else site.name} reached; deferred to "
                     "the next UTC day", next_day(now), 60.0)
-        self.sent[site.name] = (day, count + 1)
         return None
 
     def _react(self, site: _Site, results: Sequence[RcptResult]) -> None:
@@ -976,21 +996,46 @@ class Scheduler:
                 return
 
     def _hold(self, site: _Site, rule: Automation, reply: str) -> None:
-        loop = asyncio.get_running_loop()
-        now = time.time()
         action = rule.action
-        hold = self.held[site.name] = _Hold(
-            rule, now + rule.duration, reply,
+        hold = self._keep_hold(site.name, _Hold(
+            rule, time.time() + rule.duration, reply,
             site.route.site if site.route is not None else site.name,
-            site.source.name if site.source is not None else "")
-        hold.timer = loop.call_later(rule.duration, self._unhold, site.name, hold)
+            site.source.name if site.source is not None else ""))
         self.shaping_actions[action] += 1
-        if action == "throttle":
-            self._set_limits(site, self._limits(site))
         log.warning("shaping rule %r %s %s for %gs after: %s", rule.name,
                     "suspends" if action == "suspend" else "throttles", site.name,
                     rule.duration, reply)
         self._tell_hold("on", hold)
+        if self.cluster is not None:
+            # The other workers of the node back off too (engine.cluster.node).
+            self.cluster.share_hold(site.name, rule.name, hold.until, reply)
+
+    def _keep_hold(self, name: str, hold: _Hold) -> _Hold:
+        """Hold the (source, site) ``name`` until ``hold.until``."""
+        self.held[name] = hold
+        hold.timer = asyncio.get_running_loop().call_later(
+            max(0.0, hold.until - time.time()), self._unhold, name, hold)
+        site = self.sites.get(name)
+        if site is not None and hold.rule.action == "throttle":
+            self._set_limits(site, self._limits(site))
+        return hold
+
+    def _held_elsewhere(self, name: str, rule_name: str, until: float, reply: str) -> None:
+        """Another worker of the node was held by the automation rule ``rule_name``: this
+        one holds the same (source, site) until the same time (its events are the other
+        worker's).  A rule this worker does not know (a reload not yet done) is ignored."""
+        rule = next((a for a in self.shaping.automation if a.name == rule_name), None)
+        current = self.held.get(name)
+        if rule is None or until <= time.time() or (current is not None
+                                                    and current.until >= until):
+            return
+        if current is not None and current.timer is not None:
+            current.timer.cancel()
+        source, _, site = name.rpartition("@")
+        self._keep_hold(name, _Hold(rule, until, reply, site, source, origin=False))
+        log.info("shaping rule %r %s %s until %s, as another worker of the node",
+                 rule.name, "suspends" if rule.action == "suspend" else "throttles", name,
+                 _iso(until))
 
     def _unhold(self, name: str, hold: _Hold) -> None:
         if self.held.get(name) is not hold:
@@ -1001,7 +1046,8 @@ class Scheduler:
             self._set_limits(site, self._limits(site))
             self._staff(site)
         log.info("shaping rule %r lifted from %s", hold.rule.name, name)
-        self._tell_hold("off", hold)
+        if hold.origin:
+            self._tell_hold("off", hold)
         self.wake()
 
     @staticmethod
@@ -1116,6 +1162,11 @@ class Scheduler:
         if (site.limits.max_rate or site.capped or agent is None
                 or not agent.takes_follow_ons(route)):
             return None  # a rate or a daily cap counts each group at its worker's turn
+        if self.cluster is not None and self.cluster.yielding(site.name,
+                                                              site.limits.max_connections):
+            # Leases to give back (another worker or node waits, or the share is lower
+            # now): nothing more rides on these connections, so the extra ones can end.
+            return None
         jobs = site.jobs
         # Never the groups that workers still starting will take (see _staff).
         while (len(follow_ons) < _FOLLOW_AHEAD and len(jobs) > site.starting

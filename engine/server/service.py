@@ -80,7 +80,15 @@ def bind_listeners(listen: Sequence[tuple[str, int]]) -> list[socket.socket]:
     made apart from serving them so that root can bind port 25 and a user serve it
     (engine.ops.daemon): the kernel queues connections until :meth:`Connector.start`
     accepts them, and no client byte is read before that.  OSError names the address."""
-    socks: list[socket.socket] = []
+    return bind_shared(listen, 1)[0]
+
+
+def bind_shared(listen: Sequence[tuple[str, int]], copies: int) -> list[list[socket.socket]]:
+    """``copies`` lists of :func:`bind_listeners`'s sockets, one per worker of a node: each
+    address is bound ``copies`` times with SO_REUSEPORT, so the kernel spreads new
+    connections over the workers (by a hash of the client's address and port), and a
+    port 0 of the configuration is the same port in every copy."""
+    socks: list[list[socket.socket]] = [[] for _ in range(copies)]
     try:
         for host, port in listen:
             seen: set[tuple[int, object]] = set()
@@ -89,20 +97,25 @@ def bind_listeners(listen: Sequence[tuple[str, int]]) -> list[socket.socket]:
                 if (family, addr) in seen:
                     continue
                 seen.add((family, addr))
-                sock = socket.socket(family, kind, proto)
-                socks.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    # As asyncio does: a v6 wildcard must not take the v4 port as well.
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                try:
-                    sock.bind(addr)
-                except OSError as exc:
-                    raise OSError(exc.errno, f"cannot listen on {_shown(host, port)}: "
-                                             f"{exc.strerror}") from None
-                sock.listen(BACKLOG)
+                for copy in socks:
+                    sock = socket.socket(family, kind, proto)
+                    copy.append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if copies > 1:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    if family == socket.AF_INET6:
+                        # As asyncio does: a v6 wildcard must not take the v4 port as well.
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    try:
+                        sock.bind(addr)
+                    except OSError as exc:
+                        raise OSError(exc.errno, f"cannot listen on {_shown(host, port)}: "
+                                                 f"{exc.strerror}") from None
+                    sock.listen(BACKLOG)
+                    # The copies after the first take the port the first was given.
+                    addr = sock.getsockname()
     except BaseException:
-        for sock in socks:
+        for sock in (s for copy in socks for s in copy):
             sock.close()
         raise
     return socks

@@ -59,6 +59,24 @@ class FerryProcess:
             time.sleep(0.02)
         raise RuntimeError(f"no greeting within {timeout} s; see {self.workdir / 'ferry.log'}")
 
+    def workers(self) -> list[int]:
+        """The pids of the node's worker processes (``--workers``), in start order."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return []
+        out = []
+        for child in children:
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"engine.cluster.worker" in cmdline:
+                out.append(int(child))
+        return out
+
     def kill(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)

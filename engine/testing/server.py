@@ -46,9 +46,14 @@ class RunningFerry:
     the file ``config`` was loaded from, read again by ``app.reload()``."""
 
     def __init__(self, config: Config, sinks: Iterable[Sink] = (), *,
-                 path: Path | None = None) -> None:
+                 path: Path | None = None, control_path: Path | None = None,
+                 node_control: Path | None = None) -> None:
+        """``control_path``: the App's control socket (a worker of a node's:
+        ``engine.cluster.shards.worker_control_path``); ``node_control``: the node's
+        (``App.node_control``)."""
         self.config = config
-        self.app = App(config, path=path)
+        self.app = App(config, path=path, control_path=control_path)
+        self.app.node_control = node_control
         for sink in sinks:
             self.app.events.add(sink)
         self.loop = uvloop.new_event_loop()

@@ -368,11 +368,12 @@ class TortureReport:
         return "\n".join(lines)
 
 
-class _Ferry(FerryProcess):
+class TortureFerry(FerryProcess):
     """The ``ferry serve`` under torture: the configuration and flags of the run."""
 
     def __init__(
-        self, workdir: Path, port: int, dns: tuple[str, int], sink_port: int, max_per_domain: int
+        self, workdir: Path, port: int, dns: tuple[str, int], sink_port: int, max_per_domain: int,
+        extra: tuple[str, ...] = (),
     ) -> None:
         config = workdir / "ferry.toml"
         config.write_text(_CONFIG, encoding="utf-8")
@@ -385,6 +386,7 @@ class _Ferry(FerryProcess):
             "--mx-port", str(sink_port),
             "--retry-interval", "1",
             "--max-per-domain", str(max_per_domain),
+            *extra,
         ])  # fmt: skip
 
 
@@ -453,7 +455,7 @@ def run_torture(
     sink = TortureSink([SINK_ADDRESS], reply_delay=reply_delay)
     zone = f"$TTL 300\n{DOMAIN}. IN MX 10 mx.{DOMAIN}.\nmx.{DOMAIN}. IN A {SINK_ADDRESS}\n"
     responder = DnsResponder(zone)
-    ferry: _Ferry | None = None
+    ferry: TortureFerry | None = None
     workers: Clients | None = None
     # Incarnation i (0-based) is the Ferry started at starts_at[i]; a sink connection
     # belongs to the last incarnation started before it was opened.
@@ -463,7 +465,7 @@ def run_torture(
     try:
         dns = responder.start()
         port = free_port()
-        ferry = _Ferry(workdir, port, dns, sink.port, max_per_domain)
+        ferry = TortureFerry(workdir, port, dns, sink.port, max_per_domain)
         workers = Clients(port, ledger, clients, pace, rnd.randrange(1 << 30), bad_share)
 
         def start() -> None:

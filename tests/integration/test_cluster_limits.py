@@ -122,6 +122,24 @@ def test_leases_live_while_their_node_renews_them(redis: RedisInstance) -> None:
     run(main())
 
 
+def test_a_node_holding_every_lease_yields_to_one_that_waits(redis: RedisInstance) -> None:
+    async def main() -> None:
+        async with nodes(redis, lease_ttl=0.6) as (a, b):
+            held = await take(a, "site", 3, 3)
+            assert len(held) == 3 and not a.yielding("site", 3)
+            assert await b.acquire("site", 3) is None  # marks the site wanted in Redis
+            # a learns it at its next renewal (a third of the lease's lifetime), and keeps
+            # to its share (half of 3: one): two of its connections are to end.
+            await until(lambda: a.yielding("site", 3), what="a told that b waits")
+            assert [a.over_share("site", 3) for _ in range(3)] == [True, True, False]
+            assert await a.acquire("site", 3) is None  # nor takes more meanwhile
+            for lease in held[1:]:
+                await a.release(lease)
+            assert len(await take(b, "site", 3, 3)) == 2
+
+    run(main())
+
+
 def test_rates_are_one_schedule_for_the_cluster(redis: RedisInstance) -> None:
     async def main() -> None:
         async with nodes(redis) as (a, b):

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 import trustme
 
+from engine.cluster.supervisor import node_size
 from engine.config import TABLES, Config, load_config
 from engine.message.dkim import generate_key, private_pem
 from engine.server.auth import hash_password
@@ -330,6 +331,7 @@ subject = true
 
 [server]
 allow_root = true
+workers = 1
 
 [http]
 listen = ["127.0.0.1:0"]
@@ -435,6 +437,9 @@ def test_every_declared_key_is_read(tmp_path: Path, ca: trustme.CA,
     READS.clear()
     # A hard bounce: the bounce rules classify it, the suppression list takes it in.
     sink.state.rcpt_replies["gone@mx.test"] = "550 5.1.1 account closed"
+    # What `ferry serve` asks first: one process, or a node of workers (engine.cluster;
+    # tests/e2e/test_workers.py runs a node).
+    assert node_size(recording(config)) == 1
     with RunningFerry(recording(config)) as f:
         with smtplib.SMTP(f.host, f.port) as client:
             client.ehlo("client.test")

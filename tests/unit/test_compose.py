@@ -84,6 +84,28 @@ def test_render_matches_the_email_package(values: dict[str, str]) -> None:
     assert got.get_content_type() == "multipart/mixed"
 
 
+#: Each body with one placeholder (the renderer's fill without a loop), the bulk
+#: benchmark's shape: a short text, one long html line.
+ONE = Structured(sender="shop@example.com", subject="Your order, {{name}}",
+                 text="Dear {{name}},\n\n" + "Your order has shipped.\n" * 3,
+                 html="<p>Dear {{name}},</p>" + "<p>Your order has shipped.</p>" * 8)
+
+
+@pytest.mark.parametrize("values", VALUES, ids=range(len(VALUES)))
+def test_render_one_placeholder_matches_the_email_package(values: dict[str, str]) -> None:
+    rendered = Composer(ONE, "ferry.test").render(values, "ann@example.net")
+    reference = compose(ONE, to="ann@example.net", values=values, hostname="ferry.test")
+    _lines_ok(rendered)
+    got, want = _parse(rendered), _parse(reference)
+    assert got["Subject"] == want["Subject"] == f"Your order, {values['name']}"
+    for kind in ("plain", "html"):
+        part, expected = got.get_body((kind,)), want.get_body((kind,))
+        assert _text(part) == _text(expected), kind
+        assert part is not None and expected is not None
+        assert part["Content-Transfer-Encoding"] == expected["Content-Transfer-Encoding"]
+    assert got["Message-ID"].endswith("@ferry.test>") and got["Message-ID"] != want["Message-ID"]
+
+
 def test_html_values_are_escaped_text_values_are_not() -> None:
     msg = _parse(Composer(SPEC, "h.test").render({"name": "<b>", "order": "1"}, "a@b.test"))
     assert "Dear <b>," in _text(msg.get_body(("plain",)))
@@ -180,6 +202,12 @@ def test_complete_adds_date_and_message_id_only_when_missing() -> None:
     assert complete(full, "h.test") == full
     no_head = complete(b"\r\nDate: in the body\r\n", "h.test")
     assert no_head.startswith(b"Date: ") and b"Message-ID: <" in no_head
+    # Only a field's own name at a line's start counts: not X-Date:, not a folded line.
+    others = b"X-Date: 1\r\nSubject: a\r\n Message-ID: <folded@b>\r\n\r\nx\r\n"
+    added = complete(others, "h.test")
+    assert added.startswith(b"Date: ") and added.count(b"Message-ID:") == 2
+    spaced = b"Subject: a\r\nmessage-id\t: <a@b>\r\ndate : x\r\n\r\nx\r\n"
+    assert complete(spaced, "h.test") == spaced
 
 
 def test_base64_content() -> None:

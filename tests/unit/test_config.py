@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import socket
 from pathlib import Path
@@ -319,6 +320,7 @@ def test_every_flag(tmp_path: Path) -> None:
         "--retry-interval": "1.5",
         "--log-level": "debug",
         "--http": ["127.0.0.1:8025"],
+        "--workers": "3",
     }
     assert set(flags) == set(FLAGS)
     config = load_config(write(tmp_path, TWO), flags)
@@ -333,6 +335,11 @@ def test_every_flag(tmp_path: Path) -> None:
     assert config.accepted_domains == ("example.com", "example.net")
     assert config.hostname == "mx.example"
     assert config.http.listen == (("127.0.0.1", 8025),)
+    assert config.server.workers == 3
+    assert load_config(None, {"--workers": "auto"}).server.workers == len(os.sched_getaffinity(0))
+    for bad in ("0", "many", "257"):
+        with pytest.raises(ConfigError, match=r"server\.workers \(--workers\): must be "):
+            load_config(None, {"--workers": bad})
     assert config.delivery == DeliveryConfig(
         smarthost=("relay.example", 587), dns=("127.0.0.1", 5353), mx_port=2525,
         max_per_domain=3, retry_interval=1.5,

@@ -63,11 +63,11 @@ def test_good_requests(line: bytes, parsed: Request) -> None:
     (b'{"command": "suspend"', "not JSON"),
     (b"[1, 2]", "must be a JSON object"),
     (b'"stats"', "must be a JSON object"),
-    (b"{}", '"command" (a string) is required; one of hold, queues, release, reload, '
-            "remove, resume, retry, stats, suppress, suppressions, suspend, suspended, "
-            "unsuppress"),
+    (b"{}", '"command" (a string) is required; one of hold, metrics, queues, release, '
+            "reload, remove, resume, retry, stats, suppress, suppressions, suspend, "
+            "suspended, unsuppress"),
     (b'{"command": 5}', '"command" (a string) is required'),
-    (b'{"command": "flush"}', 'unknown command "flush"; one of hold, queues, release'),
+    (b'{"command": "flush"}', 'unknown command "flush"; one of hold, metrics, queues'),
     (b'{"command": "suspend"}', 'suspend: "destination" is required'),
     (b'{"command": "suspend", "destination": 5}', '"destination" must be a string'),
     (b'{"command": "suspend", "destination": "  "}', "must not be empty"),
@@ -121,6 +121,22 @@ def test_replies_are_one_line_each() -> None:
 def test_every_command_is_documented_with_a_help_text() -> None:
     assert set(COMMANDS) == {"suspend", "resume", "suspended", "stats", "queues", "hold",
                              "release", "remove", "retry", "reload", "suppress",
-                             "unsuppress", "suppressions"}
+                             "unsuppress", "suppressions", "metrics"}
     assert all(spec.help for spec in COMMANDS.values())
     assert MAX_REQUEST >= 1024
+
+
+def test_only_a_trusted_peer_names_the_operator() -> None:
+    from engine.ops.control import operator
+
+    claimed = parse_request(b'{"command": "suspended", "by": "alice"}')
+    assert claimed.by == "alice"
+    assert operator(claimed, "ferry", trusted=True) == "alice"
+    with pytest.raises(ControlError, match="only a node's supervisor names the operator"):
+        operator(claimed, "mallory", trusted=False)
+    plain = parse_request(b'{"command": "suspended"}')
+    assert operator(plain, "bob", trusted=False) == "bob"
+    assert operator(plain, "", trusted=True) == "unknown"
+    for bad in (b'5', b'"a\\nb"', b'"' + b"x" * 65 + b'"'):
+        with pytest.raises(ControlError, match='"by" must be a name'):
+            parse_request(b'{"command": "suspended", "by": ' + bad + b"}")

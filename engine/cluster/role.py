@@ -1,0 +1,35 @@
+"""What makes an :class:`engine.app.App` one worker of a node (``[server] workers``).
+
+The supervisor (``engine.cluster.supervisor``) binds every listening socket and hands each
+worker its copies; the worker's App serves those instead of binding its own, runs on its
+queue shard (``engine.cluster.shards``), takes its shard's lock rather than the spool's
+(the supervisor holds that one), and asks the node, not itself alone, for limits.
+This module holds data only; it must never start anything.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(slots=True)
+class WorkerRole:
+    #: This worker's number: 0 owns the spool itself, i >= 1 ``<spool>/workers/<i>``.
+    index: int
+    #: The workers of the node that accept mail ([server] workers); a worker past them
+    #: only delivers what its shard still holds (a node restarted with fewer workers).
+    count: int
+    #: The worker processes of the node, those that accept and those that only deliver.
+    size: int
+    #: The node's spool (the configuration this worker runs names its shard instead).
+    spool: Path
+    #: The sockets of each receive connector, in [[receive]] order (empty: none).
+    listeners: list[list[socket.socket]] = field(default_factory=list)
+    #: The HTTP listener's sockets: worker 0's alone.
+    http: list[socket.socket] = field(default_factory=list)
+
+    @property
+    def accepts(self) -> bool:
+        return self.index < self.count
