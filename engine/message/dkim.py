@@ -1018,6 +1018,29 @@ class _Work:
             self.results[i] = _result(sig.field, result, reason, note, tags=sig.tags)
         return [r for r in self.results if r is not None]
 
+    def check(self, ready: Sequence[tuple[int, _Signature]], body: memoryview,
+              checker: Checker | None) -> list[DkimResult] | Awaitable[list[DkimResult]]:
+        """The results of the signatures whose key was found, a small body hashed here:
+        at once without a ``checker``, else once it has made the public-key operations
+        in its thread, where they do not cost the loop a GIL round trip each
+        (engine.agents.batch)."""
+        if checker is None:
+            return self.done(ready, _check_all([sig for _, sig in ready], self.fields, body))
+        outcomes: list[tuple[Result, str, str]] = []
+        checks: list[Check] = []
+        bodies: dict[tuple[Canon, int | None], tuple[bytes, int]] = {}
+        for _, sig in ready:
+            try:
+                signed, note = _prepare_check(sig, self.fields, body, bodies)
+            except _Problem as p:
+                outcomes.append((p.result, p.reason, ""))
+                continue
+            outcomes.append(("pass", "", note))
+            checks.append((sig.key, sig.b, signed))
+        if not checks:
+            return self.done(ready, outcomes)
+        return self.checked(ready, outcomes, checker.submit(checks))
+
     async def checked(self, ready: Sequence[tuple[int, _Signature]],
                       outcomes: list[tuple[Result, str, str]],
                       valid: asyncio.Future[list[bool]]) -> list[DkimResult]:
@@ -1029,20 +1052,20 @@ class _Work:
                 outcomes[i] = ("fail", "signature did not verify", "")
         return self.done(ready, outcomes)
 
-    async def finish(self, message: Message, lookup: Lookup) -> list[DkimResult]:
+    async def finish(self, message: Message, lookup: Lookup,
+                     checker: Checker | None = None) -> list[DkimResult]:
         """Keys looked up concurrently; a large body hashed in the executor."""
         keys = await asyncio.gather(*(_key(lookup, sig) for _, sig in self.parsed),
                                     return_exceptions=True)
         ready = self.keyed(keys)
         if not ready:
             return self.done((), ())
-        sigs = [sig for _, sig in ready]
         body = message.body()
         if len(body) < VERIFY_INLINE_BYTES:
-            checked = _check_all(sigs, self.fields, body)
-        else:
-            checked = await asyncio.get_running_loop().run_in_executor(
-                None, _check_all, sigs, self.fields, body)
+            found = self.check(ready, body, checker)
+            return found if isinstance(found, list) else await found
+        checked = await asyncio.get_running_loop().run_in_executor(
+            None, _check_all, [sig for _, sig in ready], self.fields, body)
         return self.done(ready, checked)
 
 
@@ -1063,31 +1086,12 @@ def verify_now(message: Message, lookup: Lookup, *, max_signatures: int = 5,
     for _, sig in work.parsed:
         key = _cached_key(lookup, sig)
         if key is None:
-            return work.finish(message, lookup)
+            return work.finish(message, lookup, checker)
         keys.append(key)
     ready = work.keyed(keys)
     if not ready:
         return work.done((), ())
-    if checker is None:
-        return work.done(ready, _check_all([sig for _, sig in ready], work.fields,
-                                           message.body()))
-    # The hashing here; the public-key operations in the checker's thread, where they
-    # do not cost the loop a GIL round trip each (engine.agents.batch).
-    outcomes: list[tuple[Result, str, str]] = []
-    checks: list[Check] = []
-    bodies: dict[tuple[Canon, int | None], tuple[bytes, int]] = {}
-    body = message.body()
-    for _, sig in ready:
-        try:
-            signed, note = _prepare_check(sig, work.fields, body, bodies)
-        except _Problem as p:
-            outcomes.append((p.result, p.reason, ""))
-            continue
-        outcomes.append(("pass", "", note))
-        checks.append((sig.key, sig.b, signed))
-    if not checks:
-        return work.done(ready, outcomes)
-    return work.checked(ready, outcomes, checker.submit(checks))
+    return work.check(ready, message.body(), checker)
 
 
 async def verify(message: Message, lookup: Lookup, *, max_signatures: int = 5,
