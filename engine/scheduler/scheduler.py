@@ -60,7 +60,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -212,6 +212,26 @@ class _Site:
 
 
 @dataclass(slots=True)
+class _Parked:
+    """A connection lease kept with the idle connection its delivery worker left in the
+    pool (:data:`LEASE_PARK`), for the next worker of the site to take with it."""
+
+    lease: Lease
+    route: Route
+    timer: asyncio.TimerHandle | None = None
+
+
+#: How long a lease shared with others (engine.cluster) stays with the idle connection
+#: its delivery worker leaves (seconds).  A worker ends whenever its site's queue is
+#: empty for a moment, which a steady trickle of mail makes happen all the time: giving
+#: the lease back means closing that connection first (the count must stay true), and
+#: the next message then pays a new lease, a new connection and its EHLO.  Measured on a
+#: node of two workers, one message per inbound connection: that churn cost ~280 µs of
+#: CPU per message.
+LEASE_PARK: Final = 2.0
+
+
+@dataclass(slots=True)
 class _Hold:
     """An automation rule acting on a (source, site) until ``until`` (epoch seconds)."""
 
@@ -290,6 +310,8 @@ class Scheduler:
         #: rate is one schedule for all, and daily caps are counted for all; None: this
         #: process's limits alone.
         self._cluster: ClusterLimits | None = None
+        #: site → leases kept with the idle connections their workers left (_park)
+        self._parked_leases: dict[str, list[_Parked]] = {}
 
     # --- control ---------------------------------------------------------------------
 
@@ -328,6 +350,11 @@ class Scheduler:
         for site in self.sites.values():
             if site.lease_timer is not None:
                 site.lease_timer.cancel()
+        for stack in self._parked_leases.values():  # given back as the limits stop
+            for parked in stack:
+                if parked.timer is not None:
+                    parked.timer.cancel()
+        self._parked_leases.clear()
         if self.journal is not None:
             self.journal.close()  # a clean stop: nothing was in flight at a crash
 
@@ -835,8 +862,11 @@ class Scheduler:
     async def _work(self, site: _Site) -> None:
         site.starting -= 1
         lease: Lease | None = None
+        #: this worker ends to give its lease back (not to keep it with its connection)
+        leaving = False
         if self.cluster is not None:
-            lease = await self.cluster.acquire(site.name, site.limits.max_connections)
+            lease = self._unpark(site.name) or await self.cluster.acquire(
+                site.name, site.limits.max_connections)
             if lease is None:
                 # Every connection to the site is leased, by this node or another: its
                 # groups wait here for a lease, asked for again shortly.
@@ -859,6 +889,7 @@ class Scheduler:
                         and self.cluster.over_share(site.name, site.limits.max_connections))):
                     # A reload lowered the limit, or this node lost Redis holding more
                     # than its share: this worker's delivery was its last.
+                    leaving = True
                     break
                 if prepared and prepared[0].job.handle is not None:
                     tried = time.time()
@@ -929,7 +960,42 @@ class Scheduler:
             if not site.jobs and not site.workers:
                 self.sites.pop(site.name, None)
             if lease is not None:
-                self._spawn(self._give_back(lease, last))
+                self._park(site, lease, last, leaving)
+
+    def _park(self, site: _Site, lease: Lease, route: Route | None, leaving: bool) -> None:
+        """Keep ``lease`` with the idle connection a worker of ``site`` leaves, for
+        :data:`LEASE_PARK`; give it back now when the worker ends to give it back, when
+        another waits for the site's leases, or at the stop."""
+        cluster = self.cluster
+        if (leaving or route is None or self._stopping or cluster is None
+                or cluster.yielding(site.name, site.limits.max_connections)):
+            self._spawn(self._give_back(lease, route))
+            return
+        parked = _Parked(lease, route)
+        parked.timer = asyncio.get_running_loop().call_later(
+            LEASE_PARK, self._unparked, site.name, parked)
+        self._parked_leases.setdefault(site.name, []).append(parked)
+
+    def _unpark(self, name: str) -> Lease | None:
+        """A lease parked for ``name`` (and its idle connection), or None."""
+        stack = self._parked_leases.get(name)
+        if not stack:
+            return None
+        parked = stack.pop()
+        if not stack:
+            del self._parked_leases[name]
+        if parked.timer is not None:
+            parked.timer.cancel()
+        return parked.lease
+
+    def _unparked(self, name: str, parked: _Parked) -> None:
+        """Nobody took a parked lease in time: its connection is closed, it goes back."""
+        stack = self._parked_leases.get(name)
+        if stack is not None and parked in stack:
+            stack.remove(parked)
+            if not stack:
+                del self._parked_leases[name]
+            self._spawn(self._give_back(parked.lease, parked.route))
 
     def _lease_later(self, site: _Site) -> None:
         if site.lease_timer is None and self.cluster is not None:
