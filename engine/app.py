@@ -229,8 +229,10 @@ class App:
         log.info("ferry %s starting; %s", __version__, _speedups.status())
         log.info("%s", store.describe())
         self._start_tracking()
-        if self.http is not None or self.node_control is not None:
-            # Before anything emits: the counts start with the server.
+        if self.http is not None or (self.node_control is not None and cfg.http.listen):
+            # Before anything emits: the counts start with the server.  A worker of a node
+            # counts too while worker 0 serves GET /metrics for the node; never otherwise
+            # (the counts are a cost per message nobody would read).
             from engine.ops.metrics import Metrics
 
             self.metrics = Metrics(self)
