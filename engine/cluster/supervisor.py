@@ -101,7 +101,8 @@ class Supervisor:
         self._http: list[socket.socket] = []
         #: The node's services, started before the workers and stopped after them.
         self.services: list[NodeService] = []
-        #: Made before the services start (the supervisor's own hooks use them).
+        #: Factories of the node's services, called once the supervisor has prepared
+        #: (they read its spool and its account: engine.cluster.node, .fanout).
         self.make_services: list[Callable[[Supervisor], NodeService]] = []
         self.account: Account | None = None
         self.notify = Notifier()
@@ -117,13 +118,17 @@ class Supervisor:
         prepare_spool(self.spool, account)
         prepare_spool(workers_dir(self.spool), account)
         self.lock.acquire(account)
+        per_connector: list[list[list[socket.socket]]] = []
         try:
-            per_connector = [bind_shared(rc.listen, self.count) for rc in cfg.receive]
+            for rc in cfg.receive:
+                per_connector.append(bind_shared(rc.listen, self.count))
             self._listeners = [[copies[i] for copies in per_connector] if i < self.count
                                else [] for i in range(self.size)]
             if cfg.http.listen:
                 self._http = bind_listeners(cfg.http.listen)
         except BaseException:
+            for sock in (s for copies in per_connector for socks in copies for s in socks):
+                sock.close()
             self._close_sockets()
             self.lock.release()
             raise
