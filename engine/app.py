@@ -110,8 +110,8 @@ class App:
         #: The node's control socket when this App is a worker of a node of several
         #: (engine.cluster.fanout.NodeControl, the supervisor's ``<spool>/control.sock``),
         #: set before start; None: a node of one.  With it, the admin API and GET /metrics
-        #: answer for every worker (engine.cluster.nodeview), and the metrics are kept
-        #: even without [http] (worker 0 gathers them over the control channel).
+        #: answer for every worker (engine.cluster.nodeview), and every worker keeps its
+        #: metrics while [http] is on (worker 0 gathers them over the control channel).
         self.node_control: Path | None = (
             socket_path(role.spool) if role is not None and role.size > 1 else None)
         #: The node's operations for the admin API (made at start when ``node_control``).
