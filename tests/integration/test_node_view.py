@@ -79,10 +79,10 @@ class Node:
         self.node = RunningNode(self.spool, [0, 1])
         self.workers: list[RunningFerry | None] = []
         for index in (0, 1):
+            # As in a node, worker 1's configuration names the node's [http] listener
+            # (its metrics are kept for worker 0 to gather); without a supervisor's role
+            # it also serves one of its own here, on another port, which no test uses.
             shard = shard_config(config, index)
-            if index:
-                shard = dataclasses.replace(shard, http=dataclasses.replace(
-                    shard.http, listen=()))  # HTTP is worker 0's alone
             self.workers.append(RunningFerry(
                 shard, control_path=worker_control_path(self.spool, index),
                 node_control=socket_path(self.spool)))
