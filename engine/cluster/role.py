@@ -29,7 +29,3 @@ class WorkerRole:
     listeners: list[list[socket.socket]] = field(default_factory=list)
     #: The HTTP listener's sockets: worker 0's alone.
     http: list[socket.socket] = field(default_factory=list)
-
-    @property
-    def accepts(self) -> bool:
-        return self.index < self.count

@@ -44,6 +44,7 @@ from engine.cluster.shards import shard_indexes, workers_dir
 from engine.config import Config, ConfigError, load_config
 from engine.ops import logfmt
 from engine.ops.daemon import Account, SpoolLock, lookup, prepare_spool
+from engine.ops.reload import why_restart
 from engine.ops.sdnotify import Notifier
 from engine.server.service import bind_listeners, bind_shared
 
@@ -277,18 +278,12 @@ class Supervisor:
                 log.error("reload refused: %s", line)
             return
         if new.server.workers != self.count:
-            log.warning("reload: server.workers changed but needs a restart (the worker "
-                        "processes and their shards are set up at start); %d stay",
-                        self.count)
+            log.warning("reload: server.workers changed but needs a restart (%s); %d stay",
+                        why_restart("server.workers"), self.count)
         for worker in self.workers:
             if worker.process is not None and worker.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(signal.SIGHUP)
-
-    def pids(self) -> dict[int, int]:
-        """Each running worker's process id, by index."""
-        return {w.index: w.process.pid for w in self.workers
-                if w.process is not None and w.process.returncode is None}
 
 
 def _status(code: int) -> str:

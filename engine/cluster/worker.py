@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.ops import logfmt
 
     index = int(spec["index"])
-    for handler in (logfmt.install(sys.stderr),):
-        handler.addFilter(_Tagged(index))
+    logfmt.install(sys.stderr).addFilter(_Tagged(index))
     try:
         config = shard_config(load_config(spec["path"], spec["flags"]), index)
     except ConfigError as exc:
