@@ -33,12 +33,13 @@ For ``direct`` the columns describe smtp-sink.
 Targets (issue 6): Ferry end to end ≥ 2x Postfix for 1 KiB and 20 KiB, ≥ 1x for 100 KiB.
 Every load is bounded by a message count and a timeout.
 
-``--logs`` (issues 12 and 13) runs each cell twice with Ferry only: every log off
-(``ferry-off``) and every log on (``ferry-logs``: the message tracking log, both protocol
-logs (the smarthost's is ``[delivery] protocol_log``) and the mail log lines,
-:data:`LOGS_ON`), and prints logs-on / logs-off end to end; the target is
-≥ 0.90 in every cell.  No Postfix there, so it needs no root.  The plain run uses Ferry's
-default configuration (the tracking log is on by default).
+``--logs`` (issue 12) runs each cell twice with Ferry only: issue 12's logs off
+(``ferry-off``) and on (``ferry-logs``: the message tracking log and both protocol logs,
+the smarthost's being ``[delivery] protocol_log``; :data:`LOGS_ON`), and prints logs-on /
+logs-off end to end; the target is ≥ 0.90 in every cell.  The mail log (issue 13, its own
+``--maillog`` below) stays at its default, on, in both: issue 12 measures the logs it
+added.  No Postfix there, so it needs no root.  The plain run uses Ferry's default
+configuration (the tracking log is on by default).
 
 ``--dkim rsa`` / ``--dkim ed25519`` (issue 15) does the same with every message signed
 (a ``[[dkim_sign]]`` key for smtp-source's From: domain, RSA-2048 or Ed25519) against
@@ -109,20 +110,18 @@ SENDER = "a@client.test"
 RECIPIENT = "b@example.net"
 TARGETS = {1024: 2.0, 20 * 1024: 2.0, 100 * 1024: 1.0}
 KINDS = ("ferry", "postfix", "direct")
-#: --logs: Ferry with every log off, then on; logs-on must keep this share of logs-off.
+#: --logs: Ferry with issue 12's logs off, then on; logs-on must keep this share of logs-off.
 LOG_TARGET = 0.90
 #: The configuration of each Ferry kind (the flags add listen, spool, smarthost, DNS).
-#: LOGS_ON is the one place that says "every log on": the send side's protocol log goes
-#: here too (a [[send]] table with the sink as smarthost and its protocol_log key).
+#: LOGS_ON is the one place that says "issue 12's logs on": the tracking log and both
+#: protocol logs (the smarthost's is [delivery] protocol_log).  The mail log keeps its
+#: default level (info: on) in both, as an operator runs it.
 LOGS_OFF = """\
 [queue]
 durability = "fsync"
 
 [tracking]
 enabled = false
-
-[log]
-level = "warning"
 
 [delivery]
 protocol_log = false
@@ -137,9 +136,6 @@ durability = "fsync"
 
 [tracking]
 enabled = true
-
-[log]
-level = "info"
 
 [delivery]
 protocol_log = true
@@ -649,8 +645,9 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer messages per cell")
     parser.add_argument("--dir", default="/work", help="where the temporary spools go")
-    parser.add_argument("--logs", action="store_true", help="Ferry with every log on "
-                        "against every log off (issue 12), instead of Ferry/Postfix/direct")
+    parser.add_argument("--logs", action="store_true", help="Ferry with the tracking "
+                        "and protocol logs on against off (issue 12), instead of "
+                        "Ferry/Postfix/direct")
     parser.add_argument("--maillog", action="store_true", help="Ferry with the mail log "
                         "on against off (issue 13), instead of Ferry/Postfix/direct")
     parser.add_argument("--verify", action="store_true", help="Ferry verifying SPF, DKIM and "
