@@ -125,6 +125,8 @@ class TrackingLog:
         self._torn = False
         self._housekept = 0.0
         self._closed = False
+        #: Set by ``close`` and ``drain``: the writer stops gathering and writes now.
+        self._wake = threading.Event()
         #: Serialised batches (the lines, how many records) and the thread's orders.
         self._queue: queue.SimpleQueue[tuple[bytes, int] | threading.Event | None] = (
             queue.SimpleQueue())
@@ -157,6 +159,7 @@ class TrackingLog:
         tests and tools: never called on the event loop."""
         done = threading.Event()
         self._queue.put(done)
+        self._wake.set()
         return done.wait(timeout)
 
     def close(self) -> None:
@@ -165,6 +168,7 @@ class TrackingLog:
             return
         self._closed = True
         self._queue.put(None)
+        self._wake.set()
         self._thread.join()
 
     # --- the writer thread ----------------------------------------------------------------
@@ -205,8 +209,9 @@ class TrackingLog:
                     break
                 if self._clock() - self._housekept >= HOUSEKEEPING_INTERVAL:
                     self._housekeeping()
-                if not self._closed:
-                    time.sleep(GATHER_SECONDS)
+                # Gathering, unless close() or drain() wants what is queued written now.
+                if self._wake.wait(GATHER_SECONDS):
+                    self._wake.clear()
         except Exception:  # a bug: never silently stop writing
             log.exception("the tracking log writer stopped; tracking records are lost")
         finally:
