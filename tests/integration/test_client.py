@@ -707,7 +707,12 @@ def test_fallback_to_the_second_host(aiosmtpd_server: Callable[..., CountingCont
 
 def test_bad_greetings_skip_the_host_and_defer() -> None:
     async def greet_554(peer: Peer) -> None:
+        # RFC 5321 §3.1: after a 554 greeting the server waits for QUIT, answers anything
+        # else with 503, and QUIT with 221 (so the client's polite QUIT ends at once).
         peer.send(b"554 5.3.2 Not now\r\n")
+        while (await peer.line()).upper() != b"QUIT":
+            peer.send(b"503 5.5.1 Bad sequence of commands\r\n")
+        peer.send(b"221 2.0.0 Bye\r\n")
         await peer.until_eof()
 
     async def go() -> tuple[list[Any], list[Any], bool, list[bytes]]:
