@@ -21,6 +21,9 @@ from engine.testing.sink import CountingSink
 
 StartFerry = Callable[..., RunningFerry]
 
+#: rspamd's compiled Hyperscan databases, kept between test sessions (not committed).
+HS_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "rspamd-hs"
+
 
 @pytest.fixture
 def start_ferry(tmp_path: Path) -> Iterator[StartFerry]:
@@ -117,8 +120,9 @@ def sink(request: pytest.FixtureRequest) -> Iterator[CountingSink]:
 @pytest.fixture(scope="session")
 def rspamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RspamdInstance]:
     """A private rspamd (engine.testing.rspamd) for the whole session: it takes seconds to
-    start."""
-    with RspamdInstance(tmp_path_factory.mktemp("rspamd")) as instance:
+    start, tens of seconds without the Hyperscan databases it compiled at an earlier start
+    (kept in the checkout's .cache, so the second suite of tests/run.sh finds them)."""
+    with RspamdInstance(tmp_path_factory.mktemp("rspamd"), hs_cache=HS_CACHE) as instance:
         yield instance
 
 
