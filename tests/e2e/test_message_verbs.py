@@ -193,8 +193,9 @@ def test_hold_keeps_a_message_from_a_sink_that_accepts_and_release_delivers_it(
 def test_a_held_message_does_not_expire_and_its_lifetime_counts_from_the_release(
     server: Server, sink: CountingSink,
 ) -> None:
-    # Long enough for the hold to come before the expiry on a busy machine.
-    server.start(lifetime=12.0)
+    # Long enough for the hold (one `ferry queue` process, a second or two on a busy
+    # machine) to come well before the expiry; the test waits out the lifetime twice.
+    server.start(lifetime=8.0)
     qid = deferred_once(server, "x@dest.test")
     held = server.queue("hold", qid)
     assert held.returncode == 0 and held.stdout == f"held {qid}\n", held.stderr
