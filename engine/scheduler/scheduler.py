@@ -925,20 +925,23 @@ class Scheduler:
                             entry, f"451 4.4.1 {site.name} is down, not tried", down_until,
                             min(5.0, self._down_length() * RETRY_JITTER), site=site.name)
                         continue
-                    if self.held or site.capped:
-                        gate = await self._gate(site)
-                        if gate is not None:
-                            reason, until, spread = gate
-                            await self._defer_group(entry, reason, until, spread,
-                                                    site=site.name)
-                            continue
-                    if self.cluster is not None and site.limits.max_rate:
-                        wait = (await self.cluster.reserve(site.name,
-                                                           site.limits.max_rate)).wait
-                    else:
-                        wait = site.throttle.wait(loop.time())
-                    if wait:
-                        await asyncio.sleep(wait)
+                    # A suspended destination's group is only parked by _deliver: it
+                    # spends no daily cap's count and no rate slot of its site.
+                    if entry.next_hop not in self.suspended:
+                        if self.held or site.capped:
+                            gate = await self._gate(site)
+                            if gate is not None:
+                                reason, until, spread = gate
+                                await self._defer_group(entry, reason, until, spread,
+                                                        site=site.name)
+                                continue
+                        if self.cluster is not None and site.limits.max_rate:
+                            wait = (await self.cluster.reserve(site.name,
+                                                               site.limits.max_rate)).wait
+                        else:
+                            wait = site.throttle.wait(loop.time())
+                        if wait:
+                            await asyncio.sleep(wait)
                     tried = time.time()
                     queue.route = last = route
                     try:
