@@ -1092,9 +1092,10 @@ class Scheduler:
         return hold
 
     def _held_elsewhere(self, name: str, rule_name: str, until: float, reply: str) -> None:
-        """Another worker of the node was held by the automation rule ``rule_name``: this
-        one holds the same (source, site) until the same time (its events are the other
-        worker's).  A rule this worker does not know (a reload not yet done) is ignored."""
+        """Another worker of the node (or another node of the cluster) was held by the
+        automation rule ``rule_name``: this one holds the same (source, site) until the
+        same time (its events are the other's).  A rule this one does not know (a reload
+        not yet done) is ignored."""
         rule = next((a for a in self.shaping.automation if a.name == rule_name), None)
         current = self.held.get(name)
         if rule is None or until <= time.time() or (current is not None
@@ -1104,7 +1105,7 @@ class Scheduler:
             current.timer.cancel()
         source, _, site = name.rpartition("@")
         self._keep_hold(name, _Hold(rule, until, reply, site, source, origin=False))
-        log.info("shaping rule %r %s %s until %s, as another worker of the node",
+        log.info("shaping rule %r %s %s until %s, told by another worker or node",
                  rule.name, _acts(rule), name, _iso(until))
 
     def _unhold(self, name: str, hold: _Hold) -> None:
