@@ -30,7 +30,7 @@ import socket
 import ssl
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from engine import __version__, _speedups
 from engine.agents import Agents
@@ -708,6 +708,25 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+#: How often a worker that only drains its shard looks whether it is empty (seconds).
+DRAIN_CHECK: Final = 1.0
+
+
+async def _until_drained(app: App, stop: asyncio.Event) -> None:
+    """A worker past the node's count (its shard is a larger run's): stop once the shard
+    holds no message and no webhook event is waiting, so that the supervisor does not
+    start it again.  Held or poisoned mail keeps it running: the operator decides."""
+    while not stop.is_set():
+        await asyncio.sleep(DRAIN_CHECK)
+        store, hooks = app.store, app.webhooks
+        if store is None or store.count() or (hooks is not None
+                                              and any(hooks.backlog().values())):
+            continue
+        log.info("this shard is empty: its worker ends (remove %s once its logs are no "
+                 "longer needed)", app.config.spool)
+        stop.set()
+
+
 async def serve(config: Config, path: str | os.PathLike[str] | None = None,
                 flags: Mapping[str, object] | None = None, *,
                 role: WorkerRole | None = None, started: Callable[[App], None] | None = None,
@@ -744,7 +763,11 @@ async def serve(config: Config, path: str | os.PathLike[str] | None = None,
         if started is not None:
             started(app)
         notify.start_watchdog()
+        if role is not None and role.drains:
+            watch = loop.create_task(_until_drained(app, stop))
         await stop.wait()
+        if role is not None and role.drains:
+            watch.cancel()
         notify.stopping("stopping: finishing sessions and pending commits")
         loop.remove_signal_handler(signal.SIGHUP)
         await asyncio.gather(*reloads, return_exceptions=True)

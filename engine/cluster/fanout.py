@@ -406,7 +406,7 @@ def node_control(supervisor: Supervisor) -> NodeControl:
     on ``<spool>/control.sock`` for every worker it runs (a stopped one is named), a
     reload forwarded to every worker."""
     node = NodeControl(control.socket_path(supervisor.spool), supervisor.spool,
-                       lambda: [w.index for w in supervisor.workers])
+                       lambda: [w.index for w in supervisor.workers if not w.done])
     account = supervisor.account
     if account is not None:  # the operator is [server] user, as with one process
         node.owner = (account.uid, account.gid)

@@ -29,3 +29,9 @@ class WorkerRole:
     listeners: list[list[socket.socket]] = field(default_factory=list)
     #: The HTTP listener's sockets: worker 0's alone.
     http: list[socket.socket] = field(default_factory=list)
+
+    @property
+    def drains(self) -> bool:
+        """Whether this worker only delivers what its shard holds (and ends once it is
+        empty): its shard is one of a larger run's."""
+        return self.index >= self.count

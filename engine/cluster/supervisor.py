@@ -16,10 +16,11 @@ root (which loads its TLS keys and switches user itself); it reads no byte from 
 network.  A worker that ends unasked is started again on the same shard and sockets,
 after a pause that doubles while it keeps failing (up to :data:`MAX_PAUSE`): its shard's
 recovery requeues what it had in flight (at-least-once: at most those are sent again),
-and connections that arrive meanwhile wait in its sockets' backlog.  SIGTERM/SIGINT stop
-every worker cleanly (each finishes its sessions and commits) before the supervisor ends;
-SIGHUP reloads every worker.  A worker that fails before it ever served stops the node:
-a configuration or a port problem is not cured by starting again.
+and connections that arrive meanwhile wait in its sockets' backlog; a worker that only
+drained a larger run's shard and ended on its own (status 0, its shard empty) is not.
+SIGTERM/SIGINT stop every worker cleanly (each finishes its sessions and commits) before
+the supervisor ends; SIGHUP reloads every worker.  A worker that fails before it ever
+served stops the node: a configuration or a port problem is not cured by starting again.
 
 It must never open a queue, accept a connection or deliver mail itself.
 """
@@ -80,6 +81,8 @@ class _Worker:
     pause: float = 0.0
     #: It served once: from then on a failure to start again does not stop the node.
     served: bool = False
+    #: It only drained a larger run's shard, and ended once the shard was empty.
+    done: bool = False
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -237,6 +240,11 @@ class Supervisor:
             assert worker.process is not None
             code = await worker.process.wait()
             if self._stopping.is_set():
+                return
+            if code == 0 and worker.index >= self.count:
+                # A shard of a larger run, delivered: nothing to start again for.
+                worker.done = True
+                log.info("worker %d delivered what its shard held and ended", worker.index)
                 return
             lasted = time.monotonic() - worker.started
             worker.pause = 0.0 if lasted >= STEADY else min(MAX_PAUSE,
