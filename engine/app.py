@@ -111,7 +111,8 @@ class App:
         #: (engine.cluster.fanout.NodeControl, the supervisor's ``<spool>/control.sock``),
         #: set before start; None: a node of one.  With it, the admin API and GET /metrics
         #: answer for every worker (engine.cluster.nodeview), and every worker keeps its
-        #: metrics while [http] is on (worker 0 gathers them over the control channel).
+        #: metrics while [http] is on (the one a scrape reaches gathers them over the
+        #: control channel).
         self.node_control: Path | None = (
             socket_path(role.spool) if role is not None and role.size > 1 else None)
         #: The node's operations for the admin API (made at start when ``node_control``).
@@ -231,7 +232,7 @@ class App:
         self._start_tracking()
         if self.http is not None or (self.node_control is not None and cfg.http.listen):
             # Before anything emits: the counts start with the server.  A worker of a node
-            # counts too while worker 0 serves GET /metrics for the node; never otherwise
+            # counts too (whichever serves GET /metrics gathers every worker's); never otherwise
             # (the counts are a cost per message nobody would read).
             from engine.ops.metrics import Metrics
 
@@ -303,9 +304,14 @@ class App:
             from engine.cluster.nodeview import NodeOperations
             from engine.cluster.shards import tracking_dirs
 
+            # The node's spool and directories, whichever worker this is (every worker
+            # serves the admin API of the node).
+            role = self.role
+            node = role.node if role is not None and role.node is not None else cfg
             self.node_operations = NodeOperations(
-                operations, store, self.node_control, Path(cfg.spool),
-                (lambda: tracking_dirs(cfg)) if cfg.tracking.enabled else None)
+                operations, store, self.node_control, Path(node.spool),
+                (lambda: tracking_dirs(node)) if node.tracking.enabled else None,
+                index=0 if role is None else role.index)
         try:
             await control.start()
         except ControlUnavailable as exc:
