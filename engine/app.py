@@ -64,7 +64,7 @@ from engine.ops.operations import Operations
 from engine.ops.preflight import file_problems
 from engine.ops.pressure import PressureLog
 from engine.ops.protolog import ProtocolLog
-from engine.ops.readiness import CheckProvider
+from engine.ops.readiness import CheckProvider, firing_alerts
 from engine.ops.reload import Plan, Reconfigure, ReloadResult, plan, why_restart
 from engine.ops.sdnotify import Notifier
 from engine.ops.startup import startup_warnings
@@ -302,6 +302,7 @@ class App:
         control = ControlServer(self.control_path, operations, self._reload_reply)
         if self.metrics is not None:
             control.metrics = self._metrics_text
+        control.alerts = lambda: firing_alerts(self)
         if self.node_control is not None:
             from engine.cluster.nodeview import NodeOperations
             from engine.cluster.shards import tracking_dirs

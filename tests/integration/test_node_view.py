@@ -219,9 +219,10 @@ def test_destination_commands_and_figures_are_the_nodes(node: Node) -> None:
 
 def test_alerts_read_every_shard_and_fire_once_for_the_node(tmp_path: Path) -> None:
     """A threshold is the node's: two messages queued in each worker are above 3 for the
-    node though neither shard is; worker 0 alone evaluates the rules, so it fires once."""
-    node = Node(tmp_path, alerts=(AlertConfig(name="backlog", metric="queue_depth",
-                                              destination="one.test", above=3),))
+    node though neither shard is; worker 0 alone evaluates the rules, so it fires once,
+    and the other workers' /readyz show worker 0's alerts."""
+    node = Node(tmp_path, http=True, alerts=(AlertConfig(
+        name="backlog", metric="queue_depth", destination="one.test", above=3),))
     try:
         for index in (0, 1):
             node.send(index, "a@one.test")
@@ -236,6 +237,10 @@ def test_alerts_read_every_shard_and_fire_once_for_the_node(tmp_path: Path) -> N
         assert (alert.rule, alert.destination, alert.value) == ("backlog", "one.test", 4.0)
         assert first.active() == [alert]
         assert second.rules == () and second.active() == []
+        (shown,) = node.ask(command="alerts")["alerts"]
+        assert (shown["rule"], shown["value"]) == ("backlog", 4.0)
+        ready = call(w1, "GET", "/readyz", token=None)
+        assert ready.status == 200 and ready.doc["alerts"] == [shown]
     finally:
         node.close()
 
