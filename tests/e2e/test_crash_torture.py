@@ -1,11 +1,12 @@
 """Crash torture of ``ferry serve``: SIGKILL under ingest and delivery, restart, drain.
 
 A bounded run of ``engine.testing.torture`` (FERRY_TORTURE_KILLS kills, default 6: three
-in each phase, each at a random moment; the whole test takes about 15 s): clients submit over SMTP to a real ``ferry serve`` process
-that delivers, by MX from a loopback DNS responder, to a sink that holds its replies to
-the final dot.  The module docstring of ``engine.testing.torture`` states every check and
-the exact bound on duplicates; the run collects broken promises as violations, and this
-test asserts there are none, plus that the kills really hit both phases.
+in each phase, each at a random moment; the whole test takes about 15 s): clients submit
+over SMTP to a real ``ferry serve`` process that delivers, by MX from a loopback DNS
+responder, to a sink that holds its replies to the final dot. The module docstring of
+``engine.testing.torture`` states every check and the exact bound on duplicates; the run
+collects broken promises as violations, and this test asserts there are none, plus that
+the kills really hit both phases.
 ``FERRY_TORTURE_SEED`` replays a run (the seed is in the failure message).
 ``benchmarks/crash_torture.py`` is the long version.
 """
