@@ -26,16 +26,20 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    def listening() -> bool:
+    """Until ``ferry serve`` greets on ``port``.  Not just a connect: the listening
+    sockets are bound (and take connections into their backlog) early in the start, the
+    control channel after them, and serving last (engine.app's start order), so only the
+    220 says that ``ferry queue`` finds the control socket."""
+    def serving() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"ferry exited: {proc.stderr.read() if proc.stderr else ''!r}")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as client:
+                return client.recv(512).startswith(b"220")
         except OSError:
             return False
-        return True
 
-    wait_for(listening, timeout, f"ferry listening on port {port}")
+    wait_for(serving, timeout, f"ferry serving on port {port}")
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:

@@ -147,6 +147,9 @@ pool = "new"
             with RunningFerry(load_config(path), path=path) as ferry:
                 wait_for(lambda: sorted(_states(ferry, ids)).count(RcptState.DEFERRED)
                          == count - cap, 30, "the messages beyond the cap deferred")
+                # The capped ones may be deferred while the first three are still on the
+                # wire: wait for those three, then no fourth may have come.
+                wait_for(lambda: len(sink.state.messages) >= cap, 30, "the cap's messages")
                 deferred = [ferry.store.get(q).recipients[0] for q in ids
                             if _states(ferry, [q])[0] is RcptState.DEFERRED]
                 assert len(sink.state.messages) == cap
