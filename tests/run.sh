@@ -83,8 +83,26 @@ getent passwd Debian-exim >/dev/null \
        --shell /usr/sbin/nologin Debian-exim
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-# The test run needs the compiled modules: a failed build is an error here, not a fallback.
-FERRY_REQUIRE_EXTENSIONS=1 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# The editable install (it compiles ext/), skipped when this checkout's last one still holds:
+# the same checkout path, pyproject.toml, setup.py and ext/ sources (a stamp in the venv),
+# every compiled module importable, every installed requirement met (pip check, offline).
+# A repeated run then asks no package index (pip's isolated build environment would, for
+# setuptools and Cython, at every install) and compiles nothing.
+stamp=.venv/ferry-install.stamp
+sources=$({ pwd; cat pyproject.toml setup.py
+            find ext -type f \( -name '*.pyx' -o -name '*.pxi' -o -name '*.pxd' \) | sort | xargs cat
+          } | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" = "$sources" ] \
+   && FERRY_REQUIRE_EXTENSIONS=1 .venv/bin/python -c 'import importlib, engine._speedups as s
+for m in s.SELECTORS.values(): importlib.import_module(m)' >/dev/null 2>&1 \
+   && .venv/bin/python -m pip check -q >/dev/null 2>&1; then
+  echo "tests/run.sh: the editable install is up to date ($stamp)" >&2
+else
+  rm -f "$stamp"
+  # The test run needs the compiled modules: a failed build is an error here, not a fallback.
+  FERRY_REQUIRE_EXTENSIONS=1 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+  echo "$sources" > "$stamp"
+fi
 
 # The RFC 7208 test suite that pyspf's source distribution ships (test/rfc7208-tests.yml),
 # run by tests/integration/test_spf_suite.py: fetched here, never committed.
