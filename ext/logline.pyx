@@ -1,0 +1,146 @@
+# cython: language_level=3
+"""Compiled protocol-log renderer (engine._ext.logline): buffered entries → file bytes.
+
+Owns nothing of the format: it writes what engine/ops/_logline_py.py's ``render`` writes,
+byte for byte (tests/unit/test_protolog.py compares the two on any entries), doing in C
+the common case, lines of printable ASCII without a backslash (SMTP commands and
+replies), and calling the twin's ``sanitise``, ``split_lines``, ``format_timestamp`` and
+``stamp_end`` for the rest (an escape, a cut, a new millisecond).  It runs in the protocol
+log's writer thread, holding the GIL: the less time it takes, the less the event loop
+waits for the GIL.  It never does I/O.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+
+from engine.ops import _logline_py
+
+include "_buffer.pxi"
+
+__all__ = ["render"]
+
+cdef Py_ssize_t MAX_TEXT = _logline_py.MAX_TEXT
+cdef int ONE = _logline_py.ONE
+cdef int CRLF_LINES = _logline_py.CRLF_LINES
+cdef int LF_LINES = _logline_py.LF_LINES
+cdef object sanitise = _logline_py.sanitise
+cdef object split_lines = _logline_py.split_lines
+cdef object format_timestamp = _logline_py.format_timestamp
+cdef object stamp_end = _logline_py.stamp_end
+
+
+cdef inline bint _plain(unsigned char c) noexcept:
+    # Printable ASCII but the backslash: written as it is (the twin's _NEEDS_ESCAPE_B).
+    return 0x20 <= c <= 0x7E and c != 0x5C
+
+
+cdef bint _clean(bytes data) noexcept:
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t i, n = PyBytes_GET_SIZE(data)
+    for i in range(n):
+        if not _plain(p[i]):
+            return False
+    return True
+
+
+cdef int _put(Buf* b, bytes data) except -1:
+    return buf_append(b, <const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+
+
+cdef int _line(Buf* b, bytes stamp, bytes head, object line) except -1:
+    """One line by the slow path: sanitised (and cut) unless plain and short enough."""
+    cdef bytes text
+    if type(line) is bytes and PyBytes_GET_SIZE(<bytes>line) <= MAX_TEXT and _clean(<bytes>line):
+        text = <bytes>line
+    elif (type(line) is str and len(<str>line) <= MAX_TEXT and (<str>line).isascii()
+            and _clean(text := (<str>line).encode("ascii"))):
+        pass  # an event's text: sanitise() would return it as it is
+    else:
+        # sanitise() removed lone surrogates; backslashreplace is a last guard.
+        text = sanitise(line).encode("utf-8", "backslashreplace")
+    _put(b, stamp)
+    _put(b, head)
+    _put(b, text)
+    buf_append(b, <const unsigned char*>b"\n", 1)
+    return 0
+
+
+cdef bint _chunk(Buf* b, bytes stamp, bytes head, bytes data, int kind) except -1:
+    """A chunk of lines by the fast path; False (and nothing kept) when a line needs an
+    escape, so the caller takes the slow path.  CRLF_LINES: lines ended by CRLF, the last
+    maybe not; LF_LINES: every line ended by LF, a CR before it not shown (the twin's
+    ``data[:-1].replace(CRLF, LF).removesuffix(CR)``)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t mark = b.len
+    cdef Py_ssize_t i = 0, start, m, end
+    cdef unsigned char c
+    if kind == CRLF_LINES:
+        m = n - 2 if n >= 2 and p[n - 2] == 13 and p[n - 1] == 10 else n
+    else:
+        m = n - 1 if n else 0  # the twin's data[:-1]: the last LF is not shown
+    _put(b, stamp)
+    _put(b, head)
+    start = 0
+    while i < m:
+        c = p[i]
+        if _plain(c):
+            i += 1
+            continue
+        if c == 13 and i + 1 < m and p[i + 1] == 10:
+            end = i
+            i += 2
+        elif kind == LF_LINES and c == 10:
+            end = i
+            i += 1
+        elif kind == LF_LINES and c == 13 and i + 1 == m:
+            break  # the last line's CR before its LF
+        else:
+            b.len = mark
+            return False
+        buf_append(b, p + start, end - start)
+        buf_append(b, <const unsigned char*>b"\n", 1)
+        _put(b, stamp)
+        _put(b, head)
+        start = i
+    end = m if i >= m else i
+    buf_append(b, p + start, end - start)
+    buf_append(b, <const unsigned char*>b"\n", 1)
+    return True
+
+
+def render(list entries):
+    """The entries as the file gets them: ``<stamp><head><sanitised text>LF`` a line (see
+    engine/ops/_logline_py.py's ``render``)."""
+    cdef Buf b
+    b.data = NULL
+    b.len = 0
+    b.cap = 0
+    cdef double lo = 0.0, hi = 0.0, t
+    cdef bytes stamp = b""
+    cdef bytes head
+    cdef object data
+    cdef int kind
+    cdef tuple entry
+    try:
+        for entry in entries:
+            t = entry[0]
+            head = entry[1]
+            data = entry[2]
+            kind = entry[3]
+            if not (lo <= t < hi):
+                stamp = format_timestamp(t).encode("ascii")
+                lo = t
+                hi = stamp_end(t)
+            if kind == ONE:
+                _line(&b, stamp, head, data)
+                continue
+            if type(data) is not bytes:
+                raise TypeError(f"a chunk of lines must be bytes, not {type(data).__name__}")
+            if (PyBytes_GET_SIZE(<bytes>data) <= MAX_TEXT
+                    and _chunk(&b, stamp, head, <bytes>data, kind)):
+                continue
+            for line in split_lines(data, kind):
+                _line(&b, stamp, head, line)
+        return PyBytes_FromStringAndSize(<char*>b.data, b.len)
+    finally:
+        buf_free(&b)
