@@ -68,6 +68,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import os
 import queue
 import re
@@ -106,8 +107,10 @@ __all__ = [
 
 _log = logging.getLogger("ferry.protolog")
 
-#: The buffer is flushed as soon as it holds this many bytes.
-FLUSH_BYTES: Final = 64 << 10
+#: The buffer is flushed as soon as its lines' text is this many bytes.  Large, so that
+#: under load the writer thread makes one write a log per round (each system call hands
+#: the GIL back and forth with the event loop), not one per 64 KiB.
+FLUSH_BYTES: Final = 1 << 20
 #: The writer thread gathers this long after each round of writes: a line reaches the file
 #: within about this long of its flush.
 GATHER_SECONDS: Final = 0.2
@@ -227,7 +230,9 @@ class ProtocolLog:
         self._torn = False
         self._closed = self.path is None
         self._clock = clock
-        self._last_flush = clock()
+        #: When a line logged hands the buffer to the writer: the flush interval after
+        #: the last flush (at once once closed: the flush counts the lines as dropped).
+        self._flush_due = clock() + flush_interval
         if self.path is not None:
             self._open()
 
@@ -247,12 +252,17 @@ class ProtocolLog:
     def flush(self) -> None:
         """Hand the buffered lines to the writer thread, which writes them with one append
         within :data:`GATHER_SECONDS`; never blocks, never raises ``OSError``."""
-        self._last_flush = self._clock()
+        now = self._clock()
+        self._flush_due = now + self.flush_interval if not self._closed else -math.inf
         if not self._buf:
             return
         buf, self._buf = self._buf, []
         size, self._buf_bytes = self._buf_bytes, 0
-        _WRITER.hand_over(self, buf, size)
+        if self._closed:
+            self.dropped += line_count(buf)
+            return
+        # The bytes once written: the counted text, and each line's stamp, head and LF.
+        _WRITER.hand_over(self, buf, size + len(buf) * (_STAMPED + len(buf[0][1])))
 
     def sync(self) -> None:
         """:meth:`flush`, then wait until every line handed over so far is in the file (or
@@ -280,6 +290,7 @@ class ProtocolLog:
             return
         self.sync()
         self._closed = True
+        self._flush_due = -math.inf
         self._close_fd()
 
     def __enter__(self) -> ProtocolLog:
@@ -298,14 +309,14 @@ class ProtocolLog:
     def _add(self, head: bytes, data: bytes | str, kind: int = ONE) -> None:
         """Buffer one entry: ``head`` is the session's fields after the time stamp (TAB
         first, TAB last), ``data`` what was received, sent or happened, as it came
-        (sanitised at the flush), ``kind`` how it divides into lines."""
-        if self._closed:
-            self.dropped += line_count([(0.0, head, data, kind)])
-            return
+        (sanitised at the flush), ``kind`` how it divides into lines.
+
+        On the event loop for every line: a time, a tuple, an append and two tests (a
+        closed log flushes at once, and the flush counts the lines as dropped)."""
         now = self._clock()
         self._buf.append((now, head, data, kind))
-        self._buf_bytes += len(data) + len(head) + _STAMPED
-        if self._buf_bytes >= FLUSH_BYTES or now - self._last_flush >= self.flush_interval:
+        self._buf_bytes += len(data)
+        if self._buf_bytes >= FLUSH_BYTES or now >= self._flush_due:
             self.flush()
 
     # --- the file -------------------------------------------------------------------------
