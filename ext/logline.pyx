@@ -5,12 +5,15 @@ Owns nothing of the format: it writes what engine/ops/_logline_py.py's ``render`
 byte for byte (tests/unit/test_protolog.py compares the two on any entries), doing in C
 the common case, lines of printable ASCII without a backslash (SMTP commands and
 replies), and calling the twin's ``sanitise``, ``split_lines``, ``format_timestamp`` and
-``stamp_end`` for the rest (an escape, a cut, a new millisecond).  It runs in the protocol
+the time of a new second for the rest (an escape, a cut); a new millisecond is written
+into the second's stamp in place.  It runs in the protocol
 log's writer thread, holding the GIL: the less time it takes, the less the event loop
 waits for the GIL.  It never does I/O.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.math cimport NAN, floor, isfinite
+from libc.string cimport memcpy
 
 from engine.ops import _logline_py
 
@@ -25,7 +28,6 @@ cdef int LF_LINES = _logline_py.LF_LINES
 cdef object sanitise = _logline_py.sanitise
 cdef object split_lines = _logline_py.split_lines
 cdef object format_timestamp = _logline_py.format_timestamp
-cdef object stamp_end = _logline_py.stamp_end
 
 
 cdef inline bint _plain(unsigned char c) noexcept:
@@ -42,11 +44,48 @@ cdef bint _clean(bytes data) noexcept:
     return True
 
 
-cdef int _put(Buf* b, bytes data) except -1:
+cdef struct Stamp:
+    # format_timestamp() of the last time seen, and its second and millisecond; sec is
+    # NaN when nothing is kept (none yet, or a stamp not of the usual 24 characters).
+    unsigned char text[24]
+    double sec
+    long ms
+
+
+cdef object _stamp(Stamp* st, double t):
+    """Make ``st`` the stamp of ``t``, the text of format_timestamp(t) (whose millisecond
+    is the fraction truncated, at most 999); return that text instead when it is not of
+    the usual 24 characters (None otherwise)."""
+    cdef double sec = floor(t)
+    cdef long ms = <long>((t - sec) * 1000.0)
+    cdef bytes text
+    if ms > 999:
+        ms = 999
+    if sec == st.sec:  # never true when either is NaN
+        if ms != st.ms:
+            st.text[20] = 48 + ms // 100
+            st.text[21] = 48 + ms // 10 % 10
+            st.text[22] = 48 + ms % 10
+            st.ms = ms
+        return None
+    # A new second: formatted by the twin (whose exception, for a time it refuses, goes
+    # up as the twin's render raises it).
+    text = format_timestamp(t).encode("ascii")
+    if PyBytes_GET_SIZE(text) == 24 and isfinite(t):
+        memcpy(st.text, PyBytes_AS_STRING(text), 24)
+        st.sec = sec
+        st.ms = ms
+        return None
+    st.sec = NAN
+    return text
+
+
+cdef inline int _put(Buf* b, bytes data) except -1:
     return buf_append(b, <const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
 
 
-cdef int _line(Buf* b, bytes stamp, bytes head, object line) except -1:
+cdef int _line(Buf* b, const unsigned char* stamp, Py_ssize_t slen, bytes head,
+               object line) except -1:
     """One line by the slow path: sanitised (and cut) unless plain and short enough."""
     cdef bytes text
     if type(line) is bytes and PyBytes_GET_SIZE(<bytes>line) <= MAX_TEXT and _clean(<bytes>line):
@@ -57,14 +96,15 @@ cdef int _line(Buf* b, bytes stamp, bytes head, object line) except -1:
     else:
         # sanitise() removed lone surrogates; backslashreplace is a last guard.
         text = sanitise(line).encode("utf-8", "backslashreplace")
-    _put(b, stamp)
+    buf_append(b, stamp, slen)
     _put(b, head)
     _put(b, text)
     buf_append(b, <const unsigned char*>b"\n", 1)
     return 0
 
 
-cdef bint _chunk(Buf* b, bytes stamp, bytes head, bytes data, int kind) except -1:
+cdef bint _chunk(Buf* b, const unsigned char* stamp, Py_ssize_t slen, bytes head,
+                 bytes data, int kind) except -1:
     """A chunk of lines by the fast path; False (and nothing kept) when a line needs an
     escape, so the caller takes the slow path.  CRLF_LINES: lines ended by CRLF, the last
     maybe not; LF_LINES: every line ended by LF, a CR before it not shown (the twin's
@@ -78,7 +118,7 @@ cdef bint _chunk(Buf* b, bytes stamp, bytes head, bytes data, int kind) except -
         m = n - 2 if n >= 2 and p[n - 2] == 13 and p[n - 1] == 10 else n
     else:
         m = n - 1 if n else 0  # the twin's data[:-1]: the last LF is not shown
-    _put(b, stamp)
+    buf_append(b, stamp, slen)
     _put(b, head)
     start = 0
     while i < m:
@@ -99,7 +139,7 @@ cdef bint _chunk(Buf* b, bytes stamp, bytes head, bytes data, int kind) except -
             return False
         buf_append(b, p + start, end - start)
         buf_append(b, <const unsigned char*>b"\n", 1)
-        _put(b, stamp)
+        buf_append(b, stamp, slen)
         _put(b, head)
         start = i
     end = m if i >= m else i
@@ -115,32 +155,39 @@ def render(list entries):
     b.data = NULL
     b.len = 0
     b.cap = 0
-    cdef double lo = 0.0, hi = 0.0, t
-    cdef bytes stamp = b""
-    cdef bytes head
+    cdef Stamp st
+    st.sec = NAN
+    st.ms = -1
+    cdef double t
+    cdef bytes head, slow = None
     cdef object data
     cdef int kind
     cdef tuple entry
+    cdef const unsigned char* sp
+    cdef Py_ssize_t sl
     try:
         for entry in entries:
             t = entry[0]
             head = entry[1]
             data = entry[2]
             kind = entry[3]
-            if not (lo <= t < hi):
-                stamp = format_timestamp(t).encode("ascii")
-                lo = t
-                hi = stamp_end(t)
+            slow = _stamp(&st, t)
+            if slow is None:
+                sp = st.text
+                sl = 24
+            else:
+                sp = <const unsigned char*>PyBytes_AS_STRING(slow)
+                sl = PyBytes_GET_SIZE(slow)
             if kind == ONE:
-                _line(&b, stamp, head, data)
+                _line(&b, sp, sl, head, data)
                 continue
             if type(data) is not bytes:
                 raise TypeError(f"a chunk of lines must be bytes, not {type(data).__name__}")
             if (PyBytes_GET_SIZE(<bytes>data) <= MAX_TEXT
-                    and _chunk(&b, stamp, head, <bytes>data, kind)):
+                    and _chunk(&b, sp, sl, head, <bytes>data, kind)):
                 continue
             for line in split_lines(data, kind):
-                _line(&b, stamp, head, line)
+                _line(&b, sp, sl, head, line)
         return PyBytes_FromStringAndSize(<char*>b.data, b.len)
     finally:
         buf_free(&b)

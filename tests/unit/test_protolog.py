@@ -674,6 +674,9 @@ _ENTRY = st.one_of(
        start=st.floats(min_value=0, max_value=4e9))
 @example(entries=[(0.0, b"\tS\tc\t<\t", (LF_LINES, b"\r\n\r\n"))], start=5.0)
 @example(entries=[(0.0, b"", (CRLF_LINES, b"a\r\r\nb\r\n"))], start=5.0)
+# Stamps that are not 24 characters (a year before 1000, after 9999): formatted each time.
+@example(entries=[(0.0, b"", (ONE, b"x")), (0.0004, b"", (ONE, "y"))], start=-1e11)
+@example(entries=[(0.0, b"", (ONE, b"x")), (1.0, b"", (ONE, b"y"))], start=253402300799.5)
 def test_compiled_renderer_writes_the_twins_bytes(
         impl: str, module: ModuleType,
         entries: list[tuple[float, bytes, tuple[int, bytes | str]]],
