@@ -9,7 +9,7 @@
   Its writing methods raise :class:`ReadOnly`: a shard is written by its own worker only.
 - :func:`open_shards`: every shard of a spool, opened to read (``ferry queue`` on a
   running node or a stopped one).
-- :class:`NodeOperations`: ``engine.ops.operations.Operations`` for worker 0's admin API
+- :class:`NodeOperations`: ``engine.ops.operations.Operations`` for a worker's admin API
   on a node of several workers: the views read every shard (:class:`ShardedQueue`, the
   tracking logs of every shard), the verbs and the scheduler's views go through the
   node's control channel (``engine.cluster.fanout.NodeControl``, the supervisor's
@@ -122,6 +122,14 @@ class ShardedQueue:
                 counts[name] = counts.get(name, 0) + n
         return counts
 
+    def oldest(self) -> bytes | None:
+        return min((o for _, s in self.shards if (o := s.oldest()) is not None), default=None)
+
+    def hop_depth(self, next_hop: str) -> tuple[int, bytes | None]:
+        depths = [s.hop_depth(next_hop) for _, s in self.shards]
+        return (sum(n for n, _ in depths),
+                min((o for _, o in depths if o is not None), default=None))
+
     def hop_depths(self) -> dict[str, tuple[int, bytes]]:
         depths: dict[str, tuple[int, bytes]] = {}
         for _, store in self.shards:
@@ -233,23 +241,49 @@ def tracking_records(directories: Sequence[Path], query: Query) -> Iterator[dict
     return heapq.merge(*found, key=lambda r: str(r.get("time", "")))
 
 
+class NodeFigures:
+    """What the ``[[alert]]`` rules read (``engine.ops.alerts.QueueFigures``) for a whole
+    node, in the worker that evaluates them: the queue figures of every shard (``view``,
+    :meth:`NodeOperations.view`), back pressure and the disk of its own (``local``)."""
+
+    def __init__(self, local: LmdbQueue, view: Callable[[], ShardedQueue]) -> None:
+        self.local = local
+        self.view = view
+        self.path = local.path
+
+    def count(self) -> int:
+        return self.view().count()
+
+    def oldest(self) -> bytes | None:
+        return self.view().oldest()
+
+    def hop_depth(self, next_hop: str) -> tuple[int, bytes | None]:
+        return self.view().hop_depth(next_hop)
+
+    def hop_depths(self) -> dict[str, tuple[int, bytes]]:
+        return self.view().hop_depths()
+
+    def pressure(self) -> BackPressure | None:
+        return self.local.pressure()
+
+
 class NodeOperations(Operations):
-    """The operations of a whole node for worker 0's admin API (see the module
-    docstring): ``local`` is worker 0's own; ``node`` the node's control socket;
-    ``spool`` the node's spool; ``tracking`` says every shard's tracking log directory
-    at the time of asking (``engine.cluster.shards.tracking_dirs``: a shard may appear
+    """The operations of a whole node for a worker's admin API (see the module
+    docstring): ``local`` is the worker's own (of shard ``index``); ``node`` the node's
+    control socket; ``spool`` the node's spool; ``tracking`` says every shard's tracking
+    log directory at the time of asking (``engine.cluster.shards.tracking_dirs``: a shard may appear
     after the start; None: tracking is off).  The events of its verbs name the token
     (``by``, which the node's control channel takes from a worker of the node)."""
 
     def __init__(self, local: Operations, store: LmdbQueue, node: Path, spool: Path,
                  tracking: Callable[[], Sequence[Path]] | None = None,
-                 timeout: float = NODE_TIMEOUT) -> None:
+                 timeout: float = NODE_TIMEOUT, *, index: int = 0) -> None:
         super().__init__(local.scheduler, local.normalize, local.tracking)
         self.local = local
-        #: The shards open in this process already, by index (worker 0's own; LMDB opens
-        #: an environment once per process, so two workers run in one process, as tests
-        #: do, add the other's here); the others are opened to read.
-        self.open_here: dict[int, LmdbQueue] = {0: store}
+        #: The shards open in this process already, by index (this worker's own, shard
+        #: ``index``; LMDB opens an environment once per process, so two workers run in
+        #: one process, as tests do, add the other's here); the others are opened to read.
+        self.open_here: dict[int, LmdbQueue] = {index: store}
         self.node = node
         self.spool = Path(spool)
         self.tracking_dirs = tracking
@@ -263,7 +297,7 @@ class NodeOperations(Operations):
 
     # --- the stores of every shard -----------------------------------------------------
 
-    def _view(self) -> ShardedQueue:
+    def view(self) -> ShardedQueue:
         """Every shard; one opened here stays open until :meth:`close` (a read in
         another thread may be using it)."""
         with self._opening:
@@ -320,19 +354,19 @@ class NodeOperations(Operations):
         return await self._ask({"command": "queues"})
 
     async def messages(self, filt: Any, limit: int | None) -> dict[str, Any]:
-        self.store = await self._in_thread(self._view)
+        self.store = await self._in_thread(self.view)
         return await super().messages(filt, limit)
 
     async def message(self, queue_id: bytes) -> dict[str, Any]:
-        self.store = await self._in_thread(self._view)
+        self.store = await self._in_thread(self.view)
         return await super().message(queue_id)
 
     async def content(self, queue_id: bytes) -> bytes:
-        self.store = await self._in_thread(self._view)
+        self.store = await self._in_thread(self.view)
         return await super().content(queue_id)
 
     async def matching(self, filt: Any) -> list[bytes]:
-        self.store = await self._in_thread(self._view)
+        self.store = await self._in_thread(self.view)
         return await super().matching(filt)
 
     async def track(self, query: Query, limit: int | None) -> dict[str, Any]:

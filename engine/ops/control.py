@@ -42,7 +42,10 @@ order, on a connection that stays open for more:
                                  (engine.ops.reload.ReloadResult.to_json)
     {"command": "metrics"}    → {"ok": true, "text": "# HELP ferry_...\n..."}  (the server's
                                  GET /metrics text, engine.ops.metrics: what a node's
-                                 worker 0 gathers from every worker, engine.cluster.fanout)
+                                 worker gathers from every worker, engine.cluster.fanout)
+    {"command": "alerts"}     → {"ok": true, "alerts": [{"rule": "backlog", ...}, ...]}
+                                 (the [[alert]] rules firing now, engine.ops.alerts: what a
+                                 node's other workers show of worker 0's in /readyz)
     anything wrong            → {"ok": false, "error": "unknown command \"x\"; one of ..."}
 
 Ids are queue ids as ``ferry queue list`` prints them, at most :data:`MAX_IDS` per request
@@ -84,7 +87,7 @@ import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import orjson
 
@@ -218,6 +221,7 @@ COMMANDS: Final[Mapping[str, _Command]] = {
     "suppressions": _Command("list the suppression list",
                              entry_fields=("category", "after", "limit")),
     "metrics": _Command("the server's metrics in the Prometheus text format"),
+    "alerts": _Command("the [[alert]] rules firing now"),
 }
 
 
@@ -316,9 +320,7 @@ class LineServer:
         await asyncio.gather(*self._connections, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
-        with contextlib.suppress(OSError):
-            if self.path.stat().st_ino == self._inode:  # still ours, not a successor's
-                self.path.unlink()
+        remove_if_ours(self.path, self._inode)
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
@@ -369,6 +371,8 @@ class ControlServer(LineServer):
         #: The server's metrics in the text format (engine.ops.metrics), for the
         #: ``metrics`` command a node's /metrics gathers (None: not collected here).
         self.metrics: Callable[[], bytes] | None = None
+        #: the alerts firing now, as /readyz shows them (None: no rule is evaluated here)
+        self.alerts: Callable[[], list[dict[str, Any]]] | None = None
         self._handlers: Mapping[str, Callable[[Request], Awaitable[Reply]]] = {
             "suspend": self._suspend,
             "resume": self._resume,
@@ -384,6 +388,7 @@ class ControlServer(LineServer):
             "unsuppress": self._unsuppress,
             "suppressions": self._suppressions,
             "metrics": self._metrics,
+            "alerts": self._alerts,
         }
 
     async def answer(self, line: bytes | None, by: str = "", trusted: bool = False) -> Reply:
@@ -459,6 +464,10 @@ class ControlServer(LineServer):
         if self.metrics is None:
             raise ControlError("metrics: not collected by this server")
         return {"ok": True, "text": self.metrics().decode("utf-8")}
+
+
+    async def _alerts(self, request: Request) -> Reply:
+        return _ok({"alerts": self.alerts() if self.alerts is not None else []})
 
 
 def _ok(doc: Mapping[str, Any]) -> Reply:
@@ -569,14 +578,17 @@ def request(path: Path, message: Mapping[str, Any], timeout: float = 600.0) -> R
     return reply
 
 
+_Server = TypeVar("_Server")
+
+
 def temporary_name(path: Path) -> Path:
     """Where :func:`listen_private` binds before the socket is renamed to ``path``."""
     return path.with_name(f".{path.name}.{os.getpid()}")
 
 
 async def listen_private(path: Path, owner: tuple[int, int] | None,
-                         serve: Callable[[socket.socket], Awaitable[asyncio.AbstractServer]],
-                         ) -> tuple[asyncio.AbstractServer, int]:
+                         serve: Callable[[socket.socket], Awaitable[_Server]],
+                         ) -> tuple[_Server, int]:
     """Serve the Unix socket ``path`` (``serve`` makes the server on the bound socket),
     reachable by its owner alone: bound under :func:`temporary_name`, made 0600 and given
     to ``owner`` (uid, gid), then renamed into place, so it is never reachable with wider
@@ -600,6 +612,14 @@ async def listen_private(path: Path, owner: tuple[int, int] | None,
         raise
     temporary.rename(path)
     return server, os.stat(path).st_ino
+
+
+def remove_if_ours(path: Path, inode: int | None) -> None:
+    """Remove the socket file :func:`listen_private` made (its ``inode``), unless a
+    successor's replaced it meanwhile."""
+    with contextlib.suppress(OSError):
+        if path.stat().st_ino == inode:
+            path.unlink()
 
 
 async def ask(path: Path, message: Mapping[str, Any], seconds: float = 600.0) -> Reply:
