@@ -11,6 +11,7 @@ log's writer thread, holding the GIL: the less time it takes, the less the event
 waits for the GIL.  It never does I/O.
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.math cimport NAN, floor, isfinite
 from libc.string cimport memcpy
@@ -19,7 +20,7 @@ from engine.ops import _logline_py
 
 include "_buffer.pxi"
 
-__all__ = ["render"]
+__all__ = ["Lines", "render"]
 
 cdef Py_ssize_t MAX_TEXT = _logline_py.MAX_TEXT
 cdef int ONE = _logline_py.ONE
@@ -100,19 +101,19 @@ cdef int _line(Buf* b, const unsigned char* stamp, Py_ssize_t slen, bytes head,
     _put(b, head)
     _put(b, text)
     buf_append(b, <const unsigned char*>b"\n", 1)
-    return 0
+    return 1
 
 
-cdef bint _chunk(Buf* b, const unsigned char* stamp, Py_ssize_t slen, bytes head,
-                 bytes data, int kind) except -1:
-    """A chunk of lines by the fast path; False (and nothing kept) when a line needs an
-    escape, so the caller takes the slow path.  CRLF_LINES: lines ended by CRLF, the last
+cdef Py_ssize_t _chunk(Buf* b, const unsigned char* stamp, Py_ssize_t slen, bytes head,
+                       bytes data, int kind) except -1:
+    """A chunk of lines by the fast path: how many it wrote; 0 (and nothing kept) when a
+    line needs an escape, so the caller takes the slow path.  CRLF_LINES: lines ended by CRLF, the last
     maybe not; LF_LINES: every line ended by LF, a CR before it not shown (the twin's
     ``data[:-1].replace(CRLF, LF).removesuffix(CR)``)."""
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     cdef Py_ssize_t mark = b.len
-    cdef Py_ssize_t i = 0, start, m, end
+    cdef Py_ssize_t i = 0, start, m, end, lines = 1
     cdef unsigned char c
     if kind == CRLF_LINES:
         m = n - 2 if n >= 2 and p[n - 2] == 13 and p[n - 1] == 10 else n
@@ -136,7 +137,8 @@ cdef bint _chunk(Buf* b, const unsigned char* stamp, Py_ssize_t slen, bytes head
             break  # the last line's CR before its LF
         else:
             b.len = mark
-            return False
+            return 0
+        lines += 1
         buf_append(b, p + start, end - start)
         buf_append(b, <const unsigned char*>b"\n", 1)
         buf_append(b, stamp, slen)
@@ -145,49 +147,64 @@ cdef bint _chunk(Buf* b, const unsigned char* stamp, Py_ssize_t slen, bytes head
     end = m if i >= m else i
     buf_append(b, p + start, end - start)
     buf_append(b, <const unsigned char*>b"\n", 1)
-    return True
+    return lines
+
+
+@cython.final
+cdef class Lines:
+    """Rendered protocol-log lines not yet written (the twin's ``Lines``): ``add`` renders
+    one entry into a C buffer, ``take`` hands the buffer over as bytes."""
+
+    cdef Buf buf
+    cdef Stamp st
+    cdef readonly Py_ssize_t lines
+
+    def __cinit__(self):
+        self.st.sec = NAN
+        self.st.ms = -1
+
+    def __dealloc__(self):
+        buf_free(&self.buf)
+
+    @property
+    def size(self):
+        return self.buf.len
+
+    cpdef add(self, double t, bytes head, object data, int kind):
+        cdef object slow = _stamp(&self.st, t)
+        cdef const unsigned char* sp
+        cdef Py_ssize_t sl, n
+        if slow is None:
+            sp = self.st.text
+            sl = 24
+        else:
+            sp = <const unsigned char*>PyBytes_AS_STRING(<bytes>slow)
+            sl = PyBytes_GET_SIZE(<bytes>slow)
+        if kind == ONE:
+            self.lines += _line(&self.buf, sp, sl, head, data)
+            return
+        if type(data) is not bytes:
+            raise TypeError(f"a chunk of lines must be bytes, not {type(data).__name__}")
+        if PyBytes_GET_SIZE(<bytes>data) <= MAX_TEXT:
+            n = _chunk(&self.buf, sp, sl, head, <bytes>data, kind)
+            if n:
+                self.lines += n
+                return
+        for line in split_lines(data, kind):
+            self.lines += _line(&self.buf, sp, sl, head, line)
+
+    def take(self):
+        """Everything added since the last take, as one bytes."""
+        data = PyBytes_FromStringAndSize(<char*>self.buf.data, self.buf.len)
+        self.buf.len = 0
+        self.lines = 0
+        return data
 
 
 def render(list entries):
-    """The entries as the file gets them: ``<stamp><head><sanitised text>LF`` a line (see
-    engine/ops/_logline_py.py's ``render``)."""
-    cdef Buf b
-    b.data = NULL
-    b.len = 0
-    b.cap = 0
-    cdef Stamp st
-    st.sec = NAN
-    st.ms = -1
-    cdef double t
-    cdef bytes head, slow = None
-    cdef object data
-    cdef int kind
+    """The entries, rendered one by one (:class:`Lines`), as one bytes."""
+    cdef Lines lines = Lines()
     cdef tuple entry
-    cdef const unsigned char* sp
-    cdef Py_ssize_t sl
-    try:
-        for entry in entries:
-            t = entry[0]
-            head = entry[1]
-            data = entry[2]
-            kind = entry[3]
-            slow = _stamp(&st, t)
-            if slow is None:
-                sp = st.text
-                sl = 24
-            else:
-                sp = <const unsigned char*>PyBytes_AS_STRING(slow)
-                sl = PyBytes_GET_SIZE(slow)
-            if kind == ONE:
-                _line(&b, sp, sl, head, data)
-                continue
-            if type(data) is not bytes:
-                raise TypeError(f"a chunk of lines must be bytes, not {type(data).__name__}")
-            if (PyBytes_GET_SIZE(<bytes>data) <= MAX_TEXT
-                    and _chunk(&b, sp, sl, head, <bytes>data, kind)):
-                continue
-            for line in split_lines(data, kind):
-                _line(&b, sp, sl, head, line)
-        return PyBytes_FromStringAndSize(<char*>b.data, b.len)
-    finally:
-        buf_free(&b)
+    for entry in entries:
+        lines.add(entry[0], entry[1], entry[2], entry[3])
+    return lines.take()

@@ -14,7 +14,7 @@ import re
 import time
 from typing import Final
 
-__all__ = ["CRLF_LINES", "LF_LINES", "MAX_TEXT", "ONE", "Entry", "format_timestamp",
+__all__ = ["CRLF_LINES", "LF_LINES", "MAX_TEXT", "ONE", "Entry", "Lines", "format_timestamp",
            "line_count", "render", "sanitise", "split_lines", "stamp_end"]
 
 #: Longest text field, in characters, "…" marker included.
@@ -151,34 +151,50 @@ def split_lines(data: bytes, kind: int) -> list[bytes]:
     return [line.removesuffix(_CR) for line in data[:-1].split(_LF)]
 
 
-def render(entries: list[Entry]) -> bytes:
-    """The buffered entries as the file gets them: ``<stamp><head><sanitised text>LF`` a
-    line.
+class Lines:
+    """Rendered protocol-log lines not yet written: :meth:`add` renders one buffered entry
+    as the file gets it, ``<stamp><head><sanitised text>LF`` a line; :meth:`take` hands
+    over (and forgets) what was added.  :attr:`size` is its bytes, :attr:`lines` its
+    lines.
 
     The same bytes as stamping and sanitising each line alone (:func:`format_timestamp`,
     :func:`sanitise`), for less: a chunk of lines that need no escape and no cut (SMTP
     commands and replies) is its own output with each line end replaced by LF and the
     next line's stamp and head, and a stamp is formatted only when the time's
     millisecond changes."""
-    out: list[bytes] = []
-    needs_escape = _NEEDS_ESCAPE_B.search
-    # The stamp of every time in [lo, hi): entries come in time order, so most lines test
-    # two floats instead of formatting a time.
-    lo = hi = 0.0
-    stamp = b""
-    for t, head, data, kind in entries:
-        if not lo <= t < hi:
-            stamp = format_timestamp(t).encode("ascii")
-            lo, hi = t, stamp_end(t)
+
+    __slots__ = ("_hi", "_lo", "_out", "_stamp", "lines", "size")
+
+    def __init__(self) -> None:
+        self._out: list[bytes] = []
+        self.size = 0
+        self.lines = 0
+        # The stamp of every time in [lo, hi): entries come in time order, so most lines
+        # test two floats instead of formatting a time.
+        self._lo = self._hi = 0.0
+        self._stamp = b""
+
+    def add(self, t: float, head: bytes, data: bytes | str, kind: int) -> None:
+        """Render one entry: at time ``t``, ``head`` the session's fields after the stamp
+        (TAB first and last), ``data`` as it came, ``kind`` how it divides into lines."""
+        if not self._lo <= t < self._hi:
+            self._stamp = format_timestamp(t).encode("ascii")
+            self._lo, self._hi = t, stamp_end(t)
+        stamp = self._stamp
+        needs_escape = _NEEDS_ESCAPE_B.search
+        out: list[bytes] = []
         if kind == ONE:
             if (data.__class__ is not bytes or len(data) > MAX_TEXT
                     or needs_escape(data) is not None):
                 # sanitise() removed lone surrogates; backslashreplace is a last guard so
                 # encode() can never raise.
                 data = sanitise(data).encode("utf-8", "backslashreplace")
+            assert isinstance(data, bytes)
             out += (stamp, head, data, _LF)
-            continue
-        assert isinstance(data, bytes)
+            self._keep(out, 1)
+            return
+        if not isinstance(data, bytes):
+            raise TypeError(f"a chunk of lines must be bytes, not {type(data).__name__}")
         if len(data) <= MAX_TEXT:
             if kind == CRLF_LINES:
                 # Clean once the CRLF pairs that end lines are taken out: no other CR or
@@ -193,9 +209,31 @@ def render(entries: list[Entry]) -> bytes:
             if clean:
                 prefix = stamp + head
                 out += (prefix, body.replace(sep, _LF + prefix), _LF)
-                continue
-        for line in split_lines(data, kind):
+                self._keep(out, body.count(sep) + 1)
+                return
+        lines = split_lines(data, kind)
+        for line in lines:
             if len(line) > MAX_TEXT or needs_escape(line) is not None:
                 line = sanitise(line).encode("utf-8", "backslashreplace")
             out += (stamp, head, line, _LF)
-    return b"".join(out)
+        self._keep(out, len(lines))
+
+    def _keep(self, out: list[bytes], lines: int) -> None:
+        self._out += out
+        self.size += sum(map(len, out))
+        self.lines += lines
+
+    def take(self) -> bytes:
+        """Everything added since the last take, as one bytes."""
+        data = b"".join(self._out)
+        self._out = []
+        self.size = self.lines = 0
+        return data
+
+
+def render(entries: list[Entry]) -> bytes:
+    """The entries, rendered one by one (:class:`Lines`), as one bytes."""
+    lines = Lines()
+    for t, head, data, kind in entries:
+        lines.add(t, head, data, kind)
+    return lines.take()

@@ -33,24 +33,24 @@ AUTH payloads are never written.  The caller marks them (``recv(line, secret=Tru
 writes): an ``AUTH`` command keeps its verb and a known SASL mechanism name and shows
 ``****`` for the rest; any other secret line is ``****``.
 
-Lines are buffered in memory, raw: each call buffers one entry (its time, the session's
-fields as bytes, the bytes or text as they came: one line, or the lines of one write or
-one read), a tuple and a list append.  The buffer is handed to the writer thread
-(:class:`_Writer`, one for every log of the process) when :meth:`ProtocolLog.flush` runs
-(from a periodic task such as :meth:`ProtocolLog.run_flusher`), when it passes
-:data:`FLUSH_BYTES`, or when a line is logged ``flush_interval`` seconds after the last
-flush; the thread stamps, sanitises and joins it (``render`` of engine.ops.logline) and
-appends it with one ``write``, at most :data:`GATHER_SECONDS` later.  The file is rotated
-to ``.1`` .. ``.5`` when the next write would take it past ``max_bytes``.
+Each call renders its line(s) at once into the log's buffer (``Lines`` of
+engine.ops.logline: compiled, a copy of the bytes for a line that needs no escape), on the
+event loop.  The buffer is handed to the writer thread (:class:`_Writer`, one for every
+log of the process) as one bytes when :meth:`ProtocolLog.flush` runs (from a periodic
+task such as :meth:`ProtocolLog.run_flusher`), when it passes :data:`FLUSH_BYTES`, or
+when a line is logged ``flush_interval`` seconds after the last flush; the thread appends
+it with one ``write``, at most :data:`GATHER_SECONDS` later.  The file is rotated to
+``.1`` .. ``.5`` when the next write would take it past ``max_bytes``.
 :meth:`ProtocolLog.sync` and :meth:`ProtocolLog.close` wait until the lines are written.
 
 Rendering costs little: a chunk of lines that need no escape and no cut (printable ASCII
-without a backslash: SMTP commands and replies) is written as the bytes it already is, its
-line ends replaced by the next line's stamp and fields, and a time stamp is formatted once
-per millisecond, not per line; the compiled renderer (ext/logline.pyx) does this in C.
-The bytes written are the same as stamping and sanitising line by line
-(benchmarks/README.md, "the protocol logs made cheap": the per-line formatting on the
-event loop was most of what every log on cost).
+without a backslash: SMTP commands and replies) is copied as the bytes it already is, its
+line ends replaced by the next line's stamp and fields, and a time stamp is formatted
+once per second, its milliseconds written in place.  The bytes written are the same as
+stamping and sanitising line by line (benchmarks/README.md, "the protocol logs made
+cheap" and issue 12's last point: rendering raw entries later in the writer thread cost
+more than rendering them at once in C, the thread holding the GIL to walk entries long
+gone from the CPU's caches).
 
 This module observes; it must never change what the server does.  It never raises into
 its caller on a full disk, a removed or unwritable directory or a failed rotation: lines
@@ -84,14 +84,12 @@ from engine.ops._logline_py import (
     LF_LINES,
     MAX_TEXT,
     ONE,
-    Entry,
     format_timestamp,
-    line_count,
     sanitise,
     split_lines,
     stamp_end,
 )
-from engine.ops.logline import render
+from engine.ops.logline import Lines, render
 
 __all__ = [
     "FLUSH_BYTES",
@@ -170,8 +168,6 @@ def _redact(line: bytes) -> str:
     return f"AUTH {mech} {REDACTED}" if len(parts) == 3 else f"AUTH {mech}"
 
 
-#: What a line adds to its head and text in the file: the time stamp and the LF.
-_STAMPED: Final = len("2024-05-01T12:34:56.789Z\n")
 _LF: Final = b"\n"
 #: The twin's names the tests and older callers know this module by.
 _stamp_end = stamp_end
@@ -219,9 +215,8 @@ class ProtocolLog:
         self.dropped = 0
         #: The last OS error met while opening, writing or rotating, for the operator.
         self.last_error: str | None = None
-        #: Entries not yet written: (time, the session's fields, the raw data, its kind).
-        self._buf: list[Entry] = []
-        self._buf_bytes = 0
+        #: Lines rendered and not handed to the writer yet.
+        self._buf = Lines()
         self._fd: int | None = None
         self._ino: tuple[int, int] | None = None
         self._size = 0
@@ -254,15 +249,15 @@ class ProtocolLog:
         within :data:`GATHER_SECONDS`; never blocks, never raises ``OSError``."""
         now = self._clock()
         self._flush_due = now + self.flush_interval if not self._closed else -math.inf
-        if not self._buf:
+        buf = self._buf
+        if not buf.size:
             return
-        buf, self._buf = self._buf, []
-        size, self._buf_bytes = self._buf_bytes, 0
+        lines = buf.lines
+        chunk = buf.take()
         if self._closed:
-            self.dropped += line_count(buf)
+            self.dropped += lines
             return
-        # The bytes once written: the counted text, and each line's stamp, head and LF.
-        _WRITER.hand_over(self, buf, size + len(buf) * (_STAMPED + len(buf[0][1])))
+        _WRITER.hand_over(self, chunk, lines)
 
     def sync(self) -> None:
         """:meth:`flush`, then wait until every line handed over so far is in the file (or
@@ -307,16 +302,17 @@ class ProtocolLog:
     # --- lines ----------------------------------------------------------------------------
 
     def _add(self, head: bytes, data: bytes | str, kind: int = ONE) -> None:
-        """Buffer one entry: ``head`` is the session's fields after the time stamp (TAB
-        first, TAB last), ``data`` what was received, sent or happened, as it came
-        (sanitised at the flush), ``kind`` how it divides into lines.
+        """Render one entry into the buffer: ``head`` is the session's fields after the
+        time stamp (TAB first, TAB last), ``data`` what was received, sent or happened, as
+        it came, ``kind`` how it divides into lines.
 
-        On the event loop for every line: a time, a tuple, an append and two tests (a
-        closed log flushes at once, and the flush counts the lines as dropped)."""
+        On the event loop for every line: a time, the rendering (in C when compiled: a
+        copy of bytes that need no escape) and two tests (a closed log flushes at once,
+        and the flush counts the lines as dropped)."""
         now = self._clock()
-        self._buf.append((now, head, data, kind))
-        self._buf_bytes += len(data)
-        if self._buf_bytes >= FLUSH_BYTES or now >= self._flush_due:
+        buf = self._buf
+        buf.add(now, head, data, kind)
+        if buf.size >= FLUSH_BYTES or now >= self._flush_due:
             self.flush()
 
     # --- the file -------------------------------------------------------------------------
@@ -431,11 +427,11 @@ class ProtocolLog:
 
 
 class _Writer:
-    """The one thread that renders and writes every protocol log's lines.
+    """The one thread that writes every protocol log's lines.
 
-    The event loop hands over a log's buffer (:meth:`ProtocolLog.flush`: a list swap and
-    a queue put) and never formats, encodes or writes a line itself: the rendering and
-    the ``write`` system call happen here, where a slow disk delays only the log.  After
+    The event loop hands over a log's rendered lines (:meth:`ProtocolLog.flush`: one
+    bytes and a queue put) and never writes a line itself: the ``write`` system call
+    happens here, where a slow disk delays only the log.  After
     each round of writes the thread sleeps :data:`GATHER_SECONDS` (unless a
     :meth:`sync` wakes it), so it takes the GIL from the loop a few times a second, not
     once per buffer (each wake-up costs the loop more than the writing; see
@@ -443,7 +439,7 @@ class _Writer:
     """
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[ProtocolLog, list[Entry], int] | threading.Event] = (
+        self._jobs: queue.SimpleQueue[tuple[ProtocolLog, bytes, int] | threading.Event] = (
             queue.SimpleQueue())
         self._wake = threading.Event()
         #: Bytes handed over and not written yet, under its lock (two threads change it).
@@ -452,14 +448,14 @@ class _Writer:
         self._thread: threading.Thread | None = None
         self._start = threading.Lock()
 
-    def hand_over(self, log: ProtocolLog, entries: list[Entry], size: int) -> None:
-        """Queue ``entries`` (about ``size`` bytes once written) for ``log``; past
-        :data:`MAX_PENDING` bytes not yet written (a disk that stopped answering) they are
-        counted as dropped instead: the loop never waits for the disk, and memory stays
-        bounded."""
+    def hand_over(self, log: ProtocolLog, chunk: bytes, lines: int) -> None:
+        """Queue ``chunk`` (``lines`` lines) for ``log``; past :data:`MAX_PENDING` bytes
+        not yet written (a disk that stopped answering) they are counted as dropped
+        instead: the loop never waits for the disk, and memory stays bounded."""
+        size = len(chunk)
         with self._count:
             if self._pending + size > MAX_PENDING:
-                log.dropped += line_count(entries)
+                log.dropped += lines
                 return
             self._pending += size
         if self._thread is None:
@@ -468,7 +464,7 @@ class _Writer:
                     self._thread = threading.Thread(target=self._run, name="ferry-protolog",
                                                     daemon=True)
                     self._thread.start()
-        self._jobs.put((log, entries, size))
+        self._jobs.put((log, chunk, lines))
 
     def sync(self) -> None:
         """Wait until everything handed over so far is written."""
@@ -493,14 +489,14 @@ class _Writer:
                     continue
                 # One write per buffer handed over, as the loop would have written it:
                 # rotation by max_bytes sees the same writes.
-                log, entries, size = job
+                log, chunk, lines = job
                 try:
-                    log._write(render(entries))
+                    log._write(chunk)
                 except Exception:  # a bug: lose these lines, say so, keep on writing
                     _log.exception("protocol log %s: lines lost", log.path)
-                    log.dropped += line_count(entries)
+                    log.dropped += lines
                 with self._count:
-                    self._pending -= size
+                    self._pending -= len(chunk)
             for event in done:
                 event.set()
             if not done:

@@ -646,8 +646,11 @@ def test_lines_beyond_the_writers_bound_are_dropped_not_queued(tmp_path: Path) -
     s = log.session("S", "c")
     s.send(b"250-a\r\n250 b\r\n")
     s.recv(b"NOOP")
-    entries, log._buf = log._buf, []
-    protolog._Writer().hand_over(log, entries, protolog.MAX_PENDING + 1)
+    lines = log._buf.lines
+    chunk = log._buf.take()
+    writer = protolog._Writer()
+    writer._pending = protolog.MAX_PENDING + 1 - len(chunk)  # a disk that stopped answering
+    writer.hand_over(log, chunk, lines)
     assert log.dropped == 3
     log.close()
     assert texts(tmp_path / "protocol-m.log") == []
@@ -687,6 +690,14 @@ def test_compiled_renderer_writes_the_twins_bytes(
         now += step
         buffered.append((now, head, data, kind))
     assert module.render(buffered) == _logline_py.render(buffered)
+    # The buffer the log renders into: the same size and line count as it fills.
+    mine, twin = module.Lines(), _logline_py.Lines()
+    for entry in buffered:
+        mine.add(*entry)
+        twin.add(*entry)
+        assert (mine.size, mine.lines) == (twin.size, twin.lines)
+    assert mine.take() == twin.take() == _logline_py.render(buffered)
+    assert (mine.size, mine.lines) == (0, 0)
 
 
 def test_the_writer_renders_with_the_selected_module() -> None:
