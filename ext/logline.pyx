@@ -1,14 +1,13 @@
 # cython: language_level=3
-"""Compiled protocol-log renderer (engine._ext.logline): buffered entries → file bytes.
+"""Compiled protocol-log renderer (engine._ext.logline): each line logged → file bytes.
 
-Owns nothing of the format: it writes what engine/ops/_logline_py.py's ``render`` writes,
-byte for byte (tests/unit/test_protolog.py compares the two on any entries), doing in C
-the common case, lines of printable ASCII without a backslash (SMTP commands and
-replies), and calling the twin's ``sanitise``, ``split_lines``, ``format_timestamp`` and
-the time of a new second for the rest (an escape, a cut); a new millisecond is written
-into the second's stamp in place.  It runs in the protocol
-log's writer thread, holding the GIL: the less time it takes, the less the event loop
-waits for the GIL.  It never does I/O.
+Owns nothing of the format: its ``Lines`` and ``render`` write what engine/ops/
+_logline_py.py's write, byte for byte (tests/unit/test_protolog.py compares the two on
+any entries), doing in C the common case, lines of printable ASCII without a backslash
+(SMTP commands and replies), and calling the twin's ``sanitise``, ``split_lines`` and
+``format_timestamp`` for the rest (an escape, a cut, a new second; a new millisecond is
+written into the second's stamp in place).  It runs on the event loop, once per line
+logged: it must stay a copy of bytes for the common case.  It never does I/O.
 """
 
 cimport cython

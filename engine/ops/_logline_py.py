@@ -1,10 +1,11 @@
 """The protocol log's line rendering: sanitising a field, formatting a time stamp, and
-turning a buffer of raw entries into the bytes of the file (pure Python).
+turning each line logged into the bytes of the file (:class:`Lines`; pure Python).
 
 The format is engine.ops.protolog's (its module docstring and docs/ say it): this module
 holds the code that decides each byte of it, so that ``ext/logline.pyx`` (the compiled
-:func:`render`, selected by ``engine.ops.logline``) has one twin to agree with byte for
-byte (tests/unit/test_protolog.py).  It never does I/O, and never raises on any text.
+:class:`Lines` and :func:`render`, selected by ``engine.ops.logline``) has one twin to
+agree with byte for byte (tests/unit/test_protolog.py).  It never does I/O, and never
+raises on any text.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from typing import Final
 
 __all__ = ["CRLF_LINES", "LF_LINES", "MAX_TEXT", "ONE", "Entry", "Lines", "format_timestamp",
-           "line_count", "render", "sanitise", "split_lines", "stamp_end"]
+           "render", "sanitise", "split_lines", "stamp_end"]
 
 #: Longest text field, in characters, "…" marker included.
 MAX_TEXT: Final = 1000
@@ -133,12 +134,6 @@ def stamp_end(t: float) -> float:
     while int((math.nextafter(end, -math.inf) - sec) * 1000) > ms:
         end = math.nextafter(end, -math.inf)
     return end
-
-
-def line_count(entries: list[Entry]) -> int:
-    """How many log lines ``entries`` make."""
-    return sum(len(split_lines(data, kind)) if isinstance(data, bytes) and kind != ONE else 1
-               for _, _, data, kind in entries)
 
 
 def split_lines(data: bytes, kind: int) -> list[bytes]:

@@ -89,7 +89,7 @@ from engine.ops._logline_py import (
     split_lines,
     stamp_end,
 )
-from engine.ops.logline import Lines, render
+from engine.ops.logline import Lines
 
 __all__ = [
     "FLUSH_BYTES",
@@ -169,9 +169,8 @@ def _redact(line: bytes) -> str:
 
 
 _LF: Final = b"\n"
-#: The twin's names the tests and older callers know this module by.
+#: The twin's name the tests know this module by.
 _stamp_end = stamp_end
-_render = render
 
 
 _CONNECTOR_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

@@ -700,6 +700,8 @@ def test_compiled_renderer_writes_the_twins_bytes(
     assert (mine.size, mine.lines) == (0, 0)
 
 
-def test_the_writer_renders_with_the_selected_module() -> None:
-    assert protolog._render is logline.render
+def test_the_log_renders_with_the_selected_module(tmp_path: Path) -> None:
+    log = ProtocolLog(tmp_path, "m", flush_interval=3600)
+    assert type(log._buf) is logline.Lines
     assert _speedups.active["logline"] == logline.COMPILED
+    log.close()
