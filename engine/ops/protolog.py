@@ -105,7 +105,7 @@ __all__ = [
 
 _log = logging.getLogger("ferry.protolog")
 
-#: The buffer is flushed as soon as its lines' text is this many bytes.  Large, so that
+#: The buffer is flushed as soon as its rendered lines are this many bytes.  Large, so that
 #: under load the writer thread makes one write a log per round (each system call hands
 #: the GIL back and forth with the event loop), not one per 64 KiB.
 FLUSH_BYTES: Final = 1 << 20
