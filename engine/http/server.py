@@ -45,6 +45,8 @@ log = logging.getLogger("ferry.http")
 
 #: Every scope: what a trusted loopback client may do.
 ALL_SCOPES: Final = frozenset(Scope)
+#: Who a trusted loopback client is: one value, not one built per request.
+LOOPBACK: Final = Principal("loopback", ALL_SCOPES, trusted=True)
 
 #: The route tables of every area, added in this order.
 ROUTE_TABLES: Final = (health.routes, metrics.routes, inject.routes, admin.routes)
@@ -87,7 +89,7 @@ class Tokens:
                     found = who
             return found
         if self.trust_loopback and _loopback(request.remote):
-            return Principal("loopback", ALL_SCOPES, trusted=True)
+            return LOOPBACK
         return None
 
 
