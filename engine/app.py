@@ -30,7 +30,7 @@ import socket
 import ssl
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from engine import __version__, _speedups
 from engine.agents import Agents
@@ -111,7 +111,8 @@ class App:
         #: (engine.cluster.fanout.NodeControl, the supervisor's ``<spool>/control.sock``),
         #: set before start; None: a node of one.  With it, the admin API and GET /metrics
         #: answer for every worker (engine.cluster.nodeview), and every worker keeps its
-        #: metrics while [http] is on (worker 0 gathers them over the control channel).
+        #: metrics while [http] is on (the one a scrape reaches gathers them over the
+        #: control channel).
         self.node_control: Path | None = (
             socket_path(role.spool) if role is not None and role.size > 1 else None)
         #: The node's operations for the admin API (made at start when ``node_control``).
@@ -231,7 +232,7 @@ class App:
         self._start_tracking()
         if self.http is not None or (self.node_control is not None and cfg.http.listen):
             # Before anything emits: the counts start with the server.  A worker of a node
-            # counts too while worker 0 serves GET /metrics for the node; never otherwise
+            # counts too (whichever serves GET /metrics gathers every worker's); never otherwise
             # (the counts are a cost per message nobody would read).
             from engine.ops.metrics import Metrics
 
@@ -303,9 +304,14 @@ class App:
             from engine.cluster.nodeview import NodeOperations
             from engine.cluster.shards import tracking_dirs
 
+            # The node's spool and directories, whichever worker this is (every worker
+            # serves the admin API of the node).
+            role = self.role
+            node = role.node if role is not None and role.node is not None else cfg
             self.node_operations = NodeOperations(
-                operations, store, self.node_control, Path(cfg.spool),
-                (lambda: tracking_dirs(cfg)) if cfg.tracking.enabled else None)
+                operations, store, self.node_control, Path(node.spool),
+                (lambda: tracking_dirs(node)) if node.tracking.enabled else None,
+                index=0 if role is None else role.index)
         try:
             await control.start()
         except ControlUnavailable as exc:
@@ -708,6 +714,25 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+#: How often a worker that only drains its shard looks whether it is empty (seconds).
+DRAIN_CHECK: Final = 1.0
+
+
+async def _until_drained(app: App, stop: asyncio.Event) -> None:
+    """A worker past the node's count (its shard is a larger run's): stop once the shard
+    holds no message and no webhook event is waiting, so that the supervisor does not
+    start it again.  Held or poisoned mail keeps it running: the operator decides."""
+    while not stop.is_set():
+        await asyncio.sleep(DRAIN_CHECK)
+        store, hooks = app.store, app.webhooks
+        if store is None or store.count() or (hooks is not None
+                                              and any(hooks.backlog().values())):
+            continue
+        log.info("this shard is empty: its worker ends (remove %s once its logs are no "
+                 "longer needed)", app.config.spool)
+        stop.set()
+
+
 async def serve(config: Config, path: str | os.PathLike[str] | None = None,
                 flags: Mapping[str, object] | None = None, *,
                 role: WorkerRole | None = None, started: Callable[[App], None] | None = None,
@@ -744,7 +769,11 @@ async def serve(config: Config, path: str | os.PathLike[str] | None = None,
         if started is not None:
             started(app)
         notify.start_watchdog()
+        if role is not None and role.drains:
+            watch = loop.create_task(_until_drained(app, stop))
         await stop.wait()
+        if role is not None and role.drains:
+            watch.cancel()
         notify.stopping("stopping: finishing sessions and pending commits")
         loop.remove_signal_handler(signal.SIGHUP)
         await asyncio.gather(*reloads, return_exceptions=True)

@@ -5,7 +5,7 @@ worker's own control socket (``worker_control_path(spool, i)``).  :class:`NodeCo
 serves the node's socket with the same line protocol as ``engine.ops.control`` (the same
 requests, checked by the same :func:`~engine.ops.control.parse_request`), by forwarding
 each request to every worker at once and merging their replies, so ``ferry queue`` and
-worker 0's admin API see and act on the node as one server:
+every worker's admin API see and act on the node as one server:
 
 - ``queues``: one row per destination, counts and rates summed, the worst state, the
   latest error, the earliest next retry (:func:`merge_rows`); ``stats``: figures summed
@@ -20,7 +20,7 @@ worker 0's admin API see and act on the node as one server:
   it gives one (a callable); else every worker reloads and the replies merge
   (:func:`merge_reloads`: refused if any worker refused).
 - ``metrics``: every worker's text with a ``worker="<i>"`` label on each sample, each
-  family's samples together (:func:`merge_metrics`): worker 0's ``GET /metrics``.
+  family's samples together (:func:`merge_metrics`): a worker's ``GET /metrics``.
 
 A worker that does not answer (stopped, restarting, slower than ``timeout``) is named in
 the reply, ``"not_answering": [1]`` and ``"warnings": ["worker 1 not answering (...)"]``,
@@ -406,7 +406,7 @@ def node_control(supervisor: Supervisor) -> NodeControl:
     on ``<spool>/control.sock`` for every worker it runs (a stopped one is named), a
     reload forwarded to every worker."""
     node = NodeControl(control.socket_path(supervisor.spool), supervisor.spool,
-                       lambda: [w.index for w in supervisor.workers])
+                       lambda: [w.index for w in supervisor.workers if not w.done])
     account = supervisor.account
     if account is not None:  # the operator is [server] user, as with one process
         node.owner = (account.uid, account.gid)

@@ -13,6 +13,10 @@ Redis cannot be reached:
   ``Throttle``): one key per destination holds the theoretical arrival time of the next
   message; a reservation moves it on by 1/rate and says how long to wait.
 - **Suspensions.** One hash of suspended destinations, read by every node.
+- **Automation holds.** One sorted set of the holds a ``[[shaping.automation]]`` rule put
+  on a (source, site), scored with the time each ends: every node holds what another was
+  told by a receiver (engine.cluster.suspensions reads it); ended holds are dropped at
+  the next one's write.
 
 Every script reads the clock of the Redis server (``TIME``), never the node's: nodes whose
 clocks disagree still agree on who holds what.  While Redis is unreachable (a refused
@@ -35,6 +39,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+import orjson
 
 from engine.scheduler.policy import Throttle, count_daily
 
@@ -171,8 +177,8 @@ class ShareFallback:
         self.on_hold: Callable[[str, str, float, str], None] | None = None
 
     def share_hold(self, key: str, rule: str, until: float, reply: str) -> None:
-        """Tell the others of an automation hold: no one to tell here (the Redis-shared
-        limits share operators' suspensions, not the automation's holds)."""
+        """Tell the others of an automation hold: nobody to tell alone (each kind of shared
+        limits tells its members its own way)."""
 
     def mine(self, limit: int) -> int:
         """This one's share of ``limit``: never less than one, or a node alone would
@@ -293,6 +299,8 @@ class SharedLimits(ShareFallback):
         #: set to wake the keeper: Redis was lost, or the node stops
         self._nudge = asyncio.Event()
         self._stopping = False
+        #: holds being written (share_hold does not wait for Redis)
+        self._writes: set[asyncio.Task[Any]] = set()
 
     # --- life ----------------------------------------------------------------------------
 
@@ -411,6 +419,47 @@ class SharedLimits(ShareFallback):
             return None
         return {_text(k): _text(v) for k, v in got.items()}
 
+    # --- automation holds ----------------------------------------------------------------
+
+    def share_hold(self, key: str, rule: str, until: float, reply: str) -> None:
+        """Tell every node that the automation rule ``rule`` holds ``key`` until ``until``
+        (epoch seconds): written in the background, bounded like every call; the others
+        read it at their next look (engine.cluster.suspensions).  Lost while Redis is
+        away: the hold stays this node's own, as it would be without a cluster."""
+        if not self.shared or self._client is None:
+            return
+        member = orjson.dumps([key, rule, reply[:500], self.node])
+        task = asyncio.get_running_loop().create_task(
+            self._call(self._put_hold(member, until)))
+        self._writes.add(task)  # held until done: the loop keeps only a weak reference
+        task.add_done_callback(self._writes.discard)
+
+    async def _put_hold(self, member: bytes, until: float) -> None:
+        assert self._client is not None
+        pipe = self._client.pipeline(transaction=False)
+        pipe.zremrangebyscore(self._holds_key(), "-inf", time.time())
+        pipe.zadd(self._holds_key(), {member: until})
+        await pipe.execute()
+
+    async def holds(self) -> list[tuple[str, str, float, str, str]] | None:
+        """The automation holds in force that any node shared: (key, rule, until, reply,
+        node) each; None when Redis cannot say.  An unreadable member is skipped."""
+        if not self.shared:
+            return None
+        assert self._client is not None
+        got = await self._call(self._client.zrangebyscore(
+            self._holds_key(), time.time(), "+inf", withscores=True))
+        if got is None:
+            return None
+        out = []
+        for member, until in got:
+            try:
+                key, rule, reply, node = orjson.loads(member)
+                out.append((str(key), str(rule), float(until), str(reply), str(node)))
+            except (ValueError, TypeError):
+                log.warning("cluster: a shared hold that cannot be read: %r", member[:80])
+        return out
+
     # --- the connection to Redis ---------------------------------------------------------
 
     def _lease_key(self, key: str) -> str:
@@ -424,6 +473,9 @@ class SharedLimits(ShareFallback):
 
     def _suspended_key(self) -> str:
         return f"{self.prefix}suspended"
+
+    def _holds_key(self) -> str:
+        return f"{self.prefix}holds"
 
     def _ttl_ms(self) -> int:
         return max(1, round(self.lease_ttl * 1000))

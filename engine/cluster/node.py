@@ -52,7 +52,6 @@ because the coordinator is away.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -74,7 +73,7 @@ from engine.cluster.limits import (
     _within,
 )
 from engine.cluster.shards import limits_path
-from engine.ops.control import listen_private, temporary_name
+from engine.ops.control import listen_private, remove_if_ours, temporary_name
 from engine.scheduler.policy import Throttle, count_daily
 
 if TYPE_CHECKING:
@@ -180,9 +179,7 @@ class NodeCoordinator:
             peer.close()
         await self._server.wait_closed()
         self._server = None
-        with contextlib.suppress(OSError):
-            if self.path.stat().st_ino == self._inode:  # still ours, not a successor's
-                self.path.unlink()
+        remove_if_ours(self.path, self._inode)
 
     # --- requests: each answered from memory, at once ---------------------------------
 

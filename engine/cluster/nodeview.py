@@ -9,7 +9,7 @@
   Its writing methods raise :class:`ReadOnly`: a shard is written by its own worker only.
 - :func:`open_shards`: every shard of a spool, opened to read (``ferry queue`` on a
   running node or a stopped one).
-- :class:`NodeOperations`: ``engine.ops.operations.Operations`` for worker 0's admin API
+- :class:`NodeOperations`: ``engine.ops.operations.Operations`` for a worker's admin API
   on a node of several workers: the views read every shard (:class:`ShardedQueue`, the
   tracking logs of every shard), the verbs and the scheduler's views go through the
   node's control channel (``engine.cluster.fanout.NodeControl``, the supervisor's
@@ -234,22 +234,22 @@ def tracking_records(directories: Sequence[Path], query: Query) -> Iterator[dict
 
 
 class NodeOperations(Operations):
-    """The operations of a whole node for worker 0's admin API (see the module
-    docstring): ``local`` is worker 0's own; ``node`` the node's control socket;
-    ``spool`` the node's spool; ``tracking`` says every shard's tracking log directory
-    at the time of asking (``engine.cluster.shards.tracking_dirs``: a shard may appear
+    """The operations of a whole node for a worker's admin API (see the module
+    docstring): ``local`` is the worker's own (of shard ``index``); ``node`` the node's
+    control socket; ``spool`` the node's spool; ``tracking`` says every shard's tracking
+    log directory at the time of asking (``engine.cluster.shards.tracking_dirs``: a shard may appear
     after the start; None: tracking is off).  The events of its verbs name the token
     (``by``, which the node's control channel takes from a worker of the node)."""
 
     def __init__(self, local: Operations, store: LmdbQueue, node: Path, spool: Path,
                  tracking: Callable[[], Sequence[Path]] | None = None,
-                 timeout: float = NODE_TIMEOUT) -> None:
+                 timeout: float = NODE_TIMEOUT, *, index: int = 0) -> None:
         super().__init__(local.scheduler, local.normalize, local.tracking)
         self.local = local
-        #: The shards open in this process already, by index (worker 0's own; LMDB opens
-        #: an environment once per process, so two workers run in one process, as tests
-        #: do, add the other's here); the others are opened to read.
-        self.open_here: dict[int, LmdbQueue] = {0: store}
+        #: The shards open in this process already, by index (this worker's own, shard
+        #: ``index``; LMDB opens an environment once per process, so two workers run in
+        #: one process, as tests do, add the other's here); the others are opened to read.
+        self.open_here: dict[int, LmdbQueue] = {index: store}
         self.node = node
         self.spool = Path(spool)
         self.tracking_dirs = tracking

@@ -12,6 +12,10 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.config import Config
 
 
 @dataclass(slots=True)
@@ -27,5 +31,14 @@ class WorkerRole:
     spool: Path
     #: The sockets of each receive connector, in [[receive]] order (empty: none).
     listeners: list[list[socket.socket]] = field(default_factory=list)
-    #: The HTTP listener's sockets: worker 0's alone.
+    #: This worker's copies of the HTTP listener's sockets (none for one that drains).
     http: list[socket.socket] = field(default_factory=list)
+    #: The node's configuration, before ``shard_config`` made this worker's of it (its
+    #: spool and log directories are the node's: the admin API reads every shard's).
+    node: Config | None = None
+
+    @property
+    def drains(self) -> bool:
+        """Whether this worker only delivers what its shard holds (and ends once it is
+        empty): its shard is one of a larger run's."""
+        return self.index >= self.count

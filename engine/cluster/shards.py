@@ -7,7 +7,8 @@ database with its own writer process, in-flight journal, tracking log and protoc
 a message is queued, delivered, retried, reported and tracked by the worker that took
 it.  What is node-wide lives beside the shards in ``<spool>/workers/``: every worker's
 control socket (``control-<i>.sock``; ``<spool>/control.sock`` is the supervisor's, which
-answers for the whole node) and the socket of the node's limits (``limits.sock``).
+answers for the whole node), its private HTTP socket (``http-<i>.sock``) and the socket of
+the node's limits (``limits.sock``).
 
 A directory the configuration names outside the spool (``[tracking] dir``, ``[log]
 protocol_log_dir``) gets a ``worker-<i>`` subdirectory for workers 1 and up; one inside
@@ -54,6 +55,12 @@ def shard_indexes(spool: Path) -> list[int]:
 def worker_control_path(spool: Path, index: int) -> Path:
     """Worker ``index``'s own control socket (the supervisor's is ``<spool>/control.sock``)."""
     return workers_dir(spool) / f"control-{index}.sock"
+
+
+def worker_http_path(spool: Path, index: int) -> Path:
+    """Worker ``index``'s private HTTP socket: the keyed injections the node's other
+    workers forward to it (engine.http.forward)."""
+    return workers_dir(spool) / f"http-{index}.sock"
 
 
 def limits_path(spool: Path) -> Path:

@@ -5,7 +5,7 @@ What it does, in order: as the user who started Ferry (root, to bind port 25), i
 the spool and its ``workers/`` directory (given to ``[server] user``), takes the spool's
 lock (so a second ``ferry serve`` on the spool still refuses), and binds every listener
 once per accepting worker with SO_REUSEPORT (the kernel spreads connections over the
-workers; ``engine.server.service.bind_shared``), the HTTP listener once for worker 0.  It
+workers; ``engine.server.service.bind_shared``), the HTTP listener likewise.  It
 starts the node's services (the limits every worker asks, ``engine.cluster.node``; the
 control channel that answers for the whole node, ``engine.cluster.fanout``), then one
 worker process per shard (``engine.cluster.worker``) with its sockets, and tells systemd
@@ -16,10 +16,11 @@ root (which loads its TLS keys and switches user itself); it reads no byte from 
 network.  A worker that ends unasked is started again on the same shard and sockets,
 after a pause that doubles while it keeps failing (up to :data:`MAX_PAUSE`): its shard's
 recovery requeues what it had in flight (at-least-once: at most those are sent again),
-and connections that arrive meanwhile wait in its sockets' backlog.  SIGTERM/SIGINT stop
-every worker cleanly (each finishes its sessions and commits) before the supervisor ends;
-SIGHUP reloads every worker.  A worker that fails before it ever served stops the node:
-a configuration or a port problem is not cured by starting again.
+and connections that arrive meanwhile wait in its sockets' backlog; a worker that only
+drained a larger run's shard and ended on its own (status 0, its shard empty) is not.
+SIGTERM/SIGINT stop every worker cleanly (each finishes its sessions and commits) before
+the supervisor ends; SIGHUP reloads every worker.  A worker that fails before it ever
+served stops the node: a configuration or a port problem is not cured by starting again.
 
 It must never open a queue, accept a connection or deliver mail itself.
 """
@@ -46,7 +47,7 @@ from engine.ops import logfmt
 from engine.ops.daemon import Account, SpoolLock, lookup, prepare_spool
 from engine.ops.reload import why_restart
 from engine.ops.sdnotify import Notifier
-from engine.server.service import bind_listeners, bind_shared
+from engine.server.service import bind_shared
 
 log = logging.getLogger("ferry.node")
 
@@ -80,6 +81,8 @@ class _Worker:
     pause: float = 0.0
     #: It served once: from then on a failure to start again does not stop the node.
     served: bool = False
+    #: It only drained a larger run's shard, and ended once the shard was empty.
+    done: bool = False
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -99,7 +102,8 @@ class Supervisor:
         self.workers = [_Worker(i) for i in range(self.size)]
         #: Per worker: its sockets per receive connector (workers past ``count``: none).
         self._listeners: list[list[list[socket.socket]]] = []
-        self._http: list[socket.socket] = []
+        #: Per accepting worker: its copies of the HTTP listener's sockets.
+        self._http: list[list[socket.socket]] = []
         #: The node's services, started before the workers and stopped after them.
         self.services: list[NodeService] = []
         #: Factories of the node's services, called once the supervisor has prepared
@@ -126,7 +130,7 @@ class Supervisor:
             self._listeners = [[copies[i] for copies in per_connector] if i < self.count
                                else [] for i in range(self.size)]
             if cfg.http.listen:
-                self._http = bind_listeners(cfg.http.listen)
+                self._http = bind_shared(cfg.http.listen, self.count)
         except BaseException:
             for sock in (s for copies in per_connector for socks in copies for s in socks):
                 sock.close()
@@ -137,7 +141,7 @@ class Supervisor:
     def _close_sockets(self) -> None:
         for sock in (s for per in self._listeners for socks in per for s in socks):
             sock.close()
-        for sock in self._http:
+        for sock in (s for socks in self._http for s in socks):
             sock.close()
 
     def addresses(self) -> list[str]:
@@ -199,7 +203,8 @@ class Supervisor:
         (at the node's start, that stops the node)."""
         ready_r, ready_w = os.pipe()
         listeners = [[s.fileno() for s in per] for per in self._listeners[worker.index]]
-        http = [s.fileno() for s in self._http] if worker.index == 0 else []
+        http = ([s.fileno() for s in self._http[worker.index]]
+                if worker.index < len(self._http) else [])
         spec: dict[str, object] = {
             "path": self.path, "flags": self.flags, "index": worker.index,
             "count": self.count, "size": self.size, "spool": str(self.spool),
@@ -237,6 +242,11 @@ class Supervisor:
             assert worker.process is not None
             code = await worker.process.wait()
             if self._stopping.is_set():
+                return
+            if code == 0 and worker.index >= self.count:
+                # A shard of a larger run, delivered: nothing to start again for.
+                worker.done = True
+                log.info("worker %d delivered what its shard held and ended", worker.index)
                 return
             lasted = time.monotonic() - worker.started
             worker.pause = 0.0 if lasted >= STEADY else min(MAX_PAUSE,

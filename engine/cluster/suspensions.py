@@ -9,6 +9,11 @@ resumed it), and written there otherwise (suspended here while Redis was away, o
 this node joined).  The operator's verbs write through at once
 (``engine.ops.operations``), so the others follow within ``interval``.
 
+The same look reads the automation holds other nodes shared (a receiver's "421 4.7.28
+slow down" to one node is meant for the sender, every node of it) and hands each to the
+scheduler (``on_hold`` of the limits: it holds the same (source, site) until the same
+time, and ignores what it holds as long already).
+
 It must never decide delivery itself (it calls the scheduler's own verbs) and never fail
 the node when Redis is away: a look that gets no answer changes nothing.
 """
@@ -75,7 +80,9 @@ class SuspensionSync:
             self._unsent.add(destination)
 
     async def sync(self) -> None:
-        """One look at the cluster's suspensions, and this node brought in line."""
+        """One look at the cluster's suspensions and holds, and this node brought in
+        line."""
+        await self._holds()
         for destination in sorted(self._unsent):
             if await self.limits.resume(destination):
                 self._unsent.discard(destination)
@@ -97,3 +104,11 @@ class SuspensionSync:
             elif await self.limits.suspend(destination, self.limits.node):
                 published.add(destination)
         self._seen = set(remote) | published
+
+    async def _holds(self) -> None:
+        on_hold = self.limits.on_hold
+        if on_hold is None:
+            return
+        for key, rule, until, reply, node in await self.limits.holds() or ():
+            if node != self.limits.node:
+                on_hold(key, rule, until, reply)

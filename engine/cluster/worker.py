@@ -3,7 +3,7 @@
 The supervisor (``engine.cluster.supervisor``) starts it with SPEC, a JSON object: the
 configuration's file and ``ferry serve`` flags (read here again, as a reload would), the
 worker's index, the node's worker counts and spool, the descriptors of the listening
-sockets it passed down (per receive connector, and the HTTP listener's for worker 0),
+sockets it passed down (per receive connector, and the HTTP listener's),
 and the descriptor on which the worker says it serves.  The worker is then a whole
 ``ferry serve`` on its queue shard (``engine.app.serve`` with a ``WorkerRole``): it
 recovers its shard, switches user, serves, and stops cleanly on SIGTERM.
@@ -68,14 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     index = int(spec["index"])
     logfmt.install(sys.stderr).addFilter(_Tagged(index))
     try:
-        config = shard_config(load_config(spec["path"], spec["flags"]), index)
+        node = load_config(spec["path"], spec["flags"])
+        config = shard_config(node, index)
     except ConfigError as exc:
         print(f"ferry worker {index}: configuration error: {exc}", file=sys.stderr)
         return 2
     role = WorkerRole(index=index, count=int(spec["count"]), size=int(spec["size"]),
                       spool=Path(spec["spool"]),
                       listeners=[_sockets(fds) for fds in spec["listeners"]],
-                      http=_sockets(spec["http"]))
+                      http=_sockets(spec["http"]), node=node)
     ready = int(spec["ready"])
 
     def started(_: object) -> None:

@@ -56,6 +56,7 @@ from engine.http.api import (
     json_response,
     requires,
 )
+from engine.http.forward import tls_of
 from engine.message.compose import (
     Attachment,
     ComposeError,
@@ -259,13 +260,6 @@ def _screening(chain: Chain) -> bool:
     if _screens is None or _screens[0] is not chain:
         _screens = (chain, chain.wants(Stage.DATA) or chain.wants(Stage.SIGN))
     return _screens[1]
-
-
-def _tls_info(request: web.Request) -> str:
-    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-    if ssl_object is None:
-        return ""
-    return f"version={ssl_object.version()} cipher={ssl_object.cipher()[0]}"
 
 
 @dataclass(slots=True)
@@ -566,7 +560,7 @@ async def post_messages(request: web.Request) -> web.Response:
     if pressure is not None:
         raise _backpressure(pressure)
     plan = _plan(doc, rcpts, http, app.config.hostname)
-    tls_info = _tls_info(request)
+    tls_info = tls_of(request)
     arrival = Arrival(
         connector=http_connector(http), client_address=remote, helo="", esmtp=True,
         tls=bool(tls_info), tls_info=tls_info,

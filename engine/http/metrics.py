@@ -29,7 +29,7 @@ CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 @requires(Scope.READ)
 async def metrics(request: web.Request) -> web.Response:
     app = request.app[APP]
-    if app.node_control is not None:  # worker 0 of a node: every worker's, labelled
+    if app.node_control is not None:  # a worker of a node: every worker's, labelled
         return web.Response(body=await _node_metrics(app.node_control),
                             headers={"Content-Type": CONTENT_TYPE})
     figures = app.metrics

@@ -28,14 +28,17 @@ import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from engine.config import HttpConfig
 from engine.http import admin, health, inject, metrics
 from engine.http.api import APP, PRINCIPAL, Handler, Principal, Problem, Scope, required_scope
+from engine.http.forward import PRINCIPAL_HEADER, Forwarder, from_worker, private_path
+from engine.ops.control import listen_private, remove_if_ours
 from engine.server.service import address_of, bind_listeners, tls_context
 
 if TYPE_CHECKING:
@@ -76,7 +79,14 @@ class Tokens:
         self._tokens = [(t.token.encode(), Principal(name, frozenset(Scope(s) for s in t.scopes),
                                                      trusted=t.trusted))
                         for name, t in config.tokens.items()]
+        self._named = {who.name: who for _, who in self._tokens}
         self.trust_loopback = config.trust_loopback
+
+    def forwarded(self, request: web.Request) -> Principal | None:
+        """Who sent a request another worker of the node forwarded (engine.http.forward:
+        it checked the token; only the name comes along), None for a name unknown here."""
+        name = request.headers.get(PRINCIPAL_HEADER, "")
+        return LOOPBACK if name == LOOPBACK.name else self._named.get(name)
 
     def principal(self, request: web.Request) -> Principal | None:
         header = request.headers.get("Authorization", "")
@@ -134,8 +144,7 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def _authenticate(request: web.Request, scope: Scope) -> Principal:
     """Who sent the request, when it may use ``scope``; else a 401/403 Problem."""
-    tokens: Tokens = request.app[TOKENS]
-    who = tokens.principal(request)
+    who = request.app[IDENTIFY](request)
     if who is None:
         presented = "Authorization" in request.headers
         raise Problem(401, "Unauthorized",
@@ -149,7 +158,10 @@ def _authenticate(request: web.Request, scope: Scope) -> Principal:
     return who
 
 
-TOKENS: Final = web.AppKey("ferry.tokens", Tokens)
+#: How an application tells who sent a request: the bearer token or the loopback
+#: (``Tokens.principal``), or the name another worker forwarded (``Tokens.forwarded``).
+Identify = Callable[[web.Request], Principal | None]
+IDENTIFY: Final = web.AppKey[Identify]("ferry.identify")
 
 
 class HttpServer:
@@ -165,6 +177,13 @@ class HttpServer:
         self.addresses: list[str] = []
         self._runner: web.AppRunner | None = None
         self.tokens = Tokens(self.config)
+        #: A worker of a node: keyed injections go to the worker that owns the key, which
+        #: serves them on its private socket (engine.http.forward).
+        role = app.role
+        self.forwarder = (Forwarder(role, self.config.request_timeout)
+                          if role is not None and role.count > 1 else None)
+        self._private: web.AppRunner | None = None
+        self._private_inode = 0
 
     def bind(self, sockets: list[socket.socket] | None = None) -> None:
         """Bind ``[http] listen``, or serve ``sockets`` a node's supervisor bound."""
@@ -176,11 +195,18 @@ class HttpServer:
         for sock in self.sockets:
             sock.close()
 
-    def web_app(self) -> web.Application:
-        webapp = web.Application(middlewares=[_guard],
+    def web_app(self, private: bool = False) -> web.Application:
+        """The application of the listener, or (``private``) of a worker's private socket,
+        which serves the requests the node's other workers forward to it."""
+        middlewares: list[Middleware] = [_guard]
+        if private:
+            middlewares.insert(0, from_worker)
+        elif self.forwarder is not None:
+            middlewares.append(self.forwarder.middleware)
+        webapp = web.Application(middlewares=middlewares,
                                  client_max_size=self.config.max_body_size)
         webapp[APP] = self.app
-        webapp[TOKENS] = self.tokens
+        webapp[IDENTIFY] = self.tokens.forwarded if private else self.tokens.principal
         for table in ROUTE_TABLES:
             webapp.add_routes(table)
         return webapp
@@ -199,6 +225,19 @@ class HttpServer:
             await web.SockSite(runner, sock, ssl_context=self.tls).start()
         scheme = "https" if self.tls else "http"
         log.info("http listening on %s", ", ".join(f"{scheme}://{a}" for a in self.addresses))
+        if self.forwarder is not None and self.app.role is not None:
+            self._private = private = web.AppRunner(
+                self.web_app(private=True), access_log=None, handle_signals=False,
+                keepalive_timeout=self.config.idle_timeout)
+            await private.setup()
+
+            async def serve(sock: socket.socket) -> web.SockSite:
+                site = web.SockSite(private, sock)
+                await site.start()
+                return site
+
+            path = private_path(self.app.role)
+            _, self._private_inode = await listen_private(path, None, serve)
 
     def serving(self) -> bool:
         """Whether every listen address takes connections (for ``/readyz``)."""
@@ -209,4 +248,10 @@ class HttpServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.forwarder is not None:
+            await self.forwarder.close()
+        if self._private is not None and self.app.role is not None:
+            await self._private.cleanup()
+            self._private = None
+            remove_if_ours(private_path(self.app.role), self._private_inode)
         self.close_sockets()

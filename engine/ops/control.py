@@ -84,7 +84,7 @@ import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import orjson
 
@@ -316,9 +316,7 @@ class LineServer:
         await asyncio.gather(*self._connections, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
-        with contextlib.suppress(OSError):
-            if self.path.stat().st_ino == self._inode:  # still ours, not a successor's
-                self.path.unlink()
+        remove_if_ours(self.path, self._inode)
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
@@ -569,14 +567,17 @@ def request(path: Path, message: Mapping[str, Any], timeout: float = 600.0) -> R
     return reply
 
 
+_Server = TypeVar("_Server")
+
+
 def temporary_name(path: Path) -> Path:
     """Where :func:`listen_private` binds before the socket is renamed to ``path``."""
     return path.with_name(f".{path.name}.{os.getpid()}")
 
 
 async def listen_private(path: Path, owner: tuple[int, int] | None,
-                         serve: Callable[[socket.socket], Awaitable[asyncio.AbstractServer]],
-                         ) -> tuple[asyncio.AbstractServer, int]:
+                         serve: Callable[[socket.socket], Awaitable[_Server]],
+                         ) -> tuple[_Server, int]:
     """Serve the Unix socket ``path`` (``serve`` makes the server on the bound socket),
     reachable by its owner alone: bound under :func:`temporary_name`, made 0600 and given
     to ``owner`` (uid, gid), then renamed into place, so it is never reachable with wider
@@ -600,6 +601,14 @@ async def listen_private(path: Path, owner: tuple[int, int] | None,
         raise
     temporary.rename(path)
     return server, os.stat(path).st_ino
+
+
+def remove_if_ours(path: Path, inode: int | None) -> None:
+    """Remove the socket file :func:`listen_private` made (its ``inode``), unless a
+    successor's replaced it meanwhile."""
+    with contextlib.suppress(OSError):
+        if path.stat().st_ino == inode:
+            path.unlink()
 
 
 async def ask(path: Path, message: Mapping[str, Any], seconds: float = 600.0) -> Reply:

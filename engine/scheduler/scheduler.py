@@ -925,20 +925,23 @@ class Scheduler:
                             entry, f"451 4.4.1 {site.name} is down, not tried", down_until,
                             min(5.0, self._down_length() * RETRY_JITTER), site=site.name)
                         continue
-                    if self.held or site.capped:
-                        gate = await self._gate(site)
-                        if gate is not None:
-                            reason, until, spread = gate
-                            await self._defer_group(entry, reason, until, spread,
-                                                    site=site.name)
-                            continue
-                    if self.cluster is not None and site.limits.max_rate:
-                        wait = (await self.cluster.reserve(site.name,
-                                                           site.limits.max_rate)).wait
-                    else:
-                        wait = site.throttle.wait(loop.time())
-                    if wait:
-                        await asyncio.sleep(wait)
+                    # A suspended destination's group is only parked by _deliver: it
+                    # spends no daily cap's count and no rate slot of its site.
+                    if entry.next_hop not in self.suspended:
+                        if self.held or site.capped:
+                            gate = await self._gate(site)
+                            if gate is not None:
+                                reason, until, spread = gate
+                                await self._defer_group(entry, reason, until, spread,
+                                                        site=site.name)
+                                continue
+                        if self.cluster is not None and site.limits.max_rate:
+                            wait = (await self.cluster.reserve(site.name,
+                                                               site.limits.max_rate)).wait
+                        else:
+                            wait = site.throttle.wait(loop.time())
+                        if wait:
+                            await asyncio.sleep(wait)
                     tried = time.time()
                     queue.route = last = route
                     try:
@@ -1089,9 +1092,10 @@ class Scheduler:
         return hold
 
     def _held_elsewhere(self, name: str, rule_name: str, until: float, reply: str) -> None:
-        """Another worker of the node was held by the automation rule ``rule_name``: this
-        one holds the same (source, site) until the same time (its events are the other
-        worker's).  A rule this worker does not know (a reload not yet done) is ignored."""
+        """Another worker of the node (or another node of the cluster) was held by the
+        automation rule ``rule_name``: this one holds the same (source, site) until the
+        same time (its events are the other's).  A rule this one does not know (a reload
+        not yet done) is ignored."""
         rule = next((a for a in self.shaping.automation if a.name == rule_name), None)
         current = self.held.get(name)
         if rule is None or until <= time.time() or (current is not None
@@ -1101,7 +1105,7 @@ class Scheduler:
             current.timer.cancel()
         source, _, site = name.rpartition("@")
         self._keep_hold(name, _Hold(rule, until, reply, site, source, origin=False))
-        log.info("shaping rule %r %s %s until %s, as another worker of the node",
+        log.info("shaping rule %r %s %s until %s, told by another worker or node",
                  rule.name, _acts(rule), name, _iso(until))
 
     def _unhold(self, name: str, hold: _Hold) -> None:

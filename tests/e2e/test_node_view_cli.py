@@ -1,7 +1,7 @@
 """``ferry queue``, ``ferry track`` and ``ferry reload`` against ``ferry serve --workers 2``:
 real processes on 127.0.0.1 (the supervisor, its two workers, clients over smtplib on new
 connections, a sink that defers every message so the mail stays queued), the node's
-control channel served by the supervisor (engine.cluster.fanout), and worker 0's admin
+control channel served by the supervisor (engine.cluster.fanout), and the admin
 API and /metrics answering for both workers."""
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def test_the_cli_sees_and_acts_on_both_workers_of_a_node(tmp_path: Path) -> None
         assert ferry("queue", "--spool", str(spool), "suspended").stdout.split() == [DOMAIN]
         assert ferry("queue", "--spool", str(spool), "resume", DOMAIN).returncode == 0
 
-        # Worker 0's HTTP listener answers for the node (loopback is trusted by default).
+        # The HTTP listener (whichever worker it reaches) answers for the node (loopback
+        # is trusted by default).
         with urllib.request.urlopen(f"http://127.0.0.1:{http}/api/v1/messages?limit=0",
                                     timeout=30) as answer:
             assert orjson.loads(answer.read())["total"] == acked

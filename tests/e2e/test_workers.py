@@ -125,7 +125,8 @@ def test_a_shard_left_by_more_workers_is_delivered_by_a_worker_that_accepts_noth
         tmp_path: Path) -> None:
     """Mail queued by worker 1 of a two-worker node, which stops before it can deliver
     it, is delivered after a restart with one worker: the supervisor starts a worker for
-    the shard that still holds mail, and that worker takes no connection."""
+    the shard that still holds mail, that worker takes no connection, and it ends once
+    the shard is empty."""
     sink = TortureSink([SINK_ADDRESS], reply_delay=0.0)
     sink.state.data_replies[SINK_ADDRESS] = "451 4.3.0 not now"
     responder = DnsResponder(f"$TTL 300\n{DOMAIN}. IN MX 10 mx.{DOMAIN}.\n"
@@ -158,6 +159,10 @@ def test_a_shard_left_by_more_workers_is_delivered_by_a_worker_that_accepts_noth
         with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
             client.sendmail("s@client.test", [f"x@{DOMAIN}"], b"Subject: late\r\n\r\nx\r\n")
         assert _received(shard_spool(spool, 1)) == in_shard_1
+        # Its shard empty, worker 1 ends by itself and is not started again.
+        wait_for(lambda: "worker 1 delivered what its shard held and ended"
+                 in (tmp_path / "ferry.log").read_text(), 30, "worker 1 ending")
+        assert len(one.workers()) == 1
         assert one.stop() == 0
     finally:
         clients.stop()

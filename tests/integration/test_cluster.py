@@ -230,3 +230,40 @@ def test_a_site_rate_is_one_schedule_for_both_nodes(
         # 40 messages at 20 a second for both nodes together take at least 39 intervals
         # (each node alone at 20 a second would be done in half that).
         assert time.monotonic() - start >= 39 / rate
+
+
+def test_an_automation_hold_on_one_node_holds_every_node(
+        tmp_path: Path, redis: RedisInstance, dns: DnsResponder, sink: CountingSink) -> None:
+    """Node a gets a 421 that a [[shaping.automation]] rule suspends on: it was meant for
+    the sender, so node b holds the same site until the same time and defers its own
+    mail for it untried."""
+    sink.reply_delay = 0.0
+    sink.state.data_replies[SINK] = "421 4.7.28 slow down"
+    paths = [node_config(tmp_path / tag, f"{tag}.ferry.test", redis, dns, sink)
+             for tag in ("a", "b")]
+    for path in paths:
+        path.write_text(path.read_text() + """
+[[shaping.automation]]
+name = "back-off"
+domains = ["shared.test"]
+code = 421
+duration = 120
+""")
+    with RunningFerry(load_config(paths[0])) as a, RunningFerry(load_config(paths[1])) as b:
+        assert a.app.scheduler is not None and b.app.scheduler is not None
+        with smtplib.SMTP(a.host, a.port) as client:
+            client.sendmail("s@client.test", ["a0@shared.test"], b"Subject: a0\r\n\r\nx\r\n")
+        held_a, held_b = a.app.scheduler.held, b.app.scheduler.held
+        wait_for(lambda: list(held_b), what="node b holding the site too")
+        ((name, theirs),) = held_b.items()
+        mine = held_a[name]
+        assert (theirs.rule.name, theirs.origin, mine.origin) == ("back-off", False, True)
+        assert abs(theirs.until - mine.until) < 0.001
+        assert theirs.reply == mine.reply == "421 4.7.28 slow down"
+        attempts = sum(sink.state.connections.values())
+        with smtplib.SMTP(b.host, b.port) as client:
+            client.sendmail("s@client.test", ["b0@shared.test"], b"Subject: b0\r\n\r\nx\r\n")
+        (qid,) = wait_for(lambda: b.store.ids_in_state("deferred", 10), what="b0 deferred")
+        reply = b.store.get(qid).recipients[0].last_reply
+        assert "by shaping rule 'back-off' after: 421 4.7.28 slow down" in reply
+        assert sum(sink.state.connections.values()) == attempts  # never tried

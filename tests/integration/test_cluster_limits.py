@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -185,6 +186,25 @@ def test_suspensions_are_seen_by_every_node(redis: RedisInstance) -> None:
             assert await b.suspended() == {"example.com": "operator"}
             await b.resume("example.com")
             assert await a.suspended() == {}
+
+    run(main())
+
+
+def test_automation_holds_are_seen_by_every_node(redis: RedisInstance) -> None:
+    async def main() -> None:
+        async with nodes(redis) as (a, b):
+            end = round(time.time()) + 60.0
+            a.share_hold("s@mx:example.com", "back-off", end, "421 4.7.28 slow down")
+            await until(lambda: not a._writes, what="the hold written")
+            assert await b.holds() == [("s@mx:example.com", "back-off", end,
+                                        "421 4.7.28 slow down", "node0")]
+            # A hold that has ended is not in force, and the next hold's write drops it.
+            b.share_hold("s@mx:example.net", "back-off", time.time() - 1, "421 4.7.28 old")
+            await until(lambda: not b._writes, what="the ended hold written")
+            assert [h[0] for h in await a.holds() or []] == ["s@mx:example.com"]
+            a.share_hold("s@mx:example.org", "back-off", end + 1, "421 4.7.28 again")
+            await until(lambda: not a._writes, what="the third hold written")
+            assert await a._client.zcard("ferry:holds") == 2
 
     run(main())
 

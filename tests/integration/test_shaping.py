@@ -9,6 +9,7 @@ at most 40 messages per test, waits for states with deadlines, no sleeps.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import time
@@ -369,5 +370,47 @@ pool = "away"
             assert reply.startswith("451 4.4.1 Connection to mx1.sink.test[127.0.40.1]")
             assert "assign requested address" in reply
             assert not sink.state.messages
+        finally:
+            sink.stop()
+
+
+def test_a_suspended_destination_spends_no_daily_cap(tmp_path: Path) -> None:
+    """Mail parked by `ferry queue suspend` was never sent: once resumed, the day's cap
+    still allows as many messages as before the suspension."""
+    from engine.scheduler.scheduler import SUSPENDED_SETTING
+
+    cap, count = 3, 5
+    today = datetime.datetime.now(datetime.UTC).date().isoformat()
+    sink = CountingSink([SINK])
+    with DnsResponder(ZONE) as dns:
+        try:
+            path = _config(tmp_path, dns, sink, f"""
+[egress.sources.new]
+address = "{SOURCES["a"]}"
+ehlo = "new.ferry.test"
+warmup_start = "{today}"
+warmup_caps = [{cap}, 10]
+[egress.pools.new]
+sources = {{ new = 1 }}
+[egress]
+pool = "new"
+""")
+            ids = _enqueue(tmp_path / "spool", count)
+            # Suspended before the server starts, as a restart keeps an operator's
+            # suspension: every message comes due while its destination is suspended.
+            store = LmdbQueue(tmp_path / "spool" / "queue", durability="os", min_free_disk=0)
+            try:
+                asyncio.run(store.save_setting(SUSPENDED_SETTING, b'["shape.test"]'))
+            finally:
+                store.close_sync()
+            with RunningFerry(load_config(path), path=path) as ferry:
+                wait_for(lambda: _states(ferry, ids) == [RcptState.SUSPENDED] * count, 30,
+                         "every message parked")
+                scheduler = ferry.app.scheduler
+                assert scheduler is not None
+                assert ferry.call(scheduler.resume("shape.test")) == count
+                wait_for(lambda: sorted(_states(ferry, ids)).count(RcptState.DEFERRED)
+                         == count - cap, 30, "the messages beyond the cap deferred")
+                wait_for(lambda: len(sink.state.messages) == cap, 30, "the cap's messages")
         finally:
             sink.stop()
