@@ -21,6 +21,7 @@ Nothing else in the code constructs these parts; this module holds no protocol l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import inspect
 import logging
@@ -54,7 +55,7 @@ from engine.config import (
     tracking_dir,
 )
 from engine.ops import logfmt
-from engine.ops.alerts import Alerts
+from engine.ops.alerts import Alerts, QueueFigures
 from engine.ops.control import ControlServer, ControlUnavailable, ask, socket_path
 from engine.ops.daemon import SpoolLock, check_root, drop_privileges, lookup, prepare_spool
 from engine.ops.events import Events
@@ -63,7 +64,7 @@ from engine.ops.operations import Operations
 from engine.ops.preflight import file_problems
 from engine.ops.pressure import PressureLog
 from engine.ops.protolog import ProtocolLog
-from engine.ops.readiness import CheckProvider
+from engine.ops.readiness import CheckProvider, firing_alerts
 from engine.ops.reload import Plan, Reconfigure, ReloadResult, plan, why_restart
 from engine.ops.sdnotify import Notifier
 from engine.ops.startup import startup_warnings
@@ -115,6 +116,9 @@ class App:
         #: control channel).
         self.node_control: Path | None = (
             socket_path(role.spool) if role is not None and role.size > 1 else None)
+        #: Which worker of the node this is (its shard's number; tests running two Apps
+        #: as a node set it with ``node_control``).
+        self.node_index = 0 if role is None else role.index
         #: The node's operations for the admin API (made at start when ``node_control``).
         self.node_operations: NodeOperations | None = None
         self.store: LmdbQueue | None = None
@@ -284,8 +288,6 @@ class App:
             scheduler.cluster = await start_worker_limits(self.role)
         self.reconfigure.append(self._reconfigure_bounces)
         scheduler.start()
-        # The router of now (a reload replaces it), as the queue names destinations.
-        self._start_alerts(store, lambda domain: self._router().destination(domain))
         self.operations = operations = Operations(
             scheduler, router.destination,
             (cfg.tracking.dir or tracking_dir(Path(cfg.spool))) if cfg.tracking.enabled
@@ -300,18 +302,21 @@ class App:
         control = ControlServer(self.control_path, operations, self._reload_reply)
         if self.metrics is not None:
             control.metrics = self._metrics_text
+        control.alerts = lambda: firing_alerts(self)
         if self.node_control is not None:
             from engine.cluster.nodeview import NodeOperations
             from engine.cluster.shards import tracking_dirs
 
             # The node's spool and directories, whichever worker this is (every worker
-            # serves the admin API of the node).
+            # serves the admin API of the node); the supervisor's socket is in its spool.
             role = self.role
-            node = role.node if role is not None and role.node is not None else cfg
+            node = (role.node if role is not None and role.node is not None
+                    else dataclasses.replace(cfg, spool=self.node_control.parent))
             self.node_operations = NodeOperations(
                 operations, store, self.node_control, Path(node.spool),
                 (lambda: tracking_dirs(node)) if node.tracking.enabled else None,
-                index=0 if role is None else role.index)
+                index=self.node_index)
+        self._start_alerts(store)
         try:
             await control.start()
         except ControlUnavailable as exc:
@@ -531,15 +536,27 @@ class App:
                                     max_total_size=t.max_total_size))
         log.info("message tracking log in %s", directory)
 
-    def _start_alerts(self, store: LmdbQueue, destination: Callable[[str], str]) -> None:
-        """The [[alert]] rules' evaluator, every [alerts] interval (engine.ops.alerts)."""
+    def _start_alerts(self, store: LmdbQueue) -> None:
+        """The [[alert]] rules' evaluator, every [alerts] interval (engine.ops.alerts).  On
+        a node of several workers worker 0 alone evaluates them, on the queue figures of
+        every shard: a threshold is the node's, and a rule fires once."""
         cfg = self.config
-        self.alerts = alerts = Alerts(cfg.alert, cfg.alerts.interval, self.events, store,
-                                      destination)
+        figures: QueueFigures = store
+        evaluates = True
+        if self.node_operations is not None:
+            from engine.cluster.nodeview import NodeFigures
+
+            evaluates = self.node_index == 0
+            figures = NodeFigures(store, self.node_operations.view)
+        self.alerts = alerts = Alerts(
+            cfg.alert if evaluates else (), cfg.alerts.interval, self.events, figures,
+            # The router of now (a reload replaces it), as the queue names destinations.
+            lambda domain: self._router().destination(domain))
         alerts.start()
         # A reload: new rules and interval (unchanged rules keep their state).
-        self.reconfigure.append(lambda new: alerts.reconfigure(new.alert, new.alerts.interval))
-        if cfg.alert:
+        self.reconfigure.append(lambda new: alerts.reconfigure(
+            new.alert if evaluates else (), new.alerts.interval))
+        if cfg.alert and evaluates:
             log.info("%d alert rules, evaluated every %g s", len(cfg.alert),
                      cfg.alerts.interval)
 

@@ -81,8 +81,9 @@ STATE_ORDER: Final = ("suspended", "unreachable", "down", "retry", "active", "re
 METRICS_TIMEOUT: Final = 5.0
 
 #: The commands sent to worker 0 alone (the others answer the same, or their own part of
-#: no interest: the suppression list is kept per shard, its listing is worker 0's).
-_FIRST_ONLY: Final = frozenset({"suppressions"})
+#: no interest: the suppression list is kept per shard, its listing is worker 0's; the
+#: alert rules are evaluated by worker 0 alone).
+_FIRST_ONLY: Final = frozenset({"suppressions", "alerts"})
 
 
 # --- merging (sans-I/O) ------------------------------------------------------------------
@@ -387,7 +388,7 @@ class NodeControl(LineServer):
         if command == "metrics":
             return {"text": merge_metrics([(i, r["text"]) for i, r in answers.replies
                                            if r.get("ok")])}
-        return _strip(good[0])  # suppress, suppressions: the first answer (worker 0's)
+        return _strip(good[0])  # suppress, suppressions, alerts: the first (worker 0's)
 
 
 def _strip(reply: Reply) -> dict[str, Any]:

@@ -122,6 +122,14 @@ class ShardedQueue:
                 counts[name] = counts.get(name, 0) + n
         return counts
 
+    def oldest(self) -> bytes | None:
+        return min((o for _, s in self.shards if (o := s.oldest()) is not None), default=None)
+
+    def hop_depth(self, next_hop: str) -> tuple[int, bytes | None]:
+        depths = [s.hop_depth(next_hop) for _, s in self.shards]
+        return (sum(n for n, _ in depths),
+                min((o for _, o in depths if o is not None), default=None))
+
     def hop_depths(self) -> dict[str, tuple[int, bytes]]:
         depths: dict[str, tuple[int, bytes]] = {}
         for _, store in self.shards:
@@ -233,6 +241,32 @@ def tracking_records(directories: Sequence[Path], query: Query) -> Iterator[dict
     return heapq.merge(*found, key=lambda r: str(r.get("time", "")))
 
 
+class NodeFigures:
+    """What the ``[[alert]]`` rules read (``engine.ops.alerts.QueueFigures``) for a whole
+    node, in the worker that evaluates them: the queue figures of every shard (``view``,
+    :meth:`NodeOperations.view`), back pressure and the disk of its own (``local``)."""
+
+    def __init__(self, local: LmdbQueue, view: Callable[[], ShardedQueue]) -> None:
+        self.local = local
+        self.view = view
+        self.path = local.path
+
+    def count(self) -> int:
+        return self.view().count()
+
+    def oldest(self) -> bytes | None:
+        return self.view().oldest()
+
+    def hop_depth(self, next_hop: str) -> tuple[int, bytes | None]:
+        return self.view().hop_depth(next_hop)
+
+    def hop_depths(self) -> dict[str, tuple[int, bytes]]:
+        return self.view().hop_depths()
+
+    def pressure(self) -> BackPressure | None:
+        return self.local.pressure()
+
+
 class NodeOperations(Operations):
     """The operations of a whole node for a worker's admin API (see the module
     docstring): ``local`` is the worker's own (of shard ``index``); ``node`` the node's
@@ -263,7 +297,7 @@ class NodeOperations(Operations):
 
     # --- the stores of every shard -----------------------------------------------------
 
-    def _view(self) -> ShardedQueue:
+    def view(self) -> ShardedQueue:
         """Every shard; one opened here stays open until :meth:`close` (a read in
         another thread may be using it)."""
         with self._opening:
@@ -320,19 +354,19 @@ class NodeOperations(Operations):
         return await self._ask({"command": "queues"})
 
     async def messages(self, filt: Any, limit: int | None) -> dict[str, Any]:
-        self.store = await self._in_thread(self._view)
+        self.store = await self._in_thread(self.view)
         return await super().messages(filt, limit)
 
     async def message(self, queue_id: bytes) -> dict[str, Any]:
-        self.store = await self._in_thread(self._view)
+        self.store = await self._in_thread(self.view)
         return await super().message(queue_id)
 
     async def content(self, queue_id: bytes) -> bytes:
-        self.store = await self._in_thread(self._view)
+        self.store = await self._in_thread(self.view)
         return await super().content(queue_id)
 
     async def matching(self, filt: Any) -> list[bytes]:
-        self.store = await self._in_thread(self._view)
+        self.store = await self._in_thread(self.view)
         return await super().matching(filt)
 
     async def track(self, query: Query, limit: int | None) -> dict[str, Any]:

@@ -63,8 +63,6 @@ class Forwarder:
         self.spool = role.spool
         self.timeout = timeout
         self._sessions: dict[int, aiohttp.ClientSession] = {}
-        #: requests sent to their owner (for tests and the log)
-        self.forwarded = 0
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -94,7 +92,6 @@ class Forwarder:
                 text = await answer.read()
                 returned = {name: value for name in _RETURNED
                             if (value := answer.headers.get(name)) is not None}
-                self.forwarded += 1
                 return web.Response(status=answer.status, body=text, headers=returned)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise Problem(503, "Service unavailable",

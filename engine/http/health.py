@@ -5,14 +5,18 @@ needed, so a load balancer or an orchestrator can probe without a secret."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
 from engine.http.api import APP, json_response
+from engine.ops.control import ask
 from engine.ops.readiness import checks, firing_alerts
 
 routes = web.RouteTableDef()
+
+#: How long a worker of a node waits for worker 0's alerts (seconds): a probe answers fast.
+NODE_ALERTS_TIMEOUT: Final = 2.0
 
 
 @routes.get("/healthz")
@@ -31,6 +35,13 @@ async def readyz(request: web.Request) -> web.Response:
     doc: dict[str, Any] = {"status": "unready" if failing else "ready",
                            "checks": {c.name: c.to_json() for c in found},
                            "alerts": firing_alerts(app)}
+    if app.node_control is not None and app.node_index != 0:
+        # A node's rules are evaluated by worker 0 alone (engine.app._start_alerts).
+        try:
+            doc["alerts"] = (await ask(app.node_control, {"command": "alerts"},
+                                       NODE_ALERTS_TIMEOUT))["alerts"]
+        except (OSError, TimeoutError, KeyError, ValueError) as exc:
+            doc["alerts_unknown"] = f"the node's alerts did not come: {exc}"
     if failing:
         doc["failing"] = failing
     # Never cached: a probe must see now (RFC 9111 §5.2.2.5).

@@ -42,7 +42,10 @@ order, on a connection that stays open for more:
                                  (engine.ops.reload.ReloadResult.to_json)
     {"command": "metrics"}    → {"ok": true, "text": "# HELP ferry_...\n..."}  (the server's
                                  GET /metrics text, engine.ops.metrics: what a node's
-                                 worker 0 gathers from every worker, engine.cluster.fanout)
+                                 worker gathers from every worker, engine.cluster.fanout)
+    {"command": "alerts"}     → {"ok": true, "alerts": [{"rule": "backlog", ...}, ...]}
+                                 (the [[alert]] rules firing now, engine.ops.alerts: what a
+                                 node's other workers show of worker 0's in /readyz)
     anything wrong            → {"ok": false, "error": "unknown command \"x\"; one of ..."}
 
 Ids are queue ids as ``ferry queue list`` prints them, at most :data:`MAX_IDS` per request
@@ -218,6 +221,7 @@ COMMANDS: Final[Mapping[str, _Command]] = {
     "suppressions": _Command("list the suppression list",
                              entry_fields=("category", "after", "limit")),
     "metrics": _Command("the server's metrics in the Prometheus text format"),
+    "alerts": _Command("the [[alert]] rules firing now"),
 }
 
 
@@ -367,6 +371,8 @@ class ControlServer(LineServer):
         #: The server's metrics in the text format (engine.ops.metrics), for the
         #: ``metrics`` command a node's /metrics gathers (None: not collected here).
         self.metrics: Callable[[], bytes] | None = None
+        #: the alerts firing now, as /readyz shows them (None: no rule is evaluated here)
+        self.alerts: Callable[[], list[dict[str, Any]]] | None = None
         self._handlers: Mapping[str, Callable[[Request], Awaitable[Reply]]] = {
             "suspend": self._suspend,
             "resume": self._resume,
@@ -382,6 +388,7 @@ class ControlServer(LineServer):
             "unsuppress": self._unsuppress,
             "suppressions": self._suppressions,
             "metrics": self._metrics,
+            "alerts": self._alerts,
         }
 
     async def answer(self, line: bytes | None, by: str = "", trusted: bool = False) -> Reply:
@@ -457,6 +464,10 @@ class ControlServer(LineServer):
         if self.metrics is None:
             raise ControlError("metrics: not collected by this server")
         return {"ok": True, "text": self.metrics().decode("utf-8")}
+
+
+    async def _alerts(self, request: Request) -> Reply:
+        return _ok({"alerts": self.alerts() if self.alerts is not None else []})
 
 
 def _ok(doc: Mapping[str, Any]) -> Reply:

@@ -47,13 +47,14 @@ class RunningFerry:
 
     def __init__(self, config: Config, sinks: Iterable[Sink] = (), *,
                  path: Path | None = None, control_path: Path | None = None,
-                 node_control: Path | None = None) -> None:
+                 node_control: Path | None = None, node_index: int = 0) -> None:
         """``control_path``: the App's control socket (a worker of a node's:
         ``engine.cluster.shards.worker_control_path``); ``node_control``: the node's
-        (``App.node_control``)."""
+        (``App.node_control``), ``node_index``: which worker of it this is."""
         self.config = config
         self.app = App(config, path=path, control_path=control_path)
         self.app.node_control = node_control
+        self.app.node_index = node_index
         for sink in sinks:
             self.app.events.add(sink)
         self.loop = uvloop.new_event_loop()

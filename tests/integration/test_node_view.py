@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.cluster.fanout import NodeControl
 from engine.cluster.shards import shard_config, shard_spool, worker_control_path, workers_dir
-from engine.config import Config
+from engine.config import AlertConfig, Config
 from engine.ops.control import request, socket_path
 from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.records import RcptState, id_bytes, id_text
@@ -66,9 +66,13 @@ class RunningNode:
 
 class Node:
     def __init__(self, tmp_path: Path, http: bool = False,
-                 smarthost: tuple[str, int] | None = None) -> None:
+                 smarthost: tuple[str, int] | None = None,
+                 alerts: tuple[AlertConfig, ...] = ()) -> None:
         self.spool = tmp_path / "spool"
         config = ferry_config(self.spool)
+        if alerts:  # evaluated when a test says (App.alerts.evaluate), not by a timer
+            config = dataclasses.replace(config, alert=alerts, alerts=dataclasses.replace(
+                config.alerts, interval=3600))
         if smarthost is not None:  # delivery on, to a sink
             config = dataclasses.replace(config, delivery=dataclasses.replace(
                 config.delivery, paused=False, smarthost=smarthost))
@@ -85,7 +89,7 @@ class Node:
             shard = shard_config(config, index)
             self.workers.append(RunningFerry(
                 shard, control_path=worker_control_path(self.spool, index),
-                node_control=socket_path(self.spool)))
+                node_control=socket_path(self.spool), node_index=index))
 
     def worker(self, index: int) -> RunningFerry:
         w = self.workers[index]
@@ -211,6 +215,34 @@ def test_destination_commands_and_figures_are_the_nodes(node: Node) -> None:
     assert stats["ok"] and stats["messages"] == 2 and stats["suspended"] == []
     bad = node.ask(command="suspend")
     assert bad == {"ok": False, "error": 'suspend: "destination" is required'}
+
+
+def test_alerts_read_every_shard_and_fire_once_for_the_node(tmp_path: Path) -> None:
+    """A threshold is the node's: two messages queued in each worker are above 3 for the
+    node though neither shard is; worker 0 alone evaluates the rules, so it fires once,
+    and the other workers' /readyz show worker 0's alerts."""
+    node = Node(tmp_path, http=True, alerts=(AlertConfig(
+        name="backlog", metric="queue_depth", destination="one.test", above=3),))
+    try:
+        for index in (0, 1):
+            node.send(index, "a@one.test")
+            node.send(index, "b@one.test")
+        w0, w1 = node.worker(0), node.worker(1)
+        ops, first, second = w0.app.node_operations, w0.app.alerts, w1.app.alerts
+        assert ops is not None and first is not None and second is not None
+        ops.open_here[1] = w1.store  # one process: LMDB opens shard 1 once in it
+        (change,) = w0.call(first.evaluate())
+        alert = change.alert
+        assert change.state == "firing"
+        assert (alert.rule, alert.destination, alert.value) == ("backlog", "one.test", 4.0)
+        assert first.active() == [alert]
+        assert second.rules == () and second.active() == []
+        (shown,) = node.ask(command="alerts")["alerts"]
+        assert (shown["rule"], shown["value"]) == ("backlog", 4.0)
+        ready = call(w1, "GET", "/readyz", token=None)
+        assert ready.status == 200 and ready.doc["alerts"] == [shown]
+    finally:
+        node.close()
 
 
 def test_a_stopped_worker_is_named_and_the_other_acts(node: Node) -> None:
