@@ -1,6 +1,6 @@
 """The kernel's autogroup switch, turned off for a benchmark's run (bench_relay.py,
 bench_inject.py): one function, so every benchmark that starts servers in sessions of
-their own measures them the same way.
+their own measures them the same way (bench_inbound.py too).
 
 With the autogroup on, every session is one scheduling group, and CPU is shared fairly
 between groups before processes.  Ferry and the sink run in sessions of their own (so
@@ -15,24 +15,68 @@ nothing.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
 AUTOGROUP: Final = Path("/proc/sys/kernel/sched_autogroup_enabled")
+#: The runs that want it off now, one file per process, and what it was before the first
+#: of them: the last run to end puts it back, not the first (runs overlap on a shared
+#: machine, and one that ended must not turn it on under another that still measures).
+RUNS: Final = Path("/run/ferry-bench-autogroup")
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    RUNS.mkdir(parents=True, exist_ok=True)
+    with open(RUNS / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def autogroup_off() -> str:
     """Turn the autogroup off for this run (root only); the line that says what was done."""
     try:
-        before = AUTOGROUP.read_text().strip()
+        now = AUTOGROUP.read_text().strip()
     except OSError:
         return "autogroup: not in this kernel"
-    if before != "1":
-        return "autogroup: off"
-    try:
+    if os.geteuid() != 0:
+        return (f"autogroup: {'on' if now == '1' else 'off'} (not root: left as it is)"
+                + (": servers of many processes are held back" if now == "1" else ""))
+    with _locked():
+        before = RUNS / "before"
+        if not before.exists():
+            before.write_text(now)
+        (RUNS / str(os.getpid())).touch()
         AUTOGROUP.write_text("0")
-    except OSError as exc:
-        return (f"autogroup: on (cannot turn it off: {exc.strerror}): servers of many "
-                "processes are held back")
-    atexit.register(AUTOGROUP.write_text, "1")
-    return "autogroup: turned off for this run (put back at exit)"
+    atexit.register(_put_back)
+    return ("autogroup: turned off for this run (put back by the last run to end)"
+            if now == "1" else "autogroup: off")
+
+
+def _put_back() -> None:
+    with _locked():
+        with contextlib.suppress(FileNotFoundError):
+            (RUNS / str(os.getpid())).unlink()
+        for entry in RUNS.iterdir():
+            if entry.name.isdigit() and not _alive(int(entry.name)):
+                entry.unlink()
+        if any(entry.name.isdigit() for entry in RUNS.iterdir()):
+            return  # another run still measures
+        before = RUNS / "before"
+        with contextlib.suppress(FileNotFoundError):
+            AUTOGROUP.write_text(before.read_text().strip() or "1")
+            before.unlink()
