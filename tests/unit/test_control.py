@@ -63,11 +63,11 @@ def test_good_requests(line: bytes, parsed: Request) -> None:
     (b'{"command": "suspend"', "not JSON"),
     (b"[1, 2]", "must be a JSON object"),
     (b'"stats"', "must be a JSON object"),
-    (b"{}", '"command" (a string) is required; one of hold, metrics, queues, release, '
+    (b"{}", '"command" (a string) is required; one of alerts, hold, metrics, queues, release, '
             "reload, remove, resume, retry, stats, suppress, suppressions, suspend, "
             "suspended, unsuppress"),
     (b'{"command": 5}', '"command" (a string) is required'),
-    (b'{"command": "flush"}', 'unknown command "flush"; one of hold, metrics, queues'),
+    (b'{"command": "flush"}', 'unknown command "flush"; one of alerts, hold, metrics, queues'),
     (b'{"command": "suspend"}', 'suspend: "destination" is required'),
     (b'{"command": "suspend", "destination": 5}', '"destination" must be a string'),
     (b'{"command": "suspend", "destination": "  "}', "must not be empty"),
@@ -121,7 +121,7 @@ def test_replies_are_one_line_each() -> None:
 def test_every_command_is_documented_with_a_help_text() -> None:
     assert set(COMMANDS) == {"suspend", "resume", "suspended", "stats", "queues", "hold",
                              "release", "remove", "retry", "reload", "suppress",
-                             "unsuppress", "suppressions", "metrics"}
+                             "unsuppress", "suppressions", "metrics", "alerts"}
     assert all(spec.help for spec in COMMANDS.values())
     assert MAX_REQUEST >= 1024
 
