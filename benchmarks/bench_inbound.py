@@ -65,6 +65,9 @@ from pathlib import Path
 import lmdb
 import uvloop
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from autogroup import autogroup_off
+
 ROOT = Path(__file__).resolve().parent.parent
 FERRY = ROOT / ".venv" / "bin" / "ferry"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
@@ -572,6 +575,8 @@ def main() -> None:
     parser.add_argument("--dir", default="/work", help="where the temporary spools go")
     parser.add_argument("--latency-seconds", type=float, default=None)
     parser.add_argument("--serve-aiosmtpd", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--keep-autogroup", action="store_true", help="leave the kernel's "
+                        "autogroup scheduling as it is (see benchmarks/autogroup.py)")
     args = parser.parse_args()
     if args.serve_aiosmtpd:
         serve_aiosmtpd(args.serve_aiosmtpd)
@@ -580,6 +585,7 @@ def main() -> None:
         sys.exit("run as root: the Postfix instance needs it")
 
     atexit.register(_stop_all)
+    print(autogroup_off() if not args.keep_autogroup else "autogroup: left as it is")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     scale = 5 if args.quick else 1
     cells = [Cell(1024, False, 6000 // scale), Cell(1024, True, 10000 // scale),

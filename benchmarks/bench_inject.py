@@ -5,7 +5,8 @@ Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_inject.py [--quick] [--rou
 runs the three injection cells N times, alternating, and reports the medians; ``--against
 TREE`` runs every cell on another checkout too, e.g. ``/work/main``, alternating the two
 in each round, and prints each cell's medians side by side: a before/after in one run).
-Needs Postfix's ``smtp-source``.
+Needs Postfix's ``smtp-source``.  Run it as root: it turns the kernel's autogroup off for
+the run, as bench_relay.py does (benchmarks/autogroup.py; ``--keep-autogroup`` leaves it).
 
 Two measurements, each against a fresh ``ferry serve`` (one process, delivery paused, the
 defaults otherwise: LMDB with fsync, so both answers come after the commit that holds the
@@ -48,6 +49,7 @@ import aiohttp
 import lmdb
 import orjson
 import uvloop
+from autogroup import autogroup_off
 from bench_inbound import SMTP_SOURCE, ChildServer, free_port, settle_cpu, tree_cpu
 
 SESSIONS = 100
@@ -306,7 +308,14 @@ def main() -> int:
                         help="another checkout of Ferry (e.g. /work/main) to run every cell "
                              "on too, alternating: before/after in one run (rates per "
                              "second, server CPU us per message or recipient)")
+    parser.add_argument("--keep-autogroup", action="store_true",
+                        help="leave the kernel's autogroup scheduling as it is (by default a "
+                             "run as root turns it off, see benchmarks/autogroup.py)")
     args = parser.parse_args()
+    # ferry serve runs in a session of its own (ChildServer): with the autogroup on, the
+    # server and its queue writer get one group's share against this process's clients.
+    print(autogroup_off() if not args.keep_autogroup and os.geteuid() == 0
+          else "autogroup: left as it is")
     if not shutil.which(SMTP_SOURCE):
         print(f"needs {SMTP_SOURCE} (Postfix)", file=sys.stderr)
         return 2

@@ -91,6 +91,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from autogroup import autogroup_off
 from bench_inbound import (
     FERRY,
     ROOT,
@@ -612,33 +613,6 @@ def print_node(cells: list[Cell], results: dict[tuple[str, Cell], list[Result]],
               f"{many.writer_cpu / cell.messages * 1e6:<7,.0f}  {verdict}")
 
 
-#: The kernel's autogroup switch: with it on, every session is one scheduling group, and
-#: CPU is shared fairly between groups before processes.  Ferry and the sink run in
-#: sessions of their own (so they can be stopped apart), and Postfix's master makes its
-#: own: a node of N workers (and Postfix's many processes) would then get one group's
-#: share against the load tools', whatever it could use (measured on 2026-12-07: 2
-#: workers at 0.86-1.02x one worker with it on, 1.42x with it off).  A server machine
-#: has no load tools beside it, so the run turns it off and puts it back at the end.
-AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
-
-
-def autogroup_off() -> str:
-    """Turn the autogroup off for this run (root only); the line that says what was done."""
-    try:
-        before = AUTOGROUP.read_text().strip()
-    except OSError:
-        return "autogroup: not in this kernel"
-    if before != "1":
-        return "autogroup: off"
-    try:
-        AUTOGROUP.write_text("0")
-    except OSError as exc:
-        return (f"autogroup: on (cannot turn it off: {exc.strerror}): servers of many "
-                "processes are held back")
-    atexit.register(AUTOGROUP.write_text, "1")
-    return "autogroup: turned off for this run (put back at exit)"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -660,7 +634,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, metavar="N", help="add Ferry with "
                         "[server] workers = N to the plain run (issue 17)")
     parser.add_argument("--keep-autogroup", action="store_true", help="leave the kernel's "
-                        "autogroup scheduling as it is (see AUTOGROUP)")
+                        "autogroup scheduling as it is (see benchmarks/autogroup.py)")
     parser.add_argument("--size", type=int, default=0, help="only the cells of messages "
                         "of this many bytes (1024, 20480, 102400)")
     parser.add_argument("--cell", action="append", default=[], metavar="NAME",

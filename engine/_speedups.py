@@ -23,6 +23,7 @@ SELECTORS: dict[str, str] = {
     "command": "engine.protocol.command",
     "reply": "engine.protocol.reply",
     "headers": "engine.message.headers",
+    "logline": "engine.ops.logline",
 }
 
 

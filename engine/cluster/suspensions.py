@@ -51,6 +51,9 @@ class SuspensionSync:
         self._seen: set[str] = set()
         #: resumptions the operator made here that Redis has not taken yet
         self._unsent: set[str] = set()
+        #: what the operator did here that Redis took, until a look judged it:
+        #: destination → True (suspended), False (resumed)
+        self._done: dict[str, bool] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -71,12 +74,15 @@ class SuspensionSync:
         """The operator suspended ``destination`` here: tell the other nodes now (when
         Redis does not take it, the next look writes it)."""
         self._unsent.discard(destination)
-        await self.limits.suspend(destination, by)
+        if await self.limits.suspend(destination, by):
+            self._done[destination] = True
 
     async def resumed(self, destination: str) -> None:
         """The operator resumed ``destination`` here: tell the other nodes now, or at the
         first look that Redis answers (else that look would suspend it here again)."""
-        if not await self.limits.resume(destination):
+        if await self.limits.resume(destination):
+            self._done[destination] = False
+        else:
             self._unsent.add(destination)
 
     async def sync(self) -> None:
@@ -86,24 +92,33 @@ class SuspensionSync:
         for destination in sorted(self._unsent):
             if await self.limits.resume(destination):
                 self._unsent.discard(destination)
+        done = dict(self._done)  # in Redis before the read below
         remote = await self.limits.suspended()
         if remote is None:
             return  # Redis away: nothing known, nothing changed
+        # What the operator did here while the hash was read: the read may be older than
+        # it, so the next look judges it.
+        late = {d for d, suspended in self._done.items() if done.get(d) is not suspended}
         local = self.scheduler.suspended
-        for destination in sorted(remote.keys() - local):
+        for destination in sorted(remote.keys() - local - late):
             by = f"{CLUSTER_BY} ({remote[destination]})"
             count = await self.scheduler.suspend(destination, by)
             log.info("cluster: %s suspended %s here too (%d recipients parked)",
                      remote[destination], destination, count)
         published: set[str] = set()
-        for destination in sorted(local - remote.keys()):
-            if destination in self._seen:
+        for destination in sorted(local - remote.keys() - late):
+            # In the hash before (seen at the last look, or written by this node's
+            # operator before this one) and gone now: another node resumed it.
+            if destination in self._seen or done.get(destination):
                 count = await self.scheduler.resume(destination, CLUSTER_BY)
                 log.info("cluster: %s resumed on another node, here too (%d recipients "
                          "back in the queue)", destination, count)
             elif await self.limits.suspend(destination, self.limits.node):
                 published.add(destination)
-        self._seen = set(remote) | published
+        self._seen = set(remote) | published | {d for d in late if self._done.get(d)}
+        for destination, suspended in done.items():
+            if self._done.get(destination) is suspended:
+                del self._done[destination]
 
     async def _holds(self) -> None:
         on_hold = self.limits.on_hold

@@ -106,7 +106,7 @@ def required_scope(handler: object) -> Scope | None:
 def json_response(doc: Any, status: int = 200,
                   headers: Mapping[str, str] | None = None) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json",
-                        headers=dict(headers or {}))
+                        headers=headers)
 
 
 async def json_body(request: web.Request) -> Any:

@@ -48,6 +48,7 @@ log = logging.getLogger("ferry.http")
 
 #: Every scope: what a trusted loopback client may do.
 ALL_SCOPES: Final = frozenset(Scope)
+#: Who a trusted loopback client is: one value, not one built per request.
 LOOPBACK: Final = Principal("loopback", ALL_SCOPES, trusted=True)
 
 #: The route tables of every area, added in this order.

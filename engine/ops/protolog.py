@@ -33,24 +33,24 @@ AUTH payloads are never written.  The caller marks them (``recv(line, secret=Tru
 writes): an ``AUTH`` command keeps its verb and a known SASL mechanism name and shows
 ``****`` for the rest; any other secret line is ``****``.
 
-Lines are buffered in memory, raw: each call buffers one entry (its time, the session's
-fields as bytes, the bytes or text as they came: one line, or the lines of one write or
-one read), a tuple and a list append.  The buffer is handed to the writer thread
-(:class:`_Writer`, one for every log of the process) when :meth:`ProtocolLog.flush` runs
-(from a periodic task such as :meth:`ProtocolLog.run_flusher`), when it passes
-:data:`FLUSH_BYTES`, or when a line is logged ``flush_interval`` seconds after the last
-flush; the thread stamps, sanitises and joins it (:func:`_render`) and appends it with one
-``write``, at most :data:`GATHER_SECONDS` later.  The file is rotated to ``.1`` .. ``.5``
-when the next write would take it past ``max_bytes``.  :meth:`ProtocolLog.sync` and
-:meth:`ProtocolLog.close` wait until the lines are written.
+Each call renders its line(s) at once into the log's buffer (``Lines`` of
+engine.ops.logline: compiled, a copy of the bytes for a line that needs no escape), on the
+event loop.  The buffer is handed to the writer thread (:class:`_Writer`, one for every
+log of the process) as one bytes when :meth:`ProtocolLog.flush` runs (from a periodic
+task such as :meth:`ProtocolLog.run_flusher`), when it passes :data:`FLUSH_BYTES`, or
+when a line is logged ``flush_interval`` seconds after the last flush; the thread appends
+it with one ``write``, at most :data:`GATHER_SECONDS` later.  The file is rotated to
+``.1`` .. ``.5`` when the next write would take it past ``max_bytes``.
+:meth:`ProtocolLog.sync` and :meth:`ProtocolLog.close` wait until the lines are written.
 
 Rendering costs little: a chunk of lines that need no escape and no cut (printable ASCII
-without a backslash: SMTP commands and replies) is checked with one regular-expression
-search and written as the bytes it already is, its line ends replaced by the next line's
-stamp and fields, and a time stamp is formatted once per millisecond, not per line.  The
-bytes written are the same as stamping and sanitising line by line (benchmarks/README.md,
-"the protocol logs made cheap": the per-line formatting on the event loop was most of
-what every log on cost).
+without a backslash: SMTP commands and replies) is copied as the bytes it already is, its
+line ends replaced by the next line's stamp and fields, and a time stamp is formatted
+once per second, its milliseconds written in place.  The bytes written are the same as
+stamping and sanitising line by line (benchmarks/README.md, "the protocol logs made
+cheap" and issue 12's last point: rendering raw entries later in the writer thread cost
+more than rendering them at once in C, the thread holding the GIL to walk entries long
+gone from the CPU's caches).
 
 This module observes; it must never change what the server does.  It never raises into
 its caller on a full disk, a removed or unwritable directory or a failed rotation: lines
@@ -79,6 +79,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Literal
 
+from engine.ops._logline_py import (
+    CRLF_LINES,
+    LF_LINES,
+    MAX_TEXT,
+    ONE,
+    format_timestamp,
+    sanitise,
+    split_lines,
+    stamp_end,
+)
+from engine.ops.logline import Lines
+
 __all__ = [
     "FLUSH_BYTES",
     "GATHER_SECONDS",
@@ -93,10 +105,10 @@ __all__ = [
 
 _log = logging.getLogger("ferry.protolog")
 
-#: Longest text field, in characters, "…" marker included.
-MAX_TEXT: Final = 1000
-#: The buffer is flushed as soon as it holds this many bytes.
-FLUSH_BYTES: Final = 64 << 10
+#: The buffer is flushed as soon as its rendered lines are this many bytes.  Large, so that
+#: under load the writer thread makes one write a log per round (each system call hands
+#: the GIL back and forth with the event loop), not one per 64 KiB.
+FLUSH_BYTES: Final = 1 << 20
 #: The writer thread gathers this long after each round of writes: a line reaches the file
 #: within about this long of its flush.
 GATHER_SECONDS: Final = 0.2
@@ -114,9 +126,6 @@ _PREFIX: Final[dict[str, str]] = {"receive": "protocol-", "send": "send-protocol
 RECEIVED: Final = "<"
 SENT: Final = ">"
 EVENT: Final = "*"
-
-_ELLIPSIS: Final = "\u2026"
-_CR: Final = b"\r"
 
 # SASL mechanism names that may be shown after a redacted AUTH verb (IANA "SASL Mechanisms"
 # registry, the ones seen on submission ports).  A name not listed here is hidden too: a
@@ -145,83 +154,6 @@ KNOWN_MECHANISMS: Final = frozenset(
 )
 
 
-def _escape_tables() -> tuple[dict[int, str], dict[int, str]]:
-    """The escapes for text from bytes and for text given as str."""
-    table: dict[int, str] = {c: f"\\x{c:02x}" for c in range(0x20)}
-    table.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x7F: "\\x7f", 0x5C: "\\\\"})
-    # C1 controls (NEL among them) and the separators str.splitlines() and some viewers
-    # break lines at; bidi controls that can make a line display as something else.
-    specials = [*range(0x80, 0xA0), 0x061C, 0x200E, 0x200F, 0x2028, 0x2029]
-    specials += [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2026]
-    table.update({c: f"\\u{c:04x}" for c in specials})
-    # A str may hold lone surrogates, which UTF-8 cannot encode: show their code point.
-    for_str = table | {c: f"\\u{c:04x}" for c in range(0xD800, 0xE000)}
-    # Bytes that are not UTF-8, smuggled through decode(errors="surrogateescape") as
-    # U+DC80..U+DCFF, come back as the raw byte they were.
-    for_bytes = table | {0xDC00 + b: f"\\x{b:02x}" for b in range(0x80, 0x100)}
-    return for_bytes, for_str
-
-
-_TABLE_B, _TABLE_S = _escape_tables()
-# Printable ASCII without the backslash needs no work (the common case: SMTP commands).
-_NEEDS_ESCAPE_B: Final = re.compile(rb"[^\x20-\x5b\x5d-\x7e]")
-_NEEDS_ESCAPE_S: Final = re.compile(r"[^\x20-\x5b\x5d-\x7e]")
-
-
-def sanitise(text: bytes | str) -> str:
-    """Return ``text`` as one safe log field: escaped (see the module docstring), and cut
-    to at most :data:`MAX_TEXT` characters ending in "…" when it was longer.  Bytes are
-    read as UTF-8; bytes that are not UTF-8 become ``\\xNN``.  Never raises."""
-    if isinstance(text, bytes):
-        # A character takes at most 4 bytes and yields at least 1 output character, so
-        # this prefix is always enough to fill MAX_TEXT (and to know the text was longer).
-        raw = text[: 4 * MAX_TEXT + 4]
-        if _NEEDS_ESCAPE_B.search(raw) is None:
-            s = raw.decode("ascii")
-            return s if len(s) <= MAX_TEXT else s[: MAX_TEXT - 1] + _ELLIPSIS
-        s = raw.decode("utf-8", "surrogateescape")
-        table = _TABLE_B
-    else:
-        s = text[: MAX_TEXT + 1]
-        if _NEEDS_ESCAPE_S.search(s) is None:
-            return s if len(s) <= MAX_TEXT else s[: MAX_TEXT - 1] + _ELLIPSIS
-        table = _TABLE_S
-    out = s.translate(table)
-    if len(out) <= MAX_TEXT:
-        return out
-    # Too long: keep the longest prefix of whole escapes that leaves room for the marker.
-    room = MAX_TEXT - 1
-    used = 0
-    cut = 0
-    for ch in s:
-        piece = table.get(ord(ch))
-        width = 1 if piece is None else len(piece)
-        if used + width > room:
-            break
-        used += width
-        cut += 1
-    return s[:cut].translate(table) + _ELLIPSIS
-
-
-#: The last second formatted and its text: every log stamps thousands of lines a second,
-#: and the date and time of day change once a second.
-_second: tuple[int, str] = (-1, "")
-
-
-def format_timestamp(t: float) -> str:
-    """``t`` (seconds since the epoch) as ISO 8601 UTC with milliseconds:
-    ``2024-05-01T12:34:56.789Z``.  Milliseconds are truncated, never rounded up into the
-    next second.  The one formatter of every log's time (protocol logs, the tracking log
-    and its events, the JSON log lines)."""
-    global _second
-    sec = math.floor(t)
-    cached, text = _second
-    if sec != cached:
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        _second = (sec, text)
-    return f"{text}.{min(999, int((t - sec) * 1000)):03d}Z"
-
-
 def _redact(line: bytes) -> str:
     """The loggable form of a secret line: "AUTH <MECH> ****" or "****"."""
     parts = line.split(None, 2)
@@ -236,104 +168,9 @@ def _redact(line: bytes) -> str:
     return f"AUTH {mech} {REDACTED}" if len(parts) == 3 else f"AUTH {mech}"
 
 
-#: What a line adds to its head and text in the file: the time stamp and the LF.
-_STAMPED: Final = len("2024-05-01T12:34:56.789Z\n")
 _LF: Final = b"\n"
-_CRLF: Final = b"\r\n"
-#: What a buffered entry holds (its fourth item): one line (bytes from the wire, or an
-#: event's str); the bytes of one write, lines ended by CRLF (the last one may lack it);
-#: bytes as received, every line ended by LF (a CR before it is not shown).
-_ONE: Final = 0
-_CRLF_LINES: Final = 1
-_LF_LINES: Final = 2
-#: Printable ASCII but the backslash, and LF: a chunk of such lines is written as it is,
-#: its line ends replaced.
-_NEEDS_ESCAPE_LF: Final = re.compile(rb"[^\x20-\x5b\x5d-\x7e\n]")
-
-Entry = tuple[float, bytes, bytes | str, int]
-
-
-def _stamp_end(t: float) -> float:
-    """The first time after ``t`` that :func:`format_timestamp` shows differently (its
-    millisecond, truncated, or its second changes).  Found on the floats themselves, not
-    by arithmetic that could round across the boundary."""
-    sec = math.floor(t)
-    ms = min(999, int((t - sec) * 1000))
-    if ms == 999:
-        return float(sec + 1)
-    end = sec + (ms + 1) / 1000
-    # (x - sec) * 1000 grows with x, so the boundary is where the truncation first moves.
-    while int((end - sec) * 1000) <= ms:
-        end = math.nextafter(end, math.inf)
-    while int((math.nextafter(end, -math.inf) - sec) * 1000) > ms:
-        end = math.nextafter(end, -math.inf)
-    return end
-
-
-def _lines(entries: list[Entry]) -> int:
-    """How many log lines ``entries`` make."""
-    return sum(len(_split(data, kind)) if isinstance(data, bytes) and kind != _ONE else 1
-               for _, _, data, kind in entries)
-
-
-def _split(data: bytes, kind: int) -> list[bytes]:
-    """The lines of a chunk, as the protocol log shows them one by one."""
-    if kind == _CRLF_LINES:
-        lines = data.split(_CRLF)
-        if not lines[-1]:
-            lines.pop()
-        return lines
-    return [line.removesuffix(_CR) for line in data[:-1].split(_LF)]
-
-
-def _render(entries: list[Entry]) -> bytes:
-    """The buffered entries as the file gets them: ``<stamp><head><sanitised text>LF`` a
-    line.
-
-    The same bytes as stamping and sanitising each line alone (:func:`format_timestamp`,
-    :func:`sanitise`), for less: a chunk of lines that need no escape and no cut (SMTP
-    commands and replies) is its own output with each line end replaced by LF and the
-    next line's stamp and head, and a stamp is formatted only when the time's
-    millisecond changes."""
-    out: list[bytes] = []
-    needs_escape = _NEEDS_ESCAPE_B.search
-    # The stamp of every time in [lo, hi): entries come in time order, so most lines test
-    # two floats instead of formatting a time.
-    lo = hi = 0.0
-    stamp = b""
-    for t, head, data, kind in entries:
-        if not lo <= t < hi:
-            stamp = format_timestamp(t).encode("ascii")
-            lo, hi = t, _stamp_end(t)
-        if kind == _ONE:
-            if (data.__class__ is not bytes or len(data) > MAX_TEXT
-                    or needs_escape(data) is not None):
-                # sanitise() removed lone surrogates; backslashreplace is a last guard so
-                # encode() can never raise.
-                data = sanitise(data).encode("utf-8", "backslashreplace")
-            out += (stamp, head, data, _LF)
-            continue
-        assert isinstance(data, bytes)
-        if len(data) <= MAX_TEXT:
-            if kind == _CRLF_LINES:
-                # Clean once the CRLF pairs that end lines are taken out: no other CR or
-                # LF (str.split and str.replace find the same pairs).
-                body = data.removesuffix(_CRLF)
-                clean = needs_escape(body.replace(_CRLF, b"")) is None
-                sep = _CRLF
-            else:
-                body = data[:-1].replace(_CRLF, _LF).removesuffix(_CR)
-                clean = _NEEDS_ESCAPE_LF.search(body) is None
-                sep = _LF
-            if clean:
-                prefix = stamp + head
-                out += (prefix, body.replace(sep, _LF + prefix), _LF)
-                continue
-        for line in _split(data, kind):
-            if len(line) > MAX_TEXT or needs_escape(line) is not None:
-                line = sanitise(line).encode("utf-8", "backslashreplace")
-            out += (stamp, head, line, _LF)
-    return b"".join(out)
+#: The twin's name the tests know this module by.
+_stamp_end = stamp_end
 
 
 _CONNECTOR_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -377,9 +214,8 @@ class ProtocolLog:
         self.dropped = 0
         #: The last OS error met while opening, writing or rotating, for the operator.
         self.last_error: str | None = None
-        #: Entries not yet written: (time, the session's fields, the raw data, its kind).
-        self._buf: list[Entry] = []
-        self._buf_bytes = 0
+        #: Lines rendered and not handed to the writer yet.
+        self._buf = Lines()
         self._fd: int | None = None
         self._ino: tuple[int, int] | None = None
         self._size = 0
@@ -388,7 +224,9 @@ class ProtocolLog:
         self._torn = False
         self._closed = self.path is None
         self._clock = clock
-        self._last_flush = clock()
+        #: When a line logged hands the buffer to the writer: the flush interval after
+        #: the last flush (at once once closed: the flush counts the lines as dropped).
+        self._flush_due = clock() + flush_interval
         if self.path is not None:
             self._open()
 
@@ -408,12 +246,17 @@ class ProtocolLog:
     def flush(self) -> None:
         """Hand the buffered lines to the writer thread, which writes them with one append
         within :data:`GATHER_SECONDS`; never blocks, never raises ``OSError``."""
-        self._last_flush = self._clock()
-        if not self._buf:
+        now = self._clock()
+        self._flush_due = now + self.flush_interval if not self._closed else -math.inf
+        buf = self._buf
+        if not buf.size:
             return
-        buf, self._buf = self._buf, []
-        size, self._buf_bytes = self._buf_bytes, 0
-        _WRITER.hand_over(self, buf, size)
+        lines = buf.lines
+        chunk = buf.take()
+        if self._closed:
+            self.dropped += lines
+            return
+        _WRITER.hand_over(self, chunk, lines)
 
     def sync(self) -> None:
         """:meth:`flush`, then wait until every line handed over so far is in the file (or
@@ -441,6 +284,7 @@ class ProtocolLog:
             return
         self.sync()
         self._closed = True
+        self._flush_due = -math.inf
         self._close_fd()
 
     def __enter__(self) -> ProtocolLog:
@@ -456,17 +300,18 @@ class ProtocolLog:
 
     # --- lines ----------------------------------------------------------------------------
 
-    def _add(self, head: bytes, data: bytes | str, kind: int = _ONE) -> None:
-        """Buffer one entry: ``head`` is the session's fields after the time stamp (TAB
-        first, TAB last), ``data`` what was received, sent or happened, as it came
-        (sanitised at the flush), ``kind`` how it divides into lines."""
-        if self._closed:
-            self.dropped += _lines([(0.0, head, data, kind)])
-            return
+    def _add(self, head: bytes, data: bytes | str, kind: int = ONE) -> None:
+        """Render one entry into the buffer: ``head`` is the session's fields after the
+        time stamp (TAB first, TAB last), ``data`` what was received, sent or happened, as
+        it came, ``kind`` how it divides into lines.
+
+        On the event loop for every line: a time, the rendering (in C when compiled: a
+        copy of bytes that need no escape) and two tests (a closed log flushes at once,
+        and the flush counts the lines as dropped)."""
         now = self._clock()
-        self._buf.append((now, head, data, kind))
-        self._buf_bytes += len(data) + len(head) + _STAMPED
-        if self._buf_bytes >= FLUSH_BYTES or now - self._last_flush >= self.flush_interval:
+        buf = self._buf
+        buf.add(now, head, data, kind)
+        if buf.size >= FLUSH_BYTES or now >= self._flush_due:
             self.flush()
 
     # --- the file -------------------------------------------------------------------------
@@ -581,11 +426,11 @@ class ProtocolLog:
 
 
 class _Writer:
-    """The one thread that renders and writes every protocol log's lines.
+    """The one thread that writes every protocol log's lines.
 
-    The event loop hands over a log's buffer (:meth:`ProtocolLog.flush`: a list swap and
-    a queue put) and never formats, encodes or writes a line itself: the rendering and
-    the ``write`` system call happen here, where a slow disk delays only the log.  After
+    The event loop hands over a log's rendered lines (:meth:`ProtocolLog.flush`: one
+    bytes and a queue put) and never writes a line itself: the ``write`` system call
+    happens here, where a slow disk delays only the log.  After
     each round of writes the thread sleeps :data:`GATHER_SECONDS` (unless a
     :meth:`sync` wakes it), so it takes the GIL from the loop a few times a second, not
     once per buffer (each wake-up costs the loop more than the writing; see
@@ -593,7 +438,7 @@ class _Writer:
     """
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[ProtocolLog, list[Entry], int] | threading.Event] = (
+        self._jobs: queue.SimpleQueue[tuple[ProtocolLog, bytes, int] | threading.Event] = (
             queue.SimpleQueue())
         self._wake = threading.Event()
         #: Bytes handed over and not written yet, under its lock (two threads change it).
@@ -602,14 +447,14 @@ class _Writer:
         self._thread: threading.Thread | None = None
         self._start = threading.Lock()
 
-    def hand_over(self, log: ProtocolLog, entries: list[Entry], size: int) -> None:
-        """Queue ``entries`` (about ``size`` bytes once written) for ``log``; past
-        :data:`MAX_PENDING` bytes not yet written (a disk that stopped answering) they are
-        counted as dropped instead: the loop never waits for the disk, and memory stays
-        bounded."""
+    def hand_over(self, log: ProtocolLog, chunk: bytes, lines: int) -> None:
+        """Queue ``chunk`` (``lines`` lines) for ``log``; past :data:`MAX_PENDING` bytes
+        not yet written (a disk that stopped answering) they are counted as dropped
+        instead: the loop never waits for the disk, and memory stays bounded."""
+        size = len(chunk)
         with self._count:
             if self._pending + size > MAX_PENDING:
-                log.dropped += _lines(entries)
+                log.dropped += lines
                 return
             self._pending += size
         if self._thread is None:
@@ -618,7 +463,7 @@ class _Writer:
                     self._thread = threading.Thread(target=self._run, name="ferry-protolog",
                                                     daemon=True)
                     self._thread.start()
-        self._jobs.put((log, entries, size))
+        self._jobs.put((log, chunk, lines))
 
     def sync(self) -> None:
         """Wait until everything handed over so far is written."""
@@ -643,14 +488,14 @@ class _Writer:
                     continue
                 # One write per buffer handed over, as the loop would have written it:
                 # rotation by max_bytes sees the same writes.
-                log, entries, size = job
+                log, chunk, lines = job
                 try:
-                    log._write(_render(entries))
+                    log._write(chunk)
                 except Exception:  # a bug: lose these lines, say so, keep on writing
                     _log.exception("protocol log %s: lines lost", log.path)
-                    log.dropped += _lines(entries)
+                    log.dropped += lines
                 with self._count:
-                    self._pending -= size
+                    self._pending -= len(chunk)
             for event in done:
                 event.set()
             if not done:
@@ -726,7 +571,7 @@ class SessionLog:
         else:
             self._partial = b""
         if data:
-            log._add(self._recv, data, _LF_LINES)
+            log._add(self._recv, data, LF_LINES)
 
     def recv_end(self) -> None:
         """The peer's stream ended: log a last line that never got its LF."""
@@ -746,10 +591,10 @@ class SessionLog:
         if not data:
             return
         if secret:
-            for line in _split(data, _CRLF_LINES):
+            for line in split_lines(data, CRLF_LINES):
                 log._add(self._send, _redact(line).encode("ascii"))
         else:
-            log._add(self._send, data, _CRLF_LINES)
+            log._add(self._send, data, CRLF_LINES)
 
     def event(self, text: str) -> None:
         """Log a session event: "connect", "TLS TLSv1.3 TLS_AES_256_GCM_SHA384",

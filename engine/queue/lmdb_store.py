@@ -49,7 +49,7 @@ from engine.queue.lmdb_txn import (
     SETTING,
     Database,
     WriterParams,
-    encoded,
+    completed,
     mib,
 )
 from engine.queue.records import ID_LEN, Envelope, RecordError, decode, id_text
@@ -215,7 +215,7 @@ class LmdbQueue:
         problem = self.pressure()
         if problem is not None:
             raise problem
-        entries = tuple(map(encoded, messages))
+        entries = tuple(map(completed, messages))
         answer: bytes | None = await self._submit_soon(
             "inject", (entries, idempotency), sum(len(m.body) for m in messages))
         return answer

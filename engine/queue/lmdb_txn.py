@@ -125,19 +125,17 @@ def index_keys(env: Envelope) -> IndexKeys:
     return due, hops, states
 
 
-#: A new message as the writer stores it: id, encoded envelope, body, index entries.
-Encoded = tuple[bytes, bytes, bytes, IndexKeys]
-
-
-def encoded(message: NewMessage) -> Encoded:
-    """``message`` ready to store, encoded on the caller's side (``inject`` writes): bytes
-    cross to the writer process at the cost of a copy, an Envelope at a pickle's."""
+def completed(message: NewMessage) -> tuple[Envelope, bytes]:
+    """``message`` with its queue id and size set on the caller's side (an ``inject``
+    caller reads its ids from its envelopes), as (envelope, body) for the writer, which
+    encodes it: the writer process has a core of its own, and an Envelope crosses the pipe
+    at about the cost of its encoded record (records.Envelope.__reduce__)."""
     env = message.envelope
     if not env.queue_id:
         env.queue_id = new_id()
     if not env.size:
         env.size = len(message.body)
-    return env.queue_id, encode(env), message.body, index_keys(env)
+    return env, message.body
 
 
 def _park(env: Envelope, state: RcptState, now: float, replace: frozenset[RcptState]) -> int:
@@ -445,11 +443,11 @@ class Committer:
         self._replace_indexes(txn, _NO_KEYS, keys)
         self._enqueued += 1
 
-    def _inject(self, txn: Any, messages: tuple[Encoded, ...],
+    def _inject(self, txn: Any, messages: tuple[tuple[Envelope, bytes], ...],
                 idempotency: Idempotency | None) -> bytes | None:
-        """Store ``messages`` (encoded by the caller: :func:`encoded`) unless
-        ``idempotency`` names a key already stored (then its answer); the key goes into
-        this transaction with them."""
+        """Store ``messages`` (:func:`completed` by the caller) unless ``idempotency``
+        names a key already stored (then its answer); the key goes into this transaction
+        with them."""
         if idempotency is not None:
             db = self._db["idempotency"]
             now = DUE.pack(int(time.time() * 1000))
@@ -462,8 +460,8 @@ class Committer:
             expires = DUE.pack(max(0, int(idempotency.expires * 1000)))
             txn.put(b"k" + idempotency.key, expires + idempotency.answer, db=db)
             txn.put(b"t" + expires + idempotency.key, b"", db=db)
-        for message in messages:
-            self._put_record(txn, *message)
+        for env, body in messages:
+            self._put_record(txn, env.queue_id, encode(env), body, index_keys(env))
         return None
 
     @staticmethod

@@ -44,7 +44,7 @@ import orjson
 from engine.ops.figures import COMMIT_SECONDS, COMMIT_WRITES, Histogram
 from engine.queue.api import QueueClosed
 from engine.queue.lmdb_txn import Committer, Database, Report, Result, WriterParams
-from engine.queue.writer_process import read_frame, write_frame
+from engine.queue.writer_process import read_frame, widen, write_frame
 
 log = logging.getLogger("ferry.queue")
 
@@ -251,6 +251,8 @@ class ProcessWriter(_Inbox):
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in = self.proc.stdin
         self._out = self.proc.stdout.fileno()
+        widen(self._in.fileno())
+        widen(self._out)
         ready = read_frame(self._out)
         if not isinstance(ready, Report):
             self.proc.kill()

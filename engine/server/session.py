@@ -578,12 +578,15 @@ class SmtpSession(asyncio.Protocol):
     def _log_event(self, event: sm.Event) -> None:
         if self.log is None or not self.connector.protolog.enabled:
             return
-        if isinstance(event, sm.MessageReceived | sm.MessageRefused):
+        # a tuple: "A | B" would build a union object for every event
+        if isinstance(event, (sm.MessageReceived, sm.MessageRefused)):
             self.log.event(f"message {event.size} octets")
             return
         line = self.conn.last_line
         if line:
-            secret = self.conn.last_line_secret or line[:5].upper() == b"AUTH "
+            # (the first byte's test spares most lines a copy to upper-case)
+            secret = self.conn.last_line_secret or (
+                line[0] in b"Aa" and line[:5].upper() == b"AUTH ")
             self.log.recv(line, secret=secret)
             self.conn.last_line = b""
 

@@ -267,3 +267,27 @@ duration = 120
         reply = b.store.get(qid).recipients[0].last_reply
         assert "by shaping rule 'back-off' after: 421 4.7.28 slow down" in reply
         assert sum(sink.state.connections.values()) == attempts  # never tried
+
+
+def test_a_resume_on_another_node_before_this_one_looked_is_followed(
+        tmp_path: Path, redis: RedisInstance, dns: DnsResponder, sink: CountingSink) -> None:
+    """Suspended on node a, resumed on node b before a looked at the cluster again: a's
+    look finds its own suspension gone from Redis and resumes too (it must not write it
+    back).  The looks are the test's (sync_interval is an hour), so the order is sure."""
+    paths = [node_config(tmp_path / tag, f"{tag}.ferry.test", redis, dns, sink)
+             for tag in ("a", "b")]
+    for path in paths:
+        path.write_text(path.read_text().replace("sync_interval = 0.1",
+                                                 "sync_interval = 3600"))
+    with RunningFerry(load_config(paths[0])) as a, RunningFerry(load_config(paths[1])) as b:
+        assert a.app.operations is not None and b.app.operations is not None
+        assert a.app.cluster_sync is not None and b.app.cluster_sync is not None
+        assert a.app.scheduler is not None and b.app.scheduler is not None
+        a.call(a.app.operations.suspend("shared.test", "alice"))
+        b.call(b.app.cluster_sync.sync())
+        assert "shared.test" in b.app.scheduler.suspended
+        b.call(b.app.operations.resume("shared.test", "bob"))
+        a.call(a.app.cluster_sync.sync())
+        assert "shared.test" not in a.app.scheduler.suspended
+        b.call(b.app.cluster_sync.sync())
+        assert "shared.test" not in b.app.scheduler.suspended

@@ -126,13 +126,10 @@ max_connections = {limit}
             sink.stop()
 
 
-def test_warmup_cap_defers_beyond_the_day_s_cap(tmp_path: Path) -> None:
-    cap, count = 3, 5
+def _warming_up(cap: int) -> str:
+    """The one source of the tests, new today: ``cap`` messages a day."""
     today = datetime.datetime.now(datetime.UTC).date().isoformat()
-    sink = CountingSink([SINK])
-    with DnsResponder(ZONE) as dns:
-        try:
-            path = _config(tmp_path, dns, sink, f"""
+    return f"""
 [egress.sources.new]
 address = "{SOURCES["a"]}"
 ehlo = "new.ferry.test"
@@ -142,7 +139,15 @@ warmup_caps = [{cap}, 10]
 sources = {{ new = 1 }}
 [egress]
 pool = "new"
-""")
+"""
+
+
+def test_warmup_cap_defers_beyond_the_day_s_cap(tmp_path: Path) -> None:
+    cap, count = 3, 5
+    sink = CountingSink([SINK])
+    with DnsResponder(ZONE) as dns:
+        try:
+            path = _config(tmp_path, dns, sink, _warming_up(cap))
             ids = _enqueue(tmp_path / "spool", count)
             with RunningFerry(load_config(path), path=path) as ferry:
                 wait_for(lambda: sorted(_states(ferry, ids)).count(RcptState.DEFERRED)
@@ -383,21 +388,10 @@ def test_a_suspended_destination_spends_no_daily_cap(tmp_path: Path) -> None:
     from engine.scheduler.scheduler import SUSPENDED_SETTING
 
     cap, count = 3, 5
-    today = datetime.datetime.now(datetime.UTC).date().isoformat()
     sink = CountingSink([SINK])
     with DnsResponder(ZONE) as dns:
         try:
-            path = _config(tmp_path, dns, sink, f"""
-[egress.sources.new]
-address = "{SOURCES["a"]}"
-ehlo = "new.ferry.test"
-warmup_start = "{today}"
-warmup_caps = [{cap}, 10]
-[egress.pools.new]
-sources = {{ new = 1 }}
-[egress]
-pool = "new"
-""")
+            path = _config(tmp_path, dns, sink, _warming_up(cap))
             ids = _enqueue(tmp_path / "spool", count)
             # Suspended before the server starts, as a restart keeps an operator's
             # suspension: every message comes due while its destination is suspended.

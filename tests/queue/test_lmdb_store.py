@@ -4,6 +4,8 @@ reopening, corrupt records, and back pressure that clears by itself."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import pickle
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -379,3 +381,22 @@ def test_records_from_before_delay_notices_still_decode() -> None:
     assert decode(b"x" * 12, old).delay_notified is False
     env.delay_notified = True
     assert decode(b"x" * 12, encode(env)).delay_notified is True
+
+
+def test_an_envelope_crosses_the_writer_pipe_whole() -> None:
+    # The writer process gets envelopes pickled (records.Envelope.__reduce__: every field
+    # as one tuple): each field set to a value that is not its default comes back.
+    rcpt = Recipient("x@example.net", "example.net", RcptState.HELD, 3, 5.5, "451 later",
+                     ("SUCCESS", "DELAY"), "rfc822;x@example.net")
+    env = Envelope("a@example.org", [rcpt, Recipient("y@example.com", "example.com")],
+                   arrival=1.5, size=7, ret="HDRS", envid="e1", smtputf8=True,
+                   body_type="8BITMIME", receive_connector="in", client_address="192.0.2.1",
+                   auth_user="u", message_id="<m@x>", expires=9.5, queue_id=b"q" * 12,
+                   delay_notified=True, parked=2.5, parked_since=3.5, faults=1, crashes=1,
+                   poisoned="why")
+    defaults = Envelope("", [])
+    assert all(getattr(env, f.name) != getattr(defaults, f.name)
+               for f in dataclasses.fields(Envelope))
+    back = pickle.loads(pickle.dumps(env, protocol=pickle.HIGHEST_PROTOCOL))
+    assert back == env
+    assert back.recipients[0].state is RcptState.HELD

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -22,6 +23,7 @@ from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.lmdb_txn import Database, WriterParams
 from engine.queue.records import Envelope, RcptState, Recipient
 from engine.queue.writer import WRITER_KINDS, Pending, Writer, WriterKind, start_writer
+from engine.queue.writer_process import read_frame, widen, write_frame
 from engine.testing.wait import until, wait_for
 from tests.queue.locking import write_lock
 
@@ -221,3 +223,27 @@ def test_the_store_serves_the_queue_store_interface(tmp_path: Path, kind: Writer
         assert store.pressure() is None
     finally:
         q.close_sync()
+
+
+@pytest.mark.parametrize("size", [10, 3 << 20])
+def test_a_frame_crosses_the_pipe_whole_whatever_its_size(size: int) -> None:
+    # One writev while the pipe has room; larger than the pipe (3 MiB against at most
+    # 1 MiB), the rest follows in writes as the reader drains it.
+    read_fd, write_fd = os.pipe()
+    widen(write_fd)
+    frame = [(1, "inject", (os.urandom(size),), size)]
+    got: Future[Any] = Future()
+
+    def reader() -> None:
+        got.set_result((read_frame(read_fd), read_frame(read_fd)))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        write_frame(write_fd, frame)
+        write_frame(write_fd, "next")
+    finally:
+        os.close(write_fd)
+        thread.join(timeout=30)
+        os.close(read_fd)
+    assert got.result(timeout=0) == (frame, "next")

@@ -16,12 +16,15 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from engine.ops import protolog
+from engine import _speedups
+from engine.ops import _logline_py, logline, protolog
+from engine.ops._logline_py import CRLF_LINES, LF_LINES, ONE
 from engine.ops.protolog import (
     FLUSH_BYTES,
     GENERATIONS,
@@ -643,8 +646,62 @@ def test_lines_beyond_the_writers_bound_are_dropped_not_queued(tmp_path: Path) -
     s = log.session("S", "c")
     s.send(b"250-a\r\n250 b\r\n")
     s.recv(b"NOOP")
-    entries, log._buf = log._buf, []
-    protolog._Writer().hand_over(log, entries, protolog.MAX_PENDING + 1)
+    lines = log._buf.lines
+    chunk = log._buf.take()
+    writer = protolog._Writer()
+    writer._pending = protolog.MAX_PENDING + 1 - len(chunk)  # a disk that stopped answering
+    writer.hand_over(log, chunk, lines)
     assert log.dropped == 3
     log.close()
     assert texts(tmp_path / "protocol-m.log") == []
+
+
+# --- the compiled renderer and its twin: the same bytes for any entries -------------------
+
+_RENDERERS = _speedups.implementations("logline")
+_HEAD = st.sampled_from([b"\tS\tc\t<\t", b"\tdefault-1f\t127.0.0.1\t>\t", b""])
+_TEXT = st.text(max_size=40) | st.sampled_from(["connect", "message 1159 octets",
+                                                 "x" * 1001, "a\\b", "\u2026", "\ud800"])
+_ENTRY = st.one_of(
+    st.tuples(st.just(ONE), st.binary(max_size=1) | _CHUNK | _TEXT),
+    st.tuples(st.sampled_from([CRLF_LINES, LF_LINES]), _CHUNK),
+    # recv_data hands over only chunks that end in LF
+    st.tuples(st.just(LF_LINES), _CHUNK.map(lambda b: b + b"\n")),
+)
+
+
+@pytest.mark.parametrize(("impl", "module"), _RENDERERS, ids=[i for i, _ in _RENDERERS])
+@settings(max_examples=300, deadline=None)
+@given(entries=st.lists(st.tuples(st.sampled_from([0.0, 1e-7, 0.0004, 0.001, 0.9996, 1.0]),
+                                  _HEAD, _ENTRY), max_size=10),
+       start=st.floats(min_value=0, max_value=4e9))
+@example(entries=[(0.0, b"\tS\tc\t<\t", (LF_LINES, b"\r\n\r\n"))], start=5.0)
+@example(entries=[(0.0, b"", (CRLF_LINES, b"a\r\r\nb\r\n"))], start=5.0)
+# Stamps that are not 24 characters (a year before 1000, after 9999): formatted each time.
+@example(entries=[(0.0, b"", (ONE, b"x")), (0.0004, b"", (ONE, "y"))], start=-1e11)
+@example(entries=[(0.0, b"", (ONE, b"x")), (1.0, b"", (ONE, b"y"))], start=253402300799.5)
+def test_compiled_renderer_writes_the_twins_bytes(
+        impl: str, module: ModuleType,
+        entries: list[tuple[float, bytes, tuple[int, bytes | str]]],
+        start: float) -> None:
+    now = start
+    buffered: list[_logline_py.Entry] = []
+    for step, head, (kind, data) in entries:
+        now += step
+        buffered.append((now, head, data, kind))
+    assert module.render(buffered) == _logline_py.render(buffered)
+    # The buffer the log renders into: the same size and line count as it fills.
+    mine, twin = module.Lines(), _logline_py.Lines()
+    for entry in buffered:
+        mine.add(*entry)
+        twin.add(*entry)
+        assert (mine.size, mine.lines) == (twin.size, twin.lines)
+    assert mine.take() == twin.take() == _logline_py.render(buffered)
+    assert (mine.size, mine.lines) == (0, 0)
+
+
+def test_the_log_renders_with_the_selected_module(tmp_path: Path) -> None:
+    log = ProtocolLog(tmp_path, "m", flush_interval=3600)
+    assert type(log._buf) is logline.Lines
+    assert _speedups.active["logline"] == logline.COMPILED
+    log.close()
