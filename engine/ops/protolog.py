@@ -87,7 +87,6 @@ from engine.ops._logline_py import (
     format_timestamp,
     sanitise,
     split_lines,
-    stamp_end,
 )
 from engine.ops.logline import Lines
 
@@ -169,8 +168,6 @@ def _redact(line: bytes) -> str:
 
 
 _LF: Final = b"\n"
-#: The twin's name the tests know this module by.
-_stamp_end = stamp_end
 
 
 _CONNECTOR_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

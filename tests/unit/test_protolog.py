@@ -24,13 +24,12 @@ from hypothesis import strategies as st
 
 from engine import _speedups
 from engine.ops import _logline_py, logline, protolog
-from engine.ops._logline_py import CRLF_LINES, LF_LINES, ONE
+from engine.ops._logline_py import CRLF_LINES, LF_LINES, ONE, stamp_end
 from engine.ops.protolog import (
     FLUSH_BYTES,
     GENERATIONS,
     MAX_TEXT,
     ProtocolLog,
-    _stamp_end,
     format_timestamp,
     sanitise,
 )
@@ -634,7 +633,7 @@ def test_buffered_chunks_are_written_as_lines_one_by_one(
 @settings(max_examples=500, deadline=None)
 @given(st.floats(min_value=0, max_value=4e9))
 def test_a_stamp_is_reused_exactly_while_the_time_shows_the_same(t: float) -> None:
-    end = _stamp_end(t)
+    end = stamp_end(t)
     assert end > t
     assert format_timestamp(math.nextafter(end, -math.inf)) == format_timestamp(t)
     assert format_timestamp(end) != format_timestamp(t)
