@@ -786,10 +786,10 @@ async def serve(config: Config, path: str | os.PathLike[str] | None = None,
         if started is not None:
             started(app)
         notify.start_watchdog()
-        if role is not None and role.drains:
-            watch = loop.create_task(_until_drained(app, stop))
+        watch = (loop.create_task(_until_drained(app, stop))
+                 if role is not None and role.drains else None)
         await stop.wait()
-        if role is not None and role.drains:
+        if watch is not None:
             watch.cancel()
         notify.stopping("stopping: finishing sessions and pending commits")
         loop.remove_signal_handler(signal.SIGHUP)

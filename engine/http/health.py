@@ -33,15 +33,17 @@ async def readyz(request: web.Request) -> web.Response:
     found = checks(app)
     failing = {c.name: c.reason for c in found if not c.ok}
     doc: dict[str, Any] = {"status": "unready" if failing else "ready",
-                           "checks": {c.name: c.to_json() for c in found},
-                           "alerts": firing_alerts(app)}
+                           "checks": {c.name: c.to_json() for c in found}}
     if app.node_control is not None and app.node_index != 0:
         # A node's rules are evaluated by worker 0 alone (engine.app._start_alerts).
         try:
             doc["alerts"] = (await ask(app.node_control, {"command": "alerts"},
                                        NODE_ALERTS_TIMEOUT))["alerts"]
         except (OSError, TimeoutError, KeyError, ValueError) as exc:
+            doc["alerts"] = []
             doc["alerts_unknown"] = f"the node's alerts did not come: {exc}"
+    else:
+        doc["alerts"] = firing_alerts(app)
     if failing:
         doc["failing"] = failing
     # Never cached: a probe must see now (RFC 9111 §5.2.2.5).
