@@ -878,7 +878,6 @@ class Scheduler:
                 if not site.jobs and not site.workers:
                     self.sites.pop(site.name, None)
                 return
-        loop = asyncio.get_running_loop()
         last: Route | None = None
         #: Groups prepared to follow on this worker's connection (see _prepare); those the
         #: agent took are already on the wire: this worker collects them first.
@@ -927,21 +926,9 @@ class Scheduler:
                         continue
                     # A suspended destination's group is only parked by _deliver: it
                     # spends no daily cap's count and no rate slot of its site.
-                    if entry.next_hop not in self.suspended:
-                        if self.held or site.capped:
-                            gate = await self._gate(site)
-                            if gate is not None:
-                                reason, until, spread = gate
-                                await self._defer_group(entry, reason, until, spread,
-                                                        site=site.name)
-                                continue
-                        if self.cluster is not None and site.limits.max_rate:
-                            wait = (await self.cluster.reserve(site.name,
-                                                               site.limits.max_rate)).wait
-                        else:
-                            wait = site.throttle.wait(loop.time())
-                        if wait:
-                            await asyncio.sleep(wait)
+                    if (entry.next_hop not in self.suspended
+                            and await self._paced(site, entry)):
+                        continue
                     tried = time.time()
                     queue.route = last = route
                     try:
@@ -1024,6 +1011,23 @@ class Scheduler:
         await self.cluster.release(lease)
 
     # --- shaping: daily caps and automation on replies ----------------------------------
+
+    async def _paced(self, site: _Site, entry: DueEntry) -> bool:
+        """Hold ``entry``'s group to its site's gate and rate: True when it was deferred
+        (an automation hold, the daily cap), else after waiting for its rate slot."""
+        if self.held or site.capped:
+            gate = await self._gate(site)
+            if gate is not None:
+                reason, until, spread = gate
+                await self._defer_group(entry, reason, until, spread, site=site.name)
+                return True
+        if self.cluster is not None and site.limits.max_rate:
+            wait = (await self.cluster.reserve(site.name, site.limits.max_rate)).wait
+        else:
+            wait = site.throttle.wait(asyncio.get_running_loop().time())
+        if wait:
+            await asyncio.sleep(wait)
+        return False
 
     async def _gate(self, site: _Site) -> tuple[str, float, float] | None:
         """Whether the next group of ``site`` must wait: (the deferral's reply, until when,
