@@ -74,11 +74,16 @@ names = sorted(p.stem for p in (HERE / "ext").glob("*.pyx"))
 if ONLY:
     names = [n for n in names if n in ONLY]
 
+#: Libraries a module links beyond Python's (pkey: OpenSSL's libcrypto, from libssl-dev;
+#: without it that module alone fails to build and its twin runs).
+LIBRARIES = {"pkey": ["crypto"]}
+
 extensions = [
     Extension(
         f"engine._ext.{name}",
         [f"ext/{name}.pyx"],
         extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
+        libraries=LIBRARIES.get(name, []),
     )
     for name in names
 ]

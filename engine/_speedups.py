@@ -24,6 +24,7 @@ SELECTORS: dict[str, str] = {
     "reply": "engine.protocol.reply",
     "headers": "engine.message.headers",
     "logline": "engine.ops.logline",
+    "pkey": "engine.message.pkey",
 }
 
 

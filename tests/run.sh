@@ -12,6 +12,8 @@ missing=()
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 "$PY" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || missing+=(python3-dev)
+# OpenSSL's headers and libcrypto.so for ext/pkey.pyx (DKIM's public-key operations).
+[ -f /usr/include/openssl/evp.h ] || missing+=(libssl-dev)
 "$PY" -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 # Real peers for the interop tests: swaks, and Postfix for smtp-source / smtp-sink.
 command -v swaks >/dev/null 2>&1 || missing+=(swaks)

@@ -150,11 +150,16 @@ class DkimSigner(Agent):
         signers = self.signers_for(from_domain(message))
         if not signers:
             return ACCEPT
-        # In a thread even for a small Ed25519 signature: cryptography releases the GIL
-        # while it signs, which on the loop costs a GIL round trip (engine.agents.batch).
-        # The canonicalisation goes along: preparing the digests on the loop and only
-        # signing in the thread measured no better end to end (benchmarks/README.md,
-        # issue 15, second pass).
+        if all(signer.inline for signer in signers):
+            # Ed25519 with the compiled engine.message.pkey, which keeps the GIL: ~45 µs
+            # on the loop, less than a hand-off to a thread and back (benchmarks/README.md,
+            # issue 15, third pass), and the verdict comes without a task.
+            return _verdict([signer.value(message.data) for signer in signers])
+        # Else in a thread: cryptography releases the GIL while it signs, which on the
+        # loop costs a GIL round trip (engine.agents.batch), and an RSA signature
+        # (~300 µs) is too long for the loop anyway.  The canonicalisation goes along:
+        # preparing the digests on the loop and only signing in the thread measured no
+        # better end to end (benchmarks/README.md, issue 15, second pass).
         return self._signed([(signer, message.data) for signer in signers])
 
     async def _signed(self, items: _Items) -> Verdict:

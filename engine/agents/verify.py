@@ -19,8 +19,10 @@ split over two stages so that the DNS overlaps the rest of the transaction:
   mail within its TTLs, the common case on a busy MX), the verdict is computed at once,
   with no task and no wait (``dkim.verify_now``, ``dmarc.discover_now``): the tasks and
   the ``asyncio.wait`` cost about a third of the stage (benchmarks/README.md, issue 15).
-  Only DKIM's public-key operations are then waited for, made in the agent's thread in
-  batches (engine.agents.batch): on the loop each cost a GIL round trip.
+  Only DKIM's public-key operations may then be waited for, made in the agent's thread
+  in batches (engine.agents.batch) when they release the GIL (on the loop each would cost
+  a GIL round trip); with the compiled engine.message.pkey, which keeps the GIL, they are
+  made at once on the loop and the verdict is returned without any wait.
 
 Only mail from clients that may not relay (``session.may_relay`` False: mail from the
 outside world) is verified; a client that may relay sends outbound mail, which is signed,
@@ -55,7 +57,7 @@ from engine.agents.api import (
 from engine.agents.batch import ThreadBatches
 from engine.agents.dns import Lookup
 from engine.agents.spf import SpfCache, SpfResult
-from engine.message import dkim
+from engine.message import dkim, pkey
 
 if TYPE_CHECKING:
     from engine.agents import AgentContext
@@ -115,8 +117,10 @@ class VerifyAgent(Agent):
         self._spf = "spf" in self.methods
         self._dkim = bool({"dkim", "dmarc"} & wanted)  # DMARC aligns DKIM's d=
         self._dmarc = "dmarc" in self.methods
-        #: DKIM's public-key operations, made in a thread in batches (engine.agents.batch).
-        self._checks = ThreadBatches(dkim.signatures_valid)
+        #: DKIM's public-key operations, made in a thread in batches (engine.agents.batch)
+        #: when they release the GIL (cryptography), on the loop when they keep it (the
+        #: compiled engine.message.pkey: ~20-30 µs each and no hand-off).
+        self._checks = None if pkey.HOLDS_GIL else ThreadBatches(dkim.signatures_valid)
 
     async def start(self) -> None:
         if "dmarc" in self.methods:

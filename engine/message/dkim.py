@@ -20,26 +20,23 @@ message, simple canonicalisation in one ``update`` of the untouched buffer, rela
 not depend on how the body is cut (a Hypothesis test holds it to that).
 
 Where the CPU work runs (measured on this project's 2-core machine, benchmarks/README.md):
-an RSA-2048 signature costs about 0.3 ms, an Ed25519 one about 0.035 ms, relaxed body
-canonicalisation about 3-6 ms per MiB of text.  ``cryptography`` releases the GIL while
-OpenSSL signs and verifies (pyca/cryptography #14370 for RSA, #15164 for Ed25519, both in
-the 51.x we run; ``bench_dkim.py``'s handoff test sees it every time), so a signature made
-on the event loop costs the loop a GIL round trip: in ``ferry serve`` another thread (the
-queue writer's feeder) takes the GIL meanwhile, and a profile showed each 35 µs Ed25519
-signature costing the loop 220 µs.  Hence every signature is made in the default
-executor (``loop.run_in_executor``): end to end, signing Ed25519 on the loop gave
-2.2-3.3 s for 4,000 messages where the executor gave 2.0-2.5 s; the signing agent
-(engine.agents.dkim) makes the signatures of every message waiting in one executor
-job, one job at a time (engine.agents.batch).
-Verification is one public-key operation of 0.02-0.06 ms after the hashing, and it
-releases the GIL too: on the loop of ``ferry serve`` each cost about 250 µs of CPU per
-message (``bench_relay.py --verify``, 1 KiB at 100 messages per connection, against the
-same run with the operation left out).  So the verify agent hands them to a
-:class:`Checker` (a thread, in batches: engine.agents.batch) and does the hashing on the
-loop; :func:`verify` without a checker checks on the loop when the body is under
-:data:`VERIFY_INLINE_BYTES` and in the executor otherwise (hashing a large body), and
-:func:`verify_now` returns the results at once, without a coroutine, when the keys'
-answers are cached and no public-key operation is left to wait for.
+an RSA-2048 signature costs about 0.3 ms, an Ed25519 one about 0.035-0.045 ms, a
+verification 0.02-0.06 ms, relaxed body canonicalisation about 3-6 ms per MiB of text.
+``cryptography`` releases the GIL while OpenSSL signs and verifies (pyca/cryptography
+#14370 for RSA, #15164 for Ed25519), so an operation made on the event loop costs the loop
+a GIL round trip: in ``ferry serve`` another thread (the queue writer's feeder, the
+tracking log's) takes the GIL meanwhile, and profiles showed a 35 µs Ed25519 signature
+costing the loop 220 µs, a 28 µs RSA verification 250 µs.  So the public-key operations go
+through engine.message.pkey: compiled (OpenSSL's libcrypto, ``pkey.HOLDS_GIL``) they keep
+the GIL and are made on the loop at their own cost: Ed25519 signatures
+(:attr:`Signer.inline`, the signing agent signs at once) and every verification (the
+verify agent passes no :class:`Checker`).  Otherwise (the pure-Python twin, and RSA
+signatures, too long for the loop) they go to a thread in batches (engine.agents.batch):
+the signing agent's executor jobs, the verify agent's :class:`Checker`.  :func:`verify`
+checks on the loop when the body is under :data:`VERIFY_INLINE_BYTES` and in the executor
+otherwise (hashing a large body), and :func:`verify_now` returns the results at once,
+without a coroutine, when the keys' answers are cached and no public-key operation is
+left to wait for.
 
 It must never open a socket or a file itself (the key record comes through the
 ``engine.agents.dns.Lookup`` handed in; :func:`load_signing_key` reads the one file it is
@@ -61,12 +58,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple, Protocol
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 
 from engine.agents.api import Message, MethodResult
 from engine.agents.dns import DnsPermError, DnsTempError
+from engine.message import pkey
 from engine.message.headers import scan_headers
 
 if TYPE_CHECKING:
@@ -481,10 +479,10 @@ def fold_txt(value: str, size: int = 255) -> str:
     return "( " + "\n\t".join(strings) + " )"
 
 
-def _sign_digest(key: SigningKey, digest: bytes) -> bytes:
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign(digest)  # RFC 8463 §3: PureEdDSA over the SHA-256 hash
-    return key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+def _ed25519_signer(key: ed25519.Ed25519PrivateKey) -> pkey.Ed25519Signer:
+    return pkey.Ed25519Signer(key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+        serialization.NoEncryption()))
 
 
 # --- signing -------------------------------------------------------------------------------
@@ -578,6 +576,12 @@ class Signer:
         self.selector = selector.lower()
         self.key = private_key
         self.algorithm = algorithm_of(private_key)
+        # RFC 8463 §3: PureEdDSA over the SHA-256 hash, made by engine.message.pkey.
+        self._ed25519 = (_ed25519_signer(private_key)
+                         if isinstance(private_key, ed25519.Ed25519PrivateKey) else None)
+        #: The signature is cheap and made holding the GIL (Ed25519, compiled): the
+        #: signing agent makes it on the event loop, at its own cost and no hand-off.
+        self.inline = self._ed25519 is not None and pkey.HOLDS_GIL
         names = [h.lower() for h in headers]
         if "from" not in names:
             names.insert(0, "from")
@@ -649,7 +653,11 @@ class Signer:
 
     def signature(self, prepared: Prepared) -> bytes:
         """The signature of a prepared digest (OpenSSL; it releases the GIL)."""
-        return _sign_digest(self.key, prepared.digest)
+        if self._ed25519 is not None:
+            return self._ed25519.sign(prepared.digest)
+        assert isinstance(self.key, rsa.RSAPrivateKey)
+        return self.key.sign(prepared.digest, padding.PKCS1v15(),
+                             utils.Prehashed(hashes.SHA256()))
 
     @staticmethod
     def finish(prepared: Prepared, signature: bytes) -> str:
@@ -776,7 +784,8 @@ def _parse_signature(field: _Field, now: float) -> _Signature:
     return _Signature(field, tags, algorithm, header_canon, body_canon, names, limit, bh, b)
 
 
-PublicKey = rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+#: A key record's key, ready to check signatures (engine.message.pkey).
+PublicKey = pkey.Verifier
 
 
 @dataclass(frozen=True, slots=True)
@@ -823,7 +832,7 @@ def _key_record(text: str) -> _KeyRecord:
     key: PublicKey
     if kind == "ed25519":
         try:
-            key = ed25519.Ed25519PublicKey.from_public_bytes(data)
+            key = pkey.Verifier("ed25519", data)
         except ValueError:
             return bad("bad Ed25519 key", kind=kind)
     elif kind == "rsa":
@@ -837,7 +846,8 @@ def _key_record(text: str) -> _KeyRecord:
         if loaded.key_size < MIN_VERIFY_BITS:
             return bad(f"key too short ({loaded.key_size} bits, RFC 8301 §3.2)", "policy",
                        kind=kind)
-        key = loaded
+        key = pkey.Verifier("rsa", loaded.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
     else:
         return _KeyRecord(None, kind, flags)  # k= unknown: _key reports the mismatch
     return _KeyRecord(key, kind, flags)
@@ -931,16 +941,10 @@ Check = tuple["PublicKey | None", bytes, bytes]
 
 
 def signature_valid(check: Check) -> bool:
-    """The public-key operation of one signature (OpenSSL; it releases the GIL)."""
+    """The public-key operation of one signature (OpenSSL: engine.message.pkey, which
+    releases the GIL unless compiled, ``pkey.HOLDS_GIL``)."""
     key, b, signed = check
-    try:
-        if isinstance(key, ed25519.Ed25519PublicKey):
-            key.verify(b, signed)
-        elif isinstance(key, rsa.RSAPublicKey):
-            key.verify(b, signed, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
-    except InvalidSignature:
-        return False
-    return True
+    return key is not None and key.verify(b, signed)
 
 
 def signatures_valid(checks: Sequence[Check]) -> list[bool]:

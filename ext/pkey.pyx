@@ -1,0 +1,182 @@
+# cython: language_level=3
+"""Compiled public-key operations for DKIM, holding the GIL (engine._ext.pkey).
+
+Owns two things only: an Ed25519 signature (RFC 8032 PureEdDSA, as RFC 8463 §3 uses it)
+and a signature check (Ed25519, or RSA PKCS#1 v1.5 over a SHA-256 digest: RFC 6376 §3.3.1,
+RFC 8017 §8.2), both through OpenSSL's libcrypto (the EVP interface of OpenSSL 3).
+
+Why it exists: ``cryptography`` releases the GIL inside every such call.  On ``ferry
+serve``'s event loop that costs far more than the operation (a 35 µs Ed25519 signature cost
+the loop ~220 µs, a 28 µs RSA verification ~250 µs: another thread takes the GIL and the
+loop waits to get it back; benchmarks/README.md, issue 15), and handing the work to a
+thread costs futures, a wake-up and the same GIL traffic.  These calls keep the GIL: the
+operation costs the loop what it costs, tens of microseconds, and nothing else.  Only the
+cheap operations belong here (an RSA *signature*, ~300 µs, stays in a thread).
+
+Its twin is engine/message/_pkey_py.py (``cryptography``): the same results for every
+input (Ed25519 signatures are deterministic, so the same bytes).  It never parses key
+formats beyond what OpenSSL does, never imports asyncio and never logs.
+"""
+
+from libc.stddef cimport size_t
+
+__all__ = ["HOLDS_GIL", "Ed25519Signer", "Verifier"]
+
+#: The operations run holding the GIL (cheap to make on an event loop).
+HOLDS_GIL = True
+
+
+cdef extern from "openssl/evp.h":
+    ctypedef struct EVP_PKEY:
+        pass
+    ctypedef struct EVP_MD_CTX:
+        pass
+    ctypedef struct EVP_PKEY_CTX:
+        pass
+    ctypedef struct EVP_MD:
+        pass
+    ctypedef struct ENGINE:
+        pass
+    int EVP_PKEY_ED25519
+    int EVP_PKEY_RSA
+    EVP_PKEY* EVP_PKEY_new_raw_private_key(int type, ENGINE* e, const unsigned char* key,
+                                           size_t keylen)
+    EVP_PKEY* EVP_PKEY_new_raw_public_key(int type, ENGINE* e, const unsigned char* key,
+                                          size_t keylen)
+    void EVP_PKEY_free(EVP_PKEY* pkey)
+    int EVP_PKEY_get_base_id(const EVP_PKEY* pkey)
+    int EVP_PKEY_get_bits(const EVP_PKEY* pkey)
+    EVP_MD_CTX* EVP_MD_CTX_new()
+    void EVP_MD_CTX_free(EVP_MD_CTX* ctx)
+    int EVP_DigestSignInit(EVP_MD_CTX* ctx, EVP_PKEY_CTX** pctx, const EVP_MD* md, ENGINE* e,
+                           EVP_PKEY* pkey)
+    int EVP_DigestSign(EVP_MD_CTX* ctx, unsigned char* sigret, size_t* siglen,
+                       const unsigned char* tbs, size_t tbslen)
+    int EVP_DigestVerifyInit(EVP_MD_CTX* ctx, EVP_PKEY_CTX** pctx, const EVP_MD* md,
+                             ENGINE* e, EVP_PKEY* pkey)
+    int EVP_DigestVerify(EVP_MD_CTX* ctx, const unsigned char* sigret, size_t siglen,
+                         const unsigned char* tbs, size_t tbslen)
+    EVP_PKEY_CTX* EVP_PKEY_CTX_new(EVP_PKEY* pkey, ENGINE* e)
+    void EVP_PKEY_CTX_free(EVP_PKEY_CTX* ctx)
+    int EVP_PKEY_verify_init(EVP_PKEY_CTX* ctx)
+    int EVP_PKEY_verify(EVP_PKEY_CTX* ctx, const unsigned char* sig, size_t siglen,
+                        const unsigned char* tbs, size_t tbslen)
+    int EVP_PKEY_CTX_set_signature_md(EVP_PKEY_CTX* ctx, const EVP_MD* md)
+    const EVP_MD* EVP_sha256()
+
+cdef extern from "openssl/rsa.h":
+    int RSA_PKCS1_PADDING
+    int EVP_PKEY_CTX_set_rsa_padding(EVP_PKEY_CTX* ctx, int pad)
+
+cdef extern from "openssl/x509.h":
+    EVP_PKEY* d2i_PUBKEY(EVP_PKEY** a, const unsigned char** pp, long length)
+
+cdef extern from "openssl/err.h":
+    void ERR_clear_error()
+
+
+cdef class Ed25519Signer:
+    """An Ed25519 private key (the 32 raw octets of RFC 8032 §5.1.5); ``sign(data)`` is
+    the 64-octet signature of ``data``.  ValueError for a key that is not 32 octets."""
+
+    cdef EVP_PKEY* _key
+    cdef EVP_MD_CTX* _ctx
+
+    def __cinit__(self, const unsigned char[::1] private not None):
+        self._key = NULL
+        self._ctx = NULL
+        if private.shape[0] != 32:
+            raise ValueError("an Ed25519 private key is 32 octets")
+        self._key = EVP_PKEY_new_raw_private_key(EVP_PKEY_ED25519, NULL, &private[0], 32)
+        self._ctx = EVP_MD_CTX_new()
+        if self._key is NULL or self._ctx is NULL:
+            ERR_clear_error()
+            raise ValueError("OpenSSL refused the Ed25519 key")
+
+    def __dealloc__(self):
+        EVP_MD_CTX_free(self._ctx)
+        EVP_PKEY_free(self._key)
+
+    def sign(self, const unsigned char[::1] data not None) -> bytes:
+        cdef unsigned char out[64]
+        cdef size_t size = 64
+        cdef const unsigned char* p = &data[0] if data.shape[0] else <const unsigned char*>b""
+        # One-shot EdDSA: the context is initialised again for every signature (RFC 8032
+        # signs the whole message in one call; OpenSSL has no update for it).
+        if (EVP_DigestSignInit(self._ctx, NULL, NULL, NULL, self._key) != 1
+                or EVP_DigestSign(self._ctx, out, &size, p, data.shape[0]) != 1):
+            ERR_clear_error()
+            raise ValueError("OpenSSL could not make the Ed25519 signature")
+        return out[:size]
+
+
+cdef class Verifier:
+    """A public key that checks signatures: ``kind`` "ed25519" (``public``: the 32 raw
+    octets; ``verify`` checks PureEdDSA over ``data``) or "rsa" (``public``: DER
+    SubjectPublicKeyInfo; ``verify`` checks PKCS#1 v1.5 of a SHA-256 ``data`` digest).
+    ValueError for a key OpenSSL does not read as that kind."""
+
+    cdef EVP_PKEY* _key
+    cdef EVP_MD_CTX* _md
+    cdef bint _ed25519
+    cdef readonly str kind
+
+    def __cinit__(self, str kind not None, const unsigned char[::1] public not None):
+        cdef const unsigned char* p
+        self._key = NULL
+        self._md = NULL
+        self.kind = kind
+        if kind == "ed25519":
+            self._ed25519 = True
+            if public.shape[0] != 32:
+                raise ValueError("an Ed25519 public key is 32 octets")
+            self._key = EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, NULL, &public[0], 32)
+            self._md = EVP_MD_CTX_new()
+            if self._md is NULL:
+                raise MemoryError()
+        elif kind == "rsa":
+            self._ed25519 = False
+            if public.shape[0]:
+                p = &public[0]
+                self._key = d2i_PUBKEY(NULL, &p, public.shape[0])
+                if self._key is not NULL and (p != &public[0] + public.shape[0]
+                                              or EVP_PKEY_get_base_id(self._key) != EVP_PKEY_RSA):
+                    EVP_PKEY_free(self._key)  # trailing octets, or not an RSA key
+                    self._key = NULL
+        else:
+            raise ValueError(f"unknown key kind {kind!r}")
+        if self._key is NULL:
+            ERR_clear_error()
+            raise ValueError(f"not an {kind} public key")
+
+    def __dealloc__(self):
+        EVP_MD_CTX_free(self._md)
+        EVP_PKEY_free(self._key)
+
+    @property
+    def bits(self) -> int:
+        return EVP_PKEY_get_bits(self._key)
+
+    def verify(self, const unsigned char[::1] signature not None,
+               const unsigned char[::1] data not None) -> bool:
+        cdef const unsigned char* s = (&signature[0] if signature.shape[0]
+                                       else <const unsigned char*>b"")
+        cdef const unsigned char* d = &data[0] if data.shape[0] else <const unsigned char*>b""
+        cdef EVP_PKEY_CTX* ctx
+        cdef int ok
+        if self._ed25519:
+            ok = (EVP_DigestVerifyInit(self._md, NULL, NULL, NULL, self._key) == 1
+                  and EVP_DigestVerify(self._md, s, signature.shape[0], d,
+                                       data.shape[0]) == 1)
+        else:
+            ctx = EVP_PKEY_CTX_new(self._key, NULL)
+            if ctx is NULL:
+                raise MemoryError()
+            ok = (EVP_PKEY_verify_init(ctx) == 1
+                  and EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_PADDING) == 1
+                  and EVP_PKEY_CTX_set_signature_md(ctx, EVP_sha256()) == 1
+                  and EVP_PKEY_verify(ctx, s, signature.shape[0], d, data.shape[0]) == 1)
+            EVP_PKEY_CTX_free(ctx)
+        if not ok:
+            ERR_clear_error()  # a bad signature leaves errors queued for this thread
+        return bool(ok)
