@@ -23,6 +23,7 @@ SELECTORS: dict[str, str] = {
     "command": "engine.protocol.command",
     "reply": "engine.protocol.reply",
     "headers": "engine.message.headers",
+    "canon": "engine.message.canon",
     "logline": "engine.ops.logline",
     "pkey": "engine.message.pkey",
 }

@@ -65,6 +65,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, uti
 from engine.agents.api import Message, MethodResult
 from engine.agents.dns import DnsPermError, DnsTempError
 from engine.message import pkey
+from engine.message._canon_py import squeeze as _squeeze
+from engine.message._canon_py import trailing_crlfs as _trailing_crlfs
+from engine.message.canon import relaxed_body, relaxed_fields
 from engine.message.headers import scan_headers
 
 if TYPE_CHECKING:
@@ -123,7 +126,9 @@ MIN_SIGNING_BITS: Final = 2048
 #: Verification stays on the loop below this many body octets (see the docstring).
 VERIFY_INLINE_BYTES: Final = 32 * 1024
 
-#: Relaxed bodies are canonicalised in chunks of this size (bounded temporary copies).
+#: Relaxed bodies up to this size are canonicalised in one call (engine.message.canon),
+#: larger ones in chunks of :data:`CHUNK` (bounded temporary copies).
+ONE_SHOT: Final = 1024 * 1024
 CHUNK: Final = 64 * 1024
 
 #: A line of the DKIM-Signature field stays under 78 characters (RFC 5322 §2.1.1).
@@ -186,17 +191,6 @@ def _base64(value: str, what: str) -> bytes:
 
 # --- canonicalisation (§3.4) ---------------------------------------------------------------
 
-def _squeeze(data: bytes) -> bytes:
-    """Every run of spaces and tabs made one space (§3.4.2, §3.4.4).  bytes.replace in a
-    loop rather than a regular expression: each pass halves the runs at memory speed,
-    where ``re.sub(rb"[ \\t]+")`` stops at every space (five to ten times slower on text)."""
-    if b"\t" in data:
-        data = data.replace(b"\t", b" ")
-    while b"  " in data:
-        data = data.replace(b"  ", b" ")
-    return data
-
-
 def relaxed_header(name: bytes, value: bytes) -> bytes:
     """§3.4.2: the name lower-cased, the value unfolded, whitespace runs one space, none
     around the value; ``name:value`` and CRLF."""
@@ -227,20 +221,6 @@ class _Counter:
             piece = data[: self.left]
             self.left -= len(piece)
             self.hasher.update(piece)
-
-
-def _trailing_crlfs(data: bytes) -> int:
-    """How many CRLF pairs end ``data``."""
-    stripped = data.rstrip(b"\r\n")
-    tail = len(data) - len(stripped)
-    if data[len(stripped):] == b"\r\n" * (tail // 2) and tail % 2 == 0:
-        return tail // 2
-    # A bare CR or LF among the trailing line ends (not in Ferry's canonical mail): count
-    # the pairs one by one from the end.
-    count, end = 0, len(data)
-    while end >= 2 and data[end - 2 : end] == b"\r\n":
-        count, end = count + 1, end - 2
-    return count
 
 
 class SimpleBody:
@@ -343,6 +323,8 @@ def body_hash(body: bytes | memoryview, canon: Canon, limit: int | None = None
         if end:
             sink.update(view[:end])
         sink.update(b"\r\n")
+    elif len(view) <= ONE_SHOT:
+        sink.update(relaxed_body(view))
     else:
         stream = RelaxedBody(sink)
         for start in range(0, len(view), CHUNK):
@@ -368,10 +350,10 @@ def _fields(data: bytes, header_end: int) -> list[_Field]:
     return [_Field(data[ns:ne].lower(), data[ns:ve], vs - ns) for ns, ne, vs, ve in scan.fields]
 
 
-def _canon_field(field: _Field, canon: Canon) -> bytes:
-    if canon == "simple":
+def _canon_field(field: _Field, how: Canon) -> bytes:
+    if how == "simple":
         return field.raw + b"\r\n"
-    return relaxed_header(field.raw[: field.colon - 1], field.raw[field.colon :])
+    return relaxed_fields((field,))
 
 
 def _select(fields: Sequence[_Field], names: Iterable[bytes]) -> list[_Field | None]:
@@ -387,11 +369,10 @@ def _select(fields: Sequence[_Field], names: Iterable[bytes]) -> list[_Field | N
     return chosen
 
 
-def _header_data(selected: Iterable[_Field | None], canon: Canon) -> bytes:
-    if canon == "simple":
+def _header_data(selected: Iterable[_Field | None], how: Canon) -> bytes:
+    if how == "simple":
         return b"".join(f.raw + b"\r\n" for f in selected if f is not None)
-    return b"".join(relaxed_header(f.raw[: f.colon - 1], f.raw[f.colon :])
-                    for f in selected if f is not None)
+    return relaxed_fields(selected)
 
 
 # The b= tag's value in a signature field's value: removed before hashing (§3.7).
