@@ -80,6 +80,55 @@ def _field(name: str, value: str) -> bytes:
     return f"{name}:{value}\r\n".encode("utf-8", "surrogateescape")
 
 
+def _only_added(data: bytes, changes: list[HeaderChange],
+                skipped: Callable[[HeaderChange, str], None] | None) -> bytes | None:
+    """:func:`apply_changes`'s result when it only prepends fields: every change an add,
+    or a remove of a name that the header does not hold and no earlier add put there (a
+    signing agent's DKIM-Signature; the verify agent's removal of forged
+    Authentication-Results, which a message rarely carries, and its own field).  None
+    otherwise.  The header is not split into fields: ~5 µs a message less, on the loop."""
+    if data.startswith(b"\r\n"):
+        header = b""
+    else:
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        header = data[: end + 2]
+    lowered: bytes | None = None
+    fields: list[bytes] = []
+    names: set[str] = set()
+    refused: list[tuple[HeaderChange, str]] = []
+    for change in changes:
+        if change.op == "add":
+            problem = change_problem(change)
+            if problem is not None:
+                refused.append((change, problem))
+                continue
+            fields.append(_field(change.name, change.value))
+            names.add(change.name.lower())
+        elif change.op == "remove":
+            name = change.name.lower()
+            if name in names:
+                return None
+            if lowered is None:
+                lowered = header.lower()
+            # Anywhere in the header, not only as a field's name: a false alarm only costs
+            # the general path.
+            if name.encode("utf-8", "surrogateescape") in lowered:
+                return None
+            problem = change_problem(change)
+            if problem is not None:
+                refused.append((change, problem))
+        else:
+            return None
+    if skipped is not None:
+        for change, problem in refused:
+            skipped(change, problem)
+    fields.reverse()  # each add goes on top of the ones before it
+    fields.append(data)
+    return b"".join(fields)
+
+
 def apply_changes(data: bytes, changes: Iterable[HeaderChange],
                   skipped: Callable[[HeaderChange, str], None] | None = None) -> bytes:
     """``data`` with ``changes`` applied to its header block; a change that cannot be
@@ -87,6 +136,13 @@ def apply_changes(data: bytes, changes: Iterable[HeaderChange],
     changes = list(changes)
     if not changes:
         return data
+    added = _only_added(data, changes, skipped)
+    return added if added is not None else _rewritten(data, changes, skipped)
+
+
+def _rewritten(data: bytes, changes: list[HeaderChange],
+               skipped: Callable[[HeaderChange, str], None] | None) -> bytes:
+    """:func:`apply_changes` in general: the header split into fields, then edited."""
     if data.startswith(b"\r\n"):
         header_len, head = 0, b""
     else:
