@@ -46,14 +46,24 @@ def format_field(authserv_id: str, results: Sequence[MethodResult]) -> str:
     if not results:
         # §2.2 no-result: the authserv-id and "none".
         return _fold([[f"{_value(authserv_id)};", "none"]])
-    lines = [[f"{_value(authserv_id)};"]]
     last = len(results) - 1
-    for i, result in enumerate(results):
-        words = list(_resinfo(result))
-        if i < last:
-            words[-1] += ";"
-        lines.append(words)
-    return _fold(lines)
+    return _head(authserv_id) + "".join(_line(r, i == last) for i, r in enumerate(results))
+
+
+@lru_cache(maxsize=64)
+def _head(authserv_id: str) -> str:
+    """The field's first line: the authserv-id."""
+    return _fold([[f"{_value(authserv_id)};"]])
+
+
+@lru_cache(maxsize=4096)
+def _line(result: MethodResult, last: bool) -> str:
+    """One resinfo on a line of its own (each starts afresh after a fold, so its text does
+    not depend on the others: cached like :func:`_resinfo`)."""
+    words = list(_resinfo(result))
+    if not last:
+        words[-1] += ";"
+    return _fold([[], words])
 
 
 @lru_cache(maxsize=4096)
