@@ -134,6 +134,9 @@ CHUNK: Final = 64 * 1024
 #: A line of the DKIM-Signature field stays under 78 characters (RFC 5322 §2.1.1).
 LINE: Final = 76
 
+#: How many shapes of header (the signed fields' names in order) a signer remembers.
+PLANS: Final = 256
+
 
 class DkimError(ValueError):
     """A signature or key record that does not parse (a permanent error)."""
@@ -472,18 +475,32 @@ def _ed25519_signer(key: ed25519.Ed25519PrivateKey) -> pkey.Ed25519Signer:
 def _fold_tags(tokens: Sequence[str]) -> tuple[list[str], str]:
     """The field's lines up to an empty b=: the tokens (each ending in its own ";" or ":")
     separated by one space, lines under 78 characters; (the full lines, the last line,
-    which ends in " b=")."""
-    lines: list[str] = []
-    line = "DKIM-Signature:"
-    for token in tokens:
-        if len(line) + 1 + len(token) > LINE:
-            lines.append(line)
-            line = ""
-        line += " " + token
+    which ends in " b=").  All but the last token (bh=, new in every signature) are
+    folded once per second and header shape (:func:`_fold_prefix`)."""
+    done, line = _fold_prefix(tuple(tokens[:-1]))
+    lines = list(done)
+    lines, line = _fold_token(lines, line, tokens[-1])
     if len(line) + 6 > LINE:
         lines.append(line)
         line = ""
     return lines, line + " b="
+
+
+def _fold_token(lines: list[str], line: str, token: str) -> tuple[list[str], str]:
+    if len(line) + 1 + len(token) > LINE:
+        lines.append(line)
+        line = ""
+    return lines, line + " " + token
+
+
+@functools.lru_cache(maxsize=64)
+def _fold_prefix(tokens: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    """:func:`_fold_tags`'s state after ``tokens``: (the full lines, the line begun)."""
+    lines: list[str] = []
+    line = "DKIM-Signature:"
+    for token in tokens:
+        lines, line = _fold_token(lines, line, token)
+    return tuple(lines), line
 
 
 def _fold(folded: tuple[list[str], str], b64: str) -> str:
@@ -575,32 +592,58 @@ class Signer:
             self.oversign = frozenset(h.lower() for h in oversign)
         #: (name, name as bytes, 1 when over-signed) for each signed field.
         self._plan = tuple((n, n.encode(), int(n in self.oversign)) for n in self.headers)
+        self._wanted = frozenset(raw for _, raw, _ in self._plan)
+        #: h= and the fields' order by the signed fields' names (:meth:`_plan_for`).
+        self._plans: dict[tuple[bytes, ...], tuple[tuple[str, ...], tuple[int, ...]]] = {}
         self.canon = canon
+        #: The tags every signature of this signer begins with (§3.5).
+        self._tags = ("v=1;", f"a={self.algorithm};", f"c={canon[0]}/{canon[1]};",
+                      f"d={self.domain};", f"s={self.selector};")
         self.lifetime = lifetime
         self.clock = clock
 
-    def _signed(self, fields: Sequence[_Field]) -> tuple[tuple[str, ...], list[_Field]]:
+    def _signed(self, message: bytes, header_end: int
+                ) -> tuple[tuple[str, ...], list[_Field]]:
         """(h=, the fields it selects in h='s order) in one pass over the plan: each
         signed name as many times as the message has the field, plus once when
         over-signed (§5.4.2: the extra one selects nothing, the "null string"), its
-        fields from the bottom up (§5.4.2), which is what :func:`_select` gives for h=."""
-        by_name: dict[bytes, list[_Field]] = {}
-        for f in fields:
-            found = by_name.get(f.name)
-            if found is None:
-                by_name[f.name] = [f]
-            else:
-                found.append(f)
+        fields from the bottom up (§5.4.2), which is what :func:`_select` gives for h=.
+        Only the fields to sign are made (Received and the like are passed over)."""
+        wanted = self._wanted
+        fields: list[_Field] = []
+        for ns, ne, vs, ve in scan_headers(message, header_end).fields:
+            key = message[ns:ne].lower()
+            if key in wanted:
+                fields.append(_Field(key, message[ns:ve], vs - ns))
+        names = tuple(f.name for f in fields)
+        plan = self._plans.get(names)
+        if plan is None:
+            plan = self._plan_for(names)
+        h, order = plan
+        return h, [fields[i] for i in order]
+
+    def _plan_for(self, names: tuple[bytes, ...]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """(h=, the order in which to take the fields) for a message whose signed fields
+        are ``names``, top down; kept for the next message with the same fields (a bulk
+        sender's mail all has the same)."""
+        if b"from" not in names:
+            raise DkimError("the message has no From field (RFC 5322 §3.6: required)")
+        at: dict[bytes, list[int]] = {}
+        for i, present in enumerate(names):
+            at.setdefault(present, []).append(i)
         h: list[str] = []
-        selected: list[_Field] = []
+        order: list[int] = []
         for name, raw, over in self._plan:
-            found = by_name.get(raw)
+            found = at.get(raw)
             if found:
                 h += [name] * (len(found) + over)
-                selected += reversed(found)
+                order += reversed(found)
             elif over:
                 h.append(name)
-        return tuple(h), selected
+        if len(self._plans) >= PLANS:
+            self._plans.clear()  # bounded: mail of many shapes starts again
+        plan = self._plans[names] = (tuple(h), tuple(order))
+        return plan
 
     def value(self, message: bytes) -> str:
         """The DKIM-Signature field's value for ``message`` (canonical CRLF bytes): what
@@ -613,16 +656,10 @@ class Signer:
         and the digest to sign (pure Python, under the GIL, where :meth:`signature` is
         OpenSSL's, outside it)."""
         view = Message(message)
-        fields = _fields(message, view.header_end)
-        if not any(f.name == b"from" for f in fields):
-            raise DkimError("the message has no From field (RFC 5322 §3.6: required)")
-        h, selected = self._signed(fields)
+        h, selected = self._signed(message, view.header_end)
         bh, _ = body_hash(view.body(), self.canon[1])
         now = int(self.clock())
-        tokens = [
-            "v=1;", f"a={self.algorithm};", f"c={self.canon[0]}/{self.canon[1]};",
-            f"d={self.domain};", f"s={self.selector};", f"t={now};",
-        ]  # fmt: skip
+        tokens = [*self._tags, f"t={now};"]
         if self.lifetime is not None:
             tokens.append(f"x={now + max(1, int(self.lifetime))};")
         tokens += [*_h_tokens(h), f"bh={base64.b64encode(bh).decode()};"]
