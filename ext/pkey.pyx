@@ -11,7 +11,9 @@ the loop ~220 µs, a 28 µs RSA verification ~250 µs: another thread takes the 
 loop waits to get it back; benchmarks/README.md, issue 15), and handing the work to a
 thread costs futures, a wake-up and the same GIL traffic.  These calls keep the GIL: the
 operation costs the loop what it costs, tens of microseconds, and nothing else.  Only the
-cheap operations belong here (an RSA *signature*, ~300 µs, stays in a thread).
+cheap operations belong here (an RSA *signature*, ~300 µs, stays in a thread).  Holding
+the GIL also serialises the calls, so an object's OpenSSL context may be reused by every
+thread that calls it (the executor's, when a large body is verified there).
 
 Its twin is engine/message/_pkey_py.py (``cryptography``): the same results for every
 input (Ed25519 signatures are deterministic, so the same bytes).  It never parses key
