@@ -11,17 +11,19 @@ against the key published at ``SELECTOR._domainkey.DOMAIN`` and says pass / fail
 Algorithms: rsa-sha256 and ed25519-sha256 (RFC 8463: PureEdDSA over the SHA-256 hash of
 the header data).  rsa-sha1 and RSA keys under 1024 bits are refused on verification, as
 RFC 8301 §3.1-§3.2 requires ("policy"); signing keys must be RSA of 2048 bits or more, or
-Ed25519.  The signature itself is computed by ``cryptography`` (OpenSSL): pure-Python RSA
-is far too slow for bulk mail.
+Ed25519.  The signature itself is computed by OpenSSL (engine.message.pkey, and
+``cryptography``): pure-Python RSA is far too slow for bulk mail.
 
 Bodies can be large (35 MiB by default): the body is hashed from a memoryview of the
-message, simple canonicalisation in one ``update`` of the untouched buffer, relaxed in
-64 KiB chunks through :class:`RelaxedBody`, a streaming canonicaliser whose output does
-not depend on how the body is cut (a Hypothesis test holds it to that).
+message, simple canonicalisation in one ``update`` of the untouched buffer, relaxed in one
+call of engine.message.canon up to :data:`ONE_SHOT` and beyond in 64 KiB chunks through
+:class:`RelaxedBody`, a streaming canonicaliser whose output does not depend on how the
+body is cut (Hypothesis tests hold both to that).
 
 Where the CPU work runs (measured on this project's 2-core machine, benchmarks/README.md):
 an RSA-2048 signature costs about 0.3 ms, an Ed25519 one about 0.035-0.045 ms, a
-verification 0.02-0.06 ms, relaxed body canonicalisation about 3-6 ms per MiB of text.
+verification 0.02-0.06 ms, relaxed body canonicalisation 0.15-1.3 ms per MiB (compiled;
+3-6 ms in Python).
 ``cryptography`` releases the GIL while OpenSSL signs and verifies (pyca/cryptography
 #14370 for RSA, #15164 for Ed25519), so an operation made on the event loop costs the loop
 a GIL round trip: in ``ferry serve`` another thread (the queue writer's feeder, the
