@@ -864,6 +864,16 @@ def _raise_first(results: list[_T | BaseException]) -> None:
             raise result
 
 
+class _Shared:
+    """An evaluation under way and how many checks wait for it."""
+
+    __slots__ = ("task", "waiting")
+
+    def __init__(self, task: asyncio.Future[SpfResult]) -> None:
+        self.task = task
+        self.waiting = 0
+
+
 @functools.lru_cache(maxsize=4096)
 def _text(ip: IPAddress | str) -> str:
     """``str(ip)``, kept: an address object's text costs ~2 µs to make, a lookup here a
@@ -891,6 +901,8 @@ class SpfCache:
             OrderedDict())
         #: Results answered from the cache, for tests and metrics.
         self.hits = 0
+        #: The evaluations under way, shared by the checks of the same inputs.
+        self._running: dict[tuple[str, str, str, str], _Shared] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -911,10 +923,39 @@ class SpfCache:
 
     async def check_mail_from(self, ip: IPAddress | str, mail_from: str, helo: str = "", *,
                               receiver: str = "") -> SpfResult:
-        """:func:`check_mail_from`'s result, from the cache when it holds it."""
+        """:func:`check_mail_from`'s result, from the cache when it holds it.  Checks of
+        the same inputs made while one runs share it (a bulk sender's first hundred
+        sessions would otherwise each evaluate the record: the cache fills only when
+        the first evaluation ends); a caller that gives up leaves it to the others, and
+        the last one to give up stops it (nothing outlives its callers)."""
         found = self.get(ip, mail_from, helo, receiver)
         if found is not None:
             return found
+        key = (_text(ip), mail_from, helo, receiver)
+        shared = self._running.get(key)
+        if shared is None:
+            task = asyncio.ensure_future(self._evaluate(ip, mail_from, helo, receiver))
+            shared = self._running[key] = _Shared(task)
+            task.add_done_callback(functools.partial(self._ended, key))
+        shared.waiting += 1
+        try:
+            return await asyncio.shield(shared.task)
+        finally:
+            shared.waiting -= 1
+            if not shared.waiting and not shared.task.done():
+                # Forgotten at once: a check arriving now must not await a cancelled task.
+                shared.task.cancel()
+                if self._running.get(key) is shared:
+                    del self._running[key]
+
+    def _ended(self, key: tuple[str, str, str, str], task: asyncio.Future[SpfResult]) -> None:
+        if self._running.get(key) is not None and self._running[key].task is task:
+            del self._running[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: its callers may all have given up
+
+    async def _evaluate(self, ip: IPAddress | str, mail_from: str, helo: str,
+                        receiver: str) -> SpfResult:
         trace = SpfTrace()
         result = await check_mail_from(self.lookup, ip, mail_from, helo, receiver=receiver,
                                        trace=trace)

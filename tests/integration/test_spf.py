@@ -464,6 +464,52 @@ def test_result_cache_off_keeps_nothing(dns: DnsResponder) -> None:
     asyncio.run(run())
 
 
+def test_concurrent_checks_of_the_same_inputs_share_one_evaluation(dns: DnsResponder) -> None:
+    # A bulk sender's first sessions arrive together, before any result is kept: one
+    # evaluation serves them all (the very same result), with the cache on or off.
+    zone(dns, CACHE_ZONE)
+
+    async def run(size: int) -> tuple[set[int], set[str]]:
+        cache = SpfCache(cached_lookup(dns, Clock()), size)
+        got = await asyncio.gather(*(
+            cache.check_mail_from("192.0.2.1", "a@example.test", "mta.example.test")
+            for _ in range(10)))
+        other = await cache.check_mail_from("192.0.2.2", "a@example.test", "mta.example.test")
+        return {id(r) for r in got}, {r.result for r in (*got, other)}
+
+    for size in (100, 0):
+        ids, results = asyncio.run(run(size))
+        assert (len(ids), results) == (1, {"pass", "fail"})
+
+
+def test_a_shared_evaluation_stops_when_its_last_caller_gives_up(dns: DnsResponder) -> None:
+    zone(dns, CACHE_ZONE.replace("mail.example.test", "slow.example.test"))
+    dns.drop.add("slow.example.test")  # never answered: the evaluation waits
+    cache = SpfCache(Lookup(dns.address, timeout=5.0, lifetime=5.0), 100)
+
+    async def check() -> SpfResult:
+        return await cache.check_mail_from("192.0.2.1", "a@example.test", "mta.example.test")
+
+    async def run() -> tuple[bool, bool, bool]:
+        first, second = asyncio.ensure_future(check()), asyncio.ensure_future(check())
+        await asyncio.sleep(0)  # both waiting on the one evaluation
+        [shared] = [s.task for s in cache._running.values()]
+        first.cancel()
+        await asyncio.wait([first], timeout=1.0)
+        kept = not shared.done()  # the other caller still waits for it
+        second.cancel()
+        await asyncio.wait([second, shared], timeout=1.0)
+        # A check now starts afresh rather than await the cancelled evaluation.
+        third = asyncio.ensure_future(check())
+        await asyncio.sleep(0)
+        fresh = [s.task for s in cache._running.values()] != [shared]
+        third.cancel()
+        await asyncio.wait([third], timeout=1.0)
+        return kept, shared.cancelled(), fresh
+
+    assert asyncio.run(run()) == (True, True, True)
+
+
 @pytest.mark.parametrize(("text", "result"), [
     # A DNS failure is retried for the next message, not remembered.
     ('example.test. 300 IN TXT "v=spf1 a:down.example.test -all"\n', "temperror"),
