@@ -61,15 +61,25 @@ def widen(fd: int) -> None:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
-def write_frame(fd: int, obj: object) -> None:
+def pack_frame(obj: object) -> tuple[bytes, bytes]:
+    """The frame of ``obj``: its length header and its pickle."""
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    head = _HEADER.pack(len(data))
+    return _HEADER.pack(len(data)), data
+
+
+def write_parts(fd: int, frame: tuple[bytes, bytes]) -> None:
+    """Write a :func:`pack_frame` frame whole (blocking until the pipe takes it all)."""
+    head, data = frame
     # One system call and no copy of the frame while the pipe has room for it.
-    sent = os.writev(fd, (head, data))
+    sent = os.writev(fd, frame)
     if sent < len(head) + len(data):
         view = memoryview(head + data)[sent:]
         while view:
             view = view[os.write(fd, view):]
+
+
+def write_frame(fd: int, obj: object) -> None:
+    write_parts(fd, pack_frame(obj))
 
 
 def _read_exact(fd: int, n: int) -> bytes | None:
