@@ -2,27 +2,30 @@
 
 Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_inject.py [--quick] [--rounds N]
 [--dir DIR] [--against TREE]`` (about a minute; ``--quick`` a third of it; ``--rounds N``
-runs the three injection cells N times, alternating, and reports the medians; ``--against
+runs the four injection cells N times, alternating, and reports the medians; ``--against
 TREE`` runs every cell on another checkout too, e.g. ``/work/main``, alternating the two
 in each round, and prints each cell's medians side by side: a before/after in one run).
-Needs Postfix's ``smtp-source``.  Run it as root: it turns the kernel's autogroup off for
-the run, as bench_relay.py does (benchmarks/autogroup.py; ``--keep-autogroup`` leaves it).
+Needs Postfix's ``smtp-source`` and nghttp2's ``h2load``.  Run it as root: it turns the
+kernel's autogroup off for the run, as bench_relay.py does (benchmarks/autogroup.py;
+``--keep-autogroup`` leaves it).
 
 Two measurements, each against a fresh ``ferry serve`` (one process, delivery paused, the
 defaults otherwise: LMDB with fsync, so both answers come after the commit that holds the
 message) that listens for SMTP and for HTTP (``[http] listen``):
 
 1. **HTTP against SMTP.**  ``smtp-source -d -s 100 -m N -l 1024`` (100 sessions, up to
-   ``N / 100`` messages per connection, 1 KiB) into the SMTP port; then 100 keep-alive
-   aiohttp clients (one ``ClientSession``, uvloop, in this process) posting the raw form
-   of a 1 KiB message with one recipient, ``N`` requests in all.  Reported: messages/s of
-   each (wall time of the load) and the ratio HTTP / SMTP (target ≥ 1.0).  The HTTP
-   clients are Python and run on the same machine, so they take CPU the C smtp-source
-   does not: the ratio is a floor.  So the CPU seconds of Ferry's process tree (server
-   and queue writer, from ``/proc``) per message are printed too, and their ratio: what
-   a message costs the server by each door, and a third cell posts the same requests
-   from raw keep-alive connections (a prepared request written, the answer read by its
-   Content-Length: a client as cheap as smtp-source), which shows the server's side.
+   ``N / 100`` messages per connection, 1 KiB) into the SMTP port; then the same ``N``
+   messages as ``POST``s of the raw form of a 1 KiB message with one recipient over 100
+   keep-alive HTTP/1.1 connections, from three clients in turn: **h2load** (nghttp2's load
+   generator, ``h2load --h1 -c 100 -m 1``: C, one thread, one request in flight per
+   connection, the counterpart of the C smtp-source, so the ratio compares the two doors
+   and not the load tools; Debian's ``nghttp2-client``, installed by tests/run.sh), aiohttp
+   clients (one ``ClientSession``, uvloop, in this process: Python, so they take CPU the
+   server then lacks, and their ratio is a floor), and raw keep-alive connections in this
+   process (a prepared request written, the answer read by its Content-Length).  Reported:
+   messages/s of each (wall time of the load), the ratio h2load / SMTP (target ≥ 1.0) and
+   the others', and the CPU seconds of Ferry's process tree (server and queue writer, from
+   ``/proc``) per message: what a message costs the server by each door.
 2. **Bulk.**  One request with 10,000 recipients, each with its own ``{{name}}``
    substitution (10,000 distinct messages with subject, text and html), timed from the
    request to its 200: recipients queued per second (target ≥ 20,000/s); best of three.
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -53,6 +57,7 @@ from autogroup import autogroup_off
 from bench_inbound import SMTP_SOURCE, ChildServer, free_port, settle_cpu, tree_cpu
 
 SESSIONS = 100
+H2LOAD = "/usr/bin/h2load"
 SENDER = "a@client.test"
 RECIPIENT = "b@example.net"
 TARGET_RATIO = 1.0
@@ -201,16 +206,40 @@ async def _raw_load(port: int, n: int) -> float:
     return n / took
 
 
-def http_cell(base: Path, n: int, raw: bool = False,
+def _h2load(url: str, n: int) -> float:
+    """``n`` POSTs by h2load over :data:`SESSIONS` keep-alive connections; every answer
+    must be a 200."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as body:
+        body.write(_message())
+        body.flush()
+        started = time.perf_counter()
+        out = subprocess.run([H2LOAD, "--h1", "-n", str(n), "-c", str(SESSIONS), "-m", "1",
+                              "-d", body.name, "-H", "content-type: application/json", url],
+                             check=True, timeout=300, capture_output=True, text=True).stdout
+        took = time.perf_counter() - started
+    codes = re.search(r"status codes: (\d+) 2xx", out)
+    if codes is None or int(codes.group(1)) != n:
+        raise RuntimeError(f"HTTP: not every h2load request got a 2xx:\n{out}")
+    return n / took
+
+
+#: The HTTP clients of :func:`http_cell`, by name.
+CLIENTS = ("h2load", "aiohttp", "raw")
+
+
+def http_cell(base: Path, n: int, client: str = "h2load",
               tree: Path | None = None) -> tuple[float, float]:
-    """(messages/s, server CPU µs per message) of the keep-alive clients into Ferry
-    (aiohttp's, or ``raw`` ones)."""
+    """(messages/s, server CPU µs per message) of the keep-alive ``client`` (one of
+    :data:`CLIENTS`) into Ferry."""
     ferry = _started(base, tree)
+    url = f"http://127.0.0.1:{ferry.http_port}/api/v1/messages"
     try:
         cpu = tree_cpu(ferry.pid)
-        rate = uvloop.run(
-            _raw_load(ferry.http_port, n) if raw else
-            _http_load(f"http://127.0.0.1:{ferry.http_port}/api/v1/messages", n))
+        if client == "h2load":
+            rate = _h2load(url, n)
+        else:
+            rate = uvloop.run(_raw_load(ferry.http_port, n) if client == "raw" else
+                              _http_load(url, n))
         cpu = settle_cpu(ferry.pid) - cpu
         stored = ferry.stored()
     finally:
@@ -273,8 +302,8 @@ def against(base: Path, n: int, rounds: int, tree: Path) -> None:
     round; each cell's medians side by side, and this engine's rate / the baseline's."""
     cells: dict[str, Callable[[Path | None], tuple[float, float]]] = {
         "SMTP smtp-source -d": lambda t: smtp_cell(base, n, t),
-        "HTTP aiohttp keep-alive": lambda t: http_cell(base, n, tree=t),
-        "HTTP raw keep-alive": lambda t: http_cell(base, n, raw=True, tree=t),
+        **{f"HTTP {client} keep-alive": (lambda c: lambda t: http_cell(base, n, c, t))(client)
+           for client in CLIENTS},
         # one request a round; its rate is recipients/s, its CPU per recipient
         "bulk 10,000 recipients": lambda t: (lambda r: (r[0][0], r[1]))(bulk_cell(base, 1, t)),
     }
@@ -302,7 +331,7 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()),
                         help="where the spools go (deleted afterwards)")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="rounds of the three injection cells, alternating; medians "
+                        help="rounds of the four injection cells, alternating; medians "
                              "are reported (a shared machine's load moves between cells)")
     parser.add_argument("--against", type=Path, metavar="TREE",
                         help="another checkout of Ferry (e.g. /work/main) to run every cell "
@@ -316,38 +345,39 @@ def main() -> int:
     # server and its queue writer get one group's share against this process's clients.
     print(autogroup_off() if not args.keep_autogroup and os.geteuid() == 0
           else "autogroup: left as it is")
-    if not shutil.which(SMTP_SOURCE):
-        print(f"needs {SMTP_SOURCE} (Postfix)", file=sys.stderr)
-        return 2
+    for tool, package in ((SMTP_SOURCE, "postfix"), (H2LOAD, "nghttp2-client")):
+        if not shutil.which(tool):
+            print(f"needs {tool} (Debian's {package}; tests/run.sh installs it)",
+                  file=sys.stderr)
+            return 2
     n = 5_000 if args.quick else 20_000
     print(f"engine from {os.environ.get('PYTHONPATH') or 'the installed package'}; "
           f"{os.cpu_count()} CPUs; {n} messages of 1 KiB, {SESSIONS} clients")
     if args.against is not None:
         against(args.dir, n, max(args.rounds, 1), args.against.resolve())
         return 0
-    cells: dict[str, list[tuple[float, float]]] = {"smtp": [], "http": [], "raw": []}
+    cells: dict[str, list[tuple[float, float]]] = {"smtp": [], **{c: [] for c in CLIENTS}}
     for i in range(args.rounds):
         cells["smtp"].append(smtp_cell(args.dir, n))
-        cells["http"].append(http_cell(args.dir, n))
-        cells["raw"].append(http_cell(args.dir, n, raw=True))
+        for client in CLIENTS:
+            cells[client].append(http_cell(args.dir, n, client))
         if args.rounds > 1:
             print(f"round {i + 1}: " + ", ".join(
                 f"{name} {got[-1][0]:.0f}/s {got[-1][1]:.0f} us" for name, got in cells.items()))
-    smtp, smtp_cpu = _medians(cells["smtp"])
-    http, http_cpu = _medians(cells["http"])
-    raw, raw_cpu = _medians(cells["raw"])
+    medians = {name: _medians(got) for name, got in cells.items()}
     if args.rounds > 1:
         print(f"medians of {args.rounds} rounds:")
+    smtp, smtp_cpu = medians["smtp"]
     print(f"SMTP  smtp-source -d:     {smtp:6.0f} messages/s, server CPU {smtp_cpu:4.0f} "
           "us/message")
-    print(f"HTTP  aiohttp keep-alive: {http:6.0f} messages/s, server CPU {http_cpu:4.0f} "
-          "us/message")
-    print(f"HTTP  raw keep-alive:     {raw:6.0f} messages/s, server CPU {raw_cpu:4.0f} "
-          "us/message")
-    ratio = http / smtp
-    print(f"ratio HTTP (aiohttp) / SMTP: {ratio:5.2f}x  (target >= {TARGET_RATIO:.1f}x: "
-          f"{'met' if ratio >= TARGET_RATIO else 'NOT met'}); HTTP (raw) / SMTP "
-          f"{raw / smtp:.2f}x; server CPU per message SMTP / HTTP {smtp_cpu / http_cpu:.2f}x")
+    for client in CLIENTS:
+        rate, cpu = medians[client]
+        print(f"HTTP  {client + ' keep-alive:':18s} {rate:6.0f} messages/s, server CPU "
+              f"{cpu:4.0f} us/message; / SMTP {rate / smtp:.2f}x")
+    ratio = medians["h2load"][0] / smtp
+    print(f"ratio HTTP (h2load) / SMTP (smtp-source): {ratio:5.2f}x  (target >= "
+          f"{TARGET_RATIO:.1f}x: {'met' if ratio >= TARGET_RATIO else 'NOT met'}); server "
+          f"CPU per message SMTP / HTTP (h2load) {smtp_cpu / medians['h2load'][1]:.2f}x")
     rates, bulk_cpu = bulk_cell(args.dir, max(args.rounds, 1 if args.quick else 3))
     best = max(rates)
     print(f"bulk: one request, {BULK} personalised recipients: best {best:.0f} "

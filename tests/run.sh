@@ -19,6 +19,9 @@ command -v swaks >/dev/null 2>&1 || missing+=(swaks)
 # leaves it out: swaks then exits 10 "TLS not available").
 perl -MNet::SSLeay -e 1 >/dev/null 2>&1 || missing+=(libnet-ssleay-perl)
 [ -x /usr/sbin/smtp-source ] || missing+=(postfix)
+# nghttp2's h2load, the C HTTP load generator of benchmarks/bench_inject.py (the HTTP
+# counterpart of smtp-source); no test needs it.
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 # systemd-analyze checks contrib/ferry.service (tests/e2e/test_service.py); nothing is
 # started: installing the package in a container does not make systemd run.
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
