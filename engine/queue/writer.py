@@ -329,8 +329,8 @@ class ProcessWriter(_Inbox):
 
     def _ship(self, loop: asyncio.AbstractEventLoop) -> None:
         """Write the turn's writes of ``loop`` as one frame, from the loop when the pipe
-        has room for all of it (so the write cannot block the loop), else through the
-        courier thread."""
+        has room for all of it (so the write cannot block the loop) and the writer keeps
+        up; else they go through the courier thread."""
         batch = self._outbox.pop(loop, None)
         if not batch:
             return
@@ -339,20 +339,25 @@ class ProcessWriter(_Inbox):
             self._settle([(w, None, QueueClosed(self.lost or "queue database is closed"))
                           for w in batch])
             return
-        frame = self._pack(batch)
-        size = len(frame[0]) + len(frame[1])
         if self._pipe_lock.acquire(blocking=False):
             try:
-                if not self._in.closed and size <= self._room():
-                    write_parts(self._in.fileno(), frame)
+                room = 0 if self._in.closed else self._room()
+                # Half the pipe free: the writer keeps up.  Otherwise the writes wait
+                # for the courier as they are, not pickled beside themselves.
+                if room > self._capacity // 2:
+                    frame = self._pack(batch)
+                    if len(frame[0]) + len(frame[1]) <= room:
+                        write_parts(self._in.fileno(), frame)
+                    else:  # larger than the room: the courier writes it as it drains
+                        self._ops.put(Pending(_FRAMED, frame, 0, None, Future()))
                     return
             except OSError as exc:
                 self._fail(f"queue writer process gone: {exc}")
                 return
             finally:
                 self._pipe_lock.release()
-        # The courier writes it (the pipe is full, or the courier is writing).
-        self._ops.put(Pending(_FRAMED, frame, 0, None, Future()))
+        for write in batch:  # (the courier is writing, or the writer is behind)
+            self._ops.put(write)
 
     def _room(self) -> int:
         """Bytes the pipe to the writer takes now without blocking."""
