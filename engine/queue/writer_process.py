@@ -4,8 +4,9 @@ It is the far end of ``engine.queue.writer.ProcessWriter`` (``LmdbQueue(writer="
 what ``ferry serve`` uses).  Why a process: py-lmdb releases the GIL around every put, get
 and delete, so a writer *thread* and the event loop hand the GIL back and forth several
 times per message.  Here the writer's LMDB calls run under a GIL of their own; the server
-keeps two light threads that hand whole batches over a pipe and settle whole batches of
-results, one GIL hand-over per batch.  The commit itself is ``engine.queue.lmdb_txn``'s
+hands whole batches over a pipe (its event loop writes a turn's batch itself; a light
+thread writes the rest) and a light thread settles whole batches of results, one GIL
+hand-over per batch.  The commit itself is ``engine.queue.lmdb_txn``'s
 ``Committer``, the same code a writer thread runs; this module imports nothing else of the
 queue (never the caller's side).
 
