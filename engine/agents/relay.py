@@ -58,6 +58,10 @@ def _plain_domain(domain: str) -> bool:
     return all(c in _DOMAIN_ASCII or c > "\x7f" for c in domain)
 
 
+#: The most client addresses whose relay answer is remembered.
+_MEMO_SIZE: Final = 4096
+
+
 def _unmap(ip: IPAddress) -> IPAddress:
     """An IPv4-mapped IPv6 address as the IPv4 address it stands for (dual-stack sockets)."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -83,7 +87,8 @@ class RelayPolicy:
     ``relay_authenticated``: an authenticated client may relay anywhere.
     """
 
-    __slots__ = ("_exact", "_networks4", "_networks6", "_suffixes", "relay_authenticated")
+    __slots__ = ("_exact", "_networks4", "_networks6", "_relays", "_suffixes",
+                 "relay_authenticated")
 
     def __init__(
         self,
@@ -119,6 +124,9 @@ class RelayPolicy:
         self._networks4: tuple[ipaddress.IPv4Network, ...] = tuple(networks4)
         self._networks6: tuple[ipaddress.IPv6Network, ...] = tuple(networks6)
         self.relay_authenticated = relay_authenticated
+        #: may_relay's answer per client address (a pure function of the networks above,
+        #: asked at each connection and each RCPT; clients come back from few addresses).
+        self._relays: dict[IPAddress, bool] = {}
 
     def is_accepted_domain(self, domain: str) -> bool:
         """``domain`` (as written: any case, maybe a trailing dot) is one we take mail for.
@@ -146,10 +154,18 @@ class RelayPolicy:
         """This client may send to any domain (relay network, or authenticated and allowed)."""
         if authenticated and self.relay_authenticated:
             return True
+        known = self._relays.get(client_ip)
+        if known is not None:
+            return known
         ip = _unmap(client_ip)
         if ip.version == 4:
-            return any(ip in net for net in self._networks4)
-        return any(ip in net for net in self._networks6)
+            found = any(ip in net for net in self._networks4)
+        else:
+            found = any(ip in net for net in self._networks6)
+        if len(self._relays) >= _MEMO_SIZE:
+            self._relays.clear()  # bounded: a scan from many addresses starts it afresh
+        self._relays[client_ip] = found
+        return found
 
     def check_rcpt(
         self,

@@ -15,21 +15,27 @@ per batch.  Nothing is settled before the commit that holds it has returned.
   environment (LMDB's locks are per process: one environment per process).  Tools and
   tests use it.
 - :class:`ProcessWriter` commits in a child process (``engine.queue.writer_process``):
-  ``ferry serve`` uses it, see that module for why.  Two light threads here hand batches
-  over a pipe and settle the answers.  When the child dies, every waiting write fails
-  with ``QueueClosed`` and the writer is lost (the store refuses new mail).
+  ``ferry serve`` uses it, see that module for why.  The writes an event loop hands over
+  in one turn go down the pipe as one frame from the loop itself, at the end of the turn,
+  when the pipe has room for it (it then cannot block); a light thread frames the rest
+  (writes from threads, and a frame the pipe has no room for), another settles the
+  answers.  When the child dies, every waiting write fails with ``QueueClosed`` and the
+  writer is lost (the store refuses new mail).
 
 It must never know SMTP, read the queue for a caller, or settle a write before its commit.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import logging
 import os
 import queue as thread_queue
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections import defaultdict, deque
@@ -37,14 +43,14 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, cast
 
 import orjson
 
 from engine.ops.figures import COMMIT_SECONDS, COMMIT_WRITES, Histogram
 from engine.queue.api import QueueClosed
 from engine.queue.lmdb_txn import Committer, Database, Report, Result, WriterParams
-from engine.queue.writer_process import read_frame, widen, write_frame
+from engine.queue.writer_process import pack_frame, read_frame, widen, write_parts
 
 log = logging.getLogger("ferry.queue")
 
@@ -72,7 +78,8 @@ class Writer(Protocol):
     commit_writes: Histogram
 
     def submit(self, write: Pending) -> None:
-        """Hand a write over (any thread); its future is settled after its commit."""
+        """Hand a write over (any thread; one with a ``loop``, on that loop's thread); its
+        future is settled after its commit."""
         ...
 
     @property
@@ -238,9 +245,18 @@ class ThreadWriter(_Inbox):
         self._thread.join()
 
 
+#: The kind of a frame the loop packed and handed to the courier thread to write.
+_FRAMED: Final = "framed"
+
+
 class ProcessWriter(_Inbox):
     """Commits in a child process (``engine.queue.writer_process``), which opens the
-    database on its own; hands it batches and settles its answers."""
+    database on its own; hands it batches and settles its answers.
+
+    Writes from an event loop are gathered for the turn of the loop and written as one
+    frame by the loop (:meth:`_ship`): waking the courier thread for each took a futex
+    wake, a GIL hand-over and about two context switches of the loop's thread per message
+    (measured on 2026-12-07, benchmarks/README.md), more than framing costs the loop."""
 
     def __init__(self, params: WriterParams) -> None:
         self.proc = subprocess.Popen(
@@ -260,6 +276,15 @@ class ProcessWriter(_Inbox):
             raise RuntimeError(f"the queue writer process did not start: {ready!r}")
         super().__init__(params, ready)
         self._waiting: dict[int, Pending] = {}
+        #: Writes of each event loop's current turn, framed at its end (_ship).
+        self._outbox: dict[asyncio.AbstractEventLoop, list[Pending]] = {}
+        #: Held while a frame is written: frames never interleave in the pipe; the pipe
+        #: is closed under it, so nothing writes to a closed (or reused) descriptor.
+        self._pipe_lock = threading.Lock()
+        try:
+            self._capacity = fcntl.fcntl(self._in.fileno(), fcntl.F_GETPIPE_SZ)
+        except (OSError, AttributeError):
+            self._capacity = 0  # unknown: every frame goes through the courier
         #: (last ident, monotonic time sent) of each frame not answered yet: the commit
         #: round trip of an answer is from its oldest frame's sending.
         self._frames: deque[tuple[int, float]] = deque()
@@ -276,23 +301,88 @@ class ProcessWriter(_Inbox):
     def pid(self) -> int:
         return self.proc.pid
 
+    def submit(self, write: Pending) -> None:
+        loop = write.loop
+        if loop is None:
+            super().submit(write)  # a thread's write: the courier frames it
+            return
+        if self._closing or self.lost is not None:
+            raise QueueClosed("queue database is closed")
+        with self._pending_lock:
+            self.pending += 1
+        box = self._outbox.get(loop)
+        if box is None:
+            box = self._outbox[loop] = []
+            loop.call_soon(self._ship, loop)
+        box.append(write)
+
+    def _pack(self, batch: list[Pending]) -> tuple[bytes, bytes]:
+        """The frame of ``batch``; its writes now wait for their answers."""
+        frame = []
+        with self._lock:
+            for write in batch:
+                self._next += 1
+                self._waiting[self._next] = write
+                frame.append((self._next, write.kind, write.args, write.size))
+            self._frames.append((self._next, time.monotonic()))
+        return pack_frame(frame)
+
+    def _ship(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Write the turn's writes of ``loop`` as one frame, from the loop when the pipe
+        has room for all of it (so the write cannot block the loop) and the writer keeps
+        up; else they go through the courier thread."""
+        batch = self._outbox.pop(loop, None)
+        if not batch:
+            return
+        if self._in.closed or self.lost is not None:
+            # Closed since they were handed over: nothing will take them.
+            self._settle([(w, None, QueueClosed(self.lost or "queue database is closed"))
+                          for w in batch])
+            return
+        if self._pipe_lock.acquire(blocking=False):
+            try:
+                room = 0 if self._in.closed else self._room()
+                # Half the pipe free: the writer keeps up.  Otherwise the writes wait
+                # for the courier as they are, not pickled beside themselves.
+                if room > self._capacity // 2:
+                    frame = self._pack(batch)
+                    if len(frame[0]) + len(frame[1]) <= room:
+                        write_parts(self._in.fileno(), frame)
+                    else:  # larger than the room: the courier writes it as it drains
+                        self._ops.put(Pending(_FRAMED, frame, 0, None, Future()))
+                    return
+            except OSError as exc:
+                self._fail(f"queue writer process gone: {exc}")
+                return
+            finally:
+                self._pipe_lock.release()
+        for write in batch:  # (the courier is writing, or the writer is behind)
+            self._ops.put(write)
+
+    def _room(self) -> int:
+        """Bytes the pipe to the writer takes now without blocking."""
+        queued = array.array("i", [0])
+        fcntl.ioctl(self._in.fileno(), termios.FIONREAD, queued)
+        return self._capacity - queued[0]
+
     def _send(self) -> None:
         fd = self._in.fileno()
         try:
             for batch, _size in self._batches():
-                frame = []
-                with self._lock:
-                    for write in batch:
-                        self._next += 1
-                        self._waiting[self._next] = write
-                        frame.append((self._next, write.kind, write.args, write.size))
-                    self._frames.append((self._next, time.monotonic()))
+                frames = [cast(tuple[bytes, bytes], w.args) for w in batch
+                          if w.kind == _FRAMED]
+                writes = [w for w in batch if w.kind != _FRAMED]
+                if writes:
+                    frames.append(self._pack(writes))
                 try:
-                    write_frame(fd, frame)
+                    with self._pipe_lock:
+                        for frame in frames:
+                            write_parts(fd, frame)
                 except OSError as exc:
                     self._fail(f"queue writer process gone: {exc}")
         finally:
-            self._in.close()  # the writer commits what it has and exits
+            with self._pipe_lock:
+                self._in.close()  # the writer commits what it has and exits
 
     def _receive(self) -> None:
         while (message := read_frame(self._out)) is not None:
@@ -328,6 +418,8 @@ class ProcessWriter(_Inbox):
         self._settle(items)
 
     def close(self) -> None:
+        for loop in list(self._outbox):
+            self._ship(loop)  # a turn's writes whose loop has stopped go too
         self._end_input()
         self._courier.join()
         self._receiver.join()

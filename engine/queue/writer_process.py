@@ -4,8 +4,9 @@ It is the far end of ``engine.queue.writer.ProcessWriter`` (``LmdbQueue(writer="
 what ``ferry serve`` uses).  Why a process: py-lmdb releases the GIL around every put, get
 and delete, so a writer *thread* and the event loop hand the GIL back and forth several
 times per message.  Here the writer's LMDB calls run under a GIL of their own; the server
-keeps two light threads that hand whole batches over a pipe and settle whole batches of
-results, one GIL hand-over per batch.  The commit itself is ``engine.queue.lmdb_txn``'s
+hands whole batches over a pipe (its event loop writes a turn's batch itself; a light
+thread writes the rest) and a light thread settles whole batches of results, one GIL
+hand-over per batch.  The commit itself is ``engine.queue.lmdb_txn``'s
 ``Committer``, the same code a writer thread runs; this module imports nothing else of the
 queue (never the caller's side).
 
@@ -61,15 +62,25 @@ def widen(fd: int) -> None:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
-def write_frame(fd: int, obj: object) -> None:
+def pack_frame(obj: object) -> tuple[bytes, bytes]:
+    """The frame of ``obj``: its length header and its pickle."""
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    head = _HEADER.pack(len(data))
+    return _HEADER.pack(len(data)), data
+
+
+def write_parts(fd: int, frame: tuple[bytes, bytes]) -> None:
+    """Write a :func:`pack_frame` frame whole (blocking until the pipe takes it all)."""
+    head, data = frame
     # One system call and no copy of the frame while the pipe has room for it.
-    sent = os.writev(fd, (head, data))
+    sent = os.writev(fd, frame)
     if sent < len(head) + len(data):
         view = memoryview(head + data)[sent:]
         while view:
             view = view[os.write(fd, view):]
+
+
+def write_frame(fd: int, obj: object) -> None:
+    write_parts(fd, pack_frame(obj))
 
 
 def _read_exact(fd: int, n: int) -> bytes | None:

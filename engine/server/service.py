@@ -69,6 +69,8 @@ def receive_tls(config: ReceiveConfig) -> ssl.SSLContext | None:
 
 #: Connections the kernel queues for a listener before Ferry accepts them.
 BACKLOG = 1024
+#: The most client addresses :meth:`Connector.peer` remembers.
+_PEERS = 4096
 
 
 def _shown(host: str, port: int) -> str:
@@ -194,6 +196,8 @@ class Connector:
         self.tls_failures = 0
         #: set when stopping and the last session is gone
         self._drained: asyncio.Event | None = None
+        #: :meth:`peer`'s answers: clients reconnect from few addresses.
+        self._peers: dict[str, tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, str]] = {}
 
     def _settings(self, auth_enabled: bool) -> ServerSettings:
         s = server_settings(self.config, self.hostname, self.tls_context is not None,
@@ -234,6 +238,17 @@ class Connector:
         else:
             self.tls_context = tls
         self.settings = self._settings(auth_enabled)
+
+    def peer(self, host: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, str]:
+        """A client's address from its socket's peer name ``host`` (an IPv6 zone dropped),
+        and as shown in replies and logs: parsed once per address, not per connection."""
+        known = self._peers.get(host)
+        if known is None:
+            ip = ipaddress.ip_address(host.split("%")[0])
+            if len(self._peers) >= _PEERS:
+                self._peers.clear()  # bounded: a scan from many addresses starts afresh
+            known = self._peers[host] = (ip, str(ip))
+        return known
 
     def admit(self, session: SmtpSession) -> Reply | None:
         """None to serve the session; else the reply that refuses it."""

@@ -92,6 +92,9 @@ class SmtpSession(asyncio.Protocol):
         self._data_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
         self._paused_by_writer = False
+        #: Reading was paused while a decision ran (input came, or the client stopped
+        #: reading our replies): the decision's end resumes it.
+        self._held = False
         self._closing = False
         self.tls_info = ""
         #: What the policy agents see of this connection (engine.agents.api.Session):
@@ -108,9 +111,7 @@ class SmtpSession(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        host = peer[0] if peer else "0.0.0.0"
-        self.client_ip = ipaddress.ip_address(host.split("%")[0])
-        self.client = str(self.client_ip)
+        self.client_ip, self.client = self.connector.peer(peer[0] if peer else "0.0.0.0")
         self.log = self.connector.protolog.session(self.session_id, self.client)
         refusal = self.connector.admit(self)
         if self.conn.tls:
@@ -185,12 +186,20 @@ class SmtpSession(asyncio.Protocol):
         self.conn.receive_data(data)
         if self._busy is None:
             self._pump()
+        elif not self._held and self.transport is not None:
+            # A pipelining client's next commands while a decision runs (see _run): they
+            # wait in the buffer, and nothing more is read until the reply is written.
+            self._held = True
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
         self.conn.receive_data(b"")
         if self._busy is None:
             self._pump()
-        return None
+            return None
+        # The client closed its side while a decision runs: its reply is still owed, then
+        # the pump sees the end and closes.
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -211,8 +220,11 @@ class SmtpSession(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused_by_writer = False
-        if self.transport is not None and self._busy is None:
-            self.transport.resume_reading()
+        if self.transport is not None:
+            if self._busy is None:
+                self.transport.resume_reading()
+            else:
+                self._held = True  # the decision's end resumes reading
 
     # --- the pump --------------------------------------------------------------------
 
@@ -242,9 +254,11 @@ class SmtpSession(asyncio.Protocol):
             self._close()
 
     def _run(self, event: sm.Event, work: Awaitable[Reply]) -> None:
-        """Answer ``event`` when ``work`` is done; read nothing from the client meanwhile."""
+        """Answer ``event`` when ``work`` is done; handle nothing the client sends meanwhile
+        (what comes is buffered, and reading pauses then: data_received).  Reading is not
+        paused up front: a client that waits for the reply sends nothing, and a pause and
+        a resume per message cost the event loop two epoll changes."""
         assert self.transport is not None
-        self.transport.pause_reading()
 
         async def finish() -> None:
             try:
@@ -259,8 +273,10 @@ class SmtpSession(asyncio.Protocol):
             if self.transport is None or self.transport.is_closing():
                 return
             self._reply(event, answer)
-            if not self._paused_by_writer:
-                self.transport.resume_reading()
+            if self._held:
+                self._held = False
+                if not self._paused_by_writer:
+                    self.transport.resume_reading()
             self._pump()
 
         self._busy = self.loop.create_task(finish())

@@ -109,6 +109,22 @@ def test_relay_control_for_clients_that_may_not_relay(start_ferry: StartFerry) -
                 assert reply.enhanced == "5.7.1"
 
 
+def test_a_client_that_half_closes_after_its_message_gets_every_reply(
+    start_ferry: StartFerry,
+) -> None:
+    """The end of data, QUIT and the end of the client's side in one go: the message is
+    stored while the rest waits, and the 250 and the 221 still come before the close."""
+    ferry = start_ferry()
+    with RawClient(ferry.host, ferry.port) as c:
+        at_data(c)
+        c.send(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        c.sock.shutdown(socket.SHUT_WR)
+        stored, bye = c.replies(2)
+        assert stored.code == 250 and bye.code == 221
+        assert c.closed_by_server()
+    assert ferry.store.body(queued_id(stored.text)).endswith(b"body\r\n")
+
+
 def test_size_limit_and_oversize_read_to_the_end(start_ferry: StartFerry) -> None:
     ferry = start_ferry(max_message_size=2000)
     with RawClient(ferry.host, ferry.port) as c:

@@ -163,6 +163,46 @@ def test_a_full_map_refuses_only_the_writes_that_add_bytes(tmp_path: Path) -> No
             o.close()
 
 
+def test_the_loop_never_blocks_on_the_pipe_while_the_writer_process_is_behind(
+    tmp_path: Path,
+) -> None:
+    """The loop writes a turn's frame itself only while the pipe has room for it: with the
+    writer held (as by a slow disk), more than a pipe's worth handed over one turn at a
+    time, and a frame larger than the pipe, the loop keeps running, and every message
+    commits once the writer goes on."""
+    q = LmdbQueue(tmp_path, min_free_disk=0, writer="process")
+    bodies = [bytes([65 + i]) * (600 << 10) for i in range(4)] + [b"z" * (3 << 20)]
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    async def go() -> list[bytes]:
+        ticker = asyncio.create_task(tick())
+        with write_lock(tmp_path):
+            waiting = []
+            for body in bodies:  # one a turn: each its own frame
+                waiting.append(asyncio.create_task(q.enqueue(envelope(), body)))
+                for _ in range(3):
+                    await asyncio.sleep(0)
+            assert q.pending == len(bodies)
+            now = ticks
+            await until(lambda: ticks > now + 5, 10, "the loop runs while the writer waits")
+            assert not any(task.done() for task in waiting)
+        ids = await asyncio.gather(*waiting)
+        ticker.cancel()
+        return ids
+
+    try:
+        ids = asyncio.run(go())
+        assert [q.body(qid) for qid in ids] == bodies
+    finally:
+        q.close_sync()
+
+
 def test_a_writer_process_that_dies_fails_what_waits_and_the_store_refuses_mail(
     tmp_path: Path,
 ) -> None:
