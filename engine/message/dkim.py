@@ -79,6 +79,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_HEADERS",
+    "INLINE_KEY_BITS",
     "MIN_SIGNING_BITS",
     "MIN_VERIFY_BITS",
     "VERIFY_INLINE_BYTES",
@@ -131,6 +132,12 @@ MIN_SIGNING_BITS: Final = 2048
 #: the compiled canonicalisation a 256 KiB body costs ~200 µs to hash (mostly SHA-256),
 #: with the pure-Python one a 32 KiB body about as much.
 VERIFY_INLINE_BYTES: Final = 256 * 1024 if canon_compiled else 32 * 1024
+
+#: RSA keys longer than this are checked in the executor, never on the loop.  RFC 8301 §3.2
+#: has verifiers take 1024 to 4096 bits and allows longer keys, which the sender chooses;
+#: a check's cost grows with the square of the length (OpenSSL takes up to 16,384 bits:
+#: ~16 times a 4,096-bit key's), too much to hold the loop for.
+INLINE_KEY_BITS: Final = 4096
 
 #: hashlib releases the GIL to hash 2048 octets or more at once (HASHLIB_GIL_MINSIZE),
 #: which on the event loop costs a round trip of the GIL (see the docstring): bodies are
@@ -1104,12 +1111,22 @@ class _Work:
         if not ready:
             return self.done((), ())
         body = message.body()
-        if len(body) < VERIFY_INLINE_BYTES:
+        if len(body) < VERIFY_INLINE_BYTES and _inline(ready):
             found = self.check(ready, body, checker)
             return found if isinstance(found, list) else await found
+        return await self.off_loop(ready, body)
+
+    async def off_loop(self, ready: Sequence[tuple[int, _Signature]],
+                       body: memoryview) -> list[DkimResult]:
+        """The results with the body hashed and the keys used in the executor."""
         checked = await asyncio.get_running_loop().run_in_executor(
             None, _check_all, [sig for _, sig in ready], self.fields, body)
         return self.done(ready, checked)
+
+
+def _inline(ready: Sequence[tuple[int, _Signature]]) -> bool:
+    """Every key is short enough to be used on the loop (:data:`INLINE_KEY_BITS`)."""
+    return all(sig.key is None or sig.key.bits <= INLINE_KEY_BITS for _, sig in ready)
 
 
 def verify_now(message: Message, lookup: Lookup, *, max_signatures: int = 5,
@@ -1134,6 +1151,8 @@ def verify_now(message: Message, lookup: Lookup, *, max_signatures: int = 5,
     ready = work.keyed(keys)
     if not ready:
         return work.done((), ())
+    if not _inline(ready):
+        return work.off_loop(ready, message.body())
     return work.check(ready, message.body(), checker)
 
 

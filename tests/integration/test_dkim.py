@@ -25,6 +25,7 @@ from engine.agents.api import Message, MethodResult
 from engine.agents.batch import ThreadBatches
 from engine.agents.dns import Lookup
 from engine.message.dkim import (
+    INLINE_KEY_BITS,
     DkimResult,
     Signer,
     fold_txt,
@@ -140,6 +141,29 @@ def test_a_cached_key_verifies_without_waiting(responder: DnsResponder) -> None:
     first, again = asyncio.run(run())
     assert isinstance(again, list)
     assert [r.result for r in again] == ["pass", "pass"]
+    assert again == first
+
+
+def test_a_key_longer_than_4096_bits_is_used_off_the_loop() -> None:
+    """RFC 8301 §3.2 lets a sender publish a key longer than 4096 bits: it verifies, but in
+    the executor (INLINE_KEY_BITS), even when cached: verify_now gives an awaitable, where
+    a 2048-bit key's cached check gives its results at once (the test above)."""
+    long_key = rsa.generate_private_key(public_exponent=65537, key_size=INLINE_KEY_BITS + 64)
+    signed = signer("long", long_key).sign(MESSAGE) + MESSAGE
+
+    async def run() -> tuple[object, object]:
+        lookup = Lookup(server.address)
+        first = verify_now(Message(signed), lookup, now=NOW)
+        assert not isinstance(first, list)
+        results = await first  # the key is cached now
+        again = verify_now(Message(signed), lookup, now=NOW)
+        assert not isinstance(again, list)
+        return results, await again
+
+    with DnsResponder("example.com. 300 IN A 192.0.2.1\n"
+                      + txt("long", key_record(long_key))) as server:
+        first, again = asyncio.run(run())
+    assert [r.result for r in again] == ["pass"]  # type: ignore[attr-defined]
     assert again == first
 
 
