@@ -2,13 +2,15 @@
 
 A decoder fed the same bytes must give the same events however the bytes are cut; these
 generators produce the cuts the tests use: whole, every split point, every pair of split
-points for short inputs, and fixed sizes down to one byte at a time.
+points for short inputs, and fixed sizes down to one byte at a time.  :func:`fed` feeds
+them to a stream that writes to a hash (DKIM's body canonicalisers) and keeps its output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import combinations, pairwise
+from typing import Protocol
 
 
 def split_at(data: bytes, points: tuple[int, ...]) -> list[bytes]:
@@ -34,3 +36,29 @@ def chunkings(data: bytes, pair_limit: int = 40) -> Iterator[list[bytes]]:
             yield [data[i : i + size] for i in range(0, n, size)]
     if n > 1:
         yield [data[i : i + 1] for i in range(n)]
+
+
+class Collected:
+    """A hash's stand-in for a stream's output: keeps every byte given to ``update``."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.data += bytes(data)
+
+
+class _Stream(Protocol):
+    def feed(self, data: bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+def fed(make: Callable[[Collected], _Stream], chunks: Iterable[bytes]) -> bytes:
+    """What the stream ``make(out)`` writes to ``out`` when fed ``chunks`` and finished."""
+    out = Collected()
+    stream = make(out)
+    for chunk in chunks:
+        stream.feed(chunk)
+    stream.finish()
+    return out.data

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from engine import _speedups
 from engine.message.dkim import RelaxedBody, relaxed_header
-from engine.testing.chunkings import split_at
+from engine.testing.chunkings import fed, split_at
 
 IMPLS = _speedups.implementations("canon")
 IDS = [name for name, _ in IMPLS]
@@ -23,23 +23,6 @@ MODULES = [module for _, module in IMPLS]
 PIECES = st.sampled_from([b" ", b"\t", b"\r", b"\n", b"\r\n", b"a", b"Bc", b":", b"\x00",
                           b"\xff", b"X" * 9])
 TEXT = st.lists(PIECES, max_size=40).map(b"".join)
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.data = b""
-
-    def update(self, data: bytes | memoryview) -> None:
-        self.data += bytes(data)
-
-
-def streamed(chunks: list[bytes]) -> bytes:
-    out = Collect()
-    stream = RelaxedBody(out)
-    for chunk in chunks:
-        stream.feed(chunk)
-    stream.finish()
-    return out.data
 
 
 @pytest.mark.parametrize("impl", MODULES, ids=IDS)
@@ -64,7 +47,7 @@ def test_relaxed_body_cases(impl: ModuleType, body: bytes, canonical: bytes) -> 
 @given(body=TEXT, cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=3))
 def test_relaxed_body_agrees_everywhere(body: bytes, cuts: list[int]) -> None:
     points = tuple(sorted({c for c in cuts if 0 < c < len(body)}))
-    expected = streamed(split_at(body, points))
+    expected = fed(RelaxedBody, split_at(body, points))
     assert [impl.relaxed_body(body) for impl in MODULES] == [expected] * len(MODULES)
 
 
@@ -102,5 +85,5 @@ def test_a_body_larger_than_the_stream_chunks_agrees() -> None:
     # Lines longer than engine.message.dkim.CHUNK take RelaxedBody's long-line path.
     body = b"X" * 70_000 + b" \t \r\n" + (b"a  b\t" * 20_000) + b"\r\n\r\n" + b"t" * 66_000 + b"  "
     chunk = 64 * 1024
-    expected = streamed([body[i : i + chunk] for i in range(0, len(body), chunk)])
+    expected = fed(RelaxedBody, [body[i : i + chunk] for i in range(0, len(body), chunk)])
     assert [impl.relaxed_body(body) for impl in MODULES] == [expected] * len(MODULES)
