@@ -23,6 +23,7 @@ from engine.agents.spf import (
     check_mail_from,
 )
 from engine.testing.dns import DnsResponder
+from engine.testing.wait import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -492,7 +493,8 @@ def test_a_shared_evaluation_stops_when_its_last_caller_gives_up(dns: DnsRespond
 
     async def run() -> tuple[bool, bool, bool]:
         first, second = asyncio.ensure_future(check()), asyncio.ensure_future(check())
-        await asyncio.sleep(0)  # both waiting on the one evaluation
+        await until(lambda: [s.waiting for s in cache._running.values()] == [2], 5,
+                    "both checks waiting on the one evaluation")
         [shared] = [s.task for s in cache._running.values()]
         first.cancel()
         await asyncio.wait([first], timeout=1.0)
@@ -501,8 +503,8 @@ def test_a_shared_evaluation_stops_when_its_last_caller_gives_up(dns: DnsRespond
         await asyncio.wait([second, shared], timeout=1.0)
         # A check now starts afresh rather than await the cancelled evaluation.
         third = asyncio.ensure_future(check())
-        await asyncio.sleep(0)
-        fresh = [s.task for s in cache._running.values()] != [shared]
+        fresh = await until(lambda: [s.task for s in cache._running.values()] not in ([], [shared]),
+                            5, "a new evaluation for the third check")
         third.cancel()
         await asyncio.wait([third], timeout=1.0)
         return kept, shared.cancelled(), fresh

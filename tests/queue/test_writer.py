@@ -186,8 +186,7 @@ def test_the_loop_never_blocks_on_the_pipe_while_the_writer_process_is_behind(
             waiting = []
             for body in bodies:  # one a turn: each its own frame
                 waiting.append(asyncio.create_task(q.enqueue(envelope(), body)))
-                for _ in range(3):
-                    await asyncio.sleep(0)
+                await until(lambda: q.pending == len(waiting), 10, "the write handed over")
             assert q.pending == len(bodies)
             now = ticks
             await until(lambda: ticks > now + 5, 10, "the loop runs while the writer waits")
