@@ -118,6 +118,22 @@ def tree_cpu(root: int) -> float:
     return total
 
 
+def machine_times() -> tuple[int, int, int]:
+    """The machine's CPU time since boot in clock ticks from /proc/stat: (all, idle with
+    iowait, steal).  Two readings give a run's idle share (how far it was from using every
+    core) and its steal share (time the VM's host ran something else on our vCPUs: the
+    host's slow phases show there, when the host reports them)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    return sum(ticks), ticks[3] + ticks[4], ticks[7]
+
+
+def machine_share(before: tuple[int, int, int], after: tuple[int, int, int]) -> tuple[float, float]:
+    """(idle, steal) shares of the machine between two :func:`machine_times` readings."""
+    total = max(1, after[0] - before[0])
+    return (after[1] - before[1]) / total, (after[2] - before[2]) / total
+
+
 def settle_cpu(root: int, quiet: float = 0.5, limit: float = 15.0) -> float:
     """The tree's CPU seconds once it has stopped using CPU (after deferred work)."""
     deadline = time.monotonic() + limit

@@ -28,7 +28,10 @@ tree from /proc, reaped children included, read once it has gone quiet); peak me
 for Ferry (one process) its VmHWM, the kernel's peak RSS; for Postfix (master, ~100 smtpd,
 cleanup, qmgr, 20 smtp ...) the peak of the tree's summed PSS sampled every 0.5 s (PSS
 shares each shared page among its processes; summed RSS would count libc ~150 times).
-For ``direct`` the columns describe smtp-sink.
+For ``direct`` the columns describe smtp-sink.  ``idle`` and ``steal`` are the machine's
+shares of idle time and of time the VM's host took (``/proc/stat``) from smtp-source's
+start until the sink had every message: a rate measured on a busy machine, or in a host's
+slow phase, can be told from one measured on a quiet one.
 
 Targets (issue 6): Ferry end to end ≥ 2x Postfix for 1 KiB and 20 KiB, ≥ 1x for 100 KiB.
 Every load is bounded by a message count and a timeout.
@@ -98,6 +101,8 @@ from bench_inbound import (
     FERRY,
     ROOT,
     SMTP_SOURCE,
+    machine_share,
+    machine_times,
     settle_cpu,
     tree_cpu,
     wait_listening,
@@ -345,6 +350,11 @@ class Result:
     writer_cpu: float = 0.0
     rss_kib: int = 0
     received: int = 0
+    #: The machine's idle and steal shares from smtp-source's start until the sink had
+    #: every message (:func:`bench_inbound.machine_share`): a run on a busy machine, or
+    #: in a phase where the VM's host took our vCPUs, shows here.
+    idle: float = 0.0
+    steal: float = 0.0
     error: str = ""
 
     def rate(self, wall: float) -> float:
@@ -508,6 +518,7 @@ def run_cell(kind: str, cell: Cell, base: Path, signed: SignedMail | None = None
         argv.append(f"127.0.0.1:{port}")
         cpu0, writer0 = tree_cpu(pid), writer_cpu(pid)
         with RssSampler(pid) as rss:
+            machine0 = machine_times()
             t0 = time.perf_counter()
             try:
                 done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
@@ -520,6 +531,7 @@ def run_cell(kind: str, cell: Cell, base: Path, signed: SignedMail | None = None
             if not result.error:
                 if sink.wait_count(cell.messages, timeout):
                     result.e2e = time.perf_counter() - t0
+                    result.idle, result.steal = machine_share(machine0, machine_times())
                 else:
                     result.error = (
                         f"sink has {sink.count()} of {cell.messages} after {timeout:.0f} s"
@@ -696,7 +708,7 @@ def main() -> None:
     try:
         print(
             f"\n{'cell':<16} {'server':<13} {'msgs':>6} {'inject/s':>9} {'e2e/s':>8} "
-            f"{'CPU µs/msg':>10} {'peak MiB':>12} {'at sink':>7}"
+            f"{'CPU µs/msg':>10} {'peak MiB':>12} {'at sink':>7} {'idle':>5} {'steal':>5}"
         )
         kinds = compare or plain
         for cell in cells:
@@ -708,7 +720,7 @@ def main() -> None:
                         f"{cell.name:<16} {kind:<13} {cell.messages:>6} "
                         f"{r.rate(r.inject):>9,.0f} {r.rate(r.e2e):>8,.0f} "
                         f"{r.cpu / cell.messages * 1e6:>10,.0f} {r.rss_kib / 1024:>12,.1f} "
-                        f"{r.received:>7}",
+                        f"{r.received:>7} {r.idle:>5.0%} {r.steal:>5.0%}",
                         flush=True,
                     )
                     if r.error:
