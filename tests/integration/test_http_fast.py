@@ -17,6 +17,7 @@ import pytest
 from engine.config import HttpConfig, HttpToken
 from engine.http.server import HttpServer
 from engine.testing.server import RunningFerry, ferry_config
+from engine.testing.wait import wait_for
 
 APP_TOKEN = "a" * 32
 READER_TOKEN = "r" * 32
@@ -192,3 +193,26 @@ def test_an_idle_connection_is_closed_after_idle_timeout(tmp_path: Path) -> None
         assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close" not in answer
         with _connect(f) as silent:
             assert silent.recv(4096) == b""  # a connection that never sends is closed too
+
+
+def test_a_client_that_goes_away_leaves_its_request_to_run_to_its_end(
+        ferry: RunningFerry) -> None:
+    front = _http(ferry)._front
+    assert front is not None
+    with _connect(ferry) as client:
+        client.sendall(_request(MESSAGE))
+    # Queued all the same (as aiohttp does: handlers are not cancelled), and forgotten.
+    wait_for(lambda: ferry.store.count() == 1, what="the request queued")
+    wait_for(lambda: not front.connections and not front.serving, what="the connection gone")
+
+
+def test_stopping_closes_the_connections_it_serves(tmp_path: Path) -> None:
+    config = dataclasses.replace(ferry_config(tmp_path / "spool"),
+                                 http=HttpConfig(listen=(("127.0.0.1", 0),)))
+    with RunningFerry(config) as f:
+        client = _connect(f)
+        client.sendall(_request(MESSAGE))
+        [answer] = _answers(client, 1)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+    with client:
+        assert client.recv(4096) == b""  # closed by the stop, not left open
