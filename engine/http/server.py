@@ -15,6 +15,11 @@ that does two things before and around its handler:
    :func:`engine.http.api.json_body`), and any other exception (500, logged with its
    traceback): nothing a client sends can stop the listener or reach the SMTP side.
 
+On a plain-HTTP listener a connection starts in engine.http.fast, which answers
+injections in their common form itself (the same authentication and problems, through
+:func:`~engine.http.api.authorized` and the route's own handler) and hands the
+connection to this application at its first other request.
+
 It must never block the loop (handlers that read many records do it in a thread) and never
 decide delivery.
 """
