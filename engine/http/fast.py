@@ -1,17 +1,16 @@
-"""The plain-HTTP listener's connections: ``POST /api/v1/messages`` answered without
-aiohttp's per-request machinery, everything else handed to aiohttp.
+"""The HTTP listener's connections: ``POST /api/v1/messages`` answered without aiohttp's
+per-request machinery, everything else handed to aiohttp.
 
 aiohttp spends about 70 µs of CPU on each request (the request, payload, task, writer and
-response objects, the router, the middleware chain): as much as the injection it
-carries, and more than the SMTP side's whole session costs a message.  A connection of a
-plain-HTTP ``[http] listen`` socket starts here (:class:`Connection`): every request on it
-in the **plain form** of an injection is parsed, authenticated
-(engine.http.server.authorized), served (engine.http.inject.inject, the route's own
-handler) and answered here, with the answer aiohttp would write, byte for byte but the
-Date.  The first request that is anything else is handed, with every byte not yet
-answered, to an aiohttp connection (``web.Server``'s ``RequestHandler``) that keeps the
-connection for the rest of its life: other routes, the limits and error answers of the
-HTTP layer, bodies that take time to arrive (408), all stay aiohttp's.
+response objects, the router, the middleware chain): as much as the injection's own
+handler.  A connection of an ``[http] listen`` socket (over TLS or not) starts here
+(:class:`Connection`): every request on it in the **plain form** of an injection is
+parsed, authenticated (engine.http.api.authorized), served (engine.http.inject.inject, the
+route's own handler) and answered here, with the answer aiohttp would write, byte for
+byte but the Date.  The first request that is anything else is handed, with every byte
+not yet answered, to an aiohttp connection (``web.Server``'s ``RequestHandler``) that
+keeps the connection for the rest of its life: other routes, the limits and error answers
+of the HTTP layer, bodies that take time to arrive (408), all stay aiohttp's.
 
 The plain form, checked on the whole request before anything is done with it: the line
 ``POST /api/v1/messages HTTP/1.1``; fields of printable ASCII, each name once; one
@@ -44,6 +43,7 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 
 from engine.http.api import Problem, Scope, authorized, decode_json
+from engine.http.forward import transport_tls
 from engine.http.inject import PATH, idempotency_key, inject
 
 if TYPE_CHECKING:
@@ -109,8 +109,8 @@ class Front:
     def __call__(self) -> Connection:
         return Connection(self)
 
-    async def respond(self, fields: dict[bytes, bytes], body: bytes,
-                      remote: str | None) -> tuple[bytes, bool]:
+    async def respond(self, fields: dict[bytes, bytes], body: bytes, remote: str | None,
+                      tls_info: str) -> tuple[bytes, bool]:
         """The answer to one request in the plain form (what engine.http.server's
         middleware and the route's handler answer), and whether to close after it."""
         try:
@@ -122,7 +122,8 @@ class Front:
             key = idempotency_key(self.app, who, None if raw_key is None else raw_key.decode())
             doc, headers = await inject(
                 self.app, who, decode_json(body), key=key, raw=body if key else b"",
-                remote=remote or "127.0.0.1", tls_info="", authorization=header is not None,
+                remote=remote or "127.0.0.1", tls_info=tls_info,
+                authorization=header is not None,
                 ident=id(fields))
             return answer(200, _JSON, orjson.dumps(doc), headers), False
         except Problem as problem:
@@ -152,7 +153,7 @@ class Connection(asyncio.Protocol):
     """One client connection while its requests are in the plain form."""
 
     __slots__ = ("buffer", "front", "idle_at", "paused", "remote", "task", "timer",
-                 "transport", "writable")
+                 "tls_info", "transport", "writable")
 
     def __init__(self, front: Front) -> None:
         self.front = front
@@ -164,6 +165,8 @@ class Connection(asyncio.Protocol):
         self.paused = False
         #: The client's address, as aiohttp's request.remote tells it.
         self.remote: str | None = None
+        #: Its TLS as the Received field names it ("" for none; after the handshake).
+        self.tls_info = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports are not asyncio.Transport subclasses, only alike)
@@ -175,6 +178,7 @@ class Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.remote = str(peer[0]) if isinstance(peer, tuple | list) else None
+        self.tls_info = transport_tls(transport)
         self.front.connections.add(self)
         # As aiohttp's: a connection that never sends a request is closed when idle.
         self._idle_from(asyncio.get_running_loop())
@@ -237,7 +241,7 @@ class Connection(asyncio.Protocol):
     async def _serve(self, fields: dict[bytes, bytes], body: bytes) -> None:
         transport = self.transport
         try:
-            data, close = await self.front.respond(fields, body, self.remote)
+            data, close = await self.front.respond(fields, body, self.remote, self.tls_info)
         except ConnectionError:
             transport.close()
             return

@@ -15,7 +15,7 @@ that does two things before and around its handler:
    :func:`engine.http.api.json_body`), and any other exception (500, logged with its
    traceback): nothing a client sends can stop the listener or reach the SMTP side.
 
-On a plain-HTTP listener a connection starts in engine.http.fast, which answers
+A connection of the listener starts in engine.http.fast, which answers
 injections in their common form itself (the same authentication and problems, through
 :func:`~engine.http.api.authorized` and the route's own handler) and hands the
 connection to this application at its first other request.
@@ -179,8 +179,8 @@ class HttpServer:
         self.addresses: list[str] = []
         self._runner: web.AppRunner | None = None
         self._front: Front | None = None
-        #: The plain-HTTP listeners (engine.http.fast); TLS ones are aiohttp sites.
-        self._plain: list[asyncio.Server] = []
+        #: The listeners (engine.http.fast's connections, aiohttp's after a hand-over).
+        self._listening: list[asyncio.Server] = []
         self.tokens = Tokens(self.config)
         #: A worker of a node: keyed injections go to the worker that owns the key, which
         #: serves them on its private socket (engine.http.forward).
@@ -227,18 +227,17 @@ class HttpServer:
             keepalive_timeout=self.config.idle_timeout)
         await runner.setup()
         assert runner.server is not None  # made by setup()
-        # Plain-HTTP connections start on the injection route's own path (engine.http.fast),
-        # which hands any other request to the runner's aiohttp server.
+        # Connections start on the injection route's own path (engine.http.fast), which
+        # hands any other request to the runner's aiohttp server (as aiohttp's SockSite
+        # would serve the socket: the same create_server call).
         front = self._front = Front(self.app, self.tokens, runner.server,
                                     max_body_size=self.config.max_body_size,
                                     idle_timeout=self.config.idle_timeout,
                                     forwarding=self.forwarder is not None)
         loop = asyncio.get_running_loop()
         for sock in self.sockets:
-            if self.tls is None:
-                self._plain.append(await loop.create_server(front, sock=sock, backlog=128))
-            else:
-                await web.SockSite(runner, sock, ssl_context=self.tls).start()
+            self._listening.append(await loop.create_server(front, sock=sock, ssl=self.tls,
+                                                            backlog=128))
         scheme = "https" if self.tls else "http"
         log.info("http listening on %s", ", ".join(f"{scheme}://{a}" for a in self.addresses))
         if self.forwarder is not None and self.app.role is not None:
@@ -257,14 +256,14 @@ class HttpServer:
 
     def serving(self) -> bool:
         """Whether every listen address takes connections (for ``/readyz``)."""
-        runner = self._runner
-        listening = sum(len(server.sockets) for server in self._plain if server.is_serving())
-        return runner is not None and len(runner.addresses) + listening >= len(self.sockets)
+        listening = sum(len(server.sockets) for server in self._listening
+                        if server.is_serving())
+        return self._runner is not None and listening >= len(self.sockets)
 
     async def stop(self) -> None:
-        for server in self._plain:
+        for server in self._listening:
             server.close()
-        self._plain.clear()
+        self._listening.clear()
         if self._front is not None:
             await self._front.close()
             self._front = None

@@ -8,11 +8,13 @@ from __future__ import annotations
 import dataclasses
 import re
 import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
+import trustme
 
 from engine.config import HttpConfig, HttpToken
 from engine.http.server import HttpServer
@@ -216,3 +218,31 @@ def test_stopping_closes_the_connections_it_serves(tmp_path: Path) -> None:
         assert answer.startswith(b"HTTP/1.1 200 ")
     with client:
         assert client.recv(4096) == b""  # closed by the stop, not left open
+
+
+def test_over_tls_both_doors_store_the_same_trace(tmp_path: Path, ca: trustme.CA,
+                                                  cert_files: tuple[Path, Path]) -> None:
+    cert, key = cert_files
+    config = dataclasses.replace(ferry_config(tmp_path / "spool"), http=HttpConfig(
+        listen=(("127.0.0.1", 0),), cert_file=cert, key_file=key))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with RunningFerry(config) as f:
+        front = _http(f)._front
+        assert front is not None
+        host, _, port = _http(f).addresses[0].rpartition(":")
+        received = []
+        for extra in ((), ("Connection: keep-alive",)):  # this module's door, then aiohttp's
+            with context.wrap_socket(socket.create_connection((host, int(port)), timeout=30),
+                                     server_hostname="ferry.test") as client:
+                client.sendall(_request(MESSAGE, *extra))
+                [answer] = _answers(client, 1)
+                assert len(front.connections) == (0 if extra else 1)
+                version = client.version()
+            assert answer.startswith(b"HTTP/1.1 200 "), answer
+            queue_id = bytes.fromhex(orjson.loads(answer.partition(b"\r\n\r\n")[2])["id"])
+            field = re.match(rb"Received:.*?\r\n(?![ \t])", f.store.body(queue_id), re.S)
+            assert field is not None
+            received.append(_normal(field.group(0)).partition(b";")[0])  # (not its time)
+    assert received[0] == received[1]
+    assert f"version={version}".encode() in received[0] and b"with HTTPS" in received[0]
