@@ -69,17 +69,42 @@ class Problem(Exception):
     def __str__(self) -> str:
         return f"{self.status} {self.title}: {self.detail}"
 
-    def response(self) -> web.Response:
+    def document(self) -> bytes:
+        """The answer's body (the aiohttp response's, and engine.http.fast's)."""
         doc: dict[str, Any] = {"type": "about:blank", "title": self.title,
                                "status": self.status}
         if self.detail:
             doc["detail"] = self.detail
         doc.update(self.extra)
-        response = web.Response(status=self.status, body=orjson.dumps(doc),
+        return orjson.dumps(doc)
+
+    def response(self) -> web.Response:
+        response = web.Response(status=self.status, body=self.document(),
                                 content_type=PROBLEM_TYPE, headers=dict(self.headers))
         if self.close:
             response.force_close()
         return response
+
+
+def _challenge(error: str = "") -> Mapping[str, str]:
+    # RFC 6750 §3: the scheme and realm, and why a presented token was refused.
+    value = 'Bearer realm="ferry"' + (f', error="{error}"' if error else "")
+    return {"WWW-Authenticate": value}
+
+
+def authorized(who: Principal | None, presented: bool, scope: Scope) -> Principal:
+    """``who`` (None: nobody the credentials name; ``presented``: an Authorization header
+    came), when it may use ``scope``; else a 401/403 Problem."""
+    if who is None:
+        raise Problem(401, "Unauthorized",
+                      "the bearer token is not valid" if presented else
+                      "this needs Authorization: Bearer <token> (http.tokens)",
+                      headers=_challenge("invalid_token" if presented else ""))
+    if scope not in who.scopes:
+        raise Problem(403, "Forbidden", f"token {who.name!r} lacks the {scope.value!r} scope",
+                      extra={"scope": scope.value},
+                      headers=_challenge("insufficient_scope"))
+    return who
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -123,17 +148,18 @@ async def json_body(request: web.Request) -> Any:
     if request.content.is_eof():
         # The whole body came with the request's first reads (a small request, the
         # common case): nothing to wait for, so no timer to arm and cancel.
-        return _loads(await request.read())
+        return decode_json(await request.read())
     try:
         async with asyncio.timeout(timeout):
             raw = await request.read()
     except TimeoutError:
         raise Problem(408, "Request timeout", f"the request body did not arrive within "
                       f"{timeout:g} s (http.request_timeout)", close=True) from None
-    return _loads(raw)
+    return decode_json(raw)
 
 
-def _loads(raw: bytes) -> Any:
+def decode_json(raw: bytes) -> Any:
+    """A request's JSON document; 400 when it does not parse."""
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -23,6 +23,7 @@ and never forward anything but keyed injections.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -121,7 +122,12 @@ def tls_of(request: web.Request) -> str:
     forwarded: str | None = request.get(FORWARDED_TLS)
     if forwarded is not None:
         return forwarded
-    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    return transport_tls(request.transport)
+
+
+def transport_tls(transport: asyncio.BaseTransport | None) -> str:
+    """The TLS of a connection ("" for none): "version=... cipher=..."."""
+    ssl_object = transport.get_extra_info("ssl_object") if transport else None
     if ssl_object is None:
         return ""
     return f"version={ssl_object.version()} cipher={ssl_object.cipher()[0]}"

@@ -501,14 +501,19 @@ def _backpressure(exc: BackPressure | QueueClosed) -> Problem:
     return Problem(503, "Service unavailable", reason, headers={"Retry-After": RETRY_STORAGE})
 
 
-def _replay(stored: bytes, fingerprint: str) -> web.Response:
+#: An answer of the route: its JSON document (200) and the headers it needs besides.
+Answer = tuple[Any, Mapping[str, str] | None]
+_REPLAYED: Final = {"Idempotent-Replayed": "true"}
+
+
+def _replay(stored: bytes, fingerprint: str) -> Answer:
     """The answer of the request that first used the key (same key, same body)."""
     earlier = orjson.loads(stored)
     if earlier.get("fingerprint") != fingerprint:
         raise Problem(422, "Idempotency-Key reused",
                       "this Idempotency-Key was used for a different request",
                       extra={"field": "Idempotency-Key"})
-    return json_response(earlier["answer"], headers={"Idempotent-Replayed": "true"})
+    return earlier["answer"], _REPLAYED
 
 
 @routes.post(PATH)
@@ -516,25 +521,47 @@ def _replay(stored: bytes, fingerprint: str) -> web.Response:
 async def post_messages(request: web.Request) -> web.Response:
     app: App = request.app[APP]
     who: Principal = request[PRINCIPAL]
-    http = app.config.http
-    store, ingest = app.store, app.ingest
-    if store is None or ingest is None:
+    key = idempotency_key(app, who, request.headers.get("Idempotency-Key"))
+    doc = await json_body(request)
+    # A keyed retry must be the same request (the body read above is kept by aiohttp).
+    raw = await request.read() if key and isinstance(doc, dict) else b""
+    answer, headers = await inject(
+        app, who, doc, key=key, raw=raw, remote=request.remote or "127.0.0.1",
+        tls_info=tls_of(request), authorization="Authorization" in request.headers,
+        ident=id(request))
+    return json_response(answer, headers=headers)
+
+
+def idempotency_key(app: App, who: Principal, raw_key: str | None) -> bytes:
+    """What a request is checked for before its body is read: a server that takes
+    injections (503 while it starts), and the store's key of its ``Idempotency-Key``
+    header (b"" without one; 400 for a key that is not one)."""
+    if app.store is None or app.ingest is None:
         raise Problem(503, "Service unavailable", "the server is starting",
                       headers={"Retry-After": RETRY_BEHIND})
-    raw_key = request.headers.get("Idempotency-Key")
-    key = b""
-    if raw_key is not None:
-        if not _KEY.fullmatch(raw_key):
-            raise _invalid("Idempotency-Key", "must be 1 to 255 printable ASCII characters")
-        # Keys are per principal: two clients never see each other's answers.
-        key = who.name.encode() + b"\0" + raw_key.encode()
-    doc = await json_body(request)
+    if raw_key is None:
+        return b""
+    if not _KEY.fullmatch(raw_key):
+        raise _invalid("Idempotency-Key", "must be 1 to 255 printable ASCII characters")
+    # Keys are per principal: two clients never see each other's answers.
+    return who.name.encode() + b"\0" + raw_key.encode()
+
+
+async def inject(app: App, who: Principal, doc: Any, *, key: bytes, raw: bytes, remote: str,
+                 tls_info: str, authorization: bool, ident: int) -> Answer:
+    """Queue the messages of one request whose body decoded to ``doc`` (its bytes ``raw``
+    when it is ``key``ed: the fingerprint), from the client at ``remote`` over ``tls_info``
+    (``authorization``: it presented a token; ``ident`` names its agents' session): the
+    route's answer once they are committed, or a :class:`Problem`.  Both doors call it:
+    :func:`post_messages` and engine.http.fast."""
+    store, ingest = app.store, app.ingest
+    assert store is not None and ingest is not None  # idempotency_key() checked them
+    http = app.config.http
     if not isinstance(doc, dict):
         raise _invalid("", f"The request must be a JSON object, not {_kind(doc)}")
     fingerprint = ""
     if key:
-        # A retry must be the same request (the body read above is kept by aiohttp).
-        fingerprint = hashlib.sha256(await request.read()).hexdigest()
+        fingerprint = hashlib.sha256(raw).hexdigest()
         stored = store.idempotent_answer(key)
         if stored is not None:
             return _replay(stored, fingerprint)
@@ -544,7 +571,6 @@ async def post_messages(request: web.Request) -> web.Response:
     assert sender is not None
     mail = _sender(sender, not sender.isascii(), False)  # its errors before the recipients'
     rcpts = _recipients(doc, http.max_recipients)
-    remote = request.remote or "127.0.0.1"
     if not who.trusted:
         # The SMTP side's open-relay rules, for a client outside every relay network.
         relay = RelayPolicy(accepted_domains(app.config), ())
@@ -560,11 +586,10 @@ async def post_messages(request: web.Request) -> web.Response:
     if pressure is not None:
         raise _backpressure(pressure)
     plan = _plan(doc, rcpts, http, app.config.hostname)
-    tls_info = tls_of(request)
     arrival = Arrival(
         connector=http_connector(http), client_address=remote, helo="", esmtp=True,
         tls=bool(tls_info), tls_info=tls_info,
-        auth_user=who.name if "Authorization" in request.headers else "",
+        auth_user=who.name if authorization else "",
         mail=mail, recipients=(), body=b"",
         protocol="HTTPS" if tls_info else "HTTP")
     chain = app.http_chain
@@ -572,7 +597,7 @@ async def post_messages(request: web.Request) -> web.Response:
     # Without [http] agents and [[dkim_sign]] the chain is empty: nothing to build per
     # request (the agents' view of the client parses its address).
     if chain is not None and _screening(chain):
-        view = AgentSession(f"http-{id(request):x}", http.connector, ipaddress.ip_address(remote),
+        view = AgentSession(f"http-{ident:x}", http.connector, ipaddress.ip_address(remote),
                             esmtp=True, tls=bool(tls_info), tls_info=tls_info,
                             auth_user=who.name, may_relay=who.trusted, door="HTTP")
         if chain.screens(view, Effects()):
@@ -581,8 +606,8 @@ async def post_messages(request: web.Request) -> web.Response:
             and (chain is None or not chain.wants(Stage.DATA))):
         queued = await _pipelined(plan, ingest, arrival, http, sender, store, screen)
         ids = [p.envelope.queue_id.hex().upper() for p in queued]
-        return json_response({"id": ids[0] if ids else None, "ids": ids,
-                              "recipients": len(rcpts), **suppressed})
+        return {"id": ids[0] if ids else None, "ids": ids, "recipients": len(rcpts),
+                **suppressed}, None
     if len(plan.groups) >= THREAD_AT or screen is not None:
         # A thread: the agents' end of data waits for the loop, which must stay free.
         built = await asyncio.get_running_loop().run_in_executor(
@@ -605,4 +630,4 @@ async def post_messages(request: web.Request) -> web.Response:
     if earlier is not None:
         return _replay(earlier, fingerprint)  # the same key raced in: nothing was stored
     ingest.committed(built.prepared)
-    return json_response(answer)
+    return answer, None

@@ -15,6 +15,11 @@ that does two things before and around its handler:
    :func:`engine.http.api.json_body`), and any other exception (500, logged with its
    traceback): nothing a client sends can stop the listener or reach the SMTP side.
 
+A connection of the listener starts in engine.http.fast, which answers
+injections in their common form itself (the same authentication and problems, through
+:func:`~engine.http.api.authorized` and the route's own handler) and hands the
+connection to this application at its first other request.
+
 It must never block the loop (handlers that read many records do it in a thread) and never
 decide delivery.
 """
@@ -28,7 +33,7 @@ import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
@@ -36,7 +41,17 @@ from aiohttp.typedefs import Middleware
 
 from engine.config import HttpConfig
 from engine.http import admin, health, inject, metrics
-from engine.http.api import APP, PRINCIPAL, Handler, Principal, Problem, Scope, required_scope
+from engine.http.api import (
+    APP,
+    PRINCIPAL,
+    Handler,
+    Principal,
+    Problem,
+    Scope,
+    authorized,
+    required_scope,
+)
+from engine.http.fast import Front
 from engine.http.forward import PRINCIPAL_HEADER, Forwarder, from_worker, private_path
 from engine.ops.control import listen_private, remove_if_ours
 from engine.server.service import address_of, bind_listeners, tls_context
@@ -89,7 +104,10 @@ class Tokens:
         return LOOPBACK if name == LOOPBACK.name else self._named.get(name)
 
     def principal(self, request: web.Request) -> Principal | None:
-        header = request.headers.get("Authorization", "")
+        return self.principal_of(request.headers.get("Authorization", ""), request.remote)
+
+    def principal_of(self, header: str, remote: str | None) -> Principal | None:
+        """Who presents the Authorization ``header`` ("" for none) from ``remote``."""
         kind, _, credentials = header.partition(" ")
         if kind.lower() == "bearer" and credentials.strip():
             given = credentials.strip().encode()
@@ -98,7 +116,7 @@ class Tokens:
                 if hmac.compare_digest(token, given):
                     found = who
             return found
-        if self.trust_loopback and _loopback(request.remote):
+        if self.trust_loopback and _loopback(remote):
             return LOOPBACK
         return None
 
@@ -109,12 +127,6 @@ def _loopback(remote: str | None) -> bool:
         return remote is not None and ipaddress.ip_address(remote).is_loopback
     except ValueError:
         return False
-
-
-def _challenge(error: str = "") -> Mapping[str, str]:
-    # RFC 6750 §3: the scheme and realm, and why a presented token was refused.
-    value = 'Bearer realm="ferry"' + (f', error="{error}"' if error else "")
-    return {"WWW-Authenticate": value}
 
 
 @web.middleware
@@ -144,18 +156,8 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def _authenticate(request: web.Request, scope: Scope) -> Principal:
     """Who sent the request, when it may use ``scope``; else a 401/403 Problem."""
-    who = request.app[IDENTIFY](request)
-    if who is None:
-        presented = "Authorization" in request.headers
-        raise Problem(401, "Unauthorized",
-                      "the bearer token is not valid" if presented else
-                      "this needs Authorization: Bearer <token> (http.tokens)",
-                      headers=_challenge("invalid_token" if presented else ""))
-    if scope not in who.scopes:
-        raise Problem(403, "Forbidden", f"token {who.name!r} lacks the {scope.value!r} scope",
-                      extra={"scope": scope.value},
-                      headers=_challenge("insufficient_scope"))
-    return who
+    return authorized(request.app[IDENTIFY](request), "Authorization" in request.headers,
+                      scope)
 
 
 #: How an application tells who sent a request: the bearer token or the loopback
@@ -176,6 +178,9 @@ class HttpServer:
         #: "HOST:PORT" of each bound socket
         self.addresses: list[str] = []
         self._runner: web.AppRunner | None = None
+        self._front: Front | None = None
+        #: The listeners (engine.http.fast's connections, aiohttp's after a hand-over).
+        self._listening: list[asyncio.Server] = []
         self.tokens = Tokens(self.config)
         #: A worker of a node: keyed injections go to the worker that owns the key, which
         #: serves them on its private socket (engine.http.forward).
@@ -221,8 +226,18 @@ class HttpServer:
             self.web_app(), access_log=None, handle_signals=False,
             keepalive_timeout=self.config.idle_timeout)
         await runner.setup()
+        assert runner.server is not None  # made by setup()
+        # Connections start on the injection route's own path (engine.http.fast), which
+        # hands any other request to the runner's aiohttp server (as aiohttp's SockSite
+        # would serve the socket: the same create_server call).
+        front = self._front = Front(self.app, self.tokens, runner.server,
+                                    max_body_size=self.config.max_body_size,
+                                    idle_timeout=self.config.idle_timeout,
+                                    forwarding=self.forwarder is not None)
+        loop = asyncio.get_running_loop()
         for sock in self.sockets:
-            await web.SockSite(runner, sock, ssl_context=self.tls).start()
+            self._listening.append(await loop.create_server(front, sock=sock, ssl=self.tls,
+                                                            backlog=128))
         scheme = "https" if self.tls else "http"
         log.info("http listening on %s", ", ".join(f"{scheme}://{a}" for a in self.addresses))
         if self.forwarder is not None and self.app.role is not None:
@@ -241,10 +256,17 @@ class HttpServer:
 
     def serving(self) -> bool:
         """Whether every listen address takes connections (for ``/readyz``)."""
-        runner = self._runner
-        return runner is not None and len(runner.addresses) >= len(self.sockets)
+        listening = sum(len(server.sockets) for server in self._listening
+                        if server.is_serving())
+        return self._runner is not None and listening >= len(self.sockets)
 
     async def stop(self) -> None:
+        for server in self._listening:
+            server.close()
+        self._listening.clear()
+        if self._front is not None:
+            await self._front.close()
+            self._front = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
