@@ -20,6 +20,7 @@ from engine.message.dkim import (
     RelaxedBody,
     Signer,
     SimpleBody,
+    _base64,
     _Field,
     _without_b,
     body_hash,
@@ -135,6 +136,21 @@ def _check_without_b(value: bytes) -> None:
     field = _Field(b"dkim-signature", b"DKIM-Signature:" + value, 15)
     expected = b"DKIM-Signature:" + _B_TAG.sub(lambda m: m.group(1), value, count=1)
     assert _without_b(field) == (b"dkim-signature", expected, 15)
+
+
+@pytest.mark.parametrize(("value", "decoded"), [
+    ("Zm9v", b"foo"), ("Zm9v\r\n YmFy", b"foobar"), (" Zm8= ", b"fo"), ("", b""),
+])  # fmt: skip
+def test_base64_values(value: str, decoded: bytes) -> None:
+    assert _base64(value, "b=") == decoded  # FWS anywhere inside is not part of the value
+
+
+@pytest.mark.parametrize("value", ["Zm9", "Zm9v!", "Zm=9v", "Zm9vé"])
+def test_bad_base64_values(value: str) -> None:
+    # Strict base64 (RFC 6376 §2.11): padding only at the end, nothing outside the
+    # alphabet, no non-ASCII; a permanent error, never an exception of another kind.
+    with pytest.raises(DkimError, match="b= is not base64"):
+        _base64(value, "b=")
 
 
 MESSAGE = (b"From: Joe <joe@example.com>\r\nTo: x@example.net\r\nSubject: hi\r\n"
