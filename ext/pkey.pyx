@@ -55,7 +55,8 @@ cdef _sign_detached_t _sign_detached = NULL
 cdef bint _open_sodium():
     global _seed_keypair, _sign_detached
     cdef void* lib = NULL
-    for name in (b"libsodium.so.23", b"libsodium.so"):
+    # The sonames of libsodium 1.0.18 (Debian 12, Ubuntu 24.04) and of 1.0.19 on.
+    for name in (b"libsodium.so.23", b"libsodium.so.26", b"libsodium.so"):
         lib = dlopen(<const char*>name, RTLD_NOW | RTLD_LOCAL)
         if lib is not NULL:
             break
