@@ -5,6 +5,7 @@ field's shape, signing keys."""
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,9 @@ from engine.message.dkim import (
     RelaxedBody,
     Signer,
     SimpleBody,
+    _base64,
+    _Field,
+    _without_b,
     body_hash,
     fold_txt,
     key_record,
@@ -106,6 +110,47 @@ def test_tag_list(text: str, tags: dict[str, str]) -> None:
 def test_bad_tag_lists(text: str) -> None:
     with pytest.raises(DkimError):
         parse_tag_list(text)
+
+
+# §3.7's b= removal as it was written first (a regular expression): the split at ";"
+# that replaced it must give the same bytes for any field value.
+_B_TAG = re.compile(rb"((?:^|;)[ \t\r\n]*b[ \t\r\n]*=)[^;]*", re.DOTALL)
+
+
+@pytest.mark.parametrize("value", [
+    b" v=1; a=rsa-sha256; bh=AB=; b=CD\r\n EF==; d=x", b" b=XY", b"b =  Z", b" bh=1;b\t=2",
+    b" v=1; bh=Q; h=from", b" b", b"; ;b=;b=Z", b" x=b=1; b=2", b"\r\n\tb\r\n =abc;d=e",
+])  # fmt: skip
+def test_without_b_cases(value: bytes) -> None:
+    _check_without_b(value)
+
+
+@settings(max_examples=500)
+@given(st.lists(st.sampled_from([b"b", b"bh", b"=", b";", b" ", b"\t", b"\r\n", b"x", b"B"]),
+                max_size=14).map(b"".join))
+def test_without_b_matches_the_regex(value: bytes) -> None:
+    _check_without_b(value)
+
+
+def _check_without_b(value: bytes) -> None:
+    field = _Field(b"dkim-signature", b"DKIM-Signature:" + value, 15)
+    expected = b"DKIM-Signature:" + _B_TAG.sub(lambda m: m.group(1), value, count=1)
+    assert _without_b(field) == (b"dkim-signature", expected, 15)
+
+
+@pytest.mark.parametrize(("value", "decoded"), [
+    ("Zm9v", b"foo"), ("Zm9v\r\n YmFy", b"foobar"), (" Zm8= ", b"fo"), ("", b""),
+])  # fmt: skip
+def test_base64_values(value: str, decoded: bytes) -> None:
+    assert _base64(value, "b=") == decoded  # FWS anywhere inside is not part of the value
+
+
+@pytest.mark.parametrize("value", ["Zm9", "Zm9v!", "Zm=9v", "Zm9vé"])
+def test_bad_base64_values(value: str) -> None:
+    # Strict base64 (RFC 6376 §2.11): padding only at the end, nothing outside the
+    # alphabet, no non-ASCII; a permanent error, never an exception of another kind.
+    with pytest.raises(DkimError, match="b= is not base64"):
+        _base64(value, "b=")
 
 
 MESSAGE = (b"From: Joe <joe@example.com>\r\nTo: x@example.net\r\nSubject: hi\r\n"

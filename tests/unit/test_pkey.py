@@ -4,6 +4,7 @@ Ed25519 signatures, accept the same signatures and refuse the same keys."""
 
 from __future__ import annotations
 
+import ctypes.util
 import hashlib
 from types import ModuleType
 
@@ -43,6 +44,17 @@ def test_the_selector_holds_the_gil_only_when_compiled() -> None:
     assert [m.HOLDS_GIL for m in MODULES] == [name == "c" for name in IDS]
 
 
+def test_the_compiled_module_signs_with_libsodium_where_the_system_has_it() -> None:
+    # libsodium's Ed25519 signature costs half of OpenSSL 3.0's; the module opens the
+    # library at import and falls back to OpenSSL without it (the other tests hold both
+    # to the same signatures as cryptography's).
+    compiled = dict(IMPLS).get("c")
+    if compiled is None:
+        pytest.skip("the compiled module is not built")
+    expected = "libsodium" if ctypes.util.find_library("sodium") else "openssl"
+    assert expected == compiled.ED25519_SIGNER
+
+
 @pytest.mark.parametrize("impl", MODULES, ids=IDS)
 def test_rfc8032_test_vector(impl: ModuleType) -> None:
     # RFC 8032 §7.1, TEST 2: one octet, 0x72.
@@ -54,6 +66,14 @@ def test_rfc8032_test_vector(impl: ModuleType) -> None:
     assert impl.Ed25519Signer(private).sign(b"\x72") == signature
     assert impl.Verifier("ed25519", public).verify(signature, b"\x72")
     assert not impl.Verifier("ed25519", public).verify(signature, b"\x73")
+
+
+@settings(max_examples=100, deadline=None)
+@given(private=st.binary(min_size=32, max_size=32), data=st.binary(max_size=300))
+def test_signatures_of_any_key_are_cryptographys(private: bytes, data: bytes) -> None:
+    # Whichever library signs (libsodium or OpenSSL), the bytes are RFC 8032's.
+    expected = ed25519.Ed25519PrivateKey.from_private_bytes(private).sign(data)
+    assert {impl.Ed25519Signer(private).sign(data) for impl in MODULES} == {expected}
 
 
 @settings(max_examples=60, deadline=None)
