@@ -5,10 +5,9 @@ what ``ferry serve`` uses).  Why a process: py-lmdb releases the GIL around ever
 and delete, so a writer *thread* and the event loop hand the GIL back and forth several
 times per message.  Here the writer's LMDB calls run under a GIL of their own; the server
 hands whole batches over a pipe (its event loop writes a turn's batch itself; a light
-thread writes the rest) and a light thread settles whole batches of results, one GIL
-hand-over per batch.  The commit itself is ``engine.queue.lmdb_txn``'s
-``Committer``, the same code a writer thread runs; this module imports nothing else of the
-queue (never the caller's side).
+thread writes the rest) and its event loop reads whole batches of results.  The commit
+itself is ``engine.queue.lmdb_txn``'s ``Committer``, the same code a writer thread runs;
+this module imports nothing else of the queue (never the caller's side).
 
 Protocol, over the child's stdin and stdout: frames of an 8-byte big-endian length and a
 pickle (both ends are this module, started by the same interpreter: never fed from
@@ -102,6 +101,22 @@ def read_frame(fd: int) -> Any:
         return None
     data = _read_exact(fd, _HEADER.unpack(head)[0])
     return None if data is None else pickle.loads(data)
+
+
+def take_frames(buffer: bytearray) -> list[Any]:
+    """The objects of the whole frames at the start of ``buffer`` (what non-blocking
+    reads gathered), taken out of it; a partial frame stays for the next read."""
+    objects = []
+    start, end = 0, len(buffer)
+    while end - start >= _HEADER.size:
+        stop = start + _HEADER.size + _HEADER.unpack_from(buffer, start)[0]
+        if stop > end:
+            break
+        objects.append(pickle.loads(buffer[start + _HEADER.size:stop]))
+        start = stop
+    if start:
+        del buffer[:start]
+    return objects
 
 
 def _portable(error: BaseException | None) -> BaseException | None:
