@@ -292,9 +292,12 @@ class ProcessWriter(_Inbox):
             self._capacity = fcntl.fcntl(self._in.fileno(), fcntl.F_GETPIPE_SZ)
         except (OSError, AttributeError):
             self._capacity = 0  # unknown: every frame goes through the courier
-        #: (last ident, monotonic time sent) of each frame not answered yet: the commit
-        #: round trip of an answer is from its oldest frame's sending.
-        self._frames: deque[tuple[int, float]] = deque()
+        #: (last ident, monotonic time sent, bytes) of each frame not answered yet: the
+        #: commit round trip of an answer is from its oldest frame's sending.
+        self._frames: deque[tuple[int, float, int]] = deque()
+        #: Their bytes: at least the pipe's capacity less this is free (a frame leaves
+        #: the pipe before its answer comes), known without asking the kernel.
+        self._unanswered = 0
         self._lock = threading.Lock()
         self._next = 0
         self._courier = threading.Thread(target=self._send, name="ferry-queue-courier",
@@ -342,8 +345,13 @@ class ProcessWriter(_Inbox):
                 self._next += 1
                 self._waiting[self._next] = write
                 frame.append((self._next, write.kind, write.args, write.size))
-            self._frames.append((self._next, time.monotonic()))
-        return pack_frame(frame)
+            last = self._next
+        packed = pack_frame(frame)
+        size = len(packed[0]) + len(packed[1])
+        with self._lock:
+            self._frames.append((last, time.monotonic(), size))
+            self._unanswered += size
+        return packed
 
     def _ship(self, loop: asyncio.AbstractEventLoop) -> None:
         """Write the turn's writes of ``loop`` as one frame, from the loop when the pipe
@@ -359,12 +367,19 @@ class ProcessWriter(_Inbox):
             return
         if self._pipe_lock.acquire(blocking=False):
             try:
-                room = 0 if self._in.closed else self._room()
+                # What the unanswered frames leave free is free for sure (most turns:
+                # no system call); when that says too little, the kernel says how much.
+                known = self._capacity - self._unanswered
+                room = 0 if self._in.closed else known if known > self._capacity // 2 \
+                    else self._room()
                 # Half the pipe free: the writer keeps up.  Otherwise the writes wait
                 # for the courier as they are, not pickled beside themselves.
                 if room > self._capacity // 2:
                     frame = self._pack(batch)
-                    if len(frame[0]) + len(frame[1]) <= room:
+                    size = len(frame[0]) + len(frame[1])
+                    if size > room and room == known:
+                        room = self._room()
+                    if size <= room:
                         write_parts(self._in.fileno(), frame)
                     else:  # larger than the room: the courier writes it as it drains
                         self._ops.put(Pending(_FRAMED, frame, 0, None, Future()))
@@ -497,7 +512,7 @@ class ProcessWriter(_Inbox):
         sent = 0.0
         while frames and frames[0][0] <= last:
             sent = sent or frames[0][1]
-            frames.popleft()
+            self._unanswered -= frames.popleft()[2]
         if sent:
             self.commit_seconds.observe(time.monotonic() - sent)
             self.commit_writes.observe(writes)

@@ -40,6 +40,7 @@ import select
 import signal
 import struct
 import sys
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -152,19 +153,29 @@ def main(argv: list[str] | None = None) -> int:
         write_frame(wfd, f"{type(exc).__name__}: {exc}")
         return 1
     write_frame(wfd, committer.report())
+    # Whatever the pipe holds is read at once (one read for the frames of several turns
+    # of the server's loop, not two a frame and a select between them); its whole frames
+    # wait in ``frames`` for a commit, a partial one in ``buffer`` for its rest.
+    buffer = bytearray()
+    space = bytearray(PIPE_SIZE)
+    frames: deque[list[Any]] = deque()
     ended = False
-    while not ended:
-        frame = read_frame(rfd)
-        if frame is None:
-            break
-        batch = list(frame)
-        # Group commit across the pipe: batches already waiting join this transaction.
-        while len(batch) < params.batch_limit and select.select([rfd], [], [], 0)[0]:
-            more = read_frame(rfd)
-            if more is None:
-                ended = True
+    while True:
+        batch: list[Any] = []
+        while True:
+            while frames and len(batch) < params.batch_limit:
+                batch += frames.popleft()
+            # Group commit across the pipe: batches already waiting join this one.
+            if ended or len(batch) >= params.batch_limit or (
+                    batch and not select.select([rfd], [], [], 0)[0]):
                 break
-            batch += more
+            got = os.readv(rfd, [space])  # blocks while the pipe is empty
+            if not got:
+                ended = True  # (a partial frame left is nobody's: never acknowledged)
+            buffer += memoryview(space)[:got]
+            frames += take_frames(buffer)
+        if not batch:
+            break
         writes = [_Handed(*item) for item in batch]
         results = committer.commit(writes, sum(w.size for w in writes))
         write_frame(wfd, ([(w.ident, value, _portable(error)) for w, value, error in results],
