@@ -18,9 +18,16 @@ from typing import Any
 
 import pytest
 
-from engine.queue.api import BackPressure, NewMessage, Outcome, QueueClosed, QueueStore
+from engine.queue.api import (
+    BackPressure,
+    NewMessage,
+    Outcome,
+    QueueClosed,
+    QueueStats,
+    QueueStore,
+)
 from engine.queue.lmdb_store import LmdbQueue
-from engine.queue.lmdb_txn import Database, WriterParams
+from engine.queue.lmdb_txn import Database, Report, WriterParams
 from engine.queue.records import Envelope, RcptState, Recipient
 from engine.queue.writer import WRITER_KINDS, Pending, Writer, WriterKind, start_writer
 from engine.queue.writer_process import (
@@ -342,3 +349,13 @@ def test_the_answers_reach_threads_and_loops_whoever_reads_them(tmp_path: Path) 
         assert q.count() == len(ids) + 1  # and "last": closing committed it
     finally:
         q.close_sync()
+
+
+def test_the_report_crosses_the_pipe_unchanged() -> None:
+    """The committer's report goes over the pipe after every commit (as its fields)."""
+    report = Report(True, b"\x00due", QueueStats(3, 2, 1, 0.25, 1, 512 << 20,
+                                                  (("queued", 2), ("deferred", 1))))
+    frame = b"".join(pack_frame(report))
+    assert take_frames(bytearray(frame)) == [report]
+    assert take_frames(bytearray(b"".join(pack_frame(Report(False, None, QueueStats()))))) \
+        == [Report(False, None, QueueStats())]
