@@ -1217,6 +1217,15 @@ class Scheduler:
             self._spawn(self.store.quarantine(entry.queue_id, str(exc), entry.key))
             return None
 
+    def _load_with_body(self, entry: DueEntry) -> tuple[Envelope | None, bytes | None]:
+        """The envelope and the body in one read (most groups are delivered: one read
+        transaction, not two); when either is absent or the record does not decode, the
+        envelope as :meth:`_load` says, the body (None) to be read on its own later."""
+        try:
+            return self.store.get_with_body(entry.queue_id)
+        except (KeyError, RecordError):
+            return self._load(entry), None
+
     def _waiting(self, env: Envelope, destination: str) -> list[int]:
         return [i for i, r in enumerate(env.recipients)
                 if r.next_hop == destination and r.state in _WAITING]
@@ -1307,7 +1316,12 @@ class Scheduler:
                 env = taken.env
                 results = await agent.resume(taken.job)
             else:
-                current = loaded.env if loaded is not None else self._load(entry)
+                current: Envelope | None
+                read: bytes | None
+                if loaded is not None:
+                    current, read = loaded.env, loaded.job.body
+                else:
+                    current, read = self._load_with_body(entry)
                 if current is None:
                     return True
                 env = current
@@ -1337,7 +1351,7 @@ class Scheduler:
                     return True
                 if self.journal is not None:
                     self.journal.started(entry.group)
-                body = loaded.job.body if loaded is not None else self.store.body(entry.queue_id)
+                body = read if read is not None else self.store.body(entry.queue_id)
                 size = self.settings.max_recipients_per_transaction
                 if len(pending) <= size:
                     results = await agent.deliver(route, env, pending, body, follow_ons)
