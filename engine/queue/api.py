@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from engine.queue.records import Envelope, RcptState
 
@@ -157,6 +157,13 @@ class QueueStats:
     #: (state, messages with a recipient in it) for each state present, and ``corrupt``:
     #: the state index's counts, kept by the writer as it changes the index
     states: tuple[tuple[str, int], ...] = ()
+
+    def __reduce__(self) -> tuple[type[QueueStats], tuple[Any, ...]]:
+        # The writer process sends these after every commit: the fields as one tuple
+        # pickle in a fraction of a frozen slots dataclass's default (engine.queue.records).
+        return QueueStats, (self.commits, self.enqueued, self.outcomes,
+                            self.last_commit_seconds, self.map_grown, self.map_size,
+                            self.states)
 
 
 class QueueStore(Protocol):

@@ -309,6 +309,9 @@ class Report:
     due_low: bytes | None
     stats: QueueStats
 
+    def __reduce__(self) -> tuple[type[Report], tuple[Any, ...]]:
+        return Report, (self.map_full, self.due_low, self.stats)  # (as QueueStats)
+
 
 class Committer:
     """Runs batches of writes, one write transaction each (see the module docstring).

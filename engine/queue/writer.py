@@ -18,8 +18,10 @@ per batch.  Nothing is settled before the commit that holds it has returned.
   ``ferry serve`` uses it, see that module for why.  The writes an event loop hands over
   in one turn go down the pipe as one frame from the loop itself, at the end of the turn,
   when the pipe has room for it (it then cannot block); a light thread frames the rest
-  (writes from threads, and a frame the pipe has no room for), another settles the
-  answers.  When the child dies, every waiting write fails with ``QueueClosed`` and the
+  (writes from threads, and a frame the pipe has no room for).  The answers are read by
+  that event loop too (the pipe watched with ``add_reader``), which settles its callers
+  at once; by a thread only when no loop can (tools' writes, a close after the loop's
+  end).  When the child dies, every waiting write fails with ``QueueClosed`` and the
   writer is lost (the store refuses new mail).
 
 It must never know SMTP, read the queue for a caller, or settle a write before its commit.
@@ -50,7 +52,7 @@ import orjson
 from engine.ops.figures import COMMIT_SECONDS, COMMIT_WRITES, Histogram
 from engine.queue.api import QueueClosed
 from engine.queue.lmdb_txn import Committer, Database, Report, Result, WriterParams
-from engine.queue.writer_process import pack_frame, read_frame, widen, write_parts
+from engine.queue.writer_process import pack_frame, read_frame, take_frames, widen, write_parts
 
 log = logging.getLogger("ferry.queue")
 
@@ -183,8 +185,10 @@ class _Inbox:
                 if self._due_low is None or low < self._due_low:
                     self._due_low = low
 
-    def _settle(self, results: list[Result[Pending]]) -> None:
-        """The writer is done with these: wake their callers."""
+    def _settle(self, results: list[Result[Pending]],
+                here: asyncio.AbstractEventLoop | None = None) -> None:
+        """The writer is done with these: wake their callers.  ``here``: the event loop
+        this runs on (its callers are settled at once, without a wake-up)."""
         with self._pending_lock:
             self.pending -= len(results)
         by_loop: dict[asyncio.AbstractEventLoop, list[Result[Pending]]] = defaultdict(list)
@@ -200,6 +204,9 @@ class _Inbox:
             else:
                 by_loop[write.loop].append(item)
         for loop, items in by_loop.items():
+            if loop is here:
+                _settle_in_loop(items)
+                continue
             # One wake-up per loop per commit, not one per message.
             with suppress(RuntimeError):  # a closed loop: nobody is waiting any more
                 loop.call_soon_threadsafe(_settle_in_loop, items)
@@ -285,17 +292,28 @@ class ProcessWriter(_Inbox):
             self._capacity = fcntl.fcntl(self._in.fileno(), fcntl.F_GETPIPE_SZ)
         except (OSError, AttributeError):
             self._capacity = 0  # unknown: every frame goes through the courier
-        #: (last ident, monotonic time sent) of each frame not answered yet: the commit
-        #: round trip of an answer is from its oldest frame's sending.
-        self._frames: deque[tuple[int, float]] = deque()
+        #: (last ident, monotonic time sent, bytes) of each frame not answered yet: the
+        #: commit round trip of an answer is from its oldest frame's sending.
+        self._frames: deque[tuple[int, float, int]] = deque()
+        #: Their bytes: at least the pipe's capacity less this is free (a frame leaves
+        #: the pipe before its answer comes), known without asking the kernel.
+        self._unanswered = 0
         self._lock = threading.Lock()
         self._next = 0
         self._courier = threading.Thread(target=self._send, name="ferry-queue-courier",
                                          daemon=True)
-        self._receiver = threading.Thread(target=self._receive, name="ferry-queue-receiver",
-                                          daemon=True)
         self._courier.start()
-        self._receiver.start()
+        #: Who reads the answers (see :meth:`_answers_to`): the event loop that handed
+        #: writes over (``_reader``, the pipe watched with add_reader), or, with no loop
+        #: to do it, a thread (``_receiver``).  Answers read, not yet whole, in ``_inbuf``.
+        self._reader: asyncio.AbstractEventLoop | None = None
+        self._receiver: threading.Thread | None = None
+        self._inbuf = bytearray()
+        #: Held while the reader changes and while a loop reads and takes answers in: a
+        #: reader, once replaced, reads no more.
+        self._read_lock = threading.Lock()
+        #: Set once the end of the answers has been read (the writer exited).
+        self._answered = threading.Event()
 
     @property
     def pid(self) -> int:
@@ -305,9 +323,12 @@ class ProcessWriter(_Inbox):
         loop = write.loop
         if loop is None:
             super().submit(write)  # a thread's write: the courier frames it
+            self._answers_to(None)
             return
         if self._closing or self.lost is not None:
             raise QueueClosed("queue database is closed")
+        if self._reader is not loop:
+            self._answers_to(loop)
         with self._pending_lock:
             self.pending += 1
         box = self._outbox.get(loop)
@@ -324,8 +345,13 @@ class ProcessWriter(_Inbox):
                 self._next += 1
                 self._waiting[self._next] = write
                 frame.append((self._next, write.kind, write.args, write.size))
-            self._frames.append((self._next, time.monotonic()))
-        return pack_frame(frame)
+            last = self._next
+        packed = pack_frame(frame)
+        size = len(packed[0]) + len(packed[1])
+        with self._lock:
+            self._frames.append((last, time.monotonic(), size))
+            self._unanswered += size
+        return packed
 
     def _ship(self, loop: asyncio.AbstractEventLoop) -> None:
         """Write the turn's writes of ``loop`` as one frame, from the loop when the pipe
@@ -341,12 +367,19 @@ class ProcessWriter(_Inbox):
             return
         if self._pipe_lock.acquire(blocking=False):
             try:
-                room = 0 if self._in.closed else self._room()
+                # What the unanswered frames leave free is free for sure (most turns:
+                # no system call); when that says too little, the kernel says how much.
+                known = self._capacity - self._unanswered
+                room = 0 if self._in.closed else known if known > self._capacity // 2 \
+                    else self._room()
                 # Half the pipe free: the writer keeps up.  Otherwise the writes wait
                 # for the courier as they are, not pickled beside themselves.
                 if room > self._capacity // 2:
                     frame = self._pack(batch)
-                    if len(frame[0]) + len(frame[1]) <= room:
+                    size = len(frame[0]) + len(frame[1])
+                    if size > room and room == known:
+                        room = self._room()
+                    if size <= room:
                         write_parts(self._in.fileno(), frame)
                     else:  # larger than the room: the courier writes it as it drains
                         self._ops.put(Pending(_FRAMED, frame, 0, None, Future()))
@@ -384,15 +417,92 @@ class ProcessWriter(_Inbox):
             with self._pipe_lock:
                 self._in.close()  # the writer commits what it has and exits
 
+    # --- the answers ---------------------------------------------------------------
+    #
+    # Read by the event loop that hands writes over, not by a thread: a thread woke for
+    # every answer, took the GIL from the loop and woke the loop again with
+    # call_soon_threadsafe, ~50 µs of CPU a message and two GIL hand-overs (measured
+    # on 2026-12-07, benchmarks/README.md).  The loop reads the pipe when it is readable
+    # and settles its own callers at once.  A thread reads them only when no loop can:
+    # writes from threads with no loop reading (tools), and the end of a close whose loop
+    # no longer runs.
+
+    def _answers_to(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Make sure someone reads the answers to a write just handed over: ``loop`` (the
+        caller's, on its thread), or for a thread's write (``loop`` None) the loop that
+        reads them already if it still runs, else a thread."""
+        current = self._reader
+        if self._receiver is not None or (
+                loop is None and current is not None and current.is_running()):
+            return  # (the common case of a thread's write, without the lock)
+        with self._read_lock:
+            current = self._reader
+            if self._receiver is not None or self._answered.is_set():
+                return
+            if current is not None and not current.is_closed() and (
+                    loop is None or current.is_running()):
+                return  # (a loop running elsewhere answers this one's writes too)
+            self._detach()
+            if loop is None:
+                self._receiver = threading.Thread(target=self._receive,
+                                                  name="ferry-queue-receiver", daemon=True)
+                self._receiver.start()
+            else:
+                os.set_blocking(self._out, False)
+                loop.add_reader(self._out, self._readable, loop)
+                self._reader = loop
+
+    def _detach(self) -> None:
+        """The loop reading the answers stops (it is closed, or does not run: no callback
+        of it runs meanwhile); ``_read_lock`` held."""
+        loop, self._reader = self._reader, None
+        if loop is not None and not loop.is_closed():
+            with suppress(Exception):  # (gone with its loop's end, or the pipe's)
+                loop.remove_reader(self._out)
+
+    def _readable(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The answer pipe is readable (on ``loop``, the reader)."""
+        with self._read_lock:
+            if self._reader is not loop:
+                return  # the reading passed to someone else meanwhile
+            try:
+                chunk = os.read(self._out, 1 << 16)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._detach()
+                self._end_of_answers()
+                return
+            self._inbuf += chunk
+            for message in take_frames(self._inbuf):
+                self._answer(message, loop)
+
     def _receive(self) -> None:
-        while (message := read_frame(self._out)) is not None:
-            results, report = message
-            with self._lock:
-                items = [(self._waiting.pop(ident), value, error)
-                         for ident, value, error in results]
-                self._timed(results[-1][0] if results else 0, len(results))
-            self._absorb(report)
-            self._settle(items)
+        """The answers, read by a thread (blocking) until the writer's end; it is
+        ``_receiver`` already, so no loop reads any more."""
+        os.set_blocking(self._out, True)
+        while chunk := os.read(self._out, 1 << 16):
+            with self._read_lock:
+                self._inbuf += chunk
+                for message in take_frames(self._inbuf):
+                    self._answer(message, None)
+        self._end_of_answers()
+
+    def _answer(self, message: Any, here: asyncio.AbstractEventLoop | None) -> None:
+        """Take in one answer frame (``_read_lock`` held); ``here``: the loop reading."""
+        results, report = message
+        with self._lock:
+            waiting = self._waiting
+            items = [(waiting.pop(ident), value, error) for ident, value, error in results
+                     if ident in waiting]
+            self._timed(results[-1][0] if results else 0, len(results))
+        self._absorb(report)
+        self._settle(items, here)
+
+    def _end_of_answers(self) -> None:
+        self._answered.set()
         self._fail("queue writer process exited")
 
     def _timed(self, last: int, writes: int) -> None:
@@ -402,7 +512,7 @@ class ProcessWriter(_Inbox):
         sent = 0.0
         while frames and frames[0][0] <= last:
             sent = sent or frames[0][1]
-            frames.popleft()
+            self._unanswered -= frames.popleft()[2]
         if sent:
             self.commit_seconds.observe(time.monotonic() - sent)
             self.commit_writes.observe(writes)
@@ -422,10 +532,36 @@ class ProcessWriter(_Inbox):
             self._ship(loop)  # a turn's writes whose loop has stopped go too
         self._end_input()
         self._courier.join()
-        self._receiver.join()
+        self._wait_answers()
         assert self.proc.stdout is not None
         self.proc.stdout.close()
         self.proc.wait()
+
+    def _wait_answers(self) -> None:
+        """Until every answer is read (the writer, its input closed, commits what it has,
+        answers and exits): by whoever reads them; by this thread when no loop will."""
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        while not self._answered.is_set():
+            with self._read_lock:
+                receiver, loop = self._receiver, self._reader
+                if receiver is None and (loop is None or loop is here or loop.is_closed()
+                                         or not loop.is_running()):
+                    self._detach()  # its loop cannot read them: this thread does
+                    receiver = self._receiver = threading.current_thread()
+                    take_over = True
+                else:
+                    take_over = False
+            if take_over:
+                self._receive()
+            elif receiver is not None:
+                receiver.join()
+            else:
+                # The loop reads them, while it runs: look again now and then (a loop
+                # that stops meanwhile leaves them to this thread).
+                self._answered.wait(0.05)
 
 
 def start_writer(kind: WriterKind, db: Database, params: WriterParams) -> Writer:

@@ -5,10 +5,9 @@ what ``ferry serve`` uses).  Why a process: py-lmdb releases the GIL around ever
 and delete, so a writer *thread* and the event loop hand the GIL back and forth several
 times per message.  Here the writer's LMDB calls run under a GIL of their own; the server
 hands whole batches over a pipe (its event loop writes a turn's batch itself; a light
-thread writes the rest) and a light thread settles whole batches of results, one GIL
-hand-over per batch.  The commit itself is ``engine.queue.lmdb_txn``'s
-``Committer``, the same code a writer thread runs; this module imports nothing else of the
-queue (never the caller's side).
+thread writes the rest) and its event loop reads whole batches of results.  The commit
+itself is ``engine.queue.lmdb_txn``'s ``Committer``, the same code a writer thread runs;
+this module imports nothing else of the queue (never the caller's side).
 
 Protocol, over the child's stdin and stdout: frames of an 8-byte big-endian length and a
 pickle (both ends are this module, started by the same interpreter: never fed from
@@ -41,6 +40,7 @@ import select
 import signal
 import struct
 import sys
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -104,6 +104,22 @@ def read_frame(fd: int) -> Any:
     return None if data is None else pickle.loads(data)
 
 
+def take_frames(buffer: bytearray) -> list[Any]:
+    """The objects of the whole frames at the start of ``buffer`` (what non-blocking
+    reads gathered), taken out of it; a partial frame stays for the next read."""
+    objects = []
+    start, end = 0, len(buffer)
+    while end - start >= _HEADER.size:
+        stop = start + _HEADER.size + _HEADER.unpack_from(buffer, start)[0]
+        if stop > end:
+            break
+        objects.append(pickle.loads(buffer[start + _HEADER.size:stop]))
+        start = stop
+    if start:
+        del buffer[:start]
+    return objects
+
+
 def _portable(error: BaseException | None) -> BaseException | None:
     """An error the other side can unpickle (LMDB's may not survive the trip)."""
     if error is None:
@@ -137,19 +153,29 @@ def main(argv: list[str] | None = None) -> int:
         write_frame(wfd, f"{type(exc).__name__}: {exc}")
         return 1
     write_frame(wfd, committer.report())
+    # Whatever the pipe holds is read at once (one read for the frames of several turns
+    # of the server's loop, not two a frame and a select between them); its whole frames
+    # wait in ``frames`` for a commit, a partial one in ``buffer`` for its rest.
+    buffer = bytearray()
+    space = bytearray(PIPE_SIZE)
+    frames: deque[list[Any]] = deque()
     ended = False
-    while not ended:
-        frame = read_frame(rfd)
-        if frame is None:
-            break
-        batch = list(frame)
-        # Group commit across the pipe: batches already waiting join this transaction.
-        while len(batch) < params.batch_limit and select.select([rfd], [], [], 0)[0]:
-            more = read_frame(rfd)
-            if more is None:
-                ended = True
+    while True:
+        batch: list[Any] = []
+        while True:
+            while frames and len(batch) < params.batch_limit:
+                batch += frames.popleft()
+            # Group commit across the pipe: batches already waiting join this one.
+            if ended or len(batch) >= params.batch_limit or (
+                    batch and not select.select([rfd], [], [], 0)[0]):
                 break
-            batch += more
+            got = os.readv(rfd, [space])  # blocks while the pipe is empty
+            if not got:
+                ended = True  # (a partial frame left is nobody's: never acknowledged)
+            buffer += memoryview(space)[:got]
+            frames += take_frames(buffer)
+        if not batch:
+            break
         writes = [_Handed(*item) for item in batch]
         results = committer.commit(writes, sum(w.size for w in writes))
         write_frame(wfd, ([(w.ident, value, _portable(error)) for w, value, error in results],

@@ -18,12 +18,25 @@ from typing import Any
 
 import pytest
 
-from engine.queue.api import BackPressure, NewMessage, Outcome, QueueClosed, QueueStore
+from engine.queue.api import (
+    BackPressure,
+    NewMessage,
+    Outcome,
+    QueueClosed,
+    QueueStats,
+    QueueStore,
+)
 from engine.queue.lmdb_store import LmdbQueue
-from engine.queue.lmdb_txn import Database, WriterParams
+from engine.queue.lmdb_txn import Database, Report, WriterParams
 from engine.queue.records import Envelope, RcptState, Recipient
 from engine.queue.writer import WRITER_KINDS, Pending, Writer, WriterKind, start_writer
-from engine.queue.writer_process import read_frame, widen, write_frame
+from engine.queue.writer_process import (
+    pack_frame,
+    read_frame,
+    take_frames,
+    widen,
+    write_frame,
+)
 from engine.testing.wait import until, wait_for
 from tests.queue.locking import write_lock
 
@@ -286,3 +299,63 @@ def test_a_frame_crosses_the_pipe_whole_whatever_its_size(size: int) -> None:
         thread.join(timeout=30)
         os.close(read_fd)
     assert got.result(timeout=0) == (frame, "next")
+
+
+def test_frames_read_in_any_pieces_come_out_whole() -> None:
+    """The event loop reads the answers as they come (non-blocking): a frame may end in
+    the next read, several may come in one."""
+    frames = [("a", 1), list(range(300)), None, b"x" * 70_000]
+    stream = b"".join(b"".join(pack_frame(f)) for f in frames)
+    for piece in (1, 7, 8, 9, 4096, len(stream)):
+        buffer = bytearray()
+        got: list[Any] = []
+        for start in range(0, len(stream), piece):
+            buffer += stream[start:start + piece]
+            got += take_frames(buffer)
+        assert got == frames and not buffer
+
+
+def test_the_answers_reach_threads_and_loops_whoever_reads_them(tmp_path: Path) -> None:
+    """A writer process answers a tool's thread (no loop), then the event loops that
+    hand writes over, one after another (the first closed before the second), then a
+    thread again, and closes with a write of a closed loop still unanswered."""
+    q = LmdbQueue(tmp_path, min_free_disk=0, writer="process")
+
+    async def from_loop() -> list[bytes]:
+        ids = list(await asyncio.gather(*(q.enqueue(envelope(), b"loop") for _ in range(3))))
+        # a thread's write while the loop reads the answers: the loop settles it too
+        ids.append(await asyncio.get_running_loop().run_in_executor(
+            None, q.enqueue_sync, envelope(), b"thread"))
+        return ids
+
+    async def left_unanswered() -> None:
+        task = asyncio.create_task(q.enqueue(envelope(), b"last"))
+        await until(lambda: q.pending == 1, 10, "the write handed over")
+        task.cancel()  # never awaited: its answer comes after the loop's end
+
+    try:
+        ids = [q.enqueue_sync(envelope(), b"first")]
+        ids += asyncio.run(from_loop())
+        ids += asyncio.run(from_loop())
+        ids.append(q.enqueue_sync(envelope(), b"after"))
+        with write_lock(tmp_path):  # the writer holds "last" until its loop has closed
+            asyncio.run(left_unanswered())
+    finally:
+        q.close_sync()
+    q = LmdbQueue(tmp_path, min_free_disk=0)
+    try:
+        assert [q.body(qid) for qid in ids] == (
+            [b"first"] + [b"loop"] * 3 + [b"thread"] + [b"loop"] * 3 + [b"thread", b"after"])
+        assert q.count() == len(ids) + 1  # and "last": closing committed it
+    finally:
+        q.close_sync()
+
+
+def test_the_report_crosses_the_pipe_unchanged() -> None:
+    """The committer's report goes over the pipe after every commit (as its fields)."""
+    report = Report(True, b"\x00due", QueueStats(3, 2, 1, 0.25, 1, 512 << 20,
+                                                  (("queued", 2), ("deferred", 1))))
+    frame = b"".join(pack_frame(report))
+    assert take_frames(bytearray(frame)) == [report]
+    assert take_frames(bytearray(b"".join(pack_frame(Report(False, None, QueueStats()))))) \
+        == [Report(False, None, QueueStats())]
