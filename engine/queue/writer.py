@@ -475,9 +475,7 @@ class ProcessWriter(_Inbox):
                 self._detach()
                 self._end_of_answers()
                 return
-            self._inbuf += chunk
-            for message in take_frames(self._inbuf):
-                self._answer(message, loop)
+            self._take_in(chunk, loop)
 
     def _receive(self) -> None:
         """The answers, read by a thread (blocking) until the writer's end; it is
@@ -485,10 +483,15 @@ class ProcessWriter(_Inbox):
         os.set_blocking(self._out, True)
         while chunk := os.read(self._out, 1 << 16):
             with self._read_lock:
-                self._inbuf += chunk
-                for message in take_frames(self._inbuf):
-                    self._answer(message, None)
+                self._take_in(chunk, None)
         self._end_of_answers()
+
+    def _take_in(self, chunk: bytes, here: asyncio.AbstractEventLoop | None) -> None:
+        """Answers read (``chunk``): each whole frame taken in, a partial one kept for
+        the next read (``_read_lock`` held); ``here``: the loop reading, if any."""
+        self._inbuf += chunk
+        for message in take_frames(self._inbuf):
+            self._answer(message, here)
 
     def _answer(self, message: Any, here: asyncio.AbstractEventLoop | None) -> None:
         """Take in one answer frame (``_read_lock`` held); ``here``: the loop reading."""
