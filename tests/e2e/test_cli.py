@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,7 +58,21 @@ def stop(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
     return proc.returncode, err.decode()
 
 
+@contextlib.contextmanager
+def port_2525() -> Iterator[None]:
+    """The embedded default's port is fixed, and tests/run.sh runs the compiled and the
+    pure-Python suites side by side: each holds this lock while its server listens."""
+    with open(Path(tempfile.gettempdir()) / "ferry-tests-port-2525.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
 def test_embedded_default_serves_on_2525_and_stops_cleanly(tmp_path: Path) -> None:
+    with port_2525():
+        serve_on_the_embedded_default(tmp_path)
+
+
+def serve_on_the_embedded_default(tmp_path: Path) -> None:
     proc = start(["serve"], tmp_path)
     try:
         wait_for_port(2525, proc)
