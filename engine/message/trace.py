@@ -21,7 +21,7 @@ from typing import Final
 
 from engine.message.fields import MAX_LINE, fold, rfc5322_date, safe_address
 
-__all__ = ["received_field", "with_protocol"]
+__all__ = ["Stamp", "received_field", "received_stamp", "with_protocol"]
 
 #: RFC 5322 §2.1.1: lines SHOULD be at most 78 characters, excluding the CRLF.
 #: RFC 5321 §4.5.3.1.2: a domain name is at most 255 octets; a longer HELO is cut there.
@@ -145,8 +145,8 @@ def received_field(
     Wire values are cut before sanitising: helo and client_name at 255 characters, tls
     and auth_user at 255, recipient at 254; an empty tls or auth_user is left out.
     """
-    return _stamp(helo, client_ip, client_name, hostname, protocol, tls or "",
-                  auth_user or "").field(queue_id, recipient, when)
+    return received_stamp(helo, client_ip, client_name, hostname, protocol, tls or "",
+                          auth_user or "").field(queue_id, recipient, when)
 
 
 def _fold1(clause: list[str]) -> str:
@@ -154,13 +154,14 @@ def _fold1(clause: list[str]) -> str:
     return fold("\t", [clause], indent="\t")
 
 
-class _Stamp:
+class Stamp:
     """What a Received field holds but the queue id, the recipient and the date: the same
-    for every message of a session or an injection request (one per :func:`_stamp`), so
+    for every message of a session or an injection request (one per :func:`received_stamp`), so
     worked out once, not once per message.  Each clause is laid out on lines of its own
     (:func:`engine.message.fields.fold` folds each alone), so a field is the cached lines
     and the lines of the clauses that change: the by clause (its id) and the last one
-    (the date after its ";", RFC 5321 §4.4: Stamp = ... Opt-info [CFWS] ";" FWS date-time)."""
+    (the date after its ";", RFC 5321 §4.4: Stamp = ... Opt-info [CFWS] ";" FWS date-time).
+    Made by :func:`received_stamp`."""
 
     __slots__ = ("by", "by_text", "comments", "head", "last", "utf8")
 
@@ -194,6 +195,7 @@ class _Stamp:
             self.last = ("".join(map(_fold1, comments[:-1])), tuple(comments[-1]))
 
     def field(self, queue_id: str, recipient: str | None, when: float) -> bytes:
+        """The field for one message (see :func:`received_field`)."""
         date = rfc5322_date(when)
         qid = _clean(queue_id, False, _TOKEN_SPECIALS) if queue_id else ""
         if recipient:
@@ -217,6 +219,9 @@ class _Stamp:
 
 
 @functools.lru_cache(maxsize=1024)
-def _stamp(helo: str, client_ip: str, client_name: str | None, hostname: str, protocol: str,
-           tls: str, auth_user: str) -> _Stamp:
-    return _Stamp(helo, client_ip, client_name, hostname, protocol, tls, auth_user)
+def received_stamp(helo: str, client_ip: str, client_name: str | None, hostname: str,
+                   protocol: str, tls: str, auth_user: str) -> Stamp:
+    """The Received field of a session or request but for its per-message words:
+    ``stamp.field(queue_id, recipient, when)`` is :func:`received_field` with the same
+    arguments ("" for no ``tls`` or ``auth_user``), without its per-call keyword work."""
+    return Stamp(helo, client_ip, client_name, hostname, protocol, tls, auth_user)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.message.headers import scan_headers
 from engine.message.lines import MAX_LINE, has_long_line, wrap_long_lines
-from engine.message.trace import received_field, with_protocol
+from engine.message.trace import received_stamp, with_protocol
 from engine.ops.events import Events, Kind, bare_message_id, iso_time
 from engine.ops.maillog import clean
 from engine.protocol.command import Command
@@ -166,19 +166,12 @@ class Ingest:
         utf8 = "SMTPUTF8" in mail.params
         auth_user = arrival.auth_user
         recipients = arrival.recipients
-        field = received_field(
-            helo=arrival.helo or "unknown",
-            client_ip=arrival.client_address,
-            client_name=None,
-            hostname=self.hostname,
-            protocol=arrival.protocol or with_protocol(arrival.esmtp, arrival.tls,
-                                                       bool(auth_user), utf8),
-            queue_id=id_text(qid),
-            tls=arrival.tls_info or None,
-            auth_user=auth_user or None,
-            recipient=recipients[0].mailbox if len(recipients) == 1 else None,
-            when=now,
-        )
+        # The session's (or request's) part of the field is cached (engine.message.trace).
+        field = received_stamp(
+            arrival.helo or "unknown", arrival.client_address, None, self.hostname,
+            arrival.protocol or with_protocol(arrival.esmtp, arrival.tls, bool(auth_user), utf8),
+            arrival.tls_info, auth_user,
+        ).field(id_text(qid), recipients[0].mailbox if len(recipients) == 1 else None, now)
         envelope = Envelope(
             sender=mail.mailbox,
             recipients=[_recipient(r, self.route, now, self._postmaster) for r in recipients],
