@@ -58,7 +58,8 @@ def _clean(value: str, utf8: bool, specials: frozenset[str] = frozenset()) -> st
     format, separator and unassigned classes) and every character of ``specials`` replaced
     by "?"; non-ASCII characters too unless ``utf8``."""
     if value.isascii():
-        if value.isprintable() and specials.isdisjoint(value):
+        # Letters and digits only (a queue id): nothing to replace, one test.
+        if value.isalnum() or (value.isprintable() and specials.isdisjoint(value)):
             return value
         return "".join("?" if c < " " or c == "\x7f" or c in specials else c for c in value)
     out: list[str] = []
