@@ -140,16 +140,18 @@ def _values(value: object, where: str) -> dict[str, str]:
     return out
 
 
-def _address(value: object, where: str) -> Command:
-    """A recipient as the SMTP side parses RCPT TO (engine.protocol: one grammar)."""
+def _address(value: object, where: int, member: str = "") -> Command:
+    """A recipient as the SMTP side parses RCPT TO (engine.protocol: one grammar):
+    ``recipients[where]`` or its ``member``."""
     if not isinstance(value, str) or not value:
-        raise _invalid(where, "must be an e-mail address")
+        raise _invalid(f"recipients[{where}]{member}", "must be an e-mail address")
     try:
         cmd = parse_command(b"RCPT TO:<" + value.encode() + b">", not value.isascii())
     except (CommandError, UnicodeEncodeError) as exc:
-        raise _invalid(where, f"is not an e-mail address ({exc})") from None
+        raise _invalid(f"recipients[{where}]{member}",
+                       f"is not an e-mail address ({exc})") from None
     if not cmd.domain:
-        raise _invalid(where, "must be an address with a domain")
+        raise _invalid(f"recipients[{where}]{member}", "must be an address with a domain")
     return cmd
 
 
@@ -173,7 +175,13 @@ class _Rcpt:
     cmd: Command
     #: this recipient's substitutions (None: none given)
     values: dict[str, str] | None
-    where: str
+    #: its index in the request's recipients
+    index: int
+
+    @property
+    def where(self) -> str:
+        """The request field it came from (written only for an answer that names it)."""
+        return f"recipients[{self.index}]"
 
 
 def _recipients(doc: Mapping[str, Any], limit: int) -> list[_Rcpt]:
@@ -186,19 +194,20 @@ def _recipients(doc: Mapping[str, Any], limit: int) -> list[_Rcpt]:
         raise _invalid("recipients", f"has {len(items)} recipients, more than "
                                      f"http.max_recipients ({limit})")
     out: list[_Rcpt] = []
+    # Once per recipient of a bulk request: no field name is written unless an error
+    # names it.
     for i, item in enumerate(items):
-        where = f"recipients[{i}]"
         if isinstance(item, dict):
             if not item.keys() <= _RCPT_MEMBERS:  # once per recipient: no set built
                 unknown = set(item) - _RCPT_MEMBERS
-                raise _invalid(f"{where}.{min(unknown)}", "is not a recipient member "
-                                                          '("email", "substitutions")')
+                raise _invalid(f"recipients[{i}].{min(unknown)}", "is not a recipient member "
+                                                                  '("email", "substitutions")')
             subs = item.get("substitutions")
-            out.append(_Rcpt(_address(item.get("email"), f"{where}.email"),
-                             None if subs is None else _values(subs, f"{where}.substitutions"),
-                             where))
+            out.append(_Rcpt(_address(item.get("email"), i, ".email"),
+                             None if subs is None
+                             else _values(subs, f"recipients[{i}].substitutions"), i))
         else:
-            out.append(_Rcpt(_address(item, where), None, where))
+            out.append(_Rcpt(_address(item, i), None, i))
     return out
 
 
@@ -304,7 +313,8 @@ def _plan(doc: Mapping[str, Any], rcpts: list[_Rcpt], http: HttpConfig,
     groups: dict[tuple[str, ...], tuple[list[_Rcpt], dict[str, str]]] = {}
     needed = composer.names
     for r in rcpts:
-        values = {**defaults, **r.values} if r.values else defaults
+        # (the recipient's own object when there are no defaults: read, never changed)
+        values = ({**defaults, **r.values} if defaults else r.values) if r.values else defaults
         if not values.keys() >= needed:
             missing = composer.missing(values)
             raise _invalid(f"{r.where}.substitutions.{missing[0]}",

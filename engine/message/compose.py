@@ -300,6 +300,71 @@ class _Template:
         return "".join(out)
 
 
+class _Body:
+    """A templated text part whose encoding (:func:`_encoded_body`) is worked out once
+    for what does not depend on the values: the template with its line ends already
+    CRLF, the length of each line without its values, and whether its literal text lets
+    quoted-printable write it as it is (:func:`_qp_as_is`).  Per recipient: the values
+    checked, the lines holding one measured, one fill.
+
+    That holds while every value is "plain": non-empty printable ASCII (no CR, LF or TAB:
+    the lines stay the template's lines, and an empty value cannot leave an empty last
+    line or white space before a line end).  For quoted-printable the values must also
+    hold no "=" and not end in a space (RFC 2045 §6.7 rules 1 and 3).  Any other value
+    takes :func:`_encoded_body` on the whole filled text; test_compose holds both to the
+    same bytes for any template and values."""
+
+    __slots__ = ("crlf", "escape", "longest", "measured", "names", "qp", "template")
+
+    def __init__(self, text: str, escape: bool) -> None:
+        self.template = _Template(text)
+        self.escape = escape
+        self.names = tuple(dict.fromkeys(self.template.names))
+        literal = "x".join(self.template.pieces)  # "x": a plain value
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()
+        #: the text as _encoded_body's 7bit branch writes it (values aside); None: no
+        #: shortcut (a placeholder across a line end, or literal text that is not ASCII)
+        self.crlf: _Template | None = _Template("\r\n".join(lines) + "\r\n")
+        if (not literal.isascii() or "\r" in literal
+                or any("\n" in m.group(0) for m in PLACEHOLDER.finditer(text))):
+            self.crlf = None
+        cut = [_Template(line) for line in lines]
+        #: the longest line without a placeholder, and (literal length, names) of the others
+        self.longest = max((len(line) for line in lines if not PLACEHOLDER.search(line)),
+                           default=0)
+        self.measured = [(sum(map(len, t.pieces)), tuple(t.names)) for t in cut if t.names]
+        self.qp = _qp_as_is(literal)
+
+    def encode(self, values: Mapping[str, str]) -> tuple[bytes, bytes]:
+        """(Content-Transfer-Encoding, body) of the part filled with ``values``."""
+        crlf = self.crlf
+        if crlf is None:
+            return _encoded_body(self.template.fill(values, self.escape))
+        filled = ({name: html_lib.escape(values[name]) for name in self.names}
+                  if self.escape else values)
+        for name in self.names:
+            value = filled[name]
+            if not (value and value.isascii() and value.isprintable()):
+                return _encoded_body(self.template.fill(values, self.escape))
+        longest = self.longest
+        for size, names in self.measured:
+            for name in names:
+                size += len(filled[name])
+            if size > longest:
+                longest = size
+        text = crlf.fill(filled)
+        if longest <= _MAX_LINE:
+            return b"7bit", text.encode("ascii")
+        if self.qp and not any("=" in filled[n] or filled[n].endswith(" ")
+                               for n in self.names):
+            lines = text.split("\r\n")
+            lines.pop()  # after the last CRLF
+            return _soft_wrapped(lines)
+        return _encoded_body(self.template.fill(values, self.escape))
+
+
 class Composer:
     """One :class:`Structured` message rendered for many recipients (see the module
     docstring): each rendered message gets the To: :meth:`render` is given (unless
@@ -321,9 +386,10 @@ class Composer:
         to_slot = not spec.header("To")
         m = self._marks
         self._part_headers: dict[str, bytes] = {}
-        self._templates = {slot: _Template(text) for slot, text in
-                           (("s", spec.subject), ("t", spec.text), ("h", spec.html))
-                           if text is not None}
+        self._templates: dict[str, _Template | _Body] = {
+            slot: _Template(text) if slot == "s" else _Body(text, slot == "h")
+            for slot, text in (("s", spec.subject), ("t", spec.text), ("h", spec.html))
+            if text is not None}
         skeleton = _build(
             spec, m["s"] if subject_slot else spec.subject,
             m["t"] if text_slot else spec.text, m["h"] if html_slot else spec.html,
@@ -355,10 +421,11 @@ class Composer:
             self._slots.append(slot)
             at = end
         self._pieces.append(skeleton[at:])
-        #: (literal piece, slot, its template, a body part's other header lines) in order
-        self._steps: list[tuple[bytes, str, _Template | None, bytes]] = [
+        #: (literal piece, slot, its template, a body part's other header lines with the
+        #: line ends around them) in order
+        self._steps: list[tuple[bytes, str, _Template | _Body | None, bytes]] = [
             (self._pieces[i], slot, self._templates.get(slot) if slot in ("s", "t", "h") else None,
-             self._part_headers.get(slot, b""))
+             b"\r\n" + self._part_headers.get(slot, b"") + b"\r\n")
             for i, slot in enumerate(self._slots)]
 
     def size_bound(self, longest_value: int) -> int:
@@ -389,15 +456,14 @@ class Composer:
         append = out.append
         for piece, slot, template, part_head in self._steps:
             append(piece)
-            if template is not None and slot != "s":  # a templated body: "t" or "h"
-                cte, data = _encoded_body(template.fill(values, slot == "h"))
+            if type(template) is _Body:  # a templated body: "t" or "h"
+                cte, data = template.encode(values)
                 for boundary in self.boundaries:
                     if boundary in data:
                         # A value that holds a boundary line: the package picks another.
                         return compose(self.spec, to=to, date=self.date, values=values,
                                        hostname=self.hostname)
-                out += (b"Content-Transfer-Encoding: ", cte, b"\r\n", part_head, b"\r\n",
-                        data)
+                out += (b"Content-Transfer-Encoding: ", cte, part_head, data)
             elif slot == "id":
                 append(_message_id_field(self._host))
             elif slot == "to":
@@ -405,7 +471,7 @@ class Composer:
                 append(_UTF8_POLICY.fold_binary("To", to) if not to.isascii()
                        or len(to) > 70 else b"To: %s\r\n" % to.encode())
             else:  # "s"
-                assert template is not None
+                assert type(template) is _Template
                 subject = template.fill(values)
                 if subject.isascii() and subject.isprintable() and len(subject) < 68:
                     append(b"Subject: %s\r\n" % subject.encode())

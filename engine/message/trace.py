@@ -19,9 +19,9 @@ import ipaddress
 import unicodedata
 from typing import Final
 
-from engine.message.fields import fold, rfc5322_date, safe_address
+from engine.message.fields import MAX_LINE, fold, rfc5322_date, safe_address
 
-__all__ = ["received_field", "with_protocol"]
+__all__ = ["Stamp", "received_field", "received_stamp", "with_protocol"]
 
 #: RFC 5322 §2.1.1: lines SHOULD be at most 78 characters, excluding the CRLF.
 #: RFC 5321 §4.5.3.1.2: a domain name is at most 255 octets; a longer HELO is cut there.
@@ -58,7 +58,8 @@ def _clean(value: str, utf8: bool, specials: frozenset[str] = frozenset()) -> st
     format, separator and unassigned classes) and every character of ``specials`` replaced
     by "?"; non-ASCII characters too unless ``utf8``."""
     if value.isascii():
-        if value.isprintable() and specials.isdisjoint(value):
+        # Letters and digits only (a queue id): nothing to replace, one test.
+        if value.isalnum() or (value.isprintable() and specials.isdisjoint(value)):
             return value
         return "".join("?" if c < " " or c == "\x7f" or c in specials else c for c in value)
     out: list[str] = []
@@ -145,40 +146,83 @@ def received_field(
     Wire values are cut before sanitising: helo and client_name at 255 characters, tls
     and auth_user at 255, recipient at 254; an empty tls or auth_user is left out.
     """
-    utf8 = protocol.upper().startswith("UTF8")
-    head, by_words = _head(helo, client_ip, client_name, hostname, protocol, utf8)
-    by_clause = [*by_words, "id", _clean(queue_id, False, _TOKEN_SPECIALS)] if queue_id \
-        else [*by_words]
-    clauses = [by_clause]
-    if tls:
-        clauses.append(_comment("", tls, utf8))
-    if auth_user:
-        clauses.append(_comment("authenticated user ", auth_user, utf8))
-    if recipient:
-        clauses.append(["for", f"<{_recipient(recipient, utf8)}>"])
-    # RFC 5321 §4.4: Stamp = ... Opt-info [CFWS] ";" FWS date-time; the date (RFC 5322
-    # §3.3) is one word so a fold never lands inside it.
-    clauses[-1][-1] += ";"
-    clauses[-1].append(rfc5322_date(when))
-    # each clause on its own line, folded with CRLF + TAB; the from clause's lines are
-    # the cached head's (fold lays out each clause alone: the same text either way)
-    return (head + fold("\t", clauses, indent="\t")).encode("utf-8")
+    return received_stamp(helo, client_ip, client_name, hostname, protocol, tls or "",
+                          auth_user or "").field(queue_id, recipient, when)
+
+
+def _fold1(clause: list[str]) -> str:
+    """One clause on its own line(s) after the from clause (CRLF + TAB folding)."""
+    return fold("\t", [clause], indent="\t")
+
+
+class Stamp:
+    """What a Received field holds but the queue id, the recipient and the date: the same
+    for every message of a session or an injection request (one per :func:`received_stamp`), so
+    worked out once, not once per message.  Each clause is laid out on lines of its own
+    (:func:`engine.message.fields.fold` folds each alone), so a field is the cached lines
+    and the lines of the clauses that change: the by clause (its id) and the last one
+    (the date after its ";", RFC 5321 §4.4: Stamp = ... Opt-info [CFWS] ";" FWS date-time).
+    Made by :func:`received_stamp`."""
+
+    __slots__ = ("by", "by_text", "comments", "head", "last", "utf8")
+
+    def __init__(self, helo: str, client_ip: str, client_name: str | None, hostname: str,
+                 protocol: str, tls: str, auth_user: str) -> None:
+        utf8 = self.utf8 = protocol.upper().startswith("UTF8")
+        literal = _address_literal(client_ip)
+        helo_token = _clean(helo[:MAX_HELO], utf8, _TOKEN_SPECIALS) or "?"
+        if client_name:
+            name = _clean(client_name[:MAX_HELO], utf8, _NAME_SPECIALS)
+            from_clause = ["from", helo_token, f"({name}", f"{literal})"]
+        else:
+            from_clause = ["from", helo_token, f"({literal})"]
+        self.head = fold("Received: ", [from_clause], indent="\t")
+        by = ["by", _clean(hostname, utf8, _TOKEN_SPECIALS) or "?", "(Ferry)"]
+        if protocol:
+            by += ["with", _clean(protocol, False, _TOKEN_SPECIALS)]
+        #: the by clause's words before "id", and its line before the id when unfolded
+        self.by = tuple(by)
+        self.by_text = "\t" + " ".join(by) + " id "
+        comments = []
+        if tls:
+            comments.append(_comment("", tls, utf8))
+        if auth_user:
+            comments.append(_comment("authenticated user ", auth_user, utf8))
+        #: the TLS and AUTH comments' lines (with a recipient after them), and the last
+        #: comment's words (without one: it takes the date)
+        self.comments = "".join(map(_fold1, comments))
+        self.last: tuple[str, tuple[str, ...]] | None = None
+        if comments:
+            self.last = ("".join(map(_fold1, comments[:-1])), tuple(comments[-1]))
+
+    def field(self, queue_id: str, recipient: str | None, when: float) -> bytes:
+        """The field for one message (see :func:`received_field`)."""
+        date = rfc5322_date(when)
+        qid = _clean(queue_id, False, _TOKEN_SPECIALS) if queue_id else ""
+        if recipient:
+            by = self.by_text + qid
+            # fold's own shortcut: a clause that fits is one line
+            by = by + "\r\n" if qid and len(by) <= MAX_LINE else _fold1(self._by(qid))
+            path = f"<{_recipient(recipient, self.utf8)}>;"
+            last = f"\tfor {path} {date}"
+            last = last + "\r\n" if len(last) <= MAX_LINE else _fold1(["for", path, date])
+            return (self.head + by + self.comments + last).encode("utf-8")
+        if self.last is not None:
+            before, words = self.last
+            tail = before + _fold1([*words[:-1], words[-1] + ";", date])
+            return (self.head + _fold1(self._by(qid)) + tail).encode("utf-8")
+        by_words = self._by(qid)
+        by_words[-1] += ";"
+        return (self.head + _fold1([*by_words, date])).encode("utf-8")
+
+    def _by(self, qid: str) -> list[str]:
+        return [*self.by, "id", qid] if qid else [*self.by]
 
 
 @functools.lru_cache(maxsize=1024)
-def _head(helo: str, client_ip: str, client_name: str | None, hostname: str, protocol: str,
-          utf8: bool) -> tuple[str, tuple[str, ...]]:
-    """The from clause folded (with its CRLF) and the by clause's words up to the id: the
-    same for every message of a session or an injection request, so worked out once per
-    session or request instead of once per message."""
-    literal = _address_literal(client_ip)
-    helo_token = _clean(helo[:MAX_HELO], utf8, _TOKEN_SPECIALS) or "?"
-    if client_name:
-        name = _clean(client_name[:MAX_HELO], utf8, _NAME_SPECIALS)
-        from_clause = ["from", helo_token, f"({name}", f"{literal})"]
-    else:
-        from_clause = ["from", helo_token, f"({literal})"]
-    by_clause = ["by", _clean(hostname, utf8, _TOKEN_SPECIALS) or "?", "(Ferry)"]
-    if protocol:
-        by_clause += ["with", _clean(protocol, False, _TOKEN_SPECIALS)]
-    return fold("Received: ", [from_clause], indent="\t"), tuple(by_clause)
+def received_stamp(helo: str, client_ip: str, client_name: str | None, hostname: str,
+                   protocol: str, tls: str, auth_user: str) -> Stamp:
+    """The Received field of a session or request but for its per-message words:
+    ``stamp.field(queue_id, recipient, when)`` is :func:`received_field` with the same
+    arguments ("" for no ``tls`` or ``auth_user``), without its per-call keyword work."""
+    return Stamp(helo, client_ip, client_name, hostname, protocol, tls, auth_user)

@@ -106,14 +106,22 @@ class Events:
                          "event": kind.value, "id": id_text(queue_id),
                          "message_id": message_id}
         record.update(fields)
+        self.extend((record,))
+
+    def extend(self, records: Iterable[Event]) -> None:
+        """Records a producer built itself, each in :meth:`emit`'s shape ("time", "event",
+        "id", "message_id", then its kind's fields): a batch of one kind costs one call
+        (engine.server.ingest: the RECEIVEs of one commit)."""
+        if not self.on:
+            return
         if not self._pending:
             try:
                 asyncio.get_running_loop().call_soon(self.flush)
             except RuntimeError:  # no loop (a CLI verb on a stopped spool): write now
-                self._pending.append(record)
+                self._pending.extend(records)
                 self.flush()
                 return
-        self._pending.append(record)
+        self._pending.extend(records)
 
     def flush(self) -> None:
         batch, self._pending = self._pending, []

@@ -162,7 +162,7 @@ class Envelope:
         return out
 
 
-def _fields_getter(cls: type) -> operator.attrgetter[Any]:
+def init_fields(cls: type) -> operator.attrgetter[Any]:
     """All of ``cls``'s fields as one tuple, in the order its __init__ takes them."""
     names = [f.name for f in fields(cls) if f.init]
     if len(names) != len(fields(cls)):
@@ -175,8 +175,8 @@ def _fields_getter(cls: type) -> operator.attrgetter[Any]:
 # dataclass pickles a dict of slot names per object, about twice the work on each side,
 # for every message the server hands to the writer (20 fields, and 8 per recipient).
 # Derived from the fields, so a field added later crosses the pipe too.
-_RECIPIENT_FIELDS: Final = _fields_getter(Recipient)
-_ENVELOPE_FIELDS: Final = _fields_getter(Envelope)
+_RECIPIENT_FIELDS: Final = init_fields(Recipient)
+_ENVELOPE_FIELDS: Final = init_fields(Envelope)
 
 
 class RecordError(ValueError):

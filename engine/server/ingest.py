@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.message.headers import scan_headers
 from engine.message.lines import MAX_LINE, has_long_line, wrap_long_lines
-from engine.message.trace import received_field, with_protocol
-from engine.ops.events import Events, Kind, bare_message_id
+from engine.message.trace import received_stamp, with_protocol
+from engine.ops.events import Events, Kind, bare_message_id, iso_time
 from engine.ops.maillog import clean
 from engine.protocol.command import Command
 from engine.queue.api import BackPressure, QueueStore
@@ -166,19 +166,12 @@ class Ingest:
         utf8 = "SMTPUTF8" in mail.params
         auth_user = arrival.auth_user
         recipients = arrival.recipients
-        field = received_field(
-            helo=arrival.helo or "unknown",
-            client_ip=arrival.client_address,
-            client_name=None,
-            hostname=self.hostname,
-            protocol=arrival.protocol or with_protocol(arrival.esmtp, arrival.tls,
-                                                       bool(auth_user), utf8),
-            queue_id=id_text(qid),
-            tls=arrival.tls_info or None,
-            auth_user=auth_user or None,
-            recipient=recipients[0].mailbox if len(recipients) == 1 else None,
-            when=now,
-        )
+        # The session's (or request's) part of the field is cached (engine.message.trace).
+        field = received_stamp(
+            arrival.helo or "unknown", arrival.client_address, None, self.hostname,
+            arrival.protocol or with_protocol(arrival.esmtp, arrival.tls, bool(auth_user), utf8),
+            arrival.tls_info, auth_user,
+        ).field(id_text(qid), recipients[0].mailbox if len(recipients) == 1 else None, now)
         envelope = Envelope(
             sender=mail.mailbox,
             recipients=[_recipient(r, self.route, now, self._postmaster) for r in recipients],
@@ -221,30 +214,39 @@ class Ingest:
 
     def committed(self, messages: Sequence[Prepared]) -> None:
         """After the commit that holds ``messages``: wake the scheduler once, and report
-        RECEIVE for each (engine.ops.events)."""
+        RECEIVE for each (engine.ops.events), all at the commit's time."""
         if self.queued is not None:
             self.queued()
-        if self.events.on:
-            for prepared in messages:
-                self._received(prepared.arrival, prepared.envelope, prepared.subject)
-                if prepared.arrival.held:
-                    agent, _, why = prepared.arrival.held.partition(": ")
-                    self.events.emit(Kind.HOLD, prepared.envelope.queue_id,
-                                     bare_message_id(prepared.envelope.message_id),
-                                     by=f"agent {agent}", reason=why or agent)
-
-    def _received(self, arrival: Arrival, envelope: Envelope,
-                  subject: tuple[int, int] | None) -> None:
-        """RECEIVE, after the commit that holds the message (engine.ops.events)."""
-        fields: dict[str, Any] = {}
-        if self.subject:
-            fields["subject"] = _header_value(arrival.body, subject)
-        self.events.emit(
-            Kind.RECEIVE, envelope.queue_id, bare_message_id(envelope.message_id),
-            connector=envelope.receive_connector,
-            client=arrival.client_address, helo=arrival.helo, tls=tls_text(arrival.tls_info),
-            auth=arrival.auth_user, size=envelope.size, sender=envelope.sender,
-            recipients=[r.address for r in envelope.recipients], **fields)
+        events = self.events
+        if not events.on:
+            return
+        when, receive = iso_time(time.time()), Kind.RECEIVE.value
+        records: list[dict[str, Any]] = []
+        # The fields a request's (or a session's) messages share, built once for a run of
+        # messages from one client and sender: a bulk injection's thousands of RECEIVEs.
+        shared: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
+        for prepared in messages:
+            arrival, envelope = prepared.arrival, prepared.envelope
+            key = (envelope.receive_connector, arrival.client_address, arrival.helo,
+                   arrival.tls_info, arrival.auth_user)
+            if key != shared[0]:
+                shared = (key, {"connector": key[0], "client": key[1], "helo": key[2],
+                                "tls": tls_text(key[3]), "auth": key[4]})
+            record = {"time": when, "event": receive, "id": id_text(envelope.queue_id),
+                      "message_id": bare_message_id(envelope.message_id), **shared[1],
+                      "size": envelope.size, "sender": envelope.sender,
+                      "recipients": [r.address for r in envelope.recipients]}
+            if self.subject:
+                record["subject"] = _header_value(arrival.body, prepared.subject)
+            records.append(record)
+            if arrival.held:
+                events.extend(records)  # RECEIVE before its HOLD
+                records = []
+                agent, _, why = arrival.held.partition(": ")
+                events.emit(Kind.HOLD, envelope.queue_id,
+                            bare_message_id(envelope.message_id), by=f"agent {agent}",
+                            reason=why or agent)
+        events.extend(records)
 
 
 def tls_text(tls_info: str) -> str:

@@ -400,3 +400,16 @@ def test_an_envelope_crosses_the_writer_pipe_whole() -> None:
     back = pickle.loads(pickle.dumps(env, protocol=pickle.HIGHEST_PROTOCOL))
     assert back == env
     assert back.recipients[0].state is RcptState.HELD
+
+
+def test_outcomes_and_new_messages_cross_the_writer_pipe_whole() -> None:
+    # Their __reduce__ (every field as one tuple): each field not at its default comes back.
+    outcome = Outcome(b"q" * 12, 2, RcptState.DEFERRED, "451 later", 9.5, attempted=False,
+                      delay_notified=True)
+    defaults = Outcome(b"", 0, RcptState.PENDING)
+    assert all(getattr(outcome, f.name) != getattr(defaults, f.name)
+               for f in dataclasses.fields(Outcome))
+    message = NewMessage(Envelope("a@example.org", [], queue_id=b"q" * 12), b"body\r\n")
+    back = pickle.loads(pickle.dumps((outcome, message), protocol=pickle.HIGHEST_PROTOCOL))
+    assert back == (outcome, message)
+    assert back[0].state is RcptState.DEFERRED

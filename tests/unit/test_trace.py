@@ -13,6 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engine.message import trace
+from engine.message.fields import fold, rfc5322_date
 from engine.message.headers import scan_headers
 from engine.message.trace import received_field, with_protocol
 
@@ -330,3 +332,57 @@ def test_any_wire_text_gives_one_clean_field(
     assert ";" not in date
     assert date == " " + format_datetime(datetime.fromtimestamp(when, UTC))
     assert unfolded.endswith(";" + date)
+
+
+def _laid_out_whole(helo: str, client_name: str | None, hostname: str, protocol: str,
+                    queue_id: str, tls: str | None, auth_user: str | None,
+                    recipient: str | None, when: float) -> bytes:
+    """The field laid out in one pass, every clause from its words (the layout before the
+    per-session stamp): the reference the stamp's cached lines are held to."""
+    utf8 = protocol.upper().startswith("UTF8")
+    helo_token = trace._clean(helo[:255], utf8, trace._TOKEN_SPECIALS) or "?"
+    literal = trace._address_literal("192.0.2.1")
+    if client_name:
+        name = trace._clean(client_name[:255], utf8, trace._NAME_SPECIALS)
+        clauses = [["from", helo_token, f"({name}", f"{literal})"]]
+    else:
+        clauses = [["from", helo_token, f"({literal})"]]
+    by = ["by", trace._clean(hostname, utf8, trace._TOKEN_SPECIALS) or "?", "(Ferry)",
+          "with", trace._clean(protocol, False, trace._TOKEN_SPECIALS)]
+    if queue_id:
+        by += ["id", trace._clean(queue_id, False, trace._TOKEN_SPECIALS)]
+    clauses.append(by)
+    if tls:
+        clauses.append(trace._comment("", tls, utf8))
+    if auth_user:
+        clauses.append(trace._comment("authenticated user ", auth_user, utf8))
+    if recipient:
+        clauses.append(["for", f"<{trace._recipient(recipient, utf8)}>"])
+    clauses[-1][-1] += ";"
+    clauses[-1].append(rfc5322_date(when))
+    return fold("Received: ", clauses, indent="\t").encode("utf-8")
+
+
+@given(
+    helo=wire_text,
+    client_name=st.none() | wire_text,
+    hostname=st.sampled_from(["mx.example", "x" * 80]) | st.integers(20, 40).map(
+        lambda n: "m" * n + ".example"),  # the by clause around a fold
+    queue_id=st.sampled_from(["", "0190ABCD", "01A251D6C773EE50F4D716F9", "A" * 70, "a b"]),
+    tls=st.none() | wire_text,
+    auth_user=st.none() | wire_text,
+    recipient=st.none() | wire_text | st.integers(30, 45).map(
+        lambda n: "u" * n + "@e.example"),  # the for clause around a fold
+    protocol=st.sampled_from(["SMTP", "ESMTP", "ESMTPSA", "UTF8SMTPSA", "HTTP"]),
+    when=st.floats(min_value=0, max_value=4e9),
+)
+def test_the_stamp_lays_out_the_field_as_a_whole(
+    helo: str, client_name: str | None, hostname: str, queue_id: str, tls: str | None,
+    auth_user: str | None, recipient: str | None, protocol: str, when: float,
+) -> None:
+    """A session's (or request's) stamp, its lines cached, gives every message the bytes
+    the field's clauses give laid out together."""
+    args: dict[str, Any] = dict(
+        helo=helo, client_name=client_name, hostname=hostname, protocol=protocol,
+        queue_id=queue_id, tls=tls, auth_user=auth_user, recipient=recipient, when=when)
+    assert received_field(client_ip="192.0.2.1", **args) == _laid_out_whole(**args)
