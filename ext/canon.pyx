@@ -2,12 +2,16 @@
 """Compiled DKIM relaxed canonicalisation (RFC 6376 §3.4.2, §3.4.4) in one pass
 (engine._ext.canon).
 
-Owns two byte transformations: a whole body made relaxed (whitespace runs one space, none
-at line ends, the empty lines at the end removed, a non-empty body ending in one CRLF) and
+Owns the (name, raw, colon) items the field functions take, made from a header scan's
+spans, and three byte transformations: a whole body made relaxed (whitespace runs one space,
+none at line ends, the empty lines at the end removed, a non-empty body ending in one CRLF),
 header fields made relaxed (name lower-cased, value unfolded, runs one space, none around
-the value).  Python's ``bytes`` methods did it in five passes and copies (a 100 KiB body
+the value), and a verifier's header data (§3.7: the fields h= selects, then the signature
+field with its b= value empty, canonicalised, without the final CRLF), which cost ~7 µs a
+signature as three Python functions (benchmarks/README.md, issue 15, fifth pass).  Python's ``bytes`` methods did it in five passes and copies (a 100 KiB body
 of "XXX" lines cost 180 µs beyond its hashing, ``b"  " in data`` alone 86 µs); here each
-octet is read once.  It never raises for any bytes, never imports asyncio and never logs.
+octet is read once.  It never raises for any bytes (only for a field tuple whose colon
+offset lies outside it), never imports asyncio and never logs.
 
 Its twin is engine/message/_canon_py.py; both must give the same bytes for every input.
 """
@@ -17,7 +21,7 @@ from cpython.ref cimport Py_DECREF
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
 
-__all__ = ["relaxed_body", "relaxed_fields"]
+__all__ = ["field_items", "header_data", "relaxed_body", "relaxed_fields"]
 
 
 cdef extern from "Python.h":
@@ -166,3 +170,108 @@ def relaxed_fields(fields) -> bytes:
         o += _field(<const unsigned char*>bytes_data(<PyObject*>raw), len(raw), colons[k],
                     out + o)
     return _owned(result, o)
+
+
+cdef inline bint _fws(unsigned char c) noexcept nogil:
+    return c == 32 or c == 9 or c == 13 or c == 10
+
+
+cdef Py_ssize_t _b_value(const unsigned char* p, Py_ssize_t n, Py_ssize_t colon,
+                         Py_ssize_t* stop) noexcept nogil:
+    """Where the value of the first tag named "b" of the tag list p[colon:n] begins (after
+    its "="), its end (the next ";", or n) in ``stop``; -1 when there is none.  FWS may
+    surround a tag's name (RFC 6376 §3.2); names are case-sensitive ("B=" is not b=)."""
+    cdef Py_ssize_t i = colon, j
+    while True:
+        j = i
+        while j < n and _fws(p[j]):
+            j += 1
+        if j < n and p[j] == 98:  # "b"
+            j += 1
+            while j < n and _fws(p[j]):
+                j += 1
+            if j < n and p[j] == 61:  # "="
+                i = j + 1
+                j = i
+                while j < n and p[j] != 59:  # ";"
+                    j += 1
+                stop[0] = j
+                return i
+        while i < n and p[i] != 59:
+            i += 1
+        if i >= n:
+            return -1
+        i += 1
+
+
+def header_data(fields, names, signature, bint relaxed) -> bytes:
+    """The header data a verifier hashes (RFC 6376 §3.7), without its final CRLF: for each
+    name of ``names`` (h=, lower-case) the last field of that name not yet used, from the
+    bottom up (§5.4.2; none left: the null string), then ``signature`` with its first b=
+    tag's value removed (its name, the blanks around it and the "=" kept), each
+    canonicalised relaxed (§3.4.2) or simple (§3.4.1).  ``fields`` and ``signature`` are
+    (name lower-case, raw, colon) tuples as :func:`relaxed_fields` takes them."""
+    cdef dict by_name = {}
+    cdef list stack, chosen = []
+    cdef bytes raw, sig_raw = signature[1]
+    cdef Py_ssize_t sig_colon = signature[2], start, stop = 0, total = 0, o = 0, colon, k
+    cdef unsigned char* out
+    cdef PyObject* result
+    for item in fields:
+        stack = by_name.get(item[0])
+        if stack is None:
+            by_name[item[0]] = [item]
+        else:
+            stack.append(item)
+    for name in names:
+        stack = by_name.get(name)
+        if stack:
+            chosen.append(stack.pop())
+    if not 1 <= sig_colon <= len(sig_raw):
+        raise ValueError("colon is not within the field")
+    start = _b_value(<const unsigned char*>bytes_data(<PyObject*>sig_raw), len(sig_raw),
+                     sig_colon, &stop)
+    if start >= 0:
+        sig_raw = sig_raw[:start] + sig_raw[stop:]
+    chosen.append((None, sig_raw, sig_colon))
+    for item in chosen:
+        raw = item[1]
+        colon = item[2]
+        if not 1 <= colon <= len(raw):
+            raise ValueError("colon is not within the field")
+        total += len(raw) + 3
+    result = bytes_new(NULL, total)
+    out = <unsigned char*>bytes_data(result)
+    for item in chosen:
+        raw = item[1]
+        if relaxed:
+            o += _field(<const unsigned char*>bytes_data(<PyObject*>raw), len(raw), item[2],
+                        out + o)
+        else:
+            memcpy(out + o, bytes_data(<PyObject*>raw), len(raw))
+            out[o + len(raw)] = 13
+            out[o + len(raw) + 1] = 10
+            o += len(raw) + 2
+    return _owned(result, o - 2)
+
+
+def field_items(bytes data not None, spans) -> list:
+    """The (name lower-case, raw, colon) item of each header field of ``data`` from its
+    (name start, name end, value start, value end) span (engine.message.headers'
+    ``HeaderScan.fields``): what :func:`relaxed_fields` and :func:`header_data` take."""
+    cdef list out = []
+    cdef Py_ssize_t ns, ne, vs, ve, k, n = len(data)
+    cdef const unsigned char* p = <const unsigned char*>bytes_data(<PyObject*>data)
+    cdef PyObject* name
+    cdef unsigned char* q
+    cdef unsigned char c
+    for ns, ne, vs, ve in spans:
+        if not 0 <= ns <= ne <= vs <= ve <= n:
+            raise ValueError("a span is not within the data")
+        name = bytes_new(NULL, ne - ns)
+        q = <unsigned char*>bytes_data(name)
+        for k in range(ne - ns):
+            c = p[ns + k]
+            q[k] = c + 32 if 65 <= c <= 90 else c
+        out.append((_owned(name, ne - ns), data[ns:ve], vs - ns))
+    return out
