@@ -121,6 +121,9 @@ class VerifyAgent(Agent):
         #: when they release the GIL (cryptography), on the loop when they keep it (the
         #: compiled engine.message.pkey: ~20-30 µs each and no hand-off).
         self._checks = None if pkey.HOLDS_GIL else ThreadBatches(dkim.signatures_valid)
+        #: The last conclusion's inputs and its SPF and DMARC parts (:meth:`_conclude`).
+        self._last: tuple[tuple[Any, ...], MethodResult | None, dmarc.DmarcResult | None,
+                          MethodResult | None] | None = None
 
     async def start(self) -> None:
         if "dmarc" in self.methods:
@@ -225,16 +228,35 @@ class VerifyAgent(Agent):
                   authors: tuple[str, ...], author_error: str,
                   policies: list[dmarc.Policy]) -> Verdict:
         """The verdict and the field from the parts' results (None: no answer in time)."""
+        # A sender's mail within its TTLs gives the same SPF result, policies and DKIM
+        # (result, d=) pairs message after message: the SPF and DMARC parts of the
+        # previous conclusion are taken again when all of those are equal (only DKIM's
+        # lines, with their header.b, are new).  Not after a timeout (SPF's temperror
+        # then names the transaction's identity) nor for a DMARC fail (its disposition
+        # draws the pct sample, RFC 7489 §6.6.4).
+        key = None
+        if signatures is not None and (spf is not None or not self._spf):
+            key = (spf, bool(tx.sender), authors, author_error, policies,
+                   [(s.result, s.domain) for s in signatures])
+        last = self._last
+        if key is not None and last is not None and last[0] == key:
+            _, spf_method, verdict_dmarc, dmarc_method = last
+        else:
+            spf_method = _spf_method(spf, tx) if self._spf else None
+            verdict_dmarc = dmarc_method = None
+            if self._dmarc:
+                auth = _authenticated(self._spf, spf, tx, session, signatures, authors)
+                verdict_dmarc = self._dmarc_result(authors, author_error, policies, auth)
+                dmarc_method = verdict_dmarc.method_result()
+            if key is not None and (verdict_dmarc is None or verdict_dmarc.result != "fail"):
+                self._last = (key, spf_method, verdict_dmarc, dmarc_method)
         results: list[MethodResult] = []
-        if self._spf:
-            results.append(_spf_method(spf, tx))
+        if spf_method is not None:
+            results.append(spf_method)
         if "dkim" in self.methods:
             results.extend(_dkim_methods(signatures, dkim_failure))
-        verdict_dmarc: dmarc.DmarcResult | None = None
-        if self._dmarc:
-            auth = _authenticated(self._spf, spf, tx, session, signatures, authors)
-            verdict_dmarc = self._dmarc_result(authors, author_error, policies, auth)
-            results.append(verdict_dmarc.method_result())
+        if dmarc_method is not None:
+            results.append(dmarc_method)
         headers = (self._remove, HeaderChange("add", authres.FIELD,
                                               authres.format_field(self.authserv_id, results)))
         return self._verdict(spf, verdict_dmarc, headers)

@@ -411,6 +411,52 @@ def test_a_message_whose_answers_are_cached_is_verified_at_once(
     assert queries == 0
 
 
+MIXED = [
+    (message("shop.test", sign="shop.test"), "b@esp.test", CLIENT, "mail.client.test"),
+    (tampered("shop.test"), "b@shop.test", CLIENT, "mail.client.test"),
+    (message("shop.test", sign="esp.test"), "b@esp.test", OTHER, "mail.client.test"),
+    (message("shop.test"), "b@shop.test", CLIENT, "mail.client.test"),
+    (message("shop.test"), "", CLIENT, "helo.shop.test"),
+    (message("news.test", sign="shop.test"), "b@esp.test", CLIENT, "mail.client.test"),
+    (message("broken.test"), "b@shop.test", CLIENT, "mail.client.test"),
+    (b"To: you@ferry.test\r\nSubject: x\r\n\r\nbody\r\n", "b@shop.test", CLIENT,
+     "mail.client.test"),
+]
+
+
+def test_one_agent_concludes_a_mix_of_mail_as_fresh_agents_do(dns: DnsResponder) -> None:
+    # The agent takes the SPF and DMARC parts of its previous conclusion again when the
+    # inputs are the same (a sender's mail): in any order of different senders, results
+    # and signatures, each message gets the field and action a fresh agent gives it.
+    async def go() -> None:
+        lookup = Lookup((dns.host, dns.port), timeout=0.5, lifetime=1.0)
+
+        async def agent() -> VerifyAgent:
+            made = VerifyAgent(lookup, ("spf", "dkim", "dmarc"), authserv_id=AUTHSERV,
+                               sample=lambda: 0.5)
+            await made.start()
+            return made
+
+        async def verdict(agent: VerifyAgent, case: int) -> tuple[Action, str, Any]:
+            data, sender, ip, helo = MIXED[case]
+            session = Session("smtp-5", "default", ipaddress.ip_address(ip), helo=helo)
+            tx = Transaction(parse_command(f"MAIL FROM:<{sender}>".encode()))
+            agent.mail(session, tx)
+            got = await settle(agent.data(session, tx, Message(data)))
+            return got.action, field(got), got.reply
+
+        expected = []
+        for case in range(len(MIXED)):
+            await verdict(await agent(), case)  # the answers cached, as for the mix
+            expected.append(await verdict(await agent(), case))
+        shared = await agent()
+        order = [0, 0, 1, 0, 2, 2, 3, 4, 3, 5, 0, 6, 6, 7, 0, 1, 1, 5, 4, 4, 0]
+        assert [await verdict(shared, case) for case in order] == [
+            expected[case] for case in order]
+
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize("data", [message("shop.test", sign="shop.test"), tampered("shop.test"),
                                   message("broken.test", sign="missing.test")],
                          ids=["pass", "bad-body-hash", "no-key"])
