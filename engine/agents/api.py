@@ -50,6 +50,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 
+from engine.message.canon import field_items
+from engine.message.headers import scan_headers
+
 if TYPE_CHECKING:
     from engine.protocol.command import Command
 
@@ -277,7 +280,7 @@ class Message:
     the Received field this server adds.  ``body`` is the very buffer the session read
     (never copied here: a scanner streams it from a memoryview)."""
 
-    __slots__ = ("_fields", "data", "header_end")
+    __slots__ = ("_fields", "_items", "_plain", "data", "header_end")
 
     def __init__(self, data: bytes) -> None:
         self.data = data
@@ -285,6 +288,8 @@ class Message:
         #: when there is no body).
         self.header_end = _header_end(data)
         self._fields: list[tuple[str, str]] | None = None
+        self._items: list[tuple[bytes, bytes, int]] | None = None
+        self._plain = False
 
     @property
     def size(self) -> int:
@@ -305,9 +310,34 @@ class Message:
             self._fields = _split_fields(self.header)
         return self._fields
 
+    def items(self) -> list[tuple[bytes, bytes, int]]:
+        """Every header field as the compiled header scan finds it (engine.message.headers),
+        (name lower-case, the field as it is without its CRLF, the offset of its value):
+        what DKIM selects and canonicalises (engine.message.canon), made once a message."""
+        if self._items is None:
+            scan = scan_headers(self.data, self.header_end)
+            self._items = field_items(self.data, scan.fields)
+            header = self.header
+            # Where the scan reads the header as fields() does (a Hypothesis test in
+            # tests/unit/test_agents_chain.py holds them equal): it ends at header_end,
+            # nothing is malformed, and every line ends in CRLF (fields() splits at CRLF
+            # only, the scan at a bare LF too).
+            self._plain = (not scan.malformed and scan.end == self.header_end
+                           and header.count(b"\r") == header.count(b"\n")
+                           == header.count(b"\r\n"))
+        return self._items
+
     def get_all(self, name: str) -> list[str]:
         """The raw values of every field called ``name`` (any case), in order."""
         lower = name.lower()
+        if self._fields is None and lower.isascii():
+            # From the scan's items when the header is plain: DMARC's and the signer's
+            # From without splitting every field into text (~4.5 against ~1 µs).
+            items = self.items()
+            if self._plain:
+                key = lower.encode()
+                return [raw[colon:].decode("utf-8", "surrogateescape")
+                        for field_name, raw, colon in items if field_name == key]
         return [value for key, value in self.fields() if key.lower() == lower]
 
     def get(self, name: str) -> str | None:

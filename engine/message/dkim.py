@@ -71,7 +71,7 @@ from engine.message import pkey
 from engine.message._canon_py import squeeze as _squeeze
 from engine.message._canon_py import trailing_crlfs as _trailing_crlfs
 from engine.message.canon import COMPILED as canon_compiled
-from engine.message.canon import field_items, header_data, relaxed_body, relaxed_fields
+from engine.message.canon import header_data, relaxed_body, relaxed_fields
 from engine.message.headers import scan_headers
 
 if TYPE_CHECKING:
@@ -382,14 +382,10 @@ class _Field(NamedTuple):
     colon: int  # offset of the value (after the colon) in raw
 
 
-#: A header field as the verifier keeps every field of a message: a plain tuple made by
-#: the compiled engine.message.canon (a _Field costs ~0.4 µs to make; only signature
-#: fields become one).
+#: A header field as the verifier keeps every field of a message (``Message.items()``): a
+#: plain tuple made by the compiled engine.message.canon (a _Field costs ~0.4 µs to make;
+#: only signature fields become one).
 _Item = tuple[bytes, bytes, int]
-
-
-def _fields(data: bytes, header_end: int) -> list[_Item]:
-    return field_items(data, scan_headers(data, header_end).fields)
 
 
 def _header_data(selected: Iterable[_Field | None], how: Canon) -> bytes:
@@ -1025,7 +1021,7 @@ class _Work:
 
     def __init__(self, message: Message, max_signatures: int, now: float | None) -> None:
         when = time.time() if now is None else now
-        self.fields = _fields(message.data, message.header_end)
+        self.fields = message.items()
         signatures = [_Field(*f) for f in self.fields
                       if f[0] == b"dkim-signature"][:max_signatures]
         self.results: list[DkimResult | None] = [None] * len(signatures)

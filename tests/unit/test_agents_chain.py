@@ -7,6 +7,8 @@ import ipaddress
 from collections.abc import Awaitable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.agents.api import (
     ACCEPT,
@@ -17,6 +19,7 @@ from engine.agents.api import (
     Session,
     Stage,
     Verdict,
+    _split_fields,
     add_header,
     hold,
     reject,
@@ -151,3 +154,29 @@ def test_the_verify_agent_removes_forged_results_even_when_it_fails() -> None:
             b"Authentication-Results: other.example; spf=fail\r\n\r\nbody\r\n")
     assert apply_changes(data, agent.fail_headers) == (
         b"Authentication-Results: other.example; spf=fail\r\n\r\nbody\r\n")
+
+
+#: Header text made of what splitting into fields acts on: names in any case (one with
+#: the Kelvin sign, which str.lower() makes a "k"), colons, blanks, folding, bare CR and
+#: LF, NUL, non-ASCII and invalid UTF-8.
+HEADER_PIECES = st.sampled_from([
+    b"From", b"fROM", b"To", b"DKIM", b"D\xe2\x84\xaaIM", b":", b" ", b"\t", b"\r\n",
+    b"\r\n ", b"\r\n\t", b"\r", b"\n", b"x", b"-", b"\x00", b"\xc4\x80", b"\xff",
+    b"\r\nFrom: a@b", b"\r\n\r\n",
+])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(header=st.lists(HEADER_PIECES, max_size=24).map(b"".join),
+       name=st.sampled_from(["From", "from", "To", "dkim", "x", "DKIM-Signature"]))
+def test_get_all_from_the_scan_is_what_splitting_gives(header: bytes, name: str) -> None:
+    # Message.get_all takes the values from the compiled header scan's items when the
+    # header is plain; it must give what splitting the header into text fields gives,
+    # for any bytes, whichever of the two is asked first.
+    data = header + b"\r\n\r\nbody\r\n"
+    split = [value for key, value in _split_fields(Message(data).header)
+             if key.lower() == name.lower()]
+    assert Message(data).get_all(name) == split
+    message = Message(data)
+    message.fields()
+    assert message.get_all(name) == split
