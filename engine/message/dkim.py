@@ -72,7 +72,6 @@ from engine.message._canon_py import squeeze as _squeeze
 from engine.message._canon_py import trailing_crlfs as _trailing_crlfs
 from engine.message.canon import COMPILED as canon_compiled
 from engine.message.canon import header_data, relaxed_body, relaxed_fields
-from engine.message.headers import scan_headers
 
 if TYPE_CHECKING:
     from engine.agents.dns import Answer, Lookup
@@ -388,13 +387,13 @@ class _Field(NamedTuple):
 _Item = tuple[bytes, bytes, int]
 
 
-def _header_data(selected: Iterable[_Field | None], how: Canon) -> bytes:
+def _header_data(selected: Iterable[_Item | None], how: Canon) -> bytes:
     if how == "simple":
-        return b"".join(f.raw + b"\r\n" for f in selected if f is not None)
+        return b"".join(f[1] + b"\r\n" for f in selected if f is not None)
     return relaxed_fields(selected)
 
 
-def _signed_digest(selected: Sequence[_Field | None], signature_field: _Field,
+def _signed_digest(selected: Sequence[_Item | None], signature_field: _Item,
                    canon: Canon) -> bytes:
     """§3.7: the SHA-256 of the selected fields and then the signature field (its b=
     empty), canonicalised, the last without its final CRLF (one buffer, one pass of the
@@ -611,21 +610,17 @@ class Signer:
         self.lifetime = lifetime
         self.clock = clock
 
-    def _signed(self, message: bytes, header_end: int
-                ) -> tuple[tuple[str, ...], list[_Field]]:
+    def _signed(self, message: Message) -> tuple[tuple[str, ...], list[_Item]]:
         """(h=, the fields it selects in h='s order) in one pass over the plan: each
         signed name as many times as the message has the field, plus once when
         over-signed (§5.4.2: the extra one selects nothing, the "null string"), its
         fields from the bottom up (§5.4.2), which is what the verifier's selection
-        (engine.message.canon ``header_data``) gives for h=.  Only the fields to sign
-        are made (Received and the like are passed over)."""
+        (engine.message.canon ``header_data``) gives for h=.  The fields are the
+        message's items (``Message.items()``: the signing agent's From already made
+        them)."""
         wanted = self._wanted
-        fields: list[_Field] = []
-        for ns, ne, vs, ve in scan_headers(message, header_end).fields:
-            key = message[ns:ne].lower()
-            if key in wanted:
-                fields.append(_Field(key, message[ns:ve], vs - ns))
-        names = tuple(f.name for f in fields)
+        fields = [f for f in message.items() if f[0] in wanted]
+        names = tuple([f[0] for f in fields])
         plan = self._plans.get(names)
         if plan is None:
             plan = self._plan_for(names)
@@ -655,18 +650,19 @@ class Signer:
         plan = self._plans[names] = (tuple(h), tuple(order))
         return plan
 
-    def value(self, message: bytes) -> str:
-        """The DKIM-Signature field's value for ``message`` (canonical CRLF bytes): what
-        follows "DKIM-Signature:", folded, starting with a space."""
+    def value(self, message: bytes | Message) -> str:
+        """The DKIM-Signature field's value for ``message`` (canonical CRLF bytes, or the
+        agents' view of them, whose header items are then made once): what follows
+        "DKIM-Signature:", folded, starting with a space."""
         prepared = self.prepare(message)
         return self.finish(prepared, self.signature(prepared))
 
-    def prepare(self, message: bytes) -> Prepared:
+    def prepare(self, message: bytes | Message) -> Prepared:
         """Everything of :meth:`value` before the public-key operation: the field's tags
         and the digest to sign (pure Python, under the GIL, where :meth:`signature` is
         OpenSSL's, outside it)."""
-        view = Message(message)
-        h, selected = self._signed(message, view.header_end)
+        view = message if isinstance(message, Message) else Message(message)
+        h, selected = self._signed(view)
         bh, _ = body_hash(view.body(), self.canon[1])
         now = int(self.clock())
         tokens = [*self._tags, f"t={now};"]
