@@ -111,9 +111,19 @@ def _address_literal(client_ip: str) -> str:
     return f"[{ip}]"
 
 
+#: The printable ASCII characters safe_address replaces in an address that is not a
+#: mailbox (engine.message.fields: not atext nor ".@[]:").
+_ADDRESS_UNSAFE: Final = frozenset(' "(),;<>\\')
+
+
 def _recipient(recipient: str, utf8: bool) -> str:
     """The recipient for "for <...>": as written when it is a well-formed mailbox, else
     with every character that could end the path, the stamp or a quoted string as "?"."""
+    # Once per message (a bulk injection's thousands): printable ASCII without a character
+    # safe_address would replace comes out as it is, mailbox or not, without its regexes.
+    if (recipient.isascii() and recipient.isprintable() and len(recipient) <= MAX_RECIPIENT
+            and _ADDRESS_UNSAFE.isdisjoint(recipient)):
+        return recipient
     return safe_address(_clean(recipient[:MAX_RECIPIENT], utf8), postmaster=True)
 
 

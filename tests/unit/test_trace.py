@@ -386,3 +386,24 @@ def test_the_stamp_lays_out_the_field_as_a_whole(
         helo=helo, client_name=client_name, hostname=hostname, protocol=protocol,
         queue_id=queue_id, tls=tls, auth_user=auth_user, recipient=recipient, when=when)
     assert received_field(client_ip="192.0.2.1", **args) == _laid_out_whole(**args)
+
+
+def test_the_recipient_shortcut_names_what_safe_address_replaces() -> None:
+    from engine.message.fields import _ADDRESS_OTHER
+    printable = map(chr, range(0x20, 0x7F))
+    assert {c for c in printable if _ADDRESS_OTHER.match(c)} == trace._ADDRESS_UNSAFE
+
+
+@given(st.text(st.characters(min_codepoint=0, max_codepoint=0x7F)
+               | st.sampled_from(["@", ".", "é", "\u2028", "<", ">", '"', "\\"]),
+               max_size=300),
+       st.booleans())
+def test_the_recipient_shortcut_is_the_whole_check(recipient: str, utf8: bool) -> None:
+    # The shortcut (printable ASCII without a replaced character) against the path it skips.
+    from engine.message.fields import safe_address
+    whole = safe_address(trace._clean(recipient[:trace.MAX_RECIPIENT], utf8), postmaster=True)
+    assert trace._recipient(recipient, utf8) == whole
+    for address in (recipient + "@example.com", "a.b@" + recipient):
+        whole = safe_address(trace._clean(address[:trace.MAX_RECIPIENT], utf8),
+                             postmaster=True)
+        assert trace._recipient(address, utf8) == whole
