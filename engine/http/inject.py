@@ -452,7 +452,7 @@ async def _pipelined(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpCo
     writes: list[concurrent.futures.Future[list[Prepared]]] = []
 
     async def store_part(chunk: list[Prepared]) -> list[Prepared]:
-        await store.inject([NewMessage(p.envelope, p.data) for p in chunk])
+        await store.inject([NewMessage(p.envelope, p.body, p.field) for p in chunk])
         ingest.committed(chunk)  # each part's RECEIVEs while the next parts are built
         return chunk
 
@@ -633,7 +633,8 @@ async def inject(app: App, who: Principal, doc: Any, *, key: bytes, raw: bytes, 
             key, orjson.dumps({"fingerprint": fingerprint, "answer": answer}),
             time.time() + http.idempotency_window)
     try:
-        earlier = await store.inject([NewMessage(p.envelope, p.data) for p in built.prepared],
+        earlier = await store.inject([NewMessage(p.envelope, p.body, p.field)
+                                      for p in built.prepared],
                                      idempotency)
     except (BackPressure, QueueClosed) as exc:
         raise _backpressure(exc) from None

@@ -74,11 +74,24 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class NewMessage:
+    """A message to store: ``head + body`` (the stored bytes, :attr:`data`)."""
+
     envelope: Envelope
     body: bytes
+    #: Stored before ``body`` (ingest's Received field): the two are joined by the writer,
+    #: so a bulk injection's caller never copies a message once more only to prepend it.
+    head: bytes = b""
+
+    @property
+    def data(self) -> bytes:
+        return self.head + self.body if self.head else self.body
+
+    @property
+    def size(self) -> int:
+        return len(self.head) + len(self.body)
 
     def __reduce__(self) -> tuple[type[NewMessage], tuple[Any, ...]]:
-        return NewMessage, (self.envelope, self.body)
+        return NewMessage, (self.envelope, self.body, self.head)
 
 
 # Both cross the queue writer's pipe by the thousand (engine.queue.writer_process): their

@@ -187,13 +187,13 @@ class LmdbQueue:
     ) -> asyncio.Future[None]:
         """``record`` handed to the writer now, for a caller that hangs work on the commit
         instead of waiting in a task; QueueClosed is raised at once."""
-        size = sum(len(m.body) for m in new_messages)
+        size = sum(m.size for m in new_messages)
         return self._submit_soon("record", (tuple(outcomes), tuple(new_messages)), size)
 
     def record_sync(
         self, outcomes: Sequence[Outcome], new_messages: Sequence[NewMessage] = ()
     ) -> None:
-        size = sum(len(m.body) for m in new_messages)
+        size = sum(m.size for m in new_messages)
         self._submit_sync("record", (tuple(outcomes), tuple(new_messages)), size)
 
     async def change(self, changes: Sequence[Change]) -> list[int | None]:
@@ -217,7 +217,7 @@ class LmdbQueue:
             raise problem
         entries = tuple(map(completed, messages))
         answer: bytes | None = await self._submit_soon(
-            "inject", (entries, idempotency), sum(len(m.body) for m in messages))
+            "inject", (entries, idempotency), sum(m.size for m in messages))
         return answer
 
     def idempotent_answer(self, key: bytes) -> bytes | None:
@@ -505,4 +505,4 @@ def hook_prefix(name: str) -> bytes:
 def _change_size(changes: Sequence[Change]) -> int:
     """The bytes the changes add (the reports riding on removals): back pressure may
     refuse those, never the changes that add none."""
-    return sum(len(m.body) for c in changes for m in c.new_messages)
+    return sum(m.size for c in changes for m in c.new_messages)

@@ -125,17 +125,18 @@ def index_keys(env: Envelope) -> IndexKeys:
     return due, hops, states
 
 
-def completed(message: NewMessage) -> tuple[Envelope, bytes]:
+def completed(message: NewMessage) -> tuple[Envelope, bytes, bytes]:
     """``message`` with its queue id and size set on the caller's side (an ``inject``
-    caller reads its ids from its envelopes), as (envelope, body) for the writer, which
-    encodes it: the writer process has a core of its own, and an Envelope crosses the pipe
-    at about the cost of its encoded record (records.Envelope.__reduce__)."""
+    caller reads its ids from its envelopes), as (envelope, head, body) for the writer,
+    which encodes it and joins the two: the writer process has a core of its own, and an
+    Envelope crosses the pipe at about the cost of its encoded record
+    (records.Envelope.__reduce__)."""
     env = message.envelope
     if not env.queue_id:
         env.queue_id = new_id()
     if not env.size:
-        env.size = len(message.body)
-    return env, message.body
+        env.size = message.size
+    return env, message.head, message.body
 
 
 def _park(env: Envelope, state: RcptState, now: float, replace: frozenset[RcptState]) -> int:
@@ -446,7 +447,7 @@ class Committer:
         self._replace_indexes(txn, _NO_KEYS, keys)
         self._enqueued += 1
 
-    def _inject(self, txn: Any, messages: tuple[tuple[Envelope, bytes], ...],
+    def _inject(self, txn: Any, messages: tuple[tuple[Envelope, bytes, bytes], ...],
                 idempotency: Idempotency | None) -> bytes | None:
         """Store ``messages`` (:func:`completed` by the caller) unless ``idempotency``
         names a key already stored (then its answer); the key goes into this transaction
@@ -463,8 +464,9 @@ class Committer:
             expires = DUE.pack(max(0, int(idempotency.expires * 1000)))
             txn.put(b"k" + idempotency.key, expires + idempotency.answer, db=db)
             txn.put(b"t" + expires + idempotency.key, b"", db=db)
-        for env, body in messages:
-            self._put_record(txn, env.queue_id, encode(env), body, index_keys(env))
+        for env, head, body in messages:
+            self._put_record(txn, env.queue_id, encode(env), head + body if head else body,
+                             index_keys(env))
         return None
 
     @staticmethod
@@ -513,7 +515,7 @@ class Committer:
             self._store(txn, new, before)
             self._outcomes += len(items)
         for message in new_messages:
-            self._put_new(txn, message.envelope, message.body)
+            self._put_new(txn, message.envelope, message.data)
 
     def _apply_changes(self, txn: Any, changes: tuple[Change, ...]) -> list[int | None]:
         results: list[int | None] = []
@@ -530,7 +532,7 @@ class Committer:
                     continue
                 self._store(txn, env, before, remove=True)
                 for message in change.new_messages:
-                    self._put_new(txn, message.envelope, message.body)
+                    self._put_new(txn, message.envelope, message.data)
                 results.append(len(open_now))
                 continue
             results.append(_change(env, change))

@@ -87,3 +87,20 @@ def test_back_pressure_refuses_the_whole_write(tmp_path: Path) -> None:
         assert store.count() == 0 and store.idempotent_answer(b"k") is None
     finally:
         store.close_sync()
+
+
+def test_a_head_is_stored_before_its_body(store: LmdbQueue) -> None:
+    # Ingest hands the Received field apart from the body (NewMessage.head): the writer
+    # stores the two joined, and the size counts both.
+    head = b"Received: from x by y id Q; Mon, 7 Dec 2026 19:00:00 +0000\r\n"
+    apart = NewMessage(Envelope("a@b.test", [Recipient("r@c.test", "c.test")]),
+                       b"Subject: s\r\n\r\nx\r\n", head)
+    sized = NewMessage(Envelope("a@b.test", [Recipient("r@c.test", "c.test")], size=7),
+                       b"Subject: s\r\n\r\nx\r\n", head)
+    assert apart.data == head + b"Subject: s\r\n\r\nx\r\n" and apart.size == len(apart.data)
+    asyncio.run(store.inject([apart, sized]))
+    got = store.get(apart.envelope.queue_id)
+    assert store.body(got.queue_id) == apart.data
+    assert got.size == len(apart.data)
+    assert store.get(sized.envelope.queue_id).size == 7  # a size given is kept
+    assert store.body(sized.envelope.queue_id) == apart.data

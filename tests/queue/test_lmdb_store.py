@@ -409,7 +409,8 @@ def test_outcomes_and_new_messages_cross_the_writer_pipe_whole() -> None:
     defaults = Outcome(b"", 0, RcptState.PENDING)
     assert all(getattr(outcome, f.name) != getattr(defaults, f.name)
                for f in dataclasses.fields(Outcome))
-    message = NewMessage(Envelope("a@example.org", [], queue_id=b"q" * 12), b"body\r\n")
+    message = NewMessage(Envelope("a@example.org", [], queue_id=b"q" * 12), b"body\r\n",
+                         b"Received: by x; Mon, 7 Dec 2026 19:00:00 +0000\r\n")
     back = pickle.loads(pickle.dumps((outcome, message), protocol=pickle.HIGHEST_PROTOCOL))
     assert back == (outcome, message)
     assert back[0].state is RcptState.DEFERRED
