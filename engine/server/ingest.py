@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from engine.message.headers import scan_headers
 from engine.message.lines import MAX_LINE, has_long_line, wrap_long_lines
@@ -92,6 +93,17 @@ class Prepared(NamedTuple):
         return self.field + self.body
 
 
+#: Envelope and Recipient built with positional arguments, once per message and per
+#: recipient (a bulk injection's thousands): half the time of keywords.  Their fields
+#: must stay in this order (checked when the module loads).
+_ENVELOPE_ORDER: Final = ("sender", "recipients", "arrival", "size", "ret", "envid",
+                          "smtputf8", "body_type", "receive_connector", "client_address",
+                          "auth_user", "message_id", "expires", "queue_id")
+_RECIPIENT_ORDER: Final = ("address", "next_hop", "state", "attempts", "due", "last_reply",
+                           "notify", "orcpt")
+assert tuple(f.name for f in fields(Envelope))[:len(_ENVELOPE_ORDER)] == _ENVELOPE_ORDER
+assert tuple(f.name for f in fields(Recipient)) == _RECIPIENT_ORDER
+
 #: The next hop for a recipient domain (the router replaces the placeholder).
 Route = Callable[[str], str]
 
@@ -113,14 +125,10 @@ def _recipient(cmd: Command, route: Route, now: float, postmaster: tuple[str, st
     # RFC 5321 §4.5.1: only <Postmaster> has no domain, and it means this server's
     # postmaster; an unqualified address must never reach a next hop.
     address, domain = (cmd.mailbox, cmd.domain) if cmd.domain else postmaster
-    return Recipient(
-        address=address,
-        next_hop=route(domain),
-        # due at arrival: new mail sorts after what the active window has scanned
-        due=now,
-        notify=tuple(notify.split(",")) if notify else (),
-        orcpt=cmd.params.get("ORCPT") or "",
-    )
+    # (address, next_hop, state, attempts, due, last_reply, notify, orcpt): due at
+    # arrival, new mail sorts after what the active window has scanned
+    return Recipient(address, route(domain), RcptState.PENDING, 0, now, "",
+                     tuple(notify.split(",")) if notify else (), cmd.params.get("ORCPT") or "")
 
 
 class Ingest:
@@ -182,21 +190,22 @@ class Ingest:
             arrival.protocol or with_protocol(arrival.esmtp, arrival.tls, bool(auth_user), utf8),
             arrival.tls_info, auth_user,
         ).field(id_text(qid), recipients[0].mailbox if len(recipients) == 1 else None, now)
-        envelope = Envelope(
-            sender=mail.mailbox,
-            recipients=[_recipient(r, self.route, now, self._postmaster) for r in recipients],
-            arrival=now,
-            size=len(field) + len(body),
-            ret=mail.params.get("RET") or "",
-            envid=mail.params.get("ENVID") or "",
-            smtputf8=utf8,
-            body_type=mail.params.get("BODY") or "",
-            receive_connector=connector.name,
-            client_address=arrival.client_address,
-            auth_user=auth_user,
-            message_id=_header_value(arrival.body, scan.message_id),  # scanned before any wrap
-            expires=now + self.lifetime if self.lifetime else 0.0,
-            queue_id=qid,
+        params = mail.params
+        envelope = Envelope(  # the fields in _ENVELOPE_ORDER's order
+            mail.mailbox,
+            [_recipient(r, self.route, now, self._postmaster) for r in recipients],
+            now,
+            len(field) + len(body),
+            params.get("RET") or "",
+            params.get("ENVID") or "",
+            utf8,
+            params.get("BODY") or "",
+            connector.name,
+            arrival.client_address,
+            auth_user,
+            _header_value(arrival.body, scan.message_id),  # scanned before any wrap
+            now + self.lifetime if self.lifetime else 0.0,
+            qid,
         )
         if arrival.held:
             # Parked from the start: never tried, never expired until released.
