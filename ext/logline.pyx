@@ -12,7 +12,8 @@ logged: it must stay a copy of bytes for the common case.  It never does I/O.
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.math cimport NAN, floor, isfinite
+from cpython.pyport cimport PY_SSIZE_T_MAX
+from libc.math cimport INFINITY, NAN, floor, isfinite
 from libc.string cimport memcpy
 
 from engine.ops import _logline_py
@@ -152,15 +153,20 @@ cdef Py_ssize_t _chunk(Buf* b, const unsigned char* stamp, Py_ssize_t slen, byte
 @cython.final
 cdef class Lines:
     """Rendered protocol-log lines not yet written (the twin's ``Lines``): ``add`` renders
-    one entry into a C buffer, ``take`` hands the buffer over as bytes."""
+    one entry into a C buffer and says whether the buffer is due to be handed over,
+    ``take`` hands the buffer over as bytes."""
 
     cdef Buf buf
     cdef Stamp st
     cdef readonly Py_ssize_t lines
+    cdef readonly Py_ssize_t limit
+    cdef public double due
 
-    def __cinit__(self):
+    def __cinit__(self, Py_ssize_t limit=PY_SSIZE_T_MAX):
         self.st.sec = NAN
         self.st.ms = -1
+        self.limit = limit
+        self.due = INFINITY
 
     def __dealloc__(self):
         buf_free(&self.buf)
@@ -169,7 +175,10 @@ cdef class Lines:
     def size(self):
         return self.buf.len
 
-    cpdef add(self, double t, bytes head, object data, int kind):
+    cdef inline bint _due(self, double t) noexcept:
+        return self.buf.len >= self.limit or t >= self.due
+
+    cpdef bint add(self, double t, bytes head, object data, int kind) except -1:
         cdef object slow = _stamp(&self.st, t)
         cdef const unsigned char* sp
         cdef Py_ssize_t sl, n
@@ -181,16 +190,17 @@ cdef class Lines:
             sl = PyBytes_GET_SIZE(<bytes>slow)
         if kind == ONE:
             self.lines += _line(&self.buf, sp, sl, head, data)
-            return
+            return self._due(t)
         if type(data) is not bytes:
             raise TypeError(f"a chunk of lines must be bytes, not {type(data).__name__}")
         if PyBytes_GET_SIZE(<bytes>data) <= MAX_TEXT:
             n = _chunk(&self.buf, sp, sl, head, <bytes>data, kind)
             if n:
                 self.lines += n
-                return
+                return self._due(t)
         for line in split_lines(data, kind):
             self.lines += _line(&self.buf, sp, sl, head, line)
+        return self._due(t)
 
     def take(self):
         """Everything added since the last take, as one bytes."""

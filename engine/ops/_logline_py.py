@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import time
 from typing import Final
 
@@ -150,7 +151,9 @@ class Lines:
     """Rendered protocol-log lines not yet written: :meth:`add` renders one buffered entry
     as the file gets it, ``<stamp><head><sanitised text>LF`` a line; :meth:`take` hands
     over (and forgets) what was added.  :attr:`size` is its bytes, :attr:`lines` its
-    lines.
+    lines.  :meth:`add` says whether the buffer is due to be handed over: it holds
+    ``limit`` bytes or more, or the entry's time is at or past :attr:`due` (which the
+    owner sets), so the caller's hot path is one call and one test.
 
     The same bytes as stamping and sanitising each line alone (:func:`format_timestamp`,
     :func:`sanitise`), for less: a chunk of lines that need no escape and no cut (SMTP
@@ -158,20 +161,24 @@ class Lines:
     next line's stamp and head, and a stamp is formatted only when the time's
     millisecond changes."""
 
-    __slots__ = ("_hi", "_lo", "_out", "_stamp", "lines", "size")
+    __slots__ = ("_hi", "_lo", "_out", "_stamp", "due", "limit", "lines", "size")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = sys.maxsize) -> None:
         self._out: list[bytes] = []
         self.size = 0
         self.lines = 0
+        self.limit = limit
+        #: The time from which :meth:`add` says the buffer is due (never, at first).
+        self.due = math.inf
         # The stamp of every time in [lo, hi): entries come in time order, so most lines
         # test two floats instead of formatting a time.
         self._lo = self._hi = 0.0
         self._stamp = b""
 
-    def add(self, t: float, head: bytes, data: bytes | str, kind: int) -> None:
+    def add(self, t: float, head: bytes, data: bytes | str, kind: int) -> bool:
         """Render one entry: at time ``t``, ``head`` the session's fields after the stamp
-        (TAB first and last), ``data`` as it came, ``kind`` how it divides into lines."""
+        (TAB first and last), ``data`` as it came, ``kind`` how it divides into lines.
+        True: the buffer is due to be handed over (see the class)."""
         if not self._lo <= t < self._hi:
             self._stamp = format_timestamp(t).encode("ascii")
             self._lo, self._hi = t, stamp_end(t)
@@ -186,8 +193,7 @@ class Lines:
                 data = sanitise(data).encode("utf-8", "backslashreplace")
             assert isinstance(data, bytes)
             out += (stamp, head, data, _LF)
-            self._keep(out, 1)
-            return
+            return self._keep(out, 1, t)
         if not isinstance(data, bytes):
             raise TypeError(f"a chunk of lines must be bytes, not {type(data).__name__}")
         if len(data) <= MAX_TEXT:
@@ -204,19 +210,19 @@ class Lines:
             if clean:
                 prefix = stamp + head
                 out += (prefix, body.replace(sep, _LF + prefix), _LF)
-                self._keep(out, body.count(sep) + 1)
-                return
+                return self._keep(out, body.count(sep) + 1, t)
         lines = split_lines(data, kind)
         for line in lines:
             if len(line) > MAX_TEXT or needs_escape(line) is not None:
                 line = sanitise(line).encode("utf-8", "backslashreplace")
             out += (stamp, head, line, _LF)
-        self._keep(out, len(lines))
+        return self._keep(out, len(lines), t)
 
-    def _keep(self, out: list[bytes], lines: int) -> None:
+    def _keep(self, out: list[bytes], lines: int, t: float) -> bool:
         self._out += out
         self.size += sum(map(len, out))
         self.lines += lines
+        return self.size >= self.limit or t >= self.due
 
     def take(self) -> bytes:
         """Everything added since the last take, as one bytes."""

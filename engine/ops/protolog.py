@@ -211,8 +211,10 @@ class ProtocolLog:
         self.dropped = 0
         #: The last OS error met while opening, writing or rotating, for the operator.
         self.last_error: str | None = None
-        #: Lines rendered and not handed to the writer yet.
-        self._buf = Lines()
+        #: Lines rendered and not handed to the writer yet; its ``add`` says when they
+        #: are due to be (FLUSH_BYTES, or its ``due`` time: the flush interval after the
+        #: last flush, at once once closed: the flush counts the lines as dropped).
+        self._buf = Lines(FLUSH_BYTES)
         self._fd: int | None = None
         self._ino: tuple[int, int] | None = None
         self._size = 0
@@ -221,9 +223,7 @@ class ProtocolLog:
         self._torn = False
         self._closed = self.path is None
         self._clock = clock
-        #: When a line logged hands the buffer to the writer: the flush interval after
-        #: the last flush (at once once closed: the flush counts the lines as dropped).
-        self._flush_due = clock() + flush_interval
+        self._buf.due = clock() + flush_interval
         if self.path is not None:
             self._open()
 
@@ -244,8 +244,8 @@ class ProtocolLog:
         """Hand the buffered lines to the writer thread, which writes them with one append
         within :data:`GATHER_SECONDS`; never blocks, never raises ``OSError``."""
         now = self._clock()
-        self._flush_due = now + self.flush_interval if not self._closed else -math.inf
         buf = self._buf
+        buf.due = now + self.flush_interval if not self._closed else -math.inf
         if not buf.size:
             return
         lines = buf.lines
@@ -281,7 +281,7 @@ class ProtocolLog:
             return
         self.sync()
         self._closed = True
-        self._flush_due = -math.inf
+        self._buf.due = -math.inf
         self._close_fd()
 
     def __enter__(self) -> ProtocolLog:
@@ -294,22 +294,6 @@ class ProtocolLog:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    # --- lines ----------------------------------------------------------------------------
-
-    def _add(self, head: bytes, data: bytes | str, kind: int = ONE) -> None:
-        """Render one entry into the buffer: ``head`` is the session's fields after the
-        time stamp (TAB first, TAB last), ``data`` what was received, sent or happened, as
-        it came, ``kind`` how it divides into lines.
-
-        On the event loop for every line: a time, the rendering (in C when compiled: a
-        copy of bytes that need no escape) and two tests (a closed log flushes at once,
-        and the flush counts the lines as dropped)."""
-        now = self._clock()
-        buf = self._buf
-        buf.add(now, head, data, kind)
-        if buf.size >= FLUSH_BYTES or now >= self._flush_due:
-            self.flush()
 
     # --- the file -------------------------------------------------------------------------
 
@@ -505,8 +489,14 @@ _WRITER: Final = _Writer()
 
 class SessionLog:
     """One session's view of a :class:`ProtocolLog`; every method is a no-op when the log
-    is switched off, and none raises on I/O trouble.  What it is given is buffered as it
-    came and sanitised at the log's flush (see the module docstring)."""
+    is switched off, and none raises on I/O trouble.  What it is given is rendered at once
+    into the log's buffer (see the module docstring).
+
+    On the event loop for every line: a time, the rendering (in C when compiled: a copy
+    of bytes that need no escape) and the hand-over when the buffer says it is due.  The
+    methods call the buffer themselves, not through a method of the log: at ~25 lines a
+    relayed message, a Python call a line was a third of the protocol logs' cost to the
+    loop (benchmarks/README.md, issue 12's group commit)."""
 
     __slots__ = ("_event", "_log", "_partial", "_recv", "_redact", "_send", "client",
                  "session_id")
@@ -541,7 +531,8 @@ class SessionLog:
             self._redact = False
             # Masked here, before anything is buffered: the secret never leaves the call.
             line = _redact(line).encode("ascii")
-        log._add(self._recv, line)
+        if log._buf.add(log._clock(), self._recv, line, ONE):
+            log.flush()
 
     def redact_next(self) -> None:
         """Hide the next received line (e.g. after a 334, the next line is a SASL response)."""
@@ -567,14 +558,16 @@ class SessionLog:
             data = data[:end]
         else:
             self._partial = b""
-        if data:
-            log._add(self._recv, data, LF_LINES)
+        if data and log._buf.add(log._clock(), self._recv, data, LF_LINES):
+            log.flush()
 
     def recv_end(self) -> None:
         """The peer's stream ended: log a last line that never got its LF."""
-        if self._log is not None and self._partial:
+        log = self._log
+        if log is not None and self._partial:
             line, self._partial = self._partial, b""
-            self._log._add(self._recv, line)
+            if log._buf.add(log._clock(), self._recv, line, ONE):
+                log.flush()
 
     def send(self, data: bytes, *, secret: bool = False) -> None:
         """Log what was sent to the peer: one log line per CRLF-ended line.
@@ -589,14 +582,14 @@ class SessionLog:
             return
         if secret:
             for line in split_lines(data, CRLF_LINES):
-                log._add(self._send, _redact(line).encode("ascii"))
-        else:
-            log._add(self._send, data, CRLF_LINES)
+                if log._buf.add(log._clock(), self._send, _redact(line).encode("ascii"), ONE):
+                    log.flush()
+        elif log._buf.add(log._clock(), self._send, data, CRLF_LINES):
+            log.flush()
 
     def event(self, text: str) -> None:
         """Log a session event: "connect", "TLS TLSv1.3 TLS_AES_256_GCM_SHA384",
         "disconnect: timeout", ..."""
         log = self._log
-        if log is None:
-            return
-        log._add(self._event, text)
+        if log is not None and log._buf.add(log._clock(), self._event, text, ONE):
+            log.flush()

@@ -673,27 +673,36 @@ _ENTRY = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(entries=st.lists(st.tuples(st.sampled_from([0.0, 1e-7, 0.0004, 0.001, 0.9996, 1.0]),
                                   _HEAD, _ENTRY), max_size=10),
-       start=st.floats(min_value=0, max_value=4e9))
-@example(entries=[(0.0, b"\tS\tc\t<\t", (LF_LINES, b"\r\n\r\n"))], start=5.0)
-@example(entries=[(0.0, b"", (CRLF_LINES, b"a\r\r\nb\r\n"))], start=5.0)
+       start=st.floats(min_value=0, max_value=4e9),
+       limit=st.integers(min_value=0, max_value=400),
+       due=st.sampled_from([-math.inf, 0.0, 0.001, 1.0, math.inf]))
+@example(entries=[(0.0, b"\tS\tc\t<\t", (LF_LINES, b"\r\n\r\n"))], start=5.0,
+         limit=1 << 20, due=math.inf)
+@example(entries=[(0.0, b"", (CRLF_LINES, b"a\r\r\nb\r\n"))], start=5.0,
+         limit=1 << 20, due=math.inf)
 # Stamps that are not 24 characters (a year before 1000, after 9999): formatted each time.
-@example(entries=[(0.0, b"", (ONE, b"x")), (0.0004, b"", (ONE, "y"))], start=-1e11)
-@example(entries=[(0.0, b"", (ONE, b"x")), (1.0, b"", (ONE, b"y"))], start=253402300799.5)
+@example(entries=[(0.0, b"", (ONE, b"x")), (0.0004, b"", (ONE, "y"))], start=-1e11,
+         limit=1 << 20, due=math.inf)
+@example(entries=[(0.0, b"", (ONE, b"x")), (1.0, b"", (ONE, b"y"))], start=253402300799.5,
+         limit=1 << 20, due=math.inf)
 def test_compiled_renderer_writes_the_twins_bytes(
         impl: str, module: ModuleType,
         entries: list[tuple[float, bytes, tuple[int, bytes | str]]],
-        start: float) -> None:
+        start: float, limit: int, due: float) -> None:
     now = start
     buffered: list[_logline_py.Entry] = []
     for step, head, (kind, data) in entries:
         now += step
         buffered.append((now, head, data, kind))
     assert module.render(buffered) == _logline_py.render(buffered)
-    # The buffer the log renders into: the same size and line count as it fills.
-    mine, twin = module.Lines(), _logline_py.Lines()
+    # The buffer the log renders into: the same size and line count as it fills, and the
+    # same answer to "due to be handed over?" (by its size limit or its due time).
+    mine, twin = module.Lines(limit), _logline_py.Lines(limit)
+    mine.due = twin.due = start + due
     for entry in buffered:
-        mine.add(*entry)
-        twin.add(*entry)
+        said = mine.add(*entry)
+        assert said is twin.add(*entry)
+        assert said is (mine.size >= limit or entry[0] >= start + due)
         assert (mine.size, mine.lines) == (twin.size, twin.lines)
     assert mine.take() == twin.take() == _logline_py.render(buffered)
     assert (mine.size, mine.lines) == (0, 0)
