@@ -495,7 +495,7 @@ class SessionLog:
     On the event loop for every line: a time, the rendering (in C when compiled: a copy
     of bytes that need no escape) and the hand-over when the buffer says it is due.  The
     methods call the buffer themselves, not through a method of the log: at ~25 lines a
-    relayed message, a Python call a line was a third of the protocol logs' cost to the
+    relayed message, a Python call a line was about a quarter of the protocol logs' cost to the
     loop (benchmarks/README.md, issue 12's group commit)."""
 
     __slots__ = ("_event", "_log", "_partial", "_recv", "_redact", "_send", "client",
