@@ -34,13 +34,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import pickle
 import select
 import signal
 import struct
 import sys
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -141,6 +144,55 @@ class _Handed:
     size: int
 
 
+#: Under load, a batch smaller than the last commit's waits at most this long (seconds)
+#: for more writes before its commit.  Why: a commit costs the writer about as much as the
+#: writes of ten messages (its fsyncs and their I/O submissions, LMDB's copy of each
+#: tree's upper pages; benchmarks/README.md, issue 12's group commit).  Committing
+#: whatever has arrived the moment the last commit returns lets the group size follow
+#: the server's speed from turn to turn: a server made slightly slower (its logs on, a
+#: busier machine) hands over less per commit, pays more per message, and is slower
+#: still.  Holding the size a moment keeps one fsync per group of that size; it adds at
+#: most this to an acknowledgement, and nothing when the writer was idle.
+LINGER: Final = 0.002
+#: "Under load": the batch's first write came within this long of the last commit's
+#: end (an idle writer commits a lone message at once).
+BUSY: Final = 0.005
+
+
+class _Grouping:
+    """When a gathered batch commits (:data:`LINGER`): at once, unless the writer is
+    busy and the batch is smaller than the last group, then when it has grown to that
+    size or the linger has passed, whichever comes first."""
+
+    __slots__ = ("_clock", "_deadline", "_ended", "_gathering", "_last")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last = 0  # writes in the last commit
+        self._ended = -math.inf  # when it ended
+        self._gathering = False  # the batch being gathered has writes
+        self._deadline = -math.inf  # when it commits, whatever its size
+
+    def arrived(self) -> None:
+        """Writes came in (the batch being gathered has some now)."""
+        if not self._gathering:
+            self._gathering = True
+            now = self._clock()
+            self._deadline = now + LINGER if now - self._ended <= BUSY else now
+
+    def wait(self, size: int) -> float:
+        """Seconds to wait for more writes before committing a batch of ``size``."""
+        if size >= self._last:
+            return 0.0
+        return max(0.0, self._deadline - self._clock())
+
+    def committed(self, size: int) -> None:
+        """A batch of ``size`` writes was committed."""
+        self._last = size
+        self._ended = self._clock()
+        self._gathering = False
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -160,26 +212,30 @@ def main(argv: list[str] | None = None) -> int:
     space = bytearray(PIPE_SIZE)
     frames: deque[list[Any]] = deque()
     ended = False
+    group = _Grouping()
     while True:
         batch: list[Any] = []
         while True:
             while frames and len(batch) < params.batch_limit:
                 batch += frames.popleft()
-            # Group commit across the pipe: batches already waiting join this one.
+            # Group commit across the pipe: batches already waiting join this one, and
+            # under load a small one waits a moment for more (_Grouping).
             if ended or len(batch) >= params.batch_limit or (
-                    batch and not select.select([rfd], [], [], 0)[0]):
+                    batch and not select.select([rfd], [], [], group.wait(len(batch)))[0]):
                 break
             got = os.readv(rfd, [space])  # blocks while the pipe is empty
             if not got:
                 ended = True  # (a partial frame left is nobody's: never acknowledged)
             buffer += memoryview(space)[:got]
             frames += take_frames(buffer)
+            group.arrived()
         if not batch:
             break
         writes = [_Handed(*item) for item in batch]
         results = committer.commit(writes, sum(w.size for w in writes))
         write_frame(wfd, ([(w.ident, value, _portable(error)) for w, value, error in results],
                           committer.report()))
+        group.committed(len(batch))
     db.close()
     return 0
 

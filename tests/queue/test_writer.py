@@ -31,6 +31,9 @@ from engine.queue.lmdb_txn import Database, Report, WriterParams
 from engine.queue.records import Envelope, RcptState, Recipient
 from engine.queue.writer import WRITER_KINDS, Pending, Writer, WriterKind, start_writer
 from engine.queue.writer_process import (
+    BUSY,
+    LINGER,
+    _Grouping,
     pack_frame,
     read_frame,
     take_frames,
@@ -359,3 +362,46 @@ def test_the_report_crosses_the_pipe_unchanged() -> None:
     assert take_frames(bytearray(frame)) == [report]
     assert take_frames(bytearray(b"".join(pack_frame(Report(False, None, QueueStats()))))) \
         == [Report(False, None, QueueStats())]
+
+
+class _Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_idle_writer_commits_a_lone_write_at_once() -> None:
+    clock = _Clock()
+    group = _Grouping(clock)
+    group.arrived()
+    assert group.wait(1) == 0.0
+    group.committed(1)
+    # A burst committed, then nothing for a while: the next lone write does not wait.
+    group.arrived()
+    group.committed(40)
+    clock.now += 10 * BUSY
+    group.arrived()
+    assert group.wait(1) == 0.0
+
+
+def test_under_load_a_smaller_batch_waits_at_most_the_linger_for_the_last_size() -> None:
+    clock = _Clock()
+    group = _Grouping(clock)
+    group.arrived()
+    group.committed(10)
+    clock.now += BUSY / 2  # the next writes came soon after the commit: busy
+    group.arrived()
+    assert group.wait(3) == pytest.approx(LINGER)
+    assert group.wait(10) == 0.0  # as large as the last group: at once
+    clock.now += LINGER / 2
+    assert group.wait(3) == pytest.approx(LINGER / 2)
+    clock.now += LINGER
+    assert group.wait(3) == 0.0  # the linger has passed: whatever has come commits
+    group.committed(3)
+    clock.now += BUSY / 2
+    group.arrived()
+    assert group.wait(3) == 0.0  # the size followed the last group down
