@@ -228,6 +228,7 @@ class App:
             Path(cfg.spool) / "queue", durability=q.durability, map_size=q.map_size,
             max_map_size=q.max_map_size, min_free_disk=q.min_free_disk,
             max_pending=q.max_pending, batch_limit=q.batch_limit,
+            commit_linger=q.commit_linger,
             # A process, not a thread: see engine.queue.writer_process (the GIL).
             writer="process",
         )

@@ -773,13 +773,20 @@ class QueueConfig:
     min_free_disk: Annotated[int, _v(_size)] = 512 * MiB
     max_pending: _PosInt = 10_000
     batch_limit: _PosInt = 2_000
+    #: Under load, how long a commit smaller than the last one waits for more writes
+    #: (engine.queue.writer_process._Grouping); 0 = commit at once.
+    commit_linger: _SecondsOrOff = 0.002
 
 
 def _check_queue(q: QueueConfig) -> list[tuple[_Loc, str]]:
+    found: list[tuple[_Loc, str]] = []
     if q.map_size > q.max_map_size:
-        return [(("map_size",), f"must not be larger than queue.max_map_size ({q.map_size} > "
-                                f"{q.max_map_size})")]
-    return []
+        found.append((("map_size",), f"must not be larger than queue.max_map_size "
+                                     f"({q.map_size} > {q.max_map_size})"))
+    if q.commit_linger > 1:
+        # Every acknowledgement under load may wait this long: a second is already absurd.
+        found.append((("commit_linger",), f"must be at most 1 second (got {q.commit_linger})"))
+    return found
 
 
 def _loopback() -> tuple[Network, ...]:

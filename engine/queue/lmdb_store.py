@@ -43,6 +43,7 @@ from engine.queue.api import (
     QueueStats,
 )
 from engine.queue.lmdb_txn import (
+    COMMIT_LINGER,
     DUE,
     DURABILITY_MODES,
     SEP,
@@ -72,12 +73,13 @@ class LmdbQueue:
         batch_limit: int = 2_000,
         batch_bytes: int = 64 << 20,
         disk_check_interval: float = 1.0,
+        commit_linger: float = COMMIT_LINGER,
         writer: WriterKind = "thread",
     ) -> None:
         params = WriterParams(
             str(path), durability=durability, map_size=map_size, max_map_size=max_map_size,
             min_free_disk=min_free_disk, batch_limit=batch_limit, batch_bytes=batch_bytes,
-            disk_check_interval=disk_check_interval)
+            disk_check_interval=disk_check_interval, commit_linger=commit_linger)
         self.path = Path(path)
         self.durability = durability
         self.max_pending = max_pending

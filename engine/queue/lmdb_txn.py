@@ -184,6 +184,10 @@ def _change(env: Envelope, change: Change) -> int:
     return _park(env, RcptState.POISON, now, PARKED_STATES)
 
 
+#: ``[queue] commit_linger``'s default (seconds).
+COMMIT_LINGER: Final = 0.002
+
+
 @dataclass(frozen=True, slots=True)
 class WriterParams:
     """How the queue database is opened and written: what both writers need (plain
@@ -198,6 +202,8 @@ class WriterParams:
     batch_limit: int = 2_000
     batch_bytes: int = 64 << 20
     disk_check_interval: float = 1.0
+    #: the writer process's wait for a fuller group (engine.queue.writer_process._Grouping)
+    commit_linger: float = COMMIT_LINGER
 
     def __post_init__(self) -> None:
         if self.durability not in DURABILITY_MODES:

@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from engine.queue.lmdb_txn import Committer, Database, WriterParams
+from engine.queue.lmdb_txn import COMMIT_LINGER, Committer, Database, WriterParams
 
 _HEADER: Final = struct.Struct("!Q")
 #: The pipes' capacity asked for (Linux's default is 64 KiB; an unprivileged process may
@@ -144,8 +144,9 @@ class _Handed:
     size: int
 
 
-#: Under load, a batch smaller than the last commit's waits at most this long (seconds)
-#: for more writes before its commit.  Why: a commit costs the writer about as much as the
+#: Under load, a batch smaller than the last commit's waits at most this long (seconds,
+#: ``[queue] commit_linger``, WriterParams.commit_linger) for more writes before its
+#: commit.  Why: a commit costs the writer about as much as the
 #: writes of ten messages (its fsyncs and their I/O submissions, LMDB's copy of each
 #: tree's upper pages; benchmarks/README.md, issue 12's group commit).  Committing
 #: whatever has arrived the moment the last commit returns lets the group size follow
@@ -153,20 +154,22 @@ class _Handed:
 #: busier machine) hands over less per commit, pays more per message, and is slower
 #: still.  Holding the size a moment keeps one fsync per group of that size; it adds at
 #: most this to an acknowledgement, and nothing when the writer was idle.
-LINGER: Final = 0.002
+LINGER: Final = COMMIT_LINGER
 #: "Under load": the batch's first write came within this long of the last commit's
 #: end (an idle writer commits a lone message at once).
 BUSY: Final = 0.005
 
 
 class _Grouping:
-    """When a gathered batch commits (:data:`LINGER`): at once, unless the writer is
-    busy and the batch is smaller than the last group, then when it has grown to that
-    size or the linger has passed, whichever comes first."""
+    """When a gathered batch commits (``linger``, :data:`LINGER` by default): at once,
+    unless the writer is busy and the batch is smaller than the last group, then when it
+    has grown to that size or the linger has passed, whichever comes first."""
 
-    __slots__ = ("_clock", "_deadline", "_ended", "_gathering", "_last")
+    __slots__ = ("_clock", "_deadline", "_ended", "_gathering", "_last", "_linger")
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, linger: float = LINGER,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._linger = linger
         self._clock = clock
         self._last = 0  # writes in the last commit
         self._ended = -math.inf  # when it ended
@@ -178,7 +181,7 @@ class _Grouping:
         if not self._gathering:
             self._gathering = True
             now = self._clock()
-            self._deadline = now + LINGER if now - self._ended <= BUSY else now
+            self._deadline = now + self._linger if now - self._ended <= BUSY else now
 
     def wait(self, size: int) -> float:
         """Seconds to wait for more writes before committing a batch of ``size``."""
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     space = bytearray(PIPE_SIZE)
     frames: deque[list[Any]] = deque()
     ended = False
-    group = _Grouping()
+    group = _Grouping(params.commit_linger)
     while True:
         batch: list[Any] = []
         while True:

@@ -376,7 +376,7 @@ class _Clock:
 
 def test_an_idle_writer_commits_a_lone_write_at_once() -> None:
     clock = _Clock()
-    group = _Grouping(clock)
+    group = _Grouping(clock=clock)
     group.arrived()
     assert group.wait(1) == 0.0
     group.committed(1)
@@ -390,7 +390,7 @@ def test_an_idle_writer_commits_a_lone_write_at_once() -> None:
 
 def test_under_load_a_smaller_batch_waits_at_most_the_linger_for_the_last_size() -> None:
     clock = _Clock()
-    group = _Grouping(clock)
+    group = _Grouping(clock=clock)
     group.arrived()
     group.committed(10)
     clock.now += BUSY / 2  # the next writes came soon after the commit: busy
@@ -405,3 +405,13 @@ def test_under_load_a_smaller_batch_waits_at_most_the_linger_for_the_last_size()
     clock.now += BUSY / 2
     group.arrived()
     assert group.wait(3) == 0.0  # the size followed the last group down
+
+
+def test_a_linger_of_zero_commits_every_batch_at_once() -> None:
+    clock = _Clock()
+    group = _Grouping(0.0, clock=clock)  # [queue] commit_linger = 0
+    group.arrived()
+    group.committed(10)
+    clock.now += BUSY / 2
+    group.arrived()
+    assert group.wait(3) == 0.0

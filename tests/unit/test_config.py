@@ -456,6 +456,8 @@ def test_positive_integer_message(tmp_path: Path) -> None:
         ('[queue]\nmap_size = "lots"', "queue.map_size", '(got "lots")'),
         ('[queue]\nmap_size = "0MiB"', "queue.map_size", "positive size"),
         ("[queue]\nmin_free_disk = -1", "queue.min_free_disk", ">= 0 (got -1)"),
+        ("[queue]\ncommit_linger = -0.001", "queue.commit_linger", "0 or more"),
+        ("[queue]\ncommit_linger = 2", "queue.commit_linger", "at most 1 second (got 2.0)"),
         (
             '[queue]\nmap_size = "1GiB"\nmax_map_size = "512MiB"',
             "queue.map_size",
