@@ -20,7 +20,7 @@ from engine.ops import _logline_py
 
 include "_buffer.pxi"
 
-__all__ = ["Lines", "render"]
+__all__ = ["Lines", "SessionLog", "render"]
 
 cdef Py_ssize_t MAX_TEXT = _logline_py.MAX_TEXT
 cdef int ONE = _logline_py.ONE
@@ -217,3 +217,114 @@ def render(list entries):
     for entry in entries:
         lines.add(entry[0], entry[1], entry[2], entry[3])
     return lines.take()
+
+
+cdef object redact = _logline_py.redact
+cdef object heads = _logline_py.heads
+
+
+cdef bytes _head(str field):
+    """``field`` as its bytes when sanitise() would return it as it is, else None."""
+    cdef bytes raw
+    if len(field) > MAX_TEXT or not field.isascii():
+        return None
+    raw = field.encode("ascii")
+    return raw if _clean(raw) else None
+
+
+@cython.final
+cdef class SessionLog:
+    """One session's view of a protocol log (the twin's ``SessionLog``, which documents
+    the methods): the whole line path in C, a time from the log's clock, the line
+    rendered into the log's :class:`Lines`, the log's flush when it says they are due."""
+
+    cdef readonly str session_id
+    cdef readonly str client
+    cdef Lines _buf  # None: switched off
+    cdef object _clock
+    cdef object _flush
+    cdef bytes _recv
+    cdef bytes _send
+    cdef bytes _event
+    cdef bytes _partial
+    cdef bint _redact
+
+    def __init__(self, log, str session_id not None, str client not None):
+        cdef bytes sid, peer, head
+        self.session_id = session_id
+        self.client = client
+        self._partial = b""
+        self._redact = False
+        if log is None:
+            self._recv = self._send = self._event = b""
+            return
+        sid = _head(session_id)
+        peer = _head(client)
+        if sid is not None and peer is not None:
+            head = b"\t" + sid + b"\t" + peer + b"\t"
+            self._recv = head + b"<\t"
+            self._send = head + b">\t"
+            self._event = head + b"*\t"
+        else:
+            self._recv, self._send, self._event = heads(session_id, client)
+        self._buf = log._buf
+        self._clock = log._clock
+        self._flush = log.flush
+
+    def recv(self, line, *, bint secret=False):
+        cdef Py_ssize_t n
+        if self._buf is None:
+            return
+        if type(line) is bytes:
+            n = PyBytes_GET_SIZE(<bytes>line)
+            if (n >= 2 and PyBytes_AS_STRING(<bytes>line)[n - 2] == b'\r'
+                    and PyBytes_AS_STRING(<bytes>line)[n - 1] == b'\n'):
+                line = (<bytes>line)[:n - 2]
+        elif line.endswith(b"\r\n"):
+            line = line[:len(line) - 2]
+        if secret or self._redact:
+            self._redact = False
+            # Masked here, before anything is buffered: the secret never leaves the call.
+            line = redact(line)
+        if self._buf.add(self._clock(), self._recv, line, ONE):
+            self._flush()
+
+    def redact_next(self):
+        if self._buf is not None:
+            self._redact = True
+
+    def recv_data(self, bytes data not None):
+        cdef Py_ssize_t end
+        if self._buf is None:
+            return
+        if PyBytes_GET_SIZE(self._partial):
+            data = self._partial + data
+        end = data.rfind(b"\n") + 1
+        if end < PyBytes_GET_SIZE(data):
+            self._partial = data[end: end + 4 * MAX_TEXT + 8]
+            data = data[:end]
+        else:
+            self._partial = b""
+        if PyBytes_GET_SIZE(data) and self._buf.add(self._clock(), self._recv, data, LF_LINES):
+            self._flush()
+
+    def recv_end(self):
+        cdef bytes line
+        if self._buf is not None and PyBytes_GET_SIZE(self._partial):
+            line, self._partial = self._partial, b""
+            if self._buf.add(self._clock(), self._recv, line, ONE):
+                self._flush()
+
+    def send(self, bytes data not None, *, bint secret=False):
+        if self._buf is None or not PyBytes_GET_SIZE(data):
+            return
+        if secret:
+            for line in split_lines(data, CRLF_LINES):
+                if self._buf.add(self._clock(), self._send, redact(line), ONE):
+                    self._flush()
+        elif self._buf.add(self._clock(), self._send, data, CRLF_LINES):
+            self._flush()
+
+    def event(self, text):
+        if self._buf is not None and self._buf.add(self._clock(), self._event, text, ONE):
+            self._flush()

@@ -14,10 +14,12 @@ import math
 import re
 import sys
 import time
-from typing import Final
+from collections.abc import Callable
+from typing import Final, Protocol
 
-__all__ = ["CRLF_LINES", "LF_LINES", "MAX_TEXT", "ONE", "Entry", "Lines", "format_timestamp",
-           "render", "sanitise", "split_lines", "stamp_end"]
+__all__ = ["CRLF_LINES", "KNOWN_MECHANISMS", "LF_LINES", "MAX_TEXT", "ONE", "REDACTED", "Entry",
+           "Lines", "SessionLog", "format_timestamp", "heads", "redact", "render", "sanitise",
+           "split_lines", "stamp_end"]
 
 #: Longest text field, in characters, "…" marker included.
 MAX_TEXT: Final = 1000
@@ -238,3 +240,176 @@ def render(entries: list[Entry]) -> bytes:
     for t, head, data, kind in entries:
         lines.add(t, head, data, kind)
     return lines.take()
+
+
+#: What a hidden secret is written as.
+REDACTED: Final = "****"
+
+# SASL mechanism names that may be shown after a redacted AUTH verb (IANA "SASL Mechanisms"
+# registry, the ones seen on submission ports).  A name not listed here is hidden too: a
+# broken client may put its credentials where the mechanism belongs ("AUTH dGVzdA").
+KNOWN_MECHANISMS: Final = frozenset(
+    {
+        "ANONYMOUS",
+        "CRAM-MD5",
+        "DIGEST-MD5",
+        "EXTERNAL",
+        "GS2-KRB5",
+        "GS2-KRB5-PLUS",
+        "GSSAPI",
+        "LOGIN",
+        "NTLM",
+        "OAUTHBEARER",
+        "PLAIN",
+        "SCRAM-SHA-1",
+        "SCRAM-SHA-1-PLUS",
+        "SCRAM-SHA-256",
+        "SCRAM-SHA-256-PLUS",
+        "SCRAM-SHA-512",
+        "SCRAM-SHA-512-PLUS",
+        "XOAUTH2",
+    }
+)
+
+
+def redact(line: bytes) -> bytes:
+    """The loggable form of a secret line: "AUTH <MECH> ****" or "****"."""
+    parts = line.split(None, 2)
+    if not parts or parts[0].upper() != b"AUTH":
+        return REDACTED.encode()
+    if len(parts) == 1:
+        return b"AUTH"
+    mech = parts[1].upper().decode("ascii", "replace")
+    if mech not in KNOWN_MECHANISMS:
+        return f"AUTH {REDACTED}".encode()
+    # RFC 4954 §4: anything after the mechanism is the initial response ("=" for empty).
+    return (f"AUTH {mech} {REDACTED}" if len(parts) == 3 else f"AUTH {mech}").encode("ascii")
+
+
+def heads(session_id: str, client: str) -> tuple[bytes, bytes, bytes]:
+    """A session's fields after the stamp, for a line received, sent, and an event."""
+    head = f"\t{sanitise(session_id)}\t{sanitise(client)}\t".encode("utf-8", "backslashreplace")
+    return head + b"<\t", head + b">\t", head + b"*\t"
+
+
+def _off() -> None:
+    """A switched-off session's flush (never called)."""
+
+
+class _Owner(Protocol):
+    """What a :class:`SessionLog` needs of its log (engine.ops.protolog.ProtocolLog)."""
+
+    @property
+    def _buf(self) -> Lines: ...
+
+    @property
+    def _clock(self) -> Callable[[], float]: ...
+
+    def flush(self) -> None: ...
+
+
+class SessionLog:
+    """One session's view of a protocol log (engine.ops.protolog.ProtocolLog): each
+    call renders its line(s) into the log's :class:`Lines` at once, and hands them over
+    (``log.flush()``) when the buffer says they are due.  ``log=None``: switched off,
+    every method is a no-op.
+
+    On the event loop for every line: a time, the rendering and one test.  The log's
+    buffer, clock and flush are kept here, so a line costs one call into the buffer;
+    the compiled twin does the whole line path in C (benchmarks/README.md, issue 12's
+    compiled session log)."""
+
+    __slots__ = ("_add", "_clock", "_event", "_flush", "_on", "_partial", "_recv", "_redact",
+                 "_send", "client", "session_id")
+
+    def __init__(self, log: _Owner | None, session_id: str, client: str) -> None:
+        self.session_id = session_id
+        self.client = client
+        self._redact = False
+        #: An unfinished line of :meth:`recv_data`, kept until its LF arrives.
+        self._partial = b""
+        self._on = log is not None
+        if log is None:
+            self._recv = self._send = self._event = b""
+            self._add: Callable[[float, bytes, bytes | str, int], bool] | None = None
+            self._clock: Callable[[], float] = time.time
+            self._flush: Callable[[], None] = _off
+            return
+        self._recv, self._send, self._event = heads(session_id, client)
+        self._add, self._clock, self._flush = log._buf.add, log._clock, log.flush
+
+    def recv(self, line: bytes, *, secret: bool = False) -> None:
+        """Log one line received from the client (its CRLF, if present, is not shown).
+
+        ``secret=True`` (or a preceding :meth:`redact_next`) hides it: ``AUTH PLAIN xyz``
+        is written as ``AUTH PLAIN ****``, any other line as ``****``.
+        """
+        add = self._add
+        if add is None:
+            return
+        if line.endswith(_CRLF):
+            line = line[:-2]
+        if secret or self._redact:
+            self._redact = False
+            # Masked here, before anything is buffered: the secret never leaves the call.
+            line = redact(line)
+        if add(self._clock(), self._recv, line, ONE):
+            self._flush()
+
+    def redact_next(self) -> None:
+        """Hide the next received line (e.g. after a 334, the next line is a SASL response)."""
+        if self._on:
+            self._redact = True
+
+    def recv_data(self, data: bytes) -> None:
+        """Log bytes as they arrive from the peer, one log line per line of the stream
+        (the send side: the server's replies as they came, wrong line endings included).
+
+        A line ends at LF; a CR before it is not shown.  A line without its LF yet waits
+        for the next call (or :meth:`recv_end`); only its first bytes are kept, enough to
+        show :data:`MAX_TEXT` characters and the truncation mark.
+        """
+        add = self._add
+        if add is None:
+            return
+        if self._partial:
+            data = self._partial + data
+        end = data.rfind(_LF) + 1
+        if end < len(data):
+            self._partial = data[end: end + 4 * MAX_TEXT + 8]
+            data = data[:end]
+        else:
+            self._partial = b""
+        if data and add(self._clock(), self._recv, data, LF_LINES):
+            self._flush()
+
+    def recv_end(self) -> None:
+        """The peer's stream ended: log a last line that never got its LF."""
+        add = self._add
+        if add is not None and self._partial:
+            line, self._partial = self._partial, b""
+            if add(self._clock(), self._recv, line, ONE):
+                self._flush()
+
+    def send(self, data: bytes, *, secret: bool = False) -> None:
+        """Log what was sent to the peer: one log line per CRLF-ended line.
+
+        ``secret=True`` hides every line as :meth:`recv` does: ``AUTH PLAIN ****`` for an
+        AUTH command with its initial response, ``****`` for a SASL response.
+        """
+        add = self._add
+        if add is None or not data:
+            return
+        if secret:
+            for line in split_lines(data, CRLF_LINES):
+                if add(self._clock(), self._send, redact(line), ONE):
+                    self._flush()
+        elif add(self._clock(), self._send, data, CRLF_LINES):
+            self._flush()
+
+    def event(self, text: str) -> None:
+        """Log a session event: "connect", "TLS TLSv1.3 TLS_AES_256_GCM_SHA384",
+        "disconnect: timeout", ..."""
+        add = self._add
+        if add is not None and add(self._clock(), self._event, text, ONE):
+            self._flush()

@@ -10,7 +10,7 @@ on any text.
 """
 
 from engine import _speedups
-from engine.ops._logline_py import Lines, render
+from engine.ops._logline_py import Lines, SessionLog, render
 
-__all__ = ["Lines", "render"]
+__all__ = ["Lines", "SessionLog", "render"]
 COMPILED = _speedups.select("logline", __all__, globals())

@@ -79,16 +79,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Literal
 
-from engine.ops._logline_py import (
-    CRLF_LINES,
-    LF_LINES,
-    MAX_TEXT,
-    ONE,
-    format_timestamp,
-    sanitise,
-    split_lines,
-)
-from engine.ops.logline import Lines
+from engine.ops._logline_py import MAX_TEXT, format_timestamp, sanitise
+from engine.ops.logline import Lines, SessionLog
 
 __all__ = [
     "FLUSH_BYTES",
@@ -115,60 +107,9 @@ GATHER_SECONDS: Final = 0.2
 MAX_PENDING: Final = 32 << 20
 #: Rotated generations kept: ``.1`` (newest) .. ``.5`` (oldest).
 GENERATIONS: Final = 5
-#: What a hidden secret is written as.
-REDACTED: Final = "****"
-
 #: The two sides a log can belong to, and the prefix of their file names.
 Side = Literal["receive", "send"]
 _PREFIX: Final[dict[str, str]] = {"receive": "protocol-", "send": "send-protocol-"}
-
-RECEIVED: Final = "<"
-SENT: Final = ">"
-EVENT: Final = "*"
-
-# SASL mechanism names that may be shown after a redacted AUTH verb (IANA "SASL Mechanisms"
-# registry, the ones seen on submission ports).  A name not listed here is hidden too: a
-# broken client may put its credentials where the mechanism belongs ("AUTH dGVzdA").
-KNOWN_MECHANISMS: Final = frozenset(
-    {
-        "ANONYMOUS",
-        "CRAM-MD5",
-        "DIGEST-MD5",
-        "EXTERNAL",
-        "GS2-KRB5",
-        "GS2-KRB5-PLUS",
-        "GSSAPI",
-        "LOGIN",
-        "NTLM",
-        "OAUTHBEARER",
-        "PLAIN",
-        "SCRAM-SHA-1",
-        "SCRAM-SHA-1-PLUS",
-        "SCRAM-SHA-256",
-        "SCRAM-SHA-256-PLUS",
-        "SCRAM-SHA-512",
-        "SCRAM-SHA-512-PLUS",
-        "XOAUTH2",
-    }
-)
-
-
-def _redact(line: bytes) -> str:
-    """The loggable form of a secret line: "AUTH <MECH> ****" or "****"."""
-    parts = line.split(None, 2)
-    if not parts or parts[0].upper() != b"AUTH":
-        return REDACTED
-    if len(parts) == 1:
-        return "AUTH"
-    mech = parts[1].upper().decode("ascii", "replace")
-    if mech not in KNOWN_MECHANISMS:
-        return "AUTH " + REDACTED
-    # RFC 4954 §4: anything after the mechanism is the initial response ("=" for empty).
-    return f"AUTH {mech} {REDACTED}" if len(parts) == 3 else f"AUTH {mech}"
-
-
-_LF: Final = b"\n"
-
 
 _CONNECTOR_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -485,111 +426,3 @@ class _Writer:
 
 
 _WRITER: Final = _Writer()
-
-
-class SessionLog:
-    """One session's view of a :class:`ProtocolLog`; every method is a no-op when the log
-    is switched off, and none raises on I/O trouble.  What it is given is rendered at once
-    into the log's buffer (see the module docstring).
-
-    On the event loop for every line: a time, the rendering (in C when compiled: a copy
-    of bytes that need no escape) and the hand-over when the buffer says it is due.  The
-    methods call the buffer themselves, not through a method of the log: at ~25 lines a
-    relayed message, a Python call a line was about a quarter of the protocol logs' cost to the
-    loop (benchmarks/README.md, issue 12's group commit)."""
-
-    __slots__ = ("_event", "_log", "_partial", "_recv", "_redact", "_send", "client",
-                 "session_id")
-
-    def __init__(self, log: ProtocolLog | None, session_id: str, client: str) -> None:
-        self.session_id = session_id
-        self.client = client
-        self._log = log
-        self._redact = False
-        #: An unfinished line of :meth:`recv_data`, kept until its LF arrives.
-        self._partial = b""
-        if log is None:
-            self._recv = self._send = self._event = b""
-            return
-        head = f"\t{sanitise(session_id)}\t{sanitise(client)}\t".encode("utf-8", "backslashreplace")
-        self._recv = head + f"{RECEIVED}\t".encode()
-        self._send = head + f"{SENT}\t".encode()
-        self._event = head + f"{EVENT}\t".encode()
-
-    def recv(self, line: bytes, *, secret: bool = False) -> None:
-        """Log one line received from the client (its CRLF, if present, is not shown).
-
-        ``secret=True`` (or a preceding :meth:`redact_next`) hides it: ``AUTH PLAIN xyz``
-        is written as ``AUTH PLAIN ****``, any other line as ``****``.
-        """
-        log = self._log
-        if log is None:
-            return
-        if line.endswith(b"\r\n"):
-            line = line[:-2]
-        if secret or self._redact:
-            self._redact = False
-            # Masked here, before anything is buffered: the secret never leaves the call.
-            line = _redact(line).encode("ascii")
-        if log._buf.add(log._clock(), self._recv, line, ONE):
-            log.flush()
-
-    def redact_next(self) -> None:
-        """Hide the next received line (e.g. after a 334, the next line is a SASL response)."""
-        if self._log is not None:
-            self._redact = True
-
-    def recv_data(self, data: bytes) -> None:
-        """Log bytes as they arrive from the peer, one log line per line of the stream
-        (the send side: the server's replies as they came, wrong line endings included).
-
-        A line ends at LF; a CR before it is not shown.  A line without its LF yet waits
-        for the next call (or :meth:`recv_end`); only its first bytes are kept, enough to
-        show :data:`MAX_TEXT` characters and the truncation mark.
-        """
-        log = self._log
-        if log is None:
-            return
-        if self._partial:
-            data = self._partial + data
-        end = data.rfind(_LF) + 1
-        if end < len(data):
-            self._partial = data[end: end + 4 * MAX_TEXT + 8]
-            data = data[:end]
-        else:
-            self._partial = b""
-        if data and log._buf.add(log._clock(), self._recv, data, LF_LINES):
-            log.flush()
-
-    def recv_end(self) -> None:
-        """The peer's stream ended: log a last line that never got its LF."""
-        log = self._log
-        if log is not None and self._partial:
-            line, self._partial = self._partial, b""
-            if log._buf.add(log._clock(), self._recv, line, ONE):
-                log.flush()
-
-    def send(self, data: bytes, *, secret: bool = False) -> None:
-        """Log what was sent to the peer: one log line per CRLF-ended line.
-
-        ``secret=True`` hides every line as :meth:`recv` does: ``AUTH PLAIN ****`` for an
-        AUTH command with its initial response, ``****`` for a SASL response.
-        """
-        log = self._log
-        if log is None:
-            return
-        if not data:
-            return
-        if secret:
-            for line in split_lines(data, CRLF_LINES):
-                if log._buf.add(log._clock(), self._send, _redact(line).encode("ascii"), ONE):
-                    log.flush()
-        elif log._buf.add(log._clock(), self._send, data, CRLF_LINES):
-            log.flush()
-
-    def event(self, text: str) -> None:
-        """Log a session event: "connect", "TLS TLSv1.3 TLS_AES_256_GCM_SHA384",
-        "disconnect: timeout", ..."""
-        log = self._log
-        if log is not None and log._buf.add(log._clock(), self._event, text, ONE):
-            log.flush()

@@ -713,3 +713,57 @@ def test_the_log_renders_with_the_selected_module(tmp_path: Path) -> None:
     assert type(log._buf) is logline.Lines
     assert _speedups.active["logline"] == logline.COMPILED
     log.close()
+
+
+class _Owner:
+    """What a session log needs of its ProtocolLog: a buffer, a clock, a flush that keeps
+    what the buffer hands over (so both twins' hand-overs can be compared too)."""
+
+    def __init__(self, lines: _logline_py.Lines, start: float) -> None:
+        self._buf = lines
+        self.now = start
+        self.chunks: list[bytes] = []
+
+    def _clock(self) -> float:
+        return self.now
+
+    def flush(self) -> None:
+        self.chunks.append(self._buf.take())
+
+
+_FIELD = st.text(max_size=12) | st.sampled_from(["0001abcd", "127.0.0.1:2525", "a\tb", "\\"])
+_SESSION_CALL = st.one_of(
+    st.tuples(st.sampled_from(["send", "recv"]), _CHUNK, st.booleans()),
+    st.tuples(st.just("recv"), st.sampled_from([b"AUTH PLAIN dGVzdA==\r\n", b"AUTH LOGIN",
+                                                 b"AUTH X y", b"dGVzdA=="]), st.booleans()),
+    st.tuples(st.sampled_from(["recv_data"]), _CHUNK, st.just(False)),
+    st.tuples(st.just("event"), _TEXT, st.just(False)),
+    st.tuples(st.sampled_from(["recv_end", "redact_next"]), st.just(b""), st.just(False)),
+)
+
+
+@pytest.mark.parametrize(("impl", "module"), _RENDERERS, ids=[i for i, _ in _RENDERERS])
+@settings(max_examples=300, deadline=None)
+@given(session_id=_FIELD, client=_FIELD,
+       calls=st.lists(st.tuples(_SESSION_CALL, st.sampled_from([0.0, 0.0004, 1.0])),
+                      max_size=12),
+       limit=st.integers(min_value=0, max_value=300))
+def test_compiled_session_log_writes_the_twins_bytes(
+        impl: str, module: ModuleType, session_id: str, client: str,
+        calls: list[tuple[tuple[str, bytes | str, bool], float]], limit: int) -> None:
+    owners = [_Owner(module.Lines(limit), 5.0), _Owner(_logline_py.Lines(limit), 5.0)]
+    sessions = [module.SessionLog(owners[0], session_id, client),
+                _logline_py.SessionLog(owners[1], session_id, client)]
+    off = module.SessionLog(None, session_id, client)
+    for (name, data, secret), step in calls:
+        for owner, session in zip(owners, sessions, strict=True):
+            owner.now += step
+            args = () if name in ("recv_end", "redact_next") else (data,)
+            kwargs = {"secret": secret} if name in ("send", "recv") else {}
+            getattr(session, name)(*args, **kwargs)
+        getattr(off, name)(*(() if name in ("recv_end", "redact_next") else (data,)))
+    for owner in owners:
+        owner.flush()
+    assert owners[0].chunks == owners[1].chunks
+    assert (sessions[0].session_id, sessions[0].client) == (session_id, client)
+    assert owners[0]._buf.size == 0
