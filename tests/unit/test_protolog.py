@@ -767,3 +767,20 @@ def test_compiled_session_log_writes_the_twins_bytes(
     assert owners[0].chunks == owners[1].chunks
     assert (sessions[0].session_id, sessions[0].client) == (session_id, client)
     assert owners[0]._buf.size == 0
+
+
+def test_lines_are_stamped_by_the_wall_clock(tmp_path: Path) -> None:
+    # The default clock is time.time, which the compiled session log reads in C: each
+    # stamp lies between the time.time() readings taken around its line.
+    log = ProtocolLog(tmp_path, "w")
+    session = log.session("S", "c")
+    bounds = []
+    for _ in range(50):
+        before = time.time()
+        session.event("tick")
+        bounds.append((format_timestamp(before), format_timestamp(time.time())))
+    log.close()
+    stamps = [row[0] for row in lines_of(tmp_path / "protocol-w.log")]
+    assert len(stamps) == len(bounds)
+    for stamp, (low, high) in zip(stamps, bounds, strict=True):
+        assert low <= stamp <= high
