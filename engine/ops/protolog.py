@@ -35,12 +35,14 @@ writes): an ``AUTH`` command keeps its verb and a known SASL mechanism name and 
 
 Each call renders its line(s) at once into the log's buffer (``Lines`` of
 engine.ops.logline: compiled, a copy of the bytes for a line that needs no escape), on the
-event loop.  The buffer is handed to the writer thread (:class:`_Writer`, one for every
-log of the process) as one bytes when :meth:`ProtocolLog.flush` runs (from a periodic
-task such as :meth:`ProtocolLog.run_flusher`), when it passes :data:`FLUSH_BYTES`, or
-when a line is logged ``flush_interval`` seconds after the last flush; the thread appends
-it with one ``write``, at most :data:`GATHER_SECONDS` later.  The file is rotated to
-``.1`` .. ``.5`` when the next write would take it past ``max_bytes``.
+event loop; :class:`SessionLog` is engine.ops.logline's too, so when compiled a line's
+whole path (the clock, the rendering, the test for a hand-over) is one call into C.  The
+buffer is handed to the writer thread (:class:`_Writer`, one for every log of the process)
+as one bytes when :meth:`ProtocolLog.flush` runs (from a periodic task such as
+:meth:`ProtocolLog.run_flusher`), when it passes :data:`FLUSH_BYTES`, or when a line is
+logged ``flush_interval`` seconds after the last flush; the thread appends it with one
+``write``, at most :data:`GATHER_SECONDS` later.  The file is rotated to ``.1`` .. ``.5``
+when the next write would take it past ``max_bytes``.
 :meth:`ProtocolLog.sync` and :meth:`ProtocolLog.close` wait until the lines are written.
 
 Rendering costs little: a chunk of lines that need no escape and no cut (printable ASCII
