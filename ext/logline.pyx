@@ -266,6 +266,7 @@ cdef class SessionLog:
     cdef bytes _partial
     cdef bint _redact
     cdef bint _wall  # the clock is time.time: read it in C
+    cdef readonly bint on
 
     cdef inline double _now(self) except? -1.0:
         return _wall_time() if self._wall else self._clock()
@@ -288,6 +289,7 @@ cdef class SessionLog:
             self._event = head + b"*\t"
         else:
             self._recv, self._send, self._event = heads(session_id, client)
+        self.on = True
         self._buf = log._buf
         self._clock = log._clock
         self._wall = self._clock is wall_clock

@@ -319,8 +319,8 @@ class SessionLog:
     the compiled twin does the whole line path in C (benchmarks/README.md, issue 12's
     compiled session log)."""
 
-    __slots__ = ("_add", "_clock", "_event", "_flush", "_on", "_partial", "_recv", "_redact",
-                 "_send", "client", "session_id")
+    __slots__ = ("_add", "_clock", "_event", "_flush", "_partial", "_recv", "_redact", "_send",
+                 "client", "on", "session_id")
 
     def __init__(self, log: _Owner | None, session_id: str, client: str) -> None:
         self.session_id = session_id
@@ -328,7 +328,8 @@ class SessionLog:
         self._redact = False
         #: An unfinished line of :meth:`recv_data`, kept until its LF arrives.
         self._partial = b""
-        self._on = log is not None
+        #: False: switched off (every method a no-op), so a caller can skip its own work.
+        self.on = log is not None
         if log is None:
             self._recv = self._send = self._event = b""
             self._add: Callable[[float, bytes, bytes | str, int], bool] | None = None
@@ -358,7 +359,7 @@ class SessionLog:
 
     def redact_next(self) -> None:
         """Hide the next received line (e.g. after a 334, the next line is a SASL response)."""
-        if self._on:
+        if self.on:
             self._redact = True
 
     def recv_data(self, data: bytes) -> None:
