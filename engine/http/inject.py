@@ -140,18 +140,24 @@ def _values(value: object, where: str) -> dict[str, str]:
     return out
 
 
-def _address(value: object, where: int, member: str = "") -> Command:
+def _rcpt_field(index: int, member: str = "") -> str:
+    """The request field of recipient ``index`` (or its ``member``), for an answer that
+    names it: written only then, never once per recipient of a bulk request."""
+    return f"recipients[{index}]{member}"
+
+
+def _address(value: object, index: int, member: str = "") -> Command:
     """A recipient as the SMTP side parses RCPT TO (engine.protocol: one grammar):
-    ``recipients[where]`` or its ``member``."""
+    ``recipients[index]`` or its ``member``."""
     if not isinstance(value, str) or not value:
-        raise _invalid(f"recipients[{where}]{member}", "must be an e-mail address")
+        raise _invalid(_rcpt_field(index, member), "must be an e-mail address")
     try:
         cmd = parse_command(b"RCPT TO:<" + value.encode() + b">", not value.isascii())
     except (CommandError, UnicodeEncodeError) as exc:
-        raise _invalid(f"recipients[{where}]{member}",
+        raise _invalid(_rcpt_field(index, member),
                        f"is not an e-mail address ({exc})") from None
     if not cmd.domain:
-        raise _invalid(f"recipients[{where}]{member}", "must be an address with a domain")
+        raise _invalid(_rcpt_field(index, member), "must be an address with a domain")
     return cmd
 
 
@@ -181,7 +187,7 @@ class _Rcpt:
     @property
     def where(self) -> str:
         """The request field it came from (written only for an answer that names it)."""
-        return f"recipients[{self.index}]"
+        return _rcpt_field(self.index)
 
 
 def _recipients(doc: Mapping[str, Any], limit: int) -> list[_Rcpt]:
@@ -194,18 +200,16 @@ def _recipients(doc: Mapping[str, Any], limit: int) -> list[_Rcpt]:
         raise _invalid("recipients", f"has {len(items)} recipients, more than "
                                      f"http.max_recipients ({limit})")
     out: list[_Rcpt] = []
-    # Once per recipient of a bulk request: no field name is written unless an error
-    # names it.
     for i, item in enumerate(items):
         if isinstance(item, dict):
             if not item.keys() <= _RCPT_MEMBERS:  # once per recipient: no set built
                 unknown = set(item) - _RCPT_MEMBERS
-                raise _invalid(f"recipients[{i}].{min(unknown)}", "is not a recipient member "
-                                                                  '("email", "substitutions")')
+                raise _invalid(_rcpt_field(i, f".{min(unknown)}"),
+                               'is not a recipient member ("email", "substitutions")')
             subs = item.get("substitutions")
             out.append(_Rcpt(_address(item.get("email"), i, ".email"),
                              None if subs is None
-                             else _values(subs, f"recipients[{i}].substitutions"), i))
+                             else _values(subs, _rcpt_field(i, ".substitutions")), i))
         else:
             out.append(_Rcpt(_address(item, i), None, i))
     return out

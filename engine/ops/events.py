@@ -85,6 +85,13 @@ def bare_message_id(header: str) -> str:
     return header.strip().removeprefix("<").removesuffix(">")
 
 
+def record(kind: Kind, queue_id: bytes, message_id: str, time_text: str) -> Event:
+    """A record's first four fields, in the order every record has them ("time" as
+    :data:`iso_time` writes it): its kind's fields follow."""
+    return {"time": time_text, "event": kind.value, "id": id_text(queue_id),
+            "message_id": message_id}
+
+
 class Events:
     """The hub.  ``emit`` may be called from coroutines and callbacks on the loop."""
 
@@ -102,15 +109,14 @@ class Events:
              **fields: Any) -> None:
         if not self.on:
             return
-        record: Event = {"time": iso_time(time.time() if when is None else when),
-                         "event": kind.value, "id": id_text(queue_id),
-                         "message_id": message_id}
-        record.update(fields)
-        self.extend((record,))
+        event = record(kind, queue_id, message_id,
+                       iso_time(time.time() if when is None else when))
+        event.update(fields)
+        self.extend((event,))
 
     def extend(self, records: Iterable[Event]) -> None:
-        """Records a producer built itself, each in :meth:`emit`'s shape ("time", "event",
-        "id", "message_id", then its kind's fields): a batch of one kind costs one call
+        """Records a producer built itself, each a :func:`record` and then its kind's
+        fields (:meth:`emit`'s shape): a batch of one kind costs one call
         (engine.server.ingest: the RECEIVEs of one commit)."""
         if not self.on:
             return

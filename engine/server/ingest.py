@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 from engine.message.headers import scan_headers
 from engine.message.lines import MAX_LINE, has_long_line, wrap_long_lines
 from engine.message.trace import received_stamp, with_protocol
-from engine.ops.events import Events, Kind, bare_message_id, iso_time
+from engine.ops.events import Events, Kind, bare_message_id, iso_time, record
 from engine.ops.maillog import clean
 from engine.protocol.command import Command
 from engine.queue.api import BackPressure, QueueStore
@@ -239,7 +239,7 @@ class Ingest:
         events = self.events
         if not events.on:
             return
-        when, receive = iso_time(time.time()), Kind.RECEIVE.value
+        when = iso_time(time.time())
         records: list[dict[str, Any]] = []
         # The fields a request's (or a session's) messages share, built once for a run of
         # messages from one client and sender: a bulk injection's thousands of RECEIVEs.
@@ -251,13 +251,13 @@ class Ingest:
             if key != shared[0]:
                 shared = (key, {"connector": key[0], "client": key[1], "helo": key[2],
                                 "tls": tls_text(key[3]), "auth": key[4]})
-            record = {"time": when, "event": receive, "id": id_text(envelope.queue_id),
-                      "message_id": bare_message_id(envelope.message_id), **shared[1],
-                      "size": envelope.size, "sender": envelope.sender,
-                      "recipients": [r.address for r in envelope.recipients]}
+            received = record(Kind.RECEIVE, envelope.queue_id,
+                              bare_message_id(envelope.message_id), when)
+            received.update(shared[1], size=envelope.size, sender=envelope.sender,
+                            recipients=[r.address for r in envelope.recipients])
             if self.subject:
-                record["subject"] = _header_value(arrival.body, prepared.subject)
-            records.append(record)
+                received["subject"] = _header_value(arrival.body, prepared.subject)
+            records.append(received)
             if arrival.held:
                 events.extend(records)  # RECEIVE before its HOLD
                 records = []
