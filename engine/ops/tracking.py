@@ -9,12 +9,15 @@ How it is written.  :meth:`TrackingLog.write` runs on the event loop: it seriali
 batch (orjson, about a microsecond a record: cheaper there than handing the work and the
 GIL to another thread) and puts the bytes on a queue (``queue.SimpleQueue``); one writer
 thread appends what has gathered with ONE ``os.write`` on a descriptor opened with
-``O_APPEND`` (no Python buffered file), so a batch reaches the file whole or not at all
-when the process is killed (the kernel completes a write to the page cache or does not
-start it).  When a write is cut short
-(a full disk) the file may end in half a line: the next write begins with a line feed,
-so the half line stays a line of its own, and the reader skips any line that is not a
-JSON object and a last line without its line feed.
+``O_APPEND`` (no Python buffered file), so batches never interleave and a write ends on
+a line feed unless it is cut short.  Two things cut one short: a full disk, and SIGKILL
+arriving while the kernel copies a write of several pages (Linux checks for a fatal
+signal between pages, ``generic_perform_write``), so a killed process may leave the
+tail of its last batch unwritten.  Either way the file ends in half a line: the next
+write (this run's, or the next run's when it opens the file) begins with a line feed, so
+the half line stays a line of its own, and the reader skips any line that is not a
+JSON object.  What is lost is the tail of the last batch: events of messages already
+committed, never an event of one that is not.
 
 Rotation: when a write would take the file past ``max_file_size``, or the file's first
 record is older than ``max_file_age``, it is renamed to ``tracking-<UTC time>.log`` (the
