@@ -19,7 +19,7 @@ Its twin is engine/message/_canon_py.py; both must give the same bytes for every
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF
 from libc.stdint cimport uint64_t
-from libc.string cimport memchr, memcpy, strlen
+from libc.string cimport memchr, memcmp, memcpy, memset, strlen
 
 __all__ = ["field_items", "header_data", "relaxed_body", "relaxed_fields", "signature_tags"]
 
@@ -204,19 +204,37 @@ cdef Py_ssize_t _b_value(const unsigned char* p, Py_ssize_t n, Py_ssize_t colon,
         i += 1
 
 
-def header_data(fields, names, signature, bint relaxed) -> bytes:
-    """The header data a verifier hashes (RFC 6376 §3.7), without its final CRLF: for each
-    name of ``names`` (h=, lower-case) the last field of that name not yet used, from the
-    bottom up (§5.4.2; none left: the null string), then ``signature`` with its first b=
-    tag's value removed (its name, the blanks around it and the "=" kept), each
-    canonicalised relaxed (§3.4.2) or simple (§3.4.1).  ``fields`` and ``signature`` are
-    (name lower-case, raw, colon) tuples as :func:`relaxed_fields` takes them."""
-    cdef dict by_name = {}
-    cdef list stack, chosen = []
-    cdef bytes raw, sig_raw = signature[1]
-    cdef Py_ssize_t sig_colon = signature[2], start, stop = 0, total = 0, o = 0, colon, k
-    cdef unsigned char* out
-    cdef PyObject* result
+cdef inline bint _same_name(object a, object b) except -1:
+    """a == b, without a rich comparison for two bytes objects."""
+    if a is b:
+        return True
+    if type(a) is bytes and type(b) is bytes:
+        return (len(<bytes>a) == len(<bytes>b)
+                and memcmp(bytes_data(<PyObject*>a), bytes_data(<PyObject*>b), len(<bytes>a)) == 0)
+    return a == b
+
+
+cdef list _selected(list fields, tuple names):
+    """§5.4.2: for each name, the last field of that name not yet used, from the bottom up
+    (none left: nothing).  A header and h= of ordinary size are searched from the bottom
+    for each name (no dict of lists to build: ~1.7 against ~0.5 µs for six names over
+    seven fields); a large one through a dict, whose cost grows with their sum, not
+    their product."""
+    cdef Py_ssize_t nf = len(fields), nn = len(names), k, j
+    cdef unsigned char used[64]
+    cdef list chosen = [], stack
+    cdef dict by_name
+    if nf <= 64 and nn <= 64:
+        memset(used, 0, nf)
+        for j in range(nn):
+            name = names[j]
+            for k in range(nf - 1, -1, -1):
+                if not used[k] and _same_name(fields[k][0], name):
+                    used[k] = 1
+                    chosen.append(fields[k])
+                    break
+        return chosen
+    by_name = {}
     for item in fields:
         stack = by_name.get(item[0])
         if stack is None:
@@ -227,6 +245,23 @@ def header_data(fields, names, signature, bint relaxed) -> bytes:
         stack = by_name.get(name)
         if stack:
             chosen.append(stack.pop())
+    return chosen
+
+
+def header_data(fields, names, signature, bint relaxed) -> bytes:
+    """The header data a verifier hashes (RFC 6376 §3.7), without its final CRLF: for each
+    name of ``names`` (h=, lower-case) the last field of that name not yet used, from the
+    bottom up (§5.4.2; none left: the null string), then ``signature`` with its first b=
+    tag's value removed (its name, the blanks around it and the "=" kept), each
+    canonicalised relaxed (§3.4.2) or simple (§3.4.1).  ``fields`` and ``signature`` are
+    (name lower-case, raw, colon) tuples as :func:`relaxed_fields` takes them."""
+    cdef list chosen
+    cdef bytes raw, sig_raw = signature[1]
+    cdef Py_ssize_t sig_colon = signature[2], start, stop = 0, total = 0, o = 0, colon, k
+    cdef unsigned char* out
+    cdef PyObject* result
+    chosen = _selected(fields if type(fields) is list else list(fields),
+                       names if type(names) is tuple else tuple(names))
     if not 1 <= sig_colon <= len(sig_raw):
         raise ValueError("colon is not within the field")
     start = _b_value(<const unsigned char*>bytes_data(<PyObject*>sig_raw), len(sig_raw),
