@@ -219,8 +219,11 @@ def _canons(value: str) -> tuple[Canon, Canon]:
 
 @functools.lru_cache(maxsize=1024)
 def _h_names(value: str) -> tuple[bytes, ...]:
-    """The field names of an h= value, lower-case (cached: a sender signs the same list)."""
-    return tuple(n.strip(" \t\r\n").lower().encode() for n in value.split(":"))
+    """The field names of an h= value, lower-case (cached: a sender signs the same list).
+    Octets that are not UTF-8 come back as they were (surrogate escapes): a strict encode
+    raised, and the whole message's DKIM check with it."""
+    return tuple(n.strip(" \t\r\n").lower().encode("utf-8", "surrogateescape")
+                 for n in value.split(":"))
 
 
 def signature_tags(raw: bytes, colon: int, now: float) -> Signature | Problem:

@@ -232,6 +232,9 @@ def test_signature_tags_edges() -> None:
     assert same(base + b"; l=" + b"9" * 77) == ("permerror", "bad l= value")
     assert same(base + b"; x=9999999999; t=10", now=10**20)[0] == "policy"  # an int now
     assert same(base + b"; z=\xc3\xa9\xff\x00")[0] == "rsa-sha256"  # a value never read
+    # h= with an octet that is not UTF-8: the names as they were (it raised
+    # UnicodeEncodeError, and the message's whole DKIM check was a temperror).
+    assert same(base.replace(b"h=From", b"h=From:X\xff"))[3] == (b"from", b"x\xff")
     assert same(b"x" + base[14:], colon=2)[0] == "rsa-sha256"
     assert same(base, colon=len(base) + 1) == ("permerror", "signature missing required tag v=")
 
