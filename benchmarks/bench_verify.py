@@ -141,7 +141,7 @@ async def cpu(dns: DnsResponder, data: bytes, public_der: bytes, count: int, rou
     mail = parse_command(b"MAIL FROM:<bounce@shop.test>")
     answer = agent.data(session, Transaction(mail), Message(data))
     if not isinstance(answer, Verdict):
-        await answer  # the SPF and DMARC answers cached
+        await answer  # the SPF and DMARC answers cached (and the checker's thread started)
 
     def stage(n: int) -> int:
         messages = [Message(data) for _ in range(n)]
@@ -153,9 +153,11 @@ async def cpu(dns: DnsResponder, data: bytes, public_der: bytes, count: int, rou
             assert isinstance(verdict, Verdict), "an answer was not cached"
         return time.thread_time_ns() - start
 
-    return {"dkim.verify_now + method_result": _best(rounds, count, verify_now),
-            "of which the RSA check (OpenSSL)": _best(rounds, count, check),
-            "verify agent data stage (SPF+DKIM+DMARC)": _best(rounds, count, stage)}
+    parts = {"dkim.verify_now + method_result": _best(rounds, count, verify_now),
+             "of which the RSA check (OpenSSL)": _best(rounds, count, check)}
+    if pkey.HOLDS_GIL:  # else the agent has the checks made in a thread, not timed here
+        parts["verify agent data stage (SPF+DKIM+DMARC)"] = _best(rounds, count, stage)
+    return parts
 
 
 def baseline(data: bytes, txt: bytes, count: int) -> float:
