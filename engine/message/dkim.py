@@ -6,7 +6,10 @@ covers and over-signing (§5.4.2: ``h=`` names a field once more than the messag
 so nobody can add one without breaking the signature), the DKIM-Signature field that
 :class:`Signer` builds, and :func:`verify`, which checks every signature of a message
 against the key published at ``SELECTOR._domainkey.DOMAIN`` and says pass / fail / neutral
-/ temperror / permerror / policy per signature, as RFC 8601 §2.7.1 names them.
+/ temperror / permerror / policy per signature, as RFC 8601 §2.7.1 names them.  A
+signature's tags are parsed and checked (§6.1.1) by engine.message.canon's
+``signature_tags``, compiled for the common signature, whose pure-Python twin holds the
+rules and every problem's reason.
 
 Algorithms: rsa-sha256 and ed25519-sha256 (RFC 8463: PureEdDSA over the SHA-256 hash of
 the header data).  rsa-sha1 and RSA keys under 1024 bits are refused on verification, as
@@ -58,7 +61,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -67,8 +70,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, uti
 from engine.agents.api import Message, MethodResult
 from engine.agents.dns import DnsPermError, DnsTempError
 from engine.message import pkey
+from engine.message._canon_py import Canon, Result, base64_value, tag_list
 from engine.message._canon_py import Signature as _Tags
-from engine.message._canon_py import base64_value, tag_list
 from engine.message._canon_py import no_fws as _no_fws
 from engine.message._canon_py import squeeze as _squeeze
 from engine.message._canon_py import trailing_crlfs as _trailing_crlfs
@@ -110,8 +113,6 @@ __all__ = [
 ]
 
 SigningKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-Canon = Literal["simple", "relaxed"]
-Result = Literal["pass", "fail", "neutral", "temperror", "permerror", "policy"]
 
 #: The fields signed by default: RFC 6376 §5.4.1's list, less the Resent-* trace fields a
 #: forwarder may add, plus RFC 8058's one-click unsubscribe pair (mailbox providers check
