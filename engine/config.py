@@ -2159,10 +2159,6 @@ class AgentsConfig:
 
     __pydantic_config__ = _TABLE
 
-    #: The CPU-heavy calls of the built-in agents (the verify agent's end of data, DKIM
-    #: signing) are made in a child process of each server process, on another core
-    #: than the event loop's (engine.agents.offload); false makes them on the loop.
-    process: _Bool = True
     ratelimit: Annotated[RateLimitAgentConfig, _after(_check_ratelimit)] = field(
         default_factory=RateLimitAgentConfig)
     dnsbl: Annotated[DnsblAgentConfig, _after(_check_dnsbl)] = field(

@@ -34,11 +34,7 @@ def widen(fd: int) -> None:
 
 def pack_frame(obj: object) -> tuple[bytes, bytes]:
     """The frame of ``obj``: its length header and its pickle."""
-    return frame_of(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def frame_of(data: bytes) -> tuple[bytes, bytes]:
-    """The frame of a pickle made otherwise (its own ``pickle.Pickler``)."""
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     return _HEADER.pack(len(data)), data
 
 

@@ -29,7 +29,6 @@ from engine.agents.dns import Lookup
 from engine.agents.relay import RelayAgent, RelayPolicy
 
 if TYPE_CHECKING:
-    from engine.agents.offload import AgentProcess
     from engine.config import Config, HttpConfig, ReceiveConfig
     from engine.queue.suppression import SuppressionList
 
@@ -92,9 +91,6 @@ class Agents:
         self._signers: list[Agent] | None = None
         #: What every chain's agents did (engine.ops.metrics).
         self.figures = Figures()
-        #: The agents' process ([agents] process), started by :meth:`start` when an
-        #: agent can use it.
-        self.process: AgentProcess | None = None
         #: The server's suppression list: its agent follows relay control in each
         #: receive connector's chain (set before the chains are built; None: no agent).
         self.suppression: SuppressionList | None = None
@@ -180,18 +176,8 @@ class Agents:
     async def start(self) -> None:
         for agent in self.all:
             await agent.start()
-        heavy = [agent for agent in self.all if agent.offloadable]
-        if heavy and self.config.agents.process:
-            from engine.agents.offload import AgentProcess
-
-            self.process = AgentProcess(self.config)
-            await self.process.start()
-            for agent in heavy:
-                agent.remote = self.process
 
     async def stop(self) -> None:
-        if self.process is not None:
-            await self.process.stop()
         for agent in self.all:
             await agent.stop()
 

@@ -54,7 +54,6 @@ from engine.message.canon import field_items
 from engine.message.headers import scan_headers
 
 if TYPE_CHECKING:
-    from engine.agents.offload import AgentProcess
     from engine.protocol.command import Command
 
 __all__ = [
@@ -398,11 +397,6 @@ class Agent:
     """
 
     name: ClassVar[str] = "agent"
-    #: Built-in agents whose CPU-heavy calls may be made in the agents' process
-    #: ([agents] process, engine.agents.offload); the server sets ``remote`` on them at
-    #: start when it runs one, and they hand those calls to it.
-    offloadable: ClassVar[bool] = False
-    remote: AgentProcess | None = None
     #: Header changes made when a call fails and the agent fails open: the fields the agent
     #: would have written or vouched for (its result header, an Authentication-Results
     #: field with our authserv-id) are removed, so a copy the sender forged does not pass

@@ -117,7 +117,6 @@ class DkimSigner(Agent):
     """Adds a DKIM-Signature field per matching key at the sign stage."""
 
     name: ClassVar[str] = "dkim_sign"
-    offloadable: ClassVar[bool] = True
 
     def __init__(self, signers: Sequence[Signer], subdomains: Sequence[bool], *,
                  timeout: float = TIMEOUT, fail_open: bool = FAIL_OPEN) -> None:
@@ -151,10 +150,6 @@ class DkimSigner(Agent):
         signers = self.signers_for(from_domain(message))
         if not signers:
             return ACCEPT
-        if self.remote is not None:
-            # In the agents' process, which chooses the same keys from its copy of the
-            # configuration (engine.agents.offload).
-            return self.remote.call("sign", session, Transaction(tx.mail), message.data)
         if all(signer.inline for signer in signers):
             # Ed25519 with the compiled engine.message.pkey, which keeps the GIL: ~45 µs
             # on the loop, less than a hand-off to a thread and back (benchmarks/README.md,

@@ -83,7 +83,6 @@ class VerifyAgent(Agent):
     """SPF + DKIM + DMARC for the ``methods`` given (a subset of :data:`METHODS`)."""
 
     name = "verify"
-    offloadable = True
 
     def __init__(
         self,
@@ -142,15 +141,9 @@ class VerifyAgent(Agent):
              ) -> Verdict | Awaitable[Verdict]:
         if session.may_relay:
             return ACCEPT
-        spf = self._spf_now(session, tx) if self._spf else None
-        if self.remote is not None and not isinstance(spf, asyncio.Future):
-            # The SPF result is known (from MAIL on, its DNS overlapped the transaction):
-            # the rest in the agents' process, that result going along in the notes.
-            notes = {} if spf is None else {self.name: spf}
-            return self.remote.call("verify", self.methods, session,
-                                    Transaction(tx.mail, notes=notes), message.data)
         # Each part at once when its answers are cached (a bulk sender's mail within its
         # TTLs: the verdict is returned without a task or a wait), else an awaitable.
+        spf = self._spf_now(session, tx) if self._spf else None
         signatures: list[dkim.DkimResult] | Awaitable[list[dkim.DkimResult]] | None = None
         dkim_failure = ""
         if self._dkim:

@@ -8,8 +8,6 @@ import base64
 import dataclasses
 import importlib
 import ipaddress
-import os
-import signal
 import smtplib
 import textwrap
 from collections.abc import Callable, Iterator
@@ -24,7 +22,6 @@ from engine.agents.api import Message
 from engine.queue.records import RcptState, id_bytes
 from engine.testing.dns import DnsResponder
 from engine.testing.server import RunningFerry, ferry_config
-from engine.testing.wait import wait_for
 
 dkimpy = importlib.import_module("dkim")  # a DKIM implementation we did not write
 
@@ -58,12 +55,12 @@ def start(tmp_path: Path, dns_server: DnsResponder) -> Iterator[Start]:
     running: list[RunningFerry] = []
 
     def go(verify: tuple[str, ...] = ("spf", "dkim", "dmarc"), relay: bool = False,
-           process: bool = True, **settings: Any) -> RunningFerry:
+           **settings: Any) -> RunningFerry:
         receive: dict[str, Any] = {"verify": verify}
         if not relay:
             receive["relay_networks"] = NO_RELAY
         config = ferry_config(tmp_path / f"spool{len(running)}", **receive)
-        agents = dataclasses.replace(config.agents, process=process, verify=dataclasses.replace(
+        agents = dataclasses.replace(config.agents, verify=dataclasses.replace(
             config.agents.verify, authserv_id=AUTHSERV, **settings))
         delivery = dataclasses.replace(config.delivery, dns=(dns_server.host, dns_server.port))
         config = dataclasses.replace(config, agents=agents, delivery=delivery,
@@ -121,11 +118,8 @@ def test_dkim_aligned_mail_passes_and_forged_fields_go(start: Start) -> None:
     assert fields[1] == "other.test; spf=pass smtp.mailfrom=shop.test"
 
 
-@pytest.mark.parametrize("process", [True, False], ids=["agents-process", "on-the-loop"])
-def test_the_field_text(start: Start, process: bool) -> None:
-    ferry = start(process=process)
-    assert ferry.app.policy is not None
-    assert (ferry.app.policy.process is not None) is process
+def test_the_field_text(start: Start) -> None:
+    ferry = start()
     code, reply = send(ferry, "bounce@shop.test", message("shop.test"))
     assert code == 250, reply
     header = stored(ferry, reply).header.decode()
@@ -205,32 +199,3 @@ def test_a_senders_next_messages_get_the_same_verdict(start: Start) -> None:
     assert fields == [fields[0]] * 3
     assert "dkim=pass" in fields[0] and "dmarc=pass" in fields[0]
     assert ferry.app.policy is not None and not ferry.app.policy.figures.failures
-
-
-def test_a_dead_agents_process_fails_open_then_comes_back(start: Start) -> None:
-    """kill -9 of the agents' process: the calls it cannot make fail by the agent's
-    ``fail`` (open: the message is taken without our Authentication-Results field, and
-    a forged one is still removed), and a new process is started for the next ones."""
-    ferry = start()
-    assert ferry.app.policy is not None
-    process = ferry.app.policy.process
-    assert process is not None
-    first = process.pid
-    assert first is not None
-    code, reply = send(ferry, "bounce@shop.test", message("shop.test", sign=True))
-    assert code == 250, reply
-    assert stored(ferry, reply).get_all("Authentication-Results")
-    os.kill(first, signal.SIGKILL)
-    wait_for(lambda: process.pid is None, 10, "the server to see the process gone")
-    forged = "Authentication-Results: mx.ferry.test; dmarc=pass header.from=bank.test\r\n"
-    code, reply = send(ferry, "bounce@shop.test",
-                       message("shop.test", extra=forged, sign=True))
-    assert code == 250, reply
-    assert stored(ferry, reply).get_all("Authentication-Results") == []
-    assert ferry.app.policy.figures.failures["verify"] == 1
-    wait_for(lambda: process.ready and process.starts == 2, 30, "a new agents' process")
-    assert process.pid != first
-    code, reply = send(ferry, "bounce@shop.test", message("shop.test", sign=True))
-    assert code == 250, reply
-    assert len(stored(ferry, reply).get_all("Authentication-Results")) == 1
-    assert ferry.app.policy.figures.failures["verify"] == 1
