@@ -49,10 +49,10 @@ from typing import Any, Final, Literal, Protocol, cast
 
 import orjson
 
-from engine.frames import pack_frame, read_frame, take_frames, widen, write_parts
 from engine.ops.figures import COMMIT_SECONDS, COMMIT_WRITES, Histogram
 from engine.queue.api import QueueClosed
 from engine.queue.lmdb_txn import Committer, Database, Report, Result, WriterParams
+from engine.queue.writer_process import pack_frame, read_frame, take_frames, widen, write_parts
 
 log = logging.getLogger("ferry.queue")
 

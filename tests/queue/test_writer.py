@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from engine.frames import pack_frame, read_frame, take_frames, widen, write_frame
 from engine.queue.api import (
     BackPressure,
     NewMessage,
@@ -31,7 +30,16 @@ from engine.queue.lmdb_store import LmdbQueue
 from engine.queue.lmdb_txn import Database, Report, WriterParams
 from engine.queue.records import Envelope, RcptState, Recipient
 from engine.queue.writer import WRITER_KINDS, Pending, Writer, WriterKind, start_writer
-from engine.queue.writer_process import BUSY, LINGER, _Grouping
+from engine.queue.writer_process import (
+    BUSY,
+    LINGER,
+    _Grouping,
+    pack_frame,
+    read_frame,
+    take_frames,
+    widen,
+    write_frame,
+)
 from engine.testing.wait import until, wait_for
 from tests.queue.locking import write_lock
 
