@@ -23,7 +23,7 @@ from typing import Final
 
 from engine.agents.api import MethodResult
 
-__all__ = ["FIELD", "authserv_id_of", "claims", "format_field"]
+__all__ = ["FIELD", "authserv_id_of", "claims", "format_field", "head", "lines"]
 
 FIELD: Final = "Authentication-Results"
 
@@ -46,14 +46,26 @@ def format_field(authserv_id: str, results: Sequence[MethodResult]) -> str:
     if not results:
         # §2.2 no-result: the authserv-id and "none".
         return _fold([[f"{_value(authserv_id)};", "none"]])
-    last = len(results) - 1
-    return _head(authserv_id) + "".join(_line(r, i == last) for i, r in enumerate(results))
+    return head(authserv_id) + lines(results, True)
 
 
 @lru_cache(maxsize=64)
-def _head(authserv_id: str) -> str:
-    """The field's first line: the authserv-id."""
+def head(authserv_id: str) -> str:
+    """The field's first line: the authserv-id (what :func:`format_field` starts with
+    when there are results)."""
     return _fold([[f"{_value(authserv_id)};"]])
+
+
+def lines(results: Sequence[MethodResult], last: bool) -> str:
+    """The resinfo lines of ``results`` as :func:`format_field` writes them after
+    :func:`head`; ``last``: they end the field (else the last of them ends in ";" too).
+    Each line is made on its own, so a field's lines may be made in parts and joined:
+    ``head(a) + lines(r1, False) + lines(r2, True) == format_field(a, r1 + r2)`` for a
+    non-empty ``r2`` (the verify agent keeps a sender's SPF and DMARC lines as text)."""
+    if len(results) == 1:  # the common case: one result
+        return _line(results[0], last)
+    end = len(results) - 1
+    return "".join([_line(r, last and i == end) for i, r in enumerate(results)])
 
 
 @lru_cache(maxsize=4096)

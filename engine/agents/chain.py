@@ -80,13 +80,17 @@ class Figures:
 class _Run:
     """The verdicts of one stage, combined so far."""
 
-    __slots__ = ("changes", "figures", "held", "stage")
+    __slots__ = ("changes", "figures", "held", "only", "stage")
 
     def __init__(self, stage: Stage, figures: Figures) -> None:
         self.changes: list[HeaderChange] = []
         self.held = ""
         self.stage = stage
         self.figures = figures
+        #: The one verdict that brought header changes, when it is a plain accept (no
+        #: reply, no reason): the result would be its equal (the verify agent's verdict
+        #: at the data stage, the common case), so it is the result.
+        self.only: Verdict | None = None
 
     def take(self, agent: Agent, verdict: Verdict) -> Verdict | None:
         """Add ``verdict``; the run's result when it ends the run, else None."""
@@ -99,12 +103,16 @@ class _Run:
         if action is Action.HOLD and not self.held:
             self.held = f"{agent.name}: {verdict.reason or 'held'}"
         if verdict.headers:
+            self.only = verdict if (not self.changes and action is Action.ACCEPT
+                                    and verdict.reply is None and not verdict.reason) else None
             self.changes.extend(verdict.headers)
         return None
 
     def result(self) -> Verdict:
         if self.held:
             return Verdict(Action.HOLD, None, tuple(self.changes), self.held)
+        if self.only is not None:
+            return self.only
         if self.changes:
             return Verdict(Action.ACCEPT, None, tuple(self.changes))
         return ACCEPT
@@ -224,7 +232,8 @@ class Chain:
         will be stored (so a signature covers every change; RFC 6376 §5: signed once,
         before the message is stored, and a retry sends the stored bytes).  One path for
         the SMTP session and the injection API."""
-        answer = self.run(Stage.DATA, session, tx, Message(data))
+        message = Message(data)
+        answer = self.run(Stage.DATA, session, tx, message)
         verdict = answer if isinstance(answer, Verdict) else await answer
         if verdict.action is Action.REJECT or verdict.action is Action.TEMPFAIL:
             return Screened(data, verdict)
@@ -232,7 +241,7 @@ class Chain:
         if tx.discarded:
             return Screened(data, discarded=tx.discarded)
         if tx.changes:
-            data = apply_changes(data, tx.changes, _skipped)
+            data = apply_changes(data, tx.changes, _skipped, message.header_end)
         if session.may_relay and self._calls[Stage.SIGN]:
             answer = self.run(Stage.SIGN, session, tx, Message(data))
             signed = answer if isinstance(answer, Verdict) else await answer

@@ -50,6 +50,7 @@ from engine.agents.api import (
     HeaderChange,
     Message,
     MethodResult,
+    Reply,
     Session,
     Transaction,
     Verdict,
@@ -121,9 +122,9 @@ class VerifyAgent(Agent):
         #: when they release the GIL (cryptography), on the loop when they keep it (the
         #: compiled engine.message.pkey: ~20-30 µs each and no hand-off).
         self._checks = None if pkey.HOLDS_GIL else ThreadBatches(dkim.signatures_valid)
+        self._dkim_lines = "dkim" in self.methods
         #: The last conclusion's inputs and its SPF and DMARC parts (:meth:`_conclude`).
-        self._last: tuple[tuple[Any, ...], MethodResult | None, dmarc.DmarcResult | None,
-                          MethodResult | None] | None = None
+        self._last: _Conclusion | None = None
 
     async def start(self) -> None:
         if "dmarc" in self.methods:
@@ -133,7 +134,7 @@ class VerifyAgent(Agent):
     # --- stages ----------------------------------------------------------------------------
 
     def mail(self, session: Session, tx: Transaction) -> Verdict:
-        if not session.may_relay and "spf" in self.methods:
+        if self._spf and not session.may_relay:
             self._spf_note(session, tx)
         return ACCEPT
 
@@ -154,18 +155,24 @@ class VerifyAgent(Agent):
         authors: tuple[str, ...] = ()
         author_error = ""
         policies: list[dmarc.Policy | Awaitable[dmarc.Policy]] = []
+        waiting = isinstance(spf, asyncio.Future) or (
+            signatures is not None and not isinstance(signatures, list))
         if self._dmarc:
             try:
                 authors = dmarc.author_domains(message.get_all("From"))
             except dmarc.AuthorError as exc:
                 author_error = str(exc)
-            policies = [_discover_now(self.lookup, d) for d in authors]
-        if (isinstance(spf, asyncio.Future) or not isinstance(signatures, list | None)
-                or not all(isinstance(p, dmarc.Policy) for p in policies)):
+            for domain in authors:
+                policy = _discover_now(self.lookup, domain)
+                policies.append(policy)
+                waiting = waiting or not isinstance(policy, dmarc.Policy)
+        if waiting:
             return self._waited(session, tx, spf, signatures, dkim_failure, authors,
                                 author_error, policies)
-        return self._conclude(session, tx, spf, signatures, dkim_failure, authors,
-                              author_error, policies)  # type: ignore[arg-type]
+        # Nothing to wait for: every part is settled (the types say "maybe awaitable").
+        return self._conclude(session, tx, spf, signatures,  # type: ignore[arg-type]
+                              dkim_failure, authors, author_error,
+                              policies)  # type: ignore[arg-type]
 
     async def _waited(self, session: Session, tx: Transaction,
                       spf: SpfResult | asyncio.Future[SpfResult] | None,
@@ -230,36 +237,48 @@ class VerifyAgent(Agent):
         """The verdict and the field from the parts' results (None: no answer in time)."""
         # A sender's mail within its TTLs gives the same SPF result, policies and DKIM
         # (result, d=) pairs message after message: the SPF and DMARC parts of the
-        # previous conclusion are taken again when all of those are equal (only DKIM's
-        # lines, with their header.b, are new).  Not after a timeout (SPF's temperror
+        # previous conclusion (their results, their lines of the field as text, the
+        # verdict's action) are taken again when all of those are equal; only DKIM's
+        # lines, with their header.b, are made.  Not after a timeout (SPF's temperror
         # then names the transaction's identity) nor for a DMARC fail (its disposition
         # draws the pct sample, RFC 7489 §6.6.4).
-        key = None
-        if signatures is not None and (spf is not None or not self._spf):
-            key = (spf, bool(tx.sender), authors, author_error, policies,
-                   [(s.result, s.domain) for s in signatures])
+        memo = signatures is not None and (spf is not None or not self._spf)
         last = self._last
-        if key is not None and last is not None and last[0] == key:
-            _, spf_method, verdict_dmarc, dmarc_method = last
+        if not (memo and last is not None and signatures is not None
+                and last.holds(spf, bool(tx.sender), authors, author_error, policies,
+                               signatures)):
+            last = self._parts(session, tx, spf, signatures, authors, author_error, policies)
+            if memo and (last.dmarc is None or last.dmarc.result != "fail"):
+                self._last = last
+        value = last.before
+        if self._dkim_lines:
+            value += authres.lines(_dkim_methods(signatures, dkim_failure), not last.after)
+        headers = (self._remove, HeaderChange("add", authres.FIELD, value + last.after))
+        return Verdict(last.action, last.reply, headers, last.reason)
+
+    def _parts(self, session: Session, tx: Transaction, spf: SpfResult | None,
+               signatures: list[dkim.DkimResult] | None, authors: tuple[str, ...],
+               author_error: str, policies: list[dmarc.Policy]) -> _Conclusion:
+        """Everything of a conclusion but DKIM's lines of the field."""
+        spf_method = _spf_method(spf, tx) if self._spf else None
+        verdict_dmarc = dmarc_method = None
+        if self._dmarc:
+            auth = _authenticated(self._spf, spf, tx, session, signatures, authors)
+            verdict_dmarc = self._dmarc_result(authors, author_error, policies, auth)
+            dmarc_method = verdict_dmarc.method_result()
+        before = [spf_method] if spf_method is not None else []
+        after = [dmarc_method] if dmarc_method is not None else []
+        if not (before or after or self._dkim_lines):
+            text = authres.format_field(self.authserv_id, [])  # §2.2: "none"
         else:
-            spf_method = _spf_method(spf, tx) if self._spf else None
-            verdict_dmarc = dmarc_method = None
-            if self._dmarc:
-                auth = _authenticated(self._spf, spf, tx, session, signatures, authors)
-                verdict_dmarc = self._dmarc_result(authors, author_error, policies, auth)
-                dmarc_method = verdict_dmarc.method_result()
-            if key is not None and (verdict_dmarc is None or verdict_dmarc.result != "fail"):
-                self._last = (key, spf_method, verdict_dmarc, dmarc_method)
-        results: list[MethodResult] = []
-        if spf_method is not None:
-            results.append(spf_method)
-        if "dkim" in self.methods:
-            results.extend(_dkim_methods(signatures, dkim_failure))
-        if dmarc_method is not None:
-            results.append(dmarc_method)
-        headers = (self._remove, HeaderChange("add", authres.FIELD,
-                                              authres.format_field(self.authserv_id, results)))
-        return self._verdict(spf, verdict_dmarc, headers)
+            text = authres.head(self.authserv_id) + authres.lines(
+                before, not (after or self._dkim_lines))
+        return _Conclusion(
+            (spf, bool(tx.sender), authors, author_error, policies,
+             tuple((s.result, s.domain) for s in signatures) if signatures is not None
+             else None),
+            verdict_dmarc, text, authres.lines(after, True) if after else "",
+            *self._verdict(spf, verdict_dmarc))
 
     # --- the parts -------------------------------------------------------------------------
 
@@ -299,24 +318,60 @@ class VerifyAgent(Agent):
             return dmarc.DmarcResult("permerror", reason=author_error)
         return dmarc.worst(dmarc.evaluate(p, auth, self._sample) for p in policies)
 
-    def _verdict(self, spf: SpfResult | None, result: dmarc.DmarcResult | None,
-                 headers: tuple[HeaderChange, ...]) -> Verdict:
+    def _verdict(self, spf: SpfResult | None, result: dmarc.DmarcResult | None
+                 ) -> tuple[Action, Reply | None, str]:
+        """The verdict's action, reply and reason (its headers are the field)."""
         if result is not None and result.result == "fail":
             why = f"DMARC fail for {result.from_domain} (policy {result.disposition})"
             if result.disposition == "reject" and self.dmarc_policy == "enforce":
                 # RFC 7489 §6.6.4 / §10.3: reject during the SMTP transaction, 5.7.1.
-                return Verdict(Action.REJECT, (550, "5.7.1", f"Message rejected by the DMARC "
-                                                             f"policy of {result.from_domain}"),
-                               headers, why)
+                return Action.REJECT, (550, "5.7.1", f"Message rejected by the DMARC "
+                                                     f"policy of {result.from_domain}"), why
             if result.disposition != "none" and self.dmarc_policy != "tag":
-                return Verdict(Action.HOLD, None, headers, why)
-            return Verdict(headers=headers, reason=why)
+                return Action.HOLD, None, why
+            return Action.ACCEPT, None, why
         ruled = result is not None and result.result not in ("none", "permerror")
         if spf is not None and spf.result == "fail" and self.spf_fail == "reject" and not ruled:
             reply = spf.reply()
             assert reply is not None  # fail always has a reply (RFC 7372 §3.2)
-            return Verdict(Action.REJECT, reply, headers, f"SPF fail for {spf.domain}")
-        return Verdict(headers=headers)
+            return Action.REJECT, reply, f"SPF fail for {spf.domain}"
+        return Action.ACCEPT, None, ""
+
+
+class _Conclusion:
+    """The parts of a conclusion that DKIM's header.b does not change, kept for the next
+    message of the same sender (:meth:`VerifyAgent._conclude`)."""
+
+    __slots__ = ("action", "after", "before", "dmarc", "inputs", "reason", "reply")
+
+    def __init__(self, inputs: tuple[Any, ...], dmarc_result: dmarc.DmarcResult | None,
+                 before: str, after: str, action: Action, reply: Reply | None,
+                 reason: str) -> None:
+        #: (SPF result, a sender or the null one, authors, their error, policies, DKIM's
+        #: (result, d=) pairs): what the parts below were made from.
+        self.inputs = inputs
+        self.dmarc = dmarc_result
+        #: The field's text before DKIM's lines (the authserv-id, SPF) and after (DMARC).
+        self.before = before
+        self.after = after
+        self.action = action
+        self.reply = reply
+        self.reason = reason
+
+    def holds(self, spf: SpfResult | None, sender: bool, authors: tuple[str, ...],
+              author_error: str, policies: list[dmarc.Policy],
+              signatures: list[dkim.DkimResult]) -> bool:
+        """These inputs are the ones the parts were made from (compared one by one, the
+        cheap ones first, without making the tuple)."""
+        kept_spf, kept_sender, kept_authors, kept_error, kept_policies, pairs = self.inputs
+        if not (sender is kept_sender and (spf is kept_spf or spf == kept_spf)
+                and authors == kept_authors and author_error == kept_error
+                and policies == kept_policies and len(signatures) == len(pairs)):
+            return False
+        for signature, (result, domain) in zip(signatures, pairs, strict=True):
+            if signature.result != result or signature.domain != domain:
+                return False
+        return True
 
 
 def _discover_now(lookup: Lookup, domain: str) -> dmarc.Policy | Awaitable[dmarc.Policy]:

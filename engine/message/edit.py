@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
@@ -47,11 +48,17 @@ def folds_only(value: str) -> bool:
 
 def change_problem(change: HeaderChange) -> str | None:
     """Why ``change`` cannot be applied, or None."""
-    if not _NAME.fullmatch(change.name):
+    if not _is_name(change.name):
         return f"{change.name!r} is not a header field name"
     if change.op != "remove" and not folds_only(change.value):
         return f"the value of {change.name} holds a CR, LF or NUL that is not a fold"
     return None
+
+
+@lru_cache(maxsize=256)
+def _is_name(name: str) -> bool:
+    """RFC 5322 §3.6.8 field name.  Kept: agents write the same few names every message."""
+    return _NAME.fullmatch(name) is not None
 
 
 def _split(header: bytes) -> list[bytes]:
@@ -80,63 +87,80 @@ def _field(name: str, value: str) -> bytes:
     return f"{name}:{value}\r\n".encode("utf-8", "surrogateescape")
 
 
+def _fields_length(data: bytes, header_end: int | None) -> int:
+    """The length of the header's fields (up to the empty line, without it), -1 when the
+    message has no empty line.  ``header_end``: the offset after the empty line as
+    engine.agents.api.Message.header_end gives it for these bytes, when the caller has
+    it (the search is then saved)."""
+    if header_end is None:
+        if data.startswith(b"\r\n"):
+            return 0
+        end = data.find(b"\r\n\r\n")
+        return end + 2 if end >= 0 else -1
+    if header_end == 2 and data.startswith(b"\r\n"):
+        return 0
+    # Message.header_end is len(data) when there is no empty line.
+    return header_end - 2 if data[header_end - 4:header_end] == b"\r\n\r\n" else -1
+
+
 def _only_added(data: bytes, changes: list[HeaderChange],
-                skipped: Callable[[HeaderChange, str], None] | None) -> bytes | None:
+                skipped: Callable[[HeaderChange, str], None] | None,
+                header_end: int | None = None) -> bytes | None:
     """:func:`apply_changes`'s result when it only prepends fields: every change an add,
     or a remove of a name that the header does not hold and no earlier add put there (a
     signing agent's DKIM-Signature; the verify agent's removal of forged
     Authentication-Results, which a message rarely carries, and its own field).  None
     otherwise.  The header is not split into fields: ~5 µs a message less, on the loop."""
-    if data.startswith(b"\r\n"):
-        header = b""
-    else:
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
-            return None
-        header = data[: end + 2]
+    length = _fields_length(data, header_end)
+    if length < 0:
+        return None
     lowered: bytes | None = None
     fields: list[bytes] = []
-    names: set[str] = set()
-    refused: list[tuple[HeaderChange, str]] = []
+    names: list[str] = []
+    refused: list[tuple[HeaderChange, str]] | None = None
     for change in changes:
-        if change.op == "add":
-            problem = change_problem(change)
-            if problem is not None:
-                refused.append((change, problem))
-                continue
-            fields.append(_field(change.name, change.value))
-            names.add(change.name.lower())
-        elif change.op == "remove":
+        op = change.op
+        if op == "remove":
             name = change.name.lower()
             if name in names:
                 return None
             if lowered is None:
-                lowered = header.lower()
+                lowered = data[:length].lower()
             # Anywhere in the header, not only as a field's name: a false alarm only costs
             # the general path.
             if name.encode("utf-8", "surrogateescape") in lowered:
                 return None
-            problem = change_problem(change)
-            if problem is not None:
-                refused.append((change, problem))
-        else:
+        elif op != "add":
             return None
-    if skipped is not None:
+        problem = change_problem(change)
+        if problem is not None:
+            if refused is None:
+                refused = []
+            refused.append((change, problem))
+        elif op == "add":
+            fields.append(_field(change.name, change.value))
+            names.append(change.name.lower())
+    if refused is not None and skipped is not None:
         for change, problem in refused:
             skipped(change, problem)
+    if len(fields) == 1:  # one field prepended (the verify agent's, a signature)
+        return fields[0] + data
     fields.reverse()  # each add goes on top of the ones before it
     fields.append(data)
     return b"".join(fields)
 
 
 def apply_changes(data: bytes, changes: Iterable[HeaderChange],
-                  skipped: Callable[[HeaderChange, str], None] | None = None) -> bytes:
+                  skipped: Callable[[HeaderChange, str], None] | None = None,
+                  header_end: int | None = None) -> bytes:
     """``data`` with ``changes`` applied to its header block; a change that cannot be
-    applied is left out and handed to ``skipped`` with the reason."""
+    applied is left out and handed to ``skipped`` with the reason.  ``header_end``: the
+    offset after the header's empty line, as engine.agents.api.Message.header_end gives
+    it for ``data``, when the caller has it."""
     changes = list(changes)
     if not changes:
         return data
-    added = _only_added(data, changes, skipped)
+    added = _only_added(data, changes, skipped, header_end)
     return added if added is not None else _rewritten(data, changes, skipped)
 
 
