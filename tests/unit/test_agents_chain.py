@@ -180,3 +180,35 @@ def test_get_all_from_the_scan_is_what_splitting_gives(header: bytes, name: str)
     message = Message(data)
     message.fields()
     assert message.get_all(name) == split
+
+
+VERDICTS = [ACCEPT, add_header("X-A", "1"), Verdict(headers=(HeaderChange("add", "X-B", "2"),
+                                                            HeaderChange("remove", "X-C"))),
+            Verdict(headers=(HeaderChange("add", "X-D", "4"),), reason="tagged"),
+            hold("held"), hold("held too", (HeaderChange("add", "X-E", "5"),)),
+            Verdict(reason="said something"), reject("no")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(VERDICTS), st.booleans()), max_size=5))
+def test_a_run_combines_as_the_rules_say(answers: list[tuple[Verdict, bool]]) -> None:
+    # The module docstring's rules, written out; the run may hand back an agent's own
+    # verdict (the one plain accept with changes) but never a different value.
+    agents = [Fixed(f"a{i}", verdict, wait) for i, (verdict, wait) in enumerate(answers)]
+    changes: list[HeaderChange] = []
+    held = ""
+    expected = None
+    for agent in agents:
+        verdict = agent.verdict
+        if verdict.action is Action.REJECT:
+            expected = Verdict(Action.REJECT, verdict.reply, (), f"{agent.name}: {verdict.reason}")
+            break
+        if verdict.action is Action.HOLD and not held:
+            held = f"{agent.name}: {verdict.reason}"
+        changes.extend(verdict.headers)
+    if expected is None:
+        expected = (Verdict(Action.HOLD, None, tuple(changes), held) if held
+                    else Verdict(headers=tuple(changes)) if changes else ACCEPT)
+    got = run(Chain(agents))
+    assert got == expected
+    assert (got is ACCEPT) is (expected == ACCEPT)

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.agents.api import MethodResult
-from engine.agents.authres import FIELD, authserv_id_of, claims, format_field
+from engine.agents.authres import FIELD, authserv_id_of, claims, format_field, head, lines
 
 
 def unfold(value: str) -> str:
@@ -128,3 +128,23 @@ def test_claims(value: str, ours: bool) -> None:
 @given(st.text(max_size=120))
 def test_any_received_value_is_judged(value: str) -> None:
     assert isinstance(claims(value, "mx.ferry.test"), bool)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["spf", "dkim", "dmarc"]),
+                          st.sampled_from(["pass", "fail", "none"]),
+                          st.text(st.characters(codec="ascii"), max_size=20),
+                          st.lists(words, max_size=4)), min_size=1, max_size=6),
+       st.data())
+def test_a_field_made_in_parts_is_the_field(
+        infos: list[tuple[str, str, str, list[str]]], data: st.DataObject) -> None:
+    # The verify agent keeps a sender's SPF and DMARC lines as text and joins DKIM's
+    # between them: head + lines(before) + lines(middle) + lines(after) is the field.
+    results = [MethodResult(m, r, why, tuple((f"header.p{i}", w) for i, w in enumerate(ws)))
+               for m, r, why, ws in infos]
+    cut = sorted(data.draw(st.lists(st.integers(0, len(results) - 1), min_size=2,
+                                    max_size=2)))
+    parts = [results[:cut[0]], results[cut[0]:cut[1]], results[cut[1]:]]
+    assert parts[2]
+    made = head("mx.ferry.test") + "".join(
+        lines(part, i == 2) for i, part in enumerate(parts))
+    assert made == format_field("mx.ferry.test", results)

@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.agents.api import HeaderChange
+from engine.agents.api import HeaderChange, Message
+from engine.agents.dns import Lookup
+from engine.agents.verify import VerifyAgent
 from engine.message.edit import _rewritten, apply_changes, change_problem, folds_only
 
 # The rule as RFC 5322 §2.2.3 reads (a CR, LF or NUL only as part of CRLF + WSP), written
@@ -78,3 +80,35 @@ def test_adding_fields_agrees_with_the_general_path(
     out = apply_changes(data, changes, lambda c, why: fast.append((c, why)))
     assert out == _rewritten(data, changes, lambda c, why: slow.append((c, why)))
     assert fast == slow
+    # The chain hands in the header's end it already found (Message.header_end).
+    given_end: list[tuple[HeaderChange, str]] = []
+    assert apply_changes(data, changes, lambda c, why: given_end.append((c, why)),
+                         Message(data).header_end) == out
+    assert given_end == slow
+
+
+VERIFY = VerifyAgent(Lookup(("127.0.0.1", 9)), ["dkim"], authserv_id="mx.ferry.test")
+
+
+@settings(max_examples=1000, deadline=None)
+@given(header=st.lists(st.one_of(
+           st.sampled_from([b"\r\n", b"\r", b"\n", b"\r\n\r\n", b" ", b"\t", b":", b"\x00",
+                            b"Authentication-Results", b"authentication-RESULTS",
+                            b" mx.ferry.test;", b" other.test;", b"From", b"Subject",
+                            b"\xe2\x84\xaa", b"\xff"]),
+           st.binary(max_size=6)), max_size=30).map(b"".join),
+       value=st.sampled_from(["mx.ferry.test;\r\n\tdkim=pass header.d=shop.test",
+                              "mx.ferry.test; none", "bad\r\nX-Smuggled: 1"]))
+def test_the_verify_agents_edit_on_any_header_is_the_general_paths(
+        header: bytes, value: str) -> None:
+    # The verify agent's changes (remove the fields that claim our authserv-id, add ours)
+    # on arbitrary bytes: the shortcut, with and without the header's end handed in,
+    # gives the bytes and the reports of splitting the header into fields.
+    changes = [*VERIFY.fail_headers, HeaderChange("add", "Authentication-Results", value)]
+    reports: list[list[tuple[HeaderChange, str]]] = [[], [], []]
+    outs = [apply_changes(header, changes, lambda c, why: reports[0].append((c, why))),
+            apply_changes(header, changes, lambda c, why: reports[1].append((c, why)),
+                          Message(header).header_end),
+            _rewritten(header, changes, lambda c, why: reports[2].append((c, why)))]
+    assert outs[0] == outs[1] == outs[2]
+    assert reports[0] == reports[1] == reports[2]
