@@ -57,6 +57,9 @@ FAIL_CLOSED: Final = tempfail("Policy check temporarily unavailable, try again l
                               451, "4.7.1")
 
 _TERMINAL: Final = frozenset({Action.REJECT, Action.TEMPFAIL, Action.DISCARD})
+_ACCEPT: Final = Action.ACCEPT
+#: Each stage's name, for the figures (an Enum's ``value`` is a property: ~0.1 µs).
+_STAGE_NAMES: Final = {stage: stage.value for stage in Stage}
 
 
 def _skipped(change: HeaderChange, why: str) -> None:
@@ -85,7 +88,7 @@ class _Run:
     def __init__(self, stage: Stage, figures: Figures) -> None:
         self.changes: list[HeaderChange] = []
         self.held = ""
-        self.stage = stage
+        self.stage = _STAGE_NAMES[stage]
         self.figures = figures
         #: The one verdict that brought header changes, when it is a plain accept (no
         #: reply, no reason): the result would be its equal (the verify agent's verdict
@@ -95,17 +98,18 @@ class _Run:
     def take(self, agent: Agent, verdict: Verdict) -> Verdict | None:
         """Add ``verdict``; the run's result when it ends the run, else None."""
         action = verdict.action
-        counted = "header" if action is Action.ACCEPT else action.value
-        self.figures.verdicts[agent.name, self.stage.value, counted] += 1
+        counted = "header" if action is _ACCEPT else action.value
+        self.figures.verdicts[agent.name, self.stage, counted] += 1
         if action in _TERMINAL:
             return Verdict(action, verdict.reply, (),
                            f"{agent.name}: {verdict.reason or action.value}")
         if action is Action.HOLD and not self.held:
             self.held = f"{agent.name}: {verdict.reason or 'held'}"
-        if verdict.headers:
-            self.only = verdict if (not self.changes and action is Action.ACCEPT
+        headers = verdict.headers
+        if headers:
+            self.only = verdict if (not self.changes and action is _ACCEPT
                                     and verdict.reply is None and not verdict.reason) else None
-            self.changes.extend(verdict.headers)
+            self.changes.extend(headers)
         return None
 
     def result(self) -> Verdict:
@@ -231,10 +235,29 @@ class Chain:
         so far, then, for mail the client may relay, the sign stage on the bytes as they
         will be stored (so a signature covers every change; RFC 6376 §5: signed once,
         before the message is stored, and a retry sends the stored bytes).  One path for
-        the SMTP session and the injection API."""
+        the SMTP session and the injection API (:meth:`screen_now` is the same)."""
+        screened = self.screen_now(session, tx, data)
+        return screened if isinstance(screened, Screened) else await screened
+
+    def screen_now(self, session: Session, tx: Transaction, data: bytes
+                   ) -> Screened | Awaitable[Screened]:
+        """:meth:`screen`, returned at once when no agent has to wait (a sender's mail
+        with its DNS answers cached: no coroutine made), else an awaitable of it."""
         message = Message(data)
         answer = self.run(Stage.DATA, session, tx, message)
-        verdict = answer if isinstance(answer, Verdict) else await answer
+        if isinstance(answer, Verdict):
+            return self._screened(session, tx, message, answer)
+        return self._screened_later(session, tx, message, answer)
+
+    async def _screened_later(self, session: Session, tx: Transaction, message: Message,
+                              answer: Awaitable[Verdict]) -> Screened:
+        screened = self._screened(session, tx, message, await answer)
+        return screened if isinstance(screened, Screened) else await screened
+
+    def _screened(self, session: Session, tx: Transaction, message: Message,
+                  verdict: Verdict) -> Screened | Awaitable[Screened]:
+        """The rest of :meth:`screen` after the data stage's ``verdict``."""
+        data = message.data
         if verdict.action is Action.REJECT or verdict.action is Action.TEMPFAIL:
             return Screened(data, verdict)
         tx.note(verdict)
@@ -244,11 +267,22 @@ class Chain:
             data = apply_changes(data, tx.changes, _skipped, message.header_end)
         if session.may_relay and self._calls[Stage.SIGN]:
             answer = self.run(Stage.SIGN, session, tx, Message(data))
-            signed = answer if isinstance(answer, Verdict) else await answer
-            if signed.action is Action.REJECT or signed.action is Action.TEMPFAIL:
-                return Screened(data, signed)
-            if signed.headers:
-                data = apply_changes(data, signed.headers, _skipped)
+            if isinstance(answer, Verdict):
+                return self._signed(tx, data, answer)
+            return self._signed_later(tx, data, answer)
+        return Screened(data, held=tx.held)
+
+    async def _signed_later(self, tx: Transaction, data: bytes,
+                            answer: Awaitable[Verdict]) -> Screened:
+        return self._signed(tx, data, await answer)
+
+    @staticmethod
+    def _signed(tx: Transaction, data: bytes, signed: Verdict) -> Screened:
+        """The stored bytes after the sign stage's verdict."""
+        if signed.action is Action.REJECT or signed.action is Action.TEMPFAIL:
+            return Screened(data, signed)
+        if signed.headers:
+            data = apply_changes(data, signed.headers, _skipped)
         return Screened(data, held=tx.held)
 
     def disconnect(self, *args: Any) -> None:

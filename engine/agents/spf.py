@@ -903,6 +903,9 @@ class SpfCache:
         self.hits = 0
         #: The evaluations under way, shared by the checks of the same inputs.
         self._running: dict[tuple[str, str, str, str], _Shared] = {}
+        #: The last address asked for and its text (:meth:`get`).
+        self._ip: IPAddress | str | None = None
+        self._ip_text = ""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -910,7 +913,11 @@ class SpfCache:
     def get(self, ip: IPAddress | str, mail_from: str, helo: str, receiver: str = ""
             ) -> SpfResult | None:
         """The kept result for these inputs, None when there is none (or it expired)."""
-        key = (_text(ip), mail_from, helo, receiver)
+        if ip is not self._ip:
+            # The messages of a connection come with the same address object: its text
+            # without _text's hash of it (an address hashes in Python, ~0.3 µs).
+            self._ip, self._ip_text = ip, _text(ip)
+        key = (self._ip_text, mail_from, helo, receiver)
         entry = self._entries.get(key)
         if entry is None:
             return None

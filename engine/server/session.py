@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from engine.agents.api import ACCEPT, Action, Effects, Stage, Transaction, Verdict, refusal
 from engine.agents.api import Session as AgentSession
+from engine.agents.chain import Screened
 from engine.ops import maillog
 from engine.protocol import server as sm
 from engine.protocol.events import NEED_DATA
@@ -435,7 +436,10 @@ class SmtpSession(asyncio.Protocol):
         body = event.body
         held = ""
         if chain.screens(view, tx):
-            screened = await chain.screen(view, tx, body)
+            # At once when no agent waits (Chain.screen_now): no coroutine a message.
+            screened = chain.screen_now(view, tx, body)
+            if not isinstance(screened, Screened):
+                screened = await screened
             if screened.refused is not None:
                 return self._message_refused(event, refusal(screened.refused),
                                              screened.refused.reason)
