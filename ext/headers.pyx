@@ -47,7 +47,8 @@ cdef class HeaderScan:
     """Where the header section ends and where its fields lie (offsets into the data).
 
     ``astuple()`` order: (end, fields as a tuple, received, message_id, from_, to,
-    subject, date, dkim_signature, malformed).
+    subject, date, dkim_signature, malformed).  ``bare_line_ends`` (not in it): the
+    section read, ``data[:end]``, holds a CR or an LF that is not part of a CRLF.
     """
 
     cdef public Py_ssize_t end
@@ -66,6 +67,7 @@ cdef class HeaderScan:
     cdef public object date
     cdef public bint dkim_signature
     cdef public bint malformed
+    cdef public bint bare_line_ends
 
     def __cinit__(self):
         self._spans = NULL
@@ -202,6 +204,7 @@ def scan_headers(data, limit=0):
     cdef const unsigned char* lf
     cdef const unsigned char* colon
     cdef unsigned char first
+    cdef bint bare
     while pos < n:
         # A header line ends at LF; a CR right before it belongs to the line ending.  CRLF
         # is the rule (RFC 5322 §2.2) but a bare LF also ends a line so the scan is total.
@@ -215,8 +218,13 @@ def scan_headers(data, limit=0):
             if content_end > pos and buf[content_end - 1] == 13:
                 content_end -= 1
         first = buf[pos]
+        # Checked for every line the section takes (all but one the scan stops at): an LF
+        # without its CR, or a CR inside the line (RFC 5322 §2.2: CRLF ends a line).
+        bare = ((lf != NULL and content_end == nxt - 1)
+                or memchr(buf + pos, 13, <size_t>(content_end - pos)) != NULL)
         if content_end == pos and lf != NULL:
             # The empty line that separates header from body (RFC 5322 §2.1).
+            scan.bare_line_ends |= bare
             if open_field:
                 _finish(scan, kind, name_start, name_end, value_start, value_end)
             scan.end = nxt
@@ -227,6 +235,7 @@ def scan_headers(data, limit=0):
                 value_end = content_end
             else:
                 scan.malformed = True  # a continuation with no field: skipped
+            scan.bare_line_ends |= bare
             pos = nxt
             continue
         colon = <const unsigned char*>memchr(buf + pos, 58, <size_t>(content_end - pos))
@@ -248,6 +257,7 @@ def scan_headers(data, limit=0):
         kind = _kind(buf + pos, stop - pos)
         if _bad_name(buf + pos, stop - pos):
             scan.malformed = True
+        scan.bare_line_ends |= bare
         pos = nxt
     # Out of data (or limit) inside the header section, or stopped at a non-field line.
     if open_field:

@@ -324,14 +324,13 @@ class Message:
         if self._items is None:
             scan = scan_headers(self.data, self.header_end)
             self._items = field_items(self.data, scan.fields)
-            header = self.header
             # Where the scan reads the header as fields() does (a Hypothesis test in
             # tests/unit/test_agents_chain.py holds them equal): it ends at header_end,
             # nothing is malformed, and every line ends in CRLF (fields() splits at CRLF
-            # only, the scan at a bare LF too).
+            # only, the scan at a bare LF too): the scan says so, where counting CR, LF
+            # and CRLF in the header cost ~1.1 µs a message.
             self._plain = (not scan.malformed and scan.end == self.header_end
-                           and header.count(b"\r") == header.count(b"\n")
-                           == header.count(b"\r\n"))
+                           and not scan.bare_line_ends)
         return self._items
 
     def get_all(self, name: str) -> list[str]:

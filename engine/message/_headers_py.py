@@ -42,10 +42,12 @@ class HeaderScan(_Result):
     """Where the header section ends and where its fields lie (offsets into the data).
 
     ``astuple()`` order: (end, fields as a tuple, received, message_id, from_, to,
-    subject, date, dkim_signature, malformed).
+    subject, date, dkim_signature, malformed).  ``bare_line_ends`` (not in it): the
+    section read, ``data[:end]``, holds a CR or an LF that is not part of a CRLF.
     """
 
     __slots__ = (
+        "bare_line_ends",
         "date",
         "dkim_signature",
         "end",
@@ -69,6 +71,7 @@ class HeaderScan(_Result):
         self.date: Span | None = None
         self.dkim_signature: bool = False
         self.malformed: bool = False
+        self.bare_line_ends: bool = False
 
     def astuple(self) -> tuple[Any, ...]:
         return (
@@ -148,8 +151,12 @@ def scan_headers(data: bytes, limit: int = 0) -> HeaderScan:
             nxt = lf + 1
             content_end = lf - 1 if lf > pos and data[lf - 1] == 13 else lf
         first = data[pos]
+        # Checked for every line the section takes (all but one the scan stops at): an LF
+        # without its CR, or a CR inside the line (RFC 5322 §2.2: CRLF ends a line).
+        bare = (lf >= 0 and content_end == lf) or find(b"\r", pos, content_end) >= 0
         if content_end == pos and lf >= 0:
             # The empty line that separates header from body (RFC 5322 §2.1).
+            scan.bare_line_ends |= bare
             if open_field:
                 _finish(scan, kind, name_start, name_end, value_start, value_end)
             scan.end = nxt
@@ -160,6 +167,7 @@ def scan_headers(data: bytes, limit: int = 0) -> HeaderScan:
                 value_end = content_end
             else:
                 scan.malformed = True  # a continuation with no field: skipped
+            scan.bare_line_ends |= bare
             pos = nxt
             continue
         colon = find(b":", pos, content_end)
@@ -180,6 +188,7 @@ def scan_headers(data: bytes, limit: int = 0) -> HeaderScan:
         kind = _KINDS.get(name.lower(), 0) if stop - pos <= _LONGEST else 0
         if _BAD_NAME_OCTET(name) is not None:
             scan.malformed = True
+        scan.bare_line_ends |= bare
         pos = nxt
     # Out of data (or limit) inside the header section, or stopped at a non-field line.
     if open_field:

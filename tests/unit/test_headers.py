@@ -379,6 +379,10 @@ def check_invariants(data: bytes, limit: int, scan: Any) -> None:
         assert getattr(scan, attr) == first
     assert scan.received == names.count(b"received")
     assert scan.dkim_signature == (b"dkim-signature" in names)
+    # Every CR and LF of the section read is in a CRLF, or the scan says it is not.
+    read = data[: scan.end]
+    crlf_only = read.count(b"\r") == read.count(b"\n") == read.count(b"\r\n")
+    assert scan.bare_line_ends is (not crlf_only)
     if not scan.malformed:
         # Only an empty line ends a well-formed section.
         head = data[: scan.end]
@@ -399,6 +403,8 @@ def test_never_raises_and_spans_are_ordered(impl: Any, data: bytes, limit: int) 
 def test_both_implementations_agree(data: bytes, limit: int) -> None:
     (_, py), (_, c) = IMPLS
     assert py.scan_headers(data, limit).astuple() == c.scan_headers(data, limit).astuple()
+    assert (py.scan_headers(data, limit).bare_line_ends
+            is c.scan_headers(data, limit).bare_line_ends)
 
 
 names = st.text(
