@@ -56,6 +56,12 @@ def change_problem(change: HeaderChange) -> str | None:
 
 
 @lru_cache(maxsize=256)
+def _lower_bytes(name: str) -> bytes:
+    """``name`` lower-case, as the bytes a lower-cased header would hold it."""
+    return name.lower().encode("utf-8", "surrogateescape")
+
+
+@lru_cache(maxsize=256)
 def _is_name(name: str) -> bool:
     """RFC 5322 §3.6.8 field name.  Kept: agents write the same few names every message."""
     return _NAME.fullmatch(name) is not None
@@ -114,6 +120,15 @@ def _only_added(data: bytes, changes: list[HeaderChange],
     length = _fields_length(data, header_end)
     if length < 0:
         return None
+    if len(changes) == 2:
+        # The verify agent's pair (RFC 8601 §5: remove the fields claiming our
+        # authserv-id, add ours) on a message that carries no such field, without the
+        # loop's lists: ~1 µs a message less.
+        remove, add = changes
+        if (remove.op == "remove" and add.op == "add" and remove.name == add.name
+                and _is_name(add.name) and folds_only(add.value)
+                and _lower_bytes(add.name) not in data[:length].lower()):
+            return _field(add.name, add.value) + data
     lowered: bytes | None = None
     fields: list[bytes] = []
     names: list[str] = []
@@ -128,7 +143,7 @@ def _only_added(data: bytes, changes: list[HeaderChange],
                 lowered = data[:length].lower()
             # Anywhere in the header, not only as a field's name: a false alarm only costs
             # the general path.
-            if name.encode("utf-8", "surrogateescape") in lowered:
+            if _lower_bytes(change.name) in lowered:
                 return None
         elif op != "add":
             return None
