@@ -71,20 +71,22 @@ def lines(results: Sequence[MethodResult], last: bool) -> str:
 @lru_cache(maxsize=4096)
 def _line(result: MethodResult, last: bool) -> str:
     """One resinfo on a line of its own (each starts afresh after a fold, so its text does
-    not depend on the others: cached like :func:`_resinfo`)."""
-    words = list(_resinfo(result))
+    not depend on the others).  Cached by the result (a frozen value): a busy MX writes
+    the same SPF and DMARC results again and again; only DKIM's header.b differs, and
+    its line is made afresh (the steps below keep that cheap: ~2.5 µs)."""
+    words = _resinfo(result)
     if not last:
         words[-1] += ";"
-    return _fold([[], words])
+    out = [FOLD]  # _fold([[], words]): the line starts after a fold, at width 1
+    _place(out, words, 1)
+    return "".join(out)
 
 
-@lru_cache(maxsize=4096)
-def _resinfo(result: MethodResult) -> tuple[str, ...]:
-    """The words of one resinfo.  Cached by the result (a frozen value): a busy MX writes
-    the same SPF and DMARC results again and again; only DKIM's header.b differs."""
-    for word in (result.method, result.result):
-        if not _TOKEN.fullmatch(word):
-            raise ValueError(f"method and result must be tokens: {word!r}")
+def _resinfo(result: MethodResult) -> list[str]:
+    """The words of one resinfo."""
+    if not (_is_token(result.method) and _is_token(result.result)):
+        word = result.result if _is_token(result.method) else result.method
+        raise ValueError(f"method and result must be tokens: {word!r}")
     words = [f"{result.method}={result.result}"]
     if result.reason:
         words.append(_comment(result.reason))
@@ -92,7 +94,13 @@ def _resinfo(result: MethodResult) -> tuple[str, ...]:
         if not _property(name):
             raise ValueError(f"a property must be ptype.property: {name!r}")
         words.append(f"{name}={_pvalue(value)}")
-    return tuple(words)
+    return words
+
+
+@lru_cache(maxsize=256)
+def _is_token(word: str) -> bool:
+    """A method or a result name is a token (a handful of words: cached)."""
+    return _TOKEN.fullmatch(word) is not None
 
 
 @lru_cache(maxsize=256)
@@ -111,16 +119,24 @@ def _fold(lines: list[list[str]]) -> str:
         if n:
             out.append(FOLD)
             width = 1
-        for i, word in enumerate(words):
-            if i and width + 1 + len(word) > MAX_LINE:
-                out.append(FOLD)
-                width = 1
-            elif i:
-                out.append(" ")
-                width += 1
-            out.append(word)
-            width += len(word)
+        width = _place(out, words, width)
     return "".join(out)
+
+
+def _place(out: list[str], words: list[str], width: int) -> int:
+    """``words`` appended to ``out`` on the line that is ``width`` wide so far, separated
+    by one space, a fold before a word that would make the line reach 78; the width of
+    the last line after them."""
+    for i, word in enumerate(words):
+        if i and width + 1 + len(word) > MAX_LINE:
+            out.append(FOLD)
+            width = 1
+        elif i:
+            out.append(" ")
+            width += 1
+        out.append(word)
+        width += len(word)
+    return width
 
 
 def _value(text: str) -> str:
@@ -128,7 +144,10 @@ def _value(text: str) -> str:
     return text if _TOKEN.fullmatch(text) else _quoted(text)
 
 
+@lru_cache(maxsize=1024)
 def _pvalue(text: str) -> str:
+    """A property's value as written (kept: a sender's header.d, header.s, header.from
+    and smtp.mailfrom come again and again)."""
     if _TOKEN.fullmatch(text) or _ADDRESS.fullmatch(text):
         return text
     return _quoted(text)

@@ -8,7 +8,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.agents.api import MethodResult
-from engine.agents.authres import FIELD, authserv_id_of, claims, format_field, head, lines
+from engine.agents.authres import (
+    FIELD,
+    _fold,
+    _resinfo,
+    authserv_id_of,
+    claims,
+    format_field,
+    head,
+    lines,
+)
 
 
 def unfold(value: str) -> str:
@@ -148,3 +157,9 @@ def test_a_field_made_in_parts_is_the_field(
     made = head("mx.ferry.test") + "".join(
         lines(part, i == 2) for i, part in enumerate(parts))
     assert made == format_field("mx.ferry.test", results)
+    # Each line is the general fold of its words, starting after a fold.
+    for i, result in enumerate(results):
+        words = _resinfo(result)
+        if i != len(results) - 1:
+            words[-1] += ";"
+        assert lines([result], i == len(results) - 1) == _fold([[], words])
