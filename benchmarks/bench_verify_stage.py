@@ -38,6 +38,7 @@ import dataclasses
 import hashlib
 import importlib
 import ipaddress
+import itertools
 import pstats
 import textwrap
 import time
@@ -167,16 +168,17 @@ async def measure(dns: DnsResponder, data: bytes, count: int, repeats: int,
         dkim.verify_now = real
     # The same message again and again (as bench_relay.py's smtp-source sends it) finds
     # DKIM's line of the field made already; real mail brings a new header.b each time.
-    fresh = [dataclasses.replace(signatures[0].method_result(),
-                                 props=(("header.d", "shop.test"), ("header.s", "s1"),
-                                        ("header.b", f"{n:08x}")))
-             for n in range(count)]
+    fresh = iter([dataclasses.replace(signatures[0].method_result(),
+                                      props=(("header.d", "shop.test"), ("header.s", "s1"),
+                                             ("header.b", f"{n:08x}")))
+                  for n in range(count * (repeats + 1))])
 
     def new_lines(n: int) -> None:
-        for result in fresh[:n]:
+        for result in itertools.islice(fresh, n):  # each result once
             authres.format_field("mx.ferry.test", [result])
 
-    first_seen = best_of(1, count, new_lines)  # once: the second pass would find them
+    new_lines(count)  # authres's caches full (and forgetting) from here on
+    first_seen = best_of(repeats, count, new_lines)
     print(f"stage (MAIL + screen) {whole:7.1f} µs/message   ({1e6 / whole:,.0f} messages/s)")
     print(f"dkim.verify_now       {dkim_part:7.1f} µs/message")
     print(f"stage around DKIM     {rest:7.1f} µs/message   (verify_now answered from memory)")
