@@ -30,7 +30,7 @@ from engine.testing.torture import (
     TortureSink,
     free_port,
 )
-from engine.testing.wait import wait_for
+from engine.testing.wait import poll, wait_for
 
 
 def _received(spool: Path) -> set[str]:
@@ -40,6 +40,23 @@ def _received(spool: Path) -> set[str]:
         return set()
     records = (orjson.loads(line) for line in log.read_bytes().splitlines() if line)
     return {r["id"] for r in records if r["event"] == "RECEIVE"}
+
+
+def _undelivered(missing: set[str], spool: Path, log: Path) -> str:
+    """Why acknowledged mail is still not delivered: what the shards' tracking logs say
+    of the mail that did not go at once, and the node's warnings."""
+    events: Counter[tuple[str, str]] = Counter()
+    for index in (0, 1):
+        path = shard_spool(spool, index) / "log" / "tracking" / "tracking.log"
+        for line in path.read_bytes().splitlines() if path.exists() else ():
+            record = orjson.loads(line)
+            if record["event"] not in ("RECEIVE", "DELIVER"):
+                events[f"w{index} {record['event']}", str(record.get("reason", ""))[:120]] += 1
+    warnings = [line for line in log.read_text(errors="replace").splitlines()
+                if "WARNING" in line or "ERROR" in line][-30:]
+    return (f"{len(missing)} acknowledged messages not delivered in 60 s "
+            f"(e.g. {sorted(missing)[:3]}); tracking events {dict(events)}; "
+            "node warnings:\n" + "\n".join(warnings))
 
 
 def _pair(pids: list[int]) -> list[int] | None:
@@ -86,8 +103,9 @@ def test_two_workers_share_the_load_survive_a_kill_and_stop_together(tmp_path: P
         assert clients.errors == []
         acked = {s.token for s in ledger.by_outcome(ACKED)}
         # Every acknowledged message is delivered, the killed worker's shard's too.
-        wait_for(lambda: acked <= {d.token for d in sink.deliveries}, 60,
-                 "every acknowledged message delivered")
+        if poll(lambda: acked <= {d.token for d in sink.deliveries}, 60) is None:
+            raise AssertionError(_undelivered(acked - {d.token for d in sink.deliveries},
+                                              spool, tmp_path / "ferry.log"))
         copies = Counter(d.token for d in sink.deliveries)
         assert set(copies) <= {s.token for s in ledger.entries.values()}
         # At most what the killed worker had in flight is sent twice: a message on each
