@@ -775,7 +775,7 @@ class QueueConfig:
     batch_limit: _PosInt = 2_000
     #: Under load, how long a commit smaller than the last one waits for more writes
     #: (engine.queue.writer_process._Grouping); 0 = commit at once.
-    commit_linger: _SecondsOrOff = 0.002
+    commit_linger: _SecondsOrOff = 0.005
 
 
 def _check_queue(q: QueueConfig) -> list[tuple[_Loc, str]]:

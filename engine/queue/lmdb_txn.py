@@ -185,7 +185,7 @@ def _change(env: Envelope, change: Change) -> int:
 
 
 #: ``[queue] commit_linger``'s default (seconds).
-COMMIT_LINGER: Final = 0.002
+COMMIT_LINGER: Final = 0.005
 
 
 @dataclass(frozen=True, slots=True)
