@@ -144,9 +144,7 @@ class VerifyAgent(Agent):
             return ACCEPT
         # Each part at once when its answers are cached (a bulk sender's mail within its
         # TTLs: the verdict is returned without a task or a wait), else an awaitable.
-        spf = tx.notes.get(self.name) if self._spf else None
-        if self._spf and not isinstance(spf, SpfResult):  # kept at MAIL: the common case
-            spf = self._spf_now(session, tx)
+        spf = self._spf_now(session, tx) if self._spf else None
         signatures: list[dkim.DkimResult] | Awaitable[list[dkim.DkimResult]] | None = None
         dkim_failure = ""
         if self._dkim:

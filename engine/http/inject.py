@@ -69,7 +69,7 @@ from engine.message.compose import (
 from engine.ops import maillog
 from engine.protocol.command import Command, parse_command
 from engine.protocol.errors import CommandError
-from engine.queue.api import BackPressure, Idempotency, NewMessage, QueueClosed, QueueStore
+from engine.queue.api import BackPressure, Idempotency, QueueClosed, QueueStore
 from engine.routing.router import accepted_domains
 from engine.server.ingest import Arrival, Ingest, Prepared
 
@@ -456,7 +456,7 @@ async def _pipelined(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpCo
     writes: list[concurrent.futures.Future[list[Prepared]]] = []
 
     async def store_part(chunk: list[Prepared]) -> list[Prepared]:
-        await store.inject([NewMessage(p.envelope, p.body, p.field) for p in chunk])
+        await store.inject([p.message for p in chunk])
         ingest.committed(chunk)  # each part's RECEIVEs while the next parts are built
         return chunk
 
@@ -637,9 +637,7 @@ async def inject(app: App, who: Principal, doc: Any, *, key: bytes, raw: bytes, 
             key, orjson.dumps({"fingerprint": fingerprint, "answer": answer}),
             time.time() + http.idempotency_window)
     try:
-        earlier = await store.inject([NewMessage(p.envelope, p.body, p.field)
-                                      for p in built.prepared],
-                                     idempotency)
+        earlier = await store.inject([p.message for p in built.prepared], idempotency)
     except (BackPressure, QueueClosed) as exc:
         raise _backpressure(exc) from None
     if earlier is not None:

@@ -933,8 +933,7 @@ def _check_all(ready: Sequence[tuple[int, _Signature]], fields: Sequence[_Item],
         except _Problem as p:
             out.append((p.result, p.reason, ""))
             continue
-        key = sig.key
-        if key is not None and key.verify(sig.b, signed):  # signature_valid, one call less
+        if signature_valid((sig.key, sig.b, signed)):
             out.append(("pass", "", note))
         else:
             out.append(("fail", "signature did not verify", ""))

@@ -28,7 +28,7 @@ from engine.message.trace import received_stamp, with_protocol
 from engine.ops.events import Events, Kind, bare_message_id, iso_time, record
 from engine.ops.maillog import clean
 from engine.protocol.command import Command
-from engine.queue.api import BackPressure, QueueStore
+from engine.queue.api import BackPressure, NewMessage, QueueStore
 from engine.queue.records import Envelope, RcptState, Recipient, id_text, new_id
 
 if TYPE_CHECKING:
@@ -91,6 +91,12 @@ class Prepared(NamedTuple):
     def data(self) -> bytes:
         """The bytes stored: the Received field and the body."""
         return self.field + self.body
+
+    @property
+    def message(self) -> NewMessage:
+        """What the queue stores, the field and the body handed over apart (joined by
+        the writer): a bulk injection's messages."""
+        return NewMessage(self.envelope, self.body, self.field)
 
 
 #: Envelope and Recipient built with positional arguments, once per message and per
