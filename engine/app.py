@@ -676,6 +676,8 @@ class App:
             await self.policy.stop()
         if self.scheduler is not None:
             await self.scheduler.stop()
+        if self.resolver is not None:
+            self.resolver.close()  # the lookups the scheduler's stop gave up
         await asyncio.gather(*(agent.close() for agent in self.agents.values()))
         if self.cluster_sync is not None:
             await self.cluster_sync.stop()

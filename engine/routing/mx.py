@@ -457,6 +457,13 @@ class MxResolver:
         # that other callers wait for.
         return cast(_T, await asyncio.shield(future))
 
+    def close(self) -> None:
+        """Give up every lookup in flight (the server stops): nothing waits for them any
+        more, and a query to a server that does not answer would hold its socket open
+        until the lifetime ends, past the event loop's."""
+        for future in list(self._inflight.values()):
+            future.cancel()
+
     def _store(self, key: tuple[str, str], value: object, ttl: float) -> None:
         if ttl <= 0:
             return

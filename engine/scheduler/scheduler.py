@@ -141,6 +141,8 @@ class _Destination:
     name: str
     pending: list[DueEntry] = field(default_factory=list)
     resolving: bool = False
+    #: The task asking the DNS for this destination's route (cancelled at stop).
+    lookup: asyncio.Task[None] | None = None
 
 
 @dataclass(slots=True)
@@ -355,6 +357,12 @@ class Scheduler:
         self._wake.set()
         if self._runner is not None:
             await self._runner
+        # A route still being looked up holds no connection and no outcome: its groups
+        # stay queued as they are, and the stop does not wait out a resolver that does
+        # not answer (up to its lifetime, 10 s a lookup).
+        for dest in self.destinations.values():
+            if dest.lookup is not None:
+                dest.lookup.cancel()
         # Workers no longer wait for their commits: record what they queued before going.
         while self._tasks or self._batch or self._committing:
             self._flush_outcomes()
@@ -775,10 +783,11 @@ class Scheduler:
             self._refill_soon = True
             asyncio.get_running_loop().call_soon(self._refill)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _take(self, name: str, entries: list[DueEntry]) -> None:
         """Route groups for destination ``name`` to their site."""
@@ -798,9 +807,10 @@ class Scheduler:
         dest.pending += entries
         if not dest.resolving:
             dest.resolving = True
-            self._spawn(self._resolve(dest))
+            dest.lookup = self._spawn(self._resolve(dest))
 
     async def _resolve(self, dest: _Destination) -> None:
+        entries: list[DueEntry] = []
         try:
             while dest.pending:
                 entries, dest.pending = dest.pending, []
@@ -810,8 +820,17 @@ class Scheduler:
                     self._unrouted(entries, exc)
                     continue
                 self._place(entries, route)
+                entries = []
+        except asyncio.CancelledError:
+            # The stop: the groups leave the window untouched (their retry time and
+            # attempts as they were), to be routed again at the next start.
+            for entry in (*entries, *dest.pending):
+                self._release(entry)
+            dest.pending = []
+            raise
         finally:
             dest.resolving = False
+            dest.lookup = None
             if not dest.pending:
                 self.destinations.pop(dest.name, None)
 

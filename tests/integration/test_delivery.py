@@ -326,6 +326,34 @@ def test_a_site_that_takes_no_connection_is_marked_down(ferry: Start) -> None:
     assert sum("not tried" in t for t in texts) == 1, texts  # one tried, one left alone
 
 
+def test_stop_gives_up_a_route_lookup_the_dns_never_answers(
+        ferry: Start, dns_server: DnsResponder, sink: CountingSink) -> None:
+    """A stop while a destination's MX lookup waits on a DNS server that never answers
+    does not wait out the resolver (10 s a lookup, then a deferral): the lookup is given
+    up, the message stays queued untried, and the next start delivers it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.settimeout(30)
+        f = ferry(dns=silent.getsockname())
+        send(f, "a@client.test", ["x@two.test"], BODY)
+        query, _ = silent.recvfrom(4096)  # the MX query is out: the lookup waits
+        assert b"\x03two\x04test\x00" in query
+        f.stop()
+    from engine.queue.lmdb_store import LmdbQueue
+
+    store = LmdbQueue(f.config.spool / "queue", min_free_disk=0)
+    try:
+        (env,) = [store.get(e.queue_id) for e in store.due(time.time() + 3600, 10)]
+    finally:
+        store.close_sync()
+    assert [(r.state, r.attempts, r.last_reply) for r in env.recipients] == [
+        (RcptState.PENDING, 0, "")]
+    delivery = dataclasses.replace(f.config.delivery, dns=dns_server.address)
+    with RunningFerry(dataclasses.replace(f.config, delivery=delivery)) as again:
+        wait_for(lambda: len(sink.state.messages) == 1)
+        wait_for(lambda: again.store.count() == 0)
+
+
 def test_per_domain_limit_overrides_the_default(ferry: Start, sink: CountingSink) -> None:
     from engine.config import DomainLimits
 
