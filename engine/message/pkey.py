@@ -1,5 +1,6 @@
-"""DKIM's public-key operations: an Ed25519 signature and a signature check (Ed25519, or
-RSA PKCS#1 v1.5 over a SHA-256 digest), the keys made once and used for every message.
+"""DKIM's public-key operations: an Ed25519 signature, RSA PKCS#1 v1.5 signatures of
+SHA-256 digests (a batch at a time, for a thread) and a signature check (Ed25519, or RSA
+PKCS#1 v1.5 over a SHA-256 digest), the keys made once and used for every message.
 
 Import it from here: this selector picks the compiled module (engine._ext.pkey, built from
 ext/pkey.pyx against OpenSSL's libcrypto) or its pure-Python twin (engine.message._pkey_py,
@@ -10,7 +11,7 @@ each and go to a thread instead (engine.agents.batch).  It must never do I/O.
 """
 
 from engine import _speedups
-from engine.message._pkey_py import HOLDS_GIL, Ed25519Signer, Verifier
+from engine.message._pkey_py import HOLDS_GIL, Ed25519Signer, RsaSigner, Verifier
 
-__all__ = ["HOLDS_GIL", "Ed25519Signer", "Verifier"]
+__all__ = ["HOLDS_GIL", "Ed25519Signer", "RsaSigner", "Verifier"]
 COMPILED = _speedups.select("pkey", __all__, globals())
