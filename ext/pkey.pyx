@@ -142,6 +142,23 @@ cdef extern from "openssl/err.h":
     void ERR_clear_error() nogil
 
 
+cdef EVP_PKEY* _rsa_from_der(const unsigned char[::1] der, bint private):
+    """The RSA key in ``der`` (a private key: PKCS#8 or PKCS#1; a public one:
+    SubjectPublicKeyInfo), NULL when OpenSSL does not read it all as an RSA key."""
+    cdef const unsigned char* p
+    cdef EVP_PKEY* key
+    if not der.shape[0]:
+        return NULL
+    p = &der[0]
+    key = (d2i_AutoPrivateKey(NULL, &p, der.shape[0]) if private
+           else d2i_PUBKEY(NULL, &p, der.shape[0]))
+    if key is not NULL and (p != &der[0] + der.shape[0]
+                            or EVP_PKEY_get_base_id(key) != EVP_PKEY_RSA):
+        EVP_PKEY_free(key)  # trailing octets, or not an RSA key
+        key = NULL
+    return key
+
+
 cdef class Ed25519Signer:
     """An Ed25519 private key (the 32 raw octets of RFC 8032 §5.1.5); ``sign(data)`` is
     the 64-octet signature of ``data``.  ValueError for a key that is not 32 octets."""
@@ -205,7 +222,6 @@ cdef class Verifier:
     cdef readonly str kind
 
     def __cinit__(self, str kind not None, const unsigned char[::1] public not None):
-        cdef const unsigned char* p
         self._key = NULL
         self._md = NULL
         self._rsa = NULL
@@ -220,13 +236,7 @@ cdef class Verifier:
                 raise MemoryError()
         elif kind == "rsa":
             self._ed25519 = False
-            if public.shape[0]:
-                p = &public[0]
-                self._key = d2i_PUBKEY(NULL, &p, public.shape[0])
-                if self._key is not NULL and (p != &public[0] + public.shape[0]
-                                              or EVP_PKEY_get_base_id(self._key) != EVP_PKEY_RSA):
-                    EVP_PKEY_free(self._key)  # trailing octets, or not an RSA key
-                    self._key = NULL
+            self._key = _rsa_from_der(public, False)
         else:
             raise ValueError(f"unknown key kind {kind!r}")
         if self._key is NULL:
@@ -278,15 +288,7 @@ cdef class RsaSigner:
     cdef EVP_PKEY* _key
 
     def __cinit__(self, const unsigned char[::1] private not None):
-        cdef const unsigned char* p
-        self._key = NULL
-        if private.shape[0]:
-            p = &private[0]
-            self._key = d2i_AutoPrivateKey(NULL, &p, private.shape[0])
-            if self._key is not NULL and (p != &private[0] + private.shape[0]
-                                          or EVP_PKEY_get_base_id(self._key) != EVP_PKEY_RSA):
-                EVP_PKEY_free(self._key)  # trailing octets, or not an RSA key
-                self._key = NULL
+        self._key = _rsa_from_der(private, True)
         if self._key is NULL:
             ERR_clear_error()
             raise ValueError("not an RSA private key")
