@@ -7,7 +7,9 @@ ext/pkey.pyx against OpenSSL's libcrypto) or its pure-Python twin (engine.messag
 ``cryptography``).  Both give the same results; they differ in :data:`HOLDS_GIL`: the
 compiled operations keep the GIL, so the event loop can make them at their own cost (tens
 of microseconds) where ``cryptography``'s, which release it, cost the loop a GIL round trip
-each and go to a thread instead (engine.agents.batch).  It must never do I/O.
+each and go to a thread instead (engine.agents.batch).  ``RsaSigner`` is for that thread in
+both: it releases the GIL, the compiled one once for a whole list of digests, the twin once
+per signature.  It must never do I/O.
 """
 
 from engine import _speedups
