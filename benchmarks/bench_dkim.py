@@ -16,6 +16,13 @@ the other core is often busy), and a test of the GIL that the load does not blur
 switch interval of 1000 s, how many signatures a worker thread makes before the main
 thread runs again (only a released GIL lets it).  That decides that signatures run off
 the event loop (engine.message.dkim's docstring).
+
+Last, ``--beside-busy``: RSA-2048 signatures made in a worker thread while the main thread
+runs Python without pause (what the signing thread meets in ``ferry serve``: a busy event
+loop), one call per signature through ``cryptography`` (the twin: one release of the GIL
+each, then a wait of up to the 5 ms switch interval to get it back), one per signature
+through the compiled module, and batches of 50 through the compiled module (one release
+a batch, as the signing agent makes them): the worker's wall time and CPU per signature.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ import time
 from collections.abc import Callable
 
 import dkim  # type: ignore[import-untyped]
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from engine import _speedups
 from engine.message.dkim import Signer, private_pem
 from engine.testing.gil import gil_handoff
 
@@ -73,12 +82,38 @@ def threaded_rate(fn: Callable[[], object], seconds: float, threads: int) -> flo
     return sum(counts) / (time.perf_counter() - started)
 
 
+def beside_busy(fn: Callable[[], object], signatures: int) -> tuple[float, float]:
+    """(wall µs, thread CPU µs) per signature of ``fn`` (``signatures`` of them) in this
+    thread while another thread runs Python all the time."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    busy = threading.Thread(target=spin)
+    busy.start()
+    try:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        fn()
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    finally:
+        stop.set()
+        busy.join()
+    return wall / signatures * 1e6, cpu / signatures * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=1.0, help="seconds per timed cell")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (best of)")
+    parser.add_argument("--beside-busy", action="store_true", help="only the signing "
+                        "thread beside a busy one (issue 15, seventh pass)")
     args = parser.parse_args()
+    if args.beside_busy:
+        print_beside_busy(args.rounds)
+        return
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ed_key = ed25519.Ed25519PrivateKey.generate()
     rsa_pem = private_pem(rsa_key)
@@ -116,6 +151,35 @@ def main() -> None:
         seen = gil_handoff(functools.partial(signer.signature, signer.prepare(message(1024))))
         print(f"GIL handoff, {label} sign: the main thread ran again after {seen} of 300 "
               "signatures (300: never released)")
+
+
+
+def print_beside_busy(rounds: int, signatures: int = 400, batch: int = 50) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    modules = dict(_speedups.implementations("pkey"))
+    digests = [bytes([i % 256]) * 32 for i in range(signatures)]
+
+    def one_by_one(signer: object) -> Callable[[], object]:
+        return lambda: [signer.sign_digests([d]) for d in digests]  # type: ignore[attr-defined]
+
+    def batches(signer: object) -> Callable[[], object]:
+        return lambda: [signer.sign_digests(digests[i : i + batch])  # type: ignore[attr-defined]
+                        for i in range(0, signatures, batch)]
+
+    cells = [("cryptography, one a call", one_by_one(modules["py"].RsaSigner(der)))]
+    if "c" in modules:
+        compiled = modules["c"].RsaSigner(der)
+        cells += [("compiled, one a call", one_by_one(compiled)),
+                  (f"compiled, {batch} a call", batches(compiled))]
+    print(f"RSA-2048 in a thread beside a busy one, {signatures} signatures, median of "
+          f"{rounds}")
+    print(f"{'calls':<26}{'wall µs/sig':>12}{'CPU µs/sig':>12}")
+    for name, fn in cells:
+        runs = sorted(beside_busy(fn, signatures) for _ in range(rounds))
+        wall, cpu = runs[len(runs) // 2]
+        print(f"{name:<26}{wall:>12,.0f}{cpu:>12,.0f}")
 
 
 if __name__ == "__main__":

@@ -16,17 +16,28 @@ cheap operations belong here (an RSA *signature*, ~300 µs, stays in a thread). 
 the GIL also serialises the calls, so an object's OpenSSL context may be reused by every
 thread that calls it (the executor's, when a large body is verified there).
 
+The one exception is :class:`RsaSigner`, for that thread: RSA PKCS#1 v1.5 signatures of
+SHA-256 digests (RFC 8017 §8.2.1, RFC 6376 §3.3.1), a whole list of digests in one
+``nogil`` block.  ``cryptography`` releases the GIL once per signature, and on taking it
+back the thread waits for the busy event loop to let go of it (up to the 5 ms switch
+interval) once per message; here a batch of messages costs one release and one wait
+(benchmarks/README.md, issue 15, seventh pass).  Its OpenSSL context is made per call,
+so two threads may use one signer.
+
 Its twin is engine/message/_pkey_py.py (``cryptography``): the same results for every
-input (Ed25519 signatures are deterministic, so the same bytes).  It never parses key
+input (Ed25519 and RSA PKCS#1 v1.5 signatures are deterministic, so the same bytes).  It never parses key
 formats beyond what OpenSSL does, never imports asyncio and never logs.
 """
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stddef cimport size_t
+from libc.stdlib cimport free, malloc
 from posix.dlfcn cimport RTLD_LOCAL, RTLD_NOW, dlopen, dlsym
 
-__all__ = ["HOLDS_GIL", "Ed25519Signer", "Verifier"]
+__all__ = ["HOLDS_GIL", "Ed25519Signer", "RsaSigner", "Verifier"]
 
-#: The operations run holding the GIL (cheap to make on an event loop).
+#: The operations run holding the GIL (cheap to make on an event loop); all but
+#: :meth:`RsaSigner.sign_digests`, which is for a thread.
 HOLDS_GIL = True
 
 
@@ -97,6 +108,8 @@ cdef extern from "openssl/evp.h":
     void EVP_PKEY_free(EVP_PKEY* pkey)
     int EVP_PKEY_get_base_id(const EVP_PKEY* pkey)
     int EVP_PKEY_get_bits(const EVP_PKEY* pkey)
+    int EVP_PKEY_get_size(const EVP_PKEY* pkey)
+    EVP_PKEY* d2i_AutoPrivateKey(EVP_PKEY** a, const unsigned char** pp, long length)
     EVP_MD_CTX* EVP_MD_CTX_new()
     void EVP_MD_CTX_free(EVP_MD_CTX* ctx)
     int EVP_DigestSignInit(EVP_MD_CTX* ctx, EVP_PKEY_CTX** pctx, const EVP_MD* md, ENGINE* e,
@@ -107,23 +120,43 @@ cdef extern from "openssl/evp.h":
                              ENGINE* e, EVP_PKEY* pkey)
     int EVP_DigestVerify(EVP_MD_CTX* ctx, const unsigned char* sigret, size_t siglen,
                          const unsigned char* tbs, size_t tbslen)
-    EVP_PKEY_CTX* EVP_PKEY_CTX_new(EVP_PKEY* pkey, ENGINE* e)
-    void EVP_PKEY_CTX_free(EVP_PKEY_CTX* ctx)
+    EVP_PKEY_CTX* EVP_PKEY_CTX_new(EVP_PKEY* pkey, ENGINE* e) nogil
+    void EVP_PKEY_CTX_free(EVP_PKEY_CTX* ctx) nogil
     int EVP_PKEY_verify_init(EVP_PKEY_CTX* ctx)
+    int EVP_PKEY_sign_init(EVP_PKEY_CTX* ctx) nogil
+    int EVP_PKEY_sign(EVP_PKEY_CTX* ctx, unsigned char* sig, size_t* siglen,
+                      const unsigned char* tbs, size_t tbslen) nogil
     int EVP_PKEY_verify(EVP_PKEY_CTX* ctx, const unsigned char* sig, size_t siglen,
                         const unsigned char* tbs, size_t tbslen)
-    int EVP_PKEY_CTX_set_signature_md(EVP_PKEY_CTX* ctx, const EVP_MD* md)
-    const EVP_MD* EVP_sha256()
+    int EVP_PKEY_CTX_set_signature_md(EVP_PKEY_CTX* ctx, const EVP_MD* md) nogil
+    const EVP_MD* EVP_sha256() nogil
 
 cdef extern from "openssl/rsa.h":
     int RSA_PKCS1_PADDING
-    int EVP_PKEY_CTX_set_rsa_padding(EVP_PKEY_CTX* ctx, int pad)
+    int EVP_PKEY_CTX_set_rsa_padding(EVP_PKEY_CTX* ctx, int pad) nogil
 
 cdef extern from "openssl/x509.h":
     EVP_PKEY* d2i_PUBKEY(EVP_PKEY** a, const unsigned char** pp, long length)
 
 cdef extern from "openssl/err.h":
-    void ERR_clear_error()
+    void ERR_clear_error() nogil
+
+
+cdef EVP_PKEY* _rsa_from_der(const unsigned char[::1] der, bint private):
+    """The RSA key in ``der`` (a private key: PKCS#8 or PKCS#1; a public one:
+    SubjectPublicKeyInfo), NULL when OpenSSL does not read it all as an RSA key."""
+    cdef const unsigned char* p
+    cdef EVP_PKEY* key
+    if not der.shape[0]:
+        return NULL
+    p = &der[0]
+    key = (d2i_AutoPrivateKey(NULL, &p, der.shape[0]) if private
+           else d2i_PUBKEY(NULL, &p, der.shape[0]))
+    if key is not NULL and (p != &der[0] + der.shape[0]
+                            or EVP_PKEY_get_base_id(key) != EVP_PKEY_RSA):
+        EVP_PKEY_free(key)  # trailing octets, or not an RSA key
+        key = NULL
+    return key
 
 
 cdef class Ed25519Signer:
@@ -189,7 +222,6 @@ cdef class Verifier:
     cdef readonly str kind
 
     def __cinit__(self, str kind not None, const unsigned char[::1] public not None):
-        cdef const unsigned char* p
         self._key = NULL
         self._md = NULL
         self._rsa = NULL
@@ -204,13 +236,7 @@ cdef class Verifier:
                 raise MemoryError()
         elif kind == "rsa":
             self._ed25519 = False
-            if public.shape[0]:
-                p = &public[0]
-                self._key = d2i_PUBKEY(NULL, &p, public.shape[0])
-                if self._key is not NULL and (p != &public[0] + public.shape[0]
-                                              or EVP_PKEY_get_base_id(self._key) != EVP_PKEY_RSA):
-                    EVP_PKEY_free(self._key)  # trailing octets, or not an RSA key
-                    self._key = NULL
+            self._key = _rsa_from_der(public, False)
         else:
             raise ValueError(f"unknown key kind {kind!r}")
         if self._key is NULL:
@@ -250,3 +276,86 @@ cdef class Verifier:
         if not ok:
             ERR_clear_error()  # a bad signature leaves errors queued for this thread
         return bool(ok)
+
+
+cdef class RsaSigner:
+    """An RSA private key (DER: PKCS#8 PrivateKeyInfo, or PKCS#1 RSAPrivateKey) that signs
+    SHA-256 digests with PKCS#1 v1.5 (RFC 8017 §8.2.1, as RFC 6376 §3.3.1 has rsa-sha256
+    use it).  ``sign_digests(digests)`` is the list of their signatures, with a ValueError
+    in the place of a digest that is not 32 octets or that OpenSSL could not sign.
+    ValueError for a key that is not an RSA private key."""
+
+    cdef EVP_PKEY* _key
+
+    def __cinit__(self, const unsigned char[::1] private not None):
+        self._key = _rsa_from_der(private, True)
+        if self._key is NULL:
+            ERR_clear_error()
+            raise ValueError("not an RSA private key")
+
+    def __dealloc__(self):
+        EVP_PKEY_free(self._key)
+
+    @property
+    def bits(self) -> int:
+        return EVP_PKEY_get_bits(self._key)
+
+    def sign_digests(self, digests) -> list:
+        """Every digest's signature, made in one release of the GIL (see the module
+        docstring): a batch of signatures waits for the GIL once, not once each."""
+        cdef list items = [d if type(d) is bytes else bytes(d) for d in digests]
+        cdef Py_ssize_t n = len(items), i
+        cdef size_t size = EVP_PKEY_get_size(self._key)
+        cdef size_t length
+        cdef EVP_PKEY* key = self._key
+        cdef EVP_PKEY_CTX* ctx = NULL
+        cdef bint ready = False
+        cdef bint failed = False
+        if n == 0:
+            return []
+        # The signatures are written straight into new bytes objects (nothing else holds
+        # them yet); the digests' buffers stay alive in ``items``.
+        cdef list out = [PyBytes_FromStringAndSize(NULL, size) for _ in range(n)]
+        cdef const unsigned char** tbs = <const unsigned char**>malloc(n * sizeof(void*))
+        cdef unsigned char** sig = <unsigned char**>malloc(n * sizeof(void*))
+        cdef unsigned char* done = <unsigned char*>malloc(n)
+        if tbs is NULL or sig is NULL or done is NULL:
+            free(tbs)
+            free(sig)
+            free(done)
+            raise MemoryError()
+        try:
+            for i in range(n):
+                done[i] = 0
+                sig[i] = <unsigned char*>PyBytes_AS_STRING(out[i])
+                tbs[i] = (<const unsigned char*>PyBytes_AS_STRING(items[i])
+                          if len(<bytes>items[i]) == 32 else NULL)
+            with nogil:
+                # RFC 8017 §8.2.1 with SHA-256's DigestInfo (EMSA-PKCS1-v1_5, §9.2): the
+                # padding and the digest's algorithm set once for the batch.
+                ctx = EVP_PKEY_CTX_new(key, NULL)
+                ready = (ctx is not NULL and EVP_PKEY_sign_init(ctx) == 1
+                         and EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_PADDING) == 1
+                         and EVP_PKEY_CTX_set_signature_md(ctx, EVP_sha256()) == 1)
+                for i in range(n):
+                    if ready and tbs[i] is not NULL:
+                        length = size
+                        if EVP_PKEY_sign(ctx, sig[i], &length, tbs[i], 32) == 1 \
+                                and length == size:
+                            done[i] = 1
+                    if not done[i]:
+                        failed = True
+                EVP_PKEY_CTX_free(ctx)
+                if failed:
+                    ERR_clear_error()  # this thread's queue: nothing left for the next call
+            if not ready:
+                raise ValueError("OpenSSL refused to sign with the RSA key")
+            for i in range(n):
+                if not done[i]:
+                    out[i] = ValueError("a SHA-256 digest is 32 octets" if tbs[i] is NULL
+                                        else "OpenSSL could not make the RSA signature")
+            return out
+        finally:
+            free(tbs)
+            free(sig)
+            free(done)

@@ -12,8 +12,16 @@ one job in flight: whatever is submitted while it runs goes, together, into the 
 one, and one hand-off back settles them all.  Under load the batches grow; a lone item
 waits one loop turn (for the others submitted in the same turn) and goes alone.
 
+The work is given per item (``ThreadBatches(work)``: ``work(item)`` for each, in turn) or
+for the whole batch (``ThreadBatches(batch=work)``: one call with every item, returning
+each item's result or its exception in order).  The whole-batch form is for work that can
+release the GIL once for the batch instead of once per item: the RSA signatures of the
+DKIM signing agent, which the compiled engine.message.pkey makes in one ``nogil`` block
+(issue 15, seventh pass: each release cost a wait for the busy loop to give the GIL back).
+
 It must never run Python work of any size in the thread (that would take the GIL from
-the loop for as long): callers hand over what is ready for OpenSSL.
+the loop for as long): callers hand over what is ready for OpenSSL, or work that would
+hold the loop as long where it is (the signing agent's hashing of a large body).
 """
 
 from __future__ import annotations
@@ -41,12 +49,24 @@ def _run_all(work: Callable[[T], R], items: Sequence[T]) -> list[R | Exception]:
     return out
 
 
+#: Work on a whole batch: every item's result, or the exception of an item that failed.
+Batch = Callable[[Sequence[T]], Sequence[R | Exception]]
+
+
 class ThreadBatches(Generic[T, R]):
     """``work`` done for every submitted item in the default executor, one job at a time
-    (see the module docstring).  One per agent: its futures belong to the running loop."""
+    (see the module docstring), or ``batch`` done for all the items of a job in one call.
+    One per agent: its futures belong to the running loop."""
 
-    def __init__(self, work: Callable[[T], R]) -> None:
-        self._work = work
+    def __init__(self, work: Callable[[T], R] | None = None, *,
+                 batch: Batch[T, R] | None = None) -> None:
+        if batch is None:
+            if work is None:
+                raise TypeError("ThreadBatches needs work or batch")
+            batch = functools.partial(_run_all, work)
+        elif work is not None:
+            raise TypeError("ThreadBatches takes work or batch, not both")
+        self._batch: Batch[T, R] = batch
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._busy = False
 
@@ -68,7 +88,7 @@ class ThreadBatches(Generic[T, R]):
             self._busy = False
             return
         try:
-            job = loop.run_in_executor(None, _run_all, self._work, [item for item, _ in batch])
+            job = loop.run_in_executor(None, self._batch, [item for item, _ in batch])
         except RuntimeError as exc:  # the executor is shut down: the server is stopping
             for _, future in batch:
                 future.set_exception(exc)
@@ -77,15 +97,20 @@ class ThreadBatches(Generic[T, R]):
         job.add_done_callback(functools.partial(self._done, loop, batch))
 
     def _done(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[T, asyncio.Future[R]]],
-              job: asyncio.Future[list[R | Exception]]) -> None:
+              job: asyncio.Future[Sequence[R | Exception]]) -> None:
+        cancelled = job.cancelled()
+        failed = None if cancelled else job.exception()
+        results = () if cancelled or failed is not None else job.result()
+        if not cancelled and failed is None and len(results) != len(batch):
+            # A batch function that lost or added items: no item may get another's result.
+            failed = RuntimeError(f"a batch of {len(batch)} items gave {len(results)} results")
         for i, (_, future) in enumerate(batch):
             if future.done():
                 continue
-            if job.cancelled():
+            if cancelled:
                 future.cancel()
                 continue
-            failed = job.exception()
-            outcome = failed if failed is not None else job.result()[i]
+            outcome = failed if failed is not None else results[i]
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)
             else:

@@ -18,8 +18,9 @@ their text), and never read a file after start.
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from email.utils import getaddresses
 from typing import TYPE_CHECKING, ClassVar, Final
 
@@ -36,7 +37,9 @@ from engine.agents.batch import ThreadBatches
 from engine.config import Config, ConfigError, DkimSignConfig
 from engine.message.dkim import (
     DEFAULT_HEADERS,
+    VERIFY_INLINE_BYTES,
     DkimKeyError,
+    Prepared,
     Signer,
     SigningKey,
     load_signing_key,
@@ -127,7 +130,7 @@ class DkimSigner(Agent):
             self._exact.setdefault(signer.domain, []).append(signer)
             if below:
                 self._below.setdefault(signer.domain, []).append(signer)
-        self._batches = ThreadBatches(_sign_message)
+        self._batches: ThreadBatches[_Items, _Signed] = ThreadBatches(batch=_sign_batch)
 
     def signers_for(self, domain: str) -> list[Signer]:
         """The signers of the most specific entry domain that covers ``domain``."""
@@ -155,24 +158,68 @@ class DkimSigner(Agent):
             # on the loop, less than a hand-off to a thread and back (benchmarks/README.md,
             # issue 15, third pass), and the verdict comes without a task.
             return _verdict([signer.value(message) for signer in signers])
-        # Else in a thread: cryptography releases the GIL while it signs, which on the
-        # loop costs a GIL round trip (engine.agents.batch), and an RSA signature
-        # (~300 µs) is too long for the loop anyway.  The canonicalisation goes along:
-        # preparing the digests on the loop and only signing in the thread measured no
-        # better end to end (benchmarks/README.md, issue 15, second pass).
-        return self._signed([(signer, message.data) for signer in signers])
+        # Else the signatures in a thread: an RSA signature (~260 µs) is too long for the
+        # loop, and cryptography (the twin) releases the GIL in each, which on the loop
+        # costs a GIL round trip (engine.agents.batch).  The digests are prepared here
+        # (the compiled canonicalisation: tens of µs at 1 KiB) and only they go to the
+        # thread, where the compiled RsaSigner signs a whole batch's in one release of the
+        # GIL: the batch waits once, not once a message, for the busy loop to give the
+        # GIL back (benchmarks/README.md, issue 15, seventh pass; with cryptography's one
+        # release per signature this split measured no better, second pass).  A large
+        # body is hashed in the thread instead, as verification does beyond the same size.
+        if len(message.data) > VERIFY_INLINE_BYTES:
+            return self._signed([(signer, message.data) for signer in signers])
+        return self._signed([(signer, signer.prepare(message)) for signer in signers])
 
     async def _signed(self, items: _Items) -> Verdict:
-        return _verdict(await self._batches.submit(items))
+        signed = await self._batches.submit(items)
+        return _verdict([Signer.finish(prepared, signature) for prepared, signature in signed])
 
 
-#: One message's signers, each with the message to sign.
-_Items = Sequence[tuple[Signer, bytes]]
+#: One message's signers, each with its prepared signature (:meth:`Signer.prepare`), or
+#: with the message when its body is too large to hash on the loop.
+_Items = Sequence[tuple[Signer, Prepared | bytes]]
+#: One message's prepared signatures, each with its public-key signature.
+_Signed = list[tuple[Prepared, bytes]]
 
 
-def _sign_message(items: _Items) -> list[str]:
-    """One message's fields' values, in the signing thread."""
-    return [signer.value(data) for signer, data in items]
+def _sign_batch(batch: Sequence[_Items]) -> list[_Signed | Exception]:
+    """Every message's signatures, in the signing thread: each signer's digests of the
+    whole batch in one call (:meth:`Signer.signatures`); a message that could not be
+    prepared or signed gets its exception, the others their signatures."""
+    ready: list[list[tuple[Signer, Prepared]] | Exception] = []
+    digests: dict[Signer, list[bytes]] = {}
+    for items in batch:
+        try:
+            mine = [(signer, p if isinstance(p, Prepared) else signer.prepare(p))
+                    for signer, p in items]
+        except Exception as exc:  # reported through the message's own future
+            ready.append(exc)
+            continue
+        ready.append(mine)
+        for signer, prepared in mine:
+            digests.setdefault(signer, []).append(prepared.digest)
+    made: dict[Signer, Iterator[bytes | Exception]] = {}
+    for signer, wanted in digests.items():
+        try:
+            made[signer] = iter(signer.signatures(wanted))
+        except Exception as exc:  # the key itself: every message it signs fails
+            made[signer] = itertools.repeat(exc)
+    out: list[_Signed | Exception] = []
+    for message in ready:
+        if isinstance(message, Exception):
+            out.append(message)
+            continue
+        signed: _Signed = []
+        failed: Exception | None = None
+        for signer, prepared in message:
+            signature = next(made[signer])
+            if isinstance(signature, Exception):
+                failed = failed or signature
+            else:
+                signed.append((prepared, signature))
+        out.append(failed if failed is not None else signed)
+    return out
 
 
 def _verdict(values: Sequence[str]) -> Verdict:

@@ -37,12 +37,16 @@ the GIL and are made on the loop at their own cost: Ed25519 signatures
 (:attr:`Signer.inline`, the signing agent signs at once) and every verification (the
 verify agent passes no :class:`Checker`).  Otherwise (the pure-Python twin, and RSA
 signatures, too long for the loop) they go to a thread in batches (engine.agents.batch):
-the signing agent's executor jobs, the verify agent's :class:`Checker`.  Bodies are
-hashed in pieces under 2 KiB, which hashlib hashes holding the GIL too.  :func:`verify`
-checks on the loop when the body is under :data:`VERIFY_INLINE_BYTES` and in the executor
-otherwise (hashing a large body), and :func:`verify_now` returns the results at once,
-without a coroutine, when the keys' answers are cached and no public-key operation is
-left to wait for.
+the signing agent's executor jobs, the verify agent's :class:`Checker`.  The signing agent
+prepares the digests on the loop (:meth:`Signer.prepare`) and hands only them over; the
+compiled RSA signer signs a whole batch's in one release of the GIL
+(:meth:`Signer.signatures`), which ``cryptography`` releases once per signature: each
+release cost the thread a wait of up to the switch interval for the loop to give the GIL
+back.  Bodies are hashed in pieces under 2 KiB, which hashlib hashes holding the GIL too.
+:func:`verify` checks on the loop when the body is under :data:`VERIFY_INLINE_BYTES` and in
+the executor otherwise (hashing a large body), and :func:`verify_now` returns the results
+at once, without a coroutine, when the keys' answers are cached and no public-key
+operation is left to wait for.
 
 It must never open a socket or a file itself (the key record comes through the
 ``engine.agents.dns.Lookup`` handed in; :func:`load_signing_key` reads the one file it is
@@ -64,8 +68,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
 
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from engine.agents.api import Message, MethodResult
 from engine.agents.dns import DnsPermError, DnsTempError
@@ -455,6 +459,13 @@ def _ed25519_signer(key: ed25519.Ed25519PrivateKey) -> pkey.Ed25519Signer:
         serialization.NoEncryption()))
 
 
+def _rsa_signer(key: SigningKey) -> pkey.RsaSigner:
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return pkey.RsaSigner(key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+
+
 # --- signing -------------------------------------------------------------------------------
 
 
@@ -560,9 +571,11 @@ class Signer:
         self.selector = selector.lower()
         self.key = private_key
         self.algorithm = algorithm_of(private_key)
-        # RFC 8463 §3: PureEdDSA over the SHA-256 hash, made by engine.message.pkey.
+        # RFC 8463 §3: PureEdDSA over the SHA-256 hash; rsa-sha256 (§3.3.1) PKCS#1 v1.5
+        # over it: both made by engine.message.pkey.
         self._ed25519 = (_ed25519_signer(private_key)
                          if isinstance(private_key, ed25519.Ed25519PrivateKey) else None)
+        self._rsa = None if self._ed25519 is not None else _rsa_signer(private_key)
         #: The signature is cheap and made holding the GIL (Ed25519, compiled): the
         #: signing agent makes it on the event loop, at its own cost and no hand-off.
         self.inline = self._ed25519 is not None and pkey.HOLDS_GIL
@@ -653,12 +666,27 @@ class Signer:
         return Prepared(folded, _signed_digest(selected, own, self.canon[0]))
 
     def signature(self, prepared: Prepared) -> bytes:
-        """The signature of a prepared digest (OpenSSL; it releases the GIL)."""
-        if self._ed25519 is not None:
-            return self._ed25519.sign(prepared.digest)
-        assert isinstance(self.key, rsa.RSAPrivateKey)
-        return self.key.sign(prepared.digest, padding.PKCS1v15(),
-                             utils.Prehashed(hashes.SHA256()))
+        """The signature of a prepared digest (OpenSSL; an RSA one releases the GIL)."""
+        [signature] = self.signatures([prepared.digest])
+        if isinstance(signature, Exception):
+            raise signature
+        return signature
+
+    def signatures(self, digests: Sequence[bytes]) -> list[bytes | ValueError]:
+        """The signatures of many prepared digests in one call, for a thread: RSA ones in
+        one release of the GIL (the compiled engine.message.pkey), not one each, so the
+        batch waits once to take the GIL back from the event loop.  An item that cannot
+        be signed gets a ValueError in its place."""
+        if self._rsa is not None:
+            return self._rsa.sign_digests(digests)
+        assert self._ed25519 is not None
+        out: list[bytes | ValueError] = []
+        for digest in digests:
+            try:
+                out.append(self._ed25519.sign(digest))
+            except ValueError as exc:
+                out.append(exc)
+        return out
 
     @staticmethod
     def finish(prepared: Prepared, signature: bytes) -> str:

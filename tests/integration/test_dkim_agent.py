@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from engine.agents import AgentContext
 from engine.agents.api import HeaderChange, Message, Session, Transaction, Verdict
-from engine.agents.dkim import DkimSigner, build_signer, from_domain
+from engine.agents.dkim import DkimSigner, _sign_batch, build_signer, from_domain
 from engine.agents.dns import Lookup
 from engine.config import Config, ConfigError, load_config
-from engine.message.dkim import fold_txt, key_record, verify
+from engine.message.dkim import VERIFY_INLINE_BYTES, DkimError, fold_txt, key_record, verify
 from engine.ops.preflight import file_problems
 from engine.protocol.command import parse_command
 from engine.testing.dns import DnsResponder
@@ -173,7 +173,8 @@ def test_only_mail_the_client_may_relay_is_signed(tmp_path: Path) -> None:
     assert run_sign(agent, STRANGER, message("a@example.com")).headers == ()
 
 
-@pytest.mark.parametrize("size", [10, 20_000])
+# 50,000 lines: a body over VERIFY_INLINE_BYTES, hashed in the thread, not on the loop.
+@pytest.mark.parametrize("size", [10, 20_000, 50_000])
 def test_signatures_are_made_off_the_loop(tmp_path: Path, responder: DnsResponder,
                                           size: int) -> None:
     agent = build_signer(context(config(tmp_path, DUAL)))
@@ -298,3 +299,25 @@ def test_signing_after_the_executor_shut_down_raises_for_the_message(tmp_path: P
         return errors
 
     assert len(asyncio.run(go())) == 2
+
+
+def test_in_a_batch_a_message_that_cannot_be_signed_fails_alone(tmp_path: Path) -> None:
+    # The signing thread signs a whole batch's digests in one call (one release of the
+    # GIL); a digest that cannot be signed, or a large message that cannot be prepared
+    # there, fails its own message only.
+    agent = build_signer(context(config(tmp_path, DUAL)))
+    assert agent is not None
+    signers = agent.signers_for("example.com")
+    good = [(s, s.prepare(message("a@example.com"))) for s in signers]
+    broken = [(s, p._replace(digest=p.digest[:31])) for s, p in good]
+    large = message("b@example.com", b"x" * VERIFY_INLINE_BYTES + b"\r\n")
+    out = _sign_batch([good, broken, [(s, large.data) for s in signers],
+                       [(signers[0], b"To: x@example.net\r\n\r\n")], good[1:]])
+    assert isinstance(out[1], ValueError)
+    assert isinstance(out[3], DkimError)  # no From field to sign
+    for i, items in ((0, good), (4, good[1:])):
+        signed = out[i]
+        assert not isinstance(signed, Exception)
+        assert signed == [(p, s.signature(p)) for s, p in items]  # deterministic here
+    signed_large = out[2]
+    assert not isinstance(signed_large, Exception) and len(signed_large) == 2

@@ -1,10 +1,12 @@
 """DKIM's public-key operations (engine.message.pkey) on both implementations: the compiled
-one (OpenSSL's libcrypto, holding the GIL) and its twin (``cryptography``) make the same
-Ed25519 signatures, accept the same signatures and refuse the same keys."""
+one (OpenSSL's libcrypto, holding the GIL but for a batch of RSA signatures) and its twin
+(``cryptography``) make the same Ed25519 and RSA signatures, accept the same signatures and
+refuse the same keys."""
 
 from __future__ import annotations
 
 import ctypes.util
+import functools
 import hashlib
 from types import ModuleType
 
@@ -33,6 +35,26 @@ RSA_PKCS1 = RSA_KEY.public_key().public_bytes(serialization.Encoding.DER,
                                               serialization.PublicFormat.PKCS1)
 EC_DER = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
     serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def private_der(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey,
+                form: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8,
+                password: bytes = b"") -> bytes:
+    encryption = (serialization.BestAvailableEncryption(password) if password
+                  else serialization.NoEncryption())
+    return key.private_bytes(serialization.Encoding.DER, form, encryption)
+
+
+RSA_PRIVATE = private_der(RSA_KEY)
+
+#: Key lengths the Hypothesis test draws from: RFC 8301 §3.2's range and beyond it (more
+#: than 4,096 bits, a length not a multiple of 8, the 1,024 bits verifiers still take).
+RSA_BITS = (1024, 1031, 2048, 3072, 4104)
+
+
+@functools.cache
+def rsa_key(bits: int) -> rsa.RSAPrivateKey:
+    return RSA_KEY if bits == 2048 else rsa.generate_private_key(65537, bits)
 
 
 def rsa_sign(digest: bytes) -> bytes:
@@ -140,3 +162,60 @@ def test_the_compiled_operations_keep_the_gil() -> None:
         verifier.verify(signature, digest)
 
     assert gil_handoff(both, 100) == 100
+
+
+def outcomes(results: list[bytes | ValueError]) -> list[bytes | type[Exception]]:
+    return [type(r) if isinstance(r, Exception) else r for r in results]
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from(RSA_BITS), pkcs1=st.booleans(),
+       digests=st.lists(st.one_of(st.binary(min_size=32, max_size=32),
+                                  st.binary(max_size=40)), max_size=4))
+def test_rsa_signatures_of_any_key_are_cryptographys(bits: int, pkcs1: bool,
+                                                     digests: list[bytes]) -> None:
+    # RSA PKCS#1 v1.5 is deterministic (RFC 8017 §8.2.1): both implementations, and
+    # cryptography itself, give the same octets for every key and digest; a digest that
+    # is not 32 octets gets a ValueError in its place, the others their signatures.
+    key = rsa_key(bits)
+    der = private_der(key, serialization.PrivateFormat.TraditionalOpenSSL if pkcs1
+                      else serialization.PrivateFormat.PKCS8)
+    expected = [key.sign(d, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+                if len(d) == 32 else ValueError for d in digests]
+    for impl in MODULES:
+        signer = impl.RsaSigner(der)
+        assert signer.bits == bits
+        assert outcomes(signer.sign_digests(digests)) == expected
+        assert outcomes(signer.sign_digests(iter(digests))) == expected  # any iterable
+
+
+@pytest.mark.parametrize("impl", MODULES, ids=IDS)
+def test_rsa_signatures_check_and_take_any_bytes(impl: ModuleType) -> None:
+    digest = hashlib.sha256(b"x").digest()
+    signer = impl.RsaSigner(bytearray(RSA_PRIVATE))
+    assert signer.sign_digests([]) == []
+    [from_view, from_bytes] = signer.sign_digests([memoryview(digest), digest])
+    assert from_view == from_bytes == rsa_sign(digest)
+    assert impl.Verifier("rsa", RSA_DER).verify(from_bytes, digest)
+    with pytest.raises(TypeError):
+        signer.sign_digests(["not bytes"])
+
+
+@pytest.mark.parametrize("impl", MODULES, ids=IDS)
+@pytest.mark.parametrize("private", [
+    b"", RSA_PRIVATE[:-1], RSA_PRIVATE + b"\x00", RSA_DER,
+    private_der(ED_KEY), private_der(ec.generate_private_key(ec.SECP256R1())),
+    private_der(RSA_KEY, password=b"secret"),
+], ids=["empty", "short", "trailing", "public", "ed25519", "ec", "encrypted"])
+def test_both_implementations_refuse_the_same_private_keys(impl: ModuleType,
+                                                           private: bytes) -> None:
+    with pytest.raises(ValueError):
+        impl.RsaSigner(private)
+
+
+@pytest.mark.skipif("c" not in IDS, reason="the compiled module is not in use")
+def test_the_compiled_rsa_signatures_release_the_gil() -> None:
+    # For the signing thread: the batch is signed outside the GIL (the loop runs on).
+    signer = dict(IMPLS)["c"].RsaSigner(RSA_PRIVATE)
+    digests = [hashlib.sha256(bytes([i])).digest() for i in range(4)]
+    assert gil_handoff(lambda: signer.sign_digests(digests), 20) < 20
