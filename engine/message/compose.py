@@ -300,6 +300,16 @@ class _Template:
         return "".join(out)
 
 
+#: What html.escape replaces (with quote=True): a value without any is its own escape.
+_HTML_SPECIALS: Final = frozenset("&<>\"'")
+
+
+def _escaped(value: str) -> str:
+    """``html.escape(value)``, without its five replacements when none applies (a value
+    of a bulk request's html part, once per recipient)."""
+    return html_lib.escape(value) if not _HTML_SPECIALS.isdisjoint(value) else value
+
+
 class _Body:
     """A templated text part whose encoding (:func:`_encoded_body`) is worked out once
     for what does not depend on the values: the template with its line ends already
@@ -342,12 +352,15 @@ class _Body:
         crlf = self.crlf
         if crlf is None:
             return _encoded_body(self.template.fill(values, self.escape))
-        filled = ({name: html_lib.escape(values[name]) for name in self.names}
+        filled = ({name: _escaped(values[name]) for name in self.names}
                   if self.escape else values)
+        qp = self.qp  # and no value breaks quoted-printable as it is (RFC 2045 §6.7)
         for name in self.names:
             value = filled[name]
             if not (value and value.isascii() and value.isprintable()):
                 return _encoded_body(self.template.fill(values, self.escape))
+            if "=" in value or value[-1] == " ":
+                qp = False
         longest = self.longest
         for size, names in self.measured:
             for name in names:
@@ -357,8 +370,7 @@ class _Body:
         text = crlf.fill(filled)
         if longest <= _MAX_LINE:
             return b"7bit", text.encode("ascii")
-        if self.qp and not any("=" in filled[n] or filled[n].endswith(" ")
-                               for n in self.names):
+        if qp:
             lines = text.split("\r\n")
             lines.pop()  # after the last CRLF
             return _soft_wrapped(lines)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import email
 import email.contentmanager
 import email.policy
+import html
 from email.message import EmailMessage, MIMEPart
 
 import pytest
@@ -20,6 +21,7 @@ from engine.message.compose import (
     Structured,
     _Body,
     _encoded_body,
+    _escaped,
     _Template,
     base64_content,
     canonical,
@@ -244,6 +246,12 @@ def test_encoded_body_is_the_packages(lines: list[str], ended: bool) -> None:
     cte, data = email.contentmanager._encode_text(  # type: ignore[attr-defined]
         text, "utf-8", None, POLICY)
     assert _encoded_body(text) == (cte.encode(), data.replace("\n", "\r\n").encode())
+
+
+@given(st.text())
+@example("<&>\"'")
+def test_escaped_is_html_escape(value: str) -> None:
+    assert _escaped(value) == html.escape(value)
 
 
 # Templates: runs of letters around the soft-break lengths, placeholders (one split by a
