@@ -400,10 +400,10 @@ class _Body:
         """:func:`_soft_wrapped` of the text filled with ``filled`` (plain values that
         quoted-printable writes as they are), line by line: the soft breaks of a line's
         literal text after its last placeholder depend only on the column it starts at,
-        while that is within the line's first break (RFC 2045 §6.7 rule 5: after 76
-        characters and the "="), so they are worked out once per column, not per
-        recipient (a bulk request's html part is often one long line, a value near its
-        start)."""
+        while that is within the line's first break (RFC 2045 §6.7 rule 5; the package
+        breaks after :data:`_QP_WIDTH` characters), so they are worked out once per
+        column, not per recipient (a bulk request's html part is often one long line, a
+        value near its start)."""
         out: list[str] = []
         for head, tail, wrapped in self.qp_lines:
             start = head.fill(filled) if head.names else ""
