@@ -120,15 +120,22 @@ def _kind(value: object) -> str:
             float: "a number", str: "a string"}.get(type(value), "null")
 
 
-def _values(value: object, where: str) -> dict[str, str]:
-    """A substitutions object: names to strings (numbers are written as text)."""
+def _values(value: object, where: str, index: int = -1) -> dict[str, str]:
+    """A substitutions object: names to strings (numbers are written as text).  It is
+    request field ``where``, or recipient ``index``'s member ``where``: that field's name
+    is written only for an answer that names it, never once per recipient."""
+    if isinstance(value, dict):
+        for v in value.values():
+            if type(v) is not str:
+                break
+        else:
+            return value  # all strings, the common case: the decoded document's own object
+    return _typed(value, _rcpt_field(index, where) if index >= 0 else where)
+
+
+def _typed(value: object, where: str) -> dict[str, str]:
     if not isinstance(value, dict):
         raise _invalid(where, f"must be an object, not {_kind(value)}")
-    for v in value.values():
-        if type(v) is not str:
-            break
-    else:
-        return value  # all strings, the common case: the decoded document's own object
     out: dict[str, str] = {}
     for name, v in value.items():
         if isinstance(v, str):
@@ -209,7 +216,7 @@ def _recipients(doc: Mapping[str, Any], limit: int) -> list[_Rcpt]:
             subs = item.get("substitutions")
             out.append(_Rcpt(_address(item.get("email"), i, ".email"),
                              None if subs is None
-                             else _values(subs, _rcpt_field(i, ".substitutions")), i))
+                             else _values(subs, ".substitutions", i), i))
         else:
             out.append(_Rcpt(_address(item, i), None, i))
     return out
@@ -477,7 +484,7 @@ async def _pipelined(plan: _Plan, ingest: Ingest, arrival: Arrival, http: HttpCo
         if not isinstance(failed, BackPressure | QueueClosed):
             raise failed
         problem = _backpressure(failed)
-        problem.extra = {"queued": [p.envelope.queue_id.hex().upper() for p in queued]}
+        problem.extra = {"queued": [p.ident for p in queued]}
         raise problem
     return queued
 
@@ -619,7 +626,7 @@ async def inject(app: App, who: Principal, doc: Any, *, key: bytes, raw: bytes, 
     if (len(plan.groups) >= THREAD_AT and plan.checked and not key
             and (chain is None or not chain.wants(Stage.DATA))):
         queued = await _pipelined(plan, ingest, arrival, http, sender, store, screen)
-        ids = [p.envelope.queue_id.hex().upper() for p in queued]
+        ids = [p.ident for p in queued]
         return {"id": ids[0] if ids else None, "ids": ids, "recipients": len(rcpts),
                 **suppressed}, None
     if len(plan.groups) >= THREAD_AT or screen is not None:
@@ -628,7 +635,7 @@ async def inject(app: App, who: Principal, doc: Any, *, key: bytes, raw: bytes, 
             None, _build, plan, ingest, arrival, http, sender, None, screen)
     else:
         built = _build(plan, ingest, arrival, http, sender)
-    ids = [p.envelope.queue_id.hex().upper() for p in built.prepared]
+    ids = [p.ident for p in built.prepared]
     answer = {"id": ids[0] if ids else None, "ids": ids, "recipients": len(rcpts),
               **suppressed}
     idempotency = None

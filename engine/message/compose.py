@@ -263,17 +263,27 @@ def _soft_wrapped(lines: list[str]) -> tuple[bytes, bytes]:
     lines is longer as quoted-printable, and here it never is: a line of L characters
     gains at most L / 77 "=" and keeps its line end, 78/77 of the text and one octet a
     line, while base64 writes 4/3 of the text and of its CRLFs (binascii.b2a_base64)."""
-    width = _MAX_LINE - 1
+    return b"quoted-printable", "".join([_soft_line(line) + "\r\n" for line in lines]
+                                       ).encode("ascii")
+
+
+#: Characters a quoted-printable line holds before its soft break "=" (max_line_length
+#: less the "="): the first break of a line comes after this many.
+_QP_WIDTH: Final = _MAX_LINE - 1
+
+
+def _soft_line(line: str) -> str:
+    """One line of :func:`_soft_wrapped`: with its soft breaks, without its line end."""
+    # body_encode's loop: a break while at least max_line_length + 1 characters are left.
+    start, last = 0, len(line) - 1 - _MAX_LINE
+    if last < 0:
+        return line
     out: list[str] = []
-    for line in lines:
-        # body_encode's loop: a break while at least max_line_length + 1 characters are left.
-        start, last = 0, len(line) - 1 - _MAX_LINE
-        while start <= last:
-            out.append(line[start:start + width] + "=")
-            start += width
-        out.append(line[start:])
-    out.append("")
-    return b"quoted-printable", "\r\n".join(out).encode("ascii")
+    while start <= last:
+        out.append(line[start:start + _QP_WIDTH] + "=")
+        start += _QP_WIDTH
+    out.append(line[start:])
+    return "\r\n".join(out)
 
 
 class _Template:
@@ -287,6 +297,13 @@ class _Template:
         self.pieces = parts[0::2]
         self.names = parts[1::2]
 
+    @classmethod
+    def of(cls, pieces: list[str], names: list[str]) -> _Template:
+        """A template from its pieces and names (see ``pieces``)."""
+        template = cls.__new__(cls)
+        template.pieces, template.names = pieces, names
+        return template
+
     def fill(self, values: Mapping[str, str], escape: bool = False) -> str:
         pieces = self.pieces
         if len(pieces) == 2:  # one placeholder, the common template: no list, no loop
@@ -298,6 +315,16 @@ class _Template:
             out.append(html_lib.escape(value) if escape else value)
             out.append(pieces[i + 1])
         return "".join(out)
+
+
+#: What html.escape replaces (with quote=True): a value without any is its own escape.
+_HTML_SPECIALS: Final = frozenset("&<>\"'")
+
+
+def _escaped(value: str) -> str:
+    """``html.escape(value)``, without its five replacements when none applies (a value
+    of a bulk request's html part, once per recipient)."""
+    return html_lib.escape(value) if not _HTML_SPECIALS.isdisjoint(value) else value
 
 
 class _Body:
@@ -314,7 +341,8 @@ class _Body:
     takes :func:`_encoded_body` on the whole filled text; test_compose holds both to the
     same bytes for any template and values."""
 
-    __slots__ = ("crlf", "escape", "longest", "measured", "names", "qp", "template")
+    __slots__ = ("crlf", "escape", "longest", "measured", "names", "qp", "qp_lines",
+                 "template")
 
     def __init__(self, text: str, escape: bool) -> None:
         self.template = _Template(text)
@@ -336,33 +364,60 @@ class _Body:
                            default=0)
         self.measured = [(sum(map(len, t.pieces)), tuple(t.names)) for t in cut if t.names]
         self.qp = _qp_as_is(literal)
+        #: each line for quoted-printable as it is: the line up to the end of its last
+        #: placeholder (a template; "" for a line without one), the literal text after
+        #: it, and that text with its soft breaks by the column it starts at (:meth:`_qp`)
+        self.qp_lines: list[tuple[_Template, str, dict[int, str]]] = [
+            (_Template.of([*t.pieces[:-1], ""], t.names), t.pieces[-1], {}) for t in cut]
 
     def encode(self, values: Mapping[str, str]) -> tuple[bytes, bytes]:
         """(Content-Transfer-Encoding, body) of the part filled with ``values``."""
         crlf = self.crlf
         if crlf is None:
             return _encoded_body(self.template.fill(values, self.escape))
-        filled = ({name: html_lib.escape(values[name]) for name in self.names}
+        filled = ({name: _escaped(values[name]) for name in self.names}
                   if self.escape else values)
+        qp = self.qp  # and no value breaks quoted-printable as it is (RFC 2045 §6.7)
         for name in self.names:
             value = filled[name]
             if not (value and value.isascii() and value.isprintable()):
                 return _encoded_body(self.template.fill(values, self.escape))
+            if "=" in value or value[-1] == " ":
+                qp = False
         longest = self.longest
         for size, names in self.measured:
             for name in names:
                 size += len(filled[name])
             if size > longest:
                 longest = size
-        text = crlf.fill(filled)
         if longest <= _MAX_LINE:
-            return b"7bit", text.encode("ascii")
-        if self.qp and not any("=" in filled[n] or filled[n].endswith(" ")
-                               for n in self.names):
-            lines = text.split("\r\n")
-            lines.pop()  # after the last CRLF
-            return _soft_wrapped(lines)
+            return b"7bit", crlf.fill(filled).encode("ascii")
+        if qp:
+            return b"quoted-printable", self._qp(filled).encode("ascii")
         return _encoded_body(self.template.fill(values, self.escape))
+
+    def _qp(self, filled: Mapping[str, str]) -> str:
+        """:func:`_soft_wrapped` of the text filled with ``filled`` (plain values that
+        quoted-printable writes as they are), line by line: the soft breaks of a line's
+        literal text after its last placeholder depend only on the column it starts at,
+        while that is within the line's first break (RFC 2045 §6.7 rule 5; the package
+        breaks after :data:`_QP_WIDTH` characters), so they are worked out once per
+        column, not per recipient (a bulk request's html part is often one long line, a
+        value near its start)."""
+        out: list[str] = []
+        for head, tail, wrapped in self.qp_lines:
+            start = head.fill(filled) if head.names else ""
+            column = len(start)
+            rest = wrapped.get(column)
+            if rest is None:
+                if column > _QP_WIDTH:  # a break before the literal text: the whole line
+                    out.append(_soft_line(start + tail))
+                    continue
+                # (at most _QP_WIDTH + 1 columns a line: the cache is bounded)
+                rest = wrapped[column] = _soft_line("x" * column + tail)[column:]
+            out.append(start + rest)
+        out.append("")
+        return "\r\n".join(out)
 
 
 class Composer:

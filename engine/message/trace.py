@@ -111,6 +111,9 @@ def _address_literal(client_ip: str) -> str:
     return f"[{ip}]"
 
 
+#: The room of the "for" clause's address and date on one line: "\tfor <" ">; " aside.
+_FOR_ROOM: Final = MAX_LINE - len("\tfor <>; ")
+
 #: The printable ASCII characters safe_address replaces in an address that is not a
 #: mailbox (engine.message.fields: not atext nor ".@[]:").
 _ADDRESS_UNSAFE: Final = frozenset(' "(),;<>\\')
@@ -211,9 +214,14 @@ class Stamp:
         qid = _clean(queue_id, False, _TOKEN_SPECIALS) if queue_id else ""
         if recipient:
             by = self.by_text + qid
-            # fold's own shortcut: a clause that fits is one line
+            address = _recipient(recipient, self.utf8)
+            # fold's own shortcut: a clause that fits is one line (both, the common case:
+            # one f-string, a bulk injection's thousands)
+            if qid and len(by) <= MAX_LINE and len(address) + len(date) <= _FOR_ROOM:
+                return (f"{self.head}{by}\r\n{self.comments}"
+                        f"\tfor <{address}>; {date}\r\n").encode()
             by = by + "\r\n" if qid and len(by) <= MAX_LINE else _fold1(self._by(qid))
-            path = f"<{_recipient(recipient, self.utf8)}>;"
+            path = f"<{address}>;"
             last = f"\tfor {path} {date}"
             last = last + "\r\n" if len(last) <= MAX_LINE else _fold1(["for", path, date])
             return (self.head + by + self.comments + last).encode("utf-8")

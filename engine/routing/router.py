@@ -59,6 +59,8 @@ __all__ = ["LOCAL_PREFIX", "ConfiguredRouter", "accepted_domains", "match_rank"]
 
 #: Destinations of local domains start with this.
 LOCAL_PREFIX: Final = "local:"
+#: Destinations a router keeps (Router.destination): the domains of recent recipients.
+DESTINATIONS: Final = 4096
 
 #: Specificity of a match: an exact domain, a "*.suffix" (plus the suffix's length), "*".
 _EXACT: Final = 2
@@ -172,6 +174,10 @@ class ConfiguredRouter:
         self._hostname = config.hostname.lower().rstrip(".")
         #: the pool of the connectors that name none ([egress] pool)
         self._pool = config.egress.pool
+        #: destination()'s answers by the domain as given: a function of this router's
+        #: tables alone (set here, never changed; a reload builds a new router), asked
+        #: once per recipient at ingest, a bulk injection's thousands for a few domains.
+        self._destinations: dict[str, str] = {}
 
     @property
     def connectors(self) -> tuple[SendConfig, ...]:
@@ -181,6 +187,15 @@ class ConfiguredRouter:
     # --- ingest --------------------------------------------------------------------------
 
     def destination(self, domain: str) -> str:
+        found = self._destinations.get(domain)
+        if found is None:
+            found = self._destination(domain)
+            if len(self._destinations) >= DESTINATIONS:
+                self._destinations.clear()  # bounded: a flood of domains costs no memory
+            self._destinations[domain] = found
+        return found
+
+    def _destination(self, domain: str) -> str:
         domain = domain.lower().rstrip(".") or self._hostname
         if domain.startswith("["):
             address = _literal(domain) if domain.endswith("]") else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import email
 import email.contentmanager
 import email.policy
+import html
 from email.message import EmailMessage, MIMEPart
 
 import pytest
@@ -20,6 +21,7 @@ from engine.message.compose import (
     Structured,
     _Body,
     _encoded_body,
+    _escaped,
     _Template,
     base64_content,
     canonical,
@@ -246,6 +248,12 @@ def test_encoded_body_is_the_packages(lines: list[str], ended: bool) -> None:
     assert _encoded_body(text) == (cte.encode(), data.replace("\n", "\r\n").encode())
 
 
+@given(st.text())
+@example("<&>\"'")
+def test_escaped_is_html_escape(value: str) -> None:
+    assert _escaped(value) == html.escape(value)
+
+
 # Templates: runs of letters around the soft-break lengths, placeholders (one split by a
 # line end), what quoted-printable must quote, line ends; values: plain ones and each kind
 # the shortcut must hand to the whole-text encoder (empty, "=", a trailing space, LF, CR,
@@ -264,6 +272,13 @@ _VALUE = st.one_of(
 @given(st.lists(_PIECE, max_size=12), _VALUE, _VALUE, st.booleans())
 @example(["x" * 80, "\n", "{{a}}"], "", "", False)  # an empty last line is no line
 @example(["x" * 80, " ", "{{a}}", "\n"], "", "", False)  # nor white space before a line end
+# The literal text after a line's last placeholder starting at columns 76-79 (its soft
+# breaks kept per column only while it starts within the first 77 characters).
+@example(["x" * 70, "{{a}}", "x" * 160], "User 7", "", False)
+@example(["x" * 70, "{{a}}", "x" * 160], "User 77", "", False)
+@example(["x" * 70, "{{a}}", "x" * 160], "User 777", "", True)
+@example(["x" * 70, "{{a}}", "x" * 160], "User 7777", "", True)
+@example(["x" * 1, "{{a}}", "x" * 76, "{{ b }}", "x" * 150, "\n", "x" * 79], "a", "b", True)
 def test_a_body_template_encodes_as_the_filled_text(pieces: list[str], a: str, b: str,
                                                       escape: bool) -> None:
     """_Body's shortcut (lines measured once, values checked) gives the bytes that

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.ops import logfmt
 from engine.ops.events import Event, Events, Kind
@@ -73,6 +75,22 @@ def test_received_line_leaves_out_what_the_session_did_not_have() -> None:
                size=10, sender="", recipients=["a@b.example"], message_id="")
     assert line(bare) == (f"{QID}: from=<>, size=10, nrcpt=1, client=[::1], "
                           "connector=default")
+
+
+_OPTIONAL = (("helo", "helo=<{}>"), ("tls", "tls={}"), ("auth", "auth={}"),
+             ("connector", "connector={}"), ("message_id", "message-id=<{}>"))
+
+
+@given(st.fixed_dictionaries({}, optional={key: st.sampled_from(["", "x", "a b", None])
+                                           for key, _ in _OPTIONAL}))
+def test_received_line_names_each_optional_field_it_has_in_order(extra: dict[str, Any]) -> None:
+    record = {"event": "RECEIVE", "id": QID, "sender": "a@b.example", "size": 7,
+              "client": "192.0.2.1", "recipients": ["c@d.example"], **extra}
+    expected = f"{QID}: from=<a@b.example>, size=7, nrcpt=1, client=[192.0.2.1]"
+    for key, shown in _OPTIONAL:
+        if extra.get(key):
+            expected += ", " + shown.format(extra[key])
+    assert line(record) == expected
 
 
 def test_delivered_line_has_next_hop_delay_attempt_and_reply_last() -> None:

@@ -17,6 +17,7 @@ from engine.config import Config, load_config
 from engine.routing.api import Host, Route, RouteError
 from engine.routing.mx import MxResolver
 from engine.routing.router import (
+    DESTINATIONS,
     LOCAL_PREFIX,
     ConfiguredRouter,
     accepted_domains,
@@ -280,6 +281,18 @@ lmtp = "127.0.0.1:24"
 )
 def test_destination(tmp_path: Path, domain: str, destination: str) -> None:
     assert router(tmp_path, LOCAL).destination(domain) == destination
+
+
+def test_destinations_are_kept_and_bounded(tmp_path: Path) -> None:
+    # Kept: asked again, the same answer as worked out afresh; a flood of domains (more
+    # than the router keeps) leaves the answers right and the memory bounded.
+    r = router(tmp_path, LOCAL)
+    domains = ["Example.COM.", "corp.example", "[192.0.2.1]", "[IPv6:2001:DB8::1]", "",
+               "x.example", "X.Example"] + [f"d{i}.example" for i in range(DESTINATIONS + 50)]
+    for _ in range(2):
+        for domain in domains:
+            assert r.destination(domain) == r._destination(domain)
+        assert len(r._destinations) <= DESTINATIONS
 
 
 def test_local_maildir_route(tmp_path: Path) -> None:
