@@ -59,7 +59,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP
 
 from engine.queue.lmdb_store import LmdbQueue
-from engine.queue.records import RcptState, id_text
+from engine.queue.records import RcptState, RecordError, id_text
 from engine.testing.dns import DnsResponder
 from engine.testing.process import FerryProcess
 from engine.testing.sink import CountingSink, _CountingSMTP, _Handler
@@ -420,6 +420,36 @@ def _read_spool(spool: Path, violations: list[str], label: str) -> _SpoolView:
         return view
     finally:
         store.close_sync()
+
+
+def whereabouts(spools: list[Path], queue_ids: list[str]) -> dict[str, str]:
+    """Where each message (queue id text) is now, for a failure's report: for one still
+    queued in a shard (``spools``: each shard's spool), that shard and the state, retry
+    time, attempts and crash count of each recipient (late); "in no shard" otherwise
+    (delivered, failed or lost: the tracking log says which).  Reads the queue databases
+    while the server runs (LMDB readers never block its writer)."""
+    found = dict.fromkeys(queue_ids, "in no shard")
+    now = time.time()
+    for index, spool in enumerate(spools):
+        if not (spool / "queue").is_dir():
+            continue
+        store = LmdbQueue(spool / "queue", min_free_disk=0)
+        try:
+            for text in queue_ids:
+                try:
+                    env = store.get(bytes.fromhex(text))
+                except (KeyError, ValueError):
+                    continue
+                except RecordError as exc:
+                    found[text] = f"shard {index}: corrupt ({exc})"
+                    continue
+                found[text] = f"shard {index}: crashes {env.crashes}, faults {env.faults}; " + (
+                    "; ".join(f"{r.state.value} due {r.due - now:+.1f} s, attempts "
+                              f"{r.attempts}, last reply {r.last_reply[:60]!r}"
+                              for r in env.recipients))
+        finally:
+            store.close_sync()
+    return found
 
 
 def run_torture(

@@ -15,9 +15,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import orjson
-
 from engine.cluster.shards import shard_spool
+from engine.config import tracking_dir
+from engine.ops.tracking import read_records
 from engine.testing.dns import DnsResponder
 from engine.testing.process import ROOT
 from engine.testing.torture import (
@@ -26,36 +26,45 @@ from engine.testing.torture import (
     SINK_ADDRESS,
     Clients,
     Ledger,
+    Submission,
     TortureFerry,
     TortureSink,
     free_port,
+    whereabouts,
 )
 from engine.testing.wait import poll, wait_for
 
 
 def _received(spool: Path) -> set[str]:
-    """The queue ids of every RECEIVE record in the shard's tracking log."""
-    log = spool / "log" / "tracking" / "tracking.log"
-    if not log.exists():
-        return set()
-    records = (orjson.loads(line) for line in log.read_bytes().splitlines() if line)
-    return {r["id"] for r in records if r["event"] == "RECEIVE"}
+    """The queue ids of every RECEIVE record in the shard's tracking log (a line being
+    written as it is read is left out, as ``ferry track`` leaves it out)."""
+    return {r["id"] for r in read_records(tracking_dir(spool)) if r["event"] == "RECEIVE"}
 
 
-def _undelivered(missing: set[str], spool: Path, log: Path) -> str:
-    """Why acknowledged mail is still not delivered: what the shards' tracking logs say
-    of the mail that did not go at once, and the node's warnings."""
+def _undelivered(missing: list[Submission], spool: Path, log: Path) -> str:
+    """Why acknowledged mail is still not delivered: where each such message is (still
+    queued in a shard, and why it waits: late; or in no shard: delivered by Ferry's
+    account, failed, or lost), what the shards' tracking logs say of the mail that did
+    not go at once and of these messages, and the node's warnings.  The logs are read as
+    ``ferry track`` reads them: a kill may leave half a line in one."""
+    ids = [s.queue_id for s in missing]
+    shown = set(ids[:10])
     events: Counter[tuple[str, str]] = Counter()
+    theirs: list[str] = []
     for index in (0, 1):
-        path = shard_spool(spool, index) / "log" / "tracking" / "tracking.log"
-        for line in path.read_bytes().splitlines() if path.exists() else ():
-            record = orjson.loads(line)
+        for record in read_records(tracking_dir(shard_spool(spool, index))):
             if record["event"] not in ("RECEIVE", "DELIVER"):
                 events[f"w{index} {record['event']}", str(record.get("reason", ""))[:120]] += 1
+            if record["id"] in shown:
+                theirs.append(f"w{index} {record['time']} {record['id']} {record['event']}")
+    places = whereabouts([shard_spool(spool, i) for i in (0, 1)], ids)
+    where = Counter(place.split(":")[0] for place in places.values())
     warnings = [line for line in log.read_text(errors="replace").splitlines()
                 if "WARNING" in line or "ERROR" in line][-30:]
-    return (f"{len(missing)} acknowledged messages not delivered in 60 s "
-            f"(e.g. {sorted(missing)[:3]}); tracking events {dict(events)}; "
+    return (f"{len(missing)} acknowledged messages not delivered in 60 s; where they are: "
+            f"{dict(where)}:\n" + "\n".join(f"  {i}: {places[i]}" for i in ids[:10])
+            + "\ntheir tracking events:\n" + "\n".join(theirs)
+            + f"\ntracking events of the mail that did not go at once: {dict(events)}; "
             "node warnings:\n" + "\n".join(warnings))
 
 
@@ -104,8 +113,10 @@ def test_two_workers_share_the_load_survive_a_kill_and_stop_together(tmp_path: P
         acked = {s.token for s in ledger.by_outcome(ACKED)}
         # Every acknowledged message is delivered, the killed worker's shard's too.
         if poll(lambda: acked <= {d.token for d in sink.deliveries}, 60) is None:
-            raise AssertionError(_undelivered(acked - {d.token for d in sink.deliveries},
-                                              spool, tmp_path / "ferry.log"))
+            got = {d.token for d in sink.deliveries}
+            raise AssertionError(_undelivered(
+                [s for s in ledger.by_outcome(ACKED) if s.token not in got], spool,
+                tmp_path / "ferry.log"))
         copies = Counter(d.token for d in sink.deliveries)
         assert set(copies) <= {s.token for s in ledger.entries.values()}
         # At most what the killed worker had in flight is sent twice: a message on each
