@@ -739,7 +739,13 @@ class Scheduler:
             self.journal.open()
         self._looking = True
         while not self._stopping:
-            self._look()
+            try:
+                self._look()
+            except Exception:
+                # A bug or a failing read of the due index must not end the runner: with
+                # it would go every retry of deferred mail, silently, until the stop.
+                log.exception("the scheduler's look at the due index failed; it looks "
+                              "again in %g s", POLL_INTERVAL)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)

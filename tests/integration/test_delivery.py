@@ -9,6 +9,7 @@ import email.policy
 import random
 import smtplib
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -157,6 +158,32 @@ def test_retry_then_success(ferry: Start, sink: CountingSink) -> None:
     sink.state.data_replies["127.0.10.3"] = ""
     wait_for(lambda: len(sink.state.messages) == 1)
     wait_for(lambda: f.store.count() == 0)
+
+
+def test_a_look_that_raises_does_not_end_the_scheduler(ferry: Start, sink: CountingSink,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The runner's look at the due index raising once (a bug, a failing read) is logged
+    and the runner goes on: deferred mail is still retried when it comes due, which only
+    the runner's polling does (no new mail arrives to wake the scheduler)."""
+    sink.state.data_replies["127.0.10.3"] = "451 4.3.0 try later"
+    f = ferry()
+    send(f, "a@client.test", ["x@two.test"], BODY)
+    wait_for(lambda: f.store.ids_in_state(RcptState.DEFERRED.value, 2))
+    scheduler = f.app.scheduler
+    assert scheduler is not None
+    looked = threading.Event()
+
+    def failing_look() -> None:
+        del scheduler._look  # the next look is the class's again
+        looked.set()
+        raise RuntimeError("a look that fails")
+
+    f.loop.call_soon_threadsafe(setattr, scheduler, "_look", failing_look)
+    assert looked.wait(30)
+    sink.state.data_replies["127.0.10.3"] = ""
+    wait_for(lambda: len(sink.state.messages) == 1)
+    wait_for(lambda: f.store.count() == 0)
+    assert "the scheduler's look at the due index failed" in caplog.text
 
 
 def test_expiry_fails_with_a_dsn(ferry: Start, sink: CountingSink) -> None:
