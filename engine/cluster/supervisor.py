@@ -217,6 +217,9 @@ class Supervisor:
             worker.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "engine.cluster.worker", json.dumps(spec),
                 stdin=asyncio.subprocess.DEVNULL, pass_fds=fds, env=env)
+        except BaseException:
+            os.close(ready_r)  # no process to read from: a retry must not leak it
+            raise
         finally:
             os.close(ready_w)
         worker.started = time.monotonic()
@@ -261,7 +264,15 @@ class Supervisor:
                     return
             # It served before: a failure to start now is its shard's or the machine's;
             # the others go on, and this one is tried again after a longer pause.
-            await self._start(worker)
+            try:
+                await self._start(worker)
+            except OSError as exc:
+                # No process at all (fork or exec failed: memory, a process limit, the
+                # interpreter replaced by an upgrade).  Raised here it ended this watch,
+                # and the worker was never started again; instead the ended process stays
+                # the one waited for, and the next round pauses longer and tries again.
+                worker.started = time.monotonic()
+                log.error("worker %d could not be started again: %s", worker.index, exc)
 
     # --- stop and reload -----------------------------------------------------------------
 
