@@ -667,6 +667,8 @@ class Signer:
 
     def signature(self, prepared: Prepared) -> bytes:
         """The signature of a prepared digest (OpenSSL; an RSA one releases the GIL)."""
+        if self._ed25519 is not None:  # the inline signer's one call a message, no list
+            return self._ed25519.sign(prepared.digest)
         [signature] = self.signatures([prepared.digest])
         if isinstance(signature, Exception):
             raise signature
