@@ -112,6 +112,19 @@ def test_default_equals_dataclass_defaults() -> None:
     assert dataclasses.replace(loaded, log=LogConfig()) == expected
 
 
+def test_the_queue_writers_own_defaults_are_the_queue_sections() -> None:
+    """engine.queue keeps its defaults as literals (its writer process must not import the
+    configuration's validation, ~0.13 s a start): they are [queue]'s, key for key."""
+    from engine.config import QueueConfig
+    from engine.queue.lmdb_txn import WriterParams
+
+    queue, writer = QueueConfig(), WriterParams("unused")
+    shared = {f.name for f in dataclasses.fields(WriterParams)} & {
+        f.name for f in dataclasses.fields(QueueConfig)}
+    assert shared >= {"durability", "map_size", "min_free_disk", "commit_linger"}
+    assert {k: getattr(writer, k) for k in shared} == {k: getattr(queue, k) for k in shared}
+
+
 def test_empty_file_is_the_default(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, ""))
     assert config.receive == (ReceiveConfig(),)
