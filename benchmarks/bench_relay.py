@@ -49,6 +49,11 @@ Ferry's default configuration (the tracking log is on by default).
 ``--dkim rsa`` / ``--dkim ed25519`` (issue 15) does the same with every message signed
 (a ``[[dkim_sign]]`` key for smtp-source's From: domain, RSA-2048 or Ed25519) against
 unsigned; the targets: signed keeps ≥ 0.70 of unsigned with RSA, ≥ 0.90 with Ed25519.
+Each cell's verdict also prints the ``ceiling``: the best ratio this machine allows any
+signer, given the unsigned runs' rate and busy share and the CPU a message that signing
+cannot avoid (the ``floor``: the public-key signature and SHA-256 over the body, timed in
+this process) — on a machine whose cores the unsigned relay and its peers already keep
+busy, that work has no idle core to go to (:func:`ceiling`).
 
 ``--maillog`` (issue 13) does the same with the mail log off (``[log] level =
 "warning"``, ``ferry-quiet``) and on (``"info"``: one line per received and per delivered
@@ -79,6 +84,8 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import hashlib
+import math
 import os
 import platform
 import re
@@ -181,6 +188,8 @@ FERRY_CONFIGS.update({"ferry-unsigned": '[queue]\ndurability = "fsync"\n',
                       "ferry-ed25519": '[queue]\ndurability = "fsync"\n' + DKIM_SIGN})
 #: The key each signing kind writes to dkim.pem.
 DKIM_KEYS = {"ferry-rsa": False, "ferry-ed25519": True}
+#: The comparisons that sign (their verdicts print the machine's ceiling, :func:`ceiling`).
+DKIM_MODES = ("rsa", "ed25519")
 #: The pairs a comparison mode runs: (off, on).
 COMPARISONS = {"logs": ("ferry-off", "ferry-logs"), "maillog": ("ferry-quiet", "ferry-maillog"),
                "verify": ("ferry-noverify", "ferry-verify"),
@@ -574,13 +583,58 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
+def signing_floor(ed25519: bool, size: int, count: int = 200) -> float:
+    """CPU seconds a message that no signer can avoid (--dkim): the public-key signature
+    of a digest (engine.message.pkey, OpenSSL) and SHA-256 over a body of ``size`` octets
+    (bh=, RFC 6376 §3.7), measured here on this machine's CPU (thread time, best of 3)."""
+    from engine.message.dkim import Signer, generate_key
+
+    signer = Signer("bench.invalid", "bench", generate_key(ed25519))
+    body = b"x" * size
+    best = math.inf
+    for _ in range(3):
+        start = time.thread_time()
+        for _ in range(count):
+            signer.signatures([hashlib.sha256(body).digest()])
+        best = min(best, time.thread_time() - start)
+    return best / count
+
+
+def ceiling(off: list[Result], floor: float) -> float:
+    """The best on/off ratio this machine allows a signer (--dkim), from the unsigned runs:
+    with ``floor`` seconds of CPU more a message and every core busy, the signed rate is at
+    most cores / (C + floor), where C = busy share x cores / rate is the whole machine's
+    CPU a message unsigned (server, queue writer, smtp-source and smtp-sink), so the ratio
+    is at most 1 / (busy share + rate x floor / cores) (medians of the rounds)."""
+    cores = os.cpu_count() or 1
+    busy = 1 - statistics.median(r.idle + r.steal for r in off)
+    rate = statistics.median(r.rate(r.e2e) for r in off)
+    return 1 / (busy + rate * floor / cores) if rate else 0.0
+
+
+def spread(off: list[Result], on: list[Result]) -> str:
+    """The median and quartiles of the rounds' own on/off end-to-end ratios."""
+    pairs = [b.rate(b.e2e) / a.rate(a.e2e) for a, b in zip(off, on, strict=True)
+             if a.rate(a.e2e) and b.rate(b.e2e)]
+    if len(pairs) < 2:
+        return "-"
+    low, mid, high = statistics.quantiles(pairs, n=4)
+    return f"{mid:.2f} ({low:.2f}-{high:.2f}) of {len(pairs)}"
+
+
 def print_comparison(cells: list[Cell], results: dict[tuple[str, Cell], list[Result]],
-                     kinds: tuple[str, str], target: float = LOG_TARGET) -> None:
+                     kinds: tuple[str, str], target: float = LOG_TARGET,
+                     floors: dict[Cell, float] | None = None) -> None:
     """--logs / --maillog / --verify / --dkim: on / off, end to end, injection and CPU per
     message, per cell: the medians of the rounds (one short run on a shared machine moves
-    by ±30 %)."""
+    by ±30 %).  The verdict is the ratio of the medians; ``rounds`` shows the spread: the
+    median and quartiles of each round's own on/off ratio (its two runs are next to each
+    other in time, so a slow phase of the host weighs on both).  With ``floors`` (--dkim:
+    :func:`signing_floor` per cell), the ratio the machine allows at most (:func:`ceiling`)
+    too."""
     print(f"\n{'cell':<16} {'on/off e2e':>10} {'inject':>7} {'CPU':>6} {'target':>6}  verdict"
-          "  (medians)")
+          f"  {'rounds: median (quartiles)':<26}"
+          f"{'  ceiling (floor µs)' if floors else ''}")
     verdicts = []
     for cell in cells:
         (off_e2e, off_inject, off_cpu), (on_e2e, on_inject, on_cpu) = (
@@ -589,9 +643,14 @@ def print_comparison(cells: list[Cell], results: dict[tuple[str, Cell], list[Res
              statistics.median(r.cpu for r in results[k, cell])) for k in kinds)
         ok = bool(on_e2e and off_e2e and on_e2e / off_e2e >= target)
         verdicts.append(ok)
+        bound = ""
+        if floors:
+            bound = (f"  {ceiling(results[kinds[0], cell], floors[cell]):>6.2f}x "
+                     f"({floors[cell] * 1e6:,.0f})")
         print(f"{cell.name:<16} {ratio(on_e2e, off_e2e):>10} {ratio(on_inject, off_inject):>7} "
               f"{ratio(on_cpu, off_cpu):>6} "
-              f"{f'>={target:.2f}':>6}  {'PASS' if ok else 'FAIL'}")
+              f"{f'>={target:.2f}':>6}  {'PASS' if ok else 'FAIL'}   "
+              f"{spread(results[kinds[0], cell], results[kinds[1], cell]):<26}{bound}")
     print(f"\noverall: {'PASS' if all(verdicts) else 'FAIL'} "
           f"({sum(verdicts)} of {len(verdicts)} cells meet the target)")
 
@@ -727,7 +786,9 @@ def main() -> None:
                         print(f"  ERROR: {r.error}")
 
         if compare is not None:
-            print_comparison(cells, results, compare, TARGETS_ON_OFF[mode])
+            floors = ({cell: signing_floor(mode == "ed25519", cell.size) for cell in cells}
+                      if mode in DKIM_MODES else None)
+            print_comparison(cells, results, compare, TARGETS_ON_OFF[mode], floors)
             return
         if node:
             print_node(cells, results, node)
