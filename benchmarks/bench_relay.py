@@ -85,7 +85,6 @@ import argparse
 import atexit
 import contextlib
 import hashlib
-import math
 import os
 import platform
 import re
@@ -587,28 +586,29 @@ def signing_floor(ed25519: bool, size: int, count: int = 200) -> float:
     """CPU seconds a message that no signer can avoid (--dkim): the public-key signature
     of a digest (engine.message.pkey, OpenSSL) and SHA-256 over a body of ``size`` octets
     (bh=, RFC 6376 §3.7), measured here on this machine's CPU (thread time, best of 3)."""
+    from bench_verify_stage import best_of
+
     from engine.message.dkim import Signer, generate_key
 
     signer = Signer("bench.invalid", "bench", generate_key(ed25519))
     body = b"x" * size
-    best = math.inf
-    for _ in range(3):
-        start = time.thread_time()
-        for _ in range(count):
+
+    def sign(n: int) -> None:
+        for _ in range(n):
             signer.signatures([hashlib.sha256(body).digest()])
-        best = min(best, time.thread_time() - start)
-    return best / count
+
+    return best_of(3, count, sign) / 1e6
 
 
-def ceiling(off: list[Result], floor: float) -> float:
+def ceiling(off: list[Result], rate: float, floor: float) -> float:
     """The best on/off ratio this machine allows a signer (--dkim), from the unsigned runs:
     with ``floor`` seconds of CPU more a message and every core busy, the signed rate is at
     most cores / (C + floor), where C = busy share x cores / rate is the whole machine's
     CPU a message unsigned (server, queue writer, smtp-source and smtp-sink), so the ratio
-    is at most 1 / (busy share + rate x floor / cores) (medians of the rounds)."""
+    is at most 1 / (busy share + rate x floor / cores) (``rate``: the median end-to-end
+    rate of ``off``; the busy share: its runs' median)."""
     cores = os.cpu_count() or 1
     busy = 1 - statistics.median(r.idle + r.steal for r in off)
-    rate = statistics.median(r.rate(r.e2e) for r in off)
     return 1 / (busy + rate * floor / cores) if rate else 0.0
 
 
@@ -645,7 +645,7 @@ def print_comparison(cells: list[Cell], results: dict[tuple[str, Cell], list[Res
         verdicts.append(ok)
         bound = ""
         if floors:
-            bound = (f"  {ceiling(results[kinds[0], cell], floors[cell]):>6.2f}x "
+            bound = (f"  {ceiling(results[kinds[0], cell], off_e2e, floors[cell]):>6.2f}x "
                      f"({floors[cell] * 1e6:,.0f})")
         print(f"{cell.name:<16} {ratio(on_e2e, off_e2e):>10} {ratio(on_inject, off_inject):>7} "
               f"{ratio(on_cpu, off_cpu):>6} "
